@@ -1,0 +1,85 @@
+"""Benchmark: ``fit_local_lattices`` (compiled backends vs the NumPy reference, same process).
+
+1e6 sites of a perturbed triangular lattice (quick mode ``STEMFAST_BENCH_QUICK=1``: 5e4), neighbour
+table from ``cKDTree`` (k = 13 within 2.2 spacings), sites in raster order. Records
+``benchmark.extra_info["ratio"] = t_numpy / t_backend`` and asserts agreement with the reference.
+
+    PYTHONPATH=python python -m pytest benchmarks/bench_lattice.py --benchmark-enable -o python_files='bench_*.py'
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from stemfast.backend import available_backends, get_kernels
+
+QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
+N_SITES = 50_000 if QUICK else 1_000_000
+SPACING = 10.0
+K, RADIUS, N_ITER, TOL = 13, 2.2 * SPACING, 3, 0.25
+
+
+def _threads(backend: str) -> int:
+    if backend == "cpp":
+        return int(get_kernels("cpp").get_num_threads())
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def make_sites(n: int, seed: int = 0):
+    """Perturbed triangular lattice (rows of the lattice in raster order) with 1 % spurious points."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n * np.sqrt(3) / 2)))  # sites per row for a roughly square field
+    rows = int(np.ceil(n / side))
+    j, i = np.divmod(np.arange(rows * side), side)
+    xy = np.stack([(i + 0.5 * (j % 2)) * SPACING, j * SPACING * np.sqrt(3) / 2], 1)[:n]
+    xy += rng.normal(0.0, 0.05 * SPACING, xy.shape)
+    bad = rng.random(n) < 0.01
+    xy[bad] += rng.uniform(-0.5, 0.5, (bad.sum(), 2)) * SPACING
+    order = np.lexsort((xy[:, 0], np.floor(xy[:, 1] / SPACING)))  # raster-ish: bands of rows, then x
+    xy = np.ascontiguousarray(xy[order])
+    _, nb = cKDTree(xy).query(xy, k=K, distance_upper_bound=RADIUS, workers=-1)
+    nb = np.asarray(nb, dtype=np.int64)
+    nb[nb >= n] = -1
+    basis0 = np.ascontiguousarray(np.broadcast_to(SPACING * np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]),
+                                                  (n, 2, 2)))
+    return xy, np.ascontiguousarray(nb), basis0
+
+
+@pytest.fixture(scope="module")
+def case():
+    xy, nb, b0 = make_sites(N_SITES)
+    t0 = time.perf_counter()
+    ref = get_kernels("numpy").fit_local_lattices(xy, nb, b0, N_ITER, TOL)
+    t_ref = time.perf_counter() - t0
+    return (xy, nb, b0), ref, t_ref
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in available_backends()])
+def test_fit_local_lattices(benchmark, case, backend):
+    args, ref, t_ref = case
+    kern = get_kernels(backend)
+    kern.fit_local_lattices(*(a[:1000] for a in args[:1]), args[1][:1000].clip(max=999), args[2][:1000],
+                            N_ITER, TOL)  # warm-up (Numba compile / cache load)
+    times = []
+
+    def run():
+        t0 = time.perf_counter()
+        res = kern.fit_local_lattices(*args, N_ITER, TOL)
+        times.append(time.perf_counter() - t0)
+        return res
+
+    got = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    t_ours = min(times)
+    benchmark.extra_info.update(ratio=t_ref / t_ours, t_numpy_s=t_ref, t_backend_s=t_ours, n_sites=N_SITES,
+                                threads=_threads(backend), backend=backend)
+    np.testing.assert_array_equal(got[3], ref[3])
+    np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got[2], ref[2], rtol=0, atol=1e-9, equal_nan=True)
+    assert np.isfinite(ref[2]).mean() > 0.9

@@ -1,0 +1,4 @@
+"""``python -m stemfast``: see :mod:`stemfast.cli`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Private compute kernels, one module per backend, all with the same functions and signatures.
+
+Backends
+--------
+``cpp``    the compiled pybind11 extension ``stemfast._core`` (C++17, threads, GIL released)
+``numba``  ``stemfast._kernels.numba_impl`` (``@njit(parallel=True, cache=True)``)
+``numpy``  ``stemfast._kernels.numpy_ref`` -- the readable reference; the others must agree with it
+
+Kernel contract (inputs are already validated by the public wrappers: C-contiguous, right dtype,
+finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres at integers.
+
+``bandpass_apply(spec, height, width, noise_sigma, background_sigma) -> None``
+    ``spec``: complex64[height, width // 2 + 1], the ``rfft2`` of a float32 image; multiplied in
+    place by ``exp(-2 pi^2 ns^2 f^2) * (1 - exp(-2 pi^2 bs^2 f^2))`` with ``f^2 = fy^2 + fx^2`` in
+    cycles/pixel (``fy = k / height`` for ``k <= height // 2`` else ``(k - height) / height``,
+    ``fx = j / width``). ``ns <= 0`` drops the low-pass factor, ``bs <= 0`` the high-pass factor.
+    The mask is the transfer function of a Gaussian blur of sigma ``ns`` minus that of ``bs``.
+
+``local_maxima(image, radius, threshold, border) -> int64[N, 2]``
+    ``image`` float32[H, W]. Pixel ``p = (x, y)`` with ``border <= x < W - border``,
+    ``border <= y < H - border`` is a maximum when ``image[p] > threshold`` and for every other
+    pixel ``q`` inside the image with ``|q - p|^2 <= radius^2``: ``image[q] < image[p]`` when ``q``
+    comes later in raster order (row-major) and ``image[q] <= image[p]`` when earlier (so on a
+    plateau the last pixel in raster order wins). Returns ``(x, y)`` rows in raster order.
+
+``refine_com(image, xy, radius) -> float64[N, 2]``
+    Centre of mass of ``image - min`` over the disc of pixels ``|q - c|^2 <= radius^2`` around
+    ``c = round(xy)`` (``floor(v + 0.5)``), pixels inside the image only; ``min`` is the minimum
+    over that disc. Zero total weight returns ``c``.
+
+``refine_gauss(image, xy, radius, sigma0, n_iter) -> float64[N, 6]``
+    Least-squares fit of ``B + A exp(-((u - x0)^2 + (v - y0)^2) / (2 s^2))`` to the disc pixels
+    around ``c = round(xy)`` (inside the image only) by Levenberg-Marquardt (lambda 1e-3, x10 on a
+    rejected step, /10 on an accepted one, at most ``n_iter`` iterations, stop when every parameter
+    step is below 1e-6 in absolute value). Start: ``x0, y0 = xy``, ``B`` = min over the disc,
+    ``A`` = value at ``c`` minus ``B``, ``s = sigma0``. Columns: ``x0, y0, A, s, B, ok`` where ``ok``
+    is 1.0 when the fit converged with ``A > 0``, ``0 < s < 2 radius`` and ``|(x0,y0) - xy| <= radius``,
+    else 0.0 and the columns hold the start values (``x, y, A0, sigma0, B0``).
+
+``fit_local_lattices(xy, neighbors, basis0, n_iter, outlier_tol) -> (origin, basis, rms, n_used)``
+    ``xy`` float64[N, 2]; ``neighbors`` int64[N, K], indices into ``xy`` padded with -1 (the site
+    itself may or may not appear; it is always used once); ``basis0`` float64[N, 2, 2] whose rows
+    are the start lattice vectors ``a1, a2``. For site ``i`` with points ``d = xy[j] - xy[i]``:
+    repeat ``n_iter`` times: ``[m, n] = floor((d - o) @ inv(B) + 0.5)``, residual
+    ``r = d - o - [m, n] @ B``, use points with ``|r| <= outlier_tol * (|a1| + |a2|) / 2`` (``o`` = 0,
+    ``B = basis0[i]`` on the first pass), solve the 3-parameter least squares ``d ~ o + m a1 + n a2``
+    (normal equations, same 3x3 system for x and y). A pass with fewer than 4 used points or a
+    singular system (``|det| <= 1e-9 * trace^3``) stops and keeps the previous ``o, B``. Outputs:
+    ``origin = xy[i] + o``, ``basis`` [N, 2, 2], ``rms`` = root mean square of ``|r|`` over the used
+    points of the final model (NaN when no pass succeeded), ``n_used`` int64.
+
+``gather_patches(image, xy, size, fill, out) -> uint8[N]``
+    ``out`` float32[N, size, size] is filled with a bilinear sample of ``image`` at
+    ``(x + c - (size - 1) / 2, y + r - (size - 1) / 2)`` for patch pixel ``(r, c)``; samples
+    outside ``[0, W - 1] x [0, H - 1]`` take ``fill``. Returns 1 for patches with such a sample.
+"""

@@ -1,0 +1,235 @@
+"""Geometry kernels, Numba backend: local lattice fits and bilinear patch gather.
+
+Same contract and the same arithmetic (operation order, ``floor(v + 0.5)`` rounding, closed-form
+2x2 inverse, ``r^2 <= t^2`` outlier test) as the NumPy reference
+:mod:`stemfast._kernels.numpy_ref.geometry`; parallel over sites / patches with ``prange`` and no
+allocation inside the per-site loops.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["fit_local_lattices", "gather_patches"]
+
+_SINGULAR_RTOL = 1e-9
+_MIN_POINTS = 4
+
+
+@njit(parallel=True, cache=True)
+def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used):  # pragma: no cover
+    n_sites = xy.shape[0]
+    k_nb = nb.shape[1]
+    for i in prange(n_sites):
+        xi = xy[i, 0]
+        yi = xy[i, 1]
+        # current model (o, B) and the model before the last successful pass
+        ox = 0.0
+        oy = 0.0
+        b00 = basis0[i, 0, 0]
+        b01 = basis0[i, 0, 1]
+        b10 = basis0[i, 1, 0]
+        b11 = basis0[i, 1, 1]
+        px = 0.0
+        py = 0.0
+        p00 = b00
+        p01 = b01
+        p10 = b10
+        p11 = b11
+        ok = False
+        cnt_final = 0
+        for _it in range(n_iter):
+            det_b = b00 * b11 - b01 * b10
+            if not (math.isfinite(det_b) and det_b != 0.0):
+                break
+            i00 = b11 / det_b
+            i01 = -b01 / det_b
+            i10 = -b10 / det_b
+            i11 = b00 / det_b
+            t = outlier_tol * (math.sqrt(b00 * b00 + b01 * b01) + math.sqrt(b10 * b10 + b11 * b11)) / 2.0
+            t2 = t * t
+            s0 = 0.0
+            sm = 0.0
+            sn = 0.0
+            smm = 0.0
+            smn = 0.0
+            snn = 0.0
+            rx0 = 0.0
+            ry0 = 0.0
+            rxm = 0.0
+            rym = 0.0
+            rxn = 0.0
+            ryn = 0.0
+            # the site itself (d = 0), then its neighbours
+            for q in range(-1, k_nb):
+                if q < 0:
+                    dx = 0.0
+                    dy = 0.0
+                else:
+                    j = nb[i, q]
+                    if j < 0 or j == i:
+                        continue
+                    dx = xy[j, 0] - xi
+                    dy = xy[j, 1] - yi
+                ex = dx - ox
+                ey = dy - oy
+                m = math.floor(ex * i00 + ey * i10 + 0.5)
+                n = math.floor(ex * i01 + ey * i11 + 0.5)
+                rx = ex - (m * b00 + n * b10)
+                ry = ey - (m * b01 + n * b11)
+                if rx * rx + ry * ry <= t2:
+                    s0 += 1.0
+                    sm += m
+                    sn += n
+                    smm += m * m
+                    smn += m * n
+                    snn += n * n
+                    rx0 += dx
+                    ry0 += dy
+                    rxm += m * dx
+                    rym += m * dy
+                    rxn += n * dx
+                    ryn += n * dy
+            if s0 < _MIN_POINTS:
+                break
+            # A = [[s0, sm, sn], [sm, smm, smn], [sn, smn, snn]]; adjugate (symmetric) and determinant
+            c00 = smm * snn - smn * smn
+            c01 = sn * smn - sm * snn
+            c02 = sm * smn - sn * smm
+            c11 = s0 * snn - sn * sn
+            c12 = sm * sn - s0 * smn
+            c22 = s0 * smm - sm * sm
+            det_a = s0 * c00 + sm * c01 + sn * c02
+            tr = s0 + smm + snn
+            if not (abs(det_a) > _SINGULAR_RTOL * tr * tr * tr):
+                break
+            px = ox
+            py = oy
+            p00 = b00
+            p01 = b01
+            p10 = b10
+            p11 = b11
+            ox = (c00 * rx0 + c01 * rxm + c02 * rxn) / det_a
+            oy = (c00 * ry0 + c01 * rym + c02 * ryn) / det_a
+            b00 = (c01 * rx0 + c11 * rxm + c12 * rxn) / det_a
+            b01 = (c01 * ry0 + c11 * rym + c12 * ryn) / det_a
+            b10 = (c02 * rx0 + c12 * rxm + c22 * rxn) / det_a
+            b11 = (c02 * ry0 + c12 * rym + c22 * ryn) / det_a
+            ok = True
+            cnt_final = int(s0)
+        origin[i, 0] = xi + ox
+        origin[i, 1] = yi + oy
+        basis[i, 0, 0] = b00
+        basis[i, 0, 1] = b01
+        basis[i, 1, 0] = b10
+        basis[i, 1, 1] = b11
+        n_used[i] = cnt_final
+        if not ok:
+            rms[i] = np.nan
+            continue
+        # rms of the final model over the points of the final pass: redo that pass's assignment
+        # with the model it started from (p), measure the residual with the fitted one (o, b)
+        det_b = p00 * p11 - p01 * p10
+        i00 = p11 / det_b
+        i01 = -p01 / det_b
+        i10 = -p10 / det_b
+        i11 = p00 / det_b
+        t = outlier_tol * (math.sqrt(p00 * p00 + p01 * p01) + math.sqrt(p10 * p10 + p11 * p11)) / 2.0
+        t2 = t * t
+        ss = 0.0
+        for q in range(-1, k_nb):
+            if q < 0:
+                dx = 0.0
+                dy = 0.0
+            else:
+                j = nb[i, q]
+                if j < 0 or j == i:
+                    continue
+                dx = xy[j, 0] - xi
+                dy = xy[j, 1] - yi
+            ex = dx - px
+            ey = dy - py
+            m = math.floor(ex * i00 + ey * i10 + 0.5)
+            n = math.floor(ex * i01 + ey * i11 + 0.5)
+            rx = ex - (m * p00 + n * p10)
+            ry = ey - (m * p01 + n * p11)
+            if rx * rx + ry * ry <= t2:
+                fx = dx - ox - (m * b00 + n * b10)
+                fy = dy - oy - (m * b01 + n * b11)
+                ss += fx * fx + fy * fy
+        rms[i] = math.sqrt(ss / cnt_final)
+
+
+def fit_local_lattices(xy, neighbors, basis0, n_iter, outlier_tol):
+    """Numba implementation of the ``fit_local_lattices`` kernel (see :mod:`stemfast._kernels`)."""
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    neighbors = np.ascontiguousarray(neighbors, dtype=np.int64)
+    basis0 = np.ascontiguousarray(basis0, dtype=np.float64)
+    n_sites = xy.shape[0]
+    if (xy.ndim != 2 or xy.shape[1] != 2 or neighbors.ndim != 2 or neighbors.shape[0] != n_sites
+            or basis0.shape != (n_sites, 2, 2)):
+        raise ValueError("fit_local_lattices: need xy [N, 2], neighbors [N, K], basis0 [N, 2, 2]")
+    if neighbors.size and neighbors.max() >= n_sites:
+        raise ValueError("fit_local_lattices: neighbour index out of range")
+    origin = np.empty((n_sites, 2))
+    basis = np.empty((n_sites, 2, 2))
+    rms = np.empty(n_sites)
+    n_used = np.empty(n_sites, dtype=np.int64)
+    _fit_kernel(xy, neighbors, basis0, int(n_iter), float(outlier_tol), origin, basis, rms, n_used)
+    return origin, basis, rms, n_used
+
+
+@njit(parallel=True, cache=True)
+def _gather_kernel(image, xy, size, fill, out, edge):  # pragma: no cover
+    h, w = image.shape
+    n_patches = xy.shape[0]
+    half = (size - 1) / 2.0
+    xmax = float(w - 1)
+    ymax = float(h - 1)
+    fillf = np.float32(fill)
+    for p in prange(n_patches):
+        x = xy[p, 0]
+        y = xy[p, 1]
+        e = 0
+        for r in range(size):
+            sy = y + (r - half)
+            if not (sy >= 0.0 and sy <= ymax):
+                e = 1
+                for c in range(size):
+                    out[p, r, c] = fillf
+                continue
+            fy0 = math.floor(sy)
+            y0 = int(fy0)
+            gy = sy - fy0
+            y1 = y0 + 1 if y0 < h - 1 else y0
+            for c in range(size):
+                sx = x + (c - half)
+                if not (sx >= 0.0 and sx <= xmax):
+                    e = 1
+                    out[p, r, c] = fillf
+                    continue
+                fx0 = math.floor(sx)
+                x0 = int(fx0)
+                gx = sx - fx0
+                x1 = x0 + 1 if x0 < w - 1 else x0
+                top = (1.0 - gx) * image[y0, x0] + gx * image[y0, x1]
+                bot = (1.0 - gx) * image[y1, x0] + gx * image[y1, x1]
+                out[p, r, c] = np.float32((1.0 - gy) * top + gy * bot)
+        edge[p] = e
+
+
+def gather_patches(image, xy, size, fill, out):
+    """Numba implementation of the ``gather_patches`` kernel (see :mod:`stemfast._kernels`)."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    size = int(size)
+    n_patches = xy.shape[0]
+    if out.shape != (n_patches, size, size) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("gather_patches: out must be C-contiguous float32 [N, size, size]")
+    if image.ndim != 2 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError("gather_patches: image must be a non-empty 2-D array")
+    edge = np.zeros(n_patches, dtype=np.uint8)
+    _gather_kernel(image, xy, size, float(fill), out, edge)
+    return edge

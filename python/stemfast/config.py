@@ -1,0 +1,522 @@
+"""The run configuration as TOML: load (with validation), write, and the resolved ``stemfast.toml``.
+
+Layout (every key optional; missing keys keep their defaults)::
+
+    patch_size = 33            # top level; omit for "derived from the lattice spacing"
+
+    [sites]                    # stemfast.sites.SiteSettings
+    spacing = 12.5
+    backend = "cpp"
+
+    [sites.lattice]            # stemfast.lattice.LatticeSettings
+    max_rms = 0.12
+
+    [model]                    # stemfast.model.RVAEConfig
+    epochs = 40
+    latent_dim = 4
+
+    [analysis]                 # stemfast.analysis.AnalysisSettings
+    n_classes = 3
+
+TOML has no ``null``: a setting whose value is ``None`` (e.g. ``spacing``, meaning *estimate it*)
+is simply left out; :func:`dump_config` writes it as a comment. The resolved file written next
+to the results (:func:`write_resolved_config`) adds a ``[stemfast]`` table (version, date,
+config hash) and an ``[inputs]`` table (file -> sha256); :func:`load_config` ignores those two
+tables, so a results folder's ``stemfast.toml`` can be passed back as ``--config``.
+
+Values are validated against the type annotations of the frozen settings dataclasses (ints,
+floats, bools, strings, ``Literal`` choices, tuples, ``X | None``) and then by the dataclasses'
+own ``__post_init__`` checks; an unknown key is an error that names the key and the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "load_config",
+    "dump_config",
+    "write_resolved_config",
+    "config_to_dict",
+    "config_hash",
+    "file_sha256",
+    "apply_overrides",
+    "METADATA_TABLES",
+]
+
+#: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
+METADATA_TABLES = ("stemfast", "inputs")
+
+_SECTIONS = ("sites", "model", "analysis")
+_TOP_KEYS = ("patch_size",)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _default_config():
+    from .pipeline import PipelineConfig
+
+    return PipelineConfig()
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    """``{"model.epochs": 2, "sites": {"spacing": 9}}`` -> nested dicts (dotted keys split)."""
+    out: dict = {}
+    for key, value in flat.items():
+        parts = str(key).split(".")
+        d = out
+        for p in parts[:-1]:
+            nxt = d.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {key!r}: {p!r} is a value, not a section")
+            d = nxt
+        leaf = parts[-1]
+        if isinstance(value, Mapping):
+            existing = d.setdefault(leaf, {})
+            if not isinstance(existing, dict):
+                raise ValueError(f"override {key!r}: conflicting value and section")
+            _deep_merge(existing, _nest(value))
+        else:
+            d[leaf] = value
+    return out
+
+
+def _deep_merge(base: dict, new: Mapping) -> dict:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        elif isinstance(v, Mapping):
+            base[k] = _deep_merge({}, v)
+        else:
+            base[k] = v
+    return base
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _coerce(value, tp, where: str):
+    """Check / convert one value to the annotated type ``tp`` (strict: no str -> number parsing)."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"{where}: None is not allowed (expected {_type_name(tp)})")
+        errors = []
+        # exact type matches first, so that e.g. int | float keeps an int
+        ordered = sorted((a for a in args if a is not type(None)),
+                         key=lambda a: 0 if isinstance(a, type) and type(value) is a else 1)
+        for a in ordered:
+            try:
+                return _coerce(value, a, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ValueError(f"{where}: expected one of {list(choices)}, got {value!r}")
+    if value is None:
+        raise ValueError(f"{where}: None is not allowed (expected {_type_name(tp)})")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected an array ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis) or not args:
+            el = args[0] if args else Any
+            items = [_coerce(v, el, f"{where}[{i}]") for i, v in enumerate(value)]
+        else:
+            if len(value) != len(args):
+                raise ValueError(f"{where}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a table ([{where}]), got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, (bool,)):
+            return value
+        try:
+            import numpy as np
+
+            if isinstance(value, np.bool_):
+                return bool(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if hasattr(value, "__index__"):  # numpy integers
+            return int(value.__index__())
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)) or hasattr(value, "__float__") and not isinstance(value, str):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value  # unknown annotation: leave it to the dataclass
+
+
+def _build(cls, data: Mapping, where: str, base=None):
+    """Instance of dataclass ``cls`` from ``base`` (or defaults) with the keys of ``data`` replaced."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]!s} in the configuration"
+            f"{' (also: ' + ', '.join(map(str, unknown[1:])) + ')' if len(unknown) > 1 else ''}; "
+            f"valid keys of [{where}]: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if base is not None:
+            cur = getattr(base, name)
+        else:
+            cur = dataclasses.MISSING
+        if name in data:
+            tp = hints.get(name, Any)
+            val = data[name]
+            if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(val, Mapping):
+                val = _build(tp, val, f"{where}.{name}", base=cur if cur is not dataclasses.MISSING else None)
+            else:
+                val = _coerce(val, tp, f"{where}.{name}")
+            kwargs[name] = val
+        elif cur is not dataclasses.MISSING:
+            kwargs[name] = cur
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid [{where}] settings: {exc}") from exc
+
+
+def apply_overrides(config, data: Mapping) -> Any:
+    """A new ``PipelineConfig`` with the (nested or dotted-key) settings in ``data`` applied."""
+    from .pipeline import PipelineConfig
+
+    data = _nest(data)
+    unknown = [k for k in data if k not in _SECTIONS + _TOP_KEYS]
+    if unknown:
+        raise ValueError(
+            f"unknown key {unknown[0]!s} in the configuration; valid top-level keys: "
+            f"{', '.join(_TOP_KEYS)} and the sections {', '.join('[' + s + ']' for s in _SECTIONS)}"
+        )
+    kwargs = {}
+    for sec in _SECTIONS:
+        cur = getattr(config, sec)
+        if sec in data:
+            if not isinstance(data[sec], Mapping):
+                raise ValueError(f"[{sec}] must be a table, got {data[sec]!r}")
+            kwargs[sec] = _build(type(cur), data[sec], sec, base=cur)
+        else:
+            kwargs[sec] = cur
+    patch_size = config.patch_size
+    if "patch_size" in data:
+        patch_size = _coerce(data["patch_size"], int | None, "patch_size")
+        if patch_size is not None and patch_size < 3:
+            raise ValueError(f"patch_size must be >= 3 px, got {patch_size}")
+    return PipelineConfig(**kwargs, patch_size=patch_size)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None = None):
+    """The run configuration: defaults < TOML file ``path`` < ``overrides``.
+
+    Parameters
+    ----------
+    path : TOML file (``None``: defaults only). ``[stemfast]`` and ``[inputs]`` tables (written by
+        :func:`write_resolved_config`) are ignored.
+    overrides : settings applied on top, as nested dicts (``{"model": {"epochs": 2}}``) or dotted
+        keys (``{"model.epochs": 2, "sites.lattice.max_rms": 0.1}``).
+
+    Returns
+    -------
+    PipelineConfig
+
+    Raises
+    ------
+    ValueError
+        On an unknown key (the message names it and lists the valid keys), a value of the wrong
+        type, or a value the settings reject.
+    FileNotFoundError
+        When ``path`` does not exist.
+
+    Examples
+    --------
+    >>> cfg = load_config(None, {"model.epochs": 3, "sites": {"spacing": 9.5}})
+    >>> cfg.model.epochs, cfg.sites.spacing
+    (3, 9.5)
+    """
+    config = _default_config()
+    if path is not None:
+        p = Path(path)
+        with open(p, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{p}: not valid TOML: {exc}") from exc
+        data = {k: v for k, v in data.items() if k not in METADATA_TABLES}
+        try:
+            config = apply_overrides(config, data)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from exc
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return config
+
+
+# ----------------------------------------------------------------------------- writing
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif o < 0x20 or o == 0x7F:
+            out.append(f"\\u{o:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_key(k) -> str:
+    k = str(k)
+    return k if _BARE_KEY.fullmatch(k) else _toml_str(k)
+
+
+def _toml_value(v, where: str) -> str:
+    try:
+        import numpy as np
+
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, Path):
+        return _toml_str(str(v))
+    if isinstance(v, (_dt.datetime, _dt.date)):
+        return v.isoformat()
+    if isinstance(v, (list, tuple)):
+        if any(x is None for x in v):
+            raise ValueError(f"{where}: TOML arrays cannot hold None")
+        return "[" + ", ".join(_toml_value(x, where) for x in v) + "]"
+    if isinstance(v, Mapping):
+        items = [f"{_toml_key(k)} = {_toml_value(x, where)}" for k, x in v.items() if x is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    raise ValueError(f"{where}: cannot write a {type(v).__name__} as TOML")
+
+
+def _as_table(obj) -> dict:
+    """Dataclass -> dict keeping nested dataclasses as dicts (field order kept)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _as_table(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return obj
+
+
+def _write_table(lines: list[str], name: str, table: Mapping, comments: Mapping | None = None) -> None:
+    scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
+    subtables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
+    if name:
+        lines.append("")
+        if comments and comments.get(name):
+            lines.append(f"# {comments[name]}")
+        lines.append(f"[{name}]")
+    for k, v in scalars:
+        if v is None:
+            lines.append(f"# {_toml_key(k)} is not set (None: automatic / default behaviour)")
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v, f'{name}.{k}' if name else str(k))}")
+    for k, v in subtables:
+        _write_table(lines, f"{name}.{_toml_key(k)}" if name else _toml_key(k), v, comments)
+
+
+_SECTION_COMMENTS = {
+    "sites": "lattice front end: stemfast.sites.SiteSettings",
+    "sites.lattice": "local lattice fit and fill-in: stemfast.lattice.LatticeSettings",
+    "model": "patch model: stemfast.model.RVAEConfig",
+    "analysis": "classes and defect scores: stemfast.analysis.AnalysisSettings",
+}
+
+
+def config_to_dict(config) -> dict:
+    """``PipelineConfig`` -> plain nested dict (tuples kept), in the TOML layout."""
+    return {"patch_size": config.patch_size, **{s: _as_table(getattr(config, s)) for s in _SECTIONS}}
+
+
+def dump_config(config, *, extra: Mapping | None = None, header: str | None = None) -> str:
+    """TOML text of ``config`` (a ``PipelineConfig``), readable back by :func:`load_config`.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    extra : additional top-level entries: scalars are written at the top, tables (dicts) after the
+        settings, e.g. ``{"stemfast": {"version": "0.1.0"}, "inputs": {"a.tif": "<sha256>"}}``.
+    header : comment lines put at the top of the file.
+
+    Notes
+    -----
+    ``None`` values are left out (TOML has no null) and written as a comment; tuples become
+    arrays; nested dataclasses become sub-tables (``[sites.lattice]``).
+
+    Examples
+    --------
+    >>> text = dump_config(load_config(None, {"model.epochs": 2}))
+    >>> load_config_text = __import__("tomllib").loads(text)
+    >>> load_config_text["model"]["epochs"]
+    2
+    """
+    extra = dict(extra or {})
+    lines: list[str] = []
+    for h in (header or "stemfast run configuration").splitlines():
+        lines.append(f"# {h}" if h else "#")
+    d = config_to_dict(config)
+    top = {k: v for k, v in extra.items() if not isinstance(v, Mapping)}
+    clash = set(top) & set(d)
+    if clash:
+        raise ValueError(f"extra entries clash with settings: {sorted(clash)}")
+    _write_table(lines, "", {"patch_size": d["patch_size"], **top})
+    for sec in _SECTIONS:
+        _write_table(lines, sec, d[sec], _SECTION_COMMENTS)
+    for k, v in extra.items():
+        if isinstance(v, Mapping):
+            if k in d:
+                raise ValueError(f"extra table [{k}] clashes with a settings section")
+            _write_table(lines, _toml_key(k), v)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- hashing / resolved file
+
+
+def _canonical(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    return obj
+
+
+def config_hash(config) -> str:
+    """Short, stable hash (16 hex digits) of every setting of ``config``.
+
+    Two configurations with the same hash give the same results (same version of stemfast).
+    """
+    text = json.dumps(_canonical(config_to_dict(config)), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk_size)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _input_keys(inputs: Iterable[Path]) -> list[str]:
+    paths = [Path(p) for p in inputs]
+    names = [p.name for p in paths]
+    dup = {n for n in names if names.count(n) > 1}
+    return [str(p) if p.name in dup else p.name for p in paths]
+
+
+def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path],
+                          checksums: Mapping[str, str] | None = None) -> str:
+    """Write the resolved settings of a run (``OUT/stemfast.toml``) atomically; return the text.
+
+    The file holds every setting (defaults included), a ``[stemfast]`` table (version, date,
+    config hash) and an ``[inputs]`` table of input file name -> sha256 (computed in chunks, or
+    taken from ``checksums`` keyed by ``str(path)`` when already known).
+    """
+    from . import __version__
+    from .atomic import write_text
+
+    checksums = dict(checksums or {})
+    table = {}
+    for key, p in zip(_input_keys(inputs), inputs):
+        table[key] = checksums.get(str(p)) or file_sha256(p)
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    extra = {
+        "stemfast": {"version": __version__, "date": now.isoformat(), "config_hash": config_hash(config)},
+        "inputs": table,
+    }
+    text = dump_config(config, extra=extra, header=(
+        "stemfast: resolved settings of this run (every setting, defaults included).\n"
+        "Reuse with: python -m stemfast batch DIR --config stemfast.toml"))
+    write_text(path, text)
+    return text

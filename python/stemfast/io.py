@@ -1,0 +1,914 @@
+"""Reading micrographs (single images and time series) with their pixel calibration.
+
+:func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py) and, through the
+optional extra ``stemfast[io]`` (RosettaSciIO, h5py, mrcfile), Gatan ``.dm3`` / ``.dm4``,
+``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi`` and ``.mrc``. Every problem with a file -- it
+is missing, corrupt, truncated, of an unsupported kind, empty, too small, 1-D, complex or has
+non-finite pixels -- raises one error type, :class:`ReadError`, whose message names the file and
+the reason.
+
+The result is a :class:`Micrograph`: float32 data ``[H, W]`` or ``[frames, H, W]``, the pixel size
+(converted to nm whenever the unit is a known length unit) and the source metadata. Stacks of
+uncompressed float32 TIFF or ``.npy`` files are memory-mapped, and :meth:`Micrograph.frames`
+reads them one frame at a time.
+
+:func:`write_tiff` writes float32 ImageJ-style TIFF files with a calibration that :func:`read`
+recovers; :func:`find_micrographs` lists the readable files of a folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ReadError",
+    "ReadWarning",
+    "Micrograph",
+    "read",
+    "write_tiff",
+    "find_micrographs",
+    "SUPPORTED_EXTENSIONS",
+    "MIN_SIDE",
+    "unit_to_nm",
+]
+
+log = logging.getLogger(__name__)
+
+#: File extensions :func:`read` understands (lower case).
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (
+    ".tif", ".tiff", ".npy", ".npz", ".h5", ".hdf5",
+    ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc",
+)
+#: Smallest accepted image side in px.
+MIN_SIDE = 16
+
+_RSCIIO_PLUGIN = {
+    ".dm3": "rsciio.digitalmicrograph",
+    ".dm4": "rsciio.digitalmicrograph",
+    ".emd": "rsciio.emd",
+    ".ser": "rsciio.tia",
+    ".emi": "rsciio.tia",
+    ".mrc": "rsciio.mrc",
+}
+
+# length units -> nm
+_UNIT_NM = {
+    "nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "nanometre": 1.0, "nanometres": 1.0,
+    "a": 0.1, "å": 0.1, "\u212b": 0.1, "angstrom": 0.1, "angstroms": 0.1, "ångström": 0.1,
+    "ångstrom": 0.1, "\\u00c5": 0.1, "\\u212b": 0.1,
+    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3,
+    "um": 1e3, "µm": 1e3, "\u03bcm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3,
+    "micrometre": 1e3, "\\u00b5m": 1e3, "\\u03bcm": 1e3,
+    "mm": 1e6, "cm": 1e7, "m": 1e9, "meter": 1e9, "metre": 1e9,
+}
+_NO_UNIT = {"", "pixel", "pixels", "px", "none", "<undefined>", "undefined", "t.b.d."}
+
+
+class ReadError(ValueError):
+    """A micrograph file cannot be read; the message names the file and the reason.
+
+    Attributes
+    ----------
+    path : the file.
+    reason : what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.reason = str(reason)
+        super().__init__(f"cannot read {self.path!r}: {self.reason}" if self.path is not None
+                         else self.reason)
+
+    def __reduce__(self):  # picklable across processes (batch workers)
+        return (type(self), (self.path, self.reason))
+
+
+class ReadWarning(UserWarning):
+    """A micrograph was read but changed on the way (RGB to grey, non-finite pixels replaced)."""
+
+
+def unit_to_nm(unit: str | None) -> float | None:
+    """Factor from ``unit`` to nm (``"A"`` -> 0.1, ``"um"`` -> 1000), ``None`` if not a length.
+
+    Examples
+    --------
+    >>> unit_to_nm("Å"), unit_to_nm("nm"), unit_to_nm("1/nm")
+    (0.1, 1.0, None)
+    """
+    if unit is None:
+        return None
+    return _UNIT_NM.get(str(unit).strip().lower())
+
+
+def _normalise_calibration(pixel_size: Any, unit: Any) -> tuple[float | None, str | None]:
+    """Positive finite pixel size; known length units converted to nm; no unit -> ``None``."""
+    try:
+        ps = float(pixel_size)
+    except (TypeError, ValueError):
+        return None, None
+    if not (math.isfinite(ps) and ps > 0):
+        return None, None
+    u = None if unit is None else str(unit).strip()
+    if u is not None and u.lower() in _NO_UNIT:
+        return None, None
+    f = unit_to_nm(u)
+    if f is not None:
+        return ps * f, "nm"
+    return ps, u
+
+
+@dataclass(frozen=True, eq=False)
+class Micrograph:
+    """A micrograph: a 2-D image or a time series of frames, with its calibration.
+
+    Attributes
+    ----------
+    data : float32 ``[H, W]`` image or ``[frames, H, W]`` stack (a read-only memory map for
+        large uncompressed stacks).
+    pixel_size : size of one pixel in ``unit`` (``None`` when the file has no calibration).
+    unit : length unit of ``pixel_size``; known length units are converted to ``"nm"``.
+    path : file the data came from.
+    metadata : source metadata (JSON-serialisable where possible).
+
+    Examples
+    --------
+    >>> mg = Micrograph(np.zeros((3, 32, 32), np.float32), pixel_size=0.012, unit="nm")
+    >>> mg.is_stack, mg.n_frames, mg.shape2d
+    (True, 3, (32, 32))
+    >>> [f.shape for f in mg.frames()][0]
+    (32, 32)
+    """
+
+    data: np.ndarray
+    pixel_size: float | None = None
+    unit: str | None = None
+    path: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def is_stack(self) -> bool:
+        """``True`` for a ``[frames, H, W]`` time series."""
+        return self.data.ndim == 3
+
+    @property
+    def n_frames(self) -> int:
+        """Number of frames (1 for a single image)."""
+        return int(self.data.shape[0]) if self.is_stack else 1
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """``(H, W)`` of one frame."""
+        return tuple(int(s) for s in self.data.shape[-2:])
+
+    @property
+    def pixel_size_nm(self) -> float | None:
+        """Pixel size in nm, or ``None`` when uncalibrated or not a length unit."""
+        if self.pixel_size is None:
+            return None
+        f = unit_to_nm(self.unit)
+        return None if f is None else self.pixel_size * f
+
+    def frame(self, i: int = 0) -> np.ndarray:
+        """Frame ``i`` as a float32 ``[H, W]`` array (``0`` / ``-1`` for a single image).
+
+        From a memory-mapped stack the frame is read into memory; otherwise it may share memory
+        with :attr:`data`.
+        """
+        n = self.n_frames
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"frame {i} out of range for {n} frame(s)")
+        if not self.is_stack:
+            return np.asarray(self.data, dtype=np.float32)
+        f = self.data[i]
+        if isinstance(self.data, np.memmap):
+            return np.array(f, dtype=np.float32)
+        return np.asarray(f, dtype=np.float32)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Yield every frame as a float32 ``[H, W]`` array, one at a time."""
+        for i in range(self.n_frames):
+            yield self.frame(i)
+
+    def __len__(self) -> int:
+        return self.n_frames
+
+    def __repr__(self) -> str:
+        cal = f"{self.pixel_size:.5g} {self.unit}" if self.pixel_size is not None else "uncalibrated"
+        return (f"Micrograph(shape={tuple(self.data.shape)}, pixel_size={cal}, "
+                f"path={self.path!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------
+def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None = None,
+         dataset: str | None = None, allow_nonfinite: bool = False) -> Micrograph:
+    """Read a micrograph file.
+
+    Parameters
+    ----------
+    path : file; the reader is chosen by the extension (case-insensitive), see
+        :data:`SUPPORTED_EXTENSIONS`.
+    frames : for stacks, the frames to read: an index (gives a 2-D micrograph), a slice or a
+        sequence of indices. ``None`` reads all.
+    dataset : HDF5 only: path of the dataset inside the file (default: the first 2-D/3-D one).
+    allow_nonfinite : replace NaN/inf pixels by the median of the frame (with a warning)
+        instead of raising.
+
+    Returns
+    -------
+    :class:`Micrograph` with float32 data.
+
+    Raises
+    ------
+    ReadError
+        The file is missing, unreadable, corrupt or truncated, of an unsupported type, or holds
+        no usable image (empty, 1-D, more than 3 dimensions, complex, smaller than
+        :data:`MIN_SIDE` px a side, non-finite values); also when an optional reader is not
+        installed.
+
+    Notes
+    -----
+    Pixel sizes come from ImageJ metadata (``unit`` + X/YResolution), TIFF resolution tags in
+    cm (not inch/print resolutions), FEI/TFS TIFF tags, a JSON ImageDescription with
+    ``pixel_size`` (+ ``unit``), HDF5 attributes ``pixel_size``/``unit``, ``.npz`` entries
+    ``pixel_size``/``unit``, and the calibration of the last two axes of RosettaSciIO and MRC
+    files. Known length units are converted to nm. RGB(A) images become grey
+    (``0.299 R + 0.587 G + 0.114 B``) with a :class:`ReadWarning`; integer data become float32.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_tiff(os.path.join(d, "a.tif"), np.ones((32, 32)), pixel_size=0.0125)
+    >>> mg = read(os.path.join(d, "a.tif"))
+    >>> mg.data.shape, mg.data.dtype, round(mg.pixel_size, 6), mg.unit
+    ((32, 32), dtype('float32'), 0.0125, 'nm')
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ReadError(p, "file not found")
+    if p.is_dir():
+        raise ReadError(p, "is a directory, not a file")
+    ext = p.suffix.lower()
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise ReadError(p, f"unsupported file type {p.suffix or '(no extension)'!r} "
+                           f"(supported: {', '.join(SUPPORTED_EXTENSIONS)})")
+    if not os.access(p, os.R_OK):
+        raise ReadError(p, "permission denied")
+    if p.stat().st_size == 0:
+        raise ReadError(p, "file is empty (0 bytes)")
+    if dataset is not None and ext not in (".h5", ".hdf5"):
+        raise ReadError(p, "dataset= applies to HDF5 files only")
+    try:
+        if ext in (".tif", ".tiff"):
+            raw = _read_tiff(p, frames)
+        elif ext == ".npy":
+            raw = _read_npy(p, frames)
+        elif ext == ".npz":
+            raw = _read_npz(p, frames)
+        elif ext in (".h5", ".hdf5"):
+            raw = _read_hdf5(p, frames, dataset)
+        elif ext == ".mrc":
+            raw = _read_mrc(p, frames)
+        else:
+            raw = _read_rsciio(p, frames)
+    except ReadError:
+        raise
+    except MemoryError as exc:
+        raise ReadError(p, f"not enough memory to load the data ({exc})") from exc
+    except Exception as exc:  # any reader failure is a corrupt / unreadable file to the caller
+        kind = {".tif": "TIFF", ".tiff": "TIFF", ".h5": "HDF5"}.get(ext, ext[1:].upper())
+        raise ReadError(p, f"unreadable or corrupt {kind} file "
+                           f"({type(exc).__name__}: {exc})") from exc
+    data, pixel_size, unit, meta = raw
+    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite)
+    pixel_size, unit = _normalise_calibration(pixel_size, unit)
+    meta.setdefault("format", ext[1:])
+    log.debug("read %s: shape %s, pixel size %s %s", p, data.shape, pixel_size, unit)
+    return Micrograph(data=data, pixel_size=pixel_size, unit=unit, path=str(p),
+                      metadata=_jsonable(meta))
+
+
+def write_tiff(path: str | os.PathLike, data: np.ndarray, *, pixel_size: float | None = None,
+               unit: str = "nm") -> Path:
+    """Write a float32 ImageJ-style TIFF (2-D image or ``[frames, H, W]`` time series).
+
+    The calibration goes into the X/YResolution tags (pixels per unit) and the ImageJ ``unit``,
+    as ImageJ/Fiji write it, so :func:`read`, ImageJ and other tools recover it. Known length
+    units are written as nm. The file is written to a temporary file in the same folder and
+    moved into place (``os.replace``), so readers never see a half-written file.
+
+    Parameters
+    ----------
+    path : output file (``.tif`` / ``.tiff``).
+    data : 2-D or 3-D real array (converted to float32).
+    pixel_size : pixel size in ``unit`` (``None``: no calibration).
+    unit : length unit of ``pixel_size``.
+
+    Returns
+    -------
+    The path written.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "x.tif")
+    >>> p = write_tiff(out, np.zeros((3, 16, 16)), pixel_size=1.2, unit="A")
+    >>> mg = read(p)
+    >>> mg.n_frames, round(mg.pixel_size, 6), mg.unit
+    (3, 0.12, 'nm')
+    """
+    import tifffile
+
+    p = Path(path)
+    arr = np.asarray(data)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"write_tiff: data must be 2-D or 3-D, got shape {arr.shape}")
+    if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"write_tiff: data must be real numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    kwargs: dict[str, Any] = {"imagej": True}
+    meta: dict[str, Any] = {"axes": "YX" if arr.ndim == 2 else "TYX"}
+    if pixel_size is not None:
+        ps, u = _normalise_calibration(pixel_size, unit)
+        if ps is None:
+            raise ValueError(f"write_tiff: pixel_size must be a positive number with a unit, "
+                             f"got {pixel_size!r} {unit!r}")
+        kwargs["resolution"] = (1.0 / ps, 1.0 / ps)
+        meta["unit"] = "".join(c if ord(c) < 128 else f"\\u{ord(c):04X}" for c in u)
+    kwargs["metadata"] = meta
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, arr, **kwargs)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def find_micrographs(directory: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Micrograph files in a folder, by extension (:data:`SUPPORTED_EXTENSIONS`).
+
+    Hidden files and folders (names starting with ``.``) and ground-truth files
+    (``*.truth.npz``) are skipped, and so is a TIA ``.emi`` file that has its ``.ser`` data
+    files next to it (they are listed instead). Sorted by path.
+
+    Parameters
+    ----------
+    directory : folder to search.
+    recursive : also search sub-folders.
+
+    Raises
+    ------
+    ReadError
+        The folder does not exist or is not a folder.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_tiff(os.path.join(d, "b.tif"), np.zeros((16, 16)))
+    >>> np.save(os.path.join(d, "a.npy"), np.zeros((16, 16)))
+    >>> [p.name for p in find_micrographs(d)]
+    ['a.npy', 'b.tif']
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise ReadError(root, "folder not found")
+    if not root.is_dir():
+        raise ReadError(root, "not a folder")
+    candidates = root.rglob("*") if recursive else root.iterdir()
+    found = []
+    for p in candidates:
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        name = p.name.lower()
+        if p.suffix.lower() not in SUPPORTED_EXTENSIONS or name.endswith(".truth.npz"):
+            continue
+        if not p.is_file():
+            continue
+        found.append(p)
+    sers = {(p.parent, p.stem.lower()) for p in found if p.suffix.lower() == ".ser"}
+    out = []
+    for p in found:
+        if p.suffix.lower() == ".emi":
+            stem = p.stem.lower()
+            if any(par == p.parent and (s == stem or s.startswith(stem + "_")) for par, s in sers):
+                continue
+        out.append(p)
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.ndarray:
+    """Shape/dtype/value checks and the float32 conversion shared by all readers."""
+    if not isinstance(data, np.ndarray):
+        data = np.asarray(data)
+    dt = data.dtype
+    meta.setdefault("source_dtype", str(dt))
+    meta.setdefault("source_shape", [int(s) for s in data.shape])
+    if dt.fields is not None or dt.kind in "OUSVM":
+        raise ReadError(path, f"data of type {dt} is not an image")
+    if dt.kind == "c":
+        raise ReadError(path, f"complex data ({dt}); pass the modulus or the real part "
+                              "as a real-valued image")
+    if data.size == 0:
+        raise ReadError(path, f"empty array (shape {tuple(data.shape)})")
+    rgb = bool(meta.pop("_rgb", False)) or _is_rgb_shape(data.shape)
+    if rgb:
+        data = _to_grey(data)
+        msg = f"{path}: RGB(A) image converted to grey (0.299 R + 0.587 G + 0.114 B)"
+        warnings.warn(msg, ReadWarning, stacklevel=3)
+        log.info("%s", msg)
+        meta["converted_from_rgb"] = True
+    if data.ndim > 2 and 1 in data.shape:
+        data = data.reshape([s for s in data.shape if s != 1] or [1])
+    src = tuple(meta["source_shape"])
+    if data.ndim < 2:
+        raise ReadError(path, f"{data.ndim}-D data (shape {src}); an image needs 2 dimensions")
+    if data.ndim > 3:
+        raise ReadError(path, f"{data.ndim}-D data (shape {src}); only images [H, W] and time "
+                              "series [frames, H, W] (plus singleton or RGB axes) are supported")
+    h, w = data.shape[-2:]
+    if min(h, w) < MIN_SIDE:
+        raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")
+    keep_map = isinstance(data, np.memmap) and data.ndim == 3 and data.dtype == np.float32 \
+        and data.dtype.isnative
+    if keep_map:
+        bad = sum(int(np.count_nonzero(~np.isfinite(data[i]))) for i in range(data.shape[0]))
+    elif isinstance(data, np.memmap) or not data.flags.owndata or not data.flags.writeable:
+        data = np.array(data, dtype=np.float32, order="C")  # into memory, never alias a file
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+    else:
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        n = int(np.prod(data.shape))
+        if bad == n:
+            raise ReadError(path, "all values are NaN or infinite")
+        if not allow_nonfinite:
+            raise ReadError(path, f"{bad} of {n} values are NaN or infinite "
+                                  "(read(..., allow_nonfinite=True) replaces them by the median)")
+        data = np.array(data, dtype=np.float32, order="C")
+        stack = data if data.ndim == 3 else data[None]
+        for fr in stack:
+            m = ~np.isfinite(fr)
+            if m.any():
+                good = fr[~m]
+                fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
+        msg = f"{path}: replaced {bad} NaN/infinite values by the frame median"
+        warnings.warn(msg, ReadWarning, stacklevel=3)
+        log.info("%s", msg)
+        meta["nonfinite_replaced"] = bad
+    return data
+
+
+def _to_grey(data: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(data[..., :3], dtype=np.float32)
+    return rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587) \
+        + rgb[..., 2] * np.float32(0.114)
+
+
+def _is_rgb_shape(shape: Sequence[int]) -> bool:
+    core = [int(s) for s in shape if s != 1]
+    return len(core) >= 3 and core[-1] in (3, 4) and min(core[-3:-1]) >= MIN_SIDE
+
+
+def _select_frames(path: Path, data: Any, frames: Any) -> Any:
+    """Apply a ``frames=`` selection to an image / stack (singleton axes dropped first)."""
+    if frames is None:
+        return data
+    shape = tuple(int(s) for s in data.shape)
+    core = [s for s in shape if s != 1]
+    rgb = _is_rgb_shape(shape)
+    n_img_axes = 3 if rgb else 2
+    if len(core) == n_img_axes:  # a single image: only frame 0 exists
+        _frame_index(path, frames, 1)
+        return data
+    if len(core) != n_img_axes + 1:
+        raise ReadError(path, f"frames= needs a 2-D image or a 3-D stack, data has shape {shape}")
+    arr = data.reshape(core) if len(core) != len(shape) else data
+    return arr[_frame_index(path, frames, core[0])]
+
+
+def _frame_index(path: Path, frames: Any, n: int) -> int | slice | np.ndarray:
+    if isinstance(frames, (int, np.integer)):
+        i = int(frames)
+        if not -n <= i < n:
+            raise ReadError(path, f"frame {i} out of range (the file has {n} frame(s))")
+        return i % n if n > 1 else 0
+    if isinstance(frames, slice):
+        if not len(range(*frames.indices(n))):
+            raise ReadError(path, f"frames={frames} selects no frame (the file has {n})")
+        return frames
+    try:
+        idx = np.asarray(list(frames), dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ReadError(path, f"frames must be an int, a slice or a sequence of ints, got {frames!r}")
+    if idx.ndim != 1 or idx.size == 0:
+        raise ReadError(path, f"frames={frames!r} selects no frame")
+    if (idx < -n).any() or (idx >= n).any():
+        raise ReadError(path, f"frames {idx.tolist()} out of range (the file has {n} frame(s))")
+    return idx % n
+
+
+# ---------------------------------------------------------------------------------------------
+# readers: each returns (array-like, pixel_size, unit, metadata)
+# ---------------------------------------------------------------------------------------------
+def _read_tiff(path: Path, frames: Any):
+    import tifffile
+
+    size = path.stat().st_size
+    with _CaptureLog("tifffile") as problems:  # tifffile logs, rather than raises, broken IFDs
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise ReadError(path, f"not a valid TIFF file ({exc})") from exc
+        try:
+            series_list = tif.series
+            series = series_list[0] if series_list else None
+            if series is not None:
+                list(series.pages)
+        except BaseException:
+            tif.close()
+            raise
+    with tif:
+        if series is None:
+            raise ReadError(path, "TIFF file without image data")
+        axes = series.axes
+        meta: dict[str, Any] = {"format": "tiff", "axes": axes, "n_series": len(series_list)}
+        broken = [m for m in problems if "offset" in m.lower() or "corrupt" in m.lower()
+                  or "truncat" in m.lower()]
+        if broken:
+            raise ReadError(path, f"truncated or corrupt TIFF file ({broken[0]})")
+        if problems:
+            meta["tifffile_messages"] = problems[:10]
+        if tif.is_imagej:
+            announced = int((tif.imagej_metadata or {}).get("images", 1) or 1)
+            plane = int(np.prod([s for s, a in zip(series.shape, axes) if a in "YXS"]))
+            held = int(np.prod(series.shape)) // max(plane, 1)
+            if held < announced:
+                raise ReadError(path, f"truncated TIFF file (the ImageJ header announces "
+                                      f"{announced} images, the file holds {held})")
+        # truncation check: every data segment must lie inside the file
+        for page in series.pages:
+            if page is None:
+                continue
+            offs = getattr(page, "dataoffsets", ()) or ()
+            cnts = getattr(page, "databytecounts", ()) or ()
+            if offs and cnts and max(o + c for o, c in zip(offs, cnts)) > size:
+                raise ReadError(path, "truncated TIFF file (image data extends past the end "
+                                      f"of the {size}-byte file)")
+        page0 = tif.pages[0]
+        pixel_size, unit = _tiff_calibration(tif, page0, meta)
+        rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
+        meta["_rgb"] = rgb
+        n_pages = len(series.pages)
+        core = [s for s, a in zip(series.shape, axes) if s != 1 and a != "S"]
+        data = None
+        if len(core) == 3 and not rgb:
+            try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
+                if series.dataoffset is not None and series.dtype.isnative:
+                    data = np.memmap(path, dtype=series.dtype, mode="r",
+                                     offset=series.dataoffset, shape=tuple(series.shape))
+            except (ValueError, OSError, TypeError):  # not contiguous: read normally
+                data = None
+            if data is None and frames is not None and n_pages == core[0]:
+                idx = _frame_index(path, frames, n_pages)
+                key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
+                       else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
+                arr = tif.asarray(series=0, key=key)
+                if isinstance(idx, (int, np.integer)):
+                    arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
+                return arr, pixel_size, unit, meta
+        if data is None:
+            data = series.asarray()
+            if rgb and axes.index("S") != len(axes) - 1:  # planar RGB: samples last
+                data = np.moveaxis(data, axes.index("S"), -1)
+    return _select_frames(path, data, frames), pixel_size, unit, meta
+
+
+class _CaptureLog(logging.Handler):
+    """Collect the WARNING+ messages of one logger while the ``with`` block runs."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.WARNING)
+        self._logger = logging.getLogger(name)
+        self._thread = threading.get_ident()  # only this thread's messages (parallel reads)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self._thread:
+            return
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # a broken log call must not break reading
+            self.messages.append(str(record.msg))
+
+    def __enter__(self) -> list[str]:
+        self._logger.addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
+
+def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
+    """Pixel size from ImageJ, FEI, JSON-description or resolution-tag metadata."""
+    tags = page.tags
+
+    def res(name):
+        t = tags.get(name)
+        if t is None:
+            return None
+        v = t.value
+        try:
+            v = v[0] / v[1] if isinstance(v, tuple) else float(v)
+        except (TypeError, ZeroDivisionError, IndexError):
+            return None
+        return v if math.isfinite(v) and v > 0 else None
+
+    xres, yres = res("XResolution"), res("YResolution")
+    ru = tags.get("ResolutionUnit")
+    runit = int(ru.value) if ru is not None else 2
+    if page.description:
+        desc = page.description
+        meta["description"] = desc if len(desc) <= 20000 else desc[:20000] + "..."
+    # ImageJ: unit + pixels-per-unit in XResolution (spacing is the z step)
+    if tif.is_imagej:
+        ij = dict(tif.imagej_metadata or {})
+        meta["imagej"] = ij
+        unit = ij.get("unit")
+        if unit is not None:
+            unit = _decode_ij_unit(str(unit))
+        if unit and unit.strip().lower() not in _NO_UNIT and xres:
+            if yres and abs(yres - xres) > 1e-6 * xres:
+                meta["pixel_size_y"] = 1.0 / yres
+                log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", tif.filename,
+                            1.0 / xres, 1.0 / yres, unit)
+            return 1.0 / xres, unit
+    # FEI / Thermo Fisher
+    fei = getattr(tif, "fei_metadata", None) if getattr(tif, "is_fei", False) else None
+    if fei:
+        meta["fei"] = fei
+        for sec in ("Scan", "EScan"):
+            pw = (fei.get(sec) or {}).get("PixelWidth")
+            if pw:
+                return float(pw), "m"
+    # JSON description (tifffile shaped / other writers)
+    if page.description and page.description.lstrip().startswith("{"):
+        try:
+            d = json.loads(page.description)
+        except ValueError:
+            d = None
+        if isinstance(d, dict):
+            if d.get("pixel_size") is not None:
+                return d["pixel_size"], d.get("unit", "nm")
+            if d.get("pixel_size_A") is not None:
+                return d["pixel_size_A"], "A"
+            if d.get("pixel_size_nm") is not None:
+                return d["pixel_size_nm"], "nm"
+    # plain resolution tags: only metric units (inch resolutions are print DPI)
+    if xres and runit == 3:  # CENTIMETER
+        ps_nm = 1e7 / xres
+        if ps_nm < 1e3:  # a print resolution would give pixels of tens of microns
+            return ps_nm, "nm"
+    return None, None
+
+
+def _decode_ij_unit(unit: str) -> str:
+    if "\\u" in unit:
+        try:
+            return unit.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except (UnicodeError, ValueError):
+            return unit
+    return unit
+
+
+def _read_npy(path: Path, frames: Any):
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ReadError(path, f"not a valid .npy file or truncated ({exc})") from exc
+    if not isinstance(data, np.ndarray):
+        raise ReadError(path, "not a .npy array")
+    return _select_frames(path, data, frames), None, None, {"format": "npy"}
+
+
+def _read_npz(path: Path, frames: Any):
+    import zipfile
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ReadError(path, f"not a valid .npz file or truncated ({exc})") from exc
+    with z:
+        names = list(z.files)
+        if not names:
+            raise ReadError(path, "the .npz archive holds no arrays")
+        key = next((k for k in ("image", "data") if k in names), None)
+        if key is None:
+            key = next((k for k in names if z[k].ndim >= 2), names[0])
+        data = z[key]
+        meta: dict[str, Any] = {"format": "npz", "array": key, "arrays": names}
+        ps = unit = None
+        for k in ("pixel_size", "pixel_size_nm", "pixel_size_A"):
+            if k in names and z[k].size == 1:
+                ps = float(z[k])
+                unit = {"pixel_size_nm": "nm", "pixel_size_A": "A"}.get(k)
+                break
+        if "unit" in names:
+            unit = str(z["unit"])
+        if ps is not None and unit is None:
+            unit = "nm"
+        if "meta" in names and z["meta"].dtype.kind in "US":
+            try:
+                meta["meta"] = json.loads(str(z["meta"]))
+            except ValueError:
+                pass
+    return _select_frames(path, data, frames), ps, unit, meta
+
+
+def _read_hdf5(path: Path, frames: Any, dataset: str | None):
+    try:
+        import h5py
+    except ImportError as exc:
+        raise ReadError(path, "reading .h5/.hdf5 files needs h5py: install stemfast[io] "
+                              "(pip install 'stemfast[io]') or h5py") from exc
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ReadError(path, f"not a valid HDF5 file or truncated ({exc})") from exc
+    with f:
+        if dataset is not None:
+            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                raise ReadError(path, f"no dataset {dataset!r} in the file")
+            ds = f[dataset]
+        else:
+            found: list = []
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset) and not found:
+                    core = [s for s in obj.shape if s != 1]
+                    if obj.dtype.kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE:
+                        found.append(name)
+
+            f.visititems(visit)
+            if not found:
+                raise ReadError(path, "no 2-D or 3-D numeric dataset in the file")
+            ds = f[found[0]]
+        meta: dict[str, Any] = {"format": "hdf5", "dataset": ds.name,
+                                "attrs": {k: _attr(v) for k, v in ds.attrs.items()}}
+        ps = unit = None
+        for holder in (ds, ds.parent, f):
+            for k in ("pixel_size", "pixel_size_nm", "pixel_size_A"):
+                if k in holder.attrs:
+                    ps = _attr(holder.attrs[k])
+                    if isinstance(ps, list):
+                        ps = ps[-1]
+                    unit = {"pixel_size_nm": "nm", "pixel_size_A": "A"}.get(k)
+                    u = holder.attrs.get("unit", holder.attrs.get("units"))
+                    if u is not None:
+                        u = _attr(u)
+                        unit = u[-1] if isinstance(u, list) else u
+                    break
+            if ps is not None:
+                break
+        if ps is not None and unit is None:
+            unit = "nm"
+        if frames is not None and ds.ndim == 3 and min(ds.shape) > 1:
+            idx = _frame_index(path, frames, ds.shape[0])  # read only the selected frames
+            if isinstance(idx, np.ndarray):
+                data = np.stack([ds[int(i)] for i in idx])
+            else:
+                data = ds[idx]
+        else:
+            data = _select_frames(path, ds[()], frames)
+    return data, ps, unit, meta
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return [_attr(x) for x in v.tolist()] if v.size <= 64 else f"<array {v.shape} {v.dtype}>"
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_mrc(path: Path, frames: Any):
+    try:
+        import mrcfile
+    except ImportError:
+        return _read_rsciio(path, frames)
+    try:
+        m = mrcfile.mmap(path, mode="r", permissive=True)
+    except (ValueError, OSError) as exc:
+        raise ReadError(path, f"not a valid MRC file ({exc})") from exc
+    with m:
+        if m.data is None:
+            raise ReadError(path, "not a valid MRC file (no data block; truncated or corrupt)")
+        vs = m.voxel_size
+        ps = float(vs.x) if float(vs.x) > 0 else None
+        meta = {"format": "mrc", "reader": "mrcfile",
+                "voxel_size_A": [float(vs.x), float(vs.y), float(vs.z)]}
+        data = np.array(_select_frames(path, m.data, frames))
+    return data, ps, ("A" if ps else None), meta
+
+
+def _read_rsciio(path: Path, frames: Any):
+    import importlib
+
+    ext = path.suffix.lower()
+    try:
+        importlib.import_module("rsciio")
+    except ImportError as exc:
+        extra = " or mrcfile" if ext == ".mrc" else ""
+        raise ReadError(path, f"reading {ext} files needs RosettaSciIO{extra}: install "
+                              f"stemfast[io] (pip install 'stemfast[io]')") from exc
+    plugin = importlib.import_module(_RSCIIO_PLUGIN[ext])
+    try:
+        signals = plugin.file_reader(str(path), lazy=True)
+    except TypeError:
+        signals = plugin.file_reader(str(path))
+    images = []
+    for s in signals:
+        shape = tuple(int(x) for x in np.shape(s["data"]))
+        core = [x for x in shape if x != 1]
+        if len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE:
+            images.append(s)
+    if not images:
+        shapes = [tuple(np.shape(s["data"])) for s in signals]
+        raise ReadError(path, f"no 2-D image or 3-D image stack in the file (signals: {shapes})")
+
+    def title(s):
+        return str(((s.get("metadata") or {}).get("General") or {}).get("title", ""))
+
+    sig = next((s for s in images if "haadf" in title(s).lower()), images[0])
+    axes = sorted(sig.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))
+    ps = unit = None
+    if len(axes) >= 2:
+        ax_x = axes[-1]
+        ps, unit = ax_x.get("scale"), ax_x.get("units")
+        if unit in (None, "") or str(unit).strip().lower() in _NO_UNIT:
+            ps = unit = None
+    meta = {"format": ext[1:], "reader": "rsciio", "title": title(sig),
+            "axes": [{k: _attr(v) for k, v in a.items()} for a in axes],
+            "signals": [title(s) for s in signals],
+            "metadata": sig.get("metadata") or {},
+            "original_metadata": sig.get("original_metadata") or {}}
+    data = _select_frames(path, sig["data"], frames)
+    return np.asarray(data), ps, unit, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata sanitising
+# ---------------------------------------------------------------------------------------------
+def _jsonable(obj: Any, depth: int = 0) -> Any:
+    """A JSON-serialisable copy (numpy scalars -> Python, small arrays -> lists, else str)."""
+    if depth > 12:
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item(), depth + 1)
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, np.ndarray):
+        if obj.size <= 256 and obj.dtype.kind in "biuf":
+            return _jsonable(obj.tolist(), depth + 1)
+        return f"<array shape={list(obj.shape)} dtype={obj.dtype}>"
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v, depth + 1) for v in obj]
+    try:
+        json.dumps(obj)
+        return obj
+    except (TypeError, ValueError):
+        return str(obj)

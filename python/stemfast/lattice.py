@@ -1,0 +1,589 @@
+"""Local hexagonal lattice: spacing estimation, per-site lattice fits and lattice fill-in.
+
+The columns of a hexagonal 2-D material (MoS2: Mo and S2 columns) together with the empty hexagon
+centres form one *triangular* lattice whose spacing ``nn`` is the nearest-neighbour column
+distance. Every site is fitted with its own small triangular lattice (a least-squares fit to the
+site and its neighbours within ``fit_radius * nn``) because strain and scan distortion make a
+single global lattice impossible. Each well-fitted site predicts its six first-shell lattice
+points; predictions that no found column covers and that several sites agree on are added as
+``lattice`` sites (hexagon centres, vacancies, faint columns), then the fit-predict-add cycle
+repeats until nothing new is added.
+
+Film holes (vacuum: dark and without lattice contrast) stop the fill-in; a dirty patch does not,
+because points there are still film. Sites are never added outside the image.
+
+The local lattice vectors of every site are kept: they give local spacing, rotation and strain.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import breadth_first_order, connected_components
+from scipy.spatial import cKDTree
+
+from .backend import get_kernels
+
+__all__ = [
+    "LatticeSettings",
+    "LatticeResult",
+    "estimate_spacing",
+    "triangular_basis",
+    "fit_lattices",
+    "fill_lattice",
+    "film_mask",
+    "sublattice_labels",
+    "local_strain",
+]
+
+log = logging.getLogger(__name__)
+
+# The six first-shell offsets of a triangular lattice in (m, n) lattice coordinates, in angular order.
+FIRST_SHELL = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class LatticeSettings:
+    """Settings of the local lattice fit and fill-in. Lengths are in units of the spacing ``nn``.
+
+    Attributes
+    ----------
+    fit_radius : neighbours within this distance enter a site's local fit.
+    n_iter : index-assignment / least-squares passes per local fit.
+    outlier_tol : a point further than this from the current local model is left out of the fit.
+    max_rms : a site predicts lattice points only when its fit residual is below this.
+    min_used : ... and when at least this many points entered its fit
+    min_inlier_fraction : ... and at least this share of its neighbours (a random cluster of
+        spurious maxima fits a lattice only with few of its points).
+    cover_radius : a predicted point closer than this to an on-lattice site is already covered
+        (and so is one closer than half this to any site).
+    off_lattice : a found column further than this from its own fitted lattice point is off-lattice
+        (a spurious maximum, an adatom): it does not cover a predicted point.
+    merge_radius : predictions closer than this to each other are one candidate point.
+    min_support : a candidate needs predictions from at least this many different sites.
+    enclose_radius : sites within this distance decide whether a candidate is surrounded.
+    max_gap_deg : a candidate is *surrounded* when no angular gap between those sites exceeds this.
+    max_rounds : upper bound on fill-in rounds (each round adds one shell at most).
+    edge_margin_px : sites are added only this far (px) inside the image border.
+    max_extrapolation : sites are added at most this far from a well-fitted found column, so the
+        fill-in bridges a dirty patch or a vacancy cluster but does not invent a lattice over a
+        large region that shows none.
+    """
+
+    fit_radius: float = 2.2
+    n_iter: int = 3
+    outlier_tol: float = 0.25
+    max_rms: float = 0.12
+    min_used: int = 5
+    min_inlier_fraction: float = 0.7
+    cover_radius: float = 0.5
+    off_lattice: float = 0.3
+    merge_radius: float = 0.3
+    min_support: int = 2
+    enclose_radius: float = 2.05
+    max_gap_deg: float = 150.0
+    max_rounds: int = 64
+    max_extrapolation: float = 6.0
+    edge_margin_px: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("fit_radius", "outlier_tol", "max_rms", "cover_radius", "off_lattice", "merge_radius",
+                     "enclose_radius"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LatticeSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.n_iter < 1 or self.min_support < 1 or self.max_rounds < 0 or self.min_used < 4:
+            raise ValueError("LatticeSettings: n_iter >= 1, min_support >= 1, min_used >= 4, max_rounds >= 0")
+
+
+@dataclass(frozen=True)
+class LatticeResult:
+    """Output of :func:`fill_lattice`: all sites (found first, then added) and their local lattices.
+
+    ``xy`` [N, 2] (x, y); ``is_peak`` bool [N]; ``origin`` [N, 2] the fitted lattice point of each
+    site; ``basis`` [N, 2, 2] local lattice vectors (rows a1, a2) in px; ``rms`` [N] fit residual in
+    px (NaN where the fit failed); ``n_used`` [N]; ``support`` [N] number of sites that predicted an
+    added site (0 for found ones); ``rounds`` fill-in rounds run; ``on_lattice`` [N] False for found
+    maxima that sit off the local lattice (spurious maxima in a dirty patch, adatoms).
+    """
+
+    xy: np.ndarray
+    is_peak: np.ndarray
+    origin: np.ndarray
+    basis: np.ndarray
+    rms: np.ndarray
+    n_used: np.ndarray
+    support: np.ndarray
+    spacing: float
+    rounds: int
+    on_lattice: np.ndarray
+
+
+def triangular_basis(spacing: float, angle_deg: float) -> np.ndarray:
+    """Basis (rows ``a1``, ``a2``) of a triangular lattice with ``a1`` at ``angle_deg`` from +x.
+
+    Angles are measured from the +x (column) axis towards +y (down the rows), i.e. clockwise as
+    displayed. ``a2`` is ``a1`` turned by +60 degrees.
+
+    Examples
+    --------
+    >>> triangular_basis(2.0, 0.0).round(3)
+    array([[2.   , 0.   ],
+           [1.   , 1.732]])
+    """
+    t = np.deg2rad(angle_deg)
+    return spacing * np.array([[np.cos(t), np.sin(t)], [np.cos(t + np.pi / 3), np.sin(t + np.pi / 3)]])
+
+
+def estimate_spacing(xy: np.ndarray, *, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """Nearest-neighbour spacing (px) and lattice orientation (degrees in [0, 60)) of a point set.
+
+    The spacing is the mode of the nearest-neighbour distance distribution (robust to a few spurious
+    or missing points); the orientation is the circular mean of ``6 * angle`` of the
+    nearest-neighbour bonds, divided by 6.
+
+    Examples
+    --------
+    >>> from stemfast.lattice import triangular_basis
+    >>> b = triangular_basis(10.0, 12.0)
+    >>> m, n = np.meshgrid(np.arange(-10, 11), np.arange(-10, 11))
+    >>> xy = np.stack([m.ravel(), n.ravel()], 1) @ b
+    >>> s, a = estimate_spacing(xy)
+    >>> round(s, 3), round(a, 3)
+    (10.0, 12.0)
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 8:
+        raise ValueError("estimate_spacing needs an [N, 2] point array with N >= 8")
+    tree = cKDTree(xy)
+    d, j = tree.query(xy, k=2)
+    d1 = d[:, 1]
+    d1 = d1[np.isfinite(d1) & (d1 > 0)]
+    # mode via a histogram around the median, refined by the median of the modal bin's neighbourhood
+    med = float(np.median(d1))
+    hist, edges = np.histogram(d1, bins=64, range=(0.5 * med, 1.5 * med))
+    k = int(np.argmax(ndimage.uniform_filter1d(hist.astype(float), 3)))
+    centre = 0.5 * (edges[k] + edges[k + 1])
+    near = d1[np.abs(d1 - centre) < 0.1 * centre]
+    spacing = float(np.median(near)) if len(near) else med
+    # orientation from all bonds of length ~ spacing
+    pairs = tree.query_pairs(1.15 * spacing, output_type="ndarray")
+    v = xy[pairs[:, 1]] - xy[pairs[:, 0]]
+    ln = np.hypot(v[:, 0], v[:, 1])
+    v = v[np.abs(ln - spacing) < 0.15 * spacing]
+    ang = np.arctan2(v[:, 1], v[:, 0])
+    c, s = np.cos(6 * ang).sum(), np.sin(6 * ang).sum()
+    angle = float(np.rad2deg(np.arctan2(s, c) / 6.0)) % 60.0
+    return spacing, angle
+
+
+def _neighbour_table(tree: cKDTree, xy: np.ndarray, k: int, radius: float) -> np.ndarray:
+    _, idx = tree.query(xy, k=k, distance_upper_bound=radius)
+    idx = np.asarray(idx, dtype=np.int64).reshape(len(xy), k)
+    idx[idx >= tree.n] = -1
+    return np.ascontiguousarray(idx)
+
+
+def fit_lattices(
+    xy: np.ndarray,
+    basis0: np.ndarray,
+    *,
+    spacing: float,
+    settings: LatticeSettings = LatticeSettings(),
+    tree: cKDTree | None = None,
+    backend: str | None = None,
+    subset: np.ndarray | None = None,
+):
+    """Fit a local triangular lattice at every site (or at ``subset``) of ``xy``.
+
+    Returns ``(origin, basis, rms, n_used, n_pts)``: the ``fit_local_lattices`` kernel's outputs
+    and the number of points (site + neighbours) offered to each fit.
+    """
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    tree = tree if tree is not None else cKDTree(xy)
+    q = xy if subset is None else xy[subset]
+    radius = settings.fit_radius * spacing
+    # number of triangular-lattice points within the radius, with room for spurious extras
+    k = int(np.ceil(np.pi * (settings.fit_radius + 0.5) ** 2 / (np.sqrt(3) / 2))) + 2
+    k = min(k, len(xy))
+    nb = _neighbour_table(tree, q, k, radius)
+    own = np.arange(len(xy)) if subset is None else np.asarray(subset)
+    n_pts = 1 + ((nb >= 0) & (nb != own[:, None])).sum(1)
+    b0 = np.ascontiguousarray(np.broadcast_to(basis0, (len(q), 2, 2)) if basis0.ndim == 2 else basis0,
+                              dtype=np.float64)
+    kern = get_kernels(backend)
+    if subset is not None:
+        # fit only the subset: compact the points to the subset and its neighbours, subset rows first
+        subset = np.asarray(subset, dtype=np.int64)
+        used = np.unique(np.concatenate([subset, nb[nb >= 0]]))
+        rest = np.setdiff1d(used, subset, assume_unique=True)
+        order = np.concatenate([subset, rest])
+        remap = np.full(len(xy), -1, dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        rows = np.where(nb >= 0, remap[np.maximum(nb, 0)], -1)
+        rows = np.concatenate([rows, np.full((len(rest), rows.shape[1]), -1, np.int64)])
+        rest_b0 = np.broadcast_to(b0[:1] if len(b0) else np.eye(2)[None], (len(rest), 2, 2))
+        o, b, r, n = kern.fit_local_lattices(np.ascontiguousarray(xy[order]), np.ascontiguousarray(rows),
+                                             np.ascontiguousarray(np.concatenate([b0, rest_b0])),
+                                             settings.n_iter, settings.outlier_tol)
+        k = len(subset)
+        return o[:k], b[:k], r[:k], n[:k], n_pts
+    o, b, r, n = kern.fit_local_lattices(xy, nb, b0, settings.n_iter, settings.outlier_tol)
+    return o, b, r, n, n_pts
+
+
+def _max_angular_gap(center: np.ndarray, pts_idx: list[list[int]], xy: np.ndarray) -> np.ndarray:
+    gaps = np.full(len(center), 360.0)
+    for i, nb in enumerate(pts_idx):
+        if len(nb) < 2:
+            continue
+        v = xy[nb] - center[i]
+        a = np.sort(np.degrees(np.arctan2(v[:, 1], v[:, 0])))
+        g = np.diff(np.concatenate([a, a[:1] + 360.0]))
+        gaps[i] = g.max()
+    return gaps
+
+
+def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> np.ndarray | None:
+    """Boolean mask of the image area that holds film (True) rather than a hole (False).
+
+    A hole is vacuum: darker than the film *and* without lattice contrast. Both are measured on a
+    scale of one spacing: the local mean of the image and the local mean of the squared bandpassed
+    image, each compared with its median at the found columns. Returns ``None`` when no hole is
+    found (the whole image is film).
+    """
+    s = max(1.0, spacing)
+    mean = ndimage.gaussian_filter(image.astype(np.float32), s)
+    energy = ndimage.gaussian_filter(bandpassed.astype(np.float32) ** 2, s)
+    if len(peak_xy) == 0:
+        return None
+    ij = np.clip(np.rint(peak_xy[:, ::-1]).astype(int), 0, np.array(image.shape) - 1)
+    e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
+    m_lat = float(np.median(mean[ij[:, 0], ij[:, 1]]))
+    m_lo = float(np.percentile(mean, 0.5))
+    # a hole smaller than a few spacings still shows the bandpass response of its edge, so the
+    # energy test is loose; darkness is the main criterion
+    low_energy = energy < 0.5 * e_lat
+    # dark: below the midpoint between the darkest area and the film (only when they differ clearly)
+    spread = m_lat - m_lo
+    noise = float(np.std(mean[ij[:, 0], ij[:, 1]]))
+    if spread <= 4.0 * noise:
+        dark = np.zeros_like(low_energy)
+    else:
+        dark = mean < m_lo + 0.5 * spread
+    hole = low_energy & dark
+    if not hole.any():
+        return None
+    hole = ndimage.binary_opening(hole, iterations=max(1, int(0.5 * s)))
+    if not hole.any():
+        return None
+    return ~hole
+
+
+def fill_lattice(
+    peak_xy: np.ndarray,
+    *,
+    shape: tuple[int, int],
+    spacing: float | None = None,
+    angle_deg: float | None = None,
+    film: np.ndarray | bool | None = None,
+    settings: LatticeSettings = LatticeSettings(),
+    backend: str | None = None,
+) -> LatticeResult:
+    """Fit local lattices to the found columns and add the lattice points no column covers.
+
+    Parameters
+    ----------
+    peak_xy : [N, 2] found column positions (x, y) in px.
+    shape : (height, width) of the image; sites are only added inside ``[0, W-1] x [0, H-1]``
+        (less ``settings.edge_margin_px``).
+    spacing, angle_deg : nearest-neighbour spacing in px and lattice orientation; estimated from
+        ``peak_xy`` when not given.
+    film : where the film is. A bool [H, W] mask (False in holes, where no site may be added) or
+        ``True`` (all film): the fill-in then carries on wherever the lattice predicts sites, e.g.
+        across a dirty patch. ``None`` (unknown) is conservative: a site is added only where the
+        found sites surround it (angular gap below ``max_gap_deg``), so the fill stops at any
+        edge of the lattice.
+    settings : :class:`LatticeSettings`.
+
+    Returns
+    -------
+    LatticeResult
+
+    Examples
+    --------
+    >>> from stemfast.lattice import triangular_basis, fill_lattice
+    >>> b = triangular_basis(10.0, 5.0)
+    >>> m, n = np.meshgrid(np.arange(-30, 31), np.arange(-30, 31))
+    >>> xy = np.stack([m.ravel(), n.ravel()], 1) @ b + 100
+    >>> inside = (xy >= 0).all(1) & (xy <= 199).all(1)
+    >>> honeycomb = inside & ((m.ravel() - n.ravel()) % 3 != 0)   # drop the hexagon centres
+    >>> res = fill_lattice(xy[honeycomb], shape=(200, 200))
+    >>> int((~res.is_peak).sum()) == int((inside & ~honeycomb).sum())
+    True
+    """
+    peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
+    H, W = int(shape[0]), int(shape[1])
+    if spacing is None or angle_deg is None:
+        s_est, a_est = estimate_spacing(peak_xy)
+        spacing = s_est if spacing is None else spacing
+        angle_deg = a_est if angle_deg is None else angle_deg
+    nn = float(spacing)
+    b_global = triangular_basis(nn, float(angle_deg))
+
+    xy = peak_xy.copy()
+    n_peak = len(xy)
+    basis0 = np.broadcast_to(b_global, (n_peak, 2, 2)).copy()
+    support = np.zeros(n_peak, dtype=np.int64)
+    tree = cKDTree(xy)
+    origin, basis, rms, n_used, _ = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
+                                                 backend=backend)
+    # a second pass seeded with each site's own first fit follows local rotation/strain better
+    ok = np.isfinite(rms)
+    basis0[ok] = basis[ok]
+    origin, basis, rms, n_used, n_pts = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
+                                                     backend=backend)
+
+    def well_fitted():
+        # the inlier-share test is for found maxima (spurious ones fit with few neighbours); added
+        # sites are lattice points by construction and keep predicting inside a dirty patch
+        added = np.arange(len(rms)) >= n_peak
+        return (np.isfinite(rms) & (rms < settings.max_rms * nn) & (n_used >= settings.min_used)
+                & (added | (n_used >= settings.min_inlier_fraction * n_pts)))
+
+    anchors = well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
+    anchor_tree = cKDTree(xy[anchors]) if anchors.any() else None
+    rounds = 0
+    new_from = 0  # sites from this index on were added in the last round (all sites in round 0)
+    while rounds < settings.max_rounds:
+        good = well_fitted()
+        # only sites near the frontier can predict something new: in round 0 all, later the
+        # last round's additions and their neighbours
+        if rounds == 0:
+            pred_sites = np.flatnonzero(good)
+        else:
+            recent = xy[new_from:]
+            near = tree.query_ball_point(recent, r=1.5 * nn)
+            cand = np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in near])) if len(near) else np.zeros(0, np.int64)
+            pred_sites = cand[good[cand]]
+        if len(pred_sites) == 0:
+            break
+        pts = (origin[pred_sites, None, :] + FIRST_SHELL[None, :, :] @ basis[pred_sites]).reshape(-1, 2)
+        who = np.repeat(pred_sites, len(FIRST_SHELL))
+        em = settings.edge_margin_px
+        inside = (pts[:, 0] >= em) & (pts[:, 0] <= W - 1 - em) & (pts[:, 1] >= em) & (pts[:, 1] <= H - 1 - em)
+        pts, who = pts[inside], who[inside]
+        # covered = an on-lattice site is near; a spurious off-lattice peak (e.g. in a dirty
+        # patch) does not block the lattice point it happens to sit close to
+        on_lattice = good & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
+        on_lattice[n_peak:] = True
+        d_any, _ = tree.query(pts, k=1, distance_upper_bound=0.5 * settings.cover_radius * nn)
+        near = tree.query_ball_point(pts, r=settings.cover_radius * nn)
+        free = np.array([not any(on_lattice[j] for j in nb) for nb in near], dtype=bool) & ~np.isfinite(d_any)
+        pts, who = pts[free], who[free]
+        if len(pts) == 0:
+            break
+        # merge predictions of the same point
+        ptree = cKDTree(pts)
+        pairs = ptree.query_pairs(settings.merge_radius * nn, output_type="ndarray")
+        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts)))
+        ncomp, lab = connected_components(g, directed=False)
+        cnt = np.bincount(lab, minlength=ncomp)
+        cx = np.bincount(lab, weights=pts[:, 0], minlength=ncomp) / cnt
+        cy = np.bincount(lab, weights=pts[:, 1], minlength=ncomp) / cnt
+        # support = distinct predicting sites per candidate
+        uniq = np.unique(np.stack([lab, who], 1), axis=0)
+        sup = np.bincount(uniq[:, 0], minlength=ncomp)
+        cand = np.stack([cx, cy], 1)
+        keep = sup >= settings.min_support
+        if isinstance(film, np.ndarray):
+            ij = np.clip(np.rint(cand[:, ::-1]).astype(int), 0, [H - 1, W - 1])
+            in_film = film[ij[:, 0], ij[:, 1]]
+        else:
+            in_film = np.ones(ncomp, bool)
+        # a candidate must be surrounded by sites, unless the film mask vouches for it (the fill
+        # carries on across a dirty patch from its edge inwards) or it lies at the image edge
+        idx = tree.query_ball_point(cand, r=settings.enclose_radius * nn)
+        gap = _max_angular_gap(cand, idx, xy)
+        margin = settings.enclose_radius * nn
+        at_edge = (cand[:, 0] < margin) | (cand[:, 0] > W - 1 - margin) | (cand[:, 1] < margin) | (cand[:, 1] > H - 1 - margin)
+        enclosed = gap <= settings.max_gap_deg
+        vouched = in_film if film is not None and film is not False else np.zeros(ncomp, bool)
+        keep &= in_film & (enclosed | vouched | at_edge)
+        if anchor_tree is not None:
+            d_anchor, _ = anchor_tree.query(cand, k=1, distance_upper_bound=settings.max_extrapolation * nn)
+            keep &= np.isfinite(d_anchor)
+        if not keep.any():
+            break
+        new = cand[keep]
+        # a merged candidate could still sit next to another kept one (two clusters of one point)
+        new = _dedupe(new, settings.merge_radius * nn * 1.5)
+        rounds += 1
+        new_from = len(xy)
+        nb0 = _nearest_basis(tree, new, basis, good, b_global)
+        xy = np.concatenate([xy, new])
+        support = np.concatenate([support, _support_of(new, cand[keep], sup[keep])])
+        tree = cKDTree(xy)
+        basis0 = np.concatenate([basis, nb0])
+        # refit everything near the additions (their neighbourhoods changed) plus the new sites
+        touched = np.unique(np.concatenate([np.arange(new_from, len(xy))]
+                                           + [np.asarray(v, dtype=np.int64) for v in tree.query_ball_point(new, r=settings.fit_radius * nn)]))
+        o2, b2, r2, n2, p2 = fit_lattices(xy, basis0[touched], spacing=nn, settings=settings, tree=tree,
+                                          backend=backend, subset=touched)
+        origin = np.concatenate([origin, np.zeros((len(new), 2))])
+        basis = basis0.copy()
+        rms = np.concatenate([rms, np.full(len(new), np.nan)])
+        n_used = np.concatenate([n_used, np.zeros(len(new), np.int64)])
+        n_pts = np.concatenate([n_pts, np.ones(len(new), np.int64)])
+        origin[touched], basis[touched], rms[touched], n_used[touched], n_pts[touched] = o2, b2, r2, n2, p2
+        log.debug("lattice fill round %d: +%d sites", rounds, len(new))
+
+    is_peak = np.zeros(len(xy), bool)
+    is_peak[:n_peak] = True
+    on_lattice = ~is_peak | (well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn))
+    # a found column whose own fit is poor (e.g. beside a dirty patch) is still on the lattice
+    # when a well-fitted neighbour's lattice has a point right there
+    on_lattice |= is_peak & _on_neighbours_lattice(xy, origin, basis, well_fitted(), tree, nn, settings)
+    return LatticeResult(xy=xy, is_peak=is_peak, origin=origin, basis=basis, rms=rms, n_used=n_used,
+                         support=support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
+
+
+def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings) -> np.ndarray:
+    """True where a site lies within ``off_lattice`` of the lattice of its nearest well-fitted neighbour."""
+    _, j = tree.query(xy, k=min(4, tree.n))
+    j = np.asarray(j, dtype=np.int64).reshape(len(xy), -1)[:, 1:]
+    out = np.zeros(len(xy), bool)
+    for c in range(j.shape[1]):
+        jj = j[:, c]
+        ok = (jj < len(good))
+        ok[ok] = good[jj[ok]]
+        if not ok.any():
+            continue
+        idx = np.flatnonzero(ok & ~out)
+        jn = jj[idx]
+        d = xy[idx] - origin[jn]
+        inv = np.linalg.inv(basis[jn])
+        mn = np.floor(np.einsum("ni,nij->nj", d, inv) + 0.5)
+        r = d - np.einsum("ni,nij->nj", mn, basis[jn])
+        out[idx] = np.hypot(r[:, 0], r[:, 1]) <= settings.off_lattice * nn
+    return out
+
+
+def _dedupe(pts: np.ndarray, r: float) -> np.ndarray:
+    if len(pts) < 2:
+        return pts
+    pairs = cKDTree(pts).query_pairs(r, output_type="ndarray")
+    if len(pairs) == 0:
+        return pts
+    drop = np.zeros(len(pts), bool)
+    for a, b in pairs:
+        if not drop[a]:
+            drop[b] = True
+    return pts[~drop]
+
+
+def _support_of(new: np.ndarray, cand: np.ndarray, sup: np.ndarray) -> np.ndarray:
+    _, j = cKDTree(cand).query(new, k=1)
+    return sup[j].astype(np.int64)
+
+
+def _nearest_basis(tree: cKDTree, pts: np.ndarray, basis: np.ndarray, good: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Start basis for new sites: that of the nearest well-fitted site among the 6 nearest."""
+    out = np.broadcast_to(fallback, (len(pts), 2, 2)).copy()
+    _, j = tree.query(pts, k=min(6, tree.n))
+    j = np.asarray(j, dtype=np.int64).reshape(len(pts), -1)
+    valid = j < len(good)
+    ok = np.zeros_like(valid)
+    ok[valid] = good[j[valid]]
+    first = np.argmax(ok, axis=1)
+    has = ok[np.arange(len(pts)), first]
+    out[has] = basis[j[has, first[has]]]
+    return out
+
+
+def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, values: np.ndarray | None = None,
+                      max_bond: float = 1.25) -> np.ndarray:
+    """Three-colour the triangular lattice of sites: label 0, 1, 2 such that bonded sites differ.
+
+    In lattice coordinates ``(m, n)`` the colour is ``(m - n) mod 3``; it is propagated along bonds
+    (site pairs closer than ``max_bond * spacing``) by breadth-first search, using each site's own
+    local basis to read the bond's lattice offset, so it follows rotations and strain. For a MoS2
+    film the three colours are the Mo, S2 and hollow sublattices. When ``values`` (e.g. column
+    intensity) is given, colours are renumbered per connected region so that 0 has the highest
+    median value, 1 the middle and 2 the lowest (Mo, S2, hollow for HAADF).
+
+    Returns int64 [N]; -1 for isolated sites.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    labels = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return labels
+    tree = cKDTree(xy)
+    pairs = tree.query_pairs(max_bond * spacing, output_type="ndarray")
+    if len(pairs) == 0:
+        return labels
+    a, b = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    g = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)).tocsr()
+    ncomp, comp = connected_components(g, directed=False)
+    inv = np.linalg.inv(basis)  # [N, 2, 2]; rows of basis are a1, a2: d = [m n] @ B -> [m n] = d @ inv(B)
+    for c in range(ncomp):
+        members = np.flatnonzero(comp == c)
+        if len(members) < 2:
+            continue
+        root = members[0]
+        order, pred = breadth_first_order(g, root, directed=False, return_predecessors=True)
+        labels[root] = 0
+        par = pred[order[1:]]
+        kids = order[1:]
+        d = xy[kids] - xy[par]
+        mn = np.floor(np.einsum("ni,nij->nj", d, inv[par]) + 0.5).astype(np.int64)
+        step = (mn[:, 0] - mn[:, 1]) % 3
+        # labels follow BFS order: each child's parent is labelled before the child
+        _propagate(labels, kids, par, step)
+    if values is not None:
+        values = np.asarray(values, dtype=np.float64)
+        for c in range(ncomp):
+            members = np.flatnonzero((comp == c) & (labels >= 0))
+            if len(members) < 3:
+                continue
+            med = np.array([np.median(values[members[labels[members] == k]]) if np.any(labels[members] == k) else -np.inf
+                            for k in range(3)])
+            rank = np.empty(3, np.int64)
+            rank[np.argsort(-med)] = np.arange(3)
+            labels[members] = rank[labels[members]]
+    return labels
+
+
+def _propagate(labels: np.ndarray, kids: np.ndarray, par: np.ndarray, step: np.ndarray) -> None:
+    try:
+        from ._kernels.numba_impl.graph import propagate_labels
+    except ImportError:  # pragma: no cover
+        propagate_labels = None
+    if propagate_labels is not None:
+        propagate_labels(labels, kids, par, step)
+        return
+    for k, p, s in zip(kids.tolist(), par.tolist(), step.tolist()):  # pragma: no cover
+        labels[k] = (labels[p] + s) % 3
+
+
+def local_strain(basis: np.ndarray, reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Local strain and rotation of each site's lattice against a reference basis.
+
+    ``F`` maps the reference lattice vectors onto the local ones (``basis = ref @ F.T``); the
+    symmetric part of ``F - I`` is the strain (``exx, eyy, exy``), the antisymmetric part the
+    rotation (degrees, +x towards +y). The reference defaults to the median basis of all sites.
+    """
+    basis = np.asarray(basis, dtype=np.float64)
+    if reference is None:
+        ok = np.isfinite(basis).all(axis=(1, 2))
+        reference = np.median(basis[ok], axis=0) if ok.any() else np.eye(2)
+    # basis rows b_i = F @ r_i  ->  B^T = F R^T  ->  F = B^T inv(R^T)
+    F = np.einsum("nji,jk->nik", basis, np.linalg.inv(reference.T))
+    exx = F[:, 0, 0] - 1.0
+    eyy = F[:, 1, 1] - 1.0
+    exy = 0.5 * (F[:, 0, 1] + F[:, 1, 0])
+    rot = np.degrees(0.5 * (F[:, 1, 0] - F[:, 0, 1]))
+    return {"exx": exx, "eyy": eyy, "exy": exy, "rotation_deg": rot}

@@ -1,0 +1,280 @@
+"""User-facing rotation-invariant patch model: :class:`RVAE` (fit / encode / save / load)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import functional as MF
+from .modules import RVAE as RVAENet
+from .modules import VAE as VAENet
+from .training import (RVAEConfig, autocast_context, build_network, configure_threads, fit_network,
+                       resolve_device)
+
+__all__ = ["RVAE", "Encoding", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Result of :meth:`RVAE.encode` for N patches (NumPy arrays).
+
+    Attributes
+    ----------
+    mu, logvar : float32 [N, L]
+        Posterior mean and log-variance of the latent code.
+    angle : float32 [N]
+        STN orientation in degrees (counter-clockwise as displayed, y down; defined modulo
+        ``360 / rotation_symmetry``); NaN for the plain VAE.
+    recon_error : float32 [N]
+        Masked mean squared error per patch between the reconstruction (rotated back into the
+        input orientation) and the input, at the model's ``input_size``.
+    recon : float32 [N, input_size, input_size] or None
+        Reconstructions in the input frame (only with ``return_recon=True``).
+    """
+
+    mu: np.ndarray
+    logvar: np.ndarray
+    angle: np.ndarray
+    recon_error: np.ndarray
+    recon: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.mu)
+
+
+def _check_patches(patches: Any) -> Any:
+    if not hasattr(patches, "shape") or not hasattr(patches, "__getitem__"):
+        patches = np.asarray(patches)
+    if len(patches.shape) != 3 or patches.shape[1] != patches.shape[2]:
+        raise ValueError(f"patches must be a [N, S, S] array of square patches, got shape {tuple(patches.shape)}")
+    if patches.shape[1] < 4:
+        raise ValueError(f"patches are too small ({patches.shape[1]} px)")
+    return patches
+
+
+def _plain(obj: Any, where: str = "extra") -> Any:
+    """Convert to plain Python containers (what ``torch.load(weights_only=True)`` accepts)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, where) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, where) for k, v in obj.items()}
+    if hasattr(obj, "__dataclass_fields__"):
+        return _plain(asdict(obj), where)
+    raise TypeError(f"cannot store {type(obj).__name__} in {where}: use numbers, strings, lists, dicts or arrays")
+
+
+class RVAE:
+    """Rotation-invariant VAE on site-centred patches (or the plain VAE with ``model="vae"``).
+
+    Create with :meth:`fit` or :meth:`load`. Patches ``[N, S, S]`` of any size S are resampled to
+    ``config.input_size`` and masked by a disc; the rVAE canonicalises each patch with a
+    pretrained spatial transformer (angle convention: :mod:`stemfast.model.functional`).
+
+    Examples
+    --------
+    >>> from stemfast.model._synth import render_site_patches
+    >>> patches, types, _ = render_site_patches(600, 35, seed=0)
+    >>> model = RVAE.fit(patches, epochs=2, stn_epochs=1)
+    >>> enc = model.encode(patches)
+    >>> enc.mu.shape, enc.angle.shape
+    ((600, 4), (600,))
+    """
+
+    def __init__(self, network: VAENet, config: RVAEConfig, *, history: dict | None = None,
+                 extra: dict | None = None) -> None:
+        self.network = network.eval()
+        self.config = config
+        self.history: dict = history or {}
+        self.extra: dict = dict(extra or {})
+        self.device = next(network.parameters()).device
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def fit(cls, patches: np.ndarray, config: RVAEConfig | None = None, *, extra: dict | None = None,
+            progress: bool | None = None, **overrides: Any) -> "RVAE":
+        """Train a model on ``patches`` (float32 ``[N, S, S]``, robust-normalised).
+
+        Parameters
+        ----------
+        patches : array [N, S, S]
+        config : RVAEConfig, optional
+            Defaults to ``RVAEConfig()``; keyword ``overrides`` replace single fields
+            (``RVAE.fit(p, epochs=10, model="vae")``).
+        extra : dict, optional
+            Caller metadata saved with the model (e.g. patch normalisation); ``patch_size`` is
+            filled in automatically.
+        progress : bool, optional
+            Force the tqdm bar on / off (default: ``config.progress``).
+        """
+        config = config or RVAEConfig()
+        if overrides:
+            config = replace(config, **overrides)
+        patches = _check_patches(patches)
+        if len(patches) < 2:
+            raise ValueError(f"need at least 2 patches to train, got {len(patches)}")
+        t0 = time.perf_counter()
+        net, history = fit_network(patches, config, progress=progress)
+        log.info("trained %s on %d patches (%d px -> %d px) in %.1f s", config.model, len(patches),
+                 patches.shape[1], config.input_size, time.perf_counter() - t0)
+        ex = {"patch_size": int(patches.shape[1])}
+        ex.update(extra or {})
+        return cls(net, config, history=history, extra=ex)
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def encode(self, patches: np.ndarray, *, batch_size: int = 1024, return_recon: bool = False) -> Encoding:
+        """Encode ``patches [N, S, S]`` in chunks of ``batch_size`` (memory bounded by the chunk).
+
+        Any array-like with ``shape`` and slicing works (NumPy, memmap, h5py / zarr datasets); only
+        one chunk is converted to a tensor at a time and only the small outputs accumulate.
+        """
+        patches = _check_patches(patches)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        configure_threads(self.config.num_threads)
+        n = patches.shape[0]
+        s = self.config.input_size
+        L = self.config.latent_dim
+        mu = np.empty((n, L), np.float32)
+        logvar = np.empty((n, L), np.float32)
+        angle = np.full(n, np.nan, np.float32)
+        err = np.empty(n, np.float32)
+        recon = np.empty((n, s, s), np.float32) if return_recon else None
+        net = self.network.eval()
+        mask = net.mask
+        for a in range(0, n, batch_size):
+            b = min(n, a + batch_size)
+            x = self._chunk(patches, a, b)
+            with autocast_context(self.device, self.config.amp):
+                out = net(x)
+            xm = x * mask
+            y = out.recon.float() * mask
+            err[a:b] = MF.masked_mse(y, xm, mask).cpu().numpy()
+            mu[a:b] = out.mu.float().cpu().numpy()
+            logvar[a:b] = out.logvar.float().cpu().numpy()
+            if out.angle is not None:
+                angle[a:b] = out.angle.float().cpu().numpy()
+            if recon is not None:
+                recon[a:b] = y[:, 0].cpu().numpy()
+        return Encoding(mu=mu, logvar=logvar, angle=angle, recon_error=err, recon=recon)
+
+    @torch.inference_mode()
+    def canonicalize(self, patches: np.ndarray, *, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Masked canonical-frame patches ``[N, input_size, input_size]`` and STN angles ``[N]`` (degrees).
+
+        For the plain VAE the patches are only resampled and masked and the angles are NaN.
+        """
+        patches = _check_patches(patches)
+        n = patches.shape[0]
+        s = self.config.input_size
+        out = np.empty((n, s, s), np.float32)
+        ang = np.full(n, np.nan, np.float32)
+        net = self.network.eval()
+        for a in range(0, n, batch_size):
+            b = min(n, a + batch_size)
+            x = self._chunk(patches, a, b)
+            if isinstance(net, RVAENet):
+                xc, t = net.canonical(x)
+                ang[a:b] = t.float().cpu().numpy()
+            else:
+                xc = x * net.mask
+            out[a:b] = xc[:, 0].float().cpu().numpy()
+        return out, ang
+
+    def _chunk(self, patches: Any, a: int, b: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(patches[a:b], dtype=np.float32))[:, None]
+        x = x.to(self.device, non_blocking=True)
+        return MF.resample_patches(x, self.config.input_size)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self, extra: dict | None = None) -> dict:
+        """Everything :meth:`save` writes, as a dict of plain containers and tensors."""
+        from .. import __version__
+
+        ex = dict(self.extra)
+        ex.update(extra or {})
+        return {
+            "format": "stemfast.model.RVAE",
+            "format_version": FORMAT_VERSION,
+            "stemfast_version": __version__,
+            "torch_version": torch.__version__,
+            "config": _plain(asdict(self.config), "config"),
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "extra": _plain(ex),
+            "history": _plain(self.history, "history"),
+        }
+
+    def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+        """Write the model to ``path`` atomically (temp file in the same folder + ``os.replace``).
+
+        ``extra`` (merged into :attr:`extra`) holds caller metadata such as the patch
+        normalisation; values must be numbers, strings, lists, dicts or arrays.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.state(extra)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if extra:
+            self.extra.update(extra)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device | None = None) -> "RVAE":
+        """Load a model written by :meth:`save` onto ``map_location`` (default: CUDA when available, else CPU)."""
+        with open(path, "rb") as fh:
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != "stemfast.model.RVAE":
+            raise ValueError(f"{path} is not a stemfast RVAE model file")
+        if int(state.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer stemfast (format {state['format_version']})")
+        config = RVAEConfig.from_dict(state["config"])
+        device = resolve_device("auto" if map_location is None else map_location)
+        net = build_network(config)
+        net.load_state_dict(state["state_dict"])
+        net = net.to(device)
+        if isinstance(net, RVAENet):
+            for p in net.stn.parameters():
+                p.requires_grad_(False)
+        return cls(net, config, history=state.get("history") or {}, extra=state.get("extra") or {})
+
+    def to(self, device: str | torch.device) -> "RVAE":
+        """Move the network to ``device`` (in place); returns self."""
+        dev = resolve_device(device)
+        self.network.to(dev)
+        self.device = dev
+        return self
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"RVAE(model={c.model!r}, latent_dim={c.latent_dim}, input_size={c.input_size}, "
+                f"rotation_symmetry={c.rotation_symmetry}, device={str(self.device)!r})")

@@ -1,0 +1,257 @@
+"""Functional core of the rotation-invariant VAE: warps, masks, angle maths and losses.
+
+Everything here is a pure function of tensors (kornia style); the ``nn.Module`` wrappers live in
+:mod:`stemfast.model.modules`.
+
+Angle convention (used everywhere in :mod:`stemfast.model`)
+----------------------------------------------------------
+Angles are in **degrees**. A positive angle is a **counter-clockwise rotation as the patch is
+displayed** (``imshow`` default: row index ``y`` grows downwards, column index ``x`` to the
+right, pixel centres at integers, rotation centre at ``((W - 1) / 2, (H - 1) / 2)``). In pixel
+coordinates a rotation by ``+a`` maps an offset ``(dx, dy)`` from the centre to::
+
+    (dx * cos a + dy * sin a,  -dx * sin a + dy * cos a)
+
+so a bright spot right of the centre, ``(dx, dy) = (r, 0)``, moves *up* to ``(0, -r)`` for
+``a = +90``. This is the convention of :func:`kornia.geometry.transform.get_rotation_matrix2d`.
+The polar angle of a pixel is measured the same way, ``phi = atan2(-dy, dx)`` (counter-clockwise
+from +x as displayed), so rotating a patch by ``+a`` adds ``a`` to the polar angle of its content.
+
+The STN predicts an *orientation* ``theta`` per patch with ``theta(rotate(x, a)) = theta(x) + a``
+(modulo ``360 / k`` for rotation-symmetry order ``k``); the canonical patch is
+``rotate(x, -theta)`` (:func:`canonicalize`) and the decoder output is mapped back to the input
+frame with ``rotate(y, +theta)``.
+
+Tensor shapes: patches are ``(B, 1, H, W)`` float tensors, angles ``(B,)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
+
+__all__ = [
+    "rotation_matrix",
+    "rotate_patches",
+    "rotate_patches_reference",
+    "canonicalize",
+    "uncanonicalize",
+    "augment_matrix",
+    "warp_patches",
+    "circular_mask",
+    "default_mask_radius",
+    "resample_patches",
+    "polar_angle_grid",
+    "angle_from_harmonic",
+    "wrap_angle",
+    "reparameterize",
+    "kl_divergence",
+    "masked_mse",
+    "masked_relative_error",
+]
+
+
+def _center(h: int, w: int, batch: int, device, dtype) -> torch.Tensor:
+    return torch.tensor([[(w - 1) / 2.0, (h - 1) / 2.0]], device=device, dtype=dtype).expand(batch, 2)
+
+
+def rotation_matrix(angle: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Affine matrices rotating patches of ``size = (H, W)`` about their centre.
+
+    Parameters
+    ----------
+    angle : (B,) tensor
+        Degrees, counter-clockwise as displayed (module docstring).
+    size : (H, W)
+
+    Returns
+    -------
+    (B, 2, 3) tensor
+        Forward (source -> destination) pixel-coordinate matrices for :func:`kornia.geometry.transform.warp_affine`.
+    """
+    h, w = size
+    angle = angle.reshape(-1)
+    b = angle.shape[0]
+    center = _center(h, w, b, angle.device, angle.dtype)
+    scale = torch.ones(b, 2, device=angle.device, dtype=angle.dtype)
+    return get_rotation_matrix2d(center, angle, scale)
+
+
+def warp_patches(x: torch.Tensor, matrix: torch.Tensor, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """Bilinear kornia warp of ``x (B, C, H, W)`` by forward pixel matrices ``matrix (B, 2, 3)``.
+
+    The warp runs in float32 (also under autocast) so rotated patches are not quantised.
+    """
+    h, w = x.shape[-2:]
+    dtype = x.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = warp_affine(x.float(), matrix.float(), (h, w), mode="bilinear", padding_mode=padding_mode,
+                          align_corners=True)
+    return out.to(dtype)
+
+
+def rotate_patches(x: torch.Tensor, angle: torch.Tensor, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """Rotate each patch about its centre (kornia ``warp_affine``, bilinear).
+
+    Parameters
+    ----------
+    x : (B, C, H, W) tensor
+    angle : (B,) tensor
+        Degrees, **counter-clockwise as displayed** (y down): a spot right of the centre moves up
+        for ``+90``.
+    padding_mode : {"zeros", "border", "reflection"}
+
+    Returns
+    -------
+    (B, C, H, W) tensor
+
+    Examples
+    --------
+    >>> x = torch.zeros(1, 1, 9, 9); x[0, 0, 4, 7] = 1.0   # row 4 (y = 4), column 7 (x = 7)
+    >>> y = rotate_patches(x, torch.tensor([90.0]))
+    >>> [int(i) for i in (y[0, 0] > 0.5).nonzero()[0]]   # now at row 1, column 4: above the centre
+    [1, 4]
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    angle = angle.reshape(-1).to(device=x.device, dtype=torch.float32)
+    if angle.shape[0] != x.shape[0]:
+        raise ValueError(f"need one angle per patch: {angle.shape[0]} angles for {x.shape[0]} patches")
+    return warp_patches(x, rotation_matrix(angle, x.shape[-2:]), padding_mode=padding_mode)
+
+
+def rotate_patches_reference(x: torch.Tensor, angle: torch.Tensor, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """Same as :func:`rotate_patches` with plain ``F.affine_grid`` + ``F.grid_sample`` (align_corners=True).
+
+    Kept as an independent reference for the angle convention and for benchmarks. For a square
+    patch with ``align_corners=True`` the normalised coordinates are ``u = 2 x / (W - 1) - 1``,
+    ``v = 2 y / (H - 1) - 1``; the output pixel at ``(u, v)`` samples the source at
+    ``R(-a) (u, v)``, i.e. ``(u cos a - v sin a, u sin a + v cos a)``.
+    """
+    h, w = x.shape[-2:]
+    a = torch.deg2rad(angle.reshape(-1).to(device=x.device, dtype=torch.float32))
+    c, s = torch.cos(a), torch.sin(a)
+    # normalised-coordinate scale factors differ for non-square patches
+    sx, sy = (w - 1) / 2.0, (h - 1) / 2.0
+    theta = torch.zeros(a.shape[0], 2, 3, device=x.device, dtype=torch.float32)
+    theta[:, 0, 0] = c
+    theta[:, 0, 1] = -s * sy / sx
+    theta[:, 1, 0] = s * sx / sy
+    theta[:, 1, 1] = c
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True).to(x.dtype)
+
+
+def canonicalize(x: torch.Tensor, stn_angle: torch.Tensor) -> torch.Tensor:
+    """Rotate patches ``x (B, C, H, W)`` into the canonical frame: ``rotate(x, -stn_angle)``."""
+    return rotate_patches(x, -stn_angle)
+
+
+def uncanonicalize(y: torch.Tensor, stn_angle: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`canonicalize`: rotate canonical-frame patches back by ``+stn_angle``."""
+    return rotate_patches(y, stn_angle)
+
+
+def augment_matrix(angle: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Forward pixel matrices (B, 2, 3) for augmentation: optional x-flip, then rotation, then shift.
+
+    Parameters
+    ----------
+    angle : (B,) degrees (module convention).
+    flip : (B,) bool, mirror ``x -> W - 1 - x`` first.
+    shift : (B, 2) pixels ``(dx, dy)`` added last.
+    size : (H, W)
+    """
+    h, w = size
+    m = rotation_matrix(angle.float(), size).clone()
+    f = flip.to(m.dtype).reshape(-1)
+    # x-flip about the centre: x' = (W - 1) - x. Composing R @ Flip flips the first column of R.
+    cx = (w - 1) / 2.0
+    sign = 1.0 - 2.0 * f
+    lin = m[:, :, :2].clone()
+    lin[:, :, 0] = lin[:, :, 0] * sign[:, None]
+    # translation so that the centre stays fixed: t = c - lin @ c
+    c = torch.tensor([cx, (h - 1) / 2.0], device=m.device, dtype=m.dtype)
+    t = c[None, :] - (lin @ c[:, None])[..., 0]
+    out = torch.cat([lin, (t + shift.to(m.dtype))[:, :, None]], dim=2)
+    return out
+
+
+def default_mask_radius(size: int) -> float:
+    """Default disc radius, ``size / 2 - 0.5`` px (~ input_size / 2).
+
+    The half pixel keeps every bilinear sample of a rotated disc pixel inside the pixel grid, so
+    a rotation never mixes padding (or corner content) into the disc.
+    """
+    return size / 2.0 - 0.5
+
+
+def circular_mask(size: int, radius: float | None = None, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Disc mask ``(1, 1, size, size)``: 1 where the pixel centre is within ``radius`` of the patch centre."""
+    r = default_mask_radius(size) if radius is None else float(radius)
+    c = (size - 1) / 2.0
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    m = ((xx - c) ** 2 + (yy - c) ** 2) <= r * r + 1e-9
+    return m.to(device=device, dtype=dtype)[None, None]
+
+
+def resample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample ``x (B, C, S, S)`` to ``(B, C, size, size)``, centre to centre.
+
+    Antialiased bilinear (``F.interpolate(..., antialias=True, align_corners=False)``); a no-op
+    when ``S == size``. ``align_corners=False`` maps the patch box onto the box, so the centre
+    pixel position ``(S - 1) / 2`` lands on ``(size - 1) / 2``.
+    """
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def polar_angle_grid(size: int, *, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radius (px) and polar angle (radians, counter-clockwise as displayed) of each pixel, ``(size, size)`` each."""
+    c = (size - 1) / 2.0
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    dx, dy = xx - c, yy - c
+    r = torch.sqrt(dx * dx + dy * dy)
+    phi = torch.atan2(-dy, dx)
+    return r.to(device=device, dtype=dtype), phi.to(device=device, dtype=dtype)
+
+
+def angle_from_harmonic(cos_k: torch.Tensor, sin_k: torch.Tensor, k: int) -> torch.Tensor:
+    """Orientation in degrees, ``atan2(sin k theta, cos k theta) / k``, in ``(-180 / k, 180 / k]``."""
+    return torch.rad2deg(torch.atan2(sin_k, cos_k)) / k
+
+
+def wrap_angle(angle: torch.Tensor, period: float) -> torch.Tensor:
+    """Wrap degrees to ``[-period / 2, period / 2)``."""
+    return torch.remainder(angle + period / 2.0, period) - period / 2.0
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, 1)``; shapes (B, L)."""
+    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mu, exp(logvar)) || N(0, 1))`` per sample, summed over latent dims: (B, L) -> (B,)."""
+    return 0.5 * torch.sum(mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float(), dim=1)
+
+
+def masked_mse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per patch over the pixels where ``mask`` is set: (B, C, H, W) x 2 -> (B,).
+
+    ``mask`` is ``(1, 1, H, W)`` (or broadcastable) with values 0/1. Computed in float32.
+    """
+    d = (x.float() - y.float()) ** 2 * mask
+    return d.flatten(1).sum(1) / (mask.sum() * x.shape[1] if mask.shape[0] == 1 else mask.flatten(1).sum(1))
+
+
+def masked_relative_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``||a - b|| / ||a||`` per patch inside ``mask``: (B, C, H, W) x 2 -> (B,)."""
+    num = (((a.float() - b.float()) * mask) ** 2).flatten(1).sum(1).sqrt()
+    den = ((a.float() * mask) ** 2).flatten(1).sum(1).sqrt().clamp_min(1e-12)
+    return num / den
+

@@ -1,0 +1,194 @@
+"""Thin ``nn.Module`` wrappers: spatial-transformer angle head, conv encoder / decoder, VAE and rVAE.
+
+All modules take patches ``(B, 1, S, S)`` at the model's ``input_size`` (a multiple of 8). The
+angle convention is the one of :mod:`stemfast.model.functional` (degrees, counter-clockwise as
+displayed with y down).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import functional as MF
+
+__all__ = ["STN", "Encoder", "Decoder", "VAE", "RVAE", "ModelOutput"]
+
+
+class ModelOutput(NamedTuple):
+    """Forward pass result. ``recon`` is in the input frame; ``canonical_recon`` is the decoder output."""
+
+    recon: torch.Tensor  # (B, 1, S, S)
+    mu: torch.Tensor  # (B, L)
+    logvar: torch.Tensor  # (B, L)
+    angle: torch.Tensor | None  # (B,) degrees, None for the plain VAE
+    canonical_recon: torch.Tensor  # (B, 1, S, S)
+
+
+class STN(nn.Module):
+    """Predict one orientation per patch, equivariant by construction of its head.
+
+    A small CNN maps the patch (2x average-pooled, for speed) to a scalar weight map ``w(p)``. The head
+    pools it against the k-th angular harmonic with a learned, rotation-invariant radial profile
+    ``rho(r)``::
+
+        (C, S) = sum_p w(p) rho(|p|) (cos k phi_p, sin k phi_p),   theta = atan2(S, C) / k
+
+    i.e. the network predicts ``(cos k theta, sin k theta)`` (up to a positive norm). If the
+    weight map rotates with the input (which STN pretraining enforces; a 3x3 CNN is nearly
+    rotation-equivariant), rotating the patch by ``a`` multiplies ``C + iS`` by ``exp(i k a)``
+    exactly, so ``theta(rotate(x, a)) = theta(x) + a (mod 360 / k)``. A dense ``Linear -> (cos, sin)``
+    head has to learn that equivariance from data and does so far less precisely.
+
+    ``symmetry`` = k is the rotation order of the *site* (the patch content), which fixes the
+    canonical frame up to ``360 / k``. Use 3 for MoS2 / hBN-like sites (C3v): the neighbour shell
+    has six directions but a Mo site's 3 S2 neighbours turn into a different image under a 60 deg
+    rotation, so k = 6 would leave two canonical variants per site type. Use 6 for graphene-like
+    or triangular lattices with 6-fold sites, 4 for square lattices.
+
+    Parameters
+    ----------
+    input_size : int
+        Patch size S (px).
+    symmetry : int
+        k >= 1.
+    channels : (int, int)
+        Widths of the two conv layers.
+    n_radial : int
+        Number of Gaussian radial basis functions of ``rho``.
+
+    Shapes: ``forward(x: (B, 1, S, S)) -> (angle (B,) degrees in (-180/k, 180/k], harmonic (B, 2))``.
+    """
+
+    def __init__(self, input_size: int = 32, symmetry: int = 3, channels: tuple[int, int] = (8, 16),
+                 n_radial: int = 6) -> None:
+        super().__init__()
+        if symmetry < 1:
+            raise ValueError(f"symmetry must be >= 1, got {symmetry}")
+        if input_size % 2:
+            raise ValueError(f"input_size must be even, got {input_size}")
+        self.symmetry = int(symmetry)
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.AvgPool2d(2),
+            nn.Conv2d(1, c1, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(c2, 1, 1),
+        )
+        h = input_size // 2
+        r, phi = MF.polar_angle_grid(h)
+        r = r * (input_size / h)  # in input pixels
+        rmax = input_size / 2.0
+        centres = torch.linspace(0.0, rmax, n_radial)
+        width = rmax / max(n_radial - 1, 1)
+        basis = torch.exp(-((r[None] - centres[:, None, None]) ** 2) / (2 * width**2))
+        basis = basis * (r[None] <= rmax).float()
+        self.register_buffer("radial_basis", basis, persistent=False)  # (J, h, h)
+        k = self.symmetry
+        self.register_buffer("harm", torch.stack([torch.cos(k * phi), torch.sin(k * phi)]), persistent=False)
+        self.radial_weight = nn.Parameter(torch.ones(n_radial))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.features(x)[:, 0].float()  # (B, h, h)
+        rho = torch.einsum("j,jhw->hw", self.radial_weight.float(), self.radial_basis)
+        kern = self.harm * rho[None]  # (2, h, h)
+        harmonic = torch.einsum("bhw,chw->bc", w, kern)
+        angle = MF.angle_from_harmonic(harmonic[:, 0], harmonic[:, 1], self.symmetry)
+        return angle, harmonic
+
+
+class Encoder(nn.Module):
+    """Three stride-2 convolutions and a linear layer: ``(B, 1, S, S) -> (mu (B, L), logvar (B, L))``."""
+
+    def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32)) -> None:
+        super().__init__()
+        if input_size % 8:
+            raise ValueError(f"input_size must be a multiple of 8, got {input_size}")
+        c1, c2, c3 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(c2, c3, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(c3 * (input_size // 8) ** 2, 2 * latent_dim)
+        self.latent_dim = latent_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.head(self.net(x))
+        mu, logvar = h[:, : self.latent_dim], h[:, self.latent_dim:]
+        return mu, logvar.clamp(-12.0, 8.0)
+
+
+class Decoder(nn.Module):
+    """Linear layer and three (3x3 conv + 2x pixel shuffle) upsamplings: ``z (B, L) -> (B, 1, S, S)``.
+
+    Sub-pixel convolutions run 2-3x faster than transposed convolutions on CPU at equal width.
+    """
+
+    def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32)) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.s0 = input_size // 8
+        self.c3 = c3
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c3 * self.s0 * self.s0), nn.SiLU())
+        self.net = nn.Sequential(
+            nn.Conv2d(c3, 4 * c2, 3, padding=1), nn.PixelShuffle(2), nn.SiLU(),
+            nn.Conv2d(c2, 4 * c1, 3, padding=1), nn.PixelShuffle(2), nn.SiLU(),
+            nn.Conv2d(c1, 4, 3, padding=1), nn.PixelShuffle(2),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z).view(-1, self.c3, self.s0, self.s0))
+
+
+class VAE(nn.Module):
+    """Plain convolutional VAE on disc-masked patches (the baseline; no rotation handling).
+
+    ``forward(x (B, 1, S, S)) -> ModelOutput`` with ``angle=None``; ``z = mu`` in eval mode.
+    """
+
+    def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
+                 mask_radius: float | None = None) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.encoder = Encoder(input_size, latent_dim, channels)
+        self.decoder = Decoder(input_size, latent_dim, channels)
+        self.register_buffer("mask", MF.circular_mask(input_size, mask_radius), persistent=False)
+
+    def encode_decode(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(xc)
+        z = MF.reparameterize(mu, logvar) if self.training else mu
+        return self.decoder(z), mu, logvar
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        x = x * self.mask
+        y, mu, logvar = self.encode_decode(x)
+        return ModelOutput(y, mu, logvar, None, y)
+
+
+class RVAE(VAE):
+    """STN + VAE: canonicalise by the STN angle, encode / decode, rotate the decoding back.
+
+    ``forward(x (B, 1, S, S)) -> ModelOutput``: ``recon = rotate(decoder(z), +theta)`` in the input
+    frame, ``canonical_recon = decoder(z)``, ``angle = theta`` (degrees).
+    """
+
+    def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
+                 mask_radius: float | None = None, symmetry: int = 3,
+                 stn_channels: tuple[int, int] = (8, 16)) -> None:
+        super().__init__(input_size, latent_dim, channels, mask_radius)
+        self.stn = STN(input_size, symmetry, stn_channels)
+
+    def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked canonical patches and STN angles: ``(B, 1, S, S) -> ((B, 1, S, S), (B,))``."""
+        x = x * self.mask
+        angle, _ = self.stn(x)
+        return MF.canonicalize(x, angle) * self.mask, angle
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        xc, angle = self.canonical(x)
+        yc, mu, logvar = self.encode_decode(xc)
+        y = MF.uncanonicalize(yc, angle)
+        return ModelOutput(y, mu, logvar, angle, yc)

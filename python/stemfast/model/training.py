@@ -1,0 +1,511 @@
+"""Training of the (r)VAE: configuration, STN pretraining, VAE training, early stopping, augmentation.
+
+Procedure (as in the rVAE literature, with an explicit spatial transformer):
+
+1. **STN pretraining.** Pairs ``(x, rotate(x, a))`` with a random known angle ``a``. Loss =
+   image-space term (the two canonicalised patches must agree inside the disc, up to the
+   rotation symmetry ``360 / k``, relative to the patch energy) + anchor term
+   ``1 - cos(k (theta(rotate(x, a)) - theta(x) - a))`` that pins the equivariance and rules out
+   degenerate solutions.
+2. The STN is frozen.
+3. The VAE is trained end to end through the frozen STN: loss per patch = masked sum of squared
+   errors in the *input* frame + ``beta`` * KL.
+
+Both stages use a seeded ``DataLoader``, batch-level augmentation (random rotation, x-flip,
+sub-pixel shift; one kornia warp per batch), a held-out validation split and early stopping
+that restores the best weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from . import functional as MF
+from .modules import RVAE as RVAENet
+from .modules import VAE as VAENet
+
+__all__ = ["RVAEConfig", "resolve_device", "build_network", "to_model_input", "Augmenter", "EarlyStopping",
+           "pretrain_stn", "train_vae", "vae_loss", "configure_threads", "autocast_context"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RVAEConfig:
+    """Settings of the patch model (``[model]`` section of ``stemfast.toml``).
+
+    Parameters
+    ----------
+    model : {"rvae", "vae"}
+        ``"rvae"``: STN + VAE (rotation invariant); ``"vae"``: the plain VAE baseline with the same
+        encoder / decoder.
+    latent_dim : int
+        Latent size L.
+    input_size : int
+        Patches of any size S are resampled (antialiased bilinear) to ``input_size`` (multiple of 8).
+    channels, stn_channels : tuple of int
+        Conv widths of the encoder / decoder and of the STN.
+    rotation_symmetry : int
+        Rotation order k of the sites; the canonical frame is defined modulo ``360 / k`` degrees.
+        3 for MoS2 / hBN-like lattices (C3v sites), 6 for graphene / triangular, 4 for square.
+    mask_radius : float or None
+        Radius (px at ``input_size``) of the disc applied to inputs and the reconstruction loss;
+        None = ``input_size / 2 - 0.5``.
+    beta : float
+        Weight of the KL term against the masked sum of squared errors.
+    lr, stn_lr : float
+        Adam learning rates.
+    batch_size, epochs, stn_epochs, patience : int
+        Mini-batch size; maximal epochs of VAE training / STN pretraining; early-stopping patience
+        (epochs without a relative validation improvement of ``min_delta``).
+    val_fraction : float
+        Held-out fraction for validation / early stopping.
+    augment_rotate, augment_flip : bool
+        Random rotations (uniform in [0, 360)) and x-flips of training batches.
+    augment_shift : float
+        Maximal random sub-pixel translation (px at ``input_size``); 0 disables.
+    anchor_weight : float
+        Weight of the angle-difference anchor term in STN pretraining.
+    seed : int
+        Seeds torch and NumPy generators (splits, shuffling, augmentation, initialisation).
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    amp : bool
+        Mixed precision (bf16, else fp16 + grad scaling) on CUDA; ignored on CPU.
+    max_train_patches : int or None
+        Random subsample of the training patches when more are given.
+    num_threads : int or None
+        ``torch.set_num_threads`` for the run; None keeps torch's setting (OMP_NUM_THREADS) unless
+        ``STEMFAST_NUM_THREADS`` is set.
+    progress : bool or None
+        tqdm bar; None = only on a terminal (``STEMFAST_PROGRESS`` overrides).
+    """
+
+    model: Literal["rvae", "vae"] = "rvae"
+    latent_dim: int = 4
+    input_size: int = 32
+    channels: tuple[int, int, int] = (8, 16, 32)
+    stn_channels: tuple[int, int] = (8, 16)
+    rotation_symmetry: int = 3
+    mask_radius: float | None = None
+    beta: float = 1.0
+    lr: float = 2e-3
+    stn_lr: float = 3e-3
+    batch_size: int = 256
+    epochs: int = 40
+    stn_epochs: int = 12
+    patience: int = 5
+    min_delta: float = 1e-3
+    val_fraction: float = 0.1
+    augment_rotate: bool = True
+    augment_flip: bool = True
+    augment_shift: float = 0.5
+    anchor_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    max_train_patches: int | None = 20000
+    num_threads: int | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        # TOML / JSON give lists: store tuples so the config stays hashable and comparable
+        for name in ("channels", "stn_channels"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(int(c) for c in v))
+        if self.model not in ("rvae", "vae"):
+            raise ValueError(f"model must be 'rvae' or 'vae', got {self.model!r}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.input_size < 8 or self.input_size % 8:
+            raise ValueError(f"input_size must be a positive multiple of 8, got {self.input_size}")
+        if len(self.channels) != 3 or len(self.stn_channels) != 2:
+            raise ValueError("channels needs 3 widths and stn_channels 2")
+        if self.rotation_symmetry < 1:
+            raise ValueError(f"rotation_symmetry must be >= 1, got {self.rotation_symmetry}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.epochs < 0 or self.stn_epochs < 0 or self.patience < 1:
+            raise ValueError("batch_size and patience must be >= 1, epochs and stn_epochs >= 0")
+        if self.beta < 0 or self.lr <= 0 or self.stn_lr <= 0 or self.augment_shift < 0:
+            raise ValueError("beta and augment_shift must be >= 0, learning rates > 0")
+        if self.max_train_patches is not None and self.max_train_patches < 2:
+            raise ValueError(f"max_train_patches must be >= 2 or None, got {self.max_train_patches}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RVAEConfig":
+        """Build from a dict, ignoring (and logging) unknown keys, e.g. from a newer version."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            log.warning("RVAEConfig: ignoring unknown keys %s", unknown)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- environment
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+    return dev
+
+
+def configure_threads(num_threads: int | None = None) -> None:
+    """Set torch's intra-op threads from ``num_threads`` or ``STEMFAST_NUM_THREADS``; else leave torch's default."""
+    n = num_threads
+    if n is None:
+        env = os.environ.get("STEMFAST_NUM_THREADS")
+        n = int(env) if env else None
+    if n is not None and n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """bf16 (or fp16) autocast on CUDA when ``enabled``; a null context on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _grad_scaler(device: torch.device, enabled: bool):
+    use = device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=use)
+
+
+def _show_progress(flag: bool | None) -> bool:
+    if flag is not None:
+        return bool(flag)
+    try:
+        from ..logutil import show_progress
+    except ImportError:  # pragma: no cover - logutil is part of the package
+        return sys.stderr.isatty()
+    return show_progress()
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_network(config: RVAEConfig) -> VAENet:
+    """The ``nn.Module`` for ``config`` (``modules.RVAE`` or ``modules.VAE``)."""
+    if config.model == "rvae":
+        return RVAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius,
+                       config.rotation_symmetry, config.stn_channels)
+    return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
+
+
+def to_model_input(patches: np.ndarray, input_size: int, *, device: torch.device | None = None,
+                   chunk: int = 4096) -> torch.Tensor:
+    """Float32 ``[N, S, S]`` array -> ``(N, 1, input_size, input_size)`` tensor (resampled in chunks)."""
+    n = len(patches)
+    out = torch.empty((n, 1, input_size, input_size), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        x = torch.from_numpy(np.ascontiguousarray(patches[s:s + chunk], dtype=np.float32))[:, None]
+        out[s:s + chunk] = MF.resample_patches(x, input_size)
+    return out if device is None else out.to(device)
+
+
+def _loader(x: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of ``x`` fetched by index lists (one tensor gather per batch, not per sample)."""
+    ds = TensorDataset(x)
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed)
+        sampler = BatchSampler(RandomSampler(ds, generator=gen), batch_size, drop_last=False)
+    else:
+        sampler = BatchSampler(SequentialSampler(ds), batch_size, drop_last=False)
+    return DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
+
+
+class Augmenter:
+    """Random rotation / x-flip / sub-pixel shift of a batch ``(B, 1, S, S)``, one kornia warp.
+
+    Draws from its own seeded generator (on the batch's device) so runs are reproducible.
+    """
+
+    def __init__(self, *, rotate: bool, flip: bool, shift: float, seed: int, device: torch.device) -> None:
+        self.rotate, self.flip, self.shift = rotate, flip, float(shift)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    @property
+    def active(self) -> bool:
+        return self.rotate or self.flip or self.shift > 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        b = x.shape[0]
+        u = torch.rand(b, 4, generator=self.gen, device=self.device)
+        angle = u[:, 0] * 360.0 if self.rotate else torch.zeros(b, device=self.device)
+        flip = (u[:, 1] < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool, device=self.device)
+        shift = (u[:, 2:] * 2.0 - 1.0) * self.shift
+        m = MF.augment_matrix(angle, flip, shift, x.shape[-2:])
+        return MF.warp_patches(x, m)
+
+
+class EarlyStopping:
+    """Track the best validation loss; ``step`` returns True when training should stop.
+
+    Keeps a CPU copy of the best ``state_dict`` (``restore`` loads it back).
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best = math.inf
+        self.best_epoch = -1
+        self.bad = 0
+        self.state: dict | None = None
+
+    def step(self, value: float, epoch: int, module: torch.nn.Module) -> bool:
+        if value < self.best - self.min_delta * abs(self.best if math.isfinite(self.best) else 0.0):
+            self.best, self.best_epoch, self.bad = value, epoch, 0
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self, module: torch.nn.Module) -> None:
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def vae_loss(net: VAENet, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean over the batch of (masked SSE in the input frame + beta * KL); also returns the two terms."""
+    out = net(x)
+    mask = net.mask
+    recon = MF.masked_mse(out.recon, x * mask, mask) * mask.sum()
+    kl = MF.kl_divergence(out.mu, out.logvar)
+    return (recon + beta * kl).mean(), recon.mean(), kl.mean()
+
+
+def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_weight: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """STN pretraining loss on pairs ``(x, rotate(x, angle))``; returns (total, image term, anchor term).
+
+    Image term: masked MSE between the canonicalised patch and the canonicalised rotated patch,
+    minimised over the ``k`` symmetric copies (rotations by ``360 / k``), divided by the mean
+    squared intensity in the disc. Anchor term: ``1 - cos(k (theta_b - theta_a - angle))``.
+    """
+    mask = net.mask
+    k = net.stn.symmetry
+    xa = x * mask
+    xb = MF.rotate_patches(xa, angle) * mask
+    ta, _ = net.stn(xa)
+    tb, _ = net.stn(xb)
+    ca = MF.canonicalize(xa, ta) * mask
+    cb = MF.canonicalize(xb, tb)
+    energy = (xa.float() ** 2 * mask).flatten(1).sum(1) / mask.sum() + 1e-6
+    errs = []
+    for m in range(k if k <= 6 else 1):
+        cbm = cb if m == 0 else MF.rotate_patches(cb, torch.full_like(tb, 360.0 * m / k))
+        errs.append(MF.masked_mse(ca, cbm * mask, mask))
+    image = (torch.stack(errs).min(0).values / energy).mean()
+    d = torch.deg2rad(tb.float() - ta.float() - angle.float()) * k
+    anchor = (1.0 - torch.cos(d)).mean()
+    return image + anchor_weight * anchor, image, anchor
+
+
+# ----------------------------------------------------------------------------- loops
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def pretrain_stn(net: RVAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEConfig, *,
+                 device: torch.device, history: dict, progress: bool = False) -> None:
+    """Stage 1: pretrain ``net.stn`` on rotated pairs, with early stopping; leaves it frozen (stage 2)."""
+    stn = net.stn
+    opt = torch.optim.Adam(stn.parameters(), lr=config.stn_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.stn_epochs, 1))
+    aug = Augmenter(rotate=config.augment_rotate, flip=config.augment_flip, shift=config.augment_shift,
+                    seed=config.seed + 11, device=device)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 12)
+    stopper = EarlyStopping(config.patience, config.min_delta)
+    loader = _loader(train, config.batch_size, shuffle=True, seed=config.seed + 13)
+    hist = history.setdefault("stn", {"train": [], "val": [], "val_image": [], "val_anchor": []})
+    bar = _bar(config.stn_epochs, "STN pretraining", progress)
+    for epoch in range(config.stn_epochs):
+        t0 = time.perf_counter()
+        stn.train()
+        tot, n = 0.0, 0
+        for (xb,) in loader:
+            xb = aug(xb.to(device, non_blocking=True))
+            angle = torch.rand(xb.shape[0], generator=gen, device=device) * 360.0
+            with autocast_context(device, config.amp):
+                loss, _, _ = stn_pair_loss(net, xb, angle, config.anchor_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * xb.shape[0]
+            n += xb.shape[0]
+        sched.step()
+        vl, vi, va = _stn_eval(net, val, config, device)
+        hist["train"].append(tot / max(n, 1))
+        hist["val"].append(vl)
+        hist["val_image"].append(vi)
+        hist["val_anchor"].append(va)
+        log.debug("STN epoch %d: train %.4f val %.4f (image %.4f anchor %.4f) %.1fs", epoch, tot / max(n, 1),
+                  vl, vi, va, time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{tot / max(n, 1):.4f}", val=f"{vl:.4f}")
+        if stopper.step(vl, epoch, stn):
+            log.info("STN pretraining: early stop at epoch %d (best %d)", epoch, stopper.best_epoch)
+            break
+    bar.close()
+    stopper.restore(stn)
+    for p in stn.parameters():
+        p.requires_grad_(False)
+    stn.eval()
+    log.info("STN pretraining: best val loss %.4f at epoch %d", stopper.best, stopper.best_epoch)
+
+
+@torch.no_grad()
+def _stn_eval(net: RVAENet, val: torch.Tensor, config: RVAEConfig, device: torch.device) -> tuple[float, float, float]:
+    net.stn.eval()
+    gen = torch.Generator(device=device).manual_seed(config.seed + 14)  # same angles every epoch
+    tot = np.zeros(3)
+    n = 0
+    for s in range(0, len(val), 1024):
+        xb = val[s:s + 1024].to(device)
+        angle = torch.rand(xb.shape[0], generator=gen, device=device) * 360.0
+        with autocast_context(device, config.amp):
+            terms = stn_pair_loss(net, xb, angle, config.anchor_weight)
+        tot += np.array([float(t) for t in terms]) * xb.shape[0]
+        n += xb.shape[0]
+    tot /= max(n, 1)
+    return float(tot[0]), float(tot[1]), float(tot[2])
+
+
+@torch.no_grad()
+def _vae_eval(net: VAENet, val: torch.Tensor, config: RVAEConfig, device: torch.device) -> tuple[float, float, float]:
+    net.eval()
+    tot = np.zeros(3)
+    n = 0
+    for s in range(0, len(val), 1024):
+        xb = val[s:s + 1024].to(device)
+        with autocast_context(device, config.amp):
+            terms = vae_loss(net, xb, config.beta)
+        tot += np.array([float(t) for t in terms]) * xb.shape[0]
+        n += xb.shape[0]
+    tot /= max(n, 1)
+    return float(tot[0]), float(tot[1]), float(tot[2])
+
+
+def train_vae(net: VAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEConfig, *,
+              device: torch.device, history: dict, progress: bool = False) -> None:
+    """Stage 3: train encoder / decoder (through the frozen STN for the rVAE) with early stopping."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.epochs, 1))
+    scaler = _grad_scaler(device, config.amp)
+    aug = Augmenter(rotate=config.augment_rotate, flip=config.augment_flip, shift=config.augment_shift,
+                    seed=config.seed + 21, device=device)
+    stopper = EarlyStopping(config.patience, config.min_delta)
+    loader = _loader(train, config.batch_size, shuffle=True, seed=config.seed + 23)
+    hist = history.setdefault("vae", {"train": [], "val": [], "val_recon": [], "val_kl": [],
+                                      "epoch_time_s": [], "patches_per_s": []})
+    bar = _bar(config.epochs, f"{config.model.upper()} training", progress)
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        net.train()
+        if hasattr(net, "stn"):
+            net.stn.eval()
+        tot, n = 0.0, 0
+        for (xb,) in loader:
+            xb = aug(xb.to(device, non_blocking=True))
+            with autocast_context(device, config.amp):
+                loss, _, _ = vae_loss(net, xb, config.beta)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            tot += float(loss.detach()) * xb.shape[0]
+            n += xb.shape[0]
+        sched.step()
+        dt = time.perf_counter() - t0
+        vl, vr, vk = _vae_eval(net, val, config, device)
+        hist["train"].append(tot / max(n, 1))
+        hist["val"].append(vl)
+        hist["val_recon"].append(vr)
+        hist["val_kl"].append(vk)
+        hist["epoch_time_s"].append(dt)
+        hist["patches_per_s"].append(n / dt if dt > 0 else float("nan"))
+        log.debug("%s epoch %d: train %.3f val %.3f (recon %.3f kl %.3f) %.1fs", config.model, epoch,
+                  tot / max(n, 1), vl, vr, vk, dt)
+        bar.update(1)
+        bar.set_postfix(loss=f"{tot / max(n, 1):.3f}", val=f"{vl:.3f}")
+        if stopper.step(vl, epoch, net):
+            log.info("%s training: early stop at epoch %d (best %d)", config.model, epoch, stopper.best_epoch)
+            break
+    bar.close()
+    stopper.restore(net)
+    net.eval()
+    log.info("%s training: best val loss %.3f at epoch %d", config.model, stopper.best, stopper.best_epoch)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train / validation split (at least one validation patch when val_fraction > 0)."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0:
+        n_val = min(max(n_val, 1), n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def fit_network(patches: np.ndarray, config: RVAEConfig, *, progress: bool | None = None) -> tuple[VAENet, dict]:
+    """Full training run on ``patches [N, S, S]``: returns the trained network (eval mode) and its history."""
+    configure_threads(config.num_threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+    show = _show_progress(config.progress if progress is None else progress)
+    n = len(patches)
+    rng = np.random.default_rng(config.seed)
+    if config.max_train_patches is not None and n > config.max_train_patches:
+        idx = np.sort(rng.choice(n, config.max_train_patches, replace=False))
+        log.info("training on a random subsample of %d of %d patches", len(idx), n)
+        patches = patches[idx]
+        n = len(idx)
+    x = to_model_input(patches, config.input_size)
+    tr, va = split_indices(n, config.val_fraction, config.seed + 1)
+    xt, xv = x[tr], x[va] if len(va) else x[tr[:0]]
+    if len(va) == 0:  # no validation split: monitor the training set without augmentation
+        xv = xt
+    if device.type == "cuda":
+        xt, xv = xt.to(device), xv.to(device)
+    net = build_network(config).to(device)
+    history: dict = {"n_train": int(len(tr)), "n_val": int(len(va)), "device": str(device)}
+    t0 = time.perf_counter()
+    if isinstance(net, RVAENet) and config.stn_epochs > 0:
+        pretrain_stn(net, xt, xv, config, device=device, history=history, progress=show)
+    elif isinstance(net, RVAENet):
+        for p in net.stn.parameters():
+            p.requires_grad_(False)
+    history["stn_time_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    train_vae(net, xt, xv, config, device=device, history=history, progress=show)
+    history["vae_time_s"] = time.perf_counter() - t1
+    history["fit_time_s"] = time.perf_counter() - t0
+    net.eval()
+    return net, history

@@ -1,0 +1,152 @@
+"""One image through the whole pipeline: sites -> patches -> (model) -> classes and defect scores.
+
+The stages are separate functions so the batch runner can train one model on patches pooled
+from many images (``prepare`` every image, ``train_model`` once, ``analyze`` every image) and so
+a Dask worker can run ``prepare`` + ``analyze`` for one file or frame with a shipped model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .analysis import AnalysisSettings, analyze_sites
+from .patches import default_patch_size, extract_patches
+from .sites import SiteSettings, find_sites
+from .table import SiteTable
+
+__all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "train_model", "analyze", "run_image"]
+
+log = logging.getLogger(__name__)
+
+
+def _model_config_default():
+    from .model import RVAEConfig
+
+    return RVAEConfig()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """All settings of a run, one section per stage (also the layout of ``stemfast.toml``)."""
+
+    sites: SiteSettings = field(default_factory=SiteSettings)
+    model: "object" = field(default_factory=_model_config_default)  # stemfast.model.RVAEConfig
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    patch_size: int | None = None  # px; None = derived from the lattice spacing (default_patch_size)
+
+    def to_dict(self) -> dict:
+        return {"sites": asdict(self.sites), "model": asdict(self.model), "analysis": asdict(self.analysis),
+                "patch_size": self.patch_size}
+
+
+@dataclass
+class Prepared:
+    """One 2-D image after the lattice front end: its sites and their patches."""
+
+    image: np.ndarray
+    sites: SiteTable
+    patches: np.ndarray  # float32 [N, S, S], robust-normalised, resampled to the model's input size
+    edge: np.ndarray  # bool [N], patch touches the image border
+    norm: object  # stemfast.patches.PatchNorm
+    patch_size: int  # px in the image (before resampling)
+    timings: dict
+
+
+def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
+            unit: str | None = "nm", patch_size: int | None = None) -> Prepared:
+    """Find the sites of a 2-D ``image`` and cut a normalised patch around each.
+
+    ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
+    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``.
+    """
+    timings: dict = {}
+    table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
+    t0 = time.perf_counter()
+    size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
+                                                if table.meta.get("status") == "ok" else 32)
+    if len(table):
+        p = extract_patches(image, table.xy, size=size, backend=config.sites.backend)
+        patches, edge, norm = p.data, p.edge, p.norm
+        out = int(getattr(config.model, "input_size", size) or size)
+        if out != size:
+            patches = resample_patches(patches, out)
+    else:
+        patches = np.zeros((0, size, size), np.float32)
+        edge = np.zeros(0, bool)
+        norm = None
+    timings["patches"] = time.perf_counter() - t0
+    return Prepared(image=np.asarray(image), sites=table, patches=patches, edge=edge, norm=norm,
+                    patch_size=int(size), timings=timings)
+
+
+def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> np.ndarray:
+    """Resample [N, S, S] patches to [N, size, size] (antialiased bilinear), in chunks.
+
+    Patches are cut at a size set by the lattice spacing (a fixed number of spacings), then
+    resampled to the model's input size, so images of different magnification give comparable
+    patches and one model serves them all.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = len(patches)
+    out = np.empty((n, size, size), np.float32)
+    with torch.inference_mode():
+        for i in range(0, n, chunk):
+            t = torch.from_numpy(np.ascontiguousarray(patches[i:i + chunk]))[:, None]
+            r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=size < patches.shape[-1])
+            out[i:i + chunk] = r[:, 0].numpy()
+    return out
+
+
+def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0):
+    """Train one model on patches pooled from ``prepared`` images (sampled to the model's budget)."""
+    from .model import RVAE
+
+    pools = [p.patches[~p.edge] for p in prepared if len(p.patches)]
+    if not pools:
+        raise ValueError("no patches to train on: no image had a lattice")
+    sizes = {p.shape[-1] for p in pools}
+    if len(sizes) > 1:
+        raise ValueError(f"patch sizes differ between images: {sorted(sizes)}; set patch_size")
+    allp = np.concatenate(pools)
+    cap = getattr(config.model, "max_train_patches", None)
+    if cap and len(allp) > cap:
+        rng = np.random.default_rng(seed_sample)
+        allp = allp[np.sort(rng.choice(len(allp), cap, replace=False))]
+    return RVAE.fit(allp, config.model)
+
+
+def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig()) -> tuple[SiteTable, dict]:
+    """Encode the patches of ``prep`` with ``model``, cluster and score them.
+
+    Returns the full site table (see :func:`stemfast.analysis.analyze_sites` for the columns) and
+    a summary dict.
+    """
+    t0 = time.perf_counter()
+    if len(prep.patches) == 0:
+        return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
+    enc = model.encode(prep.patches)
+    prep.timings["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge)
+    prep.timings["analysis"] = time.perf_counter() - t0
+    summary["timings_s"] = dict(prep.timings)
+    return table, summary
+
+
+def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),
+              pixel_size: float | None = None, unit: str | None = "nm") -> tuple[SiteTable, dict, object]:
+    """Convenience: the whole pipeline on one image, training a model on it unless one is given."""
+    patch_size = None
+    if model is not None:
+        patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None
+    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size)
+    if model is None:
+        model = train_model([prep], config=config)
+    table, summary = analyze(prep, model, config=config)
+    return table, summary, model

@@ -1,0 +1,426 @@
+"""Figures and the one-file HTML report of a batch run (matplotlib, Agg backend).
+
+- :func:`plot_class_map` -- sites coloured by ``class_id`` over the image; the colour of a class id
+  is fixed (:func:`class_color`), so class 0 has the same colour in every figure of every run.
+- :func:`plot_defects` -- the top defect candidates circled and numbered over the image, next to
+  a gallery of their patches.
+- :func:`write_html_report` -- one self-contained HTML file (PNG figures embedded as base64, no
+  external assets): per input its counts, lattice, timings and defect list; skipped inputs with
+  their reasons; the batch stage table.
+
+Every file is written atomically (:mod:`stemfast.atomic`).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .atomic import atomic_path, write_text
+
+__all__ = [
+    "CLASS_COLORS",
+    "class_color",
+    "display_range",
+    "plot_class_map",
+    "plot_defects",
+    "stage_table_rows",
+    "format_stage_table",
+    "write_html_report",
+]
+
+#: Colour of class id ``i`` is ``CLASS_COLORS[i % len(CLASS_COLORS)]`` (class -1 / unknown: grey).
+CLASS_COLORS = (
+    "#e6194b",  # 0 red      (brightest class, e.g. Mo)
+    "#3cb44b",  # 1 green    (e.g. S2)
+    "#4363d8",  # 2 blue     (e.g. hollow)
+    "#f58231",  # 3 orange
+    "#911eb4",  # 4 purple
+    "#42d4f4",  # 5 cyan
+    "#f032e6",  # 6 magenta
+    "#bfef45",  # 7 lime
+    "#fabed4",  # 8 pink
+    "#469990",  # 9 teal
+)
+_UNKNOWN = "#9e9e9e"
+
+#: Stages of the pipeline, in order, as they appear in the timing tables.
+STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")
+
+_MAX_DISPLAY_PX = 2048  # images are shown downsampled (block mean) to at most this many px
+
+
+def class_color(class_id: int) -> str:
+    """Fixed colour of a class id (hex string).
+
+    Examples
+    --------
+    >>> class_color(0), class_color(10) == class_color(0), class_color(-1)
+    ('#e6194b', True, '#9e9e9e')
+    """
+    c = int(class_id)
+    return _UNKNOWN if c < 0 else CLASS_COLORS[c % len(CLASS_COLORS)]
+
+
+def _mpl():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() != "agg":
+        try:
+            matplotlib.use("Agg", force=True)
+        except Exception:  # pragma: no cover - a backend already in use by the application
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def display_range(image: np.ndarray) -> tuple[float, float]:
+    """Robust grey-level range (0.5th and 99.5th percentiles) for showing ``image``."""
+    a = np.asarray(image, dtype=np.float32)
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(finite.min()), float(finite.max()) + 1e-12
+    return float(lo), float(hi)
+
+
+def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
+    a = np.asarray(image, dtype=np.float32)
+    f = max(1, int(math.ceil(max(a.shape) / _MAX_DISPLAY_PX)))
+    if f == 1:
+        return a, 1
+    H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
+    return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
+
+
+def _savefig(fig, path: str | os.PathLike, dpi: int) -> None:
+    plt = _mpl()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _marker_size(fig_w_in: float, width_px: int, spacing_px: float | None, frac: float = 0.55) -> float:
+    """Scatter marker area (pt^2) for a dot of diameter ``frac * spacing`` in image px."""
+    sp = spacing_px if spacing_px and np.isfinite(spacing_px) else max(width_px / 60.0, 2.0)
+    d_pt = frac * sp * fig_w_in * 72.0 / max(width_px, 1)
+    return float(np.clip(d_pt, 0.4, 12.0) ** 2)
+
+
+def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   class_id: np.ndarray, *, spacing_px: float | None = None, title: str | None = None,
+                   is_defect: np.ndarray | None = None, dpi: int = 110) -> None:
+    """Write a PNG of ``image`` with every site as a dot coloured by its class id.
+
+    Parameters
+    ----------
+    path : output PNG (written atomically).
+    image : the 2-D micrograph (shown with a robust grey range, downsampled above 2048 px).
+    x, y : site positions in px (x = column, y = row).
+    class_id : int per site; colours are fixed per id (:data:`CLASS_COLORS`).
+    spacing_px : lattice spacing, sets the dot size.
+    is_defect : optional bool per site; flagged sites get a black ring.
+    """
+    plt = _mpl()
+    from matplotlib.lines import Line2D
+
+    img, f = _downsample(image)
+    H, W = img.shape
+    fig_w = 8.0
+    fig_h = max(3.0, min(12.0, fig_w * H / max(W, 1))) + 0.6
+    fig, ax = plt.subplots(figsize=(fig_w + 1.8, fig_h))
+    lo, hi = display_range(img)
+    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+              extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    cid = np.asarray(class_id, dtype=np.int64) if len(x) else np.zeros(0, np.int64)
+    s = _marker_size(fig_w, W * f, spacing_px)
+    handles = []
+    for c in sorted(set(cid.tolist())):
+        m = cid == c
+        ax.scatter(x[m], y[m], s=s, c=class_color(c), linewidths=0, alpha=0.85)
+        handles.append(Line2D([], [], marker="o", ls="", color=class_color(c),
+                              label=f"class {c} ({int(m.sum())})"))
+    if is_defect is not None and len(x):
+        d = np.asarray(is_defect, bool)
+        if d.any():
+            ax.scatter(x[d], y[d], s=s * 4, facecolors="none", edgecolors="k", linewidths=0.8)
+            handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec="k",
+                                  label=f"defect ({int(d.sum())})"))
+    ax.set_xlim(-0.5, W * f - 0.5)
+    ax.set_ylim(H * f - 0.5, -0.5)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    if not len(x):
+        ax.text(0.5, 0.5, "no lattice sites", transform=ax.transAxes, ha="center", va="center",
+                color="w", fontsize=14)
+    ax.set_title(title or "site classes", fontsize=10)
+    fig.tight_layout()
+    _savefig(fig, path, dpi)
+
+
+def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
+                 patches: np.ndarray | None, *, spacing_px: float | None = None, title: str | None = None,
+                 max_gallery: int = 24, dpi: int = 110) -> None:
+    """Write a PNG: the top candidates circled and numbered over ``image``, and their patches.
+
+    Parameters
+    ----------
+    image : 2-D image the ``candidates`` of the map belong to (None: gallery only).
+    candidates : ranked dicts with ``x, y, anomaly_score``, and optionally ``rank`` (the number
+        shown; default position + 1), ``defect_kind``, ``is_defect``, ``frame`` and ``on_map``
+        (False: only in the gallery, e.g. a candidate of another frame of a stack).
+    patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
+    """
+    plt = _mpl()
+    from matplotlib.patches import Circle
+
+    cands = list(candidates)[:max_gallery]
+    n = len(cands)
+    ncol = 6
+    nrow = max(1, math.ceil(n / ncol)) if n else 1
+    fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
+    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.35)
+    ax = fig.add_subplot(gs[:, :2])
+    if image is not None:
+        img, f = _downsample(image)
+        H, W = img.shape
+        lo, hi = display_range(img)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+                  extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
+        r = 0.6 * (spacing_px if spacing_px and np.isfinite(spacing_px) else max(W * f / 60.0, 3.0))
+        for i, c in enumerate(cands):
+            if not c.get("on_map", True):
+                continue
+            rank = int(c.get("rank", i + 1))
+            col = "#ff1744" if c.get("is_defect", True) else "#ffab00"
+            ax.add_patch(Circle((c["x"], c["y"]), r, fill=False, ec=col, lw=1.2,
+                                ls="-" if c.get("is_defect", True) else "--"))
+            ax.text(c["x"] + 0.75 * r, c["y"] - 0.75 * r, str(rank), color=col, fontsize=7, ha="left",
+                    va="bottom", fontweight="bold", clip_on=True)
+        ax.set_xlim(-0.5, W * f - 0.5)
+        ax.set_ylim(H * f - 0.5, -0.5)
+    else:
+        ax.axis("off")
+    ax.set_title(title or "defect candidates (solid: flagged defect, dashed: below cutoff)", fontsize=9)
+    if n == 0:
+        ax.text(0.5, 0.5, "no candidates", transform=ax.transAxes, ha="center", va="center", fontsize=14,
+                color="w" if image is not None else "k")
+    if patches is not None and n:
+        P = np.asarray(patches)[:n]
+        lo, hi = display_range(P)
+        for i, c in enumerate(cands):
+            a = fig.add_subplot(gs[i // ncol, 2 + i % ncol])
+            a.imshow(P[i], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            a.set_xticks([])
+            a.set_yticks([])
+            rank = int(c.get("rank", i + 1))
+            label = f"#{rank} {c.get('defect_kind', '')}".strip()
+            if c.get("frame") is not None and c.get("show_frame", False):
+                label += f" f{int(c['frame'])}"
+            a.set_title(f"{label}\n{float(c['anomaly_score']):.1f}", fontsize=7)
+            for sp in a.spines.values():
+                sp.set_edgecolor("#ff1744" if c.get("is_defect", True) else "#ffab00")
+    _savefig(fig, path, dpi)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def stage_table_rows(seconds: Mapping[str, float], sites: Mapping[str, int] | int,
+                     stages: Iterable[str] = STAGES) -> list[dict]:
+    """Rows ``{stage, seconds, sites, sites_per_s}`` (stages with no time recorded are left out)."""
+    rows = []
+    for st in list(stages) + [k for k in seconds if k not in stages]:
+        if st not in seconds:
+            continue
+        sec = float(seconds[st])
+        n = int(sites[st] if isinstance(sites, Mapping) else sites)
+        rows.append({"stage": st, "seconds": sec, "sites": n,
+                     "sites_per_s": (n / sec) if sec > 0 else None})
+    total = sum(r["seconds"] for r in rows)
+    if rows:
+        n_tot = max(r["sites"] for r in rows)
+        rows.append({"stage": "total", "seconds": total, "sites": n_tot,
+                     "sites_per_s": (n_tot / total) if total > 0 else None})
+    return rows
+
+
+def format_stage_table(rows: Sequence[Mapping]) -> str:
+    """Plain-text table of :func:`stage_table_rows` output."""
+    lines = [f"{'stage':<10} {'seconds':>10} {'sites':>11} {'sites/s':>12}"]
+    for r in rows:
+        sps = r.get("sites_per_s")
+        lines.append(f"{r['stage']:<10} {r['seconds']:>10.3f} {r['sites']:>11d} "
+                     f"{(f'{sps:,.0f}' if sps else '-'):>12}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h3{font-size:1em;margin:.8em 0 .3em}
+table{border-collapse:collapse;margin:.4em 0;font-size:.85em}
+td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right} th{background:#f4f4f4}
+td.l,th.l{text-align:left}
+.bad{color:#b00020;font-weight:bold} .ok{color:#1b5e20} .warn{color:#e65100}
+img{max-width:100%;border:1px solid #ddd;margin:.3em 0}
+.grid{display:flex;flex-wrap:wrap;gap:1.5em} .grid>div{flex:1 1 420px}
+small{color:#666}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return f"<p class='warn'>{_e(alt)}: image missing</p>"
+    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
+
+
+def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
+    rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
+    return f"<table><tr><th class='l'>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{rows}</table>"
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _stage_html(rows: Sequence[Mapping]) -> str:
+    out = ["<table><tr><th class='l'>stage</th><th>seconds</th><th>sites</th><th>sites/s</th></tr>"]
+    for r in rows:
+        sps = r.get("sites_per_s")
+        out.append(f"<tr><td class='l'>{_e(r['stage'])}</td><td>{r['seconds']:.3f}</td><td>{r['sites']}</td>"
+                   f"<td>{(f'{sps:,.0f}' if sps else '-')}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _input_section(s: Mapping, folder: Path) -> str:
+    name = s.get("name", "?")
+    status = s.get("status", "?")
+    cls = "ok" if status in ("ok", "current") else "warn"
+    inp = s.get("input", {})
+    lat = s.get("lattice", {}) or {}
+    parts = [f"<h2 id='{_e(name)}'>{_e(name)} <small class='{cls}'>[{_e(status)}]</small></h2>"]
+    parts.append(f"<p><small>{_e(inp.get('path', ''))} &middot; sha256 {_e(str(inp.get('sha256', ''))[:16])}&hellip; "
+                 f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
+                 f"{' &middot; pixel ' + _e(inp.get('pixel_size')) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
+                 f"</small></p>")
+    facts = {
+        "sites": s.get("n_sites", 0),
+        "defects (anomaly > cutoff)": s.get("n_defects", 0),
+        "classes": s.get("n_classes", "-"),
+        "spacing (px)": _fmt(lat.get("spacing_px")),
+        "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
+        "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
+        "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
+    }
+    counts = {f"class {k}": v for k, v in (s.get("class_counts") or {}).items()}
+    kinds = dict(s.get("defect_kinds") or {}) or {"(none)": 0}
+    parts.append("<div class='grid'><div>" + _kv_table(facts, ("", "")) + "</div><div>"
+                 + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
+                 + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
+    drift = s.get("drift_px")
+    if drift and drift.get("dx"):
+        dx = np.asarray(drift["dx"], float)
+        dy = np.asarray(drift["dy"], float)
+        parts.append(f"<p>drift between consecutive frames: mean |d| {np.mean(np.hypot(dx, dy)):.2f} px, "
+                     f"max {np.max(np.hypot(dx, dy)):.2f} px, total ({np.sum(dx):.2f}, {np.sum(dy):.2f}) px "
+                     f"over {len(dx)} steps</p>")
+    parts.append("<div class='grid'><div>" + _img_tag(folder / "classes.png", f"{name} classes") + "</div><div>"
+                 + _img_tag(folder / "defects.png", f"{name} defects") + "</div></div>")
+    top = s.get("top", [])[:20]
+    if top:
+        parts.append("<h3>top defect candidates</h3><table><tr><th>#</th><th>frame</th><th>x</th><th>y</th>"
+                     "<th>score</th><th class='l'>kind</th><th>class</th><th>defect</th></tr>")
+        for i, t in enumerate(top):
+            parts.append(f"<tr><td>{i + 1}</td><td>{t.get('frame', 0)}</td><td>{t['x']:.1f}</td><td>{t['y']:.1f}</td>"
+                         f"<td>{t['anomaly_score']:.2f}</td><td class='l'>{_e(t.get('defect_kind', ''))}</td>"
+                         f"<td>{t.get('class_id', '')}</td><td>{'yes' if t.get('is_defect') else ''}</td></tr>")
+        parts.append("</table>")
+    if s.get("frame_errors"):
+        parts.append("<p class='bad'>frames that failed: "
+                     + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
+    return "\n".join(parts)
+
+
+def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Sequence[Mapping],
+                      out_dir: str | os.PathLike) -> None:
+    """Write the batch report: one HTML file, images embedded, openable offline.
+
+    Parameters
+    ----------
+    batch : the batch summary (``batch_summary.json`` content: ``inputs`` statuses, ``skipped``
+        list of ``{name, path, reason}``, ``stage_table`` rows, ``model`` info, ``config_hash``).
+    summaries : per-input ``summary.json`` contents (with ``name``).
+    out_dir : the batch output folder (the figures are read from ``out_dir/<name>/``).
+    """
+    out_dir = Path(out_dir)
+    title = f"stemfast batch report: {out_dir.name}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
+    model = batch.get("model", {}) or {}
+    parts.append(f"<p><small>stemfast {_e(batch.get('stemfast_version', ''))} &middot; {_e(batch.get('date', ''))} "
+                 f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model sha256 "
+                 f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))})</small></p>")
+    # overview
+    parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
+                 "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")
+    by_name = {s.get("name"): s for s in summaries}
+    for it in batch.get("inputs", []):
+        s = by_name.get(it.get("name"), {})
+        st = it.get("status", "?")
+        cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
+        kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
+        link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
+        parts.append(f"<tr><td class='l'>{link}</td><td class='l {cls}'>{_e(st)}"
+                     f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}</td>"
+                     f"<td>{_e(s.get('input', {}).get('n_frames', '-') if s else '-')}</td>"
+                     f"<td>{_e(s.get('n_sites', '-'))}</td><td>{_e(s.get('n_defects', '-'))}</td>"
+                     f"<td class='l'>{_e(kinds)}</td><td>{_fmt((s.get('lattice') or {}).get('spacing_px'))}</td></tr>")
+    parts.append("</table>")
+    skipped = batch.get("skipped", [])
+    if skipped:
+        parts.append("<h2 class='bad'>skipped inputs</h2><table><tr><th class='l'>input</th>"
+                     "<th class='l'>reason</th></tr>")
+        for sk in skipped:
+            parts.append(f"<tr><td class='l'>{_e(sk.get('path', sk.get('name')))}</td>"
+                         f"<td class='l'>{_e(sk.get('reason'))}</td></tr>")
+        parts.append("</table>")
+    if batch.get("stage_table"):
+        parts.append("<h2>throughput (whole batch)</h2>" + _stage_html(batch["stage_table"]))
+        if batch.get("train"):
+            tr = batch["train"]
+            parts.append(f"<p>model training: {_fmt(tr.get('seconds'), 1)} s on {_e(tr.get('n_patches', '-'))} "
+                         f"patches</p>")
+    for s in summaries:
+        parts.append(_input_section(s, out_dir / str(s.get("name"))))
+    parts.append("</body></html>\n")
+    write_text(path, "\n".join(parts))

@@ -1,0 +1,433 @@
+"""Tests of stemfast.io: round trips, calibration, stacks, validation errors, folder listing."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from stemfast.io import (
+    SUPPORTED_EXTENSIONS,
+    Micrograph,
+    ReadError,
+    ReadWarning,
+    find_micrographs,
+    read,
+    unit_to_nm,
+    write_tiff,
+)
+
+
+@pytest.fixture
+def img():
+    rng = np.random.default_rng(0)
+    return rng.normal(100.0, 10.0, (40, 56)).astype(np.float32)
+
+
+@pytest.fixture
+def stack():
+    rng = np.random.default_rng(1)
+    return rng.normal(50.0, 5.0, (5, 32, 48)).astype(np.float32)
+
+
+def _err(path, **kw) -> ReadError:
+    with pytest.raises(ReadError) as ei:
+        read(path, **kw)
+    assert os.path.basename(str(path)) in str(ei.value)  # the message names the file
+    return ei.value
+
+
+# ---------------------------------------------------------------------------------------------
+# TIFF
+# ---------------------------------------------------------------------------------------------
+def test_tiff_roundtrip_with_calibration(tmp_path, img):
+    p = write_tiff(tmp_path / "a.tif", img, pixel_size=0.0123, unit="nm")
+    mg = read(p)
+    assert isinstance(mg, Micrograph)
+    np.testing.assert_array_equal(mg.data, img)
+    assert mg.data.dtype == np.float32 and not mg.is_stack and mg.n_frames == 1
+    assert mg.shape2d == (40, 56)
+    assert mg.pixel_size == pytest.approx(0.0123, rel=1e-7) and mg.unit == "nm"
+    assert mg.path == str(p)
+    json.dumps(mg.metadata)
+    np.testing.assert_array_equal(mg.frame(0), img)
+    assert [f.shape for f in mg.frames()] == [(40, 56)]
+
+
+@pytest.mark.parametrize("unit,factor", [("A", 0.1), ("Å", 0.1), ("pm", 1e-3), ("µm", 1e3), ("um", 1e3)])
+def test_tiff_units_converted_to_nm(tmp_path, img, unit, factor):
+    p = write_tiff(tmp_path / "u.tif", img, pixel_size=1.5, unit=unit)
+    mg = read(p)
+    assert mg.unit == "nm" and mg.pixel_size == pytest.approx(1.5 * factor, rel=1e-7)
+    assert mg.pixel_size_nm == pytest.approx(1.5 * factor, rel=1e-7)
+
+
+def test_tiff_imagej_escaped_micron_unit(tmp_path, img):
+    # how ImageJ/Fiji store "µm" in the description
+    p = tmp_path / "fiji.tif"
+    tifffile.imwrite(p, img, imagej=True, resolution=(1 / 0.002, 1 / 0.002),
+                     metadata={"unit": "\\u00B5m"})
+    mg = read(p)
+    assert mg.unit == "nm" and mg.pixel_size == pytest.approx(2.0, rel=1e-6)
+
+
+def test_tiff_without_calibration(tmp_path, img):
+    p = tmp_path / "plain.tif"
+    tifffile.imwrite(p, img)  # resolution 1/1, no unit
+    mg = read(p)
+    assert mg.pixel_size is None and mg.unit is None
+    p2 = tmp_path / "dpi.tif"
+    tifffile.imwrite(p2, img, resolution=(72, 72), resolutionunit="INCH")  # print resolution
+    assert read(p2).pixel_size is None
+
+
+def test_tiff_centimetre_resolution_and_json_description(tmp_path, img):
+    p = tmp_path / "cm.tif"
+    tifffile.imwrite(p, img, resolution=(1e7 / 0.05, 1e7 / 0.05), resolutionunit="CENTIMETER")
+    mg = read(p)
+    assert mg.unit == "nm" and mg.pixel_size == pytest.approx(0.05, rel=1e-6)
+    p2 = tmp_path / "json.tif"
+    tifffile.imwrite(p2, img, description=json.dumps({"pixel_size": 1.1, "unit": "A"}))
+    mg2 = read(p2)
+    assert mg2.unit == "nm" and mg2.pixel_size == pytest.approx(0.11)
+
+
+def test_tiff_stack_roundtrip_lazy(tmp_path, stack):
+    p = write_tiff(tmp_path / "s.tif", stack, pixel_size=0.02)
+    mg = read(p)
+    assert mg.is_stack and mg.n_frames == 5 and mg.shape2d == (32, 48) and len(mg) == 5
+    assert isinstance(mg.data, np.memmap)  # uncompressed float32 stack is memory-mapped
+    frames = list(mg.frames())
+    assert len(frames) == 5
+    for f, ref in zip(frames, stack):
+        assert type(f) is np.ndarray and f.dtype == np.float32
+        np.testing.assert_array_equal(f, ref)
+    np.testing.assert_array_equal(mg.frame(-1), stack[-1])
+    with pytest.raises(IndexError):
+        mg.frame(5)
+    assert mg.pixel_size == pytest.approx(0.02) and mg.unit == "nm"
+    # frame selection at read time
+    one = read(p, frames=2)
+    assert not one.is_stack
+    np.testing.assert_array_equal(one.data, stack[2])
+    np.testing.assert_array_equal(read(p, frames=[4, 0]).data, stack[[4, 0]])
+    np.testing.assert_array_equal(read(p, frames=slice(1, 4, 2)).data, stack[1:4:2])
+    _err(p, frames=7)
+
+
+def test_tiff_compressed_multipage_integer_stack(tmp_path, stack):
+    data = (stack * 100).astype(np.uint16)
+    p = tmp_path / "c.tiff"
+    tifffile.imwrite(p, data, compression="zlib", photometric="minisblack")
+    mg = read(p)
+    assert mg.data.dtype == np.float32 and mg.data.shape == data.shape
+    np.testing.assert_array_equal(mg.data, data.astype(np.float32))
+    np.testing.assert_array_equal(read(p, frames=[3, 1]).data, data[[3, 1]].astype(np.float32))
+    np.testing.assert_array_equal(read(p, frames=-1).data, data[-1].astype(np.float32))
+
+
+def test_tiff_uppercase_extension(tmp_path, img):
+    p = write_tiff(tmp_path / "UP.TIF", img)
+    np.testing.assert_array_equal(read(p).data, img)
+
+
+def test_rgb_converted_to_grey_with_warning(tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    p = tmp_path / "rgb.tif"
+    tifffile.imwrite(p, rgb, photometric="rgb")
+    with pytest.warns(ReadWarning, match="grey"):
+        mg = read(p)
+    expect = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    assert mg.data.shape == (32, 40)
+    np.testing.assert_allclose(mg.data, expect, rtol=1e-5)
+    assert mg.metadata["converted_from_rgb"] is True
+    # RGBA in a .npy as well
+    np.save(tmp_path / "rgba.npy", np.dstack([rgb, np.full((32, 40), 255, np.uint8)]))
+    with pytest.warns(ReadWarning):
+        mg2 = read(tmp_path / "rgba.npy")
+    np.testing.assert_allclose(mg2.data, expect, rtol=1e-5)
+
+
+def test_write_tiff_is_atomic_and_overwrites(tmp_path, img):
+    p = tmp_path / "w.tif"
+    write_tiff(p, img)
+    write_tiff(p, img + 1, pixel_size=0.1)
+    np.testing.assert_array_equal(read(p).data, img + 1)
+    with pytest.raises(ValueError):
+        write_tiff(tmp_path / "bad.tif", np.zeros((2, 2, 16, 16)))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["w.tif"]  # no temp files left
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy, HDF5, MRC, RosettaSciIO
+# ---------------------------------------------------------------------------------------------
+def test_npy_roundtrip_and_lazy_stack(tmp_path, img, stack):
+    np.save(tmp_path / "a.npy", img.astype(np.float64))
+    mg = read(tmp_path / "a.npy")
+    assert mg.data.dtype == np.float32 and not isinstance(mg.data, np.memmap)
+    np.testing.assert_allclose(mg.data, img)
+    assert mg.pixel_size is None
+    np.save(tmp_path / "s.npy", stack)
+    ms = read(tmp_path / "s.npy")
+    assert isinstance(ms.data, np.memmap) and ms.n_frames == 5
+    np.testing.assert_array_equal(np.stack(list(ms.frames())), stack)
+    np.testing.assert_array_equal(read(tmp_path / "s.npy", frames=1).data, stack[1])
+
+
+def test_integer_npy_converted_to_float32(tmp_path):
+    data = np.arange(32 * 32, dtype=np.int32).reshape(32, 32)
+    np.save(tmp_path / "i.npy", data)
+    mg = read(tmp_path / "i.npy")
+    assert mg.data.dtype == np.float32
+    np.testing.assert_array_equal(mg.data, data.astype(np.float32))
+
+
+def test_singleton_axes_are_dropped(tmp_path, img):
+    np.save(tmp_path / "t.npy", img[:, :, None])
+    np.save(tmp_path / "l.npy", img[None])
+    for name in ("t.npy", "l.npy"):
+        mg = read(tmp_path / name)
+        assert mg.data.shape == img.shape and not mg.is_stack
+
+
+def test_npz_named_and_first_array(tmp_path, img, stack):
+    np.savez(tmp_path / "n.npz", other=np.zeros(3), image=img, pixel_size=0.5, unit="A")
+    mg = read(tmp_path / "n.npz")
+    np.testing.assert_array_equal(mg.data, img)
+    assert mg.pixel_size == pytest.approx(0.05) and mg.unit == "nm"
+    np.savez(tmp_path / "d.npz", data=stack)
+    np.testing.assert_array_equal(read(tmp_path / "d.npz").data, stack)
+    np.savez(tmp_path / "f.npz", img)  # arr_0
+    np.testing.assert_array_equal(read(tmp_path / "f.npz").data, img)
+
+
+def test_hdf5_roundtrip(tmp_path, img, stack):
+    h5py = pytest.importorskip("h5py")
+    p = tmp_path / "a.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("meta/scalar", data=1.0)
+        g = f.create_group("entry")
+        ds = g.create_dataset("stack", data=stack)
+        ds.attrs["pixel_size"] = 1.2
+        ds.attrs["unit"] = "A"
+        f.create_dataset("other/image", data=img)
+    mg = read(p)  # first 2-D/3-D dataset
+    np.testing.assert_array_equal(mg.data, stack)
+    assert mg.pixel_size == pytest.approx(0.12) and mg.unit == "nm"
+    assert mg.metadata["dataset"] == "/entry/stack"
+    np.testing.assert_array_equal(read(p, dataset="other/image").data, img)
+    np.testing.assert_array_equal(read(p, frames=[3, 1]).data, stack[[3, 1]])
+    e = _err(p, dataset="nope")
+    assert "nope" in str(e)
+    (tmp_path / "bad.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 20)
+    _err(tmp_path / "bad.hdf5")
+
+
+def test_hdf5_missing_h5py_is_a_read_error(tmp_path, monkeypatch):
+    p = tmp_path / "x.h5"
+    p.write_bytes(b"not really hdf5")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    e = _err(p)
+    assert "h5py" in str(e) and "stemfast[io]" in str(e)
+
+
+def test_mrc_via_mrcfile(tmp_path, stack):
+    mrcfile = pytest.importorskip("mrcfile")
+    p = tmp_path / "a.mrc"
+    with mrcfile.new(p) as m:
+        m.set_data(stack)
+        m.voxel_size = 1.5
+    mg = read(p)
+    np.testing.assert_array_equal(mg.data, stack)
+    assert mg.pixel_size == pytest.approx(0.15) and mg.unit == "nm"
+
+
+def test_emd_via_rosettasciio(tmp_path, stack):
+    pytest.importorskip("h5py")
+    emd = pytest.importorskip("rsciio.emd")
+    p = tmp_path / "a.emd"
+    axes = [{"name": "t", "size": 5, "navigate": True, "scale": 1.0, "units": "s", "offset": 0.0},
+            {"name": "y", "size": 32, "navigate": False, "scale": 0.5, "units": "Å", "offset": 0.0},
+            {"name": "x", "size": 48, "navigate": False, "scale": 0.5, "units": "Å", "offset": 0.0}]
+    emd.file_writer(str(p), {"data": stack, "axes": axes, "original_metadata": {},
+                             "metadata": {"General": {"title": "HAADF"}, "Signal": {"signal_type": ""}}})
+    mg = read(p)
+    np.testing.assert_array_equal(mg.data, stack)
+    assert mg.pixel_size == pytest.approx(0.05) and mg.unit == "nm"
+    np.testing.assert_array_equal(read(p, frames=2).data, stack[2])
+    json.dumps(mg.metadata)
+
+
+@pytest.mark.parametrize("ext", [".dm4", ".dm3", ".emd", ".ser", ".emi"])
+def test_missing_rosettasciio_is_a_read_error(tmp_path, monkeypatch, ext):
+    p = tmp_path / f"x{ext}"
+    p.write_bytes(b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "rsciio", None)
+    e = _err(p)
+    assert "stemfast[io]" in str(e) and "RosettaSciIO" in str(e) and ext in str(e)
+
+
+def test_missing_mrc_readers_is_a_read_error(tmp_path, monkeypatch):
+    p = tmp_path / "x.mrc"
+    p.write_bytes(b"\0" * 2048)
+    monkeypatch.setitem(sys.modules, "rsciio", None)
+    monkeypatch.setitem(sys.modules, "mrcfile", None)
+    assert "stemfast[io]" in str(_err(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def test_read_error_type_and_message(tmp_path):
+    e = _err(tmp_path / "missing.tif")
+    assert isinstance(e, ValueError)
+    assert e.reason == "file not found" and e.path.endswith("missing.tif")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert str(e2) == str(e)
+
+
+def test_error_directory_unsupported_and_empty_file(tmp_path):
+    (tmp_path / "d.tif").mkdir()
+    assert "directory" in str(_err(tmp_path / "d.tif"))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    assert "unsupported" in str(_err(tmp_path / "x.png"))
+    (tmp_path / "zero.tif").write_bytes(b"")
+    assert "empty" in str(_err(tmp_path / "zero.tif"))
+
+
+def test_error_truncated_tiff(tmp_path, img, stack):
+    good = write_tiff(tmp_path / "good.tif", np.tile(img, (4, 4)))
+    raw = good.read_bytes()
+    (tmp_path / "half.tif").write_bytes(raw[: len(raw) // 2])
+    assert "truncated" in str(_err(tmp_path / "half.tif"))
+    good_s = write_tiff(tmp_path / "good_s.tif", stack)
+    raw = good_s.read_bytes()
+    (tmp_path / "half_s.tif").write_bytes(raw[: len(raw) // 2])
+    _err(tmp_path / "half_s.tif")
+    (tmp_path / "head.tif").write_bytes(raw[:6])
+    _err(tmp_path / "head.tif")
+
+
+def test_error_text_file_renamed_tif(tmp_path):
+    (tmp_path / "notes.tif").write_text("these are my notes, not an image\n" * 20)
+    assert "TIFF" in str(_err(tmp_path / "notes.tif"))
+
+
+def test_error_bad_npy_and_npz(tmp_path, img):
+    (tmp_path / "t.npy").write_text("plain text")
+    _err(tmp_path / "t.npy")
+    np.save(tmp_path / "g.npy", img)
+    raw = (tmp_path / "g.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[: len(raw) // 2])
+    _err(tmp_path / "cut.npy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    _err(tmp_path / "obj.npy")
+    (tmp_path / "z.npz").write_text("not a zip")
+    _err(tmp_path / "z.npz")
+
+
+@pytest.mark.parametrize("name,data,words", [
+    ("one_d.npy", np.zeros(100), "1-D"),
+    ("four_d.npy", np.zeros((2, 3, 32, 32)), "4-D"),
+    ("empty.npy", np.zeros((0, 32)), "empty"),
+    ("tiny.npy", np.zeros((8, 64)), "too small"),
+    ("allnan.npy", np.full((32, 32), np.nan), "all values"),
+    ("cplx.npy", np.zeros((32, 32), complex), "complex"),
+])
+def test_error_bad_content(tmp_path, name, data, words):
+    np.save(tmp_path / name, data)
+    assert words in str(_err(tmp_path / name))
+
+
+def test_nonfinite_pixels(tmp_path, img):
+    bad = img.copy()
+    bad[3, 4] = np.nan
+    bad[10, 11] = np.inf
+    bad[20, 2] = -np.inf
+    np.save(tmp_path / "nan.npy", bad)
+    e = _err(tmp_path / "nan.npy")
+    assert "3 of" in str(e) and "allow_nonfinite" in str(e)
+    with pytest.warns(ReadWarning, match="3"):
+        mg = read(tmp_path / "nan.npy", allow_nonfinite=True)
+    assert np.isfinite(mg.data).all()
+    med = np.median(img[np.isfinite(bad)])
+    assert mg.data[3, 4] == pytest.approx(med) and mg.data[20, 2] == pytest.approx(med)
+    good = np.isfinite(bad)
+    np.testing.assert_array_equal(mg.data[good], img[good])
+    # in a memory-mapped stack too (the file is not modified)
+    st = np.stack([img, bad, img]).astype(np.float32)
+    np.save(tmp_path / "nan_s.npy", st)
+    _err(tmp_path / "nan_s.npy")
+    with pytest.warns(ReadWarning):
+        ms = read(tmp_path / "nan_s.npy", allow_nonfinite=True)
+    assert np.isfinite(ms.data).all()
+    assert np.isnan(np.load(tmp_path / "nan_s.npy")[1, 3, 4])
+
+
+def test_nonfinite_in_tiff(tmp_path, img):
+    bad = img.copy()
+    bad[0, 0] = np.nan
+    p = write_tiff(tmp_path / "n.tif", bad)
+    assert "1 of" in str(_err(p))
+
+
+def test_dataset_only_for_hdf5(tmp_path, img):
+    p = write_tiff(tmp_path / "a.tif", img)
+    _err(p, dataset="x")
+
+
+def test_frames_on_single_image(tmp_path, img):
+    p = write_tiff(tmp_path / "a.tif", img)
+    np.testing.assert_array_equal(read(p, frames=0).data, img)
+    _err(p, frames=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# folder listing, Micrograph, units
+# ---------------------------------------------------------------------------------------------
+def test_find_micrographs(tmp_path, img):
+    sub = tmp_path / "sub"
+    hidden = tmp_path / ".cache"
+    sub.mkdir()
+    hidden.mkdir()
+    write_tiff(tmp_path / "b.tif", img)
+    write_tiff(sub / "c.TIFF", img)
+    np.save(tmp_path / "a.npy", img)
+    np.savez(tmp_path / "a.truth.npz", truth=np.zeros((1, 4)), meta="{}")
+    np.save(tmp_path / ".hidden.npy", img)
+    np.save(hidden / "h.npy", img)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "run.emi").write_bytes(b"x")
+    (tmp_path / "run_1.ser").write_bytes(b"x")
+    (tmp_path / "lone.emi").write_bytes(b"x")
+    (tmp_path / "dir.tif").mkdir()
+    found = find_micrographs(tmp_path)
+    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert rel == ["a.npy", "b.tif", "lone.emi", "run_1.ser", "sub/c.TIFF"]
+    flat = [p.name for p in find_micrographs(tmp_path, recursive=False)]
+    assert flat == ["a.npy", "b.tif", "lone.emi", "run_1.ser"]
+    with pytest.raises(ReadError):
+        find_micrographs(tmp_path / "nope")
+    assert all(e.startswith(".") and e == e.lower() for e in SUPPORTED_EXTENSIONS)
+
+
+def test_micrograph_properties():
+    mg = Micrograph(np.zeros((32, 40), np.float32), pixel_size=2.0, unit="A")
+    assert mg.shape2d == (32, 40) and mg.n_frames == 1 and not mg.is_stack
+    assert mg.pixel_size_nm == pytest.approx(0.2)
+    assert mg.frame(-1).shape == (32, 40)
+    with pytest.raises(IndexError):
+        mg.frame(1)
+    with pytest.raises(Exception):
+        mg.pixel_size = 3.0  # frozen
+    assert "uncalibrated" in repr(Micrograph(np.zeros((16, 16), np.float32)))
+
+
+def test_unit_to_nm():
+    assert unit_to_nm("nm") == 1.0 and unit_to_nm("Å") == 0.1 and unit_to_nm("µm") == 1000.0
+    assert unit_to_nm("pm") == 0.001 and unit_to_nm("1/nm") is None and unit_to_nm(None) is None

@@ -1,0 +1,257 @@
+"""The ``gather_patches`` kernel (all backends) and the public stemfast.patches wrappers."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from stemfast.backend import available_backends, get_kernels
+from stemfast.patches import Patches, PatchNorm, default_patch_size, extract_patches, site_intensity
+
+BACKENDS = available_backends()
+
+
+def gather(backend, image, xy, size, fill):
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    out = np.full((len(xy), size, size), 12345.0, dtype=np.float32)
+    edge = get_kernels(backend).gather_patches(np.ascontiguousarray(image, dtype=np.float32), xy, size,
+                                               float(fill), out)
+    return out, np.asarray(edge)
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [3, 8, 11])
+def test_gather_backends_agree(backend, size):
+    rng = np.random.default_rng(size)
+    h, w = 37, 52
+    img = rng.normal(5.0, 2.0, (h, w)).astype(np.float32)
+    xy = np.concatenate([
+        rng.uniform(-8, w + 8, (400, 2)) * [1, h / w],          # anywhere, many across the border
+        rng.integers(0, min(h, w), (40, 2)).astype(float),       # integer positions
+        [[0.0, 0.0], [w - 1.0, h - 1.0], [w - 1.0, 0.0], [(size - 1) / 2, (size - 1) / 2],
+         [w - 1.0 - (size - 1) / 2, h - 1.0 - (size - 1) / 2]],  # exactly at the border
+    ])
+    ref_out, ref_edge = gather("numpy", img, xy, size, -3.5)
+    out, edge = gather(backend, img, xy, size, -3.5)
+    assert edge.dtype == np.uint8 and edge.shape == (len(xy),)
+    np.testing.assert_array_equal(edge, ref_edge)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5)
+    assert 0 < edge.sum() < len(xy)
+    assert not (out == 12345.0).any()  # every output pixel written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_linear_ramp_is_exact(backend):
+    h, w = 40, 60
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = lambda x, y: 3.0 + 0.25 * x - 0.5 * y  # noqa: E731
+    img = ramp(xx, yy).astype(np.float32)
+    rng = np.random.default_rng(1)
+    size = 7
+    xy = np.stack([rng.uniform(3, w - 4, 200), rng.uniform(3, h - 4, 200)], 1)
+    out, edge = gather(backend, img, xy, size, np.nan)
+    off = np.arange(size) - (size - 1) / 2
+    expected = ramp(xy[:, 0, None, None] + off[None, None, :], xy[:, 1, None, None] + off[None, :, None])
+    assert not edge.any()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_border_samples_and_fill(backend):
+    h, w = 10, 12
+    img = np.arange(h * w, dtype=np.float32).reshape(h, w)
+    # samples at columns w-3..w-1 (the last one exactly on the last pixel): inside, no fill
+    out, edge = gather(backend, img, [[w - 2.0, 5.0]], 3, -7.0)
+    assert edge.tolist() == [0]
+    np.testing.assert_array_equal(out[0], img[4:7, w - 3:w])
+    # bottom-right corner exactly: the last pixel itself, the other samples are outside
+    out, edge = gather(backend, img, [[w - 1.0, h - 1.0]], 3, -7.0)
+    assert edge.tolist() == [1]
+    assert out[0, 1, 1] == img[h - 1, w - 1]
+    assert (out[0, 2, :] == -7.0).all() and (out[0, :, 2] == -7.0).all()
+    np.testing.assert_array_equal(out[0, :2, :2], img[h - 2:, w - 2:])
+    # just inside the first pixel / just past the last one
+    out, edge = gather(backend, img, [[1.0 - 1e-9, 3.0], [w - 2.0 + 1e-9, 3.0]], 3, -7.0)
+    assert edge.tolist() == [1, 1]
+    assert (out[0, :, 0] == -7.0).all() and (out[1, :, 2] == -7.0).all()
+    # a patch entirely outside is all fill
+    out, edge = gather(backend, img, [[-50.0, 4.0]], 5, 2.5)
+    assert edge.tolist() == [1] and (out == 2.5).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_subpixel_centring(backend):
+    """A Gaussian blob at (10.3, 7.6) gathered at that position is centred on the central patch pixel."""
+    h, w = 20, 24
+    yy, xx = np.mgrid[0:h, 0:w]
+    x0, y0, s = 10.3, 7.6, 1.6
+    img = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * s * s)).astype(np.float32)
+    size = 9
+    out, edge = gather(backend, img, [[x0, y0], [x0 + 0.5, y0]], size, 0.0)
+    assert not edge.any()
+    p = out[0].astype(np.float64)
+    assert np.unravel_index(np.argmax(p), p.shape) == (4, 4)
+    r, c = np.mgrid[0:size, 0:size]
+    cy, cx = (p * r).sum() / p.sum(), (p * c).sum() / p.sum()
+    assert abs(cx - 4.0) < 0.03 and abs(cy - 4.0) < 0.03
+    # the patch is symmetric about its centre (up to the bilinear smoothing)
+    np.testing.assert_allclose(p, p[::-1, ::-1], atol=0.03)
+    # half a pixel off: the centroid moves by about half a pixel the other way
+    q = out[1].astype(np.float64)
+    assert abs((q * c).sum() / q.sum() - 3.5) < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_rejects_bad_out(backend):
+    img = np.zeros((8, 8), np.float32)
+    xy = np.zeros((2, 2))
+    kern = get_kernels(backend)
+    for bad in (np.zeros((2, 5, 5), np.float64), np.zeros((2, 4, 5), np.float32),
+                np.zeros((2, 5, 10), np.float32)[:, :, ::2]):
+        with pytest.raises((ValueError, TypeError)):
+            kern.gather_patches(img, xy, 5, 0.0, bad)
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+def _lattice_image(h=64, w=80, spacing=9.0, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w), 10.0)
+    b = spacing * np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    m, n = np.meshgrid(np.arange(-12, 14), np.arange(-12, 14))
+    pts = np.stack([m.ravel(), n.ravel()], 1) @ b
+    pts = pts[(pts[:, 0] > -5) & (pts[:, 0] < w + 5) & (pts[:, 1] > -5) & (pts[:, 1] < h + 5)]
+    for x, y in pts:
+        img += 50.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5 ** 2))
+    return img + rng.normal(0, 1.0, img.shape), pts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extract_patches_normalised_and_filled_with_background(backend):
+    img, pts = _lattice_image()
+    xy = pts[(pts[:, 0] > 0) & (pts[:, 1] > 0) & (pts[:, 0] < 79) & (pts[:, 1] < 63)]
+    size = default_patch_size(9.0)
+    p = extract_patches(img, xy, size=size, backend=backend)
+    assert isinstance(p, Patches) and len(p) == len(xy) and p.size == size
+    assert p.data.dtype == np.float32 and p.data.shape == (len(xy), size, size)
+    assert p.edge.dtype == np.bool_ and p.edge.any() and not p.edge.all()
+    norm = PatchNorm.from_image(img)
+    assert p.norm == norm
+    assert norm.center == pytest.approx(np.median(img))
+    assert norm.scale == pytest.approx(np.percentile(img, 99.5) - np.median(img))
+    raw = extract_patches(img, xy, size=size, normalize=False, backend=backend)
+    assert raw.norm == PatchNorm(0.0, 1.0)
+    np.testing.assert_allclose(p.data, (raw.data - norm.center) / norm.scale, atol=1e-5)
+    # samples outside the image hold the median: 0 after normalisation
+    x0, y0 = xy[np.argmin(xy[:, 0])]
+    i = int(np.argmin(xy[:, 0]))
+    assert p.edge[i] and (p.data[i, :, 0] == 0.0).all() and x0 - (size - 1) / 2 < 0
+    # columns are bright and centred: the centre pixel is well above the background
+    assert np.median(p.data[:, size // 2, size // 2]) > 0.5
+    # backends agree
+    ref = extract_patches(img, xy, size=size, backend="numpy")
+    np.testing.assert_allclose(p.data, ref.data, atol=1e-5)
+    np.testing.assert_array_equal(p.edge, ref.edge)
+
+
+def test_extract_patches_norm_is_reused_and_robust():
+    img, pts = _lattice_image(seed=1)
+    xy = np.array([[20.0, 20.0], [30.5, 25.2], [40.0, 30.7]])
+    hot = img.copy()
+    hot[3, 4] = 1e7  # one hot pixel does not squash the rest
+    n0, n1 = PatchNorm.from_image(img), PatchNorm.from_image(hot)
+    assert n1.scale == pytest.approx(n0.scale, rel=0.02) and n1.center == pytest.approx(n0.center, rel=0.02)
+    # a second, brighter image normalised with the first image's norm
+    p1 = extract_patches(img, xy, size=9)
+    p2 = extract_patches(2 * img, xy, size=9, norm=p1.norm)
+    assert p2.norm == p1.norm
+    np.testing.assert_allclose(p2.data, (2 * img_patches(img, xy, 9) - p1.norm.center) / p1.norm.scale, atol=1e-4)
+    # explicit raw fill, constant image falls back to a positive scale
+    p = extract_patches(img, [[-30.0, -30.0]], size=5, fill=p1.norm.center + p1.norm.scale)
+    assert p.edge.all() and np.allclose(p.data, 1.0)
+    assert PatchNorm.from_image(np.ones((5, 5))).scale == 1.0
+
+
+def img_patches(img, xy, size):
+    return extract_patches(img, xy, size=size, normalize=False).data
+
+
+def test_extract_patches_out_and_empty():
+    img = np.random.default_rng(0).random((16, 16))
+    out = np.empty((2, 5, 5), np.float32)
+    p = extract_patches(img, [[5.0, 5.0], [8.5, 9.25]], size=5, out=out)
+    assert p.data is out
+    e = extract_patches(img, np.zeros((0, 2)), size=5)
+    assert e.data.shape == (0, 5, 5) and e.edge.shape == (0,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.norm = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image=np.zeros((4, 4, 3))), "2-D"),
+        (dict(image=np.full((8, 8), np.nan)), "NaN"),
+        (dict(image=np.zeros((8, 8), complex)), "real"),
+        (dict(xy=np.zeros((3, 3))), r"\[N, 2\]"),
+        (dict(xy=[[1.0, np.inf]]), "NaN or infinite"),
+        (dict(size=2), "size"),
+        (dict(size=5.0), "size"),
+        (dict(fill=np.nan), "fill"),
+        (dict(out=np.zeros((1, 5, 5))), "out"),
+        (dict(normalize=False, norm=PatchNorm(0.0, 1.0)), "normalize"),
+    ],
+)
+def test_extract_patches_validation(kwargs, match):
+    args = dict(image=np.ones((8, 8)), xy=[[3.0, 3.0]], size=5)
+    args.update(kwargs)
+    image, xy = args.pop("image"), args.pop("xy")
+    with pytest.raises(ValueError, match=match):
+        extract_patches(image, xy, **args)
+
+
+def test_patch_norm_validation():
+    with pytest.raises(ValueError):
+        PatchNorm(0.0, 0.0)
+    with pytest.raises(ValueError):
+        PatchNorm(np.nan, 1.0)
+
+
+def test_default_patch_size():
+    for s in (2.0, 5.5, 9.0, 10.0, 12.3, 31.7):
+        size = default_patch_size(s)
+        assert isinstance(size, int) and size % 2 == 1 and size >= 2.5 * s
+        assert size <= 2.5 * s + 3
+        # the first neighbour shell (at distance s from the centre pixel) is inside the patch
+        assert (size - 1) / 2 >= 1.25 * s
+    assert default_patch_size(0.5) == 3
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError):
+            default_patch_size(bad)
+
+
+# ----------------------------------------------------------------------------------------- intensity
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_site_intensity(backend):
+    rng = np.random.default_rng(3)
+    img = rng.random((30, 40))
+    # at integer positions the bilinear samples are pixels: a plain disc mean
+    xy = np.array([[10.0, 12.0], [25.0, 7.0]])
+    radius = 2.5
+    yy, xx = np.mgrid[0:30, 0:40]
+    expected = [img[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2].mean() for x, y in xy]
+    got = site_intensity(img, xy, radius=radius, backend=backend)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # partly outside: the mean of the inside samples; fully outside: NaN
+    corner = site_intensity(img, [[0.0, 0.0], [-10.0, -10.0]], radius=1.5, backend=backend)
+    inside = img[:2, :2].ravel()[[0, 1, 2, 3]]
+    assert corner[0] == pytest.approx(inside.mean(), rel=1e-6) and np.isnan(corner[1])
+    # sub-pixel positions: agrees with the reference backend, constant image gives the constant
+    sub = rng.uniform(3, 27, (50, 2))
+    np.testing.assert_allclose(site_intensity(img, sub, radius=3.2, backend=backend),
+                               site_intensity(img, sub, radius=3.2, backend="numpy"), rtol=1e-6)
+    np.testing.assert_allclose(site_intensity(np.full((30, 40), 4.0), sub, radius=3.2, backend=backend), 4.0)
+    with pytest.raises(ValueError):
+        site_intensity(img, xy, radius=0.0)

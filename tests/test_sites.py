@@ -1,0 +1,146 @@
+"""find_sites end to end on the package's own synthetic MoS2 images (not on ../shared)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from stemfast.sites import NoLatticeWarning, find_sites
+from stemfast.synth import make_mos2
+
+
+def score(table, truth, nn):
+    """Recall of atom sites, recall of empty columns, precision, rmse (the dev scorer's rules)."""
+    xy = table.xy
+    txy = truth[:, :2]
+    sub = truth[:, 2].astype(int)
+    dfc = truth[:, 3].astype(int)
+    tol = 0.3 * nn
+    d, j = cKDTree(xy).query(txy, distance_upper_bound=tol)
+    t2o = np.full(len(txy), -1)
+    used = np.zeros(len(xy), bool)
+    for t in np.argsort(d):
+        if not np.isfinite(d[t]):
+            break
+        if not used[j[t]]:
+            t2o[t] = j[t]
+            used[j[t]] = True
+    atoms = sub < 2
+    empty = np.isin(dfc, (2, 3))
+    clean = atoms & (dfc == 0) & (t2o >= 0)
+    return {
+        "recall_atoms": float((t2o[atoms] >= 0).mean()),
+        "recall_vacancy": float((t2o[empty] >= 0).mean()) if empty.any() else float("nan"),
+        "precision": float(used.mean()),
+        "rmse_px": float(np.sqrt(((xy[t2o[clean]] - txy[clean]) ** 2).sum(1).mean())),
+        "t2o": t2o,
+        "used": used,
+    }
+
+
+@pytest.fixture(scope="module")
+def clean_image():
+    return make_mos2(shape=(384, 384), rotation_deg=11.0, strain=(0.01, -0.005, 0.004),
+                     rates=(0.03, 0.02, 0.02, 0.01), dose=500.0, seed=7)
+
+
+def test_find_sites_on_clean_mos2(clean_image):
+    s = clean_image
+    t = find_sites(s.image)
+    nn = s.meta["nn_px"]
+    # spacing is found automatically
+    assert t.meta["spacing_px"] == pytest.approx(nn, rel=0.01)
+    r = score(t, s.truth, nn)
+    assert r["recall_atoms"] >= 0.99
+    assert r["recall_vacancy"] >= 0.95
+    assert r["precision"] >= 0.99
+    assert r["rmse_px"] <= 0.25
+    # required columns and conventions
+    for c in ("x", "y", "source", "intensity", "a1x", "a1y", "a2x", "a2y", "sublattice", "lattice_rms"):
+        assert c in t
+    assert set(np.unique(t["source"])) <= {"peak", "lattice"}
+    # hexagon centres come from the lattice, not from peaks
+    hollow = s.truth[:, 2] == 2
+    m = r["t2o"][hollow]
+    assert (t["source"][m[m >= 0]] == "lattice").mean() > 0.95
+    # the sublattice labels agree with the truth (Mo / S2 / hollow), defect-free matched sites
+    ok = (r["t2o"] >= 0) & (s.truth[:, 3] == 0)
+    assert (t["sublattice"][r["t2o"][ok]] == s.truth[ok, 2]).mean() > 0.98
+
+
+def test_calibrated_columns(clean_image):
+    t = find_sites(clean_image.image, pixel_size=0.012, unit="nm")
+    np.testing.assert_allclose(t["x_nm"], t["x"] * 0.012)
+    assert t.meta["spacing_nm"] == pytest.approx(t.meta["spacing_px"] * 0.012)
+
+
+def test_dirty_image_hole_and_contamination():
+    s = make_mos2(shape=(512, 512), seed=1, holes=1, contamination=1, hot_pixels=20, scan_glitches=2,
+                  scan_distortion=(0.03, 0.01))
+    t = find_sites(s.image)
+    nn = s.meta["nn_px"]
+    r = score(t, s.truth, nn)
+    # no sites invented in the hole (a spacing inside its edge)
+    from scipy import ndimage
+
+    inner_hole = ndimage.binary_erosion(s.hole_mask, iterations=int(nn))
+    ij = np.clip(np.rint(t.xy[:, ::-1]).astype(int), 0, 511)
+    assert inner_hole[ij[:, 0], ij[:, 1]].sum() == 0
+    # the lattice carries on under the contamination: its sites are found or predicted
+    under = s.contamination_mask[np.clip(np.rint(s.truth[:, 1]).astype(int), 0, 511),
+                                 np.clip(np.rint(s.truth[:, 0]).astype(int), 0, 511)]
+    assert under.sum() > 10
+    assert (r["t2o"][under] >= 0).mean() > 0.9
+    assert r["recall_atoms"] >= 0.97
+    assert r["precision"] >= 0.97
+
+
+def test_pure_noise_gives_empty_result_with_warning():
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 10, (256, 256)).astype(np.float32)
+    with pytest.warns(NoLatticeWarning):
+        t = find_sites(img)
+    assert len(t) == 0
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.full((64, 64), np.nan, np.float32), "non-finite"),
+    (np.arange(100.0), "2-D"),
+    (np.zeros((0, 0)), "too small"),
+])
+def test_bad_input_clear_error(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        find_sites(bad)
+
+
+def test_constant_image_warns():
+    with pytest.warns(NoLatticeWarning):
+        t = find_sites(np.ones((64, 64), np.float32))
+    assert len(t) == 0
+
+
+def test_cli_sites_and_corrupt_file(tmp_path, clean_image):
+    from stemfast.io import write_tiff
+
+    good = tmp_path / "good.tif"
+    write_tiff(good, clean_image.image, pixel_size=0.012, unit="nm")
+    out = tmp_path / "good.csv"
+    r = subprocess.run([sys.executable, "-m", "stemfast", "sites", str(good), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+
+    df = pd.read_csv(out)
+    assert {"x", "y", "source", "intensity", "x_nm", "y_nm"} <= set(df.columns)
+    assert len(df) > 500
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(good.read_bytes()[: 3000])
+    r = subprocess.run([sys.executable, "-m", "stemfast", "sites", str(bad)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert "bad.tif" in r.stderr and "Traceback" not in r.stderr
