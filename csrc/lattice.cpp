@@ -3,13 +3,21 @@
 // python/stemfast/_kernels/numpy_ref/geometry.py). The arithmetic (operation order, floor(v + 0.5)
 // rounding, closed-form 2x2 inverse, r^2 <= t^2 outlier test) matches the reference exactly so that
 // the integer index assignment is identical; everything per site lives on the stack.
+//
+// Speed: one pass over a site's points is the hot loop. On x86-64 it runs on SSE2 register pairs
+// (x and y lanes, and (m, n) lanes, with the same per-lane operations as the scalar code, so the results
+// are bit-identical to the scalar path, which is kept for other CPUs and as the readable version).
+// A site stops as soon as a pass reproduces the previous pass's assignment (see fit_site).
 #include "common.hpp"
 
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <stdexcept>
-#include <tuple>
+
+#if !defined(STEMFAST_NO_SIMD) && (defined(__SSE2__) || defined(_M_X64))
+#define STEMFAST_LATTICE_SSE2 1
+#include <emmintrin.h>
+#endif
 
 namespace stemfast {
 namespace {
@@ -63,29 +71,173 @@ inline void for_points(const double* __restrict xy, const std::int64_t* __restri
     }
 }
 
+// Sums of one pass over the used points: the normal equations of d ~ o + m a1 + n a2, and the sum of
+// squared residuals under the pass's starting model.
+struct Sums {
+    double s0, sm, sn, smm, smn, snn, rx0, ry0, rxm, rym, rxn, ryn, ss;
+};
+
+// Up to this many points per site (the site and K neighbours) a pass stores its assignment on the
+// stack; the next pass compares with it (see fit_site).
+constexpr std::int64_t kMaxTracked = 64;
+
+struct Track {
+    bool on;                      // k + 1 <= kMaxTracked
+    bool compare;                 // compare with the stored assignment (set by the caller)
+    bool same;                    // out: this pass's assignment equals the stored one
+    double mn[2 * kMaxTracked];   // (m, n) of the points, in point order
+    bool used[kMaxTracked];
+};
+
+// One pass, scalar version.
+inline Sums pass_scalar(const double* __restrict xy, const std::int64_t* __restrict row, std::int64_t k,
+                        std::int64_t i, const Model& c, const Assign& a, Track& tr) {
+    const double xi = xy[2 * i], yi = xy[2 * i + 1];
+    Sums s{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    bool same = tr.compare;
+    std::int64_t q = 0;
+    for_points(xy, row, k, i, xi, yi, [&](double dx, double dy) {
+        const double ex = dx - c.ox, ey = dy - c.oy;
+        const double m = std::floor(ex * a.i00 + ey * a.i10 + 0.5);
+        const double n = std::floor(ex * a.i01 + ey * a.i11 + 0.5);
+        const double rx = ex - (m * c.b00 + n * c.b10);
+        const double ry = ey - (m * c.b01 + n * c.b11);
+        const double r2 = rx * rx + ry * ry;
+        const bool use = r2 <= a.t2;
+        if (tr.on) {
+            same = same && use == tr.used[q] && (!use || (m == tr.mn[2 * q] && n == tr.mn[2 * q + 1]));
+            tr.mn[2 * q] = m;
+            tr.mn[2 * q + 1] = n;
+            tr.used[q] = use;
+            ++q;
+        }
+        if (!use) return;
+        s.s0 += 1.0;
+        s.sm += m;
+        s.sn += n;
+        s.smm += m * m;
+        s.smn += m * n;
+        s.snn += n * n;
+        s.rx0 += dx;
+        s.ry0 += dy;
+        s.rxm += m * dx;
+        s.rym += m * dy;
+        s.rxn += n * dx;
+        s.ryn += n * dy;
+        s.ss += r2;
+    });
+    tr.same = same;
+    return s;
+}
+
+#ifdef STEMFAST_LATTICE_SSE2
+// One pass on SSE2 pairs: lanes (x, y) for points and residuals, (m, n) for the indices. Each lane
+// performs exactly the scalar operations of pass_scalar, in the same order.
+inline Sums pass_sse2(const double* __restrict xy, const std::int64_t* __restrict row, std::int64_t k,
+                      std::int64_t i, const Model& c, const Assign& a, Track& tr) {
+    const __m128d pi = _mm_loadu_pd(xy + 2 * i);
+    const __m128d O = _mm_set_pd(c.oy, c.ox);
+    const __m128d I0 = _mm_set_pd(a.i01, a.i00), I1 = _mm_set_pd(a.i11, a.i10);
+    const __m128d A1 = _mm_set_pd(c.b01, c.b00), A2 = _mm_set_pd(c.b11, c.b10);
+    const __m128d half = _mm_set1_pd(0.5), one = _mm_set1_pd(1.0);
+    const __m128d int_lim = _mm_set1_pd(2147483647.0);
+    const __m128d abs_mask = _mm_castsi128_pd(_mm_set1_epi64x(0x7fffffffffffffffLL));
+    const double t2 = a.t2;
+    __m128d S1 = _mm_setzero_pd(), S2 = _mm_setzero_pd(), R0 = _mm_setzero_pd(), Rm = _mm_setzero_pd(),
+            Rn = _mm_setzero_pd();
+    double s0 = 0.0, smn = 0.0, ss = 0.0;
+    bool same = tr.compare;
+    std::int64_t q = 0;
+    auto point = [&](__m128d d) {
+        const __m128d e = _mm_sub_pd(d, O);
+        const __m128d ex = _mm_unpacklo_pd(e, e), ey = _mm_unpackhi_pd(e, e);
+        const __m128d v = _mm_add_pd(_mm_add_pd(_mm_mul_pd(ex, I0), _mm_mul_pd(ey, I1)), half);
+        __m128d mn;
+        if (_mm_movemask_pd(_mm_cmplt_pd(_mm_and_pd(v, abs_mask), int_lim)) == 3) {
+            // floor via truncation to int32 (exact below 2^31), minus 1 where that rounded up
+            const __m128d t = _mm_cvtepi32_pd(_mm_cvttpd_epi32(v));
+            mn = _mm_sub_pd(t, _mm_and_pd(_mm_cmpgt_pd(t, v), one));
+        } else {  // huge (or non-finite) index: std::floor per lane
+            alignas(16) double vv[2];
+            _mm_store_pd(vv, v);
+            mn = _mm_set_pd(std::floor(vv[1]), std::floor(vv[0]));
+        }
+        const __m128d mm = _mm_unpacklo_pd(mn, mn), nn = _mm_unpackhi_pd(mn, mn);
+        const __m128d r = _mm_sub_pd(e, _mm_add_pd(_mm_mul_pd(mm, A1), _mm_mul_pd(nn, A2)));
+        const __m128d rr = _mm_mul_pd(r, r);
+        const double r2 = _mm_cvtsd_f64(_mm_add_sd(rr, _mm_unpackhi_pd(rr, rr)));
+        const bool use = r2 <= t2;
+        if (tr.on) {
+            const __m128d prev = _mm_loadu_pd(tr.mn + 2 * q);
+            same = same && use == tr.used[q] && (!use || _mm_movemask_pd(_mm_cmpeq_pd(mn, prev)) == 3);
+            _mm_storeu_pd(tr.mn + 2 * q, mn);
+            tr.used[q] = use;
+            ++q;
+        }
+        if (!use) return;
+        s0 += 1.0;
+        S1 = _mm_add_pd(S1, mn);                   // (sm, sn)
+        S2 = _mm_add_pd(S2, _mm_mul_pd(mn, mn));   // (smm, snn)
+        smn += _mm_cvtsd_f64(_mm_mul_sd(mn, nn));  // m * n
+        R0 = _mm_add_pd(R0, d);                    // (rx0, ry0)
+        Rm = _mm_add_pd(Rm, _mm_mul_pd(mm, d));    // (rxm, rym)
+        Rn = _mm_add_pd(Rn, _mm_mul_pd(nn, d));    // (rxn, ryn)
+        ss += r2;
+    };
+    point(_mm_setzero_pd());
+    for (std::int64_t p = 0; p < k; ++p) {
+        const std::int64_t j = row[p];
+        if (j < 0 || j == i) continue;
+        point(_mm_sub_pd(_mm_loadu_pd(xy + 2 * j), pi));
+    }
+    tr.same = same;
+    alignas(16) double v1[2], v2[2], r0[2], rm[2], rn[2];
+    _mm_store_pd(v1, S1);
+    _mm_store_pd(v2, S2);
+    _mm_store_pd(r0, R0);
+    _mm_store_pd(rm, Rm);
+    _mm_store_pd(rn, Rn);
+    return Sums{s0, v1[0], v1[1], v2[0], smn, v2[1], r0[0], r0[1], rm[0], rm[1], rn[0], rn[1], ss};
+}
+#endif
+
+// Least-squares model from the sums (adjugate of the symmetric 3x3 normal matrix, whose entries are
+// exact integers); false when singular (|det| <= 1e-9 trace^3).
+inline bool solve(const Sums& s, Model& out) {
+    const double c00 = s.smm * s.snn - s.smn * s.smn;
+    const double c01 = s.sn * s.smn - s.sm * s.snn;
+    const double c02 = s.sm * s.smn - s.sn * s.smm;
+    const double c11 = s.s0 * s.snn - s.sn * s.sn;
+    const double c12 = s.sm * s.sn - s.s0 * s.smn;
+    const double c22 = s.s0 * s.smm - s.sm * s.sm;
+    const double det = s.s0 * c00 + s.sm * c01 + s.sn * c02;
+    const double tr = s.s0 + s.smm + s.snn;
+    if (!(std::fabs(det) > kSingularRtol * tr * tr * tr)) return false;
+    out.ox = (c00 * s.rx0 + c01 * s.rxm + c02 * s.rxn) / det;
+    out.oy = (c00 * s.ry0 + c01 * s.rym + c02 * s.ryn) / det;
+    out.b00 = (c01 * s.rx0 + c11 * s.rxm + c12 * s.rxn) / det;
+    out.b01 = (c01 * s.ry0 + c11 * s.rym + c12 * s.ryn) / det;
+    out.b10 = (c02 * s.rx0 + c12 * s.rxm + c22 * s.rxn) / det;
+    out.b11 = (c02 * s.ry0 + c12 * s.rym + c22 * s.ryn) / det;
+    return true;
+}
+
 struct SiteResult {
     Model model;
     double rms;
     std::int64_t n_used;
 };
 
-// Up to this many points per site (the site and K neighbours) the assignment of the last pass is kept
-// on the stack, which lets a site stop as soon as a pass reproduces the previous assignment.
-constexpr std::int64_t kMaxTracked = 64;
-
-// One site. Passes as in the contract; two shortcuts give bit-identical results:
-//  * when a pass assigns exactly the same (m, n) to exactly the same used points as the previous
-//    successful pass, its normal equations (and so its fit) are identical: every later pass repeats
-//    it, so the site is done, and the residuals this pass just computed under the current model are
-//    the final rms residuals;
-//  * otherwise the rms needs one more loop over the points of the final pass (with the model fitted by
-//    it), using the stored assignment.
+// One site: passes as in the contract, with a shortcut that gives bit-identical results. When a pass
+// assigns exactly the same (m, n) to exactly the same used points as the previous successful pass,
+// its normal equations, and so its fit, are identical: every later pass would repeat it. The site is
+// then done, and the residuals this pass computed under the current model are the final rms residuals.
+// Otherwise the rms takes one more loop over the final successful pass's points.
+template <bool kSimd>
 inline SiteResult fit_site(const double* __restrict xy, const std::int64_t* __restrict row, std::int64_t k,
                            std::int64_t i, const double* __restrict b0, int n_iter, double outlier_tol) {
-    const double xi = xy[2 * i], yi = xy[2 * i + 1];
-    const bool track = k + 1 <= kMaxTracked;
-    double pm[kMaxTracked], pn[kMaxTracked];  // assignment of the last pass (valid points in row order)
-    bool pu[kMaxTracked];
+    Track tr;
+    tr.on = k + 1 <= kMaxTracked;
     Model cur{0.0, 0.0, b0[0], b0[1], b0[2], b0[3]};
     Model prev = cur;
     Assign prev_a{};
@@ -94,68 +246,26 @@ inline SiteResult fit_site(const double* __restrict xy, const std::int64_t* __re
     for (int it = 0; it < n_iter; ++it) {
         Assign a;
         if (!make_assign(cur, outlier_tol, a)) break;
-        double s0 = 0, sm = 0, sn = 0, smm = 0, smn = 0, snn = 0;
-        double rx0 = 0, ry0 = 0, rxm = 0, rym = 0, rxn = 0, ryn = 0, ss = 0;
-        bool same = ok && track;  // compare with the previous successful pass's assignment
-        std::int64_t q = 0;
-        for_points(xy, row, k, i, xi, yi, [&](double dx, double dy) {
-            const double ex = dx - cur.ox, ey = dy - cur.oy;
-            const double m = std::floor(ex * a.i00 + ey * a.i10 + 0.5);
-            const double n = std::floor(ex * a.i01 + ey * a.i11 + 0.5);
-            const double rx = ex - (m * cur.b00 + n * cur.b10);
-            const double ry = ey - (m * cur.b01 + n * cur.b11);
-            const double r2 = rx * rx + ry * ry;
-            const bool use = r2 <= a.t2;
-            if (track) {
-                same = same && (use == pu[q]) && (!use || (m == pm[q] && n == pn[q]));
-                pm[q] = m;
-                pn[q] = n;
-                pu[q] = use;
-                ++q;
-            }
-            if (!use) return;
-            s0 += 1.0;
-            sm += m;
-            sn += n;
-            smm += m * m;
-            smn += m * n;
-            snn += n * n;
-            rx0 += dx;
-            ry0 += dy;
-            rxm += m * dx;
-            rym += m * dy;
-            rxn += n * dx;
-            ryn += n * dy;
-            ss += r2;
-        });
-        if (same) {  // converged: this pass would refit the current model exactly
-            return {cur, std::sqrt(ss / s0), static_cast<std::int64_t>(s0)};
-        }
-        if (s0 < kMinPoints) break;
-        // A = [[s0, sm, sn], [sm, smm, smn], [sn, smn, snn]] (exact integers): adjugate and determinant
-        const double c00 = smm * snn - smn * smn;
-        const double c01 = sn * smn - sm * snn;
-        const double c02 = sm * smn - sn * smm;
-        const double c11 = s0 * snn - sn * sn;
-        const double c12 = sm * sn - s0 * smn;
-        const double c22 = s0 * smm - sm * sm;
-        const double det = s0 * c00 + sm * c01 + sn * c02;
-        const double tr = s0 + smm + snn;
-        if (!(std::fabs(det) > kSingularRtol * tr * tr * tr)) break;
+        tr.compare = ok && tr.on;  // the stored assignment is the previous (successful) pass's
+#ifdef STEMFAST_LATTICE_SSE2
+        const Sums s = kSimd ? pass_sse2(xy, row, k, i, cur, a, tr) : pass_scalar(xy, row, k, i, cur, a, tr);
+#else
+        const Sums s = pass_scalar(xy, row, k, i, cur, a, tr);
+#endif
+        if (tr.compare && tr.same) return {cur, std::sqrt(s.ss / s.s0), static_cast<std::int64_t>(s.s0)};
+        if (s.s0 < kMinPoints) break;
+        Model next;
+        if (!solve(s, next)) break;
         prev = cur;
         prev_a = a;
-        cur.ox = (c00 * rx0 + c01 * rxm + c02 * rxn) / det;
-        cur.oy = (c00 * ry0 + c01 * rym + c02 * ryn) / det;
-        cur.b00 = (c01 * rx0 + c11 * rxm + c12 * rxn) / det;
-        cur.b01 = (c01 * ry0 + c11 * rym + c12 * ryn) / det;
-        cur.b10 = (c02 * rx0 + c12 * rxm + c22 * rxn) / det;
-        cur.b11 = (c02 * ry0 + c12 * rym + c22 * ryn) / det;
+        cur = next;
         ok = true;
-        cnt_final = s0;
+        cnt_final = s.s0;
     }
     if (!ok) return {cur, std::numeric_limits<double>::quiet_NaN(), 0};
-    // rms of the final model over the final successful pass's points. If a later pass failed, the
-    // stored assignment is that failed pass's, so redo the final pass's assignment from its start model.
+    // rms of the final model over the final successful pass's points: redo that pass's assignment
+    // from the model it started with, measure the residuals with the model it fitted.
+    const double xi = xy[2 * i], yi = xy[2 * i + 1];
     double ss = 0.0;
     for_points(xy, row, k, i, xi, yi, [&](double dx, double dy) {
         double m, n;
@@ -170,7 +280,7 @@ inline SiteResult fit_site(const double* __restrict xy, const std::int64_t* __re
 using CArrD = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using CArrI = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-py::tuple fit_local_lattices(CArrD xy, CArrI neighbors, CArrD basis0, int n_iter, double outlier_tol) {
+py::tuple fit_local_lattices(CArrD xy, CArrI neighbors, CArrD basis0, int n_iter, double outlier_tol, bool scalar) {
     if (xy.ndim() != 2 || xy.shape(1) != 2) throw py::value_error("fit_local_lattices: xy must be [N, 2]");
     const std::int64_t n_sites = xy.shape(0);
     if (neighbors.ndim() != 2 || neighbors.shape(0) != n_sites)
@@ -205,7 +315,8 @@ py::tuple fit_local_lattices(CArrD xy, CArrI neighbors, CArrD basis0, int n_iter
                         bad_index.store(true, std::memory_order_relaxed);
                         continue;
                     }
-                    const SiteResult s = fit_site(pxy, row, k, i, pb0 + 4 * i, n_iter, outlier_tol);
+                    const SiteResult s = scalar ? fit_site<false>(pxy, row, k, i, pb0 + 4 * i, n_iter, outlier_tol)
+                                                : fit_site<true>(pxy, row, k, i, pb0 + 4 * i, n_iter, outlier_tol);
                     po[2 * i] = pxy[2 * i] + s.model.ox;
                     po[2 * i + 1] = pxy[2 * i + 1] + s.model.oy;
                     pb[4 * i] = s.model.b00;
@@ -226,9 +337,10 @@ py::tuple fit_local_lattices(CArrD xy, CArrI neighbors, CArrD basis0, int n_iter
 
 void register_lattice(py::module_& m) {
     m.def("fit_local_lattices", &fit_local_lattices, py::arg("xy"), py::arg("neighbors"), py::arg("basis0"),
-          py::arg("n_iter"), py::arg("outlier_tol"),
+          py::arg("n_iter"), py::arg("outlier_tol"), py::kw_only(), py::arg("scalar") = false,
           "Per-site local triangular lattice fit (see stemfast._kernels for the contract).\n"
-          "Returns (origin float64[N, 2], basis float64[N, 2, 2], rms float64[N], n_used int64[N]).");
+          "Returns (origin float64[N, 2], basis float64[N, 2, 2], rms float64[N], n_used int64[N]).\n"
+          "scalar=True runs the portable scalar loop instead of the SSE2 one (identical results; for tests).");
 }
 
 }  // namespace stemfast

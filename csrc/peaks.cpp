@@ -238,14 +238,15 @@ struct Tables {
 // The Gaussian factorises into a column and a row term, G = gx(u) gy(v), so the residual-free
 // sums of J^T J factorise per disc row into a row factor times a span sum of column terms (taken
 // from prefix sums over the 2r+1 columns). Only the residual terms are summed per pixel:
-// r, r^2, G r, G r ex, G r ex^2 (13 flops per pixel; 8 exponentials per evaluation, see gauss_samples).
+// r, r^2, G r, G r ex, G r ex^2 (13 flops per pixel; 5 exponentials per evaluation, see gauss_samples).
 // Mathematically identical to the per-pixel sums of the NumPy reference; the rounding differs
 // at the 1e-16 relative level.
-// g[t] = exp(-c e[t]^2) with e[t] = t - r - x0, t in [0, 2r]. From the sample nearest to x0 outwards
-// by g[t +- 1] = g[t] rho, where rho = exp(-c (1 +- 2 e[t])) itself steps by the constant factor
-// exp(-2c): 4 exponentials per axis instead of 2r + 1 (relative error ~ (2r)^2 ulp). Going outwards
-// the factors are <= 1, so nothing overflows; far tails may underflow to 0, as the exact values do.
-void gauss_samples(double x0, double c, std::int64_t r, double* e, double* g) {
+// g[t] = exp(-c e[t]^2) with e[t] = t - r - x0, t in [0, 2r]. From the sample t0 nearest to x0
+// outwards by g[t +- 1] = g[t] rho, where rho = exp(-c (1 +- 2 e[t])) itself steps by the constant
+// factor q = exp(-2c) (and rho_left(t0) = q / rho_right(t0)): 2 exponentials per axis instead of
+// 2r + 1 (relative error ~ (2r)^2 ulp). Going outwards the factors are <= 1, so nothing overflows;
+// far tails may underflow to 0, as the exact values do.
+void gauss_samples(double x0, double c, double q, std::int64_t r, double* e, double* g) {
     const std::int64_t T = 2 * r + 1;
     for (std::int64_t t = 0; t < T; ++t) e[t] = static_cast<double>(t - r) - x0;
     if (!std::isfinite(x0) || !std::isfinite(c) || !(c > 0)) {
@@ -253,14 +254,14 @@ void gauss_samples(double x0, double c, std::int64_t r, double* e, double* g) {
         return;
     }
     const std::int64_t t0 = std::clamp<std::int64_t>(static_cast<std::int64_t>(std::floor(x0 + 0.5)) + r, 0, T - 1);
-    const double q = std::exp(-2.0 * c);
     g[t0] = std::exp(-(e[t0] * e[t0]) * c);
-    double rho = std::exp(-c * (2.0 * e[t0] + 1.0));
+    const double rho_r = std::exp(-c * (2.0 * e[t0] + 1.0));
+    double rho = rho_r;
     for (std::int64_t t = t0; t + 1 < T; ++t) {
         g[t + 1] = g[t] * rho;
         rho *= q;
     }
-    rho = std::exp(-c * (1.0 - 2.0 * e[t0]));
+    rho = rho_r > 1e-250 && rho_r < 1e250 ? q / rho_r : std::exp(-c * (1.0 - 2.0 * e[t0]));
     for (std::int64_t t = t0; t > 0; --t) {
         g[t - 1] = g[t] * rho;
         rho *= q;
@@ -273,8 +274,9 @@ double evaluate(const Vec5& p, const Disc& d, Tables& tb, Mat5& jtj, Vec5& jtr) 
     const double is2 = 1.0 / (s * s);
     const double is3 = is2 / s;
     const std::int64_t T = 2 * d.r + 1;
-    gauss_samples(x0, inv2s2, d.r, tb.ex, tb.gx);
-    gauss_samples(y0, inv2s2, d.r, tb.ey, tb.gy);
+    const double step_factor = std::exp(-2.0 * inv2s2);
+    gauss_samples(x0, inv2s2, step_factor, d.r, tb.ex, tb.gx);
+    gauss_samples(y0, inv2s2, step_factor, d.r, tb.ey, tb.gy);
     double* P = tb.P;
     for (int f = 0; f < 8; ++f) P[f] = 0.0;
     for (std::int64_t t = 0; t < T; ++t) {
@@ -330,10 +332,10 @@ double evaluate(const Vec5& p, const Disc& d, Tables& tb, Mat5& jtj, Vec5& jtr) 
             const double res = v[i] - (b + a * G);
             r_c += res * res;
             r_r += res;
-            const double q = G * res;
-            r_gr += q;
-            r_grx += q * ex[i];
-            r_grxx += q * exx[i];
+            const double gr = G * res;
+            r_gr += gr;
+            r_grx += gr * ex[i];
+            r_grxx += gr * exx[i];
         }
         cost += r_c;
         s_r += r_r;
@@ -362,31 +364,32 @@ double evaluate(const Vec5& p, const Disc& d, Tables& tb, Mat5& jtj, Vec5& jtr) 
     return cost;
 }
 
-// Solve mat x = rhs by Cholesky (same operation order as the reference); false if not SPD.
-bool chol_solve(const Mat5& mat, const Vec5& rhs, Vec5& x) {
+// Solve mat x = rhs by L D L^T (unit lower L; same operation order as the reference); false if a
+// pivot is not > 0 (matrix not positive definite).
+bool ldl_solve(const Mat5& mat, const Vec5& rhs, Vec5& x) {
     Mat5 L{};
+    Vec5 dd{};
     for (int j = 0; j < 5; ++j) {
-        double d = mat[j][j];
-        for (int k = 0; k < j; ++k) d -= L[j][k] * L[j][k];
-        if (!(d > 0)) return false;
-        const double dj = std::sqrt(d);
-        L[j][j] = dj;
+        double dj = mat[j][j];
+        for (int k = 0; k < j; ++k) dj -= L[j][k] * L[j][k] * dd[k];
+        if (!(dj > 0)) return false;
+        dd[j] = dj;
+        const double inv = 1.0 / dj;
         for (int i = j + 1; i < 5; ++i) {
             double s = mat[i][j];
-            for (int k = 0; k < j; ++k) s -= L[i][k] * L[j][k];
-            L[i][j] = s / dj;
+            for (int k = 0; k < j; ++k) s -= L[i][k] * L[j][k] * dd[k];
+            L[i][j] = s * inv;
         }
     }
-    Vec5 z{};
     for (int i = 0; i < 5; ++i) {
         double s = rhs[i];
-        for (int k = 0; k < i; ++k) s -= L[i][k] * z[k];
-        z[i] = s / L[i][i];
+        for (int k = 0; k < i; ++k) s -= L[i][k] * x[k];
+        x[i] = s;
     }
     for (int i = 4; i >= 0; --i) {
-        double s = z[i];
+        double s = x[i] / dd[i];
         for (int k = i + 1; k < 5; ++k) s -= L[k][i] * x[k];
-        x[i] = s / L[i][i];
+        x[i] = s;
     }
     return true;
 }
@@ -465,7 +468,7 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                     for (std::int64_t it = 0; it < n_iter; ++it) {
                         mat = jtj;
                         for (int a = 0; a < 5; ++a) mat[a][a] += lam * jtj[a][a];
-                        if (!chol_solve(mat, jtr, delta)) {
+                        if (!ldl_solve(mat, jtr, delta)) {
                             lam *= 10.0;
                             continue;
                         }
@@ -490,7 +493,8 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                     }
                     const double x0 = p[0] + static_cast<double>(cx), y0 = p[1] + static_cast<double>(cy);
                     const double dist2 = (x0 - x) * (x0 - x) + (y0 - y) * (y0 - y);
-                    const bool ok = converged && p[2] > 0 && p[3] > 0 && p[3] < 2.0 * radius && dist2 <= radius * radius;
+                    const bool ok = converged && p[2] > 0 && p[3] > 0 && p[3] < 2.0 * radius &&
+                                    dist2 <= radius * radius;
                     if (ok) {
                         o[0] = x0, o[1] = y0, o[2] = p[2], o[3] = p[3], o[4] = p[4], o[5] = 1.0;
                     } else {

@@ -7,7 +7,8 @@ from scipy.spatial import cKDTree
 
 from stemfast.backend import available_backends, get_kernels
 
-BACKENDS = available_backends()
+# "cpp-scalar": the compiled kernel's portable scalar loop (the default one uses SSE2 on x86-64)
+BACKENDS = available_backends() + (["cpp-scalar"] if "cpp" in available_backends() else [])
 N_ITER = 3
 TOL = 0.25
 
@@ -32,8 +33,10 @@ def neighbour_table(xy: np.ndarray, k: int, radius: float) -> np.ndarray:
 
 def fit(backend, xy, nb, b0, n_iter=N_ITER, tol=TOL):
     b0 = np.ascontiguousarray(np.broadcast_to(b0, (len(xy), 2, 2)), dtype=np.float64)
-    return get_kernels(backend).fit_local_lattices(np.ascontiguousarray(xy, dtype=np.float64),
-                                                   np.ascontiguousarray(nb, dtype=np.int64), b0, n_iter, tol)
+    args = (np.ascontiguousarray(xy, dtype=np.float64), np.ascontiguousarray(nb, dtype=np.int64), b0, n_iter, tol)
+    if backend == "cpp-scalar":
+        return get_kernels("cpp").fit_local_lattices(*args, scalar=True)
+    return get_kernels(backend).fit_local_lattices(*args)
 
 
 def random_case(seed: int):
@@ -173,6 +176,43 @@ def test_site_used_once_whether_or_not_in_its_row(backend):
         np.testing.assert_array_equal(a[3], c[3])
         for u, v in zip(a[:3], c[:3]):
             np.testing.assert_allclose(u, v, rtol=0, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_padded_rows_agree(backend):
+    """Rows much wider than a neighbourhood (K = 80, mostly -1 padding) give the same fits."""
+    xy, nb, b0 = random_case(9)
+    wide = np.full((len(xy), 80), -1, dtype=np.int64)
+    wide[:, 3:3 + nb.shape[1]] = nb
+    ref = fit("numpy", xy, nb, b0)
+    for got in (fit(backend, xy, wide, b0), fit("numpy", xy, wide, b0)):
+        np.testing.assert_array_equal(got[3], ref[3])
+        for g, r in zip(got[:3], ref[:3]):
+            np.testing.assert_allclose(g, r, rtol=0, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_basis_huge_indices(backend):
+    """Start bases 1e9 times too small give lattice indices beyond int32: the fits fail the same way."""
+    xy, nb, b0 = random_case(4)
+    b0 = b0.copy()
+    b0[::3] *= 1e-9
+    ref = fit("numpy", xy, nb, b0)
+    got = fit(backend, xy, nb, b0)
+    np.testing.assert_array_equal(got[3], ref[3])
+    for g, r in zip(got[:3], ref[:3]):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-9, equal_nan=True)
+    assert np.isnan(ref[2][::3]).all() and np.isfinite(ref[2][1::3]).mean() > 0.5
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="compiled extension not built")
+@pytest.mark.parametrize("seed", [0, 5])
+def test_cpp_simd_and_scalar_loops_are_bit_identical(seed):
+    xy, nb, b0 = random_case(seed)
+    simd = fit("cpp", xy, nb, b0, n_iter=4)
+    scalar = fit("cpp-scalar", xy, nb, b0, n_iter=4)
+    for a, c in zip(simd, scalar):
+        np.testing.assert_array_equal(a, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -112,6 +112,23 @@ def _reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(i >= n, period - i, i)
 
 
+def _as_slice(idx: np.ndarray) -> slice | None:
+    """The slice equal to an index array of consecutive increasing integers, else None."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return None
+
+
+def _take(img: np.ndarray, ridx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+    """Copy of ``img[ridx][:, cidx]`` (plain slicing where the indices are a contiguous range)."""
+    rs, cs = _as_slice(ridx), _as_slice(cidx)
+    if rs is not None and cs is not None:
+        return img[rs, cs].copy()
+    if rs is not None:
+        return img[rs][:, cidx]
+    return img[np.ix_(ridx, cidx)]
+
+
 def _filter_block(block: np.ndarray, ns: float, bs: float, workers: int, kern) -> np.ndarray:
     """Band-pass a float32 block with periodic boundaries (the caller supplies the context)."""
     h, w = block.shape
@@ -162,7 +179,7 @@ def _tiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, tile: int, ma
             xe = min(xs + core, w)
             wf = scipy.fft.next_fast_len(xe - xs + 2 * margin, real=True)
             cidx = _reflect_index(np.arange(xs - margin, xs - margin + wf), w)
-            block = img[np.ix_(ridx, cidx)]  # rows < ys are stale in place: replaced from the halo
+            block = _take(img, ridx, cidx)  # rows < ys are stale in place: replaced from the halo
             if inplace and from_halo.any():
                 block[from_halo] = halo[np.ix_(ridx[from_halo] - halo_start, cidx)]
             res = _filter_block(block, ns, bs, workers, kern)

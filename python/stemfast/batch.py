@@ -645,11 +645,10 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
 
     spacing = _median(m.get("spacing_px") for m in frames_meta)
     pixel_size = input_info.get("pixel_size")
-    from .sites import _to_nm  # unit conversion shared with find_sites
-
     lattice = {"spacing_px": spacing, "rotation_deg": _median(m.get("angle_deg") for m in frames_meta)}
-    if pixel_size and spacing:
-        lattice["spacing_nm"] = spacing * float(pixel_size) * _to_nm(input_info.get("unit"))
+    to_nm = _io().unit_to_nm(input_info.get("unit")) if pixel_size else None
+    if pixel_size and spacing and to_nm:
+        lattice["spacing_nm"] = spacing * float(pixel_size) * to_nm
     status = "ok" if not errors else "partial"
     if status == "ok" and n_sites == 0:
         status = "no lattice"
@@ -1192,6 +1191,11 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         reason; ``exit_code`` is 0 when every input has full results, 3 otherwise.
     """
     t_start = time.perf_counter()
+    if scheduler:
+        from .distributed import parse_scheduler, require_dask
+
+        require_dask()  # fail before any work when the extra is missing
+        parse_scheduler(scheduler)
     config = config if config is not None else load_config(None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

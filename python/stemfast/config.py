@@ -19,7 +19,9 @@ Layout (every key optional; missing keys keep their defaults)::
     n_classes = 3
 
 TOML has no ``null``: a setting whose value is ``None`` (e.g. ``spacing``, meaning *estimate it*)
-is simply left out; :func:`dump_config` writes it as a comment. The resolved file written next
+is left out when ``None`` is its default (:func:`dump_config` writes it as a comment), and
+written as the string ``"none"`` when it is not (``n_classes = "none"``: choose k automatically);
+every setting that may be ``None`` accepts ``"none"``. The resolved file written next
 to the results (:func:`write_resolved_config`) adds a ``[stemfast]`` table (version, date,
 config hash) and an ``[inputs]`` table (file -> sha256); :func:`load_config` ignores those two
 tables, so a results folder's ``stemfast.toml`` can be passed back as ``--config``.
@@ -57,10 +59,15 @@ __all__ = [
     "file_sha256",
     "apply_overrides",
     "METADATA_TABLES",
+    "NONE_STRING",
 ]
 
 #: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
 METADATA_TABLES = ("stemfast", "inputs")
+
+#: How ``None`` is written for a setting whose default is not ``None`` (TOML has no null);
+#: accepted (any case) by every setting that can be ``None``.
+NONE_STRING = "none"
 
 _SECTIONS = ("sites", "model", "analysis")
 _TOP_KEYS = ("patch_size",)
@@ -125,7 +132,7 @@ def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if _is_union(tp):
         args = typing.get_args(tp)
-        if value is None:
+        if value is None or (isinstance(value, str) and value.lower() == NONE_STRING and type(None) in args):
             if type(None) in args:
                 return None
             raise ValueError(f"{where}: None is not allowed (expected {_type_name(tp)})")
@@ -380,7 +387,8 @@ def _as_table(obj) -> dict:
     return obj
 
 
-def _write_table(lines: list[str], name: str, table: Mapping, comments: Mapping | None = None) -> None:
+def _write_table(lines: list[str], name: str, table: Mapping, comments: Mapping | None = None,
+                 defaults: Mapping | None = None) -> None:
     scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
     subtables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
     if name:
@@ -390,11 +398,16 @@ def _write_table(lines: list[str], name: str, table: Mapping, comments: Mapping 
         lines.append(f"[{name}]")
     for k, v in scalars:
         if v is None:
-            lines.append(f"# {_toml_key(k)} is not set (None: automatic / default behaviour)")
+            if defaults is not None and k in defaults and defaults[k] is not None:
+                # the default is not None: the omission would not round-trip, so spell it out
+                lines.append(f"{_toml_key(k)} = {_toml_str(NONE_STRING)}  # None (TOML has no null)")
+            else:
+                lines.append(f"# {_toml_key(k)} is not set (None: automatic / default behaviour)")
         else:
             lines.append(f"{_toml_key(k)} = {_toml_value(v, f'{name}.{k}' if name else str(k))}")
     for k, v in subtables:
-        _write_table(lines, f"{name}.{_toml_key(k)}" if name else _toml_key(k), v, comments)
+        sub_def = defaults.get(k) if isinstance(defaults, Mapping) and isinstance(defaults.get(k), Mapping) else None
+        _write_table(lines, f"{name}.{_toml_key(k)}" if name else _toml_key(k), v, comments, sub_def)
 
 
 _SECTION_COMMENTS = {
@@ -422,7 +435,8 @@ def dump_config(config, *, extra: Mapping | None = None, header: str | None = No
 
     Notes
     -----
-    ``None`` values are left out (TOML has no null) and written as a comment; tuples become
+    ``None`` values are left out (TOML has no null) and written as a comment, or written as
+    ``"none"`` where the default is not ``None`` (so the file reads back the same); tuples become
     arrays; nested dataclasses become sub-tables (``[sites.lattice]``).
 
     Examples
@@ -441,9 +455,13 @@ def dump_config(config, *, extra: Mapping | None = None, header: str | None = No
     clash = set(top) & set(d)
     if clash:
         raise ValueError(f"extra entries clash with settings: {sorted(clash)}")
-    _write_table(lines, "", {"patch_size": d["patch_size"], **top})
+    try:
+        defaults = config_to_dict(type(config)())
+    except Exception:  # noqa: BLE001 - a config type without defaults: write None as comments
+        defaults = {}
+    _write_table(lines, "", {"patch_size": d["patch_size"], **top}, defaults=defaults)
     for sec in _SECTIONS:
-        _write_table(lines, sec, d[sec], _SECTION_COMMENTS)
+        _write_table(lines, sec, d[sec], _SECTION_COMMENTS, defaults.get(sec))
     for k, v in extra.items():
         if isinstance(v, Mapping):
             if k in d:

@@ -35,6 +35,7 @@ __all__ = [
     "fit_lattices",
     "fill_lattice",
     "film_mask",
+    "FilmMask",
     "sublattice_labels",
     "local_strain",
 ]
@@ -180,7 +181,7 @@ def estimate_spacing(xy: np.ndarray, *, weights: np.ndarray | None = None) -> tu
 
 
 def _neighbour_table(tree: cKDTree, xy: np.ndarray, k: int, radius: float) -> np.ndarray:
-    _, idx = tree.query(xy, k=k, distance_upper_bound=radius)
+    _, idx = tree.query(xy, k=k, distance_upper_bound=radius, workers=-1)
     idx = np.asarray(idx, dtype=np.int64).reshape(len(xy), k)
     idx[idx >= tree.n] = -1
     return np.ascontiguousarray(idx)
@@ -217,8 +218,10 @@ def fit_lattices(
     if subset is not None:
         # fit only the subset: compact the points to the subset and its neighbours, subset rows first
         subset = np.asarray(subset, dtype=np.int64)
-        used = np.unique(np.concatenate([subset, nb[nb >= 0]]))
-        rest = np.setdiff1d(used, subset, assume_unique=True)
+        mark = np.zeros(len(xy), bool)
+        mark[nb[nb >= 0]] = True
+        mark[subset] = False
+        rest = np.flatnonzero(mark)
         order = np.concatenate([subset, rest])
         remap = np.full(len(xy), -1, dtype=np.int64)
         remap[order] = np.arange(len(order))
@@ -234,52 +237,96 @@ def fit_lattices(
     return o, b, r, n, n_pts
 
 
-def _max_angular_gap(center: np.ndarray, pts_idx: list[list[int]], xy: np.ndarray) -> np.ndarray:
-    gaps = np.full(len(center), 360.0)
-    for i, nb in enumerate(pts_idx):
-        if len(nb) < 2:
-            continue
-        v = xy[nb] - center[i]
-        a = np.sort(np.degrees(np.arctan2(v[:, 1], v[:, 0])))
-        g = np.diff(np.concatenate([a, a[:1] + 360.0]))
-        gaps[i] = g.max()
+def _ball(tree: cKDTree, pts: np.ndarray, r: float, k: int) -> np.ndarray:
+    """Indices [M, k] of up to ``k`` nearest tree points within ``r`` of each point, -1 padded."""
+    k = max(1, min(k, tree.n))
+    _, j = tree.query(pts, k=k, distance_upper_bound=r, workers=-1)
+    j = np.asarray(j, dtype=np.int64).reshape(len(pts), k)
+    j[j >= tree.n] = -1
+    return j
+
+
+def _max_angular_gap(center: np.ndarray, nb: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Largest angular gap (degrees) between the neighbours ``nb`` [M, k] (-1 padded) seen from ``center``."""
+    M, k = nb.shape
+    valid = nb >= 0
+    v = xy[np.maximum(nb, 0)] - center[:, None, :]
+    ang = np.where(valid, np.degrees(np.arctan2(v[..., 1], v[..., 0])), np.inf)
+    ang.sort(axis=1)
+    cnt = valid.sum(1)
+    gaps = np.full(M, 360.0)
+    if k >= 2:
+        diffs = np.diff(ang, axis=1)
+        diffs = np.where(np.arange(k - 1)[None, :] < (cnt - 1)[:, None], diffs, -np.inf)
+        last = ang[np.arange(M), np.maximum(cnt - 1, 0)]
+        wrap = ang[:, 0] + 360.0 - last
+        g = np.maximum(diffs.max(axis=1), wrap)
+        gaps = np.where(cnt >= 2, g, 360.0)
     return gaps
 
 
-def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> np.ndarray | None:
-    """Boolean mask of the image area that holds film (True) rather than a hole (False).
+@dataclass(frozen=True)
+class FilmMask:
+    """Where the film is, on a grid ``factor`` times coarser than the image (True = film).
 
-    A hole is vacuum: darker than the film *and* without lattice contrast. Both are measured on a
-    scale of one spacing: the local mean of the image and the local mean of the squared bandpassed
-    image, each compared with its median at the found columns. Returns ``None`` when no hole is
-    found (the whole image is film).
+    Holes are many spacings wide, so a grid of about a third of a spacing resolves them; keeping
+    the mask coarse keeps it small (a 16k x 16k image needs a 1.5k x 1.5k mask).
     """
-    s = max(1.0, spacing)
-    mean = ndimage.gaussian_filter(image.astype(np.float32), s)
-    energy = ndimage.gaussian_filter(bandpassed.astype(np.float32) ** 2, s)
+
+    mask: np.ndarray
+    factor: int
+
+    def __call__(self, xy: np.ndarray) -> np.ndarray:
+        """True for points ``xy`` [N, 2] (x, y) on film."""
+        ij = np.floor(np.asarray(xy)[:, ::-1] / self.factor).astype(np.int64)
+        ij = np.clip(ij, 0, np.array(self.mask.shape) - 1)
+        return self.mask[ij[:, 0], ij[:, 1]]
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask at image resolution."""
+        m = np.repeat(np.repeat(self.mask, self.factor, 0), self.factor, 1)
+        return m[: shape[0], : shape[1]]
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    H, W = img.shape
+    h, w = -(-H // f), -(-W // f)
+    pad = np.pad(img, ((0, h * f - H), (0, w * f - W)), mode="edge") if (h * f != H or w * f != W) else img
+    return pad.reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> FilmMask | None:
+    """Where the image holds film rather than a hole, or ``None`` when no hole is found.
+
+    A hole is vacuum: much darker than the film and with little lattice contrast. Both are measured
+    on a scale of one spacing -- the local mean of the image and of the squared bandpassed image,
+    computed on a grid coarsened to about a third of a spacing -- and compared with their medians
+    at the found columns. Darkness is the main test (below the midpoint between the darkest area
+    and the film, when the two differ by more than 4 standard deviations of the film's local mean);
+    the contrast test is loose because a small hole still shows the bandpass response of its edge.
+    """
     if len(peak_xy) == 0:
         return None
-    ij = np.clip(np.rint(peak_xy[:, ::-1]).astype(int), 0, np.array(image.shape) - 1)
+    f = max(1, int(spacing / 3))
+    s = max(1.0, spacing / f)
+    mean = ndimage.gaussian_filter(_block_mean(np.asarray(image, np.float32), f), s)
+    energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed, np.float32) ** 2, f), s)
+    ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
-    m_lat = float(np.median(mean[ij[:, 0], ij[:, 1]]))
+    m_at = mean[ij[:, 0], ij[:, 1]]
+    m_lat = float(np.median(m_at))
     m_lo = float(np.percentile(mean, 0.5))
-    # a hole smaller than a few spacings still shows the bandpass response of its edge, so the
-    # energy test is loose; darkness is the main criterion
-    low_energy = energy < 0.5 * e_lat
-    # dark: below the midpoint between the darkest area and the film (only when they differ clearly)
     spread = m_lat - m_lo
-    noise = float(np.std(mean[ij[:, 0], ij[:, 1]]))
+    noise = float(np.std(m_at))
     if spread <= 4.0 * noise:
-        dark = np.zeros_like(low_energy)
-    else:
-        dark = mean < m_lo + 0.5 * spread
-    hole = low_energy & dark
+        return None
+    hole = (mean < m_lo + 0.5 * spread) & (energy < 0.5 * e_lat)
     if not hole.any():
         return None
     hole = ndimage.binary_opening(hole, iterations=max(1, int(0.5 * s)))
     if not hole.any():
         return None
-    return ~hole
+    return FilmMask(mask=~hole, factor=f)
 
 
 def fill_lattice(
@@ -288,7 +335,7 @@ def fill_lattice(
     shape: tuple[int, int],
     spacing: float | None = None,
     angle_deg: float | None = None,
-    film: np.ndarray | bool | None = None,
+    film: "FilmMask | np.ndarray | bool | None" = None,
     settings: LatticeSettings = LatticeSettings(),
     backend: str | None = None,
 ) -> LatticeResult:
@@ -301,7 +348,8 @@ def fill_lattice(
         (less ``settings.edge_margin_px``).
     spacing, angle_deg : nearest-neighbour spacing in px and lattice orientation; estimated from
         ``peak_xy`` when not given.
-    film : where the film is. A bool [H, W] mask (False in holes, where no site may be added) or
+    film : where the film is. A :class:`FilmMask` or bool [H, W] mask (False in holes, where no
+        site may be added) or
         ``True`` (all film): the fill-in then carries on wherever the lattice predicts sites, e.g.
         across a dirty patch. ``None`` (unknown) is conservative: a site is added only where the
         found sites surround it (angular gap below ``max_gap_deg``), so the fill stops at any
@@ -364,9 +412,8 @@ def fill_lattice(
         if rounds == 0:
             pred_sites = np.flatnonzero(good)
         else:
-            recent = xy[new_from:]
-            near = tree.query_ball_point(recent, r=1.5 * nn)
-            cand = np.unique(np.concatenate([np.asarray(v, dtype=np.int64) for v in near])) if len(near) else np.zeros(0, np.int64)
+            nbr = _ball(tree, xy[new_from:], 1.5 * nn, 16)
+            cand = np.unique(nbr[nbr >= 0])
             pred_sites = cand[good[cand]]
         if len(pred_sites) == 0:
             break
@@ -375,13 +422,15 @@ def fill_lattice(
         em = settings.edge_margin_px
         inside = (pts[:, 0] >= em) & (pts[:, 0] <= W - 1 - em) & (pts[:, 1] >= em) & (pts[:, 1] <= H - 1 - em)
         pts, who = pts[inside], who[inside]
-        # covered = an on-lattice site is near; a spurious off-lattice peak (e.g. in a dirty
-        # patch) does not block the lattice point it happens to sit close to
+        # covered = an on-lattice site is near (or any site very near); a spurious off-lattice peak
+        # (e.g. in a dirty patch) does not block the lattice point it happens to sit close to
         on_lattice = good & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
         on_lattice[n_peak:] = True
-        d_any, _ = tree.query(pts, k=1, distance_upper_bound=0.5 * settings.cover_radius * nn)
-        near = tree.query_ball_point(pts, r=settings.cover_radius * nn)
-        free = np.array([not any(on_lattice[j] for j in nb) for nb in near], dtype=bool) & ~np.isfinite(d_any)
+        d3, j3 = tree.query(pts, k=3, distance_upper_bound=settings.cover_radius * nn, workers=-1)
+        hit = np.isfinite(d3)
+        j3 = np.where(hit, j3, 0)
+        covered = (hit & on_lattice[j3]) | (d3 <= 0.5 * settings.cover_radius * nn)
+        free = ~covered.any(axis=1)
         pts, who = pts[free], who[free]
         if len(pts) == 0:
             break
@@ -394,24 +443,27 @@ def fill_lattice(
         cx = np.bincount(lab, weights=pts[:, 0], minlength=ncomp) / cnt
         cy = np.bincount(lab, weights=pts[:, 1], minlength=ncomp) / cnt
         # support = distinct predicting sites per candidate
-        uniq = np.unique(np.stack([lab, who], 1), axis=0)
-        sup = np.bincount(uniq[:, 0], minlength=ncomp)
+        key = np.unique(lab.astype(np.int64) * (len(xy) + 1) + who)
+        sup = np.bincount(key // (len(xy) + 1), minlength=ncomp)
         cand = np.stack([cx, cy], 1)
         keep = sup >= settings.min_support
-        if isinstance(film, np.ndarray):
+        if isinstance(film, FilmMask):
+            in_film = film(cand)
+        elif isinstance(film, np.ndarray):
             ij = np.clip(np.rint(cand[:, ::-1]).astype(int), 0, [H - 1, W - 1])
             in_film = film[ij[:, 0], ij[:, 1]]
         else:
             in_film = np.ones(ncomp, bool)
         # a candidate must be surrounded by sites, unless the film mask vouches for it (the fill
         # carries on across a dirty patch from its edge inwards) or it lies at the image edge
-        idx = tree.query_ball_point(cand, r=settings.enclose_radius * nn)
-        gap = _max_angular_gap(cand, idx, xy)
         margin = settings.enclose_radius * nn
         at_edge = (cand[:, 0] < margin) | (cand[:, 0] > W - 1 - margin) | (cand[:, 1] < margin) | (cand[:, 1] > H - 1 - margin)
-        enclosed = gap <= settings.max_gap_deg
         vouched = in_film if film is not None and film is not False else np.zeros(ncomp, bool)
-        keep &= in_film & (enclosed | vouched | at_edge)
+        keep &= in_film
+        ask = np.flatnonzero(keep & ~vouched & ~at_edge)  # only these need the enclosure test
+        if len(ask):
+            gap = _max_angular_gap(cand[ask], _ball(tree, cand[ask], settings.enclose_radius * nn, 24), xy)
+            keep[ask] = gap <= settings.max_gap_deg
         if anchor_tree is not None:
             d_anchor, _ = anchor_tree.query(cand, k=1, distance_upper_bound=settings.max_extrapolation * nn)
             keep &= np.isfinite(d_anchor)
@@ -428,8 +480,8 @@ def fill_lattice(
         tree = cKDTree(xy)
         basis0 = np.concatenate([basis, nb0])
         # refit everything near the additions (their neighbourhoods changed) plus the new sites
-        touched = np.unique(np.concatenate([np.arange(new_from, len(xy))]
-                                           + [np.asarray(v, dtype=np.int64) for v in tree.query_ball_point(new, r=settings.fit_radius * nn)]))
+        nbr = _ball(tree, new, settings.fit_radius * nn, 32)
+        touched = np.unique(np.concatenate([np.arange(new_from, len(xy)), nbr[nbr >= 0]]))
         o2, b2, r2, n2, p2 = fit_lattices(xy, basis0[touched], spacing=nn, settings=settings, tree=tree,
                                           backend=backend, subset=touched)
         origin = np.concatenate([origin, np.zeros((len(new), 2))])
@@ -445,16 +497,20 @@ def fill_lattice(
     on_lattice = ~is_peak | (well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn))
     # a found column whose own fit is poor (e.g. beside a dirty patch) is still on the lattice
     # when a well-fitted neighbour's lattice has a point right there
-    on_lattice |= is_peak & _on_neighbours_lattice(xy, origin, basis, well_fitted(), tree, nn, settings)
+    ask = np.flatnonzero(~on_lattice)
+    if len(ask):
+        on_lattice[ask] = _on_neighbours_lattice(xy, origin, basis, well_fitted(), tree, nn, settings, ask)
     return LatticeResult(xy=xy, is_peak=is_peak, origin=origin, basis=basis, rms=rms, n_used=n_used,
                          support=support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
 
 
-def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings) -> np.ndarray:
-    """True where a site lies within ``off_lattice`` of the lattice of its nearest well-fitted neighbour."""
-    _, j = tree.query(xy, k=min(4, tree.n))
-    j = np.asarray(j, dtype=np.int64).reshape(len(xy), -1)[:, 1:]
-    out = np.zeros(len(xy), bool)
+def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings, which) -> np.ndarray:
+    """For sites ``which``: True where the site lies within ``off_lattice`` of the lattice of one of
+    its 3 nearest well-fitted neighbours."""
+    _, j = tree.query(xy[which], k=min(4, tree.n))
+    j = np.asarray(j, dtype=np.int64).reshape(len(which), -1)[:, 1:]
+    out = np.zeros(len(which), bool)
+    pts = xy[which]
     for c in range(j.shape[1]):
         jj = j[:, c]
         ok = (jj < len(good))
@@ -463,7 +519,7 @@ def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings) -> np.nd
             continue
         idx = np.flatnonzero(ok & ~out)
         jn = jj[idx]
-        d = xy[idx] - origin[jn]
+        d = pts[idx] - origin[jn]
         inv = np.linalg.inv(basis[jn])
         mn = np.floor(np.einsum("ni,nij->nj", d, inv) + 0.5)
         r = d - np.einsum("ni,nij->nj", mn, basis[jn])

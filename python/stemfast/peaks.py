@@ -207,7 +207,9 @@ def refine(
     return _refine(img, pts, method, radius, sigma0, int(n_iter), get_kernels(backend))
 
 
-def _refine(img: np.ndarray, pts: np.ndarray, method: str, radius: float, sigma0: float, n_iter: int, kern) -> PeakResult:
+def _refine(
+    img: np.ndarray, pts: np.ndarray, method: str, radius: float, sigma0: float, n_iter: int, kern
+) -> PeakResult:
     """Refinement on validated inputs (float32 image, float64 [N, 2] points inside it)."""
     c = np.floor(pts + 0.5).astype(np.int64)
     value = img[c[:, 1], c[:, 0]].astype(np.float64)
@@ -290,7 +292,7 @@ def find_peaks(
     if refine not in ("gauss", "com", None):
         raise ValueError(f"refine must be 'gauss', 'com' or None, got {refine!r}")
     rimg = img
-    if refine_image is not None:
+    if refine_image is not None and refine_image is not image:
         rimg = _check_image(refine_image, "refine_image")
         if rimg.shape != img.shape:
             raise ValueError(f"refine_image has shape {rimg.shape}, the image {img.shape}")

@@ -216,8 +216,8 @@ class RVAE:
         return {
             "format": "stemfast.model.RVAE",
             "format_version": FORMAT_VERSION,
-            "stemfast_version": __version__,
-            "torch_version": torch.__version__,
+            "stemfast_version": str(__version__),
+            "torch_version": str(torch.__version__),
             "config": _plain(asdict(self.config), "config"),
             "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
             "extra": _plain(ex),

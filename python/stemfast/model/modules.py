@@ -62,7 +62,7 @@ class STN(nn.Module):
     """
 
     def __init__(self, input_size: int = 32, symmetry: int = 3, channels: tuple[int, int] = (8, 16),
-                 n_radial: int = 6) -> None:
+                 n_radial: int = 6, downsample: int = 2) -> None:
         super().__init__()
         if symmetry < 1:
             raise ValueError(f"symmetry must be >= 1, got {symmetry}")
@@ -70,13 +70,15 @@ class STN(nn.Module):
             raise ValueError(f"input_size must be even, got {input_size}")
         self.symmetry = int(symmetry)
         c1, c2 = channels
+        if downsample not in (1, 2) or input_size % downsample:
+            raise ValueError(f"downsample must be 1 or 2 and divide input_size, got {downsample}")
         self.features = nn.Sequential(
-            nn.AvgPool2d(2),
+            nn.AvgPool2d(downsample) if downsample > 1 else nn.Identity(),
             nn.Conv2d(1, c1, 3, padding=1), nn.SiLU(),
             nn.Conv2d(c1, c2, 3, padding=1), nn.SiLU(),
             nn.Conv2d(c2, 1, 1),
         )
-        h = input_size // 2
+        h = input_size // downsample
         r, phi = MF.polar_angle_grid(h)
         r = r * (input_size / h)  # in input pixels
         rmax = input_size / 2.0
@@ -171,24 +173,49 @@ class VAE(nn.Module):
 class RVAE(VAE):
     """STN + VAE: canonicalise by the STN angle, encode / decode, rotate the decoding back.
 
+    The STN fixes the orientation only modulo ``360 / k`` (k = ``symmetry``): the canonical patch
+    is one of k branches ``rotate(x, -(theta + j 360 / k))``. The site itself looks the same in all
+    branches, but anything that is not k-fold symmetric (sub-pixel offset, noise, a defect) would
+    be encoded differently per branch, so the latent code would jump when a rotation moves
+    ``theta`` across the branch cut. With ``symmetrize=True`` (default) the encoder is averaged over
+    the k branches (each a single warp of the input), which makes ``mu`` / ``logvar`` exactly
+    invariant to the branch choice; the decoder reconstructs branch 0.
+
     ``forward(x (B, 1, S, S)) -> ModelOutput``: ``recon = rotate(decoder(z), +theta)`` in the input
     frame, ``canonical_recon = decoder(z)``, ``angle = theta`` (degrees).
     """
 
     def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
                  mask_radius: float | None = None, symmetry: int = 3,
-                 stn_channels: tuple[int, int] = (8, 16)) -> None:
+                 stn_channels: tuple[int, int] = (8, 8), symmetrize: bool = True) -> None:
         super().__init__(input_size, latent_dim, channels, mask_radius)
         self.stn = STN(input_size, symmetry, stn_channels)
+        self.symmetrize = bool(symmetrize) and symmetry > 1
 
     def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked canonical patches and STN angles: ``(B, 1, S, S) -> ((B, 1, S, S), (B,))``."""
+        """Masked canonical patches (branch 0) and STN angles: ``(B, 1, S, S) -> ((B, 1, S, S), (B,))``."""
         x = x * self.mask
         angle, _ = self.stn(x)
         return MF.canonicalize(x, angle) * self.mask, angle
 
+    def encode_branches(self, x: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the canonical branches of masked ``x``: returns (branch-0 patch, mu, logvar)."""
+        if not self.symmetrize:
+            xc = MF.canonicalize(x, angle) * self.mask
+            mu, logvar = self.encoder(xc)
+            return xc, mu, logvar
+        k = self.stn.symmetry
+        b = x.shape[0]
+        offs = torch.arange(k, device=angle.device, dtype=angle.dtype) * (360.0 / k)
+        xs = MF.canonicalize(x.repeat_interleave(k, 0), (angle[:, None] + offs[None]).reshape(-1)) * self.mask
+        mu, logvar = self.encoder(xs)
+        return xs.view(b, k, *xs.shape[1:])[:, 0], mu.view(b, k, -1).mean(1), logvar.view(b, k, -1).mean(1)
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        xc, angle = self.canonical(x)
-        yc, mu, logvar = self.encode_decode(xc)
+        x = x * self.mask
+        angle, _ = self.stn(x)
+        _, mu, logvar = self.encode_branches(x, angle)
+        z = MF.reparameterize(mu, logvar) if self.training else mu
+        yc = self.decoder(z)
         y = MF.uncanonicalize(yc, angle)
         return ModelOutput(y, mu, logvar, angle, yc)

@@ -58,11 +58,17 @@ class RVAEConfig:
     rotation_symmetry : int
         Rotation order k of the sites; the canonical frame is defined modulo ``360 / k`` degrees.
         3 for MoS2 / hBN-like lattices (C3v sites), 6 for graphene / triangular, 4 for square.
+    symmetrize_encoder : bool
+        Average the encoder over the k canonical branches (rotations by ``360 / k``), so the latent
+        code does not jump when the STN angle crosses its branch cut (rVAE only; k x encoder cost).
     mask_radius : float or None
         Radius (px at ``input_size``) of the disc applied to inputs and the reconstruction loss;
         None = ``input_size / 2 - 0.5``.
     beta : float
         Weight of the KL term against the masked sum of squared errors.
+    kl_warmup : int
+        Epochs over which the KL weight ramps linearly from ``beta / kl_warmup`` to ``beta``
+        (against posterior collapse); early stopping starts after the ramp.
     lr, stn_lr : float
         Adam learning rates.
     batch_size, epochs, stn_epochs, patience : int
@@ -95,10 +101,12 @@ class RVAEConfig:
     latent_dim: int = 4
     input_size: int = 32
     channels: tuple[int, int, int] = (8, 16, 32)
-    stn_channels: tuple[int, int] = (8, 16)
+    stn_channels: tuple[int, int] = (8, 8)
     rotation_symmetry: int = 3
+    symmetrize_encoder: bool = True
     mask_radius: float | None = None
     beta: float = 1.0
+    kl_warmup: int = 5
     lr: float = 2e-3
     stn_lr: float = 3e-3
     batch_size: int = 256
@@ -136,6 +144,8 @@ class RVAEConfig:
             raise ValueError(f"rotation_symmetry must be >= 1, got {self.rotation_symmetry}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be >= 0, got {self.kl_warmup}")
         if self.batch_size < 1 or self.epochs < 0 or self.stn_epochs < 0 or self.patience < 1:
             raise ValueError("batch_size and patience must be >= 1, epochs and stn_epochs >= 0")
         if self.beta < 0 or self.lr <= 0 or self.stn_lr <= 0 or self.augment_shift < 0:
@@ -206,7 +216,7 @@ def build_network(config: RVAEConfig) -> VAENet:
     """The ``nn.Module`` for ``config`` (``modules.RVAE`` or ``modules.VAE``)."""
     if config.model == "rvae":
         return RVAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius,
-                       config.rotation_symmetry, config.stn_channels)
+                       config.rotation_symmetry, config.stn_channels, config.symmetrize_encoder)
     return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
 
 
@@ -431,10 +441,11 @@ def train_vae(net: VAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEC
         if hasattr(net, "stn"):
             net.stn.eval()
         tot, n = 0.0, 0
+        beta = config.beta * min(1.0, (epoch + 1) / config.kl_warmup) if config.kl_warmup else config.beta
         for (xb,) in loader:
             xb = aug(xb.to(device, non_blocking=True))
             with autocast_context(device, config.amp):
-                loss, _, _ = vae_loss(net, xb, config.beta)
+                loss, _, _ = vae_loss(net, xb, beta)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -454,10 +465,12 @@ def train_vae(net: VAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEC
                   tot / max(n, 1), vl, vr, vk, dt)
         bar.update(1)
         bar.set_postfix(loss=f"{tot / max(n, 1):.3f}", val=f"{vl:.3f}")
-        if stopper.step(vl, epoch, net):
+        if epoch + 1 >= config.kl_warmup and stopper.step(vl, epoch, net):
             log.info("%s training: early stop at epoch %d (best %d)", config.model, epoch, stopper.best_epoch)
             break
     bar.close()
+    if stopper.state is None:  # stopped inside the warm-up (epochs <= kl_warmup): keep the last weights
+        stopper.step(vl if config.epochs else math.inf, config.epochs - 1, net)
     stopper.restore(net)
     net.eval()
     log.info("%s training: best val loss %.3f at epoch %d", config.model, stopper.best, stopper.best_epoch)

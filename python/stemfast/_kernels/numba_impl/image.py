@@ -255,32 +255,32 @@ def _eval(p, ddx, ddy, val, m, jtj, jtr):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def _chol_solve(mat, rhs, L, z, x):  # pragma: no cover - compiled
-    """Solve mat x = rhs (5x5 SPD) by Cholesky, same operation order as the reference."""
+def _ldl_solve(mat, rhs, L, dd, x):  # pragma: no cover - compiled
+    """Solve mat x = rhs (5x5 SPD) by L D L^T, same operation order as the reference."""
     p = 5
     for j in range(p):
-        d = mat[j, j]
+        dj = mat[j, j]
         for k in range(j):
-            d -= L[j, k] * L[j, k]
-        if not (d > 0):
+            dj -= L[j, k] * L[j, k] * dd[k]
+        if not (dj > 0):
             return False
-        dj = math.sqrt(d)
-        L[j, j] = dj
+        dd[j] = dj
+        inv = 1.0 / dj
         for i in range(j + 1, p):
             s = mat[i, j]
             for k in range(j):
-                s -= L[i, k] * L[j, k]
-            L[i, j] = s / dj
+                s -= L[i, k] * L[j, k] * dd[k]
+            L[i, j] = s * inv
     for i in range(p):
         s = rhs[i]
         for k in range(i):
-            s -= L[i, k] * z[k]
-        z[i] = s / L[i, i]
+            s -= L[i, k] * x[k]
+        x[i] = s
     for i in range(p - 1, -1, -1):
-        s = z[i]
+        s = x[i] / dd[i]
         for k in range(i + 1, p):
             s -= L[k, i] * x[k]
-        x[i] = s / L[i, i]
+        x[i] = s
     return True
 
 
@@ -346,7 +346,7 @@ def _refine_gauss(img, xy, offs, radius, sigma0, n_iter):  # pragma: no cover - 
                     for b in range(5):
                         mat[a, b] = jtj[a, b]
                     mat[a, a] += lam * jtj[a, a]
-                solved = _chol_solve(mat, jtr, L, z, delta)
+                solved = _ldl_solve(mat, jtr, L, z, delta)
                 if not solved:
                     lam *= 10.0
                     continue

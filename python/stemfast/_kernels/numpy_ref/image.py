@@ -8,6 +8,8 @@ Implementation details shared by all backends (beyond the contract text)
 ------------------------------------------------------------------------
 * Discs: integer offsets ``(dy, dx)`` with ``dy^2 + dx^2 <= radius^2`` (compared in float64),
   ``|dy|, |dx| <= floor(radius)``; pixels outside the image are skipped.
+* ``local_maxima`` compares ``float64(image[p]) > threshold`` (not in float32), pixel values with
+  each other in float32; ``border < 0`` counts as 0.
 * ``refine_com`` accumulates in float64 relative to the disc centre ``c``:
   ``c + sum(w * (q - c)) / sum(w)``; the disc of a point whose rounded position lies outside the
   image is simply the part inside (empty: the result is ``c``).
@@ -15,7 +17,7 @@ Implementation details shared by all backends (beyond the contract text)
   ``(J^T J + lambda diag(J^T J)) delta = J^T r`` with ``r = data - model`` and the parameter
   vector ``p = (x0, y0, A, s, B)``. One iteration = one attempted step: the step is accepted when the
   cost (sum of squared residuals) strictly decreases (NaN never does). A damped matrix that is not
-  positive definite (Cholesky pivot not > 0) counts as a rejected step. The fit has converged as soon
+  positive definite (``L D L^T`` pivot not > 0) counts as a rejected step. The fit has converged as soon
   as a computed step has ``max |delta| < 1e-6``: that step is applied without being evaluated and
   ends the fit.
   When ``c`` lies outside the image the row is ``(x, y, nan, sigma0, nan, 0)``.
@@ -123,38 +125,41 @@ def refine_com(image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
     return out
 
 
-def _cholesky_solve(m: np.ndarray, g: np.ndarray):
-    """Solve ``m x = g`` for a batch of small SPD matrices by Cholesky, in a fixed operation order.
+def _ldl_solve(m: np.ndarray, g: np.ndarray):
+    """Solve ``m x = g`` for a batch of small SPD matrices by ``L D L^T`` (unit lower ``L``).
 
-    Returns ``(x, ok)``; ``ok`` is False where a pivot is not > 0 (x is then 0).
+    Fixed operation order, shared by all backends. Returns ``(x, ok)``; ``ok`` is False where a
+    pivot ``D[j]`` is not > 0 (x is then 0).
     """
     n, p, _ = m.shape
     L = np.zeros_like(m)
+    d = np.zeros_like(g)
     ok = np.ones(n, dtype=bool)
     for j in range(p):
-        d = m[:, j, j].copy()
+        dj = m[:, j, j].copy()
         for k in range(j):
-            d -= L[:, j, k] * L[:, j, k]
-        ok &= d > 0  # also False for NaN
-        dj = np.sqrt(np.where(ok, d, 1.0))
-        L[:, j, j] = dj
+            dj -= L[:, j, k] * L[:, j, k] * d[:, k]
+        ok &= dj > 0  # also False for NaN
+        dj = np.where(ok, dj, 1.0)
+        d[:, j] = dj
+        inv = 1.0 / dj
         for i in range(j + 1, p):
             s = m[:, i, j].copy()
             for k in range(j):
-                s -= L[:, i, k] * L[:, j, k]
-            L[:, i, j] = s / dj
+                s -= L[:, i, k] * L[:, j, k] * d[:, k]
+            L[:, i, j] = s * inv
     z = np.zeros_like(g)
-    for i in range(p):
+    for i in range(p):  # L z = g
         s = g[:, i].copy()
         for k in range(i):
             s -= L[:, i, k] * z[:, k]
-        z[:, i] = s / L[:, i, i]
+        z[:, i] = s
     x = np.zeros_like(g)
-    for i in range(p - 1, -1, -1):
-        s = z[:, i].copy()
+    for i in range(p - 1, -1, -1):  # D L^T x = z
+        s = z[:, i] / d[:, i]
         for k in range(i + 1, p):
             s -= L[:, k, i] * x[:, k]
-        x[:, i] = s / L[:, i, i]
+        x[:, i] = s
     x[~ok] = 0.0
     return x, ok
 
@@ -227,7 +232,7 @@ def refine_gauss(image: np.ndarray, xy: np.ndarray, radius: float, sigma0: float
             m = jtj[idx].copy()
             diag = np.einsum("nii->ni", jtj[idx])
             m[:, np.arange(5), np.arange(5)] += lam[idx, None] * diag
-            delta, solved = _cholesky_solve(m, jtr[idx])
+            delta, solved = _ldl_solve(m, jtr[idx])
             # a step below STEP_TOL in every parameter is applied and ends the fit (not evaluated)
             small = solved & (np.abs(delta).max(axis=1) < STEP_TOL)
             fin = idx[small]

@@ -1,0 +1,185 @@
+"""Benchmarks of stemfast.model (rVAE): training / inference throughput and the kornia warp.
+
+Run: ``python -m pytest benchmarks/bench_model.py --benchmark-enable -o python_files='bench_*.py'``
+(quick mode: ``STEMFAST_BENCH_QUICK=1``). CPU runs use ``torch.set_num_threads(2)``; the CUDA
+variants are skipped without a GPU. Every benchmark records ``extra_info["ratio"]`` (what it is
+relative to is in ``extra_info["ratio_meaning"]``) and asserts correctness alongside.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stemfast.model import RVAE, RVAEConfig
+from stemfast.model import functional as MF
+from stemfast.model._synth import render_site_patches
+from stemfast.model.training import build_network
+
+QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
+SIZE = 32
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _best_time(fn, repeat: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _untrained(model: str, device: str) -> RVAE:
+    """Random-weight model: throughput does not depend on the weights."""
+    torch.manual_seed(0)
+    cfg = RVAEConfig(model=model, device=device)
+    return RVAE(build_network(cfg).to(device), cfg)
+
+
+@pytest.fixture(scope="module")
+def patches32():
+    n = 10_000 if QUICK else 100_000
+    p, _, _ = render_site_patches(min(n, 20_000), SIZE, spacing=14.0 * SIZE / 35, sigma=2.6 * SIZE / 35, seed=0)
+    reps = -(-n // len(p))
+    return np.concatenate([p] * reps)[:n]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_train_throughput(benchmark, device):
+    """Full fit (STN pretraining + VAE training); ~11k patches of 35 px in full mode."""
+    n = 2000 if QUICK else 11_000
+    patches, types, _ = render_site_patches(n, 35, seed=1)
+    over = dict(epochs=3, stn_epochs=2) if QUICK else {}
+    cfg = RVAEConfig(device=device, progress=False, **over)
+    model = benchmark.pedantic(lambda: RVAE.fit(patches, cfg), rounds=1, iterations=1)
+    h = model.history
+    # reference: the plain VAE's training throughput on the same data (2 epochs)
+    ref = RVAE.fit(patches, cfg, model="vae", epochs=2, kl_warmup=1)
+    pps = float(np.median(h["vae"]["patches_per_s"]))
+    ref_pps = float(np.median(ref.history["vae"]["patches_per_s"]))
+    stn_pps = len(h["stn"]["train"]) * h["n_train"] / h["stn_time_s"] if h["stn_time_s"] > 0 else float("nan")
+    benchmark.extra_info.update({
+        "device": device, "n_patches": n, "fit_time_s": h["fit_time_s"], "stn_time_s": h["stn_time_s"],
+        "vae_time_s": h["vae_time_s"], "stn_epochs_run": len(h["stn"]["train"]),
+        "vae_epochs_run": len(h["vae"]["train"]), "train_patches_per_s_per_epoch": pps,
+        "stn_pretrain_patches_per_s": stn_pps, "vae_baseline_patches_per_s": ref_pps,
+        "ratio": pps / ref_pps, "ratio_meaning": "rVAE / plain-VAE training throughput (STN+warp overhead)",
+    })
+    # correctness: the model learned (validation loss fell) and encodes
+    assert h["vae"]["val"][-1] < h["vae"]["val"][0]
+    enc = model.encode(patches[:500])
+    assert np.all(np.isfinite(enc.mu))
+    if not QUICK:
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import adjusted_rand_score
+
+        ari = adjusted_rand_score(types[:2000], KMeans(3, n_init=10, random_state=0).fit_predict(
+            model.encode(patches[:2000]).mu))
+        benchmark.extra_info["ari_train_subset"] = ari
+        assert ari >= 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_inference_batch256(benchmark, device, patches32):
+    n = 4096
+    x = patches32[:n]
+    model, ref = _untrained("rvae", device), _untrained("vae", device)
+
+    def run():
+        out = model.encode(x, batch_size=256)
+        _sync(device)
+        return out
+
+    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    t = _best_time(run, 3)
+    t_ref = _best_time(lambda: (ref.encode(x, batch_size=256), _sync(device)), 3)
+    benchmark.extra_info.update({
+        "device": device, "batch_size": 256, "input_size": SIZE, "patches_per_s": n / t,
+        "vae_baseline_patches_per_s": n / t_ref, "ratio": t_ref / t,
+        "ratio_meaning": "rVAE / plain-VAE inference throughput (STN + 2 warps overhead)",
+    })
+    # correctness: batch size does not change the result
+    big = model.encode(x[:1000], batch_size=1000)
+    np.testing.assert_allclose(out.mu[:1000], big.mu, rtol=1e-3, atol=1e-4)
+    assert np.all(np.isfinite(out.recon_error))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_warp_kornia_vs_grid_sample(benchmark, device):
+    b = 256
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 1, SIZE, SIZE, generator=g).to(device)
+    a = (torch.rand(b, generator=g) * 360).to(device)
+
+    def kornia_warp():
+        y = MF.rotate_patches(x, a)
+        _sync(device)
+        return y
+
+    def torch_warp():
+        y = MF.rotate_patches_reference(x, a)
+        _sync(device)
+        return y
+
+    y = benchmark(kornia_warp)
+    t_k = _best_time(kornia_warp, 20)
+    t_t = _best_time(torch_warp, 20)
+    torch.testing.assert_close(y, torch_warp(), atol=1e-5, rtol=1e-5)  # same convention (align_corners=True)
+    benchmark.extra_info.update({
+        "device": device, "batch": b, "kornia_patches_per_s": b / t_k, "grid_sample_patches_per_s": b / t_t,
+        "ratio": t_t / t_k, "ratio_meaning": "kornia warp_affine speed / (affine_grid + grid_sample) speed",
+    })
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_inference_many(benchmark, device, patches32):
+    """Encode 1e5 patches (quick: 1e4) in 1024-patch chunks; records patches/s (no timing assert)."""
+    model = _untrained("rvae", device)
+    n = len(patches32)
+
+    def run():
+        out = model.encode(patches32, batch_size=1024)
+        _sync(device)
+        return out
+
+    t0 = time.perf_counter()
+    out = benchmark.pedantic(run, rounds=1, iterations=1)
+    dt = time.perf_counter() - t0
+    # reference: the same chunks through the plain VAE (no STN, no warps)
+    ref = _untrained("vae", device)
+    t1 = time.perf_counter()
+    ref.encode(patches32, batch_size=1024)
+    _sync(device)
+    dt_ref = time.perf_counter() - t1
+    benchmark.extra_info.update({
+        "device": device, "n_patches": n, "seconds": dt, "patches_per_s": n / dt,
+        "vae_baseline_patches_per_s": n / dt_ref, "ratio": dt_ref / dt,
+        "ratio_meaning": "rVAE / plain-VAE inference throughput",
+    })
+    # correctness: streamed results equal a separate encode of a slice from the middle
+    s = slice(n // 2, n // 2 + 333)
+    part = model.encode(patches32[s], batch_size=333)
+    np.testing.assert_allclose(out.mu[s], part.mu, rtol=1e-3, atol=1e-4)
+    period = 360.0 / model.config.rotation_symmetry
+    dth = (out.angle[s] - part.angle + period / 2) % period - period / 2
+    assert np.abs(dth).max() < 1e-2
+    assert out.mu.shape == (n, 4) and np.all(np.isfinite(out.recon_error))

@@ -1,0 +1,23 @@
+# Stubs of the image kernels of stemfast._core (bandpass.cpp, peaks.cpp); merged into _core.pyi by
+# the lead. Contract and reference: stemfast/_kernels/__init__.py, stemfast/_kernels/numpy_ref/image.py.
+import numpy as np
+import numpy.typing as npt
+
+def bandpass_apply(
+    spec: npt.NDArray[np.complex64], height: int, width: int, noise_sigma: float, background_sigma: float, /
+) -> None:
+    """Multiply an rfft2 spectrum (writeable C-contiguous complex64[height, width // 2 + 1]) in place
+    by exp(-2 pi^2 ns^2 f^2) * (1 - exp(-2 pi^2 bs^2 f^2)); ns <= 0 / bs <= 0 drop a factor."""
+
+def local_maxima(image: npt.ArrayLike, radius: float, threshold: float, border: int, /) -> npt.NDArray[np.int64]:
+    """(x, y) int64[N, 2], raster order, of the pixels above threshold that dominate their disc
+    (later raster pixels strictly lower, earlier ones lower or equal). image: float32[H, W]."""
+
+def refine_com(image: npt.ArrayLike, xy: npt.ArrayLike, radius: float, /) -> npt.NDArray[np.float64]:
+    """Centre of mass of image - min over the disc around round(xy) -> float64[N, 2]."""
+
+def refine_gauss(
+    image: npt.ArrayLike, xy: npt.ArrayLike, radius: float, sigma0: float, n_iter: int, /
+) -> npt.NDArray[np.float64]:
+    """Levenberg-Marquardt fit of B + A exp(-r^2 / (2 s^2)) per site -> float64[N, 6]
+    (x0, y0, A, s, B, ok)."""

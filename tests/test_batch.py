@@ -1,0 +1,350 @@
+"""The batch runner: full results, bad inputs reported, reruns do no work, interrupted runs resume.
+
+Small synthetic MoS2 data (stemfast.synth) and a tiny model keep this module to about a minute
+on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stemfast
+from stemfast import __version__
+from stemfast.batch import (
+    EXIT_SKIPPED,
+    LEADING_COLUMNS,
+    OUTPUT_FILES,
+    build_batch_parser,
+    discover_inputs,
+    run_batch,
+)
+from stemfast.config import config_hash, file_sha256, load_config
+
+DRIFT = (1.5, -0.8)  # px per frame of the synthetic stack
+
+TINY_TOML = """\
+[model]
+epochs = 2
+stn_epochs = 1
+max_train_patches = 600
+batch_size = 64
+input_size = 16
+channels = [8, 8, 8]
+stn_channels = [4, 8]
+patience = 2
+device = "cpu"
+
+[analysis]
+top_n = 20
+"""
+
+PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
+
+
+def make_data(root: Path, *, n_frames: int = 3) -> Path:
+    """good.tif (256 px), sub/stack.tif (160 px x n_frames, drifting), truncated.tif, notes.tif (text)."""
+    from stemfast.io import write_tiff
+    from stemfast.synth import make_mos2
+
+    root.mkdir(parents=True, exist_ok=True)
+    s = make_mos2(shape=(256, 256), seed=1, rotation_deg=10.0)
+    s.save(root / "good.tif")
+    st = make_mos2(shape=(160, 160), seed=2, n_frames=n_frames, drift_px_per_frame=DRIFT)
+    (root / "sub").mkdir(exist_ok=True)
+    write_tiff(root / "sub" / "stack.tif", st.image, pixel_size=0.012, unit="nm")
+    raw = (root / "good.tif").read_bytes()
+    (root / "truncated.tif").write_bytes(raw[: len(raw) // 2])
+    (root / "notes.tif").write_text("this is a text file, not an image\n")
+    return root
+
+
+def _mtimes(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _temp_files(d: Path) -> list[Path]:
+    return [p for p in d.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    make_data(root / "data")
+    (root / "tiny.toml").write_text(TINY_TOML)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir):
+    return load_config(workdir / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def first(workdir, tiny):
+    out = workdir / "out"
+    rep = run_batch(workdir / "data", out, config=tiny, show_progress=False)
+    return out, rep
+
+
+# ----------------------------------------------------------------------------- first run
+
+
+def test_good_inputs_have_full_results_bad_ones_are_reported(first):
+    out, rep = first
+    st = {r.name: r for r in rep.results}
+    assert set(st) == {"good", "stack", "truncated", "notes"}
+    assert st["good"].status == "done" and st["stack"].status == "done"
+    assert st["truncated"].status == "skipped" and "truncated" in st["truncated"].reason
+    assert st["notes"].status == "skipped" and "TIFF" in st["notes"].reason
+    assert rep.exit_code == EXIT_SKIPPED
+    assert rep.model_trained and (out / "model.pt").exists()
+    for name in ("good", "stack"):
+        d = out / name
+        for f in OUTPUT_FILES + ("done.json",):
+            assert (d / f).stat().st_size > 0, f"{name}/{f}"
+        done = json.loads((d / "done.json").read_text())
+        assert done["input"]["sha256"] == file_sha256(done["input"]["path"])
+        assert done["config_hash"] == rep.config_hash and done["model_sha256"] == file_sha256(out / "model.pt")
+        assert done["stemfast_version"] == __version__
+        assert done["outputs"] == {f: (d / f).stat().st_size for f in OUTPUT_FILES}
+    # the batch summary lists the skipped files with reasons
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert {s["name"]: s["reason"] for s in bs["skipped"]} == {
+        "truncated": st["truncated"].reason, "notes": st["notes"].reason}
+    assert bs["exit_code"] == EXIT_SKIPPED
+    assert not _temp_files(out)
+
+
+def test_sites_csv_columns_and_frames(first):
+    out, rep = first
+    good = pd.read_csv(out / "good" / "sites.csv")
+    stack = pd.read_csv(out / "stack" / "sites.csv")
+    for df in (good, stack):
+        assert list(df.columns[: len(LEADING_COLUMNS)]) == list(LEADING_COLUMNS)
+        assert {"x_nm", "y_nm", "sublattice", "recon_score"} <= set(df.columns)  # calibrated + the rest
+        assert len(df) > 100
+        assert df["class_id"].between(0, 2).all()
+        assert set(df["is_defect"].unique()) <= {0, 1}
+        assert np.isfinite(df[["x", "y", "anomaly_score", "recon_error"]].to_numpy()).all()
+    assert (good["frame"] == 0).all()
+    assert sorted(stack["frame"].unique()) == [0, 1, 2]
+    assert abs(good["x_nm"] / good["x"] - 0.012).max() < 1e-4  # synth pixel 0.12 A
+    s = json.loads((out / "stack" / "summary.json").read_text())
+    assert s["n_sites"] == len(stack) and s["n_frames"] == 3
+    assert sum(s["class_counts"].values()) == len(stack)
+    assert s["n_defects"] == int(stack["is_defect"].sum())
+
+
+def test_summary_contents_and_drift(first):
+    out, _ = first
+    s = json.loads((out / "stack" / "summary.json").read_text())
+    assert s["status"] == "ok"
+    assert s["drift_px"]["frame"] == [1, 2]
+    # the synthetic stack drifts by DRIFT px per frame; phase correlation recovers it
+    np.testing.assert_allclose(s["drift_px"]["dx"], [DRIFT[0]] * 2, atol=0.25)
+    np.testing.assert_allclose(s["drift_px"]["dy"], [DRIFT[1]] * 2, atol=0.25)
+    g = json.loads((out / "good" / "summary.json").read_text())
+    assert 10 < g["lattice"]["spacing_px"] < 20 and g["lattice"]["spacing_nm"] == pytest.approx(
+        g["lattice"]["spacing_px"] * 0.012, rel=1e-3)
+    assert g["lattice"]["rotation_deg"] is not None
+    assert g["peak_memory_mib"] > 10
+    stages = {r["stage"]: r for r in g["throughput"]}
+    for st in ("spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis", "total"):
+        assert stages[st]["seconds"] >= 0 and stages[st]["sites"] == g["n_sites"]
+    assert stages["total"]["sites_per_s"] > 0
+    assert len(g["top"]) == 20 and g["top"][0]["anomaly_score"] >= g["top"][-1]["anomaly_score"]
+
+
+def test_batch_level_outputs(first, tiny):
+    out, rep = first
+    bs = json.loads((out / "batch_summary.json").read_text())
+    names = [r["stage"] for r in bs["stage_table"]]
+    assert names == ["read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode",
+                     "analysis", "total"]
+    total_sites = sum(json.loads((out / n / "summary.json").read_text())["n_sites"] for n in ("good", "stack"))
+    assert bs["stage_table"][-1]["sites"] == total_sites
+    # resolved settings: all settings, version, checksums of every input; usable as --config
+    toml = tomllib.loads((out / "stemfast.toml").read_text())
+    assert toml["stemfast"]["version"] == __version__ and toml["stemfast"]["config_hash"] == config_hash(tiny)
+    assert set(toml["inputs"]) == {"good.tif", "stack.tif", "truncated.tif", "notes.tif"}
+    assert toml["inputs"]["good.tif"] == file_sha256(out.parent / "data" / "good.tif")
+    assert load_config(out / "stemfast.toml") == tiny
+    # model provenance
+    mi = json.loads((out / "model.json").read_text())
+    assert mi["sha256"] == file_sha256(out / "model.pt") and mi["config_hash"] == config_hash(tiny)
+    from stemfast.batch import load_model
+
+    m = load_model(out / "model.pt")
+    assert m.extra["patch_size"] == mi["patch_size"] and m.extra["config_hash"] == config_hash(tiny)
+    # one self-contained HTML file
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # classes + defects of 2 inputs
+    assert "truncated.tif" in html and "notes.tif" in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html.lower()
+
+
+def test_classes_figure_is_an_image(first):
+    from PIL import Image
+
+    out, _ = first
+    for name in ("good", "stack"):
+        for f in ("classes.png", "defects.png"):
+            with Image.open(out / name / f) as im:
+                assert im.format == "PNG" and min(im.size) > 300
+
+
+# ----------------------------------------------------------------------------- rerun
+
+
+def test_rerun_does_no_work(first, tiny, monkeypatch):
+    out, _ = first
+    before = _mtimes(out)
+
+    def boom(*a, **k):
+        raise AssertionError("a current batch must not read, prepare or train")
+
+    import stemfast.io
+    import stemfast.model
+    import stemfast.pipeline
+
+    monkeypatch.setattr(stemfast.io, "read", boom)
+    monkeypatch.setattr(stemfast.pipeline, "prepare", boom)
+    monkeypatch.setattr(stemfast.model.RVAE, "fit", classmethod(boom))
+    monkeypatch.setattr(stemfast.model.RVAE, "load", classmethod(boom))
+    rep = run_batch(out.parent / "data", out, config=tiny, show_progress=False)
+    st = {r.name: r.status for r in rep.results}
+    assert st == {"good": "current", "stack": "current", "truncated": "skipped", "notes": "skipped"}
+    assert not rep.model_trained and not rep.did_work
+    assert rep.exit_code == EXIT_SKIPPED  # the skipped files are still reported
+    assert _mtimes(out) == before  # nothing rewritten
+
+
+def test_changed_settings_are_not_current(first, tiny, tmp_path):
+    """A done.json of other settings does not count: the currency check compares the settings hash."""
+    from stemfast.batch import _current, discover_inputs as disc, _fingerprint
+
+    out, rep = first
+    e = [e for e in disc(out.parent / "data") if e.name == "good"][0]
+    _fingerprint(e, out)
+    sha = file_sha256(out / "model.pt")
+    assert _current(e, out / "good", chash=rep.config_hash, model_sha=sha) is not None
+    assert _current(e, out / "good", chash="0" * 16, model_sha=sha) is None
+    assert _current(e, out / "good", chash=rep.config_hash, model_sha="f" * 64) is None
+
+
+# ----------------------------------------------------------------------------- interrupted runs
+
+
+def _cli(args, env_extra=None, cwd=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
+    env["STEMFAST_PROGRESS"] = "0"
+    env.pop("STEMFAST_TEST_CRASH", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "stemfast", "batch", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_without_losing_work(workdir, tiny, monkeypatch, tmp_path):
+    data = workdir / "data"
+    out = tmp_path / "out"
+    args = [str(data), "-o", str(out), "--config", str(workdir / "tiny.toml")]
+    # 1. SIGKILL right after the first input's done.json
+    p = _cli(args, {"STEMFAST_TEST_CRASH": "after_done:good"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (out / "good" / "done.json").exists() and (out / "model.pt").exists()
+    assert not (out / "stack" / "done.json").exists() and not (out / "report.html").exists()
+    good_done = (out / "good" / "done.json").stat().st_mtime_ns
+    model_mtime = (out / "model.pt").stat().st_mtime_ns
+    # 2. SIGKILL in the middle of the next input: outputs written, marker not yet
+    p = _cli(args, {"STEMFAST_TEST_CRASH": "before_done:stack"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (out / "stack" / "sites.csv").exists() and not (out / "stack" / "done.json").exists()
+    # 3. the rerun finishes the batch: no retraining, finished input untouched, stack redone
+    p = _cli(args)
+    assert p.returncode == EXIT_SKIPPED, p.stderr[-2000:]
+    assert "truncated.tif" in p.stderr and "notes.tif" in p.stderr  # skipped files on the console
+    assert "encode" in p.stdout  # the stage table
+    assert (out / "model.pt").stat().st_mtime_ns == model_mtime
+    assert (out / "good" / "done.json").stat().st_mtime_ns == good_done
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert {i["name"]: i["status"] for i in bs["inputs"]} == {
+        "good": "current", "stack": "done", "truncated": "skipped", "notes": "skipped"}
+    assert not _temp_files(out)
+    # 4. identical to an uninterrupted run with the same model (which --model does not retrain)
+    import stemfast.model
+
+    def no_fit(*a, **k):
+        raise AssertionError("--model must not train")
+
+    monkeypatch.setattr(stemfast.model.RVAE, "fit", classmethod(no_fit))
+    ref = tmp_path / "ref"
+    rep = run_batch(data, ref, config=tiny, model_path=out / "model.pt", show_progress=False)
+    assert not rep.model_trained and rep.model_sha256 == file_sha256(out / "model.pt")
+    for name in ("good", "stack"):
+        assert (ref / name / "sites.csv").read_bytes() == (out / name / "sites.csv").read_bytes(), name
+        a = json.loads((ref / name / "summary.json").read_text())
+        b = json.loads((out / name / "summary.json").read_text())
+        for k in ("n_sites", "n_defects", "class_counts", "defect_kinds", "lattice", "top"):
+            assert a[k] == b[k], (name, k)
+
+
+# ----------------------------------------------------------------------------- naming, CLI
+
+
+def test_duplicate_stems_get_distinct_names(tmp_path):
+    d = tmp_path / "in"
+    for rel in ("a/img.npy", "b/img.npy", "img.tif", "img.npy", "model.npy", "solo.npy"):
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.save(p, np.zeros((16, 16), np.float32)) if rel.endswith(".npy") else p.write_bytes(b"x")
+    names = {e.rel: e.name for e in discover_inputs(d)}
+    assert names["solo.npy"] == "solo"
+    assert names["a/img.npy"] == "a__img" and names["b/img.npy"] == "b__img"
+    assert names["img.tif"] != names["img.npy"] and len(set(names.values())) == len(names)
+    # an output folder inside the input folder is never searched
+    out = d / "results"
+    out.mkdir()
+    np.save(out / "x.npy", np.zeros((16, 16)))
+    assert "results/x.npy" not in {e.rel for e in discover_inputs(d, exclude=out)}
+
+
+def test_help_documents_every_option():
+    p = build_batch_parser()
+    text = p.format_help()
+    for a in p._actions:
+        assert a.help, a.option_strings
+        for opt in a.option_strings:
+            assert opt in text
+    for opt in ("--config", "--model", "--scheduler", "--force", "--plain-vae", "--latent-dim", "--epochs",
+                "--spacing", "--backend", "-o", "-v"):
+        assert opt in text
+    assert "exit status" in text and "done.json" in text
+    from stemfast.cli import build_parser
+
+    args = build_parser().parse_args(["batch", "DIR", "--epochs", "3", "--plain-vae", "--spacing", "11"])
+    from stemfast.batch import config_from_args
+
+    c = config_from_args(args)
+    assert (c.model.epochs, c.model.model, c.sites.spacing) == (3, "vae", 11.0)
+
+
+def test_cli_errors(tmp_path, capsys):
+    from stemfast.batch import run_batch_cli
+
+    (tmp_path / "empty").mkdir()
+    assert run_batch_cli([str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
+    assert "no micrographs" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nepoch = 3\n")
+    assert run_batch_cli([str(tmp_path / "empty"), "--config", str(bad)]) == 1
+    assert "model.epoch" in capsys.readouterr().err
