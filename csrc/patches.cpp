@@ -40,8 +40,10 @@ py::array_t<std::uint8_t> gather_patches(CArrF image, CArrD xy, std::int64_t siz
             [&](std::int64_t begin, std::int64_t end) {
                 // per-column sample positions of one patch (shared by all its rows)
                 std::vector<std::int64_t> cx0(static_cast<size_t>(size)), cx1(static_cast<size_t>(size));
-                std::vector<double> cgx(static_cast<size_t>(size));
+                std::vector<double> cgx(static_cast<size_t>(size)), cwx(static_cast<size_t>(size));
                 std::vector<unsigned char> cin(static_cast<size_t>(size));
+                double* __restrict gxv = cgx.data();
+                double* __restrict wxv = cwx.data();
                 for (std::int64_t p = begin; p < end; ++p) {
                     const double x = pxy[2 * p], y = pxy[2 * p + 1];
                     float* dst = pout + p * size * size;
@@ -52,16 +54,24 @@ py::array_t<std::uint8_t> gather_patches(CArrF image, CArrD xy, std::int64_t siz
                         cin[c] = in;
                         if (!in) {
                             e = 1;
+                            cx0[c] = cx1[c] = 0;
+                            gxv[c] = 0.0;
+                            wxv[c] = 1.0;
                             continue;
                         }
                         const double f0 = std::floor(sx);
                         const std::int64_t x0 = static_cast<std::int64_t>(f0);
                         cx0[c] = x0;
                         cx1[c] = x0 < w - 1 ? x0 + 1 : x0;  // past the last pixel: weight 0 (sx == W - 1)
-                        cgx[c] = sx - f0;
+                        gxv[c] = sx - f0;
+                        wxv[c] = 1.0 - gxv[c];
                     }
+                    // common case: every column inside, consecutive pixels x0, x0 + 1, ... with a right
+                    // neighbour each, so a row is a contiguous run of the image rows (vectorisable)
+                    bool contiguous = e == 0 && cx1[size - 1] == cx0[size - 1] + 1;
+                    for (std::int64_t c = 1; contiguous && c < size; ++c) contiguous = cx0[c] == cx0[0] + c;
                     for (std::int64_t r = 0; r < size; ++r) {
-                        float* drow = dst + r * size;
+                        float* __restrict drow = dst + r * size;
                         const double sy = y + (static_cast<double>(r) - half);
                         if (!(sy >= 0.0 && sy <= ymax)) {
                             e = 1;
@@ -72,18 +82,28 @@ py::array_t<std::uint8_t> gather_patches(CArrF image, CArrD xy, std::int64_t siz
                         const std::int64_t y0 = static_cast<std::int64_t>(f0);
                         const std::int64_t y1 = y0 < h - 1 ? y0 + 1 : y0;
                         const double gy = sy - f0;
-                        const float* row0 = img + y0 * w;
-                        const float* row1 = img + y1 * w;
+                        const double wy = 1.0 - gy;
+                        const float* __restrict row0 = img + y0 * w;
+                        const float* __restrict row1 = img + y1 * w;
+                        if (contiguous) {
+                            const float* __restrict a = row0 + cx0[0];
+                            const float* __restrict b = row1 + cx0[0];
+                            for (std::int64_t c = 0; c < size; ++c) {
+                                const double top = wxv[c] * a[c] + gxv[c] * a[c + 1];
+                                const double bot = wxv[c] * b[c] + gxv[c] * b[c + 1];
+                                drow[c] = static_cast<float>(wy * top + gy * bot);
+                            }
+                            continue;
+                        }
                         for (std::int64_t c = 0; c < size; ++c) {
                             if (!cin[c]) {
                                 drow[c] = fillf;
                                 continue;
                             }
                             const std::int64_t x0 = cx0[c], x1 = cx1[c];
-                            const double gx = cgx[c];
-                            const double top = (1.0 - gx) * row0[x0] + gx * row0[x1];
-                            const double bot = (1.0 - gx) * row1[x0] + gx * row1[x1];
-                            drow[c] = static_cast<float>((1.0 - gy) * top + gy * bot);
+                            const double top = wxv[c] * row0[x0] + gxv[c] * row0[x1];
+                            const double bot = wxv[c] * row1[x0] + gxv[c] * row1[x1];
+                            drow[c] = static_cast<float>(wy * top + gy * bot);
                         }
                     }
                     pe[p] = e;

@@ -21,7 +21,6 @@ _LAZY = {
     "find_sites": ("stemfast.sites", "find_sites"),
     "SiteSettings": ("stemfast.sites", "SiteSettings"),
     "SiteTable": ("stemfast.table", "SiteTable"),
-    "bandpass": ("stemfast.bandpass", "bandpass"),
     "find_peaks": ("stemfast.peaks", "find_peaks"),
     "fill_lattice": ("stemfast.lattice", "fill_lattice"),
     "LatticeSettings": ("stemfast.lattice", "LatticeSettings"),

@@ -897,12 +897,38 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     if old is not None and old.get("key") == key:
         return str(path)
     _test_hook("task_start", f"{entry.name}[{start}:{stop}]")
-    mg = _io().read(entry.path)
+    lo = max(0, start - 1)  # the frame before the chunk, for the drift
+    # only the chunk's frames are read (compressed stacks are not loaded whole)
+    mg = _FrameWindow(_io().read(entry.path, frames=slice(lo, stop)), lo)
     results = list(_iter_frames(mg, list(range(start, stop)), model=model, config=config,
                                 patch_size=_patch_size_of(model, config), prev_frame=start - 1,
                                 desc=f"{entry.name}[{start}:{stop}]"))
-    _save_part(path, results, key, _input_info(mg))
+    n = entry.n_frames if entry.n_frames is not None else stop
+    info = {**_input_info(mg.mg), "n_frames": int(n), "is_stack": True,
+            "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
+    _save_part(path, results, key, info)
     return str(path)
+
+
+class _FrameWindow:
+    """Frames ``offset, offset + 1, ...`` of a stack read with ``io.read(frames=slice)``, by their
+    index in the whole stack."""
+
+    is_stack = True
+
+    def __init__(self, mg, offset: int) -> None:
+        self.mg, self.offset = mg, int(offset)
+        self.pixel_size, self.unit = mg.pixel_size, mg.unit
+
+    def frame(self, i: int) -> np.ndarray:
+        j = int(i) - self.offset
+        if j < 0:
+            raise IndexError(f"frame {i} is before this window (starts at {self.offset})")
+        if not getattr(self.mg, "is_stack", False):  # a one-frame window comes back 2-D
+            if j != 0:
+                raise IndexError(f"frame {i} is outside this window")
+            return np.asarray(self.mg.data)
+        return np.asarray(self.mg.frame(j))
 
 
 def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Sequence[str], *, config,

@@ -44,8 +44,13 @@ def render_site_patches(
     read_noise: float = 0.03,
     jitter: float = 0.4,
     s2_intensity: float = 0.55,
+    same_site: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render ``n`` site-centred patches.
+
+    ``same_site=True`` draws the site's own parameters (intensity / width jitter, sub-pixel
+    offset) once and renders that one site at the ``n`` orientations (noise is still drawn per
+    patch), e.g. to test rotation invariance.
 
     Returns
     -------
@@ -62,21 +67,23 @@ def render_site_patches(
     out = np.empty((n, size, size), np.float32)
     grid = np.arange(size, dtype=np.float64) - half
     chunk = 512
+    if same_site:
+        chunk = n
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         m = e - s
         rel = pts[None, :, :] - origins[types[s:e]][:, None, :]  # (m, M, 2) lattice frame, y up
         keep = np.abs(rel).max(axis=(0, 2)) < size * 0.75 + 2 * sigma
         rel = rel[:, keep]
-        amp = amp_of[kind[keep]][None, :] * rng.normal(1.0, 0.05, (m, 1)) * rng.normal(1.0, 0.03, (m, keep.sum()))
+        mp = 1 if same_site else m
+        amp = amp_of[kind[keep]][None, :] * rng.normal(1.0, 0.05, (mp, 1)) * rng.normal(1.0, 0.03, (mp, keep.sum()))
+        off = rng.uniform(-jitter, jitter, (mp, 1, 2))  # sub-pixel offset, moves with the lattice
+        rel = rel + off
         t = np.deg2rad(angles[s:e])[:, None]
         # counter-clockwise as displayed: rotate in the y-up frame, then flip y for pixel rows
-        xr = rel[..., 0] * np.cos(t) - rel[..., 1] * np.sin(t)
-        yr = rel[..., 0] * np.sin(t) + rel[..., 1] * np.cos(t)
-        off = rng.uniform(-jitter, jitter, (m, 2))
-        px = xr + off[:, :1]
-        py = -yr + off[:, 1:]
-        sig = sigma * rng.normal(1.0, 0.04, (m, 1, 1))
+        px = rel[..., 0] * np.cos(t) - rel[..., 1] * np.sin(t)
+        py = -(rel[..., 0] * np.sin(t) + rel[..., 1] * np.cos(t))
+        sig = sigma * rng.normal(1.0, 0.04, (mp, 1, 1))
         gx = np.exp(-((grid[None, None, :] - px[..., None]) ** 2) / (2 * sig**2))  # (m, M, size)
         gy = np.exp(-((grid[None, None, :] - py[..., None]) ** 2) / (2 * sig**2))
         img = np.einsum("bmy,bmx->byx", gy * amp[..., None], gx)

@@ -187,10 +187,12 @@ class RVAE(VAE):
 
     def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
                  mask_radius: float | None = None, symmetry: int = 3,
-                 stn_channels: tuple[int, int] = (8, 8), symmetrize: bool = True) -> None:
+                 stn_channels: tuple[int, int] = (8, 8), symmetrize: bool | str = True) -> None:
         super().__init__(input_size, latent_dim, channels, mask_radius)
         self.stn = STN(input_size, symmetry, stn_channels)
-        self.symmetrize = bool(symmetrize) and symmetry > 1
+        self.symmetrize = symmetrize if symmetry > 1 else False
+        if self.symmetrize is True:
+            self.symmetrize = "features"
 
     def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked canonical patches (branch 0) and STN angles: ``(B, 1, S, S) -> ((B, 1, S, S), (B,))``."""
@@ -208,8 +210,12 @@ class RVAE(VAE):
         b = x.shape[0]
         offs = torch.arange(k, device=angle.device, dtype=angle.dtype) * (360.0 / k)
         xs = MF.canonicalize(x.repeat_interleave(k, 0), (angle[:, None] + offs[None]).reshape(-1)) * self.mask
-        mu, logvar = self.encoder(xs)
-        return xs.view(b, k, *xs.shape[1:])[:, 0], mu.view(b, k, -1).mean(1), logvar.view(b, k, -1).mean(1)
+        xs = xs.view(b, k, *xs.shape[1:])
+        if self.symmetrize == "image":
+            mu, logvar = self.encoder(xs.mean(1))
+            return xs[:, 0], mu, logvar
+        mu, logvar = self.encoder(xs.flatten(0, 1))
+        return xs[:, 0], mu.view(b, k, -1).mean(1), logvar.view(b, k, -1).mean(1)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         x = x * self.mask

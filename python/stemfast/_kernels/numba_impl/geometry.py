@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 __all__ = ["fit_local_lattices", "gather_patches"]
 
@@ -19,13 +20,17 @@ _MIN_POINTS = 4
 
 
 @njit(parallel=True, cache=True)
-def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used):  # pragma: no cover
+def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used, track_mn, track_used):  # pragma: no cover
+    """Per-site passes as in the contract. ``track_*`` [threads, K + 1, ...] hold each thread's last pass
+    assignment: when a pass reproduces the previous successful pass's assignment its fit would be
+    identical, so the site stops there (bit-identical result) and that pass's residuals give the rms."""
     n_sites = xy.shape[0]
     k_nb = nb.shape[1]
     for i in prange(n_sites):
+        tid = get_thread_id()
         xi = xy[i, 0]
         yi = xy[i, 1]
-        # current model (o, B) and the model before the last successful pass
+        # current model (o, B) and the model the last successful pass started from (p)
         ox = 0.0
         oy = 0.0
         b00 = basis0[i, 0, 0]
@@ -39,7 +44,9 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
         p10 = b10
         p11 = b11
         ok = False
-        cnt_final = 0
+        done = False
+        cnt_final = 0.0
+        rms_i = np.nan
         for _it in range(n_iter):
             det_b = b00 * b11 - b01 * b10
             if not (math.isfinite(det_b) and det_b != 0.0):
@@ -62,13 +69,16 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
             rym = 0.0
             rxn = 0.0
             ryn = 0.0
+            ss = 0.0
+            same = ok
+            q = 0
             # the site itself (d = 0), then its neighbours
-            for q in range(-1, k_nb):
-                if q < 0:
+            for col in range(-1, k_nb):
+                if col < 0:
                     dx = 0.0
                     dy = 0.0
                 else:
-                    j = nb[i, q]
+                    j = nb[i, col]
                     if j < 0 or j == i:
                         continue
                     dx = xy[j, 0] - xi
@@ -79,7 +89,18 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
                 n = math.floor(ex * i01 + ey * i11 + 0.5)
                 rx = ex - (m * b00 + n * b10)
                 ry = ey - (m * b01 + n * b11)
-                if rx * rx + ry * ry <= t2:
+                r2 = rx * rx + ry * ry
+                use = r2 <= t2
+                if same:
+                    if use != (track_used[tid, q] != 0):
+                        same = False
+                    elif use and (m != track_mn[tid, q, 0] or n != track_mn[tid, q, 1]):
+                        same = False
+                track_mn[tid, q, 0] = m
+                track_mn[tid, q, 1] = n
+                track_used[tid, q] = 1 if use else 0
+                q += 1
+                if use:
                     s0 += 1.0
                     sm += m
                     sn += n
@@ -92,6 +113,11 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
                     rym += m * dy
                     rxn += n * dx
                     ryn += n * dy
+                    ss += r2
+            if same:  # converged: this pass would refit the current model exactly
+                rms_i = math.sqrt(ss / s0)
+                done = True
+                break
             if s0 < _MIN_POINTS:
                 break
             # A = [[s0, sm, sn], [sm, smm, smn], [sn, smn, snn]]; adjugate (symmetric) and determinant
@@ -118,14 +144,18 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
             b10 = (c02 * rx0 + c12 * rxm + c22 * rxn) / det_a
             b11 = (c02 * ry0 + c12 * rym + c22 * ryn) / det_a
             ok = True
-            cnt_final = int(s0)
+            cnt_final = s0
         origin[i, 0] = xi + ox
         origin[i, 1] = yi + oy
         basis[i, 0, 0] = b00
         basis[i, 0, 1] = b01
         basis[i, 1, 0] = b10
         basis[i, 1, 1] = b11
-        n_used[i] = cnt_final
+        if done:
+            rms[i] = rms_i
+            n_used[i] = int(s0)
+            continue
+        n_used[i] = int(cnt_final)
         if not ok:
             rms[i] = np.nan
             continue
@@ -139,12 +169,12 @@ def _fit_kernel(xy, nb, basis0, n_iter, outlier_tol, origin, basis, rms, n_used)
         t = outlier_tol * (math.sqrt(p00 * p00 + p01 * p01) + math.sqrt(p10 * p10 + p11 * p11)) / 2.0
         t2 = t * t
         ss = 0.0
-        for q in range(-1, k_nb):
-            if q < 0:
+        for col in range(-1, k_nb):
+            if col < 0:
                 dx = 0.0
                 dy = 0.0
             else:
-                j = nb[i, q]
+                j = nb[i, col]
                 if j < 0 or j == i:
                     continue
                 dx = xy[j, 0] - xi
@@ -177,7 +207,12 @@ def fit_local_lattices(xy, neighbors, basis0, n_iter, outlier_tol):
     basis = np.empty((n_sites, 2, 2))
     rms = np.empty(n_sites)
     n_used = np.empty(n_sites, dtype=np.int64)
-    _fit_kernel(xy, neighbors, basis0, int(n_iter), float(outlier_tol), origin, basis, rms, n_used)
+    # per-thread scratch for the last pass's assignment (the site and its K neighbours)
+    n_threads = max(numba.config.NUMBA_NUM_THREADS, numba.get_num_threads())
+    track_mn = np.empty((n_threads, neighbors.shape[1] + 1, 2))
+    track_used = np.empty((n_threads, neighbors.shape[1] + 1), dtype=np.uint8)
+    _fit_kernel(xy, neighbors, basis0, int(n_iter), float(outlier_tol), origin, basis, rms, n_used,
+                track_mn, track_used)
     return origin, basis, rms, n_used
 
 

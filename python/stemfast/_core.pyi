@@ -1,7 +1,13 @@
-# Stubs of the image kernels of stemfast._core (bandpass.cpp, peaks.cpp); merged into _core.pyi by
-# the lead. Contract and reference: stemfast/_kernels/__init__.py, stemfast/_kernels/numpy_ref/image.py.
+"""Type stubs of stemfast._core, the private compiled kernels (C++17, pybind11).
+
+Contract and NumPy reference: stemfast/_kernels/__init__.py and stemfast/_kernels/numpy_ref/.
+"""
 import numpy as np
 import numpy.typing as npt
+
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+
 
 def bandpass_apply(
     spec: npt.NDArray[np.complex64], height: int, width: int, noise_sigma: float, background_sigma: float, /
@@ -21,3 +27,24 @@ def refine_gauss(
 ) -> npt.NDArray[np.float64]:
     """Levenberg-Marquardt fit of B + A exp(-r^2 / (2 s^2)) per site -> float64[N, 6]
     (x0, y0, A, s, B, ok)."""
+
+
+def fit_local_lattices(
+    xy: npt.NDArray[np.float64],
+    neighbors: npt.NDArray[np.int64],
+    basis0: npt.NDArray[np.float64],
+    n_iter: int,
+    outlier_tol: float,
+) -> tuple[
+    npt.NDArray[np.float64],  # origin [N, 2]
+    npt.NDArray[np.float64],  # basis [N, 2, 2]
+    npt.NDArray[np.float64],  # rms [N]
+    npt.NDArray[np.int64],  # n_used [N]
+]: ...
+def gather_patches(
+    image: npt.NDArray[np.float32],
+    xy: npt.NDArray[np.float64],
+    size: int,
+    fill: float,
+    out: npt.NDArray[np.float32],
+) -> npt.NDArray[np.uint8]: ...
