@@ -2,7 +2,8 @@
 
 1e6 sites of a perturbed triangular lattice (quick mode ``STEMFAST_BENCH_QUICK=1``: 5e4), neighbour
 table from ``cKDTree`` (k = 13 within 2.2 spacings), sites in raster order. Records
-``benchmark.extra_info["ratio"] = t_numpy / t_backend`` and asserts agreement with the reference.
+``benchmark.extra_info["ratio"] = t_numpy / t_backend`` (the reference timed once, ours the best of 5
+rounds) and asserts agreement with the reference. Issue target: ratio >= 30 for 1e6 sites on 2 cores.
 
     PYTHONPATH=python python -m pytest benchmarks/bench_lattice.py --benchmark-enable -o python_files='bench_*.py'
 """
@@ -21,6 +22,7 @@ QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "n
 N_SITES = 50_000 if QUICK else 1_000_000
 SPACING = 10.0
 K, RADIUS, N_ITER, TOL = 13, 2.2 * SPACING, 3, 0.25
+TARGET = 30.0
 
 
 def _threads(backend: str) -> int:
@@ -64,8 +66,8 @@ def case():
 def test_fit_local_lattices(benchmark, case, backend):
     args, ref, t_ref = case
     kern = get_kernels(backend)
-    kern.fit_local_lattices(*(a[:1000] for a in args[:1]), args[1][:1000].clip(max=999), args[2][:1000],
-                            N_ITER, TOL)  # warm-up (Numba compile / cache load)
+    xy, nb, b0 = args
+    kern.fit_local_lattices(xy[:1000], np.minimum(nb[:1000], 999), b0[:1000], N_ITER, TOL)  # warm-up (Numba)
     times = []
 
     def run():
@@ -76,8 +78,11 @@ def test_fit_local_lattices(benchmark, case, backend):
 
     got = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     t_ours = min(times)
-    benchmark.extra_info.update(ratio=t_ref / t_ours, t_numpy_s=t_ref, t_backend_s=t_ours, n_sites=N_SITES,
+    ratio = t_ref / t_ours
+    benchmark.extra_info.update(ratio=ratio, target=TARGET, t_numpy_s=t_ref, t_backend_s=t_ours, n_sites=N_SITES,
                                 threads=_threads(backend), backend=backend)
+    print(f"\n[ratio] fit_local_lattices {backend} vs numpy, {N_SITES} sites, {_threads(backend)} threads: "
+          f"{ratio:.1f}x ({t_ref:.2f} s / {t_ours:.3f} s; issue target {TARGET:g}x at 1e6 sites)")
     np.testing.assert_array_equal(got[3], ref[3])
     np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-9)
     np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-9)

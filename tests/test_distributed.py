@@ -3,7 +3,6 @@ worker killed in the middle of a task loses and duplicates nothing."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd

@@ -43,6 +43,21 @@ def test_gather_backends_agree(backend, size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_float64_image_is_sampled_as_float32(backend):
+    """The kernels sample a float32 image; a float64 one is converted first, the same way everywhere."""
+    rng = np.random.default_rng(4)
+    img = rng.normal(1000.0, 1.0, (20, 30))  # float64 values that float32 rounds
+    xy = rng.uniform(-3, 30, (50, 2))
+    kern = get_kernels(backend)
+    out64 = np.empty((50, 5, 5), np.float32)
+    out32 = np.empty((50, 5, 5), np.float32)
+    e64 = kern.gather_patches(img, xy, 5, 0.0, out64)
+    e32 = kern.gather_patches(img.astype(np.float32), xy, 5, 0.0, out32)
+    np.testing.assert_array_equal(out64, out32)
+    np.testing.assert_array_equal(e64, e32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gather_linear_ramp_is_exact(backend):
     h, w = 40, 60
     yy, xx = np.mgrid[0:h, 0:w]

@@ -35,6 +35,8 @@ def fit_local_lattices(
     basis0: npt.NDArray[np.float64],
     n_iter: int,
     outlier_tol: float,
+    *,
+    scalar: bool = False,
 ) -> tuple[
     npt.NDArray[np.float64],  # origin [N, 2]
     npt.NDArray[np.float64],  # basis [N, 2, 2]

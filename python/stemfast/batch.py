@@ -41,7 +41,8 @@ With ``--scheduler`` the analysis runs on a Dask cluster (:mod:`stemfast.distrib
 
 Testing hooks (environment, used by the test-suite to simulate crashes):
 ``STEMFAST_TEST_CRASH="POINT:NAME"`` kills the process (SIGKILL) at ``POINT`` (``task_start``,
-``before_done``, ``after_done``) of input ``NAME`` (``*`` = any); with
+``before_done``, ``after_done``) of input ``NAME`` (``*`` = any; a Dask frame-chunk task of a stack
+is ``NAME[START:STOP]``); with
 ``STEMFAST_TEST_CRASH_ONCE=FILE`` only the first time (the file is created as the marker).
 """
 from __future__ import annotations
@@ -1202,8 +1203,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     out_dir : results folder (created). See the module docstring for its layout.
     config : ``PipelineConfig`` (default: :func:`stemfast.config.load_config` defaults).
     model_path : use this model file (``RVAE.save`` format) instead of training one.
-    scheduler : ``None`` (in-process), ``"local:N"`` (a local Dask cluster of N worker processes) or
-        a Dask scheduler address ``"tcp://host:8786"``.
+    scheduler : ``None`` (in-process), ``"local:N"`` (a local Dask cluster of N worker processes),
+        a Dask scheduler address ``"tcp://host:8786"``, or a ``dask.distributed.Client``.
     force : redo every input, retrain the model, retry cached read failures.
     max_train_inputs, train_frames : how many inputs / frames per stack the training sample draws on.
     frames_per_task : frames per Dask task for stacks.
@@ -1221,13 +1222,15 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         from .distributed import parse_scheduler, require_dask
 
         require_dask()  # fail before any work when the extra is missing
-        parse_scheduler(scheduler)
+        if isinstance(scheduler, str):
+            parse_scheduler(scheduler)
     config = config if config is not None else load_config(None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = discover_inputs(inputs, exclude=out)
     chash = config_hash(config)
-    report = BatchReport(out, [], chash, scheduler=scheduler)
+    report = BatchReport(out, [], chash, scheduler=scheduler if isinstance(scheduler, str) or scheduler is None
+                         else repr(scheduler))
     if not entries:
         log.error("no micrographs found in %s", inputs)
         return report

@@ -15,7 +15,8 @@ Task layout
 - **Stacks: one task per chunk of ``frames_per_task`` frames** (:func:`stemfast.batch.process_chunk`,
   written to ``OUT/<name>/.parts/``) plus one assembling task (:func:`stemfast.batch.assemble_parts`)
   that streams the parts, in frame order, into the same outputs as the in-process run and then
-  deletes them. A chunk reads the frame before it, so the frame-to-frame drift is the same as in
+  deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
+  compressed stacks are never loaded whole on a worker. A chunk reads the frame before it, so the frame-to-frame drift is the same as in
   the in-process run. Stacks with at most ``frames_per_task`` frames are one task.
 
 Every output is written atomically and ``done.json`` last, so a worker lost mid-task costs only
@@ -77,12 +78,17 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
 
 
 @contextlib.contextmanager
-def connect(scheduler: str, *, dashboard_address: str | None = ":8787") -> Iterator[object]:
+def connect(scheduler, *, dashboard_address: str | None = ":8787") -> Iterator[object]:
     """A ``dask.distributed.Client`` for ``scheduler`` (``local:N`` or an address); closed on exit.
+
+    An existing ``Client`` passed as ``scheduler`` is used as it is (and not closed).
 
     The dashboard link is logged and printed to stderr.
     """
     dd = require_dask()
+    if not isinstance(scheduler, str):  # an existing Client: use it, leave it open
+        yield scheduler
+        return
     kind, arg = parse_scheduler(scheduler)
     cluster = None
     if kind == "local":

@@ -74,8 +74,8 @@ class STN(nn.Module):
             raise ValueError(f"downsample must be 1 or 2 and divide input_size, got {downsample}")
         self.features = nn.Sequential(
             nn.AvgPool2d(downsample) if downsample > 1 else nn.Identity(),
-            nn.Conv2d(1, c1, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(c2, 1, 1),
         )
         h = input_size // downsample
@@ -109,9 +109,9 @@ class Encoder(nn.Module):
             raise ValueError(f"input_size must be a multiple of 8, got {input_size}")
         c1, c2, c3 = channels
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(c2, c3, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, c3, 4, stride=2, padding=1), nn.ReLU(inplace=True),
             nn.Flatten(),
         )
         self.head = nn.Linear(c3 * (input_size // 8) ** 2, 2 * latent_dim)
@@ -134,10 +134,10 @@ class Decoder(nn.Module):
         c1, c2, c3 = channels
         self.s0 = input_size // 8
         self.c3 = c3
-        self.fc = nn.Sequential(nn.Linear(latent_dim, c3 * self.s0 * self.s0), nn.SiLU())
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c3 * self.s0 * self.s0), nn.ReLU(inplace=True))
         self.net = nn.Sequential(
-            nn.Conv2d(c3, 4 * c2, 3, padding=1), nn.PixelShuffle(2), nn.SiLU(),
-            nn.Conv2d(c2, 4 * c1, 3, padding=1), nn.PixelShuffle(2), nn.SiLU(),
+            nn.Conv2d(c3, 4 * c2, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, 4 * c1, 3, padding=1), nn.PixelShuffle(2), nn.ReLU(inplace=True),
             nn.Conv2d(c1, 4, 3, padding=1), nn.PixelShuffle(2),
         )
 
@@ -175,24 +175,33 @@ class RVAE(VAE):
 
     The STN fixes the orientation only modulo ``360 / k`` (k = ``symmetry``): the canonical patch
     is one of k branches ``rotate(x, -(theta + j 360 / k))``. The site itself looks the same in all
-    branches, but anything that is not k-fold symmetric (sub-pixel offset, noise, a defect) would
-    be encoded differently per branch, so the latent code would jump when a rotation moves
-    ``theta`` across the branch cut. With ``symmetrize=True`` (default) the encoder is averaged over
-    the k branches (each a single warp of the input), which makes ``mu`` / ``logvar`` exactly
-    invariant to the branch choice; the decoder reconstructs branch 0.
+    branches, but anything that is not k-fold symmetric (sub-pixel offset, noise, a defect on one
+    neighbour) would be encoded differently per branch, so the latent code would jump whenever a
+    rotation moves ``theta`` across the branch cut. ``symmetrize`` removes that:
+
+    * ``"image"`` (default): the encoder sees the mean of the k branches (k warps of the input,
+      one encoder pass);
+    * ``"features"``: the encoder runs on every branch and ``mu`` / ``logvar`` are averaged (k
+      encoder passes; keeps non-linear features of asymmetric content);
+    * ``"none"``: branch 0 only (the code may jump at the branch cut).
+
+    Both averaging modes make ``mu`` / ``logvar`` exactly invariant to the branch choice. The
+    decoder reconstructs branch 0, which is rotated back by ``+theta``.
 
     ``forward(x (B, 1, S, S)) -> ModelOutput``: ``recon = rotate(decoder(z), +theta)`` in the input
     frame, ``canonical_recon = decoder(z)``, ``angle = theta`` (degrees).
     """
 
+    SYMMETRIZE = ("image", "features", "none")
+
     def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
                  mask_radius: float | None = None, symmetry: int = 3,
-                 stn_channels: tuple[int, int] = (8, 8), symmetrize: bool | str = True) -> None:
+                 stn_channels: tuple[int, int] = (8, 8), symmetrize: str = "image") -> None:
         super().__init__(input_size, latent_dim, channels, mask_radius)
+        if symmetrize not in self.SYMMETRIZE:
+            raise ValueError(f"symmetrize must be one of {self.SYMMETRIZE}, got {symmetrize!r}")
         self.stn = STN(input_size, symmetry, stn_channels)
-        self.symmetrize = symmetrize if symmetry > 1 else False
-        if self.symmetrize is True:
-            self.symmetrize = "features"
+        self.symmetrize = symmetrize if symmetry > 1 else "none"
 
     def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked canonical patches (branch 0) and STN angles: ``(B, 1, S, S) -> ((B, 1, S, S), (B,))``."""
@@ -202,7 +211,7 @@ class RVAE(VAE):
 
     def encode_branches(self, x: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the canonical branches of masked ``x``: returns (branch-0 patch, mu, logvar)."""
-        if not self.symmetrize:
+        if self.symmetrize == "none":
             xc = MF.canonicalize(x, angle) * self.mask
             mu, logvar = self.encoder(xc)
             return xc, mu, logvar

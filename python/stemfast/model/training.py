@@ -58,9 +58,12 @@ class RVAEConfig:
     rotation_symmetry : int
         Rotation order k of the sites; the canonical frame is defined modulo ``360 / k`` degrees.
         3 for MoS2 / hBN-like lattices (C3v sites), 6 for graphene / triangular, 4 for square.
-    symmetrize_encoder : bool
-        Average the encoder over the k canonical branches (rotations by ``360 / k``), so the latent
-        code does not jump when the STN angle crosses its branch cut (rVAE only; k x encoder cost).
+    symmetrize : {"image", "features", "none"}
+        How the rVAE encoder is made invariant to the k canonical branches (rotations by
+        ``360 / k`` left open by the STN), so the latent code does not jump when the STN angle
+        crosses its branch cut: encode the branch-averaged patch (``"image"``, k warps), average the
+        encodings of all branches (``"features"``, k encoder passes) or not at all (``"none"``).
+        See :class:`stemfast.model.modules.RVAE`.
     mask_radius : float or None
         Radius (px at ``input_size``) of the disc applied to inputs and the reconstruction loss;
         None = ``input_size / 2 - 0.5``.
@@ -103,7 +106,7 @@ class RVAEConfig:
     channels: tuple[int, int, int] = (8, 16, 32)
     stn_channels: tuple[int, int] = (8, 8)
     rotation_symmetry: int = 3
-    symmetrize_encoder: bool = True
+    symmetrize: Literal["image", "features", "none"] = "image"
     mask_radius: float | None = None
     beta: float = 1.0
     kl_warmup: int = 5
@@ -132,6 +135,8 @@ class RVAEConfig:
             v = getattr(self, name)
             if not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(int(c) for c in v))
+        if self.symmetrize not in ("image", "features", "none"):
+            raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):
             raise ValueError(f"model must be 'rvae' or 'vae', got {self.model!r}")
         if self.latent_dim < 1:
@@ -216,7 +221,7 @@ def build_network(config: RVAEConfig) -> VAENet:
     """The ``nn.Module`` for ``config`` (``modules.RVAE`` or ``modules.VAE``)."""
     if config.model == "rvae":
         return RVAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius,
-                       config.rotation_symmetry, config.stn_channels, config.symmetrize_encoder)
+                       config.rotation_symmetry, config.stn_channels, config.symmetrize)
     return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
 
 

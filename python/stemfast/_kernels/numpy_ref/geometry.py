@@ -132,7 +132,8 @@ def gather_patches(image, xy, size, fill, out):
     if out.shape != (n_patches, size, size) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError("gather_patches: out must be C-contiguous float32 [N, size, size]")
     edge = np.zeros(n_patches, dtype=np.uint8)
-    img = image.astype(np.float64, copy=False)
+    # the image is float32 by contract (the other backends convert to it); sample in float64
+    img = image.astype(np.float32, copy=False).astype(np.float64)
     offs = np.arange(size) - (size - 1) / 2.0  # exact half-integers
     for start in range(0, n_patches, _PATCH_CHUNK):
         stop = min(n_patches, start + _PATCH_CHUNK)
