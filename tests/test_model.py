@@ -19,8 +19,8 @@ from stemfast.model._synth import render_site_patches
 from stemfast.model.training import EarlyStopping, build_network
 
 SIZE = 35  # patch size of the synthetic data (px); the model resamples to input_size=32
-N_TRAIN = 2400
-FIT = dict(epochs=18, stn_epochs=8, patience=4, seed=0, device="cpu", progress=False)
+N_TRAIN = 1500
+FIT = dict(epochs=25, stn_epochs=6, patience=4, seed=0, device="cpu", progress=False)
 
 
 def _blob(size: int, x: float, y: float, sigma: float = 1.2) -> torch.Tensor:
@@ -65,18 +65,18 @@ def rvae(train_set):
 
 @pytest.fixture(scope="module")
 def vae(train_set):
-    return RVAE.fit(train_set[0], model="vae", **FIT)
+    return RVAE.fit(train_set[0], model="vae", **{**FIT, "epochs": 10})
 
 
 @pytest.fixture(scope="module")
 def rotated_sites():
-    """20 sites per type, each rendered at 8 random lattice orientations (fresh noise each time)."""
+    """20 sites per type, each rendered at 8 random lattice orientations (same site, fresh noise each time)."""
     rng = np.random.default_rng(7)
     out = []
     for t in range(3):
         for i in range(20):
             p, _, _ = render_site_patches(8, SIZE, types=np.full(8, t), angles=rng.uniform(0, 360, 8),
-                                          seed=1000 + 100 * t + i)
+                                          seed=1000 + 100 * t + i, same_site=True)
             out.append(p)
     return np.stack(out)  # [60, 8, S, S]
 
@@ -175,7 +175,7 @@ def test_early_stopping_restores_best():
     assert not es.step(2.0, 1, net)
     assert es.step(3.0, 2, net)
     es.restore(net)
-    assert float(net.weight) == 1.0 and es.best_epoch == 0
+    assert float(net.weight.detach()) == 1.0 and es.best_epoch == 0
 
 
 def test_config_validation_and_overrides():
@@ -191,32 +191,46 @@ def test_config_validation_and_overrides():
 
 # --------------------------------------------------------------------------- training quality
 
-def test_stn_pretraining_canonicalises_rotated_copies(rvae):
-    """Canonicalised patch vs canonicalised rotated copy: relative error < 10 % (modulo 60 deg)."""
-    patches, _, _ = render_site_patches(300, SIZE, seed=4)
+def _stn_pair_errors(model, patches, seed):
+    """Canonicalise patches and randomly rotated copies; per-patch errors modulo 60 deg."""
     x = MF.resample_patches(torch.from_numpy(patches)[:, None], 32)
     mask = MF.circular_mask(32)
-    a = torch.rand(300, generator=torch.Generator().manual_seed(5)) * 360
+    a = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) * 360
     xr = MF.rotate_patches(x, a)
-    ca, ta = rvae.canonicalize(x[:, 0].numpy())
-    _, tb = rvae.canonicalize(xr[:, 0].numpy())
+    ca, ta = model.canonicalize(x[:, 0].numpy())
+    _, tb = model.canonicalize(xr[:, 0].numpy())
     ca_t, tb_t = torch.from_numpy(ca)[:, None], torch.from_numpy(tb)
     # canonicalise the rotated copy at every angle equivalent modulo 60 deg (one interpolation each)
     errs = torch.stack([MF.masked_relative_error(ca_t, MF.canonicalize(xr, tb_t + 60.0 * j) * mask, mask)
                         for j in range(6)]).min(0).values
-    # angle error modulo the model's symmetry (k = 3: 120 deg)
-    period = 360.0 / rvae.config.rotation_symmetry
+    period = 360.0 / model.config.rotation_symmetry  # angle error modulo the model's symmetry
     dth = MF.wrap_angle(torch.from_numpy(tb - ta) - a, period).abs()
-    # the same comparison with the true angle (interpolation floor) and without any STN
-    floor = MF.masked_relative_error(x * mask, MF.rotate_patches(xr, -a) * mask, mask)
+    floor = MF.masked_relative_error(x * mask, MF.rotate_patches(xr, -a) * mask, mask)  # true angle
     no_stn = MF.masked_relative_error(x * mask, xr * mask, mask)
-    print(f"\nSTN: rel. error mean {errs.mean():.4f} (p90 {errs.quantile(0.9):.4f}); interpolation floor "
-          f"{floor.mean():.4f}; unaligned {no_stn.mean():.4f}; angle error mean {dth.mean():.3f} deg "
+    return errs, dth, floor, no_stn
+
+
+def test_stn_pretraining_canonicalises_rotated_copies(rvae):
+    """Canonicalised patch vs canonicalised rotated copy: relative error < 10 % (modulo 60 deg).
+
+    Asserted on noise-free renderings (the STN was trained on noisy ones): with noise, bilinear
+    resampling smooths the noise of the rotated copy differently, which alone costs ~8 % (the
+    'floor' with the exact angle); that number is reported too.
+    """
+    clean, _, _ = render_site_patches(300, SIZE, seed=4, dose=0, read_noise=0)
+    noisy, _, _ = render_site_patches(300, SIZE, seed=4)
+    errs, dth, floor, no_stn = _stn_pair_errors(rvae, clean, 5)
+    nerrs, ndth, nfloor, _ = _stn_pair_errors(rvae, noisy, 5)
+    print(f"\nSTN clean: rel. error mean {errs.mean():.4f} (p90 {errs.quantile(0.9):.4f}), exact-angle floor "
+          f"{floor.mean():.4f}, unaligned {no_stn.mean():.4f}; angle error mean {dth.mean():.3f} deg "
           f"(p90 {dth.quantile(0.9):.3f})")
+    print(f"STN noisy: rel. error mean {nerrs.mean():.4f} (p90 {nerrs.quantile(0.9):.4f}), exact-angle floor "
+          f"{nfloor.mean():.4f}; angle error mean {ndth.mean():.3f} deg (p90 {ndth.quantile(0.9):.3f})")
     assert float(errs.mean()) < 0.10
-    assert float(errs.median()) < 0.10
-    assert float(dth.median()) < 1.0
-    assert float(no_stn.mean()) > 0.3  # the test is not trivial
+    assert float(errs.quantile(0.9)) < 0.12
+    assert float(dth.median()) < 1.0 and float(ndth.median()) < 1.0
+    assert float(nerrs.mean()) < float(nfloor.mean()) + 0.03  # noisy: close to the exact-angle floor
+    assert float(no_stn.mean()) > 0.3  # the comparison is not trivial
 
 
 def test_rotation_invariance_rvae_vs_vae(rvae, vae, rotated_sites, record_property):
@@ -293,9 +307,9 @@ def test_encode_chunked_equals_unchunked_and_bounded(rvae, test_set):
             return out
 
     src = Tracked(patches)
-    chunked = rvae.encode(src, batch_size=37)
+    chunked = rvae.encode(src, batch_size=64)
     whole = rvae.encode(patches, batch_size=1024)
-    assert src.max_rows == 37
+    assert src.max_rows == 64
     for f in ("mu", "logvar", "angle", "recon_error"):
         np.testing.assert_allclose(getattr(chunked, f), getattr(whole, f), rtol=1e-4, atol=1e-5)
 
@@ -335,11 +349,11 @@ def test_save_load_round_trip(rvae, test_set, tmp_path):
 
 
 def test_fit_is_reproducible_and_subsamples(train_set):
-    patches = train_set[0][:400]
-    cfg = RVAEConfig(epochs=2, stn_epochs=1, batch_size=64, max_train_patches=300, device="cpu", progress=False,
+    patches = train_set[0][:300]
+    cfg = RVAEConfig(epochs=2, stn_epochs=1, batch_size=64, max_train_patches=200, device="cpu", progress=False,
                      channels=(4, 8, 8), stn_channels=(4, 4))
     m1, m2 = RVAE.fit(patches, cfg), RVAE.fit(patches, cfg)
-    assert m1.history["n_train"] + m1.history["n_val"] == 300
+    assert m1.history["n_train"] + m1.history["n_val"] == 200
     s1, s2 = m1.network.state_dict(), m2.network.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     m3 = RVAE.fit(patches, cfg, seed=1)

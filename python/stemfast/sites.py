@@ -28,7 +28,7 @@ from .patches import site_intensity
 from .peaks import find_peaks
 from .table import SiteTable
 
-__all__ = ["SiteSettings", "find_sites", "estimate_period_fft", "sample_image", "NoLatticeWarning"]
+__all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", "sample_image", "NoLatticeWarning"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,53 @@ def sample_image(image: np.ndarray, xy: np.ndarray, *, backend: str | None = Non
     return out
 
 
+def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, shape: tuple[int, int],
+                 spacing: float, *, tol: float = 0.2, max_nn: float = 6.0) -> tuple[np.ndarray, list[float]]:
+    """Find bands along the image borders where the scan, not the sample, sets the intensity.
+
+    Scan fly-back often attenuates the first columns of every line (or the first lines of a frame),
+    and the bandpass is less reliable next to such a band. Defects being rare, the *median*
+    intensity of the column sites (sublattices 0 and 1, each divided by its own image-wide median)
+    in strips half a spacing wide is ~1 everywhere the image is sound; strips from a border inwards
+    whose median is off by more than ``tol`` form a band, and one more strip is added as margin.
+
+    Returns ``observed`` (bool [N], False for sites in a band) and the band widths in px
+    ``[left, right, top, bottom]``.
+    """
+    H, W = shape
+    n = len(xy)
+    observed = np.ones(n, bool)
+    widths = [0.0, 0.0, 0.0, 0.0]
+    cols = sublattice <= 1
+    if cols.sum() < 20:
+        return observed, widths
+    rel = np.full(n, np.nan)
+    for k in (0, 1):
+        m = sublattice == k
+        med = np.median(intensity[m]) if m.any() else 0.0
+        if med > 0:
+            rel[m] = intensity[m] / med
+    step = 0.5 * spacing
+    dists = (xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1])
+    for b, d in enumerate(dists):
+        width = 0.0
+        nbins = int(max_nn * spacing / step)
+        for i in range(nbins):
+            sel = cols & np.isfinite(rel) & (d >= i * step) & (d < (i + 1) * step)
+            if sel.sum() < 5:
+                if i * step > spacing:  # a sparse strip deep inside: stop looking
+                    break
+                continue
+            if abs(float(np.median(rel[sel])) - 1.0) <= tol:
+                break
+            width = (i + 1) * step
+        if width > 0:
+            width += step
+            observed &= d >= width
+            widths[b] = width
+    return observed, widths
+
+
 def _validate_image(image) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim != 2:
@@ -197,7 +244,9 @@ def find_sites(
         Columns: ``x, y`` (px; x = column, y = row, pixel centres at integers), ``source``
         (``peak`` | ``lattice``), ``intensity`` (the bandpassed image at the site: column signal
         above the local background), ``raw_intensity`` (mean raw image value in a disc of
-        ``intensity_radius_nn``), ``on_lattice`` (False for maxima off the local lattice), ``peak_value``
+        ``intensity_radius_nn``), ``on_lattice`` (False for maxima off the local lattice),
+        ``observed`` (False in a band along the border where the scan sets the intensity, see
+        :func:`border_bands`), ``peak_value``
         (bandpassed value at the maximum; NaN for lattice sites), ``fit_ok``, ``sublattice``
         (0 = brightest sublattice, e.g. Mo; 1 = middle, e.g. S2; 2 = darkest, e.g. hollow; -1 unknown),
         ``a1x, a1y, a2x, a2y`` (local lattice vectors in px), ``lattice_rms`` (px),
@@ -311,6 +360,8 @@ def find_sites(
     raw = site_intensity(img, xy, radius=max(1.0, s.intensity_radius_nn * nn), backend=s.backend)
     sub = sublattice_labels(xy, res.basis, spacing=nn, values=inten)
     strain = local_strain(res.basis)
+    # sites in a band along the border where the scan attenuates the signal cannot be judged
+    observed, bands = border_bands(xy, inten, sub, img.shape, nn)
     n = len(xy)
     n_pk = len(peak_xy)
     peak_value = np.full(n, np.nan)
@@ -327,6 +378,7 @@ def find_sites(
         "peak_value": peak_value,
         "fit_ok": fit_ok,
         "on_lattice": res.on_lattice,
+        "observed": observed,
         "sublattice": sub,
         "a1x": res.basis[:, 0, 0],
         "a1y": res.basis[:, 0, 1],
@@ -349,6 +401,7 @@ def find_sites(
         n_peaks=int(n_pk),
         n_lattice=int(n - n_pk),
         fill_rounds=int(res.rounds),
+        border_bands_px=[round(b, 2) for b in bands],
         holes=holes,
         pixel_size=pixel_size,
         unit=unit,

@@ -113,8 +113,8 @@ class RVAEConfig:
     lr: float = 2e-3
     stn_lr: float = 3e-3
     batch_size: int = 256
-    epochs: int = 40
-    stn_epochs: int = 12
+    epochs: int = 30
+    stn_epochs: int = 10
     patience: int = 5
     min_delta: float = 1e-3
     val_fraction: float = 0.1
