@@ -71,7 +71,7 @@ def image():
     return img
 
 
-def test_bandpass_vs_scipy(benchmark, image):
+def test_bandpass_vs_scipy(benchmark, image, check_ratio):
     ns, bs = NOISE_PER_SPACING * SPACING, BACKGROUND_PER_SPACING * SPACING
     repeat = 5 if QUICK else 3
     reference_bandpass(image[:256, :256], ns, bs, WORKERS)  # warm-up (FFT plans)
@@ -101,6 +101,7 @@ def test_bandpass_vs_scipy(benchmark, image):
     diff = np.abs(out[m:-m, m:-m] - ref[m:-m, m:-m]).max()
     assert diff < 1e-4 * float(image.std())
     assert out.dtype == np.float32
+    check_ratio("bandpass_vs_scipy_fft", ratio, benchmark, target=TARGET)
 
 
 _MEMORY_SCRIPT = r"""

@@ -63,7 +63,7 @@ def case():
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in available_backends()])
-def test_fit_local_lattices(benchmark, case, backend):
+def test_fit_local_lattices(benchmark, case, backend, check_ratio):
     args, ref, t_ref = case
     kern = get_kernels(backend)
     xy, nb, b0 = args
@@ -88,3 +88,4 @@ def test_fit_local_lattices(benchmark, case, backend):
     np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-9)
     np.testing.assert_allclose(got[2], ref[2], rtol=0, atol=1e-9, equal_nan=True)
     assert np.isfinite(ref[2]).mean() > 0.9
+    check_ratio(f"fit_local_lattices_{backend}_vs_numpy", ratio, benchmark, target=TARGET)

@@ -45,7 +45,7 @@ def case():
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in available_backends()])
-def test_gather_patches(benchmark, case, backend):
+def test_gather_patches(benchmark, case, backend, check_ratio):
     (image, xy), (ref_out, ref_edge), t_ref = case
     kern = get_kernels(backend)
     kern.gather_patches(image, xy[:10], SIZE, FILL, np.empty((10, SIZE, SIZE), np.float32))  # warm-up
@@ -68,3 +68,4 @@ def test_gather_patches(benchmark, case, backend):
     np.testing.assert_array_equal(edge, ref_edge)
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5)
     assert 0 < ref_edge.sum() < N_PATCHES
+    check_ratio(f"gather_patches_{backend}_vs_numpy", ratio, benchmark)

@@ -75,7 +75,7 @@ def _match(a: np.ndarray, b: np.ndarray, tol: float) -> tuple[int, int]:
     return int(np.isinf(da).sum()), int(np.isinf(db).sum())
 
 
-def test_find_peaks_vs_skimage(benchmark, case):
+def test_find_peaks_vs_skimage(benchmark, case, check_ratio):
     from skimage.feature import peak_local_max
 
     bp, thr, truth = case
@@ -115,6 +115,7 @@ def test_find_peaks_vs_skimage(benchmark, case):
     assert d.max() < 0.5
     assert np.sqrt(np.mean(d**2) / 2) < 1.25 * np.sqrt(2 / np.pi) * NOISE
     assert res.ok.mean() > 0.99
+    check_ratio("find_peaks_vs_skimage", ratio, benchmark, target=TARGET)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def numpy_maxima(case):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in available_backends()])
-def test_local_maxima(benchmark, case, numpy_maxima, backend):
+def test_local_maxima(benchmark, case, numpy_maxima, backend, check_ratio):
     bp, thr, _ = case
     ref, t_ref = numpy_maxima
     kern = get_kernels(backend)
@@ -145,3 +146,4 @@ def test_local_maxima(benchmark, case, numpy_maxima, backend):
                                 size=SIZE, backend=backend)
     print(f"\n[ratio] local_maxima {backend} vs numpy {SIZE}^2: {ratio:.1f}x")
     np.testing.assert_array_equal(np.asarray(got), ref)
+    check_ratio(f"local_maxima_{backend}_vs_numpy", ratio, benchmark)

@@ -27,7 +27,7 @@ SIZE = 1024 if QUICK else 4096
 
 @pytest.fixture(scope="module")
 def image():
-    return make_mos2(shape=(SIZE, SIZE), pixel_size_A=0.1, rotation_deg=9.0, seed=11)
+    return make_mos2(shape=(SIZE, SIZE), rotation_deg=9.0, seed=11)
 
 
 def test_find_sites_throughput(benchmark, check_ratio, image):

@@ -289,10 +289,11 @@ class FilmMask:
 
 
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Means of f x f blocks; a partial last row/column of blocks is dropped (lookups clip to the grid)."""
     H, W = img.shape
-    h, w = -(-H // f), -(-W // f)
-    pad = np.pad(img, ((0, h * f - H), (0, w * f - W)), mode="edge") if (h * f != H or w * f != W) else img
-    return pad.reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    h, w = max(1, H // f), max(1, W // f)
+    f = min(f, H, W)
+    return img[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float32)
 
 
 def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> FilmMask | None:

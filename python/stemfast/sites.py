@@ -54,7 +54,8 @@ class SiteSettings:
     threshold : detection threshold on the bandpassed image; ``None`` = automatic (noise-aware).
     refine : ``"gauss"`` (2-D Gaussian least squares), ``"com"`` (centre of mass) or ``None``.
     refine_radius_nn : radius of the pixel disc used by the refinement (*nn*).
-    refine_noise_nn : Gaussian sigma (*nn*) of the light smoothing of the image the refinement sees.
+    refine_noise_nn : Gaussian sigma (*nn*) of an optional light smoothing of the image the
+        refinement sees (0 = the raw image; the Gaussian fit itself averages the noise).
     border_px : columns found closer than this to the image edge are left to the lattice fill-in
         (a column cut by the edge has a biased centre).
     intensity_radius_nn : radius of the disc whose mean raw image value is a site's ``raw_intensity``.
@@ -71,7 +72,7 @@ class SiteSettings:
     threshold: float | None = None
     refine: str | None = "gauss"
     refine_radius_nn: float = 0.25
-    refine_noise_nn: float = 0.03
+    refine_noise_nn: float = 0.0
     border_px: int = 2
     intensity_radius_nn: float = 0.25
     fill: bool = True
@@ -271,7 +272,7 @@ def find_sites(
     H, W = img.shape
 
     t0 = time.perf_counter()
-    if float(img.std()) == 0.0:
+    if float(img.max()) == float(img.min()):
         warnings.warn("image is constant: no lattice", NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice"})
     # 1. spacing: explicit, else a first pass at the FFT period's scale + neighbour statistics
