@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 from stemfast.backend import available_backends, get_kernels
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
+REF_REPEAT = 3 if QUICK else 1  # quick mode: best of 3 for the reference too (noise)
 N_SITES = 50_000 if QUICK else 1_000_000
 SPACING = 10.0
 K, RADIUS, N_ITER, TOL = 13, 2.2 * SPACING, 3, 0.25
@@ -56,9 +57,11 @@ def make_sites(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def case():
     xy, nb, b0 = make_sites(N_SITES)
-    t0 = time.perf_counter()
-    ref = get_kernels("numpy").fit_local_lattices(xy, nb, b0, N_ITER, TOL)
-    t_ref = time.perf_counter() - t0
+    t_ref = float("inf")
+    for _ in range(REF_REPEAT):
+        t0 = time.perf_counter()
+        ref = get_kernels("numpy").fit_local_lattices(xy, nb, b0, N_ITER, TOL)
+        t_ref = min(t_ref, time.perf_counter() - t0)
     return (xy, nb, b0), ref, t_ref
 
 
