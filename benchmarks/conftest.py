@@ -65,6 +65,8 @@ def check_ratio(request):
         if os.environ.get("STEMFAST_BENCH_UPDATE"):
             return
         base = _load_baseline().get(MODE, {}).get(name)
+        if base is None and FULL:
+            return  # full-size runs are measurements for people; CI gates on the quick baseline
         assert base is not None, (f"no {MODE} baseline for {name!r} (measured {ratio:.3g}): record one with "
                                   "STEMFAST_BENCH_UPDATE=1 and commit benchmarks/baseline.json")
         floor = (1.0 - TOLERANCE) * float(base)
