@@ -83,6 +83,16 @@ def _plain(obj: Any, where: str = "extra") -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in {where}: use numbers, strings, lists, dicts or arrays")
 
 
+def _safe_globals():
+    """Allow ``TorchVersion`` (a harmless ``str`` subclass) in files from early versions of :meth:`RVAE.save`."""
+    try:
+        from torch.torch_version import TorchVersion
+
+        return torch.serialization.safe_globals([TorchVersion])
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+
+
 class RVAE:
     """Rotation-invariant VAE on site-centred patches (or the plain VAE with ``model="vae"``).
 
@@ -204,7 +214,7 @@ class RVAE:
     def _chunk(self, patches: Any, a: int, b: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(patches[a:b], dtype=np.float32))[:, None]
         x = x.to(self.device, non_blocking=True)
-        return MF.resample_patches(x, self.config.input_size)
+        return MF.resample_patches(x, self.config.input_size, self.config.resample)
 
     # ------------------------------------------------------------------ persistence
     def state(self, extra: dict | None = None) -> dict:
@@ -251,7 +261,7 @@ class RVAE:
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device | None = None) -> "RVAE":
         """Load a model written by :meth:`save` onto ``map_location`` (default: CUDA when available, else CPU)."""
-        with open(path, "rb") as fh:
+        with open(path, "rb") as fh, _safe_globals():
             state = torch.load(fh, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != "stemfast.model.RVAE":
             raise ValueError(f"{path} is not a stemfast RVAE model file")

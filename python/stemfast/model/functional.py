@@ -34,6 +34,8 @@ __all__ = [
     "rotation_matrix",
     "rotate_patches",
     "rotate_patches_reference",
+    "rotate_all",
+    "symmetrize",
     "canonicalize",
     "uncanonicalize",
     "augment_matrix",
@@ -142,6 +144,31 @@ def rotate_patches_reference(x: torch.Tensor, angle: torch.Tensor, *, padding_mo
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True).to(x.dtype)
 
 
+def rotate_all(x: torch.Tensor, angle: float, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """Rotate every patch of ``x (B, C, H, W)`` by the same ``angle`` (degrees, module convention).
+
+    The batch is folded into kornia's channel axis, so a single sampling grid serves all patches
+    (much cheaper than :func:`rotate_patches` with a repeated angle).
+    """
+    b, c, h, w = x.shape
+    m = rotation_matrix(torch.tensor([float(angle)], device=x.device, dtype=torch.float32), (h, w))
+    return warp_patches(x.reshape(1, b * c, h, w), m, padding_mode=padding_mode).view(b, c, h, w)
+
+
+def symmetrize(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Average of ``x (B, C, H, W)`` over its rotations by ``j * 360 / k``, ``j = 0 .. k - 1`` (C_k average).
+
+    The result is invariant to rotating the input by any multiple of ``360 / k`` (up to bilinear
+    interpolation); ``k = 1`` returns ``x``.
+    """
+    if k <= 1:
+        return x
+    out = x.clone()
+    for j in range(1, k):
+        out = out + rotate_all(x, 360.0 * j / k)
+    return out / k
+
+
 def canonicalize(x: torch.Tensor, stn_angle: torch.Tensor) -> torch.Tensor:
     """Rotate patches ``x (B, C, H, W)`` into the canonical frame: ``rotate(x, -stn_angle)``."""
     return rotate_patches(x, -stn_angle)
@@ -196,15 +223,20 @@ def circular_mask(size: int, radius: float | None = None, *, device=None, dtype=
     return m.to(device=device, dtype=dtype)[None, None]
 
 
-def resample_patches(x: torch.Tensor, size: int) -> torch.Tensor:
+def resample_patches(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Resample ``x (B, C, S, S)`` to ``(B, C, size, size)``, centre to centre.
 
-    Antialiased bilinear (``F.interpolate(..., antialias=True, align_corners=False)``); a no-op
-    when ``S == size``. ``align_corners=False`` maps the patch box onto the box, so the centre
-    pixel position ``(S - 1) / 2`` lands on ``(size - 1) / 2``.
+    ``mode="bilinear"``: antialiased bilinear (``F.interpolate(..., antialias=True,
+    align_corners=False)``); ``mode="area"``: box averaging (pixel-area weights; best for
+    downsampling by large factors). A no-op when ``S == size``. Both map the patch box onto the
+    box, so the centre pixel position ``(S - 1) / 2`` lands on ``(size - 1) / 2``.
     """
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
+    if mode == "area":
+        return F.interpolate(x, size=(size, size), mode="area")
+    if mode != "bilinear":
+        raise ValueError(f"mode must be 'bilinear' or 'area', got {mode!r}")
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 

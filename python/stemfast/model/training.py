@@ -52,12 +52,17 @@ class RVAEConfig:
     latent_dim : int
         Latent size L.
     input_size : int
-        Patches of any size S are resampled (antialiased bilinear) to ``input_size`` (multiple of 8).
+        Patches of any size S are resampled to ``input_size`` (a multiple of 8) before the model.
+    resample : {"bilinear", "area"}
+        Resampling to ``input_size``: antialiased bilinear or area averaging. Stored with the
+        model, so a loaded model treats new patches the same way.
     channels, stn_channels : tuple of int
         Conv widths of the encoder / decoder and of the STN.
     rotation_symmetry : int
         Rotation order k of the sites; the canonical frame is defined modulo ``360 / k`` degrees.
-        3 for MoS2 / hBN-like lattices (C3v sites), 6 for graphene / triangular, 4 for square.
+        3 for MoS2 / hBN-like lattices (C3v sites: the first shell has 6 directions, but a 60 deg
+        rotation turns a Mo site into a different image), 6 for graphene / triangular, 4 for
+        square. See :class:`stemfast.model.modules.STN`.
     symmetrize : {"image", "features", "none"}
         How the rVAE encoder is made invariant to the k canonical branches (rotations by
         ``360 / k`` left open by the STN), so the latent code does not jump when the STN angle
@@ -103,6 +108,7 @@ class RVAEConfig:
     model: Literal["rvae", "vae"] = "rvae"
     latent_dim: int = 4
     input_size: int = 32
+    resample: Literal["bilinear", "area"] = "bilinear"
     channels: tuple[int, int, int] = (8, 16, 32)
     stn_channels: tuple[int, int] = (8, 8)
     rotation_symmetry: int = 3
@@ -135,6 +141,8 @@ class RVAEConfig:
             v = getattr(self, name)
             if not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(int(c) for c in v))
+        if self.resample not in ("bilinear", "area"):
+            raise ValueError(f"resample must be 'bilinear' or 'area', got {self.resample!r}")
         if self.symmetrize not in ("image", "features", "none"):
             raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):
@@ -225,14 +233,14 @@ def build_network(config: RVAEConfig) -> VAENet:
     return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
 
 
-def to_model_input(patches: np.ndarray, input_size: int, *, device: torch.device | None = None,
-                   chunk: int = 4096) -> torch.Tensor:
+def to_model_input(patches: np.ndarray, input_size: int, *, mode: str = "bilinear",
+                   device: torch.device | None = None, chunk: int = 4096) -> torch.Tensor:
     """Float32 ``[N, S, S]`` array -> ``(N, 1, input_size, input_size)`` tensor (resampled in chunks)."""
     n = len(patches)
     out = torch.empty((n, 1, input_size, input_size), dtype=torch.float32)
     for s in range(0, n, chunk):
         x = torch.from_numpy(np.ascontiguousarray(patches[s:s + chunk], dtype=np.float32))[:, None]
-        out[s:s + chunk] = MF.resample_patches(x, input_size)
+        out[s:s + chunk] = MF.resample_patches(x, input_size, mode)
     return out if device is None else out.to(device)
 
 
@@ -328,10 +336,9 @@ def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_wei
     ca = MF.canonicalize(xa, ta) * mask
     cb = MF.canonicalize(xb, tb)
     energy = (xa.float() ** 2 * mask).flatten(1).sum(1) / mask.sum() + 1e-6
-    errs = []
-    for m in range(k if k <= 6 else 1):
-        cbm = cb if m == 0 else MF.rotate_patches(cb, torch.full_like(tb, 360.0 * m / k))
-        errs.append(MF.masked_mse(ca, cbm * mask, mask))
+    errs = [MF.masked_mse(ca, cb * mask, mask)]
+    for m in range(1, k):
+        errs.append(MF.masked_mse(ca, MF.rotate_all(cb, 360.0 * m / k) * mask, mask))
     image = (torch.stack(errs).min(0).values / energy).mean()
     d = torch.deg2rad(tb.float() - ta.float() - angle.float()) * k
     anchor = (1.0 - torch.cos(d)).mean()
@@ -355,6 +362,7 @@ def pretrain_stn(net: RVAENet, train: torch.Tensor, val: torch.Tensor, config: R
     aug = Augmenter(rotate=config.augment_rotate, flip=config.augment_flip, shift=config.augment_shift,
                     seed=config.seed + 11, device=device)
     gen = torch.Generator(device=device).manual_seed(config.seed + 12)
+    scaler = _grad_scaler(device, config.amp)
     stopper = EarlyStopping(config.patience, config.min_delta)
     loader = _loader(train, config.batch_size, shuffle=True, seed=config.seed + 13)
     hist = history.setdefault("stn", {"train": [], "val": [], "val_image": [], "val_anchor": []})
@@ -369,8 +377,9 @@ def pretrain_stn(net: RVAENet, train: torch.Tensor, val: torch.Tensor, config: R
             with autocast_context(device, config.amp):
                 loss, _, _ = stn_pair_loss(net, xb, angle, config.anchor_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             tot += float(loss.detach()) * xb.shape[0]
             n += xb.shape[0]
         sched.step()
@@ -492,12 +501,21 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def fit_network(patches: np.ndarray, config: RVAEConfig, *, progress: bool | None = None) -> tuple[VAENet, dict]:
-    """Full training run on ``patches [N, S, S]``: returns the trained network (eval mode) and its history."""
+    """Full training run on ``patches [N, S, S]``: returns the trained network (eval mode) and its history.
+
+    Seeded from ``config.seed`` (initialisation, subsampling, split, shuffling, augmentation,
+    reparameterisation noise); the caller's global torch RNG state is restored afterwards.
+    """
     configure_threads(config.num_threads)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % (2**32))
-    show = _show_progress(config.progress if progress is None else progress)
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        return _fit(patches, config, device, _show_progress(config.progress if progress is None else progress))
+
+
+def _fit(patches: np.ndarray, config: RVAEConfig, device: torch.device, show: bool) -> tuple[VAENet, dict]:
     n = len(patches)
     rng = np.random.default_rng(config.seed)
     if config.max_train_patches is not None and n > config.max_train_patches:
@@ -505,11 +523,10 @@ def fit_network(patches: np.ndarray, config: RVAEConfig, *, progress: bool | Non
         log.info("training on a random subsample of %d of %d patches", len(idx), n)
         patches = patches[idx]
         n = len(idx)
-    x = to_model_input(patches, config.input_size)
+    x = to_model_input(patches, config.input_size, mode=config.resample)
     tr, va = split_indices(n, config.val_fraction, config.seed + 1)
-    xt, xv = x[tr], x[va] if len(va) else x[tr[:0]]
-    if len(va) == 0:  # no validation split: monitor the training set without augmentation
-        xv = xt
+    xt = x[tr]
+    xv = x[va] if len(va) else xt  # no validation split: monitor the training set (unaugmented)
     if device.type == "cuda":
         xt, xv = xt.to(device), xv.to(device)
     net = build_network(config).to(device)
@@ -518,6 +535,7 @@ def fit_network(patches: np.ndarray, config: RVAEConfig, *, progress: bool | Non
     if isinstance(net, RVAENet) and config.stn_epochs > 0:
         pretrain_stn(net, xt, xv, config, device=device, history=history, progress=show)
     elif isinstance(net, RVAENet):
+        log.warning("stn_epochs=0: the STN is not pretrained (random orientations)")
         for p in net.stn.parameters():
             p.requires_grad_(False)
     history["stn_time_s"] = time.perf_counter() - t0
