@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import scipy.fft
 
+from ._validate import check_image, positive
 from .backend import get_kernels
 
 __all__ = [
@@ -61,30 +62,11 @@ DEFAULT_TILE = 4096
 MIN_SIDE = 4
 
 
-def _check_image(image) -> np.ndarray:
-    """2-D, non-empty, real, finite -> float32 C-contiguous (no copy when it already is)."""
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ValueError(f"image must be a 2-D array, got {arr.ndim}-D with shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"image is empty (shape {arr.shape})")
-    if min(arr.shape) < MIN_SIDE:
-        raise ValueError(f"image must be at least {MIN_SIDE} x {MIN_SIDE} pixels, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"image must be real-valued numeric, got dtype {arr.dtype}")
-    img = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(img).all():
-        bad = int(np.count_nonzero(~np.isfinite(img)))
-        raise ValueError(f"image contains {bad} non-finite values (NaN or inf); fill or crop them first")
-    return img
+def _check_image(image, name: str = "image") -> np.ndarray:
+    return check_image(image, name, min_side=MIN_SIDE)
 
 
-def _positive(name: str, v) -> float:
-    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(float(v)) or float(v) <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
-
-
+_positive = positive
 def _cutoffs(noise_px, background_px, spacing) -> tuple[float, float]:
     if spacing is not None:
         spacing = _positive("spacing", spacing)

@@ -24,6 +24,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from ._validate import check_image, positive
 from .backend import get_kernels
 
 __all__ = [
@@ -87,28 +88,10 @@ class PeakResult:
 # validation helpers
 # --------------------------------------------------------------------------------------------------
 def _check_image(image, name: str = "image") -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array, got {arr.ndim}-D with shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if min(arr.shape) < MIN_SIDE:
-        raise ValueError(f"{name} must be at least {MIN_SIDE} x {MIN_SIDE} pixels, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be real-valued numeric, got dtype {arr.dtype}")
-    img = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(img).all():
-        bad = int(np.count_nonzero(~np.isfinite(img)))
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); fill or crop them first")
-    return img
+    return check_image(image, name, min_side=MIN_SIDE)
 
 
-def _positive(name: str, v) -> float:
-    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(float(v)) or float(v) <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
-
-
+_positive = positive
 def _check_xy(xy, shape: tuple[int, int]) -> np.ndarray:
     pts = np.asarray(xy, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2:
