@@ -180,6 +180,11 @@ def estimate_spacing(xy: np.ndarray, *, weights: np.ndarray | None = None) -> tu
     return spacing, angle
 
 
+def _neighbour_k(settings: LatticeSettings, n: int) -> int:
+    """Neighbours to ask for: the triangular-lattice points within ``fit_radius``, plus room for extras."""
+    return min(int(np.ceil(np.pi * (settings.fit_radius + 0.5) ** 2 / (np.sqrt(3) / 2))) + 2, n)
+
+
 def _neighbour_table(tree: cKDTree, xy: np.ndarray, k: int, radius: float) -> np.ndarray:
     _, idx = tree.query(xy, k=k, distance_upper_bound=radius, workers=-1)
     idx = np.asarray(idx, dtype=np.int64).reshape(len(xy), k)
@@ -196,9 +201,11 @@ def fit_lattices(
     tree: cKDTree | None = None,
     backend: str | None = None,
     subset: np.ndarray | None = None,
+    neighbours: np.ndarray | None = None,
 ):
     """Fit a local triangular lattice at every site (or at ``subset``) of ``xy``.
 
+    ``neighbours`` reuses a neighbour table from an earlier call on the same points (full fits only).
     Returns ``(origin, basis, rms, n_used, n_pts)``: the ``fit_local_lattices`` kernel's outputs
     and the number of points (site + neighbours) offered to each fit.
     """
@@ -206,10 +213,8 @@ def fit_lattices(
     tree = tree if tree is not None else cKDTree(xy)
     q = xy if subset is None else xy[subset]
     radius = settings.fit_radius * spacing
-    # number of triangular-lattice points within the radius, with room for spurious extras
-    k = int(np.ceil(np.pi * (settings.fit_radius + 0.5) ** 2 / (np.sqrt(3) / 2))) + 2
-    k = min(k, len(xy))
-    nb = _neighbour_table(tree, q, k, radius)
+    k = _neighbour_k(settings, len(xy))
+    nb = neighbours if neighbours is not None else _neighbour_table(tree, q, k, radius)
     own = np.arange(len(xy)) if subset is None else np.asarray(subset)
     n_pts = 1 + ((nb >= 0) & (nb != own[:, None])).sum(1)
     b0 = np.ascontiguousarray(np.broadcast_to(basis0, (len(q), 2, 2)) if basis0.ndim == 2 else basis0,
@@ -387,13 +392,15 @@ def fill_lattice(
     basis0 = np.broadcast_to(b_global, (n_peak, 2, 2)).copy()
     support = np.zeros(n_peak, dtype=np.int64)
     tree = cKDTree(xy)
+    nb_all = _neighbour_table(tree, xy, _neighbour_k(settings, len(xy)), settings.fit_radius * nn)
     origin, basis, rms, n_used, _ = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
-                                                 backend=backend)
+                                                 backend=backend, neighbours=nb_all)
     # a second pass seeded with each site's own first fit follows local rotation/strain better
     ok = np.isfinite(rms)
     basis0[ok] = basis[ok]
     origin, basis, rms, n_used, n_pts = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
-                                                     backend=backend)
+                                                     backend=backend, neighbours=nb_all)
+    del nb_all
 
     def well_fitted():
         # the inlier-share test is for found maxima (spurious ones fit with few neighbours); added
