@@ -84,7 +84,7 @@ def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray
     Examples
     --------
     >>> robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0])).round(2).tolist()
-    [-1.35, -0.67, 0.0, 0.67, 65.41]
+    [-1.35, -0.67, 0.0, 0.67, 65.43]
     """
     v = np.asarray(values, dtype=np.float64)
     out = np.zeros_like(v)
