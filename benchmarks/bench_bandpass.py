@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import timed_pedantic
 import scipy.fft
 
 from stemfast.backend import available_backends
@@ -78,16 +79,8 @@ def test_bandpass_vs_scipy(benchmark, image, check_ratio):
     t_ref, ref = _best(lambda: reference_bandpass(image, ns, bs, WORKERS), repeat)
     t_ref1, _ = _best(lambda: reference_bandpass(image, ns, bs, None), 1)
     bandpass(image[:256, :256], spacing=SPACING)  # warm-up
-    times = []
-
-    def run():
-        t0 = time.perf_counter()
-        out = bandpass(image, spacing=SPACING, workers=WORKERS)
-        times.append(time.perf_counter() - t0)
-        return out
-
-    out = benchmark.pedantic(run, rounds=repeat, iterations=1, warmup_rounds=0)
-    t_ours = min(times)
+    out, t_ours = timed_pedantic(benchmark, lambda: bandpass(image, spacing=SPACING, workers=WORKERS),
+                                 rounds=repeat)
     ratio = t_ref / t_ours
     benchmark.extra_info.update(
         ratio=ratio, target=TARGET, ratio_vs_single_thread=t_ref1 / t_ours, t_scipy_s=t_ref,

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import timed_pedantic
 
 from stemfast.backend import available_backends, get_kernels
 
@@ -53,16 +54,8 @@ def test_gather_patches(benchmark, case, backend, check_ratio):
     kern = get_kernels(backend)
     kern.gather_patches(image, xy[:10], SIZE, FILL, np.empty((10, SIZE, SIZE), np.float32))  # warm-up
     out = np.empty_like(ref_out)
-    times = []
-
-    def run():
-        t0 = time.perf_counter()
-        e = kern.gather_patches(image, xy, SIZE, FILL, out)
-        times.append(time.perf_counter() - t0)
-        return e
-
-    edge = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    t_ours = min(times)
+    edge, t_ours = timed_pedantic(benchmark, lambda: kern.gather_patches(image, xy, SIZE, FILL, out),
+                                  rounds=5, warmup_rounds=1)
     ratio = t_ref / t_ours
     benchmark.extra_info.update(ratio=ratio, t_numpy_s=t_ref, t_backend_s=t_ours, n_patches=N_PATCHES,
                                 size=SIZE, threads=_threads(backend), backend=backend)

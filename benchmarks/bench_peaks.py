@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import timed_pedantic
 
 from stemfast.backend import available_backends, get_kernels
 from stemfast.bandpass import bandpass
@@ -87,16 +88,8 @@ def test_find_peaks_vs_skimage(benchmark, case, check_ratio):
         t_ref = min(t_ref, time.perf_counter() - t0)
 
     find_peaks(bp[:256, :256], min_distance=MIN_DISTANCE, threshold=thr)  # warm-up (JIT, threads)
-    times = []
-
-    def run():
-        t = time.perf_counter()
-        res = find_peaks(bp, min_distance=MIN_DISTANCE, threshold=thr)
-        times.append(time.perf_counter() - t)
-        return res
-
-    res = benchmark.pedantic(run, rounds=5 if QUICK else 3, iterations=1, warmup_rounds=0)
-    t_ours = min(times)
+    res, t_ours = timed_pedantic(benchmark, lambda: find_peaks(bp, min_distance=MIN_DISTANCE, threshold=thr),
+                                 rounds=5 if QUICK else 3)
     ratio = t_ref / t_ours
     benchmark.extra_info.update(
         ratio=ratio, target=TARGET, t_skimage_s=t_ref, t_ours_s=t_ours, n_peaks=len(res), size=SIZE,
@@ -138,17 +131,10 @@ def test_local_maxima(benchmark, case, numpy_maxima, backend, check_ratio):
     ref, t_ref = numpy_maxima
     kern = get_kernels(backend)
     kern.local_maxima(bp[:64, :64], MIN_DISTANCE, thr, 0)  # warm-up
-    times = []
-
-    def run():
-        t = time.perf_counter()
-        out = kern.local_maxima(bp, MIN_DISTANCE, thr, 0)
-        times.append(time.perf_counter() - t)
-        return out
-
-    got = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    ratio = t_ref / min(times)
-    benchmark.extra_info.update(ratio=ratio, t_numpy_s=t_ref, t_backend_s=min(times), n_maxima=len(ref),
+    got, t_ours = timed_pedantic(benchmark, lambda: kern.local_maxima(bp, MIN_DISTANCE, thr, 0),
+                                 rounds=5, warmup_rounds=1)
+    ratio = t_ref / t_ours
+    benchmark.extra_info.update(ratio=ratio, t_numpy_s=t_ref, t_backend_s=t_ours, n_maxima=len(ref),
                                 size=SIZE, backend=backend)
     print(f"\n[ratio] local_maxima {backend} vs numpy {SIZE}^2: {ratio:.1f}x")
     np.testing.assert_array_equal(np.asarray(got), ref)

@@ -10,9 +10,7 @@ fail it but a slower ``find_sites`` does. Sites/s are recorded too.
 from __future__ import annotations
 
 import os
-import time
 
-import numpy as np
 import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree

@@ -43,6 +43,20 @@ def best_time(fn, *, repeat: int = 3, min_time: float = 0.0) -> float:
     return best
 
 
+def timed_pedantic(benchmark, fn, *, rounds: int, warmup_rounds: int = 0):
+    """Run ``fn`` under pytest-benchmark's pedantic mode; return (its result, best wall time in s)."""
+    times = []
+
+    def run():
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    result = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    return result, min(times)
+
+
 def _load_baseline() -> dict:
     if BASELINE.exists():
         return json.loads(BASELINE.read_text())
