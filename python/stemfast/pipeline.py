@@ -90,16 +90,15 @@ def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> n
     patches and one model serves them all.
     """
     import torch
-    import torch.nn.functional as F
+
+    from .model.functional import resample_patches as _resample
 
     n = len(patches)
     out = np.empty((n, size, size), np.float32)
     with torch.inference_mode():
         for i in range(0, n, chunk):
             t = torch.from_numpy(np.ascontiguousarray(patches[i:i + chunk]))[:, None]
-            r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=size < patches.shape[-1])
-            out[i:i + chunk] = r[:, 0].numpy()
+            out[i:i + chunk] = _resample(t, size)[:, 0].numpy()
     return out
 
 
