@@ -25,6 +25,8 @@ from stemfast.model import functional as MF
 from stemfast.model._synth import render_site_patches
 from stemfast.model.training import Augmenter, build_network, vae_loss
 
+from conftest import paired_best_times
+
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
 SIZE = 32
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -39,16 +41,6 @@ def two_threads():
     torch.set_num_threads(old)
 
 
-def _best_time(fn, repeat: int = 5) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -61,8 +53,8 @@ def _untrained(model: str, device: str) -> RVAE:
     return RVAE(build_network(cfg).to(device), cfg)
 
 
-def _train_step_pps(model: str, x: torch.Tensor, device: str, steps: int = 4) -> float:
-    """Best-of-5 throughput of ``steps`` optimiser steps (augmentation + loss + backward + Adam)."""
+def _train_steps(model: str, x: torch.Tensor, device: str, steps: int = 4):
+    """A callable running ``steps`` optimiser steps (augmentation + loss + backward + Adam)."""
     torch.manual_seed(0)
     cfg = RVAEConfig(model=model, device=device)
     net = build_network(cfg).to(device).train()
@@ -80,7 +72,14 @@ def _train_step_pps(model: str, x: torch.Tensor, device: str, steps: int = 4) ->
             opt.step()
         _sync(device)
 
-    return steps * x.shape[0] / _best_time(run, 5)
+    return run
+
+
+def _train_step_pps(x: torch.Tensor, device: str, steps: int = 4) -> tuple[float, float]:
+    """Optimiser-step throughput (patches/s) of the rVAE and of the plain VAE, timed alternately."""
+    t_rvae, t_vae = paired_best_times(_train_steps("rvae", x, device, steps), _train_steps("vae", x, device, steps),
+                                      repeat=5)
+    return steps * x.shape[0] / t_rvae, steps * x.shape[0] / t_vae
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,7 @@ def test_bench_train_throughput(benchmark, device, check_ratio):
     pps = float(np.median(h["vae"]["patches_per_s"]))
     # ratio: optimiser-step throughput of the rVAE vs the plain VAE on the same 256-patch batch
     xb = torch.from_numpy(patches[:256, 1:33, 1:33].copy())[:, None]
-    step_pps, ref_pps = _train_step_pps("rvae", xb, device), _train_step_pps("vae", xb, device)
+    step_pps, ref_pps = _train_step_pps(xb, device)
     stn_pps = len(h["stn"]["train"]) * h["n_train"] / h["stn_time_s"] if h["stn_time_s"] > 0 else float("nan")
     benchmark.extra_info.update({
         "device": device, "n_patches": n, "fit_time_s": h["fit_time_s"], "stn_time_s": h["stn_time_s"],
@@ -140,8 +139,7 @@ def test_bench_inference_batch256(benchmark, device, patches32, check_ratio):
         return out
 
     out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    t = _best_time(run, 3)
-    t_ref = _best_time(lambda: (ref.encode(x, batch_size=256), _sync(device)), 3)
+    t, t_ref = paired_best_times(run, lambda: (ref.encode(x, batch_size=256), _sync(device)), repeat=3)
     benchmark.extra_info.update({
         "device": device, "batch_size": 256, "input_size": SIZE, "patches_per_s": n / t,
         "vae_baseline_patches_per_s": n / t_ref,
@@ -172,8 +170,7 @@ def test_bench_warp_kornia_vs_grid_sample(benchmark, device, check_ratio):
         return y
 
     y = benchmark(kornia_warp)
-    t_k = _best_time(kornia_warp, 50)
-    t_t = _best_time(torch_warp, 50)
+    t_k, t_t = paired_best_times(kornia_warp, torch_warp, repeat=50)
     torch.testing.assert_close(y, torch_warp(), atol=1e-5, rtol=1e-5)  # same convention (align_corners=True)
     benchmark.extra_info.update({
         "device": device, "batch": b, "kornia_patches_per_s": b / t_k, "grid_sample_patches_per_s": b / t_t,

@@ -43,6 +43,26 @@ def best_time(fn, *, repeat: int = 3, min_time: float = 0.0) -> float:
     return best
 
 
+def paired_best_times(ours, reference, *, repeat: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Best wall times of ``ours()`` and ``reference()``, measured alternately (after ``warmup`` calls each).
+
+    Alternating the two keeps a change of machine load (another process, CPU frequency) from
+    landing on one side of a ratio only; the minimum of each is the least noisy estimator.
+    """
+    for _ in range(warmup):
+        ours()
+        reference()
+    t_ours = t_ref = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ours()
+        t1 = time.perf_counter()
+        reference()
+        t2 = time.perf_counter()
+        t_ours, t_ref = min(t_ours, t1 - t0), min(t_ref, t2 - t1)
+    return t_ours, t_ref
+
+
 def timed_pedantic(benchmark, fn, *, rounds: int, warmup_rounds: int = 0):
     """Run ``fn`` under pytest-benchmark's pedantic mode; return (its result, best wall time in s)."""
     times = []
