@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -347,3 +348,37 @@ def test_cli_errors(tmp_path, capsys):
     bad.write_text("[model]\nepoch = 3\n")
     assert run_batch_cli([str(tmp_path / "empty"), "--config", str(bad)]) == 1
     assert "model.epoch" in capsys.readouterr().err
+
+
+def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
+    """The next frame is read (in a background thread) while the current one is analysed."""
+    import threading
+
+    from stemfast.batch import _prefetched
+
+    class Stack:
+        is_stack = True
+
+        def __init__(self) -> None:
+            self.started: list[int] = []
+            self.threads: set[str] = set()
+
+        def frame(self, i: int) -> np.ndarray:
+            self.started.append(i)
+            self.threads.add(threading.current_thread().name)
+            if i == 2:
+                raise OSError("truncated frame")
+            return np.full((4, 4), i, np.float32)
+
+    mg = Stack()
+    seen = []
+    for f, img, exc, wait in _prefetched(mg, [0, 1, 2, 3]):
+        # while frame f is being consumed (the consumer has not asked for more), frame f + 1 gets read
+        deadline = time.monotonic() + 10.0
+        while mg.started[-1] != min(f + 1, 3) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert mg.started[-1] == min(f + 1, 3)
+        assert wait >= 0.0
+        seen.append((f, None if img is None else float(img[0, 0]), None if exc is None else str(exc)))
+    assert seen == [(0, 0.0, None), (1, 1.0, None), (2, None, "truncated frame"), (3, 3.0, None)]
+    assert all(t.startswith("stemfast-read") for t in mg.threads)

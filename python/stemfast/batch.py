@@ -470,6 +470,39 @@ def _analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: in
     return FrameResult(rec, table, top_patches)
 
 
+def _prefetched(mg, frames: Sequence[int]) -> Iterator[tuple[int, np.ndarray | None, Exception | None, float]]:
+    """Yield ``(frame, image, read_error, wait_s)`` for ``frames``, reading frame ``i + 1`` while ``i`` is analysed.
+
+    One background thread reads ahead by one frame (so at most two frames are in memory, whatever
+    the length of the stack); ``wait_s`` is the time the consumer waited for the frame, i.e. the
+    part of the reading that did not overlap with the analysis. A single image is read in place.
+    """
+    frames = list(frames)
+    if len(frames) <= 1 or not getattr(mg, "is_stack", False):
+        for f in frames:
+            t0 = time.perf_counter()
+            try:
+                img, exc = _get_frame(mg, f), None
+            except Exception as e:  # noqa: BLE001 - reported per frame by the caller
+                img, exc = None, e
+            yield f, img, exc, time.perf_counter() - t0
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemfast-read") as pool:
+        nxt = pool.submit(_get_frame, mg, frames[0])
+        for j, f in enumerate(frames):
+            t0 = time.perf_counter()
+            try:
+                img, exc = nxt.result(), None
+            except Exception as e:  # noqa: BLE001 - reported per frame by the caller
+                img, exc = None, e
+            wait = time.perf_counter() - t0
+            nxt = pool.submit(_get_frame, mg, frames[j + 1]) if j + 1 < len(frames) else None
+            yield f, img, exc, wait
+            img = None
+
+
 def _iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", prev_frame: int | None = None, bar: bool = False,
                  desc: str = "") -> Iterator[FrameResult]:
@@ -481,18 +514,15 @@ def _iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache:
         except Exception as exc:  # noqa: BLE001 - the previous frame is only needed for the drift
             log.info("%s: frame %d unreadable for the drift: %s", desc, prev_frame, exc)
     stack = getattr(mg, "is_stack", False)
-    it = _bar(frames, bar and len(frames) > 1, desc=desc, unit="frame", leave=False)
-    for f in it:
-        t0 = time.perf_counter()
-        try:
-            img = _get_frame(mg, f)
-        except Exception as exc:  # noqa: BLE001 - a truncated stack: report the frame, go on
+    it = _bar(_prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
+              total=len(frames))
+    for f, img, exc, read_s in it:
+        if exc is not None:  # a truncated stack: report the frame, go on
             rec = _frame_record(f)
             rec["error"] = f"cannot read frame {f}: {exc}"
             prev_small = None
             yield FrameResult(rec)
             continue
-        read_s = time.perf_counter() - t0
         prep = cache.pop((cache_key, f), None) if cache is not None else None
         fr = _analyze_frame(img, f, model=model, config=config, patch_size=patch_size,
                             pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s)
