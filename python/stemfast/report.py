@@ -193,7 +193,7 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
     ncol = 6
     nrow = max(1, math.ceil(n / ncol)) if n else 1
     fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
-    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.35)
+    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
     ax = fig.add_subplot(gs[:, :2])
     if image is not None:
         img, f = _downsample(image)
@@ -228,10 +228,14 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
             a.set_xticks([])
             a.set_yticks([])
             rank = int(c.get("rank", i + 1))
-            label = f"#{rank} {c.get('defect_kind', '')}".strip()
+            label = f"#{rank}"
             if c.get("frame") is not None and c.get("show_frame", False):
                 label += f" f{int(c['frame'])}"
-            a.set_title(f"{label}\n{float(c['anomaly_score']):.1f}", fontsize=7)
+            label += f"  {float(c['anomaly_score']):.1f}"
+            # the kind on a line of its own, with a break at its underscore, so long names such as
+            # 'substitution_Mo_S' stay inside their tile instead of running into the neighbour's title
+            kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
+            a.set_title(f"{label}\n{kind}" if kind else label, fontsize=6.5, linespacing=0.95)
             for sp in a.spines.values():
                 sp.set_edgecolor("#ff1744" if c.get("is_defect", True) else "#ffab00")
     _savefig(fig, path, dpi)
