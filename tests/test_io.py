@@ -431,3 +431,24 @@ def test_micrograph_properties():
 def test_unit_to_nm():
     assert unit_to_nm("nm") == 1.0 and unit_to_nm("Å") == 0.1 and unit_to_nm("µm") == 1000.0
     assert unit_to_nm("pm") == 0.001 and unit_to_nm("1/nm") is None and unit_to_nm(None) is None
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, img):
+    """Atomic writes go through a mkstemp file (mode 0600): the result must get 0666 & ~umask."""
+    import torch  # noqa: F401 - the model file is written by torch.save
+
+    from stemfast.atomic import write_text
+    from stemfast.model import RVAE, RVAEConfig
+    from stemfast.model.training import build_network
+
+    old = os.umask(0o022)
+    try:
+        t = write_tiff(tmp_path / "a.tif", img)
+        j = tmp_path / "b.json"
+        write_text(j, "{}")
+        cfg = RVAEConfig(input_size=16, channels=(4, 4, 4), stn_channels=(4, 4), device="cpu")
+        m = RVAE(build_network(cfg), cfg).save(tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    for p in (t, j, m):
+        assert (p.stat().st_mode & 0o777) == 0o644, (p.name, oct(p.stat().st_mode))

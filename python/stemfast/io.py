@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -350,18 +349,10 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, *, pixel_size: float |
         kwargs["resolution"] = (1.0 / ps, 1.0 / ps)
         meta["unit"] = "".join(c if ord(c) < 128 else f"\\u{ord(c):04X}" for c in u)
     kwargs["metadata"] = meta
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    from .atomic import atomic_path
+
+    with atomic_path(p) as tmp:
         tifffile.imwrite(tmp, arr, **kwargs)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return p
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_open
 from . import functional as MF
 from .modules import RVAE as RVAENet
 from .modules import VAE as VAENet
@@ -241,19 +241,9 @@ class RVAE:
         normalisation; values must be numbers, strings, lists, dicts or arrays.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state(extra)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path, "wb") as fh:
+            torch.save(state, fh)
         if extra:
             self.extra.update(extra)
         return path
