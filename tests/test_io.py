@@ -263,6 +263,36 @@ def test_emd_via_rosettasciio(tmp_path, stack):
     json.dumps(mg.metadata)
 
 
+@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("kind", ["image", "stack"])
+def test_digitalmicrograph_via_rosettasciio(tmp_path, img, stack, version, kind):
+    """DM3 / DM4 (Gatan) through RosettaSciIO: data, calibration (Å -> nm), lazy frames of a stack."""
+    pytest.importorskip("rsciio.digitalmicrograph")
+    from dmfile import write_dm
+
+    data = img if kind == "image" else stack
+    p = write_dm(tmp_path / f"a.dm{version}", data, pixel_size=0.5, unit="Å", version=version)
+    mg = read(p)
+    np.testing.assert_array_equal(mg.data, data)
+    assert mg.data.dtype == np.float32
+    assert mg.pixel_size == pytest.approx(0.05) and mg.unit == "nm"
+    assert mg.metadata["format"] == f"dm{version}"
+    json.dumps(mg.metadata)
+    if kind == "stack":
+        assert mg.n_frames == len(stack)
+        np.testing.assert_array_equal(read(p, frames=3).data, stack[3])
+
+
+def test_truncated_digitalmicrograph_is_a_read_error(tmp_path, img):
+    pytest.importorskip("rsciio.digitalmicrograph")
+    from dmfile import write_dm
+
+    p = write_dm(tmp_path / "t.dm4", img, pixel_size=0.5, unit="nm", version=4)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    e = _err(p)
+    assert e.reason
+
+
 @pytest.mark.parametrize("ext", [".dm4", ".dm3", ".emd", ".ser", ".emi"])
 def test_missing_rosettasciio_is_a_read_error(tmp_path, monkeypatch, ext):
     p = tmp_path / f"x{ext}"
