@@ -40,5 +40,6 @@ void register_bandpass(py::module_& m);
 void register_peaks(py::module_& m);
 void register_lattice(py::module_& m);
 void register_patches(py::module_& m);
+void register_neighbors(py::module_& m);
 
 }  // namespace stemfast

@@ -21,4 +21,5 @@ PYBIND11_MODULE(_core, m) {
     stemfast::register_peaks(m);
     stemfast::register_lattice(m);
     stemfast::register_patches(m);
+    stemfast::register_neighbors(m);
 }

@@ -129,6 +129,147 @@ def test_gather_rejects_bad_out(backend):
             kern.gather_patches(img, xy, 5, 0.0, bad)
 
 
+# ------------------------------------------------------------------------------- gather + resample
+def banded_weights(size, m, seed, taps=3):
+    """Random non-negative [m, size] resampling weights with contiguous support (rows sum to 1)."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((m, size))
+    for r in range(m):
+        c = (r + 0.5) * size / m - 0.5
+        lo = int(np.clip(np.floor(c) - taps // 2, 0, max(0, size - taps)))
+        w[r, lo:lo + taps] = rng.random(min(taps, size - lo)) + 0.1
+    return w / w.sum(1, keepdims=True)
+
+
+def gather_resampled(backend, image, xy, size, weights, fill, center, scale):
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    m = len(weights)
+    out = np.full((len(xy), m, m), 12345.0, dtype=np.float32)
+    edge = get_kernels(backend).gather_resampled(np.ascontiguousarray(image, dtype=np.float32), xy, size,
+                                                 np.ascontiguousarray(weights, dtype=np.float64), float(fill),
+                                                 float(center), float(scale), out)
+    return out, np.asarray(edge)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size, m, taps", [(11, 8, 3), (9, 16, 2), (7, 7, 1), (12, 5, 4), (8, 6, 8)])
+def test_gather_resampled_is_gather_then_resample(backend, size, m, taps):
+    """W P W^T of the gather_patches patch P, then (v - center) / scale; edge flags as gather_patches."""
+    rng = np.random.default_rng(size * 100 + m)
+    h, w = 41, 57
+    img = rng.normal(50.0, 9.0, (h, w)).astype(np.float32)
+    xy = np.concatenate([rng.uniform(-6, w + 6, (300, 2)) * [1, h / w],   # many across the border
+                         rng.uniform(size, min(h, w) - size, (300, 2)),    # interior
+                         [[(size - 1) / 2, (size - 1) / 2], [w - 1 - (size - 1) / 2, h - 1 - (size - 1) / 2],
+                          [w - 2 - (size - 1) / 2, h - 2 - (size - 1) / 2]]])
+    wts = banded_weights(size, m, seed=size, taps=taps)
+    out, edge = gather_resampled(backend, img, xy, size, wts, -4.0, 47.5, 3.0)
+    p, ref_edge = gather("numpy", img, xy, size, -4.0)
+    expected = (wts @ p.astype(np.float64) @ wts.T - 47.5) / 3.0
+    np.testing.assert_array_equal(edge, ref_edge)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+    ref, ref_e = gather_resampled("numpy", img, xy, size, wts, -4.0, 47.5, 3.0)
+    np.testing.assert_array_equal(edge, ref_e)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+    assert 0 < edge.sum() < len(xy) and not (out == 12345.0).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_resampled_identity_and_ramp(backend):
+    rng = np.random.default_rng(7)
+    img = rng.random((30, 35)).astype(np.float32)
+    xy = rng.uniform(-3, 33, (200, 2))
+    p, e = gather(backend, img, xy, 9, 0.25)
+    out, e2 = gather_resampled(backend, img, xy, 9, np.eye(9), 0.25, 0.0, 1.0)
+    np.testing.assert_array_equal(e, e2)
+    np.testing.assert_allclose(out, p, rtol=0, atol=1e-6)
+    # a linear ramp stays a ramp under an interpolating resampler: exact centres of the output pixels
+    yy, xx = np.mgrid[0:40, 0:60]
+    ramp = (2.0 + 0.5 * xx - 0.25 * yy).astype(np.float32)
+    size, m = 9, 6
+    wts = np.zeros((m, size))
+    for r in range(m):  # linear interpolation at c = (r + 0.5) * size / m - 0.5
+        c = (r + 0.5) * size / m - 0.5
+        i0 = int(np.floor(c))
+        wts[r, i0], wts[r, min(i0 + 1, size - 1)] = 1 - (c - i0), c - i0
+    pts = rng.uniform(8, 30, (100, 2))
+    out, e = gather_resampled(backend, ramp, pts, size, wts, 0.0, 0.0, 1.0)
+    c = (np.arange(m) + 0.5) * size / m - 0.5 - (size - 1) / 2
+    expected = 2.0 + 0.5 * (pts[:, 0, None, None] + c[None, None, :]) - 0.25 * (pts[:, 1, None, None] + c[None, :, None])
+    assert not e.any()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_resampled_rejects_bad_arguments(backend):
+    kern = get_kernels(backend)
+    img = np.zeros((8, 8), np.float32)
+    xy = np.zeros((2, 2))
+    w = np.full((3, 5), 0.2)
+    for bad_w in (np.zeros((3, 4)), np.zeros((0, 5)), np.zeros(5)):
+        with pytest.raises((ValueError, TypeError)):
+            kern.gather_resampled(img, xy, 5, bad_w, 0.0, 0.0, 1.0, np.zeros((2, 3, 3), np.float32))
+    for bad_out in (np.zeros((2, 5, 5), np.float32), np.zeros((2, 3, 3), np.float64), np.zeros((3, 3, 3), np.float32)):
+        with pytest.raises((ValueError, TypeError)):
+            kern.gather_resampled(img, xy, 5, w, 0.0, 0.0, 1.0, bad_out)
+    for scale in (0.0, np.inf, np.nan):
+        with pytest.raises(ValueError):
+            kern.gather_resampled(img, xy, 5, w, 0.0, 0.0, scale, np.zeros((2, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float64])
+def test_extract_patches_resampled_equals_extract_then_resample(backend, dtype):
+    img, pts = _lattice_image()
+    img = (img * 20).astype(dtype)
+    if dtype == np.float64:
+        img = img + 1000.0  # float32 would round the raw values: normalised first, as without resampling
+    xy = pts[(pts[:, 0] > -3) & (pts[:, 1] > -3) & (pts[:, 0] < 82) & (pts[:, 1] < 66)]
+    size = default_patch_size(9.0)
+    wts = banded_weights(size, 16, seed=2)
+    full = extract_patches(img, xy, size=size, backend=backend)
+    res = extract_patches(img, xy, size=size, backend=backend, resample_weights=wts)
+    assert res.data.shape == (len(xy), 16, 16) and res.size == 16 and res.norm == full.norm
+    np.testing.assert_array_equal(res.edge, full.edge)
+    expected = wts @ full.data.astype(np.float64) @ wts.T
+    np.testing.assert_allclose(res.data, expected, rtol=0, atol=2e-5)
+    assert res.edge.any() and not res.edge.all()
+    raw = extract_patches(img, xy, size=size, normalize=False, fill=-5.0, resample_weights=wts, backend=backend)
+    raw_full = extract_patches(img, xy, size=size, normalize=False, fill=-5.0, backend=backend)
+    np.testing.assert_allclose(raw.data, wts @ raw_full.data.astype(np.float64) @ wts.T, rtol=1e-6, atol=1e-3)
+    out = np.empty((len(xy), 16, 16), np.float32)
+    assert extract_patches(img, xy, size=size, resample_weights=wts, out=out, backend=backend).data is out
+    with pytest.raises(ValueError, match="out"):
+        extract_patches(img, xy, size=size, resample_weights=wts, out=np.empty((len(xy), size, size), np.float32))
+    with pytest.raises(ValueError, match="resample_weights"):
+        extract_patches(img, xy, size=size, resample_weights=np.ones((16, size + 1)))
+    with pytest.raises(ValueError, match="resample_weights"):
+        extract_patches(img, xy, size=size, resample_weights=np.full((16, size), np.nan))
+
+
+def test_pipeline_patches_gathered_at_the_network_input_size():
+    """prepare() gathers straight at the model's input size with the model resampler's own weights:
+    the same patches as extracting at the lattice size and resampling them (the earlier path)."""
+    pytest.importorskip("torch")
+    from stemfast.pipeline import PipelineConfig, prepare, resample_patches, resample_weights
+
+    rng = np.random.default_rng(0)
+    for size, out in ((39, 32), (21, 32), (32, 32), (45, 16)):
+        x = rng.normal(0, 1, (20, size, size)).astype(np.float32)
+        w = resample_weights(size, out)
+        assert w.shape == (out, size)
+        np.testing.assert_allclose(w @ x.astype(np.float64) @ w.T, resample_patches(x, out), rtol=0, atol=2e-6)
+    from stemfast.synth import make_mos2
+
+    img = make_mos2(shape=(192, 224), seed=4).image
+    prep = prepare(img, config=PipelineConfig())
+    size = prep.patch_size
+    assert size != 32 and prep.patches.shape == (len(prep.sites), 32, 32)
+    ref = extract_patches(img, prep.sites.xy, size=size)
+    np.testing.assert_array_equal(prep.edge, ref.edge)
+    np.testing.assert_allclose(prep.patches, resample_patches(ref.data, 32), rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- wrapper
 def _lattice_image(h=64, w=80, spacing=9.0, seed=0):
     rng = np.random.default_rng(seed)

@@ -50,3 +50,22 @@ def gather_patches(
     fill: float,
     out: npt.NDArray[np.float32],
 ) -> npt.NDArray[np.uint8]: ...
+def gather_resampled(
+    image: npt.NDArray[np.float32],
+    xy: npt.NDArray[np.float64],
+    size: int,
+    weights: npt.NDArray[np.float64],
+    fill: float,
+    center: float,
+    scale: float,
+    out: npt.NDArray[np.float32],
+) -> npt.NDArray[np.uint8]:
+    """gather_patches patches P, written as (W @ P @ W.T - center) / scale into out float32[N, M, M]."""
+
+def knn_within(
+    points: npt.NDArray[np.float64], queries: npt.NDArray[np.float64], k: int, radius: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Up to k nearest points strictly within radius of each query: (dist [M, k] inf-padded, idx [M, k] -1-padded)."""
+
+def pairs_within(points: npt.NDArray[np.float64], radius: float) -> npt.NDArray[np.int64]:
+    """Pairs (i, j), i < j, at most radius apart, sorted: int64[P, 2]."""

@@ -111,14 +111,23 @@ def _take(img: np.ndarray, ridx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
     return img[np.ix_(ridx, cidx)]
 
 
-def _filter_block(block: np.ndarray, ns: float, bs: float, workers: int, kern) -> np.ndarray:
-    """Band-pass a float32 block with periodic boundaries (the caller supplies the context)."""
-    h, w = block.shape
+def _spectrum(block: np.ndarray, workers: int) -> np.ndarray:
     spec = scipy.fft.rfft2(block, workers=workers)
     if spec.dtype != np.complex64 or not spec.flags.c_contiguous:  # pragma: no cover - scipy guarantees it
         spec = np.ascontiguousarray(spec, dtype=np.complex64)
+    return spec
+
+
+def _filter_spectrum(spec: np.ndarray, h: int, w: int, ns: float, bs: float, workers: int, kern) -> np.ndarray:
+    """Apply the band-pass mask to the rfft2 ``spec`` of an h x w block (in place) and transform back."""
     kern.bandpass_apply(spec, h, w, ns, bs)
     return scipy.fft.irfft2(spec, s=(h, w), workers=workers, overwrite_x=True)
+
+
+def _filter_block(block: np.ndarray, ns: float, bs: float, workers: int, kern) -> np.ndarray:
+    """Band-pass a float32 block with periodic boundaries (the caller supplies the context)."""
+    h, w = block.shape
+    return _filter_spectrum(_spectrum(block, workers), h, w, ns, bs, workers, kern)
 
 
 def _untiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, workers: int, kern) -> None:
@@ -126,9 +135,10 @@ def _untiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, workers: in
     pad = int(math.ceil(EDGE_PAD_SIGMAS * bs))
     hf = scipy.fft.next_fast_len(h + 2 * pad, real=True)
     wf = scipy.fft.next_fast_len(w + 2 * pad, real=True)
-    padded = np.pad(img, ((pad, hf - h - pad), (pad, wf - w - pad)), mode="reflect")
-    res = _filter_block(padded, ns, bs, workers, kern)
-    del padded
+    # the padded image only lives until it is transformed (less memory at the peak)
+    spec = _spectrum(np.pad(img, ((pad, hf - h - pad), (pad, wf - w - pad)), mode="reflect"), workers)
+    res = _filter_spectrum(spec, hf, wf, ns, bs, workers, kern)
+    del spec
     out[...] = res[pad : pad + h, pad : pad + w]
 
 

@@ -46,6 +46,65 @@ log = logging.getLogger(__name__)
 FIRST_SHELL = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]], dtype=np.float64)
 
 
+class _PointIndex:
+    """Neighbour queries on a fixed point set, with the parts of the ``cKDTree`` interface used here.
+
+    Fixed-radius queries go to the backend's grid kernels (``knn_within``, ``pairs_within``: no tree
+    to build, parallel); so do queries without a radius, first within ``4 * scale`` (``scale``: a
+    typical neighbour distance), and only the rows with fewer than ``k`` points there fall back to a
+    KD-tree. As with ``cKDTree``, missing neighbours come back as index ``n`` and distance ``inf``.
+    """
+
+    def __init__(self, xy: np.ndarray, kern, scale: float | None = None) -> None:
+        self.data = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
+        self.n = len(self.data)
+        self.kern = kern
+        self.scale = scale
+        self._tree: cKDTree | None = None
+
+    def query(self, x, k: int = 1, distance_upper_bound: float = np.inf, workers: int = 1):
+        pts = np.ascontiguousarray(x, dtype=np.float64).reshape(-1, 2)
+        kk = int(k)
+        r = float(distance_upper_bound)
+        if self.n == 0:
+            d, j = np.full((len(pts), kk), np.inf), np.full((len(pts), kk), 0, dtype=np.int64)
+        elif np.isfinite(r):
+            d, j = self.kern.knn_within(self.data, pts, kk, r)
+        else:
+            scale = self.scale if self.scale and np.isfinite(self.scale) and self.scale > 0 else None
+            if scale is None:
+                d, j = self._kd(pts, kk)
+            else:
+                d, j = self.kern.knn_within(self.data, pts, kk, 4.0 * scale)
+                short = np.flatnonzero(j[:, min(kk, self.n) - 1] < 0)
+                if len(short):
+                    d[short], j[short] = self._kd(pts[short], kk)
+        j = np.where(j < 0, self.n, j)
+        return (d[:, 0], j[:, 0]) if kk == 1 else (d, j)
+
+    def _kd(self, pts: np.ndarray, k: int):
+        if self._tree is None:
+            self._tree = cKDTree(self.data)
+        d, j = self._tree.query(pts, k=k)
+        d, j = np.asarray(d, dtype=np.float64).reshape(len(pts), k), np.asarray(j, dtype=np.int64).reshape(len(pts), k)
+        return d, np.where(j >= self.n, -1, j)
+
+    def query_pairs(self, r: float, output_type: str = "ndarray") -> np.ndarray:
+        """Pairs ``(i, j)``, ``i < j``, at most ``r`` apart, sorted (int64 [P, 2])."""
+        if self.n < 2:
+            return np.zeros((0, 2), dtype=np.int64)
+        return np.asarray(self.kern.pairs_within(self.data, float(r)), dtype=np.int64).reshape(-1, 2)
+
+
+def _typical_distance(xy: np.ndarray) -> float:
+    """Mean distance between points spread evenly over the bounding box of ``xy`` [N, 2]."""
+    if len(xy) < 2:
+        return 1.0
+    span = np.ptp(xy, axis=0)
+    area = float(span[0] * span[1])
+    return float(np.sqrt(area / len(xy))) if area > 0 else max(float(span.max()) / len(xy), 1e-6)
+
+
 @dataclass(frozen=True)
 class LatticeSettings:
     """Settings of the local lattice fit and fill-in. Lengths are in units of the spacing ``nn``.
@@ -138,7 +197,7 @@ def triangular_basis(spacing: float, angle_deg: float) -> np.ndarray:
     return spacing * np.array([[np.cos(t), np.sin(t)], [np.cos(t + np.pi / 3), np.sin(t + np.pi / 3)]])
 
 
-def estimate_spacing(xy: np.ndarray) -> tuple[float, float]:
+def estimate_spacing(xy: np.ndarray, *, backend: str | None = None) -> tuple[float, float]:
     """Nearest-neighbour spacing (px) and lattice orientation (degrees in [0, 60)) of a point set.
 
     The spacing is the mode of the nearest-neighbour distance distribution (robust to a few spurious
@@ -158,7 +217,9 @@ def estimate_spacing(xy: np.ndarray) -> tuple[float, float]:
     xy = np.asarray(xy, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 8:
         raise ValueError("estimate_spacing needs an [N, 2] point array with N >= 8")
-    tree = cKDTree(xy)
+    if not np.isfinite(xy).all():
+        raise ValueError("estimate_spacing: xy contains non-finite values")
+    tree = _PointIndex(xy, get_kernels(backend), scale=_typical_distance(xy))
     d, j = tree.query(xy, k=2)
     d1 = d[:, 1]
     d1 = d1[np.isfinite(d1) & (d1 > 0)]
@@ -185,7 +246,7 @@ def _neighbour_k(settings: LatticeSettings, n: int) -> int:
     return min(int(np.ceil(np.pi * (settings.fit_radius + 0.5) ** 2 / (np.sqrt(3) / 2))) + 2, n)
 
 
-def _neighbour_table(tree: cKDTree, xy: np.ndarray, k: int, radius: float) -> np.ndarray:
+def _neighbour_table(tree: "_PointIndex | cKDTree", xy: np.ndarray, k: int, radius: float) -> np.ndarray:
     _, idx = tree.query(xy, k=k, distance_upper_bound=radius, workers=-1)
     idx = np.asarray(idx, dtype=np.int64).reshape(len(xy), k)
     idx[idx >= tree.n] = -1
@@ -198,19 +259,21 @@ def fit_lattices(
     *,
     spacing: float,
     settings: LatticeSettings = LatticeSettings(),
-    tree: cKDTree | None = None,
+    tree: "_PointIndex | cKDTree | None" = None,
     backend: str | None = None,
     subset: np.ndarray | None = None,
     neighbours: np.ndarray | None = None,
 ):
     """Fit a local triangular lattice at every site (or at ``subset``) of ``xy``.
 
-    ``neighbours`` reuses a neighbour table from an earlier call on the same points (full fits only).
+    ``neighbours`` reuses a neighbour table from an earlier call on the same points (full fits only);
+    ``tree`` is a neighbour index of ``xy`` (e.g. a ``scipy.spatial.cKDTree``), built when not given.
     Returns ``(origin, basis, rms, n_used, n_pts)``: the ``fit_local_lattices`` kernel's outputs
     and the number of points (site + neighbours) offered to each fit.
     """
     xy = np.ascontiguousarray(xy, dtype=np.float64)
-    tree = tree if tree is not None else cKDTree(xy)
+    kern = get_kernels(backend)
+    tree = tree if tree is not None else _PointIndex(xy, kern, scale=spacing)
     q = xy if subset is None else xy[subset]
     radius = settings.fit_radius * spacing
     k = _neighbour_k(settings, len(xy))
@@ -219,7 +282,6 @@ def fit_lattices(
     n_pts = 1 + ((nb >= 0) & (nb != own[:, None])).sum(1)
     b0 = np.ascontiguousarray(np.broadcast_to(basis0, (len(q), 2, 2)) if basis0.ndim == 2 else basis0,
                               dtype=np.float64)
-    kern = get_kernels(backend)
     if subset is not None:
         # fit only the subset: compact the points to the subset and its neighbours, subset rows first
         subset = np.asarray(subset, dtype=np.int64)
@@ -242,7 +304,7 @@ def fit_lattices(
     return o, b, r, n, n_pts
 
 
-def _ball(tree: cKDTree, pts: np.ndarray, r: float, k: int) -> np.ndarray:
+def _ball(tree: "_PointIndex | cKDTree", pts: np.ndarray, r: float, k: int) -> np.ndarray:
     """Indices [M, k] of up to ``k`` nearest tree points within ``r`` of each point, -1 padded."""
     k = max(1, min(k, tree.n))
     _, j = tree.query(pts, k=k, distance_upper_bound=r, workers=-1)
@@ -293,12 +355,24 @@ class FilmMask:
         return m[: shape[0], : shape[1]]
 
 
-def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
-    """Means of f x f blocks; a partial last row/column of blocks is dropped (lookups clip to the grid)."""
+def _block_mean(img: np.ndarray, f: int, *, square: bool = False, rows: int = 512) -> np.ndarray:
+    """Means of f x f blocks (of ``img ** 2`` with ``square``), float32; a partial last row/column of
+    blocks is dropped (lookups clip to the grid). Computed in strips of about ``rows`` image rows (sums
+    over contiguous runs, no full-size temporary)."""
     H, W = img.shape
+    f = max(1, min(f, H, W))
     h, w = max(1, H // f), max(1, W // f)
-    f = min(f, H, W)
-    return img[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float32)
+    out = np.empty((h, w), dtype=np.float32)
+    step = max(1, rows // f)  # block rows per strip
+    for b0 in range(0, h, step):
+        b1 = min(h, b0 + step)
+        strip = np.asarray(img[b0 * f: b1 * f, : w * f], dtype=np.float32)
+        if square:
+            strip = strip * strip
+        col = strip.reshape(b1 - b0, f, w * f).sum(axis=1, dtype=np.float32)  # [blocks, W]
+        out[b0:b1] = col.reshape(b1 - b0, w, f).sum(axis=2, dtype=np.float32)
+    out *= np.float32(1.0 / (f * f))
+    return out
 
 
 def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> FilmMask | None:
@@ -315,8 +389,8 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
         return None
     f = max(1, int(spacing / 3))
     s = max(1.0, spacing / f)
-    mean = ndimage.gaussian_filter(_block_mean(np.asarray(image, np.float32), f), s)
-    energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed, np.float32) ** 2, f), s)
+    mean = ndimage.gaussian_filter(_block_mean(np.asarray(image), f), s)
+    energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed), f, square=True), s)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
     m_at = mean[ij[:, 0], ij[:, 1]]
@@ -392,7 +466,8 @@ def fill_lattice(
     n_peak = len(xy)
     basis0 = np.broadcast_to(b_global, (n_peak, 2, 2)).copy()
     support = np.zeros(n_peak, dtype=np.int64)
-    tree = cKDTree(xy)
+    kern = get_kernels(backend)
+    tree = _PointIndex(xy, kern, scale=nn)
     nb_all = _neighbour_table(tree, xy, _neighbour_k(settings, len(xy)), settings.fit_radius * nn)
     origin, basis, rms, n_used, _ = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
                                                  backend=backend, neighbours=nb_all)
@@ -411,7 +486,7 @@ def fill_lattice(
                 & (added | (n_used >= settings.min_inlier_fraction * n_pts)))
 
     anchors = well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
-    anchor_tree = cKDTree(xy[anchors]) if anchors.any() else None
+    anchor_tree = _PointIndex(xy[anchors], kern, scale=nn) if anchors.any() else None
     rounds = 0
     new_from = 0  # sites from this index on were added in the last round (all sites in round 0)
     while rounds < settings.max_rounds:
@@ -422,8 +497,7 @@ def fill_lattice(
             pred_sites = np.flatnonzero(good)
         else:
             nbr = _ball(tree, xy[new_from:], 1.5 * nn, 16)
-            cand = np.unique(nbr[nbr >= 0])
-            pred_sites = cand[good[cand]]
+            pred_sites = np.flatnonzero(_mark(nbr, len(xy)) & good)
         if len(pred_sites) == 0:
             break
         pts = (origin[pred_sites, None, :] + FIRST_SHELL[None, :, :] @ basis[pred_sites]).reshape(-1, 2)
@@ -435,25 +509,19 @@ def fill_lattice(
         # (e.g. in a dirty patch) does not block the lattice point it happens to sit close to
         on_lattice = good & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
         on_lattice[n_peak:] = True
-        d3, j3 = tree.query(pts, k=3, distance_upper_bound=settings.cover_radius * nn, workers=-1)
-        hit = np.isfinite(d3)
-        j3 = np.where(hit, j3, 0)
-        covered = (hit & on_lattice[j3]) | (d3 <= 0.5 * settings.cover_radius * nn)
-        free = ~covered.any(axis=1)
+        free = ~_covered(tree, pts, on_lattice, settings.cover_radius * nn)
         pts, who = pts[free], who[free]
         if len(pts) == 0:
             break
         # merge predictions of the same point
-        ptree = cKDTree(pts)
-        pairs = ptree.query_pairs(settings.merge_radius * nn, output_type="ndarray")
+        pairs = _PointIndex(pts, kern).query_pairs(settings.merge_radius * nn)
         g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts)))
         ncomp, lab = connected_components(g, directed=False)
         cnt = np.bincount(lab, minlength=ncomp)
         cx = np.bincount(lab, weights=pts[:, 0], minlength=ncomp) / cnt
         cy = np.bincount(lab, weights=pts[:, 1], minlength=ncomp) / cnt
         # support = distinct predicting sites per candidate
-        key = np.unique(lab.astype(np.int64) * (len(xy) + 1) + who)
-        sup = np.bincount(key // (len(xy) + 1), minlength=ncomp)
+        sup = _distinct_per_label(lab, who, ncomp)
         cand = np.stack([cx, cy], 1)
         keep = sup >= settings.min_support
         if isinstance(film, FilmMask):
@@ -478,19 +546,22 @@ def fill_lattice(
             keep &= np.isfinite(d_anchor)
         if not keep.any():
             break
-        new = cand[keep]
+        kept = np.flatnonzero(keep)
         # a merged candidate could still sit next to another kept one (two clusters of one point)
-        new = _dedupe(new, settings.merge_radius * nn * 1.5)
+        kept = kept[_dedupe(_PointIndex(cand[kept], kern), settings.merge_radius * nn * 1.5)]
+        new = cand[kept]
         rounds += 1
         new_from = len(xy)
         nb0 = _nearest_basis(tree, new, basis, good, b_global)
         xy = np.concatenate([xy, new])
-        support = np.concatenate([support, _support_of(new, cand[keep], sup[keep])])
-        tree = cKDTree(xy)
+        support = np.concatenate([support, sup[kept].astype(np.int64)])
+        tree = _PointIndex(xy, kern, scale=nn)
         basis0 = np.concatenate([basis, nb0])
         # refit everything near the additions (their neighbourhoods changed) plus the new sites
         nbr = _ball(tree, new, settings.fit_radius * nn, 32)
-        touched = np.unique(np.concatenate([np.arange(new_from, len(xy)), nbr[nbr >= 0]]))
+        touched_mask = _mark(nbr, len(xy))
+        touched_mask[new_from:] = True
+        touched = np.flatnonzero(touched_mask)
         o2, b2, r2, n2, p2 = fit_lattices(xy, basis0[touched], spacing=nn, settings=settings, tree=tree,
                                           backend=backend, subset=touched)
         origin = np.concatenate([origin, np.zeros((len(new), 2))])
@@ -536,25 +607,78 @@ def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings, which) -
     return out
 
 
-def _dedupe(pts: np.ndarray, r: float) -> np.ndarray:
-    if len(pts) < 2:
-        return pts
-    pairs = cKDTree(pts).query_pairs(r, output_type="ndarray")
+def _dedupe(index: _PointIndex, r: float) -> np.ndarray:
+    """Indices of the index's points kept when, of every pair at most ``r`` apart, the later point is
+    dropped (pairs in ``(i, j)`` order; a dropped point drops nothing)."""
+    keep = np.arange(index.n)
+    if index.n < 2:
+        return keep
+    pairs = index.query_pairs(r)
     if len(pairs) == 0:
-        return pts
-    drop = np.zeros(len(pts), bool)
+        return keep
+    drop = np.zeros(index.n, bool)
     for a, b in pairs:
         if not drop[a]:
             drop[b] = True
-    return pts[~drop]
+    return keep[~drop]
 
 
-def _support_of(new: np.ndarray, cand: np.ndarray, sup: np.ndarray) -> np.ndarray:
-    _, j = cKDTree(cand).query(new, k=1)
-    return sup[j].astype(np.int64)
+def _mark(idx: np.ndarray, n: int) -> np.ndarray:
+    """Bool [n], True at the indices ``idx`` >= 0 (any shape; -1 = none)."""
+    m = np.zeros(n, bool)
+    m[idx[idx >= 0]] = True
+    return m
 
 
-def _nearest_basis(tree: cKDTree, pts: np.ndarray, basis: np.ndarray, good: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+def _covered(tree: _PointIndex, pts: np.ndarray, on_lattice: np.ndarray, radius: float) -> np.ndarray:
+    """True where one of the 3 sites nearest to a point, within ``radius``, is on the lattice, or
+    the nearest site is within ``radius / 2``.
+
+    The nearest site decides almost every point (it is on the lattice, or out of reach); only the
+    rest need the 3 nearest.
+    """
+    if len(pts) == 0:
+        return np.zeros(0, bool)
+    d1, j1 = tree.query(pts, k=1, distance_upper_bound=radius, workers=-1)
+    hit = np.isfinite(d1)
+    j1 = np.where(hit, j1, 0)
+    covered = (hit & on_lattice[j1]) | (d1 <= 0.5 * radius)
+    ask = np.flatnonzero(hit & ~covered)
+    if len(ask):
+        d3, j3 = tree.query(pts[ask], k=min(3, tree.n), distance_upper_bound=radius, workers=-1)
+        d3, j3 = np.asarray(d3).reshape(len(ask), -1), np.asarray(j3).reshape(len(ask), -1)
+        hit3 = np.isfinite(d3)
+        covered[ask] = (hit3 & on_lattice[np.where(hit3, j3, 0)]).any(axis=1)
+    return covered
+
+
+def _distinct_per_label(lab: np.ndarray, who: np.ndarray, n_labels: int, run: int = len(FIRST_SHELL)) -> np.ndarray:
+    """Number of distinct ``who`` per label ``lab`` (int arrays of one length).
+
+    ``who`` comes sorted with at most ``run`` equal entries in a row (each site predicts its first
+    shell), so a repeated ``(lab, who)`` pair lies within ``run - 1`` places of its first copy.
+    """
+    lab = np.asarray(lab, dtype=np.int64)
+    who = np.asarray(who, dtype=np.int64)
+    if len(who) > 1 and not (np.all(np.diff(who) >= 0) and _max_run(who) <= run):
+        key = np.unique(lab * (int(who.max()) + 1) + who)  # general case
+        return np.bincount(key // (int(who.max()) + 1), minlength=n_labels)
+    dup = np.zeros(len(lab), bool)
+    for d in range(1, run):
+        if d >= len(lab):
+            break
+        dup[d:] |= (who[d:] == who[:-d]) & (lab[d:] == lab[:-d])
+    return np.bincount(lab[~dup], minlength=n_labels)
+
+
+def _max_run(a: np.ndarray) -> int:
+    """Longest run of equal consecutive entries of a non-empty 1-D array."""
+    edges = np.flatnonzero(np.diff(a) != 0)
+    bounds = np.concatenate([[-1], edges, [len(a) - 1]])
+    return int(np.diff(bounds).max())
+
+
+def _nearest_basis(tree: _PointIndex, pts: np.ndarray, basis: np.ndarray, good: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Start basis for new sites: that of the nearest well-fitted site among the 6 nearest."""
     out = np.broadcast_to(fallback, (len(pts), 2, 2)).copy()
     _, j = tree.query(pts, k=min(6, tree.n))
@@ -569,7 +693,7 @@ def _nearest_basis(tree: cKDTree, pts: np.ndarray, basis: np.ndarray, good: np.n
 
 
 def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, values: np.ndarray | None = None,
-                      max_bond: float = 1.25) -> np.ndarray:
+                      max_bond: float = 1.25, backend: str | None = None) -> np.ndarray:
     """Three-colour the triangular lattice of sites: label 0, 1, 2 such that bonded sites differ.
 
     In lattice coordinates ``(m, n)`` the colour is ``(m - n) mod 3``; it is propagated along bonds
@@ -586,8 +710,7 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
     labels = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return labels
-    tree = cKDTree(xy)
-    pairs = tree.query_pairs(max_bond * spacing, output_type="ndarray")
+    pairs = _PointIndex(xy, get_kernels(backend)).query_pairs(max_bond * spacing)
     if len(pairs) == 0:
         return labels
     a, b = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])

@@ -8,6 +8,10 @@ A *patch* is a ``size x size`` bilinear sample of the image centred on a (sub-pi
 Patches are normalised with one robust per-image :class:`PatchNorm` (``(raw - center) / scale``);
 the norm is returned so that patches of another image can be normalised the same way, e.g. for a
 model trained on the first image.
+
+A separable linear resampling (weights ``W`` [M, size]: the patch becomes ``W @ P @ W.T``) can be
+applied in the same pass, e.g. to a model's input size (:func:`stemfast.pipeline.prepare`): the
+compiled gather then never stores the ``size x size`` patches.
 """
 from __future__ import annotations
 
@@ -190,6 +194,7 @@ def extract_patches(
     norm: PatchNorm | None = None,
     backend: str | None = None,
     out: np.ndarray | None = None,
+    resample_weights: np.ndarray | None = None,
 ) -> Patches:
     """Cut a ``size x size`` bilinear patch of ``image`` centred on every site of ``xy``.
 
@@ -212,13 +217,19 @@ def extract_patches(
     backend : str, optional
         Kernel backend (``cpp``, ``numba``, ``numpy``); default the fastest available.
     out : (N, size, size) float32 array, optional
-        C-contiguous array to write the patches into (returned as ``data``).
+        C-contiguous array to write the patches into (returned as ``data``); (N, M, M) with
+        ``resample_weights``.
+    resample_weights : (M, size) array, optional
+        Weights of a separable linear resampling applied to every patch ``P`` (in float64, before
+        the normalisation): the result is the M x M patch ``W @ P @ W.T``. Rows are output pixels;
+        for a resampler that preserves constants every row sums to 1 (then the fill value and the
+        normalisation commute with it).
 
     Returns
     -------
     Patches
-        ``data`` float32 [N, size, size], ``edge`` bool [N] (patch has samples outside the image),
-        ``norm`` the normalisation applied (``PatchNorm(0.0, 1.0)`` when ``normalize=False``).
+        ``data`` float32 [N, size, size] (or [N, M, M]), ``edge`` bool [N] (patch has samples outside
+        the image), ``norm`` the normalisation applied (``PatchNorm(0.0, 1.0)`` when ``normalize=False``).
 
     Examples
     --------
@@ -240,11 +251,20 @@ def extract_patches(
         if not normalize:
             raise ValueError("norm was given but normalize=False; drop one of them")
     n = len(xy)
+    out_side = size
+    if resample_weights is not None:
+        resample_weights = np.ascontiguousarray(resample_weights, dtype=np.float64)
+        if (resample_weights.ndim != 2 or resample_weights.shape[1] != size or resample_weights.shape[0] < 1
+                or not np.isfinite(resample_weights).all()):
+            raise ValueError(f"resample_weights must be a finite (M, size={size}) array, got shape "
+                             f"{resample_weights.shape}")
+        out_side = int(resample_weights.shape[0])
+    shape = (n, out_side, out_side)
     if out is None:
-        out = np.empty((n, size, size), dtype=np.float32)
-    elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (n, size, size)
+        out = np.empty(shape, dtype=np.float32)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == shape
               and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {(n, size, size)}")
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
 
     median = None  # this image's median, only computed when needed
     if normalize and norm is None:
@@ -256,11 +276,23 @@ def extract_patches(
     if n == 0:
         return Patches(data=out, edge=np.zeros(0, dtype=bool), norm=applied)
 
-    work = _as_float32(image, norm if normalize else None)
-    kern_fill = (fill - applied.center) / applied.scale
-    edge = get_kernels(backend).gather_patches(work, xy, size, float(kern_fill), out)
+    kern = get_kernels(backend)
+    if resample_weights is not None:
+        if np.can_cast(image.dtype, np.float32, "safe"):
+            # float32 holds the image exactly: gather it raw, resample, then normalise, in one pass
+            work, center, scale, kern_fill = _as_float32(image, None), applied.center, applied.scale, fill
+        else:  # normalise in float64 first (as without resampling), so float32 keeps the detail
+            work, center, scale = _as_float32(image, norm if normalize else None), 0.0, 1.0
+            kern_fill = (fill - applied.center) / applied.scale
+        edge = kern.gather_resampled(work, xy, size, resample_weights, float(kern_fill), float(center),
+                                     float(scale), out)
+    else:
+        work = _as_float32(image, norm if normalize else None)
+        kern_fill = (fill - applied.center) / applied.scale
+        edge = kern.gather_patches(work, xy, size, float(kern_fill), out)
     edge = np.asarray(edge).astype(bool)
-    log.debug("extracted %d patches of %dx%d px (%d at the edge)", n, size, size, int(edge.sum()))
+    log.debug("extracted %d patches of %dx%d px -> %dx%d (%d at the edge)", n, size, size, out_side, out_side,
+              int(edge.sum()))
     return Patches(data=out, edge=edge, norm=applied)
 
 

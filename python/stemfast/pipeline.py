@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -17,7 +18,8 @@ from .patches import default_patch_size, extract_patches
 from .sites import SiteSettings, find_sites
 from .table import SiteTable
 
-__all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "train_model", "analyze", "run_image"]
+__all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resample_weights", "train_model", "analyze",
+           "run_image"]
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,12 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)
     if len(table):
-        p = extract_patches(image, table.xy, size=size, backend=config.sites.backend)
-        patches, edge, norm = p.data, p.edge, p.norm
         out = int(getattr(config.model, "input_size", size) or size)
-        if out != size:
-            patches = resample_patches(patches, out)
+        # gather straight at the model's input size: the compiled gather applies resample_patches'
+        # weights in the same pass (no size x size intermediate, no second pass over the patches)
+        weights = resample_weights(size, out) if out != size else None
+        p = extract_patches(image, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
+        patches, edge, norm = p.data, p.edge, p.norm
     else:
         patches = np.zeros((0, size, size), np.float32)
         edge = np.zeros(0, bool)
@@ -100,6 +103,37 @@ def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> n
             t = torch.from_numpy(np.ascontiguousarray(patches[i:i + chunk]))[:, None]
             out[i:i + chunk] = _resample(t, size)[:, 0].numpy()
     return out
+
+
+@lru_cache(maxsize=32)
+def _resample_weights_cached(size: int, out: int) -> np.ndarray:
+    import torch
+
+    from .model.functional import resample_patches as _resample
+
+    # resample_patches is linear and separable (W P W^T): patch i, whose row i is all ones, comes out
+    # as W[:, i] (x) (W 1); W 1 = 1 for an interpolator, and in general sqrt(sum_i of its diagonal)
+    probe = torch.zeros((size, 1, size, size), dtype=torch.float64)
+    probe[torch.arange(size), 0, torch.arange(size), :] = 1.0
+    with torch.inference_mode():
+        res = _resample(probe, out)[:, 0].numpy()  # [size, out, out]
+    row_sum = np.sqrt(res[:, 0, 0].sum())
+    w = np.ascontiguousarray(res[:, :, 0].T / row_sum)
+    w.setflags(write=False)
+    return w
+
+
+def resample_weights(size: int, out: int) -> np.ndarray:
+    """Weights ``W`` [out, size] of :func:`resample_patches` from ``size`` to ``out`` px (read off the
+    model's resampler, which is linear and separable: a patch ``P`` becomes ``W @ P @ W.T``).
+
+    Examples
+    --------
+    >>> w = resample_weights(5, 5)  # same size: the identity
+    >>> bool(np.allclose(w, np.eye(5)))
+    True
+    """
+    return _resample_weights_cached(int(size), int(out))
 
 
 def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0):

@@ -205,9 +205,8 @@ def _validate_image(image) -> np.ndarray:
     if not np.issubdtype(img.dtype, np.number) or np.iscomplexobj(img):
         raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
     img = np.ascontiguousarray(img, dtype=np.float32)
-    bad = ~np.isfinite(img)
-    if bad.any():
-        raise ValueError(f"image has {int(bad.sum())} non-finite (NaN/inf) pixels")
+    if not np.isfinite(img).all():
+        raise ValueError(f"image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite (NaN/inf) pixels")
     return img
 
 
@@ -295,7 +294,7 @@ def find_sites(
         if len(pk0.xy) < 8:
             warnings.warn("too few columns to estimate the lattice spacing", NoLatticeWarning, stacklevel=2)
             return _empty_table({**meta, "status": "no lattice"})
-        nn, _ = estimate_spacing(pk0.xy)
+        nn, _ = estimate_spacing(pk0.xy, backend=s.backend)
     else:
         nn = float(s.spacing)
     tm["spacing"] = time.perf_counter() - t0
@@ -326,7 +325,7 @@ def find_sites(
 
     # 4. local lattice: spacing/orientation from the refined columns, fits, fill-in
     t0 = time.perf_counter()
-    nn_nb, angle = estimate_spacing(peak_xy)
+    nn_nb, angle = estimate_spacing(peak_xy, backend=s.backend)
     if s.spacing is None:
         nn = nn_nb
     film = film_mask(img, bp, peak_xy, nn) if s.detect_holes else None
@@ -359,7 +358,7 @@ def find_sites(
     # in a column (it is what tells a half-occupied S2 column from a full one)
     inten = sample_image(bp, xy, backend=s.backend)
     raw = site_intensity(img, xy, radius=max(1.0, s.intensity_radius_nn * nn), backend=s.backend)
-    sub = sublattice_labels(xy, res.basis, spacing=nn, values=inten)
+    sub = sublattice_labels(xy, res.basis, spacing=nn, values=inten, backend=s.backend)
     strain = local_strain(res.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)

@@ -53,4 +53,20 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     ``out`` float32[N, size, size] is filled with a bilinear sample of ``image`` at
     ``(x + c - (size - 1) / 2, y + r - (size - 1) / 2)`` for patch pixel ``(r, c)``; samples
     outside ``[0, W - 1] x [0, H - 1]`` take ``fill``. Returns 1 for patches with such a sample.
+
+``gather_resampled(image, xy, size, weights, fill, center, scale, out) -> uint8[N]``
+    ``weights`` float64[M, size] (M >= 1), ``scale`` finite and non-zero. With ``P`` the
+    ``gather_patches`` patch of a site in float64 (not rounded to float32), ``out`` float32[N, M, M]
+    receives ``(W @ P @ W.T - center) / scale``: a separable linear resampling to M x M px and an
+    affine normalisation in one pass. Returns the ``gather_patches`` edge flags.
+
+``knn_within(points, queries, k, radius) -> (dist float64[M, k], idx int64[M, k])``
+    ``points`` float64[N, 2], ``queries`` float64[M, 2], ``k >= 1``, ``radius`` finite and > 0.
+    For each query the up to ``k`` points with ``dx * dx + dy * dy < radius * radius`` (strictly,
+    as ``cKDTree.query(..., distance_upper_bound=radius)``), nearest first, equal distances by
+    increasing index; ``dist`` is the square root of that sum. Missing entries: ``inf`` / ``-1``.
+
+``pairs_within(points, radius) -> int64[P, 2]``
+    Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
+    ``cKDTree.query_pairs``), sorted by ``i`` then ``j``.
 """

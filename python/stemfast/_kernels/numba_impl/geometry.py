@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-__all__ = ["fit_local_lattices", "gather_patches"]
+__all__ = ["fit_local_lattices", "gather_patches", "gather_resampled"]
 
 _SINGULAR_RTOL = 1e-9
 _MIN_POINTS = 4
@@ -216,43 +216,46 @@ def fit_local_lattices(xy, neighbors, basis0, n_iter, outlier_tol):
     return origin, basis, rms, n_used
 
 
-@njit(parallel=True, cache=True)
-def _gather_kernel(image, xy, size, fill, out, edge):  # pragma: no cover
+@njit(cache=True, inline="always")
+def _sample_patch(image, x, y, size, fillv, dst):  # pragma: no cover
+    """Bilinear patch around (x, y) into dst[size, size] (cast to dst's dtype); 1 when a sample is outside."""
     h, w = image.shape
-    n_patches = xy.shape[0]
     half = (size - 1) / 2.0
     xmax = float(w - 1)
     ymax = float(h - 1)
-    fillf = np.float32(fill)
-    for p in prange(n_patches):
-        x = xy[p, 0]
-        y = xy[p, 1]
-        e = 0
-        for r in range(size):
-            sy = y + (r - half)
-            if not (sy >= 0.0 and sy <= ymax):
-                e = 1
-                for c in range(size):
-                    out[p, r, c] = fillf
-                continue
-            fy0 = math.floor(sy)
-            y0 = int(fy0)
-            gy = sy - fy0
-            y1 = y0 + 1 if y0 < h - 1 else y0
+    e = 0
+    for r in range(size):
+        sy = y + (r - half)
+        if not (sy >= 0.0 and sy <= ymax):
+            e = 1
             for c in range(size):
-                sx = x + (c - half)
-                if not (sx >= 0.0 and sx <= xmax):
-                    e = 1
-                    out[p, r, c] = fillf
-                    continue
-                fx0 = math.floor(sx)
-                x0 = int(fx0)
-                gx = sx - fx0
-                x1 = x0 + 1 if x0 < w - 1 else x0
-                top = (1.0 - gx) * image[y0, x0] + gx * image[y0, x1]
-                bot = (1.0 - gx) * image[y1, x0] + gx * image[y1, x1]
-                out[p, r, c] = np.float32((1.0 - gy) * top + gy * bot)
-        edge[p] = e
+                dst[r, c] = fillv
+            continue
+        fy0 = math.floor(sy)
+        y0 = int(fy0)
+        gy = sy - fy0
+        y1 = y0 + 1 if y0 < h - 1 else y0
+        for c in range(size):
+            sx = x + (c - half)
+            if not (sx >= 0.0 and sx <= xmax):
+                e = 1
+                dst[r, c] = fillv
+                continue
+            fx0 = math.floor(sx)
+            x0 = int(fx0)
+            gx = sx - fx0
+            x1 = x0 + 1 if x0 < w - 1 else x0
+            top = (1.0 - gx) * image[y0, x0] + gx * image[y0, x1]
+            bot = (1.0 - gx) * image[y1, x0] + gx * image[y1, x1]
+            dst[r, c] = (1.0 - gy) * top + gy * bot
+    return e
+
+
+@njit(parallel=True, cache=True)
+def _gather_kernel(image, xy, size, fill, out, edge):  # pragma: no cover
+    fillf = np.float32(fill)
+    for p in prange(xy.shape[0]):
+        edge[p] = _sample_patch(image, xy[p, 0], xy[p, 1], size, fillf, out[p])
 
 
 def gather_patches(image, xy, size, fill, out):
@@ -267,4 +270,57 @@ def gather_patches(image, xy, size, fill, out):
         raise ValueError("gather_patches: image must be a non-empty 2-D array")
     edge = np.zeros(n_patches, dtype=np.uint8)
     _gather_kernel(image, xy, size, float(fill), out, edge)
+    return edge
+
+
+@njit(parallel=True, cache=True)
+def _gather_resampled_kernel(image, xy, size, weights, lo, hi, fill, center, scale, out, edge,
+                             scratch_p, scratch_t):  # pragma: no cover
+    m = weights.shape[0]
+    inv = 1.0 / scale
+    for p in prange(xy.shape[0]):
+        tid = get_thread_id()
+        P = scratch_p[tid]
+        T = scratch_t[tid]
+        edge[p] = _sample_patch(image, xy[p, 0], xy[p, 1], size, fill, P)
+        for i in range(size):
+            for c in range(m):
+                s = 0.0
+                for j in range(lo[c], hi[c]):
+                    s += P[i, j] * weights[c, j]
+                T[i, c] = s
+        for r in range(m):
+            for c in range(m):
+                s = 0.0
+                for i in range(lo[r], hi[r]):
+                    s += weights[r, i] * T[i, c]
+                out[p, r, c] = np.float32((s - center) * inv)
+
+
+def gather_resampled(image, xy, size, weights, fill, center, scale, out):
+    """Numba implementation of the ``gather_resampled`` kernel (see :mod:`stemfast._kernels`)."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    size = int(size)
+    n_patches = xy.shape[0]
+    if image.ndim != 2 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError("gather_resampled: image must be a non-empty 2-D array")
+    if weights.ndim != 2 or weights.shape[1] != size or weights.shape[0] < 1:
+        raise ValueError("gather_resampled: weights must be [M, size] with M >= 1")
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError("gather_resampled: scale must be finite, != 0")
+    m = weights.shape[0]
+    if out.shape != (n_patches, m, m) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("gather_resampled: out must be C-contiguous float32 [N, M, M]")
+    nz = weights != 0.0
+    any_nz = nz.any(axis=1)
+    lo = np.where(any_nz, np.argmax(nz, axis=1), 0).astype(np.int64)
+    hi = np.where(any_nz, size - np.argmax(nz[:, ::-1], axis=1), 0).astype(np.int64)
+    n_threads = max(numba.config.NUMBA_NUM_THREADS, numba.get_num_threads())
+    scratch_p = np.empty((n_threads, size, size))
+    scratch_t = np.empty((n_threads, size, m))
+    edge = np.zeros(n_patches, dtype=np.uint8)
+    _gather_resampled_kernel(image, xy, size, weights, lo, hi, float(fill), float(center), float(scale), out, edge,
+                             scratch_p, scratch_t)
     return edge

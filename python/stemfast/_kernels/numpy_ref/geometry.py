@@ -1,8 +1,9 @@
 """Geometry kernels, NumPy reference: local lattice fits and bilinear patch gather.
 
-This module is the readable specification of ``fit_local_lattices`` and ``gather_patches`` (see the
-contract in :mod:`stemfast._kernels`). It is vectorised over sites / patches and processes them in
-chunks so that memory stays bounded; the compiled backends must agree with it.
+This module is the readable specification of ``fit_local_lattices``, ``gather_patches`` and
+``gather_resampled`` (see the contract in :mod:`stemfast._kernels`). It is vectorised over sites /
+patches and processes them in chunks so that memory stays bounded; the compiled backends must agree
+with it.
 
 Arithmetic conventions shared by all backends (so that integer rounding is identical):
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fit_local_lattices", "gather_patches"]
+__all__ = ["fit_local_lattices", "gather_patches", "gather_resampled"]
 
 _SITE_CHUNK = 1 << 15
 _PATCH_CHUNK = 1 << 11
@@ -122,6 +123,34 @@ def _fit_chunk(xy, nb, b0, start, n_iter, outlier_tol):
     return o, B, rms, n_used
 
 
+def _sample_chunk(img, xy, size, fill, w, h):
+    """float64 bilinear patches [n, size, size] of the float64 image ``img`` and their edge flags."""
+    offs = np.arange(size) - (size - 1) / 2.0  # exact half-integers
+    sx = xy[:, 0:1] + offs[None, :]   # [n, S] sample columns
+    sy = xy[:, 1:2] + offs[None, :]   # [n, S] sample rows
+    in_x = (sx >= 0) & (sx <= w - 1)
+    in_y = (sy >= 0) & (sy <= h - 1)
+    # floor and the 4 neighbours; the neighbour past the last pixel has weight 0 (f == 0 there)
+    x0 = np.floor(np.clip(sx, 0, w - 1))
+    y0 = np.floor(np.clip(sy, 0, h - 1))
+    fx = np.where(in_x, sx - x0, 0.0)
+    fy = np.where(in_y, sy - y0, 0.0)
+    x0 = x0.astype(np.int64)
+    y0 = y0.astype(np.int64)
+    x1 = np.minimum(x0 + 1, w - 1)
+    y1 = np.minimum(y0 + 1, h - 1)
+    # [n, S(rows), S(cols)]
+    r0, r1 = y0[:, :, None], y1[:, :, None]
+    c0, c1 = x0[:, None, :], x1[:, None, :]
+    gx = fx[:, None, :]
+    gy = fy[:, :, None]
+    top = (1.0 - gx) * img[r0, c0] + gx * img[r0, c1]
+    bot = (1.0 - gx) * img[r1, c0] + gx * img[r1, c1]
+    val = (1.0 - gy) * top + gy * bot
+    inside = in_y[:, :, None] & in_x[:, None, :]
+    return np.where(inside, val, float(fill)), ~inside.all(axis=(1, 2))
+
+
 def gather_patches(image, xy, size, fill, out):
     """Reference implementation of the ``gather_patches`` kernel (see :mod:`stemfast._kernels`)."""
     image = np.asarray(image)
@@ -134,31 +163,32 @@ def gather_patches(image, xy, size, fill, out):
     edge = np.zeros(n_patches, dtype=np.uint8)
     # the image is float32 by contract (the other backends convert to it); sample in float64
     img = image.astype(np.float32, copy=False).astype(np.float64)
-    offs = np.arange(size) - (size - 1) / 2.0  # exact half-integers
     for start in range(0, n_patches, _PATCH_CHUNK):
         stop = min(n_patches, start + _PATCH_CHUNK)
-        sx = xy[start:stop, 0:1] + offs[None, :]   # [n, S] sample columns
-        sy = xy[start:stop, 1:2] + offs[None, :]   # [n, S] sample rows
-        in_x = (sx >= 0) & (sx <= w - 1)
-        in_y = (sy >= 0) & (sy <= h - 1)
-        # floor and the 4 neighbours; the neighbour past the last pixel has weight 0 (f == 0 there)
-        x0 = np.floor(np.clip(sx, 0, w - 1))
-        y0 = np.floor(np.clip(sy, 0, h - 1))
-        fx = np.where(in_x, sx - x0, 0.0)
-        fy = np.where(in_y, sy - y0, 0.0)
-        x0 = x0.astype(np.int64)
-        y0 = y0.astype(np.int64)
-        x1 = np.minimum(x0 + 1, w - 1)
-        y1 = np.minimum(y0 + 1, h - 1)
-        # [n, S(rows), S(cols)]
-        r0, r1 = y0[:, :, None], y1[:, :, None]
-        c0, c1 = x0[:, None, :], x1[:, None, :]
-        gx = fx[:, None, :]
-        gy = fy[:, :, None]
-        top = (1.0 - gx) * img[r0, c0] + gx * img[r0, c1]
-        bot = (1.0 - gx) * img[r1, c0] + gx * img[r1, c1]
-        val = (1.0 - gy) * top + gy * bot
-        inside = in_y[:, :, None] & in_x[:, None, :]
-        out[start:stop] = np.where(inside, val, float(fill))
-        edge[start:stop] = ~inside.all(axis=(1, 2))
+        out[start:stop], edge[start:stop] = _sample_chunk(img, xy[start:stop], size, fill, w, h)
+    return edge
+
+
+def gather_resampled(image, xy, size, weights, fill, center, scale, out):
+    """Reference implementation of the ``gather_resampled`` kernel (see :mod:`stemfast._kernels`)."""
+    image = np.asarray(image)
+    xy = np.asarray(xy, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    size = int(size)
+    h, w = image.shape
+    n_patches = xy.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != size or weights.shape[0] < 1:
+        raise ValueError("gather_resampled: weights must be [M, size] with M >= 1")
+    if not (np.isfinite(scale) and scale != 0):
+        raise ValueError("gather_resampled: scale must be finite, != 0")
+    m = weights.shape[0]
+    if out.shape != (n_patches, m, m) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("gather_resampled: out must be C-contiguous float32 [N, M, M]")
+    edge = np.zeros(n_patches, dtype=np.uint8)
+    img = image.astype(np.float32, copy=False).astype(np.float64)
+    for start in range(0, n_patches, _PATCH_CHUNK):
+        stop = min(n_patches, start + _PATCH_CHUNK)
+        patch, edge[start:stop] = _sample_chunk(img, xy[start:stop], size, fill, w, h)
+        res = weights @ patch @ weights.T  # [n, M, M]: W P W^T
+        out[start:stop] = (res - float(center)) / float(scale)
     return edge
