@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from stemfast.backend import available_backends, get_kernels
-from stemfast.patches import Patches, PatchNorm, default_patch_size, extract_patches, site_intensity
+from stemfast.patches import (LazyPatches, Patches, PatchNorm, default_patch_size, extract_patches,
+                              patch_edge, site_intensity)
 
 BACKENDS = available_backends()
 
@@ -268,6 +269,90 @@ def test_pipeline_patches_gathered_at_the_network_input_size():
     ref = extract_patches(img, prep.sites.xy, size=size)
     np.testing.assert_array_equal(prep.edge, ref.edge)
     np.testing.assert_allclose(prep.patches, resample_patches(ref.data, 32), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [3, 8, 11])
+def test_patch_edge_is_the_kernels_edge(backend, size):
+    rng = np.random.default_rng(10 + size)
+    h, w = 37, 52
+    img = rng.normal(size=(h, w)).astype(np.float32)
+    hs = (size - 1) / 2
+    xy = np.concatenate([rng.uniform(-8, w + 8, (500, 2)) * [1, h / w],
+                         [[hs, hs], [w - 1 - hs, h - 1 - hs], [hs - 1e-9, 10.0], [10.0, h - 1 - hs + 1e-9]]])
+    _, edge = gather(backend, img, xy, size, 0.0)
+    np.testing.assert_array_equal(patch_edge(xy, size, img.shape), edge.astype(bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_lazy_patches_equal_extract_patches(backend, dtype):
+    """Patches cut on demand (any index form) are the patches extract_patches cuts all at once."""
+    pytest.importorskip("torch")
+    from stemfast.pipeline import resample_weights
+
+    rng = np.random.default_rng(3)
+    img = (rng.normal(1000, 50, (90, 110))).astype(dtype)
+    img[5, 7] = 60000 if dtype == np.uint16 else 1e6  # a hot pixel: the robust norm ignores it
+    xy = np.concatenate([rng.uniform(-3, 112, (300, 2)) * [1, 90 / 110], [[0.0, 0.0], [109.0, 89.0]]])
+    for weights in (None, resample_weights(15, 8)):
+        ref = extract_patches(img, xy, size=15, backend=backend, resample_weights=weights)
+        lp = LazyPatches(img, xy, size=15, resample_weights=weights, backend=backend)
+        assert lp.shape == ref.data.shape and len(lp) == len(xy) and lp.norm == ref.norm
+        np.testing.assert_array_equal(lp.edge, ref.edge)
+        np.testing.assert_array_equal(lp[:], ref.data)
+        np.testing.assert_array_equal(np.asarray(lp), ref.data)
+        np.testing.assert_array_equal(lp[40:77], ref.data[40:77])
+        idx = rng.choice(len(xy), 50, replace=False)
+        np.testing.assert_array_equal(lp[idx], ref.data[idx])
+        np.testing.assert_array_equal(lp[~ref.edge], ref.data[~ref.edge])
+        np.testing.assert_array_equal(lp[7], ref.data[7])
+        assert lp[10:10].shape == (0,) + ref.data.shape[1:]
+        assert lp.seconds > 0
+
+
+def test_streamed_pipeline_equals_in_memory_pipeline():
+    """prepare() above its patch budget cuts patches on demand and analyze() streams them in chunks:
+    the site table, encodings and training sample are the same as with all patches in memory."""
+    pytest.importorskip("torch")
+    from stemfast import pipeline as P
+    from stemfast.config import load_config
+    from stemfast.synth import make_mos2
+
+    cfg = load_config(None, {"model": {"epochs": 2, "stn_epochs": 1, "input_size": 16, "channels": [8, 8, 8],
+                                       "stn_channels": [4, 8], "max_train_patches": 300, "device": "cpu",
+                                       "progress": False}})
+    img = make_mos2(shape=(200, 216), seed=8).image
+    full = P.prepare(img, config=cfg)
+    lazy = P.prepare(img, config=cfg, max_patch_bytes=1000)
+    assert isinstance(lazy.patches, LazyPatches) and isinstance(full.patches, np.ndarray)
+    np.testing.assert_array_equal(lazy.edge, full.edge)
+    np.testing.assert_array_equal(np.asarray(lazy.patches), full.patches)
+    model = P.train_model([full], config=cfg)
+    model_lazy = P.train_model([lazy], config=cfg)  # same sample drawn, so the same weights
+    for a, b in zip(model.network.state_dict().values(), model_lazy.network.state_dict().values()):
+        assert bool((a == b).all())
+    calls = []
+    real_encode = model.encode
+    old = P.STREAM_CHUNK
+    try:
+        P.STREAM_CHUNK = 97  # several chunks, the last one short
+        model.encode = lambda x, **kw: (calls.append(len(x)), real_encode(x, **kw))[1]
+        t_lazy, s_lazy = P.analyze(lazy, model, config=cfg)
+    finally:
+        P.STREAM_CHUNK = old
+        model.encode = real_encode
+    assert len(calls) == -(-len(full.sites) // 97) and max(calls) == 97 and sum(calls) == len(full.sites)
+    t_full, s_full = P.analyze(full, model, config=cfg)
+    assert t_lazy.names == t_full.names
+    for name in t_full.names:
+        a, b = np.asarray(t_lazy[name]), np.asarray(t_full[name])
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert s_lazy["class_counts"] == s_full["class_counts"]
+    assert lazy.timings["patches"] > 0 and lazy.timings["encode"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- wrapper

@@ -1144,7 +1144,8 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
                     dataclasses.asdict(prep.norm) if dataclasses.is_dataclass(prep.norm) else repr(prep.norm))
             used.append(e.name)
             if prepared_cache is not None:
-                nbytes = prep.image.nbytes + prep.patches.nbytes + 200 * len(prep.sites)
+                # lazily cut patches (a large image) hold no memory of their own
+                nbytes = prep.image.nbytes + getattr(prep.patches, "nbytes", 0) + 200 * len(prep.sites)
                 if cached_bytes + nbytes <= cache_budget_bytes:
                     prepared_cache[(e.name, f)] = prep
                     cached_bytes += nbytes

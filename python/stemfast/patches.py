@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import get_kernels
 
-__all__ = ["PatchNorm", "Patches", "extract_patches", "default_patch_size", "site_intensity"]
+__all__ = ["PatchNorm", "Patches", "extract_patches", "LazyPatches", "patch_edge", "default_patch_size",
+           "site_intensity"]
 
 log = logging.getLogger(__name__)
 
@@ -275,25 +277,135 @@ def extract_patches(
     applied = norm if normalize else PatchNorm(0.0, 1.0)
     if n == 0:
         return Patches(data=out, edge=np.zeros(0, dtype=bool), norm=applied)
-
-    kern = get_kernels(backend)
-    if resample_weights is not None:
-        if np.can_cast(image.dtype, np.float32, "safe"):
-            # float32 holds the image exactly: gather it raw, resample, then normalise, in one pass
-            work, center, scale, kern_fill = _as_float32(image, None), applied.center, applied.scale, fill
-        else:  # normalise in float64 first (as without resampling), so float32 keeps the detail
-            work, center, scale = _as_float32(image, norm if normalize else None), 0.0, 1.0
-            kern_fill = (fill - applied.center) / applied.scale
-        edge = kern.gather_resampled(work, xy, size, resample_weights, float(kern_fill), float(center),
-                                     float(scale), out)
-    else:
-        work = _as_float32(image, norm if normalize else None)
-        kern_fill = (fill - applied.center) / applied.scale
-        edge = kern.gather_patches(work, xy, size, float(kern_fill), out)
-    edge = np.asarray(edge).astype(bool)
+    g = _Gatherer(image, size=size, norm=applied, fill=fill, resample_weights=resample_weights, backend=backend)
+    edge = g(xy, out)
     log.debug("extracted %d patches of %dx%d px -> %dx%d (%d at the edge)", n, size, size, out_side, out_side,
               int(edge.sum()))
     return Patches(data=out, edge=edge, norm=applied)
+
+
+class _Gatherer:
+    """The compute part of :func:`extract_patches`, for validated arguments: the image is converted
+    (and, where float32 cannot hold it exactly, normalised) once, then any number of site sets can be
+    gathered with the same normalisation and fill."""
+
+    def __init__(self, image: np.ndarray, *, size: int, norm: PatchNorm, fill: float,
+                 resample_weights: np.ndarray | None, backend: str | None) -> None:
+        self.size = int(size)
+        self.weights = resample_weights
+        self.kern = get_kernels(backend)
+        identity = norm.center == 0.0 and norm.scale == 1.0
+        if resample_weights is not None and np.can_cast(image.dtype, np.float32, "safe"):
+            # float32 holds the image exactly: gather it raw, resample, then normalise, in one pass
+            self.work, self.center, self.scale, self.fill = _as_float32(image, None), norm.center, norm.scale, fill
+        else:  # normalise in float64 first, so float32 keeps the detail
+            self.work = _as_float32(image, None if identity else norm)
+            self.center, self.scale = 0.0, 1.0
+            self.fill = (fill - norm.center) / norm.scale
+
+    @property
+    def out_side(self) -> int:
+        return self.size if self.weights is None else int(self.weights.shape[0])
+
+    def __call__(self, xy: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Gather the patches of ``xy`` [n, 2] (float64, C-contiguous) into ``out``; returns ``edge``."""
+        if self.weights is not None:
+            edge = self.kern.gather_resampled(self.work, xy, self.size, self.weights, float(self.fill),
+                                              float(self.center), float(self.scale), out)
+        else:
+            edge = self.kern.gather_patches(self.work, xy, self.size, float(self.fill), out)
+        return np.asarray(edge).astype(bool)
+
+
+def patch_edge(xy: np.ndarray, size: int, shape: tuple[int, int]) -> np.ndarray:
+    """Which sites' ``size x size`` patches have samples outside an image of ``shape``.
+
+    The same flags as the ``edge`` of :func:`extract_patches`, from the geometry alone (no gather):
+    the outermost samples of a patch lie ``(size - 1) / 2`` px from its centre.
+
+    Examples
+    --------
+    >>> patch_edge(np.array([[12.0, 10.0], [0.5, 0.5], [3.0, 28.0]]), 5, (32, 32)).tolist()
+    [False, True, False]
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    h = (int(size) - 1) / 2.0
+    H, W = shape
+    x, y = xy[:, 0], xy[:, 1]
+    return (x - h < 0) | (x + h > W - 1) | (y - h < 0) | (y + h > H - 1)
+
+
+class LazyPatches:
+    """The normalised patches of an image's sites, cut on demand: an array-like of shape [N, M, M].
+
+    All patches of a 16k x 16k micrograph (~2e6 sites x 32 x 32 float32 = 8 GB) do not fit in
+    bounded memory, so large images keep this instead: indexing (``lp[a:b]``, ``lp[index_array]``,
+    ``lp[bool_mask]``, ``lp[i]``) gathers just those patches with the compiled kernel, with one
+    normalisation and fill for the whole image, exactly as :func:`extract_patches` would cut them
+    all at once. ``edge`` (bool [N]) is known without gathering (:func:`patch_edge`); ``seconds``
+    adds up the time spent gathering.
+
+    Examples
+    --------
+    >>> img = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    >>> xy = np.array([[20.0, 30.5], [40.2, 10.0], [1.0, 1.0]])
+    >>> lp = LazyPatches(img, xy, size=9)
+    >>> lp.shape, lp.edge.tolist()
+    ((3, 9, 9), [False, False, True])
+    >>> bool(np.array_equal(lp[1:], extract_patches(img, xy, size=9, norm=lp.norm).data[1:]))
+    True
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 3
+
+    def __init__(self, image: np.ndarray, xy: np.ndarray, *, size: int, norm: PatchNorm | None = None,
+                 fill: float | None = None, resample_weights: np.ndarray | None = None,
+                 backend: str | None = None) -> None:
+        image = _check_image(image)
+        self.xy = np.ascontiguousarray(_check_xy(xy))
+        size = _check_size(size)
+        if norm is None:
+            norm = PatchNorm.from_image(image)
+            median = norm.center
+        else:
+            median = None
+        if fill is None:
+            fill = median if median is not None else float(np.median(image))
+        if resample_weights is not None:
+            resample_weights = np.ascontiguousarray(resample_weights, dtype=np.float64)
+            if resample_weights.ndim != 2 or resample_weights.shape[1] != size:
+                raise ValueError(f"resample_weights must be an (M, size={size}) array, got {resample_weights.shape}")
+        self.norm = norm
+        self.patch_size = size
+        self._gather = _Gatherer(image, size=size, norm=norm, fill=float(fill), resample_weights=resample_weights,
+                                 backend=backend)
+        self.edge = patch_edge(self.xy, size, image.shape)
+        self.seconds = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        m = self._gather.out_side
+        return (len(self.xy), m, m)
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([int(index)])][0]
+        t0 = time.perf_counter()
+        xy = np.ascontiguousarray(self.xy[index])
+        m = self._gather.out_side
+        out = np.empty((len(xy), m, m), np.float32)
+        if len(xy):
+            self._gather(xy, out)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
 
 
 def site_intensity(image: np.ndarray, xy: np.ndarray, *, radius: float, backend: str | None = None) -> np.ndarray:

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from .analysis import AnalysisSettings, analyze_sites
-from .patches import default_patch_size, extract_patches
+from .patches import LazyPatches, default_patch_size, extract_patches
 from .sites import SiteSettings, find_sites
 from .table import SiteTable
 
@@ -44,13 +44,27 @@ class PipelineConfig:
                 "patch_size": self.patch_size}
 
 
+#: ``prepare`` keeps the patches of an image in memory up to this many bytes; beyond, they are cut
+#: on demand (:class:`~stemfast.patches.LazyPatches`) and ``analyze`` streams them in chunks, so a
+#: 16k x 16k micrograph does not need 8 GB of patches.
+MAX_PATCH_BYTES = 512 * 2**20
+#: sites per chunk when ``analyze`` streams the patches of a large image
+STREAM_CHUNK = 1 << 16
+
+
 @dataclass
 class Prepared:
-    """One 2-D image after the lattice front end: its sites and their patches."""
+    """One 2-D image after the lattice front end: its sites and their patches.
+
+    ``patches`` is a float32 [N, M, M] array (robust-normalised, resampled to the model's input
+    size M), or -- for images whose patches would exceed :data:`MAX_PATCH_BYTES` -- a
+    :class:`~stemfast.patches.LazyPatches` that cuts them on demand (same values; index it like the
+    array).
+    """
 
     image: np.ndarray
     sites: SiteTable
-    patches: np.ndarray  # float32 [N, S, S], robust-normalised, resampled to the model's input size
+    patches: np.ndarray  # or LazyPatches (see the class docstring)
     edge: np.ndarray  # bool [N], patch touches the image border
     norm: object  # stemfast.patches.PatchNorm
     patch_size: int  # px in the image (before resampling)
@@ -58,11 +72,14 @@ class Prepared:
 
 
 def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
-            unit: str | None = "nm", patch_size: int | None = None) -> Prepared:
+            unit: str | None = "nm", patch_size: int | None = None,
+            max_patch_bytes: int | None = None) -> Prepared:
     """Find the sites of a 2-D ``image`` and cut a normalised patch around each.
 
     ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
-    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``.
+    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. Patches that would take more
+    than ``max_patch_bytes`` (default :data:`MAX_PATCH_BYTES`) are not cut here but on demand
+    (``Prepared.patches`` is then a :class:`~stemfast.patches.LazyPatches`).
     """
     timings: dict = {}
     table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
@@ -74,8 +91,14 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
         # gather straight at the model's input size: the compiled gather applies resample_patches'
         # weights in the same pass (no size x size intermediate, no second pass over the patches)
         weights = resample_weights(size, out) if out != size else None
-        p = extract_patches(image, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
-        patches, edge, norm = p.data, p.edge, p.norm
+        budget = MAX_PATCH_BYTES if max_patch_bytes is None else int(max_patch_bytes)
+        if len(table) * out * out * 4 > budget:
+            patches = LazyPatches(image, table.xy, size=size, resample_weights=weights, backend=config.sites.backend)
+            edge, norm = patches.edge, patches.norm
+            log.info("%d patches (%.1f GB) are cut on demand", len(table), len(table) * out * out * 4 / 1e9)
+        else:
+            p = extract_patches(image, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
+            patches, edge, norm = p.data, p.edge, p.norm
     else:
         patches = np.zeros((0, size, size), np.float32)
         edge = np.zeros(0, bool)
@@ -140,17 +163,22 @@ def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineCo
     """Train one model on patches pooled from ``prepared`` images (sampled to the model's budget)."""
     from .model import RVAE
 
-    pools = [p.patches[~p.edge] for p in prepared if len(p.patches)]
-    if not pools:
+    usable = [(p, np.flatnonzero(~p.edge)) for p in prepared if len(p.patches)]
+    if not usable:
         raise ValueError("no patches to train on: no image had a lattice")
-    sizes = {p.shape[-1] for p in pools}
+    sizes = {p.patches.shape[-1] for p, _ in usable}
     if len(sizes) > 1:
         raise ValueError(f"patch sizes differ between images: {sorted(sizes)}; set patch_size")
-    allp = np.concatenate(pools)
+    # draw the training sample from the pooled indices first, then cut only those patches (the
+    # patches of a large image are cut on demand)
+    offsets = np.cumsum([0] + [len(idx) for _, idx in usable])
+    pick = np.arange(offsets[-1])
     cap = getattr(config.model, "max_train_patches", None)
-    if cap and len(allp) > cap:
+    if cap and len(pick) > cap:
         rng = np.random.default_rng(seed_sample)
-        allp = allp[np.sort(rng.choice(len(allp), cap, replace=False))]
+        pick = np.sort(rng.choice(len(pick), cap, replace=False))
+    allp = np.concatenate([np.asarray(p.patches[idx[pick[(pick >= lo) & (pick < hi)] - lo]])
+                           for (p, idx), lo, hi in zip(usable, offsets[:-1], offsets[1:])])
     return RVAE.fit(allp, config.model)
 
 
@@ -163,13 +191,31 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
     t0 = time.perf_counter()
     if len(prep.patches) == 0:
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
-    enc = model.encode(prep.patches)
-    prep.timings["encode"] = time.perf_counter() - t0
+    if isinstance(prep.patches, LazyPatches):
+        enc = _encode_streamed(model, prep.patches)
+        gather_s = prep.patches.seconds
+        prep.patches.seconds = 0.0
+        prep.timings["patches"] = prep.timings.get("patches", 0.0) + gather_s
+        prep.timings["encode"] = time.perf_counter() - t0 - gather_s
+    else:
+        enc = model.encode(prep.patches)
+        prep.timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge)
     prep.timings["analysis"] = time.perf_counter() - t0
     summary["timings_s"] = dict(prep.timings)
     return table, summary
+
+
+def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
+    """``model.encode`` of lazily cut patches, ``chunk`` sites at a time (default :data:`STREAM_CHUNK`;
+    memory: one chunk of patches)."""
+    from .model.api import Encoding
+
+    n = len(patches)
+    chunk = int(chunk or STREAM_CHUNK)
+    parts = [model.encode(patches[a:min(n, a + chunk)]) for a in range(0, n, chunk)]
+    return Encoding(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("mu", "logvar", "angle", "recon_error")})
 
 
 def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),
