@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,42 @@ __all__ = ["RVAE", "Encoding", "FORMAT_VERSION"]
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+_MICRO_BATCH_CPU = 512  # at most this many patches per network call in encode on CPU (see RVAE.encode)
+_MIN_MICRO_BATCH_CPU = 128  # smaller sub-batches cost more per patch (per-operation overhead)
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0  # encode calls running with torch's intra-op threads lowered to 1
+_THREADS_SAVED = 1  # torch's setting before the first of them
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """``workers`` threads with torch's intra-op threads set to 1 meanwhile (None for one worker).
+
+    Concurrent callers (several encode calls in threads of one process) share one save / restore
+    of torch's setting: the first lowers it, the last restores it.
+    """
+    global _THREADS_USERS, _THREADS_SAVED
+    if workers <= 1:
+        yield None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_USERS += 1
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="stemfast-encode") as pool:
+            yield pool
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                torch.set_num_threads(_THREADS_SAVED)
 
 
 @dataclass(frozen=True)
@@ -153,10 +191,19 @@ class RVAE:
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def encode(self, patches: np.ndarray, *, batch_size: int = 1024, return_recon: bool = False) -> Encoding:
-        """Encode ``patches [N, S, S]`` in chunks of ``batch_size`` (memory bounded by the chunk).
+        """Encode ``patches [N, S, S]`` in chunks of ``batch_size`` (memory bounded by the chunks).
 
-        Any array-like with ``shape`` and slicing works (NumPy, memmap, h5py / zarr datasets); only
-        one chunk is converted to a tensor at a time and only the small outputs accumulate.
+        Any array-like with ``shape`` and slicing works (NumPy, memmap, h5py / zarr datasets); it
+        is read one chunk at a time, only the chunks being encoded are held as tensors (one, or a
+        few with several CPU threads) and only the small outputs accumulate.
+
+        On the CPU the network runs on sub-batches of at most 512 patches; with
+        ``n = torch.get_num_threads() > 1`` they run on ``n`` Python threads with one intra-op thread
+        each (torch's setting is restored afterwards): the sub-batches are independent, while the
+        model's small convolutions and warps gain little from intra-op threads (an OpenMP barrier
+        per operation, costly when the cores are shared). Up to ``2 n`` sub-batches are in flight,
+        so the next chunk is read while they run. Results do not depend on ``batch_size`` or the
+        threads beyond float rounding.
         """
         patches = _check_patches(patches)
         if batch_size < 1:
@@ -172,20 +219,42 @@ class RVAE:
         recon = np.empty((n, s, s), np.float32) if return_recon else None
         net = self.network.eval()
         mask = net.mask
-        for a in range(0, n, batch_size):
-            b = min(n, a + batch_size)
-            x = self._chunk(patches, a, b)
-            with autocast_context(self.device, self.config.amp):
-                out = net(x)
-            xm = x * mask
+        cpu = self.device.type == "cpu"
+        workers = max(1, torch.get_num_threads()) if cpu else 1
+
+        def run(i: int, xs: torch.Tensor) -> None:
+            # inference mode and autocast are thread-local: enter them in every worker
+            with torch.inference_mode(), autocast_context(self.device, self.config.amp):
+                out = net(xs)
+            j = i + xs.shape[0]
             y = out.recon.float() * mask
-            err[a:b] = MF.masked_mse(y, xm, mask).cpu().numpy()
-            mu[a:b] = out.mu.float().cpu().numpy()
-            logvar[a:b] = out.logvar.float().cpu().numpy()
+            err[i:j] = MF.masked_mse(y, xs, mask).cpu().numpy()  # the mask applies to the difference
+            mu[i:j] = out.mu.float().cpu().numpy()
+            logvar[i:j] = out.logvar.float().cpu().numpy()
             if out.angle is not None:
-                angle[a:b] = out.angle.float().cpu().numpy()
+                angle[i:j] = out.angle.float().cpu().numpy()
             if recon is not None:
-                recon[a:b] = y[:, 0].cpu().numpy()
+                recon[i:j] = y[:, 0].cpu().numpy()
+
+        with _worker_pool(workers) as pool:
+            pending: deque = deque()
+            for a in range(0, n, batch_size):
+                b = min(n, a + batch_size)
+                x = self._chunk(patches, a, b)
+                if pool is None:  # GPU, or one CPU thread
+                    step = b - a if not cpu else _MICRO_BATCH_CPU
+                    for s0 in range(0, b - a, step):
+                        run(a + s0, x[s0:s0 + step])
+                    continue
+                # sub-batches of 128..512 patches, spread over the workers; while they run, the next
+                # chunk is read (at most 2 * workers sub-batches in flight)
+                step = min(_MICRO_BATCH_CPU, max(_MIN_MICRO_BATCH_CPU, -(-(b - a) // workers)))
+                for s0 in range(0, b - a, step):
+                    pending.append(pool.submit(run, a + s0, x[s0:s0 + step]))
+                    while len(pending) > 2 * workers:
+                        pending.popleft().result()
+            while pending:
+                pending.popleft().result()
         return Encoding(mu=mu, logvar=logvar, angle=angle, recon_error=err, recon=recon)
 
     @torch.inference_mode()

@@ -152,7 +152,26 @@ def rotate_all(x: torch.Tensor, angle: float, *, padding_mode: str = "zeros") ->
     """
     b, c, h, w = x.shape
     m = rotation_matrix(torch.tensor([float(angle)], device=x.device, dtype=torch.float32), (h, w))
+    if b > 1 and _kornia_shares_grid():
+        # kornia >= 0.9 expands one grid over the batch (a stride-0 view): ~2.5x cheaper on CPU than
+        # one grid for B * C channels, same samples
+        return warp_patches(x, m, padding_mode=padding_mode)
     return warp_patches(x.reshape(1, b * c, h, w), m, padding_mode=padding_mode).view(b, c, h, w)
+
+
+_SHARES_GRID: bool | None = None
+
+
+def _kornia_shares_grid() -> bool:
+    """Whether this kornia's ``warp_affine`` accepts one (1, 2, 3) matrix for a whole batch (0.9+)."""
+    global _SHARES_GRID
+    if _SHARES_GRID is None:
+        try:
+            out = warp_affine(torch.zeros(2, 1, 3, 3), torch.eye(2, 3)[None], (3, 3), align_corners=True)
+            _SHARES_GRID = tuple(out.shape) == (2, 1, 3, 3)
+        except (RuntimeError, ValueError, TypeError):
+            _SHARES_GRID = False
+    return _SHARES_GRID
 
 
 def symmetrize(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -163,15 +182,15 @@ def symmetrize(x: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k <= 1:
         return x
-    out = x.clone()
-    for j in range(1, k):
+    out = x + rotate_all(x, 360.0 / k)
+    for j in range(2, k):
         out = out + rotate_all(x, 360.0 * j / k)
     return out / k
 
 
-def canonicalize(x: torch.Tensor, stn_angle: torch.Tensor) -> torch.Tensor:
+def canonicalize(x: torch.Tensor, stn_angle: torch.Tensor, *, padding_mode: str = "zeros") -> torch.Tensor:
     """Rotate patches ``x (B, C, H, W)`` into the canonical frame: ``rotate(x, -stn_angle)``."""
-    return rotate_patches(x, -stn_angle)
+    return rotate_patches(x, -stn_angle, padding_mode=padding_mode)
 
 
 def uncanonicalize(y: torch.Tensor, stn_angle: torch.Tensor) -> torch.Tensor:
@@ -208,7 +227,9 @@ def default_mask_radius(size: int) -> float:
     """Default disc radius, ``size / 2 - 0.5`` px (~ input_size / 2).
 
     The half pixel keeps every bilinear sample of a rotated disc pixel inside the pixel grid, so
-    a rotation never mixes padding (or corner content) into the disc.
+    rotating a full patch never mixes padding into the disc. The model therefore rotates first and
+    masks afterwards: a disc-edge pixel's bilinear neighbours may lie just outside the disc (real
+    image content); masking before rotating would blend zeros into the disc edge instead.
     """
     return size / 2.0 - 0.5
 

@@ -256,7 +256,7 @@ def _loader(x: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int) -> Da
 
 
 class Augmenter:
-    """Random rotation / x-flip / sub-pixel shift of a batch ``(B, 1, S, S)``, one kornia warp.
+    """Random rotation / x-flip / sub-pixel shift of a batch ``(B, 1, S, S)``, one kornia warp (border padding).
 
     Draws from its own seeded generator (on the batch's device) so runs are reproducible.
     """
@@ -279,7 +279,8 @@ class Augmenter:
         flip = (u[:, 1] < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool, device=self.device)
         shift = (u[:, 2:] * 2.0 - 1.0) * self.shift
         m = MF.augment_matrix(angle, flip, shift, x.shape[-2:])
-        return MF.warp_patches(x, m)
+        # border padding: with the sub-pixel shift, disc-edge samples can fall just outside the patch
+        return MF.warp_patches(x, m, padding_mode="border")
 
 
 class EarlyStopping:
@@ -325,16 +326,18 @@ def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_wei
 
     Image term: masked MSE between the canonicalised patch and the canonicalised rotated patch,
     minimised over the ``k`` symmetric copies (rotations by ``360 / k``), divided by the mean
-    squared intensity in the disc. Anchor term: ``1 - cos(k (theta_b - theta_a - angle))``.
+    squared intensity in the disc. Patches are rotated whole and masked after each warp, as in
+    :meth:`stemfast.model.modules.RVAE.encode_branches` (no zeros blended into the disc edge).
+    Anchor term: ``1 - cos(k (theta_b - theta_a - angle))``.
     """
     mask = net.mask
     k = net.stn.symmetry
     xa = x * mask
-    xb = MF.rotate_patches(xa, angle) * mask
+    xb = MF.rotate_patches(x, angle)  # rotated copy of the full patch; masked after every warp
     ta, _ = net.stn(xa)
-    tb, _ = net.stn(xb)
-    ca = MF.canonicalize(xa, ta) * mask
-    cb = MF.canonicalize(xb, tb)
+    tb, _ = net.stn(xb * mask)
+    ca = MF.canonicalize(x, ta) * mask
+    cb = MF.canonicalize(xb, tb, padding_mode="border")  # rotated again below (as in RVAE.encode_branches)
     energy = (xa.float() ** 2 * mask).flatten(1).sum(1) / mask.sum() + 1e-6
     errs = [MF.masked_mse(ca, cb * mask, mask)]
     for m in range(1, k):
