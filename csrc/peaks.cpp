@@ -199,7 +199,8 @@ py::array_t<double> refine_com(ImageF image, ArrayD xy, double radius) {
 // ------------------------------------------------------------------------------------------------
 // Gaussian fit (Levenberg-Marquardt, Marquardt damping; details in the NumPy reference docstring)
 // ------------------------------------------------------------------------------------------------
-constexpr double kStepTol = 1e-6;
+constexpr double kStepTol = 1e-6;  // x0, y0, s steps (px); A, B steps: times the disc's value range
+constexpr double kFtol = 1e-10;  // or the step's predicted cost reduction below this * cost
 constexpr double kLambda0 = 1e-3;
 
 using Vec5 = std::array<double, 5>;
@@ -439,6 +440,7 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                     }
                     std::int64_t m = 0, nr = 0;
                     double vmin = std::numeric_limits<double>::infinity();
+                    double vmax = -std::numeric_limits<double>::infinity();
                     for (std::int64_t t = 0; t < T; ++t) {
                         const std::int64_t qy = cy + t - r;
                         if (qy < 0 || qy >= h || span_lo[t] > span_hi[t]) continue;
@@ -453,13 +455,16 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                             const double v = static_cast<double>(src[dx]);
                             d.val[m++] = v;
                             vmin = std::min(vmin, v);
+                            vmax = std::max(vmax, v);
                         }
                         ++nr;
                     }
                     d.nrows = nr;
                     d.m = m;
                     const double b0 = vmin, a0 = static_cast<double>(img[cy * w + cx]) - b0;
-                    Vec5 p = {x - static_cast<double>(cx), y - static_cast<double>(cy), a0, sigma0, b0};
+                    for (std::int64_t k = 0; k < m; ++k) d.val[k] -= b0;  // data relative to B0
+                    const double vtol = kStepTol * (vmax - b0);         // intensity steps: relative
+                    Vec5 p = {x - static_cast<double>(cx), y - static_cast<double>(cy), a0, sigma0, 0.0};
                     Mat5 jtj, jtj_t, mat;
                     Vec5 jtr, jtr_t, delta{}, pt;
                     double lam = kLambda0;
@@ -472,9 +477,13 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                             lam *= 10.0;
                             continue;
                         }
-                        double dmax = 0.0;
-                        for (int a = 0; a < 5; ++a) dmax = std::max(dmax, std::abs(delta[a]));
-                        if (dmax < kStepTol) {  // tiny step: applied unevaluated, the fit has converged
+                        double pred = 0.0;  // predicted cost reduction of the damped quadratic model
+                        for (int a = 0; a < 5; ++a) pred += delta[a] * (jtr[a] + lam * jtj[a][a] * delta[a]);
+                        const bool small = (std::abs(delta[0]) < kStepTol && std::abs(delta[1]) < kStepTol &&
+                                            std::abs(delta[3]) < kStepTol && std::abs(delta[2]) < vtol &&
+                                            std::abs(delta[4]) < vtol) ||
+                                           pred < kFtol * cost;
+                        if (small) {  // tiny step: applied unevaluated, the fit has converged
                             for (int a = 0; a < 5; ++a) p[a] += delta[a];
                             converged = true;
                             break;
@@ -496,7 +505,7 @@ py::array_t<double> refine_gauss(ImageF image, ArrayD xy, double radius, double 
                     const bool ok = converged && p[2] > 0 && p[3] > 0 && p[3] < 2.0 * radius &&
                                     dist2 <= radius * radius;
                     if (ok) {
-                        o[0] = x0, o[1] = y0, o[2] = p[2], o[3] = p[3], o[4] = p[4], o[5] = 1.0;
+                        o[0] = x0, o[1] = y0, o[2] = p[2], o[3] = p[3], o[4] = p[4] + b0, o[5] = 1.0;
                     } else {
                         o[0] = x, o[1] = y, o[2] = a0, o[3] = sigma0, o[4] = b0, o[5] = 0.0;
                     }

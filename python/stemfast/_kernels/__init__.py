@@ -31,8 +31,11 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
 ``refine_gauss(image, xy, radius, sigma0, n_iter) -> float64[N, 6]``
     Least-squares fit of ``B + A exp(-((u - x0)^2 + (v - y0)^2) / (2 s^2))`` to the disc pixels
     around ``c = round(xy)`` (inside the image only) by Levenberg-Marquardt (lambda 1e-3, x10 on a
-    rejected step, /10 on an accepted one, at most ``n_iter`` iterations, stop when every parameter
-    step is below 1e-6 in absolute value). Start: ``x0, y0 = xy``, ``B`` = min over the disc,
+    rejected step, /10 on an accepted one, at most ``n_iter`` iterations, stop when the steps of
+    ``x0, y0, s`` are below 1e-6 px and those of ``A, B`` below 1e-6 times the disc's value range
+    (max - min), or when the step's predicted cost reduction is below 1e-10 times the cost: criteria
+    met above the rounding noise of the cost, so every backend stops alike; values enter the fit
+    relative to the disc minimum). Start: ``x0, y0 = xy``, ``B`` = min over the disc,
     ``A`` = value at ``c`` minus ``B``, ``s = sigma0``. Columns: ``x0, y0, A, s, B, ok`` where ``ok``
     is 1.0 when the fit converged with ``A > 0``, ``0 < s < 2 radius`` and ``|(x0,y0) - xy| <= radius``,
     else 0.0 and the columns hold the start values (``x, y, A0, sigma0, B0``).

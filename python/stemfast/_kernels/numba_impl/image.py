@@ -15,7 +15,8 @@ from numba import njit, prange
 __all__ = ["bandpass_apply", "local_maxima", "refine_com", "refine_gauss"]
 
 _TWO_PI2 = 2.0 * math.pi**2
-_STEP_TOL = 1e-6
+_STEP_TOL = 1e-6  # x0, y0, s steps (px); A, B steps: times the disc's value range
+_FTOL = 1e-10  # or the step's predicted cost reduction below this * cost
 _LAMBDA0 = 1e-3
 _CHUNK = 64  # sites per parallel work item in the refinement kernels
 
@@ -320,6 +321,7 @@ def _refine_gauss(img, xy, offs, radius, sigma0, n_iter):  # pragma: no cover - 
                 continue
             m = 0
             vmin = np.inf
+            vmax = -np.inf
             for t in range(kmax):
                 qy = cy + offs[t, 0]
                 qx = cx + offs[t, 1]
@@ -330,14 +332,19 @@ def _refine_gauss(img, xy, offs, radius, sigma0, n_iter):  # pragma: no cover - 
                     val[m] = v
                     if v < vmin:
                         vmin = v
+                    if v > vmax:
+                        vmax = v
                     m += 1
             b0 = vmin
             a0 = np.float64(img[cy, cx]) - b0
+            for k in range(m):  # data relative to B0 (the fit's B is B - B0)
+                val[k] -= b0
+            vtol = _STEP_TOL * (vmax - b0)  # intensity steps: relative to the disc's range
             p[0] = x - cx
             p[1] = y - cy
             p[2] = a0
             p[3] = sigma0
-            p[4] = b0
+            p[4] = 0.0
             lam = _LAMBDA0
             converged = False
             cost = _eval(p, ddx, ddy, val, m, jtj, jtr)
@@ -350,11 +357,12 @@ def _refine_gauss(img, xy, offs, radius, sigma0, n_iter):  # pragma: no cover - 
                 if not solved:
                     lam *= 10.0
                     continue
-                dmax = 0.0
+                pred = 0.0  # predicted cost reduction of the damped quadratic model
                 for a in range(5):
-                    if abs(delta[a]) > dmax:
-                        dmax = abs(delta[a])
-                if dmax < _STEP_TOL:  # tiny step: applied unevaluated, the fit has converged
+                    pred += delta[a] * (jtr[a] + lam * jtj[a, a] * delta[a])
+                small = (abs(delta[0]) < _STEP_TOL and abs(delta[1]) < _STEP_TOL and abs(delta[3]) < _STEP_TOL
+                         and abs(delta[2]) < vtol and abs(delta[4]) < vtol) or pred < _FTOL * cost
+                if small:  # tiny step: applied unevaluated, the fit has converged
                     for a in range(5):
                         p[a] += delta[a]
                     converged = True
@@ -381,7 +389,7 @@ def _refine_gauss(img, xy, offs, radius, sigma0, n_iter):  # pragma: no cover - 
                 out[i, 1] = y0
                 out[i, 2] = p[2]
                 out[i, 3] = p[3]
-                out[i, 4] = p[4]
+                out[i, 4] = p[4] + b0
                 out[i, 5] = 1.0
             else:
                 out[i, 0] = x

@@ -13,13 +13,23 @@ Implementation details shared by all backends (beyond the contract text)
 * ``refine_com`` accumulates in float64 relative to the disc centre ``c``:
   ``c + sum(w * (q - c)) / sum(w)``; the disc of a point whose rounded position lies outside the
   image is simply the part inside (empty: the result is ``c``).
-* ``refine_gauss`` works in coordinates relative to ``c`` and uses Marquardt's damping
-  ``(J^T J + lambda diag(J^T J)) delta = J^T r`` with ``r = data - model`` and the parameter
-  vector ``p = (x0, y0, A, s, B)``. One iteration = one attempted step: the step is accepted when the
-  cost (sum of squared residuals) strictly decreases (NaN never does). A damped matrix that is not
-  positive definite (``L D L^T`` pivot not > 0) counts as a rejected step. The fit has converged as soon
-  as a computed step has ``max |delta| < 1e-6``: that step is applied without being evaluated and
-  ends the fit.
+* ``refine_gauss`` works in coordinates relative to ``c`` and in values relative to the disc
+  minimum ``B0`` (data ``v - B0`` and background ``B - B0``, in float64), and uses
+  Marquardt's damping ``(J^T J + lambda diag(J^T J)) delta = J^T r`` with ``r = data - model`` and the
+  parameter vector ``p = (x0, y0, A, s, B)``. One iteration = one attempted step: the step is
+  accepted when the cost (sum of squared residuals) strictly decreases (NaN never does). A damped
+  matrix that is not positive definite (``L D L^T`` pivot not > 0) counts as a rejected step. The
+  fit has converged as soon as a computed step is small, ``|d x0|, |d y0|, |d s| < 1e-6`` (px) and
+  ``|d A|, |d B| < 1e-6 * (max - min of the disc values)``, or its predicted cost reduction
+  ``pred = delta . (J^T r + lambda diag(J^T J) delta)`` (>= 0, the decrease of the damped quadratic
+  model) is below ``1e-10 * cost``: that step is applied without being evaluated and ends the fit.
+  Why: near the optimum the actual cost change of a step falls to the rounding noise of the cost
+  (``~ eps * cost``), where "strictly decreases" is decided by rounding -- differently in every
+  backend. A criterion only met below that floor (the former absolute 1e-6 on intensities of a few
+  hundred counts, or steps along the flat A-B-s valley of a wide Gaussian) made whether a fit
+  "converged" within ``n_iter`` (and so ``ok``, and the position: fit or centre of mass) depend on
+  rounding. Both criteria above are met well above the floor; a backend meeting one an iteration
+  earlier than another changes the result by one (tiny) step only.
   When ``c`` lies outside the image the row is ``(x, y, nan, sigma0, nan, 0)``.
 """
 from __future__ import annotations
@@ -29,7 +39,8 @@ import numpy as np
 __all__ = ["bandpass_apply", "local_maxima", "refine_com", "refine_gauss", "disc_offsets"]
 
 _TWO_PI2 = 2.0 * np.pi**2
-STEP_TOL = 1e-6  # convergence: every parameter step below this (absolute)
+STEP_TOL = 1e-6  # convergence: x0, y0, s steps below this (px); A, B steps below this * disc range
+FTOL = 1e-10  # convergence: predicted cost reduction of the step below this * cost
 LAMBDA0 = 1e-3  # initial Marquardt damping
 
 
@@ -212,13 +223,19 @@ def refine_gauss(image: np.ndarray, xy: np.ndarray, radius: float, sigma0: float
     c, dx, dy, vals, inside = _gather_disc(img, xy, radius)
     c_in = (c[:, 0] >= 0) & (c[:, 0] < w) & (c[:, 1] >= 0) & (c[:, 1] < h)
     b0 = np.where(inside, vals, np.inf).min(axis=1, initial=np.inf)
+    vmax = np.where(inside, vals, -np.inf).max(axis=1, initial=-np.inf)
     vc = img[np.clip(c[:, 1], 0, h - 1), np.clip(c[:, 0], 0, w - 1)].astype(np.float64)
     a0 = vc - b0
     b0 = np.where(c_in, b0, np.nan)
     a0 = np.where(c_in, a0, np.nan)
+    with np.errstate(invalid="ignore"):
+        vals = np.where(inside, vals - np.where(c_in, b0, 0.0)[:, None], 0.0)  # data relative to B0
+        # convergence: position and width steps in px, intensity steps relative to the disc's range
+        vtol = STEP_TOL * (vmax - b0)
+    tol = np.stack([np.full(n, STEP_TOL), np.full(n, STEP_TOL), vtol, np.full(n, STEP_TOL), vtol], axis=1)
 
-    # parameters relative to c: (x0 - cx, y0 - cy, A, s, B)
-    p = np.stack([xy[:, 0] - c[:, 0], xy[:, 1] - c[:, 1], a0, np.full(n, float(sigma0)), b0], axis=1)
+    # parameters relative to c and B0: (x0 - cx, y0 - cy, A, s, B - B0)
+    p = np.stack([xy[:, 0] - c[:, 0], xy[:, 1] - c[:, 1], a0, np.full(n, float(sigma0)), np.zeros(n)], axis=1)
     lam = np.full(n, LAMBDA0)
     active = c_in.copy()
     converged = np.zeros(n, dtype=bool)
@@ -233,8 +250,10 @@ def refine_gauss(image: np.ndarray, xy: np.ndarray, radius: float, sigma0: float
             diag = np.einsum("nii->ni", jtj[idx])
             m[:, np.arange(5), np.arange(5)] += lam[idx, None] * diag
             delta, solved = _ldl_solve(m, jtr[idx])
-            # a step below STEP_TOL in every parameter is applied and ends the fit (not evaluated)
-            small = solved & (np.abs(delta).max(axis=1) < STEP_TOL)
+            # a small step, or one predicted to lower the cost by < FTOL * cost, is applied (not
+            # evaluated) and ends the fit
+            pred = (delta * (jtr[idx] + lam[idx, None] * diag * delta)).sum(axis=1)
+            small = solved & ((np.abs(delta) < tol[idx]).all(axis=1) | (pred < FTOL * cost[idx]))
             fin = idx[small]
             p[fin] += delta[small]
             converged[fin] = True
@@ -257,7 +276,7 @@ def refine_gauss(image: np.ndarray, xy: np.ndarray, radius: float, sigma0: float
 
     x0 = p[:, 0] + c[:, 0]
     y0 = p[:, 1] + c[:, 1]
-    amp, sig, bg = p[:, 2], p[:, 3], p[:, 4]
+    amp, sig, bg = p[:, 2], p[:, 3], p[:, 4] + b0
     with np.errstate(invalid="ignore"):
         dist2 = (x0 - xy[:, 0]) ** 2 + (y0 - xy[:, 1]) ** 2
         ok = converged & (amp > 0) & (sig > 0) & (sig < 2.0 * radius) & (dist2 <= float(radius) ** 2)
