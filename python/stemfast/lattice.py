@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 from scipy.spatial import cKDTree
 
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 # The six first-shell offsets of a triangular lattice in (m, n) lattice coordinates, in angular order.
 FIRST_SHELL = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]], dtype=np.float64)
+
+
+#: neighbour tables are built (and consumed) in chunks of about this many entries (k per query)
+_CHUNK_ELEMS = 1 << 22
 
 
 class _PointIndex:
@@ -81,6 +85,21 @@ class _PointIndex:
                     d[short], j[short] = self._kd(pts[short], kk)
         j = np.where(j < 0, self.n, j)
         return (d[:, 0], j[:, 0]) if kk == 1 else (d, j)
+
+    def within(self, x, k: int, r: float, dtype=np.int64) -> np.ndarray:
+        """Indices [M, k] (``dtype``) of up to ``k`` nearest points strictly within ``r`` (nearest
+        first, ties by index), -1 padded: ``query(x, k, r)`` without the distances and without the
+        ``n`` / -1 round trip, in chunks of about ``_CHUNK_ELEMS`` entries (the kernel's float64
+        distances exist for one chunk at a time)."""
+        pts = np.ascontiguousarray(x, dtype=np.float64).reshape(-1, 2)
+        kk = int(k)
+        out = np.full((len(pts), kk), -1, dtype=dtype)
+        if self.n == 0 or len(pts) == 0:
+            return out
+        step = max(1, _CHUNK_ELEMS // kk)
+        for i in range(0, len(pts), step):
+            out[i:i + step] = self.kern.knn_within(self.data, pts[i:i + step], kk, float(r))[1]
+        return out
 
     def _kd(self, pts: np.ndarray, k: int):
         if self._tree is None:
@@ -247,6 +266,8 @@ def _neighbour_k(settings: LatticeSettings, n: int) -> int:
 
 
 def _neighbour_table(tree: "_PointIndex | cKDTree", xy: np.ndarray, k: int, radius: float) -> np.ndarray:
+    if isinstance(tree, _PointIndex):
+        return tree.within(xy, k, radius)
     _, idx = tree.query(xy, k=k, distance_upper_bound=radius, workers=-1)
     idx = np.asarray(idx, dtype=np.int64).reshape(len(xy), k)
     idx[idx >= tree.n] = -1
@@ -266,51 +287,88 @@ def fit_lattices(
 ):
     """Fit a local triangular lattice at every site (or at ``subset``) of ``xy``.
 
-    ``neighbours`` reuses a neighbour table from an earlier call on the same points (full fits only);
+    ``neighbours`` reuses a neighbour table (any integer dtype, -1 padded) from an earlier call on
+    the same points (full fits only);
     ``tree`` is a neighbour index of ``xy`` (e.g. a ``scipy.spatial.cKDTree``), built when not given.
     Returns ``(origin, basis, rms, n_used, n_pts)``: the ``fit_local_lattices`` kernel's outputs
     and the number of points (site + neighbours) offered to each fit.
+
+    The sites are fitted in chunks (without ``neighbours``, the neighbour table of one chunk at a
+    time; the points compacted to the chunk and its neighbours); each site's fit sees the same
+    numbers in the same order as in one call over all sites, so the results are identical.
     """
     xy = np.ascontiguousarray(xy, dtype=np.float64)
     kern = get_kernels(backend)
     tree = tree if tree is not None else _PointIndex(xy, kern, scale=spacing)
-    q = xy if subset is None else xy[subset]
     radius = settings.fit_radius * spacing
     k = _neighbour_k(settings, len(xy))
-    nb = neighbours if neighbours is not None else _neighbour_table(tree, q, k, radius)
-    own = np.arange(len(xy)) if subset is None else np.asarray(subset)
-    n_pts = 1 + ((nb >= 0) & (nb != own[:, None])).sum(1)
-    b0 = np.ascontiguousarray(np.broadcast_to(basis0, (len(q), 2, 2)) if basis0.ndim == 2 else basis0,
-                              dtype=np.float64)
-    if subset is not None:
-        # fit only the subset: compact the points to the subset and its neighbours, subset rows first
-        subset = np.asarray(subset, dtype=np.int64)
-        mark = np.zeros(len(xy), bool)
-        mark[nb[nb >= 0]] = True
-        mark[subset] = False
-        rest = np.flatnonzero(mark)
-        order = np.concatenate([subset, rest])
-        remap = np.full(len(xy), -1, dtype=np.int64)
-        remap[order] = np.arange(len(order))
-        rows = np.where(nb >= 0, remap[np.maximum(nb, 0)], -1)
-        rows = np.concatenate([rows, np.full((len(rest), rows.shape[1]), -1, np.int64)])
-        rest_b0 = np.broadcast_to(b0[:1] if len(b0) else np.eye(2)[None], (len(rest), 2, 2))
-        o, b, r, n = kern.fit_local_lattices(np.ascontiguousarray(xy[order]), np.ascontiguousarray(rows),
-                                             np.ascontiguousarray(np.concatenate([b0, rest_b0])),
-                                             settings.n_iter, settings.outlier_tol)
-        k = len(subset)
-        return o[:k], b[:k], r[:k], n[:k], n_pts
-    o, b, r, n = kern.fit_local_lattices(xy, nb, b0, settings.n_iter, settings.outlier_tol)
-    return o, b, r, n, n_pts
+    own = np.arange(len(xy)) if subset is None else np.asarray(subset, dtype=np.int64)
+    m = len(own)
+    b0 = basis0 if basis0.ndim == 3 else np.broadcast_to(basis0, (m, 2, 2))
+    if neighbours is not None and subset is not None:
+        raise ValueError("fit_lattices: neighbours is for full fits only (no subset)")
+    origin = np.empty((m, 2))
+    basis = np.empty((m, 2, 2))
+    rms = np.empty(m)
+    n_used = np.empty(m, dtype=np.int64)
+    n_pts = np.empty(m, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMS // max(k, 1))
+    for i in range(0, m, step):
+        rows = own[i:i + step]
+        if neighbours is None:
+            nb = _neighbour_table(tree, xy[rows], k, radius)
+        else:
+            nb = np.asarray(neighbours[i:i + step], dtype=np.int64)
+        n_pts[i:i + step] = 1 + ((nb >= 0) & (nb != rows[:, None])).sum(1)
+        sl = slice(i, i + len(rows))
+        origin[sl], basis[sl], rms[sl], n_used[sl] = _fit_compacted(kern, xy, rows, nb, b0[sl], settings)
+    return origin, basis, rms, n_used, n_pts
+
+
+def _fit_compacted(kern, xy: np.ndarray, rows: np.ndarray, nb: np.ndarray, b0: np.ndarray,
+                   settings: LatticeSettings):
+    """``fit_local_lattices`` of the sites ``rows`` only (neighbour table ``nb`` [len(rows), k] into
+    ``xy``): the points are compacted to those sites (first) and their neighbours; the neighbours'
+    own rows are empty and their fits discarded."""
+    mark = np.zeros(len(xy), bool)
+    mark[nb[nb >= 0]] = True
+    mark[rows] = False
+    rest = np.flatnonzero(mark)
+    del mark
+    order = np.concatenate([rows, rest])
+    remap = np.full(len(xy) + 1, -1, dtype=np.int64)  # remap[-1] = -1 keeps the padding
+    remap[order] = np.arange(len(order))
+    table = np.full((len(order), nb.shape[1]), -1, dtype=np.int64)
+    np.take(remap, nb, out=table[: len(rows)])
+    del remap
+    rest_b0 = np.broadcast_to(b0[:1] if len(b0) else np.eye(2)[None], (len(rest), 2, 2))
+    o, b, r, n = kern.fit_local_lattices(np.ascontiguousarray(xy[order]), table,
+                                         np.ascontiguousarray(np.concatenate([b0, rest_b0]), dtype=np.float64),
+                                         settings.n_iter, settings.outlier_tol)
+    k = len(rows)
+    return o[:k], b[:k], r[:k], n[:k]
 
 
 def _ball(tree: "_PointIndex | cKDTree", pts: np.ndarray, r: float, k: int) -> np.ndarray:
     """Indices [M, k] of up to ``k`` nearest tree points within ``r`` of each point, -1 padded."""
     k = max(1, min(k, tree.n))
+    if isinstance(tree, _PointIndex):
+        return tree.within(pts, k, r)
     _, j = tree.query(pts, k=k, distance_upper_bound=r, workers=-1)
     j = np.asarray(j, dtype=np.int64).reshape(len(pts), k)
     j[j >= tree.n] = -1
     return j
+
+
+def _mark_ball(tree: _PointIndex, pts: np.ndarray, r: float, k: int, n: int) -> np.ndarray:
+    """``_mark(_ball(tree, pts, r, k), n)`` without the whole table: bool [n], True for every tree
+    point among the ``k`` nearest within ``r`` of some point of ``pts``."""
+    out = np.zeros(n, bool)
+    step = max(1, _CHUNK_ELEMS // max(k, 1))
+    for i in range(0, len(pts), step):
+        j = _ball(tree, pts[i:i + step], r, k)
+        out[j[j >= 0]] = True
+    return out
 
 
 def _max_angular_gap(center: np.ndarray, nb: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -468,7 +526,9 @@ def fill_lattice(
     support = np.zeros(n_peak, dtype=np.int64)
     kern = get_kernels(backend)
     tree = _PointIndex(xy, kern, scale=nn)
-    nb_all = _neighbour_table(tree, xy, _neighbour_k(settings, len(xy)), settings.fit_radius * nn)
+    # kept for both passes: int32 (half the memory) where the indices fit
+    nb_all = tree.within(xy, _neighbour_k(settings, len(xy)), settings.fit_radius * nn,
+                         dtype=np.int32 if len(xy) < np.iinfo(np.int32).max else np.int64)
     origin, basis, rms, n_used, _ = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
                                                  backend=backend, neighbours=nb_all)
     # a second pass seeded with each site's own first fit follows local rotation/strain better
@@ -496,80 +556,40 @@ def fill_lattice(
         if rounds == 0:
             pred_sites = np.flatnonzero(good)
         else:
-            nbr = _ball(tree, xy[new_from:], 1.5 * nn, 16)
-            pred_sites = np.flatnonzero(_mark(nbr, len(xy)) & good)
+            pred_sites = np.flatnonzero(_mark_ball(tree, xy[new_from:], 1.5 * nn, 16, len(xy)) & good)
         if len(pred_sites) == 0:
             break
-        pts = (origin[pred_sites, None, :] + FIRST_SHELL[None, :, :] @ basis[pred_sites]).reshape(-1, 2)
-        who = np.repeat(pred_sites, len(FIRST_SHELL))
-        em = settings.edge_margin_px
-        inside = (pts[:, 0] >= em) & (pts[:, 0] <= W - 1 - em) & (pts[:, 1] >= em) & (pts[:, 1] <= H - 1 - em)
-        pts, who = pts[inside], who[inside]
         # covered = an on-lattice site is near (or any site very near); a spurious off-lattice peak
         # (e.g. in a dirty patch) does not block the lattice point it happens to sit close to
         on_lattice = good & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
         on_lattice[n_peak:] = True
-        free = ~_covered(tree, pts, on_lattice, settings.cover_radius * nn)
-        pts, who = pts[free], who[free]
-        if len(pts) == 0:
+        new, sup = _new_sites(pred_sites, origin, basis, xy, tree, on_lattice, film, anchor_tree,
+                              (H, W), nn, settings, kern)
+        if len(new) == 0:
             break
-        # merge predictions of the same point
-        pairs = _PointIndex(pts, kern).query_pairs(settings.merge_radius * nn)
-        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(pts), len(pts)))
-        ncomp, lab = connected_components(g, directed=False)
-        cnt = np.bincount(lab, minlength=ncomp)
-        cx = np.bincount(lab, weights=pts[:, 0], minlength=ncomp) / cnt
-        cy = np.bincount(lab, weights=pts[:, 1], minlength=ncomp) / cnt
-        # support = distinct predicting sites per candidate
-        sup = _distinct_per_label(lab, who, ncomp)
-        cand = np.stack([cx, cy], 1)
-        keep = sup >= settings.min_support
-        if isinstance(film, FilmMask):
-            in_film = film(cand)
-        elif isinstance(film, np.ndarray):
-            ij = np.clip(np.rint(cand[:, ::-1]).astype(int), 0, [H - 1, W - 1])
-            in_film = film[ij[:, 0], ij[:, 1]]
-        else:
-            in_film = np.ones(ncomp, bool)
-        # a candidate must be surrounded by sites, unless the film mask vouches for it (the fill
-        # carries on across a dirty patch from its edge inwards) or it lies at the image edge
-        margin = settings.enclose_radius * nn
-        at_edge = (cand[:, 0] < margin) | (cand[:, 0] > W - 1 - margin) | (cand[:, 1] < margin) | (cand[:, 1] > H - 1 - margin)
-        vouched = in_film if film is not None and film is not False else np.zeros(ncomp, bool)
-        keep &= in_film
-        ask = np.flatnonzero(keep & ~vouched & ~at_edge)  # only these need the enclosure test
-        if len(ask):
-            gap = _max_angular_gap(cand[ask], _ball(tree, cand[ask], settings.enclose_radius * nn, 24), xy)
-            keep[ask] = gap <= settings.max_gap_deg
-        if anchor_tree is not None:
-            d_anchor, _ = anchor_tree.query(cand, k=1, distance_upper_bound=settings.max_extrapolation * nn)
-            keep &= np.isfinite(d_anchor)
-        if not keep.any():
-            break
-        kept = np.flatnonzero(keep)
-        # a merged candidate could still sit next to another kept one (two clusters of one point)
-        kept = kept[_dedupe(_PointIndex(cand[kept], kern), settings.merge_radius * nn * 1.5)]
-        new = cand[kept]
         rounds += 1
         new_from = len(xy)
         nb0 = _nearest_basis(tree, new, basis, good, b_global)
         xy = np.concatenate([xy, new])
-        support = np.concatenate([support, sup[kept].astype(np.int64)])
+        support = np.concatenate([support, sup.astype(np.int64)])
         tree = _PointIndex(xy, kern, scale=nn)
         basis0 = np.concatenate([basis, nb0])
+        del basis, nb0
         # refit everything near the additions (their neighbourhoods changed) plus the new sites
-        nbr = _ball(tree, new, settings.fit_radius * nn, 32)
-        touched_mask = _mark(nbr, len(xy))
+        touched_mask = _mark_ball(tree, new, settings.fit_radius * nn, 32, len(xy))
         touched_mask[new_from:] = True
         touched = np.flatnonzero(touched_mask)
+        del touched_mask
         o2, b2, r2, n2, p2 = fit_lattices(xy, basis0[touched], spacing=nn, settings=settings, tree=tree,
                                           backend=backend, subset=touched)
         origin = np.concatenate([origin, np.zeros((len(new), 2))])
-        basis = basis0.copy()
+        basis = basis0
+        del basis0
         rms = np.concatenate([rms, np.full(len(new), np.nan)])
         n_used = np.concatenate([n_used, np.zeros(len(new), np.int64)])
         n_pts = np.concatenate([n_pts, np.ones(len(new), np.int64)])
         origin[touched], basis[touched], rms[touched], n_used[touched], n_pts[touched] = o2, b2, r2, n2, p2
+        del o2, b2, r2, n2, p2, touched
         log.debug("lattice fill round %d: +%d sites", rounds, len(new))
 
     is_peak = np.zeros(len(xy), bool)
@@ -582,6 +602,83 @@ def fill_lattice(
         on_lattice[ask] = _on_neighbours_lattice(xy, origin, basis, well_fitted(), tree, nn, settings, ask)
     return LatticeResult(xy=xy, is_peak=is_peak, origin=origin, basis=basis, rms=rms, n_used=n_used,
                          support=support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
+
+
+def _new_sites(pred_sites, origin, basis, xy, tree, on_lattice, film, anchor_tree, shape, nn,
+               settings: LatticeSettings, kern):
+    """One fill-in round's additions: the first-shell predictions of ``pred_sites``, less those
+    outside the image or covered, merged into candidates, kept where enough sites support them,
+    on film, surrounded (unless vouched for) and near an anchor. Returns ``(new [M, 2], support [M])``."""
+    H, W = shape
+    em = settings.edge_margin_px
+    # predictions inside the image and not covered, made and tested in chunks of predicting sites
+    # (each point is tested on its own; the survivors keep their order)
+    parts_pts, parts_who = [], []
+    step = 1 << 18
+    for i in range(0, len(pred_sites), step):
+        ps = pred_sites[i:i + step]
+        pts = (origin[ps, None, :] + FIRST_SHELL[None, :, :] @ basis[ps]).reshape(-1, 2)
+        who = np.repeat(ps, len(FIRST_SHELL))
+        inside = (pts[:, 0] >= em) & (pts[:, 0] <= W - 1 - em) & (pts[:, 1] >= em) & (pts[:, 1] <= H - 1 - em)
+        pts, who = pts[inside], who[inside]
+        free = ~_covered(tree, pts, on_lattice, settings.cover_radius * nn)
+        parts_pts.append(pts[free])
+        parts_who.append(who[free])
+        del pts, who, inside, free
+    pts = np.concatenate(parts_pts) if parts_pts else np.zeros((0, 2))
+    who = np.concatenate(parts_who) if parts_who else np.zeros(0, dtype=np.int64)
+    del parts_pts, parts_who
+    if len(pts) == 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    # merge predictions of the same point
+    ncomp, lab = _components(_PointIndex(pts, kern).query_pairs(settings.merge_radius * nn), len(pts))
+    cnt = np.bincount(lab, minlength=ncomp)
+    cx = np.bincount(lab, weights=pts[:, 0], minlength=ncomp) / cnt
+    cy = np.bincount(lab, weights=pts[:, 1], minlength=ncomp) / cnt
+    del pts, cnt
+    # support = distinct predicting sites per candidate
+    sup = _distinct_per_label(lab, who, ncomp)
+    del lab, who
+    cand = np.stack([cx, cy], 1)
+    keep = sup >= settings.min_support
+    if isinstance(film, FilmMask):
+        in_film = film(cand)
+    elif isinstance(film, np.ndarray):
+        ij = np.clip(np.rint(cand[:, ::-1]).astype(int), 0, [H - 1, W - 1])
+        in_film = film[ij[:, 0], ij[:, 1]]
+    else:
+        in_film = np.ones(ncomp, bool)
+    # a candidate must be surrounded by sites, unless the film mask vouches for it (the fill
+    # carries on across a dirty patch from its edge inwards) or it lies at the image edge
+    margin = settings.enclose_radius * nn
+    at_edge = (cand[:, 0] < margin) | (cand[:, 0] > W - 1 - margin) | (cand[:, 1] < margin) | (cand[:, 1] > H - 1 - margin)
+    vouched = in_film if film is not None and film is not False else np.zeros(ncomp, bool)
+    keep &= in_film
+    ask = np.flatnonzero(keep & ~vouched & ~at_edge)  # only these need the enclosure test
+    if len(ask):
+        gap = _max_angular_gap(cand[ask], _ball(tree, cand[ask], settings.enclose_radius * nn, 24), xy)
+        keep[ask] = gap <= settings.max_gap_deg
+    if anchor_tree is not None:
+        d_anchor, _ = anchor_tree.query(cand, k=1, distance_upper_bound=settings.max_extrapolation * nn)
+        keep &= np.isfinite(d_anchor)
+    if not keep.any():
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    kept = np.flatnonzero(keep)
+    # a merged candidate could still sit next to another kept one (two clusters of one point)
+    kept = kept[_dedupe(_PointIndex(cand[kept], kern), settings.merge_radius * nn * 1.5)]
+    return cand[kept], sup[kept]
+
+
+def _components(pairs: np.ndarray, n: int) -> tuple[int, np.ndarray]:
+    """``connected_components`` of the undirected graph of ``pairs`` [P, 2] (sorted by i then j, as
+    ``query_pairs`` returns them) on ``n`` nodes, built straight as CSR (no COO copy)."""
+    idx_t = np.int32 if max(n, len(pairs)) < np.iinfo(np.int32).max else np.int64
+    indptr = np.zeros(n + 1, dtype=idx_t)
+    np.cumsum(np.bincount(pairs[:, 0], minlength=n), out=indptr[1:])
+    indices = pairs[:, 1].astype(idx_t)
+    g = csr_matrix((np.ones(len(pairs)), indices, indptr), shape=(n, n))
+    del indices, indptr
+    return connected_components(g, directed=False)
 
 
 def _on_neighbours_lattice(xy, origin, basis, good, tree, nn, settings, which) -> np.ndarray:
@@ -639,6 +736,10 @@ def _covered(tree: _PointIndex, pts: np.ndarray, on_lattice: np.ndarray, radius:
     """
     if len(pts) == 0:
         return np.zeros(0, bool)
+    step = 1 << 20  # points per chunk (each point is decided on its own)
+    if len(pts) > step:
+        return np.concatenate([_covered(tree, pts[i:i + step], on_lattice, radius)
+                               for i in range(0, len(pts), step)])
     d1, j1 = tree.query(pts, k=1, distance_upper_bound=radius, workers=-1)
     hit = np.isfinite(d1)
     j1 = np.where(hit, j1, 0)
@@ -713,8 +814,12 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
     pairs = _PointIndex(xy, get_kernels(backend)).query_pairs(max_bond * spacing)
     if len(pairs) == 0:
         return labels
-    a, b = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    idx_t = np.int32 if n < np.iinfo(np.int32).max else np.int64  # the graph's own index type
+    a = np.concatenate([pairs[:, 0], pairs[:, 1]]).astype(idx_t)
+    b = np.concatenate([pairs[:, 1], pairs[:, 0]]).astype(idx_t)
+    del pairs
     g = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)).tocsr()
+    del a, b
     ncomp, comp = connected_components(g, directed=False)
     inv = np.linalg.inv(basis)  # [N, 2, 2]; rows of basis are a1, a2: d = [m n] @ B -> [m n] = d @ inv(B)
     for c in range(ncomp):
