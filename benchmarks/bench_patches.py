@@ -1,8 +1,14 @@
-"""Benchmark: ``gather_patches`` (compiled backends vs the NumPy reference, same process).
+"""Benchmark: ``gather_patches`` and ``gather_resampled`` (compiled backends vs the NumPy reference,
+same process).
 
 1e5 bilinear 32 x 32 patches (quick mode ``STEMFAST_BENCH_QUICK=1``: 5e3) from a 2048 x 2048 float32
 image, some across the border. Records ``benchmark.extra_info["ratio"] = t_numpy / t_backend`` (the
 reference timed once, ours the best of 5 rounds) and asserts agreement with the reference.
+
+``gather_resampled``: the same sites, 39 x 39 px patches (``default_patch_size`` of a 15 px spacing)
+resampled to 32 x 32 (the model's input) by the weights of an antialiased bilinear downscale (a
+triangle filter, 3-4 taps per output pixel) and normalised, ``(W P W^T - center) / scale``, in one
+pass -- what ``pipeline.prepare`` asks for.
 
     PYTHONPATH=python python -m pytest benchmarks/bench_patches.py --benchmark-enable -o python_files='bench_*.py'
 """
@@ -65,3 +71,60 @@ def test_gather_patches(benchmark, case, backend, check_ratio):
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5)
     assert 0 < ref_edge.sum() < N_PATCHES
     check_ratio(f"gather_patches_{backend}_vs_numpy", ratio, benchmark)
+
+
+# --------------------------------------------------------------------------------------------------
+# gather + resample + normalise in one pass
+# --------------------------------------------------------------------------------------------------
+RS_SIZE, RS_OUT = 39, 32
+CENTER, SCALE = 100.0, 10.0
+
+
+def antialiased_bilinear_weights(size: int, out: int) -> np.ndarray:
+    """[out, size] weights of a triangle-filter (antialiased bilinear, align_corners=False) resampling."""
+    s = size / out
+    support = max(s, 1.0)
+    c = (np.arange(out) + 0.5) * s - 0.5
+    w = np.clip(1.0 - np.abs(np.arange(size)[None, :] - c[:, None]) / support, 0.0, None)
+    return np.ascontiguousarray(w / w.sum(1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def resampled_case(case):
+    (image, xy), _, _ = case
+    wts = antialiased_bilinear_weights(RS_SIZE, RS_OUT)
+    out = np.empty((len(xy), RS_OUT, RS_OUT), np.float32)
+    t_ref = float("inf")
+    for _ in range(REF_REPEAT):
+        t0 = time.perf_counter()
+        edge = get_kernels("numpy").gather_resampled(image, xy, RS_SIZE, wts, FILL, CENTER, SCALE, out)
+        t_ref = min(t_ref, time.perf_counter() - t0)
+    return (image, xy, wts), (out, edge), t_ref
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in available_backends()])
+def test_gather_resampled(benchmark, resampled_case, backend, check_ratio):
+    (image, xy, wts), (ref_out, ref_edge), t_ref = resampled_case
+    kern = get_kernels(backend)
+    kern.gather_resampled(image, xy[:10], RS_SIZE, wts, FILL, CENTER, SCALE,
+                          np.empty((10, RS_OUT, RS_OUT), np.float32))  # warm-up (Numba)
+    out = np.empty_like(ref_out)
+    edge, t_ours = timed_pedantic(
+        benchmark, lambda: kern.gather_resampled(image, xy, RS_SIZE, wts, FILL, CENTER, SCALE, out),
+        rounds=5, warmup_rounds=1)
+    ratio = t_ref / t_ours
+    benchmark.extra_info.update(ratio=ratio, t_numpy_s=t_ref, t_backend_s=t_ours, n_patches=N_PATCHES,
+                                size=RS_SIZE, out_size=RS_OUT, threads=_threads(backend), backend=backend)
+    print(f"\n[ratio] gather_resampled {backend} vs numpy, {N_PATCHES} patches {RS_SIZE}^2 -> {RS_OUT}^2, "
+          f"{_threads(backend)} threads: {ratio:.1f}x ({t_ref:.2f} s / {t_ours:.3f} s)")
+    np.testing.assert_array_equal(edge, ref_edge)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-5)
+    # the reference is W P W^T of the gather_patches patch: check it on a few patches, and that the
+    # normalised values look like the image's (mean 100, sd 10; a triangle filter averages the noise)
+    p = np.empty((50, RS_SIZE, RS_SIZE), np.float32)
+    get_kernels("numpy").gather_patches(image, xy[:50], RS_SIZE, FILL, p)
+    np.testing.assert_allclose(ref_out[:50], (wts @ p.astype(np.float64) @ wts.T - CENTER) / SCALE, rtol=0, atol=1e-5)
+    inner = ref_edge == 0
+    assert 0 < ref_edge.sum() < N_PATCHES
+    assert abs(float(ref_out[inner].mean())) < 0.05 and 0.2 < float(ref_out[inner].std()) < 1.0
+    check_ratio(f"gather_resampled_{backend}_vs_numpy", ratio, benchmark)
