@@ -144,3 +144,47 @@ def test_cli_sites_and_corrupt_file(tmp_path, clean_image):
                        timeout=120)
     assert r.returncode != 0
     assert "bad.tif" in r.stderr and "Traceback" not in r.stderr
+
+
+def _band_table(factors, spacing=12.0, shape=(240, 240), seed=0):
+    """Sites of a triangular lattice with sublattice labels; column intensities scaled by ``factors[k]``
+    in the k-th half-spacing strip from the left border (a scan fly-back band)."""
+    rng = np.random.default_rng(seed)
+    c, s_ = np.cos(np.radians(13.0)), np.sin(np.radians(13.0))  # rotated, as micrographs are: every strip holds columns
+    b = spacing * np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) @ np.array([[c, s_], [-s_, c]])
+    ij = np.stack(np.meshgrid(np.arange(-40, 50), np.arange(-40, 50)), -1).reshape(-1, 2)
+    xy = ij @ b
+    H, W = shape
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] <= W - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= H - 1)
+    xy, ij = xy[keep], ij[keep]
+    sub = (ij[:, 0] - ij[:, 1]) % 3
+    inten = np.where(sub == 0, 170.0, np.where(sub == 1, 50.0, -30.0)) * rng.normal(1, 0.03, len(xy))
+    strip = (xy[:, 0] // (spacing / 2)).astype(int)
+    for k, f in enumerate(factors):
+        inten[(strip == k) & (sub <= 1)] *= f
+    return xy, inten, sub, shape, spacing
+
+
+@pytest.mark.parametrize("second", [0.79, 0.81, 0.86])
+def test_border_band_is_stable_when_its_inner_strip_is_near_the_cut_off(second):
+    """A fading fly-back band: the strip after the dark one is off by about the cut-off (0.2). With
+    or without it crossing the cut-off, the band keeps the same width (it used to flip by a strip)."""
+    from stemfast.sites import border_bands
+
+    xy, inten, sub, shape, sp = _band_table([0.05, second])
+    observed, widths = border_bands(xy, inten, sub, shape, sp)
+    assert widths[0] == pytest.approx(1.5 * sp)  # two strips + one strip of margin
+    assert widths[1:] == [0.0, 0.0, 0.0]
+    np.testing.assert_array_equal(observed, xy[:, 0] >= 1.5 * sp)
+
+
+def test_no_border_band_on_a_sound_image_or_for_one_noisy_strip():
+    from stemfast.sites import border_bands
+
+    xy, inten, sub, shape, sp = _band_table([])
+    observed, widths = border_bands(xy, inten, sub, shape, sp)
+    assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()
+    # a border strip off by less than the cut-off does not start a band
+    xy, inten, sub, shape, sp = _band_table([0.85])
+    observed, widths = border_bands(xy, inten, sub, shape, sp)
+    assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()

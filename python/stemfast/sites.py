@@ -156,8 +156,10 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     Scan fly-back often attenuates the first columns of every line (or the first lines of a frame),
     and the bandpass is less reliable next to such a band. Defects being rare, the *median*
     intensity of the column sites (sublattices 0 and 1, each divided by its own image-wide median)
-    in strips half a spacing wide is ~1 everywhere the image is sound; strips from a border inwards
-    whose median is off by more than ``tol`` form a band, and one more strip is added as margin.
+    in strips half a spacing wide is ~1 everywhere the image is sound. A band starts at a border
+    strip whose median is off by more than ``tol`` and extends inwards while the strips stay off by
+    more than ``tol / 2`` (hysteresis: a fading band whose inner strip sits near ``tol`` does not
+    flip in or out with the noise of a single strip's median); one more strip is added as margin.
 
     Returns ``observed`` (bool [N], False for sites in a band) and the band widths in px
     ``[left, right, top, bottom]``.
@@ -186,7 +188,8 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
                 if i * step > spacing:  # a sparse strip deep inside: stop looking
                     break
                 continue
-            if abs(float(np.median(rel[sel])) - 1.0) <= tol:
+            # start a band only where a strip is clearly off; once in one, go on while it is half as much
+            if abs(float(np.median(rel[sel])) - 1.0) <= (tol / 2 if width > 0 else tol):
                 break
             width = (i + 1) * step
         if width > 0:
