@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from .api import RVAE
 
     model = RVAE.load(args.model, map_location="cpu")
+    has_stn = model.config.model == "rvae"  # the plain VAE baseline: only the invariance ratio applies
     period_model = 360.0 / model.config.rotation_symmetry
     results: dict = {}
     for path in args.images:
@@ -286,13 +287,17 @@ def main(argv: list[str] | None = None) -> int:
             patches = patches[np.sort(np.random.default_rng(args.seed).choice(len(patches), args.max_sites,
                                                                                replace=False))]
         r = {}
-        s = rotated_copy_errors(model, patches, seed=args.seed).summary()
-        r["patch_warp"] = s
         sub = patches[np.sort(np.random.default_rng(args.seed).choice(len(patches), min(150, len(patches)),
                                                                        replace=False))]
         r["invariance_ratio"] = invariance_ratio(model, sub, seed=args.seed)
-        print(f"{path}: {len(patches)} sites")
+        print(f"{path}: {len(patches)} sites ({model.config.model})")
         print(f"  latent spread across 12 rotations / across {len(sub)} sites: {r['invariance_ratio']:.4f}")
+        if not has_stn:
+            print("  (plain VAE: no STN, so no canonicalisation errors)")
+            results[path] = r
+            continue
+        s = rotated_copy_errors(model, patches, seed=args.seed).summary()
+        r["patch_warp"] = s
         print(f"  patch warp, random angles      : {_fmt(s, period_model)}")
         for a in args.angles:
             res, info = micrograph_pair_errors(model, img, a, max_sites=args.max_sites, seed=args.seed)
