@@ -119,6 +119,7 @@ _COORD_COLUMNS = {"x", "y", "x_nm", "y_nm"}
 _STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")
 
 _DRIFT_MAX_PX = 512  # frames are block-averaged to at most this size for the drift estimate
+DRIFT_RESOLUTION_PX = 0.02  # step of the sub-pixel drift search, in full-resolution px
 
 
 def _io():
@@ -409,11 +410,13 @@ def _drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) -> tu
     win = np.outer(np.hanning(prev.shape[0]), np.hanning(prev.shape[1])).astype(np.float32)
     a = (prev - prev.mean()) * win
     b = (cur - cur.mean()) * win
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        shift, _err, _ph = phase_cross_correlation(a, b, upsample_factor=10, normalization=None)
     fy = full_shape[0] / prev.shape[0]
     fx = full_shape[1] / prev.shape[1]
+    # sub-pixel steps of DRIFT_RESOLUTION_PX at full resolution (the frames were block-averaged)
+    up = int(math.ceil(max(fx, fy) / DRIFT_RESOLUTION_PX))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shift, _err, _ph = phase_cross_correlation(a, b, upsample_factor=up, normalization=None)
     # shift registers cur onto prev, i.e. it undoes the motion: the content moved by -shift
     return float(-shift[1] * fx), float(-shift[0] * fy)
 
