@@ -93,6 +93,7 @@ def check_ratio(request):
         if benchmark is not None:
             benchmark.extra_info["ratio"] = float(ratio)
             benchmark.extra_info["mode"] = MODE
+            benchmark.extra_info["ratio_name"] = name
             if target is not None:
                 benchmark.extra_info["target"] = target
         print(f"\n[ratio] {MODE} {name}: {ratio:.3g}" + (f" (issue target {target:g} in full mode)" if target else ""))
