@@ -204,7 +204,7 @@ def cmd_bench(args) -> int:
         if len(wp.patches) >= 2:
             from .config import apply_overrides as _ao
 
-            wm = train_model([wp], config=_ao(config, {"model.epochs": 1, "model.stn_epochs": 0}))
+            wm = train_model([wp], config=_ao(config, {"model.epochs": 1, "model.stn_epochs": 1}))
             analyze(wp, wm, config=config)
     for i, img in enumerate(frames):
         prep = prepare(np.asarray(img), config=config, pixel_size=px, unit="nm",
