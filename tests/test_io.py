@@ -482,3 +482,33 @@ def test_written_files_get_the_usual_permissions(tmp_path, img):
         os.umask(old)
     for p in (t, j, m):
         assert (p.stat().st_mode & 0o777) == 0o644, (p.name, oct(p.stat().st_mode))
+
+
+def _rss_file_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.skipif(_rss_file_kib() is None, reason="needs Linux /proc/self/status (RssFile)")
+def test_streaming_a_memory_mapped_stack_keeps_resident_memory_flat(tmp_path):
+    """Reading (which checks every frame) and iterating a memory-mapped stack must not leave the
+    file's pages resident: otherwise a 3 GB series shows as a 3 GB process (issue 5)."""
+    rng = np.random.default_rng(2)
+    stack = rng.normal(size=(48, 384, 384)).astype(np.float32)  # 27 MiB
+    p = write_tiff(tmp_path / "s.tif", stack)
+    del stack
+    before = _rss_file_kib()
+    mg = read(p)
+    assert isinstance(mg.data, np.memmap)
+    total = 0.0
+    for f in mg.frames():
+        total += float(f[0, 0])
+    grown = _rss_file_kib() - before
+    assert grown < 0.25 * p.stat().st_size / 1024, f"{grown} KiB of the {p.stat().st_size // 1024} KiB file resident"
+    np.testing.assert_array_equal(mg.frame(5), read(p, frames=5).data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import threading
 import warnings
@@ -192,7 +193,9 @@ class Micrograph:
             return np.asarray(self.data, dtype=np.float32)
         f = self.data[i]
         if isinstance(self.data, np.memmap):
-            return np.array(f, dtype=np.float32)
+            out = np.array(f, dtype=np.float32)
+            _release_pages(self.data)
+            return out
         return np.asarray(f, dtype=np.float32)
 
     def frames(self) -> Iterator[np.ndarray]:
@@ -448,7 +451,10 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.
     keep_map = isinstance(data, np.memmap) and data.ndim == 3 and data.dtype == np.float32 \
         and data.dtype.isnative
     if keep_map:
-        bad = sum(int(np.count_nonzero(~np.isfinite(data[i]))) for i in range(data.shape[0]))
+        bad = 0
+        for i in range(data.shape[0]):
+            bad += int(np.count_nonzero(~np.isfinite(data[i])))
+            _release_pages(data)
     elif isinstance(data, np.memmap) or not data.flags.owndata or not data.flags.writeable:
         data = np.array(data, dtype=np.float32, order="C")  # into memory, never alias a file
         bad = int(np.count_nonzero(~np.isfinite(data)))
@@ -485,6 +491,22 @@ def _to_grey(data: np.ndarray) -> np.ndarray:
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
     core = [int(s) for s in shape if s != 1]
     return len(core) >= 3 and core[-1] in (3, 4) and min(core[-3:-1]) >= MIN_SIDE
+
+
+def _release_pages(mm: np.memmap) -> None:
+    """Drop the pages of a read-only memory map from this process (the OS keeps them cached).
+
+    Pages of a file mapping that were read count towards the process's resident memory until they
+    are unmapped, so streaming a 3 GB stack frame by frame would look like a 3 GB process; after
+    each frame is copied out (or checked) its pages are released, and the resident memory stays
+    that of one frame whatever the length of the stack.
+    """
+    m = getattr(mm, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - closed map or unsupported platform
+            pass
 
 
 def _select_frames(path: Path, data: Any, frames: Any) -> Any:
