@@ -381,7 +381,8 @@ def _max_angular_gap(center: np.ndarray, nb: np.ndarray, xy: np.ndarray) -> np.n
     cnt = valid.sum(1)
     gaps = np.full(M, 360.0)
     if k >= 2:
-        diffs = np.diff(ang, axis=1)
+        with np.errstate(invalid="ignore"):  # inf - inf between padding entries; masked just below
+            diffs = np.diff(ang, axis=1)
         diffs = np.where(np.arange(k - 1)[None, :] < (cnt - 1)[:, None], diffs, -np.inf)
         last = ang[np.arange(M), np.maximum(cnt - 1, 0)]
         wrap = ang[:, 0] + 360.0 - last
