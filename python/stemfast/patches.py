@@ -442,6 +442,12 @@ def site_intensity(image: np.ndarray, xy: np.ndarray, *, radius: float, backend:
     radius = float(radius)
     if not (math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    return _site_intensity(image, xy, radius, backend)
+
+
+def _site_intensity(image: np.ndarray, xy: np.ndarray, radius: float, backend: str | None) -> np.ndarray:
+    """:func:`site_intensity` for validated arguments (a finite 2-D image, float64 [N, 2] ``xy``,
+    ``radius > 0``): callers that validated the image already skip the second full-image check."""
     n = len(xy)
     result = np.full(n, np.nan)
     if n == 0:

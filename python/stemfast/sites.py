@@ -24,7 +24,7 @@ from .lattice import (
     sublattice_labels,
 )
 from .backend import get_kernels
-from .patches import site_intensity
+from .patches import _site_intensity
 from .peaks import find_peaks
 from .table import SiteTable
 
@@ -360,7 +360,9 @@ def find_sites(
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
     inten = sample_image(bp, xy, backend=s.backend)
-    raw = site_intensity(img, xy, radius=max(1.0, s.intensity_radius_nn * nn), backend=s.backend)
+    # img was validated above (finite float32): skip site_intensity's own full-image check
+    raw = _site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), max(1.0, s.intensity_radius_nn * nn),
+                          s.backend)
     sub = sublattice_labels(xy, res.basis, spacing=nn, values=inten, backend=s.backend)
     strain = local_strain(res.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
