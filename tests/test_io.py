@@ -293,6 +293,41 @@ def test_truncated_digitalmicrograph_is_a_read_error(tmp_path, img):
     assert e.reason
 
 
+@pytest.mark.parametrize("version", [0x0210, 0x0220])
+@pytest.mark.parametrize("kind", ["image", "stack"])
+def test_tia_ser_via_rosettasciio(tmp_path, img, stack, version, kind):
+    """FEI/Thermo TIA .ser (no .emi) through RosettaSciIO: data, orientation, calibration m -> nm."""
+    pytest.importorskip("rsciio.tia")
+    from serfile import write_ser
+
+    data = img if kind == "image" else stack
+    pixel_size_m = 1.25e-10
+    p = write_ser(tmp_path / "a.ser", data, pixel_size_m=pixel_size_m, version=version)
+    mg = read(p)
+    assert mg.data.dtype == np.float32
+    np.testing.assert_array_equal(mg.data, data)  # exact, same orientation (rows not flipped)
+    assert mg.pixel_size == pytest.approx(pixel_size_m * 1e9) and mg.unit == "nm"
+    assert mg.metadata["format"] == "ser"
+    json.dumps(mg.metadata)
+    if kind == "stack":
+        assert mg.n_frames == len(stack)
+        np.testing.assert_array_equal(mg.frame(3), stack[3])
+        np.testing.assert_array_equal(read(p, frames=3).data, stack[3])
+    else:
+        assert mg.n_frames == 1
+        np.testing.assert_array_equal(mg.frame(0), img)
+
+
+def test_truncated_tia_ser_is_a_read_error(tmp_path, stack):
+    pytest.importorskip("rsciio.tia")
+    from serfile import write_ser
+
+    p = write_ser(tmp_path / "t.ser", stack, pixel_size_m=1e-10)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    e = _err(p)
+    assert e.reason
+
+
 @pytest.mark.parametrize("ext", [".dm4", ".dm3", ".emd", ".ser", ".emi"])
 def test_missing_rosettasciio_is_a_read_error(tmp_path, monkeypatch, ext):
     p = tmp_path / f"x{ext}"
