@@ -19,11 +19,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
-from scipy.spatial import cKDTree
 from sklearn.metrics import adjusted_rand_score
 
-from conftest import best_time
+from conftest import gaussian_yardstick, truth_match
 from stemfast.config import load_config
 from stemfast.pipeline import analyze, prepare, train_model
 from stemfast.synth import make_mos2
@@ -65,12 +63,10 @@ def test_pipeline_throughput(benchmark, check_ratio, setup):
     table = benchmark.pedantic(run, rounds=2 if QUICK else 1, iterations=1)
     t_ours = benchmark.stats.stats.min
     nn = s.meta["nn_px"]
-    t_ref = best_time(lambda: ndimage.gaussian_filter(img, nn), repeat=3)
+    t_ref = gaussian_yardstick(img, nn)
 
     # correctness alongside: all atoms found or predicted, classes = sublattices
-    d, j = cKDTree(table.xy).query(s.truth[:, :2])
-    atoms = s.truth[:, 2] < 2
-    recall = float((d[atoms] <= 0.3 * nn).mean())
+    d, j, recall = truth_match(table.xy, s.truth, nn)
     ok = (d <= 0.3 * nn) & (s.truth[:, 3] == 0)
     ari = adjusted_rand_score(s.truth[ok, 2].astype(int), np.asarray(table["class_id"])[j[ok]])
     assert recall >= 0.99, recall

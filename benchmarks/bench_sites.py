@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from conftest import best_time
+from conftest import gaussian_yardstick, truth_match
 from stemfast.sites import find_sites
 from stemfast.synth import make_mos2
 
@@ -35,11 +34,9 @@ def test_find_sites_throughput(benchmark, check_ratio, image):
     table = benchmark.pedantic(lambda: find_sites(img, timings=timings), rounds=3, iterations=1)
     t_ours = benchmark.stats.stats.min
     nn = image.meta["nn_px"]
-    t_ref = best_time(lambda: ndimage.gaussian_filter(img, nn), repeat=3)
+    t_ref = gaussian_yardstick(img, nn)
     # correctness alongside: every atom column found or predicted, nothing invented
-    d, _ = cKDTree(table.xy).query(image.truth[:, :2])
-    atoms = image.truth[:, 2] < 2
-    recall = float((d[atoms] <= 0.3 * nn).mean())
+    _, _, recall = truth_match(table.xy, image.truth, nn)
     dp, _ = cKDTree(image.truth[:, :2]).query(table.xy)
     precision = float((dp <= 0.3 * nn).mean())
     assert recall >= 0.99 and precision >= 0.99, (recall, precision)

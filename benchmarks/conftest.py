@@ -63,6 +63,25 @@ def paired_best_times(ours, reference, *, repeat: int = 5, warmup: int = 1) -> t
     return t_ours, t_ref
 
 
+def gaussian_yardstick(image, sigma: float) -> float:
+    """Best-of-3 time of ``scipy.ndimage.gaussian_filter(image, sigma)``: the machine-speed yardstick
+    the end-to-end benchmarks divide by (single-threaded C, so a slower machine slows both sides)."""
+    from scipy import ndimage
+
+    return best_time(lambda: ndimage.gaussian_filter(image, sigma), repeat=3)
+
+
+def truth_match(xy, truth, nn: float):
+    """Match true sites ``truth`` [N, >=3] (x, y, sublattice, ...) to found sites ``xy``: returns the
+    distance and index of each true site's nearest found site, and the recall of the atom sites
+    (sublattice < 2) within 0.3 spacings."""
+    from scipy.spatial import cKDTree
+
+    d, j = cKDTree(xy).query(truth[:, :2])
+    atoms = truth[:, 2] < 2
+    return d, j, float((d[atoms] <= 0.3 * nn).mean())
+
+
 def timed_pedantic(benchmark, fn, *, rounds: int, warmup_rounds: int = 0):
     """Run ``fn`` under pytest-benchmark's pedantic mode; return (its result, best wall time in s)."""
     times = []
