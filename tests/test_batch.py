@@ -394,3 +394,27 @@ def test_drift_of_large_frames_is_measured_to_a_few_hundredths_of_a_pixel():
     dx, dy = _drift(_small(s.image[0]), _small(s.image[1]), s.image.shape[1:])
     assert _small(s.image[0]).shape[0] < 1100  # block-averaged
     assert abs(dx - 0.3) < 0.05 and abs(dy - 0.2) < 0.05, (dx, dy)
+
+
+def test_csv_stream_writes_the_same_bytes_in_row_chunks():
+    """sites.csv is formatted a chunk of rows at a time (bounded memory on million-site tables)."""
+    import io
+
+    from stemfast.batch import _CsvStream
+    from stemfast.table import SiteTable
+
+    rng = np.random.default_rng(4)
+    n = 1000
+    t = SiteTable({"frame": np.zeros(n, np.int64), "x": rng.uniform(0, 4000, n), "y": rng.uniform(0, 4000, n),
+                   "source": np.where(rng.random(n) < 0.5, "peak", "lattice"), "is_defect": rng.random(n) < 0.1,
+                   "intensity": rng.normal(size=n)}, {})
+    whole, chunked = io.StringIO(), io.StringIO()
+    a = _CsvStream(whole)
+    a.write(t)
+    b = _CsvStream(chunked)
+    b.CHUNK = 37
+    b.write(t)
+    b.write(t.select(np.arange(10)))
+    a.write(t.select(np.arange(10)))
+    assert chunked.getvalue() == whole.getvalue() and a.n_rows == b.n_rows == n + 10
+    assert whole.getvalue().count("\n") == n + 11
