@@ -480,30 +480,31 @@ def _prefetched(mg, frames: Sequence[int]) -> Iterator[tuple[int, np.ndarray | N
     the length of the stack); ``wait_s`` is the time the consumer waited for the frame, i.e. the
     part of the reading that did not overlap with the analysis. A single image is read in place.
     """
-    frames = list(frames)
-    if len(frames) <= 1 or not getattr(mg, "is_stack", False):
-        for f in frames:
-            t0 = time.perf_counter()
-            try:
-                img, exc = _get_frame(mg, f), None
-            except Exception as e:  # noqa: BLE001 - reported per frame by the caller
-                img, exc = None, e
-            yield f, img, exc, time.perf_counter() - t0
-        return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemfast-read") as pool:
-        nxt = pool.submit(_get_frame, mg, frames[0])
+    frames = list(frames)
+    ahead = len(frames) > 1 and getattr(mg, "is_stack", False)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemfast-read") if ahead else None
+
+    def start(f: int):
+        """A call returning frame ``f``: already being read in the background, or read when called."""
+        return pool.submit(_get_frame, mg, f).result if pool is not None else (lambda: _get_frame(mg, f))
+
+    try:
+        nxt = start(frames[0]) if frames else None
         for j, f in enumerate(frames):
             t0 = time.perf_counter()
             try:
-                img, exc = nxt.result(), None
+                img, exc = nxt(), None
             except Exception as e:  # noqa: BLE001 - reported per frame by the caller
                 img, exc = None, e
             wait = time.perf_counter() - t0
-            nxt = pool.submit(_get_frame, mg, frames[j + 1]) if j + 1 < len(frames) else None
+            nxt = start(frames[j + 1]) if j + 1 < len(frames) else None
             yield f, img, exc, wait
             img = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
