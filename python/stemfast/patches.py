@@ -253,14 +253,8 @@ def extract_patches(
         if not normalize:
             raise ValueError("norm was given but normalize=False; drop one of them")
     n = len(xy)
-    out_side = size
-    if resample_weights is not None:
-        resample_weights = np.ascontiguousarray(resample_weights, dtype=np.float64)
-        if (resample_weights.ndim != 2 or resample_weights.shape[1] != size or resample_weights.shape[0] < 1
-                or not np.isfinite(resample_weights).all()):
-            raise ValueError(f"resample_weights must be a finite (M, size={size}) array, got shape "
-                             f"{resample_weights.shape}")
-        out_side = int(resample_weights.shape[0])
+    resample_weights = _check_weights(resample_weights, size)
+    out_side = size if resample_weights is None else int(resample_weights.shape[0])
     shape = (n, out_side, out_side)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
@@ -268,12 +262,7 @@ def extract_patches(
               and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
 
-    median = None  # this image's median, only computed when needed
-    if normalize and norm is None:
-        norm = PatchNorm.from_image(image)
-        median = norm.center
-    if fill is None:
-        fill = median if median is not None else float(np.median(image))
+    norm, fill = _norm_and_fill(image, norm, fill, normalize)
     applied = norm if normalize else PatchNorm(0.0, 1.0)
     if n == 0:
         return Patches(data=out, edge=np.zeros(0, dtype=bool), norm=applied)
@@ -282,6 +271,29 @@ def extract_patches(
     log.debug("extracted %d patches of %dx%d px -> %dx%d (%d at the edge)", n, size, size, out_side, out_side,
               int(edge.sum()))
     return Patches(data=out, edge=edge, norm=applied)
+
+
+def _check_weights(weights: np.ndarray | None, size: int) -> np.ndarray | None:
+    """``resample_weights`` as a C-contiguous float64 (M, size) array (M >= 1, finite), or None."""
+    if weights is None:
+        return None
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != size or weights.shape[0] < 1 or not np.isfinite(weights).all():
+        raise ValueError(f"resample_weights must be a finite (M, size={size}) array, got shape {weights.shape}")
+    return weights
+
+
+def _norm_and_fill(image: np.ndarray, norm: PatchNorm | None, fill: float | None,
+                   normalize: bool) -> tuple[PatchNorm | None, float]:
+    """The normalisation (this image's robust one when ``normalize`` and none is given) and the raw
+    fill value (default: the image median, taken from that normalisation when it was computed)."""
+    median = None  # this image's median, only computed when needed
+    if normalize and norm is None:
+        norm = PatchNorm.from_image(image)
+        median = norm.center
+    if fill is None:
+        fill = median if median is not None else float(np.median(image))
+    return norm, float(fill)
 
 
 class _Gatherer:
@@ -365,17 +377,8 @@ class LazyPatches:
         image = _check_image(image)
         self.xy = np.ascontiguousarray(_check_xy(xy))
         size = _check_size(size)
-        if norm is None:
-            norm = PatchNorm.from_image(image)
-            median = norm.center
-        else:
-            median = None
-        if fill is None:
-            fill = median if median is not None else float(np.median(image))
-        if resample_weights is not None:
-            resample_weights = np.ascontiguousarray(resample_weights, dtype=np.float64)
-            if resample_weights.ndim != 2 or resample_weights.shape[1] != size:
-                raise ValueError(f"resample_weights must be an (M, size={size}) array, got {resample_weights.shape}")
+        resample_weights = _check_weights(resample_weights, size)
+        norm, fill = _norm_and_fill(image, norm, fill, True)
         self.norm = norm
         self.patch_size = size
         self._gather = _Gatherer(image, size=size, norm=norm, fill=float(fill), resample_weights=resample_weights,
