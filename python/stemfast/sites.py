@@ -25,6 +25,7 @@ from .lattice import (
 )
 from .backend import get_kernels
 from .patches import _site_intensity
+from .materials import get_material
 from .peaks import find_peaks
 from .table import SiteTable
 
@@ -63,6 +64,8 @@ class SiteSettings:
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
     backend : kernel backend (``cpp``, ``numba``, ``numpy``; ``None`` = fastest available).
+    material : the 2H material (:data:`stemfast.materials.MATERIAL_NAMES`): its lattice constant
+        and the names of its sites and defects.
     """
 
     spacing: float | None = None
@@ -79,8 +82,10 @@ class SiteSettings:
     detect_holes: bool = True
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
     backend: str | None = None
+    material: str = "mos2"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "material", get_material(self.material).name)
         if self.spacing is not None and not (np.isfinite(self.spacing) and self.spacing >= 2):
             raise ValueError(f"spacing must be >= 2 px, got {self.spacing!r}")
         if self.refine not in ("gauss", "com", None):
@@ -270,7 +275,7 @@ def find_sites(
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice)})
     img = _validate_image(image)
     tm = timings if timings is not None else {}
-    meta: dict = {"shape": list(img.shape)}
+    meta: dict = {"shape": list(img.shape), "material": s.material}
     H, W = img.shape
 
     t0 = time.perf_counter()

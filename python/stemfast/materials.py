@@ -1,0 +1,106 @@
+"""The materials stemfast knows: 2H transition-metal dichalcogenide monolayers.
+
+A 2H monolayer (MoS2, WS2, MoSe2, WSe2, ...) seen along c has three kinds of site on **one
+triangular lattice** of spacing ``a / sqrt(3)`` (``a`` = the metal-metal distance, the in-plane
+lattice constant): the metal columns, the chalcogen-pair columns (two chalcogen atoms on top of
+each other) and the empty hexagon centres ("hollow"). The metal sites alone form a triangular
+lattice of spacing ``a``; so do the chalcogen sites and the hollow sites. In HAADF the metal is
+brightest; a chalcogen pair is fainter (about 0.4-0.6 of the metal for S2, closer for Se2); the
+hollow is the background.
+
+The material fixes two things: the geometry (what the site lattice is, whatever peaks stand out)
+and the names (``vacancy_Se`` on WSe2, never ``vacancy_S``).
+
+Sublattice indices used everywhere: 0 = metal, 1 = chalcogen pair, 2 = hollow.
+
+Examples
+--------
+>>> m = get_material("wse2")
+>>> m.formula, m.sublattice_names
+('WSe2', ('W', 'Se2', 'hollow'))
+>>> round(m.site_spacing_nm, 4)
+0.1895
+>>> get_material("mos2").defect_kinds[1:4]
+('vacancy_Mo', 'vacancy_S2', 'vacancy_S')
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "METAL", "CHALCOGEN", "HOLLOW"]
+
+#: sublattice indices
+METAL, CHALCOGEN, HOLLOW = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Material:
+    """A 2H monolayer: names of its sites and its lattice constant.
+
+    Attributes
+    ----------
+    name : key in :data:`MATERIALS` (``"mos2"``).
+    formula : ``"MoS2"``.
+    metal, chalcogen : element symbols (``"Mo"``, ``"S"``); ``"M"``, ``"X"`` for the generic 2H.
+    a_nm : in-plane lattice constant (metal-metal distance) in nm; ``None`` for the generic 2H
+        (the lattice then comes from the image alone and a calibration cannot be checked).
+    """
+
+    name: str
+    formula: str
+    metal: str
+    chalcogen: str
+    a_nm: float | None
+
+    @property
+    def site_spacing_nm(self) -> float | None:
+        """Nearest-neighbour distance of the site lattice (metal, chalcogen, hollow), ``a / sqrt(3)``."""
+        return None if self.a_nm is None else self.a_nm / math.sqrt(3.0)
+
+    @property
+    def sublattice_names(self) -> tuple[str, str, str]:
+        """Names of sublattices 0, 1, 2: metal, chalcogen pair, hollow."""
+        return (self.metal, f"{self.chalcogen}2", "hollow")
+
+    @property
+    def defect_kinds(self) -> tuple[str, ...]:
+        """``defect_kind`` values, in a fixed order.
+
+        ``none``; ``vacancy_<M>`` (empty metal site); ``vacancy_<X>2`` (both chalcogens of a
+        column missing); ``vacancy_<X>`` (one of the pair missing); ``substitution_<M>_<X>`` (a
+        metal-like atom on a chalcogen site); ``substitution_<M>`` (a foreign atom on a metal
+        site: a dopant, brighter or darker than the metal); ``off_lattice`` (a peak on no lattice
+        node: adatom, contamination); ``other``.
+        """
+        m, x = self.metal, self.chalcogen
+        return ("none", f"vacancy_{m}", f"vacancy_{x}2", f"vacancy_{x}", f"substitution_{m}_{x}",
+                f"substitution_{m}", "off_lattice", "other")
+
+
+#: Lattice constants of the bulk 2H crystals (room temperature), nm.
+MATERIALS: dict[str, Material] = {
+    "mos2": Material("mos2", "MoS2", "Mo", "S", 0.3160),
+    "ws2": Material("ws2", "WS2", "W", "S", 0.3153),
+    "mose2": Material("mose2", "MoSe2", "Mo", "Se", 0.3288),
+    "wse2": Material("wse2", "WSe2", "W", "Se", 0.3282),
+    "2h": Material("2h", "MX2", "M", "X", None),
+}
+
+MATERIAL_NAMES: tuple[str, ...] = tuple(MATERIALS)
+
+
+def get_material(name: str | Material) -> Material:
+    """The :class:`Material` called ``name`` (case-insensitive); a clear error for an unknown name.
+
+    Examples
+    --------
+    >>> get_material("MoSe2").chalcogen
+    'Se'
+    """
+    if isinstance(name, Material):
+        return name
+    key = str(name).strip().lower()
+    if key not in MATERIALS:
+        raise ValueError(f"unknown material {name!r}; known: {', '.join(MATERIAL_NAMES)}")
+    return MATERIALS[key]
