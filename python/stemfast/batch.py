@@ -625,11 +625,13 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
     n_classes = 0
     cand: list[tuple[tuple, dict, np.ndarray | None]] = []
     show = None  # (frame, x, y, class_id, is_defect, spacing) of the class-map frame
-    with atomic_open(d / "sites.csv", "w", newline="", encoding="utf-8") as fh:
+    trk = _stack_tracker(d, config, input_info) if is_stack else None  # defects linked through the frames
+    with atomic_open(d / "sites.csv", "w", newline="", encoding="utf-8") as fh, (trk or contextlib.nullcontext()):
         csv = _CsvStream(fh)
         for fr in results:
             m = fr.meta
-            csv.write(fr.table)
+            for t in (trk.push(m, fr.table) if trk else (fr.table,)):
+                csv.write(t)
             for k, v in m.get("timings_s", {}).items():
                 stage_s[k] = stage_s.get(k, 0.0) + float(v)
             n_sites += int(m.get("n_sites", 0))
@@ -651,6 +653,8 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
                 del cand[top_n:]
             frames_meta.append({k: v for k, v in m.items() if k != "top"})
             fr.table = None  # free the frame's table before the next one is produced
+        for t in (trk.finish() if trk else ()):
+            csv.write(t)
         csv.finish()
     cand.sort(key=lambda t: t[0])
     top = [c for _, c, _ in cand]
@@ -684,6 +688,8 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
     else:
         f0 = next((m["frame"] for m in frames_meta if not m.get("error")), 0)
         plot_defects(d / "defects.png", get_frame(f0), [], None, title=f"{entry.name}: no candidates")
+    if trk:
+        trk.plot(get_frame, title=f"{entry.name}: defect tracks")
     stage_s["figures"] = time.perf_counter() - t0
 
     spacing = _median(m.get("spacing_px") for m in frames_meta)
@@ -724,12 +730,28 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
             "dx": [m["drift_px"][0] for m in frames_meta if m.get("drift_px") is not None],
             "dy": [m["drift_px"][1] for m in frames_meta if m.get("drift_px") is not None],
         }
+    if trk:
+        summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
     summary["seconds"] = time.perf_counter() - t_start
-    summary["outputs"] = list(OUTPUT_FILES)
+    summary["outputs"] = list(OUTPUT_FILES) + (list(trk.FILES) if trk else [])
     write_json(d / "summary.json", summary)
     return summary
+
+
+def _stack_tracker(d: Path, config, input_info: dict):
+    """The defect tracking of a stack (:mod:`stemfast.tracking`), or None when switched off."""
+    from .tracking import StackTracker, TrackSettings
+
+    settings = getattr(config, "tracking", None) or TrackSettings()
+    if not settings.enabled:
+        return None
+    ps = input_info.get("pixel_size")
+    to_nm = _io().unit_to_nm(input_info.get("unit")) if ps else None
+    return StackTracker(d, settings=settings, nm_per_px=float(ps) * to_nm if ps and to_nm else None,
+                        shape=input_info.get("shape"), dose=input_info.get("dose"),
+                        cutoff=getattr(getattr(config, "analysis", None), "defect_cutoff", None))
 
 
 class _InputUnreadable(Exception):
@@ -748,7 +770,7 @@ def _clean_dir(d: Path) -> None:
 
 def _write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_sha: str | None) -> dict:
     outputs = {}
-    for f in OUTPUT_FILES:
+    for f in summary.get("outputs", OUTPUT_FILES):
         outputs[f] = (d / f).stat().st_size
     done = {
         "name": entry.name,
@@ -799,8 +821,11 @@ def _input_info(mg) -> dict:
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
+    from .tracking import dose_from_metadata
+
     return {"shape": shape, "n_frames": _n_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
-            "pixel_size": getattr(mg, "pixel_size", None), "unit": getattr(mg, "unit", None)}
+            "pixel_size": getattr(mg, "pixel_size", None), "unit": getattr(mg, "unit", None),
+            "dose": dose_from_metadata(getattr(mg, "metadata", None))}
 
 
 def _patch_size_of(model, config) -> int | None:
@@ -1029,7 +1054,7 @@ def _current(entry: InputEntry, d: Path, *, chash: str, model_sha: str | None) -
                 return None
         except OSError:
             return None
-    if set(done.get("outputs") or {}) != set(OUTPUT_FILES):
+    if not set(OUTPUT_FILES) <= set(done.get("outputs") or {}):  # stacks add their tracks
         return None
     return done
 

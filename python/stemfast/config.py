@@ -18,6 +18,9 @@ Layout (every key optional; missing keys keep their defaults)::
     [analysis]                 # stemfast.analysis.AnalysisSettings
     n_classes = 3
 
+    [tracking]                 # stemfast.tracking.TrackSettings
+    max_gap = 2
+
 TOML has no ``null``: a setting whose value is ``None`` (e.g. ``spacing``, meaning *estimate it*)
 is left out when ``None`` is its default (:func:`dump_config` writes it as a comment), and
 written as the string ``"none"`` when it is not (``n_classes = "none"``: choose k automatically);
@@ -69,7 +72,7 @@ METADATA_TABLES = ("stemfast", "inputs")
 #: accepted (any case) by every setting that can be ``None``.
 NONE_STRING = "none"
 
-_SECTIONS = ("sites", "model", "analysis")
+_SECTIONS = ("sites", "model", "analysis", "tracking")
 _TOP_KEYS = ("patch_size",)
 
 
@@ -415,6 +418,7 @@ _SECTION_COMMENTS = {
     "sites.lattice": "local lattice fit and fill-in: stemfast.lattice.LatticeSettings",
     "model": "patch model: stemfast.model.RVAEConfig",
     "analysis": "classes and defect scores: stemfast.analysis.AnalysisSettings",
+    "tracking": "defects linked through the frames of a stack: stemfast.tracking.TrackSettings",
 }
 
 

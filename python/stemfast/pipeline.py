@@ -17,6 +17,7 @@ from .analysis import AnalysisSettings, analyze_sites
 from .patches import LazyPatches, default_patch_size, extract_patches
 from .sites import SiteSettings, find_sites
 from .table import SiteTable
+from .tracking import TrackSettings
 
 __all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resample_weights", "train_model", "analyze",
            "run_image"]
@@ -38,10 +39,11 @@ class PipelineConfig:
     model: "object" = field(default_factory=_model_config_default)  # stemfast.model.RVAEConfig
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     patch_size: int | None = None  # px; None = derived from the lattice spacing (default_patch_size)
+    tracking: TrackSettings = field(default_factory=TrackSettings)  # defects linked through a stack's frames
 
     def to_dict(self) -> dict:
         return {"sites": asdict(self.sites), "model": asdict(self.model), "analysis": asdict(self.analysis),
-                "patch_size": self.patch_size}
+                "patch_size": self.patch_size, "tracking": asdict(self.tracking)}
 
 
 #: ``prepare`` keeps the patches of an image in memory up to this many bytes; beyond, they are cut

@@ -360,6 +360,10 @@ def _input_section(s: Mapping, folder: Path) -> str:
                      f"over {len(dx)} steps</p>")
     parts.append("<div class='grid'><div>" + _img_tag(folder / "classes.png", f"{name} classes") + "</div><div>"
                  + _img_tag(folder / "defects.png", f"{name} defects") + "</div></div>")
+    if s.get("tracking"):
+        from .tracking import tracks_html
+
+        parts.append(tracks_html(s, folder, _img_tag))
     top = s.get("top", [])[:20]
     if top:
         parts.append("<h3>top defect candidates</h3><table><tr><th>#</th><th>frame</th><th>x</th><th>y</th>"

@@ -1,0 +1,205 @@
+"""Defect tracking through a synthetic series, end to end: ``stemfast batch`` on a drifting MoS2 series
+with hopping, appearing and vanishing sulfur vacancies, scored against the generator's history.
+
+Run (from the repository root; a few minutes on 2 cores)::
+
+    PYTHONPATH=python python benchmarks/track_eval.py [--model m.pt] [--frames 20] [--size 384]
+        [--scheduler local:2] [--out DIR] [--json FILE]
+
+Metrics (a detection matches a true defect of its frame within ``0.5`` column spacings,
+one-to-one, Hungarian):
+
+* ``followed``: of the true defects present in >= 3 frames, the fraction whose matched
+  detections carry one track id in >= 80 % of the frames the defect is present (target >= 0.9);
+* ``extra_ids_per_defect``: mean over true defects with a tracked detection of (distinct track
+  ids - 1) (target <= 0.2);
+* ``false_track_fraction``: tracks (``tracks.csv``) whose detections match a true defect in less
+  than half of their frames (target <= 0.1);
+* ``ap_mean``: per-frame defect average precision of ``anomaly_score`` over all sites, true
+  defects without a site counted as missed (recall-capped), averaged over frames (target >= 0.85);
+* hops and lifetimes: true hops vs hops of the tracks that follow them, exact first/last frames.
+
+Exit status 0 when every target is met, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+TINY = {"model.epochs": 2, "model.stn_epochs": 1, "model.max_train_patches": 800, "model.batch_size": 64,
+        "model.input_size": 16, "model.channels": [8, 8, 8], "model.stn_channels": [4, 8], "model.patience": 2,
+        "model.device": "cpu"}
+TARGETS = {"followed": (">=", 0.9), "extra_ids_per_defect": ("<=", 0.2), "false_track_fraction": ("<=", 0.1),
+           "ap_mean": (">=", 0.85)}
+
+
+def make_data(folder: Path, *, frames: int, size: int, seed: int, pixel_size_A: float = 0.12, dose: float = 500.0,
+              v_s: float = 0.05):
+    from stemfast.synth_series import SeriesConfig, make_series
+
+    s = make_series(SeriesConfig(n_frames=frames, v_s=v_s, hop_prob=0.15, birth_rate=0.002, death_prob=0.03,
+                                 seed=seed),
+                    shape=(size, size), pixel_size_A=pixel_size_A, dose=dose, drift_px_per_frame=(0.25, 0.17),
+                    seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    s.save(folder / "series.tif", truth_path=folder.parent / "series.series.npz")
+    return s
+
+
+def evaluate(sites, tracks, truth: np.ndarray, events: list, nn_px: float, n_frames: int) -> dict:
+    """The metrics of the module docstring from ``sites.csv``/``tracks.csv`` (pandas) and the truth."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
+    from sklearn.metrics import average_precision_score
+
+    tol = 0.5 * nn_px
+    aps = []
+    present: dict[int, int] = Counter()
+    tids_of: dict[int, list[int]] = {}
+    frames_of: dict[int, list[int]] = {}
+    det_match: dict[int, list[bool]] = {}  # track id -> matched per detection
+    det_truth: dict[int, list[int]] = {}
+    n_det = n_det_matched = 0
+    for k in range(n_frames):
+        S = sites[sites["frame"] == k]
+        T = truth[truth[:, 0] == k]
+        for tid in T[:, 1].astype(int):
+            present[tid] += 1
+        sxy = S[["x", "y"]].to_numpy(float)
+        if len(T) and len(S):
+            d, j = cKDTree(sxy).query(T[:, 2:4])
+            pos = np.unique(j[d < tol])
+            y = np.zeros(len(S), bool)
+            y[pos] = True
+            if y.any():
+                aps.append(float(average_precision_score(y, S["anomaly_score"].to_numpy(float)))
+                           * len(pos) / len(T))
+            else:
+                aps.append(0.0)
+        # the tracker's defects: flagged sites and the sites below the cutoff that continue a track
+        D = S[S["is_defect"].astype(bool) | (S["track_id"] >= 0 if "track_id" in S else False)]
+        dxy = D[["x", "y"]].to_numpy(float)
+        dtid = D["track_id"].to_numpy(int) if "track_id" in D else np.full(len(D), -1)
+        n_det += len(D)
+        matched = np.zeros(len(D), bool)
+        mt = np.full(len(D), -1)
+        if len(T) and len(D):
+            C = np.hypot(*(dxy[None, :, :] - T[:, None, 2:4]).transpose(2, 0, 1))
+            C = np.where(C < tol, C, 1e6)
+            r, c = linear_sum_assignment(C)
+            for a, b in zip(r, c):
+                if C[a, b] < 1e6:
+                    matched[b] = True
+                    tid = int(T[a, 1])
+                    mt[b] = tid
+                    tids_of.setdefault(tid, []).append(int(dtid[b]))
+                    frames_of.setdefault(tid, []).append(k)
+        n_det_matched += int(matched.sum())
+        for b in range(len(D)):
+            if dtid[b] >= 0:
+                det_match.setdefault(int(dtid[b]), []).append(bool(matched[b]))
+                det_truth.setdefault(int(dtid[b]), []).append(int(mt[b]))
+    # following
+    elig = [t for t, n in present.items() if n >= 3]
+    followed = 0
+    lifetimes_ok = 0
+    for t in elig:
+        ids = [i for i in tids_of.get(t, []) if i >= 0]
+        if ids and Counter(ids).most_common(1)[0][1] >= 0.8 * present[t]:
+            followed += 1
+    extra = [len(set(i for i in ids if i >= 0)) - 1 for t, ids in tids_of.items() if any(i >= 0 for i in ids)]
+    # tracks
+    n_tracks = len(tracks)
+    false = sum(1 for tid in tracks["track_id"].astype(int) if np.mean(det_match.get(int(tid), [False])) < 0.5)
+    # hops: true hops of each defect vs the hops of its dominant track
+    true_hops = Counter(e["id"] for e in events if e["event"] == "hop")
+    first_true = {t: int(truth[truth[:, 1] == t, 0].min()) for t in present}
+    last_true = {t: int(truth[truth[:, 1] == t, 0].max()) for t in present}
+    hop_ok = hop_n = 0
+    tr_by_id = tracks.set_index("track_id") if n_tracks else None
+    for t in elig:
+        ids = [i for i in tids_of.get(t, []) if i >= 0]
+        if not ids:
+            continue
+        dom = Counter(ids).most_common(1)[0][0]
+        row = tr_by_id.loc[dom]
+        hop_n += 1
+        hop_ok += int(int(row["hops"]) == true_hops.get(t, 0))
+        lifetimes_ok += int(int(row["first_frame"]) == first_true[t] and int(row["last_frame"]) == last_true[t])
+    return {
+        "n_true_defects": len(present), "n_true_seen_3": len(elig), "n_true_hops": int(sum(true_hops.values())),
+        "n_tracks": int(n_tracks), "n_detections": int(n_det), "detections_matched": int(n_det_matched),
+        "followed": followed / max(len(elig), 1),
+        "extra_ids_per_defect": float(np.mean(extra)) if extra else 0.0,
+        "false_track_fraction": false / max(n_tracks, 1),
+        "ap_mean": float(np.mean(aps)) if aps else 0.0, "ap_min": float(np.min(aps)) if aps else 0.0,
+        "hops_exact_fraction": hop_ok / max(hop_n, 1),
+        "track_hops_total": int(tracks["hops"].sum()) if n_tracks else 0,
+        "lifetime_exact_fraction": lifetimes_ok / max(hop_n, 1),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="trained model (default: a tiny one trained on the series)")
+    ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--pixel-size", type=float, default=0.12, help="Angstrom (0.12: the look of the dev data)")
+    ap.add_argument("--dose", type=float, default=500.0, help="counts at a Mo column peak (synth default 500)")
+    ap.add_argument("--v-s", type=float, default=0.05, help="V_S per S2 column in the first frame")
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--scheduler", default=None)
+    ap.add_argument("--frames-per-task", type=int, default=8)
+    ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="write the metrics here")
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+
+    from stemfast.batch import run_batch
+    from stemfast.config import load_config
+    from stemfast.synth_series import load_series_truth
+
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="track_eval_"))
+    t0 = time.perf_counter()
+    make_data(work / "data", frames=args.frames, size=args.size, seed=args.seed, pixel_size_A=args.pixel_size,
+              dose=args.dose, v_s=args.v_s)
+    t_gen = time.perf_counter() - t0
+    config = load_config(None, TINY)
+    t0 = time.perf_counter()
+    rep = run_batch(work / "data", work / "out", config=config, model_path=args.model, scheduler=args.scheduler,
+                    frames_per_task=args.frames_per_task, show_progress=False, force=True)
+    t_batch = time.perf_counter() - t0
+    d = work / "out" / "series"
+    sites = pd.read_csv(d / "sites.csv")
+    tracks = pd.read_csv(d / "tracks.csv")
+    truth, _drift, meta = load_series_truth(work / "series.series.npz")
+    res = evaluate(sites, tracks, truth, meta["events"], meta["nn_px"], args.frames)
+    summ = json.loads((d / "summary.json").read_text())
+    res.update({"frames": args.frames, "size": args.size, "seed": args.seed, "pixel_size_A": args.pixel_size,
+                "dose": args.dose, "scheduler": args.scheduler,
+                "generate_s": round(t_gen, 1), "batch_s": round(t_batch, 1), "status": rep.results[0].status,
+                "tracking_summary": {k: summ["tracking"][k] for k in ("n_tracks", "n_hops", "n_unconfirmed",
+                                                                       "link_residual_px_median")},
+                "work": str(work)})
+    ok = True
+    for k, (op, v) in TARGETS.items():
+        good = res[k] >= v if op == ">=" else res[k] <= v
+        ok &= good
+        res.setdefault("targets", {})[k] = f"{res[k]:.3f} {op} {v}: {'ok' if good else 'MISSED'}"
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+    sys.exit(main())

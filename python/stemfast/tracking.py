@@ -1,0 +1,962 @@
+"""Defects through time: follow every defect of a series from frame to frame (appear, hop, vanish).
+
+The defect sites of each frame (``is_defect``) are linked to the tracks of the frames before, in
+the **drift-corrected frame of the first image** (the per-frame drift that the batch measures by
+phase correlation is summed and subtracted), and in **lattice coordinates**: the displacement
+between a track's last site and a candidate site is read in the local lattice basis of the two
+sites (``a1, a2`` of the site table, rows a1, a2 of the site lattice: metal, chalcogen and hollow
+sites together), rounded to the nearest lattice node, and counted in steps of the defect's own
+sublattice (a sulfur vacancy hopping to a neighbouring S2 column moves one step). Because the
+displacement is read locally, strain and slow lattice rotation across the field do not bend the
+node arithmetic. Every detection also gets an absolute node ``(i, j)`` relative to a reference
+origin fixed in the first frame (the site nearest the image centre) and carried through the
+series by the drift; when the site table has lattice node columns (``lattice_i, lattice_j``,
+consistent within a frame) they are used, after one integer offset per frame that maps them onto
+the reference origin (checked: if the offset does not explain most sites, they are ignored).
+
+Linking, frame by frame
+-----------------------
+* Candidates: a track last seen ``g`` frames ago (``1 <= g <= max_gap + 1``) and a detection of
+  a compatible sublattice (equal, or one of them unknown) at most ``max_hop * g`` sublattice
+  steps away.
+* Cost (in lattice steps): ``steps + off-node residual (in site spacings) + gap_penalty * (g - 1)
+  + kind_penalty * (kinds differ)``.
+* One optimal one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`, per connected
+  group of candidates): two defects are never merged into one track, and a defect that stays
+  beats a neighbour's hop onto its node.
+* Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
+  frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
+  ends every track: linking across it would be guesswork (reported as a drift break).
+
+Streaming
+---------
+Only the active tracks and the frame tables of the last ``(min_frames - 1) * (max_gap + 1)``
+frames are held: a track gets its public id when it has been seen in ``min_frames`` frames, which
+is decided within that window, so a frame's table is written (``track_id`` = the public id, -1 for
+sites that are not defects or whose track was never confirmed) once the window has passed it.
+Finished tracks are written to ``tracks.csv`` as they end; per frame only the defect counts by
+kind are kept (for the figure). Memory therefore does not grow with the number of frames.
+
+Outputs of a stack (:func:`stemfast.batch`): ``track_id`` in ``sites.csv``, ``tracks.csv`` (one
+row per track, :data:`TRACK_COLUMNS`), ``tracks.png`` and a section of ``report.html``.
+
+Examples
+--------
+>>> import numpy as np
+>>> from stemfast.table import SiteTable
+>>> b = np.array([[10.0, 0.0], [5.0, 8.660254]])        # rows a1, a2 (px)
+>>> def frame(x, y, kind="vacancy_S"):
+...     n = len(x)
+...     return SiteTable({"x": np.array(x, float), "y": np.array(y, float), "is_defect": np.ones(n, bool),
+...                       "defect_kind": np.array([kind] * n), "sublattice": np.ones(n, np.int64),
+...                       "a1x": np.full(n, b[0, 0]), "a1y": np.full(n, b[0, 1]),
+...                       "a2x": np.full(n, b[1, 0]), "a2y": np.full(n, b[1, 1])})
+>>> lk = DefectLinker(TrackSettings())
+>>> out = []
+>>> out += lk.push(0, frame([50.0], [50.0]), drift=None)
+>>> out += lk.push(1, frame([50.1], [49.9]), drift=(0.0, 0.0))          # stays
+>>> out += lk.push(2, frame([65.0], [58.66]), drift=(0.0, 0.0))         # hops by a1 + a2 (one S2 step)
+>>> out += lk.finish()
+>>> [int(t["track_id"][0]) for _, t in out], lk.tracks_rows[0]["hops"]
+([0, 0, 0], 1)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .table import SiteTable
+
+__all__ = [
+    "TrackSettings",
+    "DefectLinker",
+    "TRACK_COLUMNS",
+    "lattice_offset",
+    "sublattice_steps",
+    "dose_from_metadata",
+    "plot_tracks",
+    "link_tables",
+    "StackTracker",
+    "TrackCsv",
+    "tracks_html",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns of ``tracks.csv``. Positions are px in the drift-corrected frame of the first image
+#: (x = column, y = row); nodes are integer site-lattice indices ``(i, j)`` (``i a1 + j a2`` from
+#: the reference origin); ``hops`` counts node changes, ``path_steps`` their length in steps of
+#: the defect's sublattice, ``net_steps`` the distance from the first to the last node.
+TRACK_COLUMNS = ("track_id", "kind", "sublattice", "first_frame", "last_frame", "n_frames", "span_frames",
+                 "hops", "path_steps", "net_steps", "path_px", "path_nm", "start_x", "start_y", "end_x", "end_y",
+                 "start_i", "start_j", "end_i", "end_j", "mean_score", "end")
+
+_SQRT3 = math.sqrt(3.0)
+
+#: ``kind`` of a track none of whose sites was flagged (started by :attr:`TrackSettings.weak_frames`).
+BELOW_CUTOFF = "below_cutoff"
+
+
+@dataclass(frozen=True)
+class TrackSettings:
+    """Settings of the defect linking (``[tracking]`` in ``stemfast.toml``).
+
+    Attributes
+    ----------
+    enabled : link the defects of stacks (time series); single images are never linked.
+    max_hop : largest move of a defect between consecutive frames, in steps of its sublattice
+        (1: a defect may move to a neighbouring node of its sublattice, e.g. a sulfur vacancy to
+        a neighbouring S2 column).
+    max_gap : missed frames bridged (a defect not detected in up to this many frames keeps its id).
+    min_frames : a track is reported (gets a ``track_id`` >= 0, a row in ``tracks.csv``) when its
+        defect was seen in at least this many frames; defects seen once are counted, not tracked.
+    gap_penalty : cost (lattice steps) per missed frame bridged.
+    kind_penalty : cost (lattice steps) of linking two detections of different ``defect_kind``.
+    continue_fraction : hysteresis in time: a site that is not flagged (``is_defect`` False) but
+        scores at least this fraction of the analysis' ``defect_cutoff`` may continue a track
+        that can reach it (alone it starts none, see ``weak_frames``) -- a defect at the cutoff's edge is not cut
+        into pieces by the noise. ``1`` switches this off. Such sites carry the track id in
+        ``sites.csv`` with ``is_defect`` unchanged; their number is in the summary (``n_weak_links``).
+    weak_frames : a site below the cutoff (but at least ``continue_fraction * defect_cutoff``),
+        away from the image border (``edge`` False, ``observed`` True: the border's sites are
+        less certain), followed over this many consecutive frames (no gap) starts a track too (kind
+        ``below_cutoff`` until a flagged detection names it): evidence accumulated over time. For a
+        normal site of a Gaussian-like score to pass 3 in three frames in a row is a ~1e-8 event.
+        0: only flagged sites start tracks.
+    weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins).
+    """
+
+    enabled: bool = True
+    max_hop: float = 1.0
+    max_gap: int = 2
+    min_frames: int = 2
+    gap_penalty: float = 0.5
+    kind_penalty: float = 0.5
+    continue_fraction: float = 0.6
+    weak_frames: int = 3
+    weak_penalty: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.max_hop) and self.max_hop >= 0):
+            raise ValueError(f"max_hop must be >= 0 lattice steps, got {self.max_hop!r}")
+        if int(self.max_gap) < 0:
+            raise ValueError(f"max_gap must be >= 0, got {self.max_gap!r}")
+        if int(self.weak_frames) < 0:
+            raise ValueError(f"weak_frames must be >= 0, got {self.weak_frames!r}")
+        if int(self.min_frames) < 1:
+            raise ValueError(f"min_frames must be >= 1, got {self.min_frames!r}")
+        if not 0.0 < self.continue_fraction <= 1.0:
+            raise ValueError(f"continue_fraction must be in (0, 1], got {self.continue_fraction!r}")
+        for name in ("gap_penalty", "kind_penalty", "weak_penalty"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+    @property
+    def delay(self) -> int:
+        """Frames a table is held back until the ids of its defects are final."""
+        return max((int(self.min_frames) - 1) * (int(self.max_gap) + 1), int(self.weak_frames) - 1)
+
+
+# ----------------------------------------------------------------------------- lattice arithmetic
+
+
+def lattice_offset(d: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest site-lattice node offset ``(i, j)`` of displacements ``d`` [N, 2] and the residual (px).
+
+    ``basis`` is [N, 2, 2] or [2, 2] with rows ``a1, a2``; ``d ~ i a1 + j a2``.
+
+    Examples
+    --------
+    >>> b = np.array([[10.0, 0.0], [5.0, 8.660254]])
+    >>> n, r = lattice_offset(np.array([[15.2, 8.66]]), b)
+    >>> n.tolist(), round(float(r[0]), 2)
+    ([[1, 1]], 0.2)
+    """
+    d = np.asarray(d, np.float64).reshape(-1, 2)
+    B = np.asarray(basis, np.float64)
+    if B.ndim == 2:
+        f = d @ np.linalg.inv(B)
+        n = np.floor(f + 0.5).astype(np.int64)
+        r = d - n @ B
+    else:
+        f = np.einsum("ni,nij->nj", d, np.linalg.inv(B))
+        n = np.floor(f + 0.5).astype(np.int64)
+        r = d - np.einsum("ni,nij->nj", n.astype(np.float64), B)
+    return n, np.hypot(r[:, 0], r[:, 1])
+
+
+def sublattice_steps(n: np.ndarray) -> np.ndarray:
+    """Length of site-lattice offsets ``n`` [N, 2] in steps of one sublattice (float).
+
+    The site lattice (``a2`` = ``a1`` turned by 60 degrees) holds three sublattices; offsets
+    between two nodes of the same sublattice have ``(i - j) % 3 == 0`` and are integer
+    combinations of ``b1 = a1 + a2`` and ``b2 = 2 a2 - a1`` (the sublattice's own vectors, one
+    step each); their hexagonal distance is returned. Offsets between different sublattices
+    get their length in units of the sublattice spacing (``|n| / sqrt(3)`` site spacings).
+
+    Examples
+    --------
+    >>> sublattice_steps(np.array([[0, 0], [1, 1], [2, -1], [2, 2], [3, 0], [1, 0]])).round(3).tolist()
+    [0.0, 1.0, 1.0, 2.0, 2.0, 0.577]
+    """
+    n = np.asarray(n, np.int64).reshape(-1, 2)
+    i, j = n[:, 0], n[:, 1]
+    same = (i - j) % 3 == 0
+    v = (j - i) // 3
+    u = i + v
+    hexd = (np.abs(u) + np.abs(v) + np.abs(u + v)) / 2.0
+    eu = np.sqrt(i ** 2 + j ** 2 + i * j) / _SQRT3  # |i a1 + j a2| / (sqrt(3) |a|) for a 60-degree basis
+    return np.where(same, hexd, eu).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+_DOSE_KEYS = ("dose", "electron_dose", "dose_per_frame", "dose_e_per_a2_per_frame", "dose_rate")
+
+
+def dose_from_metadata(meta: Mapping | None) -> dict | None:
+    """A per-frame electron dose named in a file's metadata, or None.
+
+    Looks (recursively, also inside a JSON ``description``) for a numeric key whose name contains
+    ``dose``; a key naming a frame (``dose_per_frame``) is taken per frame, any other (``dose``)
+    as the dose of the whole series when ``n_frames`` is known to the caller. Returns
+    ``{"value": float, "key": str, "per_frame": bool, "unit": str | None}`` (the unit from a
+    sibling key ``dose_unit`` when there is one).
+
+    Examples
+    --------
+    >>> dose_from_metadata({"description": '{"dose_per_frame": 2.5, "dose_unit": "e/A^2"}'})["value"]
+    2.5
+    >>> dose_from_metadata({"pixel_size": 0.1}) is None
+    True
+    """
+    if not isinstance(meta, Mapping):
+        return None
+    found: list[tuple[int, dict]] = []
+
+    def walk(d: Mapping, depth: int) -> None:
+        if depth > 4:
+            return
+        unit = None
+        for k, v in d.items():
+            if isinstance(k, str) and k.lower() in ("dose_unit", "dose_units"):
+                unit = str(v)
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, depth + 1)
+            elif isinstance(v, str) and k == "description" and v.lstrip().startswith("{"):
+                try:
+                    dd = json.loads(v)
+                except ValueError:
+                    continue
+                if isinstance(dd, Mapping):
+                    walk(dd, depth + 1)
+            elif isinstance(k, str) and "dose" in k.lower() and "unit" not in k.lower():
+                try:
+                    val = float(v)
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(val) and val > 0:
+                    per_frame = "frame" in k.lower()
+                    found.append((0 if per_frame else 1, {"value": val, "key": k, "per_frame": per_frame,
+                                                          "unit": unit}))
+
+    walk(meta, 0)
+    if not found:
+        return None
+    found.sort(key=lambda t: t[0])
+    return found[0][1]
+
+
+# ----------------------------------------------------------------------------- the linker
+
+
+@dataclass(eq=False)
+class _Track:
+    key: int
+    first_frame: int
+    last_frame: int
+    xy: np.ndarray  # last position (drift-corrected px)
+    basis: np.ndarray  # last local basis [2, 2]
+    node: np.ndarray  # absolute node (i, j)
+    start_xy: np.ndarray
+    start_node: np.ndarray
+    sublattice: int
+    kinds: Counter = field(default_factory=Counter)
+    subs: Counter = field(default_factory=Counter)
+    n_seen: int = 1
+    n_strong: int = 0  # detections above the cutoff (0: tentative, from sites below it)
+    hops: int = 0
+    path_steps: float = 0.0
+    path_px: float = 0.0
+    score_sum: float = 0.0
+    public_id: int = -1
+    points: list = field(default_factory=list)  # corrected positions at the start and after each hop
+
+
+class DefectLinker:
+    """Streaming linker of the defects of a series; see the module docstring.
+
+    Call :meth:`push` with every frame's site table in frame order (``None`` for a frame that
+    failed), then :meth:`finish`. Both return the ``(frame, table)`` pairs whose ``track_id`` is
+    final, in frame order (tables are held back by :attr:`TrackSettings.delay` frames). Finished
+    tracks go to ``on_track`` (a dict per track, :data:`TRACK_COLUMNS`), or are collected in
+    :attr:`tracks_rows` when no callback is given.
+
+    Parameters
+    ----------
+    settings : :class:`TrackSettings`.
+    nm_per_px : pixel size in nm (adds ``path_nm``), or None.
+    centre : (x, y) of the image centre in the first frame (picks the reference origin's site);
+        default: the centre of the first table's sites.
+    on_track : called with each finished track's row.
+    max_points : map points (start and hop positions) kept for :func:`plot_tracks`, in all.
+    cutoff : the analysis' ``defect_cutoff`` (``anomaly_score`` units): with it, sites scoring at
+        least ``continue_fraction * cutoff`` may continue tracks (:class:`TrackSettings`).
+    """
+
+    def __init__(self, settings: TrackSettings | None = None, *, nm_per_px: float | None = None,
+                 centre: tuple[float, float] | None = None, on_track: Callable[[dict], None] | None = None,
+                 max_points: int = 200_000, cutoff: float | None = None) -> None:
+        self.s = settings or TrackSettings()
+        self.cutoff = float(cutoff) if cutoff else None
+        self.n_weak = 0
+        self.n_tentative_dropped = 0
+        self.nm_per_px = float(nm_per_px) if nm_per_px else None
+        self.centre = None if centre is None else np.asarray(centre, np.float64)
+        self.on_track = on_track
+        self.tracks_rows: list[dict] = []
+        self.active: list[_Track] = []
+        self._buf: list[tuple[int, SiteTable | None, np.ndarray, list, int]] = []
+        self._next_key = 0
+        self._next_id = 0
+        self.cum = np.zeros(2)  # content displacement of the current frame relative to the first
+        self.origin: np.ndarray | None = None
+        self.origin_basis: np.ndarray | None = None
+        self.spacing_px: float | None = None
+        self.last_frame: int | None = None
+        self.frames: list[int] = []
+        self.counts: list[dict] = []  # per frame: defect counts by kind
+        self.n_active: list[int] = []
+        self.drift_breaks: list[int] = []
+        self.index_frames = 0  # frames whose lattice node columns were used
+        self.index_rejected = 0
+        self.n_detections = 0
+        self.n_linked = 0
+        self.n_unconfirmed = 0
+        self.n_tracks = 0
+        self.n_hops = 0
+        self.n_hopping = 0
+        self.sum_frames = 0
+        self.map_tracks: list[tuple[str, int, np.ndarray]] = []  # (kind, id, points [k, 2]) for the figure
+        self._map_points = 0
+        self.max_points = int(max_points)
+        self.map_truncated = False
+        self.residuals: list[float] = []  # off-node residuals of links of the last frame (px)
+        self.residual_median: list[float] = []
+
+    # -- public -----------------------------------------------------------------------------
+    def push(self, frame: int, table: SiteTable | None, *, drift: Sequence[float] | None) -> list:
+        """Link the defects of ``table`` (frame ``frame``); ``drift`` = its (dx, dy) from the previous frame.
+
+        Returns the ``(frame, table with track_id)`` pairs that are final now.
+        """
+        frame = int(frame)
+        if self.last_frame is not None:
+            if drift is None or not np.all(np.isfinite(np.asarray(drift, float))):
+                if self.active:
+                    log.warning("frame %d: drift to the previous frame unknown: %d tracks ended there",
+                                frame, len(self.active))
+                self.drift_breaks.append(frame)
+                for t in list(self.active):
+                    self._end(t, "drift break")
+                self.active = []
+            else:
+                self.cum = self.cum + np.asarray(drift, np.float64)[:2]
+        self.last_frame = frame
+        det_rows = np.zeros(0, np.int64)
+        det_tracks: list = []
+        counts: dict[str, int] = {}
+        if table is not None and len(table) and "is_defect" in table:
+            det_rows, det_tracks, counts = self._link(frame, table)
+        else:
+            self._expire(frame)
+        self.frames.append(frame)
+        self.counts.append(counts)
+        self.n_active.append(0)  # tracked defects of the frame: known when its table is released
+        self._buf.append((frame, table, det_rows, det_tracks, len(self.frames) - 1))
+        return self._release(frame - self.s.delay)
+
+    def finish(self) -> list:
+        """End every track; returns the tables still held back (frame order)."""
+        for t in list(self.active):
+            self._end(t, "last frame")
+        self.active = []
+        return self._release(None)
+
+    def summary(self) -> dict:
+        """JSON-able account of the linking (counts, settings, reference lattice, drift breaks)."""
+        seen = sum(1 for c in self.counts if c)
+        return {
+            "n_tracks": int(self.n_tracks),
+            "n_tracks_hopping": int(self.n_hopping),
+            "n_hops": int(self.n_hops),
+            "mean_frames": float(self.sum_frames / self.n_tracks) if self.n_tracks else None,
+            "n_detections": int(self.n_detections),
+            "n_linked": int(self.n_linked),
+            "n_weak_links": int(self.n_weak),
+            "n_tentative_dropped": int(self.n_tentative_dropped),
+            "weak_score": (self.s.continue_fraction * self.cutoff) if self.cutoff else None,
+            "n_unconfirmed": int(self.n_unconfirmed),
+            "frames_with_defects": int(seen),
+            "settings": asdict(self.s),
+            "reference": {"origin_xy": None if self.origin is None else [float(v) for v in self.origin],
+                          "basis_px": None if self.origin_basis is None else self.origin_basis.tolist(),
+                          "frame": self.frames[0] if self.frames else None},
+            "lattice_index_columns": {"frames_used": int(self.index_frames),
+                                      "frames_rejected": int(self.index_rejected)},
+            "drift_breaks": list(self.drift_breaks),
+            "link_residual_px_median": (float(np.median(self.residual_median))
+                                        if self.residual_median else None),
+        }
+
+    # -- internals --------------------------------------------------------------------------
+    def _set_reference(self, table: SiteTable, xy: np.ndarray, B: np.ndarray) -> None:
+        ok = np.isfinite(B).all(axis=(1, 2)) & np.isfinite(xy).all(axis=1)
+        if not ok.any():
+            return
+        c = self.centre if self.centre is not None else np.median(xy[ok], axis=0)
+        idx = np.flatnonzero(ok)
+        k = idx[np.argmin(np.hypot(*(xy[idx] - c).T))]
+        self.origin = xy[k].copy()
+        self.origin_basis = B[k].copy()
+        self.spacing_px = float(np.sqrt((B[k] ** 2).sum(-1)).mean())
+
+    def _abs_nodes(self, xy: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """Absolute nodes: displacement from the origin read in the mean of the two ends' bases."""
+        Bm = 0.5 * (B + self.origin_basis[None])
+        n, _ = lattice_offset(xy - self.origin[None], Bm)
+        return n
+
+    def _frame_nodes(self, table: SiteTable, xy_all: np.ndarray, B_all: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Absolute nodes of ``rows``; through ``lattice_i, lattice_j`` when they agree with the reference."""
+        est = None
+        if "lattice_i" in table and "lattice_j" in table:
+            ij = np.c_[np.asarray(table["lattice_i"]), np.asarray(table["lattice_j"])]
+            okr = np.isfinite(ij.astype(np.float64)).all(1) & np.isfinite(B_all).all(axis=(1, 2))
+            if okr.sum() >= 3:
+                # the sites nearest the origin: the offset is read where the node estimate is exact
+                cand = np.flatnonzero(okr)
+                dist = np.hypot(*(xy_all[cand] - self.origin).T)
+                near = cand[np.argsort(dist)[:200]]
+                est_near = self._abs_nodes(xy_all[near], B_all[near])
+                off = est_near - ij[near].astype(np.int64)
+                vals, cnt = np.unique(off, axis=0, return_counts=True)
+                best = int(np.argmax(cnt))
+                if cnt[best] >= 0.9 * len(near):
+                    self.index_frames += 1
+                    est = ij[rows].astype(np.int64) + vals[best][None]
+                    bad = ~okr[rows]
+                    if bad.any():
+                        est[bad] = self._abs_nodes(xy_all[rows[bad]], B_all[rows[bad]])
+                    return est
+                self.index_rejected += 1
+                if self.index_rejected == 1:
+                    log.warning("lattice node columns do not follow the local lattice vectors (offset explains "
+                                "%d of %d sites): nodes are taken from the positions", int(cnt[best]), len(near))
+        return self._abs_nodes(xy_all[rows], B_all[rows])
+
+    def _link(self, frame: int, table: SiteTable):
+        n = len(table)
+        isd = np.asarray(table["is_defect"], bool)
+        x = np.asarray(table["x"], np.float64) - self.cum[0]
+        y = np.asarray(table["y"], np.float64) - self.cum[1]
+        xy_all = np.c_[x, y]
+        if all(c in table for c in ("a1x", "a1y", "a2x", "a2y")):
+            B_all = np.stack([np.c_[table["a1x"], table["a1y"]], np.c_[table["a2x"], table["a2y"]]], axis=1
+                             ).astype(np.float64)
+        else:
+            B_all = np.full((n, 2, 2), np.nan)
+        if self.origin is None:
+            self._set_reference(table, xy_all, B_all)
+        fin = np.isfinite(xy_all).all(1)
+        score_all = (np.asarray(table["anomaly_score"], np.float64) if "anomaly_score" in table
+                     else np.zeros(n))
+        strong = np.flatnonzero(isd & fin)
+        kinds_s = (np.asarray(table["defect_kind"]).astype(str)[strong] if "defect_kind" in table
+                   else np.full(len(strong), "defect"))
+        counts = dict(Counter(kinds_s.tolist()))
+        self.n_detections += len(strong)
+        if self.origin is None:  # no lattice basis anywhere yet: defects cannot be placed on nodes
+            self._expire(frame)
+            return strong, [None] * len(strong), counts
+        # sites below the cutoff that may continue a track (never start one)
+        weak_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
+        want_weak = self.active or self.s.weak_frames > 0
+        weak_rows = np.flatnonzero(~isd & fin & (score_all >= weak_thr)) if want_weak else np.zeros(0, np.int64)
+        rows = np.concatenate([strong, weak_rows])
+        weak = np.r_[np.zeros(len(strong), bool), np.ones(len(weak_rows), bool)]
+        # below the cutoff, only sites whose patch is whole and whose signal the scan does not hide start a run
+        can_start = ~weak
+        if len(weak_rows):
+            ok = np.ones(n, bool)
+            if "edge" in table:
+                ok &= ~np.asarray(table["edge"], bool)
+            if "observed" in table:
+                ok &= np.asarray(table["observed"], bool)
+            can_start = can_start | ok[rows]
+        kinds = np.r_[kinds_s, np.full(len(weak_rows), "")]
+        subs = (np.asarray(table["sublattice"], np.int64)[rows] if "sublattice" in table
+                else np.full(len(rows), -1, np.int64))
+        score = score_all[rows]
+        B = B_all[rows]
+        badB = ~np.isfinite(B).all(axis=(1, 2))
+        B[badB] = self.origin_basis
+        xy = xy_all[rows]
+        nodes = self._frame_nodes(table, xy_all, np.where(np.isfinite(B_all).all(axis=(1, 2))[:, None, None],
+                                                          B_all, self.origin_basis), rows)
+
+        # candidate pairs: tracks seen within max_gap + 1 frames, detections within reach
+        cand_tr = [t for t in self.active if frame - t.last_frame <= self.s.max_gap + 1]
+        assign = np.full(len(rows), -1, np.int64)
+        steps_of = np.zeros(len(rows))
+        if cand_tr and len(rows):
+            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak)
+        det_tracks: list = [None] * len(rows)
+        res = []
+        for d in range(len(rows)):
+            if assign[d] >= 0:
+                t = cand_tr[assign[d]]
+                step = float(steps_of[d])
+                dxy = xy[d] - t.xy
+                nn, r = lattice_offset(dxy[None], 0.5 * (t.basis + B[d]))
+                res.append(float(r[0]))
+                if step > 0:
+                    t.hops += 1
+                    t.path_steps += step
+                    t.path_px += float(np.hypot(*dxy))
+                    t.node = t.node + nn[0]
+                    self._add_point(t, xy[d])
+                t.xy, t.basis, t.last_frame = xy[d], B[d], frame
+                t.n_seen += 1
+                self.n_linked += 1
+                self.n_weak += int(weak[d])
+            elif weak[d] and (self.s.weak_frames == 0 or not can_start[d]):
+                continue
+            else:  # a new track (tentative when it starts below the cutoff)
+                t = _Track(key=self._next_key, first_frame=frame, last_frame=frame, xy=xy[d], basis=B[d],
+                           node=nodes[d].copy(), start_xy=xy[d].copy(), start_node=nodes[d].copy(),
+                           sublattice=int(subs[d]))
+                t.points.append(xy[d].copy())
+                self._next_key += 1
+                self.active.append(t)
+            if not weak[d]:
+                t.kinds[str(kinds[d])] += 1
+                t.n_strong += 1
+            t.subs[int(subs[d])] += 1
+            t.score_sum += float(score[d])
+            if t.public_id < 0 and ((t.n_strong and t.n_seen >= self.s.min_frames)
+                                    or (not t.n_strong and self.s.weak_frames and t.n_seen >= self.s.weak_frames)):
+                t.public_id = self._next_id
+                self._next_id += 1
+            det_tracks[d] = t
+        keep = [d for d in range(len(rows)) if det_tracks[d] is not None or not weak[d]]
+        rows = rows[keep]
+        det_tracks = [det_tracks[d] for d in keep]
+        if res:
+            self.residual_median.append(float(np.median(res)))
+        self._expire(frame)
+        return rows, det_tracks, counts
+
+    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak):
+        from scipy.optimize import linear_sum_assignment
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
+
+        s = self.s
+        txy = np.array([t.xy for t in tracks])
+        gmax = s.max_gap + 1
+        reach = (s.max_hop * gmax + 0.75) * _SQRT3 * (self.spacing_px or 1.0)
+        pairs = cKDTree(txy).query_ball_point(xy, r=reach)
+        ti, di = [], []
+        for d, lst in enumerate(pairs):
+            ti.extend(lst)
+            di.extend([d] * len(lst))
+        assign = np.full(len(xy), -1, np.int64)
+        steps_of = np.zeros(len(xy))
+        if not ti:
+            return assign, steps_of
+        ti = np.asarray(ti, np.int64)
+        di = np.asarray(di, np.int64)
+        tB = np.array([t.basis for t in tracks])
+        tsub = np.array([t.sublattice for t in tracks], np.int64)
+        tkind = np.array([t.kinds.most_common(1)[0][0] if t.kinds else "" for t in tracks])
+        tent = np.array([t.public_id < 0 and not t.n_strong for t in tracks])
+        tlast = np.array([t.last_frame for t in tracks], np.int64)
+        d = xy[di] - txy[ti]
+        Bm = 0.5 * (tB[ti] + B[di])
+        n, r = lattice_offset(d, Bm)
+        spacing = np.sqrt((Bm ** 2).sum(-1)).mean(-1)
+        steps = sublattice_steps(n)
+        g = frame - tlast[ti]
+        sa, sb = tsub[ti], subs[di]
+        known = (sa >= 0) & (sb >= 0)
+        ok = ~known | (sa == sb)
+        same_colour = (n[:, 0] - n[:, 1]) % 3 == 0
+        ok &= ~known | same_colour  # a defect stays on its sublattice
+        ok &= steps <= s.max_hop * g + 1e-9
+        wk = weak[di]
+        cost = (steps + r / spacing + s.gap_penalty * (g - 1)
+                + s.kind_penalty * ((tkind[ti] != kinds[di]) & ~wk & (tkind[ti] != ""))
+                + s.weak_penalty * wk + 0.5 * s.weak_penalty * tent[ti])
+        ti, di, cost, steps = ti[ok], di[ok], cost[ok], steps[ok]
+        if not len(ti):
+            return assign, steps_of
+        nT = len(tracks)
+        g_ = coo_matrix((np.ones(len(ti)), (ti, nT + di)), shape=(nT + len(xy),) * 2)
+        _, lab = connected_components(g_, directed=False)
+        comp = lab[ti]
+        order = np.argsort(comp, kind="stable")
+        bounds = np.flatnonzero(np.diff(comp[order])) + 1
+        big = 1e6
+        for grp in np.split(order, bounds):
+            ut, it = np.unique(ti[grp], return_inverse=True)
+            ud, idd = np.unique(di[grp], return_inverse=True)
+            C = np.full((len(ut), len(ud)), big)
+            C[it, idd] = cost[grp]
+            rr, cc = linear_sum_assignment(C)
+            for a, b in zip(rr, cc):
+                if C[a, b] < big:
+                    assign[ud[b]] = ut[a]
+        link = assign[di] == ti
+        steps_of[di[link]] = steps[link]
+        return assign, steps_of
+
+    def _add_point(self, t: _Track, xy: np.ndarray) -> None:
+        if self._map_points < self.max_points:
+            t.points.append(np.asarray(xy, np.float64).copy())
+            self._map_points += 1
+        else:
+            self.map_truncated = True
+
+    def _expire(self, frame: int) -> None:
+        keep = []
+        for t in self.active:
+            if t.public_id < 0 and not t.n_strong and t.last_frame < frame:
+                self.n_tentative_dropped += 1  # a run below the cutoff that broke off: no defect
+            elif frame - t.last_frame > self.s.max_gap:
+                self._end(t, "lost")
+            else:
+                keep.append(t)
+        self.active = keep
+
+    def _end(self, t: _Track, how: str) -> None:
+        if t.public_id < 0:
+            if t.n_strong:
+                self.n_unconfirmed += 1
+            else:
+                self.n_tentative_dropped += 1
+            return
+        self.n_tracks += 1
+        self.n_hops += t.hops
+        self.n_hopping += int(t.hops > 0)
+        self.sum_frames += t.n_seen
+        sub = t.subs.most_common(1)[0][0] if t.subs else t.sublattice
+        net = float(sublattice_steps((t.node - t.start_node)[None])[0])
+        row = {
+            "track_id": t.public_id, "kind": t.kinds.most_common(1)[0][0] if t.kinds else BELOW_CUTOFF,
+            "sublattice": int(sub), "first_frame": t.first_frame, "last_frame": t.last_frame,
+            "n_frames": t.n_seen, "span_frames": t.last_frame - t.first_frame + 1, "hops": t.hops,
+            "path_steps": round(t.path_steps, 4), "net_steps": round(net, 4), "path_px": round(t.path_px, 3),
+            "path_nm": round(t.path_px * self.nm_per_px, 5) if self.nm_per_px else None,
+            "start_x": round(float(t.start_xy[0]), 3), "start_y": round(float(t.start_xy[1]), 3),
+            "end_x": round(float(t.xy[0]), 3), "end_y": round(float(t.xy[1]), 3),
+            "start_i": int(t.start_node[0]), "start_j": int(t.start_node[1]),
+            "end_i": int(t.node[0]), "end_j": int(t.node[1]),
+            "mean_score": round(t.score_sum / max(t.n_seen, 1), 4), "end": how,
+        }
+        if self._map_points < self.max_points or len(t.points) <= 2:
+            pts = np.array(t.points + [t.xy])
+            self.map_tracks.append((row["kind"], t.public_id, pts))
+            self._map_points += 1
+        else:
+            self.map_truncated = True
+        if self.on_track is not None:
+            self.on_track(row)
+        else:
+            self.tracks_rows.append(row)
+
+    def _release(self, upto: int | None) -> list:
+        out = []
+        while self._buf and (upto is None or self._buf[0][0] <= upto):
+            frame, table, rows, dets, k = self._buf.pop(0)
+            if table is None:
+                continue
+            tid = np.full(len(table), -1, np.int64)
+            if len(rows):
+                tid[rows] = [t.public_id if t is not None else -1 for t in dets]
+                self.n_active[k] = int((tid >= 0).sum())
+            out.append((frame, table.with_columns({"track_id": tid})))
+        return out
+
+
+def link_tables(tables: Iterable[tuple[int, SiteTable | None, Sequence[float] | None]],
+                settings: TrackSettings | None = None, **kwargs) -> tuple[list[tuple[int, SiteTable]], list[dict], dict]:
+    """Link a whole series in memory: ``tables`` yields ``(frame, table, drift)``.
+
+    Returns ``(tables with track_id, track rows, summary)`` (convenience for small series and tests;
+    the batch streams with :class:`DefectLinker`).
+    """
+    lk = DefectLinker(settings, **kwargs)
+    out = []
+    for frame, table, drift in tables:
+        out += lk.push(frame, table, drift=drift)
+    out += lk.finish()
+    rows = sorted(lk.tracks_rows, key=lambda r: r["track_id"])
+    return out, rows, lk.summary()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class TrackCsv:
+    """``tracks.csv`` written row by row as tracks end (a file object, e.g. ``atomic_open``)."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.w = csv.writer(fh, lineterminator="\n")
+        self.w.writerow(TRACK_COLUMNS)
+        self.n = 0
+
+    def __call__(self, row: Mapping) -> None:
+        self.w.writerow(["" if row.get(c) is None else row.get(c) for c in TRACK_COLUMNS])
+        self.n += 1
+
+
+_KIND_COLORS = {"vacancy_S": "#e6194b", "vacancy_S2": "#4363d8", "vacancy_Mo": "#f58231",
+                "substitution_Mo_S": "#911eb4", "other": "#9e9e9e"}
+_EXTRA_COLORS = ("#3cb44b", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324")
+
+
+def _kind_color(kind: str, order: list[str]) -> str:
+    if kind in _KIND_COLORS:
+        return _KIND_COLORS[kind]
+    # other material names (vacancy_Se, ...): the same colour for the same position in the list
+    base = kind.replace("Se", "S").replace("W", "Mo")
+    if base in _KIND_COLORS:
+        return _KIND_COLORS[base]
+    return _EXTRA_COLORS[order.index(kind) % len(_EXTRA_COLORS)] if kind in order else "#9e9e9e"
+
+
+def mean_corrected_frame(get_frame: Callable[[int], np.ndarray], frames: Sequence[int], shifts: Sequence,
+                         *, max_frames: int = 16, max_px: int = 1024) -> tuple[np.ndarray | None, int, int]:
+    """Mean of up to ``max_frames`` frames (evenly spread) shifted back by their drift, downsampled.
+
+    Returns ``(image, block factor, frames used)``; shifts are the content displacements of each
+    frame relative to the first (px).
+    """
+    from scipy import ndimage
+
+    if not len(frames):
+        return None, 1, 0
+    pick = sorted({int(round(v)) for v in np.linspace(0, len(frames) - 1, min(max_frames, len(frames)))})
+    acc = None
+    f = 1
+    used = 0
+    for k in pick:
+        try:
+            img = np.asarray(get_frame(frames[k]), np.float32)
+        except Exception as exc:  # noqa: BLE001 - the figure must not lose the results
+            log.info("tracks figure: frame %d unreadable: %s", frames[k], exc)
+            continue
+        f = max(1, int(math.ceil(max(img.shape) / max_px)))
+        if f > 1:
+            H, W = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+            img = img[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+        sx, sy = (float(v) / f for v in shifts[k])
+        img = ndimage.shift(img, (-sy, -sx), order=1, mode="nearest")
+        if acc is None:
+            acc = img.astype(np.float64)
+        elif acc.shape == img.shape:
+            acc += img
+        else:
+            continue
+        used += 1
+    return (None if acc is None else (acc / max(used, 1)).astype(np.float32)), f, used
+
+
+def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = None, factor: int = 1,
+                n_background: int = 0, dose: dict | None = None, title: str | None = None, dpi: int = 110) -> None:
+    """``tracks.png``: defect counts by kind against frame (and dose) | the tracks over the mean frame.
+
+    Tracks are drawn from their start (circle) through every node they hopped to, to their end
+    (cross), coloured by kind, in the drift-corrected frame of the first image.
+    """
+    from .report import _mpl, _savefig, display_range
+
+    plt = _mpl()
+    from matplotlib.lines import Line2D
+
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(14.5, 6.2), gridspec_kw={"width_ratios": [1.0, 1.15]})
+    frames = np.asarray(linker.frames)
+    kinds = sorted({k for c in linker.counts for k in c}, key=lambda k: -sum(c.get(k, 0) for c in linker.counts))
+    for k in kinds:
+        a0.plot(frames, [c.get(k, 0) for c in linker.counts], "-", marker=".", ms=4, lw=1.3,
+                color=_kind_color(k, kinds), label=k)
+    if len(frames):
+        a0.plot(frames, linker.n_active, "--", color="k", lw=1.0, label="tracked defects (track id >= 0)")
+    a0.set_xlabel("frame")
+    a0.set_ylabel("defect sites per frame")
+    a0.grid(alpha=0.3)
+    if kinds:
+        a0.legend(fontsize=8, frameon=False, loc="upper left")
+    a0.set_title("flagged defects (is_defect) by kind, and tracked defects", fontsize=10)
+    if dose and len(frames):
+        per = float(dose["value"]) if dose.get("per_frame") else float(dose["value"]) / max(len(frames), 1)
+        unit = dose.get("unit") or "as in the file"
+        top = a0.secondary_xaxis("top", functions=(lambda f: (f + 1) * per, lambda d: d / per - 1))
+        top.set_xlabel(f"cumulative dose ({unit}; metadata '{dose.get('key')}')", fontsize=8)
+    if background is not None:
+        H, W = background.shape
+        lo, hi = display_range(background)
+        a1.imshow(background, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+                  extent=(-0.5, W * factor - 0.5, H * factor - 0.5, -0.5))
+        a1.set_xlim(-0.5, W * factor - 0.5)
+        a1.set_ylim(H * factor - 0.5, -0.5)
+    else:
+        a1.invert_yaxis()
+        a1.set_aspect("equal")
+    handles = []
+    shown = set()
+    for kind, tid, pts in linker.map_tracks:
+        col = _kind_color(kind, kinds)
+        a1.plot(pts[:, 0], pts[:, 1], "-", color=col, lw=1.4, alpha=0.9)
+        a1.plot(pts[0, 0], pts[0, 1], "o", mfc="none", mec=col, ms=5, mew=1.0)
+        a1.plot(pts[-1, 0], pts[-1, 1], "x", color=col, ms=5, mew=1.0)
+        if len(pts) > 2:
+            a1.plot(pts[1:-1, 0], pts[1:-1, 1], ".", color=col, ms=4)
+        if kind not in shown:
+            shown.add(kind)
+            handles.append(Line2D([], [], color=col, lw=1.4, label=kind))
+    handles += [Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="start"),
+                Line2D([], [], marker="x", ls="", color="k", label="end"),
+                Line2D([], [], marker=".", ls="", color="k", label="hop")]
+    leg = a1.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    del leg
+    nh = sum(1 for _, _, p in linker.map_tracks if len(p) > 2)
+    a1.set_title(f"{linker.n_tracks} tracks ({nh} with hops) over the mean of {n_background} drift-corrected "
+                 f"frames" + (" (map truncated)" if linker.map_truncated else ""), fontsize=9)
+    a1.set_xlabel("x (px, frame of the first image)")
+    a1.set_ylabel("y (px)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _savefig(fig, path, dpi)
+
+
+def tracks_html(summary: Mapping, folder, img_tag: Callable) -> str:
+    """The report section of a stack's tracks (``summary["tracking"]``)."""
+    import html as _html
+
+    tr = summary.get("tracking") or {}
+    if not tr:
+        return ""
+    e = _html.escape
+    parts = ["<h3>defect tracks</h3>"]
+    facts = [("tracks (seen in >= %d frames)" % tr.get("settings", {}).get("min_frames", 2), tr.get("n_tracks")),
+             ("tracks with hops", tr.get("n_tracks_hopping")), ("hops", tr.get("n_hops")),
+             ("mean frames per track", tr.get("mean_frames")),
+             ("defect detections", tr.get("n_detections")), ("linked to the frame before", tr.get("n_linked")),
+             ("sites below the cutoff continuing a track", tr.get("n_weak_links")),
+             ("defects seen once (not tracked)", tr.get("n_unconfirmed")),
+             ("median off-node residual of links (px)", tr.get("link_residual_px_median"))]
+    rows = "".join(f"<tr><td class='l'>{e(str(k))}</td><td>{e('-' if v is None else (f'{v:.3g}' if isinstance(v, float) else str(v)))}</td></tr>"
+                   for k, v in facts)
+    parts.append(f"<table>{rows}</table>")
+    if tr.get("drift_breaks"):
+        parts.append("<p class='warn'>drift unknown before frames " + e(", ".join(map(str, tr["drift_breaks"])))
+                     + ": every track was ended there</p>")
+    parts.append(img_tag(folder / "tracks.png", f"{summary.get('name', '')} tracks"))
+    parts.append("<p><small>tracks.csv: one row per track (id, kind, sublattice, first/last frame, frames seen, "
+                 "hops, path in lattice steps and nm, start/end position); sites.csv: track_id of every defect "
+                 "site (-1: not tracked)</small></p>")
+    return "\n".join(parts)
+
+
+class StackTracker:
+    """The tracking of one stack in the batch: ``tracks.csv`` (atomic, streamed), ``tracks.png``, summary.
+
+    Use as a context manager around the writing of ``sites.csv``: :meth:`push` every frame's
+    record and table (returns the tables to write, with ``track_id``), :meth:`finish` at the end
+    of the frames (returns the held-back tables); after the block, :meth:`plot` and
+    :meth:`summary`. An exception inside the block discards ``tracks.csv``.
+    """
+
+    FILES = ("tracks.csv", "tracks.png")
+
+    def __init__(self, folder, *, settings: TrackSettings | None = None, nm_per_px: float | None = None,
+                 shape: Sequence[int] | None = None, dose: Mapping | None = None, cutoff: float | None = None) -> None:
+        from pathlib import Path
+
+        self.cutoff = cutoff
+        self.folder = Path(folder)
+        self.settings = settings or TrackSettings()
+        self.nm_per_px = nm_per_px
+        self.dose = dict(dose) if dose else None
+        centre = None
+        if shape is not None and len(shape) >= 2:
+            centre = ((float(shape[-1]) - 1) / 2.0, (float(shape[-2]) - 1) / 2.0)
+        self.centre = centre
+        self._exit = None
+        self.linker: DefectLinker | None = None
+        self.shifts: list[tuple[int, float, float]] = []  # (frame, dx, dy) relative to the first frame
+
+    def __enter__(self) -> "StackTracker":
+        import contextlib
+
+        from .atomic import atomic_open
+
+        self._exit = contextlib.ExitStack()
+        fh = self._exit.enter_context(atomic_open(self.folder / "tracks.csv", "w", newline="", encoding="utf-8"))
+        self.csv = TrackCsv(fh)
+        self.linker = DefectLinker(self.settings, nm_per_px=self.nm_per_px, centre=self.centre, on_track=self.csv,
+                                   cutoff=self.cutoff)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return bool(self._exit.__exit__(*exc))
+
+    def push(self, meta: Mapping, table: SiteTable | None) -> list[SiteTable]:
+        """Link one frame (``meta``: the frame record with ``frame`` and ``drift_px``)."""
+        out = self.linker.push(int(meta["frame"]), table if not meta.get("error") else None,
+                               drift=meta.get("drift_px"))
+        self.shifts.append((int(meta["frame"]), float(self.linker.cum[0]), float(self.linker.cum[1])))
+        return [t for _, t in out]
+
+    def finish(self) -> list[SiteTable]:
+        return [t for _, t in self.linker.finish()]
+
+    def summary(self) -> dict:
+        s = self.linker.summary()
+        s["dose"] = self.dose
+        s["files"] = list(self.FILES)
+        return s
+
+    def plot(self, get_frame: Callable[[int], np.ndarray], *, title: str | None = None) -> None:
+        """``tracks.png`` over the mean of up to 16 drift-corrected frames (frames without a drift break)."""
+        brk = set(self.linker.drift_breaks)
+        first_break = min(brk) if brk else None
+        usable = [(f, dx, dy) for f, dx, dy in self.shifts if first_break is None or f < first_break]
+        bg, fac, used = mean_corrected_frame(get_frame, [f for f, _, _ in usable], [(dx, dy) for _, dx, dy in usable])
+        plot_tracks(self.folder / "tracks.png", self.linker, background=bg, factor=fac, n_background=used,
+                    dose=self.dose, title=title)

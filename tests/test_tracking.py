@@ -1,0 +1,438 @@
+"""Defect tracking: ids, hops, gaps, births and deaths, streaming, and the batch outputs of a stack.
+
+The linking tests work on site tables made directly (no image pipeline); one test runs the
+synthetic series generator's history through the linker; the last ones run a small series
+through ``stemfast batch`` (in process and through the frame-chunk path that Dask workers take).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from stemfast.lattice import triangular_basis
+from stemfast.table import SiteTable
+from stemfast.tracking import (
+    DefectLinker,
+    TrackSettings,
+    dose_from_metadata,
+    lattice_offset,
+    link_tables,
+    sublattice_steps,
+)
+
+NN = 10.0
+B = triangular_basis(NN, 7.0)  # rows a1, a2 (a2 = a1 turned by 60 degrees)
+S2_STEP = B[0] + B[1]  # one step of a sublattice (sqrt(3) NN)
+S2_STEP_B = 2 * B[1] - B[0]
+O = np.array([100.0, 100.0])
+
+
+def node(i, j):
+    return O + i * B[0] + j * B[1]
+
+
+def table(points, *, sub=1, kind="vacancy_S", score=8.0, extra=None, basis=B):
+    """A site table of defect sites at ``points`` (plus a few normal sites around the origin)."""
+    pts = np.asarray(points, float).reshape(-1, 2)
+    normal = np.array([node(0, 0), node(1, 0), node(0, 1), node(-1, 0)])
+    xy = np.r_[pts, normal]
+    n, k = len(xy), len(pts)
+    cols = {"x": xy[:, 0], "y": xy[:, 1], "is_defect": np.r_[np.ones(k, bool), np.zeros(4, bool)],
+            "defect_kind": np.array([kind] * k + ["none"] * 4),
+            "sublattice": np.r_[np.full(k, sub) if np.ndim(sub) == 0 else np.asarray(sub), [0, 1, 2, 2]],
+            "anomaly_score": np.r_[np.full(k, score) if np.ndim(score) == 0 else np.asarray(score, float),
+                                   np.zeros(4)],
+            "a1x": np.full(n, basis[0, 0]), "a1y": np.full(n, basis[0, 1]),
+            "a2x": np.full(n, basis[1, 0]), "a2y": np.full(n, basis[1, 1])}
+    cols.update(extra or {})
+    return SiteTable(cols)
+
+
+def ids_of(out):
+    """{frame: track ids of the defect sites, in the order given}."""
+    res = {}
+    for f, t in out:
+        m = np.asarray(t["is_defect"], bool) | (np.asarray(t["track_id"]) >= 0)
+        res[f] = np.asarray(t["track_id"])[m].tolist()
+    return res
+
+
+# ----------------------------------------------------------------------------- lattice arithmetic
+
+
+def test_lattice_offsets_and_sublattice_steps():
+    n, r = lattice_offset(np.array([S2_STEP, S2_STEP_B, 2 * S2_STEP, B[0] + [0.3, -0.2]]), B)
+    assert n.tolist() == [[1, 1], [-1, 2], [2, 2], [1, 0]]
+    assert np.allclose(r[:3], 0.0, atol=1e-9) and abs(r[3] - math.hypot(0.3, 0.2)) < 1e-9
+    st = sublattice_steps(n)
+    assert st[:3].tolist() == [1.0, 1.0, 2.0]
+    assert abs(st[3] - 1 / math.sqrt(3)) < 1e-9  # to a node of another sublattice
+    # all six S2 neighbours are one step
+    six = np.array([[1, 1], [-1, 2], [-2, 1], [-1, -1], [1, -2], [2, -1]])
+    assert sublattice_steps(six).tolist() == [1.0] * 6
+
+
+# ----------------------------------------------------------------------------- linking
+
+
+def test_a_defect_that_stays_or_hops_keeps_its_id_under_drift():
+    drift = np.array([0.3, -0.2])
+    path = [node(2, 2), node(2, 2), node(3, 3), node(3, 3), node(2, 5), node(2, 5)]  # two one-step hops
+    frames = [(k, table([p + k * drift]), None if k == 0 else tuple(drift)) for k, p in enumerate(path)]
+    out, rows, summ = link_tables(frames)
+    assert ids_of(out) == {k: [0] for k in range(6)}
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["first_frame"], r["last_frame"], r["n_frames"], r["hops"]) == (0, 5, 6, 2)
+    assert r["path_steps"] == 2.0 and r["net_steps"] == 2.0  # b1 then b2 (60 degrees apart)
+    assert abs(r["path_px"] - 2 * math.sqrt(3) * NN) < 0.05
+    assert (r["end_i"] - r["start_i"], r["end_j"] - r["start_j"]) == (0, 3)
+    assert abs(r["start_x"] - path[0][0]) < 1e-3 and abs(r["end_y"] - path[-1][1]) < 1e-3  # frame-0 px (3 decimals)
+    assert r["kind"] == "vacancy_S" and r["sublattice"] == 1 and r["end"] == "last frame"
+
+
+def test_drift_is_corrected_before_linking():
+    # the frame moves by a whole S2 step per frame: corrected, the defect stays on its node
+    drift = S2_STEP
+    frames = [(k, table([node(0, 3) + k * drift]), None if k == 0 else tuple(drift)) for k in range(5)]
+    _, rows, _ = link_tables(frames)
+    assert len(rows) == 1 and rows[0]["hops"] == 0 and rows[0]["start_x"] == rows[0]["end_x"]
+    # told there was no drift, the same sites read as a defect hopping every frame
+    frames0 = [(k, t, None if k == 0 else (0.0, 0.0)) for k, t, _ in frames]
+    _, rows0, _ = link_tables(frames0)
+    assert len(rows0) == 1 and rows0[0]["hops"] == 4
+
+
+def test_two_neighbouring_defects_are_never_merged():
+    a, b = node(0, 3), node(0, 3) + S2_STEP  # one S2 step apart
+    seq = [[a, b], [a, b], [a], [a, b], [b], [a, b]]
+    frames = [(k, table(p), (0.0, 0.0) if k else None) for k, p in enumerate(seq)]
+    out, rows, _ = link_tables(frames)
+    ids = ids_of(out)
+    assert ids[0] == [0, 1] and ids[1] == [0, 1]
+    assert ids[2] == [0] and ids[3] == [0, 1] and ids[4] == [1] and ids[5] == [0, 1]
+    assert len(rows) == 2 and all(r["hops"] == 0 for r in rows)
+
+
+def test_stay_beats_a_neighbours_hop_and_hops_into_a_vacated_node_follow_the_mover():
+    a, b = node(0, 0) + 3 * S2_STEP, node(0, 0) + 4 * S2_STEP
+    c = a - S2_STEP
+    # frame 1: the defect at a moves to c, b stays; frame 2: b moves into a (free now)
+    seq = [[a, b], [c, b], [c, a]]
+    out, rows, _ = link_tables([(k, table(p), (0.0, 0.0) if k else None) for k, p in enumerate(seq)])
+    ids = ids_of(out)
+    assert ids == {0: [0, 1], 1: [0, 1], 2: [0, 1]}
+    assert sorted(r["hops"] for r in rows) == [1, 1]
+
+
+def test_gaps_are_bridged_up_to_max_gap_then_a_new_id():
+    p = node(1, 4)
+    seq = [[p], [p], [], [], [p], [p], [], [], [], [p], [p]]
+    out, rows, summ = link_tables([(k, table(q), (0.0, 0.0) if k else None) for k, q in enumerate(seq)],
+                                  TrackSettings(max_gap=2))
+    ids = ids_of(out)
+    assert ids[0] == ids[1] == ids[4] == ids[5] == [0]
+    assert ids[9] == ids[10] == [1]  # a gap of three frames: a new track
+    r0, r1 = rows
+    assert (r0["first_frame"], r0["last_frame"], r0["n_frames"], r0["span_frames"], r0["end"]) == (0, 5, 4, 6, "lost")
+    assert (r1["first_frame"], r1["last_frame"], r1["n_frames"]) == (9, 10, 2)
+
+
+def test_births_deaths_and_single_frame_detections():
+    p, q, s = node(0, 3), node(3, 0), node(-3, 3)
+    seq = [[p], [p, q], [p, q], [q], [q, s], [q]]  # p dies after frame 2, q born at 1, s seen once
+    out, rows, summ = link_tables([(k, table(x), (0.0, 0.0) if k else None) for k, x in enumerate(seq)],
+                                  TrackSettings(max_gap=0))
+    ids = ids_of(out)
+    assert ids[4] == [1, -1]  # the one-frame detection is not a track
+    life = {(r["first_frame"], r["last_frame"], r["n_frames"]) for r in rows}
+    assert life == {(0, 2, 3), (1, 5, 5)}
+    assert summ["n_unconfirmed"] == 1 and summ["n_tracks"] == 2
+
+
+def test_a_hop_longer_than_max_hop_or_onto_another_sublattice_is_not_linked():
+    p = node(0, 3)
+    out, rows, _ = link_tables([(0, table([p]), None), (1, table([p]), (0, 0)),
+                                (2, table([p + 2 * S2_STEP]), (0, 0)), (3, table([p + 2 * S2_STEP]), (0, 0))],
+                               TrackSettings(max_gap=0))
+    assert [r["hops"] for r in rows] == [0, 0] and len(rows) == 2
+    # a detection of another sublattice next to the track is a different defect
+    q = node(2, 2)
+    out, rows, _ = link_tables([(0, table([q], sub=1), None), (1, table([q], sub=1), (0, 0)),
+                                (2, table([q + B[0]], sub=0, kind="vacancy_Mo"), (0, 0)),
+                                (3, table([q + B[0]], sub=0, kind="vacancy_Mo"), (0, 0))], TrackSettings(max_gap=0))
+    assert sorted(r["sublattice"] for r in rows) == [0, 1]
+
+
+def test_sites_below_the_cutoff_continue_a_track_but_never_start_one():
+    p = node(2, 1)
+    seq = [(8.0, True), (3.5, False), (8.0, True), (3.5, False), (3.5, False), (3.5, False)]
+    frames = []
+    for k, (sc, flagged) in enumerate(seq):
+        t = table([p], score=sc)
+        isd = np.asarray(t["is_defect"]).copy()
+        isd[0] = flagged
+        frames.append((k, t.with_columns({"is_defect": isd}), (0, 0) if k else None))
+    lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=0), cutoff=5.0)
+    out = []
+    for f, t, d in frames:
+        out += lk.push(f, t, drift=d)
+    out += lk.finish()
+    ids = {f: int(t["track_id"][0]) for f, t in out}
+    assert ids == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0}
+    assert lk.summary()["n_weak_links"] == 4
+    # below the cutoff alone: tracked after weak_frames frames in a row (kind below_cutoff), never before
+    for weak_frames, n, want in ((0, 3, 0), (3, 2, 0), (3, 3, 1)):
+        lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=weak_frames), cutoff=5.0)
+        out = []
+        for f, t, d in frames[3:3 + n]:
+            out += lk.push(f, t, drift=d)
+        out += lk.finish()
+        assert lk.n_tracks == want
+        assert all(int(t["track_id"][0]) == (0 if want else -1) for _, t in out)
+        if want:
+            assert lk.tracks_rows[0]["kind"] == "below_cutoff" and lk.tracks_rows[0]["n_frames"] == 3
+    # a noise site passing the weak score once in a while is never tracked
+    lk = DefectLinker(TrackSettings(), cutoff=5.0)
+    for k in range(9):
+        t = table([p], score=3.5 if k % 2 else 1.0)
+        t = t.with_columns({"is_defect": np.zeros(len(t), bool)})
+        lk.push(k, t, drift=(0, 0) if k else None)
+    lk.finish()
+    assert lk.n_tracks == 0 and lk.summary()["n_tentative_dropped"] == 4
+
+
+def test_unknown_drift_ends_the_tracks_instead_of_guessing():
+    p = node(0, 2)
+    out, rows, summ = link_tables([(0, table([p]), None), (1, table([p]), (0, 0)), (2, None, None),
+                                   (3, table([p]), None), (4, table([p]), (0, 0))])
+    assert summ["drift_breaks"] == [2, 3]
+    assert [r["end"] for r in rows] == ["drift break", "last frame"]
+
+
+def test_streaming_holds_only_a_bounded_window_of_frames():
+    s = TrackSettings(max_gap=2, min_frames=2)
+    lk = DefectLinker(s)
+    rng = np.random.default_rng(0)
+    held = []
+    written = []
+    for k in range(60):
+        pts = [node(int(i), int(j)) for i, j in rng.integers(-20, 20, (5, 2)) if (i - j) % 3 == 0]
+        written += [f for f, _ in lk.push(k, table(pts or [node(0, 3)]), drift=(0, 0) if k else None)]
+        held.append(len(lk._buf))
+        assert len(lk.active) < 60
+    written += [f for f, _ in lk.finish()]
+    assert max(held) == s.delay and written == list(range(60))
+
+
+def test_lattice_index_columns_are_used_when_they_agree_and_ignored_otherwise():
+    p = node(4, 1)
+    pts = np.array([p, node(0, 0), node(1, 0), node(0, 1), node(-1, 0)])
+    ij = np.array([[4, 1], [0, 0], [1, 0], [0, 1], [-1, 0]]) + [7, -3]  # another origin: an offset
+    t = table([p], extra={"lattice_i": ij[:, 0], "lattice_j": ij[:, 1]})
+    lk = DefectLinker()
+    lk.push(0, t, drift=None)
+    lk.push(1, t, drift=(0, 0))
+    assert lk.index_frames == 2 and lk.index_rejected == 0
+    assert lk.active[0].start_node.tolist() == [4, 1]
+    bad = table([p], extra={"lattice_i": np.array([5, 9, 0, 2, 7]), "lattice_j": np.array([1, 4, 0, 8, 2])})
+    lk = DefectLinker()
+    lk.push(0, bad, drift=None)
+    assert lk.index_rejected == 1 and lk.active[0].start_node.tolist() == [4, 1]
+    del pts
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError):
+        TrackSettings(max_gap=-1)
+    with pytest.raises(ValueError):
+        TrackSettings(continue_fraction=0.0)
+    with pytest.raises(ValueError):
+        TrackSettings(max_hop=float("nan"))
+
+
+def test_dose_is_read_from_metadata():
+    d = dose_from_metadata({"imagej": {"x": 1}, "description": json.dumps({"dose_per_frame": 3.0, "dose_unit": "e/A^2"})})
+    assert d == {"value": 3.0, "key": "dose_per_frame", "per_frame": True, "unit": "e/A^2"}
+    assert dose_from_metadata({"Microscope": {"Dose": "12.5"}})["per_frame"] is False
+    assert dose_from_metadata({"dose": "n/a"}) is None
+
+
+# ----------------------------------------------------------------------------- the synthetic series
+
+
+@pytest.fixture(scope="module")
+def series():
+    from stemfast.synth_series import SeriesConfig, make_series
+
+    return make_series(SeriesConfig(n_frames=12, v_s=0.04, hop_prob=0.3, birth_rate=0.002, death_prob=0.05, seed=0),
+                       shape=(288, 288), pixel_size_A=0.2, drift_px_per_frame=(0.3, -0.1), seed=5)
+
+
+def _ambiguous(s, max_gap=2):
+    """True ids whose birth next to a defect that just left (died or hopped) looks like a hop of that one."""
+    a = math.sqrt(3) * s.nn_px
+    tr = s.truth
+    first = {int(i): int(tr[tr[:, 1] == i, 0].min()) for i in np.unique(tr[:, 1])}
+    out = set()
+    for i, k in first.items():
+        if k == 0:
+            continue
+        p = tr[(tr[:, 1] == i) & (tr[:, 0] == k), 2:4][0] - s.drift[k]
+        for g in range(1, max_gap + 2):
+            prev = tr[tr[:, 0] == k - g]
+            for row in prev:
+                q = row[2:4] - s.drift[k - g]
+                now = tr[(tr[:, 1] == row[1]) & (tr[:, 0] == k)]
+                moved = not len(now) or np.hypot(*(now[0, 2:4] - s.drift[k] - q)) > 0.5 * s.nn_px
+                if moved and np.hypot(*(p - q)) < 1.1 * a * g:
+                    out |= {i, int(row[1])}
+    return out
+
+
+def test_series_generator_history(series):
+    s = series
+    tr = s.truth
+    assert s.images.shape == (12, 288, 288)
+    ev = Counter(e["event"] for e in s.events)
+    assert ev["hop"] >= 3 and ev["death"] >= 1 and sum(1 for e in s.events if e["event"] == "birth" and e["frame"]) >= 1
+    a = math.sqrt(3) * s.nn_px
+    for e in s.events:
+        if e["event"] == "hop":  # a hop goes to a neighbouring S2 column
+            assert abs(math.dist(e["from"], e["to"]) - a) < 0.1 * a
+    # positions follow the drift: frame k truth = frame-0 position + k * drift
+    for did in np.unique(tr[:, 1]):
+        rows = tr[tr[:, 1] == did]
+        assert set(rows[:, 4].astype(int)) == {1} and set(rows[:, 5].astype(int)) == {1}
+        assert len(np.unique(rows[:, 0])) == len(rows)  # one position per frame
+    # the image shows the vacancy: its column is dimmer than the S2 columns around it
+    k = 5
+    f = s.frame_truth(k)
+    img = s.images[k].astype(float)
+    val = img[np.round(f[:, 3]).astype(int), np.round(f[:, 2]).astype(int)]
+    assert np.median(val) < 0.8 * np.percentile(img, 99)
+
+
+def test_linker_follows_the_generator_history_exactly(series):
+    """Perfect detections (true positions, small jitter): one id per true defect, hops as generated."""
+    s = series
+    rng = np.random.default_rng(1)
+    basis = triangular_basis(s.nn_px, 30.0)  # the generator's site lattice at rotation 0
+    frames = []
+    for k in range(12):
+        f = s.frame_truth(k)
+        xy = f[:, 2:4] + rng.normal(0, 0.15, (len(f), 2))
+        t = SiteTable({"x": xy[:, 0], "y": xy[:, 1], "is_defect": np.ones(len(f), bool),
+                       "defect_kind": np.array(["vacancy_S"] * len(f)), "sublattice": f[:, 4].astype(np.int64),
+                       "anomaly_score": np.full(len(f), 9.0), "true_id": f[:, 1].astype(np.int64),
+                       **{c: np.full(len(f), v) for c, v in zip(("a1x", "a1y", "a2x", "a2y"), basis.ravel())}})
+        frames.append((k, t, None if k == 0 else tuple(s.drift[k] - s.drift[k - 1])))
+    out, rows, summ = link_tables(frames, TrackSettings(min_frames=1))
+    pairs = Counter()
+    for _, t in out:
+        pairs.update(zip(t["true_id"].tolist(), t["track_id"].tolist()))
+    true_to_track = {}
+    for (a, b), _ in pairs.items():
+        true_to_track.setdefault(a, set()).add(b)
+    amb = _ambiguous(s)
+    assert len(amb) <= 0.25 * len(true_to_track)
+    clear = {a: v for a, v in true_to_track.items() if a not in amb}
+    assert len(clear) >= 10
+    assert all(len(v) == 1 for v in clear.values())  # one id per defect
+    assert len({next(iter(v)) for v in clear.values()}) == len(clear)  # distinct ids
+    hops = Counter(e["id"] for e in s.events if e["event"] == "hop")
+    assert sum(hops[a] for a in clear) >= 5
+    by_id = {r["track_id"]: r for r in rows}
+    for a, v in clear.items():
+        r = by_id[next(iter(v))]
+        life = s.truth[s.truth[:, 1] == a, 0]
+        assert r["hops"] == hops.get(a, 0)
+        assert (r["first_frame"], r["last_frame"], r["n_frames"]) == (life.min(), life.max(), len(life))
+
+
+# ----------------------------------------------------------------------------- through the batch
+
+
+TINY = {"model.epochs": 1, "model.stn_epochs": 1, "model.max_train_patches": 400, "model.batch_size": 64,
+        "model.input_size": 16, "model.channels": [8, 8, 8], "model.stn_channels": [4, 8], "model.patience": 1,
+        "model.device": "cpu", "analysis.top_n": 10}
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory):
+    from stemfast.batch import run_batch
+    from stemfast.config import load_config
+    from stemfast.synth_series import SeriesConfig, make_series
+
+    root = tmp_path_factory.mktemp("trk")
+    short = make_series(SeriesConfig(n_frames=6, v_s=0.1, hop_prob=0.2, seed=1), shape=(192, 192),
+                        pixel_size_A=0.16, drift_px_per_frame=(0.3, 0.1), seed=4)
+    short.save(root / "data" / "series.tif", truth_path=root / "series.npz")
+    cfg = load_config(None, TINY)
+    rep = run_batch(root / "data", root / "out", config=cfg, show_progress=False)
+    return root, cfg, rep, short
+
+
+def test_batch_writes_track_ids_tracks_csv_figure_and_report(batch_run):
+    import pandas as pd
+
+    root, cfg, rep, short = batch_run
+    assert rep.results[0].status == "done"
+    d = root / "out" / "series"
+    sites = pd.read_csv(d / "sites.csv")
+    tracks = pd.read_csv(d / "tracks.csv")
+    assert "track_id" in sites and sites["track_id"].dtype.kind == "i"
+    tracked = sites[sites["track_id"] >= 0]
+    assert len(tracks) >= 3 and set(tracked["track_id"]) == set(tracks["track_id"])
+    assert (sites.loc[~sites["is_defect"].astype(bool), "track_id"] >= -1).all()
+    # every row of tracks.csv agrees with the sites that carry its id
+    for _, r in tracks.iterrows():
+        rows = tracked[tracked["track_id"] == r["track_id"]]
+        assert len(rows) == r["n_frames"] and rows["frame"].min() == r["first_frame"]
+        assert rows["frame"].max() == r["last_frame"] and r["path_steps"] >= r["hops"]
+    assert list(tracks.columns[:5]) == ["track_id", "kind", "sublattice", "first_frame", "last_frame"]
+    # most tracked sites are true vacancies (0.5 column spacing)
+    from scipy.spatial import cKDTree
+
+    near = []
+    for k in range(6):
+        T = short.frame_truth(k)
+        S = tracked[tracked["frame"] == k]
+        if len(S) and len(T):
+            near += (cKDTree(T[:, 2:4]).query(S[["x", "y"]].to_numpy())[0] < 0.5 * short.nn_px).tolist()
+    assert np.mean(near) > 0.9
+    summ = json.loads((d / "summary.json").read_text())
+    assert summ["tracking"]["n_tracks"] == len(tracks) and summ["tracking"]["dose"]["per_frame"]
+    done = json.loads((d / "done.json").read_text())
+    assert {"tracks.csv", "tracks.png"} <= set(done["outputs"])
+    from PIL import Image
+
+    im = Image.open(d / "tracks.png")
+    assert im.size[0] > 800 and len(np.unique(np.asarray(im.convert("L")))) > 50
+    html = (root / "out" / "report.html").read_text()
+    assert "defect tracks" in html and "tracks.csv" in html
+
+
+def test_chunked_frames_assemble_to_the_same_tracks(batch_run):
+    """The path of the Dask workers: frame chunks analysed apart, linked in order at assembly."""
+    from stemfast.batch import assemble_parts, discover_inputs, load_model, process_chunk
+    from stemfast.config import config_hash, file_sha256
+
+    root, cfg, rep, _ = batch_run
+    out2 = root / "out_chunks"
+    (entry,) = discover_inputs(root / "data")
+    entry.sha256 = file_sha256(entry.path)
+    entry.n_frames = 6
+    model = load_model(root / "out" / "model.pt")
+    sha = file_sha256(root / "out" / "model.pt")
+    ch = config_hash(cfg)
+    parts = [process_chunk(entry, out2, a, b, model=model, model_sha=sha, config=cfg, chash=ch)
+             for a, b in ((0, 2), (2, 4), (4, 6))]
+    r = assemble_parts(entry, out2, parts, config=cfg, chash=ch, model_sha=sha)
+    assert r.status == "done"
+    for f in ("tracks.csv", "sites.csv"):
+        assert (out2 / "series" / f).read_bytes() == (root / "out" / "series" / f).read_bytes()
