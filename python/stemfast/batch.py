@@ -1526,6 +1526,7 @@ outputs (OUT/):
   <name>/classes.png   sites coloured by class over the image
   <name>/defects.png   top defect candidates over the image + their patches
   <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory
+  <name>/tracks.csv    stacks: one row per defect track (sites.csv gets track_id); tracks.png its figure
   <name>/done.json     completion marker (written last): a rerun skips inputs whose marker is current
   model.pt, model.json the model (trained on the batch unless --model) and its provenance
   stemfast.toml        resolved settings, stemfast version, input checksums

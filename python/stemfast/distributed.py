@@ -17,7 +17,9 @@ Task layout
   that streams the parts, in frame order, into the same outputs as the in-process run and then
   deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
   compressed stacks are never loaded whole on a worker. A chunk reads the frame before it, so the frame-to-frame drift is the same as in
-  the in-process run. Stacks with at most ``frames_per_task`` frames are one task.
+  the in-process run. Stacks with at most ``frames_per_task`` frames are one task. The defects of
+  a stack are linked through its frames (:mod:`stemfast.tracking`) by the assembling task, which
+  reads the parts in frame order: the ids are those of the in-process run.
 
 Every output is written atomically and ``done.json`` last, so a worker lost mid-task costs only
 that task: Dask reruns it (``retries=2`` for errors; a task whose worker dies is rescheduled by

@@ -816,6 +816,7 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
     if len(frames):
         a0.plot(frames, linker.n_active, "--", color="k", lw=1.0, label="tracked defects (track id >= 0)")
     a0.set_xlabel("frame")
+    a0.xaxis.get_major_locator().set_params(integer=True)
     a0.set_ylabel("defect sites per frame")
     a0.grid(alpha=0.3)
     if kinds:
@@ -876,7 +877,7 @@ def tracks_html(summary: Mapping, folder, img_tag: Callable) -> str:
     facts = [("tracks (seen in >= %d frames)" % tr.get("settings", {}).get("min_frames", 2), tr.get("n_tracks")),
              ("tracks with hops", tr.get("n_tracks_hopping")), ("hops", tr.get("n_hops")),
              ("mean frames per track", tr.get("mean_frames")),
-             ("defect detections", tr.get("n_detections")), ("linked to the frame before", tr.get("n_linked")),
+             ("defect detections", tr.get("n_detections")), ("links between frames (gaps included)", tr.get("n_linked")),
              ("sites below the cutoff continuing a track", tr.get("n_weak_links")),
              ("defects seen once (not tracked)", tr.get("n_unconfirmed")),
              ("median off-node residual of links (px)", tr.get("link_residual_px_median"))]
