@@ -23,6 +23,7 @@ from stemfast.batch import (
     EXIT_SKIPPED,
     LEADING_COLUMNS,
     OUTPUT_FILES,
+    STACK_OUTPUT_FILES,
     build_batch_parser,
     discover_inputs,
     run_batch,
@@ -115,7 +116,8 @@ def test_good_inputs_have_full_results_bad_ones_are_reported(first):
         assert done["input"]["sha256"] == file_sha256(done["input"]["path"])
         assert done["config_hash"] == rep.config_hash and done["model_sha256"] == file_sha256(out / "model.pt")
         assert done["stemfast_version"] == __version__
-        assert done["outputs"] == {f: (d / f).stat().st_size for f in OUTPUT_FILES}
+        files = OUTPUT_FILES + (STACK_OUTPUT_FILES if name == "stack" else ())  # a stack adds its defect tracks
+        assert done["outputs"] == {f: (d / f).stat().st_size for f in files}
     # the batch summary lists the skipped files with reasons
     bs = json.loads((out / "batch_summary.json").read_text())
     assert {s["name"]: s["reason"] for s in bs["skipped"]} == {
@@ -187,7 +189,7 @@ def test_batch_level_outputs(first, tiny):
     assert m.extra["patch_size"] == mi["patch_size"] and m.extra["config_hash"] == config_hash(tiny)
     # one self-contained HTML file
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # classes + defects of 2 inputs
+    assert html.count("data:image/png;base64,") == 5  # classes + defects of 2 inputs, tracks of the stack
     assert "truncated.tif" in html and "notes.tif" in html
     assert "http://" not in html and "https://" not in html and "<script" not in html.lower()
 

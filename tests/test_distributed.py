@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("dask.distributed", reason="dask.distributed not installed (pip install 'stemfast[distributed]')")
 
-from stemfast.batch import OUTPUT_FILES, run_batch  # noqa: E402
+from stemfast.batch import OUTPUT_FILES, STACK_OUTPUT_FILES, run_batch  # noqa: E402
 from stemfast.config import load_config  # noqa: E402
 from stemfast.distributed import parse_scheduler  # noqa: E402
 
@@ -55,13 +55,16 @@ def _same_results(a: Path, b: Path) -> None:
             assert sa[k] == sb[k], (name, k)
         if name == "stack":
             assert sa["drift_px"]["dx"] == sb["drift_px"]["dx"] and sa["drift_px"]["dy"] == sb["drift_px"]["dy"]
+            # defects linked in frame order at assembly: the same tracks as in process
+            assert (a / name / "tracks.csv").read_bytes() == (b / name / "tracks.csv").read_bytes()
 
 
 def _no_leftovers(out: Path) -> None:
     assert not list(out.rglob(".parts")), "frame-chunk parts must be removed after assembly"
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], "stray temporary files"
     for name in ("good", "stack"):
-        assert sorted(p.name for p in (out / name).iterdir()) == sorted(OUTPUT_FILES + ("done.json",))
+        extra = STACK_OUTPUT_FILES if name == "stack" else ()  # a stack adds its defect tracks
+        assert sorted(p.name for p in (out / name).iterdir()) == sorted(OUTPUT_FILES + extra + ("done.json",))
 
 
 def test_parse_scheduler():

@@ -72,6 +72,7 @@ from . import __version__
 from .atomic import atomic_open, atomic_path, write_json
 from .config import config_hash, config_to_dict, file_sha256, load_config, write_resolved_config
 from .logutil import progress
+from .tracking import TRACK_FILES
 
 __all__ = [
     "InputEntry",
@@ -91,6 +92,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_SKIPPED",
     "OUTPUT_FILES",
+    "STACK_OUTPUT_FILES",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,8 @@ EXIT_SKIPPED = 3
 
 #: Files written per input (``done.json`` comes last and lists them with their sizes).
 OUTPUT_FILES = ("sites.csv", "classes.png", "defects.png", "summary.json")
+#: Files a stack (time series) adds: its defect tracks (:mod:`stemfast.tracking`).
+STACK_OUTPUT_FILES = TRACK_FILES
 DONE_FILE = "done.json"
 SKIPPED_FILE = "skipped.json"
 MODEL_FILE = "model.pt"

@@ -78,6 +78,7 @@ __all__ = [
     "TrackSettings",
     "DefectLinker",
     "TRACK_COLUMNS",
+    "TRACK_FILES",
     "lattice_offset",
     "sublattice_steps",
     "dose_from_metadata",
@@ -99,6 +100,9 @@ TRACK_COLUMNS = ("track_id", "kind", "sublattice", "first_frame", "last_frame", 
                  "start_i", "start_j", "end_i", "end_j", "mean_score", "end")
 
 _SQRT3 = math.sqrt(3.0)
+
+#: Files a stack's results gain (in ``OUT/<name>/``, next to :data:`stemfast.batch.OUTPUT_FILES`).
+TRACK_FILES = ("tracks.csv", "tracks.png")
 
 #: ``kind`` of a track none of whose sites was flagged (started by :attr:`TrackSettings.weak_frames`).
 BELOW_CUTOFF = "below_cutoff"
@@ -903,7 +907,7 @@ class StackTracker:
     :meth:`summary`. An exception inside the block discards ``tracks.csv``.
     """
 
-    FILES = ("tracks.csv", "tracks.png")
+    FILES = TRACK_FILES
 
     def __init__(self, folder, *, settings: TrackSettings | None = None, nm_per_px: float | None = None,
                  shape: Sequence[int] | None = None, dose: Mapping | None = None, cutoff: float | None = None) -> None:
