@@ -31,7 +31,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 __all__ = ["FftLattice", "metal_reciprocal_lattice", "PhaseMap", "SiteIndex", "index_sites",
-           "SITE_FROM_METAL"]
+           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,17 @@ class FftLattice:
         return SITE_FROM_METAL @ self.metal_basis
 
 
-def _spectrum(img: np.ndarray, crop: int = 1024):
+#: side of the central crop whose power spectrum shows the Bragg ring (the phase map refines it)
+SPECTRUM_CROP = 512
+
+
+def _spectrum(img: np.ndarray, crop: int = SPECTRUM_CROP):
     """Windowed power spectrum (fftshifted, float64) of a central crop, and the crop size (h, w)."""
     H, W = img.shape
     if H > crop or W > crop:
         y0, x0 = max(0, (H - crop) // 2), max(0, (W - crop) // 2)
         img = img[y0:y0 + crop, x0:x0 + crop]
+    img = np.asarray(img, dtype=np.float64)
     h, w = img.shape
     win = np.outer(np.hanning(h), np.hanning(w))
     P = np.abs(sfft.fftshift(sfft.fft2((img - img.mean()) * win, workers=-1))) ** 2
@@ -112,9 +117,13 @@ def _spot_power(Pw: np.ndarray, h: int, w: int, g: np.ndarray, r: float = 1.5):
 
 def _ring_reference(Pw: np.ndarray, h: int, w: int, f: float) -> float:
     """Median whitened power in an annulus of radius ``f`` (cycles / px), width ~3 bins."""
-    fy = (np.arange(h) - h // 2)[:, None] / h
-    fx = (np.arange(w) - w // 2)[None, :] / w
+    r = int(np.ceil((f + 2.0 / min(h, w)) * max(h, w))) + 1
+    cy, cx = h // 2, w // 2
+    sub = Pw[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1]
+    fy = (np.arange(sub.shape[0]) + max(0, cy - r) - cy)[:, None] / h
+    fx = (np.arange(sub.shape[1]) + max(0, cx - r) - cx)[None, :] / w
     fr = np.sqrt(fx ** 2 + fy ** 2)
+    Pw = sub
     band = np.abs(fr - f) <= 1.5 / min(h, w)
     return float(np.median(Pw[band])) if band.any() else float("inf")
 
@@ -148,12 +157,13 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     --------
     >>> from stemfast.synth import make_mos2
     >>> s = make_mos2(shape=(256, 256), seed=0)
-    >>> lat = metal_reciprocal_lattice(s.image)
-    >>> abs(lat.spacing / s.meta["nn_px"] - 1) < 0.02
+    >>> lat = metal_reciprocal_lattice(s.image)  # to the spectrum's resolution (a few %)
+    >>> abs(lat.spacing / s.meta["nn_px"] - 1) < 0.05
+    True
+    >>> abs(site_spacing(PhaseMap(s.image, lat.g).g) / s.meta["nn_px"] - 1) < 0.01  # refined by the phases
     True
     """
-    img = np.asarray(image, dtype=np.float64)
-    P, h, w = _spectrum(img)
+    P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
     fy = (np.arange(h) - h // 2)[:, None] / h
     fx = (np.arange(w) - w // 2)[None, :] / w
     f2 = fx ** 2 + fy ** 2
@@ -225,11 +235,26 @@ class PhaseMap:
         H, W = img.shape
         self.shape = (H, W)
         self.g = np.asarray(g, dtype=np.float64)
-        F = sfft.rfft2(img - float(img.mean()), workers=-1)
+        # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
+        # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
+        fmax = float(np.hypot(*self.g.T).max()) * (1 + 4 * width)
+        f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
+        f = min(f, max(1, min(H, W) // 64))
+        if f > 1:
+            hb, wb = H // f, W // f
+            small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
+        else:
+            small = img
+        F = sfft.rfft2(small - float(small.mean()), workers=-1)
+        hs, ws = small.shape
         phases, amps = [], []
         steps = None
         for gk in self.g:
-            D, step = _demodulate(F, H, W, gk, width * float(np.hypot(*gk)))
+            # in block units the vector is f times longer; the block (i, j) is centred at
+            # f i + (f - 1) / 2 px: a phase offset, corrected below
+            D, step = _demodulate(F, hs, ws, gk * f, width * float(np.hypot(*gk)) * f)
+            D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
+            step = (step[0] * f, step[1] * f)
             if steps is None:
                 steps = step
             elif D.shape != phases[0].shape:  # same grid for both maps
@@ -237,6 +262,7 @@ class PhaseMap:
             phases.append(unwrap_phase(np.angle(D)))
             amps.append(np.abs(D))
         self.step = steps  # (step_y, step_x) px per coarse cell
+        self.origin = (f - 1) / 2.0  # px position of the coarse cell (0, 0)
         phase = np.stack(phases)  # [2, h, w]
         a = np.mean(amps, axis=0)
         med = float(np.median(a))
@@ -245,7 +271,7 @@ class PhaseMap:
         # correction of g; the phase keeps only what the plane does not explain
         h, w = phase.shape[1:]
         yy, xx = np.mgrid[0:h, 0:w]
-        yy, xx = yy * self.step[0], xx * self.step[1]
+        yy, xx = yy * self.step[0] + self.origin, xx * self.step[1] + self.origin
         wgt = np.clip(self.amp, 0, None).copy()
         e = 1 if min(h, w) > 6 else 0
         if e:
@@ -261,7 +287,7 @@ class PhaseMap:
         self.phase = phase
 
     def _sample(self, grid: np.ndarray, xy: np.ndarray) -> np.ndarray:
-        coords = np.stack([xy[:, 1] / self.step[0], xy[:, 0] / self.step[1]])
+        coords = np.stack([(xy[:, 1] - self.origin) / self.step[0], (xy[:, 0] - self.origin) / self.step[1]])
         return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
 
     def coords(self, xy: np.ndarray) -> np.ndarray:
@@ -381,7 +407,7 @@ def _round_triangular(pq: np.ndarray, S: np.ndarray) -> np.ndarray:
 def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, shape: tuple[int, int],
                 spacing: float, tol: float = 0.3, off_strength: float = 0.5, margin_px: float = 1.0,
                 film=None, min_amplitude: float = 0.15, fill: bool = True, fit_radius: float = 2.05,
-                min_fit_points: int = 5, peak_var: np.ndarray | None = None, n_rounds: int = 3) -> SiteIndex:
+                min_fit_points: int = 5, peak_var: np.ndarray | None = None, n_rounds: int = 2) -> SiteIndex:
     """Index peaks to the site lattice of ``pmap`` and give every node of the film one site.
 
     Each peak is indexed to the nearest node of the phase map's lattice. Then, ``n_rounds`` times,
@@ -443,7 +469,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         # prediction of every node from the winners around it (own peak left out)
         wn = np.flatnonzero(winner)
         _, _, pred = _local_fit(nodes, _fill_positions(nodes, node[wn], peak_xy[wn], base),
-                                np.isin(_key(nodes), _key(node[wn])), S, fit_radius, min_fit_points)
+                                np.isin(_key(nodes), _key(node[wn])), S, fit_radius, min_fit_points,
+                                need_rms=False)
         pred = np.where(np.isfinite(pred), pred, base)
         gp = _Grid(nodes, pred)
         pos = gp.get(cands.reshape(-1, 2)).reshape(n_pk, 7, 2)
@@ -483,7 +510,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     if not fill:
         nodes, base, has = nodes[has], base[has], has[has]
     _, _, pred = _local_fit(nodes, _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base), has, S,
-                            fit_radius, min_fit_points)
+                            fit_radius, min_fit_points, need_rms=False)
     pred = np.where(np.isfinite(pred), pred, base)
     empty = nodes[~has]
     xy_empty = pred[~has]
@@ -602,49 +629,85 @@ def _neighbour_count(nodes: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 
 def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray, fit_radius: float,
-               min_points: int):
-    """Per node: least-squares ``xy(n + d) = c + d @ B`` over the node and its neighbours within
-    ``fit_radius`` spacings (nodes with a peak weigh 1, predicted ones 0.1). Returns the basis
-    [N, 2, 2] and the rms residual [N] (px) of the peak nodes in the fit (NaN with fewer than
-    ``min_points`` peak nodes)."""
+               min_points: int, need_rms: bool = True):
+    """Per node: least-squares ``xy(n + d) = c + d @ B`` over the nodes with a peak within
+    ``fit_radius`` spacings of it (the node itself left out, so ``c`` is its neighbours' prediction).
+
+    Returns the basis [N, 2, 2] (``S`` where the fit had fewer than ``min_points`` peaks), the rms
+    residual [N] of those peaks (px; NaN there) and ``c`` [N, 2] (NaN there). All sums are small
+    correlations on the dense (p, q) grid.
+    """
+    ij = np.asarray(ij, dtype=np.int64).reshape(-1, 2)
     n = len(ij)
-    offs = np.array([(dp, dq) for dp in range(-3, 4) for dq in range(-3, 4)
-                     if dp * dp + dq * dq + dp * dq <= fit_radius ** 2 + 1e-9], dtype=np.int64)
-    gx = _Grid(ij, xy)
-    gw = _Grid(ij, np.where(w_peak, 1.0, 0.0))
-    N = np.zeros((n, 3, 3))
-    R = np.zeros((n, 3, 2))
-    cntp = np.zeros(n)
-    vals = []
-    for o in offs:
-        if not o.any():
-            continue  # the node itself: the fit predicts it from its neighbours
-        v = gx.get(ij + o)
-        w = gw.get(ij + o)
-        ok = np.isfinite(w)
-        w = np.where(ok, w, 0.0)
-        v = np.where(ok[:, None], v, 0.0)
-        a = np.array([1.0, o[0], o[1]])
-        N += w[:, None, None] * np.outer(a, a)[None]
-        R += w[:, None, None] * a[None, :, None] * v[:, None, :]
-        cntp += (w == 1.0)
-        vals.append((o, v, w))
     basis = np.broadcast_to(S, (n, 2, 2)).copy()
     rms = np.full(n, np.nan)
     centre = np.full((n, 2), np.nan)
-    good = cntp >= min_points
-    if good.any():
-        sol = np.linalg.solve(N[good], R[good])  # [G, 3, 2]: rows c, s1, s2
-        basis[good] = sol[:, 1:, :]
-        centre[good] = sol[:, 0, :]
-        ss = np.zeros(good.sum())
-        cn = np.zeros(good.sum())
-        for o, v, w in vals:
-            pred = sol[:, 0, :] + o[0] * sol[:, 1, :] + o[1] * sol[:, 2, :]
-            wp = (w[good] == 1.0)
-            ss += wp * ((v[good] - pred) ** 2).sum(1)
-            cn += wp
-        rms[good] = np.sqrt(ss / np.maximum(cn, 1))
+    if n == 0:
+        return basis, rms, centre
+    r = max(1, int(np.floor(fit_radius * 2.0 / np.sqrt(3.0) + 1e-9)))  # widest |dp| within fit_radius
+    dp, dq = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = (dp * dp + dq * dq + dp * dq <= fit_radius ** 2 + 1e-9) & ((dp != 0) | (dq != 0))
+    k1 = inside.astype(np.float64)
+    kp, kq = k1 * dp, k1 * dq
+    kpp, kpq, kqq = kp * dp, kp * dq, kq * dq
+    lo = ij.min(0) - r
+    shp = tuple((ij.max(0) + r - lo + 1).tolist())
+    gi = ij - lo
+    w = np.zeros(shp)
+    w[gi[:, 0], gi[:, 1]] = np.asarray(w_peak, dtype=np.float64)
+    X = np.zeros(shp)
+    Y = np.zeros(shp)
+    X[gi[:, 0], gi[:, 1]] = np.where(w_peak, xy[:, 0], 0.0)
+    Y[gi[:, 0], gi[:, 1]] = np.where(w_peak, xy[:, 1], 0.0)
+    # the grid's offsets are relative to (0, 0); positions are taken relative to the node's own
+    # rough place (the global lattice) to keep the sums small
+    ref = (ij.astype(np.float64) @ S)
+    off0 = np.zeros(shp + (2,))
+    off0[gi[:, 0], gi[:, 1]] = ref
+
+    def corr(a, k):
+        return ndimage.correlate(a, k, mode="constant", cval=0.0)[gi[:, 0], gi[:, 1]]
+
+    s1, sp, sq, spp, spq, sqq = (corr(w, k) for k in (k1, kp, kq, kpp, kpq, kqq))
+    good = s1 >= min_points
+    if not good.any():
+        return basis, rms, centre
+    # drop near-singular fits (all points on one line)
+    # positions relative to the global-lattice place of the *fitted* node: x(n + d) - ref(n) =
+    # (x(n + d) - ref(n + d)) + d @ S; the first part is what is correlated, the second is added
+    g = np.flatnonzero(good)
+    s1g, spg, sqg, sppg, spqg, sqqg = s1[g], sp[g], sq[g], spp[g], spq[g], sqq[g]
+    # adjugate of the symmetric normal matrix [[s1, sp, sq], [sp, spp, spq], [sq, spq, sqq]]
+    A = sppg * sqqg - spqg * spqg
+    B = sqg * spqg - spg * sqqg
+    C = spg * spqg - sqg * sppg
+    D = s1g * sqqg - sqg * sqg
+    E = spg * sqg - s1g * spqg
+    F = s1g * sppg - spg * spg
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idet = 1.0 / (s1g * A + spg * B + sqg * C)
+    rs = np.zeros(len(g))
+    for c in range(2):
+        G = np.where(w > 0, (X if c == 0 else Y) - off0[..., c], 0.0)
+        r0, rp, rq = corr(G, k1)[g], corr(G, kp)[g], corr(G, kq)[g]
+        # add d @ S: sum w (1, p, q) (p S0c + q S1c)
+        R0 = r0 + spg * S[0, c] + sqg * S[1, c]
+        Rp = rp + sppg * S[0, c] + spqg * S[1, c]
+        Rq = rq + spqg * S[0, c] + sqqg * S[1, c]
+        c0 = (A * R0 + B * Rp + C * Rq) * idet
+        b1 = (B * R0 + D * Rp + E * Rq) * idet
+        b2 = (C * R0 + E * Rp + F * Rq) * idet
+        centre[g, c] = c0 + ref[g, c]
+        basis[g, 0, c] = b1
+        basis[g, 1, c] = b2
+        if need_rms:
+            # residual sum of squares = sum w v^2 - sol . R (the normal equations), v = G + d @ S[:, c]
+            g2 = corr(G * G, k1)[g]
+            cross = 2 * (S[0, c] * rp + S[1, c] * rq)
+            quad = S[0, c] ** 2 * sppg + 2 * S[0, c] * S[1, c] * spqg + S[1, c] ** 2 * sqqg
+            rs += g2 + cross + quad - (c0 * R0 + b1 * Rp + b2 * Rq)
+    if need_rms:
+        rms[g] = np.sqrt(np.clip(rs, 0, None) / s1g)
     return basis, rms, centre
 
 
@@ -677,14 +740,15 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float) -> np.
 def pixel_noise(image: np.ndarray) -> float:
     """Robust standard deviation of white pixel noise: MAD of the image minus the mean of its four
     neighbours (scaled by sqrt(1.25), the variance that difference has for white noise)."""
-    img = np.asarray(image, dtype=np.float64)
-    step = max(1, int(np.sqrt(img.size / (1 << 20))))
-    sub = img[::step, ::step] if step > 1 else img
-    if step > 1:  # a strided sample still has neighbours: take them from the full image
-        sub = img
+    img = np.asarray(image)
+    H, W = img.shape
+    c = 512  # a central crop: plenty of pixels
+    sub = img[max(0, (H - c) // 2):max(0, (H - c) // 2) + c, max(0, (W - c) // 2):max(0, (W - c) // 2) + c]
+    sub = sub.astype(np.float32)
     d = sub[1:-1, 1:-1] - 0.25 * (sub[:-2, 1:-1] + sub[2:, 1:-1] + sub[1:-1, :-2] + sub[1:-1, 2:])
-    d = d.ravel()[:: max(1, d.size // (1 << 20))]
-    mad = float(np.median(np.abs(d - np.median(d))))
+    d = d.ravel()
+    med = np.median(d)
+    mad = float(np.median(np.abs(d - med)))
     return 1.4826 * mad / np.sqrt(1.25)
 
 

@@ -122,8 +122,8 @@ def estimate_period_fft(image: np.ndarray, *, return_prominence: bool = False):
     """
     img = np.asarray(image, dtype=np.float32)
     H, W = img.shape
-    # a central crop keeps this cheap on huge images; a lattice period is far below 1024 px
-    c = 1024
+    # a central crop keeps this cheap on huge images; a lattice period is far below 512 px
+    c = 512
     if H > c or W > c:
         y0, x0 = max(0, (H - c) // 2), max(0, (W - c) // 2)
         img = img[y0:y0 + c, x0:x0 + c]
