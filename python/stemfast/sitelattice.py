@@ -136,8 +136,11 @@ def _hexagon(g0: np.ndarray) -> np.ndarray:
 
 
 def _ring_prominence(Pw, h, w, g0):
+    """Median over the hexagon of spots through ``g0`` of the spot power over its ring's median
+    power, and the refined spot positions. Spots are looked for within 8% of the ring radius of
+    the ideal hexagon (scan distortion makes real lattices that anisotropic)."""
     spots = _hexagon(g0)
-    p, pos = _spot_power(Pw, h, w, spots)
+    p, pos = _spot_power(Pw, h, w, spots, r=max(1.5, 0.08 * float(np.hypot(g0[0] * w, g0[1] * h))))
     ref = _ring_reference(Pw, h, w, float(np.hypot(*g0)))
     return float(np.median(p) / ref) if ref > 0 else 0.0, pos
 
@@ -169,20 +172,32 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     f2 = fx ** 2 + fy ** 2
     Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
     fmin = 6.0 / min(h, w)
-    valid = (f2 > fmin ** 2) & (f2 < 0.45 ** 2)
+    # a column spacing of 3 px puts the first ring at 1 / 4.5 cycles / px
+    valid = (f2 > fmin ** 2) & (f2 < 0.3 ** 2)
     note = ""
     if spacing_hint is not None:
         f_target = 1.0 / (1.5 * float(spacing_hint))
         band = valid & (np.abs(np.sqrt(f2) - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
         if not band.any():
             return None
-        k = int(np.argmax(np.where(band, Pw, -np.inf)))
+        cand = [int(np.argmax(np.where(band, Pw, -np.inf)))]
         note = "ring picked by the given spacing"
     else:
-        k = int(np.argmax(np.where(valid, Pw, -np.inf)))
-    iy, ix = np.unravel_index(k, Pw.shape)
-    g0 = np.array([(ix - w // 2) / w, (iy - h // 2) / h])
-    prom, pos = _ring_prominence(Pw, h, w, g0)
+        # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
+        # (a single strong noise pixel near Nyquist has no hexagon)
+        mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
+        idx = np.flatnonzero(mx)
+        cand = idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist()
+    best = None
+    for k in cand:
+        iy, ix = np.unravel_index(k, Pw.shape)
+        gk = np.array([(ix - w // 2) / w, (iy - h // 2) / h])
+        pk, posk = _ring_prominence(Pw, h, w, gk)
+        if best is None or pk > best[1]:
+            best = (gk, pk, posk)
+    if best is None:
+        return None
+    g0, prom, pos = best
     if spacing_hint is None:
         for _ in range(3):  # re-read as a lower-order family while one stands out
             rot30 = np.deg2rad(30.0)
@@ -500,7 +515,9 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     ref_vals = [np.median(peak_value[winner & (cls_pk == c)]) if np.any(winner & (cls_pk == c)) else -np.inf
                 for c in range(3)]
     ref = float(max(ref_vals)) if np.isfinite(max(ref_vals)) else float(np.median(peak_value))
-    off_pk = (~on) & (peak_value >= off_strength * ref)
+    # a maximum within half a spacing of the image edge is a column cut by the edge, not an adatom
+    edge = np.minimum.reduce([peak_xy[:, 0], W - 1 - peak_xy[:, 0], peak_xy[:, 1], H - 1 - peak_xy[:, 1]])
+    off_pk = (~on) & (peak_value >= off_strength * ref) & (edge >= 0.5 * spacing)
     n_noise = int(((~on) & ~off_pk).sum())
     on_node = float(on[strong].mean()) if strong.any() else 0.0
 
