@@ -344,3 +344,32 @@ def test_save_example_and_truth_roundtrip(tmp_path):
     t2, m2 = load_truth(tmp_path / "x.truth.npz")
     np.testing.assert_array_equal(t, t2)
     assert m2 == {"nn_px": 3.0, "pixel_size_A": 0.1}
+
+
+def test_real_data_traits_are_options_with_the_intended_effect():
+    from stemfast.synth import make_mos2
+
+    base = make_mos2(shape=(96, 96), seed=4, noise=False, rates=(0, 0, 0, 0))
+    # faint chalcogen: the S2 columns' peak scales, the Mo columns' does not
+    faint = make_mos2(shape=(96, 96), seed=4, noise=False, rates=(0, 0, 0, 0), chalcogen_scale=0.5)
+    t = base.truth
+    ij = np.rint(t[:, 1::-1][:, :2]).astype(int)
+    inside = (ij >= 2).all(1) & (ij < 94).all(1)
+    s2 = inside & (t[:, 2] == 1)
+    mo = inside & (t[:, 2] == 0)
+    film = float(np.median(base.image[ij[t[:, 2] == 2][:, 0], ij[t[:, 2] == 2][:, 1]]))
+    r_s2 = np.median((faint.image - film)[ij[s2, 0], ij[s2, 1]] / (base.image - film)[ij[s2, 0], ij[s2, 1]])
+    assert 0.45 < r_s2 < 0.65
+    np.testing.assert_allclose(faint.image[ij[mo, 0], ij[mo, 1]], base.image[ij[mo, 0], ij[mo, 1]], rtol=0.05)
+    # illumination gradient along +x: the right edge is brighter than the left by about the setting
+    grad = make_mos2(shape=(96, 96), seed=4, noise=False, rates=(0, 0, 0, 0), illumination_gradient=0.4,
+                     illumination_angle_deg=0.0)
+    ratio = grad.image / np.maximum(base.image, 1e-6)
+    assert ratio[:, -1].mean() / ratio[:, 0].mean() == pytest.approx(1.2 / 0.8, rel=0.02)
+    # scan streaks: whole rows offset, the truth unchanged
+    st = make_mos2(shape=(96, 96), seed=4, noise=False, rates=(0, 0, 0, 0), scan_streaks=3, streak_level=0.3)
+    diff = np.abs(st.image - base.image).mean(1)
+    assert 1 <= (diff > 0.1 * base.meta["dose"]).sum() <= 9
+    np.testing.assert_array_equal(st.truth, base.truth)
+    with pytest.raises(ValueError):
+        make_mos2(shape=(32, 32), chalcogen_scale=-1)

@@ -72,6 +72,7 @@ from . import __version__
 from .atomic import atomic_open, atomic_path, write_json
 from .config import config_hash, config_to_dict, file_sha256, load_config, write_resolved_config
 from .logutil import progress
+from .materials import add_material_argument
 from .tracking import TRACK_FILES
 
 __all__ = [
@@ -455,7 +456,8 @@ def _analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: in
     meta = prep.sites.meta
     n = len(table)
     rec.update(status=str(meta.get("status", "ok")) if n else str(meta.get("status", "no lattice")),
-               n_sites=int(n), spacing_px=meta.get("spacing_px"), angle_deg=meta.get("angle_deg"))
+               n_sites=int(n), spacing_px=meta.get("spacing_px"), angle_deg=meta.get("angle_deg"),
+               lattice=meta.get("lattice"))
     table = table.with_columns({"frame": np.full(n, frame, dtype=np.int64)})
     top_patches = None
     if n and "class_id" in table:
@@ -699,6 +701,10 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
     spacing = _median(m.get("spacing_px") for m in frames_meta)
     pixel_size = input_info.get("pixel_size")
     lattice = {"spacing_px": spacing, "rotation_deg": _median(m.get("angle_deg") for m in frames_meta)}
+    # how the lattice was found and how sure it is (first frame that has one; sites.find_sites)
+    found = next((m["lattice"] for m in frames_meta if m.get("lattice")), None)
+    if found:
+        lattice.update({k: v for k, v in found.items() if k != "spacing_px"})
     to_nm = _io().unit_to_nm(input_info.get("unit")) if pixel_size else None
     if pixel_size and spacing and to_nm:
         lattice["spacing_nm"] = spacing * float(pixel_size) * to_nm
@@ -1506,6 +1512,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
     g.add_argument("--spacing", type=float, default=None, metavar="PX",
                    help="nearest-neighbour column spacing in px (sites.spacing; default: estimated per image)")
+    add_material_argument(g)
     g.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
                    help="kernel backend (sites.backend; default: fastest available)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -1560,6 +1567,8 @@ def config_from_args(args) -> object:
         o["model.epochs"] = args.epochs
     if getattr(args, "spacing", None) is not None:
         o["sites.spacing"] = args.spacing
+    if getattr(args, "material", None) is not None:
+        o["sites.material"] = args.material
     if getattr(args, "backend", None):
         o["sites.backend"] = args.backend
     return load_config(getattr(args, "config", None), o)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .logutil import setup_logging
+from .materials import add_material_argument
 
 log = logging.getLogger("stemfast.cli")
 
@@ -35,12 +36,15 @@ def _add_site_options(p: argparse.ArgumentParser) -> None:
                    help="sub-pixel refinement of the columns (default gauss)")
     g.add_argument("--no-fill", action="store_true", help="do not add predicted lattice sites")
     g.add_argument("--no-holes", action="store_true", help="do not detect holes in the film")
+    add_material_argument(g)
 
 
 def _site_overrides(args) -> dict:
     o: dict = {}
     if getattr(args, "spacing", None) is not None:
         o["spacing"] = args.spacing
+    if getattr(args, "material", None) is not None:
+        o["material"] = args.material
     if getattr(args, "refine", None) is not None:
         o["refine"] = None if args.refine == "none" else args.refine
     if getattr(args, "no_fill", False):
@@ -125,7 +129,8 @@ def cmd_sites(args) -> int:
     meta = tables[0].meta
     print(f"{path.name}: {len(table)} sites "
           f"({int((table['source'] == 'peak').sum()) if len(table) else 0} columns found, "
-          f"{int((table['source'] == 'lattice').sum()) if len(table) else 0} added by the lattice), "
+          f"{int((table['source'] == 'lattice').sum()) if len(table) else 0} added by the lattice, "
+          f"{int((table['source'] == 'off_lattice').sum()) if len(table) else 0} peaks off the lattice), "
           f"spacing {meta.get('spacing_px', float('nan')):.3f} px, {time.perf_counter() - t0:.2f} s -> {out}")
     return EXIT_OK
 

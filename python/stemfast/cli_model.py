@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .materials import add_material_argument
+
 log = logging.getLogger("stemfast.cli")
 
 EXIT_OK = 0
@@ -30,6 +32,7 @@ def _add_settings(p: argparse.ArgumentParser, *, model: bool = True) -> None:
         g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
     g.add_argument("--spacing", type=float, default=None, metavar="PX",
                    help="nearest-neighbour column spacing in px (default: estimated per image)")
+    add_material_argument(g)
     g.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
                    help="kernel backend (default: fastest available)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

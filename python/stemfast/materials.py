@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "METAL", "CHALCOGEN", "HOLLOW"]
+__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "METAL", "CHALCOGEN", "HOLLOW",
+           "add_material_argument"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2
@@ -104,3 +105,23 @@ def get_material(name: str | Material) -> Material:
     if key not in MATERIALS:
         raise ValueError(f"unknown material {name!r}; known: {', '.join(MATERIAL_NAMES)}")
     return MATERIALS[key]
+
+
+def add_material_argument(group) -> None:
+    """Add the ``--material`` option (one definition for every command that finds sites).
+
+    ``group``: an ``argparse`` parser or argument group. The value lands in ``args.material``
+    (``None`` when not given: the settings' own default, ``mos2``, applies).
+
+    Examples
+    --------
+    >>> import argparse
+    >>> p = argparse.ArgumentParser()
+    >>> add_material_argument(p)
+    >>> p.parse_args(["--material", "WSe2"]).material
+    'wse2'
+    """
+    group.add_argument(
+        "--material", type=lambda v: get_material(v).name, default=None, metavar="NAME",
+        help="the 2H monolayer (" + ", ".join(MATERIAL_NAMES) + "; default mos2): its lattice constant checks "
+             "the file's pixel size, its names label sites and defects")

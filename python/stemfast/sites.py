@@ -17,19 +17,19 @@ from scipy import ndimage
 from .bandpass import bandpass
 from .lattice import (
     LatticeSettings,
-    estimate_spacing,
-    fill_lattice,
     film_mask,
     local_strain,
-    sublattice_labels,
 )
 from .backend import get_kernels
 from .patches import _site_intensity
 from .materials import get_material
 from .peaks import find_peaks
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, metal_reciprocal_lattice, pixel_noise,
+                          position_variance, site_spacing)
 from .table import SiteTable
 
-__all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", "sample_image", "NoLatticeWarning"]
+__all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", "sample_image", "NoLatticeWarning",
+           "LatticeUncertainWarning", "CalibrationWarning"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ MIN_FFT_PROMINENCE = 4.0
 
 class NoLatticeWarning(UserWarning):
     """The image shows no atomic lattice; the result is empty."""
+
+
+class LatticeUncertainWarning(UserWarning):
+    """The site lattice was found but the evidence for it is weak (see ``meta["lattice"]["unsure"]``)."""
+
+
+class CalibrationWarning(UserWarning):
+    """The file's pixel size and the material's lattice constant disagree."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,10 @@ class SiteSettings:
     backend : kernel backend (``cpp``, ``numba``, ``numpy``; ``None`` = fastest available).
     material : the 2H material (:data:`stemfast.materials.MATERIAL_NAMES`): its lattice constant
         and the names of its sites and defects.
+    node_tol_nn : a peak within this distance (*nn*) of a node of the site lattice is that node's
+        column; further from every node it is off the lattice.
+    off_lattice_strength : a peak on no node is reported (``source`` ``off_lattice``) when its
+        bandpassed value is at least this share of the metal columns' median; weaker ones are noise.
     """
 
     spacing: float | None = None
@@ -83,6 +95,8 @@ class SiteSettings:
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
     backend: str | None = None
     material: str = "mos2"
+    node_tol_nn: float = 0.3
+    off_lattice_strength: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "material", get_material(self.material).name)
@@ -108,8 +122,8 @@ def estimate_period_fft(image: np.ndarray, *, return_prominence: bool = False):
     """
     img = np.asarray(image, dtype=np.float32)
     H, W = img.shape
-    # a central crop keeps this cheap on huge images; a lattice period is far below 1024 px
-    c = 1024
+    # a central crop keeps this cheap on huge images; a lattice period is far below 512 px
+    c = 512
     if H > c or W > c:
         y0, x0 = max(0, (H - c) // 2), max(0, (W - c) // 2)
         img = img[y0:y0 + c, x0:x0 + c]
@@ -282,29 +296,22 @@ def find_sites(
     if float(img.max()) == float(img.min()):
         warnings.warn("image is constant: no lattice", NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice"})
-    # 1. spacing: explicit, else a first pass at the FFT period's scale + neighbour statistics
-    if s.spacing is None:
-        try:
-            period, prominence = estimate_period_fft(img, return_prominence=True)
-        except ValueError:
-            prominence = 0.0
-        if prominence < MIN_FFT_PROMINENCE:
-            warnings.warn(f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
-                          f"{MIN_FFT_PROMINENCE}): no lattice", NoLatticeWarning, stacklevel=2)
-            return _empty_table({**meta, "status": "no lattice"})
-        # a central crop holds thousands of columns: enough for the neighbour statistics
-        c = max(256, int(60 * period))
-        y0, x0 = max(0, (H - c) // 2), max(0, (W - c) // 2)
-        crop = img[y0:y0 + c, x0:x0 + c]
-        pre = bandpass(crop, noise_px=0.08 * period, background_px=0.8 * period, backend=s.backend)
-        pk0 = find_peaks(pre, min_distance=max(1.0, 0.3 * period), refine=None, border=s.border_px,
-                         backend=s.backend)
-        if len(pk0.xy) < 8:
-            warnings.warn("too few columns to estimate the lattice spacing", NoLatticeWarning, stacklevel=2)
-            return _empty_table({**meta, "status": "no lattice"})
-        nn, _ = estimate_spacing(pk0.xy, backend=s.backend)
-    else:
-        nn = float(s.spacing)
+    material = get_material(s.material)
+    # 1. the metal lattice's first Bragg ring: the site spacing and the lattice over the image
+    try:
+        _, prominence = estimate_period_fft(img, return_prominence=True)
+    except ValueError:
+        prominence = 0.0
+    if prominence < MIN_FFT_PROMINENCE:
+        warnings.warn(f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
+                      f"{MIN_FFT_PROMINENCE}): no lattice", NoLatticeWarning, stacklevel=2)
+        return _empty_table({**meta, "status": "no lattice"})
+    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
+    if ring is None:
+        warnings.warn("no hexagonal ring of Bragg spots in the power spectrum: no lattice", NoLatticeWarning,
+                      stacklevel=2)
+        return _empty_table({**meta, "status": "no lattice"})
+    nn = float(s.spacing) if s.spacing is not None else ring.spacing
     tm["spacing"] = time.perf_counter() - t0
 
     # 2. bandpass at the lattice scale
@@ -331,36 +338,30 @@ def find_sites(
         warnings.warn(f"only {len(peak_xy)} columns found: no lattice", NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", "spacing_px": nn})
 
-    # 4. local lattice: spacing/orientation from the refined columns, fits, fill-in
+    # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    nn_nb, angle = estimate_spacing(peak_xy, backend=s.backend)
+    pmap = PhaseMap(img, ring.g)
+    nn_fft = site_spacing(pmap.g)
     if s.spacing is None:
-        nn = nn_nb
+        nn = nn_fft
     film = film_mask(img, bp, peak_xy, nn) if s.detect_holes else None
     holes = film is not None
-    if s.detect_holes and film is None:
-        film = True  # no hole found: all film, the fill-in may cross dirty patches
-    lat_settings = s.lattice if s.fill else LatticeSettings(**{**asdict(s.lattice), "max_rounds": 0})
-    res = fill_lattice(peak_xy, shape=img.shape, spacing=nn, angle_deg=angle, film=film,
-                       settings=lat_settings, backend=s.backend)
+    peak_var = None
+    if pk.amplitude is not None:
+        peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), pixel_noise(refine_img))
+    idx = index_sites(peak_xy, pk.value, pmap, peak_var=peak_var, shape=img.shape, spacing=nn, film=film, fill=s.fill,
+                      tol=s.node_tol_nn, off_strength=s.off_lattice_strength,
+                      margin_px=s.lattice.edge_margin_px, fit_radius=s.lattice.fit_radius)
     tm["lattice"] = time.perf_counter() - t0
-    good = np.isfinite(res.rms)
-    if not good.any():
-        warnings.warn("no site has a lattice around it: no lattice", NoLatticeWarning, stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice", "spacing_px": nn})
-    lat_len = np.sqrt((res.basis[good] ** 2).sum(-1)).mean(-1)
-    spacing_fit = float(np.median(lat_len))
-    # lattice quality: a noise image gives 'columns' that no lattice explains
-    frac_good = float(res.on_lattice[: len(peak_xy)].mean())
-    log.info("%.1f%% of the %d columns sit on the local lattice", 100 * frac_good, len(peak_xy))
-    if frac_good < 0.5:
-        warnings.warn(f"only {frac_good:.0%} of the columns sit on a lattice: no lattice", NoLatticeWarning,
+    log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
+    if idx.on_node < 0.5:
+        warnings.warn(f"only {idx.on_node:.0%} of the columns sit on a lattice: no lattice", NoLatticeWarning,
                       stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", "spacing_px": nn})
 
     # 5. per-site intensity, sublattice, strain
     t0 = time.perf_counter()
-    xy = res.xy
+    xy = idx.xy
     # column intensity = the bandpassed image at the site: a Gaussian-weighted (sigma noise_nn)
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
@@ -368,34 +369,39 @@ def find_sites(
     # img was validated above (finite float32): skip site_intensity's own full-image check
     raw = _site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), max(1.0, s.intensity_radius_nn * nn),
                           s.backend)
-    sub = sublattice_labels(xy, res.basis, spacing=nn, values=inten, backend=s.backend)
-    strain = local_strain(res.basis)
+    sub = _rank_sublattices(idx.cls, inten)
+    strain = local_strain(idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
     n = len(xy)
-    n_pk = len(peak_xy)
+    n_pk = int((idx.peak >= 0).sum())
+    has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
-    peak_value[:n_pk] = pk.value
+    peak_value[has_pk] = pk.value[idx.peak[has_pk]]
     fit_ok = np.zeros(n, dtype=bool)
-    fit_ok[:n_pk] = pk.ok if pk.ok is not None else True
-    ang = np.degrees(np.arctan2(res.basis[:, 0, 1], res.basis[:, 0, 0])) % 60.0
+    fit_ok[has_pk] = pk.ok[idx.peak[has_pk]] if pk.ok is not None else True
+    basis = idx.basis
+    ang = np.degrees(np.arctan2(basis[:, 0, 1], basis[:, 0, 0])) % 60.0
+    source = np.array(["peak", "lattice", "off_lattice"])[idx.kind]
     cols = {
         "x": xy[:, 0],
         "y": xy[:, 1],
-        "source": np.where(res.is_peak, "peak", "lattice"),
+        "source": source,
         "intensity": inten.astype(np.float64),
         "raw_intensity": raw.astype(np.float64),
         "peak_value": peak_value,
         "fit_ok": fit_ok,
-        "on_lattice": res.on_lattice,
+        "on_lattice": idx.kind != 2,
         "observed": observed,
         "sublattice": sub,
-        "a1x": res.basis[:, 0, 0],
-        "a1y": res.basis[:, 0, 1],
-        "a2x": res.basis[:, 1, 0],
-        "a2y": res.basis[:, 1, 1],
-        "lattice_rms": res.rms,
-        "spacing_px": np.sqrt((res.basis ** 2).sum(-1)).mean(-1),
+        "lattice_i": np.where(idx.kind == 2, 0, idx.ij[:, 0]).astype(np.int64),
+        "lattice_j": np.where(idx.kind == 2, 0, idx.ij[:, 1]).astype(np.int64),
+        "a1x": basis[:, 0, 0],
+        "a1y": basis[:, 0, 1],
+        "a2x": basis[:, 1, 0],
+        "a2y": basis[:, 1, 1],
+        "lattice_rms": idx.rms,
+        "spacing_px": np.sqrt((basis ** 2).sum(-1)).mean(-1),
         "lattice_angle_deg": ang,
         **strain,
     }
@@ -403,22 +409,89 @@ def find_sites(
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
     tm["describe"] = time.perf_counter() - t0
+    nodes = idx.kind != 2
+    fit = nodes & np.isfinite(idx.rms)
+    spacing_fit = float(np.median(cols["spacing_px"][fit])) if fit.any() else nn_fft
+    S = np.linalg.inv(pmap.g).T
+    angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
+    lattice_meta = _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit)
     meta.update(
         status="ok",
-        spacing_px=spacing_fit,
-        angle_deg=float(angle),
-        n_sites=int(n),
+        spacing_px=nn_fft,
+        angle_deg=angle,
+        n_sites=int(nodes.sum()),
         n_peaks=int(n_pk),
-        n_lattice=int(n - n_pk),
-        fill_rounds=int(res.rounds),
+        n_lattice=int((idx.kind == 1).sum()),
+        n_off_lattice=int((idx.kind == 2).sum()),
         border_bands_px=[round(b, 2) for b in bands],
         holes=holes,
         pixel_size=pixel_size,
         unit=unit,
+        lattice=lattice_meta,
     )
     if pixel_size:
-        meta["spacing_nm"] = spacing_fit * pixel_size * _to_nm(unit)
+        meta["spacing_nm"] = nn_fft * pixel_size * _to_nm(unit)
     return SiteTable(cols, meta)
+
+
+def _rank_sublattices(cls: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Map the lattice classes ``(p - q) mod 3`` to sublattices by median ``value``: 0 the brightest
+    (metal), 1 the middle (chalcogen pair), 2 the darkest (hollow); -1 stays -1."""
+    med = np.array([np.median(value[cls == c]) if np.any(cls == c) else -np.inf for c in range(3)])
+    rank = np.empty(3, np.int64)
+    rank[np.argsort(-med, kind="stable")] = np.arange(3)
+    return np.where(cls >= 0, rank[np.clip(cls, 0, 2)], -1).astype(np.int64)
+
+
+#: a calibrated pixel size and the material's lattice constant disagree when their site spacings
+#: differ by more than this share
+CALIBRATION_TOLERANCE = 0.05
+#: the lattice is uncertain below this share of strong peaks on a node or this ring prominence
+MIN_ON_NODE = 0.8
+MIN_RING_PROMINENCE = 8.0
+
+
+def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit) -> dict:
+    """How the site lattice was found and how sure it is (warns when unsure)."""
+    agreement = float(1.0 - abs(spacing_fit / nn_fft - 1.0)) if nn_fft > 0 else 0.0
+    out = {
+        "spacing_px": round(nn_fft, 4),
+        "spacing_source": "given" if s.spacing is not None else "fft ring",
+        "ring_prominence": round(float(ring.prominence), 2),
+        "ring_note": ring.note,
+        "peaks_on_nodes": round(float(idx.on_node), 4),
+        "spacing_fit_px": round(spacing_fit, 4),
+        "spacing_agreement": round(agreement, 4),
+        "n_merged": int(idx.n_merged),
+        "n_noise_peaks": int(idx.n_noise),
+        "material": material.name,
+    }
+    conf = min(1.0, idx.on_node) * min(1.0, ring.prominence / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
+    out["confidence"] = round(float(conf), 4)
+    unsure = []
+    if idx.on_node < MIN_ON_NODE:
+        unsure.append(f"only {idx.on_node:.0%} of the strong peaks sit on a node")
+    if ring.prominence < MIN_RING_PROMINENCE:
+        unsure.append(f"weak Bragg ring (prominence {ring.prominence:.1f})")
+    if agreement < 0.97:
+        unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
+    if s.spacing is not None and abs(nn_fft / s.spacing - 1) > CALIBRATION_TOLERANCE:
+        unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px")
+    if pixel_size and material.site_spacing_nm is not None:
+        expect = material.site_spacing_nm / (pixel_size * _to_nm(unit))
+        ratio = nn_fft / expect
+        out["calibration_expected_spacing_px"] = round(float(expect), 4)
+        out["calibration_ratio"] = round(float(ratio), 4)
+        out["calibration_ok"] = bool(abs(ratio - 1) <= CALIBRATION_TOLERANCE)
+        if not out["calibration_ok"]:
+            warnings.warn(f"the pixel size ({pixel_size:g} {unit}) and {material.formula}'s lattice constant "
+                          f"({material.a_nm:g} nm) predict a site spacing of {expect:.2f} px; the image shows "
+                          f"{nn_fft:.2f} px ({100 * (ratio - 1):+.1f}%): check the calibration or the material",
+                          CalibrationWarning, stacklevel=3)
+    out["unsure"] = unsure
+    if unsure:
+        warnings.warn("the site lattice is uncertain: " + "; ".join(unsure), LatticeUncertainWarning, stacklevel=3)
+    return out
 
 
 _UNIT_TO_NM = {"nm": 1.0, "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3, "um": 1e3, "µm": 1e3, "m": 1e9}

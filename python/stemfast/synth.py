@@ -111,6 +111,17 @@ class SynthConfig:
     drift_px_per_frame : ``(dx, dy)`` drift per frame in px.
     noise : ``False`` renders the expected image (no Poisson / read noise, no hot pixels).
     seed : random seed; the same config gives the same image.
+    chalcogen_scale : factor on the chalcogen-pair columns' intensity (real HAADF images often
+        show S2 far fainter than Z^1.7 predicts: 0.4-0.6 gives the faint S2 of real MoS2 data).
+    contamination_texture : relative amplitude of the contamination's own texture (its
+        thickness varies on a scale of ~0.5 A).
+    illumination_gradient : total relative change of the signal (atoms and film) across the
+        image along ``illumination_angle_deg`` (e.g. 0.3: +-15 % about the centre).
+    illumination_angle_deg : direction of that gradient (degrees from +x towards +y).
+    scan_streaks : number of scan streaks: bands of 1-3 rows whose signal is offset by
+        ``streak_level`` (random sign, 0.5-1.5 times) of the Mo peak -- scan-line noise as real
+        images show it; image artefacts, the truth is unchanged.
+    streak_level : strength of a scan streak, fraction of the Mo peak.
     """
 
     shape: tuple[int, int] = (512, 512)
@@ -137,6 +148,12 @@ class SynthConfig:
     drift_px_per_frame: tuple[float, float] = (0.3, 0.2)
     noise: bool = True
     seed: int = 0
+    chalcogen_scale: float = 1.0
+    contamination_texture: float = 0.35
+    illumination_gradient: float = 0.0
+    illumination_angle_deg: float = 30.0
+    scan_streaks: int = 0
+    streak_level: float = 0.3
 
     def __post_init__(self) -> None:
         rates = self.rates
@@ -169,11 +186,14 @@ class SynthConfig:
             if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         for name in ("position_jitter_A", "gaussian_noise", "background", "texture",
-                     "contamination_radius_nn", "contamination_level", "hole_radius_nn"):
+                     "contamination_radius_nn", "contamination_level", "hole_radius_nn", "chalcogen_scale",
+                     "contamination_texture", "streak_level"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be >= 0, got {v!r}")
-        for name in ("contamination", "holes", "scan_glitches", "hot_pixels"):
+        if not (np.isfinite(self.illumination_gradient) and 0 <= self.illumination_gradient < 2):
+            raise ValueError(f"illumination_gradient must be in [0, 2), got {self.illumination_gradient!r}")
+        for name in ("contamination", "holes", "scan_glitches", "hot_pixels", "scan_streaks"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if int(self.n_frames) < 1:
@@ -538,6 +558,8 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
         in_hole |= b.signed_depth(xy[:, 0], xy[:, 1]) > 0
     xy, sub, defect = xy[~in_hole], sub[~in_hole], defect[~in_hole]
     amp = _column_amplitudes(sub, defect)
+    if cfg.chalcogen_scale != 1.0:
+        amp[(sub == 1) & np.isin(defect, (0, 1))] *= cfg.chalcogen_scale
 
     # --- smooth fields (sample coordinates)
     ext_x, ext_y = (x_lo, x_hi), (y_lo, y_hi)
@@ -580,7 +602,7 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
                 X, Y = np.meshgrid(xs[box[1]], ys[box[0]])
                 depth = b.signed_depth(X, Y)
                 prof = 0.5 * (1.0 + np.tanh(depth / (0.5 * edge)))
-                film[box] += b.level * prof * np.clip(1.0 + 0.35 * tex[box], 0.0, None)
+                film[box] += b.level * prof * np.clip(1.0 + cfg.contamination_texture * tex[box], 0.0, None)
                 cmask[box] |= depth > 0
         hmask = np.zeros((H, W), dtype=bool)
         for b in holes:
@@ -594,6 +616,17 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
             hmask[box] |= depth > 0
         expected = atoms
         expected += film
+        if cfg.illumination_gradient > 0:
+            t = np.deg2rad(cfg.illumination_angle_deg)
+            gx = (np.arange(W) / max(W - 1, 1) - 0.5) * np.cos(t)
+            gy = (np.arange(H) / max(H - 1, 1) - 0.5) * np.sin(t)
+            expected *= (1.0 + cfg.illumination_gradient * (gy[:, None] + gx[None, :])).astype(np.float32)
+        if cfg.scan_streaks:
+            srng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(8)[7].spawn(F)[k])
+            for _ in range(int(cfg.scan_streaks)):
+                row = int(srng.integers(0, H))
+                level = cfg.streak_level * srng.uniform(0.5, 1.5) * (1 if srng.random() < 0.5 else -1)
+                expected[row:row + int(srng.integers(1, 4))] += np.float32(level)
         np.maximum(expected, 0.0, out=expected)
         expected *= np.float32(cfg.dose)
         frng, grng = frame_rngs[k]  # noise, glitches

@@ -1,0 +1,162 @@
+"""find_sites on crops of real micrographs (tests/data, see its README): the lattice checks of a
+microscopist, with default settings.
+
+A 2H monolayer's metal, chalcogen and hollow sites form one triangular lattice of spacing
+``a / sqrt(3)``. The reference spacing of each crop is measured here, independently of stemfast:
+the first peak of the radially averaged power spectrum (zero-padded, parabola-refined) is the
+metal ``{100}`` ring at ``d = a sqrt(3) / 2``, so the site spacing is ``2 d / 3``. Then, as the
+shared checker does: the median distance to the six nearest sites is within 3% of it, the interior
+holds 0.95-1.03 times the sites of the full lattice, >= 98% of interior sites have six neighbours
+at 0.75-1.25 spacings, and no two sites sit within half a spacing (<= 0.1%).
+"""
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import find_peaks as find_1d_peaks
+from scipy.spatial import cKDTree
+
+from stemfast.sites import find_sites
+
+DATA = Path(__file__).parent / "data"
+MOS2 = ["mos2_exp-000-2_crop.npy", "mos2_exp-001-5_crop.npy", "mos2_exp-002-5_crop.npy"]
+
+
+def fft_site_cell(img: np.ndarray, pad: int = 1024) -> tuple[float, float]:
+    """Site spacing (px) and area per site (px^2) of a 2H monolayer image from its power spectrum.
+
+    The first peak of the radially averaged (zero-padded, whitened) spectrum is the metal
+    ``{100}`` ring at ``d = a sqrt(3) / 2``: the site spacing is ``2 d / 3``. The six strongest
+    spots within 15% of that ring give the metal cell (``1 / |g1 x g2|``, which holds three sites),
+    so a scan-distorted, anisotropic lattice still gets its true area per site.
+    """
+    img = np.asarray(img, np.float64)
+    h, w = img.shape
+    win = np.outer(np.hanning(h), np.hanning(w))
+    P = np.abs(np.fft.fft2((img - img.mean()) * win, s=(pad, pad))) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(pad), np.fft.fftfreq(pad), indexing="ij")
+    f = np.hypot(fx, fy)
+    nb = pad // 2
+    idx = np.clip((f / 0.5 * nb).astype(int), 0, nb - 1)
+    prof = np.bincount(idx.ravel(), P.ravel(), nb) / np.maximum(np.bincount(idx.ravel(), minlength=nb), 1)
+    fc = (np.arange(nb) + 0.5) / nb * 0.5
+    sc = prof * fc ** 2  # whitened
+    sc[(fc < 8.0 / min(h, w)) | (fc > 0.25)] = 0
+    pk, _ = find_1d_peaks(sc, height=0.2 * sc.max())
+    k = int(pk[0])  # the first ring: the lowest-frequency strong peak
+    a, b, c = sc[k - 1], sc[k], sc[k + 1]
+    f_ring = (k + 0.5 * (a - c) / (a - 2 * b + c) + 0.5) / nb * 0.5
+    # the six spots of that ring: the strongest pixels in the annulus, one per 60-degree sector
+    ring = np.abs(f - f_ring) <= 0.15 * f_ring
+    ang = np.degrees(np.arctan2(fy, fx)) % 360
+    first = np.flatnonzero(ring.ravel())[np.argmax(P.ravel()[ring.ravel()])]
+    a0 = ang.ravel()[first]
+    spots = []
+    for s in range(6):
+        sector = ring & (np.abs((ang - a0 - 60 * s + 30) % 360 - 30) <= 30)
+        j = np.flatnonzero(sector.ravel())[np.argmax(P.ravel()[sector.ravel()])]
+        spots.append([fx.ravel()[j], fy.ravel()[j]])
+    g = np.array(spots)
+    # consecutive spots are 60 degrees apart: each pair spans the metal reciprocal cell
+    cross = [abs(g[i, 0] * g[(i + 1) % 6, 1] - g[i, 1] * g[(i + 1) % 6, 0]) for i in range(6)]
+    site_area = 1.0 / np.mean(cross) / 3.0
+    return 2.0 / 3.0 / f_ring, float(site_area)
+
+
+def lattice_checks(xy: np.ndarray, nn0: float, site_area: float, shape: tuple[int, int]) -> dict:
+    d, _ = cKDTree(xy).query(xy, k=7)
+    H, W = shape
+    b = 2.5 * nn0
+    interior = (xy[:, 0] > b) & (xy[:, 0] < W - 1 - b) & (xy[:, 1] > b) & (xy[:, 1] < H - 1 - b)
+    expected = (W - 1 - 2 * b) * (H - 1 - 2 * b) / site_area
+    return {
+        "spacing": float(np.median(d[:, 1:])) / nn0,
+        "density": interior.sum() / expected,
+        "six": float(np.all((d[interior, 1:] > 0.75 * nn0) & (d[interior, 1:] < 1.25 * nn0), axis=1).mean()),
+        "dup": float((d[:, 1] < 0.5 * nn0).mean()),
+    }
+
+
+@pytest.mark.parametrize("name", [
+    MOS2[0],
+    # known gap: this crop holds part of a line defect (a band of low Bragg amplitude running
+    # diagonally through exp-001-5, likely a mirror-twin / inversion-domain boundary) where the
+    # one-phase lattice model does not follow the columns: density 1.037 and one pair of sites
+    # half a spacing apart at the crop's top edge
+    pytest.param(MOS2[1], marks=pytest.mark.xfail(strict=True, reason="line defect: one-domain lattice model")),
+    MOS2[2],
+])
+def test_real_mos2_crop_one_site_per_node_of_the_full_site_lattice(name):
+    img = np.load(DATA / name).astype(np.float32)
+    nn0, site_area = fft_site_cell(img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    c = lattice_checks(t.xy, nn0, site_area, img.shape)
+    assert abs(c["spacing"] - 1) <= 0.03, c
+    assert 0.95 <= c["density"] <= 1.03, c
+    assert c["six"] >= 0.98, c
+    assert c["dup"] <= 0.001, c
+    # every site is a node of the lattice (integer indices, unique) or a peak on none
+    node = t["source"] != "off_lattice"
+    ij = np.stack([t["lattice_i"][node], t["lattice_j"][node]], 1)
+    assert len(np.unique(ij, axis=0)) == node.sum()
+    assert (t["sublattice"][~node] == -1).all() and set(np.unique(t["sublattice"][node])) == {0, 1, 2}
+    # the three sublattices alternate: a node's six first-shell nodes belong to the other two
+    sub = dict(zip(map(tuple, ij.tolist()), t["sublattice"][node].tolist()))
+    shell = [(1, 0), (0, 1), (-1, 1), (-1, 0), (0, -1), (1, -1)]
+    same = [sub[(i + di, j + dj)] == s for (i, j), s in sub.items() for di, dj in shell if (i + di, j + dj) in sub]
+    assert not any(same)
+    # the faint chalcogen columns are placed, not invented: the metal is the brightest sublattice
+    inten = t["intensity"]
+    med = [np.median(inten[t["sublattice"] == k]) for k in range(3)]
+    assert med[0] > med[1] > med[2]
+    meta = t.meta["lattice"]
+    assert meta["spacing_source"] == "fft ring" and 0 < meta["confidence"] <= 1
+
+
+def _labels():
+    with open(DATA / "wse2_ti2_crop.labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    name = np.array([r["class_name"] for r in rows])
+    return xy, name
+
+
+def test_real_wse2_crop_at_five_px_spacing_matches_the_authors_labels():
+    img = np.load(DATA / "wse2_ti2_haadf_crop.npy").astype(np.float32)
+    lxy, lname = _labels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img, material="wse2")
+    d3, _ = cKDTree(lxy).query(lxy, k=4)
+    nn = float(np.median(d3[:, 1:]))
+    assert 4.5 < t.meta["spacing_px"] < 5.5
+    xy = t.xy
+    # recall: every labelled site has an output site within 0.4 nn (the crop cuts the columns at
+    # its edge: labelled sites within a spacing of it are left out)
+    dl, jl = cKDTree(xy).query(lxy)
+    lin = (lxy.min(1) >= nn) & (lxy.max(1) <= img.shape[0] - 1 - nn)
+    assert (dl[lin] <= 0.4 * nn).mean() >= 0.995
+    # precision: an output site sits on a labelled site or on a hexagon centre (>= 5 labelled
+    # sites at 0.75-1.25 nn, none within 0.6 nn); sites within a spacing of the crop edge, where
+    # the labels' own border is, are left out
+    tree = cKDTree(lxy)
+    d_lab, _ = tree.query(xy)
+    cnt = np.array([len(v) for v in tree.query_ball_point(xy, 1.25 * nn)])
+    near = np.array([len(v) for v in tree.query_ball_point(xy, 0.75 * nn)])
+    centre = (cnt - near >= 5) & (d_lab > 0.6 * nn)
+    inner = (xy.min(1) > nn) & (xy.max(1) < img.shape[0] - 1 - nn)
+    ok = (d_lab <= 0.4 * nn) | centre
+    assert ok[inner].mean() >= 0.99
+    d2, _ = cKDTree(xy).query(xy, k=2)
+    assert (d2[:, 1] < 0.5 * nn).mean() <= 0.001
+    # sublattices: the W columns are metal, the Se2 columns chalcogen
+    sub = t["sublattice"][jl]
+    matched = dl <= 0.4 * nn
+    assert (sub[matched & (lname == "W")] == 0).mean() >= 0.99
+    assert (sub[matched & (lname == "Se2")] == 1).mean() >= 0.99
