@@ -3,13 +3,21 @@
 Run: ``python -m pytest benchmarks/bench_model.py --benchmark-enable -o python_files='bench_*.py'``
 (quick mode by default / ``STEMFAST_BENCH_QUICK=1``; full sizes with ``STEMFAST_BENCH_FULL=1``:
 ~11k training patches, 1e5 patches encoded). CPU runs use ``torch.set_num_threads(2)``; the CUDA
-variants are skipped without a GPU. Every benchmark asserts correctness, records absolute
-throughputs in ``extra_info`` and a speed ratio against a reference run in the same process via
-``check_ratio`` (what it is relative to is in ``extra_info["ratio_meaning"]``):
+variants are skipped without a GPU. Every benchmark asserts correctness and records absolute
+throughputs in ``extra_info``.
+
+Gated (``speed_gate``, see conftest.py: CPU time, one thread on both sides, paired):
+
+* ``model_encode_vs_network_cpu``: ``RVAE.encode`` vs the same network called directly on the same
+  sub-batches, prepared beforehand -- what our encode adds around the network (reading and
+  converting the chunks, resampling, the masked reconstruction error, the copies out).
+
+Reported, not gated (``report_ratio``; what it is relative to is in ``extra_info["reported"]``),
+since they guard none of our code against itself:
 
 * training / inference: rVAE vs the plain VAE with the same encoder / decoder (the cost of the
-  STN, the canonicalisation and back-rotation warps and the C_k symmetrisation);
-* warp: kornia ``warp_affine`` vs ``F.affine_grid`` + ``F.grid_sample`` on the same batch.
+  STN, the canonicalisation and back-rotation warps and the C_k symmetrisation: our code both sides);
+* warp: kornia ``warp_affine`` vs ``F.affine_grid`` + ``F.grid_sample`` (two third-party libraries).
 """
 from __future__ import annotations
 
@@ -91,7 +99,7 @@ def patches32():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_train_throughput(benchmark, device, check_ratio):
+def test_bench_train_throughput(benchmark, device, report_ratio):
     """Full fit (STN pretraining + VAE training); ~11k patches of 35 px in full mode."""
     n = 2000 if QUICK else 11_000
     patches, types, _ = render_site_patches(n, 35, seed=1)
@@ -124,11 +132,12 @@ def test_bench_train_throughput(benchmark, device, check_ratio):
             model.encode(patches[:2000]).mu))
         benchmark.extra_info["ari_train_subset"] = ari
         assert ari >= 0.9
-    check_ratio(f"model_train_rvae_vs_vae_{device}", step_pps / ref_pps, benchmark)
+    report_ratio(f"model_train_rvae_vs_vae_{device}", step_pps / ref_pps, benchmark,
+                 meaning="rVAE / plain-VAE training-step throughput")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_inference_batch256(benchmark, device, patches32, check_ratio):
+def test_bench_inference_batch256(benchmark, device, patches32, report_ratio):
     n = 4096
     x = patches32[:n]
     model, ref = _untrained("rvae", device), _untrained("vae", device)
@@ -149,11 +158,12 @@ def test_bench_inference_batch256(benchmark, device, patches32, check_ratio):
     big = model.encode(x[:1000], batch_size=1000)
     np.testing.assert_allclose(out.mu[:1000], big.mu, rtol=1e-3, atol=1e-4)
     assert np.all(np.isfinite(out.recon_error))
-    check_ratio(f"model_infer256_rvae_vs_vae_{device}", t_ref / t, benchmark)
+    report_ratio(f"model_infer256_rvae_vs_vae_{device}", t_ref / t, benchmark,
+                 meaning="rVAE / plain-VAE inference throughput")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_warp_kornia_vs_grid_sample(benchmark, device, check_ratio):
+def test_bench_warp_kornia_vs_grid_sample(benchmark, device, report_ratio):
     b = 256
     g = torch.Generator().manual_seed(0)
     x = torch.rand(b, 1, SIZE, SIZE, generator=g).to(device)
@@ -176,11 +186,12 @@ def test_bench_warp_kornia_vs_grid_sample(benchmark, device, check_ratio):
         "device": device, "batch": b, "kornia_patches_per_s": b / t_k, "grid_sample_patches_per_s": b / t_t,
         "ratio_meaning": "kornia warp_affine speed / (affine_grid + grid_sample) speed",
     })
-    check_ratio(f"model_warp_kornia_vs_grid_sample_{device}", t_t / t_k, benchmark)
+    report_ratio(f"model_warp_kornia_vs_grid_sample_{device}", t_t / t_k, benchmark,
+                 meaning="kornia warp_affine / (affine_grid + grid_sample) speed")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_inference_many(benchmark, device, patches32, check_ratio):
+def test_bench_inference_many(benchmark, device, patches32, report_ratio):
     """Encode 1e5 patches (quick: 1e4) in 1024-patch chunks; records patches/s (no timing assert)."""
     model = _untrained("rvae", device)
     n = len(patches32)
@@ -212,4 +223,29 @@ def test_bench_inference_many(benchmark, device, patches32, check_ratio):
     dth = (out.angle[s] - part.angle + period / 2) % period - period / 2
     assert np.abs(dth).max() < 1e-2
     assert out.mu.shape == (n, 4) and np.all(np.isfinite(out.recon_error))
-    check_ratio(f"model_infer_many_rvae_vs_vae_{device}", dt_ref / dt, benchmark)
+    report_ratio(f"model_infer_many_rvae_vs_vae_{device}", dt_ref / dt, benchmark,
+                 meaning="rVAE / plain-VAE inference throughput")
+
+
+def test_bench_encode_vs_network(benchmark, patches32, speed_gate):
+    """Our encode vs the bare network on the same sub-batches (CPU, one thread both sides)."""
+    model = _untrained("rvae", "cpu")
+    x = patches32[:4096]
+    net, step = model.network.eval(), 512
+    assert x.shape[1] == model.config.input_size  # no resampling: the network sees the same tensors
+    batches = [torch.from_numpy(np.ascontiguousarray(x[a:a + step], dtype=np.float32))[:, None]
+               for a in range(0, len(x), step)]
+
+    def plain():
+        with torch.inference_mode():
+            return [net(b).mu for b in batches]
+
+    info = speed_gate("model_encode_vs_network_cpu", lambda: model.encode(x), plain, benchmark, repeat=3,
+                      min_cpu=1.0)
+    out = benchmark.pedantic(lambda: model.encode(x), rounds=1, iterations=1)  # all threads
+    benchmark.extra_info.update(n_patches=len(x), encode_patches_per_s_1thread=len(x) / info["t_ours_cpu_s"]
+                                if "t_ours_cpu_s" in info else None)
+    mu_ref = torch.cat(plain()).numpy()
+    np.testing.assert_allclose(info["result_ours"].mu, mu_ref, rtol=1e-4, atol=1e-5)  # one thread
+    np.testing.assert_allclose(out.mu, mu_ref, rtol=1e-3, atol=1e-4)  # all threads (other sub-batches)
+    assert np.all(np.isfinite(out.recon_error))

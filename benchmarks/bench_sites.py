@@ -5,7 +5,10 @@ cores). Quick mode: 1024 x 1024. Correctness is asserted alongside (recall / pre
 synthetic truth). The CI ratio is the time of a fixed yardstick operation on the same image
 (``scipy.ndimage.gaussian_filter`` with sigma = one column spacing, single-threaded C) over the time
 of ``find_sites``: it tracks our speed relative to the machine's, so a slower CI machine does not
-fail it but a slower ``find_sites`` does. Sites/s are recorded too.
+fail it but a slower ``find_sites`` does. Measured like the kernel gates (``speed_gate``, see
+conftest.py): CPU time, paired, our kernels on one thread (the CPU time of every thread counts
+where ``find_sites`` still uses more, e.g. FFTs and tree queries with ``workers=-1``).
+Sites/s (wall time, all threads) are recorded too.
 """
 from __future__ import annotations
 
@@ -14,12 +17,15 @@ import os
 import pytest
 from scipy.spatial import cKDTree
 
-from conftest import gaussian_yardstick, truth_match
+from scipy import ndimage
+
+from conftest import truth_match
 from stemfast.sites import find_sites
 from stemfast.synth import make_mos2
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
 SIZE = 1024 if QUICK else 4096
+TARGET_S = 3.0  # issue target (full mode, 4096 x 4096, all threads): find_sites under 3 s
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +33,15 @@ def image():
     return make_mos2(shape=(SIZE, SIZE), rotation_deg=9.0, seed=11)
 
 
-def test_find_sites_throughput(benchmark, check_ratio, image):
+def test_find_sites_throughput(benchmark, speed_gate, image):
     img = image.image
-    find_sites(img[:256, :256])  # warm the JIT / thread pools
-    timings: dict = {}
-    table = benchmark.pedantic(lambda: find_sites(img, timings=timings), rounds=3, iterations=1)
-    t_ours = benchmark.stats.stats.min
     nn = image.meta["nn_px"]
-    t_ref = gaussian_yardstick(img, nn)
+    find_sites(img[:256, :256])  # warm the JIT / thread pools
+    speed_gate("find_sites_vs_gaussian_filter", lambda: find_sites(img), lambda: ndimage.gaussian_filter(img, nn),
+               benchmark, repeat=3, warmup=(0, 1), min_cpu=0.0)
+    timings: dict = {}
+    table = benchmark.pedantic(lambda: find_sites(img, timings=timings), rounds=2, iterations=1)
+    t_ours = benchmark.stats.stats.min
     # correctness alongside: every atom column found or predicted, nothing invented
     _, _, recall = truth_match(table.xy, image.truth, nn)
     dp, _ = cKDTree(image.truth[:, :2]).query(table.xy)
@@ -44,4 +51,5 @@ def test_find_sites_throughput(benchmark, check_ratio, image):
                                 stages={k: round(v, 4) for k, v in timings.items()}, size=SIZE)
     print(f"\nfind_sites {SIZE}x{SIZE}: {t_ours:.2f} s, {len(table)} sites, {len(table) / t_ours:,.0f} sites/s; "
           f"stages {timings}")
-    check_ratio("find_sites_vs_gaussian_filter", t_ref / t_ours, benchmark)
+    if not QUICK:
+        assert t_ours < TARGET_S, f"find_sites {SIZE}^2 took {t_ours:.2f} s, issue target < {TARGET_S:g} s"

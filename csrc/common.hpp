@@ -12,9 +12,12 @@ namespace stemfast {
 
 namespace py = pybind11;
 
-// Number of worker threads the kernels use (0 = hardware concurrency).
+// Number of worker threads the kernels use: process-wide, set_num_threads(0) restores the default
+// (hardware_threads()). Every kernel's result is independent of it (contiguous chunks, no
+// reductions across chunks); tests/test_backend.py checks that.
 int num_threads();
 void set_num_threads(int n);
+int hardware_threads();
 
 // Run fn(begin, end) over [0, n) split into contiguous chunks on num_threads() threads.
 // The caller must have released the GIL (py::gil_scoped_release) when fn touches no Python objects.

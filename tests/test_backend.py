@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import stemfast
-from stemfast.backend import BACKENDS, available_backends, resolve_backend
+from stemfast.backend import (BACKENDS, available_backends, get_kernel_threads, get_kernels, kernel_threads,
+                              resolve_backend, set_kernel_threads)
+from stemfast.synth import make_lattice
 
 PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 
@@ -57,3 +60,102 @@ def test_resolve_backend_names_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'fortran'"):
         resolve_backend("fortran")
     assert set(available_backends()) <= set(BACKENDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# threads of the compiled kernels
+# --------------------------------------------------------------------------------------------------
+COMPILED = [b for b in ("cpp", "numba") if b in available_backends()]
+
+
+def _kernel_calls():
+    """name -> (kernel module -> result): every kernel of the contract on inputs big enough that the
+    C++ ``parallel_for`` splits them over 3 threads (its smallest chunks: 2048 points / rows)."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(3)
+    img, _ = make_lattice((160, 200), spacing=9.0, noise=0.05, seed=4)
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    spec = np.fft.rfft2(rng.normal(size=(6200, 12)).astype(np.float32)).astype(np.complex64)
+    g = np.stack(np.meshgrid(np.arange(80.0), np.arange(90.0)), -1).reshape(-1, 2)
+    pts = np.ascontiguousarray(g * 5.0 + rng.normal(0, 0.3, g.shape))  # 7200 points
+    _, nb = cKDTree(pts).query(pts, k=9, distance_upper_bound=11.0)
+    nb = np.ascontiguousarray(np.where(nb >= len(pts), -1, nb), dtype=np.int64)
+    b0 = np.ascontiguousarray(np.broadcast_to(np.array([[5.0, 0.0], [0.0, 5.0]]), (len(pts), 2, 2)))
+    sites = np.ascontiguousarray(np.stack([rng.uniform(-3, 203, 3000), rng.uniform(-3, 163, 3000)], 1))
+    w = np.clip(1 - np.abs(np.arange(11)[None, :] - ((np.arange(8) + 0.5) * 11 / 8 - 0.5)[:, None]) / 1.375, 0, None)
+    w = np.ascontiguousarray(w / w.sum(1, keepdims=True))
+
+    def bandpass_apply(k):
+        s = spec.copy()
+        k.bandpass_apply(s, 6200, 12, 1.2, 9.0)
+        return s
+
+    def gather(k):
+        out = np.empty((len(sites), 9, 9), np.float32)
+        return k.gather_patches(img, sites, 9, -1.0, out), out
+
+    def resampled(k):
+        out = np.empty((len(sites), 8, 8), np.float32)
+        return k.gather_resampled(img, sites, 11, w, -1.0, 0.5, 2.0, out), out
+
+    return {
+        "bandpass_apply": bandpass_apply,
+        "local_maxima": lambda k: k.local_maxima(img, 4.0, 0.2, 0),
+        "refine_com": lambda k: k.refine_com(img, sites, 3.0),
+        "refine_gauss": lambda k: k.refine_gauss(img, sites, 3.0, 1.5, 30),
+        "fit_local_lattices": lambda k: k.fit_local_lattices(pts, nb, b0, 3, 0.25),
+        "gather_patches": gather,
+        "gather_resampled": resampled,
+        "knn_within": lambda k: k.knn_within(pts, pts, 9, 11.0),
+        "pairs_within": lambda k: k.pairs_within(pts, 7.0),
+    }
+
+
+def _flat(res) -> list[np.ndarray]:
+    return [np.asarray(r) for r in res] if isinstance(res, tuple) else [np.asarray(res)]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_kernel_results_do_not_depend_on_the_threads(backend):
+    kern = get_kernels(backend)
+    calls = _kernel_calls()
+    assert set(calls) == set(get_kernels("numpy").__all__) - {"disc_offsets"}  # every kernel of the contract
+    for name, call in calls.items():
+        with kernel_threads(1) as used:
+            assert used[backend] == 1
+            one = _flat(call(kern))
+        for n in (2, 3):
+            with kernel_threads(n):
+                many = _flat(call(kern))
+            assert len(many) == len(one)
+            for a, b in zip(one, many):
+                # bit-identical, NaNs in the same places
+                np.testing.assert_array_equal(a, b, err_msg=f"{backend} {name}: 1 vs {n} threads")
+        assert sum(a.size for a in one) > 100, name  # the inputs produced something to compare
+
+
+def test_kernel_threads_sets_and_restores():
+    before = get_kernel_threads()
+    assert set(before) == set(COMPILED)
+    assert all(v >= 1 for v in before.values())
+    with kernel_threads(1) as outer:
+        assert outer == {b: 1 for b in COMPILED} == get_kernel_threads()
+        with kernel_threads(2):
+            assert all(v == min(2, before[b] if b == "numba" else 2) for b, v in get_kernel_threads().items())
+        assert get_kernel_threads() == outer  # nested blocks restore the enclosing setting
+        with pytest.raises(RuntimeError, match="boom"):
+            with kernel_threads(2):
+                raise RuntimeError("boom")
+        assert get_kernel_threads() == outer  # ... also after an exception
+    assert get_kernel_threads() == before
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+            set_kernel_threads(bad)
+    assert get_kernel_threads() == before
+    prev = set_kernel_threads(1)
+    try:
+        assert prev == before and set(get_kernel_threads().values()) == {1}
+    finally:
+        set_kernel_threads(None)
+    assert get_kernel_threads() == before  # None = the default (the core count)

@@ -5,8 +5,15 @@ Contract and NumPy reference: stemfast/_kernels/__init__.py and stemfast/_kernel
 import numpy as np
 import numpy.typing as npt
 
-def get_num_threads() -> int: ...
-def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int:
+    """Worker threads the kernels use (process-wide; hardware_threads() unless set)."""
+
+def set_num_threads(n: int) -> None:
+    """Set the kernels' worker threads, process-wide: n >= 1, or 0 for hardware_threads(); n < 0 raises
+    ValueError. Results do not depend on it. Public API: stemfast.backend.kernel_threads."""
+
+def hardware_threads() -> int:
+    """std::thread::hardware_concurrency() (1 when unknown), the default thread count."""
 
 
 def bandpass_apply(

@@ -3,16 +3,33 @@
 The default is the fastest available one; ``STEMFAST_BACKEND`` or the ``backend=`` argument of the
 public functions overrides it. If the compiled extension is missing (e.g. a source checkout used
 without ``pip install .``) the package still imports and falls back to Numba, logging once why.
+
+The compiled backends run their kernels on several threads (the core count by default);
+:func:`kernel_threads` / :func:`set_kernel_threads` set that number for both (results do not depend
+on it), e.g. one thread per process when a batch runs several processes, or to time a kernel
+against a single-threaded reference like with like (the benchmarks do).
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+from numbers import Integral
 from types import ModuleType
 
-__all__ = ["BACKENDS", "available_backends", "get_kernels", "resolve_backend", "core_import_error"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "get_kernels",
+    "resolve_backend",
+    "core_import_error",
+    "get_kernel_threads",
+    "set_kernel_threads",
+    "kernel_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +96,113 @@ def get_kernels(backend: str | None = None) -> ModuleType:
     mod = _load(resolve_backend(backend))
     assert mod is not None
     return mod
+
+
+# --------------------------------------------------------------------------------------------------
+# threads of the compiled kernels
+# --------------------------------------------------------------------------------------------------
+def _check_threads(n) -> int:
+    """0 for None (the default), else ``n`` as an int >= 1."""
+    if n is None:
+        return 0
+    if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1 or None (the default), got {n!r}")
+    return int(n)
+
+
+def _numba_pool_size() -> int:
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def get_kernel_threads() -> dict[str, int]:
+    """Threads each compiled backend uses now, e.g. ``{"cpp": 2, "numba": 2}`` (available backends only).
+
+    Examples
+    --------
+    >>> from stemfast.backend import get_kernel_threads, kernel_threads
+    >>> with kernel_threads(1):
+    ...     set(get_kernel_threads().values())
+    {1}
+    """
+    out: dict[str, int] = {}
+    core = _load("cpp")
+    if core is not None:
+        out["cpp"] = int(core.get_num_threads())
+    if _load("numba") is not None:
+        import numba
+
+        out["numba"] = int(numba.get_num_threads())
+    return out
+
+
+def set_kernel_threads(n: int | None) -> dict[str, int]:
+    """Set the threads of the compiled kernels (C++ and Numba); return the previous setting.
+
+    Parameters
+    ----------
+    n : int >= 1 or None
+        Threads per kernel call; None restores the default (the core count: C++
+        ``hardware_concurrency``, Numba ``NUMBA_NUM_THREADS``). Numba cannot grow its pool beyond
+        ``NUMBA_NUM_THREADS``, so larger ``n`` are capped there for Numba.
+
+    Returns
+    -------
+    dict
+        The setting before the call, as :func:`get_kernel_threads` returns it (what
+        :func:`kernel_threads` restores).
+
+    Notes
+    -----
+    The C++ setting is process-wide; Numba's applies to kernels called from the calling thread
+    (Numba keeps it per thread). Kernel results do not depend on the number of threads.
+
+    Examples
+    --------
+    >>> from stemfast.backend import get_kernel_threads, set_kernel_threads
+    >>> before = set_kernel_threads(1)
+    >>> get_kernel_threads()["numba"]
+    1
+    >>> _ = set_kernel_threads(None)
+    """
+    k = _check_threads(n)
+    before = get_kernel_threads()
+    core = _load("cpp")
+    if core is not None:
+        core.set_num_threads(k)
+    if _load("numba") is not None:
+        import numba
+
+        pool = _numba_pool_size()
+        numba.set_num_threads(pool if k == 0 else min(k, pool))
+    return before
+
+
+@contextmanager
+def kernel_threads(n: int | None) -> Iterator[dict[str, int]]:
+    """Run the compiled kernels on ``n`` threads inside the ``with`` block (see :func:`set_kernel_threads`).
+
+    Restores the previous per-backend setting on exit, also after an exception; blocks nest.
+    Yields the setting in effect inside the block.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemfast.backend import get_kernels, kernel_threads
+    >>> img = np.zeros((32, 32), np.float32); img[10, 12] = 1.0
+    >>> with kernel_threads(1):
+    ...     get_kernels().local_maxima(img, 3.0, 0.5, 0).tolist()
+    [[12, 10]]
+    """
+    before = set_kernel_threads(n)
+    try:
+        yield get_kernel_threads()
+    finally:
+        core = _load("cpp")
+        if core is not None and "cpp" in before:
+            core.set_num_threads(before["cpp"])
+        if "numba" in before:
+            import numba
+
+            numba.set_num_threads(before["numba"])
