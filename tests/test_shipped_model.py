@@ -273,3 +273,17 @@ def test_shipped_model_on_cuda_matches_cpu(image):
     # bf16 / fp16 autocast on the device: close, not equal
     assert np.corrcoef(cpu.mu.ravel(), gpu.mu.ravel())[0, 1] > 0.99
     assert np.corrcoef(cpu.recon_error, gpu.recon_error)[0, 1] > 0.95
+
+
+def test_cli_model_choice_options():
+    from stemfast.cli import build_parser
+
+    p = build_parser()
+    for cmd in (["analyze", "x.tif"], ["batch", "DIR"]):
+        a = p.parse_args(cmd)
+        assert a.train is False and a.finetune == 0  # default: the shipped model
+        assert p.parse_args(cmd + ["--train"]).train is True
+        assert p.parse_args(cmd + ["--finetune", "50"]).finetune == 50
+        with pytest.raises(SystemExit):
+            p.parse_args(cmd + ["--train", "--finetune", "5"])
+    assert p.parse_args(["bench", "--train"]).train is True
