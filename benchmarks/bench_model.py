@@ -249,3 +249,122 @@ def test_bench_encode_vs_network(benchmark, patches32, speed_gate):
     np.testing.assert_allclose(info["result_ours"].mu, mu_ref, rtol=1e-4, atol=1e-5)  # one thread
     np.testing.assert_allclose(out.mu, mu_ref, rtol=1e-3, atol=1e-4)  # all threads (other sub-batches)
     assert np.all(np.isfinite(out.recon_error))
+
+
+# ----------------------------------------------------------------------------- where encode time goes
+
+
+def _stage_times(net, x: torch.Tensor, repeat: int = 5) -> dict[str, float]:
+    """Best wall time (s) of each stage of the rVAE forward pass on ``x`` (inference mode)."""
+    from conftest import best_time
+
+    with torch.inference_mode():
+        angle, _ = net.stn(x * net.mask)
+        xc = MF.canonicalize(x, angle, padding_mode="border")
+        mu, _ = net.encoder(MF.symmetrize(xc, net.stn.symmetry) * net.mask)
+        y = net.decoder(mu)
+        return {
+            "stn": best_time(lambda: net.stn(x * net.mask), repeat=repeat),
+            "canonicalize_warp": best_time(lambda: MF.canonicalize(x, angle, padding_mode="border"), repeat=repeat),
+            "symmetrize_warps": best_time(lambda: MF.symmetrize(xc, net.stn.symmetry), repeat=repeat),
+            "encoder": best_time(lambda: net.encoder(xc), repeat=repeat),
+            "decoder": best_time(lambda: net.decoder(mu), repeat=repeat),
+            "back_rotation_warp": best_time(lambda: MF.uncanonicalize(y, angle), repeat=repeat),
+        }
+
+
+def test_bench_encode_breakdown(benchmark, patches32, report_ratio):
+    """Encode cost of the rVAE against its bare conv encoder, with the per-stage shares and the
+    CPU variants tried (bf16 autocast, channels-last, one intra-op thread per worker vs two).
+
+    The gated ratio is (bare encoder time) / (full encode time) on the same 2048 patches: how much
+    the STN, the warps, the symmetrisation and the decoder cost on top of the encoder; a slowdown
+    anywhere in our encode path lowers it.
+    """
+    n = 2048
+    x = patches32[:n]
+    model = _untrained("rvae", "cpu")
+    net = model.network
+    xt = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+
+    def full():
+        return model.encode(x, batch_size=1024)
+
+    def bare():
+        with torch.inference_mode():
+            for s in range(0, n, 512):
+                net.encoder(xt[s:s + 512])
+
+    out = benchmark.pedantic(full, rounds=1, iterations=1, warmup_rounds=1)
+    # like with like: both on one thread (encode then runs its 512-patch sub-batches in line, as each
+    # of its workers does with more threads); per-stage shares on one sub-batch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_full, t_bare = paired_best_times(full, bare, repeat=3)
+        st = _stage_times(net, xt[:512])
+        with torch.inference_mode():
+            xc = xt[:512]
+            t_f32, t_bf16 = paired_best_times(lambda: net.encoder(xc),
+                                              lambda: _bf16(lambda: net.encoder(xc)), repeat=3)
+            enc_cl = _channels_last_copy(net.encoder)
+            xcl = xc.contiguous(memory_format=torch.channels_last)
+            t_cont, t_cl = paired_best_times(lambda: net.encoder(xc), lambda: enc_cl(xcl), repeat=3)
+    finally:
+        torch.set_num_threads(old)
+    total = sum(st.values())
+    benchmark.extra_info.update({
+        "n_patches": n, "encode_patches_per_s": n / t_full, "bare_encoder_patches_per_s": n / t_bare,
+        "stage_share_one_thread": {k: round(v / total, 3) for k, v in st.items()},
+        "encoder_bf16_autocast_speedup_cpu": t_f32 / t_bf16,
+        "encoder_channels_last_speedup_cpu": t_cont / t_cl,
+        "ratio_meaning": "bare conv encoder time / full rVAE encode time (STN, warps, C3 average, decoder on top)",
+    })
+    print("\n[encode] stage shares (1 thread, 512 patches): "
+          + ", ".join(f"{k} {v / total:.0%}" for k, v in st.items())
+          + f"; bf16 autocast x{t_f32 / t_bf16:.2f}, channels-last x{t_cont / t_cl:.2f} (encoder, CPU)")
+    assert out.mu.shape == (n, 4) and np.all(np.isfinite(out.mu))
+    report_ratio("model_encode_vs_bare_encoder_cpu", t_bare / t_full, benchmark,
+                 meaning="bare conv encoder time / full rVAE encode time (the gate is model_encode_vs_network_cpu)")
+
+
+def _bf16(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
+def _channels_last_copy(module):
+    import copy
+
+    return copy.deepcopy(module).to(memory_format=torch.channels_last)
+
+
+def test_bench_shipped_model_vs_training(benchmark, report_ratio):
+    """One 256 x 256 image from pixels to scores: with the shipped pretrained model (load + checks +
+    encode) vs training a model on the image first (the old default; quick mode trains 3 epochs,
+    the real default trains up to 30, so the true gain is larger)."""
+    from stemfast.config import apply_overrides
+    from stemfast.model import shipped
+    from stemfast.pipeline import PipelineConfig, run_image
+    from stemfast.synth import make_mos2
+
+    if not shipped.MODEL_PATH.is_file():
+        pytest.skip("no shipped model in the package data")
+    img = make_mos2(shape=(256, 256), seed=4).image
+    cfg = apply_overrides(PipelineConfig(), {"model.epochs": 3, "model.stn_epochs": 2, "model.progress": False})
+
+    def with_shipped():
+        return run_image(img, config=cfg)
+
+    def with_training():
+        return run_image(img, config=cfg, train=True)
+
+    table, _, model = benchmark.pedantic(with_shipped, rounds=1, iterations=1, warmup_rounds=1)
+    t_ship, t_train = paired_best_times(with_shipped, with_training, repeat=2, warmup=0)
+    benchmark.extra_info.update({
+        "n_sites": len(table), "shipped_s": t_ship, "train_s": t_train,
+        "ratio_meaning": "run_image time training a model (3 epochs) / with the shipped model",
+    })
+    assert model.extra["shipped"]["name"] and np.isfinite(np.asarray(table["anomaly_score"])).all()
+    report_ratio("model_run_image_shipped_vs_train_cpu", t_train / t_ship, benchmark,
+                 meaning="run_image training a model (3 epochs) / with the shipped model")

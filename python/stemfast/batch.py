@@ -718,6 +718,7 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
         "stemfast_version": __version__,
         "config_hash": chash,
         "model_sha256": model_sha,
+        "model": _model_identity(d.parent, model_sha),
         "n_frames": int(n_frames),
         "n_frames_ok": int(n_ok),
         "n_sites": int(n_sites),
@@ -1123,8 +1124,12 @@ def _sample_frames(n: int, k: int) -> list[int]:
 
 def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs: int = 16, train_frames: int = 4,
                       prepared_cache: dict | None = None, cache_budget_bytes: int = 0,
-                      on_skip: Callable[[InputEntry, str], None] | None = None, show_progress: bool = True):
+                      on_skip: Callable[[InputEntry, str], None] | None = None, show_progress: bool = True,
+                      init_model=None, finetune_steps: int = 0):
     """Train one model on patches sampled from ``entries``; returns ``(model, info)``.
+
+    With ``init_model`` (the shipped model), that model is fine-tuned for ``finetune_steps`` steps
+    instead (:meth:`stemfast.model.RVAE.finetune`) and patches keep their per-image size.
 
     At most ``max_train_inputs`` inputs (evenly spread over the list) and ``train_frames`` frames
     per stack are prepared; each contributes a random sample of its non-edge patches (about
@@ -1180,7 +1185,7 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
             good = np.flatnonzero(~prep.edge)
             if len(good) == 0:
                 continue
-            if patch_size is None:
+            if patch_size is None and init_model is None:
                 patch_size = prep.patch_size
             rng = np.random.default_rng(getattr(config.model, "seed", 0) * 100003 + i * 1009 + f)
             if len(good) > upf:
@@ -1205,9 +1210,9 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     allp = np.concatenate(pools)
     pools.clear()
     slim = Prepared(image=np.zeros((0, 0), np.float32), sites=SiteTable({}), patches=allp,
-                    edge=np.zeros(len(allp), bool), norm=None, patch_size=int(patch_size), timings={})
+                    edge=np.zeros(len(allp), bool), norm=None, patch_size=int(patch_size or 0), timings={})
     t0 = time.perf_counter()
-    model = train_model([slim], config=config)
+    model = train_model([slim], config=config, init=init_model, steps=finetune_steps)
     info["train_s"] = time.perf_counter() - t0
     info["n_patches_pool"] = int(len(allp))
     info["n_patches"] = int(min(len(allp), cap))
@@ -1215,7 +1220,8 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     return model, info
 
 
-def _resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool) -> _ModelState:
+def _resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool,
+                   finetune: int = 0) -> _ModelState:
     """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None)."""
     target = out / MODEL_FILE
     if model_path is not None:
@@ -1236,11 +1242,35 @@ def _resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, 
     key = _inputs_key(entries)
     if (not force and info and target.exists() and info.get("config_hash") == chash
             and info.get("inputs_key") == key and info.get("stemfast_version") == __version__
-            and info.get("source") == "trained"):
+            and info.get("source") == "trained" and int(info.get("finetune_steps") or 0) == finetune):
         sha = file_sha256(target)
         if sha == info.get("sha256"):
             return _ModelState(target, sha, "trained (reused, current)", info=info)
     return _ModelState(target, None, "trained", info={"inputs_key": key})
+
+
+def _use_shipped(model, out: Path) -> _ModelState:
+    """The shipped default model as the batch's model: copied to ``OUT/model.pt`` and named in model.json."""
+    from .model.shipped import MODEL_PATH, describe_model
+
+    target = out / MODEL_FILE
+    sha = model.extra.get("sha256") or file_sha256(MODEL_PATH)
+    if not target.exists() or file_sha256(target) != sha:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(MODEL_PATH, tmp)
+    info = {**describe_model(model, sha), "stemfast_version": __version__}
+    if _read_json(out / MODEL_INFO_FILE) != info:
+        write_json(out / MODEL_INFO_FILE, info)
+    return _ModelState(target, sha, f"shipped: {info['name']} {info['version']}", info=info, _model=model)
+
+
+def _model_identity(out: Path, model_sha: str | None) -> dict:
+    """``{name, version, sha256, source}`` of the batch's model (from OUT/model.json) for summary.json."""
+    info = _read_json(out / MODEL_INFO_FILE) or {}
+    if not model_sha or info.get("sha256") != model_sha:
+        return {"name": None, "version": None, "sha256": model_sha, "source": None}
+    return {"name": info.get("name"), "version": info.get("version"), "sha256": model_sha,
+            "source": info.get("source")}
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -1272,7 +1302,8 @@ def _batch_stage_table(summaries: list[dict]) -> list[dict]:
 
 def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str | None = None, force: bool = False,
               max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
-              cache_mb: float | None = None, show_progress: bool = True) -> BatchReport:
+              cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
+              finetune: int = 0) -> BatchReport:
     """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
 
     Parameters
@@ -1334,7 +1365,18 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
                 log.error("%s: skipped: %s", e.rel, sk.get("reason"))
                 results[e.name] = InputResult(e.name, str(e.path), "skipped", f"(cached) {sk.get('reason')}")
 
-    ms = _resolve_model(good, out, config=config, chash=chash, model_path=model_path, force=force)
+    # the model: --model FILE, else the shipped default model (fine-tuned with --finetune N), else
+    # (--train, or the shipped model refused: a warning says why) one trained on the batch
+    base = None
+    if model_path is None and not train:
+        from .model.shipped import default_model
+
+        base = default_model(config)
+    if base is not None and not finetune:
+        ms = _use_shipped(base, out)
+    else:
+        ms = _resolve_model(good, out, config=config, chash=chash, model_path=model_path, force=force,
+                            finetune=finetune if base is not None else 0)
     cache: dict | None = {} if scheduler is None else None
     budget = int((cache_mb if cache_mb is not None else float(os.environ.get("STEMFAST_PREPARED_CACHE_MB", 2048)))
                  * 2**20)
@@ -1345,25 +1387,33 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
 
         cand = [e for e in good if e.name not in results]
         log.info("training the model on a sample of %d inputs", min(len(cand), max_train_inputs))
+        ft = finetune if base is not None else 0
         model, train_info = train_batch_model(cand, config, max_train_inputs=max_train_inputs,
                                               train_frames=train_frames, prepared_cache=cache,
-                                              cache_budget_bytes=budget, on_skip=on_skip, show_progress=show_progress)
+                                              cache_budget_bytes=budget, on_skip=on_skip, show_progress=show_progress,
+                                              init_model=base if ft else None, finetune_steps=ft)
         report.model_trained = True
         report.train_seconds = float(train_info.get("seconds", 0.0))
         if model is None:
             log.error("no input had a lattice: no model could be trained")
             ms = _ModelState(out / MODEL_FILE, None, "none (no lattice in the training sample)")
         else:
-            extra = {"patch_size": int(train_info["patch_size"]), "norm": train_info["norm"],
+            extra = {"patch_size": int(train_info["patch_size"]) if not ft else None, "norm": train_info["norm"],
                      "config": json.loads(json.dumps(config_to_dict(config), default=str)),
                      "config_hash": chash, "inputs_key": ms.info["inputs_key"], "stemfast_version": __version__,
                      "n_train_patches": train_info.get("n_patches"), "train_inputs": train_info["inputs"]}
+            if ft:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
+                del extra["patch_size"]
+                model.extra.pop("patch_size", None)
             model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
             sha = file_sha256(out / MODEL_FILE)
+            from .model.shipped import describe_model
+
             info = {"sha256": sha, "source": "trained", "config_hash": chash, "inputs_key": ms.info["inputs_key"],
-                    "stemfast_version": __version__, "patch_size": extra["patch_size"],
+                    "stemfast_version": __version__, "patch_size": extra.get("patch_size"),
                     "n_train_patches": extra["n_train_patches"], "train_inputs": extra["train_inputs"],
-                    "train_seconds": train_info.get("seconds"), "date": _now()}
+                    "train_seconds": train_info.get("seconds"), "date": _now(), "finetune_steps": ft,
+                    **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version")}}
             write_json(out / MODEL_INFO_FILE, info)
             ms = _ModelState(out / MODEL_FILE, sha, "trained", trained=True, info=info, _model=model)
     report.model_path = ms.path if ms.sha256 else None
@@ -1486,6 +1536,15 @@ def _parse_set(items: Sequence[str]) -> dict:
     return out
 
 
+def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
+    """``--train`` / ``--finetune N`` (which model; the default is the shipped pretrained model)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--train", action="store_true",
+                   help="train a model on the inputs instead of using the shipped pretrained model")
+    g.add_argument("--finetune", type=int, default=0, metavar="N",
+                   help="adapt the shipped pretrained model to the inputs for N optimiser steps")
+
+
 def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``batch`` options to ``p`` (shared by ``stemfast batch`` and :func:`run_batch_cli`)."""
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
@@ -1498,7 +1557,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="settings file (TOML: [sites], [sites.lattice], [model], [analysis], patch_size); a "
                         "results folder's stemfast.toml works too. Options below override it")
     p.add_argument("--model", metavar="MODEL.pt", default=None,
-                   help="use this trained model instead of training one on the batch")
+                   help="use this trained model (default: the pretrained model shipped with stemfast)")
+    add_model_choice_arguments(p)
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run the analysis on Dask: 'local:N' starts a local cluster of N worker processes, "
                         "'tcp://host:8786' connects to a running scheduler (needs stemfast[distributed] and a "
@@ -1539,7 +1599,7 @@ outputs (OUT/):
   <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory
   <name>/tracks.csv    stacks: one row per defect track (sites.csv gets track_id); tracks.png its figure
   <name>/done.json     completion marker (written last): a rerun skips inputs whose marker is current
-  model.pt, model.json the model (trained on the batch unless --model) and its provenance
+  model.pt, model.json the model (the shipped one unless --model/--train/--finetune) and its provenance
   stemfast.toml        resolved settings, stemfast version, input checksums
   batch_summary.json   statuses, skipped inputs with reasons, stage table
   report.html          everything in one offline HTML file
@@ -1605,7 +1665,8 @@ def run_batch_from_args(args) -> int:
     try:
         report = run_batch([Path(p) for p in args.inputs], Path(args.output), config=config, model_path=args.model,
                            scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
-                           train_frames=args.train_frames, frames_per_task=args.frames_per_task)
+                           train_frames=args.train_frames, frames_per_task=args.frames_per_task,
+                           train=getattr(args, "train", False), finetune=getattr(args, "finetune", 0) or 0)
     except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
         log.debug("batch failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

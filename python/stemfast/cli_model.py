@@ -62,12 +62,16 @@ def add_analyze(sub) -> None:
     p = sub.add_parser(
         "analyze", help="analyse one micrograph (the batch pipeline on one file)",
         description="Run one micrograph through the same code path as `stemfast batch`: OUT/<name>/sites.csv, "
-                    "classes.png, defects.png, summary.json, plus OUT/model.pt (trained on this image unless "
-                    "--model) and OUT/report.html.")
+                    "classes.png, defects.png, summary.json, plus OUT/model.pt (the pretrained model shipped "
+                    "with stemfast unless --model, --train or --finetune) and OUT/report.html.")
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
                    help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
-    p.add_argument("--model", default=None, metavar="MODEL.pt", help="use this trained model instead of training one")
+    p.add_argument("--model", default=None, metavar="MODEL.pt",
+                   help="use this trained model (default: the pretrained model shipped with stemfast)")
+    from .batch import add_model_choice_arguments
+
+    add_model_choice_arguments(p)
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     _add_settings(p)
     p.set_defaults(func=cmd_analyze)
@@ -87,7 +91,8 @@ def cmd_analyze(args) -> int:
         return EXIT_ERROR
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
     try:
-        report = run_batch([path], out, config=config, model_path=args.model, force=args.force)
+        report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
+                           train=args.train, finetune=args.finetune or 0)
     except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -158,13 +163,14 @@ def add_bench(sub) -> None:
         "bench", help="per-stage throughput on a synthetic MoS2 image",
         description="Render a synthetic MoS2 HAADF image (stemfast.synth.make_mos2), run every stage of the "
                     "pipeline on it and print seconds and sites/s per stage (model training reported "
-                    "separately).")
+                    "separately). The model is the shipped pretrained one unless --train.")
     p.add_argument("--size", type=int, default=4096, help="image side in px (default 4096)")
     p.add_argument("--frames", type=int, default=1, help="frames of a time series (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic image")
     p.add_argument("--train-patches", type=int, default=5000, metavar="N",
                    help="patches the model is trained on (default 5000; model.max_train_patches)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--train", action="store_true", help="train a model on the image instead of the shipped one")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the first call too (by default a small crop is run first, so JIT compilation "
                         "and start-up costs are not counted)")
@@ -201,13 +207,17 @@ def cmd_bench(args) -> int:
     n_sites = 0
     model = None
     train_s = 0.0
+    if not args.train:
+        from .model.shipped import default_model
+
+        model = default_model(config)  # None (with a warning) when it cannot be used: trained below
     if not args.no_warmup:  # JIT compilation, thread pools, first-call set-up: not part of the timings
         crop = np.ascontiguousarray(frames[0][: min(args.size, 256), : min(args.size, 256)])
         wp = prepare(crop, config=config, pixel_size=px, unit="nm")
         if len(wp.patches) >= 2:
             from .config import apply_overrides as _ao
 
-            wm = train_model([wp], config=_ao(config, {"model.epochs": 1, "model.stn_epochs": 1}))
+            wm = model or train_model([wp], config=_ao(config, {"model.epochs": 1, "model.stn_epochs": 1}))
             analyze(wp, wm, config=config)
     for i, img in enumerate(frames):
         prep = prepare(np.asarray(img), config=config, pixel_size=px, unit="nm",
@@ -222,8 +232,13 @@ def cmd_bench(args) -> int:
             secs[k] = secs.get(k, 0.0) + float(v)
     rows = stage_table_rows(secs, n_sites)
     print(format_stage_table(rows))
-    print(f"model training: {train_s:.1f} s ({config.model.model}, {config.model.epochs} epochs max, "
-          f"<= {config.model.max_train_patches} patches); peak memory {_peak_memory_mib():.0f} MiB")
+    tag = (model.extra.get("shipped") or {}) if model is not None else {}
+    if tag and not train_s:
+        print(f"model: shipped {tag.get('name')} {tag.get('version')} (no training); "
+              f"peak memory {_peak_memory_mib():.0f} MiB")
+    else:
+        print(f"model training: {train_s:.1f} s ({config.model.model}, {config.model.epochs} epochs max, "
+              f"<= {config.model.max_train_patches} patches); peak memory {_peak_memory_mib():.0f} MiB")
     if args.json:
         from .atomic import write_json
 

@@ -161,8 +161,13 @@ def resample_weights(size: int, out: int) -> np.ndarray:
     return _resample_weights_cached(int(size), int(out))
 
 
-def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0):
-    """Train one model on patches pooled from ``prepared`` images (sampled to the model's budget)."""
+def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0,
+                init=None, steps: int = 0):
+    """Train one model on patches pooled from ``prepared`` images (sampled to the model's budget).
+
+    With ``init`` (e.g. the shipped model) that model is fine-tuned on the pool for ``steps``
+    optimiser steps instead (:meth:`stemfast.model.RVAE.finetune`).
+    """
     from .model import RVAE
 
     usable = [(p, np.flatnonzero(~p.edge)) for p in prepared if len(p.patches)]
@@ -181,6 +186,8 @@ def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineCo
         pick = np.sort(rng.choice(len(pick), cap, replace=False))
     allp = np.concatenate([np.asarray(p.patches[idx[pick[(pick >= lo) & (pick < hi)] - lo]])
                            for (p, idx), lo, hi in zip(usable, offsets[:-1], offsets[1:])])
+    if init is not None:
+        return init.finetune(allp, steps=steps)
     return RVAE.fit(allp, config.model)
 
 
@@ -221,8 +228,18 @@ def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
 
 
 def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),
-              pixel_size: float | None = None, unit: str | None = "nm") -> tuple[SiteTable, dict, object]:
-    """Convenience: the whole pipeline on one image, training a model on it unless one is given."""
+              pixel_size: float | None = None, unit: str | None = "nm",
+              train: bool = False) -> tuple[SiteTable, dict, object]:
+    """Convenience: the whole pipeline on one image.
+
+    The model is ``model`` when given, else the shipped default model
+    (:func:`stemfast.model.shipped.default_model`), else -- with ``train=True``, or when the shipped
+    model cannot be used (a warning says why) -- one trained on this image.
+    """
+    if model is None and not train:
+        from .model.shipped import default_model
+
+        model = default_model(config)
     patch_size = None
     if model is not None:
         patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None

@@ -1,0 +1,241 @@
+"""The pretrained default model shipped with stemfast (package data) and its load-time checks.
+
+stemfast ships one rVAE trained on synthetic 2H monolayers (MoS2, WS2, MoSe2, WSe2; 5-25 px site
+spacing, a wide range of dose, probe size, contamination and scan artefacts) by
+:mod:`stemfast.model.train_default` -- retrain it with one command::
+
+    PYTHONPATH=python python -m stemfast.model.train_default
+
+The weights live in ``stemfast/model/data/default_rvae.pt`` next to a manifest
+``default_rvae.json`` (name, version, SHA-256 of the weights, input contract). Before the model
+is used, :func:`load_default_model` checks
+
+1. the weights' SHA-256 against the manifest (a damaged or replaced file is refused);
+2. name and version tag in the weights against the manifest;
+3. the **input contract**: the patches the model was trained on must be the patches the current
+   code cuts. The contract holds :data:`INPUT_CONTRACT_VERSION` (bump it when patch cutting or
+   normalisation changes on purpose) and a *probe*: quantiles of the patches that
+   :func:`stemfast.pipeline.prepare` cuts from a fixed synthetic image, computed at training time.
+   If today's code gives different quantiles (e.g. a new patch normalisation), the model would see
+   inputs unlike its training data, so it is refused.
+
+A refused model raises :class:`ShippedModelError` (with the reason and the retraining command);
+:func:`default_model` turns that into a warning and returns None, and the callers (``batch``,
+``analyze``, :func:`stemfast.pipeline.run_image`) then train on the inputs as before.
+
+The shipped model cuts its patches relative to each image's lattice spacing
+(:func:`stemfast.patches.default_patch_size`; no fixed ``patch_size`` in its ``extra``), so one
+model serves every magnification.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "INPUT_CONTRACT_VERSION",
+           "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
+           "default_model", "describe_model", "compatible_settings"]
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).with_name("data")
+MODEL_PATH = DATA_DIR / "default_rvae.pt"
+MANIFEST_PATH = DATA_DIR / "default_rvae.json"
+#: Version of the patch input contract (normalisation, extent, resampling). Bump it together with any
+#: deliberate change of how :func:`stemfast.pipeline.prepare` cuts or normalises patches; a shipped
+#: model trained under another version is refused until it is retrained.
+INPUT_CONTRACT_VERSION = 1
+RETRAIN_COMMAND = "python -m stemfast.model.train_default"
+#: largest allowed difference of a probe quantile (patch values are normalised: background 0, metal ~1)
+PROBE_TOLERANCE = 0.05
+_PROBE_QUANTILES = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0)
+#: RVAEConfig fields that define the network and its input; user settings that change one of them
+#: ask for a different model than the shipped one (then the model is trained on the inputs)
+ARCH_FIELDS = ("model", "latent_dim", "input_size", "resample", "channels", "stn_channels",
+               "rotation_symmetry", "symmetrize", "mask_radius")
+
+
+class ShippedModelError(RuntimeError):
+    """The shipped default model is missing, damaged, or does not fit the current code."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _probe_image() -> tuple[np.ndarray, float]:
+    """A fixed, noise-free synthetic MoS2 image (192 x 192 px, 9 px spacing) and its spacing."""
+    from ..synth import make_mos2
+
+    s = make_mos2(shape=(192, 192), pixel_size_A=3.16 / np.sqrt(3.0) / 9.0, rotation_deg=17.0, noise=False,
+                  rates=(0.0, 0.0, 0.0, 0.0), contamination=0, holes=0, background=0.2, texture=0.0, seed=7)
+    return s.image, float(s.meta["nn_px"])
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(input_size: int) -> tuple[float, ...]:
+    from ..pipeline import PipelineConfig, prepare
+    from .training import RVAEConfig
+
+    image, _ = _probe_image()
+    cfg = PipelineConfig(model=RVAEConfig(input_size=int(input_size)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(image, config=cfg)
+    keep = ~np.asarray(prep.edge, bool)
+    if len(prep.patches) == 0 or not keep.any():
+        raise ShippedModelError("input-contract probe: the patch path found no sites on the probe image")
+    p = np.asarray(prep.patches[np.flatnonzero(keep)], np.float64)
+    q = np.percentile(p, _PROBE_QUANTILES)
+    ratio = prep.patch_size / float(prep.sites.meta.get("spacing_px", np.nan))
+    return tuple(float(v) for v in q) + (float(ratio),)
+
+
+def input_contract(input_size: int = 32) -> dict[str, Any]:
+    """What the patch path of the current code feeds a model of ``input_size``: version and probe.
+
+    Stored in a shipped model's ``extra["contract"]`` at training time and compared with the
+    running code by :func:`check_contract`.
+
+    Examples
+    --------
+    >>> c = input_contract(32)
+    >>> c["version"] == INPUT_CONTRACT_VERSION, len(c["probe_quantiles"])
+    (True, 7)
+    """
+    probe = _probe(int(input_size))
+    return {"version": INPUT_CONTRACT_VERSION, "input_size": int(input_size),
+            "patch_extent": "per-image: stemfast.patches.default_patch_size(spacing)",
+            "normalisation": "stemfast.patches.PatchNorm.from_image (per image)",
+            "probe_percentiles": list(_PROBE_QUANTILES), "probe_quantiles": list(probe[:-1]),
+            "probe_patch_over_spacing": probe[-1]}
+
+
+def check_contract(stored: dict | None, input_size: int) -> None:
+    """Raise :class:`ShippedModelError` when ``stored`` (a model's contract) does not match the code."""
+    if not stored:
+        raise ShippedModelError("the model records no input contract")
+    if int(stored.get("version", -1)) != INPUT_CONTRACT_VERSION:
+        raise ShippedModelError(f"the model was trained for input contract {stored.get('version')}, the code "
+                                f"implements {INPUT_CONTRACT_VERSION} (patch cutting or normalisation changed)")
+    if int(stored.get("input_size", -1)) != int(input_size):
+        raise ShippedModelError(f"contract input size {stored.get('input_size')} != model input size {input_size}")
+    now = input_contract(input_size)
+    a = np.asarray(stored.get("probe_quantiles", []), float)
+    b = np.asarray(now["probe_quantiles"], float)
+    if a.shape != b.shape or not np.all(np.abs(a - b) <= PROBE_TOLERANCE):
+        raise ShippedModelError(
+            "the patches the current code cuts differ from those the model was trained on (probe quantiles "
+            f"{np.round(b, 3).tolist()} now vs {np.round(a, 3).tolist()} at training; patch normalisation "
+            "changed?)")
+    ra, rb = float(stored.get("probe_patch_over_spacing", np.nan)), float(now["probe_patch_over_spacing"])
+    if not abs(ra - rb) <= 0.05 * rb:
+        raise ShippedModelError(f"patch extent changed: {rb:.3f} spacings now vs {ra:.3f} at training")
+
+
+def manifest(path: str | Path | None = None) -> dict:
+    """The manifest of the shipped model (name, version, sha256, ...); ShippedModelError when missing."""
+    path = Path(MANIFEST_PATH if path is None else path)
+    if not path.is_file():
+        raise ShippedModelError(f"no shipped model manifest at {path} (train one: {RETRAIN_COMMAND})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ShippedModelError(f"unreadable shipped model manifest {path}: {exc}") from exc
+
+
+def load_default_model(*, map_location=None, model_path: str | Path | None = None,
+                       manifest_path: str | Path | None = None):
+    """Load the shipped model after checking checksum, version tag and input contract.
+
+    Raises
+    ------
+    ShippedModelError
+        With the reason, when any check fails.
+
+    Examples
+    --------
+    >>> m = load_default_model()  # doctest: +SKIP
+    >>> m.extra["shipped"]["name"]  # doctest: +SKIP
+    'stemfast-2h-rvae'
+    """
+    from .api import RVAE
+
+    man = manifest(MANIFEST_PATH if manifest_path is None else manifest_path)
+    model_path = Path(MODEL_PATH if model_path is None else model_path)
+    if not model_path.is_file():
+        raise ShippedModelError(f"shipped model weights missing: {model_path}")
+    sha = _sha256(model_path)
+    if sha != man.get("sha256"):
+        raise ShippedModelError(f"shipped model {model_path.name}: SHA-256 {sha[:12]}... does not match the "
+                                f"manifest ({str(man.get('sha256'))[:12]}...): damaged or replaced file")
+    try:
+        model = RVAE.load(model_path, map_location=map_location)
+    except Exception as exc:  # noqa: BLE001 - any load failure means: not usable
+        raise ShippedModelError(f"shipped model {model_path.name} cannot be loaded: {exc}") from exc
+    tag = model.extra.get("shipped") or {}
+    if tag.get("name") != man.get("name") or str(tag.get("version")) != str(man.get("version")):
+        raise ShippedModelError(f"shipped model tag {tag.get('name')} {tag.get('version')} does not match the "
+                                f"manifest {man.get('name')} {man.get('version')}")
+    check_contract(model.extra.get("contract"), model.config.input_size)
+    model.extra["sha256"] = sha
+    return model
+
+
+def compatible_settings(model_config, requested) -> list[str]:
+    """Names of the architecture fields where ``requested`` (the run's RVAEConfig) differs from the model's."""
+    return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
+
+
+def default_model(config=None, *, map_location=None):
+    """The shipped model for a run with ``config`` (a PipelineConfig), or None with a warning.
+
+    None when the shipped model is refused (:class:`ShippedModelError`: missing, damaged, or the
+    patch contract changed) or when the run's model settings ask for another architecture (e.g.
+    ``--plain-vae``, another ``latent_dim``); the caller then trains on its inputs.
+    """
+    requested = getattr(config, "model", None)
+    try:
+        if requested is not None:  # settings asking for another network: decided from the manifest alone
+            from .training import RVAEConfig
+
+            man = manifest()
+            diff = compatible_settings(RVAEConfig.from_dict(man.get("config") or {}), requested)
+            if diff:
+                log.info("model settings %s differ from the shipped model's: training a model on the inputs", diff)
+                return None
+        model = load_default_model(map_location=map_location)
+    except ShippedModelError as exc:
+        msg = f"shipped default model not used: {exc}; training a model on the inputs instead " \
+              f"(retrain the shipped model with: {RETRAIN_COMMAND})"
+        log.warning("%s", msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return None
+    if requested is not None and compatible_settings(model.config, requested):
+        return None
+    return model
+
+
+def describe_model(model, sha256: str | None = None) -> dict:
+    """``{name, version, sha256, source}`` of a model (shipped, fine-tuned or trained on the inputs)."""
+    extra = getattr(model, "extra", None) or {}
+    tag = extra.get("shipped") or {}
+    sha = sha256 or extra.get("sha256")
+    if tag and not extra.get("finetuned_from"):
+        return {"name": tag.get("name"), "version": tag.get("version"), "sha256": sha, "source": "shipped"}
+    if extra.get("finetuned_from"):
+        base = extra["finetuned_from"]
+        return {"name": f"{base.get('name')} (fine-tuned)", "version": base.get("version"), "sha256": sha,
+                "source": f"fine-tuned for {extra.get('finetune_steps')} steps on the inputs"}
+    return {"name": "trained on the inputs", "version": None, "sha256": sha, "source": "trained"}

@@ -1,0 +1,289 @@
+"""The pretrained default model shipped with stemfast: checks at load, default use, fine-tuning, GPU path."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from stemfast.model import RVAE, RVAEConfig, shipped
+from stemfast.model.shipped import ShippedModelError
+
+HAVE_SHIPPED = shipped.MODEL_PATH.is_file() and shipped.MANIFEST_PATH.is_file()
+needs_shipped = pytest.mark.skipif(not HAVE_SHIPPED, reason="no shipped model in the package data")
+
+
+@pytest.fixture(scope="module")
+def image():
+    from stemfast.synth import make_mos2
+
+    return make_mos2(shape=(160, 160), seed=11, rotation_deg=12.0).image
+
+
+@pytest.fixture
+def copied(tmp_path, monkeypatch):
+    """The shipped files copied to tmp_path, with the module pointed at the copies."""
+    mp, jp = tmp_path / shipped.MODEL_PATH.name, tmp_path / shipped.MANIFEST_PATH.name
+    shutil.copyfile(shipped.MODEL_PATH, mp)
+    shutil.copyfile(shipped.MANIFEST_PATH, jp)
+    monkeypatch.setattr(shipped, "MODEL_PATH", mp)
+    monkeypatch.setattr(shipped, "MANIFEST_PATH", jp)
+    return mp, jp
+
+
+# ----------------------------------------------------------------------------- package data
+
+
+@needs_shipped
+def test_shipped_model_loads_with_checksum_tag_and_contract():
+    man = shipped.manifest()
+    m = shipped.load_default_model(map_location="cpu")
+    assert m.extra["sha256"] == man["sha256"] == shipped._sha256(shipped.MODEL_PATH)
+    assert m.extra["shipped"] == {"name": man["name"], "version": man["version"]}
+    assert "patch_size" not in m.extra  # patches are cut per image from its spacing
+    assert m.extra["contract"]["version"] == shipped.INPUT_CONTRACT_VERSION
+    # small enough for the wheel
+    assert shipped.MODEL_PATH.stat().st_size < 2 * 2**20
+    # the shipped architecture is the default one, so the default settings use it
+    assert shipped.compatible_settings(m.config, RVAEConfig()) == []
+    # trained on all four materials over the advertised spacing range
+    tr = man["training"]
+    assert set(tr["materials"]) == {"mos2", "ws2", "mose2", "wse2"}
+    assert tr["spacing_px_range"][0] < 7 and tr["spacing_px_range"][1] > 18
+
+
+@needs_shipped
+def test_damaged_weights_are_refused(copied):
+    mp, _ = copied
+    raw = bytearray(mp.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    mp.write_bytes(bytes(raw))
+    with pytest.raises(ShippedModelError, match="SHA-256"):
+        shipped.load_default_model()
+    with pytest.warns(RuntimeWarning, match="shipped default model not used"):
+        assert shipped.default_model() is None
+
+
+@needs_shipped
+def test_version_tag_must_match_the_manifest(copied):
+    _, jp = copied
+    man = json.loads(jp.read_text())
+    man["version"] = "0.0-other"
+    jp.write_text(json.dumps(man))
+    with pytest.raises(ShippedModelError, match="tag"):
+        shipped.load_default_model()
+
+
+def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped, "MANIFEST_PATH", tmp_path / "none.json")
+    with pytest.raises(ShippedModelError, match="train_default"):
+        shipped.load_default_model()
+
+
+def test_contract_detects_a_changed_patch_normalisation(monkeypatch):
+    stored = shipped.input_contract(32)
+    shipped.check_contract(stored, 32)  # the code matches itself
+    with pytest.raises(ShippedModelError, match="input contract"):
+        shipped.check_contract({**stored, "version": shipped.INPUT_CONTRACT_VERSION + 1}, 32)
+    # a different normalisation (here: patches scaled by 1.5) moves the probe quantiles
+    import stemfast.patches as P
+
+    orig = P.PatchNorm.from_image.__func__
+
+    def wider(cls, image):
+        n = orig(cls, image)
+        return P.PatchNorm(center=n.center, scale=n.scale / 1.5)
+
+    monkeypatch.setattr(P.PatchNorm, "from_image", classmethod(wider))
+    shipped._probe.cache_clear()
+    try:
+        with pytest.raises(ShippedModelError, match="normalisation changed"):
+            shipped.check_contract(stored, 32)
+    finally:
+        monkeypatch.undo()
+        shipped._probe.cache_clear()
+
+
+@needs_shipped
+def test_refused_model_falls_back_to_training_with_a_warning(image, monkeypatch):
+    from stemfast.config import apply_overrides
+    from stemfast.pipeline import PipelineConfig, run_image
+
+    def refuse(**kw):
+        raise ShippedModelError("input contract changed (test)")
+
+    monkeypatch.setattr(shipped, "load_default_model", refuse)
+    cfg = apply_overrides(PipelineConfig(), {"model.epochs": 1, "model.stn_epochs": 1})
+    with pytest.warns(RuntimeWarning, match="input contract changed"):
+        table, summary, model = run_image(image, config=cfg)
+    assert "shipped" not in model.extra and len(table) > 50
+
+
+def test_other_architecture_settings_do_not_use_the_shipped_model():
+    assert shipped.compatible_settings(RVAEConfig(), RVAEConfig(latent_dim=6)) == ["latent_dim"]
+    from stemfast.config import apply_overrides
+    from stemfast.pipeline import PipelineConfig
+
+    if HAVE_SHIPPED:
+        assert shipped.default_model(apply_overrides(PipelineConfig(), {"model.model": "vae"})) is None
+
+
+# ----------------------------------------------------------------------------- default use
+
+
+@needs_shipped
+def test_run_image_uses_the_shipped_model_by_default(image, monkeypatch):
+    from stemfast.pipeline import run_image
+
+    def no_training(*a, **k):
+        raise AssertionError("run_image must not train by default")
+
+    monkeypatch.setattr(RVAE, "fit", classmethod(no_training))
+    table, summary, model = run_image(image)
+    assert model.extra["shipped"]["name"] == shipped.manifest()["name"]
+    assert len(table) > 50 and summary["n_sites"] == len(table)
+    assert np.isfinite(np.asarray(table["anomaly_score"])).all()
+
+
+@needs_shipped
+def test_batch_uses_and_names_the_shipped_model(image, tmp_path, monkeypatch):
+    from stemfast.batch import run_batch
+    from stemfast.config import file_sha256
+    from stemfast.io import write_tiff
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tiff(data / "img.tif", image, pixel_size=0.012, unit="nm")
+
+    def no_training(*a, **k):
+        raise AssertionError("batch must not train by default")
+
+    monkeypatch.setattr(RVAE, "fit", classmethod(no_training))
+    out = tmp_path / "out"
+    rep = run_batch(data, out, show_progress=False)
+    assert not rep.model_trained and rep.model_source.startswith("shipped")
+    man = shipped.manifest()
+    assert file_sha256(out / "model.pt") == man["sha256"]
+    s = json.loads((out / "img" / "summary.json").read_text())
+    assert s["model"] == {"name": man["name"], "version": man["version"], "sha256": man["sha256"],
+                          "source": "shipped"}
+    html = (out / "report.html").read_text()
+    assert man["name"] in html and man["version"] in html and man["sha256"][:16] in html
+
+
+@needs_shipped
+def test_batch_finetune_adapts_the_shipped_model(image, tmp_path):
+    from stemfast.batch import load_model, run_batch
+    from stemfast.io import write_tiff
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tiff(data / "img.tif", image)
+    out = tmp_path / "out"
+    rep = run_batch(data, out, show_progress=False, finetune=3)
+    assert rep.model_trained
+    m = load_model(out / "model.pt")
+    assert m.extra["finetune_steps"] == 3 and m.extra["finetuned_from"]["name"] == shipped.manifest()["name"]
+    assert "patch_size" not in m.extra
+    info = json.loads((out / "model.json").read_text())
+    assert info["finetune_steps"] == 3 and "fine-tuned" in info["name"]
+    s = json.loads((out / "img" / "summary.json").read_text())
+    assert s["model"]["sha256"] == info["sha256"] and "fine-tuned" in s["model"]["name"]
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_changes_a_copy_only():
+    from stemfast.model._synth import render_site_patches
+
+    patches, _, _ = render_site_patches(400, 32, seed=0)
+    base = RVAE.fit(patches, epochs=1, stn_epochs=1, progress=False)
+    before = {k: v.clone() for k, v in base.network.state_dict().items()}
+    tuned = base.finetune(patches, steps=5)
+    after = base.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base model is unchanged
+    new = tuned.network.state_dict()
+    assert any(not torch.equal(before[k], new[k]) for k in before if k.startswith(("encoder", "decoder")))
+    assert all(torch.equal(before[k], new[k]) for k in before if k.startswith("stn."))  # STN frozen
+    assert tuned.extra["finetune_steps"] == 5 and len(tuned.history["finetune"]["loss"]) == 5
+    # seeded: the same call gives the same weights
+    again = base.finetune(patches, steps=5)
+    assert all(torch.equal(new[k], again.network.state_dict()[k]) for k in new)
+    with pytest.raises(ValueError, match="steps"):
+        base.finetune(patches, steps=-1)
+
+
+# ----------------------------------------------------------------------------- training script
+
+
+def test_training_settings_are_seeded_and_span_the_materials():
+    from stemfast.model.train_default import draw_image_settings
+
+    a = [draw_image_settings(np.random.default_rng(3), i) for i in range(8)]
+    b = [draw_image_settings(np.random.default_rng(3), i) for i in range(8)]
+    assert a == b
+    rng = np.random.default_rng(0)
+    many = [draw_image_settings(rng, i) for i in range(200)]
+    assert {s["material"] for s in many} == {"mos2", "ws2", "mose2", "wse2"}
+    nn = np.array([s["nn_px"] for s in many])
+    assert nn.min() >= 5.0 and nn.max() <= 25.0 and nn.min() < 6 and nn.max() > 20
+
+
+def test_training_patches_come_from_the_inference_patch_path():
+    from stemfast import synth
+    from stemfast.model.train_default import render_training_patches
+
+    z = (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT)
+    patches, records = render_training_patches(2, seed=1, patches_per_image=50, spacing_range=(8.0, 12.0))
+    assert (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT) == z  # contrast restored
+    assert patches.dtype == np.float32 and patches.shape[1:] == (32, 32)
+    assert len(patches) == sum(r["n_used"] for r in records) and len(patches) > 0
+    assert np.isfinite(patches).all()
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_cpu_is_used_where_cuda_is_missing(monkeypatch):
+    from stemfast.model.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@needs_shipped
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shipped_model_on_cuda_matches_cpu(image):
+    """Same code path on the GPU: kornia warps, encoder and decoder on the device under AMP."""
+    from stemfast.pipeline import prepare
+
+    prep = prepare(image)
+    p = np.asarray(prep.patches)
+    cpu = shipped.load_default_model(map_location="cpu").encode(p)
+    gpu_model = shipped.load_default_model(map_location="cuda")
+    assert gpu_model.device.type == "cuda" and next(gpu_model.network.parameters()).is_cuda
+    gpu = gpu_model.encode(p)
+    # bf16 / fp16 autocast on the device: close, not equal
+    assert np.corrcoef(cpu.mu.ravel(), gpu.mu.ravel())[0, 1] > 0.99
+    assert np.corrcoef(cpu.recon_error, gpu.recon_error)[0, 1] > 0.95
+
+
+def test_cli_model_choice_options():
+    from stemfast.cli import build_parser
+
+    p = build_parser()
+    for cmd in (["analyze", "x.tif"], ["batch", "DIR"]):
+        a = p.parse_args(cmd)
+        assert a.train is False and a.finetune == 0  # default: the shipped model
+        assert p.parse_args(cmd + ["--train"]).train is True
+        assert p.parse_args(cmd + ["--finetune", "50"]).finetune == 50
+        with pytest.raises(SystemExit):
+            p.parse_args(cmd + ["--train", "--finetune", "5"])
+    assert p.parse_args(["bench", "--train"]).train is True
