@@ -13,28 +13,28 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("stemfast.cli")
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED, SettingsError, report_cli_error
 
-EXIT_OK = 0
-EXIT_ERROR = 1
+log = logging.getLogger("stemfast.cli")
 
 
 def _add_settings(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    """--config and the common setting overrides (same meaning as in ``stemfast batch``)."""
-    g = p.add_argument_group("settings")
-    g.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="settings file (TOML: [sites], [sites.lattice], [model], [analysis], patch_size)")
-    if model:
-        g.add_argument("--plain-vae", action="store_true", help="plain VAE instead of the rVAE (model.model = 'vae')")
-        g.add_argument("--latent-dim", type=int, default=None, metavar="N", help="latent size (model.latent_dim)")
-        g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
-    g.add_argument("--spacing", type=float, default=None, metavar="PX",
-                   help="nearest-neighbour column spacing in px (default: estimated per image)")
-    g.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
-                   help="kernel backend (default: fastest available)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set analysis.defect_cutoff=6 (VALUE parsed as TOML); repeatable")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    """--config and the common setting overrides (defined once: :func:`stemfast.cli_options.add_settings_options`)."""
+    from .cli_options import add_settings_options
+
+    add_settings_options(p, model=model, title="settings")
+
+
+def _guarded(fn, args) -> int:
+    """Run a command handler; expected failures become a message and an exit status (no traceback)."""
+    try:
+        return fn(args)
+    except BaseException as exc:  # noqa: BLE001
+        log.debug("%s failed", getattr(fn, "__name__", "command"), exc_info=True)
+        code = report_cli_error(exc)
+        if code is None:
+            raise
+        return code
 
 
 # ----------------------------------------------------------------------------- batch
@@ -67,27 +67,36 @@ def add_analyze(sub) -> None:
     p.add_argument("--model", default=None, metavar="MODEL.pt", help="use this trained model instead of training one")
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     _add_settings(p)
+    _add_inputs(p)
     p.set_defaults(func=cmd_analyze)
 
 
+def _add_inputs(p) -> None:
+    from .cli_options import add_input_options
+
+    add_input_options(p)
+
+
 def cmd_analyze(args) -> int:
+    return _guarded(_cmd_analyze, args)
+
+
+def _cmd_analyze(args) -> int:
     from .batch import _print_report, config_from_args, run_batch
+    from .cli_options import read_options_from_args
 
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        read_options = read_options_from_args(args)
+    except SettingsError as exc:
+        return report_cli_error(exc)
     path = Path(args.file)
     if not path.is_file():
         print(f"error: no such file: {path}", file=sys.stderr)
         return EXIT_ERROR
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
-    try:
-        report = run_batch([path], out, config=config, model_path=args.model, force=args.force)
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
+                       read_options=read_options)
     _print_report(report)
     return report.exit_code
 
@@ -107,20 +116,29 @@ def add_train(sub) -> None:
     p.add_argument("--max-inputs", type=int, default=64, metavar="N",
                    help="use at most N of the inputs, evenly spread (default 64)")
     _add_settings(p)
+    _add_inputs(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
+    return _guarded(_cmd_train, args)
+
+
+def _cmd_train(args) -> int:
     from . import __version__
     from .batch import config_from_args, discover_inputs, train_batch_model
+    from .cli_options import read_options_from_args
     from .config import config_hash, config_to_dict
 
     try:
         config = config_from_args(args)
-        entries = discover_inputs([Path(p) for p in args.images])
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        read_options = read_options_from_args(args)
+    except SettingsError as exc:
+        return report_cli_error(exc)
+    problems: list = []
+    entries = discover_inputs([Path(p) for p in args.images], problems=problems)
+    for q, reason in problems:
+        print(f"skipped: {q}: {reason}", file=sys.stderr)
     if not entries:
         print("error: no micrographs found", file=sys.stderr)
         return EXIT_ERROR
@@ -131,7 +149,7 @@ def cmd_train(args) -> int:
         skipped.append((e.rel, reason))
 
     model, info = train_batch_model(entries, config, max_train_inputs=args.max_inputs,
-                                    train_frames=args.train_frames, on_skip=on_skip)
+                                    train_frames=args.train_frames, on_skip=on_skip, read_options=read_options)
     if model is None:
         print("error: no image had a lattice: nothing to train on", file=sys.stderr)
         return EXIT_ERROR
@@ -144,7 +162,7 @@ def cmd_train(args) -> int:
           f"(patch {info['patch_size']} px) in {info.get('train_s', 0.0):.1f} s -> {out}")
     for rel, reason in skipped:
         print(f"skipped: {rel}: {reason}", file=sys.stderr)
-    return 3 if skipped else EXIT_OK
+    return EXIT_SKIPPED if (skipped or problems) else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- bench
@@ -170,6 +188,10 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    return _guarded(_cmd_bench, args)
+
+
+def _cmd_bench(args) -> int:
     import numpy as np
 
     from .batch import _peak_memory_mib, config_from_args
@@ -180,9 +202,8 @@ def cmd_bench(args) -> int:
 
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    except SettingsError as exc:
+        return report_cli_error(exc)
     o = {"model.max_train_patches": args.train_patches}
     if args.epochs is None and not args.config:
         o["model.epochs"] = 3  # a throughput run, not a quality run

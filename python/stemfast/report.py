@@ -369,6 +369,8 @@ def _input_section(s: Mapping, folder: Path) -> str:
                          f"<td>{t['anomaly_score']:.2f}</td><td class='l'>{_e(t.get('defect_kind', ''))}</td>"
                          f"<td>{t.get('class_id', '')}</td><td>{'yes' if t.get('is_defect') else ''}</td></tr>")
         parts.append("</table>")
+    for w in s.get("warnings") or []:
+        parts.append(f"<p class='warn'>warning: {_e(w)}</p>")
     if s.get("frame_errors"):
         parts.append("<p class='bad'>frames that failed: "
                      + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
