@@ -88,14 +88,14 @@ MAX_SPACING_PX = 2048.0
 #: ``"section.key": (low, high)`` (inclusive; ``None`` = open) or a tuple of allowed strings.
 #: Every float setting must also be finite unless its default is not (NaN is never accepted).
 SETTING_LIMITS: dict[str, tuple] = {
-    "sites.spacing": (2.0, MAX_SPACING_PX),
+    # lower bounds the settings classes check themselves (spacing >= 2, defect_cutoff > 0, ...) are not repeated
+    "sites.spacing": (None, MAX_SPACING_PX),
     "sites.backend": ("cpp", "numba", "numpy"),
     "analysis.n_classes": (1, MAX_CLASSES),
     "analysis.k_range": (1, MAX_CLASSES),
-    "analysis.defect_cutoff": (1e-6, None),
     "model.epochs": (1, 100000),
     "model.latent_dim": (1, 1024),
-    "patch_size": (3, 1024),
+    "patch_size": (None, 1024),
 }
 
 
@@ -347,6 +347,8 @@ def apply_overrides(config, data: Mapping) -> Any:
     patch_size = config.patch_size
     if "patch_size" in data:
         patch_size = _coerce(data["patch_size"], int | None, "patch_size")
+        if patch_size is not None and patch_size < 3:
+            raise SettingsError(f"patch_size must be >= 3 px, got {patch_size}")
         _check_value(patch_size, "patch_size")
     return PipelineConfig(**kwargs, patch_size=patch_size)
 

@@ -17,8 +17,8 @@ Examples
 >>> try:
 ...     check_spacing_fits(1e9, (256, 256))
 ... except ValueError as exc:
-...     print(str(exc)[:40])
-spacing 1e+09 px does not fit the 256 x 2
+...     print(str(exc).split(":")[0])
+spacing 1e+09 px does not fit the 256 x 256 px image
 """
 from __future__ import annotations
 
