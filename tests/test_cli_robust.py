@@ -469,3 +469,14 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     s = json.loads((out / "few" / "summary.json").read_text())
     assert s["input"]["nonfinite_replaced"] == 3 and any("3 NaN" in w for w in s["warnings"])
     assert "warning:" in err and "3 NaN" in err
+
+
+def test_an_input_skipped_for_its_settings_is_retried_with_other_settings(env, tmp_path):
+    """A spacing that does not fit skips the input; that skip is not remembered for other settings."""
+    out = tmp_path / "out"
+    rep = run_batch(env["data"], out, config=load_config(env["toml"], {"sites.spacing": 100.0}),
+                    model_path=env["a"], show_progress=False)
+    st = {r.name: r for r in rep.results}
+    assert st["good"].status == "skipped" and "does not fit the 160 x 160 px image" in st["good"].reason
+    rep = run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert {r.name: r.status for r in rep.results} == {"good": "done", "other": "done"}

@@ -82,8 +82,7 @@ from . import __version__
 from .atomic import atomic_open, atomic_path, recover_staged, staged_dir, write_json
 from .cli_options import ReadOptions
 from .config import config_hash, config_to_dict, file_sha256, load_config, write_resolved_config
-from .errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED, ModelFileError,
-                     StemfastError, describe_os_error, exit_code_for)
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED, ModelFileError, describe_os_error
 from .logutil import progress
 
 __all__ = [
@@ -843,9 +842,10 @@ def _partial_reason(summary: dict) -> str | None:
 
 
 def _skip(entry: InputEntry, d: Path, reason: str, *, cache: bool, status: str = "skipped",
-          read_options: ReadOptions | None = None) -> InputResult:
+          read_options: ReadOptions | None = None, chash: str | None = None) -> InputResult:
     """Report an input without results; ``cache``: remember a read failure (``skipped.json``) until the
-    file or the read options change (earlier results of other content lose their ``done.json``)."""
+    file or the read options change, or -- with ``chash``, for a failure the settings may cause (no
+    frame could be analysed) -- the settings (earlier results of other content lose their ``done.json``)."""
     log.error("%s: %s: %s", entry.rel, status, reason)
     if cache:
         try:
@@ -854,7 +854,8 @@ def _skip(entry: InputEntry, d: Path, reason: str, *, cache: bool, status: str =
                 (d / DONE_FILE).unlink()
             write_json(d / SKIPPED_FILE, {"name": entry.name, "status": status, "reason": reason,
                                           "stemfast_version": __version__, "input": entry.fingerprint(),
-                                          "read": (read_options or ReadOptions()).key(), "date": _now()})
+                                          "read": (read_options or ReadOptions()).key(), "config_hash": chash,
+                                          "date": _now()})
         except OSError as exc:  # e.g. disk full: the skip is still reported, only not remembered
             log.error("%s: could not record the skip: %s", entry.rel, describe_os_error(exc))
     return InputResult(entry.name, str(entry.path), status, reason)
@@ -947,7 +948,7 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
                                 chash=chash, model_sha=model_sha, t_start=t_start)
             _write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
     except _InputUnreadable as exc:
-        return _skip(entry, d, str(exc), cache=True, read_options=read_options)
+        return _skip(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
     except Exception as exc:  # noqa: BLE001
         log.debug("%s failed", entry.rel, exc_info=True)
         return _skip(entry, d, _failure_reason(exc), cache=False, status="failed")
@@ -1102,7 +1103,7 @@ def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Se
                                 model_sha=model_sha, t_start=t_start)
             _write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
     except _InputUnreadable as exc:
-        return _skip(entry, d, str(exc), cache=True, read_options=read_options)
+        return _skip(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
     _test_hook("after_done", entry.name)
     return _result_from_summary(entry, summary, time.perf_counter() - t_start)
 
@@ -1131,7 +1132,8 @@ def _current(entry: InputEntry, d: Path, *, chash: str, model_sha: str | None) -
     return done
 
 
-def _cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = None) -> dict | None:
+def _cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = None,
+                 chash: str | None = None) -> dict | None:
     sk = _read_json(d / SKIPPED_FILE)
     if not sk or sk.get("stemfast_version") != __version__:
         return None
@@ -1139,6 +1141,8 @@ def _cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = 
         return None
     if sk.get("read", ReadOptions().key()) != (read_options or ReadOptions()).key():
         return None  # e.g. now with --fill-nonfinite: try again
+    if sk.get("config_hash") is not None and sk.get("config_hash") != chash:
+        return None  # failed with other settings (e.g. a --spacing that did not fit): try again
     return sk
 
 
@@ -1177,6 +1181,17 @@ def load_model(path: str | os.PathLike):
         ctx = contextlib.nullcontext()
     with ctx:
         return RVAE.load(path)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn an OSError while writing ``path`` (disk full, read-only, ...) into an OutputError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write {describe_os_error(exc, path)}") from None
 
 
 def check_model_file(path: str | os.PathLike):
@@ -1310,7 +1325,7 @@ def _resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, 
         sha = file_sha256(src)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:
-                with atomic_path(target) as tmp:
+                with _writing(target), atomic_path(target) as tmp:
                     shutil.copyfile(src, tmp)
         info = {"sha256": sha, "source": str(src), "stemfast_version": __version__}
         old = _read_json(out / MODEL_INFO_FILE)
@@ -1464,7 +1479,7 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
         if e.name in unreadable:
             results[e.name] = _skip(e, out / e.name, unreadable[e.name], cache=False)
         elif not force:
-            sk = _cached_skip(e, out / e.name, read_options)
+            sk = _cached_skip(e, out / e.name, read_options, chash)
             if sk:
                 log.error("%s: skipped: %s", e.rel, sk.get("reason"))
                 results[e.name] = InputResult(e.name, str(e.path), "skipped", f"(cached) {sk.get('reason')}")
@@ -1494,7 +1509,8 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
                      "config": json.loads(json.dumps(config_to_dict(config), default=str)),
                      "config_hash": chash, "inputs_key": ms.info["inputs_key"], "stemfast_version": __version__,
                      "n_train_patches": train_info.get("n_patches"), "train_inputs": train_info["inputs"]}
-            model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
+            with _writing(out / MODEL_FILE):
+                model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
             sha = file_sha256(out / MODEL_FILE)
             info = {"sha256": sha, "source": "trained", "config_hash": chash, "inputs_key": ms.info["inputs_key"],
                     "stemfast_version": __version__, "patch_size": extra["patch_size"],
@@ -1534,8 +1550,9 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
             or (old.get("stemfast") or {}).get("version") != __version__
             or sorted((old.get("inputs") or {}).values()) != sorted(want_inputs.values())):
         ents = [e for e in entries if e.sha256]
-        write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
-                              checksums={str(e.path): e.sha256 for e in ents})
+        with _writing(toml_path):
+            write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
+                                  checksums={str(e.path): e.sha256 for e in ents})
 
     # analysis
     if todo:

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from .backend import BACKENDS as _BACKENDS
 from .errors import EXIT_CODES, SettingsError
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 
 #: Largest fraction of non-finite pixels ``--fill-nonfinite`` fills by default (1 %).
 DEFAULT_MAX_NONFINITE = 0.01
-_BACKENDS = ("cpp", "numba", "numpy")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .backend import BACKENDS
 from .errors import SettingsError
 
 if sys.version_info >= (3, 11):
@@ -90,7 +91,7 @@ MAX_SPACING_PX = 2048.0
 SETTING_LIMITS: dict[str, tuple] = {
     # lower bounds the settings classes check themselves (spacing >= 2, defect_cutoff > 0, ...) are not repeated
     "sites.spacing": (None, MAX_SPACING_PX),
-    "sites.backend": ("cpp", "numba", "numpy"),
+    "sites.backend": BACKENDS,
     "analysis.n_classes": (1, MAX_CLASSES),
     "analysis.k_range": (1, MAX_CLASSES),
     "model.epochs": (1, 100000),
