@@ -25,6 +25,12 @@ def _add_settings(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     add_settings_options(p, model=model, title="settings")
 
 
+def _exit_epilog() -> str:
+    from .cli_options import exit_status_epilog
+
+    return exit_status_epilog()
+
+
 def _guarded(fn, args) -> int:
     """Run a command handler; expected failures become a message and an exit status (no traceback)."""
     try:
@@ -60,7 +66,8 @@ def add_analyze(sub) -> None:
         "analyze", help="analyse one micrograph (the batch pipeline on one file)",
         description="Run one micrograph through the same code path as `stemfast batch`: OUT/<name>/sites.csv, "
                     "classes.png, defects.png, summary.json, plus OUT/model.pt (trained on this image unless "
-                    "--model) and OUT/report.html.")
+                    "--model) and OUT/report.html.",
+        epilog=_exit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
                    help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
@@ -109,7 +116,8 @@ def add_train(sub) -> None:
         "train", help="train a model on the sites of one or more micrographs",
         description="Find the sites of the images, cut their patches and train one (r)VAE on a sample of them; "
                     "the model (with its patch size and settings) is written to MODEL.pt for "
-                    "`stemfast batch --model` / `stemfast analyze --model`.")
+                    "`stemfast batch --model` / `stemfast analyze --model`.",
+        epilog=_exit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="micrograph files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.pt", help="model file to write")
     p.add_argument("--train-frames", type=int, default=4, metavar="N", help="frames per stack used (default 4)")

@@ -166,4 +166,4 @@ def read_options_from_args(args) -> ReadOptions:
 
 def exit_status_epilog() -> str:
     """The ``exit status`` paragraph of ``--help`` (from :data:`stemfast.errors.EXIT_CODES`)."""
-    return "exit status: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
+    return "exit status:\n" + "\n".join(f"  {k:<4d} {v}" for k, v in EXIT_CODES.items())

@@ -5,10 +5,12 @@ same-shape uncompressed TIFF give new content with the same size and mtime. So t
 always read:
 
 - files up to :data:`FULL_HASH_MAX_BYTES` (256 MiB; ``STEMFAST_FULL_HASH_MB`` changes it) get a
-  full SHA-256 on every run (about 0.2 s per 256 MiB from the page cache): any change is seen;
+  full SHA-256 on every run (0.72 s per 256 MiB from the page cache, measured on 2 busy cores;
+  a rerun of many large files pays this per file): any change is seen;
 - larger files get a **sampled** fingerprint: SHA-256 of the size, the first and last MiB and
   :data:`SAMPLE_BLOCKS` blocks of 64 KiB spread evenly over the file (about 6 MiB read whatever the
-  size). It is written ``sampled-sha256:<hex>`` wherever a full hash would be, so it is never
+  size; 0.02 s for a 256 MiB file, 0.04 s for a sparse 10 GB one). It is written
+  ``sampled-sha256:<hex>`` wherever a full hash would be, so it is never
   mistaken for one. A change that touches none of the sampled bytes and keeps the size is not
   seen; ``--force`` redoes everything.
 
