@@ -452,6 +452,11 @@ def test_dangling_links_and_unreadable_folders_are_counted_and_listed(env, tmp_p
     assert {Path(s["path"]).name for s in bs["skipped"]} == {"lost.tif", "locked"}
     html = (out / "report.html").read_text()
     assert "lost.tif" in html and "folder not readable" in html
+    # a rerun finds the same problems again: no work, nothing rewritten, still reported
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert not rep.did_work and rep.exit_code == EXIT_SKIPPED and len(rep.skipped) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
 
 
 def test_fill_nonfinite_option(env, tmp_path, capsys):

@@ -380,6 +380,8 @@ class BatchReport:
     stage_table: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     scheduler: str | None = None
+    #: entries of the input folders that could not be looked at (also in ``results``, as skipped)
+    problems: list[InputResult] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[InputResult]:
@@ -389,8 +391,10 @@ class BatchReport:
     @property
     def did_work(self) -> bool:
         """False when the run found everything current: nothing read, trained or written."""
+        found = {id(r) for r in self.problems}  # seen again, not work
         return self.model_trained or any(r.status in ("done", "partial", "failed") for r in self.results) \
-            or any(r.status == "skipped" and not (r.reason or "").startswith("(cached)") for r in self.results)
+            or any(r.status == "skipped" and not (r.reason or "").startswith("(cached)") and id(r) not in found
+                   for r in self.results)
 
     @property
     def exit_code(self) -> int:
@@ -1457,7 +1461,7 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
     extra_results = _problem_results(problems)
     chash = config_hash(config)
     report = BatchReport(out, [], chash, scheduler=scheduler if isinstance(scheduler, str) or scheduler is None
-                         else repr(scheduler))
+                         else repr(scheduler), problems=extra_results)
     if not entries:
         log.error("no micrographs found in %s", inputs)
         report.results = extra_results
@@ -1576,9 +1580,15 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
     report.stage_table = _batch_stage_table(summaries)
     report.seconds = time.perf_counter() - t_start
 
-    if report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists():
+    old_skipped = (_read_json(out / BATCH_SUMMARY_FILE) or {}).get("skipped")
+    if (report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists()
+            or old_skipped != _skipped_list(report)):
         _write_batch_outputs(report, summaries, train_info)
     return report
+
+
+def _skipped_list(report: BatchReport) -> list[dict]:
+    return [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped]
 
 
 def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: dict | None) -> None:
@@ -1607,7 +1617,7 @@ def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info:
         "counts": {st: sum(r.status == st for r in report.results)
                    for st in ("done", "current", "partial", "skipped", "failed")},
         "inputs": [dataclasses.asdict(r) for r in report.results],
-        "skipped": [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped],
+        "skipped": _skipped_list(report),
         "stage_table": report.stage_table,
         "seconds": report.seconds,
         "peak_memory_mib": _peak_memory_mib(),
