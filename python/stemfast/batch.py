@@ -1582,13 +1582,21 @@ def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force
 
     old_skipped = (_read_json(out / BATCH_SUMMARY_FILE) or {}).get("skipped")
     if (report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists()
-            or old_skipped != _skipped_list(report)):
+            or not _same_skips(old_skipped, _skipped_list(report))):
         _write_batch_outputs(report, summaries, train_info)
     return report
 
 
 def _skipped_list(report: BatchReport) -> list[dict]:
     return [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped]
+
+
+def _same_skips(old: list | None, new: list[dict]) -> bool:
+    """The same inputs skipped for the same reasons (a reason remembered from a run is "(cached) ...")."""
+    def key(items):
+        return sorted((str(d.get("name")), str(d.get("status")), str(d.get("reason") or "").removeprefix("(cached) "))
+                      for d in items or [])
+    return old is not None and key(old) == key(new)
 
 
 def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: dict | None) -> None:
