@@ -267,10 +267,14 @@ def test_killed_run_resumes_without_losing_work(workdir, tiny, monkeypatch, tmp_
     assert not (out / "stack" / "done.json").exists() and not (out / "report.html").exists()
     good_done = (out / "good" / "done.json").stat().st_mtime_ns
     model_mtime = (out / "model.pt").stat().st_mtime_ns
-    # 2. SIGKILL in the middle of the next input: outputs written, marker not yet
+    # 2. SIGKILL in the middle of the next input: outputs written into its staging folder, marker not yet,
+    #    nothing in place (the outputs of an input are replaced as a whole)
     p = _cli(args, {"STEMFAST_TEST_CRASH": "before_done:stack"})
     assert p.returncode == -9, p.stderr[-2000:]
-    assert (out / "stack" / "sites.csv").exists() and not (out / "stack" / "done.json").exists()
+    staged = list(out.glob(".stack.staging-*"))
+    assert len(staged) == 1 and (staged[0] / "sites.csv").exists() and not (staged[0] / "done.json").exists()
+    assert not (out / "stack" / "done.json").exists()
+    assert (out / ".stemfast.lock").exists()  # left by the killed run: the next run takes it over
     # 3. the rerun finishes the batch: no retraining, finished input untouched, stack redone
     p = _cli(args)
     assert p.returncode == EXIT_SKIPPED, p.stderr[-2000:]
@@ -348,7 +352,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "no micrographs" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nepoch = 3\n")
-    assert run_batch_cli([str(tmp_path / "empty"), "--config", str(bad)]) == 1
+    assert run_batch_cli([str(tmp_path / "empty"), "--config", str(bad)]) == 2  # settings error: exit 2
     assert "model.epoch" in capsys.readouterr().err
 
 

@@ -175,3 +175,42 @@ def test_none_where_the_default_is_not_none_round_trips(tmp_path):
     # "none" is only None for settings that may be None
     with pytest.raises(ValueError, match="model.epochs"):
         load_config(None, {"model.epochs": "none"})
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ({"analysis.defect_cutoff": float("nan")}, r"analysis.defect_cutoff must be a finite number, got nan"),
+    ({"analysis.defect_cutoff": float("inf")}, r"analysis.defect_cutoff must be a finite number"),
+    ({"analysis.n_classes": 1000}, r"analysis.n_classes must be between 1 and 64"),
+    ({"analysis.k_range": [2, 500]}, r"analysis.k_range must be between 1 and 64"),
+    ({"sites.backend": "bogus"}, r"sites.backend must be one of cpp, numba, numpy"),
+    ({"sites.spacing": 1e9}, r"sites.spacing must be <= 2048"),
+    ({"sites.lattice.max_rms": float("nan")}, r"sites.lattice.max_rms must be a finite number"),
+    ({"model.epochs": 0}, r"model.epochs must be between 1"),
+    ({"patch_size": 2}, r"patch_size must be >= 3"),
+])
+def test_settings_are_finite_and_in_range(override, pattern):
+    from stemfast.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=pattern):
+        load_config(None, override)
+
+
+def test_check_limits_checks_a_config_built_in_python():
+    import dataclasses
+
+    from stemfast.config import check_limits
+    from stemfast.errors import SettingsError
+
+    cfg = load_config(None)
+    check_limits(cfg)  # the defaults pass
+    bad = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, n_classes=500))
+    with pytest.raises(SettingsError, match="n_classes"):
+        check_limits(bad)
+
+
+def test_upper_limits_of_spacing_and_patch_size():
+    from stemfast.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="patch_size must be <= 1024"):
+        load_config(None, {"patch_size": 5000})
+    assert load_config(None, {"sites.spacing": 2048.0}).sites.spacing == 2048.0

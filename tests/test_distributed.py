@@ -109,3 +109,13 @@ def test_worker_killed_mid_task_loses_and_duplicates_nothing(ref, tmp_path, monk
     ref_df = pd.read_csv(out_ref / "stack" / "sites.csv")
     assert len(df) == len(ref_df) and not df.duplicated().any()
     assert df.groupby("frame").size().to_dict() == ref_df.groupby("frame").size().to_dict()
+
+
+def test_scheduler_addresses_are_checked():
+    from stemfast.errors import SettingsError
+
+    assert parse_scheduler("127.0.0.1:8786") == ("address", "tcp://127.0.0.1:8786")
+    for bad, words in (("inproc://x", "inside the same process"), ("http://h:1", "schemes"),
+                       ("tcp://host", "HOST:PORT"), ("tcp://host:99999", "HOST:PORT")):
+        with pytest.raises(SettingsError, match=words):
+            parse_scheduler(bad)

@@ -547,3 +547,87 @@ def test_streaming_a_memory_mapped_stack_keeps_resident_memory_flat(tmp_path):
     grown = _rss_file_kib() - before
     assert grown < 0.25 * p.stat().st_size / 1024, f"{grown} KiB of the {p.stat().st_size // 1024} KiB file resident"
     np.testing.assert_array_equal(mg.frame(5), read(p, frames=5).data)
+
+
+# ----------------------------------------------------------------------------- limits: memory, range, non-finite
+
+
+def test_declared_size_beyond_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    """A sparse TIFF declaring 100000 x 100000 px: a ReadError naming the size, in milliseconds."""
+    import time
+
+    from stemfast.io import available_memory_bytes
+
+    assert available_memory_bytes() > 0
+    tifffile.imwrite(tmp_path / "huge.tif", shape=(100000, 100000), dtype="uint8", bigtiff=True)
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "4096")  # the same answer on any machine
+    t0 = time.monotonic()
+    e = _err(tmp_path / "huge.tif")
+    assert time.monotonic() - t0 < 5
+    assert "100000 x 100000 px (uint8)" in str(e) and "4.0 GiB available" in str(e)
+    # the same check guards .npy files (memory-mapped until converted)
+    np.lib.format.open_memmap(tmp_path / "huge.npy", mode="w+", dtype=np.float32, shape=(40000, 40000))
+    assert "40000 x 40000 px (float32)" in str(_err(tmp_path / "huge.npy"))
+
+
+def test_huge_pixel_values_are_rescaled_safely_and_give_the_same_sites(tmp_path):
+    """An int64 image scaled by 1e16 used to give spacing 29 px instead of 16.7 and a third of the sites."""
+    from stemfast.sites import find_sites
+    from stemfast.synth import make_mos2
+
+    s = make_mos2(shape=(192, 192), seed=3)
+    base = np.round(s.image / s.image.max() * 500).astype(np.int64)
+    np.save(tmp_path / "plain.npy", base)
+    np.save(tmp_path / "huge.npy", base * 10**16)
+    np.save(tmp_path / "offset.npy", base + 10**12)  # a large offset: float32 would keep no signal
+    plain = read(tmp_path / "plain.npy")
+    ref = find_sites(plain.data)
+    assert "rescaled" not in plain.metadata
+    for name in ("huge.npy", "offset.npy"):
+        with pytest.warns(ReadWarning, match="rescaled"):
+            mg = read(tmp_path / name)
+        assert mg.data.dtype == np.float32 and float(mg.data.min()) == 0.0 and float(mg.data.max()) == 1.0
+        assert mg.metadata["rescaled"]["scale"] > 0
+        t = find_sites(mg.data)
+        assert len(t) == len(ref), name
+        assert t.meta["spacing_px"] == pytest.approx(ref.meta["spacing_px"], abs=1e-3), name
+        np.testing.assert_allclose(np.sort(t.xy[:, 0]), np.sort(ref.xy[:, 0]), atol=1e-3)
+
+
+def test_fill_nonfinite_has_a_limit(tmp_path, img):
+    bad = img.copy()
+    bad[:5] = np.nan  # 12.5 % of the pixels
+    np.save(tmp_path / "many.npy", bad)
+    e = _err(tmp_path / "many.npy")
+    assert "--fill-nonfinite" in str(e)
+    with pytest.raises(ReadError, match=r"12.50% of the pixels are NaN or infinite, more than the 1.00%"):
+        read(tmp_path / "many.npy", allow_nonfinite=True, max_nonfinite_fraction=0.01)
+    with pytest.warns(ReadWarning):
+        mg = read(tmp_path / "many.npy", allow_nonfinite=True, max_nonfinite_fraction=0.2)
+    assert np.isfinite(mg.data).all()
+
+
+def test_scan_lists_dangling_links_and_unreadable_folders(tmp_path, img, monkeypatch):
+    import stemfast.io as io
+
+    np.save(tmp_path / "a.npy", img)
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "b.npy", img)
+    os.symlink(tmp_path / "nowhere.tif", tmp_path / "lost.tif")
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / "lost.txt")  # not a micrograph name: not listed
+    files, problems = io.scan_micrographs(tmp_path)
+    assert [p.name for p in files] == ["a.npy", "b.npy"]
+    assert [(p.name, r.split(" (")[0]) for p, r in problems] == [("lost.tif", "dangling symbolic link")]
+    real = io._scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(io, "_scandir", scandir)
+    files, problems = io.scan_micrographs(tmp_path)
+    assert [p.name for p in files] == ["a.npy"]
+    assert ("sub", "folder not readable (permission denied); its files are not analysed") in \
+        [(p.name, r) for p, r in problems]
+    assert [p.name for p in find_micrographs(tmp_path)] == ["a.npy"]  # the old API: files only (problems logged)

@@ -2,6 +2,12 @@
 
 A reader never sees a half-written file, and an interrupted run leaves either the old file or
 none -- so a rerun can trust every output file that exists.
+
+:func:`staged_dir` does the same for a whole folder of outputs: they are written into a hidden
+staging folder next to the target, which then replaces the target in one step (an atomic
+exchange of the two folders where the system has one, ``renameat2(RENAME_EXCHANGE)`` on Linux;
+else two renames, which :func:`recover_staged` completes or undoes after a crash). A failed or
+interrupted write (disk full, Ctrl-C) leaves the previous folder as it was.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_json"]
+__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "staged_dir", "swap_dir", "recover_staged"]
 
 
 @contextlib.contextmanager
@@ -80,3 +86,109 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------- folders
+
+_STAGE_TAG = ".staging-"
+_OLD_TAG = ".replaced-"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False when unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    import errno
+
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put folder ``stage`` in place of ``target`` (replacing it as a whole) and delete the old one."""
+    import shutil
+
+    stage, target = Path(stage), Path(target)
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    if _exchange(stage, target):
+        shutil.rmtree(stage, ignore_errors=True)  # now holds the old content
+        return
+    old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}"
+    os.rename(target, old)
+    os.rename(stage, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder next to ``target``; on success it replaces ``target`` as a whole.
+
+    On an exception (or Ctrl-C) the staging folder is removed and ``target`` is left as it was.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> d = Path(tempfile.mkdtemp()) / "res"
+    >>> with staged_dir(d) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("new")
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.txt']
+    """
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGE_TAG}", dir=target.parent))
+    os.chmod(stage, 0o777 & ~_umask())
+    try:
+        yield stage
+        swap_dir(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def recover_staged(folder: str | os.PathLike) -> list[str]:
+    """Clean up after a crash inside ``folder``: remove staging folders, restore a replaced folder
+    whose replacement never arrived. Returns what was done (for the log). Call it only while no
+    other process writes into ``folder`` (the batch holds its lock)."""
+    import shutil
+
+    folder = Path(folder)
+    done = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return done
+    for p in entries:
+        name = p.name
+        if name.startswith(".") and _OLD_TAG in name and p.is_dir():
+            target = folder / name[1:name.index(_OLD_TAG)]
+            if not target.exists():
+                os.rename(p, target)
+                done.append(f"restored {target.name}")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {name}")
+        elif name.startswith(".") and _STAGE_TAG in name and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {name}")
+    return done

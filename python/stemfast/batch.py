@@ -7,8 +7,9 @@ Steps
 1. **Find** every micrograph under the inputs (recursively, by extension,
    :func:`stemfast.io.find_micrographs`). Each input gets a folder ``OUT/<name>/`` (``name`` = file
    stem; duplicate stems are told apart by their relative path).
-2. **Fingerprint** every input (size, mtime, SHA-256; the hash is taken from a previous run's
-   marker when size and mtime are unchanged, so a rerun does not read unchanged files).
+2. **Fingerprint** every input by its content (:mod:`stemfast.fingerprint`: a full SHA-256 up to
+   256 MiB, a sampled one beyond), so a file whose content changed is redone even when its size
+   and modification time did not change.
 3. **Model.** ``--model FILE`` is used as given. Otherwise ``OUT/model.pt`` is reused when it is
    current (``OUT/model.json``: same settings hash, same input set, same stemfast version, same
    file hash); else one model is trained on patches sampled from the whole batch (at most
@@ -28,6 +29,14 @@ Steps
 
 Reliability
 -----------
+One run at a time writes into an output folder (``OUT/.stemfast.lock``, :mod:`stemfast.outlock`;
+a second run is refused with exit status 75, a lock left by a dead process is taken over). The
+outputs of one input are written into a staging folder that replaces ``OUT/<name>/`` as a whole
+(:func:`stemfast.atomic.staged_dir`), so a rerun that fails (disk full, Ctrl-C) leaves the previous
+complete set, and the report keeps showing it. Settings are checked before any work (exit
+status 2), and against each image (a ``--spacing`` that does not fit it is an error, one that
+disagrees with the image's own estimate a warning in the summary). Entries of the input folders
+that cannot be looked at (unreadable sub-folders, dangling links) are listed as skipped.
 Every file is written atomically (:mod:`stemfast.atomic`), and an input counts as finished only
 when its ``done.json`` exists and matches the input, the settings and the model. Rerunning the
 same command therefore skips finished inputs without reading them (and without training), and a
@@ -43,7 +52,8 @@ Testing hooks (environment, used by the test-suite to simulate crashes):
 ``STEMFAST_TEST_CRASH="POINT:NAME"`` kills the process (SIGKILL) at ``POINT`` (``task_start``,
 ``before_done``, ``after_done``) of input ``NAME`` (``*`` = any; a Dask frame-chunk task of a stack
 is ``NAME[START:STOP]``); with
-``STEMFAST_TEST_CRASH_ONCE=FILE`` only the first time (the file is created as the marker).
+``STEMFAST_TEST_CRASH_ONCE=FILE`` only the first time (the file is created as the marker);
+``STEMFAST_TEST_SIGNAL=INT`` sends SIGINT (as Ctrl-C does) instead of SIGKILL.
 """
 from __future__ import annotations
 
@@ -69,10 +79,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_open, atomic_path, write_json
+from .atomic import atomic_open, atomic_path, recover_staged, staged_dir, write_json
+from .cli_options import ReadOptions
 from .config import config_hash, config_to_dict, file_sha256, load_config, write_resolved_config
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED, ModelFileError, describe_os_error
 from .logutil import progress
-from .materials import add_material_argument
 from .tracking import TRACK_FILES
 
 __all__ = [
@@ -94,13 +105,10 @@ __all__ = [
     "EXIT_SKIPPED",
     "OUTPUT_FILES",
     "STACK_OUTPUT_FILES",
+    "ReadOptions",
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_SKIPPED = 3
 
 #: Files written per input (``done.json`` comes last and lists them with their sizes).
 OUTPUT_FILES = ("sites.csv", "classes.png", "defects.png", "summary.json")
@@ -166,11 +174,14 @@ def _test_hook(point: str, name: str) -> None:
             return
         os.write(fd, f"{point}:{name} pid {os.getpid()}\n".encode())
         os.close(fd)
-    log.warning("test hook: killing process %d at %s of %s", os.getpid(), point, name)
+    sig = signal.SIGINT if os.environ.get("STEMFAST_TEST_SIGNAL", "").upper() == "INT" else signal.SIGKILL
+    log.warning("test hook: sending %s to process %d at %s of %s", sig.name, os.getpid(), point, name)
     for h in logging.getLogger("stemfast").handlers:
         with contextlib.suppress(Exception):
             h.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), sig)
+    if sig == signal.SIGINT:
+        time.sleep(5.0)  # the KeyboardInterrupt arrives here
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -230,10 +241,13 @@ def _unique_names(rels: Sequence[Path]) -> list[str]:
     return final
 
 
-def discover_inputs(inputs, *, exclude: Path | None = None) -> list[InputEntry]:
+def discover_inputs(inputs, *, exclude: Path | None = None,
+                    problems: list[tuple[Path, str]] | None = None) -> list[InputEntry]:
     """The batch's input files: folders are searched recursively by extension; files are taken as given.
 
     ``exclude`` (the output folder) is never searched. Entries are sorted by relative path.
+    Entries that cannot be looked at (an unreadable sub-folder, a dangling symbolic link) are
+    appended to ``problems`` as ``(path, reason)`` when it is given (else logged).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -243,13 +257,25 @@ def discover_inputs(inputs, *, exclude: Path | None = None) -> list[InputEntry]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in io.find_micrographs(p, recursive=True):
+            files, probs = io.scan_micrographs(p, recursive=True)
+            for q, reason in probs:
+                if excl is not None and (q.absolute() == excl or excl in q.absolute().parents):
+                    continue
+                if problems is not None:
+                    problems.append((q, reason))
+                else:
+                    log.warning("%s: %s", q, reason)
+            for f in files:
                 f = Path(f)
                 if excl is not None and (f.resolve() == excl or excl in f.resolve().parents):
                     continue
                 found.append((f, p))
         elif p.exists():
             found.append((p, p.parent))
+        elif p.is_symlink():
+            if problems is None:
+                raise FileNotFoundError(f"input not found: {p} (a dangling symbolic link)")
+            problems.append((p, f"dangling symbolic link (points to {os.readlink(p)}, which does not exist)"))
         else:
             raise FileNotFoundError(f"input not found: {p}")
     seen = set()
@@ -282,19 +308,29 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _fingerprint(entry: InputEntry, out_dir: Path) -> None:
-    """Fill size / mtime (stat) and sha256 (from a marker with the same size + mtime, else hashed)."""
+    """Fill size / mtime (stat) and the content fingerprint (:func:`stemfast.fingerprint.content_fingerprint`).
+
+    The content is always read (a full SHA-256 up to 256 MiB, sampled blocks beyond), never taken
+    from size and mtime: ``cp -p`` / ``rsync -a`` keep those for new content.
+    """
+    from .fingerprint import content_fingerprint
+
     st = entry.path.stat()
     entry.size, entry.mtime_ns = int(st.st_size), int(st.st_mtime_ns)
     if entry.sha256 is not None:
         return
-    d = out_dir / entry.name
-    for marker in (DONE_FILE, SKIPPED_FILE):
-        m = _read_json(d / marker)
-        inp = (m or {}).get("input") or {}
-        if inp.get("size") == entry.size and inp.get("mtime_ns") == entry.mtime_ns and inp.get("sha256"):
-            entry.sha256 = str(inp["sha256"])
-            return
-    entry.sha256 = file_sha256(entry.path)
+    entry.sha256 = content_fingerprint(entry.path)
+
+
+def _read(path, read_options: ReadOptions | None = None, **kwargs):
+    """``io.read`` with the batch's read options (``--fill-nonfinite``); warnings go to the log."""
+    opts = read_options or ReadOptions()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mg = _io().read(path, **opts.as_read_kwargs(), **kwargs)
+    for w in caught:
+        log.warning("%s", w.message)
+    return mg
 
 
 def _inputs_key(entries: Sequence[InputEntry]) -> str:
@@ -326,6 +362,7 @@ class InputResult:
     n_defects: int = 0
     seconds: float = 0.0
     frames: int | None = None
+    warnings: list = field(default_factory=list)  # results that cannot be fully trusted, and why
 
     @property
     def ok(self) -> bool:
@@ -347,6 +384,8 @@ class BatchReport:
     stage_table: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     scheduler: str | None = None
+    #: entries of the input folders that could not be looked at (also in ``results``, as skipped)
+    problems: list[InputResult] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[InputResult]:
@@ -356,8 +395,10 @@ class BatchReport:
     @property
     def did_work(self) -> bool:
         """False when the run found everything current: nothing read, trained or written."""
+        found = {id(r) for r in self.problems}  # seen again, not work
         return self.model_trained or any(r.status in ("done", "partial", "failed") for r in self.results) \
-            or any(r.status == "skipped" and not (r.reason or "").startswith("(cached)") for r in self.results)
+            or any(r.status == "skipped" and not (r.reason or "").startswith("(cached)") and id(r) not in found
+                   for r in self.results)
 
     @property
     def exit_code(self) -> int:
@@ -429,17 +470,33 @@ def _drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) -> tu
 def _frame_record(frame: int) -> dict:
     return {"frame": int(frame), "status": "error", "error": None, "n_sites": 0, "n_defects": 0,
             "class_counts": {}, "defect_kinds": {}, "spacing_px": None, "angle_deg": None,
-            "timings_s": {}, "drift_px": None, "top": []}
+            "timings_s": {}, "drift_px": None, "top": [], "warnings": []}
+
+
+def _settings_vs_image(img: np.ndarray, config, *, check_estimate: bool) -> list[str]:
+    """Settings checked against the image (:mod:`stemfast.sanity`): a spacing that does not fit is a
+    ValueError (the frame's error); one that disagrees with the image's estimate a warning."""
+    from .sanity import check_spacing_fits, spacing_warnings
+
+    sp = config.sites.spacing
+    check_spacing_fits(sp, np.shape(img))
+    return spacing_warnings(img, sp, config.sites) if (check_estimate and sp is not None) else []
 
 
 def _analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int | None, pixel_size, unit,
-                   prep=None, read_s: float = 0.0) -> FrameResult:
-    """``prepare`` + ``analyze`` one 2-D frame; errors of the image (ValueError) become the frame's status."""
+                   prep=None, read_s: float = 0.0, check_settings: bool = False) -> FrameResult:
+    """``prepare`` + ``analyze`` one 2-D frame; errors of the image (ValueError) become the frame's status.
+
+    ``check_settings``: also compare a given spacing with the image's own estimate (a warning).
+    """
     from .pipeline import analyze, prepare
 
     rec = _frame_record(frame)
     rec["timings_s"]["read"] = read_s
     try:
+        for msg in _settings_vs_image(img, config, check_estimate=check_settings):
+            log.warning("frame %d: %s", frame, msg)
+            rec["warnings"].append(msg)
         if prep is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -526,6 +583,7 @@ def _iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache:
     stack = getattr(mg, "is_stack", False)
     it = _bar(_prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
               total=len(frames))
+    checked = False
     for f, img, exc, read_s in it:
         if exc is not None:  # a truncated stack: report the frame, go on
             rec = _frame_record(f)
@@ -535,7 +593,9 @@ def _iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache:
             continue
         prep = cache.pop((cache_key, f), None) if cache is not None else None
         fr = _analyze_frame(img, f, model=model, config=config, patch_size=patch_size,
-                            pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s)
+                            pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s,
+                            check_settings=not checked)
+        checked = True
         if stack:
             small = _small(img)
             if prev_small is not None and prev_small.shape == small.shape:
@@ -698,6 +758,14 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
         trk.plot(get_frame, title=f"{entry.name}: defect tracks")
     stage_s["figures"] = time.perf_counter() - t0
 
+    warns: list[str] = []
+    for note in input_info.get("notes", []):
+        warns.append(note)
+    for m in frames_meta:
+        for w in m.get("warnings") or []:
+            w = w if not is_stack else f"frame {m['frame']}: {w}"
+            if w not in warns:
+                warns.append(w)
     spacing = _median(m.get("spacing_px") for m in frames_meta)
     pixel_size = input_info.get("pixel_size")
     lattice = {"spacing_px": spacing, "rotation_deg": _median(m.get("angle_deg") for m in frames_meta)}
@@ -745,6 +813,7 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
         summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
+    summary["warnings"] = warns
     summary["seconds"] = time.perf_counter() - t_start
     summary["outputs"] = list(OUTPUT_FILES) + (list(trk.FILES) if trk else [])
     write_json(d / "summary.json", summary)
@@ -770,10 +839,8 @@ class _InputUnreadable(Exception):
 
 
 def _clean_dir(d: Path) -> None:
-    """Remove the completion markers and stale temporary files of an interrupted earlier run."""
-    for marker in (DONE_FILE, SKIPPED_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (d / marker).unlink()
+    """Remove stale temporary files of an interrupted earlier run (the outputs and markers stay: new
+    outputs replace them as a whole, see :func:`stemfast.atomic.staged_dir`)."""
     for p in d.glob(".*.tmp*"):
         with contextlib.suppress(OSError):
             p.unlink()
@@ -799,7 +866,6 @@ def _write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_
     }
     _test_hook("before_done", entry.name)
     write_json(d / DONE_FILE, done)
-    _test_hook("after_done", entry.name)
     return done
 
 
@@ -811,21 +877,38 @@ def _partial_reason(summary: dict) -> str | None:
     return f"{len(errs)} of {summary['n_frames']} frames failed (frame {first[0]}: {first[1]})"
 
 
-def _skip(entry: InputEntry, d: Path, reason: str, *, cache: bool, status: str = "skipped") -> InputResult:
+def _skip(entry: InputEntry, d: Path, reason: str, *, cache: bool, status: str = "skipped",
+          read_options: ReadOptions | None = None, chash: str | None = None) -> InputResult:
+    """Report an input without results; ``cache``: remember a read failure (``skipped.json``) until the
+    file or the read options change, or -- with ``chash``, for a failure the settings may cause (no
+    frame could be analysed) -- the settings (earlier results of other content lose their ``done.json``)."""
     log.error("%s: %s: %s", entry.rel, status, reason)
     if cache:
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(d / SKIPPED_FILE, {"name": entry.name, "status": status, "reason": reason,
-                                      "stemfast_version": __version__, "input": entry.fingerprint(),
-                                      "date": _now()})
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                (d / DONE_FILE).unlink()
+            write_json(d / SKIPPED_FILE, {"name": entry.name, "status": status, "reason": reason,
+                                          "stemfast_version": __version__, "input": entry.fingerprint(),
+                                          "read": (read_options or ReadOptions()).key(), "config_hash": chash,
+                                          "date": _now()})
+        except OSError as exc:  # e.g. disk full: the skip is still reported, only not remembered
+            log.error("%s: could not record the skip: %s", entry.rel, describe_os_error(exc))
     return InputResult(entry.name, str(entry.path), status, reason)
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The reason of an input that failed while being processed (OSError: path and cause)."""
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _result_from_summary(entry: InputEntry, summary: dict, seconds: float) -> InputResult:
     st = summary["status"]
     return InputResult(entry.name, str(entry.path), "partial" if st == "partial" else "done",
                        _partial_reason(summary), summary["n_sites"], summary["n_defects"], seconds,
-                       summary["n_frames"])
+                       summary["n_frames"], list(summary.get("warnings") or []))
 
 
 def _input_info(mg) -> dict:
@@ -834,9 +917,23 @@ def _input_info(mg) -> dict:
         shape = list(np.shape(mg.data))
     from .tracking import dose_from_metadata
 
-    return {"shape": shape, "n_frames": _n_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
+    info = {"shape": shape, "n_frames": _n_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
             "pixel_size": getattr(mg, "pixel_size", None), "unit": getattr(mg, "unit", None),
             "dose": dose_from_metadata(getattr(mg, "metadata", None))}
+    meta = getattr(mg, "metadata", None) or {}
+    notes = []
+    if meta.get("rescaled"):
+        info["rescaled"] = meta["rescaled"]
+        r = meta["rescaled"]
+        notes.append(f"pixel values rescaled to (x - {r.get('offset')}) / {r.get('scale')} (beyond what float32 "
+                     "carries safely); intensities are in these units")
+    if meta.get("nonfinite_replaced"):
+        info["nonfinite_replaced"] = meta["nonfinite_replaced"]
+        notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median "
+                     "(--fill-nonfinite); sites there are not measured")
+    if notes:
+        info["notes"] = notes
+    return info
 
 
 def _patch_size_of(model, config) -> int | None:
@@ -845,27 +942,30 @@ def _patch_size_of(model, config) -> int | None:
 
 
 def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_sha: str | None, config,
-                  chash: str, prepared_cache: dict | None = None, show_progress: bool = False) -> InputResult:
+                  chash: str, prepared_cache: dict | None = None, show_progress: bool = False,
+                  read_options: ReadOptions | None = None) -> InputResult:
     """Analyse one input completely and write its outputs, ``done.json`` last.
 
-    Used by the in-process batch and by Dask workers (one task per 2-D file). Never raises for a
-    bad input: the problem becomes the result's status and reason.
+    The outputs are written into a staging folder that replaces ``OUT/<name>/`` as a whole, so a
+    failure (disk full, Ctrl-C) leaves the previous complete set in place. Used by the in-process
+    batch and by Dask workers (one task per 2-D file). Never raises for a bad input: the problem
+    becomes the result's status and reason.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     d = out_dir / entry.name
-    d.mkdir(parents=True, exist_ok=True)
-    _clean_dir(d)
+    if d.is_dir():
+        _clean_dir(d)
     _test_hook("task_start", entry.name)
     io = _io()
     try:
         t0 = time.perf_counter()
-        mg = io.read(entry.path)
+        mg = _read(entry.path, read_options)
         read_open = time.perf_counter() - t0
     except io.ReadError as exc:
-        return _skip(entry, d, str(exc), cache=True)
+        return _skip(entry, d, str(exc), cache=True, read_options=read_options)
     except Exception as exc:  # noqa: BLE001 - any reader failure: report, do not stop the batch
-        return _skip(entry, d, f"cannot read: {type(exc).__name__}: {exc}", cache=True)
+        return _skip(entry, d, f"cannot read: {type(exc).__name__}: {exc}", cache=True, read_options=read_options)
     n = _n_frames(mg)
     entry.n_frames = n
     stack = bool(getattr(mg, "is_stack", False))
@@ -881,19 +981,21 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
                     first = False
                 yield fr
 
-        summary = _assemble(entry, d, with_open_time(gen), n_frames=n, is_stack=stack, input_info=_input_info(mg),
-                            get_frame=lambda i: _get_frame(mg, i), config=config, chash=chash, model_sha=model_sha,
-                            t_start=t_start)
+        with staged_dir(d) as stage:
+            summary = _assemble(entry, stage, with_open_time(gen), n_frames=n, is_stack=stack,
+                                input_info=_input_info(mg), get_frame=lambda i: _get_frame(mg, i), config=config,
+                                chash=chash, model_sha=model_sha, t_start=t_start)
+            _write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
     except _InputUnreadable as exc:
-        return _skip(entry, d, str(exc), cache=True)
+        return _skip(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
     except Exception as exc:  # noqa: BLE001
         log.debug("%s failed", entry.rel, exc_info=True)
-        return _skip(entry, d, f"{type(exc).__name__}: {exc}", cache=False, status="failed")
+        return _skip(entry, d, _failure_reason(exc), cache=False, status="failed")
     finally:
         if prepared_cache is not None:
             for k in [k for k in prepared_cache if k[0] == entry.name]:
                 del prepared_cache[k]
-    _write_done(entry, d, summary, chash=chash, model_sha=model_sha)
+    _test_hook("after_done", entry.name)
     return _result_from_summary(entry, summary, time.perf_counter() - t_start)
 
 
@@ -963,7 +1065,7 @@ def _load_part(path: Path) -> Iterator[FrameResult]:
 
 
 def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, stop: int, *, model,
-                  model_sha: str | None, config, chash: str) -> str:
+                  model_sha: str | None, config, chash: str, read_options: ReadOptions | None = None) -> str:
     """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``.
 
     A part that already exists for the same input, settings and model is kept (a rerun after a
@@ -978,7 +1080,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     _test_hook("task_start", f"{entry.name}[{start}:{stop}]")
     lo = max(0, start - 1)  # the frame before the chunk, for the drift
     # only the chunk's frames are read (compressed stacks are not loaded whole)
-    mg = _FrameWindow(_io().read(entry.path, frames=slice(lo, stop)), lo)
+    mg = _FrameWindow(_read(entry.path, read_options, frames=slice(lo, stop)), lo)
     results = list(_iter_frames(mg, list(range(start, stop)), model=model, config=config,
                                 patch_size=_patch_size_of(model, config), prev_frame=start - 1,
                                 desc=f"{entry.name}[{start}:{stop}]"))
@@ -1011,17 +1113,14 @@ class _FrameWindow:
 
 
 def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Sequence[str], *, config,
-                   chash: str, model_sha: str | None, t_start: float | None = None) -> InputResult:
-    """Write the outputs of a stack from its frame-chunk parts (in order), ``done.json`` last."""
+                   chash: str, model_sha: str | None, t_start: float | None = None,
+                   read_options: ReadOptions | None = None) -> InputResult:
+    """Write the outputs of a stack from its frame-chunk parts (in order), ``done.json`` last, into a
+    staging folder that replaces ``OUT/<name>/`` (parts included) as a whole."""
     t_start = time.perf_counter() if t_start is None else t_start
     d = Path(out_dir) / entry.name
     d.mkdir(parents=True, exist_ok=True)
-    for marker in (DONE_FILE, SKIPPED_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (d / marker).unlink()
-    for p in d.glob(".*.tmp*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    _clean_dir(d)
     parts = [Path(p) for p in part_paths]
     info = (_part_meta(parts[0]) or {}).get("info", {}) if parts else {}
     n = int(info.get("n_frames", sum(len((_part_meta(p) or {}).get("frames", [])) for p in parts)))
@@ -1029,7 +1128,7 @@ def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Se
 
     def get_frame(i: int) -> np.ndarray:
         if not mg_holder:
-            mg_holder.append(_io().read(entry.path))
+            mg_holder.append(_read(entry.path, read_options))
         return _get_frame(mg_holder[0], i)
 
     def gen():
@@ -1037,12 +1136,14 @@ def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Se
             yield from _load_part(p)
 
     try:
-        summary = _assemble(entry, d, gen(), n_frames=n, is_stack=bool(info.get("is_stack", True)), input_info=info,
-                            get_frame=get_frame, config=config, chash=chash, model_sha=model_sha, t_start=t_start)
+        with staged_dir(d) as stage:  # the old folder, parts included, goes as a whole
+            summary = _assemble(entry, stage, gen(), n_frames=n, is_stack=bool(info.get("is_stack", True)),
+                                input_info=info, get_frame=get_frame, config=config, chash=chash,
+                                model_sha=model_sha, t_start=t_start)
+            _write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
     except _InputUnreadable as exc:
-        return _skip(entry, d, str(exc), cache=True)
-    _write_done(entry, d, summary, chash=chash, model_sha=model_sha)
-    shutil.rmtree(d / PARTS_DIR, ignore_errors=True)
+        return _skip(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
+    _test_hook("after_done", entry.name)
     return _result_from_summary(entry, summary, time.perf_counter() - t_start)
 
 
@@ -1070,12 +1171,17 @@ def _current(entry: InputEntry, d: Path, *, chash: str, model_sha: str | None) -
     return done
 
 
-def _cached_skip(entry: InputEntry, d: Path) -> dict | None:
+def _cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = None,
+                 chash: str | None = None) -> dict | None:
     sk = _read_json(d / SKIPPED_FILE)
     if not sk or sk.get("stemfast_version") != __version__:
         return None
     if (sk.get("input") or {}).get("sha256") != entry.sha256:
         return None
+    if sk.get("read", ReadOptions().key()) != (read_options or ReadOptions()).key():
+        return None  # e.g. now with --fill-nonfinite: try again
+    if sk.get("config_hash") is not None and sk.get("config_hash") != chash:
+        return None  # failed with other settings (e.g. a --spacing that did not fit): try again
     return sk
 
 
@@ -1116,6 +1222,38 @@ def load_model(path: str | os.PathLike):
         return RVAE.load(path)
 
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn an OSError while writing ``path`` (disk full, read-only, ...) into an OutputError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write {describe_os_error(exc, path)}") from None
+
+
+def check_model_file(path: str | os.PathLike):
+    """Load a ``--model`` file; :class:`~stemfast.errors.ModelFileError` (path and cause) when it is
+    missing, unreadable or not a stemfast model. Returns the model."""
+    src = Path(path)
+    if not src.exists():
+        raise ModelFileError(f"model not found: {src}")
+    if not src.is_file():
+        raise ModelFileError(f"--model {src}: not a file")
+    try:
+        model = load_model(src)
+    except OSError as exc:
+        raise ModelFileError(f"--model {describe_os_error(exc, src)}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling / format error: not a model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"--model {src}: not a stemfast model file ({type(exc).__name__}: {first[:200]}); "
+                             "write one with `stemfast train` or use OUT/model.pt of an earlier batch") from None
+    if not hasattr(model, "encode") and not hasattr(model, "extra"):
+        raise ModelFileError(f"--model {src}: not a stemfast model file (loaded a {type(model).__name__})")
+    return model
+
+
 def _sample_frames(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
@@ -1125,7 +1263,7 @@ def _sample_frames(n: int, k: int) -> list[int]:
 def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs: int = 16, train_frames: int = 4,
                       prepared_cache: dict | None = None, cache_budget_bytes: int = 0,
                       on_skip: Callable[[InputEntry, str], None] | None = None, show_progress: bool = True,
-                      init_model=None, finetune_steps: int = 0):
+                      init_model=None, finetune_steps: int = 0, read_options: ReadOptions | None = None):
     """Train one model on patches sampled from ``entries``; returns ``(model, info)``.
 
     With ``init_model`` (the shipped model), that model is fine-tuned for ``finetune_steps`` steps
@@ -1159,7 +1297,7 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     stage_s: dict[str, float] = {}
     for i, e in enumerate(_bar(ents, show_progress, desc="train: prepare", unit="file")):
         try:
-            mg = io.read(e.path)
+            mg = _read(e.path, read_options)
         except Exception as exc:  # noqa: BLE001
             reason = str(exc) if isinstance(exc, io.ReadError) else f"cannot read: {type(exc).__name__}: {exc}"
             if on_skip:
@@ -1226,18 +1364,17 @@ def _resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, 
     target = out / MODEL_FILE
     if model_path is not None:
         src = Path(model_path)
-        if not src.exists():
-            raise FileNotFoundError(f"model not found: {src}")
+        loaded = check_model_file(src)  # before anything is copied into OUT
         sha = file_sha256(src)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:
-                with atomic_path(target) as tmp:
+                with _writing(target), atomic_path(target) as tmp:
                     shutil.copyfile(src, tmp)
         info = {"sha256": sha, "source": str(src), "stemfast_version": __version__}
         old = _read_json(out / MODEL_INFO_FILE)
         if old != info:
             write_json(out / MODEL_INFO_FILE, info)
-        return _ModelState(target, sha, f"given: {src}", info=info)
+        return _ModelState(target, sha, f"given: {src}", info=info, _model=loaded)
     info = _read_json(out / MODEL_INFO_FILE)
     key = _inputs_key(entries)
     if (not force and info and target.exists() and info.get("config_hash") == chash
@@ -1277,12 +1414,22 @@ def _model_identity(out: Path, model_sha: str | None) -> dict:
 
 
 def _summaries(out: Path, results: list[InputResult]) -> list[dict]:
+    """``summary.json`` of every input with results; an input whose rerun failed keeps showing its
+    previous complete results (still in place: outputs are replaced as a whole), marked as such."""
     out_s = []
     for r in results:
         if r.status in ("done", "current", "partial"):
             s = _read_json(out / r.name / "summary.json")
             if s:
                 s["status"] = s.get("status", r.status)
+                out_s.append(s)
+        elif r.status == "failed":
+            done = _read_json(out / r.name / DONE_FILE)
+            s = _read_json(out / r.name / "summary.json") if done else None
+            if s:
+                s["status"] = "previous results (this run failed)"
+                s["warnings"] = [f"this run failed ({r.reason}); shown are the complete results of the run "
+                                 f"finished {done.get('finished', '?')}, still in place"] + list(s.get("warnings") or [])
                 out_s.append(s)
     return out_s
 
@@ -1303,7 +1450,7 @@ def _batch_stage_table(summaries: list[dict]) -> list[dict]:
 def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str | None = None, force: bool = False,
               max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
               cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
-              finetune: int = 0) -> BatchReport:
+              finetune: int = 0, read_options: ReadOptions | None = None) -> BatchReport:
     """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
 
     Parameters
@@ -1319,33 +1466,72 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     frames_per_task : frames per Dask task for stacks.
     cache_mb : memory (MiB) for keeping the images prepared for training until their analysis
         (in-process only; default ``STEMFAST_PREPARED_CACHE_MB`` or 2048).
+    read_options : :class:`ReadOptions` (``--fill-nonfinite``).
 
     Returns
     -------
     BatchReport
         Per input its status (``done``, ``current``, ``partial``, ``skipped``, ``failed``) and
         reason; ``exit_code`` is 0 when every input has full results, 3 otherwise.
+
+    Raises
+    ------
+    stemfast.errors.SettingsError
+        Invalid settings (before any work).
+    stemfast.errors.OutputLocked
+        Another run writes into ``out_dir``.
+    stemfast.errors.OutputError, ModelFileError, SchedulerError
+        The output folder, the ``model_path`` or the scheduler cannot be used (message with the
+        path / address and the cause).
     """
-    t_start = time.perf_counter()
+    from .config import check_limits
+    from .outlock import OutputLock
+
     if scheduler:
-        from .distributed import parse_scheduler, require_dask
+        from .distributed import check_scheduler, require_dask
 
         require_dask()  # fail before any work when the extra is missing
         if isinstance(scheduler, str):
-            parse_scheduler(scheduler)
+            check_scheduler(scheduler)
     config = config if config is not None else load_config(None)
+    check_limits(config)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = discover_inputs(inputs, exclude=out)
+    with OutputLock(out, command=f"stemfast batch -> {out}"):
+        for what in recover_staged(out):
+            log.info("%s: %s (left by an interrupted run)", out, what)
+        return _run_batch_locked(inputs, out, config=config, model_path=model_path, scheduler=scheduler,
+                                 force=force, max_train_inputs=max_train_inputs, train_frames=train_frames,
+                                 frames_per_task=frames_per_task, cache_mb=cache_mb, show_progress=show_progress,
+                                 read_options=read_options or ReadOptions(), train=train, finetune=finetune)
+
+
+def _problem_results(problems: list[tuple[Path, str]]) -> list[InputResult]:
+    """Entries of the input folders that could not be looked at, as skipped results."""
+    out = []
+    for p, reason in problems:
+        log.error("%s: skipped: %s", p, reason)
+        out.append(InputResult(p.name or str(p), str(p), "skipped", reason))
+    return out
+
+
+def _run_batch_locked(inputs, out: Path, *, config, model_path, scheduler, force: bool, max_train_inputs: int,
+                      train_frames: int, frames_per_task: int, cache_mb: float | None, show_progress: bool,
+                      read_options: ReadOptions, train: bool = False, finetune: int = 0) -> BatchReport:
+    """:func:`run_batch` while holding the output folder's lock."""
+    t_start = time.perf_counter()
+    problems: list[tuple[Path, str]] = []
+    entries = discover_inputs(inputs, exclude=out, problems=problems)
+    extra_results = _problem_results(problems)
     chash = config_hash(config)
     report = BatchReport(out, [], chash, scheduler=scheduler if isinstance(scheduler, str) or scheduler is None
-                         else repr(scheduler))
+                         else repr(scheduler), problems=extra_results)
     if not entries:
         log.error("no micrographs found in %s", inputs)
+        report.results = extra_results
         return report
     log.info("%d inputs, settings %s", len(entries), chash)
 
-    # fingerprints (unchanged files are not read: their hash comes from the previous run's marker)
+    # content fingerprints (a changed file is redone even with the same size and mtime)
     unreadable: dict[str, str] = {}
     for e in entries:
         try:
@@ -1360,7 +1546,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         if e.name in unreadable:
             results[e.name] = _skip(e, out / e.name, unreadable[e.name], cache=False)
         elif not force:
-            sk = _cached_skip(e, out / e.name)
+            sk = _cached_skip(e, out / e.name, read_options, chash)
             if sk:
                 log.error("%s: skipped: %s", e.rel, sk.get("reason"))
                 results[e.name] = InputResult(e.name, str(e.path), "skipped", f"(cached) {sk.get('reason')}")
@@ -1383,7 +1569,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     train_info: dict | None = None
     if ms.sha256 is None:
         def on_skip(e: InputEntry, reason: str) -> None:
-            results[e.name] = _skip(e, out / e.name, reason, cache=True)
+            results[e.name] = _skip(e, out / e.name, reason, cache=True, read_options=read_options)
 
         cand = [e for e in good if e.name not in results]
         log.info("training the model on a sample of %d inputs", min(len(cand), max_train_inputs))
@@ -1391,7 +1577,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         model, train_info = train_batch_model(cand, config, max_train_inputs=max_train_inputs,
                                               train_frames=train_frames, prepared_cache=cache,
                                               cache_budget_bytes=budget, on_skip=on_skip, show_progress=show_progress,
-                                              init_model=base if ft else None, finetune_steps=ft)
+                                              init_model=base if ft else None, finetune_steps=ft,
+                                              read_options=read_options)
         report.model_trained = True
         report.train_seconds = float(train_info.get("seconds", 0.0))
         if model is None:
@@ -1405,7 +1592,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
             if ft:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
                 del extra["patch_size"]
                 model.extra.pop("patch_size", None)
-            model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
+            with _writing(out / MODEL_FILE):
+                model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
             sha = file_sha256(out / MODEL_FILE)
             from .model.shipped import describe_model
 
@@ -1448,8 +1636,9 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
             or (old.get("stemfast") or {}).get("version") != __version__
             or sorted((old.get("inputs") or {}).values()) != sorted(want_inputs.values())):
         ents = [e for e in entries if e.sha256]
-        write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
-                              checksums={str(e.path): e.sha256 for e in ents})
+        with _writing(toml_path):
+            write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
+                                  checksums={str(e.path): e.sha256 for e in ents})
 
     # analysis
     if todo:
@@ -1459,23 +1648,37 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
 
             res = run_distributed(todo, out, scheduler=scheduler, model_path=ms.path if ms.sha256 else None,
                                   model_sha=ms.sha256, config=config, chash=chash, frames_per_task=frames_per_task,
-                                  show_progress=show_progress)
+                                  show_progress=show_progress, read_options=read_options)
             results.update({r.name: r for r in res})
         else:
             for e in _bar(todo, show_progress, desc="analyse", unit="file"):
                 r = process_input(e, out, model=model, model_sha=ms.sha256, config=config, chash=chash,
-                                  prepared_cache=cache, show_progress=show_progress)
+                                  prepared_cache=cache, show_progress=show_progress, read_options=read_options)
                 results[e.name] = r
     if cache:
         cache.clear()
-    report.results = [results[e.name] for e in entries]
+    report.results = [results[e.name] for e in entries] + extra_results
     summaries = _summaries(out, report.results)
     report.stage_table = _batch_stage_table(summaries)
     report.seconds = time.perf_counter() - t_start
 
-    if report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists():
+    old_skipped = (_read_json(out / BATCH_SUMMARY_FILE) or {}).get("skipped")
+    if (report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists()
+            or not _same_skips(old_skipped, _skipped_list(report))):
         _write_batch_outputs(report, summaries, train_info)
     return report
+
+
+def _skipped_list(report: BatchReport) -> list[dict]:
+    return [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped]
+
+
+def _same_skips(old: list | None, new: list[dict]) -> bool:
+    """The same inputs skipped for the same reasons (a reason remembered from a run is "(cached) ...")."""
+    def key(items):
+        return sorted((str(d.get("name")), str(d.get("status")), str(d.get("reason") or "").removeprefix("(cached) "))
+                      for d in items or [])
+    return old is not None and key(old) == key(new)
 
 
 def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: dict | None) -> None:
@@ -1504,7 +1707,7 @@ def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info:
         "counts": {st: sum(r.status == st for r in report.results)
                    for st in ("done", "current", "partial", "skipped", "failed")},
         "inputs": [dataclasses.asdict(r) for r in report.results],
-        "skipped": [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped],
+        "skipped": _skipped_list(report),
         "stage_table": report.stage_table,
         "seconds": report.seconds,
         "peak_memory_mib": _peak_memory_mib(),
@@ -1513,27 +1716,21 @@ def _write_batch_outputs(report: BatchReport, summaries: list[dict], train_info:
     write_json(out / BATCH_SUMMARY_FILE, batch)
     try:
         write_html_report(out / REPORT_FILE, batch=batch, summaries=summaries, out_dir=out)
-    except Exception:  # noqa: BLE001 - the report must not lose the results
+    except OSError as exc:  # disk full, ...: the previous report stays (atomic write); say so
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write the report: {describe_os_error(exc, out / REPORT_FILE)} (the results "
+                          f"and {BATCH_SUMMARY_FILE} are written; the previous report is unchanged)") from None
+    except Exception:  # noqa: BLE001 - a report bug must not lose the results
         log.exception("could not write %s", out / REPORT_FILE)
 
 
 # ----------------------------------------------------------------------------- command line
 
-
-def _parse_set(items: Sequence[str]) -> dict:
-    import tomllib
-
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ValueError(f"--set needs KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            val = tomllib.loads(f"v = {v}")["v"]
-        except tomllib.TOMLDecodeError:
-            val = v
-        out[k.strip()] = val
-    return out
+# one definition of the shared options, the settings parsing and the exit codes (stemfast.cli_options,
+# stemfast.errors); these names stay importable from here
+from .cli_options import config_from_args  # noqa: E402
+from .cli_options import parse_set as _parse_set  # noqa: E402,F401
 
 
 def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
@@ -1547,15 +1744,14 @@ def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``batch`` options to ``p`` (shared by ``stemfast batch`` and :func:`run_batch_cli`)."""
+    from .cli_options import add_input_options, add_settings_options
+
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
                    help="folder(s) searched recursively for micrographs (TIFF, NPY, DM3/DM4, EMD, SER, MRC, "
                         "HDF5; see stemfast.io.SUPPORTED_EXTENSIONS), and/or single files")
     p.add_argument("-o", "--output", default="stemfast-out", metavar="OUT",
                    help="results folder (default: ./stemfast-out); one sub-folder per input plus model.pt, "
                         "stemfast.toml, batch_summary.json and report.html")
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="settings file (TOML: [sites], [sites.lattice], [model], [analysis], patch_size); a "
-                        "results folder's stemfast.toml works too. Options below override it")
     p.add_argument("--model", metavar="MODEL.pt", default=None,
                    help="use this trained model (default: the pretrained model shipped with stemfast)")
     add_model_choice_arguments(p)
@@ -1565,19 +1761,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "folder all workers can write)")
     p.add_argument("--force", action="store_true",
                    help="redo everything: ignore finished results, retrain the model, retry unreadable files")
-    g = p.add_argument_group("settings (override the --config file)")
-    g.add_argument("--plain-vae", action="store_true",
-                   help="plain VAE instead of the rotation-invariant rVAE (model.model = 'vae')")
-    g.add_argument("--latent-dim", type=int, default=None, metavar="N", help="latent size (model.latent_dim)")
-    g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
-    g.add_argument("--spacing", type=float, default=None, metavar="PX",
-                   help="nearest-neighbour column spacing in px (sites.spacing; default: estimated per image)")
-    add_material_argument(g)
-    g.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
-                   help="kernel backend (sites.backend; default: fastest available)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set analysis.defect_cutoff=6 --set model.device='\"cpu\"' "
-                        "(VALUE is parsed as TOML, else taken as a string); repeatable")
+    add_settings_options(p)
+    add_input_options(p)
     g2 = p.add_argument_group("batch")
     g2.add_argument("--train-inputs", type=int, default=16, metavar="N",
                     help="train on patches of at most N inputs, evenly spread over the batch (default 16)")
@@ -1586,26 +1771,31 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g2.add_argument("--frames-per-task", type=int, default=16, metavar="N",
                     help="frames of a stack per Dask task (default 16; 2-D images are one task per file)")
     g2.add_argument("--print-config", action="store_true", help="print the resolved settings (TOML) and exit")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
     return p
 
 
-_EPILOG = """\
+def _epilog() -> str:
+    from .cli_options import exit_status_epilog
+
+    return """\
 outputs (OUT/):
   <name>/sites.csv     one row per site: frame, x, y, source, intensity, class_id, recon_error,
                        anomaly_score, is_defect, defect_kind, angle (+ x_nm, y_nm when calibrated, + more)
   <name>/classes.png   sites coloured by class over the image
   <name>/defects.png   top defect candidates over the image + their patches
-  <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory
+  <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory, warnings
   <name>/tracks.csv    stacks: one row per defect track (sites.csv gets track_id); tracks.png its figure
   <name>/done.json     completion marker (written last): a rerun skips inputs whose marker is current
   model.pt, model.json the model (the shipped one unless --model/--train/--finetune) and its provenance
   stemfast.toml        resolved settings, stemfast version, input checksums
   batch_summary.json   statuses, skipped inputs with reasons, stage table
   report.html          everything in one offline HTML file
+  .stemfast.lock       while a run writes into OUT (a second run into the same OUT is refused)
 
-exit status: 0 all inputs analysed, 3 some inputs skipped (reported), 1 error.
-"""
+""" + exit_status_epilog() + "\n"
+
+
+_EPILOG = _epilog()
 
 
 def build_batch_parser(prog: str = "stemfast batch") -> argparse.ArgumentParser:
@@ -1614,24 +1804,6 @@ def build_batch_parser(prog: str = "stemfast batch") -> argparse.ArgumentParser:
         description="Analyse every micrograph of a folder with one model: sites, classes, defect candidates, "
                     "figures and a report. Reruns skip finished inputs; an interrupted run resumes.")
     return add_batch_arguments(p)
-
-
-def config_from_args(args) -> object:
-    """The ``PipelineConfig`` of parsed batch/analyze/train arguments (--config + options)."""
-    o: dict = _parse_set(getattr(args, "set", []) or [])
-    if getattr(args, "plain_vae", False):
-        o["model.model"] = "vae"
-    if getattr(args, "latent_dim", None) is not None:
-        o["model.latent_dim"] = args.latent_dim
-    if getattr(args, "epochs", None) is not None:
-        o["model.epochs"] = args.epochs
-    if getattr(args, "spacing", None) is not None:
-        o["sites.spacing"] = args.spacing
-    if getattr(args, "material", None) is not None:
-        o["sites.material"] = args.material
-    if getattr(args, "backend", None):
-        o["sites.backend"] = args.backend
-    return load_config(getattr(args, "config", None), o)
 
 
 def _print_report(report: BatchReport) -> None:
@@ -1645,6 +1817,9 @@ def _print_report(report: BatchReport) -> None:
              f"; model {report.model_source}" if report.model_source else ""))
     if report.stage_table:
         print(format_stage_table(report.stage_table))
+    for r in res:
+        for w in r.warnings:
+            print(f"warning: {r.path}: {w}", file=sys.stderr)
     for r in report.skipped:
         print(f"{r.status}: {r.path}: {r.reason}", file=sys.stderr)
     print(f"report: {report.out_dir / REPORT_FILE}")
@@ -1652,11 +1827,18 @@ def _print_report(report: BatchReport) -> None:
 
 def run_batch_from_args(args) -> int:
     """Run a batch from parsed arguments (see :func:`add_batch_arguments`); returns the exit status."""
+    from .cli_options import read_options_from_args
+    from .errors import SettingsError, report_cli_error
+
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        read_options = read_options_from_args(args)
+        if args.scheduler:
+            from .distributed import parse_scheduler
+
+            parse_scheduler(args.scheduler)
+    except SettingsError as exc:
+        return report_cli_error(exc)
     if getattr(args, "print_config", False):
         from .config import dump_config
 
@@ -1666,11 +1848,14 @@ def run_batch_from_args(args) -> int:
         report = run_batch([Path(p) for p in args.inputs], Path(args.output), config=config, model_path=args.model,
                            scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
                            train_frames=args.train_frames, frames_per_task=args.frames_per_task,
-                           train=getattr(args, "train", False), finetune=getattr(args, "finetune", 0) or 0)
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
+                           read_options=read_options, train=getattr(args, "train", False),
+                           finetune=getattr(args, "finetune", 0) or 0)
+    except BaseException as exc:  # noqa: BLE001 - every expected failure becomes a message and an exit status
         log.debug("batch failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        code = report_cli_error(exc)
+        if code is None:
+            raise
+        return code
     if not report.results:
         print(f"error: no micrographs found in {' '.join(args.inputs)}", file=sys.stderr)
         return EXIT_ERROR

@@ -9,29 +9,26 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
+from .cli_options import add_backend_option, add_input_options, add_spacing_option, add_verbose_option
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED, report_cli_error  # noqa: F401 - EXIT_SKIPPED re-exported
 from .logutil import setup_logging
 from .materials import add_material_argument
 
 log = logging.getLogger("stemfast.cli")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_SKIPPED = 3  # batch finished, but some inputs were skipped (reported)
-
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
-    p.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
-                   help="kernel backend (default: fastest available)")
+    add_verbose_option(p)
+    add_backend_option(p)
 
 
 def _add_site_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("lattice front end")
-    g.add_argument("--spacing", type=float, default=None,
-                   help="nearest-neighbour column spacing in px (default: estimated from the image)")
+    add_spacing_option(g)
     g.add_argument("--refine", choices=["gauss", "com", "none"], default=None,
                    help="sub-pixel refinement of the columns (default gauss)")
     g.add_argument("--no-fill", action="store_true", help="do not add predicted lattice sites")
@@ -56,6 +53,13 @@ def _site_overrides(args) -> dict:
     return o
 
 
+def _site_settings(args):
+    """The checked ``SiteSettings`` of the ``sites`` options (:class:`~stemfast.errors.SettingsError`)."""
+    from .config import load_config
+
+    return load_config(None, {"sites": _site_overrides(args)}).sites
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="stemfast",
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output table (.csv, or .parquet); default: IMAGE stem + '.sites.csv'")
     p.add_argument("--frame", type=int, default=None, help="only this frame of a stack")
     _add_site_options(p)
+    add_input_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_sites)
 
@@ -100,26 +105,50 @@ def _extra_subcommands():
 
 
 def cmd_sites(args) -> int:
-    from .io import ReadError, read
+    try:
+        return _cmd_sites(args)
+    except BaseException as exc:  # noqa: BLE001 - expected failures become a message and an exit status
+        log.debug("sites failed", exc_info=True)
+        code = report_cli_error(exc)
+        if code is None:
+            raise
+        return code
+
+
+def _cmd_sites(args) -> int:
+    from .batch import _read
+    from .cli_options import read_options_from_args
+    from .errors import SettingsError
+    from .sanity import check_spacing_fits, spacing_warnings
     from .sites import find_sites
     from .table import SiteTable
 
-    path = Path(args.image)
     try:
-        mg = read(path)
-    except ReadError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        settings = _site_settings(args)
+        read_options = read_options_from_args(args)
+    except SettingsError as exc:
+        return report_cli_error(exc)
+    path = Path(args.image)
+    mg = _read(path, read_options)
     out = Path(args.output) if args.output else path.with_suffix("").with_name(path.stem + ".sites.csv")
     frames = [args.frame] if args.frame is not None else list(range(mg.n_frames))
+    if args.frame is not None and not -mg.n_frames <= args.frame < mg.n_frames:
+        return report_cli_error(SettingsError(f"--frame {args.frame}: {path} has {mg.n_frames} frame(s)"))
+    check_spacing_fits(settings.spacing, mg.shape2d)
     tables = []
     t0 = time.perf_counter()
     import numpy as np
 
-    for f in frames:
+    for i, f in enumerate(frames):
         img = mg.frame(f)
-        t = find_sites(img, pixel_size=mg.pixel_size, unit=mg.unit, **_site_overrides(args))
+        if i == 0:
+            for w in spacing_warnings(img, settings.spacing, settings):
+                print(f"warning: {path}: {w}", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = find_sites(img, settings=settings, pixel_size=mg.pixel_size, unit=mg.unit)
+        for w in caught:
+            print(f"warning: {path}" + (f" frame {f}" if mg.is_stack else "") + f": {w.message}", file=sys.stderr)
         tables.append(t.with_columns({"frame": np.full(len(t), f, dtype=np.int64)}))
     table = SiteTable.concat(tables) if len(tables) > 1 else tables[0]
     if len(table) and "frame" in table:

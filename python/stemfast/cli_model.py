@@ -13,31 +13,34 @@ import sys
 import time
 from pathlib import Path
 
-from .materials import add_material_argument
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED, SettingsError, report_cli_error
 
 log = logging.getLogger("stemfast.cli")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-
 
 def _add_settings(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    """--config and the common setting overrides (same meaning as in ``stemfast batch``)."""
-    g = p.add_argument_group("settings")
-    g.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="settings file (TOML: [sites], [sites.lattice], [model], [analysis], patch_size)")
-    if model:
-        g.add_argument("--plain-vae", action="store_true", help="plain VAE instead of the rVAE (model.model = 'vae')")
-        g.add_argument("--latent-dim", type=int, default=None, metavar="N", help="latent size (model.latent_dim)")
-        g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
-    g.add_argument("--spacing", type=float, default=None, metavar="PX",
-                   help="nearest-neighbour column spacing in px (default: estimated per image)")
-    add_material_argument(g)
-    g.add_argument("--backend", choices=["cpp", "numba", "numpy"], default=None,
-                   help="kernel backend (default: fastest available)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set analysis.defect_cutoff=6 (VALUE parsed as TOML); repeatable")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    """--config and the common setting overrides (defined once: :func:`stemfast.cli_options.add_settings_options`)."""
+    from .cli_options import add_settings_options
+
+    add_settings_options(p, model=model, title="settings")
+
+
+def _exit_epilog() -> str:
+    from .cli_options import exit_status_epilog
+
+    return exit_status_epilog()
+
+
+def _guarded(fn, args) -> int:
+    """Run a command handler; expected failures become a message and an exit status (no traceback)."""
+    try:
+        return fn(args)
+    except BaseException as exc:  # noqa: BLE001
+        log.debug("%s failed", getattr(fn, "__name__", "command"), exc_info=True)
+        code = report_cli_error(exc)
+        if code is None:
+            raise
+        return code
 
 
 # ----------------------------------------------------------------------------- batch
@@ -63,7 +66,8 @@ def add_analyze(sub) -> None:
         "analyze", help="analyse one micrograph (the batch pipeline on one file)",
         description="Run one micrograph through the same code path as `stemfast batch`: OUT/<name>/sites.csv, "
                     "classes.png, defects.png, summary.json, plus OUT/model.pt (the pretrained model shipped "
-                    "with stemfast unless --model, --train or --finetune) and OUT/report.html.")
+                    "with stemfast unless --model, --train or --finetune) and OUT/report.html.",
+        epilog=_exit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
                    help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
@@ -74,28 +78,36 @@ def add_analyze(sub) -> None:
     add_model_choice_arguments(p)
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     _add_settings(p)
+    _add_inputs(p)
     p.set_defaults(func=cmd_analyze)
 
 
+def _add_inputs(p) -> None:
+    from .cli_options import add_input_options
+
+    add_input_options(p)
+
+
 def cmd_analyze(args) -> int:
+    return _guarded(_cmd_analyze, args)
+
+
+def _cmd_analyze(args) -> int:
     from .batch import _print_report, config_from_args, run_batch
+    from .cli_options import read_options_from_args
 
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        read_options = read_options_from_args(args)
+    except SettingsError as exc:
+        return report_cli_error(exc)
     path = Path(args.file)
     if not path.is_file():
         print(f"error: no such file: {path}", file=sys.stderr)
         return EXIT_ERROR
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
-    try:
-        report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
-                           train=args.train, finetune=args.finetune or 0)
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
+                       read_options=read_options, train=args.train, finetune=args.finetune or 0)
     _print_report(report)
     return report.exit_code
 
@@ -108,27 +120,37 @@ def add_train(sub) -> None:
         "train", help="train a model on the sites of one or more micrographs",
         description="Find the sites of the images, cut their patches and train one (r)VAE on a sample of them; "
                     "the model (with its patch size and settings) is written to MODEL.pt for "
-                    "`stemfast batch --model` / `stemfast analyze --model`.")
+                    "`stemfast batch --model` / `stemfast analyze --model`.",
+        epilog=_exit_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="micrograph files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.pt", help="model file to write")
     p.add_argument("--train-frames", type=int, default=4, metavar="N", help="frames per stack used (default 4)")
     p.add_argument("--max-inputs", type=int, default=64, metavar="N",
                    help="use at most N of the inputs, evenly spread (default 64)")
     _add_settings(p)
+    _add_inputs(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
+    return _guarded(_cmd_train, args)
+
+
+def _cmd_train(args) -> int:
     from . import __version__
     from .batch import config_from_args, discover_inputs, train_batch_model
+    from .cli_options import read_options_from_args
     from .config import config_hash, config_to_dict
 
     try:
         config = config_from_args(args)
-        entries = discover_inputs([Path(p) for p in args.images])
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        read_options = read_options_from_args(args)
+    except SettingsError as exc:
+        return report_cli_error(exc)
+    problems: list = []
+    entries = discover_inputs([Path(p) for p in args.images], problems=problems)
+    for q, reason in problems:
+        print(f"skipped: {q}: {reason}", file=sys.stderr)
     if not entries:
         print("error: no micrographs found", file=sys.stderr)
         return EXIT_ERROR
@@ -139,7 +161,7 @@ def cmd_train(args) -> int:
         skipped.append((e.rel, reason))
 
     model, info = train_batch_model(entries, config, max_train_inputs=args.max_inputs,
-                                    train_frames=args.train_frames, on_skip=on_skip)
+                                    train_frames=args.train_frames, on_skip=on_skip, read_options=read_options)
     if model is None:
         print("error: no image had a lattice: nothing to train on", file=sys.stderr)
         return EXIT_ERROR
@@ -152,7 +174,7 @@ def cmd_train(args) -> int:
           f"(patch {info['patch_size']} px) in {info.get('train_s', 0.0):.1f} s -> {out}")
     for rel, reason in skipped:
         print(f"skipped: {rel}: {reason}", file=sys.stderr)
-    return 3 if skipped else EXIT_OK
+    return EXIT_SKIPPED if (skipped or problems) else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- bench
@@ -179,6 +201,10 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    return _guarded(_cmd_bench, args)
+
+
+def _cmd_bench(args) -> int:
     import numpy as np
 
     from .batch import _peak_memory_mib, config_from_args
@@ -189,9 +215,8 @@ def cmd_bench(args) -> int:
 
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    except SettingsError as exc:
+        return report_cli_error(exc)
     o = {"model.max_train_patches": args.train_patches}
     if args.epochs is None and not args.config:
         o["model.epochs"] = 3  # a throughput run, not a quality run

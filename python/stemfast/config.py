@@ -48,6 +48,9 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .backend import BACKENDS
+from .errors import SettingsError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -63,6 +66,10 @@ __all__ = [
     "apply_overrides",
     "METADATA_TABLES",
     "NONE_STRING",
+    "SETTING_LIMITS",
+    "MAX_CLASSES",
+    "MAX_SPACING_PX",
+    "check_limits",
 ]
 
 #: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
@@ -74,6 +81,26 @@ NONE_STRING = "none"
 
 _SECTIONS = ("sites", "model", "analysis", "tracking")
 _TOP_KEYS = ("patch_size",)
+
+#: Most classes k-means may be asked for (more classes than this describe sites, not kinds of sites).
+MAX_CLASSES = 64
+#: Largest column spacing accepted (px); whether a spacing fits an image is checked per image
+#: (:func:`stemfast.sanity.check_spacing_fits`).
+MAX_SPACING_PX = 2048.0
+
+#: Checks on single settings beyond their type (which the dataclasses' annotations give):
+#: ``"section.key": (low, high)`` (inclusive; ``None`` = open) or a tuple of allowed strings.
+#: Every float setting must also be finite unless its default is not (NaN is never accepted).
+SETTING_LIMITS: dict[str, tuple] = {
+    # lower bounds the settings classes check themselves (spacing >= 2, defect_cutoff > 0, ...) are not repeated
+    "sites.spacing": (None, MAX_SPACING_PX),
+    "sites.backend": BACKENDS,
+    "analysis.n_classes": (1, MAX_CLASSES),
+    "analysis.k_range": (1, MAX_CLASSES),
+    "model.epochs": (1, 100000),
+    "model.latent_dim": (1, 1024),
+    "patch_size": (None, 1024),
+}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -94,13 +121,13 @@ def _nest(flat: Mapping[str, Any]) -> dict:
         for p in parts[:-1]:
             nxt = d.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ValueError(f"override {key!r}: {p!r} is a value, not a section")
+                raise SettingsError(f"override {key!r}: {p!r} is a value, not a section")
             d = nxt
         leaf = parts[-1]
         if isinstance(value, Mapping):
             existing = d.setdefault(leaf, {})
             if not isinstance(existing, dict):
-                raise ValueError(f"override {key!r}: conflicting value and section")
+                raise SettingsError(f"override {key!r}: conflicting value and section")
             _deep_merge(existing, _nest(value))
         else:
             d[leaf] = value
@@ -138,7 +165,7 @@ def _coerce(value, tp, where: str):
         if value is None or (isinstance(value, str) and value.lower() == NONE_STRING and type(None) in args):
             if type(None) in args:
                 return None
-            raise ValueError(f"{where}: None is not allowed (expected {_type_name(tp)})")
+            raise SettingsError(f"{where}: None is not allowed (expected {_type_name(tp)})")
         errors = []
         # exact type matches first, so that e.g. int | float keeps an int
         ordered = sorted((a for a in args if a is not type(None)),
@@ -148,31 +175,31 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, a, where)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise SettingsError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
-        raise ValueError(f"{where}: expected one of {list(choices)}, got {value!r}")
+        raise SettingsError(f"{where}: expected one of {list(choices)}, got {value!r}")
     if value is None:
-        raise ValueError(f"{where}: None is not allowed (expected {_type_name(tp)})")
+        raise SettingsError(f"{where}: None is not allowed (expected {_type_name(tp)})")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected an array ({_type_name(tp)}), got {value!r}")
+            raise SettingsError(f"{where}: expected an array ({_type_name(tp)}), got {value!r}")
         args = typing.get_args(tp)
         if origin is list or (len(args) == 2 and args[1] is Ellipsis) or not args:
             el = args[0] if args else Any
             items = [_coerce(v, el, f"{where}[{i}]") for i, v in enumerate(value)]
         else:
             if len(value) != len(args):
-                raise ValueError(f"{where}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}")
+                raise SettingsError(f"{where}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}")
             items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a table ([{where}]), got {value!r}")
+            raise SettingsError(f"{where}: expected a table ([{where}]), got {value!r}")
         return _build(tp, value, where)
     if tp is bool:
         if isinstance(value, (bool,)):
@@ -184,27 +211,27 @@ def _coerce(value, tp, where: str):
                 return bool(value)
         except ImportError:  # pragma: no cover
             pass
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise SettingsError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise SettingsError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if hasattr(value, "__index__"):  # numpy integers
             return int(value.__index__())
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        raise SettingsError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise SettingsError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, (int, float)) or hasattr(value, "__float__") and not isinstance(value, str):
             return float(value)
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise SettingsError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}: expected a string, got {value!r}")
+        raise SettingsError(f"{where}: expected a string, got {value!r}")
     return value  # unknown annotation: leave it to the dataclass
 
 
@@ -214,7 +241,7 @@ def _build(cls, data: Mapping, where: str, base=None):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(
+        raise SettingsError(
             f"unknown key {where + '.' if where else ''}{unknown[0]!s} in the configuration"
             f"{' (also: ' + ', '.join(map(str, unknown[1:])) + ')' if len(unknown) > 1 else ''}; "
             f"valid keys of [{where}]: {', '.join(names)}"
@@ -232,13 +259,73 @@ def _build(cls, data: Mapping, where: str, base=None):
                 val = _build(tp, val, f"{where}.{name}", base=cur if cur is not dataclasses.MISSING else None)
             else:
                 val = _coerce(val, tp, f"{where}.{name}")
+                _check_value(val, f"{where}.{name}", _field_default(cls, name))
             kwargs[name] = val
         elif cur is not dataclasses.MISSING:
             kwargs[name] = cur
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid [{where}] settings: {exc}") from exc
+        raise SettingsError(f"invalid [{where}] settings: {exc}") from exc
+
+
+def _field_default(cls, name: str):
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _not_finite(v) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def _check_value(val, where: str, default=None) -> None:
+    """Finite numbers (unless the default is not finite; NaN never) and :data:`SETTING_LIMITS`."""
+    items = val if isinstance(val, (list, tuple)) else [val]
+    dflt = default if isinstance(default, (list, tuple)) else [default]
+    for v in items:
+        if _not_finite(v) and (math.isnan(v) or not any(_not_finite(d) for d in dflt)):
+            raise SettingsError(f"{where} must be a finite number, got {v!r}")
+    lim = SETTING_LIMITS.get(where)
+    if lim is None:
+        return
+    for v in items:
+        if v is None:
+            continue
+        if lim and all(isinstance(x, str) for x in lim):
+            if v not in lim:
+                raise SettingsError(f"{where} must be one of {', '.join(lim)}, got {v!r}")
+            continue
+        lo, hi = lim
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                rng = (f">= {lo:g}" if hi is None else f"<= {hi:g}" if lo is None else f"between {lo:g} and {hi:g}")
+                raise SettingsError(f"{where} must be {rng}, got {v!r}")
+
+
+def check_limits(config) -> None:
+    """Check every setting of a ``PipelineConfig`` against :data:`SETTING_LIMITS` and the finite rule.
+
+    (:func:`load_config` and :func:`apply_overrides` check what they set; this checks a config built
+    in Python.)
+    """
+    d = config_to_dict(config)
+    defaults = config_to_dict(_default_config())
+
+    def walk(node, dnode, where):
+        for k, v in node.items():
+            w = f"{where}.{k}" if where else str(k)
+            dv = dnode.get(k) if isinstance(dnode, Mapping) else None
+            if isinstance(v, Mapping):
+                walk(v, dv or {}, w)
+            else:
+                _check_value(v, w, dv)
+
+    walk(d, defaults, "")
 
 
 def apply_overrides(config, data: Mapping) -> Any:
@@ -248,7 +335,7 @@ def apply_overrides(config, data: Mapping) -> Any:
     data = _nest(data)
     unknown = [k for k in data if k not in _SECTIONS + _TOP_KEYS]
     if unknown:
-        raise ValueError(
+        raise SettingsError(
             f"unknown key {unknown[0]!s} in the configuration; valid top-level keys: "
             f"{', '.join(_TOP_KEYS)} and the sections {', '.join('[' + s + ']' for s in _SECTIONS)}"
         )
@@ -257,7 +344,7 @@ def apply_overrides(config, data: Mapping) -> Any:
         cur = getattr(config, sec)
         if sec in data:
             if not isinstance(data[sec], Mapping):
-                raise ValueError(f"[{sec}] must be a table, got {data[sec]!r}")
+                raise SettingsError(f"[{sec}] must be a table, got {data[sec]!r}")
             kwargs[sec] = _build(type(cur), data[sec], sec, base=cur)
         else:
             kwargs[sec] = cur
@@ -265,7 +352,8 @@ def apply_overrides(config, data: Mapping) -> Any:
     if "patch_size" in data:
         patch_size = _coerce(data["patch_size"], int | None, "patch_size")
         if patch_size is not None and patch_size < 3:
-            raise ValueError(f"patch_size must be >= 3 px, got {patch_size}")
+            raise SettingsError(f"patch_size must be >= 3 px, got {patch_size}")
+        _check_value(patch_size, "patch_size")
     return PipelineConfig(**kwargs, patch_size=patch_size)
 
 
@@ -304,12 +392,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None
             try:
                 data = tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"{p}: not valid TOML: {exc}") from exc
+                raise SettingsError(f"{p}: not valid TOML: {exc}") from exc
         data = {k: v for k, v in data.items() if k not in METADATA_TABLES}
         try:
             config = apply_overrides(config, data)
         except ValueError as exc:
-            raise ValueError(f"{p}: {exc}") from exc
+            raise SettingsError(f"{p}: {exc}") from exc
     if overrides:
         config = apply_overrides(config, overrides)
     return config

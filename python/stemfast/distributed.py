@@ -33,15 +33,20 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
-__all__ = ["require_dask", "connect", "run_distributed", "parse_scheduler"]
+__all__ = ["require_dask", "connect", "run_distributed", "parse_scheduler", "check_scheduler"]
 
 log = logging.getLogger(__name__)
 
 _EXTRA_HINT = "pip install 'stemfast[distributed]'"
+#: Schemes of Dask addresses that reach a scheduler in another process.
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+#: Seconds to wait for a scheduler to accept a connection / answer as a Dask scheduler.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def require_dask():
@@ -74,9 +79,79 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
         if k < 1:
             raise ValueError(f"--scheduler local:N needs N >= 1, got {spec!r}")
         return "local", k
-    if "://" not in s and ":" not in s:
-        raise ValueError(f"--scheduler must be 'local:N' or a scheduler address like tcp://host:8786, got {spec!r}")
-    return "address", s
+    from .errors import SettingsError
+
+    scheme, sep, rest = s.partition("://")
+    if not sep:
+        scheme, rest = "tcp", s
+    if scheme == "inproc":
+        raise SettingsError(f"--scheduler {spec!r}: inproc:// addresses reach a scheduler inside the same process "
+                            "only; use local:N for a local cluster or tcp://host:port for a running scheduler")
+    if scheme not in _SCHEMES:
+        raise SettingsError(f"--scheduler must be 'local:N' or a scheduler address like tcp://host:8786 "
+                            f"(schemes: {', '.join(_SCHEMES)}), got {spec!r}")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"--scheduler {spec!r}: expected {scheme}://HOST:PORT (e.g. tcp://10.0.0.1:8786)")
+    return "address", s if sep else f"tcp://{s}"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.partition("://")[2].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_scheduler(spec: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast (:class:`~stemfast.errors.SchedulerError`, within ``timeout`` s) unless a Dask scheduler
+    answers at a ``tcp://`` address.
+
+    A Dask scheduler greets a new connection at once (a frame of 8-byte lengths, then msgpack);
+    nothing listening, a listener that stays silent (a web server waiting for a request) and one
+    that sends something else are told apart in the message. Other schemes are left to Dask.
+    """
+    import socket
+    import struct
+
+    from .errors import SchedulerError
+
+    kind, addr = parse_scheduler(spec)
+    if kind != "address" or not str(addr).startswith("tcp://"):
+        return
+    host, port = _host_port(str(addr))
+    t_end = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout:
+        raise SchedulerError(f"no Dask scheduler at {addr}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise SchedulerError(f"no Dask scheduler at {addr}: {(exc.strerror or str(exc)).lower()} "
+                             "(is the scheduler running, and is the address right?)") from None
+    data = b""
+    try:
+        while len(data) < 24:
+            left = t_end - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
+            chunk = sock.recv(24 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        raise SchedulerError(f"no Dask scheduler at {addr}: something listens there but did not greet as a Dask "
+                             f"scheduler within {timeout:g} s (another service on that port?)") from None
+    except OSError as exc:
+        raise SchedulerError(f"no Dask scheduler at {addr}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    ok = len(data) >= 24
+    if ok:
+        total, n_frames, first = struct.unpack("<QQQ", data[:24])
+        ok = 16 <= total <= (1 << 24) and 1 <= n_frames <= 64 and first <= total
+    if not ok:
+        raise SchedulerError(f"no Dask scheduler at {addr}: something listens there but does not speak the Dask "
+                             f"protocol (it sent {data[:16]!r})")
 
 
 @contextlib.contextmanager
@@ -98,7 +173,7 @@ def connect(scheduler, *, dashboard_address: str | None = ":8787") -> Iterator[o
                                   dashboard_address=dashboard_address)
         client = dd.Client(cluster)
     else:
-        client = dd.Client(arg)
+        client = _client(dd, str(arg))
     try:
         link = getattr(client, "dashboard_link", None)
         n = len(client.scheduler_info().get("workers", {}))
@@ -112,6 +187,32 @@ def connect(scheduler, *, dashboard_address: str | None = ":8787") -> Iterator[o
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+
+def _client(dd, address: str, *, timeout: float = CONNECT_TIMEOUT_S):
+    """``dd.Client(address)`` within ``timeout`` s; :class:`~stemfast.errors.SchedulerError` with the cause when
+    nothing answers or the listener is not a Dask scheduler (its reply can look like anything: a
+    web server's makes Dask try to allocate exabytes)."""
+    import logging as _logging
+
+    from .errors import SchedulerError
+
+    check_scheduler(address, timeout=timeout)
+    quiet = [_logging.getLogger(n) for n in ("distributed.comm.tcp", "distributed.core", "distributed.client",
+                                             "distributed.protocol.core", "distributed.comm.core")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(_logging.CRITICAL)
+    try:
+        return dd.Client(address, timeout=f"{timeout}s")
+    except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, MemoryError, protocol errors
+        raise SchedulerError(f"no Dask scheduler at {address}: something listens there but did not answer as a "
+                             f"Dask scheduler within {timeout:g} s ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -138,24 +239,25 @@ def worker_model(data: bytes | None, sha: str | None):
     return m
 
 
-def _task_file(entry, out_dir, model_data, model_sha, config, chash):
+def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):
     from .batch import process_input
 
     return process_input(entry, out_dir, model=worker_model(model_data, model_sha), model_sha=model_sha,
-                         config=config, chash=chash)
+                         config=config, chash=chash, read_options=read_options)
 
 
-def _task_chunk(entry, out_dir, start, stop, model_data, model_sha, config, chash):
+def _task_chunk(entry, out_dir, start, stop, model_data, model_sha, config, chash, read_options=None):
     from .batch import process_chunk
 
     return process_chunk(entry, out_dir, start, stop, model=worker_model(model_data, model_sha),
-                         model_sha=model_sha, config=config, chash=chash)
+                         model_sha=model_sha, config=config, chash=chash, read_options=read_options)
 
 
-def _task_assemble(entry, out_dir, parts, config, chash, model_sha):
+def _task_assemble(entry, out_dir, parts, config, chash, model_sha, read_options=None):
     from .batch import assemble_parts
 
-    return assemble_parts(entry, out_dir, list(parts), config=config, chash=chash, model_sha=model_sha)
+    return assemble_parts(entry, out_dir, list(parts), config=config, chash=chash, model_sha=model_sha,
+                          read_options=read_options)
 
 
 # ----------------------------------------------------------------------------- client side
@@ -163,7 +265,7 @@ def _task_assemble(entry, out_dir, parts, config, chash, model_sha):
 
 def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, model_sha: str | None, config,
                     chash: str, frames_per_task: int = 16, show_progress: bool = True,
-                    dashboard_address: str | None = ":8787") -> list:
+                    dashboard_address: str | None = ":8787", read_options=None) -> list:
     """Analyse ``entries`` (:class:`stemfast.batch.InputEntry`) on Dask; returns their ``InputResult``.
 
     See the module docstring for the task layout.
@@ -181,13 +283,13 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
         n = e.n_frames
         if n is None:  # the file has not been opened in this run: open it (lazily) to plan its tasks
             try:
-                mg = io.read(e.path)
+                mg = B._read(e.path, read_options)
                 n = B._n_frames(mg)
                 e.n_frames = n
                 del mg
             except Exception as exc:  # noqa: BLE001 - unreadable: report it like the in-process run
                 reason = str(exc) if isinstance(exc, io.ReadError) else f"cannot read: {type(exc).__name__}: {exc}"
-                results[e.name] = B._skip(e, out / e.name, reason, cache=True)
+                results[e.name] = B._skip(e, out / e.name, reason, cache=True, read_options=read_options)
                 continue
         plan.append((e, n))
     if not plan:
@@ -203,17 +305,17 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
         futures = []
         for e, n in plan:
             d = out / e.name
-            d.mkdir(parents=True, exist_ok=True)
-            B._clean_dir(d)
+            if d.is_dir():
+                B._clean_dir(d)
             if n <= frames_per_task:
-                f = client.submit(_task_file, e, str(out), model_ref, model_sha, config, chash,
+                f = client.submit(_task_file, e, str(out), model_ref, model_sha, config, chash, read_options,
                                   key=f"stemfast-file-{e.name}-{tag}", retries=2, pure=False)
             else:
                 chunks = [client.submit(_task_chunk, e, str(out), s, min(s + frames_per_task, n), model_ref,
-                                        model_sha, config, chash, key=f"stemfast-chunk-{e.name}-{s}-{tag}",
-                                        retries=2, pure=False)
+                                        model_sha, config, chash, read_options,
+                                        key=f"stemfast-chunk-{e.name}-{s}-{tag}", retries=2, pure=False)
                           for s in range(0, n, frames_per_task)]
-                f = client.submit(_task_assemble, e, str(out), chunks, config, chash, model_sha,
+                f = client.submit(_task_assemble, e, str(out), chunks, config, chash, model_sha, read_options,
                                   key=f"stemfast-assemble-{e.name}-{tag}", retries=2, pure=False)
             fut_to_entry[f.key] = e
             futures.append(f)
@@ -225,7 +327,7 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
                     r = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a task that failed for good
                     log.debug("task %s failed", fut.key, exc_info=True)
-                    r = B._skip(e, out / e.name, f"task failed: {type(exc).__name__}: {exc}", cache=False,
+                    r = B._skip(e, out / e.name, f"task failed: {B._failure_reason(exc)}", cache=False,
                                 status="failed")
                 results[e.name] = r
                 bar.update(1)

@@ -38,6 +38,8 @@ __all__ = [
     "read",
     "write_tiff",
     "find_micrographs",
+    "scan_micrographs",
+    "available_memory_bytes",
     "SUPPORTED_EXTENSIONS",
     "MIN_SIDE",
     "unit_to_nm",
@@ -216,7 +218,8 @@ class Micrograph:
 # public entry points
 # ---------------------------------------------------------------------------------------------
 def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None = None,
-         dataset: str | None = None, allow_nonfinite: bool = False) -> Micrograph:
+         dataset: str | None = None, allow_nonfinite: bool = False,
+         max_nonfinite_fraction: float = 1.0) -> Micrograph:
     """Read a micrograph file.
 
     Parameters
@@ -227,7 +230,9 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         sequence of indices. ``None`` reads all.
     dataset : HDF5 only: path of the dataset inside the file (default: the first 2-D/3-D one).
     allow_nonfinite : replace NaN/inf pixels by the median of the frame (with a warning)
-        instead of raising.
+        instead of raising (command line: ``--fill-nonfinite``).
+    max_nonfinite_fraction : with ``allow_nonfinite``, raise all the same when more than this
+        fraction of the pixels of a frame are not finite (the fill would invent the image).
 
     Returns
     -------
@@ -238,8 +243,9 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     ReadError
         The file is missing, unreadable, corrupt or truncated, of an unsupported type, or holds
         no usable image (empty, 1-D, more than 3 dimensions, complex, smaller than
-        :data:`MIN_SIDE` px a side, non-finite values); also when an optional reader is not
-        installed.
+        :data:`MIN_SIDE` px a side, non-finite values); when the image it declares would not fit
+        in the available memory (checked from the header, before the data are loaded; see
+        :func:`available_memory_bytes`); also when an optional reader is not installed.
 
     Notes
     -----
@@ -249,6 +255,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     ``pixel_size``/``unit``, and the calibration of the last two axes of RosettaSciIO and MRC
     files. Known length units are converted to nm. RGB(A) images become grey
     (``0.299 R + 0.587 G + 0.114 B``) with a :class:`ReadWarning`; integer data become float32.
+    Values float32 cannot carry safely (beyond 1e9 in magnitude, a range below 1e-6, or an
+    offset more than 4096 times the range, e.g. an int64 image scaled by 1e16) are rescaled in
+    float64 to ``(x - min) / (max - min)`` first, with a :class:`ReadWarning`; ``metadata["rescaled"]``
+    records the offset and scale.
 
     Examples
     --------
@@ -296,7 +306,7 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         raise ReadError(p, f"unreadable or corrupt {kind} file "
                            f"({type(exc).__name__}: {exc})") from exc
     data, pixel_size, unit, meta = raw
-    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite)
+    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction)
     pixel_size, unit = _normalise_calibration(pixel_size, unit)
     meta.setdefault("format", ext[1:])
     log.debug("read %s: shape %s, pixel size %s %s", p, data.shape, pixel_size, unit)
@@ -385,23 +395,80 @@ def find_micrographs(directory: str | os.PathLike, *, recursive: bool = True) ->
     >>> [p.name for p in find_micrographs(d)]
     ['a.npy', 'b.tif']
     """
+    files, problems = scan_micrographs(directory, recursive=recursive)
+    for p, reason in problems:
+        log.warning("%s: %s", p, reason)
+    return files
+
+
+def _scandir(path):
+    """``os.scandir`` (a seam for the tests)."""
+    return os.scandir(path)
+
+
+def scan_micrographs(directory: str | os.PathLike, *,
+                     recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Micrograph files of a folder and the entries that could not be looked at.
+
+    Like :func:`find_micrographs`, plus a list of ``(path, reason)`` for what would otherwise
+    vanish silently: a sub-folder that cannot be read, a dangling symbolic link with a micrograph
+    extension, an entry that cannot be examined.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> np.save(os.path.join(d, "a.npy"), np.zeros((16, 16)))
+    >>> os.symlink(os.path.join(d, "gone.tif"), os.path.join(d, "link.tif"))
+    >>> files, problems = scan_micrographs(d)
+    >>> [p.name for p in files], [(p.name, r.split(" (")[0]) for p, r in problems]
+    (['a.npy'], [('link.tif', 'dangling symbolic link')])
+    """
     root = Path(directory)
     if not root.exists():
         raise ReadError(root, "folder not found")
     if not root.is_dir():
         raise ReadError(root, "not a folder")
-    candidates = root.rglob("*") if recursive else root.iterdir()
-    found = []
-    for p in candidates:
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
+    found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with _scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            from .errors import describe_os_error
+
+            problems.append((folder, f"folder not readable ({describe_os_error(exc, folder).split(': ', 1)[-1]}); "
+                                     "its files are not analysed"))
             continue
-        name = p.name.lower()
-        if p.suffix.lower() not in SUPPORTED_EXTENSIONS or name.endswith(".truth.npz"):
-            continue
-        if not p.is_file():
-            continue
-        found.append(p)
+        for ent in entries:
+            if ent.name.startswith("."):
+                continue
+            p = Path(ent.path)
+            try:
+                is_link = ent.is_symlink()
+                if ent.is_dir(follow_symlinks=False):
+                    if recursive:
+                        stack.append(p)
+                    continue
+            except OSError as exc:
+                problems.append((p, f"cannot examine ({exc})"))
+                continue
+            name = ent.name.lower()
+            if p.suffix.lower() not in SUPPORTED_EXTENSIONS or name.endswith(".truth.npz"):
+                continue
+            try:
+                ok = ent.is_file(follow_symlinks=True)
+            except OSError as exc:
+                problems.append((p, f"cannot examine ({exc})"))
+                continue
+            if not ok:
+                if is_link and not p.exists():
+                    problems.append((p, f"dangling symbolic link (points to {os.readlink(p)}, which does not exist)"))
+                continue
+            found.append(p)
     sers = {(p.parent, p.stem.lower()) for p in found if p.suffix.lower() == ".ser"}
     out = []
     for p in found:
@@ -410,15 +477,86 @@ def find_micrographs(directory: str | os.PathLike, *, recursive: bool = True) ->
             if any(par == p.parent and (s == stem or s.startswith(stem + "_")) for par, s in sers):
                 continue
         out.append(p)
-    return sorted(out)
+    return sorted(out), sorted(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+#: Working copies of one float32 frame the analysis holds besides the data (bandpass, refinement);
+#: the 16k x 16k batch peaks at ~3 GB for a 1 GB frame.
+_WORK_COPIES = 2
+
+
+def available_memory_bytes() -> int:
+    """Memory the process can use: ``STEMFAST_MEMORY_LIMIT_MB`` if set, else MemAvailable + SwapFree.
+
+    Examples
+    --------
+    >>> available_memory_bytes() > 0
+    True
+    """
+    env = os.environ.get("STEMFAST_MEMORY_LIMIT_MB")
+    if env:
+        try:
+            return int(float(env) * 2**20)
+        except ValueError:
+            log.warning("STEMFAST_MEMORY_LIMIT_MB=%r is not a number; ignored", env)
+    try:
+        info = {}
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info[k.strip()] = int(v.split()[0]) * 1024
+        return int(info.get("MemAvailable", info.get("MemFree", 0)) + info.get("SwapFree", 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell
+        return 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_memory(path: Path, shape: Sequence[int], dtype, *, lazy_frames: bool = False) -> None:
+    """Refuse (ReadError naming the size) an image whose analysis would not fit in memory.
+
+    ``shape`` / ``dtype`` as declared by the file header; ``lazy_frames``: a stack read one frame at
+    a time (memory map), so only one frame is ever in memory.
+    """
+    shape = [int(s) for s in shape]
+    core = [s for s in shape if s != 1]
+    if len(core) < 2:
+        return
+    itemsize = max(1, int(np.dtype(dtype).itemsize)) if dtype is not None else 4
+    rgb = _is_rgb_shape(shape)
+    img = core[-3:-1] if rgb else core[-2:]
+    n_px = int(np.prod(shape, dtype=np.float64))
+    frame_f32 = 4.0 * float(img[0]) * float(img[1])
+    data = frame_f32 if lazy_frames else n_px * (itemsize + 4.0)  # the source array + its float32 copy
+    need = data + _WORK_COPIES * frame_f32
+    avail = float(available_memory_bytes())
+    if need > avail:
+        frames = f" x {core[0]} frames" if len(core) == 3 and not rgb else ""
+        raise ReadError(path, f"image too large for the memory: {img[0]} x {img[1]} px{frames} "
+                              f"({np.dtype(dtype) if dtype is not None else 'unknown type'}) needs about "
+                              f"{_gib(need)} to analyse, {_gib(avail)} available; crop or bin it, or use a "
+                              "machine with more memory")
 
 
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
-def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.ndarray:
+def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
+             max_nonfinite_fraction: float = 1.0) -> np.ndarray:
     """Shape/dtype/value checks and the float32 conversion shared by all readers."""
     if not isinstance(data, np.ndarray):
+        shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", None)
+        if shape is not None:
+            _check_memory(path, shape, dtype)
         data = np.asarray(data)
     dt = data.dtype
     meta.setdefault("source_dtype", str(dt))
@@ -450,6 +588,9 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.
         raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")
     keep_map = isinstance(data, np.memmap) and data.ndim == 3 and data.dtype == np.float32 \
         and data.dtype.isnative
+    _check_memory(path, data.shape, data.dtype, lazy_frames=keep_map)
+    if not keep_map and data.dtype.kind in "iuf":
+        data = _safe_range(path, data, meta)
     if keep_map:
         bad = 0
         for i in range(data.shape[0]):
@@ -466,12 +607,17 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.
         if bad == n:
             raise ReadError(path, "all values are NaN or infinite")
         if not allow_nonfinite:
-            raise ReadError(path, f"{bad} of {n} values are NaN or infinite "
-                                  "(read(..., allow_nonfinite=True) replaces them by the median)")
+            raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
+                                  "read(..., allow_nonfinite=True), replaces a few of them by the frame median)")
         data = np.array(data, dtype=np.float32, order="C")
         stack = data if data.ndim == 3 else data[None]
-        for fr in stack:
+        for i, fr in enumerate(stack):
             m = ~np.isfinite(fr)
+            frac = float(np.count_nonzero(m)) / float(m.size)
+            if frac > max_nonfinite_fraction:
+                where = f"frame {i}: " if data.ndim == 3 else ""
+                raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite, more than the "
+                                      f"{max_nonfinite_fraction:.2%} that may be filled (--nonfinite-limit)")
             if m.any():
                 good = fr[~m]
                 fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
@@ -480,6 +626,57 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool) -> np.
         log.info("%s", msg)
         meta["nonfinite_replaced"] = bad
     return data
+
+
+#: float32 carries an image safely when its values stay within this magnitude ...
+_SAFE_MAX = 1e9
+#: ... its range is at least this ...
+_SAFE_MIN_RANGE = 1e-6
+#: ... and its offset is at most this many times its range (float32 keeps 24 bits).
+_SAFE_OFFSET = 4096.0
+
+
+def _finite_min_max(data: np.ndarray) -> tuple[float, float] | None:
+    """Smallest and largest finite value (float64), frame by frame / in row blocks; None if none."""
+    lo, hi = math.inf, -math.inf
+    flat = data.reshape(-1, data.shape[-1])
+    step = max(1, (1 << 22) // max(1, data.shape[-1]))
+    for a in range(0, flat.shape[0], step):
+        b = np.asarray(flat[a:a + step])
+        if b.dtype.kind == "f":
+            b = b[np.isfinite(b)]
+            if b.size == 0:
+                continue
+        lo = min(lo, float(np.min(b)))
+        hi = max(hi, float(np.max(b)))
+    return None if lo > hi else (lo, hi)
+
+
+def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
+    """Rescale (in float64) values float32 cannot carry safely to ``(x - min) / (max - min)``."""
+    if data.dtype.itemsize < 4 and data.dtype.kind in "iu":
+        return data  # 8/16-bit integers always fit
+    mm = _finite_min_max(data)
+    if mm is None:
+        return data
+    lo, hi = mm
+    rng = hi - lo
+    big = max(abs(lo), abs(hi))
+    if rng == 0 or (big <= _SAFE_MAX and rng >= _SAFE_MIN_RANGE and big <= _SAFE_OFFSET * rng):
+        return data
+    out = np.empty(data.shape, dtype=np.float32)
+    flat_in = data.reshape(-1, data.shape[-1])
+    flat_out = out.reshape(-1, data.shape[-1])
+    step = max(1, (1 << 22) // max(1, data.shape[-1]))
+    scale = 1.0 / rng
+    for a in range(0, flat_in.shape[0], step):
+        flat_out[a:a + step] = (np.asarray(flat_in[a:a + step], dtype=np.float64) - lo) * scale
+    msg = (f"{path}: pixel values from {lo:.6g} to {hi:.6g} do not fit float32 safely; rescaled to "
+           "(x - min) / (max - min) in float64")
+    warnings.warn(msg, ReadWarning, stacklevel=4)
+    log.info("%s", msg)
+    meta["rescaled"] = {"offset": lo, "scale": rng, "note": "data = (source - offset) / scale"}
+    return out
 
 
 def _to_grey(data: np.ndarray) -> np.ndarray:
@@ -612,11 +809,13 @@ def _read_tiff(path: Path, frames: Any):
                 idx = _frame_index(path, frames, n_pages)
                 key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
                        else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
+                _check_memory(path, [len(key) if isinstance(key, list) else 1, *series.shape[-2:]], series.dtype)
                 arr = tif.asarray(series=0, key=key)
                 if isinstance(idx, (int, np.integer)):
                     arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
                 return arr, pixel_size, unit, meta
         if data is None:
+            _check_memory(path, series.shape, series.dtype)
             data = series.asarray()
             if rgb and axes.index("S") != len(axes) - 1:  # planar RGB: samples last
                 data = np.moveaxis(data, axes.index("S"), -1)
@@ -818,6 +1017,7 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
             else:
                 data = ds[idx]
         else:
+            _check_memory(path, ds.shape, ds.dtype)
             data = _select_frames(path, ds[()], frames)
     return data, ps, unit, meta
 
@@ -848,7 +1048,9 @@ def _read_mrc(path: Path, frames: Any):
         ps = float(vs.x) if float(vs.x) > 0 else None
         meta = {"format": "mrc", "reader": "mrcfile",
                 "voxel_size_A": [float(vs.x), float(vs.y), float(vs.z)]}
-        data = np.array(_select_frames(path, m.data, frames))
+        sel = _select_frames(path, m.data, frames)
+        _check_memory(path, sel.shape, sel.dtype)
+        data = np.array(sel)
     return data, ps, ("A" if ps else None), meta
 
 

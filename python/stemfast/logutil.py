@@ -14,10 +14,26 @@ def setup_logging(verbosity: int = 0) -> None:
     logger = logging.getLogger("stemfast")
     logger.setLevel(level)
     if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to the current ``sys.stderr`` (not the one at set-up: a command run
+    twice in one process, e.g. under a test runner that swaps stderr, must not log into a closed stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # set by StreamHandler.__init__; always sys.stderr
+        pass
 
 
 def show_progress() -> bool:

@@ -326,14 +326,16 @@ def _stage_html(rows: Sequence[Mapping]) -> str:
     return "".join(out)
 
 
-def _input_section(s: Mapping, folder: Path) -> str:
+def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = None) -> str:
     name = s.get("name", "?")
     status = s.get("status", "?")
     cls = "ok" if status in ("ok", "current") else "warn"
     inp = s.get("input", {})
     lat = s.get("lattice", {}) or {}
     parts = [f"<h2 id='{_e(name)}'>{_e(name)} <small class='{cls}'>[{_e(status)}]</small></h2>"]
+    msha = s.get("model_sha256")
     parts.append(f"<p><small>{_e(inp.get('path', ''))} &middot; sha256 {_e(str(inp.get('sha256', ''))[:16])}&hellip; "
+                 f"&middot; model {_e(str(msha or '-')[:16])}&hellip; "
                  f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
                  f"{' &middot; pixel ' + _e(inp.get('pixel_size')) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
                  f"</small></p>")
@@ -373,6 +375,12 @@ def _input_section(s: Mapping, folder: Path) -> str:
                          f"<td>{t['anomaly_score']:.2f}</td><td class='l'>{_e(t.get('defect_kind', ''))}</td>"
                          f"<td>{t.get('class_id', '')}</td><td>{'yes' if t.get('is_defect') else ''}</td></tr>")
         parts.append("</table>")
+    warns = list(s.get("warnings") or [])
+    if batch_model_sha and msha and msha != batch_model_sha:
+        warns.append(f"these results were made with model {str(msha)[:16]}..., not this batch's model "
+                     f"{batch_model_sha[:16]}...")
+    for w in warns:
+        parts.append(f"<p class='warn'>warning: {_e(w)}</p>")
     if s.get("frame_errors"):
         parts.append("<p class='bad'>frames that failed: "
                      + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
@@ -430,6 +438,6 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
             parts.append(f"<p>model training: {_fmt(tr.get('seconds'), 1)} s on {_e(tr.get('n_patches', '-'))} "
                          f"patches</p>")
     for s in summaries:
-        parts.append(_input_section(s, out_dir / str(s.get("name"))))
+        parts.append(_input_section(s, out_dir / str(s.get("name")), batch_model_sha=model.get("sha256")))
     parts.append("</body></html>\n")
     write_text(path, "\n".join(parts))

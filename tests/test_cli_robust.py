@@ -1,0 +1,497 @@
+"""Hostile and careless use of ``stemfast batch``: never a traceback, never a quietly wrong result.
+
+Each test makes its own small files; one tiny model is trained once for the module and then
+passed as ``--model`` (no training in the tests). Network cases use loopback only, with bounded
+time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stemfast
+from stemfast.batch import run_batch, run_batch_cli
+from stemfast.config import file_sha256, load_config
+from stemfast.errors import EXIT_BUSY, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED
+
+TINY = {"model": {"epochs": 1, "stn_epochs": 1, "max_train_patches": 300, "batch_size": 64, "input_size": 16,
+                  "channels": [8, 8, 8], "stn_channels": [4, 8], "patience": 1, "device": "cpu"},
+        "analysis": {"top_n": 5}}
+PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
+
+
+def _image(seed: int, shape=(160, 160)) -> np.ndarray:
+    from stemfast.synth import make_mos2
+
+    return make_mos2(shape=shape, seed=seed).image.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """data/good.npy, data/other.npy; a tiny trained model A and a re-saved copy B (other bytes)."""
+    from stemfast.batch import load_model
+
+    root = tmp_path_factory.mktemp("robust")
+    data = root / "data"
+    data.mkdir()
+    np.save(data / "good.npy", _image(1))
+    np.save(data / "other.npy", _image(2))
+    (root / "tiny.toml").write_text("[model]\nepochs = 1\nstn_epochs = 1\nmax_train_patches = 300\n"
+                                    "batch_size = 64\ninput_size = 16\nchannels = [8, 8, 8]\nstn_channels = [4, 8]\n"
+                                    "patience = 1\ndevice = \"cpu\"\n\n[analysis]\ntop_n = 5\n")
+    cfg = load_config(root / "tiny.toml")
+    rep = run_batch(data, root / "trained", config=cfg, show_progress=False)
+    assert {r.name: r.status for r in rep.results} == {"good": "done", "other": "done"}
+    model_a = root / "model_a.pt"
+    shutil.copyfile(root / "trained" / "model.pt", model_a)
+    m = load_model(model_a)
+    model_b = root / "model_b.pt"
+    m.save(model_b, extra={**m.extra, "note": "model B"})
+    assert file_sha256(model_a) != file_sha256(model_b)
+    return {"root": root, "data": data, "cfg": cfg, "toml": root / "tiny.toml", "a": model_a, "b": model_b}
+
+
+def _args(env, out, *extra):
+    return [str(env["data"]), "-o", str(out), "--config", str(env["toml"]), "--model", str(env["a"]), *extra]
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+
+
+def _cli(args, env_extra=None):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = PYTHON_DIR + os.pathsep + e.get("PYTHONPATH", "")
+    e["STEMFAST_PROGRESS"] = "0"
+    e.pop("STEMFAST_TEST_CRASH", None)
+    e.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "stemfast", *args], env=e, capture_output=True, text=True,
+                          timeout=240)
+
+
+# ----------------------------------------------------------------------------- 2. content fingerprints
+
+
+def test_changed_content_with_same_size_and_mtime_is_redone(env, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    f = data / "img.npy"
+    np.save(f, _image(3))
+    out = tmp_path / "out"
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert rep.results[0].status == "done"
+    old_sha = file_sha256(f)
+    st = f.stat()
+    size = st.st_size
+    np.save(f, _image(4))  # new content, same shape and dtype: same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -a leave it
+    assert f.stat().st_size == size and f.stat().st_mtime_ns == st.st_mtime_ns
+    new_sha = file_sha256(f)
+    assert new_sha != old_sha
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert rep.results[0].status == "done"  # redone, not "current"
+    done = json.loads((out / "img" / "done.json").read_text())
+    assert done["input"]["sha256"] == new_sha
+    toml = tomllib.loads((out / "stemfast.toml").read_text())
+    assert toml["inputs"]["img.npy"] == new_sha
+    html = (out / "report.html").read_text()
+    assert new_sha[:16] in html and old_sha[:16] not in html
+
+
+def test_large_files_get_a_sampled_fingerprint_that_sees_changed_blocks(tmp_path, monkeypatch):
+    from stemfast.fingerprint import SAMPLED_PREFIX, content_fingerprint
+
+    monkeypatch.setenv("STEMFAST_FULL_HASH_MB", "1")
+    p = tmp_path / "big.bin"
+    rng = np.random.default_rng(0)
+    raw = bytearray(rng.integers(0, 256, 8 * 2**20, dtype=np.uint8).tobytes())
+    p.write_bytes(raw)
+    fp = content_fingerprint(p)
+    assert fp.startswith(SAMPLED_PREFIX) and fp == content_fingerprint(p)
+    from stemfast import fingerprint as F
+
+    span = len(raw) - 2 * F._EDGE - F._BLOCK
+    mid = F._EDGE + span * 20 // (F.SAMPLE_BLOCKS - 1) + 100  # inside the 21st sampled block
+    for off in (10, mid, len(raw) - 5):  # head, a sampled block in the middle, tail
+        changed = bytearray(raw)
+        changed[off] ^= 0xFF
+        p.write_bytes(changed)
+        assert content_fingerprint(p) != fp, off
+    # the documented limit: a change between the sampled blocks that keeps the size is not seen
+    changed = bytearray(raw)
+    changed[mid + F._BLOCK + 1000] ^= 0xFF
+    p.write_bytes(changed)
+    assert content_fingerprint(p) == fp
+    monkeypatch.delenv("STEMFAST_FULL_HASH_MB")
+    assert content_fingerprint(p) == file_sha256(p)  # below the default limit: the full hash
+
+
+# ----------------------------------------------------------------------------- 4. one writer per OUT
+
+
+def _fake_lock(out: Path, pid: int, host: str | None = None) -> None:
+    from stemfast.outlock import LOCK_FILE, _proc_start
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                             "start": _proc_start(pid), "since": "earlier",
+                                             "command": "stemfast batch (the other run)"}))
+
+
+def test_second_batch_into_the_same_out_is_refused_and_changes_nothing(env, tmp_path):
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+    before = {p.name: p.read_bytes() for p in [out / "model.pt", out / "report.html", out / "batch_summary.json"]}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _fake_lock(out, sleeper.pid)  # another batch is running into OUT
+        p = _cli(["batch", *_args(env, out)[:-1], str(env["b"]), "--force"])
+        assert p.returncode == EXIT_BUSY, p.stderr[-2000:]
+        assert "in use by another stemfast run" in p.stderr and f"pid {sleeper.pid}" in p.stderr
+        assert "Traceback" not in p.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # nothing was touched: model B was not copied over model A, the report still names A
+    for name, b in before.items():
+        assert (out / name).read_bytes() == b, name
+    # the lock of a process that is gone is taken over; model B then redoes every input
+    rep = run_batch(env["data"], out, config=env["cfg"], model_path=env["b"], show_progress=False)
+    assert {r.status for r in rep.results} == {"done"}
+    sha_b = file_sha256(env["b"])
+    assert file_sha256(out / "model.pt") == sha_b
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["model"]["sha256"] == sha_b
+    for name in ("good", "other"):
+        assert json.loads((out / name / "summary.json").read_text())["model_sha256"] == sha_b
+    html = (out / "report.html").read_text()
+    assert html.count(sha_b[:16]) == 3, [html[max(0, i - 80):i + 20] for i in range(len(html)) if html.startswith(sha_b[:16], i)]
+    assert "not this batch" not in html  # the batch + each input
+    assert not (out / ".stemfast.lock").exists() and not _leftovers(out)
+    # results of another model are flagged in the report (e.g. a run into OUT with --model A over B's results,
+    # interrupted before it redid them): each input names its own model
+    from stemfast.report import _input_section
+
+    s = json.loads((out / "good" / "summary.json").read_text())
+    text = _input_section(s, out / "good", batch_model_sha=file_sha256(env["a"]))
+    assert "not this batch&#x27;s model" in text and sha_b[:16] in text
+
+
+def test_lock_of_another_host_is_not_taken_over(env, tmp_path):
+    from stemfast.errors import OutputLocked
+
+    out = tmp_path / "out"
+    _fake_lock(out, 12345, host="some-other-host")
+    with pytest.raises(OutputLocked, match="remove .*stemfast.lock"):
+        run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert not (out / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------- 5. size check
+
+
+def test_image_declaring_more_pixels_than_memory_is_refused_and_the_batch_goes_on(env, tmp_path):
+    import tifffile
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "good.npy", _image(1))
+    # a sparse BigTIFF declaring 400000 x 400000 px (160 GB; a few KB on disk)
+    tifffile.imwrite(data / "huge.tif", shape=(400000, 400000), dtype="uint8", bigtiff=True)
+    assert os.path.getsize(data / "huge.tif") > 1.5e11
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert time.monotonic() - t0 < 60
+    st = {r.name: r for r in rep.results}
+    assert st["good"].status == "done"
+    assert st["huge"].status == "skipped"
+    assert "400000 x 400000 px" in st["huge"].reason and "GiB" in st["huge"].reason
+    html = (out / "report.html").read_text()
+    assert "400000 x 400000 px" in html
+    assert rep.exit_code == EXIT_SKIPPED
+
+
+# ----------------------------------------------------------------------------- 6. disk full during a rerun
+
+
+def test_disk_full_during_a_rerun_leaves_the_previous_results_and_report(env, tmp_path, monkeypatch, capsys):
+    import stemfast.report as R
+
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+    before = {f: (out / "good" / f).read_bytes() for f in ("sites.csv", "summary.json", "done.json", "classes.png")}
+    real = R.plot_defects
+
+    def full(path, *a, **k):
+        if ".good.staging" in str(path):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(R, "plot_defects", full)
+    # a rerun with a changed setting: good fails half-way (disk full), other is redone
+    code = run_batch_cli(_args(env, out, "--set", "analysis.top_n=3"))
+    err = capsys.readouterr().err
+    assert code == EXIT_SKIPPED
+    assert "no space left on device" in err and "defects.png" in err and "Traceback" not in err
+    after = {f: (out / "good" / f).read_bytes() for f in before}
+    assert after == before  # the previous complete set, untouched
+    assert not _leftovers(out)
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert {i["name"]: i["status"] for i in bs["inputs"]} == {"good": "failed", "other": "done"}
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # good's previous figures are still in the report
+    assert "this run failed" in html
+    # the report itself cannot be written: the old one stays, the message names the file
+    old_html = html
+    import stemfast.atomic as A
+
+    real_open = A.atomic_open
+
+    def no_space(path, *a, **k):
+        if str(path).endswith("report.html"):
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(R, "plot_defects", real)
+    monkeypatch.setattr(A, "atomic_open", no_space)
+    code = run_batch_cli(_args(env, out, "--set", "analysis.top_n=4"))
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and "report.html: no space left on device" in err and "Traceback" not in err
+    assert (out / "report.html").read_text() == old_html
+    assert not (out / ".stemfast.lock").exists()
+
+
+# ----------------------------------------------------------------------------- 7. settings
+
+
+@pytest.mark.parametrize("opts, words", [
+    (["--set", "analysis.defect_cutoff=nan"], "analysis.defect_cutoff must be a finite number"),
+    (["--set", "analysis.n_classes=1000"], "analysis.n_classes must be between 1 and 64"),
+    (["--set", "sites.backend=bogus"], "sites.backend must be one of cpp, numba, numpy"),
+    (["--spacing", "1e9"], "sites.spacing must be <= 2048"),
+    (["--spacing", "nan"], "sites.spacing must be a finite number"),
+    (["--scheduler", "inproc://x"], "inproc:// addresses reach a scheduler inside the same process"),
+    (["--fill-nonfinite", "--nonfinite-limit", "2"], "--nonfinite-limit must be a fraction"),
+])
+def test_settings_errors_exit_2_before_any_work(env, tmp_path, capsys, opts, words):
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out, *opts)) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not out.exists()  # nothing was done
+
+
+def test_spacing_that_does_not_fit_or_disagrees_with_the_image(env, tmp_path, capsys):
+    from stemfast.cli import main
+
+    img = env["data"] / "good.npy"
+    # sites: a spacing that leaves fewer than 4 periods is a clear error; 1e9 a settings error
+    assert main(["sites", str(img), "-o", str(tmp_path / "a.csv"), "--spacing", "100"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "spacing 100 px does not fit the 160 x 160 px image" in err
+    assert main(["sites", str(img), "-o", str(tmp_path / "a.csv"), "--spacing", "1e9"]) == EXIT_SETTINGS
+    assert "sites.spacing" in capsys.readouterr().err
+    auto = json.loads((env["root"] / "trained" / "good" / "summary.json").read_text())["lattice"]["spacing_px"]
+    # a spacing 20 % off, and one of sqrt(3) times the column spacing (the metal-metal distance)
+    for sp, words in ((0.8 * auto, "differs from the image's own estimate"), (3 ** 0.5 * auto, "metal-metal distance")):
+        assert main(["sites", str(img), "-o", str(tmp_path / "b.csv"), "--spacing", f"{sp:.3f}"]) == EXIT_OK
+        err = capsys.readouterr().err
+        assert "warning:" in err and words in err, err
+    # in a batch the warning is in the summary, the result and the report
+    out = tmp_path / "out"
+    rep = run_batch(env["data"], out, config=load_config(env["toml"], {"sites.spacing": 3 ** 0.5 * auto}),
+                    model_path=env["a"], show_progress=False)
+    r = {x.name: x for x in rep.results}["good"]
+    assert any("metal-metal" in w for w in r.warnings)
+    s = json.loads((out / "good" / "summary.json").read_text())
+    assert any("metal-metal" in w for w in s["warnings"])
+    assert "metal-metal" in (out / "report.html").read_text()
+    # and with the right spacing there is no warning
+    rep = run_batch(env["data"], tmp_path / "ok", config=load_config(env["toml"], {"sites.spacing": auto}),
+                    model_path=env["a"], show_progress=False)
+    assert all(not x.warnings for x in rep.results)
+
+
+# ----------------------------------------------------------------------------- 8. messages, not tracebacks
+
+
+def test_unusable_output_folders_are_messages(env, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert run_batch_cli(_args(env, f)) == EXIT_ERROR
+    assert f"{f} is a file, not a folder" in capsys.readouterr().err
+    assert run_batch_cli(_args(env, f / "sub")) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "cannot be created" in err and "file" in err and "Traceback" not in err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere: make the permission check say no
+        import stemfast.outlock as L
+
+        monkeypatch.setattr(L.os, "access", lambda p, m: False)
+    else:
+        ro.chmod(0o555)
+    try:
+        assert run_batch_cli(_args(env, ro)) == EXIT_ERROR
+        assert f"{ro} is not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_non_model_file_as_model_is_refused_before_anything_is_copied(env, tmp_path, capsys):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("this is not a model\n")
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out)[:-1] + [str(bad)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"--model {bad}: not a stemfast model file" in err and "Traceback" not in err
+    assert not (out / "model.pt").exists() and not (out / ".stemfast.lock").exists()
+
+
+def _listener(mode: str):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def run():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            if mode == "garbage":
+                c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                c.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv
+
+
+def test_scheduler_addresses_without_a_dask_scheduler_fail_fast(env, tmp_path, capsys):
+    pytest.importorskip("dask.distributed")
+    from stemfast.distributed import check_scheduler
+    from stemfast.errors import SchedulerError
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    free = s.getsockname()[1]
+    s.close()
+    t0 = time.monotonic()
+    assert run_batch_cli(_args(env, tmp_path / "o1", "--scheduler", f"tcp://127.0.0.1:{free}")) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"no Dask scheduler at tcp://127.0.0.1:{free}: connection refused" in err and "Traceback" not in err
+    garbage = _listener("garbage")
+    try:
+        addr = f"tcp://127.0.0.1:{garbage.getsockname()[1]}"
+        assert run_batch_cli(_args(env, tmp_path / "o2", "--scheduler", addr)) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "does not speak the Dask protocol" in err and "EiB" not in err and "Traceback" not in err
+    finally:
+        garbage.close()
+    silent = _listener("silent")
+    try:
+        with pytest.raises(SchedulerError, match="did not greet as a Dask scheduler within 1 s"):
+            check_scheduler(f"tcp://127.0.0.1:{silent.getsockname()[1]}", timeout=1.0)
+    finally:
+        silent.close()
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "o1" / "model.pt").exists()
+
+
+def test_ctrl_c_exits_130_releases_the_lock_and_leaves_nothing_half_written(env, tmp_path):
+    out = tmp_path / "out"
+    p = _cli(["batch", *_args(env, out)], {"STEMFAST_TEST_CRASH": "task_start:other", "STEMFAST_TEST_SIGNAL": "INT"})
+    assert p.returncode == EXIT_INTERRUPTED, p.stderr[-2000:]
+    assert "interrupted" in p.stderr and "Traceback" not in p.stderr
+    assert not (out / ".stemfast.lock").exists() and not _leftovers(out)
+    assert (out / "good" / "done.json").exists() and not (out / "other").exists()
+    # the rerun finishes the batch
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+
+
+# ----------------------------------------------------------------------------- 9. quiet skips, --fill-nonfinite
+
+
+def test_dangling_links_and_unreadable_folders_are_counted_and_listed(env, tmp_path, monkeypatch):
+    import stemfast.io as io
+
+    data = tmp_path / "data"
+    (data / "locked").mkdir(parents=True)
+    np.save(data / "good.npy", _image(1))
+    np.save(data / "locked" / "hidden.npy", _image(2))
+    os.symlink(data / "gone.tif", data / "lost.tif")
+    real = io._scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(io, "_scandir", scandir)
+    out = tmp_path / "out"
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    st = {Path(r.path).name: r for r in rep.results}
+    assert st["good.npy"].status == "done"
+    assert st["lost.tif"].status == "skipped" and "dangling symbolic link" in st["lost.tif"].reason
+    assert st["locked"].status == "skipped" and "folder not readable (permission denied)" in st["locked"].reason
+    assert rep.exit_code == EXIT_SKIPPED
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["n_inputs"] == 3 and bs["counts"]["skipped"] == 2
+    assert {Path(s["path"]).name for s in bs["skipped"]} == {"lost.tif", "locked"}
+    html = (out / "report.html").read_text()
+    assert "lost.tif" in html and "folder not readable" in html
+    # a rerun finds the same problems again: no work, nothing rewritten, still reported
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert not rep.did_work and rep.exit_code == EXIT_SKIPPED and len(rep.skipped) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+
+
+def test_fill_nonfinite_option(env, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    img = _image(1)
+    few = img.copy()
+    few[[10, 50, 90], [20, 60, 100]] = np.nan
+    np.save(data / "few.npy", few)
+    many = img.copy()
+    many[:50] = np.nan  # 31 % of the pixels
+    np.save(data / "many.npy", many)
+    out = tmp_path / "out"
+    base = [str(data), "-o", str(out), "--config", str(env["toml"]), "--model", str(env["a"])]
+    assert run_batch_cli(base) == EXIT_SKIPPED
+    err = capsys.readouterr().err
+    assert "--fill-nonfinite" in err  # the advice names the option
+    code = run_batch_cli(base + ["--fill-nonfinite"])
+    err = capsys.readouterr().err
+    assert code == EXIT_SKIPPED
+    bs = json.loads((out / "batch_summary.json").read_text())
+    st = {i["name"]: i for i in bs["inputs"]}
+    assert st["few"]["status"] == "done" and st["many"]["status"] == "skipped"
+    assert "more than the 1.00%" in st["many"]["reason"]
+    s = json.loads((out / "few" / "summary.json").read_text())
+    assert s["input"]["nonfinite_replaced"] == 3 and any("3 NaN" in w for w in s["warnings"])
+    assert "warning:" in err and "3 NaN" in err
+
+
+def test_an_input_skipped_for_its_settings_is_retried_with_other_settings(env, tmp_path):
+    """A spacing that does not fit skips the input; that skip is not remembered for other settings."""
+    out = tmp_path / "out"
+    rep = run_batch(env["data"], out, config=load_config(env["toml"], {"sites.spacing": 100.0}),
+                    model_path=env["a"], show_progress=False)
+    st = {r.name: r for r in rep.results}
+    assert st["good"].status == "skipped" and "does not fit the 160 x 160 px image" in st["good"].reason
+    rep = run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert {r.name: r.status for r in rep.results} == {"good": "done", "other": "done"}
