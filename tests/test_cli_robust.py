@@ -495,3 +495,14 @@ def test_an_input_skipped_for_its_settings_is_retried_with_other_settings(env, t
     assert st["good"].status == "skipped" and "does not fit the 160 x 160 px image" in st["good"].reason
     rep = run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], show_progress=False)
     assert {r.name: r.status for r in rep.results} == {"good": "done", "other": "done"}
+
+
+def test_training_names_a_spacing_that_does_not_fit(env, tmp_path):
+    """Without --model the training sample reports the same reason (not 'no input had a lattice')."""
+    from stemfast.batch import discover_inputs, train_batch_model
+
+    skipped = {}
+    model, info = train_batch_model(discover_inputs(env["data"]), load_config(env["toml"], {"sites.spacing": 100.0}),
+                                    on_skip=lambda e, r: skipped.__setitem__(e.name, r), show_progress=False)
+    assert model is None and set(skipped) == {"good", "other"}
+    assert all("does not fit the 160 x 160 px image" in r for r in skipped.values())

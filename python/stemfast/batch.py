@@ -1303,6 +1303,14 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
             if on_skip:
                 on_skip(e, reason)
             continue
+        try:
+            from .sanity import check_spacing_fits
+
+            check_spacing_fits(config.sites.spacing, np.shape(mg.data)[-2:])
+        except ValueError as exc:  # the settings do not fit this image: say why, not "no lattice"
+            if on_skip:
+                on_skip(e, str(exc))
+            continue
         n = _n_frames(mg)
         e.n_frames = n
         frames = _sample_frames(n, train_frames)
