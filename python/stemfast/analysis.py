@@ -86,6 +86,11 @@ class AnalysisSettings:
     node_tolerance : a neighbour is a reference only when its offset lies within this many lattice
         units of a node of the site's local lattice (per coordinate).
     min_class_agreement : warn when the ARI of classes vs local sublattices is below this.
+    local_background : subtract from every site's intensity the median of the hexagon centres next to
+        it (they see only the support and what lies on it: contamination, thickness), before it is
+        compared with its references.
+    scan_rows : take out what the sites of one scan line share: a streak or row jump shifts every
+        site on a few rows, a defect only its own site (:func:`_scan_row_offset`).
     """
 
     n_classes: int | None = 3
@@ -98,6 +103,8 @@ class AnalysisSettings:
     n_neighbors: int = 300
     node_tolerance: float = 0.25
     min_class_agreement: float = 0.9
+    scan_rows: bool = True
+    local_background: bool = False
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
@@ -320,6 +327,46 @@ def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usab
     return z
 
 
+def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: int = 1,
+                     slack: float = 1.0) -> np.ndarray:
+    """What the sites of one scan line have in common, per site: the median ``z`` of the usable sites
+    whose row (``round(y)``) lies within ``rows`` of the site's row, shrunk towards 0 by ``slack``
+    (``sign * max(|median| - slack, 0)``, so ordinary rows are left alone). A scan streak or row
+    jump moves all sites along a line; a defect moves one -- it does not shift its row's median."""
+    r = np.rint(y).astype(np.int64)
+    lo = int(r.min()) if len(r) else 0
+    r = r - lo
+    n_rows = int(r.max()) + 1 if len(r) else 0
+    off = np.zeros(n_rows)
+    order = np.argsort(r[usable], kind="stable")
+    zr = z[usable][order]
+    rr = r[usable][order]
+    starts = np.searchsorted(rr, np.arange(n_rows) - rows, side="left")
+    stops = np.searchsorted(rr, np.arange(n_rows) + rows, side="right")
+    for k in range(n_rows):
+        if stops[k] - starts[k] >= 5:
+            off[k] = np.median(zr[starts[k]:stops[k]])
+    off = np.sign(off) * np.maximum(np.abs(off) - slack, 0.0)
+    return off[r]
+
+
+def _hollow_background(xy: np.ndarray, inten: np.ndarray, sub: np.ndarray, usable: np.ndarray,
+                       k: int = 3) -> np.ndarray:
+    """Per site, the median intensity of the ``k`` nearest usable hexagon centres (sublattice 2) other
+    than itself: the local background (support, contamination) at the site; 0 without hollows."""
+    from scipy.spatial import cKDTree
+
+    hol = np.flatnonzero((sub == HOLLOW) & usable & np.isfinite(inten))
+    if len(hol) < k + 1:
+        return np.zeros(len(xy))
+    _, j = cKDTree(xy[hol]).query(xy, k=k + 1)
+    idx = hol[j]
+    vals = np.where(idx == np.arange(len(xy))[:, None], np.nan, inten[idx])
+    # the k nearest other than the site itself
+    vals = np.where(np.cumsum(np.isfinite(vals), axis=1) <= k, vals, np.nan)
+    return np.nanmedian(vals, axis=1)
+
+
 def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray, seed: int,
                           n_components: int = 3, max_fit: int = 20000) -> np.ndarray:
     """Negative log density of each latent mean under a Gaussian mixture of its group's latents, as a
@@ -433,18 +480,26 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
                                 node_tolerance=settings.node_tolerance)
         sub = refs.rank()
+        inten_ref = inten
+        if settings.local_background:
+            inten_ref = inten - _hollow_background(xy, inten, sub, observed)
+            refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
+                                    node_tolerance=settings.node_tolerance)
     else:  # no local lattice: one image-wide reference per sublattice
         refs = None
+        inten_ref = inten
         sub = sub_global.copy()
     grp = np.where(sub >= 0, sub, np.where(sub_global >= 0, sub_global, 100 + cls))
     z_glob = robust_z(inten, np.where(observed, grp, -1))
     if refs is not None:
-        z_int = _local_z(inten, refs, grp, observed)
+        z_int = _local_z(inten_ref, refs, grp, observed)
         # sites without local references of their own colour fall back to the image-wide score
         no_ref = refs.count[:, 0] < 3
         z_int[no_ref] = z_glob[no_ref]
     else:
         z_int = z_glob
+    if settings.scan_rows and n:
+        z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     local = np.where(grp == HOLLOW, np.maximum(z_int, 0.0), np.abs(z_int))
     z_lat = _latent_density_score(mu, np.where(edge_, -1, grp), observed & ~edge_, settings.seed)
     if settings.score == "local":
@@ -460,8 +515,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff
-    levels = _reference_levels(refs, grp, inten, observed & ~is_defect)
-    kinds = _defect_kinds(grp, z_int, levels, inten, is_defect, material)
+    levels = _reference_levels(refs, grp, inten_ref, observed & ~is_defect)
+    kinds = _defect_kinds(grp, z_int, levels, inten_ref, is_defect, material)
     angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
 
     # do the learned classes follow the sublattices?
