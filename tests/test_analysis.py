@@ -94,3 +94,127 @@ def test_settings_validation():
         AnalysisSettings(score="nonsense")
     with pytest.raises(ValueError):
         AnalysisSettings(defect_cutoff=0)
+
+
+# --- local references on a real triangular lattice -------------------------------------------------
+
+from stemfast.analysis import ClassAgreementWarning, local_references  # noqa: E402
+
+
+def make_lattice(n=42, spacing=10.0, seed=0, noise=0.03):
+    """A triangular site lattice (metal 1.0, chalcogen 0.5, hollow 0.0 by colour (m - n) mod 3) under a
+    strong illumination gradient and a bright contamination domain that adds to every site in it."""
+    rng = np.random.default_rng(seed)
+    a1, a2 = np.array([spacing, 0.0]), np.array([spacing / 2, spacing * np.sqrt(3) / 2])
+    mn = np.array([(m, k) for m in range(-n // 2, n) for k in range(n)], float)
+    xy = mn @ np.array([a1, a2])
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] <= (n - 1) * spacing * 0.85)
+    mn, xy = mn[keep], xy[keep]
+    colour = ((mn[:, 0] - mn[:, 1]) % 3).astype(np.int64)
+    level = np.array([1.0, 0.5, 0.0])[colour]
+    gradient = 0.5 * xy[:, 0] / xy[:, 0].max()                     # additive background ramp
+    contam = 0.3 * (np.hypot(xy[:, 0] - 120, xy[:, 1] - 150) < 60)  # a bright domain
+    inten = level * (1.0 + 0.3 * xy[:, 1] / xy[:, 1].max()) + gradient + contam + rng.normal(0, noise, len(xy))
+    basis = np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)).copy()
+    return xy, colour, inten, basis
+
+
+def lattice_table(xy, sub, inten, basis, material="mos2"):
+    return SiteTable({"x": xy[:, 0], "y": xy[:, 1], "intensity": inten, "sublattice": sub,
+                      "a1x": basis[:, 0, 0], "a1y": basis[:, 0, 1], "a2x": basis[:, 1, 0], "a2y": basis[:, 1, 1]},
+                     {"material": material})
+
+
+def centre_site(xy, colour, c, at):
+    d = np.hypot(xy[:, 0] - at[0], xy[:, 1] - at[1]) + 1e9 * (colour != c)
+    return int(np.argmin(d))
+
+
+def test_local_references_reject_bad_input():
+    xy, colour, inten, basis = make_lattice(n=12)
+    with pytest.raises(ValueError):
+        local_references(xy, basis[:-1], inten)
+    with pytest.raises(ValueError):
+        local_references(xy, basis, inten, n_neighbors=3)
+    with pytest.raises(ValueError):
+        local_references(xy, basis, inten, node_tolerance=0.7)
+    with pytest.raises(ValueError):
+        local_references(xy[:, :1], basis, inten)
+
+
+def test_local_sublattice_follows_the_structure_despite_gradient_and_a_slipped_colouring():
+    xy, colour, inten, basis = make_lattice()
+    refs = local_references(xy, basis, inten, n_neighbors=150)
+    rank = refs.rank()
+    inner = rank >= 0
+    assert inner.mean() > 0.95
+    assert (rank[inner] == colour[inner]).mean() > 0.999
+    # the image-wide colouring slipped along a stripe (metal labelled chalcogen etc.): the analysis
+    # reads the colours off the local lattice and is not fooled
+    slipped = colour.copy()
+    stripe = (xy[:, 1] > 200) & (xy[:, 1] < 215)
+    slipped[stripe] = (colour[stripe] + 1) % 3
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3 + np.random.default_rng(1).normal(0, 0.2, (n, 3)),
+                       np.ones(n), np.zeros(n))
+    t, summary = analyze_sites(lattice_table(xy, slipped, inten, basis), enc)
+    ok = np.asarray(t["sublattice_local"]) >= 0
+    assert (np.asarray(t["sublattice_local"])[ok] == colour[ok]).mean() > 0.999
+    assert summary["class_sublattice_ari"] > 0.95 and "class_warning" not in summary
+
+
+def test_local_score_finds_defects_that_gradient_and_contamination_hide_from_a_global_one():
+    xy, colour, inten, basis = make_lattice(seed=3)
+    vac_x = centre_site(xy, colour, 1, (300, 100))   # one chalcogen missing: 0.5 -> 0.25
+    dop = centre_site(xy, colour, 0, (60, 250))        # a lighter dopant on a metal site: 1.0 -> 0.75
+    ad = centre_site(xy, colour, 2, (200, 300))        # an adatom at a hexagon centre
+    inten[vac_x] -= 0.25
+    inten[dop] -= 0.25
+    inten[ad] += 0.3
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3 + np.random.default_rng(1).normal(0, 0.2, (n, 3)),
+                       np.ones(n), np.zeros(n))
+    table_ = lattice_table(xy, colour, inten, basis, material="wse2")
+    t, summary = analyze_sites(table_, enc)
+    top = np.argsort(-np.asarray(t["anomaly_score"]))[:3]
+    assert set(top.tolist()) == {vac_x, dop, ad}
+    assert not t["is_defect"].any() or set(np.flatnonzero(t["is_defect"]).tolist()) <= {vac_x, dop, ad}
+    # naming (flag the three: the gradient widens the local spread, so they stay under the default cutoff)
+    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(defect_cutoff=2.3))
+    # WSe2 names, never MoS2 ones; a dopant on a metal site is a substitution of the metal
+    assert t["defect_kind"][vac_x] == "vacancy_Se"
+    assert t["defect_kind"][dop] == "substitution_W"
+    assert t["defect_kind"][ad] == "other"
+    assert not any("Mo" in k or k.endswith("_S") for k in summary["defect_kinds"])
+    # the image-wide sublattice score cannot rank them: the gradient dwarfs them
+    tg, _ = analyze_sites(table_, enc, settings=AnalysisSettings(score="global"))
+    top_g = np.argsort(-np.asarray(tg["anomaly_score"]))[:3]
+    assert len(set(top_g.tolist()) & {vac_x, dop, ad}) < 3
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a streak along a whole lattice row still flags a site "
+                   "in the lattice interior (the row term takes out the shared shift only partly); "
+                   "measured on dev3 the row term raises defect AP 0.61 -> 0.70")
+def test_a_scan_streak_makes_no_defect():
+    xy, colour, inten, basis = make_lattice(seed=4)
+    streak = np.abs(xy[:, 1] - np.round(xy[:, 1]).flat[len(xy) // 2]) < 1.0  # the sites of one scan line
+    inten[streak] += 0.4
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3, np.ones(n), np.zeros(n))
+    t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc)
+    assert streak.sum() >= 10
+    inner = np.asarray(t["sublattice_local"]) >= 0  # sites with local references (not the lattice's rim)
+    assert not np.asarray(t["is_defect"])[streak & inner].any()
+    t0, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(scan_rows=False))
+    assert np.asarray(t0["is_defect"])[streak & inner].all()  # without the row term they would all be defects
+
+
+def test_classes_that_do_not_follow_the_sublattices_are_reported():
+    xy, colour, inten, basis = make_lattice(n=24)
+    n = len(xy)
+    # latents that encode the background (x position), not the structure
+    mu = np.column_stack([xy[:, 0] / 10.0, np.random.default_rng(0).normal(0, 0.1, n)])
+    with pytest.warns(ClassAgreementWarning):
+        _, summary = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, np.ones(n), np.zeros(n)))
+    assert summary["class_sublattice_ari"] < 0.5
+    assert "class_warning" in summary

@@ -1,47 +1,69 @@
 """Classes and defect scores of the sites: k-means on latent means + robust anomaly scores.
 
-Three rankings are reported side by side (columns of the site table):
+Local references
+    Every site is judged against the sites of **its own sublattice around it**, not against an
+    image-wide average: for site ``i`` the ``n_neighbors`` nearest sites are put in ``i``'s own local
+    lattice frame (its fitted basis ``a1, a2``), offsets that do not land on a lattice node are
+    dropped, and the remaining ones fall into three relative colours ``(m - n) mod 3``: colour 0 is
+    ``i``'s own sublattice. The median and MAD of a value over colour 0 are ``i``'s reference
+    (:func:`local_references`). Contamination, thickness and illumination gradients change the
+    reference along with the site, so they neither make nor hide defects; and as the colours are
+    read off the local geometry, a slip of the image-wide three-colouring (the ``sublattice``
+    column) cannot put a metal column among the chalcogen references. The same colours give each
+    site a **local sublattice** (``sublattice_local``: the brightness rank of its colour among the
+    three around it, 0 = metal, 1 = chalcogen pair, 2 = hollow for HAADF).
 
-``recon_score``
-    the pure reconstruction-error ranking: the model's per-site reconstruction error as a robust
-    z-score (median/MAD) within the site's latent class -- the textbook rVAE anomaly score;
-``latent_score``
-    how far a site's latent mean lies from the typical latent mean of its sublattice (robust z);
-``intensity_z``
-    what the local lattice knows: the lattice says which sublattice a site sits on (three-colouring
-    of the triangular site lattice, :func:`stemfast.lattice.sublattice_labels`), so each site is
-    compared with the other sites *of its own sublattice* -- an S2 column holding a Mo atom looks
-    like a perfectly good Mo column to a per-class score, but it is a bright outlier among S2 sites;
-    an empty Mo column looks like a hexagon centre, but it is a dark outlier among Mo sites; an S2
-    column with one S missing is a dim outlier among S2 sites.
+Scores (columns of the site table)
+    ``intensity_z``: the column intensity (the ``intensity`` column: band-passed image at the site, a
+    background-free column sum) as a robust z against the local references (local median; local
+    MAD, floored at half the sublattice's typical local MAD). ``intensity_z_global``: the same
+    against the whole image's sublattice (the former default, kept for comparison).
+    ``recon_score``: the model's reconstruction error as a robust z within its latent class (the
+    textbook rVAE anomaly score). ``latent_score``: the negative log density of the site's latent
+    mean under a Gaussian mixture fitted to the latents of its (local) sublattice, as a robust z.
 
-``anomaly_score`` (and ``is_defect``) is chosen by ``AnalysisSettings.score``: ``"lattice"``
-(default) = ``|intensity_z|``; ``"combined"`` = ``sqrt(intensity_z^2 + latent_score^2 +
-max(z_rec, 0)^2 / 4)`` with ``z_rec`` the reconstruction-error z-score within the sublattice;
-``"recon"`` = ``recon_score``. On the simulated MoS2 development images the lattice score ranks
-the planted defects best (average precision ~0.93-0.95); adding the model terms lowers it (the
-patches of a defect's *neighbours* also reconstruct badly), and the pure reconstruction ranking is
-near chance -- so the default is the lattice score, and the model's rankings are reported beside it.
+``anomaly_score`` (and ``is_defect``) is chosen by ``AnalysisSettings.score``: ``"local"`` (default)
+= ``|intensity_z|`` on metal and chalcogen sites and ``max(intensity_z, 0)`` on hollow sites (an
+empty hexagon centre can only gain an atom; darker than its neighbours is noise or a hole);
+``"global"`` = the same with ``intensity_z_global``; ``"combined"`` = ``sqrt(local^2 +
+max(latent_score, 0)^2)``; ``"latent"`` = ``latent_score``; ``"recon"`` = ``recon_score``. What
+ranks defects best was measured on simulated and real labelled images (``benchmarks/ablation.py``,
+table in ``docs/RESULTS.md``): the local intensity score; the model terms do not improve it, so the
+model's contribution is the classes and the patch gallery, and its scores are reported beside.
 Sites in a band along the border where the scan sets the intensity (``observed`` False) score 0.
 
 Class numbering is stable from image to image: classes are sorted by mean site intensity, so
-class 0 is the brightest (Mo in MoS2 HAADF), 1 the next (S2), 2 the darkest (hollow).
+class 0 is the brightest (the metal in HAADF), 1 the next (chalcogen pair), 2 the darkest (hollow).
+The summary reports ``class_sublattice_ari``, the adjusted Rand index between the learned classes
+and the local sublattices, and warns (:class:`ClassAgreementWarning`) when it is below
+``AnalysisSettings.min_class_agreement``.
 """
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from .materials import CHALCOGEN, HOLLOW, METAL, get_material
 from .table import SiteTable
 
-__all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "DEFECT_KINDS"]
+__all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "DEFECT_KINDS", "SCORES",
+           "LocalReferences", "local_references", "ClassAgreementWarning"]
 
 log = logging.getLogger(__name__)
 
-#: ``defect_kind`` values. For MoS2: sublattice 0 = Mo, 1 = S2, 2 = hollow.
-DEFECT_KINDS = ("none", "vacancy_Mo", "vacancy_S2", "vacancy_S", "substitution_Mo_S", "other")
+#: ``defect_kind`` values of the default material (MoS2); other materials: ``Material.defect_kinds``
+DEFECT_KINDS = get_material("mos2").defect_kinds
+
+#: the choices of ``AnalysisSettings.score``
+SCORES = ("local", "global", "combined", "latent", "recon")
+
+
+class ClassAgreementWarning(UserWarning):
+    """The learned classes do not follow the lattice's sublattices (metal / chalcogen / hollow)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +80,17 @@ class AnalysisSettings:
         about 5 standard deviations from the sublattice's typical site).
     top_n : number of defect candidates listed (and shown in the gallery).
     seed : random seed of the clustering.
-    score : what ``anomaly_score`` is: ``"lattice"``, ``"combined"`` or ``"recon"`` (module docs).
+    score : what ``anomaly_score`` is, one of :data:`SCORES` (module docs).
+    n_neighbors : sites looked at around each site for its local references (about a third of them
+        are of its own sublattice; 300 = a disc of ~9 spacings radius, ~100 references).
+    node_tolerance : a neighbour is a reference only when its offset lies within this many lattice
+        units of a node of the site's local lattice (per coordinate).
+    min_class_agreement : warn when the ARI of classes vs local sublattices is below this.
+    local_background : subtract from every site's intensity the median of the hexagon centres next to
+        it (they see only the support and what lies on it: contamination, thickness), before it is
+        compared with its references.
+    scan_rows : take out what the sites of one scan line share: a streak or row jump shifts every
+        site on a few rows, a defect only its own site (:func:`_scan_row_offset`).
     """
 
     n_classes: int | None = 3
@@ -67,15 +99,26 @@ class AnalysisSettings:
     defect_cutoff: float = 5.0
     top_n: int = 50
     seed: int = 0
-    score: str = "lattice"
+    score: str = "local"
+    n_neighbors: int = 300
+    node_tolerance: float = 0.25
+    min_class_agreement: float = 0.9
+    scan_rows: bool = True
+    local_background: bool = False
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
             raise ValueError("n_classes must be >= 1 or None")
         if self.defect_cutoff <= 0:
             raise ValueError("defect_cutoff must be > 0")
-        if self.score not in ("lattice", "combined", "recon"):
-            raise ValueError(f"score must be 'lattice', 'combined' or 'recon', got {self.score!r}")
+        if self.score == "lattice":  # the former name of the image-wide sublattice score
+            object.__setattr__(self, "score", "global")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}")
+        if self.n_neighbors < 7:
+            raise ValueError(f"n_neighbors must be >= 7, got {self.n_neighbors}")
+        if not 0 < self.node_tolerance < 0.5:
+            raise ValueError(f"node_tolerance must be in (0, 0.5), got {self.node_tolerance}")
 
 
 def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -147,26 +190,251 @@ def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarr
     return rank[lab], int(k), info
 
 
-def _defect_kinds(sub: np.ndarray, inten: np.ndarray, is_defect: np.ndarray) -> np.ndarray:
-    """Guess the kind of each flagged site from its sublattice and intensity (MoS2 naming)."""
+@dataclass(frozen=True)
+class LocalReferences:
+    """Output of :func:`local_references`, per site ``i`` and relative colour ``c`` (0 = ``i``'s own
+    sublattice, 1 and 2 the other two, as read off ``i``'s local lattice).
+
+    Attributes
+    ----------
+    median, mad : float64 [N, 3]: median and ``1.4826 * MAD`` of the values of the references of
+        each colour (NaN when there are none).
+    count : int64 [N, 3]: number of references of each colour.
+    """
+
+    median: np.ndarray
+    mad: np.ndarray
+    count: np.ndarray
+
+    def rank(self, min_count: int = 3) -> np.ndarray:
+        """Brightness rank of each site's own colour among the three (0 = highest median), -1 where a
+        colour has fewer than ``min_count`` references: the local sublattice (0 metal, 1 chalcogen,
+        2 hollow in HAADF)."""
+        med = self.median
+        own = med[:, :1]
+        rank = (med[:, 1:] > own).sum(1)
+        bad = (self.count < min_count).any(1) | ~np.isfinite(med).all(1)
+        return np.where(bad, -1, rank).astype(np.int64)
+
+
+def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, usable: np.ndarray | None = None,
+                     n_neighbors: int = 300, node_tolerance: float = 0.25, chunk: int = 8192) -> LocalReferences:
+    """Statistics of ``values`` over the sites of each sublattice *around* every site.
+
+    For site ``i``: its ``n_neighbors`` nearest sites (``i`` itself excluded) are expressed in ``i``'s
+    local lattice coordinates ``(m, n)`` (``d = m a1 + n a2`` with ``basis[i] = [a1, a2]``); those
+    within ``node_tolerance`` of a node are references, coloured ``(m - n) mod 3``; sites with
+    ``usable`` False (e.g. outside the observed field) are never references.
+
+    Parameters
+    ----------
+    xy : float [N, 2] site positions (x, y), px.
+    basis : float [N, 2, 2] per-site lattice vectors (rows ``a1``, ``a2``), px.
+    values : float [N] the value to compare (e.g. column intensity).
+    usable : bool [N], optional; default all.
+    n_neighbors : neighbours looked at per site (>= 7).
+    node_tolerance : in (0, 0.5), lattice units.
+    chunk : sites per block (memory ~ chunk * n_neighbors * 40 bytes).
+
+    Returns
+    -------
+    LocalReferences
+
+    Examples
+    --------
+    >>> a1, a2 = np.array([1.0, 0.0]), np.array([0.5, np.sqrt(3) / 2])
+    >>> mn = np.array([(m, n) for m in range(12) for n in range(12)], float)
+    >>> xy = mn @ np.array([a1, a2])
+    >>> colour = (mn[:, 0] - mn[:, 1]) % 3
+    >>> values = np.choose(colour.astype(int), [10.0, 5.0, 0.0])
+    >>> ref = local_references(xy, np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)), values, n_neighbors=60)
+    >>> ref.rank()[:3].tolist()  # the colours of sites (0,0), (0,1), (0,2): bright, dark, middle
+    [0, 2, 1]
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    n = len(xy)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"xy must be [N, 2], got shape {xy.shape}")
+    basis = np.asarray(basis, dtype=np.float64)
+    if basis.shape != (n, 2, 2):
+        raise ValueError(f"basis must be [N, 2, 2] with N = {n}, got shape {basis.shape}")
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (n,):
+        raise ValueError(f"values must be [N] with N = {n}, got shape {values.shape}")
+    usable = np.ones(n, bool) if usable is None else np.asarray(usable, bool)
+    if usable.shape != (n,):
+        raise ValueError(f"usable must be [N] with N = {n}, got shape {usable.shape}")
+    if int(n_neighbors) < 7:
+        raise ValueError(f"n_neighbors must be >= 7, got {n_neighbors}")
+    if not 0 < float(node_tolerance) < 0.5:
+        raise ValueError(f"node_tolerance must be in (0, 0.5), got {node_tolerance}")
+    return _local_references(xy, basis, values, usable, int(n_neighbors), float(node_tolerance), int(chunk))
+
+
+def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    med = np.full((n, 3), np.nan)
+    mad = np.full((n, 3), np.nan)
+    cnt = np.zeros((n, 3), np.int64)
+    k = min(n_neighbors + 1, n)
+    if n < 2:
+        return LocalReferences(med, mad, cnt)
+    det = basis[:, 0, 0] * basis[:, 1, 1] - basis[:, 0, 1] * basis[:, 1, 0]
+    good_basis = np.isfinite(det) & (np.abs(det) > 1e-12)
+    inv = np.zeros_like(basis)
+    inv[good_basis] = np.linalg.inv(basis[good_basis])
+    finite_v = np.isfinite(values)
+    tree = cKDTree(xy)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        _, j = tree.query(xy[a:b], k=k)
+        j = j.reshape(b - a, k)
+        d = xy[j] - xy[a:b, None, :]
+        mn = np.einsum("nkj,nji->nki", d, inv[a:b])   # d = [m n] @ B  ->  [m n] = d @ inv(B)
+        r = np.rint(mn)
+        on_node = np.abs(mn - r).max(-1) < tol
+        colour = (r[..., 0] - r[..., 1]).astype(np.int64) % 3
+        ok = on_node & usable[j] & finite_v[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
+        v = values[j]
+        for c in range(3):
+            sel = ok & (colour == c)
+            w = np.where(sel, v, np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no reference
+                m_c = np.nanmedian(w, axis=1)
+                mad[a:b, c] = 1.4826 * np.nanmedian(np.abs(w - m_c[:, None]), axis=1)
+            med[a:b, c] = m_c
+            cnt[a:b, c] = sel.sum(1)
+    return LocalReferences(med, mad, cnt)
+
+
+def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Robust z of ``values`` against each site's own-colour references; the local MAD is floored at
+    half the typical local MAD of the site's group (so a few quiet neighbours cannot blow it up)."""
+    v = np.asarray(values, np.float64)
+    med, mad = refs.median[:, 0], refs.mad[:, 0]
+    floor = np.full(len(v), np.nan)
+    for g in np.unique(groups):
+        m = (groups == g) & usable & np.isfinite(mad)
+        if m.any():
+            floor[groups == g] = 0.5 * np.median(mad[m])
+    scale = np.fmax(mad, floor)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (v - med) / scale
+    z[~np.isfinite(z)] = 0.0
+    return z
+
+
+def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: int = 1,
+                     slack: float = 1.0) -> np.ndarray:
+    """What the sites of one scan line have in common, per site: the median ``z`` of the usable sites
+    whose row (``round(y)``) lies within ``rows`` of the site's row, shrunk towards 0 by ``slack``
+    (``sign * max(|median| - slack, 0)``, so ordinary rows are left alone). A scan streak or row
+    jump moves all sites along a line; a defect moves one -- it does not shift its row's median."""
+    r = np.rint(y).astype(np.int64)
+    lo = int(r.min()) if len(r) else 0
+    r = r - lo
+    n_rows = int(r.max()) + 1 if len(r) else 0
+    off = np.zeros(n_rows)
+    order = np.argsort(r[usable], kind="stable")
+    zr = z[usable][order]
+    rr = r[usable][order]
+    starts = np.searchsorted(rr, np.arange(n_rows) - rows, side="left")
+    stops = np.searchsorted(rr, np.arange(n_rows) + rows, side="right")
+    for k in range(n_rows):
+        if stops[k] - starts[k] >= 5:
+            off[k] = np.median(zr[starts[k]:stops[k]])
+    off = np.sign(off) * np.maximum(np.abs(off) - slack, 0.0)
+    return off[r]
+
+
+def _hollow_background(xy: np.ndarray, inten: np.ndarray, sub: np.ndarray, usable: np.ndarray,
+                       k: int = 3) -> np.ndarray:
+    """Per site, the median intensity of the ``k`` nearest usable hexagon centres (sublattice 2) other
+    than itself: the local background (support, contamination) at the site; 0 without hollows."""
+    from scipy.spatial import cKDTree
+
+    hol = np.flatnonzero((sub == HOLLOW) & usable & np.isfinite(inten))
+    if len(hol) < k + 1:
+        return np.zeros(len(xy))
+    _, j = cKDTree(xy[hol]).query(xy, k=k + 1)
+    idx = hol[j]
+    vals = np.where(idx == np.arange(len(xy))[:, None], np.nan, inten[idx])
+    # the k nearest other than the site itself
+    vals = np.where(np.cumsum(np.isfinite(vals), axis=1) <= k, vals, np.nan)
+    return np.nanmedian(vals, axis=1)
+
+
+def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray, seed: int,
+                          n_components: int = 3, max_fit: int = 20000) -> np.ndarray:
+    """Negative log density of each latent mean under a Gaussian mixture of its group's latents, as a
+    robust z within the group (high = unusual for its sublattice)."""
+    from sklearn.mixture import GaussianMixture
+
+    out = np.zeros(len(mu))
+    rng = np.random.default_rng(seed)
+    for g in np.unique(groups):
+        if g < 0:
+            continue
+        m = groups == g
+        fit = np.flatnonzero(m & usable)
+        if len(fit) < 10 * n_components:
+            continue
+        if len(fit) > max_fit:
+            fit = rng.choice(fit, max_fit, replace=False)
+        gm = GaussianMixture(n_components, covariance_type="full", random_state=seed, reg_covar=1e-4).fit(mu[fit])
+        nll = -gm.score_samples(mu[m])
+        out[m] = robust_z(nll)
+    return out
+
+
+def _reference_levels(refs: LocalReferences | None, grp: np.ndarray, inten: np.ndarray,
+                      usable: np.ndarray) -> np.ndarray:
+    """Per site, the typical intensity of a metal, a chalcogen and a hollow site around it [N, 3]
+    (local medians ordered by brightness; the image-wide medians where there are none)."""
+    n = len(grp)
+    glob = np.array([np.median(inten[(grp == g) & usable]) if np.any((grp == g) & usable) else np.nan
+                     for g in (METAL, CHALCOGEN, HOLLOW)])
+    levels = np.tile(glob, (n, 1))
+    if refs is not None:
+        ok = np.isfinite(refs.median).all(1) & (refs.count >= 3).all(1)
+        levels[ok] = -np.sort(-refs.median[ok], axis=1)
+    return levels
+
+
+def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.ndarray,
+                  is_defect: np.ndarray, material) -> np.ndarray:
+    """Name each flagged site from its sublattice and where its intensity lies between the typical
+    metal, chalcogen and hollow levels around it (``levels`` [N, 3]) -- with ``material``'s names."""
+    mat = get_material(material)
+    m_, x_ = mat.metal, mat.chalcogen
     kinds = np.full(len(sub), "none", dtype=object)
-    med = {k: np.median(inten[(sub == k) & ~is_defect]) if np.any((sub == k) & ~is_defect) else np.nan
-           for k in (0, 1, 2)}
-    if not all(np.isfinite(list(med.values()))):
-        kinds[is_defect] = "other"
-        return kinds.astype(str)
-    mo, s2, hol = med[0], med[1], med[2]
     for i in np.flatnonzero(is_defect):
+        metal, chalc, hollow = levels[i]
         v = inten[i]
-        if sub[i] == 0:  # Mo sublattice
-            kinds[i] = "vacancy_Mo" if abs(v - hol) < abs(v - mo) * 0.8 and v < 0.5 * (mo + s2) else "other"
-        elif sub[i] == 1:  # S2 sublattice
-            refs = {"vacancy_S2": hol, "vacancy_S": 0.5 * (hol + s2), "substitution_Mo_S": mo, "none": s2}
-            best = min(refs, key=lambda k: abs(v - refs[k]))
-            kinds[i] = "other" if best == "none" else best
+        if not np.isfinite(levels[i]).all() or sub[i] not in (METAL, CHALCOGEN, HOLLOW):
+            kinds[i] = "other"
+        elif sub[i] == METAL:
+            # an empty metal site sits near the hollow level; otherwise a foreign atom (brighter or darker)
+            kinds[i] = f"vacancy_{m_}" if v < 0.5 * (hollow + chalc) else f"substitution_{m_}"
+        elif sub[i] == CHALCOGEN:
+            refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc,
+                     f"substitution_{m_}_{x_}": metal}
+            best = min(refs_, key=lambda k: abs(v - refs_[k]))
+            if best == "none":  # flagged, yet closest to a normal column: name the way it deviates
+                best = f"vacancy_{x_}" if z[i] < 0 else f"substitution_{m_}_{x_}"
+            kinds[i] = best
         else:
             kinds[i] = "other"  # something at a hexagon centre (adatom, contamination)
     return kinds.astype(str)
+
+
+def _ari(a: np.ndarray, b: np.ndarray) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(a, b)) if len(a) > 1 else float("nan")
 
 
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
@@ -175,76 +443,107 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
 
     Parameters
     ----------
-    sites : SiteTable from :func:`stemfast.find_sites` (needs ``intensity`` and ``sublattice``).
+    sites : SiteTable from :func:`stemfast.find_sites` (needs ``x, y, intensity``; uses the local
+        basis ``a1x, a1y, a2x, a2y``, ``sublattice``, ``observed`` and ``meta["material"]`` when present).
     enc : the model's encoding of the sites' patches (``mu`` [N, L], ``recon_error`` [N],
         ``angle`` [N]).
-    edge : bool [N], patches that touch the image border; their ``anomaly_score`` uses the
-        intensity term alone (the padded patch makes the model terms meaningless).
+    edge : bool [N], patches that touch the image border; their model scores are not used (the
+        padded patch makes them meaningless).
 
     Returns
     -------
     (SiteTable, dict)
-        The table with ``class_id, recon_error, recon_score, anomaly_score, is_defect,
-        defect_kind, angle`` added (``angle`` = the model's rotation of the patch, degrees), and a
-        summary with counts per class and defect kind and the ``top`` candidates.
+        The table with ``class_id, sublattice_local, recon_error, recon_score, intensity_z,
+        intensity_z_global, latent_score, anomaly_score, is_defect, defect_kind, angle`` added
+        (``angle`` = the model's rotation of the patch, degrees), and a summary with counts per
+        class and defect kind, ``class_sublattice_ari`` and the ``top`` candidates.
     """
     n = len(sites)
-    mu = np.asarray(enc.mu)
+    mu = np.asarray(enc.mu, dtype=np.float64)
     if len(mu) != n:
         raise ValueError(f"encoding has {len(mu)} rows for {n} sites")
+    xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
     inten = np.asarray(sites["intensity"], dtype=np.float64)
-    sub = np.asarray(sites["sublattice"], dtype=np.int64) if "sublattice" in sites else np.full(n, -1)
+    sub_global = np.asarray(sites["sublattice"], dtype=np.int64) if "sublattice" in sites else np.full(n, -1)
     rec = np.asarray(enc.recon_error, dtype=np.float64)
+    observed = np.asarray(sites["observed"], bool) if "observed" in sites else np.ones(n, bool)
+    material = sites.meta.get("material", "mos2") if getattr(sites, "meta", None) else "mos2"
+    edge_ = np.zeros(n, bool) if edge is None else np.asarray(edge, bool)
 
     cls, k, info = cluster_latents(mu, n_classes=settings.n_classes, order_by=inten, settings=settings)
-
-    # pure reconstruction-error ranking: per latent class
     recon_score = robust_z(rec, cls)
 
-    # combined: everything judged within the site's sublattice (lattice knowledge); sites with no
-    # sublattice fall back to their latent class
-    observed = np.asarray(sites["observed"], bool) if "observed" in sites else np.ones(n, bool)
-    grp = np.where(sub >= 0, sub, 100 + cls)
-    grp = np.where(observed, grp, -1)  # unobserved sites do not enter the robust statistics
-    z_int = robust_z(inten, grp)
-    z_rec = robust_z(rec, grp)
-    z_lat = np.zeros(n)
-    for g in np.unique(grp):
-        m = grp == g
-        if m.sum() < 3:
-            continue
-        c = np.median(mu[m], axis=0)
-        d = np.sqrt(((mu[m] - c) ** 2).sum(1))
-        z_lat[m] = robust_z(d)
-    z_lat = np.maximum(z_lat, 0.0)
-    if settings.score == "lattice":
-        anomaly = np.abs(z_int)
+    # local references: the sites of each site's own sublattice around it, from its local lattice
+    if all(c in sites for c in ("a1x", "a1y", "a2x", "a2y")) and n >= 8:
+        basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
+                          np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
+        refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
+                                node_tolerance=settings.node_tolerance)
+        sub = refs.rank()
+        inten_ref = inten
+        if settings.local_background:
+            inten_ref = inten - _hollow_background(xy, inten, sub, observed)
+            refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
+                                    node_tolerance=settings.node_tolerance)
+    else:  # no local lattice: one image-wide reference per sublattice
+        refs = None
+        inten_ref = inten
+        sub = sub_global.copy()
+    grp = np.where(sub >= 0, sub, np.where(sub_global >= 0, sub_global, 100 + cls))
+    z_glob = robust_z(inten, np.where(observed, grp, -1))
+    if refs is not None:
+        z_int = _local_z(inten_ref, refs, grp, observed)
+        # sites without local references of their own colour fall back to the image-wide score
+        no_ref = refs.count[:, 0] < 3
+        z_int[no_ref] = z_glob[no_ref]
+    else:
+        z_int = z_glob
+    if settings.scan_rows and n:
+        z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
+    local = np.where(grp == HOLLOW, np.maximum(z_int, 0.0), np.abs(z_int))
+    z_lat = _latent_density_score(mu, np.where(edge_, -1, grp), observed & ~edge_, settings.seed)
+    if settings.score == "local":
+        anomaly = local
+    elif settings.score == "global":
+        anomaly = np.where(grp == HOLLOW, np.maximum(z_glob, 0.0), np.abs(z_glob))
     elif settings.score == "combined":
-        anomaly = np.sqrt(z_int ** 2 + z_lat ** 2 + np.maximum(z_rec, 0.0) ** 2 / 4.0)
+        anomaly = np.sqrt(local ** 2 + np.maximum(np.where(edge_, 0.0, z_lat), 0.0) ** 2)
+    elif settings.score == "latent":
+        anomaly = np.where(edge_, 0.0, z_lat)
     else:
         anomaly = recon_score.copy()
-    if edge is not None and settings.score == "combined":
-        # a patch cut by the image border is padded: the model's view of it is not comparable, the
-        # lattice's (intensity against the sublattice) still is
-        e = np.asarray(edge, bool)
-        anomaly[e] = np.abs(z_int[e])
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
-    anomaly[~observed] = 0.0
+    anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff
-    kinds = _defect_kinds(sub, inten, is_defect)
+    levels = _reference_levels(refs, grp, inten_ref, observed & ~is_defect)
+    kinds = _defect_kinds(grp, z_int, levels, inten_ref, is_defect, material)
     angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
+
+    # do the learned classes follow the sublattices?
+    judged = observed & (sub >= 0) & ~is_defect
+    agreement = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
+    info["class_sublattice_ari"] = agreement
+    if judged.any():
+        info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
+    if np.isfinite(agreement) and agreement < settings.min_class_agreement:
+        msg = (f"the learned classes do not follow the sublattices (ARI {agreement:.2f} against the lattice's "
+               f"metal / chalcogen / hollow colouring): treat class_id with care")
+        warnings.warn(msg, ClassAgreementWarning, stacklevel=2)
+        info["class_warning"] = msg
 
     table = sites.with_columns({
         "class_id": cls,
+        "sublattice_local": sub,
         "recon_error": rec,
         "recon_score": recon_score,
         "intensity_z": z_int,
+        "intensity_z_global": z_glob,
         "latent_score": z_lat,
         "anomaly_score": anomaly,
         "is_defect": is_defect,
         "defect_kind": kinds,
         "angle": angle,
-        **({"edge": np.asarray(edge, bool)} if edge is not None else {}),
+        **({"edge": edge_} if edge is not None else {}),
     })
     order = np.argsort(-anomaly, kind="stable")[: settings.top_n]
     summary = {
@@ -256,9 +555,10 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         "defect_kinds": {str(kd): int((kinds == kd).sum()) for kd in np.unique(kinds) if kd != "none"},
         "defect_cutoff": settings.defect_cutoff,
         "score": settings.score,
-        "top": [{"index": int(i), "x": float(sites["x"][i]), "y": float(sites["y"][i]),
+        "material": str(get_material(material).name),
+        "top": [{"index": int(i), "x": float(xy[i, 0]), "y": float(xy[i, 1]),
                  "anomaly_score": float(anomaly[i]), "recon_score": float(recon_score[i]),
-                 "defect_kind": str(kinds[i]), "class_id": int(cls[i]), "sublattice": int(sub[i])}
+                 "defect_kind": str(kinds[i]), "class_id": int(cls[i]), "sublattice": int(grp[i])}
                 for i in order],
         **info,
     }

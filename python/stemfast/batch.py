@@ -522,6 +522,9 @@ def _analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: in
         rec["class_counts"] = {str(k): int(v) for k, v in summ.get("class_counts", {}).items()}
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
+        for key in ("class_sublattice_ari", "class_warning", "material", "score"):  # the analysis' own report
+            if key in summ:
+                rec[key] = summ[key]
         is_def = np.asarray(table["is_defect"], bool)
         top = []
         for t in summ.get("top", []):
@@ -795,6 +798,8 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
         "class_counts": dict(sorted(totals_cls.items(), key=lambda kv: int(kv[0]))),
         "defect_kinds": dict(sorted(totals_kind.items())),
         "lattice": lattice,
+        # do the learned classes follow the metal / chalcogen / hollow sublattices (analysis.analyze_sites)
+        "class_sublattice_ari": _median(m.get("class_sublattice_ari") for m in frames_meta),
         "timings_s": stage_s,
         "throughput": stage_table_rows({k: v for k, v in stage_s.items() if k in _STAGES}, n_sites),
         "peak_memory_mib": _peak_memory_mib(),
@@ -813,6 +818,11 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
         summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
+    class_warning = next((m["class_warning"] for m in frames_meta if m.get("class_warning")), None)
+    if class_warning:
+        summary["class_warning"] = class_warning
+        if class_warning not in warns:
+            warns.append(class_warning)
     summary["warnings"] = warns
     summary["seconds"] = time.perf_counter() - t_start
     summary["outputs"] = list(OUTPUT_FILES) + (list(trk.FILES) if trk else [])

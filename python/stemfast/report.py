@@ -343,6 +343,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         "sites": s.get("n_sites", 0),
         "defects (anomaly > cutoff)": s.get("n_defects", 0),
         "classes": s.get("n_classes", "-"),
+        "classes vs sublattices (ARI)": _fmt(s.get("class_sublattice_ari"), 2),
         "spacing (px)": _fmt(lat.get("spacing_px")),
         "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
@@ -353,6 +354,8 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     parts.append("<div class='grid'><div>" + _kv_table(facts, ("", "")) + "</div><div>"
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
+    if s.get("class_warning"):
+        parts.append(f"<p class='warn'>{_e(s['class_warning'])}</p>")
     drift = s.get("drift_px")
     if drift and drift.get("dx"):
         dx = np.asarray(drift["dx"], float)

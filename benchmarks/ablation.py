@@ -1,0 +1,143 @@
+"""Ablation of the defect scores and of the classes: which score ranks defects best, and does the
+rVAE earn its place?
+
+For every image: the lattice front end, patches, an rVAE trained on that image (``--epochs``), its
+encoding; then :func:`stemfast.analysis.analyze_sites` once per score of
+:data:`stemfast.analysis.SCORES`, each scored against the image's ground truth:
+
+* simulated images ``NAME.tif`` with ``NAME.truth.npz`` (``truth`` [N, 4]: x, y, sublattice, defect;
+  ``meta`` JSON with ``nn_px``): a site is a true defect when it lies within 0.3 nn of a truth site
+  with defect > 0 (the rules of the shared ``score.py``);
+* labelled real images ``IMAGE`` with ``--labels LABELS.csv`` (x, y, class_id, class_name): within
+  0.4 nn of a ``V_*`` or dopant label (the rules of ``score_labeled.py``).
+
+``AP``: average precision of ``anomaly_score`` over all output sites, a truth defect with no site
+counted as missed. ``class ARI``: adjusted Rand index of ``class_id`` against the true sublattice of
+defect-free sites (metal / chalcogen on the labelled image). Encodings are cached in ``--cache``
+(one pickle per image), so rerunning only re-scores.
+
+Usage (the table in docs/RESULTS.md)::
+
+    PYTHONPATH=python python benchmarks/ablation.py --epochs 6 --cache /tmp/ablation \\
+        data/mos2_dev1.tif data/mos2_dev3.tif data/mos2_dev4.tif \\
+        data/real/wse2_ti/wse2_ti2_haadf.dm4:wse2:data/real/wse2_ti/wse2_ti2.labels.csv
+
+An argument ``PATH[:MATERIAL[:LABELS]]`` gives the material (default mos2) and the labels.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ablation")
+
+
+def _prepare(path: Path, material: str, epochs: int, cache: Path | None):
+    import stemfast
+    from stemfast.model import RVAEConfig
+    from stemfast.pipeline import PipelineConfig, prepare, train_model
+    from stemfast.sites import SiteSettings
+
+    f = cache / f"{path.stem}.pkl" if cache else None
+    if f is not None and f.exists():
+        return pickle.loads(f.read_bytes())
+    mg = stemfast.read(path)
+    cfg = PipelineConfig(sites=SiteSettings(material=material), model=RVAEConfig(epochs=epochs, progress=False))
+    prep = prepare(mg.data, config=cfg, pixel_size=mg.pixel_size, unit=mg.unit)
+    model = train_model([prep], config=cfg)
+    enc = model.encode(prep.patches)
+    d = {"sites": prep.sites, "enc": enc, "edge": prep.edge}
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(pickle.dumps(d))
+    return d
+
+
+def _truth(path: Path, labels: Path | None, xy: np.ndarray):
+    """(is_defect [N], n_defects, true class [N] or -1) for the output sites ``xy``."""
+    from scipy.spatial import cKDTree
+
+    if labels is not None:
+        with open(labels, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        L = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+        name = np.array([r["class_name"] for r in rows])
+        nn = float(np.median(cKDTree(L).query(L, k=4)[0][:, 1:]))
+        d, j = cKDTree(L).query(xy)
+        hit = d < 0.4 * nn
+        is_def_l = np.array([n.startswith("V_") or n in ("Ti", "Cr", "V", "Co", "Mn") for n in name])
+        metal_l = np.array([n in ("W", "Mo") for n in name])
+        chalc_l = np.array([n in ("Se2", "S2") for n in name])
+        pos = hit & is_def_l[j]
+        tcls = np.where(hit & metal_l[j], 0, np.where(hit & chalc_l[j], 1, -1))
+        return pos, int(is_def_l.sum()), tcls
+    t = np.load(path.with_suffix("").with_suffix(".truth.npz") if path.suffix else path)
+    T = t["truth"]
+    nn = json.loads(str(t["meta"]))["nn_px"]
+    d, j = cKDTree(T[:, :2]).query(xy)
+    hit = d < 0.3 * nn
+    pos = hit & (T[j, 3] > 0)
+    tcls = np.where(hit & (T[j, 3] == 0), T[j, 2], -1).astype(np.int64)
+    return pos, int((T[:, 3] > 0).sum()), tcls
+
+
+def _ap(score: np.ndarray, pos: np.ndarray, n_pos: int) -> float:
+    """Average precision of ``score`` ranking ``pos`` first; positives without a site count as missed."""
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-score, kind="stable")
+    hits = pos[order].astype(np.float64)
+    prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((prec * hits).sum() / n_pos)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", help="PATH[:MATERIAL[:LABELS]]")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--cache", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from sklearn.metrics import adjusted_rand_score
+
+    from stemfast.analysis import SCORES, AnalysisSettings, analyze_sites
+
+    rows = []
+    for arg in args.inputs:
+        parts = arg.split(":")
+        path = Path(parts[0])
+        material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
+        labels = Path(parts[2]) if len(parts) > 2 else None
+        d = _prepare(path, material, args.epochs, args.cache)
+        s = d["sites"]
+        xy = np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])])
+        pos, n_pos, tcls = _truth(path, labels, xy)
+        row = {"image": path.stem}
+        for sc in SCORES:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t, summ = analyze_sites(s, d["enc"], settings=AnalysisSettings(score=sc), edge=d["edge"])
+            row[sc] = _ap(np.asarray(t["anomaly_score"]), pos, n_pos)
+        m = tcls >= 0
+        row["class ARI"] = float(adjusted_rand_score(tcls[m], np.asarray(t["class_id"])[m]))
+        row["classes vs lattice"] = float(summ["class_sublattice_ari"])
+        row["sublattice ARI"] = float(adjusted_rand_score(tcls[m], np.asarray(t["sublattice_local"])[m]))
+        rows.append(row)
+    cols = ["image", *SCORES, "class ARI", "classes vs lattice", "sublattice ARI"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r[c] if c == "image" else f"{r[c]:.3f}" for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
