@@ -160,10 +160,10 @@ def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarr
             km = MiniBatchKMeans(n_clusters=k, random_state=settings.seed, n_init=3, batch_size=4096)
         else:
             km = KMeans(n_clusters=k, random_state=settings.seed, n_init=4)
-        # one OpenMP thread: scikit-learn's OpenMP pool competes with the one torch left behind after
+        # one thread (OpenMP and BLAS): scikit-learn's OpenMP pool competes with the one torch left behind after
         # encoding (two runtimes, both spinning); on 2 cores that made k-means of a 21k-site frame
         # 0.2 s instead of 0.03 s, and it is not slower single-threaded for 1.3M sites (3.2 s vs 3.4 s)
-        with threadpool_limits(limits=1, user_api="openmp"):
+        with threadpool_limits(limits=1):
             return km.fit(mu)
 
     if n_classes is None:
@@ -392,6 +392,7 @@ def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray
     """Negative log density of each latent mean under a Gaussian mixture of its group's latents, as a
     robust z within the group (high = unusual for its sublattice)."""
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     out = np.zeros(len(mu))
     rng = np.random.default_rng(seed)
@@ -404,7 +405,11 @@ def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray
             continue
         if len(fit) > max_fit:
             fit = rng.choice(fit, max_fit, replace=False)
-        gm = GaussianMixture(n_components, covariance_type="full", random_state=seed, reg_covar=1e-4).fit(mu[fit])
+        # one thread (OpenMP and BLAS), as for k-means (cluster_latents): the mixture's k-means and BLAS
+        # otherwise spin against torch's pool (4 s of a 1300-site frame's 6 s analysis on 2 busy cores)
+        with threadpool_limits(limits=1):
+            gm = GaussianMixture(n_components, covariance_type="full", random_state=seed,
+                                 reg_covar=1e-4).fit(mu[fit])
         nll = -gm.score_samples(mu[m])
         out[m] = robust_z(nll)
     return out
