@@ -584,22 +584,15 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
 
 def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing) -> np.ndarray:
     """Every node's place predicted from the peaks around it (:func:`_local_fit`, ``min_points`` of
-    them needed, else the phase map's place ``base``). Within ``EDGE_NN`` spacings of the image edge,
-    where the neighbours lie on one side and the phase map is least reliable, the fit has the
-    ``PREDICTION_PRIOR`` ridge towards the median of the fitted lattice vectors and
-    ``PREDICTION_MIN_POINTS`` suffice.
+    them needed, else the phase map's place ``base``). For an empty node within ``EDGE_NN``
+    spacings of the image edge, where the neighbours lie on one side and the phase map is least
+    reliable, the fit has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
     """
     H, W = shape
-    b, _, pred = _local_fit(nodes, xy, has, S, fit_radius, min_points, need_rms=False)
-    fitted = np.isfinite(pred).all(1)
-    if fitted.sum() >= 3:  # the ridge's target: the lattice vectors the peaks themselves give
-        S = np.median(b[fitted], axis=0)
-    edge = np.flatnonzero((np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]])
-                           < EDGE_NN * spacing) & ~np.asarray(has, bool))
-    if len(edge):
-        _, _, p2 = _local_fit(nodes, xy, has, S, fit_radius, PREDICTION_MIN_POINTS, need_rms=False,
-                              prior=PREDICTION_PRIOR)
-        pred[edge] = p2[edge]
+    edge = ((np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]]) < EDGE_NN * spacing)
+            & ~np.asarray(has, bool))
+    _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, np.where(edge, PREDICTION_MIN_POINTS, min_points),
+                            need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
     return np.where(np.isfinite(pred), pred, base)
 
 
@@ -673,9 +666,11 @@ class _Grid:
 
     def get(self, nodes: np.ndarray) -> np.ndarray:
         i = np.asarray(nodes, dtype=np.int64) - self.lo
-        out = np.full((len(i),) + self.arr.shape[2:], np.nan)
-        ok = (i >= 0).all(1) & (i[:, 0] < self.arr.shape[0]) & (i[:, 1] < self.arr.shape[1])
-        out[ok] = self.arr[i[ok, 0], i[ok, 1]]
+        n0, n1 = self.arr.shape[:2]
+        i0, i1 = i[:, 0], i[:, 1]
+        ok = (i0 >= 0) & (i0 < n0) & (i1 >= 0) & (i1 < n1)
+        out = self.arr[np.clip(i0, 0, n0 - 1), np.clip(i1, 0, n1 - 1)]  # a copy (fancy indexing)
+        out[~ok] = np.nan
         return out
 
 
@@ -704,7 +699,7 @@ def _neighbour_count(nodes: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 
 def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray, fit_radius: float,
-               min_points: int, need_rms: bool = True, prior: float = 0.0):
+               min_points, need_rms: bool = True, prior=0.0):
     """Per node: least-squares ``xy(n + d) = c + d @ B`` over the nodes with a peak within
     ``fit_radius`` spacings of it (the node itself left out, so ``c`` is its neighbours' prediction).
 
@@ -716,7 +711,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     spacing away along each lattice vector (a ridge on the basis): a node whose neighbours all lie
     on one side (the image edge) is then placed by the lattice, not by an affine extrapolation
     whose basis those few one-sided points fix badly. With a full neighbourhood the centre barely
-    moves (the basis terms cancel there). The target is the image-wide ``S``, not the phase map's
+    moves (the basis terms cancel there). ``min_points`` and ``prior`` may be per node ([N]). The target is the image-wide ``S``, not the phase map's
     local vectors: those are least reliable at the image edge (on mos2_dev1 they gave 0.293 px
     rmse against 0.249 px).
     """
@@ -752,7 +747,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         return ndimage.correlate(a, k, mode="constant", cval=0.0)[gi[:, 0], gi[:, 1]]
 
     s1, sp, sq, spp, spq, sqq = (corr(w, k) for k in (k1, kp, kq, kpp, kpq, kqq))
-    good = s1 >= min_points
+    good = s1 >= np.broadcast_to(np.asarray(min_points), (n,))
     if not good.any():
         return basis, rms, centre
     # drop near-singular fits (all points on one line)
@@ -762,7 +757,8 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     s1g, spg, sqg, sppg, spqg, sqqg = s1[g], sp[g], sq[g], spp[g], spq[g], sqq[g]
     # the ridge: solved for the basis' deviation from S (residual frame), so it adds to the
     # diagonal of the normal matrix only
-    if prior > 0 and need_rms:
+    prior = np.broadcast_to(np.asarray(prior, dtype=np.float64), (n,))[g]
+    if need_rms and (prior > 0).any():
         raise ValueError("the residual of a ridge fit is not computed")
     sppg_r, sqqg_r = sppg + prior, sqqg + prior
     # adjugate of the symmetric normal matrix [[s1, sp, sq], [sp, spp, spq], [sq, spq, sqq]]
