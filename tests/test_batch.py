@@ -424,3 +424,22 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
     a.write(t.select(np.arange(10)))
     assert chunked.getvalue() == whole.getvalue() and a.n_rows == b.n_rows == n + 10
     assert whole.getvalue().count("\n") == n + 11
+
+
+def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
+    """An unsure lattice or a calibration that does not fit the material reaches summary.json's
+    warnings, and report.html shows them per input."""
+    from stemfast.batch import _lattice_warnings
+    from stemfast.report import write_html_report
+
+    lat = {"unsure": ["weak Bragg ring (prominence 3.1)"], "calibration_ok": False, "material": "MoS2",
+           "calibration_expected_spacing_px": 16.6, "spacing_px": 12.1}
+    w = _lattice_warnings(lat)
+    assert len(w) == 2 and "weak Bragg ring" in w[0] and "16.6" in w[1] and "12.1" in w[1]
+    assert _lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and _lattice_warnings(None) == []
+    summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": w, "lattice": lat}
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[summ], out_dir=tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "warning: the site lattice is uncertain: weak Bragg ring" in html
+    assert "check the calibration or the material" in html

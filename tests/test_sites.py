@@ -73,6 +73,25 @@ def test_find_sites_on_clean_mos2(clean_image):
     assert (t["sublattice"][r["t2o"][ok]] == s.truth[ok, 2]).mean() > 0.98
 
 
+def test_edge_sites_placed_and_apart(clean_image):
+    """A site predicted at the image edge or corner (neighbours on one side only) is placed by the
+    lattice, not by a wild extrapolation, and no two sites come closer than half a spacing."""
+    from scipy.spatial import cKDTree
+
+    s = clean_image
+    t = find_sites(s.image)
+    nn = s.meta["nn_px"]
+    H, W = s.image.shape
+    T = s.truth
+    d, j = cKDTree(t.xy).query(T[:, :2])
+    edge = np.minimum.reduce([T[:, 0], W - 1 - T[:, 0], T[:, 1], H - 1 - T[:, 1]])
+    pred = (d < 0.3 * nn) & (T[:, 3] == 0) & (T[:, 2] < 2) & (edge < nn) & (t["source"][j] == "lattice")
+    assert pred.sum() >= 3  # the check sees some
+    assert d[pred].max() < 1.0
+    dd, _ = cKDTree(t.xy).query(t.xy, k=2)
+    assert dd[:, 1].min() >= 0.5 * nn
+
+
 def test_calibrated_columns(clean_image):
     t = find_sites(clean_image.image, pixel_size=0.012, unit="nm")
     np.testing.assert_allclose(t["x_nm"], t["x"] * 0.012)
@@ -211,8 +230,36 @@ def test_real_like_synthetic_faint_chalcogen_gradient_streaks_contamination(seed
     assert t.meta["spacing_px"] == pytest.approx(nn, rel=0.01)
     ok = (r["t2o"] >= 0) & (s.truth[:, 3] == 0)
     assert (t["sublattice"][r["t2o"][ok]] == s.truth[ok, 2]).mean() > 0.98
-    # one site per node away from the edge (known gap: within half a spacing of the image edge,
-    # where columns are cut, a site and its neighbour's prediction can come closer than 0.5 nn)
+    # one site per node, up to the image edge (where columns are cut)
     d, _ = cKDTree(t.xy).query(t.xy, k=2)
-    e_out = np.minimum.reduce([t.xy[:, 0], 383 - t.xy[:, 0], t.xy[:, 1], 383 - t.xy[:, 1]])
-    assert (d[e_out > 0.5 * nn, 1] < 0.5 * nn).sum() == 0
+    assert (d[:, 1] < 0.5 * nn).sum() == 0
+
+
+def test_prediction_fit_prior_and_apart():
+    """The ridge of the neighbours' prediction: with a full neighbourhood the centre is the affine
+    fit's; with neighbours on one side only the lattice vectors stay near the prior. Predicted
+    sites closer than dmin to a peak's site or to each other are dropped (one of a pair kept)."""
+    from stemfast.sitelattice import _apart, _local_fit
+
+    S = np.array([[10.0, 0.0], [5.0, 8.66]])
+    P, Q = np.meshgrid(np.arange(-4, 5), np.arange(-4, 5), indexing="ij")
+    ij = np.stack([P.ravel(), Q.ravel()], 1)
+    rng = np.random.default_rng(0)
+    xy = ij @ (S * 1.02) + rng.normal(0, 0.3, ij.shape)
+    w = np.ones(len(ij), bool)
+    _, _, c0 = _local_fit(ij, xy, w, S, 2.05, 5, need_rms=False)
+    _, _, c8 = _local_fit(ij, xy, w, S, 2.05, 5, need_rms=False, prior=8.0)
+    mid = (np.abs(ij) <= 2).all(1)
+    assert np.abs(c8[mid] - c0[mid]).max() < 0.05  # symmetric neighbourhoods: the prior does not move it
+    # one-sided: the node (0, 0) with its peaks only at p = 1, 2 (an edge node)
+    one = (ij[:, 0] >= 1) & (ij[:, 0] <= 2) & (np.abs(ij[:, 1]) <= 1)
+    truth0 = np.zeros(2)
+    _, _, cr = _local_fit(ij, np.where(one[:, None], xy, np.nan), one, S, 2.05, 2, need_rms=False, prior=8.0)
+    k = np.flatnonzero((ij == 0).all(1))[0]
+    assert np.hypot(*(cr[k] - truth0)) < 1.0
+    with pytest.raises(ValueError):
+        _local_fit(ij, xy, w, S, 2.05, 5, need_rms=True, prior=8.0)
+    fixed = np.array([[0.0, 0.0], [10.0, 0.0]])
+    cand = np.array([[2.0, 0.0], [20.0, 0.0], [22.0, 0.0], [40.0, 0.0]])
+    keep = _apart(fixed, cand, 5.0)
+    assert not keep[0] and keep[3] and keep[1] != keep[2]

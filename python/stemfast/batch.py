@@ -765,7 +765,7 @@ def _assemble(entry: InputEntry, d: Path, results: Iterable[FrameResult], *, n_f
     for note in input_info.get("notes", []):
         warns.append(note)
     for m in frames_meta:
-        for w in m.get("warnings") or []:
+        for w in list(m.get("warnings") or []) + _lattice_warnings(m.get("lattice")):
             w = w if not is_stack else f"frame {m['frame']}: {w}"
             if w not in warns:
                 warns.append(w)
@@ -919,6 +919,21 @@ def _result_from_summary(entry: InputEntry, summary: dict, seconds: float) -> In
     return InputResult(entry.name, str(entry.path), "partial" if st == "partial" else "done",
                        _partial_reason(summary), summary["n_sites"], summary["n_defects"], seconds,
                        summary["n_frames"], list(summary.get("warnings") or []))
+
+
+def _lattice_warnings(lat) -> list[str]:
+    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, a
+    calibration that does not fit the material."""
+    if not lat:
+        return []
+    out = []
+    if lat.get("unsure"):
+        out.append("the site lattice is uncertain: " + "; ".join(lat["unsure"]))
+    if lat.get("calibration_ok") is False:
+        out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
+                   f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
+                   "check the calibration or the material")
+    return out
 
 
 def _input_info(mg) -> dict:
