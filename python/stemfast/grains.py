@@ -136,6 +136,8 @@ def _tiles(shape: tuple[int, int], tile: int, max_tiles: int) -> list[tuple[int,
     return [(int(y), int(x), th, tw) for y in ys for x in xs]
 
 
+#: percentile of the ring's power that a spot's power is compared with
+_RING_PERCENTILE = 25.0
 #: the strongest local maxima of a tile's ring searched for hexagons
 _MAX_SPOTS = 24
 #: the second spot of a hexagon is looked for this far (degrees) from 60 degrees on (scan distortion)
@@ -161,7 +163,9 @@ def _tile_orientations(tile: np.ndarray, f_ring: float, settings: GrainSettings)
     fy, fx, f2 = fy[1:-1], fx[:, 1:-1], f2[1:-1, 1:-1]
     fr = np.sqrt(f2)
     ring = np.abs(fr - f_ring) <= 1.5 / min(h, w)
-    ref = float(np.median(Pw[ring])) if ring.any() else 0.0
+    # the ring's lower quartile: the lattices' truncation at a boundary streaks the spectrum, which
+    # lifts the ring's median far more than its quieter part
+    ref = float(np.percentile(Pw[ring], _RING_PERCENTILE)) if ring.any() else 0.0
     if not ref > 0:
         return []
     band = (fr > 0.85 * f_ring) & (fr < 1.15 * f_ring) & (fy >= 0)
