@@ -35,7 +35,7 @@ from .sitelattice import SITE_FROM_METAL, PhaseMap, SiteIndex, _demodulate, inde
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
-           "warn_polycrystal", "tile_size"]
+           "warn_polycrystal", "tile_size", "peak_orientations"]
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,10 @@ class GrainMap:
         return out
 
 
+#: a grain's Bragg amplitude (median over it) is at least this share of the strongest grain's
+MIN_GRAIN_AMPLITUDE = 0.3
+
+
 def grain_map(image: np.ndarray, orientations: list[Orientation], *, spacing: float,
               settings: GrainSettings | None = None) -> GrainMap | None:
     """Segment the image by the orientation whose Bragg-filtered amplitude dominates locally.
@@ -384,17 +388,24 @@ def grain_map(image: np.ndarray, orientations: list[Orientation], *, spacing: fl
             continue
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         for c in np.flatnonzero(sizes[1:] >= min_blocks) + 1:
-            comps.append((int(sizes[c]), k, lab == c))
+            m = lab == c
+            comps.append((int(sizes[c]), k, m, float(np.median(amps[k][m]))))
+    if not comps:
+        return None
+    # a grain shows its lattice: a region won by an orientation where no lattice stands out (a hole,
+    # contamination) is not a grain
+    strong = max(c[3] for c in comps)
+    comps = [c for c in comps if c[3] >= MIN_GRAIN_AMPLITUDE * strong]
     if len(comps) < 2:
         return None
     comps.sort(key=lambda c: -c[0])
-    for gid, (_, _, m) in enumerate(comps):
+    for gid, (_, _, m, _) in enumerate(comps):
         labels[m] = gid
     # small regions join the nearest grain
     if (labels < 0).any():
         _, (iy, ix) = ndimage.distance_transform_edt(labels < 0, return_indices=True)
         labels = labels[iy, ix]
-    orient = np.array([k for _, k, _ in comps], np.int64)
+    orient = np.array([c[1] for c in comps], np.int64)
     area = np.bincount(labels.ravel(), minlength=len(comps)).astype(np.float64) * lf * lf
     log.info("%d grains of %d orientations (filter width %.3f |g|)", len(comps), len(set(orient.tolist())), width)
     return GrainMap(labels=labels, factor=lf, orientations=list(orientations), orientation=orient, area_px=area,
@@ -557,14 +568,102 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
                       grain=out["grain"], boundary=boundary, pmaps=tuple(pmaps), gmap=gmap)
 
 
-def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, settings: GrainSettings | None = None
-                ) -> GrainMap | None:
-    """The grains of the image (:func:`find_orientations` + :func:`grain_map`), or ``None`` for a
-    single crystal (one orientation, or one grain left after segmentation) or when switched off."""
+def peak_orientations(peak_xy: np.ndarray, spacing: float, *, settings: GrainSettings | None = None
+                      ) -> list[float]:
+    """Orientations (degrees modulo 60, strongest first) that groups of columns show locally.
+
+    Every pair of peaks one site spacing apart gives the site lattice's angle, every pair
+    ``sqrt(3)`` spacings apart (metal-metal, also when the chalcogen columns are too faint) that
+    angle plus 30 degrees; their six-fold mean over the peaks within two spacings is each peak's
+    local orientation. An orientation is a mode of the histogram of those (weighted by how well the
+    bonds agree) held by at least ``min_grain_area_nn2`` square spacings worth of columns, at least
+    ``min_misorientation_deg`` from every stronger one. Unlike a power spectrum this does not mind
+    boundaries cutting through it, so it finds small grains at an image's edge.
+    """
+    s = settings or GrainSettings()
+    xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
+    n = len(xy)
+    if n < 16:
+        return []
+    tree = cKDTree(xy)
+    pairs = tree.query_pairs(2.0 * spacing, output_type="ndarray")
+    if len(pairs) == 0:
+        return []
+    d = xy[pairs[:, 1]] - xy[pairs[:, 0]]
+    L = np.hypot(d[:, 0], d[:, 1]) / spacing
+    phi = np.arctan2(d[:, 1], d[:, 0])
+    site = np.abs(L - 1.0) < 0.2
+    metal = np.abs(L / np.sqrt(3.0) - 1.0) < 0.12
+    use = site | metal
+    theta = np.where(metal, phi - np.pi / 6, phi)[use]
+    z = np.exp(6j * theta)
+    Z = np.zeros(n, complex)
+    cnt = np.zeros(n)
+    for col in (0, 1):
+        np.add.at(Z, pairs[use, col], z)
+        np.add.at(cnt, pairs[use, col], 1.0)
+    # over the peaks within two spacings
+    near = tree.sparse_distance_matrix(tree, 2.0 * spacing, output_type="coo_matrix")
+    A = near.tocsr()
+    A.data[:] = 1.0
+    A = A + _eye(n)
+    Zs = A @ Z
+    Cs = A @ cnt
+    ok = Cs > 0
+    coh = np.zeros(n)
+    coh[ok] = np.abs(Zs[ok]) / Cs[ok]
+    ang = np.degrees(np.angle(Zs)) / 6.0 % 60.0
+    w = np.where(coh > 0.5, coh, 0.0)
+    hist = np.bincount(np.floor(ang).astype(np.int64) % 60, weights=w, minlength=60)
+    hs = ndimage.gaussian_filter1d(hist, 1.5, mode="wrap")
+    # columns per square spacing: about 2 / sqrt(3) sites, of which the peaks are a share
+    density = n / max(1.0, float(np.ptp(xy[:, 0]) * np.ptp(xy[:, 1]))) * spacing ** 2
+    need = 0.5 * s.min_grain_area_nn2 * density
+    out: list[float] = []
+    cand = np.flatnonzero((hs >= np.roll(hs, 1)) & (hs >= np.roll(hs, -1)))
+    for b in cand[np.argsort(-hs[cand])]:
+        # the mode's angle and the weight within half the minimum misorientation of it
+        sel = (_dist60(ang, b + 0.5) <= s.min_misorientation_deg / 2) & (w > 0)
+        if w[sel].sum() < need:
+            continue
+        a = float(np.degrees(np.angle((w[sel] * np.exp(6j * np.radians(ang[sel]))).sum())) / 6.0 % 60.0)
+        if all(_dist60(a, o) >= s.min_misorientation_deg for o in out):
+            out.append(a)
+    return out
+
+
+def _eye(n: int):
+    from scipy import sparse
+
+    return sparse.identity(n, format="csr")
+
+
+def _rotated(g: np.ndarray, deg: float) -> np.ndarray:
+    t = np.radians(deg)
+    R = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return np.asarray(g, dtype=np.float64) @ R.T
+
+
+def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, peak_xy: np.ndarray | None = None,
+                settings: GrainSettings | None = None) -> GrainMap | None:
+    """The grains of the image, or ``None`` for a single crystal (one orientation, or one grain
+    left after segmentation) or when switched off.
+
+    The orientations are those of the Bragg spots (:func:`find_orientations`) and, with
+    ``peak_xy``, those the columns show locally (:func:`peak_orientations`; the reciprocal vectors
+    of such an orientation are the ring's turned to it, refined later by its phase map); the image
+    is then segmented by them (:func:`grain_map`), which keeps only orientations that hold a grain.
+    """
     s = settings or GrainSettings()
     if not s.enabled:
         return None
     orients = find_orientations(image, g_ring, settings=s)
+    if peak_xy is not None and len(orients):
+        ref = orients[0]
+        for a in peak_orientations(peak_xy, spacing, settings=s):
+            if all(_dist60(a, o.angle_deg) >= s.min_misorientation_deg for o in orients):
+                d = (a - ref.angle_deg + 30.0) % 60.0 - 30.0
+                orients.append(Orientation(g=_rotated(ref.g, d), angle_deg=a, prominence=0.0, n_tiles=0))
     if len(orients) < 2:
         return None
     return grain_map(image, orients, spacing=spacing, settings=s)

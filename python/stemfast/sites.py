@@ -353,7 +353,7 @@ def find_sites(
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
     # grains of different orientation: one site lattice each (None: a single crystal)
-    gmap = _grains.find_grains(img, ring.g, spacing=nn, settings=s.grains)
+    gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains)
     if gmap is None:
         pmap = PhaseMap(img, ring.g)
     else:
