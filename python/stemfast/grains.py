@@ -122,11 +122,12 @@ def tile_size(spacing: float, settings: GrainSettings) -> int:
 
 
 def _tiles(shape: tuple[int, int], tile: int, max_tiles: int) -> list[tuple[int, int, int, int]]:
-    """Tiles (y0, x0, h, w) of side ``tile`` (or the image) overlapping by half, at most ``max_tiles``."""
+    """Tiles (y0, x0, h, w) of side ``tile`` (or the image) covering it (the last ones overlap the
+    others as needed), at most ``max_tiles`` spread over it."""
     H, W = shape
     th, tw = min(H, tile), min(W, tile)
-    ny = 1 if H <= th else int(np.ceil((H - th) / (th / 2))) + 1
-    nx = 1 if W <= tw else int(np.ceil((W - tw) / (tw / 2))) + 1
+    ny = 1 if H <= th else int(np.ceil((H - th) / th)) + 1
+    nx = 1 if W <= tw else int(np.ceil((W - tw) / tw)) + 1
     while ny * nx > max_tiles:  # coarser steps: tiles spread over the image, not all of it
         ny, nx = max(1, int(np.ceil(ny * 0.8))) if ny > 1 else 1, max(1, int(np.ceil(nx * 0.8))) if nx > 1 else 1
         if ny == 1 and nx == 1:
@@ -151,11 +152,13 @@ def _tile_orientations(tile: np.ndarray, f_ring: float, settings: GrainSettings)
     h, w = tile.shape
     t = np.asarray(tile, dtype=np.float64)
     win = np.outer(np.hanning(h), np.hanning(w))
-    P = np.abs(sfft.fftshift(sfft.fft2((t - t.mean()) * win, workers=-1))) ** 2
-    # only the ring matters: the spectrum's centre out to past the ring (whitened, smoothed)
+    R = sfft.rfft2((t - t.mean()) * win)
+    # only the ring matters: the spectrum's centre out to past the ring (whitened, smoothed); the
+    # half with fx < 0 is the mirror of fx > 0 (a real image)
     r = min(int(np.ceil(1.25 * f_ring * max(h, w))) + 4, h // 2 - 1, w // 2 - 1)
-    cy, cx = h // 2, w // 2
-    P = P[cy - r - 1:cy + r + 2, cx - r - 1:cx + r + 2]
+    ky = np.arange(-r - 1, r + 2)
+    kx = np.arange(-r - 1, r + 2)
+    P = np.abs(R[np.where(kx[None, :] >= 0, ky[:, None], -ky[:, None]) % h, np.abs(kx)[None, :]]) ** 2
     fy = (np.arange(-r - 1, r + 2) / h)[:, None]
     fx = (np.arange(-r - 1, r + 2) / w)[None, :]
     f2 = fx ** 2 + fy ** 2
@@ -171,7 +174,8 @@ def _tile_orientations(tile: np.ndarray, f_ring: float, settings: GrainSettings)
     band = (fr > 0.85 * f_ring) & (fr < 1.15 * f_ring) & (fy >= 0)
     # a spot is a local maximum: the flank of a strong spot nearby is not a second spot
     lmax = (Pw == ndimage.maximum_filter(Pw, size=3)) & band
-    idx = np.flatnonzero(lmax)
+    # a hexagon's weakest spot must stand out: weaker maxima cannot be in one
+    idx = np.flatnonzero(lmax & (Pw >= settings.min_prominence * ref))
     idx = idx[np.argsort(Pw.ravel()[idx])[::-1][:_MAX_SPOTS]]
     iy, ix = np.unravel_index(idx, Pw.shape)
     spots = np.stack([(ix - r) / w, (iy - r) / h], 1)  # cycles / px, strongest first
