@@ -158,7 +158,8 @@ def test_a_small_grain_in_a_corner_is_found_from_the_columns():
     """A corner grain that no spectrum tile shows cleanly (every tile over it is cut by a boundary)
     is found from the columns' local orientation."""
     size = SIZE
-    regions = [(8.0, lambda X, Y: X >= 0), (26.0, lambda X, Y: X + 0.6 * Y > 150), (48.0, lambda X, Y: X + 0.6 * Y > 320)]
+    regions = [(8.0, lambda X, Y: X >= 0), (26.0, lambda X, Y: X + 0.6 * Y > 150),
+               (48.0, lambda X, Y: X + 0.6 * Y > 320)]
     img, truth, region, owner, nn = half_planes(size, regions, **KW)
     bp = bandpass(img, noise_px=0.12 * nn, background_px=nn)
     xy = find_peaks(bp, min_distance=0.5 * nn).xy
@@ -176,7 +177,10 @@ def test_a_small_grain_in_a_corner_is_found_from_the_columns():
     edge[1:] |= owner[1:] != owner[:-1]
     dist = ndimage.distance_transform_edt(~edge)
     xy_s = t.xy[t["source"] != "off_lattice"]
-    at = lambda p: dist[np.clip(np.round(p[:, 1]).astype(int), 0, size - 1), np.clip(np.round(p[:, 0]).astype(int), 0, size - 1)]
+    def at(p):  # distance (px) to the nearest boundary
+        ij = np.clip(np.round(p[:, ::-1]).astype(int), 0, size - 1)
+        return dist[ij[:, 0], ij[:, 1]]
+
     d_true, _ = cKDTree(xy_s).query(truth[:, :2])
     d_site, _ = cKDTree(truth[:, :2]).query(xy_s)
     inner = (truth[:, :2] >= EDGE_PX).all(1) & (truth[:, :2] <= size - 1 - EDGE_PX).all(1)

@@ -8,17 +8,18 @@ between the columns of the other), so the site lattice is built per grain:
 1. :func:`find_orientations` -- every hexagon of first-ring Bragg spots of the metal lattice in the
    power spectra of tiles over the image; hexagons whose orientations (modulo 60 degrees) differ by
    at least ``min_misorientation_deg`` are different grains. A few degrees less is one grain with
-   rotation strain (the phase map follows that).
+   rotation strain (the phase map follows that). :func:`peak_orientations` adds the orientations
+   the found columns show locally (a small grain at the image edge may stand out in no tile).
 2. :func:`grain_map` -- the Bragg-filtered amplitude of each orientation over the image; each point
    belongs to the orientation whose amplitude dominates there; connected regions of one orientation
    are grains (smaller than ``min_grain_area_nn2`` square spacings they join the grain around them).
 3. :func:`index_grains` -- :func:`stemfast.sitelattice.index_sites` per grain (its own phase map
    and reference lattice, its own fill-in), the results merged: a column near a boundary goes to
-   the grain whose lattice it sits on, and a predicted node that falls on a column of the other
-   grain is dropped. Sites within ``boundary_nn`` spacings of another grain are boundary sites.
+   the grain it lies in when it sits on that grain's lattice, else to the grain whose lattice it
+   sits on, and a predicted node that falls on a column of another grain is dropped. Sites within ``boundary_nn`` spacings of another grain are boundary sites.
 
-With a single orientation :func:`find_orientations` returns one entry and the caller keeps its
-single-lattice path.
+For a single crystal :func:`find_grains` returns ``None`` and the caller keeps its single-lattice
+path (:func:`stemfast.sites.find_sites`: the same table as without this module, plus ``grain`` 0).
 """
 from __future__ import annotations
 
@@ -89,18 +90,14 @@ class GrainSettings:
 @dataclass(frozen=True)
 class Orientation:
     """One lattice orientation: reciprocal metal vectors ``g`` [2, 2] (rows g1, g2, cycles / px),
-    its angle (degrees, modulo 60: the site lattice's first vector from +x), the best prominence
-    of its hexagon over the tiles and in how many tiles it was seen."""
+    its angle (degrees, modulo 60: the circular mean of its spots' angles, which is the site
+    lattice's angle), the best prominence of its hexagon over the tiles and in how many tiles it
+    was seen (0 and 0 for an orientation found from the columns, :func:`peak_orientations`)."""
 
     g: np.ndarray
     angle_deg: float
     prominence: float
     n_tiles: int
-
-
-def _site_angle(g: np.ndarray) -> float:
-    S = SITE_FROM_METAL @ np.linalg.inv(g).T
-    return float(np.degrees(np.arctan2(S[0, 1], S[0, 0])) % 60.0)
 
 
 def _spot_angle(pos: np.ndarray) -> float:
@@ -583,6 +580,13 @@ def peak_orientations(peak_xy: np.ndarray, spacing: float, *, settings: GrainSet
     bonds agree) held by at least ``min_grain_area_nn2`` square spacings worth of columns, at least
     ``min_misorientation_deg`` from every stronger one. Unlike a power spectrum this does not mind
     boundaries cutting through it, so it finds small grains at an image's edge.
+
+    Examples
+    --------
+    >>> from stemfast.synth import make_lattice
+    >>> _, xy = make_lattice((200, 200), spacing=10.0, rotation_deg=12.0, seed=0)
+    >>> [round(a) for a in peak_orientations(xy, 10.0)]
+    [12]
     """
     s = settings or GrainSettings()
     xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
@@ -661,6 +665,10 @@ def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, peak_x
     s = settings or GrainSettings()
     if not s.enabled:
         return None
+    if np.ndim(image) != 2:
+        raise ValueError(f"find_grains needs a 2-D image, got shape {np.shape(image)}")
+    if not (np.isfinite(spacing) and spacing > 0):
+        raise ValueError(f"spacing must be a positive number of px, got {spacing!r}")
     orients = find_orientations(image, g_ring, settings=s)
     if peak_xy is not None and len(orients):
         ref = orients[0]
@@ -674,7 +682,13 @@ def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, peak_x
 
 
 def by_grain(grain: np.ndarray, fn, *arrays):
-    """``fn(*arrays)`` per grain, results put back in site order (arrays, or dicts of arrays)."""
+    """``fn(*arrays)`` per grain, results put back in site order (arrays, or dicts of arrays).
+
+    Examples
+    --------
+    >>> by_grain(np.array([0, 1, 0]), lambda v: v - v.mean(), np.array([1.0, 5.0, 3.0])).tolist()
+    [-1.0, 0.0, 1.0]
+    """
     grain = np.asarray(grain)
     res = None
     for k in np.unique(grain):
