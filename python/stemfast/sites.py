@@ -15,6 +15,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from .bandpass import bandpass
+from . import grains as _grains
+from .grains import GrainSettings
 from .lattice import (
     LatticeSettings,
     film_mask,
@@ -78,6 +80,8 @@ class SiteSettings:
         column; further from every node it is off the lattice.
     off_lattice_strength : a peak on no node is reported (``source`` ``off_lattice``) when its
         bandpassed value is at least this share of the metal columns' median; weaker ones are noise.
+    grains : :class:`~stemfast.grains.GrainSettings`: grains of different orientation get their
+        own site lattice (polycrystalline films).
     """
 
     spacing: float | None = None
@@ -97,6 +101,7 @@ class SiteSettings:
     material: str = "mos2"
     node_tol_nn: float = 0.3
     off_lattice_strength: float = 0.5
+    grains: GrainSettings = field(default_factory=GrainSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "material", get_material(self.material).name)
@@ -273,8 +278,14 @@ def find_sites(
         (0 = brightest sublattice, e.g. Mo; 1 = middle, e.g. S2; 2 = darkest, e.g. hollow; -1 unknown),
         ``a1x, a1y, a2x, a2y`` (local lattice vectors in px), ``lattice_rms`` (px),
         ``spacing_px``, ``lattice_angle_deg``, ``exx, eyy, exy, rotation_deg`` (local strain and
-        rotation against the median lattice), and ``x_nm, y_nm`` when calibrated. ``meta`` holds
-        the spacing, orientation, counts and settings.
+        rotation against the median lattice of the site's grain), ``grain`` (grain id, 0 the
+        largest; 0 everywhere on a single crystal), ``grain_boundary`` (True within
+        ``grains.boundary_nn`` spacings of another grain: where the defects of a polycrystal live),
+        and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
+        settings; ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
+        :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
+        map, fill-in, lattice indices, sublattice ranking and strain reference).
 
     Examples
     --------
@@ -286,7 +297,8 @@ def find_sites(
     """
     s = settings or SiteSettings()
     if overrides:
-        s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice)})
+        s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
+                            "grains": overrides.get("grains", s.grains)})
     img = _validate_image(image)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material}
@@ -340,7 +352,13 @@ def find_sites(
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    pmap = PhaseMap(img, ring.g)
+    # grains of different orientation: one site lattice each (None: a single crystal)
+    gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains)
+    if gmap is None:
+        pmap = PhaseMap(img, ring.g)
+    else:
+        pmaps = _grains.grain_phase_maps(img, gmap)
+        pmap = pmaps[0]  # the largest grain's
     nn_fft = site_spacing(pmap.g)
     if s.spacing is None:
         nn = nn_fft
@@ -349,9 +367,13 @@ def find_sites(
     peak_var = None
     if pk.amplitude is not None:
         peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), pixel_noise(refine_img))
-    idx = index_sites(peak_xy, pk.value, pmap, peak_var=peak_var, shape=img.shape, spacing=nn, film=film, fill=s.fill,
-                      tol=s.node_tol_nn, off_strength=s.off_lattice_strength,
-                      margin_px=s.lattice.edge_margin_px, fit_radius=s.lattice.fit_radius)
+    index_kw = dict(peak_var=peak_var, shape=img.shape, spacing=nn, film=film, fill=s.fill, tol=s.node_tol_nn,
+                    off_strength=s.off_lattice_strength, margin_px=s.lattice.edge_margin_px,
+                    fit_radius=s.lattice.fit_radius)
+    if gmap is None:
+        idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
+    else:
+        idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -369,8 +391,12 @@ def find_sites(
     # img was validated above (finite float32): skip site_intensity's own full-image check
     raw = _site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), max(1.0, s.intensity_radius_nn * nn),
                           s.backend)
-    sub = _rank_sublattices(idx.cls, inten)
-    strain = local_strain(idx.basis)
+    if gmap is None:
+        sub = _rank_sublattices(idx.cls, inten)
+        strain = local_strain(idx.basis)
+    else:  # sublattices and the strain reference are each grain's own
+        sub = _grains.by_grain(idx.grain, _rank_sublattices, idx.cls, inten)
+        strain = _grains.by_grain(idx.grain, local_strain, idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
     n = len(xy)
@@ -404,6 +430,8 @@ def find_sites(
         "spacing_px": np.sqrt((basis ** 2).sum(-1)).mean(-1),
         "lattice_angle_deg": ang,
         **strain,
+        "grain": np.zeros(len(xy), np.int64) if gmap is None else idx.grain,
+        "grain_boundary": np.zeros(len(xy), bool) if gmap is None else idx.boundary,
     }
     if pixel_size:
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
@@ -431,6 +459,10 @@ def find_sites(
     )
     if pixel_size:
         meta["spacing_nm"] = nn_fft * pixel_size * _to_nm(unit)
+    lattice_meta["n_grains"] = 1 if gmap is None else gmap.n_grains
+    if gmap is not None:
+        lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
+        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=2)
     return SiteTable(cols, meta)
 
 
