@@ -13,8 +13,9 @@ the machine's cores are:
   CPU time, and random);
 * **paired, alternating runs**, best of ``repeat`` each (a change of CPU frequency or memory traffic
   hits both sides);
-* **re-measured before failing**: a ratio under its floor is measured again up to ``RETRIES``
-  times and fails only if no attempt reaches the floor.
+* **re-measured before failing**: a ratio under its floor is measured again ``RETRIES``
+  times and fails when the median of all attempts stays under the floor (one unlucky measurement
+  fails nothing, one lucky one does not pass a slowed kernel).
 
 The floor is ``(1 - TOLERANCE) * baseline`` with the baseline in ``benchmarks/baseline.json``;
 how the baselines are recorded (minimum over several runs, quiet and with one core busy) is in
@@ -46,6 +47,7 @@ import math
 import os
 import sys
 import time
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +105,7 @@ class Timing:
     cpu: float = math.inf
     wall: float = math.inf
     off_thread: float = 0.0
+    off_thread_max: float = 0.0  # the largest share of CPU outside the calling thread in any sample
     result: object = None
     total: float = 0.0  # CPU seconds of all samples
     samples: int = 0
@@ -114,6 +117,7 @@ class Timing:
         off = max(0.0, proc - thread)
         cpu = thread if off <= 0.05 * thread + 2e-4 else proc
         self.total += cpu
+        self.off_thread_max = max(self.off_thread_max, off / proc if proc > 0 else 0.0)
         if cpu < self.cpu:
             self.cpu, self.off_thread = cpu, (off / proc if proc > 0 else 0.0)
         self.wall = min(self.wall, wall)
@@ -213,8 +217,11 @@ def scaling(ours, *, repeat: int = 3, n: int = 2) -> dict:
             one.add(ours)
         with threads(n):
             many.add(ours)
-    # the share of CPU outside the calling thread, from the sample with the least CPU time at n threads
-    return {"threads_scaling": one.wall / many.wall, "off_thread_share": many.off_thread, "threads": n,
+    # the share of CPU outside the calling thread: the largest of the samples at n threads (on a quiet
+    # machine the sample with the least CPU time is often one where the calling thread took nearly
+    # all the chunks before the worker woke up: 0.00-0.14 for Numba's local_maxima, which does run
+    # 1.4-1.6x faster at 2 threads; a serial kernel stays at ~0.001 in every sample)
+    return {"threads_scaling": one.wall / many.wall, "off_thread_share": many.off_thread_max, "threads": n,
             "t_1thread_wall_s": one.wall, f"t_{n}threads_wall_s": many.wall, f"t_{n}threads_cpu_s": many.cpu}
 
 
@@ -274,9 +281,11 @@ def _gate_info(benchmark, name: str) -> dict:
 @pytest.fixture
 def check_ratio(request):
     """``check_ratio(name, ratio, benchmark=None, *, target=None, remeasure=None)``: record a speed ratio
-    and compare it to its floor; ``remeasure()`` (a new measurement of the ratio) is called up to
-    ``RETRIES`` times while it stays under the floor, the best attempt counts. In full mode there are no
-    floors; ``target`` (the issue's figure) is asserted instead, re-measured the same way."""
+    and compare it to its floor. A first measurement under the floor is not a verdict: ``remeasure()``
+    (a new measurement of the ratio) is called ``RETRIES`` times and the **median** of all attempts
+    decides, so one unlucky measurement does not fail a gate and one lucky one does not pass a slowed
+    kernel (with "the best attempt counts", a 1.75x slower kernel passed now and then). In full mode
+    there are no floors; ``target`` (the issue's figure) is asserted instead, re-measured the same way."""
 
     def check(name: str, ratio: float, benchmark=None, *, target: float | None = None, remeasure=None) -> float:
         assert ratio > 0 and ratio == ratio, f"{name}: invalid ratio {ratio}"
@@ -286,9 +295,9 @@ def check_ratio(request):
         floor = None if update else floor_of(name)
         need = max(x for x in (floor, target if FULL else None) if x is not None) if (
             floor is not None or (FULL and target is not None)) else None
-        while need is not None and max(attempts) < need and remeasure is not None and len(attempts) <= RETRIES:
-            attempts.append(float(remeasure()))
-        best = max(attempts)
+        if need is not None and attempts[0] < need and remeasure is not None:
+            attempts += [float(remeasure()) for _ in range(RETRIES)]
+        best = float(statistics.median(attempts))  # the verdict: the first attempt, or the median of all of them
         _attempts[name] = attempts
         if benchmark is not None:
             benchmark.extra_info.update(ratio=best, mode=MODE, ratio_name=name)
@@ -296,7 +305,7 @@ def check_ratio(request):
             info.update(ratio=best, attempts=attempts, floor=floor, target=target)
             if target is not None:
                 benchmark.extra_info["target"] = target
-        tries = f" (best of {len(attempts)} attempts: {', '.join(f'{a:.3g}' for a in attempts)})" if len(attempts) > 1 else ""
+        tries = f" (median of {len(attempts)} attempts: {', '.join(f'{a:.3g}' for a in attempts)})" if len(attempts) > 1 else ""
         print(f"\n[ratio] {MODE} {name}: {best:.3g}{tries}" + (f", floor {floor:.3g}" if floor else "")
               + (f" (issue target {target:g}{'' if FULL else ' in full mode'})" if target else ""))
         if update:
