@@ -171,7 +171,8 @@ def _band_table(factors, spacing=12.0, shape=(240, 240), seed=0):
     rng = np.random.default_rng(seed)
     c, s_ = np.cos(np.radians(13.0)), np.sin(np.radians(13.0))  # rotated, as micrographs are: every strip holds columns
     b = spacing * np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) @ np.array([[c, s_], [-s_, c]])
-    ij = np.stack(np.meshgrid(np.arange(-40, 50), np.arange(-40, 50)), -1).reshape(-1, 2)
+    m = max(50, int(2 * max(shape) / spacing))  # enough nodes to cover the image whatever its rotation
+    ij = np.stack(np.meshgrid(np.arange(-m, m), np.arange(-m, m)), -1).reshape(-1, 2)
     xy = ij @ b
     H, W = shape
     keep = (xy[:, 0] >= 0) & (xy[:, 0] <= W - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= H - 1)
@@ -205,6 +206,28 @@ def test_no_border_band_on_a_sound_image_or_for_one_noisy_strip():
     assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()
     # a border strip off by less than the cut-off does not start a band
     xy, inten, sub, shape, sp = _band_table([0.85])
+    observed, widths = border_bands(xy, inten, sub, shape, sp)
+    assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()
+
+
+def test_border_band_along_part_of_a_side():
+    """A fly-back band over the lower part of the frame only (rows >= 450 of 720): the median over the
+    whole left side is sound, the quarters of the side that lie in the band are marked; a quarter
+    whose border strip is off by 0.3 (noise of its few columns) is not."""
+    from stemfast.sites import border_bands
+
+    xy, inten, sub, shape, sp = _band_table([], shape=(720, 720))
+    strip = (xy[:, 0] // (sp / 2)).astype(int)
+    low = (xy[:, 1] >= 450) & (strip <= 1) & (sub <= 1)
+    inten[low] *= 0.05
+    observed, widths = border_bands(xy, inten, sub, shape, sp)
+    assert widths[0] == pytest.approx(1.5 * sp) and widths[1:] == [0.0, 0.0, 0.0]
+    assert not observed[(xy[:, 1] >= 540) & (xy[:, 0] < 1.5 * sp)].any()  # the quarter wholly in the band
+    assert observed[xy[:, 1] < 360].all() and observed[xy[:, 0] >= 1.5 * sp].all()
+    # a quarter whose border strip is off by 0.3 only: no band
+    xy, inten, sub, shape, sp = _band_table([], shape=(720, 720))
+    strip = (xy[:, 0] // (sp / 2)).astype(int)
+    inten[(xy[:, 1] >= 540) & (strip == 0) & (sub <= 1)] *= 0.7
     observed, widths = border_bands(xy, inten, sub, shape, sp)
     assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()
 

@@ -203,24 +203,53 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
             rel[m] = intensity[m] / med
     step = 0.5 * spacing
     dists = (xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1])
+    along = (xy[:, 1], xy[:, 1], xy[:, 0], xy[:, 0])  # position along each side
+    lengths = (H, H, W, W)
     for b, d in enumerate(dists):
-        width = 0.0
-        nbins = int(max_nn * spacing / step)
-        for i in range(nbins):
-            sel = cols & np.isfinite(rel) & (d >= i * step) & (d < (i + 1) * step)
-            if sel.sum() < 5:
-                if i * step > spacing:  # a sparse strip deep inside: stop looking
-                    break
-                continue
-            # start a band only where a strip is clearly off; once in one, go on while it is half as much
-            if abs(float(np.median(rel[sel])) - 1.0) <= (tol / 2 if width > 0 else tol):
-                break
-            width = (i + 1) * step
-        if width > 0:
-            width += step
-            observed &= d >= width
-            widths[b] = width
+        # the whole side, then each quarter of it: a fly-back band can cover part of a frame only
+        # (e.g. the lower 60% of the left edge), which the median over the whole side can miss
+        parts = [np.ones(n, bool), *_side_parts(along[b], lengths[b], spacing)]
+        for k, part in enumerate(parts):
+            # a stretch's strips hold ~5-12 columns, so its median is noisy (+-0.25 on low-dose images):
+            # a partial band starts only where a strip is off by PARTIAL_BAND_TOL (fly-back: ~1)
+            start = tol if k == 0 else max(tol, PARTIAL_BAND_TOL)
+            width = _band_width(d, rel, cols & part, step, start, tol / 2, max_nn * spacing)
+            if width > 0:
+                observed &= ~part | (d >= width)
+                widths[b] = max(widths[b], width)
     return observed, widths
+
+
+#: how far off (relative median) a border strip of a quarter side must be to start a band there
+PARTIAL_BAND_TOL = 0.5
+
+
+def _side_parts(pos: np.ndarray, length: int, spacing: float, n_parts: int = 4) -> list[np.ndarray]:
+    """Site masks of ``n_parts`` equal stretches along a side (none when a stretch is shorter than 12
+    spacings: too few columns per strip)."""
+    if length / n_parts < 12 * spacing:
+        return []
+    edges = np.linspace(0, length, n_parts + 1)
+    return [(pos >= a) & (pos < e) for a, e in zip(edges[:-1], edges[1:])]
+
+
+def _band_width(d: np.ndarray, rel: np.ndarray, sites: np.ndarray, step: float, start: float, go_on: float,
+                depth: float) -> float:
+    """Width (px) of the band along one side among the column sites ``sites`` (0: none); see
+    :func:`border_bands`. A band starts at a border strip off by more than ``start`` and goes on
+    inwards while the strips are off by more than ``go_on``, at most ``depth`` px."""
+    width = 0.0
+    for i in range(int(depth / step)):
+        sel = sites & np.isfinite(rel) & (d >= i * step) & (d < (i + 1) * step)
+        if sel.sum() < 5:
+            if i > 2:  # a sparse strip deeper than a spacing inside: stop looking
+                break
+            continue
+        # start a band only where a strip is clearly off; once in one, go on while it is half as much
+        if abs(float(np.median(rel[sel])) - 1.0) <= (go_on if width > 0 else start):
+            break
+        width = (i + 1) * step
+    return width + step if width > 0 else 0.0
 
 
 def _validate_image(image) -> np.ndarray:
