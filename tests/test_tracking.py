@@ -436,3 +436,24 @@ def test_chunked_frames_assemble_to_the_same_tracks(batch_run):
     assert r.status == "done"
     for f in ("tracks.csv", "sites.csv"):
         assert (out2 / "series" / f).read_bytes() == (root / "out" / "series" / f).read_bytes()
+
+
+def test_align_bases_names_every_local_fit_like_the_reference():
+    """Local fits may name the lattice by -a1, a1 + a2, ... (the new front end flips a1 between sites);
+    node arithmetic needs one naming: every equivalent pair of first-shell vectors maps back to ref."""
+    from stemfast.tracking import align_bases
+
+    a1 = np.array([15.0, 1.0])
+    rot = np.array([[0.5, -np.sqrt(3) / 2], [np.sqrt(3) / 2, 0.5]])  # +60 degrees
+    a2 = rot @ a1
+    ref = np.array([a1, a2])
+    rng = np.random.default_rng(0)
+    shell = [a1, a2, a2 - a1, -a1, -a2, a1 - a2]
+    B = np.array([[shell[i], shell[(i + rng.choice([1, 2, 4, 5])) % 6]] for i in rng.integers(0, 6, 50)])
+    B *= rng.normal(1.0, 0.01, (50, 1, 1))  # strain: slightly different lengths
+    out = align_bases(B, ref)
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=-1, keepdims=True),
+                               np.broadcast_to(ref / np.linalg.norm(ref, axis=-1, keepdims=True), out.shape),
+                               atol=1e-9)
+    nan = np.full((1, 2, 2), np.nan)
+    assert np.isnan(align_bases(nan, ref)).all()

@@ -108,6 +108,37 @@ TRACK_FILES = ("tracks.csv", "tracks.png")
 BELOW_CUTOFF = "below_cutoff"
 
 
+def align_bases(B: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The same lattice vectors, picked to point like ``ref``'s: [N, 2, 2] -> [N, 2, 2].
+
+    A site's local fit may name its triangular lattice by any pair of first-shell vectors (``-a1``
+    instead of ``a1``, ``a1 + a2`` instead of ``a2``, ...); node arithmetic across sites and frames
+    needs one naming. Each output row is the first-shell vector (of ``+-a1, +-a2, +-(a1 + a2),
+    +-(a1 - a2)``, the six shortest) closest in direction to ``ref``'s row. Non-finite rows stay.
+
+    Examples
+    --------
+    >>> ref = np.array([[10.0, 0.0], [5.0, 8.66]])
+    >>> align_bases(np.array([[[-10.0, 0.0], [5.0, -8.66]]]), ref)[0].round(2).tolist() == ref.tolist()
+    True
+    """
+    B = np.asarray(B, np.float64)
+    a1, a2 = B[:, 0], B[:, 1]
+    cand = np.stack([a1, a2, a1 + a2, a1 - a2], axis=1)
+    cand = np.concatenate([cand, -cand], axis=1)  # [N, 8, 2]
+    length = np.hypot(cand[..., 0], cand[..., 1])
+    shell = np.argsort(length, axis=1)[:, :6]  # the two longest of +-(a1 +- a2) are second shell
+    cand = np.take_along_axis(cand, shell[..., None], axis=1)
+    unit = cand / np.maximum(np.hypot(cand[..., 0], cand[..., 1]), 1e-12)[..., None]
+    out = B.copy()
+    for r in range(2):
+        pick = np.argmax(unit @ (ref[r] / np.hypot(*ref[r])), axis=1)
+        out[:, r] = cand[np.arange(len(B)), pick]
+    bad = ~np.isfinite(B).all(axis=(1, 2))
+    out[bad] = B[bad]
+    return out
+
+
 @dataclass(frozen=True)
 class TrackSettings:
     """Settings of the defect linking (``[tracking]`` in ``stemfast.toml``).
@@ -492,6 +523,8 @@ class DefectLinker:
             B_all = np.full((n, 2, 2), np.nan)
         if self.origin is None:
             self._set_reference(table, xy_all, B_all)
+        if self.origin_basis is not None:
+            B_all = align_bases(B_all, self.origin_basis)
         fin = np.isfinite(xy_all).all(1)
         score_all = (np.asarray(table["anomaly_score"], np.float64) if "anomaly_score" in table
                      else np.zeros(n))
