@@ -24,7 +24,7 @@ import conftest
 from stemfast.backend import available_backends
 
 HERE = Path(__file__).resolve().parent
-SLOWDOWN = 1.75
+SLOWDOWN = 2.5  # caught in every run; 1.75x was caught in about two runs of three on a quiet machine (docs/RESULTS.md)
 
 
 def test_check_ratio_remeasures_before_failing(check_ratio, monkeypatch):
@@ -38,7 +38,10 @@ def test_check_ratio_remeasures_before_failing(check_ratio, monkeypatch):
     calls = iter([7.5, 6.8, 7.4, 1.0])  # first attempt 6.0 under the floor: three more, the median decides
     assert check_ratio("demo_gate", 6.0, remeasure=lambda: next(calls)) == pytest.approx(7.1)
     assert next(calls) == 1.0  # ... and no further
-    assert check_ratio("demo_gate", 8.0, remeasure=lambda: pytest.fail("re-measured a passing ratio")) == 8.0
+    assert check_ratio("demo_gate", 9.0, remeasure=lambda: pytest.fail("re-measured a clear pass")) == 9.0
+    just_above = iter([6.0, 6.2, 6.4])  # a lucky first measurement just above the floor is checked again
+    with pytest.raises(AssertionError, match=r"speed regression in demo_gate: ratio 6.3 "):
+        check_ratio("demo_gate", 7.5, remeasure=lambda: next(just_above))
     lucky = iter([6.5, 9.0, 6.6])  # one lucky attempt does not pass a slow kernel
     with pytest.raises(AssertionError, match=r"speed regression in demo_gate: ratio 6.55 .*\(floor 7; 4 attempts"):
         check_ratio("demo_gate", 6.0, remeasure=lambda: next(lucky))

@@ -13,8 +13,8 @@ the machine's cores are:
   CPU time, and random);
 * **paired, alternating runs**, best of ``repeat`` each (a change of CPU frequency or memory traffic
   hits both sides);
-* **re-measured before failing**: a ratio under its floor is measured again ``RETRIES``
-  times and fails when the median of all attempts stays under the floor (one unlucky measurement
+* **re-measured before a verdict**: a ratio under (or within 25% above) its floor is measured again
+  ``RETRIES`` times and fails when the median of all attempts stays under the floor (one unlucky measurement
   fails nothing, one lucky one does not pass a slowed kernel).
 
 The floor is ``(1 - TOLERANCE) * baseline`` with the baseline in ``benchmarks/baseline.json``;
@@ -59,7 +59,11 @@ os.environ["STEMFAST_BENCH_QUICK"] = "0" if FULL else "1"
 MODE = "full" if FULL else "quick"
 BASELINE = Path(__file__).with_name("baseline.json")
 TOLERANCE = 0.30  # fail when a ratio falls more than 30% below its baseline
-RETRIES = 3  # re-measurements of a ratio under its floor before it fails
+RETRIES = 3  # re-measurements of a ratio under (or just above) its floor before the median decides
+#: a first measurement under BORDERLINE x floor is measured RETRIES more times and the median decides: a
+#: single lucky first measurement (3.28 against a floor of 3.2 for a kernel slowed 1.75x, whose other
+#: measurements read 2.6-2.8) must not pass it; a sound kernel measures ~1.4 x its floor
+BORDERLINE = 1.25
 MIN_OFF_THREAD_SHARE = 0.25  # parallel kernels at 2 threads: CPU share outside the calling thread
 MIN_CPU = 0.3  # CPU seconds per side of a gated ratio (short calls are repeated more; see paired_times)
 _measured: dict[str, float] = {}
@@ -281,7 +285,8 @@ def _gate_info(benchmark, name: str) -> dict:
 @pytest.fixture
 def check_ratio(request):
     """``check_ratio(name, ratio, benchmark=None, *, target=None, remeasure=None)``: record a speed ratio
-    and compare it to its floor. A first measurement under the floor is not a verdict: ``remeasure()``
+    and compare it to its floor. A first measurement under ``BORDERLINE`` x the floor is not a verdict:
+    ``remeasure()``
     (a new measurement of the ratio) is called ``RETRIES`` times and the **median** of all attempts
     decides, so one unlucky measurement does not fail a gate and one lucky one does not pass a slowed
     kernel (with "the best attempt counts", a 1.75x slower kernel passed now and then). In full mode
@@ -295,7 +300,7 @@ def check_ratio(request):
         floor = None if update else floor_of(name)
         need = max(x for x in (floor, target if FULL else None) if x is not None) if (
             floor is not None or (FULL and target is not None)) else None
-        if need is not None and attempts[0] < need and remeasure is not None:
+        if need is not None and attempts[0] < BORDERLINE * need and remeasure is not None:
             attempts += [float(remeasure()) for _ in range(RETRIES)]
         best = float(statistics.median(attempts))  # the verdict: the first attempt, or the median of all of them
         _attempts[name] = attempts
