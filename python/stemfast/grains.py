@@ -32,7 +32,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .sitelattice import SITE_FROM_METAL, PhaseMap, SiteIndex, _demodulate, index_sites, site_spacing
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, SiteIndex, _block_spectrum, _demodulate, index_sites,
+                          site_spacing)
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
@@ -352,16 +353,7 @@ def grain_map(image: np.ndarray, orientations: list[Orientation], *, spacing: fl
     H, W = img.shape
     width = _filter_width(orientations)
     gs = [_reciprocal_set(o.g) for o in orientations]
-    fmax = max(float(np.hypot(*g.T).max()) for g in gs) * (1 + 4 * width)
-    f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
-    f = min(f, max(1, min(H, W) // 64))
-    if f > 1:
-        hb, wb = H // f, W // f
-        small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
-    else:
-        small = img
-    F = sfft.rfft2(small - float(small.mean()), workers=-1)
-    hs, ws = small.shape
+    f, F, (hs, ws) = _block_spectrum(img, max(float(np.hypot(*g.T).max()) for g in gs) * (1 + 4 * width))
     sigma_f = width * float(np.mean([np.hypot(*g.T).mean() for g in gs]))
     lf = max(1, int(spacing / 3))  # the label grid: as the film mask's
     hl, wl = max(1, H // lf), max(1, W // lf)

@@ -233,6 +233,21 @@ def site_spacing(g: np.ndarray) -> float:
     return float(np.mean(np.hypot(*np.stack([S[0], S[1], S[1] - S[0]]).T)))
 
 
+
+def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tuple[int, int]]:
+    """Block-average ``img`` by the largest factor ``f`` that keeps frequencies up to ``fmax``
+    (cycles/px) well below Nyquist (at most ``min(H, W) // 64``); returns ``f``, the real FFT of the
+    mean-removed small image and its shape (what the Bragg demodulations work on)."""
+    H, W = img.shape
+    f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
+    f = min(f, max(1, min(H, W) // 64))
+    if f > 1:
+        hb, wb = H // f, W // f
+        small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
+    else:
+        small = img
+    return f, sfft.rfft2(small - float(small.mean()), workers=-1), small.shape
+
 class PhaseMap:
     """Continuous metal-lattice coordinates over the image by geometric phase analysis.
 
@@ -252,16 +267,7 @@ class PhaseMap:
         self.g = np.asarray(g, dtype=np.float64)
         # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
         # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
-        fmax = float(np.hypot(*self.g.T).max()) * (1 + 4 * width)
-        f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
-        f = min(f, max(1, min(H, W) // 64))
-        if f > 1:
-            hb, wb = H // f, W // f
-            small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
-        else:
-            small = img
-        F = sfft.rfft2(small - float(small.mean()), workers=-1)
-        hs, ws = small.shape
+        f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*self.g.T).max()) * (1 + 4 * width))
         phases, amps = [], []
         steps = None
         for gk in self.g:
