@@ -517,3 +517,22 @@ def test_fit_encode_on_cuda_with_autocast(train_set, test_set, tmp_path):
     m.save(tmp_path / "gpu.pt")
     cpu = RVAE.load(tmp_path / "gpu.pt", map_location="cpu")
     np.testing.assert_allclose(cpu.encode(test_set[0][:100]).mu, full.mu[:100], atol=1e-3)
+
+
+def test_patch_background_is_taken_out_before_the_model(rvae, test_set):
+    # contamination or a thickness step adds a level under a site: the model must not see it
+    patches, _ = test_set
+    x = torch.from_numpy(patches[:64])[:, None]
+    offset = torch.linspace(-0.5, 2.0, 64).view(64, 1, 1, 1)
+    a = MF.model_input(x, 32, "bilinear", "patch")
+    b = MF.model_input(x + offset, 32, "bilinear", "patch")
+    assert torch.allclose(a, b, atol=1e-5)
+    assert rvae.config.background == "patch"
+    e0, e1 = rvae.encode(patches[:64]), rvae.encode(patches[:64] + offset[:, 0].numpy())
+    assert np.allclose(e0.mu, e1.mu, atol=1e-4) and np.allclose(e0.recon_error, e1.recon_error, atol=1e-5)
+    # the model's own contrast is kept: no division
+    assert torch.allclose(MF.model_input(3 * x, 32, "bilinear", "patch"), 3 * a, atol=1e-4)
+    # models saved before the setting existed were trained on uncorrected patches and load that way
+    assert RVAEConfig.from_dict({"latent_dim": 4}).background == "none"
+    with pytest.raises(ValueError, match="background"):
+        RVAEConfig(background="median")

@@ -190,6 +190,113 @@ def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarr
     return rank[lab], int(k), info
 
 
+#: below this lock of the rotation latent to the lattice (mean resultant of ``exp(i 2k phi)``) the
+#: rotation latent is left out of the class features: the STN angles do not follow the lattice
+MIN_ROTATION_LOCK = 0.5
+#: fewest sites of a grain whose rotation latent is aligned with the largest grain's by content
+_MIN_GRAIN_SITES = 30
+
+
+def _circ_mean(angle_rad: np.ndarray, order: int) -> float:
+    """Circular mean of ``angle_rad`` taken modulo ``2 pi / order`` (radians)."""
+    return float(np.angle(np.mean(np.exp(1j * order * angle_rad)))) / order
+
+
+def rotation_latent(angle_deg: np.ndarray, lattice_deg: np.ndarray, *, symmetry: int = 3,
+                    grain: np.ndarray | None = None, content: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The rVAE's rotation latent of every site relative to its own lattice: ``(cos k phi, sin k phi)``.
+
+    The spatial transformer turns each patch into its canonical frame; the angle it needs is part of
+    the site's learned code (``angle_deg``, degrees counter-clockwise as displayed, defined modulo
+    ``360 / k`` for ``k = symmetry``). On a 2H lattice the metal and the hollow sites need one angle
+    and the chalcogen sites that angle + 60 deg (their bright neighbours point the other way), so
+    this latent tells the sublattices apart even where their intensities are close. The lattice's
+    own orientation is taken out first: ``lattice_deg`` (the direction of each site's ``a1``,
+    ``atan2(a1y, a1x)`` in image axes, i.e. clockwise as displayed) is reduced modulo 60 deg to one
+    value per grain plus the site's small local deviation, and ``phi = angle + lattice``. A site
+    lattice fixes orientation only modulo 60 deg, so for every further grain the 60 deg branch that
+    puts its sites' ``content`` (latent means) where the largest grain has them is chosen.
+
+    Returns
+    -------
+    (features [N, 2] float64 or None, info dict)
+        ``info["rotation_lock"]``: per grain, the mean resultant of ``exp(i 2k phi)`` (1: the STN
+        angles sit exactly on the two sublattice orientations). ``features`` is None when the angles
+        are missing (plain VAE) or the lock of the largest grain is below :data:`MIN_ROTATION_LOCK`.
+
+    Examples
+    --------
+    >>> ang = np.array([10.0, 10.0, 70.0, 70.0 - 120.0])
+    >>> f, info = rotation_latent(ang, np.zeros(4))
+    >>> np.round(f, 3)
+    array([[ 0.866,  0.5  ],
+           [ 0.866,  0.5  ],
+           [-0.866, -0.5  ],
+           [-0.866, -0.5  ]])
+    """
+    a = np.deg2rad(np.asarray(angle_deg, np.float64))
+    lat = np.deg2rad(np.asarray(lattice_deg, np.float64))
+    n = len(a)
+    k = int(symmetry)
+    info: dict = {}
+    ok = np.isfinite(a) & np.isfinite(lat)
+    if n == 0 or k < 2 or not ok.any():
+        return None, {"rotation_lock": None, "rotation_latent": "not available"}
+    g = np.zeros(n, np.int64) if grain is None else np.asarray(grain, np.int64)
+    phi = np.full(n, np.nan)
+    locks = {}
+    order = [int(v) for v in np.unique(g[ok])]
+    order.sort(key=lambda v: -int(np.sum(ok & (g == v))))
+    ref = None
+    for v in order:
+        m = ok & (g == v)
+        # the grain's orientation modulo 60 deg, and each site's small deviation from it
+        t0 = _circ_mean(lat[m], 6)
+        dev = np.angle(np.exp(6j * (lat[m] - t0))) / 6
+        p = a[m] + t0 + dev
+        locks[v] = float(np.abs(np.mean(np.exp(2j * k * p))))
+        if content is not None and ref is not None and m.sum() >= _MIN_GRAIN_SITES:
+            # which 60 deg branch of this grain matches the largest grain's sublattices?
+            best = None
+            for shift in (0.0, np.pi / 3):
+                q = p + shift
+                near = np.cos(k * (q - ref[0])) > 0  # the orientation of the reference's first mode
+                if near.all() or not near.any():
+                    continue
+                cost = (np.linalg.norm(content[m][near].mean(0) - ref[1])
+                        + np.linalg.norm(content[m][~near].mean(0) - ref[2]))
+                if best is None or cost < best[0]:
+                    best = (cost, shift)
+            if best is not None:
+                p = p + best[1]
+        phi[m] = p
+        if ref is None and content is not None:
+            mode = _circ_mean(p, k)
+            near = np.cos(k * (p - mode)) > 0
+            if near.any() and not near.all():
+                ref = (mode, content[m][near].mean(0), content[m][~near].mean(0))
+    info["rotation_lock"] = {int(v): round(locks[v], 4) for v in order}
+    if locks[order[0]] < MIN_ROTATION_LOCK:
+        info["rotation_latent"] = (f"left out: the STN angles do not follow the lattice (lock "
+                                   f"{locks[order[0]]:.2f} < {MIN_ROTATION_LOCK})")
+        return None, info
+    info["rotation_latent"] = "used"
+    f = np.column_stack([np.cos(k * phi), np.sin(k * phi)])
+    f[~ok] = 0.0
+    return f, info
+
+
+def class_features(mu: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
+    """What k-means clusters: the latent means scaled to unit total variance, next to the rotation
+    latent (:func:`rotation_latent`, unit vectors, total variance <= 1) when there is one, so that
+    neither block outweighs the other by its units."""
+    mu = np.asarray(mu, np.float64)
+    c = mu - mu.mean(0) if len(mu) else mu
+    tot = float(np.sqrt(np.sum(c.var(0)))) if len(mu) else 0.0
+    c = c / tot if tot > 0 else c
+    return c if rotation is None else np.column_stack([c, rotation])
+
+
 @dataclass(frozen=True)
 class LocalReferences:
     """Output of :func:`local_references`, per site ``i`` and relative colour ``c`` (0 = ``i``'s own
@@ -463,7 +570,7 @@ def _ari(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
-                  edge: np.ndarray | None = None) -> tuple[SiteTable, dict]:
+                  edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.
 
     Parameters
@@ -474,6 +581,9 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         ``angle`` [N]).
     edge : bool [N], patches that touch the image border; their model scores are not used (the
         padded patch makes them meaningless).
+    rotation_symmetry : the model's rotation order k (its STN angles are defined modulo ``360 / k``).
+        The classes are k-means on the latent means together with the rotation latent relative to
+        the local lattice (:func:`rotation_latent`, :func:`class_features`).
 
     Returns
     -------
@@ -495,7 +605,16 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     material = sites.meta.get("material", "mos2") if getattr(sites, "meta", None) else "mos2"
     edge_ = np.zeros(n, bool) if edge is None else np.asarray(edge, bool)
 
-    cls, k, info = cluster_latents(mu, n_classes=settings.n_classes, order_by=inten, settings=settings)
+    angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
+    rot = None
+    rot_info: dict = {"rotation_latent": "not available"}
+    if all(c in sites for c in ("a1x", "a1y")):
+        lattice_deg = np.degrees(np.arctan2(np.asarray(sites["a1y"], np.float64), np.asarray(sites["a1x"], np.float64)))
+        grain = np.asarray(sites["grain"], np.int64) if "grain" in sites else None
+        rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu)
+    cls, k, info = cluster_latents(class_features(mu, rot), n_classes=settings.n_classes, order_by=inten,
+                                   settings=settings)
+    info.update(rot_info)
     recon_score = robust_z(rec, cls)
 
     # local references: the sites of each site's own sublattice around it, from its local lattice
@@ -542,7 +661,6 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     is_defect = anomaly > settings.defect_cutoff
     levels = _reference_levels(refs, grp, inten_ref, observed & ~is_defect)
     kinds = _defect_kinds(grp, z_int, levels, inten_ref, is_defect, material)
-    angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
 
     # do the learned classes follow the sublattices?
     judged = observed & (sub >= 0) & ~is_defect

@@ -210,7 +210,8 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
         enc = model.encode(prep.patches)
         prep.timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge)
+    table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge,
+                                   rotation_symmetry=int(getattr(getattr(model, "config", None), "rotation_symmetry", 3)))
     prep.timings["analysis"] = time.perf_counter() - t0
     summary["timings_s"] = dict(prep.timings)
     return table, summary

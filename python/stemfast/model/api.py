@@ -221,7 +221,7 @@ class RVAE:
         seed = cfg.seed if seed is None else int(seed)
         configure_threads(cfg.num_threads)
         net = copy.deepcopy(self.network).to(self.device)
-        x = to_model_input(patches, cfg.input_size, mode=cfg.resample)
+        x = to_model_input(patches, cfg.input_size, mode=cfg.resample, background=cfg.background)
         t0 = time.perf_counter()
         losses = []
         with torch.random.fork_rng(devices=[]):
@@ -356,7 +356,7 @@ class RVAE:
     def _chunk(self, patches: Any, a: int, b: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(patches[a:b], dtype=np.float32))[:, None]
         x = x.to(self.device, non_blocking=True)
-        return MF.resample_patches(x, self.config.input_size, self.config.resample)
+        return MF.model_input(x, self.config.input_size, self.config.resample, self.config.background)
 
     # ------------------------------------------------------------------ persistence
     def state(self, extra: dict | None = None) -> dict:

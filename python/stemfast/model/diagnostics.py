@@ -77,7 +77,7 @@ class PairErrors:
 
 def _model_input(model, patches) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))[:, None]
-    return MF.resample_patches(x, model.config.input_size, model.config.resample)
+    return MF.model_input(x, model.config.input_size, model.config.resample, model.config.background)
 
 
 @torch.inference_mode()

@@ -43,6 +43,8 @@ __all__ = [
     "circular_mask",
     "default_mask_radius",
     "resample_patches",
+    "subtract_background",
+    "model_input",
     "polar_angle_grid",
     "angle_from_harmonic",
     "wrap_angle",
@@ -259,6 +261,49 @@ def resample_patches(x: torch.Tensor, size: int, mode: str = "bilinear") -> torc
     if mode != "bilinear":
         raise ValueError(f"mode must be 'bilinear' or 'area', got {mode!r}")
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+#: choices of ``RVAEConfig.background``
+BACKGROUNDS = ("none", "patch")
+#: quantile of a patch's pixel values taken as its background by :func:`subtract_background`
+BACKGROUND_QUANTILE = 0.1
+
+
+def subtract_background(x: torch.Tensor, quantile: float = BACKGROUND_QUANTILE) -> torch.Tensor:
+    """Subtract from every patch of ``x (B, C, S, S)`` its own background level, the ``quantile`` of its pixel values.
+
+    A patch 2.5 spacings wide always holds the empty space between columns (hexagon centres, the
+    support); its low quantile is the local background -- contamination, a thickness or
+    illumination gradient -- which then no longer enters the latent code. Contrast is kept (no
+    division), so a bright metal and a fainter chalcogen column stay apart.
+
+    Examples
+    --------
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4) + 100.0
+    >>> subtract_background(x, 0.25)[0, 0, 0]
+    tensor([-3., -2., -1.,  0.])
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    b = x.shape[0]
+    if b == 0:
+        return x
+    flat = x.reshape(b, -1)
+    k = max(1, int(round(quantile * flat.shape[1])))
+    bg = flat.float().kthvalue(k, dim=1).values.to(x.dtype)
+    return x - bg.view(b, *([1] * (x.dim() - 1)))
+
+
+def model_input(x: torch.Tensor, size: int, mode: str = "bilinear", background: str = "patch") -> torch.Tensor:
+    """What the patch model sees: ``x (B, 1, S, S)`` resampled to ``size`` (:func:`resample_patches`), then
+    with ``background="patch"`` each patch's own background taken out (:func:`subtract_background`).
+
+    Training, fine-tuning, encoding and the diagnostics all go through this one function.
+    """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    x = resample_patches(x, size, mode)
+    return subtract_background(x) if background == "patch" else x
 
 
 def polar_angle_grid(size: int, *, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

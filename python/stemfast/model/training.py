@@ -109,6 +109,7 @@ class RVAEConfig:
     latent_dim: int = 4
     input_size: int = 32
     resample: Literal["bilinear", "area"] = "bilinear"
+    background: Literal["patch", "none"] = "patch"
     channels: tuple[int, int, int] = (8, 16, 32)
     stn_channels: tuple[int, int] = (8, 8)
     rotation_symmetry: int = 3
@@ -143,6 +144,8 @@ class RVAEConfig:
                 object.__setattr__(self, name, tuple(int(c) for c in v))
         if self.resample not in ("bilinear", "area"):
             raise ValueError(f"resample must be 'bilinear' or 'area', got {self.resample!r}")
+        if self.background not in MF.BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(MF.BACKGROUNDS)}, got {self.background!r}")
         if self.symmetrize not in ("image", "features", "none"):
             raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):
@@ -173,6 +176,8 @@ class RVAEConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             log.warning("RVAEConfig: ignoring unknown keys %s", unknown)
+        d = dict(d)
+        d.setdefault("background", "none")  # saved before the setting existed: trained on uncorrected patches
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -233,14 +238,15 @@ def build_network(config: RVAEConfig) -> VAENet:
     return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
 
 
-def to_model_input(patches: np.ndarray, input_size: int, *, mode: str = "bilinear",
+def to_model_input(patches: np.ndarray, input_size: int, *, mode: str = "bilinear", background: str = "none",
                    device: torch.device | None = None, chunk: int = 4096) -> torch.Tensor:
-    """Float32 ``[N, S, S]`` array -> ``(N, 1, input_size, input_size)`` tensor (resampled in chunks)."""
+    """Float32 ``[N, S, S]`` array -> ``(N, 1, input_size, input_size)`` tensor (:func:`functional.model_input`
+    in chunks)."""
     n = len(patches)
     out = torch.empty((n, 1, input_size, input_size), dtype=torch.float32)
     for s in range(0, n, chunk):
         x = torch.from_numpy(np.ascontiguousarray(patches[s:s + chunk], dtype=np.float32))[:, None]
-        out[s:s + chunk] = MF.resample_patches(x, input_size, mode)
+        out[s:s + chunk] = MF.model_input(x, input_size, mode, background)
     return out if device is None else out.to(device)
 
 
@@ -526,7 +532,7 @@ def _fit(patches: np.ndarray, config: RVAEConfig, device: torch.device, show: bo
         log.info("training on a random subsample of %d of %d patches", len(idx), n)
         patches = patches[idx]
         n = len(idx)
-    x = to_model_input(patches, config.input_size, mode=config.resample)
+    x = to_model_input(patches, config.input_size, mode=config.resample, background=config.background)
     tr, va = split_indices(n, config.val_fraction, config.seed + 1)
     xt = x[tr]
     xv = x[va] if len(va) else xt  # no validation split: monitor the training set (unaugmented)
