@@ -356,6 +356,8 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
     if s.get("class_warning"):
         parts.append(f"<p class='warn'>{_e(s['class_warning'])}</p>")
+    if str(s.get("rotation_latent", "")).startswith("left out"):
+        parts.append(f"<p class='warn'>classes from the latent means only; rotation latent {_e(s['rotation_latent'])}</p>")
     drift = s.get("drift_px")
     if drift and drift.get("dx"):
         dx = np.asarray(drift["dx"], float)
