@@ -92,6 +92,29 @@ def test_edge_sites_placed_and_apart(clean_image):
     assert dd[:, 1].min() >= 0.5 * nn
 
 
+def test_sites_up_to_the_image_edge(clean_image):
+    """Every column whose centre lies on the sampled grid is a site, also within a px of the edge
+    (a patch around it reaches past the edge; the site is still in the table), and no site lies
+    off the grid."""
+    from scipy.spatial import cKDTree
+
+    s = clean_image
+    t = find_sites(s.image)
+    nn = s.meta["nn_px"]
+    H, W = s.image.shape
+    T = s.truth
+    edge = np.minimum.reduce([T[:, 0], W - 1 - T[:, 0], T[:, 1], H - 1 - T[:, 1]])
+    d, _ = cKDTree(t.xy).query(T[:, :2])
+    near = edge < 1.0
+    assert near.sum() >= 3  # the check sees some
+    assert (d[near] <= 0.3 * nn).all(), T[near & (d > 0.3 * nn)]
+    assert (t.xy >= 0).all() and (t.xy[:, 0] <= W - 1).all() and (t.xy[:, 1] <= H - 1).all()
+    # listed, not judged: the scan shows at most half of a column centred within a px of the edge
+    e_site = np.minimum.reduce([t.xy[:, 0], W - 1 - t.xy[:, 0], t.xy[:, 1], H - 1 - t.xy[:, 1]])
+    assert not t["observed"][e_site < 1.0].any()
+    assert t["observed"][e_site >= 1.0].mean() > 0.99
+
+
 def test_calibrated_columns(clean_image):
     t = find_sites(clean_image.image, pixel_size=0.012, unit="nm")
     np.testing.assert_allclose(t["x_nm"], t["x"] * 0.012)

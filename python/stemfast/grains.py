@@ -450,8 +450,41 @@ def grain_phase_maps(image: np.ndarray, gmap: GrainMap) -> list[PhaseMap]:
         med = float(np.median(pm.amp[in_k])) if in_k.any() else 0.0
         if med > 0:
             pm.amp = pm.amp / med
+        _refit_plane(pm, in_k)
         out.append(pm)
     return out
+
+
+def _refit_plane(pm: PhaseMap, in_grain: np.ndarray) -> None:
+    """Refine ``pm.g`` from the phase inside one grain (``in_grain``, bool on the phase grid, less one
+    cell along its boundary and the image edge), weighted by the amplitude; the plane moves from the
+    phase into ``g``, so ``pm.coords`` is unchanged.
+
+    The phase map's own refinement fits the plane over the whole image, where the other grains'
+    phase is noise: on a 512 px image with two grains 27 degrees apart that gave a site spacing 2%
+    too large for one grain (15.53 px for 15.20) and its angle 0.8 degrees off, which shifts every
+    node predicted beyond the last columns (the image edge) by a px outwards.
+    """
+    m = ndimage.binary_erosion(in_grain, iterations=1)
+    if m.sum() < 6:
+        m = in_grain
+    h, w = pm.amp.shape
+    wgt = np.clip(pm.amp, 0, None) * m
+    if min(h, w) > 6:
+        wgt[:1], wgt[-1:], wgt[:, :1], wgt[:, -1:] = 0, 0, 0, 0
+    if not (wgt > 0).sum() >= 6:
+        return
+    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = yy * pm.step[0] + pm.origin, xx * pm.step[1] + pm.origin
+    X = np.stack([np.ones(h * w), xx.ravel(), yy.ravel()], 1)
+    sw = np.sqrt(wgt.ravel())[:, None]
+    g = pm.g.copy()
+    phase = pm.phase.copy()
+    for c in range(2):
+        coef, *_ = np.linalg.lstsq(X * sw, phase[c].ravel() * sw[:, 0], rcond=None)
+        g[c] += coef[1:] / (2 * np.pi)
+        phase[c] -= coef[1] * xx + coef[2] * yy
+    pm.g, pm.phase = g, phase
 
 
 def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pmaps: list[PhaseMap], *,

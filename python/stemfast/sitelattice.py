@@ -599,6 +599,13 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing) ->
             & ~np.asarray(has, bool))
     _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, np.where(edge, PREDICTION_MIN_POINTS, min_points),
                             need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
+    # an edge node with too few peaks around it (an image corner): the ridge fit over the peaks within
+    # EDGE_FIT_NN spacings, before the phase map's place
+    wide = edge & ~np.isfinite(pred).all(1)
+    if wide.any():
+        _, _, pw = _local_fit(nodes, xy, has, S, max(fit_radius, EDGE_FIT_NN), np.where(wide, 1.0, np.inf),
+                              need_rms=False, prior=np.where(wide, PREDICTION_PRIOR, 0.0))
+        pred[wide] = pw[wide]
     return np.where(np.isfinite(pred), pred, base)
 
 
@@ -810,6 +817,11 @@ PREDICTION_PRIOR = 8.0
 PREDICTION_MIN_POINTS = 2
 #: the band (in spacings) along the image edge where :func:`_predict` uses the ridge fit
 EDGE_NN = 1.5
+#: radius (spacings) of the ridge fit that places an edge node with fewer than PREDICTION_MIN_POINTS peaks
+#: within the fit radius (an image corner) from the nearest columns: the phase map is no fallback
+#: there (its Fourier filter wraps around the image; at the corner of a two-grain 512 px image it
+#: placed a node 7.6 px off, a site where there is no column)
+EDGE_FIT_NN = 4.0
 
 
 #: root-mean-square displacement (per coordinate) a column of a 2H monolayer really has, static and

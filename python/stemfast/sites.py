@@ -36,6 +36,10 @@ __all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", 
 log = logging.getLogger(__name__)
 
 
+#: sites whose centre is closer than this (px) to the image edge are in the table but not judged
+#: (``observed`` False): the scan shows at most half of the column
+EDGE_UNJUDGED_PX = 1.0
+
 #: A lattice's strongest Bragg ring stands >> this far above the radially averaged power spectrum
 #: around it (100-400 on MoS2 images, also at low dose); white noise gives about 1.2.
 MIN_FFT_PROMINENCE = 4.0
@@ -302,7 +306,8 @@ def find_sites(
         above the local background), ``raw_intensity`` (mean raw image value in a disc of
         ``intensity_radius_nn``), ``on_lattice`` (False for maxima off the local lattice),
         ``observed`` (False in a band along the border where the scan sets the intensity, see
-        :func:`border_bands`), ``peak_value``
+        :func:`border_bands`, and within ``EDGE_UNJUDGED_PX`` of the image edge: sites up to the
+        edge are listed, those cut by it not judged), ``peak_value``
         (bandpassed value at the maximum; NaN for lattice sites), ``fit_ok``, ``sublattice``
         (0 = brightest sublattice, e.g. Mo; 1 = middle, e.g. S2; 2 = darkest, e.g. hollow; -1 unknown),
         ``a1x, a1y, a2x, a2y`` (local lattice vectors in px), ``lattice_rms`` (px),
@@ -428,6 +433,9 @@ def find_sites(
         strain = _grains.by_grain(idx.grain, local_strain, idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
+    # a column centred within a px of the edge is a site, but the scan shows at most half of it: its
+    # intensity (and patch) cannot be judged
+    observed &= np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) >= EDGE_UNJUDGED_PX
     n = len(xy)
     n_pk = int((idx.peak >= 0).sum())
     has_pk = idx.peak >= 0
