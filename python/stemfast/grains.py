@@ -33,7 +33,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .sitelattice import (SITE_FROM_METAL, PhaseMap, SiteIndex, _block_spectrum, _demodulate, index_sites,
-                          site_spacing)
+                          lattice_distortion, site_spacing)
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
@@ -732,7 +732,8 @@ def by_grain(grain: np.ndarray, fn, *arrays):
 
 def grain_summary(idx: GrainIndex, *, pixel_size: float | None = None, unit_to_nm: float = 1.0) -> list[dict]:
     """One dict per grain: ``id``, ``angle_deg`` (the site lattice's first vector from +x, modulo
-    60), ``misorientation_deg`` (against grain 0, the largest), ``spacing_px``, ``area_px``,
+    60), ``misorientation_deg`` (against grain 0, the largest), ``spacing_px``, ``anisotropy``
+    (:func:`~stemfast.sitelattice.lattice_distortion`), ``area_px``,
     ``area_fraction`` (of the image), ``centroid_xy`` (px), ``n_sites`` (nodes), ``n_peaks``,
     ``n_lattice``, ``n_off_lattice``, ``n_boundary`` (sites flagged ``grain_boundary``); ``area_nm2``
     when calibrated."""
@@ -752,6 +753,7 @@ def grain_summary(idx: GrainIndex, *, pixel_size: float | None = None, unit_to_n
             "angle_deg": round(angle, 3),
             "misorientation_deg": round(float(_dist60(angle, angle0)), 3),
             "spacing_px": round(site_spacing(g), 4),
+            "anisotropy": round(lattice_distortion(g)["anisotropy"], 4),
             "area_px": float(gmap.area_px[k]),
             "area_fraction": round(float(gmap.area_px[k]) / total, 4),
             "centroid_xy": [round(float(xx.mean() * gmap.factor + (gmap.factor - 1) / 2), 1),

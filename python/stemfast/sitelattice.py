@@ -31,7 +31,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 __all__ = ["FftLattice", "metal_reciprocal_lattice", "PhaseMap", "SiteIndex", "index_sites",
-           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance"]
+           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance", "lattice_distortion"]
 
 log = logging.getLogger(__name__)
 
@@ -889,3 +889,49 @@ def _on_film(film, xy: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, bool)
     ij = np.clip(np.floor(xy[:, ::-1] / f).astype(np.int64), 0, np.array(mask.shape) - 1)
     return mask[ij[:, 0], ij[:, 1]]
+
+
+def lattice_distortion(g: np.ndarray) -> dict:
+    """How far the site lattice of reciprocal metal vectors ``g`` [2, 2] (rows, cycles / px) is from
+    a regular triangular lattice: scan distortion (fast / slow scan calibration, drift shear) or
+    homogeneous strain.
+
+    The lattice is an ideal triangular lattice of the same cell area (``spacing_iso_px``) deformed
+    by a linear map; ``anisotropy`` is its largest over its smallest principal stretch less one
+    (0 for a regular lattice), ``stretch_axis_deg`` the direction of the largest stretch (from +x,
+    modulo 180). ``bonds_px`` and ``bond_angles_deg`` are the three site bonds ``s1, s2, s2 - s1``
+    (the spacings along the three lattice directions), ``shear_deg`` the angle between ``s1`` and
+    ``s2`` less 60 degrees.
+
+    Examples
+    --------
+    >>> g = np.linalg.inv(np.array([[24.0, 0.0], [12.0, 24.0 * np.sqrt(3) / 2]])).T  # regular, a = 24 px
+    >>> d = lattice_distortion(g)
+    >>> round(d["anisotropy"], 6), [round(b, 3) for b in d["bonds_px"]]
+    (0.0, [13.856, 13.856, 13.856])
+    >>> D = np.array([[1.1, 0.0], [0.0, 1.0]])  # 10% longer along x
+    >>> round(lattice_distortion(g @ np.linalg.inv(D))["anisotropy"], 4)
+    0.1
+    """
+    g = np.asarray(g, dtype=np.float64)
+    if g.shape != (2, 2) or not np.isfinite(g).all() or abs(np.linalg.det(g)) == 0:
+        raise ValueError(f"g must be a finite, non-singular 2 x 2 array, got {g!r}")
+    S = SITE_FROM_METAL @ np.linalg.inv(g).T  # rows s1, s2 (px)
+    bonds = np.stack([S[0], S[1], S[1] - S[0]])
+    area = abs(float(np.linalg.det(S)))
+    iso = float(np.sqrt(area / (np.sqrt(3.0) / 2.0)))
+    # the ideal lattice of the same handedness: S = E F^T, F the deformation (its rotation aside)
+    hand = 1.0 if np.linalg.det(S) > 0 else -1.0
+    E = iso * np.array([[1.0, 0.0], [0.5, hand * np.sqrt(3.0) / 2.0]])
+    F = np.linalg.solve(E, S).T
+    U, sv, _ = np.linalg.svd(F)
+    axis = float(np.degrees(np.arctan2(U[1, 0], U[0, 0])) % 180.0)
+    cos12 = float(S[0] @ S[1] / (np.linalg.norm(S[0]) * np.linalg.norm(S[1])))
+    return {
+        "anisotropy": float(sv[0] / sv[1] - 1.0),
+        "stretch_axis_deg": axis,
+        "spacing_iso_px": iso,
+        "bonds_px": [float(b) for b in np.hypot(bonds[:, 0], bonds[:, 1])],
+        "bond_angles_deg": [float(a) for a in np.degrees(np.arctan2(bonds[:, 1], bonds[:, 0])) % 180.0],
+        "shear_deg": float(np.degrees(np.arccos(np.clip(cos12, -1.0, 1.0))) - 60.0),
+    }
