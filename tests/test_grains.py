@@ -271,3 +271,21 @@ def test_grain_settings_from_the_config():
     cfg = load_config(None, {"sites.grains.min_misorientation_deg": 9.0, "sites.grains.enabled": False})
     assert cfg.sites.grains == GrainSettings(min_misorientation_deg=9.0, enabled=False)
     assert SiteSettings().grains == GrainSettings()
+
+
+def test_film_rim_marks_the_edge_of_a_grain_region():
+    """Nodes on the rim of a grain's region (or of the film around a hole) are predicted like nodes at
+    the image edge (ridge fit towards the lattice): the rim is the band of EDGE_NN spacings inside it."""
+    from stemfast.sitelattice import EDGE_NN, _film_rim
+    from stemfast.grains import _GridMask
+
+    mask = np.zeros((40, 40), bool)
+    mask[:, :20] = True  # the region: x < 100 px (factor 5)
+    film = _GridMask(mask, 5)
+    spacing = 10.0
+    xs = np.array([5.0, 50.0, 99.0 - EDGE_NN * spacing - 6.0, 99.0 - EDGE_NN * spacing + 6.0, 97.0])
+    rim = _film_rim(film, np.c_[xs, np.full(len(xs), 100.0)], EDGE_NN * spacing)
+    assert rim.tolist() == [False, False, False, True, True]
+    # a film without edges (or none) has no rim
+    assert not _film_rim(_GridMask(np.ones((8, 8), bool), 5), np.c_[xs, xs], 15.0).any()
+    assert not _film_rim(None, np.c_[xs, xs], 15.0).any()

@@ -480,6 +480,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     else:
         nodes = np.unique(np.concatenate([node + o for o in [np.zeros(2, np.int64)] + list(_FIRST)]), axis=0)
     base = phase_pos(nodes)
+    rim = _film_rim(film, base, EDGE_NN * spacing)
     grid_base = _Grid(nodes, base)
     # first: the phase map alone
     d0 = np.hypot(*(peak_xy - grid_base.get(node)).T)
@@ -490,7 +491,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         # prediction of every node from the winners around it (own peak left out)
         wn = np.flatnonzero(winner)
         pred = _predict(nodes, _fill_positions(nodes, node[wn], peak_xy[wn], base),
-                        np.isin(_key(nodes), _key(node[wn])), S, base, fit_radius, min_fit_points, shape, spacing)
+                        np.isin(_key(nodes), _key(node[wn])), S, base, fit_radius, min_fit_points, shape, spacing, rim)
         gp = _Grid(nodes, pred)
         pos = gp.get(cands.reshape(-1, 2)).reshape(n_pk, 7, 2)
         d = np.hypot(pos[..., 0] - peak_xy[:, None, 0], pos[..., 1] - peak_xy[:, None, 1])
@@ -529,9 +530,9 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     w_idx = np.flatnonzero(winner)
     has = np.isin(_key(nodes), _key(node[w_idx]))
     if not fill:
-        nodes, base, has = nodes[has], base[has], has[has]
+        nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
     pred = _predict(nodes, _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base), has, S, base,
-                    fit_radius, min_fit_points, shape, spacing)
+                    fit_radius, min_fit_points, shape, spacing, rim)
     empty = nodes[~has]
     xy_empty = pred[~has]
     inside = ((xy_empty[:, 0] >= margin_px) & (xy_empty[:, 0] <= W - 1 - margin_px)
@@ -588,15 +589,18 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
                      n_merged=n_merged, n_noise=n_noise, on_node=on_node)
 
 
-def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing) -> np.ndarray:
+def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, rim=None) -> np.ndarray:
     """Every node's place predicted from the peaks around it (:func:`_local_fit`, ``min_points`` of
     them needed, else the phase map's place ``base``). For an empty node within ``EDGE_NN``
-    spacings of the image edge, where the neighbours lie on one side and the phase map is least
-    reliable, the fit has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
+    spacings of the image edge or on the film's rim (``rim``, bool per node: the edge of a grain
+    or a hole), where the neighbours lie on one side and the phase map is least reliable, the fit
+    has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
     """
     H, W = shape
-    edge = ((np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]]) < EDGE_NN * spacing)
-            & ~np.asarray(has, bool))
+    edge = np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]]) < EDGE_NN * spacing
+    if rim is not None:
+        edge = edge | rim
+    edge &= ~np.asarray(has, bool)
     _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, np.where(edge, PREDICTION_MIN_POINTS, min_points),
                             need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
     # an edge node with too few peaks around it (an image corner): the ridge fit over the peaks within
@@ -607,6 +611,18 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing) ->
                               need_rms=False, prior=np.where(wide, PREDICTION_PRIOR, 0.0))
         pred[wide] = pw[wide]
     return np.where(np.isfinite(pred), pred, base)
+
+
+def _film_rim(film, xy: np.ndarray, width: float) -> np.ndarray:
+    """True for points ``xy`` within ``width`` px of the edge of the film (a mask with ``mask`` and
+    ``factor``; a grain's region, or the film around holes); all False without such a film."""
+    mask = getattr(film, "mask", None)
+    if mask is None or np.asarray(mask, bool).all():
+        return np.zeros(len(xy), bool)
+    f = int(getattr(film, "factor", 1))
+    inside = ndimage.distance_transform_edt(np.asarray(mask, bool)) * f
+    ij = np.clip(np.floor(xy[:, ::-1] / f).astype(np.int64), 0, np.array(inside.shape) - 1)
+    return inside[ij[:, 0], ij[:, 1]] - 0.5 * f < width
 
 
 def _apart(fixed: np.ndarray, cand: np.ndarray, dmin: float) -> np.ndarray:
