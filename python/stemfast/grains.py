@@ -16,7 +16,9 @@ between the columns of the other), so the site lattice is built per grain:
 3. :func:`index_grains` -- :func:`stemfast.sitelattice.index_sites` per grain (its own phase map
    and reference lattice, its own fill-in), the results merged: a column near a boundary goes to
    the grain it lies in when it sits on that grain's lattice, else to the grain whose lattice it
-   sits on, and a predicted node that falls on a column of another grain is dropped. Sites within ``boundary_nn`` spacings of another grain are boundary sites.
+   sits on, and a predicted node that falls on a column of another grain is dropped (unless each
+   lies in its own grain and they are further apart than the node tolerance: two lattices meeting
+   at the boundary). Sites within ``boundary_nn`` spacings of another grain are boundary sites.
 
 For a single crystal :func:`find_grains` returns ``None`` and the caller keeps its single-lattice
 path (:func:`stemfast.sites.find_sites`: the same table as without this module, plus ``grain`` 0).
@@ -497,7 +499,8 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
     (and the film). A peak claimed by several grains goes to the grain it lies in when that grain
     has it on a node, else to the grain that has it on a node; it is off the lattice when no grain
     has it on a node and its own grain reports it. A predicted node within half a spacing of a site
-    of another grain is dropped. ``index_kw`` are passed on (``tol``, ``off_strength``,
+    of another grain is dropped, unless both lie in their own grain and further apart than ``tol``
+    spacings. ``index_kw`` are passed on (``tol``, ``off_strength``,
     ``margin_px``, ``fill``, ``fit_radius``, ...).
     """
     s = settings or GrainSettings()
@@ -572,8 +575,13 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
     drop = np.zeros(len(xy), bool)
     if len(xy):
         tree = cKDTree(xy)
+        home = gmap(xy) == grain  # each site in its own grain's region
+        tol = float(index_kw.get("tol", 0.3))
         for i, j in tree.query_pairs(0.5 * spacing, output_type="ndarray"):
             if grain[i] == grain[j] or (kind[i] != 1 and kind[j] != 1):
+                continue
+            # two columns of two lattices meeting at the boundary, each on its own side, stay
+            if home[i] and home[j] and np.hypot(*(xy[i] - xy[j])) > tol * spacing:
                 continue
             # a column (peak) beats a prediction; of two predictions the larger grain's (lower id) stays
             if kind[i] != 1 or (kind[j] == 1 and grain[i] < grain[j]):
