@@ -597,7 +597,8 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, ri
     has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
     """
     H, W = shape
-    edge = np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]]) < EDGE_NN * spacing
+    inward = np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]])
+    edge = inward < EDGE_NN * spacing
     if rim is not None:
         edge = edge | rim
     edge &= ~np.asarray(has, bool)
@@ -605,11 +606,27 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, ri
                             need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
     # an edge node with too few peaks around it (an image corner): the ridge fit over the peaks within
     # EDGE_FIT_NN spacings, before the phase map's place
-    wide = edge & ~np.isfinite(pred).all(1)
+    # (nodes a spacing or more outside the image stay out either way)
+    wide = edge & ~np.isfinite(pred).all(1) & (inward > -spacing)
     if wide.any():
-        _, _, pw = _local_fit(nodes, xy, has, S, max(fit_radius, EDGE_FIT_NN), np.where(wide, 1.0, np.inf),
-                              need_rms=False, prior=np.where(wide, PREDICTION_PRIOR, 0.0))
-        pred[wide] = pw[wide]
+        # fitted per cluster of such nodes with the nodes around them (a few corners, not the image)
+        radius = max(fit_radius, EDGE_FIT_NN)
+        r = int(np.floor(radius * 2.0 / np.sqrt(3.0) + 1e-9))  # widest |dp|, |dq| within the radius
+        lo = nodes.min(0)
+        gi = nodes - lo
+        mark = np.zeros(tuple((gi.max(0) + 1).tolist()), bool)
+        mark[gi[wide, 0], gi[wide, 1]] = True
+        lab, n_lab = ndimage.label(ndimage.maximum_filter(mark, size=2 * r + 1))
+        node_lab = lab[gi[:, 0], gi[:, 1]]
+        order = np.argsort(node_lab, kind="stable")
+        bounds = np.searchsorted(node_lab[order], np.arange(1, n_lab + 2))
+        for k in range(n_lab):
+            sub = order[bounds[k]:bounds[k + 1]]
+            w_sub = wide[sub]
+            _, _, pw = _local_fit(nodes[sub], xy[sub], np.asarray(has, bool)[sub], S, radius,
+                                  np.where(w_sub, 1.0, np.inf), need_rms=False,
+                                  prior=np.where(w_sub, PREDICTION_PRIOR, 0.0))
+            pred[sub[w_sub]] = pw[w_sub]
     return np.where(np.isfinite(pred), pred, base)
 
 
