@@ -92,6 +92,29 @@ def test_edge_sites_placed_and_apart(clean_image):
     assert dd[:, 1].min() >= 0.5 * nn
 
 
+def test_sites_up_to_the_image_edge(clean_image):
+    """Every column whose centre lies on the sampled grid is a site, also within a px of the edge
+    (a patch around it reaches past the edge; the site is still in the table), and no site lies
+    off the grid."""
+    from scipy.spatial import cKDTree
+
+    s = clean_image
+    t = find_sites(s.image)
+    nn = s.meta["nn_px"]
+    H, W = s.image.shape
+    T = s.truth
+    edge = np.minimum.reduce([T[:, 0], W - 1 - T[:, 0], T[:, 1], H - 1 - T[:, 1]])
+    d, _ = cKDTree(t.xy).query(T[:, :2])
+    near = edge < 1.0
+    assert near.sum() >= 3  # the check sees some
+    assert (d[near] <= 0.3 * nn).all(), T[near & (d > 0.3 * nn)]
+    assert (t.xy >= 0).all() and (t.xy[:, 0] <= W - 1).all() and (t.xy[:, 1] <= H - 1).all()
+    # listed, not judged: the scan shows at most half of a column centred within a px of the edge
+    e_site = np.minimum.reduce([t.xy[:, 0], W - 1 - t.xy[:, 0], t.xy[:, 1], H - 1 - t.xy[:, 1]])
+    assert not t["observed"][e_site < 1.0].any()
+    assert t["observed"][e_site >= 1.0].mean() > 0.99
+
+
 def test_calibrated_columns(clean_image):
     t = find_sites(clean_image.image, pixel_size=0.012, unit="nm")
     np.testing.assert_allclose(t["x_nm"], t["x"] * 0.012)
@@ -286,3 +309,39 @@ def test_prediction_fit_prior_and_apart():
     cand = np.array([[2.0, 0.0], [20.0, 0.0], [22.0, 0.0], [40.0, 0.0]])
     keep = _apart(fixed, cand, 5.0)
     assert not keep[0] and keep[3] and keep[1] != keep[2]
+
+
+@pytest.mark.parametrize("distortion", [(0.0, 0.0), (0.08, 0.0), (0.0, 0.06)])
+def test_anisotropic_lattice_is_measured_and_followed(distortion):
+    """Scan distortion makes the lattice anisotropic: the local fits follow it (every site found),
+    ``meta["lattice"]["distortion"]`` measures it and beyond ``MAX_ANISOTROPY`` a warning says so."""
+    from stemfast.sites import MAX_ANISOTROPY, LatticeDistortionWarning
+
+    s = make_mos2(shape=(256, 256), rotation_deg=7.0, scan_distortion=distortion, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = find_sites(s.image)
+    D = np.array([[1.0 + distortion[0], distortion[1]], [0.0, 1.0]])
+    sv = np.linalg.svd(D, compute_uv=False)
+    want = sv[0] / sv[1] - 1.0
+    d = t.meta["lattice"]["distortion"]
+    assert d["anisotropy"] == pytest.approx(want, abs=0.01), d
+    warned = any(issubclass(w.category, LatticeDistortionWarning) for w in caught)
+    assert warned == (want > MAX_ANISOTROPY) and (("warning" in d) == warned), d
+    # the bonds along the three directions are the generator's
+    nn = s.meta["nn_px"]
+    iso = np.sqrt(abs(np.linalg.det(D))) * nn
+    assert d["spacing_iso_px"] == pytest.approx(iso, rel=0.01)
+    # the sites follow the distorted lattice: all found, none invented
+    d_true, _ = cKDTree(t.xy).query(s.truth[:, :2])
+    d_site, _ = cKDTree(s.truth[:, :2]).query(t.xy)
+    assert (d_true <= 0.3 * nn).mean() >= 0.99 and (d_site <= 0.3 * nn).mean() >= 0.99
+
+
+def test_lattice_distortion_checks_its_input():
+    from stemfast.sitelattice import lattice_distortion
+
+    with pytest.raises(ValueError):
+        lattice_distortion(np.zeros((2, 2)))
+    with pytest.raises(ValueError):
+        lattice_distortion(np.full((2, 2), np.nan))

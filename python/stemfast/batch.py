@@ -922,13 +922,15 @@ def _result_from_summary(entry: InputEntry, summary: dict, seconds: float) -> In
 
 
 def _lattice_warnings(lat) -> list[str]:
-    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, a
-    calibration that does not fit the material."""
+    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, an
+    anisotropic one, a calibration that does not fit the material."""
     if not lat:
         return []
     out = []
     if lat.get("unsure"):
         out.append("the site lattice is uncertain: " + "; ".join(lat["unsure"]))
+    if (lat.get("distortion") or {}).get("warning"):
+        out.append(lat["distortion"]["warning"])
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "

@@ -146,7 +146,9 @@ class LatticeSettings:
     enclose_radius : sites within this distance decide whether a candidate is surrounded.
     max_gap_deg : a candidate is *surrounded* when no angular gap between those sites exceeds this.
     max_rounds : upper bound on fill-in rounds (each round adds one shell at most).
-    edge_margin_px : sites are added only this far (px) inside the image border.
+    edge_margin_px : sites are added only this far (px) inside the image border (0: every node whose
+        place lies on the sampled grid, ``0 <= x <= W - 1``, ``0 <= y <= H - 1``, is a site: a column
+        the scan shows is a site even where a patch around it reaches past the edge).
     max_extrapolation : sites are added at most this far from a well-fitted found column, so the
         fill-in bridges a dirty patch or a vacancy cluster but does not invent a lattice over a
         large region that shows none.
@@ -166,7 +168,7 @@ class LatticeSettings:
     max_gap_deg: float = 150.0
     max_rounds: int = 64
     max_extrapolation: float = 6.0
-    edge_margin_px: float = 1.0
+    edge_margin_px: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("fit_radius", "outlier_tol", "max_rms", "cover_radius", "off_lattice", "merge_radius",

@@ -31,7 +31,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 __all__ = ["FftLattice", "metal_reciprocal_lattice", "PhaseMap", "SiteIndex", "index_sites",
-           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance"]
+           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance", "lattice_distortion"]
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +480,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     else:
         nodes = np.unique(np.concatenate([node + o for o in [np.zeros(2, np.int64)] + list(_FIRST)]), axis=0)
     base = phase_pos(nodes)
+    rim = _film_rim(film, base, EDGE_NN * spacing)
     grid_base = _Grid(nodes, base)
     # first: the phase map alone
     d0 = np.hypot(*(peak_xy - grid_base.get(node)).T)
@@ -490,7 +491,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         # prediction of every node from the winners around it (own peak left out)
         wn = np.flatnonzero(winner)
         pred = _predict(nodes, _fill_positions(nodes, node[wn], peak_xy[wn], base),
-                        np.isin(_key(nodes), _key(node[wn])), S, base, fit_radius, min_fit_points, shape, spacing)
+                        np.isin(_key(nodes), _key(node[wn])), S, base, fit_radius, min_fit_points, shape, spacing, rim)
         gp = _Grid(nodes, pred)
         pos = gp.get(cands.reshape(-1, 2)).reshape(n_pk, 7, 2)
         d = np.hypot(pos[..., 0] - peak_xy[:, None, 0], pos[..., 1] - peak_xy[:, None, 1])
@@ -529,9 +530,9 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     w_idx = np.flatnonzero(winner)
     has = np.isin(_key(nodes), _key(node[w_idx]))
     if not fill:
-        nodes, base, has = nodes[has], base[has], has[has]
+        nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
     pred = _predict(nodes, _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base), has, S, base,
-                    fit_radius, min_fit_points, shape, spacing)
+                    fit_radius, min_fit_points, shape, spacing, rim)
     empty = nodes[~has]
     xy_empty = pred[~has]
     inside = ((xy_empty[:, 0] >= margin_px) & (xy_empty[:, 0] <= W - 1 - margin_px)
@@ -588,18 +589,57 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
                      n_merged=n_merged, n_noise=n_noise, on_node=on_node)
 
 
-def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing) -> np.ndarray:
+def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, rim=None) -> np.ndarray:
     """Every node's place predicted from the peaks around it (:func:`_local_fit`, ``min_points`` of
     them needed, else the phase map's place ``base``). For an empty node within ``EDGE_NN``
-    spacings of the image edge, where the neighbours lie on one side and the phase map is least
-    reliable, the fit has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
+    spacings of the image edge or on the film's rim (``rim``, bool per node: the edge of a grain
+    or a hole), where the neighbours lie on one side and the phase map is least reliable, the fit
+    has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
     """
     H, W = shape
-    edge = ((np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]]) < EDGE_NN * spacing)
-            & ~np.asarray(has, bool))
+    inward = np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]])
+    edge = inward < EDGE_NN * spacing
+    if rim is not None:
+        edge = edge | rim
+    edge &= ~np.asarray(has, bool)
     _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, np.where(edge, PREDICTION_MIN_POINTS, min_points),
                             need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
+    # an edge node with too few peaks around it (an image corner): the ridge fit over the peaks within
+    # EDGE_FIT_NN spacings, before the phase map's place
+    # (nodes a spacing or more outside the image stay out either way)
+    wide = edge & ~np.isfinite(pred).all(1) & (inward > -spacing)
+    if wide.any():
+        # fitted per cluster of such nodes with the nodes around them (a few corners, not the image)
+        radius = max(fit_radius, EDGE_FIT_NN)
+        r = int(np.floor(radius * 2.0 / np.sqrt(3.0) + 1e-9))  # widest |dp|, |dq| within the radius
+        lo = nodes.min(0)
+        gi = nodes - lo
+        mark = np.zeros(tuple((gi.max(0) + 1).tolist()), bool)
+        mark[gi[wide, 0], gi[wide, 1]] = True
+        lab, n_lab = ndimage.label(ndimage.maximum_filter(mark, size=2 * r + 1))
+        node_lab = lab[gi[:, 0], gi[:, 1]]
+        order = np.argsort(node_lab, kind="stable")
+        bounds = np.searchsorted(node_lab[order], np.arange(1, n_lab + 2))
+        for k in range(n_lab):
+            sub = order[bounds[k]:bounds[k + 1]]
+            w_sub = wide[sub]
+            _, _, pw = _local_fit(nodes[sub], xy[sub], np.asarray(has, bool)[sub], S, radius,
+                                  np.where(w_sub, 1.0, np.inf), need_rms=False,
+                                  prior=np.where(w_sub, PREDICTION_PRIOR, 0.0))
+            pred[sub[w_sub]] = pw[w_sub]
     return np.where(np.isfinite(pred), pred, base)
+
+
+def _film_rim(film, xy: np.ndarray, width: float) -> np.ndarray:
+    """True for points ``xy`` within ``width`` px of the edge of the film (a mask with ``mask`` and
+    ``factor``; a grain's region, or the film around holes); all False without such a film."""
+    mask = getattr(film, "mask", None)
+    if mask is None or np.asarray(mask, bool).all():
+        return np.zeros(len(xy), bool)
+    f = int(getattr(film, "factor", 1))
+    inside = ndimage.distance_transform_edt(np.asarray(mask, bool)) * f
+    ij = np.clip(np.floor(xy[:, ::-1] / f).astype(np.int64), 0, np.array(inside.shape) - 1)
+    return inside[ij[:, 0], ij[:, 1]] - 0.5 * f < width
 
 
 def _apart(fixed: np.ndarray, cand: np.ndarray, dmin: float) -> np.ndarray:
@@ -810,6 +850,11 @@ PREDICTION_PRIOR = 8.0
 PREDICTION_MIN_POINTS = 2
 #: the band (in spacings) along the image edge where :func:`_predict` uses the ridge fit
 EDGE_NN = 1.5
+#: radius (spacings) of the ridge fit that places an edge node with fewer than PREDICTION_MIN_POINTS peaks
+#: within the fit radius (an image corner) from the nearest columns: the phase map is no fallback
+#: there (its Fourier filter wraps around the image; at the corner of a two-grain 512 px image it
+#: placed a node 7.6 px off, a site where there is no column)
+EDGE_FIT_NN = 4.0
 
 
 #: root-mean-square displacement (per coordinate) a column of a 2H monolayer really has, static and
@@ -877,3 +922,49 @@ def _on_film(film, xy: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, bool)
     ij = np.clip(np.floor(xy[:, ::-1] / f).astype(np.int64), 0, np.array(mask.shape) - 1)
     return mask[ij[:, 0], ij[:, 1]]
+
+
+def lattice_distortion(g: np.ndarray) -> dict:
+    """How far the site lattice of reciprocal metal vectors ``g`` [2, 2] (rows, cycles / px) is from
+    a regular triangular lattice: scan distortion (fast / slow scan calibration, drift shear) or
+    homogeneous strain.
+
+    The lattice is an ideal triangular lattice of the same cell area (``spacing_iso_px``) deformed
+    by a linear map; ``anisotropy`` is its largest over its smallest principal stretch less one
+    (0 for a regular lattice), ``stretch_axis_deg`` the direction of the largest stretch (from +x,
+    modulo 180). ``bonds_px`` and ``bond_angles_deg`` are the three site bonds ``s1, s2, s2 - s1``
+    (the spacings along the three lattice directions), ``shear_deg`` the angle between ``s1`` and
+    ``s2`` less 60 degrees.
+
+    Examples
+    --------
+    >>> g = np.linalg.inv(np.array([[24.0, 0.0], [12.0, 24.0 * np.sqrt(3) / 2]])).T  # regular, a = 24 px
+    >>> d = lattice_distortion(g)
+    >>> round(d["anisotropy"], 6), [round(b, 3) for b in d["bonds_px"]]
+    (0.0, [13.856, 13.856, 13.856])
+    >>> D = np.array([[1.1, 0.0], [0.0, 1.0]])  # 10% longer along x
+    >>> round(lattice_distortion(g @ np.linalg.inv(D))["anisotropy"], 4)
+    0.1
+    """
+    g = np.asarray(g, dtype=np.float64)
+    if g.shape != (2, 2) or not np.isfinite(g).all() or abs(np.linalg.det(g)) == 0:
+        raise ValueError(f"g must be a finite, non-singular 2 x 2 array, got {g!r}")
+    S = SITE_FROM_METAL @ np.linalg.inv(g).T  # rows s1, s2 (px)
+    bonds = np.stack([S[0], S[1], S[1] - S[0]])
+    area = abs(float(np.linalg.det(S)))
+    iso = float(np.sqrt(area / (np.sqrt(3.0) / 2.0)))
+    # the ideal lattice of the same handedness: S = E F^T, F the deformation (its rotation aside)
+    hand = 1.0 if np.linalg.det(S) > 0 else -1.0
+    E = iso * np.array([[1.0, 0.0], [0.5, hand * np.sqrt(3.0) / 2.0]])
+    F = np.linalg.solve(E, S).T
+    U, sv, _ = np.linalg.svd(F)
+    axis = float(np.degrees(np.arctan2(U[1, 0], U[0, 0])) % 180.0)
+    cos12 = float(S[0] @ S[1] / (np.linalg.norm(S[0]) * np.linalg.norm(S[1])))
+    return {
+        "anisotropy": float(sv[0] / sv[1] - 1.0),
+        "stretch_axis_deg": axis,
+        "spacing_iso_px": iso,
+        "bonds_px": [float(b) for b in np.hypot(bonds[:, 0], bonds[:, 1])],
+        "bond_angles_deg": [float(a) for a in np.degrees(np.arctan2(bonds[:, 1], bonds[:, 0])) % 180.0],
+        "shear_deg": float(np.degrees(np.arccos(np.clip(cos12, -1.0, 1.0))) - 60.0),
+    }

@@ -26,15 +26,19 @@ from .backend import get_kernels
 from .patches import _site_intensity
 from .materials import get_material
 from .peaks import find_peaks
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, metal_reciprocal_lattice, pixel_noise,
-                          position_variance, site_spacing)
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, lattice_distortion, metal_reciprocal_lattice,
+                          pixel_noise, position_variance, site_spacing)
 from .table import SiteTable
 
 __all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", "sample_image", "NoLatticeWarning",
-           "LatticeUncertainWarning", "CalibrationWarning"]
+           "LatticeUncertainWarning", "CalibrationWarning", "LatticeDistortionWarning"]
 
 log = logging.getLogger(__name__)
 
+
+#: sites whose centre is closer than this (px) to the image edge are in the table but not judged
+#: (``observed`` False): the scan shows at most half of the column
+EDGE_UNJUDGED_PX = 1.0
 
 #: A lattice's strongest Bragg ring stands >> this far above the radially averaged power spectrum
 #: around it (100-400 on MoS2 images, also at low dose); white noise gives about 1.2.
@@ -51,6 +55,11 @@ class LatticeUncertainWarning(UserWarning):
 
 class CalibrationWarning(UserWarning):
     """The file's pixel size and the material's lattice constant disagree."""
+
+
+class LatticeDistortionWarning(UserWarning):
+    """The site lattice is anisotropic (scan distortion or strain, see ``meta["lattice"]["distortion"]``):
+    the spacing differs along the three lattice directions."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +311,8 @@ def find_sites(
         above the local background), ``raw_intensity`` (mean raw image value in a disc of
         ``intensity_radius_nn``), ``on_lattice`` (False for maxima off the local lattice),
         ``observed`` (False in a band along the border where the scan sets the intensity, see
-        :func:`border_bands`), ``peak_value``
+        :func:`border_bands`, and within ``EDGE_UNJUDGED_PX`` of the image edge: sites up to the
+        edge are listed, those cut by it not judged), ``peak_value``
         (bandpassed value at the maximum; NaN for lattice sites), ``fit_ok``, ``sublattice``
         (0 = brightest sublattice, e.g. Mo; 1 = middle, e.g. S2; 2 = darkest, e.g. hollow; -1 unknown),
         ``a1x, a1y, a2x, a2y`` (local lattice vectors in px), ``lattice_rms`` (px),
@@ -311,7 +321,9 @@ def find_sites(
         largest; 0 everywhere on a single crystal), ``grain_boundary`` (True within
         ``grains.boundary_nn`` spacings of another grain: where the defects of a polycrystal live),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
-        settings; ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
+        strain, :func:`stemfast.sitelattice.lattice_distortion`; a :class:`LatticeDistortionWarning`
+        beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
         :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
         map, fill-in, lattice indices, sublattice ranking and strain reference).
@@ -428,6 +440,9 @@ def find_sites(
         strain = _grains.by_grain(idx.grain, local_strain, idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
+    # a column centred within a px of the edge is a site, but the scan shows at most half of it: its
+    # intensity (and patch) cannot be judged
+    observed &= np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) >= EDGE_UNJUDGED_PX
     n = len(xy)
     n_pk = int((idx.peak >= 0).sum())
     has_pk = idx.peak >= 0
@@ -471,7 +486,7 @@ def find_sites(
     spacing_fit = float(np.median(cols["spacing_px"][fit])) if fit.any() else nn_fft
     S = np.linalg.inv(pmap.g).T
     angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
-    lattice_meta = _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit)
+    lattice_meta = _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, pmap.g)
     meta.update(
         status="ok",
         spacing_px=nn_fft,
@@ -507,13 +522,18 @@ def _rank_sublattices(cls: np.ndarray, value: np.ndarray) -> np.ndarray:
 #: a calibrated pixel size and the material's lattice constant disagree when their site spacings
 #: differ by more than this share
 CALIBRATION_TOLERANCE = 0.05
+#: a lattice whose largest over smallest principal stretch (against a regular lattice of the same cell
+#: area, :func:`stemfast.sitelattice.lattice_distortion`) exceeds 1 + this is reported as anisotropic
+#: (a ``LatticeDistortionWarning``): a microscopist needs to know about scan distortion of that size
+MAX_ANISOTROPY = 0.05
 #: the lattice is uncertain below this share of strong peaks on a node or this ring prominence
 MIN_ON_NODE = 0.8
 MIN_RING_PROMINENCE = 8.0
 
 
-def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit) -> dict:
-    """How the site lattice was found and how sure it is (warns when unsure)."""
+def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g) -> dict:
+    """How the site lattice was found, how sure it is (warns when unsure) and how distorted it is
+    (warns beyond ``MAX_ANISOTROPY``)."""
     agreement = float(1.0 - abs(spacing_fit / nn_fft - 1.0)) if nn_fft > 0 else 0.0
     out = {
         "spacing_px": round(nn_fft, 4),
@@ -549,6 +569,16 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit)
                           f"({material.a_nm:g} nm) predict a site spacing of {expect:.2f} px; the image shows "
                           f"{nn_fft:.2f} px ({100 * (ratio - 1):+.1f}%): check the calibration or the material",
                           CalibrationWarning, stacklevel=3)
+    dist = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+            for k, v in lattice_distortion(g).items()}
+    out["distortion"] = dist
+    if dist["anisotropy"] > MAX_ANISOTROPY:
+        b = dist["bonds_px"]
+        dist["warning"] = (f"the lattice is anisotropic by {100 * dist['anisotropy']:.1f}% (largest stretch along "
+                           f"{dist['stretch_axis_deg']:.0f} deg; site spacings {b[0]:.2f} / {b[1]:.2f} / {b[2]:.2f} px "
+                           "along the three lattice directions): scan distortion or strain; positions and spacings "
+                           "are in the distorted image frame")
+        warnings.warn(dist["warning"], LatticeDistortionWarning, stacklevel=3)
     out["unsure"] = unsure
     if unsure:
         warnings.warn("the site lattice is uncertain: " + "; ".join(unsure), LatticeUncertainWarning, stacklevel=3)
