@@ -101,11 +101,16 @@ def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
     return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
 
 
+_PNG_COMPRESS_LEVEL = 1
+
+
 def _savefig(fig, path: str | os.PathLike, dpi: int) -> None:
     plt = _mpl()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
+            # zlib level 1: the PNGs come out ~1.3x larger, and encoding them is ~5x faster (at the
+            # default level 6 it was the largest single cost of the figures); pixels are identical
+            fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
     finally:
         plt.close(fig)
 
