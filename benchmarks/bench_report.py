@@ -1,11 +1,14 @@
 """Benchmark of the figures (``stemfast.report``): the defect figure of a 1024^2 image.
 
-Gated (``speed_gate``, CPU time, one thread, paired):
+Reported, not gated (``report_ratio``; CPU time, one thread, paired like the gates):
 
 * ``plot_defects_vs_axes_gallery``: :func:`stemfast.report.plot_defects` (the gallery of the 24 top
   candidates as one axes, PNG written at zlib level 1) against the implementation it replaced
   (one axes per tile, PNG at PIL's default level 6; kept below). Asserted alongside: both PNGs have
   the same size and the same pixels left of the gallery (the map with its numbered circles).
+  Not gated: four recording runs gave 1.76, 1.74, 1.93 and 1.45 with a core busy (matplotlib's
+  Python-level drawing follows the machine's load), so a floor at 0.7 x the minimum (1.01) could
+  not even catch a return to the old implementation (ratio 1.0).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import pytest
 from PIL import Image
 
 from stemfast import report as R
+
+from conftest import MIN_CPU, paired_times, single_thread
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
 
@@ -34,13 +39,15 @@ def scene():
     return img, cands, patches
 
 
-def test_plot_defects_speed(benchmark, speed_gate, scene, tmp_path):
+def test_plot_defects_speed(benchmark, report_ratio, scene, tmp_path):
     img, cands, patches = scene
     ours, ref = tmp_path / "ours.png", tmp_path / "ref.png"
-    speed_gate("plot_defects_vs_axes_gallery",
-               lambda: R.plot_defects(ours, img, cands, patches, spacing_px=14.0, title="t"),
-               lambda: _plot_defects_reference(ref, img, cands, patches, spacing_px=14.0, title="t"),
-               benchmark, repeat=3)
+    with single_thread():
+        a, b = paired_times(lambda: R.plot_defects(ours, img, cands, patches, spacing_px=14.0, title="t"),
+                            lambda: _plot_defects_reference(ref, img, cands, patches, spacing_px=14.0, title="t"),
+                            repeat=3, warmup=1, min_cpu=MIN_CPU)
+    report_ratio("plot_defects_vs_axes_gallery", b.cpu / a.cpu, benchmark,
+                 meaning="defect figure: one gallery axes + PNG zlib level 1 vs an axes per tile + level 6 (CPU)")
     a, b = np.asarray(Image.open(ours)), np.asarray(Image.open(ref))
     assert a.shape == b.shape
     # the map (left ~45% of the figure) is drawn the same way by both
