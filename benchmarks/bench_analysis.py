@@ -20,7 +20,7 @@ import pytest
 from stemfast import analysis as A
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
-SIDE = 78 if QUICK else 290  # sites per side of the lattice patch (x 3: metal, chalcogen, hollow)
+SIDE = 45 if QUICK else 167  # nodes per side (x 3 sites: metal, chalcogen, hollow): 6,075 / 83,667 sites
 
 
 @pytest.fixture(scope="module")
