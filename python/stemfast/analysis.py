@@ -378,7 +378,58 @@ def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, u
     return _local_references(xy, basis, values, usable, int(n_neighbors), float(node_tolerance), int(chunk))
 
 
-def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:
+def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, workers=None) -> LocalReferences:
+    from scipy.spatial import cKDTree
+
+    from .backend import kernel_thread_count
+
+    n = len(xy)
+    med = np.full((n, 3), np.nan)
+    mad = np.full((n, 3), np.nan)
+    cnt = np.zeros((n, 3), np.int64)
+    k = min(n_neighbors + 1, n)
+    if n < 2:
+        return LocalReferences(med, mad, cnt)
+    workers = kernel_thread_count() if workers is None else int(workers)
+    det = basis[:, 0, 0] * basis[:, 1, 1] - basis[:, 0, 1] * basis[:, 1, 0]
+    good_basis = np.isfinite(det) & (np.abs(det) > 1e-12)
+    inv = np.zeros_like(basis)
+    inv[good_basis] = np.linalg.inv(basis[good_basis])
+    finite_v = np.isfinite(values)
+    refable = usable & finite_v
+    tree = cKDTree(xy)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        _, j = tree.query(xy[a:b], k=k, workers=workers)
+        j = j.reshape(b - a, k)
+        x = xy[:, 0][j]
+        x -= xy[a:b, 0, None]
+        y = xy[:, 1][j]
+        y -= xy[a:b, 1, None]
+        # [m n] = d @ inv(B), written out (a [.., 2] @ [2, 2] einsum was a third of the time)
+        ia = inv[a:b]
+        m_ = x * ia[:, 0, 0, None] + y * ia[:, 1, 0, None]
+        n_ = x * ia[:, 0, 1, None] + y * ia[:, 1, 1, None]
+        del x, y
+        rm, rn = np.rint(m_), np.rint(n_)
+        on_node = np.maximum(np.abs(m_ - rm), np.abs(n_ - rn)) < tol
+        del m_, n_
+        ok = on_node & refable[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
+        colour = (rm - rn).astype(np.int64) % 3
+        del rm, rn, on_node
+        v = values[j]
+        for c in range(3):
+            sel = ok & (colour == c)
+            m_c = _masked_row_median(v, sel)
+            med[a:b, c] = m_c
+            mad[a:b, c] = 1.4826 * _masked_row_median(np.abs(v - m_c[:, None]), sel)
+            cnt[a:b, c] = sel.sum(1)
+    return LocalReferences(med, mad, cnt)
+
+
+def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:
+    """The straightforward implementation of :func:`_local_references` (one masked sort per colour
+    and statistic): the reference the benchmark checks the faster one against."""
     from scipy.spatial import cKDTree
 
     n = len(xy)

@@ -29,6 +29,7 @@ __all__ = [
     "get_kernel_threads",
     "set_kernel_threads",
     "kernel_threads",
+    "kernel_thread_count",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,11 @@ def resolve_backend(backend: str | None = None) -> str:
     """Return the backend to use: the argument, else ``$STEMFAST_BACKEND``, else the fastest available."""
     name = backend or os.environ.get("STEMFAST_BACKEND") or None
     if name is None:
-        avail = available_backends()
-        if not avail:  # pragma: no cover - numpy always imports
-            raise RuntimeError("no stemfast kernel backend is available")
-        return avail[0]
+        # the first that imports, without importing the slower ones (Numba alone takes ~0.5-1 s)
+        for b in BACKENDS:
+            if _load(b) is not None:
+                return b
+        raise RuntimeError("no stemfast kernel backend is available")  # pragma: no cover - numpy always imports
     name = name.lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
@@ -135,6 +137,28 @@ def get_kernel_threads() -> dict[str, int]:
 
         out["numba"] = int(numba.get_num_threads())
     return out
+
+
+def kernel_thread_count() -> int:
+    """Threads a compiled kernel call uses now: the C++ setting, else Numba's (when only Numba
+    imports), else 1. Code that parallelises through a library (e.g. cKDTree ``workers``) follows it,
+    so :func:`kernel_threads` bounds it too.
+
+    Examples
+    --------
+    >>> from stemfast.backend import kernel_thread_count, kernel_threads
+    >>> with kernel_threads(1):
+    ...     kernel_thread_count()
+    1
+    """
+    core = _load("cpp")
+    if core is not None:
+        return max(1, int(core.get_num_threads()))
+    if _load("numba") is not None:
+        import numba
+
+        return max(1, int(numba.get_num_threads()))
+    return 1
 
 
 def set_kernel_threads(n: int | None) -> dict[str, int]:

@@ -101,11 +101,16 @@ def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
     return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
 
 
+_PNG_COMPRESS_LEVEL = 1
+
+
 def _savefig(fig, path: str | os.PathLike, dpi: int) -> None:
     plt = _mpl()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
+            # zlib level 1: the PNGs come out ~1.3x larger, and encoding them is ~5x faster (at the
+            # default level 6 it was the largest single cost of the figures); pixels are identical
+            fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
     finally:
         plt.close(fig)
 
@@ -220,25 +225,44 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
         ax.text(0.5, 0.5, "no candidates", transform=ax.transAxes, ha="center", va="center", fontsize=14,
                 color="w" if image is not None else "k")
     if patches is not None and n:
-        P = np.asarray(patches)[:n]
-        lo, hi = display_range(P)
-        for i, c in enumerate(cands):
-            a = fig.add_subplot(gs[i // ncol, 2 + i % ncol])
-            a.imshow(P[i], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            a.set_xticks([])
-            a.set_yticks([])
-            rank = int(c.get("rank", i + 1))
-            label = f"#{rank}"
-            if c.get("frame") is not None and c.get("show_frame", False):
-                label += f" f{int(c['frame'])}"
-            label += f"  {float(c['anomaly_score']):.1f}"
-            # the kind on a line of its own, with a break at its underscore, so long names such as
-            # 'substitution_Mo_S' stay inside their tile instead of running into the neighbour's title
-            kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
-            a.set_title(f"{label}\n{kind}" if kind else label, fontsize=6.5, linespacing=0.95)
-            for sp in a.spines.values():
-                sp.set_edgecolor("#ff1744" if c.get("is_defect", True) else "#ffab00")
+        _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
     _savefig(fig, path, dpi)
+
+
+def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> None:
+    """The candidates' patches as one mosaic in ``ax``, ``ncol`` per row, each under its title
+    (rank, score, kind) and framed in its colour. One axes and one image for the whole gallery: an
+    axes per tile (ticks, spines, layout) made up most of the figure's time."""
+    from matplotlib.patches import Rectangle
+
+    n, S = len(P), P.shape[-1]
+    nrow = math.ceil(n / ncol)
+    gx, gy = 0.15 * S, 0.75 * S  # gaps between tiles: small across, room for a 3-line title above
+    pitch_x, pitch_y = S + gx, S + gy
+    W, H = ncol * pitch_x - gx, nrow * pitch_y
+    lo, hi = display_range(P)
+    ax.set_facecolor("white")
+    for i, c in enumerate(cands):
+        x0, y0 = (i % ncol) * pitch_x, (i // ncol) * pitch_y + gy
+        ax.imshow(P[i], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+                  extent=(x0, x0 + S, y0 + S, y0))
+        col = "#ff1744" if c.get("is_defect", True) else "#ffab00"
+        ax.add_patch(Rectangle((x0, y0), S, S, fill=False, ec=col, lw=0.8))
+        rank = int(c.get("rank", i + 1))
+        label = f"#{rank}"
+        if c.get("frame") is not None and c.get("show_frame", False):
+            label += f" f{int(c['frame'])}"
+        label += f"  {float(c['anomaly_score']):.1f}"
+        # the kind on a line of its own, with a break at its underscore, so long names such as
+        # 'substitution_Mo_S' stay inside their tile instead of running into the neighbour's title
+        kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
+        ax.text(x0 + S / 2, y0 - 0.04 * S, f"{label}\n{kind}" if kind else label, fontsize=6.5,
+                linespacing=0.95, ha="center", va="bottom")
+    ax.set_xlim(-0.5, W + 0.5)
+    ax.set_ylim(H + 0.5, 0)
+    ax.set_aspect("equal")
+    ax.set_anchor("N")
+    ax.axis("off")
 
 
 # ----------------------------------------------------------------------------- tables
