@@ -24,10 +24,10 @@ from stemfast.batch import (
     LEADING_COLUMNS,
     OUTPUT_FILES,
     STACK_OUTPUT_FILES,
-    build_batch_parser,
     discover_inputs,
     run_batch,
 )
+from stemfast.cli_batch import build_batch_parser
 from stemfast.config import config_hash, file_sha256, load_config
 
 DRIFT = (1.5, -0.8)  # px per frame of the synthetic stack
@@ -232,15 +232,17 @@ def test_rerun_does_no_work(first, tiny, monkeypatch):
 
 def test_changed_settings_are_not_current(first, tiny, tmp_path):
     """A done.json of other settings does not count: the currency check compares the settings hash."""
-    from stemfast.batch import _current, discover_inputs as disc, _fingerprint
+    from stemfast.batch import discover_inputs as disc
+    from stemfast.batch.inputs import fingerprint_input
+    from stemfast.batch.status import current_done
 
     out, rep = first
     e = [e for e in disc(out.parent / "data") if e.name == "good"][0]
-    _fingerprint(e, out)
+    fingerprint_input(e)
     sha = file_sha256(out / "model.pt")
-    assert _current(e, out / "good", chash=rep.config_hash, model_sha=sha) is not None
-    assert _current(e, out / "good", chash="0" * 16, model_sha=sha) is None
-    assert _current(e, out / "good", chash=rep.config_hash, model_sha="f" * 64) is None
+    assert current_done(e, out / "good", chash=rep.config_hash, model_sha=sha) is not None
+    assert current_done(e, out / "good", chash="0" * 16, model_sha=sha) is None
+    assert current_done(e, out / "good", chash=rep.config_hash, model_sha="f" * 64) is None
 
 
 # ----------------------------------------------------------------------------- interrupted runs
@@ -338,14 +340,14 @@ def test_help_documents_every_option():
     from stemfast.cli import build_parser
 
     args = build_parser().parse_args(["batch", "DIR", "--epochs", "3", "--plain-vae", "--spacing", "11"])
-    from stemfast.batch import config_from_args
+    from stemfast.cli_options import config_from_args
 
     c = config_from_args(args)
     assert (c.model.epochs, c.model.model, c.sites.spacing) == (3, "vae", 11.0)
 
 
 def test_cli_errors(tmp_path, capsys):
-    from stemfast.batch import run_batch_cli
+    from stemfast.cli_batch import run_batch_cli
 
     (tmp_path / "empty").mkdir()
     assert run_batch_cli([str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
@@ -360,7 +362,7 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
     """The next frame is read (in a background thread) while the current one is analysed."""
     import threading
 
-    from stemfast.batch import _prefetched
+    from stemfast.batch.frames import prefetched
 
     class Stack:
         is_stack = True
@@ -378,7 +380,7 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
 
     mg = Stack()
     seen = []
-    for f, img, exc, wait in _prefetched(mg, [0, 1, 2, 3]):
+    for f, img, exc, wait in prefetched(mg, [0, 1, 2, 3]):
         # while frame f is being consumed (the consumer has not asked for more), frame f + 1 gets read
         deadline = time.monotonic() + 10.0
         while mg.started[-1] != min(f + 1, 3) and time.monotonic() < deadline:
@@ -393,12 +395,12 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
 def test_drift_of_large_frames_is_measured_to_a_few_hundredths_of_a_pixel():
     """Frames above 512 px are block-averaged for the drift; the sub-pixel search must still resolve
     drifts well below one block (it used to report 0.4 / 0.0 px for a true 0.3 / 0.2 px on 2048 px)."""
-    from stemfast.batch import _drift, _small
+    from stemfast.drift import block_average, phase_drift
     from stemfast.synth import make_mos2
 
     s = make_mos2(shape=(1100, 1100), seed=9, n_frames=2, drift_px_per_frame=(0.3, 0.2), contamination=1)
-    dx, dy = _drift(_small(s.image[0]), _small(s.image[1]), s.image.shape[1:])
-    assert _small(s.image[0]).shape[0] < 1100  # block-averaged
+    dx, dy = phase_drift(block_average(s.image[0]), block_average(s.image[1]), s.image.shape[1:])
+    assert block_average(s.image[0]).shape[0] < 1100  # block-averaged
     assert abs(dx - 0.3) < 0.05 and abs(dy - 0.2) < 0.05, (dx, dy)
 
 
@@ -406,7 +408,7 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
     """sites.csv is formatted a chunk of rows at a time (bounded memory on million-site tables)."""
     import io
 
-    from stemfast.batch import _CsvStream
+    from stemfast.batch.tables import CsvStream
     from stemfast.table import SiteTable
 
     rng = np.random.default_rng(4)
@@ -415,9 +417,9 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
                    "source": np.where(rng.random(n) < 0.5, "peak", "lattice"), "is_defect": rng.random(n) < 0.1,
                    "intensity": rng.normal(size=n)}, {})
     whole, chunked = io.StringIO(), io.StringIO()
-    a = _CsvStream(whole)
+    a = CsvStream(whole)
     a.write(t)
-    b = _CsvStream(chunked)
+    b = CsvStream(chunked)
     b.CHUNK = 37
     b.write(t)
     b.write(t.select(np.arange(10)))
@@ -429,14 +431,14 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
 def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     """An unsure lattice or a calibration that does not fit the material reaches summary.json's
     warnings, and report.html shows them per input."""
-    from stemfast.batch import _lattice_warnings
+    from stemfast.batch.outputs import lattice_warnings
     from stemfast.report import write_html_report
 
     lat = {"unsure": ["weak Bragg ring (prominence 3.1)"], "calibration_ok": False, "material": "MoS2",
            "calibration_expected_spacing_px": 16.6, "spacing_px": 12.1}
-    w = _lattice_warnings(lat)
+    w = lattice_warnings(lat)
     assert len(w) == 2 and "weak Bragg ring" in w[0] and "16.6" in w[1] and "12.1" in w[1]
-    assert _lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and _lattice_warnings(None) == []
+    assert lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and lattice_warnings(None) == []
     summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": w, "lattice": lat}
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
                       summaries=[summ], out_dir=tmp_path)

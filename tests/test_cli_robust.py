@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import stemfast
-from stemfast.batch import run_batch, run_batch_cli
+from stemfast.batch import run_batch
+from stemfast.cli_batch import run_batch_cli
 from stemfast.config import file_sha256, load_config
 from stemfast.errors import EXIT_BUSY, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED
 
@@ -383,7 +384,7 @@ def _listener(mode: str):
 
 def test_scheduler_addresses_without_a_dask_scheduler_fail_fast(env, tmp_path, capsys):
     pytest.importorskip("dask.distributed")
-    from stemfast.distributed import check_scheduler
+    from stemfast.batch.dask import check_scheduler
     from stemfast.errors import SchedulerError
 
     s = socket.socket()

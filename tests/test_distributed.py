@@ -12,7 +12,7 @@ pytest.importorskip("dask.distributed", reason="dask.distributed not installed (
 
 from stemfast.batch import OUTPUT_FILES, STACK_OUTPUT_FILES, run_batch  # noqa: E402
 from stemfast.config import load_config  # noqa: E402
-from stemfast.distributed import parse_scheduler  # noqa: E402
+from stemfast.batch.dask import parse_scheduler  # noqa: E402
 
 TINY = {
     "model": {"epochs": 2, "stn_epochs": 1, "max_train_patches": 500, "batch_size": 64, "input_size": 16,

@@ -116,7 +116,7 @@ def cmd_sites(args) -> int:
 
 
 def _cmd_sites(args) -> int:
-    from .batch import _read
+    from .batch.inputs import read_input
     from .cli_options import read_options_from_args
     from .errors import SettingsError
     from .sanity import check_spacing_fits, spacing_warnings
@@ -129,7 +129,7 @@ def _cmd_sites(args) -> int:
     except SettingsError as exc:
         return report_cli_error(exc)
     path = Path(args.image)
-    mg = _read(path, read_options)
+    mg = read_input(path, read_options)
     out = Path(args.output) if args.output else path.with_suffix("").with_name(path.stem + ".sites.csv")
     frames = [args.frame] if args.frame is not None else list(range(mg.n_frames))
     if args.frame is not None and not -mg.n_frames <= args.frame < mg.n_frames:
@@ -173,7 +173,7 @@ def cmd_demo(args) -> int:
     print(f"wrote {len(paths)} example micrographs (+ ground truth) to {data}")
     if args.data_only:
         return EXIT_OK
-    from .batch import run_batch_cli
+    from .cli_batch import run_batch_cli
 
     return run_batch_cli([str(data), "-o", str(out / "results")] + (["-v"] * args.verbose))
 

@@ -47,13 +47,13 @@ def _guarded(fn, args) -> int:
 
 
 def add_batch(sub) -> None:
-    from .batch import _EPILOG, add_batch_arguments, run_batch_from_args
+    from .cli_batch import EPILOG, add_batch_arguments, run_batch_from_args
 
     p = sub.add_parser(
         "batch", help="analyse every micrograph of a folder with one model (figures, tables, HTML report)",
         description="Analyse every micrograph of a folder with one model: sites, classes, defect candidates, "
                     "figures and a report. Reruns skip finished inputs; an interrupted run resumes.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_arguments(p)
     p.set_defaults(func=run_batch_from_args)
 
@@ -73,7 +73,7 @@ def add_analyze(sub) -> None:
                    help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
     p.add_argument("--model", default=None, metavar="MODEL.pt",
                    help="use this trained model (default: the pretrained model shipped with stemfast)")
-    from .batch import add_model_choice_arguments
+    from .cli_batch import add_model_choice_arguments
 
     add_model_choice_arguments(p)
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
@@ -93,7 +93,9 @@ def cmd_analyze(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from .batch import _print_report, config_from_args, run_batch
+    from .batch import run_batch
+    from .cli_batch import print_report
+    from .cli_options import config_from_args
     from .cli_options import read_options_from_args
 
     try:
@@ -108,7 +110,7 @@ def _cmd_analyze(args) -> int:
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
     report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
                        read_options=read_options, train=args.train, finetune=args.finetune or 0)
-    _print_report(report)
+    print_report(report)
     return report.exit_code
 
 
@@ -138,7 +140,8 @@ def cmd_train(args) -> int:
 
 def _cmd_train(args) -> int:
     from . import __version__
-    from .batch import config_from_args, discover_inputs, train_batch_model
+    from .batch import discover_inputs, train_batch_model
+    from .cli_options import config_from_args
     from .cli_options import read_options_from_args
     from .config import config_hash, config_to_dict
 
@@ -207,7 +210,8 @@ def cmd_bench(args) -> int:
 def _cmd_bench(args) -> int:
     import numpy as np
 
-    from .batch import _peak_memory_mib, config_from_args
+    from .batch.common import peak_memory_mib
+    from .cli_options import config_from_args
     from .config import apply_overrides
     from .pipeline import analyze, prepare, train_model
     from .report import format_stage_table, stage_table_rows
@@ -260,15 +264,15 @@ def _cmd_bench(args) -> int:
     tag = (model.extra.get("shipped") or {}) if model is not None else {}
     if tag and not train_s:
         print(f"model: shipped {tag.get('name')} {tag.get('version')} (no training); "
-              f"peak memory {_peak_memory_mib():.0f} MiB")
+              f"peak memory {peak_memory_mib():.0f} MiB")
     else:
         print(f"model training: {train_s:.1f} s ({config.model.model}, {config.model.epochs} epochs max, "
-              f"<= {config.model.max_train_patches} patches); peak memory {_peak_memory_mib():.0f} MiB")
+              f"<= {config.model.max_train_patches} patches); peak memory {peak_memory_mib():.0f} MiB")
     if args.json:
         from .atomic import write_json
 
         write_json(args.json, {"size": args.size, "frames": args.frames, "n_sites": n_sites, "stages": rows,
-                               "train_s": train_s, "peak_memory_mib": _peak_memory_mib()})
+                               "train_s": train_s, "peak_memory_mib": peak_memory_mib()})
     return EXIT_OK
 
 

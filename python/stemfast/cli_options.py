@@ -123,7 +123,7 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
 
 def parse_set(items: Sequence[str] | None) -> dict:
     """``["model.epochs=3", "sites.backend=numba"]`` -> ``{"model.epochs": 3, ...}`` (values parsed as TOML)."""
-    import tomllib
+    from .config import parse_toml
 
     out = {}
     for it in items or []:
@@ -131,8 +131,8 @@ def parse_set(items: Sequence[str] | None) -> dict:
             raise SettingsError(f"--set needs KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         try:
-            val = tomllib.loads(f"v = {v}")["v"]
-        except tomllib.TOMLDecodeError:
+            val = parse_toml(f"v = {v}")["v"]
+        except ValueError:  # tomllib.TOMLDecodeError: not a TOML value, taken as a string
             val = v
         out[k.strip()] = val
     return out

@@ -57,6 +57,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
+    "parse_toml",
     "load_config",
     "dump_config",
     "write_resolved_config",
@@ -71,6 +72,19 @@ __all__ = [
     "MAX_SPACING_PX",
     "check_limits",
 ]
+
+
+def parse_toml(text: str) -> dict:
+    """``text`` parsed as TOML (``tomllib``; ``tomli`` on Python 3.10). Raises ``tomllib.TOMLDecodeError``
+    (a ValueError) when it is not TOML.
+
+    Examples
+    --------
+    >>> parse_toml("a = 1")
+    {'a': 1}
+    """
+    return tomllib.loads(text)
+
 
 #: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
 METADATA_TABLES = ("stemfast", "inputs")
