@@ -27,7 +27,7 @@ from stemfast.batch import (
     discover_inputs,
     run_batch,
 )
-from stemfast.cli_batch import build_batch_parser
+from stemfast.cli.batch import build_batch_parser
 from stemfast.config import config_hash, file_sha256, load_config
 
 DRIFT = (1.5, -0.8)  # px per frame of the synthetic stack
@@ -340,14 +340,14 @@ def test_help_documents_every_option():
     from stemfast.cli import build_parser
 
     args = build_parser().parse_args(["batch", "DIR", "--epochs", "3", "--plain-vae", "--spacing", "11"])
-    from stemfast.cli_options import config_from_args
+    from stemfast.cli.options import config_from_args
 
     c = config_from_args(args)
     assert (c.model.epochs, c.model.model, c.sites.spacing) == (3, "vae", 11.0)
 
 
 def test_cli_errors(tmp_path, capsys):
-    from stemfast.cli_batch import run_batch_cli
+    from stemfast.cli.batch import run_batch_cli
 
     (tmp_path / "empty").mkdir()
     assert run_batch_cli([str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1

@@ -22,7 +22,7 @@ import pytest
 
 import stemfast
 from stemfast.batch import run_batch
-from stemfast.cli_batch import run_batch_cli
+from stemfast.cli.batch import run_batch_cli
 from stemfast.config import file_sha256, load_config
 from stemfast.errors import EXIT_BUSY, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED
 

@@ -58,6 +58,8 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "parse_toml",
+    "ReadOptions",
+    "DEFAULT_MAX_NONFINITE",
     "load_config",
     "dump_config",
     "write_resolved_config",
@@ -115,6 +117,42 @@ SETTING_LIMITS: dict[str, tuple] = {
     "model.latent_dim": (1, 1024),
     "patch_size": (None, 1024),
 }
+
+
+# ----------------------------------------------------------------------------- reading options
+
+#: Largest fraction of non-finite pixels ``--fill-nonfinite`` fills by default (1 %).
+DEFAULT_MAX_NONFINITE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How micrographs are read: non-finite pixels filled (up to a fraction of each frame) or refused.
+
+    Examples
+    --------
+    >>> ReadOptions(fill_nonfinite=True).as_read_kwargs()
+    {'allow_nonfinite': True, 'max_nonfinite_fraction': 0.01}
+    """
+
+    fill_nonfinite: bool = False
+    max_nonfinite_fraction: float = DEFAULT_MAX_NONFINITE
+
+    def __post_init__(self) -> None:
+        f = self.max_nonfinite_fraction
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 < f <= 0.5):
+            raise SettingsError(f"--nonfinite-limit must be a fraction in (0, 0.5], got {f!r}")
+
+    def as_read_kwargs(self) -> dict:
+        """Keyword arguments of :func:`stemfast.io.read`."""
+        if not self.fill_nonfinite:
+            return {}
+        return {"allow_nonfinite": True, "max_nonfinite_fraction": float(self.max_nonfinite_fraction)}
+
+    def key(self) -> dict:
+        """What a cached read failure depends on."""
+        return {"fill_nonfinite": self.fill_nonfinite,
+                "max_nonfinite_fraction": self.max_nonfinite_fraction if self.fill_nonfinite else None}
 
 
 # ----------------------------------------------------------------------------- loading

@@ -21,7 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, write_text
+from .atomic import write_text
+from .figures import display_range, pyplot, save_figure
 
 __all__ = [
     "CLASS_COLORS",
@@ -67,31 +68,6 @@ def class_color(class_id: int) -> str:
     return _UNKNOWN if c < 0 else CLASS_COLORS[c % len(CLASS_COLORS)]
 
 
-def _mpl():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        try:
-            matplotlib.use("Agg", force=True)
-        except Exception:  # pragma: no cover - a backend already in use by the application
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def display_range(image: np.ndarray) -> tuple[float, float]:
-    """Robust grey-level range (0.5th and 99.5th percentiles) for showing ``image``."""
-    a = np.asarray(image, dtype=np.float32)
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(finite, [0.5, 99.5])
-    if not hi > lo:
-        lo, hi = float(finite.min()), float(finite.max()) + 1e-12
-    return float(lo), float(hi)
-
-
 def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
     a = np.asarray(image, dtype=np.float32)
     f = max(1, int(math.ceil(max(a.shape) / _MAX_DISPLAY_PX)))
@@ -99,15 +75,6 @@ def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
         return a, 1
     H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
     return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
-
-
-def _savefig(fig, path: str | os.PathLike, dpi: int) -> None:
-    plt = _mpl()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
 
 
 def _marker_size(fig_w_in: float, width_px: int, spacing_px: float | None, frac: float = 0.55) -> float:
@@ -131,7 +98,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     spacing_px : lattice spacing, sets the dot size.
     is_defect : optional bool per site; flagged sites get a black ring.
     """
-    plt = _mpl()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     img, f = _downsample(image)
@@ -169,7 +136,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
                 color="w", fontsize=14)
     ax.set_title(title or "site classes", fontsize=10)
     fig.tight_layout()
-    _savefig(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
@@ -185,7 +152,7 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
         (False: only in the gallery, e.g. a candidate of another frame of a stack).
     patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
     """
-    plt = _mpl()
+    plt = pyplot()
     from matplotlib.patches import Circle
 
     cands = list(candidates)[:max_gallery]
@@ -238,7 +205,7 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
             a.set_title(f"{label}\n{kind}" if kind else label, fontsize=6.5, linespacing=0.95)
             for sp in a.spines.values():
                 sp.set_edgecolor("#ff1744" if c.get("is_defect", True) else "#ffab00")
-    _savefig(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 # ----------------------------------------------------------------------------- tables

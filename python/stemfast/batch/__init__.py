@@ -18,7 +18,7 @@ Modules
   :mod:`~stemfast.batch.results`: :class:`InputResult`, :class:`BatchReport`;
   :mod:`~stemfast.batch.common`: file names and small shared helpers.
 
-The command line (``stemfast batch``) is :mod:`stemfast.cli_batch`.
+The command line (``stemfast batch``) is :mod:`stemfast.cli.batch`.
 
 Steps
 -----
@@ -76,7 +76,7 @@ is ``NAME[START:STOP]``); with
 """
 from __future__ import annotations
 
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from ..errors import EXIT_ERROR, EXIT_OK, EXIT_SKIPPED
 from .common import STACK_OUTPUT_FILES, OUTPUT_FILES
 from .inputs import InputEntry, discover_inputs

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..logutil import progress
+from ..report import STAGES  # the pipeline stages of the stage tables (defined once, there)
 from ..tracking import TRACK_FILES
 
 __all__ = ["OUTPUT_FILES", "STACK_OUTPUT_FILES", "DONE_FILE", "SKIPPED_FILE", "MODEL_FILE", "MODEL_INFO_FILE",
@@ -35,8 +36,6 @@ REPORT_FILE = "report.html"
 PARTS_DIR = ".parts"
 #: Names an input's output folder must not take.
 RESERVED_NAMES = {MODEL_FILE, MODEL_INFO_FILE, CONFIG_FILE, BATCH_SUMMARY_FILE, REPORT_FILE, PARTS_DIR}
-#: The pipeline stages of the per-input and batch stage tables.
-STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")
 
 
 def now() -> str:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from .common import RESERVED_NAMES
 from .frames import count_frames
 

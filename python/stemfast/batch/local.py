@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from .common import progress_bar
 from .inputs import InputEntry
 from .results import InputResult

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from ..config import config_to_dict, file_sha256
 from ..errors import ModelFileError, describe_os_error
 from .common import MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import recover_staged, write_json
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from ..config import config_hash, load_config, parse_toml, write_resolved_config
 from ..errors import describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
@@ -72,7 +72,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         (in-process only; default ``STEMFAST_PREPARED_CACHE_MB`` or 2048).
     train : train a model on the inputs instead of using the shipped one.
     finetune : adapt the shipped model to the inputs for this many optimiser steps.
-    read_options : :class:`~stemfast.cli_options.ReadOptions` (``--fill-nonfinite``).
+    read_options : :class:`~stemfast.config.ReadOptions` (``--fill-nonfinite``).
 
     Returns
     -------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import write_json
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from ..errors import describe_os_error
 from .common import DONE_FILE, OUTPUT_FILES, SKIPPED_FILE, crash_hook, now, read_json
 from .inputs import InputEntry

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..atomic import staged_dir
-from ..cli_options import ReadOptions
+from ..config import ReadOptions
 from .common import crash_hook
 from .frames import FrameResult, FrameWindow, count_frames, iter_frames, read_frame
 from .inputs import InputEntry, describe_input, read_failure_reason, read_input

@@ -7,30 +7,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .batch import BatchReport, run_batch
-from .batch.common import REPORT_FILE
-from .cli_options import config_from_args
-from .errors import EXIT_ERROR, EXIT_OK
+from ..batch import BatchReport, run_batch
+from ..batch.common import REPORT_FILE
+from .options import (EXIT_ERROR, EXIT_OK, add_input_options, add_model_choice_arguments, add_settings_options,
+                      config_from_args, exit_status_epilog, guarded, read_options_from_args, )
 
-__all__ = ["add_batch_arguments", "add_model_choice_arguments", "build_batch_parser", "run_batch_from_args",
-           "run_batch_cli", "print_report", "EPILOG"]
+__all__ = ["add", "add_batch_arguments", "build_batch_parser", "run_batch_from_args", "run_batch_cli",
+           "print_report", "EPILOG"]
 
 log = logging.getLogger("stemfast.cli")
 
 
-def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
-    """``--train`` / ``--finetune N`` (which model; the default is the shipped pretrained model)."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--train", action="store_true",
-                   help="train a model on the inputs instead of using the shipped pretrained model")
-    g.add_argument("--finetune", type=int, default=0, metavar="N",
-                   help="adapt the shipped pretrained model to the inputs for N optimiser steps")
-
-
 def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``batch`` options to ``p`` (shared by ``stemfast batch`` and :func:`run_batch_cli`)."""
-    from .cli_options import add_input_options, add_settings_options
-
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
                    help="folder(s) searched recursively for micrographs (TIFF, NPY, DM3/DM4, EMD, SER, MRC, "
                         "HDF5; see stemfast.io.SUPPORTED_EXTENSIONS), and/or single files")
@@ -60,8 +49,6 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _epilog() -> str:
-    from .cli_options import exit_status_epilog
-
     return """\
 outputs (OUT/):
   <name>/sites.csv     one row per site: frame, x, y, source, intensity, class_id, recon_error,
@@ -81,20 +68,29 @@ outputs (OUT/):
 
 
 EPILOG = _epilog()
+DESCRIPTION = ("Analyse every micrograph of a folder with one model: sites, classes, defect candidates, "
+               "figures and a report. Reruns skip finished inputs; an interrupted run resumes.")
+
+
+def add(sub) -> None:
+    """Register ``stemfast batch``."""
+    p = sub.add_parser(
+        "batch", help="analyse every micrograph of a folder with one model (figures, tables, HTML report)",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_arguments(p)
+    p.set_defaults(func=run_batch_from_args)
 
 
 def build_batch_parser(prog: str = "stemfast batch") -> argparse.ArgumentParser:
     """The parser of ``stemfast batch``."""
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Analyse every micrograph of a folder with one model: sites, classes, defect candidates, "
-                    "figures and a report. Reruns skip finished inputs; an interrupted run resumes.")
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG, description=DESCRIPTION)
     return add_batch_arguments(p)
 
 
 def print_report(report: BatchReport) -> None:
     """The run in a few lines on the console: counts, stage table, warnings and skipped inputs."""
-    from .report import format_stage_table
+    from ..report import format_stage_table
 
     res = report.results
     counts = {st: sum(r.status == st for r in res) for st in ("done", "current", "partial", "skipped", "failed")}
@@ -114,35 +110,26 @@ def print_report(report: BatchReport) -> None:
 
 def run_batch_from_args(args) -> int:
     """Run a batch from parsed arguments (see :func:`add_batch_arguments`); returns the exit status."""
-    from .cli_options import read_options_from_args
-    from .errors import SettingsError, report_cli_error
+    return guarded(_run_batch_from_args, args)
 
-    try:
-        config = config_from_args(args)
-        read_options = read_options_from_args(args)
-        if args.scheduler:
-            from .batch.dask import parse_scheduler
 
-            parse_scheduler(args.scheduler)
-    except SettingsError as exc:
-        return report_cli_error(exc)
+def _run_batch_from_args(args) -> int:
+    config = config_from_args(args)
+    read_options = read_options_from_args(args)
+    if args.scheduler:
+        from ..batch.dask import parse_scheduler
+
+        parse_scheduler(args.scheduler)
     if getattr(args, "print_config", False):
-        from .config import dump_config
+        from ..config import dump_config
 
         print(dump_config(config), end="")
         return EXIT_OK
-    try:
-        report = run_batch([Path(p) for p in args.inputs], Path(args.output), config=config, model_path=args.model,
-                           scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
-                           train_frames=args.train_frames, frames_per_task=args.frames_per_task,
-                           read_options=read_options, train=getattr(args, "train", False),
-                           finetune=getattr(args, "finetune", 0) or 0)
-    except BaseException as exc:  # noqa: BLE001 - every expected failure becomes a message and an exit status
-        log.debug("batch failed", exc_info=True)
-        code = report_cli_error(exc)
-        if code is None:
-            raise
-        return code
+    report = run_batch([Path(p) for p in args.inputs], Path(args.output), config=config, model_path=args.model,
+                       scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
+                       train_frames=args.train_frames, frames_per_task=args.frames_per_task,
+                       read_options=read_options, train=getattr(args, "train", False),
+                       finetune=getattr(args, "finetune", 0) or 0)
     if not report.results:
         print(f"error: no micrographs found in {' '.join(args.inputs)}", file=sys.stderr)
         return EXIT_ERROR
@@ -152,7 +139,7 @@ def run_batch_from_args(args) -> int:
 
 def run_batch_cli(argv: Sequence[str] | None = None) -> int:
     """``stemfast batch`` as a function: parse ``argv``, run, return the exit status."""
-    from .logutil import setup_logging
+    from ..logutil import setup_logging
 
     args = build_batch_parser().parse_args(list(argv) if argv is not None else None)
     setup_logging(args.verbose)
