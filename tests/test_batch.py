@@ -1,6 +1,6 @@
 """The batch runner: full results, bad inputs reported, reruns do no work, interrupted runs resume.
 
-Small synthetic MoS2 data (stemfast.synth) and a tiny model keep this module to about a minute
+Small synthetic MoS2 data (stemfast.synthetic) and a tiny model keep this module to about a minute
 on 2 cores.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 def make_data(root: Path, *, n_frames: int = 3) -> Path:
     """good.tif (256 px), sub/stack.tif (160 px x n_frames, drifting), truncated.tif, notes.tif (text)."""
     from stemfast.io import write_tiff
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     root.mkdir(parents=True, exist_ok=True)
     s = make_mos2(shape=(256, 256), seed=1, rotation_deg=10.0)
@@ -396,7 +396,7 @@ def test_drift_of_large_frames_is_measured_to_a_few_hundredths_of_a_pixel():
     """Frames above 512 px are block-averaged for the drift; the sub-pixel search must still resolve
     drifts well below one block (it used to report 0.4 / 0.0 px for a true 0.3 / 0.2 px on 2048 px)."""
     from stemfast.drift import block_average, phase_drift
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     s = make_mos2(shape=(1100, 1100), seed=9, n_frames=2, drift_px_per_frame=(0.3, 0.2), contamination=1)
     dx, dy = phase_drift(block_average(s.image[0]), block_average(s.image[1]), s.image.shape[1:])

@@ -33,7 +33,7 @@ PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 
 
 def _image(seed: int, shape=(160, 160)) -> np.ndarray:
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     return make_mos2(shape=shape, seed=seed).image.astype(np.float32)
 

@@ -24,7 +24,7 @@ FRAMES = 4
 
 def _data(root: Path) -> Path:
     from stemfast.io import write_tiff
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     root.mkdir(parents=True)
     make_mos2(shape=(192, 192), seed=5, rotation_deg=20.0).save(root / "good.tif")

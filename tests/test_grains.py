@@ -14,7 +14,7 @@ from stemfast.bandpass import bandpass
 from stemfast.peaks import find_peaks
 from stemfast.sitelattice import metal_reciprocal_lattice, site_spacing
 from stemfast.sites import SiteSettings, find_sites
-from stemfast.synth import make_mos2
+from stemfast.synthetic import make_mos2
 
 #: the front end adds no site closer than this to the image edge (LatticeSettings.edge_margin_px),
 #: on a single crystal too: true sites there are left out of the recall

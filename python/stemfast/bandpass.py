@@ -66,10 +66,9 @@ def _check_image(image, name: str = "image") -> np.ndarray:
     return check_image(image, name, min_side=MIN_SIDE)
 
 
-_positive = positive
 def _cutoffs(noise_px, background_px, spacing) -> tuple[float, float]:
     if spacing is not None:
-        spacing = _positive("spacing", spacing)
+        spacing = positive("spacing", spacing)
     if noise_px is None:
         if spacing is None:
             raise ValueError("give noise_px (or spacing, from which it is derived)")
@@ -78,8 +77,8 @@ def _cutoffs(noise_px, background_px, spacing) -> tuple[float, float]:
         if spacing is None:
             raise ValueError("give background_px (or spacing, from which it is derived)")
         background_px = BACKGROUND_PER_SPACING * spacing
-    ns = _positive("noise_px", noise_px)
-    bs = _positive("background_px", background_px)
+    ns = positive("noise_px", noise_px)
+    bs = positive("background_px", background_px)
     if not ns < bs:
         raise ValueError(f"noise_px ({ns}) must be smaller than background_px ({bs})")
     return ns, bs

@@ -51,12 +51,19 @@ from typing import Any, Iterable, Mapping
 from .backend import BACKENDS
 from .errors import SettingsError
 
+if typing.TYPE_CHECKING:  # the sections of PipelineConfig (imported when a default is made)
+    from .analysis import AnalysisSettings
+    from .model import RVAEConfig
+    from .sites import SiteSettings
+    from .tracking import TrackSettings
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
+    "PipelineConfig",
     "parse_toml",
     "ReadOptions",
     "DEFAULT_MAX_NONFINITE",
@@ -158,9 +165,59 @@ class ReadOptions:
 # ----------------------------------------------------------------------------- loading
 
 
-def _default_config():
-    from .pipeline import PipelineConfig
+def _sites_default():
+    from .sites import SiteSettings
 
+    return SiteSettings()
+
+
+def _model_default():
+    from .model import RVAEConfig
+
+    return RVAEConfig()
+
+
+def _analysis_default():
+    from .analysis import AnalysisSettings
+
+    return AnalysisSettings()
+
+
+def _tracking_default():
+    from .tracking import TrackSettings
+
+    return TrackSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """All settings of a run, one section per stage (also the layout of ``stemfast.toml``).
+
+    The sections are the settings dataclasses of their stages (imported when a default is made,
+    so this module stays light): ``sites`` :class:`stemfast.sites.SiteSettings`, ``model``
+    :class:`stemfast.model.RVAEConfig`, ``analysis`` :class:`stemfast.analysis.AnalysisSettings`,
+    ``tracking`` :class:`stemfast.tracking.TrackSettings`; ``patch_size`` in px (None: derived
+    from the lattice spacing, :func:`stemfast.patches.default_patch_size`).
+
+    Examples
+    --------
+    >>> PipelineConfig().patch_size is None
+    True
+    """
+
+    sites: SiteSettings = dataclasses.field(default_factory=_sites_default)
+    model: RVAEConfig = dataclasses.field(default_factory=_model_default)
+    analysis: AnalysisSettings = dataclasses.field(default_factory=_analysis_default)
+    patch_size: int | None = None
+    tracking: TrackSettings = dataclasses.field(default_factory=_tracking_default)
+
+    def to_dict(self) -> dict:
+        return {"sites": dataclasses.asdict(self.sites), "model": dataclasses.asdict(self.model),
+                "analysis": dataclasses.asdict(self.analysis), "patch_size": self.patch_size,
+                "tracking": dataclasses.asdict(self.tracking)}
+
+
+def _default_config():
     return PipelineConfig()
 
 
@@ -382,8 +439,6 @@ def check_limits(config) -> None:
 
 def apply_overrides(config, data: Mapping) -> Any:
     """A new ``PipelineConfig`` with the (nested or dotted-key) settings in ``data`` applied."""
-    from .pipeline import PipelineConfig
-
     data = _nest(data)
     unknown = [k for k in data if k not in _SECTIONS + _TOP_KEYS]
     if unknown:

@@ -2,7 +2,7 @@
 
 One module per command (:mod:`~stemfast.cli.sites`, :mod:`~stemfast.cli.demo`,
 :mod:`~stemfast.cli.train`, :mod:`~stemfast.cli.analyze`, :mod:`~stemfast.cli.batch`,
-:mod:`~stemfast.cli.bench`), each a thin layer over the Python API with an ``add(subparsers)``
+:mod:`~stemfast.cli.bench`, :mod:`~stemfast.cli.diagnose`), each a thin layer over the Python API with an ``add(subparsers)``
 that registers it; everything they share -- options, exit codes, the ``error: ...`` print -- is
 in :mod:`stemfast.cli.options`. Heavy imports (torch) happen only in the handlers, so ``--help``
 is instant.
@@ -23,7 +23,7 @@ log = logging.getLogger("stemfast.cli")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``stemfast`` parser with every subcommand."""
-    from . import analyze, batch, bench, demo, sites, train
+    from . import analyze, batch, bench, demo, diagnose, sites, train
 
     ap = argparse.ArgumentParser(
         prog="stemfast",
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"stemfast {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (sites, demo, train, analyze, batch, bench):
+    for command in (sites, demo, train, analyze, batch, bench, diagnose):
         command.add(sub)
     return ap
 

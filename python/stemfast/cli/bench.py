@@ -12,7 +12,7 @@ def add(sub) -> None:
     """Register ``stemfast bench``."""
     p = sub.add_parser(
         "bench", help="per-stage throughput on a synthetic MoS2 image",
-        description="Render a synthetic MoS2 HAADF image (stemfast.synth.make_mos2), run every stage of the "
+        description="Render a synthetic MoS2 HAADF image (stemfast.synthetic.make_mos2), run every stage of the "
                     "pipeline on it and print seconds and sites/s per stage (model training reported "
                     "separately). The model is the shipped pretrained one unless --train.")
     p.add_argument("--size", type=int, default=4096, help="image side in px (default 4096)")
@@ -41,7 +41,7 @@ def _cmd_bench(args) -> int:
     from ..config import apply_overrides
     from ..pipeline import analyze, prepare, train_model
     from ..report import format_stage_table, stage_table_rows
-    from ..synth import make_mos2
+    from ..synthetic import make_mos2
 
     config = config_from_args(args)
     o = {"model.max_train_patches": args.train_patches}

@@ -13,7 +13,7 @@ def add(sub) -> None:
     """Register ``stemfast demo``."""
     p = sub.add_parser("demo", help="write a small synthetic example folder and analyse it",
                        description="Generate small synthetic MoS2 micrographs with ground truth "
-                                   "(stemfast.synth) into OUT/data and run the batch analysis on them "
+                                   "(stemfast.synthetic) into OUT/data and run the batch analysis on them "
                                    "into OUT/results.")
     p.add_argument("-o", "--output", default="stemfast-demo", help="demo folder (default: ./stemfast-demo)")
     p.add_argument("--size", type=int, default=512, help="image size in px (default 512)")
@@ -32,7 +32,7 @@ def cmd_demo(args) -> int:
 def _cmd_demo(args) -> int:
     from ..batch import run_batch
     from ..config import load_config
-    from ..synth import save_example
+    from ..synthetic import save_example
     from .batch import print_report
 
     out = Path(args.output)
