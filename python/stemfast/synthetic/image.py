@@ -541,53 +541,20 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
     >>> round(s.meta["nn_px"], 3)
     15.204
     """
-    cfg = config if config is not None else SynthConfig()
-    if not isinstance(cfg, SynthConfig):
-        raise TypeError(f"config must be a SynthConfig, got {type(cfg).__name__}")
-    if overrides:
-        unknown = set(overrides) - {f.name for f in fields(SynthConfig)}
-        if unknown:
-            raise TypeError(f"unknown SynthConfig fields: {sorted(unknown)}")
-        cfg = replace(cfg, **overrides)
+    cfg = _resolve_config(config, overrides)
     # independent random streams, so switching one feature on or off leaves the others as they were
     (ss_lat, ss_def, ss_hole, ss_cont, ss_bg, ss_hot, ss_frames) = np.random.SeedSequence(cfg.seed).spawn(7)
-    rng_lat, rng_def = np.random.default_rng(ss_lat), np.random.default_rng(ss_def)
     rng_bg, rng_tex = (np.random.default_rng(x) for x in ss_bg.spawn(2))
-    rng_hole, rng_cont, rng_hot = (np.random.default_rng(x) for x in (ss_hole, ss_cont, ss_hot))
+    rng_cont, rng_hot = np.random.default_rng(ss_cont), np.random.default_rng(ss_hot)
     H, W = cfg.shape
     F = int(cfg.n_frames)
-    nn = cfg.nn_px
-    sig = cfg.sigma_px
     drift = np.arange(F)[:, None] * np.asarray(cfg.drift_px_per_frame, float)[None, :]
-    # sample-frame extent seen by any frame, plus the Gaussian tails
-    margin = 4.0 * sig + 2.0
-    x_lo = min(0.0, -drift[:, 0].max()) - margin
-    x_hi = W - 1 + max(0.0, -drift[:, 0].min()) + margin
-    y_lo = min(0.0, -drift[:, 1].max()) - margin
-    y_hi = H - 1 + max(0.0, -drift[:, 1].min()) + margin
-
-    # --- lattice sites (sample coordinates = frame-0 image coordinates)
-    M = _lattice_transform(cfg)
-    centre = np.array([(W - 1) / 2.0, (H - 1) / 2.0])
-    origin = centre + M @ rng_lat.uniform(0.0, 1.0, 2)
-    xy, sub = _lattice_sites(M, origin, (x_lo, x_hi), (y_lo, y_hi))
-    jit = cfg.position_jitter_A / cfg.pixel_size_A
-    if jit > 0:
-        xy = xy + rng_lat.normal(0.0, jit, xy.shape)
-
-    # --- defects
-    u = rng_def.random(len(xy))
-    v_s, v_s2, v_mo, mo_s = cfg.rates
-    defect = np.zeros(len(xy), dtype=np.int64)
-    s2 = sub == 1
-    defect[s2 & (u < v_s)] = 1
-    defect[s2 & (u >= v_s) & (u < v_s + v_s2)] = 2
-    defect[s2 & (u >= v_s + v_s2) & (u < v_s + v_s2 + mo_s)] = 4
-    defect[(sub == 0) & (u < v_mo)] = 3
-
-    # --- holes and contamination (defined in sample coordinates)
-    holes = _make_blobs(rng_hole, cfg.holes, cfg.hole_radius_nn * nn, H, W)
-    contam = _make_blobs(rng_cont, cfg.contamination, cfg.contamination_radius_nn * nn, H, W,
+    ext_x, ext_y = _sample_extent(cfg, drift)
+    xy, sub, defect = _place_columns(cfg, np.random.default_rng(ss_lat), np.random.default_rng(ss_def),
+                                     ext_x, ext_y)
+    # holes and contamination (defined in sample coordinates); no columns in the holes
+    holes = _make_blobs(np.random.default_rng(ss_hole), cfg.holes, cfg.hole_radius_nn * cfg.nn_px, H, W)
+    contam = _make_blobs(rng_cont, cfg.contamination, cfg.contamination_radius_nn * cfg.nn_px, H, W,
                          level=(0.7 * cfg.contamination_level, 1.3 * cfg.contamination_level))
     in_hole = np.zeros(len(xy), dtype=bool)
     for b in holes:
@@ -596,98 +563,22 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
     amp = _column_amplitudes(sub, defect)
     if cfg.chalcogen_scale != 1.0:
         amp[(sub == 1) & np.isin(defect, (0, 1))] *= cfg.chalcogen_scale
+    scene = _Scene(cfg, holes, contam, *_random_fields(cfg, rng_bg, rng_tex, rng_cont, ext_x, ext_y, bool(contam)))
 
-    # --- smooth fields (sample coordinates)
-    ext_x, ext_y = (x_lo, x_hi), (y_lo, y_hi)
-    bg_fields = [(w, _RandomField(rng_bg, ext_x, ext_y, s_A / cfg.pixel_size_A))
-                 for s_A, w in _BG_SCALES_A] if cfg.background > 0 else []
-    tex_field = (_RandomField(rng_tex, ext_x, ext_y, max(_TEXTURE_CORR_A / cfg.pixel_size_A, 0.6))
-                 if cfg.texture > 0 else None)
-    cont_field = (_RandomField(rng_cont, ext_x, ext_y, max(0.5 / cfg.pixel_size_A, 1.0))
-                  if contam else None)
-
-    # --- per-frame artefacts (drawn up front so frame content does not depend on the order)
+    # per-frame artefacts (drawn up front so frame content does not depend on the order)
     hot_idx = rng_hot.choice(H * W, size=min(int(cfg.hot_pixels), H * W), replace=False)
     hot_val = rng_hot.uniform(1.5, 3.0, len(hot_idx)) * cfg.dose
-    read_sd = cfg.gaussian_noise / 100.0 * cfg.dose
     frame_rngs = [tuple(np.random.default_rng(c) for c in ss.spawn(2)) for ss in ss_frames.spawn(F)]
 
     frames, truth_frames, glitches = [], [], []
     hole_mask0 = contam_mask0 = None
     for k in range(F):
-        dx, dy = drift[k]
-        xs = np.arange(W) - dx          # sample coordinates of this frame's pixels
-        ys = np.arange(H) - dy
-        atoms = render_gaussians((H, W), xy + drift[k], amp, sig)
-        film = np.zeros((H, W), dtype=np.float32)
-        if bg_fields:
-            wnorm = math.sqrt(sum(w * w for w, _ in bg_fields))
-            for w, fld in bg_fields:
-                film += np.float32(0.15 * cfg.background * w / wnorm) * fld.sample(xs, ys)
-            film += np.float32(0.75 * cfg.background)
-        if tex_field is not None:
-            film += np.float32(cfg.texture) * tex_field.sample(xs, ys)
-        cmask = np.zeros((H, W), dtype=bool)
-        if contam:
-            tex = cont_field.sample(xs, ys)
-            for b in contam:
-                edge = max(0.3 * b.r0, 1.0)
-                box = _blob_box(b, xs, ys, 2.0 * edge)
-                if box is None:
-                    continue
-                X, Y = np.meshgrid(xs[box[1]], ys[box[0]])
-                depth = b.signed_depth(X, Y)
-                prof = 0.5 * (1.0 + np.tanh(depth / (0.5 * edge)))
-                film[box] += b.level * prof * np.clip(1.0 + cfg.contamination_texture * tex[box], 0.0, None)
-                cmask[box] |= depth > 0
-        hmask = np.zeros((H, W), dtype=bool)
-        for b in holes:
-            edge = max(sig, 0.5)
-            box = _blob_box(b, xs, ys, 4.0 * edge)
-            if box is None:
-                continue
-            X, Y = np.meshgrid(xs[box[1]], ys[box[0]])
-            depth = b.signed_depth(X, Y)
-            film[box] *= 0.5 * (1.0 - np.tanh(depth / edge))
-            hmask[box] |= depth > 0
-        expected = atoms
-        expected += film
-        if cfg.illumination_gradient > 0:
-            t = np.deg2rad(cfg.illumination_angle_deg)
-            gx = (np.arange(W) / max(W - 1, 1) - 0.5) * np.cos(t)
-            gy = (np.arange(H) / max(H - 1, 1) - 0.5) * np.sin(t)
-            expected *= (1.0 + cfg.illumination_gradient * (gy[:, None] + gx[None, :])).astype(np.float32)
-        if cfg.scan_streaks:
-            srng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(8)[7].spawn(F)[k])
-            for _ in range(int(cfg.scan_streaks)):
-                row = int(srng.integers(0, H))
-                level = cfg.streak_level * srng.uniform(0.5, 1.5) * (1 if srng.random() < 0.5 else -1)
-                expected[row:row + int(srng.integers(1, 4))] += np.float32(level)
-        np.maximum(expected, 0.0, out=expected)
-        expected *= np.float32(cfg.dose)
+        atoms = render_gaussians((H, W), xy + drift[k], amp, cfg.sigma_px)
+        film, hmask, cmask = scene.film(drift[k])
+        expected = _expected_counts(cfg, atoms, film, k)
         frng, grng = frame_rngs[k]  # noise, glitches
-        if cfg.noise:
-            img = frng.poisson(expected).astype(np.float32)
-            if read_sd > 0:
-                noise = frng.standard_normal(img.shape, dtype=np.float32)
-                noise *= np.float32(read_sd)
-                img += noise
-            if len(hot_idx):
-                img.ravel()[hot_idx] += hot_val.astype(np.float32)
-        else:
-            img = expected.astype(np.float32)
-        for _ in range(int(cfg.scan_glitches)):
-            row = int(grng.integers(0, H))
-            n_rows = int(grng.integers(1, 4))
-            shift = int(grng.integers(1, 5)) * (1 if grng.random() < 0.5 else -1)
-            rows = slice(row, min(H, row + n_rows))
-            band = img[rows].copy()
-            img[rows] = np.roll(band, shift, axis=1)
-            if shift > 0:
-                img[rows, :shift] = band[:, :1]
-            else:
-                img[rows, shift:] = band[:, -1:]
-            glitches.append({"frame": k, "row": row, "rows": rows.stop - rows.start, "shift_px": shift})
+        img = _detect(cfg, expected, frng, hot_idx, hot_val)
+        glitches += _scan_glitches(cfg, img, grng, k)
         frames.append(img)
         txy = xy + drift[k]
         sel = _inside(txy, H, W)
@@ -697,6 +588,198 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
 
     image = frames[0] if F == 1 else np.stack(frames)
     truth = truth_frames[0]
+    meta = _image_meta(cfg, truth, drift, holes, contam, hole_mask0, contam_mask0, glitches, hot_idx)
+    return SynthImage(image=image, truth=truth, meta=meta, hole_mask=hole_mask0,
+                      contamination_mask=contam_mask0,
+                      truth_frames=truth_frames if F > 1 else None, drift=drift)
+
+
+def _resolve_config(config: SynthConfig | None, overrides: dict) -> SynthConfig:
+    """``config`` (default settings when None) with the ``overrides`` fields replaced; checked."""
+    cfg = config if config is not None else SynthConfig()
+    if not isinstance(cfg, SynthConfig):
+        raise TypeError(f"config must be a SynthConfig, got {type(cfg).__name__}")
+    if overrides:
+        unknown = set(overrides) - {f.name for f in fields(SynthConfig)}
+        if unknown:
+            raise TypeError(f"unknown SynthConfig fields: {sorted(unknown)}")
+        cfg = replace(cfg, **overrides)
+    return cfg
+
+
+def _sample_extent(cfg: SynthConfig, drift: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The sample-frame extent (x, y) seen by any frame, plus the Gaussian tails."""
+    H, W = cfg.shape
+    margin = 4.0 * cfg.sigma_px + 2.0
+    x_lo = min(0.0, -drift[:, 0].max()) - margin
+    x_hi = W - 1 + max(0.0, -drift[:, 0].min()) + margin
+    y_lo = min(0.0, -drift[:, 1].max()) - margin
+    y_hi = H - 1 + max(0.0, -drift[:, 1].min()) + margin
+    return (x_lo, x_hi), (y_lo, y_hi)
+
+
+def _place_columns(cfg: SynthConfig, rng_lat: np.random.Generator, rng_def: np.random.Generator,
+                   ext_x: tuple[float, float], ext_y: tuple[float, float]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every lattice site in the extent (sample coordinates = frame-0 image coordinates), randomly
+    displaced, with its sublattice and drawn defect: ``(xy, sub, defect)``."""
+    H, W = cfg.shape
+    M = _lattice_transform(cfg)
+    centre = np.array([(W - 1) / 2.0, (H - 1) / 2.0])
+    origin = centre + M @ rng_lat.uniform(0.0, 1.0, 2)
+    xy, sub = _lattice_sites(M, origin, ext_x, ext_y)
+    jit = cfg.position_jitter_A / cfg.pixel_size_A
+    if jit > 0:
+        xy = xy + rng_lat.normal(0.0, jit, xy.shape)
+    u = rng_def.random(len(xy))
+    v_s, v_s2, v_mo, mo_s = cfg.rates
+    defect = np.zeros(len(xy), dtype=np.int64)
+    s2 = sub == 1
+    defect[s2 & (u < v_s)] = 1
+    defect[s2 & (u >= v_s) & (u < v_s + v_s2)] = 2
+    defect[s2 & (u >= v_s + v_s2) & (u < v_s + v_s2 + mo_s)] = 4
+    defect[(sub == 0) & (u < v_mo)] = 3
+    return xy, sub, defect
+
+
+def _random_fields(cfg: SynthConfig, rng_bg, rng_tex, rng_cont, ext_x, ext_y, contaminated: bool):
+    """The smooth random fields (sample coordinates): background ``[(weight, field)]``, texture and
+    the contamination's texture (None when switched off)."""
+    bg_fields = [(w, _RandomField(rng_bg, ext_x, ext_y, s_A / cfg.pixel_size_A))
+                 for s_A, w in _BG_SCALES_A] if cfg.background > 0 else []
+    tex_field = (_RandomField(rng_tex, ext_x, ext_y, max(_TEXTURE_CORR_A / cfg.pixel_size_A, 0.6))
+                 if cfg.texture > 0 else None)
+    cont_field = (_RandomField(rng_cont, ext_x, ext_y, max(0.5 / cfg.pixel_size_A, 1.0))
+                  if contaminated else None)
+    return bg_fields, tex_field, cont_field
+
+
+@dataclass
+class _Scene:
+    """The film of a synthetic image: holes, contamination and the random fields, in sample
+    coordinates; :meth:`film` renders it for a frame."""
+
+    cfg: SynthConfig
+    holes: list
+    contam: list
+    bg_fields: list
+    tex_field: _RandomField | None
+    cont_field: _RandomField | None
+
+    def film(self, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(film, hole_mask, contamination_mask)`` of the frame whose content is shifted by ``shift``."""
+        cfg = self.cfg
+        H, W = cfg.shape
+        xs = np.arange(W) - shift[0]  # sample coordinates of this frame's pixels
+        ys = np.arange(H) - shift[1]
+        film = np.zeros((H, W), dtype=np.float32)
+        if self.bg_fields:
+            wnorm = math.sqrt(sum(w * w for w, _ in self.bg_fields))
+            for w, fld in self.bg_fields:
+                film += np.float32(0.15 * cfg.background * w / wnorm) * fld.sample(xs, ys)
+            film += np.float32(0.75 * cfg.background)
+        if self.tex_field is not None:
+            film += np.float32(cfg.texture) * self.tex_field.sample(xs, ys)
+        cmask = self._add_contamination(film, xs, ys)
+        hmask = self._cut_holes(film, xs, ys)
+        return film, hmask, cmask
+
+    def _add_contamination(self, film: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        cmask = np.zeros(film.shape, dtype=bool)
+        if not self.contam:
+            return cmask
+        tex = self.cont_field.sample(xs, ys)
+        for b in self.contam:
+            edge = max(0.3 * b.r0, 1.0)
+            box = _blob_box(b, xs, ys, 2.0 * edge)
+            if box is None:
+                continue
+            X, Y = np.meshgrid(xs[box[1]], ys[box[0]])
+            depth = b.signed_depth(X, Y)
+            prof = 0.5 * (1.0 + np.tanh(depth / (0.5 * edge)))
+            film[box] += b.level * prof * np.clip(1.0 + self.cfg.contamination_texture * tex[box], 0.0, None)
+            cmask[box] |= depth > 0
+        return cmask
+
+    def _cut_holes(self, film: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        hmask = np.zeros(film.shape, dtype=bool)
+        for b in self.holes:
+            edge = max(self.cfg.sigma_px, 0.5)
+            box = _blob_box(b, xs, ys, 4.0 * edge)
+            if box is None:
+                continue
+            X, Y = np.meshgrid(xs[box[1]], ys[box[0]])
+            depth = b.signed_depth(X, Y)
+            film[box] *= 0.5 * (1.0 - np.tanh(depth / edge))
+            hmask[box] |= depth > 0
+        return hmask
+
+
+def _expected_counts(cfg: SynthConfig, atoms: np.ndarray, film: np.ndarray, k: int) -> np.ndarray:
+    """Expected counts of frame ``k``: (atoms + film), illumination gradient, scan streaks, times
+    the dose (``atoms`` is used as the output buffer)."""
+    H, W = cfg.shape
+    expected = atoms
+    expected += film
+    if cfg.illumination_gradient > 0:
+        t = np.deg2rad(cfg.illumination_angle_deg)
+        gx = (np.arange(W) / max(W - 1, 1) - 0.5) * np.cos(t)
+        gy = (np.arange(H) / max(H - 1, 1) - 0.5) * np.sin(t)
+        expected *= (1.0 + cfg.illumination_gradient * (gy[:, None] + gx[None, :])).astype(np.float32)
+    if cfg.scan_streaks:
+        srng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(8)[7].spawn(int(cfg.n_frames))[k])
+        for _ in range(int(cfg.scan_streaks)):
+            row = int(srng.integers(0, H))
+            level = cfg.streak_level * srng.uniform(0.5, 1.5) * (1 if srng.random() < 0.5 else -1)
+            expected[row:row + int(srng.integers(1, 4))] += np.float32(level)
+    np.maximum(expected, 0.0, out=expected)
+    expected *= np.float32(cfg.dose)
+    return expected
+
+
+def _detect(cfg: SynthConfig, expected: np.ndarray, frng: np.random.Generator, hot_idx: np.ndarray,
+            hot_val: np.ndarray) -> np.ndarray:
+    """The detected frame: Poisson counts, Gaussian read noise and hot pixels (or, without noise,
+    the expected counts)."""
+    if not cfg.noise:
+        return expected.astype(np.float32)
+    img = frng.poisson(expected).astype(np.float32)
+    read_sd = cfg.gaussian_noise / 100.0 * cfg.dose
+    if read_sd > 0:
+        noise = frng.standard_normal(img.shape, dtype=np.float32)
+        noise *= np.float32(read_sd)
+        img += noise
+    if len(hot_idx):
+        img.ravel()[hot_idx] += hot_val.astype(np.float32)
+    return img
+
+
+def _scan_glitches(cfg: SynthConfig, img: np.ndarray, grng: np.random.Generator, k: int) -> list[dict]:
+    """Shift a few bands of rows sideways in place (scan glitches of frame ``k``); returns their records."""
+    H = cfg.shape[0]
+    out = []
+    for _ in range(int(cfg.scan_glitches)):
+        row = int(grng.integers(0, H))
+        n_rows = int(grng.integers(1, 4))
+        shift = int(grng.integers(1, 5)) * (1 if grng.random() < 0.5 else -1)
+        rows = slice(row, min(H, row + n_rows))
+        band = img[rows].copy()
+        img[rows] = np.roll(band, shift, axis=1)
+        if shift > 0:
+            img[rows, :shift] = band[:, :1]
+        else:
+            img[rows, shift:] = band[:, -1:]
+        out.append({"frame": k, "row": row, "rows": rows.stop - rows.start, "shift_px": shift})
+    return out
+
+
+def _image_meta(cfg: SynthConfig, truth: np.ndarray, drift: np.ndarray, holes: list, contam: list,
+                hole_mask0: np.ndarray, contam_mask0: np.ndarray, glitches: list, hot_idx: np.ndarray) -> dict:
+    """The JSON-able ``meta`` of a synthetic image (settings, geometry, artefacts, truth counts)."""
+    H, W = cfg.shape
+    F = int(cfg.n_frames)
+    nn = cfg.nn_px
+    sig = cfg.sigma_px
     counts = {f"n_{name}": int((truth[:, 2] == s).sum()) for s, name in enumerate(SUBLATTICE_NAMES)}
     counts.update({f"n_{name}": int((truth[:, 3] == d).sum()) for d, name in enumerate(DEFECT_NAMES) if d})
     meta = {
@@ -727,9 +810,7 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
         "config": cfg.to_dict(),
         **counts,
     }
-    return SynthImage(image=image, truth=truth, meta=meta, hole_mask=hole_mask0,
-                      contamination_mask=contam_mask0,
-                      truth_frames=truth_frames if F > 1 else None, drift=drift)
+    return meta
 
 
 def make_lattice(shape: tuple[int, int], spacing: float, *, rotation_deg: float = 0.0,
