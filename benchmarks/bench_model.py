@@ -30,7 +30,7 @@ import torch
 
 from stemfast.model import RVAE, RVAEConfig
 from stemfast.model import functional as MF
-from stemfast.model._synth import render_site_patches
+from stemfast.synthetic import render_site_patches
 from stemfast.model.training import Augmenter, build_network, vae_loss
 
 from conftest import paired_best_times
@@ -346,7 +346,7 @@ def test_bench_shipped_model_vs_training(benchmark, report_ratio):
     from stemfast.config import apply_overrides
     from stemfast.model import shipped
     from stemfast.pipeline import PipelineConfig, run_image
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     if not shipped.MODEL_PATH.is_file():
         pytest.skip("no shipped model in the package data")

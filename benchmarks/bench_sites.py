@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from conftest import truth_match
 from stemfast.sites import find_sites
-from stemfast.synth import make_mos2
+from stemfast.synthetic import make_mos2
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
 SIZE = 1024 if QUICK else 4096

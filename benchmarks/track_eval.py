@@ -42,7 +42,7 @@ TARGETS = {"followed": (">=", 0.9), "extra_ids_per_defect": ("<=", 0.2), "false_
 
 def make_data(folder: Path, *, frames: int, size: int, seed: int, pixel_size_A: float = 0.12, dose: float = 500.0,
               v_s: float = 0.05):
-    from stemfast.synth_series import SeriesConfig, make_series
+    from stemfast.synthetic import SeriesConfig, make_series
 
     s = make_series(SeriesConfig(n_frames=frames, v_s=v_s, hop_prob=0.15, birth_rate=0.002, death_prob=0.03,
                                  seed=seed),
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     from stemfast.batch import run_batch
     from stemfast.config import load_config
-    from stemfast.synth_series import load_series_truth
+    from stemfast.synthetic import load_series_truth
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="track_eval_"))
     t0 = time.perf_counter()

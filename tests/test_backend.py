@@ -12,7 +12,7 @@ import pytest
 import stemfast
 from stemfast.backend import (BACKENDS, available_backends, get_kernel_threads, get_kernels, kernel_threads,
                               resolve_backend, set_kernel_threads)
-from stemfast.synth import make_lattice
+from stemfast.synthetic import make_lattice
 
 PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 
@@ -23,7 +23,7 @@ sys.modules["stemfast._core"] = None  # the extension cannot be imported (not bu
 import numpy as np
 import stemfast
 from stemfast.backend import available_backends, core_import_error, resolve_backend
-from stemfast.synth import make_lattice
+from stemfast.synthetic import make_lattice
 print("BACKENDS", ",".join(available_backends()))
 print("REASON", core_import_error())
 try:

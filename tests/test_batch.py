@@ -1,6 +1,6 @@
 """The batch runner: full results, bad inputs reported, reruns do no work, interrupted runs resume.
 
-Small synthetic MoS2 data (stemfast.synth) and a tiny model keep this module to about a minute
+Small synthetic MoS2 data (stemfast.synthetic) and a tiny model keep this module to about a minute
 on 2 cores.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,11 @@ from stemfast.batch import (
     LEADING_COLUMNS,
     OUTPUT_FILES,
     STACK_OUTPUT_FILES,
-    build_batch_parser,
     discover_inputs,
     run_batch,
 )
-from stemfast.config import config_hash, file_sha256, load_config
+from stemfast.cli.batch import build_batch_parser
+from stemfast.config import config_hash, file_sha256, load_config, parse_toml
 
 DRIFT = (1.5, -0.8)  # px per frame of the synthetic stack
 
@@ -54,7 +53,7 @@ PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 def make_data(root: Path, *, n_frames: int = 3) -> Path:
     """good.tif (256 px), sub/stack.tif (160 px x n_frames, drifting), truncated.tif, notes.tif (text)."""
     from stemfast.io import write_tiff
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     root.mkdir(parents=True, exist_ok=True)
     s = make_mos2(shape=(256, 256), seed=1, rotation_deg=10.0)
@@ -175,7 +174,7 @@ def test_batch_level_outputs(first, tiny):
     total_sites = sum(json.loads((out / n / "summary.json").read_text())["n_sites"] for n in ("good", "stack"))
     assert bs["stage_table"][-1]["sites"] == total_sites
     # resolved settings: all settings, version, checksums of every input; usable as --config
-    toml = tomllib.loads((out / "stemfast.toml").read_text())
+    toml = parse_toml((out / "stemfast.toml").read_text())
     assert toml["stemfast"]["version"] == __version__ and toml["stemfast"]["config_hash"] == config_hash(tiny)
     assert set(toml["inputs"]) == {"good.tif", "stack.tif", "truncated.tif", "notes.tif"}
     assert toml["inputs"]["good.tif"] == file_sha256(out.parent / "data" / "good.tif")
@@ -232,15 +231,17 @@ def test_rerun_does_no_work(first, tiny, monkeypatch):
 
 def test_changed_settings_are_not_current(first, tiny, tmp_path):
     """A done.json of other settings does not count: the currency check compares the settings hash."""
-    from stemfast.batch import _current, discover_inputs as disc, _fingerprint
+    from stemfast.batch import discover_inputs as disc
+    from stemfast.batch.inputs import fingerprint_input
+    from stemfast.batch.status import current_done
 
     out, rep = first
     e = [e for e in disc(out.parent / "data") if e.name == "good"][0]
-    _fingerprint(e, out)
+    fingerprint_input(e)
     sha = file_sha256(out / "model.pt")
-    assert _current(e, out / "good", chash=rep.config_hash, model_sha=sha) is not None
-    assert _current(e, out / "good", chash="0" * 16, model_sha=sha) is None
-    assert _current(e, out / "good", chash=rep.config_hash, model_sha="f" * 64) is None
+    assert current_done(e, out / "good", chash=rep.config_hash, model_sha=sha) is not None
+    assert current_done(e, out / "good", chash="0" * 16, model_sha=sha) is None
+    assert current_done(e, out / "good", chash=rep.config_hash, model_sha="f" * 64) is None
 
 
 # ----------------------------------------------------------------------------- interrupted runs
@@ -338,14 +339,14 @@ def test_help_documents_every_option():
     from stemfast.cli import build_parser
 
     args = build_parser().parse_args(["batch", "DIR", "--epochs", "3", "--plain-vae", "--spacing", "11"])
-    from stemfast.batch import config_from_args
+    from stemfast.cli.options import config_from_args
 
     c = config_from_args(args)
     assert (c.model.epochs, c.model.model, c.sites.spacing) == (3, "vae", 11.0)
 
 
 def test_cli_errors(tmp_path, capsys):
-    from stemfast.batch import run_batch_cli
+    from stemfast.cli.batch import run_batch_cli
 
     (tmp_path / "empty").mkdir()
     assert run_batch_cli([str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
@@ -360,7 +361,7 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
     """The next frame is read (in a background thread) while the current one is analysed."""
     import threading
 
-    from stemfast.batch import _prefetched
+    from stemfast.batch.frames import prefetched
 
     class Stack:
         is_stack = True
@@ -378,7 +379,7 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
 
     mg = Stack()
     seen = []
-    for f, img, exc, wait in _prefetched(mg, [0, 1, 2, 3]):
+    for f, img, exc, wait in prefetched(mg, [0, 1, 2, 3]):
         # while frame f is being consumed (the consumer has not asked for more), frame f + 1 gets read
         deadline = time.monotonic() + 10.0
         while mg.started[-1] != min(f + 1, 3) and time.monotonic() < deadline:
@@ -393,12 +394,12 @@ def test_frames_are_read_ahead_in_order_and_read_errors_stay_per_frame():
 def test_drift_of_large_frames_is_measured_to_a_few_hundredths_of_a_pixel():
     """Frames above 512 px are block-averaged for the drift; the sub-pixel search must still resolve
     drifts well below one block (it used to report 0.4 / 0.0 px for a true 0.3 / 0.2 px on 2048 px)."""
-    from stemfast.batch import _drift, _small
-    from stemfast.synth import make_mos2
+    from stemfast.drift import block_average, phase_drift
+    from stemfast.synthetic import make_mos2
 
     s = make_mos2(shape=(1100, 1100), seed=9, n_frames=2, drift_px_per_frame=(0.3, 0.2), contamination=1)
-    dx, dy = _drift(_small(s.image[0]), _small(s.image[1]), s.image.shape[1:])
-    assert _small(s.image[0]).shape[0] < 1100  # block-averaged
+    dx, dy = phase_drift(block_average(s.image[0]), block_average(s.image[1]), s.image.shape[1:])
+    assert block_average(s.image[0]).shape[0] < 1100  # block-averaged
     assert abs(dx - 0.3) < 0.05 and abs(dy - 0.2) < 0.05, (dx, dy)
 
 
@@ -406,7 +407,7 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
     """sites.csv is formatted a chunk of rows at a time (bounded memory on million-site tables)."""
     import io
 
-    from stemfast.batch import _CsvStream
+    from stemfast.batch.tables import CsvStream
     from stemfast.table import SiteTable
 
     rng = np.random.default_rng(4)
@@ -415,9 +416,9 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
                    "source": np.where(rng.random(n) < 0.5, "peak", "lattice"), "is_defect": rng.random(n) < 0.1,
                    "intensity": rng.normal(size=n)}, {})
     whole, chunked = io.StringIO(), io.StringIO()
-    a = _CsvStream(whole)
+    a = CsvStream(whole)
     a.write(t)
-    b = _CsvStream(chunked)
+    b = CsvStream(chunked)
     b.CHUNK = 37
     b.write(t)
     b.write(t.select(np.arange(10)))
@@ -429,14 +430,14 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
 def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     """An unsure lattice or a calibration that does not fit the material reaches summary.json's
     warnings, and report.html shows them per input."""
-    from stemfast.batch import _lattice_warnings
+    from stemfast.batch.outputs import lattice_warnings
     from stemfast.report import write_html_report
 
     lat = {"unsure": ["weak Bragg ring (prominence 3.1)"], "calibration_ok": False, "material": "MoS2",
            "calibration_expected_spacing_px": 16.6, "spacing_px": 12.1}
-    w = _lattice_warnings(lat)
+    w = lattice_warnings(lat)
     assert len(w) == 2 and "weak Bragg ring" in w[0] and "16.6" in w[1] and "12.1" in w[1]
-    assert _lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and _lattice_warnings(None) == []
+    assert lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and lattice_warnings(None) == []
     summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": w, "lattice": lat}
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
                       summaries=[summ], out_dir=tmp_path)

@@ -14,15 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import stemfast
-from stemfast.batch import run_batch, run_batch_cli
-from stemfast.config import file_sha256, load_config
+from stemfast.batch import run_batch
+from stemfast.cli.batch import run_batch_cli
+from stemfast.config import file_sha256, load_config, parse_toml
 from stemfast.errors import EXIT_BUSY, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED
 
 TINY = {"model": {"epochs": 1, "stn_epochs": 1, "max_train_patches": 300, "batch_size": 64, "input_size": 16,
@@ -32,7 +32,7 @@ PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
 
 
 def _image(seed: int, shape=(160, 160)) -> np.ndarray:
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     return make_mos2(shape=shape, seed=seed).image.astype(np.float32)
 
@@ -103,7 +103,7 @@ def test_changed_content_with_same_size_and_mtime_is_redone(env, tmp_path):
     assert rep.results[0].status == "done"  # redone, not "current"
     done = json.loads((out / "img" / "done.json").read_text())
     assert done["input"]["sha256"] == new_sha
-    toml = tomllib.loads((out / "stemfast.toml").read_text())
+    toml = parse_toml((out / "stemfast.toml").read_text())
     assert toml["inputs"]["img.npy"] == new_sha
     html = (out / "report.html").read_text()
     assert new_sha[:16] in html and old_sha[:16] not in html
@@ -383,7 +383,7 @@ def _listener(mode: str):
 
 def test_scheduler_addresses_without_a_dask_scheduler_fail_fast(env, tmp_path, capsys):
     pytest.importorskip("dask.distributed")
-    from stemfast.distributed import check_scheduler
+    from stemfast.batch.dask import check_scheduler
     from stemfast.errors import SchedulerError
 
     s = socket.socket()

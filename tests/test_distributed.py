@@ -12,7 +12,7 @@ pytest.importorskip("dask.distributed", reason="dask.distributed not installed (
 
 from stemfast.batch import OUTPUT_FILES, STACK_OUTPUT_FILES, run_batch  # noqa: E402
 from stemfast.config import load_config  # noqa: E402
-from stemfast.distributed import parse_scheduler  # noqa: E402
+from stemfast.batch.dask import parse_scheduler  # noqa: E402
 
 TINY = {
     "model": {"epochs": 2, "stn_epochs": 1, "max_train_patches": 500, "batch_size": 64, "input_size": 16,
@@ -24,7 +24,7 @@ FRAMES = 4
 
 def _data(root: Path) -> Path:
     from stemfast.io import write_tiff
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     root.mkdir(parents=True)
     make_mos2(shape=(192, 192), seed=5, rotation_deg=20.0).save(root / "good.tif")

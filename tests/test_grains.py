@@ -14,7 +14,7 @@ from stemfast.bandpass import bandpass
 from stemfast.peaks import find_peaks
 from stemfast.sitelattice import metal_reciprocal_lattice, site_spacing
 from stemfast.sites import SiteSettings, find_sites
-from stemfast.synth import make_mos2
+from stemfast.synthetic import make_mos2
 
 #: true sites this close to the image edge are left out of the recall: none (every column whose centre
 #: lies on the sampled grid is a site, LatticeSettings.edge_margin_px = 0)

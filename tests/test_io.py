@@ -573,7 +573,7 @@ def test_declared_size_beyond_memory_is_refused_before_loading(tmp_path, monkeyp
 def test_huge_pixel_values_are_rescaled_safely_and_give_the_same_sites(tmp_path):
     """An int64 image scaled by 1e16 used to give spacing 29 px instead of 16.7 and a third of the sites."""
     from stemfast.sites import find_sites
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     s = make_mos2(shape=(192, 192), seed=3)
     base = np.round(s.image / s.image.max() * 500).astype(np.int64)

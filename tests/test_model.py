@@ -1,7 +1,7 @@
 """Tests of stemfast.model: functional core, STN pretraining, rotation invariance, clustering, I/O.
 
 Synthetic MoS2-like site patches (Mo / S2 / hollow at random lattice orientations, Poisson + read
-noise) come from ``stemfast.model._synth``. One rVAE and one plain VAE are trained once per module
+noise) come from ``stemfast.synthetic.patches``. One rVAE and one plain VAE are trained once per module
 (small but real runs) and shared by the quality tests.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from stemfast.model import RVAE, Encoding, RVAEConfig
 from stemfast.model import functional as MF
-from stemfast.model._synth import render_site_patches
+from stemfast.synthetic import render_site_patches
 from stemfast.model.training import EarlyStopping, build_network
 
 SIZE = 35  # patch size of the synthetic data (px); the model resamples to input_size=32
@@ -131,7 +131,11 @@ def test_rotate_patches_matches_grid_sample_reference_and_batches():
 
 
 def test_rotate_then_inverse_is_identity_in_disc():
-    patches, _, _ = render_site_patches(64, 32, seed=3, dose=0, read_noise=0)
+    # the 0.05 bound was set on patches with S2 / Mo = 0.55 (the patch generator's value before it
+    # took the image generator's Z-contrast model, 0.388); with 0.388 the worst patch gives 0.0504:
+    # weaker S2 columns carry less of the norm the smoothing error is divided by. The warp is what
+    # is tested here, so the content it was calibrated on is kept.
+    patches, _, _ = render_site_patches(64, 32, seed=3, dose=0, read_noise=0, s2_intensity=0.55)
     x = torch.from_numpy(patches)[:, None]
     a = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 360
     back = MF.canonicalize(MF.uncanonicalize(x, a), a)
@@ -228,12 +232,12 @@ def test_config_validation_and_overrides():
 def test_stn_pretraining_canonicalises_rotated_copies(rvae):
     """Canonicalised patch vs canonicalised rotated copy: relative error < 10 % (modulo 60 deg).
 
-    Copies made by warping the patches (stemfast.model.diagnostics.rotated_copy_errors). Asserted on
+    Copies made by warping the patches (stemfast.diagnostics.rotated_copy_errors). Asserted on
     noise-free renderings (the STN was trained on noisy ones) and, for noisy ones, against the
     'floor' (the copy rotated back by the true angle vs the patch): bilinear resampling smooths
     the noise of the rotated copy, which alone costs ~8 %.
     """
-    from stemfast.model.diagnostics import rotated_copy_errors
+    from stemfast.diagnostics import rotated_copy_errors
 
     clean, _, _ = render_site_patches(300, SIZE, seed=4, dose=0, read_noise=0)
     noisy, _, _ = render_site_patches(300, SIZE, seed=4)
@@ -254,7 +258,7 @@ def test_stn_pretraining_canonicalises_rotated_copies(rvae):
 
 def test_stn_canonicalises_exact_rotated_renderings(rvae):
     """Copies rendered at a rotated lattice orientation (no interpolation of the copy): < 10 %."""
-    from stemfast.model.diagnostics import pair_errors
+    from stemfast.diagnostics import pair_errors
 
     rng = np.random.default_rng(11)
     n = 300
@@ -273,7 +277,7 @@ def test_stn_canonicalises_exact_rotated_renderings(rvae):
 
 def test_pair_errors_mechanics_untrained():
     """The measurement itself: identical copies give 0; a 90 deg copy is exact (floor ~ 0, right sign)."""
-    from stemfast.model.diagnostics import pair_errors
+    from stemfast.diagnostics import pair_errors
 
     torch.manual_seed(0)
     cfg = RVAEConfig(device="cpu")
@@ -300,8 +304,8 @@ def test_pair_errors_mechanics_untrained():
 
 def test_micrograph_rot90_pairs(rvae):
     """Rotating a synthetic micrograph by 90 deg re-finds every site; exact copies canonicalise alike."""
-    from stemfast.model.diagnostics import micrograph_pair_errors
-    from stemfast.synth import make_mos2
+    from stemfast.diagnostics import micrograph_pair_errors
+    from stemfast.synthetic import make_mos2
 
     img = make_mos2(shape=(192, 192), seed=4, rotation_deg=10.0).image
     r, info = micrograph_pair_errors(rvae, img, 90.0)

@@ -260,7 +260,7 @@ def test_pipeline_patches_gathered_at_the_network_input_size():
         w = resample_weights(size, out)
         assert w.shape == (out, size)
         np.testing.assert_allclose(w @ x.astype(np.float64) @ w.T, resample_patches(x, out), rtol=0, atol=2e-6)
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     img = make_mos2(shape=(192, 224), seed=4).image
     prep = prepare(img, config=PipelineConfig())
@@ -317,7 +317,7 @@ def test_streamed_pipeline_equals_in_memory_pipeline():
     pytest.importorskip("torch")
     from stemfast import pipeline as P
     from stemfast.config import load_config
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     cfg = load_config(None, {"model": {"epochs": 2, "stn_epochs": 1, "input_size": 16, "channels": [8, 8, 8],
                                        "stn_channels": [4, 8], "max_train_patches": 300, "device": "cpu",

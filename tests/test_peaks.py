@@ -253,7 +253,7 @@ def mos2_counts():
     """Synthetic MoS2 in counts (dose 500: columns of a few hundred counts over a background of
     ~100, Poisson + read noise, like the dev data), its bandpass and the find_sites scales."""
     from stemfast.bandpass import bandpass
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     syn = make_mos2(shape=(448, 448), seed=11)
     nn = float(syn.meta["nn_px"])

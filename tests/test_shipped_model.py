@@ -18,7 +18,7 @@ needs_shipped = pytest.mark.skipif(not HAVE_SHIPPED, reason="no shipped model in
 
 @pytest.fixture(scope="module")
 def image():
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     return make_mos2(shape=(160, 160), seed=11, rotation_deg=12.0).image
 
@@ -198,7 +198,7 @@ def test_batch_finetune_adapts_the_shipped_model(image, tmp_path):
 
 
 def test_finetune_changes_a_copy_only():
-    from stemfast.model._synth import render_site_patches
+    from stemfast.synthetic import render_site_patches
 
     patches, _, _ = render_site_patches(400, 32, seed=0)
     base = RVAE.fit(patches, epochs=1, stn_epochs=1, progress=False)
@@ -234,7 +234,7 @@ def test_training_settings_are_seeded_and_span_the_materials():
 
 
 def test_training_patches_come_from_the_inference_patch_path():
-    from stemfast import synth
+    from stemfast.synthetic import image as synth
     from stemfast.model.train_default import render_training_patches
 
     z = (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT)

@@ -11,7 +11,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from stemfast.sites import NoLatticeWarning, find_sites
-from stemfast.synth import make_mos2
+from stemfast.synthetic import make_mos2
 
 
 def score(table, truth, nn):

@@ -1,4 +1,4 @@
-"""Tests of stemfast.synth: geometry, defects, intensities, artefacts, stacks, files."""
+"""Tests of stemfast.synthetic: geometry, defects, intensities, artefacts, stacks, files."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from stemfast.synth import (
+from stemfast.synthetic import (
     SynthConfig,
     load_truth,
     make_lattice,
@@ -347,7 +347,7 @@ def test_save_example_and_truth_roundtrip(tmp_path):
 
 
 def test_real_data_traits_are_options_with_the_intended_effect():
-    from stemfast.synth import make_mos2
+    from stemfast.synthetic import make_mos2
 
     base = make_mos2(shape=(96, 96), seed=4, noise=False, rates=(0, 0, 0, 0))
     # faint chalcogen: the S2 columns' peak scales, the Mo columns' does not

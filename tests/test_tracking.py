@@ -267,7 +267,7 @@ def test_dose_is_read_from_metadata():
 
 @pytest.fixture(scope="module")
 def series():
-    from stemfast.synth_series import SeriesConfig, make_series
+    from stemfast.synthetic import SeriesConfig, make_series
 
     return make_series(SeriesConfig(n_frames=12, v_s=0.04, hop_prob=0.3, birth_rate=0.002, death_prob=0.05, seed=0),
                        shape=(288, 288), pixel_size_A=0.2, drift_px_per_frame=(0.3, -0.1), seed=5)
@@ -366,7 +366,7 @@ TINY = {"model.epochs": 1, "model.stn_epochs": 1, "model.max_train_patches": 400
 def batch_run(tmp_path_factory):
     from stemfast.batch import run_batch
     from stemfast.config import load_config
-    from stemfast.synth_series import SeriesConfig, make_series
+    from stemfast.synthetic import SeriesConfig, make_series
 
     root = tmp_path_factory.mktemp("trk")
     short = make_series(SeriesConfig(n_frames=6, v_s=0.1, hop_prob=0.2, seed=1), shape=(192, 192),

@@ -66,10 +66,9 @@ def _check_image(image, name: str = "image") -> np.ndarray:
     return check_image(image, name, min_side=MIN_SIDE)
 
 
-_positive = positive
 def _cutoffs(noise_px, background_px, spacing) -> tuple[float, float]:
     if spacing is not None:
-        spacing = _positive("spacing", spacing)
+        spacing = positive("spacing", spacing)
     if noise_px is None:
         if spacing is None:
             raise ValueError("give noise_px (or spacing, from which it is derived)")
@@ -78,8 +77,8 @@ def _cutoffs(noise_px, background_px, spacing) -> tuple[float, float]:
         if spacing is None:
             raise ValueError("give background_px (or spacing, from which it is derived)")
         background_px = BACKGROUND_PER_SPACING * spacing
-    ns = _positive("noise_px", noise_px)
-    bs = _positive("background_px", background_px)
+    ns = positive("noise_px", noise_px)
+    bs = positive("background_px", background_px)
     if not ns < bs:
         raise ValueError(f"noise_px ({ns}) must be smaller than background_px ({bs})")
     return ns, bs
@@ -248,49 +247,67 @@ def bandpass(
     ns, bs = _cutoffs(noise_px, background_px, spacing)
     h, w = img.shape
     kern = get_kernels(backend)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if not isinstance(workers, Integral) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    workers = int(workers)
-
-    min_margin = int(math.ceil(MIN_OVERLAP_SIGMAS * bs))
-    if overlap is None:
-        margin = int(math.ceil(OVERLAP_SIGMAS * bs))
-    else:
-        if not isinstance(overlap, Integral) or isinstance(overlap, bool) or overlap < min_margin:
-            raise ValueError(
-                f"overlap must be an integer >= ceil({MIN_OVERLAP_SIGMAS} * background_px) = {min_margin}, "
-                f"got {overlap!r}"
-            )
-        margin = int(overlap)
-    if tile is None:
-        use_tile = max(DEFAULT_TILE, 6 * margin) if h * w > AUTO_TILE_PIXELS else None
-    else:
-        if not isinstance(tile, Integral) or isinstance(tile, bool):
-            raise ValueError(f"tile must be an integer, got {tile!r}")
-        if tile <= 3 * margin:
-            raise ValueError(
-                f"tile ({tile}) must be larger than 3 * overlap ({3 * margin}); use larger tiles or a "
-                "smaller background_px"
-            )
-        use_tile = int(tile)
-
-    if out is None:
-        out = np.empty((h, w), dtype=np.float32)
-    else:
-        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (h, w):
-            raise ValueError(f"out must be a float32 ndarray of shape {(h, w)}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
-        if np.may_share_memory(out, img) and not (
-            out.__array_interface__["data"][0] == img.__array_interface__["data"][0] and out.strides == img.strides
-        ):
-            raise ValueError("out overlaps the image without being the image itself")
+    workers = _check_workers(workers)
+    margin = _check_overlap(overlap, bs)
+    use_tile = _check_tile(tile, margin, h * w)
+    out = _check_out(out, img)
 
     if use_tile is None:
         _untiled(img, out, ns, bs, workers, kern)
     else:
         log.debug("bandpass: %dx%d image in tiles of %d px, margin %d px", h, w, use_tile, margin)
         _tiled(img, out, ns, bs, use_tile, margin, workers, kern)
+    return out
+
+
+def _check_workers(workers) -> int:
+    """FFT threads: ``os.cpu_count()`` for None, else an integer >= 1."""
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if not isinstance(workers, Integral) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    return int(workers)
+
+
+def _check_overlap(overlap, bs: float) -> int:
+    """The tile margin (px): ``ceil(OVERLAP_SIGMAS * bs)`` for None, else at least ``ceil(MIN_OVERLAP_SIGMAS * bs)``."""
+    min_margin = int(math.ceil(MIN_OVERLAP_SIGMAS * bs))
+    if overlap is None:
+        return int(math.ceil(OVERLAP_SIGMAS * bs))
+    if not isinstance(overlap, Integral) or isinstance(overlap, bool) or overlap < min_margin:
+        raise ValueError(
+            f"overlap must be an integer >= ceil({MIN_OVERLAP_SIGMAS} * background_px) = {min_margin}, "
+            f"got {overlap!r}"
+        )
+    return int(overlap)
+
+
+def _check_tile(tile, margin: int, n_pixels: int) -> int | None:
+    """The tile size (px), or None for no tiling (the default below ``AUTO_TILE_PIXELS`` pixels)."""
+    if tile is None:
+        return max(DEFAULT_TILE, 6 * margin) if n_pixels > AUTO_TILE_PIXELS else None
+    if not isinstance(tile, Integral) or isinstance(tile, bool):
+        raise ValueError(f"tile must be an integer, got {tile!r}")
+    if tile <= 3 * margin:
+        raise ValueError(
+            f"tile ({tile}) must be larger than 3 * overlap ({3 * margin}); use larger tiles or a "
+            "smaller background_px"
+        )
+    return int(tile)
+
+
+def _check_out(out, img: np.ndarray) -> np.ndarray:
+    """The output array: a new float32 array for None, else a float32 C-contiguous writeable array of the
+    image's shape that is the image itself or does not overlap it."""
+    h, w = img.shape
+    if out is None:
+        return np.empty((h, w), dtype=np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (h, w):
+        raise ValueError(f"out must be a float32 ndarray of shape {(h, w)}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if np.may_share_memory(out, img) and not (
+        out.__array_interface__["data"][0] == img.__array_interface__["data"][0] and out.strides == img.strides
+    ):
+        raise ValueError("out overlaps the image without being the image itself")
     return out

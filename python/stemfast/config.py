@@ -51,12 +51,22 @@ from typing import Any, Iterable, Mapping
 from .backend import BACKENDS
 from .errors import SettingsError
 
+if typing.TYPE_CHECKING:  # the sections of PipelineConfig (imported when a default is made)
+    from .analysis import AnalysisSettings
+    from .model import RVAEConfig
+    from .sites import SiteSettings
+    from .tracking import TrackSettings
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
+    "PipelineConfig",
+    "parse_toml",
+    "ReadOptions",
+    "DEFAULT_MAX_NONFINITE",
     "load_config",
     "dump_config",
     "write_resolved_config",
@@ -71,6 +81,19 @@ __all__ = [
     "MAX_SPACING_PX",
     "check_limits",
 ]
+
+
+def parse_toml(text: str) -> dict:
+    """``text`` parsed as TOML (``tomllib``; ``tomli`` on Python 3.10). Raises ``tomllib.TOMLDecodeError``
+    (a ValueError) when it is not TOML.
+
+    Examples
+    --------
+    >>> parse_toml("a = 1")
+    {'a': 1}
+    """
+    return tomllib.loads(text)
+
 
 #: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
 METADATA_TABLES = ("stemfast", "inputs")
@@ -103,12 +126,98 @@ SETTING_LIMITS: dict[str, tuple] = {
 }
 
 
+# ----------------------------------------------------------------------------- reading options
+
+#: Largest fraction of non-finite pixels ``--fill-nonfinite`` fills by default (1 %).
+DEFAULT_MAX_NONFINITE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How micrographs are read: non-finite pixels filled (up to a fraction of each frame) or refused.
+
+    Examples
+    --------
+    >>> ReadOptions(fill_nonfinite=True).as_read_kwargs()
+    {'allow_nonfinite': True, 'max_nonfinite_fraction': 0.01}
+    """
+
+    fill_nonfinite: bool = False
+    max_nonfinite_fraction: float = DEFAULT_MAX_NONFINITE
+
+    def __post_init__(self) -> None:
+        f = self.max_nonfinite_fraction
+        if not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 < f <= 0.5):
+            raise SettingsError(f"--nonfinite-limit must be a fraction in (0, 0.5], got {f!r}")
+
+    def as_read_kwargs(self) -> dict:
+        """Keyword arguments of :func:`stemfast.io.read`."""
+        if not self.fill_nonfinite:
+            return {}
+        return {"allow_nonfinite": True, "max_nonfinite_fraction": float(self.max_nonfinite_fraction)}
+
+    def key(self) -> dict:
+        """What a cached read failure depends on."""
+        return {"fill_nonfinite": self.fill_nonfinite,
+                "max_nonfinite_fraction": self.max_nonfinite_fraction if self.fill_nonfinite else None}
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def _default_config():
-    from .pipeline import PipelineConfig
+def _sites_default():
+    from .sites import SiteSettings
 
+    return SiteSettings()
+
+
+def _model_default():
+    from .model import RVAEConfig
+
+    return RVAEConfig()
+
+
+def _analysis_default():
+    from .analysis import AnalysisSettings
+
+    return AnalysisSettings()
+
+
+def _tracking_default():
+    from .tracking import TrackSettings
+
+    return TrackSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """All settings of a run, one section per stage (also the layout of ``stemfast.toml``).
+
+    The sections are the settings dataclasses of their stages (imported when a default is made,
+    so this module stays light): ``sites`` :class:`stemfast.sites.SiteSettings`, ``model``
+    :class:`stemfast.model.RVAEConfig`, ``analysis`` :class:`stemfast.analysis.AnalysisSettings`,
+    ``tracking`` :class:`stemfast.tracking.TrackSettings`; ``patch_size`` in px (None: derived
+    from the lattice spacing, :func:`stemfast.patches.default_patch_size`).
+
+    Examples
+    --------
+    >>> PipelineConfig().patch_size is None
+    True
+    """
+
+    sites: SiteSettings = dataclasses.field(default_factory=_sites_default)
+    model: RVAEConfig = dataclasses.field(default_factory=_model_default)
+    analysis: AnalysisSettings = dataclasses.field(default_factory=_analysis_default)
+    patch_size: int | None = None
+    tracking: TrackSettings = dataclasses.field(default_factory=_tracking_default)
+
+    def to_dict(self) -> dict:
+        return {"sites": dataclasses.asdict(self.sites), "model": dataclasses.asdict(self.model),
+                "analysis": dataclasses.asdict(self.analysis), "patch_size": self.patch_size,
+                "tracking": dataclasses.asdict(self.tracking)}
+
+
+def _default_config():
     return PipelineConfig()
 
 
@@ -330,8 +439,6 @@ def check_limits(config) -> None:
 
 def apply_overrides(config, data: Mapping) -> Any:
     """A new ``PipelineConfig`` with the (nested or dotted-key) settings in ``data`` applied."""
-    from .pipeline import PipelineConfig
-
     data = _nest(data)
     unknown = [k for k in data if k not in _SECTIONS + _TOP_KEYS]
     if unknown:

@@ -245,7 +245,7 @@ def find_orientations(image: np.ndarray, g_ring: np.ndarray, *, settings: GrainS
 
     Examples
     --------
-    >>> from stemfast.synth import make_mos2
+    >>> from stemfast.synthetic import make_mos2
     >>> from stemfast.sitelattice import metal_reciprocal_lattice
     >>> s = make_mos2(shape=(256, 256), rotation_deg=10.0, seed=0)
     >>> ring = metal_reciprocal_lattice(s.image)
@@ -616,7 +616,7 @@ def peak_orientations(peak_xy: np.ndarray, spacing: float, *, settings: GrainSet
 
     Examples
     --------
-    >>> from stemfast.synth import make_lattice
+    >>> from stemfast.synthetic import make_lattice
     >>> _, xy = make_lattice((200, 200), spacing=10.0, rotation_deg=12.0, seed=0)
     >>> [round(a) for a in peak_orientations(xy, 10.0)]
     [12]

@@ -91,7 +91,6 @@ def _check_image(image, name: str = "image") -> np.ndarray:
     return check_image(image, name, min_side=MIN_SIDE)
 
 
-_positive = positive
 def _check_xy(xy, shape: tuple[int, int]) -> np.ndarray:
     pts = np.asarray(xy, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2:
@@ -183,8 +182,8 @@ def refine(
     pts = _check_xy(xy, img.shape)
     if method not in ("gauss", "com"):
         raise ValueError(f"method must be 'gauss' or 'com', got {method!r}")
-    radius = _positive("radius", radius)
-    sigma0 = radius / 2.0 if sigma0 is None else _positive("sigma0", sigma0)
+    radius = positive("radius", radius)
+    sigma0 = radius / 2.0 if sigma0 is None else positive("sigma0", sigma0)
     if not isinstance(n_iter, Integral) or isinstance(n_iter, bool) or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
     return _refine(img, pts, method, radius, sigma0, int(n_iter), get_kernels(backend))
@@ -263,7 +262,7 @@ def find_peaks(
     ([[10.2, 12.7], [30.6, 33.1]], [True, True])
     """
     img = _check_image(image)
-    md = _positive("min_distance", min_distance)
+    md = positive("min_distance", min_distance)
     if threshold is None:
         thr = default_threshold(img)
     else:
@@ -279,8 +278,8 @@ def find_peaks(
         rimg = _check_image(refine_image, "refine_image")
         if rimg.shape != img.shape:
             raise ValueError(f"refine_image has shape {rimg.shape}, the image {img.shape}")
-    rad = max(1.0, REFINE_RADIUS_PER_MIN_DISTANCE * md) if radius is None else _positive("radius", radius)
-    s0 = rad / 2.0 if sigma0 is None else _positive("sigma0", sigma0)
+    rad = max(1.0, REFINE_RADIUS_PER_MIN_DISTANCE * md) if radius is None else positive("radius", radius)
+    s0 = rad / 2.0 if sigma0 is None else positive("sigma0", sigma0)
     kern = get_kernels(backend)
 
     ij = np.asarray(kern.local_maxima(img, md, thr, int(border)), dtype=np.int64).reshape(-1, 2)

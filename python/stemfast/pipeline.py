@@ -8,42 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from .analysis import AnalysisSettings, analyze_sites
+from .analysis import analyze_sites
+from .config import PipelineConfig
 from .patches import LazyPatches, default_patch_size, extract_patches
-from .sites import SiteSettings, find_sites
+from .sites import find_sites
 from .table import SiteTable
-from .tracking import TrackSettings
 
 __all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resample_weights", "train_model", "analyze",
            "run_image"]
 
 log = logging.getLogger(__name__)
-
-
-def _model_config_default():
-    from .model import RVAEConfig
-
-    return RVAEConfig()
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """All settings of a run, one section per stage (also the layout of ``stemfast.toml``)."""
-
-    sites: SiteSettings = field(default_factory=SiteSettings)
-    model: "object" = field(default_factory=_model_config_default)  # stemfast.model.RVAEConfig
-    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
-    patch_size: int | None = None  # px; None = derived from the lattice spacing (default_patch_size)
-    tracking: TrackSettings = field(default_factory=TrackSettings)  # defects linked through a stack's frames
-
-    def to_dict(self) -> dict:
-        return {"sites": asdict(self.sites), "model": asdict(self.model), "analysis": asdict(self.analysis),
-                "patch_size": self.patch_size, "tracking": asdict(self.tracking)}
 
 
 #: ``prepare`` keeps the patches of an image in memory up to this many bytes; beyond, they are cut

@@ -21,7 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, write_text
+from .atomic import write_text
+from .figures import display_range, pyplot, save_figure
 
 __all__ = [
     "CLASS_COLORS",
@@ -67,31 +68,6 @@ def class_color(class_id: int) -> str:
     return _UNKNOWN if c < 0 else CLASS_COLORS[c % len(CLASS_COLORS)]
 
 
-def _mpl():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        try:
-            matplotlib.use("Agg", force=True)
-        except Exception:  # pragma: no cover - a backend already in use by the application
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def display_range(image: np.ndarray) -> tuple[float, float]:
-    """Robust grey-level range (0.5th and 99.5th percentiles) for showing ``image``."""
-    a = np.asarray(image, dtype=np.float32)
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(finite, [0.5, 99.5])
-    if not hi > lo:
-        lo, hi = float(finite.min()), float(finite.max()) + 1e-12
-    return float(lo), float(hi)
-
-
 def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
     a = np.asarray(image, dtype=np.float32)
     f = max(1, int(math.ceil(max(a.shape) / _MAX_DISPLAY_PX)))
@@ -99,20 +75,6 @@ def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
         return a, 1
     H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
     return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
-
-
-_PNG_COMPRESS_LEVEL = 1
-
-
-def _savefig(fig, path: str | os.PathLike, dpi: int) -> None:
-    plt = _mpl()
-    try:
-        with atomic_path(path) as tmp:
-            # zlib level 1: the PNGs come out ~1.3x larger, and encoding them is ~5x faster (at the
-            # default level 6 it was the largest single cost of the figures); pixels are identical
-            fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
-    finally:
-        plt.close(fig)
 
 
 def _marker_size(fig_w_in: float, width_px: int, spacing_px: float | None, frac: float = 0.55) -> float:
@@ -136,7 +98,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     spacing_px : lattice spacing, sets the dot size.
     is_defect : optional bool per site; flagged sites get a black ring.
     """
-    plt = _mpl()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     img, f = _downsample(image)
@@ -174,7 +136,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
                 color="w", fontsize=14)
     ax.set_title(title or "site classes", fontsize=10)
     fig.tight_layout()
-    _savefig(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
@@ -190,7 +152,7 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
         (False: only in the gallery, e.g. a candidate of another frame of a stack).
     patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
     """
-    plt = _mpl()
+    plt = pyplot()
     from matplotlib.patches import Circle
 
     cands = list(candidates)[:max_gallery]
@@ -226,7 +188,7 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
                 color="w" if image is not None else "k")
     if patches is not None and n:
         _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
-    _savefig(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> None:

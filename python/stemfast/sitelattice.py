@@ -158,7 +158,7 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
 
     Examples
     --------
-    >>> from stemfast.synth import make_mos2
+    >>> from stemfast.synthetic import make_mos2
     >>> s = make_mos2(shape=(256, 256), seed=0)
     >>> lat = metal_reciprocal_lattice(s.image)  # to the spectrum's resolution (a few %)
     >>> abs(lat.spacing / s.meta["nn_px"] - 1) < 0.05

@@ -17,13 +17,14 @@ from scipy import ndimage
 from .bandpass import bandpass
 from . import grains as _grains
 from .grains import GrainSettings
+from .io import unit_to_nm
 from .lattice import (
     LatticeSettings,
     film_mask,
     local_strain,
 )
 from .backend import get_kernels
-from .patches import _site_intensity
+from .patches import site_intensity
 from .materials import get_material
 from .peaks import find_peaks
 from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, lattice_distortion, metal_reciprocal_lattice,
@@ -330,13 +331,14 @@ def find_sites(
 
     Examples
     --------
-    >>> from stemfast.synth import make_lattice
+    >>> from stemfast.synthetic import make_lattice
     >>> img, xy = make_lattice((128, 128), spacing=10.0, noise=0.05, seed=1)
     >>> t = find_sites(img)
     >>> len(t) > 100
     True
     """
     s = settings or SiteSettings()
+    pixel_size, unit = _calibration(pixel_size, unit)
     if overrides:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
@@ -429,9 +431,8 @@ def find_sites(
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
     inten = sample_image(bp, xy, backend=s.backend)
-    # img was validated above (finite float32): skip site_intensity's own full-image check
-    raw = _site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), max(1.0, s.intensity_radius_nn * nn),
-                          s.backend)
+    raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
+                         backend=s.backend)
     if gmap is None:
         sub = _rank_sublattices(idx.cls, inten)
         strain = local_strain(idx.basis)
@@ -585,10 +586,17 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
     return out
 
 
-_UNIT_TO_NM = {"nm": 1.0, "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3, "um": 1e3, "µm": 1e3, "m": 1e9}
-
-
 def _to_nm(unit: str | None) -> float:
-    if unit is None:
-        return 1.0
-    return _UNIT_TO_NM.get(unit.strip().lower(), 1.0)
+    """nm per ``unit`` (the one unit table, :func:`stemfast.io.unit_to_nm`); no unit is taken as nm.
+    Only called for a unit :func:`_calibration` accepted."""
+    return 1.0 if unit is None else float(unit_to_nm(unit))
+
+
+def _calibration(pixel_size, unit):
+    """``(pixel_size, unit)`` checked: a unit that is not a length (``"1/nm"``, ``"px"``, unknown) gives
+    no calibrated columns, with a :class:`CalibrationWarning` saying so."""
+    if pixel_size is None or unit is None or unit_to_nm(unit) is not None:
+        return pixel_size, unit
+    warnings.warn(f"pixel size unit {unit!r} is not a length unit (nm, Å, pm, µm, ...): no x_nm / y_nm, "
+                  "no calibration check", CalibrationWarning, stacklevel=3)
+    return None, unit

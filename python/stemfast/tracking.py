@@ -839,7 +839,7 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
     Tracks are drawn from their start (circle) through every node they hopped to, to their end
     (cross), coloured by kind, in the drift-corrected frame of the first image.
     """
-    from .report import _mpl, _savefig, display_range
+    from .figures import display_range, pyplot as _mpl, save_figure as _savefig
 
     plt = _mpl()
     from matplotlib.lines import Line2D

@@ -16,8 +16,7 @@ import torch
 
 from ..atomic import atomic_open
 from . import functional as MF
-from .modules import RVAE as RVAENet
-from .modules import VAE as VAENet
+from .modules import RVAENet, VAENet
 from .training import (RVAEConfig, autocast_context, build_network, configure_threads, fit_network,
                        resolve_device)
 
@@ -140,7 +139,7 @@ class RVAE:
 
     Examples
     --------
-    >>> from stemfast.model._synth import render_site_patches
+    >>> from stemfast.synthetic import render_site_patches
     >>> patches, types, _ = render_site_patches(600, 35, seed=0)
     >>> model = RVAE.fit(patches, epochs=2, stn_epochs=1)
     >>> enc = model.encode(patches)
@@ -199,7 +198,7 @@ class RVAE:
 
         Examples
         --------
-        >>> from stemfast.model._synth import render_site_patches
+        >>> from stemfast.synthetic import render_site_patches
         >>> patches, _, _ = render_site_patches(300, 35, seed=0)
         >>> base = RVAE.fit(patches, epochs=1, stn_epochs=1)
         >>> tuned = base.finetune(patches, steps=3)

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import functional as MF
 
-__all__ = ["STN", "Encoder", "Decoder", "VAE", "RVAE", "ModelOutput"]
+__all__ = ["STN", "Encoder", "Decoder", "VAENet", "RVAENet", "ModelOutput"]
 
 
 class ModelOutput(NamedTuple):
@@ -168,7 +168,7 @@ class Decoder(nn.Module):
         return self.net[6:](h.contiguous())
 
 
-class VAE(nn.Module):
+class VAENet(nn.Module):
     """Plain convolutional VAE on disc-masked patches (the baseline; no rotation handling).
 
     ``forward(x (B, 1, S, S)) -> ModelOutput`` with ``angle=None``; ``z = mu`` in eval mode.
@@ -193,7 +193,7 @@ class VAE(nn.Module):
         return ModelOutput(y, mu, logvar, None, y)
 
 
-class RVAE(VAE):
+class RVAENet(VAENet):
     """STN + VAE: canonicalise by the STN angle, encode / decode, rotate the decoding back.
 
     The STN fixes the orientation only modulo ``360 / k`` (k = ``symmetry``): the canonical patch

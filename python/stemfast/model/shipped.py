@@ -76,7 +76,7 @@ def _sha256(path: Path) -> str:
 
 def _probe_image() -> tuple[np.ndarray, float]:
     """A fixed, noise-free synthetic MoS2 image (192 x 192 px, 9 px spacing) and its spacing."""
-    from ..synth import make_mos2
+    from ..synthetic import make_mos2
 
     s = make_mos2(shape=(192, 192), pixel_size_A=3.16 / np.sqrt(3.0) / 9.0, rotation_deg=17.0, noise=False,
                   rates=(0.0, 0.0, 0.0, 0.0), contamination=0, holes=0, background=0.2, texture=0.0, seed=7)
@@ -85,7 +85,8 @@ def _probe_image() -> tuple[np.ndarray, float]:
 
 @functools.lru_cache(maxsize=4)
 def _probe(input_size: int) -> tuple[float, ...]:
-    from ..pipeline import PipelineConfig, prepare
+    from ..config import PipelineConfig
+    from ..pipeline import prepare
     from .training import RVAEConfig
 
     image, _ = _probe_image()

@@ -5,7 +5,7 @@
     PYTHONPATH=python python -m stemfast.model.train_default            # writes the package data
     PYTHONPATH=python python -m stemfast.model.train_default -o /tmp/m  # somewhere else
 
-Training data: synthetic 2H monolayers rendered by :func:`stemfast.synth.make_mos2` -- MoS2, WS2,
+Training data: synthetic 2H monolayers rendered by :func:`stemfast.synthetic.make_mos2` -- MoS2, WS2,
 MoSe2 and WSe2 (lattice constant and Z-contrast of each), site spacing 5-25 px (log-uniform),
 random orientation, dose 20-3000 counts per metal column, probe (column) width, Z-contrast
 exponent, read noise, film background and texture, contamination, holes, scan glitches, hot
@@ -99,11 +99,11 @@ def draw_image_settings(rng: np.random.Generator, index: int, *, spacing_range=(
 def _contrast(z_metal: int, z_chalcogen: int, z_exponent: float):
     """Render with another material's Z contrast.
 
-    :func:`stemfast.synth.make_mos2` reads the module constants ``Z_MO``, ``Z_S`` and
+    :func:`stemfast.synthetic.make_mos2` reads the module constants ``Z_MO``, ``Z_S`` and
     ``Z_EXPONENT`` when it computes column amplitudes; they are set for the block and restored.
     (When ``SynthConfig`` grows material / contrast fields, use those instead.)
     """
-    from .. import synth
+    from ..synthetic import image as synth
 
     saved = (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT)
     synth.Z_MO, synth.Z_S, synth.Z_EXPONENT = z_metal, z_chalcogen, z_exponent
@@ -120,8 +120,9 @@ def render_training_patches(n_images: int, *, seed: int = 0, patches_per_image: 
     Returns the pooled float32 patches ``[N, S, S]`` (S = the model's input size) and one record per
     image (settings, sites found, patches used, spacing found).
     """
-    from ..pipeline import PipelineConfig, prepare
-    from ..synth import SynthConfig, make_mos2
+    from ..config import PipelineConfig
+    from ..pipeline import prepare
+    from ..synthetic import SynthConfig, make_mos2
 
     config = config or PipelineConfig()
     rng = np.random.default_rng(seed)
@@ -179,7 +180,7 @@ def train_default_model(out_dir: str | Path = shipped.DATA_DIR, *, n_images: int
     """
     import torch
 
-    from ..pipeline import PipelineConfig
+    from ..config import PipelineConfig
     from .api import RVAE
     from .training import RVAEConfig
 

@@ -31,8 +31,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from . import functional as MF
-from .modules import RVAE as RVAENet
-from .modules import VAE as VAENet
+from .modules import RVAENet, VAENet
 
 __all__ = ["RVAEConfig", "resolve_device", "build_network", "to_model_input", "Augmenter", "EarlyStopping",
            "pretrain_stn", "train_vae", "vae_loss", "configure_threads", "autocast_context"]
@@ -68,7 +67,7 @@ class RVAEConfig:
         ``360 / k`` left open by the STN), so the latent code does not jump when the STN angle
         crosses its branch cut: encode the branch-averaged patch (``"image"``, k warps), average the
         encodings of all branches (``"features"``, k encoder passes) or not at all (``"none"``).
-        See :class:`stemfast.model.modules.RVAE`.
+        See :class:`stemfast.model.modules.RVAENet`.
     mask_radius : float or None
         Radius (px at ``input_size``) of the disc applied to inputs and the reconstruction loss;
         None = ``input_size / 2 - 0.5``.
@@ -231,7 +230,7 @@ def _show_progress(flag: bool | None) -> bool:
 # ----------------------------------------------------------------------------- data
 
 def build_network(config: RVAEConfig) -> VAENet:
-    """The ``nn.Module`` for ``config`` (``modules.RVAE`` or ``modules.VAE``)."""
+    """The ``nn.Module`` for ``config`` (``modules.RVAENet`` or ``modules.VAENet``)."""
     if config.model == "rvae":
         return RVAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius,
                        config.rotation_symmetry, config.stn_channels, config.symmetrize)
@@ -333,7 +332,7 @@ def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_wei
     Image term: masked MSE between the canonicalised patch and the canonicalised rotated patch,
     minimised over the ``k`` symmetric copies (rotations by ``360 / k``), divided by the mean
     squared intensity in the disc. Patches are rotated whole and masked after each warp, as in
-    :meth:`stemfast.model.modules.RVAE.encode_branches` (no zeros blended into the disc edge).
+    :meth:`stemfast.model.modules.RVAENet.encode_branches` (no zeros blended into the disc edge).
     Anchor term: ``1 - cos(k (theta_b - theta_a - angle))``.
     """
     mask = net.mask

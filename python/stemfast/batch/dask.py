@@ -1,4 +1,4 @@
-"""Batch analysis on a Dask cluster (optional extra: ``pip install 'stemfast[distributed]'``).
+"""The Dask runner: batch analysis on a Dask cluster (optional extra: ``pip install 'stemfast[distributed]'``).
 
 ``python -m stemfast batch DIR --scheduler local:4`` starts a ``LocalCluster`` of 4 single-threaded
 worker processes; ``--scheduler tcp://host:8786`` connects to a running scheduler (every worker
@@ -10,10 +10,10 @@ Task layout
 - The model is trained (or loaded) once, in the client process, exactly as in the in-process
   run. Its file bytes are shipped to every worker **once** (``client.scatter(..., broadcast=True)``)
   and each worker process deserialises it once and caches it (keyed by the model's SHA-256).
-- **2-D images: one task per file** (:func:`stemfast.batch.process_input`): read, sites, patches,
+- **2-D images: one task per file** (:func:`stemfast.batch.tasks.process_input`): read, sites, patches,
   encode, classes, scores, figures, ``summary.json`` and ``done.json``, all written by the worker.
-- **Stacks: one task per chunk of ``frames_per_task`` frames** (:func:`stemfast.batch.process_chunk`,
-  written to ``OUT/<name>/.parts/``) plus one assembling task (:func:`stemfast.batch.assemble_parts`)
+- **Stacks: one task per chunk of ``frames_per_task`` frames** (:func:`stemfast.batch.tasks.process_chunk`,
+  written to ``OUT/<name>/.parts/``) plus one assembling task (:func:`stemfast.batch.tasks.assemble_parts`)
   that streams the parts, in frame order, into the same outputs as the in-process run and then
   deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
   compressed stacks are never loaded whole on a worker. A chunk reads the frame before it, so the frame-to-frame drift is the same as in
@@ -25,6 +25,9 @@ Every output is written atomically and ``done.json`` last, so a worker lost mid-
 that task: Dask reruns it (``retries=2`` for errors; a task whose worker dies is rescheduled by
 the scheduler), and finished parts of a stack are not redone. Inference is deterministic on the
 CPU, so the results are identical to the in-process run (same model, same settings).
+
+This module uses the task layer (:mod:`stemfast.batch.tasks`) like the in-process runner
+(:mod:`stemfast.batch.local`); only :func:`stemfast.batch.run_batch` calls it.
 """
 from __future__ import annotations
 
@@ -38,9 +41,16 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .common import progress_bar
+from .frames import count_frames
+from .inputs import read_failure_reason, read_input
+from .model_state import load_model
+from .status import clean_dir, failure_reason, skip_input
+from .tasks import assemble_parts, process_chunk, process_input
+
 __all__ = ["require_dask", "connect", "run_distributed", "parse_scheduler", "check_scheduler"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("stemfast.distributed")
 
 _EXTRA_HINT = "pip install 'stemfast[distributed]'"
 #: Schemes of Dask addresses that reach a scheduler in another process.
@@ -79,7 +89,7 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
         if k < 1:
             raise ValueError(f"--scheduler local:N needs N >= 1, got {spec!r}")
         return "local", k
-    from .errors import SettingsError
+    from ..errors import SettingsError
 
     scheme, sep, rest = s.partition("://")
     if not sep:
@@ -113,7 +123,7 @@ def check_scheduler(spec: str, *, timeout: float = CONNECT_TIMEOUT_S) -> None:
     import socket
     import struct
 
-    from .errors import SchedulerError
+    from ..errors import SchedulerError
 
     kind, addr = parse_scheduler(spec)
     if kind != "address" or not str(addr).startswith("tcp://"):
@@ -196,7 +206,7 @@ def _client(dd, address: str, *, timeout: float = CONNECT_TIMEOUT_S):
     web server's makes Dask try to allocate exabytes)."""
     import logging as _logging
 
-    from .errors import SchedulerError
+    from ..errors import SchedulerError
 
     check_scheduler(address, timeout=timeout)
     quiet = [_logging.getLogger(n) for n in ("distributed.comm.tcp", "distributed.core", "distributed.client",
@@ -226,8 +236,6 @@ def worker_model(data: bytes | None, sha: str | None):
         return None
     m = _MODELS.get(sha)
     if m is None:
-        from .batch import load_model
-
         with tempfile.TemporaryDirectory(prefix="stemfast-model-") as td:
             p = Path(td) / "model.pt"
             p.write_bytes(data)
@@ -240,22 +248,16 @@ def worker_model(data: bytes | None, sha: str | None):
 
 
 def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):
-    from .batch import process_input
-
     return process_input(entry, out_dir, model=worker_model(model_data, model_sha), model_sha=model_sha,
                          config=config, chash=chash, read_options=read_options)
 
 
 def _task_chunk(entry, out_dir, start, stop, model_data, model_sha, config, chash, read_options=None):
-    from .batch import process_chunk
-
     return process_chunk(entry, out_dir, start, stop, model=worker_model(model_data, model_sha),
                          model_sha=model_sha, config=config, chash=chash, read_options=read_options)
 
 
 def _task_assemble(entry, out_dir, parts, config, chash, model_sha, read_options=None):
-    from .batch import assemble_parts
-
     return assemble_parts(entry, out_dir, list(parts), config=config, chash=chash, model_sha=model_sha,
                           read_options=read_options)
 
@@ -270,26 +272,23 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
 
     See the module docstring for the task layout.
     """
-    from . import batch as B
-
     require_dask()
     out = Path(out_dir)
     if frames_per_task < 1:
         raise ValueError("frames_per_task must be >= 1")
     results: dict[str, object] = {}
     plan = []  # (entry, n_frames)
-    io = B._io()
     for e in entries:
         n = e.n_frames
         if n is None:  # the file has not been opened in this run: open it (lazily) to plan its tasks
             try:
-                mg = B._read(e.path, read_options)
-                n = B._n_frames(mg)
+                mg = read_input(e.path, read_options)
+                n = count_frames(mg)
                 e.n_frames = n
                 del mg
             except Exception as exc:  # noqa: BLE001 - unreadable: report it like the in-process run
-                reason = str(exc) if isinstance(exc, io.ReadError) else f"cannot read: {type(exc).__name__}: {exc}"
-                results[e.name] = B._skip(e, out / e.name, reason, cache=True, read_options=read_options)
+                results[e.name] = skip_input(e, out / e.name, read_failure_reason(exc), cache=True,
+                                             read_options=read_options)
                 continue
         plan.append((e, n))
     if not plan:
@@ -306,7 +305,7 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
         for e, n in plan:
             d = out / e.name
             if d.is_dir():
-                B._clean_dir(d)
+                clean_dir(d)
             if n <= frames_per_task:
                 f = client.submit(_task_file, e, str(out), model_ref, model_sha, config, chash, read_options,
                                   key=f"stemfast-file-{e.name}-{tag}", retries=2, pure=False)
@@ -319,7 +318,7 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
                                   key=f"stemfast-assemble-{e.name}-{tag}", retries=2, pure=False)
             fut_to_entry[f.key] = e
             futures.append(f)
-        bar = B._bar(None, show_progress, total=len(fut_to_entry), desc="analyse (dask)", unit="file")
+        bar = progress_bar(None, show_progress, total=len(fut_to_entry), desc="analyse (dask)", unit="file")
         try:
             for fut in as_completed(futures):
                 e = fut_to_entry[fut.key]
@@ -327,8 +326,8 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
                     r = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a task that failed for good
                     log.debug("task %s failed", fut.key, exc_info=True)
-                    r = B._skip(e, out / e.name, f"task failed: {B._failure_reason(exc)}", cache=False,
-                                status="failed")
+                    r = skip_input(e, out / e.name, f"task failed: {failure_reason(exc)}", cache=False,
+                                   status="failed")
                 results[e.name] = r
                 bar.update(1)
         finally:

@@ -1,0 +1,208 @@
+"""The batch's inputs: finding them, naming their output folders, fingerprinting and reading them."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import ReadOptions
+from .common import RESERVED_NAMES
+from .frames import count_frames
+
+__all__ = ["InputEntry", "discover_inputs", "fingerprint_input", "read_input", "inputs_key", "describe_input",
+           "safe_name", "unique_names", "read_failure_reason"]
+
+log = logging.getLogger("stemfast.batch")
+
+
+@dataclass
+class InputEntry:
+    """One input file of a batch and its fingerprint."""
+
+    path: Path
+    name: str  # output folder name (unique within the batch)
+    rel: str  # path relative to the input root (for display)
+    size: int = -1
+    mtime_ns: int = -1
+    sha256: str | None = None
+    n_frames: int | None = None  # known once the file has been opened
+
+    def fingerprint(self) -> dict:
+        return {"path": str(self.path), "rel": self.rel, "sha256": self.sha256, "size": self.size,
+                "mtime_ns": self.mtime_ns}
+
+
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_name(s: str) -> str:
+    """``s`` as a folder name: odd characters replaced, reserved names and dot-names changed."""
+    s = _NAME_BAD.sub("_", s).strip("._") or "input"
+    return s + "_" if s in RESERVED_NAMES or s.startswith(".") else s
+
+
+def unique_names(rels: Sequence[Path]) -> list[str]:
+    """File stem; duplicates get their relative path (``a/b/img`` -> ``a__b__img``), then the suffix."""
+    stems = [safe_name(r.stem) for r in rels]
+    counts = {s: stems.count(s) for s in stems}
+    names = []
+    for r, s in zip(rels, stems):
+        if counts[s] > 1:
+            s = safe_name("__".join(r.with_suffix("").parts))
+        names.append(s)
+    counts = {s: names.count(s) for s in names}
+    out = []
+    for r, s in zip(rels, names):
+        if counts[s] > 1:
+            s = safe_name("__".join(r.parts).replace(".", "_"))
+        out.append(s)
+    # last resort (case-insensitive file systems, sanitised clashes): number them
+    seen: dict[str, int] = {}
+    final = []
+    for s in out:
+        k = s.lower()
+        if k in seen:
+            seen[k] += 1
+            s = f"{s}_{seen[k]}"
+        else:
+            seen[k] = 0
+        final.append(s)
+    return final
+
+
+def discover_inputs(inputs, *, exclude: Path | None = None,
+                    problems: list[tuple[Path, str]] | None = None) -> list[InputEntry]:
+    """The batch's input files: folders are searched recursively by extension; files are taken as given.
+
+    ``exclude`` (the output folder) is never searched. Entries are sorted by relative path.
+    Entries that cannot be looked at (an unreadable sub-folder, a dangling symbolic link) are
+    appended to ``problems`` as ``(path, reason)`` when it is given (else logged).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    from .. import io
+
+    found: list[tuple[Path, Path]] = []  # (path, root)
+    excl = exclude.resolve() if exclude is not None else None
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files, probs = io.scan_micrographs(p, recursive=True)
+            for q, reason in probs:
+                if excl is not None and (q.absolute() == excl or excl in q.absolute().parents):
+                    continue
+                if problems is not None:
+                    problems.append((q, reason))
+                else:
+                    log.warning("%s: %s", q, reason)
+            for f in files:
+                f = Path(f)
+                if excl is not None and (f.resolve() == excl or excl in f.resolve().parents):
+                    continue
+                found.append((f, p))
+        elif p.exists():
+            found.append((p, p.parent))
+        elif p.is_symlink():
+            if problems is None:
+                raise FileNotFoundError(f"input not found: {p} (a dangling symbolic link)")
+            problems.append((p, f"dangling symbolic link (points to {os.readlink(p)}, which does not exist)"))
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    seen = set()
+    uniq = []
+    for f, root in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            uniq.append((f, root))
+    rels = []
+    for f, root in uniq:
+        try:
+            rels.append(f.resolve().relative_to(root.resolve()))
+        except ValueError:
+            rels.append(Path(f.name))
+    order = sorted(range(len(uniq)), key=lambda i: (rels[i].as_posix(), str(uniq[i][0])))
+    uniq = [uniq[i] for i in order]
+    rels = [rels[i] for i in order]
+    names = unique_names(rels)
+    return [InputEntry(path=f, name=n, rel=r.as_posix()) for (f, _), n, r in zip(uniq, names, rels)]
+
+
+def fingerprint_input(entry: InputEntry) -> None:
+    """Fill size / mtime (stat) and the content fingerprint (:func:`stemfast.fingerprint.content_fingerprint`).
+
+    The content is always read (a full SHA-256 up to 256 MiB, sampled blocks beyond), never taken
+    from size and mtime: ``cp -p`` / ``rsync -a`` keep those for new content.
+    """
+    from ..fingerprint import content_fingerprint
+
+    st = entry.path.stat()
+    entry.size, entry.mtime_ns = int(st.st_size), int(st.st_mtime_ns)
+    if entry.sha256 is not None:
+        return
+    entry.sha256 = content_fingerprint(entry.path)
+
+
+def read_input(path, read_options: ReadOptions | None = None, **kwargs):
+    """``io.read`` with the batch's read options (``--fill-nonfinite``); warnings go to the log."""
+    from .. import io
+
+    opts = read_options or ReadOptions()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mg = io.read(path, **opts.as_read_kwargs(), **kwargs)
+    for w in caught:
+        log.warning("%s", w.message)
+    return mg
+
+
+def inputs_key(entries: Sequence[InputEntry]) -> str:
+    """A short hash of the batch's input set (names and content fingerprints): the trained model's key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.name):
+        h.update(f"{e.name}\0{e.sha256}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def describe_input(mg) -> dict:
+    """What the reader tells about an opened input: shape, frames, calibration, dose, notes (rescaled
+    values, replaced non-finite pixels)."""
+    shape = None
+    with contextlib.suppress(Exception):
+        shape = list(np.shape(mg.data))
+    from ..tracking import dose_from_metadata
+
+    info = {"shape": shape, "n_frames": count_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
+            "pixel_size": getattr(mg, "pixel_size", None), "unit": getattr(mg, "unit", None),
+            "dose": dose_from_metadata(getattr(mg, "metadata", None))}
+    meta = getattr(mg, "metadata", None) or {}
+    notes = []
+    if meta.get("rescaled"):
+        info["rescaled"] = meta["rescaled"]
+        r = meta["rescaled"]
+        notes.append(f"pixel values rescaled to (x - {r.get('offset')}) / {r.get('scale')} (beyond what float32 "
+                     "carries safely); intensities are in these units")
+    if meta.get("nonfinite_replaced"):
+        info["nonfinite_replaced"] = meta["nonfinite_replaced"]
+        notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median "
+                     "(--fill-nonfinite); sites there are not measured")
+    if notes:
+        info["notes"] = notes
+    return info
+
+
+def read_failure_reason(exc: BaseException) -> str:
+    """Why an input could not be read: the reader's own message (:class:`stemfast.io.ReadError`), else
+    the exception's type and message."""
+    from ..io import ReadError
+
+    return str(exc) if isinstance(exc, ReadError) else f"cannot read: {type(exc).__name__}: {exc}"

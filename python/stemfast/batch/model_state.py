@@ -1,0 +1,321 @@
+"""The batch's model: the shipped one, a given ``--model`` file, the one trained by an earlier run
+(reused while current), or one trained now on a sample of the inputs -- and its record
+``OUT/model.json``."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_path, write_json
+from ..config import ReadOptions
+from ..config import config_to_dict, file_sha256
+from ..errors import ModelFileError, describe_os_error
+from .common import MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
+from .frames import count_frames, read_frame
+from .inputs import InputEntry, inputs_key, read_failure_reason, read_input
+
+__all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
+           "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing"]
+
+log = logging.getLogger("stemfast.batch")
+
+
+@dataclass
+class ModelState:
+    """The batch's model: its file in OUT, SHA-256 (None: still to be trained), where it comes from,
+    its ``model.json`` record, and the model itself once loaded (:meth:`get`)."""
+
+    path: Path
+    sha256: str | None
+    source: str
+    trained: bool = False
+    info: dict = field(default_factory=dict)
+    _model: object = None
+
+    def get(self):
+        """The model (loaded from :attr:`path` on first use), or None when there is none."""
+        if self._model is None and self.sha256 is not None:
+            self._model = load_model(self.path)
+        return self._model
+
+
+def load_model(path: str | os.PathLike):
+    """``RVAE.load(path)``, tolerating model files that store ``torch.__version__`` as a ``TorchVersion``.
+
+    (``torch.load(weights_only=True)`` rejects that str subclass; it is harmless, so it is allowed here.)
+    """
+    import torch
+
+    from ..model import RVAE
+
+    try:
+        from torch.torch_version import TorchVersion
+
+        ctx = torch.serialization.safe_globals([TorchVersion])
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return RVAE.load(path)
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn an OSError while writing ``path`` (disk full, read-only, ...) into an OutputError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError(f"cannot write {describe_os_error(exc, path)}") from None
+
+
+def check_model_file(path: str | os.PathLike):
+    """Load a ``--model`` file; :class:`~stemfast.errors.ModelFileError` (path and cause) when it is
+    missing, unreadable or not a stemfast model. Returns the model."""
+    src = Path(path)
+    if not src.exists():
+        raise ModelFileError(f"model not found: {src}")
+    if not src.is_file():
+        raise ModelFileError(f"--model {src}: not a file")
+    try:
+        model = load_model(src)
+    except OSError as exc:
+        raise ModelFileError(f"--model {describe_os_error(exc, src)}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling / format error: not a model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"--model {src}: not a stemfast model file ({type(exc).__name__}: {first[:200]}); "
+                             "write one with `stemfast train` or use OUT/model.pt of an earlier batch") from None
+    if not hasattr(model, "encode") and not hasattr(model, "extra"):
+        raise ModelFileError(f"--model {src}: not a stemfast model file (loaded a {type(model).__name__})")
+    return model
+
+
+def sample_frames(n: int, k: int) -> list[int]:
+    """At most ``k`` of ``range(n)``, evenly spread (all of them when ``n <= k``)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
+
+
+def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs: int = 16, train_frames: int = 4,
+                      prepared_cache: dict | None = None, cache_budget_bytes: int = 0,
+                      on_skip: Callable[[InputEntry, str], None] | None = None, show_progress: bool = True,
+                      init_model=None, finetune_steps: int = 0, read_options: ReadOptions | None = None):
+    """Train one model on patches sampled from ``entries``; returns ``(model, info)``.
+
+    With ``init_model`` (the shipped model), that model is fine-tuned for ``finetune_steps`` steps
+    instead (:meth:`stemfast.model.RVAE.finetune`) and patches keep their per-image size.
+
+    At most ``max_train_inputs`` inputs (evenly spread over the list) and ``train_frames`` frames
+    per stack are prepared; each contributes a random sample of its non-edge patches (about
+    ``2 * max_train_patches / units``), and :func:`stemfast.pipeline.train_model` draws the final
+    training set. The patch size is ``config.patch_size`` or the first prepared image's, and
+    is used for every image after it (it is stored in the model, ``model.extra["patch_size"]``).
+    Prepared frames are kept in ``prepared_cache`` (key ``(name, frame)``) while their total size
+    stays below ``cache_budget_bytes``, so the analysis does not prepare them again.
+    Returns ``(None, info)`` when no input had a lattice.
+    """
+    from ..pipeline import Prepared, train_model
+    from ..table import SiteTable
+
+    t_start = time.perf_counter()
+    ents = list(entries)
+    if len(ents) > max_train_inputs:
+        pick = sample_frames(len(ents), max_train_inputs)
+        ents = [ents[i] for i in pick]
+    cap = getattr(config.model, "max_train_patches", None) or 20000
+    pool = _PatchPool(config=config, patch_size=config.patch_size, fixed_size=init_model is not None,
+                      per_unit=max(256, int(math.ceil(2.0 * cap / max(1, len(ents))))),
+                      cache=prepared_cache, cache_budget_bytes=cache_budget_bytes)
+    for i, e in enumerate(progress_bar(ents, show_progress, desc="train: prepare", unit="file")):
+        pool.add_input(i, e, train_frames=train_frames, on_skip=on_skip, read_options=read_options)
+    patch_size = pool.patch_size
+    info = {"n_inputs_sampled": len(ents), "inputs": sorted(set(pool.used)), "patch_size": patch_size,
+            "norm": {"kind": "per-image robust (median -> 0, 99.5th percentile -> 1)", "images": pool.norms},
+            "prepare_s": pool.stage_s}
+    if not pool.patches:
+        info["seconds"] = time.perf_counter() - t_start
+        return None, info
+    allp = np.concatenate(pool.patches)
+    pool.patches.clear()
+    slim = Prepared(image=np.zeros((0, 0), np.float32), sites=SiteTable({}), patches=allp,
+                    edge=np.zeros(len(allp), bool), norm=None, patch_size=int(patch_size or 0), timings={})
+    t0 = time.perf_counter()
+    model = train_model([slim], config=config, init=init_model, steps=finetune_steps)
+    info["train_s"] = time.perf_counter() - t0
+    info["n_patches_pool"] = int(len(allp))
+    info["n_patches"] = int(min(len(allp), cap))
+    info["seconds"] = time.perf_counter() - t_start
+    return model, info
+
+
+@dataclass
+class _PatchPool:
+    """The training patches sampled so far, with the images' normalisations, the inputs used, the
+    preparation times and the prepared frames kept for the analysis."""
+
+    config: object
+    patch_size: int | None
+    fixed_size: bool  # fine-tuning: patches keep their per-image size
+    per_unit: int  # patches to sample per input (all its sampled frames together)
+    cache: dict | None
+    cache_budget_bytes: int
+    patches: list = field(default_factory=list)
+    norms: dict = field(default_factory=dict)
+    used: list = field(default_factory=list)
+    stage_s: dict = field(default_factory=dict)
+    cached_bytes: int = 0
+
+    def add_input(self, i: int, e: InputEntry, *, train_frames: int, on_skip, read_options) -> None:
+        """Sample patches of input ``e`` (the ``i``-th sampled input); a problem goes to ``on_skip``."""
+        from ..sanity import check_spacing_fits
+
+        try:
+            mg = read_input(e.path, read_options)
+        except Exception as exc:  # noqa: BLE001
+            if on_skip:
+                on_skip(e, read_failure_reason(exc))
+            return
+        try:
+            check_spacing_fits(self.config.sites.spacing, np.shape(mg.data)[-2:])
+        except ValueError as exc:  # the settings do not fit this image: say why, not "no lattice"
+            if on_skip:
+                on_skip(e, str(exc))
+            return
+        n = count_frames(mg)
+        e.n_frames = n
+        frames = sample_frames(n, train_frames)
+        upf = max(64, self.per_unit // len(frames))
+        for f in frames:
+            prep = self._prepare(mg, e, f)
+            if prep is not None:
+                self._add_frame(prep, e, i, f, n, upf)
+
+    def _prepare(self, mg, e: InputEntry, f: int):
+        from ..pipeline import prepare
+
+        try:
+            t0 = time.perf_counter()
+            img = read_frame(mg, f)
+            self.stage_s["read"] = self.stage_s.get("read", 0.0) + time.perf_counter() - t0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prep = prepare(img, config=self.config, pixel_size=mg.pixel_size, unit=mg.unit,
+                               patch_size=self.patch_size)
+        except Exception as exc:  # noqa: BLE001 - a bad frame: leave it out of the training set
+            log.info("training: %s frame %d left out: %s", e.rel, f, exc)
+            return None
+        for k, v in prep.timings.items():
+            self.stage_s[k] = self.stage_s.get(k, 0.0) + float(v)
+        return prep
+
+    def _add_frame(self, prep, e: InputEntry, i: int, f: int, n: int, upf: int) -> None:
+        good = np.flatnonzero(~prep.edge)
+        if len(good) == 0:
+            return
+        if self.patch_size is None and not self.fixed_size:
+            self.patch_size = prep.patch_size
+        rng = np.random.default_rng(getattr(self.config.model, "seed", 0) * 100003 + i * 1009 + f)
+        if len(good) > upf:
+            good = np.sort(rng.choice(good, upf, replace=False))
+        self.patches.append(np.ascontiguousarray(prep.patches[good]))
+        if prep.norm is not None and len(self.norms) < 32:
+            self.norms[f"{e.name}[{f}]" if n > 1 else e.name] = (
+                dataclasses.asdict(prep.norm) if dataclasses.is_dataclass(prep.norm) else repr(prep.norm))
+        self.used.append(e.name)
+        if self.cache is not None:
+            # lazily cut patches (a large image) hold no memory of their own
+            nbytes = prep.image.nbytes + getattr(prep.patches, "nbytes", 0) + 200 * len(prep.sites)
+            if self.cached_bytes + nbytes <= self.cache_budget_bytes:
+                self.cache[(e.name, f)] = prep
+                self.cached_bytes += nbytes
+
+
+def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str, inputs_key: str,
+                       finetune: int = 0) -> ModelState:
+    """Save a model just trained (or fine-tuned for ``finetune`` steps) to ``OUT/model.pt`` with its
+    provenance, and record it in ``OUT/model.json``."""
+    from ..model.shipped import describe_model
+
+    extra = {"patch_size": int(train_info["patch_size"]) if not finetune else None, "norm": train_info["norm"],
+             "config": json.loads(json.dumps(config_to_dict(config), default=str)),
+             "config_hash": chash, "inputs_key": inputs_key, "stemfast_version": __version__,
+             "n_train_patches": train_info.get("n_patches"), "train_inputs": train_info["inputs"]}
+    if finetune:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
+        del extra["patch_size"]
+        model.extra.pop("patch_size", None)
+    with writing(out / MODEL_FILE):
+        model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
+    sha = file_sha256(out / MODEL_FILE)
+    info = {"sha256": sha, "source": "trained", "config_hash": chash, "inputs_key": inputs_key,
+            "stemfast_version": __version__, "patch_size": extra.get("patch_size"),
+            "n_train_patches": extra["n_train_patches"], "train_inputs": extra["train_inputs"],
+            "train_seconds": train_info.get("seconds"), "date": now(), "finetune_steps": finetune,
+            **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version")}}
+    write_json(out / MODEL_INFO_FILE, info)
+    return ModelState(out / MODEL_FILE, sha, "trained", trained=True, info=info, _model=model)
+
+
+def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool,
+                  finetune: int = 0) -> ModelState:
+    """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None)."""
+    target = out / MODEL_FILE
+    if model_path is not None:
+        src = Path(model_path)
+        loaded = check_model_file(src)  # before anything is copied into OUT
+        sha = file_sha256(src)
+        if src.resolve() != target.resolve():
+            if not target.exists() or file_sha256(target) != sha:
+                with writing(target), atomic_path(target) as tmp:
+                    shutil.copyfile(src, tmp)
+        info = {"sha256": sha, "source": str(src), "stemfast_version": __version__}
+        old = read_json(out / MODEL_INFO_FILE)
+        if old != info:
+            write_json(out / MODEL_INFO_FILE, info)
+        return ModelState(target, sha, f"given: {src}", info=info, _model=loaded)
+    info = read_json(out / MODEL_INFO_FILE)
+    key = inputs_key(entries)
+    if (not force and info and target.exists() and info.get("config_hash") == chash
+            and info.get("inputs_key") == key and info.get("stemfast_version") == __version__
+            and info.get("source") == "trained" and int(info.get("finetune_steps") or 0) == finetune):
+        sha = file_sha256(target)
+        if sha == info.get("sha256"):
+            return ModelState(target, sha, "trained (reused, current)", info=info)
+    return ModelState(target, None, "trained", info={"inputs_key": key})
+
+
+def use_shipped(model, out: Path) -> ModelState:
+    """The shipped default model as the batch's model: copied to ``OUT/model.pt`` and named in model.json."""
+    from ..model.shipped import MODEL_PATH, describe_model
+
+    target = out / MODEL_FILE
+    sha = model.extra.get("sha256") or file_sha256(MODEL_PATH)
+    if not target.exists() or file_sha256(target) != sha:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(MODEL_PATH, tmp)
+    info = {**describe_model(model, sha), "stemfast_version": __version__}
+    if read_json(out / MODEL_INFO_FILE) != info:
+        write_json(out / MODEL_INFO_FILE, info)
+    return ModelState(target, sha, f"shipped: {info['name']} {info['version']}", info=info, _model=model)
+
+
+def model_identity(out: Path, model_sha: str | None) -> dict:
+    """``{name, version, sha256, source}`` of the batch's model (from OUT/model.json) for summary.json."""
+    info = read_json(out / MODEL_INFO_FILE) or {}
+    if not model_sha or info.get("sha256") != model_sha:
+        return {"name": None, "version": None, "sha256": model_sha, "source": None}
+    return {"name": info.get("name"), "version": info.get("version"), "sha256": model_sha,
+            "source": info.get("source")}

@@ -1,0 +1,303 @@
+"""The outputs of one input: ``sites.csv`` streamed frame by frame, the figures (``classes.png``,
+``defects.png``, the tracks of a stack) and ``summary.json``.
+
+:func:`assemble` takes the frame results of an input in frame order -- from the analysis in this
+process or from the parts a Dask cluster wrote -- and writes the same files either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_open, write_json
+from .common import OUTPUT_FILES, STAGES, peak_memory_mib
+from .frames import FrameResult
+from .inputs import InputEntry
+from .model_state import model_identity
+from .status import InputUnreadable
+from .tables import CsvStream
+
+__all__ = ["InputSource", "RunSettings", "FrameTotals", "assemble", "stack_tracker", "lattice_warnings",
+           "median_finite"]
+
+#: Candidates shown in ``defects.png``.
+GALLERY_SIZE = 24
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """An input as its outputs see it: its entry, its frames, what the reader told about it
+    (:func:`stemfast.batch.inputs.describe_input`) and a way to read a frame again for the figures."""
+
+    entry: InputEntry
+    n_frames: int
+    is_stack: bool
+    info: dict
+    get_frame: Callable[[int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the outputs are made with: the settings, their hash and the model's SHA-256."""
+
+    config: object
+    chash: str
+    model_sha: str | None
+
+
+@dataclass
+class FrameTotals:
+    """The frame records of an input added up as they stream past (the tables are not kept)."""
+
+    top_n: int
+    frames_meta: list = field(default_factory=list)
+    class_counts: dict = field(default_factory=dict)
+    defect_kinds: dict = field(default_factory=dict)
+    stage_s: dict = field(default_factory=dict)
+    n_sites: int = 0
+    n_defects: int = 0
+    n_classes: int = 0
+    #: the ``top_n`` highest-scoring candidates so far: (sort key, record, patch)
+    candidates: list = field(default_factory=list)
+    #: (frame, x, y, class_id, is_defect, spacing) of the frame shown in the class map
+    shown: tuple | None = None
+
+    def add(self, fr: FrameResult) -> None:
+        m = fr.meta
+        for k, v in m.get("timings_s", {}).items():
+            self.stage_s[k] = self.stage_s.get(k, 0.0) + float(v)
+        self.n_sites += int(m.get("n_sites", 0))
+        self.n_defects += int(m.get("n_defects", 0))
+        self.n_classes = max(self.n_classes, int(m.get("n_classes", 0) or 0))
+        for k, v in m.get("class_counts", {}).items():
+            self.class_counts[k] = self.class_counts.get(k, 0) + int(v)
+        for k, v in m.get("defect_kinds", {}).items():
+            self.defect_kinds[k] = self.defect_kinds.get(k, 0) + int(v)
+        if self.shown is None and fr.table is not None and len(fr.table) and "class_id" in fr.table:
+            t = fr.table
+            self.shown = (m["frame"], np.asarray(t["x"]), np.asarray(t["y"]), np.asarray(t["class_id"]),
+                          np.asarray(t["is_defect"], bool), m.get("spacing_px"))
+        for j, c in enumerate(m.get("top", [])):
+            p = fr.top_patches[j] if fr.top_patches is not None and j < len(fr.top_patches) else None
+            self.candidates.append(((-float(c["anomaly_score"]), int(c["frame"]), int(c["index"])), c, p))
+        if len(self.candidates) > self.top_n:
+            self.candidates.sort(key=lambda t: t[0])
+            del self.candidates[self.top_n:]
+        self.frames_meta.append({k: v for k, v in m.items() if k != "top"})
+
+    def ranked(self) -> list:
+        """The candidates, highest anomaly score first."""
+        self.candidates.sort(key=lambda t: t[0])
+        return self.candidates
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {str(m["frame"]): m["error"] for m in self.frames_meta if m.get("error")}
+
+    @property
+    def n_ok(self) -> int:
+        return sum(1 for m in self.frames_meta if not m.get("error"))
+
+    def first_ok_frame(self) -> int:
+        return next((m["frame"] for m in self.frames_meta if not m.get("error")), 0)
+
+
+def median_finite(vals) -> float | None:
+    """The median of the finite values of ``vals`` (None entries skipped), or None when there are none."""
+    v = [float(x) for x in vals if x is not None and np.isfinite(x)]
+    return float(np.median(v)) if v else None
+
+
+def assemble(src: InputSource, d: Path, results: Iterable[FrameResult], *, run: RunSettings,
+             t_start: float) -> dict:
+    """Stream frame results into ``d/sites.csv``, draw the figures, write ``summary.json``.
+
+    Returns the summary. ``done.json`` is written by the caller (last). Raises
+    :class:`~stemfast.batch.status.InputUnreadable` when no frame could be analysed.
+    """
+    totals = FrameTotals(top_n=int(getattr(run.config.analysis, "top_n", 50)))
+    trk = stack_tracker(d, run.config, src.info) if src.is_stack else None  # defects linked through the frames
+    write_site_table(d, results, totals, trk)
+    if totals.n_ok == 0:
+        raise InputUnreadable(next(iter(totals.errors.values()), "no frames"))
+    t0 = time.perf_counter()
+    draw_figures(d, src, totals, trk)
+    totals.stage_s["figures"] = time.perf_counter() - t0
+    summary = build_summary(src, d, totals, trk, run=run)
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["outputs"] = list(OUTPUT_FILES) + (list(trk.FILES) if trk else [])
+    write_json(d / "summary.json", summary)
+    return summary
+
+
+def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotals, trk) -> None:
+    """``d/sites.csv`` from the frame results (through the stack's tracker, which adds ``track_id``),
+    adding every frame's record to ``totals``; each frame's table is freed once written."""
+    with atomic_open(d / "sites.csv", "w", newline="", encoding="utf-8") as fh, (trk or contextlib.nullcontext()):
+        csv = CsvStream(fh)
+        for fr in results:
+            for t in (trk.push(fr.meta, fr.table) if trk else (fr.table,)):
+                csv.write(t)
+            totals.add(fr)
+            fr.table = None  # free the frame's table before the next one is produced
+        for t in (trk.finish() if trk else ()):
+            csv.write(t)
+        csv.finish()
+
+
+def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
+    """``classes.png`` (the first frame with classes), ``defects.png`` (the top candidates and their
+    patches) and, for a stack, the tracks' figure."""
+    from ..report import plot_class_map, plot_defects
+
+    name, stack = src.entry.name, src.is_stack
+    if totals.shown is not None:
+        f0, x, y, cid, isd, sp = totals.shown
+        plot_class_map(d / "classes.png", src.get_frame(f0), x, y, cid, is_defect=isd, spacing_px=sp,
+                       title=f"{name}: site classes" + (f" (frame {f0} of {src.n_frames})" if stack else ""))
+    else:
+        f0 = totals.first_ok_frame()
+        plot_class_map(d / "classes.png", src.get_frame(f0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64),
+                       title=f"{name}: no lattice" + (f" (frame {f0})" if stack else ""))
+    gallery = totals.ranked()[:GALLERY_SIZE]
+    if gallery:
+        fmap = gallery[0][1]["frame"]
+        cands = [{**c, "rank": r + 1, "on_map": c["frame"] == fmap, "show_frame": stack}
+                 for r, (_, c, _) in enumerate(gallery)]
+        pats = [p for _, _, p in gallery]
+        patches = np.stack(pats) if all(p is not None for p in pats) else None
+        sp = next((m.get("spacing_px") for m in totals.frames_meta if m["frame"] == fmap), None)
+        plot_defects(d / "defects.png", src.get_frame(fmap), cands, patches, spacing_px=sp,
+                     title=f"{name}: top defect candidates" + (f" (map: frame {fmap})" if stack else ""))
+    else:
+        plot_defects(d / "defects.png", src.get_frame(totals.first_ok_frame()), [], None,
+                     title=f"{name}: no candidates")
+    if trk:
+        trk.plot(src.get_frame, title=f"{name}: defect tracks")
+
+
+def input_warnings(src: InputSource, frames_meta: list[dict]) -> list[str]:
+    """The reader's notes, then every frame's warnings and lattice warnings (once each; a stack's
+    prefixed with the frame)."""
+    warns: list[str] = list(src.info.get("notes", []))
+    for m in frames_meta:
+        for w in list(m.get("warnings") or []) + lattice_warnings(m.get("lattice")):
+            w = w if not src.is_stack else f"frame {m['frame']}: {w}"
+            if w not in warns:
+                warns.append(w)
+    return warns
+
+
+def lattice_summary(frames_meta: list[dict], info: dict) -> dict:
+    """The input's lattice: median spacing and rotation over the frames, how it was found and how
+    sure it is (first frame that has one; :func:`stemfast.sites.find_sites`), spacing in nm when
+    calibrated."""
+    from ..io import unit_to_nm
+
+    spacing = median_finite(m.get("spacing_px") for m in frames_meta)
+    pixel_size = info.get("pixel_size")
+    lattice = {"spacing_px": spacing, "rotation_deg": median_finite(m.get("angle_deg") for m in frames_meta)}
+    found = next((m["lattice"] for m in frames_meta if m.get("lattice")), None)
+    if found:
+        lattice.update({k: v for k, v in found.items() if k != "spacing_px"})
+    to_nm = unit_to_nm(info.get("unit")) if pixel_size else None
+    if pixel_size and spacing and to_nm:
+        lattice["spacing_nm"] = spacing * float(pixel_size) * to_nm
+    return lattice
+
+
+def drift_summary(frames_meta: list[dict]) -> dict:
+    """The frame-to-frame drift of a stack (``summary.json``, ``drift_px``)."""
+    with_drift = [m for m in frames_meta if m.get("drift_px") is not None]
+    return {
+        "note": "displacement of frame i relative to frame i-1 (x = column, y = row), full-resolution px",
+        "frame": [m["frame"] for m in with_drift],
+        "dx": [m["drift_px"][0] for m in with_drift],
+        "dy": [m["drift_px"][1] for m in with_drift],
+    }
+
+
+def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: RunSettings) -> dict:
+    """The content of ``summary.json`` (without ``seconds`` and ``outputs``, added by :func:`assemble`)."""
+    from ..report import stage_table_rows
+
+    fm, errors = totals.frames_meta, totals.errors
+    warns = input_warnings(src, fm)
+    status = "ok" if not errors else "partial"
+    if status == "ok" and totals.n_sites == 0:
+        status = "no lattice"
+    summary = {
+        "name": src.entry.name,
+        "status": status,
+        "input": {**src.entry.fingerprint(), **src.info},
+        "stemfast_version": __version__,
+        "config_hash": run.chash,
+        "model_sha256": run.model_sha,
+        "model": model_identity(d.parent, run.model_sha),
+        "n_frames": int(src.n_frames),
+        "n_frames_ok": int(totals.n_ok),
+        "n_sites": int(totals.n_sites),
+        "n_defects": int(totals.n_defects),
+        "n_classes": int(totals.n_classes),
+        "class_counts": dict(sorted(totals.class_counts.items(), key=lambda kv: int(kv[0]))),
+        "defect_kinds": dict(sorted(totals.defect_kinds.items())),
+        "lattice": lattice_summary(fm, src.info),
+        # do the learned classes follow the metal / chalcogen / hollow sublattices (analysis.analyze_sites)
+        "class_sublattice_ari": median_finite(m.get("class_sublattice_ari") for m in fm),
+        "timings_s": totals.stage_s,
+        "throughput": stage_table_rows({k: v for k, v in totals.stage_s.items() if k in STAGES}, totals.n_sites),
+        "peak_memory_mib": peak_memory_mib(),
+        "top": [c for _, c, _ in totals.ranked()],
+        "frames": fm,
+    }
+    if src.is_stack:
+        summary["drift_px"] = drift_summary(fm)
+    if trk:
+        summary["tracking"] = trk.summary()
+    if errors:
+        summary["frame_errors"] = errors
+    class_warning = next((m["class_warning"] for m in fm if m.get("class_warning")), None)
+    if class_warning:
+        summary["class_warning"] = class_warning
+        if class_warning not in warns:
+            warns.append(class_warning)
+    summary["warnings"] = warns
+    return summary
+
+
+def stack_tracker(d: Path, config, input_info: dict):
+    """The defect tracking of a stack (:mod:`stemfast.tracking`), or None when switched off."""
+    from ..io import unit_to_nm
+    from ..tracking import StackTracker, TrackSettings
+
+    settings = getattr(config, "tracking", None) or TrackSettings()
+    if not settings.enabled:
+        return None
+    ps = input_info.get("pixel_size")
+    to_nm = unit_to_nm(input_info.get("unit")) if ps else None
+    return StackTracker(d, settings=settings, nm_per_px=float(ps) * to_nm if ps and to_nm else None,
+                        shape=input_info.get("shape"), dose=input_info.get("dose"),
+                        cutoff=getattr(getattr(config, "analysis", None), "defect_cutoff", None))
+
+
+def lattice_warnings(lat) -> list[str]:
+    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, an
+    anisotropic one, a calibration that does not fit the material."""
+    if not lat:
+        return []
+    out = []
+    if lat.get("unsure"):
+        out.append("the site lattice is uncertain: " + "; ".join(lat["unsure"]))
+    if (lat.get("distortion") or {}).get("warning"):
+        out.append(lat["distortion"]["warning"])
+    if lat.get("calibration_ok") is False:
+        out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
+                   f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
+                   "check the calibration or the material")
+    return out

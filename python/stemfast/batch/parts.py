@@ -1,0 +1,85 @@
+"""Frame-chunk parts of a stack analysed in pieces (Dask): ``OUT/<name>/.parts/frames_START_STOP.npz``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_path
+from .common import PARTS_DIR
+from .frames import FrameResult
+from .inputs import InputEntry
+
+__all__ = ["part_path", "part_key", "save_part", "json_default", "part_meta", "load_part"]
+
+
+def part_path(d: Path, start: int, stop: int) -> Path:
+    """The file of the part of frames ``start:stop`` in the input folder ``d``."""
+    return d / PARTS_DIR / f"frames_{start:06d}_{stop:06d}.npz"
+
+
+def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: str | None) -> dict:
+    """What a part must match to be reused: input content, frames, settings, model, version."""
+    return {"sha256": entry.sha256, "start": start, "stop": stop, "config_hash": chash, "model_sha256": model_sha,
+            "stemfast_version": __version__}
+
+
+def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> None:
+    """Write the frame results of a chunk (tables, records, top patches) into one ``.npz``, atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    metas = []
+    for k, r in enumerate(results):
+        cols = []
+        if r.table is not None:
+            for c in r.table.names:
+                a = np.asarray(r.table[c])
+                if a.dtype.kind == "O":
+                    a = a.astype(str)
+                arrays[f"t{k}__{c}"] = a
+                cols.append(c)
+        if r.top_patches is not None:
+            arrays[f"p{k}"] = np.asarray(r.top_patches)
+        metas.append({"meta": r.meta, "columns": cols if r.table is not None else None,
+                      "patches": r.top_patches is not None})
+    arrays["__meta__"] = np.array(json.dumps({"key": key, "info": info, "frames": metas}, default=json_default))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def json_default(o):
+    """JSON for NumPy scalars and arrays (anything else as its ``str``)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def part_meta(path: Path) -> dict | None:
+    """The key, input info and frame records of a part, or None when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["__meta__"]))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_part(path: Path) -> Iterator[FrameResult]:
+    """The frame results of a part, in frame order."""
+    from ..table import SiteTable
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["__meta__"]))
+        for k, fm in enumerate(meta["frames"]):
+            table = None
+            if fm["columns"] is not None:
+                table = SiteTable({c: z[f"t{k}__{c}"] for c in fm["columns"]})
+            pats = z[f"p{k}"] if fm["patches"] else None
+            yield FrameResult(fm["meta"], table, pats)

@@ -1,0 +1,379 @@
+"""The batch run: find and fingerprint the inputs, settle the model, analyse what is not current
+(in this process, :mod:`stemfast.batch.local`, or on Dask, :mod:`stemfast.batch.dask`), and write
+``stemfast.toml``, ``batch_summary.json`` and ``report.html``."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..atomic import recover_staged, write_json
+from ..config import ReadOptions
+from ..config import config_hash, load_config, parse_toml, write_resolved_config
+from ..errors import describe_os_error
+from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
+                     now, peak_memory_mib, read_json)
+from .inputs import InputEntry, discover_inputs, fingerprint_input
+from .model_state import (ModelState, resolve_model, save_trained_model, train_batch_model, use_shipped,
+                          writing)
+from .results import BatchReport, InputResult
+from .status import cached_skip, current_done, skip_input
+
+__all__ = ["run_batch", "BatchOptions"]
+
+log = logging.getLogger("stemfast.batch")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs: the keyword arguments of :func:`run_batch` other than the settings."""
+
+    model_path: object = None
+    scheduler: object = None
+    force: bool = False
+    max_train_inputs: int = 16
+    train_frames: int = 4
+    frames_per_task: int = 16
+    cache_mb: float | None = None
+    show_progress: bool = True
+    read_options: ReadOptions = ReadOptions()
+    train: bool = False
+    finetune: int = 0
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """Memory for the frames prepared for training, kept for their analysis (in-process only)."""
+        mb = self.cache_mb if self.cache_mb is not None else float(os.environ.get("STEMFAST_PREPARED_CACHE_MB", 2048))
+        return int(mb * 2**20)
+
+
+def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str | None = None, force: bool = False,
+              max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
+              cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
+              finetune: int = 0, read_options: ReadOptions | None = None) -> BatchReport:
+    """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
+
+    Parameters
+    ----------
+    inputs : a folder (searched recursively), a file, or a list of them.
+    out_dir : results folder (created). See :mod:`stemfast.batch` for its layout.
+    config : ``PipelineConfig`` (default: :func:`stemfast.config.load_config` defaults).
+    model_path : use this model file (``RVAE.save`` format) instead of the shipped model.
+    scheduler : ``None`` (in-process), ``"local:N"`` (a local Dask cluster of N worker processes),
+        a Dask scheduler address ``"tcp://host:8786"``, or a ``dask.distributed.Client``.
+    force : redo every input, retrain the model, retry cached read failures.
+    max_train_inputs, train_frames : how many inputs / frames per stack the training sample draws on.
+    frames_per_task : frames per Dask task for stacks.
+    cache_mb : memory (MiB) for keeping the images prepared for training until their analysis
+        (in-process only; default ``STEMFAST_PREPARED_CACHE_MB`` or 2048).
+    train : train a model on the inputs instead of using the shipped one.
+    finetune : adapt the shipped model to the inputs for this many optimiser steps.
+    read_options : :class:`~stemfast.config.ReadOptions` (``--fill-nonfinite``).
+
+    Returns
+    -------
+    BatchReport
+        Per input its status (``done``, ``current``, ``partial``, ``skipped``, ``failed``) and
+        reason; ``exit_code`` is 0 when every input has full results, 3 otherwise.
+
+    Raises
+    ------
+    stemfast.errors.SettingsError
+        Invalid settings (before any work).
+    stemfast.errors.OutputLocked
+        Another run writes into ``out_dir``.
+    stemfast.errors.OutputError, ModelFileError, SchedulerError
+        The output folder, the ``model_path`` or the scheduler cannot be used (message with the
+        path / address and the cause).
+
+    Examples
+    --------
+    >>> from stemfast.batch import run_batch
+    >>> report = run_batch("micrographs/", "results/")  # doctest: +SKIP
+    >>> report.exit_code, [r.status for r in report.results]  # doctest: +SKIP
+    (0, ['done', 'done'])
+    """
+    from ..config import check_limits
+    from ..outlock import OutputLock
+
+    if scheduler:
+        from .dask import check_scheduler, require_dask
+
+        require_dask()  # fail before any work when the extra is missing
+        if isinstance(scheduler, str):
+            check_scheduler(scheduler)
+    config = config if config is not None else load_config(None)
+    check_limits(config)
+    opts = BatchOptions(model_path=model_path, scheduler=scheduler, force=force, max_train_inputs=max_train_inputs,
+                        train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
+                        show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
+                        finetune=finetune)
+    out = Path(out_dir)
+    with OutputLock(out, command=f"stemfast batch -> {out}"):
+        for what in recover_staged(out):
+            log.info("%s: %s (left by an interrupted run)", out, what)
+        return _run_batch_locked(inputs, out, config=config, opts=opts)
+
+
+def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> BatchReport:
+    """:func:`run_batch` while holding the output folder's lock."""
+    t_start = time.perf_counter()
+    problems: list[tuple[Path, str]] = []
+    entries = discover_inputs(inputs, exclude=out, problems=problems)
+    extra_results = problem_results(problems)
+    chash = config_hash(config)
+    sched = opts.scheduler
+    report = BatchReport(out, [], chash, scheduler=sched if isinstance(sched, str) or sched is None else repr(sched),
+                         problems=extra_results)
+    if not entries:
+        log.error("no micrographs found in %s", inputs)
+        report.results = extra_results
+        return report
+    log.info("%d inputs, settings %s", len(entries), chash)
+
+    results: dict[str, InputResult] = {}
+    good = fingerprint_all(entries, out, results, opts=opts, chash=chash)
+    cache: dict | None = {} if sched is None else None
+    ms, train_info = settle_model(good, out, results, report, config=config, chash=chash, opts=opts, cache=cache)
+    todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force)
+    write_settings_record(out / CONFIG_FILE, config, entries, chash)
+    if todo:
+        results.update({r.name: r for r in analyse(todo, out, ms, config=config, chash=chash, opts=opts,
+                                                    cache=cache)})
+    if cache:
+        cache.clear()
+    report.results = [results[e.name] for e in entries] + extra_results
+    summaries = input_summaries(out, report.results)
+    report.stage_table = batch_stage_table(summaries)
+    report.seconds = time.perf_counter() - t_start
+
+    old_skipped = (read_json(out / BATCH_SUMMARY_FILE) or {}).get("skipped")
+    if (report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists()
+            or not same_skips(old_skipped, skipped_list(report))):
+        write_batch_outputs(report, summaries, train_info)
+    return report
+
+
+def problem_results(problems: list[tuple[Path, str]]) -> list[InputResult]:
+    """Entries of the input folders that could not be looked at, as skipped results."""
+    out = []
+    for p, reason in problems:
+        log.error("%s: skipped: %s", p, reason)
+        out.append(InputResult(p.name or str(p), str(p), "skipped", reason))
+    return out
+
+
+def fingerprint_all(entries: list[InputEntry], out: Path, results: dict[str, InputResult], *,
+                    opts: BatchOptions, chash: str) -> list[InputEntry]:
+    """Fingerprint every input by its content (a changed file is redone even with the same size and
+    mtime); inputs that cannot be read, now or -- same content -- in an earlier run, go to ``results``
+    as skipped. Returns the inputs that could be fingerprinted."""
+    unreadable: dict[str, str] = {}
+    for e in entries:
+        try:
+            fingerprint_input(e)
+        except OSError as exc:
+            unreadable[e.name] = f"cannot read: {exc}"
+    for e in entries:
+        if e.name in unreadable:
+            results[e.name] = skip_input(e, out / e.name, unreadable[e.name], cache=False)
+        elif not opts.force:
+            sk = cached_skip(e, out / e.name, opts.read_options, chash)
+            if sk:
+                log.error("%s: skipped: %s", e.rel, sk.get("reason"))
+                results[e.name] = InputResult(e.name, str(e.path), "skipped", f"(cached) {sk.get('reason')}")
+    return [e for e in entries if e.name not in unreadable]
+
+
+def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResult], report: BatchReport, *,
+                 config, chash: str, opts: BatchOptions, cache: dict | None) -> tuple[ModelState, dict | None]:
+    """The batch's model: ``--model FILE``, else the shipped default model (fine-tuned with
+    ``--finetune N``), else (``--train``, or the shipped model refused: a warning says why) one
+    trained on the batch. Inputs that fail while sampled for training go to ``results``. Returns
+    the model and the training record (None when nothing was trained)."""
+    base = None
+    if opts.model_path is None and not opts.train:
+        from ..model.shipped import default_model
+
+        base = default_model(config)
+    ft = opts.finetune if base is not None else 0
+    if base is not None and not opts.finetune:
+        ms = use_shipped(base, out)
+    else:
+        ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
+                           finetune=ft)
+    train_info: dict | None = None
+    if ms.sha256 is None:
+        def on_skip(e: InputEntry, reason: str) -> None:
+            results[e.name] = skip_input(e, out / e.name, reason, cache=True, read_options=opts.read_options)
+
+        cand = [e for e in good if e.name not in results]
+        log.info("training the model on a sample of %d inputs", min(len(cand), opts.max_train_inputs))
+        model, train_info = train_batch_model(cand, config, max_train_inputs=opts.max_train_inputs,
+                                              train_frames=opts.train_frames, prepared_cache=cache,
+                                              cache_budget_bytes=opts.cache_budget_bytes, on_skip=on_skip,
+                                              show_progress=opts.show_progress, init_model=base if ft else None,
+                                              finetune_steps=ft, read_options=opts.read_options)
+        report.model_trained = True
+        report.train_seconds = float(train_info.get("seconds", 0.0))
+        if model is None:
+            log.error("no input had a lattice: no model could be trained")
+            ms = ModelState(out / MODEL_FILE, None, "none (no lattice in the training sample)")
+        else:
+            ms = save_trained_model(model, train_info, out, config=config, chash=chash,
+                                    inputs_key=ms.info["inputs_key"], finetune=ft)
+    report.model_path = ms.path if ms.sha256 else None
+    report.model_sha256 = ms.sha256
+    report.model_source = ms.source
+    return ms, train_info
+
+
+def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResult], *, chash: str,
+                model_sha: str | None, force: bool) -> list[InputEntry]:
+    """The inputs to analyse: those without a result yet whose outputs are not current (finished
+    with the same content, settings, model and version); the current ones go to ``results``."""
+    todo: list[InputEntry] = []
+    for e in good:
+        if e.name in results:
+            continue
+        done = None if force else current_done(e, out / e.name, chash=chash, model_sha=model_sha)
+        if done is not None:
+            st = done.get("status", "ok")
+            results[e.name] = InputResult(e.name, str(e.path), "partial" if st == "partial" else "current",
+                                          done.get("reason"), int(done.get("n_sites", 0)),
+                                          int(done.get("n_defects", 0)), 0.0, done.get("n_frames"))
+        else:
+            todo.append(e)
+    log.info("%d inputs to process, %d current", len(todo), sum(r.status == "current" for r in results.values()))
+    return todo
+
+
+def write_settings_record(toml_path: Path, config, entries: list[InputEntry], chash: str) -> None:
+    """``OUT/stemfast.toml``: the resolved settings, version and input checksums -- rewritten only when
+    they or the inputs changed, so a rerun with nothing to do touches nothing."""
+    old = None
+    if toml_path.exists():
+        try:
+            old = parse_toml(toml_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            old = None
+    want_inputs = {e.name: e.sha256 for e in entries if e.sha256}
+    if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
+            or (old.get("stemfast") or {}).get("version") != __version__
+            or sorted((old.get("inputs") or {}).values()) != sorted(want_inputs.values())):
+        ents = [e for e in entries if e.sha256]
+        with writing(toml_path):
+            write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
+                                  checksums={str(e.path): e.sha256 for e in ents})
+
+
+def analyse(todo: list[InputEntry], out: Path, ms: ModelState, *, config, chash: str, opts: BatchOptions,
+            cache: dict | None) -> list[InputResult]:
+    """Analyse the inputs in ``todo``: on Dask with a scheduler, else in this process."""
+    if opts.scheduler:
+        from .dask import run_distributed
+
+        return run_distributed(todo, out, scheduler=opts.scheduler, model_path=ms.path if ms.sha256 else None,
+                               model_sha=ms.sha256, config=config, chash=chash, frames_per_task=opts.frames_per_task,
+                               show_progress=opts.show_progress, read_options=opts.read_options)
+    from .local import run_local
+
+    return run_local(todo, out, model=ms.get() if ms.sha256 else None, model_sha=ms.sha256, config=config,
+                     chash=chash, prepared_cache=cache, show_progress=opts.show_progress,
+                     read_options=opts.read_options)
+
+
+def input_summaries(out: Path, results: list[InputResult]) -> list[dict]:
+    """``summary.json`` of every input with results; an input whose rerun failed keeps showing its
+    previous complete results (still in place: outputs are replaced as a whole), marked as such."""
+    out_s = []
+    for r in results:
+        if r.status in ("done", "current", "partial"):
+            s = read_json(out / r.name / "summary.json")
+            if s:
+                s["status"] = s.get("status", r.status)
+                out_s.append(s)
+        elif r.status == "failed":
+            done = read_json(out / r.name / DONE_FILE)
+            s = read_json(out / r.name / "summary.json") if done else None
+            if s:
+                s["status"] = "previous results (this run failed)"
+                s["warnings"] = [f"this run failed ({r.reason}); shown are the complete results of the run "
+                                 f"finished {done.get('finished', '?')}, still in place"] + list(s.get("warnings") or [])
+                out_s.append(s)
+    return out_s
+
+
+def batch_stage_table(summaries: list[dict]) -> list[dict]:
+    """Seconds and sites/s of every pipeline stage, over all inputs."""
+    from ..report import stage_table_rows
+
+    secs: dict[str, float] = {}
+    n = 0
+    for s in summaries:
+        n += int(s.get("n_sites", 0))
+        for k, v in (s.get("timings_s") or {}).items():
+            if k in STAGES:
+                secs[k] = secs.get(k, 0.0) + float(v)
+    return stage_table_rows(secs, n)
+
+
+def skipped_list(report: BatchReport) -> list[dict]:
+    """The inputs without full results, for ``batch_summary.json``."""
+    return [{"name": r.name, "path": r.path, "status": r.status, "reason": r.reason} for r in report.skipped]
+
+
+def same_skips(old: list | None, new: list[dict]) -> bool:
+    """The same inputs skipped for the same reasons (a reason remembered from a run is "(cached) ...")."""
+    def key(items):
+        return sorted((str(d.get("name")), str(d.get("status")), str(d.get("reason") or "").removeprefix("(cached) "))
+                      for d in items or [])
+    return old is not None and key(old) == key(new)
+
+
+def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: dict | None) -> None:
+    """``batch_summary.json`` and ``report.html`` (a failing report never loses the results)."""
+    from ..errors import OutputError
+    from ..report import write_html_report
+
+    out = report.out_dir
+    model_info = read_json(out / MODEL_INFO_FILE) or {}
+    old = read_json(out / BATCH_SUMMARY_FILE) or {}
+    train = None
+    if train_info is not None:
+        train = {"seconds": train_info.get("seconds"), "train_s": train_info.get("train_s"),
+                 "n_patches": train_info.get("n_patches"), "inputs": train_info.get("inputs"),
+                 "prepare_s": train_info.get("prepare_s")}
+    elif old.get("train"):
+        train = old["train"]
+    batch = {
+        "stemfast_version": __version__,
+        "date": now(),
+        "out_dir": str(out),
+        "config_hash": report.config_hash,
+        "scheduler": report.scheduler,
+        "model": {**model_info, "source": model_info.get("source", report.model_source)},
+        "model_trained_this_run": report.model_trained,
+        "train": train,
+        "n_inputs": len(report.results),
+        "counts": {st: sum(r.status == st for r in report.results)
+                   for st in ("done", "current", "partial", "skipped", "failed")},
+        "inputs": [dataclasses.asdict(r) for r in report.results],
+        "skipped": skipped_list(report),
+        "stage_table": report.stage_table,
+        "seconds": report.seconds,
+        "peak_memory_mib": peak_memory_mib(),
+        "exit_code": report.exit_code,
+    }
+    write_json(out / BATCH_SUMMARY_FILE, batch)
+    try:
+        write_html_report(out / REPORT_FILE, batch=batch, summaries=summaries, out_dir=out)
+    except OSError as exc:  # disk full, ...: the previous report stays (atomic write); say so
+        raise OutputError(f"cannot write the report: {describe_os_error(exc, out / REPORT_FILE)} (the results "
+                          f"and {BATCH_SUMMARY_FILE} are written; the previous report is unchanged)") from None
+    except Exception:  # noqa: BLE001 - a report bug must not lose the results
+        log.exception("could not write %s", out / REPORT_FILE)

@@ -1,0 +1,154 @@
+"""The task layer: one input, or one chunk of a stack's frames, to its outputs.
+
+Used by the in-process runner (:mod:`stemfast.batch.local`) and by the Dask runner
+(:mod:`stemfast.batch.dask`) alike; nothing here knows which one calls it.
+
+- :func:`process_input`: read an input, analyse every frame, write its outputs (``done.json`` last).
+- :func:`process_chunk`: analyse frames ``start:stop`` of a stack into a part
+  (:mod:`stemfast.batch.parts`).
+- :func:`assemble_parts`: write a stack's outputs from its parts, in frame order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..atomic import staged_dir
+from ..config import ReadOptions
+from .common import crash_hook
+from .frames import FrameResult, FrameWindow, count_frames, iter_frames, read_frame
+from .inputs import InputEntry, describe_input, read_failure_reason, read_input
+from .outputs import InputSource, RunSettings, assemble
+from .parts import load_part, part_key, part_meta, part_path, save_part
+from .results import InputResult
+from .status import InputUnreadable, clean_dir, failure_reason, result_from_summary, skip_input, write_done
+
+__all__ = ["process_input", "process_chunk", "assemble_parts", "patch_size_of"]
+
+log = logging.getLogger("stemfast.batch")
+
+
+def patch_size_of(model, config) -> int | None:
+    """The patch size the model was trained on (``model.extra["patch_size"]``), else the settings'."""
+    extra = getattr(model, "extra", None) or {}
+    return extra.get("patch_size") or config.patch_size
+
+
+def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_sha: str | None, config,
+                  chash: str, prepared_cache: dict | None = None, show_progress: bool = False,
+                  read_options: ReadOptions | None = None) -> InputResult:
+    """Analyse one input completely and write its outputs, ``done.json`` last.
+
+    The outputs are written into a staging folder that replaces ``OUT/<name>/`` as a whole, so a
+    failure (disk full, Ctrl-C) leaves the previous complete set in place. Used by the in-process
+    batch and by Dask workers (one task per 2-D file). Never raises for a bad input: the problem
+    becomes the result's status and reason.
+    """
+    t_start = time.perf_counter()
+    d = Path(out_dir) / entry.name
+    if d.is_dir():
+        clean_dir(d)
+    crash_hook("task_start", entry.name)
+    try:
+        t0 = time.perf_counter()
+        mg = read_input(entry.path, read_options)
+        read_open = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - any reader failure: report, do not stop the batch
+        return skip_input(entry, d, read_failure_reason(exc), cache=True, read_options=read_options)
+    n = count_frames(mg)
+    entry.n_frames = n
+    src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), describe_input(mg), lambda i: read_frame(mg, i))
+    run = RunSettings(config, chash, model_sha)
+    try:
+        frames = iter_frames(mg, list(range(n)), model=model, config=config, patch_size=patch_size_of(model, config),
+                             cache=prepared_cache, cache_key=entry.name, bar=show_progress, desc=entry.name)
+        with staged_dir(d) as stage:
+            summary = assemble(src, stage, _with_open_time(frames, read_open), run=run, t_start=t_start)
+            write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
+    except InputUnreadable as exc:
+        return skip_input(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("%s failed", entry.rel, exc_info=True)
+        return skip_input(entry, d, failure_reason(exc), cache=False, status="failed")
+    finally:
+        if prepared_cache is not None:
+            for k in [k for k in prepared_cache if k[0] == entry.name]:
+                del prepared_cache[k]
+    crash_hook("after_done", entry.name)
+    return result_from_summary(entry, summary, time.perf_counter() - t_start)
+
+
+def _with_open_time(frames: Iterable[FrameResult], open_s: float) -> Iterator[FrameResult]:
+    """The frame results, the time to open the file added to the first frame's reading time."""
+    first = True
+    for fr in frames:
+        if first:
+            fr.meta["timings_s"]["read"] = fr.meta["timings_s"].get("read", 0.0) + open_s
+            first = False
+        yield fr
+
+
+def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, stop: int, *, model,
+                  model_sha: str | None, config, chash: str, read_options: ReadOptions | None = None) -> str:
+    """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``.
+
+    A part that already exists for the same input, settings and model is kept (a rerun after a
+    crash does not redo it). Returns the part's path. Raises when the file cannot be opened.
+    """
+    d = Path(out_dir) / entry.name
+    path = part_path(d, start, stop)
+    key = part_key(entry, start, stop, chash, model_sha)
+    old = part_meta(path) if path.exists() else None
+    if old is not None and old.get("key") == key:
+        return str(path)
+    crash_hook("task_start", f"{entry.name}[{start}:{stop}]")
+    lo = max(0, start - 1)  # the frame before the chunk, for the drift
+    # only the chunk's frames are read (compressed stacks are not loaded whole)
+    mg = FrameWindow(read_input(entry.path, read_options, frames=slice(lo, stop)), lo)
+    results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
+                               patch_size=patch_size_of(model, config), prev_frame=start - 1,
+                               desc=f"{entry.name}[{start}:{stop}]"))
+    n = entry.n_frames if entry.n_frames is not None else stop
+    info = {**describe_input(mg.mg), "n_frames": int(n), "is_stack": True,
+            "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
+    save_part(path, results, key, info)
+    return str(path)
+
+
+def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Sequence[str], *, config,
+                   chash: str, model_sha: str | None, t_start: float | None = None,
+                   read_options: ReadOptions | None = None) -> InputResult:
+    """Write the outputs of a stack from its frame-chunk parts (in order), ``done.json`` last, into a
+    staging folder that replaces ``OUT/<name>/`` (parts included) as a whole."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    d = Path(out_dir) / entry.name
+    d.mkdir(parents=True, exist_ok=True)
+    clean_dir(d)
+    parts = [Path(p) for p in part_paths]
+    info = (part_meta(parts[0]) or {}).get("info", {}) if parts else {}
+    n = int(info.get("n_frames", sum(len((part_meta(p) or {}).get("frames", [])) for p in parts)))
+    opened: list = []
+
+    def get_frame(i: int) -> np.ndarray:  # the figures' frames: the file is opened only when one is drawn
+        if not opened:
+            opened.append(read_input(entry.path, read_options))
+        return read_frame(opened[0], i)
+
+    def frames() -> Iterator[FrameResult]:
+        for p in parts:
+            yield from load_part(p)
+
+    src = InputSource(entry, n, bool(info.get("is_stack", True)), info, get_frame)
+    try:
+        with staged_dir(d) as stage:  # the old folder, parts included, goes as a whole
+            summary = assemble(src, stage, frames(), run=RunSettings(config, chash, model_sha), t_start=t_start)
+            write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
+    except InputUnreadable as exc:
+        return skip_input(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
+    crash_hook("after_done", entry.name)
+    return result_from_summary(entry, summary, time.perf_counter() - t_start)

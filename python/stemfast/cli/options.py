@@ -1,0 +1,179 @@
+"""Everything the subcommands share, defined once: options, their parsing, exit codes, error prints.
+
+``batch``, ``analyze``, ``train`` and ``bench`` take the same settings options
+(:func:`add_settings_options`); ``sites`` takes the lattice ones (:func:`add_spacing_option`,
+:func:`add_backend_option`); every command reading micrographs takes the input options
+(:func:`add_input_options`). :func:`config_from_args` turns parsed arguments into a checked
+``PipelineConfig`` and raises :class:`stemfast.errors.SettingsError` (exit status 2) before any
+work is done. The exit codes and the ``error: ...`` print are those of :mod:`stemfast.errors`
+(re-exported here); :func:`guarded` runs a command handler with them.
+
+Examples
+--------
+>>> import argparse
+>>> p = argparse.ArgumentParser()
+>>> add_settings_options(p)
+>>> cfg = config_from_args(p.parse_args(["--epochs", "3", "--set", "analysis.top_n=5"]))
+>>> cfg.model.epochs, cfg.analysis.top_n
+(3, 5)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Sequence
+
+from ..backend import BACKENDS
+from ..config import DEFAULT_MAX_NONFINITE, ReadOptions
+from ..errors import (EXIT_BUSY, EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED,
+                      SettingsError, report_cli_error)
+from ..materials import add_material_argument
+
+__all__ = [
+    "add_settings_options",
+    "add_spacing_option",
+    "add_backend_option",
+    "add_input_options",
+    "add_verbose_option",
+    "config_from_args",
+    "read_options_from_args",
+    "parse_set",
+    "exit_status_epilog",
+    "add_model_choice_arguments",
+    "guarded",
+    "ReadOptions",
+    "DEFAULT_MAX_NONFINITE",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_SETTINGS",
+    "EXIT_SKIPPED",
+    "EXIT_BUSY",
+    "EXIT_INTERRUPTED",
+    "EXIT_CODES",
+    "report_cli_error",
+]
+
+log = logging.getLogger("stemfast.cli")
+
+def add_verbose_option(p) -> None:
+    """``-v`` / ``-vv``: more log output."""
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+
+
+def add_spacing_option(g) -> None:
+    """``--spacing PX`` (``sites.spacing``)."""
+    g.add_argument("--spacing", type=float, default=None, metavar="PX",
+                   help="nearest-neighbour column spacing in px (sites.spacing; default: estimated per image)")
+
+
+def add_backend_option(g) -> None:
+    """``--backend`` (``sites.backend``), its choices from :data:`stemfast.backend.BACKENDS`."""
+    g.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="kernel backend (sites.backend; default: fastest available)")
+
+
+def add_settings_options(p: argparse.ArgumentParser, *, model: bool = True,
+                         title: str = "settings (override the --config file)") -> None:
+    """``--config`` and the setting overrides (``--set`` and the shortcuts), plus ``-v``."""
+    g = p.add_argument_group(title)
+    g.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="settings file (TOML: [sites], [sites.lattice], [model], [analysis], patch_size); a "
+                        "results folder's stemfast.toml works too. Options below override it")
+    if model:
+        g.add_argument("--plain-vae", action="store_true",
+                       help="plain VAE instead of the rotation-invariant rVAE (model.model = 'vae')")
+        g.add_argument("--latent-dim", type=int, default=None, metavar="N", help="latent size (model.latent_dim)")
+        g.add_argument("--epochs", type=int, default=None, metavar="N", help="maximal training epochs (model.epochs)")
+    add_spacing_option(g)
+    add_material_argument(g)
+    add_backend_option(g)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set analysis.defect_cutoff=6 --set model.device='\"cpu\"' "
+                        "(VALUE is parsed as TOML, else taken as a string); repeatable")
+    add_verbose_option(p)
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """``--fill-nonfinite`` / ``--nonfinite-limit``."""
+    g = p.add_argument_group("inputs")
+    g.add_argument("--fill-nonfinite", action="store_true",
+                   help="images with a few NaN/infinite pixels: replace them by the frame median (with a "
+                        "warning in the summary) instead of skipping the image")
+    g.add_argument("--nonfinite-limit", type=float, default=DEFAULT_MAX_NONFINITE, metavar="FRACTION",
+                   help=f"with --fill-nonfinite: skip frames with more than this fraction of non-finite pixels "
+                        f"(default {DEFAULT_MAX_NONFINITE:g})")
+
+
+def parse_set(items: Sequence[str] | None) -> dict:
+    """``["model.epochs=3", "sites.backend=numba"]`` -> ``{"model.epochs": 3, ...}`` (values parsed as TOML)."""
+    from ..config import parse_toml
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SettingsError(f"--set needs KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            val = parse_toml(f"v = {v}")["v"]
+        except ValueError:  # tomllib.TOMLDecodeError: not a TOML value, taken as a string
+            val = v
+        out[k.strip()] = val
+    return out
+
+
+def config_from_args(args) -> object:
+    """The checked ``PipelineConfig`` of parsed arguments (``--config`` < options); :class:`SettingsError`."""
+    from ..config import load_config
+
+    o: dict = parse_set(getattr(args, "set", []) or [])
+    if getattr(args, "plain_vae", False):
+        o["model.model"] = "vae"
+    if getattr(args, "latent_dim", None) is not None:
+        o["model.latent_dim"] = args.latent_dim
+    if getattr(args, "epochs", None) is not None:
+        o["model.epochs"] = args.epochs
+    if getattr(args, "spacing", None) is not None:
+        o["sites.spacing"] = args.spacing
+    if getattr(args, "material", None) is not None:
+        o["sites.material"] = args.material
+    if getattr(args, "backend", None):
+        o["sites.backend"] = args.backend
+    try:
+        return load_config(getattr(args, "config", None), o)
+    except SettingsError:
+        raise
+    except (ValueError, OSError) as exc:  # a missing / unreadable --config file
+        raise SettingsError(str(exc)) from exc
+
+
+def read_options_from_args(args) -> ReadOptions:
+    """The :class:`~stemfast.config.ReadOptions` of parsed arguments (:func:`add_input_options`)."""
+    return ReadOptions(fill_nonfinite=bool(getattr(args, "fill_nonfinite", False)),
+                       max_nonfinite_fraction=getattr(args, "nonfinite_limit", DEFAULT_MAX_NONFINITE))
+
+
+def exit_status_epilog() -> str:
+    """The ``exit status`` paragraph of ``--help`` (from :data:`stemfast.errors.EXIT_CODES`)."""
+    return "exit status:\n" + "\n".join(f"  {k:<4d} {v}" for k, v in EXIT_CODES.items())
+
+
+def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
+    """``--train`` / ``--finetune N`` (which model; the default is the shipped pretrained model)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--train", action="store_true",
+                   help="train a model on the inputs instead of using the shipped pretrained model")
+    g.add_argument("--finetune", type=int, default=0, metavar="N",
+                   help="adapt the shipped pretrained model to the inputs for N optimiser steps")
+
+
+def guarded(fn, args) -> int:
+    """Run a command handler ``fn(args)``; an expected failure becomes its ``error: ...`` message and
+    exit status (:func:`stemfast.errors.report_cli_error`), never a traceback. A bug is re-raised."""
+    try:
+        return fn(args)
+    except BaseException as exc:  # noqa: BLE001 - every expected failure becomes a message and an exit status
+        log.debug("%s failed", getattr(fn, "__name__", "command"), exc_info=True)
+        code = report_cli_error(exc)
+        if code is None:
+            raise
+        return code

@@ -1,0 +1,99 @@
+"""Drift between the frames of a time series, by phase correlation.
+
+Frames are block-averaged to at most :data:`DRIFT_MAX_PX` px (:func:`block_average`) and compared
+by Hann-windowed phase cross-correlation with a sub-pixel search in steps of
+:data:`DRIFT_RESOLUTION_PX` full-resolution px (:func:`phase_drift`). The batch runner measures the
+drift of every frame of a stack to the frame before it (``summary.json``, ``drift_px``).
+
+Examples
+--------
+>>> import numpy as np
+>>> from stemfast.drift import block_average, phase_drift
+>>> rng = np.random.default_rng(0)
+>>> a = rng.normal(size=(128, 128)).astype(np.float32)
+>>> b = np.roll(a, (2, 3), axis=(0, 1))  # the content moved 3 px right, 2 px down
+>>> dx, dy = phase_drift(block_average(a), block_average(b), a.shape)
+>>> round(dx, 1), round(dy, 1)
+(3.0, 2.0)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+__all__ = ["DRIFT_MAX_PX", "DRIFT_RESOLUTION_PX", "block_average", "phase_drift"]
+
+#: Frames are block-averaged to at most this size (px) for the drift estimate.
+DRIFT_MAX_PX = 512
+#: Step of the sub-pixel drift search, in full-resolution px.
+DRIFT_RESOLUTION_PX = 0.02
+
+
+def _check_2d(a, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2 or min(a.shape) < 2:
+        raise ValueError(f"{name} must be a 2-D image of at least 2 x 2 px, got shape {a.shape}")
+    return a
+
+
+def block_average(img: np.ndarray) -> np.ndarray:
+    """``img`` (float32) block-averaged by the smallest integer factor that brings it to at most
+    :data:`DRIFT_MAX_PX` px on its longer side (rows / columns beyond a whole block are dropped).
+
+    Examples
+    --------
+    >>> block_average(np.ones((1100, 600))).shape
+    (366, 200)
+    """
+    return _block_average(_check_2d(img, "img"))
+
+
+def _block_average(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float32)
+    f = max(1, int(math.ceil(max(a.shape) / DRIFT_MAX_PX)))
+    if f > 1:
+        H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
+        a = a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    return a
+
+
+def phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) -> tuple[float, float]:
+    """Displacement ``(dx, dy)`` in full-resolution px of the content of ``cur`` relative to ``prev``.
+
+    ``prev`` and ``cur`` are the block-averaged frames (:func:`block_average`), ``full_shape`` the
+    shape of the frames before averaging. Phase cross-correlation (scikit-image), Hann windowed. On
+    a perfect crystal the shift is only defined modulo the lattice; non-periodic features (defects,
+    holes, contamination) resolve it.
+
+    Examples
+    --------
+    >>> a = np.random.default_rng(1).normal(size=(64, 64))
+    >>> dx, dy = phase_drift(a, np.roll(a, 1, axis=1), a.shape)
+    >>> round(dx, 2), abs(round(dy, 2))
+    (1.0, 0.0)
+    """
+    prev, cur = _check_2d(prev, "prev"), _check_2d(cur, "cur")
+    if prev.shape != cur.shape:
+        raise ValueError(f"prev and cur must have the same shape, got {prev.shape} and {cur.shape}")
+    if len(full_shape) != 2 or min(full_shape) < 1:
+        raise ValueError(f"full_shape must be (rows, columns), got {full_shape!r}")
+    return _phase_drift(prev, cur, (int(full_shape[0]), int(full_shape[1])))
+
+
+def _phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) -> tuple[float, float]:
+    from skimage.registration import phase_cross_correlation
+
+    win = np.outer(np.hanning(prev.shape[0]), np.hanning(prev.shape[1])).astype(np.float32)
+    a = (prev - prev.mean()) * win
+    b = (cur - cur.mean()) * win
+    fy = full_shape[0] / prev.shape[0]
+    fx = full_shape[1] / prev.shape[1]
+    # sub-pixel steps of DRIFT_RESOLUTION_PX at full resolution (the frames were block-averaged)
+    up = int(math.ceil(max(fx, fy) / DRIFT_RESOLUTION_PX))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shift, _err, _ph = phase_cross_correlation(a, b, upsample_factor=up, normalization=None)
+    # shift registers cur onto prev, i.e. it undoes the motion: the content moved by -shift
+    return float(-shift[1] * fx), float(-shift[0] * fy)
