@@ -188,7 +188,7 @@ def test_sites_below_the_cutoff_continue_a_track_but_never_start_one():
     assert lk.summary()["n_weak_links"] == 4
     # below the cutoff alone: tracked after weak_frames frames in a row (kind below_cutoff), never before
     for weak_frames, n, want in ((0, 3, 0), (3, 2, 0), (3, 3, 1)):
-        lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=weak_frames), cutoff=5.0)
+        lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=weak_frames, weak_mean_fraction=0.6), cutoff=5.0)
         out = []
         for f, t, d in frames[3:3 + n]:
             out += lk.push(f, t, drift=d)
@@ -282,6 +282,30 @@ def test_a_run_below_the_cutoff_is_tracked_only_when_its_mean_score_is_high_enou
         assert lk.n_tracks == want
         assert lk.summary()["n_weak_runs_unreported"] == 1 - want
         assert all(int(t["track_id"][0]) == (0 if want else -1) for _, t in out)
+
+
+def test_the_faintest_sites_keep_a_track_on_its_node_but_never_carry_it_elsewhere():
+    # between stay_fraction and continue_fraction of the cutoff: continues the track where it is,
+    # not a hop, and never a run that is not yet a track
+    p, q = node(2, 1), node(3, 2)  # q: one S2 step from p
+    for second, want in ((p, [0, 0, 0]), (q, [0, -1, 0])):
+        lk = DefectLinker(TrackSettings(max_gap=1, stay_fraction=0.5, continue_fraction=0.6), cutoff=5.0)
+        out = []
+        for k, (pt, sc, flag) in enumerate([(p, 8.0, True), (second, 2.7, False), (p, 8.0, True)]):
+            t = table([pt], score=sc)
+            isd = np.asarray(t["is_defect"]).copy()
+            isd[0] = flag
+            out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
+        out += lk.finish()
+        assert [int(t["track_id"][0]) for _, t in out] == want
+        assert lk.n_tracks == 1 and lk.tracks_rows[0]["hops"] == 0
+    # alone, such sites start nothing
+    lk = DefectLinker(TrackSettings(), cutoff=5.0)
+    for k in range(6):
+        t = table([p], score=2.7)
+        lk.push(k, t.with_columns({"is_defect": np.zeros(len(t), bool)}), drift=(0, 0) if k else None)
+    lk.finish()
+    assert lk.n_tracks == 0 and lk.summary()["n_tentative_dropped"] == 0
 
 
 def test_a_flagged_hop_goes_to_the_track_not_to_a_tentative_run_on_its_node():

@@ -176,6 +176,13 @@ class TrackSettings:
         (``n_weak_runs_unreported`` of the summary), not tracked. 0: only flagged sites start tracks.
     weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
+    stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
+        ``continue_fraction``) continues a track that has a flagged detection or an id **on the
+        track's own node** (no hop, no tentative run): the likeliest place of a defect is where it
+        was, so there the faintest evidence suffices. Set it >= ``continue_fraction`` to switch off.
+    hold_frames : frames a table is held back at least, so that the id of a track confirmed late
+        (a run below the cutoff whose mean reaches ``weak_mean_fraction`` only after some frames)
+        still reaches its earlier frames; memory grows with this number, not with the series.
     weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins).
     """
 
@@ -188,6 +195,8 @@ class TrackSettings:
     continue_fraction: float = 0.6
     weak_frames: int = 3
     weak_mean_fraction: float = 0.7
+    stay_fraction: float = 0.5
+    hold_frames: int = 10
     weak_penalty: float = 0.5
 
     def __post_init__(self) -> None:
@@ -197,9 +206,11 @@ class TrackSettings:
             raise ValueError(f"max_gap must be >= 0, got {self.max_gap!r}")
         if int(self.weak_frames) < 0:
             raise ValueError(f"weak_frames must be >= 0, got {self.weak_frames!r}")
+        if int(self.hold_frames) < 0:
+            raise ValueError(f"hold_frames must be >= 0, got {self.hold_frames!r}")
         if int(self.min_frames) < 1:
             raise ValueError(f"min_frames must be >= 1, got {self.min_frames!r}")
-        for name in ("continue_fraction", "weak_mean_fraction"):
+        for name in ("continue_fraction", "weak_mean_fraction", "stay_fraction"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
@@ -211,7 +222,8 @@ class TrackSettings:
     @property
     def delay(self) -> int:
         """Frames a table is held back until the ids of its defects are final."""
-        return max((int(self.min_frames) - 1) * (int(self.max_gap) + 1), int(self.weak_frames) - 1)
+        return max((int(self.min_frames) - 1) * (int(self.max_gap) + 1), int(self.weak_frames) - 1,
+                   int(self.hold_frames))
 
 
 # ----------------------------------------------------------------------------- lattice arithmetic
@@ -607,7 +619,8 @@ class DefectLinker:
             self._expire(frame)
             return strong, [None] * len(strong), counts
         # sites below the cutoff that may continue a track (never start one)
-        weak_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
+        cont_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
+        weak_thr = min(self.s.stay_fraction, self.s.continue_fraction) * self.cutoff if self.cutoff else np.inf
         want_weak = self.active or self.s.weak_frames > 0
         weak_rows = np.flatnonzero(~isd & fin & (score_all >= weak_thr)) if want_weak else np.zeros(0, np.int64)
         rows = np.concatenate([strong, weak_rows])
@@ -620,7 +633,7 @@ class DefectLinker:
                 ok &= ~np.asarray(table["edge"], bool)
             if "observed" in table:
                 ok &= np.asarray(table["observed"], bool)
-            can_start = can_start | ok[rows]
+            can_start = can_start | (ok[rows] & (score_all[rows] >= cont_thr))
         kinds = np.r_[kinds_s, np.full(len(weak_rows), "")]
         subs = (np.asarray(table["sublattice"], np.int64)[rows] if "sublattice" in table
                 else np.full(len(rows), -1, np.int64))
@@ -637,7 +650,8 @@ class DefectLinker:
         assign = np.full(len(rows), -1, np.int64)
         steps_of = np.zeros(len(rows))
         if cand_tr and len(rows):
-            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak)
+            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak,
+                                            weak & (score < cont_thr))
         det_tracks: list = [None] * len(rows)
         res = []
         for d in range(len(rows)):
@@ -685,7 +699,7 @@ class DefectLinker:
         self._expire(frame)
         return rows, det_tracks, counts
 
-    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak):
+    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low):
         from scipy.optimize import linear_sum_assignment
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -723,6 +737,7 @@ class DefectLinker:
         same_colour = (n[:, 0] - n[:, 1]) % 3 == 0
         ok &= ~known | same_colour  # a defect stays on its sublattice
         ok &= steps <= s.max_hop * g + 1e-9
+        ok &= ~(low[di] & ((steps > 0) | tent[ti]))  # the faintest sites only keep a track on its node
         wk = weak[di]
         cost = (steps + r / spacing + s.gap_penalty * (g - 1)
                 + s.kind_penalty * ((tkind[ti] != kinds[di]) & ~wk & (tkind[ti] != ""))
