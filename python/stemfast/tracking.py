@@ -34,10 +34,13 @@ Linking, frame by frame
 
 Streaming
 ---------
-Only the active tracks and the frame tables of the last ``(min_frames - 1) * (max_gap + 1)``
-frames are held: a track gets its public id when it has been seen in ``min_frames`` frames, which
-is decided within that window, so a frame's table is written (``track_id`` = the public id, -1 for
-sites that are not defects or whose track was never confirmed) once the window has passed it.
+Only the active tracks and the frame tables of the last :attr:`TrackSettings.delay` frames are
+held (``max((min_frames - 1) * (max_gap + 1), weak_frames - 1, hold_frames)``, 10 by default): a
+track gets its public id when it has been seen in ``min_frames`` frames (a run below the cutoff:
+when its mean score is high enough), so a frame's table is written (``track_id`` = the public id,
+-1 for sites that are not defects or whose track was never confirmed) once the window has passed
+it; a track confirmed later than that window keeps -1 in its earliest frames' rows (its
+``first_frame`` in ``tracks.csv`` is still the first frame it was seen).
 Finished tracks are written to ``tracks.csv`` as they end; per frame only the defect counts by
 kind are kept (for the figure). Memory therefore does not grow with the number of frames.
 
