@@ -21,6 +21,7 @@ from stemfast.tracking import (
     dose_from_metadata,
     lattice_offset,
     link_tables,
+    node_map,
     sublattice_steps,
 )
 
@@ -187,7 +188,7 @@ def test_sites_below_the_cutoff_continue_a_track_but_never_start_one():
     assert lk.summary()["n_weak_links"] == 4
     # below the cutoff alone: tracked after weak_frames frames in a row (kind below_cutoff), never before
     for weak_frames, n, want in ((0, 3, 0), (3, 2, 0), (3, 3, 1)):
-        lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=weak_frames), cutoff=5.0)
+        lk = DefectLinker(TrackSettings(max_gap=0, weak_frames=weak_frames, weak_mean_fraction=0.6), cutoff=5.0)
         out = []
         for f, t, d in frames[3:3 + n]:
             out += lk.push(f, t, drift=d)
@@ -244,6 +245,87 @@ def test_lattice_index_columns_are_used_when_they_agree_and_ignored_otherwise():
     lk.push(0, bad, drift=None)
     assert lk.index_rejected == 1 and lk.active[0].start_node.tolist() == [4, 1]
     del pts
+
+
+def test_lattice_index_columns_of_a_frame_that_names_its_lattice_otherwise_are_mapped_not_dropped():
+    # the front end may name a frame's lattice by -a1, -a2 and another origin (it picks g or -g
+    # afresh per frame): the linker maps the frame's (lattice_i, lattice_j) onto the first frame's
+    p = node(4, 1)
+    ij = np.array([[4, 1], [0, 0], [1, 0], [0, 1], [-1, 0]])
+    t0 = table([p], extra={"lattice_i": ij[:, 0] + 7, "lattice_j": ij[:, 1] - 3})
+    q = node(5, 2)  # the defect hopped by a1 + a2 (one S2 step)
+    ij1 = np.array([[5, 2], [0, 0], [1, 0], [0, 1], [-1, 0]])
+    t1 = table([q], basis=-B, extra={"lattice_i": -ij1[:, 0] + 2, "lattice_j": -ij1[:, 1] + 11})
+    lk = DefectLinker()
+    out = lk.push(0, t0, drift=None) + lk.push(1, t1, drift=(0, 0)) + lk.finish()
+    assert lk.index_frames == 2 and lk.index_rejected == 0
+    assert lk.tracks_rows[0]["start_i"] == 4 and lk.tracks_rows[0]["start_j"] == 1
+    assert (lk.tracks_rows[0]["end_i"], lk.tracks_rows[0]["end_j"]) == (5, 2)
+    assert lk.tracks_rows[0]["hops"] == 1 and [int(t["track_id"][0]) for _, t in out] == [0, 0]
+    # node_map: a rotation by 60 degrees ((i, j) -> (-j, i + j)) and an offset
+    rot = np.c_[-ij[:, 1], ij[:, 0] + ij[:, 1]] + [3, -2]
+    M, off, share = node_map(ij, rot)
+    assert share == 1.0 and off.tolist() == [3, -2] and (ij @ M + off).tolist() == rot.tolist()
+
+
+def test_a_run_below_the_cutoff_is_tracked_only_when_its_mean_score_is_high_enough():
+    # scores are mostly fixed by the image around a site, so three frames of 3.2 are no more a
+    # defect than one frame of 3.2: such a run is counted, not tracked
+    p = node(2, 1)
+    for score, want in ((3.2, 0), (3.6, 1), (4.5, 1)):
+        lk = DefectLinker(TrackSettings(weak_mean_fraction=0.7), cutoff=5.0)
+        out = []
+        for k in range(5):
+            t = table([p], score=score)
+            out += lk.push(k, t.with_columns({"is_defect": np.zeros(len(t), bool)}), drift=(0, 0) if k else None)
+        out += lk.finish()
+        assert lk.n_tracks == want
+        assert lk.summary()["n_weak_runs_unreported"] == 1 - want
+        assert all(int(t["track_id"][0]) == (0 if want else -1) for _, t in out)
+
+
+def test_the_faintest_sites_keep_a_track_on_its_node_but_never_carry_it_elsewhere():
+    # between stay_fraction and continue_fraction of the cutoff: continues the track where it is,
+    # not a hop, and never a run that is not yet a track
+    p, q = node(2, 1), node(3, 2)  # q: one S2 step from p
+    for second, want in ((p, [0, 0, 0]), (q, [0, -1, 0])):
+        lk = DefectLinker(TrackSettings(max_gap=1, stay_fraction=0.5, continue_fraction=0.6), cutoff=5.0)
+        out = []
+        for k, (pt, sc, flag) in enumerate([(p, 8.0, True), (second, 2.7, False), (p, 8.0, True)]):
+            t = table([pt], score=sc)
+            isd = np.asarray(t["is_defect"]).copy()
+            isd[0] = flag
+            out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
+        out += lk.finish()
+        assert [int(t["track_id"][0]) for _, t in out] == want
+        assert lk.n_tracks == 1 and lk.tracks_rows[0]["hops"] == 0
+    # alone, such sites start nothing
+    lk = DefectLinker(TrackSettings(), cutoff=5.0)
+    for k in range(6):
+        t = table([p], score=2.7)
+        lk.push(k, t.with_columns({"is_defect": np.zeros(len(t), bool)}), drift=(0, 0) if k else None)
+    lk.finish()
+    assert lk.n_tracks == 0 and lk.summary()["n_tentative_dropped"] == 0
+
+
+def test_a_flagged_hop_goes_to_the_track_not_to_a_tentative_run_on_its_node():
+    # a confirmed track at node A; a run below the cutoff (not yet a track) sits on the S2 node next
+    # to it; the defect hops onto that node (flagged): it keeps its id, the run does not take it
+    a, b = node(0, 3), node(1, 4)
+    lk = DefectLinker(TrackSettings(max_gap=0), cutoff=5.0)
+    out = []
+    for k in range(4):
+        if k < 3:
+            t = table([a, b], score=[8.0, 3.4])
+            isd = np.asarray(t["is_defect"]).copy()
+            isd[1] = False
+            t = t.with_columns({"is_defect": isd})
+        else:
+            t = table([b], score=8.0)
+        out += lk.push(k, t, drift=(0, 0) if k else None)
+    out += lk.finish()
+    assert [int(t["track_id"][0]) for _, t in out] == [0, 0, 0, 0]
+    assert lk.tracks_rows[0]["hops"] == 1 and lk.n_tracks == 1
 
 
 def test_settings_are_validated():

@@ -386,7 +386,11 @@ class SiteIndex:
     """Output of :func:`index_sites`: every node of the site lattice in the film, then the peaks on
     no node.
 
-    ``xy`` [N, 2]; ``ij`` [N, 2] integer site-lattice indices (p, q) (0 for off-lattice peaks);
+    ``xy`` [N, 2]; ``ij`` [N, 2] integer site-lattice indices (p, q) (0 for off-lattice peaks):
+    ``xy ~ origin + p s1 + q s2`` with ``s1, s2`` the rows of ``basis``. The naming holds within one
+    image only: the origin and which first-shell vectors are ``s1, s2`` (from ``g`` or ``-g``) are
+    picked afresh per image, so two frames of a series may name the same node differently
+    (:func:`stemfast.tracking.node_map` maps one frame's naming onto another's);
     ``peak`` [N] index into the peaks (-1 for a node without a peak); ``kind`` [N]: 0 node with its
     peak, 1 node predicted (no peak), 2 off-lattice peak; ``cls`` [N] ``(p - q) mod 3`` (-1 off
     lattice); ``basis`` [N, 2, 2] local site-lattice vectors (rows s1, s2, px); ``rms`` [N] residual

@@ -11,8 +11,10 @@ displacement is read locally, strain and slow lattice rotation across the field 
 node arithmetic. Every detection also gets an absolute node ``(i, j)`` relative to a reference
 origin fixed in the first frame (the site nearest the image centre) and carried through the
 series by the drift; when the site table has lattice node columns (``lattice_i, lattice_j``,
-consistent within a frame) they are used, after one integer offset per frame that maps them onto
-the reference origin (checked: if the offset does not explain most sites, they are ignored).
+:data:`LATTICE_NODE_CONVENTION`: one origin and one naming of the lattice vectors per frame) they
+are used, mapped onto the reference's naming and origin by one integer matrix and offset per frame
+(:func:`node_map`; checked: if no map explains 90 % of the sites near the origin, the nodes come
+from the positions, with a warning and ``lattice_index_columns.frames_rejected`` in the summary).
 
 Linking, frame by frame
 -----------------------
@@ -20,7 +22,9 @@ Linking, frame by frame
   a compatible sublattice (equal, or one of them unknown) at most ``max_hop * g`` sublattice
   steps away.
 * Cost (in lattice steps): ``steps + off-node residual (in site spacings) + gap_penalty * (g - 1)
-  + kind_penalty * (kinds differ)``.
+  + kind_penalty * (kinds differ) + weak_penalty * (site below the cutoff)``, plus ``max_hop +
+  weak_penalty`` for a run of sites below the cutoff that is not yet a track: a flagged site one
+  hop from a track goes to that track, not to a tentative run sitting on its node.
 * One optimal one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`, per connected
   group of candidates): two defects are never merged into one track, and a defect that stays
   beats a neighbour's hop onto its node.
@@ -30,10 +34,13 @@ Linking, frame by frame
 
 Streaming
 ---------
-Only the active tracks and the frame tables of the last ``(min_frames - 1) * (max_gap + 1)``
-frames are held: a track gets its public id when it has been seen in ``min_frames`` frames, which
-is decided within that window, so a frame's table is written (``track_id`` = the public id, -1 for
-sites that are not defects or whose track was never confirmed) once the window has passed it.
+Only the active tracks and the frame tables of the last :attr:`TrackSettings.delay` frames are
+held (``max((min_frames - 1) * (max_gap + 1), weak_frames - 1, hold_frames)``, 10 by default): a
+track gets its public id when it has been seen in ``min_frames`` frames (a run below the cutoff:
+when its mean score is high enough), so a frame's table is written (``track_id`` = the public id,
+-1 for sites that are not defects or whose track was never confirmed) once the window has passed
+it; a track confirmed later than that window keeps -1 in its earliest frames' rows (its
+``first_frame`` in ``tracks.csv`` is still the first frame it was seen).
 Finished tracks are written to ``tracks.csv`` as they end; per frame only the defect counts by
 kind are kept (for the figure). Memory therefore does not grow with the number of frames.
 
@@ -80,6 +87,8 @@ __all__ = [
     "TRACK_COLUMNS",
     "TRACK_FILES",
     "lattice_offset",
+    "node_map",
+    "LATTICE_NODE_CONVENTION",
     "sublattice_steps",
     "dose_from_metadata",
     "plot_tracks",
@@ -162,9 +171,21 @@ class TrackSettings:
     weak_frames : a site below the cutoff (but at least ``continue_fraction * defect_cutoff``),
         away from the image border (``edge`` False, ``observed`` True: the border's sites are
         less certain), followed over this many consecutive frames (no gap) starts a track too (kind
-        ``below_cutoff`` until a flagged detection names it): evidence accumulated over time. For a
-        normal site of a Gaussian-like score to pass 3 in three frames in a row is a ~1e-8 event.
-        0: only flagged sites start tracks.
+        ``below_cutoff`` until a flagged detection names it) when the mean score of its sites
+        reaches ``weak_mean_fraction * defect_cutoff``. The frames are not independent evidence: a
+        site's score is mostly fixed by the image content around it (frame-to-frame correlation of
+        the scores of normal sites 0.73-0.95 on the synthetic series of ``benchmarks/track_eval.py``),
+        so a normal column that scores 3-4 does so in most frames; such runs are counted
+        (``n_weak_runs_unreported`` of the summary), not tracked. 0: only flagged sites start tracks.
+    weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
+        cutoff must reach to become a track (see ``weak_frames``).
+    stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
+        ``continue_fraction``) continues a track that has a flagged detection or an id **on the
+        track's own node** (no hop, no tentative run): the likeliest place of a defect is where it
+        was, so there the faintest evidence suffices. Set it >= ``continue_fraction`` to switch off.
+    hold_frames : frames a table is held back at least, so that the id of a track confirmed late
+        (a run below the cutoff whose mean reaches ``weak_mean_fraction`` only after some frames)
+        still reaches its earlier frames; memory grows with this number, not with the series.
     weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins).
     """
 
@@ -176,6 +197,9 @@ class TrackSettings:
     kind_penalty: float = 0.5
     continue_fraction: float = 0.6
     weak_frames: int = 3
+    weak_mean_fraction: float = 0.7
+    stay_fraction: float = 0.5
+    hold_frames: int = 10
     weak_penalty: float = 0.5
 
     def __post_init__(self) -> None:
@@ -185,10 +209,14 @@ class TrackSettings:
             raise ValueError(f"max_gap must be >= 0, got {self.max_gap!r}")
         if int(self.weak_frames) < 0:
             raise ValueError(f"weak_frames must be >= 0, got {self.weak_frames!r}")
+        if int(self.hold_frames) < 0:
+            raise ValueError(f"hold_frames must be >= 0, got {self.hold_frames!r}")
         if int(self.min_frames) < 1:
             raise ValueError(f"min_frames must be >= 1, got {self.min_frames!r}")
-        if not 0.0 < self.continue_fraction <= 1.0:
-            raise ValueError(f"continue_fraction must be in (0, 1], got {self.continue_fraction!r}")
+        for name in ("continue_fraction", "weak_mean_fraction", "stay_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         for name in ("gap_penalty", "kind_penalty", "weak_penalty"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
@@ -197,7 +225,8 @@ class TrackSettings:
     @property
     def delay(self) -> int:
         """Frames a table is held back until the ids of its defects are final."""
-        return max((int(self.min_frames) - 1) * (int(self.max_gap) + 1), int(self.weak_frames) - 1)
+        return max((int(self.min_frames) - 1) * (int(self.max_gap) + 1), int(self.weak_frames) - 1,
+                   int(self.hold_frames))
 
 
 # ----------------------------------------------------------------------------- lattice arithmetic
@@ -250,6 +279,52 @@ def sublattice_steps(n: np.ndarray) -> np.ndarray:
     hexd = (np.abs(u) + np.abs(v) + np.abs(u + v)) / 2.0
     eu = np.sqrt(i ** 2 + j ** 2 + i * j) / _SQRT3  # |i a1 + j a2| / (sqrt(3) |a|) for a 60-degree basis
     return np.where(same, hexd, eu).astype(np.float64)
+
+
+#: How a site table names its lattice nodes (the columns ``lattice_i, lattice_j`` of
+#: :func:`stemfast.find_sites`, written by :func:`stemfast.sitelattice.index_sites`): within one
+#: table, ``(x, y) ~ origin + i a1 + j a2`` with ``a1, a2`` the site's own ``a1x, a1y, a2x, a2y``
+#: (site-lattice vectors 60 degrees apart; the three sublattices are ``(i - j) mod 3``). Across
+#: tables (frames) neither the origin nor the pair of vectors is fixed: another frame may name its
+#: lattice with ``-a1, -a2`` or any other pair of first-shell vectors, from another origin.
+#: :class:`DefectLinker` maps every frame onto the first frame's naming (:func:`node_map`).
+LATTICE_NODE_CONVENTION = "per table: (x, y) ~ origin + lattice_i a1 + lattice_j a2; origin and naming per table"
+
+# the 2 x 2 integer matrices of determinant +-1 with entries in {-1, 0, 1}: every renaming of a
+# lattice's basis by first-shell vectors (the 12 symmetries of the triangular lattice among them)
+_UNIMODULAR = np.array([m for m in (np.array(v).reshape(2, 2) for v in np.ndindex(3, 3, 3, 3))
+                        if abs(round(np.linalg.det(m - 1))) == 1], dtype=np.int64) - 1
+
+
+def node_map(ij: np.ndarray, ref_ij: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The renaming of lattice nodes ``ij`` [N, 2] that best explains ``ref_ij`` [N, 2].
+
+    Returns ``(M, offset, share)``: ``ref_ij ~ ij @ M + offset`` for ``M`` an integer 2 x 2 matrix
+    of determinant +-1 (entries -1, 0, 1: one naming of a lattice by first-shell vectors turned
+    into another) and ``share`` the fraction of rows it maps exactly.
+
+    Examples
+    --------
+    >>> ij = np.array([[0, 0], [1, 0], [0, 1], [2, -1], [3, 3]])
+    >>> M, off, share = node_map(ij, -ij + np.array([5, 7]))     # the other frame names a1 as -a1
+    >>> M.tolist(), off.tolist(), share
+    ([[-1, 0], [0, -1]], [5, 7], 1.0)
+    """
+    ij = np.asarray(ij, np.int64).reshape(-1, 2)
+    ref = np.asarray(ref_ij, np.int64).reshape(-1, 2)
+    if len(ij) != len(ref):
+        raise ValueError(f"ij and ref_ij differ in length ({len(ij)} vs {len(ref)})")
+    best = (np.eye(2, dtype=np.int64), np.zeros(2, np.int64), 0.0)
+    if not len(ij):
+        return best
+    for M in _UNIMODULAR:
+        off = ref - ij @ M
+        vals, cnt = np.unique(off, axis=0, return_counts=True)
+        k = int(np.argmax(cnt))
+        share = float(cnt[k]) / len(ij)
+        if share > best[2]:
+            best = (M.copy(), vals[k].copy(), share)
+    return best
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -366,6 +441,7 @@ class DefectLinker:
         self.cutoff = float(cutoff) if cutoff else None
         self.n_weak = 0
         self.n_tentative_dropped = 0
+        self.n_weak_runs_unreported = 0
         self.nm_per_px = float(nm_per_px) if nm_per_px else None
         self.centre = None if centre is None else np.asarray(centre, np.float64)
         self.on_track = on_track
@@ -450,6 +526,7 @@ class DefectLinker:
             "n_linked": int(self.n_linked),
             "n_weak_links": int(self.n_weak),
             "n_tentative_dropped": int(self.n_tentative_dropped),
+            "n_weak_runs_unreported": int(self.n_weak_runs_unreported),
             "weak_score": (self.s.continue_fraction * self.cutoff) if self.cutoff else None,
             "n_unconfirmed": int(self.n_unconfirmed),
             "frames_with_defects": int(seen),
@@ -483,31 +560,39 @@ class DefectLinker:
         return n
 
     def _frame_nodes(self, table: SiteTable, xy_all: np.ndarray, B_all: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Absolute nodes of ``rows``; through ``lattice_i, lattice_j`` when they agree with the reference."""
-        est = None
+        """Absolute nodes of ``rows``: the frame's ``lattice_i, lattice_j`` mapped onto the reference's.
+
+        The node columns of a frame name its lattice in their own way (:data:`LATTICE_NODE_CONVENTION`):
+        one origin and one pair of vectors per frame, which may be any pair of first-shell vectors
+        (the Fourier front end picks ``g`` or ``-g`` afresh in every frame). The frame's naming is
+        mapped onto the reference's by the integer matrix and offset (:func:`node_map`) read at the
+        sites nearest the reference origin, where the node estimated from the position is exact. The
+        nodes are taken from the positions only when no such map explains 90 % of those sites (then
+        a warning, counted in the summary as ``lattice_index_columns.frames_rejected``).
+        """
         if "lattice_i" in table and "lattice_j" in table:
             ij = np.c_[np.asarray(table["lattice_i"]), np.asarray(table["lattice_j"])]
             okr = np.isfinite(ij.astype(np.float64)).all(1) & np.isfinite(B_all).all(axis=(1, 2))
+            if "on_lattice" in table:  # off-lattice sites carry node 0: no node of theirs
+                okr &= np.asarray(table["on_lattice"], bool)
             if okr.sum() >= 3:
-                # the sites nearest the origin: the offset is read where the node estimate is exact
+                # the sites nearest the origin: the map is read where the node estimate is exact
                 cand = np.flatnonzero(okr)
                 dist = np.hypot(*(xy_all[cand] - self.origin).T)
                 near = cand[np.argsort(dist)[:200]]
                 est_near = self._abs_nodes(xy_all[near], B_all[near])
-                off = est_near - ij[near].astype(np.int64)
-                vals, cnt = np.unique(off, axis=0, return_counts=True)
-                best = int(np.argmax(cnt))
-                if cnt[best] >= 0.9 * len(near):
+                M, off, share = node_map(ij[near].astype(np.int64), est_near)
+                if share >= 0.9:
                     self.index_frames += 1
-                    est = ij[rows].astype(np.int64) + vals[best][None]
+                    est = ij[rows].astype(np.int64) @ M + off[None]
                     bad = ~okr[rows]
                     if bad.any():
                         est[bad] = self._abs_nodes(xy_all[rows[bad]], B_all[rows[bad]])
                     return est
                 self.index_rejected += 1
                 if self.index_rejected == 1:
-                    log.warning("lattice node columns do not follow the local lattice vectors (offset explains "
-                                "%d of %d sites): nodes are taken from the positions", int(cnt[best]), len(near))
+                    log.warning("lattice node columns do not follow the local lattice vectors (the best map explains "
+                                "%.0f %% of %d sites): nodes are taken from the positions", 100 * share, len(near))
         return self._abs_nodes(xy_all[rows], B_all[rows])
 
     def _link(self, frame: int, table: SiteTable):
@@ -537,7 +622,8 @@ class DefectLinker:
             self._expire(frame)
             return strong, [None] * len(strong), counts
         # sites below the cutoff that may continue a track (never start one)
-        weak_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
+        cont_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
+        weak_thr = min(self.s.stay_fraction, self.s.continue_fraction) * self.cutoff if self.cutoff else np.inf
         want_weak = self.active or self.s.weak_frames > 0
         weak_rows = np.flatnonzero(~isd & fin & (score_all >= weak_thr)) if want_weak else np.zeros(0, np.int64)
         rows = np.concatenate([strong, weak_rows])
@@ -550,7 +636,7 @@ class DefectLinker:
                 ok &= ~np.asarray(table["edge"], bool)
             if "observed" in table:
                 ok &= np.asarray(table["observed"], bool)
-            can_start = can_start | ok[rows]
+            can_start = can_start | (ok[rows] & (score_all[rows] >= cont_thr))
         kinds = np.r_[kinds_s, np.full(len(weak_rows), "")]
         subs = (np.asarray(table["sublattice"], np.int64)[rows] if "sublattice" in table
                 else np.full(len(rows), -1, np.int64))
@@ -567,7 +653,8 @@ class DefectLinker:
         assign = np.full(len(rows), -1, np.int64)
         steps_of = np.zeros(len(rows))
         if cand_tr and len(rows):
-            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak)
+            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak,
+                                            weak & (score < cont_thr))
         det_tracks: list = [None] * len(rows)
         res = []
         for d in range(len(rows)):
@@ -602,7 +689,8 @@ class DefectLinker:
             t.subs[int(subs[d])] += 1
             t.score_sum += float(score[d])
             if t.public_id < 0 and ((t.n_strong and t.n_seen >= self.s.min_frames)
-                                    or (not t.n_strong and self.s.weak_frames and t.n_seen >= self.s.weak_frames)):
+                                    or (not t.n_strong and self.s.weak_frames and t.n_seen >= self.s.weak_frames
+                                        and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)):
                 t.public_id = self._next_id
                 self._next_id += 1
             det_tracks[d] = t
@@ -614,7 +702,7 @@ class DefectLinker:
         self._expire(frame)
         return rows, det_tracks, counts
 
-    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak):
+    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low):
         from scipy.optimize import linear_sum_assignment
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -652,10 +740,11 @@ class DefectLinker:
         same_colour = (n[:, 0] - n[:, 1]) % 3 == 0
         ok &= ~known | same_colour  # a defect stays on its sublattice
         ok &= steps <= s.max_hop * g + 1e-9
+        ok &= ~(low[di] & ((steps > 0) | tent[ti]))  # the faintest sites only keep a track on its node
         wk = weak[di]
         cost = (steps + r / spacing + s.gap_penalty * (g - 1)
                 + s.kind_penalty * ((tkind[ti] != kinds[di]) & ~wk & (tkind[ti] != ""))
-                + s.weak_penalty * wk + 0.5 * s.weak_penalty * tent[ti])
+                + s.weak_penalty * wk + (s.max_hop + s.weak_penalty) * tent[ti])
         ti, di, cost, steps = ti[ok], di[ok], cost[ok], steps[ok]
         if not len(ti):
             return assign, steps_of
@@ -690,19 +779,24 @@ class DefectLinker:
         keep = []
         for t in self.active:
             if t.public_id < 0 and not t.n_strong and t.last_frame < frame:
-                self.n_tentative_dropped += 1  # a run below the cutoff that broke off: no defect
+                self._drop_run(t)  # a run below the cutoff that broke off: no defect
             elif frame - t.last_frame > self.s.max_gap:
                 self._end(t, "lost")
             else:
                 keep.append(t)
         self.active = keep
 
+    def _drop_run(self, t: _Track) -> None:
+        self.n_tentative_dropped += 1
+        if self.s.weak_frames and t.n_seen >= self.s.weak_frames:  # long enough, its mean too low
+            self.n_weak_runs_unreported += 1
+
     def _end(self, t: _Track, how: str) -> None:
         if t.public_id < 0:
             if t.n_strong:
                 self.n_unconfirmed += 1
             else:
-                self.n_tentative_dropped += 1
+                self._drop_run(t)
             return
         self.n_tracks += 1
         self.n_hops += t.hops
@@ -917,6 +1011,7 @@ def tracks_html(summary: Mapping, folder, img_tag: Callable) -> str:
              ("defect detections", tr.get("n_detections")), ("links between frames (gaps included)", tr.get("n_linked")),
              ("sites below the cutoff continuing a track", tr.get("n_weak_links")),
              ("defects seen once (not tracked)", tr.get("n_unconfirmed")),
+             ("runs below the cutoff too faint on average to track", tr.get("n_weak_runs_unreported")),
              ("median off-node residual of links (px)", tr.get("link_residual_px_median"))]
     rows = "".join(f"<tr><td class='l'>{e(str(k))}</td><td>{e('-' if v is None else (f'{v:.3g}' if isinstance(v, float) else str(v)))}</td></tr>"
                    for k, v in facts)
