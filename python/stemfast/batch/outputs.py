@@ -250,6 +250,8 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "lattice": lattice_summary(fm, src.info),
         # do the learned classes follow the metal / chalcogen / hollow sublattices (analysis.analyze_sites)
         "class_sublattice_ari": median_finite(m.get("class_sublattice_ari") for m in fm),
+        # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
+        "rotation_lock": median_finite(next(iter((m.get("rotation_lock") or {None: None}).values())) for m in fm),
         "timings_s": totals.stage_s,
         "throughput": stage_table_rows({k: v for k, v in totals.stage_s.items() if k in STAGES}, totals.n_sites),
         "peak_memory_mib": peak_memory_mib(),
