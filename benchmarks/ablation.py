@@ -140,9 +140,11 @@ def main(argv=None) -> int:
         row = {"image": path.stem}
         no_column = type(s)({k: s[k] for k in s.names if k != "column_intensity"}, dict(s.meta))
         variants = [(sc, s, {"score": sc}) for sc in SCORES]
-        variants += [("local, hollows ranked", s, {"hollow_defects": True}),
+        variants += [("local, brighter counted fully", s, {"brighter_weight": 1.0}),
+                     ("local, hollows ranked", s, {"hollow_defects": True}),
                      ("local, lattice-scale intensity", no_column, {}),
-                     ("local, lattice-scale intensity, hollows ranked (before)", no_column, {"hollow_defects": True})]
+                     ("before: lattice-scale intensity, hollows ranked, brighter fully", no_column,
+                      {"hollow_defects": True, "brighter_weight": 1.0})]
         for name, table, kw in variants:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

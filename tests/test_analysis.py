@@ -355,3 +355,23 @@ def test_find_sites_reports_the_column_intensity():
     assert med[0] > med[1] > med[2]  # metal > chalcogen pair > hollow, as the lattice-scale intensity
     with pytest.raises(ValueError):
         SiteSettings(column_noise_px=0.0)
+
+
+def test_a_darker_site_outranks_an_equally_brighter_one():
+    """Darker than its references is what a vacancy or lighter dopant does; brighter is also what
+    anything on top of the film does, so by default it counts half (``brighter_weight``)."""
+    xy, colour, inten, basis = make_lattice(seed=6)
+    dark = centre_site(xy, colour, 1, (300, 100))
+    bright = centre_site(xy, colour, 1, (250, 250))
+    inten[dark] -= 0.3
+    inten[bright] += 0.3
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3, np.ones(n), np.zeros(n))
+    t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc)
+    a, z = np.asarray(t["anomaly_score"]), np.asarray(t["intensity_z"])
+    assert int(np.argmax(a)) == dark
+    assert a[bright] == pytest.approx(0.5 * z[bright]) and a[dark] == pytest.approx(-z[dark])
+    t1, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(brighter_weight=1.0))
+    assert np.asarray(t1["anomaly_score"])[bright] == pytest.approx(abs(z[bright]))
+    with pytest.raises(ValueError):
+        AnalysisSettings(brighter_weight=1.5)

@@ -24,7 +24,8 @@ Scores (columns of the site table)
     mean under a Gaussian mixture fitted to the latents of its (local) sublattice, as a robust z.
 
 ``anomaly_score`` (and ``is_defect``) is chosen by ``AnalysisSettings.score``: ``"local"`` (default)
-= ``|intensity_z|`` on metal and chalcogen sites and 0 on hollow sites (with
+= ``max(-intensity_z, brighter_weight * intensity_z)`` on metal and chalcogen sites (darker counts
+fully, brighter half by default) and 0 on hollow sites (with
 ``hollow_defects=True``: ``max(intensity_z, 0)`` there -- an empty hexagon centre can only gain an
 atom, an adatom or contamination, which the labelled and simulated images do not count as defects);
 ``"global"`` = the same with ``intensity_z_global``; ``"combined"`` = ``sqrt(local^2 +
@@ -98,6 +99,12 @@ class AnalysisSettings:
         WSe2 (HAADF and MAADF) and the four simulated images it put contamination ahead of the
         vacancies and dopants (defect AP lower on all six, docs/RESULTS.md); their ``intensity_z``
         is still reported.
+    brighter_weight : a metal or chalcogen site brighter than its references scores this share of its
+        z, a darker one all of it. Darker is what a vacancy or a lighter dopant does; brighter is also
+        what anything on top of the film does (contamination, an adatom over a column), while a
+        heavier substitution stands out by far more than the cutoff anyway (1 = the symmetric
+        ``|z|``; 0.5 raised defect AP on the labelled WSe2 and all four simulated images,
+        docs/RESULTS.md).
     """
 
     n_classes: int | None = 3
@@ -113,6 +120,7 @@ class AnalysisSettings:
     scan_rows: bool = True
     local_background: bool = False
     hollow_defects: bool = False
+    brighter_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
@@ -123,6 +131,8 @@ class AnalysisSettings:
             object.__setattr__(self, "score", "global")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}")
+        if not 0 <= self.brighter_weight <= 1:
+            raise ValueError(f"brighter_weight must be in [0, 1], got {self.brighter_weight}")
         if self.n_neighbors < 7:
             raise ValueError(f"n_neighbors must be >= 7, got {self.n_neighbors}")
         if not 0 < self.node_tolerance < 0.5:
@@ -654,13 +664,13 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     hollow = np.maximum(z_int, 0.0) if settings.hollow_defects else np.zeros(n)
-    local = np.where(grp == HOLLOW, hollow, np.abs(z_int))
+    local = np.where(grp == HOLLOW, hollow, np.maximum(-z_int, settings.brighter_weight * z_int))
     z_lat = _latent_density_score(mu, np.where(edge_, -1, grp), observed & ~edge_, settings.seed)
     if settings.score == "local":
         anomaly = local
     elif settings.score == "global":
         anomaly = np.where(grp == HOLLOW, np.maximum(z_glob, 0.0) if settings.hollow_defects else 0.0,
-                           np.abs(z_glob))
+                           np.maximum(-z_glob, settings.brighter_weight * z_glob))
     elif settings.score == "combined":
         anomaly = np.sqrt(local ** 2 + np.maximum(np.where(edge_, 0.0, z_lat), 0.0) ** 2)
     elif settings.score == "latent":
