@@ -9,7 +9,8 @@ encoding; then :func:`stemfast.analysis.analyze_sites` once per score of
   ``meta`` JSON with ``nn_px``): a site is a true defect when it lies within 0.3 nn of a truth site
   with defect > 0 (the rules of the shared ``score.py``);
 * labelled real images ``IMAGE`` with ``--labels LABELS.csv`` (x, y, class_id, class_name): within
-  0.4 nn of a ``V_*`` or dopant label (the rules of ``score_labeled.py``).
+  0.4 nn of a ``V_*`` or dopant label at least 1.5 nn inside the labelled field (the rules of
+  ``score_labeled.py``).
 
 ``AP``: average precision of ``anomaly_score`` over all output sites, a truth defect with no site
 counted as missed. ``class ARI``: adjusted Rand index of ``class_id`` against the true sublattice of
@@ -88,7 +89,10 @@ def _truth(path: Path, labels: Path | None, xy: np.ndarray):
         nn = float(np.median(cKDTree(L).query(L, k=4)[0][:, 1:]))
         d, j = cKDTree(L).query(xy)
         hit = d < 0.4 * nn
-        is_def_l = np.array([n.startswith("V_") or n in ("Ti", "Cr", "V", "Co", "Mn") for n in name])
+        # only labels in the interior of the labelled field count (1.5 nn from its edge), as in score_labeled.py
+        lo, hi = L.min(0) + 1.5 * nn, L.max(0) - 1.5 * nn
+        inside = np.all((L > lo) & (L < hi), 1)
+        is_def_l = np.array([n.startswith("V_") or n in ("Ti", "Cr", "V", "Co", "Mn") for n in name]) & inside
         metal_l = np.array([n in ("W", "Mo") for n in name])
         chalc_l = np.array([n in ("Se2", "S2") for n in name])
         pos = hit & is_def_l[j]
