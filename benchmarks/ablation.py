@@ -9,7 +9,8 @@ encoding; then :func:`stemfast.analysis.analyze_sites` once per score of
   ``meta`` JSON with ``nn_px``): a site is a true defect when it lies within 0.3 nn of a truth site
   with defect > 0 (the rules of the shared ``score.py``);
 * labelled real images ``IMAGE`` with ``--labels LABELS.csv`` (x, y, class_id, class_name): within
-  0.4 nn of a ``V_*`` or dopant label (the rules of ``score_labeled.py``).
+  0.4 nn of a ``V_*`` or dopant label at least 1.5 nn inside the labelled field (the rules of
+  ``score_labeled.py``).
 
 ``AP``: average precision of ``anomaly_score`` over all output sites, a truth defect with no site
 counted as missed. ``class ARI``: adjusted Rand index of ``class_id`` against the true sublattice of
@@ -40,21 +41,36 @@ import numpy as np
 log = logging.getLogger("ablation")
 
 
-def _prepare(path: Path, material: str, epochs: int, cache: Path | None):
+def _prepare(path: Path, material: str, epochs: int, cache: Path | None, model_path: str | None = None):
     import stemfast
     from stemfast.model import RVAEConfig
-    from stemfast.pipeline import PipelineConfig, prepare, train_model
+    from stemfast.pipeline import PipelineConfig, _encode_streamed, prepare, train_model
     from stemfast.sites import SiteSettings
 
-    f = cache / f"{path.stem}.pkl" if cache else None
+    tag = "trained" if model_path is None else Path(model_path).stem
+    f = cache / f"{path.stem}.{tag}.pkl" if cache else None
     if f is not None and f.exists():
         return pickle.loads(f.read_bytes())
     mg = stemfast.read(path)
+    data = mg.data if mg.data.ndim == 2 else mg.data[0]
     cfg = PipelineConfig(sites=SiteSettings(material=material), model=RVAEConfig(epochs=epochs, progress=False))
-    prep = prepare(mg.data, config=cfg, pixel_size=mg.pixel_size, unit=mg.unit)
-    model = train_model([prep], config=cfg)
-    enc = model.encode(prep.patches)
-    d = {"sites": prep.sites, "enc": enc, "edge": prep.edge}
+    if model_path is None:  # an rVAE trained on this image
+        prep = prepare(data, config=cfg, pixel_size=mg.pixel_size, unit=mg.unit)
+        model = train_model([prep], config=cfg)
+    else:  # a saved model (``shipped``: the one stemfast ships), as ``stemfast batch`` uses it
+        if model_path == "shipped":
+            from stemfast.model.shipped import default_model
+
+            model = default_model(cfg)
+        else:
+            from stemfast.batch import load_model
+
+            model = load_model(model_path)
+        patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None
+        prep = prepare(data, config=cfg, pixel_size=mg.pixel_size, unit=mg.unit, patch_size=patch_size)
+    enc = _encode_streamed(model, prep.patches) if not isinstance(prep.patches, np.ndarray) else model.encode(prep.patches)
+    d = {"sites": prep.sites, "enc": enc, "edge": prep.edge,
+         "symmetry": int(getattr(getattr(model, "config", None), "rotation_symmetry", 3))}
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(pickle.dumps(d))
@@ -73,7 +89,10 @@ def _truth(path: Path, labels: Path | None, xy: np.ndarray):
         nn = float(np.median(cKDTree(L).query(L, k=4)[0][:, 1:]))
         d, j = cKDTree(L).query(xy)
         hit = d < 0.4 * nn
-        is_def_l = np.array([n.startswith("V_") or n in ("Ti", "Cr", "V", "Co", "Mn") for n in name])
+        # only labels in the interior of the labelled field count (1.5 nn from its edge), as in score_labeled.py
+        lo, hi = L.min(0) + 1.5 * nn, L.max(0) - 1.5 * nn
+        inside = np.all((L > lo) & (L < hi), 1)
+        is_def_l = np.array([n.startswith("V_") or n in ("Ti", "Cr", "V", "Co", "Mn") for n in name]) & inside
         metal_l = np.array([n in ("W", "Mo") for n in name])
         chalc_l = np.array([n in ("Se2", "S2") for n in name])
         pos = hit & is_def_l[j]
@@ -104,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("inputs", nargs="+", help="PATH[:MATERIAL[:LABELS]]")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--model", default=None,
+                    help="a saved model file, or 'shipped' for the shipped model (default: train one per image)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from sklearn.metrics import adjusted_rand_score
@@ -116,22 +137,34 @@ def main(argv=None) -> int:
         path = Path(parts[0])
         material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
         labels = Path(parts[2]) if len(parts) > 2 else None
-        d = _prepare(path, material, args.epochs, args.cache)
+        d = _prepare(path, material, args.epochs, args.cache, args.model)
         s = d["sites"]
         xy = np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])])
         pos, n_pos, tcls = _truth(path, labels, xy)
         row = {"image": path.stem}
-        for sc in SCORES:
+        no_column = type(s)({k: s[k] for k in s.names if k != "column_intensity"}, dict(s.meta))
+        variants = [(sc, s, {"score": sc}) for sc in SCORES]
+        variants += [("local, brighter counted fully", s, {"brighter_weight": 1.0}),
+                     ("local, hollows ranked", s, {"hollow_defects": True}),
+                     ("local, lattice-scale intensity", no_column, {}),
+                     ("before: lattice-scale intensity, hollows ranked, brighter fully", no_column,
+                      {"hollow_defects": True, "brighter_weight": 1.0})]
+        for name, table, kw in variants:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t, summ = analyze_sites(s, d["enc"], settings=AnalysisSettings(score=sc), edge=d["edge"])
-            row[sc] = _ap(np.asarray(t["anomaly_score"]), pos, n_pos)
+                t, summ = analyze_sites(table, d["enc"], settings=AnalysisSettings(**kw), edge=d["edge"],
+                                        rotation_symmetry=d.get("symmetry", 3))
+            row[name] = _ap(np.asarray(t["anomaly_score"]), pos, n_pos)
+            if name == "local":
+                t_local, summ_local = t, summ
+        t, summ = t_local, summ_local
         m = tcls >= 0
         row["class ARI"] = float(adjusted_rand_score(tcls[m], np.asarray(t["class_id"])[m]))
         row["classes vs lattice"] = float(summ["class_sublattice_ari"])
         row["sublattice ARI"] = float(adjusted_rand_score(tcls[m], np.asarray(t["sublattice_local"])[m]))
         rows.append(row)
-    cols = ["image", *SCORES, "class ARI", "classes vs lattice", "sublattice ARI"]
+    cols = [c for c in rows[0] if c != "image"] if rows else []
+    cols = ["image", *cols]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -175,12 +175,20 @@ def test_local_score_finds_defects_that_gradient_and_contamination_hide_from_a_g
     enc = FakeEncoding(np.eye(3)[colour] * 3 + np.random.default_rng(1).normal(0, 0.2, (n, 3)),
                        np.ones(n), np.zeros(n))
     table_ = lattice_table(xy, colour, inten, basis, material="wse2")
+    # by default hexagon centres are not ranked (an atom on top of the film is not a lattice defect)
     t, summary = analyze_sites(table_, enc)
+    top = np.argsort(-np.asarray(t["anomaly_score"]))[:2]
+    assert set(top.tolist()) == {vac_x, dop}
+    assert t["anomaly_score"][ad] == 0 and t["intensity_z"][ad] > 2
+    hollow = np.asarray(t["sublattice_local"]) == 2
+    assert (np.asarray(t["anomaly_score"])[hollow] == 0).all()
+    # hollow_defects=True ranks the adatom too
+    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(hollow_defects=True))
     top = np.argsort(-np.asarray(t["anomaly_score"]))[:3]
     assert set(top.tolist()) == {vac_x, dop, ad}
     assert not t["is_defect"].any() or set(np.flatnonzero(t["is_defect"]).tolist()) <= {vac_x, dop, ad}
     # naming (flag the three: the gradient widens the local spread, so they stay under the default cutoff)
-    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(defect_cutoff=2.3))
+    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(defect_cutoff=2.3, hollow_defects=True))
     # WSe2 names, never MoS2 ones; a dopant on a metal site is a substitution of the metal
     assert t["defect_kind"][vac_x] == "vacancy_Se"
     assert t["defect_kind"][dop] == "substitution_W"
@@ -308,3 +316,62 @@ def test_classes_use_the_rotation_latent_where_intensity_and_content_do_not_sepa
     from sklearn.metrics import adjusted_rand_score
     assert adjusted_rand_score(colour, t["class_id"]) > 0.95
     assert summary["rotation_latent"] == "used"
+
+
+def test_scores_compare_the_column_intensity_when_the_table_has_it():
+    """``column_intensity`` (find_sites: the bandpass with a 1 px low-pass) is what the scores compare;
+    a table without it falls back to ``intensity``."""
+    xy, colour, inten, basis = make_lattice(seed=5)
+    vac = centre_site(xy, colour, 1, (250, 120))
+    column = inten.copy()
+    column[vac] -= 0.25                                       # seen in the column intensity only
+    noisy = inten + np.random.default_rng(2).normal(0, 0.2, len(xy))  # a noisier lattice-scale value
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3, np.ones(n), np.zeros(n))
+    base = lattice_table(xy, colour, noisy, basis)
+    with_column = base.with_columns({"column_intensity": column})
+    t, _ = analyze_sites(with_column, enc)
+    assert int(np.argmax(np.asarray(t["anomaly_score"]))) == vac
+    assert t["intensity_z"][vac] < -2
+    t0, _ = analyze_sites(base, enc)  # the fallback sees the noisy value, where nothing was removed
+    assert int(np.argmax(np.asarray(t0["anomaly_score"]))) != vac
+    assert abs(t0["intensity_z"][vac]) < abs(t["intensity_z"][vac])
+
+
+def test_find_sites_reports_the_column_intensity():
+    import warnings
+
+    from stemfast.sites import SiteSettings, find_sites
+    from stemfast.synth import make_mos2
+
+    s = make_mos2(shape=(160, 160), seed=0, pixel_size_A=0.38, rates=(0.0, 0.0, 0.0, 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(s.image)
+    col = np.asarray(t["column_intensity"])
+    assert np.isfinite(col).all()
+    sub = np.asarray(t["sublattice"])
+    med = [np.median(col[sub == k]) for k in (0, 1, 2)]
+    assert med[0] > med[1] > med[2]  # metal > chalcogen pair > hollow, as the lattice-scale intensity
+    with pytest.raises(ValueError):
+        SiteSettings(column_noise_px=0.0)
+
+
+def test_a_darker_site_outranks_an_equally_brighter_one():
+    """Darker than its references is what a vacancy or lighter dopant does; brighter is also what
+    anything on top of the film does, so by default it counts half (``brighter_weight``)."""
+    xy, colour, inten, basis = make_lattice(seed=6)
+    dark = centre_site(xy, colour, 1, (300, 100))
+    bright = centre_site(xy, colour, 1, (250, 250))
+    inten[dark] -= 0.3
+    inten[bright] += 0.3
+    n = len(xy)
+    enc = FakeEncoding(np.eye(3)[colour] * 3, np.ones(n), np.zeros(n))
+    t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc)
+    a, z = np.asarray(t["anomaly_score"]), np.asarray(t["intensity_z"])
+    assert int(np.argmax(a)) == dark
+    assert a[bright] == pytest.approx(0.5 * z[bright]) and a[dark] == pytest.approx(-z[dark])
+    t1, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(brighter_weight=1.0))
+    assert np.asarray(t1["anomaly_score"])[bright] == pytest.approx(abs(z[bright]))
+    with pytest.raises(ValueError):
+        AnalysisSettings(brighter_weight=1.5)

@@ -14,8 +14,9 @@ Local references
     three around it, 0 = metal, 1 = chalcogen pair, 2 = hollow for HAADF).
 
 Scores (columns of the site table)
-    ``intensity_z``: the column intensity (the ``intensity`` column: band-passed image at the site, a
-    background-free column sum) as a robust z against the local references (local median; local
+    ``intensity_z``: the column intensity (the ``column_intensity`` column of :func:`stemfast.find_sites`:
+    the band-passed image with a 1 px low-pass at the site, a background-free column sum; the
+    lattice-scale ``intensity`` column for tables without it) as a robust z against the local references (local median; local
     MAD, floored at half the sublattice's typical local MAD). ``intensity_z_global``: the same
     against the whole image's sublattice (the former default, kept for comparison).
     ``recon_score``: the model's reconstruction error as a robust z within its latent class (the
@@ -23,8 +24,10 @@ Scores (columns of the site table)
     mean under a Gaussian mixture fitted to the latents of its (local) sublattice, as a robust z.
 
 ``anomaly_score`` (and ``is_defect``) is chosen by ``AnalysisSettings.score``: ``"local"`` (default)
-= ``|intensity_z|`` on metal and chalcogen sites and ``max(intensity_z, 0)`` on hollow sites (an
-empty hexagon centre can only gain an atom; darker than its neighbours is noise or a hole);
+= ``max(-intensity_z, brighter_weight * intensity_z)`` on metal and chalcogen sites (darker counts
+fully, brighter half by default) and 0 on hollow sites (with
+``hollow_defects=True``: ``max(intensity_z, 0)`` there -- an empty hexagon centre can only gain an
+atom, an adatom or contamination, which the labelled and simulated images do not count as defects);
 ``"global"`` = the same with ``intensity_z_global``; ``"combined"`` = ``sqrt(local^2 +
 max(latent_score, 0)^2)``; ``"latent"`` = ``latent_score``; ``"recon"`` = ``recon_score``. What
 ranks defects best was measured on simulated and real labelled images (``benchmarks/ablation.py``,
@@ -91,6 +94,17 @@ class AnalysisSettings:
         compared with its references.
     scan_rows : take out what the sites of one scan line share: a streak or row jump shifts every
         site on a few rows, a defect only its own site (:func:`_scan_row_offset`).
+    hollow_defects : rank hexagon centres brighter than their neighbours (something on top of the
+        film: an adatom, contamination) among the defects. Off by default: on the labelled real
+        WSe2 (HAADF and MAADF) and the four simulated images it put contamination ahead of the
+        vacancies and dopants (defect AP lower on all six, docs/RESULTS.md); their ``intensity_z``
+        is still reported.
+    brighter_weight : a metal or chalcogen site brighter than its references scores this share of its
+        z, a darker one all of it. Darker is what a vacancy or a lighter dopant does; brighter is also
+        what anything on top of the film does (contamination, an adatom over a column), while a
+        heavier substitution stands out by far more than the cutoff anyway (1 = the symmetric
+        ``|z|``; 0.5 raised defect AP on the labelled WSe2 and all four simulated images,
+        docs/RESULTS.md).
     """
 
     n_classes: int | None = 3
@@ -105,6 +119,8 @@ class AnalysisSettings:
     min_class_agreement: float = 0.9
     scan_rows: bool = True
     local_background: bool = False
+    hollow_defects: bool = False
+    brighter_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
@@ -115,6 +131,8 @@ class AnalysisSettings:
             object.__setattr__(self, "score", "global")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}; got {self.score!r}")
+        if not 0 <= self.brighter_weight <= 1:
+            raise ValueError(f"brighter_weight must be in [0, 1], got {self.brighter_weight}")
         if self.n_neighbors < 7:
             raise ValueError(f"n_neighbors must be >= 7, got {self.n_neighbors}")
         if not 0 < self.node_tolerance < 0.5:
@@ -649,7 +667,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if len(mu) != n:
         raise ValueError(f"encoding has {len(mu)} rows for {n} sites")
     xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
-    inten = np.asarray(sites["intensity"], dtype=np.float64)
+    # what the scores compare: the column signal with a 1 px low-pass (sites.py), else the lattice-scale one
+    inten = np.asarray(sites["column_intensity" if "column_intensity" in sites else "intensity"], dtype=np.float64)
     sub_global = np.asarray(sites["sublattice"], dtype=np.int64) if "sublattice" in sites else np.full(n, -1)
     rec = np.asarray(enc.recon_error, dtype=np.float64)
     observed = np.asarray(sites["observed"], bool) if "observed" in sites else np.ones(n, bool)
@@ -695,12 +714,14 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         z_int = z_glob
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
-    local = np.where(grp == HOLLOW, np.maximum(z_int, 0.0), np.abs(z_int))
+    hollow = np.maximum(z_int, 0.0) if settings.hollow_defects else np.zeros(n)
+    local = np.where(grp == HOLLOW, hollow, np.maximum(-z_int, settings.brighter_weight * z_int))
     z_lat = _latent_density_score(mu, np.where(edge_, -1, grp), observed & ~edge_, settings.seed)
     if settings.score == "local":
         anomaly = local
     elif settings.score == "global":
-        anomaly = np.where(grp == HOLLOW, np.maximum(z_glob, 0.0), np.abs(z_glob))
+        anomaly = np.where(grp == HOLLOW, np.maximum(z_glob, 0.0) if settings.hollow_defects else 0.0,
+                           np.maximum(-z_glob, settings.brighter_weight * z_glob))
     elif settings.score == "combined":
         anomaly = np.sqrt(local ** 2 + np.maximum(np.where(edge_, 0.0, z_lat), 0.0) ** 2)
     elif settings.score == "latent":

@@ -80,6 +80,10 @@ class SiteSettings:
     border_px : columns found closer than this to the image edge are left to the lattice fill-in
         (a column cut by the edge has a biased centre).
     intensity_radius_nn : radius of the disc whose mean raw image value is a site's ``raw_intensity``.
+    column_noise_px : Gaussian sigma (px, not *nn*) of the low-pass of the bandpass whose value at a
+        site is its ``column_intensity`` (what the defect scores compare): the shot noise is per pixel,
+        so about 1 px averages it at every sampling, while the lattice-scale ``noise_nn`` smooths
+        5 px spacings too little and 15 px spacings so much that contamination texture comes in.
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
@@ -104,6 +108,7 @@ class SiteSettings:
     refine_noise_nn: float = 0.0
     border_px: int = 2
     intensity_radius_nn: float = 0.25
+    column_noise_px: float = 1.0
     fill: bool = True
     detect_holes: bool = True
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
@@ -121,6 +126,8 @@ class SiteSettings:
             raise ValueError(f"refine must be 'gauss', 'com' or None, got {self.refine!r}")
         if not 0 < self.noise_nn < self.background_nn:
             raise ValueError("need 0 < noise_nn < background_nn")
+        if not (np.isfinite(self.column_noise_px) and self.column_noise_px > 0):
+            raise ValueError(f"column_noise_px must be > 0, got {self.column_noise_px!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,7 +317,8 @@ def find_sites(
         Columns: ``x, y`` (px; x = column, y = row, pixel centres at integers), ``source``
         (``peak`` | ``lattice``), ``intensity`` (the bandpassed image at the site: column signal
         above the local background), ``raw_intensity`` (mean raw image value in a disc of
-        ``intensity_radius_nn``), ``on_lattice`` (False for maxima off the local lattice),
+        ``intensity_radius_nn``), ``column_intensity`` (the same bandpass with a 1 px low-pass,
+        ``column_noise_px``: what the defect scores compare), ``on_lattice`` (False for maxima off the local lattice),
         ``observed`` (False in a band along the border where the scan sets the intensity, see
         :func:`border_bands`, and within ``EDGE_UNJUDGED_PX`` of the image edge: sites up to the
         edge are listed, those cut by it not judged), ``peak_value``
@@ -431,6 +439,8 @@ def find_sites(
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
     inten = sample_image(bp, xy, backend=s.backend)
+    column = sample_image(bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
+                                   background_px=s.background_nn * nn, backend=s.backend), xy, backend=s.backend)
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
     if gmap is None:
@@ -460,6 +470,7 @@ def find_sites(
         "source": source,
         "intensity": inten.astype(np.float64),
         "raw_intensity": raw.astype(np.float64),
+        "column_intensity": column.astype(np.float64),
         "peak_value": peak_value,
         "fit_ok": fit_ok,
         "on_lattice": idx.kind != 2,
