@@ -378,8 +378,9 @@ def test_encoding_contents(rvae, vae, test_set):
     assert enc.mu.shape == (50, 4) and enc.logvar.shape == (50, 4) and enc.angle.shape == (50,)
     assert enc.recon.shape == (50, 32, 32) and enc.mu.dtype == np.float32
     assert np.all(np.isfinite(enc.angle)) and np.all(np.abs(enc.angle) <= 60.0 + 1e-4)
-    # recon_error is the masked MSE of the returned reconstruction in the input frame
-    x = MF.resample_patches(torch.from_numpy(patches)[:, None], 32)
+    # recon_error is the masked MSE of the returned reconstruction in the input frame (the model's input:
+    # resampled, the patch's own background taken out)
+    x = MF.model_input(torch.from_numpy(patches)[:, None], 32, "bilinear", rvae.config.background)
     mask = MF.circular_mask(32)
     err = MF.masked_mse(torch.from_numpy(enc.recon)[:, None], x * mask, mask).numpy()
     np.testing.assert_allclose(enc.recon_error, err, rtol=1e-4, atol=1e-6)
@@ -480,7 +481,7 @@ def test_symmetrized_encoder_ignores_the_branch(rvae, test_set):
     """mu must not depend on which of the k equivalent canonical branches the STN picked."""
     import copy
 
-    x = MF.resample_patches(torch.from_numpy(test_set[0][:64])[:, None], 32) * MF.circular_mask(32)
+    x = MF.model_input(torch.from_numpy(test_set[0][:64])[:, None], 32, "bilinear", rvae.config.background) * MF.circular_mask(32)
     theta = torch.rand(64, generator=torch.Generator().manual_seed(3)) * 120 - 60
     spread = {}
     for mode in ("image", "features", "none"):
