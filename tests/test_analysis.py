@@ -375,3 +375,31 @@ def test_a_darker_site_outranks_an_equally_brighter_one():
     assert np.asarray(t1["anomaly_score"])[bright] == pytest.approx(abs(z[bright]))
     with pytest.raises(ValueError):
         AnalysisSettings(brighter_weight=1.5)
+
+
+def test_unsure_angles_leave_the_class_to_the_latent_means():
+    # a metal site whose chalcogen neighbours are faint looks nearly six-fold: its STN angle is a coin
+    # flip between the metal and the chalcogen orientation, and the STN says so (a short harmonic)
+    from sklearn.metrics import adjusted_rand_score
+
+    xy, colour, inten, basis = make_lattice()
+    n = len(xy)
+    rng = np.random.default_rng(5)
+    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.4, (n, 2))
+    ang = 10.0 + np.where(colour == 1, 60.0, 0.0) + rng.normal(0, 3.0, n)
+    strength = np.ones(n)
+    flip = (colour == 0) & (rng.random(n) < 0.3)
+    ang[flip] += 60.0
+    strength[flip] = 0.1
+    ang = (ang + 60) % 120 - 60
+    table = lattice_table(xy, colour, inten, basis)
+
+    @dataclass
+    class Enc(FakeEncoding):
+        angle_strength: np.ndarray = None
+
+    t_sure, _ = analyze_sites(table, FakeEncoding(mu, np.ones(n), ang))
+    t, summary = analyze_sites(table, Enc(mu, np.ones(n), ang, strength))
+    assert adjusted_rand_score(colour, t["class_id"]) > 0.97
+    # taken at face value, the flipped angles pull those metal sites towards the chalcogens
+    assert adjusted_rand_score(colour, t["class_id"]) > adjusted_rand_score(colour, t_sure["class_id"])

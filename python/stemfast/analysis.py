@@ -44,7 +44,6 @@ and the local sublattices, and warns (:class:`ClassAgreementWarning`) when it is
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -221,7 +220,8 @@ def _circ_mean(angle_rad: np.ndarray, order: int) -> float:
 
 
 def rotation_latent(angle_deg: np.ndarray, lattice_deg: np.ndarray, *, symmetry: int = 3,
-                    grain: np.ndarray | None = None, content: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                    grain: np.ndarray | None = None, content: np.ndarray | None = None,
+                    strength: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The rVAE's rotation latent of every site relative to its own lattice: ``(cos k phi, sin k phi)``.
 
     The spatial transformer turns each patch into its canonical frame; the angle it needs is part of
@@ -234,6 +234,12 @@ def rotation_latent(angle_deg: np.ndarray, lattice_deg: np.ndarray, *, symmetry:
     value per grain plus the site's small local deviation, and ``phi = angle + lattice``. A site
     lattice fixes orientation only modulo 60 deg, so for every further grain the 60 deg branch that
     puts its sites' ``content`` (latent means) where the largest grain has them is chosen.
+
+    ``strength`` (the STN's harmonic length per site, :attr:`stemfast.model.Encoding.angle_strength`)
+    says how sure each angle is: a metal site whose chalcogen neighbours are faint looks nearly
+    six-fold and its 120 deg orientation is noise. Each unit vector is shortened to
+    ``min(1, strength / median strength)``, so such sites are classed by their latent means and
+    not by a coin-flip angle.
 
     Returns
     -------
@@ -300,6 +306,12 @@ def rotation_latent(angle_deg: np.ndarray, lattice_deg: np.ndarray, *, symmetry:
         return None, info
     info["rotation_latent"] = "used"
     f = np.column_stack([np.cos(k * phi), np.sin(k * phi)])
+    if strength is not None:
+        s = np.asarray(strength, np.float64)
+        good = ok & np.isfinite(s)
+        med = float(np.median(s[good])) if good.any() else float("nan")
+        if med > 0:
+            f *= np.where(np.isfinite(s), np.minimum(1.0, s / med), 1.0)[:, None]
     f[~ok] = 0.0
     return f, info
 
@@ -681,7 +693,9 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if all(c in sites for c in ("a1x", "a1y")):
         lattice_deg = np.degrees(np.arctan2(np.asarray(sites["a1y"], np.float64), np.asarray(sites["a1x"], np.float64)))
         grain = np.asarray(sites["grain"], np.int64) if "grain" in sites else None
-        rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu)
+        strength = getattr(enc, "angle_strength", None)
+        rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
+                                        strength=None if strength is None else np.asarray(strength, np.float64))
     cls, k, info = cluster_latents(class_features(mu, rot), n_classes=settings.n_classes, order_by=inten,
                                    settings=settings)
     info.update(rot_info)

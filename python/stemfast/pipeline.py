@@ -204,7 +204,8 @@ def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
     n = len(patches)
     chunk = int(chunk or STREAM_CHUNK)
     parts = [model.encode(patches[a:min(n, a + chunk)]) for a in range(0, n, chunk)]
-    return Encoding(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("mu", "logvar", "angle", "recon_error")})
+    return Encoding(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("mu", "logvar", "angle", "recon_error",
+                                                                            "angle_strength")})
 
 
 def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),

@@ -79,6 +79,10 @@ class Encoding:
         input orientation) and the input, at the model's ``input_size``.
     recon : float32 [N, input_size, input_size] or None
         Reconstructions in the input frame (only with ``return_recon=True``).
+    angle_strength : float32 [N] or None
+        How strongly each patch has one orientation: the length of the STN's harmonic vector
+        (:class:`~stemfast.model.modules.STN`; near 0 where the patch looks alike at every multiple
+        of ``180 / rotation_symmetry`` degrees, so ``angle`` is noise there); NaN for the plain VAE.
     """
 
     mu: np.ndarray
@@ -86,6 +90,7 @@ class Encoding:
     angle: np.ndarray
     recon_error: np.ndarray
     recon: np.ndarray | None = None
+    angle_strength: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.mu)
@@ -287,6 +292,7 @@ class RVAE:
         mu = np.empty((n, L), np.float32)
         logvar = np.empty((n, L), np.float32)
         angle = np.full(n, np.nan, np.float32)
+        strength = np.full(n, np.nan, np.float32)
         err = np.empty(n, np.float32)
         recon = np.empty((n, s, s), np.float32) if return_recon else None
         net = self.network.eval()
@@ -305,6 +311,8 @@ class RVAE:
             logvar[i:j] = out.logvar.float().cpu().numpy()
             if out.angle is not None:
                 angle[i:j] = out.angle.float().cpu().numpy()
+            if out.angle_strength is not None:
+                strength[i:j] = out.angle_strength.float().cpu().numpy()
             if recon is not None:
                 recon[i:j] = y[:, 0].cpu().numpy()
 
@@ -327,7 +335,7 @@ class RVAE:
                         pending.popleft().result()
             while pending:
                 pending.popleft().result()
-        return Encoding(mu=mu, logvar=logvar, angle=angle, recon_error=err, recon=recon)
+        return Encoding(mu=mu, logvar=logvar, angle=angle, recon_error=err, recon=recon, angle_strength=strength)
 
     @torch.inference_mode()
     def canonicalize(self, patches: np.ndarray, *, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:

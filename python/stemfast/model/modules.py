@@ -24,6 +24,9 @@ class ModelOutput(NamedTuple):
     logvar: torch.Tensor  # (B, L)
     angle: torch.Tensor | None  # (B,) degrees, None for the plain VAE
     canonical_recon: torch.Tensor  # (B, 1, S, S)
+    #: (B,) length of the STN's k-th harmonic vector: how strongly the patch has one orientation
+    #: (near 0 for a patch that looks the same at every multiple of 360 / 2k); None for the plain VAE
+    angle_strength: torch.Tensor | None = None
 
 
 class STN(nn.Module):
@@ -260,9 +263,9 @@ class RVAENet(VAENet):
         return xc0, mu, logvar
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        angle, _ = self.stn(x * self.mask)
+        angle, harmonic = self.stn(x * self.mask)
         _, mu, logvar = self.encode_branches(x, angle)
         z = MF.reparameterize(mu, logvar) if self.training else mu
         yc = self.decoder(z)
         y = MF.uncanonicalize(yc, angle)
-        return ModelOutput(y, mu, logvar, angle, yc)
+        return ModelOutput(y, mu, logvar, angle, yc, harmonic.norm(dim=1))
