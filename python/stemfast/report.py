@@ -325,6 +325,16 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
                  f"{' &middot; pixel ' + _e(inp.get('pixel_size')) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
                  f"</small></p>")
+    # what cannot be fully trusted comes first, before any number it qualifies
+    warns = list(s.get("warnings") or [])
+    if batch_model_sha and msha and msha != batch_model_sha:
+        warns.append(f"these results were made with model {str(msha)[:16]}..., not this batch's model "
+                     f"{batch_model_sha[:16]}...")
+    for w in warns:
+        parts.append(f"<p class='warn'>warning: {_e(w)}</p>")
+    if s.get("frame_errors"):
+        parts.append("<p class='bad'>frames that failed: "
+                     + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
     facts = {
         "sites": s.get("n_sites", 0),
         "defects (anomaly > cutoff)": s.get("n_defects", 0),
@@ -366,15 +376,6 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                          f"<td>{t['anomaly_score']:.2f}</td><td class='l'>{_e(t.get('defect_kind', ''))}</td>"
                          f"<td>{t.get('class_id', '')}</td><td>{'yes' if t.get('is_defect') else ''}</td></tr>")
         parts.append("</table>")
-    warns = list(s.get("warnings") or [])
-    if batch_model_sha and msha and msha != batch_model_sha:
-        warns.append(f"these results were made with model {str(msha)[:16]}..., not this batch's model "
-                     f"{batch_model_sha[:16]}...")
-    for w in warns:
-        parts.append(f"<p class='warn'>warning: {_e(w)}</p>")
-    if s.get("frame_errors"):
-        parts.append("<p class='bad'>frames that failed: "
-                     + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
     return "\n".join(parts)
 
 
@@ -408,8 +409,10 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
         cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
         kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
         link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
+        n_warn = len(s.get("warnings") or []) + bool(s.get("class_warning"))
+        warn = f" <span class='warn'>({n_warn} warning{'s' if n_warn > 1 else ''})</span>" if n_warn else ""
         parts.append(f"<tr><td class='l'>{link}</td><td class='l {cls}'>{_e(st)}"
-                     f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}</td>"
+                     f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}{warn}</td>"
                      f"<td>{_e(s.get('input', {}).get('n_frames', '-') if s else '-')}</td>"
                      f"<td>{_e(s.get('n_sites', '-'))}</td><td>{_e(s.get('n_defects', '-'))}</td>"
                      f"<td class='l'>{_e(kinds)}</td><td>{_fmt((s.get('lattice') or {}).get('spacing_px'))}</td></tr>")
