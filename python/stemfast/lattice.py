@@ -814,7 +814,8 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
     labels = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return labels
-    pairs = _PointIndex(xy, get_kernels(backend)).query_pairs(max_bond * spacing)
+    kern = get_kernels(backend)
+    pairs = _PointIndex(xy, kern).query_pairs(max_bond * spacing)
     if len(pairs) == 0:
         return labels
     idx_t = np.int32 if n < np.iinfo(np.int32).max else np.int64  # the graph's own index type
@@ -838,7 +839,7 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
         mn = np.floor(np.einsum("ni,nij->nj", d, inv[par]) + 0.5).astype(np.int64)
         step = (mn[:, 0] - mn[:, 1]) % 3
         # labels follow BFS order: each child's parent is labelled before the child
-        _propagate(labels, kids, par, step)
+        kern.propagate_labels(labels, kids.astype(np.int64), par.astype(np.int64), step)
     if values is not None:
         values = np.asarray(values, dtype=np.float64)
         for c in range(ncomp):
@@ -851,18 +852,6 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
             rank[np.argsort(-med)] = np.arange(3)
             labels[members] = rank[labels[members]]
     return labels
-
-
-def _propagate(labels: np.ndarray, kids: np.ndarray, par: np.ndarray, step: np.ndarray) -> None:
-    try:
-        from ._kernels.numba_impl.graph import propagate_labels
-    except ImportError:  # pragma: no cover
-        propagate_labels = None
-    if propagate_labels is not None:
-        propagate_labels(labels, kids, par, step)
-        return
-    for k, p, s in zip(kids.tolist(), par.tolist(), step.tolist()):  # pragma: no cover
-        labels[k] = (labels[p] + s) % 3
 
 
 def local_strain(basis: np.ndarray, reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
