@@ -25,6 +25,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 from scipy.spatial import cKDTree
 
+from ._validate import check_xy
 from .backend import get_kernels
 
 __all__ = [
@@ -235,11 +236,7 @@ def estimate_spacing(xy: np.ndarray, *, backend: str | None = None) -> tuple[flo
     >>> round(s, 3), round(a, 3)
     (10.0, 12.0)
     """
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 8:
-        raise ValueError("estimate_spacing needs an [N, 2] point array with N >= 8")
-    if not np.isfinite(xy).all():
-        raise ValueError("estimate_spacing: xy contains non-finite values")
+    xy = check_xy(xy, min_points=8)
     tree = _PointIndex(xy, get_kernels(backend), scale=_typical_distance(xy))
     d, j = tree.query(xy, k=2)
     d1 = d[:, 1]

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from ._validate import check_image
 from .bandpass import bandpass
 from . import grains as _grains
 from .grains import GrainSettings
@@ -36,6 +37,9 @@ __all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", 
 
 log = logging.getLogger(__name__)
 
+
+#: the smallest image side (px) ``find_sites`` accepts
+MIN_IMAGE_SIDE = 16
 
 #: sites whose centre is closer than this (px) to the image edge are in the table but not judged
 #: (``observed`` False): the scan shows at most half of the column
@@ -262,20 +266,6 @@ def _band_width(d: np.ndarray, rel: np.ndarray, sites: np.ndarray, step: float, 
     return width + step if width > 0 else 0.0
 
 
-def _validate_image(image) -> np.ndarray:
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(f"find_sites needs a 2-D image, got an array of shape {img.shape}")
-    if img.size == 0 or min(img.shape) < 16:
-        raise ValueError(f"image too small: {img.shape} (need at least 16 x 16)")
-    if not np.issubdtype(img.dtype, np.number) or np.iscomplexobj(img):
-        raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    if not np.isfinite(img).all():
-        raise ValueError(f"image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite (NaN/inf) pixels")
-    return img
-
-
 def _empty_table(meta: dict) -> SiteTable:
     cols = {k: np.zeros(0) for k in ("x", "y", "intensity")}
     cols["source"] = np.zeros(0, dtype="<U7")
@@ -342,7 +332,7 @@ def find_sites(
     if overrides:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
-    img = _validate_image(image)
+    img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material}
     H, W = img.shape
