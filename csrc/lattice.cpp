@@ -333,9 +333,35 @@ py::tuple fit_local_lattices(CArrD xy, CArrI neighbors, CArrD basis0, int n_iter
     return py::make_tuple(origin, basis, rms, n_used);
 }
 
+// labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3 for i = 0, 1, ... in order (a breadth-first
+// walk: every parent is labelled before its children), in place. Sequential by nature, O(M).
+void propagate_labels(py::array_t<std::int64_t> labels, CArrI kids, CArrI parents, CArrI step) {
+    if (labels.ndim() != 1 || !(labels.flags() & py::array::c_style))
+        throw py::value_error("propagate_labels: labels must be a C-contiguous int64[N] array");
+    if (kids.ndim() != 1 || parents.ndim() != 1 || step.ndim() != 1 || parents.shape(0) != kids.shape(0) ||
+        step.shape(0) != kids.shape(0))
+        throw py::value_error("propagate_labels: kids, parents and step must be [M] arrays of the same length");
+    const std::int64_t n = labels.shape(0), m = kids.shape(0);
+    const std::int64_t* pk = kids.data();
+    const std::int64_t* pp = parents.data();
+    for (std::int64_t i = 0; i < m; ++i)
+        if (pk[i] < 0 || pk[i] >= n || pp[i] < 0 || pp[i] >= n)
+            throw py::value_error("propagate_labels: site index out of range");
+    std::int64_t* pl = labels.mutable_data();
+    const std::int64_t* ps = step.data();
+    py::gil_scoped_release release;
+    for (std::int64_t i = 0; i < m; ++i) {
+        const std::int64_t v = (pl[pp[i]] + ps[i]) % 3;
+        pl[pk[i]] = v < 0 ? v + 3 : v;
+    }
+}
+
 }  // namespace
 
 void register_lattice(py::module_& m) {
+    m.def("propagate_labels", &propagate_labels, py::arg("labels"), py::arg("kids"), py::arg("parents"),
+          py::arg("step"),
+          "labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3 in order, in place (see stemfast._kernels).");
     m.def("fit_local_lattices", &fit_local_lattices, py::arg("xy"), py::arg("neighbors"), py::arg("basis0"),
           py::arg("n_iter"), py::arg("outlier_tol"), py::kw_only(), py::arg("scalar") = false,
           "Per-site local triangular lattice fit (see stemfast._kernels for the contract).\n"

@@ -51,6 +51,29 @@ def test_package_works_and_says_why_without_the_compiled_extension():
     assert "stemfast._core is not available" in r.stderr  # logged once, at the first use
 
 
+_OLD_CORE = r"""
+import sys, types
+import stemfast._core as real
+old = types.ModuleType("stemfast._core")  # an extension built before the last kernel was added
+old.__dict__.update({k: v for k, v in vars(real).items() if k != "propagate_labels"})
+sys.modules["stemfast._core"] = old
+from stemfast.backend import available_backends, core_import_error
+print("BACKENDS", ",".join(available_backends()))
+print("REASON", core_import_error())
+"""
+
+
+@pytest.mark.skipif("cpp" not in available_backends(), reason="no compiled extension")
+def test_an_extension_older_than_the_python_code_is_not_used():
+    env = {k: v for k, v in os.environ.items() if k != "STEMFAST_BACKEND"}
+    env["PYTHONPATH"] = PYTHON_DIR
+    r = subprocess.run([sys.executable, "-c", _OLD_CORE], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    assert out["BACKENDS"].split(",") == ["numba", "numpy"]
+    assert "older than the Python code: no propagate_labels" in out["REASON"] and "rebuild" in out["REASON"]
+
+
 def test_resolve_backend_names_and_errors(monkeypatch):
     assert resolve_backend() == available_backends()[0]
     for b in available_backends():
@@ -99,6 +122,14 @@ def _kernel_calls():
         out = np.empty((len(sites), 8, 8), np.float32)
         return k.gather_resampled(img, sites, 11, w, -1.0, 0.5, 2.0, out), out
 
+    order = np.ascontiguousarray(rng.permutation(len(pts)).astype(np.int64))
+
+    def propagate(k):  # a chain through the points in a shuffled order, parents first
+        labels = np.full(len(pts), -1, np.int64)
+        labels[order[0]] = 1
+        k.propagate_labels(labels, order[1:].copy(), order[:-1].copy(), np.arange(len(pts) - 1, dtype=np.int64) % 3)
+        return labels
+
     return {
         "bandpass_apply": bandpass_apply,
         "local_maxima": lambda k: k.local_maxima(img, 4.0, 0.2, 0),
@@ -109,6 +140,7 @@ def _kernel_calls():
         "gather_resampled": resampled,
         "knn_within": lambda k: k.knn_within(pts, pts, 9, 11.0),
         "pairs_within": lambda k: k.pairs_within(pts, 7.0),
+        "propagate_labels": propagate,
     }
 
 

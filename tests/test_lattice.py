@@ -129,13 +129,43 @@ def test_no_lattice_region_is_not_invented(backend):
     assert res.xy[:, 0].max() < 150 + (s.max_extrapolation + 1) * 10.0
 
 
-def test_sublattice_labels_three_colour_the_lattice():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sublattice_labels_three_colour_the_lattice(backend):
     xy, m, n = triangular_points((200, 200), 10.0, 17.0, strain=(0.01, 0.0, 0.0))
     basis = np.broadcast_to(triangular_basis(10.0, 17.0) @ np.array([[1.01, 0], [0, 1]]).T, (len(xy), 2, 2))
     true = (m - n) % 3
     values = np.array([1.0, 0.5, 0.0])[true]  # colour 0 brightest etc.
-    lab = sublattice_labels(xy, np.ascontiguousarray(basis), spacing=10.0, values=values)
+    lab = sublattice_labels(xy, np.ascontiguousarray(basis), spacing=10.0, values=values, backend=backend)
     assert (lab == true).all()
+
+
+def _random_walk_tree(n, seed):
+    """A random tree over ``n`` nodes listed parents-first (node 0 the root): (kids, parents, step)."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([[0], rng.permutation(np.arange(1, n))])
+    pos = np.arange(1, n)
+    parents = order[(rng.random(n - 1) * pos).astype(np.int64)]  # any node placed earlier in the order
+    return order[1:].astype(np.int64), parents.astype(np.int64), rng.integers(0, 3, n - 1).astype(np.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_propagate_labels_backends_agree_with_the_numpy_reference(backend):
+    from stemfast.backend import get_kernels
+
+    for n, seed in ((1, 0), (2, 1), (500, 2), (20000, 3)):
+        kids, parents, step = _random_walk_tree(n, seed)
+        ref = np.full(n, -1, np.int64)
+        ref[0] = 0
+        get_kernels("numpy").propagate_labels(ref, kids, parents, step)
+        got = np.full(n, -1, np.int64)
+        got[0] = 0
+        get_kernels(backend).propagate_labels(got, kids, parents, step)
+        np.testing.assert_array_equal(got, ref)
+        assert (ref >= 0).all() and (ref < 3).all()
+        # the reference itself: each kid is its parent's label plus the step, mod 3
+        assert ((ref[parents] + step) % 3 == ref[kids]).all()
+        if n > 2:
+            assert len(np.unique(ref)) == 3
 
 
 def test_local_strain_recovers_uniform_strain():

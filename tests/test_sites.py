@@ -153,7 +153,8 @@ def test_pure_noise_gives_empty_result_with_warning():
 @pytest.mark.parametrize("bad, msg", [
     (np.full((64, 64), np.nan, np.float32), "non-finite"),
     (np.arange(100.0), "2-D"),
-    (np.zeros((0, 0)), "too small"),
+    (np.zeros((0, 0)), "empty"),
+    (np.zeros((10, 64)), "at least 16 x 16"),
 ])
 def test_bad_input_clear_error(bad, msg):
     with pytest.raises(ValueError, match=msg):

@@ -76,3 +76,11 @@ def knn_within(
 
 def pairs_within(points: npt.NDArray[np.float64], radius: float) -> npt.NDArray[np.int64]:
     """Pairs (i, j), i < j, at most radius apart, sorted: int64[P, 2]."""
+
+def propagate_labels(
+    labels: npt.NDArray[np.int64],
+    kids: npt.NDArray[np.int64],
+    parents: npt.NDArray[np.int64],
+    step: npt.NDArray[np.int64],
+) -> None:
+    """labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3 for i in order, in place."""

@@ -1,4 +1,8 @@
-"""Input validation shared by the public wrappers (scikit-image style: validate, then compute)."""
+"""Input validation shared by the public wrappers (scikit-image style: validate, then compute).
+
+Every public function that takes an image or site positions checks them here, so the rules and
+the messages are the same everywhere.
+"""
 from __future__ import annotations
 
 import math
@@ -6,11 +10,25 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["check_image", "positive"]
+__all__ = ["check_image", "check_xy", "positive"]
 
 
-def check_image(image, name: str = "image", *, min_side: int = 3) -> np.ndarray:
-    """2-D, non-empty, real, finite -> float32 C-contiguous (no copy when it already is)."""
+def check_image(image, name: str = "image", *, min_side: int = 3, dtype=np.float32) -> np.ndarray:
+    """2-D, at least ``min_side`` px a side, real (bool, integer or float), finite.
+
+    Returns the image as a C-contiguous ``dtype`` array (no copy when it already is one), or with
+    ``dtype=None`` as the array it is (its own dtype and layout, e.g. to normalise it in float64
+    before any rounding).
+
+    Examples
+    --------
+    >>> check_image(np.zeros((4, 5), np.uint8)).dtype
+    dtype('float32')
+    >>> check_image(np.zeros(4))
+    Traceback (most recent call last):
+    ...
+    ValueError: image must be a 2-D array, got 1-D with shape (4,)
+    """
     arr = np.asarray(image)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array, got {arr.ndim}-D with shape {arr.shape}")
@@ -20,11 +38,46 @@ def check_image(image, name: str = "image", *, min_side: int = 3) -> np.ndarray:
         raise ValueError(f"{name} must be at least {min_side} x {min_side} pixels, got shape {arr.shape}")
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be real-valued numeric, got dtype {arr.dtype}")
-    img = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(img).all():
+    img = arr if dtype is None else np.ascontiguousarray(arr, dtype=dtype)
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
         bad = int(np.count_nonzero(~np.isfinite(img)))
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); fill or crop them first")
     return img
+
+
+def check_xy(xy, name: str = "xy", *, shape: tuple[int, int] | None = None, min_points: int = 0) -> np.ndarray:
+    """Site positions ``(x, y)`` as a C-contiguous float64 ``[N, 2]`` array of finite values.
+
+    An empty input of any shape is ``[0, 2]``. With ``shape`` (the image's ``(H, W)``) every point's
+    nearest pixel must lie inside the image; ``min_points`` is the fewest points accepted.
+
+    Examples
+    --------
+    >>> check_xy([[1.0, 2.0]]).shape
+    (1, 2)
+    >>> check_xy([]).shape
+    (0, 2)
+    """
+    try:
+        pts = np.asarray(xy, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric [N, 2] array: {exc}") from None
+    if pts.size == 0:
+        pts = np.zeros((0, 2), dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{name} must be an [N, 2] array of (x, y) positions, got shape {pts.shape}")
+    if len(pts) < min_points:
+        raise ValueError(f"{name} must hold at least {min_points} points, got {len(pts)}")
+    pts = np.ascontiguousarray(pts)
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if shape is not None:
+        h, w = shape
+        c = np.floor(pts + 0.5)
+        outside = (c[:, 0] < 0) | (c[:, 0] >= w) | (c[:, 1] < 0) | (c[:, 1] >= h)
+        if outside.any():
+            raise ValueError(f"{int(outside.sum())} points of {name} lie outside the image (shape {tuple(shape)})")
+    return pts
 
 
 def positive(name: str, v) -> float:

@@ -2,7 +2,8 @@
 
 The default is the fastest available one; ``STEMFAST_BACKEND`` or the ``backend=`` argument of the
 public functions overrides it. If the compiled extension is missing (e.g. a source checkout used
-without ``pip install .``) the package still imports and falls back to Numba, logging once why.
+without ``pip install .``) or older than the Python code (a kernel of the contract missing) the
+package still imports and falls back to Numba, logging once why.
 
 The compiled backends run their kernels on several threads (the core count by default);
 :func:`kernel_threads` / :func:`set_kernel_threads` set that number for both (results do not depend
@@ -44,7 +45,12 @@ def _load(name: str) -> ModuleType | None:
     global _core_error
     try:
         if name == "cpp":
-            return importlib.import_module("stemfast._core")
+            core = importlib.import_module("stemfast._core")
+            contract = importlib.import_module("stemfast._kernels.numpy_ref").__all__
+            missing = [f for f in contract if not hasattr(core, f)]
+            if missing:  # an extension built from older sources than the Python package
+                raise ImportError(f"it is older than the Python code: no {', '.join(missing)}")
+            return core
         if name == "numba":
             return importlib.import_module("stemfast._kernels.numba_impl")
         if name == "numpy":
@@ -53,7 +59,8 @@ def _load(name: str) -> ModuleType | None:
         if name == "cpp":
             _core_error = (
                 f"the compiled extension stemfast._core is not available ({exc}); "
-                "build it with `pip install .` from the source tree. Falling back to Numba/NumPy kernels."
+                "build it with `pip install .` (or rebuild it) from the source tree. "
+                "Falling back to Numba/NumPy kernels."
             )
             log.warning(_core_error)
         else:

@@ -206,7 +206,7 @@ def micrograph_pair_errors(model, image: np.ndarray, angle: float, *, config=Non
                            seed: int = 0) -> tuple[PairErrors, dict]:
     """:func:`pair_errors` on sites of ``image`` and of the image rotated by ``angle`` (degrees).
 
-    Both images go through :func:`stemfast.pipeline.prepare` (site detection, patch extraction and
+    Both images go through :func:`stemfast.frontend.prepare` (site detection, patch extraction and
     normalisation) with the model's patch size; each site is paired with the detected site of the
     rotated image nearest to its rotated position (within ``match_px``; patches touching the border
     are left out). Multiples of 90 degrees rotate exactly (``np.rot90``), other angles by a spline
@@ -218,7 +218,7 @@ def micrograph_pair_errors(model, image: np.ndarray, angle: float, *, config=Non
     from scipy.spatial import cKDTree
 
     from .config import PipelineConfig
-    from .pipeline import prepare
+    from .frontend import prepare
 
     config = config or PipelineConfig()
     size = int(model.extra.get("patch_size") or 0) or None

@@ -23,19 +23,14 @@ import warnings
 
 import numpy as np
 
+from ._validate import check_image
+
 __all__ = ["DRIFT_MAX_PX", "DRIFT_RESOLUTION_PX", "block_average", "phase_drift"]
 
 #: Frames are block-averaged to at most this size (px) for the drift estimate.
 DRIFT_MAX_PX = 512
 #: Step of the sub-pixel drift search, in full-resolution px.
 DRIFT_RESOLUTION_PX = 0.02
-
-
-def _check_2d(a, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2 or min(a.shape) < 2:
-        raise ValueError(f"{name} must be a 2-D image of at least 2 x 2 px, got shape {a.shape}")
-    return a
 
 
 def block_average(img: np.ndarray) -> np.ndarray:
@@ -47,7 +42,7 @@ def block_average(img: np.ndarray) -> np.ndarray:
     >>> block_average(np.ones((1100, 600))).shape
     (366, 200)
     """
-    return _block_average(_check_2d(img, "img"))
+    return _block_average(check_image(img, "img", min_side=2, dtype=None))
 
 
 def _block_average(img: np.ndarray) -> np.ndarray:
@@ -74,7 +69,8 @@ def phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) 
     >>> round(dx, 2), abs(round(dy, 2))
     (1.0, 0.0)
     """
-    prev, cur = _check_2d(prev, "prev"), _check_2d(cur, "cur")
+    prev = check_image(prev, "prev", min_side=2, dtype=None)
+    cur = check_image(cur, "cur", min_side=2, dtype=None)
     if prev.shape != cur.shape:
         raise ValueError(f"prev and cur must have the same shape, got {prev.shape} and {cur.shape}")
     if len(full_shape) != 2 or min(full_shape) < 1:

@@ -270,6 +270,20 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     ((32, 32), dtype('float32'), 0.0125, 'nm')
     """
     p = Path(path)
+    ext = _check_file(p, dataset)
+    raw = _read_raw(p, ext, frames, dataset)
+    data, pixel_size, unit, meta = raw
+    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction)
+    pixel_size, unit = _normalise_calibration(pixel_size, unit)
+    meta.setdefault("format", ext[1:])
+    log.debug("read %s: shape %s, pixel size %s %s", p, data.shape, pixel_size, unit)
+    return Micrograph(data=data, pixel_size=pixel_size, unit=unit, path=str(p),
+                      metadata=_jsonable(meta))
+
+
+def _check_file(p: Path, dataset: str | None) -> str:
+    """The lower-case extension of ``p`` once it is a readable, non-empty file of a supported type;
+    a :class:`ReadError` saying what is wrong otherwise."""
     if not p.exists():
         raise ReadError(p, "file not found")
     if p.is_dir():
@@ -284,19 +298,24 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         raise ReadError(p, "file is empty (0 bytes)")
     if dataset is not None and ext not in (".h5", ".hdf5"):
         raise ReadError(p, "dataset= applies to HDF5 files only")
+    return ext
+
+
+def _read_raw(p: Path, ext: str, frames, dataset: str | None):
+    """``(data, pixel_size, unit, meta)`` from the reader of ``ext``; any failure of the reader is a
+    :class:`ReadError` (unreadable or corrupt file, or not enough memory)."""
     try:
         if ext in (".tif", ".tiff"):
-            raw = _read_tiff(p, frames)
-        elif ext == ".npy":
-            raw = _read_npy(p, frames)
-        elif ext == ".npz":
-            raw = _read_npz(p, frames)
-        elif ext in (".h5", ".hdf5"):
-            raw = _read_hdf5(p, frames, dataset)
-        elif ext == ".mrc":
-            raw = _read_mrc(p, frames)
-        else:
-            raw = _read_rsciio(p, frames)
+            return _read_tiff(p, frames)
+        if ext == ".npy":
+            return _read_npy(p, frames)
+        if ext == ".npz":
+            return _read_npz(p, frames)
+        if ext in (".h5", ".hdf5"):
+            return _read_hdf5(p, frames, dataset)
+        if ext == ".mrc":
+            return _read_mrc(p, frames)
+        return _read_rsciio(p, frames)
     except ReadError:
         raise
     except MemoryError as exc:
@@ -305,13 +324,6 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         kind = {".tif": "TIFF", ".tiff": "TIFF", ".h5": "HDF5"}.get(ext, ext[1:].upper())
         raise ReadError(p, f"unreadable or corrupt {kind} file "
                            f"({type(exc).__name__}: {exc})") from exc
-    data, pixel_size, unit, meta = raw
-    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction)
-    pixel_size, unit = _normalise_calibration(pixel_size, unit)
-    meta.setdefault("format", ext[1:])
-    log.debug("read %s: shape %s, pixel size %s %s", p, data.shape, pixel_size, unit)
-    return Micrograph(data=data, pixel_size=pixel_size, unit=unit, path=str(p),
-                      metadata=_jsonable(meta))
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, *, pixel_size: float | None = None,

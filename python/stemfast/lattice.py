@@ -25,6 +25,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 from scipy.spatial import cKDTree
 
+from ._validate import check_xy
 from .backend import get_kernels
 
 __all__ = [
@@ -235,11 +236,7 @@ def estimate_spacing(xy: np.ndarray, *, backend: str | None = None) -> tuple[flo
     >>> round(s, 3), round(a, 3)
     (10.0, 12.0)
     """
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) < 8:
-        raise ValueError("estimate_spacing needs an [N, 2] point array with N >= 8")
-    if not np.isfinite(xy).all():
-        raise ValueError("estimate_spacing: xy contains non-finite values")
+    xy = check_xy(xy, min_points=8)
     tree = _PointIndex(xy, get_kernels(backend), scale=_typical_distance(xy))
     d, j = tree.query(xy, k=2)
     d1 = d[:, 1]
@@ -522,89 +519,122 @@ def fill_lattice(
         angle_deg = a_est if angle_deg is None else angle_deg
     nn = float(spacing)
     b_global = triangular_basis(nn, float(angle_deg))
+    kern = get_kernels(backend)
+    n_peak = len(peak_xy)
+    f = _fit_found_columns(peak_xy.copy(), b_global, nn, settings, kern, backend)
 
-    xy = peak_xy.copy()
+    anchors = _well_fitted(f, n_peak, nn, settings) & (np.hypot(*(f.origin - f.xy).T) <= settings.off_lattice * nn)
+    anchor_tree = _PointIndex(f.xy[anchors], kern, scale=nn) if anchors.any() else None
+    rounds = 0
+    new_from = 0  # sites from this index on were added in the last round (all sites in round 0)
+    while rounds < settings.max_rounds:
+        good = _well_fitted(f, n_peak, nn, settings)
+        # only sites near the frontier can predict something new: in round 0 all, later the
+        # last round's additions and their neighbours
+        if rounds == 0:
+            pred_sites = np.flatnonzero(good)
+        else:
+            pred_sites = np.flatnonzero(_mark_ball(f.tree, f.xy[new_from:], 1.5 * nn, 16, len(f.xy)) & good)
+        if len(pred_sites) == 0:
+            break
+        # covered = an on-lattice site is near (or any site very near); a spurious off-lattice peak
+        # (e.g. in a dirty patch) does not block the lattice point it happens to sit close to
+        on_lattice = good & (np.hypot(*(f.origin - f.xy).T) <= settings.off_lattice * nn)
+        on_lattice[n_peak:] = True
+        new, sup = _new_sites(pred_sites, f.origin, f.basis, f.xy, f.tree, on_lattice, film, anchor_tree,
+                              (H, W), nn, settings, kern)
+        if len(new) == 0:
+            break
+        rounds += 1
+        new_from = len(f.xy)
+        _add_sites(f, new, sup, good, b_global, nn, settings, kern, backend)
+        log.debug("lattice fill round %d: +%d sites", rounds, len(new))
+
+    is_peak = np.zeros(len(f.xy), bool)
+    is_peak[:n_peak] = True
+    on_lattice = _final_on_lattice(f, is_peak, n_peak, nn, settings)
+    return LatticeResult(xy=f.xy, is_peak=is_peak, origin=f.origin, basis=f.basis, rms=f.rms, n_used=f.n_used,
+                         support=f.support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
+
+
+@dataclass
+class _Fill:
+    """The growing site set of :func:`fill_lattice` and each site's latest local lattice fit."""
+
+    xy: np.ndarray  # [N, 2] found columns first, then the added sites
+    tree: _PointIndex  # over xy
+    origin: np.ndarray  # [N, 2]
+    basis: np.ndarray  # [N, 2, 2]
+    rms: np.ndarray  # [N]
+    n_used: np.ndarray  # [N]
+    n_pts: np.ndarray  # [N]
+    support: np.ndarray  # [N] found sites 0, added sites the predictions that agreed on them
+
+
+def _fit_found_columns(xy: np.ndarray, b_global: np.ndarray, nn: float, settings: LatticeSettings, kern,
+                       backend: str | None) -> _Fill:
+    """Local lattice fits of the found columns ``xy``: a first pass from the global basis, a second
+    one seeded with each site's own first fit (follows local rotation and strain better)."""
     n_peak = len(xy)
     basis0 = np.broadcast_to(b_global, (n_peak, 2, 2)).copy()
     support = np.zeros(n_peak, dtype=np.int64)
-    kern = get_kernels(backend)
     tree = _PointIndex(xy, kern, scale=nn)
     # kept for both passes: int32 (half the memory) where the indices fit
     nb_all = tree.within(xy, _neighbour_k(settings, len(xy)), settings.fit_radius * nn,
                          dtype=np.int32 if len(xy) < np.iinfo(np.int32).max else np.int64)
     origin, basis, rms, n_used, _ = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
                                                  backend=backend, neighbours=nb_all)
-    # a second pass seeded with each site's own first fit follows local rotation/strain better
     ok = np.isfinite(rms)
     basis0[ok] = basis[ok]
     origin, basis, rms, n_used, n_pts = fit_lattices(xy, basis0, spacing=nn, settings=settings, tree=tree,
                                                      backend=backend, neighbours=nb_all)
-    del nb_all
+    return _Fill(xy=xy, tree=tree, origin=origin, basis=basis, rms=rms, n_used=n_used, n_pts=n_pts, support=support)
 
-    def well_fitted():
-        # the inlier-share test is for found maxima (spurious ones fit with few neighbours); added
-        # sites are lattice points by construction and keep predicting inside a dirty patch
-        added = np.arange(len(rms)) >= n_peak
-        return (np.isfinite(rms) & (rms < settings.max_rms * nn) & (n_used >= settings.min_used)
-                & (added | (n_used >= settings.min_inlier_fraction * n_pts)))
 
-    anchors = well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
-    anchor_tree = _PointIndex(xy[anchors], kern, scale=nn) if anchors.any() else None
-    rounds = 0
-    new_from = 0  # sites from this index on were added in the last round (all sites in round 0)
-    while rounds < settings.max_rounds:
-        good = well_fitted()
-        # only sites near the frontier can predict something new: in round 0 all, later the
-        # last round's additions and their neighbours
-        if rounds == 0:
-            pred_sites = np.flatnonzero(good)
-        else:
-            pred_sites = np.flatnonzero(_mark_ball(tree, xy[new_from:], 1.5 * nn, 16, len(xy)) & good)
-        if len(pred_sites) == 0:
-            break
-        # covered = an on-lattice site is near (or any site very near); a spurious off-lattice peak
-        # (e.g. in a dirty patch) does not block the lattice point it happens to sit close to
-        on_lattice = good & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn)
-        on_lattice[n_peak:] = True
-        new, sup = _new_sites(pred_sites, origin, basis, xy, tree, on_lattice, film, anchor_tree,
-                              (H, W), nn, settings, kern)
-        if len(new) == 0:
-            break
-        rounds += 1
-        new_from = len(xy)
-        nb0 = _nearest_basis(tree, new, basis, good, b_global)
-        xy = np.concatenate([xy, new])
-        support = np.concatenate([support, sup.astype(np.int64)])
-        tree = _PointIndex(xy, kern, scale=nn)
-        basis0 = np.concatenate([basis, nb0])
-        del basis, nb0
-        # refit everything near the additions (their neighbourhoods changed) plus the new sites
-        touched_mask = _mark_ball(tree, new, settings.fit_radius * nn, 32, len(xy))
-        touched_mask[new_from:] = True
-        touched = np.flatnonzero(touched_mask)
-        del touched_mask
-        o2, b2, r2, n2, p2 = fit_lattices(xy, basis0[touched], spacing=nn, settings=settings, tree=tree,
-                                          backend=backend, subset=touched)
-        origin = np.concatenate([origin, np.zeros((len(new), 2))])
-        basis = basis0
-        del basis0
-        rms = np.concatenate([rms, np.full(len(new), np.nan)])
-        n_used = np.concatenate([n_used, np.zeros(len(new), np.int64)])
-        n_pts = np.concatenate([n_pts, np.ones(len(new), np.int64)])
-        origin[touched], basis[touched], rms[touched], n_used[touched], n_pts[touched] = o2, b2, r2, n2, p2
-        del o2, b2, r2, n2, p2, touched
-        log.debug("lattice fill round %d: +%d sites", rounds, len(new))
+def _well_fitted(f: _Fill, n_peak: int, nn: float, settings: LatticeSettings) -> np.ndarray:
+    """Sites whose local fit is good enough to predict from (bool [N])."""
+    # the inlier-share test is for found maxima (spurious ones fit with few neighbours); added
+    # sites are lattice points by construction and keep predicting inside a dirty patch
+    added = np.arange(len(f.rms)) >= n_peak
+    return (np.isfinite(f.rms) & (f.rms < settings.max_rms * nn) & (f.n_used >= settings.min_used)
+            & (added | (f.n_used >= settings.min_inlier_fraction * f.n_pts)))
 
-    is_peak = np.zeros(len(xy), bool)
-    is_peak[:n_peak] = True
-    on_lattice = ~is_peak | (well_fitted() & (np.hypot(*(origin - xy).T) <= settings.off_lattice * nn))
+
+def _add_sites(f: _Fill, new: np.ndarray, sup: np.ndarray, good: np.ndarray, b_global: np.ndarray, nn: float,
+               settings: LatticeSettings, kern, backend: str | None) -> None:
+    """Append one round's sites ``new`` (and their support counts ``sup``) to ``f`` and refit every site near
+    them (their neighbourhoods changed) plus the new sites, seeded with the nearest good basis."""
+    new_from = len(f.xy)
+    nb0 = _nearest_basis(f.tree, new, f.basis, good, b_global)
+    f.xy = np.concatenate([f.xy, new])
+    f.support = np.concatenate([f.support, sup.astype(np.int64)])
+    f.tree = _PointIndex(f.xy, kern, scale=nn)
+    f.basis = np.concatenate([f.basis, nb0])
+    del nb0
+    touched_mask = _mark_ball(f.tree, new, settings.fit_radius * nn, 32, len(f.xy))
+    touched_mask[new_from:] = True
+    touched = np.flatnonzero(touched_mask)
+    del touched_mask
+    o2, b2, r2, n2, p2 = fit_lattices(f.xy, f.basis[touched], spacing=nn, settings=settings, tree=f.tree,
+                                      backend=backend, subset=touched)
+    f.origin = np.concatenate([f.origin, np.zeros((len(new), 2))])
+    f.rms = np.concatenate([f.rms, np.full(len(new), np.nan)])
+    f.n_used = np.concatenate([f.n_used, np.zeros(len(new), np.int64)])
+    f.n_pts = np.concatenate([f.n_pts, np.ones(len(new), np.int64)])
+    f.origin[touched], f.basis[touched], f.rms[touched], f.n_used[touched], f.n_pts[touched] = o2, b2, r2, n2, p2
+
+
+def _final_on_lattice(f: _Fill, is_peak: np.ndarray, n_peak: int, nn: float, settings: LatticeSettings) -> np.ndarray:
+    """Which sites sit on the lattice: every added one, and the found columns that are well fitted
+    and near their own lattice point or on a well-fitted neighbour's lattice."""
+    good = _well_fitted(f, n_peak, nn, settings)
+    on_lattice = ~is_peak | (good & (np.hypot(*(f.origin - f.xy).T) <= settings.off_lattice * nn))
     # a found column whose own fit is poor (e.g. beside a dirty patch) is still on the lattice
     # when a well-fitted neighbour's lattice has a point right there
     ask = np.flatnonzero(~on_lattice)
     if len(ask):
-        on_lattice[ask] = _on_neighbours_lattice(xy, origin, basis, well_fitted(), tree, nn, settings, ask)
-    return LatticeResult(xy=xy, is_peak=is_peak, origin=origin, basis=basis, rms=rms, n_used=n_used,
-                         support=support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
+        on_lattice[ask] = _on_neighbours_lattice(f.xy, f.origin, f.basis, good, f.tree, nn, settings, ask)
+    return on_lattice
 
 
 def _new_sites(pred_sites, origin, basis, xy, tree, on_lattice, film, anchor_tree, shape, nn,
@@ -814,7 +844,8 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
     labels = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return labels
-    pairs = _PointIndex(xy, get_kernels(backend)).query_pairs(max_bond * spacing)
+    kern = get_kernels(backend)
+    pairs = _PointIndex(xy, kern).query_pairs(max_bond * spacing)
     if len(pairs) == 0:
         return labels
     idx_t = np.int32 if n < np.iinfo(np.int32).max else np.int64  # the graph's own index type
@@ -838,7 +869,7 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
         mn = np.floor(np.einsum("ni,nij->nj", d, inv[par]) + 0.5).astype(np.int64)
         step = (mn[:, 0] - mn[:, 1]) % 3
         # labels follow BFS order: each child's parent is labelled before the child
-        _propagate(labels, kids, par, step)
+        kern.propagate_labels(labels, kids.astype(np.int64), par.astype(np.int64), step)
     if values is not None:
         values = np.asarray(values, dtype=np.float64)
         for c in range(ncomp):
@@ -851,18 +882,6 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
             rank[np.argsort(-med)] = np.arange(3)
             labels[members] = rank[labels[members]]
     return labels
-
-
-def _propagate(labels: np.ndarray, kids: np.ndarray, par: np.ndarray, step: np.ndarray) -> None:
-    try:
-        from ._kernels.numba_impl.graph import propagate_labels
-    except ImportError:  # pragma: no cover
-        propagate_labels = None
-    if propagate_labels is not None:
-        propagate_labels(labels, kids, par, step)
-        return
-    for k, p, s in zip(kids.tolist(), par.tolist(), step.tolist()):  # pragma: no cover
-        labels[k] = (labels[p] + s) % 3
 
 
 def local_strain(basis: np.ndarray, reference: np.ndarray | None = None) -> dict[str, np.ndarray]:

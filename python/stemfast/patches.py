@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._validate import check_image, check_xy
 from .backend import get_kernels
 
 __all__ = ["PatchNorm", "Patches", "extract_patches", "LazyPatches", "patch_edge", "default_patch_size",
@@ -143,32 +144,6 @@ def default_patch_size(spacing: float) -> int:
     return max(3, 2 * math.ceil(1.25 * spacing) + 1)
 
 
-def _check_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got an array of shape {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must be non-empty, got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
-            or image.dtype == np.bool_):
-        raise ValueError(f"image must hold real numbers, got dtype {image.dtype}")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values")
-    return image
-
-
-def _check_xy(xy: np.ndarray) -> np.ndarray:
-    try:
-        xy = np.asarray(xy, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"xy must be a numeric [N, 2] array: {exc}") from None
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ValueError(f"xy must be an [N, 2] array of (x, y) positions, got shape {xy.shape}")
-    if not np.isfinite(xy).all():
-        raise ValueError("xy contains NaN or infinite values")
-    return np.ascontiguousarray(xy)
-
-
 def _check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 3:
         raise ValueError(f"size must be an integer >= 3, got {size!r}")
@@ -240,8 +215,8 @@ def extract_patches(
     >>> p.data.shape, p.edge.tolist(), float(p.data[0, 2, 2])
     ((2, 5, 5), [False, True], 1.0)
     """
-    image = _check_image(image)
-    xy = _check_xy(xy)
+    image = check_image(image, min_side=1, dtype=None)
+    xy = check_xy(xy)
     size = _check_size(size)
     if fill is not None:
         fill = float(fill)
@@ -374,8 +349,8 @@ class LazyPatches:
     def __init__(self, image: np.ndarray, xy: np.ndarray, *, size: int, norm: PatchNorm | None = None,
                  fill: float | None = None, resample_weights: np.ndarray | None = None,
                  backend: str | None = None) -> None:
-        image = _check_image(image)
-        self.xy = np.ascontiguousarray(_check_xy(xy))
+        image = check_image(image, min_side=1, dtype=None)
+        self.xy = np.ascontiguousarray(check_xy(xy))
         size = _check_size(size)
         resample_weights = _check_weights(resample_weights, size)
         norm, fill = _norm_and_fill(image, norm, fill, True)
@@ -440,8 +415,8 @@ def site_intensity(image: np.ndarray, xy: np.ndarray, *, radius: float, backend:
     >>> site_intensity(img, np.array([[7.0, 7.0], [15.0, 15.0]]), radius=2.0).tolist()
     [2.0, 0.0]
     """
-    image = _check_image(image)
-    xy = _check_xy(xy)
+    image = check_image(image, min_side=1, dtype=None)
+    xy = check_xy(xy)
     radius = float(radius)
     if not (math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be a finite number > 0, got {radius!r}")

@@ -24,7 +24,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ._validate import check_image, positive
+from ._validate import check_image, check_xy, positive
 from .backend import get_kernels
 
 __all__ = [
@@ -89,23 +89,6 @@ class PeakResult:
 # --------------------------------------------------------------------------------------------------
 def _check_image(image, name: str = "image") -> np.ndarray:
     return check_image(image, name, min_side=MIN_SIDE)
-
-
-def _check_xy(xy, shape: tuple[int, int]) -> np.ndarray:
-    pts = np.asarray(xy, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        if pts.size == 0:
-            return np.zeros((0, 2), dtype=np.float64)
-        raise ValueError(f"xy must be an [N, 2] array of (x, y), got shape {pts.shape}")
-    pts = np.ascontiguousarray(pts)
-    if not np.isfinite(pts).all():
-        raise ValueError("xy contains non-finite values")
-    h, w = shape
-    c = np.floor(pts + 0.5)
-    outside = (c[:, 0] < 0) | (c[:, 0] >= w) | (c[:, 1] < 0) | (c[:, 1] >= h)
-    if outside.any():
-        raise ValueError(f"{int(outside.sum())} points of xy lie outside the image (shape {shape})")
-    return pts
 
 
 def default_threshold(image: np.ndarray) -> float:
@@ -179,7 +162,7 @@ def refine(
     (True, [15.3, 16.6], 2.0)
     """
     img = _check_image(image)
-    pts = _check_xy(xy, img.shape)
+    pts = check_xy(xy, shape=img.shape)
     if method not in ("gauss", "com"):
         raise ValueError(f"method must be 'gauss' or 'com', got {method!r}")
     radius = positive("radius", radius)

@@ -3,20 +3,20 @@
 The stages are separate functions so the batch runner can train one model on patches pooled
 from many images (``prepare`` every image, ``train_model`` once, ``analyze`` every image) and so
 a Dask worker can run ``prepare`` + ``analyze`` for one file or frame with a shipped model.
+The first stage, ``prepare`` (sites and patches), lives in :mod:`stemfast.frontend` (below the
+model package, whose input-contract check runs it) and is re-exported here.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from .analysis import analyze_sites
 from .config import PipelineConfig
-from .patches import LazyPatches, default_patch_size, extract_patches
-from .sites import find_sites
+from .frontend import MAX_PATCH_BYTES, Prepared, prepare, resample_patches, resample_weights  # noqa: F401
+from .patches import LazyPatches
 from .table import SiteTable
 
 __all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resample_weights", "train_model", "analyze",
@@ -25,119 +25,8 @@ __all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resampl
 log = logging.getLogger(__name__)
 
 
-#: ``prepare`` keeps the patches of an image in memory up to this many bytes; beyond, they are cut
-#: on demand (:class:`~stemfast.patches.LazyPatches`) and ``analyze`` streams them in chunks, so a
-#: 16k x 16k micrograph does not need 8 GB of patches.
-MAX_PATCH_BYTES = 512 * 2**20
 #: sites per chunk when ``analyze`` streams the patches of a large image
 STREAM_CHUNK = 1 << 16
-
-
-@dataclass
-class Prepared:
-    """One 2-D image after the lattice front end: its sites and their patches.
-
-    ``patches`` is a float32 [N, M, M] array (robust-normalised, resampled to the model's input
-    size M), or -- for images whose patches would exceed :data:`MAX_PATCH_BYTES` -- a
-    :class:`~stemfast.patches.LazyPatches` that cuts them on demand (same values; index it like the
-    array).
-    """
-
-    image: np.ndarray
-    sites: SiteTable
-    patches: np.ndarray  # or LazyPatches (see the class docstring)
-    edge: np.ndarray  # bool [N], patch touches the image border
-    norm: object  # stemfast.patches.PatchNorm
-    patch_size: int  # px in the image (before resampling)
-    timings: dict
-
-
-def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
-            unit: str | None = "nm", patch_size: int | None = None,
-            max_patch_bytes: int | None = None) -> Prepared:
-    """Find the sites of a 2-D ``image`` and cut a normalised patch around each.
-
-    ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
-    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. Patches that would take more
-    than ``max_patch_bytes`` (default :data:`MAX_PATCH_BYTES`) are not cut here but on demand
-    (``Prepared.patches`` is then a :class:`~stemfast.patches.LazyPatches`).
-    """
-    timings: dict = {}
-    table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
-    t0 = time.perf_counter()
-    size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
-                                                if table.meta.get("status") == "ok" else 32)
-    if len(table):
-        out = int(getattr(config.model, "input_size", size) or size)
-        # gather straight at the model's input size: the compiled gather applies resample_patches'
-        # weights in the same pass (no size x size intermediate, no second pass over the patches)
-        weights = resample_weights(size, out) if out != size else None
-        budget = MAX_PATCH_BYTES if max_patch_bytes is None else int(max_patch_bytes)
-        if len(table) * out * out * 4 > budget:
-            patches = LazyPatches(image, table.xy, size=size, resample_weights=weights, backend=config.sites.backend)
-            edge, norm = patches.edge, patches.norm
-            log.info("%d patches (%.1f GB) are cut on demand", len(table), len(table) * out * out * 4 / 1e9)
-        else:
-            p = extract_patches(image, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
-            patches, edge, norm = p.data, p.edge, p.norm
-    else:
-        patches = np.zeros((0, size, size), np.float32)
-        edge = np.zeros(0, bool)
-        norm = None
-    timings["patches"] = time.perf_counter() - t0
-    return Prepared(image=np.asarray(image), sites=table, patches=patches, edge=edge, norm=norm,
-                    patch_size=int(size), timings=timings)
-
-
-def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> np.ndarray:
-    """Resample [N, S, S] patches to [N, size, size] (antialiased bilinear), in chunks.
-
-    Patches are cut at a size set by the lattice spacing (a fixed number of spacings), then
-    resampled to the model's input size, so images of different magnification give comparable
-    patches and one model serves them all.
-    """
-    import torch
-
-    from .model.functional import resample_patches as _resample
-
-    n = len(patches)
-    out = np.empty((n, size, size), np.float32)
-    with torch.inference_mode():
-        for i in range(0, n, chunk):
-            t = torch.from_numpy(np.ascontiguousarray(patches[i:i + chunk]))[:, None]
-            out[i:i + chunk] = _resample(t, size)[:, 0].numpy()
-    return out
-
-
-@lru_cache(maxsize=32)
-def _resample_weights_cached(size: int, out: int) -> np.ndarray:
-    import torch
-
-    from .model.functional import resample_patches as _resample
-
-    # resample_patches is linear and separable (W P W^T): patch i, whose row i is all ones, comes out
-    # as W[:, i] (x) (W 1); W 1 = 1 for an interpolator, and in general sqrt(sum_i of its diagonal)
-    probe = torch.zeros((size, 1, size, size), dtype=torch.float64)
-    probe[torch.arange(size), 0, torch.arange(size), :] = 1.0
-    with torch.inference_mode():
-        res = _resample(probe, out)[:, 0].numpy()  # [size, out, out]
-    row_sum = np.sqrt(res[:, 0, 0].sum())
-    w = np.ascontiguousarray(res[:, :, 0].T / row_sum)
-    w.setflags(write=False)
-    return w
-
-
-def resample_weights(size: int, out: int) -> np.ndarray:
-    """Weights ``W`` [out, size] of :func:`resample_patches` from ``size`` to ``out`` px (read off the
-    model's resampler, which is linear and separable: a patch ``P`` becomes ``W @ P @ W.T``).
-
-    Examples
-    --------
-    >>> w = resample_weights(5, 5)  # same size: the identity
-    >>> bool(np.allclose(w, np.eye(5)))
-    True
-    """
-    return _resample_weights_cached(int(size), int(out))
 
 
 def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0,

@@ -451,10 +451,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     peaks' measurement variance ``peak_var``), or the prediction alone. ``fill=False`` keeps only
     the nodes with a peak.
     """
-    H, W = shape
     peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
     peak_value = np.asarray(peak_value, dtype=np.float64).reshape(-1)
-    n_pk = len(peak_xy)
     S = SITE_FROM_METAL @ np.linalg.inv(pmap.g).T
     M = np.array([[2.0, -1.0], [1.0, 1.0]])  # (p, q) = U @ M: p = 2 U1 + U2, q = U2 - U1
     Minv = np.linalg.inv(M)
@@ -463,28 +461,75 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     strong = peak_value >= np.median(peak_value)
     wv = np.clip(peak_value, 0, None) * strong
     if wv.sum() <= 0:
-        wv = np.ones(n_pk)
+        wv = np.ones(len(peak_xy))
     off = np.angle((wv[:, None] * np.exp(2j * np.pi * pq)).sum(0)) / (2 * np.pi)
-
-    def phase_pos(n):  # phase-map position of nodes n [K, 2]
-        return pmap.positions((np.asarray(n, dtype=np.float64) + off) @ Minv)
-
     node = _round_triangular(pq - off, S)
     # the nodes of the image (or, without fill, those near a peak)
     if fill:
-        corners = np.array([[0, 0], [W - 1, 0], [0, H - 1], [W - 1, H - 1]], dtype=np.float64)
-        cpq = pmap.coords(corners) @ M - off
-        lo = np.floor(cpq.min(0)).astype(np.int64) - 2
-        hi = np.ceil(cpq.max(0)).astype(np.int64) + 2
-        P, Q = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
-        nodes = np.stack([P.ravel(), Q.ravel()], 1)
-        xy0 = pmap.positions((nodes + off) @ Minv, n_iter=1)
-        pad = 3 * spacing
-        nodes = nodes[(xy0[:, 0] > -pad) & (xy0[:, 0] < W - 1 + pad) & (xy0[:, 1] > -pad) & (xy0[:, 1] < H - 1 + pad)]
+        nodes = _image_nodes(pmap, off, M, Minv, shape, spacing)
     else:
         nodes = np.unique(np.concatenate([node + o for o in [np.zeros(2, np.int64)] + list(_FIRST)]), axis=0)
-    base = phase_pos(nodes)
+    base = pmap.positions((np.asarray(nodes, dtype=np.float64) + off) @ Minv)  # phase-map positions
     rim = _film_rim(film, base, EDGE_NN * spacing)
+    node, on, winner = _match_peaks(peak_xy, peak_value, node, nodes, base, rim, S, shape=shape, spacing=spacing,
+                                    tol=tol, fit_radius=fit_radius, min_fit_points=min_fit_points,
+                                    n_rounds=n_rounds)
+    n_merged = int(on.sum() - winner.sum())
+    off_pk = _off_lattice_peaks(peak_xy, peak_value, node, on, winner, shape, spacing, off_strength)
+    n_noise = int(((~on) & ~off_pk).sum())
+    on_node = float(on[strong].mean()) if strong.any() else 0.0
+
+    # final positions: prediction from the neighbours, and the peak where the image resolves it
+    w_idx = np.flatnonzero(winner)
+    xy_w, empty, xy_empty = _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, film=film, shape=shape,
+                                         spacing=spacing, margin_px=margin_px, min_amplitude=min_amplitude,
+                                         fill=fill, fit_radius=fit_radius, min_fit_points=min_fit_points,
+                                         peak_var=peak_var)
+    o_idx = np.flatnonzero(off_pk)
+    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing)
+    xy = np.concatenate([xy_w, xy_empty, peak_xy[o_idx]])
+    ij = np.concatenate([node[w_idx], empty, np.zeros((len(o_idx), 2), np.int64)])
+    kind = np.concatenate([np.zeros(len(w_idx), np.int8), np.where(empty_peak >= 0, 0, 1).astype(np.int8),
+                           np.full(len(o_idx), 2, np.int8)])
+    peak = np.concatenate([w_idx, empty_peak, o_idx]).astype(np.int64)
+    cls = np.where(kind == 2, -1, np.mod(ij[:, 0] - ij[:, 1], 3)).astype(np.int64)
+    n_nodes = len(w_idx) + len(empty)
+    basis = np.broadcast_to(S, (len(xy), 2, 2)).copy()
+    rms = np.full(len(xy), np.nan)
+    b_nodes, r_nodes, _ = _local_fit(ij[:n_nodes], xy[:n_nodes], kind[:n_nodes] == 0, S, fit_radius,
+                                     min_fit_points)
+    basis[:n_nodes], rms[:n_nodes] = b_nodes, r_nodes
+    if len(o_idx):
+        g_loc = pmap.local_g(peak_xy[o_idx])
+        A_loc = np.linalg.inv(g_loc).transpose(0, 2, 1)
+        basis[n_nodes:] = np.einsum("ij,njk->nik", SITE_FROM_METAL, A_loc)
+    return SiteIndex(xy=xy, ij=ij, peak=peak, kind=kind, cls=cls, basis=basis, rms=rms,
+                     n_merged=n_merged, n_noise=n_noise, on_node=on_node)
+
+
+def _image_nodes(pmap: PhaseMap, off: np.ndarray, M: np.ndarray, Minv: np.ndarray, shape: tuple[int, int],
+                 spacing: float) -> np.ndarray:
+    """The site-lattice nodes ``(p, q)`` [K, 2] whose phase-map position lies in the image or within
+    three spacings of it."""
+    H, W = shape
+    corners = np.array([[0, 0], [W - 1, 0], [0, H - 1], [W - 1, H - 1]], dtype=np.float64)
+    cpq = pmap.coords(corners) @ M - off
+    lo = np.floor(cpq.min(0)).astype(np.int64) - 2
+    hi = np.ceil(cpq.max(0)).astype(np.int64) + 2
+    P, Q = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
+    nodes = np.stack([P.ravel(), Q.ravel()], 1)
+    xy0 = pmap.positions((nodes + off) @ Minv, n_iter=1)
+    pad = 3 * spacing
+    return nodes[(xy0[:, 0] > -pad) & (xy0[:, 0] < W - 1 + pad) & (xy0[:, 1] > -pad) & (xy0[:, 1] < H - 1 + pad)]
+
+
+def _match_peaks(peak_xy, peak_value, node, nodes, base, rim, S, *, shape, spacing, tol, fit_radius,
+                 min_fit_points, n_rounds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each peak's node: first the nearest node of the phase map, then ``n_rounds`` times the node
+    (its own or a neighbour) whose prediction from the winners around it is nearest; then a loose
+    peak takes the free node in whose cell it sits. Returns ``(node [N, 2], on [N], winner [N])``:
+    ``on`` the peak is within ``tol`` spacings of its node, ``winner`` it is its node's strongest."""
+    n_pk = len(peak_xy)
     grid_base = _Grid(nodes, base)
     # first: the phase map alone
     d0 = np.hypot(*(peak_xy - grid_base.get(node)).T)
@@ -519,19 +564,28 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         win2 = _strongest(node, on2, peak_value)
         winner |= win2
         on |= on2
-    n_merged = int(on.sum() - winner.sum())
+    return node, on, winner
+
+
+def _off_lattice_peaks(peak_xy, peak_value, node, on, winner, shape, spacing, off_strength) -> np.ndarray:
+    """Peaks on no node that are ``off_lattice`` sites (bool [N]): at least ``off_strength`` times the
+    median value of the brightest class's winners, and not a column cut by the image edge."""
+    H, W = shape
     cls_pk = np.mod(node[:, 0] - node[:, 1], 3)
     ref_vals = [np.median(peak_value[winner & (cls_pk == c)]) if np.any(winner & (cls_pk == c)) else -np.inf
                 for c in range(3)]
     ref = float(max(ref_vals)) if np.isfinite(max(ref_vals)) else float(np.median(peak_value))
     # a maximum within half a spacing of the image edge is a column cut by the edge, not an adatom
     edge = np.minimum.reduce([peak_xy[:, 0], W - 1 - peak_xy[:, 0], peak_xy[:, 1], H - 1 - peak_xy[:, 1]])
-    off_pk = (~on) & (peak_value >= off_strength * ref) & (edge >= 0.5 * spacing)
-    n_noise = int(((~on) & ~off_pk).sum())
-    on_node = float(on[strong].mean()) if strong.any() else 0.0
+    return (~on) & (peak_value >= off_strength * ref) & (edge >= 0.5 * spacing)
 
-    # final positions: prediction from the neighbours, and the peak where the image resolves it
-    w_idx = np.flatnonzero(winner)
+
+def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape, spacing, margin_px,
+                 min_amplitude, fill, fit_radius, min_fit_points, peak_var):
+    """Final positions: every winner between its peak and its neighbours' prediction
+    (:func:`_shrinkage`), every empty node of the film at its prediction. Returns
+    ``(xy_w [len(w_idx), 2], empty [K, 2] nodes, xy_empty [K, 2])``."""
+    H, W = shape
     has = np.isin(_key(nodes), _key(node[w_idx]))
     if not fill:
         nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
@@ -559,11 +613,16 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     if len(xy_empty):
         keep = _apart(xy_w, xy_empty, 0.5 * spacing)
         empty, xy_empty = empty[keep], xy_empty[keep]
-    o_idx = np.flatnonzero(off_pk)
-    # an off-lattice peak within half a spacing of an empty node's final place is that node's column
-    # (displaced; the node's place is only sure once all neighbours are in, at the edge especially)
-    empty_peak = np.full(len(empty), -1, np.int64)
-    if len(o_idx) and len(empty):
+    return xy_w, empty, xy_empty
+
+
+def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """An off-lattice peak within half a spacing of an empty node's final place is that node's
+    column (displaced; the node's place is only sure once all neighbours are in, at the edge
+    especially): the node takes the peak's position (``xy_empty`` changed in place). Returns
+    ``(empty_peak [K], the peak index per empty node or -1; o_idx, the off-lattice peaks left)``."""
+    empty_peak = np.full(len(xy_empty), -1, np.int64)
+    if len(o_idx) and len(xy_empty):
         from scipy.spatial import cKDTree
 
         de, je = cKDTree(xy_empty).query(peak_xy[o_idx], distance_upper_bound=0.5 * spacing)
@@ -573,24 +632,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         taken = empty_peak >= 0
         xy_empty[taken] = peak_xy[empty_peak[taken]]
         o_idx = o_idx[~np.isin(o_idx, empty_peak[taken])]
-    xy = np.concatenate([xy_w, xy_empty, peak_xy[o_idx]])
-    ij = np.concatenate([node[w_idx], empty, np.zeros((len(o_idx), 2), np.int64)])
-    kind = np.concatenate([np.zeros(len(w_idx), np.int8), np.where(empty_peak >= 0, 0, 1).astype(np.int8),
-                           np.full(len(o_idx), 2, np.int8)])
-    peak = np.concatenate([w_idx, empty_peak, o_idx]).astype(np.int64)
-    cls = np.where(kind == 2, -1, np.mod(ij[:, 0] - ij[:, 1], 3)).astype(np.int64)
-    n_nodes = len(w_idx) + len(empty)
-    basis = np.broadcast_to(S, (len(xy), 2, 2)).copy()
-    rms = np.full(len(xy), np.nan)
-    b_nodes, r_nodes, _ = _local_fit(ij[:n_nodes], xy[:n_nodes], kind[:n_nodes] == 0, S, fit_radius,
-                                     min_fit_points)
-    basis[:n_nodes], rms[:n_nodes] = b_nodes, r_nodes
-    if len(o_idx):
-        g_loc = pmap.local_g(peak_xy[o_idx])
-        A_loc = np.linalg.inv(g_loc).transpose(0, 2, 1)
-        basis[n_nodes:] = np.einsum("ij,njk->nik", SITE_FROM_METAL, A_loc)
-    return SiteIndex(xy=xy, ij=ij, peak=peak, kind=kind, cls=cls, basis=basis, rms=rms,
-                     n_merged=n_merged, n_noise=n_noise, on_node=on_node)
+    return empty_peak, o_idx
 
 
 def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, rim=None) -> np.ndarray:

@@ -9,11 +9,13 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from ._validate import check_image
 from .bandpass import bandpass
 from . import grains as _grains
 from .grains import GrainSettings
@@ -36,6 +38,9 @@ __all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", 
 
 log = logging.getLogger(__name__)
 
+
+#: the smallest image side (px) ``find_sites`` accepts
+MIN_IMAGE_SIDE = 16
 
 #: sites whose centre is closer than this (px) to the image edge are in the table but not judged
 #: (``observed`` False): the scan shows at most half of the column
@@ -269,20 +274,6 @@ def _band_width(d: np.ndarray, rel: np.ndarray, sites: np.ndarray, step: float, 
     return width + step if width > 0 else 0.0
 
 
-def _validate_image(image) -> np.ndarray:
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(f"find_sites needs a 2-D image, got an array of shape {img.shape}")
-    if img.size == 0 or min(img.shape) < 16:
-        raise ValueError(f"image too small: {img.shape} (need at least 16 x 16)")
-    if not np.issubdtype(img.dtype, np.number) or np.iscomplexobj(img):
-        raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    if not np.isfinite(img).all():
-        raise ValueError(f"image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite (NaN/inf) pixels")
-    return img
-
-
 def _empty_table(meta: dict) -> SiteTable:
     cols = {k: np.zeros(0) for k in ("x", "y", "intensity")}
     cols["source"] = np.zeros(0, dtype="<U7")
@@ -350,30 +341,82 @@ def find_sites(
     if overrides:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
-    img = _validate_image(image)
+    img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material}
-    H, W = img.shape
+    try:
+        f = _find_lattice(img, s, tm)
+    except _NoLattice as exc:
+        warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
+        return _empty_table({**meta, "status": "no lattice", **exc.meta})
 
+    # 5. per-site intensity, sublattice, strain
+    t0 = time.perf_counter()
+    cols, bands = _site_columns(img, f, s, pixel_size, unit)
+    tm["describe"] = time.perf_counter() - t0
+    idx = f.idx
+    nodes = idx.kind != 2
+    fit = nodes & np.isfinite(idx.rms)
+    spacing_fit = float(np.median(cols["spacing_px"][fit])) if fit.any() else f.nn_fft
+    S = np.linalg.inv(f.pmap.g).T
+    angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
+    lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
+    meta.update(
+        status="ok",
+        spacing_px=f.nn_fft,
+        angle_deg=angle,
+        n_sites=int(nodes.sum()),
+        n_peaks=int((idx.peak >= 0).sum()),
+        n_lattice=int((idx.kind == 1).sum()),
+        n_off_lattice=int((idx.kind == 2).sum()),
+        border_bands_px=[round(b, 2) for b in bands],
+        holes=f.holes,
+        pixel_size=pixel_size,
+        unit=unit,
+        lattice=lattice_meta,
+    )
+    if pixel_size:
+        meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
+    lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
+    if f.gmap is not None:
+        lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
+        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=2)
+    return SiteTable(cols, meta)
+
+
+class _NoLattice(Exception):
+    """A stage of :func:`find_sites` found no lattice: the message of its ``NoLatticeWarning`` and the
+    fields it adds to the empty table's meta."""
+
+    def __init__(self, message: str, **meta) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
+class _Lattice(NamedTuple):
+    """What steps 1-4 of :func:`find_sites` found: the lattice and the columns indexed on it."""
+
+    material: object  # stemfast.materials.Material
+    ring: object  # the metal lattice's Bragg ring (sitelattice.metal_reciprocal_lattice)
+    bp: np.ndarray  # the bandpassed image
+    pk: object  # the peaks (find_peaks)
+    gmap: object  # grains (None: a single crystal)
+    pmap: PhaseMap  # the (largest grain's) phase map
+    idx: object  # the indexed sites (index_sites / grains.index_grains)
+    nn_fft: float  # the site spacing from the phase map (px)
+    nn: float  # the site spacing used (px): ``nn_fft`` unless the settings fix it
+    holes: bool  # holes in the film were looked for
+
+
+def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict) -> _Lattice:
+    """Steps 1-4 of :func:`find_sites` (spacing, bandpass, peaks, site lattice); :class:`_NoLattice`
+    when there is none."""
     t0 = time.perf_counter()
     if float(img.max()) == float(img.min()):
-        warnings.warn("image is constant: no lattice", NoLatticeWarning, stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice"})
+        raise _NoLattice("image is constant: no lattice")
     material = get_material(s.material)
     # 1. the metal lattice's first Bragg ring: the site spacing and the lattice over the image
-    try:
-        _, prominence = estimate_period_fft(img, return_prominence=True)
-    except ValueError:
-        prominence = 0.0
-    if prominence < MIN_FFT_PROMINENCE:
-        warnings.warn(f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
-                      f"{MIN_FFT_PROMINENCE}): no lattice", NoLatticeWarning, stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice"})
-    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
-    if ring is None:
-        warnings.warn("no hexagonal ring of Bragg spots in the power spectrum: no lattice", NoLatticeWarning,
-                      stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice"})
+    ring = _bragg_ring(img, s)
     nn = float(s.spacing) if s.spacing is not None else ring.spacing
     tm["spacing"] = time.perf_counter() - t0
 
@@ -396,13 +439,42 @@ def find_sites(
         backend=s.backend,
     )
     tm["peaks"] = time.perf_counter() - t0
-    peak_xy = pk.xy
-    if len(peak_xy) < 8:
-        warnings.warn(f"only {len(peak_xy)} columns found: no lattice", NoLatticeWarning, stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice", "spacing_px": nn})
+    if len(pk.xy) < 8:
+        raise _NoLattice(f"only {len(pk.xy)} columns found: no lattice", spacing_px=nn)
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
+    idx, gmap, pmap, nn_fft, nn, holes = _index_columns(img, bp, pk, refine_img, ring, s, nn)
+    tm["lattice"] = time.perf_counter() - t0
+    log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
+    if idx.on_node < 0.5:
+        raise _NoLattice(f"only {idx.on_node:.0%} of the columns sit on a lattice: no lattice", spacing_px=nn)
+    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes)
+
+
+def _bragg_ring(img: np.ndarray, s: SiteSettings):
+    """The metal lattice's first Bragg ring (step 1 of :func:`find_sites`); :class:`_NoLattice` when
+    the power spectrum has no lattice period or no hexagonal ring."""
+    try:
+        _, prominence = estimate_period_fft(img, return_prominence=True)
+    except ValueError:
+        prominence = 0.0
+    if prominence < MIN_FFT_PROMINENCE:
+        raise _NoLattice(f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
+                         f"{MIN_FFT_PROMINENCE}): no lattice")
+    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
+    if ring is None:
+        raise _NoLattice("no hexagonal ring of Bragg spots in the power spectrum: no lattice")
+    return ring
+
+
+def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
+    """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain.
+
+    Returns ``(idx, gmap, pmap, nn_fft, nn, holes)``; ``nn`` becomes the phase map's spacing unless
+    the settings fix it.
+    """
+    peak_xy = pk.xy
     # grains of different orientation: one site lattice each (None: a single crystal)
     gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains)
     if gmap is None:
@@ -425,20 +497,20 @@ def find_sites(
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
         idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
-    tm["lattice"] = time.perf_counter() - t0
-    log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
-    if idx.on_node < 0.5:
-        warnings.warn(f"only {idx.on_node:.0%} of the columns sit on a lattice: no lattice", NoLatticeWarning,
-                      stacklevel=2)
-        return _empty_table({**meta, "status": "no lattice", "spacing_px": nn})
+    return idx, gmap, pmap, nn_fft, nn, holes
 
-    # 5. per-site intensity, sublattice, strain
-    t0 = time.perf_counter()
+
+def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit) -> tuple[dict, list]:
+    """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
+    lattice, grain, calibrated positions) and the widths of the border bands."""
+    H, W = img.shape
+    idx, pk, gmap = f.idx, f.pk, f.gmap
+    nn = f.nn
     xy = idx.xy
     # column intensity = the bandpassed image at the site: a Gaussian-weighted (sigma noise_nn)
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
-    inten = sample_image(bp, xy, backend=s.backend)
+    inten = sample_image(f.bp, xy, backend=s.backend)
     column = sample_image(bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
                                    background_px=s.background_nn * nn, backend=s.backend), xy, backend=s.backend)
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
@@ -455,7 +527,6 @@ def find_sites(
     # intensity (and patch) cannot be judged
     observed &= np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) >= EDGE_UNJUDGED_PX
     n = len(xy)
-    n_pk = int((idx.peak >= 0).sum())
     has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
     peak_value[has_pk] = pk.value[idx.peak[has_pk]]
@@ -492,34 +563,7 @@ def find_sites(
     if pixel_size:
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
-    tm["describe"] = time.perf_counter() - t0
-    nodes = idx.kind != 2
-    fit = nodes & np.isfinite(idx.rms)
-    spacing_fit = float(np.median(cols["spacing_px"][fit])) if fit.any() else nn_fft
-    S = np.linalg.inv(pmap.g).T
-    angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
-    lattice_meta = _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, pmap.g)
-    meta.update(
-        status="ok",
-        spacing_px=nn_fft,
-        angle_deg=angle,
-        n_sites=int(nodes.sum()),
-        n_peaks=int(n_pk),
-        n_lattice=int((idx.kind == 1).sum()),
-        n_off_lattice=int((idx.kind == 2).sum()),
-        border_bands_px=[round(b, 2) for b in bands],
-        holes=holes,
-        pixel_size=pixel_size,
-        unit=unit,
-        lattice=lattice_meta,
-    )
-    if pixel_size:
-        meta["spacing_nm"] = nn_fft * pixel_size * _to_nm(unit)
-    lattice_meta["n_grains"] = 1 if gmap is None else gmap.n_grains
-    if gmap is not None:
-        lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
-        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=2)
-    return SiteTable(cols, meta)
+    return cols, bands
 
 
 def _rank_sublattices(cls: np.ndarray, value: np.ndarray) -> np.ndarray:

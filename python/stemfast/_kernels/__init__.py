@@ -69,6 +69,12 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     as ``cKDTree.query(..., distance_upper_bound=radius)``), nearest first, equal distances by
     increasing index; ``dist`` is the square root of that sum. Missing entries: ``inf`` / ``-1``.
 
+``propagate_labels(labels, kids, parents, step) -> None``
+    ``labels`` int64[N] (C-contiguous, changed in place); ``kids``, ``parents``, ``step`` int64[M].
+    For ``i = 0, 1, ..., M - 1`` in this order: ``labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3``
+    (the non-negative remainder). Sequential: a breadth-first walk labels every parent before its
+    children. Indices outside ``[0, N)`` are an error (C++: ValueError).
+
 ``pairs_within(points, radius) -> int64[P, 2]``
     Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
     ``cKDTree.query_pairs``), sorted by ``i`` then ``j``.

@@ -15,7 +15,7 @@ is used, :func:`load_default_model` checks
 3. the **input contract**: the patches the model was trained on must be the patches the current
    code cuts. The contract holds :data:`INPUT_CONTRACT_VERSION` (bump it when patch cutting or
    normalisation changes on purpose) and a *probe*: quantiles of the patches that
-   :func:`stemfast.pipeline.prepare` cuts from a fixed synthetic image, computed at training time.
+   :func:`stemfast.frontend.prepare` cuts from a fixed synthetic image, computed at training time.
    If today's code gives different quantiles (e.g. a new patch normalisation), the model would see
    inputs unlike its training data, so it is refused.
 
@@ -49,7 +49,7 @@ DATA_DIR = Path(__file__).with_name("data")
 MODEL_PATH = DATA_DIR / "default_rvae.pt"
 MANIFEST_PATH = DATA_DIR / "default_rvae.json"
 #: Version of the patch input contract (normalisation, extent, resampling). Bump it together with any
-#: deliberate change of how :func:`stemfast.pipeline.prepare` cuts or normalises patches; a shipped
+#: deliberate change of how :func:`stemfast.frontend.prepare` cuts or normalises patches; a shipped
 #: model trained under another version is refused until it is retrained.
 INPUT_CONTRACT_VERSION = 1
 RETRAIN_COMMAND = "python -m stemfast.model.train_default"
@@ -86,7 +86,7 @@ def _probe_image() -> tuple[np.ndarray, float]:
 @functools.lru_cache(maxsize=4)
 def _probe(input_size: int) -> tuple[float, ...]:
     from ..config import PipelineConfig
-    from ..pipeline import prepare
+    from ..frontend import prepare
     from .training import RVAEConfig
 
     image, _ = _probe_image()

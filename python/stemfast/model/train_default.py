@@ -10,7 +10,7 @@ MoSe2 and WSe2 (lattice constant and Z-contrast of each), site spacing 5-25 px (
 random orientation, dose 20-3000 counts per metal column, probe (column) width, Z-contrast
 exponent, read noise, film background and texture, contamination, holes, scan glitches, hot
 pixels, strain, scan distortion and defect rates drawn per image (:func:`draw_image_settings`
-lists the ranges). Every image goes through :func:`stemfast.pipeline.prepare` -- the patch path
+lists the ranges). Every image goes through :func:`stemfast.frontend.prepare` -- the patch path
 of inference, site finding included -- and contributes up to ``--patches-per-image`` non-edge
 patches, so each magnification weighs the same. One :class:`~stemfast.model.RVAE` is trained on
 the pool with the default :class:`~stemfast.model.RVAEConfig` (patches are cut relative to each
@@ -115,13 +115,13 @@ def _contrast(z_metal: int, z_chalcogen: int, z_exponent: float):
 
 def render_training_patches(n_images: int, *, seed: int = 0, patches_per_image: int = 500, config=None,
                             spacing_range=(5.0, 25.0)) -> tuple[np.ndarray, list[dict]]:
-    """Render ``n_images`` synthetic images and cut their patches with :func:`stemfast.pipeline.prepare`.
+    """Render ``n_images`` synthetic images and cut their patches with :func:`stemfast.frontend.prepare`.
 
     Returns the pooled float32 patches ``[N, S, S]`` (S = the model's input size) and one record per
     image (settings, sites found, patches used, spacing found).
     """
     from ..config import PipelineConfig
-    from ..pipeline import prepare
+    from ..frontend import prepare
     from ..synthetic import SynthConfig, make_mos2
 
     config = config or PipelineConfig()

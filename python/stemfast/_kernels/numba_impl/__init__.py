@@ -1,7 +1,8 @@
 """numba_impl backend of the stemfast kernels (contract: :mod:`stemfast._kernels`)."""
 from .image import bandpass_apply, local_maxima, refine_com, refine_gauss
 from .geometry import fit_local_lattices, gather_patches, gather_resampled
+from .graph import propagate_labels
 from .neighbors import knn_within, pairs_within
 
 __all__ = ["bandpass_apply", "local_maxima", "refine_com", "refine_gauss", "fit_local_lattices", "gather_patches",
-           "gather_resampled", "knn_within", "pairs_within"]
+           "gather_resampled", "knn_within", "pairs_within", "propagate_labels"]

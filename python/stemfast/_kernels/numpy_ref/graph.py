@@ -1,0 +1,23 @@
+"""NumPy reference of the graph walks over the site table (contract: :mod:`stemfast._kernels`)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def propagate_labels(labels: np.ndarray, kids: np.ndarray, parents: np.ndarray, step: np.ndarray) -> None:
+    """``labels[kids[i]] = (labels[parents[i]] + step[i]) % 3`` for i = 0, 1, ... in order, in place.
+
+    The order matters: in a breadth-first walk every parent is labelled before its children.
+
+    Examples
+    --------
+    >>> labels = np.array([0, -1, -1], np.int64)
+    >>> propagate_labels(labels, np.array([1, 2]), np.array([0, 1]), np.array([2, 2]))
+    >>> labels.tolist()
+    [0, 2, 1]
+    """
+    for k, p, s in zip(kids.tolist(), parents.tolist(), step.tolist()):
+        labels[k] = (labels[p] + s) % 3
+
+
+__all__ = ["propagate_labels"]

@@ -1,0 +1,63 @@
+"""One check, one message: every public function that takes an image or site positions validates
+them with :mod:`stemfast._validate`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stemfast.bandpass import bandpass
+from stemfast.drift import block_average, phase_drift
+from stemfast.lattice import estimate_spacing
+from stemfast.patches import LazyPatches, extract_patches, site_intensity
+from stemfast.peaks import find_peaks, refine
+from stemfast.sites import find_sites
+
+IMAGE_TAKERS = {
+    "bandpass": lambda im: bandpass(im, noise_px=1.0, background_px=8.0),
+    "find_peaks": lambda im: find_peaks(im, min_distance=2),
+    "find_sites": lambda im: find_sites(im),
+    "extract_patches": lambda im: extract_patches(im, [[1.0, 1.0]], size=3),
+    "LazyPatches": lambda im: LazyPatches(im, [[1.0, 1.0]], size=3),
+    "site_intensity": lambda im: site_intensity(im, [[1.0, 1.0]], radius=1.0),
+    "block_average": lambda im: block_average(im),
+    "phase_drift": lambda im: phase_drift(im, im, (64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_TAKERS))
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros(64), r"must be a 2-D array, got 1-D with shape \(64,\)"),
+    (np.zeros((64, 64), complex), "must be real-valued numeric, got dtype complex128"),
+    (np.full((64, 64), np.nan), r"contains 4096 non-finite values \(NaN or inf\); fill or crop them first"),
+    (np.zeros((0, 64)), r"is empty \(shape \(0, 64\)\)"),
+])
+def test_every_image_check_gives_the_same_message(name, bad, message):
+    with pytest.raises(ValueError, match=message):
+        IMAGE_TAKERS[name](bad)
+
+
+XY_TAKERS = {
+    "refine": lambda xy: refine(np.zeros((32, 32)), xy, radius=2),
+    "extract_patches": lambda xy: extract_patches(np.zeros((32, 32)), xy, size=3),
+    "LazyPatches": lambda xy: LazyPatches(np.zeros((32, 32)), xy, size=3),
+    "site_intensity": lambda xy: site_intensity(np.zeros((32, 32)), xy, radius=1.0),
+    "estimate_spacing": lambda xy: estimate_spacing(np.concatenate([xy] * 8) if len(xy) else xy),
+}
+
+
+@pytest.mark.parametrize("name", sorted(XY_TAKERS))
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((3, 3)), r"xy must be an \[N, 2\] array of \(x, y\) positions, got shape"),
+    (np.array([[1.0, np.inf]]), "xy contains NaN or infinite values"),
+    ([["a", "b"]], r"xy must be a numeric \[N, 2\] array"),
+])
+def test_every_xy_check_gives_the_same_message(name, bad, message):
+    with pytest.raises(ValueError, match=message):
+        XY_TAKERS[name](bad)
+
+
+def test_too_few_points_and_points_outside():
+    with pytest.raises(ValueError, match="xy must hold at least 8 points, got 3"):
+        estimate_spacing(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"1 points of xy lie outside the image \(shape \(32, 32\)\)"):
+        refine(np.zeros((32, 32)), [[-1.0, 3.0]], radius=2)
