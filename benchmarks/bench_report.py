@@ -1,6 +1,11 @@
-"""Benchmark of the figures (``stemfast.report``): the defect figure of a 1024^2 image.
+"""Benchmark of the figures (``stemfast.report``) of a 1024^2 image: the class map and the defect figure.
 
 Reported, not gated (``report_ratio``; CPU time, one thread, paired like the gates):
+
+* ``plot_class_map_vs_figure_tight_layout``: :func:`stemfast.report.plot_class_map` laid out by
+  :func:`stemfast.figures.tight_layout` against the same figure laid out by ``Figure.tight_layout``,
+  whose leftover placeholder layout engine makes ``savefig`` draw the figure a second time
+  (without rendering). Asserted alongside: identical pixels.
 
 * ``plot_defects_vs_axes_gallery``: :func:`stemfast.report.plot_defects` (the gallery of the 24 top
   candidates as one axes, PNG written at zlib level 1) against the implementation it replaced
@@ -20,6 +25,7 @@ import pytest
 from PIL import Image
 
 from stemfast import report as R
+from stemfast.figures import pyplot
 
 from conftest import MIN_CPU, paired_times, single_thread
 
@@ -57,10 +63,33 @@ def test_plot_defects_speed(benchmark, report_ratio, scene, tmp_path):
     assert a[:, w:].std() > 10
 
 
+def test_plot_class_map_speed(benchmark, report_ratio, scene, tmp_path, monkeypatch):
+    """The class map laid out by the tight-layout engine directly vs ``Figure.tight_layout`` (which
+    leaves a placeholder engine that makes ``savefig`` draw the figure twice): the same pixels."""
+    img = scene[0]
+    rng = np.random.default_rng(5)
+    n = 5000  # sites of a 1024^2 image at ~15 px spacing
+    x, y = rng.uniform(0, 1023, n), rng.uniform(0, 1023, n)
+    cid, isd = rng.integers(0, 3, n), rng.random(n) < 0.01
+    ours, ref = tmp_path / "ours.png", tmp_path / "ref.png"
+
+    def reference():
+        with monkeypatch.context() as m:
+            m.setattr(R, "tight_layout", lambda fig: fig.tight_layout())
+            R.plot_class_map(ref, img, x, y, cid, is_defect=isd, spacing_px=15.0, title="t")
+
+    with single_thread():
+        a, b = paired_times(lambda: R.plot_class_map(ours, img, x, y, cid, is_defect=isd, spacing_px=15.0, title="t"),
+                            reference, repeat=3, warmup=1, min_cpu=MIN_CPU)
+    report_ratio("plot_class_map_vs_figure_tight_layout", b.cpu / a.cpu, benchmark,
+                 meaning="class map: tight layout without a leftover layout engine (one draw) vs Figure.tight_layout (CPU)")
+    assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(ref)))
+
+
 def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None, title=None, max_gallery=24,
                             dpi=110) -> None:
     """``report.plot_defects`` before: an axes per gallery tile, PNG at zlib level 6."""
-    plt = R._mpl()
+    plt = pyplot()
     from matplotlib.patches import Circle
 
     cands = list(candidates)[:max_gallery]

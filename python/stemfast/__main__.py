@@ -1,4 +1,4 @@
 """``python -m stemfast``: see :mod:`stemfast.cli`."""
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+run()

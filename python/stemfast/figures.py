@@ -8,7 +8,7 @@ import numpy as np
 
 from .atomic import atomic_path
 
-__all__ = ["pyplot", "display_range", "save_figure"]
+__all__ = ["pyplot", "display_range", "tight_layout", "save_figure"]
 
 
 def pyplot():
@@ -35,6 +35,19 @@ def display_range(image: np.ndarray) -> tuple[float, float]:
     if not hi > lo:
         lo, hi = float(finite.min()), float(finite.max()) + 1e-12
     return float(lo), float(hi)
+
+
+def tight_layout(fig) -> None:
+    """Lay ``fig`` out as ``fig.tight_layout()`` does, without leaving a layout engine behind.
+
+    ``Figure.tight_layout`` leaves a placeholder layout engine on the figure, and ``savefig`` then
+    draws the whole figure once more (without rendering) before the real draw: for the class map of
+    a 1024^2 image that dry run (image resampling, ~5k markers, text layout) was a third of the
+    figure's time. The subplot parameters set here are the same, so are the pixels.
+    """
+    from matplotlib.layout_engine import TightLayoutEngine
+
+    TightLayoutEngine().execute(fig)
 
 
 #: zlib level of the PNGs: at level 1 they come out ~1.3x larger and encode ~5x faster (at the default

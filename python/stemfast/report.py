@@ -22,7 +22,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .atomic import write_text
-from .figures import display_range, pyplot, save_figure
+from .figures import display_range, pyplot, save_figure, tight_layout
 
 __all__ = [
     "CLASS_COLORS",
@@ -135,7 +135,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
         ax.text(0.5, 0.5, "no lattice sites", transform=ax.transAxes, ha="center", va="center",
                 color="w", fontsize=14)
     ax.set_title(title or "site classes", fontsize=10)
-    fig.tight_layout()
+    tight_layout(fig)
     save_figure(fig, path, dpi)
 
 

@@ -16,7 +16,7 @@ from .. import __version__
 from ..logutil import setup_logging
 from .options import EXIT_OK
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run"]
 
 log = logging.getLogger("stemfast.cli")
 
@@ -46,3 +46,36 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(getattr(args, "verbose", 0))
     return int(args.func(args) or 0)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``stemfast`` program: :func:`main`, then the end of the process with its exit status.
+
+    When the command has finished and no other thread is still running, the process ends with
+    ``os._exit`` after the ``atexit`` handlers (log handlers flushed, temporary folders removed,
+    ...) and a flush of stdout / stderr: the interpreter's own teardown -- freeing every object
+    of torch, scikit-learn and matplotlib one by one -- took 1.5-2 s of wall time after an
+    ``analyze`` that had written all its files (measured: 12.5 s vs 10.4 s for the 1024^2 image).
+    Every output file is closed by then. An exception, or a thread still at work, takes the normal
+    way out. In-process callers use :func:`main`, which returns.
+    """
+    code = main(argv)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    import atexit
+    import os
+    import sys
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if others:  # e.g. an executor's worker: the normal exit joins it
+        raise SystemExit(code)
+    atexit._run_exitfuncs()  # what the normal exit would run first (logging.shutdown, tempfile, ...)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code)
