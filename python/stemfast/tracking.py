@@ -933,7 +933,7 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
     Tracks are drawn from their start (circle) through every node they hopped to, to their end
     (cross), coloured by kind, in the drift-corrected frame of the first image.
     """
-    from .figures import display_range, pyplot as _mpl, save_figure as _savefig
+    from .figures import display_range, pyplot as _mpl, save_figure as _savefig, tight_layout
 
     plt = _mpl()
     from matplotlib.lines import Line2D
@@ -992,7 +992,7 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
     a1.set_ylabel("y (px)")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    tight_layout(fig)  # no layout engine left behind: savefig draws once
     _savefig(fig, path, dpi)
 
 
