@@ -145,3 +145,30 @@ def test_the_model_package_never_imports_the_pipeline():
     bad = {m: sorted(i for i in deps if _in(i, "stemfast.pipeline")) for m, deps in GRAPH.items()
            if _in(m, "stemfast.model")}
     assert {m: d for m, d in bad.items() if d} == {}
+
+
+#: the longest a function may be (lines of code after its docstring) outside the compiled/Numba kernels
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(limit: int) -> list[tuple[str, str, int]]:
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        if "_kernels" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            first = node.body[0]
+            doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+            start = first.end_lineno + 1 if doc and len(node.body) > 1 else first.lineno
+            n = node.end_lineno - start + 1
+            if n > limit:
+                out.append((_module_name(path), node.name, n))
+    return out
+
+
+def test_no_function_is_longer_than_the_limit():
+    assert _long_functions(MAX_FUNCTION_LINES) == []
+    # the check sees functions at all: a lower limit finds some
+    assert _long_functions(20)

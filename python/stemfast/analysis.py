@@ -650,6 +650,108 @@ def _ari(a: np.ndarray, b: np.ndarray) -> float:
     return float(adjusted_rand_score(a, b)) if len(a) > 1 else float("nan")
 
 
+def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,
+                     settings: AnalysisSettings, rotation_symmetry: int) -> tuple[np.ndarray, int, dict]:
+    """k-means classes on the latent means and the rotation latent relative to each site's lattice
+    (:func:`rotation_latent`, :func:`class_features`, :func:`cluster_latents`)."""
+    rot = None
+    rot_info: dict = {"rotation_latent": "not available"}
+    if all(c in sites for c in ("a1x", "a1y")):
+        lattice_deg = np.degrees(np.arctan2(np.asarray(sites["a1y"], np.float64), np.asarray(sites["a1x"], np.float64)))
+        grain = np.asarray(sites["grain"], np.int64) if "grain" in sites else None
+        strength = getattr(enc, "angle_strength", None)
+        rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
+                                        strength=None if strength is None else np.asarray(strength, np.float64))
+    cls, k, info = cluster_latents(class_features(mu, rot), n_classes=settings.n_classes, order_by=inten,
+                                   settings=settings)
+    info.update(rot_info)
+    return cls, k, info
+
+
+@dataclass(frozen=True)
+class _IntensityScores:
+    """What :func:`_intensity_scores` gives: local sublattices ``sub`` (-1 unknown), the groups the
+    scores are taken in ``grp``, the local references ``refs`` (None without a local lattice), the
+    intensity they compare ``inten_ref``, and the local and image-wide robust z."""
+
+    sub: np.ndarray
+    grp: np.ndarray
+    refs: "LocalReferences | None"
+    inten_ref: np.ndarray
+    z_int: np.ndarray
+    z_glob: np.ndarray
+
+
+def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, observed: np.ndarray,
+                      sub_global: np.ndarray, cls: np.ndarray, settings: AnalysisSettings) -> _IntensityScores:
+    """Each site's intensity against the sites of its own sublattice around it (from its local
+    lattice), else against the image-wide sublattice; minus the shift its scan line shares."""
+    n = len(xy)
+    if all(c in sites for c in ("a1x", "a1y", "a2x", "a2y")) and n >= 8:
+        basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
+                          np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
+        refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
+                                node_tolerance=settings.node_tolerance)
+        sub = refs.rank()
+        inten_ref = inten
+        if settings.local_background:
+            inten_ref = inten - _hollow_background(xy, inten, sub, observed)
+            refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
+                                    node_tolerance=settings.node_tolerance)
+    else:  # no local lattice: one image-wide reference per sublattice
+        refs = None
+        inten_ref = inten
+        sub = sub_global.copy()
+    grp = np.where(sub >= 0, sub, np.where(sub_global >= 0, sub_global, 100 + cls))
+    z_glob = robust_z(inten, np.where(observed, grp, -1))
+    if refs is not None:
+        z_int = _local_z(inten_ref, refs, grp, observed)
+        # sites without local references of their own colour fall back to the image-wide score
+        no_ref = refs.count[:, 0] < 3
+        z_int[no_ref] = z_glob[no_ref]
+    else:
+        z_int = z_glob
+    if settings.scan_rows and n:
+        z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
+    return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob)
+
+
+def _anomaly(settings: AnalysisSettings, sc: _IntensityScores, z_lat: np.ndarray, recon_score: np.ndarray,
+             edge: np.ndarray) -> np.ndarray:
+    """``anomaly_score`` as ``settings.score`` says (module docs)."""
+    n = len(sc.grp)
+    hollow = np.maximum(sc.z_int, 0.0) if settings.hollow_defects else np.zeros(n)
+    local = np.where(sc.grp == HOLLOW, hollow, np.maximum(-sc.z_int, settings.brighter_weight * sc.z_int))
+    if settings.score == "local":
+        return local
+    if settings.score == "global":
+        return np.where(sc.grp == HOLLOW, np.maximum(sc.z_glob, 0.0) if settings.hollow_defects else 0.0,
+                        np.maximum(-sc.z_glob, settings.brighter_weight * sc.z_glob))
+    if settings.score == "combined":
+        return np.sqrt(local ** 2 + np.maximum(np.where(edge, 0.0, z_lat), 0.0) ** 2)
+    if settings.score == "latent":
+        return np.where(edge, 0.0, z_lat)
+    return recon_score.copy()
+
+
+def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, usable: np.ndarray,
+                     settings: AnalysisSettings) -> dict:
+    """Do the learned classes follow the sublattices? ARI against the local three-colouring on the
+    ``usable`` sites (observed, not defects), with a :class:`ClassAgreementWarning` when low."""
+    judged = usable & (sub >= 0)
+    agreement = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
+    info: dict = {"class_sublattice_ari": agreement}
+    if judged.any():
+        info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
+    if np.isfinite(agreement) and agreement < settings.min_class_agreement:
+        msg = (f"the learned classes do not follow the sublattices (ARI {agreement:.2f} against the lattice's "
+               f"metal / chalcogen / hollow colouring): treat class_id with care")
+        warnings.warn(msg, ClassAgreementWarning, stacklevel=3)  # at analyze_sites' caller
+        info["class_warning"] = msg
+    return info
+
+
+
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
                   edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.
@@ -688,85 +790,25 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     edge_ = np.zeros(n, bool) if edge is None else np.asarray(edge, bool)
 
     angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
-    rot = None
-    rot_info: dict = {"rotation_latent": "not available"}
-    if all(c in sites for c in ("a1x", "a1y")):
-        lattice_deg = np.degrees(np.arctan2(np.asarray(sites["a1y"], np.float64), np.asarray(sites["a1x"], np.float64)))
-        grain = np.asarray(sites["grain"], np.int64) if "grain" in sites else None
-        strength = getattr(enc, "angle_strength", None)
-        rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
-                                        strength=None if strength is None else np.asarray(strength, np.float64))
-    cls, k, info = cluster_latents(class_features(mu, rot), n_classes=settings.n_classes, order_by=inten,
-                                   settings=settings)
-    info.update(rot_info)
+    cls, k, info = _learned_classes(sites, enc, mu, angle, inten, settings, rotation_symmetry)
     recon_score = robust_z(rec, cls)
-
-    # local references: the sites of each site's own sublattice around it, from its local lattice
-    if all(c in sites for c in ("a1x", "a1y", "a2x", "a2y")) and n >= 8:
-        basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
-                          np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
-        refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
-                                node_tolerance=settings.node_tolerance)
-        sub = refs.rank()
-        inten_ref = inten
-        if settings.local_background:
-            inten_ref = inten - _hollow_background(xy, inten, sub, observed)
-            refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
-                                    node_tolerance=settings.node_tolerance)
-    else:  # no local lattice: one image-wide reference per sublattice
-        refs = None
-        inten_ref = inten
-        sub = sub_global.copy()
-    grp = np.where(sub >= 0, sub, np.where(sub_global >= 0, sub_global, 100 + cls))
-    z_glob = robust_z(inten, np.where(observed, grp, -1))
-    if refs is not None:
-        z_int = _local_z(inten_ref, refs, grp, observed)
-        # sites without local references of their own colour fall back to the image-wide score
-        no_ref = refs.count[:, 0] < 3
-        z_int[no_ref] = z_glob[no_ref]
-    else:
-        z_int = z_glob
-    if settings.scan_rows and n:
-        z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
-    hollow = np.maximum(z_int, 0.0) if settings.hollow_defects else np.zeros(n)
-    local = np.where(grp == HOLLOW, hollow, np.maximum(-z_int, settings.brighter_weight * z_int))
-    z_lat = _latent_density_score(mu, np.where(edge_, -1, grp), observed & ~edge_, settings.seed)
-    if settings.score == "local":
-        anomaly = local
-    elif settings.score == "global":
-        anomaly = np.where(grp == HOLLOW, np.maximum(z_glob, 0.0) if settings.hollow_defects else 0.0,
-                           np.maximum(-z_glob, settings.brighter_weight * z_glob))
-    elif settings.score == "combined":
-        anomaly = np.sqrt(local ** 2 + np.maximum(np.where(edge_, 0.0, z_lat), 0.0) ** 2)
-    elif settings.score == "latent":
-        anomaly = np.where(edge_, 0.0, z_lat)
-    else:
-        anomaly = recon_score.copy()
+    sc = _intensity_scores(sites, xy, inten, observed, sub_global, cls, settings)
+    z_lat = _latent_density_score(mu, np.where(edge_, -1, sc.grp), observed & ~edge_, settings.seed)
+    anomaly = _anomaly(settings, sc, z_lat, recon_score, edge_)
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff
-    levels = _reference_levels(refs, grp, inten_ref, observed & ~is_defect)
-    kinds = _defect_kinds(grp, z_int, levels, inten_ref, is_defect, material)
-
-    # do the learned classes follow the sublattices?
-    judged = observed & (sub >= 0) & ~is_defect
-    agreement = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
-    info["class_sublattice_ari"] = agreement
-    if judged.any():
-        info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
-    if np.isfinite(agreement) and agreement < settings.min_class_agreement:
-        msg = (f"the learned classes do not follow the sublattices (ARI {agreement:.2f} against the lattice's "
-               f"metal / chalcogen / hollow colouring): treat class_id with care")
-        warnings.warn(msg, ClassAgreementWarning, stacklevel=2)
-        info["class_warning"] = msg
+    levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect)
+    kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material)
+    info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings))
 
     table = sites.with_columns({
         "class_id": cls,
-        "sublattice_local": sub,
+        "sublattice_local": sc.sub,
         "recon_error": rec,
         "recon_score": recon_score,
-        "intensity_z": z_int,
-        "intensity_z_global": z_glob,
+        "intensity_z": sc.z_int,
+        "intensity_z_global": sc.z_glob,
         "latent_score": z_lat,
         "anomaly_score": anomaly,
         "is_defect": is_defect,
@@ -787,7 +829,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         "material": str(get_material(material).name),
         "top": [{"index": int(i), "x": float(xy[i, 0]), "y": float(xy[i, 1]),
                  "anomaly_score": float(anomaly[i]), "recon_score": float(recon_score[i]),
-                 "defect_kind": str(kinds[i]), "class_id": int(cls[i]), "sublattice": int(grp[i])}
+                 "defect_kind": str(kinds[i]), "class_id": int(cls[i]), "sublattice": int(sc.grp[i])}
                 for i in order],
         **info,
     }

@@ -507,15 +507,36 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
     peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
     peak_value = np.asarray(peak_value, dtype=np.float64).reshape(-1)
     n_pk = len(peak_xy)
+    own = gmap(peak_xy)
+    parts = _index_each_grain(peak_xy, peak_value, gmap, pmaps, own, shape=shape, spacing=spacing, film=film,
+                              peak_var=peak_var, **index_kw)
+    keep_row = _assign_peaks(parts, own, n_pk)
+    out, n_merged = _merge_grains(parts, keep_row)
+    keep = ~_boundary_duplicates(out, gmap, spacing, float(index_kw.get("tol", 0.3)))
+    out = {name: v[keep] for name, v in out.items()}
+    strong = peak_value >= np.median(peak_value) if n_pk else np.zeros(0, bool)
+    on = np.zeros(n_pk, bool)
+    on[out["peak"][(out["kind"] == 0)]] = True
+    on_node = float(on[strong].mean()) if strong.any() else 0.0
+    n_noise = int(n_pk - (out["peak"] >= 0).sum() - n_merged)
+    boundary = gmap.boundary_distance(out["xy"]) <= s.boundary_nn * spacing
+    return GrainIndex(xy=out["xy"], ij=out["ij"].astype(np.int64), peak=out["peak"].astype(np.int64),
+                      kind=out["kind"].astype(np.int8), cls=out["cls"].astype(np.int64), basis=out["basis"],
+                      rms=out["rms"], n_merged=int(n_merged), n_noise=max(0, n_noise), on_node=on_node,
+                      grain=out["grain"], boundary=boundary, pmaps=tuple(pmaps), gmap=gmap)
+
+
+def _index_each_grain(peak_xy, peak_value, gmap: GrainMap, pmaps, own, *, shape, spacing, film, peak_var,
+                      **index_kw) -> list:
+    """``(grain, selected peaks, SiteIndex or None)`` per grain: each grain indexes the peaks in it
+    and within a spacing of it with its own phase map; its fill-in stays in the grain and the film."""
     lab = gmap.labels
     lf = gmap.factor
-    centres = _block_centres(lab.shape, lf)
     if film is None:
         film_grid = np.ones(lab.shape, bool)
     else:
         from .sitelattice import _on_film
-        film_grid = _on_film(film, centres).reshape(lab.shape)
-    own = gmap(peak_xy)
+        film_grid = _on_film(film, _block_centres(lab.shape, lf)).reshape(lab.shape)
     parts = []
     for k in range(gmap.n_grains):
         pm = pmaps[k]
@@ -530,7 +551,13 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
                           film=_GridMask((lab == k) & film_grid, lf),
                           peak_var=None if peak_var is None else np.asarray(peak_var)[sel], **index_kw)
         parts.append((k, sel, idx))
-    # who gets each peak
+    return parts
+
+
+def _assign_peaks(parts: list, own: np.ndarray, n_pk: int) -> dict:
+    """Which rows of each grain's index stay: every prediction, and each peak once -- to the grain it
+    lies in when that grain has it on a node, else to a grain that has it on a node; off the
+    lattice when no grain has it on a node and its own grain reports it."""
     node_of = [dict() for _ in range(n_pk)]  # grain -> row in that grain's index
     off_of = np.full(n_pk, -1)
     for k, sel, idx in parts:
@@ -554,6 +581,12 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
             keep_row[k][claims[k]] = True
         elif off_of[p] >= 0:
             keep_row[int(own[p])][off_of[p]] = True
+    return keep_row
+
+
+def _merge_grains(parts: list, keep_row: dict) -> tuple[dict, int]:
+    """The kept rows of all grains' indexes as one set of arrays (peaks numbered globally), and the
+    number of merged peak pairs."""
     cat = {name: [] for name in ("xy", "ij", "peak", "kind", "cls", "basis", "rms", "grain")}
     n_merged = 0
     for k, sel, idx in parts:
@@ -569,14 +602,17 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
         cat["rms"].append(idx.rms[m])
         cat["grain"].append(np.full(int(m.sum()), k, np.int64))
         n_merged += idx.n_merged
-    out = {name: np.concatenate(v) if v else np.zeros(0) for name, v in cat.items()}
-    # a predicted node within half a spacing of a site of another grain is not a column of its own
+    return {name: np.concatenate(v) if v else np.zeros(0) for name, v in cat.items()}, n_merged
+
+
+def _boundary_duplicates(out: dict, gmap: GrainMap, spacing: float, tol: float) -> np.ndarray:
+    """Rows to drop: a predicted node within half a spacing of a site of another grain is not a
+    column of its own -- unless both lie in their own grain and further apart than ``tol`` spacings."""
     xy, kind, grain = out["xy"], out["kind"], out["grain"]
     drop = np.zeros(len(xy), bool)
     if len(xy):
         tree = cKDTree(xy)
         home = gmap(xy) == grain  # each site in its own grain's region
-        tol = float(index_kw.get("tol", 0.3))
         for i, j in tree.query_pairs(0.5 * spacing, output_type="ndarray"):
             if grain[i] == grain[j] or (kind[i] != 1 and kind[j] != 1):
                 continue
@@ -588,18 +624,7 @@ def index_grains(peak_xy: np.ndarray, peak_value: np.ndarray, gmap: GrainMap, pm
                 drop[j] = True
             else:
                 drop[i] = True
-    keep = ~drop
-    out = {name: v[keep] for name, v in out.items()}
-    strong = peak_value >= np.median(peak_value) if n_pk else np.zeros(0, bool)
-    on = np.zeros(n_pk, bool)
-    on[out["peak"][(out["kind"] == 0)]] = True
-    on_node = float(on[strong].mean()) if strong.any() else 0.0
-    n_noise = int(n_pk - (out["peak"] >= 0).sum() - n_merged)
-    boundary = gmap.boundary_distance(out["xy"]) <= s.boundary_nn * spacing
-    return GrainIndex(xy=out["xy"], ij=out["ij"].astype(np.int64), peak=out["peak"].astype(np.int64),
-                      kind=out["kind"].astype(np.int8), cls=out["cls"].astype(np.int64), basis=out["basis"],
-                      rms=out["rms"], n_merged=int(n_merged), n_noise=max(0, n_noise), on_node=on_node,
-                      grain=out["grain"], boundary=boundary, pmaps=tuple(pmaps), gmap=gmap)
+    return drop
 
 
 def peak_orientations(peak_xy: np.ndarray, spacing: float, *, settings: GrainSettings | None = None

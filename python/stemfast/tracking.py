@@ -390,6 +390,22 @@ def dose_from_metadata(meta: Mapping | None) -> dict | None:
 # ----------------------------------------------------------------------------- the linker
 
 
+@dataclass
+class _Detections:
+    """One frame's sites to link (rows of its table) and what the linker needs of them."""
+
+    rows: np.ndarray
+    weak: np.ndarray
+    can_start: np.ndarray
+    kinds: np.ndarray
+    subs: np.ndarray
+    score: np.ndarray
+    B: np.ndarray
+    xy: np.ndarray
+    nodes: np.ndarray
+    cont_thr: float
+
+
 @dataclass(eq=False)
 class _Track:
     key: int
@@ -598,6 +614,36 @@ class DefectLinker:
     def _link(self, frame: int, table: SiteTable):
         n = len(table)
         isd = np.asarray(table["is_defect"], bool)
+        xy_all, B_all = self._frame_geometry(table)
+        fin = np.isfinite(xy_all).all(1)
+        score_all = (np.asarray(table["anomaly_score"], np.float64) if "anomaly_score" in table
+                     else np.zeros(n))
+        strong = np.flatnonzero(isd & fin)
+        kinds_s = (np.asarray(table["defect_kind"]).astype(str)[strong] if "defect_kind" in table
+                   else np.full(len(strong), "defect"))
+        counts = dict(Counter(kinds_s.tolist()))
+        self.n_detections += len(strong)
+        if self.origin is None:  # no lattice basis anywhere yet: defects cannot be placed on nodes
+            self._expire(frame)
+            return strong, [None] * len(strong), counts
+        det = self._detections(table, isd, fin, score_all, strong, kinds_s, xy_all, B_all)
+        # candidate pairs: tracks seen within max_gap + 1 frames, detections within reach
+        cand_tr = [t for t in self.active if frame - t.last_frame <= self.s.max_gap + 1]
+        assign = np.full(len(det.rows), -1, np.int64)
+        steps_of = np.zeros(len(det.rows))
+        if cand_tr and len(det.rows):
+            assign, steps_of = self._assign(frame, cand_tr, det.xy, det.B, det.subs, det.kinds, det.nodes, det.weak,
+                                            det.weak & (det.score < det.cont_thr))
+        det_tracks = self._apply_links(frame, det, cand_tr, assign, steps_of)
+        keep = [d for d in range(len(det.rows)) if det_tracks[d] is not None or not det.weak[d]]
+        self._expire(frame)
+        return det.rows[keep], [det_tracks[d] for d in keep], counts
+
+    def _frame_geometry(self, table: SiteTable) -> tuple[np.ndarray, np.ndarray]:
+        """Site positions in the drift-corrected frame of the first image and the local lattice
+        bases named like the reference's (:func:`align_bases`; NaN where a site has none). The first
+        frame with a lattice sets the reference."""
+        n = len(table)
         x = np.asarray(table["x"], np.float64) - self.cum[0]
         y = np.asarray(table["y"], np.float64) - self.cum[1]
         xy_all = np.c_[x, y]
@@ -610,25 +656,19 @@ class DefectLinker:
             self._set_reference(table, xy_all, B_all)
         if self.origin_basis is not None:
             B_all = align_bases(B_all, self.origin_basis)
-        fin = np.isfinite(xy_all).all(1)
-        score_all = (np.asarray(table["anomaly_score"], np.float64) if "anomaly_score" in table
-                     else np.zeros(n))
-        strong = np.flatnonzero(isd & fin)
-        kinds_s = (np.asarray(table["defect_kind"]).astype(str)[strong] if "defect_kind" in table
-                   else np.full(len(strong), "defect"))
-        counts = dict(Counter(kinds_s.tolist()))
-        self.n_detections += len(strong)
-        if self.origin is None:  # no lattice basis anywhere yet: defects cannot be placed on nodes
-            self._expire(frame)
-            return strong, [None] * len(strong), counts
-        # sites below the cutoff that may continue a track (never start one)
+        return xy_all, B_all
+
+    def _detections(self, table: SiteTable, isd, fin, score_all, strong, kinds_s, xy_all, B_all) -> "_Detections":
+        """The sites this frame links: the defects, and (when tracks are open or weak runs are kept)
+        the sites below the cutoff that may continue a track -- never start one, unless their patch
+        is whole, the scan shows them, and they score above ``continue_fraction`` of the cutoff."""
+        n = len(table)
         cont_thr = self.s.continue_fraction * self.cutoff if self.cutoff else np.inf
         weak_thr = min(self.s.stay_fraction, self.s.continue_fraction) * self.cutoff if self.cutoff else np.inf
         want_weak = self.active or self.s.weak_frames > 0
         weak_rows = np.flatnonzero(~isd & fin & (score_all >= weak_thr)) if want_weak else np.zeros(0, np.int64)
         rows = np.concatenate([strong, weak_rows])
         weak = np.r_[np.zeros(len(strong), bool), np.ones(len(weak_rows), bool)]
-        # below the cutoff, only sites whose patch is whole and whose signal the scan does not hide start a run
         can_start = ~weak
         if len(weak_rows):
             ok = np.ones(n, bool)
@@ -637,70 +677,73 @@ class DefectLinker:
             if "observed" in table:
                 ok &= np.asarray(table["observed"], bool)
             can_start = can_start | (ok[rows] & (score_all[rows] >= cont_thr))
-        kinds = np.r_[kinds_s, np.full(len(weak_rows), "")]
         subs = (np.asarray(table["sublattice"], np.int64)[rows] if "sublattice" in table
                 else np.full(len(rows), -1, np.int64))
-        score = score_all[rows]
         B = B_all[rows]
         badB = ~np.isfinite(B).all(axis=(1, 2))
         B[badB] = self.origin_basis
-        xy = xy_all[rows]
         nodes = self._frame_nodes(table, xy_all, np.where(np.isfinite(B_all).all(axis=(1, 2))[:, None, None],
                                                           B_all, self.origin_basis), rows)
+        return _Detections(rows=rows, weak=weak, can_start=can_start, kinds=np.r_[kinds_s, np.full(len(weak_rows), "")],
+                           subs=subs, score=score_all[rows], B=B, xy=xy_all[rows], nodes=nodes, cont_thr=cont_thr)
 
-        # candidate pairs: tracks seen within max_gap + 1 frames, detections within reach
-        cand_tr = [t for t in self.active if frame - t.last_frame <= self.s.max_gap + 1]
-        assign = np.full(len(rows), -1, np.int64)
-        steps_of = np.zeros(len(rows))
-        if cand_tr and len(rows):
-            assign, steps_of = self._assign(frame, cand_tr, xy, B, subs, kinds, nodes, weak,
-                                            weak & (score < cont_thr))
-        det_tracks: list = [None] * len(rows)
+    def _apply_links(self, frame: int, det: "_Detections", cand_tr: list, assign: np.ndarray,
+                     steps_of: np.ndarray) -> list:
+        """Continue the assigned tracks (a hop when the node changed), start new ones, count the
+        evidence, give a track its public id once confirmed. Returns each detection's track (None
+        for a weak site that neither continues nor may start one)."""
+        det_tracks: list = [None] * len(det.rows)
         res = []
-        for d in range(len(rows)):
+        for d in range(len(det.rows)):
             if assign[d] >= 0:
                 t = cand_tr[assign[d]]
-                step = float(steps_of[d])
-                dxy = xy[d] - t.xy
-                nn, r = lattice_offset(dxy[None], 0.5 * (t.basis + B[d]))
-                res.append(float(r[0]))
-                if step > 0:
-                    t.hops += 1
-                    t.path_steps += step
-                    t.path_px += float(np.hypot(*dxy))
-                    t.node = t.node + nn[0]
-                    self._add_point(t, xy[d])
-                t.xy, t.basis, t.last_frame = xy[d], B[d], frame
-                t.n_seen += 1
-                self.n_linked += 1
-                self.n_weak += int(weak[d])
-            elif weak[d] and (self.s.weak_frames == 0 or not can_start[d]):
+                res.append(self._continue(t, frame, det.xy[d], det.B[d], float(steps_of[d]), det.weak[d]))
+            elif det.weak[d] and (self.s.weak_frames == 0 or not det.can_start[d]):
                 continue
             else:  # a new track (tentative when it starts below the cutoff)
-                t = _Track(key=self._next_key, first_frame=frame, last_frame=frame, xy=xy[d], basis=B[d],
-                           node=nodes[d].copy(), start_xy=xy[d].copy(), start_node=nodes[d].copy(),
-                           sublattice=int(subs[d]))
-                t.points.append(xy[d].copy())
+                t = _Track(key=self._next_key, first_frame=frame, last_frame=frame, xy=det.xy[d], basis=det.B[d],
+                           node=det.nodes[d].copy(), start_xy=det.xy[d].copy(), start_node=det.nodes[d].copy(),
+                           sublattice=int(det.subs[d]))
+                t.points.append(det.xy[d].copy())
                 self._next_key += 1
                 self.active.append(t)
-            if not weak[d]:
-                t.kinds[str(kinds[d])] += 1
+            if not det.weak[d]:
+                t.kinds[str(det.kinds[d])] += 1
                 t.n_strong += 1
-            t.subs[int(subs[d])] += 1
-            t.score_sum += float(score[d])
-            if t.public_id < 0 and ((t.n_strong and t.n_seen >= self.s.min_frames)
-                                    or (not t.n_strong and self.s.weak_frames and t.n_seen >= self.s.weak_frames
-                                        and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)):
+            t.subs[int(det.subs[d])] += 1
+            t.score_sum += float(det.score[d])
+            if t.public_id < 0 and self._confirmed(t):
                 t.public_id = self._next_id
                 self._next_id += 1
             det_tracks[d] = t
-        keep = [d for d in range(len(rows)) if det_tracks[d] is not None or not weak[d]]
-        rows = rows[keep]
-        det_tracks = [det_tracks[d] for d in keep]
         if res:
             self.residual_median.append(float(np.median(res)))
-        self._expire(frame)
-        return rows, det_tracks, counts
+        return det_tracks
+
+    def _continue(self, t: "_Track", frame: int, xy: np.ndarray, B: np.ndarray, step: float, weak: bool) -> float:
+        """Move track ``t`` to a detection at ``xy`` (a hop when ``step`` > 0); returns the residual of
+        the displacement from the nearest lattice node."""
+        dxy = xy - t.xy
+        nn, r = lattice_offset(dxy[None], 0.5 * (t.basis + B))
+        if step > 0:
+            t.hops += 1
+            t.path_steps += step
+            t.path_px += float(np.hypot(*dxy))
+            t.node = t.node + nn[0]
+            self._add_point(t, xy)
+        t.xy, t.basis, t.last_frame = xy, B, frame
+        t.n_seen += 1
+        self.n_linked += 1
+        self.n_weak += int(weak)
+        return float(r[0])
+
+    def _confirmed(self, t: "_Track") -> bool:
+        """A track gets its public id when seen ``min_frames`` times with a defect among them, or,
+        never flagged, ``weak_frames`` times at a mean score of ``weak_mean_fraction`` of the cutoff."""
+        if t.n_strong:
+            return t.n_seen >= self.s.min_frames
+        return bool(self.s.weak_frames and t.n_seen >= self.s.weak_frames
+                    and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
     def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low):
         from scipy.optimize import linear_sum_assignment

@@ -146,6 +146,67 @@ def _removed_amplitude(defect: np.ndarray) -> np.ndarray:
     return np.select([defect == 1, defect == 2, defect == 3], [s1, 2.0 * s1, 1.0], 0.0)
 
 
+def _s2_neighbours(xy0: np.ndarray, s2: np.ndarray, a_px: float) -> dict[int, list[int]]:
+    """For every S2 site, the S2 sites within 1.2 metal spacings: where a vacancy can hop."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(xy0[s2])
+    nbrs = [[int(s2[j]) for j in lst if s2[j] != s2[i]] for i, lst in
+            enumerate(tree.query_ball_point(xy0[s2], r=1.2 * a_px))]
+    return dict(zip(s2.tolist(), nbrs))
+
+
+def _first_frame_defects(rng: np.random.Generator, s2: np.ndarray, mo: np.ndarray,
+                         sc: SeriesConfig) -> tuple[dict[int, tuple[int, int]], list[dict]]:
+    """The defects of frame 0 (site -> (id, defect code)) and their birth events; ids 0, 1, ..."""
+    state: dict[int, tuple[int, int]] = {}
+    events: list[dict] = []
+    for i in s2:
+        u = rng.random()
+        if u < sc.v_s:
+            state[int(i)] = (len(events), 1)
+        elif u < sc.v_s + sc.v_s2:
+            state[int(i)] = (len(events), 2)
+        else:
+            continue
+        events.append({"frame": 0, "id": len(events), "event": "birth", "defect": state[int(i)][1]})
+    for i in mo:
+        if rng.random() < sc.v_mo:
+            state[int(i)] = (len(events), 3)
+            events.append({"frame": 0, "id": len(events), "event": "birth", "defect": 3})
+    return state, events
+
+
+def _next_frame_defects(rng: np.random.Generator, state: dict, events: list, k: int, sc: SeriesConfig,
+                        nbr_of: dict, s2: np.ndarray, xy0: np.ndarray, next_id: int) -> int:
+    """Frame ``k``'s changes, in place: each single-S vacancy dies or hops to a free neighbouring S2
+    column (in random order), then new ones are born on free S2 columns. Returns the next free id."""
+    for site in sorted(state, key=lambda _: rng.random()):
+        did, code = state[site]
+        if code != 1:
+            continue
+        u = rng.random()
+        if u < sc.death_prob:
+            del state[site]
+            events.append({"frame": k, "id": did, "event": "death"})
+        elif u < sc.death_prob + sc.hop_prob:
+            free = [j for j in nbr_of.get(site, []) if j not in state]
+            if free:
+                j = free[int(rng.integers(len(free)))]
+                del state[site]
+                state[j] = (did, 1)
+                events.append({"frame": k, "id": did, "event": "hop", "from": xy0[site].round(3).tolist(),
+                               "to": xy0[j].round(3).tolist()})
+    free_s2 = [int(i) for i in s2 if int(i) not in state]
+    nb = rng.binomial(len(free_s2), sc.birth_rate) if free_s2 else 0
+    for i in rng.choice(free_s2, size=min(nb, len(free_s2)), replace=False) if nb else []:
+        state[int(i)] = (next_id, 1)
+        events.append({"frame": k, "id": next_id, "event": "birth", "defect": 1})
+        next_id += 1
+    return next_id
+
+
+
 def make_series(series: SeriesConfig | None = None, image: SynthConfig | None = None, **overrides) -> SynthSeries:
     """A drifting MoS2 series with hopping, appearing and vanishing vacancies (module docstring).
 
@@ -179,32 +240,9 @@ def make_series(series: SeriesConfig | None = None, image: SynthConfig | None = 
     inside = np.all((xy0 >= lo) & (xy0 <= hi), axis=1)
     s2 = np.flatnonzero(inside & (sub == 1))
     mo = np.flatnonzero(inside & (sub == 0))
-    from scipy.spatial import cKDTree
-
-    a_px = math.sqrt(3.0) * nn
-    tree = cKDTree(xy0[s2])
-    nbrs = [[int(s2[j]) for j in lst if s2[j] != s2[i]] for i, lst in
-            enumerate(tree.query_ball_point(xy0[s2], r=1.2 * a_px))]
-    nbr_of = dict(zip(s2.tolist(), nbrs))
-
-    state: dict[int, tuple[int, int]] = {}  # site -> (id, defect code)
-    next_id = 0
-    events: list[dict] = []
-    for i in s2:
-        u = rng.random()
-        if u < sc.v_s:
-            state[int(i)] = (next_id, 1)
-        elif u < sc.v_s + sc.v_s2:
-            state[int(i)] = (next_id, 2)
-        else:
-            continue
-        events.append({"frame": 0, "id": next_id, "event": "birth", "defect": state[int(i)][1]})
-        next_id += 1
-    for i in mo:
-        if rng.random() < sc.v_mo:
-            state[int(i)] = (next_id, 3)
-            events.append({"frame": 0, "id": next_id, "event": "birth", "defect": 3})
-            next_id += 1
+    nbr_of = _s2_neighbours(xy0, s2, math.sqrt(3.0) * nn)
+    state, events = _first_frame_defects(rng, s2, mo, sc)
+    next_id = len(events)
 
     read_sd = cfg.gaussian_noise / 100.0 * cfg.dose
     noise_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([int(sc.seed), 104729]).spawn(F)]
@@ -212,28 +250,7 @@ def make_series(series: SeriesConfig | None = None, image: SynthConfig | None = 
     rows = []
     for k in range(F):
         if k > 0:
-            for site in sorted(state, key=lambda _: rng.random()):
-                did, code = state[site]
-                if code != 1:
-                    continue
-                u = rng.random()
-                if u < sc.death_prob:
-                    del state[site]
-                    events.append({"frame": k, "id": did, "event": "death"})
-                elif u < sc.death_prob + sc.hop_prob:
-                    free = [j for j in nbr_of.get(site, []) if j not in state]
-                    if free:
-                        j = free[int(rng.integers(len(free)))]
-                        del state[site]
-                        state[j] = (did, 1)
-                        events.append({"frame": k, "id": did, "event": "hop", "from": xy0[site].round(3).tolist(),
-                                       "to": xy0[j].round(3).tolist()})
-            free_s2 = [int(i) for i in s2 if int(i) not in state]
-            nb = rng.binomial(len(free_s2), sc.birth_rate) if free_s2 else 0
-            for i in rng.choice(free_s2, size=min(nb, len(free_s2)), replace=False) if nb else []:
-                state[int(i)] = (next_id, 1)
-                events.append({"frame": k, "id": next_id, "event": "birth", "defect": 1})
-                next_id += 1
+            next_id = _next_frame_defects(rng, state, events, k, sc, nbr_of, s2, xy0, next_id)
         sites = np.array(sorted(state), dtype=np.int64)
         exp_k = expected[k].astype(np.float32, copy=True)
         if len(sites):
