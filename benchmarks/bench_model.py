@@ -236,9 +236,11 @@ def test_bench_encode_vs_network(benchmark, patches32, speed_gate):
     batches = [torch.from_numpy(np.ascontiguousarray(x[a:a + step], dtype=np.float32))[:, None]
                for a in range(0, len(x), step)]
 
-    def plain():
+    cfg = model.config
+
+    def plain():  # the network on the model's own input (the patch background taken out, model_input)
         with torch.inference_mode():
-            return [net(b).mu for b in batches]
+            return [net(MF.model_input(b, cfg.input_size, cfg.resample, cfg.background)).mu for b in batches]
 
     info = speed_gate("model_encode_vs_network_cpu", lambda: model.encode(x), plain, benchmark, repeat=3,
                       min_cpu=1.0)
