@@ -56,6 +56,10 @@ STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patche
 _MAX_DISPLAY_PX = 2048  # images are shown downsampled (block mean) to at most this many px
 
 
+#: colour of the ring around a defect in the class map
+DEFECT_RING = "#ffd600"
+
+
 def class_color(class_id: int) -> str:
     """Fixed colour of a class id (hex string).
 
@@ -122,8 +126,9 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     if is_defect is not None and len(x):
         d = np.asarray(is_defect, bool)
         if d.any():
-            ax.scatter(x[d], y[d], s=s * 4, facecolors="none", edgecolors="k", linewidths=0.8)
-            handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec="k",
+            # a yellow ring: a black one vanished on the dark image between the columns
+            ax.scatter(x[d], y[d], s=s * 4, facecolors="none", edgecolors=DEFECT_RING, linewidths=1.2)
+            handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=DEFECT_RING,
                                   label=f"defect ({int(d.sum())})"))
     ax.set_xlim(-0.5, W * f - 0.5)
     ax.set_ylim(H * f - 0.5, -0.5)
