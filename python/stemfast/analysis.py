@@ -447,13 +447,7 @@ def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, worker
         ok = on_node & refable[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
         colour = (rm - rn).astype(np.int64) % 3
         del rm, rn, on_node
-        v = values[j]
-        for c in range(3):
-            sel = ok & (colour == c)
-            m_c = _masked_row_median(v, sel)
-            med[a:b, c] = m_c
-            mad[a:b, c] = 1.4826 * _masked_row_median(np.abs(v - m_c[:, None]), sel)
-            cnt[a:b, c] = sel.sum(1)
+        _colour_stats(values[j], ok, colour, med[a:b], mad[a:b], cnt[a:b])
     return LocalReferences(med, mad, cnt)
 
 
@@ -485,14 +479,20 @@ def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chu
         on_node = np.abs(mn - r).max(-1) < tol
         colour = (r[..., 0] - r[..., 1]).astype(np.int64) % 3
         ok = on_node & usable[j] & finite_v[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
-        v = values[j]
-        for c in range(3):
-            sel = ok & (colour == c)
-            m_c = _masked_row_median(v, sel)
-            med[a:b, c] = m_c
-            mad[a:b, c] = 1.4826 * _masked_row_median(np.abs(v - m_c[:, None]), sel)
-            cnt[a:b, c] = sel.sum(1)
+        _colour_stats(values[j], ok, colour, med[a:b], mad[a:b], cnt[a:b])
     return LocalReferences(med, mad, cnt)
+
+
+def _colour_stats(v: np.ndarray, ok: np.ndarray, colour: np.ndarray, med: np.ndarray, mad: np.ndarray,
+                  cnt: np.ndarray) -> None:
+    """Fill ``med``, ``mad`` (1.4826 x MAD) and ``cnt`` [rows, 3] with the statistics of the values
+    ``v`` [rows, k] of each row's usable (``ok``) references of each relative colour."""
+    for c in range(3):
+        sel = ok & (colour == c)
+        m_c = _masked_row_median(v, sel)
+        med[:, c] = m_c
+        mad[:, c] = 1.4826 * _masked_row_median(np.abs(v - m_c[:, None]), sel)
+        cnt[:, c] = sel.sum(1)
 
 
 def _masked_row_median(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
