@@ -88,9 +88,9 @@ def test_plot_class_map_speed(benchmark, report_ratio, scene, tmp_path, monkeypa
 
 def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None, title=None, max_gallery=24,
                             dpi=110) -> None:
-    """``report.plot_defects`` before: an axes per gallery tile, PNG at zlib level 6."""
+    """``report.plot_defects`` before: an axes per gallery tile, PNG at zlib level 6 (the map half is
+    the figure's own, :func:`stemfast.report.draw_candidate_map`)."""
     plt = pyplot()
-    from matplotlib.patches import Circle
 
     cands = list(candidates)[:max_gallery]
     n = len(cands)
@@ -98,31 +98,7 @@ def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None
     nrow = max(1, math.ceil(n / ncol)) if n else 1
     fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
     gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
-    ax = fig.add_subplot(gs[:, :2])
-    if image is not None:
-        img, f = R._downsample(image)
-        H, W = img.shape
-        lo, hi = R.display_range(img)
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
-                  extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
-        r = 0.6 * (spacing_px if spacing_px and np.isfinite(spacing_px) else max(W * f / 60.0, 3.0))
-        for i, c in enumerate(cands):
-            if not c.get("on_map", True):
-                continue
-            rank = int(c.get("rank", i + 1))
-            col = "#ff1744" if c.get("is_defect", True) else "#ffab00"
-            ax.add_patch(Circle((c["x"], c["y"]), r, fill=False, ec=col, lw=1.2,
-                                ls="-" if c.get("is_defect", True) else "--"))
-            ax.text(c["x"] + 0.75 * r, c["y"] - 0.75 * r, str(rank), color=col, fontsize=7, ha="left",
-                    va="bottom", fontweight="bold", clip_on=True)
-        ax.set_xlim(-0.5, W * f - 0.5)
-        ax.set_ylim(H * f - 0.5, -0.5)
-    else:
-        ax.axis("off")
-    ax.set_title(title or "defect candidates (solid: flagged defect, dashed: below cutoff)", fontsize=9)
-    if n == 0:
-        ax.text(0.5, 0.5, "no candidates", transform=ax.transAxes, ha="center", va="center", fontsize=14,
-                color="w" if image is not None else "k")
+    R.draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
         P = np.asarray(patches)[:n]
         lo, hi = R.display_range(P)

@@ -30,6 +30,7 @@ __all__ = [
     "display_range",
     "plot_class_map",
     "plot_defects",
+    "draw_candidate_map",
     "stage_table_rows",
     "format_stage_table",
     "write_html_report",
@@ -158,15 +159,25 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
     patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
     """
     plt = pyplot()
-    from matplotlib.patches import Circle
-
     cands = list(candidates)[:max_gallery]
     n = len(cands)
     ncol = 6
     nrow = max(1, math.ceil(n / ncol)) if n else 1
     fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
     gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
-    ax = fig.add_subplot(gs[:, :2])
+    draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
+    if patches is not None and n:
+        _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
+    save_figure(fig, path, dpi)
+
+
+def draw_candidate_map(ax, image: np.ndarray | None, cands: Sequence[Mapping], *, spacing_px: float | None = None,
+                       title: str | None = None) -> None:
+    """The left half of :func:`plot_defects`: ``image`` with the candidates circled (solid: flagged,
+    dashed: below the cutoff) and numbered by rank."""
+    from matplotlib.patches import Circle
+
+    n = len(cands)
     if image is not None:
         img, f = _downsample(image)
         H, W = img.shape
@@ -191,9 +202,6 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
     if n == 0:
         ax.text(0.5, 0.5, "no candidates", transform=ax.transAxes, ha="center", va="center", fontsize=14,
                 color="w" if image is not None else "k")
-    if patches is not None and n:
-        _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
-    save_figure(fig, path, dpi)
 
 
 def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> None:
