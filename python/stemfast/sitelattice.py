@@ -395,7 +395,7 @@ class SiteIndex:
     peak, 1 node predicted (no peak), 2 off-lattice peak; ``cls`` [N] ``(p - q) mod 3`` (-1 off
     lattice); ``basis`` [N, 2, 2] local site-lattice vectors (rows s1, s2, px); ``rms`` [N] residual
     of the local fit (px; NaN where it had too few points); ``n_merged`` peaks dropped as a second
-    candidate of an occupied node; ``n_noise`` weak peaks on no node, dropped as noise;
+    candidate or a second maximum of an occupied node; ``n_noise`` weak peaks on no node, dropped as noise;
     ``on_node`` share of the strong peaks that sit on a node.
     """
 
@@ -442,7 +442,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     neighbours is that node's candidate, and of several candidates for one node the strongest
     keeps it (the others are counted as merged). A peak near no node is an ``off_lattice`` site
     when its value is at least ``off_strength`` times the median value of the peaks of the
-    brightest class (adatom, contamination), and noise otherwise.
+    brightest class (adatom, contamination), and noise otherwise; one within half a spacing of a
+    node's peak is a second maximum of that column and is merged into it.
 
     Every node inside the image (``margin_px``) and on the film (``film``: ``FilmMask`` / bool
     array / ``None``) where the Bragg amplitude is at least ``min_amplitude`` of its median, or a
@@ -487,6 +488,9 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
                                          peak_var=peak_var)
     o_idx = np.flatnonzero(off_pk)
     empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing)
+    split = _split_column_peaks(peak_xy[o_idx], np.concatenate([xy_w, xy_empty]), spacing)
+    o_idx = o_idx[~split]
+    n_merged += int(split.sum())
     xy = np.concatenate([xy_w, xy_empty, peak_xy[o_idx]])
     ij = np.concatenate([node[w_idx], empty, np.zeros((len(o_idx), 2), np.int64)])
     kind = np.concatenate([np.zeros(len(w_idx), np.int8), np.where(empty_peak >= 0, 0, 1).astype(np.int8),
@@ -578,6 +582,19 @@ def _off_lattice_peaks(peak_xy, peak_value, node, on, winner, shape, spacing, of
     # a maximum within half a spacing of the image edge is a column cut by the edge, not an adatom
     edge = np.minimum.reduce([peak_xy[:, 0], W - 1 - peak_xy[:, 0], peak_xy[:, 1], H - 1 - peak_xy[:, 1]])
     return (~on) & (peak_value >= off_strength * ref) & (edge >= 0.5 * spacing)
+
+
+def _split_column_peaks(off_xy, site_xy, spacing) -> np.ndarray:
+    """Off-lattice peaks within half a spacing of a node's site (bool [len(off_xy)]): a second
+    maximum of that column (split by shot noise, a scan glitch or coarse sampling), not an atom of
+    its own -- an atom that close to a column's projection is not resolved from it. They are
+    merged into the column."""
+    if not len(off_xy) or not len(site_xy):
+        return np.zeros(len(off_xy), bool)
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(site_xy).query(off_xy, distance_upper_bound=0.5 * spacing)
+    return np.isfinite(d)
 
 
 def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape, spacing, margin_px,
