@@ -161,6 +161,10 @@ def test_local_sublattice_follows_the_structure_despite_gradient_and_a_slipped_c
     ok = np.asarray(t["sublattice_local"]) >= 0
     assert (np.asarray(t["sublattice_local"])[ok] == colour[ok]).mean() > 0.999
     assert summary["class_sublattice_ari"] > 0.95 and "class_warning" not in summary
+    # each class is named for the sublattice it sits on (the brightest class on the metal)
+    on = summary["class_sublattice"]
+    assert [on[c]["sublattice"] for c in ("0", "1", "2")] == ["Mo", "S2", "hollow"]
+    assert min(v["share"] for v in on.values()) > 0.95
 
 
 def test_local_score_finds_defects_that_gradient_and_contamination_hide_from_a_global_one():

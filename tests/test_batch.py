@@ -158,6 +158,10 @@ def test_summary_contents_and_drift(first):
         g["lattice"]["spacing_px"] * 0.012, rel=1e-3)
     assert g["lattice"]["rotation_deg"] is not None
     assert g["peak_memory_mib"] > 10
+    # every class is named for the sublattice most of its sites sit on, in every frame of the stack
+    assert set(s["class_sublattice"]) == set(s["class_counts"])
+    assert all(v["sublattice"] in ("Mo", "S2", "hollow") and 1 / 3 <= v["share"] <= 1
+               for v in s["class_sublattice"].values())
     stages = {r["stage"]: r for r in g["throughput"]}
     for st in ("spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis", "total"):
         assert stages[st]["seconds"] >= 0 and stages[st]["sites"] == g["n_sites"]

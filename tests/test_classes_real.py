@@ -47,6 +47,8 @@ def test_wse2_crop_classes_match_the_authors_metal_and_chalcogen_labels():
     assert ari >= 0.95, ari
     assert summary["rotation_latent"] == "used"
     assert summary["class_sublattice_ari"] >= 0.9 and "class_warning" not in summary
+    # the classes carry the material's names: no MoS2 names on WSe2
+    assert {v["sublattice"] for v in summary["class_sublattice"].values()} == {"W", "Se2", "hollow"}
 
 
 @pytest.mark.parametrize("name", ["mos2_exp-000-2_crop.npy", "mos2_exp-002-5_crop.npy"])

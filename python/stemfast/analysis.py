@@ -734,13 +734,35 @@ def _anomaly(settings: AnalysisSettings, sc: _IntensityScores, z_lat: np.ndarray
     return recon_score.copy()
 
 
+def class_sublattices(cls: np.ndarray, sub: np.ndarray, material: str = "mos2") -> dict:
+    """Which sublattice each learned class sits on: ``{class: {"sublattice": name, "share": f}}``,
+    the sublattice (``material``'s name: ``"Mo"``, ``"S2"``, ``"hollow"`` ...) holding most of the
+    class's sites and the share of them it holds. Sites with ``cls < 0`` or ``sub < 0`` are left out.
+
+    >>> class_sublattices(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 2]))
+    {'0': {'sublattice': 'Mo', 'share': 1.0}, '1': {'sublattice': 'S2', 'share': 0.6667}}
+    """
+    cls = np.asarray(cls, np.int64)
+    sub = np.asarray(sub, np.int64)
+    names = get_material(material).sublattice_names
+    ok = (cls >= 0) & (sub >= 0) & (sub < len(names))
+    out = {}
+    for c in np.unique(cls[ok]):
+        counts = np.bincount(sub[ok & (cls == c)], minlength=len(names))
+        out[str(int(c))] = {"sublattice": names[int(np.argmax(counts))],
+                            "share": round(float(counts.max() / counts.sum()), 4)}
+    return out
+
+
 def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, usable: np.ndarray,
-                     settings: AnalysisSettings) -> dict:
+                     settings: AnalysisSettings, material: str = "mos2") -> dict:
     """Do the learned classes follow the sublattices? ARI against the local three-colouring on the
-    ``usable`` sites (observed, not defects), with a :class:`ClassAgreementWarning` when low."""
+    ``usable`` sites (observed, not defects), with a :class:`ClassAgreementWarning` when low; and
+    the sublattice each class sits on (:func:`class_sublattices`)."""
     judged = usable & (sub >= 0)
     agreement = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
-    info: dict = {"class_sublattice_ari": agreement}
+    info: dict = {"class_sublattice_ari": agreement, "class_sublattice": class_sublattices(cls[judged], sub[judged],
+                                                                                          material)}
     if judged.any():
         info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
     if np.isfinite(agreement) and agreement < settings.min_class_agreement:
@@ -800,7 +822,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     is_defect = anomaly > settings.defect_cutoff
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect)
     kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material)
-    info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings))
+    info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
 
     table = sites.with_columns({
         "class_id": cls,

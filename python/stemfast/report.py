@@ -89,9 +89,14 @@ def _marker_size(fig_w_in: float, width_px: int, spacing_px: float | None, frac:
     return float(np.clip(d_pt, 0.4, 12.0) ** 2)
 
 
+def _class_name(class_names: dict | None, c: int) -> str:
+    name = (class_names or {}).get(str(c), (class_names or {}).get(c))
+    return f": {name}" if name else ""
+
+
 def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y: np.ndarray,
                    class_id: np.ndarray, *, spacing_px: float | None = None, title: str | None = None,
-                   is_defect: np.ndarray | None = None, dpi: int = 110) -> None:
+                   is_defect: np.ndarray | None = None, class_names: dict | None = None, dpi: int = 110) -> None:
     """Write a PNG of ``image`` with every site as a dot coloured by its class id.
 
     Parameters
@@ -101,7 +106,9 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     x, y : site positions in px (x = column, y = row).
     class_id : int per site; colours are fixed per id (:data:`CLASS_COLORS`).
     spacing_px : lattice spacing, sets the dot size.
-    is_defect : optional bool per site; flagged sites get a black ring.
+    is_defect : optional bool per site; flagged sites get a yellow ring.
+    class_names : optional ``{class id (str or int): name}`` for the legend (e.g. the sublattice the
+        class sits on).
     """
     plt = pyplot()
     from matplotlib.lines import Line2D
@@ -110,7 +117,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     H, W = img.shape
     fig_w = 8.0
     fig_h = max(3.0, min(12.0, fig_w * H / max(W, 1))) + 0.6
-    fig, ax = plt.subplots(figsize=(fig_w + 1.8, fig_h))
+    fig, ax = plt.subplots(figsize=(fig_w + (2.6 if class_names else 1.8), fig_h))
     lo, hi = display_range(img)
     ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
               extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
@@ -123,7 +130,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
         m = cid == c
         ax.scatter(x[m], y[m], s=s, c=class_color(c), linewidths=0, alpha=0.85)
         handles.append(Line2D([], [], marker="o", ls="", color=class_color(c),
-                              label=f"class {c} ({int(m.sum())})"))
+                              label=f"class {c}{_class_name(class_names, c)} ({int(m.sum())})"))
     if is_defect is not None and len(x):
         d = np.asarray(is_defect, bool)
         if d.any():
@@ -336,7 +343,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     parts.append(f"<p><small>{_e(inp.get('path', ''))} &middot; sha256 {_e(str(inp.get('sha256', ''))[:16])}&hellip; "
                  f"&middot; model {_e(str(msha or '-')[:16])}&hellip; "
                  f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
-                 f"{' &middot; pixel ' + _e(inp.get('pixel_size')) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
+                 f"{' &middot; pixel ' + _e('%.5g' % float(inp['pixel_size'])) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
                  f"</small></p>")
     # what cannot be fully trusted comes first, before any number it qualifies
     warns = list(s.get("warnings") or [])
@@ -358,7 +365,9 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
         "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
     }
-    counts = {f"class {k}": v for k, v in (s.get("class_counts") or {}).items()}
+    on = s.get("class_sublattice") or {}
+    counts = {f"class {k}" + (f" ({on[k]['sublattice']}, {100 * on[k]['share']:.1f}% of its sites)" if k in on else ""): v
+              for k, v in (s.get("class_counts") or {}).items()}
     kinds = dict(s.get("defect_kinds") or {}) or {"(none)": 0}
     parts.append("<div class='grid'><div>" + _kv_table(facts, ("", "")) + "</div><div>"
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))

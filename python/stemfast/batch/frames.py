@@ -96,7 +96,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["class_counts"] = {str(k): int(v) for k, v in summ.get("class_counts", {}).items()}
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
-        for key in ("class_sublattice_ari", "class_warning", "rotation_latent", "rotation_lock", "material",
+        for key in ("class_sublattice_ari", "class_sublattice", "class_warning", "rotation_latent", "rotation_lock", "material",
                     "score"):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]

@@ -24,7 +24,7 @@ from .status import InputUnreadable
 from .tables import CsvStream
 
 __all__ = ["InputSource", "RunSettings", "FrameTotals", "assemble", "stack_tracker", "lattice_warnings",
-           "median_finite"]
+           "median_finite", "class_sublattice_summary"]
 
 #: Candidates shown in ``defects.png``.
 GALLERY_SIZE = 24
@@ -114,6 +114,21 @@ def median_finite(vals) -> float | None:
     return float(np.median(v)) if v else None
 
 
+def class_sublattice_summary(frames_meta) -> dict:
+    """Per class, the sublattice most frames put it on and the median share of its sites there
+    (the frames' ``class_sublattice``, :func:`stemfast.analysis.class_sublattices`)."""
+    names: dict = {}
+    for m in frames_meta:
+        for c, v in (m.get("class_sublattice") or {}).items():
+            names.setdefault(c, []).append((v["sublattice"], float(v["share"])))
+    out = {}
+    for c, vals in sorted(names.items(), key=lambda kv: int(kv[0])):
+        labels = [n for n, _ in vals]
+        name = max(set(labels), key=labels.count)
+        out[c] = {"sublattice": name, "share": round(float(np.median([f for n, f in vals if n == name])), 4)}
+    return out
+
+
 def assemble(src: InputSource, d: Path, results: Iterable[FrameResult], *, run: RunSettings,
              t_start: float) -> dict:
     """Stream frame results into ``d/sites.csv``, draw the figures, write ``summary.json``.
@@ -159,7 +174,9 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
     name, stack = src.entry.name, src.is_stack
     if totals.shown is not None:
         f0, x, y, cid, isd, sp = totals.shown
+        on = class_sublattice_summary(totals.frames_meta)
         plot_class_map(d / "classes.png", src.get_frame(f0), x, y, cid, is_defect=isd, spacing_px=sp,
+                       class_names={c: v["sublattice"] for c, v in on.items()},
                        title=f"{name}: site classes" + (f" (frame {f0} of {src.n_frames})" if stack else ""))
     else:
         f0 = totals.first_ok_frame()
@@ -250,6 +267,8 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "lattice": lattice_summary(fm, src.info),
         # do the learned classes follow the metal / chalcogen / hollow sublattices (analysis.analyze_sites)
         "class_sublattice_ari": median_finite(m.get("class_sublattice_ari") for m in fm),
+        # the sublattice each class sits on, and the share of its sites there
+        "class_sublattice": class_sublattice_summary(fm),
         # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
         "rotation_lock": median_finite(next(iter((m.get("rotation_lock") or {None: None}).values())) for m in fm),
         "timings_s": totals.stage_s,
