@@ -328,6 +328,40 @@ def test_a_flagged_hop_goes_to_the_track_not_to_a_tentative_run_on_its_node():
     assert lk.tracks_rows[0]["hops"] == 1 and lk.n_tracks == 1
 
 
+def test_a_defect_hopping_away_from_a_faintly_lit_node_keeps_its_id():
+    # the defect sits at p (flagged), then hops one S2 step to q (flagged) while the column it left
+    # still scores faintly (between stay_fraction and continue_fraction of the cutoff): the faint
+    # site may be left to the noise, so the track follows the hop; no new id for the flagged site
+    p, q = node(2, 1), node(3, 2)
+    seq = [([p], [8.0], [True])] * 3 + [([p, q], [2.8, 7.0], [False, True])] + [([q], [7.0], [True])] * 3
+    lk = DefectLinker(TrackSettings(), cutoff=5.0)
+    out = []
+    for k, (pts, sc, flag) in enumerate(seq):
+        t = table(pts, score=sc)
+        isd = np.asarray(t["is_defect"]).copy()
+        isd[:len(pts)] = flag
+        out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
+    out += lk.finish()
+    tid3 = dict(out)[3]["track_id"][:2].tolist()
+    assert tid3 == [-1, 0]  # the faint site at p untracked, the flagged site at q on the track
+    assert all(v == [0] for v in ids_of(out).values())
+    assert lk.n_tracks == 1
+    r = lk.tracks_rows[0]
+    assert (r["hops"], r["first_frame"], r["last_frame"], r["n_frames"]) == (1, 0, 6, 7)
+    # with nothing else to explain, the same faint site keeps the track on its node (no hop, no gap)
+    seq2 = [([p], [8.0], [True])] * 3 + [([p], [2.8], [False])] + [([p], [8.0], [True])] * 3
+    lk = DefectLinker(TrackSettings(), cutoff=5.0)
+    out = []
+    for k, (pts, sc, flag) in enumerate(seq2):
+        t = table(pts, score=sc)
+        isd = np.asarray(t["is_defect"]).copy()
+        isd[:len(pts)] = flag
+        out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
+    out += lk.finish()
+    assert all(v == [0] for v in ids_of(out).values())
+    assert lk.tracks_rows[0]["n_frames"] == 7 and lk.tracks_rows[0]["hops"] == 0
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError):
         TrackSettings(max_gap=-1)

@@ -27,7 +27,13 @@ Linking, frame by frame
   hop from a track goes to that track, not to a tentative run sitting on its node.
 * One optimal one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`, per connected
   group of candidates): two defects are never merged into one track, and a defect that stays
-  beats a neighbour's hop onto its node.
+  beats a neighbour's hop onto its node. Every site a track can reach is linked (as many links as
+  possible), except the faintest ones (below ``continue_fraction`` of the cutoff, which may only
+  keep a track on its node): the assignment may leave such a site to the noise (cost
+  ``weak_penalty``) and the track unseen in this frame (cost ``gap_penalty``; such a site after a
+  gap is therefore left to the noise) when that is the
+  cheaper explanation -- e.g. a defect that hops to a flagged site while the column it left still
+  scores faintly keeps its id instead of staying on the faint column (the flagged site a new id).
 * Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
   frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
   ends every track: linking across it would be guesswork (reported as a drift break).
@@ -116,6 +122,10 @@ TRACK_FILES = ("tracks.csv", "tracks.png")
 #: ``kind`` of a track none of whose sites was flagged (started by :attr:`TrackSettings.weak_frames`).
 BELOW_CUTOFF = "below_cutoff"
 
+#: Assignment cost of leaving a site unexplained that must be linked when a track reaches it (above
+#: every link's cost, below the cost of a forbidden pair).
+_FORCED = 1e3
+
 
 def align_bases(B: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """The same lattice vectors, picked to point like ``ref``'s: [N, 2, 2] -> [N, 2, 2].
@@ -186,7 +196,8 @@ class TrackSettings:
     hold_frames : frames a table is held back at least, so that the id of a track confirmed late
         (a run below the cutoff whose mean reaches ``weak_mean_fraction`` only after some frames)
         still reaches its earlier frames; memory grows with this number, not with the series.
-    weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins).
+    weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins),
+        and of leaving one of the faintest sites (below ``continue_fraction``) unexplained.
     """
 
     enabled: bool = True
@@ -801,11 +812,22 @@ class DefectLinker:
         for grp in np.split(order, bounds):
             ut, it = np.unique(ti[grp], return_inverse=True)
             ud, idd = np.unique(di[grp], return_inverse=True)
-            C = np.full((len(ut), len(ud)), big)
+            nt, nd = len(ut), len(ud)
+            # rows: tracks, then "unexplained" of each detection; columns: detections, then "unseen"
+            # of each track. A track unseen in this frame costs one missed frame (gap_penalty; a
+            # link after a gap pays for the gap too, so a faint site after a gap is left to the
+            # noise); a faint site left to the noise costs weak_penalty; any other site cannot be left while a track
+            # reaches it (_FORCED exceeds every link): as many of them linked as possible, then the
+            # cheapest way -- a faint site on a track's node no longer forces a neighbour into a
+            # costlier link, nor keeps its track from the flagged site it hopped to.
+            C = np.full((nt + nd, nd + nt), big)
             C[it, idd] = cost[grp]
+            C[np.arange(nt), nd + np.arange(nt)] = s.gap_penalty
+            C[nt + np.arange(nd), np.arange(nd)] = np.where(low[ud], s.weak_penalty, _FORCED)
+            C[nt:, nd:] = 0.0
             rr, cc = linear_sum_assignment(C)
             for a, b in zip(rr, cc):
-                if C[a, b] < big:
+                if a < nt and b < nd and C[a, b] < big:
                     assign[ud[b]] = ut[a]
         link = assign[di] == ti
         steps_of[di[link]] = steps[link]
