@@ -202,7 +202,12 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     Scan fly-back often attenuates the first columns of every line (or the first lines of a frame),
     and the bandpass is less reliable next to such a band. Defects being rare, the *median*
     intensity of the column sites (sublattices 0 and 1, each divided by its own image-wide median)
-    in strips half a spacing wide is ~1 everywhere the image is sound. A band starts at a border
+    in strips half a spacing wide is ~1 everywhere the image is sound -- up to an illumination or
+    thickness gradient, which sets the level along a whole side. So each side's strips are compared
+    with the sample's own level next to that side: the median over the column sites ``max_nn`` to
+    ``2 max_nn`` spacings inside it (just beyond the deepest band; the image-wide level where that
+    holds fewer than 10 sites). Against the image-wide level a 35% gradient marked a band 6.5
+    spacings wide along the bright side of a simulated image. A band starts at a border
     strip whose median is off by more than ``tol`` and extends inwards while the strips stay off by
     more than ``tol / 2`` (hysteresis: a fading band whose inner strip sits near ``tol`` does not
     flip in or out with the noise of a single strip's median); one more strip is added as margin.
@@ -228,6 +233,10 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     along = (xy[:, 1], xy[:, 1], xy[:, 0], xy[:, 0])  # position along each side
     lengths = (H, H, W, W)
     for b, d in enumerate(dists):
+        # the sample's level next to this side (a gradient is not a band)
+        inner = cols & np.isfinite(rel) & (d >= max_nn * spacing) & (d < 2 * max_nn * spacing)
+        level = float(np.median(rel[inner])) if inner.sum() >= 10 else 1.0
+        rel_side = rel / level if level > 0 else rel
         # the whole side, then each quarter of it: a fly-back band can cover part of a frame only
         # (e.g. the lower 60% of the left edge), which the median over the whole side can miss
         parts = [np.ones(n, bool), *_side_parts(along[b], lengths[b], spacing)]
@@ -235,7 +244,7 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
             # a stretch's strips hold ~5-12 columns, so its median is noisy (+-0.25 on low-dose images):
             # a partial band starts only where a strip is off by PARTIAL_BAND_TOL (fly-back: ~1)
             start = tol if k == 0 else max(tol, PARTIAL_BAND_TOL)
-            width = _band_width(d, rel, cols & part, step, start, tol / 2, max_nn * spacing)
+            width = _band_width(d, rel_side, cols & part, step, start, tol / 2, max_nn * spacing)
             if width > 0:
                 observed &= ~part | (d >= width)
                 widths[b] = max(widths[b], width)
