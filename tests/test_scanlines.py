@@ -85,7 +85,7 @@ def test_atom_rows_along_the_scan_lines_are_not_streaks():
     the lattice-translated image cancels the lattice, so no line of a sound image is flagged."""
     s, img = _low_dose_image(seed=3, rotation_deg=0.0, streaks=[])
     t, a = _analyse(img)
-    assert t.meta["scan_lines"]["checked"] and t.meta["scan_lines"]["flagged_rows"] == []
+    assert t.meta["lattice"]["scan_lines"]["checked"] and t.meta["lattice"]["scan_lines"]["flagged_rows"] == []
     assert not np.asarray(t["scan_streak"]).any()
 
 
@@ -93,7 +93,7 @@ def test_atom_rows_along_the_scan_lines_are_not_streaks():
 def test_scan_streaks_make_no_defects_and_faint_vacancies_outrank_them(seed):
     s, img = _low_dose_image(seed)
     t, a = _analyse(img)
-    assert t.meta["scan_lines"]["flagged_rows"] == STREAK_ROWS
+    assert t.meta["lattice"]["scan_lines"]["flagged_rows"] == STREAK_ROWS
     nn = s.meta["nn_px"]
     d, j = cKDTree(s.truth[:, :2]).query(t.xy)
     pos = (d < 0.3 * nn) & (s.truth[j, 3] > 0)        # single-S vacancies (faint: z ~ -3 at dose 80)

@@ -92,7 +92,7 @@ class SiteSettings:
     scan_lines : find scan lines (image rows) that are off against the lattice (streaks, row jumps:
         :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read and mark the sites
         within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
-        take out a gain there); ``meta["scan_lines"]`` lists them.
+        take out a gain there); ``meta["lattice"]["scan_lines"]`` lists them (and ``summary.json``).
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
@@ -388,7 +388,6 @@ def find_sites(
         n_lattice=int((idx.kind == 1).sum()),
         n_off_lattice=int((idx.kind == 2).sum()),
         border_bands_px=[round(b, 2) for b in bands],
-        scan_lines=scan_meta,
         holes=f.holes,
         pixel_size=pixel_size,
         unit=unit,
@@ -396,6 +395,7 @@ def find_sites(
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
+    lattice_meta["scan_lines"] = scan_meta  # in summary.json with the lattice
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
