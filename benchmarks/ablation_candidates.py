@@ -3,13 +3,11 @@ scores and classes: ablation"): each replaces one thing of the default ``local``
 like ``benchmarks/ablation.py`` (same inputs, same cache, same truth rules, AP of ``anomaly_score``).
 
 * ``column sigma S px``: the column intensity with an S px low-pass instead of 1 px;
-* ``rows: destreaked image``: a per-scan-line offset taken out of the image before the column
-  intensity -- for every line the median over x of ``I(x, y) - I(x + t)`` for the six shortest
-  same-sublattice lattice vectors ``t`` (the lattice cancels, a line's offset does not), the median
-  of the six;
-* ``rows: gain``: the scan-line term as a gain instead of a shift of ``z``: the median relative
-  deviation ``(I - ref) / ref`` of the metal and chalcogen sites within a row of the site's row,
-  kept where it exceeds 3 standard errors, divided out of the intensity (then the default row term);
+* ``rows: every line levelled``: the offset of every scan line (:mod:`stemfast.scanlines`) taken
+  out of the image, not only of the flagged ones;
+* ``rows: gain on every line``: the gain term of the scores (median relative deviation ``(I - ref)
+  / ref`` of the metal and chalcogen sites within a row of the site's row) on every site where it
+  exceeds 3 standard errors, not only on the sites of flagged lines;
 * ``matched, local mean patch``: the column amplitude as the least-squares scale of the mean patch
   (radius 0.45 nn, 1 px low-pass bandpass) of the site's own-sublattice references;
 * ``local + shape``: ``sqrt(local^2 + (0.5 max(z_shape, 0))^2)`` with ``z_shape`` the local robust z
@@ -25,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,22 +56,6 @@ def _same_sublattice_vectors(s):
     a1 = np.array([np.median(s["a1x"]), np.median(s["a1y"])])
     a2 = np.array([np.median(s["a2x"]), np.median(s["a2y"])])
     return [a1 + a2, 2 * a1 - a2, a1 - 2 * a2]
-
-
-def _row_offsets(img, vecs):
-    H, W = img.shape
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
-    ms = []
-    for t in vecs:
-        for sgn in (1, -1):
-            sh = ndimage.map_coordinates(img, [yy + sgn * t[1], xx + sgn * t[0]], order=1, mode="constant",
-                                         cval=np.nan)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ms.append(np.nanmedian(img - sh, axis=1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.nan_to_num(np.nanmedian(np.array(ms), axis=0))
 
 
 def _gain_rows(s, inten):
@@ -128,16 +109,22 @@ def _patch_features(s, img, nn, rad_nn=0.45, k=300, tol=0.25):
 
 
 def candidates(d, img):
+    from stemfast.scanlines import scan_line_offsets
+
     s = d["sites"]
     xy = np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)])
     nn = float(s.meta["spacing_px"])
     inten = np.asarray(s["column_intensity"], float)
     out = {"local (default)": _scores(s, inten)[0]}
+    lines = scan_line_offsets(img, _same_sublattice_vectors(s))
+    levelled = img - lines.correction()[:, None]    # what find_sites reads the column intensity from
     for sig in (0.7, 1.4, 1.8, 2.4):
-        out[f"column sigma {sig} px"] = _scores(s, _column(img, xy, nn, sig))[0]
-    flat = img - _row_offsets(img, _same_sublattice_vectors(s))[:, None]
-    out["rows: destreaked image"] = _scores(s, _column(flat, xy, nn, 1.0))[0]
-    out["rows: gain"] = _scores(s, _gain_rows(s, inten))[0]
+        out[f"column sigma {sig} px"] = _scores(s, _column(levelled, xy, nn, sig))[0]
+    every = img - np.nan_to_num(lines.offset)[:, None]
+    out["rows: every line levelled"] = _scores(s, _column(every, xy, nn, 1.0))[0]
+    no_streak = s.with_columns({"scan_streak": np.zeros(len(s), bool)})
+    out["rows: gain on every line"] = _scores(no_streak, _gain_rows(no_streak, _column(levelled, xy, nn, 1.0)))[0]
+    img = levelled
     alpha, res = _patch_features(s, img, nn)
     out["matched, local mean patch"] = _scores(s, alpha)[0]
     local, sc = _scores(s, inten)
