@@ -17,7 +17,8 @@ Scores (columns of the site table)
     ``intensity_z``: the column intensity (the ``column_intensity`` column of :func:`stemfast.find_sites`:
     the band-passed image with a 1 px low-pass at the site, a background-free column sum; the
     lattice-scale ``intensity`` column for tables without it) as a robust z against the local references (local median; local
-    MAD, floored at half the sublattice's typical local MAD). ``intensity_z_global``: the same
+    MAD, floored at half the sublattice's typical local MAD; on sites of a flagged scan line,
+    ``scan_streak``, after the line's gain is divided out). ``intensity_z_global``: the same
     against the whole image's sublattice (the former default, kept for comparison).
     ``recon_score``: the model's reconstruction error as a robust z within its latent class (the
     textbook rVAE anomaly score). ``latent_score``: the negative log density of the site's latent
@@ -92,7 +93,9 @@ class AnalysisSettings:
         it (they see only the support and what lies on it: contamination, thickness), before it is
         compared with its references.
     scan_rows : take out what the sites of one scan line share: a streak or row jump shifts every
-        site on a few rows, a defect only its own site (:func:`_scan_row_offset`).
+        site on a few rows, a defect only its own site (:func:`_scan_row_offset`); on the sites of a
+        scan line that :func:`stemfast.find_sites` flagged (``scan_streak``; it levelled the line's
+        offset in the image) the line's gain is divided out first (:func:`_scan_line_gain`).
     hollow_defects : rank hexagon centres brighter than their neighbours (something on top of the
         film: an adatom, contamination) among the defects. Off by default: on the labelled real
         WSe2 (HAADF and MAADF) and the four simulated images it put contamination ahead of the
