@@ -108,9 +108,14 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
     return _scan_line_offsets(img.astype(np.float32, copy=False), vec, float(threshold))
 
 
+#: per line, the median is taken over about this many pixels (every k-th column): its noise is then
+#: ~1/16 of a pixel's, far below any offset worth flagging, at a quarter of the cost on a 1024 px line
+LINE_SAMPLES = 256
+
+
 def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
-    """Per row ``y``, the median over x of ``I(x, y) - I(x + tx, y + ty)`` (bilinear), NaN where the
-    shifted row leaves the image."""
+    """Per row ``y``, the median over x (every k-th column, :data:`LINE_SAMPLES` of them) of
+    ``I(x, y) - I(x + tx, y + ty)`` (bilinear), NaN where the shifted row leaves the image."""
     H, W = img.shape
     out = np.full(H, np.nan)
     ix, iy = int(np.floor(tx)), int(np.floor(ty))
@@ -120,12 +125,13 @@ def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
     x0, x1 = max(0, -ix), min(W, W - ix - 1)
     if y1 <= y0 or x1 - x0 < 8:
         return out
-    a = img[y0 + iy:y1 + iy, x0 + ix:x1 + ix]
-    b = img[y0 + iy:y1 + iy, x0 + ix + 1:x1 + ix + 1]
-    c = img[y0 + iy + 1:y1 + iy + 1, x0 + ix:x1 + ix]
-    d = img[y0 + iy + 1:y1 + iy + 1, x0 + ix + 1:x1 + ix + 1]
-    shifted = (1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d)
-    out[y0:y1] = np.median(img[y0:y1, x0:x1] - shifted, axis=1)
+    k = max(1, (x1 - x0) // LINE_SAMPLES)
+    a = img[y0 + iy:y1 + iy, x0 + ix:x1 + ix:k]
+    b = img[y0 + iy:y1 + iy, x0 + ix + 1:x1 + ix + 1:k]
+    c = img[y0 + iy + 1:y1 + iy + 1, x0 + ix:x1 + ix:k]
+    d = img[y0 + iy + 1:y1 + iy + 1, x0 + ix + 1:x1 + ix + 1:k]
+    diff = img[y0:y1, x0:x1:k] - ((1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d))
+    out[y0:y1] = np.median(diff, axis=1)
     return out
 
 
