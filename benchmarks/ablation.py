@@ -69,12 +69,32 @@ def _prepare(path: Path, material: str, epochs: int, cache: Path | None, model_p
         patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None
         prep = prepare(data, config=cfg, pixel_size=mg.pixel_size, unit=mg.unit, patch_size=patch_size)
     enc = _encode_streamed(model, prep.patches) if not isinstance(prep.patches, np.ndarray) else model.encode(prep.patches)
-    d = {"sites": prep.sites, "enc": enc, "edge": prep.edge,
+    d = {"sites": prep.sites, "enc": enc, "edge": prep.edge, "unlevelled": _unlevelled_column(data, prep.sites, cfg),
          "symmetry": int(getattr(getattr(model, "config", None), "rotation_symmetry", 3))}
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(pickle.dumps(d))
     return d
+
+
+def _unlevelled_column(data, sites, cfg):
+    """``column_intensity`` as it was before the scan lines were levelled (``SiteSettings.scan_lines``)."""
+    from stemfast.bandpass import bandpass
+    from stemfast.sites import sample_image
+
+    if "column_intensity" not in sites or not len(sites):
+        return None
+    s = cfg.sites
+    nn = float(sites.meta["spacing_px"])
+    xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
+    img = np.asarray(data, np.float32)
+    return sample_image(bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
+                                 background_px=s.background_nn * nn), xy).astype(np.float64)
+
+
+def _unlevelled(s, column):
+    """The table as before scan-line levelling: the unlevelled column intensity, no ``scan_streak``."""
+    return type(s)({**{k: s[k] for k in s.names if k != "scan_streak"}, "column_intensity": column}, dict(s.meta))
 
 
 def _truth(path: Path, labels: Path | None, xy: np.ndarray):
@@ -106,6 +126,19 @@ def _truth(path: Path, labels: Path | None, xy: np.ndarray):
     pos = hit & (T[j, 3] > 0)
     tcls = np.where(hit & (T[j, 3] == 0), T[j, 2], -1).astype(np.int64)
     return pos, int((T[:, 3] > 0).sum()), tcls
+
+
+def _image_wide_bands(s):
+    """The table with ``observed`` from the former border-band rule (strips against the image-wide
+    level, so an illumination gradient along a side can read as a fly-back band)."""
+    from stemfast.sites import EDGE_UNJUDGED_PX, border_bands
+
+    xy = np.column_stack([np.asarray(s["x"], np.float64), np.asarray(s["y"], np.float64)])
+    H, W = s.meta["shape"]
+    obs, _ = border_bands(xy, np.asarray(s["intensity"], np.float64), np.asarray(s["sublattice"], np.int64),
+                          (H, W), float(s.meta["spacing_px"]), side_level=False)
+    obs &= np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) >= EDGE_UNJUDGED_PX
+    return s.with_columns({"observed": obs})
 
 
 def _ap(score: np.ndarray, pos: np.ndarray, n_pos: int) -> float:
@@ -144,7 +177,10 @@ def main(argv=None) -> int:
         row = {"image": path.stem}
         no_column = type(s)({k: s[k] for k in s.names if k != "column_intensity"}, dict(s.meta))
         variants = [(sc, s, {"score": sc}) for sc in SCORES]
-        variants += [("local, brighter counted fully", s, {"brighter_weight": 1.0}),
+        variants += [("before: scan lines not levelled", _unlevelled(s, d["unlevelled"]), {}),
+                     ("before: border bands against the image-wide level", _image_wide_bands(s), {}),
+                     ("before: both", _image_wide_bands(_unlevelled(s, d["unlevelled"])), {}),
+                     ("local, brighter counted fully", s, {"brighter_weight": 1.0}),
                      ("local, hollows ranked", s, {"hollow_defects": True}),
                      ("local, lattice-scale intensity", no_column, {}),
                      ("before: lattice-scale intensity, hollows ranked, brighter fully", no_column,

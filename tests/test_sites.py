@@ -234,6 +234,21 @@ def test_no_border_band_on_a_sound_image_or_for_one_noisy_strip():
     assert widths == [0.0, 0.0, 0.0, 0.0] and observed.all()
 
 
+@pytest.mark.parametrize("gradient", [0.35, -0.35])
+def test_an_illumination_gradient_is_not_a_border_band(gradient):
+    """A gradient of 35% across the frame (simulated dev3's) puts the column level of a whole side
+    ~15% off the image-wide median: no band without a fade, and with a fly-back strip the band is
+    that strip (plus margin), not the side's whole gradient (it used to reach 6.5 spacings)."""
+    from stemfast.sites import border_bands
+
+    for factors, width in (([], 0.0), ([0.05], 1.0)):
+        xy, inten, sub, shape, sp = _band_table(factors, shape=(480, 480))
+        inten = inten * (1.0 + gradient * (xy[:, 0] / (shape[1] - 1) - 0.5))
+        observed, widths = border_bands(xy, inten, sub, shape, sp)
+        assert widths[0] == pytest.approx(width * sp) and widths[1:] == [0.0, 0.0, 0.0]
+        np.testing.assert_array_equal(observed, xy[:, 0] >= width * sp)
+
+
 def test_border_band_along_part_of_a_side():
     """A fly-back band over the lower part of the frame only (rows >= 450 of 720): the median over the
     whole left side is sound, the quarters of the side that lie in the band are marked; a quarter

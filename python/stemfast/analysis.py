@@ -17,7 +17,8 @@ Scores (columns of the site table)
     ``intensity_z``: the column intensity (the ``column_intensity`` column of :func:`stemfast.find_sites`:
     the band-passed image with a 1 px low-pass at the site, a background-free column sum; the
     lattice-scale ``intensity`` column for tables without it) as a robust z against the local references (local median; local
-    MAD, floored at half the sublattice's typical local MAD). ``intensity_z_global``: the same
+    MAD, floored at half the sublattice's typical local MAD; on sites of a flagged scan line,
+    ``scan_streak``, after the line's gain is divided out). ``intensity_z_global``: the same
     against the whole image's sublattice (the former default, kept for comparison).
     ``recon_score``: the model's reconstruction error as a robust z within its latent class (the
     textbook rVAE anomaly score). ``latent_score``: the negative log density of the site's latent
@@ -92,7 +93,9 @@ class AnalysisSettings:
         it (they see only the support and what lies on it: contamination, thickness), before it is
         compared with its references.
     scan_rows : take out what the sites of one scan line share: a streak or row jump shifts every
-        site on a few rows, a defect only its own site (:func:`_scan_row_offset`).
+        site on a few rows, a defect only its own site (:func:`_scan_row_offset`); on the sites of a
+        scan line that :func:`stemfast.find_sites` flagged (``scan_streak``; it levelled the line's
+        offset in the image) the line's gain is divided out first (:func:`_scan_line_gain`).
     hollow_defects : rank hexagon centres brighter than their neighbours (something on top of the
         film: an adatom, contamination) among the defects. Off by default: on the labelled real
         WSe2 (HAADF and MAADF) and the four simulated images it put contamination ahead of the
@@ -558,6 +561,31 @@ def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: 
     return off[r]
 
 
+def _scan_line_gain(inten: np.ndarray, refs: LocalReferences, sub: np.ndarray, y: np.ndarray,
+                    usable: np.ndarray, streak: np.ndarray, *, rows: int = 1) -> np.ndarray:
+    """``inten`` with the gain of flagged scan lines divided out, on the ``streak`` sites.
+
+    A line whose gain is off scales all its columns by one factor ``g``: per streak site, ``g - 1`` is
+    the median relative deviation ``(v - ref) / ref`` from the local own-sublattice median ``ref`` of
+    the metal and chalcogen sites whose row (``round(y)``) lies within ``rows`` of its own (a defect
+    moves one of them, not the median); hexagon centres (~0 after the bandpass) are left alone."""
+    med = refs.median[:, 0]
+    column = usable & np.isfinite(med) & (med > 0) & ((sub == METAL) | (sub == CHALCOGEN))
+    rel = np.where(column, (inten - np.where(column, med, 1.0)) / np.where(column, med, 1.0), 0.0)
+    r = np.rint(y)
+    order = np.argsort(r[column], kind="stable")
+    rr, vv = r[column][order], rel[column][order]
+    lo = np.searchsorted(rr, r - rows, side="left")
+    hi = np.searchsorted(rr, r + rows, side="right")
+    out = np.asarray(inten, np.float64).copy()
+    for i in np.flatnonzero(streak & (sub != HOLLOW)):
+        if hi[i] - lo[i] >= 5:
+            g = 1.0 + float(np.median(vv[lo[i]:hi[i]]))
+            if g > 0.1:
+                out[i] = inten[i] / g
+    return out
+
+
 def _hollow_background(xy: np.ndarray, inten: np.ndarray, sub: np.ndarray, usable: np.ndarray,
                        k: int = 3) -> np.ndarray:
     """Per site, the median intensity of the ``k`` nearest usable hexagon centres (sublattice 2) other
@@ -694,6 +722,13 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
                                 node_tolerance=settings.node_tolerance)
         sub = refs.rank()
         inten_ref = inten
+        streak = np.asarray(sites["scan_streak"], bool) if "scan_streak" in sites else np.zeros(n, bool)
+        if settings.scan_rows and streak.any():
+            # a scan line's gain scales its columns (the offset was levelled in the image): divide it out
+            inten_ref = inten = _scan_line_gain(inten, refs, sub, xy[:, 1], observed, streak)
+            refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
+                                    node_tolerance=settings.node_tolerance)
+            sub = refs.rank()
         if settings.local_background:
             inten_ref = inten - _hollow_background(xy, inten, sub, observed)
             refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,

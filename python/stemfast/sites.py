@@ -89,6 +89,10 @@ class SiteSettings:
         site is its ``column_intensity`` (what the defect scores compare): the shot noise is per pixel,
         so about 1 px averages it at every sampling, while the lattice-scale ``noise_nn`` smooths
         5 px spacings too little and 15 px spacings so much that contamination texture comes in.
+    scan_lines : find scan lines (image rows) that are off against the lattice (streaks, row jumps:
+        :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read and mark the sites
+        within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
+        take out a gain there); ``meta["lattice"]["scan_lines"]`` lists them (and ``summary.json``).
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
@@ -114,6 +118,7 @@ class SiteSettings:
     border_px: int = 2
     intensity_radius_nn: float = 0.25
     column_noise_px: float = 1.0
+    scan_lines: bool = True
     fill: bool = True
     detect_holes: bool = True
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
@@ -196,16 +201,25 @@ def sample_image(image: np.ndarray, xy: np.ndarray, *, backend: str | None = Non
 
 
 def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, shape: tuple[int, int],
-                 spacing: float, *, tol: float = 0.2, max_nn: float = 6.0) -> tuple[np.ndarray, list[float]]:
+                 spacing: float, *, tol: float = 0.2, max_nn: float = 6.0,
+                 side_level: bool = True) -> tuple[np.ndarray, list[float]]:
     """Find bands along the image borders where the scan, not the sample, sets the intensity.
 
     Scan fly-back often attenuates the first columns of every line (or the first lines of a frame),
     and the bandpass is less reliable next to such a band. Defects being rare, the *median*
     intensity of the column sites (sublattices 0 and 1, each divided by its own image-wide median)
-    in strips half a spacing wide is ~1 everywhere the image is sound. A band starts at a border
+    in strips half a spacing wide is ~1 everywhere the image is sound -- up to an illumination or
+    thickness gradient, which sets the level along a whole side. So each side's strips are compared
+    with the sample's own level next to that side: the median over the column sites ``max_nn`` to
+    ``2 max_nn`` spacings inside it (just beyond the deepest band; the image-wide level where that
+    holds fewer than 10 sites). Against the image-wide level a 35% gradient marked a band 6.5
+    spacings wide along the bright side of a simulated image. A band starts at a border
     strip whose median is off by more than ``tol`` and extends inwards while the strips stay off by
     more than ``tol / 2`` (hysteresis: a fading band whose inner strip sits near ``tol`` does not
     flip in or out with the noise of a single strip's median); one more strip is added as margin.
+
+    ``side_level=False`` compares with the image-wide level instead (the former rule, kept for
+    ``benchmarks/ablation.py``).
 
     Returns ``observed`` (bool [N], False for sites in a band) and the band widths in px
     ``[left, right, top, bottom]``.
@@ -228,6 +242,10 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     along = (xy[:, 1], xy[:, 1], xy[:, 0], xy[:, 0])  # position along each side
     lengths = (H, H, W, W)
     for b, d in enumerate(dists):
+        # the sample's level next to this side (a gradient is not a band)
+        inner = cols & np.isfinite(rel) & (d >= max_nn * spacing) & (d < 2 * max_nn * spacing)
+        level = float(np.median(rel[inner])) if side_level and inner.sum() >= 10 else 1.0
+        rel_side = rel / level if level > 0 else rel
         # the whole side, then each quarter of it: a fly-back band can cover part of a frame only
         # (e.g. the lower 60% of the left edge), which the median over the whole side can miss
         parts = [np.ones(n, bool), *_side_parts(along[b], lengths[b], spacing)]
@@ -235,7 +253,7 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
             # a stretch's strips hold ~5-12 columns, so its median is noisy (+-0.25 on low-dose images):
             # a partial band starts only where a strip is off by PARTIAL_BAND_TOL (fly-back: ~1)
             start = tol if k == 0 else max(tol, PARTIAL_BAND_TOL)
-            width = _band_width(d, rel, cols & part, step, start, tol / 2, max_nn * spacing)
+            width = _band_width(d, rel_side, cols & part, step, start, tol / 2, max_nn * spacing)
             if width > 0:
                 observed &= ~part | (d >= width)
                 widths[b] = max(widths[b], width)
@@ -352,7 +370,7 @@ def find_sites(
 
     # 5. per-site intensity, sublattice, strain
     t0 = time.perf_counter()
-    cols, bands = _site_columns(img, f, s, pixel_size, unit)
+    cols, bands, scan_meta = _site_columns(img, f, s, pixel_size, unit)
     tm["describe"] = time.perf_counter() - t0
     idx = f.idx
     nodes = idx.kind != 2
@@ -377,6 +395,7 @@ def find_sites(
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
+    lattice_meta["scan_lines"] = scan_meta  # in summary.json with the lattice
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -511,7 +530,11 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
     inten = sample_image(f.bp, xy, backend=s.backend)
-    column = sample_image(bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
+    # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
+    # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
+    lines, streak = _scan_lines(img, idx, xy, s)
+    column = sample_image(bandpass(img if lines is None else img - lines.correction()[:, None].astype(img.dtype),
+                                   noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
                                    background_px=s.background_nn * nn, backend=s.backend), xy, backend=s.backend)
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
@@ -559,11 +582,47 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
         **strain,
         "grain": np.zeros(len(xy), np.int64) if gmap is None else idx.grain,
         "grain_boundary": np.zeros(len(xy), bool) if gmap is None else idx.boundary,
+        "scan_streak": streak,
     }
     if pixel_size:
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
-    return cols, bands
+    return cols, bands, _scan_lines_meta(lines)
+
+
+#: a site is on a flagged scan line when its row is within this many ``column_noise_px`` of the line
+STREAK_REACH = 2.0
+
+
+def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
+    """The scan lines' offsets (:func:`stemfast.scanlines.scan_line_offsets`, with the median local
+    basis of the lattice sites) and, per site, whether a flagged line passes within
+    ``STREAK_REACH * column_noise_px`` of it; (None, all False) when switched off."""
+    from .scanlines import same_sublattice_vectors, scan_line_offsets
+
+    streak = np.zeros(len(xy), bool)
+    nodes = (idx.kind != 2) & np.isfinite(idx.basis).all(axis=(1, 2))
+    if not s.scan_lines or nodes.sum() < 8:
+        return None, streak
+    b = np.median(idx.basis[nodes], axis=0)
+    lines = scan_line_offsets(img, same_sublattice_vectors(b[0], b[1]))
+    rows = lines.rows
+    if len(rows):
+        reach = STREAK_REACH * s.column_noise_px
+        k = np.searchsorted(rows, xy[:, 1])
+        near_lo = np.abs(xy[:, 1] - rows[np.clip(k - 1, 0, len(rows) - 1)]) <= reach
+        near_hi = np.abs(xy[:, 1] - rows[np.clip(k, 0, len(rows) - 1)]) <= reach
+        streak = near_lo | near_hi
+    return lines, streak
+
+
+def _scan_lines_meta(lines) -> dict:
+    if lines is None:
+        return {"checked": False}
+    rows = lines.rows
+    return {"checked": True, "flagged_rows": rows.tolist(),
+            "offsets": [round(float(v), 4) for v in lines.offset[rows]],
+            "noise": round(float(lines.noise), 4) if np.isfinite(lines.noise) else None}
 
 
 def _rank_sublattices(cls: np.ndarray, value: np.ndarray) -> np.ndarray:

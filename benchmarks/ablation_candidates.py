@@ -1,0 +1,167 @@
+"""Candidate changes of the defect score that were measured and not kept (docs/RESULTS.md, "Defect
+scores and classes: ablation"): each replaces one thing of the default ``local`` score and is scored
+like ``benchmarks/ablation.py`` (same inputs, same cache, same truth rules, AP of ``anomaly_score``).
+
+* ``column sigma S px``: the column intensity with an S px low-pass instead of 1 px;
+* ``rows: every line levelled``: the offset of every scan line (:mod:`stemfast.scanlines`) taken
+  out of the image, not only of the flagged ones;
+* ``rows: gain on every line``: the gain term of the scores (median relative deviation ``(I - ref)
+  / ref`` of the metal and chalcogen sites within a row of the site's row) on every site where it
+  exceeds 3 standard errors, not only on the sites of flagged lines;
+* ``matched, local mean patch``: the column amplitude as the least-squares scale of the mean patch
+  (radius 0.45 nn, 1 px low-pass bandpass) of the site's own-sublattice references;
+* ``local + shape``: ``sqrt(local^2 + (0.5 max(z_shape, 0))^2)`` with ``z_shape`` the local robust z
+  of the log residual of the patch after that scale (a model-free "does not look like its
+  neighbours" term).
+
+Usage (same arguments as ablation.py)::
+
+    PYTHONPATH=python python benchmarks/ablation_candidates.py --model shipped --cache /tmp/ablation \\
+        $R/wse2_ti2_haadf.dm4:wse2:$L $R/wse2_ti2_maadf.dm4:wse2:$L $D/mos2_dev1.tif ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import _ap, _prepare, _truth  # noqa: E402
+
+
+def _scores(s, inten, **kw):
+    from stemfast.analysis import AnalysisSettings, _anomaly, _intensity_scores
+
+    st = AnalysisSettings(**kw)
+    n = len(inten)
+    xy = np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)])
+    obs = np.asarray(s["observed"], bool)
+    sc = _intensity_scores(s, xy, inten, obs, np.asarray(s["sublattice"], np.int64), np.zeros(n, np.int64), st)
+    an = _anomaly(st, sc, np.zeros(n), np.zeros(n), np.zeros(n, bool))
+    return np.where(obs, an, 0.0), sc
+
+
+def _column(img, xy, nn, sigma):
+    from stemfast.bandpass import bandpass
+    from stemfast.sites import sample_image
+
+    return sample_image(bandpass(img, noise_px=min(sigma, 0.5 * nn), background_px=nn), xy)
+
+
+def _same_sublattice_vectors(s):
+    a1 = np.array([np.median(s["a1x"]), np.median(s["a1y"])])
+    a2 = np.array([np.median(s["a2x"]), np.median(s["a2y"])])
+    return [a1 + a2, 2 * a1 - a2, a1 - 2 * a2]
+
+
+def _gain_rows(s, inten):
+    _, sc = _scores(s, inten, scan_rows=False)
+    med = sc.refs.median[:, 0]
+    obs = np.asarray(s["observed"], bool)
+    use = obs & np.isfinite(med) & (sc.grp != 2) & (med > 0)
+    rel = np.where(use, (inten - med) / np.where(med > 0, med, 1.0), 0.0)
+    q = np.rint(np.asarray(s["y"], float))
+    order = np.argsort(q[use], kind="stable")
+    ys, rs = q[use][order], rel[use][order]
+    lo, hi = np.searchsorted(ys, q - 1, "left"), np.searchsorted(ys, q + 1, "right")
+    off = np.zeros(len(q))
+    for i in range(len(q)):
+        if hi[i] - lo[i] >= 5:
+            v = rs[lo[i]:hi[i]]
+            m = np.median(v)
+            se = 1.2533 * 1.4826 * np.median(np.abs(v - m)) / np.sqrt(len(v))
+            off[i] = np.sign(m) * max(abs(m) - 3 * se, 0.0)
+    return np.where(sc.grp != 2, inten / (1 + off), inten)
+
+
+def _patch_features(s, img, nn, rad_nn=0.45, k=300, tol=0.25):
+    from stemfast.bandpass import bandpass
+
+    xy = np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)])
+    bp = bandpass(img, noise_px=1.0, background_px=nn).astype(np.float64)
+    R = max(1, int(np.ceil(rad_nn * nn)))
+    oy, ox = np.mgrid[-R:R + 1, -R:R + 1]
+    keep = (ox ** 2 + oy ** 2) <= (rad_nn * nn) ** 2
+    ox, oy = ox[keep].astype(float), oy[keep].astype(float)
+    P = ndimage.map_coordinates(bp, [xy[:, 1, None] + oy[None], xy[:, 0, None] + ox[None]], order=1, mode="nearest")
+    B = np.stack([np.column_stack([s["a1x"], s["a1y"]]), np.column_stack([s["a2x"], s["a2y"]])], 1).astype(float)
+    inv = np.linalg.inv(B)
+    _, j = cKDTree(xy).query(xy, k=min(k + 1, len(xy)))
+    obs = np.asarray(s["observed"], bool)
+    n = len(xy)
+    alpha, res = np.zeros(n), np.zeros(n)
+    for a in range(0, n, 512):
+        b = min(n, a + 512)
+        jj = j[a:b]
+        mn = np.einsum("nkj,nji->nki", xy[jj] - xy[a:b, None], inv[a:b])
+        r = np.rint(mn)
+        ok = ((np.abs(mn - r).max(-1) < tol) & (jj != np.arange(a, b)[:, None]) & obs[jj]
+              & ((r[..., 0] - r[..., 1]).astype(int) % 3 == 0))
+        M = (P[jj] * ok[..., None]).sum(1) / np.maximum(ok.sum(1), 1)[:, None]
+        al = (P[a:b] * M).sum(1) / np.maximum((M * M).sum(1), 1e-12)
+        alpha[a:b] = al
+        res[a:b] = ((P[a:b] - al[:, None] * M) ** 2).sum(1)
+    return alpha, res
+
+
+def candidates(d, img):
+    from stemfast.scanlines import scan_line_offsets
+
+    s = d["sites"]
+    xy = np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)])
+    nn = float(s.meta["spacing_px"])
+    inten = np.asarray(s["column_intensity"], float)
+    out = {"local (default)": _scores(s, inten)[0]}
+    lines = scan_line_offsets(img, _same_sublattice_vectors(s))
+    levelled = img - lines.correction()[:, None]    # what find_sites reads the column intensity from
+    for sig in (0.7, 1.4, 1.8, 2.4):
+        out[f"column sigma {sig} px"] = _scores(s, _column(levelled, xy, nn, sig))[0]
+    every = img - np.nan_to_num(lines.offset)[:, None]
+    out["rows: every line levelled"] = _scores(s, _column(every, xy, nn, 1.0))[0]
+    no_streak = s.with_columns({"scan_streak": np.zeros(len(s), bool)})
+    out["rows: gain on every line"] = _scores(no_streak, _gain_rows(no_streak, _column(levelled, xy, nn, 1.0)))[0]
+    img = levelled
+    alpha, res = _patch_features(s, img, nn)
+    out["matched, local mean patch"] = _scores(s, alpha)[0]
+    local, sc = _scores(s, inten)
+    _, sc_shape = _scores(s, np.log(res + 1e-12))
+    shape = np.where((sc.grp == 2) | ~np.asarray(s["observed"], bool), 0.0, np.maximum(sc_shape.z_int, 0.0))
+    out["local + shape"] = np.sqrt(local ** 2 + (0.5 * shape) ** 2)
+    return out
+
+
+def main(argv=None) -> int:
+    import stemfast
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", help="PATH[:MATERIAL[:LABELS]]")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for arg in args.inputs:
+        parts = arg.split(":")
+        path = Path(parts[0])
+        material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
+        labels = Path(parts[2]) if len(parts) > 2 else None
+        d = _prepare(path, material, args.epochs, args.cache, args.model)
+        mg = stemfast.read(path)
+        img = np.asarray(mg.data if mg.data.ndim == 2 else mg.data[0], np.float64)
+        s = d["sites"]
+        pos, n_pos, _ = _truth(path, labels, np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])]))
+        rows.append({"image": path.stem, **{k: _ap(v, pos, n_pos) for k, v in candidates(d, img).items()}})
+    cols = list(rows[0]) if rows else []
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r[c] if c == "image" else f"{r[c]:.3f}" for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
