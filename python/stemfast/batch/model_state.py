@@ -51,6 +51,12 @@ class ModelState:
             self._model = load_model(self.path)
         return self._model
 
+    def close(self) -> None:
+        """Release what the model holds outside this process (an encode worker)."""
+        close = getattr(self._model, "close", None)
+        if callable(close):
+            close()
+
 
 def load_model(path: str | os.PathLike):
     """``RVAE.load(path)``, tolerating model files that store ``torch.__version__`` as a ``TorchVersion``.
