@@ -244,10 +244,13 @@ def shipped_model(config, opts: BatchOptions):
     if why is not None:
         log.info("encoding in this process (%s)", why)
         return default_model(config)
-    man = usable_manifest(config)
+    man = usable_manifest(config, probe=False)
     if man is None:
         return None
     model = shipped_worker_model(man)
+    if usable_manifest(config) is None:  # the input-contract probe, while the worker starts
+        model.close()
+        return None
     from ..figures import pyplot
 
     pyplot()  # import the plotting modules while the worker imports torch

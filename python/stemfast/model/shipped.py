@@ -212,12 +212,13 @@ def compatible_settings(model_config, requested) -> list[str]:
     return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
 
 
-def usable_manifest(config=None) -> dict | None:
+def usable_manifest(config=None, *, probe: bool = True) -> dict | None:
     """The checks of :func:`default_model` that need no torch, on the manifest and the weights file:
-    the run's model settings, the weights' SHA-256 and the input contract (the manifest's copy of
-    the model's). Returns the manifest, or None -- with the warning :func:`default_model` gives --
-    when the shipped model would not be used. :func:`load_default_model` with ``probe=False``
-    then loads it (in another process: :mod:`stemfast.batch.encode_worker`) and checks its tag.
+    the run's model settings, the weights' SHA-256 and (``probe``) the input contract (the
+    manifest's copy of the model's). Returns the manifest, or None -- with the warning
+    :func:`default_model` gives -- when the shipped model would not be used.
+    :func:`load_default_model` with ``probe=False`` then loads it (in another process:
+    :mod:`stemfast.batch.encode_worker`) and checks its tag.
     """
     requested = getattr(config, "model", None)
     try:
@@ -225,7 +226,8 @@ def usable_manifest(config=None) -> dict | None:
         if requested is not None and _settings_differ(man, requested):
             return None
         _check_weights(MODEL_PATH, man)
-        check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)))
+        if probe:
+            check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)))
     except ShippedModelError as exc:
         _warn_refused(exc)
         return None
