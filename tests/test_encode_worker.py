@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import stemfast
-from stemfast.batch import encode_worker as ew
+from stemfast import encode_worker as ew
 from stemfast.model.settings import Encoding
 
 PYTHON_DIR = str(Path(stemfast.__file__).resolve().parent.parent)
@@ -112,7 +112,7 @@ def test_the_worker_ends_with_its_parent():
     """A parent that exits without closing the worker takes it along (daemon; ``os._exit`` after the
     ``atexit`` handlers, as ``python -m stemfast`` ends)."""
     code = ("import atexit, os\n"
-            "from stemfast.batch.encode_worker import EncodeWorker\n"
+            "from stemfast.encode_worker import EncodeWorker\n"
             "class M:\n"
             "    def encode(self, p):\n"
             "        return None\n"
@@ -176,3 +176,9 @@ def test_batch_with_the_worker_gives_the_same_outputs_and_never_imports_torch(tm
     ws, ss = (json.loads((d / "summary.json").read_text()) for d in (w_dir, s_dir))
     for key in ("n_sites", "n_defects", "class_counts", "defect_kinds", "model", "top"):
         assert ws.get(key) == ss.get(key), key
+    # the command line starts the worker before it imports the pipeline: the same outputs
+    p = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(img), "-o", str(tmp_path / "cli"), "-v"],
+                       env={**os.environ, "PYTHONPATH": PYTHON_DIR}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "encoding in a worker process" in p.stderr
+    assert (tmp_path / "cli" / "img" / "sites.csv").read_bytes() == (s_dir / "sites.csv").read_bytes()

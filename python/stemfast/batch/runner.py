@@ -201,6 +201,10 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     base = None
     if opts.model_path is None and not opts.train:
         base = shipped_model(config, opts)
+    else:
+        from ..encode_worker import discard_prestarted
+
+        discard_prestarted()
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
@@ -235,17 +239,19 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
 
 def shipped_model(config, opts: BatchOptions):
     """The shipped model, or None (a warning says why) -- in an encode worker process
-    (:mod:`stemfast.batch.encode_worker`) when it is used as is in this process and the worker can
+    (:mod:`stemfast.encode_worker`) when it is used as is in this process and the worker can
     run, else loaded here."""
     from ..model.shipped import default_model, usable_manifest
-    from .encode_worker import shipped_worker_model, unavailable
+    from ..encode_worker import discard_prestarted, shipped_worker_model, unavailable
 
     why = "training or fine-tuning" if opts.finetune else "the Dask runner" if opts.scheduler else unavailable()
     if why is not None:
+        discard_prestarted()
         log.info("encoding in this process (%s)", why)
         return default_model(config)
     man = usable_manifest(config, probe=False)
     if man is None:
+        discard_prestarted()
         return None
     model = shipped_worker_model(man)
     if usable_manifest(config) is None:  # the input-contract probe, while the worker starts

@@ -30,6 +30,7 @@ from ..errors import (EXIT_BUSY, EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_
 from ..materials import add_material_argument
 
 __all__ = [
+    "start_encode_worker_early",
     "add_settings_options",
     "add_spacing_option",
     "add_backend_option",
@@ -164,6 +165,18 @@ def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
                    help="train a model on the inputs instead of using the shipped pretrained model")
     g.add_argument("--finetune", type=int, default=0, metavar="N",
                    help="adapt the shipped pretrained model to the inputs for N optimiser steps")
+
+
+def start_encode_worker_early(args) -> None:
+    """Start the shipped model's encode worker (:mod:`stemfast.encode_worker`) first thing, before
+    the pipeline is imported, when the options leave the shipped model a possibility (no
+    ``--model``, ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``); the run takes it or
+    closes it."""
+    if any(getattr(args, name, None) for name in ("model", "train", "finetune", "scheduler", "print_config")):
+        return
+    from ..encode_worker import prestart_shipped
+
+    prestart_shipped()
 
 
 def guarded(fn, args) -> int:

@@ -8,8 +8,10 @@ encodes the patch arrays this process sends it, while this process -- which neve
 reads, finds sites, cuts patches and imports the plotting modules. The results are the same as
 encoding here (the same model, the same code, the same threads).
 
-Used by the in-process batch runner (:mod:`stemfast.batch.runner`) when the model comes from a file
-that needs no training. :func:`unavailable` says why not otherwise: the setting
+Used by the in-process batch runner (:mod:`stemfast.batch.runner`) for the shipped model used as is.
+``stemfast analyze`` / ``batch`` start it (:func:`prestart_shipped`) before they import the
+pipeline, when their options leave the shipped model a possibility; the runner then takes it
+(:func:`shipped_worker_model`) or closes it. :func:`unavailable` says why not otherwise: the setting
 ``STEMFAST_ENCODE_WORKER=0``, no ``fork`` start method (Windows, macOS' default is kept), or torch
 already imported here (nothing to gain; forking a process with torch's threads running is unsafe).
 The Dask runner and training runs encode in their own processes as before.
@@ -31,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "shipped_worker_model"]
+__all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "prestart_shipped",
+           "discard_prestarted", "shipped_worker_model"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -79,7 +82,7 @@ class EncodeWorker:
 
     def encode(self, patches) -> object:
         """``model.encode(patches)`` in the child; returns a :class:`stemfast.model.Encoding`."""
-        from ..model.settings import Encoding
+        from .model.settings import Encoding
 
         if self._failed is not None:
             raise self._failed
@@ -188,16 +191,42 @@ class WorkerModel:
         self.worker.close()
 
 
-def shipped_worker_model(man: dict) -> WorkerModel:
-    """The shipped model in a worker, from its manifest ``man`` (checked by
-    :func:`stemfast.model.shipped.usable_manifest`): settings and tag from the manifest, the model
-    loaded (and its tag checked) in the child."""
+#: the shipped model's worker started by :func:`prestart_shipped`, until a run takes or discards it
+_prestarted: EncodeWorker | None = None
+
+
+def _shipped_worker() -> EncodeWorker:
     from functools import partial
 
-    from ..model.settings import RVAEConfig
-    from ..model.shipped import load_default_model
+    from .model.shipped import load_default_model
 
+    return EncodeWorker(partial(load_default_model, probe=False))
+
+
+def prestart_shipped() -> None:
+    """Start the shipped model's worker now (when :func:`unavailable` allows), so that it imports
+    torch while this process imports the pipeline; :func:`shipped_worker_model` takes it."""
+    global _prestarted
+    if _prestarted is None and unavailable() is None:
+        _prestarted = _shipped_worker()
+
+
+def discard_prestarted() -> None:
+    """Close a worker :func:`prestart_shipped` started that the run does not use."""
+    global _prestarted
+    if _prestarted is not None:
+        _prestarted.close()
+        _prestarted = None
+
+
+def shipped_worker_model(man: dict) -> WorkerModel:
+    """The shipped model in a worker (the prestarted one, else a new one), from its manifest ``man``
+    (checked by :func:`stemfast.model.shipped.usable_manifest`): settings and tag from the
+    manifest, the model loaded (and its tag checked) in the child."""
+    global _prestarted
+    from .model.settings import RVAEConfig
+
+    worker, _prestarted = _prestarted or _shipped_worker(), None
     extra = {"shipped": {"name": man.get("name"), "version": man.get("version")}, "sha256": man.get("sha256"),
              "contract": man.get("contract")}
-    worker = EncodeWorker(partial(load_default_model, probe=False))
     return WorkerModel(RVAEConfig.from_dict(man.get("config") or {}), extra, worker)
