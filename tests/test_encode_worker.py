@@ -182,3 +182,35 @@ def test_batch_with_the_worker_gives_the_same_outputs_and_never_imports_torch(tm
     assert p.returncode == 0, p.stderr
     assert "encoding in a worker process" in p.stderr
     assert (tmp_path / "cli" / "img" / "sites.csv").read_bytes() == (s_dir / "sites.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_model_file_is_loaded_and_checked_in_the_worker(tmp_path):
+    """``--model FILE``: loaded in the worker (the parent never imports torch), the same outputs as in
+    process; a file that is no model gives the same message and exit status either way."""
+    from stemfast.model.shipped import MODEL_PATH
+    from stemfast.synthetic import make_mos2
+
+    img = tmp_path / "img.tif"
+    make_mos2(shape=(192, 192), seed=5).save(img)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    res = {}
+    for mode in ("1", "0"):
+        env = {**os.environ, "PYTHONPATH": PYTHON_DIR, ew.ENV_VAR: mode}
+        out = tmp_path / f"out{mode}"
+        p = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(img), "-o", str(out), "--model",
+                            str(MODEL_PATH), "-v"], env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        q = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(img), "-o", str(tmp_path / f"b{mode}"),
+                            "--model", str(bad)], env=env, capture_output=True, text=True, timeout=600)
+        res[mode] = ((out / "img" / "sites.csv").read_bytes(), p.stderr, q.returncode, q.stderr)
+    assert "encoding in a worker process" in res["1"][1] and "encoding in a worker process" not in res["0"][1]
+    assert res["1"][0] == res["0"][0]
+    assert res["1"][2] == res["0"][2] != 0 and res["1"][3] == res["0"][3]
+    assert "not a stemfast model file" in res["1"][3] and "Traceback" not in res["1"][3]
+    code = ("import sys\nfrom stemfast.batch import run_batch\n"
+            f"r = run_batch([{str(img)!r}], {str(tmp_path / 'api')!r}, model_path={str(MODEL_PATH)!r}, show_progress=False)\n"
+            "print(r.exit_code, 'torch' in sys.modules)\n")
+    p = _run(code, timeout=600)
+    assert p.stdout.split() == ["0", "False"], p.stderr

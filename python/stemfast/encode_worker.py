@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "prestart_shipped",
-           "discard_prestarted", "shipped_worker_model"]
+__all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "prestart",
+           "prestart_shipped", "discard_prestarted", "shipped_worker_model", "file_worker_model"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -76,19 +76,23 @@ class EncodeWorker:
         self._proc = ctx.Process(target=_serve, args=(child, self._conn, load), name="stemfast-encode", daemon=True)
         self._proc.start()
         child.close()
-        self._ready = False
+        self._info: dict | None = None  # the model's settings and metadata, once loaded
         self._failed: BaseException | None = None
         log.info("encoding in a worker process (pid %d); %s=0 encodes in this process", self._proc.pid, ENV_VAR)
+
+    def ready(self) -> dict:
+        """Wait for the model to load; its ``{"config": dict, "extra": dict}``, or the loader's exception."""
+        if self._failed is not None:
+            raise self._failed
+        if self._info is None:
+            self._info = self._receive()
+        return self._info
 
     def encode(self, patches) -> object:
         """``model.encode(patches)`` in the child; returns a :class:`stemfast.model.Encoding`."""
         from .model.settings import Encoding
 
-        if self._failed is not None:
-            raise self._failed
-        if not self._ready:
-            self._receive()  # the model loaded, or why not
-            self._ready = True
+        self.ready()
         try:
             self._conn.send(("encode", np.asarray(patches)))
         except (OSError, ValueError) as exc:
@@ -107,8 +111,10 @@ class EncodeWorker:
             raise self._fail(EncodeWorkerError(f"the encode worker (pid {self._proc.pid}) died "
                                                f"(exit code {self._proc.exitcode})")) from None
         if kind == "error":
-            log.error("encode worker failed:\n%s", tb.rstrip())
-            if not self._ready:  # the model did not load: every later call fails the same way
+            # a stemfast error is a message for the user (e.g. a --model file that is no model), as in process
+            user_error = type(value).__module__.startswith("stemfast.") and not isinstance(value, EncodeWorkerError)
+            (log.debug if user_error else log.error)("encode worker failed:\n%s", tb.rstrip())
+            if self._info is None:  # the model did not load: every later call fails the same way
                 self._fail(value)
             raise value
         return value
@@ -143,7 +149,11 @@ def _serve(conn, parent_end, load: Callable[[], object]) -> None:
     except BaseException as exc:  # noqa: BLE001 - sent back, re-raised in the parent
         _send_error(conn, exc)
         return
-    conn.send(("ready", None, None))
+    import dataclasses
+
+    config = getattr(model, "config", None)
+    conn.send(("ready", {"config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
+                         "extra": dict(getattr(model, "extra", None) or {})}, None))
     while True:
         try:
             kind, patches = conn.recv()
@@ -191,42 +201,69 @@ class WorkerModel:
         self.worker.close()
 
 
-#: the shipped model's worker started by :func:`prestart_shipped`, until a run takes or discards it
-_prestarted: EncodeWorker | None = None
+#: a worker started by :func:`prestart` before the run knew it needs it: (key, worker)
+_prestarted: tuple[tuple, EncodeWorker] | None = None
 
 
-def _shipped_worker() -> EncodeWorker:
-    from functools import partial
-
-    from .model.shipped import load_default_model
-
-    return EncodeWorker(partial(load_default_model, probe=False))
+def prestart(key: tuple, load: Callable[[], object]) -> None:
+    """Start a worker for the model ``load`` gives (named by ``key``) now, when :func:`unavailable`
+    allows, so that it imports torch while this process imports the pipeline; the run takes it
+    (:func:`shipped_worker_model`, :func:`file_worker_model`) or closes it."""
+    global _prestarted
+    if _prestarted is None and unavailable() is None:
+        _prestarted = (key, EncodeWorker(load))
 
 
 def prestart_shipped() -> None:
-    """Start the shipped model's worker now (when :func:`unavailable` allows), so that it imports
-    torch while this process imports the pipeline; :func:`shipped_worker_model` takes it."""
-    global _prestarted
-    if _prestarted is None and unavailable() is None:
-        _prestarted = _shipped_worker()
+    """:func:`prestart` for the shipped model."""
+    prestart(("shipped",), _load_shipped)
 
 
 def discard_prestarted() -> None:
-    """Close a worker :func:`prestart_shipped` started that the run does not use."""
+    """Close a worker :func:`prestart` started that the run does not use."""
     global _prestarted
     if _prestarted is not None:
-        _prestarted.close()
+        _prestarted[1].close()
         _prestarted = None
+
+
+def _take(key: tuple, load: Callable[[], object]) -> EncodeWorker:
+    """The prestarted worker when it is for ``key``, else a new one (a prestarted one for another
+    model is closed)."""
+    global _prestarted
+    if _prestarted is not None and _prestarted[0] == key:
+        worker, _prestarted = _prestarted[1], None
+        return worker
+    discard_prestarted()
+    return EncodeWorker(load)
+
+
+def _load_shipped():
+    from .model.shipped import load_default_model
+
+    return load_default_model(probe=False)
 
 
 def shipped_worker_model(man: dict) -> WorkerModel:
     """The shipped model in a worker (the prestarted one, else a new one), from its manifest ``man``
     (checked by :func:`stemfast.model.shipped.usable_manifest`): settings and tag from the
     manifest, the model loaded (and its tag checked) in the child."""
-    global _prestarted
     from .model.settings import RVAEConfig
 
-    worker, _prestarted = _prestarted or _shipped_worker(), None
+    worker = _take(("shipped",), _load_shipped)
     extra = {"shipped": {"name": man.get("name"), "version": man.get("version")}, "sha256": man.get("sha256"),
              "contract": man.get("contract")}
     return WorkerModel(RVAEConfig.from_dict(man.get("config") or {}), extra, worker)
+
+
+def file_worker_model(path, load: Callable[[], object]) -> WorkerModel:
+    """A model file loaded by ``load`` in a worker (the prestarted one for ``path``, else a new one).
+    Waits for the model: its settings and metadata come from the child, and so does the loader's
+    exception (e.g. :class:`~stemfast.errors.ModelFileError`), raised here."""
+    from pathlib import Path
+
+    from .model.settings import RVAEConfig
+
+    worker = _take(("file", str(Path(path).resolve())), load)
+    info = worker.ready()
+    return WorkerModel(RVAEConfig.from_dict(info["config"]), info["extra"], worker)

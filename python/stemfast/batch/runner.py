@@ -201,7 +201,7 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     base = None
     if opts.model_path is None and not opts.train:
         base = shipped_model(config, opts)
-    else:
+    elif opts.model_path is None or opts.scheduler:
         from ..encode_worker import discard_prestarted
 
         discard_prestarted()
@@ -210,7 +210,7 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
         ms = use_shipped(base, out)
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
-                           finetune=ft)
+                           finetune=ft, worker=opts.scheduler is None)
     train_info: dict | None = None
     if ms.sha256 is None:
         def on_skip(e: InputEntry, reason: str) -> None:

@@ -168,15 +168,27 @@ def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def start_encode_worker_early(args) -> None:
-    """Start the shipped model's encode worker (:mod:`stemfast.encode_worker`) first thing, before
-    the pipeline is imported, when the options leave the shipped model a possibility (no
-    ``--model``, ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``); the run takes it or
-    closes it."""
-    if any(getattr(args, name, None) for name in ("model", "train", "finetune", "scheduler", "print_config")):
+    """Start the encode worker (:mod:`stemfast.encode_worker`) first thing, before the pipeline is
+    imported, for the model the options name: the shipped one, or a ``--model`` file; none with
+    ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``. The run takes it or closes it."""
+    if any(getattr(args, name, None) for name in ("train", "finetune", "scheduler", "print_config")):
         return
-    from ..encode_worker import prestart_shipped
+    from .. import encode_worker
 
-    prestart_shipped()
+    if getattr(args, "model", None):
+        from functools import partial
+        from pathlib import Path
+
+        encode_worker.prestart(("file", str(Path(args.model).resolve())), partial(_load_model_file, args.model))
+    else:
+        encode_worker.prestart_shipped()
+
+
+def _load_model_file(path: str):
+    """The ``--model`` file's model, checked as the batch checks it (run in the worker)."""
+    from ..batch.model_state import check_model_file
+
+    return check_model_file(path)
 
 
 def guarded(fn, args) -> int:
