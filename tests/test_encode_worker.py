@@ -214,3 +214,30 @@ def test_a_model_file_is_loaded_and_checked_in_the_worker(tmp_path):
             "print(r.exit_code, 'torch' in sys.modules)\n")
     p = _run(code, timeout=600)
     assert p.stdout.split() == ["0", "False"], p.stderr
+
+
+def _hang():
+    time.sleep(60)
+
+
+def test_a_worker_that_does_not_load_is_ended(monkeypatch):
+    monkeypatch.setattr(ew, "_LOAD_TIMEOUT_S", 1.0)
+    w = ew.EncodeWorker(_hang)
+    t0 = time.perf_counter()
+    with pytest.raises(ew.EncodeWorkerError, match="did not load the model in 1 s"):
+        w.encode(np.ones((1, 3, 3)))
+    assert time.perf_counter() - t0 < 20 and not w._proc.is_alive()
+
+
+def test_no_fork_while_other_threads_run():
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert ew.unavailable() in ("other threads run in this process", "torch is already imported in this process",
+                                    f"{ew.ENV_VAR}={os.environ.get(ew.ENV_VAR)}")
+    finally:
+        stop.set()
+        t.join()

@@ -12,13 +12,14 @@ Used by the in-process batch runner (:mod:`stemfast.batch.runner`) for the shipp
 ``stemfast analyze`` / ``batch`` start it (:func:`prestart_shipped`) before they import the
 pipeline, when their options leave the shipped model a possibility; the runner then takes it
 (:func:`shipped_worker_model`) or closes it. :func:`unavailable` says why not otherwise: the setting
-``STEMFAST_ENCODE_WORKER=0``, no ``fork`` start method (Windows, macOS' default is kept), or torch
-already imported here (nothing to gain; forking a process with torch's threads running is unsafe).
+``STEMFAST_ENCODE_WORKER=0``, no ``fork`` start method (Windows, macOS' default is kept), torch
+already imported here (nothing to gain; forking a process with torch's threads running is unsafe)
+or other threads running (a lock held at the fork could block the child).
 The Dask runner and training runs encode in their own processes as before.
 
 A failure in the child comes back as the exception it raised (its traceback logged here) and fails
-the frame or file as it would in this process; a child that died is reported with its exit code and
-no call waits forever. The child ends when this process closes the worker or exits (it is a
+the frame or file as it would in this process; a child that died is reported with its exit code, one
+that does not load the model in 10 minutes is ended, and no call waits on a dead child. The child ends when this process closes the worker or exits (it is a
 daemon, and it stops when its end of the pipe closes).
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ log = logging.getLogger("stemfast.batch")
 ENV_VAR = "STEMFAST_ENCODE_WORKER"
 #: seconds between checks that the child is still alive while waiting for it
 _POLL_S = 0.5
+#: the longest wait for the model to load (it takes seconds; a child stuck for this long is ended)
+_LOAD_TIMEOUT_S = 600.0
 _ENCODING_FIELDS = ("mu", "logvar", "angle", "recon_error", "recon", "angle_strength")
 
 
@@ -57,6 +60,10 @@ def unavailable() -> str | None:
         return "no 'fork' start method on this platform"
     if "torch" in sys.modules:
         return "torch is already imported in this process"
+    import threading
+
+    if threading.active_count() > 1:  # a lock one of them holds at the fork could block the child for good
+        return "other threads run in this process"
     return None
 
 
@@ -85,7 +92,7 @@ class EncodeWorker:
         if self._failed is not None:
             raise self._failed
         if self._info is None:
-            self._info = self._receive()
+            self._info = self._receive(timeout=_LOAD_TIMEOUT_S)
         return self._info
 
     def encode(self, patches) -> object:
@@ -99,12 +106,19 @@ class EncodeWorker:
             raise self._fail(EncodeWorkerError(f"the encode worker cannot be reached: {exc}")) from None
         return Encoding(**self._receive())
 
-    def _receive(self):
-        """The child's next answer; its exception re-raised here, a dead child an EncodeWorkerError."""
+    def _receive(self, timeout: float | None = None):
+        """The child's next answer; its exception re-raised here, a dead child (or, with ``timeout``, one
+        silent for that long, then ended) an EncodeWorkerError."""
+        import time
+
+        t_end = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._conn.poll(_POLL_S):
                 if not self._proc.is_alive():
                     raise EOFError
+                if t_end is not None and time.monotonic() > t_end:
+                    raise self._fail(EncodeWorkerError(f"the encode worker (pid {self._proc.pid}) did not load "
+                                                       f"the model in {timeout:.0f} s; ended"))
             kind, value, tb = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(1.0)
