@@ -271,6 +271,26 @@ def test_pipeline_patches_gathered_at_the_network_input_size():
     np.testing.assert_allclose(prep.patches, resample_patches(ref.data, 32), rtol=0, atol=1e-5)
 
 
+def test_resample_weights_are_torchs_bit_for_bit():
+    """resample_weights computes, without torch, exactly the weights read off the model's resampler
+    (torch's antialiased bilinear interpolate): every patch size from 3 to 129 px, every input size
+    in use, downsampling and upsampling."""
+    torch = pytest.importorskip("torch")
+    from stemfast.frontend import resample_weights
+    from stemfast.model.functional import resample_patches as torch_resample
+
+    for out in (8, 16, 24, 32, 40, 64):
+        for size in range(3, 130):
+            if size == out:
+                continue
+            probe = torch.zeros((size, 1, size, size), dtype=torch.float64)
+            probe[torch.arange(size), 0, torch.arange(size), :] = 1.0
+            with torch.inference_mode():
+                res = torch_resample(probe, out)[:, 0].numpy()
+            ref = res[:, :, 0].T / np.sqrt(res[:, 0, 0].sum())
+            np.testing.assert_array_equal(resample_weights(size, out), ref, err_msg=f"{size} -> {out}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size", [3, 8, 11])
 def test_patch_edge_is_the_kernels_edge(backend, size):

@@ -68,6 +68,31 @@ def test_damaged_weights_are_refused(copied):
 
 
 @needs_shipped
+def test_usable_manifest_makes_default_models_checks_without_loading(copied):
+    """What decides whether the shipped model is used, without torch: the manifest when usable;
+    None with default_model's warning for damaged weights, a changed contract or other settings."""
+    from stemfast.config import PipelineConfig, apply_overrides
+
+    mp, jp = copied
+    man = shipped.usable_manifest(PipelineConfig())
+    assert man is not None and man["sha256"] == json.loads(jp.read_text())["sha256"]
+    assert shipped.usable_manifest(apply_overrides(PipelineConfig(), {"model.latent_dim": 7})) is None
+    bad = {**man, "contract": {**man["contract"], "version": shipped.INPUT_CONTRACT_VERSION + 1}}
+    jp.write_text(json.dumps(bad))
+    with pytest.warns(RuntimeWarning, match="input contract"):
+        assert shipped.usable_manifest() is None
+    assert shipped.usable_manifest(probe=False) is not None  # the contract is left to the caller
+    with pytest.raises(ShippedModelError, match="contract differs from its manifest"):
+        shipped.load_default_model(probe=False)  # the model's own contract is the original one
+    jp.write_text(json.dumps(man))
+    raw = bytearray(mp.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    mp.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match="SHA-256"):
+        assert shipped.usable_manifest(probe=False) is None
+
+
+@needs_shipped
 def test_version_tag_must_match_the_manifest(copied):
     _, jp = copied
     man = json.loads(jp.read_text())

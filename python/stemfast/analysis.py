@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .materials import CHALCOGEN, HOLLOW, METAL, get_material
 from .table import SiteTable
 
@@ -166,43 +167,43 @@ def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray
 
 
 def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarray, settings: AnalysisSettings):
-    """k-means on latent means; returns (labels renumbered by descending mean ``order_by``, k, info)."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+    """k-means on latent means; returns (labels renumbered by descending mean ``order_by``, k, info).
 
+    :func:`stemfast.clustering.kmeans` (the same clustering as scikit-learn's ``KMeans`` with
+    ``n_init=4`` and this seed, without importing it); above ``settings.minibatch_above`` sites
+    scikit-learn's ``MiniBatchKMeans``.
+    """
     mu = np.asarray(mu, dtype=np.float64)
     info: dict = {}
     n = len(mu)
 
-    from threadpoolctl import threadpool_limits
+    def fit(k) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
 
-    def fit(k):
-        if n > settings.minibatch_above:
-            km = MiniBatchKMeans(n_clusters=k, random_state=settings.seed, n_init=3, batch_size=4096)
-        else:
-            km = KMeans(n_clusters=k, random_state=settings.seed, n_init=4)
-        # one thread (OpenMP and BLAS): scikit-learn's OpenMP pool competes with the one torch left behind after
-        # encoding (two runtimes, both spinning); on 2 cores that made k-means of a 21k-site frame
-        # 0.2 s instead of 0.03 s, and it is not slower single-threaded for 1.3M sites (3.2 s vs 3.4 s)
+        # one thread (OpenMP and BLAS): a BLAS or OpenMP pool competes with the one torch left behind after
+        # encoding (two runtimes, both spinning), and k-means is not slower single-threaded for 1.3M sites
         with threadpool_limits(limits=1):
-            return km.fit(mu)
+            if n <= settings.minibatch_above:
+                return kmeans(mu, k, seed=settings.seed, n_init=4).labels
+            from sklearn.cluster import MiniBatchKMeans
+
+            km = MiniBatchKMeans(n_clusters=k, random_state=settings.seed, n_init=3, batch_size=4096).fit(mu)
+        return km.labels_
 
     if n_classes is None:
-        from sklearn.metrics import silhouette_score
-
         rng = np.random.default_rng(settings.seed)
         sample = rng.choice(n, min(n, 5000), replace=False)
         scores = {}
         for k in settings.k_range:
             if k >= n:
                 break
-            km = fit(k)
-            scores[k] = float(silhouette_score(mu[sample], km.labels_[sample]))
+            lab = fit(k)
+            scores[k] = silhouette(mu[sample], lab[sample]) if len(np.unique(lab[sample])) > 1 else -1.0
         k = max(scores, key=scores.get)
         info["k_selection"] = {"criterion": "silhouette", "scores": scores}
     else:
         k = min(n_classes, n)
-    km = fit(k)
-    lab = km.labels_.astype(np.int64)
+    lab = fit(k).astype(np.int64)
     means = np.array([np.nanmean(order_by[lab == c]) if np.any(lab == c) else -np.inf for c in range(k)])
     rank = np.empty(k, np.int64)
     rank[np.argsort(-means)] = np.arange(k)
@@ -607,7 +608,6 @@ def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray
                           n_components: int = 3, max_fit: int = 20000) -> np.ndarray:
     """Negative log density of each latent mean under a Gaussian mixture of its group's latents, as a
     robust z within the group (high = unusual for its sublattice)."""
-    from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
 
     out = np.zeros(len(mu))
@@ -621,12 +621,11 @@ def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray
             continue
         if len(fit) > max_fit:
             fit = rng.choice(fit, max_fit, replace=False)
-        # one thread (OpenMP and BLAS), as for k-means (cluster_latents): the mixture's k-means and BLAS
-        # otherwise spin against torch's pool (4 s of a 1300-site frame's 6 s analysis on 2 busy cores)
+        # one thread (BLAS): scipy's BLAS pool, woken for every 4 x 4 triangular solve of the mixture's
+        # EM, made each take ~15 ms instead of 0.1 ms on 2 busy cores (2.4 s of a 5k-site analysis)
         with threadpool_limits(limits=1):
-            gm = GaussianMixture(n_components, covariance_type="full", random_state=seed,
-                                 reg_covar=1e-4).fit(mu[fit])
-        nll = -gm.score_samples(mu[m])
+            gm = fit_gaussian_mixture(mu[fit], n_components, seed=seed, reg_covar=1e-4)
+            nll = -gm.log_density(mu[m])
         out[m] = robust_z(nll)
     return out
 
@@ -673,9 +672,7 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
 
 
 def _ari(a: np.ndarray, b: np.ndarray) -> float:
-    from sklearn.metrics import adjusted_rand_score
-
-    return float(adjusted_rand_score(a, b)) if len(a) > 1 else float("nan")
+    return adjusted_rand_index(a, b) if len(a) > 1 else float("nan")
 
 
 def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,

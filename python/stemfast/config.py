@@ -53,7 +53,7 @@ from .errors import SettingsError
 
 if typing.TYPE_CHECKING:  # the sections of PipelineConfig (imported when a default is made)
     from .analysis import AnalysisSettings
-    from .model import RVAEConfig
+    from .model.settings import RVAEConfig
     from .sites import SiteSettings
     from .tracking import TrackSettings
 
@@ -172,7 +172,7 @@ def _sites_default():
 
 
 def _model_default():
-    from .model import RVAEConfig
+    from .model.settings import RVAEConfig
 
     return RVAEConfig()
 

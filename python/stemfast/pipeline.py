@@ -88,7 +88,7 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
 def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
     """``model.encode`` of lazily cut patches, ``chunk`` sites at a time (default :data:`STREAM_CHUNK`;
     memory: one chunk of patches)."""
-    from .model.api import Encoding
+    from .model.settings import Encoding
 
     n = len(patches)
     chunk = int(chunk or STREAM_CHUNK)

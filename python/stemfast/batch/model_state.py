@@ -51,6 +51,12 @@ class ModelState:
             self._model = load_model(self.path)
         return self._model
 
+    def close(self) -> None:
+        """Release what the model holds outside this process (an encode worker)."""
+        close = getattr(self._model, "close", None)
+        if callable(close):
+            close()
+
 
 def load_model(path: str | os.PathLike):
     """``RVAE.load(path)``, tolerating model files that store ``torch.__version__`` as a ``TorchVersion``.
@@ -101,6 +107,23 @@ def check_model_file(path: str | os.PathLike):
     if not hasattr(model, "encode") and not hasattr(model, "extra"):
         raise ModelFileError(f"--model {src}: not a stemfast model file (loaded a {type(model).__name__})")
     return model
+
+
+def given_model(src: Path):
+    """:func:`check_model_file` of a ``--model`` file in an encode worker (the same errors, raised
+    here), the plotting modules imported while it loads; in this process when no worker can run."""
+    from functools import partial
+
+    from ..encode_worker import file_worker_model, unavailable
+
+    why = unavailable()
+    if why is not None:
+        log.info("encoding in this process (%s)", why)
+        return check_model_file(src)
+    from ..figures import pyplot
+
+    pyplot()
+    return file_worker_model(src, partial(check_model_file, src))
 
 
 def sample_frames(n: int, k: int) -> list[int]:
@@ -270,12 +293,16 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
 
 
 def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool,
-                  finetune: int = 0) -> ModelState:
-    """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None)."""
+                  finetune: int = 0, worker: bool = False) -> ModelState:
+    """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None).
+
+    ``worker``: a given model is loaded (and checked) in an encode worker process when one can run
+    (:mod:`stemfast.encode_worker`), so this process does not import torch.
+    """
     target = out / MODEL_FILE
     if model_path is not None:
         src = Path(model_path)
-        loaded = check_model_file(src)  # before anything is copied into OUT
+        loaded = given_model(src) if worker else check_model_file(src)  # before anything is copied into OUT
         sha = file_sha256(src)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:

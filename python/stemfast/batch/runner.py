@@ -139,11 +139,14 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     good = fingerprint_all(entries, out, results, opts=opts, chash=chash)
     cache: dict | None = {} if sched is None else None
     ms, train_info = settle_model(good, out, results, report, config=config, chash=chash, opts=opts, cache=cache)
-    todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force)
-    write_settings_record(out / CONFIG_FILE, config, entries, chash)
-    if todo:
-        results.update({r.name: r for r in analyse(todo, out, ms, config=config, chash=chash, opts=opts,
-                                                    cache=cache)})
+    try:
+        todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force)
+        write_settings_record(out / CONFIG_FILE, config, entries, chash)
+        if todo:
+            results.update({r.name: r for r in analyse(todo, out, ms, config=config, chash=chash, opts=opts,
+                                                        cache=cache)})
+    finally:
+        ms.close()  # an encode worker stops here
     if cache:
         cache.clear()
     report.results = [results[e.name] for e in entries] + extra_results
@@ -197,15 +200,17 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     the model and the training record (None when nothing was trained)."""
     base = None
     if opts.model_path is None and not opts.train:
-        from ..model.shipped import default_model
+        base = shipped_model(config, opts)
+    elif opts.model_path is None or opts.scheduler:
+        from ..encode_worker import discard_prestarted
 
-        base = default_model(config)
+        discard_prestarted()
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
-                           finetune=ft)
+                           finetune=ft, worker=opts.scheduler is None)
     train_info: dict | None = None
     if ms.sha256 is None:
         def on_skip(e: InputEntry, reason: str) -> None:
@@ -230,6 +235,32 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     report.model_sha256 = ms.sha256
     report.model_source = ms.source
     return ms, train_info
+
+
+def shipped_model(config, opts: BatchOptions):
+    """The shipped model, or None (a warning says why) -- in an encode worker process
+    (:mod:`stemfast.encode_worker`) when it is used as is in this process and the worker can
+    run, else loaded here."""
+    from ..model.shipped import default_model, usable_manifest
+    from ..encode_worker import discard_prestarted, shipped_worker_model, unavailable
+
+    why = "training or fine-tuning" if opts.finetune else "the Dask runner" if opts.scheduler else unavailable()
+    if why is not None:
+        discard_prestarted()
+        log.info("encoding in this process (%s)", why)
+        return default_model(config)
+    man = usable_manifest(config, probe=False)
+    if man is None:
+        discard_prestarted()
+        return None
+    model = shipped_worker_model(man)
+    if usable_manifest(config) is None:  # the input-contract probe, while the worker starts
+        model.close()
+        return None
+    from ..figures import pyplot
+
+    pyplot()  # import the plotting modules while the worker imports torch
+    return model
 
 
 def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResult], *, chash: str,

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from .options import (EXIT_ERROR, add_input_options, add_model_choice_arguments, add_settings_options,
-                      config_from_args, exit_status_epilog, guarded, read_options_from_args)
+                      config_from_args, exit_status_epilog, guarded, read_options_from_args,
+                      start_encode_worker_early)
 
 __all__ = ["add", "cmd_analyze"]
 
@@ -37,6 +38,7 @@ def cmd_analyze(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
+    start_encode_worker_early(args)
     from ..batch import run_batch
     from .batch import print_report
 

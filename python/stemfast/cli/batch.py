@@ -5,12 +5,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ..batch import BatchReport, run_batch
-from ..batch.common import REPORT_FILE
 from .options import (EXIT_ERROR, EXIT_OK, add_input_options, add_model_choice_arguments, add_settings_options,
-                      config_from_args, exit_status_epilog, guarded, read_options_from_args, )
+                      config_from_args, exit_status_epilog, guarded, read_options_from_args,
+                      start_encode_worker_early)
+
+if TYPE_CHECKING:
+    from ..batch import BatchReport
 
 __all__ = ["add", "add_batch_arguments", "build_batch_parser", "run_batch_from_args", "run_batch_cli",
            "print_report", "EPILOG"]
@@ -90,6 +92,7 @@ def build_batch_parser(prog: str = "stemfast batch") -> argparse.ArgumentParser:
 
 def print_report(report: BatchReport) -> None:
     """The run in a few lines on the console: counts, stage table, warnings and skipped inputs."""
+    from ..batch.common import REPORT_FILE
     from ..report import format_stage_table
 
     res = report.results
@@ -114,6 +117,9 @@ def run_batch_from_args(args) -> int:
 
 
 def _run_batch_from_args(args) -> int:
+    from ..batch import run_batch
+
+    start_encode_worker_early(args)
     config = config_from_args(args)
     read_options = read_options_from_args(args)
     if args.scheduler:

@@ -30,6 +30,7 @@ from ..errors import (EXIT_BUSY, EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_
 from ..materials import add_material_argument
 
 __all__ = [
+    "start_encode_worker_early",
     "add_settings_options",
     "add_spacing_option",
     "add_backend_option",
@@ -164,6 +165,30 @@ def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
                    help="train a model on the inputs instead of using the shipped pretrained model")
     g.add_argument("--finetune", type=int, default=0, metavar="N",
                    help="adapt the shipped pretrained model to the inputs for N optimiser steps")
+
+
+def start_encode_worker_early(args) -> None:
+    """Start the encode worker (:mod:`stemfast.encode_worker`) first thing, before the pipeline is
+    imported, for the model the options name: the shipped one, or a ``--model`` file; none with
+    ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``. The run takes it or closes it."""
+    if any(getattr(args, name, None) for name in ("train", "finetune", "scheduler", "print_config")):
+        return
+    from .. import encode_worker
+
+    if getattr(args, "model", None):
+        from functools import partial
+        from pathlib import Path
+
+        encode_worker.prestart(("file", str(Path(args.model).resolve())), partial(_load_model_file, args.model))
+    else:
+        encode_worker.prestart_shipped()
+
+
+def _load_model_file(path: str):
+    """The ``--model`` file's model, checked as the batch checks it (run in the worker)."""
+    from ..batch.model_state import check_model_file
+
+    return check_model_file(path)
 
 
 def guarded(fn, args) -> int:

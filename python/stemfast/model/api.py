@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from ..atomic import atomic_open
 from . import functional as MF
 from .modules import RVAENet, VAENet
+from .settings import Encoding
 from .training import (RVAEConfig, autocast_context, build_network, configure_threads, fit_network,
                        resolve_device)
 
@@ -61,39 +62,6 @@ def _worker_pool(workers: int):
             _THREADS_USERS -= 1
             if _THREADS_USERS == 0:
                 torch.set_num_threads(_THREADS_SAVED)
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """Result of :meth:`RVAE.encode` for N patches (NumPy arrays).
-
-    Attributes
-    ----------
-    mu, logvar : float32 [N, L]
-        Posterior mean and log-variance of the latent code.
-    angle : float32 [N]
-        STN orientation in degrees (counter-clockwise as displayed, y down; defined modulo
-        ``360 / rotation_symmetry``); NaN for the plain VAE.
-    recon_error : float32 [N]
-        Masked mean squared error per patch between the reconstruction (rotated back into the
-        input orientation) and the input, at the model's ``input_size``.
-    recon : float32 [N, input_size, input_size] or None
-        Reconstructions in the input frame (only with ``return_recon=True``).
-    angle_strength : float32 [N] or None
-        How strongly each patch has one orientation: the length of the STN's harmonic vector
-        (:class:`~stemfast.model.modules.STN`; near 0 where the patch looks alike at every multiple
-        of ``180 / rotation_symmetry`` degrees, so ``angle`` is noise there); NaN for the plain VAE.
-    """
-
-    mu: np.ndarray
-    logvar: np.ndarray
-    angle: np.ndarray
-    recon_error: np.ndarray
-    recon: np.ndarray | None = None
-    angle_strength: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.mu)
 
 
 def _check_patches(patches: Any) -> Any:

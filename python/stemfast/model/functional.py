@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 
+from .settings import BACKGROUNDS
+
 __all__ = [
     "rotation_matrix",
     "rotate_patches",
@@ -263,8 +265,6 @@ def resample_patches(x: torch.Tensor, size: int, mode: str = "bilinear") -> torc
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-#: choices of ``RVAEConfig.background``
-BACKGROUNDS = ("none", "patch")
 #: quantile of a patch's pixel values taken as its background by :func:`subtract_background`
 BACKGROUND_QUANTILE = 0.1
 

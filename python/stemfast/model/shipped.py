@@ -41,7 +41,7 @@ import numpy as np
 
 __all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "INPUT_CONTRACT_VERSION",
            "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
-           "default_model", "describe_model", "compatible_settings"]
+           "default_model", "usable_manifest", "describe_model", "compatible_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _probe_image() -> tuple[np.ndarray, float]:
 def _probe(input_size: int) -> tuple[float, ...]:
     from ..config import PipelineConfig
     from ..frontend import prepare
-    from .training import RVAEConfig
+    from .settings import RVAEConfig
 
     image, _ = _probe_image()
     cfg = PipelineConfig(model=RVAEConfig(input_size=int(input_size)))
@@ -157,8 +157,12 @@ def manifest(path: str | Path | None = None) -> dict:
 
 
 def load_default_model(*, map_location=None, model_path: str | Path | None = None,
-                       manifest_path: str | Path | None = None):
+                       manifest_path: str | Path | None = None, probe: bool = True):
     """Load the shipped model after checking checksum, version tag and input contract.
+
+    ``probe=False``: the input contract was checked against the manifest's copy already
+    (:func:`usable_manifest`, in the process that cuts the patches); the model's own contract must
+    then equal the manifest's.
 
     Raises
     ------
@@ -175,12 +179,7 @@ def load_default_model(*, map_location=None, model_path: str | Path | None = Non
 
     man = manifest(MANIFEST_PATH if manifest_path is None else manifest_path)
     model_path = Path(MODEL_PATH if model_path is None else model_path)
-    if not model_path.is_file():
-        raise ShippedModelError(f"shipped model weights missing: {model_path}")
-    sha = _sha256(model_path)
-    if sha != man.get("sha256"):
-        raise ShippedModelError(f"shipped model {model_path.name}: SHA-256 {sha[:12]}... does not match the "
-                                f"manifest ({str(man.get('sha256'))[:12]}...): damaged or replaced file")
+    sha = _check_weights(model_path, man)
     try:
         model = RVAE.load(model_path, map_location=map_location)
     except Exception as exc:  # noqa: BLE001 - any load failure means: not usable
@@ -189,14 +188,66 @@ def load_default_model(*, map_location=None, model_path: str | Path | None = Non
     if tag.get("name") != man.get("name") or str(tag.get("version")) != str(man.get("version")):
         raise ShippedModelError(f"shipped model tag {tag.get('name')} {tag.get('version')} does not match the "
                                 f"manifest {man.get('name')} {man.get('version')}")
-    check_contract(model.extra.get("contract"), model.config.input_size)
+    if probe:
+        check_contract(model.extra.get("contract"), model.config.input_size)
+    elif model.extra.get("contract") != man.get("contract"):
+        raise ShippedModelError("the model's input contract differs from its manifest's")
     model.extra["sha256"] = sha
     return model
+
+
+def _check_weights(model_path: Path, man: dict) -> str:
+    """The SHA-256 of the weights file, checked against the manifest (ShippedModelError if missing or different)."""
+    if not model_path.is_file():
+        raise ShippedModelError(f"shipped model weights missing: {model_path}")
+    sha = _sha256(model_path)
+    if sha != man.get("sha256"):
+        raise ShippedModelError(f"shipped model {model_path.name}: SHA-256 {sha[:12]}... does not match the "
+                                f"manifest ({str(man.get('sha256'))[:12]}...): damaged or replaced file")
+    return sha
 
 
 def compatible_settings(model_config, requested) -> list[str]:
     """Names of the architecture fields where ``requested`` (the run's RVAEConfig) differs from the model's."""
     return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
+
+
+def usable_manifest(config=None, *, probe: bool = True) -> dict | None:
+    """The checks of :func:`default_model` that need no torch, on the manifest and the weights file:
+    the run's model settings, the weights' SHA-256 and (``probe``) the input contract (the
+    manifest's copy of the model's). Returns the manifest, or None -- with the warning
+    :func:`default_model` gives -- when the shipped model would not be used.
+    :func:`load_default_model` with ``probe=False`` then loads it (in another process:
+    :mod:`stemfast.batch.encode_worker`) and checks its tag.
+    """
+    requested = getattr(config, "model", None)
+    try:
+        man = manifest()
+        if requested is not None and _settings_differ(man, requested):
+            return None
+        _check_weights(MODEL_PATH, man)
+        if probe:
+            check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)))
+    except ShippedModelError as exc:
+        _warn_refused(exc)
+        return None
+    return man
+
+
+def _settings_differ(man: dict, requested) -> bool:
+    from .settings import RVAEConfig
+
+    diff = compatible_settings(RVAEConfig.from_dict(man.get("config") or {}), requested)
+    if diff:
+        log.info("model settings %s differ from the shipped model's: training a model on the inputs", diff)
+    return bool(diff)
+
+
+def _warn_refused(exc: ShippedModelError) -> None:
+    msg = f"shipped default model not used: {exc}; training a model on the inputs instead " \
+          f"(retrain the shipped model with: {RETRAIN_COMMAND})"
+    log.warning("%s", msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def default_model(config=None, *, map_location=None):
@@ -208,20 +259,12 @@ def default_model(config=None, *, map_location=None):
     """
     requested = getattr(config, "model", None)
     try:
-        if requested is not None:  # settings asking for another network: decided from the manifest alone
-            from .training import RVAEConfig
-
-            man = manifest()
-            diff = compatible_settings(RVAEConfig.from_dict(man.get("config") or {}), requested)
-            if diff:
-                log.info("model settings %s differ from the shipped model's: training a model on the inputs", diff)
-                return None
+        # settings asking for another network: decided from the manifest alone
+        if requested is not None and _settings_differ(manifest(), requested):
+            return None
         model = load_default_model(map_location=map_location)
     except ShippedModelError as exc:
-        msg = f"shipped default model not used: {exc}; training a model on the inputs instead " \
-              f"(retrain the shipped model with: {RETRAIN_COMMAND})"
-        log.warning("%s", msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        _warn_refused(exc)
         return None
     if requested is not None and compatible_settings(model.config, requested):
         return None

@@ -23,8 +23,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
-from typing import Literal
 
 import numpy as np
 import torch
@@ -32,152 +30,12 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from . import functional as MF
 from .modules import RVAENet, VAENet
+from .settings import RVAEConfig
 
 __all__ = ["RVAEConfig", "resolve_device", "build_network", "to_model_input", "Augmenter", "EarlyStopping",
            "pretrain_stn", "train_vae", "vae_loss", "configure_threads", "autocast_context"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RVAEConfig:
-    """Settings of the patch model (``[model]`` section of ``stemfast.toml``).
-
-    Parameters
-    ----------
-    model : {"rvae", "vae"}
-        ``"rvae"``: STN + VAE (rotation invariant); ``"vae"``: the plain VAE baseline with the same
-        encoder / decoder.
-    latent_dim : int
-        Latent size L.
-    input_size : int
-        Patches of any size S are resampled to ``input_size`` (a multiple of 8) before the model.
-    resample : {"bilinear", "area"}
-        Resampling to ``input_size``: antialiased bilinear or area averaging. Stored with the
-        model, so a loaded model treats new patches the same way.
-    channels, stn_channels : tuple of int
-        Conv widths of the encoder / decoder and of the STN.
-    rotation_symmetry : int
-        Rotation order k of the sites; the canonical frame is defined modulo ``360 / k`` degrees.
-        3 for MoS2 / hBN-like lattices (C3v sites: the first shell has 6 directions, but a 60 deg
-        rotation turns a Mo site into a different image), 6 for graphene / triangular, 4 for
-        square. See :class:`stemfast.model.modules.STN`.
-    symmetrize : {"image", "features", "none"}
-        How the rVAE encoder is made invariant to the k canonical branches (rotations by
-        ``360 / k`` left open by the STN), so the latent code does not jump when the STN angle
-        crosses its branch cut: encode the branch-averaged patch (``"image"``, k warps), average the
-        encodings of all branches (``"features"``, k encoder passes) or not at all (``"none"``).
-        See :class:`stemfast.model.modules.RVAENet`.
-    mask_radius : float or None
-        Radius (px at ``input_size``) of the disc applied to inputs and the reconstruction loss;
-        None = ``input_size / 2 - 0.5``.
-    beta : float
-        Weight of the KL term against the masked sum of squared errors.
-    kl_warmup : int
-        Epochs over which the KL weight ramps linearly from ``beta / kl_warmup`` to ``beta``
-        (against posterior collapse); early stopping starts after the ramp.
-    lr, stn_lr : float
-        Adam learning rates.
-    batch_size, epochs, stn_epochs, patience : int
-        Mini-batch size; maximal epochs of VAE training / STN pretraining; early-stopping patience
-        (epochs without a relative validation improvement of ``min_delta``).
-    val_fraction : float
-        Held-out fraction for validation / early stopping.
-    augment_rotate, augment_flip : bool
-        Random rotations (uniform in [0, 360)) and x-flips of training batches.
-    augment_shift : float
-        Maximal random sub-pixel translation (px at ``input_size``); 0 disables.
-    anchor_weight : float
-        Weight of the angle-difference anchor term in STN pretraining.
-    seed : int
-        Seeds torch and NumPy generators (splits, shuffling, augmentation, initialisation).
-    device : str
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-    amp : bool
-        Mixed precision (bf16, else fp16 + grad scaling) on CUDA; ignored on CPU.
-    max_train_patches : int or None
-        Random subsample of the training patches when more are given.
-    num_threads : int or None
-        ``torch.set_num_threads`` for the run; None keeps torch's setting (OMP_NUM_THREADS) unless
-        ``STEMFAST_NUM_THREADS`` is set.
-    progress : bool or None
-        tqdm bar; None = only on a terminal (``STEMFAST_PROGRESS`` overrides).
-    """
-
-    model: Literal["rvae", "vae"] = "rvae"
-    latent_dim: int = 4
-    input_size: int = 32
-    resample: Literal["bilinear", "area"] = "bilinear"
-    background: Literal["patch", "none"] = "patch"
-    channels: tuple[int, int, int] = (8, 16, 32)
-    stn_channels: tuple[int, int] = (8, 8)
-    rotation_symmetry: int = 3
-    symmetrize: Literal["image", "features", "none"] = "image"
-    mask_radius: float | None = None
-    beta: float = 1.0
-    kl_warmup: int = 5
-    lr: float = 2e-3
-    stn_lr: float = 3e-3
-    batch_size: int = 256
-    epochs: int = 30
-    stn_epochs: int = 10
-    patience: int = 5
-    min_delta: float = 1e-3
-    val_fraction: float = 0.1
-    augment_rotate: bool = True
-    augment_flip: bool = True
-    augment_shift: float = 0.5
-    anchor_weight: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    max_train_patches: int | None = 20000
-    num_threads: int | None = None
-    progress: bool | None = None
-
-    def __post_init__(self) -> None:
-        # TOML / JSON give lists: store tuples so the config stays hashable and comparable
-        for name in ("channels", "stn_channels"):
-            v = getattr(self, name)
-            if not isinstance(v, tuple):
-                object.__setattr__(self, name, tuple(int(c) for c in v))
-        if self.resample not in ("bilinear", "area"):
-            raise ValueError(f"resample must be 'bilinear' or 'area', got {self.resample!r}")
-        if self.background not in MF.BACKGROUNDS:
-            raise ValueError(f"background must be one of {', '.join(MF.BACKGROUNDS)}, got {self.background!r}")
-        if self.symmetrize not in ("image", "features", "none"):
-            raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
-        if self.model not in ("rvae", "vae"):
-            raise ValueError(f"model must be 'rvae' or 'vae', got {self.model!r}")
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
-        if self.input_size < 8 or self.input_size % 8:
-            raise ValueError(f"input_size must be a positive multiple of 8, got {self.input_size}")
-        if len(self.channels) != 3 or len(self.stn_channels) != 2:
-            raise ValueError("channels needs 3 widths and stn_channels 2")
-        if self.rotation_symmetry < 1:
-            raise ValueError(f"rotation_symmetry must be >= 1, got {self.rotation_symmetry}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.kl_warmup < 0:
-            raise ValueError(f"kl_warmup must be >= 0, got {self.kl_warmup}")
-        if self.batch_size < 1 or self.epochs < 0 or self.stn_epochs < 0 or self.patience < 1:
-            raise ValueError("batch_size and patience must be >= 1, epochs and stn_epochs >= 0")
-        if self.beta < 0 or self.lr <= 0 or self.stn_lr <= 0 or self.augment_shift < 0:
-            raise ValueError("beta and augment_shift must be >= 0, learning rates > 0")
-        if self.max_train_patches is not None and self.max_train_patches < 2:
-            raise ValueError(f"max_train_patches must be >= 2 or None, got {self.max_train_patches}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RVAEConfig":
-        """Build from a dict, ignoring (and logging) unknown keys, e.g. from a newer version."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            log.warning("RVAEConfig: ignoring unknown keys %s", unknown)
-        d = dict(d)
-        d.setdefault("background", "none")  # saved before the setting existed: trained on uncorrected patches
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ----------------------------------------------------------------------------- environment
