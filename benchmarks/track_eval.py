@@ -23,7 +23,8 @@ Re-linking without detecting again (the detection is the expensive part): ``--re
 the ``sites.csv`` and frame drifts of a run kept with ``--out DIR`` and links them again with the
 current linker (``stemfast.tracking.DefectLinker``, the settings of the batch: config defaults,
 ``defect_cutoff``, image centre), then scores as above; ``--diagnose`` prints, for every true
-defect seen in >= 3 frames that is not followed, each frame's score, flag and track id::
+defect seen in >= 3 frames that is not followed, each frame's score, flag and track id, and the true
+events of it and its neighbours where its track id changes::
 
     PYTHONPATH=python python benchmarks/track_eval.py --seed 4 --model m.pt --out /tmp/te4
     PYTHONPATH=python python benchmarks/track_eval.py --relink /tmp/te4 --diagnose
@@ -180,20 +181,26 @@ def relink(work: Path, config):
     return new, tracks
 
 
-def diagnose(sites, truth: np.ndarray, nn_px: float) -> list[str]:
-    """Per true defect seen in >= 3 frames and not followed: each frame's site score, flag and track id."""
+def diagnose(sites, truth: np.ndarray, nn_px: float, events: list | None = None) -> list[str]:
+    """Per true defect seen in >= 3 frames and not followed: each frame's site score, flag and track id;
+    with ``events`` (the generator's history), also the true events of the defect and of its neighbours
+    (within 3.5 column spacings) in the frames where its track id changes (hop offsets in spacings)."""
     from scipy.spatial import cKDTree
 
     rows: dict[int, list] = {}
+    pos: dict[int, dict[int, np.ndarray]] = {}  # true defect -> frame -> position
+    ids_at: dict[int, dict[int, int]] = {}  # true defect -> frame -> track id of its site
     for k in np.unique(truth[:, 0]).astype(int):
         S = sites[sites["frame"] == k]
         T = truth[truth[:, 0] == k]
         if not len(S):
             continue
         dist, j = cKDTree(S[["x", "y"]].to_numpy(float)).query(T[:, 2:4])
-        for tid, dd, jj in zip(T[:, 1].astype(int), dist, j):
+        for tid, dd, jj, xy in zip(T[:, 1].astype(int), dist, j, T[:, 2:4]):
             s = S.iloc[jj]
             hit = dd < 0.5 * nn_px
+            pos.setdefault(tid, {})[k] = xy
+            ids_at.setdefault(tid, {})[k] = int(s["track_id"]) if hit else -1
             rows.setdefault(tid, []).append(
                 f"f{k}: " + (f"score {s['anomaly_score']:.2f}{' flagged' if s['is_defect'] else ''} track {int(s['track_id'])}"
                              if hit else "no site"))
@@ -204,6 +211,27 @@ def diagnose(sites, truth: np.ndarray, nn_px: float) -> list[str]:
         if len(r) < 3 or (ids and Counter(ids).most_common(1)[0][1] >= 0.8 * len(r)):
             continue
         lines.append(f"true defect {tid} ({len(r)} frames) not followed: " + "; ".join(r))
+        if events is None:
+            continue
+        seq = sorted(ids_at[tid].items())
+        for (_, a), (k, b) in zip(seq, seq[1:]):
+            if a == b:
+                continue
+            near = []
+            for e in events:
+                if not k - 1 <= int(e["frame"]) <= k:
+                    continue
+                at = pos.get(int(e["id"]), {})
+                pts = [at.get(int(e["frame"])), at.get(int(e["frame"]) - 1), e.get("from"), e.get("to")]
+                pts = [np.asarray(q, float) for q in pts if q is not None]  # a death: the last position
+                if not pts or min(np.hypot(*(q - pos[tid][k])) for q in pts) > 3.5 * nn_px:
+                    continue
+                what = e["event"]
+                if "to" in e:
+                    d = (np.asarray(e["to"], float) - np.asarray(e["from"], float)) / nn_px
+                    what += f" ({d[0]:+.1f}, {d[1]:+.1f})"
+                near.append(f"f{int(e['frame'])} #{int(e['id'])} {what}")
+            lines.append(f"    id {a} -> {b} at f{k}; true events nearby: " + (", ".join(near) or "none"))
     return lines
 
 
@@ -240,7 +268,7 @@ def main(argv=None) -> int:
         n_frames = int(sites["frame"].max()) + 1
         res = evaluate(sites, tracks, truth, meta["events"], meta["nn_px"], n_frames)
         res.update({"relinked": str(work), "frames": n_frames, "link_s": round(time.perf_counter() - t0, 1)})
-        return _report(res, args, sites=sites, truth=truth, nn_px=meta["nn_px"])
+        return _report(res, args, sites=sites, truth=truth, nn_px=meta["nn_px"], events=meta["events"])
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="track_eval_"))
     t0 = time.perf_counter()
     make_data(work / "data", frames=args.frames, size=args.size, seed=args.seed, pixel_size_A=args.pixel_size,
@@ -262,10 +290,10 @@ def main(argv=None) -> int:
                 "tracking_summary": {k: summ["tracking"][k] for k in ("n_tracks", "n_hops", "n_unconfirmed",
                                                                        "link_residual_px_median")},
                 "work": str(work)})
-    return _report(res, args, sites=sites, truth=truth, nn_px=meta["nn_px"])
+    return _report(res, args, sites=sites, truth=truth, nn_px=meta["nn_px"], events=meta["events"])
 
 
-def _report(res: dict, args, *, sites, truth, nn_px) -> int:
+def _report(res: dict, args, *, sites, truth, nn_px, events=None) -> int:
     ok = True
     for k, (op, v) in TARGETS.items():
         good = res[k] >= v if op == ">=" else res[k] <= v
@@ -273,7 +301,7 @@ def _report(res: dict, args, *, sites, truth, nn_px) -> int:
         res.setdefault("targets", {})[k] = f"{res[k]:.3f} {op} {v}: {'ok' if good else 'MISSED'}"
     print(json.dumps(res, indent=1))
     if args.diagnose:
-        print("\n".join(diagnose(sites, truth, nn_px)) or "every true defect seen in >= 3 frames is followed")
+        print("\n".join(diagnose(sites, truth, nn_px, events)) or "every true defect seen in >= 3 frames is followed")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0 if ok else 1
