@@ -408,3 +408,23 @@ def test_unsure_angles_leave_the_class_to_the_latent_means():
     assert adjusted_rand_score(colour, t["class_id"]) > 0.97
     # taken at face value, the flipped angles pull those metal sites towards the chalcogens
     assert adjusted_rand_score(colour, t["class_id"]) > adjusted_rand_score(colour, t_sure["class_id"])
+
+
+def test_references_refreshed_for_a_few_changed_values_equal_a_full_recompute():
+    # the scan-line gain changes the values of a few sites; only the rows that can see them are redone
+    from stemfast.analysis import _refresh_references
+
+    xy, colour, inten, basis = make_lattice()
+    usable = np.ones(len(xy), bool)
+    usable[::37] = False
+    settings = AnalysisSettings(n_neighbors=150)
+    refs = local_references(xy, basis, inten, usable=usable, n_neighbors=150, node_tolerance=settings.node_tolerance)
+    changed = np.abs(xy[:, 1] - 205.0) < 3.0           # one row of sites, as a flagged scan line
+    new = np.where(changed, inten * 1.3, inten)
+    part = _refresh_references(refs, xy, basis, new, usable, changed, settings)
+    full = local_references(xy, basis, new, usable=usable, n_neighbors=150, node_tolerance=settings.node_tolerance)
+    for f in ("median", "mad", "count"):
+        assert np.array_equal(getattr(part, f), getattr(full, f), equal_nan=True), f
+    # it did change the rows next to the line and left the far ones alone
+    moved = ~np.isclose(part.median, refs.median, equal_nan=True).all(1)
+    assert moved.any() and not moved[np.abs(xy[:, 1] - 205.0) > 150].any()

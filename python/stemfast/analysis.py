@@ -346,6 +346,8 @@ class LocalReferences:
     median: np.ndarray
     mad: np.ndarray
     count: np.ndarray
+    #: float64 [N]: distance to the farthest of the neighbours looked at (None when not recorded)
+    reach: np.ndarray | None = None
 
     def rank(self, min_count: int = 3) -> np.ndarray:
         """Brightness rank of each site's own colour among the three (0 = highest median), -1 where a
@@ -412,18 +414,26 @@ def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, u
     return _local_references(xy, basis, values, usable, int(n_neighbors), float(node_tolerance), int(chunk))
 
 
-def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, workers=None) -> LocalReferences:
+def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, workers=None,
+                      rows=None, base: LocalReferences | None = None) -> LocalReferences:
+    """The statistics of :func:`local_references`; with ``rows`` (int indices) only those sites'
+    rows are computed and the others copied from ``base``."""
     from scipy.spatial import cKDTree
 
     from .backend import kernel_thread_count
 
     n = len(xy)
-    med = np.full((n, 3), np.nan)
-    mad = np.full((n, 3), np.nan)
-    cnt = np.zeros((n, 3), np.int64)
+    if base is None:
+        med = np.full((n, 3), np.nan)
+        mad = np.full((n, 3), np.nan)
+        cnt = np.zeros((n, 3), np.int64)
+        reach = np.full(n, np.nan)
+    else:
+        med, mad, cnt = base.median.copy(), base.mad.copy(), base.count.copy()
+        reach = None if base.reach is None else base.reach.copy()
     k = min(n_neighbors + 1, n)
     if n < 2:
-        return LocalReferences(med, mad, cnt)
+        return LocalReferences(med, mad, cnt, reach)
     workers = kernel_thread_count() if workers is None else int(workers)
     det = basis[:, 0, 0] * basis[:, 1, 1] - basis[:, 0, 1] * basis[:, 1, 0]
     good_basis = np.isfinite(det) & (np.abs(det) > 1e-12)
@@ -432,27 +442,52 @@ def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, worker
     finite_v = np.isfinite(values)
     refable = usable & finite_v
     tree = cKDTree(xy)
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        _, j = tree.query(xy[a:b], k=k, workers=workers)
-        j = j.reshape(b - a, k)
+    rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+    for a in range(0, len(rows), chunk):
+        q = rows[a:a + chunk]
+        dist, j = tree.query(xy[q], k=k, workers=workers)
+        j = j.reshape(len(q), k)
+        if reach is not None:
+            reach[q] = np.asarray(dist).reshape(len(q), k)[:, -1]
         x = xy[:, 0][j]
-        x -= xy[a:b, 0, None]
+        x -= xy[q, 0, None]
         y = xy[:, 1][j]
-        y -= xy[a:b, 1, None]
+        y -= xy[q, 1, None]
         # [m n] = d @ inv(B), written out (a [.., 2] @ [2, 2] einsum was a third of the time)
-        ia = inv[a:b]
+        ia = inv[q]
         m_ = x * ia[:, 0, 0, None] + y * ia[:, 1, 0, None]
         n_ = x * ia[:, 0, 1, None] + y * ia[:, 1, 1, None]
         del x, y
         rm, rn = np.rint(m_), np.rint(n_)
         on_node = np.maximum(np.abs(m_ - rm), np.abs(n_ - rn)) < tol
         del m_, n_
-        ok = on_node & refable[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
+        ok = on_node & refable[j] & (j != q[:, None]) & good_basis[q, None]
         colour = (rm - rn).astype(np.int64) % 3
         del rm, rn, on_node
-        _colour_stats(values[j], ok, colour, med[a:b], mad[a:b], cnt[a:b])
-    return LocalReferences(med, mad, cnt)
+        m_q, d_q, c_q = med[q], mad[q], cnt[q]
+        _colour_stats(values[j], ok, colour, m_q, d_q, c_q)
+        med[q], mad[q], cnt[q] = m_q, d_q, c_q
+    return LocalReferences(med, mad, cnt, reach)
+
+
+def _refresh_references(refs: LocalReferences, xy, basis, values, usable, changed, settings) -> LocalReferences:
+    """``refs`` again for ``values`` that differ from the ones it was computed with on the ``changed``
+    sites only: the rows of the sites that have a changed site among their neighbours are computed
+    anew (a site ``s`` can be among ``i``'s neighbours only if ``|x_s - x_i| <= reach_i``), the rest
+    are kept -- the same result as :func:`local_references` on the new values."""
+    changed = np.asarray(changed, bool)
+    if not changed.any():
+        return refs
+    usable = np.asarray(usable, bool)
+    if refs.reach is None or not np.isfinite(refs.reach).all():
+        rows = None
+    else:
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(xy[changed]).query(xy, k=1)
+        rows = np.flatnonzero(d <= refs.reach * (1 + 1e-9) + 1e-9)
+    return _local_references(xy, basis, values, usable, int(settings.n_neighbors), float(settings.node_tolerance),
+                             8192, rows=rows, base=None if rows is None else refs)
 
 
 def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:
@@ -722,9 +757,9 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         streak = np.asarray(sites["scan_streak"], bool) if "scan_streak" in sites else np.zeros(n, bool)
         if settings.scan_rows and streak.any():
             # a scan line's gain scales its columns (the offset was levelled in the image): divide it out
-            inten_ref = inten = _scan_line_gain(inten, refs, sub, xy[:, 1], observed, streak)
-            refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
-                                    node_tolerance=settings.node_tolerance)
+            gained = _scan_line_gain(inten, refs, sub, xy[:, 1], observed, streak)
+            refs = _refresh_references(refs, xy, basis, gained, observed, gained != inten, settings)
+            inten_ref = inten = gained
             sub = refs.rank()
         if settings.local_background:
             inten_ref = inten - _hollow_background(xy, inten, sub, observed)
