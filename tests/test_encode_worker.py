@@ -3,6 +3,7 @@ or leftover process, the opt-out, and a parent that never imports torch."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -62,7 +63,23 @@ def test_worker_encodes_like_the_model():
     w.close()  # idempotent
 
 
-def test_an_encode_error_is_the_models_and_the_worker_goes_on(caplog):
+@pytest.fixture
+def stemfast_log(caplog):
+    """caplog that also sees the ``stemfast`` logger after a CLI run in this process set it not to
+    propagate (logutil.setup_logging)."""
+    lg = logging.getLogger("stemfast")
+    level = lg.level
+    lg.addHandler(caplog.handler)
+    lg.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        lg.removeHandler(caplog.handler)
+        lg.setLevel(level)
+
+
+def test_an_encode_error_is_the_models_and_the_worker_goes_on(stemfast_log):
+    caplog = stemfast_log
     w = ew.EncodeWorker(FakeModel)
     try:
         with pytest.raises(ValueError, match=r"patches must be \[N, S, S\]"):
@@ -73,7 +90,8 @@ def test_an_encode_error_is_the_models_and_the_worker_goes_on(caplog):
         w.close()
 
 
-def test_a_model_that_does_not_load_fails_every_call(caplog):
+def test_a_model_that_does_not_load_fails_every_call(stemfast_log):
+    caplog = stemfast_log
     w = ew.EncodeWorker(_fail_loading)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="no such model"):
