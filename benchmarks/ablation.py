@@ -166,10 +166,7 @@ def main(argv=None) -> int:
 
     rows = []
     for arg in args.inputs:
-        parts = arg.split(":")
-        path = Path(parts[0])
-        material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
-        labels = Path(parts[2]) if len(parts) > 2 else None
+        path, material, labels = _parse_input(arg)
         d = _prepare(path, material, args.epochs, args.cache, args.model)
         s = d["sites"]
         xy = np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])])
@@ -199,13 +196,24 @@ def main(argv=None) -> int:
         row["classes vs lattice"] = float(summ["class_sublattice_ari"])
         row["sublattice ARI"] = float(adjusted_rand_score(tcls[m], np.asarray(t["sublattice_local"])[m]))
         rows.append(row)
-    cols = [c for c in rows[0] if c != "image"] if rows else []
-    cols = ["image", *cols]
+    _print_table(rows)
+    return 0
+
+
+def _parse_input(arg: str) -> tuple[Path, str, Path | None]:
+    """``PATH[:MATERIAL[:LABELS]]`` -> (path, material (default mos2), labels or None)."""
+    parts = arg.split(":")
+    material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
+    return Path(parts[0]), material, Path(parts[2]) if len(parts) > 2 else None
+
+
+def _print_table(rows: list[dict]) -> None:
+    """One Markdown row per image: ``image`` first, every other column to 3 decimals."""
+    cols = ["image", *[c for c in rows[0] if c != "image"]] if rows else []
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(r[c] if c == "image" else f"{r[c]:.3f}" for c in cols) + " |")
-    return 0
 
 
 if __name__ == "__main__":

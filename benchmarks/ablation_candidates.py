@@ -30,7 +30,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import _ap, _prepare, _truth  # noqa: E402
+from ablation import _ap, _parse_input, _prepare, _print_table, _truth  # noqa: E402
 
 
 def _scores(s, inten, **kw):
@@ -53,9 +53,10 @@ def _column(img, xy, nn, sigma):
 
 
 def _same_sublattice_vectors(s):
-    a1 = np.array([np.median(s["a1x"]), np.median(s["a1y"])])
-    a2 = np.array([np.median(s["a2x"]), np.median(s["a2y"])])
-    return [a1 + a2, 2 * a1 - a2, a1 - 2 * a2]
+    from stemfast.scanlines import same_sublattice_vectors
+
+    return same_sublattice_vectors(np.array([np.median(s["a1x"]), np.median(s["a1y"])]),
+                                   np.array([np.median(s["a2x"]), np.median(s["a2y"])]))
 
 
 def _gain_rows(s, inten):
@@ -145,21 +146,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for arg in args.inputs:
-        parts = arg.split(":")
-        path = Path(parts[0])
-        material = parts[1] if len(parts) > 1 and parts[1] else "mos2"
-        labels = Path(parts[2]) if len(parts) > 2 else None
+        path, material, labels = _parse_input(arg)
         d = _prepare(path, material, args.epochs, args.cache, args.model)
         mg = stemfast.read(path)
         img = np.asarray(mg.data if mg.data.ndim == 2 else mg.data[0], np.float64)
         s = d["sites"]
         pos, n_pos, _ = _truth(path, labels, np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])]))
         rows.append({"image": path.stem, **{k: _ap(v, pos, n_pos) for k, v in candidates(d, img).items()}})
-    cols = list(rows[0]) if rows else []
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(r[c] if c == "image" else f"{r[c]:.3f}" for c in cols) + " |")
+    _print_table(rows)
     return 0
 
 

@@ -17,7 +17,6 @@ Reported, not gated (``report_ratio``; CPU time, one thread, paired like the gat
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -94,10 +93,7 @@ def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None
 
     cands = list(candidates)[:max_gallery]
     n = len(cands)
-    ncol = 6
-    nrow = max(1, math.ceil(n / ncol)) if n else 1
-    fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
-    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
+    fig, gs, ncol = R.defects_layout(n)  # the layout is the figure's own too
     R.draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
         P = np.asarray(patches)[:n]

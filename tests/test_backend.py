@@ -38,12 +38,18 @@ print("SITES", len(t))
 """
 
 
-def test_package_works_and_says_why_without_the_compiled_extension():
+def _run_script(code: str):
+    """Run ``code`` in a fresh interpreter on this checkout (no STEMFAST_BACKEND); it must succeed.
+    Returns the process and its ``KEY value`` output lines as a dict."""
     env = {k: v for k, v in os.environ.items() if k != "STEMFAST_BACKEND"}
     env["PYTHONPATH"] = PYTHON_DIR
-    r = subprocess.run([sys.executable, "-c", _NO_CORE], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    return r, dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+
+
+def test_package_works_and_says_why_without_the_compiled_extension():
+    r, out = _run_script(_NO_CORE)
     assert "cpp" not in out["BACKENDS"].split(",") and "numpy" in out["BACKENDS"].split(",")
     assert "stemfast._core" in out["REASON"] and "pip install" in out["REASON"]
     assert "not available" in out["CPP_ERROR"] and "pip install" in out["CPP_ERROR"]
@@ -65,11 +71,7 @@ print("REASON", core_import_error())
 
 @pytest.mark.skipif("cpp" not in available_backends(), reason="no compiled extension")
 def test_an_extension_older_than_the_python_code_is_not_used():
-    env = {k: v for k, v in os.environ.items() if k != "STEMFAST_BACKEND"}
-    env["PYTHONPATH"] = PYTHON_DIR
-    r = subprocess.run([sys.executable, "-c", _OLD_CORE], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr
-    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    _, out = _run_script(_OLD_CORE)
     assert out["BACKENDS"].split(",") == ["numba", "numpy"]
     assert "older than the Python code: no propagate_labels" in out["REASON"] and "rebuild" in out["REASON"]
 

@@ -65,6 +65,19 @@ def ids_of(out):
 # ----------------------------------------------------------------------------- lattice arithmetic
 
 
+def link_flagged(seq, settings, cutoff=5.0):
+    """Link frames ``seq`` = [(points, scores, flags), ...] (no drift): each frame's sites with the
+    given scores and ``is_defect`` flags. Returns ``(linker, frames written)``."""
+    lk = DefectLinker(settings, cutoff=cutoff)
+    out = []
+    for k, (pts, sc, flag) in enumerate(seq):
+        t = table(pts, score=sc)
+        isd = np.asarray(t["is_defect"]).copy()
+        isd[:len(pts)] = flag
+        out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
+    return lk, out + lk.finish()
+
+
 def test_lattice_offsets_and_sublattice_steps():
     n, r = lattice_offset(np.array([S2_STEP, S2_STEP_B, 2 * S2_STEP, B[0] + [0.3, -0.2]]), B)
     assert n.tolist() == [[1, 1], [-1, 2], [2, 2], [1, 0]]
@@ -289,14 +302,8 @@ def test_the_faintest_sites_keep_a_track_on_its_node_but_never_carry_it_elsewher
     # not a hop, and never a run that is not yet a track
     p, q = node(2, 1), node(3, 2)  # q: one S2 step from p
     for second, want in ((p, [0, 0, 0]), (q, [0, -1, 0])):
-        lk = DefectLinker(TrackSettings(max_gap=1, stay_fraction=0.5, continue_fraction=0.6), cutoff=5.0)
-        out = []
-        for k, (pt, sc, flag) in enumerate([(p, 8.0, True), (second, 2.7, False), (p, 8.0, True)]):
-            t = table([pt], score=sc)
-            isd = np.asarray(t["is_defect"]).copy()
-            isd[0] = flag
-            out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
-        out += lk.finish()
+        lk, out = link_flagged([([p], [8.0], [True]), ([second], [2.7], [False]), ([p], [8.0], [True])],
+                               TrackSettings(max_gap=1, stay_fraction=0.5, continue_fraction=0.6))
         assert [int(t["track_id"][0]) for _, t in out] == want
         assert lk.n_tracks == 1 and lk.tracks_rows[0]["hops"] == 0
     # alone, such sites start nothing
@@ -334,14 +341,7 @@ def test_a_defect_hopping_away_from_a_faintly_lit_node_keeps_its_id():
     # site may be left to the noise, so the track follows the hop; no new id for the flagged site
     p, q = node(2, 1), node(3, 2)
     seq = [([p], [8.0], [True])] * 3 + [([p, q], [2.8, 7.0], [False, True])] + [([q], [7.0], [True])] * 3
-    lk = DefectLinker(TrackSettings(), cutoff=5.0)
-    out = []
-    for k, (pts, sc, flag) in enumerate(seq):
-        t = table(pts, score=sc)
-        isd = np.asarray(t["is_defect"]).copy()
-        isd[:len(pts)] = flag
-        out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
-    out += lk.finish()
+    lk, out = link_flagged(seq, TrackSettings())
     tid3 = dict(out)[3]["track_id"][:2].tolist()
     assert tid3 == [-1, 0]  # the faint site at p untracked, the flagged site at q on the track
     assert all(v == [0] for v in ids_of(out).values())
@@ -350,14 +350,7 @@ def test_a_defect_hopping_away_from_a_faintly_lit_node_keeps_its_id():
     assert (r["hops"], r["first_frame"], r["last_frame"], r["n_frames"]) == (1, 0, 6, 7)
     # with nothing else to explain, the same faint site keeps the track on its node (no hop, no gap)
     seq2 = [([p], [8.0], [True])] * 3 + [([p], [2.8], [False])] + [([p], [8.0], [True])] * 3
-    lk = DefectLinker(TrackSettings(), cutoff=5.0)
-    out = []
-    for k, (pts, sc, flag) in enumerate(seq2):
-        t = table(pts, score=sc)
-        isd = np.asarray(t["is_defect"]).copy()
-        isd[:len(pts)] = flag
-        out += lk.push(k, t.with_columns({"is_defect": isd}), drift=(0, 0) if k else None)
-    out += lk.finish()
+    lk, out = link_flagged(seq2, TrackSettings())
     assert all(v == [0] for v in ids_of(out).values())
     assert lk.tracks_rows[0]["n_frames"] == 7 and lk.tracks_rows[0]["hops"] == 0
 

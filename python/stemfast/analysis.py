@@ -331,6 +331,10 @@ def class_features(mu: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
     return c if rotation is None else np.column_stack([c, rotation])
 
 
+#: sites per block of :func:`local_references` (memory ~ chunk * n_neighbors * 40 bytes)
+REFERENCE_CHUNK = 8192
+
+
 @dataclass(frozen=True)
 class LocalReferences:
     """Output of :func:`local_references`, per site ``i`` and relative colour ``c`` (0 = ``i``'s own
@@ -361,7 +365,8 @@ class LocalReferences:
 
 
 def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, usable: np.ndarray | None = None,
-                     n_neighbors: int = 300, node_tolerance: float = 0.25, chunk: int = 8192) -> LocalReferences:
+                     n_neighbors: int = 300, node_tolerance: float = 0.25,
+                     chunk: int = REFERENCE_CHUNK) -> LocalReferences:
     """Statistics of ``values`` over the sites of each sublattice *around* every site.
 
     For site ``i``: its ``n_neighbors`` nearest sites (``i`` itself excluded) are expressed in ``i``'s
@@ -487,7 +492,7 @@ def _refresh_references(refs: LocalReferences, xy, basis, values, usable, change
         d, _ = cKDTree(xy[changed]).query(xy, k=1)
         rows = np.flatnonzero(d <= refs.reach * (1 + 1e-9) + 1e-9)
     return _local_references(xy, basis, values, usable, int(settings.n_neighbors), float(settings.node_tolerance),
-                             8192, rows=rows, base=None if rows is None else refs)
+                             REFERENCE_CHUNK, rows=rows, base=None if rows is None else refs)
 
 
 def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:

@@ -31,6 +31,7 @@ __all__ = [
     "plot_class_map",
     "plot_defects",
     "draw_candidate_map",
+    "defects_layout",
     "stage_table_rows",
     "format_stage_table",
     "write_html_report",
@@ -165,17 +166,22 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
         (False: only in the gallery, e.g. a candidate of another frame of a stack).
     patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
     """
-    plt = pyplot()
     cands = list(candidates)[:max_gallery]
     n = len(cands)
-    ncol = 6
-    nrow = max(1, math.ceil(n / ncol)) if n else 1
-    fig = plt.figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
-    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
+    fig, gs, ncol = defects_layout(n)
     draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
         _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
     save_figure(fig, path, dpi)
+
+
+def defects_layout(n: int, ncol: int = 6):
+    """The figure of :func:`plot_defects` for ``n`` gallery tiles: ``(figure, gridspec, ncol)``, the
+    candidate map on columns ``[:2]`` of the grid and the gallery (``ncol`` tiles a row) on ``[2:]``."""
+    nrow = max(1, math.ceil(n / ncol)) if n else 1
+    fig = pyplot().figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
+    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
+    return fig, gs, ncol
 
 
 def draw_candidate_map(ax, image: np.ndarray | None, cands: Sequence[Mapping], *, spacing_px: float | None = None,
