@@ -367,6 +367,7 @@ def find_sites(
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", **exc.meta})
+    f = _relevel_scan_lines(img, f, s, tm)
 
     # 5. per-site intensity, sublattice, strain
     t0 = time.perf_counter()
@@ -592,6 +593,26 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
 
 #: a site is on a flagged scan line when its row is within this many ``column_noise_px`` of the line
 STREAK_REACH = 2.0
+
+
+def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict) -> _Lattice:
+    """Steps 2-4 again on the image with its flagged scan lines levelled, when the lattice of ``f``
+    flags any (:func:`_scan_lines`): a streak of a few lines at a large fraction of the image's range
+    makes and splits peaks along it and moves the sites next to it, which levelling only the column
+    intensities afterwards does not undo. ``f`` is kept when nothing is flagged or the second pass
+    finds no lattice."""
+    lines, _ = _scan_lines(img, f.idx, f.idx.xy, s)
+    if lines is None or not len(lines.rows):
+        return f
+    levelled = img - lines.correction()[:, None].astype(img.dtype)
+    t0 = time.perf_counter()
+    try:
+        g = _find_lattice(levelled, s, {})
+    except _NoLattice:
+        return f
+    tm["relevel"] = time.perf_counter() - t0
+    log.info("%d flagged scan lines levelled before the columns were found again", len(lines.rows))
+    return g
 
 
 def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
