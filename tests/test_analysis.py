@@ -428,3 +428,31 @@ def test_references_refreshed_for_a_few_changed_values_equal_a_full_recompute():
     # it did change the rows next to the line and left the far ones alone
     moved = ~np.isclose(part.median, refs.median, equal_nan=True).all(1)
     assert moved.any() and not moved[np.abs(xy[:, 1] - 205.0) > 150].any()
+
+
+def test_classes_follow_the_sublattices_under_contamination_that_dominates_the_latents():
+    """Latent means that carry the sublattice (a small offset per colour) under a contamination blob that
+    moves every latent of the sites under it far more: k-means on the raw latents splits the blob from
+    the rest; on the latents minus their neighbourhood mean (``class_neighbors``) it finds the colours."""
+    from stemfast.clustering import adjusted_rand_index
+
+    xy, colour, inten, basis = make_lattice(n=30)
+    n = len(xy)
+    rng = np.random.default_rng(1)
+    centres = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    blob = np.exp(-((xy[:, 0] - 110) ** 2 + (xy[:, 1] - 120) ** 2) / (2 * 45.0 ** 2))
+    mu = centres[colour] + 8.0 * blob[:, None] * np.array([1.0, 0.7]) + rng.normal(0, 0.15, (n, 2))
+    enc = FakeEncoding(mu, np.ones(n), np.zeros(n))
+    tab = lattice_table(xy, colour, inten, basis)
+    with pytest.warns(ClassAgreementWarning):
+        raw, _ = analyze_sites(tab, enc, settings=AnalysisSettings(class_neighbors=0))
+    local, summary = analyze_sites(tab, enc)
+    assert adjusted_rand_index(colour, np.asarray(raw["class_id"])) < 0.5
+    assert adjusted_rand_index(colour, np.asarray(local["class_id"])) > 0.95
+    assert summary["class_sublattice_ari"] > 0.95
+
+
+def test_class_neighbors_is_validated():
+    with pytest.raises(ValueError, match="class_neighbors"):
+        AnalysisSettings(class_neighbors=3)
+    assert AnalysisSettings(class_neighbors=0).class_neighbors == 0

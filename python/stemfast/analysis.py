@@ -108,6 +108,10 @@ class AnalysisSettings:
         heavier substitution stands out by far more than the cutoff anyway (1 = the symmetric
         ``|z|``; 0.5 raised defect AP on the labelled WSe2 and all four simulated images,
         docs/RESULTS.md).
+    class_neighbors : k-means clusters each site's latent means minus their mean over its this many
+        nearest sites (all sublattices alike, so what tells the sublattices apart stays, and what
+        varies smoothly over the image -- contamination, thickness, illumination -- goes); 0 clusters
+        the latent means as they are.
     """
 
     n_classes: int | None = 3
@@ -124,6 +128,7 @@ class AnalysisSettings:
     local_background: bool = False
     hollow_defects: bool = False
     brighter_weight: float = 0.5
+    class_neighbors: int = 60
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
@@ -140,6 +145,8 @@ class AnalysisSettings:
             raise ValueError(f"n_neighbors must be >= 7, got {self.n_neighbors}")
         if not 0 < self.node_tolerance < 0.5:
             raise ValueError(f"node_tolerance must be in (0, 0.5), got {self.node_tolerance}")
+        if self.class_neighbors < 0 or 0 < self.class_neighbors < 7:
+            raise ValueError(f"class_neighbors must be 0 or >= 7, got {self.class_neighbors}")
 
 
 def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -715,6 +722,25 @@ def _ari(a: np.ndarray, b: np.ndarray) -> float:
     return adjusted_rand_index(a, b) if len(a) > 1 else float("nan")
 
 
+def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Mean of ``values`` [N, ...] over each site's ``k`` nearest sites (itself included) [N, ...].
+
+    Examples
+    --------
+    >>> xy = np.column_stack([np.arange(10.0), np.zeros(10)])
+    >>> neighbourhood_mean(xy, np.arange(10.0), 3)[[0, 5, 9]].tolist()
+    [1.0, 5.0, 8.0]
+    """
+    from scipy.spatial import cKDTree
+
+    from .backend import kernel_thread_count
+
+    k = min(int(k), len(xy))
+    _, j = cKDTree(xy).query(xy, k=k, workers=kernel_thread_count())
+    j = np.asarray(j).reshape(len(xy), k)
+    return np.asarray(values, np.float64)[j].mean(axis=1)
+
+
 def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,
                      settings: AnalysisSettings, rotation_symmetry: int) -> tuple[np.ndarray, int, dict]:
     """k-means classes on the latent means and the rotation latent relative to each site's lattice
@@ -727,6 +753,9 @@ def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, i
         strength = getattr(enc, "angle_strength", None)
         rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
                                         strength=None if strength is None else np.asarray(strength, np.float64))
+    if settings.class_neighbors and len(mu) > settings.class_neighbors:
+        xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
+        mu = mu - neighbourhood_mean(xy, mu, settings.class_neighbors)
     cls, k, info = cluster_latents(class_features(mu, rot), n_classes=settings.n_classes, order_by=inten,
                                    settings=settings)
     info.update(rot_info)
