@@ -365,9 +365,12 @@ def find_sites(
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material}
+    t0 = time.perf_counter()
     img, jumps, ring = _undo_scan_jumps(img, s)
+    t_jumps = time.perf_counter() - t0
     try:
         f = _find_lattice(img, s, tm, ring)
+        tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", **exc.meta})
