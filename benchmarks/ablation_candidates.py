@@ -12,7 +12,25 @@ like ``benchmarks/ablation.py`` (same inputs, same cache, same truth rules, AP o
   (radius 0.45 nn, 1 px low-pass bandpass) of the site's own-sublattice references;
 * ``local + shape``: ``sqrt(local^2 + (0.5 max(z_shape, 0))^2)`` with ``z_shape`` the local robust z
   of the log residual of the patch after that scale (a model-free "does not look like its
-  neighbours" term).
+  neighbours" term);
+* ``LS amplitudes S px``: the column amplitude as a joint linear least-squares fit of fixed Gaussians
+  (sigma S px) at all sites (metal, chalcogen and hexagon centres) to the levelled image with its
+  background slower than one spacing taken out (a Gaussian high-pass of sigma nn; "no high-pass":
+  the raw levelled image) -- the "scattering cross-section" estimate of StatSTEM / atomap, solved
+  through the sparse normal equations; ``Gaussian-weighted S px`` is the same without the joint
+  solve (each amplitude alone: the Gaussian-weighted mean), to tell the deconvolution of the
+  neighbours from the change of filter;
+* ``half-column likelihood ratio``: ``d (-z - d / 2)`` (darker) or ``0.5 d (z - d / 2)`` (brighter)
+  on metal and chalcogen sites, with ``d = (ref - hollow) / (2 scale)`` the local contrast of half
+  a column in units of the z scale: the log likelihood ratio of "half the column is missing" (a
+  V_Se) against "intact" for Gaussian noise, instead of the z itself (it ranks a given z lower
+  where the local contrast is low, e.g. under contamination);
+* ``z calibrated by edge distance``: each site's z divided by the robust spread of the z of its
+  sublattice in its band of distance to the image edge (0-1, 1-2, 2-3 spacings) relative to the
+  spread inside, where that is larger;
+* ``local, interior sites only`` (labelled images): the default score with the sites outside the
+  checker's labelled interior (1.5 nn inside the labelled field) ranked last -- how well the
+  ranking does where the labels are judged.
 
 Usage (same arguments as ablation.py)::
 
@@ -109,6 +127,105 @@ def _patch_features(s, img, nn, rad_nn=0.45, k=300, tol=0.25):
     return alpha, res
 
 
+def _ls_amplitudes(img, xy, sigma, highpass_px=None, trunc=3.0, ridge=1e-6):
+    """Least-squares amplitudes of Gaussians of ``sigma`` px at ``xy`` fitted jointly to ``img`` (its
+    Gaussian blur of ``highpass_px`` taken out first, unless None): the sparse normal equations."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spl
+
+    img = np.asarray(img, np.float64)
+    if highpass_px:
+        img = img - ndimage.gaussian_filter(img, highpass_px, mode="reflect")
+    H, W = img.shape
+    R = int(np.ceil(trunc * sigma))
+    oy, ox = (g.ravel() for g in np.mgrid[-R:R + 1, -R:R + 1])
+    px = np.rint(xy[:, 0]).astype(int)[:, None] + ox[None]
+    py = np.rint(xy[:, 1]).astype(int)[:, None] + oy[None]
+    val = np.exp(-((px - xy[:, 0, None]) ** 2 + (py - xy[:, 1, None]) ** 2) / (2 * sigma ** 2))
+    ok = (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    rows = np.broadcast_to(np.arange(len(xy))[:, None], px.shape)[ok]
+    A = sp.csr_matrix((val[ok], (rows, (py * W + px)[ok])), shape=(len(xy), H * W))
+    AtA = (A @ A.T).tocsc()
+    return spl.spsolve(AtA + sp.diags(ridge * AtA.diagonal()), A @ img.ravel())
+
+
+def _gaussian_weighted(img, xy, sigma, highpass_px=None, trunc=3.0):
+    """Each site's Gaussian-weighted mean of ``img`` (high-passed as in :func:`_ls_amplitudes`)."""
+    img = np.asarray(img, np.float64)
+    if highpass_px:
+        img = img - ndimage.gaussian_filter(img, highpass_px, mode="reflect")
+    H, W = img.shape
+    R = int(np.ceil(trunc * sigma))
+    oy, ox = (g.ravel() for g in np.mgrid[-R:R + 1, -R:R + 1])
+    px = np.rint(xy[:, 0]).astype(int)[:, None] + ox[None]
+    py = np.rint(xy[:, 1]).astype(int)[:, None] + oy[None]
+    w = np.exp(-((px - xy[:, 0, None]) ** 2 + (py - xy[:, 1, None]) ** 2) / (2 * sigma ** 2))
+    w = w * ((px >= 0) & (px < W) & (py >= 0) & (py < H))
+    return (w * img[np.clip(py, 0, H - 1), np.clip(px, 0, W - 1)]).sum(1) / w.sum(1)
+
+
+def _half_column_ratio(s, sc, inten):
+    """Log likelihood ratio of "half the column missing" vs "intact" (module docs)."""
+    from stemfast.analysis import _reference_levels
+
+    obs = np.asarray(s["observed"], bool)
+    hollow = _reference_levels(sc.refs, sc.grp, inten, obs)[:, 2]
+    own, z = sc.refs.median[:, 0], sc.z_int
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(z != 0, (inten - own) / z, np.nan)
+        d = 0.5 * (own - hollow) / scale
+    good = np.isfinite(d) & (d > 0)
+    d = np.where(good, d, np.median(d[good]))
+    column = (sc.grp == 0) | (sc.grp == 1)
+    an = np.where(column, np.maximum(d * (-z - 0.5 * d), 0.5 * d * (z - 0.5 * d)), 0.0)
+    return np.where(obs, an, 0.0)
+
+
+def _edge_calibrated(s, sc, bands=(0, 1, 2, 3)):
+    """The default score with each site's z divided by its edge band's relative spread (module docs)."""
+    import dataclasses
+
+    from stemfast.analysis import AnalysisSettings, _anomaly
+
+    xy = np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)])
+    H, W = s.meta["shape"]
+    e = np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) / float(s.meta["spacing_px"])
+    obs = np.asarray(s["observed"], bool)
+    z = sc.z_int.copy()
+    spread = lambda v: 1.4826 * np.median(np.abs(v - np.median(v)))  # noqa: E731
+    for g in (0, 1):
+        inside = spread(z[obs & (sc.grp == g) & (e >= bands[-1])])
+        for lo, hi in zip(bands[:-1], bands[1:]):
+            m = obs & (sc.grp == g) & (e >= lo) & (e < hi)
+            if m.sum() >= 30:
+                z[m] *= min(1.0, inside / spread(z[m]))
+    n = len(z)
+    an = _anomaly(AnalysisSettings(), dataclasses.replace(sc, z_int=z), np.zeros(n), np.zeros(n), np.zeros(n, bool))
+    return np.where(obs, an, 0.0)
+
+
+def _fit_candidates(s, levelled, xy, nn):
+    """The least-squares and Gaussian-weighted amplitudes (module docs), each scored like the default."""
+    out = {}
+    for sig in (1.0, 1.3):
+        out[f"LS amplitudes {sig} px"] = _scores(s, _ls_amplitudes(levelled, xy, sig, nn))[0]
+        out[f"LS amplitudes {sig} px, no high-pass"] = _scores(s, _ls_amplitudes(levelled, xy, sig))[0]
+        out[f"Gaussian-weighted {sig} px"] = _scores(s, _gaussian_weighted(levelled, xy, sig, nn))[0]
+    return out
+
+
+def _interior(labels, xy):
+    """Sites inside the checker's labelled interior (1.5 nn inside the labels' field), else None."""
+    import csv
+
+    if labels is None:
+        return None
+    with open(labels, newline="") as fh:
+        L = np.array([[float(r["x"]), float(r["y"])] for r in csv.DictReader(fh)])
+    nn = float(np.median(cKDTree(L).query(L, k=4)[0][:, 1:]))
+    return np.all((xy > L.min(0) + 1.5 * nn) & (xy < L.max(0) - 1.5 * nn), 1)
+
+
 def candidates(d, img):
     from stemfast.scanlines import scan_line_offsets
 
@@ -132,6 +249,9 @@ def candidates(d, img):
     _, sc_shape = _scores(s, np.log(res + 1e-12))
     shape = np.where((sc.grp == 2) | ~np.asarray(s["observed"], bool), 0.0, np.maximum(sc_shape.z_int, 0.0))
     out["local + shape"] = np.sqrt(local ** 2 + (0.5 * shape) ** 2)
+    out.update(_fit_candidates(s, levelled, xy, nn))
+    out["half-column likelihood ratio"] = _half_column_ratio(s, sc, inten)
+    out["z calibrated by edge distance"] = _edge_calibrated(s, sc)
     return out
 
 
@@ -152,7 +272,12 @@ def main(argv=None) -> int:
         img = np.asarray(mg.data if mg.data.ndim == 2 else mg.data[0], np.float64)
         s = d["sites"]
         pos, n_pos, _ = _truth(path, labels, np.column_stack([np.asarray(s["x"]), np.asarray(s["y"])]))
-        rows.append({"image": path.stem, **{k: _ap(v, pos, n_pos) for k, v in candidates(d, img).items()}})
+        cand = candidates(d, img)
+        row = {"image": path.stem, **{k: _ap(v, pos, n_pos) for k, v in cand.items()}}
+        inside = _interior(labels, np.column_stack([np.asarray(s["x"], float), np.asarray(s["y"], float)]))
+        row["local, interior sites only"] = (float("nan") if inside is None else
+                                             _ap(np.where(inside, cand["local (default)"], -np.inf), pos, n_pos))
+        rows.append(row)
     _print_table(rows)
     return 0
 

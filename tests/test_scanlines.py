@@ -145,3 +145,96 @@ def test_strong_single_line_streaks_do_not_move_the_sites_next_to_them(seed):
     assert (d <= 0.3 * s.meta["nn_px"]).all()
     assert np.percentile(d[near], 95) <= 1.25 * np.percentile(d[~near], 95)
     assert set(t.meta["lattice"]["scan_lines"]["flagged_rows"]) >= set(rows.tolist())
+
+# -- sideways scan jumps ---------------------------------------------------------------------------
+
+#: (first row, rows, shift px): two bands recorded shifted sideways by whole pixels
+JUMPS = [(120, 25, 2), (250, 12, -3)]
+
+
+def _jumped(img, jumps=JUMPS):
+    out = np.array(img, np.float64)
+    for r, h, sh in jumps:
+        out[r:r + h] = np.roll(out[r:r + h], sh, axis=1)
+    return out
+
+
+def test_scan_line_jumps_finds_the_jumps_and_nothing_else():
+    from stemfast.scanlines import scan_line_jumps
+
+    s, img = _low_dose_image(0, streaks=STREAKS)
+    clean = scan_line_jumps(img)                      # streaks (offsets, gains) are no jumps
+    assert not clean.flagged.any() and not clean.offsets().any()
+    j = scan_line_jumps(_jumped(img))
+    assert j.rows.tolist() == [120, 145, 250, 262]
+    np.testing.assert_allclose(j.shift[j.rows - 1], [2, -2, -3, 3], atol=0.35)
+    off = j.offsets()
+    assert np.all(off[:120] == 0) and np.allclose(off[121:144], 2, atol=0.35) and np.allclose(off[251:261], -3, atol=0.35)
+    # undone, the jumped lines agree with the recorded ones again (away from the line ends)
+    back = j.undo(_jumped(img))
+    before = np.abs(_jumped(img) - img)[125:140, 8:-8].mean()
+    assert np.abs(back - img)[125:140, 8:-8].mean() < 0.3 * before
+    assert np.array_equal(back[:120], img[:120])       # lines that did not jump are untouched
+    # a position found on the undone image goes back to where the recorded image has it
+    np.testing.assert_allclose(j.recorded_x(np.array([50.0, 50.0]), np.array([60.0, 132.0])), [50, 52], atol=0.35)
+
+
+def test_scan_line_jumps_judges_no_featureless_line_and_checks_its_input():
+    from stemfast.scanlines import scan_line_jumps
+
+    rng = np.random.default_rng(0)
+    j = scan_line_jumps(rng.normal(size=(64, 256)))   # noise only: no pair is judged, nothing moves
+    assert np.isnan(j.shift).mean() > 0.9 and not j.flagged.any()
+    for bad in (np.zeros(5), np.zeros((1, 5))):
+        with pytest.raises(ValueError):
+            scan_line_jumps(bad)
+    with pytest.raises(ValueError):
+        scan_line_jumps(np.zeros((8, 8)), threshold=0)
+
+
+def test_scan_jumps_make_no_defects_and_sites_stay_where_the_image_has_them():
+    s, img = _low_dose_image(1, streaks=[])
+    jumped = _jumped(img)
+    t, a = _analyse(jumped)
+    assert t.meta["lattice"]["scan_lines"]["jump_rows"] == [120, 145, 250, 262]
+    nn = s.meta["nn_px"]
+    truth = s.truth.copy()                            # the columns as recorded: moved with their band
+    for r, h, sh in JUMPS:
+        truth[(np.rint(truth[:, 1]) >= r) & (np.rint(truth[:, 1]) < r + h), 0] += sh
+    d, j = cKDTree(truth[:, :2]).query(t.xy)
+    inside = np.all((t.xy > 3) & (t.xy < np.array(img.shape[::-1]) - 4), 1)
+    assert np.median(d[inside]) < 0.5 and (d[inside] < 0.3 * nn).mean() > 0.97
+    pos = (d < 0.3 * nn) & (truth[j, 3] > 0)
+    normal = (d < 0.3 * nn) & (truth[j, 3] == 0)
+    y = t.xy[:, 1]
+    at_jump = np.zeros(len(t), bool)
+    for r, h, _ in JUMPS:
+        at_jump |= (np.abs(y - (r - 0.5)) < 3) | (np.abs(y - (r + h - 0.5)) < 3)
+    assert (normal & at_jump).sum() >= 20
+    an = np.asarray(a["anomaly_score"])
+    assert not (normal & at_jump)[np.argsort(-an)[: int(pos.sum())]].any()
+    # without undoing the jumps the columns they cut rank among the defects
+    t0, a0 = _analyse(jumped, scan_lines=False)
+    an0 = np.asarray(a0["anomaly_score"])
+    d0, j0 = cKDTree(truth[:, :2]).query(t0.xy)
+    normal0 = (d0 < 0.3 * nn) & (truth[j0, 3] == 0)
+    at0 = np.zeros(len(t0), bool)
+    for r, h, _ in JUMPS:
+        at0 |= (np.abs(t0.xy[:, 1] - (r - 0.5)) < 3) | (np.abs(t0.xy[:, 1] - (r + h - 0.5)) < 3)
+    pos0 = (d0 < 0.3 * nn) & (truth[j0, 3] > 0)
+    assert (normal0 & at0)[np.argsort(-an0)[: int(pos0.sum())]].sum() >= 2
+
+
+@pytest.mark.parametrize("rotation_deg", [0.0, 30.0, 90.0])
+def test_atom_rows_along_the_scan_lines_are_not_jumps(rotation_deg):
+    """Where the atom rows run along the scan lines, neighbouring lines can see different rows of
+    columns (offset by half a period) and look shifted; the lattice check must reject them all."""
+    from stemfast.scanlines import scan_line_jumps
+
+    s = make_mos2(shape=(384, 384), seed=3, rotation_deg=rotation_deg)
+    img = s.image.astype(np.float64)
+    assert scan_line_jumps(img).flagged.any()        # the candidates are there ...
+    t = find_sites(img)                               # ... and none survives
+    assert t.meta["lattice"]["scan_lines"]["jump_rows"] == []
+    clean = find_sites(img, scan_lines=False)
+    np.testing.assert_array_equal(t.xy, clean.xy)

@@ -16,14 +16,25 @@ Lines whose offset stands out from the others by more than ``threshold`` robust 
 deviations are *flagged*. Their offset is taken out of the image before the column intensities
 are read (:func:`stemfast.find_sites`, ``column_intensity``); what a gain (not an offset) did to
 the columns on them is taken out in the defect scores (:mod:`stemfast.analysis`), per site.
+
+A *row jump* moves lines sideways instead: the scan's x position slipped between two lines, and the
+lines after it (a band, or the rest of the frame) are recorded shifted by a pixel or more. Two
+neighbouring lines of a sound scan see the same columns (a column is wider than a line), so their
+profiles along x agree at zero shift (or at the scan's steady shear); across a jump they agree at
+the jump (:func:`scan_line_jumps`: the peak of the cross-correlation of each pair of neighbouring
+lines, sub-pixel), confirmed against the lattice (:func:`_confirmed_by_lattice`) and kept in
+bands (a jump and the jump back). The columns cut by a jump would read as a vacancy and its
+neighbour; the bands are undone before the lattice is found (:meth:`ScanJumps.undo`) and the sites' positions are
+reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import fft as sfft
 
-__all__ = ["ScanLines", "scan_line_offsets", "same_sublattice_vectors"]
+__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "same_sublattice_vectors"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -154,3 +165,217 @@ def _scan_line_offsets(img: np.ndarray, vec: np.ndarray, threshold: float) -> Sc
     noise = float(1.4826 * np.median(np.abs(offset[good] - centre)))
     flagged = good & (np.abs(offset - centre) > threshold * noise) if noise > 0 else np.zeros(len(offset), bool)
     return ScanLines(offset, flagged, noise)
+
+
+#: a jump between two lines is flagged when their shift is this many robust standard deviations from
+#: the typical neighbouring-line shift (the scan's shear) and at least ``JUMP_MIN_PX``
+JUMP_THRESHOLD = 6.0
+#: smallest shift (px) flagged as a jump
+JUMP_MIN_PX = 0.5
+#: largest shift (px) looked for between two lines
+JUMP_MAX_LAG = 4
+#: a pair of lines is judged only when their profiles correlate at the best shift by at least this many
+#: standard errors of the correlation of two noise lines (``1 / sqrt(W)``): lines through vacuum, a
+#: hole or a featureless region carry no shift
+JUMP_MIN_CORRELATION_SE = 5.0
+
+
+@dataclass(frozen=True)
+class ScanJumps:
+    """Output of :func:`scan_line_jumps`.
+
+    Attributes
+    ----------
+    shift : float64 [H - 1], how far line ``y + 1`` lies to the right of line ``y`` (px), less the
+        typical shift of neighbouring lines (NaN where the pair was not judged).
+    flagged : bool [H - 1], the jumps, in pairs: the jump into a band of shifted lines and the one back.
+    noise : robust standard deviation of ``shift`` over the judged pairs.
+    """
+
+    shift: np.ndarray
+    flagged: np.ndarray
+    noise: float
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The first line after each jump."""
+        return np.flatnonzero(self.flagged) + 1
+
+    def offsets(self) -> np.ndarray:
+        """float64 [H]: how far each recorded line lies to the right of where it belongs: the
+        lines between the two jumps of each band (:attr:`flagged` holds them in pairs), moved by the
+        mean of the jump there and the jump back; 0 elsewhere."""
+        off = np.zeros(len(self.shift) + 1)
+        b = np.flatnonzero(self.flagged)
+        for b1, b2 in zip(b[0::2], b[1::2]):
+            off[b1 + 1:b2 + 1] = 0.5 * (self.shift[b1] - self.shift[b2])
+        return off
+
+    def undo(self, image: np.ndarray) -> np.ndarray:
+        """``image`` with the jumped lines moved back (linear interpolation along the line; the
+        ends repeat the last pixel); the image itself when there is no jump."""
+        off = self.offsets()
+        if not off.any():
+            return image
+        out = np.array(image, dtype=np.float32 if image.dtype != np.float64 else np.float64)
+        x = np.arange(out.shape[1], dtype=np.float64)
+        for y in np.flatnonzero(off):
+            out[y] = np.interp(x + off[y], x, np.asarray(image[y], np.float64))
+        return out
+
+    def recorded_x(self, x: np.ndarray, y: np.ndarray, column_px: float = 1.0) -> np.ndarray:
+        """Positions ``x`` (at rows ``y``) found on :meth:`undo`'s image, where the recorded image has
+        them: moved by their lines' offset, averaged over the column's rows (a Gaussian of
+        ``column_px`` along y), so a column that a jump cuts lies between its two recorded halves."""
+        from scipy import ndimage
+
+        off = ndimage.gaussian_filter1d(self.offsets(), column_px, mode="nearest")
+        return np.asarray(x, np.float64) + np.interp(np.asarray(y, np.float64), np.arange(len(off)), off)
+
+
+def scan_line_jumps(image, vectors=None, *, threshold: float = JUMP_THRESHOLD, min_px: float = JUMP_MIN_PX,
+                    max_lag: int = JUMP_MAX_LAG) -> ScanJumps:
+    """Sideways jumps of the scan between neighbouring lines (module docs).
+
+    Parameters
+    ----------
+    image : (H, W) array, the raw micrograph.
+    vectors : float [K, 2], optional: lattice translations (x, y) in px that map the lattice onto
+        itself (:func:`same_sublattice_vectors`). Where the atom rows run along the scan lines,
+        neighbouring lines can see different rows of columns, offset by half a period: such a pair
+        looks like a jump. With ``vectors`` a jump is kept only when the lattice confirms it: the
+        lines one translation before the jump, compared with their lattice images after it, are
+        off by the same shift (:func:`_confirmed_by_lattice`). Without, every candidate is kept.
+    threshold : flag a pair of lines whose shift is more than this many robust standard deviations
+        from the typical one ...
+    min_px : ... and at least this many pixels.
+    max_lag : largest shift looked for (px).
+
+    Returns
+    -------
+    ScanJumps
+
+    Examples
+    --------
+    >>> from stemfast.synthetic import make_lattice
+    >>> img, _ = make_lattice((96, 96), 8.0, rotation_deg=10.0, noise=0.05, seed=0)
+    >>> img[40:60] = np.roll(img[40:60], 2, axis=1)  # lines 40-59 recorded 2 px to the right
+    >>> jumps = scan_line_jumps(img, same_sublattice_vectors([8.0 * np.cos(np.radians(10)), 8.0 * np.sin(np.radians(10))],
+    ...                                                      [8.0 * np.cos(np.radians(70)), 8.0 * np.sin(np.radians(70))]))
+    >>> jumps.rows.tolist(), (np.round(jumps.offsets()[[39, 40, 59, 60]]) + 0.0).tolist()
+    ([40, 60], [0.0, 2.0, 2.0, 0.0])
+    """
+    img = np.asarray(image, np.float64)
+    if img.ndim != 2 or min(img.shape) < 2:
+        raise ValueError(f"image must be 2-D, got shape {img.shape}")
+    if not threshold > 0 or not min_px > 0 or int(max_lag) < 1:
+        raise ValueError("threshold and min_px must be > 0, max_lag >= 1")
+    lag = min(int(max_lag), img.shape[1] // 4)
+    shift, corr = _neighbour_line_shifts(img, max(lag, 1))
+    judged = corr >= JUMP_MIN_CORRELATION_SE / np.sqrt(img.shape[1])
+    out = np.full(len(shift), np.nan)
+    if judged.sum() < 3:
+        return ScanJumps(out, np.zeros(len(shift), bool), float("nan"))
+    typical = float(np.median(shift[judged]))
+    out[judged] = shift[judged] - typical
+    noise = float(1.4826 * np.median(np.abs(out[judged])))
+    flagged = judged & (np.abs(np.nan_to_num(out)) > max(min_px, threshold * noise))
+    if vectors is not None and flagged.any():
+        flagged &= _confirmed_by_lattice(img, np.asarray(vectors, np.float64).reshape(-1, 2), flagged, out,
+                                         max(lag, 1), min_px)
+    return ScanJumps(out, _bands(flagged, out), noise)
+
+
+def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The flagged jumps that come in bands: a jump followed by the next flagged one going back by
+    about as much (the two shifts cancel to within half the larger); the others are dropped, so a
+    jump found wrongly or missed never moves the rest of the image."""
+    keep = np.zeros_like(flagged)
+    b = list(np.flatnonzero(flagged))
+    while len(b) >= 2:
+        j1, j2 = shift[b[0]], shift[b[1]]
+        if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
+            keep[b[0]] = keep[b[1]] = True
+            b = b[2:]
+        else:
+            b = b[1:]
+    return keep
+
+
+def _block_lag(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: int) -> float:
+    """Sub-pixel lag (within ``max_lag`` of ``centre``) at which the lines ``ys + dy`` of ``a`` best
+    match the lines ``ys`` (``a[y + dy, x + lag] ~ a[y, x]``), their cross-correlations summed."""
+    W = a.shape[1]
+    top_all, bot_all = a[ys], a[ys + dy]
+    lags = np.arange(int(np.rint(centre)) - max_lag, int(np.rint(centre)) + max_lag + 1)
+    cc = np.full(len(lags), -np.inf)
+    for k, L in enumerate(lags):
+        if abs(L) < W // 2:
+            top, bot = (top_all[:, :W - L], bot_all[:, L:]) if L >= 0 else (top_all[:, -L:], bot_all[:, :W + L])
+            cc[k] = float(np.mean(top * bot))
+    k = int(np.clip(np.argmax(cc), 1, len(lags) - 2))
+    cm, c0, cp = cc[k - 1], cc[k], cc[k + 1]
+    den = cm - 2 * c0 + cp
+    frac = 0.5 * (cm - cp) / den if np.isfinite(den) and den < 0 else 0.0
+    return float(lags[k] + np.clip(frac, -0.5, 0.5))
+
+
+def _confirmed_by_lattice(img: np.ndarray, vectors: np.ndarray, flagged: np.ndarray, shift: np.ndarray,
+                          max_lag: int, min_px: float) -> np.ndarray:
+    """Which of the ``flagged`` jumps (``shift[b]`` px between lines ``b`` and ``b + 1``) the lattice
+    confirms. For each translation ``t`` (pointing down, ``dy = round(t_y)`` lines), the ``dy`` lines
+    just before the jump, each compared with its lattice image ``dy`` lines further (after the jump;
+    a whole row period, so that no single pair of atom rows decides), match at the lag the image
+    needs elsewhere (``t_x`` plus the scan's shear) plus the jump; the median over translations must
+    exceed ``min_px`` and lie within half the jump of it. (A band narrower than about ``dy / 2``
+    lines is therefore not confirmed and stays as recorded.)"""
+    from scipy import ndimage
+
+    H = img.shape[0]
+    a = img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
+    cand = np.flatnonzero(flagged)
+    vecs = []
+    for tx, ty in vectors:
+        tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
+        dy = int(np.rint(ty))
+        if 1 <= dy < H // 4:
+            ref = np.arange(0, H - dy, max(1, (H - dy) // 64))
+            vecs.append((dy, _block_lag(a, ref, dy, tx, max_lag)))
+    keep = np.zeros(len(flagged), bool)
+    for b in cand:
+        off = []
+        for dy, typical in vecs:
+            ys = np.arange(b + 1 - dy, b + 1)
+            ys = ys[(ys >= 0) & (ys + dy < H)]
+            if len(ys):
+                off.append(_block_lag(a, ys, dy, typical, max_lag) - typical)
+        med = float(np.median(off)) if off else 0.0
+        keep[b] = abs(med) >= min_px and abs(med - shift[b]) < 0.5 * abs(shift[b])
+    return keep
+
+
+def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair of neighbouring lines: the shift of line ``y + 1`` against line ``y`` at the peak of
+    their cross-correlation (parabola through the best integer lag and its two neighbours) and the
+    correlation coefficient there. The cross-correlations come from one FFT along the lines
+    (circular; the lines' slow trends are taken out first, so the wrap-around hardly matters)."""
+    from scipy import ndimage
+
+    H, W = img.shape
+    a = np.asarray(img, np.float32)
+    a = a - ndimage.uniform_filter1d(a, 4 * max_lag + 1, axis=1, mode="reflect")  # slow trends out
+    a -= a.mean(1, keepdims=True)
+    var = (a * a).mean(1, dtype=np.float64)
+    F = sfft.rfft(a, axis=1)
+    cc = sfft.irfft(np.conj(F[:-1]) * F[1:], n=W, axis=1)
+    lags = np.arange(-max_lag, max_lag + 1)
+    cc = cc[:, lags % W].astype(np.float64) / W
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cc /= np.sqrt(var[:-1] * var[1:])[:, None]
+    cc = np.nan_to_num(cc)
+    k = np.clip(np.argmax(cc, 1), 1, len(lags) - 2)
+    r = np.arange(H - 1)
+    c0, cm, cp = cc[r, k], cc[r, k - 1], cc[r, k + 1]
+    den = cm - 2 * c0 + cp
+    frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
+    return lags[k] + np.clip(frac, -0.5, 0.5), c0

@@ -92,7 +92,10 @@ class SiteSettings:
     scan_lines : find scan lines (image rows) that are off against the lattice (streaks, row jumps:
         :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read and mark the sites
         within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
-        take out a gain there); ``meta["lattice"]["scan_lines"]`` lists them (and ``summary.json``).
+        take out a gain there); find the sideways jumps of the scan between two lines
+        (:func:`stemfast.scanlines.scan_line_jumps`), undo them before the lattice is found and
+        report the sites where the recorded image has them; ``meta["lattice"]["scan_lines"]`` lists
+        both (``flagged_rows``, ``jump_rows``; also in ``summary.json``).
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
@@ -362,8 +365,12 @@ def find_sites(
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material}
+    t0 = time.perf_counter()
+    img, jumps, ring = _undo_scan_jumps(img, s)
+    t_jumps = time.perf_counter() - t0
     try:
-        f = _find_lattice(img, s, tm)
+        f = _find_lattice(img, s, tm, ring)
+        tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", **exc.meta})
@@ -372,6 +379,7 @@ def find_sites(
     # 5. per-site intensity, sublattice, strain
     t0 = time.perf_counter()
     cols, bands, scan_meta = _site_columns(img, f, s, pixel_size, unit)
+    _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px)
     tm["describe"] = time.perf_counter() - t0
     idx = f.idx
     nodes = idx.kind != 2
@@ -396,7 +404,7 @@ def find_sites(
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
-    lattice_meta["scan_lines"] = scan_meta  # in summary.json with the lattice
+    lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps)}  # in summary.json with the lattice
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -428,15 +436,15 @@ class _Lattice(NamedTuple):
     holes: bool  # holes in the film were looked for
 
 
-def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict) -> _Lattice:
+def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lattice:
     """Steps 1-4 of :func:`find_sites` (spacing, bandpass, peaks, site lattice); :class:`_NoLattice`
-    when there is none."""
+    when there is none. ``ring``: the Bragg ring of ``img`` when already known."""
     t0 = time.perf_counter()
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
     material = get_material(s.material)
     # 1. the metal lattice's first Bragg ring: the site spacing and the lattice over the image
-    ring = _bragg_ring(img, s)
+    ring = _bragg_ring(img, s) if ring is None else ring
     nn = float(s.spacing) if s.spacing is not None else ring.spacing
     tm["spacing"] = time.perf_counter() - t0
 
@@ -635,6 +643,48 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
         near_hi = np.abs(xy[:, 1] - rows[np.clip(k, 0, len(rows) - 1)]) <= reach
         streak = near_lo | near_hi
     return lines, streak
+
+
+def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
+    """``(image, jumps, ring)``: ``img`` with its bands of sideways-jumped scan lines moved back
+    (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
+    three shortest translations; the sites are found on it and reported where the recorded image
+    has them, :func:`_to_recorded`), the jumps (None when ``scan_lines`` is off or there is no
+    lattice), and the Bragg ring when it was read off the unchanged image (else None)."""
+    from .scanlines import scan_line_jumps
+
+    if not s.scan_lines:
+        return img, None, None
+    jumps = scan_line_jumps(img)
+    if not jumps.flagged.any():
+        return img, jumps, None
+    try:
+        ring = _bragg_ring(img, s)
+    except _NoLattice:
+        return img, None, None
+    a = np.linalg.inv(ring.g).T
+    t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
+    jumps = scan_line_jumps(img, t[np.argsort((t ** 2).sum(1))[:3]])
+    if not jumps.flagged.any():
+        return img, jumps, ring
+    return jumps.undo(img), jumps, None
+
+
+def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
+    """Move the sites found on the image with its scan jumps undone to where the recorded image has
+    them (in place: ``x`` and ``x_nm``)."""
+    if jumps is None or not jumps.offsets().any():
+        return
+    cols["x"] = jumps.recorded_x(cols["x"], cols["y"], column_px)
+    if "x_nm" in cols:
+        cols["x_nm"] = cols["x"] * pixel_size * _to_nm(unit)
+
+
+def _scan_jumps_meta(jumps) -> dict:
+    if jumps is None:
+        return {}
+    rows = jumps.rows
+    return {"jump_rows": rows.tolist(), "jump_px": [round(float(v), 3) for v in jumps.shift[rows - 1]]}
 
 
 def _scan_lines_meta(lines) -> dict:

@@ -1,0 +1,71 @@
+"""benchmarks/wse2_proxies.py: the held-out-like copies of a labelled image keep each label on the
+pixel it labelled (rotation, flip, row jumps move the labels with the image; streaks and
+contamination only add to the image)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wse2_proxies.py"
+
+
+@pytest.fixture(scope="module")
+def proxies():
+    spec = importlib.util.spec_from_file_location("wse2_proxies", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _labelled_image(rng, shape=(96, 128), n=60):
+    img = rng.uniform(0.0, 1.0, shape)
+    xy = np.column_stack([rng.integers(0, shape[1], n), rng.integers(0, shape[0], n)]).astype(float)
+    return img, xy
+
+
+def _at(img, xy):
+    return img[xy[:, 1].astype(int), xy[:, 0].astype(int)]
+
+
+def test_every_label_stays_on_its_pixel(proxies):
+    img, xy = _labelled_image(np.random.default_rng(0))
+    out = proxies.make_proxies(img, xy, seeds=(0, 1))
+    assert set(out) == {"rot90", "flip", "rowjump0", "rowjump1", "streak0", "streak1", "contam0", "contam1"}
+    for name in ("rot90", "flip", "rowjump0", "rowjump1"):
+        im, lab = out[name]
+        inside = (lab[:, 0] >= 0) & (lab[:, 0] < im.shape[1])
+        assert inside.all(), name
+        np.testing.assert_array_equal(_at(im, lab), _at(img, xy), err_msg=name)
+    assert out["rot90"][0].shape == img.shape[::-1]
+
+
+def test_glitches_change_the_image_not_the_labels(proxies):
+    img, xy = _labelled_image(np.random.default_rng(1))
+    out = proxies.make_proxies(img, xy, seeds=(3,))
+    for name in ("streak3", "contam3"):
+        im, lab = out[name]
+        np.testing.assert_array_equal(lab, xy)
+        assert im.shape == img.shape and not np.allclose(im, img)
+    changed_rows = np.flatnonzero(np.any(out["streak3"][0] != img, axis=1))
+    assert 1 <= len(changed_rows) <= 6  # single scan lines
+    jumped = np.flatnonzero(np.any(out["rowjump3"][0] != img, axis=1))
+    assert 5 <= len(jumped) <= 3 * 40  # up to 3 bands of 5-40 lines
+
+
+def test_proxy_files_round_trip(proxies, tmp_path):
+    import stemfast
+
+    img, xy = _labelled_image(np.random.default_rng(2))
+    np.save(tmp_path / "im.npy", img.astype(np.float32))
+    with open(tmp_path / "im.labels.csv", "w") as fh:
+        fh.write("x,y,class_id,class_name\n")
+        fh.writelines(f"{x:.3f},{y:.3f},0,W\n" for x, y in xy)
+    assert proxies.main([str(tmp_path / "im.npy"), str(tmp_path / "im.labels.csv"), str(tmp_path / "out"),
+                         "--seeds", "0"]) == 0
+    im = stemfast.read(tmp_path / "out" / "im_rot90.npy").data
+    lab, rows = proxies._read_labels(tmp_path / "out" / "im_rot90.labels.csv")
+    assert len(rows) == len(xy) and rows[0]["class_name"] == "W"
+    np.testing.assert_allclose(_at(np.asarray(im), lab), _at(img, xy).astype(np.float32))
