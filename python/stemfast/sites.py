@@ -82,6 +82,9 @@ class SiteSettings:
     refine_radius_nn : radius of the pixel disc used by the refinement (*nn*).
     refine_noise_nn : Gaussian sigma (*nn*) of an optional light smoothing of the image the
         refinement sees (0 = the raw image; the Gaussian fit itself averages the noise).
+    refine_background_nn : the refinement sees the image minus its Gaussian blur of this sigma (*nn*;
+        0 = not): the fit's model is a Gaussian on a constant, so a background that slopes across a
+        column (contamination, a thickness or illumination gradient) pulls its centre uphill.
     border_px : columns found closer than this to the image edge are left to the lattice fill-in
         (a column cut by the edge has a biased centre).
     intensity_radius_nn : radius of the disc whose mean raw image value is a site's ``raw_intensity``.
@@ -118,6 +121,7 @@ class SiteSettings:
     refine: str | None = "gauss"
     refine_radius_nn: float = 0.25
     refine_noise_nn: float = 0.0
+    refine_background_nn: float = 1.0
     border_px: int = 2
     intensity_radius_nn: float = 0.25
     column_noise_px: float = 1.0
@@ -137,6 +141,8 @@ class SiteSettings:
             raise ValueError(f"spacing must be >= 2 px, got {self.spacing!r}")
         if self.refine not in ("gauss", "com", None):
             raise ValueError(f"refine must be 'gauss', 'com' or None, got {self.refine!r}")
+        if not (self.refine_background_nn == 0 or self.refine_background_nn >= 0.5):
+            raise ValueError(f"refine_background_nn must be 0 or >= 0.5, got {self.refine_background_nn!r}")
         if not 0 < self.noise_nn < self.background_nn:
             raise ValueError("need 0 < noise_nn < background_nn")
         if not (np.isfinite(self.column_noise_px) and self.column_noise_px > 0):
@@ -456,6 +462,8 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lat
     # 3. peaks + sub-pixel refinement (on a lightly smoothed copy of the raw image)
     t0 = time.perf_counter()
     refine_img = ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img
+    if s.refine_background_nn > 0:
+        refine_img = refine_img - ndimage.gaussian_filter(img.astype(np.float32), s.refine_background_nn * nn)
     pk = find_peaks(
         bp,
         min_distance=max(1.0, s.min_distance_nn * nn),
