@@ -461,9 +461,11 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lat
 
     # 3. peaks + sub-pixel refinement (on a lightly smoothed copy of the raw image)
     t0 = time.perf_counter()
-    refine_img = ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img
-    if s.refine_background_nn > 0:
-        refine_img = refine_img - ndimage.gaussian_filter(img.astype(np.float32), s.refine_background_nn * nn)
+    if s.refine_background_nn > 0:  # the background taken out in Fourier space, like the detection's
+        refine_img = bandpass(img, noise_px=max(s.refine_noise_nn * nn, REFINE_NOISE_PX),
+                              background_px=s.refine_background_nn * nn, backend=s.backend)
+    else:
+        refine_img = ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img
     pk = find_peaks(
         bp,
         min_distance=max(1.0, s.min_distance_nn * nn),
@@ -605,6 +607,11 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
     return cols, bands, _scan_lines_meta(lines)
+
+
+#: low-pass sigma (px) of the refinement's image when only its background is taken out: the raw image to
+#: within 0.1 % at every frequency a column has
+REFINE_NOISE_PX = 0.01
 
 
 #: a site is on a flagged scan line when its row is within this many ``column_noise_px`` of the line
