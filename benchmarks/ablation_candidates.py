@@ -127,30 +127,10 @@ def _patch_features(s, img, nn, rad_nn=0.45, k=300, tol=0.25):
     return alpha, res
 
 
-def _ls_amplitudes(img, xy, sigma, highpass_px=None, trunc=3.0, ridge=1e-6):
-    """Least-squares amplitudes of Gaussians of ``sigma`` px at ``xy`` fitted jointly to ``img`` (its
-    Gaussian blur of ``highpass_px`` taken out first, unless None): the sparse normal equations."""
-    import scipy.sparse as sp
-    import scipy.sparse.linalg as spl
-
-    img = np.asarray(img, np.float64)
-    if highpass_px:
-        img = img - ndimage.gaussian_filter(img, highpass_px, mode="reflect")
-    H, W = img.shape
-    R = int(np.ceil(trunc * sigma))
-    oy, ox = (g.ravel() for g in np.mgrid[-R:R + 1, -R:R + 1])
-    px = np.rint(xy[:, 0]).astype(int)[:, None] + ox[None]
-    py = np.rint(xy[:, 1]).astype(int)[:, None] + oy[None]
-    val = np.exp(-((px - xy[:, 0, None]) ** 2 + (py - xy[:, 1, None]) ** 2) / (2 * sigma ** 2))
-    ok = (px >= 0) & (px < W) & (py >= 0) & (py < H)
-    rows = np.broadcast_to(np.arange(len(xy))[:, None], px.shape)[ok]
-    A = sp.csr_matrix((val[ok], (rows, (py * W + px)[ok])), shape=(len(xy), H * W))
-    AtA = (A @ A.T).tocsc()
-    return spl.spsolve(AtA + sp.diags(ridge * AtA.diagonal()), A @ img.ravel())
-
-
-def _gaussian_weighted(img, xy, sigma, highpass_px=None, trunc=3.0):
-    """Each site's Gaussian-weighted mean of ``img`` (high-passed as in :func:`_ls_amplitudes`)."""
+def _gaussian_stencil(img, xy, sigma, highpass_px=None, trunc=3.0):
+    """``img`` (its Gaussian blur of ``highpass_px`` taken out first, unless None) and, per site, the
+    pixels ``px, py`` [N, P] of a square of ``trunc * sigma`` px around it with their Gaussian
+    weights ``w`` [N, P] and whether they are inside the image ``ok``."""
     img = np.asarray(img, np.float64)
     if highpass_px:
         img = img - ndimage.gaussian_filter(img, highpass_px, mode="reflect")
@@ -160,7 +140,29 @@ def _gaussian_weighted(img, xy, sigma, highpass_px=None, trunc=3.0):
     px = np.rint(xy[:, 0]).astype(int)[:, None] + ox[None]
     py = np.rint(xy[:, 1]).astype(int)[:, None] + oy[None]
     w = np.exp(-((px - xy[:, 0, None]) ** 2 + (py - xy[:, 1, None]) ** 2) / (2 * sigma ** 2))
-    w = w * ((px >= 0) & (px < W) & (py >= 0) & (py < H))
+    ok = (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    return img, px, py, w, ok
+
+
+def _ls_amplitudes(img, xy, sigma, highpass_px=None, trunc=3.0, ridge=1e-6):
+    """Least-squares amplitudes of Gaussians of ``sigma`` px at ``xy`` fitted jointly to ``img`` (its
+    Gaussian blur of ``highpass_px`` taken out first, unless None): the sparse normal equations."""
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as spl
+
+    img, px, py, val, ok = _gaussian_stencil(img, xy, sigma, highpass_px, trunc)
+    H, W = img.shape
+    rows = np.broadcast_to(np.arange(len(xy))[:, None], px.shape)[ok]
+    A = sp.csr_matrix((val[ok], (rows, (py * W + px)[ok])), shape=(len(xy), H * W))
+    AtA = (A @ A.T).tocsc()
+    return spl.spsolve(AtA + sp.diags(ridge * AtA.diagonal()), A @ img.ravel())
+
+
+def _gaussian_weighted(img, xy, sigma, highpass_px=None, trunc=3.0):
+    """Each site's Gaussian-weighted mean of ``img`` (high-passed as in :func:`_ls_amplitudes`)."""
+    img, px, py, w, ok = _gaussian_stencil(img, xy, sigma, highpass_px, trunc)
+    H, W = img.shape
+    w = w * ok
     return (w * img[np.clip(py, 0, H - 1), np.clip(px, 0, W - 1)]).sum(1) / w.sum(1)
 
 
