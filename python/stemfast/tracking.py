@@ -34,6 +34,11 @@ Linking, frame by frame
   gap is therefore left to the noise) when that is the
   cheaper explanation -- e.g. a defect that hops to a flagged site while the column it left still
   scores faintly keeps its id instead of staying on the faint column (the flagged site a new id).
+* Score continuity: a site below the cutoff scoring under ``min_score_ratio`` of the recent score of
+  a track that reaches it may be left to the noise, like the faintest sites (the column a vacancy
+  just left, still faintly lit, does not keep the vacancy's track from its flagged new site); a site
+  below ``continue_fraction`` may keep a run below the cutoff on its node (a faint vacancy's run
+  before its first flag does not break at one fainter frame).
 * Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
   frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
   ends every track: linking across it would be guesswork (reported as a drift break).
@@ -122,6 +127,9 @@ TRACK_FILES = ("tracks.csv", "tracks.png")
 #: ``kind`` of a track none of whose sites was flagged (started by :attr:`TrackSettings.weak_frames`).
 BELOW_CUTOFF = "below_cutoff"
 
+#: Detections of a track whose scores set the level :attr:`TrackSettings.min_score_ratio` compares with.
+_RECENT_SCORES = 3
+
 #: Assignment cost of leaving a site unexplained that must be linked when a track reaches it (above
 #: every link's cost, below the cost of a forbidden pair).
 _FORCED = 1e3
@@ -180,7 +188,8 @@ class TrackSettings:
         ``sites.csv`` with ``is_defect`` unchanged; their number is in the summary (``n_weak_links``).
     weak_frames : a site below the cutoff (but at least ``continue_fraction * defect_cutoff``),
         away from the image border (``edge`` False, ``observed`` True: the border's sites are
-        less certain), followed over this many consecutive frames (no gap) starts a track too (kind
+        less certain), followed over this many frames at that score (no gap; fainter frames on
+        the run's own node, see ``stay_fraction``, bridge the run but do not count) starts a track too (kind
         ``below_cutoff`` until a flagged detection names it) when the mean score of its sites
         reaches ``weak_mean_fraction * defect_cutoff``. The frames are not independent evidence: a
         site's score is mostly fixed by the image content around it (frame-to-frame correlation of
@@ -190,14 +199,25 @@ class TrackSettings:
     weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
     stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
-        ``continue_fraction``) continues a track that has a flagged detection or an id **on the
-        track's own node** (no hop, no tentative run): the likeliest place of a defect is where it
-        was, so there the faintest evidence suffices. Set it >= ``continue_fraction`` to switch off.
+        ``continue_fraction``) continues a track or a run below the cutoff **on the track's own
+        node** (no hop): the likeliest place of a defect is where it was, so there the faintest
+        evidence suffices; a faint vacancy scoring 3.5, 2.9, 3.7 before its first flag stays one
+        run (its frames before the flag get its id) instead of breaking at the 2.9. Such frames
+        do not count towards ``weak_frames``. Set it >= ``continue_fraction`` to switch off.
     hold_frames : frames a table is held back at least, so that the id of a track confirmed late
         (a run below the cutoff whose mean reaches ``weak_mean_fraction`` only after some frames)
         still reaches its earlier frames; memory grows with this number, not with the series.
     weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins),
         and of leaving one of the faintest sites (below ``continue_fraction``) unexplained.
+    min_score_ratio : a site below the cutoff scoring less than this fraction of the recent score
+        of a track that reaches it (median of the track's last three scores) need not be linked:
+        the assignment may leave it to the noise (cost ``weak_penalty``) like the faintest sites.
+        A defect's score does not collapse from one frame to the next (on the synthetic series of
+        ``benchmarks/track_eval.py``, seeds 0-8, a true defect's next score is >= 0.46 of that
+        median in all of 2,675 links, stays and hops), but the column a vacancy has just left can
+        still score 3 while the vacancy scored 7-10: the track then hops to the vacancy's flagged
+        new site instead of staying on the vacated column (a lone faint frame still keeps its
+        track, as before). 0 switches it off.
     """
 
     enabled: bool = True
@@ -212,6 +232,7 @@ class TrackSettings:
     stay_fraction: float = 0.5
     hold_frames: int = 10
     weak_penalty: float = 0.5
+    min_score_ratio: float = 0.4
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_hop) and self.max_hop >= 0):
@@ -228,6 +249,8 @@ class TrackSettings:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        if not 0.0 <= self.min_score_ratio < 1.0:
+            raise ValueError(f"min_score_ratio must be in [0, 1), got {self.min_score_ratio!r}")
         for name in ("gap_penalty", "kind_penalty", "weak_penalty"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
@@ -432,10 +455,12 @@ class _Track:
     subs: Counter = field(default_factory=Counter)
     n_seen: int = 1
     n_strong: int = 0  # detections above the cutoff (0: tentative, from sites below it)
+    n_cont: int = 0  # detections at or above continue_fraction of the cutoff (flagged ones included)
     hops: int = 0
     path_steps: float = 0.0
     path_px: float = 0.0
     score_sum: float = 0.0
+    recent: list = field(default_factory=list)  # scores of the last RECENT_SCORES detections
     public_id: int = -1
     points: list = field(default_factory=list)  # corrected positions at the start and after each hop
 
@@ -644,7 +669,7 @@ class DefectLinker:
         steps_of = np.zeros(len(det.rows))
         if cand_tr and len(det.rows):
             assign, steps_of = self._assign(frame, cand_tr, det.xy, det.B, det.subs, det.kinds, det.nodes, det.weak,
-                                            det.weak & (det.score < det.cont_thr))
+                                            det.weak & (det.score < det.cont_thr), det.score)
         det_tracks = self._apply_links(frame, det, cand_tr, assign, steps_of)
         keep = [d for d in range(len(det.rows)) if det_tracks[d] is not None or not det.weak[d]]
         self._expire(frame)
@@ -723,6 +748,8 @@ class DefectLinker:
                 t.n_strong += 1
             t.subs[int(det.subs[d])] += 1
             t.score_sum += float(det.score[d])
+            t.n_cont += int(not det.weak[d] or det.score[d] >= det.cont_thr)
+            t.recent = (t.recent + [float(det.score[d])])[-_RECENT_SCORES:]
             if t.public_id < 0 and self._confirmed(t):
                 t.public_id = self._next_id
                 self._next_id += 1
@@ -753,10 +780,10 @@ class DefectLinker:
         never flagged, ``weak_frames`` times at a mean score of ``weak_mean_fraction`` of the cutoff."""
         if t.n_strong:
             return t.n_seen >= self.s.min_frames
-        return bool(self.s.weak_frames and t.n_seen >= self.s.weak_frames
+        return bool(self.s.weak_frames and t.n_cont >= self.s.weak_frames
                     and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
-    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low):
+    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low, score):
         from scipy.optimize import linear_sum_assignment
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -794,11 +821,15 @@ class DefectLinker:
         same_colour = (n[:, 0] - n[:, 1]) % 3 == 0
         ok &= ~known | same_colour  # a defect stays on its sublattice
         ok &= steps <= s.max_hop * g + 1e-9
-        ok &= ~(low[di] & ((steps > 0) | tent[ti]))  # the faintest sites only keep a track on its node
+        ok &= ~(low[di] & (steps > 0))  # the faintest sites only keep a track (or a run) on its node
+        ref = np.array([np.median(t.recent) if t.recent else 0.0 for t in tracks])
+        optional = low.copy()  # a site far fainter than a track reaching it need not be that track's
+        optional[di[ok & weak[di] & (score[di] < s.min_score_ratio * ref[ti])]] = True
+        hold = low[di]  # a run kept on its node by a faint site: no tentative penalty (no flagged site to steal)
         wk = weak[di]
         cost = (steps + r / spacing + s.gap_penalty * (g - 1)
                 + s.kind_penalty * ((tkind[ti] != kinds[di]) & ~wk & (tkind[ti] != ""))
-                + s.weak_penalty * wk + (s.max_hop + s.weak_penalty) * tent[ti])
+                + s.weak_penalty * wk + (s.max_hop + s.weak_penalty) * (tent[ti] & ~hold))
         ti, di, cost, steps = ti[ok], di[ok], cost[ok], steps[ok]
         if not len(ti):
             return assign, steps_of
@@ -823,7 +854,7 @@ class DefectLinker:
             C = np.full((nt + nd, nd + nt), big)
             C[it, idd] = cost[grp]
             C[np.arange(nt), nd + np.arange(nt)] = s.gap_penalty
-            C[nt + np.arange(nd), np.arange(nd)] = np.where(low[ud], s.weak_penalty, _FORCED)
+            C[nt + np.arange(nd), np.arange(nd)] = np.where(optional[ud], s.weak_penalty, _FORCED)
             C[nt:, nd:] = 0.0
             rr, cc = linear_sum_assignment(C)
             for a, b in zip(rr, cc):
