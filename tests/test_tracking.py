@@ -409,6 +409,21 @@ def test_a_faint_run_bridged_by_a_fainter_frame_gets_its_id_before_the_first_fla
     assert [int(t["track_id"][0]) for _, t in out] == [-1] * 3 and lk.n_tracks == 0
 
 
+def test_a_faint_normal_column_next_to_a_new_faint_vacancy_does_not_hide_it():
+    # a normal column at p scores 2.8-3.1 in every frame (a run, too faint to be reported); from frame 6 a
+    # faint vacancy (3.8-4.7, never flagged) sits one S2 step away at q. The run hops onto q (the site
+    # must be explained), but a run judged too faint does not carry its history there: q's run starts
+    # afresh, reaches the mean and gets an id in all its frames; p never gets one
+    p, q = node(2, 1), node(3, 2)
+    seq = [([p], [s], [False]) for s in (3.1, 2.8, 3.1, 2.9, 3.1, 2.8)]
+    seq += [([p, q], [sp, sq], [False, False]) for sp, sq in ((2.8, 3.8), (3.1, 4.1), (2.9, 4.3), (2.8, 4.7))]
+    lk, out = link_flagged(seq, TrackSettings())
+    tid = {f: t["track_id"].tolist() for f, t in out}
+    assert all(tid[f][0] == -1 for f in range(6))
+    assert all(tid[f][1] == 0 and tid[f][0] == -1 for f in range(6, 10))
+    assert lk.n_tracks == 1 and lk.tracks_rows[0]["first_frame"] == 6 and lk.tracks_rows[0]["n_frames"] == 4
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError):
         TrackSettings(max_gap=-1)

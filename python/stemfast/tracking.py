@@ -38,7 +38,8 @@ Linking, frame by frame
   a track that reaches it may be left to the noise, like the faintest sites (the column a vacancy
   just left, still faintly lit, does not keep the vacancy's track from its flagged new site); a site
   below ``continue_fraction`` may keep a run below the cutoff on its node (a faint vacancy's run
-  before its first flag does not break at one fainter frame).
+  before its first flag does not break at one fainter frame); a run already judged too faint that
+  moves to another faint site starts afresh there.
 * Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
   frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
   ends every track: linking across it would be guesswork (reported as a drift break).
@@ -195,7 +196,10 @@ class TrackSettings:
         site's score is mostly fixed by the image content around it (frame-to-frame correlation of
         the scores of normal sites 0.73-0.95 on the synthetic series of ``benchmarks/track_eval.py``),
         so a normal column that scores 3-4 does so in most frames; such runs are counted
-        (``n_weak_runs_unreported`` of the summary), not tracked. 0: only flagged sites start tracks.
+        (``n_weak_runs_unreported`` of the summary), not tracked; such a run, judged too faint,
+        that moves to another site below the cutoff starts afresh there (its history on a normal
+        column would otherwise dilute the mean of a faint defect born next to it). 0: only flagged
+        sites start tracks.
     weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
     stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
@@ -731,8 +735,12 @@ class DefectLinker:
         det_tracks: list = [None] * len(det.rows)
         res = []
         for d in range(len(det.rows)):
-            if assign[d] >= 0:
-                t = cand_tr[assign[d]]
+            t = cand_tr[assign[d]] if assign[d] >= 0 else None
+            if t is not None and det.weak[d] and steps_of[d] > 0 and self._stale(t):
+                self._drop_run(t)  # a run judged too faint does not carry its history onto another node
+                self.active.remove(t)
+                t = None
+            if t is not None:
                 res.append(self._continue(t, frame, det.xy[d], det.B[d], float(steps_of[d]), det.weak[d]))
             elif det.weak[d] and (self.s.weak_frames == 0 or not det.can_start[d]):
                 continue
@@ -774,6 +782,11 @@ class DefectLinker:
         self.n_linked += 1
         self.n_weak += int(weak)
         return float(r[0])
+
+    def _stale(self, t: "_Track") -> bool:
+        """A run below the cutoff, never flagged, seen long enough to be judged and judged too faint."""
+        return bool(t.public_id < 0 and not t.n_strong and self.s.weak_frames and t.n_cont >= self.s.weak_frames
+                    and t.score_sum < self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
     def _confirmed(self, t: "_Track") -> bool:
         """A track gets its public id when seen ``min_frames`` times with a defect among them, or,
