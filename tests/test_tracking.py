@@ -424,6 +424,24 @@ def test_a_faint_normal_column_next_to_a_new_faint_vacancy_does_not_hide_it():
     assert lk.n_tracks == 1 and lk.tracks_rows[0]["first_frame"] == 6 and lk.tracks_rows[0]["n_frames"] == 4
 
 
+def test_a_hop_onto_the_node_of_a_defect_that_just_vanished_keeps_the_hoppers_id():
+    # a and b one S2 step apart; the defect at a vanishes in frame 3, the one at b hops onto a in frame 4.
+    # A missed frame is rarer than a hop (gap_penalty > one hop), so this is b's hop, not a's track
+    # revived after one missed frame (with gap_penalty 0.5, the old default, it was: a's id came back
+    # at a and b's track ended)
+    a, b = node(0, 3), node(1, 4)
+    seq = [([a, b], [8.0, 8.0], [True, True])] * 3 + [([b], [8.0], [True])] + [([a], [8.0], [True])] * 3
+    lk, out = link_flagged(seq, TrackSettings())
+    ids = ids_of(out)
+    assert ids[0] == ids[1] == ids[2] == [0, 1] and ids[3] == [1]
+    assert ids[4] == ids[5] == ids[6] == [1]
+    rows = {r["track_id"]: r for r in lk.tracks_rows}
+    assert (rows[0]["last_frame"], rows[0]["hops"]) == (2, 0)
+    assert (rows[1]["first_frame"], rows[1]["last_frame"], rows[1]["hops"]) == (0, 6, 1)
+    lk, out = link_flagged(seq, TrackSettings(gap_penalty=0.5))
+    assert ids_of(out)[4] == [0]
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError):
         TrackSettings(max_gap=-1)

@@ -180,7 +180,13 @@ class TrackSettings:
     max_gap : missed frames bridged (a defect not detected in up to this many frames keeps its id).
     min_frames : a track is reported (gets a ``track_id`` >= 0, a row in ``tracks.csv``) when its
         defect was seen in at least this many frames; defects seen once are counted, not tracked.
-    gap_penalty : cost (lattice steps) per missed frame bridged.
+    gap_penalty : cost (lattice steps) per missed frame bridged, and of a track unseen in a frame.
+        Above one hop (``1``): a defect is missed in a frame more rarely than it hops (a vacancy
+        scores >= ``continue_fraction`` of the cutoff in ~97 % of frames, it hops with p ~ 0.15 on
+        the synthetic series), so a neighbour that hops beats a track revived after a missed frame
+        (the track of a defect that just vanished taking a hopping neighbour's new site). At 0.5
+        (before) the revival was the cheaper explanation; 1.5, 2 and 3 link seeds 0-49 of
+        ``benchmarks/track_eval.py`` identically (1 ties with a hop).
     kind_penalty : cost (lattice steps) of linking two detections of different ``defect_kind``.
     continue_fraction : hysteresis in time: a site that is not flagged (``is_defect`` False) but
         scores at least this fraction of the analysis' ``defect_cutoff`` may continue a track
@@ -228,7 +234,7 @@ class TrackSettings:
     max_hop: float = 1.0
     max_gap: int = 2
     min_frames: int = 2
-    gap_penalty: float = 0.5
+    gap_penalty: float = 1.5
     kind_penalty: float = 0.5
     continue_fraction: float = 0.6
     weak_frames: int = 3
