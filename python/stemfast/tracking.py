@@ -23,13 +23,15 @@ Linking, frame by frame
   steps away.
 * Cost (in lattice steps): ``steps + off-node residual (in site spacings) + gap_penalty * (g - 1)
   + kind_penalty * (kinds differ) + weak_penalty * (site below the cutoff)``, plus ``max_hop +
-  weak_penalty`` for a run of sites below the cutoff that is not yet a track: a flagged site one
-  hop from a track goes to that track, not to a tentative run sitting on its node.
+  weak_penalty`` for a run of sites below the cutoff that is not yet a track (not for one of the
+  faintest sites keeping the run on its node): a flagged site one hop from a track goes to that
+  track, not to a tentative run sitting on its node.
 * One optimal one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`, per connected
   group of candidates): two defects are never merged into one track, and a defect that stays
   beats a neighbour's hop onto its node. Every site a track can reach is linked (as many links as
   possible), except the faintest ones (below ``continue_fraction`` of the cutoff, which may only
-  keep a track on its node): the assignment may leave such a site to the noise (cost
+  keep a track or a run on its node) and those far fainter than the track (``min_score_ratio``):
+  the assignment may leave such a site to the noise (cost
   ``weak_penalty``) and the track unseen in this frame (cost ``gap_penalty``; such a site after a
   gap is therefore left to the noise) when that is the
   cheaper explanation -- e.g. a defect that hops to a flagged site while the column it left still
@@ -182,7 +184,7 @@ class TrackSettings:
         defect was seen in at least this many frames; defects seen once are counted, not tracked.
     gap_penalty : cost (lattice steps) per missed frame bridged, and of a track unseen in a frame.
         Above one hop (``1``): a defect is missed in a frame more rarely than it hops (a vacancy
-        scores >= ``continue_fraction`` of the cutoff in ~97 % of frames, it hops with p ~ 0.15 on
+        scores >= ``continue_fraction`` of the cutoff in ~99 % of frames, it hops with p ~ 0.15 on
         the synthetic series), so a neighbour that hops beats a track revived after a missed frame
         (the track of a defect that just vanished taking a hopping neighbour's new site). At 0.5
         (before) the revival was the cheaper explanation; 1.5, 2 and 3 link seeds 0-49 of
