@@ -410,18 +410,23 @@ def test_a_faint_run_bridged_by_a_fainter_frame_gets_its_id_before_the_first_fla
 
 
 def test_a_faint_normal_column_next_to_a_new_faint_vacancy_does_not_hide_it():
-    # a normal column at p scores 2.8-3.1 in every frame (a run, too faint to be reported); from frame 6 a
+    # a normal column at p scores 2.8-3.1 in every frame (a run, too faint to be reported); from frame 12 a
     # faint vacancy (3.8-4.7, never flagged) sits one S2 step away at q. The run hops onto q (the site
-    # must be explained), but a run judged too faint does not carry its history there: q's run starts
-    # afresh, reaches the mean and gets an id in all its frames; p never gets one
+    # must be explained), but a run judged too faint over 2 * weak_frames frames does not carry its history
+    # there: q's run starts afresh, reaches the mean and gets an id in all its frames; p never gets one
     p, q = node(2, 1), node(3, 2)
-    seq = [([p], [s], [False]) for s in (3.1, 2.8, 3.1, 2.9, 3.1, 2.8)]
+    seq = [([p], [s], [False]) for s in (3.1, 2.8, 3.1, 2.9) * 3]
     seq += [([p, q], [sp, sq], [False, False]) for sp, sq in ((2.8, 3.8), (3.1, 4.1), (2.9, 4.3), (2.8, 4.7))]
     lk, out = link_flagged(seq, TrackSettings())
     tid = {f: t["track_id"].tolist() for f, t in out}
-    assert all(tid[f][0] == -1 for f in range(6))
-    assert all(tid[f][1] == 0 and tid[f][0] == -1 for f in range(6, 10))
-    assert lk.n_tracks == 1 and lk.tracks_rows[0]["first_frame"] == 6 and lk.tracks_rows[0]["n_frames"] == 4
+    assert all(tid[f][0] == -1 for f in range(12))
+    assert all(tid[f][1] == 0 and tid[f][0] == -1 for f in range(12, 16))
+    assert lk.n_tracks == 1 and lk.tracks_rows[0]["first_frame"] == 12 and lk.tracks_rows[0]["n_frames"] == 4
+    # a faint run of a few frames (here 3.4, 3.1, 3.5, 3.2: judged too faint, but not for long) that hops
+    # keeps its frames: a faint vacancy hopping before its mean is reached
+    seq2 = [([p], [s], [False]) for s in (3.4, 3.1, 3.5, 3.2)] + [([q], [s], [False]) for s in (4.5, 4.7, 5.5)]
+    lk, out = link_flagged(seq2, TrackSettings())
+    assert [int(t["track_id"][0]) for _, t in out] == [0] * 7 and lk.tracks_rows[0]["hops"] == 1
 
 
 def test_a_hop_onto_the_node_of_a_defect_that_just_vanished_keeps_the_hoppers_id():

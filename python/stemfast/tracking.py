@@ -204,9 +204,10 @@ class TrackSettings:
         site's score is mostly fixed by the image content around it (frame-to-frame correlation of
         the scores of normal sites 0.73-0.95 on the synthetic series of ``benchmarks/track_eval.py``),
         so a normal column that scores 3-4 does so in most frames; such runs are counted
-        (``n_weak_runs_unreported`` of the summary), not tracked; such a run, judged too faint,
-        that moves to another site below the cutoff starts afresh there (its history on a normal
-        column would otherwise dilute the mean of a faint defect born next to it). 0: only flagged
+        (``n_weak_runs_unreported`` of the summary), not tracked; such a run, judged too faint over
+        ``2 * weak_frames`` frames at that score, that moves to another site below the cutoff starts
+        afresh there (its long history on a normal column would otherwise dilute the mean of a faint
+        defect born next to it). 0: only flagged
         sites start tracks.
     weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
@@ -792,8 +793,10 @@ class DefectLinker:
         return float(r[0])
 
     def _stale(self, t: "_Track") -> bool:
-        """A run below the cutoff, never flagged, seen long enough to be judged and judged too faint."""
-        return bool(t.public_id < 0 and not t.n_strong and self.s.weak_frames and t.n_cont >= self.s.weak_frames
+        """A run below the cutoff, never flagged, judged too faint over twice the frames that could confirm
+        it (a history long enough to dilute a new run's mean; a faint defect's run of a few frames is kept)."""
+        return bool(t.public_id < 0 and not t.n_strong and self.s.weak_frames
+                    and t.n_cont >= 2 * self.s.weak_frames
                     and t.score_sum < self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
     def _confirmed(self, t: "_Track") -> bool:
