@@ -29,6 +29,12 @@ events of it and its neighbours where its track id changes::
     PYTHONPATH=python python benchmarks/track_eval.py --seed 4 --model m.pt --out /tmp/te4
     PYTHONPATH=python python benchmarks/track_eval.py --relink /tmp/te4 --diagnose
 
+The bound set by the series itself (no detection, ~2 s a seed): ``--bound N`` prints, for N seeds from
+``--seed`` on, "followed" on perfect detections (the generator's true positions) linked by the linker
+and by the MAP linking under the generator's own probabilities (:func:`bound`)::
+
+    PYTHONPATH=python python benchmarks/track_eval.py --bound 100 --seed 0
+
 Exit status 0 when every target is met, 1 otherwise.
 """
 from __future__ import annotations
@@ -46,6 +52,9 @@ import numpy as np
 TINY = {"model.epochs": 2, "model.stn_epochs": 1, "model.max_train_patches": 800, "model.batch_size": 64,
         "model.input_size": 16, "model.channels": [8, 8, 8], "model.stn_channels": [4, 8], "model.patience": 2,
         "model.device": "cpu"}
+#: Defect dynamics of the series (per frame): hop to a free neighbouring S2 column, new V_S per free S2
+#: column, V_S refilled.
+DYNAMICS = {"hop_prob": 0.15, "birth_rate": 0.002, "death_prob": 0.03}
 TARGETS = {"followed": (">=", 0.9), "extra_ids_per_defect": ("<=", 0.2), "false_track_fraction": ("<=", 0.1),
            "ap_mean": (">=", 0.85)}
 
@@ -54,8 +63,7 @@ def make_data(folder: Path, *, frames: int, size: int, seed: int, pixel_size_A: 
               v_s: float = 0.05):
     from stemfast.synthetic import SeriesConfig, make_series
 
-    s = make_series(SeriesConfig(n_frames=frames, v_s=v_s, hop_prob=0.15, birth_rate=0.002, death_prob=0.03,
-                                 seed=seed),
+    s = make_series(SeriesConfig(n_frames=frames, v_s=v_s, seed=seed, **DYNAMICS),
                     shape=(size, size), pixel_size_A=pixel_size_A, dose=dose, drift_px_per_frame=(0.25, 0.17),
                     seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,6 +243,84 @@ def diagnose(sites, truth: np.ndarray, nn_px: float, events: list | None = None)
     return lines
 
 
+def _followed(labels: dict) -> float:
+    """Fraction of the true defects seen in >= 3 frames whose labels carry one id in >= 80 % of their frames."""
+    elig = [v for v in labels.values() if len(v) >= 3]
+    ok = sum(1 for v in elig if Counter(x for x in v if x >= 0).most_common(1)
+             and Counter(x for x in v if x >= 0).most_common(1)[0][1] >= 0.8 * len(v))
+    return ok / max(len(elig), 1)
+
+
+def bound(series, seed: int = 0) -> dict:
+    """"followed" on perfect detections (the generator's true positions): the linker's (0.3 px jitter)
+    and the MAP linking under the generator's own probabilities (per frame one assignment, costs
+    -log p: stay, hop to one of 6 neighbours, death, birth; with every position known and memoryless
+    dynamics the frame-by-frame MAP is the MAP of the whole history)."""
+    import math
+
+    from stemfast.lattice import triangular_basis
+    from stemfast.table import SiteTable
+    from stemfast.tracking import DefectLinker
+
+    s, sc = series, DYNAMICS
+    tr, n = s.truth, int(s.truth[:, 0].max()) + 1
+    rng = np.random.default_rng(seed)  # the jitter
+    basis = triangular_basis(s.nn_px, 30.0)
+    lk, out = DefectLinker(cutoff=5.0), []
+    for k in range(n):
+        f = tr[tr[:, 0] == k]
+        xy = f[:, 2:4] + rng.normal(0, 0.3, (len(f), 2))
+        t = SiteTable({"x": xy[:, 0], "y": xy[:, 1], "is_defect": np.ones(len(f), bool),
+                       "defect_kind": np.array(["vacancy_S"] * len(f)), "sublattice": np.ones(len(f), np.int64),
+                       "anomaly_score": np.full(len(f), 9.0), "true_id": f[:, 1].astype(np.int64),
+                       **{c: np.full(len(f), v) for c, v in zip(("a1x", "a1y", "a2x", "a2y"), basis.ravel())}})
+        out += lk.push(k, t, drift=None if k == 0 else tuple(s.drift[k] - s.drift[k - 1]))
+    out += lk.finish()
+    lab: dict = {}
+    for _, t in out:
+        for i, j in zip(t["true_id"].tolist(), t["track_id"].tolist()):
+            lab.setdefault(i, []).append(j)
+    cost = {"stay": -math.log(1 - sc["death_prob"] - sc["hop_prob"]), "hop": -math.log(sc["hop_prob"] / 6),
+            "death": -math.log(sc["death_prob"]), "birth": -math.log(sc["birth_rate"])}
+    return {"followed_perfect_linker": _followed(lab), "followed_perfect_map": _followed(_map_labels(s, cost))}
+
+
+def _map_labels(s, cost: dict) -> dict:
+    """True id -> per-frame labels of the MAP linking of the true positions (see :func:`bound`)."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = np.sqrt(3.0) * s.nn_px
+    lab: dict = {}
+    prev = None
+    nxt = 0
+    for k in range(int(s.truth[:, 0].max()) + 1):
+        f = s.truth[s.truth[:, 0] == k]
+        xy = f[:, 2:4] - s.drift[k]
+        if prev is None:
+            cur, nxt = list(range(len(f))), len(f)
+        else:
+            pxy, plab = prev
+            nt, nd = len(pxy), len(xy)
+            C = np.full((nt + nd, nd + nt), 1e6)
+            if nt and nd:
+                d = np.hypot(*(xy[None] - pxy[:, None]).transpose(2, 0, 1)) / a
+                C[:nt, :nd] = np.where(d < 0.3, cost["stay"], np.where(np.abs(d - 1) < 0.3, cost["hop"], 1e6))
+            C[np.arange(nt), nd + np.arange(nt)] = cost["death"]
+            C[nt + np.arange(nd), np.arange(nd)] = cost["birth"]
+            C[nt:, nd:] = 0
+            cur = [None] * nd
+            for i, j in zip(*linear_sum_assignment(C)):
+                if i < nt and j < nd:
+                    cur[j] = plab[i]
+            for j in range(nd):
+                if cur[j] is None:
+                    cur[j], nxt = nxt, nxt + 1
+        for i, l in zip(f[:, 1].astype(int), cur):
+            lab.setdefault(i, []).append(l)
+        prev = (xy, cur)
+    return lab
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="trained model (default: a tiny one trained on the series)")
@@ -251,7 +337,12 @@ def main(argv=None) -> int:
     ap.add_argument("--relink", default=None, metavar="DIR",
                     help="link the sites of a run kept with --out DIR again (no detection, no batch)")
     ap.add_argument("--diagnose", action="store_true", help="print every true defect that is not followed")
+    ap.add_argument("--bound", type=int, default=0, metavar="N",
+                    help="no detection: 'followed' on perfect detections (the linker's and the MAP linking's) "
+                         "for N seeds from --seed on, then exit")
     args = ap.parse_args(argv)
+    if args.bound:
+        return _run_bound(args)
 
     import pandas as pd
 
@@ -291,6 +382,26 @@ def main(argv=None) -> int:
                                                                        "link_residual_px_median")},
                 "work": str(work)})
     return _report(res, args, sites=sites, truth=truth, nn_px=meta["nn_px"], events=meta["events"])
+
+
+def _run_bound(args) -> int:
+    """``--bound N``: print the perfect-detection "followed" of N series (seeds from ``--seed``)."""
+    import tempfile as _tf
+
+    from stemfast.synthetic import load_series_truth
+
+    rows = []
+    for seed in range(args.seed, args.seed + args.bound):
+        with _tf.TemporaryDirectory() as d:
+            s = make_data(Path(d) / "data", frames=args.frames, size=args.size, seed=seed,
+                          pixel_size_A=args.pixel_size, dose=args.dose, v_s=args.v_s)
+        r = bound(s, seed)
+        rows.append(r)
+        print(json.dumps({"seed": seed, **{k: round(v, 4) for k, v in r.items()}}))
+    for k in rows[0]:
+        v = np.array([r[k] for r in rows])
+        print(f"{k}: mean {v.mean():.3f}, worst {v.min():.3f}, below 0.9 in {int((v < 0.9).sum())} of {len(v)}")
+    return 0
 
 
 def _report(res: dict, args, *, sites, truth, nn_px, events=None) -> int:

@@ -299,7 +299,7 @@ def test_a_run_below_the_cutoff_is_tracked_only_when_its_mean_score_is_high_enou
 
 def test_the_faintest_sites_keep_a_track_on_its_node_but_never_carry_it_elsewhere():
     # between stay_fraction and continue_fraction of the cutoff: continues the track where it is,
-    # not a hop, and never a run that is not yet a track
+    # not a hop (a run that is not yet a track only on its node, see the faint-run test below)
     p, q = node(2, 1), node(3, 2)  # q: one S2 step from p
     for second, want in ((p, [0, 0, 0]), (q, [0, -1, 0])):
         lk, out = link_flagged([([p], [8.0], [True]), ([second], [2.7], [False]), ([p], [8.0], [True])],
@@ -355,9 +355,103 @@ def test_a_defect_hopping_away_from_a_faintly_lit_node_keeps_its_id():
     assert lk.tracks_rows[0]["n_frames"] == 7 and lk.tracks_rows[0]["hops"] == 0
 
 
+def test_the_column_a_defect_left_keeps_no_track_while_it_still_scores_above_continue_fraction():
+    # the defect scores 8-9 at p, then hops one S2 step to q (flagged, 7.0) while the column it left
+    # still scores 3.2 (above continue_fraction: before, such a site had to be linked, the track stayed
+    # on it and q got a new id). 3.2 is far below the track's recent scores (min_score_ratio), so the
+    # assignment may leave it to the noise: the track hops to q.
+    p, q = node(2, 1), node(3, 2)
+    seq = [([p], [s], [True]) for s in (8.0, 9.0, 8.5)] + [([p, q], [3.2, 7.0], [False, True])]
+    seq += [([q], [7.0], [True])] * 3
+    lk, out = link_flagged(seq, TrackSettings())
+    assert dict(out)[3]["track_id"][:2].tolist() == [-1, 0]
+    assert all(v == [0] for v in ids_of(out).values()) and lk.n_tracks == 1
+    r = lk.tracks_rows[0]
+    assert (r["hops"], r["first_frame"], r["last_frame"], r["n_frames"]) == (1, 0, 6, 7)
+    # a faint vacancy (scores 3.5-4.5) stays where it is at 3.2: the same site is linked
+    seq2 = [([p], [s], [False]) for s in (4.0, 4.5, 3.6)] + [([p], [3.2], [False])] + [([p], [4.2], [False])] * 2
+    lk, out = link_flagged(seq2, TrackSettings())
+    assert [int(t["track_id"][0]) for _, t in out] == [0] * 6
+    # switched off: the old behaviour (the faint column keeps the track, q a new id)
+    lk, out = link_flagged(seq, TrackSettings(min_score_ratio=0.0))
+    assert dict(out)[3]["track_id"][:2].tolist() == [0, 1]
+
+
+def test_two_neighbouring_vacancies_one_hopping_away_from_a_faintly_lit_column_keep_their_ids():
+    # a and b one S2 step apart, both flagged; b hops to c (one step from b, two from a) while its old
+    # column still scores 3.1: a keeps id 0 with no hop, b's track follows the hop to c
+    a, b = node(0, 3), node(1, 4)
+    c = b + S2_STEP
+    seq = [([a, b], [8.0, 8.0], [True, True])] * 3 + [([a, b, c], [8.0, 3.1, 7.0], [True, False, True])]
+    seq += [([a, c], [8.0, 7.0], [True, True])] * 3
+    lk, out = link_flagged(seq, TrackSettings())
+    ids = ids_of(out)
+    assert ids[0] == ids[1] == ids[2] == [0, 1]
+    assert dict(out)[3]["track_id"][:3].tolist() == [0, -1, 1]
+    assert ids[4] == ids[5] == ids[6] == [0, 1]
+    assert lk.n_tracks == 2
+    assert {r["track_id"]: r["hops"] for r in lk.tracks_rows} == {0: 0, 1: 1}
+
+
+def test_a_faint_run_bridged_by_a_fainter_frame_gets_its_id_before_the_first_flag():
+    # a faint vacancy scores 3.5, 2.9 (below continue_fraction), 3.7 before it is flagged: the 2.9 on the
+    # run's own node keeps the run going (before, the run broke there and only the frames from the
+    # last break on got the id)
+    p = node(2, 1)
+    seq = [([p], [s], [False]) for s in (3.5, 2.9, 3.7)] + [([p], [7.0], [True])] * 3
+    lk, out = link_flagged(seq, TrackSettings())
+    assert [int(t["track_id"][0]) for _, t in out] == [0] * 6
+    r = lk.tracks_rows[0]
+    assert (r["first_frame"], r["n_frames"], r["hops"]) == (0, 6, 0)
+    # the fainter frames do not count as evidence: a run 3.2, 4.7, 2.9 that is never flagged has only two
+    # frames at continue_fraction and stays unreported
+    lk, out = link_flagged([([p], [s], [False]) for s in (3.2, 4.7, 2.9)], TrackSettings())
+    assert [int(t["track_id"][0]) for _, t in out] == [-1] * 3 and lk.n_tracks == 0
+
+
+def test_a_faint_normal_column_next_to_a_new_faint_vacancy_does_not_hide_it():
+    # a normal column at p scores 2.8-3.1 in every frame (a run, too faint to be reported); from frame 12 a
+    # faint vacancy (3.8-4.7, never flagged) sits one S2 step away at q. The run hops onto q (the site
+    # must be explained), but a run judged too faint over 2 * weak_frames frames does not carry its history
+    # there: q's run starts afresh, reaches the mean and gets an id in all its frames; p never gets one
+    p, q = node(2, 1), node(3, 2)
+    seq = [([p], [s], [False]) for s in (3.1, 2.8, 3.1, 2.9) * 3]
+    seq += [([p, q], [sp, sq], [False, False]) for sp, sq in ((2.8, 3.8), (3.1, 4.1), (2.9, 4.3), (2.8, 4.7))]
+    lk, out = link_flagged(seq, TrackSettings())
+    tid = {f: t["track_id"].tolist() for f, t in out}
+    assert all(tid[f][0] == -1 for f in range(12))
+    assert all(tid[f][1] == 0 and tid[f][0] == -1 for f in range(12, 16))
+    assert lk.n_tracks == 1 and lk.tracks_rows[0]["first_frame"] == 12 and lk.tracks_rows[0]["n_frames"] == 4
+    # a faint run of a few frames (here 3.4, 3.1, 3.5, 3.2: judged too faint, but not for long) that hops
+    # keeps its frames: a faint vacancy hopping before its mean is reached
+    seq2 = [([p], [s], [False]) for s in (3.4, 3.1, 3.5, 3.2)] + [([q], [s], [False]) for s in (4.5, 4.7, 5.5)]
+    lk, out = link_flagged(seq2, TrackSettings())
+    assert [int(t["track_id"][0]) for _, t in out] == [0] * 7 and lk.tracks_rows[0]["hops"] == 1
+
+
+def test_a_hop_onto_the_node_of_a_defect_that_just_vanished_keeps_the_hoppers_id():
+    # a and b one S2 step apart; the defect at a vanishes in frame 3, the one at b hops onto a in frame 4.
+    # A missed frame is rarer than a hop (gap_penalty > one hop), so this is b's hop, not a's track
+    # revived after one missed frame (with gap_penalty 0.5, the old default, it was: a's id came back
+    # at a and b's track ended)
+    a, b = node(0, 3), node(1, 4)
+    seq = [([a, b], [8.0, 8.0], [True, True])] * 3 + [([b], [8.0], [True])] + [([a], [8.0], [True])] * 3
+    lk, out = link_flagged(seq, TrackSettings())
+    ids = ids_of(out)
+    assert ids[0] == ids[1] == ids[2] == [0, 1] and ids[3] == [1]
+    assert ids[4] == ids[5] == ids[6] == [1]
+    rows = {r["track_id"]: r for r in lk.tracks_rows}
+    assert (rows[0]["last_frame"], rows[0]["hops"]) == (2, 0)
+    assert (rows[1]["first_frame"], rows[1]["last_frame"], rows[1]["hops"]) == (0, 6, 1)
+    lk, out = link_flagged(seq, TrackSettings(gap_penalty=0.5))
+    assert ids_of(out)[4] == [0]
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError):
         TrackSettings(max_gap=-1)
+    with pytest.raises(ValueError):
+        TrackSettings(min_score_ratio=1.5)
     with pytest.raises(ValueError):
         TrackSettings(continue_fraction=0.0)
     with pytest.raises(ValueError):

@@ -23,17 +23,25 @@ Linking, frame by frame
   steps away.
 * Cost (in lattice steps): ``steps + off-node residual (in site spacings) + gap_penalty * (g - 1)
   + kind_penalty * (kinds differ) + weak_penalty * (site below the cutoff)``, plus ``max_hop +
-  weak_penalty`` for a run of sites below the cutoff that is not yet a track: a flagged site one
-  hop from a track goes to that track, not to a tentative run sitting on its node.
+  weak_penalty`` for a run of sites below the cutoff that is not yet a track (not for one of the
+  faintest sites keeping the run on its node): a flagged site one hop from a track goes to that
+  track, not to a tentative run sitting on its node.
 * One optimal one-to-one assignment (:func:`scipy.optimize.linear_sum_assignment`, per connected
   group of candidates): two defects are never merged into one track, and a defect that stays
   beats a neighbour's hop onto its node. Every site a track can reach is linked (as many links as
   possible), except the faintest ones (below ``continue_fraction`` of the cutoff, which may only
-  keep a track on its node): the assignment may leave such a site to the noise (cost
+  keep a track or a run on its node) and those far fainter than the track (``min_score_ratio``):
+  the assignment may leave such a site to the noise (cost
   ``weak_penalty``) and the track unseen in this frame (cost ``gap_penalty``; such a site after a
   gap is therefore left to the noise) when that is the
   cheaper explanation -- e.g. a defect that hops to a flagged site while the column it left still
   scores faintly keeps its id instead of staying on the faint column (the flagged site a new id).
+* Score continuity: a site below the cutoff scoring under ``min_score_ratio`` of the recent score of
+  a track that reaches it may be left to the noise, like the faintest sites (the column a vacancy
+  just left, still faintly lit, does not keep the vacancy's track from its flagged new site); a site
+  below ``continue_fraction`` may keep a run below the cutoff on its node (a faint vacancy's run
+  before its first flag does not break at one fainter frame); a run already judged too faint that
+  moves to another faint site starts afresh there.
 * Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
   frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
   ends every track: linking across it would be guesswork (reported as a drift break).
@@ -122,6 +130,9 @@ TRACK_FILES = ("tracks.csv", "tracks.png")
 #: ``kind`` of a track none of whose sites was flagged (started by :attr:`TrackSettings.weak_frames`).
 BELOW_CUTOFF = "below_cutoff"
 
+#: Detections of a track whose scores set the level :attr:`TrackSettings.min_score_ratio` compares with.
+_RECENT_SCORES = 3
+
 #: Assignment cost of leaving a site unexplained that must be linked when a track reaches it (above
 #: every link's cost, below the cost of a forbidden pair).
 _FORCED = 1e3
@@ -171,7 +182,13 @@ class TrackSettings:
     max_gap : missed frames bridged (a defect not detected in up to this many frames keeps its id).
     min_frames : a track is reported (gets a ``track_id`` >= 0, a row in ``tracks.csv``) when its
         defect was seen in at least this many frames; defects seen once are counted, not tracked.
-    gap_penalty : cost (lattice steps) per missed frame bridged.
+    gap_penalty : cost (lattice steps) per missed frame bridged, and of a track unseen in a frame.
+        Above one hop (``1``): a defect is missed in a frame more rarely than it hops (a vacancy
+        scores >= ``continue_fraction`` of the cutoff in ~99 % of frames, it hops with p ~ 0.15 on
+        the synthetic series), so a neighbour that hops beats a track revived after a missed frame
+        (the track of a defect that just vanished taking a hopping neighbour's new site). At 0.5
+        (before) the revival was the cheaper explanation; 1.5, 2 and 3 link seeds 0-49 of
+        ``benchmarks/track_eval.py`` identically (1 ties with a hop).
     kind_penalty : cost (lattice steps) of linking two detections of different ``defect_kind``.
     continue_fraction : hysteresis in time: a site that is not flagged (``is_defect`` False) but
         scores at least this fraction of the analysis' ``defect_cutoff`` may continue a track
@@ -180,31 +197,47 @@ class TrackSettings:
         ``sites.csv`` with ``is_defect`` unchanged; their number is in the summary (``n_weak_links``).
     weak_frames : a site below the cutoff (but at least ``continue_fraction * defect_cutoff``),
         away from the image border (``edge`` False, ``observed`` True: the border's sites are
-        less certain), followed over this many consecutive frames (no gap) starts a track too (kind
+        less certain), followed over this many frames at that score (no gap; fainter frames on
+        the run's own node, see ``stay_fraction``, bridge the run but do not count) starts a track too (kind
         ``below_cutoff`` until a flagged detection names it) when the mean score of its sites
         reaches ``weak_mean_fraction * defect_cutoff``. The frames are not independent evidence: a
         site's score is mostly fixed by the image content around it (frame-to-frame correlation of
         the scores of normal sites 0.73-0.95 on the synthetic series of ``benchmarks/track_eval.py``),
         so a normal column that scores 3-4 does so in most frames; such runs are counted
-        (``n_weak_runs_unreported`` of the summary), not tracked. 0: only flagged sites start tracks.
+        (``n_weak_runs_unreported`` of the summary), not tracked; such a run, judged too faint over
+        ``2 * weak_frames`` frames at that score, that moves to another site below the cutoff starts
+        afresh there (its long history on a normal column would otherwise dilute the mean of a faint
+        defect born next to it). 0: only flagged
+        sites start tracks.
     weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
     stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
-        ``continue_fraction``) continues a track that has a flagged detection or an id **on the
-        track's own node** (no hop, no tentative run): the likeliest place of a defect is where it
-        was, so there the faintest evidence suffices. Set it >= ``continue_fraction`` to switch off.
+        ``continue_fraction``) continues a track or a run below the cutoff **on the track's own
+        node** (no hop): the likeliest place of a defect is where it was, so there the faintest
+        evidence suffices; a faint vacancy scoring 3.5, 2.9, 3.7 before its first flag stays one
+        run (its frames before the flag get its id) instead of breaking at the 2.9. Such frames
+        do not count towards ``weak_frames``. Set it >= ``continue_fraction`` to switch off.
     hold_frames : frames a table is held back at least, so that the id of a track confirmed late
         (a run below the cutoff whose mean reaches ``weak_mean_fraction`` only after some frames)
         still reaches its earlier frames; memory grows with this number, not with the series.
     weak_penalty : cost (lattice steps) of a link to a site below the cutoff (a flagged site wins),
         and of leaving one of the faintest sites (below ``continue_fraction``) unexplained.
+    min_score_ratio : a site below the cutoff scoring less than this fraction of the recent score
+        of a track that reaches it (median of the track's last three scores) need not be linked:
+        the assignment may leave it to the noise (cost ``weak_penalty``) like the faintest sites.
+        A defect's score does not collapse from one frame to the next (on the synthetic series of
+        ``benchmarks/track_eval.py``, seeds 0-8, a true defect's next score is >= 0.46 of that
+        median in all of 2,675 links, stays and hops), but the column a vacancy has just left can
+        still score 3 while the vacancy scored 7-10: the track then hops to the vacancy's flagged
+        new site instead of staying on the vacated column (a lone faint frame still keeps its
+        track, as before). 0 switches it off.
     """
 
     enabled: bool = True
     max_hop: float = 1.0
     max_gap: int = 2
     min_frames: int = 2
-    gap_penalty: float = 0.5
+    gap_penalty: float = 1.5
     kind_penalty: float = 0.5
     continue_fraction: float = 0.6
     weak_frames: int = 3
@@ -212,6 +245,7 @@ class TrackSettings:
     stay_fraction: float = 0.5
     hold_frames: int = 10
     weak_penalty: float = 0.5
+    min_score_ratio: float = 0.4
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_hop) and self.max_hop >= 0):
@@ -228,6 +262,8 @@ class TrackSettings:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        if not 0.0 <= self.min_score_ratio < 1.0:
+            raise ValueError(f"min_score_ratio must be in [0, 1), got {self.min_score_ratio!r}")
         for name in ("gap_penalty", "kind_penalty", "weak_penalty"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
@@ -432,10 +468,12 @@ class _Track:
     subs: Counter = field(default_factory=Counter)
     n_seen: int = 1
     n_strong: int = 0  # detections above the cutoff (0: tentative, from sites below it)
+    n_cont: int = 0  # detections at or above continue_fraction of the cutoff (flagged ones included)
     hops: int = 0
     path_steps: float = 0.0
     path_px: float = 0.0
     score_sum: float = 0.0
+    recent: list = field(default_factory=list)  # scores of the last RECENT_SCORES detections
     public_id: int = -1
     points: list = field(default_factory=list)  # corrected positions at the start and after each hop
 
@@ -644,7 +682,7 @@ class DefectLinker:
         steps_of = np.zeros(len(det.rows))
         if cand_tr and len(det.rows):
             assign, steps_of = self._assign(frame, cand_tr, det.xy, det.B, det.subs, det.kinds, det.nodes, det.weak,
-                                            det.weak & (det.score < det.cont_thr))
+                                            det.weak & (det.score < det.cont_thr), det.score)
         det_tracks = self._apply_links(frame, det, cand_tr, assign, steps_of)
         keep = [d for d in range(len(det.rows)) if det_tracks[d] is not None or not det.weak[d]]
         self._expire(frame)
@@ -706,8 +744,12 @@ class DefectLinker:
         det_tracks: list = [None] * len(det.rows)
         res = []
         for d in range(len(det.rows)):
-            if assign[d] >= 0:
-                t = cand_tr[assign[d]]
+            t = cand_tr[assign[d]] if assign[d] >= 0 else None
+            if t is not None and det.weak[d] and steps_of[d] > 0 and self._stale(t):
+                self._drop_run(t)  # a run judged too faint does not carry its history onto another node
+                self.active.remove(t)
+                t = None
+            if t is not None:
                 res.append(self._continue(t, frame, det.xy[d], det.B[d], float(steps_of[d]), det.weak[d]))
             elif det.weak[d] and (self.s.weak_frames == 0 or not det.can_start[d]):
                 continue
@@ -723,6 +765,8 @@ class DefectLinker:
                 t.n_strong += 1
             t.subs[int(det.subs[d])] += 1
             t.score_sum += float(det.score[d])
+            t.n_cont += int(not det.weak[d] or det.score[d] >= det.cont_thr)
+            t.recent = (t.recent + [float(det.score[d])])[-_RECENT_SCORES:]
             if t.public_id < 0 and self._confirmed(t):
                 t.public_id = self._next_id
                 self._next_id += 1
@@ -748,15 +792,22 @@ class DefectLinker:
         self.n_weak += int(weak)
         return float(r[0])
 
+    def _stale(self, t: "_Track") -> bool:
+        """A run below the cutoff, never flagged, judged too faint over twice the frames that could confirm
+        it (a history long enough to dilute a new run's mean; a faint defect's run of a few frames is kept)."""
+        return bool(t.public_id < 0 and not t.n_strong and self.s.weak_frames
+                    and t.n_cont >= 2 * self.s.weak_frames
+                    and t.score_sum < self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
+
     def _confirmed(self, t: "_Track") -> bool:
         """A track gets its public id when seen ``min_frames`` times with a defect among them, or,
         never flagged, ``weak_frames`` times at a mean score of ``weak_mean_fraction`` of the cutoff."""
         if t.n_strong:
             return t.n_seen >= self.s.min_frames
-        return bool(self.s.weak_frames and t.n_seen >= self.s.weak_frames
+        return bool(self.s.weak_frames and t.n_cont >= self.s.weak_frames
                     and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
-    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low):
+    def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low, score):
         from scipy.optimize import linear_sum_assignment
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -794,11 +845,15 @@ class DefectLinker:
         same_colour = (n[:, 0] - n[:, 1]) % 3 == 0
         ok &= ~known | same_colour  # a defect stays on its sublattice
         ok &= steps <= s.max_hop * g + 1e-9
-        ok &= ~(low[di] & ((steps > 0) | tent[ti]))  # the faintest sites only keep a track on its node
+        ok &= ~(low[di] & (steps > 0))  # the faintest sites only keep a track (or a run) on its node
+        ref = np.array([np.median(t.recent) if t.recent else 0.0 for t in tracks])
+        optional = low.copy()  # a site far fainter than a track reaching it need not be that track's
+        optional[di[ok & weak[di] & (score[di] < s.min_score_ratio * ref[ti])]] = True
+        hold = low[di]  # a run kept on its node by a faint site: no tentative penalty (no flagged site to steal)
         wk = weak[di]
         cost = (steps + r / spacing + s.gap_penalty * (g - 1)
                 + s.kind_penalty * ((tkind[ti] != kinds[di]) & ~wk & (tkind[ti] != ""))
-                + s.weak_penalty * wk + (s.max_hop + s.weak_penalty) * tent[ti])
+                + s.weak_penalty * wk + (s.max_hop + s.weak_penalty) * (tent[ti] & ~hold))
         ti, di, cost, steps = ti[ok], di[ok], cost[ok], steps[ok]
         if not len(ti):
             return assign, steps_of
@@ -823,7 +878,7 @@ class DefectLinker:
             C = np.full((nt + nd, nd + nt), big)
             C[it, idd] = cost[grp]
             C[np.arange(nt), nd + np.arange(nt)] = s.gap_penalty
-            C[nt + np.arange(nd), np.arange(nd)] = np.where(low[ud], s.weak_penalty, _FORCED)
+            C[nt + np.arange(nd), np.arange(nd)] = np.where(optional[ud], s.weak_penalty, _FORCED)
             C[nt:, nd:] = 0.0
             rr, cc = linear_sum_assignment(C)
             for a, b in zip(rr, cc):
