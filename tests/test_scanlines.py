@@ -238,3 +238,19 @@ def test_atom_rows_along_the_scan_lines_are_not_jumps(rotation_deg):
     assert t.meta["lattice"]["scan_lines"]["jump_rows"] == []
     clean = find_sites(img, scan_lines=False)
     np.testing.assert_array_equal(t.xy, clean.xy)
+
+
+def test_scan_jumps_of_a_wide_image_are_measured_on_its_central_columns():
+    """Lines wider than ``JUMP_COLUMNS`` are compared over their central columns only; a band that
+    moves the whole lines is found as on a narrow image."""
+    from stemfast.synthetic import make_lattice
+
+    from stemfast import scanlines
+
+    img, _ = make_lattice((160, 2 * scanlines.JUMP_COLUMNS + 64), 8.0, rotation_deg=10.0, noise=0.05, seed=0)
+    img[60:90] = np.roll(img[60:90], 2, axis=1)
+    vec = same_sublattice_vectors([8.0 * np.cos(np.radians(10)), 8.0 * np.sin(np.radians(10))],
+                                  [8.0 * np.cos(np.radians(70)), 8.0 * np.sin(np.radians(70))])
+    jumps = scanlines.scan_line_jumps(img, vec)
+    assert jumps.rows.tolist() == [60, 90]
+    assert np.allclose(jumps.offsets()[60:90], 2.0, atol=0.15) and not jumps.offsets()[:60].any()

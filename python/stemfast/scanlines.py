@@ -172,6 +172,9 @@ def _scan_line_offsets(img: np.ndarray, vec: np.ndarray, threshold: float) -> Sc
 JUMP_THRESHOLD = 6.0
 #: smallest shift (px) flagged as a jump
 JUMP_MIN_PX = 0.5
+#: lines are compared over at most this many central columns: a jump moves the whole line, so its central
+#: part measures it (at 4096 px a quarter of the cost)
+JUMP_COLUMNS = 1024
 #: largest shift (px) looked for between two lines
 JUMP_MAX_LAG = 4
 #: a pair of lines is judged only when their profiles correlate at the best shift by at least this many
@@ -270,6 +273,9 @@ def scan_line_jumps(image, vectors=None, *, threshold: float = JUMP_THRESHOLD, m
         raise ValueError(f"image must be 2-D, got shape {img.shape}")
     if not threshold > 0 or not min_px > 0 or int(max_lag) < 1:
         raise ValueError("threshold and min_px must be > 0, max_lag >= 1")
+    if img.shape[1] > JUMP_COLUMNS:  # a jump moves a whole line: its central columns measure it
+        c0 = (img.shape[1] - JUMP_COLUMNS) // 2
+        img = img[:, c0:c0 + JUMP_COLUMNS]
     lag = min(int(max_lag), img.shape[1] // 4)
     shift, corr = _neighbour_line_shifts(img, max(lag, 1))
     judged = corr >= JUMP_MIN_CORRELATION_SE / np.sqrt(img.shape[1])
