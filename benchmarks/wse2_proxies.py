@@ -12,7 +12,7 @@ Writes ``OUT/NAME.npy`` and ``OUT/NAME.labels.csv`` for each proxy:
 
 Usage::
 
-    PYTHONPATH=python python benchmarks/wse2_proxies.py IMAGE LABELS.csv OUT [--seeds 0 1]
+    PYTHONPATH=python python benchmarks/wse2_proxies.py IMAGE LABELS.csv|none OUT [--seeds 0 1]
 
 then score them like the original, e.g. ``benchmarks/ablation.py OUT/NAME.npy:wse2:OUT/NAME.labels.csv``.
 """
@@ -97,18 +97,21 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image", type=Path)
-    ap.add_argument("labels", type=Path)
+    ap.add_argument("labels", type=Path, help="LABELS.csv, or 'none' for an unlabelled image (check its copies "
+                    "with check_lattice.py)")
     ap.add_argument("out", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args(argv)
     mg = stemfast.read(args.image)
     img = np.asarray(mg.data if mg.data.ndim == 2 else mg.data[0], np.float64)
-    xy, rows = _read_labels(args.labels)
+    labelled = str(args.labels) != "none"
+    xy, rows = _read_labels(args.labels) if labelled else (np.zeros((0, 2)), [])
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (im, lab) in make_proxies(img, xy, args.seeds).items():
         stem = f"{args.image.stem}_{name}"
         np.save(args.out / f"{stem}.npy", im.astype(np.float32))
-        _write_labels(args.out / f"{stem}.labels.csv", lab, rows)
+        if labelled:
+            _write_labels(args.out / f"{stem}.labels.csv", lab, rows)
     return 0
 
 
