@@ -254,3 +254,18 @@ def test_scan_jumps_of_a_wide_image_are_measured_on_its_central_columns():
     jumps = scanlines.scan_line_jumps(img, vec)
     assert jumps.rows.tolist() == [60, 90]
     assert np.allclose(jumps.offsets()[60:90], 2.0, atol=0.15) and not jumps.offsets()[:60].any()
+
+
+def test_the_report_says_what_was_done_to_the_scan_lines(tmp_path):
+    """A streak levelled and a band of jumped lines moved back are said in report.html (from the summary's
+    ``lattice.scan_lines``), not only in summary.json."""
+    from stemfast.report import write_html_report
+
+    summary = {"name": "img", "input": {"path": "img.tif"}, "status": "done", "n_sites": 10,
+               "lattice": {"scan_lines": {"flagged_rows": [101, 102], "jump_rows": [40, 60], "jump_px": [2.0, -2.0]}}}
+    (tmp_path / "img").mkdir()
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "done"}]}, summaries=[summary],
+                      out_dir=tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "2 scan line(s) off against the lattice (streaks) levelled" in html and "rows 101, 102" in html
+    assert "1 band(s) of scan lines jumped sideways" in html and "rows 40-59 by +2.00 px" in html

@@ -313,6 +313,24 @@ def _img_tag(path: Path, alt: str) -> str:
     return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
 
 
+def _scan_note(scan: dict) -> str:
+    """What was done to the image's scan lines before the sites were found (``summary.json``'s
+    ``lattice.scan_lines``), as a paragraph; "" when nothing."""
+    rows, jumps = list(scan.get("flagged_rows") or []), list(scan.get("jump_rows") or [])
+    said = []
+    if rows:
+        shown = ", ".join(str(r) for r in rows[:12]) + (", ..." if len(rows) > 12 else "")
+        said.append(f"{len(rows)} scan line(s) off against the lattice (streaks) levelled before the columns were "
+                    f"found: rows {shown}")
+    if jumps:
+        px = list(scan.get("jump_px") or [])
+        bands = [f"rows {a}-{b - 1} by {px[2 * i]:+.2f} px" if 2 * i < len(px) else f"rows {a}-{b - 1}"
+                 for i, (a, b) in enumerate(zip(jumps[::2], jumps[1::2]))]
+        said.append(f"{len(bands)} band(s) of scan lines jumped sideways and moved back before the lattice was "
+                    f"found ({'; '.join(bands)}); sites are reported where the recorded image has them")
+    return "".join(f"<p class='warn'>scan: {_e(t)}</p>" for t in said)
+
+
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
     rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
     return f"<table><tr><th class='l'>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{rows}</table>"
@@ -380,6 +398,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
     if s.get("class_warning"):
         parts.append(f"<p class='warn'>{_e(s['class_warning'])}</p>")
+    parts.append(_scan_note(lat.get("scan_lines") or {}))
     if str(s.get("rotation_latent", "")).startswith("left out"):
         parts.append(f"<p class='warn'>classes from the latent means only; rotation latent {_e(s['rotation_latent'])}</p>")
     drift = s.get("drift_px")
