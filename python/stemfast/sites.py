@@ -380,11 +380,11 @@ def find_sites(
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
         return _empty_table({**meta, "status": "no lattice", **exc.meta})
-    f = _relevel_scan_lines(img, f, s, tm)
+    f, scan = _relevel_scan_lines(img, f, s, tm)
 
     # 5. per-site intensity, sublattice, strain
     t0 = time.perf_counter()
-    cols, bands, scan_meta = _site_columns(img, f, s, pixel_size, unit)
+    cols, bands, scan_meta = _site_columns(img, f, s, pixel_size, unit, scan)
     _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px)
     tm["describe"] = time.perf_counter() - t0
     idx = f.idx
@@ -538,9 +538,11 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
     return idx, gmap, pmap, nn_fft, nn, holes
 
 
-def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit) -> tuple[dict, list]:
+def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
+                  scan=None) -> tuple[dict, list]:
     """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
-    lattice, grain, calibrated positions) and the widths of the border bands."""
+    lattice, grain, calibrated positions) and the widths of the border bands. ``scan``: what
+    :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known."""
     H, W = img.shape
     idx, pk, gmap = f.idx, f.pk, f.gmap
     nn = f.nn
@@ -551,7 +553,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     inten = sample_image(f.bp, xy, backend=s.backend)
     # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
     # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
-    lines, streak = _scan_lines(img, idx, xy, s)
+    lines, streak = _scan_lines(img, idx, xy, s) if scan is None else scan
     column = sample_image(bandpass(img if lines is None else img - lines.correction()[:, None].astype(img.dtype),
                                    noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
                                    background_px=s.background_nn * nn, backend=s.backend), xy, backend=s.backend)
@@ -618,24 +620,26 @@ REFINE_NOISE_PX = 0.01
 STREAK_REACH = 2.0
 
 
-def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict) -> _Lattice:
+def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict):
     """Steps 2-4 again on the image with its flagged scan lines levelled, when the lattice of ``f``
     flags any (:func:`_scan_lines`): a streak of a few lines at a large fraction of the image's range
     makes and splits peaks along it and moves the sites next to it, which levelling only the column
-    intensities afterwards does not undo. ``f`` is kept when nothing is flagged or the second pass
-    finds no lattice."""
-    lines, _ = _scan_lines(img, f.idx, f.idx.xy, s)
+    intensities afterwards does not undo. Returns ``(lattice, scan)``: ``f`` and its
+    :func:`_scan_lines` result when nothing is flagged or the second pass finds no lattice (step 5
+    reuses it), else the new lattice and None."""
+    scan = _scan_lines(img, f.idx, f.idx.xy, s)
+    lines = scan[0]
     if lines is None or not len(lines.rows):
-        return f
+        return f, scan
     levelled = img - lines.correction()[:, None].astype(img.dtype)
     t0 = time.perf_counter()
     try:
         g = _find_lattice(levelled, s, {})
     except _NoLattice:
-        return f
+        return f, scan
     tm["relevel"] = time.perf_counter() - t0
     log.info("%d flagged scan lines levelled before the columns were found again", len(lines.rows))
-    return g
+    return g, None
 
 
 def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
