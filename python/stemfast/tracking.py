@@ -796,16 +796,18 @@ class DefectLinker:
         """A run below the cutoff, never flagged, judged too faint over twice the frames that could confirm
         it (a history long enough to dilute a new run's mean; a faint defect's run of a few frames is kept)."""
         return bool(t.public_id < 0 and not t.n_strong and self.s.weak_frames
-                    and t.n_cont >= 2 * self.s.weak_frames
-                    and t.score_sum < self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
+                    and t.n_cont >= 2 * self.s.weak_frames and not self._mean_reaches(t))
 
     def _confirmed(self, t: "_Track") -> bool:
         """A track gets its public id when seen ``min_frames`` times with a defect among them, or,
         never flagged, ``weak_frames`` times at a mean score of ``weak_mean_fraction`` of the cutoff."""
         if t.n_strong:
             return t.n_seen >= self.s.min_frames
-        return bool(self.s.weak_frames and t.n_cont >= self.s.weak_frames
-                    and t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
+        return bool(self.s.weak_frames and t.n_cont >= self.s.weak_frames and self._mean_reaches(t))
+
+    def _mean_reaches(self, t: "_Track") -> bool:
+        """Whether the mean score of ``t``'s detections reaches ``weak_mean_fraction`` of the cutoff."""
+        return bool(t.score_sum >= self.s.weak_mean_fraction * (self.cutoff or np.inf) * t.n_seen)
 
     def _assign(self, frame, tracks, xy, B, subs, kinds, nodes, weak, low, score):
         from scipy.optimize import linear_sum_assignment
