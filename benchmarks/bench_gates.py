@@ -96,6 +96,27 @@ def test_a_serial_kernel_fails_the_parallel_check(monkeypatch):
         conftest._check_parallel("local_maxima_numba", lambda: kern.local_maxima(img, 4.0, 1.0, 0), {})
 
 
+def test_parallel_evidence_cpu_share_or_wall_speed_up():
+    """A kernel runs in parallel when its worker threads show CPU time, or -- where the CPU clocks miss
+    them (CI once: share 0.00 at 1.87x wall) -- when 2 threads are clearly faster than 1."""
+    assert conftest._ran_in_parallel({"off_thread_share": 0.35, "threads_scaling": 1.0})  # a busy second core
+    assert conftest._ran_in_parallel({"off_thread_share": 0.0, "threads_scaling": 1.87})
+    assert not conftest._ran_in_parallel({"off_thread_share": 0.001, "threads_scaling": 1.05})  # serial
+
+
+def test_the_speed_verdict_comes_before_the_parallel_check(speed_gate, monkeypatch):
+    """A slowed kernel fails as a speed regression even where the parallel check would fail too."""
+    monkeypatch.setattr(conftest, "_load_baseline", lambda: {conftest.MODE: {"demo_order_gate": 100.0}})
+    monkeypatch.setattr(conftest, "FULL", False)
+    monkeypatch.delenv("STEMFAST_BENCH_UPDATE", raising=False)
+    monkeypatch.setattr(conftest, "_measured", {})
+    monkeypatch.setattr(conftest, "_attempts", {})
+    monkeypatch.setattr(conftest, "_check_parallel", lambda *a: pytest.fail("parallel check before the verdict"))
+    x = np.ones(20_000)
+    with pytest.raises(AssertionError, match="speed regression in demo_order_gate"):
+        speed_gate("demo_order_gate", lambda: x.sum(), lambda: x.sum(), repeat=3, min_cpu=0.0, parallel=True)
+
+
 def test_kernel_gates_run_before_the_rest_of_the_suite(request):
     """The session's order: kernel benchmarks, then the late benchmarks, then the tests (the gates are
     measured in the process state their baselines were recorded in)."""
