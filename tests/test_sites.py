@@ -388,3 +388,76 @@ def test_columns_on_a_sloping_background_are_refined_to_their_centre(seed):
     assert on_flank <= 1.15 * elsewhere
     raw_flank, raw_elsewhere = rms(0.0)
     assert raw_flank > 1.3 * raw_elsewhere and raw_flank > 1.4 * on_flank
+
+
+def test_robust_prediction_is_not_pulled_by_peaks_that_are_not_columns():
+    """Peaks far off their node (a contamination patch's texture) pull their neighbours' prediction
+    less in the Cauchy-weighted refit than in the plain least-squares fit; on a clean lattice the
+    two agree, and unit weights give the unweighted fit exactly."""
+    from stemfast.sitelattice import _local_fit, _predict
+
+    S = np.array([[10.0, 0.0], [5.0, 8.66]])
+    P, Q = np.meshgrid(np.arange(-12, 13), np.arange(-12, 13), indexing="ij")
+    ij = np.stack([P.ravel(), Q.ravel()], 1)
+    truth = ij @ S + 300.0
+    rng = np.random.default_rng(1)
+    clean = truth + rng.normal(0, 0.3, truth.shape)
+    has = np.ones(len(ij), bool)
+    _, _, c_plain = _local_fit(ij, clean, has, S, 2.05, 5, need_rms=False)
+    _, _, c_ones = _local_fit(ij, clean, has, S, 2.05, 5, need_rms=False, weight=np.ones(len(ij)))
+    np.testing.assert_allclose(c_ones, c_plain, atol=1e-9)
+    kw = dict(shape=(600, 600), spacing=10.0)
+    p_clean = _predict(ij, clean, has, S, truth, 2.05, 5, **kw)
+    inner = (np.abs(ij) <= 8).all(1)
+    assert np.abs(p_clean[inner] - c_plain[inner]).max() < 0.1  # clean: the refit changes nothing that matters
+    bad = rng.random(len(ij)) < 0.15
+    ang = rng.uniform(0, 2 * np.pi, bad.sum())
+    dirty = clean.copy()
+    dirty[bad] += 4.0 * np.c_[np.cos(ang), np.sin(ang)]  # 0.4 spacings off
+    _, _, c_ls = _local_fit(ij, dirty, has, S, 2.05, 5, need_rms=False)
+    p_rob = _predict(ij, dirty, has, S, truth, 2.05, 5, **kw)
+    err_ls = np.hypot(*(c_ls - truth)[inner].T)
+    err_rob = np.hypot(*(p_rob - truth)[inner].T)
+    assert np.median(err_rob) < 0.75 * np.median(err_ls)
+    assert np.percentile(err_rob, 95) < 0.75 * np.percentile(err_ls, 95)
+
+
+def test_an_off_lattice_peak_is_adopted_by_an_empty_node_only_when_near_it_or_at_the_edge():
+    """Inside the image an empty node takes an off-lattice peak as its column only within the node
+    tolerance; within EDGE_NN spacings of the image edge (where the node's place is least sure)
+    within half a spacing."""
+    from stemfast.sitelattice import EDGE_NN, _adopt_off_lattice_peaks
+
+    spacing, tol, shape = 10.0, 0.3, (200, 200)
+    empty = np.array([[100.0, 100.0], [60.0, 100.0], [100.0, 5.0]])
+    peaks = np.array([[104.0, 100.0], [62.0, 100.0], [104.0, 5.0]])  # 0.4, 0.2 and 0.4 spacings off
+    assert 5.0 < EDGE_NN * spacing
+    xy_empty = empty.copy()
+    ep, left = _adopt_off_lattice_peaks(peaks, np.arange(3), xy_empty, spacing, tol, shape)
+    assert ep.tolist() == [-1, 1, 2] and left.tolist() == [0]
+    np.testing.assert_array_equal(xy_empty[0], empty[0])
+    np.testing.assert_array_equal(xy_empty[1:], peaks[1:])
+
+
+def test_sites_under_textured_contamination_stay_on_their_columns():
+    """Contamination whose texture is as strong as the columns (contamination_texture 1.0, faint S2,
+    low dose): the sites there stay near their columns -- the local shrinkage towards the
+    neighbours' prediction and the robust prediction keep texture peaks from dragging them
+    (before: 56 of 296 sites under the patches more than 0.25 nn off, on these two seeds; now 25)."""
+    far = n = 0
+    for seed in (1, 2):
+        s = make_mos2(shape=(512, 512), seed=seed, rotation_deg=7.0, chalcogen_scale=0.45, contamination=3,
+                      contamination_radius_nn=4.0, contamination_level=0.6, contamination_texture=1.0,
+                      dose=60.0, rates=(0.03, 0.02, 0.02, 0.01))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = find_sites(s.image)
+        nn = s.meta["nn_px"]
+        ij = np.clip(np.round(s.truth[:, 1::-1]).astype(int), 0, 511)
+        under = s.contamination_mask[ij[:, 0], ij[:, 1]]
+        d, _ = cKDTree(t.xy).query(s.truth[under, :2])
+        far += int((d > 0.25 * nn).sum())
+        n += int(under.sum())
+        d_all, _ = cKDTree(t.xy).query(t.xy, k=2)
+        assert (d_all[:, 1] < 0.5 * nn).sum() == 0
+    assert far <= 0.12 * n, (far, n)

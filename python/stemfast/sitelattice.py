@@ -487,7 +487,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
                                          fill=fill, fit_radius=fit_radius, min_fit_points=min_fit_points,
                                          peak_var=peak_var)
     o_idx = np.flatnonzero(off_pk)
-    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing)
+    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, shape)
     split = _split_column_peaks(peak_xy[o_idx], np.concatenate([xy_w, xy_empty]), spacing)
     o_idx = o_idx[~split]
     n_merged += int(split.sum())
@@ -623,7 +623,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
     xy_w = peak_xy[w_idx].copy()
     okp = np.isfinite(pred_w).all(1)
     vm = None if peak_var is None else np.asarray(peak_var, dtype=np.float64)[w_idx][okp]
-    k = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing)
+    k = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp])
     xy_w[okp] = pred_w[okp] + k[:, None] * (xy_w[okp] - pred_w[okp])
     # a predicted site closer than half a spacing to a peak's site or to another predicted site
     # (next to the edge, where a column's peak sits off towards its cut side) is that column again
@@ -633,7 +633,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
     return xy_w, empty, xy_empty
 
 
-def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing) -> tuple[np.ndarray, np.ndarray]:
+def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, shape=None) -> tuple[np.ndarray, np.ndarray]:
     """An off-lattice peak within half a spacing of an empty node's final place is that node's
     column (displaced; the node's place is only sure once all neighbours are in, at the edge
     especially): the node takes the peak's position (``xy_empty`` changed in place). Returns
@@ -643,6 +643,11 @@ def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing) -> tuple[np.ndar
         from scipy.spatial import cKDTree
 
         de, je = cKDTree(xy_empty).query(peak_xy[o_idx], distance_upper_bound=0.5 * spacing)
+        if shape is not None:
+            H, W = shape
+            p = peak_xy[o_idx]
+            inward = np.minimum.reduce([p[:, 0], W - 1 - p[:, 0], p[:, 1], H - 1 - p[:, 1]])
+            de = np.where((inward >= EDGE_NN * spacing) & (de > tol * spacing), np.inf, de)
         for k_o in np.argsort(de):
             if np.isfinite(de[k_o]) and empty_peak[je[k_o]] < 0:
                 empty_peak[je[k_o]] = o_idx[k_o]
@@ -665,8 +670,11 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, ri
     if rim is not None:
         edge = edge | rim
     edge &= ~np.asarray(has, bool)
-    _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, np.where(edge, PREDICTION_MIN_POINTS, min_points),
-                            need_rms=False, prior=np.where(edge, PREDICTION_PRIOR, 0.0))
+    mp, pr = np.where(edge, PREDICTION_MIN_POINTS, min_points), np.where(edge, PREDICTION_PRIOR, 0.0)
+    _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, mp, need_rms=False, prior=pr)
+    wt = _robust_weights(xy, pred, has, spacing)
+    if wt is not None:  # refit with the peaks far from their neighbours' prediction down-weighted
+        _, _, pred = _local_fit(nodes, xy, has, S, fit_radius, mp, need_rms=False, prior=pr, weight=wt)
     # an edge node with too few peaks around it (an image corner): the ridge fit over the peaks within
     # EDGE_FIT_NN spacings, before the phase map's place
     # (nodes a spacing or more outside the image stay out either way)
@@ -691,6 +699,30 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, ri
                                   prior=np.where(w_sub, PREDICTION_PRIOR, 0.0))
             pred[sub[w_sub]] = pw[w_sub]
     return np.where(np.isfinite(pred), pred, base)
+
+
+def _robust_weights(xy, pred, has, spacing) -> np.ndarray | None:
+    """Cauchy weights ``1 / (1 + (r / c)^2)`` of the peaks (``has``) by their distance ``r`` from
+    their neighbours' prediction ``pred``, ``c = ROBUST_C`` times the median ``r`` (at least
+    ``ROBUST_MIN_NN`` spacings): a peak that is not its column (a contamination patch's texture,
+    a noise maximum next to a faint column) pulls the predictions of its neighbours less. None
+    when there are too few peaks to measure ``c``."""
+    has = np.asarray(has, bool)
+    ok = has & np.isfinite(pred).all(1)
+    if ok.sum() < 20:
+        return None
+    r = np.hypot(*(xy[ok] - pred[ok]).T)
+    c = max(ROBUST_C * float(np.median(r)), ROBUST_MIN_NN * spacing)
+    wt = np.ones(len(xy))
+    wt[ok] = 1.0 / (1.0 + (r / c) ** 2)
+    return wt
+
+
+#: scale of :func:`_robust_weights` in median residuals (wide: the residuals mix bright metal peaks
+#: and faint, noisier chalcogen peaks, and at 2x the median the fit lost the faint ones' information:
+#: positions 0.47 -> 0.55 px rms on a low-dose synthetic image; at 3-6x 0.46) and its floor (spacings)
+ROBUST_C = 4.0
+ROBUST_MIN_NN = 0.05
 
 
 def _film_rim(film, xy: np.ndarray, width: float) -> np.ndarray:
@@ -808,21 +840,19 @@ def _neighbour_count(nodes: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 
 def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray, fit_radius: float,
-               min_points, need_rms: bool = True, prior=0.0):
+               min_points, need_rms: bool = True, prior=0.0, weight: np.ndarray | None = None):
     """Per node: least-squares ``xy(n + d) = c + d @ B`` over the nodes with a peak within
     ``fit_radius`` spacings of it (the node itself left out, so ``c`` is its neighbours' prediction).
 
     Returns the basis [N, 2, 2] (``S`` where the fit had fewer than ``min_points`` peaks), the rms
     residual [N] of those peaks (px; NaN there) and ``c`` [N, 2] (NaN there). All sums are small
-    correlations on the dense (p, q) grid.
-
-    ``prior`` > 0 pulls the fitted basis towards ``S`` with the weight of ``prior`` points one
-    spacing away along each lattice vector (a ridge on the basis): a node whose neighbours all lie
-    on one side (the image edge) is then placed by the lattice, not by an affine extrapolation
-    whose basis those few one-sided points fix badly. With a full neighbourhood the centre barely
-    moves (the basis terms cancel there). ``min_points`` and ``prior`` may be per node ([N]). The target is the image-wide ``S``, not the phase map's
-    local vectors: those are least reliable at the image edge (on mos2_dev1 they gave 0.293 px
-    rmse against 0.249 px).
+    correlations on the dense (p, q) grid. ``prior`` > 0 pulls the fitted basis towards ``S`` with
+    the weight of ``prior`` points one spacing away along each lattice vector (a ridge): a node whose
+    neighbours all lie on one side (the image edge) is placed by the lattice, not by an affine
+    extrapolation; with a full neighbourhood the centre barely moves. The target is the image-wide ``S``, not the phase map's
+    local vectors (least reliable at the image edge: 0.293 px rmse against 0.249 px on mos2_dev1).
+    ``min_points`` and ``prior`` may be per node ([N]); ``weight`` [N] in (0, 1] weighs the peaks
+    in the sums (the robust refit of :func:`_predict`), ``min_points`` still counts them.
     """
     ij = np.asarray(ij, dtype=np.int64).reshape(-1, 2)
     n = len(ij)
@@ -841,7 +871,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     shp = tuple((ij.max(0) + r - lo + 1).tolist())
     gi = ij - lo
     w = np.zeros(shp)
-    w[gi[:, 0], gi[:, 1]] = np.asarray(w_peak, dtype=np.float64)
+    w[gi[:, 0], gi[:, 1]] = np.asarray(w_peak, dtype=np.float64) * (1.0 if weight is None else weight)
     X = np.zeros(shp)
     Y = np.zeros(shp)
     X[gi[:, 0], gi[:, 1]] = np.where(w_peak, xy[:, 0], 0.0)
@@ -856,7 +886,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         return ndimage.correlate(a, k, mode="constant", cval=0.0)[gi[:, 0], gi[:, 1]]
 
     s1, sp, sq, spp, spq, sqq = (corr(w, k) for k in (k1, kp, kq, kpp, kpq, kqq))
-    good = s1 >= np.broadcast_to(np.asarray(min_points), (n,))
+    good = (s1 if weight is None else corr((w > 0).astype(np.float64), k1)) >= np.broadcast_to(np.asarray(min_points), (n,))
     if not good.any():
         return basis, rms, centre
     # drop near-singular fits (all points on one line)
@@ -881,7 +911,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         idet = 1.0 / (s1g * A + spg * B + sqg * C)
     rs = np.zeros(len(g))
     for c in range(2):
-        G = np.where(w > 0, (X if c == 0 else Y) - off0[..., c], 0.0)
+        G = np.where(w > 0, (X if c == 0 else Y) - off0[..., c], 0.0) * (1.0 if weight is None else w)
         r0, rp, rq = corr(G, k1)[g], corr(G, kp)[g], corr(G, kq)[g]
         # solve for (c0, basis - S) of the residuals G, then add d @ S back
         c0 = (A * r0 + B * rp + C * rq) * idet
@@ -923,9 +953,13 @@ EDGE_FIT_NN = 4.0
 #: root-mean-square displacement (per coordinate) a column of a 2H monolayer really has, static and
 #: thermal, as a share of the lattice constant a (~0.08 A for MoS2): the prior of :func:`_shrinkage`
 DISPLACEMENT_RMS_A = 0.025
+#: the residual variance beyond the displacement prior and the fit's own is measured over this many
+#: nearest peaks (the site and its first two shells): local, so that a contamination patch's texture,
+#: which moves the peaks there and nowhere else, pulls those sites to their neighbours' prediction
+SHRINK_NEIGHBORS = 19
 
 
-def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float) -> np.ndarray:
+def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np.ndarray | None = None) -> np.ndarray:
     """How far to trust each peak's position over its neighbours' prediction (0..1).
 
     A peak's residual from the prediction of its neighbours is the column's true displacement
@@ -942,7 +976,13 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float) -> np.
     vm = np.zeros(n) if var_meas is None else np.clip(np.asarray(var_meas, dtype=np.float64), 0, None)
     r2 = (res ** 2).sum(1) / (2 * np.log(2.0))  # median of sigma^2 chi2_2 = 2 ln2 sigma^2 (per coordinate)
     u2 = (DISPLACEMENT_RMS_A * a_px) ** 2
-    excess = max(float(np.median(r2)) - float(np.median(vm)) - u2, 0.0)
+    if xy is None or n < SHRINK_NEIGHBORS:
+        excess = max(float(np.median(r2)) - float(np.median(vm)) - u2, 0.0)
+    else:
+        from scipy.spatial import cKDTree
+
+        _, nb = cKDTree(xy).query(xy, k=SHRINK_NEIGHBORS)
+        excess = np.maximum(np.median(r2[nb], axis=1) - np.median(vm[nb], axis=1) - u2, 0.0)
     return u2 / (u2 + excess + vm)
 
 
