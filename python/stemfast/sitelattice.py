@@ -482,12 +482,16 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
 
     # final positions: prediction from the neighbours, and the peak where the image resolves it
     w_idx = np.flatnonzero(winner)
-    xy_w, empty, xy_empty = _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, film=film, shape=shape,
-                                         spacing=spacing, margin_px=margin_px, min_amplitude=min_amplitude,
-                                         fill=fill, fit_radius=fit_radius, min_fit_points=min_fit_points,
-                                         peak_var=peak_var)
+    xy_w, keep_w, empty, xy_empty = _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, film=film,
+                                                 shape=shape, spacing=spacing, margin_px=margin_px,
+                                                 min_amplitude=min_amplitude, fill=fill, fit_radius=fit_radius,
+                                                 min_fit_points=min_fit_points, peak_var=peak_var)
+    w_idx, xy_w, n_merged = w_idx[keep_w], xy_w[keep_w], n_merged + int((~keep_w).sum())
     o_idx = np.flatnonzero(off_pk)
-    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, shape)
+    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, shape, others=xy_w)
+    # a predicted site as near an adopted peak as another node's site would be: that peak's node has it
+    keep_e = (empty_peak >= 0) | _apart(xy_empty[empty_peak >= 0], xy_empty, 0.5 * spacing)
+    empty, xy_empty, empty_peak = empty[keep_e], xy_empty[keep_e], empty_peak[keep_e]
     split = _split_column_peaks(peak_xy[o_idx], np.concatenate([xy_w, xy_empty]), spacing)
     o_idx = o_idx[~split]
     n_merged += int(split.sum())
@@ -601,7 +605,8 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
                  min_amplitude, fill, fit_radius, min_fit_points, peak_var):
     """Final positions: every winner between its peak and its neighbours' prediction
     (:func:`_shrinkage`), every empty node of the film at its prediction. Returns
-    ``(xy_w [len(w_idx), 2], empty [K, 2] nodes, xy_empty [K, 2])``."""
+    ``(xy_w [len(w_idx), 2], keep_w [len(w_idx)], empty [K, 2] nodes, xy_empty [K, 2])``; ``keep_w``
+    False for a winner too close to another node's site even at its prediction (:func:`_separate`)."""
     H, W = shape
     has = np.isin(_key(nodes), _key(node[w_idx]))
     if not fill:
@@ -625,15 +630,40 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
     vm = None if peak_var is None else np.asarray(peak_var, dtype=np.float64)[w_idx][okp]
     k = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp])
     xy_w[okp] = pred_w[okp] + k[:, None] * (xy_w[okp] - pred_w[okp])
+    xy_w, keep_w = _separate(xy_w, pred_w, 0.5 * spacing)
     # a predicted site closer than half a spacing to a peak's site or to another predicted site
     # (next to the edge, where a column's peak sits off towards its cut side) is that column again
     if len(xy_empty):
         keep = _apart(xy_w, xy_empty, 0.5 * spacing)
         empty, xy_empty = empty[keep], xy_empty[keep]
-    return xy_w, empty, xy_empty
+    return xy_w, keep_w, empty, xy_empty
 
 
-def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, shape=None) -> tuple[np.ndarray, np.ndarray]:
+def _separate(xy: np.ndarray, pred: np.ndarray, dmin: float) -> np.ndarray:
+    """Sites of two nodes closer than ``dmin`` (a peak pulled towards its neighbour's column, or no
+    column at all, at the image edge mostly): the one farther from its neighbours' prediction
+    ``pred`` goes to that prediction; one that is there already (or has none) and still too close
+    is dropped (``keep`` False: two columns are never half a spacing apart). Returns ``(xy, keep)``;
+    ``xy`` is changed in place."""
+    from scipy.spatial import cKDTree
+
+    ok = np.isfinite(pred).all(1)
+    keep = np.ones(len(xy), bool)
+    for _ in range(3):
+        pairs = cKDTree(xy).query_pairs(dmin, output_type="ndarray")
+        pairs = pairs[keep[pairs].all(1)] if len(pairs) else pairs
+        if not len(pairs):
+            break
+        r = np.where(ok, np.hypot(*(xy - np.where(ok[:, None], pred, 0.0)).T), -np.inf)
+        move = np.where(r[pairs[:, 0]] >= r[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+        still = (r[move] <= 1e-9) | ~ok[move]  # at its prediction already, or none: it goes
+        keep[move[still]] = False
+        xy[move[~still]] = pred[move[~still]]
+    return xy, keep
+
+
+def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, shape=None,
+                             others=None) -> tuple[np.ndarray, np.ndarray]:
     """An off-lattice peak within half a spacing of an empty node's final place is that node's
     column (displaced; the node's place is only sure once all neighbours are in, at the edge
     especially): the node takes the peak's position (``xy_empty`` changed in place). Returns
@@ -648,6 +678,9 @@ def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, shape=N
             p = peak_xy[o_idx]
             inward = np.minimum.reduce([p[:, 0], W - 1 - p[:, 0], p[:, 1], H - 1 - p[:, 1]])
             de = np.where((inward >= EDGE_NN * spacing) & (de > tol * spacing), np.inf, de)
+        if others is not None and len(others):  # as near another node's site: not this node's column
+            do, _ = cKDTree(others).query(peak_xy[o_idx], distance_upper_bound=0.5 * spacing)
+            de = np.where(do < 0.5 * spacing, np.inf, de)
         for k_o in np.argsort(de):
             if np.isfinite(de[k_o]) and empty_peak[je[k_o]] < 0:
                 empty_peak[je[k_o]] = o_idx[k_o]
