@@ -461,3 +461,19 @@ def test_sites_under_textured_contamination_stay_on_their_columns():
         d_all, _ = cKDTree(t.xy).query(t.xy, k=2)
         assert (d_all[:, 1] < 0.5 * nn).sum() == 0
     assert far <= 0.12 * n, (far, n)
+
+
+def test_two_nodes_sites_are_never_half_a_spacing_apart():
+    """_separate: of two sites closer than dmin the one farther from its prediction goes there; one
+    already at its prediction (or without one) and still too close is dropped."""
+    from stemfast.sitelattice import _separate
+
+    xy = np.array([[0.0, 0.0], [4.0, 0.0], [30.0, 0.0], [33.0, 0.0], [60.0, 0.0]])
+    pred = np.array([[0.5, 0.0], [10.0, 0.0], [30.0, 0.0], [33.0, 0.0], [60.0, 0.0]])
+    out, keep = _separate(xy.copy(), pred, 5.0)
+    np.testing.assert_array_equal(out[1], [10.0, 0.0])  # pulled to its column's place
+    np.testing.assert_array_equal(out[0], xy[0])
+    assert keep.tolist() == [True, True, True, False, True] or keep.tolist() == [True, True, False, True, True]
+    assert not keep[2:4].all()
+    d, _ = cKDTree(out[keep]).query(out[keep], k=2)
+    assert d[:, 1].min() >= 5.0
