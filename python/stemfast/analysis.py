@@ -812,9 +812,35 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         z_int[no_ref] = z_glob[no_ref]
     else:
         z_int = z_glob
+    if "companion_intensity" in sites:
+        # a second detector of the same scan: the mean of the two images' z (independent shot noise)
+        z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, refs is not None, settings))
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob)
+
+
+def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray, local: bool,
+                 settings: AnalysisSettings) -> np.ndarray:
+    """The robust z of ``companion_intensity`` (:func:`stemfast.sites.companion_intensity`: the column
+    intensity of another detector of the same scan) against the same kind of references as the first
+    image's -- each site's own colour around it (``local``), else its sublattice image-wide; 0 where
+    the companion has no value."""
+    comp = np.asarray(sites["companion_intensity"], np.float64)
+    fin = np.isfinite(comp)
+    ok = observed & fin
+    comp = np.where(fin, comp, 0.0)
+    z_glob = robust_z(comp, np.where(ok, grp, -1))
+    if not local:
+        return np.where(np.isfinite(z_glob), z_glob, 0.0)
+    basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
+                      np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
+    refs = local_references(xy, basis, comp, usable=ok, n_neighbors=settings.n_neighbors,
+                            node_tolerance=settings.node_tolerance)
+    z = _local_z(comp, refs, grp, ok)
+    no_ref = refs.count[:, 0] < 3
+    z[no_ref] = z_glob[no_ref]
+    return np.where(fin & np.isfinite(z), z, 0.0)
 
 
 def _anomaly(settings: AnalysisSettings, sc: _IntensityScores, z_lat: np.ndarray, recon_score: np.ndarray,
@@ -949,6 +975,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         "defect_kinds": {str(kd): int((kinds == kd).sum()) for kd in np.unique(kinds) if kd != "none"},
         "defect_cutoff": settings.defect_cutoff,
         "score": settings.score,
+        **({"detectors": 2} if "companion_intensity" in sites else {}),
         "material": str(get_material(material).name),
         "top": [{"index": int(i), "x": float(xy[i, 0]), "y": float(xy[i, 1]),
                  "anomaly_score": float(anomaly[i]), "recon_score": float(recon_score[i]),

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import PipelineConfig
 from .patches import LazyPatches, default_patch_size, extract_patches
-from .sites import find_sites
+from .sites import companion_intensity, find_sites
 from .table import SiteTable
 
 __all__ = ["MAX_PATCH_BYTES", "Prepared", "prepare", "resample_patches", "resample_weights"]
@@ -51,8 +51,12 @@ class Prepared:
 
 def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
             unit: str | None = "nm", patch_size: int | None = None,
-            max_patch_bytes: int | None = None) -> Prepared:
+            max_patch_bytes: int | None = None, companion: np.ndarray | None = None) -> Prepared:
     """Find the sites of a 2-D ``image`` and cut a normalised patch around each.
+
+    ``companion``: a second image of the same scan (another detector recorded at the same time, same
+    shape); its column intensity at the sites becomes the ``companion_intensity`` column
+    (:func:`stemfast.sites.companion_intensity`), and the defect scores average the two images' z.
 
     ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
     otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. Patches that would take more
@@ -61,6 +65,8 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     """
     timings: dict = {}
     table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
+    if companion is not None and len(table):
+        table = table.with_columns({"companion_intensity": companion_intensity(companion, table, settings=config.sites)})
     t0 = time.perf_counter()
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)

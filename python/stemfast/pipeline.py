@@ -99,12 +99,13 @@ def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
 
 def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),
               pixel_size: float | None = None, unit: str | None = "nm",
-              train: bool = False) -> tuple[SiteTable, dict, object]:
+              train: bool = False, companion: np.ndarray | None = None) -> tuple[SiteTable, dict, object]:
     """Convenience: the whole pipeline on one image.
 
     The model is ``model`` when given, else the shipped default model
     (:func:`stemfast.model.shipped.default_model`), else -- with ``train=True``, or when the shipped
-    model cannot be used (a warning says why) -- one trained on this image.
+    model cannot be used (a warning says why) -- one trained on this image. ``companion``: a second
+    detector's image of the same scan (:func:`stemfast.frontend.prepare`).
     """
     if model is None and not train:
         from .model.shipped import default_model
@@ -113,7 +114,7 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     patch_size = None
     if model is not None:
         patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None
-    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size)
+    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion)
     if model is None:
         model = train_model([prep], config=config)
     table, summary = analyze(prep, model, config=config)

@@ -33,7 +33,8 @@ from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, lattice_distor
                           pixel_noise, position_variance, site_spacing)
 from .table import SiteTable
 
-__all__ = ["SiteSettings", "find_sites", "border_bands", "estimate_period_fft", "sample_image", "NoLatticeWarning",
+__all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
+           "NoLatticeWarning",
            "LatticeUncertainWarning", "CalibrationWarning", "LatticeDistortionWarning"]
 
 log = logging.getLogger(__name__)
@@ -640,6 +641,52 @@ def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict)
     tm["relevel"] = time.perf_counter() - t0
     log.info("%d flagged scan lines levelled before the columns were found again", len(lines.rows))
     return g, None
+
+
+def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSettings = SiteSettings()) -> np.ndarray:
+    """The column intensity of a second image of the same scan at the sites ``find_sites`` found on the first.
+
+    Scanning microscopes record several detectors at once, pixel for pixel (HAADF and MAADF: ADF1 and
+    ADF2 of a JEOL); each sees the same columns through independent shot noise, and a missing atom in
+    both. This reads ``image`` the way :func:`find_sites` reads ``column_intensity``: scan lines that
+    are off against the sites' lattice levelled (``settings.scan_lines``), the bandpass with a
+    ``column_noise_px`` low-pass and a ``background_nn`` spacing background, sampled at the sites.
+    :func:`stemfast.analysis.analyze_sites` averages the two images' local z when the table has it as
+    its ``companion_intensity`` column (docs/RESULTS.md, round 5).
+
+    Parameters
+    ----------
+    image : 2-D image of the same scan (same shape as the image ``sites`` were found on).
+    sites : the site table of the first image (``x``, ``y``, ``meta["spacing_px"]``; the local basis
+        ``a1x .. a2y`` for the scan-line levelling).
+    settings : the :class:`SiteSettings` the first image was read with.
+
+    Returns
+    -------
+    np.ndarray
+        float64 [N], one value per site (NaN for an empty table's meta without a spacing).
+    """
+    img = np.asarray(image, np.float32)
+    shape = tuple(sites.meta.get("shape", img.shape))
+    if img.ndim != 2 or img.shape != shape:
+        raise ValueError(f"the companion image has shape {img.shape}, the sites were found on one of shape {shape}")
+    if not len(sites) or "spacing_px" not in sites.meta:
+        return np.full(len(sites), np.nan)
+    s = settings
+    nn = float(sites.meta["spacing_px"])
+    xy = np.ascontiguousarray(sites.xy, dtype=np.float64)
+    cols = [c for c in ("a1x", "a1y", "a2x", "a2y") if c in sites]
+    if s.scan_lines and len(cols) == 4 and len(sites) >= 8:
+        from .scanlines import same_sublattice_vectors, scan_line_offsets
+
+        b = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]), np.column_stack([sites["a2x"], sites["a2y"]])], 1)
+        ok = np.isfinite(b).all(axis=(1, 2))
+        if ok.sum() >= 8:
+            m = np.median(b[ok], axis=0)
+            img = img - scan_line_offsets(img, same_sublattice_vectors(m[0], m[1])).correction()[:, None].astype(img.dtype)
+    bp = bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn), background_px=s.background_nn * nn,
+                  backend=s.backend)
+    return sample_image(bp, xy, backend=s.backend).astype(np.float64)
 
 
 def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
