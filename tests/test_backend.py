@@ -125,6 +125,10 @@ def _kernel_calls():
         return k.gather_resampled(img, sites, 11, w, -1.0, 0.5, 2.0, out), out
 
     order = np.ascontiguousarray(rng.permutation(len(pts)).astype(np.int64))
+    inv = np.ascontiguousarray(np.broadcast_to(np.eye(2) / 5.0, (len(pts), 2, 2)))
+    vals = np.ascontiguousarray(rng.normal(size=(len(pts), 3)))
+    refable = rng.random(len(pts)) > 0.1
+    rows = np.ascontiguousarray(rng.permutation(len(pts))[:5000].astype(np.int64))
 
     def propagate(k):  # a chain through the points in a shuffled order, parents first
         labels = np.full(len(pts), -1, np.int64)
@@ -143,6 +147,8 @@ def _kernel_calls():
         "knn_within": lambda k: k.knn_within(pts, pts, 9, 11.0),
         "pairs_within": lambda k: k.pairs_within(pts, 7.0),
         "propagate_labels": propagate,
+        "local_references": lambda k: k.local_references(pts, inv, vals[:, 0].copy(), refable, rows, 40, 0.25),
+        "neighbour_mean": lambda k: k.neighbour_mean(pts, vals, 13),
     }
 
 
