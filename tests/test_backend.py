@@ -35,6 +35,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     t = stemfast.find_sites(img)
 print("SITES", len(t))
+from stemfast.analysis import local_references, neighbourhood_mean  # the analysis kernels fall back too
+xy = np.column_stack([np.asarray(t["x"], float), np.asarray(t["y"], float)])
+refs = local_references(xy, np.broadcast_to(np.eye(2) * 10.0, (len(xy), 2, 2)), np.ones(len(xy)), n_neighbors=20)
+print("REFS", int(refs.count.sum()), neighbourhood_mean(xy, np.ones(len(xy)), 9).shape[0])
 """
 
 
@@ -54,6 +58,8 @@ def test_package_works_and_says_why_without_the_compiled_extension():
     assert "stemfast._core" in out["REASON"] and "pip install" in out["REASON"]
     assert "not available" in out["CPP_ERROR"] and "pip install" in out["CPP_ERROR"]
     assert int(out["SITES"]) > 50  # the pipeline runs on the remaining backends
+    refs, n_mean = map(int, out["REFS"].split())
+    assert refs > 0 and n_mean == int(out["SITES"])
     assert "stemfast._core is not available" in r.stderr  # logged once, at the first use
 
 
