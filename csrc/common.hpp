@@ -44,5 +44,6 @@ void register_peaks(py::module_& m);
 void register_lattice(py::module_& m);
 void register_patches(py::module_& m);
 void register_neighbors(py::module_& m);
+void register_references(py::module_& m);
 
 }  // namespace stemfast

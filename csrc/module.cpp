@@ -36,4 +36,5 @@ PYBIND11_MODULE(_core, m) {
     stemfast::register_lattice(m);
     stemfast::register_patches(m);
     stemfast::register_neighbors(m);
+    stemfast::register_references(m);
 }

@@ -238,7 +238,7 @@ def test_masked_row_median_matches_nanmedian():
     unselected entries set to NaN (odd, even, one and no selected entries per row)."""
     import warnings
 
-    from stemfast.analysis import _masked_row_median
+    from stemfast._kernels.numpy_ref.references import _masked_row_median
 
     rng = np.random.default_rng(7)
     v = rng.normal(size=(400, 31))

@@ -35,6 +35,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     t = stemfast.find_sites(img)
 print("SITES", len(t))
+from stemfast.analysis import local_references, neighbourhood_mean  # the analysis kernels fall back too
+xy = np.column_stack([np.asarray(t["x"], float), np.asarray(t["y"], float)])
+refs = local_references(xy, np.broadcast_to(np.eye(2) * 10.0, (len(xy), 2, 2)), np.ones(len(xy)), n_neighbors=20)
+print("REFS", int(refs.count.sum()), neighbourhood_mean(xy, np.ones(len(xy)), 9).shape[0])
 """
 
 
@@ -54,6 +58,8 @@ def test_package_works_and_says_why_without_the_compiled_extension():
     assert "stemfast._core" in out["REASON"] and "pip install" in out["REASON"]
     assert "not available" in out["CPP_ERROR"] and "pip install" in out["CPP_ERROR"]
     assert int(out["SITES"]) > 50  # the pipeline runs on the remaining backends
+    refs, n_mean = map(int, out["REFS"].split())
+    assert refs > 0 and n_mean == int(out["SITES"])
     assert "stemfast._core is not available" in r.stderr  # logged once, at the first use
 
 
@@ -125,6 +131,10 @@ def _kernel_calls():
         return k.gather_resampled(img, sites, 11, w, -1.0, 0.5, 2.0, out), out
 
     order = np.ascontiguousarray(rng.permutation(len(pts)).astype(np.int64))
+    inv = np.ascontiguousarray(np.broadcast_to(np.eye(2) / 5.0, (len(pts), 2, 2)))
+    vals = np.ascontiguousarray(rng.normal(size=(len(pts), 3)))
+    refable = rng.random(len(pts)) > 0.1
+    rows = np.ascontiguousarray(rng.permutation(len(pts))[:5000].astype(np.int64))
 
     def propagate(k):  # a chain through the points in a shuffled order, parents first
         labels = np.full(len(pts), -1, np.int64)
@@ -143,6 +153,8 @@ def _kernel_calls():
         "knn_within": lambda k: k.knn_within(pts, pts, 9, 11.0),
         "pairs_within": lambda k: k.pairs_within(pts, 7.0),
         "propagate_labels": propagate,
+        "local_references": lambda k: k.local_references(pts, inv, vals[:, 0].copy(), refable, rows, 40, 0.25),
+        "neighbour_mean": lambda k: k.neighbour_mean(pts, vals, 13),
     }
 
 

@@ -84,3 +84,24 @@ def propagate_labels(
     step: npt.NDArray[np.int64],
 ) -> None:
     """labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3 for i in order, in place."""
+
+def local_references(
+    xy: npt.NDArray[np.float64],
+    inv_basis: npt.NDArray[np.float64],
+    values: npt.NDArray[np.float64],
+    refable: npt.NDArray[np.bool_],
+    rows: npt.NDArray[np.int64],
+    k: int,
+    tol: float,
+) -> tuple[
+    npt.NDArray[np.float64],  # median [M, 3]
+    npt.NDArray[np.float64],  # mad [M, 3] (1.4826 x MAD)
+    npt.NDArray[np.int64],  # count [M, 3]
+    npt.NDArray[np.float64],  # reach [M]
+]:
+    """Per row site, statistics of its on-node neighbours among its k nearest by relative colour."""
+
+def neighbour_mean(
+    xy: npt.NDArray[np.float64], values: npt.NDArray[np.float64], k: int
+) -> npt.NDArray[np.float64]:
+    """Mean of values [N, L] over each site's k nearest sites (itself included), summed nearest first."""

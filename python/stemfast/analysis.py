@@ -338,10 +338,6 @@ def class_features(mu: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
     return c if rotation is None else np.column_stack([c, rotation])
 
 
-#: sites per block of :func:`local_references` (memory ~ chunk * n_neighbors * 40 bytes)
-REFERENCE_CHUNK = 8192
-
-
 @dataclass(frozen=True)
 class LocalReferences:
     """Output of :func:`local_references`, per site ``i`` and relative colour ``c`` (0 = ``i``'s own
@@ -373,7 +369,7 @@ class LocalReferences:
 
 def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, usable: np.ndarray | None = None,
                      n_neighbors: int = 300, node_tolerance: float = 0.25,
-                     chunk: int = REFERENCE_CHUNK) -> LocalReferences:
+                     backend: str | None = None) -> LocalReferences:
     """Statistics of ``values`` over the sites of each sublattice *around* every site.
 
     For site ``i``: its ``n_neighbors`` nearest sites (``i`` itself excluded) are expressed in ``i``'s
@@ -389,7 +385,8 @@ def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, u
     usable : bool [N], optional; default all.
     n_neighbors : neighbours looked at per site (>= 7).
     node_tolerance : in (0, 0.5), lattice units.
-    chunk : sites per block (memory ~ chunk * n_neighbors * 40 bytes).
+    backend : kernel backend (``cpp``, ``numba``, ``numpy``; default: the fastest available,
+        :mod:`stemfast.backend`); the results do not depend on it.
 
     Returns
     -------
@@ -410,6 +407,8 @@ def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, u
     n = len(xy)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise ValueError(f"xy must be [N, 2], got shape {xy.shape}")
+    if not np.isfinite(xy).all():
+        raise ValueError("xy must be finite")
     basis = np.asarray(basis, dtype=np.float64)
     if basis.shape != (n, 2, 2):
         raise ValueError(f"basis must be [N, 2, 2] with N = {n}, got shape {basis.shape}")
@@ -423,16 +422,25 @@ def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, u
         raise ValueError(f"n_neighbors must be >= 7, got {n_neighbors}")
     if not 0 < float(node_tolerance) < 0.5:
         raise ValueError(f"node_tolerance must be in (0, 0.5), got {node_tolerance}")
-    return _local_references(xy, basis, values, usable, int(n_neighbors), float(node_tolerance), int(chunk))
+    return _local_references(xy, basis, values, usable, int(n_neighbors), float(node_tolerance), backend=backend)
 
 
-def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, workers=None,
-                      rows=None, base: LocalReferences | None = None) -> LocalReferences:
-    """The statistics of :func:`local_references`; with ``rows`` (int indices) only those sites'
-    rows are computed and the others copied from ``base``."""
-    from scipy.spatial import cKDTree
+def _inverse_bases(basis: np.ndarray) -> np.ndarray:
+    """``inv(basis[i])`` per site [N, 2, 2]; NaN where the basis is not finite or singular
+    (``|det| <= 1e-12``): such a site gets no references."""
+    det = basis[:, 0, 0] * basis[:, 1, 1] - basis[:, 0, 1] * basis[:, 1, 0]
+    good = np.isfinite(det) & (np.abs(det) > 1e-12)
+    inv = np.full_like(basis, np.nan)
+    inv[good] = np.linalg.inv(basis[good])
+    return inv
 
-    from .backend import kernel_thread_count
+
+def _local_references(xy, basis, values, usable, n_neighbors, tol, *, rows=None,
+                      base: LocalReferences | None = None, backend: str | None = None) -> LocalReferences:
+    """The statistics of :func:`local_references` (the ``local_references`` kernel of ``backend``,
+    :mod:`stemfast._kernels`); with ``rows`` (int indices) only those sites' rows are computed and the
+    others copied from ``base``."""
+    from .backend import get_kernels
 
     n = len(xy)
     if base is None:
@@ -443,42 +451,16 @@ def _local_references(xy, basis, values, usable, n_neighbors, tol, chunk, worker
     else:
         med, mad, cnt = base.median.copy(), base.mad.copy(), base.count.copy()
         reach = None if base.reach is None else base.reach.copy()
-    k = min(n_neighbors + 1, n)
     if n < 2:
         return LocalReferences(med, mad, cnt, reach)
-    workers = kernel_thread_count() if workers is None else int(workers)
-    det = basis[:, 0, 0] * basis[:, 1, 1] - basis[:, 0, 1] * basis[:, 1, 0]
-    good_basis = np.isfinite(det) & (np.abs(det) > 1e-12)
-    inv = np.zeros_like(basis)
-    inv[good_basis] = np.linalg.inv(basis[good_basis])
-    finite_v = np.isfinite(values)
-    refable = usable & finite_v
-    tree = cKDTree(xy)
     rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-    for a in range(0, len(rows), chunk):
-        q = rows[a:a + chunk]
-        dist, j = tree.query(xy[q], k=k, workers=workers)
-        j = j.reshape(len(q), k)
-        if reach is not None:
-            reach[q] = np.asarray(dist).reshape(len(q), k)[:, -1]
-        x = xy[:, 0][j]
-        x -= xy[q, 0, None]
-        y = xy[:, 1][j]
-        y -= xy[q, 1, None]
-        # [m n] = d @ inv(B), written out (a [.., 2] @ [2, 2] einsum was a third of the time)
-        ia = inv[q]
-        m_ = x * ia[:, 0, 0, None] + y * ia[:, 1, 0, None]
-        n_ = x * ia[:, 0, 1, None] + y * ia[:, 1, 1, None]
-        del x, y
-        rm, rn = np.rint(m_), np.rint(n_)
-        on_node = np.maximum(np.abs(m_ - rm), np.abs(n_ - rn)) < tol
-        del m_, n_
-        ok = on_node & refable[j] & (j != q[:, None]) & good_basis[q, None]
-        colour = (rm - rn).astype(np.int64) % 3
-        del rm, rn, on_node
-        m_q, d_q, c_q = med[q], mad[q], cnt[q]
-        _colour_stats(values[j], ok, colour, m_q, d_q, c_q)
-        med[q], mad[q], cnt[q] = m_q, d_q, c_q
+    refable = np.asarray(usable, bool) & np.isfinite(values)
+    m_q, d_q, c_q, r_q = get_kernels(backend).local_references(
+        np.ascontiguousarray(xy, np.float64), _inverse_bases(basis), np.ascontiguousarray(values, np.float64),
+        refable, rows, min(n_neighbors + 1, n), float(tol))
+    med[rows], mad[rows], cnt[rows] = m_q, d_q, c_q
+    if reach is not None:
+        reach[rows] = r_q
     return LocalReferences(med, mad, cnt, reach)
 
 
@@ -499,13 +481,15 @@ def _refresh_references(refs: LocalReferences, xy, basis, values, usable, change
         d, _ = cKDTree(xy[changed]).query(xy, k=1)
         rows = np.flatnonzero(d <= refs.reach * (1 + 1e-9) + 1e-9)
     return _local_references(xy, basis, values, usable, int(settings.n_neighbors), float(settings.node_tolerance),
-                             REFERENCE_CHUNK, rows=rows, base=None if rows is None else refs)
+                             rows=rows, base=None if rows is None else refs)
 
 
 def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:
     """The straightforward implementation of :func:`_local_references` (one masked sort per colour
     and statistic): the reference the benchmark checks the faster one against."""
     from scipy.spatial import cKDTree
+
+    from ._kernels.numpy_ref.references import _colour_stats
 
     n = len(xy)
     med = np.full((n, 3), np.nan)
@@ -532,41 +516,6 @@ def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chu
         ok = on_node & usable[j] & finite_v[j] & (j != np.arange(a, b)[:, None]) & good_basis[a:b, None]
         _colour_stats(values[j], ok, colour, med[a:b], mad[a:b], cnt[a:b])
     return LocalReferences(med, mad, cnt)
-
-
-def _colour_stats(v: np.ndarray, ok: np.ndarray, colour: np.ndarray, med: np.ndarray, mad: np.ndarray,
-                  cnt: np.ndarray) -> None:
-    """Fill ``med``, ``mad`` (1.4826 x MAD) and ``cnt`` [rows, 3] with the statistics of the values
-    ``v`` [rows, k] of each row's usable (``ok``) references of each relative colour."""
-    for c in range(3):
-        sel = ok & (colour == c)
-        m_c = _masked_row_median(v, sel)
-        med[:, c] = m_c
-        mad[:, c] = 1.4826 * _masked_row_median(np.abs(v - m_c[:, None]), sel)
-        cnt[:, c] = sel.sum(1)
-
-
-def _masked_row_median(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    """Median of ``v[i, sel[i]]`` for every row ``i`` (NaN where a row selects nothing).
-
-    What ``np.nanmedian`` gives with the unselected entries set to NaN, by one sort per call (the
-    masked-array path ``nanmedian`` takes for short rows was most of the analysis stage's time).
-
-    Examples
-    --------
-    >>> _masked_row_median(np.array([[3.0, 1.0, 2.0, 9.0], [5.0, 6.0, 0.0, 0.0]]),
-    ...                    np.array([[True, True, True, False], [True, True, False, False]])).tolist()
-    [2.0, 5.5]
-    """
-    k = sel.sum(1)
-    srt = np.sort(np.where(sel, v, np.inf), axis=1)
-    rows = np.arange(len(v))
-    lo = srt[rows, np.maximum(k - 1, 0) // 2]
-    hi = srt[rows, np.maximum(k, 1) // 2 - (k == 0)]
-    with np.errstate(invalid="ignore"):
-        out = 0.5 * (lo + hi)
-    out[k == 0] = np.nan
-    return out
 
 
 def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
@@ -722,8 +671,10 @@ def _ari(a: np.ndarray, b: np.ndarray) -> float:
     return adjusted_rand_index(a, b) if len(a) > 1 else float("nan")
 
 
-def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
-    """Mean of ``values`` [N, ...] over each site's ``k`` nearest sites (itself included) [N, ...].
+def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int, *, backend: str | None = None) -> np.ndarray:
+    """Mean of ``values`` [N, ...] over each site's ``k`` nearest sites (itself included) [N, ...]:
+    the ``neighbour_mean`` kernel of ``backend`` (:mod:`stemfast._kernels`; ties by index, summed
+    nearest first; ``k`` is capped at N).
 
     Examples
     --------
@@ -731,14 +682,21 @@ def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int) -> np.ndarray
     >>> neighbourhood_mean(xy, np.arange(10.0), 3)[[0, 5, 9]].tolist()
     [1.0, 5.0, 8.0]
     """
-    from scipy.spatial import cKDTree
+    from .backend import get_kernels
 
-    from .backend import kernel_thread_count
-
-    k = min(int(k), len(xy))
-    _, j = cKDTree(xy).query(xy, k=k, workers=kernel_thread_count())
-    j = np.asarray(j).reshape(len(xy), k)
-    return np.asarray(values, np.float64)[j].mean(axis=1)
+    xy = np.ascontiguousarray(xy, np.float64)
+    values = np.asarray(values, np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise ValueError(f"xy must be finite [N, 2], got shape {xy.shape}")
+    if len(values) != len(xy):
+        raise ValueError(f"values must have N = {len(xy)} rows, got {len(values)}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(xy) == 0:
+        return values.copy()
+    flat = np.ascontiguousarray(values.reshape(len(xy), -1))
+    out = get_kernels(backend).neighbour_mean(xy, flat, min(int(k), len(xy)))
+    return out.reshape(values.shape)
 
 
 def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,

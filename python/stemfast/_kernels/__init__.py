@@ -69,6 +69,26 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     as ``cKDTree.query(..., distance_upper_bound=radius)``), nearest first, equal distances by
     increasing index; ``dist`` is the square root of that sum. Missing entries: ``inf`` / ``-1``.
 
+``local_references(xy, inv_basis, values, refable, rows, k, tol) -> (median, mad, count, reach)``
+    ``xy`` float64[N, 2]; ``inv_basis`` float64[N, 2, 2], the inverse of each site's lattice basis
+    (rows ``a1, a2``; NaN where it has none: such a site gets no references); ``values`` float64[N]
+    (finite where ``refable``); ``refable`` bool[N]; ``rows`` int64[M] in ``[0, N)``; ``1 <= k <= N``.
+    For site ``i = rows[t]``: its ``k`` nearest sites (squared distance ``dx * dx + dy * dy``, ties by
+    increasing index; ``i`` itself is one of them), ``reach[t]`` = the square root of the largest
+    squared distance among them. Each neighbour ``j != i`` with ``refable[j]``: ``x = xy[j, 0] - xy[i, 0]``,
+    ``y = xy[j, 1] - xy[i, 1]``, ``m = x * inv[i, 0, 0] + y * inv[i, 1, 0]``, ``n = x * inv[i, 0, 1] +
+    y * inv[i, 1, 1]``; it is a reference of colour ``int(rint(m) - rint(n)) mod 3`` (``rint``: half to
+    even; the non-negative remainder) when ``|m - rint(m)| < tol`` and ``|n - rint(n)| < tol``.
+    ``median[t, c]``: ``0.5 * (s[(c - 1) // 2] + s[c // 2])`` of the sorted values ``s`` of the
+    ``count[t, c]`` references of colour ``c``; ``mad[t, c]`` = ``1.4826 *`` that median of
+    ``|v - median[t, c]|``; both NaN when there are none. Outputs float64[M, 3], float64[M, 3],
+    int64[M, 3], float64[M].
+
+``neighbour_mean(xy, values, k) -> float64[N, L]``
+    ``xy`` float64[N, 2], ``values`` float64[N, L], ``1 <= k <= N``. Row ``i``: the sum of ``values[j]``
+    over the ``k`` nearest sites ``j`` of site ``i`` (itself included; ordered as in
+    ``local_references``), added one at a time nearest first, divided by ``k``.
+
 ``propagate_labels(labels, kids, parents, step) -> None``
     ``labels`` int64[N] (C-contiguous, changed in place); ``kids``, ``parents``, ``step`` int64[M].
     For ``i = 0, 1, ..., M - 1`` in this order: ``labels[kids[i]] = (labels[parents[i]] + step[i]) mod 3``
