@@ -456,3 +456,37 @@ def test_class_neighbors_is_validated():
     with pytest.raises(ValueError, match="class_neighbors"):
         AnalysisSettings(class_neighbors=3)
     assert AnalysisSettings(class_neighbors=0).class_neighbors == 0
+
+
+def test_lattice_consistent_classes_fix_ambiguous_sites_and_keep_clear_outliers():
+    """On a three-coloured lattice: sites whose latent features sit near the boundary between two
+    classes (texture, noise) take the class of their sublattice around them; a site clearly in
+    another class (an antisite) keeps it; off-lattice sites keep theirs."""
+    from stemfast.analysis import lattice_consistent_classes
+
+    rng = np.random.default_rng(0)
+    P, Q = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    p, q = P.ravel(), Q.ravel()
+    xy = np.c_[p + 0.5 * q, 0.866 * q] * 10.0
+    sub = (p - q) % 3
+    centres = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    feats = centres[sub] + rng.normal(0, 0.4, (len(sub), 2))
+    cls = sub.copy()
+    ambiguous = rng.choice(np.flatnonzero(sub == 0), 25, replace=False)
+    feats[ambiguous] = 0.45 * centres[1] + rng.normal(0, 0.05, (25, 2))  # just short of half-way to class 1
+    cls[ambiguous] = 1                                                     # ... and labelled 1
+    antisite = np.flatnonzero(sub == 2)[7]
+    feats[antisite] = centres[0]
+    cls[antisite] = 0
+    out, n = lattice_consistent_classes(xy, sub, feats, cls, margin=0.3)
+    assert (out[ambiguous] == 0).all() and n == 25
+    assert out[antisite] == 0
+    keep = np.ones(len(sub), bool)
+    keep[ambiguous] = False
+    np.testing.assert_array_equal(out[keep], cls[keep])
+    with pytest.raises(ValueError, match="class_margin"):
+        AnalysisSettings(class_margin=-0.1)
+    off = sub.copy()
+    off[ambiguous] = -1  # off-lattice sites keep their class
+    out2, _ = lattice_consistent_classes(xy, off, feats, cls, margin=0.3)
+    assert (out2[ambiguous] == 1).all()
