@@ -26,8 +26,9 @@ is left out when ``None`` is its default (:func:`dump_config` writes it as a com
 written as the string ``"none"`` when it is not (``n_classes = "none"``: choose k automatically);
 every setting that may be ``None`` accepts ``"none"``. The resolved file written next
 to the results (:func:`write_resolved_config`) adds a ``[stemfast]`` table (version, date,
-config hash) and an ``[inputs]`` table (file -> sha256); :func:`load_config` ignores those two
-tables, so a results folder's ``stemfast.toml`` can be passed back as ``--config``.
+config hash), an ``[inputs]`` table (file -> sha256) and, when inputs have a second detector's
+image of the same scan, a ``[companions]`` table; :func:`load_config` ignores those tables, so a
+results folder's ``stemfast.toml`` can be passed back as ``--config``.
 
 Values are validated against the type annotations of the frozen settings dataclasses (ints,
 floats, bools, strings, ``Literal`` choices, tuples, ``X | None``) and then by the dataclasses'
@@ -96,7 +97,7 @@ def parse_toml(text: str) -> dict:
 
 
 #: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
-METADATA_TABLES = ("stemfast", "inputs")
+METADATA_TABLES = ("stemfast", "inputs", "companions")
 
 #: How ``None`` is written for a setting whose default is not ``None`` (TOML has no null);
 #: accepted (any case) by every setting that can be ``None``.
@@ -713,12 +714,16 @@ def _input_keys(inputs: Iterable[Path]) -> list[str]:
 
 
 def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path],
-                          checksums: Mapping[str, str] | None = None) -> str:
+                          checksums: Mapping[str, str] | None = None,
+                          companions: Mapping[str, Mapping] | None = None) -> str:
     """Write the resolved settings of a run (``OUT/stemfast.toml``) atomically; return the text.
 
     The file holds every setting (defaults included), a ``[stemfast]`` table (version, date,
     config hash) and an ``[inputs]`` table of input file name -> sha256 (computed in chunks, or
-    taken from ``checksums`` keyed by ``str(path)`` when already known).
+    taken from ``checksums`` keyed by ``str(path)`` when already known); ``companions``
+    (``str(path)`` -> ``{file, sha256}``: a second detector's image of the same scan, part of the
+    input, not a setting) becomes a ``[companions]`` table under the same input names.
+    :func:`load_config` ignores all three.
     """
     from . import __version__
     from .atomic import write_text
@@ -732,6 +737,9 @@ def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path]
         "stemfast": {"version": __version__, "date": now.isoformat(), "config_hash": config_hash(config)},
         "inputs": table,
     }
+    if companions:
+        extra["companions"] = {key: dict(companions[str(p)]) for key, p in zip(_input_keys(inputs), inputs)
+                               if str(p) in companions}
     text = dump_config(config, extra=extra, header=(
         "stemfast: resolved settings of this run (every setting, defaults included).\n"
         "Reuse with: python -m stemfast batch DIR --config stemfast.toml"))

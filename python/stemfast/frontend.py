@@ -19,7 +19,7 @@ from .patches import LazyPatches, default_patch_size, extract_patches
 from .sites import companion_intensity, find_sites
 from .table import SiteTable
 
-__all__ = ["MAX_PATCH_BYTES", "Prepared", "prepare", "resample_patches", "resample_weights"]
+__all__ = ["MAX_PATCH_BYTES", "Prepared", "prepare", "with_companion", "resample_patches", "resample_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     """
     timings: dict = {}
     table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
-    if companion is not None and len(table):
-        table = table.with_columns({"companion_intensity": companion_intensity(companion, table, settings=config.sites)})
+    table = with_companion(table, companion, config.sites)
     t0 = time.perf_counter()
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)
@@ -90,6 +89,14 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     timings["patches"] = time.perf_counter() - t0
     return Prepared(image=np.asarray(image), sites=table, patches=patches, edge=edge, norm=norm,
                     patch_size=int(size), timings=timings)
+
+
+def with_companion(table: SiteTable, companion: np.ndarray | None, settings) -> SiteTable:
+    """``table`` with the ``companion_intensity`` column of a second detector's image of the same scan
+    (:func:`stemfast.sites.companion_intensity`); unchanged without one or without sites."""
+    if companion is None or not len(table):
+        return table
+    return table.with_columns({"companion_intensity": companion_intensity(companion, table, settings=settings)})
 
 
 def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> np.ndarray:

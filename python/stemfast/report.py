@@ -356,6 +356,18 @@ def _stage_html(rows: Sequence[Mapping]) -> str:
     return "".join(out)
 
 
+def _companion_line(s: Mapping) -> str:
+    """The input's second detector (``summary.json``: ``companion``, ``detectors``), one line; empty without one."""
+    comp = s.get("companion")
+    if not comp:
+        return ""
+    sha = str(((s.get("input") or {}).get("companion") or {}).get("sha256") or "")[:16]
+    how = ("the defect scores average both images' local z" if int(s.get("detectors") or 1) == 2
+           else "not used (no sites)")
+    return (f"<p>second detector of the same scan (companion): <code>{_e(comp)}</code>"
+            f"{' &middot; sha256 ' + _e(sha) + '&hellip;' if sha else ''} &middot; {how}</p>")
+
+
 def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = None) -> str:
     name = s.get("name", "?")
     status = s.get("status", "?")
@@ -369,6 +381,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
                  f"{' &middot; pixel ' + _e('%.5g' % float(inp['pixel_size'])) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
                  f"</small></p>")
+    parts.append(_companion_line(s))
     # what cannot be fully trusted comes first, before any number it qualifies
     warns = list(s.get("warnings") or [])
     if batch_model_sha and msha and msha != batch_model_sha:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .common import progress_bar
+from .companions import companion_refusal
 from .frames import count_frames
 from .inputs import read_failure_reason, read_input
 from .model_state import load_model
@@ -290,6 +291,10 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
                 results[e.name] = skip_input(e, out / e.name, read_failure_reason(exc), cache=True,
                                              read_options=read_options)
                 continue
+        why = companion_refusal(e, n)
+        if why:  # a stack is not split into chunks with a companion: refused as in the in-process run
+            results[e.name] = skip_input(e, out / e.name, why, cache=True, read_options=read_options)
+            continue
         plan.append((e, n))
     if not plan:
         return [results[e.name] for e in entries]

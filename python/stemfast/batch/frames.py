@@ -58,11 +58,14 @@ def settings_vs_image(img: np.ndarray, config, *, check_estimate: bool) -> list[
 
 
 def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int | None, pixel_size, unit,
-                   prep=None, read_s: float = 0.0, check_settings: bool = False) -> FrameResult:
+                   prep=None, read_s: float = 0.0, check_settings: bool = False,
+                   companion: np.ndarray | None = None) -> FrameResult:
     """``prepare`` + ``analyze`` one 2-D frame; errors of the image (ValueError) become the frame's status.
 
     ``check_settings``: also compare a given spacing with the image's own estimate (a warning).
+    ``companion``: a second detector's image of the same scan (:func:`stemfast.frontend.prepare`).
     """
+    from ..frontend import with_companion
     from ..pipeline import analyze, prepare
 
     rec = frame_record(frame)
@@ -74,9 +77,12 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         if prep is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size)
+                prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size,
+                               companion=companion)
             for w in caught:
                 log.info("frame %d: %s", frame, w.message)
+        elif companion is not None:  # prepared for training, without the companion
+            prep.sites = with_companion(prep.sites, companion, config.sites)
         if len(prep.patches) and model is None:
             raise RuntimeError("no model: none could be trained (no input of the batch had a lattice)")
         table, summ = analyze(prep, model, config=config)
@@ -97,7 +103,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
         for key in ("class_sublattice_ari", "class_sublattice", "class_warning", "rotation_latent", "rotation_lock", "material",
-                    "score"):  # the analysis' own report
+                    "score", "detectors"):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]
         is_def = np.asarray(table["is_defect"], bool)
@@ -150,8 +156,10 @@ def prefetched(mg, frames: Sequence[int]) -> Iterator[tuple[int, np.ndarray | No
 
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", prev_frame: int | None = None, bar: bool = False,
-                 desc: str = "") -> Iterator[FrameResult]:
-    """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift to the previous frame."""
+                 desc: str = "", companion: np.ndarray | None = None) -> Iterator[FrameResult]:
+    """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift to the previous frame.
+
+    ``companion``: the second detector's image of a 2-D input (:mod:`stemfast.batch.companions`)."""
     prev_small = None
     if prev_frame is not None and prev_frame >= 0:
         try:
@@ -172,7 +180,7 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
         prep = cache.pop((cache_key, f), None) if cache is not None else None
         fr = analyze_frame(img, f, model=model, config=config, patch_size=patch_size,
                             pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s,
-                            check_settings=not checked)
+                            check_settings=not checked, companion=companion)
         checked = True
         if stack:
             small = block_average(img)

@@ -16,15 +16,33 @@ from ..config import ReadOptions
 from .common import RESERVED_NAMES
 from .frames import count_frames
 
-__all__ = ["InputEntry", "discover_inputs", "fingerprint_input", "read_input", "inputs_key", "describe_input",
+__all__ = ["InputEntry", "CompanionFile", "discover_inputs", "fingerprint_input", "read_input", "inputs_key", "describe_input",
            "safe_name", "unique_names", "read_failure_reason"]
 
 log = logging.getLogger("stemfast.batch")
 
 
 @dataclass
+class CompanionFile:
+    """A second detector's image of the same scan as an input (:mod:`stemfast.batch.companions`)."""
+
+    path: Path
+    size: int = -1
+    mtime_ns: int = -1
+    sha256: str | None = None
+
+    def fingerprint(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+@dataclass
 class InputEntry:
-    """One input file of a batch and its fingerprint."""
+    """One input file of a batch and its fingerprint.
+
+    ``companion``: a second detector's image of the same scan, whose column intensity joins the
+    defect scores (part of the input: its content is in the fingerprint); ``companion_missing``: the
+    file the pairing rule expected but did not find (the input is analysed alone, with a warning).
+    """
 
     path: Path
     name: str  # output folder name (unique within the batch)
@@ -33,10 +51,25 @@ class InputEntry:
     mtime_ns: int = -1
     sha256: str | None = None
     n_frames: int | None = None  # known once the file has been opened
+    companion: CompanionFile | None = None
+    companion_missing: str | None = None
 
     def fingerprint(self) -> dict:
-        return {"path": str(self.path), "rel": self.rel, "sha256": self.sha256, "size": self.size,
-                "mtime_ns": self.mtime_ns}
+        fp = {"path": str(self.path), "rel": self.rel, "sha256": self.sha256, "size": self.size,
+              "mtime_ns": self.mtime_ns}
+        if self.companion is not None:
+            fp["companion"] = self.companion.fingerprint()
+        elif self.companion_missing is not None:
+            fp["companion_missing"] = self.companion_missing
+        return fp
+
+    def same_content(self, fp: dict | None) -> bool:
+        """Whether a recorded :meth:`fingerprint` is of this content: the file's, and its companion's
+        (none, a missing one, or one of the same content)."""
+        fp = fp or {}
+        comp = (fp.get("companion") or {}).get("sha256")
+        return (fp.get("sha256") == self.sha256 and comp == (self.companion.sha256 if self.companion else None)
+                and fp.get("companion_missing") == (None if self.companion else self.companion_missing))
 
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -136,7 +169,8 @@ def discover_inputs(inputs, *, exclude: Path | None = None,
 
 
 def fingerprint_input(entry: InputEntry) -> None:
-    """Fill size / mtime (stat) and the content fingerprint (:func:`stemfast.fingerprint.content_fingerprint`).
+    """Fill size / mtime (stat) and the content fingerprint (:func:`stemfast.fingerprint.content_fingerprint`)
+    of the input and of its companion.
 
     The content is always read (a full SHA-256 up to 256 MiB, sampled blocks beyond), never taken
     from size and mtime: ``cp -p`` / ``rsync -a`` keep those for new content.
@@ -145,9 +179,17 @@ def fingerprint_input(entry: InputEntry) -> None:
 
     st = entry.path.stat()
     entry.size, entry.mtime_ns = int(st.st_size), int(st.st_mtime_ns)
-    if entry.sha256 is not None:
-        return
-    entry.sha256 = content_fingerprint(entry.path)
+    if entry.sha256 is None:
+        entry.sha256 = content_fingerprint(entry.path)
+    c = entry.companion
+    if c is not None:
+        try:
+            st = c.path.stat()
+            c.size, c.mtime_ns = int(st.st_size), int(st.st_mtime_ns)
+            if c.sha256 is None:
+                c.sha256 = content_fingerprint(c.path)
+        except OSError as exc:
+            raise OSError(f"companion {c.path}: {exc}") from exc
 
 
 def read_input(path, read_options: ReadOptions | None = None, **kwargs):

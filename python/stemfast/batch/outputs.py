@@ -257,6 +257,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "config_hash": run.chash,
         "model_sha256": run.model_sha,
         "model": model_identity(d.parent, run.model_sha),
+        # a second detector of the same scan in the defect scores (stemfast.batch.companions)
+        "detectors": max((int(m.get("detectors") or 1) for m in fm), default=1),
+        "companion": str(src.entry.companion.path) if src.entry.companion is not None else None,
         "n_frames": int(src.n_frames),
         "n_frames_ok": int(totals.n_ok),
         "n_sites": int(totals.n_sites),

@@ -17,6 +17,7 @@ from ..config import config_hash, load_config, parse_toml, write_resolved_config
 from ..errors import describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
                      now, peak_memory_mib, read_json)
+from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
 from .model_state import (ModelState, resolve_model, save_trained_model, train_batch_model, use_shipped,
                           writing)
@@ -43,6 +44,7 @@ class BatchOptions:
     read_options: ReadOptions = ReadOptions()
     train: bool = False
     finetune: int = 0
+    companions: CompanionRule = CompanionRule()
 
     @property
     def cache_budget_bytes(self) -> int:
@@ -54,7 +56,8 @@ class BatchOptions:
 def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str | None = None, force: bool = False,
               max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
               cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
-              finetune: int = 0, read_options: ReadOptions | None = None) -> BatchReport:
+              finetune: int = 0, read_options: ReadOptions | None = None, companions=None,
+              companion_name: str | tuple[str, str] | None = None) -> BatchReport:
     """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
 
     Parameters
@@ -73,6 +76,12 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     train : train a model on the inputs instead of using the shipped one.
     finetune : adapt the shipped model to the inputs for this many optimiser steps.
     read_options : :class:`~stemfast.config.ReadOptions` (``--fill-nonfinite``).
+    companions : ``{input path: companion path}``: a second detector's image of the same scan for
+        these inputs (``stemfast analyze --companion``; :mod:`stemfast.batch.companions`).
+    companion_name : ``"MAIN=COMPANION"`` (or a pair): the companion of every input whose file name
+        contains ``MAIN`` is the file of the same folder whose name has it replaced by ``COMPANION``
+        (``--companion-name ADF1=ADF2``: ``X_ADF1.dm4`` -> ``X_ADF2.dm4``); files whose name contains
+        ``COMPANION`` are not analysed as inputs of their own (:mod:`stemfast.batch.companions`).
 
     Returns
     -------
@@ -111,7 +120,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     opts = BatchOptions(model_path=model_path, scheduler=scheduler, force=force, max_train_inputs=max_train_inputs,
                         train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
-                        finetune=finetune)
+                        finetune=finetune, companions=companion_rule(companions, companion_name))
     out = Path(out_dir)
     with OutputLock(out, command=f"stemfast batch -> {out}"):
         for what in recover_staged(out):
@@ -119,11 +128,19 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         return _run_batch_locked(inputs, out, config=config, opts=opts)
 
 
+def companion_rule(companions, companion_name) -> CompanionRule:
+    """The :class:`~stemfast.batch.companions.CompanionRule` of :func:`run_batch`'s arguments."""
+    if isinstance(companion_name, str):
+        companion_name = parse_companion_name(companion_name)
+    return CompanionRule(name=tuple(companion_name) if companion_name else None,
+                         explicit={Path(k): Path(v) for k, v in (companions or {}).items()})
+
+
 def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> BatchReport:
     """:func:`run_batch` while holding the output folder's lock."""
     t_start = time.perf_counter()
     problems: list[tuple[Path, str]] = []
-    entries = discover_inputs(inputs, exclude=out, problems=problems)
+    entries = pair_companions(discover_inputs(inputs, exclude=out, problems=problems), opts.companions, problems)
     extra_results = problem_results(problems)
     chash = config_hash(config)
     sched = opts.scheduler
@@ -284,22 +301,27 @@ def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResul
 
 
 def write_settings_record(toml_path: Path, config, entries: list[InputEntry], chash: str) -> None:
-    """``OUT/stemfast.toml``: the resolved settings, version and input checksums -- rewritten only when
-    they or the inputs changed, so a rerun with nothing to do touches nothing."""
+    """``OUT/stemfast.toml``: the resolved settings, version, input checksums and companions (a second
+    detector's image, ``[companions]``) -- rewritten only when they or the inputs changed, so a rerun
+    with nothing to do touches nothing."""
     old = None
     if toml_path.exists():
         try:
             old = parse_toml(toml_path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError):
             old = None
-    want_inputs = {e.name: e.sha256 for e in entries if e.sha256}
+    ents = [e for e in entries if e.sha256]
+    comps = {str(e.path): {"file": str(e.companion.path), "sha256": e.companion.sha256}
+             for e in ents if e.companion is not None}
+    old_comps = [(v.get("file"), v.get("sha256")) for v in (old or {}).get("companions", {}).values()
+                 if isinstance(v, dict)]
     if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
             or (old.get("stemfast") or {}).get("version") != __version__
-            or sorted((old.get("inputs") or {}).values()) != sorted(want_inputs.values())):
-        ents = [e for e in entries if e.sha256]
+            or sorted((old.get("inputs") or {}).values()) != sorted(e.sha256 for e in ents)
+            or sorted(old_comps) != sorted((v["file"], v["sha256"]) for v in comps.values())):
         with writing(toml_path):
             write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
-                                  checksums={str(e.path): e.sha256 for e in ents})
+                                  checksums={str(e.path): e.sha256 for e in ents}, companions=comps)
 
 
 def analyse(todo: list[InputEntry], out: Path, ms: ModelState, *, config, chash: str, opts: BatchOptions,

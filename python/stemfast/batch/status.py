@@ -107,7 +107,7 @@ def current_done(entry: InputEntry, d: Path, *, chash: str, model_sha: str | Non
         return None
     inp = done.get("input") or {}
     if (done.get("stemfast_version") != __version__ or done.get("config_hash") != chash
-            or done.get("model_sha256") != model_sha or inp.get("sha256") != entry.sha256):
+            or done.get("model_sha256") != model_sha or not entry.same_content(inp)):
         return None
     for f, size in (done.get("outputs") or {}).items():
         p = d / f
@@ -127,7 +127,7 @@ def cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = N
     sk = read_json(d / SKIPPED_FILE)
     if not sk or sk.get("stemfast_version") != __version__:
         return None
-    if (sk.get("input") or {}).get("sha256") != entry.sha256:
+    if not entry.same_content(sk.get("input")):  # the file or its companion changed
         return None
     if sk.get("read", ReadOptions().key()) != (read_options or ReadOptions()).key():
         return None  # e.g. now with --fill-nonfinite: try again

@@ -21,6 +21,7 @@ import numpy as np
 from ..atomic import staged_dir
 from ..config import ReadOptions
 from .common import crash_hook
+from .companions import CompanionError, companion_notes, read_companion
 from .frames import FrameResult, FrameWindow, count_frames, iter_frames, read_frame
 from .inputs import InputEntry, describe_input, read_failure_reason, read_input
 from .outputs import InputSource, RunSettings, assemble
@@ -28,7 +29,7 @@ from .parts import load_part, part_key, part_meta, part_path, save_part
 from .results import InputResult
 from .status import InputUnreadable, clean_dir, failure_reason, result_from_summary, skip_input, write_done
 
-__all__ = ["process_input", "process_chunk", "assemble_parts", "patch_size_of"]
+__all__ = ["process_input", "process_chunk", "assemble_parts", "patch_size_of", "input_info"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -62,11 +63,17 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
         return skip_input(entry, d, read_failure_reason(exc), cache=True, read_options=read_options)
     n = count_frames(mg)
     entry.n_frames = n
-    src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), describe_input(mg), lambda i: read_frame(mg, i))
+    try:
+        companion = read_companion(entry, mg, read_options)
+    except CompanionError as exc:
+        return skip_input(entry, d, str(exc), cache=True, read_options=read_options)
+    src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), input_info(entry, mg),
+                      lambda i: read_frame(mg, i))
     run = RunSettings(config, chash, model_sha)
     try:
         frames = iter_frames(mg, list(range(n)), model=model, config=config, patch_size=patch_size_of(model, config),
-                             cache=prepared_cache, cache_key=entry.name, bar=show_progress, desc=entry.name)
+                             cache=prepared_cache, cache_key=entry.name, bar=show_progress, desc=entry.name,
+                             companion=companion)
         with staged_dir(d) as stage:
             summary = assemble(src, stage, _with_open_time(frames, read_open), run=run, t_start=t_start)
             write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
@@ -81,6 +88,16 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
                 del prepared_cache[k]
     crash_hook("after_done", entry.name)
     return result_from_summary(entry, summary, time.perf_counter() - t_start)
+
+
+def input_info(entry: InputEntry, mg) -> dict:
+    """What the outputs say about an opened input (:func:`~stemfast.batch.inputs.describe_input`), with
+    the note of a missing companion (:func:`~stemfast.batch.companions.companion_notes`)."""
+    info = describe_input(mg)
+    notes = list(info.get("notes", [])) + companion_notes(entry)
+    if notes:
+        info["notes"] = notes
+    return info
 
 
 def _with_open_time(frames: Iterable[FrameResult], open_s: float) -> Iterator[FrameResult]:
@@ -114,7 +131,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
                                patch_size=patch_size_of(model, config), prev_frame=start - 1,
                                desc=f"{entry.name}[{start}:{stop}]"))
     n = entry.n_frames if entry.n_frames is not None else stop
-    info = {**describe_input(mg.mg), "n_frames": int(n), "is_stack": True,
+    info = {**input_info(entry, mg.mg), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
     save_part(path, results, key, info)
     return str(path)

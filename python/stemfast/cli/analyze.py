@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (EXIT_ERROR, add_input_options, add_model_choice_arguments, add_settings_options,
-                      config_from_args, exit_status_epilog, guarded, read_options_from_args,
+from .options import (EXIT_ERROR, add_companion_options, add_input_options, add_model_choice_arguments, add_settings_options,
+                      companions_from_args, config_from_args, exit_status_epilog, guarded, read_options_from_args,
                       start_encode_worker_early)
 
 __all__ = ["add", "cmd_analyze"]
@@ -18,7 +18,8 @@ def add(sub) -> None:
         "analyze", help="analyse one micrograph (the batch pipeline on one file)",
         description="Run one micrograph through the same code path as `stemfast batch`: OUT/<name>/sites.csv, "
                     "classes.png, defects.png, summary.json, plus OUT/model.pt (the pretrained model shipped "
-                    "with stemfast unless --model, --train or --finetune) and OUT/report.html.",
+                    "with stemfast unless --model, --train or --finetune) and OUT/report.html. With --companion "
+                    "MAADF.dm4 a second detector's image of the same scan joins the defect scores.",
         epilog=exit_status_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
@@ -29,6 +30,7 @@ def add(sub) -> None:
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     add_settings_options(p, title="settings")
     add_input_options(p)
+    add_companion_options(p, single_file=True)
     p.set_defaults(func=cmd_analyze)
 
 
@@ -44,12 +46,14 @@ def _cmd_analyze(args) -> int:
 
     config = config_from_args(args)
     read_options = read_options_from_args(args)
+    companions = companions_from_args(args)
     path = Path(args.file)
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
-        return EXIT_ERROR
+    for what, f in (("file", path), ("companion file", args.companion)):
+        if f is not None and not Path(f).is_file():
+            print(f"error: no such {what}: {f}", file=sys.stderr)
+            return EXIT_ERROR
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
     report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
-                       read_options=read_options, train=args.train, finetune=args.finetune or 0)
+                       read_options=read_options, train=args.train, finetune=args.finetune or 0, **companions)
     print_report(report)
     return report.exit_code

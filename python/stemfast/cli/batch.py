@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .options import (EXIT_ERROR, EXIT_OK, add_input_options, add_model_choice_arguments, add_settings_options,
-                      config_from_args, exit_status_epilog, guarded, read_options_from_args,
+from .options import (EXIT_ERROR, EXIT_OK, add_companion_options, add_input_options, add_model_choice_arguments, add_settings_options,
+                      companions_from_args, config_from_args, exit_status_epilog, guarded, read_options_from_args,
                       start_encode_worker_early)
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="redo everything: ignore finished results, retrain the model, retry unreadable files")
     add_settings_options(p)
     add_input_options(p)
+    add_companion_options(p)
     g2 = p.add_argument_group("batch")
     g2.add_argument("--train-inputs", type=int, default=16, metavar="N",
                     help="train on patches of at most N inputs, evenly spread over the batch (default 16)")
@@ -57,11 +58,13 @@ outputs (OUT/):
                        anomaly_score, is_defect, defect_kind, angle (+ x_nm, y_nm when calibrated, + more)
   <name>/classes.png   sites coloured by class over the image
   <name>/defects.png   top defect candidates over the image + their patches
-  <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory, warnings
+  <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory, warnings,
+                       detectors (1, or 2 with a companion image) and companion (its path)
   <name>/tracks.csv    stacks: one row per defect track (sites.csv gets track_id); tracks.png its figure
   <name>/done.json     completion marker (written last): a rerun skips inputs whose marker is current
   model.pt, model.json the model (the shipped one unless --model/--train/--finetune) and its provenance
-  stemfast.toml        resolved settings, stemfast version, input checksums
+  stemfast.toml        resolved settings, stemfast version, input checksums ([companions]: each input's
+                       second detector image and its checksum)
   batch_summary.json   statuses, skipped inputs with reasons, stage table
   report.html          everything in one offline HTML file
   .stemfast.lock       while a run writes into OUT (a second run into the same OUT is refused)
@@ -122,6 +125,7 @@ def _run_batch_from_args(args) -> int:
     start_encode_worker_early(args)
     config = config_from_args(args)
     read_options = read_options_from_args(args)
+    companions = companions_from_args(args)
     if args.scheduler:
         from ..batch.dask import parse_scheduler
 
@@ -135,7 +139,7 @@ def _run_batch_from_args(args) -> int:
                        scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
                        train_frames=args.train_frames, frames_per_task=args.frames_per_task,
                        read_options=read_options, train=getattr(args, "train", False),
-                       finetune=getattr(args, "finetune", 0) or 0)
+                       finetune=getattr(args, "finetune", 0) or 0, **companions)
     if not report.results:
         print(f"error: no micrographs found in {' '.join(args.inputs)}", file=sys.stderr)
         return EXIT_ERROR

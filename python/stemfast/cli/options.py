@@ -35,6 +35,8 @@ __all__ = [
     "add_spacing_option",
     "add_backend_option",
     "add_input_options",
+    "add_companion_options",
+    "companions_from_args",
     "add_verbose_option",
     "config_from_args",
     "read_options_from_args",
@@ -103,6 +105,40 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nonfinite-limit", type=float, default=DEFAULT_MAX_NONFINITE, metavar="FRACTION",
                    help=f"with --fill-nonfinite: skip frames with more than this fraction of non-finite pixels "
                         f"(default {DEFAULT_MAX_NONFINITE:g})")
+
+
+def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = False) -> None:
+    """``--companion-name MAIN=COMPANION`` (and, for one file, ``--companion FILE``): a second
+    detector's image of the same scan per input (:mod:`stemfast.batch.companions`)."""
+    g = p.add_argument_group(
+        "second detector of the same scan",
+        "a second image recorded simultaneously (e.g. HAADF = ADF1 with MAADF = ADF2), same 2-D shape:\n"
+        "its column intensity is read at the sites, the defect scores average the two images' local z")
+    x = g.add_mutually_exclusive_group()
+    if single_file:
+        x.add_argument("--companion", metavar="FILE", default=None,
+                       help="the second detector's image of FILE's scan (any format stemfast reads)")
+    x.add_argument("--companion-name", metavar="MAIN=COMPANION", default=None,
+                   help="pair inputs by file name: the companion of an input whose name contains MAIN is the file "
+                        "of the same folder and extension with the last MAIN replaced by COMPANION, e.g. "
+                        "ADF1=ADF2 pairs X_ADF1.dm4 with X_ADF2.dm4 (case-sensitive); files whose name contains "
+                        "COMPANION are companions, not inputs; an input whose companion is missing is analysed "
+                        "alone with a warning")
+
+
+def companions_from_args(args) -> dict:
+    """The companion keyword arguments of :func:`stemfast.batch.run_batch` from parsed arguments
+    (:func:`add_companion_options`); :class:`SettingsError` for a bad rule."""
+    from pathlib import Path
+
+    from ..batch.companions import parse_companion_name
+
+    out: dict = {}
+    if getattr(args, "companion_name", None) is not None:
+        out["companion_name"] = parse_companion_name(args.companion_name)
+    if getattr(args, "companion", None) is not None:
+        out["companions"] = {Path(args.file): Path(args.companion)}
+    return out
 
 
 def parse_set(items: Sequence[str] | None) -> dict:

@@ -1,0 +1,202 @@
+"""A second detector of the same scan from the command line: ``analyze --companion FILE`` and
+``batch --companion-name MAIN=COMPANION`` (stemfast.batch.companions), through the one batch code
+path: pairing, refusals, the fingerprint (a changed or added companion redoes the input), the
+outputs that name it, the Dask runner. Small synthetic images and the shipped model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stemfast.batch import run_batch
+from stemfast.batch import discover_inputs
+from stemfast.batch.companions import CompanionRule, pair_companions, parse_companion_name
+from stemfast.cli import main
+from stemfast.config import load_config, parse_toml
+from stemfast.errors import EXIT_ERROR, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED, SettingsError
+from stemfast.synthetic import make_mos2
+
+SHAPE = (160, 160)
+
+
+def _scan(seed: int, n_frames: int = 2) -> np.ndarray:
+    """Frames of the same atoms without drift: two detectors of one scan (independent shot noise)."""
+    return make_mos2(shape=SHAPE, seed=seed, pixel_size_A=0.2, dose=25.0, n_frames=n_frames,
+                     drift_px_per_frame=(0.0, 0.0), rates=(0.05, 0.0, 0.0, 0.0)).image
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    monkeypatch.setenv("STEMFAST_ENCODE_WORKER", "0")  # encode here: no forked worker inside pytest
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pair")
+    img = _scan(0)
+    np.save(d / "scan_ADF1.npy", img[0])
+    np.save(d / "scan_ADF2.npy", img[1])
+    return d / "scan_ADF1.npy", d / "scan_ADF2.npy"
+
+
+def _summary(out: Path, name: str) -> dict:
+    return json.loads((out / name / "summary.json").read_text())
+
+
+def test_analyze_with_a_companion_uses_both_and_says_so(pair, tmp_path):
+    a, b = pair
+    out = tmp_path / "two"
+    assert main(["analyze", str(a), "--companion", str(b), "-o", str(out)]) == EXIT_OK
+    s = _summary(out, "scan_ADF1")
+    assert s["detectors"] == 2 and s["companion"] == str(b)
+    assert s["input"]["companion"]["path"] == str(b) and len(s["input"]["companion"]["sha256"]) == 64
+    df = pd.read_csv(out / "scan_ADF1" / "sites.csv")
+    assert "companion_intensity" in df and df["companion_intensity"].notna().any()
+    html = (out / "report.html").read_text()
+    assert "second detector of the same scan" in html and str(b) in html
+    toml = parse_toml((out / "stemfast.toml").read_text())
+    assert toml["companions"]["scan_ADF1.npy"]["file"] == str(b)
+    load_config(out / "stemfast.toml")  # the [companions] table is metadata, not a setting
+
+    alone = tmp_path / "one"
+    assert main(["analyze", str(a), "-o", str(alone)]) == EXIT_OK
+    s1 = _summary(alone, "scan_ADF1")
+    assert s1["detectors"] == 1 and s1["companion"] is None and s1["config_hash"] == s["config_hash"]
+    assert "companion" not in (alone / "report.html").read_text().split("<h2 id=")[-1]
+    d1 = pd.read_csv(alone / "scan_ADF1" / "sites.csv")
+    assert "companion_intensity" not in d1 and len(d1) == len(df)
+    assert not np.allclose(d1["anomaly_score"], df["anomaly_score"])
+
+
+def test_analyze_refuses_a_companion_of_another_scan(pair, tmp_path, capsys):
+    a, b = pair
+    small = tmp_path / "small.npy"
+    np.save(small, np.load(b)[:120])
+    assert main(["analyze", str(a), "--companion", str(small), "-o", str(tmp_path / "o1")]) == EXIT_SKIPPED
+    err = capsys.readouterr().err
+    assert "shape 120 x 160" in err and "not two detectors of the same scan" in err
+    assert not (tmp_path / "o1" / "scan_ADF1" / "summary.json").exists()
+
+    stack = tmp_path / "stack.npy"
+    np.save(stack, _scan(1, n_frames=3))
+    assert main(["analyze", str(a), "--companion", str(stack), "-o", str(tmp_path / "o2")]) == EXIT_SKIPPED
+    assert "is a stack of 3 frames" in capsys.readouterr().err
+    assert main(["analyze", str(stack), "--companion", str(a), "-o", str(tmp_path / "o3")]) == EXIT_SKIPPED
+    assert "supported for 2-D images only" in capsys.readouterr().err
+
+    assert main(["analyze", str(a), "--companion", str(tmp_path / "nope.npy"), "-o", str(tmp_path / "o4")]) \
+        == EXIT_ERROR
+    assert "no such companion file" in capsys.readouterr().err
+    assert main(["analyze", str(a), "--companion-name", "_ADF1", "-o", str(tmp_path / "o5")]) == EXIT_SETTINGS
+    assert not (tmp_path / "o5").exists()
+
+
+def test_companion_name_rules(tmp_path):
+    assert parse_companion_name("ADF1=ADF2") == ("ADF1", "ADF2")
+    assert parse_companion_name("=_maadf") == ("", "_maadf")
+    for bad in ("ADF1", "ADF1=", "ADF=ADF2", "_ADF2=ADF2", "x=a/b", "_ADF1.dm4=_ADF2.dm4"):
+        with pytest.raises(SettingsError):
+            parse_companion_name(bad)
+    # the name part may sit anywhere in the name (the last one is replaced): 1028_ADF1_11 -> 1028_ADF2_11
+    for n in ("1028_ADF1_11.npy", "1028_ADF2_11.npy", "1028_ADF1_25.npy", "s_haadf.npy", "s_haadf_maadf.npy"):
+        (tmp_path / n).write_bytes(b"")
+    entries, problems = discover_inputs(tmp_path), []
+    kept = pair_companions(entries, CompanionRule(name=("ADF1", "ADF2")), problems)
+    got = {e.path.name: (e.companion.path.name if e.companion else e.companion_missing) for e in kept}
+    assert got == {"1028_ADF1_11.npy": "1028_ADF2_11.npy", "1028_ADF1_25.npy": str(tmp_path / "1028_ADF2_25.npy"),
+                   "s_haadf.npy": None, "s_haadf_maadf.npy": None} and not problems
+    kept = pair_companions(discover_inputs(tmp_path), CompanionRule(name=("", "_maadf")), problems)
+    assert [(e.path.name, e.companion.path.name) for e in kept if e.companion] == [("s_haadf.npy", "s_haadf_maadf.npy")]
+
+
+def _batch_data(root: Path) -> Path:
+    """a: a pair; b: its companion missing; c: a companion of another shape; d_ADF2: a companion alone."""
+    root.mkdir()
+    for k, name in enumerate("abc"):
+        img = _scan(10 + k)
+        np.save(root / f"{name}_ADF1.npy", img[0])
+        if name == "a":
+            np.save(root / f"{name}_ADF2.npy", img[1])
+        if name == "c":
+            np.save(root / f"{name}_ADF2.npy", img[1][:, :128])
+    np.save(root / "d_ADF2.npy", _scan(13)[1])
+    return root
+
+
+def test_batch_pairs_by_suffix_and_redoes_an_input_when_its_companion_changes(tmp_path, capsys):
+    data = _batch_data(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["batch", str(data), "-o", str(out), "--companion-name", "ADF1=ADF2"]
+    assert main(args) == EXIT_SKIPPED
+    err = capsys.readouterr().err
+    rep = json.loads((out / "batch_summary.json").read_text())
+    st = {r["name"]: r["status"] for r in rep["inputs"]}
+    assert st == {"a_ADF1": "done", "b_ADF1": "done", "c_ADF1": "skipped", "d_ADF2.npy": "skipped"}, st
+    reasons = {r["name"]: r["reason"] for r in rep["skipped"]}
+    assert "not two detectors of the same scan" in reasons["c_ADF1"]
+    assert "without its input d_ADF1.npy" in reasons["d_ADF2.npy"]
+    assert not any((out / n).exists() for n in ("a_ADF2", "c_ADF2", "d_ADF2"))  # companions are not inputs
+    assert _summary(out, "a_ADF1")["detectors"] == 2
+    sb = _summary(out, "b_ADF1")
+    assert sb["detectors"] == 1 and sb["companion"] is None
+    assert any("b_ADF2.npy" in w and "analysed with this image alone" in w for w in sb["warnings"])
+    assert "b_ADF2.npy" in err and "b_ADF2.npy" in (out / "report.html").read_text()
+
+    done_a = (out / "a_ADF1" / "done.json").stat().st_mtime_ns
+    assert main(args) == EXIT_SKIPPED  # nothing changed: nothing redone
+    assert "2 current, 2 skipped" in capsys.readouterr().out
+
+    np.save(data / "b_ADF2.npy", _scan(11)[1])  # the missing companion arrives: b is redone with it
+    np.save(data / "c_ADF2.npy", _scan(12)[1])  # the bad one is fixed: c is tried again
+    assert main(args) == EXIT_SKIPPED  # d_ADF2 is still alone
+    rep = json.loads((out / "batch_summary.json").read_text())
+    st = {r["name"]: r["status"] for r in rep["inputs"]}
+    assert st == {"a_ADF1": "current", "b_ADF1": "done", "c_ADF1": "done", "d_ADF2.npy": "skipped"}, st
+    assert _summary(out, "b_ADF1")["detectors"] == 2 and not _summary(out, "b_ADF1")["warnings"]
+    assert (out / "a_ADF1" / "done.json").stat().st_mtime_ns == done_a
+    toml = parse_toml((out / "stemfast.toml").read_text())
+    assert sorted(toml["companions"]) == ["a_ADF1.npy", "b_ADF1.npy", "c_ADF1.npy"]
+
+    img = _scan(10)
+    np.save(data / "a_ADF2.npy", np.ascontiguousarray(img[1][::-1, ::-1]))  # a's companion changed
+    main(args)
+    rep = json.loads((out / "batch_summary.json").read_text())
+    assert {r["name"]: r["status"] for r in rep["inputs"]}["a_ADF1"] == "done"
+
+
+def test_companions_on_dask_match_the_in_process_run(tmp_path):
+    pytest.importorskip("dask.distributed", reason="dask.distributed not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    img = _scan(20)
+    np.save(data / "x_ADF1.npy", img[0])
+    np.save(data / "x_ADF2.npy", img[1])
+    np.save(data / "y_ADF1.npy", _scan(21, n_frames=3))  # a stack: its companion is refused
+    np.save(data / "y_ADF2.npy", _scan(21, n_frames=3))
+    runs = {}
+    for sched in (None, "local:2"):
+        out = tmp_path / f"out-{sched is not None}"
+        rep = run_batch(data, out, scheduler=sched, companion_name="ADF1=ADF2", show_progress=False,
+                        frames_per_task=1)
+        assert {r.name: r.status for r in rep.results} == {"x_ADF1": "done", "y_ADF1": "skipped"}
+        assert "supported for 2-D images only" in rep.by_name("y_ADF1").reason
+        runs[sched] = out
+    a, b = (runs[k] / "x_ADF1" / "sites.csv" for k in (None, "local:2"))
+    assert a.read_bytes() == b.read_bytes()
+    assert _summary(runs["local:2"], "x_ADF1")["detectors"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:the learned classes")
+def test_a_model_trained_on_the_batch_scores_with_the_companion(pair, tmp_path):
+    """Frames prepared for training are kept for the analysis: the companion joins them there."""
+    a, b = pair
+    tiny = {"model": {"epochs": 1, "stn_epochs": 1, "max_train_patches": 300, "batch_size": 64, "input_size": 16,
+                      "channels": [8, 8, 8], "stn_channels": [4, 8], "patience": 1, "device": "cpu"}}
+    rep = run_batch(a, tmp_path / "out", config=load_config(None, tiny), train=True, companions={a: b},
+                    show_progress=False)
+    assert rep.model_trained and rep.by_name("scan_ADF1").status == "done"
+    assert _summary(tmp_path / "out", "scan_ADF1")["detectors"] == 2
+    assert "companion_intensity" in pd.read_csv(tmp_path / "out" / "scan_ADF1" / "sites.csv")
