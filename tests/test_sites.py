@@ -424,19 +424,25 @@ def test_robust_prediction_is_not_pulled_by_peaks_that_are_not_columns():
 
 def test_an_off_lattice_peak_is_adopted_by_an_empty_node_only_when_near_it_or_at_the_edge():
     """Inside the image an empty node takes an off-lattice peak as its column only within the node
-    tolerance; within EDGE_NN spacings of the image edge (where the node's place is least sure)
-    within half a spacing."""
-    from stemfast.sitelattice import EDGE_NN, _adopt_off_lattice_peaks
+    tolerance; within EDGE_NN spacings of the image edge or of the film's rim (a hole, a grain
+    boundary: where the node's place is least sure) within half a spacing."""
+    from stemfast.sitelattice import EDGE_NN, _adopt_off_lattice_peaks, _at_edge
 
     spacing, tol, shape = 10.0, 0.3, (200, 200)
     empty = np.array([[100.0, 100.0], [60.0, 100.0], [100.0, 5.0]])
     peaks = np.array([[104.0, 100.0], [62.0, 100.0], [104.0, 5.0]])  # 0.4, 0.2 and 0.4 spacings off
     assert 5.0 < EDGE_NN * spacing
     xy_empty = empty.copy()
-    ep, left = _adopt_off_lattice_peaks(peaks, np.arange(3), xy_empty, spacing, tol, shape)
+    ep, left = _adopt_off_lattice_peaks(peaks, np.arange(3), xy_empty, spacing, tol,
+                                        edge=_at_edge(peaks, shape, None, spacing))
     assert ep.tolist() == [-1, 1, 2] and left.tolist() == [0]
     np.testing.assert_array_equal(xy_empty[0], empty[0])
     np.testing.assert_array_equal(xy_empty[1:], peaks[1:])
+    from types import SimpleNamespace
+
+    mask = np.ones(shape, bool)
+    mask[:, 112:] = False  # a grain's region ending 8 px right of the first peak: its rim
+    assert _at_edge(peaks, shape, SimpleNamespace(mask=mask, factor=1), spacing).tolist() == [True, False, True]
 
 
 def test_sites_under_textured_contamination_stay_on_their_columns():

@@ -488,7 +488,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
                                                  min_fit_points=min_fit_points, peak_var=peak_var)
     w_idx, xy_w, n_merged = w_idx[keep_w], xy_w[keep_w], n_merged + int((~keep_w).sum())
     o_idx = np.flatnonzero(off_pk)
-    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, shape, others=xy_w)
+    empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, others=xy_w,
+                                                 edge=_at_edge(peak_xy[o_idx], shape, film, spacing))
     # a predicted site as near an adopted peak as another node's site would be: that peak's node has it
     keep_e = (empty_peak >= 0) | _apart(xy_empty[empty_peak >= 0], xy_empty, 0.5 * spacing)
     empty, xy_empty, empty_peak = empty[keep_e], xy_empty[keep_e], empty_peak[keep_e]
@@ -662,22 +663,29 @@ def _separate(xy: np.ndarray, pred: np.ndarray, dmin: float) -> np.ndarray:
     return xy, keep
 
 
-def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, shape=None,
-                             others=None) -> tuple[np.ndarray, np.ndarray]:
-    """An off-lattice peak within half a spacing of an empty node's final place is that node's
-    column (displaced; the node's place is only sure once all neighbours are in, at the edge
-    especially): the node takes the peak's position (``xy_empty`` changed in place). Returns
+def _at_edge(xy: np.ndarray, shape: tuple[int, int], film, spacing: float) -> np.ndarray:
+    """Points within ``EDGE_NN`` spacings of the image edge or of the film's rim (a hole, a grain's
+    boundary): where a node's predicted place is least sure."""
+    H, W = shape
+    inward = np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]])
+    return (inward < EDGE_NN * spacing) | _film_rim(film, xy, EDGE_NN * spacing)
+
+
+def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, others=None,
+                             edge=None) -> tuple[np.ndarray, np.ndarray]:
+    """An off-lattice peak near an empty node's final place is that node's column, displaced: the
+    node takes the peak's position (``xy_empty`` changed in place). Near means within half a spacing
+    where the peak is at an ``edge`` (the node's place is only sure once all neighbours are in) and
+    within ``tol`` spacings elsewhere (a contamination patch's texture peaks are not columns); never
+    a peak as near another node's site (``others``). Returns
     ``(empty_peak [K], the peak index per empty node or -1; o_idx, the off-lattice peaks left)``."""
     empty_peak = np.full(len(xy_empty), -1, np.int64)
     if len(o_idx) and len(xy_empty):
         from scipy.spatial import cKDTree
 
         de, je = cKDTree(xy_empty).query(peak_xy[o_idx], distance_upper_bound=0.5 * spacing)
-        if shape is not None:
-            H, W = shape
-            p = peak_xy[o_idx]
-            inward = np.minimum.reduce([p[:, 0], W - 1 - p[:, 0], p[:, 1], H - 1 - p[:, 1]])
-            de = np.where((inward >= EDGE_NN * spacing) & (de > tol * spacing), np.inf, de)
+        if edge is not None:  # away from the edges only within the node tolerance
+            de = np.where(~np.asarray(edge, bool) & (de > tol * spacing), np.inf, de)
         if others is not None and len(others):  # as near another node's site: not this node's column
             do, _ = cKDTree(others).query(peak_xy[o_idx], distance_upper_bound=0.5 * spacing)
             de = np.where(do < 0.5 * spacing, np.inf, de)
