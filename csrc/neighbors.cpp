@@ -13,63 +13,18 @@ namespace {
 
 using CArrD = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
-// Points bucketed into square cells; order[start[c] .. start[c + 1]) are the points of cell c in
-// increasing index order, cxy their coordinates in that order.
-struct Grid {
-    double x0 = 0.0, y0 = 0.0, cell = 1.0;
-    std::int64_t nx = 0, ny = 0;
-    std::vector<std::int64_t> start, order;
-    std::vector<double> cxy;
-
+// The points bucketed into square cells (CellGrid) of about 2 points each, at most the search radius.
+struct Grid : CellGrid {
     Grid(const double* xy, std::int64_t n, double radius) {
         if (n <= 0) return;
-        double x1 = xy[0], y1 = xy[1];
-        x0 = x1;
-        y0 = y1;
-        for (std::int64_t i = 1; i < n; ++i) {
-            x0 = std::min(x0, xy[2 * i]);
-            x1 = std::max(x1, xy[2 * i]);
-            y0 = std::min(y0, xy[2 * i + 1]);
-            y1 = std::max(y1, xy[2 * i + 1]);
-        }
+        bounds(xy, n);
         const double wx = x1 - x0, wy = y1 - y0;
         // about 2 points per cell, at most the search radius, and never more than 4 N + 64 cells
         double c = std::sqrt(std::max(wx * wy, 1e-300) / static_cast<double>(n) * 2.0);
         c = std::min(c, radius);
         const double cmin = std::sqrt(std::max(wx * wy, 0.0) / (4.0 * static_cast<double>(n) + 64.0));
-        c = std::max({c, cmin, (wx + wy) / (4.0 * static_cast<double>(n) + 64.0), 1e-9});
-        cell = c;
-        nx = static_cast<std::int64_t>(std::floor(wx / cell)) + 1;
-        ny = static_cast<std::int64_t>(std::floor(wy / cell)) + 1;
-        std::vector<std::int64_t> cid(static_cast<size_t>(n));
-        start.assign(static_cast<size_t>(nx * ny + 1), 0);
-        for (std::int64_t i = 0; i < n; ++i) {
-            const std::int64_t cx = std::min(nx - 1, static_cast<std::int64_t>((xy[2 * i] - x0) / cell));
-            const std::int64_t cy = std::min(ny - 1, static_cast<std::int64_t>((xy[2 * i + 1] - y0) / cell));
-            cid[i] = cy * nx + cx;
-            ++start[cid[i] + 1];
-        }
-        for (std::int64_t c2 = 0; c2 < nx * ny; ++c2) start[c2 + 1] += start[c2];
-        order.resize(static_cast<size_t>(n));
-        cxy.resize(static_cast<size_t>(2 * n));
-        std::vector<std::int64_t> fillp(start.begin(), start.end() - 1);
-        for (std::int64_t i = 0; i < n; ++i) {
-            const std::int64_t slot = fillp[cid[i]]++;
-            order[slot] = i;
-            cxy[2 * slot] = xy[2 * i];
-            cxy[2 * slot + 1] = xy[2 * i + 1];
-        }
-    }
-
-    // Cell index range [lo, hi] covering [v - r, v + r] along an axis of origin o and n cells
-    // (slightly widened: the exact distance test decides); false when it misses the grid.
-    bool range(double v, double r, double o, std::int64_t n, std::int64_t& lo, std::int64_t& hi) const {
-        const double rr = r * (1.0 + 1e-9) + 1e-12;
-        const double a = std::floor((v - rr - o) / cell), b = std::floor((v + rr - o) / cell);
-        if (!(b >= 0.0) || !(a <= static_cast<double>(n - 1))) return false;
-        lo = a < 0.0 ? 0 : static_cast<std::int64_t>(a);
-        hi = b > static_cast<double>(n - 1) ? n - 1 : static_cast<std::int64_t>(b);
-        return true;
+        cell = std::max({c, cmin, (wx + wy) / (4.0 * static_cast<double>(n) + 64.0), 1e-9});
+        bucket(xy, n);
     }
 
     // fn(slot, d2) for every point in the cells around (qx, qy) that a disc of radius r touches

@@ -19,57 +19,17 @@ using CArrI = py::array_t<std::int64_t, py::array::c_style | py::array::forcecas
 using CArrB = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
 using Cand = std::pair<double, std::int64_t>;  // (squared distance, index): ordered lexicographically
 
-// Points bucketed into square cells of about 2 points each; order[start[c] .. start[c + 1]) are the
-// points of cell c, cxy their coordinates in that order.
-struct KnnGrid {
-    double x0 = 0.0, y0 = 0.0, x1 = 0.0, y1 = 0.0, cell = 1.0, density = 1.0;
-    std::int64_t nx = 1, ny = 1;
-    std::vector<std::int64_t> start, order;
-    std::vector<double> cxy;
+// The sites bucketed into square cells of about 2 points each (CellGrid); `density` the points per px^2.
+struct KnnGrid : CellGrid {
+    double density = 1.0;
 
     KnnGrid(const double* xy, std::int64_t n) {
-        x0 = x1 = xy[0];
-        y0 = y1 = xy[1];
-        for (std::int64_t i = 1; i < n; ++i) {
-            x0 = std::min(x0, xy[2 * i]);
-            x1 = std::max(x1, xy[2 * i]);
-            y0 = std::min(y0, xy[2 * i + 1]);
-            y1 = std::max(y1, xy[2 * i + 1]);
-        }
+        bounds(xy, n);
         const double wx = x1 - x0, wy = y1 - y0;
         const double area = std::max(wx * wy, std::max(wx, wy) * std::max(wx, wy) * 1e-6);
         density = static_cast<double>(n) / std::max(area, 1e-300);
         cell = std::max({std::sqrt(2.0 / density), (wx + wy) / (4.0 * static_cast<double>(n) + 64.0), 1e-9});
-        nx = static_cast<std::int64_t>(std::floor(wx / cell)) + 1;
-        ny = static_cast<std::int64_t>(std::floor(wy / cell)) + 1;
-        std::vector<std::int64_t> cid(static_cast<size_t>(n));
-        start.assign(static_cast<size_t>(nx * ny + 1), 0);
-        for (std::int64_t i = 0; i < n; ++i) {
-            const std::int64_t cx = std::min(nx - 1, static_cast<std::int64_t>((xy[2 * i] - x0) / cell));
-            const std::int64_t cy = std::min(ny - 1, static_cast<std::int64_t>((xy[2 * i + 1] - y0) / cell));
-            cid[i] = cy * nx + cx;
-            ++start[cid[i] + 1];
-        }
-        for (std::int64_t c = 0; c < nx * ny; ++c) start[c + 1] += start[c];
-        order.resize(static_cast<size_t>(n));
-        cxy.resize(static_cast<size_t>(2 * n));
-        std::vector<std::int64_t> fillp(start.begin(), start.end() - 1);
-        for (std::int64_t i = 0; i < n; ++i) {
-            const std::int64_t slot = fillp[cid[i]]++;
-            order[slot] = i;
-            cxy[2 * slot] = xy[2 * i];
-            cxy[2 * slot + 1] = xy[2 * i + 1];
-        }
-    }
-
-    // Cell range [lo, hi] covering [v - r, v + r] along an axis (slightly widened); false when it misses.
-    bool range(double v, double r, double o, std::int64_t n, std::int64_t& lo, std::int64_t& hi) const {
-        const double rr = r * (1.0 + 1e-9) + 1e-12;
-        const double a = std::floor((v - rr - o) / cell), b = std::floor((v + rr - o) / cell);
-        if (!(b >= 0.0) || !(a <= static_cast<double>(n - 1))) return false;
-        lo = a < 0.0 ? 0 : static_cast<std::int64_t>(a);
-        hi = b > static_cast<double>(n - 1) ? n - 1 : static_cast<std::int64_t>(b);
-        return true;
+        bucket(xy, n);
     }
 
     // Every point with dx * dx + dy * dy <= r * r into cand; true when the square searched held the whole grid.

@@ -15,27 +15,27 @@ __all__ = ["knn_within", "pairs_within"]
 
 
 @njit(cache=True)
-def _grid(pts, radius):  # pragma: no cover - compiled
-    """(x0, y0, cell, nx, ny, start, order, cxy): points by cell, increasing index within a cell."""
-    n = pts.shape[0]
+def _bounds(pts):  # pragma: no cover - compiled
+    """(x0, y0, x1, y1): the bounding box of ``pts`` [N >= 1, 2]."""
     x0 = pts[0, 0]
     x1 = x0
     y0 = pts[0, 1]
     y1 = y0
-    for i in range(1, n):
+    for i in range(1, pts.shape[0]):
         x0 = min(x0, pts[i, 0])
         x1 = max(x1, pts[i, 0])
         y0 = min(y0, pts[i, 1])
         y1 = max(y1, pts[i, 1])
-    wx = x1 - x0
-    wy = y1 - y0
-    # about 2 points per cell, at most the search radius, and never more than 4 N + 64 cells
-    c = math.sqrt(max(wx * wy, 1e-300) / n * 2.0)
-    c = min(c, radius)
-    cmin = math.sqrt(max(wx * wy, 0.0) / (4.0 * n + 64.0))
-    c = max(max(c, cmin), max((wx + wy) / (4.0 * n + 64.0), 1e-9))
-    nx = int(math.floor(wx / c)) + 1
-    ny = int(math.floor(wy / c)) + 1
+    return x0, y0, x1, y1
+
+
+@njit(cache=True)
+def _bucket(pts, x0, y0, x1, y1, c):  # pragma: no cover - compiled
+    """(nx, ny, start, order, cxy): ``pts`` by square cell of side ``c`` from ``(x0, y0)`` (a counting
+    sort, row-major; increasing index within a cell). Shared with :mod:`.references`."""
+    n = pts.shape[0]
+    nx = int(math.floor((x1 - x0) / c)) + 1
+    ny = int(math.floor((y1 - y0) / c)) + 1
     cid = np.empty(n, np.int64)
     start = np.zeros(nx * ny + 1, np.int64)
     for i in range(n):
@@ -43,8 +43,8 @@ def _grid(pts, radius):  # pragma: no cover - compiled
         cy = min(ny - 1, int((pts[i, 1] - y0) / c))
         cid[i] = cy * nx + cx
         start[cid[i] + 1] += 1
-    for k in range(nx * ny):
-        start[k + 1] += start[k]
+    for t in range(nx * ny):
+        start[t + 1] += start[t]
     fillp = start[:-1].copy()
     order = np.empty(n, np.int64)
     cxy = np.empty((n, 2))
@@ -54,6 +54,22 @@ def _grid(pts, radius):  # pragma: no cover - compiled
         order[s] = i
         cxy[s, 0] = pts[i, 0]
         cxy[s, 1] = pts[i, 1]
+    return nx, ny, start, order, cxy
+
+
+@njit(cache=True)
+def _grid(pts, radius):  # pragma: no cover - compiled
+    """(x0, y0, cell, nx, ny, start, order, cxy): points by cell, increasing index within a cell."""
+    n = pts.shape[0]
+    x0, y0, x1, y1 = _bounds(pts)
+    wx = x1 - x0
+    wy = y1 - y0
+    # about 2 points per cell, at most the search radius, and never more than 4 N + 64 cells
+    c = math.sqrt(max(wx * wy, 1e-300) / n * 2.0)
+    c = min(c, radius)
+    cmin = math.sqrt(max(wx * wy, 0.0) / (4.0 * n + 64.0))
+    c = max(max(c, cmin), max((wx + wy) / (4.0 * n + 64.0), 1e-9))
+    nx, ny, start, order, cxy = _bucket(pts, x0, y0, x1, y1, c)
     return x0, y0, c, nx, ny, start, order, cxy
 
 

@@ -12,6 +12,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .neighbors import _bounds, _bucket, _range
+
 __all__ = ["local_references", "neighbour_mean"]
 
 #: queries per parallel block (the buffers are allocated once per block)
@@ -22,54 +24,14 @@ _BLOCK = 256
 def _grid(pts):  # pragma: no cover - compiled
     """(x0, y0, x1, y1, cell, density, nx, ny, start, order, cxy): points by cell."""
     n = pts.shape[0]
-    x0 = pts[0, 0]
-    x1 = x0
-    y0 = pts[0, 1]
-    y1 = y0
-    for i in range(1, n):
-        x0 = min(x0, pts[i, 0])
-        x1 = max(x1, pts[i, 0])
-        y0 = min(y0, pts[i, 1])
-        y1 = max(y1, pts[i, 1])
+    x0, y0, x1, y1 = _bounds(pts)
     wx = x1 - x0
     wy = y1 - y0
     area = max(wx * wy, max(wx, wy) * max(wx, wy) * 1e-6)
     density = n / max(area, 1e-300)
     c = max(max(math.sqrt(2.0 / density), (wx + wy) / (4.0 * n + 64.0)), 1e-9)
-    nx = int(math.floor(wx / c)) + 1
-    ny = int(math.floor(wy / c)) + 1
-    cid = np.empty(n, np.int64)
-    start = np.zeros(nx * ny + 1, np.int64)
-    for i in range(n):
-        cx = min(nx - 1, int((pts[i, 0] - x0) / c))
-        cy = min(ny - 1, int((pts[i, 1] - y0) / c))
-        cid[i] = cy * nx + cx
-        start[cid[i] + 1] += 1
-    for t in range(nx * ny):
-        start[t + 1] += start[t]
-    fillp = start[:-1].copy()
-    order = np.empty(n, np.int64)
-    cxy = np.empty((n, 2))
-    for i in range(n):
-        s = fillp[cid[i]]
-        fillp[cid[i]] += 1
-        order[s] = i
-        cxy[s, 0] = pts[i, 0]
-        cxy[s, 1] = pts[i, 1]
+    nx, ny, start, order, cxy = _bucket(pts, x0, y0, x1, y1, c)
     return x0, y0, x1, y1, c, density, nx, ny, start, order, cxy
-
-
-@njit(cache=True, inline="always")
-def _range(v, r, o, c, n):  # pragma: no cover - compiled
-    """Cell range [lo, hi] covering [v - r, v + r] (slightly widened); lo > hi when it misses."""
-    rr = r * (1.0 + 1e-9) + 1e-12
-    a = math.floor((v - rr - o) / c)
-    b = math.floor((v + rr - o) / c)
-    if not (b >= 0.0) or not (a <= n - 1):
-        return 1, 0
-    lo = 0 if a < 0.0 else int(a)
-    hi = n - 1 if b > n - 1 else int(b)
-    return lo, hi
 
 
 @njit(cache=True, inline="always")
