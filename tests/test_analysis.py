@@ -490,3 +490,35 @@ def test_lattice_consistent_classes_fix_ambiguous_sites_and_keep_clear_outliers(
     off[ambiguous] = -1  # off-lattice sites keep their class
     out2, _ = lattice_consistent_classes(xy, off, feats, cls, margin=0.3)
     assert (out2[ambiguous] == 1).all()
+
+
+def test_sites_the_model_cannot_reconstruct_around_do_not_make_defects():
+    """A textured patch (contamination at the lattice's own scale): column intensities scatter and
+    the model reconstructs every patch there badly. Its sites' scores are scaled down by how much
+    worse the surroundings are reconstructed (recon_slack), so the texture makes no defects, while
+    a vacancy on the sound lattice -- one bad patch among good neighbours -- keeps its score; the
+    summary counts the sites and the report-level warning says what was done."""
+    xy, colour, inten, basis = make_lattice(noise=0.02)
+    n = len(xy)
+    rng = np.random.default_rng(3)
+    patch = np.hypot(xy[:, 0] - 250, xy[:, 1] - 120) < 45
+    inten = inten.copy()
+    inten[patch] += rng.standard_t(2, patch.sum()) * 0.3  # heavy-tailed texture
+    vac = centre_site(xy, colour, 0, (100, 250))
+    inten[vac] -= 0.6
+    rec = np.ones(n) + 0.05 * rng.random(n)
+    rec[patch] *= 5.0
+    rec[vac] = 3.0  # the vacancy's own patch is reconstructed badly too, its neighbours' are not
+    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+    table = lattice_table(xy, colour, inten, basis)
+    off, _ = analyze_sites(table, FakeEncoding(mu, rec, np.zeros(n)), settings=AnalysisSettings(recon_slack=0))
+    on, summary = analyze_sites(table, FakeEncoding(mu, rec, np.zeros(n)))
+    assert np.asarray(off["is_defect"])[patch].sum() >= 3  # the texture made defects
+    assert np.asarray(on["is_defect"])[patch].sum() == 0
+    assert on["anomaly_score"][vac] == pytest.approx(off["anomaly_score"][vac]) and on["is_defect"][vac]
+    nr = np.asarray(on["neighbourhood_recon"])
+    assert np.median(nr[patch]) > 3.0 and np.median(nr[~patch]) == pytest.approx(1.0, abs=0.05)
+    assert summary["n_sites_unlike_lattice"] >= 0.8 * patch.sum()
+    assert "scaled down" in summary["texture_warning"]
+    with pytest.raises(ValueError, match="recon_slack"):
+        AnalysisSettings(recon_slack=0.5)

@@ -409,8 +409,9 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     parts.append("<div class='grid'><div>" + _kv_table(facts, ("", "")) + "</div><div>"
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
-    if s.get("class_warning"):
-        parts.append(f"<p class='warn'>{_e(s['class_warning'])}</p>")
+    for key in ("class_warning", "texture_warning"):
+        if s.get(key):
+            parts.append(f"<p class='warn'>{_e(s[key])}</p>")
     parts.append(_scan_note(lat.get("scan_lines") or {}))
     if str(s.get("rotation_latent", "")).startswith("left out"):
         parts.append(f"<p class='warn'>classes from the latent means only; rotation latent {_e(s['rotation_latent'])}</p>")
@@ -469,7 +470,7 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
         cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
         kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
         link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
-        n_warn = len(s.get("warnings") or []) + bool(s.get("class_warning"))
+        n_warn = len(s.get("warnings") or []) + bool(s.get("class_warning")) + bool(s.get("texture_warning"))
         warn = f" <span class='warn'>({n_warn} warning{'s' if n_warn > 1 else ''})</span>" if n_warn else ""
         parts.append(f"<tr><td class='l'>{link}</td><td class='l {cls}'>{_e(st)}"
                      f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}{warn}</td>"

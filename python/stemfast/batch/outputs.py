@@ -286,11 +286,12 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
-    class_warning = next((m["class_warning"] for m in fm if m.get("class_warning")), None)
-    if class_warning:
-        summary["class_warning"] = class_warning
-        if class_warning not in warns:
-            warns.append(class_warning)
+    for key in ("class_warning", "texture_warning"):  # the first frame's that has one
+        text = next((m[key] for m in fm if m.get(key)), None)
+        if text:
+            summary[key] = text
+            if text not in warns:
+                warns.append(text)
     summary["warnings"] = warns
     return summary
 
