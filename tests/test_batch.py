@@ -448,3 +448,19 @@ def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "warning: the site lattice is uncertain: weak Bragg ring" in html
     assert "check the calibration or the material" in html
+
+
+def test_report_counts_each_warning_once_and_shows_the_texture_warning(tmp_path):
+    """The batch summary lists the class and texture warnings among its warnings and under their own
+    keys too: the inputs table counts each once, and the input's section shows them."""
+    from stemfast.report import write_html_report
+
+    cw = "the learned classes do not follow the sublattices (ARI 0.80 ...)"
+    tw = "374 sites (13.3%) lie where the model reconstructs the surroundings more than 2x worse ..."
+    summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": ["warning: lattice unsure", cw, tw],
+            "class_warning": cw, "texture_warning": tw, "lattice": {}}
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[summ], out_dir=tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "(3 warnings)" in html and "(5 warnings)" not in html
+    assert "374 sites (13.3%) lie where the model reconstructs" in html

@@ -470,7 +470,8 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
         cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
         kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
         link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
-        n_warn = len(s.get("warnings") or []) + bool(s.get("class_warning")) + bool(s.get("texture_warning"))
+        # each warning once: the batch summary lists the class and texture warnings among its warnings too
+        n_warn = len(set(s.get("warnings") or []) | {s[k] for k in ("class_warning", "texture_warning") if s.get(k)})
         warn = f" <span class='warn'>({n_warn} warning{'s' if n_warn > 1 else ''})</span>" if n_warn else ""
         parts.append(f"<tr><td class='l'>{link}</td><td class='l {cls}'>{_e(st)}"
                      f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}{warn}</td>"
