@@ -2,21 +2,13 @@
 synthetic 2H lattice (no shared data)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "dopant_diagnostics.py"
-
 
 @pytest.fixture(scope="module")
-def diag():
-    spec = importlib.util.spec_from_file_location("dopant_diagnostics", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def diag(benchmark_script):
+    return benchmark_script("dopant_diagnostics")
 
 
 def _honeycomb(nn=5.0, n=14):

@@ -3,21 +3,13 @@ pixel it labelled (rotation, flip, row jumps move the labels with the image; str
 contamination only add to the image)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "wse2_proxies.py"
-
 
 @pytest.fixture(scope="module")
-def proxies():
-    spec = importlib.util.spec_from_file_location("wse2_proxies", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def proxies(benchmark_script):
+    return benchmark_script("wse2_proxies")
 
 
 def _labelled_image(rng, shape=(96, 128), n=60):

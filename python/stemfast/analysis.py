@@ -594,6 +594,16 @@ def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: Analysi
     return info
 
 
+def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
+                       z_glob: np.ndarray) -> np.ndarray:
+    """:func:`_local_z`, and ``z_glob`` (the image-wide score) for the sites with fewer than 3 local
+    references of their own colour."""
+    z = _local_z(values, refs, groups, usable)
+    no_ref = refs.count[:, 0] < 3
+    z[no_ref] = z_glob[no_ref]
+    return z
+
+
 def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
     """Robust z of ``values`` against each site's own-colour references; the local MAD is floored at
     half the typical local MAD of the site's group (so a few quiet neighbours cannot blow it up)."""
@@ -775,7 +785,7 @@ def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int, *, backend: s
     return out.reshape(values.shape)
 
 
-def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,
+def _learned_classes(sites: SiteTable, xy: np.ndarray, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,
                      settings: AnalysisSettings, rotation_symmetry: int) -> tuple[np.ndarray, int, dict]:
     """k-means classes on the latent means and the rotation latent relative to each site's lattice
     (:func:`rotation_latent`, :func:`class_features`, :func:`cluster_latents`)."""
@@ -788,12 +798,10 @@ def _learned_classes(sites: SiteTable, enc, mu: np.ndarray, angle: np.ndarray, i
         rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
                                         strength=None if strength is None else np.asarray(strength, np.float64))
     if settings.class_neighbors and len(mu) > settings.class_neighbors:
-        xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
         mu = mu - neighbourhood_mean(xy, mu, settings.class_neighbors)
     feats = class_features(mu, rot)
     cls, k, info = cluster_latents(feats, n_classes=settings.n_classes, order_by=inten, settings=settings)
     if settings.class_margin > 0 and "sublattice" in sites and len(cls):
-        xy = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
         cls, n_moved = lattice_consistent_classes(xy, np.asarray(sites["sublattice"], np.int64), feats, cls,
                                                   margin=settings.class_margin)
         info["classes_from_neighbours"] = n_moved
@@ -876,9 +884,8 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
     """Each site's intensity against the sites of its own sublattice around it (from its local
     lattice), else against the image-wide sublattice; minus the shift its scan line shares."""
     n = len(xy)
-    if all(c in sites for c in ("a1x", "a1y", "a2x", "a2y")) and n >= 8:
-        basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
-                          np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
+    basis = sites.basis
+    if basis is not None and n >= 8:
         refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
                                 node_tolerance=settings.node_tolerance)
         sub = refs.rank()
@@ -900,41 +907,31 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         sub = sub_global.copy()
     grp = np.where(sub >= 0, sub, np.where(sub_global >= 0, sub_global, 100 + cls))
     z_glob = robust_z(inten, np.where(observed, grp, -1))
-    if refs is not None:
-        z_int = _local_z(inten_ref, refs, grp, observed)
-        # sites without local references of their own colour fall back to the image-wide score
-        no_ref = refs.count[:, 0] < 3
-        z_int[no_ref] = z_glob[no_ref]
-    else:
-        z_int = z_glob
+    z_int = z_glob if refs is None else _local_z_or_global(inten_ref, refs, grp, observed, z_glob)
     if "companion_intensity" in sites:
         # a second detector of the same scan: the mean of the two images' z (independent shot noise)
-        z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, refs is not None, settings))
+        z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings))
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob)
 
 
-def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray, local: bool,
-                 settings: AnalysisSettings) -> np.ndarray:
+def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray,
+                 basis: np.ndarray | None, settings: AnalysisSettings) -> np.ndarray:
     """The robust z of ``companion_intensity`` (:func:`stemfast.sites.companion_intensity`: the column
     intensity of another detector of the same scan) against the same kind of references as the first
-    image's -- each site's own colour around it (``local``), else its sublattice image-wide; 0 where
-    the companion has no value."""
+    image's -- each site's own colour around it (with the local lattice ``basis``), else its
+    sublattice image-wide; 0 where the companion has no value."""
     comp = np.asarray(sites["companion_intensity"], np.float64)
     fin = np.isfinite(comp)
     ok = observed & fin
     comp = np.where(fin, comp, 0.0)
     z_glob = robust_z(comp, np.where(ok, grp, -1))
-    if not local:
+    if basis is None:
         return np.where(np.isfinite(z_glob), z_glob, 0.0)
-    basis = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]),
-                      np.column_stack([sites["a2x"], sites["a2y"]])], axis=1).astype(np.float64)
     refs = local_references(xy, basis, comp, usable=ok, n_neighbors=settings.n_neighbors,
                             node_tolerance=settings.node_tolerance)
-    z = _local_z(comp, refs, grp, ok)
-    no_ref = refs.count[:, 0] < 3
-    z[no_ref] = z_glob[no_ref]
+    z = _local_z_or_global(comp, refs, grp, ok, z_glob)
     return np.where(fin & np.isfinite(z), z, 0.0)
 
 
@@ -1035,7 +1032,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     edge_ = np.zeros(n, bool) if edge is None else np.asarray(edge, bool)
 
     angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
-    cls, k, info = _learned_classes(sites, enc, mu, angle, inten, settings, rotation_symmetry)
+    cls, k, info = _learned_classes(sites, xy, enc, mu, angle, inten, settings, rotation_symmetry)
     recon_score = robust_z(rec, cls)
     sc = _intensity_scores(sites, xy, inten, observed, sub_global, cls, settings)
     z_lat = _latent_density_score(mu, np.where(edge_, -1, sc.grp), observed & ~edge_, settings.seed)

@@ -31,7 +31,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 __all__ = ["FftLattice", "metal_reciprocal_lattice", "PhaseMap", "SiteIndex", "index_sites",
-           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance", "lattice_distortion"]
+           "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance", "lattice_distortion",
+           "border_distance"]
 
 log = logging.getLogger(__name__)
 
@@ -579,14 +580,12 @@ def _match_peaks(peak_xy, peak_value, node, nodes, base, rim, S, *, shape, spaci
 def _off_lattice_peaks(peak_xy, peak_value, node, on, winner, shape, spacing, off_strength) -> np.ndarray:
     """Peaks on no node that are ``off_lattice`` sites (bool [N]): at least ``off_strength`` times the
     median value of the brightest class's winners, and not a column cut by the image edge."""
-    H, W = shape
     cls_pk = np.mod(node[:, 0] - node[:, 1], 3)
     ref_vals = [np.median(peak_value[winner & (cls_pk == c)]) if np.any(winner & (cls_pk == c)) else -np.inf
                 for c in range(3)]
     ref = float(max(ref_vals)) if np.isfinite(max(ref_vals)) else float(np.median(peak_value))
     # a maximum within half a spacing of the image edge is a column cut by the edge, not an adatom
-    edge = np.minimum.reduce([peak_xy[:, 0], W - 1 - peak_xy[:, 0], peak_xy[:, 1], H - 1 - peak_xy[:, 1]])
-    return (~on) & (peak_value >= off_strength * ref) & (edge >= 0.5 * spacing)
+    return (~on) & (peak_value >= off_strength * ref) & (border_distance(peak_xy, shape) >= 0.5 * spacing)
 
 
 def _split_column_peaks(off_xy, site_xy, spacing) -> np.ndarray:
@@ -663,12 +662,23 @@ def _separate(xy: np.ndarray, pred: np.ndarray, dmin: float) -> np.ndarray:
     return xy, keep
 
 
+def border_distance(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Distance (px) of each point ``xy`` [N, 2] from the nearest border of an image of ``shape``
+    (pixel centres at integers: 0 on the outermost pixels, negative outside).
+
+    Examples
+    --------
+    >>> border_distance(np.array([[0.0, 5.0], [4.0, 3.0]]), (10, 8)).tolist()
+    [0.0, 3.0]
+    """
+    H, W = shape
+    return np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]])
+
+
 def _at_edge(xy: np.ndarray, shape: tuple[int, int], film, spacing: float) -> np.ndarray:
     """Points within ``EDGE_NN`` spacings of the image edge or of the film's rim (a hole, a grain's
     boundary): where a node's predicted place is least sure."""
-    H, W = shape
-    inward = np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]])
-    return (inward < EDGE_NN * spacing) | _film_rim(film, xy, EDGE_NN * spacing)
+    return (border_distance(xy, shape) < EDGE_NN * spacing) | _film_rim(film, xy, EDGE_NN * spacing)
 
 
 def _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol=0.5, others=None,
@@ -705,8 +715,7 @@ def _predict(nodes, xy, has, S, base, fit_radius, min_points, shape, spacing, ri
     or a hole), where the neighbours lie on one side and the phase map is least reliable, the fit
     has the ``PREDICTION_PRIOR`` ridge and ``PREDICTION_MIN_POINTS`` suffice.
     """
-    H, W = shape
-    inward = np.minimum.reduce([base[:, 0], W - 1 - base[:, 0], base[:, 1], H - 1 - base[:, 1]])
+    inward = border_distance(base, shape)
     edge = inward < EDGE_NN * spacing
     if rim is not None:
         edge = edge | rim

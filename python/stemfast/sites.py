@@ -29,8 +29,8 @@ from .backend import get_kernels
 from .patches import site_intensity
 from .materials import get_material
 from .peaks import find_peaks
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, index_sites, lattice_distortion, metal_reciprocal_lattice,
-                          pixel_noise, position_variance, site_spacing)
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, index_sites, lattice_distortion,
+                          metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
 from .table import SiteTable
 
 __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
@@ -544,7 +544,6 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
     lattice, grain, calibrated positions) and the widths of the border bands. ``scan``: what
     :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known."""
-    H, W = img.shape
     idx, pk, gmap = f.idx, f.pk, f.gmap
     nn = f.nn
     xy = idx.xy
@@ -555,9 +554,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
     # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
     lines, streak = _scan_lines(img, idx, xy, s) if scan is None else scan
-    column = sample_image(bandpass(img if lines is None else img - lines.correction()[:, None].astype(img.dtype),
-                                   noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn),
-                                   background_px=s.background_nn * nn, backend=s.backend), xy, backend=s.backend)
+    column = _column_intensity(img, xy, nn, s, lines)
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
     if gmap is None:
@@ -570,7 +567,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
     # a column centred within a px of the edge is a site, but the scan shows at most half of it: its
     # intensity (and patch) cannot be judged
-    observed &= np.minimum.reduce([xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1]]) >= EDGE_UNJUDGED_PX
+    observed &= border_distance(xy, img.shape) >= EDGE_UNJUDGED_PX
     n = len(xy)
     has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
@@ -675,32 +672,43 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     s = settings
     nn = float(sites.meta["spacing_px"])
     xy = np.ascontiguousarray(sites.xy, dtype=np.float64)
-    cols = [c for c in ("a1x", "a1y", "a2x", "a2y") if c in sites]
-    if s.scan_lines and len(cols) == 4 and len(sites) >= 8:
-        from .scanlines import same_sublattice_vectors, scan_line_offsets
+    basis = sites.basis
+    lines = None if basis is None else _line_offsets(img, basis, s)
+    return _column_intensity(img, xy, nn, s, lines).astype(np.float64)
 
-        b = np.stack([np.column_stack([sites["a1x"], sites["a1y"]]), np.column_stack([sites["a2x"], sites["a2y"]])], 1)
-        ok = np.isfinite(b).all(axis=(1, 2))
-        if ok.sum() >= 8:
-            m = np.median(b[ok], axis=0)
-            img = img - scan_line_offsets(img, same_sublattice_vectors(m[0], m[1])).correction()[:, None].astype(img.dtype)
+
+def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSettings, lines=None) -> np.ndarray:
+    """``column_intensity`` at ``xy``: the image, its off scan lines levelled (``lines``, the offsets
+    of :func:`_line_offsets`; None: as it is), band-passed with a ``column_noise_px`` low-pass and a
+    ``background_nn`` spacings background, sampled at the sites."""
+    if lines is not None:
+        img = img - lines.correction()[:, None].astype(img.dtype)
     bp = bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn), background_px=s.background_nn * nn,
                   backend=s.backend)
-    return sample_image(bp, xy, backend=s.backend).astype(np.float64)
+    return sample_image(bp, xy, backend=s.backend)
+
+
+def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings):
+    """The scan lines' offsets (:func:`stemfast.scanlines.scan_line_offsets`) against the lattice of the
+    median of the finite local ``bases`` [N, 2, 2]; None when ``scan_lines`` is off or fewer than 8
+    bases are finite."""
+    from .scanlines import same_sublattice_vectors, scan_line_offsets
+
+    ok = np.isfinite(bases).all(axis=(1, 2))
+    if not s.scan_lines or ok.sum() < 8:
+        return None
+    b = np.median(bases[ok], axis=0)
+    return scan_line_offsets(img, same_sublattice_vectors(b[0], b[1]))
 
 
 def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
-    """The scan lines' offsets (:func:`stemfast.scanlines.scan_line_offsets`, with the median local
-    basis of the lattice sites) and, per site, whether a flagged line passes within
-    ``STREAK_REACH * column_noise_px`` of it; (None, all False) when switched off."""
-    from .scanlines import same_sublattice_vectors, scan_line_offsets
-
+    """The scan lines' offsets (:func:`_line_offsets`, with the local bases of the lattice sites) and,
+    per site, whether a flagged line passes within ``STREAK_REACH * column_noise_px`` of it; (None,
+    all False) when switched off."""
     streak = np.zeros(len(xy), bool)
-    nodes = (idx.kind != 2) & np.isfinite(idx.basis).all(axis=(1, 2))
-    if not s.scan_lines or nodes.sum() < 8:
+    lines = _line_offsets(img, idx.basis[idx.kind != 2], s)
+    if lines is None:
         return None, streak
-    b = np.median(idx.basis[nodes], axis=0)
-    lines = scan_line_offsets(img, same_sublattice_vectors(b[0], b[1]))
     rows = lines.rows
     if len(rows):
         reach = STREAK_REACH * s.column_noise_px

@@ -54,6 +54,16 @@ class SiteTable:
         """[N, 2] float64 array of (x, y)."""
         return np.stack([self.columns["x"], self.columns["y"]], axis=1).astype(np.float64)
 
+    @property
+    def basis(self) -> np.ndarray | None:
+        """[N, 2, 2] float64 local lattice bases (rows ``a1``, ``a2``: columns ``a1x, a1y, a2x, a2y``);
+        None when the table has no such columns."""
+        if not all(c in self.columns for c in ("a1x", "a1y", "a2x", "a2y")):
+            return None
+        c = self.columns
+        return np.stack([np.column_stack([c["a1x"], c["a1y"]]), np.column_stack([c["a2x"], c["a2y"]])],
+                        axis=1).astype(np.float64)
+
     def with_columns(self, new: Mapping[str, Iterable], **meta) -> "SiteTable":
         """A new table with ``new`` columns added (or replaced) and ``meta`` merged."""
         cols = dict(self.columns)

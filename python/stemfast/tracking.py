@@ -696,10 +696,8 @@ class DefectLinker:
         x = np.asarray(table["x"], np.float64) - self.cum[0]
         y = np.asarray(table["y"], np.float64) - self.cum[1]
         xy_all = np.c_[x, y]
-        if all(c in table for c in ("a1x", "a1y", "a2x", "a2y")):
-            B_all = np.stack([np.c_[table["a1x"], table["a1y"]], np.c_[table["a2x"], table["a2y"]]], axis=1
-                             ).astype(np.float64)
-        else:
+        B_all = table.basis
+        if B_all is None:
             B_all = np.full((n, 2, 2), np.nan)
         if self.origin is None:
             self._set_reference(table, xy_all, B_all)

@@ -1,0 +1,23 @@
+"""Fixtures shared by the tests."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script(name)``: the script ``benchmarks/NAME.py`` loaded as a module (the
+    benchmarks are scripts, not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
