@@ -522,3 +522,46 @@ def test_sites_the_model_cannot_reconstruct_around_do_not_make_defects():
     assert "scaled down" in summary["texture_warning"]
     with pytest.raises(ValueError, match="recon_slack"):
         AnalysisSettings(recon_slack=0.5)
+
+
+def test_noisier_border_needs_the_insides_evidence():
+    """Column intensities noisier within a spacing of the image border (line starts, columns cut by
+    the border) and references on one side only there: without the edge calibration the border sites
+    fill the top of the ranking; with it (edge_bands) each border band's z are divided by their
+    measured excess spread, the border holds no more of the top than its share of the image, vacancies
+    inside and at the border still rank first, and the inside is untouched."""
+    spacing = 10.0
+    xy, colour, inten, basis = make_lattice(noise=0.02, spacing=spacing)
+    n = len(xy)
+    shape = (int(np.ceil(xy[:, 1].max())) + 1, int(np.ceil(xy[:, 0].max())) + 1)
+    from stemfast.sitelattice import border_distance
+
+    border = border_distance(xy, shape)
+    near = border < spacing
+    rng = np.random.default_rng(5)
+    inten = inten.copy()
+    inten[near & (colour < 2)] += rng.standard_t(3, (near & (colour < 2)).sum()) * 0.08  # heavy-tailed
+    vac_in = centre_site(xy, colour, 0, (150, 150))
+    vac_edge = int(np.flatnonzero(near & (colour == 0) & (xy[:, 1] > 100) & (xy[:, 1] < 250))[0])
+    vac = [vac_in, vac_edge]
+    inten[vac] -= 1.5  # a missing metal column
+    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+    table = lattice_table(xy, colour, inten, basis)
+    table.meta.update(shape=list(shape), spacing_px=spacing)
+    enc = FakeEncoding(mu, np.ones(n), np.zeros(n))
+    off, _ = analyze_sites(table, enc, settings=AnalysisSettings(edge_bands=0))
+    on, summary = analyze_sites(table, enc)
+    band3 = border < 3 * spacing
+    for t, most in ((off, None), (on, band3.mean() + 0.1)):
+        a = np.asarray(t["anomaly_score"]).copy()
+        assert set(np.argsort(-a)[:2]) == set(vac)
+        a[vac] = -1.0
+        top = np.argsort(-a)[:20]
+        if most is None:
+            assert band3[top].mean() >= 0.9  # without: the border fills the top
+        else:
+            assert band3[top].mean() <= most
+    np.testing.assert_array_equal(np.asarray(on["anomaly_score"])[~band3], np.asarray(off["anomaly_score"])[~band3])
+    assert summary["edge_z_spread"][0] > 1.5 and len(summary["edge_z_spread"]) == 3
+    with pytest.raises(ValueError, match="edge_bands"):
+        AnalysisSettings(edge_bands=-1)

@@ -18,7 +18,8 @@ Scores (columns of the site table)
     the band-passed image with a 1 px low-pass at the site, a background-free column sum; the
     lattice-scale ``intensity`` column for tables without it) as a robust z against the local references (local median; local
     MAD, floored at half the sublattice's typical local MAD; on sites of a flagged scan line,
-    ``scan_streak``, after the line's gain is divided out). ``intensity_z_global``: the same
+    ``scan_streak``, after the line's gain is divided out; within ``edge_bands`` spacings of the image
+    border divided by how much noisier the z are there than inside, :func:`edge_noise`). ``intensity_z_global``: the same
     against the whole image's sublattice (the former default, kept for comparison).
     ``recon_score``: the model's reconstruction error as a robust z within its latent class (the
     textbook rVAE anomaly score). ``latent_score``: the negative log density of the site's latent
@@ -52,11 +53,12 @@ import numpy as np
 
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .materials import CHALCOGEN, HOLLOW, METAL, get_material
+from .sitelattice import border_distance
 from .table import SiteTable
 
 __all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "DEFECT_KINDS", "SCORES",
            "LocalReferences", "local_references", "ClassAgreementWarning", "lattice_consistent_classes",
-           "neighbourhood_recon"]
+           "neighbourhood_recon", "edge_noise"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,11 @@ class AnalysisSettings:
         amorphous-texture patches on copies of the real MoS2 from 10 to 1 and their share of the top-10
         candidates from 54 to 24 of 120, and left the labelled WSe2 scans and the simulated images'
         AP unchanged or higher (docs/RESULTS.md, round 5).
+    edge_bands : the noise of ``intensity_z`` is measured within this many spacings of the image
+        border, one band per spacing (:func:`edge_noise`): where the column z of a band are more
+        spread than those inside (the scan's line starts and its first lines, columns cut by the
+        border, references on one side only), that band's z are divided by the excess, so a site at the
+        border needs the same evidence as one inside to rank as high (0: off).
     """
 
     n_classes: int | None = 3
@@ -145,6 +152,7 @@ class AnalysisSettings:
     class_neighbors: int = 60
     class_margin: float = 0.3
     recon_slack: float = 2.0
+    edge_bands: int = 3
 
     def __post_init__(self) -> None:
         if self.n_classes is not None and self.n_classes < 1:
@@ -167,6 +175,8 @@ class AnalysisSettings:
             raise ValueError(f"class_margin must be in [0, 1], got {self.class_margin}")
         if self.recon_slack != 0 and not self.recon_slack >= 1:
             raise ValueError(f"recon_slack must be 0 (off) or >= 1, got {self.recon_slack}")
+        if isinstance(self.edge_bands, bool) or not isinstance(self.edge_bands, int) or not 0 <= self.edge_bands <= 10:
+            raise ValueError(f"edge_bands must be an integer in [0, 10], got {self.edge_bands!r}")
 
 
 def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -621,6 +631,68 @@ def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usab
     return z
 
 
+#: fewest column sites a border band (and the inside) needs for :func:`edge_noise` to measure its spread
+MIN_EDGE_BAND_SITES = 30
+
+
+def _robust_spread(v: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation (the standard deviation for Gaussian values)."""
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def edge_noise(z: np.ndarray, border: np.ndarray, spacing: float, column: np.ndarray, *,
+               bands: int = 3, min_sites: int = MIN_EDGE_BAND_SITES) -> tuple[np.ndarray, list]:
+    """How much noisier the z of the sites near the image border are than inside.
+
+    Sites are put in bands by their distance from the nearest image border: band ``k`` holds the sites
+    ``k`` to ``k + 1`` spacings from it, for ``k < bands``; the rest are the inside. Per band, the robust
+    spread (1.4826 MAD) of the ``z`` of its ``column`` sites (metal and chalcogen columns that are
+    judged) is compared with the inside's: the ratio is that band's excess noise.
+
+    Parameters
+    ----------
+    z : float [N], robust z of the sites (about unit spread inside).
+    border : float [N], each site's distance from the image border, px
+        (:func:`stemfast.sitelattice.border_distance`).
+    spacing : the site spacing, px.
+    column : bool [N], the sites whose z measure the noise.
+    bands : number of one-spacing bands along the border.
+    min_sites : a band (and the inside) with fewer column sites is left as it is.
+
+    Returns
+    -------
+    (factor, ratios)
+        ``factor`` float [N] in (0, 1]: ``min(1, 1 / ratio)`` of the site's band, 1 inside and where
+        unmeasured; ``ratios``: each band's spread over the inside's (None where unmeasured).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> border = rng.uniform(0, 100, 20000)
+    >>> z = rng.normal(size=20000) * np.where(border < 10, 2.0, 1.0)   # twice as noisy within a spacing
+    >>> factor, ratios = edge_noise(z, border, 10.0, np.ones(20000, bool))
+    >>> [round(r) for r in ratios]
+    [2, 1, 1]
+    >>> float(factor[border < 10].max()) < 0.55 and float(factor[border >= 30].min()) == 1.0
+    True
+    """
+    band = np.minimum(np.floor(np.maximum(border, 0.0) / spacing), bands).astype(np.int64)
+    factor = np.ones(len(z))
+    ratios: list = [None] * bands
+    inside = column & (band == bands)
+    if bands == 0 or inside.sum() < min_sites:
+        return factor, ratios
+    ref = _robust_spread(z[inside])
+    if not ref > 0:
+        return factor, ratios
+    for k in range(bands):
+        m = column & (band == k)
+        if m.sum() >= min_sites:
+            ratios[k] = _robust_spread(z[m]) / ref
+            factor[band == k] = min(1.0, 1.0 / ratios[k]) if ratios[k] > 0 else 1.0
+    return factor, ratios
+
+
 def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: int = 1,
                      slack: float = 1.0) -> np.ndarray:
     """What the sites of one scan line have in common, per site: the median ``z`` of the usable sites
@@ -869,7 +941,8 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
 class _IntensityScores:
     """What :func:`_intensity_scores` gives: local sublattices ``sub`` (-1 unknown), the groups the
     scores are taken in ``grp``, the local references ``refs`` (None without a local lattice), the
-    intensity they compare ``inten_ref``, and the local and image-wide robust z."""
+    intensity they compare ``inten_ref``, the local and image-wide robust z, and the border bands'
+    excess noise (:func:`edge_noise`; [] when not measured)."""
 
     sub: np.ndarray
     grp: np.ndarray
@@ -877,6 +950,7 @@ class _IntensityScores:
     inten_ref: np.ndarray
     z_int: np.ndarray
     z_glob: np.ndarray
+    edge_ratios: list = None
 
 
 def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, observed: np.ndarray,
@@ -913,7 +987,16 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings))
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
-    return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob)
+    edge_ratios: list = []
+    meta = getattr(sites, "meta", None) or {}
+    if settings.edge_bands and n and "shape" in meta and meta.get("spacing_px"):
+        # near the border the z are noisier (line starts, cut columns, one-sided references): the
+        # excess, measured on this image, is divided out so the border needs the inside's evidence
+        border = border_distance(xy, tuple(meta["shape"][-2:]))
+        factor, edge_ratios = edge_noise(z_int, border, float(meta["spacing_px"]),
+                                         observed & ((grp == METAL) | (grp == CHALCOGEN)), bands=settings.edge_bands)
+        z_int = z_int * factor
+    return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob, edge_ratios)
 
 
 def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray,
@@ -1043,6 +1126,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if settings.recon_slack > 0:
         anomaly = anomaly / np.maximum(1.0, neigh_rec / settings.recon_slack)
     info.update(_texture_info(neigh_rec, observed, settings))
+    if sc.edge_ratios:
+        info["edge_z_spread"] = [None if r is None else round(float(r), 3) for r in sc.edge_ratios]
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff

@@ -313,6 +313,16 @@ def _img_tag(path: Path, alt: str) -> str:
     return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
 
 
+def _edge_note(ratios) -> str:
+    """One line on the border bands whose column z were noisier than inside (scores divided there)."""
+    hi = [(k, r) for k, r in enumerate(ratios or []) if r is not None and r > 1.0]
+    if not hi:
+        return ""
+    bands = ", ".join(f"{k}-{k + 1} spacings: {r:.2f}x" for k, r in hi)
+    return (f"<p>Near the image border the column intensities scatter more than inside ({_e(bands)}); "
+            "the scores there are divided by that excess.</p>")
+
+
 def _scan_note(scan: dict) -> str:
     """What was done to the image's scan lines before the sites were found (``summary.json``'s
     ``lattice.scan_lines``), as a paragraph; "" when nothing."""
@@ -412,6 +422,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     for key in ("class_warning", "texture_warning"):
         if s.get(key):
             parts.append(f"<p class='warn'>{_e(s[key])}</p>")
+    parts.append(_edge_note(s.get("edge_z_spread")))
     parts.append(_scan_note(lat.get("scan_lines") or {}))
     if str(s.get("rotation_latent", "")).startswith("left out"):
         parts.append(f"<p class='warn'>classes from the latent means only; rotation latent {_e(s['rotation_latent'])}</p>")

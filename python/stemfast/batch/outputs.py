@@ -240,6 +240,18 @@ def drift_summary(frames_meta: list[dict]) -> dict:
     }
 
 
+def _max_per_band(lists) -> list | None:
+    """Element-wise largest of per-band lists (None entries skipped); None when there is none."""
+    out: list = []
+    for vals in lists:
+        for k, v in enumerate(vals or []):
+            if k == len(out):
+                out.append(None)
+            if v is not None and (out[k] is None or v > out[k]):
+                out[k] = v
+    return out or None
+
+
 def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: RunSettings) -> dict:
     """The content of ``summary.json`` (without ``seconds`` and ``outputs``, added by :func:`assemble`)."""
     from ..report import stage_table_rows
@@ -274,6 +286,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "class_sublattice": class_sublattice_summary(fm),
         # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
         "rotation_lock": median_finite(next(iter((m.get("rotation_lock") or {None: None}).values())) for m in fm),
+        # per border band (one spacing each), how much more the column z scatter than inside, the
+        # largest over the frames (analysis.edge_noise); the scores there were divided by it
+        "edge_z_spread": _max_per_band(m.get("edge_z_spread") for m in fm),
         "timings_s": totals.stage_s,
         "throughput": stage_table_rows({k: v for k, v in totals.stage_s.items() if k in STAGES}, totals.n_sites),
         "peak_memory_mib": peak_memory_mib(),
