@@ -449,7 +449,9 @@ def test_sites_under_textured_contamination_stay_on_their_columns():
     """Contamination whose texture is as strong as the columns (contamination_texture 1.0, faint S2,
     low dose): the sites there stay near their columns -- the local shrinkage towards the
     neighbours' prediction and the robust prediction keep texture peaks from dragging them
-    (before: 56 of 296 sites under the patches more than 0.25 nn off, on these two seeds; now 25)."""
+    (before: 56 of 296 sites under the patches more than 0.25 nn off, on these two seeds; 25 with
+    those two; 12 since the nodes where the peaks around scatter far more than elsewhere take the
+    wider fit's prediction, ``sitelattice.ROUGH_RATIO``)."""
     far = n = 0
     for seed in (1, 2):
         s = make_mos2(shape=(512, 512), seed=seed, rotation_deg=7.0, chalcogen_scale=0.45, contamination=3,
@@ -466,7 +468,7 @@ def test_sites_under_textured_contamination_stay_on_their_columns():
         n += int(under.sum())
         d_all, _ = cKDTree(t.xy).query(t.xy, k=2)
         assert (d_all[:, 1] < 0.5 * nn).sum() == 0
-    assert far <= 0.12 * n, (far, n)
+    assert far <= 0.06 * n, (far, n)
 
 
 def test_two_nodes_sites_are_never_half_a_spacing_apart():
