@@ -565,3 +565,11 @@ def test_noisier_border_needs_the_insides_evidence():
     assert summary["edge_z_spread"][0] > 1.5 and len(summary["edge_z_spread"]) == 3
     with pytest.raises(ValueError, match="edge_bands"):
         AnalysisSettings(edge_bands=-1)
+
+
+def test_report_mentions_the_border_noise_only_when_it_matters():
+    from stemfast.report import _edge_note
+
+    assert _edge_note(None) == "" and _edge_note([1.03, None, 0.9]) == ""
+    note = _edge_note([1.25, 1.09, 0.9])
+    assert "0-1 spacings: 1.25x" in note and "1-2 spacings: 1.09x" in note and "2-3" not in note
