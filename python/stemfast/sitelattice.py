@@ -1060,7 +1060,7 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np
     else:
         from scipy.spatial import cKDTree
 
-        _, nb = cKDTree(xy).query(xy, k=SHRINK_NEIGHBORS)
+        _, nb = cKDTree(xy).query(xy, k=SHRINK_NEIGHBORS, workers=-1)
         excess = np.maximum(np.median(r2[nb], axis=1) - np.median(vm[nb], axis=1) - u2, 0.0)
     k = u2 / (u2 + excess + vm)
     return (k, np.broadcast_to(excess, (n,))) if return_excess else k
