@@ -635,6 +635,8 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
                         spacing, rim)
         use = rough & np.isfinite(wide).all(1)
         pred[use] = wide[use]
+        # the shrinkage weights stay those of the local residuals (small there: rough peaks are
+        # trusted little whichever prediction they are measured from)
         pred_w = _Grid(nodes, pred).get(node[w_idx])
     empty = nodes[~has]
     xy_empty = pred[~has]
@@ -1047,7 +1049,8 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np
     image-wide residual variance has beyond ``u2 + median(var_meas)`` (scan and probe jitter,
     which moves the image of a column, not the column). The weight of the measurement is the
     usual ``u2 / (u2 + noise)``: ~1 on a clean image, small where the image places columns worse
-    than the lattice around them does.
+    than the lattice around them does. With ``return_excess``: ``(weights, excess)``, the excess
+    variance per peak (per coordinate, px^2) by which :func:`_place_sites` finds the rough nodes.
     """
     n = len(res)
     if n < 20:
