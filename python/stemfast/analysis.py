@@ -957,7 +957,7 @@ class _IntensityScores:
     inten_ref: np.ndarray
     z_int: np.ndarray
     z_glob: np.ndarray
-    edge_ratios: list = None
+    edge_ratios: list
 
 
 def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, observed: np.ndarray,

@@ -619,8 +619,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
     xy_w = peak_xy[w_idx].copy()
     okp = np.isfinite(pred_w).all(1)
     vm = None if peak_var is None else np.asarray(peak_var, dtype=np.float64)[w_idx][okp]
-    k, excess = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp],
-                           return_excess=True)
+    k, excess = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp])
     e_rms = np.sqrt(np.asarray(excess, dtype=np.float64))
     rough_pk = np.flatnonzero(okp)[e_rms > max(ROUGH_RATIO * float(np.median(e_rms)) if len(e_rms) else 0.0,
                                                ROUGH_MIN_NN * spacing)]
@@ -1039,8 +1038,8 @@ ROUGH_MIN_NN = 0.1
 WIDE_FIT_NN = 4.0
 
 
-def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np.ndarray | None = None,
-               return_excess: bool = False):
+def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
+               xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """How far to trust each peak's position over its neighbours' prediction (0..1).
 
     A peak's residual from the prediction of its neighbours is the column's true displacement
@@ -1049,12 +1048,13 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np
     image-wide residual variance has beyond ``u2 + median(var_meas)`` (scan and probe jitter,
     which moves the image of a column, not the column). The weight of the measurement is the
     usual ``u2 / (u2 + noise)``: ~1 on a clean image, small where the image places columns worse
-    than the lattice around them does. With ``return_excess``: ``(weights, excess)``, the excess
-    variance per peak (per coordinate, px^2) by which :func:`_place_sites` finds the rough nodes.
+    than the lattice around them does. Returns ``(weights, excess)``: the weights (0..1) and that
+    excess variance per peak (per coordinate, px^2), by which :func:`_place_sites` finds the rough
+    nodes.
     """
     n = len(res)
     if n < 20:
-        return (np.ones(n), np.zeros(n)) if return_excess else np.ones(n)
+        return np.ones(n), np.zeros(n)
     vm = np.zeros(n) if var_meas is None else np.clip(np.asarray(var_meas, dtype=np.float64), 0, None)
     r2 = (res ** 2).sum(1) / (2 * np.log(2.0))  # median of sigma^2 chi2_2 = 2 ln2 sigma^2 (per coordinate)
     u2 = (DISPLACEMENT_RMS_A * a_px) ** 2
@@ -1065,8 +1065,7 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float, xy: np
 
         _, nb = cKDTree(xy).query(xy, k=SHRINK_NEIGHBORS, workers=-1)
         excess = np.maximum(np.median(r2[nb], axis=1) - np.median(vm[nb], axis=1) - u2, 0.0)
-    k = u2 / (u2 + excess + vm)
-    return (k, np.broadcast_to(excess, (n,))) if return_excess else k
+    return u2 / (u2 + excess + vm), np.broadcast_to(excess, (n,))
 
 
 def pixel_noise(image: np.ndarray) -> float:
