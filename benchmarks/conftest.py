@@ -15,7 +15,9 @@ the machine's cores are:
   hits both sides);
 * **re-measured before a verdict**: a ratio under (or within 25% above) its floor is measured again
   ``RETRIES`` times and fails when the median of all attempts stays under the floor (one unlucky measurement
-  fails nothing, one lucky one does not pass a slowed kernel).
+  fails nothing, one lucky one does not pass a slowed kernel); a median under the floor is measured
+  once more **in a fresh process** (the whole test again: a ratio moves by up to ~25% from one process
+  to the next and stays there within one) and the median of both processes' attempts decides.
 
 The floor is ``(1 - TOLERANCE) * baseline`` with the baseline in ``benchmarks/baseline.json``;
 how the baselines are recorded (minimum over several runs, quiet and with one core busy) is in
@@ -33,7 +35,9 @@ targets (``target=``) on the wall-time ratio with all threads, both sides (the i
 "on 2 cores"); run it on a quiet machine.
 
 Environment:
-``STEMFAST_BENCH_UPDATE=1`` rewrites the baseline entries of the current mode with this run's ratios;
+``STEMFAST_BENCH_UPDATE=1`` adds this run's ratios to the baselines of the current mode where they
+have none and lowers those above this run's ratio (never raises one; baseline.py sets them from
+recorded runs), and fails no gate;
 ``STEMFAST_BENCH_RECORD=FILE`` writes this run's ratios to FILE (JSON), for
 ``python benchmarks/baseline.py FILE...`` (the minimum over runs, see DEVNOTES.md);
 ``STEMFAST_BENCH_SLOWDOWN="PATTERN=FACTOR,..."`` makes "ours" of every gate whose name matches the
@@ -288,17 +292,61 @@ def _gate_info(benchmark, name: str) -> dict:
     return benchmark.extra_info.setdefault("gates", {}).setdefault(name, {}) if benchmark is not None else {}
 
 
+#: set in the fresh process of a re-measurement: the file it writes its attempts to
+FRESH_ENV = "STEMFAST_BENCH_FRESH"
+#: the longest a fresh-process re-measurement may take (one benchmark test, its set-up included)
+FRESH_TIMEOUT_S = 600
+
+
+def _fresh_attempts(request, name: str) -> list[float]:
+    """Run the test of ``request`` again in a fresh Python process and return its attempts at gate
+    ``name`` (empty, with a warning, when none came back).
+
+    Why: a ratio moves by up to ~25% between processes on one machine (gather_resampled_numba
+    3.04-3.83, fit_local_lattices_cpp 31.5-38.5 in back-to-back runs of the same commit, docs/RESULTS.md
+    round 7) and stays where it is within a process -- the re-measurements inside one process do not
+    see it. A slowed kernel is slow in every process (the injected slowdown is in the environment, which
+    the fresh process inherits)."""
+    import subprocess
+    import tempfile
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "attempts.json"
+        env = dict(os.environ, **{FRESH_ENV: str(out)})
+        env.pop("STEMFAST_BENCH_UPDATE", None)
+        env.pop("STEMFAST_BENCH_RECORD", None)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               "--benchmark-disable", request.node.nodeid]
+        try:
+            r = subprocess.run(cmd, cwd=str(request.config.rootpath), env=env, capture_output=True, text=True,
+                               timeout=FRESH_TIMEOUT_S)
+            got = json.loads(out.read_text()).get(name, []) if out.exists() else []
+        except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            r, got = None, []
+            reason = repr(exc)
+        else:
+            reason = (r.stdout + r.stderr)[-1500:]
+        if not got:
+            warnings.warn(f"{name}: the re-measurement in a fresh process gave nothing; the verdict is this "
+                          f"process's: {reason}", stacklevel=2)
+        return [float(a) for a in got]
+
+
 @pytest.fixture
 def check_ratio(request):
-    """``check_ratio(name, ratio, benchmark=None, *, target=None, remeasure=None)``: record a speed ratio
-    and compare it to its floor. A first measurement under ``BORDERLINE`` x the floor is not a verdict:
-    ``remeasure()``
-    (a new measurement of the ratio) is called ``RETRIES`` times and the **median** of all attempts
-    decides, so one unlucky measurement does not fail a gate and one lucky one does not pass a slowed
-    kernel (with "the best attempt counts", a 1.75x slower kernel passed now and then). In full mode
-    there are no floors; ``target`` (the issue's figure) is asserted instead, re-measured the same way."""
+    """``check_ratio(name, ratio, benchmark=None, *, target=None, remeasure=None, fresh_process=False)``:
+    record a speed ratio and compare it to its floor. A first measurement under ``BORDERLINE`` x the
+    floor is not a verdict: ``remeasure()`` (a new measurement of the ratio) is called ``RETRIES`` times
+    and the **median** of all attempts decides, so one unlucky measurement does not fail a gate and one
+    lucky one does not pass a slowed kernel (with "the best attempt counts", a 1.75x slower kernel
+    passed now and then). ``fresh_process`` (what ``speed_gate`` asks for): when that median is under
+    the floor, the test is run once more in a fresh process (``_fresh_attempts``) and the median of
+    the attempts of both processes decides. In full mode there are no floors; ``target`` (the issue's
+    figure) is asserted instead, re-measured the same way."""
 
-    def check(name: str, ratio: float, benchmark=None, *, target: float | None = None, remeasure=None) -> float:
+    def check(name: str, ratio: float, benchmark=None, *, target: float | None = None, remeasure=None,
+              fresh_process: bool = False) -> float:
         assert ratio > 0 and ratio == ratio, f"{name}: invalid ratio {ratio}"
         attempts = [float(ratio)]
         _measured[name] = float(ratio)  # the first attempt: what a baseline records
@@ -309,14 +357,28 @@ def check_ratio(request):
         if need is not None and attempts[0] < BORDERLINE * need and remeasure is not None:
             attempts += [float(remeasure()) for _ in range(RETRIES)]
         best = float(statistics.median(attempts))  # the verdict: the first attempt, or the median of all of them
-        _attempts[name] = attempts
+        fresh: list[float] = []
+        if fresh_process and floor is not None and not FULL and best < floor and not os.environ.get(FRESH_ENV):
+            # under the floor in this process: measure once more in a fresh one (its own memory layout,
+            # allocator and JIT state), and let the median of all attempts decide
+            fresh = _fresh_attempts(request, name)
+            best = float(statistics.median(attempts + fresh))
+        _attempts[name] = attempts + fresh
+        if os.environ.get(FRESH_ENV):  # this is the fresh process of a re-measurement: report the attempts
+            sink = Path(os.environ[FRESH_ENV])
+            seen = json.loads(sink.read_text()) if sink.exists() else {}
+            sink.write_text(json.dumps({**seen, name: attempts}))
         if benchmark is not None:
             benchmark.extra_info.update(ratio=best, mode=MODE, ratio_name=name)
             info = _gate_info(benchmark, name)
-            info.update(ratio=best, attempts=attempts, floor=floor, target=target)
+            info.update(ratio=best, attempts=attempts, fresh_process_attempts=fresh, floor=floor, target=target)
             if target is not None:
                 benchmark.extra_info["target"] = target
-        tries = f" (median of {len(attempts)} attempts: {', '.join(f'{a:.3g}' for a in attempts)})" if len(attempts) > 1 else ""
+        shown = ", ".join(f"{a:.3g}" for a in attempts)
+        if fresh:
+            shown += f"; {len(fresh)} in a fresh process: " + ", ".join(f"{a:.3g}" for a in fresh)
+        n_all = len(attempts) + len(fresh)
+        tries = f" (median of {n_all} attempts: {shown})" if n_all > 1 else ""
         print(f"\n[ratio] {MODE} {name}: {best:.3g}{tries}" + (f", floor {floor:.3g}" if floor else "")
               + (f" (issue target {target:g}{'' if FULL else ' in full mode'})" if target else ""))
         if update:
@@ -330,7 +392,7 @@ def check_ratio(request):
                                    "(DEVNOTES.md, 'Speed gates') and commit benchmarks/baseline.json")
         assert best >= floor, (f"speed regression in {name}: ratio {best:.3g} is more than {TOLERANCE:.0%} below "
                                f"the baseline {floor / (1 - TOLERANCE):.3g} (floor {floor:.3g}; "
-                               f"{len(attempts)} attempts: {', '.join(f'{a:.3g}' for a in attempts)})")
+                               f"{n_all} attempts: {shown})")
         return best
 
     return check
@@ -401,7 +463,7 @@ def speed_gate(check_ratio):
         if benchmark is not None:
             _gate_info(benchmark, name).update(info)
         # the speed verdict first: a slowed kernel fails as a speed regression, whatever its threads do
-        info["ratio"] = check_ratio(name, ratio, benchmark, target=target, remeasure=measure)
+        info["ratio"] = check_ratio(name, ratio, benchmark, target=target, remeasure=measure, fresh_process=True)
         if parallel and not FULL:
             _check_parallel(name, ours_all or ours, info)
             if benchmark is not None:
@@ -478,7 +540,10 @@ def item_rank(item) -> int:
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("STEMFAST_BENCH_UPDATE") and _measured:
         data = _load_baseline()
-        data.setdefault(MODE, {}).update({k: round(v, 4) for k, v in _measured.items()})
+        base = data.setdefault(MODE, {})
+        # new entries, and existing ones lowered to this run's ratio -- never raised: a baseline is the
+        # lowest ratio seen on a machine of the kind (raise one with baseline.py from recorded runs)
+        base.update({k: round(v, 4) for k, v in _measured.items() if k not in base or v < base[k]})
         BASELINE.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     record = os.environ.get("STEMFAST_BENCH_RECORD")
     if record and (_measured or _reported):
