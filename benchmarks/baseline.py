@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     for source, vals in observed.items():
         labels.append(source[:9])
         gated.append(vals)
-    names = sorted(set().union(*(g for g in gated[:len(runs)])) or set().union(*gated))
+    # the gates of the runs (and, with --keep, the committed ones: a run of some benchmark files only
+    # leaves the other baselines as they are)
+    names = sorted(set().union(*gated[:len(runs) + int(args.keep)]))
     new = {}
     print(f"{'gate':45s} " + " ".join(f"{lab:>9s}" for lab in labels) + "   baseline  floor  (old)")
     for name in names:

@@ -159,6 +159,10 @@ def test_baseline_is_the_lowest_ratio_seen(tmp_path, monkeypatch):
     got = json.loads(base.read_text())
     assert got["quick"] == {"a": 3.5, "b": 1.5}
     assert got["observed"] == {"ci 1": {"a": 3.5}, "ci 2": {"b": 1.5}}
+    part = tmp_path / "part.json"  # a run of one benchmark file: --keep leaves the other gates alone
+    part.write_text(json.dumps({"mode": "quick", "gated": {"c": 9.0}}))
+    assert baseline.main([str(part), "--keep", "--write"]) == 0
+    assert json.loads(base.read_text())["quick"] == {"a": 3.5, "b": 1.5, "c": 9.0}
     slowed = tmp_path / "slowed.json"
     slowed.write_text(json.dumps({"mode": "quick", "gated": {"a": 1.0}, "slowdown": "*=2"}))
     with pytest.raises(SystemExit, match="without STEMFAST_BENCH_SLOWDOWN"):

@@ -11,6 +11,9 @@ Gated (``speed_gate``, see conftest.py: CPU time, one thread on both sides, pair
 * ``model_encode_vs_network_cpu``: ``RVAE.encode`` vs the same network called directly on the same
   sub-batches, prepared beforehand -- what our encode adds around the network (reading and
   converting the chunks, resampling, the masked reconstruction error, the copies out).
+* ``model_encode_vs_32px_network_cpu``: the default network (the shipped model's: 24 px input)
+  against the network of shipped model 1.1 (32 px input), each on the same sites at its own input
+  size -- the speed the lighter model was adopted for (round 7).
 
 Reported, not gated (``report_ratio``; what it is relative to is in ``extra_info["reported"]``),
 since they guard none of our code against itself:
@@ -36,7 +39,7 @@ from stemfast.model.training import Augmenter, build_network, vae_loss
 from conftest import paired_best_times
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
-SIZE = 32
+SIZE = RVAEConfig().input_size  # patches at the default model input: no resampling in the timings
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 
@@ -91,7 +94,7 @@ def _train_step_pps(x: torch.Tensor, device: str, steps: int = 4) -> tuple[float
 
 
 @pytest.fixture(scope="module")
-def patches32():
+def patches_in():
     n = 10_000 if QUICK else 100_000
     p, _, _ = render_site_patches(min(n, 20_000), SIZE, spacing=14.0 * SIZE / 35, sigma=2.6 * SIZE / 35, seed=0)
     reps = -(-n // len(p))
@@ -109,7 +112,7 @@ def test_bench_train_throughput(benchmark, device, report_ratio):
     h = model.history
     pps = float(np.median(h["vae"]["patches_per_s"]))
     # ratio: optimiser-step throughput of the rVAE vs the plain VAE on the same 256-patch batch
-    xb = torch.from_numpy(patches[:256, 1:33, 1:33].copy())[:, None]
+    xb = MF.model_input(torch.from_numpy(patches[:256])[:, None], cfg.input_size, cfg.resample, cfg.background)
     step_pps, ref_pps = _train_step_pps(xb, device)
     stn_pps = len(h["stn"]["train"]) * h["n_train"] / h["stn_time_s"] if h["stn_time_s"] > 0 else float("nan")
     benchmark.extra_info.update({
@@ -137,9 +140,9 @@ def test_bench_train_throughput(benchmark, device, report_ratio):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_inference_batch256(benchmark, device, patches32, report_ratio):
+def test_bench_inference_batch256(benchmark, device, patches_in, report_ratio):
     n = 4096
-    x = patches32[:n]
+    x = patches_in[:n]
     model, ref = _untrained("rvae", device), _untrained("vae", device)
 
     def run():
@@ -191,13 +194,13 @@ def test_bench_warp_kornia_vs_grid_sample(benchmark, device, report_ratio):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_inference_many(benchmark, device, patches32, report_ratio):
+def test_bench_inference_many(benchmark, device, patches_in, report_ratio):
     """Encode 1e5 patches (quick: 1e4) in 1024-patch chunks; records patches/s (no timing assert)."""
     model = _untrained("rvae", device)
-    n = len(patches32)
+    n = len(patches_in)
 
     def run():
-        out = model.encode(patches32, batch_size=1024)
+        out = model.encode(patches_in, batch_size=1024)
         _sync(device)
         return out
 
@@ -207,7 +210,7 @@ def test_bench_inference_many(benchmark, device, patches32, report_ratio):
     # reference: the same chunks through the plain VAE (no STN, no warps)
     ref = _untrained("vae", device)
     t1 = time.perf_counter()
-    ref.encode(patches32, batch_size=1024)
+    ref.encode(patches_in, batch_size=1024)
     _sync(device)
     dt_ref = time.perf_counter() - t1
     benchmark.extra_info.update({
@@ -217,7 +220,7 @@ def test_bench_inference_many(benchmark, device, patches32, report_ratio):
     })
     # correctness: streamed results equal a separate encode of a slice from the middle
     s = slice(n // 2, n // 2 + 333)
-    part = model.encode(patches32[s], batch_size=333)
+    part = model.encode(patches_in[s], batch_size=333)
     np.testing.assert_allclose(out.mu[s], part.mu, rtol=1e-3, atol=1e-4)
     period = 360.0 / model.config.rotation_symmetry
     dth = (out.angle[s] - part.angle + period / 2) % period - period / 2
@@ -227,10 +230,10 @@ def test_bench_inference_many(benchmark, device, patches32, report_ratio):
                  meaning="rVAE / plain-VAE inference throughput")
 
 
-def test_bench_encode_vs_network(benchmark, patches32, speed_gate):
+def test_bench_encode_vs_network(benchmark, patches_in, speed_gate):
     """Our encode vs the bare network on the same sub-batches (CPU, one thread both sides)."""
     model = _untrained("rvae", "cpu")
-    x = patches32[:4096]
+    x = patches_in[:4096]
     net, step = model.network.eval(), 512
     assert x.shape[1] == model.config.input_size  # no resampling: the network sees the same tensors
     batches = [torch.from_numpy(np.ascontiguousarray(x[a:a + step], dtype=np.float32))[:, None]
@@ -251,6 +254,32 @@ def test_bench_encode_vs_network(benchmark, patches32, speed_gate):
     np.testing.assert_allclose(info["result_ours"].mu, mu_ref, rtol=1e-4, atol=1e-5)  # one thread
     np.testing.assert_allclose(out.mu, mu_ref, rtol=1e-3, atol=1e-4)  # all threads (other sub-batches)
     assert np.all(np.isfinite(out.recon_error))
+
+
+def test_bench_encode_vs_32px_network(benchmark, speed_gate):
+    """The default network vs model 1.1's (32 px, STN pooled by 2) on the same 4096 sites: what the
+    smaller input buys (CPU, one thread both sides, inference as ``encode`` runs it)."""
+    n, step = 4096, 512
+    cfg, old = RVAEConfig(), RVAEConfig(input_size=32, stn_downsample=2)
+    assert cfg.input_size < old.input_size
+    torch.manual_seed(0)
+    nets = [build_network(c).eval() for c in (cfg, old)]
+    p, _, _ = render_site_patches(n, 35, seed=0)  # one set of sites, resampled to each input
+    xs = [MF.model_input(torch.from_numpy(p)[:, None], c.input_size, c.resample, c.background) for c in (cfg, old)]
+
+    def run(k):
+        def go():
+            with torch.inference_mode():
+                return [nets[k](xs[k][a:a + step]).mu for a in range(0, n, step)]
+        return go
+
+    info = speed_gate("model_encode_vs_32px_network_cpu", run(0), run(1), benchmark, repeat=3, min_cpu=1.0)
+    benchmark.pedantic(run(0), rounds=1, iterations=1)
+    benchmark.extra_info.update(n_patches=n, input_size=cfg.input_size, reference_input_size=old.input_size)
+    mu = torch.cat(info["result_ours"]).numpy()
+    assert mu.shape == (n, cfg.latent_dim) and np.all(np.isfinite(mu))
+    for net, c in zip(nets, (cfg, old)):  # the grid each STN's weight map lives on
+        assert net.stn.radial_basis.shape[-1] == c.input_size // c.stn_downsample
 
 
 # ----------------------------------------------------------------------------- where encode time goes
@@ -275,7 +304,7 @@ def _stage_times(net, x: torch.Tensor, repeat: int = 5) -> dict[str, float]:
         }
 
 
-def test_bench_encode_breakdown(benchmark, patches32, report_ratio):
+def test_bench_encode_breakdown(benchmark, patches_in, report_ratio):
     """Encode cost of the rVAE against its bare conv encoder, with the per-stage shares and the
     CPU variants tried (bf16 autocast, channels-last, one intra-op thread per worker vs two).
 
@@ -284,7 +313,7 @@ def test_bench_encode_breakdown(benchmark, patches32, report_ratio):
     anywhere in our encode path lowers it.
     """
     n = 2048
-    x = patches32[:n]
+    x = patches_in[:n]
     model = _untrained("rvae", "cpu")
     net = model.network
     xt = torch.from_numpy(np.ascontiguousarray(x))[:, None]

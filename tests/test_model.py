@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from stemfast.model import functional as MF
 from stemfast.synthetic import render_site_patches
 from stemfast.model.training import EarlyStopping, build_network
 
-SIZE = 35  # patch size of the synthetic data (px); the model resamples to input_size=32
+SIZE = 35  # patch size of the synthetic data (px); the model resamples to its input_size
+IN = RVAEConfig().input_size  # the default model input (px)
 N_TRAIN = 1500
 FIT = dict(epochs=25, stn_epochs=10, patience=4, seed=0, device="cpu", progress=False)
 
@@ -227,6 +229,20 @@ def test_config_validation_and_overrides():
         RVAE.fit(np.zeros((10, 8, 9), np.float32))
 
 
+def test_stn_sees_the_patch_at_12_px_or_more():
+    """stn_downsample: resolved from input_size (pool by 2 only from 24 px), explicit values kept, and a
+    config saved before the setting existed (models up to 1.1) read as the pooling it was trained with."""
+    assert RVAEConfig(input_size=16).stn_downsample == 1 and RVAEConfig(input_size=24).stn_downsample == 2
+    assert RVAEConfig(input_size=32).stn_downsample == 2 and RVAEConfig(input_size=16, stn_downsample=2).stn_downsample == 2
+    assert RVAEConfig.from_dict({"input_size": 16}).stn_downsample == 2  # legacy: always pooled
+    assert RVAEConfig.from_dict(asdict(RVAEConfig(input_size=16))).stn_downsample == 1  # as saved
+    with pytest.raises(ValueError, match="stn_downsample"):
+        RVAEConfig(stn_downsample=3)
+    for size, ds in ((16, 1), (16, 2), (24, 2), (32, 2)):
+        net = build_network(RVAEConfig(input_size=size, stn_downsample=ds))
+        assert net.stn.radial_basis.shape[-1] == size // ds  # the grid the STN's weight map lives on
+
+
 # --------------------------------------------------------------------------- training quality
 
 def test_stn_pretraining_canonicalises_rotated_copies(rvae):
@@ -325,7 +341,7 @@ def test_canonicalisation_keeps_the_disc_edge():
     net = build_network(RVAEConfig()).eval()
     seen = []
     net.encoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
-    x = torch.ones(16, 1, 32, 32)
+    x = torch.ones(16, 1, IN, IN)
     with torch.no_grad():
         xc, _ = net.canonical(x)
         net(x)
@@ -376,12 +392,12 @@ def test_encoding_contents(rvae, vae, test_set):
     enc = rvae.encode(patches, return_recon=True)
     assert isinstance(enc, Encoding) and len(enc) == 50
     assert enc.mu.shape == (50, 4) and enc.logvar.shape == (50, 4) and enc.angle.shape == (50,)
-    assert enc.recon.shape == (50, 32, 32) and enc.mu.dtype == np.float32
+    assert enc.recon.shape == (50, IN, IN) and enc.mu.dtype == np.float32
     assert np.all(np.isfinite(enc.angle)) and np.all(np.abs(enc.angle) <= 60.0 + 1e-4)
     # recon_error is the masked MSE of the returned reconstruction in the input frame (the model's input:
     # resampled, the patch's own background taken out)
-    x = MF.model_input(torch.from_numpy(patches)[:, None], 32, "bilinear", rvae.config.background)
-    mask = MF.circular_mask(32)
+    x = MF.model_input(torch.from_numpy(patches)[:, None], IN, "bilinear", rvae.config.background)
+    mask = MF.circular_mask(IN)
     err = MF.masked_mse(torch.from_numpy(enc.recon)[:, None], x * mask, mask).numpy()
     np.testing.assert_allclose(enc.recon_error, err, rtol=1e-4, atol=1e-6)
     # the reconstruction is much better than predicting zeros
@@ -481,7 +497,7 @@ def test_symmetrized_encoder_ignores_the_branch(rvae, test_set):
     """mu must not depend on which of the k equivalent canonical branches the STN picked."""
     import copy
 
-    x = MF.model_input(torch.from_numpy(test_set[0][:64])[:, None], 32, "bilinear", rvae.config.background) * MF.circular_mask(32)
+    x = MF.model_input(torch.from_numpy(test_set[0][:64])[:, None], IN, "bilinear", rvae.config.background) * MF.circular_mask(IN)
     theta = torch.rand(64, generator=torch.Generator().manual_seed(3)) * 120 - 60
     spread = {}
     for mode in ("image", "features", "none"):

@@ -263,12 +263,13 @@ def test_pipeline_patches_gathered_at_the_network_input_size():
     from stemfast.synthetic import make_mos2
 
     img = make_mos2(shape=(192, 224), seed=4).image
-    prep = prepare(img, config=PipelineConfig())
-    size = prep.patch_size
-    assert size != 32 and prep.patches.shape == (len(prep.sites), 32, 32)
+    cfg = PipelineConfig()
+    prep = prepare(img, config=cfg)
+    size, s = prep.patch_size, cfg.model.input_size
+    assert size != s and prep.patches.shape == (len(prep.sites), s, s)
     ref = extract_patches(img, prep.sites.xy, size=size)
     np.testing.assert_array_equal(prep.edge, ref.edge)
-    np.testing.assert_allclose(prep.patches, resample_patches(ref.data, 32), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(prep.patches, resample_patches(ref.data, s), rtol=0, atol=1e-5)
 
 
 def test_resample_weights_are_torchs_bit_for_bit():

@@ -265,7 +265,8 @@ def test_training_patches_come_from_the_inference_patch_path():
     z = (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT)
     patches, records = render_training_patches(2, seed=1, patches_per_image=50, spacing_range=(8.0, 12.0))
     assert (synth.Z_MO, synth.Z_S, synth.Z_EXPONENT) == z  # contrast restored
-    assert patches.dtype == np.float32 and patches.shape[1:] == (32, 32)
+    s = RVAEConfig().input_size  # the shipped model's input
+    assert patches.dtype == np.float32 and patches.shape[1:] == (s, s)
     assert len(patches) == sum(r["n_used"] for r in records) and len(patches) > 0
     assert np.isfinite(patches).all()
 

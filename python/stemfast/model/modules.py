@@ -222,11 +222,11 @@ class RVAENet(VAENet):
 
     def __init__(self, input_size: int = 32, latent_dim: int = 4, channels: tuple[int, int, int] = (8, 16, 32),
                  mask_radius: float | None = None, symmetry: int = 3,
-                 stn_channels: tuple[int, int] = (8, 8), symmetrize: str = "image") -> None:
+                 stn_channels: tuple[int, int] = (8, 8), symmetrize: str = "image", stn_downsample: int = 2) -> None:
         super().__init__(input_size, latent_dim, channels, mask_radius)
         if symmetrize not in self.SYMMETRIZE:
             raise ValueError(f"symmetrize must be one of {self.SYMMETRIZE}, got {symmetrize!r}")
-        self.stn = STN(input_size, symmetry, stn_channels)
+        self.stn = STN(input_size, symmetry, stn_channels, downsample=stn_downsample)
         self.symmetrize = symmetrize if symmetry > 1 else "none"
 
     def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ PROBE_TOLERANCE = 0.05
 _PROBE_QUANTILES = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0)
 #: RVAEConfig fields that define the network and its input; user settings that change one of them
 #: ask for a different model than the shipped one (then the model is trained on the inputs)
-ARCH_FIELDS = ("model", "latent_dim", "input_size", "resample", "channels", "stn_channels",
+ARCH_FIELDS = ("model", "latent_dim", "input_size", "resample", "channels", "stn_channels", "stn_downsample",
                "rotation_symmetry", "symmetrize", "mask_radius")
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger("stemfast.model.train_default")
 
 MODEL_NAME = "stemfast-2h-rvae"
 #: version tag of the shipped model; bump when the training recipe (data, ranges, settings) changes
-MODEL_VERSION = "1.1"
+MODEL_VERSION = "1.2"  # 1.2: input_size 24 (1.1: 32)
 #: (metal Z, chalcogen Z, lattice constant in Angstrom) of the four 2H monolayers
 MATERIAL_Z = {"mos2": (42, 16, 3.160), "ws2": (74, 16, 3.153), "mose2": (42, 34, 3.288), "wse2": (74, 34, 3.282)}
 

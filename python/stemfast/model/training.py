@@ -91,7 +91,7 @@ def build_network(config: RVAEConfig) -> VAENet:
     """The ``nn.Module`` for ``config`` (``modules.RVAENet`` or ``modules.VAENet``)."""
     if config.model == "rvae":
         return RVAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius,
-                       config.rotation_symmetry, config.stn_channels, config.symmetrize)
+                       config.rotation_symmetry, config.stn_channels, config.symmetrize, config.stn_downsample)
     return VAENet(config.input_size, config.latent_dim, config.channels, config.mask_radius)
 
 
