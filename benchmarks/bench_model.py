@@ -14,6 +14,10 @@ Gated (``speed_gate``, see conftest.py: CPU time, one thread on both sides, pair
 * ``model_encode_vs_32px_network_cpu``: the default network (the shipped model's: 24 px input)
   against the network of shipped model 1.1 (32 px input), each on the same sites at its own input
   size -- the speed the lighter model was adopted for (round 7).
+* ``model_encode_compiled_{cpp,numba}_vs_torch_cpu``: the compiled engine
+  (:class:`stemfast.model.engine.CompiledModel`, kernel ``rvae_forward``) against ``RVAE.encode`` --
+  the torch path it replaces for the shipped model on the CPU -- on the same patches and weights,
+  with the outputs compared.
 
 Reported, not gated (``report_ratio``; what it is relative to is in ``extra_info["reported"]``),
 since they guard none of our code against itself:
@@ -399,3 +403,29 @@ def test_bench_shipped_model_vs_training(benchmark, report_ratio):
     assert model.extra["shipped"]["name"] and np.isfinite(np.asarray(table["anomaly_score"])).all()
     report_ratio("model_run_image_shipped_vs_train_cpu", t_train / t_ship, benchmark,
                  meaning="run_image training a model (3 epochs) / with the shipped model")
+
+
+# ----------------------------------------------------------------------------- the compiled engine
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_bench_encode_compiled_vs_torch(benchmark, patches_in, speed_gate, backend):
+    """The compiled engine vs torch's encode of the same model on the same 4096 patches (CPU, one
+    thread both sides): what ``analyze`` / ``batch`` use for the shipped model (model.engine)."""
+    from stemfast.backend import available_backends
+    from stemfast.model.engine import CompiledModel
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} not available")
+    model = _untrained("rvae", "cpu")
+    cm = CompiledModel(model.network.state_dict(), model.config, backend=backend)
+    x = patches_in[:4096]
+    cm.encode(x[:64])  # compile / load the kernel outside the timing
+    info = speed_gate(f"model_encode_compiled_{backend}_vs_torch_cpu", lambda: cm.encode(x), lambda: model.encode(x),
+                      benchmark, repeat=3, min_cpu=1.0)
+    out = benchmark.pedantic(lambda: cm.encode(x), rounds=1, iterations=1)  # all threads
+    ref = info["result_reference"]
+    for enc in (info["result_ours"], out):
+        np.testing.assert_allclose(enc.mu, ref.mu, rtol=0, atol=2e-4 * float(np.abs(ref.mu).max()))
+        np.testing.assert_allclose(enc.recon_error, ref.recon_error, rtol=1e-3, atol=1e-7)
+    benchmark.extra_info.update(n_patches=len(x), backend=backend)

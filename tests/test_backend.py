@@ -142,6 +142,20 @@ def _kernel_calls():
         k.propagate_labels(labels, order[1:].copy(), order[:-1].copy(), np.arange(len(pts) - 1, dtype=np.int64) % 3)
         return labels
 
+    from stemfast.model import shipped
+    from stemfast.model.engine import prepare_weights, state_arrays, subtract_background
+    from stemfast.model.settings import RVAEConfig
+
+    mcfg = RVAEConfig.from_dict(shipped.manifest()["config"])
+    mw = prepare_weights(state_arrays(shipped.ARRAYS_PATH), mcfg)
+    px = subtract_background(rng.normal(size=(120, mcfg.input_size, mcfg.input_size)).astype(np.float32))
+
+    def rvae(k):  # patches in chunks of at least 16: 120 patches reach 3 threads
+        recon = np.empty_like(px)
+        out = k.rvae_forward(px, mw["mask"], mw["stn"], mw["enc"], mw["dec"], mw["symmetry"], mw["symmetrize"],
+                             mw["stn_downsample"], recon)
+        return (*out, recon)
+
     return {
         "bandpass_apply": bandpass_apply,
         "local_maxima": lambda k: k.local_maxima(img, 4.0, 0.2, 0),
@@ -155,6 +169,7 @@ def _kernel_calls():
         "propagate_labels": propagate,
         "local_references": lambda k: k.local_references(pts, inv, vals[:, 0].copy(), refable, rows, 40, 0.25),
         "neighbour_mean": lambda k: k.neighbour_mean(pts, vals, 13),
+        "rvae_forward": rvae,
     }
 
 

@@ -166,14 +166,17 @@ _BATCH = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from stemfast.batch import run_batch
-r = run_batch([sys.argv[1]], sys.argv[2], show_progress=False)
+from stemfast.config import load_config
+# the torch engine: the worker is how torch runs the shipped model (the compiled engine needs no worker)
+r = run_batch([sys.argv[1]], sys.argv[2], show_progress=False, config=load_config(None, {"model.engine": "torch"}))
 print(json.dumps({"exit": r.exit_code, "torch": "torch" in sys.modules, "model": r.model_source}))
 """
 
 
 @pytest.mark.slow
 def test_batch_with_the_worker_gives_the_same_outputs_and_never_imports_torch(tmp_path):
-    """The shipped model in a worker vs in this process: byte-identical sites.csv, the same summary."""
+    """The shipped model on torch in a worker vs in this process: byte-identical sites.csv, the same
+    summary (``model.engine = "torch"``; the compiled engine: tests/test_engine.py)."""
     from stemfast.synthetic import make_mos2
 
     img = tmp_path / "img.tif"
@@ -195,7 +198,8 @@ def test_batch_with_the_worker_gives_the_same_outputs_and_never_imports_torch(tm
     for key in ("n_sites", "n_defects", "class_counts", "defect_kinds", "model", "top"):
         assert ws.get(key) == ss.get(key), key
     # the command line starts the worker before it imports the pipeline: the same outputs
-    p = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(img), "-o", str(tmp_path / "cli"), "-v"],
+    p = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(img), "-o", str(tmp_path / "cli"), "-v",
+                        "--set", 'model.engine="torch"'],
                        env={**os.environ, "PYTHONPATH": PYTHON_DIR}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "encoding in a worker process" in p.stderr

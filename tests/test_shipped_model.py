@@ -133,15 +133,16 @@ def test_contract_detects_a_changed_patch_normalisation(monkeypatch):
 
 
 @needs_shipped
-def test_refused_model_falls_back_to_training_with_a_warning(image, monkeypatch):
+@pytest.mark.parametrize("engine", ["compiled", "torch"])
+def test_refused_model_falls_back_to_training_with_a_warning(image, monkeypatch, engine):
     from stemfast.config import apply_overrides
     from stemfast.pipeline import PipelineConfig, run_image
 
-    def refuse(**kw):
+    def refuse(*a, **kw):
         raise ShippedModelError("input contract changed (test)")
 
-    monkeypatch.setattr(shipped, "load_default_model", refuse)
-    cfg = apply_overrides(PipelineConfig(), {"model.epochs": 1, "model.stn_epochs": 1})
+    monkeypatch.setattr(shipped, "check_contract", refuse)  # both engines check the contract
+    cfg = apply_overrides(PipelineConfig(), {"model.epochs": 1, "model.stn_epochs": 1, "model.engine": engine})
     with pytest.warns(RuntimeWarning, match="input contract changed"):
         table, summary, model = run_image(image, config=cfg)
     assert "shipped" not in model.extra and len(table) > 50

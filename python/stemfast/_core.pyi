@@ -105,3 +105,22 @@ def neighbour_mean(
     xy: npt.NDArray[np.float64], values: npt.NDArray[np.float64], k: int
 ) -> npt.NDArray[np.float64]:
     """Mean of values [N, L] over each site's k nearest sites (itself included), summed nearest first."""
+
+def rvae_forward(
+    x: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.float32],
+    stn: tuple[npt.NDArray[np.float32], ...],
+    enc: tuple[npt.NDArray[np.float32], ...],
+    dec: tuple[npt.NDArray[np.float32], ...],
+    symmetry: int,
+    symmetrize: int,
+    stn_downsample: int,
+    recon: npt.NDArray[np.float32],
+) -> tuple[
+    npt.NDArray[np.float32],  # mu [N, L]
+    npt.NDArray[np.float32],  # logvar [N, L]
+    npt.NDArray[np.float32],  # angle [N] (degrees; NaN without an STN)
+    npt.NDArray[np.float32],  # angle_strength [N]
+    npt.NDArray[np.float32],  # recon_error [N]
+]:
+    """Inference pass of the patch model on model inputs x [N, S, S] (weights as stemfast.model.engine prepares them)."""

@@ -1,14 +1,22 @@
 """Figure plumbing shared by the report and the tracking figures: matplotlib on the Agg backend, the
-grey-level range of an image, atomic PNG writes."""
+grey-level range of an image, atomic PNG writes, figures drawn side by side in forked processes."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .atomic import atomic_path
 
-__all__ = ["pyplot", "display_range", "tight_layout", "save_figure"]
+__all__ = ["pyplot", "display_range", "tight_layout", "save_figure", "draw_side_by_side"]
+
+log = logging.getLogger(__name__)
+
+#: the longest a forked figure process may take before it is ended and its figure drawn here
+FIGURE_TIMEOUT_S = 300.0
 
 
 def pyplot():
@@ -63,3 +71,58 @@ def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
             fig.savefig(tmp, dpi=dpi, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     finally:
         plt.close(fig)
+
+
+def _fork_unsafe() -> str | None:
+    """Why figures should not be drawn in forked processes here, or None."""
+    import multiprocessing
+    import threading
+
+    if os.environ.get("STEMFAST_FIGURE_FORK", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "STEMFAST_FIGURE_FORK=0"
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "no fork start method"
+    if (os.cpu_count() or 1) < 2:
+        return "one CPU"
+    if "torch" in sys.modules:  # its thread pools do not survive a fork
+        return "torch is imported"
+    if threading.active_count() > 1:  # a lock held by another thread at the fork could block the child
+        return "other threads run"
+    return None
+
+
+def draw_side_by_side(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run figure-drawing ``jobs`` (each writes its own file, atomically): all but the last in forked
+    child processes, the last here, so two figures take the time of the slower one on two cores.
+
+    A child that fails, dies or takes longer than :data:`FIGURE_TIMEOUT_S` is ended and its job run
+    again here (a failure here raises as usual). Without ``fork``, with one CPU, with torch imported
+    or other threads running, or with ``STEMFAST_FIGURE_FORK=0``, all jobs run here in order.
+    """
+    jobs = list(jobs)
+    why = _fork_unsafe() if len(jobs) > 1 else "one figure"
+    if why is not None:
+        for job in jobs:
+            job()
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+    for job in jobs[:-1]:
+        p = ctx.Process(target=_child, args=(job,), name="stemfast-figure", daemon=True)
+        p.start()
+        procs.append((p, job))
+    jobs[-1]()
+    for p, job in procs:
+        p.join(FIGURE_TIMEOUT_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        if p.exitcode != 0:
+            log.warning("a figure process ended with exit code %s; drawing its figure here", p.exitcode)
+            job()
+
+
+def _child(job: Callable[[], None]) -> None:  # pragma: no cover - runs in the forked process
+    job()

@@ -103,14 +103,15 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     """Convenience: the whole pipeline on one image.
 
     The model is ``model`` when given, else the shipped default model
-    (:func:`stemfast.model.shipped.default_model`), else -- with ``train=True``, or when the shipped
+    (:func:`stemfast.model.shipped.default_model`; on the compiled engine, without torch, as
+    ``model.engine`` says), else -- with ``train=True``, or when the shipped
     model cannot be used (a warning says why) -- one trained on this image. ``companion``: a second
     detector's image of the same scan (:func:`stemfast.frontend.prepare`).
     """
     if model is None and not train:
-        from .model.shipped import default_model
+        from .model.shipped import shipped_for_run
 
-        model = default_model(config)
+        model = shipped_for_run(config)
     patch_size = None
     if model is not None:
         patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None

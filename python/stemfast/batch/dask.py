@@ -231,11 +231,15 @@ def _client(dd, address: str, *, timeout: float = CONNECT_TIMEOUT_S):
 _MODELS: dict[str, object] = {}
 
 
-def worker_model(data: bytes | None, sha: str | None):
-    """The model of ``data`` (``RVAE.save`` bytes), deserialised once per worker process."""
+def worker_model(data: bytes | None, sha: str | None, config=None):
+    """The model of ``data`` (``RVAE.save`` bytes), deserialised once per worker process -- or, when it
+    is the shipped model and ``config``'s ``model.engine`` resolves to the compiled engine on this
+    worker, the shipped model's arrays run by it (as the in-process run does; no torch)."""
     if data is None:
         return None
     m = _MODELS.get(sha)
+    if m is None and config is not None:
+        m = _compiled_shipped(sha, config)
     if m is None:
         with tempfile.TemporaryDirectory(prefix="stemfast-model-") as td:
             p = Path(td) / "model.pt"
@@ -248,13 +252,34 @@ def worker_model(data: bytes | None, sha: str | None):
     return m
 
 
+def _compiled_shipped(sha: str | None, config):
+    """The shipped model on the compiled engine when ``sha`` is the shipped model's and the engine
+    resolves to compiled here; else None."""
+    from ..model.engine import resolve_engine
+    from ..model.shipped import ShippedModelError, compiled_default_or_none, manifest
+
+    m = getattr(config, "model", None)
+    if resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto")) != "compiled":
+        return None
+    try:
+        man = manifest()
+    except ShippedModelError:  # no usable manifest: the model file runs on torch
+        return None
+    if not sha or man.get("sha256") != sha:
+        return None
+    model = compiled_default_or_none(man)
+    if model is not None:
+        _MODELS[sha] = model
+    return model
+
+
 def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):
-    return process_input(entry, out_dir, model=worker_model(model_data, model_sha), model_sha=model_sha,
+    return process_input(entry, out_dir, model=worker_model(model_data, model_sha, config), model_sha=model_sha,
                          config=config, chash=chash, read_options=read_options)
 
 
 def _task_chunk(entry, out_dir, start, stop, model_data, model_sha, config, chash, read_options=None):
-    return process_chunk(entry, out_dir, start, stop, model=worker_model(model_data, model_sha),
+    return process_chunk(entry, out_dir, start, stop, model=worker_model(model_data, model_sha, config),
                          model_sha=model_sha, config=config, chash=chash, read_options=read_options)
 
 

@@ -169,19 +169,24 @@ def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotal
 def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
     """``classes.png`` (the first frame with classes), ``defects.png`` (the top candidates and their
     patches) and, for a stack, the tracks' figure."""
+    from ..figures import draw_side_by_side
     from ..report import plot_class_map, plot_defects
 
     name, stack = src.entry.name, src.is_stack
+    jobs = []
     if totals.shown is not None:
         f0, x, y, cid, isd, sp = totals.shown
         on = class_sublattice_summary(totals.frames_meta)
-        plot_class_map(d / "classes.png", src.get_frame(f0), x, y, cid, is_defect=isd, spacing_px=sp,
-                       class_names={c: v["sublattice"] for c, v in on.items()},
-                       title=f"{name}: site classes" + (f" (frame {f0} of {src.n_frames})" if stack else ""))
+        img0 = src.get_frame(f0)
+        jobs.append(lambda: plot_class_map(
+            d / "classes.png", img0, x, y, cid, is_defect=isd, spacing_px=sp,
+            class_names={c: v["sublattice"] for c, v in on.items()},
+            title=f"{name}: site classes" + (f" (frame {f0} of {src.n_frames})" if stack else "")))
     else:
         f0 = totals.first_ok_frame()
-        plot_class_map(d / "classes.png", src.get_frame(f0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64),
-                       title=f"{name}: no lattice" + (f" (frame {f0})" if stack else ""))
+        img0 = src.get_frame(f0)
+        jobs.append(lambda: plot_class_map(d / "classes.png", img0, np.zeros(0), np.zeros(0), np.zeros(0, np.int64),
+                                           title=f"{name}: no lattice" + (f" (frame {f0})" if stack else "")))
     gallery = totals.ranked()[:GALLERY_SIZE]
     if gallery:
         fmap = gallery[0][1]["frame"]
@@ -190,11 +195,15 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
         pats = [p for _, _, p in gallery]
         patches = np.stack(pats) if all(p is not None for p in pats) else None
         sp = next((m.get("spacing_px") for m in totals.frames_meta if m["frame"] == fmap), None)
-        plot_defects(d / "defects.png", src.get_frame(fmap), cands, patches, spacing_px=sp,
-                     title=f"{name}: top defect candidates" + (f" (map: frame {fmap})" if stack else ""))
+        img1 = src.get_frame(fmap)
+        jobs.append(lambda: plot_defects(
+            d / "defects.png", img1, cands, patches, spacing_px=sp,
+            title=f"{name}: top defect candidates" + (f" (map: frame {fmap})" if stack else "")))
     else:
-        plot_defects(d / "defects.png", src.get_frame(totals.first_ok_frame()), [], None,
-                     title=f"{name}: no candidates")
+        img1 = src.get_frame(totals.first_ok_frame())
+        jobs.append(lambda: plot_defects(d / "defects.png", img1, [], None, title=f"{name}: no candidates"))
+    # the two figures on two cores (frames are read here, before any fork: an open file is not shared)
+    draw_side_by_side(jobs)
     if trk:
         trk.plot(src.get_frame, title=f"{name}: defect tracks")
 

@@ -44,6 +44,8 @@ class BatchReport:
     model_sha256: str | None = None
     model_trained: bool = False
     model_source: str | None = None
+    #: what ran the model's inference this run: "compiled" (no torch) or "torch"; None when nothing was encoded
+    model_engine: str | None = None
     train_seconds: float = 0.0
     stage_table: list[dict] = field(default_factory=list)
     seconds: float = 0.0

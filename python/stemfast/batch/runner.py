@@ -225,9 +225,14 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
+        # on Dask the workers pick the engine for the shipped model as this process would (batch.dask)
+        report.model_engine = (shipped_engine(config) if opts.scheduler else
+                               "compiled" if (getattr(base, "extra", None) or {}).get("engine") == "compiled"
+                               else "torch")
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
                            finetune=ft, worker=opts.scheduler is None)
+        report.model_engine = "torch"  # model files, fine-tuned and trained models run on torch
     train_info: dict | None = None
     if ms.sha256 is None:
         def on_skip(e: InputEntry, reason: str) -> None:
@@ -258,9 +263,18 @@ def shipped_model(config, opts: BatchOptions):
     """The shipped model, or None (a warning says why) -- in an encode worker process
     (:mod:`stemfast.encode_worker`) when it is used as is in this process and the worker can
     run, else loaded here."""
-    from ..model.shipped import default_model, usable_manifest
+    from ..model.shipped import compiled_default_or_none, default_model, usable_manifest
     from ..encode_worker import discard_prestarted, shipped_worker_model, unavailable
 
+    if not opts.finetune and not opts.scheduler and shipped_engine(config) == "compiled":
+        man = usable_manifest(config)
+        if man is None:
+            discard_prestarted()
+            return None
+        model = compiled_default_or_none(man)
+        if model is not None:
+            discard_prestarted()
+            return model
     why = "training or fine-tuning" if opts.finetune else "the Dask runner" if opts.scheduler else unavailable()
     if why is not None:
         discard_prestarted()
@@ -278,6 +292,15 @@ def shipped_model(config, opts: BatchOptions):
 
     pyplot()  # import the plotting modules while the worker imports torch
     return model
+
+
+def shipped_engine(config) -> str:
+    """``"compiled"`` or ``"torch"``: what runs the shipped model for a run with ``config``
+    (:func:`stemfast.model.engine.resolve_engine` of its ``model.engine`` / ``model.device``)."""
+    from ..model.engine import resolve_engine
+
+    m = getattr(config, "model", None)
+    return resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto"))
 
 
 def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResult], *, chash: str,
@@ -409,7 +432,8 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         "out_dir": str(out),
         "config_hash": report.config_hash,
         "scheduler": report.scheduler,
-        "model": {**model_info, "source": model_info.get("source", report.model_source)},
+        "model": {**model_info, "source": model_info.get("source", report.model_source),
+                  "engine": report.model_engine or (old.get("model") or {}).get("engine")},
         "model_trained_this_run": report.model_trained,
         "train": train,
         "n_inputs": len(report.results),

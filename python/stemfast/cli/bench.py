@@ -60,9 +60,9 @@ def _cmd_bench(args) -> int:
     model = None
     train_s = 0.0
     if not args.train:
-        from ..model.shipped import default_model
+        from ..model.shipped import shipped_for_run
 
-        model = default_model(config)  # None (with a warning) when it cannot be used: trained below
+        model = shipped_for_run(config)  # None (with a warning) when it cannot be used: trained below
     if not args.no_warmup:  # JIT compilation, thread pools, first-call set-up: not part of the timings
         crop = np.ascontiguousarray(frames[0][: min(args.size, 256), : min(args.size, 256)])
         wp = prepare(crop, config=config, pixel_size=px, unit="nm")
@@ -86,7 +86,8 @@ def _cmd_bench(args) -> int:
     print(format_stage_table(rows))
     tag = (model.extra.get("shipped") or {}) if model is not None else {}
     if tag and not train_s:
-        print(f"model: shipped {tag.get('name')} {tag.get('version')} (no training); "
+        print(f"model: shipped {tag.get('name')} {tag.get('version')} (no training, "
+              f"{model.extra.get('engine', 'torch')} engine); "
               f"peak memory {peak_memory_mib():.0f} MiB")
     else:
         print(f"model training: {train_s:.1f} s ({config.model.model}, {config.model.epochs} epochs max, "

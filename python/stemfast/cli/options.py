@@ -206,7 +206,8 @@ def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
 def start_encode_worker_early(args) -> None:
     """Start the encode worker (:mod:`stemfast.encode_worker`) first thing, before the pipeline is
     imported, for the model the options name: the shipped one, or a ``--model`` file; none with
-    ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``. The run takes it or closes it."""
+    ``--train``, ``--finetune``, ``--scheduler``, ``--print-config``, nor for the shipped model on the
+    compiled engine (``model.engine``). The run takes it or closes it."""
     if any(getattr(args, name, None) for name in ("train", "finetune", "scheduler", "print_config")):
         return
     from .. import encode_worker
@@ -216,8 +217,19 @@ def start_encode_worker_early(args) -> None:
         from pathlib import Path
 
         encode_worker.prestart(("file", str(Path(args.model).resolve())), partial(_load_model_file, args.model))
-    else:
+    elif not _shipped_runs_compiled(args):
         encode_worker.prestart_shipped()
+
+
+def _shipped_runs_compiled(args) -> bool:
+    """Whether the run's settings put the shipped model on the compiled engine (no torch, no worker)."""
+    from ..model.engine import resolve_engine
+
+    try:
+        m = config_from_args(args).model
+        return resolve_engine(m.engine, m.device) == "compiled"
+    except (SettingsError, ValueError):  # reported when the run reads its settings
+        return False
 
 
 def _load_model_file(path: str):

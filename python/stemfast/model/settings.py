@@ -83,6 +83,12 @@ class RVAEConfig:
         Seeds torch and NumPy generators (splits, shuffling, augmentation, initialisation).
     device : str
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    engine : {"auto", "compiled", "torch"}
+        What runs a trained model's inference pass where torch is not needed otherwise (the shipped
+        model used as is): ``"compiled"`` -- the ``rvae_forward`` kernel on the CPU, no torch import
+        (:mod:`stemfast.model.engine`; same outputs to float32 rounding); ``"torch"``; ``"auto"``
+        -- compiled unless a GPU may be used (``device`` ``"cuda..."``, or ``"auto"`` with an NVIDIA
+        GPU visible). Training and fine-tuning always use torch.
     amp : bool
         Mixed precision (bf16, else fp16 + grad scaling) on CUDA; ignored on CPU.
     max_train_patches : int or None
@@ -121,6 +127,7 @@ class RVAEConfig:
     anchor_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
+    engine: Literal["auto", "compiled", "torch"] = "auto"
     amp: bool = True
     max_train_patches: int | None = 20000
     num_threads: int | None = None
@@ -136,6 +143,8 @@ class RVAEConfig:
             raise ValueError(f"resample must be 'bilinear' or 'area', got {self.resample!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
+        if self.engine not in ("auto", "compiled", "torch"):
+            raise ValueError(f"engine must be 'auto', 'compiled' or 'torch', got {self.engine!r}")
         if self.symmetrize not in ("image", "features", "none"):
             raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "INPUT_CONTRACT_VERSION",
+__all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "ARRAYS_PATH", "write_arrays",
+           "load_compiled_default", "compiled_default_or_none", "shipped_for_run", "INPUT_CONTRACT_VERSION",
            "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
            "default_model", "usable_manifest", "describe_model", "compatible_settings"]
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).with_name("data")
 MODEL_PATH = DATA_DIR / "default_rvae.pt"
 MANIFEST_PATH = DATA_DIR / "default_rvae.json"
+#: the same weights as plain arrays (the network's ``state_dict``), for the compiled engine
+#: (:mod:`stemfast.model.engine`), which runs the shipped model without torch
+ARRAYS_PATH = DATA_DIR / "default_rvae.npz"
 #: Version of the patch input contract (normalisation, extent, resampling). Bump it together with any
 #: deliberate change of how :func:`stemfast.frontend.prepare` cuts or normalises patches; a shipped
 #: model trained under another version is refused until it is retrained.
@@ -205,6 +209,79 @@ def _check_weights(model_path: Path, man: dict) -> str:
         raise ShippedModelError(f"shipped model {model_path.name}: SHA-256 {sha[:12]}... does not match the "
                                 f"manifest ({str(man.get('sha256'))[:12]}...): damaged or replaced file")
     return sha
+
+
+def write_arrays(state: dict, path: str | Path) -> dict:
+    """Write a network's ``state_dict`` (arrays) as an ``.npz`` with fixed zip timestamps (the same
+    weights give the same bytes); returns the manifest entry ``{"file", "sha256", "bytes"}``."""
+    import io
+    import zipfile
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(state):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(np.asarray(state[name], np.float32)),
+                                      allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+    tmp.replace(path)
+    return {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def load_compiled_default(man: dict | None = None, *, backend: str | None = None):
+    """The shipped model as a :class:`~stemfast.model.engine.CompiledModel` (no torch): its arrays
+    file checked against the manifest ``man`` (default: the package's, with the checks of
+    :func:`usable_manifest` done by the caller). Raises ShippedModelError when the arrays file is
+    missing or differs from the manifest."""
+    from .engine import CompiledModel, state_arrays
+    from .settings import RVAEConfig
+
+    man = manifest() if man is None else man
+    entry = man.get("arrays") or {}
+    path = ARRAYS_PATH.with_name(str(entry.get("file", ARRAYS_PATH.name)))
+    if not entry or not path.is_file():
+        raise ShippedModelError(f"shipped model arrays missing: {path} (retrain with: {RETRAIN_COMMAND})")
+    sha = _sha256(path)
+    if sha != entry.get("sha256"):
+        raise ShippedModelError(f"shipped model {path.name}: SHA-256 {sha[:12]}... does not match the manifest "
+                                f"({str(entry.get('sha256'))[:12]}...): damaged or replaced file")
+    extra = {"shipped": {"name": man.get("name"), "version": man.get("version")}, "sha256": man.get("sha256"),
+             "contract": man.get("contract"), "engine": "compiled"}
+    try:
+        return CompiledModel(state_arrays(path), RVAEConfig.from_dict(man.get("config") or {}), extra=extra,
+                             backend=backend)
+    except (KeyError, ValueError, OSError) as exc:
+        raise ShippedModelError(f"shipped model arrays {path.name} cannot be used: {exc}") from exc
+
+
+def compiled_default_or_none(man: dict, *, backend: str | None = None):
+    """:func:`load_compiled_default`, or None with a warning when its arrays cannot be used (the
+    callers then run the shipped model on torch)."""
+    try:
+        model = load_compiled_default(man, backend=backend)
+    except ShippedModelError as exc:
+        log.warning("compiled engine not used (%s); the shipped model runs on torch", exc)
+        return None
+    log.info("shipped model on the compiled engine (no torch)")
+    return model
+
+
+def shipped_for_run(config):
+    """The shipped model for a run with ``config`` (a PipelineConfig): on the compiled engine when its
+    ``model.engine`` resolves to it (torch when the arrays cannot be used), else loaded with torch;
+    None when it is not usable for this run (:func:`default_model` warns why)."""
+    from .engine import resolve_engine
+
+    m = getattr(config, "model", None)
+    if resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto")) == "compiled":
+        man = usable_manifest(config)
+        if man is None:
+            return None
+        model = compiled_default_or_none(man)
+        if model is not None:
+            return model
+    return default_model(config)
 
 
 def compatible_settings(model_config, requested) -> list[str]:

@@ -17,8 +17,9 @@ the pool with the default :class:`~stemfast.model.RVAEConfig` (patches are cut r
 image's spacing, so the model stores no fixed patch size).
 
 Outputs: ``default_rvae.pt`` (the model; ``extra`` holds the name / version tag, the input
-contract of :mod:`stemfast.model.shipped` and the training settings) and ``default_rvae.json``
-(the manifest: name, version, SHA-256, sizes, training summary).
+contract of :mod:`stemfast.model.shipped` and the training settings), ``default_rvae.npz`` (the same
+weights as plain arrays, for the compiled engine) and ``default_rvae.json`` (the manifest: name,
+version, SHA-256s, sizes, training summary).
 """
 from __future__ import annotations
 
@@ -218,8 +219,10 @@ def train_default_model(out_dir: str | Path = shipped.DATA_DIR, *, n_images: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = model.save(out_dir / shipped.MODEL_PATH.name)
+    arrays = shipped.write_arrays({k: v.detach().cpu().numpy() for k, v in model.network.state_dict().items()},
+                                  out_dir / shipped.ARRAYS_PATH.name)
     man = {"name": MODEL_NAME, "version": MODEL_VERSION, "file": path.name, "sha256": shipped._sha256(path),
-           "bytes": path.stat().st_size, "config": json.loads(json.dumps(asdict(mcfg), default=str)),
+           "bytes": path.stat().st_size, "arrays": arrays, "config": json.loads(json.dumps(asdict(mcfg), default=str)),
            "contract": contract, "training": training}
     from ..atomic import write_json
 
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Train the default model shipped with stemfast on synthetic 2H "
                                              "monolayers (seeded, reproducible).")
     ap.add_argument("-o", "--output", default=str(shipped.DATA_DIR),
-                    help=f"folder for default_rvae.pt / .json (default: the package data, {shipped.DATA_DIR})")
+                    help=f"folder for default_rvae.pt / .npz / .json (default: the package data, {shipped.DATA_DIR})")
     ap.add_argument("--images", type=int, default=DEFAULT_IMAGES, help=f"synthetic images (default {DEFAULT_IMAGES})")
     ap.add_argument("--patches-per-image", type=int, default=DEFAULT_PATCHES_PER_IMAGE,
                     help=f"patches used per image (default {DEFAULT_PATCHES_PER_IMAGE})")

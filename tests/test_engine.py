@@ -1,0 +1,230 @@
+"""The compiled inference engine (stemfast.model.engine, kernel ``rvae_forward``): every backend agrees
+with the NumPy reference, and the engine agrees with the torch model it stands in for."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stemfast.backend import available_backends, get_kernels
+from stemfast.model import RVAE, RVAEConfig
+from stemfast.model import engine as E
+from stemfast.model import functional as MF
+from stemfast.model import shipped
+from stemfast.model.training import build_network
+from stemfast.synthetic import render_site_patches
+
+BACKENDS = available_backends()
+PYTHON_DIR = str(Path(shipped.__file__).resolve().parents[2])
+
+
+def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
+    p = render_site_patches(n, size, spacing=size / 2.5, seed=seed)
+    return np.asarray(p[0] if isinstance(p, tuple) else p, np.float32)
+
+
+def _random_model(**cfg) -> RVAE:
+    """A network with random weights (biases too, so every term counts), as RVAE.encode runs it."""
+    config = RVAEConfig(device="cpu", **cfg)
+    torch.manual_seed(3)
+    net = build_network(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return RVAE(net, config)
+
+
+def _angle_diff(a, b, period):
+    return np.abs((np.asarray(a, np.float64) - b + period / 2) % period - period / 2)
+
+
+def _assert_close(enc_a, enc_b, period):
+    scale = float(np.abs(enc_a.mu).max()) + 1e-6
+    np.testing.assert_allclose(enc_b.mu, enc_a.mu, rtol=0, atol=2e-4 * scale)
+    np.testing.assert_allclose(enc_b.logvar, enc_a.logvar, rtol=0, atol=2e-4 * (np.abs(enc_a.logvar).max() + 1e-6))
+    np.testing.assert_allclose(enc_b.recon_error, enc_a.recon_error, rtol=1e-3, atol=1e-7)
+    if np.isnan(enc_a.angle).all():
+        assert np.isnan(enc_b.angle).all() and np.isnan(enc_b.angle_strength).all()
+    else:
+        # a patch whose harmonic is nearly zero has no orientation to agree on
+        sure = enc_a.angle_strength > 1e-3 * np.median(enc_a.angle_strength)
+        assert sure.mean() > 0.9
+        assert _angle_diff(enc_b.angle[sure], enc_a.angle[sure], period).max() < 0.02
+        np.testing.assert_allclose(enc_b.angle_strength, enc_a.angle_strength, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),  # the default: rVAE, 24 px, STN pooled by 2, C3 image symmetrisation
+    dict(symmetrize="features"),
+    dict(symmetrize="none"),
+    dict(input_size=16, stn_downsample=1, rotation_symmetry=6, latent_dim=3),
+    dict(model="vae"),
+], ids=["default", "features", "none", "16px-k6", "plain-vae"])
+def test_compiled_engine_matches_torch(cfg):
+    m = _random_model(**cfg)
+    x = _patches(300, 35, seed=1)  # resampled to the model input (the engine's path and torch's agree)
+    ref = m.encode(x, return_recon=True)
+    for be in BACKENDS:
+        cm = E.CompiledModel(m.network.state_dict(), m.config, backend=be)
+        out = cm.encode(x, return_recon=True, batch_size=128)
+        _assert_close(ref, out, 360.0 / m.config.rotation_symmetry)
+        np.testing.assert_allclose(out.recon, ref.recon, rtol=0, atol=2e-4 * float(np.abs(ref.recon).max()))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_kernel_backends_agree_with_the_numpy_reference(backend):
+    m = _random_model()
+    w = E.prepare_weights({k: v.numpy() for k, v in m.network.state_dict().items()}, m.config)
+    x = E.subtract_background(_patches(200, 24, seed=2))
+    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"])
+    r_ref = np.empty_like(x)
+    r_be = np.empty_like(x)
+    ref = get_kernels("numpy").rvae_forward(*args, r_ref)
+    got = get_kernels(backend).rvae_forward(*args, r_be)
+    for name, a, b in zip(("mu", "logvar"), ref[:2], got[:2]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * (np.abs(a).max() + 1e-6), err_msg=name)
+    assert _angle_diff(got[2], ref[2], 120.0).max() < 0.01
+    np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[4], ref[4], rtol=1e-4, atol=1e-8)
+    # the reconstruction is rotated back by the angle, so it carries the angles' rounding (~1e-3 deg)
+    np.testing.assert_allclose(r_be, r_ref, rtol=0, atol=1e-4 * float(np.abs(r_ref).max()))
+
+
+def test_shipped_model_compiled_equals_torch_on_real_patches():
+    """The shipped model, as ``analyze`` runs it (compiled) and as torch runs it, on the patches the
+    front end cuts from a real WSe2 crop (tests/data): the same latents, angles and errors, hence the
+    same classes and scores."""
+    from stemfast.frontend import prepare
+
+    img = np.load(Path(__file__).parent / "data" / "wse2_ti2_haadf_crop.npy").astype(np.float32)
+    patches = np.asarray(prepare(img).patches, np.float32)
+    assert len(patches) > 100
+    tm = shipped.load_default_model()
+    cm = shipped.load_compiled_default()
+    assert cm.extra["shipped"] == tm.extra["shipped"] and cm.extra["engine"] == "compiled"
+    _assert_close(tm.encode(patches), cm.encode(patches), 120.0)
+
+
+def test_shipped_arrays_are_the_torch_weights_and_checked():
+    man = shipped.manifest()
+    entry = man["arrays"]
+    arrays = E.state_arrays(shipped.ARRAYS_PATH)
+    sd = shipped.load_default_model().network.state_dict()
+    assert set(arrays) == set(sd)
+    for k, v in sd.items():
+        assert np.array_equal(arrays[k], v.numpy()), k
+    assert shipped._sha256(shipped.ARRAYS_PATH) == entry["sha256"]
+
+
+def test_a_damaged_arrays_file_is_refused_and_torch_takes_over(tmp_path, monkeypatch):
+    bad = tmp_path / shipped.ARRAYS_PATH.name
+    data = bytearray(shipped.ARRAYS_PATH.read_bytes())
+    data[-100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "ARRAYS_PATH", bad)
+    with pytest.raises(shipped.ShippedModelError, match="SHA-256"):
+        shipped.load_compiled_default()
+    said = []
+    monkeypatch.setattr(shipped.log, "warning", lambda msg, *a: said.append(msg % a))
+    assert shipped.compiled_default_or_none(shipped.manifest()) is None
+    assert any("runs on torch" in m and "SHA-256" in m for m in said)
+    # the pipeline then runs the shipped model on torch
+    from stemfast.pipeline import PipelineConfig
+
+    model = shipped.shipped_for_run(PipelineConfig())
+    assert model is not None and type(model).__name__ == "RVAE" and model.extra["shipped"]["version"]
+
+
+def test_write_arrays_is_deterministic(tmp_path):
+    st = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    e1 = shipped.write_arrays(st, tmp_path / "x.npz")
+    e2 = shipped.write_arrays(st, tmp_path / "y.npz")
+    assert e1["sha256"] == e2["sha256"]
+    back = E.state_arrays(tmp_path / "x.npz")
+    assert np.array_equal(back["a"], st["a"]) and np.array_equal(back["b"], st["b"])
+
+
+def test_background_subtraction_is_the_models():
+    assert E.BACKGROUND_QUANTILE == MF.BACKGROUND_QUANTILE
+    x = _patches(50, 24, seed=5)
+    ref = MF.subtract_background(torch.from_numpy(x)[:, None])[:, 0].numpy()
+    np.testing.assert_array_equal(E.subtract_background(x), ref)
+
+
+def test_resolve_engine(monkeypatch):
+    monkeypatch.setattr(E, "_gpu_visible", lambda: False)
+    assert E.resolve_engine("auto", "auto") == "compiled"
+    assert E.resolve_engine("auto", "cpu") == "compiled"
+    assert E.resolve_engine("auto", "cuda") == "torch"
+    assert E.resolve_engine("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        E.resolve_engine("compiled", "cuda:0")
+    monkeypatch.setattr(E, "_gpu_visible", lambda: True)
+    assert E.resolve_engine("auto", "auto") == "torch"
+    assert E.resolve_engine("compiled", "auto") == "compiled"
+    with pytest.raises(ValueError, match="engine"):
+        RVAEConfig(engine="onnx")
+
+
+_NO_TORCH = r"""
+import sys, json
+from stemfast.cli import main
+from stemfast.synthetic import make_mos2
+import tifffile
+img = make_mos2(shape=(192, 192), seed=2).image.astype("float32")
+tifffile.imwrite(sys.argv[1] + "/img.tif", img)
+try:
+    main(["analyze", sys.argv[1] + "/img.tif", "-o", sys.argv[1] + "/out"])
+except SystemExit as e:
+    assert not e.code, e.code
+print("TORCH", "torch" in sys.modules, "KORNIA", "kornia" in sys.modules)
+"""
+
+
+def test_analyze_with_the_shipped_model_never_imports_torch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("STEMFAST_BACKEND",)}
+    env["PYTHONPATH"] = PYTHON_DIR
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if E._gpu_visible():  # auto picks torch where a GPU may be used
+        pytest.skip("an NVIDIA GPU is visible: model.engine=auto uses torch here")
+    assert "TORCH False KORNIA False" in r.stdout
+    batch = json.loads((tmp_path / "out" / "batch_summary.json").read_text())
+    assert batch["model"]["engine"] == "compiled" and batch["model"]["source"] == "shipped"
+    summ = json.loads((tmp_path / "out" / "img" / "summary.json").read_text())
+    assert summ["n_sites"] > 100
+    assert "compiled engine" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_compiled_and_torch_runs_give_the_same_site_table(tmp_path):
+    """``analyze`` with model.engine compiled and torch: the same classes and defect flags on every
+    site, scores equal to float32 rounding."""
+    import pandas as pd
+    from stemfast.synthetic import make_mos2
+    import tifffile
+
+    img = make_mos2(shape=(256, 256), seed=6).image.astype(np.float32)
+    tifffile.imwrite(tmp_path / "img.tif", img)
+    env = {k: v for k, v in os.environ.items() if k != "STEMFAST_BACKEND"}
+    env["PYTHONPATH"] = PYTHON_DIR
+    tabs = {}
+    for eng in ("compiled", "torch"):
+        r = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(tmp_path / "img.tif"), "-o",
+                            str(tmp_path / eng), "--set", f'model.engine="{eng}"'], capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        tabs[eng] = pd.read_csv(tmp_path / eng / "img" / "sites.csv")
+    a, b = tabs["compiled"], tabs["torch"]
+    assert len(a) == len(b) > 100
+    assert (a["class_id"].values == b["class_id"].values).all()
+    assert (a["is_defect"].values == b["is_defect"].values).all()
+    np.testing.assert_allclose(a["anomaly_score"], b["anomaly_score"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(a["recon_error"], b["recon_error"], rtol=1e-3, atol=1e-7)
