@@ -273,27 +273,21 @@ struct Net {
 };
 
 struct Scratch {
-    std::vector<float> padbuf, x, xm, pooled, h1, h2, xc, xs, rot, e1, e2, e3, hl, mu, lv, lvsum, musum, f, g1, g2, g3, yc, y;
+    std::vector<float> padbuf, xm, pooled, h1, h2, xc, xs, rot, e1, e2, e3, hl, lvsum, musum, f, g1, g2, g3, yc, y;
     explicit Scratch(const Net& n) {
-        const size_t S2 = static_cast<size_t>(n.S) * n.S;
-        const int hp = n.S / n.ds;
-        x.resize(S2); xm.resize(S2); xc.resize(S2); xs.resize(S2); rot.resize(S2); yc.resize(S2); y.resize(S2);
-        pooled.resize(static_cast<size_t>(hp) * hp);
-        h1.resize(static_cast<size_t>(hp) * hp * std::max(1, n.stn1.cout));
-        h2.resize(static_cast<size_t>(hp) * hp * std::max(1, n.stn2.cout));
+        const size_t S = static_cast<size_t>(n.S), S2 = S * S, hp = S / n.ds;
+        xm.resize(S2); xc.resize(S2); xs.resize(S2); rot.resize(S2); yc.resize(S2); y.resize(S2);
+        pooled.resize(hp * hp);
+        h1.resize(hp * hp * std::max(1, n.stn1.cout));
+        h2.resize(hp * hp * std::max(1, n.stn2.cout));
         e1.resize(S2 / 4 * n.c1); e2.resize(S2 / 16 * n.c2); e3.resize(S2 / 64 * n.c3);
-        hl.resize(2 * n.L); mu.resize(n.L); lv.resize(n.L); musum.resize(n.L); lvsum.resize(n.L);
+        hl.resize(2 * n.L); musum.resize(n.L); lvsum.resize(n.L);
         f.resize(S2 / 64 * n.c3);
         g1.resize(S2 / 64 * 4 * n.c2); g2.resize(S2 / 16 * 4 * n.c1); g3.resize(S2 / 4 * 4);
-        // the largest zero-padded layer input: (S + 2)^2 for the first layers, (S/2 + 2)^2 c1 ...
-        const size_t s2 = static_cast<size_t>(n.S) + 2;
-        size_t m = s2 * s2;
-        m = std::max(m, (s2 / 2 + 1) * (s2 / 2 + 1) * std::max(n.c1, std::max(1, n.stn1.cout)));
-        m = std::max(m, (static_cast<size_t>(n.S) / 4 + 2) * (static_cast<size_t>(n.S) / 4 + 2) * n.c2);
-        m = std::max(m, (static_cast<size_t>(n.S) / 8 + 2) * (static_cast<size_t>(n.S) / 8 + 2) * n.c3);
-        m = std::max(m, (static_cast<size_t>(n.S / n.ds) + 2) * (static_cast<size_t>(n.S / n.ds) + 2) *
-                            std::max(1, std::max(n.stn1.cout, n.stn2.cout)));
-        padbuf.resize(m);
+        // the largest zero-padded layer input (conv_hwc): (h + 2)^2 c over the layers' inputs (h, h, c)
+        auto padded = [](size_t h, int c) { return (h + 2) * (h + 2) * static_cast<size_t>(std::max(1, c)); };
+        padbuf.resize(std::max({padded(S, 1), padded(S / 2, n.c1), padded(S / 4, n.c2), padded(S / 8, n.c3),
+                                padded(hp, n.stn1.cout)}));
     }
 };
 

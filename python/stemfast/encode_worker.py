@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import sys
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -56,15 +55,9 @@ def unavailable() -> str | None:
     """Why the encode worker cannot or should not run here, or None when it can."""
     if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"{ENV_VAR}={os.environ[ENV_VAR]}"
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "no 'fork' start method on this platform"
-    if "torch" in sys.modules:
-        return "torch is already imported in this process"
-    import threading
+    from .forking import fork_hazard
 
-    if threading.active_count() > 1:  # a lock one of them holds at the fork could block the child for good
-        return "other threads run in this process"
-    return None
+    return fork_hazard()  # torch already imported: also nothing to gain
 
 
 class EncodeWorker:

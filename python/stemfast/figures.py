@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -75,20 +74,13 @@ def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
 
 def _fork_unsafe() -> str | None:
     """Why figures should not be drawn in forked processes here, or None."""
-    import multiprocessing
-    import threading
+    from .forking import fork_hazard
 
     if os.environ.get("STEMFAST_FIGURE_FORK", "1").strip().lower() in ("0", "false", "no", "off"):
         return "STEMFAST_FIGURE_FORK=0"
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "no fork start method"
     if (os.cpu_count() or 1) < 2:
         return "one CPU"
-    if "torch" in sys.modules:  # its thread pools do not survive a fork
-        return "torch is imported"
-    if threading.active_count() > 1:  # a lock held by another thread at the fork could block the child
-        return "other threads run"
-    return None
+    return fork_hazard()
 
 
 def draw_side_by_side(jobs: Sequence[Callable[[], None]]) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from ._validate import check_image, check_xy
 from .backend import get_kernels
 
 __all__ = ["PatchNorm", "Patches", "extract_patches", "LazyPatches", "patch_edge", "default_patch_size",
-           "site_intensity"]
+           "site_intensity", "resample_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -448,3 +449,58 @@ def _site_intensity(image: np.ndarray, xy: np.ndarray, radius: float, backend: s
         with np.errstate(invalid="ignore", divide="ignore"):
             result[start:stop] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
     return result
+
+
+def _aa_bilinear_weights(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights [out, size] of torch's antialiased bilinear ``interpolate`` along one axis (CPU, float64;
+    the separable filter of :func:`stemfast.model.functional.resample_patches`), computed as ATen does
+    (triangle filter stretched by the scale when downsampling, each row divided by its sum), and
+    each row's sum as the kernel adds it up (left to right)."""
+    scale = size / out
+    support = scale if scale >= 1.0 else 1.0  # bilinear: half of an interpolation size of 2
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    w = np.zeros((out, size))
+    sums = np.zeros(out)
+    for i in range(out):
+        centre = scale * (i + 0.5)
+        lo = max(int(centre - support + 0.5), 0)
+        n = min(int(centre + support + 0.5), size) - lo
+        row = [max(0.0, 1.0 - abs(((j + lo) - centre + 0.5) * invscale)) for j in range(n)]
+        total = 0.0
+        for v in row:
+            total += v
+        if total != 0.0:
+            row = [v / total for v in row]
+        acc = row[0] if row else 0.0
+        for v in row[1:]:
+            acc += v
+        w[i, lo:lo + n] = row
+        sums[i] = acc
+    return w, sums
+
+
+@lru_cache(maxsize=32)
+def _resample_weights_cached(size: int, out: int) -> np.ndarray:
+    # resample_patches is linear and separable (W P W^T), rows first: patch i, whose row i is all ones,
+    # comes out as W[:, i] (x) (W 1); W 1 = 1 for an interpolator, and in general sqrt(sum_i of its
+    # diagonal) -- read off exactly as from torch's output, without importing torch (tests check
+    # bit-identity with torch)
+    w, sums = _aa_bilinear_weights(size, out)
+    res = w.T[:, :, None] * sums[None, None, :]  # what resample_patches gives for the probe [size, out, out]
+    row_sum = np.sqrt(res[:, 0, 0].sum())
+    out_w = np.ascontiguousarray(res[:, :, 0].T / row_sum)
+    out_w.setflags(write=False)
+    return out_w
+
+
+def resample_weights(size: int, out: int) -> np.ndarray:
+    """Weights ``W`` [out, size] of :func:`stemfast.frontend.resample_patches` from ``size`` to ``out`` px
+    (read off the model's resampler, which is linear and separable: a patch ``P`` becomes ``W @ P @ W.T``).
+
+    Examples
+    --------
+    >>> w = resample_weights(5, 5)  # same size: the identity
+    >>> bool(np.allclose(w, np.eye(5)))
+    True
+    """
+    return _resample_weights_cached(int(size), int(out))

@@ -228,49 +228,51 @@ def _client(dd, address: str, *, timeout: float = CONNECT_TIMEOUT_S):
 
 # ----------------------------------------------------------------------------- worker side
 
-_MODELS: dict[str, object] = {}
+_MODELS: dict[tuple, object] = {}
 
 
 def worker_model(data: bytes | None, sha: str | None, config=None):
     """The model of ``data`` (``RVAE.save`` bytes), deserialised once per worker process -- or, when it
     is the shipped model and ``config``'s ``model.engine`` resolves to the compiled engine on this
-    worker, the shipped model's arrays run by it (as the in-process run does; no torch)."""
+    worker, the shipped model's arrays run by it (as the in-process run does; no torch). Kept per
+    model and engine."""
     if data is None:
         return None
-    m = _MODELS.get(sha)
-    if m is None and config is not None:
-        m = _compiled_shipped(sha, config)
+    compiled = config is not None and _shipped_compiled_here(sha, config)
+    key = (sha, compiled)
+    m = _MODELS.get(key)
     if m is None:
-        with tempfile.TemporaryDirectory(prefix="stemfast-model-") as td:
-            p = Path(td) / "model.pt"
-            p.write_bytes(data)
-            m = load_model(p)
+        m = _compiled_shipped() if compiled else None
+        if m is None:  # not the shipped model on the compiled engine, or its arrays cannot be used
+            with tempfile.TemporaryDirectory(prefix="stemfast-model-") as td:
+                p = Path(td) / "model.pt"
+                p.write_bytes(data)
+                m = load_model(p)
         if len(_MODELS) >= 2:
             _MODELS.clear()
-        _MODELS[sha] = m
+        _MODELS[key] = m
         log.info("worker %d: model %s loaded", os.getpid(), (sha or "")[:12])
     return m
 
 
-def _compiled_shipped(sha: str | None, config):
-    """The shipped model on the compiled engine when ``sha`` is the shipped model's and the engine
-    resolves to compiled here; else None."""
-    from ..model.engine import resolve_engine
-    from ..model.shipped import ShippedModelError, compiled_default_or_none, manifest
+def _shipped_compiled_here(sha: str | None, config) -> bool:
+    """Whether ``sha`` is the shipped model's and ``config``'s engine resolves to compiled on this worker."""
+    from ..model.engine import engine_for
+    from ..model.shipped import ShippedModelError, manifest
 
-    m = getattr(config, "model", None)
-    if resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto")) != "compiled":
-        return None
+    if not sha or engine_for(config) != "compiled":
+        return False
     try:
-        man = manifest()
+        return manifest().get("sha256") == sha
     except ShippedModelError:  # no usable manifest: the model file runs on torch
-        return None
-    if not sha or man.get("sha256") != sha:
-        return None
-    model = compiled_default_or_none(man)
-    if model is not None:
-        _MODELS[sha] = model
-    return model
+        return False
+
+
+def _compiled_shipped():
+    """The shipped model on the compiled engine, or None (a warning says why)."""
+    from ..model.shipped import compiled_default_or_none, manifest
+
+    return compiled_default_or_none(manifest())
 
 
 def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):

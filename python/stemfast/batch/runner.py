@@ -225,8 +225,10 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
+        from ..model.engine import engine_for
+
         # on Dask the workers pick the engine for the shipped model as this process would (batch.dask)
-        report.model_engine = (shipped_engine(config) if opts.scheduler else
+        report.model_engine = (engine_for(config) if opts.scheduler else
                                "compiled" if (getattr(base, "extra", None) or {}).get("engine") == "compiled"
                                else "torch")
     else:
@@ -260,21 +262,25 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
 
 
 def shipped_model(config, opts: BatchOptions):
-    """The shipped model, or None (a warning says why) -- in an encode worker process
-    (:mod:`stemfast.encode_worker`) when it is used as is in this process and the worker can
-    run, else loaded here."""
-    from ..model.shipped import compiled_default_or_none, default_model, usable_manifest
+    """The shipped model, or None (a warning says why): on the compiled engine in this process when
+    ``model.engine`` resolves to it (:func:`stemfast.model.shipped.shipped_for_run`), else on torch --
+    in an encode worker process (:mod:`stemfast.encode_worker`) when it is used as is in this process
+    and the worker can run, else loaded here."""
+    from ..model.shipped import shipped_for_run
+    from ..encode_worker import discard_prestarted
+
+    if opts.finetune or opts.scheduler:
+        return _shipped_on_torch(config, opts)
+    model = shipped_for_run(config, on_torch=lambda c: _shipped_on_torch(c, opts))
+    discard_prestarted()  # a worker nobody took (the torch route takes or closes its own)
+    return model
+
+
+def _shipped_on_torch(config, opts: BatchOptions):
+    """The shipped model on torch: in a worker when the run allows one, else loaded here."""
+    from ..model.shipped import default_model, usable_manifest
     from ..encode_worker import discard_prestarted, shipped_worker_model, unavailable
 
-    if not opts.finetune and not opts.scheduler and shipped_engine(config) == "compiled":
-        man = usable_manifest(config)
-        if man is None:
-            discard_prestarted()
-            return None
-        model = compiled_default_or_none(man)
-        if model is not None:
-            discard_prestarted()
-            return model
     why = "training or fine-tuning" if opts.finetune else "the Dask runner" if opts.scheduler else unavailable()
     if why is not None:
         discard_prestarted()
@@ -292,15 +298,6 @@ def shipped_model(config, opts: BatchOptions):
 
     pyplot()  # import the plotting modules while the worker imports torch
     return model
-
-
-def shipped_engine(config) -> str:
-    """``"compiled"`` or ``"torch"``: what runs the shipped model for a run with ``config``
-    (:func:`stemfast.model.engine.resolve_engine` of its ``model.engine`` / ``model.device``)."""
-    from ..model.engine import resolve_engine
-
-    m = getattr(config, "model", None)
-    return resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto"))
 
 
 def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResult], *, chash: str,

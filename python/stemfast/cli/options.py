@@ -223,11 +223,10 @@ def start_encode_worker_early(args) -> None:
 
 def _shipped_runs_compiled(args) -> bool:
     """Whether the run's settings put the shipped model on the compiled engine (no torch, no worker)."""
-    from ..model.engine import resolve_engine
+    from ..model.engine import engine_for
 
     try:
-        m = config_from_args(args).model
-        return resolve_engine(m.engine, m.device) == "compiled"
+        return engine_for(config_from_args(args)) == "compiled"
     except (SettingsError, ValueError):  # reported when the run reads its settings
         return False
 

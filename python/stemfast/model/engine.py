@@ -20,8 +20,6 @@ torch file (``default_rvae.npz``, with its own SHA-256 in the manifest).
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,9 +28,7 @@ import numpy as np
 
 from .settings import Encoding, RVAEConfig
 
-__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "subtract_background", "state_arrays"]
-
-log = logging.getLogger(__name__)
+__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
 _CHUNK = 4096
@@ -77,6 +73,12 @@ def resolve_engine(engine: str, device: str = "auto") -> str:
     return engine
 
 
+def engine_for(config) -> str:
+    """:func:`resolve_engine` of a run's settings (a PipelineConfig, its ``model`` section)."""
+    m = getattr(config, "model", None)
+    return resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto"))
+
+
 def subtract_background(x: np.ndarray, quantile: float = BACKGROUND_QUANTILE) -> np.ndarray:
     """Each patch of ``x (N, S, S)`` minus its ``quantile`` pixel value (as
     :func:`stemfast.model.functional.subtract_background`: the k-th smallest value, ``k =
@@ -107,9 +109,8 @@ def _stn_kernel(sd: Mapping[str, np.ndarray], config: RVAEConfig) -> tuple[np.nd
     """The STN's last 1x1 layer folded into its harmonic pooling (as ``STN.forward``): ``(2, h w C)``
     weights in channels-last order and the bias terms ``(2,)``, computed in float32 as torch does."""
     s = config.input_size
-    ds = config.stn_downsample or (2 if s >= 24 else 1)
     k = config.rotation_symmetry
-    h = s // ds
+    h = s // config.stn_downsample
     c = (h - 1) / 2.0
     yy, xx = np.mgrid[0:h, 0:h].astype(np.float64)
     dx, dy = xx - c, yy - c
@@ -154,7 +155,6 @@ def prepare_weights(state: Mapping[str, Any], config: RVAEConfig) -> dict:
            sd["decoder.net.6.bias"])
     rvae = config.model == "rvae"
     stn: tuple = ()
-    ds = config.stn_downsample or (2 if s >= 24 else 1)
     k = config.rotation_symmetry
     if rvae:
         kern, kb = _stn_kernel(sd, config)
@@ -163,7 +163,7 @@ def prepare_weights(state: Mapping[str, Any], config: RVAEConfig) -> dict:
     cont = lambda t: tuple(np.ascontiguousarray(a, np.float32) for a in t)  # noqa: E731
     return {"mask": _mask(s, config.mask_radius), "stn": cont(stn), "enc": cont(enc), "dec": cont(dec),
             "symmetry": int(k), "symmetrize": _SYMMETRIZE[config.symmetrize] if rvae and k > 1 else 0,
-            "stn_downsample": int(ds)}
+            "stn_downsample": int(config.stn_downsample)}
 
 
 def state_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -205,7 +205,7 @@ class CompiledModel:
         """Encode ``patches [N, S, S]`` as :meth:`stemfast.model.RVAE.encode` does (same outputs,
         float32 rounding apart), in chunks of ``batch_size``."""
         from ..backend import get_kernels
-        from ..frontend import resample_weights
+        from ..patches import resample_weights
 
         shape = getattr(patches, "shape", None)
         if shape is None or len(shape) != 3 or shape[1] != shape[2]:

@@ -202,12 +202,18 @@ def load_default_model(*, map_location=None, model_path: str | Path | None = Non
 
 def _check_weights(model_path: Path, man: dict) -> str:
     """The SHA-256 of the weights file, checked against the manifest (ShippedModelError if missing or different)."""
-    if not model_path.is_file():
-        raise ShippedModelError(f"shipped model weights missing: {model_path}")
-    sha = _sha256(model_path)
-    if sha != man.get("sha256"):
-        raise ShippedModelError(f"shipped model {model_path.name}: SHA-256 {sha[:12]}... does not match the "
-                                f"manifest ({str(man.get('sha256'))[:12]}...): damaged or replaced file")
+    return _check_file(model_path, man.get("sha256"), "weights")
+
+
+def _check_file(path: Path, expected: str | None, what: str) -> str:
+    """The SHA-256 of the shipped model's file ``path``, which must exist and equal ``expected``
+    (ShippedModelError otherwise; ``what`` names the file in the message)."""
+    if not path.is_file():
+        raise ShippedModelError(f"shipped model {what} missing: {path}")
+    sha = _sha256(path)
+    if sha != expected:
+        raise ShippedModelError(f"shipped model {path.name}: SHA-256 {sha[:12]}... does not match the "
+                                f"manifest ({str(expected)[:12]}...): damaged or replaced file")
     return sha
 
 
@@ -217,15 +223,15 @@ def write_arrays(state: dict, path: str | Path) -> dict:
     import io
     import zipfile
 
+    from ..atomic import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(state):
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(np.asarray(state[name], np.float32)),
                                       allow_pickle=False)
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
-    tmp.replace(path)
     return {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
@@ -239,13 +245,10 @@ def load_compiled_default(man: dict | None = None, *, backend: str | None = None
 
     man = manifest() if man is None else man
     entry = man.get("arrays") or {}
+    if not entry:
+        raise ShippedModelError(f"the shipped model's manifest names no arrays file (retrain with: {RETRAIN_COMMAND})")
     path = ARRAYS_PATH.with_name(str(entry.get("file", ARRAYS_PATH.name)))
-    if not entry or not path.is_file():
-        raise ShippedModelError(f"shipped model arrays missing: {path} (retrain with: {RETRAIN_COMMAND})")
-    sha = _sha256(path)
-    if sha != entry.get("sha256"):
-        raise ShippedModelError(f"shipped model {path.name}: SHA-256 {sha[:12]}... does not match the manifest "
-                                f"({str(entry.get('sha256'))[:12]}...): damaged or replaced file")
+    _check_file(path, entry.get("sha256"), "arrays")
     extra = {"shipped": {"name": man.get("name"), "version": man.get("version")}, "sha256": man.get("sha256"),
              "contract": man.get("contract"), "engine": "compiled"}
     try:
@@ -267,21 +270,21 @@ def compiled_default_or_none(man: dict, *, backend: str | None = None):
     return model
 
 
-def shipped_for_run(config):
+def shipped_for_run(config, *, on_torch=None):
     """The shipped model for a run with ``config`` (a PipelineConfig): on the compiled engine when its
-    ``model.engine`` resolves to it (torch when the arrays cannot be used), else loaded with torch;
-    None when it is not usable for this run (:func:`default_model` warns why)."""
-    from .engine import resolve_engine
+    ``model.engine`` resolves to it, else -- or when its arrays cannot be used -- from ``on_torch(config)``
+    (default :func:`default_model`: loaded with torch here); None when it is not usable for this run
+    (a warning says why)."""
+    from .engine import engine_for
 
-    m = getattr(config, "model", None)
-    if resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto")) == "compiled":
+    if engine_for(config) == "compiled":
         man = usable_manifest(config)
         if man is None:
             return None
         model = compiled_default_or_none(man)
         if model is not None:
             return model
-    return default_model(config)
+    return (on_torch or default_model)(config)
 
 
 def compatible_settings(model_config, requested) -> list[str]:
