@@ -201,6 +201,7 @@ def test_analyze_with_the_shipped_model_never_imports_torch(tmp_path):
     assert batch["model"]["engine"] == "compiled" and batch["model"]["source"] == "shipped"
     summ = json.loads((tmp_path / "out" / "img" / "summary.json").read_text())
     assert summ["n_sites"] > 100
+    assert summ["model"]["engine"] == "compiled"
     assert "compiled engine" in (tmp_path / "out" / "report.html").read_text()
 
 
@@ -222,9 +223,35 @@ def test_compiled_and_torch_runs_give_the_same_site_table(tmp_path):
                            timeout=600, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         tabs[eng] = pd.read_csv(tmp_path / eng / "img" / "sites.csv")
+        # each input's summary names the engine that ran the model on it, and the batch's label follows
+        assert json.loads((tmp_path / eng / "img" / "summary.json").read_text())["model"]["engine"] == eng
+        assert json.loads((tmp_path / eng / "batch_summary.json").read_text())["model"]["engine"] == eng
     a, b = tabs["compiled"], tabs["torch"]
     assert len(a) == len(b) > 100
     assert (a["class_id"].values == b["class_id"].values).all()
     assert (a["is_defect"].values == b["is_defect"].values).all()
     np.testing.assert_allclose(a["anomaly_score"], b["anomaly_score"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(a["recon_error"], b["recon_error"], rtol=1e-3, atol=1e-7)
+
+
+def test_batch_label_names_every_engine_that_ran(tmp_path):
+    """The batch summary's engine is what ran the model on the inputs (their summaries), not only what
+    the client chose: a Dask worker whose package cannot use the compiled engine runs torch, and the
+    label says so."""
+    from stemfast.batch.results import BatchReport, InputResult
+    from stemfast.batch.runner import write_batch_outputs
+
+    rep = BatchReport(out_dir=tmp_path, results=[InputResult("a", "a.tif", "done"), InputResult("b", "b.tif", "done")],
+                      config_hash="x", model_source="shipped", model_engine="compiled")
+    summaries = [{"name": "a", "status": "ok", "model": {"engine": "compiled"}},
+                 {"name": "b", "status": "ok", "model": {"engine": "torch"}}]
+    write_batch_outputs(rep, summaries, None)
+    batch = json.loads((tmp_path / "batch_summary.json").read_text())
+    assert batch["model"]["engine"] == "compiled and torch"
+    assert "compiled and torch engine" in (tmp_path / "report.html").read_text()
+    write_batch_outputs(rep, summaries[:1], None)
+    assert json.loads((tmp_path / "batch_summary.json").read_text())["model"]["engine"] == "compiled"
+    # inputs from before summaries named their engine: what this run chose
+    write_batch_outputs(rep, [{"name": "a", "status": "ok", "model": {}}], None)
+    assert json.loads((tmp_path / "batch_summary.json").read_text())["model"]["engine"] == "compiled"
+    assert E.combined_engine([None, None]) is None

@@ -44,7 +44,7 @@ def frame_record(frame: int) -> dict:
     """The JSON record of a frame before it is analysed (status ``error`` until it is)."""
     return {"frame": int(frame), "status": "error", "error": None, "n_sites": 0, "n_defects": 0,
             "class_counts": {}, "defect_kinds": {}, "spacing_px": None, "angle_deg": None,
-            "timings_s": {}, "drift_px": None, "top": [], "warnings": []}
+            "timings_s": {}, "drift_px": None, "top": [], "warnings": [], "engine": None}
 
 
 def settings_vs_image(img: np.ndarray, config, *, check_estimate: bool) -> list[str]:
@@ -66,6 +66,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
     ``companion``: a second detector's image of the same scan (:func:`stemfast.frontend.prepare`).
     """
     from ..frontend import with_companion
+    from ..model.engine import engine_of
     from ..pipeline import analyze, prepare
 
     rec = frame_record(frame)
@@ -102,6 +103,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["class_counts"] = {str(k): int(v) for k, v in summ.get("class_counts", {}).items()}
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
+        rec["engine"] = engine_of(model)  # what ran the model here (a Dask worker may differ from the client)
         for key in ("class_sublattice_ari", "class_sublattice", "class_warning", "rotation_latent", "rotation_lock", "material",
                     "score", "detectors", "n_sites_unlike_lattice", "texture_warning", "edge_z_spread"):  # the analysis' own report
             if key in summ:

@@ -225,12 +225,11 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
-        from ..model.engine import engine_for
+        from ..model.engine import engine_for, engine_of
 
-        # on Dask the workers pick the engine for the shipped model as this process would (batch.dask)
-        report.model_engine = (engine_for(config) if opts.scheduler else
-                               "compiled" if (getattr(base, "extra", None) or {}).get("engine") == "compiled"
-                               else "torch")
+        # what this run chose; on Dask the workers pick the engine for the shipped model as this process
+        # would (batch.dask), and each input's summary names the one that ran it (the batch summary's label)
+        report.model_engine = engine_for(config) if opts.scheduler else engine_of(base)
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
                            finetune=ft, worker=opts.scheduler is None)
@@ -411,6 +410,7 @@ def same_skips(old: list | None, new: list[dict]) -> bool:
 def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: dict | None) -> None:
     """``batch_summary.json`` and ``report.html`` (a failing report never loses the results)."""
     from ..errors import OutputError
+    from ..model.engine import combined_engine
     from ..report import write_html_report
 
     out = report.out_dir
@@ -429,8 +429,10 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         "out_dir": str(out),
         "config_hash": report.config_hash,
         "scheduler": report.scheduler,
+        # the engine: what ran the model on the inputs shown (their summaries), else what this run chose
         "model": {**model_info, "source": model_info.get("source", report.model_source),
-                  "engine": report.model_engine or (old.get("model") or {}).get("engine")},
+                  "engine": combined_engine((s.get("model") or {}).get("engine") for s in summaries)
+                  or report.model_engine or (old.get("model") or {}).get("engine")},
         "model_trained_this_run": report.model_trained,
         "train": train,
         "n_inputs": len(report.results),

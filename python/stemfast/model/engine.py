@@ -28,7 +28,8 @@ import numpy as np
 
 from .settings import Encoding, RVAEConfig
 
-__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "subtract_background", "state_arrays"]
+__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "engine_of", "combined_engine",
+           "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
 _CHUNK = 4096
@@ -77,6 +78,24 @@ def engine_for(config) -> str:
     """:func:`resolve_engine` of a run's settings (a PipelineConfig, its ``model`` section)."""
     m = getattr(config, "model", None)
     return resolve_engine(getattr(m, "engine", "auto"), getattr(m, "device", "auto"))
+
+
+def engine_of(model) -> str:
+    """What runs ``model``'s inference: ``"compiled"`` for a :class:`CompiledModel`, ``"torch"`` for
+    anything else (an :class:`~stemfast.model.RVAE`)."""
+    return "compiled" if (getattr(model, "extra", None) or {}).get("engine") == "compiled" else "torch"
+
+
+def combined_engine(names) -> str | None:
+    """One label for the engines that ran a set of images: ``"compiled"`` or ``"torch"`` when all
+    agree, ``"compiled and torch"`` when they do not (e.g. Dask workers whose package could not use
+    the compiled engine), None when none ran.
+
+    >>> combined_engine(["compiled", None, "compiled"]), combined_engine(["torch", "compiled"])
+    ('compiled', 'compiled and torch')
+    """
+    seen = sorted({str(n) for n in names if n})
+    return " and ".join(seen) if seen else None
 
 
 def subtract_background(x: np.ndarray, quantile: float = BACKGROUND_QUANTILE) -> np.ndarray:
