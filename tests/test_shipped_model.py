@@ -194,8 +194,13 @@ def test_batch_uses_and_names_the_shipped_model(image, tmp_path, monkeypatch):
     man = shipped.manifest()
     assert file_sha256(out / "model.pt") == man["sha256"]
     s = json.loads((out / "img" / "summary.json").read_text())
+    from stemfast.model.engine import engine_for
+    from stemfast.config import load_config
+
+    # the engine that ran it: compiled on the CPU (model.engine auto), torch where a GPU may be used
     assert s["model"] == {"name": man["name"], "version": man["version"], "sha256": man["sha256"],
-                          "source": "shipped"}
+                          "source": "shipped", "engine": engine_for(load_config())}
+    assert rep.model_engine == s["model"]["engine"]
     html = (out / "report.html").read_text()
     assert man["name"] in html and man["version"] in html and man["sha256"][:16] in html
 
