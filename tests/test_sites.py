@@ -121,6 +121,24 @@ def test_calibrated_columns(clean_image):
     assert t.meta["spacing_nm"] == pytest.approx(t.meta["spacing_px"] * 0.012)
 
 
+def test_a_calibration_that_fits_another_material_names_it():
+    """A selenide whose file states a pixel size 3 % too large (as the shared WSe2 scan's does),
+    analysed as MoS2 (the default): the sulphide's spacing is then > 5 % off, the selenides' is not;
+    the warning says so and names them. As WSe2 it is quiet. (With an exact pixel size the two
+    families, 4 % apart, both pass the 5 % check: the calibration tells them apart only at the edge.)"""
+    from stemfast.sites import CalibrationWarning
+
+    img = make_mos2(shape=(192, 192), a_A=3.282, pixel_size_A=0.25, seed=4).image  # 7.58 px spacing
+    with pytest.warns(CalibrationWarning, match=r"fits (mose2 or wse2|wse2 or mose2)"):
+        t = find_sites(img, pixel_size=0.0257, unit="nm")
+    lat = t.meta["lattice"]
+    assert lat["calibration_ok"] is False and set(lat["calibration_fits"]) == {"wse2", "mose2"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        t = find_sites(img, pixel_size=0.0257, unit="nm", material="wse2")
+    assert t.meta["lattice"]["calibration_ok"] is True and "calibration_fits" not in t.meta["lattice"]
+
+
 def test_dirty_image_hole_and_contamination():
     s = make_mos2(shape=(512, 512), seed=1, holes=1, contamination=1, hot_pixels=20, scan_glitches=2,
                   scan_distortion=(0.03, 0.01))

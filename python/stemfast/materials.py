@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "METAL", "CHALCOGEN", "HOLLOW",
-           "add_material_argument"]
+__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "materials_fitting", "METAL", "CHALCOGEN",
+           "HOLLOW", "add_material_argument"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2
@@ -105,6 +105,24 @@ def get_material(name: str | Material) -> Material:
     if key not in MATERIALS:
         raise ValueError(f"unknown material {name!r}; known: {', '.join(MATERIAL_NAMES)}")
     return MATERIALS[key]
+
+
+def materials_fitting(site_spacing_nm: float, tolerance: float) -> list[str]:
+    """The materials whose site spacing ``a / sqrt(3)`` is within ``tolerance`` (a share) of
+    ``site_spacing_nm``, closest first (the generic 2H, which has no lattice constant, never).
+
+    What a calibrated image's spacing fits, for a warning that the chosen material does not. The
+    sulphides (a 0.315-0.316 nm) and the selenides (0.328-0.329 nm) are only 4 % apart, about what a
+    file's pixel size is good to: this can hint at the chalcogen, never tell the metal.
+
+    Examples
+    --------
+    >>> materials_fitting(0.3282 / 3 ** 0.5, 0.02)
+    ['wse2', 'mose2']
+    """
+    d = {k: abs(m.site_spacing_nm / site_spacing_nm - 1) for k, m in MATERIALS.items()
+         if m.site_spacing_nm is not None and site_spacing_nm > 0}
+    return [k for k in sorted(d, key=d.get) if d[k] <= tolerance]
 
 
 def add_material_argument(group) -> None:

@@ -348,7 +348,9 @@ def lattice_warnings(lat) -> list[str]:
     if (lat.get("distortion") or {}).get("warning"):
         out.append(lat["distortion"]["warning"])
     if lat.get("calibration_ok") is False:
+        fits = lat.get("calibration_fits") or []
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
-                   "check the calibration or the material")
+                   "check the calibration or the material"
+                   + (f" (with this pixel size it fits {' or '.join(fits)}: --material)" if fits else ""))
     return out
