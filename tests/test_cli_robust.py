@@ -508,3 +508,34 @@ def test_training_names_a_spacing_that_does_not_fit(env, tmp_path):
                                     on_skip=lambda e, r: skipped.__setitem__(e.name, r), show_progress=False)
     assert model is None and set(skipped) == {"good", "other"}
     assert all("does not fit the 160 x 160 px image" in r for r in skipped.values())
+
+
+def test_a_large_image_shows_a_bar_over_the_stages(monkeypatch, capsys):
+    """One large image on a terminal: a bar moves through the pipeline's stages (named as they run)
+    and is gone when the image is done; what the stages report stays a plain dict (pickled too)."""
+    import pickle
+
+    from stemfast import frontend
+    from stemfast.logutil import StageTimings
+    from stemfast.pipeline import analyze, prepare
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.config import load_config
+    from stemfast.synthetic import make_mos2
+
+    monkeypatch.setenv("STEMFAST_PROGRESS", "1")
+    monkeypatch.setattr(frontend, "STAGE_BAR_PX", 100)  # "large" for the test: a 192 px image
+    cfg = load_config()
+    img = make_mos2(shape=(192, 192), seed=2).image
+    prep = prepare(img, config=cfg)
+    assert isinstance(prep.timings, StageTimings) and prep.timings.done == 6  # spacing .. patches
+    table, summary = analyze(prep, shipped_for_run(cfg), config=cfg)
+    assert prep.timings.done == 8 and len(table) > 50
+    err = capsys.readouterr().err
+    assert "192 x 192 image" in err and "8/8" in err
+    for stage in ("bandpass", "lattice", "encode", "analysis"):
+        assert stage in err, stage
+    assert type(pickle.loads(pickle.dumps(prep.timings))) is dict
+    assert summary["timings_s"] == dict(prep.timings)
+    # a small image (under STAGE_BAR_PX) or no terminal: a plain dict, no bar
+    monkeypatch.setenv("STEMFAST_PROGRESS", "0")
+    assert type(prepare(img, config=cfg).timings) is dict

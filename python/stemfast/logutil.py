@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-__all__ = ["setup_logging", "progress", "show_progress"]
+__all__ = ["setup_logging", "progress", "show_progress", "StageTimings"]
 
 
 def setup_logging(verbosity: int = 0) -> None:
@@ -51,3 +51,51 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("disable", not show_progress())
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+class StageTimings(dict):
+    """An image's stage timings (stage name -> seconds, a plain ``dict`` to everything that reads it)
+    that also moves a progress bar: one step per stage of ``stages`` as its time is recorded, the
+    stage now running named beside it. For a single large image, where the per-file bar of a batch
+    would stand still for minutes. The bar closes when the last stage is recorded (or on
+    :meth:`close`); pickled, it is a plain dict.
+
+    >>> t = StageTimings(("peaks", "lattice"), desc="demo", show=False)
+    >>> t["peaks"] = 0.5; t["lattice"] = 1.5; t["other"] = 0.1
+    >>> dict(t), t.done
+    ({'peaks': 0.5, 'lattice': 1.5, 'other': 0.1}, 2)
+    """
+
+    def __init__(self, stages, *, desc: str, show: bool | None = None) -> None:
+        super().__init__()
+        self._stages = tuple(stages)
+        self._bar = None
+        if show if show is not None else show_progress():
+            self._bar = progress(total=len(self._stages), desc=desc, unit="stage", leave=False, mininterval=0,
+                                 postfix=self._stages[0] if self._stages else None)
+
+    @property
+    def done(self) -> int:
+        """How many of the stages have a time."""
+        return sum(s in self for s in self._stages)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        bar = self._bar
+        if bar is not None and key in self._stages:
+            done = self.done
+            if done >= len(self._stages):
+                bar.update(done - bar.n)
+                self.close()
+            else:
+                bar.set_postfix_str(next(s for s in self._stages if s not in self), refresh=False)
+                bar.update(done - bar.n)
+
+    def close(self) -> None:
+        """Remove the bar (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __reduce__(self):
+        return (dict, (dict(self),))

@@ -15,6 +15,7 @@ import numpy as np
 
 from .analysis import analyze_sites
 from .config import PipelineConfig
+from .logutil import StageTimings
 from .frontend import MAX_PATCH_BYTES, Prepared, prepare, resample_patches, resample_weights  # noqa: F401
 from .patches import LazyPatches
 from .table import SiteTable
@@ -65,6 +66,14 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
     Returns the full site table (see :func:`stemfast.analysis.analyze_sites` for the columns) and
     a summary dict.
     """
+    try:
+        return _analyze(prep, model, config)
+    finally:
+        if isinstance(prep.timings, StageTimings):  # its bar ends with the image (done or failed)
+            prep.timings.close()
+
+
+def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, dict]:
     t0 = time.perf_counter()
     if len(prep.patches) == 0:
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
