@@ -207,6 +207,29 @@ def test_classes_figure_is_an_image(first):
                 assert im.format == "PNG" and min(im.size) > 300
 
 
+def test_a_dense_class_map_adds_a_full_resolution_crop(tmp_path):
+    """Where the sites of the whole image would be drawn too small to tell apart (a large image), the
+    class map gets a second panel: the centre at the image's own resolution; a sparse one stays one
+    panel."""
+    from PIL import Image
+
+    from stemfast.report import MIN_DOT_PT, plot_class_map
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(1200, 1200)).astype(np.float32)
+    sizes = {}
+    for sp in (5.0, 24.0):  # dots of 0.9 and 4.2 pt on the 8-inch map
+        g = np.arange(2.0, 1198.0, sp)
+        xx, yy = np.meshgrid(g, g)
+        x, y = xx.ravel(), yy.ravel()
+        cid = (np.arange(len(x)) % 3).astype(np.int64)
+        plot_class_map(tmp_path / f"c{sp:g}.png", img, x, y, cid, spacing_px=sp, is_defect=cid == 5)
+        with Image.open(tmp_path / f"c{sp:g}.png") as im:
+            sizes[sp] = im.size
+    assert 0.55 * 5.0 * 8 * 72 / 1200 < MIN_DOT_PT < 0.55 * 24.0 * 8 * 72 / 1200
+    assert sizes[5.0][0] / sizes[5.0][1] > 1.7 and sizes[24.0][0] / sizes[24.0][1] < 1.4, sizes
+
+
 # ----------------------------------------------------------------------------- rerun
 
 

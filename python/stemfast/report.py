@@ -95,6 +95,13 @@ def _class_name(class_names: dict | None, c: int) -> str:
     return f": {name}" if name else ""
 
 
+#: sites drawn smaller than this (dot diameter, pt) blend into one another on the page (a 4096^2 image
+#: at a 12 px spacing: 0.9 pt): the class map then adds a crop at the image's own resolution
+MIN_DOT_PT = 1.5
+#: width of that crop in lattice spacings
+ZOOM_SPACINGS = 24
+
+
 def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y: np.ndarray,
                    class_id: np.ndarray, *, spacing_px: float | None = None, title: str | None = None,
                    is_defect: np.ndarray | None = None, class_names: dict | None = None, dpi: int = 110) -> None:
@@ -106,51 +113,88 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     image : the 2-D micrograph (shown with a robust grey range, downsampled above 2048 px).
     x, y : site positions in px (x = column, y = row).
     class_id : int per site; colours are fixed per id (:data:`CLASS_COLORS`).
-    spacing_px : lattice spacing, sets the dot size.
+    spacing_px : lattice spacing, sets the dot size. Where the dots of the whole image would be
+        smaller than :data:`MIN_DOT_PT`, the whole image shows only the defects and a second panel
+        the classes of the central :data:`ZOOM_SPACINGS` spacings at the image's own resolution (its
+        place framed on the whole image).
     is_defect : optional bool per site; flagged sites get a yellow ring.
     class_names : optional ``{class id (str or int): name}`` for the legend (e.g. the sublattice the
         class sits on).
     """
     plt = pyplot()
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
+    image = np.asarray(image)
     img, f = _downsample(image)
     H, W = img.shape
     fig_w = 8.0
     fig_h = max(3.0, min(12.0, fig_w * H / max(W, 1))) + 0.6
-    fig, ax = plt.subplots(figsize=(fig_w + (2.6 if class_names else 1.8), fig_h))
-    lo, hi = display_range(img)
-    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
-              extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     cid = np.asarray(class_id, dtype=np.int64) if len(x) else np.zeros(0, np.int64)
+    d = np.asarray(is_defect, bool) if is_defect is not None and len(x) else np.zeros(len(x), bool)
+    dense = bool(len(x) and spacing_px and np.isfinite(spacing_px)
+                 and 0.55 * spacing_px * fig_w * 72.0 / max(W * f, 1) < MIN_DOT_PT)
+    legend_w = 2.6 if class_names else 1.8
+    if dense:
+        fig, (ax, az) = plt.subplots(1, 2, figsize=(2 * fig_w + legend_w, fig_h))
+    else:
+        fig, ax = plt.subplots(figsize=(fig_w + legend_w, fig_h))
+        az = None
+    lo, hi = display_range(img)
+    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+              extent=(-0.5, W * f - 0.5, H * f - 0.5, -0.5))
     s = _marker_size(fig_w, W * f, spacing_px)
-    handles = []
-    for c in sorted(set(cid.tolist())):
-        m = cid == c
-        ax.scatter(x[m], y[m], s=s, c=class_color(c), linewidths=0, alpha=0.85)
-        handles.append(Line2D([], [], marker="o", ls="", color=class_color(c),
-                              label=f"class {c}{_class_name(class_names, c)} ({int(m.sum())})"))
-    if is_defect is not None and len(x):
-        d = np.asarray(is_defect, bool)
-        if d.any():
-            # a yellow ring: a black one vanished on the dark image between the columns
-            ax.scatter(x[d], y[d], s=s * 4, facecolors="none", edgecolors=DEFECT_RING, linewidths=1.2)
-            handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=DEFECT_RING,
-                                  label=f"defect ({int(d.sum())})"))
+    # on a dense map the classes are left to the crop (dots under a display pixel only make moire) and
+    # the defect rings are drawn thin, or 10^4 of them cover the image
+    _draw_sites(ax, x, y, cid, d, s, ring_lw=0.3 if dense else 1.2, classes=not dense)
     ax.set_xlim(-0.5, W * f - 0.5)
     ax.set_ylim(H * f - 0.5, -0.5)
     ax.set_xlabel("x (px)")
     ax.set_ylabel("y (px)")
+    if az is not None:
+        h0, w0 = image.shape[-2:]
+        half = 0.5 * ZOOM_SPACINGS * float(spacing_px)
+        x0, x1 = int(max(0, np.floor(w0 / 2 - half))), int(min(w0, np.ceil(w0 / 2 + half)))
+        y0, y1 = int(max(0, np.floor(h0 / 2 - half))), int(min(h0, np.ceil(h0 / 2 + half)))
+        crop = np.asarray(image[y0:y1, x0:x1], dtype=np.float32)
+        clo, chi = display_range(crop)
+        az.imshow(crop, cmap="gray", vmin=clo, vmax=chi, interpolation="nearest",
+                  extent=(x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5))
+        inside = (x >= x0 - 0.5) & (x <= x1 - 0.5) & (y >= y0 - 0.5) & (y <= y1 - 0.5)
+        _draw_sites(az, x[inside], y[inside], cid[inside], d[inside], _marker_size(fig_w, x1 - x0, spacing_px, 0.4),
+                    ring_lw=1.2)
+        az.set_xlim(x0 - 0.5, x1 - 0.5)
+        az.set_ylim(y1 - 0.5, y0 - 0.5)
+        az.set_xlabel("x (px)")
+        az.set_title(f"centre, {ZOOM_SPACINGS} spacings at full resolution", fontsize=9)
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="w", linewidth=1.0))
+    handles = [Line2D([], [], marker="o", ls="", color=class_color(c),
+                      label=f"class {c}{_class_name(class_names, c)} ({int((cid == c).sum())})")
+               for c in sorted(set(cid.tolist()))]
+    if d.any():
+        # a yellow ring: a black one vanished on the dark image between the columns
+        handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=DEFECT_RING, label=f"defect ({int(d.sum())})"))
     if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        (az if az is not None else ax).legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                                              fontsize=8, frameon=False)
     if not len(x):
         ax.text(0.5, 0.5, "no lattice sites", transform=ax.transAxes, ha="center", va="center",
                 color="w", fontsize=14)
     ax.set_title(title or "site classes", fontsize=10)
     tight_layout(fig)
     save_figure(fig, path, dpi)
+
+
+def _draw_sites(ax, x, y, cid, is_defect, s: float, *, ring_lw: float, classes: bool = True) -> None:
+    """Class-coloured dots of area ``s`` (pt^2; with ``classes``) and yellow rings around the defects."""
+    for c in sorted(set(cid.tolist())) if classes else ():
+        m = cid == c
+        ax.scatter(x[m], y[m], s=s, c=class_color(c), linewidths=0, alpha=0.85)
+    if is_defect.any():
+        ax.scatter(x[is_defect], y[is_defect], s=s * 4, facecolors="none", edgecolors=DEFECT_RING,
+                   linewidths=ring_lw)
 
 
 def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
