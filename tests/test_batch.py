@@ -226,7 +226,7 @@ def test_a_dense_class_map_adds_a_full_resolution_crop(tmp_path):
         plot_class_map(tmp_path / f"c{sp:g}.png", img, x, y, cid, spacing_px=sp, is_defect=cid == 5)
         with Image.open(tmp_path / f"c{sp:g}.png") as im:
             sizes[sp] = im.size
-    assert 0.55 * 5.0 * 8 * 72 / 1200 < MIN_DOT_PT < 0.55 * 24.0 * 8 * 72 / 1200
+    assert 0.55 * 5.0 * 8 * 72 / 1200 < MIN_DOT_PT < 0.55 * 24.0 * 8 * 72 / 1200  # the two cases are the two sides
     assert sizes[5.0][0] / sizes[5.0][1] > 1.7 and sizes[24.0][0] / sizes[24.0][1] < 1.4, sizes
 
 

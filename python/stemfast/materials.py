@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "materials_fitting", "METAL", "CHALCOGEN",
-           "HOLLOW", "add_material_argument"]
+__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "materials_fitting", "fitting_hint", "METAL",
+           "CHALCOGEN", "HOLLOW", "add_material_argument"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2
@@ -123,6 +123,16 @@ def materials_fitting(site_spacing_nm: float, tolerance: float) -> list[str]:
     d = {k: abs(m.site_spacing_nm / site_spacing_nm - 1) for k, m in MATERIALS.items()
          if m.site_spacing_nm is not None and site_spacing_nm > 0}
     return [k for k in sorted(d, key=d.get) if d[k] <= tolerance]
+
+
+def fitting_hint(fits) -> str:
+    """The end of a calibration warning naming the materials the image fits (:func:`materials_fitting`);
+    empty for none.
+
+    >>> fitting_hint(["mose2", "wse2"])
+    ' (with this pixel size it fits mose2 or wse2: --material)'
+    """
+    return f" (with this pixel size it fits {' or '.join(fits)}: --material)" if fits else ""
 
 
 def add_material_argument(group) -> None:

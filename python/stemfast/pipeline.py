@@ -15,8 +15,8 @@ import numpy as np
 
 from .analysis import analyze_sites
 from .config import PipelineConfig
-from .logutil import StageTimings
 from .frontend import MAX_PATCH_BYTES, Prepared, prepare, resample_patches, resample_weights  # noqa: F401
+from .logutil import StageTimings
 from .patches import LazyPatches
 from .table import SiteTable
 

@@ -83,11 +83,16 @@ def _downsample(image: np.ndarray) -> tuple[np.ndarray, int]:
     return a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3)), f
 
 
+def _dot_pt(fig_w_in: float, width_px: int, spacing_px: float | None, frac: float = 0.55) -> float:
+    """Diameter (pt) on a ``fig_w_in`` inch wide map of ``width_px`` image px of a dot ``frac *
+    spacing`` wide (without a spacing: 1/60 of the width, at least 2 px)."""
+    sp = spacing_px if spacing_px and np.isfinite(spacing_px) else max(width_px / 60.0, 2.0)
+    return frac * sp * fig_w_in * 72.0 / max(width_px, 1)
+
+
 def _marker_size(fig_w_in: float, width_px: int, spacing_px: float | None, frac: float = 0.55) -> float:
     """Scatter marker area (pt^2) for a dot of diameter ``frac * spacing`` in image px."""
-    sp = spacing_px if spacing_px and np.isfinite(spacing_px) else max(width_px / 60.0, 2.0)
-    d_pt = frac * sp * fig_w_in * 72.0 / max(width_px, 1)
-    return float(np.clip(d_pt, 0.4, 12.0) ** 2)
+    return float(np.clip(_dot_pt(fig_w_in, width_px, spacing_px, frac), 0.4, 12.0) ** 2)
 
 
 def _class_name(class_names: dict | None, c: int) -> str:
@@ -134,8 +139,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     y = np.asarray(y, dtype=float)
     cid = np.asarray(class_id, dtype=np.int64) if len(x) else np.zeros(0, np.int64)
     d = np.asarray(is_defect, bool) if is_defect is not None and len(x) else np.zeros(len(x), bool)
-    dense = bool(len(x) and spacing_px and np.isfinite(spacing_px)
-                 and 0.55 * spacing_px * fig_w * 72.0 / max(W * f, 1) < MIN_DOT_PT)
+    dense = bool(len(x) and spacing_px and np.isfinite(spacing_px) and _dot_pt(fig_w, W * f, spacing_px) < MIN_DOT_PT)
     legend_w = 2.6 if class_names else 1.8
     if dense:
         fig, (ax, az) = plt.subplots(1, 2, figsize=(2 * fig_w + legend_w, fig_h))

@@ -27,7 +27,7 @@ from .lattice import (
 )
 from .backend import get_kernels
 from .patches import site_intensity
-from .materials import get_material, materials_fitting
+from .materials import fitting_hint, get_material, materials_fitting
 from .peaks import find_peaks
 from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, index_sites, lattice_distortion,
                           metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
@@ -839,11 +839,10 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
             fits = [m for m in materials_fitting(nn_fft * pixel_size * _to_nm(unit), CALIBRATION_TOLERANCE)
                     if m != material.name]
             out["calibration_fits"] = fits
-            hint = f" (with this pixel size it fits {' or '.join(fits)}: --material)" if fits else ""
             warnings.warn(f"the pixel size ({pixel_size:g} {unit}) and {material.formula}'s lattice constant "
                           f"({material.a_nm:g} nm) predict a site spacing of {expect:.2f} px; the image shows "
                           f"{nn_fft:.2f} px ({100 * (ratio - 1):+.1f}%): check the calibration or the material"
-                          f"{hint}", CalibrationWarning, stacklevel=3)
+                          + fitting_hint(fits), CalibrationWarning, stacklevel=3)
     dist = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
             for k, v in lattice_distortion(g).items()}
     out["distortion"] = dist

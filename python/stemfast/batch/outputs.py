@@ -16,10 +16,11 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_open, write_json
+from ..materials import fitting_hint
+from ..model.engine import combined_engine
 from .common import OUTPUT_FILES, STAGES, peak_memory_mib
 from .frames import FrameResult
 from .inputs import InputEntry
-from ..model.engine import combined_engine
 from .model_state import model_identity
 from .status import InputUnreadable
 from .tables import CsvStream
@@ -348,9 +349,7 @@ def lattice_warnings(lat) -> list[str]:
     if (lat.get("distortion") or {}).get("warning"):
         out.append(lat["distortion"]["warning"])
     if lat.get("calibration_ok") is False:
-        fits = lat.get("calibration_fits") or []
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
-                   "check the calibration or the material"
-                   + (f" (with this pixel size it fits {' or '.join(fits)}: --material)" if fits else ""))
+                   "check the calibration or the material" + fitting_hint(lat.get("calibration_fits")))
     return out
