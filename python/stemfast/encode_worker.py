@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -53,11 +52,9 @@ class EncodeWorkerError(RuntimeError):
 
 def unavailable() -> str | None:
     """Why the encode worker cannot or should not run here, or None when it can."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{ENV_VAR}={os.environ[ENV_VAR]}"
-    from .forking import fork_hazard
+    from .forking import fork_hazard, switched_off
 
-    return fork_hazard()  # torch already imported: also nothing to gain
+    return switched_off(ENV_VAR) or fork_hazard()  # torch already imported: also nothing to gain
 
 
 class EncodeWorker:

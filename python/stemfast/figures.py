@@ -74,10 +74,11 @@ def save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
 
 def _fork_unsafe() -> str | None:
     """Why figures should not be drawn in forked processes here, or None."""
-    from .forking import fork_hazard
+    from .forking import fork_hazard, switched_off
 
-    if os.environ.get("STEMFAST_FIGURE_FORK", "1").strip().lower() in ("0", "false", "no", "off"):
-        return "STEMFAST_FIGURE_FORK=0"
+    off = switched_off("STEMFAST_FIGURE_FORK")
+    if off:
+        return off
     if (os.cpu_count() or 1) < 2:
         return "one CPU"
     return fork_hazard()

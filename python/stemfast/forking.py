@@ -2,9 +2,21 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 
-__all__ = ["fork_hazard"]
+__all__ = ["fork_hazard", "switched_off"]
+
+
+def switched_off(var: str) -> str | None:
+    """``"VAR=value"`` when the environment variable ``var`` turns a forked helper off (``0``,
+    ``false``, ``no``, ``off``; unset means on), else None.
+
+    >>> switched_off("STEMFAST_NO_SUCH_SWITCH") is None
+    True
+    """
+    value = os.environ.get(var, "1")
+    return f"{var}={value}" if value.strip().lower() in ("0", "false", "no", "off") else None
 
 
 def fork_hazard() -> str | None:

@@ -32,6 +32,7 @@ This module uses the task layer (:mod:`stemfast.batch.tasks`) like the in-proces
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -258,14 +259,20 @@ def worker_model(data: bytes | None, sha: str | None, config=None):
 def _shipped_compiled_here(sha: str | None, config) -> bool:
     """Whether ``sha`` is the shipped model's and ``config``'s engine resolves to compiled on this worker."""
     from ..model.engine import engine_for
+
+    return bool(sha) and engine_for(config) == "compiled" and sha == _shipped_sha()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_sha() -> str | None:
+    """The SHA-256 the package's manifest gives the shipped model (read once per worker process; None
+    without a usable manifest: the model file then runs on torch)."""
     from ..model.shipped import ShippedModelError, manifest
 
-    if not sha or engine_for(config) != "compiled":
-        return False
     try:
-        return manifest().get("sha256") == sha
-    except ShippedModelError:  # no usable manifest: the model file runs on torch
-        return False
+        return manifest().get("sha256")
+    except ShippedModelError:
+        return None
 
 
 def _compiled_shipped():

@@ -26,16 +26,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .settings import Encoding, RVAEConfig
+from .settings import BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, disc_mask
 
 __all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "engine_of", "combined_engine",
            "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
 _CHUNK = 4096
-#: the quantile of a patch's pixels taken as its background (the value of
-#: :data:`stemfast.model.functional.BACKGROUND_QUANTILE`; a test keeps the two equal)
-BACKGROUND_QUANTILE = 0.1
 _SYMMETRIZE = {"none": 0, "image": 1, "features": 2}
 
 
@@ -106,17 +103,9 @@ def subtract_background(x: np.ndarray, quantile: float = BACKGROUND_QUANTILE) ->
     if n == 0:
         return x
     flat = x.reshape(n, -1)
-    k = max(1, int(round(quantile * flat.shape[1])))
+    k = background_rank(flat.shape[1], quantile)
     bg = np.partition(flat, k - 1, axis=1)[:, k - 1]
     return x - bg[:, None, None]
-
-
-def _mask(size: int, radius: float | None) -> np.ndarray:
-    """The model's disc mask (as :func:`stemfast.model.functional.circular_mask`)."""
-    r = size / 2.0 - 0.5 if radius is None else float(radius)
-    c = (size - 1) / 2.0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    return (((xx - c) ** 2 + (yy - c) ** 2) <= r * r + 1e-9).astype(np.float32)
 
 
 def _conv_w(w: np.ndarray) -> np.ndarray:
@@ -180,7 +169,7 @@ def prepare_weights(state: Mapping[str, Any], config: RVAEConfig) -> dict:
         stn = (_conv_w(sd["stn.features.1.weight"]), sd["stn.features.1.bias"], _conv_w(sd["stn.features.3.weight"]),
                sd["stn.features.3.bias"], kern, kb)
     cont = lambda t: tuple(np.ascontiguousarray(a, np.float32) for a in t)  # noqa: E731
-    return {"mask": _mask(s, config.mask_radius), "stn": cont(stn), "enc": cont(enc), "dec": cont(dec),
+    return {"mask": disc_mask(s, config.mask_radius), "stn": cont(stn), "enc": cont(enc), "dec": cont(dec),
             "symmetry": int(k), "symmetrize": _SYMMETRIZE[config.symmetrize] if rvae and k > 1 else 0,
             "stn_downsample": int(config.stn_downsample)}
 

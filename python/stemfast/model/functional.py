@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 
-from .settings import BACKGROUNDS
+from .settings import BACKGROUND_QUANTILE, BACKGROUNDS, background_rank, default_mask_radius, disc_mask  # noqa: F401
 
 __all__ = [
     "rotation_matrix",
@@ -227,25 +227,9 @@ def augment_matrix(angle: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor,
     return out
 
 
-def default_mask_radius(size: int) -> float:
-    """Default disc radius, ``size / 2 - 0.5`` px (~ input_size / 2).
-
-    The half pixel keeps every bilinear sample of a rotated disc pixel inside the pixel grid, so
-    rotating a full patch never mixes padding into the disc. The model therefore rotates first and
-    masks afterwards: a disc-edge pixel's bilinear neighbours may lie just outside the disc (real
-    image content); masking before rotating would blend zeros into the disc edge instead.
-    """
-    return size / 2.0 - 0.5
-
-
 def circular_mask(size: int, radius: float | None = None, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Disc mask ``(1, 1, size, size)``: 1 where the pixel centre is within ``radius`` of the patch centre."""
-    r = default_mask_radius(size) if radius is None else float(radius)
-    c = (size - 1) / 2.0
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
-                            indexing="ij")
-    m = ((xx - c) ** 2 + (yy - c) ** 2) <= r * r + 1e-9
-    return m.to(device=device, dtype=dtype)[None, None]
+    return torch.from_numpy(disc_mask(size, radius)).to(device=device, dtype=dtype)[None, None]
 
 
 def resample_patches(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
@@ -263,10 +247,6 @@ def resample_patches(x: torch.Tensor, size: int, mode: str = "bilinear") -> torc
     if mode != "bilinear":
         raise ValueError(f"mode must be 'bilinear' or 'area', got {mode!r}")
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-#: quantile of a patch's pixel values taken as its background by :func:`subtract_background`
-BACKGROUND_QUANTILE = 0.1
 
 
 def subtract_background(x: torch.Tensor, quantile: float = BACKGROUND_QUANTILE) -> torch.Tensor:
@@ -289,8 +269,7 @@ def subtract_background(x: torch.Tensor, quantile: float = BACKGROUND_QUANTILE) 
     if b == 0:
         return x
     flat = x.reshape(b, -1)
-    k = max(1, int(round(quantile * flat.shape[1])))
-    bg = flat.float().kthvalue(k, dim=1).values.to(x.dtype)
+    bg = flat.float().kthvalue(background_rank(flat.shape[1], quantile), dim=1).values.to(x.dtype)
     return x - bg.view(b, *([1] * (x.dim() - 1)))
 
 

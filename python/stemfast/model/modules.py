@@ -239,7 +239,7 @@ class RVAENet(VAENet):
 
         ``x`` is the *full* (unmasked) patch: it is rotated first and masked afterwards. Every
         bilinear sample of a rotated disc pixel lies inside the pixel grid
-        (:func:`functional.default_mask_radius`), so the disc of the canonical patch holds exactly
+        (:func:`settings.default_mask_radius`), so the disc of the canonical patch holds exactly
         the rotated content of the input disc; masking *before* rotating would instead blend zeros
         into a ring at the disc edge whose position depends on the angle (an angle-dependent
         artefact, large where bright columns sit on the disc edge).

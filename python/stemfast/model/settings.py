@@ -9,12 +9,50 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["RVAEConfig", "Encoding", "BACKGROUNDS"]
+__all__ = ["RVAEConfig", "Encoding", "BACKGROUNDS", "BACKGROUND_QUANTILE", "background_rank", "default_mask_radius",
+           "disc_mask"]
 
 log = logging.getLogger(__name__)
 
 #: choices of ``RVAEConfig.background``
 BACKGROUNDS = ("none", "patch")
+#: quantile of a patch's pixel values taken as its background (``background = "patch"``; the torch
+#: and the compiled engine's ``subtract_background`` both use it)
+BACKGROUND_QUANTILE = 0.1
+
+
+def background_rank(n_pixels: int, quantile: float = BACKGROUND_QUANTILE) -> int:
+    """Which order statistic (1-based) of a patch's ``n_pixels`` values is its background:
+    ``max(1, round(quantile * n_pixels))``.
+
+    >>> background_rank(576)
+    58
+    """
+    return max(1, int(round(quantile * n_pixels)))
+
+
+def default_mask_radius(size: int) -> float:
+    """Default disc radius, ``size / 2 - 0.5`` px (~ input_size / 2).
+
+    The half pixel keeps every bilinear sample of a rotated disc pixel inside the pixel grid, so
+    rotating a full patch never mixes padding into the disc. The model therefore rotates first and
+    masks afterwards: a disc-edge pixel's bilinear neighbours may lie just outside the disc (real
+    image content); masking before rotating would blend zeros into the disc edge instead.
+    """
+    return size / 2.0 - 0.5
+
+
+def disc_mask(size: int, radius: float | None = None) -> np.ndarray:
+    """The model's disc mask, float32 ``(size, size)``: 1 where the pixel centre is within ``radius``
+    (default :func:`default_mask_radius`) of the patch centre.
+
+    >>> disc_mask(4).astype(int).tolist()
+    [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    """
+    r = default_mask_radius(size) if radius is None else float(radius)
+    c = (size - 1) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    return (((xx - c) ** 2 + (yy - c) ** 2) <= r * r + 1e-9).astype(np.float32)
 
 
 @dataclass(frozen=True)
