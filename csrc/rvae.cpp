@@ -9,6 +9,7 @@
 #include "common.hpp"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #if defined(__SSE__)
@@ -140,16 +141,84 @@ STEMFAST_INLINE void conv_any(const float* __restrict in, int H, int W, const Co
     }
 }
 
+// conv_vec for P output pixels of a row at once (Wo % P == 0): each weight vector is loaded once for
+// the P pixels instead of once per pixel. The deep layers' weights (the decoder's first: 9 x 32 x 64
+// floats) do not fit in L1, so per-pixel loads streamed them from L2 once per output pixel.
+template <int LANES, int NV, int K, int P>
+STEMFAST_INLINE void conv_vec_px(const float* __restrict in, int Wp, const Conv& c, float* __restrict out, int Ho,
+                                 int Wo, bool relu) {
+    typedef typename Vec<LANES>::type V;
+    constexpr int COUT = LANES * NV;
+    const int cin = c.cin, stride = c.stride, m = K * cin, step = stride * cin;
+    for (int oy = 0; oy < Ho; ++oy) {
+        for (int ox = 0; ox < Wo; ox += P) {
+            V acc[P][NV];
+#pragma GCC unroll 16
+            for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
+                for (int q = 0; q < NV; ++q) acc[p][q] = V{};
+            for (int ky = 0; ky < K; ++ky) {
+                const float* __restrict row = in + (static_cast<std::int64_t>(oy * stride + ky) * Wp + ox * stride) * cin;
+                const float* __restrict wrow = c.w + static_cast<std::int64_t>(ky * K) * cin * COUT;
+                for (int i = 0; i < m; ++i) {
+                    V w[NV];
+#pragma GCC unroll 16
+                    for (int q = 0; q < NV; ++q) std::memcpy(&w[q], wrow + static_cast<std::int64_t>(i) * COUT + q * LANES, sizeof(V));
+#pragma GCC unroll 16
+                    for (int p = 0; p < P; ++p) {
+                        const V vv = V{} + row[p * step + i];
+#pragma GCC unroll 16
+                        for (int q = 0; q < NV; ++q) acc[p][q] += vv * w[q];
+                    }
+                }
+            }
+#pragma GCC unroll 16
+            for (int p = 0; p < P; ++p) {
+                float* __restrict dst = out + (static_cast<std::int64_t>(oy) * Wo + ox + p) * COUT;
+#pragma GCC unroll 16
+                for (int q = 0; q < NV; ++q) {
+                    V b;
+                    std::memcpy(&b, c.b + q * LANES, sizeof(V));
+                    V t = acc[p][q] + b;
+                    if (relu) {
+                        const V zero = {};
+                        t = t > zero ? t : zero;
+                    }
+                    std::memcpy(dst + q * LANES, &t, sizeof(V));
+                }
+            }
+        }
+    }
+}
+
+// P pixels at a time where the row allows it and P NV accumulators fit in the registers (ACC: 24 of
+// AVX-512's 32, 12 of AVX2's 16 vector registers), else one pixel at a time.
+template <int LANES, int NV, int K, int ACC>
+STEMFAST_INLINE void conv_px(const float* __restrict in, int Hp, int Wp, const Conv& c, float* __restrict out, int Ho,
+                             int Wo, bool relu) {
+    if (6 * NV <= ACC && Wo % 6 == 0)
+        conv_vec_px<LANES, NV, K, (6 * NV <= ACC ? 6 : 1)>(in, Wp, c, out, Ho, Wo, relu);
+    else if (4 * NV <= ACC && Wo % 4 == 0)
+        conv_vec_px<LANES, NV, K, (4 * NV <= ACC ? 4 : 1)>(in, Wp, c, out, Ho, Wo, relu);
+    else if (3 * NV <= ACC && Wo % 3 == 0)
+        conv_vec_px<LANES, NV, K, (3 * NV <= ACC ? 3 : 1)>(in, Wp, c, out, Ho, Wo, relu);
+    else
+        conv_vec<LANES, NV, K>(in, Hp, Wp, c, out, Ho, Wo, relu);
+}
+
 template <int LANES, int NV>
 STEMFAST_INLINE void conv_k(const float* __restrict in, int Hp, int Wp, const Conv& c, float* __restrict out, int Ho,
                             int Wo, bool relu) {
+    constexpr int ACC = LANES >= 16 ? 24 : 12;
     if (c.k == 3)
-        conv_vec<LANES, NV, 3>(in, Hp, Wp, c, out, Ho, Wo, relu);
+        conv_px<LANES, NV, 3, ACC>(in, Hp, Wp, c, out, Ho, Wo, relu);
     else
-        conv_vec<LANES, NV, 4>(in, Hp, Wp, c, out, Ho, Wo, relu);
+        conv_px<LANES, NV, 4, ACC>(in, Hp, Wp, c, out, Ho, Wo, relu);
 }
 
-// `pad` is a scratch buffer of at least (H + 2 p) (W + 2 p) cin floats.
+// `pad` is a scratch buffer of at least (H + 2 p) (W + 2 p) cin floats. VL: the widest vector (floats)
+// the caller's ISA has, 8 (AVX2) or 16 (AVX-512).
+template <int VL>
 STEMFAST_INLINE void conv_hwc(const float* __restrict in, int H, int W, const Conv& c, float* __restrict out,
                               int Ho, int Wo, bool relu, float* __restrict pad) {
     const bool fast = (c.k == 3 || c.k == 4) &&
@@ -166,10 +235,111 @@ STEMFAST_INLINE void conv_hwc(const float* __restrict in, int H, int W, const Co
     switch (c.cout) {
         case 4: conv_k<4, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
         case 8: conv_k<8, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        case 16: conv_k<8, 2>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        case 32: conv_k<8, 4>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        default: conv_k<8, 8>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 16: conv_k<VL, 16 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 32: conv_k<VL, 32 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        default: conv_k<VL, 64 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
     }
+}
+
+// Planar 3x3 stride-1 convolution for the narrow layers (few output channels: the STN's two layers
+// and the decoder's last), where one broadcast input per multiply-add of the channels-last loop
+// dominates. Each input channel is a zero-padded plane (Hp = Ho + 2, Wp = Wo + 2) stored flat; an
+// output pixel (oy, ox) is computed at flat index f = oy Wp + ox from in[f + ky Wp + kx], so the
+// sum over the 9 (ky, kx) taps and the input channels is a run of contiguous vector loads against
+// one broadcast weight. Indices f with ox >= Wo are computed too and ignored. `out` holds cout
+// planes of `ostride` floats (flat index f, row stride Wp).
+struct Planar {
+    int Ho, Wp;     // output height, padded row width (= output width + 2)
+    int istride;    // floats per input plane (>= (Ho + 2) Wp + the overrun of the last vector block)
+    int ostride;    // floats per output plane (the flat range rounded up to whole blocks of the widest vectors)
+};
+constexpr int kPlanarNB = 6;
+
+constexpr int kPlanarLanes = 16;  // the widest vector of any variant (AVX-512); narrower ones divide it
+
+Planar planar_geometry(int Ho) {
+    const int Wp = Ho + 2, n = Ho * Wp, block = kPlanarNB * kPlanarLanes;
+    const int ostride = (n + block - 1) / block * block;
+    // a block's loads reach up to ostride - 1 + 2 Wp + 2 past the plane's start
+    return Planar{Ho, Wp, std::max((Ho + 2) * Wp, ostride + 2 * Wp + 2), ostride};
+}
+
+template <int LANES>
+STEMFAST_INLINE void conv3_planar(const float* __restrict in, const Planar& g, const Conv& c, float* __restrict out,
+                                  bool relu) {
+    typedef typename Vec<LANES>::type V;
+    constexpr int NB = kPlanarNB;
+    const int cin = c.cin, cout = c.cout, Wp = g.Wp;
+    for (int co = 0; co < cout; ++co) {
+        for (int f0 = 0; f0 < g.ostride; f0 += NB * LANES) {
+            V acc[NB];
+#pragma GCC unroll 8
+            for (int b = 0; b < NB; ++b) acc[b] = V{} + c.b[co];
+            for (int ci = 0; ci < cin; ++ci) {
+                const float* __restrict plane = in + static_cast<std::int64_t>(ci) * g.istride + f0;
+                for (int ky = 0; ky < 3; ++ky)
+#pragma GCC unroll 3
+                    for (int kx = 0; kx < 3; ++kx) {
+                        const V w = V{} + c.w[(static_cast<std::int64_t>(ky * 3 + kx) * cin + ci) * cout + co];
+                        const float* __restrict src = plane + ky * Wp + kx;
+#pragma GCC unroll 8
+                        for (int b = 0; b < NB; ++b) {
+                            V v;
+                            std::memcpy(&v, src + b * LANES, sizeof(V));
+                            acc[b] += w * v;
+                        }
+                    }
+            }
+            float* __restrict dst = out + static_cast<std::int64_t>(co) * g.ostride + f0;
+#pragma GCC unroll 8
+            for (int b = 0; b < NB; ++b) {
+                V t = acc[b];
+                if (relu) {
+                    const V zero = {};
+                    t = t > zero ? t : zero;
+                }
+                std::memcpy(dst + b * LANES, &t, sizeof(V));
+            }
+        }
+    }
+}
+
+// The valid pixels of conv3_planar's output planes into the interiors of the next layer's padded
+// input planes (same geometry: stride-1 layers keep the size; the borders stay zero).
+STEMFAST_INLINE void planar_to_padded(const float* __restrict out, const Planar& g, int channels,
+                                      float* __restrict next) {
+    const int Wo = g.Wp - 2;
+    for (int c = 0; c < channels; ++c)
+        for (int y = 0; y < g.Ho; ++y)
+            std::memcpy(next + static_cast<std::int64_t>(c) * g.istride + (y + 1) * g.Wp + 1,
+                        out + static_cast<std::int64_t>(c) * g.ostride + y * g.Wp, sizeof(float) * Wo);
+}
+
+// pixel_shuffle(in (H, W, 4C)) with ReLU into the interiors of C padded input planes of geometry g
+// (g.Ho = 2H): channel c * 4 + i * 2 + j of pixel (h, w) goes to plane c, pixel (2h + i, 2w + j).
+STEMFAST_INLINE void shuffle2_to_planar(const float* __restrict in, int H, int W, int C, const Planar& g,
+                                        float* __restrict planes) {
+    for (int h = 0; h < H; ++h)
+        for (int w = 0; w < W; ++w) {
+            const float* src = in + (static_cast<std::int64_t>(h) * W + w) * 4 * C;
+            for (int c = 0; c < C; ++c)
+                for (int i = 0; i < 2; ++i)
+                    for (int j = 0; j < 2; ++j) {
+                        const float v = src[c * 4 + i * 2 + j];
+                        planes[static_cast<std::int64_t>(c) * g.istride + (2 * h + i + 1) * g.Wp + (2 * w + j + 1)] =
+                            v < 0.0f ? 0.0f : v;
+                    }
+        }
+}
+
+// pixel_shuffle of conv3_planar's 4 output planes (one channel): out (2 Ho, 2 Ho).
+STEMFAST_INLINE void planar_shuffle1(const float* __restrict planes, const Planar& g, float* __restrict out) {
+    const int H = g.Ho, W2 = 2 * (g.Wp - 2);
+    for (int h = 0; h < H; ++h)
+        for (int w = 0; w < g.Wp - 2; ++w)
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 2; ++j)
+                    out[(2 * h + i) * W2 + 2 * w + j] = planes[static_cast<std::int64_t>(i * 2 + j) * g.ostride + h * g.Wp + w];
 }
 
 // out (2H, 2W, C) = pixel_shuffle(in (H, W, 4C)) with optional ReLU: channel c * 4 + i * 2 + j of
@@ -245,11 +415,74 @@ STEMFAST_INLINE void angle_cs(double deg, float& ca, float& sa) {
 // Bilinear rotation of an S x S patch about its centre by `deg` (counter-clockwise as displayed;
 // kornia's warp_affine with align_corners=True): out(p) = in(R(-deg) (p - c) + c). border: sample
 // positions clamped to the patch (grid_sample's "border"); otherwise taps outside read 0 ("zeros").
-STEMFAST_INLINE void rotate(const float* __restrict in, int S, double deg, bool border, float* __restrict out) {
+struct RowTaps {  // one output row's taps, as arrays (the tap arithmetic vectorises over the row)
+    std::vector<int> i;    // [4][S]
+    std::vector<float> w;  // [4][S]
+    explicit RowTaps(int S) : i(4 * static_cast<size_t>(S)), w(4 * static_cast<size_t>(S)) {}
+};
+
+template <bool BORDER>
+STEMFAST_INLINE void rotate_rows(const float* __restrict in, int S, float ca, float sa, float* __restrict out, RowTaps& rt) {
+    // rot_taps for 8 pixels of a row at a time (S % 8 == 0) in vectors, then the bilinear sums (which
+    // the compiler vectorises with gathers). floor(v) is trunc(v) - (trunc(v) > v), exact here.
+    typedef float F8 __attribute__((vector_size(32)));
+    typedef int I8 __attribute__((vector_size(32)));
+    const float c = static_cast<float>(S - 1) / 2.0f;
+    const float hi = static_cast<float>(S - 1);
+    const F8 iota = {0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f};
+    const F8 zero = {}, one = zero + 1.0f;
+    const I8 izero = {}, ione = izero + 1, ilast = izero + (S - 1), iS = izero + S;
+    int* __restrict i0 = rt.i.data();
+    int* __restrict i1 = i0 + S;
+    int* __restrict i2 = i1 + S;
+    int* __restrict i3 = i2 + S;
+    float* __restrict w0 = rt.w.data();
+    float* __restrict w1 = w0 + S;
+    float* __restrict w2 = w1 + S;
+    float* __restrict w3 = w2 + S;
+    for (int y = 0; y < S; ++y) {
+        const float dy = static_cast<float>(y) - c;
+        for (int x = 0; x < S; x += 8) {
+            const F8 dx = (iota + static_cast<float>(x)) - c;
+            F8 sx = ca * dx - sa * dy + c;
+            F8 sy = sa * dx + ca * dy + c;
+            if (BORDER) {
+                sx = sx < zero ? zero : sx;
+                sx = sx > hi ? zero + hi : sx;
+                sy = sy < zero ? zero : sy;
+                sy = sy > hi ? zero + hi : sy;
+            }
+            const I8 tx = __builtin_convertvector(sx, I8), ty = __builtin_convertvector(sy, I8);
+            const I8 x0 = tx + (__builtin_convertvector(tx, F8) > sx), y0 = ty + (__builtin_convertvector(ty, F8) > sy);
+            const F8 gx = sx - __builtin_convertvector(x0, F8), gy = sy - __builtin_convertvector(y0, F8);
+            const I8 x1 = x0 + ione, y1 = y0 + ione;
+            const F8 wx0 = (x0 >= izero) & (x0 < iS) ? one - gx : zero, wx1 = (x1 >= izero) & (x1 < iS) ? gx : zero;
+            const F8 wy0 = (y0 >= izero) & (y0 < iS) ? one - gy : zero, wy1 = (y1 >= izero) & (y1 < iS) ? gy : zero;
+            I8 xa = x0 < izero ? izero : x0, xb = x1 < izero ? izero : x1;
+            I8 ya = y0 < izero ? izero : y0, yb = y1 < izero ? izero : y1;
+            xa = xa > ilast ? ilast : xa; xb = xb > ilast ? ilast : xb;
+            ya = (ya > ilast ? ilast : ya) * S; yb = (yb > ilast ? ilast : yb) * S;
+            const I8 t0 = ya + xa, t1 = ya + xb, t2 = yb + xa, t3 = yb + xb;
+            const F8 v0 = wx0 * wy0, v1 = wx1 * wy0, v2 = wx0 * wy1, v3 = wx1 * wy1;
+            std::memcpy(i0 + x, &t0, sizeof(I8)); std::memcpy(i1 + x, &t1, sizeof(I8));
+            std::memcpy(i2 + x, &t2, sizeof(I8)); std::memcpy(i3 + x, &t3, sizeof(I8));
+            std::memcpy(w0 + x, &v0, sizeof(F8)); std::memcpy(w1 + x, &v1, sizeof(F8));
+            std::memcpy(w2 + x, &v2, sizeof(F8)); std::memcpy(w3 + x, &v3, sizeof(F8));
+        }
+        float* __restrict o = out + y * S;
+        for (int x = 0; x < S; ++x)
+            o[x] = (w0[x] * in[i0[x]] + w1[x] * in[i1[x]]) + (w2[x] * in[i2[x]] + w3[x] * in[i3[x]]);
+    }
+}
+
+STEMFAST_INLINE void rotate(const float* __restrict in, int S, double deg, bool border, float* __restrict out,
+                            RowTaps& rt) {
     float ca, sa;
     angle_cs(deg, ca, sa);
-    for (int y = 0; y < S; ++y)
-        for (int x = 0; x < S; ++x) out[y * S + x] = apply_taps(in, rot_taps(S, x, y, ca, sa, border));
+    if (border)
+        rotate_rows<true>(in, S, ca, sa, out, rt);
+    else
+        rotate_rows<false>(in, S, ca, sa, out, rt);
 }
 
 // The same rotation with its taps computed beforehand (one table serves every patch of a fixed angle).
@@ -261,7 +494,9 @@ struct Net {
     int S, L, k, symmetrize, ds, has_stn, c1, c2, c3, s1, s2;
     const float* mask;  // [S * S]
     Conv stn1, stn2;    // STN convolutions (on the (S / ds)^2 pooled patch)
-    const float* stn_kern;  // [2, (S / ds)^2 * stn_c2]: the folded last layer and harmonic pooling
+    const float* stn_kern;  // [2][stn_c2 planes of gs.ostride]: the folded last layer and harmonic pooling,
+                            // laid out like conv3_planar's output (0 at the ignored indices)
+    Planar gs, gd;          // planar geometries: the STN's layers, the decoder's last layer
     float stn_kb0, stn_kb1;  // its bias terms
     Conv e1, e2, e3;
     const float* head_w;  // [(S / 8)^2 * c3, 2L] (transposed)
@@ -273,30 +508,35 @@ struct Net {
 };
 
 struct Scratch {
-    std::vector<float> padbuf, xm, pooled, h1, h2, xc, xs, rot, e1, e2, e3, hl, lvsum, musum, f, g1, g2, g3, yc, y;
-    explicit Scratch(const Net& n) {
-        const size_t S = static_cast<size_t>(n.S), S2 = S * S, hp = S / n.ds;
+    std::vector<float> sp0, sp1, sd, st;  // padded planar inputs (borders stay 0), planar outputs
+    RowTaps rt;
+    std::vector<float> padbuf, xm, xc, xs, rot, e1, e2, e3, hl, lvsum, musum, f, g1, g2, yc, y;
+    explicit Scratch(const Net& n) : rt(n.S) {
+        const size_t S = static_cast<size_t>(n.S), S2 = S * S;
         xm.resize(S2); xc.resize(S2); xs.resize(S2); rot.resize(S2); yc.resize(S2); y.resize(S2);
-        pooled.resize(hp * hp);
-        h1.resize(hp * hp * std::max(1, n.stn1.cout));
-        h2.resize(hp * hp * std::max(1, n.stn2.cout));
         e1.resize(S2 / 4 * n.c1); e2.resize(S2 / 16 * n.c2); e3.resize(S2 / 64 * n.c3);
         hl.resize(2 * n.L); musum.resize(n.L); lvsum.resize(n.L);
         f.resize(S2 / 64 * n.c3);
-        g1.resize(S2 / 64 * 4 * n.c2); g2.resize(S2 / 16 * 4 * n.c1); g3.resize(S2 / 4 * 4);
-        // the largest zero-padded layer input (conv_hwc): (h + 2)^2 c over the layers' inputs (h, h, c)
+        g1.resize(S2 / 64 * 4 * n.c2); g2.resize(S2 / 16 * 4 * n.c1);
+        // the largest zero-padded channels-last layer input (conv_hwc): (h + 2)^2 c over the encoder's and the
+        // decoder's first two layers' inputs (h, h, c)
         auto padded = [](size_t h, int c) { return (h + 2) * (h + 2) * static_cast<size_t>(std::max(1, c)); };
-        padbuf.resize(std::max({padded(S, 1), padded(S / 2, n.c1), padded(S / 4, n.c2), padded(S / 8, n.c3),
-                                padded(hp, n.stn1.cout)}));
+        sp0.assign(static_cast<size_t>(n.gs.istride), 0.0f);
+        sp1.assign(static_cast<size_t>(n.gs.istride) * std::max(1, n.stn1.cout), 0.0f);
+        sd.assign(static_cast<size_t>(n.gd.istride) * std::max(1, n.c1), 0.0f);
+        st.assign(std::max(static_cast<size_t>(n.gs.ostride) * std::max({1, n.stn1.cout, n.stn2.cout}),
+                           static_cast<size_t>(n.gd.ostride) * 4), 0.0f);
+        padbuf.resize(std::max({padded(S, 1), padded(S / 2, n.c1), padded(S / 4, n.c2), padded(S / 8, n.c3)}));
     }
 };
 
 // Encoder on a masked canonical patch xin (S, S): adds mu and the clamped logvar to musum / lvsum.
+template <int VL>
 STEMFAST_INLINE void encode_one(const Net& n, const float* xin, Scratch& s) {
     const int S = n.S;
-    conv_hwc(xin, S, S, n.e1, s.e1.data(), S / 2, S / 2, true, s.padbuf.data());
-    conv_hwc(s.e1.data(), S / 2, S / 2, n.e2, s.e2.data(), S / 4, S / 4, true, s.padbuf.data());
-    conv_hwc(s.e2.data(), S / 4, S / 4, n.e3, s.e3.data(), S / 8, S / 8, true, s.padbuf.data());
+    conv_hwc<VL>(xin, S, S, n.e1, s.e1.data(), S / 2, S / 2, true, s.padbuf.data());
+    conv_hwc<VL>(s.e1.data(), S / 2, S / 2, n.e2, s.e2.data(), S / 4, S / 4, true, s.padbuf.data());
+    conv_hwc<VL>(s.e2.data(), S / 4, S / 4, n.e3, s.e3.data(), S / 8, S / 8, true, s.padbuf.data());
     dense(s.e3.data(), (S / 8) * (S / 8) * n.c3, n.head_w, n.head_b, 2 * n.L, s.hl.data(), false);
     for (int l = 0; l < n.L; ++l) {
         float lv = s.hl[n.L + l];
@@ -308,6 +548,7 @@ STEMFAST_INLINE void encode_one(const Net& n, const float* xin, Scratch& s) {
 
 // One patch: x (S, S) model input (background already subtracted) -> mu, logvar (L), angle,
 // strength, err and the reconstruction y (S, S, masked) in s.y.
+template <int VL>
 STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, float* mu, float* lv, float& angle,
                                  float& strength, float& err) {
     const int S = n.S, S2 = S * S;
@@ -316,33 +557,33 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
     double theta = 0.0;
     if (n.has_stn) {
         const int hp = S / n.ds;
-        const float* p = s.xm.data();
+        const Planar& g = n.gs;
+        // the (pooled) masked patch into the interior of the first padded plane
         if (n.ds == 2) {
             for (int y = 0; y < hp; ++y)
                 for (int x = 0; x < hp; ++x) {
                     const float* r0 = s.xm.data() + (2 * y) * S + 2 * x;
                     const float* r1 = r0 + S;
-                    s.pooled[y * hp + x] = (r0[0] + r0[1] + r1[0] + r1[1]) * 0.25f;
+                    s.sp0[(y + 1) * g.Wp + x + 1] = (r0[0] + r0[1] + r1[0] + r1[1]) * 0.25f;
                 }
-            p = s.pooled.data();
+        } else {
+            for (int y = 0; y < hp; ++y) std::memcpy(&s.sp0[(y + 1) * g.Wp + 1], s.xm.data() + y * S, sizeof(float) * hp);
         }
-        conv_hwc(p, hp, hp, n.stn1, s.h1.data(), hp, hp, true, s.padbuf.data());
-        conv_hwc(s.h1.data(), hp, hp, n.stn2, s.h2.data(), hp, hp, true, s.padbuf.data());
-        // harmonic pooling: 8 partial sums per component (vectorisable), added at the end
+        conv3_planar<VL>(s.sp0.data(), g, n.stn1, s.st.data(), true);
+        planar_to_padded(s.st.data(), g, n.stn1.cout, s.sp1.data());
+        conv3_planar<VL>(s.sp1.data(), g, n.stn2, s.st.data(), true);
+        // harmonic pooling over the output planes (the kernel is 0 at the ignored indices): 8 partial
+        // sums per component (vectorisable), added at the end
         float pc[8] = {0}, ps[8] = {0};
-        const int m = hp * hp * n.stn2.cout;
+        const int m = g.ostride * n.stn2.cout;  // a multiple of 8
         const float* __restrict kc = n.stn_kern;
         const float* __restrict ks = n.stn_kern + m;
-        int i = 0;
-        for (; i + 8 <= m; i += 8)
+        const float* __restrict h2 = s.st.data();
+        for (int i = 0; i < m; i += 8)
             for (int l = 0; l < 8; ++l) {
-                pc[l] += s.h2[i + l] * kc[i + l];
-                ps[l] += s.h2[i + l] * ks[i + l];
+                pc[l] += h2[i + l] * kc[i + l];
+                ps[l] += h2[i + l] * ks[i + l];
             }
-        for (; i < m; ++i) {
-            pc[0] += s.h2[i] * kc[i];
-            ps[0] += s.h2[i] * ks[i];
-        }
         float hc = n.stn_kb0, hs = n.stn_kb1;
         for (int l = 0; l < 8; ++l) {
             hc += pc[l];
@@ -352,7 +593,7 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
         angle = static_cast<float>(std::atan2(hs, hc) * (180.0 / M_PI)) / static_cast<float>(n.k);
         theta = static_cast<double>(angle);
         // canonical patch: the full patch rotated by -theta (border padding), masked afterwards
-        rotate(xin, S, -theta, true, s.xc.data());
+        rotate(xin, S, -theta, true, s.xc.data(), s.rt);
         if (n.symmetrize == 1) {  // "image": the mean of the k branches, encoded once
             for (int i = 0; i < S2; ++i) s.xs[i] = s.xc[i];
             for (int j = 1; j < n.k; ++j) {
@@ -360,15 +601,15 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
                 for (int i = 0; i < S2; ++i) s.xs[i] += s.rot[i];
             }
             for (int i = 0; i < S2; ++i) s.xs[i] = s.xs[i] / static_cast<float>(n.k) * n.mask[i];
-            encode_one(n, s.xs.data(), s);
+            encode_one<VL>(n, s.xs.data(), s);
         } else {
             for (int i = 0; i < S2; ++i) s.xs[i] = s.xc[i] * n.mask[i];
-            encode_one(n, s.xs.data(), s);
+            encode_one<VL>(n, s.xs.data(), s);
             if (n.symmetrize == 2) {  // "features": every branch encoded, mu and logvar averaged
                 for (int j = 1; j < n.k; ++j) {
                     rotate_table(s.xc.data(), n.sym_taps + static_cast<std::int64_t>(j - 1) * S2, S2, s.rot.data());
                     for (int i = 0; i < S2; ++i) s.rot[i] *= n.mask[i];
-                    encode_one(n, s.rot.data(), s);
+                    encode_one<VL>(n, s.rot.data(), s);
                 }
                 for (int l = 0; l < n.L; ++l) {
                     s.musum[l] /= static_cast<float>(n.k);
@@ -379,7 +620,7 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
     } else {
         angle = NAN;
         strength = NAN;
-        encode_one(n, s.xm.data(), s);
+        encode_one<VL>(n, s.xm.data(), s);
     }
     for (int l = 0; l < n.L; ++l) {
         mu[l] = s.musum[l];
@@ -388,14 +629,14 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
     // decoder: dense + ReLU to (S/8, S/8, c3), three (3x3 conv + pixel shuffle) stages
     const int s0 = S / 8;
     dense(mu, n.L, n.fc_w, n.fc_b, s0 * s0 * n.c3, s.f.data(), true);
-    conv_hwc(s.f.data(), s0, s0, n.d1, s.g1.data(), s0, s0, false, s.padbuf.data());
+    conv_hwc<VL>(s.f.data(), s0, s0, n.d1, s.g1.data(), s0, s0, false, s.padbuf.data());
     shuffle2(s.g1.data(), s0, s0, n.c2, s.e2.data(), true);  // (S/4, S/4, c2)
-    conv_hwc(s.e2.data(), 2 * s0, 2 * s0, n.d2, s.g2.data(), 2 * s0, 2 * s0, false, s.padbuf.data());
-    shuffle2(s.g2.data(), 2 * s0, 2 * s0, n.c1, s.e1.data(), true);  // (S/2, S/2, c1)
-    conv_hwc(s.e1.data(), 4 * s0, 4 * s0, n.d3, s.g3.data(), 4 * s0, 4 * s0, false, s.padbuf.data());
-    shuffle2(s.g3.data(), 4 * s0, 4 * s0, 1, s.yc.data(), false);  // (S, S)
+    conv_hwc<VL>(s.e2.data(), 2 * s0, 2 * s0, n.d2, s.g2.data(), 2 * s0, 2 * s0, false, s.padbuf.data());
+    shuffle2_to_planar(s.g2.data(), 2 * s0, 2 * s0, n.c1, n.gd, s.sd.data());  // (S/2, S/2) planes of c1
+    conv3_planar<VL>(s.sd.data(), n.gd, n.d3, s.st.data(), false);
+    planar_shuffle1(s.st.data(), n.gd, s.yc.data());  // (S, S)
     if (n.has_stn)
-        rotate(s.yc.data(), S, theta, false, s.y.data());
+        rotate(s.yc.data(), S, theta, false, s.y.data(), s.rt);
     else
         for (int i = 0; i < S2; ++i) s.y[i] = s.yc[i];
     float e = 0.0f, msum = 0.0f;
@@ -410,12 +651,18 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
 
 void forward_base(const Net& n, const float* xin, Scratch& s, float* mu, float* lv, float& angle, float& strength,
                   float& err) {
-    forward_body(n, xin, s, mu, lv, angle, strength, err);
+    forward_body<8>(n, xin, s, mu, lv, angle, strength, err);
 }
 #ifdef STEMFAST_AVX2
 __attribute__((target("avx2,fma"))) void forward_avx2(const Net& n, const float* xin, Scratch& s, float* mu, float* lv,
                                                       float& angle, float& strength, float& err) {
-    forward_body(n, xin, s, mu, lv, angle, strength, err);
+    forward_body<8>(n, xin, s, mu, lv, angle, strength, err);
+}
+// AVX-512: the 16- to 64-channel layers in 16-float vectors (half the multiply-adds of AVX2 per output)
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_avx512(const Net& n, const float* xin, Scratch& s,
+                                                                          float* mu, float* lv, float& angle,
+                                                                          float& strength, float& err) {
+    forward_body<16>(n, xin, s, mu, lv, angle, strength, err);
 }
 #endif
 
@@ -446,6 +693,7 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
     std::vector<CArrF> keep;
     auto arr = [&keep](py::handle h) { keep.push_back(CArrF::ensure(h)); if (!keep.back()) throw py::value_error("rvae_forward: weights must be float32 arrays"); return keep.back(); };
     Net n{};
+    std::vector<float> stn_planar;
     n.S = S;
     n.k = symmetry;
     n.symmetrize = symmetrize;
@@ -460,7 +708,18 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
         if (n.stn1.cin != 1 || n.stn2.cin != n.stn1.cout || n.stn1.k != 3 || n.stn2.k != 3 ||
             kern.size() != static_cast<py::ssize_t>(hp) * hp * n.stn2.cout * 2 || kb.size() != 2)
             throw py::value_error("rvae_forward: bad STN weights");
-        n.stn_kern = kern.data();
+        // the pooling kernel, [2][hp hp C] over (y, x, c), laid out like conv3_planar's output planes
+        n.gs = planar_geometry(hp);
+        const int C = n.stn2.cout, m = n.gs.ostride * C;
+        stn_planar.assign(2 * static_cast<size_t>(m), 0.0f);
+        const float* kd = kern.data();
+        for (int comp = 0; comp < 2; ++comp)
+            for (int y = 0; y < hp; ++y)
+                for (int x = 0; x < hp; ++x)
+                    for (int c = 0; c < C; ++c)
+                        stn_planar[static_cast<size_t>(comp) * m + static_cast<size_t>(c) * n.gs.ostride + y * n.gs.Wp + x] =
+                            kd[static_cast<size_t>(comp) * hp * hp * C + (static_cast<size_t>(y) * hp + x) * C + c];
+        n.stn_kern = stn_planar.data();
         n.stn_kb0 = kb.data()[0];
         n.stn_kb1 = kb.data()[1];
     }
@@ -490,6 +749,8 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
         throw py::value_error("rvae_forward: bad decoder weights");
     n.fc_w = fw.data();
     n.fc_b = fb.data();
+    n.gd = planar_geometry(S / 2);
+    if (!n.has_stn) n.gs = planar_geometry(1);
 
     std::vector<Taps> sym(static_cast<size_t>(std::max(0, symmetry - 1)) * S * S);
     for (int j = 1; j < symmetry; ++j) {
@@ -502,8 +763,15 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
     using Fwd = void (*)(const Net&, const float*, Scratch&, float*, float*, float&, float&, float&);
     Fwd fwd = forward_base;
 #ifdef STEMFAST_AVX2
+    // the widest variant the CPU runs, capped by STEMFAST_MAX_ISA ("baseline", "avx2"; tests run each)
+    const char* cap_env = std::getenv("STEMFAST_MAX_ISA");
+    const std::string cap = cap_env ? cap_env : "";
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fwd = forward_avx2;
+    if (cap != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        fwd = forward_avx2;
+        if (cap != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+            fwd = forward_avx512;
+    }
 #endif
     py::array_t<float> mu({N, static_cast<std::int64_t>(n.L)}), lv({N, static_cast<std::int64_t>(n.L)});
     py::array_t<float> angle(N), strength(N), err(N);

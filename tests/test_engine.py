@@ -96,6 +96,36 @@ def test_kernel_backends_agree_with_the_numpy_reference(backend):
     np.testing.assert_allclose(r_be, r_ref, rtol=0, atol=1e-4 * float(np.abs(r_ref).max()))
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("isa", ["baseline", "avx2", ""], ids=["baseline", "avx2", "widest"])
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(symmetrize="features"),
+    dict(input_size=16, stn_downsample=1, rotation_symmetry=6, latent_dim=3),
+    dict(input_size=32, channels=(8, 12, 32), stn_channels=(4, 12)),  # channel counts off the vector paths
+    dict(model="vae"),
+], ids=["default", "features", "16px-k6", "odd-channels", "plain-vae"])
+def test_every_cpu_variant_of_the_cpp_kernel_agrees_with_the_numpy_reference(cfg, isa, monkeypatch):
+    """rvae_forward's C++ code is compiled per ISA (the CPU picks the widest it runs); each variant, with
+    its own layer paths (channels-last, planar, pixel-blocked), agrees with the NumPy reference."""
+    monkeypatch.setenv("STEMFAST_MAX_ISA", isa)
+    m = _random_model(**cfg)
+    s = m.config.input_size
+    w = E.prepare_weights({k: v.numpy() for k, v in m.network.state_dict().items()}, m.config)
+    x = E.subtract_background(_patches(64, s, seed=4))
+    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"])
+    r_ref, r_be = np.empty_like(x), np.empty_like(x)
+    ref = get_kernels("numpy").rvae_forward(*args, r_ref)
+    got = get_kernels("cpp").rvae_forward(*args, r_be)
+    for name, a, b in zip(("mu", "logvar"), ref[:2], got[:2]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * (np.abs(a).max() + 1e-6), err_msg=name)
+    if m.config.model == "rvae":
+        assert _angle_diff(got[2], ref[2], 360.0 / m.config.rotation_symmetry).max() < 0.01
+        np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[4], ref[4], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(r_be, r_ref, rtol=0, atol=1e-4 * float(np.abs(r_ref).max()))
+
+
 def test_shipped_model_compiled_equals_torch_on_real_patches():
     """The shipped model, as ``analyze`` runs it (compiled) and as torch runs it, on the patches the
     front end cuts from a real WSe2 crop (tests/data): the same latents, angles and errors, hence the

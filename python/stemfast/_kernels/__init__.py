@@ -111,6 +111,9 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     branch 0 only; the decoding of ``mu`` is rotated by ``+theta`` (zero padding) and masked; ``err``
     is the mean of the squared difference to ``x`` over the mask. ``recon`` float32[N, S, S] receives
     the masked reconstruction, or is empty. float32 throughout: backends agree to float32 rounding.
+    C++: compiled for the baseline x86-64 ISA, AVX2 + FMA and AVX-512; the widest the CPU runs is
+    used, capped by the environment variable ``STEMFAST_MAX_ISA`` (``baseline`` or ``avx2``, read at
+    each call; the tests run every variant).
 
 ``pairs_within(points, radius) -> int64[P, 2]``
     Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
