@@ -36,7 +36,7 @@ def scene():
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:1024, 0:1024]
     img = (np.cos(xx * 0.45) * np.cos(yy * 0.39) + rng.normal(0, 0.3, xx.shape)).astype(np.float32)
-    kinds = ["vacancy_Mo", "substitution_Mo_S", "vacancy_S2", "other"]
+    kinds = ["vacancy_Mo", "substitution_S", "vacancy_S2", "off_lattice"]
     cands = [{"x": float(rng.uniform(20, 1000)), "y": float(rng.uniform(20, 1000)),
               "anomaly_score": float(30 - i), "defect_kind": kinds[i % 4], "is_defect": i < 20,
               "rank": i + 1} for i in range(24)]
@@ -109,7 +109,7 @@ def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None
                 label += f" f{int(c['frame'])}"
             label += f"  {float(c['anomaly_score']):.1f}"
             # the kind on a line of its own, with a break at its underscore, so long names such as
-            # 'substitution_Mo_S' stay inside their tile instead of running into the neighbour's title
+            # 'substitution_Mo' stay inside their tile instead of running into the neighbour's title
             kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
             a.set_title(f"{label}\n{kind}" if kind else label, fontsize=6.5, linespacing=0.95)
             for sp in a.spines.values():

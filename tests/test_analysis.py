@@ -70,7 +70,7 @@ def test_sublattice_aware_score_finds_what_a_per_class_score_misses():
     assert set(top.tolist()) == {i_sub, i_vac, i_half}
     assert t["is_defect"][[i_sub, i_vac, i_half]].all()
     assert t["is_defect"].sum() <= 5
-    assert t["defect_kind"][i_sub] == "substitution_Mo_S"
+    assert t["defect_kind"][i_sub] == "substitution_S"
     assert t["defect_kind"][i_vac] == "vacancy_Mo"
     assert t["defect_kind"][i_half] == "vacancy_S"
     # the per-class reconstruction ranking cannot see them (their patches look normal for their class)

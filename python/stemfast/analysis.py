@@ -822,10 +822,10 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             kinds[i] = f"vacancy_{m_}" if v < 0.5 * (hollow + chalc) else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
             refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc,
-                     f"substitution_{m_}_{x_}": metal}
+                     f"substitution_{x_}": metal}
             best = min(refs_, key=lambda k: abs(v - refs_[k]))
             if best == "none":  # flagged, yet closest to a normal column: name the way it deviates
-                best = f"vacancy_{x_}" if z[i] < 0 else f"substitution_{m_}_{x_}"
+                best = f"vacancy_{x_}" if z[i] < 0 else f"substitution_{x_}"
             kinds[i] = best
         else:
             kinds[i] = "other"  # something at a hexagon centre (adatom, contamination)

@@ -69,13 +69,15 @@ class Material:
         """``defect_kind`` values, in a fixed order.
 
         ``none``; ``vacancy_<M>`` (empty metal site); ``vacancy_<X>2`` (both chalcogens of a
-        column missing); ``vacancy_<X>`` (one of the pair missing); ``substitution_<M>_<X>`` (a
-        metal-like atom on a chalcogen site); ``substitution_<M>`` (a foreign atom on a metal
-        site: a dopant, brighter or darker than the metal); ``off_lattice`` (a peak on no lattice
+        column missing); ``vacancy_<X>`` (one of the pair missing); ``substitution_<X>`` (a chalcogen
+        column brighter than a pair of ``<X>``: something heavier in or on it -- a metal antisite, a
+        heavier chalcogen (e.g. Se implanted in MoS2), an adatom on the column; one image's
+        intensity cannot tell them apart, so the name does not); ``substitution_<M>`` (a foreign
+        atom on a metal site: a dopant, brighter or darker than the metal); ``off_lattice`` (a peak on no lattice
         node: adatom, contamination); ``other``.
         """
         m, x = self.metal, self.chalcogen
-        return ("none", f"vacancy_{m}", f"vacancy_{x}2", f"vacancy_{x}", f"substitution_{m}_{x}",
+        return ("none", f"vacancy_{m}", f"vacancy_{x}2", f"vacancy_{x}", f"substitution_{x}",
                 f"substitution_{m}", "off_lattice", "other")
 
 

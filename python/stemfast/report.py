@@ -290,7 +290,7 @@ def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> Non
             label += f" f{int(c['frame'])}"
         label += f"  {float(c['anomaly_score']):.1f}"
         # the kind on a line of its own, with a break at its underscore, so long names such as
-        # 'substitution_Mo_S' stay inside their tile instead of running into the neighbour's title
+        # 'substitution_Mo' stay inside their tile instead of running into the neighbour's title
         kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
         ax.text(x0 + S / 2, y0 - 0.04 * S, f"{label}\n{kind}" if kind else label, fontsize=6.5,
                 linespacing=0.95, ha="center", va="bottom")

@@ -995,7 +995,7 @@ class TrackCsv:
 
 
 _KIND_COLORS = {"vacancy_S": "#e6194b", "vacancy_S2": "#4363d8", "vacancy_Mo": "#f58231",
-                "substitution_Mo_S": "#911eb4", "other": "#9e9e9e"}
+                "substitution_S": "#911eb4", "other": "#9e9e9e"}
 _EXTRA_COLORS = ("#3cb44b", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324")
 
 
