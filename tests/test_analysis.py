@@ -573,3 +573,20 @@ def test_report_mentions_the_border_noise_only_when_it_matters():
     assert _edge_note(None) == "" and _edge_note([1.03, None, 0.9]) == ""
     note = _edge_note([1.25, 1.09, 0.9])
     assert "0-1 spacings: 1.25x" in note and "1-2 spacings: 1.09x" in note and "2-3" not in note
+
+
+def test_every_defect_kind_has_a_meaning_in_the_materials_names_and_the_report_shows_them():
+    from stemfast.materials import MATERIALS
+    from stemfast.report import _kind_legend
+
+    for mat in MATERIALS.values():
+        meanings = mat.defect_kind_meanings
+        assert tuple(meanings) == mat.defect_kinds and all(meanings.values())
+        # a kind's meaning speaks of this material's atoms only
+        other = "Se" if mat.chalcogen == "S" else "S2"
+        assert not any(f" {other} " in v or f"{other} site" in v for v in meanings.values())
+    # the report explains the kinds an input has (WSe2 names), not the others
+    legend = _kind_legend({"vacancy_Se": 3, "substitution_Se": 1}, "wse2")
+    assert "<b>vacancy_Se</b>: one Se of the Se2 pair missing" in legend
+    assert "substitution_Se" in legend and "antisite" in legend and "vacancy_W" not in legend
+    assert _kind_legend({"(none)": 0}, "mos2") == "" and _kind_legend({"vacancy_S": 1}, "unknown-material") == ""

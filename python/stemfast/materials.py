@@ -65,20 +65,32 @@ class Material:
         return (self.metal, f"{self.chalcogen}2", "hollow")
 
     @property
-    def defect_kinds(self) -> tuple[str, ...]:
-        """``defect_kind`` values, in a fixed order.
+    def defect_kind_meanings(self) -> dict[str, str]:
+        """``defect_kind`` value -> what it says of the site (one line, for tables and the report),
+        in a fixed order.
 
-        ``none``; ``vacancy_<M>`` (empty metal site); ``vacancy_<X>2`` (both chalcogens of a
-        column missing); ``vacancy_<X>`` (one of the pair missing); ``substitution_<X>`` (a chalcogen
-        column brighter than a pair of ``<X>``: something heavier in or on it -- a metal antisite, a
-        heavier chalcogen (e.g. Se implanted in MoS2), an adatom on the column; one image's
-        intensity cannot tell them apart, so the name does not); ``substitution_<M>`` (a foreign
-        atom on a metal site: a dopant, brighter or darker than the metal); ``off_lattice`` (a peak on no lattice
-        node: adatom, contamination); ``other``.
+        A kind names the *site* and how its column deviates, never more than one image's
+        intensity shows: ``substitution_<X>`` is a chalcogen column brighter than its pair (a metal
+        antisite, a heavier chalcogen such as Se implanted in MoS2, and an adatom on the column read
+        alike); ``substitution_<M>`` a metal site brighter or darker than the metal.
         """
         m, x = self.metal, self.chalcogen
-        return ("none", f"vacancy_{m}", f"vacancy_{x}2", f"vacancy_{x}", f"substitution_{x}",
-                f"substitution_{m}", "off_lattice", "other")
+        return {
+            "none": "a normal site",
+            f"vacancy_{m}": f"an empty {m} site (about as dark as a hexagon centre)",
+            f"vacancy_{x}2": f"an empty {x}2 column (both {x} missing)",
+            f"vacancy_{x}": f"one {x} of the {x}2 pair missing",
+            f"substitution_{x}": f"a {x}2 column brighter than its pair: something heavier in or on it "
+                                 "(a metal antisite, a heavier chalcogen or an adatom; intensity cannot tell which)",
+            f"substitution_{m}": f"a foreign atom on a {m} site (brighter or darker than {m})",
+            "off_lattice": "a peak on no lattice node (adatom, contamination)",
+            "other": "something at a hexagon centre, or a site without local references",
+        }
+
+    @property
+    def defect_kinds(self) -> tuple[str, ...]:
+        """``defect_kind`` values, in a fixed order (the keys of :attr:`defect_kind_meanings`)."""
+        return tuple(self.defect_kind_meanings)
 
 
 #: Lattice constants of the bulk 2H crystals (room temperature), nm.

@@ -343,6 +343,7 @@ table{border-collapse:collapse;margin:.4em 0;font-size:.85em}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right} th{background:#f4f4f4}
 td.l,th.l{text-align:left}
 .bad{color:#b00020;font-weight:bold} .ok{color:#1b5e20} .warn{color:#e65100}
+.legend{font-size:0.8em;color:#444;max-width:32em}
 img{max-width:100%;border:1px solid #ddd;margin:.3em 0}
 .grid{display:flex;flex-wrap:wrap;gap:1.5em} .grid>div{flex:1 1 420px}
 small{color:#666}
@@ -397,6 +398,19 @@ def _scan_note(scan: dict) -> str:
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
     rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
     return f"<table><tr><th class='l'>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{rows}</table>"
+
+
+def _kind_legend(kinds: Mapping, material) -> str:
+    """What each defect kind in ``kinds`` means for ``material`` (:attr:`Material.defect_kind_meanings`),
+    one small line each; empty when none is known."""
+    from .materials import get_material
+
+    try:
+        meanings = get_material(material or "mos2").defect_kind_meanings
+    except ValueError:
+        return ""
+    lines = [f"<b>{_e(k)}</b>: {_e(meanings[k])}" for k in kinds if k in meanings and k != "none"]
+    return f"<p class='legend'>{'<br>'.join(lines)}</p>" if lines else ""
 
 
 def _fmt(v, nd=3):
@@ -471,6 +485,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     kinds = dict(s.get("defect_kinds") or {}) or {"(none)": 0}
     parts.append("<div class='grid'><div>" + _kv_table(facts, ("", "")) + "</div><div>"
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
+                 + _kind_legend(kinds, lat.get("material"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
     for key in ("class_warning", "texture_warning"):
         if s.get(key):
