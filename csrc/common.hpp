@@ -47,6 +47,7 @@ void register_patches(py::module_& m);
 void register_neighbors(py::module_& m);
 void register_references(py::module_& m);
 void register_rvae(py::module_& m);
+void register_text(py::module_& m);
 
 // Points bucketed into square cells of side `cell` (a counting sort by cell, row-major):
 // order[start[c] .. start[c + 1]) are the points of cell c in increasing index order, cxy their

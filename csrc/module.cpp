@@ -38,4 +38,5 @@ PYBIND11_MODULE(_core, m) {
     stemfast::register_neighbors(m);
     stemfast::register_references(m);
     stemfast::register_rvae(m);
+    stemfast::register_text(m);
 }

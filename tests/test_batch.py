@@ -454,6 +454,49 @@ def test_csv_stream_writes_the_same_bytes_in_row_chunks():
     assert whole.getvalue().count("\n") == n + 11
 
 
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_every_backend_writes_the_site_table_as_python_formats_it(backend):
+    """sites.csv's rows come from the format_csv_rows kernel: each backend writes Python's own
+    "%.8g" / "%.6g" % value, str(int), 1 / 0 and the quoted strings, byte for byte -- NaN of either
+    sign, infinities, -0, subnormals, exact decimal ties, float32 values, strings with commas."""
+    from stemfast.backend import available_backends, get_kernels
+    from stemfast.batch.tables import CODE, cell_spec
+
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} not available")
+    rng = np.random.default_rng(11)
+    n = 5000
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, 1.7976931348623157e308, 1234565.0,
+                        123456.5, 2.5e-5, 0.00001234565, 1e16, 99999.95, 999999.5, 0.1])
+    floats = [rng.uniform(0, 16384, n), rng.normal(0, 10.0, n).astype(np.float32), rng.normal(0, 1e-7, n),
+              rng.normal(0, 1e12, n)]
+    floats[2][:len(special)] = special
+    floats[1][:4] = [np.nan, np.inf, -np.inf, -0.0]
+    cols = {"x": floats[0], "intensity": floats[1], "a": floats[2], "b": floats[3],
+            "lattice_i": rng.integers(-2**40, 2**40, n), "class_id": rng.integers(-1, 3, n).astype(np.int8),
+            "is_defect": rng.random(n) < 0.3,
+            "defect_kind": np.array(["none", "vacancy_S", 'odd "kind", here', "x\ny"])[rng.integers(0, 4, n)],
+            "note": np.array([None, 3, "a,b"], dtype=object)[rng.integers(0, 3, n)]}
+    specs = [cell_spec(v, k) for k, v in cols.items()]
+    assert specs[-1][1] == specs[-2][1] == CODE
+    args = (n, [s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs])
+    got = get_kernels(backend).format_csv_rows(*args)
+    ref = get_kernels("numpy").format_csv_rows(*args)
+    assert got == ref
+    # and the reference is Python's formatting of the values, cell by cell
+    def py(v, k):
+        if isinstance(v, (bool, np.bool_)):
+            return "1" if v else "0"
+        if isinstance(v, (int, np.integer)):
+            return str(int(v))
+        if isinstance(v, (float, np.floating)):
+            return ("%.8g" if k == "x" else "%.6g") % float(v)
+        s = str(v)
+        return '"' + s.replace('"', '""') + '"' if any(ch in s for ch in ',"\n\r') else s
+    rows = ["".join([",".join(py(cols[k][i], k) for k in cols), "\n"]) for i in range(n)]
+    assert ref == "".join(rows)
+
+
 def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     """An unsure lattice or a calibration that does not fit the material reaches summary.json's
     warnings, and report.html shows them per input."""

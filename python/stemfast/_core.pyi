@@ -2,6 +2,8 @@
 
 Contract and NumPy reference: stemfast/_kernels/__init__.py and stemfast/_kernels/numpy_ref/.
 """
+from typing import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -124,3 +126,6 @@ def rvae_forward(
     npt.NDArray[np.float32],  # recon_error [N]
 ]:
     """Inference pass of the patch model on model inputs x [N, S, S] (weights as stemfast.model.engine prepares them)."""
+def format_csv_rows(
+    n_rows: int, columns: Sequence[npt.ArrayLike], kinds: Sequence[int], vocabs: Sequence[Sequence[str]], /
+) -> str: ...

@@ -115,6 +115,15 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     used, capped by the environment variable ``STEMFAST_MAX_ISA`` (``baseline`` or ``avx2``, read at
     each call; the tests run every variant).
 
+``format_csv_rows(n_rows, columns, kinds, vocabs) -> str``
+    The CSV text of ``n_rows`` rows, each ending in ``"\n"``, cells joined by ``","``; column ``c`` is
+    ``columns[c]`` [n_rows] formatted by ``kinds[c]``: 0 float64 as Python's ``"%.8g" % v``, 1 as
+    ``"%.6g" % v`` (``nan``, ``inf``, ``-inf``, ``-0``), 2 int64 in decimal, 3 uint8 ``1`` / ``0``
+    (non-zero / zero), 4 int64 codes into ``vocabs[c]`` (a list of str, cells as they are written),
+    5 empty cells (``columns[c]`` unused). The numba backend uses the reference (no printf-style
+    formatting in Numba); C++ formats rows in parallel (glibc / the C library's ``%.*g``, correctly
+    rounded like Python's).
+
 ``pairs_within(points, radius) -> int64[P, 2]``
     Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
     ``cKDTree.query_pairs``), sorted by ``i`` then ``j``.

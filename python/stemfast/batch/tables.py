@@ -6,7 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LEADING_COLUMNS", "CALIBRATED_COLUMNS", "COORD_COLUMNS", "column_order", "format_column", "CsvStream"]
+from .._kernels.numpy_ref.text import BOOL, CODE, EMPTY, F6, F8, INT, format_cells
+
+__all__ = ["LEADING_COLUMNS", "CALIBRATED_COLUMNS", "COORD_COLUMNS", "column_order", "cell_spec", "format_column",
+           "CsvStream"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -24,25 +27,31 @@ def column_order(names: Sequence[str]) -> list[str]:
     return lead + cal + [c for c in names if c not in lead and c not in cal]
 
 
-def format_column(a: np.ndarray, name: str) -> list[str]:
-    """The CSV cells of one column (coordinates with 8 significant digits, other floats 6)."""
+def cell_spec(a: np.ndarray, name: str) -> tuple[np.ndarray, int, list[str]]:
+    """How one column's cells are written (the ``format_csv_rows`` kernel's column, kind and vocabulary,
+    :mod:`stemfast._kernels`): coordinates with 8 significant digits, other floats 6, integers in
+    decimal, booleans ``1`` / ``0``, anything else as ``str`` of the value (quoted when it holds a
+    comma, a quote or a line break), as codes into its distinct values."""
     a = np.asarray(a)
-    # ``str.__mod__`` mapped over the Python values: the same bytes as ``np.char.mod`` /
-    # ``astype(str)`` (a float32 becomes the Python float of the same value either way), ~2.5x faster
-    # (``benchmarks/bench_tables.py``); writing sites.csv of a 1024^2 image (38 columns) took 0.8 s
     if a.dtype.kind == "f":
-        return list(map(("%.8g" if name in COORD_COLUMNS else "%.6g").__mod__, a.tolist()))
+        return a, F8 if name in COORD_COLUMNS else F6, []
     if a.dtype.kind == "b":
-        return np.where(a, "1", "0").tolist()
-    if a.dtype.kind in "iu":
-        return list(map(str, a.tolist()))
-    out = []
-    for v in a.tolist():
-        s = str(v)
-        if any(ch in s for ch in ',"\n\r'):
-            s = '"' + s.replace('"', '""') + '"'
-        out.append(s)
-    return out
+        return a, BOOL, []
+    if a.dtype.kind == "i" or (a.dtype.kind == "u" and a.dtype.itemsize < 8):
+        return a, INT, []
+    strs = a if a.dtype.kind == "U" else np.array([str(v) for v in a.tolist()], dtype=str)
+    uniq, codes = np.unique(strs, return_inverse=True)
+    return codes.reshape(-1), CODE, [_quoted(str(u)) for u in uniq.tolist()]
+
+
+def _quoted(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"' if any(ch in s for ch in ',"\n\r') else s
+
+
+def format_column(a: np.ndarray, name: str) -> list[str]:
+    """The CSV cells of one column, as ``sites.csv`` writes them (:func:`cell_spec`)."""
+    col, kind, vocab = cell_spec(a, name)
+    return format_cells(len(col), col, kind, vocab)
 
 
 class CsvStream:
@@ -68,13 +77,20 @@ class CsvStream:
             log.warning("sites.csv: columns %s of a later frame are not in the header; left out", extra)
             self._warned = True
         # formatted CHUNK rows at a time: strings for every cell of a 1.3M-site table at once took
-        # ~3 GB (the 16k x 16k image's batch peaked at 5.4 GB in this step); the bytes are the same
+        # ~3 GB (the 16k x 16k image's batch peaked at 5.4 GB in this step); the bytes are the same.
+        # The compiled kernel formats the rows in parallel (Python's formatting of a 16k image's
+        # 51M cells took ~15 s); every backend writes the same bytes (tests/test_batch.py)
+        from ..backend import get_kernels
+
+        kern = get_kernels()
         arrays = [table[c] if c in table else None for c in self.names]
+        empty = np.empty(0)
         for a in range(0, n, self.CHUNK):
             b = min(n, a + self.CHUNK)
-            cols = [format_column(col[a:b], c) if col is not None else [""] * (b - a)
-                    for col, c in zip(arrays, self.names)]
-            self.fh.write("".join(",".join(row) + "\n" for row in zip(*cols)))
+            specs = [cell_spec(col[a:b], c) if col is not None else (empty, EMPTY, [])
+                     for col, c in zip(arrays, self.names)]
+            self.fh.write(kern.format_csv_rows(b - a, [s[0] for s in specs], [s[1] for s in specs],
+                                               [s[2] for s in specs]))
         self.n_rows += n
 
     def finish(self) -> None:
