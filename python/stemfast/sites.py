@@ -684,7 +684,7 @@ def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSetting
     """``column_intensity`` at ``xy``: the image, its off scan lines levelled (``lines``, the offsets
     of :func:`_line_offsets`; None: as it is), band-passed with a ``column_noise_px`` low-pass and a
     ``background_nn`` spacings background, sampled at the sites."""
-    if lines is not None:
+    if lines is not None and lines.flagged.any():  # (a full-image copy: only where a line is off)
         img = img - lines.correction()[:, None].astype(img.dtype)
     bp = bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn), background_px=s.background_nn * nn,
                   backend=s.backend)
