@@ -45,6 +45,19 @@ struct Vec {
     typedef float type __attribute__((vector_size(LANES * sizeof(float))));
 };
 
+// One output vector: t + bias (ReLU'd when relu) into dst.
+template <typename V>
+STEMFAST_INLINE void store_out(V t, const float* __restrict bias, bool relu, float* __restrict dst) {
+    V b;
+    std::memcpy(&b, bias, sizeof(V));
+    t += b;
+    if (relu) {
+        const V zero = {};
+        t = t > zero ? t : zero;
+    }
+    std::memcpy(dst, &t, sizeof(V));
+}
+
 template <int LANES, int NV, int K>
 STEMFAST_INLINE void conv_vec(const float* __restrict in, int Hp, int Wp, const Conv& c, float* __restrict out, int Ho,
                               int Wo, bool relu) {
@@ -96,17 +109,10 @@ STEMFAST_INLINE void conv_vec(const float* __restrict in, int Hp, int Wp, const 
             float* __restrict dst = out + (static_cast<std::int64_t>(oy) * Wo + ox) * COUT;
 #pragma GCC unroll 16
             for (int q = 0; q < NV; ++q) {
-                V b;
-                std::memcpy(&b, c.b + q * LANES, sizeof(V));
                 V t = acc[0][q];
 #pragma GCC unroll 16
                 for (int r = 1; r < R; ++r) t += acc[r][q];
-                t += b;
-                if (relu) {
-                    const V zero = {};
-                    t = t > zero ? t : zero;
-                }
-                std::memcpy(dst + q * LANES, &t, sizeof(V));
+                store_out(t, c.b + q * LANES, relu, dst + q * LANES);
             }
         }
     }
@@ -176,16 +182,7 @@ STEMFAST_INLINE void conv_vec_px(const float* __restrict in, int Wp, const Conv&
             for (int p = 0; p < P; ++p) {
                 float* __restrict dst = out + (static_cast<std::int64_t>(oy) * Wo + ox + p) * COUT;
 #pragma GCC unroll 16
-                for (int q = 0; q < NV; ++q) {
-                    V b;
-                    std::memcpy(&b, c.b + q * LANES, sizeof(V));
-                    V t = acc[p][q] + b;
-                    if (relu) {
-                        const V zero = {};
-                        t = t > zero ? t : zero;
-                    }
-                    std::memcpy(dst + q * LANES, &t, sizeof(V));
-                }
+                for (int q = 0; q < NV; ++q) store_out(acc[p][q], c.b + q * LANES, relu, dst + q * LANES);
             }
         }
     }

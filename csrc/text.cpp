@@ -52,9 +52,6 @@ py::str format_csv_rows(std::int64_t n_rows, py::sequence columns, std::vector<i
     const size_t nc = kinds.size();
     if (static_cast<size_t>(py::len(columns)) != nc || static_cast<size_t>(py::len(vocabs)) != nc)
         throw py::value_error("format_csv_rows: columns, kinds and vocabs must have the same length");
-    using ArrD = py::array_t<double, py::array::c_style | py::array::forcecast>;
-    using ArrI = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
-    using ArrB = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
     std::vector<py::array> keep;
     std::vector<std::vector<std::string>> vocab_store(nc);
     std::vector<Column> cols(nc);
@@ -62,26 +59,23 @@ py::str format_csv_rows(std::int64_t n_rows, py::sequence columns, std::vector<i
         Column& col = cols[c];
         col.kind = kinds[c];
         py::handle h = columns[c];
-        auto check = [&](const py::array& a) {
+        // the column as a C-contiguous array of T with n_rows values, kept alive for the call
+        auto data = [&](auto tag, const char* what) {
+            using T = decltype(tag);
+            auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(h);
+            if (!a) throw py::value_error(std::string("format_csv_rows: a ") + what + " column must be numeric");
             if (a.ndim() != 1 || a.shape(0) != n_rows)
                 throw py::value_error("format_csv_rows: every column must have n_rows values");
             keep.push_back(a);
+            return a.data();
         };
         switch (col.kind) {
             case kF8:
-            case kF6: {
-                ArrD a = ArrD::ensure(h);
-                if (!a) throw py::value_error("format_csv_rows: a float column must be numeric");
-                check(a);
-                col.f = a.data();
-                break;
-            }
+            case kF6: col.f = data(double{}, "float"); break;
+            case kBool: col.b = data(std::uint8_t{}, "bool"); break;
             case kInt:
             case kCode: {
-                ArrI a = ArrI::ensure(h);
-                if (!a) throw py::value_error("format_csv_rows: an integer column must be numeric");
-                check(a);
-                col.i = a.data();
+                col.i = data(std::int64_t{}, "integer");
                 if (col.kind == kCode) {
                     vocab_store[c] = py::cast<std::vector<std::string>>(vocabs[c]);
                     col.vocab = &vocab_store[c];
@@ -89,13 +83,6 @@ py::str format_csv_rows(std::int64_t n_rows, py::sequence columns, std::vector<i
                     for (std::int64_t r = 0; r < n_rows; ++r)
                         if (col.i[r] < 0 || col.i[r] >= nv) throw py::value_error("format_csv_rows: code out of range");
                 }
-                break;
-            }
-            case kBool: {
-                ArrB a = ArrB::ensure(h);
-                if (!a) throw py::value_error("format_csv_rows: a bool column must be numeric");
-                check(a);
-                col.b = a.data();
                 break;
             }
             case kEmpty: break;
