@@ -76,14 +76,14 @@ class Material:
         """
         m, x = self.metal, self.chalcogen
         return {
-            "none": "a normal site",
-            f"vacancy_{m}": f"an empty {m} site (about as dark as a hexagon centre)",
-            f"vacancy_{x}2": f"an empty {x}2 column (both {x} missing)",
+            "none": "normal site",
+            f"vacancy_{m}": f"empty {m} site (about as dark as a hexagon centre)",
+            f"vacancy_{x}2": f"empty {x}2 column (both {x} missing)",
             f"vacancy_{x}": f"one {x} of the {x}2 pair missing",
-            f"substitution_{x}": f"a {x}2 column brighter than its pair: something heavier in or on it "
+            f"substitution_{x}": f"{x}2 column brighter than its pair: something heavier in or on it "
                                  "(a metal antisite, a heavier chalcogen or an adatom; intensity cannot tell which)",
-            f"substitution_{m}": f"a foreign atom on a {m} site (brighter or darker than {m})",
-            "off_lattice": "a peak on no lattice node (adatom, contamination)",
+            f"substitution_{m}": f"foreign atom on the {m} site (brighter or darker than {m})",
+            "off_lattice": "peak on no lattice node (adatom, contamination)",
             "other": "something at a hexagon centre, or a site without local references",
         }
 
