@@ -188,34 +188,51 @@ STEMFAST_INLINE void conv_vec_px(const float* __restrict in, int Wp, const Conv&
     }
 }
 
-// P pixels at a time where the row allows it and P NV accumulators fit in the registers (ACC: 24 of
-// AVX-512's 32, 12 of AVX2's 16 vector registers), else one pixel at a time.
+// The vector registers of a compiled variant: their number and width (floats). The vectors of a
+// layer (LANES floats) take LANES / width registers each on a narrower ISA (8 floats: two SSE ones).
+template <int VL, int REGS, int REG_FLOATS>
+struct Isa {
+    static constexpr int vl = VL;  // the widest vector the layers use (floats)
+    // accumulators of LANES floats that fit, 3/4 of the registers (the rest: weights and inputs)
+    template <int LANES>
+    static constexpr int acc() {
+        return REGS * 3 / 4 / (LANES > REG_FLOATS ? LANES / REG_FLOATS : 1);
+    }
+};
+using IsaBaseline = Isa<8, 16, 4>;  // SSE2: 16 registers of 4 floats
+using IsaAvx2 = Isa<8, 16, 8>;
+using IsaAvx512 = Isa<16, 32, 16>;
+
+// P pixels at a time where the row allows it and P NV accumulators fit in the registers (ACC), else
+// one pixel at a time.
 template <int LANES, int NV, int K, int ACC>
 STEMFAST_INLINE void conv_px(const float* __restrict in, int Hp, int Wp, const Conv& c, float* __restrict out, int Ho,
                              int Wo, bool relu) {
-    if (6 * NV <= ACC && Wo % 6 == 0)
-        conv_vec_px<LANES, NV, K, (6 * NV <= ACC ? 6 : 1)>(in, Wp, c, out, Ho, Wo, relu);
-    else if (4 * NV <= ACC && Wo % 4 == 0)
-        conv_vec_px<LANES, NV, K, (4 * NV <= ACC ? 4 : 1)>(in, Wp, c, out, Ho, Wo, relu);
-    else if (3 * NV <= ACC && Wo % 3 == 0)
-        conv_vec_px<LANES, NV, K, (3 * NV <= ACC ? 3 : 1)>(in, Wp, c, out, Ho, Wo, relu);
-    else
-        conv_vec<LANES, NV, K>(in, Hp, Wp, c, out, Ho, Wo, relu);
+    if constexpr (6 * NV <= ACC) {
+        if (Wo % 6 == 0) return conv_vec_px<LANES, NV, K, 6>(in, Wp, c, out, Ho, Wo, relu);
+    }
+    if constexpr (4 * NV <= ACC) {
+        if (Wo % 4 == 0) return conv_vec_px<LANES, NV, K, 4>(in, Wp, c, out, Ho, Wo, relu);
+    }
+    if constexpr (3 * NV <= ACC) {
+        if (Wo % 3 == 0) return conv_vec_px<LANES, NV, K, 3>(in, Wp, c, out, Ho, Wo, relu);
+    }
+    conv_vec<LANES, NV, K>(in, Hp, Wp, c, out, Ho, Wo, relu);
 }
 
-template <int LANES, int NV>
+template <class ISA, int LANES, int NV>
 STEMFAST_INLINE void conv_k(const float* __restrict in, int Hp, int Wp, const Conv& c, float* __restrict out, int Ho,
                             int Wo, bool relu) {
-    constexpr int ACC = LANES >= 16 ? 24 : 12;
+    constexpr int ACC = ISA::template acc<LANES>();
     if (c.k == 3)
         conv_px<LANES, NV, 3, ACC>(in, Hp, Wp, c, out, Ho, Wo, relu);
     else
         conv_px<LANES, NV, 4, ACC>(in, Hp, Wp, c, out, Ho, Wo, relu);
 }
 
-// `pad` is a scratch buffer of at least (H + 2 p) (W + 2 p) cin floats. VL: the widest vector (floats)
-// the caller's ISA has, 8 (AVX2) or 16 (AVX-512).
-template <int VL>
+// `pad` is a scratch buffer of at least (H + 2 p) (W + 2 p) cin floats. ISA: the compiled variant's
+// registers (Isa).
+template <class ISA>
 STEMFAST_INLINE void conv_hwc(const float* __restrict in, int H, int W, const Conv& c, float* __restrict out,
                               int Ho, int Wo, bool relu, float* __restrict pad) {
     const bool fast = (c.k == 3 || c.k == 4) &&
@@ -230,11 +247,11 @@ STEMFAST_INLINE void conv_hwc(const float* __restrict in, int H, int W, const Co
         std::memcpy(pad + (static_cast<std::int64_t>(y + p) * Wp + p) * ci, in + static_cast<std::int64_t>(y) * W * ci,
                     sizeof(float) * W * ci);
     switch (c.cout) {
-        case 4: conv_k<4, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        case 8: conv_k<8, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        case 16: conv_k<VL, 16 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        case 32: conv_k<VL, 32 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
-        default: conv_k<VL, 64 / VL>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 4: conv_k<ISA, 4, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 8: conv_k<ISA, 8, 1>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 16: conv_k<ISA, ISA::vl, 16 / ISA::vl>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        case 32: conv_k<ISA, ISA::vl, 32 / ISA::vl>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
+        default: conv_k<ISA, ISA::vl, 64 / ISA::vl>(pad, Hp, Wp, c, out, Ho, Wo, relu); break;
     }
 }
 
@@ -528,12 +545,12 @@ struct Scratch {
 };
 
 // Encoder on a masked canonical patch xin (S, S): adds mu and the clamped logvar to musum / lvsum.
-template <int VL>
+template <class ISA>
 STEMFAST_INLINE void encode_one(const Net& n, const float* xin, Scratch& s) {
     const int S = n.S;
-    conv_hwc<VL>(xin, S, S, n.e1, s.e1.data(), S / 2, S / 2, true, s.padbuf.data());
-    conv_hwc<VL>(s.e1.data(), S / 2, S / 2, n.e2, s.e2.data(), S / 4, S / 4, true, s.padbuf.data());
-    conv_hwc<VL>(s.e2.data(), S / 4, S / 4, n.e3, s.e3.data(), S / 8, S / 8, true, s.padbuf.data());
+    conv_hwc<ISA>(xin, S, S, n.e1, s.e1.data(), S / 2, S / 2, true, s.padbuf.data());
+    conv_hwc<ISA>(s.e1.data(), S / 2, S / 2, n.e2, s.e2.data(), S / 4, S / 4, true, s.padbuf.data());
+    conv_hwc<ISA>(s.e2.data(), S / 4, S / 4, n.e3, s.e3.data(), S / 8, S / 8, true, s.padbuf.data());
     dense(s.e3.data(), (S / 8) * (S / 8) * n.c3, n.head_w, n.head_b, 2 * n.L, s.hl.data(), false);
     for (int l = 0; l < n.L; ++l) {
         float lv = s.hl[n.L + l];
@@ -545,7 +562,7 @@ STEMFAST_INLINE void encode_one(const Net& n, const float* xin, Scratch& s) {
 
 // One patch: x (S, S) model input (background already subtracted) -> mu, logvar (L), angle,
 // strength, err and the reconstruction y (S, S, masked) in s.y.
-template <int VL>
+template <class ISA>
 STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, float* mu, float* lv, float& angle,
                                  float& strength, float& err) {
     const int S = n.S, S2 = S * S;
@@ -566,9 +583,9 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
         } else {
             for (int y = 0; y < hp; ++y) std::memcpy(&s.sp0[(y + 1) * g.Wp + 1], s.xm.data() + y * S, sizeof(float) * hp);
         }
-        conv3_planar<VL>(s.sp0.data(), g, n.stn1, s.st.data(), true);
+        conv3_planar<ISA::vl>(s.sp0.data(), g, n.stn1, s.st.data(), true);
         planar_to_padded(s.st.data(), g, n.stn1.cout, s.sp1.data());
-        conv3_planar<VL>(s.sp1.data(), g, n.stn2, s.st.data(), true);
+        conv3_planar<ISA::vl>(s.sp1.data(), g, n.stn2, s.st.data(), true);
         // harmonic pooling over the output planes (the kernel is 0 at the ignored indices): 8 partial
         // sums per component (vectorisable), added at the end
         float pc[8] = {0}, ps[8] = {0};
@@ -598,15 +615,15 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
                 for (int i = 0; i < S2; ++i) s.xs[i] += s.rot[i];
             }
             for (int i = 0; i < S2; ++i) s.xs[i] = s.xs[i] / static_cast<float>(n.k) * n.mask[i];
-            encode_one<VL>(n, s.xs.data(), s);
+            encode_one<ISA>(n, s.xs.data(), s);
         } else {
             for (int i = 0; i < S2; ++i) s.xs[i] = s.xc[i] * n.mask[i];
-            encode_one<VL>(n, s.xs.data(), s);
+            encode_one<ISA>(n, s.xs.data(), s);
             if (n.symmetrize == 2) {  // "features": every branch encoded, mu and logvar averaged
                 for (int j = 1; j < n.k; ++j) {
                     rotate_table(s.xc.data(), n.sym_taps + static_cast<std::int64_t>(j - 1) * S2, S2, s.rot.data());
                     for (int i = 0; i < S2; ++i) s.rot[i] *= n.mask[i];
-                    encode_one<VL>(n, s.rot.data(), s);
+                    encode_one<ISA>(n, s.rot.data(), s);
                 }
                 for (int l = 0; l < n.L; ++l) {
                     s.musum[l] /= static_cast<float>(n.k);
@@ -617,7 +634,7 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
     } else {
         angle = NAN;
         strength = NAN;
-        encode_one<VL>(n, s.xm.data(), s);
+        encode_one<ISA>(n, s.xm.data(), s);
     }
     for (int l = 0; l < n.L; ++l) {
         mu[l] = s.musum[l];
@@ -626,11 +643,11 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
     // decoder: dense + ReLU to (S/8, S/8, c3), three (3x3 conv + pixel shuffle) stages
     const int s0 = S / 8;
     dense(mu, n.L, n.fc_w, n.fc_b, s0 * s0 * n.c3, s.f.data(), true);
-    conv_hwc<VL>(s.f.data(), s0, s0, n.d1, s.g1.data(), s0, s0, false, s.padbuf.data());
+    conv_hwc<ISA>(s.f.data(), s0, s0, n.d1, s.g1.data(), s0, s0, false, s.padbuf.data());
     shuffle2(s.g1.data(), s0, s0, n.c2, s.e2.data(), true);  // (S/4, S/4, c2)
-    conv_hwc<VL>(s.e2.data(), 2 * s0, 2 * s0, n.d2, s.g2.data(), 2 * s0, 2 * s0, false, s.padbuf.data());
+    conv_hwc<ISA>(s.e2.data(), 2 * s0, 2 * s0, n.d2, s.g2.data(), 2 * s0, 2 * s0, false, s.padbuf.data());
     shuffle2_to_planar(s.g2.data(), 2 * s0, 2 * s0, n.c1, n.gd, s.sd.data());  // (S/2, S/2) planes of c1
-    conv3_planar<VL>(s.sd.data(), n.gd, n.d3, s.st.data(), false);
+    conv3_planar<ISA::vl>(s.sd.data(), n.gd, n.d3, s.st.data(), false);
     planar_shuffle1(s.st.data(), n.gd, s.yc.data());  // (S, S)
     if (n.has_stn)
         rotate(s.yc.data(), S, theta, false, s.y.data(), s.rt);
@@ -648,18 +665,18 @@ STEMFAST_INLINE void forward_body(const Net& n, const float* xin, Scratch& s, fl
 
 void forward_base(const Net& n, const float* xin, Scratch& s, float* mu, float* lv, float& angle, float& strength,
                   float& err) {
-    forward_body<8>(n, xin, s, mu, lv, angle, strength, err);
+    forward_body<IsaBaseline>(n, xin, s, mu, lv, angle, strength, err);
 }
 #ifdef STEMFAST_AVX2
 __attribute__((target("avx2,fma"))) void forward_avx2(const Net& n, const float* xin, Scratch& s, float* mu, float* lv,
                                                       float& angle, float& strength, float& err) {
-    forward_body<8>(n, xin, s, mu, lv, angle, strength, err);
+    forward_body<IsaAvx2>(n, xin, s, mu, lv, angle, strength, err);
 }
 // AVX-512: the 16- to 64-channel layers in 16-float vectors (half the multiply-adds of AVX2 per output)
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_avx512(const Net& n, const float* xin, Scratch& s,
                                                                           float* mu, float* lv, float& angle,
                                                                           float& strength, float& err) {
-    forward_body<16>(n, xin, s, mu, lv, angle, strength, err);
+    forward_body<IsaAvx512>(n, xin, s, mu, lv, angle, strength, err);
 }
 #endif
 
