@@ -994,18 +994,19 @@ class TrackCsv:
         self.n += 1
 
 
-_KIND_COLORS = {"vacancy_S": "#e6194b", "vacancy_S2": "#4363d8", "vacancy_Mo": "#f58231",
-                "substitution_S": "#911eb4", "other": "#9e9e9e"}
+#: colours of the defect kinds by their place in a material's list (:attr:`Material.defect_kinds`), so
+#: ``vacancy_S`` on MoS2 and ``vacancy_Se`` on WSe2 share one: empty metal, empty chalcogen column,
+#: one chalcogen missing, bright chalcogen column, other
+_ROLE_COLORS = {1: "#f58231", 2: "#4363d8", 3: "#e6194b", 4: "#911eb4", 7: "#9e9e9e"}
 _EXTRA_COLORS = ("#3cb44b", "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324")
 
 
 def _kind_color(kind: str, order: list[str]) -> str:
-    if kind in _KIND_COLORS:
-        return _KIND_COLORS[kind]
-    # other material names (vacancy_Se, ...): the same colour for the same position in the list
-    base = kind.replace("Se", "S").replace("W", "Mo")
-    if base in _KIND_COLORS:
-        return _KIND_COLORS[base]
+    from .materials import MATERIALS
+
+    role = next((m.defect_kinds.index(kind) for m in MATERIALS.values() if kind in m.defect_kinds), None)
+    if role in _ROLE_COLORS:
+        return _ROLE_COLORS[role]
     return _EXTRA_COLORS[order.index(kind) % len(_EXTRA_COLORS)] if kind in order else "#9e9e9e"
 
 
