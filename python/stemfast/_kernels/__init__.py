@@ -121,8 +121,8 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     ``"%.6g" % v`` (``nan``, ``inf``, ``-inf``, ``-0``), 2 int64 in decimal, 3 uint8 ``1`` / ``0``
     (non-zero / zero), 4 int64 codes into ``vocabs[c]`` (a list of str, cells as they are written),
     5 empty cells (``columns[c]`` unused). The numba backend uses the reference (no printf-style
-    formatting in Numba); C++ formats rows in parallel (glibc / the C library's ``%.*g``, correctly
-    rounded like Python's).
+    formatting in Numba); C++ formats rows in parallel (``std::to_chars`` with the precision, specified
+    as printf's ``%.*g`` and correctly rounded like Python's).
 
 ``pairs_within(points, radius) -> int64[P, 2]``
     Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
