@@ -179,6 +179,29 @@ def test_scan_line_jumps_finds_the_jumps_and_nothing_else():
     np.testing.assert_allclose(j.recorded_x(np.array([50.0, 50.0]), np.array([60.0, 132.0])), [50, 52], atol=0.35)
 
 
+def test_confirm_jumps_gives_what_scan_line_jumps_with_vectors_gives():
+    from stemfast.scanlines import ScanJumps, confirm_jumps, same_sublattice_vectors, scan_line_jumps
+
+    s, img = _low_dose_image(0, streaks=[])
+    xy = s.truth[:, :2]                               # the site lattice's basis from the true sites
+    c = xy[np.argmin(((xy - 192) ** 2).sum(1))]
+    nb = xy[cKDTree(xy).query(c, k=7)[1][1:]] - c
+    a1 = nb[np.argmin(np.abs(np.arctan2(nb[:, 1], nb[:, 0])))]
+    a2 = nb[np.argmin(np.abs(np.arctan2(nb[:, 1], nb[:, 0]) - np.arctan2(a1[1], a1[0]) - np.pi / 3))]
+    vec = same_sublattice_vectors(a1, a2)
+    assert np.allclose(np.linalg.norm(vec, axis=1), np.sqrt(3) * s.meta["nn_px"], rtol=0.05)  # (scan distortion)
+    for vectors in (vec, np.array([[0.0, 300.0]])):  # the lattice's translations; one that confirms nothing
+        for image in (_jumped(img), img):
+            once = scan_line_jumps(image, vectors)
+            both = confirm_jumps(image, scan_line_jumps(image), vectors)
+            assert np.array_equal(once.flagged, both.flagged) and np.array_equal(once.shift, both.shift, equal_nan=True)
+    assert confirm_jumps(_jumped(img), scan_line_jumps(_jumped(img)), vec).rows.tolist() == [120, 145, 250, 262]
+    with pytest.raises(ValueError, match="candidates"):   # jumps that did not come from scan_line_jumps
+        confirm_jumps(img, ScanJumps(np.zeros(img.shape[0] - 1), np.zeros(img.shape[0] - 1, bool), 0.0), vec)
+    with pytest.raises(ValueError, match="lines"):        # jumps of another image
+        confirm_jumps(img[:100], scan_line_jumps(img), vec)
+
+
 def test_scan_line_jumps_judges_no_featureless_line_and_checks_its_input():
     from stemfast.scanlines import scan_line_jumps
 

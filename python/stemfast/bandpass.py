@@ -120,7 +120,10 @@ def _spectrum(block: np.ndarray, workers: int) -> np.ndarray:
 def _filter_spectrum(spec: np.ndarray, h: int, w: int, ns: float, bs: float, workers: int, kern) -> np.ndarray:
     """Apply the band-pass mask to the rfft2 ``spec`` of an h x w block (in place) and transform back."""
     kern.bandpass_apply(spec, h, w, ns, bs)
-    return scipy.fft.irfft2(spec, s=(h, w), workers=workers, overwrite_x=True)
+    # the inverse of rfft2 axis by axis: scipy's irfft2 takes twice as long as these two passes
+    # (4320^2 on 2 threads: 67 ms against 34; the forward rfft2 is as fast as its two passes)
+    spec = scipy.fft.ifft(spec, axis=0, workers=workers, overwrite_x=True)
+    return scipy.fft.irfft(spec, n=w, axis=1, workers=workers, overwrite_x=True)
 
 
 def _filter_block(block: np.ndarray, ns: float, bs: float, workers: int, kern) -> np.ndarray:

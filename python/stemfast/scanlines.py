@@ -29,12 +29,12 @@ reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sfft
 
-__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "same_sublattice_vectors"]
+__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "same_sublattice_vectors"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -193,11 +193,14 @@ class ScanJumps:
         typical shift of neighbouring lines (NaN where the pair was not judged).
     flagged : bool [H - 1], the jumps, in pairs: the jump into a band of shifted lines and the one back.
     noise : robust standard deviation of ``shift`` over the judged pairs.
+    candidates : bool [H - 1], the pairs whose shift stood out, before the lattice confirmed them
+        and before they were kept in bands (what :func:`confirm_jumps` starts from).
     """
 
     shift: np.ndarray
     flagged: np.ndarray
     noise: float
+    candidates: np.ndarray = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> np.ndarray:
@@ -268,28 +271,68 @@ def scan_line_jumps(image, vectors=None, *, threshold: float = JUMP_THRESHOLD, m
     >>> jumps.rows.tolist(), (np.round(jumps.offsets()[[39, 40, 59, 60]]) + 0.0).tolist()
     ([40, 60], [0.0, 2.0, 2.0, 0.0])
     """
-    img = np.asarray(image, np.float64)
-    if img.ndim != 2 or min(img.shape) < 2:
-        raise ValueError(f"image must be 2-D, got shape {img.shape}")
     if not threshold > 0 or not min_px > 0 or int(max_lag) < 1:
         raise ValueError("threshold and min_px must be > 0, max_lag >= 1")
-    if img.shape[1] > JUMP_COLUMNS:  # a jump moves a whole line: its central columns measure it
-        c0 = (img.shape[1] - JUMP_COLUMNS) // 2
-        img = img[:, c0:c0 + JUMP_COLUMNS]
+    img = _jump_columns(image)
     lag = min(int(max_lag), img.shape[1] // 4)
     shift, corr = _neighbour_line_shifts(img, max(lag, 1))
     judged = corr >= JUMP_MIN_CORRELATION_SE / np.sqrt(img.shape[1])
     out = np.full(len(shift), np.nan)
     if judged.sum() < 3:
-        return ScanJumps(out, np.zeros(len(shift), bool), float("nan"))
+        none = np.zeros(len(shift), bool)
+        return ScanJumps(out, none, float("nan"), none)
     typical = float(np.median(shift[judged]))
     out[judged] = shift[judged] - typical
     noise = float(1.4826 * np.median(np.abs(out[judged])))
     flagged = judged & (np.abs(np.nan_to_num(out)) > max(min_px, threshold * noise))
-    if vectors is not None and flagged.any():
-        flagged &= _confirmed_by_lattice(img, np.asarray(vectors, np.float64).reshape(-1, 2), flagged, out,
-                                         max(lag, 1), min_px)
-    return ScanJumps(out, _bands(flagged, out), noise)
+    jumps = ScanJumps(out, _bands(flagged, out), noise, flagged)
+    return jumps if vectors is None else _confirm(img, jumps, vectors, lag, min_px)
+
+
+def confirm_jumps(image, jumps: ScanJumps, vectors, *, min_px: float = JUMP_MIN_PX,
+                  max_lag: int = JUMP_MAX_LAG) -> ScanJumps:
+    """``jumps`` (found without ``vectors`` by :func:`scan_line_jumps` on ``image``, with the same
+    ``max_lag``) with only the jumps the lattice confirms kept: what ``scan_line_jumps(image,
+    vectors)`` gives, without measuring the lines' shifts again.
+
+    Examples
+    --------
+    >>> from stemfast.synthetic import make_lattice
+    >>> img, _ = make_lattice((96, 96), 8.0, rotation_deg=10.0, noise=0.05, seed=0)
+    >>> img[40:60] = np.roll(img[40:60], 2, axis=1)
+    >>> vec = same_sublattice_vectors([8.0 * np.cos(np.radians(10)), 8.0 * np.sin(np.radians(10))],
+    ...                               [8.0 * np.cos(np.radians(70)), 8.0 * np.sin(np.radians(70))])
+    >>> confirm_jumps(img, scan_line_jumps(img), vec).rows.tolist()
+    [40, 60]
+    """
+    if not min_px > 0 or int(max_lag) < 1:
+        raise ValueError("min_px must be > 0, max_lag >= 1")
+    if jumps.candidates is None:
+        raise ValueError("jumps has no candidates: give what scan_line_jumps returned")
+    img = _jump_columns(image)
+    if len(jumps.shift) != img.shape[0] - 1:
+        raise ValueError(f"jumps are of {len(jumps.shift) + 1} lines, the image has {img.shape[0]}")
+    return _confirm(img, jumps, vectors, min(int(max_lag), img.shape[1] // 4), min_px)
+
+
+def _jump_columns(image) -> np.ndarray:
+    """The float64 lines of ``image`` that jumps are measured on: its :data:`JUMP_COLUMNS` central
+    columns (cropped before the conversion: a 4096 px wide image is not copied whole)."""
+    img = np.asarray(image)
+    if img.ndim != 2 or min(img.shape) < 2:
+        raise ValueError(f"image must be 2-D, got shape {img.shape}")
+    if img.shape[1] > JUMP_COLUMNS:  # a jump moves a whole line: its central columns measure it
+        c0 = (img.shape[1] - JUMP_COLUMNS) // 2
+        img = img[:, c0:c0 + JUMP_COLUMNS]
+    return np.asarray(img, np.float64)
+
+
+def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float) -> ScanJumps:
+    flagged = jumps.candidates
+    if flagged.any():
+        flagged = flagged & _confirmed_by_lattice(img, np.asarray(vectors, np.float64).reshape(-1, 2), flagged,
+                                                  jumps.shift, max(lag, 1), min_px)
+    return ScanJumps(jumps.shift, _bands(flagged, jumps.shift), jumps.noise, jumps.candidates)
 
 
 def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:

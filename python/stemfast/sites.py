@@ -728,7 +728,7 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
     three shortest translations; the sites are found on it and reported where the recorded image
     has them, :func:`_to_recorded`), the jumps (None when ``scan_lines`` is off or there is no
     lattice), and the Bragg ring when it was read off the unchanged image (else None)."""
-    from .scanlines import scan_line_jumps
+    from .scanlines import confirm_jumps, scan_line_jumps
 
     if not s.scan_lines:
         return img, None, None
@@ -741,7 +741,7 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
         return img, None, None
     a = np.linalg.inv(ring.g).T
     t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
-    jumps = scan_line_jumps(img, t[np.argsort((t ** 2).sum(1))[:3]])
+    jumps = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
     if not jumps.flagged.any():
         return img, jumps, ring
     return jumps.undo(img), jumps, None
