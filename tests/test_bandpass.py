@@ -223,3 +223,19 @@ def test_bandpass_rejects_bad_arguments(lattice):
     with pytest.raises(ValueError, match="overlaps"):
         big = np.zeros((lattice.shape[0] + 1, lattice.shape[1]), np.float32)
         bandpass(big[1:], spacing=10.0, out=big[:-1])
+
+
+@pytest.mark.parametrize("tile", [None, 96])
+def test_bandpasses_equal_one_bandpass_each(tile):
+    from stemfast.bandpass import bandpasses
+
+    img = np.random.default_rng(3).random((150, 170)).astype(np.float32) + np.linspace(0, 2, 170)
+    outs = bandpasses(img, noise_px=[0.8, 1.5, 3.0], background_px=6.0, tile=tile)
+    assert len(outs) == 3
+    for n, o in zip([0.8, 1.5, 3.0], outs):   # the same padding and transform: the same values
+        assert o.dtype == np.float32 and o.shape == img.shape
+        assert np.array_equal(o, bandpass(img, noise_px=n, background_px=6.0, tile=tile))
+    assert not np.array_equal(outs[0], outs[1])
+    for bad in ([], 1.0, [1.0, 7.0], [0.0]):   # no sigma; not a sequence; a low-pass above the high-pass; zero
+        with pytest.raises(ValueError):
+            bandpasses(img, noise_px=bad, background_px=6.0)

@@ -31,6 +31,7 @@ from .backend import get_kernels
 
 __all__ = [
     "bandpass",
+    "bandpasses",
     "NOISE_PER_SPACING",
     "BACKGROUND_PER_SPACING",
     "EDGE_PAD_SIGMAS",
@@ -126,25 +127,29 @@ def _filter_spectrum(spec: np.ndarray, h: int, w: int, ns: float, bs: float, wor
     return scipy.fft.irfft(spec, n=w, axis=1, workers=workers, overwrite_x=True)
 
 
-def _filter_block(block: np.ndarray, ns: float, bs: float, workers: int, kern) -> np.ndarray:
-    """Band-pass a float32 block with periodic boundaries (the caller supplies the context)."""
-    h, w = block.shape
-    return _filter_spectrum(_spectrum(block, workers), h, w, ns, bs, workers, kern)
+def _filter_all(spec: np.ndarray, h: int, w: int, ns: tuple, bs: float, workers: int, kern, store) -> None:
+    """Band-pass one rfft2 ``spec`` of an h x w block with each low-pass sigma in ``ns`` in turn and
+    hand each result to ``store(i, result)`` before the next is computed; ``spec`` itself is used up
+    by the last filter, the others filter a copy."""
+    for i, n in enumerate(ns):
+        store(i, _filter_spectrum(spec if i == len(ns) - 1 else spec.copy(), h, w, n, bs, workers, kern))
 
 
-def _untiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, workers: int, kern) -> None:
+def _untiled(img: np.ndarray, outs: list, ns: tuple, bs: float, workers: int, kern) -> None:
     h, w = img.shape
     pad = int(math.ceil(EDGE_PAD_SIGMAS * bs))
     hf = scipy.fft.next_fast_len(h + 2 * pad, real=True)
     wf = scipy.fft.next_fast_len(w + 2 * pad, real=True)
+
+    def store(i, res):
+        outs[i][...] = res[pad : pad + h, pad : pad + w]
+
     # the padded image only lives until it is transformed (less memory at the peak)
-    spec = _spectrum(np.pad(img, ((pad, hf - h - pad), (pad, wf - w - pad)), mode="reflect"), workers)
-    res = _filter_spectrum(spec, hf, wf, ns, bs, workers, kern)
-    del spec
-    out[...] = res[pad : pad + h, pad : pad + w]
+    _filter_all(_spectrum(np.pad(img, ((pad, hf - h - pad), (pad, wf - w - pad)), mode="reflect"), workers),
+                hf, wf, ns, bs, workers, kern, store)
 
 
-def _tiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, tile: int, margin: int, workers: int, kern) -> None:
+def _tiled(img: np.ndarray, outs: list, ns: tuple, bs: float, tile: int, margin: int, workers: int, kern) -> None:
     """Filter in tiles of ``tile`` px (core + ``margin`` on each side), strip by strip.
 
     Each tile reads its core plus ``margin`` px of real context (mirrored at the image edge), padded
@@ -154,7 +159,7 @@ def _tiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, tile: int, ma
     """
     h, w = img.shape
     core = tile - 2 * margin
-    inplace = np.may_share_memory(out, img)  # the caller allows only out is img or no overlap
+    inplace = np.may_share_memory(outs[0], img)  # the caller allows only out is img (one filter) or no overlap
     halo = None  # original rows [halo_start, ys) of the previous strip (in-place mode)
     halo_start = 0
     for ys in range(0, h, core):
@@ -176,18 +181,22 @@ def _tiled(img: np.ndarray, out: np.ndarray, ns: float, bs: float, tile: int, ma
             block = _take(img, ridx, cidx)  # rows < ys are stale in place: replaced from the halo
             if inplace and from_halo.any():
                 block[from_halo] = halo[np.ix_(ridx[from_halo] - halo_start, cidx)]
-            res = _filter_block(block, ns, bs, workers, kern)
+            spec = _spectrum(block, workers)
             del block
-            core_res = res[margin : margin + ye - ys, margin : margin + xe - xs]
-            if inplace:
-                strip[:, xs:xe] = core_res
-            else:
-                out[ys:ye, xs:xe] = core_res
-            del res, core_res
+
+            def store(i, res, ys=ys, ye=ye, xs=xs, xe=xe, strip=strip):
+                core_res = res[margin : margin + ye - ys, margin : margin + xe - xs]
+                if inplace:
+                    strip[:, xs:xe] = core_res
+                else:
+                    outs[i][ys:ye, xs:xe] = core_res
+
+            _filter_all(spec, hf, wf, ns, bs, workers, kern, store)
+            del spec
         if inplace:
             halo_start = max(ye - margin, 0)
             halo = img[halo_start:ye].copy()
-            out[ys:ye] = strip
+            outs[0][ys:ye] = strip
             del strip
 
 
@@ -248,19 +257,72 @@ def bandpass(
     """
     img = _check_image(image)
     ns, bs = _cutoffs(noise_px, background_px, spacing)
+    out = _check_out(out, img)
+    _run(img, [out], (ns,), bs, tile, overlap, workers, backend)
+    return out
+
+
+def bandpasses(
+    image,
+    *,
+    noise_px,
+    background_px: float,
+    tile: int | None = None,
+    overlap: int | None = None,
+    workers: int | None = None,
+    backend: str | None = None,
+) -> list[np.ndarray]:
+    """:func:`bandpass` of one image with several noise low-passes and one background high-pass:
+    the image is padded and transformed once (per tile) for all of them.
+
+    Parameters
+    ----------
+    image : array_like, 2-D
+        Micrograph, as for :func:`bandpass`.
+    noise_px : sequence of float
+        The low-pass sigmas (px), each ``0 < noise_px < background_px``.
+    background_px : float
+        The high-pass sigma (px), shared.
+    tile, overlap, workers, backend
+        As for :func:`bandpass`.
+
+    Returns
+    -------
+    list of ndarray of float32
+        One filtered image per ``noise_px``, each equal to ``bandpass(image, noise_px=n,
+        background_px=background_px)`` (the same padding and transform: the same values).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemfast.bandpass import bandpass, bandpasses
+    >>> img = np.random.default_rng(0).random((64, 64))
+    >>> fine, smooth = bandpasses(img, noise_px=[1.0, 2.0], background_px=8.0)
+    >>> bool(np.array_equal(smooth, bandpass(img, noise_px=2.0, background_px=8.0)))
+    True
+    """
+    img = _check_image(image)
+    if np.ndim(noise_px) != 1 or len(noise_px) == 0:
+        raise ValueError(f"noise_px must be a non-empty sequence of sigmas, got {noise_px!r}")
+    cut = [_cutoffs(n, background_px, None) for n in noise_px]
+    outs = [_check_out(None, img) for _ in cut]
+    _run(img, outs, tuple(c[0] for c in cut), cut[0][1], tile, overlap, workers, backend)
+    return outs
+
+
+def _run(img: np.ndarray, outs: list, ns: tuple, bs: float, tile, overlap, workers, backend) -> None:
+    """The band-passes of ``img`` with low-passes ``ns`` and high-pass ``bs`` into ``outs`` (tiled or
+    not, as :func:`bandpass` documents)."""
     h, w = img.shape
     kern = get_kernels(backend)
     workers = _check_workers(workers)
     margin = _check_overlap(overlap, bs)
     use_tile = _check_tile(tile, margin, h * w)
-    out = _check_out(out, img)
-
     if use_tile is None:
-        _untiled(img, out, ns, bs, workers, kern)
+        _untiled(img, outs, ns, bs, workers, kern)
     else:
         log.debug("bandpass: %dx%d image in tiles of %d px, margin %d px", h, w, use_tile, margin)
-        _tiled(img, out, ns, bs, use_tile, margin, workers, kern)
-    return out
+        _tiled(img, outs, ns, bs, use_tile, margin, workers, kern)
 
 
 def _check_workers(workers) -> int:

@@ -16,7 +16,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from ._validate import check_image
-from .bandpass import bandpass
+from .bandpass import bandpass, bandpasses
 from . import grains as _grains
 from .grains import GrainSettings
 from .io import unit_to_nm
@@ -458,17 +458,23 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lat
     nn = float(s.spacing) if s.spacing is not None else ring.spacing
     tm["spacing"] = time.perf_counter() - t0
 
-    # 2. bandpass at the lattice scale
+    # 2. bandpass at the lattice scale (and, with the same background, the refinement's image of step 3:
+    # one transform of the image for both)
     t0 = time.perf_counter()
-    bp = bandpass(img, noise_px=s.noise_nn * nn, background_px=s.background_nn * nn, backend=s.backend)
+    refine_noise = max(s.refine_noise_nn * nn, REFINE_NOISE_PX)
+    refine_img = None
+    if s.refine_background_nn == s.background_nn:
+        bp, refine_img = bandpasses(img, noise_px=[s.noise_nn * nn, refine_noise], background_px=s.background_nn * nn,
+                                    backend=s.backend)
+    else:
+        bp = bandpass(img, noise_px=s.noise_nn * nn, background_px=s.background_nn * nn, backend=s.backend)
     tm["bandpass"] = time.perf_counter() - t0
 
     # 3. peaks + sub-pixel refinement (on a lightly smoothed copy of the raw image)
     t0 = time.perf_counter()
-    if s.refine_background_nn > 0:  # the background taken out in Fourier space, like the detection's
-        refine_img = bandpass(img, noise_px=max(s.refine_noise_nn * nn, REFINE_NOISE_PX),
-                              background_px=s.refine_background_nn * nn, backend=s.backend)
-    else:
+    if refine_img is None and s.refine_background_nn > 0:  # the background out in Fourier space, like the detection's
+        refine_img = bandpass(img, noise_px=refine_noise, background_px=s.refine_background_nn * nn, backend=s.backend)
+    elif refine_img is None:
         refine_img = ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img
     pk = find_peaks(
         bp,
