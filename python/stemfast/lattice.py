@@ -507,7 +507,7 @@ def fill_lattice(
     >>> inside = (xy >= 0).all(1) & (xy <= 199).all(1)
     >>> honeycomb = inside & ((m.ravel() - n.ravel()) % 3 != 0)   # drop the hexagon centres
     >>> res = fill_lattice(xy[honeycomb], shape=(200, 200))
-    >>> centres = ~honeycomb & (xy >= 1).all(1) & (xy <= 198).all(1)  # 1 px edge margin
+    >>> centres = ~honeycomb & inside          # every centre in the image (edge_margin_px 0)
     >>> int((~res.is_peak).sum()) == int(centres.sum())
     True
     """

@@ -477,7 +477,7 @@ def chalcogen_atom_intensity() -> float:
     Examples
     --------
     >>> round(chalcogen_atom_intensity(), 4)
-    0.194
+    0.1939
     """
     return (Z_S / Z_MO) ** Z_EXPONENT
 
