@@ -156,3 +156,25 @@ def test_distinct_per_label_counts_distinct_predictors():
         np.testing.assert_array_equal(_distinct_per_label(lab, who, 5), np.bincount(key // 100, minlength=5))
     # unsorted input takes the general path too
     np.testing.assert_array_equal(_distinct_per_label(np.array([0, 0, 1, 0]), np.array([3, 1, 3, 3]), 2), [2, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_indices_are_the_kd_trees(backend):
+    from stemfast.lattice import nearest_indices
+
+    rng = np.random.default_rng(5)
+    lattice = np.stack(np.meshgrid(np.arange(40.0), np.arange(30.0)), -1).reshape(-1, 2) * 7.0
+    pts = np.vstack([lattice + rng.normal(0, 0.8, lattice.shape),   # a jittered lattice ...
+                     rng.uniform(-400, 700, (15, 2))])                # ... and a few far-away points
+    queries = rng.uniform(-50, 330, (300, 2))
+    tree = cKDTree(pts)
+    for k in (1, 7, 19):
+        assert np.array_equal(nearest_indices(pts, k, backend=backend), tree.query(pts, k=k)[1].reshape(len(pts), k))
+        assert np.array_equal(nearest_indices(pts, k, queries, backend=backend),
+                              tree.query(queries, k=k)[1].reshape(len(queries), k))
+    # far from the lattice fewer than k points lie within four typical spacings: the KD-tree answers
+    far = np.array([[5000.0, 5000.0]])
+    assert np.array_equal(nearest_indices(pts, 19, far, backend=backend), tree.query(far, k=19)[1])
+    for bad in (0, len(pts) + 1):
+        with pytest.raises(ValueError, match="k must be"):
+            nearest_indices(pts, bad, backend=backend)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
+from .lattice import nearest_indices
 from .materials import CHALCOGEN, HOLLOW, METAL, get_material
 from .sitelattice import border_distance
 from .table import SiteTable
@@ -572,8 +573,6 @@ def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndar
     >>> float(r[10]), float(r[55])
     (1.0, 4.0)
     """
-    from scipy.spatial import cKDTree
-
     xy = np.asarray(xy, np.float64)
     rec = np.asarray(recon_error, np.float64)
     use = np.asarray(usable, bool) & np.isfinite(rec)
@@ -581,7 +580,7 @@ def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndar
     if use.sum() <= k:
         return np.ones(n)
     idx = np.flatnonzero(use)
-    _, j = cKDTree(xy[use]).query(xy, k=k + 1, workers=-1)
+    j = nearest_indices(xy[use], k + 1, xy)
     own = idx[j] == np.arange(n)[:, None]
     own[:, -1] |= ~own.any(axis=1)  # a site not usable itself: its k nearest, not k + 1
     med = np.median(rec[idx][j][~own].reshape(n, k), axis=1)  # exactly one left out per row
@@ -922,8 +921,6 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
     >>> int(out[39]), n
     (0, 1)
     """
-    from scipy.spatial import cKDTree
-
     cls = np.asarray(cls, np.int64)
     feats = np.asarray(features, np.float64).reshape(len(cls), -1)
     sub = np.asarray(sublattice, np.int64)
@@ -935,7 +932,7 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
         idx = np.flatnonzero(sub == s)
         if len(idx) <= voters:
             continue
-        _, j = cKDTree(xy[idx]).query(xy[idx], k=voters + 1, workers=-1)
+        j = nearest_indices(xy[idx], voters + 1)
         votes = np.stack([(cls[idx][j[:, 1:]] == c).sum(1) for c in range(k)], axis=1)
         major[idx] = votes.argmax(1)
     d_own = np.linalg.norm(feats - cent[cls], axis=1)

@@ -30,6 +30,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from .lattice import nearest_indices
+
 __all__ = ["FftLattice", "metal_reciprocal_lattice", "PhaseMap", "SiteIndex", "index_sites",
            "SITE_FROM_METAL", "site_spacing", "pixel_noise", "position_variance", "lattice_distortion",
            "border_distance"]
@@ -1061,9 +1063,7 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
     if xy is None or n < SHRINK_NEIGHBORS:
         excess = max(float(np.median(r2)) - float(np.median(vm)) - u2, 0.0)
     else:
-        from scipy.spatial import cKDTree
-
-        _, nb = cKDTree(xy).query(xy, k=SHRINK_NEIGHBORS, workers=-1)
+        nb = nearest_indices(xy, SHRINK_NEIGHBORS)
         excess = np.maximum(np.median(r2[nb], axis=1) - np.median(vm[nb], axis=1) - u2, 0.0)
     return u2 / (u2 + excess + vm), np.broadcast_to(excess, (n,))
 
