@@ -316,22 +316,23 @@ def confirm_jumps(image, jumps: ScanJumps, vectors, *, min_px: float = JUMP_MIN_
 
 
 def _jump_columns(image) -> np.ndarray:
-    """The float64 lines of ``image`` that jumps are measured on: its :data:`JUMP_COLUMNS` central
-    columns (cropped before the conversion: a 4096 px wide image is not copied whole)."""
+    """The lines of ``image`` that jumps are measured on: its :data:`JUMP_COLUMNS` central columns
+    (a view; the line shifts are measured in float32, the lattice confirmation in float64: a 4096 px
+    wide image is not copied whole, and not to float64 unless a jump needs confirming)."""
     img = np.asarray(image)
     if img.ndim != 2 or min(img.shape) < 2:
         raise ValueError(f"image must be 2-D, got shape {img.shape}")
     if img.shape[1] > JUMP_COLUMNS:  # a jump moves a whole line: its central columns measure it
         c0 = (img.shape[1] - JUMP_COLUMNS) // 2
         img = img[:, c0:c0 + JUMP_COLUMNS]
-    return np.asarray(img, np.float64)
+    return img
 
 
 def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float) -> ScanJumps:
     flagged = jumps.candidates
     if flagged.any():
-        flagged = flagged & _confirmed_by_lattice(img, np.asarray(vectors, np.float64).reshape(-1, 2), flagged,
-                                                  jumps.shift, max(lag, 1), min_px)
+        flagged = flagged & _confirmed_by_lattice(np.asarray(img, np.float64), np.asarray(vectors, np.float64).reshape(-1, 2),
+                                                  flagged, jumps.shift, max(lag, 1), min_px)
     return ScanJumps(jumps.shift, _bands(flagged, jumps.shift), jumps.noise, jumps.candidates)
 
 
