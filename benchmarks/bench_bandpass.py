@@ -89,6 +89,27 @@ def test_bandpass_vs_scipy(benchmark, image, speed_gate):
     np.testing.assert_allclose(one, out, rtol=0, atol=1e-6 * float(image.std()))
 
 
+def test_bandpasses_vs_separate_bandpasses(benchmark, image, report_ratio):
+    """The detection band-pass and the refinement's image of find_sites from one transform
+    (``bandpasses``) against two ``bandpass`` calls: the same values; the ratio is reported (the
+    saving is the second forward transform and padding; that it happens is a unit test,
+    tests/test_bandpass.py)."""
+    from conftest import paired_times, single_thread
+
+    from stemfast.bandpass import bandpasses
+
+    ns, bs = (NOISE_PER_SPACING * SPACING, 1.0), BACKGROUND_PER_SPACING * SPACING
+    shared = lambda: bandpasses(image, noise_px=ns, background_px=bs, workers=1)  # noqa: E731
+    separate = lambda: [bandpass(image, noise_px=n, background_px=bs, workers=1) for n in ns]  # noqa: E731
+    with single_thread():
+        a, b = paired_times(shared, separate, repeat=5, min_cpu=1.0)
+    for x, y in zip(a.result, b.result):
+        assert np.array_equal(x, y)
+    benchmark.pedantic(shared, rounds=1, iterations=1)
+    report_ratio("bandpasses_vs_separate_bandpasses", b.cpu / a.cpu, benchmark,
+                 meaning="two low-passes of one image from one transform vs two band-passes, 1 thread, CPU time")
+
+
 _MEMORY_SCRIPT = r"""
 import json, sys, time, tracemalloc
 import numpy as np

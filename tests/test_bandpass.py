@@ -239,3 +239,20 @@ def test_bandpasses_equal_one_bandpass_each(tile):
     for bad in ([], 1.0, [1.0, 7.0], [0.0]):   # no sigma; not a sequence; a low-pass above the high-pass; zero
         with pytest.raises(ValueError):
             bandpasses(img, noise_px=bad, background_px=6.0)
+
+
+@pytest.mark.parametrize("tile", [None, 96])
+def test_bandpasses_transform_the_image_once(monkeypatch, tile):
+    """The point of bandpasses(): one forward transform (per tile) for all its low-passes."""
+    from stemfast.bandpass import bandpasses
+
+    calls = []
+    real = bp_mod._spectrum
+    monkeypatch.setattr(bp_mod, "_spectrum", lambda block, workers: calls.append(block.shape) or real(block, workers))
+    img = np.random.default_rng(4).random((150, 170)).astype(np.float32)
+    bandpasses(img, noise_px=[0.8, 1.5, 3.0], background_px=6.0, tile=tile)
+    n_fwd = len(calls)
+    calls.clear()
+    for n in (0.8, 1.5, 3.0):
+        bandpass(img, noise_px=n, background_px=6.0, tile=tile)
+    assert n_fwd >= 1 and len(calls) == 3 * n_fwd
