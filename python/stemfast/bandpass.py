@@ -184,7 +184,7 @@ def _tiled(img: np.ndarray, outs: list, ns: tuple, bs: float, tile: int, margin:
             spec = _spectrum(block, workers)
             del block
 
-            def store(i, res, ys=ys, ye=ye, xs=xs, xe=xe, strip=strip):
+            def store(i, res):  # (called within this iteration)
                 core_res = res[margin : margin + ye - ys, margin : margin + xe - xs]
                 if inplace:
                     strip[:, xs:xe] = core_res

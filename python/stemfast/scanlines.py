@@ -200,7 +200,7 @@ class ScanJumps:
     shift: np.ndarray
     flagged: np.ndarray
     noise: float
-    candidates: np.ndarray = field(default=None, repr=False, compare=False)
+    candidates: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> np.ndarray:
@@ -331,8 +331,9 @@ def _jump_columns(image) -> np.ndarray:
 def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float) -> ScanJumps:
     flagged = jumps.candidates
     if flagged.any():
-        flagged = flagged & _confirmed_by_lattice(np.asarray(img, np.float64), np.asarray(vectors, np.float64).reshape(-1, 2),
-                                                  flagged, jumps.shift, max(lag, 1), min_px)
+        vec = np.asarray(vectors, np.float64).reshape(-1, 2)
+        flagged = flagged & _confirmed_by_lattice(np.asarray(img, np.float64), vec, flagged, jumps.shift,
+                                                  max(lag, 1), min_px)
     return ScanJumps(jumps.shift, _bands(flagged, jumps.shift), jumps.noise, jumps.candidates)
 
 
