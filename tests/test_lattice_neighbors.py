@@ -178,3 +178,14 @@ def test_nearest_indices_are_the_kd_trees(backend):
     for bad in (0, len(pts) + 1):
         with pytest.raises(ValueError, match="k must be"):
             nearest_indices(pts, bad, backend=backend)
+
+
+def test_node_membership_is_isin_of_the_node_keys():
+    from stemfast.sitelattice import _key, _node_isin
+
+    rng = np.random.default_rng(7)
+    for n, m, r in [(20000, 9000, 150), (300, 200, 5), (500, 50, 10 ** 6), (0, 4, 3), (4, 0, 3)]:
+        a = rng.integers(-r, r, (n, 2))
+        b = rng.integers(-r, r, (m, 2))
+        b[: min(n, m) // 2] = a[: min(n, m) // 2]     # some shared nodes
+        assert np.array_equal(_node_isin(a, b), np.isin(_key(a), _key(b)))   # (10**6: the sparse-key path)

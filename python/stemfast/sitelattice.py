@@ -552,7 +552,7 @@ def _match_peaks(peak_xy, peak_value, node, nodes, base, rim, S, *, shape, spaci
         # prediction of every node from the winners around it (own peak left out)
         wn = np.flatnonzero(winner)
         pred = _predict(nodes, _fill_positions(nodes, node[wn], peak_xy[wn], base),
-                        np.isin(_key(nodes), _key(node[wn])), S, base, fit_radius, min_fit_points, shape, spacing, rim)
+                        _node_isin(nodes, node[wn]), S, base, fit_radius, min_fit_points, shape, spacing, rim)
         gp = _Grid(nodes, pred)
         pos = gp.get(cands.reshape(-1, 2)).reshape(n_pk, 7, 2)
         d = np.hypot(pos[..., 0] - peak_xy[:, None, 0], pos[..., 1] - peak_xy[:, None, 1])
@@ -566,7 +566,7 @@ def _match_peaks(peak_xy, peak_value, node, nodes, base, rim, S, *, shape, spaci
     # spacing of its prediction) is that node's column, displaced
     loose = np.flatnonzero(~on)
     if len(loose):
-        taken = np.isin(_key(cands[loose].reshape(-1, 2)), _key(node[winner])).reshape(len(loose), 7)
+        taken = _node_isin(cands[loose].reshape(-1, 2), node[winner]).reshape(len(loose), 7)
         dl = np.where(taken, np.inf, d[loose] if n_rounds > 0 else np.inf)
         bl = np.argmin(dl, axis=1)
         okl = dl[np.arange(len(loose)), bl] <= 0.5 * spacing
@@ -612,7 +612,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
     xy_empty [K, 2])``; ``keep_w`` False for a winner too close to another node's site even at its
     prediction (:func:`_separate`)."""
     H, W = shape
-    has = np.isin(_key(nodes), _key(node[w_idx]))
+    has = _node_isin(nodes, node[w_idx])
     if not fill:
         nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
     filled = _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base)
@@ -630,7 +630,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
         # the neighbours' prediction is made of those peaks too: the wider fit, which reaches the
         # sound lattice around and averages over more peaks, places the nodes there (and the empty
         # nodes next to them)
-        rough = np.isin(_key(nodes), _key(node[w_idx][rough_pk]))
+        rough = _node_isin(nodes, node[w_idx][rough_pk])
         rough |= _neighbour_count(nodes[rough], nodes) > 0
         wide = _predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points, shape,
                         spacing, rim)
@@ -857,6 +857,24 @@ def _fill_positions(nodes: np.ndarray, pk_nodes: np.ndarray, pk_xy: np.ndarray, 
 def _key(n: np.ndarray) -> np.ndarray:
     n = np.asarray(n, dtype=np.int64).reshape(-1, 2)
     return (n[:, 0] + (1 << 30)) * (1 << 31) + (n[:, 1] + (1 << 30))
+
+
+def _node_isin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bool [len(a)]: which nodes ``a`` [N, 2] are among the nodes ``b`` [M, 2] (``np.isin`` of their
+    keys). Keys are numbered within the nodes' bounding box, so that ``np.isin`` can use a lookup
+    table instead of hashing / sorting (1.3M nodes: ~0.6 s -> ~0.02 s); a box much larger than the
+    node count (nodes far apart) keeps the sparse keys."""
+    a = np.asarray(a, dtype=np.int64).reshape(-1, 2)
+    b = np.asarray(b, dtype=np.int64).reshape(-1, 2)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(len(a), bool)
+    lo = np.minimum(a.min(0), b.min(0))
+    span = np.maximum(a.max(0), b.max(0)) - lo + 1
+    if span[0] * span[1] > 8 * (len(a) + len(b)) + (1 << 20):
+        return np.isin(_key(a), _key(b))
+    ka = (a[:, 0] - lo[0]) * span[1] + (a[:, 1] - lo[1])
+    kb = (b[:, 0] - lo[0]) * span[1] + (b[:, 1] - lo[1])
+    return np.isin(ka, kb, kind="table")
 
 
 class _Grid:
