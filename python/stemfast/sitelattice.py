@@ -959,19 +959,25 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     shp = tuple((ij.max(0) + r - lo + 1).tolist())
     gi = ij - lo
     w = np.zeros(shp)
-    w[gi[:, 0], gi[:, 1]] = np.asarray(w_peak, dtype=np.float64) * (1.0 if weight is None else weight)
-    X = np.zeros(shp)
-    Y = np.zeros(shp)
-    X[gi[:, 0], gi[:, 1]] = np.where(w_peak, xy[:, 0], 0.0)
-    Y[gi[:, 0], gi[:, 1]] = np.where(w_peak, xy[:, 1], 0.0)
-    # the grid's offsets are relative to (0, 0); positions are taken relative to the node's own
-    # rough place (the global lattice) to keep the sums small
+    gr, gc = gi[:, 0], gi[:, 1]
+    w_node = np.asarray(w_peak, dtype=np.float64) * (1.0 if weight is None else weight)
+    w[gr, gc] = w_node
+    # positions are taken relative to the node's own rough place (the global lattice) to keep the
+    # sums small; what is correlated is made per node and put on the grid (zero elsewhere), and every
+    # correlation writes into one buffer: a large image's grid holds millions of cells, and fresh
+    # grid-sized temporaries per sum cost more than the sums
     ref = (ij.astype(np.float64) @ S)
-    off0 = np.zeros(shp + (2,))
-    off0[gi[:, 0], gi[:, 1]] = ref
+    pos = np.where(np.asarray(w_peak, bool)[:, None], xy, 0.0)
+    buf = np.empty(shp)
+    grid = np.zeros(shp)
 
     def corr(a, k):
-        return ndimage.correlate(a, k, mode="constant", cval=0.0)[gi[:, 0], gi[:, 1]]
+        ndimage.correlate(a, k, output=buf, mode="constant", cval=0.0)
+        return buf[gr, gc]
+
+    def on_grid(v):
+        grid[gr, gc] = v  # (the other cells stay 0)
+        return grid
 
     s1, sp, sq, spp, spq, sqq = (corr(w, k) for k in (k1, kp, kq, kpp, kpq, kqq))
     good = (s1 if weight is None else corr((w > 0).astype(np.float64), k1)) >= np.broadcast_to(np.asarray(min_points), (n,))
@@ -999,7 +1005,8 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         idet = 1.0 / (s1g * A + spg * B + sqg * C)
     rs = np.zeros(len(g))
     for c in range(2):
-        G = np.where(w > 0, (X if c == 0 else Y) - off0[..., c], 0.0) * (1.0 if weight is None else w)
+        G_node = np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0) * (1.0 if weight is None else w_node)
+        G = on_grid(G_node)
         r0, rp, rq = corr(G, k1)[g], corr(G, kp)[g], corr(G, kq)[g]
         # solve for (c0, basis - S) of the residuals G, then add d @ S back
         c0 = (A * r0 + B * rp + C * rq) * idet
@@ -1013,7 +1020,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
             Rp = rp + sppg * S[0, c] + spqg * S[1, c]
             Rq = rq + spqg * S[0, c] + sqqg * S[1, c]
             # residual sum of squares = sum w v^2 - sol . R (the normal equations), v = G + d @ S[:, c]
-            g2 = corr(G * G, k1)[g]
+            g2 = corr(on_grid(G_node * G_node), k1)[g]
             cross = 2 * (S[0, c] * rp + S[1, c] * rq)
             quad = S[0, c] ** 2 * sppg + 2 * S[0, c] * S[1, c] * spqg + S[1, c] ** 2 * sqqg
             rs += g2 + cross + quad - (c0 * R0 + b1 * Rp + b2 * Rq)
