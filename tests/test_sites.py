@@ -525,3 +525,32 @@ def test_two_nodes_sites_are_never_half_a_spacing_apart():
     assert not keep[2:4].all()
     d, _ = cKDTree(out[keep]).query(out[keep], k=2)
     assert d[:, 1].min() >= 5.0
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_local_fit_is_the_least_squares_fit_of_each_nodes_neighbours(weighted):
+    """_local_fit's grid sums against a direct weighted least-squares fit per node."""
+    from stemfast.sitelattice import _local_fit
+
+    rng = np.random.default_rng(11)
+    S = np.array([[10.0, 0.4], [4.7, 8.9]])
+    ij = np.array([(p, q) for p in range(-6, 7) for q in range(-5, 6)])
+    xy = ij @ S + rng.normal(0, 0.4, ij.shape)
+    w_peak = rng.random(len(ij)) < 0.85
+    weight = rng.uniform(0.2, 1.0, len(ij)) if weighted else None
+    fit_radius, min_points = 2.05, 5
+    basis, rms, centre = _local_fit(ij, xy, w_peak, S, fit_radius, min_points, need_rms=True, weight=weight)
+    wts = w_peak * (1.0 if weight is None else weight)
+    for n in range(len(ij)):
+        d = ij - ij[n]
+        near = (d[:, 0] ** 2 + d[:, 1] ** 2 + d[:, 0] * d[:, 1] <= fit_radius ** 2 + 1e-9) & (d != 0).any(1) & w_peak
+        if near.sum() < min_points:
+            assert np.isnan(centre[n]).all() and np.isnan(rms[n]) and np.array_equal(basis[n], S)
+            continue
+        A = np.c_[np.ones(near.sum()), d[near]]                  # xy = c + dp * b1 + dq * b2
+        sw = np.sqrt(wts[near])[:, None]
+        sol, *_ = np.linalg.lstsq(A * sw, xy[near] * sw, rcond=None)
+        np.testing.assert_allclose(centre[n], sol[0], atol=1e-8)
+        np.testing.assert_allclose(basis[n], sol[1:], atol=1e-8)
+        res = xy[near] - A @ sol
+        np.testing.assert_allclose(rms[n], np.sqrt((wts[near][:, None] * res ** 2).sum() / wts[near].sum()), atol=1e-7)

@@ -1005,7 +1005,8 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         idet = 1.0 / (s1g * A + spg * B + sqg * C)
     rs = np.zeros(len(g))
     for c in range(2):
-        G_node = np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0) * (1.0 if weight is None else w_node)
+        D_node = np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0)
+        G_node = D_node * (1.0 if weight is None else w_node)
         G = on_grid(G_node)
         r0, rp, rq = corr(G, k1)[g], corr(G, kp)[g], corr(G, kq)[g]
         # solve for (c0, basis - S) of the residuals G, then add d @ S back
@@ -1020,7 +1021,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
             Rp = rp + sppg * S[0, c] + spqg * S[1, c]
             Rq = rq + spqg * S[0, c] + sqqg * S[1, c]
             # residual sum of squares = sum w v^2 - sol . R (the normal equations), v = G + d @ S[:, c]
-            g2 = corr(on_grid(G_node * G_node), k1)[g]
+            g2 = corr(on_grid(G_node * D_node), k1)[g]  # sum of w v^2 (with weights, not of (w v)^2)
             cross = 2 * (S[0, c] * rp + S[1, c] * rq)
             quad = S[0, c] ** 2 * sppg + 2 * S[0, c] * S[1, c] * spqg + S[1, c] ** 2 * sqqg
             rs += g2 + cross + quad - (c0 * R0 + b1 * Rp + b2 * Rq)
