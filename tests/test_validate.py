@@ -61,3 +61,15 @@ def test_too_few_points_and_points_outside():
         estimate_spacing(np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"1 points of xy lie outside the image \(shape \(32, 32\)\)"):
         refine(np.zeros((32, 32)), [[-1.0, 3.0]], radius=2)
+
+
+def test_check_image_finds_every_non_finite_value_and_accepts_a_sum_that_overflows():
+    from stemfast._validate import check_image
+
+    big = np.full((8, 8), 3e38, np.float32)          # finite values whose sum overflows float32
+    assert check_image(big).shape == (8, 8)
+    for bad in ([np.nan], [np.inf], [-np.inf], [np.inf, -np.inf]):   # (inf - inf: a NaN sum)
+        img = np.zeros((8, 8))
+        img.flat[[5, 9][: len(bad)]] = bad
+        with pytest.raises(ValueError, match=f"contains {len(bad)} non-finite"):
+            check_image(img)
