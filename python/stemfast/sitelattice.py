@@ -927,6 +927,42 @@ def _neighbour_count(nodes: np.ndarray, query: np.ndarray) -> np.ndarray:
     return cnt
 
 
+def _fit_kernels(fit_radius: float) -> tuple[int, list]:
+    """``(r, [k1, kp, kq, kpp, kpq, kqq])``: the (p, q) offsets ``d`` within ``fit_radius`` spacings
+    of a node (itself left out; ``r`` the widest ``|dp|``) as correlation kernels weighting a
+    neighbour's value by 1, dp, dq, dp^2, dp dq, dq^2 -- the sums of a local affine fit."""
+    r = max(1, int(np.floor(fit_radius * 2.0 / np.sqrt(3.0) + 1e-9)))
+    dp, dq = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = (dp * dp + dq * dq + dp * dq <= fit_radius ** 2 + 1e-9) & ((dp != 0) | (dq != 0))
+    k1 = inside.astype(np.float64)
+    kp, kq = k1 * dp, k1 * dq
+    return r, [k1, kp, kq, kp * dp, kp * dq, kq * dq]
+
+
+class _NodeGrid:
+    """The dense (p, q) grid around nodes ``ij`` [N, 2] (``r`` cells of margin) for sums over each
+    node's neighbours: values are put on it per node (zero elsewhere), correlated with kernels into
+    one reused buffer and read back at the nodes. A large image's grid holds millions of cells, and
+    fresh grid-sized temporaries per sum would cost more than the sums."""
+
+    def __init__(self, ij: np.ndarray, r: int) -> None:
+        lo = ij.min(0) - r
+        shape = tuple((ij.max(0) + r - lo + 1).tolist())
+        self.rows, self.cols = (ij - lo).T
+        self._grid = np.zeros(shape)
+        self._out = np.empty(shape)
+
+    def sums(self, values: np.ndarray, kernels: list) -> list:
+        """Per kernel, the correlation with it of the grid holding ``values`` [N] at the nodes
+        (the last of duplicate nodes), read at the nodes ([N] each)."""
+        self._grid[self.rows, self.cols] = values  # (the other cells stay 0)
+        out = []
+        for k in kernels:
+            ndimage.correlate(self._grid, k, output=self._out, mode="constant", cval=0.0)
+            out.append(self._out[self.rows, self.cols])
+        return out
+
+
 def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray, fit_radius: float,
                min_points, need_rms: bool = True, prior=0.0, weight: np.ndarray | None = None):
     """Per node: least-squares ``xy(n + d) = c + d @ B`` over the nodes with a peak within
@@ -949,40 +985,17 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     centre = np.full((n, 2), np.nan)
     if n == 0:
         return basis, rms, centre
-    r = max(1, int(np.floor(fit_radius * 2.0 / np.sqrt(3.0) + 1e-9)))  # widest |dp| within fit_radius
-    dp, dq = np.mgrid[-r:r + 1, -r:r + 1]
-    inside = (dp * dp + dq * dq + dp * dq <= fit_radius ** 2 + 1e-9) & ((dp != 0) | (dq != 0))
-    k1 = inside.astype(np.float64)
-    kp, kq = k1 * dp, k1 * dq
-    kpp, kpq, kqq = kp * dp, kp * dq, kq * dq
-    lo = ij.min(0) - r
-    shp = tuple((ij.max(0) + r - lo + 1).tolist())
-    gi = ij - lo
-    w = np.zeros(shp)
-    gr, gc = gi[:, 0], gi[:, 1]
+    r, kernels = _fit_kernels(fit_radius)
+    grid = _NodeGrid(ij, r)
     w_node = np.asarray(w_peak, dtype=np.float64) * (1.0 if weight is None else weight)
-    w[gr, gc] = w_node
-    # positions are taken relative to the node's own rough place (the global lattice) to keep the
-    # sums small; what is correlated is made per node and put on the grid (zero elsewhere), and every
-    # correlation writes into one buffer: a large image's grid holds millions of cells, and fresh
-    # grid-sized temporaries per sum cost more than the sums
-    ref = (ij.astype(np.float64) @ S)
-    pos = np.where(np.asarray(w_peak, bool)[:, None], xy, 0.0)
-    buf = np.empty(shp)
-    grid = np.zeros(shp)
-
-    def corr(a, k):
-        ndimage.correlate(a, k, output=buf, mode="constant", cval=0.0)
-        return buf[gr, gc]
-
-    def on_grid(v):
-        grid[gr, gc] = v  # (the other cells stay 0)
-        return grid
-
-    s1, sp, sq, spp, spq, sqq = (corr(w, k) for k in (k1, kp, kq, kpp, kpq, kqq))
-    good = (s1 if weight is None else corr((w > 0).astype(np.float64), k1)) >= np.broadcast_to(np.asarray(min_points), (n,))
+    s1, sp, sq, spp, spq, sqq = grid.sums(w_node, kernels)
+    good = (s1 if weight is None else grid.sums((w_node > 0).astype(np.float64), kernels[:1])[0]) >= np.broadcast_to(
+        np.asarray(min_points), (n,))
     if not good.any():
         return basis, rms, centre
+    # positions are taken relative to the node's own rough place (the global lattice) to keep the sums small
+    ref = (ij.astype(np.float64) @ S)
+    pos = np.where(np.asarray(w_peak, bool)[:, None], xy, 0.0)
     # drop near-singular fits (all points on one line)
     # positions relative to the global-lattice place of the *fitted* node: x(n + d) - ref(n) =
     # (x(n + d) - ref(n + d)) + d @ S; the first part is what is correlated, the second is added
@@ -1007,8 +1020,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     for c in range(2):
         D_node = np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0)
         G_node = D_node * (1.0 if weight is None else w_node)
-        G = on_grid(G_node)
-        r0, rp, rq = corr(G, k1)[g], corr(G, kp)[g], corr(G, kq)[g]
+        r0, rp, rq = (v[g] for v in grid.sums(G_node, kernels[:3]))
         # solve for (c0, basis - S) of the residuals G, then add d @ S back
         c0 = (A * r0 + B * rp + C * rq) * idet
         b1 = (B * r0 + D * rp + E * rq) * idet + S[0, c]
@@ -1021,7 +1033,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
             Rp = rp + sppg * S[0, c] + spqg * S[1, c]
             Rq = rq + spqg * S[0, c] + sqqg * S[1, c]
             # residual sum of squares = sum w v^2 - sol . R (the normal equations), v = G + d @ S[:, c]
-            g2 = corr(on_grid(G_node * D_node), k1)[g]  # sum of w v^2 (with weights, not of (w v)^2)
+            g2 = grid.sums(G_node * D_node, kernels[:1])[0][g]  # sum of w v^2 (with weights, not of (w v)^2)
             cross = 2 * (S[0, c] * rp + S[1, c] * rq)
             quad = S[0, c] ** 2 * sppg + 2 * S[0, c] * S[1, c] * spqg + S[1, c] ** 2 * sqqg
             rs += g2 + cross + quad - (c0 * R0 + b1 * Rp + b2 * Rq)
