@@ -462,20 +462,20 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lat
     # one transform of the image for both)
     t0 = time.perf_counter()
     refine_noise = max(s.refine_noise_nn * nn, REFINE_NOISE_PX)
-    refine_img = None
     if s.refine_background_nn == s.background_nn:
         bp, refine_img = bandpasses(img, noise_px=[s.noise_nn * nn, refine_noise], background_px=s.background_nn * nn,
                                     backend=s.backend)
     else:
         bp = bandpass(img, noise_px=s.noise_nn * nn, background_px=s.background_nn * nn, backend=s.backend)
+        refine_img = None
     tm["bandpass"] = time.perf_counter() - t0
 
     # 3. peaks + sub-pixel refinement (on a lightly smoothed copy of the raw image)
     t0 = time.perf_counter()
-    if refine_img is None and s.refine_background_nn > 0:  # the background out in Fourier space, like the detection's
-        refine_img = bandpass(img, noise_px=refine_noise, background_px=s.refine_background_nn * nn, backend=s.backend)
-    elif refine_img is None:
-        refine_img = ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img
+    if refine_img is None:  # a background of its own, out in Fourier space like the detection's; or none
+        refine_img = (bandpass(img, noise_px=refine_noise, background_px=s.refine_background_nn * nn, backend=s.backend)
+                      if s.refine_background_nn > 0 else
+                      ndimage.gaussian_filter(img, s.refine_noise_nn * nn) if s.refine_noise_nn > 0 else img)
     pk = find_peaks(
         bp,
         min_distance=max(1.0, s.min_distance_nn * nn),
