@@ -31,6 +31,7 @@ __all__ = [
     "set_kernel_threads",
     "kernel_threads",
     "kernel_thread_count",
+    "one_blas_thread",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,3 +238,29 @@ def kernel_threads(n: int | None) -> Iterator[dict[str, int]]:
             import numba
 
             numba.set_num_threads(before["numba"])
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """One BLAS thread (OpenBLAS, MKL, ... as NumPy and SciPy load them) inside the ``with`` block or the
+    decorated function; the previous setting afterwards.
+
+    The pipeline's stages (:func:`stemfast.find_sites`, :func:`stemfast.analysis.analyze_sites`)
+    run under it: their parallelism is the compiled kernels' own threads, and their BLAS calls are
+    small (``N x 4`` products, 2 x 2 solves), so a second BLAS thread does no work worth having --
+    after each call it spins, waiting for the next, on the core the kernels' second thread needs
+    (~0.5 s of CPU on a 4096^2 image on 2 cores). Results do not depend on it. torch's own thread
+    pool is not BLAS and is left alone.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from stemfast.backend import one_blas_thread
+    >>> with one_blas_thread():
+    ...     float((np.ones((300, 4)) @ np.ones(4)).sum())
+    1200.0
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -25,7 +25,7 @@ from .lattice import (
     film_mask,
     local_strain,
 )
-from .backend import get_kernels
+from .backend import get_kernels, one_blas_thread
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting
 from .peaks import find_peaks
@@ -308,6 +308,7 @@ def _empty_table(meta: dict) -> SiteTable:
     return SiteTable(cols, meta)
 
 
+@one_blas_thread()
 def find_sites(
     image,
     *,
