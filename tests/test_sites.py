@@ -372,6 +372,61 @@ def test_anisotropic_lattice_is_measured_and_followed(distortion):
     assert (d_true <= 0.3 * nn).mean() >= 0.99 and (d_site <= 0.3 * nn).mean() >= 0.99
     lat = t.meta["lattice"]
     assert lat["spacing_agreement"] >= 0.99 and not lat.get("unsure"), lat
+    # anisotropic, but regular: no site crowds another
+    assert lat["crowding"]["n_crowded"] == 0 and "warning" not in lat["crowding"], lat["crowding"]
+
+
+def test_crowding_counts_sites_closer_than_a_lattice_allows():
+    """``crowding``: none on a regular lattice (also an anisotropic one, also with a hole, where
+    neighbours are missing, not close); a second site next to some columns makes both crowded, and
+    beyond ``MAX_CROWDED`` a warning names the rows."""
+    from stemfast.sitelattice import border_distance
+    from stemfast.sites import MAX_CROWDED, crowding
+
+    g = np.array([(i + 0.5 * (j % 2), j * np.sqrt(3) / 2) for i in range(40) for j in range(46)]) * 10.0
+    shape = (400, 400)
+    assert crowding(g, shape)["n_crowded"] == 0
+    assert crowding(g * [1.0, 0.82], shape)["n_crowded"] == 0  # 18 % anisotropic
+    hole = np.hypot(*(g - [200.0, 200.0]).T) > 60.0
+    assert crowding(g[hole], shape)["n_crowded"] == 0
+    # a second site 2 px from every column of rows 150-200: crowded there, named in the warning
+    band = (g[:, 1] >= 150) & (g[:, 1] <= 200)
+    c = crowding(np.r_[g, g[band] + [2.0, 0.0]], shape)
+    inner = (border_distance(g, shape) >= 25.0)
+    assert c["n_crowded"] == 2 * (band & inner).sum() and c["fraction"] > MAX_CROWDED and "warning" in c
+    assert len(c["rows"]) == 1 and c["rows"][0][0] <= 155 and c["rows"][0][1] >= 195
+    assert c["rows"][0][1] - c["rows"][0][0] < 150 and "rows" in c["warning"]
+    # `judged` picks the sites counted; all are neighbours
+    j = np.r_[np.ones(len(g), bool), np.zeros(band.sum(), bool)]
+    assert crowding(np.r_[g, g[band] + [2.0, 0.0]], shape, judged=j)["n_crowded"] == (band & inner).sum()
+
+
+def test_a_band_of_disturbed_scan_lines_is_reported_as_crowded():
+    """A band of lines recorded with the slow scan 35 % faster (the real MoS2 scan MoS2_stem of
+    SciLink's history has two such bands): the sites follow the compressed columns there, and
+    ``find_sites`` says so (``LatticeCrowdingWarning``, ``meta["lattice"]["crowding"]["rows"]``
+    around the band). The same image undisturbed has no crowding."""
+    from scipy.ndimage import map_coordinates
+
+    from stemfast.sites import LatticeCrowdingWarning
+
+    s = make_mos2(shape=(300, 256), rotation_deg=8.0, seed=3)
+    H, W = 256, 256
+    y = np.arange(H, dtype=float)
+    ys = np.where(y < 100, y, np.where(y < 140, 100 + (y - 100) * 1.35, y + 40 * 0.35))
+    band = map_coordinates(s.image, np.meshgrid(ys, np.arange(W, dtype=float), indexing="ij"), order=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = find_sites(band)
+    c = t.meta["lattice"]["crowding"]
+    assert any(issubclass(w.category, LatticeCrowdingWarning) for w in caught) and "warning" in c, c
+    # the rows named (bands of 4 spacings) overlap the disturbed band and lie next to it
+    assert any(a <= 140 and b >= 100 for a, b in c["rows"]) and all(b >= 60 and a <= 180 for a, b in c["rows"]), c
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = find_sites(np.ascontiguousarray(s.image[:H]))
+    assert t0.meta["lattice"]["crowding"]["n_crowded"] == 0
+    assert not any(issubclass(w.category, LatticeCrowdingWarning) for w in caught)
 
 
 def test_real_scan_distortion_does_not_make_the_lattice_uncertain():

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import one_blas_thread
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .lattice import nearest_indices
 from .materials import CHALCOGEN, HOLLOW, METAL, get_material
@@ -1081,7 +1080,6 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
 
 
 
-@one_blas_thread()
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
                   edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.

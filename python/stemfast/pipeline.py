@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .analysis import analyze_sites
+from .backend import one_blas_thread
 from .config import PipelineConfig
 from .frontend import MAX_PATCH_BYTES, Prepared, prepare, resample_patches, resample_weights  # noqa: F401
 from .logutil import StageTimings
@@ -67,7 +68,8 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
     a summary dict.
     """
     try:
-        return _analyze(prep, model, config)
+        with one_blas_thread():  # the stages' parallelism is the kernels' own threads (backend.one_blas_thread)
+            return _analyze(prep, model, config)
     finally:
         if isinstance(prep.timings, StageTimings):  # its bar ends with the image (done or failed)
             prep.timings.close()

@@ -86,7 +86,12 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
             prep.sites = with_companion(prep.sites, companion, config.sites)
         if len(prep.patches) and model is None:
             raise RuntimeError("no model: none could be trained (no input of the batch had a lattice)")
-        table, summ = analyze(prep, model, config=config)
+        # what analyze warns of (ClassAgreementWarning) is in its summary (class_warning): logged, not shown twice
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table, summ = analyze(prep, model, config=config)
+        for w in caught:
+            log.info("frame %d: %s", frame, w.message)
     except ValueError as exc:
         rec["error"] = str(exc)
         return FrameResult(rec)
