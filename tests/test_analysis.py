@@ -233,6 +233,40 @@ def test_classes_that_do_not_follow_the_sublattices_are_reported():
     assert "class_warning" in summary
 
 
+def test_class_agreement_is_measured_where_both_readings_of_the_colouring_agree():
+    """A faint chalcogen sublattice under contamination swaps places with the hollow one in the local
+    reading of the colouring (brightness ranks around each site); classes that follow the lattice are
+    not reported as not following it for that (the agreement is measured where the image-wide and the
+    local reading agree), classes that follow the background still are, and with the two readings
+    apart on most sites the local one is the reference."""
+    import warnings
+
+    from stemfast.analysis import _class_agreement
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    sub_global = rng.integers(0, 3, n)
+    sub = sub_global.copy()
+    patch = rng.random(n) < 0.12  # contamination: chalcogen <-> hollow in the local naming
+    sub[patch] = np.array([0, 2, 1])[sub_global[patch]]
+    usable = np.ones(n, bool)
+    settings = AnalysisSettings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ClassAgreementWarning
+        info = _class_agreement(sub_global.copy(), sub, sub_global, usable, settings)
+    assert info["class_sublattice_ari"] == pytest.approx(1.0) and info["class_sublattice_ari_local"] < 0.9
+    assert "class_warning" not in info and info["sublattice_local_vs_global"] == pytest.approx(1 - (patch & (sub_global > 0)).mean())
+    background = (np.arange(n) * 3 // n)  # classes by position, not by sublattice
+    with pytest.warns(ClassAgreementWarning):
+        info = _class_agreement(background, sub, sub_global, usable, settings)
+    assert info["class_sublattice_ari"] < 0.1 and "class_warning" in info
+    far = sub.copy()
+    far[: int(0.3 * n)] = (sub_global[: int(0.3 * n)] + 1) % 3  # the readings disagree on 30 %: local is the reference
+    with pytest.warns(ClassAgreementWarning):
+        info = _class_agreement(sub_global.copy(), far, sub_global, usable, settings)
+    assert info["class_sublattice_ari"] == info["class_sublattice_ari_local"] < 0.9
+
+
 def test_masked_row_median_matches_nanmedian():
     """The sort-based per-row median of the local references equals np.nanmedian with the
     unselected entries set to NaN (odd, even, one and no selected entries per row)."""

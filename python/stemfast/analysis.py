@@ -40,8 +40,10 @@ Sites in a band along the border where the scan sets the intensity (``observed``
 Class numbering is stable from image to image: classes are sorted by mean site intensity, so
 class 0 is the brightest (the metal in HAADF), 1 the next (chalcogen pair), 2 the darkest (hollow).
 The summary reports ``class_sublattice_ari``, the adjusted Rand index between the learned classes
-and the local sublattices, and warns (:class:`ClassAgreementWarning`) when it is below
-``AnalysisSettings.min_class_agreement``.
+and the sublattices (on the sites where the lattice's image-wide three-colouring and the local one
+agree, :func:`_class_agreement`), and warns (:class:`ClassAgreementWarning`) when it is below
+``AnalysisSettings.min_class_agreement``; ``class_sublattice_ari_local`` is the same against the local
+sublattices on every judged site.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class AnalysisSettings:
         are of its own sublattice; 300 = a disc of ~9 spacings radius, ~100 references).
     node_tolerance : a neighbour is a reference only when its offset lies within this many lattice
         units of a node of the site's local lattice (per coordinate).
-    min_class_agreement : warn when the ARI of classes vs local sublattices is below this.
+    min_class_agreement : warn when the ARI of classes vs the sublattices (``class_sublattice_ari``) is below this.
     local_background : subtract from every site's intensity the median of the hexagon centres next to
         it (they see only the support and what lies on it: contamination, thickness), before it is
         compared with its references.
@@ -1060,15 +1062,30 @@ def class_sublattices(cls: np.ndarray, sub: np.ndarray, material: str = "mos2") 
     return out
 
 
+#: the sublattice agreement is measured on the sites both readings of the lattice's colouring agree on
+#: when they are at least this share of the judged sites (else on all of them, against the local one)
+MIN_CONSENSUS = 0.8
+
+
 def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, usable: np.ndarray,
                      settings: AnalysisSettings, material: str = "mos2") -> dict:
-    """Do the learned classes follow the sublattices? ARI against the local three-colouring on the
-    ``usable`` sites (observed, not defects), with a :class:`ClassAgreementWarning` when low; and
-    the sublattice each class sits on (:func:`class_sublattices`)."""
+    """Do the learned classes follow the sublattices? ARI of the classes against the sublattices on the
+    ``usable`` sites (observed, not defects) whose sublattice the two readings of the lattice's
+    three-colouring agree on: the image-wide one (``sub_global``, the ``sublattice`` column: the
+    colouring of the lattice indices, named per grain) and the local one (``sub``, named by the
+    brightness ranks around each site). Each reading fails its own way -- the local naming swaps a
+    faint chalcogen sublattice with the hollow one under contamination, the image-wide colouring can
+    slip across a line defect -- and classes that follow contamination instead of the structure
+    disagree with both. (On all judged sites against the local reading when the two agree on fewer than
+    :data:`MIN_CONSENSUS` of them.) A :class:`ClassAgreementWarning` when low; also the ARI against the
+    local reading on all judged sites, and the sublattice each class sits on (:func:`class_sublattices`)."""
     judged = usable & (sub >= 0)
-    agreement = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
-    info: dict = {"class_sublattice_ari": agreement, "class_sublattice": class_sublattices(cls[judged], sub[judged],
-                                                                                          material)}
+    both = judged & (sub == sub_global)
+    ref = both if both.sum() > 1 and both.sum() >= MIN_CONSENSUS * judged.sum() else judged
+    agreement = _ari(cls[ref], sub[ref]) if ref.sum() > 1 else float("nan")
+    info: dict = {"class_sublattice_ari": agreement,
+                  "class_sublattice_ari_local": _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan"),
+                  "class_sublattice": class_sublattices(cls[judged], sub[judged], material)}
     if judged.any():
         info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
     if np.isfinite(agreement) and agreement < settings.min_class_agreement:

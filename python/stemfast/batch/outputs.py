@@ -294,6 +294,7 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "lattice": lattice_summary(fm, src.info),
         # do the learned classes follow the metal / chalcogen / hollow sublattices (analysis.analyze_sites)
         "class_sublattice_ari": median_finite(m.get("class_sublattice_ari") for m in fm),
+        "class_sublattice_ari_local": median_finite(m.get("class_sublattice_ari_local") for m in fm),
         # the sublattice each class sits on, and the share of its sites there
         "class_sublattice": class_sublattice_summary(fm),
         # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
