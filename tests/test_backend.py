@@ -228,3 +228,40 @@ def test_kernel_threads_sets_and_restores():
     finally:
         set_kernel_threads(None)
     assert get_kernel_threads() == before  # None = the default (the core count)
+
+
+def test_one_blas_thread_sets_and_restores_blas_threads():
+    """Inside ``one_blas_thread`` BLAS runs one thread (nested blocks too); the setting before is back
+    afterwards -- also after overlapping blocks in several threads have left in any order (OpenBLAS's
+    setting is process-wide: the first block sets it, the last to leave restores it)."""
+    import threading
+
+    import numpy as np  # noqa: F401  (loads NumPy's BLAS)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from stemfast.backend import one_blas_thread
+
+    def blas():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas()
+        with one_blas_thread():
+            assert set(blas()) == {1}
+            with one_blas_thread():
+                assert set(blas()) == {1}
+            assert set(blas()) == {1}
+        assert blas() == before
+        a_in, b_in, a_go, b_go = (threading.Event() for _ in range(4))
+
+        def worker(entered, go):
+            with one_blas_thread():
+                entered.set()
+                go.wait(10)
+
+        ta = threading.Thread(target=worker, args=(a_in, a_go))
+        tb = threading.Thread(target=worker, args=(b_in, b_go))
+        ta.start(); a_in.wait(10); tb.start(); b_in.wait(10)
+        a_go.set(); ta.join(10)  # the first to enter leaves first
+        b_go.set(); tb.join(10)
+        assert blas() == before

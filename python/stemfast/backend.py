@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -240,6 +241,11 @@ def kernel_threads(n: int | None) -> Iterator[dict[str, int]]:
             numba.set_num_threads(before["numba"])
 
 
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_limits = None
+
+
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """One BLAS thread (OpenBLAS, MKL, ... as NumPy and SciPy load them) inside the ``with`` block or the
@@ -250,7 +256,8 @@ def one_blas_thread() -> Iterator[None]:
     small (``N x 4`` products, 2 x 2 solves), so a second BLAS thread does no work worth having --
     after each call it spins, waiting for the next, on the core the kernels' second thread needs
     (~0.5 s of CPU on a 4096^2 image on 2 cores). Results do not depend on it. torch's own thread
-    pool is not BLAS and is left alone.
+    pool is not BLAS and is left alone. Blocks entered by several threads at once (a Dask worker with
+    several threads) share one setting: the first sets it, the last to leave restores the previous one.
 
     Examples
     --------
@@ -260,7 +267,18 @@ def one_blas_thread() -> Iterator[None]:
     ...     float((np.ones((300, 4)) @ np.ones(4)).sum())
     1200.0
     """
-    from threadpoolctl import threadpool_limits
+    global _blas_depth, _blas_limits
+    with _blas_lock:  # BLAS settings are process-wide: set by the first block entered, restored by the last left
+        if _blas_depth == 0:
+            from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
+        _blas_depth += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0 and _blas_limits is not None:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
