@@ -534,3 +534,9 @@ def test_report_counts_each_warning_once_and_shows_the_texture_warning(tmp_path)
     html = (tmp_path / "report.html").read_text()
     assert "(3 warnings)" in html and "(5 warnings)" not in html
     assert "374 sites (13.3%) lie where the model reconstructs" in html
+    # and each is shown once in the input's section (a summary with them under their own keys only: once too)
+    assert html.count("374 sites (13.3%)") == 1 and html.count("the learned classes do not follow") == 1
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[{**summ, "warnings": []}], out_dir=tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("374 sites (13.3%)") == 1 and html.count("the learned classes do not follow") == 1

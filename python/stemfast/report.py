@@ -488,7 +488,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  + _kind_legend(kinds, lat.get("material"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
     for key in ("class_warning", "texture_warning"):
-        if s.get(key):
+        if s.get(key) and s[key] not in warns:  # not twice: the warnings at the top may hold it already
             parts.append(f"<p class='warn'>{_e(s[key])}</p>")
     parts.append(_edge_note(s.get("edge_z_spread")))
     parts.append(_scan_note(lat.get("scan_lines") or {}))
