@@ -395,7 +395,10 @@ def test_crowding_counts_sites_closer_than_a_lattice_allows():
     inner = (border_distance(g, shape) >= 25.0)
     assert c["n_crowded"] == 2 * (band & inner).sum() and c["fraction"] > MAX_CROWDED and "warning" in c
     assert len(c["rows"]) == 1 and c["rows"][0][0] <= 155 and c["rows"][0][1] >= 195
-    assert c["rows"][0][1] - c["rows"][0][0] < 150 and "rows" in c["warning"]
+    assert c["rows"][0][1] - c["rows"][0][0] < 150 and c["in_rows"] == 1.0 and "rows" in c["warning"]
+    # crowding spread over every row: none named
+    spread = crowding(np.r_[g, g[::12] + [2.0, 0.0]], shape)
+    assert "warning" in spread and "rows" not in spread["warning"]
     # `judged` picks the sites counted; all are neighbours
     j = np.r_[np.ones(len(g), bool), np.zeros(band.sum(), bool)]
     assert crowding(np.r_[g, g[band] + [2.0, 0.0]], shape, judged=j)["n_crowded"] == (band & inner).sum()

@@ -855,7 +855,9 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         ``fraction`` (crowded share of the interior judged sites), ``n_crowded``, ``n_judged``,
         ``spacing_px`` (the typical spacing), ``rows`` ([[y0, y1], ...]: bands of image rows, about
         :data:`CROWDED_BAND_NN` spacings high, where at least :data:`CROWDED_BAND_SHARE` of the judged
-        sites are crowded) and, above :data:`MAX_CROWDED`, ``warning`` (a sentence for the summary).
+        sites are crowded), ``in_rows`` (the share of the crowded sites in them; the warning names the
+        rows when they hold at least half of them in less than half of the image) and, above :data:`MAX_CROWDED`, ``warning`` (a sentence for
+        the summary).
 
     Examples
     --------
@@ -896,8 +898,16 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
             else:
                 rows.append([y0, y1])
         out["rows"] = rows
+        inside = np.zeros(len(y), bool)
+        for a, b in rows:
+            inside |= (y >= a) & (y <= b + 1)
+        out["in_rows"] = round(float(inside[crowded].mean()), 4)  # share of the crowded sites in those rows
     if frac > MAX_CROWDED:
-        where = (" (mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]) + ")") if out["rows"] else ""
+        # the rows named where they hold most of it in less than half the image (disturbed scan lines run
+        # along the rows)
+        covered = sum(b - a + 1 for a, b in out["rows"])
+        where = (" (mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]) + ")"
+                 if out["rows"] and out["in_rows"] >= 0.5 and covered < 0.5 * shape[0] else "")
         out["warning"] = (f"{100 * frac:.1f}% of the sites have another site closer than {CROWDED_NN:g} spacings"
                           f"{where}: the recorded lattice is locally compressed or doubled there (disturbed scan "
                           "lines, a line defect); positions follow the recorded image, and their neighbourhoods, "
