@@ -405,9 +405,8 @@ def test_crowding_counts_sites_closer_than_a_lattice_allows():
 
 
 def test_a_band_of_disturbed_scan_lines_is_reported_as_crowded():
-    """A band of lines recorded with the slow scan 35 % faster (the real MoS2 scan MoS2_stem of
-    SciLink's history has two such bands): the sites follow the compressed columns there, and
-    ``find_sites`` says so (``LatticeCrowdingWarning``, ``meta["lattice"]["crowding"]["rows"]``
+    """A band of lines recorded with the slow scan 35 % faster: the sites follow the compressed
+    columns there, and ``find_sites`` says so (``LatticeCrowdingWarning``, ``meta["lattice"]["crowding"]["rows"]``
     around the band). The same image undisturbed has no crowding."""
     from scipy.ndimage import map_coordinates
 

@@ -71,7 +71,7 @@ class LatticeDistortionWarning(UserWarning):
 
 class LatticeCrowdingWarning(UserWarning):
     """Part of the site table is crowded: sites closer together than a regular lattice allows (see
-    ``meta["lattice"]["crowding"]``), where the recorded lattice is locally compressed or doubled."""
+    ``meta["lattice"]["crowding"]``): where the site lattice found is locally compressed or doubled."""
 
 
 @dataclass(frozen=True)
@@ -821,8 +821,8 @@ def _iso_spacing(basis: np.ndarray) -> np.ndarray:
 #: has, and what the shared physics check (``check_lattice.py``: six neighbours within +-25 %) fails
 CROWDED_NN = 0.75
 #: share of crowded interior sites above which the table is reported as crowded (a warning). The shared
-#: real and simulated images have 0-1.3 %; a real MoS2 scan with bands of disturbed lines (the
-#: columns there recorded compressed) 6 %
+#: real and simulated images have 0-1.3 %; a real MoS2 scan (SciLink's ``MoS2_stem``) where the
+#: lattice adds sites too close to the found columns in two bands of rows 6 %
 MAX_CROWDED = 0.03
 #: rows of the image (in bands of this many spacings) named in the warning: those whose judged sites are
 #: crowded at least this often
@@ -837,9 +837,11 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     spacing (the median distance of the judged interior sites to their six nearest sites). Counted
     over the *interior* judged sites (at least 2.5 typical spacings from the image edge, where the
     six neighbours are all inside). A regular site table -- also an anisotropic one, also around a
-    hole, where neighbours are missing, not close -- has none; crowding comes from a lattice that is
-    locally compressed or doubled in the recorded image (a band of disturbed scan lines, a line
-    defect), or from two sites for one column.
+    hole, where neighbours are missing, not close -- has none. Crowding comes from a site lattice
+    that is locally compressed or doubled: where the recorded lattice is (a band of scan lines
+    recorded off pace), or where the local fits have taken one node row too many (a disturbed region:
+    contamination, scan glitches, a line defect -- the added sites then crowd the found columns), or
+    from two sites for one column.
 
     Parameters
     ----------
@@ -909,9 +911,9 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         where = (" (mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]) + ")"
                  if out["rows"] and out["in_rows"] >= 0.5 and covered < 0.5 * shape[0] else "")
         out["warning"] = (f"{100 * frac:.1f}% of the sites have another site closer than {CROWDED_NN:g} spacings"
-                          f"{where}: the recorded lattice is locally compressed or doubled there (disturbed scan "
-                          "lines, a line defect); positions follow the recorded image, and their neighbourhoods, "
-                          "classes and scores are less sure there -- check the class overlay")
+                          f"{where}: the site lattice is locally compressed or doubled there (a disturbed region: "
+                          "scan glitches, contamination, a line defect), so sites, sublattices, classes and scores "
+                          "there are not sure -- check the class overlay")
     return out
 
 
