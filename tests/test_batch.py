@@ -508,7 +508,8 @@ def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     w = lattice_warnings(lat)
     assert len(w) == 2 and "weak Bragg ring" in w[0] and "16.6" in w[1] and "12.1" in w[1]
     assert lattice_warnings({"unsure": [], "calibration_ok": True}) == [] and lattice_warnings(None) == []
-    assert lattice_warnings({"crowding": {"fraction": 0.06, "warning": "6.0% of the sites ..."}}) == ["6.0% of the sites ..."]
+    crowded = {"crowding": {"fraction": 0.06, "warning": "6.0% of the sites ..."}}
+    assert lattice_warnings(crowded) == ["6.0% of the sites ..."]
     assert lattice_warnings({"crowding": {"fraction": 0.01}}) == []
     assert lattice_warnings({**lat, "calibration_fits": ["wse2", "mose2"]})[1].endswith(
         "(with this pixel size it fits wse2 or mose2: --material)")

@@ -858,8 +858,8 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         ``spacing_px`` (the typical spacing), ``rows`` ([[y0, y1], ...]: bands of image rows, about
         :data:`CROWDED_BAND_NN` spacings high, where at least :data:`CROWDED_BAND_SHARE` of the judged
         sites are crowded), ``in_rows`` (the share of the crowded sites in them; the warning names the
-        rows when they hold at least half of them in less than half of the image) and, above :data:`MAX_CROWDED`, ``warning`` (a sentence for
-        the summary).
+        rows when they hold at least half of them in less than half of the image) and, above
+        :data:`MAX_CROWDED`, ``warning`` (a sentence for the summary).
 
     Examples
     --------
