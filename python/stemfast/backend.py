@@ -256,8 +256,9 @@ def one_blas_thread() -> Iterator[None]:
     kernels' own threads, and their BLAS calls are small (``N x 4`` products, 2 x 2 solves), so a
     second BLAS thread does no work worth having -- after each call it spins, waiting for the next,
     on the core the kernels' second thread needs (~0.5 s of CPU on a 4096^2 image on 2 cores).
-    Results do not depend on it. torch's own thread pool is not BLAS and is left alone. Blocks entered by several threads at once (a Dask worker with
-    several threads) share one setting: the first sets it, the last to leave restores the previous one.
+    Results do not depend on it. torch's own thread pool is not BLAS and is left alone. Blocks
+    entered by several threads at once (a Dask worker with several threads) share one setting: the
+    first sets it, the last to leave restores the previous one.
 
     Examples
     --------
