@@ -399,9 +399,11 @@ def test_crowding_counts_sites_closer_than_a_lattice_allows():
     # crowding spread over every row: none named
     spread = crowding(np.r_[g, g[::12] + [2.0, 0.0]], shape)
     assert "warning" in spread and "rows" not in spread["warning"]
-    # `judged` picks the sites counted; all are neighbours
+    # `judged` picks the sites counted; all are neighbours; `mark` flags every crowded judged site, edge too
     j = np.r_[np.ones(len(g), bool), np.zeros(band.sum(), bool)]
-    assert crowding(np.r_[g, g[band] + [2.0, 0.0]], shape, judged=j)["n_crowded"] == (band & inner).sum()
+    mark = np.zeros(len(j), bool)
+    assert crowding(np.r_[g, g[band] + [2.0, 0.0]], shape, judged=j, mark=mark)["n_crowded"] == (band & inner).sum()
+    assert (mark == np.r_[band, np.zeros(band.sum(), bool)]).all()
 
 
 def test_a_band_of_disturbed_scan_lines_is_reported_as_crowded():
@@ -422,12 +424,14 @@ def test_a_band_of_disturbed_scan_lines_is_reported_as_crowded():
         t = find_sites(band)
     c = t.meta["lattice"]["crowding"]
     assert any(issubclass(w.category, LatticeCrowdingWarning) for w in caught) and "warning" in c, c
+    crowded = np.asarray(t["crowded"], bool)  # the sites flagged: in and next to the band
+    assert crowded.sum() >= c["n_crowded"] and np.all(np.abs(np.asarray(t["y"])[crowded] - 120) < 60)
     # the rows named (bands of 4 spacings) overlap the disturbed band and lie next to it
     assert any(a <= 140 and b >= 100 for a, b in c["rows"]) and all(b >= 60 and a <= 180 for a, b in c["rows"]), c
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = find_sites(np.ascontiguousarray(s.image[:H]))
-    assert t0.meta["lattice"]["crowding"]["n_crowded"] == 0
+    assert t0.meta["lattice"]["crowding"]["n_crowded"] == 0 and not np.asarray(t0["crowded"]).any()
     assert not any(issubclass(w.category, LatticeCrowdingWarning) for w in caught)
 
 

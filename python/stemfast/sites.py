@@ -353,10 +353,12 @@ def find_sites(
         rotation against the median lattice of the site's grain), ``grain`` (grain id, 0 the
         largest; 0 everywhere on a single crystal), ``grain_boundary`` (True within
         ``grains.boundary_nn`` spacings of another grain: where the defects of a polycrystal live),
+        ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings, :func:`crowding`),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
         settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
         strain, :func:`stemfast.sitelattice.lattice_distortion`; a :class:`LatticeDistortionWarning`
-        beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["crowding"]`` how many sites are crowded and where
+        (a :class:`LatticeCrowdingWarning` beyond ``MAX_CROWDED``); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
         :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
         map, fill-in, lattice indices, sublattice ranking and strain reference).
@@ -404,7 +406,8 @@ def find_sites(
     angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
     lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
     judged = nodes & ~np.asarray(cols["grain_boundary"], bool)
-    lattice_meta["crowding"] = crowding(idx.xy, img.shape, judged=judged, backend=s.backend)
+    cols["crowded"] = np.zeros(len(idx.xy), bool)
+    lattice_meta["crowding"] = crowding(idx.xy, img.shape, judged=judged, backend=s.backend, mark=cols["crowded"])
     if "warning" in lattice_meta["crowding"]:
         warnings.warn(lattice_meta["crowding"]["warning"], LatticeCrowdingWarning, stacklevel=2)
     meta.update(
@@ -830,7 +833,7 @@ CROWDED_BAND_NN, CROWDED_BAND_SHARE = 4.0, 0.1
 
 
 def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | None = None,
-             backend: str | None = None) -> dict:
+             backend: str | None = None, mark: np.ndarray | None = None) -> dict:
     """How many sites of a table sit closer to another one than a regular lattice allows.
 
     A site is *crowded* when its nearest site is closer than :data:`CROWDED_NN` times the typical
@@ -850,6 +853,8 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     judged : bool [N], optional: the sites to count (e.g. lattice sites off grain boundaries); all
         sites are neighbours either way.
     backend : kernel backend of the neighbour search.
+    mark : bool [N], optional: set True (in place) at every judged site that is crowded, near the
+        edge too (the ``crowded`` column of :func:`find_sites`).
 
     Returns
     -------
@@ -880,6 +885,8 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     nb = nearest_indices(xy, 7, xy[judged], backend=backend)[:, 1:]
     d = np.hypot(*(xy[nb] - xy[judged][:, None, :]).transpose(2, 0, 1))
     spacing = float(np.median(d))
+    if mark is not None:
+        mark[np.flatnonzero(judged)[d[:, 0] < CROWDED_NN * spacing]] = True
     inner = border_distance(xy[judged], shape) >= 2.5 * spacing
     if inner.sum() < 8:
         return out
@@ -901,8 +908,8 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
                 rows.append([y0, y1])
         out["rows"] = rows
         inside = np.zeros(len(y), bool)
-        for a, b in rows:
-            inside |= (y >= a) & (y <= b + 1)
+        for y0, y1 in rows:
+            inside |= (y >= y0) & (y <= y1 + 1)
         out["in_rows"] = round(float(inside[crowded].mean()), 4)  # share of the crowded sites in those rows
     if frac > MAX_CROWDED:
         # the rows named where they hold most of it in less than half the image (disturbed scan lines run
