@@ -319,3 +319,22 @@ def test_cli_model_choice_options():
         with pytest.raises(SystemExit):
             p.parse_args(cmd + ["--train", "--finetune", "5"])
     assert p.parse_args(["bench", "--train"]).train is True
+
+
+def test_bench_total_is_the_wall_time(tmp_path, capsys):
+    """``bench``'s total is the frame's wall time from image to table: what no stage timer holds
+    (tables, the lattice's summary and checks) is its own ``other`` row, so sites/s is end to end."""
+    import json
+    import time
+
+    from stemfast.cli import main
+
+    t0 = time.perf_counter()
+    assert main(["bench", "--size", "256", "--no-warmup", "--json", str(tmp_path / "b.json")]) == 0
+    elapsed = time.perf_counter() - t0
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "b.json").read_text())["stages"]}
+    assert "other" in rows and rows["other"]["seconds"] >= 0
+    stages = sum(r["seconds"] for k, r in rows.items() if k != "total")
+    assert rows["total"]["seconds"] == pytest.approx(stages)
+    assert rows["total"]["seconds"] <= elapsed  # (rendering the synthetic image and loading the model are not in it)
+    assert "other" in capsys.readouterr().out
