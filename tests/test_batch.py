@@ -230,6 +230,41 @@ def test_a_dense_class_map_adds_a_full_resolution_crop(tmp_path):
     assert sizes[5.0][0] / sizes[5.0][1] > 1.7 and sizes[24.0][0] / sizes[24.0][1] < 1.4, sizes
 
 
+def test_class_map_marks_crowded_sites(tmp_path, monkeypatch):
+    """Crowded sites (the ``crowded`` column) get a cross on the class map and a legend entry with
+    their count; without any, neither."""
+    import stemfast.report as report
+
+    seen = []
+    orig = report._draw_sites
+
+    def spy(ax, x, y, cid, is_defect, s, **kw):
+        seen.append(None if kw.get("crowded") is None else int(np.sum(kw["crowded"])))
+        return orig(ax, x, y, cid, is_defect, s, **kw)
+
+    monkeypatch.setattr(report, "_draw_sites", spy)
+    labels = []
+    orig_legend = report.pyplot().Axes.legend
+
+    def legend(self, *a, **kw):
+        labels.extend(h.get_label() for h in kw.get("handles", []))
+        return orig_legend(self, *a, **kw)
+
+    monkeypatch.setattr(report.pyplot().Axes, "legend", legend)
+    g = np.arange(4.0, 200.0, 12.0)
+    xx, yy = np.meshgrid(g, g)
+    x, y = xx.ravel(), yy.ravel()
+    cid = (np.arange(len(x)) % 3).astype(np.int64)
+    crowded = np.zeros(len(x), bool)
+    crowded[:7] = True
+    img = np.random.default_rng(0).normal(size=(200, 200)).astype(np.float32)
+    report.plot_class_map(tmp_path / "c.png", img, x, y, cid, spacing_px=12.0, crowded=crowded)
+    assert (tmp_path / "c.png").stat().st_size > 0 and seen == [7] and "crowded (7)" in labels
+    seen.clear(), labels.clear()
+    report.plot_class_map(tmp_path / "d.png", img, x, y, cid, spacing_px=12.0)
+    assert seen == [0] and not any(lab.startswith("crowded") for lab in labels)
+
+
 # ----------------------------------------------------------------------------- rerun
 
 

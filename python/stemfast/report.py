@@ -60,6 +60,8 @@ _MAX_DISPLAY_PX = 2048  # images are shown downsampled (block mean) to at most t
 
 #: colour of the ring around a defect in the class map
 DEFECT_RING = "#ffd600"
+#: colour of the cross on a crowded site (the ``crowded`` column) in the class map
+CROWDED_MARK = "#ffffff"
 
 
 def class_color(class_id: int) -> str:
@@ -109,7 +111,8 @@ ZOOM_SPACINGS = 24
 
 def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y: np.ndarray,
                    class_id: np.ndarray, *, spacing_px: float | None = None, title: str | None = None,
-                   is_defect: np.ndarray | None = None, class_names: dict | None = None, dpi: int = 110) -> None:
+                   is_defect: np.ndarray | None = None, class_names: dict | None = None,
+                   crowded: np.ndarray | None = None, dpi: int = 110) -> None:
     """Write a PNG of ``image`` with every site as a dot coloured by its class id.
 
     Parameters
@@ -125,6 +128,8 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     is_defect : optional bool per site; flagged sites get a yellow ring.
     class_names : optional ``{class id (str or int): name}`` for the legend (e.g. the sublattice the
         class sits on).
+    crowded : optional bool per site; crowded sites (the ``crowded`` column: another site closer than
+        a regular lattice allows) get a white cross.
     """
     plt = pyplot()
     from matplotlib.lines import Line2D
@@ -139,6 +144,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     y = np.asarray(y, dtype=float)
     cid = np.asarray(class_id, dtype=np.int64) if len(x) else np.zeros(0, np.int64)
     d = np.asarray(is_defect, bool) if is_defect is not None and len(x) else np.zeros(len(x), bool)
+    cr = np.asarray(crowded, bool) if crowded is not None and len(x) else np.zeros(len(x), bool)
     dense = bool(len(x) and spacing_px and np.isfinite(spacing_px) and _dot_pt(fig_w, W * f, spacing_px) < MIN_DOT_PT)
     legend_w = 2.6 if class_names else 1.8
     if dense:
@@ -152,7 +158,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     s = _marker_size(fig_w, W * f, spacing_px)
     # on a dense map the classes are left to the crop (dots under a display pixel only make moire) and
     # the defect rings are drawn thin, or 10^4 of them cover the image
-    _draw_sites(ax, x, y, cid, d, s, ring_lw=0.3 if dense else 1.2, classes=not dense)
+    _draw_sites(ax, x, y, cid, d, s, ring_lw=0.3 if dense else 1.2, classes=not dense, crowded=cr)
     ax.set_xlim(-0.5, W * f - 0.5)
     ax.set_ylim(H * f - 0.5, -0.5)
     ax.set_xlabel("x (px)")
@@ -168,7 +174,7 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
                   extent=(x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5))
         inside = (x >= x0 - 0.5) & (x <= x1 - 0.5) & (y >= y0 - 0.5) & (y <= y1 - 0.5)
         _draw_sites(az, x[inside], y[inside], cid[inside], d[inside], _marker_size(fig_w, x1 - x0, spacing_px, 0.4),
-                    ring_lw=1.2)
+                    ring_lw=1.2, crowded=cr[inside])
         az.set_xlim(x0 - 0.5, x1 - 0.5)
         az.set_ylim(y1 - 0.5, y0 - 0.5)
         az.set_xlabel("x (px)")
@@ -180,6 +186,9 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     if d.any():
         # a yellow ring: a black one vanished on the dark image between the columns
         handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=DEFECT_RING, label=f"defect ({int(d.sum())})"))
+    if cr.any():
+        handles.append(Line2D([], [], marker="x", ls="", color=CROWDED_MARK, mew=1.5, label=f"crowded ({int(cr.sum())})",
+                              path_effects=[_crowded_outline()]))
     if handles:
         (az if az is not None else ax).legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                                               fontsize=8, frameon=False)
@@ -191,14 +200,26 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     save_figure(fig, path, dpi)
 
 
-def _draw_sites(ax, x, y, cid, is_defect, s: float, *, ring_lw: float, classes: bool = True) -> None:
-    """Class-coloured dots of area ``s`` (pt^2; with ``classes``) and yellow rings around the defects."""
+def _draw_sites(ax, x, y, cid, is_defect, s: float, *, ring_lw: float, classes: bool = True,
+                crowded: np.ndarray | None = None) -> None:
+    """Class-coloured dots of area ``s`` (pt^2; with ``classes``), yellow rings around the defects and
+    white crosses on the ``crowded`` sites."""
     for c in sorted(set(cid.tolist())) if classes else ():
         m = cid == c
         ax.scatter(x[m], y[m], s=s, c=class_color(c), linewidths=0, alpha=0.85)
     if is_defect.any():
         ax.scatter(x[is_defect], y[is_defect], s=s * 4, facecolors="none", edgecolors=DEFECT_RING,
                    linewidths=ring_lw)
+    if crowded is not None and crowded.any():
+        ax.scatter(x[crowded], y[crowded], s=s * 1.5, marker="x", c=CROWDED_MARK, linewidths=ring_lw,
+                   path_effects=[_crowded_outline()])
+
+
+def _crowded_outline():
+    """A thin dark outline under the white crowded cross: it shows on light image and legend too."""
+    from matplotlib import patheffects
+
+    return patheffects.withStroke(linewidth=2.5, foreground="#202020")
 
 
 def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
