@@ -576,3 +576,24 @@ def test_report_counts_each_warning_once_and_shows_the_texture_warning(tmp_path)
                       summaries=[{**summ, "warnings": []}], out_dir=tmp_path)
     html = (tmp_path / "report.html").read_text()
     assert html.count("374 sites (13.3%)") == 1 and html.count("the learned classes do not follow") == 1
+
+
+def test_a_stacks_repeated_warnings_are_one_line_with_their_frames():
+    """A warning every frame of a series gives, with its own numbers (anisotropy, crowding), is one
+    line naming the frames (as ranges) and worded as the first of them; a single image's warnings are
+    listed as they are, once each."""
+    from stemfast.batch.outputs import InputSource, frame_ranges, input_warnings
+
+    def meta(f, aniso):
+        return {"frame": f, "warnings": [],
+                "lattice": {"distortion": {"warning": f"the lattice is anisotropic by {aniso:.1f}% (...)"},
+                            **({"unsure": ["weak Bragg ring"]} if f == 4 else {})}}
+
+    fm = [meta(f, 18.0 + 0.1 * f) for f in range(6)]
+    stack = InputSource(entry=None, n_frames=6, is_stack=True, info={"notes": ["a note"]}, get_frame=None)
+    w = input_warnings(stack, fm)
+    assert w == ["a note", "frames 0-5 (as in frame 0): the lattice is anisotropic by 18.0% (...)",
+                 "frame 4: the site lattice is uncertain: weak Bragg ring"]
+    single = InputSource(entry=None, n_frames=1, is_stack=False, info={}, get_frame=None)
+    assert input_warnings(single, fm[:1] * 2) == ["the lattice is anisotropic by 18.0% (...)"]
+    assert frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8" and frame_ranges([3]) == "3"

@@ -187,8 +187,8 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
         # a yellow ring: a black one vanished on the dark image between the columns
         handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec=DEFECT_RING, label=f"defect ({int(d.sum())})"))
     if cr.any():
-        handles.append(Line2D([], [], marker="x", ls="", color=CROWDED_MARK, mew=1.5, label=f"crowded ({int(cr.sum())})",
-                              path_effects=[_crowded_outline()]))
+        handles.append(Line2D([], [], marker="x", ls="", color=CROWDED_MARK, mew=1.5,
+                              label=f"crowded ({int(cr.sum())})", path_effects=[_crowded_outline()]))
     if handles:
         (az if az is not None else ax).legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                                               fontsize=8, frameon=False)

@@ -358,7 +358,8 @@ def find_sites(
         settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
         strain, :func:`stemfast.sitelattice.lattice_distortion`; a :class:`LatticeDistortionWarning`
         beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["crowding"]`` how many sites are crowded and where
-        (a :class:`LatticeCrowdingWarning` beyond ``MAX_CROWDED``); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        (a :class:`LatticeCrowdingWarning` beyond ``MAX_CROWDED``); ``meta["lattice"]["n_grains"]``, and for a
+        polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
         :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
         map, fill-in, lattice indices, sublattice ranking and strain reference).

@@ -7,6 +7,7 @@ process or from the parts a Dask cluster wrote -- and writes the same files eith
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,15 +217,46 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
 
 
 def input_warnings(src: InputSource, frames_meta: list[dict]) -> list[str]:
-    """The reader's notes, then every frame's warnings and lattice warnings (once each; a stack's
-    prefixed with the frame)."""
+    """The reader's notes, then every frame's warnings and lattice warnings, once each. In a stack,
+    the warnings that differ from frame to frame in their numbers only (the anisotropy of every frame
+    of a series) are one line, prefixed with the frames that have it and worded as the first of them
+    has it."""
     warns: list[str] = list(src.info.get("notes", []))
+    groups: dict[str, tuple[str, list[int]]] = {}
     for m in frames_meta:
         for w in list(m.get("warnings") or []) + lattice_warnings(m.get("lattice")):
-            w = w if not src.is_stack else f"frame {m['frame']}: {w}"
-            if w not in warns:
-                warns.append(w)
+            if not src.is_stack:
+                if w not in warns:
+                    warns.append(w)
+                continue
+            first, frames = groups.setdefault(_NUMBER.sub("#", w), (w, []))
+            if m["frame"] not in frames:
+                frames.append(int(m["frame"]))
+    for first, frames in groups.values():
+        where = f"frame {frames[0]}" if len(frames) == 1 else f"frames {frame_ranges(frames)} (as in frame {frames[0]})"
+        warns.append(f"{where}: {first}")
     return warns
+
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def frame_ranges(frames: Iterable[int]) -> str:
+    """Frame numbers as ranges.
+
+    >>> frame_ranges([0, 1, 2, 5, 7, 8])
+    '0-2, 5, 7-8'
+    """
+    out: list[str] = []
+    fs = sorted(set(int(f) for f in frames))
+    i = 0
+    while i < len(fs):
+        j = i
+        while j + 1 < len(fs) and fs[j + 1] == fs[j] + 1:
+            j += 1
+        out.append(str(fs[i]) if i == j else f"{fs[i]}-{fs[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def lattice_summary(frames_meta: list[dict], info: dict) -> dict:
