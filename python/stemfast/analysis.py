@@ -1081,10 +1081,10 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
     local reading on all judged sites, and the sublattice each class sits on (:func:`class_sublattices`)."""
     judged = usable & (sub >= 0)
     both = judged & (sub == sub_global)
-    ref = both if both.sum() > 1 and both.sum() >= MIN_CONSENSUS * judged.sum() else judged
-    agreement = _ari(cls[ref], sub[ref]) if ref.sum() > 1 else float("nan")
-    info: dict = {"class_sublattice_ari": agreement,
-                  "class_sublattice_ari_local": _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan"),
+    local = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
+    consensus = both.sum() > 1 and both.sum() >= MIN_CONSENSUS * judged.sum()
+    agreement = _ari(cls[both], sub[both]) if consensus else local
+    info: dict = {"class_sublattice_ari": agreement, "class_sublattice_ari_local": local,
                   "class_sublattice": class_sublattices(cls[judged], sub[judged], material)}
     if judged.any():
         info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))

@@ -24,6 +24,7 @@ from .lattice import (
     LatticeSettings,
     film_mask,
     local_strain,
+    nearest_indices,
 )
 from .backend import get_kernels
 from .patches import site_intensity
@@ -882,8 +883,6 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     >>> round(c["fraction"], 3), "warning" in c
     (0.115, True)
     """
-    from .lattice import nearest_indices
-
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     judged = np.ones(len(xy), bool) if judged is None else np.asarray(judged, bool)
     out = {"fraction": 0.0, "n_crowded": 0, "n_judged": 0, "spacing_px": float("nan"), "rows": []}
@@ -892,12 +891,13 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     nb = nearest_indices(xy, 7, xy[judged], backend=backend)[:, 1:]
     d = np.hypot(*(xy[nb] - xy[judged][:, None, :]).transpose(2, 0, 1))
     spacing = float(np.median(d))
+    close = d[:, 0] < CROWDED_NN * spacing
     if mark is not None:
-        mark[np.flatnonzero(judged)[d[:, 0] < CROWDED_NN * spacing]] = True
+        mark[np.flatnonzero(judged)[close]] = True
     inner = border_distance(xy[judged], shape) >= 2.5 * spacing
     if inner.sum() < 8:
         return out
-    crowded = d[inner, 0] < CROWDED_NN * spacing
+    crowded = close[inner]
     y = xy[judged][inner, 1]
     frac = float(crowded.mean())
     out.update(fraction=round(frac, 4), n_crowded=int(crowded.sum()), n_judged=int(inner.sum()),

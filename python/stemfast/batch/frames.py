@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -57,6 +58,18 @@ def settings_vs_image(img: np.ndarray, config, *, check_estimate: bool) -> list[
     return spacing_warnings(img, sp, config.sites) if (check_estimate and sp is not None) else []
 
 
+@contextmanager
+def _warnings_logged(frame: int) -> Iterator[None]:
+    """What the block warns of, logged (info) instead of shown: ``prepare``'s and ``analyze``'s
+    warnings reach the frame's record and summary (lattice warnings, ``class_warning``) already, and
+    would be shown twice."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log.info("frame %d: %s", frame, w.message)
+
+
 def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int | None, pixel_size, unit,
                    prep=None, read_s: float = 0.0, check_settings: bool = False,
                    companion: np.ndarray | None = None) -> FrameResult:
@@ -76,22 +89,15 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
             log.warning("frame %d: %s", frame, msg)
             rec["warnings"].append(msg)
         if prep is None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with _warnings_logged(frame):
                 prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size,
                                companion=companion)
-            for w in caught:
-                log.info("frame %d: %s", frame, w.message)
         elif companion is not None:  # prepared for training, without the companion
             prep.sites = with_companion(prep.sites, companion, config.sites)
         if len(prep.patches) and model is None:
             raise RuntimeError("no model: none could be trained (no input of the batch had a lattice)")
-        # what analyze warns of (ClassAgreementWarning) is in its summary (class_warning): logged, not shown twice
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_logged(frame):
             table, summ = analyze(prep, model, config=config)
-        for w in caught:
-            log.info("frame %d: %s", frame, w.message)
     except ValueError as exc:
         rec["error"] = str(exc)
         return FrameResult(rec)
