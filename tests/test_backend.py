@@ -265,3 +265,32 @@ def test_one_blas_thread_sets_and_restores_blas_threads():
         a_go.set(); ta.join(10)  # the first to enter leaves first
         b_go.set(); tb.join(10)
         assert blas() == before
+
+
+def test_find_sites_runs_with_one_blas_thread(monkeypatch):
+    """``find_sites`` itself holds ``one_blas_thread`` (so every caller -- ``prepare``, the ``sites``
+    command, a user's script -- runs the stages with one BLAS thread), and restores the setting."""
+    import numpy as np  # noqa: F401  (loads NumPy's BLAS)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import stemfast.sites as sites_mod
+
+    def blas():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    seen = []
+    inner = sites_mod._find_sites
+
+    def spy(*args, **kwargs):
+        seen.append(blas())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(sites_mod, "_find_sites", spy)
+    from stemfast.synthetic import make_lattice
+
+    img, _ = make_lattice((96, 96), spacing=8.0, noise=0.05, seed=1)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas()
+        sites_mod.find_sites(img)
+        assert blas() == before
+    assert len(seen) == 1 and (not seen[0] or set(seen[0]) == {1})

@@ -615,3 +615,57 @@ def test_local_fit_is_the_least_squares_fit_of_each_nodes_neighbours(weighted):
         np.testing.assert_allclose(basis[n], sol[1:], atol=1e-8)
         res = xy[near] - A @ sol
         np.testing.assert_allclose(rms[n], np.sqrt((wts[near][:, None] * res ** 2).sum() / wts[near].sum()), atol=1e-7)
+
+
+def test_phase_map_never_blends_across_a_cut_of_its_unwrapping():
+    """Where two lattice singularities (dislocations, noise) force the unwrapped Bragg phase to jump
+    by a whole turn between two cells, a point between them lies on one lattice, not between two:
+    its lattice coordinates are those of either side (mod 1), its predicted node sits on a column,
+    and the local reciprocal vectors there are the lattice's, not the jump's."""
+    from stemfast.sitelattice import PhaseMap, metal_reciprocal_lattice
+
+    img = make_mos2(shape=(192, 192), seed=3).image
+    pm = PhaseMap(img, metal_reciprocal_lattice(img).g)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(20, 172, (400, 2))
+    u_ref = pm.coords(xy)
+    g_ref = pm.local_g(xy)
+    cut = PhaseMap.__new__(PhaseMap)
+    cut.__dict__.update(pm.__dict__)
+    cut.phase = pm.phase.copy()
+    j = pm.phase.shape[2] // 2
+    cut.phase[1, :, j:] += 2 * np.pi  # a cut along the column of cells j
+    u = cut.coords(xy)
+    frac = (u - u_ref + 0.5) % 1.0 - 0.5
+    assert np.abs(frac).max() < 1e-9  # a whole turn or nothing, never a blend
+    assert np.allclose(cut.local_g(xy), g_ref)
+    # a node predicted next to the cut lies where the lattice has it (one side or the other)
+    near = np.abs((xy[:, 0] - cut.origin) / cut.step[1] - j + 0.5) < 0.5
+    assert near.sum() > 5
+    back = cut.positions(np.round(u[near]))
+    assert np.abs((pm.coords(back) + 0.5) % 1.0 - 0.5).max() < 0.05
+
+
+def test_crowded_regions_are_located_and_lines_named_with_their_direction():
+    """``crowding`` lists where the crowded sites lie: a doubled stripe across the scan lines is one
+    region, a line at its angle (named in the warning), a doubled band of rows a line along the scan
+    lines; scattered crowding forms no region."""
+    from stemfast.sites import crowding
+
+    g = np.array([(i + 0.5 * (j % 2), j * np.sqrt(3) / 2) for i in range(40) for j in range(46)]) * 10.0
+    shape = (400, 400)
+    # a stripe 30 deg from the rows through the centre, every column in it doubled
+    d = np.abs(-(g[:, 0] - 200.0) * np.sin(np.radians(30)) + (g[:, 1] - 200.0) * np.cos(np.radians(30)))
+    stripe = (d < 9.0) & (np.abs(g[:, 0] - 200.0) < 150.0)
+    c = crowding(np.r_[g, g[stripe] + [2.0, 0.0]], shape)
+    assert len(c["regions"]) == 1 and c["regions"][0]["n"] == 2 * stripe.sum(), c["regions"]
+    r = c["regions"][0]
+    assert r["aspect"] >= 3.0 and abs(r["angle_deg"] - 30.0) < 5.0, r
+    assert r["x"][0] <= g[stripe, 0].min() and r["x"][1] >= g[stripe, 0].max()
+    assert "a line 30 deg from the scan lines" in c["warning"], c["warning"]
+    band = (g[:, 1] >= 150) & (g[:, 1] <= 175)
+    c = crowding(np.r_[g, g[band] + [2.0, 0.0]], shape)
+    assert "a line along the scan lines" in c["warning"] and "rows" in c["warning"], c["warning"]
+    some = np.random.default_rng(0).choice(len(g), len(g) // 40, replace=False)  # scattered over the image
+    spread = crowding(np.r_[g, g[some] + [2.0, 0.0]], shape)
+    assert "warning" in spread and spread["regions"] == [] and " x " not in spread["warning"], spread

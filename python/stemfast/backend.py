@@ -251,8 +251,9 @@ def one_blas_thread() -> Iterator[None]:
     """One BLAS thread (OpenBLAS, MKL, ... as NumPy and SciPy load them) inside the ``with`` block or the
     decorated function; the previous setting afterwards.
 
-    The pipeline's stages (:func:`stemfast.frontend.prepare` and :func:`stemfast.pipeline.analyze`:
-    the site finding, the encoding and the analysis) run under it: their parallelism is the compiled
+    The pipeline's stages (:func:`stemfast.sites.find_sites` -- so ``prepare`` and the ``sites``
+    command -- and :func:`stemfast.pipeline.analyze`: the site finding, the encoding and the
+    analysis) run under it: their parallelism is the compiled
     kernels' own threads, and their BLAS calls are small (``N x 4`` products, 2 x 2 solves), so a
     second BLAS thread does no work worth having -- after each call it spins, waiting for the next,
     on the core the kernels' second thread needs (~0.5 s of CPU on a 4096^2 image on 2 cores).

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import one_blas_thread
 from .config import PipelineConfig
 from .logutil import StageTimings, show_progress
 from .patches import LazyPatches, default_patch_size, extract_patches, resample_weights
@@ -66,8 +65,7 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     """
     timings = _stage_timings(image)
     try:
-        with one_blas_thread():  # the stages' parallelism is the kernels' own threads (backend.one_blas_thread)
-            table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
+        table = find_sites(image, settings=config.sites, pixel_size=pixel_size, unit=unit, timings=timings)
     except BaseException:
         if isinstance(timings, StageTimings):
             timings.close()

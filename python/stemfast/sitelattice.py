@@ -314,10 +314,34 @@ class PhaseMap:
         coords = np.stack([(xy[:, 1] - self.origin) / self.step[0], (xy[:, 0] - self.origin) / self.step[1]])
         return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
 
+    def _sample_phase(self, k: int, xy: np.ndarray) -> np.ndarray:
+        """The unwrapped phase ``k`` at ``xy`` (bilinear, as :meth:`_sample`), except where the four
+        cells around a point straddle a cut of the unwrapping (their phases span more than pi, so
+        the bilinear blend would be a phase no nearby lattice has): there the cells are first moved
+        by whole turns onto the branch of the nearest one."""
+        grid = self.phase[k]
+        out = self._sample(grid, xy)
+        h, w = grid.shape
+        cy = np.clip((xy[:, 1] - self.origin) / self.step[0], 0, h - 1)
+        cx = np.clip((xy[:, 0] - self.origin) / self.step[1], 0, w - 1)
+        y0 = np.minimum(np.floor(cy).astype(np.int64), max(h - 2, 0))
+        x0 = np.minimum(np.floor(cx).astype(np.int64), max(w - 2, 0))
+        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+        c = np.stack([grid[y0, x0], grid[y0, x1], grid[y1, x0], grid[y1, x1]], 1)
+        cut = np.ptp(c, axis=1) > np.pi
+        if cut.any():
+            fy, fx = (cy - y0)[cut], (cx - x0)[cut]
+            wts = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], 1)
+            cc = c[cut]
+            ref = cc[np.arange(len(cc)), np.argmax(wts, 1)][:, None]
+            cc = ref + np.angle(np.exp(1j * (cc - ref)))
+            out[cut] = (wts * cc).sum(1)
+        return out
+
     def coords(self, xy: np.ndarray) -> np.ndarray:
         """Metal-lattice coordinates ``U`` [N, 2] of points ``xy`` [N, 2] (px)."""
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        phi = np.stack([self._sample(self.phase[k], xy) for k in range(2)], 1)
+        phi = np.stack([self._sample_phase(k, xy) for k in range(2)], 1)
         return xy @ self.g.T + phi / (2 * np.pi)
 
     def amplitude(self, xy: np.ndarray) -> np.ndarray:
@@ -330,7 +354,7 @@ class PhaseMap:
         Ginv = np.linalg.inv(self.g)
         xy = U @ Ginv.T
         for _ in range(n_iter):
-            phi = np.stack([self._sample(self.phase[k], xy) for k in range(2)], 1)
+            phi = np.stack([self._sample_phase(k, xy) for k in range(2)], 1)
             xy = (U - phi / (2 * np.pi)) @ Ginv.T
         return xy
 
@@ -339,10 +363,42 @@ class PhaseMap:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         out = np.empty((len(xy), 2, 2))
         for k in range(2):
-            gy, gx = np.gradient(self.phase[k], self.step[0], self.step[1])
+            gy, gx = _phase_gradient(self.phase[k], self.step)
             out[:, k, 0] = self.g[k, 0] + self._sample(gx, xy) / (2 * np.pi)
             out[:, k, 1] = self.g[k, 1] + self._sample(gy, xy) / (2 * np.pi)
         return out
+
+
+def _phase_gradient(phase: np.ndarray, step: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """``np.gradient`` of an unwrapped phase grid (per px along y and x), with every difference that
+    crosses a cut of the unwrapping (more than pi) taken modulo a whole turn: a cut is no gradient."""
+    out = []
+    for axis, d in ((0, step[0]), (1, step[1])):
+        gr = np.gradient(phase, d, axis=axis)
+        if phase.shape[axis] > 1:
+            diff = np.diff(phase, axis=axis)
+            if (np.abs(diff) > np.pi).any():
+                wrapped = np.angle(np.exp(1j * diff))
+                # central differences inside, one-sided at the two ends (as np.gradient with unit spacing)
+                pad = [(0, 0), (0, 0)]
+                pad[axis] = (1, 1)
+                e = np.pad(wrapped, pad, mode="edge")
+                lo = [slice(None)] * 2
+                hi = [slice(None)] * 2
+                lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+                c = 0.5 * (e[tuple(lo)] + e[tuple(hi)])
+                n = phase.shape[axis]
+                first = [slice(None)] * 2
+                last = [slice(None)] * 2
+                first[axis], last[axis] = slice(0, 1), slice(n - 1, n)
+                take = [slice(None)] * 2
+                take[axis] = slice(0, 1)
+                c[tuple(first)] = wrapped[tuple(take)]
+                take[axis] = slice(n - 2, n - 1)
+                c[tuple(last)] = wrapped[tuple(take)]
+                gr = c / d
+        out.append(gr)
+    return out[0], out[1]
 
 
 def _resample(D: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

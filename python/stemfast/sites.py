@@ -26,7 +26,7 @@ from .lattice import (
     local_strain,
     nearest_indices,
 )
-from .backend import get_kernels
+from .backend import get_kernels, one_blas_thread
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting
 from .peaks import find_peaks
@@ -373,6 +373,12 @@ def find_sites(
     >>> len(t) > 100
     True
     """
+    with one_blas_thread():  # the stages' parallelism is the kernels' own threads (backend.one_blas_thread)
+        return _find_sites(image, settings, pixel_size, unit, timings, overrides)
+
+
+def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings: dict | None,
+                overrides: dict) -> SiteTable:
     s = settings or SiteSettings()
     pixel_size, unit = _calibration(pixel_size, unit)
     if overrides:
@@ -388,7 +394,7 @@ def find_sites(
         f = _find_lattice(img, s, tm, ring)
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
-        warnings.warn(str(exc), NoLatticeWarning, stacklevel=2)
+        warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
         return _empty_table({**meta, "status": "no lattice", **exc.meta})
     t0 = time.perf_counter()
     relevel = tm.get("relevel", 0.0)
@@ -417,7 +423,7 @@ def find_sites(
     lattice_meta["crowding"] = crowding(idx.xy, img.shape, judged=judged, backend=s.backend, mark=cols["crowded"])
     tm["describe"] += time.perf_counter() - t0
     if "warning" in lattice_meta["crowding"]:
-        warnings.warn(lattice_meta["crowding"]["warning"], LatticeCrowdingWarning, stacklevel=2)
+        warnings.warn(lattice_meta["crowding"]["warning"], LatticeCrowdingWarning, stacklevel=3)
     meta.update(
         status="ok",
         spacing_px=f.nn_fft,
@@ -438,7 +444,7 @@ def find_sites(
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
-        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=2)
+        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=3)
     return SiteTable(cols, meta)
 
 
@@ -820,6 +826,48 @@ MIN_ON_NODE = 0.8
 MIN_RING_PROMINENCE = 8.0
 
 
+#: crowded sites within this many spacings of each other form one region; a region of at least
+#: ``CROWDED_REGION_MIN`` sites (and of a tenth of the crowded ones) is listed, the largest
+#: ``CROWDED_REGIONS_NAMED`` in the warning; a region this many times longer than wide is a line
+CROWDED_REGION_NN, CROWDED_REGION_MIN, CROWDED_REGIONS_NAMED, CROWDED_LINE_ASPECT = 2.0, 5, 3, 3.0
+
+
+def _crowded_regions(xy: np.ndarray, spacing: float) -> list[dict]:
+    """The clusters of crowded sites ``xy`` (linked within :data:`CROWDED_REGION_NN` spacings), largest
+    first: ``n``, ``x`` and ``y`` extents (px), ``aspect`` (long over short axis of the cluster) and
+    ``angle_deg`` (its long axis against the scan lines, i.e. the image rows: 0 along them, 90 across)."""
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    if len(xy) < CROWDED_REGION_MIN:
+        return []
+    tree = cKDTree(xy)
+    _, lab = connected_components(tree.sparse_distance_matrix(tree, CROWDED_REGION_NN * spacing), directed=False)
+    counts = np.bincount(lab)
+    out = []
+    for k in np.argsort(-counts, kind="stable"):
+        if counts[k] < max(CROWDED_REGION_MIN, 0.1 * len(xy)):
+            break
+        q = xy[lab == k]
+        ev, evec = np.linalg.eigh(np.cov(q.T, bias=True))
+        long_axis = evec[:, 1]
+        angle = float(np.degrees(np.arctan2(long_axis[1], long_axis[0])) % 180.0)
+        out.append({"n": int(counts[k]), "x": [int(np.floor(q[:, 0].min())), int(np.ceil(q[:, 0].max()))],
+                    "y": [int(np.floor(q[:, 1].min())), int(np.ceil(q[:, 1].max()))],
+                    "aspect": round(float(np.sqrt(ev[1] / max(ev[0], 1e-12))), 2),
+                    "angle_deg": round(min(angle, 180.0 - angle), 1)})
+    return out
+
+
+def _describe_region(r: dict) -> str:
+    """``x 131-284, y 83-155, a line 25 deg from the scan lines`` (a line only when elongated)."""
+    where = f"x {r['x'][0]}-{r['x'][1]}, y {r['y'][0]}-{r['y'][1]}"
+    if r["aspect"] >= CROWDED_LINE_ASPECT:
+        where += (", a line along the scan lines" if r["angle_deg"] < 5.0
+                  else f", a line {r['angle_deg']:.0f} deg from the scan lines")
+    return where
+
+
 def _iso_spacing(basis: np.ndarray) -> np.ndarray:
     """Spacing of the regular triangular lattice with the cell area of each basis [N, 2, 2] (rows
     ``a1``, ``a2``): ``sqrt(|a1 x a2| / (sqrt(3) / 2))``; the mean length for a regular one."""
@@ -871,7 +919,11 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         ``spacing_px`` (the typical spacing), ``rows`` ([[y0, y1], ...]: bands of image rows, about
         :data:`CROWDED_BAND_NN` spacings high, where at least :data:`CROWDED_BAND_SHARE` of the judged
         sites are crowded), ``in_rows`` (the share of the crowded sites in them; the warning names the
-        rows when they hold at least half of them in less than half of the image) and, above
+        rows when they hold at least half of them in less than half of the image), ``regions`` (the
+        clusters of crowded sites, largest first, :func:`_crowded_regions`: ``n``, ``x`` and ``y``
+        extents, ``aspect``, ``angle_deg`` of the long axis against the scan lines; the warning names
+        the largest when they hold at least half of the crowded sites, as lines where elongated: a line
+        along the scan lines points at the scan, one across them at the film) and, above
         :data:`MAX_CROWDED`, ``warning`` (a sentence for the summary).
 
     Examples
@@ -885,7 +937,7 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
     """
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     judged = np.ones(len(xy), bool) if judged is None else np.asarray(judged, bool)
-    out = {"fraction": 0.0, "n_crowded": 0, "n_judged": 0, "spacing_px": float("nan"), "rows": []}
+    out = {"fraction": 0.0, "n_crowded": 0, "n_judged": 0, "spacing_px": float("nan"), "rows": [], "regions": []}
     if len(xy) < 8 or judged.sum() < 8:
         return out
     nb = nearest_indices(xy, 7, xy[judged], backend=backend)[:, 1:]
@@ -918,12 +970,19 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         for y0, y1 in rows:
             inside |= (y >= y0) & (y <= y1 + 1)
         out["in_rows"] = round(float(inside[crowded].mean()), 4)  # share of the crowded sites in those rows
+    if crowded.any():
+        out["regions"] = _crowded_regions(xy[judged][close], spacing)  # (edge sites too)
     if frac > MAX_CROWDED:
         # the rows named where they hold most of it in less than half the image (disturbed scan lines run
-        # along the rows)
+        # along the rows), and the regions (a line across the scan lines is a feature of the film)
         covered = sum(b - a + 1 for a, b in out["rows"])
-        where = (" (mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]) + ")"
-                 if out["rows"] and out["in_rows"] >= 0.5 and covered < 0.5 * shape[0] else "")
+        parts = []
+        if out["rows"] and out["in_rows"] >= 0.5 and covered < 0.5 * shape[0]:
+            parts.append("mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]))
+        regions = out.get("regions", [])
+        if regions and sum(r["n"] for r in regions) >= 0.5 * int(close.sum()):
+            parts.append("; ".join(_describe_region(r) for r in regions[:CROWDED_REGIONS_NAMED]))
+        where = " (" + "; ".join(parts) + ")" if parts else ""
         out["warning"] = (f"{100 * frac:.1f}% of the sites have another site closer than {CROWDED_NN:g} spacings"
                           f"{where}: the site lattice is locally compressed or doubled there (a disturbed region: "
                           "scan glitches, contamination, a line defect), so sites, sublattices, classes and scores "
@@ -972,7 +1031,7 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
             warnings.warn(f"the pixel size ({pixel_size:g} {unit}) and {material.formula}'s lattice constant "
                           f"({material.a_nm:g} nm) predict a site spacing of {expect:.2f} px; the image shows "
                           f"{nn_fft:.2f} px ({100 * (ratio - 1):+.1f}%): check the calibration or the material"
-                          + fitting_hint(fits), CalibrationWarning, stacklevel=3)
+                          + fitting_hint(fits), CalibrationWarning, stacklevel=4)
     dist = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
             for k, v in lattice_distortion(g).items()}
     out["distortion"] = dist
@@ -982,10 +1041,10 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
                            f"{dist['stretch_axis_deg']:.0f} deg; site spacings {b[0]:.2f} / {b[1]:.2f} / {b[2]:.2f} px "
                            "along the three lattice directions): scan distortion or strain; positions and spacings "
                            "are in the distorted image frame")
-        warnings.warn(dist["warning"], LatticeDistortionWarning, stacklevel=3)
+        warnings.warn(dist["warning"], LatticeDistortionWarning, stacklevel=4)
     out["unsure"] = unsure
     if unsure:
-        warnings.warn("the site lattice is uncertain: " + "; ".join(unsure), LatticeUncertainWarning, stacklevel=3)
+        warnings.warn("the site lattice is uncertain: " + "; ".join(unsure), LatticeUncertainWarning, stacklevel=4)
     return out
 
 
@@ -1001,5 +1060,5 @@ def _calibration(pixel_size, unit):
     if pixel_size is None or unit is None or unit_to_nm(unit) is not None:
         return pixel_size, unit
     warnings.warn(f"pixel size unit {unit!r} is not a length unit (nm, Å, pm, µm, ...): no x_nm / y_nm, "
-                  "no calibration check", CalibrationWarning, stacklevel=3)
+                  "no calibration check", CalibrationWarning, stacklevel=4)
     return None, unit
