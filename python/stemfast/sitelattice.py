@@ -322,17 +322,21 @@ class PhaseMap:
         grid = self.phase[k]
         out = self._sample(grid, xy)
         h, w = grid.shape
+        if h < 2 or w < 2:
+            return out
+        quad = (grid[:-1, :-1], grid[:-1, 1:], grid[1:, :-1], grid[1:, 1:])
+        cut_cell = (np.maximum.reduce(quad) - np.minimum.reduce(quad)) > np.pi  # [h - 1, w - 1]
+        if not cut_cell.any():
+            return out
         cy = np.clip((xy[:, 1] - self.origin) / self.step[0], 0, h - 1)
         cx = np.clip((xy[:, 0] - self.origin) / self.step[1], 0, w - 1)
-        y0 = np.minimum(np.floor(cy).astype(np.int64), max(h - 2, 0))
-        x0 = np.minimum(np.floor(cx).astype(np.int64), max(w - 2, 0))
-        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-        c = np.stack([grid[y0, x0], grid[y0, x1], grid[y1, x0], grid[y1, x1]], 1)
-        cut = np.ptp(c, axis=1) > np.pi
-        if cut.any():
-            fy, fx = (cy - y0)[cut], (cx - x0)[cut]
+        y0 = np.minimum(np.floor(cy).astype(np.int64), h - 2)
+        x0 = np.minimum(np.floor(cx).astype(np.int64), w - 2)
+        cut = np.flatnonzero(cut_cell[y0, x0])
+        if len(cut):
+            y0, x0, fy, fx = y0[cut], x0[cut], (cy - y0)[cut], (cx - x0)[cut]
+            cc = np.stack([grid[y0, x0], grid[y0, x0 + 1], grid[y0 + 1, x0], grid[y0 + 1, x0 + 1]], 1)
             wts = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], 1)
-            cc = c[cut]
             ref = cc[np.arange(len(cc)), np.argmax(wts, 1)][:, None]
             cc = ref + np.angle(np.exp(1j * (cc - ref)))
             out[cut] = (wts * cc).sum(1)
