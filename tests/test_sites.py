@@ -381,7 +381,7 @@ def test_crowding_counts_sites_closer_than_a_lattice_allows():
     neighbours are missing, not close); a second site next to some columns makes both crowded, and
     beyond ``MAX_CROWDED`` a warning names the rows."""
     from stemfast.sitelattice import border_distance
-    from stemfast.sites import MAX_CROWDED, crowding
+    from stemfast.crowding import MAX_CROWDED, crowding
 
     g = np.array([(i + 0.5 * (j % 2), j * np.sqrt(3) / 2) for i in range(40) for j in range(46)]) * 10.0
     shape = (400, 400)
@@ -412,7 +412,7 @@ def test_a_band_of_disturbed_scan_lines_is_reported_as_crowded():
     around the band). The same image undisturbed has no crowding."""
     from scipy.ndimage import map_coordinates
 
-    from stemfast.sites import LatticeCrowdingWarning
+    from stemfast.crowding import LatticeCrowdingWarning
 
     s = make_mos2(shape=(300, 256), rotation_deg=8.0, seed=3)
     H, W = 256, 256
@@ -650,7 +650,7 @@ def test_crowded_regions_are_located_and_lines_named_with_their_direction():
     """``crowding`` lists where the crowded sites lie: a doubled stripe across the scan lines is one
     region, a line at its angle (named in the warning), a doubled band of rows a line along the scan
     lines; scattered crowding forms no region."""
-    from stemfast.sites import crowding
+    from stemfast.crowding import crowding
 
     g = np.array([(i + 0.5 * (j % 2), j * np.sqrt(3) / 2) for i in range(40) for j in range(46)]) * 10.0
     shape = (400, 400)
