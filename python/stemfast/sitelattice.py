@@ -379,28 +379,13 @@ def _phase_gradient(phase: np.ndarray, step: tuple[float, float]) -> tuple[np.nd
     out = []
     for axis, d in ((0, step[0]), (1, step[1])):
         gr = np.gradient(phase, d, axis=axis)
-        if phase.shape[axis] > 1:
-            diff = np.diff(phase, axis=axis)
-            if (np.abs(diff) > np.pi).any():
-                wrapped = np.angle(np.exp(1j * diff))
-                # central differences inside, one-sided at the two ends (as np.gradient with unit spacing)
-                pad = [(0, 0), (0, 0)]
-                pad[axis] = (1, 1)
-                e = np.pad(wrapped, pad, mode="edge")
-                lo = [slice(None)] * 2
-                hi = [slice(None)] * 2
-                lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-                c = 0.5 * (e[tuple(lo)] + e[tuple(hi)])
-                n = phase.shape[axis]
-                first = [slice(None)] * 2
-                last = [slice(None)] * 2
-                first[axis], last[axis] = slice(0, 1), slice(n - 1, n)
-                take = [slice(None)] * 2
-                take[axis] = slice(0, 1)
-                c[tuple(first)] = wrapped[tuple(take)]
-                take[axis] = slice(n - 2, n - 1)
-                c[tuple(last)] = wrapped[tuple(take)]
-                gr = c / d
+        diff = np.diff(phase, axis=axis)
+        if (np.abs(diff) > np.pi).any():
+            w = np.moveaxis(np.angle(np.exp(1j * diff)), axis, 0)
+            g = np.empty((len(w) + 1,) + w.shape[1:])
+            g[1:-1] = 0.5 * (w[:-1] + w[1:])  # central differences inside, one-sided at the ends
+            g[0], g[-1] = w[0], w[-1]
+            gr = np.moveaxis(g, 0, axis) / d
         out.append(gr)
     return out[0], out[1]
 
