@@ -135,7 +135,8 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         out["warning"] = (f"{100 * frac:.1f}% of the sites have another site closer than {CROWDED_NN:g} spacings"
                           f"{where}: the site lattice is locally compressed or doubled there (a disturbed region: "
                           "scan glitches, contamination, a line defect), so sites, sublattices, classes and scores "
-                          "there are not sure -- check the class overlay")
+                          "there are not sure -- check the class overlay. Where the film there looks undisturbed, a "
+                          "stiffer local fit (setting sites.lattice.fit_radius = 3) may remove it")
     return out
 
 
