@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lattice import nearest_indices
+from .lattice import linked_clusters, nearest_indices
 from .sitelattice import border_distance
 
 __all__ = ["LatticeCrowdingWarning", "crowding", "CROWDED_NN", "MAX_CROWDED"]
@@ -119,8 +119,7 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         for y0, y1 in rows:
             inside |= (y >= y0) & (y <= y1 + 1)
         out["in_rows"] = round(float(inside[crowded].mean()), 4)  # share of the crowded sites in those rows
-    if crowded.any():
-        out["regions"] = _crowded_regions(xy[judged][close], spacing)  # (edge sites too)
+        out["regions"] = _crowded_regions(xy[judged][close], spacing, backend)  # (edge sites too)
     if frac > MAX_CROWDED:
         # the rows named where they hold most of it in less than half the image (disturbed scan lines run
         # along the rows), and the regions (a line across the scan lines is a feature of the film)
@@ -128,7 +127,7 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         parts = []
         if out["rows"] and out["in_rows"] >= 0.5 and covered < 0.5 * shape[0]:
             parts.append("mostly rows " + ", ".join(f"{a}-{b}" for a, b in out["rows"]))
-        regions = out.get("regions", [])
+        regions = out["regions"]
         if regions and sum(r["n"] for r in regions) >= 0.5 * int(close.sum()):
             parts.append("; ".join(_describe_region(r) for r in regions[:CROWDED_REGIONS_NAMED]))
         where = " (" + "; ".join(parts) + ")" if parts else ""
@@ -146,17 +145,13 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
 CROWDED_REGION_NN, CROWDED_REGION_MIN, CROWDED_REGIONS_NAMED, CROWDED_LINE_ASPECT = 2.0, 5, 3, 3.0
 
 
-def _crowded_regions(xy: np.ndarray, spacing: float) -> list[dict]:
+def _crowded_regions(xy: np.ndarray, spacing: float, backend: str | None = None) -> list[dict]:
     """The clusters of crowded sites ``xy`` (linked within :data:`CROWDED_REGION_NN` spacings), largest
     first: ``n``, ``x`` and ``y`` extents (px), ``aspect`` (long over short axis of the cluster) and
     ``angle_deg`` (its long axis against the scan lines, i.e. the image rows: 0 along them, 90 across)."""
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
     if len(xy) < CROWDED_REGION_MIN:
         return []
-    tree = cKDTree(xy)
-    _, lab = connected_components(tree.sparse_distance_matrix(tree, CROWDED_REGION_NN * spacing), directed=False)
+    _, lab = linked_clusters(xy, CROWDED_REGION_NN * spacing, backend=backend)
     counts = np.bincount(lab)
     out = []
     for k in np.argsort(-counts, kind="stable"):

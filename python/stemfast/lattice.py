@@ -30,6 +30,7 @@ from .backend import get_kernels
 
 __all__ = [
     "LatticeSettings",
+    "linked_clusters",
     "LatticeResult",
     "estimate_spacing",
     "triangular_basis",
@@ -723,6 +724,20 @@ def _new_sites(pred_sites, origin, basis, xy, tree, on_lattice, film, anchor_tre
     # a merged candidate could still sit next to another kept one (two clusters of one point)
     kept = kept[_dedupe(_PointIndex(cand[kept], kern), settings.merge_radius * nn * 1.5)]
     return cand[kept], sup[kept]
+
+
+def linked_clusters(points: np.ndarray, radius: float, *, backend: str | None = None) -> tuple[int, np.ndarray]:
+    """``(n, labels)``: the clusters of ``points`` [N, 2] linked by pairs at most ``radius`` apart
+    (connected components; labels int [N] numbered by each cluster's first point), from the
+    backend's pair kernel.
+
+    Examples
+    --------
+    >>> linked_clusters(np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]), 1.5)[1].tolist()
+    [0, 0, 1]
+    """
+    pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 2)
+    return _components(_PointIndex(pts, get_kernels(backend)).query_pairs(float(radius)), len(pts))
 
 
 def _components(pairs: np.ndarray, n: int) -> tuple[int, np.ndarray]:

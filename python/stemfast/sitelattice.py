@@ -310,9 +310,12 @@ class PhaseMap:
         self.g = g
         self.phase = phase
 
+    def _cell_coords(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``xy`` [N, 2] (px) in units of the coarse grid: (row, column) coordinates."""
+        return (xy[:, 1] - self.origin) / self.step[0], (xy[:, 0] - self.origin) / self.step[1]
+
     def _sample(self, grid: np.ndarray, xy: np.ndarray) -> np.ndarray:
-        coords = np.stack([(xy[:, 1] - self.origin) / self.step[0], (xy[:, 0] - self.origin) / self.step[1]])
-        return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+        return ndimage.map_coordinates(grid, np.stack(self._cell_coords(xy)), order=1, mode="nearest")
 
     def _sample_phase(self, k: int, xy: np.ndarray) -> np.ndarray:
         """The unwrapped phase ``k`` at ``xy`` (bilinear, as :meth:`_sample`), except where the four
@@ -328,8 +331,8 @@ class PhaseMap:
         cut_cell = (np.maximum.reduce(quad) - np.minimum.reduce(quad)) > np.pi  # [h - 1, w - 1]
         if not cut_cell.any():
             return out
-        cy = np.clip((xy[:, 1] - self.origin) / self.step[0], 0, h - 1)
-        cx = np.clip((xy[:, 0] - self.origin) / self.step[1], 0, w - 1)
+        cy, cx = self._cell_coords(xy)
+        cy, cx = np.clip(cy, 0, h - 1), np.clip(cx, 0, w - 1)
         y0 = np.minimum(np.floor(cy).astype(np.int64), h - 2)
         x0 = np.minimum(np.floor(cx).astype(np.int64), w - 2)
         cut = np.flatnonzero(cut_cell[y0, x0])
