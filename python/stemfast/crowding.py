@@ -29,8 +29,9 @@ class LatticeCrowdingWarning(UserWarning):
 #: has, and what the shared physics check (``check_lattice.py``: six neighbours within +-25 %) fails
 CROWDED_NN = 0.75
 #: share of crowded interior sites above which the table is reported as crowded (a warning). The shared
-#: real and simulated images have 0-1.3 %; a real MoS2 scan (SciLink's ``MoS2_stem``) where the
-#: lattice adds sites too close to the found columns along two lines (one across the scan lines) 6 %
+#: real and simulated images have 0-1.3 %; a real MoS2 scan (SciLink's ``MoS2_stem``) had 6 % along two
+#: lines (one across the scan lines), where the narrow local fit added sites too close to the found
+#: columns, and has 1.8 % since the wider fit places the sites there (``sitelattice.UNCROWD_NN``)
 MAX_CROWDED = 0.03
 #: rows of the image (in bands of this many spacings) named in the warning: those whose judged sites are
 #: crowded at least this often
@@ -134,8 +135,7 @@ def crowding(xy: np.ndarray, shape: tuple[int, int], *, judged: np.ndarray | Non
         out["warning"] = (f"{100 * frac:.1f}% of the sites have another site closer than {CROWDED_NN:g} spacings"
                           f"{where}: the site lattice is locally compressed or doubled there (a disturbed region: "
                           "scan glitches, contamination, a line defect), so sites, sublattices, classes and scores "
-                          "there are not sure -- check the class overlay. Where the film there looks undisturbed, a "
-                          "stiffer local fit (setting sites.lattice.fit_radius = 3) may remove it")
+                          "there are not sure -- check the class overlay")
     return out
 
 

@@ -500,8 +500,10 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     array / ``None``) where the Bragg amplitude is at least ``min_amplitude`` of its median, or a
     peak sits within two spacings, gets one site: its peak, placed between the peak and the
     neighbours' prediction by how well the image resolves the column (:func:`_shrinkage`, with the
-    peaks' measurement variance ``peak_var``), or the prediction alone. ``fill=False`` keeps only
-    the nodes with a peak.
+    peaks' measurement variance ``peak_var``), or the prediction alone. Around a predicted site
+    that comes closer to another site than a regular lattice allows (:data:`UNCROWD_NN`), the
+    nodes are placed by the wider fit (:data:`WIDE_FIT_NN`): the narrow one has followed columns
+    put on the wrong node there. ``fill=False`` keeps only the nodes with a peak.
     """
     peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
     peak_value = np.asarray(peak_value, dtype=np.float64).reshape(-1)
@@ -654,17 +656,51 @@ def _split_column_peaks(off_xy, site_xy, spacing) -> np.ndarray:
 def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape, spacing, margin_px,
                  min_amplitude, fill, fit_radius, min_fit_points, peak_var):
     """Final positions: every winner between its peak and its neighbours' prediction
-    (:func:`_shrinkage`), every empty node of the film at its prediction; where the peaks around a
-    node scatter far more than columns do (:data:`ROUGH_RATIO`), the prediction of the wider fit
-    (:data:`WIDE_FIT_NN`). Returns ``(xy_w [len(w_idx), 2], keep_w [len(w_idx)], empty [K, 2] nodes,
-    xy_empty [K, 2])``; ``keep_w`` False for a winner too close to another node's site even at its
-    prediction (:func:`_separate`)."""
-    H, W = shape
+    (:func:`_shrinkage`), every empty node of the film at its prediction; the prediction of the
+    wider fit (:data:`WIDE_FIT_NN`) where the peaks around a node scatter far more than columns do
+    (:data:`ROUGH_RATIO`) and around a predicted site that crowds another site
+    (:data:`UNCROWD_NN`, :func:`_crowding_nodes`). Returns ``(xy_w [len(w_idx), 2], keep_w
+    [len(w_idx)], empty [K, 2] nodes, xy_empty [K, 2])``; ``keep_w`` False for a winner too close to
+    another node's site even at its prediction (:func:`_separate`)."""
     has = _node_isin(nodes, node[w_idx])
     if not fill:
         nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
     filled = _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base)
-    pred = _predict(nodes, filled, has, S, base, fit_radius, min_fit_points, shape, spacing, rim)
+    narrow = _predict(nodes, filled, has, S, base, fit_radius, min_fit_points, shape, spacing, rim)
+    wide_fit = []  # the wider fit's prediction, made once when it is needed
+
+    def wide() -> np.ndarray:
+        if not wide_fit:
+            wide_fit.append(_predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points,
+                                     shape, spacing, rim))
+        return wide_fit[0]
+
+    kw = dict(shape=shape, spacing=spacing, margin_px=margin_px, min_amplitude=min_amplitude, film=film,
+              peak_var=peak_var)
+    stiff = np.zeros(len(nodes), bool)  # nodes placed by the wider fit because they crowded
+    for round_ in range(UNCROWD_ROUNDS + 1):
+        pred = narrow.copy()
+        if stiff.any():
+            use = stiff & np.isfinite(wide()).all(1)
+            pred[use] = wide()[use]
+        out = _placement(peak_xy, node, w_idx, nodes, has, pred, wide, pmap, **kw)
+        if round_ == UNCROWD_ROUNDS:
+            break
+        xy_w, keep_w, empty, xy_empty = out
+        new = _crowding_nodes(nodes, node[w_idx][keep_w], xy_w[keep_w], empty, xy_empty, UNCROWD_NN * spacing)
+        new &= ~stiff
+        if not new.any():
+            break
+        stiff |= new
+    return out
+
+
+def _placement(peak_xy, node, w_idx, nodes, has, pred, wide, pmap, *, shape, spacing, margin_px, min_amplitude,
+               film, peak_var):
+    """:func:`_place_sites` for one prediction ``pred`` of the nodes (``wide``: the wider fit's
+    prediction, called where the peaks are rough)."""
+    H, W = shape
+    pred = pred.copy()
     pred_w = _Grid(nodes, pred).get(node[w_idx])
     xy_w = peak_xy[w_idx].copy()
     okp = np.isfinite(pred_w).all(1)
@@ -680,10 +716,8 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
         # nodes next to them)
         rough = _node_isin(nodes, node[w_idx][rough_pk])
         rough |= _neighbour_count(nodes[rough], nodes) > 0
-        wide = _predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points, shape,
-                        spacing, rim)
-        use = rough & np.isfinite(wide).all(1)
-        pred[use] = wide[use]
+        use = rough & np.isfinite(wide()).all(1)
+        pred[use] = wide()[use]
         # the shrinkage weights stay those of the local residuals (small there: rough peaks are
         # trusted little whichever prediction they are measured from)
         pred_w = _Grid(nodes, pred).get(node[w_idx])
@@ -705,6 +739,27 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
         keep = _apart(xy_w, xy_empty, 0.5 * spacing)
         empty, xy_empty = empty[keep], xy_empty[keep]
     return xy_w, keep_w, empty, xy_empty
+
+
+def _crowding_nodes(nodes, w_nodes, xy_w, empty, xy_empty, dmin) -> np.ndarray:
+    """bool [len(nodes)]: the nodes of every pair of sites closer than ``dmin`` of which one at least
+    is a predicted site (an ``empty`` node), and their first-shell neighbours -- where the narrow
+    fit has followed columns that faint neighbours or noise put on the wrong node."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(len(nodes), bool)
+    if not len(empty):
+        return out
+    xy = np.concatenate([xy_w, xy_empty])
+    pairs = cKDTree(xy).query_pairs(dmin, output_type="ndarray")
+    if not len(pairs):
+        return out
+    pairs = pairs[(pairs >= len(xy_w)).any(1)]
+    if not len(pairs):
+        return out
+    at = np.concatenate([w_nodes, empty])[np.unique(pairs.ravel())]
+    ring = np.concatenate([at] + [at + o for o in _FIRST])
+    return _node_isin(nodes, ring)
 
 
 def _separate(xy: np.ndarray, pred: np.ndarray, dmin: float) -> np.ndarray:
@@ -1122,8 +1177,16 @@ SHRINK_NEIGHBORS = 19
 #: most 0.11-0.13, so the floor leaves them as they are (docs/RESULTS.md, round 6)
 ROUGH_RATIO = 2.0
 ROUGH_MIN_NN = 0.1
-#: radius (spacings) of the wider prediction fit where the peaks are rough
+#: radius (spacings) of the wider prediction fit where the peaks are rough or the sites crowd
 WIDE_FIT_NN = 4.0
+#: a predicted site closer than UNCROWD_NN spacings to another site (what a regular lattice never has:
+#: :data:`stemfast.crowding.CROWDED_NN`) tells that the narrow fit around it has followed columns that
+#: faint neighbours or noise put on the wrong node: that node and its first shell are placed by the
+#: WIDE_FIT_NN fit, up to UNCROWD_ROUNDS times. A real MoS2 scan (SciLink's ``MoS2_stem``, faint S2):
+#: six-neighbour share 0.943 -> 0.995; crowding between found columns (a band of lines scanned off
+#: pace) is left as it is (docs/RESULTS.md, round 14)
+UNCROWD_NN = 0.75
+UNCROWD_ROUNDS = 2
 
 
 def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
