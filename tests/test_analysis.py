@@ -625,3 +625,35 @@ def test_every_defect_kind_has_a_meaning_in_the_materials_names_and_the_report_s
     assert "<b>vacancy_Se</b>: one Se of the Se2 pair missing" in legend
     assert "substitution_Se" in legend and "antisite" in legend and "vacancy_W" not in legend
     assert _kind_legend({"(none)": 0}, "mos2") == "" and _kind_legend({"vacancy_S": 1}, "unknown-material") == ""
+
+
+def test_sublattice_naming_questions_the_metal_only_when_the_dark_sites_crowd_on_it():
+    import warnings
+
+    from stemfast.analysis import NAMING_MIN, SublatticeNamingWarning, sublattice_naming
+
+    sub = np.repeat([0, 1, 2], 1000)
+    ok = np.ones(len(sub), bool)
+
+    def run(n_metal, n_chalc, cb=False):
+        z = np.zeros(len(sub))
+        z[:n_metal] = -9.0
+        z[1000:1000 + n_chalc] = -9.0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = sublattice_naming(sub, z, ok, cb, "wse2")
+        assert out["sublattice_naming"]["dark"] == {"W": n_metal, "Se2": n_chalc}
+        assert out["sublattice_naming"]["brightest"] == ("Se2" if cb else "W")
+        assert bool(caught) == ("naming_warning" in out)
+        return out.get("naming_warning")
+
+    assert run(0, 140) is None  # Se vacancies on the chalcogen: as named
+    assert run(30, 40) is None  # dark metal sites (dopants, metal vacancies) among more chalcogen ones
+    assert run(NAMING_MIN - 1, 0) is None  # too few to say
+    msg = run(140, 2)
+    assert "sites.chalcogen_brighter = true" in msg and "brightest" in msg
+    # the other way round: told the chalcogen is brighter, and the dark sites say it is not
+    assert "sites.chalcogen_brighter = false" in run(140, 2, cb=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SublatticeNamingWarning)
+        sublattice_naming(sub, np.zeros(len(sub)), ok)  # no dark sites: silent

@@ -20,6 +20,7 @@ import pytest
 from scipy.signal import find_peaks as find_1d_peaks
 from scipy.spatial import cKDTree
 
+from stemfast.analysis import SublatticeNamingWarning
 from stemfast.sites import find_sites
 
 DATA = Path(__file__).parent / "data"
@@ -198,3 +199,49 @@ def test_real_mos2_crop_at_low_dose_has_one_site_per_column(name, seed):
     if off.any():
         d, _ = cKDTree(t.xy[~off]).query(t.xy[off])
         assert (d >= 0.5 * t.meta["lattice"]["spacing_px"]).all(), d
+
+
+def _analyze_crop(name: str, **overrides):
+    from stemfast.config import PipelineConfig, apply_overrides
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+
+    cfg = apply_overrides(PipelineConfig(), {"sites.material": "wse2", **overrides})
+    model = shipped_for_run(cfg)
+    img = np.load(DATA / name).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prep = prepare(img, config=cfg, patch_size=model.extra.get("patch_size"))
+        table, summary = analyze(prep, model, config=cfg)
+    return table, summary, [w for w in caught if issubclass(w.category, SublatticeNamingWarning)]
+
+
+def _label_sublattice(t):
+    """The output sublattice of each labelled site of the WSe2 crop (both detectors: the same scan),
+    and those labels."""
+    lxy, lname = _labels()
+    dl, jl = cKDTree(t.xy).query(lxy)
+    ok = dl <= 2.0
+    return t["sublattice"][jl][ok], t["defect_kind"][jl][ok], lname[ok]
+
+
+def test_real_wse2_second_detector_names_its_sublattices_as_told_and_warns_when_the_dark_sites_disagree():
+    # the second detector (ADF2) of the labelled WSe2 scan shows the Se2 pairs brighter than the W:
+    # named by brightness, the W columns become "Se2" and the Se vacancies "vacancy_W". The dark sites
+    # (Se vacancies) then sit on the sublattice named metal: the analysis says so
+    t, s, caught = _analyze_crop("wse2_ti2_maadf_crop.npy")
+    sub, kind, lname = _label_sublattice(t)
+    assert (sub[lname == "W"] == 1).mean() >= 0.99  # named by brightness: swapped
+    assert caught and "sites.chalcogen_brighter = true" in s["naming_warning"]
+    assert s["sublattice_naming"]["dark"]["W"] >= 20 and s["sublattice_naming"]["dark"]["Se2"] <= 3
+    # told that the chalcogen is brighter: W is the metal, the vacancies are Se vacancies, no warning
+    t, s, caught = _analyze_crop("wse2_ti2_maadf_crop.npy", **{"sites.chalcogen_brighter": True})
+    sub, kind, lname = _label_sublattice(t)
+    assert (sub[lname == "W"] == 0).mean() >= 0.99 and (sub[lname == "Se2"] == 1).mean() >= 0.99
+    assert not caught and "naming_warning" not in s
+    named = kind[(lname == "V_Se") & (kind != "none")]
+    assert len(named) >= 20 and np.isin(named, ["vacancy_Se", "vacancy_Se2"]).mean() >= 0.9
+    # the first detector (HAADF, Z-contrast): W brightest, nothing to warn about
+    t, s, caught = _analyze_crop("wse2_ti2_haadf_crop.npy")
+    sub, kind, lname = _label_sublattice(t)
+    assert (sub[lname == "W"] == 0).mean() >= 0.99 and not caught and "naming_warning" not in s

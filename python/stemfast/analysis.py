@@ -55,13 +55,13 @@ import numpy as np
 
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .lattice import nearest_indices
-from .materials import CHALCOGEN, HOLLOW, METAL, get_material
+from .materials import CHALCOGEN, HOLLOW, METAL, brightness_order, get_material, name_by_brightness
 from .sitelattice import border_distance
 from .table import SiteTable
 
 __all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "DEFECT_KINDS", "SCORES",
-           "LocalReferences", "local_references", "ClassAgreementWarning", "lattice_consistent_classes",
-           "neighbourhood_recon", "edge_noise"]
+           "LocalReferences", "local_references", "ClassAgreementWarning", "SublatticeNamingWarning",
+           "lattice_consistent_classes", "neighbourhood_recon", "edge_noise", "sublattice_naming"]
 
 log = logging.getLogger(__name__)
 
@@ -793,16 +793,17 @@ def _latent_density_score(mu: np.ndarray, groups: np.ndarray, usable: np.ndarray
 
 
 def _reference_levels(refs: LocalReferences | None, grp: np.ndarray, inten: np.ndarray,
-                      usable: np.ndarray) -> np.ndarray:
+                      usable: np.ndarray, chalcogen_brighter: bool = False) -> np.ndarray:
     """Per site, the typical intensity of a metal, a chalcogen and a hollow site around it [N, 3]
-    (local medians ordered by brightness; the image-wide medians where there are none)."""
+    (local medians named by brightness, :func:`stemfast.materials.brightness_order`; the image-wide
+    medians where there are none)."""
     n = len(grp)
     glob = np.array([np.median(inten[(grp == g) & usable]) if np.any((grp == g) & usable) else np.nan
                      for g in (METAL, CHALCOGEN, HOLLOW)])
     levels = np.tile(glob, (n, 1))
     if refs is not None:
         ok = np.isfinite(refs.median).all(1) & (refs.count >= 3).all(1)
-        levels[ok] = -np.sort(-refs.median[ok], axis=1)
+        levels[np.ix_(ok, brightness_order(chalcogen_brighter))] = -np.sort(-refs.median[ok], axis=1)
     return levels
 
 
@@ -820,7 +821,7 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             kinds[i] = "other"
         elif sub[i] == METAL:
             # an empty metal site sits near the hollow level; otherwise a foreign atom (brighter or darker)
-            kinds[i] = f"vacancy_{m_}" if v < 0.5 * (hollow + chalc) else f"substitution_{m_}"
+            kinds[i] = f"vacancy_{m_}" if v < 0.5 * (hollow + min(chalc, metal)) else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
             refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc,
                      f"substitution_{x_}": metal}
@@ -968,7 +969,8 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
     if basis is not None and n >= 8:
         refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
                                 node_tolerance=settings.node_tolerance)
-        sub = refs.rank()
+        cb = _chalcogen_brighter(sites)
+        sub = name_by_brightness(refs.rank(), cb)
         inten_ref = inten
         streak = np.asarray(sites["scan_streak"], bool) if "scan_streak" in sites else np.zeros(n, bool)
         if settings.scan_rows and streak.any():
@@ -976,7 +978,7 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
             gained = _scan_line_gain(inten, refs, sub, xy[:, 1], observed, streak)
             refs = _refresh_references(refs, xy, basis, gained, observed, gained != inten, settings)
             inten_ref = inten = gained
-            sub = refs.rank()
+            sub = name_by_brightness(refs.rank(), cb)
         if settings.local_background:
             inten_ref = inten - _hollow_background(xy, inten, sub, observed)
             refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
@@ -1060,6 +1062,68 @@ def class_sublattices(cls: np.ndarray, sub: np.ndarray, material: str = "mos2") 
         out[str(int(c))] = {"sublattice": names[int(np.argmax(counts))],
                             "share": round(float(counts.max() / counts.sum()), 4)}
     return out
+
+
+class SublatticeNamingWarning(UserWarning):
+    """The image's strongly dark sites sit on the sublattice named metal: metal and chalcogen are
+    named by brightness (``sites.chalcogen_brighter``), and this image may have them the other way
+    round (see :func:`sublattice_naming`)."""
+
+
+#: a site is strongly dark below this intensity z; the naming is questioned when the sublattice named
+#: metal holds at least NAMING_MIN of them and NAMING_RATIO times as many as the chalcogen one. The
+#: shared images: WSe2 HAADF (ADF1) scans 2-6 on the metal against 108-224 on the chalcogen; their
+#: second detector (ADF2, Se2 brighter than W) 142-224 on the brightest sublattice against 1-3; real
+#: MoS2 0-5 against 0; simulated MoS2 (V_Mo and Mo_S included) 6-33 against 23-90
+NAMING_Z, NAMING_MIN, NAMING_RATIO = -4.0, 20, 5.0
+
+
+def sublattice_naming(sub: np.ndarray, z: np.ndarray, usable: np.ndarray, chalcogen_brighter: bool = False,
+                      material: str = "mos2") -> dict:
+    """Check which sublattice is the metal against the image's dark sites.
+
+    Metal and chalcogen columns are told apart by brightness alone (the lattice is the same for
+    both): the brightest is the metal in HAADF, the chalcogen pair can be brighter at lower detector
+    angles (``chalcogen_brighter``). Vacancies are far commoner on the chalcogen sublattice of a 2H
+    monolayer (lower formation energy, beam sputtering), so when the strongly dark sites (intensity
+    ``z`` below :data:`NAMING_Z`) crowd on the sublattice named metal, the naming is likely the wrong
+    way round -- or the film is heavily doped on its metal sites. Returns ``{"sublattice_naming":
+    {...counts...}}`` plus ``naming_warning`` (also a :class:`SublatticeNamingWarning`) then.
+
+    Examples
+    --------
+    >>> sub = np.repeat([0, 1, 2], 100); z = np.zeros(300); z[:30] = -8.0
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     out = sublattice_naming(sub, z, np.ones(300, bool), material="wse2")
+    >>> out["sublattice_naming"]["dark"], "naming_warning" in out
+    ({'W': 30, 'Se2': 0}, True)
+    """
+    mat = get_material(material)
+    ok = np.asarray(usable, bool) & np.isfinite(z)
+    dark = ok & (np.asarray(z) < NAMING_Z)
+    n_m, n_c = int((dark & (sub == METAL)).sum()), int((dark & (sub == CHALCOGEN)).sum())
+    names = mat.sublattice_names
+    info: dict = {"sublattice_naming": {"brightest": names[CHALCOGEN] if chalcogen_brighter else names[METAL],
+                                        "dark": {names[METAL]: n_m, names[CHALCOGEN]: n_c}}}
+    if n_m >= NAMING_MIN and n_m >= NAMING_RATIO * max(n_c, 1):
+        msg = (f"{n_m} strongly dark sites sit on the sublattice named {names[METAL]} against {n_c} on the one "
+               f"named {names[CHALCOGEN]}: vacancies are far commoner on the chalcogen sublattice, so the "
+               f"{'middle' if chalcogen_brighter else 'brightest'} sublattice may be the chalcogen here "
+               f"({'a HAADF image' if chalcogen_brighter else 'a medium- or low-angle ADF image, where the chalcogen pairs outshine the metal'}"
+               f") -- then sublattice and defect-kind names are swapped; if so, rerun with "
+               f"sites.chalcogen_brighter = {'false' if chalcogen_brighter else 'true'}. A film heavily doped "
+               f"on its metal sites shows the same pattern")
+        warnings.warn(msg, SublatticeNamingWarning, stacklevel=3)  # at analyze_sites' caller
+        info["naming_warning"] = msg
+    return info
+
+
+def _chalcogen_brighter(sites: SiteTable) -> bool:
+    """Whether the site table names the brighter of metal and chalcogen the chalcogen
+    (``sites.chalcogen_brighter``, recorded in its meta)."""
+    return bool((getattr(sites, "meta", None) or {}).get("chalcogen_brighter", False))
 
 
 #: the sublattice agreement is measured on the sites both readings of the lattice's colouring agree on
@@ -1152,9 +1216,10 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff
-    levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect)
+    levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, _chalcogen_brighter(sites))
     kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material)
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
+    info.update(sublattice_naming(sc.grp, sc.z_int, observed, _chalcogen_brighter(sites), material))
 
     table = sites.with_columns({
         "class_id": cls,

@@ -6,7 +6,8 @@ lattice constant): the metal columns, the chalcogen-pair columns (two chalcogen 
 each other) and the empty hexagon centres ("hollow"). The metal sites alone form a triangular
 lattice of spacing ``a``; so do the chalcogen sites and the hollow sites. In HAADF the metal is
 brightest; a chalcogen pair is fainter (about 0.4-0.6 of the metal for S2, closer for Se2); the
-hollow is the background.
+hollow is the background. Metal and chalcogen sites differ only in brightness, so which is which is
+read from it (:func:`brightness_order`): at lower detector angles a Se2 pair can outshine the W.
 
 The material fixes two things: the geometry (what the site lattice is, whatever peaks stand out)
 and the names (``vacancy_Se`` on WSe2, never ``vacancy_S``).
@@ -28,11 +29,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "materials_fitting", "fitting_hint", "METAL",
-           "CHALCOGEN", "HOLLOW", "add_material_argument"]
+           "CHALCOGEN", "HOLLOW", "add_material_argument", "brightness_order", "name_by_brightness"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2
+
+
+def brightness_order(chalcogen_brighter: bool = False) -> np.ndarray:
+    """The sublattice of the brightest, middle and darkest lattice colour [3]: metal, chalcogen pair,
+    hollow in HAADF (Z-contrast: the metal column is the brightest); chalcogen pair, metal, hollow
+    with ``chalcogen_brighter`` (a medium- or low-angle ADF image of a selenide can show the Se2 pairs
+    brighter than the W: the shared WSe2 scan's second detector does).
+
+    Examples
+    --------
+    >>> brightness_order().tolist(), brightness_order(True).tolist()
+    ([0, 1, 2], [1, 0, 2])
+    """
+    return np.array([CHALCOGEN, METAL, HOLLOW] if chalcogen_brighter else [METAL, CHALCOGEN, HOLLOW], np.int64)
+
+
+def name_by_brightness(rank: np.ndarray, chalcogen_brighter: bool = False) -> np.ndarray:
+    """Sublattice indices from brightness ranks (0 brightest, 1, 2; -1 unknown stays -1).
+
+    Examples
+    --------
+    >>> name_by_brightness(np.array([0, 1, 2, -1]), True).tolist()
+    [1, 0, 2, -1]
+    """
+    rank = np.asarray(rank, np.int64)
+    return np.where(rank >= 0, brightness_order(chalcogen_brighter)[np.clip(rank, 0, 2)], -1).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .atomic import write_text
 from .figures import display_range, pyplot, save_figure, tight_layout
 
 __all__ = [
+    "ANALYSIS_WARNING_KEYS",
     "CLASS_COLORS",
     "class_color",
     "display_range",
@@ -53,6 +54,10 @@ CLASS_COLORS = (
 _UNKNOWN = "#9e9e9e"
 
 #: Stages of the pipeline, in order, as they appear in the timing tables.
+#: the keys of an analysis summary (:func:`stemfast.analysis.analyze_sites`) that hold a warning: shown
+#: once each in the report and counted among the input's warnings
+ANALYSIS_WARNING_KEYS = ("class_warning", "texture_warning", "naming_warning")
+
 STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")
 
 _MAX_DISPLAY_PX = 2048  # images are shown downsampled (block mean) to at most this many px
@@ -508,7 +513,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
                  + _kind_legend(kinds, lat.get("material"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
-    for key in ("class_warning", "texture_warning"):
+    for key in ANALYSIS_WARNING_KEYS:
         if s.get(key) and s[key] not in warns:  # not twice: the warnings at the top may hold it already
             parts.append(f"<p class='warn'>{_e(s[key])}</p>")
     parts.append(_edge_note(s.get("edge_z_spread")))
@@ -571,8 +576,8 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
         cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
         kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
         link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
-        # each warning once: the batch summary lists the class and texture warnings among its warnings too
-        n_warn = len(set(s.get("warnings") or []) | {s[k] for k in ("class_warning", "texture_warning") if s.get(k)})
+        # each warning once: the batch summary lists the analysis' warnings among its warnings too
+        n_warn = len(set(s.get("warnings") or []) | {s[k] for k in ANALYSIS_WARNING_KEYS if s.get(k)})
         warn = f" <span class='warn'>({n_warn} warning{'s' if n_warn > 1 else ''})</span>" if n_warn else ""
         parts.append(f"<tr><td class='l'>{link}</td><td class='l {cls}'>{_e(st)}"
                      f"{(': ' + _e(it.get('reason'))) if it.get('reason') else ''}{warn}</td>"

@@ -28,7 +28,7 @@ from .lattice import (
 )
 from .backend import get_kernels, one_blas_thread
 from .patches import site_intensity
-from .materials import fitting_hint, get_material, materials_fitting
+from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
 from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, index_sites, lattice_distortion,
                           metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
@@ -107,6 +107,10 @@ class SiteSettings:
     backend : kernel backend (``cpp``, ``numba``, ``numpy``; ``None`` = fastest available).
     material : the 2H material (:data:`stemfast.materials.MATERIAL_NAMES`): its lattice constant
         and the names of its sites and defects.
+    chalcogen_brighter : the chalcogen pairs are brighter than the metal columns (a medium- or
+        low-angle ADF image of a selenide); the default, False, names the brightest sublattice the
+        metal, as HAADF Z-contrast shows it (:func:`stemfast.materials.brightness_order`). The
+        analysis warns when the image's dark sites say the naming is the other way round.
     node_tol_nn : a peak within this distance (*nn*) of a node of the site lattice is that node's
         column; further from every node it is off the lattice.
     off_lattice_strength : a peak on no node is reported (``source`` ``off_lattice``) when its
@@ -133,6 +137,7 @@ class SiteSettings:
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
     backend: str | None = None
     material: str = "mos2"
+    chalcogen_brighter: bool = False
     node_tol_nn: float = 0.3
     off_lattice_strength: float = 0.5
     grains: GrainSettings = field(default_factory=GrainSettings)
@@ -343,7 +348,8 @@ def find_sites(
         :func:`border_bands`, and within ``EDGE_UNJUDGED_PX`` of the image edge: sites up to the
         edge are listed, those cut by it not judged), ``peak_value``
         (bandpassed value at the maximum; NaN for lattice sites), ``fit_ok``, ``sublattice``
-        (0 = brightest sublattice, e.g. Mo; 1 = middle, e.g. S2; 2 = darkest, e.g. hollow; -1 unknown),
+        (0 = metal, e.g. Mo: the brightest; 1 = chalcogen pair, e.g. S2: the middle -- the other way
+        round with ``chalcogen_brighter``; 2 = hollow, the darkest; -1 unknown),
         ``a1x, a1y, a2x, a2y`` (local lattice vectors in px), ``lattice_rms`` (px),
         ``spacing_px``, ``lattice_angle_deg``, ``exx, eyy, exy, rotation_deg`` (local strain and
         rotation against the median lattice of the site's grain), ``grain`` (grain id, 0 the
@@ -382,7 +388,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
                             "grains": overrides.get("grains", s.grains)})
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
-    meta: dict = {"shape": list(img.shape), "material": s.material}
+    meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": bool(s.chalcogen_brighter)}
     t0 = time.perf_counter()
     img, jumps, ring = _undo_scan_jumps(img, s)
     t_jumps = time.perf_counter() - t0
@@ -589,10 +595,10 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
     if gmap is None:
-        sub = _rank_sublattices(idx.cls, inten)
+        sub = _rank_sublattices(idx.cls, inten, s.chalcogen_brighter)
         strain = local_strain(idx.basis)
     else:  # sublattices and the strain reference are each grain's own
-        sub = _grains.by_grain(idx.grain, _rank_sublattices, idx.cls, inten)
+        sub = _grains.by_grain(idx.grain, lambda c, v: _rank_sublattices(c, v, s.chalcogen_brighter), idx.cls, inten)
         strain = _grains.by_grain(idx.grain, local_strain, idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
@@ -801,13 +807,14 @@ def _scan_lines_meta(lines) -> dict:
             "noise": round(float(lines.noise), 4) if np.isfinite(lines.noise) else None}
 
 
-def _rank_sublattices(cls: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Map the lattice classes ``(p - q) mod 3`` to sublattices by median ``value``: 0 the brightest
-    (metal), 1 the middle (chalcogen pair), 2 the darkest (hollow); -1 stays -1."""
+def _rank_sublattices(cls: np.ndarray, value: np.ndarray, chalcogen_brighter: bool = False) -> np.ndarray:
+    """Map the lattice classes ``(p - q) mod 3`` to sublattices by median ``value``: the brightest is
+    the metal, the middle the chalcogen pair (the other way round with ``chalcogen_brighter``), the
+    darkest the hollow; -1 stays -1."""
     med = np.array([np.median(value[cls == c]) if np.any(cls == c) else -np.inf for c in range(3)])
     rank = np.empty(3, np.int64)
     rank[np.argsort(-med, kind="stable")] = np.arange(3)
-    return np.where(cls >= 0, rank[np.clip(cls, 0, 2)], -1).astype(np.int64)
+    return name_by_brightness(np.where(cls >= 0, rank[np.clip(cls, 0, 2)], -1), chalcogen_brighter)
 
 
 #: a calibrated pixel size and the material's lattice constant disagree when their site spacings

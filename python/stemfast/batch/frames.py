@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..drift import block_average, phase_drift
+from ..report import ANALYSIS_WARNING_KEYS
 from .common import progress_bar
 
 __all__ = ["FrameResult", "read_frame", "count_frames", "frame_record", "settings_vs_image", "analyze_frame",
@@ -115,9 +116,9 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
         rec["engine"] = engine_of(model)  # what ran the model here (a Dask worker may differ from the client)
-        for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "class_warning",
-                    "rotation_latent", "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice",
-                    "texture_warning", "edge_z_spread"):  # the analysis' own report
+        for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "rotation_latent",
+                    "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice", "edge_z_spread",
+                    "sublattice_naming", *ANALYSIS_WARNING_KEYS):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]
         is_def = np.asarray(table["is_defect"], bool)

@@ -302,7 +302,7 @@ def _max_per_band(lists) -> list | None:
 
 def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: RunSettings) -> dict:
     """The content of ``summary.json`` (without ``seconds`` and ``outputs``, added by :func:`assemble`)."""
-    from ..report import stage_table_rows
+    from ..report import ANALYSIS_WARNING_KEYS, stage_table_rows
 
     fm, errors = totals.frames_meta, totals.errors
     warns = input_warnings(src, fm)
@@ -334,6 +334,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "class_sublattice_ari_local": median_finite(m.get("class_sublattice_ari_local") for m in fm),
         # the sublattice each class sits on, and the share of its sites there
         "class_sublattice": class_sublattice_summary(fm),
+        # which sublattice is named the metal, and the strongly dark sites on each (analysis.sublattice_naming;
+        # the first frame's)
+        "sublattice_naming": next((m["sublattice_naming"] for m in fm if m.get("sublattice_naming")), None),
         # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
         "rotation_lock": median_finite(next(iter((m.get("rotation_lock") or {None: None}).values())) for m in fm),
         # per border band (one spacing each), how much more the column z scatter than inside, the
@@ -351,7 +354,7 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
-    for key in ("class_warning", "texture_warning"):  # the first frame's that has one
+    for key in ANALYSIS_WARNING_KEYS:  # the first frame's that has one
         text = next((m[key] for m in fm if m.get(key)), None)
         if text:
             summary[key] = text
