@@ -1072,9 +1072,9 @@ class SublatticeNamingWarning(UserWarning):
 
 #: a site is strongly dark below this intensity z; the naming is questioned when the sublattice named
 #: metal holds at least NAMING_MIN of them and NAMING_RATIO times as many as the chalcogen one. The
-#: shared images: WSe2 HAADF (ADF1) scans 2-6 on the metal against 108-224 on the chalcogen; their
-#: second detector (ADF2, Se2 brighter than W) 142-224 on the brightest sublattice against 1-3; real
-#: MoS2 0-5 against 0; simulated MoS2 (V_Mo and Mo_S included) 6-33 against 23-90
+#: labelled WSe2 scans (ti2, ti11, ti25): HAADF (ADF1) 2-3 on the metal against 108-204 on the
+#: chalcogen; their second detector (ADF2, Se2 brighter than W) 141-222 on the brightest sublattice
+#: against 1-3; real MoS2 1-5 against 0; simulated MoS2 (V_Mo and Mo_S included) 0-14 against 17-82
 NAMING_Z, NAMING_MIN, NAMING_RATIO = -4.0, 20, 5.0
 
 
