@@ -493,8 +493,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     neighbours is that node's candidate, and of several candidates for one node the strongest
     keeps it (the others are counted as merged). A peak near no node is an ``off_lattice`` site
     when its value is at least ``off_strength`` times the median value of the peaks of the
-    brightest class (adatom, contamination), and noise otherwise; one within half a spacing of a
-    node's peak is a second maximum of that column and is merged into it.
+    brightest class (adatom, contamination), and noise otherwise; one within :data:`SPLIT_NN`
+    spacings of a node's site is a second maximum of that column and is merged into it.
 
     Every node inside the image (``margin_px``) and on the film (``film``: ``FilmMask`` / bool
     array / ``None``) where the Bragg amplitude is at least ``min_amplitude`` of its median, or a
@@ -640,16 +640,27 @@ def _off_lattice_peaks(peak_xy, peak_value, node, on, winner, shape, spacing, of
     return (~on) & (peak_value >= off_strength * ref) & (border_distance(peak_xy, shape) >= 0.5 * spacing)
 
 
+#: an off-lattice peak within SPLIT_NN spacings of a node's site is a second maximum of that column
+#: (:func:`_split_column_peaks`): 0.55 spacings is 1.0 A on MoS2 and WSe2, about the width of the
+#: probe, and two atoms that close in projection are not resolved. (Every point of the plane is within
+#: 0.577 spacings of a site. Half a spacing, the bound before, left maxima that shot noise split off a
+#: column at 0.50-0.52 spacings as sites of their own -- duplicates of the column for the shared check,
+#: whose spacing differs from the FFT's by a few %: in 2 of 16 low-dose copies of the real MoS2 scans.
+#: Two *node* sites stay apart by half a spacing (:func:`_separate`, :func:`_apart`): at the image edge a
+#: cut column's peak can sit 0.55 spacings from its neighbour's true place, and 0.55 dropped that site)
+SPLIT_NN = 0.55
+
+
 def _split_column_peaks(off_xy, site_xy, spacing) -> np.ndarray:
-    """Off-lattice peaks within half a spacing of a node's site (bool [len(off_xy)]): a second
-    maximum of that column (split by shot noise, a scan glitch or coarse sampling), not an atom of
-    its own -- an atom that close to a column's projection is not resolved from it. They are
-    merged into the column."""
+    """Off-lattice peaks within :data:`SPLIT_NN` spacings of a node's site (bool [len(off_xy)]): a
+    second maximum of that column (split by shot noise, a scan glitch or coarse sampling), not an
+    atom of its own -- an atom that close to a column's projection is not resolved from it. They
+    are merged into the column."""
     if not len(off_xy) or not len(site_xy):
         return np.zeros(len(off_xy), bool)
     from scipy.spatial import cKDTree
 
-    d, _ = cKDTree(site_xy).query(off_xy, distance_upper_bound=0.5 * spacing)
+    d, _ = cKDTree(site_xy).query(off_xy, distance_upper_bound=SPLIT_NN * spacing)
     return np.isfinite(d)
 
 
