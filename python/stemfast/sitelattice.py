@@ -23,6 +23,7 @@ darkest), not assumed.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -678,13 +679,10 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
         nodes, base, rim, has = nodes[has], base[has], rim[has], has[has]
     filled = _fill_positions(nodes, node[w_idx], peak_xy[w_idx], base)
     narrow = _predict(nodes, filled, has, S, base, fit_radius, min_fit_points, shape, spacing, rim)
-    wide_fit = []  # the wider fit's prediction, made once when it is needed
 
-    def wide() -> np.ndarray:
-        if not wide_fit:
-            wide_fit.append(_predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points,
-                                     shape, spacing, rim))
-        return wide_fit[0]
+    @functools.cache
+    def wide() -> np.ndarray:  # the wider fit's prediction, made once when it is needed
+        return _predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points, shape, spacing, rim)
 
     kw = dict(shape=shape, spacing=spacing, margin_px=margin_px, min_amplitude=min_amplitude, film=film,
               peak_var=peak_var)
