@@ -22,8 +22,10 @@ lines after it (a band, or the rest of the frame) are recorded shifted by a pixe
 neighbouring lines of a sound scan see the same columns (a column is wider than a line), so their
 profiles along x agree at zero shift (or at the scan's steady shear); across a jump they agree at
 the jump (:func:`scan_line_jumps`: the peak of the cross-correlation of each pair of neighbouring
-lines, sub-pixel), confirmed against the lattice (:func:`_confirmed_by_lattice`) and kept in
-bands (a jump and the jump back). The columns cut by a jump would read as a vacancy and its
+lines, sub-pixel), confirmed against the lattice (:func:`_confirmed_by_lattice`; a band narrower
+than a lattice translation's rows -- a glitch of a few lines at coarse sampling -- by its own lines
+against their lattice images above and below it, :func:`_narrow_bands`) and kept in bands (a jump
+and the jump back). The columns cut by a jump would read as a vacancy and its
 neighbour; the bands are undone before the lattice is found (:meth:`ScanJumps.undo`) and the sites' positions are
 reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
@@ -329,12 +331,63 @@ def _jump_columns(image) -> np.ndarray:
 
 
 def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float) -> ScanJumps:
-    flagged = jumps.candidates
-    if flagged.any():
+    cand = jumps.candidates
+    flagged = np.zeros_like(cand)
+    if cand.any():
         vec = np.asarray(vectors, np.float64).reshape(-1, 2)
-        flagged = flagged & _confirmed_by_lattice(np.asarray(img, np.float64), vec, flagged, jumps.shift,
-                                                  max(lag, 1), min_px)
-    return ScanJumps(jumps.shift, _bands(flagged, jumps.shift), jumps.noise, jumps.candidates)
+        a = np.asarray(img, np.float64)
+        flagged = _bands(cand & _confirmed_by_lattice(a, vec, cand, jumps.shift, max(lag, 1), min_px), jumps.shift)
+        # bands too narrow for that: their own lines against the lattice images above and below them
+        flagged |= _narrow_bands(a, cand & ~flagged, jumps.shift, vec, max(lag, 1), min_px)
+    return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
+
+
+def _narrow_bands(img: np.ndarray, cand: np.ndarray, shift: np.ndarray, vectors: np.ndarray, max_lag: int,
+                  min_px: float) -> np.ndarray:
+    """Bands of jumped lines narrower than a lattice translation's rows (a jump at ``b1`` and one back
+    at ``b2``, the candidate shifts cancelling as in :func:`_bands`), which
+    :func:`_confirmed_by_lattice` cannot confirm (its lines after the jump run past the band),
+    confirmed by the band's own lines: each is compared with its lattice images ``dy`` lines above and
+    below (outside the band, for every translation with ``dy`` beyond the band's width). Against the
+    lag the image needs elsewhere, those below see the band's lines off by minus the band's shift
+    ``s = (shift[b1] - shift[b2]) / 2`` and those above by plus it: every one of these (at least two)
+    must lie within half of ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan
+    lines, pairs of neighbouring lines that see different rows look like one-line bands; their lattice
+    images scatter by a pixel and more around any such ``s``.) Returns bool [H - 1], the confirmed
+    jumps (both of each band)."""
+    from scipy import ndimage
+
+    keep = np.zeros_like(cand)
+    b = list(np.flatnonzero(cand))
+    if len(b) < 2:
+        return keep
+    a = img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
+    H = a.shape[0]
+    usual: dict[int, tuple[int, float]] = {}  # per translation: its rows dy and the lag elsewhere
+    for k, (tx, ty) in enumerate(vectors):
+        tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
+        dy = int(np.rint(ty))
+        if 1 <= dy < H // 4:
+            usual[k] = (dy, _block_lag(a, np.arange(0, H - dy, max(1, (H - dy) // 64)), dy, tx, max_lag))
+    while len(b) >= 2:
+        b1, b2 = b[0], b[1]
+        j1, j2 = shift[b1], shift[b2]
+        band = np.arange(b1 + 1, b2 + 1)
+        s_band = 0.5 * (j1 - j2)
+        seen = []
+        if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)) and abs(s_band) >= min_px:
+            for dy, lag in usual.values():
+                if dy > len(band):
+                    if band[-1] + dy < H:  # the band against the lines below it
+                        seen.append(lag - _block_lag(a, band, dy, lag, max_lag))
+                    if band[0] - dy >= 0:  # the lines above it against the band
+                        seen.append(_block_lag(a, band - dy, dy, lag, max_lag) - lag)
+        if len(seen) >= 2 and np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)):
+            keep[b1] = keep[b2] = True
+            b = b[2:]
+        else:
+            b = b[1:]
+    return keep
 
 
 def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:
