@@ -338,56 +338,76 @@ def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float
         a = np.asarray(img, np.float64)
         flagged = _bands(cand & _confirmed_by_lattice(a, vec, cand, jumps.shift, max(lag, 1), min_px), jumps.shift)
         # bands too narrow for that: their own lines against the lattice images above and below them
-        flagged |= _narrow_bands(a, cand & ~flagged, jumps.shift, vec, max(lag, 1), min_px)
+        narrow, shift = _narrow_bands(a, cand & ~flagged, jumps.shift, vec, max(lag, 1), min_px)
+        return ScanJumps(np.where(narrow, shift, jumps.shift), flagged | narrow, jumps.noise, jumps.candidates)
     return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
 
 
 def _narrow_bands(img: np.ndarray, cand: np.ndarray, shift: np.ndarray, vectors: np.ndarray, max_lag: int,
-                  min_px: float) -> np.ndarray:
-    """Bands of jumped lines narrower than a lattice translation's rows (a jump at ``b1`` and one back
-    at ``b2``, the candidate shifts cancelling as in :func:`_bands`), which
-    :func:`_confirmed_by_lattice` cannot confirm (its lines after the jump run past the band),
-    confirmed by the band's own lines: each is compared with its lattice images ``dy`` lines above and
-    below (outside the band, for every translation with ``dy`` beyond the band's width). Against the
-    lag the image needs elsewhere, those below see the band's lines off by minus the band's shift
-    ``s = (shift[b1] - shift[b2]) / 2`` and those above by plus it: every one of these (at least two)
-    must lie within half of ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan
-    lines, pairs of neighbouring lines that see different rows look like one-line bands; their lattice
-    images scatter by a pixel and more around any such ``s``.) Returns bool [H - 1], the confirmed
-    jumps (both of each band)."""
+                  min_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bands of jumped lines narrower than a lattice translation's rows (a glitch of a few lines at
+    coarse sampling), which :func:`_confirmed_by_lattice` cannot confirm: its lines after the jump run
+    past the band. A band starts after a candidate jump ``b1`` and ends at the next candidate ``b2``
+    going back by about as much (as in :func:`_bands`) or, where the lines there are too unlike to be
+    judged (NaN), at the first such line within a translation's rows; its shift is ``s = (shift[b1]
+    - shift[b2]) / 2`` (``shift[b1]`` at an unjudged end). The band's lines are compared with their
+    lattice images ``dy`` lines below and above (outside the band: every translation with ``dy``
+    beyond its width): against the lag the image needs elsewhere, lines recorded ``s`` px to the right
+    are off by ``s`` from both. Every one of these comparisons (at least two) must lie within half of
+    ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan lines, pairs of neighbouring
+    lines that see different rows look like one-line bands; their lattice images scatter by a pixel
+    and more around any such ``s``.) Returns ``(keep, shift)``: bool [H - 1], both jumps of each band
+    kept, and ``shift`` with the jump back of a band ending at an unjudged line set to ``-s``."""
     from scipy import ndimage
 
     keep = np.zeros_like(cand)
-    b = list(np.flatnonzero(cand))
-    if len(b) < 2:
-        return keep
+    shift = shift.copy()
+    b = np.flatnonzero(cand)
+    if not len(b):
+        return keep, shift
     a = img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
     H = a.shape[0]
-    usual: dict[int, tuple[int, float]] = {}  # per translation: its rows dy and the lag elsewhere
-    for k, (tx, ty) in enumerate(vectors):
+    usual = []  # per translation: its rows dy and the lag lines that far apart have all over the image
+    for tx, ty in vectors:
         tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
         dy = int(np.rint(ty))
         if 1 <= dy < H // 4:
-            usual[k] = (dy, _block_lag(a, np.arange(0, H - dy, max(1, (H - dy) // 64)), dy, tx, max_lag))
-    while len(b) >= 2:
-        b1, b2 = b[0], b[1]
-        j1, j2 = shift[b1], shift[b2]
-        band = np.arange(b1 + 1, b2 + 1)
-        s_band = 0.5 * (j1 - j2)
+            usual.append((dy, _block_lag(a, np.arange(0, H - dy, max(1, (H - dy) // 64)), dy, tx, max_lag)))
+    if not usual:
+        return keep, shift
+    max_w = max(dy for dy, _ in usual) - 1
+
+    def confirmed(band: np.ndarray, s_band: float) -> bool:
         seen = []
-        if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)) and abs(s_band) >= min_px:
-            for dy, lag in usual.values():
-                if dy > len(band):
-                    if band[-1] + dy < H:  # the band against the lines below it
-                        seen.append(lag - _block_lag(a, band, dy, lag, max_lag))
-                    if band[0] - dy >= 0:  # the lines above it against the band
-                        seen.append(_block_lag(a, band - dy, dy, lag, max_lag) - lag)
-        if len(seen) >= 2 and np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)):
-            keep[b1] = keep[b2] = True
-            b = b[2:]
-        else:
-            b = b[1:]
-    return keep
+        for dy, lag in usual:
+            if dy > len(band):
+                if band[-1] + dy < H:  # the band against the lines below it
+                    seen.append(lag - _block_lag(a, band, dy, lag, max_lag))
+                if band[0] - dy >= 0:  # the lines above it against the band
+                    seen.append(_block_lag(a, band - dy, dy, lag, max_lag) - lag)
+        return len(seen) >= 2 and bool(np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)))
+
+    done = -1
+    for i, b1 in enumerate(b):
+        if b1 <= done:
+            continue
+        j1 = shift[b1]
+        ends = []
+        if i + 1 < len(b) and b[i + 1] - b1 <= max_w:
+            j2 = shift[b[i + 1]]
+            if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
+                ends.append((b[i + 1], 0.5 * (j1 - j2)))
+        gap = np.flatnonzero(np.isnan(shift[b1 + 1:min(b1 + max_w + 1, len(shift))]))
+        if len(gap):
+            ends.append((b1 + 1 + int(gap[0]), j1))
+        for b2, s_band in ends:
+            if abs(s_band) >= min_px and confirmed(np.arange(b1 + 1, b2 + 1), s_band):
+                keep[b1] = keep[b2] = True
+                if np.isnan(shift[b2]):
+                    shift[b2] = -s_band
+                done = b2
+                break
+    return keep, shift
 
 
 def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:
