@@ -334,16 +334,38 @@ def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float
     cand = jumps.candidates
     flagged = np.zeros_like(cand)
     if cand.any():
-        vec = np.asarray(vectors, np.float64).reshape(-1, 2)
-        a = np.asarray(img, np.float64)
-        flagged = _bands(cand & _confirmed_by_lattice(a, vec, cand, jumps.shift, max(lag, 1), min_px), jumps.shift)
+        lag = max(lag, 1)
+        a = _detrended(np.asarray(img, np.float64), lag)
+        usual = _lattice_lags(a, np.asarray(vectors, np.float64).reshape(-1, 2), lag)
+        flagged = _bands(cand & _confirmed_by_lattice(a, usual, cand, jumps.shift, lag, min_px), jumps.shift)
         # bands too narrow for that: their own lines against the lattice images above and below them
-        narrow, shift = _narrow_bands(a, cand & ~flagged, jumps.shift, vec, max(lag, 1), min_px)
+        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px)
         return ScanJumps(np.where(narrow, shift, jumps.shift), flagged | narrow, jumps.noise, jumps.candidates)
     return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
 
 
-def _narrow_bands(img: np.ndarray, cand: np.ndarray, shift: np.ndarray, vectors: np.ndarray, max_lag: int,
+def _detrended(img: np.ndarray, max_lag: int) -> np.ndarray:
+    """The lines with their slow trends along x taken out (what the lags are measured on)."""
+    from scipy import ndimage
+
+    return img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
+
+
+def _lattice_lags(a: np.ndarray, vectors: np.ndarray, max_lag: int) -> list[tuple[int, float]]:
+    """Per lattice translation ``(t_x, t_y)`` (turned to point down) whose rows ``dy = round(t_y)`` fit
+    in a quarter of the image: ``(dy, lag)``, the lag at which lines ``dy`` apart match all over the
+    detrended lines ``a`` (``t_x`` plus the scan's shear)."""
+    H = a.shape[0]
+    out = []
+    for tx, ty in vectors:
+        tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
+        dy = int(np.rint(ty))
+        if 1 <= dy < H // 4:
+            out.append((dy, _block_lag(a, np.arange(0, H - dy, max(1, (H - dy) // 64)), dy, tx, max_lag)))
+    return out
+
+
+def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarray, max_lag: int,
                   min_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Bands of jumped lines narrower than a lattice translation's rows (a glitch of a few lines at
     coarse sampling), which :func:`_confirmed_by_lattice` cannot confirm: its lines after the jump run
@@ -356,25 +378,15 @@ def _narrow_bands(img: np.ndarray, cand: np.ndarray, shift: np.ndarray, vectors:
     are off by ``s`` from both. Every one of these comparisons (at least two) must lie within half of
     ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan lines, pairs of neighbouring
     lines that see different rows look like one-line bands; their lattice images scatter by a pixel
-    and more around any such ``s``.) Returns ``(keep, shift)``: bool [H - 1], both jumps of each band
-    kept, and ``shift`` with the jump back of a band ending at an unjudged line set to ``-s``."""
-    from scipy import ndimage
-
+    and more around any such ``s``.) ``a``, ``usual``: as for :func:`_confirmed_by_lattice`. Returns
+    ``(keep, shift)``: bool [H - 1], both jumps of each band kept, and ``shift`` with the jump back of a
+    band ending at an unjudged line set to ``-s``."""
     keep = np.zeros_like(cand)
     shift = shift.copy()
     b = np.flatnonzero(cand)
-    if not len(b):
+    if not len(b) or not usual:
         return keep, shift
-    a = img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
     H = a.shape[0]
-    usual = []  # per translation: its rows dy and the lag lines that far apart have all over the image
-    for tx, ty in vectors:
-        tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
-        dy = int(np.rint(ty))
-        if 1 <= dy < H // 4:
-            usual.append((dy, _block_lag(a, np.arange(0, H - dy, max(1, (H - dy) // 64)), dy, tx, max_lag)))
-    if not usual:
-        return keep, shift
     max_w = max(dy for dy, _ in usual) - 1
 
     def confirmed(band: np.ndarray, s_band: float) -> bool:
@@ -444,31 +456,22 @@ def _block_lag(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: i
     return float(lags[k] + np.clip(frac, -0.5, 0.5))
 
 
-def _confirmed_by_lattice(img: np.ndarray, vectors: np.ndarray, flagged: np.ndarray, shift: np.ndarray,
+def _confirmed_by_lattice(a: np.ndarray, usual: list, flagged: np.ndarray, shift: np.ndarray,
                           max_lag: int, min_px: float) -> np.ndarray:
     """Which of the ``flagged`` jumps (``shift[b]`` px between lines ``b`` and ``b + 1``) the lattice
     confirms. For each translation ``t`` (pointing down, ``dy = round(t_y)`` lines), the ``dy`` lines
     just before the jump, each compared with its lattice image ``dy`` lines further (after the jump;
     a whole row period, so that no single pair of atom rows decides), match at the lag the image
     needs elsewhere (``t_x`` plus the scan's shear) plus the jump; the median over translations must
-    exceed ``min_px`` and lie within half the jump of it. (A band narrower than about ``dy / 2``
-    lines is therefore not confirmed and stays as recorded.)"""
-    from scipy import ndimage
-
-    H = img.shape[0]
-    a = img - ndimage.uniform_filter1d(img, 4 * max_lag + 1, axis=1, mode="reflect")
+    exceed ``min_px`` and lie within half the jump of it. ``a``: the detrended lines
+    (:func:`_detrended`); ``usual``: :func:`_lattice_lags`. (A band narrower than about ``dy / 2``
+    lines is not confirmed here: :func:`_narrow_bands` judges it.)"""
+    H = a.shape[0]
     cand = np.flatnonzero(flagged)
-    vecs = []
-    for tx, ty in vectors:
-        tx, ty = (tx, ty) if ty > 0 else (-tx, -ty)
-        dy = int(np.rint(ty))
-        if 1 <= dy < H // 4:
-            ref = np.arange(0, H - dy, max(1, (H - dy) // 64))
-            vecs.append((dy, _block_lag(a, ref, dy, tx, max_lag)))
     keep = np.zeros(len(flagged), bool)
     for b in cand:
         off = []
-        for dy, typical in vecs:
+        for dy, typical in usual:
             ys = np.arange(b + 1 - dy, b + 1)
             ys = ys[(ys >= 0) & (ys + dy < H)]
             if len(ys):
