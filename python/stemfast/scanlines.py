@@ -339,7 +339,8 @@ def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float
         usual = _lattice_lags(a, np.asarray(vectors, np.float64).reshape(-1, 2), lag)
         flagged = _bands(cand & _confirmed_by_lattice(a, usual, cand, jumps.shift, lag, min_px), jumps.shift)
         # bands too narrow for that: their own lines against the lattice images above and below them
-        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px)
+        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px,
+                                      tuple(abs(l) for dy, l in usual if dy == 1))
         return ScanJumps(np.where(narrow, shift, jumps.shift), flagged | narrow, jumps.noise, jumps.candidates)
     return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
 
@@ -366,21 +367,27 @@ def _lattice_lags(a: np.ndarray, vectors: np.ndarray, max_lag: int) -> list[tupl
 
 
 def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarray, max_lag: int,
-                  min_px: float) -> tuple[np.ndarray, np.ndarray]:
+                  min_px: float, periods: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """Bands of jumped lines narrower than a lattice translation's rows (a glitch of a few lines at
     coarse sampling), which :func:`_confirmed_by_lattice` cannot confirm: its lines after the jump run
     past the band. A band starts after a candidate jump ``b1`` and ends at the next candidate ``b2``
-    going back by about as much (as in :func:`_bands`) or, where the lines there are too unlike to be
-    judged (NaN), at the first such line within a translation's rows; its shift is ``s = (shift[b1]
-    - shift[b2]) / 2`` (``shift[b1]`` at an unjudged end). The band's lines are compared with their
+    going back by about as much (as in :func:`_bands`; or by about as much plus or minus ``P``, where a
+    lattice translation runs within a line of the scan lines with period ``P`` along them, and the
+    neighbouring lines cannot tell a jump from one ``P`` off) or, where the lines there are too unlike
+    to be judged (NaN), at the first such line within a translation's rows; its shift is ``s =
+    (shift[b1] - shift[b2]) / 2`` (with the jump back read ``P`` off corrected; ``shift[b1]`` at an
+    unjudged end). The band's lines are compared with their
     lattice images ``dy`` lines below and above (outside the band: every translation with ``dy``
     beyond its width): against the lag the image needs elsewhere, lines recorded ``s`` px to the right
     are off by ``s`` from both. Every one of these comparisons (at least two) must lie within half of
     ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan lines, pairs of neighbouring
     lines that see different rows look like one-line bands; their lattice images scatter by a pixel
-    and more around any such ``s``.) ``a``, ``usual``: as for :func:`_confirmed_by_lattice`. Returns
-    ``(keep, shift)``: bool [H - 1], both jumps of each band kept, and ``shift`` with the jump back of a
-    band ending at an unjudged line set to ``-s``."""
+    and more around any such ``s``.) A kept band's shift is then measured again around ``s`` between
+    the neighbouring lines of its two jumps. ``a``, ``usual``: as for :func:`_confirmed_by_lattice`;
+    ``periods``: the periods along the lines of lattice translations within a line of them (``P``).
+    Returns ``(keep, shift)``:
+    bool [H - 1], both jumps of each band kept, and ``shift`` with theirs set to plus and minus the
+    band's measured shift."""
     keep = np.zeros_like(cand)
     shift = shift.copy()
     b = np.flatnonzero(cand)
@@ -394,10 +401,16 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
         for dy, lag in usual:
             if dy > len(band):
                 if band[-1] + dy < H:  # the band against the lines below it
-                    seen.append(lag - _block_lag(a, band, dy, lag, max_lag))
+                    seen.append(lag - _block_lag(a, band, dy, lag - s_band, max_lag))
                 if band[0] - dy >= 0:  # the lines above it against the band
-                    seen.append(_block_lag(a, band - dy, dy, lag, max_lag) - lag)
+                    seen.append(_block_lag(a, band - dy, dy, lag + s_band, max_lag) - lag)
         return len(seen) >= 2 and bool(np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)))
+
+    def measured(b1: int, b2: int, s_band: float) -> float:
+        """The band's shift from its two jumps, each measured again between its neighbouring lines
+        around ``s_band`` (a jump near ``max_lag``, or read a period off, is not cut off by the search
+        window)."""
+        return 0.5 * (_block_lag(a, np.array([b1]), 1, s_band, 2) - _block_lag(a, np.array([b2]), 1, -s_band, 2))
 
     done = -1
     for i, b1 in enumerate(b):
@@ -406,17 +419,20 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
         j1 = shift[b1]
         ends = []
         if i + 1 < len(b) and b[i + 1] - b1 <= max_w:
-            j2 = shift[b[i + 1]]
-            if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
-                ends.append((b[i + 1], 0.5 * (j1 - j2)))
+            # the jump back, or (where a lattice translation runs within a line of the scan lines, period
+            # P along them) the jump back read a period off: neighbouring lines cannot tell s from s - P
+            for j2 in [shift[b[i + 1]]] + [shift[b[i + 1]] + k * p for p in periods for k in (-1, 1)]:
+                if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
+                    ends.append((b[i + 1], 0.5 * (j1 - j2)))
         gap = np.flatnonzero(np.isnan(shift[b1 + 1:min(b1 + max_w + 1, len(shift))]))
         if len(gap):
             ends.append((b1 + 1 + int(gap[0]), j1))
         for b2, s_band in ends:
-            if abs(s_band) >= min_px and confirmed(np.arange(b1 + 1, b2 + 1), s_band):
+            band = np.arange(b1 + 1, b2 + 1)
+            if abs(s_band) >= min_px and confirmed(band, s_band):
                 keep[b1] = keep[b2] = True
-                if np.isnan(shift[b2]):
-                    shift[b2] = -s_band
+                s_band = measured(b1, b2, s_band)
+                shift[b1], shift[b2] = s_band, -s_band
                 done = b2
                 break
     return keep, shift
