@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import fft as sfft
 
-__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "same_sublattice_vectors"]
+__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "same_sublattice_vectors",
+           "line_offsets", "recorded_shift"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -210,14 +211,10 @@ class ScanJumps:
         return np.flatnonzero(self.flagged) + 1
 
     def offsets(self) -> np.ndarray:
-        """float64 [H]: how far each recorded line lies to the right of where it belongs: the
-        lines between the two jumps of each band (:attr:`flagged` holds them in pairs), moved by the
-        mean of the jump there and the jump back; 0 elsewhere."""
-        off = np.zeros(len(self.shift) + 1)
-        b = np.flatnonzero(self.flagged)
-        for b1, b2 in zip(b[0::2], b[1::2]):
-            off[b1 + 1:b2 + 1] = 0.5 * (self.shift[b1] - self.shift[b2])
-        return off
+        """float64 [H]: how far each recorded line lies to the right of where it belongs
+        (:func:`line_offsets` of the bands :attr:`flagged` holds in pairs)."""
+        rows = self.rows
+        return line_offsets(rows, self.shift[rows - 1], len(self.shift) + 1)
 
     def undo(self, image: np.ndarray) -> np.ndarray:
         """``image`` with the jumped lines moved back (linear interpolation along the line; the
@@ -235,10 +232,36 @@ class ScanJumps:
         """Positions ``x`` (at rows ``y``) found on :meth:`undo`'s image, where the recorded image has
         them: moved by their lines' offset, averaged over the column's rows (a Gaussian of
         ``column_px`` along y), so a column that a jump cuts lies between its two recorded halves."""
-        from scipy import ndimage
+        return np.asarray(x, np.float64) + recorded_shift(y, self.offsets(), column_px)
 
-        off = ndimage.gaussian_filter1d(self.offsets(), column_px, mode="nearest")
-        return np.asarray(x, np.float64) + np.interp(np.asarray(y, np.float64), np.arange(len(off)), off)
+
+def line_offsets(jump_rows, jump_px, n_lines: int) -> np.ndarray:
+    """float64 [n_lines]: how far each recorded line lies to the right of where it belongs, from the
+    bands of jumped lines (``jump_rows``: the first line after each jump, in pairs -- into a band and
+    back, as ``summary.json`` lists them; ``jump_px``: the jumps): the lines of a band by the mean of
+    its jump and the jump back, 0 elsewhere.
+
+    Examples
+    --------
+    >>> line_offsets([3, 5], [2.1, -1.9], 7).tolist()
+    [0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]
+    """
+    off = np.zeros(int(n_lines))
+    r = np.asarray(jump_rows, np.int64)
+    p = np.asarray(jump_px, np.float64)
+    for r1, r2, p1, p2 in zip(r[0::2], r[1::2], p[0::2], p[1::2]):
+        off[r1:r2] = 0.5 * (p1 - p2)
+    return off
+
+
+def recorded_shift(y, offsets: np.ndarray, column_px: float = 1.0) -> np.ndarray:
+    """How far points at rows ``y`` lie to the right in the recorded image of where the lattice has
+    them: their lines' ``offsets`` (:func:`line_offsets`) averaged over a column's rows (a Gaussian
+    of ``column_px`` along y), so a column that a jump cuts lies between its two recorded halves."""
+    from scipy import ndimage
+
+    off = ndimage.gaussian_filter1d(np.asarray(offsets, np.float64), column_px, mode="nearest")
+    return np.interp(np.asarray(y, np.float64), np.arange(len(off)), off)
 
 
 def scan_line_jumps(image, vectors=None, *, threshold: float = JUMP_THRESHOLD, min_px: float = JUMP_MIN_PX,

@@ -442,7 +442,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
-    lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps)}  # in summary.json with the lattice
+    lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -767,7 +767,7 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
     if not s.scan_lines:
         return img, None, None
     jumps = scan_line_jumps(img)
-    if not jumps.flagged.any():
+    if not jumps.candidates.any():  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None
     try:
         ring = _bragg_ring(img, s)
@@ -791,11 +791,16 @@ def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
         cols["x_nm"] = cols["x"] * pixel_size * _to_nm(unit)
 
 
-def _scan_jumps_meta(jumps) -> dict:
+def _scan_jumps_meta(jumps, column_px: float) -> dict:
+    """``jump_rows``, ``jump_px`` (and, with jumps, ``jump_column_px``: how the sites' recorded
+    positions were averaged over a column's rows, :func:`stemfast.scanlines.recorded_shift`)."""
     if jumps is None:
         return {}
     rows = jumps.rows
-    return {"jump_rows": rows.tolist(), "jump_px": [round(float(v), 3) for v in jumps.shift[rows - 1]]}
+    out = {"jump_rows": rows.tolist(), "jump_px": [round(float(v), 3) for v in jumps.shift[rows - 1]]}
+    if len(rows):
+        out["jump_column_px"] = float(column_px)
+    return out
 
 
 def _scan_lines_meta(lines) -> dict:
