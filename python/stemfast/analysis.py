@@ -56,13 +56,13 @@ import numpy as np
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .lattice import nearest_indices
 from .materials import CHALCOGEN, HOLLOW, METAL, brightness_order, get_material, name_by_brightness
-from .scanlines import line_offsets, recorded_shift
+from .scanlines import lattice_positions
 from .sitelattice import border_distance
 from .table import SiteTable
 
 __all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "DEFECT_KINDS", "SCORES",
            "LocalReferences", "local_references", "ClassAgreementWarning", "SublatticeNamingWarning",
-           "lattice_consistent_classes", "neighbourhood_recon", "edge_noise", "sublattice_naming", "lattice_frame"]
+           "lattice_consistent_classes", "neighbourhood_recon", "edge_noise", "sublattice_naming"]
 
 log = logging.getLogger(__name__)
 
@@ -1162,23 +1162,6 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
 
 
 
-def lattice_frame(sites: SiteTable, xy: np.ndarray) -> np.ndarray:
-    """Site positions ``xy`` [N, 2] (the table's: where the recorded image has the columns) where the
-    lattice has them: in a band of scan lines that jumped sideways (``meta["lattice"]["scan_lines"]``,
-    undone by :func:`stemfast.sites.find_sites` before the lattice was found) moved back, so that a
-    site's neighbours and their colours are read off the lattice -- a 4 px jump at 5 px spacing moves
-    a band's sites most of a spacing. ``xy`` itself without jumps."""
-    meta = getattr(sites, "meta", None) or {}
-    sl = (meta.get("lattice") or {}).get("scan_lines") or {}
-    rows = sl.get("jump_rows") or []
-    if not rows or not meta.get("shape") or not len(xy):
-        return xy
-    off = line_offsets(rows, sl["jump_px"], int(meta["shape"][-2]))
-    out = np.array(xy, dtype=np.float64)
-    out[:, 0] -= recorded_shift(out[:, 1], off, float(sl.get("jump_column_px", 1.0)))
-    return out
-
-
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
                   edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.
@@ -1209,7 +1192,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if len(mu) != n:
         raise ValueError(f"encoding has {len(mu)} rows for {n} sites")
     xy_recorded = np.column_stack([np.asarray(sites["x"], np.float64), np.asarray(sites["y"], np.float64)])
-    xy = lattice_frame(sites, xy_recorded)  # neighbours are found on the lattice
+    xy = lattice_positions(xy_recorded, getattr(sites, "meta", None))  # neighbours are found on the lattice
     # what the scores compare: the column signal with a 1 px low-pass (sites.py), else the lattice-scale one
     inten = np.asarray(sites["column_intensity" if "column_intensity" in sites else "intensity"], dtype=np.float64)
     sub_global = np.asarray(sites["sublattice"], dtype=np.int64) if "sublattice" in sites else np.full(n, -1)

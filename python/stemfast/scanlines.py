@@ -37,7 +37,7 @@ import numpy as np
 from scipy import fft as sfft
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "same_sublattice_vectors",
-           "line_offsets", "recorded_shift"]
+           "line_offsets", "recorded_shift", "lattice_positions"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -545,3 +545,29 @@ def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, n
     den = cm - 2 * c0 + cp
     frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
     return lags[k] + np.clip(frac, -0.5, 0.5), c0
+
+
+def lattice_positions(xy: np.ndarray, meta: dict | None) -> np.ndarray:
+    """Site positions ``xy`` [N, 2] of a site table (where the recorded image has the columns) where
+    the lattice has them: in the bands of scan lines that jumped sideways (``meta["lattice"]
+    ["scan_lines"]``: ``jump_rows``, ``jump_px``, ``jump_column_px``; undone by
+    :func:`stemfast.sites.find_sites` before the lattice was found) moved back, so that a site's
+    neighbours, their colours and the lattice steps between sites are read off the lattice -- a 4 px
+    jump at 5 px spacing moves a band's sites most of a spacing. ``xy`` itself without jumps.
+
+    Examples
+    --------
+    >>> meta = {"shape": [8, 8], "lattice": {"scan_lines": {"jump_rows": [3, 5], "jump_px": [2.0, -2.0],
+    ...                                                     "jump_column_px": 0.01}}}
+    >>> lattice_positions(np.array([[4.0, 1.0], [6.0, 4.0]]), meta).tolist()
+    [[4.0, 1.0], [4.0, 4.0]]
+    """
+    meta = meta or {}
+    sl = (meta.get("lattice") or {}).get("scan_lines") or {}
+    rows = sl.get("jump_rows") or []
+    if not rows or not meta.get("shape") or not len(xy):
+        return xy
+    off = line_offsets(rows, sl["jump_px"], int(meta["shape"][-2]))
+    out = np.array(xy, dtype=np.float64)
+    out[:, 0] -= recorded_shift(out[:, 1], off, float(sl.get("jump_column_px", 1.0)))
+    return out

@@ -93,6 +93,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .scanlines import lattice_positions
 from .table import SiteTable
 
 __all__ = [
@@ -693,9 +694,8 @@ class DefectLinker:
         bases named like the reference's (:func:`align_bases`; NaN where a site has none). The first
         frame with a lattice sets the reference."""
         n = len(table)
-        x = np.asarray(table["x"], np.float64) - self.cum[0]
-        y = np.asarray(table["y"], np.float64) - self.cum[1]
-        xy_all = np.c_[x, y]
+        # where the lattice has the sites (a band of jumped scan lines moved back), drift taken out
+        xy_all = lattice_positions(table.xy, getattr(table, "meta", None)) - np.asarray(self.cum[:2], np.float64)
         B_all = table.basis
         if B_all is None:
             B_all = np.full((n, 2, 2), np.nan)
