@@ -1218,10 +1218,11 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
     is_defect = anomaly > settings.defect_cutoff
-    levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, _chalcogen_brighter(sites))
+    cb = _chalcogen_brighter(sites)
+    levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)
     kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material)
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
-    info.update(sublattice_naming(sc.grp, sc.z_int, observed, _chalcogen_brighter(sites), material))
+    info.update(sublattice_naming(sc.grp, sc.z_int, observed, cb, material))
 
     table = sites.with_columns({
         "class_id": cls,

@@ -362,8 +362,7 @@ def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float
         usual = _lattice_lags(a, np.asarray(vectors, np.float64).reshape(-1, 2), lag)
         flagged = _bands(cand & _confirmed_by_lattice(a, usual, cand, jumps.shift, lag, min_px), jumps.shift)
         # bands too narrow for that: their own lines against the lattice images above and below them
-        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px,
-                                      tuple(abs(l) for dy, l in usual if dy == 1))
+        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px)
         return ScanJumps(np.where(narrow, shift, jumps.shift), flagged | narrow, jumps.noise, jumps.candidates)
     return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
 
@@ -390,25 +389,23 @@ def _lattice_lags(a: np.ndarray, vectors: np.ndarray, max_lag: int) -> list[tupl
 
 
 def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarray, max_lag: int,
-                  min_px: float, periods: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+                  min_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Bands of jumped lines narrower than a lattice translation's rows (a glitch of a few lines at
     coarse sampling), which :func:`_confirmed_by_lattice` cannot confirm: its lines after the jump run
     past the band. A band starts after a candidate jump ``b1`` and ends at the next candidate ``b2``
-    going back by about as much (as in :func:`_bands`; or by about as much plus or minus ``P``, where a
-    lattice translation runs within a line of the scan lines with period ``P`` along them, and the
-    neighbouring lines cannot tell a jump from one ``P`` off) or, where the lines there are too unlike
-    to be judged (NaN), at the first such line within a translation's rows; its shift is ``s =
-    (shift[b1] - shift[b2]) / 2`` (with the jump back read ``P`` off corrected; ``shift[b1]`` at an
-    unjudged end). The band's lines are compared with their
-    lattice images ``dy`` lines below and above (outside the band: every translation with ``dy``
-    beyond its width): against the lag the image needs elsewhere, lines recorded ``s`` px to the right
-    are off by ``s`` from both. Every one of these comparisons (at least two) must lie within half of
-    ``s`` of it, and ``|s| >= min_px``. (Where atom rows run along the scan lines, pairs of neighbouring
-    lines that see different rows look like one-line bands; their lattice images scatter by a pixel
-    and more around any such ``s``.) A kept band's shift is then measured again around ``s`` between
-    the neighbouring lines of its two jumps. ``a``, ``usual``: as for :func:`_confirmed_by_lattice`;
-    ``periods``: the periods along the lines of lattice translations within a line of them (``P``).
-    Returns ``(keep, shift)``:
+    going back by about as much (:func:`_cancels`; or by about as much plus or minus ``P``, where a
+    lattice translation of ``usual`` runs within a line of the scan lines, ``dy = 1``, with period
+    ``P`` along them, and the neighbouring lines cannot tell a jump from one ``P`` off) or, where the
+    lines there are too unlike to be judged (NaN), at the first such line within a translation's rows;
+    its shift is ``s = (shift[b1] - shift[b2]) / 2`` (with the jump back read ``P`` off corrected;
+    ``shift[b1]`` at an unjudged end). The band's lines are compared with their lattice images ``dy``
+    lines below and above (outside the band: every translation with ``dy`` beyond its width): against
+    the lag the image needs elsewhere, lines recorded ``s`` px to the right are off by ``s`` from both.
+    Every one of these comparisons (at least two) must lie within half of ``s`` of it, and ``|s| >=
+    min_px``. (Where atom rows run along the scan lines, pairs of neighbouring lines that see different
+    rows look like one-line bands; their lattice images scatter by a pixel and more around any such
+    ``s``.) A kept band's shift is then measured again around ``s`` between the neighbouring lines of
+    its two jumps. ``a``, ``usual``: as for :func:`_confirmed_by_lattice`. Returns ``(keep, shift)``:
     bool [H - 1], both jumps of each band kept, and ``shift`` with theirs set to plus and minus the
     band's measured shift."""
     keep = np.zeros_like(cand)
@@ -418,6 +415,7 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
         return keep, shift
     H = a.shape[0]
     max_w = max(dy for dy, _ in usual) - 1
+    periods = [abs(lag) for dy, lag in usual if dy == 1]  # the P of translations within a line of the lines
 
     def confirmed(band: np.ndarray, s_band: float) -> bool:
         seen = []
@@ -445,7 +443,7 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
             # the jump back, or (where a lattice translation runs within a line of the scan lines, period
             # P along them) the jump back read a period off: neighbouring lines cannot tell s from s - P
             for j2 in [shift[b[i + 1]]] + [shift[b[i + 1]] + k * p for p in periods for k in (-1, 1)]:
-                if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
+                if _cancels(j1, j2):
                     ends.append((b[i + 1], 0.5 * (j1 - j2)))
         gap = np.flatnonzero(np.isnan(shift[b1 + 1:min(b1 + max_w + 1, len(shift))]))
         if len(gap):
@@ -461,15 +459,21 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
     return keep, shift
 
 
+def _cancels(j1: float, j2: float) -> bool:
+    """A jump ``j1`` and a later one ``j2`` are a band's jump and its jump back: the two shifts cancel
+    to within half the larger."""
+    return abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2))
+
+
 def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """The flagged jumps that come in bands: a jump followed by the next flagged one going back by
-    about as much (the two shifts cancel to within half the larger); the others are dropped, so a
-    jump found wrongly or missed never moves the rest of the image."""
+    about as much (:func:`_cancels`); the others are dropped, so a jump found wrongly or missed never
+    moves the rest of the image."""
     keep = np.zeros_like(flagged)
     b = list(np.flatnonzero(flagged))
     while len(b) >= 2:
         j1, j2 = shift[b[0]], shift[b[1]]
-        if abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2)):
+        if _cancels(j1, j2):
             keep[b[0]] = keep[b[1]] = True
             b = b[2:]
         else:
