@@ -672,3 +672,26 @@ def test_sublattice_naming_questions_the_metal_only_when_the_dark_sites_crowd_on
     # the sign test is the binomial tail
     assert _sign_test(0, 7) == 1.0 and abs(_sign_test(7, 0) - 0.5 ** 7) < 1e-15
     assert abs(_sign_test(3, 3) - 0.65625) < 1e-12  # (20 + 15 + 6 + 1) / 64
+
+
+def test_a_dark_metal_site_is_a_vacancy_only_when_it_reads_like_an_empty_column():
+    # a light dopant on the metal site (Cr in WSe2) is dark, but well above the hollow level: the
+    # hollow sites' own scatter says it is not empty. With noise that large, it could be: vacancy
+    from stemfast.analysis import EMPTY_Z, _defect_kinds
+
+    rng = np.random.default_rng(0)
+    n = 600
+    sub = np.repeat([0, 1, 2], n // 3)
+    levels = np.tile([1.0, 0.8, 0.0], (n, 1))  # metal, chalcogen, hollow around every site
+
+    def kind_of(v, noise):
+        inten = levels[np.arange(n), sub] + rng.normal(0, noise, n)
+        inten[0] = v  # the flagged metal site
+        flagged = np.zeros(n, bool)
+        flagged[0] = True
+        return _defect_kinds(sub, np.where(flagged, -8.0, 0.0), levels, inten, flagged, "wse2", ~flagged)[0]
+
+    assert kind_of(0.01, 0.02) == "vacancy_W"  # at the hollow level: empty
+    assert kind_of(0.35, 0.02) == "substitution_W"  # 17 hollow sd above it, below the midpoint: a light atom
+    assert kind_of(0.35, 0.35 / (EMPTY_Z - 1)) == "vacancy_W"  # as noisy as that, empty cannot be ruled out
+    assert kind_of(0.6, 0.02) == "substitution_W"  # above the midpoint, as before

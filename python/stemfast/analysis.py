@@ -809,21 +809,36 @@ def _reference_levels(refs: LocalReferences | None, grp: np.ndarray, inten: np.n
     return levels
 
 
+#: a flagged metal site is named a vacancy only when it reads like an empty column: at most this many
+#: robust standard deviations of the hollow sites (empty columns) above their level around it, and below
+#: the midpoint between that level and the columns'. Simulated metal vacancies read -1.8 to 2.7 of them,
+#: the dark Cr dopants of a Cr-doped WSe2 scan 7 to 15 (a light atom on the site, not an empty one)
+EMPTY_Z = 4.0
+
+
 def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.ndarray,
-                  is_defect: np.ndarray, material) -> np.ndarray:
+                  is_defect: np.ndarray, material, usable: np.ndarray | None = None) -> np.ndarray:
     """Name each flagged site from its sublattice and where its intensity lies between the typical
-    metal, chalcogen and hollow levels around it (``levels`` [N, 3]) -- with ``material``'s names."""
+    metal, chalcogen and hollow levels around it (``levels`` [N, 3]) -- with ``material``'s names.
+    A metal site is a vacancy when it reads like an empty column (:data:`EMPTY_Z`: the spread is that
+    of the ``usable`` hollow sites around their levels), else a substitution (a lighter or heavier atom)."""
     mat = get_material(material)
     m_, x_ = mat.metal, mat.chalcogen
     kinds = np.full(len(sub), "none", dtype=object)
+    hol = (sub == HOLLOW) & np.isfinite(levels[:, 2]) & (np.ones(len(sub), bool) if usable is None else usable)
+    empty_sd = _robust_spread(inten[hol] - levels[hol, 2]) if hol.sum() >= 10 else np.inf
+    if not empty_sd > 0:  # no scatter measured: the midpoint alone decides
+        empty_sd = np.inf
     for i in np.flatnonzero(is_defect):
         metal, chalc, hollow = levels[i]
         v = inten[i]
         if not np.isfinite(levels[i]).all() or sub[i] not in (METAL, CHALCOGEN, HOLLOW):
             kinds[i] = "other"
         elif sub[i] == METAL:
-            # an empty metal site sits near the hollow level; otherwise a foreign atom (brighter or darker)
-            kinds[i] = f"vacancy_{m_}" if v < 0.5 * (hollow + min(chalc, metal)) else f"substitution_{m_}"
+            # an empty metal site reads like an empty column (the hollow level, within its scatter);
+            # otherwise a foreign atom, brighter or darker (a light dopant is dark, yet not empty)
+            empty = v < 0.5 * (hollow + min(chalc, metal)) and not v - hollow > EMPTY_Z * empty_sd
+            kinds[i] = f"vacancy_{m_}" if empty else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
             refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc,
                      f"substitution_{x_}": metal}
@@ -1251,7 +1266,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     is_defect = anomaly > settings.defect_cutoff
     cb = _chalcogen_brighter(sites)
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)
-    kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material)
+    kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material, observed & ~is_defect)
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
     info.update(sublattice_naming(sc.grp, sc.z_int, observed, cb, material))
 
