@@ -274,7 +274,8 @@ def test_real_cr_doped_wse2_second_detector_is_named_from_its_dark_sites_and_ran
     assert not caught and "naming_warning" not in s
     named = kind[(lname == "V_Se") & (kind != "none")]
     assert len(named) >= 20 and np.isin(named, ["vacancy_Se", "vacancy_Se2"]).mean() >= 0.9
-    assert np.isin(kind[lname == "Cr"], ["vacancy_W", "substitution_W"]).mean() >= 0.7  # dark metal sites
+    # the Cr dopants: dark metal sites, yet well above an empty column -- a light atom on the W site
+    assert (lname == "Cr").sum() >= 5 and (kind[lname == "Cr"] == "substitution_W").mean() >= 0.8
     # the ranking, over the output sites inside the labelled field (the labels stop 13 px from the
     # full image's edge, 1.5 spacings more are left out as the shared scorer does): the authors'
     # vacancies and dopants come first
