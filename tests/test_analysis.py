@@ -270,6 +270,8 @@ def test_class_agreement_is_measured_where_both_readings_of_the_colouring_agree(
         for follows in (sub_global.copy(), far.copy()):
             info = _class_agreement(follows, far, sub_global, usable, settings)
             assert info["class_sublattice_ari"] == pytest.approx(1.0) and "class_warning" not in info
+            # each class' sublattice is read on the same sites and reading as the agreement
+            assert all(v["share"] == 1.0 for v in info["class_sublattice"].values())
     assert _class_agreement(sub_global.copy(), far, sub_global, usable, settings)["class_sublattice_ari_local"] < 0.9
     with pytest.warns(ClassAgreementWarning):
         info = _class_agreement(background, far, sub_global, usable, settings)

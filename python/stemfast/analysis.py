@@ -1183,20 +1183,25 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
     disagree with both. When the two readings agree on fewer than :data:`MIN_CONSENSUS` of the judged
     sites, one of them fails widely (the local one where metal and chalcogen columns are about as
     bright, as at some detector angles; the image-wide one across a slip): the agreement is then the
-    better of the ARIs against each reading on all judged sites. A :class:`ClassAgreementWarning` when low; also the ARI against the
-    local reading on all judged sites, and the sublattice each class sits on (:func:`class_sublattices`)."""
+    better of the ARIs against each reading on all judged sites. A :class:`ClassAgreementWarning` when
+    low; also the ARI against the local reading on all judged sites, and the sublattice each class sits
+    on (:func:`class_sublattices`, on the same sites and reading as the agreement)."""
     judged = usable & (sub >= 0)
     both = judged & (sub == sub_global)
     local = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
     consensus = both.sum() > 1 and both.sum() >= MIN_CONSENSUS * judged.sum()
+    # the sites and the reading the agreement is measured on (and each class' sublattice with it)
+    ref, ref_sub, agreement = both, sub, float("nan")
     if consensus:
         agreement = _ari(cls[both], sub[both])
     else:  # one reading fails on many sites, which one is not known: classes that follow either follow the lattice
         glob = judged & (sub_global >= 0)
         image_wide = _ari(cls[glob], sub_global[glob]) if glob.sum() > 1 else float("nan")
-        agreement = float(np.nanmax([local, image_wide])) if np.isfinite([local, image_wide]).any() else local
+        ref, ref_sub, agreement = judged, sub, local
+        if np.isfinite(image_wide) and not image_wide <= local:
+            ref, ref_sub, agreement = glob, sub_global, image_wide
     info: dict = {"class_sublattice_ari": agreement, "class_sublattice_ari_local": local,
-                  "class_sublattice": class_sublattices(cls[judged], sub[judged], material)}
+                  "class_sublattice": class_sublattices(cls[ref], ref_sub[ref], material)}
     if judged.any():
         info["sublattice_local_vs_global"] = float(np.mean(sub[judged] == sub_global[judged]))
     if np.isfinite(agreement) and agreement < settings.min_class_agreement:
