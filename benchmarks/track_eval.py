@@ -177,8 +177,8 @@ def relink(work: Path, config):
     drift = {int(m["frame"]): m.get("drift_px") for m in summ["frames"]}
     shape = summ.get("input", {}).get("shape") or [None, None]
     centre = ((float(shape[-1]) - 1) / 2.0, (float(shape[-2]) - 1) / 2.0) if shape[-1] else None
-    lk = DefectLinker(getattr(config, "tracking", None) or TrackSettings(), centre=centre,
-                      cutoff=config.analysis.defect_cutoff)
+    settings = getattr(config, "tracking", None) or TrackSettings()
+    lk = DefectLinker(settings, centre=centre, cutoff=settings.cutoff)
     out = []
     for k, S in sites.groupby("frame", sort=True):
         out += lk.push(int(k), SiteTable({c: S[c].to_numpy() for c in S.columns}), drift=drift.get(int(k)))

@@ -456,6 +456,27 @@ def test_settings_are_validated():
         TrackSettings(continue_fraction=0.0)
     with pytest.raises(ValueError):
         TrackSettings(max_hop=float("nan"))
+    with pytest.raises(ValueError):
+        TrackSettings(cutoff=0.0)
+
+
+def test_the_tracker_keeps_its_own_score_scale(tmp_path):
+    # the single image flags from the analysis' defect_cutoff (4); the hysteresis of the tracks is
+    # read in units of tracking.cutoff (5), whatever the analysis cutoff: on the track's own node a
+    # site continues it from 0.5 x 5 = 2.5 (stay_fraction), so 2.3 ends it and 2.7 keeps it -- at a
+    # scale of 4 (2.0) both would
+    from stemfast.analysis import AnalysisSettings
+    from stemfast.tracking import StackTracker
+
+    assert AnalysisSettings().defect_cutoff == 4.0 and TrackSettings().cutoff == 5.0
+    assert StackTracker(tmp_path, settings=TrackSettings()).cutoff == 5.0
+    assert StackTracker(tmp_path, settings=TrackSettings(cutoff=6.0)).cutoff == 6.0
+    p = node(3, 3)
+    for faint, continued in ((2.3, False), (2.7, True)):
+        seq = [([p], [8.0], [True])] + [([p], [faint], [False])] * 3
+        lk, out = link_flagged(seq, TrackSettings(max_gap=0), cutoff=TrackSettings().cutoff)
+        ids = ids_of(out)
+        assert (ids.get(3, [-1])[0] >= 0 if ids.get(3) else False) == continued, (faint, ids)
 
 
 def test_dose_is_read_from_metadata():

@@ -191,17 +191,23 @@ class TrackSettings:
         (before) the revival was the cheaper explanation; 1.5, 2 and 3 link seeds 0-49 of
         ``benchmarks/track_eval.py`` identically (1 ties with a hop).
     kind_penalty : cost (lattice steps) of linking two detections of different ``defect_kind``.
+    cutoff : the score scale (``anomaly_score`` units) of the fractions below. Tracks start from the
+        flagged sites (``is_defect``: the analysis' ``defect_cutoff``, 4); the hysteresis below was
+        tuned at 5 and is kept there when the single-image cutoff moves, so that a normal column
+        scoring 2-3 in frame after frame neither continues nor starts a track (on the synthetic
+        series of ``benchmarks/track_eval.py``, fractions of 4 raised the false tracks of seed 3
+        from 0.04 to 0.19).
     continue_fraction : hysteresis in time: a site that is not flagged (``is_defect`` False) but
-        scores at least this fraction of the analysis' ``defect_cutoff`` may continue a track
+        scores at least this fraction of ``cutoff`` may continue a track
         that can reach it (alone it starts none, see ``weak_frames``) -- a defect at the cutoff's edge is not cut
         into pieces by the noise. ``1`` switches this off. Such sites carry the track id in
         ``sites.csv`` with ``is_defect`` unchanged; their number is in the summary (``n_weak_links``).
-    weak_frames : a site below the cutoff (but at least ``continue_fraction * defect_cutoff``),
+    weak_frames : a site below the cutoff (but at least ``continue_fraction * cutoff``),
         away from the image border (``edge`` False, ``observed`` True: the border's sites are
         less certain), followed over this many frames at that score (no gap; fainter frames on
         the run's own node, see ``stay_fraction``, bridge the run but do not count) starts a track too (kind
         ``below_cutoff`` until a flagged detection names it) when the mean score of its sites
-        reaches ``weak_mean_fraction * defect_cutoff``. The frames are not independent evidence: a
+        reaches ``weak_mean_fraction * cutoff``. The frames are not independent evidence: a
         site's score is mostly fixed by the image content around it (frame-to-frame correlation of
         the scores of normal sites 0.73-0.95 on the synthetic series of ``benchmarks/track_eval.py``),
         so a normal column that scores 3-4 does so in most frames; such runs are counted
@@ -210,9 +216,9 @@ class TrackSettings:
         afresh there (its long history on a normal column would otherwise dilute the mean of a faint
         defect born next to it). 0: only flagged
         sites start tracks.
-    weak_mean_fraction : the mean score (in units of ``defect_cutoff``) a run of sites below the
+    weak_mean_fraction : the mean score (in units of ``cutoff``) a run of sites below the
         cutoff must reach to become a track (see ``weak_frames``).
-    stay_fraction : a site scoring at least this fraction of ``defect_cutoff`` (but below
+    stay_fraction : a site scoring at least this fraction of ``cutoff`` (but below
         ``continue_fraction``) continues a track or a run below the cutoff **on the track's own
         node** (no hop): the likeliest place of a defect is where it was, so there the faintest
         evidence suffices; a faint vacancy scoring 3.5, 2.9, 3.7 before its first flag stays one
@@ -240,6 +246,7 @@ class TrackSettings:
     min_frames: int = 2
     gap_penalty: float = 1.5
     kind_penalty: float = 0.5
+    cutoff: float = 5.0
     continue_fraction: float = 0.6
     weak_frames: int = 3
     weak_mean_fraction: float = 0.7
@@ -263,6 +270,8 @@ class TrackSettings:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        if not (np.isfinite(self.cutoff) and self.cutoff > 0):
+            raise ValueError(f"cutoff must be > 0, got {self.cutoff!r}")
         if not 0.0 <= self.min_score_ratio < 1.0:
             raise ValueError(f"min_score_ratio must be in [0, 1), got {self.min_score_ratio!r}")
         for name in ("gap_penalty", "kind_penalty", "weak_penalty"):
@@ -496,8 +505,9 @@ class DefectLinker:
         default: the centre of the first table's sites.
     on_track : called with each finished track's row.
     max_points : map points (start and hop positions) kept for :func:`plot_tracks`, in all.
-    cutoff : the analysis' ``defect_cutoff`` (``anomaly_score`` units): with it, sites scoring at
-        least ``continue_fraction * cutoff`` may continue tracks (:class:`TrackSettings`).
+    cutoff : the score scale of the hysteresis (``anomaly_score`` units; :class:`TrackSettings`
+        ``cutoff``): with it, sites scoring at least ``continue_fraction * cutoff`` may continue
+        tracks. None: flagged sites only.
     """
 
     def __init__(self, settings: TrackSettings | None = None, *, nm_per_px: float | None = None,
@@ -1162,9 +1172,9 @@ class StackTracker:
                  shape: Sequence[int] | None = None, dose: Mapping | None = None, cutoff: float | None = None) -> None:
         from pathlib import Path
 
-        self.cutoff = cutoff
         self.folder = Path(folder)
         self.settings = settings or TrackSettings()
+        self.cutoff = self.settings.cutoff if cutoff is None else cutoff
         self.nm_per_px = nm_per_px
         self.dose = dict(dose) if dose else None
         centre = None

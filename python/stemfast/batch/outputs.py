@@ -375,8 +375,7 @@ def stack_tracker(d: Path, config, input_info: dict):
     ps = input_info.get("pixel_size")
     to_nm = unit_to_nm(input_info.get("unit")) if ps else None
     return StackTracker(d, settings=settings, nm_per_px=float(ps) * to_nm if ps and to_nm else None,
-                        shape=input_info.get("shape"), dose=input_info.get("dose"),
-                        cutoff=getattr(getattr(config, "analysis", None), "defect_cutoff", None))
+                        shape=input_info.get("shape"), dose=input_info.get("dose"))
 
 
 def lattice_warnings(lat) -> list[str]:
