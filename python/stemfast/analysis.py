@@ -91,10 +91,10 @@ class AnalysisSettings:
     defect_cutoff : ``is_defect = anomaly_score > defect_cutoff`` (robust z units; 4 means
         about 4 standard deviations darker than the sublattice's typical site around it). The
         ranking does not depend on it. On the labelled real WSe2 images (Cr 9, Ti 2 on both
-        detectors, Ti 11 and 25) and the simulated MoS2 dev1-4, 4 flags 0.47-0.95 of the labelled vacancies and dopants at a precision of 0.84-1.00
-        (0.64 on ti25, whose dark columns labelled intact count against it); 5 flagged 0.24-0.82
-        at 0.70-1.00 (docs/RESULTS.md, round 15). Tracks in a series keep their own scale
-        (``tracking.cutoff``).
+        detectors, Ti 11 and 25) and the simulated MoS2 dev1-4, 4 flags 0.47-0.95 of the
+        labelled vacancies and dopants at a precision of 0.84-1.00 (0.64 on ti25, whose dark
+        columns labelled intact count against it); 5 flagged 0.24-0.82 at 0.70-1.00
+        (docs/RESULTS.md, round 15). Tracks in a series keep their own scale (``tracking.cutoff``).
     top_n : number of defect candidates listed (and shown in the gallery).
     seed : random seed of the clustering.
     score : what ``anomaly_score`` is, one of :data:`SCORES` (module docs).
