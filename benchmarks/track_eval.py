@@ -22,7 +22,7 @@ one-to-one, Hungarian):
 Re-linking without detecting again (the detection is the expensive part): ``--relink DIR`` takes
 the ``sites.csv`` and frame drifts of a run kept with ``--out DIR`` and links them again with the
 current linker (``stemfast.tracking.DefectLinker``, the settings of the batch: config defaults,
-``defect_cutoff``, image centre), then scores as above; ``--diagnose`` prints, for every true
+the tracker's score scale ``tracking.cutoff``, image centre), then scores as above; ``--diagnose`` prints, for every true
 defect seen in >= 3 frames that is not followed, each frame's score, flag and track id, and the true
 events of it and its neighbours where its track id changes::
 
@@ -260,13 +260,13 @@ def bound(series, seed: int = 0) -> dict:
 
     from stemfast.lattice import triangular_basis
     from stemfast.table import SiteTable
-    from stemfast.tracking import DefectLinker
+    from stemfast.tracking import DefectLinker, TrackSettings
 
     s, sc = series, DYNAMICS
     tr, n = s.truth, int(s.truth[:, 0].max()) + 1
     rng = np.random.default_rng(seed)  # the jitter
     basis = triangular_basis(s.nn_px, 30.0)
-    lk, out = DefectLinker(cutoff=5.0), []
+    lk, out = DefectLinker(cutoff=TrackSettings().cutoff), []
     for k in range(n):
         f = tr[tr[:, 0] == k]
         xy = f[:, 2:4] + rng.normal(0, 0.3, (len(f), 2))
