@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import fft as sfft
 
-__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "same_sublattice_vectors",
+__all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
+           "same_sublattice_vectors",
            "line_offsets", "recorded_shift", "lattice_positions"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
@@ -522,6 +523,194 @@ def _confirmed_by_lattice(a: np.ndarray, usual: list, flagged: np.ndarray, shift
         med = float(np.median(off)) if off else 0.0
         keep[b] = abs(med) >= min_px and abs(med - shift[b]) < 0.5 * abs(shift[b])
     return keep
+
+
+#: the lattice's periodic part (:func:`lattice_line_bands`): the strongest this share of the Fourier
+#: coefficients of the lines' central columns, above LATTICE_MIN_FREQ cycles/px (the background out)
+LATTICE_KEEP, LATTICE_MIN_FREQ = 5e-4, 0.02
+#: ... over at most this many central columns (at 10-15 px spacing, 35-50 columns of atoms a line)
+LATTICE_COLUMNS = 512
+#: each line's shift against that periodic part less its running median over this many lines
+LATTICE_MEDIAN_LINES = 31
+#: a band found this way holds at most this many lines (a longer shifted stretch is a step of the
+#: frame, which the lattice follows)
+LATTICE_MAX_BAND = 16
+#: ... and is shifted by at least this share of the site spacing: with the atom rows along the scan
+#: lines, the lines through the columns measure their shifts so well that the spread is no guide to
+#: the lines between them (sound synthetic MoS2 at 0 and 30 deg, 10-15 px: up to 0.19 spacings)
+LATTICE_MIN_SHIFT_NN = 0.25
+
+
+def lattice_line_bands(image, spacing_px: float, *, threshold: float = JUMP_THRESHOLD,
+                       min_px: float = JUMP_MIN_PX) -> ScanJumps:
+    """Bands of scan lines recorded shifted sideways, found line by line against the lattice: for
+    coarse sampling, where neighbouring lines scatter too much for :func:`scan_line_jumps`.
+
+    At 10-15 px between columns, the neighbour-line shifts of real scans scatter by 1-1.5 px, and
+    a band shifted by half a spacing (5-7 px) lies beyond their search (:data:`JUMP_MAX_LAG`). Here
+    each line of the central :data:`LATTICE_COLUMNS` columns is compared with the same line of the image's periodic part
+    (its strongest Fourier coefficients, :data:`LATTICE_KEEP`), which a few shifted lines hardly
+    change: the shift at the peak of their cross-correlation (within half a spacing), less its
+    running median over :data:`LATTICE_MEDIAN_LINES` lines (slow scan distortion). Lines that
+    correlate weakly -- between rows of columns, through vacuum -- are not judged
+    (:data:`JUMP_MIN_CORRELATION_SE`, and half the median correlation of the judged lines). A band is a run of at most :data:`LATTICE_MAX_BAND` lines
+    (unjudged lines inside it included) whose judged lines all stand out by more than ``threshold``
+    robust standard deviations, ``min_px`` and :data:`LATTICE_MIN_SHIFT_NN` spacings, and agree with their median shift to within half of
+    it, between judged lines that do not stand out, and not within half the median's lines of the
+    frame's top or bottom; its shift is measured again on its lines together, and they must match
+    the periodic part better by :data:`JUMP_MIN_CORRELATION_SE` standard errors shifted back than
+    as recorded.
+
+    Parameters
+    ----------
+    image : (H, W) array, the raw micrograph.
+    spacing_px : the site spacing (px); shifts are looked for up to half of it.
+    threshold, min_px : as for :func:`scan_line_jumps`.
+
+    Returns
+    -------
+    ScanJumps
+        Each band as a jump into it and one back (``flagged`` in pairs), ``noise`` the robust
+        spread of the judged lines' shifts.
+
+    Examples
+    --------
+    >>> from stemfast.synthetic import make_lattice
+    >>> img, _ = make_lattice((160, 160), 14.0, rotation_deg=10.0, noise=0.05, seed=0)
+    >>> img[70:73] = np.roll(img[70:73], 6, axis=1)  # lines 70-72 recorded 6 px to the right
+    >>> bands = lattice_line_bands(img, 14.0)
+    >>> bands.rows.tolist(), (np.round(bands.offsets()[[69, 70, 72, 73]]) + 0.0).tolist()
+    ([70, 73], [0.0, 6.0, 6.0, 0.0])
+    """
+    from scipy import ndimage
+
+    if not threshold > 0 or not min_px > 0 or not spacing_px > 0:
+        raise ValueError("threshold, min_px and spacing_px must be > 0")
+    a = np.asarray(_jump_columns(image))
+    if a.shape[1] > LATTICE_COLUMNS:
+        c0 = (a.shape[1] - LATTICE_COLUMNS) // 2
+        a = a[:, c0:c0 + LATTICE_COLUMNS]
+    H, W = a.shape
+    lag = max(1, min(int(0.5 * spacing_px), W // 4))
+    none = np.zeros(max(H - 1, 0), bool)
+    if H < LATTICE_MEDIAN_LINES:
+        return ScanJumps(np.full(len(none), np.nan), none, float("nan"), none)
+    shift, corr, line, tpl = _template_line_shifts(a, lag)
+    se = 1.0 / np.sqrt(W)  # standard error of the correlation of two noise lines
+    judged = corr >= JUMP_MIN_CORRELATION_SE * se
+    if judged.any():  # lines between rows of columns carry less of the lattice: half the typical line's
+        judged &= corr >= 0.5 * np.median(corr[judged])
+    if judged.sum() < LATTICE_MEDIAN_LINES:
+        return ScanJumps(np.full(len(none), np.nan), none, float("nan"), none)
+    y = np.arange(H)
+    filled = np.interp(y, y[judged], shift[judged])  # unjudged lines: from their judged neighbours
+    res = shift - ndimage.median_filter(filled, LATTICE_MEDIAN_LINES, mode="nearest")
+    noise = float(1.4826 * np.median(np.abs(res[judged])))
+    min_px = max(min_px, LATTICE_MIN_SHIFT_NN * spacing_px)
+    out = judged & (np.abs(res) > max(min_px, threshold * noise))
+    flagged = np.zeros(H - 1, bool)
+    jump = np.full(H - 1, np.nan)
+    k = 0
+    while k < H:
+        if not out[k]:
+            k += 1
+            continue
+        # the band: flagged lines with unjudged ones between them, up to the judged, unflagged lines
+        b1 = b2 = k
+        j = k + 1
+        while j < H and (out[j] or not judged[j]):
+            if out[j]:
+                b2 = j
+            j += 1
+        k = b2 + 1
+        lo = b1 - 1
+        while lo >= 0 and not judged[lo]:
+            lo -= 1
+        hi = b2 + 1
+        while hi < H and not judged[hi]:
+            hi += 1
+        edge = LATTICE_MEDIAN_LINES // 2  # there the running median is one-sided
+        if (lo < 0 or hi >= H or b1 < edge or b2 >= H - edge or b2 - b1 + 1 > LATTICE_MAX_BAND
+                or out[lo] or out[hi]):
+            continue  # at the frame's edge, too long, or not bounded by undisturbed lines
+        r = res[b1:b2 + 1][out[b1:b2 + 1]]
+        s_band = float(np.median(r))
+        if abs(s_band) < min_px or np.any(np.abs(r - s_band) > 0.5 * abs(s_band)):
+            continue
+        # measured again on the band's judged lines together, around that shift: a shift near half a
+        # spacing is read short at the edge of the search
+        ys = np.arange(b1, b2 + 1)[judged[b1:b2 + 1]]
+        base = float(np.median(filled[b1:b2 + 1] - res[b1:b2 + 1]))  # the running median there
+        s_band = _band_lag(line[ys], tpl[ys], base + s_band, lag) - base
+        # ... and the band's lines match the lattice that much better shifted back than as recorded
+        gain = _mean_correlation(line[ys], tpl[ys], base + s_band) - _mean_correlation(line[ys], tpl[ys], base)
+        if abs(s_band) < min_px or gain < JUMP_MIN_CORRELATION_SE * se:
+            continue
+        flagged[b1 - 1] = flagged[b2] = True
+        jump[b1 - 1], jump[b2] = s_band, -s_band
+    return ScanJumps(jump, flagged, noise, flagged.copy())
+
+
+def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per line of ``a``: its shift against the same line of ``a``'s periodic part (the strongest
+    Fourier coefficients, :data:`LATTICE_KEEP`) at the peak of their cross-correlation within
+    ``max_lag`` (parabola refined), and the correlation coefficient there."""
+    from scipy import ndimage
+
+    H, W = a.shape
+    a = np.asarray(a, np.float32)
+    R = sfft.rfft(a - a.mean(), axis=1, workers=2)  # the lines' spectra, then the image's
+    F = sfft.fft(R, axis=0, workers=2)
+    mag = np.abs(F)
+    fy = np.fft.fftfreq(H)[:, None]
+    fx = np.fft.rfftfreq(W)[None, :]
+    mag[np.hypot(fx, fy) < LATTICE_MIN_FREQ] = 0.0
+    keep = max(1, int(LATTICE_KEEP * H * W))
+    thr = np.partition(mag.ravel(), mag.size - keep)[mag.size - keep]
+    T = sfft.ifft(np.where(mag >= thr, F, 0), axis=0, workers=2)  # the periodic part's line spectra
+    T[:, 0] = 0.0  # each line's mean out
+    tpl = sfft.irfft(T, n=W, axis=1, workers=2)
+    line = a - ndimage.uniform_filter1d(a, 4 * max_lag + 1, axis=1, mode="reflect")
+    line -= line.mean(1, keepdims=True)
+    cc = sfft.irfft(np.conj(T) * sfft.rfft(line, axis=1, workers=2), n=W, axis=1, workers=2)
+    lags = np.arange(-max_lag, max_lag + 1)
+    cc = cc[:, lags % W]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cc /= np.sqrt((line * line).sum(1) * (tpl * tpl).sum(1))[:, None]
+    cc = np.nan_to_num(cc)
+    k = np.clip(np.argmax(cc, 1), 1, len(lags) - 2)
+    r = np.arange(H)
+    c0, cm, cp = cc[r, k], cc[r, k - 1], cc[r, k + 1]
+    den = cm - 2 * c0 + cp
+    frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
+    return lags[k] + np.clip(frac, -0.5, 0.5), c0, line, tpl
+
+
+def _mean_correlation(line: np.ndarray, tpl: np.ndarray, lag: float) -> float:
+    """Mean correlation coefficient of the lines ``line`` with the same lines of ``tpl`` moved by
+    ``lag`` px (linear interpolation, circular)."""
+    W = line.shape[1]
+    x = (np.arange(W) - lag) % W
+    out = []
+    for l, t in zip(line, tpl):
+        ts = np.interp(x, np.arange(W + 1), np.r_[t, t[:1]])
+        ts = ts - ts.mean()
+        den = np.sqrt((l * l).sum() * (ts * ts).sum())
+        out.append((l * ts).sum() / den if den > 0 else 0.0)
+    return float(np.mean(out)) if out else 0.0
+
+
+def _band_lag(line: np.ndarray, tpl: np.ndarray, centre: float, max_lag: int) -> float:
+    """Sub-pixel lag (within ``max_lag`` of ``centre``) at which the lines ``line`` best match the
+    same lines of the periodic part ``tpl``, their cross-correlations summed."""
+    W = line.shape[1]
+    cc = sfft.irfft(np.conj(sfft.rfft(tpl, axis=1)) * sfft.rfft(line, axis=1), n=W, axis=1).sum(0)
+    lags = np.arange(int(np.rint(centre)) - max_lag, int(np.rint(centre)) + max_lag + 1)
+    c = cc[lags % W]
+    k = int(np.clip(np.argmax(c), 1, len(lags) - 2))
+    den = c[k - 1] - 2 * c[k] + c[k + 1]
+    frac = 0.5 * (c[k - 1] - c[k + 1]) / den if den < 0 else 0.0
+    return float(lags[k] + np.clip(frac, -0.5, 0.5))
 
 
 def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:

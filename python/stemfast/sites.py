@@ -759,15 +759,18 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
 def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
     """``(image, jumps, ring)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
-    three shortest translations; the sites are found on it and reported where the recorded image
-    has them, :func:`_to_recorded`), the jumps (None when ``scan_lines`` is off or there is no
-    lattice), and the Bragg ring when it was read off the unchanged image (else None)."""
-    from .scanlines import confirm_jumps, scan_line_jumps
+    three shortest translations; at coarse sampling, more than twice ``JUMP_MAX_LAG`` px between
+    sites, also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
+    reported where the recorded image has them, :func:`_to_recorded`), the jumps (None when
+    ``scan_lines`` is off or there is no lattice), and the Bragg ring when it was read off the
+    unchanged image (else None)."""
+    from .scanlines import JUMP_MAX_LAG, confirm_jumps, lattice_line_bands, scan_line_jumps
 
     if not s.scan_lines:
         return img, None, None
     jumps = scan_line_jumps(img)
-    if not jumps.candidates.any():  # (not only bands: a jump back read a lattice period off is no band yet)
+    coarse = s.spacing is None or 0.5 * s.spacing > JUMP_MAX_LAG
+    if not jumps.candidates.any() and not coarse:  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None
     try:
         ring = _bragg_ring(img, s)
@@ -775,10 +778,18 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
         return img, None, None
     a = np.linalg.inv(ring.g).T
     t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
-    jumps = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
-    if not jumps.flagged.any():
-        return img, jumps, ring
-    return jumps.undo(img), jumps, None
+    if jumps.candidates.any():
+        jumps = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
+        if jumps.flagged.any():
+            return jumps.undo(img), jumps, None
+    # coarse sampling: a band shifted by up to half a spacing lies beyond the neighbour-line search,
+    # whose lines scatter too much there anyway -- look for it line by line against the lattice
+    spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
+    if 0.5 * spacing > JUMP_MAX_LAG:
+        bands = lattice_line_bands(img, spacing)
+        if bands.flagged.any():
+            return bands.undo(img), bands, None
+    return img, jumps, ring
 
 
 def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
