@@ -48,7 +48,6 @@ sublattices on every judged site.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -1104,18 +1103,14 @@ NAMING_Z, NAMING_MIN, NAMING_P = -4.0, 20, 0.01
 
 def _sign_test(k: int, other: int) -> float:
     """One-sided sign test: the chance of ``k`` or more of ``k + other`` fair coin tosses landing one
-    way (the binomial tail, summed in log space; scipy.stats is not imported for one number).
+    way (the binomial tail, ``scipy.special.bdtrc``).
 
     >>> _sign_test(0, 5), round(_sign_test(5, 0), 5), round(_sign_test(20, 8), 4)
     (1.0, 0.03125, 0.0178)
     """
-    n = k + other
-    if k <= 0:
-        return 1.0
-    j = np.arange(k, n + 1, dtype=np.float64)
-    lgam = np.vectorize(math.lgamma, otypes=[np.float64])
-    log_terms = math.lgamma(n + 1) - lgam(j + 1) - lgam(n - j + 1) - n * math.log(2.0)
-    return float(min(1.0, np.exp(np.logaddexp.reduce(log_terms))))
+    from scipy.special import bdtrc
+
+    return 1.0 if k <= 0 else float(bdtrc(k - 1, k + other, 0.5))
 
 
 def sublattice_naming(sub: np.ndarray, z: np.ndarray, usable: np.ndarray, chalcogen_brighter: bool = False,
@@ -1196,13 +1191,12 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
     local = _ari(cls[judged], sub[judged]) if judged.sum() > 1 else float("nan")
     consensus = both.sum() > 1 and both.sum() >= MIN_CONSENSUS * judged.sum()
     # the sites and the reading the agreement is measured on (and each class' sublattice with it)
-    ref, ref_sub, agreement = both, sub, float("nan")
     if consensus:
-        agreement = _ari(cls[both], sub[both])
+        ref, ref_sub, agreement = both, sub, _ari(cls[both], sub[both])
     else:  # one reading fails on many sites, which one is not known: classes that follow either follow the lattice
+        ref, ref_sub, agreement = judged, sub, local
         glob = judged & (sub_global >= 0)
         image_wide = _ari(cls[glob], sub_global[glob]) if glob.sum() > 1 else float("nan")
-        ref, ref_sub, agreement = judged, sub, local
         if np.isfinite(image_wide) and not image_wide <= local:
             ref, ref_sub, agreement = glob, sub_global, image_wide
     info: dict = {"class_sublattice_ari": agreement, "class_sublattice_ari_local": local,

@@ -53,11 +53,11 @@ CLASS_COLORS = (
 )
 _UNKNOWN = "#9e9e9e"
 
-#: Stages of the pipeline, in order, as they appear in the timing tables.
 #: the keys of an analysis summary (:func:`stemfast.analysis.analyze_sites`) that hold a warning: shown
 #: once each in the report and counted among the input's warnings
 ANALYSIS_WARNING_KEYS = ("class_warning", "texture_warning", "naming_warning")
 
+#: Stages of the pipeline, in order, as they appear in the timing tables.
 STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")
 
 _MAX_DISPLAY_PX = 2048  # images are shown downsampled (block mean) to at most this many px

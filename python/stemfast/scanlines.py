@@ -37,7 +37,7 @@ import numpy as np
 from scipy import fft as sfft
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
-           "same_sublattice_vectors",
+           "needs_lattice_lines", "same_sublattice_vectors",
            "line_offsets", "recorded_shift", "lattice_positions"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
@@ -493,11 +493,27 @@ def _block_lag(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: i
         if abs(L) < W // 2:
             top, bot = (top_all[:, :W - L], bot_all[:, L:]) if L >= 0 else (top_all[:, -L:], bot_all[:, :W + L])
             cc[k] = float(np.mean(top * bot))
+    return _peak(cc, lags)
+
+
+def _peak(cc: np.ndarray, lags: np.ndarray) -> float:
+    """The lag at the peak of the correlations ``cc`` [len(lags)], refined by a parabola through the
+    best lag and its two neighbours (by at most half a pixel)."""
     k = int(np.clip(np.argmax(cc), 1, len(lags) - 2))
     cm, c0, cp = cc[k - 1], cc[k], cc[k + 1]
     den = cm - 2 * c0 + cp
     frac = 0.5 * (cm - cp) / den if np.isfinite(den) and den < 0 else 0.0
     return float(lags[k] + np.clip(frac, -0.5, 0.5))
+
+
+def _row_peaks(cc: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_peak` of every row of ``cc`` [R, len(lags)] at once: ``(lag, correlation there)``."""
+    k = np.clip(np.argmax(cc, 1), 1, len(lags) - 2)
+    r = np.arange(len(cc))
+    c0, cm, cp = cc[r, k], cc[r, k - 1], cc[r, k + 1]
+    den = cm - 2 * c0 + cp
+    frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
+    return lags[k] + np.clip(frac, -0.5, 0.5), c0
 
 
 def _confirmed_by_lattice(a: np.ndarray, usual: list, flagged: np.ndarray, shift: np.ndarray,
@@ -544,6 +560,12 @@ LATTICE_THRESHOLD = 5.0
 #: lines, the lines through the columns measure their shifts so well that the spread is no guide to
 #: the lines between them (sound synthetic MoS2 at 0 and 30 deg, 10-15 px: up to 0.19 spacings)
 LATTICE_MIN_SHIFT_NN = 0.25
+
+
+def needs_lattice_lines(spacing_px: float | None) -> bool:
+    """Whether :func:`lattice_line_bands` is needed at this site spacing (None: not known yet): a band
+    shifted by half a spacing lies beyond the neighbour-line search (:data:`JUMP_MAX_LAG`)."""
+    return spacing_px is None or 0.5 * spacing_px > JUMP_MAX_LAG
 
 
 def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_THRESHOLD,
@@ -661,8 +683,6 @@ def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.n
     """Per line of ``a``: its shift against the same line of ``a``'s periodic part (the strongest
     Fourier coefficients, :data:`LATTICE_KEEP`) at the peak of their cross-correlation within
     ``max_lag`` (parabola refined), and the correlation coefficient there."""
-    from scipy import ndimage
-
     H, W = a.shape
     a = np.asarray(a, np.float32)
     R = sfft.rfft(a - a.mean(), axis=1, workers=2)  # the lines' spectra, then the image's
@@ -676,20 +696,14 @@ def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.n
     T = sfft.ifft(np.where(mag >= thr, F, 0), axis=0, workers=2)  # the periodic part's line spectra
     T[:, 0] = 0.0  # each line's mean out
     tpl = sfft.irfft(T, n=W, axis=1, workers=2)
-    line = a - ndimage.uniform_filter1d(a, 4 * max_lag + 1, axis=1, mode="reflect")
+    line = _detrended(a, max_lag)
     line -= line.mean(1, keepdims=True)
     cc = sfft.irfft(np.conj(T) * sfft.rfft(line, axis=1, workers=2), n=W, axis=1, workers=2)
     lags = np.arange(-max_lag, max_lag + 1)
     cc = cc[:, lags % W]
     with np.errstate(invalid="ignore", divide="ignore"):
         cc /= np.sqrt((line * line).sum(1) * (tpl * tpl).sum(1))[:, None]
-    cc = np.nan_to_num(cc)
-    k = np.clip(np.argmax(cc, 1), 1, len(lags) - 2)
-    r = np.arange(H)
-    c0, cm, cp = cc[r, k], cc[r, k - 1], cc[r, k + 1]
-    den = cm - 2 * c0 + cp
-    frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
-    return lags[k] + np.clip(frac, -0.5, 0.5), c0, line, tpl
+    return (*_row_peaks(np.nan_to_num(cc), lags), line, tpl)
 
 
 def _mean_correlation(line: np.ndarray, tpl: np.ndarray, lag: float) -> float:
@@ -712,11 +726,7 @@ def _band_lag(line: np.ndarray, tpl: np.ndarray, centre: float, max_lag: int) ->
     W = line.shape[1]
     cc = sfft.irfft(np.conj(sfft.rfft(tpl, axis=1)) * sfft.rfft(line, axis=1), n=W, axis=1).sum(0)
     lags = np.arange(int(np.rint(centre)) - max_lag, int(np.rint(centre)) + max_lag + 1)
-    c = cc[lags % W]
-    k = int(np.clip(np.argmax(c), 1, len(lags) - 2))
-    den = c[k - 1] - 2 * c[k] + c[k + 1]
-    frac = 0.5 * (c[k - 1] - c[k + 1]) / den if den < 0 else 0.0
-    return float(lags[k] + np.clip(frac, -0.5, 0.5))
+    return _peak(cc[lags % W], lags)
 
 
 def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
@@ -724,11 +734,8 @@ def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, n
     their cross-correlation (parabola through the best integer lag and its two neighbours) and the
     correlation coefficient there. The cross-correlations come from one FFT along the lines
     (circular; the lines' slow trends are taken out first, so the wrap-around hardly matters)."""
-    from scipy import ndimage
-
     H, W = img.shape
-    a = np.asarray(img, np.float32)
-    a = a - ndimage.uniform_filter1d(a, 4 * max_lag + 1, axis=1, mode="reflect")  # slow trends out
+    a = _detrended(np.asarray(img, np.float32), max_lag)  # slow trends out
     a -= a.mean(1, keepdims=True)
     var = (a * a).mean(1, dtype=np.float64)
     F = sfft.rfft(a, axis=1)
@@ -737,13 +744,7 @@ def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, n
     cc = cc[:, lags % W].astype(np.float64) / W
     with np.errstate(invalid="ignore", divide="ignore"):
         cc /= np.sqrt(var[:-1] * var[1:])[:, None]
-    cc = np.nan_to_num(cc)
-    k = np.clip(np.argmax(cc, 1), 1, len(lags) - 2)
-    r = np.arange(H - 1)
-    c0, cm, cp = cc[r, k], cc[r, k - 1], cc[r, k + 1]
-    den = cm - 2 * c0 + cp
-    frac = np.where(den < 0, 0.5 * (cm - cp) / np.where(den < 0, den, -1.0), 0.0)
-    return lags[k] + np.clip(frac, -0.5, 0.5), c0
+    return _row_peaks(np.nan_to_num(cc), lags)
 
 
 def lattice_positions(xy: np.ndarray, meta: dict | None) -> np.ndarray:

@@ -759,18 +759,17 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
 def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
     """``(image, jumps, ring)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
-    three shortest translations; at coarse sampling, more than twice ``JUMP_MAX_LAG`` px between
-    sites, also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
+    three shortest translations; at coarse sampling
+    (:func:`stemfast.scanlines.needs_lattice_lines`), also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
     reported where the recorded image has them, :func:`_to_recorded`), the jumps (None when
     ``scan_lines`` is off or there is no lattice), and the Bragg ring when it was read off the
     unchanged image (else None)."""
-    from .scanlines import JUMP_MAX_LAG, confirm_jumps, lattice_line_bands, scan_line_jumps
+    from .scanlines import confirm_jumps, lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
         return img, None, None
     jumps = scan_line_jumps(img)
-    coarse = s.spacing is None or 0.5 * s.spacing > JUMP_MAX_LAG
-    if not jumps.candidates.any() and not coarse:  # (not only bands: a jump back read a lattice period off is no band yet)
+    if not jumps.candidates.any() and not needs_lattice_lines(s.spacing):  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None
     try:
         ring = _bragg_ring(img, s)
@@ -785,7 +784,7 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
     # coarse sampling: a band shifted by up to half a spacing lies beyond the neighbour-line search,
     # whose lines scatter too much there anyway -- look for it line by line against the lattice
     spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
-    if 0.5 * spacing > JUMP_MAX_LAG:
+    if needs_lattice_lines(spacing):
         bands = lattice_line_bands(img, spacing)
         if bands.flagged.any():
             return bands.undo(img), bands, None
