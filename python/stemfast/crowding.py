@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .lattice import linked_clusters, nearest_indices
-from .sitelattice import border_distance
+from .sitelattice import UNCROWD_NN, border_distance
 
 __all__ = ["LatticeCrowdingWarning", "crowding", "CROWDED_NN", "MAX_CROWDED"]
 
@@ -26,8 +26,9 @@ class LatticeCrowdingWarning(UserWarning):
 
 #: a site is crowded when its nearest site is closer than this many typical spacings (the median
 #: distance to the six nearest sites): what a regular lattice -- even one anisotropic by 20 % -- never
-#: has, and what the shared physics check (``check_lattice.py``: six neighbours within +-25 %) fails
-CROWDED_NN = 0.75
+#: has, and what the shared physics check (``check_lattice.py``: six neighbours within +-25 %) fails;
+#: the bound the site placement uncrowds predicted sites by (:data:`stemfast.sitelattice.UNCROWD_NN`)
+CROWDED_NN = UNCROWD_NN
 #: share of crowded interior sites above which the table is reported as crowded (a warning). The shared
 #: real and simulated images have 0-1.3 %; a real MoS2 scan (SciLink's ``MoS2_stem``) had 6 % along two
 #: lines (one across the scan lines), where the narrow local fit added sites too close to the found

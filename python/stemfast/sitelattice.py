@@ -1188,8 +1188,8 @@ ROUGH_RATIO = 2.0
 ROUGH_MIN_NN = 0.1
 #: radius (spacings) of the wider prediction fit where the peaks are rough or the sites crowd
 WIDE_FIT_NN = 4.0
-#: a predicted site closer than UNCROWD_NN spacings to another site (what a regular lattice never has:
-#: :data:`stemfast.crowding.CROWDED_NN`) tells that the narrow fit around it has followed columns that
+#: a predicted site closer than UNCROWD_NN spacings to another site (what a regular lattice never has;
+#: :data:`stemfast.crowding.CROWDED_NN` is this bound) tells that the narrow fit around it has followed columns that
 #: faint neighbours or noise put on the wrong node: that node and its first shell are placed by the
 #: WIDE_FIT_NN fit, up to UNCROWD_ROUNDS times. A real MoS2 scan (SciLink's ``MoS2_stem``, faint S2):
 #: six-neighbour share 0.943 -> 0.995; crowding between found columns (a band of lines scanned off
