@@ -111,6 +111,44 @@ def test_worker_killed_mid_task_loses_and_duplicates_nothing(ref, tmp_path, monk
     assert df.groupby("frame").size().to_dict() == ref_df.groupby("frame").size().to_dict()
 
 
+class _DroppingClient:
+    """A Dask client whose cluster drops (cancels) the first task of every input, as a scheduler did
+    once after a worker was killed ("cancelled for reason: unknown"); everything else is the real client's."""
+
+    def __init__(self, client):
+        self._client = client
+        self.dropped: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def submit(self, fn, *args, key=None, **kwargs):
+        fut = self._client.submit(fn, *args, key=key, **kwargs)
+        name = key.rsplit("-", 1)[0] if key else ""
+        if key and (key.startswith("stemfast-file-") or key.startswith("stemfast-assemble-")) \
+                and name not in self.dropped and key.count("-") == 3:  # first attempts only
+            self.dropped.append(name)
+            fut.cancel()
+        return fut
+
+
+def test_a_task_the_cluster_cancels_is_submitted_again(ref, tmp_path):
+    """A cancelled task is not a failed input: it is submitted again and the batch comes out whole."""
+    from dask.distributed import Client, LocalCluster
+
+    root, data, cfg, out_ref = ref
+    out = tmp_path / "dask-cancel"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        dropping = _DroppingClient(client)
+        rep = run_batch(data, out, config=cfg, model_path=out_ref / "model.pt", scheduler=dropping,
+                        frames_per_task=2, show_progress=False)
+    assert sorted(dropping.dropped) == ["stemfast-assemble-stack", "stemfast-file-good"]
+    assert {r.name: r.status for r in rep.results} == {"good": "done", "stack": "done", "broken": "skipped"}
+    _same_results(out_ref, out)
+    _no_leftovers(out)
+
+
 def test_scheduler_addresses_are_checked():
     from stemfast.errors import SettingsError
 

@@ -20,6 +20,8 @@ from stemfast.model import shipped
 from stemfast.model.training import build_network
 from stemfast.synthetic import render_site_patches
 
+from encoding_checks import angle_diff, assert_same_encoding
+
 BACKENDS = available_backends()
 PYTHON_DIR = str(Path(shipped.__file__).resolve().parents[2])
 
@@ -40,25 +42,6 @@ def _random_model(**cfg) -> RVAE:
     return RVAE(net, config)
 
 
-def _angle_diff(a, b, period):
-    return np.abs((np.asarray(a, np.float64) - b + period / 2) % period - period / 2)
-
-
-def _assert_close(enc_a, enc_b, period):
-    scale = float(np.abs(enc_a.mu).max()) + 1e-6
-    np.testing.assert_allclose(enc_b.mu, enc_a.mu, rtol=0, atol=2e-4 * scale)
-    np.testing.assert_allclose(enc_b.logvar, enc_a.logvar, rtol=0, atol=2e-4 * (np.abs(enc_a.logvar).max() + 1e-6))
-    np.testing.assert_allclose(enc_b.recon_error, enc_a.recon_error, rtol=1e-3, atol=1e-7)
-    if np.isnan(enc_a.angle).all():
-        assert np.isnan(enc_b.angle).all() and np.isnan(enc_b.angle_strength).all()
-    else:
-        # a patch whose harmonic is nearly zero has no orientation to agree on
-        sure = enc_a.angle_strength > 1e-3 * np.median(enc_a.angle_strength)
-        assert sure.mean() > 0.9
-        assert _angle_diff(enc_b.angle[sure], enc_a.angle[sure], period).max() < 0.02
-        np.testing.assert_allclose(enc_b.angle_strength, enc_a.angle_strength, rtol=1e-3, atol=1e-6)
-
-
 @pytest.mark.parametrize("cfg", [
     dict(),  # the default: rVAE, 24 px, STN pooled by 2, C3 image symmetrisation
     dict(symmetrize="features"),
@@ -73,7 +56,7 @@ def test_compiled_engine_matches_torch(cfg):
     for be in BACKENDS:
         cm = E.CompiledModel(m.network.state_dict(), m.config, backend=be)
         out = cm.encode(x, return_recon=True, batch_size=128)
-        _assert_close(ref, out, 360.0 / m.config.rotation_symmetry)
+        assert_same_encoding(ref, out, 360.0 / m.config.rotation_symmetry)
         np.testing.assert_allclose(out.recon, ref.recon, rtol=0, atol=2e-4 * float(np.abs(ref.recon).max()))
 
 
@@ -89,7 +72,7 @@ def test_kernel_backends_agree_with_the_numpy_reference(backend):
     got = get_kernels(backend).rvae_forward(*args, r_be)
     for name, a, b in zip(("mu", "logvar"), ref[:2], got[:2]):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * (np.abs(a).max() + 1e-6), err_msg=name)
-    assert _angle_diff(got[2], ref[2], 120.0).max() < 0.01
+    assert angle_diff(got[2], ref[2], 120.0).max() < 0.01
     np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[4], ref[4], rtol=1e-4, atol=1e-8)
     # the reconstruction is rotated back by the angle, so it carries the angles' rounding (~1e-3 deg)
@@ -120,7 +103,7 @@ def test_every_cpu_variant_of_the_cpp_kernel_agrees_with_the_numpy_reference(cfg
     for name, a, b in zip(("mu", "logvar"), ref[:2], got[:2]):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * (np.abs(a).max() + 1e-6), err_msg=name)
     if m.config.model == "rvae":
-        assert _angle_diff(got[2], ref[2], 360.0 / m.config.rotation_symmetry).max() < 0.01
+        assert angle_diff(got[2], ref[2], 360.0 / m.config.rotation_symmetry).max() < 0.01
         np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[4], ref[4], rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(r_be, r_ref, rtol=0, atol=1e-4 * float(np.abs(r_ref).max()))
@@ -135,10 +118,10 @@ def test_shipped_model_compiled_equals_torch_on_real_patches():
     img = np.load(Path(__file__).parent / "data" / "wse2_ti2_haadf_crop.npy").astype(np.float32)
     patches = np.asarray(prepare(img).patches, np.float32)
     assert len(patches) > 100
-    tm = shipped.load_default_model()
+    tm = shipped.load_default_model(map_location="cpu")  # the compiled engine is the CPU's torch pass
     cm = shipped.load_compiled_default()
     assert cm.extra["shipped"] == tm.extra["shipped"] and cm.extra["engine"] == "compiled"
-    _assert_close(tm.encode(patches), cm.encode(patches), 120.0)
+    assert_same_encoding(tm.encode(patches), cm.encode(patches), 120.0)
 
 
 def test_shipped_arrays_are_the_torch_weights_and_checked():
@@ -148,7 +131,7 @@ def test_shipped_arrays_are_the_torch_weights_and_checked():
     sd = shipped.load_default_model().network.state_dict()
     assert set(arrays) == set(sd)
     for k, v in sd.items():
-        assert np.array_equal(arrays[k], v.numpy()), k
+        assert np.array_equal(arrays[k], v.cpu().numpy()), k  # loaded on a GPU where one is visible
     assert shipped._sha256(shipped.ARRAYS_PATH) == entry["sha256"]
 
 

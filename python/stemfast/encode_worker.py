@@ -28,12 +28,14 @@ import logging
 import multiprocessing
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
 
 __all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "prestart",
-           "prestart_shipped", "discard_prestarted", "shipped_worker_model", "file_worker_model"]
+           "prestart_shipped", "discard_prestarted", "prestart_file", "shipped_worker_model",
+           "file_worker_model"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -218,9 +220,9 @@ def prestart(key: tuple, load: Callable[[], object]) -> None:
         _prestarted = (key, EncodeWorker(load))
 
 
-def prestart_shipped() -> None:
-    """:func:`prestart` for the shipped model."""
-    prestart(("shipped",), _load_shipped)
+def prestart_shipped(device: str = "auto") -> None:
+    """:func:`prestart` for the shipped model, to run on ``device`` (the setting ``model.device``)."""
+    prestart(("shipped", device), partial(_load_shipped, device))
 
 
 def discard_prestarted() -> None:
@@ -229,6 +231,18 @@ def discard_prestarted() -> None:
     if _prestarted is not None:
         _prestarted[1].close()
         _prestarted = None
+
+
+def prestart_file(path, load: Callable[[], object], device: str = "auto") -> None:
+    """:func:`prestart` for a model file that ``load`` loads, to run on ``device``."""
+    prestart(_file_key(path, device), partial(_load_on, load, device))
+
+
+def _file_key(path, device: str) -> tuple:
+    """The :func:`prestart` key of a model file's worker."""
+    from pathlib import Path
+
+    return ("file", str(Path(path).resolve()), device)
 
 
 def _take(key: tuple, load: Callable[[], object]) -> EncodeWorker:
@@ -242,32 +256,39 @@ def _take(key: tuple, load: Callable[[], object]) -> EncodeWorker:
     return EncodeWorker(load)
 
 
-def _load_shipped():
+def _load_shipped(device: str):
     from .model.shipped import load_default_model
 
-    return load_default_model(probe=False)
+    return load_default_model(probe=False, map_location=device)
 
 
-def shipped_worker_model(man: dict) -> WorkerModel:
+def _load_on(load: Callable[[], object], device: str):
+    """``load()``'s model moved to ``device`` (the setting ``model.device``), in the child."""
+    model = load()
+    return model.to(device) if callable(getattr(model, "to", None)) else model
+
+
+def shipped_worker_model(man: dict, device: str = "auto") -> WorkerModel:
     """The shipped model in a worker (the prestarted one, else a new one), from its manifest ``man``
     (checked by :func:`stemfast.model.shipped.usable_manifest`): settings and tag from the
-    manifest, the model loaded (and its tag checked) in the child."""
+    manifest, the model loaded (and its tag checked) in the child, on ``device``."""
     from .model.settings import RVAEConfig
 
-    worker = _take(("shipped",), _load_shipped)
+    worker = _take(("shipped", device), partial(_load_shipped, device))
     extra = {"shipped": {"name": man.get("name"), "version": man.get("version")}, "sha256": man.get("sha256"),
              "contract": man.get("contract")}
     return WorkerModel(RVAEConfig.from_dict(man.get("config") or {}), extra, worker)
 
 
-def file_worker_model(path, load: Callable[[], object]) -> WorkerModel:
-    """A model file loaded by ``load`` in a worker (the prestarted one for ``path``, else a new one).
-    Waits for the model: its settings and metadata come from the child, and so does the loader's
-    exception (e.g. :class:`~stemfast.errors.ModelFileError`), raised here."""
+def file_worker_model(path, load: Callable[[], object], device: str = "auto") -> WorkerModel:
+    """A model file loaded by ``load`` in a worker (the prestarted one for ``path`` and ``device``,
+    else a new one), then moved to ``device``. Waits for the model: its settings and metadata come
+    from the child, and so does the loader's exception (e.g.
+    :class:`~stemfast.errors.ModelFileError`), raised here."""
     from pathlib import Path
 
     from .model.settings import RVAEConfig
 
-    worker = _take(("file", str(Path(path).resolve())), load)
+    worker = _take(_file_key(path, device), partial(_load_on, load, device))
     info = worker.ready()
     return WorkerModel(RVAEConfig.from_dict(info["config"]), info["extra"], worker)

@@ -23,8 +23,10 @@ Task layout
 
 Every output is written atomically and ``done.json`` last, so a worker lost mid-task costs only
 that task: Dask reruns it (``retries=2`` for errors; a task whose worker dies is rescheduled by
-the scheduler), and finished parts of a stack are not redone. Inference is deterministic on the
-CPU, so the results are identical to the in-process run (same model, same settings).
+the scheduler), and finished parts of a stack are not redone. A task the cluster cancels rather
+than fails (seen after a worker was killed) is submitted again, up to ``CANCELLED_RESUBMITS`` times.
+Inference is deterministic, so the results are identical to the in-process run (same model, same
+settings).
 
 This module uses the task layer (:mod:`stemfast.batch.tasks`) like the in-process runner
 (:mod:`stemfast.batch.local`); only :func:`stemfast.batch.run_batch` calls it.
@@ -299,6 +301,42 @@ def _task_assemble(entry, out_dir, parts, config, chash, model_sha, read_options
 
 # ----------------------------------------------------------------------------- client side
 
+#: how often an input whose task the cluster cancelled (not failed) is submitted again
+CANCELLED_RESUBMITS = 2
+
+
+class _Tasks:
+    """Submits the tasks of one input to ``client`` (a long stack: its chunks and their assembly) and
+    remembers, for the future whose result is the input's, ``(entry, n_frames, attempt)`` in
+    :attr:`inputs` by key. The model file's bytes are scattered to the workers once, and again when
+    the cluster has lost them."""
+
+    def __init__(self, client, out: Path, model_path, model_sha, config, chash, frames_per_task, read_options):
+        self.client, self.out, self.model_sha, self.config, self.chash = client, out, model_sha, config, chash
+        self.frames_per_task, self.read_options = frames_per_task, read_options
+        self.data = Path(model_path).read_bytes() if model_path is not None else None
+        self.model_ref = None
+        self.tag = uuid.uuid4().hex[:8]
+        self.inputs: dict[str, tuple] = {}
+
+    def submit(self, e, n: int, attempt: int = 0):
+        c, out, cfg, ro = self.client, str(self.out), self.config, self.read_options
+        if self.data is not None and (self.model_ref is None or self.model_ref.status != "finished"):
+            self.model_ref = c.scatter(self.data, broadcast=True, hash=False)
+        run, ref, sha, fpt = (f"{self.tag}-{attempt}" if attempt else self.tag), self.model_ref, self.model_sha, \
+            self.frames_per_task
+        if n <= fpt:
+            f = c.submit(_task_file, e, out, ref, sha, cfg, self.chash, ro,
+                         key=f"stemfast-file-{e.name}-{run}", retries=2, pure=False)
+        else:
+            chunks = [c.submit(_task_chunk, e, out, s, min(s + fpt, n), ref, sha, cfg, self.chash, ro,
+                               key=f"stemfast-chunk-{e.name}-{s}-{run}", retries=2, pure=False)
+                      for s in range(0, n, fpt)]
+            f = c.submit(_task_assemble, e, out, chunks, cfg, self.chash, sha, ro,
+                         key=f"stemfast-assemble-{e.name}-{run}", retries=2, pure=False)
+        self.inputs[f.key] = (e, n, attempt)
+        return f
+
 
 def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, model_sha: str | None, config,
                     chash: str, frames_per_task: int = 16, show_progress: bool = True,
@@ -336,31 +374,26 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
     from dask.distributed import as_completed
 
     with connect(scheduler, dashboard_address=dashboard_address) as client:
-        data = Path(model_path).read_bytes() if model_path is not None else None
-        model_ref = client.scatter(data, broadcast=True, hash=False) if data is not None else None
-        tag = uuid.uuid4().hex[:8]
-        fut_to_entry = {}
+        tasks = _Tasks(client, out, model_path, model_sha, config, chash, frames_per_task, read_options)
         futures = []
         for e, n in plan:
             d = out / e.name
             if d.is_dir():
                 clean_dir(d)
-            if n <= frames_per_task:
-                f = client.submit(_task_file, e, str(out), model_ref, model_sha, config, chash, read_options,
-                                  key=f"stemfast-file-{e.name}-{tag}", retries=2, pure=False)
-            else:
-                chunks = [client.submit(_task_chunk, e, str(out), s, min(s + frames_per_task, n), model_ref,
-                                        model_sha, config, chash, read_options,
-                                        key=f"stemfast-chunk-{e.name}-{s}-{tag}", retries=2, pure=False)
-                          for s in range(0, n, frames_per_task)]
-                f = client.submit(_task_assemble, e, str(out), chunks, config, chash, model_sha, read_options,
-                                  key=f"stemfast-assemble-{e.name}-{tag}", retries=2, pure=False)
-            fut_to_entry[f.key] = e
-            futures.append(f)
-        bar = progress_bar(None, show_progress, total=len(fut_to_entry), desc="analyse (dask)", unit="file")
+            futures.append(tasks.submit(e, n))
+        bar = progress_bar(None, show_progress, total=len(futures), desc="analyse (dask)", unit="file")
         try:
-            for fut in as_completed(futures):
-                e = fut_to_entry[fut.key]
+            pending = as_completed(futures)
+            for fut in pending:
+                e, n, attempt = tasks.inputs.pop(fut.key)
+                if fut.cancelled() and attempt < CANCELLED_RESUBMITS:
+                    # the cluster dropped the task (seen after a worker was killed: other tasks
+                    # "cancelled for reason: unknown"): not a failure of the input -- submit it again;
+                    # its finished parts and outputs are kept, so only what is missing is redone
+                    log.warning("%s: its task was cancelled by the cluster; submitting it again (%d of %d)",
+                                e.name, attempt + 1, CANCELLED_RESUBMITS)
+                    pending.add(tasks.submit(e, n, attempt + 1))
+                    continue
                 try:
                     r = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a task that failed for good

@@ -109,9 +109,10 @@ def check_model_file(path: str | os.PathLike):
     return model
 
 
-def given_model(src: Path):
-    """:func:`check_model_file` of a ``--model`` file in an encode worker (the same errors, raised
-    here), the plotting modules imported while it loads; in this process when no worker can run."""
+def given_model(src: Path, device: str = "auto"):
+    """:func:`check_model_file` of a ``--model`` file in an encode worker, on ``device`` (the same
+    errors, raised here), the plotting modules imported while it loads; in this process when no
+    worker can run (the pipeline then moves it to the run's device)."""
     from functools import partial
 
     from ..encode_worker import file_worker_model, unavailable
@@ -123,7 +124,7 @@ def given_model(src: Path):
     from ..figures import pyplot
 
     pyplot()
-    return file_worker_model(src, partial(check_model_file, src))
+    return file_worker_model(src, partial(check_model_file, src), device)
 
 
 def sample_frames(n: int, k: int) -> list[int]:
@@ -302,7 +303,8 @@ def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, m
     target = out / MODEL_FILE
     if model_path is not None:
         src = Path(model_path)
-        loaded = given_model(src) if worker else check_model_file(src)  # before anything is copied into OUT
+        device = config.model.device if config is not None else "auto"
+        loaded = given_model(src, device) if worker else check_model_file(src)  # before anything is copied into OUT
         sha = file_sha256(src)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:

@@ -289,7 +289,7 @@ def _shipped_on_torch(config, opts: BatchOptions):
     if man is None:
         discard_prestarted()
         return None
-    model = shipped_worker_model(man)
+    model = shipped_worker_model(man, config.model.device)
     if usable_manifest(config) is None:  # the input-contract probe, while the worker starts
         model.close()
         return None

@@ -212,22 +212,26 @@ def start_encode_worker_early(args) -> None:
         return
     from .. import encode_worker
 
+    try:
+        config = config_from_args(args)
+    except (SettingsError, ValueError):  # reported when the run reads its settings
+        return
+    device = config.model.device
     if getattr(args, "model", None):
         from functools import partial
-        from pathlib import Path
 
-        encode_worker.prestart(("file", str(Path(args.model).resolve())), partial(_load_model_file, args.model))
-    elif not _shipped_runs_compiled(args):
-        encode_worker.prestart_shipped()
+        encode_worker.prestart_file(args.model, partial(_load_model_file, args.model), device)
+    elif not _shipped_runs_compiled(config):
+        encode_worker.prestart_shipped(device)
 
 
-def _shipped_runs_compiled(args) -> bool:
+def _shipped_runs_compiled(config) -> bool:
     """Whether the run's settings put the shipped model on the compiled engine (no torch, no worker)."""
     from ..model.engine import engine_for
 
     try:
-        return engine_for(config_from_args(args)) == "compiled"
-    except (SettingsError, ValueError):  # reported when the run reads its settings
+        return engine_for(config) == "compiled"
+    except ValueError:  # reported when the run reads its settings
         return False
 
 

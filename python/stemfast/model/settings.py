@@ -128,7 +128,9 @@ class RVAEConfig:
         -- compiled unless a GPU may be used (``device`` ``"cuda..."``, or ``"auto"`` with an NVIDIA
         GPU visible). Training and fine-tuning always use torch.
     amp : bool
-        Mixed precision (bf16, else fp16 + grad scaling) on CUDA; ignored on CPU.
+        Mixed precision (bf16, else fp16 + grad scaling) for training and fine-tuning on CUDA;
+        ignored on CPU. Inference (encoding) runs in float32 on every device, so a GPU gives the
+        CPU's latents, classes and scores.
     max_train_patches : int or None
         Random subsample of the training patches when more are given.
     num_threads : int or None

@@ -335,9 +335,12 @@ def default_model(config=None, *, map_location=None):
 
     None when the shipped model is refused (:class:`ShippedModelError`: missing, damaged, or the
     patch contract changed) or when the run's model settings ask for another architecture (e.g.
-    ``--plain-vae``, another ``latent_dim``); the caller then trains on its inputs.
+    ``--plain-vae``, another ``latent_dim``); the caller then trains on its inputs. Loaded onto
+    ``map_location``, by default the run's ``model.device``.
     """
     requested = getattr(config, "model", None)
+    if map_location is None and requested is not None:
+        map_location = requested.device
     try:
         # settings asking for another network: decided from the manifest alone
         if requested is not None and _settings_differ(manifest(), requested):

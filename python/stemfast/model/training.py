@@ -33,7 +33,8 @@ from .modules import RVAENet, VAENet
 from .settings import RVAEConfig
 
 __all__ = ["RVAEConfig", "resolve_device", "build_network", "to_model_input", "Augmenter", "EarlyStopping",
-           "pretrain_stn", "train_vae", "vae_loss", "configure_threads", "autocast_context"]
+           "pretrain_stn", "train_vae", "vae_loss", "configure_threads", "autocast_context",
+           "float32_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,34 @@ def configure_threads(num_threads: int | None = None) -> None:
 
 
 def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 (or fp16) autocast on CUDA when ``enabled``; a null context on CPU."""
+    """bf16 (or fp16) autocast on CUDA when ``enabled``; a null context on CPU. Training and
+    fine-tuning only: inference runs in :func:`float32_inference`."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@contextlib.contextmanager
+def float32_inference(device: torch.device):
+    """Full float32 for an inference pass: no autocast and, on CUDA, no TF32 in convolutions or
+    matrix products (cuDNN convolutions use TF32 by default, a 10-bit mantissa). A model then gives
+    the same latents, angles and errors on a GPU as on the CPU (and as the compiled engine) to
+    float32 rounding, hence the same classes and scores. A null context on the CPU. The cuDNN and
+    matmul flags are process-wide; they are restored on exit.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                        benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _grad_scaler(device: torch.device, enabled: bool):
