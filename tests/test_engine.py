@@ -230,19 +230,27 @@ def test_compiled_and_torch_runs_give_the_same_site_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "STEMFAST_BACKEND"}
     env["PYTHONPATH"] = PYTHON_DIR
     tabs = {}
-    for eng in ("compiled", "torch"):
+    gpu = "cuda:0" if torch.cuda.is_available() else "cpu"  # where model.device "auto" puts torch
+    # (name, engine, model.device, the device the outputs must name)
+    for name, eng, dev, where in (("compiled", "compiled", None, "cpu"), ("torch", "torch", None, gpu),
+                                  ("torch-cpu", "torch", "cpu", "cpu")):
+        extra = ["--set", f'model.device="{dev}"'] if dev else []
         r = subprocess.run([sys.executable, "-m", "stemfast", "analyze", str(tmp_path / "img.tif"), "-o",
-                            str(tmp_path / eng), "--set", f'model.engine="{eng}"'], capture_output=True, text=True,
-                           timeout=600, env=env)
+                            str(tmp_path / name), "--set", f'model.engine="{eng}"', *extra], capture_output=True,
+                           text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
-        tabs[eng] = pd.read_csv(tmp_path / eng / "img" / "sites.csv")
-        # each input's summary names the engine that ran the model on it, and the batch's label follows
-        assert json.loads((tmp_path / eng / "img" / "summary.json").read_text())["model"]["engine"] == eng
-        assert json.loads((tmp_path / eng / "batch_summary.json").read_text())["model"]["engine"] == eng
-    a, b = tabs["compiled"], tabs["torch"]
-    assert len(a) == len(b) > 100
-    assert (a["class_id"].values == b["class_id"].values).all()
-    assert (a["is_defect"].values == b["is_defect"].values).all()
+        tabs[name] = pd.read_csv(tmp_path / name / "img" / "sites.csv")
+        # each input's summary names the engine and the device that ran the model on it (the torch
+        # runs in the encode worker: its child's device), and the batch's labels follow
+        summ = json.loads((tmp_path / name / "img" / "summary.json").read_text())["model"]
+        batch = json.loads((tmp_path / name / "batch_summary.json").read_text())["model"]
+        assert (summ["engine"], summ["device"]) == (batch["engine"], batch["device"]) == (eng, where)
+        assert f"{eng} engine on {where}" in (tmp_path / name / "report.html").read_text()
+    a = tabs["compiled"]
+    for b in (tabs["torch"], tabs["torch-cpu"]):
+        assert len(a) == len(b) > 100
+        assert (a["class_id"].values == b["class_id"].values).all()
+        assert (a["is_defect"].values == b["is_defect"].values).all()
     np.testing.assert_allclose(a["anomaly_score"], b["anomaly_score"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(a["recon_error"], b["recon_error"], rtol=1e-3, atol=1e-7)
 

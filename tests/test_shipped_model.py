@@ -199,9 +199,12 @@ def test_batch_uses_and_names_the_shipped_model(image, tmp_path, monkeypatch):
     from stemfast.model.engine import engine_for
     from stemfast.config import load_config
 
-    # the engine that ran it: compiled on the CPU (model.engine auto), torch where a GPU may be used
+    # the engine that ran it: compiled on the CPU (model.engine auto), torch where a GPU may be used;
+    # and the device (torch.cuda.is_available() where a GPU is used: the first one)
+    engine = engine_for(load_config())
+    device = "cuda:0" if engine == "torch" and torch.cuda.is_available() else "cpu"
     assert s["model"] == {"name": man["name"], "version": man["version"], "sha256": man["sha256"],
-                          "source": "shipped", "engine": engine_for(load_config())}
+                          "source": "shipped", "engine": engine, "device": device}
     assert rep.model_engine == s["model"]["engine"]
     html = (out / "report.html").read_text()
     assert man["name"] in html and man["version"] in html and man["sha256"][:16] in html

@@ -158,8 +158,10 @@ def _serve(conn, parent_end, load: Callable[[], object]) -> None:
     import dataclasses
 
     config = getattr(model, "config", None)
+    device = getattr(model, "device", None)
     conn.send(("ready", {"config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
-                         "extra": dict(getattr(model, "extra", None) or {})}, None))
+                         "extra": dict(getattr(model, "extra", None) or {}),
+                         "device": str(device) if device is not None else None}, None))
     while True:
         try:
             kind, patches = conn.recv()
@@ -202,6 +204,11 @@ class WorkerModel:
 
     def encode(self, patches) -> object:
         return self.worker.encode(patches)
+
+    @property
+    def device(self) -> str | None:
+        """The child's torch device (``"cpu"``, ``"cuda:0"``...); waits for the model to load."""
+        return self.worker.ready().get("device")
 
     def close(self) -> None:
         self.worker.close()

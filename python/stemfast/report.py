@@ -565,7 +565,8 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
                  f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model "
                  f"{_e(model.get('name') or '')} {_e(model.get('version') or '')} sha256 "
                  f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))}"
-                 f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''})</small></p>")
+                 f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
+                 f"{' on ' + _e(model['device']) if model.get('device') else ''})</small></p>")
     # overview
     parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
                  "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")

@@ -80,7 +80,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
     ``companion``: a second detector's image of the same scan (:func:`stemfast.frontend.prepare`).
     """
     from ..frontend import with_companion
-    from ..model.engine import engine_of
+    from ..model.engine import device_of, engine_of
     from ..pipeline import analyze, prepare
 
     rec = frame_record(frame)
@@ -116,6 +116,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["defect_kinds"] = {str(k): int(v) for k, v in summ.get("defect_kinds", {}).items()}
         rec["n_classes"] = int(summ.get("n_classes", 0))
         rec["engine"] = engine_of(model)  # what ran the model here (a Dask worker may differ from the client)
+        rec["device"] = device_of(model)
         for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "rotation_latent",
                     "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice", "edge_z_spread",
                     "sublattice_naming", *ANALYSIS_WARNING_KEYS):  # the analysis' own report

@@ -317,7 +317,8 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "config_hash": run.chash,
         "model_sha256": run.model_sha,
         # with the engine that ran it on this input's frames (stemfast.model.engine)
-        "model": {**model_identity(d.parent, run.model_sha), "engine": combined_engine(m.get("engine") for m in fm)},
+        "model": {**model_identity(d.parent, run.model_sha), "engine": combined_engine(m.get("engine") for m in fm),
+                  "device": combined_engine(m.get("device") for m in fm)},
         # a second detector of the same scan in the defect scores (stemfast.batch.companions)
         "detectors": max((int(m.get("detectors") or 1) for m in fm), default=1),
         "companion": str(src.entry.companion.path) if src.entry.companion is not None else None,

@@ -432,7 +432,9 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         # the engine: what ran the model on the inputs shown (their summaries), else what this run chose
         "model": {**model_info, "source": model_info.get("source", report.model_source),
                   "engine": combined_engine((s.get("model") or {}).get("engine") for s in summaries)
-                  or report.model_engine or (old.get("model") or {}).get("engine")},
+                  or report.model_engine or (old.get("model") or {}).get("engine"),
+                  "device": combined_engine((s.get("model") or {}).get("device") for s in summaries)
+                  or (old.get("model") or {}).get("device")},
         "model_trained_this_run": report.model_trained,
         "train": train,
         "n_inputs": len(report.results),

@@ -28,7 +28,7 @@ import numpy as np
 
 from .settings import BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, disc_mask
 
-__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "engine_of", "combined_engine",
+__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "engine_of", "device_of", "combined_engine",
            "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
@@ -83,10 +83,19 @@ def engine_of(model) -> str:
     return "compiled" if (getattr(model, "extra", None) or {}).get("engine") == "compiled" else "torch"
 
 
+def device_of(model) -> str | None:
+    """Where ``model``'s inference runs: ``"cpu"`` for the compiled engine, else the torch device
+    (``"cpu"``, ``"cuda:0"``...; an encode worker's model reports its child's), None when unknown."""
+    if engine_of(model) == "compiled":
+        return "cpu"
+    dev = getattr(model, "device", None)
+    return str(dev) if dev is not None else None
+
+
 def combined_engine(names) -> str | None:
-    """One label for the engines that ran a set of images: ``"compiled"`` or ``"torch"`` when all
-    agree, ``"compiled and torch"`` when they do not (e.g. Dask workers whose package could not use
-    the compiled engine), None when none ran.
+    """One label for the engines (or devices, :func:`device_of`) that ran a set of images:
+    ``"compiled"`` or ``"torch"`` when all agree, ``"compiled and torch"`` when they do not (e.g.
+    Dask workers whose package could not use the compiled engine), None when none ran.
 
     >>> combined_engine(["compiled", None, "compiled"]), combined_engine(["torch", "compiled"])
     ('compiled', 'compiled and torch')
