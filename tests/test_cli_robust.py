@@ -284,8 +284,12 @@ def test_disk_full_during_a_rerun_leaves_the_previous_results_and_report(env, tm
     (["--spacing", "nan"], "sites.spacing must be a finite number"),
     (["--scheduler", "inproc://x"], "inproc:// addresses reach a scheduler inside the same process"),
     (["--fill-nonfinite", "--nonfinite-limit", "2"], "--nonfinite-limit must be a fraction"),
+    (["--set", "model.device=gpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    # CUDA asked for where none is visible (hidden here): said once, not as a failure of every input
+    (["--set", "model.device=cuda"], "model.device is 'cuda' but no NVIDIA GPU is visible here"),
 ])
-def test_settings_errors_exit_2_before_any_work(env, tmp_path, capsys, opts, words):
+def test_settings_errors_exit_2_before_any_work(env, tmp_path, capsys, monkeypatch, opts, words):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "out"
     assert run_batch_cli(_args(env, out, *opts)) == EXIT_SETTINGS
     err = capsys.readouterr().err

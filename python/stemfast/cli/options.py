@@ -212,8 +212,11 @@ def start_encode_worker_early(args) -> None:
         return
     from .. import encode_worker
 
+    from ..model.engine import check_device
+
     try:
         config = config_from_args(args)
+        check_device(config.model.device)
     except (SettingsError, ValueError):  # reported when the run reads its settings
         return
     device = config.model.device

@@ -28,7 +28,7 @@ import numpy as np
 
 from .settings import BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, disc_mask
 
-__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "engine_for", "engine_of", "device_of", "combined_engine",
+__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "check_device", "engine_for", "engine_of", "device_of", "combined_engine",
            "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
@@ -69,6 +69,16 @@ def resolve_engine(engine: str, device: str = "auto") -> str:
     if engine == "auto":
         return "torch" if on_gpu else "compiled"
     return engine
+
+
+def check_device(device: str) -> None:
+    """ValueError when ``device`` (the setting ``model.device``) asks for CUDA and no NVIDIA GPU is
+    visible here (:func:`_gpu_visible`, without importing torch): said before any work, not as a
+    failure of every input. A GPU that is visible but unusable by this torch build is reported by
+    :func:`stemfast.model.training.resolve_device` when the model is placed."""
+    if str(device).startswith("cuda") and not _gpu_visible():
+        raise ValueError(f"model.device is {device!r} but no NVIDIA GPU is visible here (no driver, or "
+                         "CUDA_VISIBLE_DEVICES hides it): use 'auto' (the GPU where there is one) or 'cpu'")
 
 
 def engine_for(config) -> str:

@@ -4,6 +4,7 @@ another process) in a process that never loads the network."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -185,6 +186,8 @@ class RVAEConfig:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if self.engine not in ("auto", "compiled", "torch"):
             raise ValueError(f"engine must be 'auto', 'compiled' or 'torch', got {self.engine!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.symmetrize not in ("image", "features", "none"):
             raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):

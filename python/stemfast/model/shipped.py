@@ -180,12 +180,14 @@ def load_default_model(*, map_location=None, model_path: str | Path | None = Non
     'stemfast-2h-rvae'
     """
     from .api import RVAE
+    from .training import resolve_device
 
     man = manifest(MANIFEST_PATH if manifest_path is None else manifest_path)
     model_path = Path(MODEL_PATH if model_path is None else model_path)
     sha = _check_weights(model_path, man)
+    device = resolve_device("auto" if map_location is None else map_location)  # not a fault of the model
     try:
-        model = RVAE.load(model_path, map_location=map_location)
+        model = RVAE.load(model_path, map_location=device)
     except Exception as exc:  # noqa: BLE001 - any load failure means: not usable
         raise ShippedModelError(f"shipped model {model_path.name} cannot be loaded: {exc}") from exc
     tag = model.extra.get("shipped") or {}
