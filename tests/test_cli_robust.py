@@ -297,6 +297,17 @@ def test_settings_errors_exit_2_before_any_work(env, tmp_path, capsys, monkeypat
     assert not out.exists()  # nothing was done
 
 
+def test_train_refuses_a_device_that_is_not_here_before_any_work(env, tmp_path, capsys, monkeypatch):
+    from stemfast.cli import main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, whatever this machine has
+    out = tmp_path / "m.pt"
+    assert main(["train", str(env["data"] / "good.npy"), "-o", str(out), "--set", "model.device=cuda"]) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert "model.device is 'cuda' but no NVIDIA GPU is visible here" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_spacing_that_does_not_fit_or_disagrees_with_the_image(env, tmp_path, capsys):
     from stemfast.cli import main
 

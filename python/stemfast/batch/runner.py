@@ -107,6 +107,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     (0, ['done', 'done'])
     """
     from ..config import check_limits
+    from ..model.engine import check_device
     from ..outlock import OutputLock
 
     if scheduler:
@@ -117,7 +118,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
             check_scheduler(scheduler)
     config = config if config is not None else load_config(None)
     check_limits(config)
-    _check_model_device(config)
+    check_device(config.model.device)  # CUDA asked for where there is none: a settings error, before any work
     opts = BatchOptions(model_path=model_path, scheduler=scheduler, force=force, max_train_inputs=max_train_inputs,
                         train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
@@ -259,17 +260,6 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     report.model_sha256 = ms.sha256
     report.model_source = ms.source
     return ms, train_info
-
-
-def _check_model_device(config) -> None:
-    """:class:`~stemfast.errors.SettingsError` before any work when ``model.device`` cannot be used here."""
-    from ..errors import SettingsError
-    from ..model.engine import check_device
-
-    try:
-        check_device(config.model.device)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
 
 
 def shipped_model(config, opts: BatchOptions):

@@ -43,7 +43,10 @@ def _cmd_train(args) -> int:
     from ..batch import discover_inputs, train_batch_model
     from ..config import config_hash, config_to_dict
 
+    from ..model.engine import check_device
+
     config = config_from_args(args)
+    check_device(config.model.device)  # before the patches are cut
     read_options = read_options_from_args(args)
     problems: list = []
     entries = discover_inputs([Path(p) for p in args.images], problems=problems)

@@ -72,12 +72,15 @@ def resolve_engine(engine: str, device: str = "auto") -> str:
 
 
 def check_device(device: str) -> None:
-    """ValueError when ``device`` (the setting ``model.device``) asks for CUDA and no NVIDIA GPU is
-    visible here (:func:`_gpu_visible`, without importing torch): said before any work, not as a
-    failure of every input. A GPU that is visible but unusable by this torch build is reported by
+    """:class:`~stemfast.errors.SettingsError` when ``device`` (the setting ``model.device``) asks for
+    CUDA and no NVIDIA GPU is visible here (:func:`_gpu_visible`, without importing torch): said
+    before any work (``batch``, ``analyze``, ``train``), not as a failure of every input. A GPU that
+    is visible but unusable by this torch build is reported by
     :func:`stemfast.model.training.resolve_device` when the model is placed."""
+    from ..errors import SettingsError
+
     if str(device).startswith("cuda") and not _gpu_visible():
-        raise ValueError(f"model.device is {device!r} but no NVIDIA GPU is visible here (no driver, or "
+        raise SettingsError(f"model.device is {device!r} but no NVIDIA GPU is visible here (no driver, or "
                          "CUDA_VISIBLE_DEVICES hides it): use 'auto' (the GPU where there is one) or 'cpu'")
 
 
