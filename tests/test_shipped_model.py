@@ -369,4 +369,6 @@ def test_bench_total_is_the_wall_time(tmp_path, capsys):
     stages = sum(r["seconds"] for k, r in rows.items() if k != "total")
     assert rows["total"]["seconds"] == pytest.approx(stages)
     assert rows["total"]["seconds"] <= elapsed  # (rendering the synthetic image and loading the model are not in it)
-    assert "other" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "other" in out
+    assert " engine on cpu)" in out or " engine on cuda:0)" in out  # what ran the model, and where

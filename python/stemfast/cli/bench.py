@@ -90,8 +90,10 @@ def _cmd_bench(args) -> int:
     print(format_stage_table(rows))
     tag = (model.extra.get("shipped") or {}) if model is not None else {}
     if tag and not train_s:
+        from ..model.engine import device_of, engine_of
+
         print(f"model: shipped {tag.get('name')} {tag.get('version')} (no training, "
-              f"{model.extra.get('engine', 'torch')} engine); "
+              f"{engine_of(model)} engine on {device_of(model)}); "
               f"peak memory {peak_memory_mib():.0f} MiB")
     else:
         print(f"model training: {train_s:.1f} s ({config.model.model}, {config.model.epochs} epochs max, "
