@@ -529,6 +529,7 @@ def test_fit_encode_on_cuda_with_autocast(train_set, test_set, tmp_path):
 
     m = RVAE.fit(train_set[0], **{**FIT, "device": "cuda", "amp": True})  # mixed-precision training
     assert m.device.type == "cuda"
+    assert m.to("cuda").device == torch.device("cuda", torch.cuda.current_device())  # the parameters' device
     enc = m.encode(test_set[0])
     assert np.all(np.isfinite(enc.mu)) and np.all(np.isfinite(enc.recon_error))
     ari = adjusted_rand_score(test_set[1], KMeans(3, n_init=10, random_state=0).fit_predict(enc.mu))

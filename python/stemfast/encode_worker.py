@@ -271,8 +271,9 @@ def _load_shipped(device: str):
 
 def _load_on(load: Callable[[], object], device: str):
     """``load()``'s model moved to ``device`` (the setting ``model.device``), in the child."""
-    model = load()
-    return model.to(device) if callable(getattr(model, "to", None)) else model
+    from .model.engine import on_device
+
+    return on_device(load(), device)
 
 
 def shipped_worker_model(man: dict, device: str = "auto") -> WorkerModel:

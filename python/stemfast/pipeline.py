@@ -75,26 +75,13 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
             prep.timings.close()
 
 
-def _on_run_device(model, device: str):
-    """A torch model (:class:`stemfast.model.RVAE`) on the run's ``model.device``: one loaded elsewhere
-    (a model file, another process's) is moved there. Other models (the compiled engine, a worker's)
-    as they are: they run where they were placed when loaded."""
-    current = getattr(model, "device", None)
-    if current is None or not callable(getattr(model, "to", None)):
-        return model
-    from .model.training import resolve_device
-
-    want = resolve_device(device)
-    if want.type != current.type or (want.index is not None and want.index != current.index):
-        model.to(want)
-    return model
-
-
 def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, dict]:
     t0 = time.perf_counter()
     if len(prep.patches) == 0:
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
-    model = _on_run_device(model, config.model.device)
+    from .model.engine import on_device
+
+    model = on_device(model, config.model.device)  # one loaded elsewhere (a model file, another process's)
     if isinstance(prep.patches, LazyPatches):
         enc = _encode_streamed(model, prep.patches)
         gather_s = prep.patches.seconds

@@ -323,8 +323,8 @@ class _Tasks:
         c, out, cfg, ro = self.client, str(self.out), self.config, self.read_options
         if self.data is not None and (self.model_ref is None or self.model_ref.status != "finished"):
             self.model_ref = c.scatter(self.data, broadcast=True, hash=False)
-        run, ref, sha, fpt = (f"{self.tag}-{attempt}" if attempt else self.tag), self.model_ref, self.model_sha, \
-            self.frames_per_task
+        ref, sha, fpt = self.model_ref, self.model_sha, self.frames_per_task
+        run = f"{self.tag}-{attempt}" if attempt else self.tag  # a resubmission gets keys of its own
         if n <= fpt:
             f = c.submit(_task_file, e, out, ref, sha, cfg, self.chash, ro,
                          key=f"stemfast-file-{e.name}-{run}", retries=2, pure=False)

@@ -211,7 +211,6 @@ def start_encode_worker_early(args) -> None:
     if any(getattr(args, name, None) for name in ("train", "finetune", "scheduler", "print_config")):
         return
     from .. import encode_worker
-
     from ..model.engine import check_device
 
     try:

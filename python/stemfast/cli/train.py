@@ -42,7 +42,6 @@ def _cmd_train(args) -> int:
     from .. import __version__
     from ..batch import discover_inputs, train_batch_model
     from ..config import config_hash, config_to_dict
-
     from ..model.engine import check_device
 
     config = config_from_args(args)

@@ -404,10 +404,10 @@ class RVAE:
         return cls(net, config, history=state.get("history") or {}, extra=state.get("extra") or {})
 
     def to(self, device: str | torch.device) -> "RVAE":
-        """Move the network to ``device`` (in place); returns self."""
-        dev = resolve_device(device)
-        self.network.to(dev)
-        self.device = dev
+        """Move the network to ``device`` (in place); returns self. :attr:`device` is then the
+        parameters' device, as after construction (``"cuda"`` gives ``cuda:0``)."""
+        self.network.to(resolve_device(device))
+        self.device = next(self.network.parameters()).device
         return self
 
     def __repr__(self) -> str:

@@ -28,8 +28,8 @@ import numpy as np
 
 from .settings import BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, disc_mask
 
-__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "check_device", "engine_for", "engine_of", "device_of", "combined_engine",
-           "subtract_background", "state_arrays"]
+__all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "check_device", "engine_for", "engine_of",
+           "device_of", "on_device", "combined_engine", "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
 _CHUNK = 4096
@@ -81,7 +81,7 @@ def check_device(device: str) -> None:
 
     if str(device).startswith("cuda") and not _gpu_visible():
         raise SettingsError(f"model.device is {device!r} but no NVIDIA GPU is visible here (no driver, or "
-                         "CUDA_VISIBLE_DEVICES hides it): use 'auto' (the GPU where there is one) or 'cpu'")
+                            "CUDA_VISIBLE_DEVICES hides it): use 'auto' (the GPU where there is one) or 'cpu'")
 
 
 def engine_for(config) -> str:
@@ -103,6 +103,15 @@ def device_of(model) -> str | None:
         return "cpu"
     dev = getattr(model, "device", None)
     return str(dev) if dev is not None else None
+
+
+def on_device(model, device: str):
+    """``model`` on ``device`` (the setting ``model.device``): a torch model
+    (:class:`~stemfast.model.RVAE`) is moved there, in place (nothing moves when it is there
+    already); a model that cannot move (the compiled engine, an encode worker's stand-in) is
+    returned as it is."""
+    to = getattr(model, "to", None)
+    return to(device) if callable(to) else model
 
 
 def combined_engine(names) -> str | None:
