@@ -703,7 +703,7 @@ Conv make_conv(const CArrF& w, const CArrF& b, int stride, int pad, const char* 
 }  // namespace
 
 py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tuple dec, int symmetry,
-                       int symmetrize, int stn_downsample, CArrF recon) {
+                       int symmetrize, int stn_downsample, int background_rank, CArrF recon) {
     if (x.ndim() != 3 || x.shape(1) != x.shape(2)) throw py::value_error("rvae_forward: x must be (N, S, S)");
     const std::int64_t N = x.shape(0);
     const int S = static_cast<int>(x.shape(1));
@@ -713,6 +713,8 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
     if (!(stn.size() == 0 || stn.size() == 6)) throw py::value_error("rvae_forward: stn takes 0 or 6 arrays");
     if (symmetry < 1 || symmetrize < 0 || symmetrize > 2 || !(stn_downsample == 1 || stn_downsample == 2))
         throw py::value_error("rvae_forward: bad symmetry / symmetrize / stn_downsample");
+    if (background_rank < 0 || background_rank > S * S)
+        throw py::value_error("rvae_forward: background_rank must be in [0, S * S]");
     const bool want_recon = recon.ndim() == 3 && recon.shape(0) == N;
     if (!want_recon && recon.size() != 0) throw py::value_error("rvae_forward: recon must be (N, S, S) or empty");
     // keep the converted arrays alive for the call
@@ -810,14 +812,33 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
     float* rp = want_recon ? recon.mutable_data() : nullptr;
     {
         py::gil_scoped_release release;
+        const size_t S2 = static_cast<size_t>(S) * S;
+        const int kbg = background_rank;
         parallel_for(N, [&](std::int64_t b, std::int64_t e) {
             Scratch s(n);
+            // the patch minus its background (the kbg-th smallest value, as np.partition: NaN sorts last)
+            std::vector<float> xb(kbg > 0 ? S2 : 0), sel(kbg > 0 ? S2 : 0);
+            auto nan_last = [](float u, float v) { return u < v || (std::isnan(v) && !std::isnan(u)); };
 #if defined(__SSE__)
             const unsigned int csr = _mm_getcsr();
             _mm_setcsr(csr | 0x8040u);  // flush / treat subnormals as zero (FTZ | DAZ) in this thread
 #endif
             for (std::int64_t i = b; i < e; ++i) {
-                fwd(n, xp + i * S * S, s, mup + i * n.L, lvp + i * n.L, ap[i], sp[i], ep[i]);
+                const float* xi = xp + i * static_cast<std::int64_t>(S2);
+                if (kbg > 0) {  // with the caller's floating-point mode (no DAZ), as NumPy computes it
+#if defined(__SSE__)
+                    _mm_setcsr(csr);
+#endif
+                    std::copy(xi, xi + S2, sel.begin());
+                    std::nth_element(sel.begin(), sel.begin() + (kbg - 1), sel.end(), nan_last);
+                    const float bg = sel[static_cast<size_t>(kbg - 1)];
+                    for (size_t j = 0; j < S2; ++j) xb[j] = xi[j] - bg;
+                    xi = xb.data();
+#if defined(__SSE__)
+                    _mm_setcsr(csr | 0x8040u);
+#endif
+                }
+                fwd(n, xi, s, mup + i * n.L, lvp + i * n.L, ap[i], sp[i], ep[i]);
                 if (rp) std::copy(s.y.begin(), s.y.end(), rp + i * S * S);
             }
 #if defined(__SSE__)
@@ -830,7 +851,8 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
 
 void register_rvae(py::module_& m) {
     m.def("rvae_forward", &rvae_forward, py::arg("x"), py::arg("mask"), py::arg("stn"), py::arg("enc"), py::arg("dec"),
-          py::arg("symmetry"), py::arg("symmetrize"), py::arg("stn_downsample"), py::arg("recon"),
+          py::arg("symmetry"), py::arg("symmetrize"), py::arg("stn_downsample"), py::arg("background_rank"),
+          py::arg("recon"),
           "Inference pass of the patch model (contract in stemfast._kernels).");
 }
 

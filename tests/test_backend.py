@@ -143,17 +143,18 @@ def _kernel_calls():
         return labels
 
     from stemfast.model import shipped
-    from stemfast.model.engine import prepare_weights, state_arrays, subtract_background
-    from stemfast.model.settings import RVAEConfig
+    from stemfast.model.engine import prepare_weights, state_arrays
+    from stemfast.model.settings import RVAEConfig, background_rank
 
     mcfg = RVAEConfig.from_dict(shipped.manifest()["config"])
     mw = prepare_weights(state_arrays(shipped.ARRAYS_PATH), mcfg)
-    px = subtract_background(rng.normal(size=(120, mcfg.input_size, mcfg.input_size)).astype(np.float32))
+    px = rng.normal(size=(120, mcfg.input_size, mcfg.input_size)).astype(np.float32)
+    bg_rank = background_rank(mcfg.input_size ** 2)
 
     def rvae(k):  # patches in chunks of at least 16: 120 patches reach 3 threads
         recon = np.empty_like(px)
         out = k.rvae_forward(px, mw["mask"], mw["stn"], mw["enc"], mw["dec"], mw["symmetry"], mw["symmetrize"],
-                             mw["stn_downsample"], recon)
+                             mw["stn_downsample"], bg_rank, recon)
         return (*out, recon)
 
     nrow = 7000  # blocks of 2048 rows: 4 of them reach 3 threads

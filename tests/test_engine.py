@@ -17,6 +17,7 @@ from stemfast.model import RVAE, RVAEConfig
 from stemfast.model import engine as E
 from stemfast.model import functional as MF
 from stemfast.model import shipped
+from stemfast.model.settings import background_rank
 from stemfast.model.training import build_network
 from stemfast.synthetic import render_site_patches
 
@@ -64,8 +65,9 @@ def test_compiled_engine_matches_torch(cfg):
 def test_kernel_backends_agree_with_the_numpy_reference(backend):
     m = _random_model()
     w = E.prepare_weights({k: v.numpy() for k, v in m.network.state_dict().items()}, m.config)
-    x = E.subtract_background(_patches(200, 24, seed=2))
-    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"])
+    x = _patches(200, 24, seed=2)  # the kernel takes the background out
+    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"],
+            background_rank(24 * 24))
     r_ref = np.empty_like(x)
     r_be = np.empty_like(x)
     ref = get_kernels("numpy").rvae_forward(*args, r_ref)
@@ -95,8 +97,9 @@ def test_every_cpu_variant_of_the_cpp_kernel_agrees_with_the_numpy_reference(cfg
     m = _random_model(**cfg)
     s = m.config.input_size
     w = E.prepare_weights({k: v.numpy() for k, v in m.network.state_dict().items()}, m.config)
-    x = E.subtract_background(_patches(64, s, seed=4))
-    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"])
+    x = _patches(64, s, seed=4)
+    args = (x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"],
+            background_rank(s * s))
     r_ref, r_be = np.empty_like(x), np.empty_like(x)
     ref = get_kernels("numpy").rvae_forward(*args, r_ref)
     got = get_kernels("cpp").rvae_forward(*args, r_be)
@@ -168,6 +171,32 @@ def test_background_subtraction_is_the_models():
     x = _patches(50, 24, seed=5)
     ref = MF.subtract_background(torch.from_numpy(x)[:, None])[:, 0].numpy()
     np.testing.assert_array_equal(E.subtract_background(x), ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_kernel_takes_out_the_models_background_exactly(backend):
+    """``rvae_forward`` with ``background_rank`` k gives bit for bit what it gives on patches whose
+    background the model's own subtraction (torch, :func:`MF.subtract_background`) took out: ties,
+    integer-valued and constant patches included; the rank is checked."""
+    m = _random_model()
+    w = E.prepare_weights({k: v.numpy() for k, v in m.network.state_dict().items()}, m.config)
+    x = _patches(40, 24, seed=6)
+    x[1] = np.round(x[1] * 4)  # many ties
+    x[2] = 3.0                 # constant
+    x[3, :12] = -x[3, :12]     # negative half
+    k = background_rank(24 * 24)
+    sub = MF.subtract_background(torch.from_numpy(x)[:, None])[:, 0].numpy()
+    kern = get_kernels(backend).rvae_forward
+    args = (w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"], w["stn_downsample"])
+    r_in, r_pre = np.empty_like(x), np.empty_like(x)
+    got = kern(x, *args, k, r_in)
+    pre = kern(sub, *args, 0, r_pre)
+    for a, b in zip(got, pre):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(r_in, r_pre)
+    for bad in (-1, 24 * 24 + 1):
+        with pytest.raises(ValueError, match="background_rank"):
+            kern(x, *args, bad, np.empty((0, 0, 0), np.float32))
 
 
 def test_resolve_engine(monkeypatch):

@@ -117,6 +117,7 @@ def rvae_forward(
     symmetry: int,
     symmetrize: int,
     stn_downsample: int,
+    background_rank: int,
     recon: npt.NDArray[np.float32],
 ) -> tuple[
     npt.NDArray[np.float32],  # mu [N, L]

@@ -95,10 +95,11 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     (the non-negative remainder). Sequential: a breadth-first walk labels every parent before its
     children. Indices outside ``[0, N)`` are an error (C++: ValueError).
 
-``rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, recon) -> (mu, logvar, angle, strength, err)``
+``rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, background_rank, recon) -> (mu, logvar, angle, strength, err)``
     The inference pass of the patch model (:class:`stemfast.model.modules.RVAENet` / ``VAENet`` in
-    eval mode) on model inputs ``x`` float32[N, S, S] (background already subtracted; ``S`` a
-    multiple of 8), with the weights as :func:`stemfast.model.engine.prepare_weights` lays them out:
+    eval mode) on model inputs ``x`` float32[N, S, S] (``S`` a multiple of 8), each patch first
+    taken minus its ``background_rank``-th smallest value (1-based, as ``np.partition`` orders them,
+    NaN last; 0: as it is; :func:`stemfast.model.settings.background_rank`), with the weights as :func:`stemfast.model.engine.prepare_weights` lays them out:
     ``mask`` float32[S, S]; ``stn`` empty (plain VAE) or ``(w1, b1, w2, b2, kern, kb)`` -- two 3x3
     convolutions on the ``stn_downsample``-pooled masked patch, then ``(C, S) = kb + kern @ h``;
     ``enc`` ``(w1, b1, w2, b2, w3, b3, head_w, head_b)`` -- three 4x4 stride-2 convolutions and a dense
@@ -109,8 +110,9 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     and -- ``symmetrize`` 1 -- averaged with its rotations by ``360 j / symmetry`` (zero padding),
     or -- 2 -- each branch encoded and ``mu`` / ``logvar`` (clamped to [-12, 8]) averaged, or -- 0 --
     branch 0 only; the decoding of ``mu`` is rotated by ``+theta`` (zero padding) and masked; ``err``
-    is the mean of the squared difference to ``x`` over the mask. ``recon`` float32[N, S, S] receives
-    the masked reconstruction, or is empty. float32 throughout: backends agree to float32 rounding.
+    is the mean of the squared difference to the background-subtracted ``x`` over the mask.
+    ``recon`` float32[N, S, S] receives the masked reconstruction, or is empty. float32 throughout:
+    backends agree to float32 rounding (the background subtraction exactly).
     C++: compiled for the baseline x86-64 ISA, AVX2 + FMA and AVX-512; the widest the CPU runs is
     used, capped by the environment variable ``STEMFAST_MAX_ISA`` (``baseline`` or ``avx2``, read at
     each call; the tests run every variant).

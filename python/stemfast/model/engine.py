@@ -130,13 +130,9 @@ def subtract_background(x: np.ndarray, quantile: float = BACKGROUND_QUANTILE) ->
     """Each patch of ``x (N, S, S)`` minus its ``quantile`` pixel value (as
     :func:`stemfast.model.functional.subtract_background`: the k-th smallest value, ``k =
     max(1, round(quantile * S * S))``)."""
-    n = x.shape[0]
-    if n == 0:
-        return x
-    flat = x.reshape(n, -1)
-    k = background_rank(flat.shape[1], quantile)
-    bg = np.partition(flat, k - 1, axis=1)[:, k - 1]
-    return x - bg[:, None, None]
+    from .._kernels.numpy_ref.model import subtract_rank  # what rvae_forward's background_rank does
+
+    return subtract_rank(x, background_rank(x.shape[1] * x.shape[2], quantile))
 
 
 def _conv_w(w: np.ndarray) -> np.ndarray:
@@ -264,18 +260,17 @@ class CompiledModel:
             raise ValueError(f"the compiled engine resamples patches bilinearly only (resample={cfg.resample!r})")
         wr = resample_weights(int(shape[1]), s).astype(np.float32) if shape[1] != s else None
         w = self._w
+        bg_rank = background_rank(s * s) if cfg.background == "patch" else 0
         empty = np.empty((0, 0, 0), np.float32)
         for a in range(0, n, max(1, int(batch_size))):
             b = min(n, a + batch_size)
             x = np.asarray(patches[a:b], np.float32)
             if wr is not None:
                 x = np.einsum("ij,njk,lk->nil", wr, x, wr, optimize=True).astype(np.float32)
-            if cfg.background == "patch":
-                x = subtract_background(x)
             x = np.ascontiguousarray(x, np.float32)
             out = recon[a:b] if recon is not None else empty
             res = k.rvae_forward(x, w["mask"], w["stn"], w["enc"], w["dec"], w["symmetry"], w["symmetrize"],
-                                 w["stn_downsample"], out)
+                                 w["stn_downsample"], bg_rank, out)  # the background is taken out in the kernel
             mu[a:b], logvar[a:b], angle[a:b], strength[a:b], err[a:b] = res
         return Encoding(mu=mu, logvar=logvar, angle=angle, recon_error=err, recon=recon, angle_strength=strength)
 

@@ -10,6 +10,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..numpy_ref.model import subtract_rank
+
 __all__ = ["rvae_forward"]
 
 
@@ -208,9 +210,12 @@ def _forward(x, mask, has_stn, sw1, sb1, sw2, sb2, kern, kb, ew1, eb1, ew2, eb2,
             recon[p] = y
 
 
-def rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, recon):
+def rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, background_rank, recon):
     """Contract: :mod:`stemfast._kernels` (``rvae_forward``)."""
     n, s, _ = x.shape
+    if not 0 <= background_rank <= s * s:
+        raise ValueError("rvae_forward: background_rank must be in [0, S * S]")
+    x = np.ascontiguousarray(subtract_rank(x, int(background_rank)), np.float32)  # one selection per patch
     mask = np.ascontiguousarray(mask, np.float32).reshape(s, s)
     n_lat = enc[6].shape[1] // 2
     mu = np.empty((n, n_lat), np.float32)

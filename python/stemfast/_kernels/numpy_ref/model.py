@@ -74,10 +74,21 @@ def _encode(xm, enc, s):
     return h[:, :n_lat], np.clip(h[:, n_lat:], -12.0, 8.0)
 
 
-def rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, recon):
+def subtract_rank(x, rank):
+    """Each patch of ``x`` [N, S, S] minus its ``rank``-th smallest value (1-based; 0: unchanged)."""
+    if rank <= 0 or len(x) == 0:
+        return x
+    flat = x.reshape(len(x), -1)
+    return x - np.partition(flat, rank - 1, axis=1)[:, rank - 1][:, None, None]
+
+
+def rvae_forward(x, mask, stn, enc, dec, symmetry, symmetrize, stn_downsample, background_rank, recon):
     """Contract: :mod:`stemfast._kernels` (``rvae_forward``)."""
     x = np.asarray(x, np.float32)
     n, s, _ = x.shape
+    if not 0 <= background_rank <= s * s:
+        raise ValueError("rvae_forward: background_rank must be in [0, S * S]")
+    x = subtract_rank(x, int(background_rank))
     mask = np.asarray(mask, np.float32).reshape(s, s)
     xm = x * mask
     if len(stn):
