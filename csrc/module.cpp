@@ -5,6 +5,8 @@
 #include <atomic>
 
 namespace stemfast {
+// The kernel contract this extension implements: stemfast._kernels.CONTRACT_VERSION (bump both together).
+constexpr int kContractVersion = 2;
 // Process-wide (all calling threads), read once per parallel_for; atomic because a kernel may run in
 // one thread while another changes the setting (the running kernel keeps the count it started with).
 static std::atomic<int> g_threads{0};
@@ -24,6 +26,7 @@ void set_num_threads(int n) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "stemfast compiled kernels (private; use the stemfast package API)";
+    m.attr("CONTRACT_VERSION") = stemfast::kContractVersion;
     m.def("get_num_threads", &stemfast::num_threads,
           "Worker threads the kernels use (process-wide; the hardware concurrency unless set).");
     m.def("set_num_threads", &stemfast::set_num_threads, pybind11::arg("n"),

@@ -82,6 +82,31 @@ def test_an_extension_older_than_the_python_code_is_not_used():
     assert "older than the Python code: no propagate_labels" in out["REASON"] and "rebuild" in out["REASON"]
 
 
+_STALE_CORE = r"""
+import sys, types
+import stemfast._core as real
+old = types.ModuleType("stemfast._core")  # every name there, built for an older contract (signatures)
+old.__dict__.update(vars(real))
+old.CONTRACT_VERSION = real.CONTRACT_VERSION - 1
+sys.modules["stemfast._core"] = old
+from stemfast.backend import available_backends, core_import_error
+print("BACKENDS", ",".join(available_backends()))
+print("REASON", core_import_error())
+"""
+
+
+@pytest.mark.skipif("cpp" not in available_backends(), reason="no compiled extension")
+def test_an_extension_built_for_another_kernel_contract_is_not_used():
+    from stemfast._core import CONTRACT_VERSION as built
+    from stemfast._kernels import CONTRACT_VERSION
+
+    assert built == CONTRACT_VERSION  # this build matches its sources
+    _, out = _run_script(_STALE_CORE)
+    assert out["BACKENDS"].split(",") == ["numba", "numpy"]
+    assert f"built for kernel contract {built - 1}" in out["REASON"] and "older sources" in out["REASON"]
+    assert "rebuild" in out["REASON"]
+
+
 def test_resolve_backend_names_and_errors(monkeypatch):
     assert resolve_backend() == available_backends()[0]
     for b in available_backends():

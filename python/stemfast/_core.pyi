@@ -7,6 +7,9 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
+#: the kernel contract this build implements (stemfast._kernels.CONTRACT_VERSION)
+CONTRACT_VERSION: int
+
 def get_num_threads() -> int:
     """Worker threads the kernels use (process-wide; hardware_threads() unless set)."""
 

@@ -52,6 +52,12 @@ def _load(name: str) -> ModuleType | None:
             missing = [f for f in contract if not hasattr(core, f)]
             if missing:  # an extension built from older sources than the Python package
                 raise ImportError(f"it is older than the Python code: no {', '.join(missing)}")
+            from ._kernels import CONTRACT_VERSION
+
+            built = getattr(core, "CONTRACT_VERSION", 1)
+            if built != CONTRACT_VERSION:  # same names, other signatures: it would fail at its first call
+                raise ImportError(f"it was built for kernel contract {built}, the Python code needs "
+                                  f"{CONTRACT_VERSION} ({'older' if built < CONTRACT_VERSION else 'newer'} sources)")
             return core
         if name == "numba":
             return importlib.import_module("stemfast._kernels.numba_impl")

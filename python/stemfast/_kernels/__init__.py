@@ -130,3 +130,10 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     Every pair ``(i, j)``, ``i < j``, with ``dx * dx + dy * dy <= radius * radius`` (at most, as
     ``cKDTree.query_pairs``), sorted by ``i`` then ``j``.
 """
+
+#: Version of the contract above. Bump it whenever a kernel's signature or meaning changes, together
+#: with ``kContractVersion`` in csrc/module.cpp: an extension built from older sources (same function
+#: names, an older signature) is then not used (:mod:`stemfast.backend` falls back to Numba and says
+#: why) instead of failing at its first call. 2: ``rvae_forward`` takes ``background_rank``.
+CONTRACT_VERSION = 2
+
