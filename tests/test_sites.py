@@ -617,6 +617,31 @@ def test_local_fit_is_the_least_squares_fit_of_each_nodes_neighbours(weighted):
         np.testing.assert_allclose(rms[n], np.sqrt((wts[near][:, None] * res ** 2).sum() / wts[near].sum()), atol=1e-7)
 
 
+@pytest.mark.parametrize("fit_radius", [2.05, 4.0])
+def test_node_grid_sums_are_the_grids_correlation_at_the_nodes_bit_for_bit(fit_radius):
+    """_NodeGrid.sums reads each node's neighbourhood only at the nodes; it gives exactly what the
+    correlation of the whole grid (scipy.ndimage.correlate, zero outside) gives there, so the local
+    fits do not move by a bit. Nodes scattered with gaps and a duplicate (the last value counts)."""
+    from scipy import ndimage
+
+    from stemfast.sitelattice import _fit_kernels, _NodeGrid
+
+    rng = np.random.default_rng(5)
+    ij = np.array([(p, q) for p in range(-9, 10) for q in range(-7, 12) if rng.random() < 0.8])
+    ij = np.concatenate([ij, ij[:1]])
+    values = rng.normal(0, 30, len(ij)) * (rng.random(len(ij)) < 0.9)
+    r, kernels = _fit_kernels(fit_radius)
+    kernels = kernels + [rng.normal(size=kernels[0].shape) * kernels[0]]  # any weights on the footprint
+    grid = _NodeGrid(ij, r)
+    got = grid.sums(values, kernels)
+    dense = np.zeros_like(grid._grid)
+    dense[grid.rows, grid.cols] = values
+    for k, g in zip(kernels, got):
+        ref = ndimage.correlate(dense, k, mode="constant", cval=0.0)[grid.rows, grid.cols]
+        np.testing.assert_array_equal(g, ref)
+    assert got[0][0] == got[0][-1]  # the duplicate node reads the same neighbourhood
+
+
 def test_phase_map_never_blends_across_a_cut_of_its_unwrapping():
     """Where two lattice singularities (dislocations, noise) force the unwrapped Bragg phase to jump
     by a whole turn between two cells, a point between them lies on one lattice, not between two:

@@ -1053,25 +1053,35 @@ def _fit_kernels(fit_radius: float) -> tuple[int, list]:
 
 class _NodeGrid:
     """The dense (p, q) grid around nodes ``ij`` [N, 2] (``r`` cells of margin) for sums over each
-    node's neighbours: values are put on it per node (zero elsewhere), correlated with kernels into
-    one reused buffer and read back at the nodes. A large image's grid holds millions of cells, and
-    fresh grid-sized temporaries per sum would cost more than the sums."""
+    node's neighbours: values are put on it per node (zero elsewhere) and each node's neighbourhood
+    is read from it, offset by offset (only at the nodes: the grid of a large image holds millions
+    of cells, several times the nodes)."""
 
     def __init__(self, ij: np.ndarray, r: int) -> None:
         lo = ij.min(0) - r
         shape = tuple((ij.max(0) + r - lo + 1).tolist())
+        self.r = r
         self.rows, self.cols = (ij - lo).T
         self._grid = np.zeros(shape)
-        self._out = np.empty(shape)
+        self._at = self.rows * shape[1] + self.cols  # flat index of each node
 
     def sums(self, values: np.ndarray, kernels: list) -> list:
-        """Per kernel, the correlation with it of the grid holding ``values`` [N] at the nodes
-        (the last of duplicate nodes), read at the nodes ([N] each)."""
+        """Per kernel ``[2 r + 1, 2 r + 1]``, its correlation with the grid holding ``values`` [N]
+        at the nodes (the last of duplicate nodes), at the nodes ([N] each). Bit for bit
+        ``ndimage.correlate(grid, k, mode="constant")[rows, cols]``: the same products (weights
+        above the float64 epsilon) summed from 0 in the same (raster) order."""
+        r, width = self.r, self._grid.shape[1]
         self._grid[self.rows, self.cols] = values  # (the other cells stay 0)
-        out = []
-        for k in kernels:
-            ndimage.correlate(self._grid, k, output=self._out, mode="constant", cval=0.0)
-            out.append(self._out[self.rows, self.cols])
+        flat = self._grid.ravel()
+        eps = np.finfo(np.float64).eps
+        out = [np.zeros(len(self._at)) for _ in kernels]
+        for a in range(2 * r + 1):
+            for b in range(2 * r + 1):
+                ws = [(acc, float(k[a, b])) for acc, k in zip(out, kernels) if abs(k[a, b]) > eps]
+                if ws:
+                    v = flat[self._at + ((a - r) * width + (b - r))]
+                    for acc, w in ws:
+                        acc += v * w
         return out
 
 
