@@ -694,3 +694,35 @@ def test_crowded_regions_are_located_and_lines_named_with_their_direction():
     some = np.random.default_rng(0).choice(len(g), len(g) // 40, replace=False)  # scattered over the image
     spread = crowding(np.r_[g, g[some] + [2.0, 0.0]], shape)
     assert "warning" in spread and spread["regions"] == [] and " x " not in spread["warning"], spread
+
+
+@pytest.mark.parametrize("side, pixel_size_A", [(144, None), (192, 0.09)], ids=["15px-in-144", "20px-in-192"])
+def test_a_small_image_gets_the_site_lattice_not_its_sqrt3_denser_superlattice(side, pixel_size_A):
+    """In an image under ~12 site spacings wide, the first Bragg ring lies too near the spectrum's
+    centre to be read and the second ({110}) looks like the first: its lattice, sqrt(3) denser, holds
+    every column on one third of its nodes (three times too many sites, every check of the lattice
+    passing). The columns show it, and the lattice is found again from the first ring."""
+    over = {} if pixel_size_A is None else {"pixel_size_A": pixel_size_A}
+    full = make_mos2(shape=(512, 512), seed=2 if pixel_size_A is None else 4, **over)
+    nn = full.meta["nn_px"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(np.ascontiguousarray(full.image[:side, :side]))
+    assert abs(t.meta["spacing_px"] / nn - 1) < 0.03
+    assert "{110}->{100}" in t.meta["lattice"]["ring_note"]
+    inner = np.all((t.xy > nn) & (t.xy < side - 1 - nn), axis=1)
+    expected = (side - 1 - 2 * nn) ** 2 / (np.sqrt(3) / 2 * nn ** 2)
+    assert 0.85 < inner.sum() / expected < 1.15  # one site per node of the site lattice, not three
+
+
+def test_a_strip_too_narrow_for_the_lattice_has_none_and_no_site_outside_it():
+    """A 48 px high strip of a 15 px lattice: the spectrum's six brightest spots near its first ring
+    are no hexagon (radii 2x apart) -- no lattice, instead of a 437 px one with sites outside the
+    image."""
+    from stemfast.sitelattice import metal_reciprocal_lattice
+
+    strip = make_mos2(shape=(48, 1024), seed=2).image.astype(np.float32)
+    assert metal_reciprocal_lattice(strip) is None
+    with pytest.warns(NoLatticeWarning, match="no hexagonal ring"):
+        t = find_sites(strip)
+    assert len(t) == 0 and t.meta["status"] == "no lattice"

@@ -63,6 +63,14 @@ class FftLattice:
     spacing: float
     note: str = ""
 
+    def second_order_reread(self) -> "FftLattice":
+        """This ring re-read as the ``{110}`` family of a ring ``sqrt(3)`` nearer the centre (turned by
+        30 degrees): that ring's lattice, whose site spacing is ``sqrt(3)`` times this one's."""
+        c, s = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
+        g = self.g @ np.array([[c, s], [-s, c]]) / np.sqrt(3.0)  # each row turned by +30 deg, shortened
+        note = (self.note + " {110}->{100} (columns on one third of the nodes)").strip()
+        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
+
     @property
     def metal_basis(self) -> np.ndarray:
         """Real-space metal lattice vectors (rows A1, A2; px), dual to ``g``."""
@@ -149,6 +157,15 @@ def _ring_prominence(Pw, h, w, g0):
     return float(np.median(p) / ref) if ref > 0 else 0.0, pos
 
 
+#: the three spot radii of a Bragg ring (its reciprocal vectors g1, g2, g1 + g2) differ by at most this
+#: factor, else the six spots are no hexagon and there is no ring. Scan distortion of real scans gives
+#: 1.01-1.10 (the shared and validation scans); a 48 px high strip of a 15 px lattice, whose ring lies
+#: below the spectrum's lowest usable frequency, gave 1.95 and a 437 px "lattice" with sites outside
+#: the image
+MAX_RING_STRETCH = 1.5
+
+
+
 def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = None,
                              min_prominence: float = 4.0) -> FftLattice | None:
     """The first Bragg ring of a 2H monolayer's metal lattice (``{100}``), or ``None`` when no ring
@@ -226,6 +243,9 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     mn = np.array([[1, 0], [1, 1], [0, 1], [-1, 0], [-1, -1], [0, -1]], dtype=np.float64)
     g, *_ = np.linalg.lstsq(mn, pos, rcond=None)
     if np.linalg.det(np.linalg.inv(g).T) == 0:
+        return None
+    radii = np.linalg.norm(np.stack([g[0], g[1], g[0] + g[1]]), axis=1)
+    if radii.max() > MAX_RING_STRETCH * radii.min():  # six spots that are no hexagon (a strip's coarse spectrum)
         return None
     spacing = site_spacing(g)
     return FftLattice(g=g, prominence=float(prom), spacing=spacing, note=note)
@@ -568,6 +588,51 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
         basis[n_nodes:] = np.einsum("ij,njk->nik", SITE_FROM_METAL, A_loc)
     return SiteIndex(xy=xy, ij=ij, peak=peak, kind=kind, cls=cls, basis=basis, rms=rms,
                      n_merged=n_merged, n_noise=n_noise, on_node=on_node)
+
+
+#: fewest columns on nodes (:func:`columns_on_one_coset`) for the test; the share of them on one class
+#: that makes it; and how empty the emptiest third of that class must be against the fullest
+COSET_MIN_COLUMNS = 30
+COSET_CLASS_SHARE = 0.9
+COSET_EMPTY_RATIO = 0.1
+
+
+def columns_on_one_coset(idx: SiteIndex) -> bool:
+    """True when the site lattice is the 2H site lattice's own ``sqrt(3)``-denser superlattice: the
+    Bragg ring taken as ``{100}`` was the ``{110}`` (the first ring lies too close to the spectrum's
+    centre to be read in a small image, and the second ring's lattice holds every column).
+
+    Every column of a 2H monolayer (metal, chalcogen pair) and every hexagon centre sits on one
+    third of that superlattice's nodes -- one of its three classes, ``(p - q) mod 3`` -- and within
+    that class, on the true lattice, the hollow third (and, where the chalcogen columns are too faint
+    to give peaks, the chalcogen third too) holds no column. On the true site lattice the columns
+    sit on two classes (metal and chalcogen); where the chalcogen columns give no peaks, on the metal
+    class alone, but then on every third of it. So: at least :data:`COSET_CLASS_SHARE` of the
+    columns (nodes with their peak) on one class, and one third of that class (``q mod 3`` there)
+    holding fewer than :data:`COSET_EMPTY_RATIO` times the columns of the fullest third.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pq = np.array([(p, q) for p in range(-9, 9) for q in range(-9, 9)])
+    >>> on_a = (pq[:, 0] - pq[:, 1]) % 3 == 0          # one class of the nodes ...
+    >>> cols = pq[on_a & (pq[:, 1] % 3 != 2)]           # ... two of its thirds: metal, chalcogen
+    >>> one = lambda ij: SiteIndex(xy=ij * 1.0, ij=ij, peak=np.arange(len(ij)), kind=np.zeros(len(ij), np.int8),
+    ...                            cls=(ij[:, 0] - ij[:, 1]) % 3, basis=np.zeros((len(ij), 2, 2)),
+    ...                            rms=np.zeros(len(ij)), n_merged=0, n_noise=0, on_node=1.0)
+    >>> columns_on_one_coset(one(cols)), columns_on_one_coset(one(pq[on_a]))  # the last: metal alone
+    (True, False)
+    """
+    col = (np.asarray(idx.kind) == 0) & (np.asarray(idx.cls) >= 0)
+    if col.sum() < COSET_MIN_COLUMNS:
+        return False
+    cls = np.asarray(idx.cls)[col]
+    counts = np.bincount(cls, minlength=3)
+    a = int(np.argmax(counts))
+    if counts[a] < COSET_CLASS_SHARE * col.sum():
+        return False
+    third = np.bincount(np.mod(np.asarray(idx.ij)[col][cls == a, 1], 3), minlength=3)
+    return bool(third.min() < COSET_EMPTY_RATIO * third.max())
 
 
 def _image_nodes(pmap: PhaseMap, off: np.ndarray, M: np.ndarray, Minv: np.ndarray, shape: tuple[int, int],

@@ -30,8 +30,8 @@ from .backend import get_kernels, one_blas_thread
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, index_sites, lattice_distortion,
-                          metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, columns_on_one_coset, index_sites,
+                          lattice_distortion, metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
 from .table import SiteTable
 
 __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
@@ -40,6 +40,10 @@ __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", 
 
 log = logging.getLogger(__name__)
 
+
+#: how many times :func:`_find_lattice` re-reads a Bragg ring that the columns show to be a second-order
+#: one (each time ``sqrt(3)`` nearer the spectrum's centre)
+MAX_RING_REREADS = 2
 
 #: the smallest image side (px) ``find_sites`` accepts
 MIN_IMAGE_SIDE = 16
@@ -474,9 +478,12 @@ class _Lattice(NamedTuple):
     holes: bool  # holes in the film were looked for
 
 
-def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lattice:
+def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads: int = 0) -> _Lattice:
     """Steps 1-4 of :func:`find_sites` (spacing, bandpass, peaks, site lattice); :class:`_NoLattice`
-    when there is none. ``ring``: the Bragg ring of ``img`` when already known."""
+    when there is none. ``ring``: the Bragg ring of ``img`` when already known. When the columns
+    show that the ring was a second-order one (:func:`stemfast.sitelattice.columns_on_one_coset`:
+    a small image, whose first ring lies too near the spectrum's centre), steps 2-4 run again with
+    the first ring (up to :data:`MAX_RING_REREADS` times); a given ``spacing`` is kept as given."""
     t0 = time.perf_counter()
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
@@ -525,6 +532,10 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None) -> _Lat
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
         raise _NoLattice(f"only {idx.on_node:.0%} of the columns sit on a lattice: no lattice", spacing_px=nn)
+    if s.spacing is None and rereads < MAX_RING_REREADS and columns_on_one_coset(idx):
+        log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
+                 "second-order one; the lattice is found again from the first", nn)
+        return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1)
     return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes)
 
 
