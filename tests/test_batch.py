@@ -597,3 +597,29 @@ def test_a_stacks_repeated_warnings_are_one_line_with_their_frames():
     single = InputSource(entry=None, n_frames=1, is_stack=False, info={}, get_frame=None)
     assert input_warnings(single, fm[:1] * 2) == ["the lattice is anisotropic by 18.0% (...)"]
     assert frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8" and frame_ranges([3]) == "3"
+
+
+def test_no_lattice_says_why_and_a_blank_frame_is_a_drift_break(tmp_path, tiny):
+    """An input without a lattice carries the reason in summary.json (as the log says it); in a
+    series, a blank frame is named with its reason, and the drift to and from it is unknown (not a
+    number read off an empty correlation): the summary lists the frames, the report says that
+    defect tracks end there."""
+    from stemfast.drift import phase_drift
+    from stemfast.synthetic import make_mos2
+
+    data = tmp_path / "data"
+    data.mkdir()
+    st = make_mos2(shape=(160, 160), seed=2, n_frames=4, drift_px_per_frame=DRIFT).image.astype(np.float32)
+    st[2] = 0.0  # the beam blanked for one frame
+    np.save(data / "series.npy", st)
+    np.save(data / "flat.npy", np.full((128, 128), 3.0, np.float32))
+    assert all(np.isnan(phase_drift(st[1], st[2], st.shape[1:])))
+    run_batch(data, tmp_path / "out", config=tiny, show_progress=False)
+    flat = json.loads((tmp_path / "out" / "flat" / "summary.json").read_text())
+    assert flat["status"] == "no lattice" and flat["warnings"] == ["image is constant: no lattice"]
+    s = json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
+    assert "frame 2: image is constant: no lattice" in s["warnings"]
+    assert s["drift_px"]["unknown"] == [2, 3] and s["drift_px"]["frame"] == [1]
+    assert [f["status"] for f in s["frames"]] == ["ok", "ok", "no lattice", "ok"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "drift unknown at frame(s) 2, 3" in html and "image is constant: no lattice" in html

@@ -60,7 +60,8 @@ def phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) 
     ``prev`` and ``cur`` are the block-averaged frames (:func:`block_average`), ``full_shape`` the
     shape of the frames before averaging. Phase cross-correlation (scikit-image), Hann windowed. On
     a perfect crystal the shift is only defined modulo the lattice; non-periodic features (defects,
-    holes, contamination) resolve it.
+    holes, contamination) resolve it. ``(nan, nan)`` when either frame is constant (a blank frame:
+    nothing to register).
 
     Examples
     --------
@@ -80,6 +81,9 @@ def phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) 
 
 def _phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int]) -> tuple[float, float]:
     from skimage.registration import phase_cross_correlation
+
+    if not (np.ptp(prev) > 0 and np.ptp(cur) > 0):  # a blank (constant) frame has no content to register
+        return float("nan"), float("nan")
 
     win = np.outer(np.hanning(prev.shape[0]), np.hanning(prev.shape[1])).astype(np.float32)
     a = (prev - prev.mean()) * win

@@ -527,6 +527,11 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         parts.append(f"<p>drift between consecutive frames: mean |d| {np.mean(np.hypot(dx, dy)):.2f} px, "
                      f"max {np.max(np.hypot(dx, dy)):.2f} px, total ({np.sum(dx):.2f}, {np.sum(dy):.2f}) px "
                      f"over {len(dx)} steps</p>")
+    if drift and drift.get("unknown"):
+        unk = [str(f) for f in drift["unknown"]]
+        shown = ", ".join(unk[:12]) + (f" and {len(unk) - 12} more" if len(unk) > 12 else "")
+        parts.append(f"<p class='warn'>drift unknown at frame(s) {_e(shown)} (a blank or unreadable frame, or "
+                     "the one after it): defect tracks end there</p>")
     parts.append("<div class='grid'><div>" + _img_tag(folder / "classes.png", f"{name} classes") + "</div><div>"
                  + _img_tag(folder / "defects.png", f"{name} defects") + "</div></div>")
     if s.get("tracking"):

@@ -401,7 +401,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
-        return _empty_table({**meta, "status": "no lattice", **exc.meta})
+        return _empty_table({**meta, "status": "no lattice", "reason": str(exc), **exc.meta})
     t0 = time.perf_counter()
     relevel = tm.get("relevel", 0.0)
     f, scan = _relevel_scan_lines(img, f, s, tm)

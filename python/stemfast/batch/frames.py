@@ -108,6 +108,8 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
     rec.update(status=str(meta.get("status", "ok")) if n else str(meta.get("status", "no lattice")),
                n_sites=int(n), spacing_px=meta.get("spacing_px"), angle_deg=meta.get("angle_deg"),
                lattice=meta.get("lattice"))
+    if not n and meta.get("reason"):  # why there is no lattice (find_sites' NoLatticeWarning), in the summary
+        rec["warnings"].append(str(meta["reason"]))
     table = table.with_columns({"frame": np.full(n, frame, dtype=np.int64)})
     top_patches = None
     if n and "class_id" in table:
@@ -201,7 +203,8 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
         if stack:
             small = block_average(img)
             if prev_small is not None and prev_small.shape == small.shape:
-                fr.meta["drift_px"] = list(phase_drift(prev_small, small, img.shape))
+                d = phase_drift(prev_small, small, img.shape)  # NaN beside a blank frame: unknown, a drift break
+                fr.meta["drift_px"] = list(d) if np.all(np.isfinite(d)) else None
             prev_small = small
         yield fr
 

@@ -280,12 +280,19 @@ def lattice_summary(frames_meta: list[dict], info: dict) -> dict:
 def drift_summary(frames_meta: list[dict]) -> dict:
     """The frame-to-frame drift of a stack (``summary.json``, ``drift_px``)."""
     with_drift = [m for m in frames_meta if m.get("drift_px") is not None]
-    return {
+    first = min((int(m["frame"]) for m in frames_meta), default=0)
+    out = {
         "note": "displacement of frame i relative to frame i-1 (x = column, y = row), full-resolution px",
         "frame": [m["frame"] for m in with_drift],
         "dx": [m["drift_px"][0] for m in with_drift],
         "dy": [m["drift_px"][1] for m in with_drift],
     }
+    # frames after the first whose drift could not be measured (a blank or unreadable frame, or the one
+    # after it): defect tracks end there (stemfast.tracking, drift breaks)
+    unknown = sorted(int(m["frame"]) for m in frames_meta if m.get("drift_px") is None and int(m["frame"]) > first)
+    if unknown:
+        out["unknown"] = unknown
+    return out
 
 
 def _max_per_band(lists) -> list | None:
