@@ -623,3 +623,4 @@ def test_no_lattice_says_why_and_a_blank_frame_is_a_drift_break(tmp_path, tiny):
     assert [f["status"] for f in s["frames"]] == ["ok", "ok", "no lattice", "ok"]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "drift unknown at frame(s) 2, 3" in html and "image is constant: no lattice" in html
+    assert "done: no lattice" in html  # the inputs table says it as well as the input's own section

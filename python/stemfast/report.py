@@ -580,6 +580,8 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
         s = by_name.get(it.get("name"), {})
         st = it.get("status", "?")
         cls = "bad" if st in ("skipped", "failed", "partial") else "ok"
+        if st in ("done", "current") and s.get("status") in ("no lattice", "partial"):  # not a full result
+            st, cls = f"{st}: {s['status']}", "warn"
         kinds = ", ".join(f"{k}: {v}" for k, v in (s.get("defect_kinds") or {}).items())
         link = f"<a href='#{_e(it.get('name'))}'>{_e(it.get('name'))}</a>" if s else _e(it.get("name"))
         # each warning once: the batch summary lists the analysis' warnings among its warnings too
