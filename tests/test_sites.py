@@ -726,3 +726,26 @@ def test_a_strip_too_narrow_for_the_lattice_has_none_and_no_site_outside_it():
     with pytest.warns(NoLatticeWarning, match="no hexagonal ring"):
         t = find_sites(strip)
     assert len(t) == 0 and t.meta["status"] == "no lattice"
+
+
+def test_mose2_names_its_brighter_se2_pairs_the_chalcogen_by_default():
+    """HAADF Z-contrast makes a Se2 pair (2 x Z 34) brighter than a Mo column (Z 42) on MoSe2, unlike
+    MoS2, WS2 and WSe2: with ``material="mose2"`` the default naming follows the material (the
+    brightest sublattice is the chalcogen), so no Se site is called Mo; ``chalcogen_brighter``
+    given explicitly still decides."""
+    from stemfast.materials import CHALCOGEN, METAL, get_material
+
+    assert [get_material(m).chalcogen_brighter_haadf for m in ("mos2", "ws2", "mose2", "wse2")] == [
+        False, False, True, False]
+    s = make_mos2(shape=(384, 384), seed=5, a_A=3.288, chalcogen_scale=3.6)  # Se2 ~1.5 x Mo
+    T = s.truth
+    agree = {}
+    for cb in (None, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = find_sites(s.image, settings=SiteSettings(material="mose2", chalcogen_brighter=cb))
+        d, j = cKDTree(T[:, :2]).query(t.xy)
+        ok = (d < 2) & (T[j, 3] == 0) & np.isin(T[j, 2], [METAL, CHALCOGEN])
+        agree[cb] = float((np.asarray(t["sublattice"])[ok] == T[j[ok], 2]).mean())
+        assert t.meta["chalcogen_brighter"] is (cb is None)
+    assert agree[None] > 0.98 and agree[False] < 0.1

@@ -4,10 +4,13 @@ A 2H monolayer (MoS2, WS2, MoSe2, WSe2, ...) seen along c has three kinds of sit
 triangular lattice** of spacing ``a / sqrt(3)`` (``a`` = the metal-metal distance, the in-plane
 lattice constant): the metal columns, the chalcogen-pair columns (two chalcogen atoms on top of
 each other) and the empty hexagon centres ("hollow"). The metal sites alone form a triangular
-lattice of spacing ``a``; so do the chalcogen sites and the hollow sites. In HAADF the metal is
-brightest; a chalcogen pair is fainter (about 0.4-0.6 of the metal for S2, closer for Se2); the
-hollow is the background. Metal and chalcogen sites differ only in brightness, so which is which is
-read from it (:func:`brightness_order`): at lower detector angles a Se2 pair can outshine the W.
+lattice of spacing ``a``; so do the chalcogen sites and the hollow sites. In HAADF a column's
+intensity grows as ``Z^n`` of its atoms (``n`` ~ 1.7, :data:`HAADF_Z_EXPONENT`): the metal is the
+brightest on MoS2, WS2 and WSe2 (an S2 pair ~0.4 of Mo, a Se2 pair ~0.5 of W), the Se2 pair on
+MoSe2 (~1.4 times Mo); the hollow is the background. Metal and chalcogen sites differ only in
+brightness, so which is which is read from it (:func:`brightness_order`), in the order the material
+gives in HAADF (:attr:`Material.chalcogen_brighter_haadf`); at lower detector angles a Se2 pair can
+outshine the W too (``sites.chalcogen_brighter`` says so).
 
 The material fixes two things: the geometry (what the site lattice is, whatever peaks stand out)
 and the names (``vacancy_Se`` on WSe2, never ``vacancy_S``).
@@ -31,11 +34,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Material", "MATERIALS", "MATERIAL_NAMES", "get_material", "materials_fitting", "fitting_hint", "METAL",
+__all__ = ["Material", "MATERIALS", "HAADF_Z_EXPONENT", "MATERIAL_NAMES", "get_material", "materials_fitting", "fitting_hint", "METAL",
            "CHALCOGEN", "HOLLOW", "add_material_argument", "brightness_order", "name_by_brightness"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2
+
+#: HAADF (high-angle, Z-contrast) intensity of a column ~ the sum over its atoms of ``Z ** n``; ``n`` is
+#: 1.6-2 depending on the detector's inner angle. Which column of a 2H monolayer is the brighter does not
+#: depend on where in that range ``n`` is: S2 / Mo 0.43-0.29, Se2 / W 0.58-0.42, Se2 / Mo 1.43-1.31
+HAADF_Z_EXPONENT = 1.7
 
 
 def brightness_order(chalcogen_brighter: bool = False) -> np.ndarray:
@@ -75,6 +83,8 @@ class Material:
     metal, chalcogen : element symbols (``"Mo"``, ``"S"``); ``"M"``, ``"X"`` for the generic 2H.
     a_nm : in-plane lattice constant (metal-metal distance) in nm; ``None`` for the generic 2H
         (the lattice then comes from the image alone and a calibration cannot be checked).
+    metal_z, chalcogen_z : atomic numbers (``None`` for the generic 2H): which column a HAADF image
+        shows brighter (:attr:`chalcogen_brighter_haadf`).
     """
 
     name: str
@@ -82,6 +92,20 @@ class Material:
     metal: str
     chalcogen: str
     a_nm: float | None
+    metal_z: int | None = None
+    chalcogen_z: int | None = None
+
+    @property
+    def chalcogen_brighter_haadf(self) -> bool:
+        """Whether a chalcogen pair outshines the metal column in HAADF: ``2 Zx^n > Zm^n``
+        (:data:`HAADF_Z_EXPONENT`). True for MoSe2 only of the four; False for the generic 2H.
+
+        >>> [get_material(m).chalcogen_brighter_haadf for m in ("mos2", "ws2", "mose2", "wse2", "2h")]
+        [False, False, True, False, False]
+        """
+        if self.metal_z is None or self.chalcogen_z is None:
+            return False
+        return 2 * self.chalcogen_z ** HAADF_Z_EXPONENT > self.metal_z ** HAADF_Z_EXPONENT
 
     @property
     def site_spacing_nm(self) -> float | None:
@@ -124,10 +148,10 @@ class Material:
 
 #: Lattice constants of the bulk 2H crystals (room temperature), nm.
 MATERIALS: dict[str, Material] = {
-    "mos2": Material("mos2", "MoS2", "Mo", "S", 0.3160),
-    "ws2": Material("ws2", "WS2", "W", "S", 0.3153),
-    "mose2": Material("mose2", "MoSe2", "Mo", "Se", 0.3288),
-    "wse2": Material("wse2", "WSe2", "W", "Se", 0.3282),
+    "mos2": Material("mos2", "MoS2", "Mo", "S", 0.3160, 42, 16),
+    "ws2": Material("ws2", "WS2", "W", "S", 0.3153, 74, 16),
+    "mose2": Material("mose2", "MoSe2", "Mo", "Se", 0.3288, 42, 34),
+    "wse2": Material("wse2", "WSe2", "W", "Se", 0.3282, 74, 34),
     "2h": Material("2h", "MX2", "M", "X", None),
 }
 

@@ -111,9 +111,11 @@ class SiteSettings:
     backend : kernel backend (``cpp``, ``numba``, ``numpy``; ``None`` = fastest available).
     material : the 2H material (:data:`stemfast.materials.MATERIAL_NAMES`): its lattice constant
         and the names of its sites and defects.
-    chalcogen_brighter : the chalcogen pairs are brighter than the metal columns (a medium- or
-        low-angle ADF image of a selenide); the default, False, names the brightest sublattice the
-        metal, as HAADF Z-contrast shows it (:func:`stemfast.materials.brightness_order`). The
+    chalcogen_brighter : the chalcogen pairs are brighter than the metal columns; the default,
+        None, takes what HAADF Z-contrast shows on the ``material``
+        (:attr:`stemfast.materials.Material.chalcogen_brighter_haadf`: the metal is the brightest on
+        MoS2, WS2 and WSe2, the Se2 pair on MoSe2); True for, e.g., a medium- or low-angle ADF image
+        of WSe2, where the Se2 pairs outshine the W (:func:`stemfast.materials.brightness_order`). The
         analysis warns when the image's dark sites say the naming is the other way round.
     node_tol_nn : a peak within this distance (*nn*) of a node of the site lattice is that node's
         column; further from every node it is off the lattice.
@@ -141,7 +143,7 @@ class SiteSettings:
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
     backend: str | None = None
     material: str = "mos2"
-    chalcogen_brighter: bool = False
+    chalcogen_brighter: bool | None = None
     node_tol_nn: float = 0.3
     off_lattice_strength: float = 0.5
     grains: GrainSettings = field(default_factory=GrainSettings)
@@ -158,6 +160,13 @@ class SiteSettings:
             raise ValueError("need 0 < noise_nn < background_nn")
         if not (np.isfinite(self.column_noise_px) and self.column_noise_px > 0):
             raise ValueError(f"column_noise_px must be > 0, got {self.column_noise_px!r}")
+
+    @property
+    def resolved_chalcogen_brighter(self) -> bool:
+        """``chalcogen_brighter``, or where it is None what HAADF shows on the material."""
+        if self.chalcogen_brighter is not None:
+            return bool(self.chalcogen_brighter)
+        return get_material(self.material).chalcogen_brighter_haadf
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -392,7 +401,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
                             "grains": overrides.get("grains", s.grains)})
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
     tm = timings if timings is not None else {}
-    meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": bool(s.chalcogen_brighter)}
+    meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
     img, jumps, ring = _undo_scan_jumps(img, s)
     t_jumps = time.perf_counter() - t0
@@ -606,10 +615,10 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
     if gmap is None:
-        sub = _rank_sublattices(idx.cls, inten, s.chalcogen_brighter)
+        sub = _rank_sublattices(idx.cls, inten, s.resolved_chalcogen_brighter)
         strain = local_strain(idx.basis)
     else:  # sublattices and the strain reference are each grain's own
-        sub = _grains.by_grain(idx.grain, lambda c, v: _rank_sublattices(c, v, s.chalcogen_brighter), idx.cls, inten)
+        sub = _grains.by_grain(idx.grain, lambda c, v: _rank_sublattices(c, v, s.resolved_chalcogen_brighter), idx.cls, inten)
         strain = _grains.by_grain(idx.grain, local_strain, idx.basis)
     # sites in a band along the border where the scan attenuates the signal cannot be judged
     observed, bands = border_bands(xy, inten, sub, img.shape, nn)
