@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 #: one (each time ``sqrt(3)`` nearer the spectrum's centre)
 MAX_RING_REREADS = 2
 
+#: an image side below which a missing Bragg ring is put down to the image's size in the no-lattice
+#: message (the ring search reads spots 6 or more frequency bins out: a first ring of 6 periods across,
+#: 9 site spacings; 128 px holds that for site spacings up to 14 px)
+SHORT_SIDE_PX = 128
+
 #: the smallest image side (px) ``find_sites`` accepts
 MIN_IMAGE_SIDE = 16
 
@@ -560,7 +565,10 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings):
                          f"{MIN_FFT_PROMINENCE}): no lattice")
     ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
     if ring is None:
-        raise _NoLattice("no hexagonal ring of Bragg spots in the power spectrum: no lattice")
+        short = min(img.shape)
+        hint = (f" (the image's short side, {short} px, holds few lattice periods: the ring's spots are then too "
+                "near the spectrum's centre to be read)" if short < SHORT_SIDE_PX else "")
+        raise _NoLattice(f"no hexagonal ring of Bragg spots in the power spectrum{hint}: no lattice")
     return ring
 
 
