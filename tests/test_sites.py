@@ -726,6 +726,7 @@ def test_a_strip_too_narrow_for_the_lattice_has_none_and_no_site_outside_it():
     with pytest.warns(NoLatticeWarning, match="no hexagonal ring"):
         t = find_sites(strip)
     assert len(t) == 0 and t.meta["status"] == "no lattice"
+    assert "short side, 48 px" in t.meta["reason"]  # the message says why, for summary.json and the report
 
 
 def test_mose2_names_its_brighter_se2_pairs_the_chalcogen_by_default():
