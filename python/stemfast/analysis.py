@@ -1150,7 +1150,7 @@ def sublattice_naming(sub: np.ndarray, z: np.ndarray, usable: np.ndarray, chalco
         msg = (f"{n_m} strongly dark sites sit on the sublattice named {names[METAL]} against {n_c} on the one "
                f"named {names[CHALCOGEN]}: vacancies are far commoner on the chalcogen sublattice, so the "
                f"{'middle' if chalcogen_brighter else 'brightest'} sublattice may be the chalcogen here "
-               f"({'the metal outshines the chalcogen pair here' if chalcogen_brighter else 'a medium- or low-angle ADF image, where the chalcogen pairs outshine the metal'}"
+               f"({'as HAADF shows a sulfide or WSe2, where the metal outshines the chalcogen pair' if chalcogen_brighter else 'a medium- or low-angle ADF image, where the chalcogen pairs outshine the metal'}"
                f") -- then sublattice and defect-kind names are swapped; if so, rerun with "
                f"sites.chalcogen_brighter = {'false' if chalcogen_brighter else 'true'}. A film heavily doped "
                f"on its metal sites shows the same pattern")

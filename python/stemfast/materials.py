@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Material", "MATERIALS", "HAADF_Z_EXPONENT", "MATERIAL_NAMES", "get_material", "materials_fitting", "fitting_hint", "METAL",
-           "CHALCOGEN", "HOLLOW", "add_material_argument", "brightness_order", "name_by_brightness"]
+__all__ = ["Material", "MATERIALS", "HAADF_Z_EXPONENT", "MATERIAL_NAMES", "get_material", "materials_fitting",
+           "fitting_hint", "METAL", "CHALCOGEN", "HOLLOW", "add_material_argument", "brightness_order",
+           "name_by_brightness"]
 
 #: sublattice indices
 METAL, CHALCOGEN, HOLLOW = 0, 1, 2

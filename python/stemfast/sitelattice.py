@@ -165,7 +165,6 @@ def _ring_prominence(Pw, h, w, g0):
 MAX_RING_STRETCH = 1.5
 
 
-
 def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = None,
                              min_prominence: float = 4.0) -> FftLattice | None:
     """The first Bragg ring of a 2H monolayer's metal lattice (``{100}``), or ``None`` when no ring

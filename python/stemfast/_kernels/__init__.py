@@ -99,7 +99,8 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
     The inference pass of the patch model (:class:`stemfast.model.modules.RVAENet` / ``VAENet`` in
     eval mode) on model inputs ``x`` float32[N, S, S] (``S`` a multiple of 8), each patch first
     taken minus its ``background_rank``-th smallest value (1-based, as ``np.partition`` orders them,
-    NaN last; 0: as it is; :func:`stemfast.model.settings.background_rank`), with the weights as :func:`stemfast.model.engine.prepare_weights` lays them out:
+    NaN last; 0: as it is; :func:`stemfast.model.settings.background_rank`), with the weights as
+    :func:`stemfast.model.engine.prepare_weights` lays them out:
     ``mask`` float32[S, S]; ``stn`` empty (plain VAE) or ``(w1, b1, w2, b2, kern, kb)`` -- two 3x3
     convolutions on the ``stn_downsample``-pooled masked patch, then ``(C, S) = kb + kern @ h``;
     ``enc`` ``(w1, b1, w2, b2, w3, b3, head_w, head_b)`` -- three 4x4 stride-2 convolutions and a dense
@@ -136,4 +137,3 @@ finite). Coordinates are ``(x, y)`` = (column, row) in pixels with pixel centres
 #: names, an older signature) is then not used (:mod:`stemfast.backend` falls back to Numba and says
 #: why) instead of failing at its first call. 2: ``rvae_forward`` takes ``background_rank``.
 CONTRACT_VERSION = 2
-
