@@ -6,11 +6,15 @@
   features at the lattice's own scale -- is added at ``strength`` x the image's 1-99 % range on a
   40 % background rise;
 * ``hole``: a disc of radius 70 px at (300, 220) replaced by vacuum (the image's 1st percentile plus
-  its own pixel noise); check it with ``--hole 230,150,370,290``.
+  its own pixel noise); check it with ``--hole 230,150,370,290``;
+* ``ys085``, ``ys115``, ``xs080``, ``shear10`` (with ``--distort``): the scan distorted further --
+  the image resampled (cubic) scaled by 0.85 / 1.15 along y, 0.8 along x, or sheared by 0.1 about its
+  centre (docs/RESULTS.md, round 17); check them with ``--nn`` times ``sqrt`` of the scale (the
+  spacing of a regular lattice of the same cell area: 0.85, 1.15, 0.8, 1).
 
 Usage::
 
-    python benchmarks/mos2_proxies.py IMAGE.npy NN_PX OUT [--seeds 0 1] [--strengths 0.15 0.3]
+    python benchmarks/mos2_proxies.py IMAGE.npy NN_PX OUT [--seeds 0 1] [--strengths 0.15 0.3] [--distort]
 
 ``NN_PX`` is the site spacing (the checker's ``--nn``). The texture patches' mask of each copy is
 written beside it (``OUT/NAME.mask.npy``) to count defects made inside them.
@@ -54,6 +58,21 @@ def hole(img: np.ndarray, cx: float = 300.0, cy: float = 220.0, r: float = 70.0,
     return (img * (1 - m) + m * (np.percentile(img, 1) + noise * rng.normal(size=img.shape))).astype(np.float32)
 
 
+#: the distorted copies: name -> (matrix from output (row, col) to input coordinates, area scale)
+DISTORTIONS = {"ys085": ([[1 / 0.85, 0.0], [0.0, 1.0]], 0.85), "ys115": ([[1 / 1.15, 0.0], [0.0, 1.0]], 1.15),
+               "xs080": ([[1.0, 0.0], [0.0, 1 / 0.8]], 0.8), "shear10": ([[1.0, 0.1], [0.0, 1.0]], 1.0)}
+
+
+def distorted(img: np.ndarray, name: str) -> np.ndarray:
+    """``img`` resampled (cubic, mirrored at the edges) through the :data:`DISTORTIONS` entry ``name``
+    about its centre: more scan distortion than the scan has."""
+    from scipy import ndimage
+
+    M = np.asarray(DISTORTIONS[name][0], np.float64)
+    c = np.array(img.shape, np.float64) / 2
+    return ndimage.affine_transform(img, M, offset=c - M @ c, order=3, mode="reflect").astype(np.float32)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image", type=Path)
@@ -61,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.15, 0.3])
+    ap.add_argument("--distort", action="store_true", help="also the scan-distorted copies")
     a = ap.parse_args(argv)
     img = np.load(a.image).astype(np.float64)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +91,9 @@ def main(argv=None) -> int:
             np.save(a.out / f"{stem}_amorph{seed}_{st}.npy", out)
             np.save(a.out / f"{stem}_amorph{seed}_{st}.mask.npy", mask)
     np.save(a.out / f"{stem}_hole.npy", hole(img))
+    if a.distort:
+        for name in DISTORTIONS:
+            np.save(a.out / f"{stem}_{name}.npy", distorted(img, name))
     return 0
 
 

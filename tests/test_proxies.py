@@ -61,3 +61,22 @@ def test_proxy_files_round_trip(proxies, tmp_path):
     lab, rows = proxies._read_labels(tmp_path / "out" / "im_rot90.labels.csv")
     assert len(rows) == len(xy) and rows[0]["class_name"] == "W"
     np.testing.assert_allclose(_at(np.asarray(im), lab), _at(img, xy).astype(np.float32))
+
+
+def test_mos2_distorted_copies_move_a_point_as_their_matrix_says(benchmark_script):
+    """benchmarks/mos2_proxies.py's scan-distorted copies: the copy at ``p`` shows the input at
+    ``M (p - centre) + centre``, so an off-centre dot lands where the matrix says (within a pixel);
+    the area scales are the matrices' inverse determinants (what the checker's spacing is scaled by)."""
+    mp = benchmark_script("mos2_proxies")
+    img = np.zeros((101, 121), np.float32)
+    q = np.array([80.0, 95.0])  # (row, col) of a bright dot, off the centre
+    img[80, 95] = 1.0
+    centre = np.array(img.shape, np.float64) / 2
+    for name, (M, area) in mp.DISTORTIONS.items():
+        M = np.asarray(M, np.float64)
+        assert abs(1 / np.linalg.det(M) - area) < 1e-12, name
+        out = mp.distorted(img, name)
+        assert out.shape == img.shape and out.dtype == np.float32
+        want = np.linalg.solve(M, q - centre) + centre  # out(p) = in(M (p - centre) + centre)
+        got = np.array(np.unravel_index(np.argmax(out), out.shape))
+        assert np.abs(got - want).max() <= 1.0, (name, got, want)
