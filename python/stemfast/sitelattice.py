@@ -66,8 +66,7 @@ class FftLattice:
     def second_order_reread(self) -> "FftLattice":
         """This ring re-read as the ``{110}`` family of a ring ``sqrt(3)`` nearer the centre (turned by
         30 degrees): that ring's lattice, whose site spacing is ``sqrt(3)`` times this one's."""
-        c, s = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
-        g = self.g @ np.array([[c, s], [-s, c]]) / np.sqrt(3.0)  # each row turned by +30 deg, shortened
+        g = _first_ring_of_second(self.g)
         note = (self.note + " {110}->{100} (columns on one third of the nodes)").strip()
         return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
 
@@ -80,6 +79,15 @@ class FftLattice:
     def site_basis(self) -> np.ndarray:
         """Real-space site lattice vectors (rows s1, s2; px)."""
         return SITE_FROM_METAL @ self.metal_basis
+
+
+def _first_ring_of_second(g: np.ndarray) -> np.ndarray:
+    """The ``{100}`` reciprocal vector(s) whose ``{110}`` ring ``g`` (a vector [2] or rows [K, 2],
+    cycles / px) belongs to: each turned by +30 degrees and shortened by ``sqrt(3)``."""
+    g = np.asarray(g, np.float64)
+    c, s = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
+    gx, gy = g[..., 0], g[..., 1]
+    return np.stack([c * gx - s * gy, s * gx + c * gy], axis=-1) / np.sqrt(3.0)
 
 
 #: side of the central crop whose power spectrum shows the Bragg ring (the phase map refines it)
@@ -249,10 +257,7 @@ def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, se
     g0, prom, pos = best
     if not hinted:
         for _ in range(3):  # re-read as a lower-order family while one stands out
-            rot30 = np.deg2rad(30.0)
-            c, s = np.cos(rot30), np.sin(rot30)
-            cands = [("{110}->{100}", np.array([c * g0[0] - s * g0[1], s * g0[0] + c * g0[1]]) / np.sqrt(3.0)),
-                     ("{200}->{100}", g0 / 2.0)]
+            cands = [("{110}->{100}", _first_ring_of_second(g0)), ("{200}->{100}", g0 / 2.0)]
             moved = False
             for name, gc in cands:
                 if np.hypot(*gc) < fmin:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 #: choices of ``RVAEConfig.background``
 BACKGROUNDS = ("none", "patch")
 #: quantile of a patch's pixel values taken as its background (``background = "patch"``; the torch
-#: and the compiled engine's ``subtract_background`` both use it)
+#: model's ``subtract_background`` and the compiled engine's kernel, through :func:`background_rank`)
 BACKGROUND_QUANTILE = 0.1
 
 
