@@ -752,6 +752,72 @@ def test_mose2_names_its_brighter_se2_pairs_the_chalcogen_by_default():
     assert agree[None] > 0.98 and agree[False] < 0.1
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_ring_read_from_a_higher_order_family_is_reread_from_the_spots_inside_it(seed):
+    """Compressed to 0.65 along y at 0 deg (~55 % anisotropic), the true first ring's spots are a
+    third off a regular hexagon, and a higher-order family was taken as the ring: 4x / 8x the site
+    density, no warning. Its spots inside the ring sit at rational points of its basis (1/4, 1/8) and
+    give the true lattice back."""
+    from scipy import ndimage
+
+    from stemfast.sitelattice import metal_reciprocal_lattice, site_spacing
+
+    s = make_mos2(shape=(512, 512), seed=seed, rotation_deg=0.0)
+    sc = 0.65
+    M = np.array([[1 / sc, 0.0], [0.0, 1.0]])
+    c = np.array(s.image.shape) / 2
+    img = ndimage.affine_transform(s.image, M, offset=c - M @ c, order=1, mode="reflect")
+    ring = metal_reciprocal_lattice(img)
+    assert "spots inside the ring" in ring.note
+    # the metal cell the compression makes: the true cell's area times 0.65
+    a = s.meta["nn_px"] * np.sqrt(3)
+    assert abs(1.0 / abs(np.linalg.det(ring.g)) / (np.sqrt(3) / 2 * a ** 2 * sc) - 1) < 0.03
+    assert abs(site_spacing(ring.g) / (s.meta["nn_px"] * np.sqrt(sc)) - 1) < 0.06
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    nn = s.meta["nn_px"] * np.sqrt(sc)
+    inner = np.all((t.xy > 20) & (t.xy < 491), axis=1).sum()
+    assert 0.9 < inner / (471 ** 2 / (np.sqrt(3) / 2 * nn ** 2)) < 1.1
+
+
+def test_inner_spot_reread_leaves_a_first_ring_alone():
+    """An undistorted lattice: nothing strong inside its first ring, the ring is returned as found."""
+    from stemfast import sitelattice
+
+    s = make_mos2(shape=(384, 384), seed=2, rotation_deg=23.0)
+    calls = []
+    orig = sitelattice._inner_spots_reread
+
+    def spy(*a):
+        r = orig(*a)
+        calls.append(r is a[3])
+        return r
+
+    sitelattice._inner_spots_reread = spy
+    try:
+        ring = sitelattice.metal_reciprocal_lattice(s.image)
+    finally:
+        sitelattice._inner_spots_reread = orig
+    assert calls == [True] and "inside" not in ring.note
+    assert abs(ring.spacing / s.meta["nn_px"] - 1) < 0.05
+
+
+def test_integer_lattice_basis_and_hexagonal_basis():
+    from stemfast.sitelattice import _hexagonal_basis, _integer_lattice_basis
+
+    B = _integer_lattice_basis([(8, 0), (0, 8), (3, 1)])  # index 8 over 8 Z^2: the lattice Z (3, 1) + 8 Z^2
+    assert B.tolist() == [[1, 3], [0, 8]] and np.isclose(abs(np.linalg.det(B)), 8)
+    for v in [(8, 0), (0, 8), (3, 1), (1, 3)]:  # (1, 3) = 3 (3, 1) - (8, 0)
+        c = np.linalg.solve(B.T, np.array(v, float))
+        assert np.allclose(c, np.round(c))
+    g = np.array([[0.05, 0.0], [-0.025, 0.0433]])  # 120 degrees apart
+    H = _hexagonal_basis(np.array([[0.05, 0.0], [0.075, 0.0433]]), g)  # the same lattice, another basis
+    assert np.isclose(abs(np.linalg.det(H)), abs(np.linalg.det(g)))
+    assert H[0] @ H[1] < 0 and np.sign(np.linalg.det(H)) == np.sign(np.linalg.det(g))
+    assert np.allclose(np.linalg.norm(H, axis=1), 0.05, atol=1e-4)
+
+
 @pytest.mark.parametrize("seed, rot", [(0, 41.0), (1, 17.0)])
 def test_a_strongly_scan_distorted_image_gets_its_site_lattice(seed, rot):
     """A lattice compressed to 0.75 along the scan's slow axis (~33 % anisotropic): the Bragg ring's

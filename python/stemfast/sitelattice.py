@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,11 @@ def _ring_reference(Pw: np.ndarray, h: int, w: int, f: float) -> float:
     return float(np.median(Pw[band])) if band.any() else float("inf")
 
 
+#: the six spots of a ring as multiples of its reciprocal basis: spot k = m_k g1 + n_k g2 (g1, g2 120
+#: degrees apart, so g1 + g2 lies between them)
+_HEX_MN = np.array([[1, 0], [1, 1], [0, 1], [-1, 0], [-1, -1], [0, -1]], dtype=np.float64)
+
+
 def _hexagon(g0: np.ndarray) -> np.ndarray:
     """The six vectors of a hexagonal ring through ``g0`` (angles + k 60 degrees)."""
     t = np.deg2rad(60.0 * np.arange(6))
@@ -197,7 +203,9 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     search is made twice, with the spots looked for within :data:`SPOT_SEARCH` and
     :data:`SPOT_SEARCH_WIDE` of the ideal hexagon: where the two find rings of different spacings
     (over 10 % apart, a strongly distorted lattice), the one whose hexagon stands out more in the
-    wider search is taken (no ring where the narrower search finds none).
+    wider search is taken (no ring where the narrower search finds none). Last, strong spots
+    inside the ring at rational points of its basis re-read it as a coarser lattice's
+    (:func:`_inner_spots_reread`: a higher-order family taken under strong anisotropy).
 
     Examples
     --------
@@ -232,14 +240,114 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     narrow = _pick_ring(Pw, h, w, cand, fmin, min_prominence, False, "", SPOT_SEARCH)
     if narrow is None:  # the wider search only corrects a ring, it finds none where there is none
         return None
+    ring = narrow
     wide = _pick_ring(Pw, h, w, cand, fmin, min_prominence, False, "", SPOT_SEARCH_WIDE)
-    if wide is None or abs(wide.spacing / narrow.spacing - 1) <= 0.1:
-        return narrow
-    p_narrow, _ = _ring_prominence(Pw, h, w, narrow.g[0], SPOT_SEARCH_WIDE)
-    if p_narrow >= wide.prominence:
-        return narrow
-    return FftLattice(g=wide.g, prominence=wide.prominence, spacing=wide.spacing,
-                      note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
+    if wide is not None and abs(wide.spacing / narrow.spacing - 1) > 0.1:
+        p_narrow, _ = _ring_prominence(Pw, h, w, narrow.g[0], SPOT_SEARCH_WIDE)
+        if p_narrow < wide.prominence:
+            ring = FftLattice(g=wide.g, prominence=wide.prominence, spacing=wide.spacing,
+                              note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
+    return _inner_spots_reread(Pw, h, w, ring, cand, fmin, min_prominence)
+
+
+#: a strong spot inside the ring is read as a reflection of a coarser lattice when its coordinates in
+#: the ring's reciprocal basis are multiples of ``1 / D`` (``D`` up to this) within
+#: :data:`INNER_SPOT_TOLERANCE`: a lattice taken from a higher-order family holds the true one's
+#: reflections at such rational points, whatever the scan distortion (an affine map keeps them)
+INNER_SPOT_MAX_INDEX = 8
+INNER_SPOT_TOLERANCE = 0.03
+
+
+def _integer_lattice_basis(rows: list) -> np.ndarray:
+    """A basis [2, 2] (integer rows) of the lattice the integer 2-vectors ``rows`` generate (rank 2)."""
+    rows = [tuple(int(v) for v in r) for r in rows]
+    while sum(1 for r in rows if r[0] != 0) > 1:  # Euclid on the first coordinate
+        k = min((i for i, r in enumerate(rows) if r[0] != 0), key=lambda i: abs(rows[i][0]))
+        p = rows[k]
+        rows = [r if (i == k or r[0] == 0) else (r[0] - (r[0] // p[0]) * p[0], r[1] - (r[0] // p[0]) * p[1])
+                for i, r in enumerate(rows)]
+    k = next(i for i, r in enumerate(rows) if r[0] != 0)
+    g = 0
+    for i, r in enumerate(rows):
+        if i != k:
+            g = math.gcd(g, abs(r[1]))
+    return np.array([rows[k], (0, g)], dtype=np.float64)
+
+
+def _hexagonal_basis(B: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The shortest basis of the lattice with rows ``B`` (Lagrange reduction), its vectors 120
+    degrees apart (obtuse) and of the handedness of ``like``."""
+    b1, b2 = np.array(B[0], np.float64), np.array(B[1], np.float64)
+    for _ in range(64):
+        if b1 @ b1 > b2 @ b2:
+            b1, b2 = b2, b1
+        m = round(float(b1 @ b2) / float(b1 @ b1))
+        if m == 0:
+            break
+        b2 = b2 - m * b1
+    if b1 @ b2 > 0:
+        b2 = b2 - b1
+    if np.sign(np.linalg.det(np.stack([b1, b2]))) != np.sign(np.linalg.det(like)):
+        b1, b2 = b2, b1
+    return np.stack([b1, b2])
+
+
+def _ring_of_basis(Pw, h, w, g: np.ndarray):
+    """Prominence of the six spots ``mn @ g`` (a distorted hexagon; median spot power over the ring's
+    median power at their mean radius) and the refined spot positions."""
+    spots = _HEX_MN @ g
+    f = float(np.mean(np.hypot(spots[:, 0], spots[:, 1])))
+    p, pos = _spot_power(Pw, h, w, spots, r=max(1.5, SPOT_SEARCH * f * max(h, w)))
+    ref = _ring_reference(Pw, h, w, f)
+    return (float(np.median(p) / ref) if ref > 0 else 0.0), pos
+
+
+def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) -> FftLattice:
+    """``ring`` re-read as the reflections of a coarser lattice while strong spots lie inside it.
+
+    A ring taken from a higher-order family (under strong anisotropy the true first ring's spots lie
+    too far off a regular hexagon for :func:`_ring_prominence`) leaves the true lattice's lower-order
+    reflections inside it, at rational coordinates of its basis. Each strong local maximum of the
+    spectrum inside the ring (``cand``) at such a point proposes the lattice that adds it; the
+    proposal whose six first spots stand out most is taken when they stand out by
+    ``min_prominence`` and by 5 % of the ring's prominence (the rule of the re-reads in
+    :func:`_pick_ring`). Nothing inside the ring, as on any image whose first ring was found: the
+    ring as it is.
+    """
+    note = ring.note
+    g = ring.g
+    prom = ring.prominence
+    for _ in range(3):
+        rmin = float(np.min(np.linalg.norm(np.stack([g[0], g[1], g[0] + g[1]]), axis=1)))
+        ginv = np.linalg.inv(g)
+        best = None
+        for k in cand:
+            iy, ix = np.unravel_index(k, Pw.shape)
+            q = np.array([(ix - w // 2) / w, (iy - h // 2) / h])
+            if not fmin <= float(np.hypot(*q)) <= 0.9 * rmin:
+                continue
+            c = q @ ginv
+            for D in range(2, INNER_SPOT_MAX_INDEX + 1):
+                m = np.round(c * D)
+                if np.all(np.abs(c - m / D) <= INNER_SPOT_TOLERANCE):
+                    break
+            else:
+                continue
+            gn = _hexagonal_basis(_integer_lattice_basis([(D, 0), (0, D), tuple(m)]) @ g / D, g)
+            radii = np.linalg.norm(np.stack([gn[0], gn[1], gn[0] + gn[1]]), axis=1)
+            if radii.min() < fmin or radii.max() > MAX_RING_STRETCH * radii.min():
+                continue
+            pn, pos = _ring_of_basis(Pw, h, w, gn)
+            if pn >= min_prominence and pn >= 0.05 * prom and (best is None or pn > best[0]):
+                best = (pn, pos, D)
+        if best is None:
+            break
+        prom, pos, D = best
+        g, *_ = np.linalg.lstsq(_HEX_MN, pos, rcond=None)
+        note = (note + f" (1/{D} spots inside the ring: a coarser lattice)").strip()
+    if g is ring.g:
+        return ring
+    return FftLattice(g=g, prominence=float(prom), spacing=site_spacing(g), note=note)
 
 
 def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, search: float) -> FftLattice | None:
@@ -273,8 +381,7 @@ def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, se
         return None
     # least-squares reciprocal basis from the six refined spots: spot k = m_k g1 + n_k g2
     # with g1 = spot 0 and g2 = spot 2 (120 degrees on)
-    mn = np.array([[1, 0], [1, 1], [0, 1], [-1, 0], [-1, -1], [0, -1]], dtype=np.float64)
-    g, *_ = np.linalg.lstsq(mn, pos, rcond=None)
+    g, *_ = np.linalg.lstsq(_HEX_MN, pos, rcond=None)
     if np.linalg.det(np.linalg.inv(g).T) == 0:
         return None
     radii = np.linalg.norm(np.stack([g[0], g[1], g[0] + g[1]]), axis=1)
