@@ -781,6 +781,30 @@ def test_a_ring_read_from_a_higher_order_family_is_reread_from_the_spots_inside_
     assert 0.9 < inner / (471 ** 2 / (np.sqrt(3) / 2 * nn ** 2)) < 1.1
 
 
+@pytest.mark.parametrize("sc, hint", [(0.75, 1.0), (0.65, 1.0), (0.65, None)])
+def test_a_given_spacing_on_a_strongly_distorted_scan_still_gets_the_lattice(sc, hint):
+    """With the spacing given, the ring is looked for at it; on a strongly distorted scan its spots lie
+    off a regular hexagon there, and the given (right) spacing gave "no lattice" where the search
+    without it succeeds. ``hint`` None: the undistorted spacing given, 1.3-1.5x off -- the image's
+    lattice still, and the difference said."""
+    from scipy import ndimage
+
+    s = make_mos2(shape=(512, 512), seed=0, rotation_deg=0.0 if sc == 0.65 else 41.0)
+    M = np.array([[1 / sc, 0.0], [0.0, 1.0]])
+    c = np.array(s.image.shape) / 2
+    img = ndimage.affine_transform(s.image, M, offset=c - M @ c, order=1, mode="reflect")
+    nn = s.meta["nn_px"] * np.sqrt(sc)  # the spacing of a regular lattice of the same cell area
+    given = nn if hint else s.meta["nn_px"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img, settings=SiteSettings(spacing=float(given)))
+    assert t.meta["status"] == "ok"
+    inner = np.all((t.xy > 20) & (t.xy < 491), axis=1).sum()
+    assert 0.9 < inner / (471 ** 2 / (np.sqrt(3) / 2 * nn ** 2)) < 1.1
+    said = " ".join(t.meta["lattice"]["unsure"])
+    assert ("the given spacing" in said) == (hint is None)
+
+
 def test_inner_spot_reread_leaves_a_first_ring_alone():
     """An undistorted lattice: nothing strong inside its first ring, the ring is returned as found."""
     from stemfast import sitelattice

@@ -199,7 +199,9 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     some reflection family of the lattice; it is re-read as a lower-order family while one stands
     out at ``1 / sqrt(3)`` of its frequency turned by 30 degrees (``{110}`` -> ``{100}``) or at half
     its frequency (``{200}`` -> ``{100}``). With ``spacing_hint`` (the site spacing, px), the ring
-    nearest to ``1 / (1.5 spacing_hint)`` of the hexagonal family is taken instead. Without it the
+    nearest to ``1 / (1.5 spacing_hint)`` of the hexagonal family is taken instead (its spots looked
+    for within :data:`SPOT_SEARCH`, then :data:`SPOT_SEARCH_WIDE`; where neither finds a hexagon
+    there, the search without a hint follows). Without it the
     search is made twice, with the spots looked for within :data:`SPOT_SEARCH` and
     :data:`SPOT_SEARCH_WIDE` of the ideal hexagon: where the two find rings of different spacings
     (over 10 % apart, a strongly distorted lattice), the one whose hexagon stands out more in the
@@ -228,10 +230,15 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     if spacing_hint is not None:
         f_target = 1.0 / (1.5 * float(spacing_hint))
         band = valid & (np.abs(np.sqrt(f2) - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
-        if not band.any():
-            return None
-        cand = [int(np.argmax(np.where(band, Pw, -np.inf)))]
-        return _pick_ring(Pw, h, w, cand, fmin, min_prominence, True, "ring picked by the given spacing", SPOT_SEARCH)
+        if band.any():
+            hinted = [int(np.argmax(np.where(band, Pw, -np.inf)))]
+            for search in (SPOT_SEARCH, SPOT_SEARCH_WIDE):
+                ring = _pick_ring(Pw, h, w, hinted, fmin, min_prominence, True, "ring picked by the given spacing",
+                                  search)
+                if ring is not None:
+                    return ring
+        # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
+        # below, never none where there is one (the caller says where it differs from the given one)
     # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
     # (a single strong noise pixel near Nyquist has no hexagon)
     mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
