@@ -827,6 +827,22 @@ def test_inner_spot_reread_leaves_a_first_ring_alone():
     assert abs(ring.spacing / s.meta["nn_px"] - 1) < 0.05
 
 
+def test_a_rectangular_modulation_inside_the_ring_is_no_coarser_lattice():
+    """A multiplicative cos x cos modulation (a moire-like texture) puts four strong spots inside the
+    ring, a rectangle that passes for a distorted hexagon with two of its six spots empty; judged on
+    the median spot, a 5 px lattice became a 14.8 px one. Every spot must stand out."""
+    from stemfast.sitelattice import metal_reciprocal_lattice
+
+    nn = 5.0
+    s = make_mos2(shape=(512, 512), pixel_size_A=3.16 / np.sqrt(3) / nn, seed=3, rotation_deg=58.85,
+                  chalcogen_scale=0.5, dose=100.0, column_sigma_A=0.45)
+    yy, xx = np.mgrid[:512, :512]
+    img = s.image * (1 + 0.4 * np.cos(2 * np.pi * xx / (nn * 7.3)) * np.cos(2 * np.pi * yy / (nn * 6.1)))
+    ring = metal_reciprocal_lattice(img)
+    assert "inside" not in ring.note
+    assert abs(ring.spacing / s.meta["nn_px"] - 1) < 0.05
+
+
 def test_integer_lattice_basis_and_hexagonal_basis():
     from stemfast.sitelattice import _hexagonal_basis, _integer_lattice_basis
 

@@ -300,13 +300,15 @@ def _hexagonal_basis(B: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 def _ring_of_basis(Pw, h, w, g: np.ndarray):
-    """Prominence of the six spots ``mn @ g`` (a distorted hexagon; median spot power over the ring's
-    median power at their mean radius) and the refined spot positions."""
+    """Prominence of the six spots ``mn @ g`` (a distorted hexagon): the *weakest* spot's power over
+    the ring's median power at their mean radius -- every spot must stand out, not four of six as in
+    :func:`_ring_prominence` (four spots of a rectangular modulation, a moire or a contamination
+    texture, can pass for a distorted hexagon) -- and the refined spot positions."""
     spots = _HEX_MN @ g
     f = float(np.mean(np.hypot(spots[:, 0], spots[:, 1])))
     p, pos = _spot_power(Pw, h, w, spots, r=max(1.5, SPOT_SEARCH * f * max(h, w)))
     ref = _ring_reference(Pw, h, w, f)
-    return (float(np.median(p) / ref) if ref > 0 else 0.0), pos
+    return (float(np.min(p) / ref) if ref > 0 else 0.0), pos
 
 
 def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) -> FftLattice:
@@ -316,10 +318,10 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
     too far off a regular hexagon for :func:`_ring_prominence`) leaves the true lattice's lower-order
     reflections inside it, at rational coordinates of its basis. Each strong local maximum of the
     spectrum inside the ring (``cand``) at such a point proposes the lattice that adds it; the
-    proposal whose six first spots stand out most is taken when they stand out by
+    proposal whose six first spots stand out most is taken when each of them stands out by
     ``min_prominence`` and by 5 % of the ring's prominence (the rule of the re-reads in
-    :func:`_pick_ring`). Nothing inside the ring, as on any image whose first ring was found: the
-    ring as it is.
+    :func:`_pick_ring`, on the weakest spot instead of the median one: :func:`_ring_of_basis`).
+    Nothing inside the ring, as on any image whose first ring was found: the ring as it is.
     """
     note = ring.note
     g = ring.g
