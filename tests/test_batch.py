@@ -556,6 +556,23 @@ def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     assert "check the calibration or the material" in html
 
 
+def test_report_says_how_the_lattice_was_found(tmp_path):
+    from stemfast.report import write_html_report
+
+    lat = {"spacing_px": 12.5, "spacing_source": "fft ring", "ring_prominence": 1480.6, "confidence": 0.93,
+           "ring_note": "(1/4 spots inside the ring: a coarser lattice)", "unsure": []}
+    summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": [], "lattice": lat}
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[summ], out_dir=tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "the metal lattice&#x27;s Bragg ring (prominence 1481); read as: (1/4 spots inside the ring" in html
+    assert "lattice confidence</td><td>0.93</td>" in html
+    summ["lattice"] = {"spacing_px": 12.5, "spacing_source": "given", "ring_prominence": 40.0, "ring_note": ""}
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[summ], out_dir=tmp_path)
+    assert "the given spacing (prominence 40)</td>" in (tmp_path / "report.html").read_text()
+
+
 def test_report_counts_each_warning_once_and_shows_the_texture_warning(tmp_path):
     """The batch summary lists the class and texture warnings among its warnings and under their own
     keys too: the inputs table counts each once, and the input's section shows them."""

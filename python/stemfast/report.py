@@ -421,6 +421,18 @@ def _scan_note(scan: dict) -> str:
     return "".join(f"<p class='warn'>scan: {_e(t)}</p>" for t in said)
 
 
+def _lattice_source(lat: Mapping) -> str:
+    """How the site lattice was found, in words: the Bragg ring (and how it was re-read) or the given
+    spacing (``summary.json``'s ``lattice``: ``spacing_source``, ``ring_prominence``, ``ring_note``)."""
+    if not lat.get("spacing_source"):
+        return "-"
+    src = "the given spacing" if lat["spacing_source"] == "given" else "the metal lattice's Bragg ring"
+    if lat.get("ring_prominence") is not None:
+        src += f" (prominence {float(lat['ring_prominence']):.0f})"
+    note = str(lat.get("ring_note") or "").strip()
+    return src + (f"; read as: {note}" if note else "")
+
+
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
     rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
     return f"<table><tr><th class='l'>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{rows}</table>"
@@ -502,6 +514,8 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         "classes vs sublattices (ARI)": _fmt(s.get("class_sublattice_ari"), 2),
         "spacing (px)": _fmt(lat.get("spacing_px")),
         "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
+        "lattice from": _lattice_source(lat),
+        "lattice confidence": _fmt(lat.get("confidence"), 2),
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
         "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
     }
