@@ -430,7 +430,7 @@ def _lattice_source(lat: Mapping) -> str:
     if lat.get("ring_prominence") is not None:
         src += f" (prominence {float(lat['ring_prominence']):.0f})"
     note = str(lat.get("ring_note") or "").strip()
-    return src + (f"; read as: {note}" if note else "")
+    return src + (f"; {note}" if note else "")
 
 
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
