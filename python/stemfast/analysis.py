@@ -896,6 +896,10 @@ def _learned_classes(sites: SiteTable, xy: np.ndarray, enc, mu: np.ndarray, angl
     if all(c in sites for c in ("a1x", "a1y")):
         lattice_deg = np.degrees(np.arctan2(np.asarray(sites["a1y"], np.float64), np.asarray(sites["a1x"], np.float64)))
         grain = np.asarray(sites["grain"], np.int64) if "grain" in sites else None
+        if "inversion_domain" in sites and np.any(sites["inversion_domain"]):
+            # an inversion domain is turned by 60 deg: its orientation branch is chosen as a grain's is
+            inv = np.asarray(sites["inversion_domain"], bool)
+            grain = 2 * (np.zeros(len(inv), np.int64) if grain is None else grain) + inv
         strength = getattr(enc, "angle_strength", None)
         rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
                                         strength=None if strength is None else np.asarray(strength, np.float64))

@@ -18,6 +18,7 @@ from scipy import ndimage
 from ._validate import check_image
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
+from .domains import inversion_domains
 from . import grains as _grains
 from .grains import GrainSettings
 from .io import unit_to_nm
@@ -72,6 +73,11 @@ class LatticeUncertainWarning(UserWarning):
 
 class CalibrationWarning(UserWarning):
     """The file's pixel size and the material's lattice constant disagree."""
+
+
+class InversionDomainWarning(UserWarning):
+    """Part of the image is an inversion domain (a mirror-twin boundary crosses it); its chalcogen and
+    hollow sublattices are named from its own columns."""
 
 
 class LatticeDistortionWarning(UserWarning):
@@ -373,14 +379,17 @@ def find_sites(
         rotation against the median lattice of the site's grain), ``grain`` (grain id, 0 the
         largest; 0 everywhere on a single crystal), ``grain_boundary`` (True within
         ``grains.boundary_nn`` spacings of another grain: where the defects of a polycrystal live),
-        ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
+        ``inversion_domain`` (True in a part of the image turned by 60 deg about its metal columns,
+        a mirror-twin domain, whose chalcogen and hollow sublattices are named from its own columns:
+        :func:`stemfast.domains.inversion_domains`), ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
         :func:`stemfast.crowding.crowding`),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
         settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
         strain, :func:`stemfast.sitelattice.lattice_distortion`; a :class:`LatticeDistortionWarning`
         beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["crowding"]`` how many sites are crowded and where
         (a :class:`~stemfast.crowding.LatticeCrowdingWarning` beyond ``MAX_CROWDED``);
-        ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        ``meta["lattice"]["inversion_domains"]`` how many sites lie in inversion domains (an
+        :class:`InversionDomainWarning` when any); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
         :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
         map, fill-in, lattice indices, sublattice ranking and strain reference).
@@ -460,7 +469,11 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
+    domain_info = scan_meta.pop("inversion_domains")
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
+    lattice_meta["inversion_domains"] = domain_info
+    if "warning" in domain_info:
+        warnings.warn(domain_info["warning"], InversionDomainWarning, stacklevel=3)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -633,6 +646,9 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     # a column centred within a px of the edge is a site, but the scan shows at most half of it: its
     # intensity (and patch) cannot be judged
     observed &= border_distance(xy, img.shape) >= EDGE_UNJUDGED_PX
+    # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
+    grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
+    sub, domains = _inversion_domains(xy, sub, inten, observed, grain)
     n = len(xy)
     has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
@@ -664,14 +680,36 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
         "spacing_px": np.sqrt((basis ** 2).sum(-1)).mean(-1),
         "lattice_angle_deg": ang,
         **strain,
-        "grain": np.zeros(len(xy), np.int64) if gmap is None else idx.grain,
+        "grain": grain,
         "grain_boundary": np.zeros(len(xy), bool) if gmap is None else idx.boundary,
+        "inversion_domain": domains["inverted"],
         "scan_streak": streak,
     }
     if pixel_size:
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
-    return cols, bands, _scan_lines_meta(lines)
+    return cols, bands, {**_scan_lines_meta(lines), "inversion_domains": domains["info"]}
+
+
+def _inversion_domains(xy, sub, inten, observed, grain) -> tuple[np.ndarray, dict]:
+    """``sub`` with the chalcogen and hollow cosets named per inversion domain, each grain on its own
+    (:func:`stemfast.domains.inversion_domains`), and ``{"inverted": bool [N], "info": dict}``
+    (``info["warning"]`` when a domain was found; :func:`_find_sites` warns with it)."""
+    out = sub.copy()
+    inverted = np.zeros(len(sub), bool)
+    inten = np.asarray(inten)
+    for g in np.unique(grain):
+        m = grain == g
+        out[m], inverted[m], _ = inversion_domains(xy[m], sub[m], inten[m], usable=observed[m])
+    n = int(inverted.sum())
+    on = int((sub >= 0).sum())
+    info = {"n_sites": n, "share": round(n / on, 4) if on else 0.0}
+    if n:
+        info["warning"] = (f"{n} sites ({100 * n / on:.1f}%) lie in an inversion domain (a mirror-twin boundary "
+                           "crosses the image: the crystal turned by 60 deg about its metal columns): there the "
+                           "chalcogen and hollow sublattices are named from the domain's own columns "
+                           "(column inversion_domain)")
+    return out, {"inverted": inverted, "info": info}
 
 
 #: low-pass sigma (px) of the refinement's image when only its background is taken out: the raw image to

@@ -398,6 +398,8 @@ def lattice_warnings(lat) -> list[str]:
         out.append(lat["distortion"]["warning"])
     if (lat.get("crowding") or {}).get("warning"):
         out.append(lat["crowding"]["warning"])
+    if (lat.get("inversion_domains") or {}).get("warning"):
+        out.append(lat["inversion_domains"]["warning"])
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "

@@ -1,0 +1,81 @@
+"""Inversion domains (mirror-twin boundaries): the crystal turned by 60 deg about its metal columns
+on one side, so the phase map's image-wide colouring names the chalcogen and hollow cosets the wrong
+way round there -- silently, as the cosets still alternate. ``stemfast.domains`` names them from the
+domain's own columns; the classes follow."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from stemfast import PipelineConfig, run_image
+from stemfast.batch.outputs import lattice_warnings
+from stemfast.domains import inversion_domains
+from stemfast.sites import InversionDomainWarning, find_sites
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from grains_eval import two_grains  # noqa: E402
+
+
+def _agreement(xy, values, truth, side):
+    d, j = cKDTree(truth[:, :2]).query(xy)
+    ok = (d < 4) & side
+    return float(np.mean(np.asarray(values)[ok] == truth[j[ok], 2]))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_an_inversion_domain_gets_its_own_sublattice_names(seed):
+    img, truth, _, nn, xb = two_grains(512, 60.0, seed=seed)  # the right half turned by 60 deg
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = find_sites(img)
+    assert any(issubclass(w.category, InversionDomainWarning) for w in caught)
+    right = t.xy[:, 0] > xb
+    # before: one third right on that side (the chalcogen and hollow swapped); now all but the column
+    # on the seam, where the two halves of the generator's image are cut together
+    assert _agreement(t.xy, t["sublattice"], truth, right) > 0.95
+    assert _agreement(t.xy, t["sublattice"], truth, ~right) > 0.99
+    inv = np.asarray(t["inversion_domain"], bool)
+    assert inv[t.xy[:, 0] > xb + 2 * nn].mean() > 0.99 and not inv[t.xy[:, 0] < xb - 2 * nn].any()
+    info = t.meta["lattice"]["inversion_domains"]
+    assert info["n_sites"] == inv.sum() and "mirror-twin" in info["warning"]
+    assert info["warning"] in lattice_warnings(t.meta["lattice"])
+
+
+def test_a_translated_domain_or_one_crystal_has_no_inversion_domain():
+    img, truth, _, nn, xb = two_grains(512, 0.0, seed=1)  # the same orientation, shifted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = find_sites(img)
+    assert not any(issubclass(w.category, InversionDomainWarning) for w in caught)
+    assert not np.any(t["inversion_domain"]) and t.meta["lattice"]["inversion_domains"]["n_sites"] == 0
+    assert _agreement(t.xy, t["sublattice"], truth, np.ones(len(t), bool)) > 0.99
+
+
+def test_the_classes_follow_the_sublattices_in_an_inversion_domain():
+    """The classes use the rotation latent relative to the lattice; in the turned domain its 60 deg
+    branch is chosen as for a grain. Before: one third of the classes right on that side."""
+    img, truth, _, nn, xb = two_grains(512, 60.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, summary, _ = run_image(img, config=PipelineConfig())
+    right = t.xy[:, 0] > xb
+    assert _agreement(t.xy, t["class_id"], truth, right) > 0.95
+    assert _agreement(t.xy, t["class_id"], truth, ~right) > 0.99
+    assert summary["class_sublattice_ari"] > 0.95
+
+
+def test_noise_over_a_faint_chalcogen_coset_makes_no_domain():
+    """Where the chalcogen columns are about as dark as the hollows, the darkest coset flips from
+    place to place by noise: no region of one clear vote, no domain."""
+    rng = np.random.default_rng(0)
+    pq = np.array([(p, q) for p in range(-20, 21) for q in range(-20, 21)], float)
+    xy = pq @ np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) * 10
+    sub = ((pq[:, 0] - pq[:, 1]) % 3).astype(int)
+    val = np.array([3.0, 0.05, 0.0])[sub] + rng.normal(0, 0.3, len(sub))
+    fixed, inverted, info = inversion_domains(xy, sub, val)
+    assert not inverted.any() and (fixed == sub).all() and info["n_sites"] == 0
