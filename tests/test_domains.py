@@ -69,6 +69,41 @@ def test_the_classes_follow_the_sublattices_in_an_inversion_domain():
     assert summary["class_sublattice_ari"] > 0.95
 
 
+def _mtb_triangle(side_px: float, seed: int):
+    """A triangular inversion domain (the crystal turned by 60 deg about a metal column near the
+    centre, so the metal lattice runs on through the boundary) of side ``side_px`` in a 512 px image."""
+    from matplotlib.path import Path as Polygon
+    from scipy import ndimage
+
+    from stemfast.synthetic import make_mos2
+
+    a = make_mos2(shape=(512, 512), rotation_deg=13.0, seed=seed)
+    b = make_mos2(shape=(512, 512), rotation_deg=73.0, seed=seed + 10)
+    c = np.array([256.0, 256.0])
+    ma, mb = a.truth[a.truth[:, 2] == 0, :2], b.truth[b.truth[:, 2] == 0, :2]
+    shift = ma[np.argmin(np.hypot(*(ma - c).T))] - mb[np.argmin(np.hypot(*(mb - c).T))]
+    b_img = ndimage.shift(b.image, (shift[1], shift[0]), order=3, mode="reflect")
+    b_truth = b.truth.copy()
+    b_truth[:, :2] += shift
+    tri = Polygon([c + side_px / np.sqrt(3) * np.array([np.cos(t), np.sin(t)]) for t in np.deg2rad([90, 210, 330])])
+    yy, xx = np.mgrid[:512, :512]
+    inside = tri.contains_points(np.c_[xx.ravel(), yy.ravel()]).reshape(512, 512)
+    img = np.where(inside, b_img, a.image).astype(np.float32)
+    truth = np.concatenate([a.truth[~tri.contains_points(a.truth[:, :2])], b_truth[tri.contains_points(b_truth[:, :2])]])
+    return img, truth, tri
+
+
+def test_a_small_triangular_inversion_domain_is_found_to_its_edge():
+    """86 sites (a triangle of ~13 spacings a side): before, one third of its sites named right."""
+    img, truth, tri = _mtb_triangle(200.0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    inside = tri.contains_points(t.xy)
+    assert _agreement(t.xy, t["sublattice"], truth, inside) > 0.85
+    assert _agreement(t.xy, t["sublattice"], truth, ~inside) > 0.99
+
+
 def test_noise_over_a_faint_chalcogen_coset_makes_no_domain():
     """Where the chalcogen columns are about as dark as the hollows, the darkest coset flips from
     place to place by noise: no region of one clear vote, no domain."""

@@ -23,16 +23,15 @@ from .lattice import nearest_indices
 
 __all__ = ["inversion_domains", "DOMAIN_NEIGHBORS", "DOMAIN_MIN_SITES"]
 
-#: sites around each site whose coset medians say which coset is locally the darkest (about 12 per coset)
-DOMAIN_NEIGHBORS = 36
+#: sites around each site whose coset medians say which coset is locally the darkest (about 6 per coset)
+DOMAIN_NEIGHBORS = 18
 #: sites around each site whose "darkest coset" votes decide its domain (majority)
-DOMAIN_VOTERS = 36
-#: an inverted region must hold at least this many sites (and :data:`DOMAIN_MIN_SHARE` of the sites):
-#: a patch of noise or contamination over a faint chalcogen coset is smaller
-DOMAIN_MIN_SITES = 90
-DOMAIN_MIN_SHARE = 0.02
+DOMAIN_VOTERS = 18
+#: inverted regions must hold at least this many sites together (about 10 per coset for the test of
+#: their contrast, :data:`DOMAIN_MIN_Z`)
+DOMAIN_MIN_SITES = 30
 #: the winning vote must have at least this share of the voters (else the site keeps the image-wide names)
-DOMAIN_MIN_VOTE = 0.7
+DOMAIN_MIN_VOTE = 0.6
 #: in an inverted region the coset named hollow image-wide must be brighter than the one it swaps with
 #: by this many standard errors of the difference of their medians (noise over a faint chalcogen
 #: coset gives patches of one vote, not a significant difference) ...
@@ -41,14 +40,14 @@ DOMAIN_MIN_Z = 5.0
 #: same material on both sides of a mirror twin)
 DOMAIN_MIN_CONTRAST = 0.5
 #: domains are looked for only where, in the rest of the image, the coset in question stands out from
-#: the hollows by this many per-site spreads: below, a site's ~12 neighbours of each coset do not say
+#: the hollows by this many per-site spreads: below, a site's ~6 neighbours of each coset do not say
 #: reliably which is darker (the real MoS2 scans, faint S2: 2.5-3.4; amorphous or few-count copies: 0.1-0.8)
 DOMAIN_MIN_SEPARATION = 1.0
 
 
 def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray, *, usable: np.ndarray | None = None,
                       neighbors: int = DOMAIN_NEIGHBORS, voters: int = DOMAIN_VOTERS,
-                      min_sites: int = DOMAIN_MIN_SITES, min_share: float = DOMAIN_MIN_SHARE,
+                      min_sites: int = DOMAIN_MIN_SITES,
                       min_vote: float = DOMAIN_MIN_VOTE) -> tuple[np.ndarray, np.ndarray, dict]:
     """Sublattice names corrected in inversion domains, the sites of the domains, and what was found.
 
@@ -77,9 +76,9 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     >>> val[right & (sub == 1)] -= 1.5; val[right & (sub == 2)] += 1.5   # the right half inverted
     >>> fixed, inverted, info = inversion_domains(xy, sub, val)
     >>> away = np.abs(xy[:, 0]) > 30                          # the sites off the boundary
-    >>> bool((fixed[away & right & (sub == 1)] == 2).all()), bool((fixed[~right] == sub[~right]).all())
+    >>> bool((fixed[away & right & (sub == 1)] == 2).all()), bool((fixed[away & ~right] == sub[away & ~right]).all())
     (True, True)
-    >>> bool(inverted[away & right].all()), bool(inverted[~right].any())
+    >>> bool(inverted[away & right].all()), bool(inverted[away & ~right].any())
     (True, False)
     """
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
@@ -95,7 +94,7 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     idx = np.flatnonzero(on)
     p = xy[idx]
     # per site, the image-wide coset whose median value is the lowest among its neighbours
-    j = nearest_indices(p, max(neighbors + 1, voters))
+    j = nearest_indices(p, max(neighbors + 1, voters, 13))
     jn = j[:, :neighbors + 1]
     ok = use[idx][jn]
     vals, cos = v.astype(np.float32)[idx][jn], sub.astype(np.int8)[idx][jn]  # only compared: float32 is enough
@@ -109,13 +108,14 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     clear = votes.max(1) >= min_vote * voters
     dom = np.where(clear, win, 2)  # 2: the hollow is the darkest, the image-wide names hold
     out = sub.copy()
-    need = max(min_sites, int(np.ceil(min_share * n_on)))
+    need = int(min_sites)
     v_on, s_on, u_on = v[idx], sub[idx], use[idx]
     rest = dom == 2
     for c in (0, 1):
         m = dom == c
         if m.sum() < need or not _swapped_contrast(v_on, s_on, u_on, m, rest, c):
             continue
+        m = _refined_edge(m, j, vals, cos, ok, c)
         s = sub[idx[m]]
         renamed = np.where(s == c, 2, np.where(s == 2, c, s))
         out[idx[m]] = renamed
@@ -124,6 +124,32 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
         info["n_sites"] += int(m.sum())
     info["share"] = round(info["n_sites"] / n_on, 4)
     return out, inverted, info
+
+
+#: the edge of a domain is refined site by site from the sites of the first two shells around each
+#: (12, the site itself left out: a vacancy must not decide its own domain), at most this many times
+EDGE_PASSES = 4
+
+
+def _refined_edge(m: np.ndarray, j: np.ndarray, vals, cos, ok, c: int) -> np.ndarray:
+    """Domain ``m`` (bool over the sites) with its edge moved site by site: a site next to the domain
+    (2+ of its 6 nearest in it) whose 12 nearest read coset ``c`` as the darkest joins it, a site of
+    the domain at its edge (2+ of its 6 nearest out) whose 12 nearest read the hollow as the darkest
+    leaves it. The majority vote that found the domain puts its edge up to a few sites off."""
+    sel = np.zeros(j.shape[1], bool)
+    sel[1:13] = True  # columns of j: the site itself first, then its neighbours nearest first
+    med = np.stack([_row_medians(vals[:, sel], ok[:, sel] & (cos[:, sel] == k)) for k in range(3)], axis=1)
+    known = np.isfinite(med).all(axis=1)
+    near = np.where(known, np.argmin(np.where(np.isfinite(med), med, np.inf), axis=1), -1)
+    first = j[:, 1:7]
+    for _ in range(EDGE_PASSES):
+        inside = m[first].sum(1)
+        grow = ~m & (inside >= 2) & (near == c)
+        leave = m & (inside <= 4) & (near == 2)
+        if not (grow.any() or leave.any()):
+            break
+        m = (m | grow) & ~leave
+    return m
 
 
 def _swapped_contrast(v, sub, use, region, rest, c) -> bool:
