@@ -805,6 +805,21 @@ def test_a_given_spacing_on_a_strongly_distorted_scan_still_gets_the_lattice(sc,
     assert ("the given spacing" in said) == (hint is None)
 
 
+def test_a_spacing_given_sqrt3_too_small_is_said_by_name():
+    """A spacing sqrt(3) too small picks the {110} ring; the sites follow the given spacing (3x as
+    many), and the note now says what the spots inside that ring give. The right spacing: no note."""
+    s = make_mos2(shape=(384, 384), seed=4, rotation_deg=21.0)
+    nn = s.meta["nn_px"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrong = find_sites(s.image, settings=SiteSettings(spacing=nn / np.sqrt(3)))
+        right = find_sites(s.image, settings=SiteSettings(spacing=nn))
+    said = [u for u in wrong.meta["lattice"]["unsure"] if "strong spots inside it" in u]
+    assert len(said) == 1
+    assert abs(float(said[0].split("coarser lattice of ")[1].split(" px")[0]) / nn - 1) < 0.03
+    assert not [u for u in right.meta["lattice"]["unsure"] if "inside it" in u]
+
+
 def test_inner_spot_reread_leaves_a_first_ring_alone():
     """An undistorted lattice: nothing strong inside its first ring, the ring is returned as found."""
     from stemfast import sitelattice

@@ -23,6 +23,7 @@ darkest), not assumed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -55,14 +56,16 @@ class FftLattice:
 
     ``g`` [2, 2]: rows g1, g2 in cycles / px (x, y), 120 degrees apart; ``prominence``: median over
     the six spots of the spot power over the median power of its ring (>> 1 for a lattice);
-    ``spacing`` the site spacing it implies (px); ``ring`` which reflection family was picked first
-    and what it was re-read as (for the log).
+    ``spacing`` the site spacing it implies (px); ``note`` which reflection family was picked first
+    and what it was re-read as (for the log); ``coarser_spacing`` (a ring picked by a given spacing
+    only): the site spacing of the coarser lattice whose spots lie inside it, if any.
     """
 
     g: np.ndarray
     prominence: float
     spacing: float
     note: str = ""
+    coarser_spacing: float | None = None
 
     def second_order_reread(self) -> "FftLattice":
         """This ring re-read as the ``{110}`` family of a ring ``sqrt(3)`` nearer the centre (turned by
@@ -227,6 +230,11 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     fmin = 6.0 / min(h, w)
     # a column spacing of 3 px puts the first ring at 1 / 4.5 cycles / px
     valid = (f2 > fmin ** 2) & (f2 < 0.3 ** 2)
+    # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
+    # (a single strong noise pixel near Nyquist has no hexagon)
+    mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
+    idx = np.flatnonzero(mx)
+    cand = idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist()
     if spacing_hint is not None:
         f_target = 1.0 / (1.5 * float(spacing_hint))
         band = valid & (np.abs(np.sqrt(f2) - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
@@ -236,14 +244,14 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
                 ring = _pick_ring(Pw, h, w, hinted, fmin, min_prominence, True, "ring picked by the given spacing",
                                   search)
                 if ring is not None:
+                    # kept as given, but a coarser lattice's spots inside it are said (a spacing given
+                    # sqrt(3) or 2x too small picks the {110} or {200} ring)
+                    coarser = _inner_spots_reread(Pw, h, w, ring, cand, fmin, min_prominence)
+                    if coarser is not ring:
+                        ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
                     return ring
         # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
         # below, never none where there is one (the caller says where it differs from the given one)
-    # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
-    # (a single strong noise pixel near Nyquist has no hexagon)
-    mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
-    idx = np.flatnonzero(mx)
-    cand = idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist()
     narrow = _pick_ring(Pw, h, w, cand, fmin, min_prominence, False, "", SPOT_SEARCH)
     if narrow is None:  # the wider search only corrects a ring, it finds none where there is none
         return None

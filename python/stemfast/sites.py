@@ -944,6 +944,10 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
     if s.spacing is not None and abs(nn_fft / s.spacing - 1) > CALIBRATION_TOLERANCE:
         unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px")
+    if s.spacing is not None and getattr(ring, "coarser_spacing", None):
+        unsure.append(f"the Bragg ring at the given spacing {s.spacing:.2f} px has strong spots inside it: they "
+                      f"give a coarser lattice of {ring.coarser_spacing:.2f} px (a spacing sqrt(3) or 2x too small "
+                      "picks a higher-order ring)")
     if pixel_size and material.site_spacing_nm is not None:
         expect = material.site_spacing_nm / (pixel_size * _to_nm(unit))
         ratio = nn_fft / expect
