@@ -1,19 +1,19 @@
-"""Inversion domains: where the site lattice's two non-metal cosets swap roles.
+"""Inversion domains: where two of the site lattice's cosets swap roles.
 
 A 2H monolayer has its metal, chalcogen-pair and hollow sites on one triangular lattice, three
-cosets of the metal lattice. The phase map (:mod:`stemfast.sitelattice`) follows the metal lattice
-across the image, and the image-wide naming (brightest coset = metal, next = chalcogen, darkest =
-hollow) holds wherever the crystal has one orientation. Across a mirror-twin / inversion-domain
-boundary -- the commonest line defect of CVD-grown MoS2 -- the crystal is turned by 60 degrees
-about its metal columns: the metal coset stays, but the chalcogen pairs sit where the other domain
-has its hexagon centres and the other way round. The image-wide names are then wrong on one side
-(a chalcogen column called a hollow, a hollow called a chalcogen), and no lattice check sees it:
-the three cosets still alternate.
+cosets of the metal lattice. The phase map (:mod:`stemfast.sitelattice`) follows the lattice across
+the image, and the image-wide naming (by brightness: the metal the brightest in HAADF, the hollow
+the darkest) holds wherever the crystal has one orientation. Across a mirror-twin /
+inversion-domain boundary -- the commonest line defect of CVD-grown MoS2 -- the crystal is turned
+by 60 degrees: the coset the phase map follows keeps its place, the other two swap (on MoS2 in
+HAADF the metal stays, and the chalcogen pairs sit where the other domain has its hexagon centres).
+The image-wide names are then wrong on one side (a chalcogen column called a hollow, a hollow
+called a chalcogen), and no lattice check sees it: the three cosets still alternate.
 
-The hollow is the one coset that is empty, the darkest around every site whatever the detector.
-:func:`inversion_domains` reads, around each site, which image-wide coset is the darkest; where a
-large, connected part of the image has a coset other than the hollow darkest, that part is an
-inversion domain, and its two swapped cosets are named from its own columns.
+:func:`inversion_domains` reads, around each site, the brightness order of the three image-wide
+cosets; where a large, connected part of the image shows two of them the other way round, clearly
+and as strongly as the rest of the image shows them the usual way, that part is an inversion domain,
+and its two swapped cosets are named from its own columns.
 """
 from __future__ import annotations
 
@@ -23,10 +23,18 @@ from .lattice import nearest_indices
 
 __all__ = ["inversion_domains", "DOMAIN_NEIGHBORS", "DOMAIN_MIN_SITES"]
 
-#: sites around each site whose coset medians say which coset is locally the darkest (about 6 per coset)
+#: sites around each site whose coset medians give the local brightness order (about 6 per coset)
 DOMAIN_NEIGHBORS = 18
-#: sites around each site whose "darkest coset" votes decide its domain (majority)
+#: sites around each site whose readings of that order decide its domain (majority)
 DOMAIN_VOTERS = 18
+#: the pairs of cosets, by image-wide brightness rank (0 the brightest, 2 the darkest: the hollow), a
+#: domain can have swapped: across a mirror twin the phase map follows the coset that dominates the
+#: first Bragg ring and the other two swap -- the chalcogen and the hollow where it follows the metal
+#: (MoS2, WSe2 in HAADF), the metal and the chalcogen where it follows the hollows' frame (a material
+#: whose chalcogen pair is the brighter, MoSe2)
+PAIRS = ((0, 2), (1, 2), (0, 1))
+IDENTITY = len(PAIRS)
+OTHER = len(PAIRS) + 1
 #: inverted regions must hold at least this many sites together (about 10 per coset for the test of
 #: their contrast, :data:`DOMAIN_MIN_Z`)
 DOMAIN_MIN_SITES = 30
@@ -43,13 +51,18 @@ DOMAIN_MIN_CONTRAST = 0.5
 #: the hollows by this many per-site spreads: below, a site's ~6 neighbours of each coset do not say
 #: reliably which is darker (the real MoS2 scans, faint S2: 2.5-3.4; amorphous or few-count copies: 0.1-0.8)
 DOMAIN_MIN_SEPARATION = 1.0
+#: the same for the two column cosets (metal and chalcogen pair, neither empty): their order shifts
+#: with the detector angle, thickness and contamination -- on the ADF2 WSe2 scans W and Se2 stand 0.9-2.8
+#: spreads apart and trade places locally -- so a swap of theirs counts only where they are far apart
+#: (a MoSe2-like image, Se2 at 1.4x Mo: 7-10)
+DOMAIN_MIN_SEPARATION_COLUMNS = 4.0
 
 
 def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray, *, usable: np.ndarray | None = None,
                       neighbors: int = DOMAIN_NEIGHBORS, voters: int = DOMAIN_VOTERS,
                       min_sites: int = DOMAIN_MIN_SITES,
-                      min_vote: float = DOMAIN_MIN_VOTE) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Sublattice names corrected in inversion domains, the sites of the domains, and what was found.
+                      min_vote: float = DOMAIN_MIN_VOTE) -> tuple[np.ndarray, dict]:
+    """The inversion domains of a site table: a domain label per site, and what was found.
 
     Parameters
     ----------
@@ -59,11 +72,13 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
 
     Returns
     -------
-    (sublattice [N] int64, inverted [N] bool, info dict)
-        Within each inverted region the coset that is darkest there and the hollow swap names;
-        ``inverted``: the sites of those regions (all three cosets). ``info``: ``n_sites`` (in
-        inverted regions), ``share`` (of the sites on the lattice), ``swapped`` (sites per image-wide
-        coset that is the hollow there: ``{"1": n}`` where the chalcogen and hollow swapped).
+    (domain [N] int64, info dict)
+        ``domain``: 0 where the image-wide brightness order of the cosets holds, ``k >= 1`` in the
+        regions that show the ``k - 1``-th pair of :data:`PAIRS` the other way round, -1 off the
+        lattice. Each domain is to be named from its own columns (the caller's naming rule, per
+        domain: ``find_sites`` ranks the cosets by brightness within each). ``info``: ``n_sites``
+        (in domains k >= 1), ``share`` (of the sites on the lattice), ``swapped`` (sites per pair of
+        image-wide names seen swapped: ``{"1-2": n}`` where the chalcogen and the hollow swapped).
 
     Examples
     --------
@@ -72,14 +87,12 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     >>> xy = pq @ np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) * 10
     >>> sub = ((pq[:, 0] - pq[:, 1]) % 3).astype(int)          # 0 metal, 1 chalcogen, 2 hollow
     >>> val = np.array([3.0, 1.5, 0.0])[sub] + np.random.default_rng(0).normal(0, 0.1, len(sub))
-    >>> right = xy[:, 0] > 0
-    >>> val[right & (sub == 1)] -= 1.5; val[right & (sub == 2)] += 1.5   # the right half inverted
-    >>> fixed, inverted, info = inversion_domains(xy, sub, val)
-    >>> away = np.abs(xy[:, 0]) > 30                          # the sites off the boundary
-    >>> bool((fixed[away & right & (sub == 1)] == 2).all()), bool((fixed[away & ~right] == sub[away & ~right]).all())
-    (True, True)
-    >>> bool(inverted[away & right].all()), bool(inverted[away & ~right].any())
-    (True, False)
+    >>> right = xy[:, 0] > 60
+    >>> val[right & (sub == 1)] -= 1.5; val[right & (sub == 2)] += 1.5   # a third of it inverted
+    >>> domain, info = inversion_domains(xy, sub, val)
+    >>> away = np.abs(xy[:, 0] - 60) > 30                     # the sites off the boundary
+    >>> bool((domain[away & right] > 0).all()), bool((domain[away & ~right] == 0).all()), list(info["swapped"])
+    (True, True, ['1-2'])
     """
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     sub = np.asarray(sublattice, np.int64)
@@ -88,42 +101,46 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     use = on & np.isfinite(v) if usable is None else (np.asarray(usable, bool) & on & np.isfinite(v))
     info = {"n_sites": 0, "share": 0.0, "swapped": {}}
     n_on = int(on.sum())
-    inverted = np.zeros(len(sub), bool)
+    domain = np.where(on, 0, -1).astype(np.int64)
     if n_on < max(min_sites, neighbors + 1, voters + 1) or use.sum() < neighbors:
-        return sub.copy(), inverted, info
+        return domain, info
+    # work on brightness ranks: 0 the image-wide brightest coset (the metal in HAADF, the chalcogen
+    # pair on MoSe2), 2 the darkest (the hollow)
+    gmed = np.array([np.median(v[use & (sub == c)]) if np.any(use & (sub == c)) else np.nan for c in range(3)])
+    if not np.isfinite(gmed).all():
+        return domain, info
+    order = np.argsort(-gmed, kind="stable")  # names, brightest first
+    rank_of = np.empty(3, np.int64)
+    rank_of[order] = np.arange(3)
+    rk = np.where(on, rank_of[np.clip(sub, 0, 2)], -1)
     idx = np.flatnonzero(on)
     p = xy[idx]
-    # per site, the image-wide coset whose median value is the lowest among its neighbours
+    # per site, the brightness order of the three image-wide cosets among its neighbours
     j = nearest_indices(p, max(neighbors + 1, voters, 13))
     jn = j[:, :neighbors + 1]
     ok = use[idx][jn]
-    vals, cos = v.astype(np.float32)[idx][jn], sub.astype(np.int8)[idx][jn]  # only compared: float32 is enough
-    med = np.stack([_row_medians(vals, ok & (cos == c)) for c in range(3)], axis=1)
-    known = np.isfinite(med).all(axis=1)
-    darkest = np.where(known, np.argmin(np.where(np.isfinite(med), med, np.inf), axis=1), -1)
-    # the majority of the darkest-coset readings around each site (its own included)
+    vals, cos = v.astype(np.float32)[idx][jn], rk.astype(np.int8)[idx][jn]  # only compared: float32 is enough
+    reading = _readings(vals, cos, ok)
+    # the majority of the readings around each site (its own included): a pair of cosets swapped
+    # (index into PAIRS) or IDENTITY
     jv = j[:, :voters]
-    votes = np.stack([(darkest[jv] == c).sum(1) for c in range(3)], axis=1)
+    votes = np.stack([(reading[jv] == k).sum(1) for k in range(len(PAIRS) + 1)], axis=1)
     win = votes.argmax(1)
-    clear = votes.max(1) >= min_vote * voters
-    dom = np.where(clear, win, 2)  # 2: the hollow is the darkest, the image-wide names hold
-    out = sub.copy()
+    dom = np.where(votes.max(1) >= min_vote * voters, win, IDENTITY)
     need = int(min_sites)
-    v_on, s_on, u_on = v[idx], sub[idx], use[idx]
-    rest = dom == 2
-    for c in (0, 1):
-        m = dom == c
-        if m.sum() < need or not _swapped_contrast(v_on, s_on, u_on, m, rest, c):
+    v_on, s_on, u_on = v[idx], rk[idx], use[idx]
+    rest = dom == IDENTITY
+    for k, pair in enumerate(PAIRS):
+        m = dom == k
+        if m.sum() < need or not _swapped_contrast(v_on, s_on, u_on, m, rest, pair):
             continue
-        m = _refined_edge(m, j, vals, cos, ok, c)
-        s = sub[idx[m]]
-        renamed = np.where(s == c, 2, np.where(s == 2, c, s))
-        out[idx[m]] = renamed
-        inverted[idx[m]] = True
-        info["swapped"][str(c)] = int(m.sum())
+        m = _refined_edge(m, j, vals, cos, ok, k) & (domain[idx] == 0)
+        domain[idx[m]] = k + 1
+        a_, b_ = sorted((int(order[pair[0]]), int(order[pair[1]])))  # the names of the two swapped ranks
+        info["swapped"][f"{a_}-{b_}"] = int(m.sum())
         info["n_sites"] += int(m.sum())
     info["share"] = round(info["n_sites"] / n_on, 4)
-    return out, inverted, info
+    return domain, info
 
 
 #: the edge of a domain is refined site by site from the sites of the first two shells around each
@@ -131,39 +148,57 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
 EDGE_PASSES = 4
 
 
-def _refined_edge(m: np.ndarray, j: np.ndarray, vals, cos, ok, c: int) -> np.ndarray:
+def _refined_edge(m: np.ndarray, j: np.ndarray, vals, cos, ok, k: int) -> np.ndarray:
     """Domain ``m`` (bool over the sites) with its edge moved site by site: a site next to the domain
-    (2+ of its 6 nearest in it) whose 12 nearest read coset ``c`` as the darkest joins it, a site of
-    the domain at its edge (2+ of its 6 nearest out) whose 12 nearest read the hollow as the darkest
-    leaves it. The majority vote that found the domain puts its edge up to a few sites off."""
+    (2+ of its 6 nearest in it) whose 12 nearest read the domain's swap ``k`` joins it, a site of the
+    domain at its edge (2+ of its 6 nearest out) whose 12 nearest read the image-wide order leaves
+    it. The majority vote that found the domain puts its edge up to a few sites off."""
     sel = np.zeros(j.shape[1], bool)
     sel[1:13] = True  # columns of j: the site itself first, then its neighbours nearest first
-    med = np.stack([_row_medians(vals[:, sel], ok[:, sel] & (cos[:, sel] == k)) for k in range(3)], axis=1)
-    known = np.isfinite(med).all(axis=1)
-    near = np.where(known, np.argmin(np.where(np.isfinite(med), med, np.inf), axis=1), -1)
+    near = _readings(vals[:, sel], cos[:, sel], ok[:, sel])
     first = j[:, 1:7]
     for _ in range(EDGE_PASSES):
         inside = m[first].sum(1)
-        grow = ~m & (inside >= 2) & (near == c)
-        leave = m & (inside <= 4) & (near == 2)
+        grow = ~m & (inside >= 2) & (near == k)
+        leave = m & (inside <= 4) & (near == IDENTITY)
         if not (grow.any() or leave.any()):
             break
         m = (m | grow) & ~leave
     return m
 
 
-def _swapped_contrast(v, sub, use, region, rest, c) -> bool:
-    """True when ``region`` is an inversion domain of kind ``c``: in ``rest`` (the image-wide names
-    hold) coset ``c`` stands out from the hollows by :data:`DOMAIN_MIN_SEPARATION` per-site spreads,
-    and within ``region`` the coset named hollow image-wide is brighter than coset ``c`` by
-    :data:`DOMAIN_MIN_Z` standard errors of the difference of their medians and by
+def _readings(vals: np.ndarray, cos: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per row (a site's neighbours: values ``vals``, image-wide brightness ranks of their cosets
+    ``cos``, usable ``ok``), which pair of ranks the neighbourhood shows swapped (an index into
+    :data:`PAIRS`), :data:`IDENTITY` (the image-wide order 0 > 1 > 2), or :data:`OTHER` (a rotation of
+    all three, or a rank without a usable neighbour)."""
+    med = np.stack([_row_medians(vals, ok & (cos == c)) for c in range(3)], axis=1)
+    known = np.isfinite(med).all(axis=1)
+    rank = np.argsort(np.argsort(-np.where(known[:, None], med, 0.0), axis=1, kind="stable"), axis=1)
+    out = np.full(len(med), OTHER)
+    out[known & (rank == np.arange(3)).all(axis=1)] = IDENTITY
+    for k, (a, b) in enumerate(PAIRS):
+        sw = np.arange(3)
+        sw[a], sw[b] = b, a
+        out[known & (rank == sw).all(axis=1)] = k
+    return out
+
+
+def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
+    """True when ``region`` is a domain with the cosets of ``pair`` (brightness ranks, ``sub``) swapped:
+    in ``rest`` (the image-wide order holds) the brighter of the two stands out from the other by
+    :data:`DOMAIN_MIN_SEPARATION` per-site spreads (:data:`DOMAIN_MIN_SEPARATION_COLUMNS` for the two
+    column cosets), and within ``region`` the one named darker is the
+    brighter by :data:`DOMAIN_MIN_Z` standard errors of the difference of their medians and by
     :data:`DOMAIN_MIN_CONTRAST` of that contrast in ``rest``."""
-    a, b = v[region & use & (sub == c)], v[region & use & (sub == 2)]
-    ca, cb = v[rest & use & (sub == c)], v[rest & use & (sub == 2)]
+    hi, lo = pair  # the first of a pair is the brighter image-wide
+    a, b = v[region & use & (sub == hi)], v[region & use & (sub == lo)]
+    ca, cb = v[rest & use & (sub == hi)], v[rest & use & (sub == lo)]
     if min(len(a), len(b), len(ca), len(cb)) < 5:
         return False
     contrast = np.median(ca) - np.median(cb)
-    if not contrast > DOMAIN_MIN_SEPARATION * _spread(ca, cb):
+    separation = DOMAIN_MIN_SEPARATION if 2 in pair else DOMAIN_MIN_SEPARATION_COLUMNS
+    if not contrast > separation * _spread(ca, cb):
         return False
     ma, mb = np.median(a), np.median(b)
     se = 1.2533 * _spread(a, b) * np.sqrt(1.0 / len(a) + 1.0 / len(b))

@@ -76,8 +76,8 @@ class CalibrationWarning(UserWarning):
 
 
 class InversionDomainWarning(UserWarning):
-    """Part of the image is an inversion domain (a mirror-twin boundary crosses it); its chalcogen and
-    hollow sublattices are named from its own columns."""
+    """Part of the image is an inversion domain (a mirror-twin boundary crosses it); each domain's
+    sublattices are named from its own columns."""
 
 
 class LatticeDistortionWarning(UserWarning):
@@ -379,9 +379,8 @@ def find_sites(
         rotation against the median lattice of the site's grain), ``grain`` (grain id, 0 the
         largest; 0 everywhere on a single crystal), ``grain_boundary`` (True within
         ``grains.boundary_nn`` spacings of another grain: where the defects of a polycrystal live),
-        ``inversion_domain`` (True in a part of the image turned by 60 deg about its metal columns,
-        a mirror-twin domain, whose chalcogen and hollow sublattices are named from its own columns:
-        :func:`stemfast.domains.inversion_domains`), ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
+        ``inversion_domain`` (True in a part of the image turned by 60 deg, a mirror-twin domain, whose
+        sublattices are named from its own columns: :func:`stemfast.domains.inversion_domains`), ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
         :func:`stemfast.crowding.crowding`),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
         settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
@@ -648,7 +647,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     observed &= border_distance(xy, img.shape) >= EDGE_UNJUDGED_PX
     # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
     grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
-    sub, domains = _inversion_domains(xy, sub, inten, observed, grain)
+    sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter)
     n = len(xy)
     has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
@@ -691,24 +690,30 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     return cols, bands, {**_scan_lines_meta(lines), "inversion_domains": domains["info"]}
 
 
-def _inversion_domains(xy, sub, inten, observed, grain) -> tuple[np.ndarray, dict]:
-    """``sub`` with the chalcogen and hollow cosets named per inversion domain, each grain on its own
-    (:func:`stemfast.domains.inversion_domains`), and ``{"inverted": bool [N], "info": dict}``
-    (``info["warning"]`` when a domain was found; :func:`_find_sites` warns with it)."""
+def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter) -> tuple[np.ndarray, dict]:
+    """``sub`` named per inversion domain (:func:`stemfast.domains.inversion_domains`; each domain's
+    cosets ranked by their own brightness, :func:`_rank_sublattices`), each grain on its own, and
+    ``{"inverted": bool [N], "info": dict}`` (``info["warning"]`` when a domain was found;
+    :func:`_find_sites` warns with it)."""
     out = sub.copy()
     inverted = np.zeros(len(sub), bool)
     inten = np.asarray(inten)
     for g in np.unique(grain):
-        m = grain == g
-        out[m], inverted[m], _ = inversion_domains(xy[m], sub[m], inten[m], usable=observed[m])
+        ii = np.flatnonzero(grain == g)
+        dom, _ = inversion_domains(xy[ii], sub[ii], inten[ii], usable=observed[ii])
+        if not (dom > 0).any():
+            continue
+        for lab in np.unique(dom[dom >= 0]):
+            sel = ii[dom == lab]
+            out[sel] = _rank_sublattices(cls[sel], inten[sel], chalcogen_brighter)
+        inverted[ii[dom > 0]] = True
     n = int(inverted.sum())
     on = int((sub >= 0).sum())
     info = {"n_sites": n, "share": round(n / on, 4) if on else 0.0}
     if n:
         info["warning"] = (f"{n} sites ({100 * n / on:.1f}%) lie in an inversion domain (a mirror-twin boundary "
-                           "crosses the image: the crystal turned by 60 deg about its metal columns): there the "
-                           "chalcogen and hollow sublattices are named from the domain's own columns "
-                           "(column inversion_domain)")
+                           "crosses the image: the crystal turned by 60 deg, two sublattices trade places): each "
+                           "domain's sublattices are named from its own columns (column inversion_domain)")
     return out, {"inverted": inverted, "info": info}
 
 
