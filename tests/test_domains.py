@@ -153,3 +153,25 @@ def test_two_column_cosets_swap_only_where_they_stand_far_apart(metal, chalcogen
     domain, info = inversion_domains(xy, sub, val)
     assert bool((domain[region & (xy[:, 0] > 90)] > 0).all()) is found
     assert ("0-1" in info["swapped"]) is found
+
+
+def test_the_class_map_draws_the_domain_edge(tmp_path):
+    from stemfast.figures import pyplot
+    from stemfast.report import _draw_domain_edge, plot_class_map
+
+    pq = np.array([(p, q) for p in range(-6, 20) for q in range(-6, 20)], float)
+    xy = pq @ np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) * 10
+    keep = np.all((xy >= 0) & (xy < 200), axis=1)
+    xy, sub = xy[keep], ((pq[keep, 0] - pq[keep, 1]) % 3).astype(int)
+    dom = xy[:, 0] > 100
+    fig, ax = pyplot().subplots()
+    n0 = len(ax.collections)
+    _draw_domain_edge(ax, xy[:, 0], xy[:, 1], dom, (200, 200), 10.0)
+    assert len(ax.collections) > n0  # the contour
+    segs = [s for c in ax.collections[n0:] for s in c.get_paths()]
+    xs = np.concatenate([p.vertices[:, 0] for p in segs])
+    assert np.all(np.abs(xs - 100) < 10)  # along the edge, between the two domains' sites
+    pyplot().close(fig)
+    plot_class_map(tmp_path / "c.png", np.zeros((200, 200)), xy[:, 0], xy[:, 1], sub, spacing_px=10.0,
+                   inversion_domain=dom)
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -117,7 +117,8 @@ ZOOM_SPACINGS = 24
 def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y: np.ndarray,
                    class_id: np.ndarray, *, spacing_px: float | None = None, title: str | None = None,
                    is_defect: np.ndarray | None = None, class_names: dict | None = None,
-                   crowded: np.ndarray | None = None, dpi: int = 110) -> None:
+                   crowded: np.ndarray | None = None, inversion_domain: np.ndarray | None = None,
+                   dpi: int = 110) -> None:
     """Write a PNG of ``image`` with every site as a dot coloured by its class id.
 
     Parameters
@@ -135,6 +136,8 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
         class sits on).
     crowded : optional bool per site; crowded sites (the ``crowded`` column: another site closer than
         a regular lattice allows) get a white cross.
+    inversion_domain : optional bool per site (the ``inversion_domain`` column); the edge of the
+        domains is drawn as a dashed white line (:func:`_draw_domain_edge`).
     """
     plt = pyplot()
     from matplotlib.lines import Line2D
@@ -164,6 +167,9 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     # on a dense map the classes are left to the crop (dots under a display pixel only make moire) and
     # the defect rings are drawn thin, or 10^4 of them cover the image
     _draw_sites(ax, x, y, cid, d, s, ring_lw=0.3 if dense else 1.2, classes=not dense, crowded=cr)
+    dom = np.asarray(inversion_domain, bool) if inversion_domain is not None and len(x) else np.zeros(len(x), bool)
+    if dom.any():
+        _draw_domain_edge(ax, x, y, dom, (H * f, W * f), spacing_px)
     ax.set_xlim(-0.5, W * f - 0.5)
     ax.set_ylim(H * f - 0.5, -0.5)
     ax.set_xlabel("x (px)")
@@ -194,6 +200,9 @@ def plot_class_map(path: str | os.PathLike, image: np.ndarray, x: np.ndarray, y:
     if cr.any():
         handles.append(Line2D([], [], marker="x", ls="", color=CROWDED_MARK, mew=1.5,
                               label=f"crowded ({int(cr.sum())})", path_effects=[_crowded_outline()]))
+    if dom.any():
+        handles.append(Line2D([], [], ls="--", color="w", lw=1.5, path_effects=[_crowded_outline()],
+                              label=f"inversion domain edge\n({int(dom.sum())} sites inside)"))
     if handles:
         (az if az is not None else ax).legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                                               fontsize=8, frameon=False)
@@ -218,6 +227,22 @@ def _draw_sites(ax, x, y, cid, is_defect, s: float, *, ring_lw: float, classes: 
     if crowded is not None and crowded.any():
         ax.scatter(x[crowded], y[crowded], s=s * 1.5, marker="x", c=CROWDED_MARK, linewidths=ring_lw,
                    path_effects=[_crowded_outline()])
+
+
+def _draw_domain_edge(ax, x, y, dom, shape, spacing_px) -> None:
+    """The edge of the inversion domains (sites ``dom``) as a dashed white line: each point of a grid
+    of about half a spacing takes the flag of its nearest site, within two spacings of one (no line
+    where there are no sites: a hole, the film's edge)."""
+    from scipy.spatial import cKDTree
+
+    H, W = shape
+    step = max(1.0, 0.5 * float(spacing_px)) if spacing_px and np.isfinite(spacing_px) else max(1.0, max(H, W) / 256)
+    gx, gy = np.arange(0.0, W, step), np.arange(0.0, H, step)
+    X, Y = np.meshgrid(gx, gy)
+    dist, j = cKDTree(np.c_[x, y]).query(np.c_[X.ravel(), Y.ravel()])
+    near = (dist <= 4.0 * step).reshape(X.shape)  # within two spacings of a site; none drawn into holes
+    z = np.ma.masked_where(~near, dom[j].astype(float).reshape(X.shape))
+    ax.contour(X, Y, z, levels=[0.5], colors="w", linewidths=1.5, linestyles="--")
 
 
 def _crowded_outline():

@@ -68,7 +68,8 @@ class FrameTotals:
     n_classes: int = 0
     #: the ``top_n`` highest-scoring candidates so far: (sort key, record, patch)
     candidates: list = field(default_factory=list)
-    #: (frame, x, y, class_id, is_defect, spacing, crowded) of the frame shown in the class map
+    #: (frame, x, y, class_id, is_defect, spacing, crowded, inversion_domain) of the frame shown in the
+    #: class map
     shown: tuple | None = None
 
     def add(self, fr: FrameResult) -> None:
@@ -85,8 +86,9 @@ class FrameTotals:
         if self.shown is None and fr.table is not None and len(fr.table) and "class_id" in fr.table:
             t = fr.table
             crowded = np.asarray(t["crowded"], bool) if "crowded" in t else None
+            domain = np.asarray(t["inversion_domain"], bool) if "inversion_domain" in t else None
             self.shown = (m["frame"], np.asarray(t["x"]), np.asarray(t["y"]), np.asarray(t["class_id"]),
-                          np.asarray(t["is_defect"], bool), m.get("spacing_px"), crowded)
+                          np.asarray(t["is_defect"], bool), m.get("spacing_px"), crowded, domain)
         for j, c in enumerate(m.get("top", [])):
             p = fr.top_patches[j] if fr.top_patches is not None and j < len(fr.top_patches) else None
             self.candidates.append(((-float(c["anomaly_score"]), int(c["frame"]), int(c["index"])), c, p))
@@ -179,7 +181,7 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
     name, stack = src.entry.name, src.is_stack
     jobs = []
     if totals.shown is not None:
-        f0, x, y, cid, isd, sp, crowded = totals.shown
+        f0, x, y, cid, isd, sp, crowded, domain = totals.shown
         on = class_sublattice_summary(totals.frames_meta)
         img0 = src.get_frame(f0)
         # the crowded sites are marked where the lattice warned of them (a few at an edge are no news)
@@ -187,7 +189,7 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
                      if m["frame"] == f0)
         jobs.append(lambda: plot_class_map(
             d / "classes.png", img0, x, y, cid, is_defect=isd, spacing_px=sp,
-            crowded=crowded if warned else None,
+            crowded=crowded if warned else None, inversion_domain=domain,
             class_names={c: v["sublattice"] for c, v in on.items()},
             title=f"{name}: site classes" + (f" (frame {f0} of {src.n_frames})" if stack else "")))
     else:
