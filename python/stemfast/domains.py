@@ -21,7 +21,7 @@ import numpy as np
 
 from .lattice import nearest_indices
 
-__all__ = ["inversion_domains", "DOMAIN_NEIGHBORS", "DOMAIN_MIN_SITES"]
+__all__ = ["inversion_domains", "PAIRS", "DOMAIN_NEIGHBORS", "DOMAIN_MIN_SITES"]
 
 #: sites around each site whose coset medians give the local brightness order (about 6 per coset)
 DOMAIN_NEIGHBORS = 18
@@ -40,14 +40,14 @@ OTHER = len(PAIRS) + 1
 DOMAIN_MIN_SITES = 30
 #: the winning vote must have at least this share of the voters (else the site keeps the image-wide names)
 DOMAIN_MIN_VOTE = 0.6
-#: in an inverted region the coset named hollow image-wide must be brighter than the one it swaps with
-#: by this many standard errors of the difference of their medians (noise over a faint chalcogen
-#: coset gives patches of one vote, not a significant difference) ...
+#: in an inverted region the coset of the pair that is the darker image-wide must be the brighter by
+#: this many standard errors of the difference of their medians (noise over a faint chalcogen coset
+#: gives patches of one vote, not a significant difference) ...
 DOMAIN_MIN_Z = 5.0
-#: ... and by at least this share of the chalcogen-over-hollow contrast of the rest of the image (the
-#: same material on both sides of a mirror twin)
+#: ... and by at least this share of the pair's contrast in the rest of the image (the same material
+#: on both sides of a mirror twin)
 DOMAIN_MIN_CONTRAST = 0.5
-#: domains are looked for only where, in the rest of the image, the coset in question stands out from
+#: a pair with the hollow counts only where, in the rest of the image, the other coset stands out from
 #: the hollows by this many per-site spreads: below, a site's ~6 neighbours of each coset do not say
 #: reliably which is darker (the real MoS2 scans, faint S2: 2.5-3.4; amorphous or few-count copies: 0.1-0.8)
 DOMAIN_MIN_SEPARATION = 1.0
