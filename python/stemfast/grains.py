@@ -34,8 +34,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, SiteIndex, _block_spectrum, _demodulate, index_sites,
-                          lattice_distortion, site_spacing)
+from .sitelattice import (SITE_FROM_METAL, PhaseMap, SiteIndex, _block_spectrum, _demodulate, _reciprocal_set,
+                          index_sites, lattice_distortion, site_spacing)
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
@@ -284,11 +284,6 @@ def _filter_width(orientations: list[Orientation]) -> float:
     angs = [o.angle_deg for o in orientations]
     dmin = min(_dist60(a, b) for i, a in enumerate(angs) for b in angs[i + 1:])
     return float(np.clip(2.0 * np.sin(np.radians(dmin) / 2.0) / 3.0, 0.05, 0.2))
-
-
-def _reciprocal_set(g: np.ndarray) -> np.ndarray:
-    """The three independent first-ring spots g1, g2, g1 + g2 of reciprocal vectors ``g`` (rows)."""
-    return np.stack([g[0], g[1], g[0] + g[1]])
 
 
 @dataclass(frozen=True)

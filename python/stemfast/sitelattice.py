@@ -193,6 +193,16 @@ def _ring_prominence(Pw, h, w, g0, search: float = SPOT_SEARCH):
 MAX_RING_STRETCH = 1.5
 
 
+def _reciprocal_set(g: np.ndarray) -> np.ndarray:
+    """The three independent first-ring spots g1, g2, g1 + g2 of reciprocal vectors ``g`` (rows)."""
+    return np.stack([g[0], g[1], g[0] + g[1]])
+
+
+def _ring_radii(g: np.ndarray) -> np.ndarray:
+    """The radii (cycles / px) of a ring's three spot pairs (:func:`_reciprocal_set`)."""
+    return np.linalg.norm(_reciprocal_set(g), axis=1)
+
+
 def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = None,
                              min_prominence: float = 4.0) -> FftLattice | None:
     """The first Bragg ring of a 2H monolayer's metal lattice (``{100}``), or ``None`` when no ring
@@ -260,8 +270,7 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     if wide is not None and abs(wide.spacing / narrow.spacing - 1) > 0.1:
         p_narrow, _ = _ring_prominence(Pw, h, w, narrow.g[0], SPOT_SEARCH_WIDE)
         if p_narrow < wide.prominence:
-            ring = FftLattice(g=wide.g, prominence=wide.prominence, spacing=wide.spacing,
-                              note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
+            ring = dataclasses.replace(wide, note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
     return _inner_spots_reread(Pw, h, w, ring, cand, fmin, min_prominence)
 
 
@@ -335,7 +344,7 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
     g = ring.g
     prom = ring.prominence
     for _ in range(3):
-        rmin = float(np.min(np.linalg.norm(np.stack([g[0], g[1], g[0] + g[1]]), axis=1)))
+        rmin = float(_ring_radii(g).min())
         ginv = np.linalg.inv(g)
         best = None
         for k in cand:
@@ -351,7 +360,7 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
             else:
                 continue
             gn = _hexagonal_basis(_integer_lattice_basis([(D, 0), (0, D), tuple(m)]) @ g / D, g)
-            radii = np.linalg.norm(np.stack([gn[0], gn[1], gn[0] + gn[1]]), axis=1)
+            radii = _ring_radii(gn)
             if radii.min() < fmin or radii.max() > MAX_RING_STRETCH * radii.min():
                 continue
             pn, pos = _ring_of_basis(Pw, h, w, gn)
@@ -401,7 +410,7 @@ def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, se
     g, *_ = np.linalg.lstsq(_HEX_MN, pos, rcond=None)
     if np.linalg.det(np.linalg.inv(g).T) == 0:
         return None
-    radii = np.linalg.norm(np.stack([g[0], g[1], g[0] + g[1]]), axis=1)
+    radii = _ring_radii(g)
     if radii.max() > MAX_RING_STRETCH * radii.min():  # six spots that are no hexagon (a strip's coarse spectrum)
         return None
     spacing = site_spacing(g)

@@ -432,7 +432,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     # 5. per-site intensity, sublattice, strain (with the scan lines checked against the lattice, and
     # the crowding check below)
     t0 = time.perf_counter()
-    cols, bands, scan_meta = _site_columns(img, f, s, pixel_size, unit, scan)
+    cols, bands, scan_meta, domain_info = _site_columns(img, f, s, pixel_size, unit, scan)
     _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px)
     tm["describe"] = time.perf_counter() - t0 + t_lines
     idx = f.idx
@@ -468,7 +468,6 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
-    domain_info = scan_meta.pop("inversion_domains")
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
     lattice_meta["inversion_domains"] = domain_info
     if "warning" in domain_info:
@@ -617,9 +616,10 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
 
 
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
-                  scan=None) -> tuple[dict, list]:
+                  scan=None) -> tuple[dict, list, dict, dict]:
     """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
-    lattice, grain, calibrated positions) and the widths of the border bands. ``scan``: what
+    lattice, grain, calibrated positions), the widths of the border bands, the scan lines' meta and
+    the inversion domains' (:func:`_inversion_domains`). ``scan``: what
     :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known."""
     idx, pk, gmap = f.idx, f.pk, f.gmap
     nn = f.nn
@@ -687,7 +687,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     if pixel_size:
         cols["x_nm"] = xy[:, 0] * pixel_size * _to_nm(unit)
         cols["y_nm"] = xy[:, 1] * pixel_size * _to_nm(unit)
-    return cols, bands, {**_scan_lines_meta(lines), "inversion_domains": domains["info"]}
+    return cols, bands, _scan_lines_meta(lines), domains["info"]
 
 
 def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter) -> tuple[np.ndarray, dict]:
@@ -695,18 +695,17 @@ def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter)
     cosets ranked by their own brightness, :func:`_rank_sublattices`), each grain on its own, and
     ``{"inverted": bool [N], "info": dict}`` (``info["warning"]`` when a domain was found;
     :func:`_find_sites` warns with it)."""
-    out = sub.copy()
-    inverted = np.zeros(len(sub), bool)
-    inten = np.asarray(inten)
-    for g in np.unique(grain):
-        ii = np.flatnonzero(grain == g)
-        dom, _ = inversion_domains(xy[ii], sub[ii], inten[ii], usable=observed[ii])
-        if not (dom > 0).any():
-            continue
-        for lab in np.unique(dom[dom >= 0]):
-            sel = ii[dom == lab]
-            out[sel] = _rank_sublattices(cls[sel], inten[sel], chalcogen_brighter)
-        inverted[ii[dom > 0]] = True
+
+    def per_grain(xy_, sub_, cls_, inten_, observed_):
+        dom, _ = inversion_domains(xy_, sub_, inten_, usable=observed_)
+        named = sub_.copy()
+        if (dom > 0).any():
+            for lab in np.unique(dom[dom >= 0]):
+                named[dom == lab] = _rank_sublattices(cls_[dom == lab], inten_[dom == lab], chalcogen_brighter)
+        return {"sub": named, "inverted": dom > 0}
+
+    r = _grains.by_grain(grain, per_grain, xy, sub, cls, np.asarray(inten), observed)
+    out, inverted = r["sub"], r["inverted"]
     n = int(inverted.sum())
     on = int((sub >= 0).sum())
     info = {"n_sites": n, "share": round(n / on, 4) if on else 0.0}
@@ -949,7 +948,7 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
     if s.spacing is not None and abs(nn_fft / s.spacing - 1) > CALIBRATION_TOLERANCE:
         unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px")
-    if s.spacing is not None and getattr(ring, "coarser_spacing", None):
+    if s.spacing is not None and ring.coarser_spacing:
         unsure.append(f"the Bragg ring at the given spacing {s.spacing:.2f} px has strong spots inside it: they "
                       f"give a coarser lattice of {ring.coarser_spacing:.2f} px (a spacing sqrt(3) or 2x too small "
                       "picks a higher-order ring)")
