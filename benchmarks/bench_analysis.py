@@ -4,7 +4,7 @@ Gated (``speed_gate``, see conftest.py: CPU time, one thread on both sides, pair
 
 * ``local_references_vs_reference``: the NumPy reference kernel of ``local_references``
   (``stemfast._kernels.numpy_ref.references``: vectorised over blocks of sites) against the
-  straightforward implementation it replaced (``analysis._local_references_reference``: a 2 x 2
+  straightforward implementation it replaced (``references._local_references_reference``: a 2 x 2
   ``einsum`` per neighbour and one masked sort per colour and statistic), on the same jittered 2H
   lattice; both share the k-d tree query of the 300 neighbours, so the ratio is bounded by it.
 * ``local_references_{cpp,numba}_vs_numpy``: the compiled kernels (a grid k-nearest search and
@@ -23,7 +23,7 @@ import os
 import numpy as np
 import pytest
 
-from stemfast import analysis as A
+from stemfast import references as R
 from stemfast.backend import available_backends, get_kernels
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
@@ -58,8 +58,8 @@ def lattice():
 def test_local_references_speed(benchmark, speed_gate, lattice):
     xy, basis, values, usable = lattice
     args = (xy, basis, values, usable, 300, 0.25)
-    info = speed_gate("local_references_vs_reference", lambda: A._local_references(*args, backend="numpy"),
-                      lambda: A._local_references_reference(*args, 8192), benchmark, repeat=3)
+    info = speed_gate("local_references_vs_reference", lambda: R._local_references(*args, backend="numpy"),
+                      lambda: R._local_references_reference(*args, 8192), benchmark, repeat=3)
     new, ref = info["result_ours"], info["result_reference"]
     for f in ("median", "mad", "count"):
         assert np.array_equal(getattr(new, f), getattr(ref, f), equal_nan=True), f
@@ -71,7 +71,7 @@ def test_local_references_speed(benchmark, speed_gate, lattice):
 def _kernel_args(lattice):
     xy, basis, values, usable = lattice
     refable = usable & np.isfinite(values)
-    return xy, A._inverse_bases(basis), values, refable, np.arange(len(xy), dtype=np.int64), 301, 0.25
+    return xy, R._inverse_bases(basis), values, refable, np.arange(len(xy), dtype=np.int64), 301, 0.25
 
 
 @pytest.mark.parametrize("backend", COMPILED)

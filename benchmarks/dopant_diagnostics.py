@@ -82,7 +82,8 @@ def geometry(xy: np.ndarray, grp: np.ndarray, nn: float) -> tuple[np.ndarray, np
 
 def _local(s, sc, v, observed):
     """``v`` as a robust z against each site's own-sublattice local references (as the intensity)."""
-    from stemfast.analysis import _local_z, local_references
+    from stemfast.analysis import _local_z
+    from stemfast.references import local_references
 
     basis = np.stack([np.column_stack([s["a1x"], s["a1y"]]), np.column_stack([s["a2x"], s["a2y"]])],
                      axis=1).astype(np.float64)

@@ -98,7 +98,8 @@ def test_settings_validation():
 
 # --- local references on a real triangular lattice -------------------------------------------------
 
-from stemfast.analysis import ClassAgreementWarning, local_references  # noqa: E402
+from stemfast.analysis import ClassAgreementWarning  # noqa: E402
+from stemfast.references import local_references  # noqa: E402
 
 
 def make_lattice(n=42, spacing=10.0, seed=0, noise=0.03):
@@ -457,7 +458,7 @@ def test_unsure_angles_leave_the_class_to_the_latent_means():
 
 def test_references_refreshed_for_a_few_changed_values_equal_a_full_recompute():
     # the scan-line gain changes the values of a few sites; only the rows that can see them are redone
-    from stemfast.analysis import _refresh_references
+    from stemfast.references import _refresh_references
 
     xy, colour, inten, basis = make_lattice()
     usable = np.ones(len(xy), bool)

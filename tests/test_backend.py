@@ -35,7 +35,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     t = stemfast.find_sites(img)
 print("SITES", len(t))
-from stemfast.analysis import local_references, neighbourhood_mean  # the analysis kernels fall back too
+from stemfast.analysis import neighbourhood_mean  # the analysis kernels fall back too
+from stemfast.references import local_references
 xy = np.column_stack([np.asarray(t["x"], float), np.asarray(t["y"], float)])
 refs = local_references(xy, np.broadcast_to(np.eye(2) * 10.0, (len(xy), 2, 2)), np.ones(len(xy)), n_neighbors=20)
 print("REFS", int(refs.count.sum()), neighbourhood_mean(xy, np.ones(len(xy)), 9).shape[0])

@@ -12,7 +12,7 @@ from stemfast.config import load_config
 from stemfast.grains import GrainSettings, PolycrystalWarning, find_orientations, grain_map, peak_orientations
 from stemfast.bandpass import bandpass
 from stemfast.peaks import find_peaks
-from stemfast.sitelattice import metal_reciprocal_lattice, site_spacing
+from stemfast.braggring import metal_reciprocal_lattice, site_spacing
 from stemfast.sites import SiteSettings, find_sites
 from stemfast.synthetic import make_mos2
 

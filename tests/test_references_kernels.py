@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from stemfast import analysis as A
+from stemfast import references as R
 from stemfast.backend import available_backends, get_kernels
 
 BACKENDS = available_backends()
@@ -69,7 +70,7 @@ def case(seed):
     n = len(xy)
     basis = np.broadcast_to(np.array([a1, a2]), (n, 2, 2)) + rng.normal(0, 0.05 if seed % 3 else 0.0, (n, 2, 2))
     basis[rng.random(n) < 0.05] = 0.0  # no lattice there
-    inv = A._inverse_bases(basis)
+    inv = R._inverse_bases(basis)
     values = np.choose(((mn[:, 0] - mn[:, 1]) % 3).astype(int), [10.0, 5.0, 0.0]) if not seed % 4 == 1 else None
     values = rng.normal(5.0, 2.0, n) if values is None else values + rng.normal(0, 0.3, n)
     if seed % 2:
@@ -135,7 +136,7 @@ def test_the_public_functions_agree_on_all_backends():
     xy, _, values, refable, _, _ = case(4)
     basis = np.broadcast_to(np.array([[7.0, 0.0], [3.5, 7.0 * np.sqrt(3) / 2]]), (len(xy), 2, 2))
     mu = np.column_stack([values, values ** 2]).reshape(len(xy), 2, 1)
-    out = {b: (A.local_references(xy, basis, values, usable=refable, n_neighbors=40, backend=b),
+    out = {b: (R.local_references(xy, basis, values, usable=refable, n_neighbors=40, backend=b),
                A.neighbourhood_mean(xy, mu, 12, backend=b)) for b in BACKENDS}
     for b, (refs, mean) in out.items():
         ref, ref_mean = out["numpy"]

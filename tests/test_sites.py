@@ -647,7 +647,8 @@ def test_phase_map_never_blends_across_a_cut_of_its_unwrapping():
     by a whole turn between two cells, a point between them lies on one lattice, not between two:
     its lattice coordinates are those of either side (mod 1), its predicted node sits on a column,
     and the local reciprocal vectors there are the lattice's, not the jump's."""
-    from stemfast.sitelattice import PhaseMap, metal_reciprocal_lattice
+    from stemfast.braggring import metal_reciprocal_lattice
+    from stemfast.phasemap import PhaseMap
 
     img = make_mos2(shape=(192, 192), seed=3).image
     pm = PhaseMap(img, metal_reciprocal_lattice(img).g)
@@ -719,7 +720,7 @@ def test_a_strip_too_narrow_for_the_lattice_has_none_and_no_site_outside_it():
     """A 48 px high strip of a 15 px lattice: the spectrum's six brightest spots near its first ring
     are no hexagon (radii 2x apart) -- no lattice, instead of a 437 px one with sites outside the
     image."""
-    from stemfast.sitelattice import metal_reciprocal_lattice
+    from stemfast.braggring import metal_reciprocal_lattice
 
     strip = make_mos2(shape=(48, 1024), seed=2).image.astype(np.float32)
     assert metal_reciprocal_lattice(strip) is None
@@ -760,7 +761,7 @@ def test_a_ring_read_from_a_higher_order_family_is_reread_from_the_spots_inside_
     give the true lattice back."""
     from scipy import ndimage
 
-    from stemfast.sitelattice import metal_reciprocal_lattice, site_spacing
+    from stemfast.braggring import metal_reciprocal_lattice, site_spacing
 
     s = make_mos2(shape=(512, 512), seed=seed, rotation_deg=0.0)
     sc = 0.65
@@ -822,22 +823,22 @@ def test_a_spacing_given_sqrt3_too_small_is_said_by_name():
 
 def test_inner_spot_reread_leaves_a_first_ring_alone():
     """An undistorted lattice: nothing strong inside its first ring, the ring is returned as found."""
-    from stemfast import sitelattice
+    from stemfast import braggring
 
     s = make_mos2(shape=(384, 384), seed=2, rotation_deg=23.0)
     calls = []
-    orig = sitelattice._inner_spots_reread
+    orig = braggring._inner_spots_reread
 
     def spy(*a):
         r = orig(*a)
         calls.append(r is a[3])
         return r
 
-    sitelattice._inner_spots_reread = spy
+    braggring._inner_spots_reread = spy
     try:
-        ring = sitelattice.metal_reciprocal_lattice(s.image)
+        ring = braggring.metal_reciprocal_lattice(s.image)
     finally:
-        sitelattice._inner_spots_reread = orig
+        braggring._inner_spots_reread = orig
     assert calls == [True] and "inside" not in ring.note
     assert abs(ring.spacing / s.meta["nn_px"] - 1) < 0.05
 
@@ -846,7 +847,7 @@ def test_a_rectangular_modulation_inside_the_ring_is_no_coarser_lattice():
     """A multiplicative cos x cos modulation (a moire-like texture) puts four strong spots inside the
     ring, a rectangle that passes for a distorted hexagon with two of its six spots empty; judged on
     the median spot, a 5 px lattice became a 14.8 px one. Every spot must stand out."""
-    from stemfast.sitelattice import metal_reciprocal_lattice
+    from stemfast.braggring import metal_reciprocal_lattice
 
     nn = 5.0
     s = make_mos2(shape=(512, 512), pixel_size_A=3.16 / np.sqrt(3) / nn, seed=3, rotation_deg=58.85,
@@ -859,7 +860,7 @@ def test_a_rectangular_modulation_inside_the_ring_is_no_coarser_lattice():
 
 
 def test_integer_lattice_basis_and_hexagonal_basis():
-    from stemfast.sitelattice import _hexagonal_basis, _integer_lattice_basis
+    from stemfast.braggring import _hexagonal_basis, _integer_lattice_basis
 
     B = _integer_lattice_basis([(8, 0), (0, 8), (3, 1)])  # index 8 over 8 Z^2: the lattice Z (3, 1) + 8 Z^2
     assert B.tolist() == [[1, 3], [0, 8]] and np.isclose(abs(np.linalg.det(B)), 8)

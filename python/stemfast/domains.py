@@ -1,7 +1,7 @@
 """Inversion domains: where two of the site lattice's cosets swap roles.
 
 A 2H monolayer has its metal, chalcogen-pair and hollow sites on one triangular lattice, three
-cosets of the metal lattice. The phase map (:mod:`stemfast.sitelattice`) follows the lattice across
+cosets of the metal lattice. The phase map (:mod:`stemfast.phasemap`) follows the lattice across
 the image, and the image-wide naming (by brightness: the metal the brightest in HAADF, the hollow
 the darkest) holds wherever the crystal has one orientation. Across a mirror-twin /
 inversion-domain boundary -- the commonest line defect of CVD-grown MoS2 -- the crystal is turned

@@ -34,8 +34,9 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, SiteIndex, _block_spectrum, _demodulate, _reciprocal_set,
-                          index_sites, lattice_distortion, site_spacing)
+from .braggring import SITE_FROM_METAL, _reciprocal_set, site_spacing
+from .phasemap import PhaseMap, _block_spectrum, _demodulate
+from .sitelattice import SiteIndex, index_sites, lattice_distortion
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
@@ -246,7 +247,7 @@ def find_orientations(image: np.ndarray, g_ring: np.ndarray, *, settings: GrainS
     Examples
     --------
     >>> from stemfast.synthetic import make_mos2
-    >>> from stemfast.sitelattice import metal_reciprocal_lattice
+    >>> from stemfast.braggring import metal_reciprocal_lattice
     >>> s = make_mos2(shape=(256, 256), rotation_deg=10.0, seed=0)
     >>> ring = metal_reciprocal_lattice(s.image)
     >>> len(find_orientations(s.image, ring.g))

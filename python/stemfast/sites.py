@@ -31,8 +31,10 @@ from .backend import get_kernels, one_blas_thread
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .sitelattice import (SITE_FROM_METAL, PhaseMap, border_distance, columns_on_one_coset, index_sites,
-                          lattice_distortion, metal_reciprocal_lattice, pixel_noise, position_variance, site_spacing)
+from .braggring import SITE_FROM_METAL, metal_reciprocal_lattice, site_spacing
+from .phasemap import PhaseMap
+from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, pixel_noise,
+                          position_variance)
 from .table import SiteTable
 
 __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
@@ -492,7 +494,7 @@ class _Lattice(NamedTuple):
     """What steps 1-4 of :func:`find_sites` found: the lattice and the columns indexed on it."""
 
     material: object  # stemfast.materials.Material
-    ring: object  # the metal lattice's Bragg ring (sitelattice.metal_reciprocal_lattice)
+    ring: object  # the metal lattice's Bragg ring (braggring.metal_reciprocal_lattice)
     bp: np.ndarray  # the bandpassed image
     pk: object  # the peaks (find_peaks)
     gmap: object  # grains (None: a single crystal)

@@ -1,0 +1,210 @@
+"""Geometric phase analysis: continuous metal-lattice coordinates over the image (:class:`PhaseMap`).
+
+The phase of each Bragg-filtered reciprocal vector ``g`` of the metal lattice's first ring
+(:func:`stemfast.braggring.metal_reciprocal_lattice`) gives continuous metal-lattice coordinates
+``U(r) = g . r + phi(r) / 2 pi`` that follow strain, rotation and scan distortion on a scale of
+about one unit cell. Step 2 of the site lattice (:mod:`stemfast.sitelattice` indexes the columns on
+it).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import ndimage
+
+__all__ = ["PhaseMap"]
+
+
+def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tuple[int, int]]:
+    """Block-average ``img`` by the largest factor ``f`` that keeps frequencies up to ``fmax``
+    (cycles/px) well below Nyquist (at most ``min(H, W) // 64``); returns ``f``, the real FFT of the
+    mean-removed small image and its shape (what the Bragg demodulations work on)."""
+    H, W = img.shape
+    f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
+    f = min(f, max(1, min(H, W) // 64))
+    if f > 1:
+        hb, wb = H // f, W // f
+        small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
+    else:
+        small = img
+    return f, sfft.rfft2(small - float(small.mean()), workers=-1), small.shape
+
+class PhaseMap:
+    """Continuous metal-lattice coordinates over the image by geometric phase analysis.
+
+    For each reciprocal vector ``g_k`` the image's Fourier transform is cut out around ``g_k`` with
+    a Gaussian of width ``width * |g_k|`` and transformed back on a coarse grid; the phase of that
+    demodulated map, unwrapped, is ``phi_k(r)`` and ``U_k(r) = g_k . r + phi_k(r) / 2 pi`` is the
+    local lattice coordinate (integer on the fringe maxima). ``amplitude`` is the Bragg amplitude
+    relative to its median (low where there is no lattice).
+    """
+
+    def __init__(self, image: np.ndarray, g: np.ndarray, *, width: float = 0.2) -> None:
+        from skimage.restoration import unwrap_phase
+
+        img = np.asarray(image, dtype=np.float32)
+        H, W = img.shape
+        self.shape = (H, W)
+        self.g = np.asarray(g, dtype=np.float64)
+        # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
+        # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
+        f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*self.g.T).max()) * (1 + 4 * width))
+        phases, amps = [], []
+        steps = None
+        for gk in self.g:
+            # in block units the vector is f times longer; the block (i, j) is centred at
+            # f i + (f - 1) / 2 px: a phase offset, corrected below
+            D, step = _demodulate(F, hs, ws, gk * f, width * float(np.hypot(*gk)) * f)
+            D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
+            step = (step[0] * f, step[1] * f)
+            if steps is None:
+                steps = step
+            elif D.shape != phases[0].shape:  # same grid for both maps
+                D = _resample(D, phases[0].shape)
+            phases.append(unwrap_phase(np.angle(D)))
+            amps.append(np.abs(D))
+        self.step = steps  # (step_y, step_x) px per coarse cell
+        self.origin = (f - 1) / 2.0  # px position of the coarse cell (0, 0)
+        phase = np.stack(phases)  # [2, h, w]
+        a = np.mean(amps, axis=0)
+        med = float(np.median(a))
+        self.amp = a / med if med > 0 else a
+        # refine g: a plane fitted to each phase (weighted by the amplitude, edges left out) is a
+        # correction of g; the phase keeps only what the plane does not explain
+        h, w = phase.shape[1:]
+        yy, xx = np.mgrid[0:h, 0:w]
+        yy, xx = yy * self.step[0] + self.origin, xx * self.step[1] + self.origin
+        wgt = np.clip(self.amp, 0, None).copy()
+        e = 1 if min(h, w) > 6 else 0
+        if e:
+            wgt[:e], wgt[-e:], wgt[:, :e], wgt[:, -e:] = 0, 0, 0, 0
+        X = np.stack([np.ones(h * w), xx.ravel(), yy.ravel()], 1)
+        sw = np.sqrt(wgt.ravel())[:, None]
+        g = self.g.copy()
+        for k in range(2):
+            coef, *_ = np.linalg.lstsq(X * sw, phase[k].ravel() * sw[:, 0], rcond=None)
+            g[k] += coef[1:] / (2 * np.pi)
+            phase[k] -= (coef[1] * xx + coef[2] * yy)
+        self.g = g
+        self.phase = phase
+
+    def _cell_coords(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points ``xy`` [N, 2] (px) in units of the coarse grid: (row, column) coordinates."""
+        return (xy[:, 1] - self.origin) / self.step[0], (xy[:, 0] - self.origin) / self.step[1]
+
+    def _sample(self, grid: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(grid, np.stack(self._cell_coords(xy)), order=1, mode="nearest")
+
+    def _sample_phase(self, k: int, xy: np.ndarray) -> np.ndarray:
+        """The unwrapped phase ``k`` at ``xy`` (bilinear, as :meth:`_sample`), except where the four
+        cells around a point straddle a cut of the unwrapping (their phases span more than pi, so
+        the bilinear blend would be a phase no nearby lattice has): there the cells are first moved
+        by whole turns onto the branch of the nearest one."""
+        grid = self.phase[k]
+        out = self._sample(grid, xy)
+        h, w = grid.shape
+        if h < 2 or w < 2:
+            return out
+        quad = (grid[:-1, :-1], grid[:-1, 1:], grid[1:, :-1], grid[1:, 1:])
+        cut_cell = (np.maximum.reduce(quad) - np.minimum.reduce(quad)) > np.pi  # [h - 1, w - 1]
+        if not cut_cell.any():
+            return out
+        cy, cx = self._cell_coords(xy)
+        cy, cx = np.clip(cy, 0, h - 1), np.clip(cx, 0, w - 1)
+        y0 = np.minimum(np.floor(cy).astype(np.int64), h - 2)
+        x0 = np.minimum(np.floor(cx).astype(np.int64), w - 2)
+        cut = np.flatnonzero(cut_cell[y0, x0])
+        if len(cut):
+            y0, x0, fy, fx = y0[cut], x0[cut], (cy - y0)[cut], (cx - x0)[cut]
+            cc = np.stack([grid[y0, x0], grid[y0, x0 + 1], grid[y0 + 1, x0], grid[y0 + 1, x0 + 1]], 1)
+            wts = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], 1)
+            ref = cc[np.arange(len(cc)), np.argmax(wts, 1)][:, None]
+            cc = ref + np.angle(np.exp(1j * (cc - ref)))
+            out[cut] = (wts * cc).sum(1)
+        return out
+
+    def coords(self, xy: np.ndarray) -> np.ndarray:
+        """Metal-lattice coordinates ``U`` [N, 2] of points ``xy`` [N, 2] (px)."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        phi = np.stack([self._sample_phase(k, xy) for k in range(2)], 1)
+        return xy @ self.g.T + phi / (2 * np.pi)
+
+    def amplitude(self, xy: np.ndarray) -> np.ndarray:
+        """Relative Bragg amplitude at points ``xy`` [N, 2]."""
+        return self._sample(self.amp, np.asarray(xy, dtype=np.float64).reshape(-1, 2))
+
+    def positions(self, U: np.ndarray, n_iter: int = 4) -> np.ndarray:
+        """Points ``xy`` [N, 2] whose lattice coordinates are ``U`` [N, 2] (fixed-point inversion)."""
+        U = np.asarray(U, dtype=np.float64).reshape(-1, 2)
+        Ginv = np.linalg.inv(self.g)
+        xy = U @ Ginv.T
+        for _ in range(n_iter):
+            phi = np.stack([self._sample_phase(k, xy) for k in range(2)], 1)
+            xy = (U - phi / (2 * np.pi)) @ Ginv.T
+        return xy
+
+    def local_g(self, xy: np.ndarray) -> np.ndarray:
+        """Local reciprocal vectors [N, 2, 2] (rows g1, g2) from the phase gradients."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        out = np.empty((len(xy), 2, 2))
+        for k in range(2):
+            gy, gx = _phase_gradient(self.phase[k], self.step)
+            out[:, k, 0] = self.g[k, 0] + self._sample(gx, xy) / (2 * np.pi)
+            out[:, k, 1] = self.g[k, 1] + self._sample(gy, xy) / (2 * np.pi)
+        return out
+
+
+def _phase_gradient(phase: np.ndarray, step: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """``np.gradient`` of an unwrapped phase grid (per px along y and x), with every difference that
+    crosses a cut of the unwrapping (more than pi) taken modulo a whole turn: a cut is no gradient."""
+    out = []
+    for axis, d in ((0, step[0]), (1, step[1])):
+        gr = np.gradient(phase, d, axis=axis)
+        diff = np.diff(phase, axis=axis)
+        if (np.abs(diff) > np.pi).any():
+            w = np.moveaxis(np.angle(np.exp(1j * diff)), axis, 0)
+            g = np.empty((len(w) + 1,) + w.shape[1:])
+            g[1:-1] = 0.5 * (w[:-1] + w[1:])  # central differences inside, one-sided at the ends
+            g[0], g[-1] = w[0], w[-1]
+            gr = np.moveaxis(g, 0, axis) / d
+        out.append(gr)
+    return out[0], out[1]
+
+
+def _resample(D: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    zy, zx = shape[0] / D.shape[0], shape[1] / D.shape[1]
+    return (ndimage.zoom(D.real, (zy, zx), order=1, grid_mode=True, mode="grid-wrap")
+            + 1j * ndimage.zoom(D.imag, (zy, zx), order=1, grid_mode=True, mode="grid-wrap"))
+
+
+def _demodulate(F: np.ndarray, H: int, W: int, g: np.ndarray, sigma_f: float):
+    """Demodulated Bragg-filtered map ``exp(-2 pi i g.r) (I * gauss_g)(r)`` on a coarse grid.
+
+    ``F``: ``rfft2`` of the image. Returns the complex map and its grid step (px) in (y, x).
+    """
+    hy = int(np.ceil(4 * sigma_f * H))
+    hx = int(np.ceil(4 * sigma_f * W))
+    My = sfft.next_fast_len(2 * hy + 2)
+    Mx = sfft.next_fast_len(2 * hx + 2)
+    ky, kx = g[1] * H, g[0] * W
+    ky0, kx0 = int(round(ky)), int(round(kx))
+    dy = np.fft.fftfreq(My, 1.0 / My).astype(np.int64)  # 0, 1, ..., -1 (ifft order)
+    dx = np.fft.fftfreq(Mx, 1.0 / Mx).astype(np.int64)
+    iy = ky0 + dy[:, None]
+    ix = kx0 + dx[None, :]
+    iy, ix = np.broadcast_arrays(iy, ix)
+    neg = ix < 0
+    # rfft2 holds fx >= 0; F(-k) = conj(F(k))
+    jy = np.where(neg, -iy, iy) % H
+    jx = np.abs(ix)
+    inside = jx <= W // 2
+    vals = np.zeros(iy.shape, dtype=np.complex128)
+    vals[inside] = F[jy[inside], jx[inside]]
+    vals = np.where(neg, np.conj(vals), vals)
+    wgt = np.exp(-(((iy - ky) / H) ** 2 + ((ix - kx) / W) ** 2) / (2 * sigma_f ** 2))
+    S = sfft.ifft2(vals * wgt, workers=-1) * (My * Mx) / (H * W)
+    step = (H / My, W / Mx)
+    yy = np.arange(My)[:, None] * step[0]
+    xx = np.arange(Mx)[None, :] * step[1]
+    D = S * np.exp(2j * np.pi * ((ky0 / H - g[1]) * yy + (kx0 / W - g[0]) * xx))
+    return D, step
