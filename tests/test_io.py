@@ -153,6 +153,27 @@ def test_rgb_converted_to_grey_with_warning(tmp_path):
     np.testing.assert_allclose(mg2.data, expect, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n, dtype", [(3, np.float32), (4, np.uint16)])
+def test_planar_samples_of_a_short_series_are_frames_not_colour(tmp_path, n, dtype):
+    """tifffile stores a [3, H, W] / [4, H, W] array as planar RGB(A) unless told otherwise: a short
+    series of detector frames (16-bit, float) is read as its frames, with a warning, not averaged into
+    one grey image; planar 8-bit samples stay colour."""
+    rng = np.random.default_rng(4)
+    frames = (rng.random((n, 32, 40)) * 1000).astype(dtype)
+    p = tmp_path / "series.tif"
+    tifffile.imwrite(p, frames, photometric="rgb", planarconfig="separate")
+    with pytest.warns(ReadWarning, match=f"read as {n} frames"):
+        mg = read(p)
+    assert mg.data.shape == (n, 32, 40) and mg.metadata["planar_samples_as_frames"] is True
+    np.testing.assert_array_equal(np.asarray(mg.data), frames.astype(np.float32))
+    with pytest.warns(ReadWarning, match="frames"):
+        np.testing.assert_array_equal(read(p, frames=1).data, frames[1].astype(np.float32))
+    colour = (frames[:3] % 256).astype(np.uint8)
+    tifffile.imwrite(p, colour, photometric="rgb", planarconfig="separate")
+    with pytest.warns(ReadWarning, match="grey"):
+        assert read(p).data.shape == (32, 40)
+
+
 def test_write_tiff_is_atomic_and_overwrites(tmp_path, img):
     p = tmp_path / "w.tif"
     write_tiff(p, img)

@@ -254,7 +254,9 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     ``pixel_size`` (+ ``unit``), HDF5 attributes ``pixel_size``/``unit``, ``.npz`` entries
     ``pixel_size``/``unit``, and the calibration of the last two axes of RosettaSciIO and MRC
     files. Known length units are converted to nm. RGB(A) images become grey
-    (``0.299 R + 0.587 G + 0.114 B``) with a :class:`ReadWarning`; integer data become float32.
+    (``0.299 R + 0.587 G + 0.114 B``) with a :class:`ReadWarning`, except a TIFF's planar samples
+    that are not 8-bit: those are the frames of a short series (tifffile's default for a [3, H, W]
+    array) and are read as frames, with a :class:`ReadWarning`; integer data become float32.
     Values float32 cannot carry safely (beyond 1e9 in magnitude, a range below 1e-6, or an
     offset more than 4096 times the range, e.g. an int64 image scaled by 1e16) are rescaled in
     float64 to ``(x - min) / (max - min)`` first, with a :class:`ReadWarning`; ``metadata["rescaled"]``
@@ -697,6 +699,23 @@ def _to_grey(data: np.ndarray) -> np.ndarray:
         + rgb[..., 2] * np.float32(0.114)
 
 
+def _planar_samples_are_frames(axes: str, dtype) -> bool:
+    """Whether a TIFF's 3 or 4 samples per pixel (axis ``S`` of ``axes``) are the frames of a series
+    rather than colour: stored planar (one plane per sample, ``S`` before ``Y`` and ``X``) and not
+    8-bit. tifffile writes any [3, H, W] or [4, H, W] array as planar RGB(A) unless told otherwise
+    (a deprecated default), which makes a short series of detector frames (16-bit or float) look
+    like one colour image; colour images of micrographs are 8-bit.
+
+    Examples
+    --------
+    >>> _planar_samples_are_frames("SYX", np.float32), _planar_samples_are_frames("SYX", np.uint8)
+    (True, False)
+    >>> _planar_samples_are_frames("YXS", np.uint16)  # contiguous samples: colour
+    False
+    """
+    return "S" in axes and axes.index("S") < axes.index("Y") and np.dtype(dtype) != np.uint8
+
+
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
     core = [int(s) for s in shape if s != 1]
     return len(core) >= 3 and core[-1] in (3, 4) and min(core[-3:-1]) >= MIN_SIDE
@@ -806,9 +825,17 @@ def _read_tiff(path: Path, frames: Any):
         page0 = tif.pages[0]
         pixel_size, unit = _tiff_calibration(tif, page0, meta)
         rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
+        if rgb and _planar_samples_are_frames(axes, series.dtype):
+            n = series.shape[axes.index("S")]
+            msg = (f"{path}: a TIFF of {n} planar {np.dtype(series.dtype).name} samples read as {n} frames, not as "
+                   "one RGB(A) image: colour images are 8-bit, and tifffile stores a [3, H, W] or [4, H, W] "
+                   "array so unless photometric='minisblack' is given")
+            warnings.warn(msg, ReadWarning, stacklevel=4)
+            log.info("%s", msg)
+            rgb, meta["planar_samples_as_frames"] = False, True
         meta["_rgb"] = rgb
         n_pages = len(series.pages)
-        core = [s for s, a in zip(series.shape, axes) if s != 1 and a != "S"]
+        core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
         if len(core) == 3 and not rgb:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
