@@ -28,6 +28,7 @@ from .lattice import (
     local_strain,
 )
 from .backend import get_kernels, one_blas_thread
+from .clipping import ClippingWarning, clipped_intensities
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
@@ -415,6 +416,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
+    clipping = clipped_intensities(img)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
@@ -472,6 +474,9 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
     lattice_meta["inversion_domains"] = domain_info
+    if clipping:
+        lattice_meta["clipping"] = clipping
+        warnings.warn(clipping["warning"], ClippingWarning, stacklevel=3)
     if "warning" in domain_info:
         warnings.warn(domain_info["warning"], InversionDomainWarning, stacklevel=3)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains

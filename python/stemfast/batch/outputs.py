@@ -390,7 +390,8 @@ def stack_tracker(d: Path, config, input_info: dict):
 
 def lattice_warnings(lat) -> list[str]:
     """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, an
-    anisotropic one, a crowded site table, a calibration that does not fit the material."""
+    anisotropic one, a crowded site table, inversion domains, clipped intensities, a calibration that
+    does not fit the material."""
     if not lat:
         return []
     out = []
@@ -402,6 +403,8 @@ def lattice_warnings(lat) -> list[str]:
         out.append(lat["crowding"]["warning"])
     if (lat.get("inversion_domains") or {}).get("warning"):
         out.append(lat["inversion_domains"]["warning"])
+    if (lat.get("clipping") or {}).get("warning"):
+        out.append(lat["clipping"]["warning"])
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
