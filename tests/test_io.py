@@ -146,6 +146,9 @@ def test_rgb_converted_to_grey_with_warning(tmp_path):
     assert mg.data.shape == (32, 40)
     np.testing.assert_allclose(mg.data, expect, rtol=1e-5)
     assert mg.metadata["converted_from_rgb"] is True
+    from stemfast.batch.inputs import describe_input
+
+    assert "converted to grey" in describe_input(mg)["notes"][0]
     # RGBA in a .npy as well
     np.save(tmp_path / "rgba.npy", np.dstack([rgb, np.full((32, 40), 255, np.uint8)]))
     with pytest.warns(ReadWarning):
@@ -165,6 +168,9 @@ def test_planar_samples_of_a_short_series_are_frames_not_colour(tmp_path, n, dty
     with pytest.warns(ReadWarning, match=f"read as {n} frames"):
         mg = read(p)
     assert mg.data.shape == (n, 32, 40) and mg.metadata["planar_samples_as_frames"] is True
+    from stemfast.batch.inputs import describe_input
+
+    assert describe_input(mg)["notes"][0].startswith(f"the TIFF's {n} planar samples were read as {n} frames")
     np.testing.assert_array_equal(np.asarray(mg.data), frames.astype(np.float32))
     with pytest.warns(ReadWarning, match="frames"):
         np.testing.assert_array_equal(read(p, frames=1).data, frames[1].astype(np.float32))
@@ -173,6 +179,23 @@ def test_planar_samples_of_a_short_series_are_frames_not_colour(tmp_path, n, dty
     with pytest.warns(ReadWarning, match="grey"):
         assert read(p).data.shape == (32, 40)
 
+
+def test_the_largest_tiff_series_is_read_and_said(tmp_path, img):
+    """A thumbnail stored before the micrograph is not what gets analysed; the choice is said (a
+    ReadWarning, the metadata and the batch summary's notes)."""
+    from stemfast.batch.inputs import describe_input
+
+    p = tmp_path / "thumb_first.tif"
+    with tifffile.TiffWriter(p) as t:
+        t.write(img[::4, ::4].copy())
+        t.write(img)
+    with pytest.warns(ReadWarning, match="2 image series"):
+        mg = read(p)
+    np.testing.assert_array_equal(mg.data, img)
+    assert mg.metadata["series"] == 1 and mg.metadata["n_series"] == 2
+    assert describe_input(mg)["notes"] == ["the TIFF holds 2 image series; series 1, the largest, was read"]
+    one = write_tiff(tmp_path / "one.tif", img)  # one series: nothing to say
+    assert "series" not in read(one).metadata and "notes" not in describe_input(read(one))
 
 def test_write_tiff_is_atomic_and_overwrites(tmp_path, img):
     p = tmp_path / "w.tif"

@@ -699,6 +699,13 @@ def _to_grey(data: np.ndarray) -> np.ndarray:
         + rgb[..., 2] * np.float32(0.114)
 
 
+def _largest_series(series_list) -> int:
+    """Index of the TIFF series with the most pixels (the first of equals; 0 for none): the
+    micrograph, not a thumbnail or preview stored beside it, in whichever order."""
+    sizes = [int(np.prod(sr.shape, dtype=np.float64)) for sr in series_list]
+    return int(np.argmax(sizes)) if sizes else 0
+
+
 def _planar_samples_are_frames(axes: str, dtype) -> bool:
     """Whether a TIFF's 3 or 4 samples per pixel (axis ``S`` of ``axes``) are the frames of a series
     rather than colour: stored planar (one plane per sample, ``S`` before ``Y`` and ``X``) and not
@@ -789,7 +796,8 @@ def _read_tiff(path: Path, frames: Any):
             raise ReadError(path, f"not a valid TIFF file ({exc})") from exc
         try:
             series_list = tif.series
-            series = series_list[0] if series_list else None
+            pick = _largest_series(series_list)
+            series = series_list[pick] if series_list else None
             if series is not None:
                 list(series.pages)
         except BaseException:
@@ -800,6 +808,13 @@ def _read_tiff(path: Path, frames: Any):
             raise ReadError(path, "TIFF file without image data")
         axes = series.axes
         meta: dict[str, Any] = {"format": "tiff", "axes": axes, "n_series": len(series_list)}
+        if len(series_list) > 1:
+            meta["series"] = pick
+            shapes = ", ".join("x".join(map(str, sr.shape)) for sr in series_list)
+            msg = (f"{path}: the TIFF holds {len(series_list)} image series ({shapes}); series {pick}, the "
+                   "largest, was read")
+            warnings.warn(msg, ReadWarning, stacklevel=4)
+            log.info("%s", msg)
         broken = [m for m in problems if "offset" in m.lower() or "corrupt" in m.lower()
                   or "truncat" in m.lower()]
         if broken:

@@ -217,7 +217,8 @@ def inputs_key(entries: Sequence[InputEntry]) -> str:
 
 def describe_input(mg) -> dict:
     """What the reader tells about an opened input: shape, frames, calibration, dose, notes (rescaled
-    values, replaced non-finite pixels)."""
+    values, replaced non-finite pixels, colour converted to grey, planar TIFF samples read as frames,
+    which of several TIFF series was read)."""
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
@@ -237,6 +238,14 @@ def describe_input(mg) -> dict:
         info["nonfinite_replaced"] = meta["nonfinite_replaced"]
         notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median "
                      "(--fill-nonfinite); sites there are not measured")
+    if meta.get("converted_from_rgb"):
+        notes.append("an RGB(A) image, converted to grey (0.299 R + 0.587 G + 0.114 B): the intensities are the grey "
+                     "levels of a colour image, not the detector's")
+    if meta.get("planar_samples_as_frames"):
+        notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
+                     "layout for a [frames, H, W] array), not as one colour image")
+    if meta.get("series") is not None and (meta.get("n_series") or 0) > 1:
+        notes.append(f"the TIFF holds {meta['n_series']} image series; series {meta['series']}, the largest, was read")
     if notes:
         info["notes"] = notes
     return info
