@@ -706,21 +706,29 @@ def _largest_series(series_list) -> int:
     return int(np.argmax(sizes)) if sizes else 0
 
 
-def _planar_samples_are_frames(axes: str, dtype) -> bool:
-    """Whether a TIFF's 3 or 4 samples per pixel (axis ``S`` of ``axes``) are the frames of a series
-    rather than colour: stored planar (one plane per sample, ``S`` before ``Y`` and ``X``) and not
-    8-bit. tifffile writes any [3, H, W] or [4, H, W] array as planar RGB(A) unless told otherwise
-    (a deprecated default), which makes a short series of detector frames (16-bit or float) look
-    like one colour image; colour images of micrographs are 8-bit.
+def _planar_samples_are_frames(axes: str, shape: Sequence[int], dtype) -> bool:
+    """Whether a TIFF series' 3 or 4 samples per pixel (axis ``S`` of ``axes``) are the frames of a
+    series rather than colour: one image (no other axis longer than 1) stored planar (one plane per
+    sample, ``S`` before ``Y`` and ``X``), not 8-bit. tifffile writes any [3, H, W] or [4, H, W]
+    array as planar RGB(A) unless told otherwise (a deprecated default), which makes a short series
+    of detector frames (16-bit or float) look like one colour image; colour images of micrographs
+    are 8-bit.
 
     Examples
     --------
-    >>> _planar_samples_are_frames("SYX", np.float32), _planar_samples_are_frames("SYX", np.uint8)
-    (True, False)
-    >>> _planar_samples_are_frames("YXS", np.uint16)  # contiguous samples: colour
+    >>> _planar_samples_are_frames("SYX", (3, 64, 64), np.float32)
+    True
+    >>> _planar_samples_are_frames("SYX", (3, 64, 64), np.uint8)
+    False
+    >>> _planar_samples_are_frames("YXS", (64, 64, 3), np.uint16)  # contiguous samples: colour
+    False
+    >>> _planar_samples_are_frames("ISYX", (5, 3, 64, 64), np.float32)  # pages of planar images: colour
     False
     """
-    return "S" in axes and axes.index("S") < axes.index("Y") and np.dtype(dtype) != np.uint8
+    if not ("S" in axes and "Y" in axes and axes.index("S") < axes.index("Y")):
+        return False
+    single = all(n == 1 for n, a in zip(shape, axes) if a not in "SYX")
+    return single and np.dtype(dtype) != np.uint8
 
 
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
@@ -840,7 +848,7 @@ def _read_tiff(path: Path, frames: Any):
         page0 = tif.pages[0]
         pixel_size, unit = _tiff_calibration(tif, page0, meta)
         rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
-        if rgb and _planar_samples_are_frames(axes, series.dtype):
+        if rgb and _planar_samples_are_frames(axes, series.shape, series.dtype):
             n = series.shape[axes.index("S")]
             msg = (f"{path}: a TIFF of {n} planar {np.dtype(series.dtype).name} samples read as {n} frames, not as "
                    "one RGB(A) image: colour images are 8-bit, and tifffile stores a [3, H, W] or [4, H, W] "
