@@ -194,6 +194,14 @@ def test_the_largest_tiff_series_is_read_and_said(tmp_path, img):
     np.testing.assert_array_equal(mg.data, img)
     assert mg.metadata["series"] == 1 and mg.metadata["n_series"] == 2
     assert describe_input(mg)["notes"] == ["the TIFF holds 2 image series; series 1, the largest, was read"]
+    # a compressed stack after a thumbnail: frames are read from the stack's pages
+    stack = np.stack([img, img + 1, img + 2])
+    p2 = tmp_path / "thumb_stack.tif"
+    with tifffile.TiffWriter(p2) as t:
+        t.write(img[::4, ::4].copy())
+        t.write(stack, compression="zlib", photometric="minisblack")
+    with pytest.warns(ReadWarning, match="series 1"):
+        np.testing.assert_array_equal(read(p2, frames=[2, 1]).data, stack[[2, 1]])
     one = write_tiff(tmp_path / "one.tif", img)  # one series: nothing to say
     assert "series" not in read(one).metadata and "notes" not in describe_input(read(one))
 

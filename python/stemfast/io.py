@@ -699,6 +699,35 @@ def _to_grey(data: np.ndarray) -> np.ndarray:
         + rgb[..., 2] * np.float32(0.114)
 
 
+def _note_series(path: Path, series_list, pick: int, meta: dict) -> None:
+    """Say which of several TIFF series was read (a ReadWarning; ``meta["series"]``)."""
+    if len(series_list) > 1:
+        meta["series"] = pick
+        shapes = ", ".join("x".join(map(str, sr.shape)) for sr in series_list)
+        msg = f"{path}: the TIFF holds {len(series_list)} image series ({shapes}); series {pick}, the largest, was read"
+        warnings.warn(msg, ReadWarning, stacklevel=5)
+        log.info("%s", msg)
+
+
+def _tiff_is_colour(path: Path, series, meta: dict) -> bool:
+    """Whether a TIFF series holds RGB(A) samples to convert to grey: 3 or 4 samples per pixel,
+    unless they are the frames of a short series (:func:`_planar_samples_are_frames`: then a
+    ReadWarning and ``meta["planar_samples_as_frames"]``)."""
+    axes, shape = series.axes, series.shape
+    if not ("S" in axes and shape[axes.index("S")] in (3, 4)):
+        return False
+    if not _planar_samples_are_frames(axes, shape, series.dtype):
+        return True
+    n = shape[axes.index("S")]
+    msg = (f"{path}: a TIFF of {n} planar {np.dtype(series.dtype).name} samples read as {n} frames, not as one "
+           "RGB(A) image: colour images are 8-bit, and tifffile stores a [3, H, W] or [4, H, W] array so unless "
+           "photometric='minisblack' is given")
+    warnings.warn(msg, ReadWarning, stacklevel=5)
+    log.info("%s", msg)
+    meta["planar_samples_as_frames"] = True
+    return False
+
+
 def _largest_series(series_list) -> int:
     """Index of the TIFF series with the most pixels (the first of equals; 0 for none): the
     micrograph, not a thumbnail or preview stored beside it, in whichever order."""
@@ -816,13 +845,7 @@ def _read_tiff(path: Path, frames: Any):
             raise ReadError(path, "TIFF file without image data")
         axes = series.axes
         meta: dict[str, Any] = {"format": "tiff", "axes": axes, "n_series": len(series_list)}
-        if len(series_list) > 1:
-            meta["series"] = pick
-            shapes = ", ".join("x".join(map(str, sr.shape)) for sr in series_list)
-            msg = (f"{path}: the TIFF holds {len(series_list)} image series ({shapes}); series {pick}, the "
-                   "largest, was read")
-            warnings.warn(msg, ReadWarning, stacklevel=4)
-            log.info("%s", msg)
+        _note_series(path, series_list, pick, meta)
         broken = [m for m in problems if "offset" in m.lower() or "corrupt" in m.lower()
                   or "truncat" in m.lower()]
         if broken:
@@ -847,16 +870,7 @@ def _read_tiff(path: Path, frames: Any):
                                       f"of the {size}-byte file)")
         page0 = tif.pages[0]
         pixel_size, unit = _tiff_calibration(tif, page0, meta)
-        rgb = "S" in axes and series.shape[axes.index("S")] in (3, 4)
-        if rgb and _planar_samples_are_frames(axes, series.shape, series.dtype):
-            n = series.shape[axes.index("S")]
-            msg = (f"{path}: a TIFF of {n} planar {np.dtype(series.dtype).name} samples read as {n} frames, not as "
-                   "one RGB(A) image: colour images are 8-bit, and tifffile stores a [3, H, W] or [4, H, W] "
-                   "array so unless photometric='minisblack' is given")
-            warnings.warn(msg, ReadWarning, stacklevel=4)
-            log.info("%s", msg)
-            rgb, meta["planar_samples_as_frames"] = False, True
-        meta["_rgb"] = rgb
+        rgb = meta["_rgb"] = _tiff_is_colour(path, series, meta)
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
@@ -872,7 +886,7 @@ def _read_tiff(path: Path, frames: Any):
                 key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
                        else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
                 _check_memory(path, [len(key) if isinstance(key, list) else 1, *series.shape[-2:]], series.dtype)
-                arr = tif.asarray(series=0, key=key)
+                arr = tif.asarray(series=pick, key=key)
                 if isinstance(idx, (int, np.integer)):
                     arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
                 return arr, pixel_size, unit, meta
