@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .nodata import NoData
+
 __all__ = ["clipped_intensities", "ClippingWarning", "MIN_CLIPPED_PIXELS", "MIN_CLIPPED_SHARE", "SPIKE_RATIO"]
 
 
@@ -47,12 +49,14 @@ MIN_CLIPPED_SHARE = 1e-4
 SPIKE_RATIO = 4.0
 
 
-def clipped_intensities(image) -> dict:
+def clipped_intensities(image, no_data: NoData | None = None) -> dict:
     """The ends of ``image``'s intensity range that were cut off (module docs).
 
     Parameters
     ----------
     image : (H, W) array, the raw micrograph (before any filtering).
+    no_data : :class:`stemfast.nodata.NoData` of ``image``, optional: regions without data (padding,
+        masks) are not counted -- a zero-filled margin is no cut black level.
 
     Returns
     -------
@@ -64,6 +68,10 @@ def clipped_intensities(image) -> dict:
     a = np.asarray(image)
     if a.ndim != 2 or a.size == 0:
         raise ValueError(f"image must be a non-empty 2-D array, got shape {a.shape}")
+    if no_data is not None and no_data.any():
+        a = a[~no_data.pixels(a)]
+        if a.size == 0:
+            return {}
     out: dict = {}
     for end, v in (("high", a.max()), ("low", a.min())):
         if not np.isfinite(v):

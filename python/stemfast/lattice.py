@@ -457,8 +457,9 @@ def _block_mean(img: np.ndarray, f: int, *, square: bool = False, rows: int = 51
     return out
 
 
-def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float) -> FilmMask | None:
-    """Where the image holds film rather than a hole, or ``None`` when no hole is found.
+def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float,
+              no_data=None) -> FilmMask | None:
+    """Where the image holds film rather than a hole or no data, or ``None`` when there is neither.
 
     A hole is vacuum: much darker than the film and with little lattice contrast. Both are measured
     on a scale of one spacing -- the local mean of the image and of the squared bandpassed image,
@@ -466,6 +467,8 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     at the found columns. Darkness is the main test (below the midpoint between the darkest area
     and the film, when the two differ by more than 4 standard deviations of the film's local mean);
     the contrast test is loose because a small hole still shows the bandpass response of its edge.
+    ``no_data``: the :class:`stemfast.nodata.NoData` of ``image``; those regions (padding, masks) are
+    no film either, and are left out of the darkness statistics.
     """
     if len(peak_xy) == 0:
         return None
@@ -473,22 +476,34 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     s = max(1.0, spacing / f)
     mean = ndimage.gaussian_filter(_block_mean(np.asarray(image), f), s)
     energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed), f, square=True), s)
+    empty = _no_data_cells(no_data, image, mean.shape, f)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
     m_at = mean[ij[:, 0], ij[:, 1]]
     m_lat = float(np.median(m_at))
-    m_lo = float(np.percentile(mean, 0.5))
+    m_lo = float(np.percentile(mean[~empty] if empty.any() and not empty.all() else mean, 0.5))
     spread = m_lat - m_lo
     noise = float(np.std(m_at))
-    if spread <= 4.0 * noise:
-        return None
-    hole = (mean < m_lo + 0.5 * spread) & (energy < 0.5 * e_lat)
-    if not hole.any():
-        return None
-    hole = ndimage.binary_opening(hole, iterations=max(1, int(0.5 * s)))
+    hole = np.zeros(mean.shape, bool)
+    if spread > 4.0 * noise:
+        hole = (mean < m_lo + 0.5 * spread) & (energy < 0.5 * e_lat)
+        if hole.any():
+            hole = ndimage.binary_opening(hole, iterations=max(1, int(0.5 * s)))
+    hole |= empty
     if not hole.any():
         return None
     return FilmMask(mask=~hole, factor=f)
+
+
+def _no_data_cells(no_data, image: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
+    """Bool ``shape``: the ``f`` px cells whose centre holds no data (:class:`stemfast.nodata.NoData`;
+    all False without one)."""
+    if no_data is None or not no_data.any():
+        return np.zeros(shape, bool)
+    H, W = np.shape(image)
+    rows = np.minimum(np.arange(shape[0]) * f + f // 2, H - 1)
+    cols = np.minimum(np.arange(shape[1]) * f + f // 2, W - 1)
+    return no_data.at(image, rows[:, None], cols[None, :])
 
 
 def fill_lattice(

@@ -92,7 +92,9 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
 
     Parameters
     ----------
-    image : (H, W) array, the raw micrograph.
+    image : (H, W) array, the raw micrograph; NaN marks pixels without data (an aligned frame's
+        padding, :mod:`stemfast.nodata`), which the lines' medians leave out (a line with less than
+        :data:`MIN_LINE_DATA` of its samples left has no offset: NaN).
     vectors : float [K, 2] lattice translations (x, y) in px that map the lattice onto itself
         (:func:`same_sublattice_vectors`); each is used with both signs.
     threshold : flag lines whose offset is more than this many robust standard deviations from
@@ -126,6 +128,8 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
 #: per line, the median is taken over about this many pixels (every k-th column): its noise is then
 #: ~1/16 of a pixel's, far below any offset worth flagging, at a quarter of the cost on a 1024 px line
 LINE_SAMPLES = 256
+#: least share of a line's samples that must hold data (not NaN) for the line to get an offset
+MIN_LINE_DATA = 0.25
 
 
 def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
@@ -146,7 +150,15 @@ def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
     c = img[y0 + iy + 1:y1 + iy + 1, x0 + ix:x1 + ix:k]
     d = img[y0 + iy + 1:y1 + iy + 1, x0 + ix + 1:x1 + ix + 1:k]
     diff = img[y0:y1, x0:x1:k] - ((1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d))
-    out[y0:y1] = np.median(diff, axis=1)
+    gap = np.isnan(diff)
+    if gap.any():  # pixels without data: the medians of the rest, where enough is left
+        n_ok = diff.shape[1] - gap.sum(1)
+        med = np.full(len(diff), np.nan)
+        enough = n_ok >= MIN_LINE_DATA * diff.shape[1]
+        med[enough] = np.nanmedian(diff[enough], axis=1)
+        out[y0:y1] = med
+    else:
+        out[y0:y1] = np.median(diff, axis=1)
     return out
 
 

@@ -5,6 +5,7 @@ per-site intensity, sublattice and local strain.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -29,6 +30,7 @@ from .lattice import (
 )
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
+from .nodata import NoData, no_data as find_no_data
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
@@ -416,14 +418,15 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
     img = check_image(image, min_side=MIN_IMAGE_SIDE)
-    clipping = clipped_intensities(img)
+    no_data = find_no_data(img)
+    clipping = clipped_intensities(img, no_data)
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
     img, jumps, ring = _undo_scan_jumps(img, s)
     t_jumps = time.perf_counter() - t0
     try:
-        f = _find_lattice(img, s, tm, ring)
+        f = _find_lattice(img, s, tm, ring, no_data=no_data)
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
@@ -474,6 +477,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
     lattice_meta["inversion_domains"] = domain_info
+    if no_data.any():
+        lattice_meta["no_data"] = _no_data_meta(no_data.share(img))
     if clipping:
         lattice_meta["clipping"] = clipping
         warnings.warn(clipping["warning"], ClippingWarning, stacklevel=3)
@@ -484,6 +489,20 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
         _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=3)
     return SiteTable(cols, meta)
+
+
+#: share of the image without data (:mod:`stemfast.nodata`) above which the summary warns
+NO_DATA_WARN_SHARE = 0.01
+
+
+def _no_data_meta(share: float) -> dict:
+    """``lattice.no_data`` of ``summary.json``: the share of the image without data
+    (:mod:`stemfast.nodata`), and a warning above :data:`NO_DATA_WARN_SHARE`."""
+    out = {"share": round(share, 4)}
+    if share >= NO_DATA_WARN_SHARE:
+        out["warning"] = (f"{share:.1%} of the image holds no data (one constant value: the padding of an aligned, "
+                          "drift-corrected or rotated frame, or a mask): no sites are placed there")
+    return out
 
 
 class _NoLattice(Exception):
@@ -508,9 +527,11 @@ class _Lattice(NamedTuple):
     nn_fft: float  # the site spacing from the phase map (px)
     nn: float  # the site spacing used (px): ``nn_fft`` unless the settings fix it
     holes: bool  # holes in the film were looked for
+    no_data: NoData | None  # the regions without data (stemfast.nodata)
 
 
-def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads: int = 0) -> _Lattice:
+def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads: int = 0,
+                  no_data: NoData | None = None) -> _Lattice:
     """Steps 1-4 of :func:`find_sites` (spacing, bandpass, peaks, site lattice); :class:`_NoLattice`
     when there is none. ``ring``: the Bragg ring of ``img`` when already known. When the columns
     show that the ring was a second-order one (:func:`stemfast.sitelattice.columns_on_one_coset`:
@@ -553,13 +574,14 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         radius=max(1.5, s.refine_radius_nn * nn),
         backend=s.backend,
     )
+    pk = _drop_peaks_without_data(pk, img, no_data)
     tm["peaks"] = time.perf_counter() - t0
     if len(pk.xy) < 8:
         raise _NoLattice(f"only {len(pk.xy)} columns found: no lattice", spacing_px=nn)
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    idx, gmap, pmap, nn_fft, nn, holes = _index_columns(img, bp, pk, refine_img, ring, s, nn)
+    idx, gmap, pmap, nn_fft, nn, holes = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -567,8 +589,59 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     if s.spacing is None and rereads < MAX_RING_REREADS and columns_on_one_coset(idx):
         log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
                  "second-order one; the lattice is found again from the first", nn)
-        return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1)
-    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes)
+        return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data)
+    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes, no_data)
+
+
+def _near_no_data(xy: np.ndarray, img: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
+    """Bool [N]: the sites with a pixel without data (:mod:`stemfast.nodata`) at their centre or one
+    ``spacing`` away in any of 12 directions."""
+    out = np.zeros(len(xy), bool)
+    if no_data is None or not no_data.any() or not len(xy):
+        return out
+    H, W = img.shape
+    ang = np.arange(12) * (np.pi / 6)
+    offs = np.concatenate([[[0.0, 0.0]], spacing * np.stack([np.cos(ang), np.sin(ang)], 1)])
+    pts = xy[:, None, :] + offs[None]  # [N, 13, (x, y)]
+    r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
+    c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
+    return no_data.at(img, r, c).any(axis=1)
+
+
+def _drop_sites_without_data(idx, img: np.ndarray, no_data: NoData | None, spacing: float):
+    """``idx`` without the sites placed more than half a ``spacing`` deep in a region without data
+    (:mod:`stemfast.nodata`): their centre and 12 points half a spacing around it hold no data. (A
+    column that the region's edge cuts stays, as at the image edge; one that the local fits carried
+    from a maximum at the edge into the region does not.)"""
+    if no_data is None or not no_data.any() or not len(idx.xy):
+        return idx
+    H, W = img.shape
+    ang = np.arange(12) * (np.pi / 6)
+    offs = np.concatenate([[[0.0, 0.0]], 0.5 * spacing * np.stack([np.cos(ang), np.sin(ang)], 1)])
+    pts = idx.xy[:, None, :] + offs[None]
+    r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
+    c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
+    keep = ~no_data.at(img, r, c).all(axis=1)
+    return idx if keep.all() else _rows(idx, keep)
+
+
+def _rows(obj, keep: np.ndarray):
+    """A frozen dataclass of per-row arrays (peaks, sites) with only the rows ``keep``."""
+    sel = {f.name: (v[keep] if isinstance(v, np.ndarray) and v.shape[:1] == keep.shape else v)
+           for f in dataclasses.fields(obj) for v in [getattr(obj, f.name)]}
+    return dataclasses.replace(obj, **sel)
+
+
+def _drop_peaks_without_data(pk, img: np.ndarray, no_data: NoData | None):
+    """``pk`` without the maxima that lie where the image holds no data (:mod:`stemfast.nodata`: the
+    band-pass rings at the edge of a constant margin, and those rings are no columns)."""
+    if no_data is None or not no_data.any() or not len(pk.xy):
+        return pk
+    H, W = img.shape
+    r = np.clip(np.rint(pk.xy[:, 1]).astype(np.int64), 0, H - 1)
+    c = np.clip(np.rint(pk.xy[:, 0]).astype(np.int64), 0, W - 1)
+    keep = ~no_data.at(img, r, c)
+    return pk if keep.all() else _rows(pk, keep)
 
 
 def _bragg_ring(img: np.ndarray, s: SiteSettings):
@@ -590,7 +663,7 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings):
     return ring
 
 
-def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
+def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no_data=None):
     """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain.
 
     Returns ``(idx, gmap, pmap, nn_fft, nn, holes)``; ``nn`` becomes the phase map's spacing unless
@@ -607,7 +680,7 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
     nn_fft = site_spacing(pmap.g)
     if s.spacing is None:
         nn = nn_fft
-    film = film_mask(img, bp, peak_xy, nn) if s.detect_holes else None
+    film = film_mask(img, bp, peak_xy, nn, no_data) if s.detect_holes else None
     holes = film is not None
     peak_var = None
     if pk.amplitude is not None:
@@ -619,7 +692,7 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float):
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
         idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
-    return idx, gmap, pmap, nn_fft, nn, holes
+    return _drop_sites_without_data(idx, img, no_data, nn), gmap, pmap, nn_fft, nn, holes
 
 
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
@@ -637,7 +710,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     inten = sample_image(f.bp, xy, backend=s.backend)
     # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
     # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
-    lines, streak = _scan_lines(img, idx, xy, s) if scan is None else scan
+    lines, streak = _scan_lines(img, idx, xy, s, f.no_data) if scan is None else scan
     column = _column_intensity(img, xy, nn, s, lines)
     raw = site_intensity(img, np.ascontiguousarray(xy, dtype=np.float64), radius=max(1.0, s.intensity_radius_nn * nn),
                          backend=s.backend)
@@ -652,6 +725,9 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     # a column centred within a px of the edge is a site, but the scan shows at most half of it: its
     # intensity (and patch) cannot be judged
     observed &= border_distance(xy, img.shape) >= EDGE_UNJUDGED_PX
+    # likewise within a spacing of a region without data (an aligned frame's padding): the column
+    # and its neighbourhood are cut there as at the image edge
+    observed &= ~_near_no_data(xy, img, f.no_data, nn)
     # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
     grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
     sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter)
@@ -739,14 +815,14 @@ def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict)
     intensities afterwards does not undo. Returns ``(lattice, scan)``: ``f`` and its
     :func:`_scan_lines` result when nothing is flagged or the second pass finds no lattice (step 5
     reuses it), else the new lattice and None."""
-    scan = _scan_lines(img, f.idx, f.idx.xy, s)
+    scan = _scan_lines(img, f.idx, f.idx.xy, s, f.no_data)
     lines = scan[0]
     if lines is None or not len(lines.rows):
         return f, scan
     levelled = img - lines.correction()[:, None].astype(img.dtype)
     t0 = time.perf_counter()
     try:
-        g = _find_lattice(levelled, s, {})
+        g = _find_lattice(levelled, s, {}, no_data=f.no_data)
     except _NoLattice:
         return f, scan
     tm["relevel"] = time.perf_counter() - t0
@@ -802,25 +878,27 @@ def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSetting
     return sample_image(bp, xy, backend=s.backend)
 
 
-def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings):
+def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
     """The scan lines' offsets (:func:`stemfast.scanlines.scan_line_offsets`) against the lattice of the
-    median of the finite local ``bases`` [N, 2, 2]; None when ``scan_lines`` is off or fewer than 8
-    bases are finite."""
+    median of the finite local ``bases`` [N, 2, 2], the pixels without data (``no_data``) left out;
+    None when ``scan_lines`` is off or fewer than 8 bases are finite."""
     from .scanlines import same_sublattice_vectors, scan_line_offsets
 
     ok = np.isfinite(bases).all(axis=(1, 2))
     if not s.scan_lines or ok.sum() < 8:
         return None
     b = np.median(bases[ok], axis=0)
+    if no_data is not None and no_data.any():
+        img = np.where(no_data.pixels(img), np.float32(np.nan), img)
     return scan_line_offsets(img, same_sublattice_vectors(b[0], b[1]))
 
 
-def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings):
+def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
     """The scan lines' offsets (:func:`_line_offsets`, with the local bases of the lattice sites) and,
     per site, whether a flagged line passes within ``STREAK_REACH * column_noise_px`` of it; (None,
     all False) when switched off."""
     streak = np.zeros(len(xy), bool)
-    lines = _line_offsets(img, idx.basis[idx.kind != 2], s)
+    lines = _line_offsets(img, idx.basis[idx.kind != 2], s, no_data)
     if lines is None:
         return None, streak
     rows = lines.rows

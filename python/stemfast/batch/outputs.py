@@ -405,6 +405,8 @@ def lattice_warnings(lat) -> list[str]:
         out.append(lat["inversion_domains"]["warning"])
     if (lat.get("clipping") or {}).get("warning"):
         out.append(lat["clipping"]["warning"])
+    if (lat.get("no_data") or {}).get("warning"):
+        out.append(lat["no_data"]["warning"])
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "

@@ -1,0 +1,107 @@
+"""Where an image holds no data: regions of one constant value.
+
+An aligned or drift-corrected frame of a series is padded where the shifted field of view left the
+frame (zeros, or the mean); a rotated or registered image has constant corners; a masked image a
+constant mask. No detector records one exact value over hundreds of pixels, so such a region is no
+film and no hole: there is nothing there to find, place or judge. :func:`no_data` finds it: blocks
+of :data:`NO_DATA_BLOCK` px whose pixels are all equal, in runs of at least 2 x 2 blocks, and, in
+the blocks around them, the pixels that hold one of those blocks' values (the region's edge at
+pixel resolution). The site lattice places no site there (:func:`stemfast.lattice.film_mask`) and
+the clipping check does not count it (:func:`stemfast.clipping.clipped_intensities`).
+
+Examples
+--------
+>>> img = np.random.default_rng(0).normal(size=(64, 64))
+>>> img[:, :21] = 0.0                      # a frame shifted 21 px to the right, zero-filled
+>>> nd = no_data(img)
+>>> nd.blocks.shape, int(nd.blocks.sum())  # two whole block columns; the third is part data
+((8, 8), 16)
+>>> m = nd.pixels(img)
+>>> bool(m[:, :21].all()), bool(m[:, 21:].any()), round(nd.share(img), 3)
+(True, False, 0.328)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["NoData", "no_data", "NO_DATA_BLOCK"]
+
+#: side (px) of the blocks the no-data test reads; a region is no data when at least 2 x 2 of them
+#: (16 px) are constant
+NO_DATA_BLOCK = 8
+#: distinct constant values followed to the regions' edges (a zero margin and a mean-filled one...)
+_MAX_VALUES = 4
+
+
+class NoData(NamedTuple):
+    """The regions of an image without data (:func:`no_data`).
+
+    ``blocks``: bool ``[H // block, W // block]``, the wholly constant blocks (a partial last row or
+    column of blocks counts as data); ``values``: their constant values (at most 4, float64);
+    ``block``: the block side (px).
+    """
+
+    blocks: np.ndarray
+    values: np.ndarray
+    block: int
+
+    def any(self) -> bool:
+        return bool(self.blocks.any())
+
+    def at(self, image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Bool: whether the pixels ``(rows, cols)`` (int arrays of one shape, inside ``image``) hold
+        no data: in a constant block, or in a block next to one and equal to one of ``values``."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        out = np.zeros(np.broadcast(rows, cols).shape, bool)
+        if not self.any():
+            return out
+        rows, cols = np.broadcast_arrays(rows, cols)
+        br, bc = rows // self.block, cols // self.block
+        h, w = self.blocks.shape
+        inside = (br < h) & (bc < w)
+        rim = ndimage.binary_dilation(self.blocks, structure=np.ones((3, 3), bool))
+        near = np.zeros_like(out)
+        out[inside] = self.blocks[br[inside], bc[inside]]
+        near[inside] = rim[br[inside], bc[inside]]
+        # the partial last row / column of blocks lies next to the last whole one
+        near |= ~inside & rim[np.minimum(br, h - 1), np.minimum(bc, w - 1)]
+        cand = near & ~out
+        if cand.any():
+            out[cand] = np.isin(np.asarray(image)[rows[cand], cols[cand]], self.values)
+        return out
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        """The no-data mask at image resolution (bool, ``image``'s shape)."""
+        H, W = np.shape(image)
+        r, c = np.meshgrid(np.arange(H), np.arange(W), indexing="ij", sparse=True)
+        return self.at(image, r, c)
+
+    def share(self, image: np.ndarray) -> float:
+        """Share of the image's pixels without data."""
+        return float(self.pixels(image).mean()) if self.any() else 0.0
+
+
+def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
+    """The regions of ``image`` without data (module docs)."""
+    a = np.asarray(image)
+    if a.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    if int(block) < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    b = int(block)
+    h, w = a.shape[0] // b, a.shape[1] // b
+    const = np.zeros((h, w), bool)
+    first = np.zeros((h, w), a.dtype)
+    step = max(1, 512 // b)  # block rows per strip: no full-size temporary
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        s = a[r0 * b: r1 * b, : w * b].reshape(r1 - r0, b, w, b)
+        const[r0:r1] = s.max(axis=(1, 3)) == s.min(axis=(1, 3))
+        first[r0:r1] = s[:, 0, :, 0]
+    if const.any():
+        const = ndimage.binary_opening(const, structure=np.ones((2, 2), bool))
+    vals = np.unique(first[const].astype(np.float64))[:_MAX_VALUES] if const.any() else np.zeros(0)
+    return NoData(const, vals, b)

@@ -1,0 +1,85 @@
+"""Regions without data (stemfast.nodata): the padding of an aligned or drift-corrected frame, a
+rotated image's corners, a mask. Nothing is found, placed or judged there, and they are not taken
+for a cut black level or for offset scan lines."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from stemfast.batch.outputs import lattice_warnings
+from stemfast.nodata import no_data
+from stemfast.scanlines import scan_line_offsets
+from stemfast.sites import find_sites
+from stemfast.synthetic import make_mos2
+
+PAD_X, PAD_Y = 37, 21
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """A synthetic MoS2 frame, and the same field shifted by (37, 21) px with the margin filled by
+    zeros (as an aligned frame of a series) and by the frame's mean."""
+    img = make_mos2(shape=(320, 320), seed=8, rates=(0.02, 0.01, 0.005, 0.005)).image.astype(np.float32)
+    out = {"frame": img}
+    for name, fill in (("zeros", 0.0), ("mean", float(img.mean()))):
+        a = np.full_like(img, np.float32(fill))
+        a[PAD_Y:, PAD_X:] = img[:-PAD_Y, :-PAD_X]
+        out[name] = a
+    return out
+
+
+def _sites(img):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return find_sites(img)
+
+
+def test_constant_blocks_are_found_to_the_pixel_and_noise_is_data(frames):
+    nd = no_data(frames["zeros"])
+    m = nd.pixels(frames["zeros"])
+    truth = np.zeros(m.shape, bool)
+    truth[:PAD_Y] = True
+    truth[:, :PAD_X] = True
+    np.testing.assert_array_equal(m, truth)
+    assert nd.share(frames["zeros"]) == pytest.approx(truth.mean())
+    assert not no_data(frames["frame"]).any()
+    counts = np.random.default_rng(2).poisson(0.1, (256, 256)).astype(np.float32)  # low-dose counts: data
+    assert not no_data(counts).any()
+    with pytest.raises(ValueError):
+        no_data(np.zeros(5))
+
+
+@pytest.mark.parametrize("fill", ["zeros", "mean"])
+def test_a_padded_frame_gets_no_sites_in_its_margin_and_the_same_judgement_inside(frames, fill):
+    ref, t = _sites(frames["frame"]), _sites(frames[fill])
+    lat = t.meta["lattice"]
+    assert lat["no_data"]["share"] == pytest.approx(1 - (320 - PAD_X) * (320 - PAD_Y) / 320 ** 2, abs=1e-3)
+    assert lat["no_data"]["warning"] in lattice_warnings(lat)
+    # a zero margin is no cut black level, and its rows are no offset scan lines
+    assert "clipping" not in lat and not lat["scan_lines"]["flagged_rows"]
+    # no site inside the margin beyond the columns its edge cuts (half a spacing)
+    nn = t.meta["spacing_px"]
+    xy = t.xy
+    assert not ((xy[:, 0] < PAD_X - 0.5 * nn) | (xy[:, 1] < PAD_Y - 0.5 * nn)).any()
+    # the sites of the field's interior are the unpadded frame's, and those near the margin are not judged
+    obs = np.asarray(t["observed"], bool)
+    assert not obs[(xy[:, 0] < PAD_X + 0.9 * nn) | (xy[:, 1] < PAD_Y + 0.9 * nn)].any()
+    inner = (xy[:, 0] > PAD_X + 3 * nn) & (xy[:, 1] > PAD_Y + 3 * nn) & (xy < 320 - 3 * nn).all(1)
+    d = np.hypot(*(ref.xy[None, :, :] - (xy[inner] - [PAD_X, PAD_Y])[:, None, :]).transpose(2, 0, 1)).min(1)
+    assert np.median(d) < 0.05 and (d < 1.0).mean() > 0.99
+
+
+def test_scan_line_offsets_leave_pixels_without_data_out():
+    yy, xx = np.mgrid[0:96, 0:96].astype(float)
+    img = 10 + 5 * np.cos(2 * np.pi * xx / 8) * np.cos(2 * np.pi * yy / 8)
+    img += np.random.default_rng(0).normal(0, 0.5, img.shape)
+    img[40:42] += 3.0  # a streak of two lines
+    padded = img.copy()
+    padded[:, :20] = np.nan  # a margin without data
+    padded[:10] = np.nan     # lines without any data: no offset
+    vec = [[8.0, 8.0], [8.0, -8.0], [0.0, 16.0]]
+    lines = scan_line_offsets(padded, vec)
+    assert lines.rows.tolist() == [40, 41] and np.isnan(lines.offset[:10]).all()
+    assert np.round(lines.offset[40:42]).tolist() == [3.0, 3.0]
