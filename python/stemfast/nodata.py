@@ -73,6 +73,18 @@ class NoData(NamedTuple):
             out[cand] = np.isin(np.asarray(image)[rows[cand], cols[cand]], self.values)
         return out
 
+    def around(self, image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
+        """Bool [N, 13]: whether the pixels at points ``xy`` [N, 2] (x, y) and 12 points ``radius``
+        px around each (every 30 degrees, rounded to pixels, clipped to the image) hold no data."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        H, W = np.shape(image)
+        ang = np.arange(12) * (np.pi / 6)
+        offs = np.concatenate([[[0.0, 0.0]], radius * np.stack([np.cos(ang), np.sin(ang)], 1)])
+        pts = xy[:, None, :] + offs[None]
+        r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
+        c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
+        return self.at(image, r, c)
+
     def pixels(self, image: np.ndarray) -> np.ndarray:
         """The no-data mask at image resolution (bool, ``image``'s shape)."""
         H, W = np.shape(image)

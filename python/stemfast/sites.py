@@ -596,16 +596,9 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
 def _near_no_data(xy: np.ndarray, img: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
     """Bool [N]: the sites with a pixel without data (:mod:`stemfast.nodata`) at their centre or one
     ``spacing`` away in any of 12 directions."""
-    out = np.zeros(len(xy), bool)
     if no_data is None or not no_data.any() or not len(xy):
-        return out
-    H, W = img.shape
-    ang = np.arange(12) * (np.pi / 6)
-    offs = np.concatenate([[[0.0, 0.0]], spacing * np.stack([np.cos(ang), np.sin(ang)], 1)])
-    pts = xy[:, None, :] + offs[None]  # [N, 13, (x, y)]
-    r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
-    c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
-    return no_data.at(img, r, c).any(axis=1)
+        return np.zeros(len(xy), bool)
+    return no_data.around(img, xy, spacing).any(axis=1)
 
 
 def _drop_sites_without_data(idx, img: np.ndarray, no_data: NoData | None, spacing: float):
@@ -615,13 +608,7 @@ def _drop_sites_without_data(idx, img: np.ndarray, no_data: NoData | None, spaci
     from a maximum at the edge into the region does not.)"""
     if no_data is None or not no_data.any() or not len(idx.xy):
         return idx
-    H, W = img.shape
-    ang = np.arange(12) * (np.pi / 6)
-    offs = np.concatenate([[[0.0, 0.0]], 0.5 * spacing * np.stack([np.cos(ang), np.sin(ang)], 1)])
-    pts = idx.xy[:, None, :] + offs[None]
-    r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
-    c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
-    keep = ~no_data.at(img, r, c).all(axis=1)
+    keep = ~no_data.around(img, idx.xy, 0.5 * spacing).all(axis=1)
     return idx if keep.all() else _rows(idx, keep)
 
 
@@ -637,10 +624,7 @@ def _drop_peaks_without_data(pk, img: np.ndarray, no_data: NoData | None):
     band-pass rings at the edge of a constant margin, and those rings are no columns)."""
     if no_data is None or not no_data.any() or not len(pk.xy):
         return pk
-    H, W = img.shape
-    r = np.clip(np.rint(pk.xy[:, 1]).astype(np.int64), 0, H - 1)
-    c = np.clip(np.rint(pk.xy[:, 0]).astype(np.int64), 0, W - 1)
-    keep = ~no_data.at(img, r, c)
+    keep = ~no_data.around(img, pk.xy, 0.0)[:, 0]
     return pk if keep.all() else _rows(pk, keep)
 
 
