@@ -83,3 +83,13 @@ def test_scan_line_offsets_leave_pixels_without_data_out():
     lines = scan_line_offsets(padded, vec)
     assert lines.rows.tolist() == [40, 41] and np.isnan(lines.offset[:10]).all()
     assert np.round(lines.offset[40:42]).tolist() == [3.0, 3.0]
+
+
+def test_a_padded_companion_is_read_as_the_padded_frame(frames):
+    """The second detector's image of a padded frame has the same margin: its lines' statistics leave
+    it out too, so it reads the columns as the first image does (here: the same image, scaled)."""
+    from stemfast.sites import companion_intensity
+
+    t = _sites(frames["zeros"])
+    c = companion_intensity(1.3 * frames["zeros"], t)
+    np.testing.assert_allclose(c, 1.3 * np.asarray(t["column_intensity"], np.float64), rtol=1e-4, atol=1e-4)

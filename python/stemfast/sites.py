@@ -820,7 +820,8 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     Scanning microscopes record several detectors at once, pixel for pixel (HAADF and MAADF: ADF1 and
     ADF2 of a JEOL); each sees the same columns through independent shot noise, and a missing atom in
     both. This reads ``image`` the way :func:`find_sites` reads ``column_intensity``: scan lines that
-    are off against the sites' lattice levelled (``settings.scan_lines``), the bandpass with a
+    are off against the sites' lattice levelled (``settings.scan_lines``; its regions without data,
+    :mod:`stemfast.nodata`, left out of the lines' statistics), the bandpass with a
     ``column_noise_px`` low-pass and a ``background_nn`` spacing background, sampled at the sites.
     :func:`stemfast.analysis.analyze_sites` averages the two images' local z when the table has it as
     its ``companion_intensity`` column (docs/RESULTS.md, round 5).
@@ -847,7 +848,7 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     nn = float(sites.meta["spacing_px"])
     xy = np.ascontiguousarray(sites.xy, dtype=np.float64)
     basis = sites.basis
-    lines = None if basis is None else _line_offsets(img, basis, s)
+    lines = None if basis is None else _line_offsets(img, basis, s, find_no_data(img))
     return _column_intensity(img, xy, nn, s, lines).astype(np.float64)
 
 
