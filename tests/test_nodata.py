@@ -93,3 +93,23 @@ def test_a_padded_companion_is_read_as_the_padded_frame(frames):
     t = _sites(frames["zeros"])
     c = companion_intensity(1.3 * frames["zeros"], t)
     np.testing.assert_allclose(c, 1.3 * np.asarray(t["column_intensity"], np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_a_rotated_frame_has_no_data_in_its_corners_to_the_pixel(frames):
+    """A frame rotated onto a larger canvas (corners zero-filled; the interpolation's staircase along
+    the diagonal edges is no whole block): the corners are found to the pixel, they are no cut black
+    level, and the sites outside the field are columns its edge cuts."""
+    from scipy import ndimage
+
+    img = frames["frame"]
+    rot = ndimage.rotate(img, 15, reshape=True, order=1, cval=0.0).astype(np.float32)
+    field = ndimage.rotate(np.ones_like(img), 15, reshape=True, order=1, cval=0.0) > 0
+    nd = no_data(rot)
+    assert (nd.pixels(rot) == ~field).mean() > 0.999
+    t = _sites(rot)
+    lat = t.meta["lattice"]
+    assert "clipping" not in lat and lat["no_data"]["share"] == pytest.approx((~field).mean(), abs=0.002)
+    depth = ndimage.distance_transform_edt(~field)  # px into the corners
+    r = np.clip(np.rint(t.xy[:, 1]).astype(int), 0, rot.shape[0] - 1)
+    c = np.clip(np.rint(t.xy[:, 0]).astype(int), 0, rot.shape[1] - 1)
+    assert depth[r, c].max() <= 0.5 * t.meta["spacing_px"] + 1

@@ -4,18 +4,17 @@ An aligned or drift-corrected frame of a series is padded where the shifted fiel
 frame (zeros, or the mean); a rotated or registered image has constant corners; a masked image a
 constant mask. No detector records one exact value over hundreds of pixels, so such a region is no
 film and no hole: there is nothing there to find, place or judge. :func:`no_data` finds it: blocks
-of :data:`NO_DATA_BLOCK` px whose pixels are all equal, in runs of at least 2 x 2 blocks, and, in
-the blocks around them, the pixels that hold one of those blocks' values (the region's edge at
-pixel resolution). The site lattice places no site there (:func:`stemfast.lattice.film_mask`) and
-the clipping check does not count it (:func:`stemfast.clipping.clipped_intensities`).
+of :data:`NO_DATA_BLOCK` px whose pixels are all equal, in runs of at least 2 x 2 blocks, grown to
+every pixel of their values connected to them (the region's edge at pixel resolution, a rotated
+frame's staircase of partial blocks included). The site lattice places no site there
+(:func:`stemfast.lattice.film_mask`), and the clipping check does not count it
+(:func:`stemfast.clipping.clipped_intensities`).
 
 Examples
 --------
 >>> img = np.random.default_rng(0).normal(size=(64, 64))
 >>> img[:, :21] = 0.0                      # a frame shifted 21 px to the right, zero-filled
 >>> nd = no_data(img)
->>> nd.blocks.shape, int(nd.blocks.sum())  # two whole block columns; the third is part data
-((8, 8), 16)
 >>> m = nd.pixels(img)
 >>> bool(m[:, :21].all()), bool(m[:, 21:].any()), round(nd.share(img), 3)
 (True, False, 0.328)
@@ -39,39 +38,21 @@ _MAX_VALUES = 4
 class NoData(NamedTuple):
     """The regions of an image without data (:func:`no_data`).
 
-    ``blocks``: bool ``[H // block, W // block]``, the wholly constant blocks (a partial last row or
-    column of blocks counts as data); ``values``: their constant values (at most 4, float64);
-    ``block``: the block side (px).
+    ``mask``: bool, the image's shape, True without data (None where the image has no such region);
+    ``block``: the block side (px) of the test.
     """
 
-    blocks: np.ndarray
-    values: np.ndarray
+    mask: np.ndarray | None
     block: int
 
     def any(self) -> bool:
-        return bool(self.blocks.any())
+        return self.mask is not None
 
     def at(self, image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Bool: whether the pixels ``(rows, cols)`` (int arrays of one shape, inside ``image``) hold
-        no data: in a constant block, or in a block next to one and equal to one of ``values``."""
-        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        out = np.zeros(np.broadcast(rows, cols).shape, bool)
-        if not self.any():
-            return out
-        rows, cols = np.broadcast_arrays(rows, cols)
-        br, bc = rows // self.block, cols // self.block
-        h, w = self.blocks.shape
-        inside = (br < h) & (bc < w)
-        rim = ndimage.binary_dilation(self.blocks, structure=np.ones((3, 3), bool))
-        near = np.zeros_like(out)
-        out[inside] = self.blocks[br[inside], bc[inside]]
-        near[inside] = rim[br[inside], bc[inside]]
-        # the partial last row / column of blocks lies next to the last whole one
-        near |= ~inside & rim[np.minimum(br, h - 1), np.minimum(bc, w - 1)]
-        cand = near & ~out
-        if cand.any():
-            out[cand] = np.isin(np.asarray(image)[rows[cand], cols[cand]], self.values)
-        return out
+        no data."""
+        rows, cols = np.broadcast_arrays(np.asarray(rows, np.int64), np.asarray(cols, np.int64))
+        return np.zeros(rows.shape, bool) if self.mask is None else self.mask[rows, cols]
 
     def around(self, image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
         """Bool [N, 13]: whether the pixels at points ``xy`` [N, 2] (x, y) and 12 points ``radius``
@@ -87,13 +68,11 @@ class NoData(NamedTuple):
 
     def pixels(self, image: np.ndarray) -> np.ndarray:
         """The no-data mask at image resolution (bool, ``image``'s shape)."""
-        H, W = np.shape(image)
-        r, c = np.meshgrid(np.arange(H), np.arange(W), indexing="ij", sparse=True)
-        return self.at(image, r, c)
+        return np.zeros(np.shape(image), bool) if self.mask is None else self.mask
 
     def share(self, image: np.ndarray) -> float:
         """Share of the image's pixels without data."""
-        return float(self.pixels(image).mean()) if self.any() else 0.0
+        return 0.0 if self.mask is None else float(self.mask.mean())
 
 
 def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
@@ -115,5 +94,10 @@ def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
         first[r0:r1] = s[:, 0, :, 0]
     if const.any():
         const = ndimage.binary_opening(const, structure=np.ones((2, 2), bool))
-    vals = np.unique(first[const].astype(np.float64))[:_MAX_VALUES] if const.any() else np.zeros(0)
-    return NoData(const, vals, b)
+    if not const.any():
+        return NoData(None, b)
+    # the regions' edges to the pixel: every pixel of their values connected to them
+    values = np.unique(first[const])[:_MAX_VALUES]
+    seed = np.zeros(a.shape, bool)
+    seed[: h * b, : w * b] = np.repeat(np.repeat(const, b, 0), b, 1)
+    return NoData(ndimage.binary_propagation(seed, mask=np.isin(a, values)), b)
