@@ -6,6 +6,7 @@ time.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -484,8 +485,11 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     few[[10, 50, 90], [20, 60, 100]] = np.nan
     np.save(data / "few.npy", few)
     many = img.copy()
-    many[:50] = np.nan  # 31 % of the pixels
+    many.flat[np.random.default_rng(0).choice(many.size, many.size // 3, replace=False)] = np.nan  # 33 %, scattered
     np.save(data / "many.npy", many)
+    margin = img.copy()
+    margin[:20] = np.nan  # 12.5 % of the pixels, but a margin (an aligned frame's padding): no damage to fill
+    np.save(data / "margin.npy", margin)
     out = tmp_path / "out"
     base = [str(data), "-o", str(out), "--config", str(env["toml"]), "--model", str(env["a"])]
     assert run_batch_cli(base) == EXIT_SKIPPED
@@ -498,6 +502,11 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     st = {i["name"]: i for i in bs["inputs"]}
     assert st["few"]["status"] == "done" and st["many"]["status"] == "skipped"
     assert "more than the 1.00%" in st["many"]["reason"]
+    assert st["margin"]["status"] == "done"
+    m = json.loads((out / "margin" / "summary.json").read_text())
+    assert m["lattice"]["no_data"]["share"] == pytest.approx(20 / img.shape[0], abs=0.01)
+    ys = [float(r["y"]) for r in csv.DictReader((out / "margin" / "sites.csv").open())]
+    assert min(ys) > 20 - 0.5 * m["lattice"]["spacing_px"]
     s = json.loads((out / "few" / "summary.json").read_text())
     assert s["input"]["nonfinite_replaced"] == 3 and any("3 NaN" in w for w in s["warnings"])
     assert "warning:" in err and "3 NaN" in err

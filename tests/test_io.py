@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import pickle
 import sys
 
@@ -652,11 +653,34 @@ def test_fill_nonfinite_has_a_limit(tmp_path, img):
     np.save(tmp_path / "many.npy", bad)
     e = _err(tmp_path / "many.npy")
     assert "--fill-nonfinite" in str(e)
-    with pytest.raises(ReadError, match=r"12.50% of the pixels are NaN or infinite, more than the 1.00%"):
+    with pytest.raises(ReadError, match=r"12.50% of the pixels are NaN or infinite outside regions without data, "
+                                        r"more than the 1.00%"):
         read(tmp_path / "many.npy", allow_nonfinite=True, max_nonfinite_fraction=0.01)
     with pytest.warns(ReadWarning):
         mg = read(tmp_path / "many.npy", allow_nonfinite=True, max_nonfinite_fraction=0.2)
     assert np.isfinite(mg.data).all()
+
+
+def test_a_nan_margin_is_filled_as_a_region_without_data(tmp_path):
+    """An aligned frame padded with NaN: the margin is no scattered damage, so the limit on filled
+    pixels does not count it; filled, it is one value, a region without data where no site goes."""
+    from stemfast.sites import find_sites
+    from stemfast.synthetic import make_mos2
+
+    img = make_mos2(shape=(256, 256), seed=4).image.astype(np.float32)
+    pad = np.full_like(img, np.nan)
+    pad[24:, 40:] = img[:-24, :-40]
+    pad[100, 100] = np.nan  # and one scattered pixel
+    np.save(tmp_path / "aligned.npy", pad)
+    e = _err(tmp_path / "aligned.npy")
+    assert "form regions without data" in str(e)
+    with pytest.warns(ReadWarning, match="replaced"):
+        mg = read(tmp_path / "aligned.npy", allow_nonfinite=True, max_nonfinite_fraction=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(mg.data)
+    assert t.meta["lattice"]["no_data"]["share"] == pytest.approx(1 - 232 * 216 / 256 ** 2, abs=1e-3)
+    assert not ((t.xy[:, 0] < 40 - 0.5 * t.meta["spacing_px"]) | (t.xy[:, 1] < 24 - 0.5 * t.meta["spacing_px"])).any()
 
 
 def test_scan_lists_dangling_links_and_unreadable_folders(tmp_path, img, monkeypatch):

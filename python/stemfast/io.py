@@ -232,7 +232,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     allow_nonfinite : replace NaN/inf pixels by the median of the frame (with a warning)
         instead of raising (command line: ``--fill-nonfinite``).
     max_nonfinite_fraction : with ``allow_nonfinite``, raise all the same when more than this
-        fraction of the pixels of a frame are not finite (the fill would invent the image).
+        fraction of the pixels of a frame are not finite outside regions without data (the fill
+        would invent the image). A region of them -- an aligned frame's NaN padding, runs of whole
+        8 px blocks (:func:`stemfast.nodata.regions_of`) -- does not count: filled with one value it
+        stays a region without data, where no site is placed.
 
     Returns
     -------
@@ -621,17 +624,23 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         if bad == n:
             raise ReadError(path, "all values are NaN or infinite")
         if not allow_nonfinite:
+            margin = sum(int(_nonfinite_margin(fr).sum()) for fr in (data if data.ndim == 3 else data[None]))
+            why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
+                   "is placed once they are filled" if margin else "")
             raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
-                                  "read(..., allow_nonfinite=True), replaces a few of them by the frame median)")
+                                  f"read(..., allow_nonfinite=True), replaces them by the frame median{why})")
         data = np.array(data, dtype=np.float32, order="C")
         stack = data if data.ndim == 3 else data[None]
         for i, fr in enumerate(stack):
             m = ~np.isfinite(fr)
-            frac = float(np.count_nonzero(m)) / float(m.size)
+            # the limit is on scattered pixels: a region without data (a NaN margin) filled with one
+            # value stays one (stemfast.nodata), and no site is placed there
+            frac = float(np.count_nonzero(m & ~_nonfinite_margin(fr))) / float(m.size)
             if frac > max_nonfinite_fraction:
                 where = f"frame {i}: " if data.ndim == 3 else ""
-                raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite, more than the "
-                                      f"{max_nonfinite_fraction:.2%} that may be filled (--nonfinite-limit)")
+                raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "
+                                      f"data, more than the {max_nonfinite_fraction:.2%} that may be filled "
+                                      "(--nonfinite-limit)")
             if m.any():
                 good = fr[~m]
                 fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
@@ -726,6 +735,15 @@ def _tiff_is_colour(path: Path, series, meta: dict) -> bool:
     log.info("%s", msg)
     meta["planar_samples_as_frames"] = True
     return False
+
+
+def _nonfinite_margin(frame: np.ndarray) -> np.ndarray:
+    """Bool, ``frame``'s shape: the NaN / infinite pixels that form regions without data (runs of
+    whole blocks, :func:`stemfast.nodata.no_data`: an aligned frame's NaN padding), not scattered
+    ones."""
+    from .nodata import regions_of
+
+    return regions_of(~np.isfinite(frame))
 
 
 def _largest_series(series_list) -> int:

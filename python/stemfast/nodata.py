@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["NoData", "no_data", "NO_DATA_BLOCK"]
+__all__ = ["NoData", "no_data", "regions_of", "NO_DATA_BLOCK"]
 
 #: side (px) of the blocks the no-data test reads; a region is no data when at least 2 x 2 of them
 #: (16 px) are constant
@@ -98,6 +98,37 @@ def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
         return NoData(None, b)
     # the regions' edges to the pixel: every pixel of their values connected to them
     values = np.unique(first[const])[:_MAX_VALUES]
-    seed = np.zeros(a.shape, bool)
-    seed[: h * b, : w * b] = np.repeat(np.repeat(const, b, 0), b, 1)
-    return NoData(ndimage.binary_propagation(seed, mask=np.isin(a, values)), b)
+    return NoData(_grown(const, b, np.isin(a, values)), b)
+
+
+def _grown(blocks: np.ndarray, b: int, within: np.ndarray) -> np.ndarray:
+    """The pixels of ``within`` (bool, the image's shape) connected to the ``b`` px ``blocks``."""
+    h, w = blocks.shape
+    seed = np.zeros(within.shape, bool)
+    seed[: h * b, : w * b] = np.repeat(np.repeat(blocks, b, 0), b, 1)
+    return ndimage.binary_propagation(seed & within, mask=within)
+
+
+def regions_of(mask, block: int = NO_DATA_BLOCK) -> np.ndarray:
+    """The pixels of a bool ``mask`` that form regions as :func:`no_data` finds them -- runs of at
+    least 2 x 2 whole ``block`` px blocks of True, grown to the True pixels connected to them --
+    rather than scattered ones (e.g. a frame's NaN padding among a few NaN pixels).
+
+    Examples
+    --------
+    >>> m = np.zeros((64, 64), bool)
+    >>> m[:, :20] = True   # a margin
+    >>> m[40, 40] = True   # a scattered pixel
+    >>> r = regions_of(m)
+    >>> bool(r[:, :20].all()), bool(r[40, 40])
+    (True, False)
+    """
+    m = np.asarray(mask, bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    b = int(block)
+    h, w = m.shape[0] // b, m.shape[1] // b
+    blocks = m[: h * b, : w * b].reshape(h, b, w, b).all(axis=(1, 3))
+    if blocks.any():
+        blocks = ndimage.binary_opening(blocks, structure=np.ones((2, 2), bool))
+    return _grown(blocks, b, m) if blocks.any() else np.zeros(m.shape, bool)
