@@ -69,7 +69,7 @@ def clipped_intensities(image, no_data: NoData | None = None) -> dict:
     if a.ndim != 2 or a.size == 0:
         raise ValueError(f"image must be a non-empty 2-D array, got shape {a.shape}")
     if no_data is not None and no_data.any():
-        a = a[~no_data.pixels(a)]
+        a = a[~no_data.pixels()]
         if a.size == 0:
             return {}
     out: dict = {}

@@ -620,34 +620,7 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         data = np.ascontiguousarray(data, dtype=np.float32)
         bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
-        n = int(np.prod(data.shape))
-        if bad == n:
-            raise ReadError(path, "all values are NaN or infinite")
-        if not allow_nonfinite:
-            margin = sum(int(_nonfinite_margin(fr).sum()) for fr in (data if data.ndim == 3 else data[None]))
-            why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
-                   "is placed once they are filled" if margin else "")
-            raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
-                                  f"read(..., allow_nonfinite=True), replaces them by the frame median{why})")
-        data = np.array(data, dtype=np.float32, order="C")
-        stack = data if data.ndim == 3 else data[None]
-        for i, fr in enumerate(stack):
-            m = ~np.isfinite(fr)
-            # the limit is on scattered pixels: a region without data (a NaN margin) filled with one
-            # value stays one (stemfast.nodata), and no site is placed there
-            frac = float(np.count_nonzero(m & ~_nonfinite_margin(fr))) / float(m.size)
-            if frac > max_nonfinite_fraction:
-                where = f"frame {i}: " if data.ndim == 3 else ""
-                raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "
-                                      f"data, more than the {max_nonfinite_fraction:.2%} that may be filled "
-                                      "(--nonfinite-limit)")
-            if m.any():
-                good = fr[~m]
-                fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
-        msg = f"{path}: replaced {bad} NaN/infinite values by the frame median"
-        warnings.warn(msg, ReadWarning, stacklevel=3)
-        log.info("%s", msg)
-        meta["nonfinite_replaced"] = bad
+        data = _fill_nonfinite(path, data, meta, bad, allow_nonfinite, max_nonfinite_fraction)
     return data
 
 
@@ -737,13 +710,52 @@ def _tiff_is_colour(path: Path, series, meta: dict) -> bool:
     return False
 
 
-def _nonfinite_margin(frame: np.ndarray) -> np.ndarray:
-    """Bool, ``frame``'s shape: the NaN / infinite pixels that form regions without data (runs of
-    whole blocks, :func:`stemfast.nodata.no_data`: an aligned frame's NaN padding), not scattered
-    ones."""
+def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_nonfinite: bool,
+                    max_nonfinite_fraction: float) -> np.ndarray:
+    """``data`` (``bad`` of its values NaN or infinite) with them replaced by the frame median, or a
+    ReadError: without ``allow_nonfinite``, when all are, or when more than ``max_nonfinite_fraction``
+    of a frame's pixels are scattered ones (outside a region without data, :func:`_nonfinite_margin`).
+    Records ``meta["nonfinite_replaced"]``."""
+    n = int(np.prod(data.shape))
+    if bad == n:
+        raise ReadError(path, "all values are NaN or infinite")
+    if not allow_nonfinite:
+        frames = data if data.ndim == 3 else data[None]
+        margin = sum(int(_nonfinite_margin(~np.isfinite(fr)).sum()) for fr in frames)
+        why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
+               "is placed once they are filled" if margin else "")
+        raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
+                              f"read(..., allow_nonfinite=True), replaces them by the frame median{why})")
+    data = np.array(data, dtype=np.float32, order="C")
+    stack = data if data.ndim == 3 else data[None]
+    for i, fr in enumerate(stack):
+        m = ~np.isfinite(fr)
+        if not m.any():
+            continue
+        # the limit is on scattered pixels: a region without data (a NaN margin) filled with one
+        # value stays one (stemfast.nodata), and no site is placed there
+        frac = float(np.count_nonzero(m & ~_nonfinite_margin(m))) / float(m.size)
+        if frac > max_nonfinite_fraction:
+            where = f"frame {i}: " if data.ndim == 3 else ""
+            raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "
+                                  f"data, more than the {max_nonfinite_fraction:.2%} that may be filled "
+                                  "(--nonfinite-limit)")
+        good = fr[~m]
+        fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
+    msg = f"{path}: replaced {bad} NaN/infinite values by the frame median"
+    warnings.warn(msg, ReadWarning, stacklevel=4)
+    log.info("%s", msg)
+    meta["nonfinite_replaced"] = bad
+    return data
+
+
+def _nonfinite_margin(nonfinite: np.ndarray) -> np.ndarray:
+    """Bool, the frame's shape: the pixels of the frame's ``nonfinite`` mask that form regions
+    without data (runs of whole blocks, :func:`stemfast.nodata.regions_of`: an aligned frame's NaN
+    padding), not scattered ones."""
     from .nodata import regions_of
 
-    return regions_of(~np.isfinite(frame))
+    return regions_of(nonfinite)
 
 
 def _largest_series(series_list) -> int:

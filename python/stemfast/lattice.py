@@ -476,7 +476,7 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     s = max(1.0, spacing / f)
     mean = ndimage.gaussian_filter(_block_mean(np.asarray(image), f), s)
     energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed), f, square=True), s)
-    empty = _no_data_cells(no_data, image, mean.shape, f)
+    empty = _no_data_cells(no_data, mean.shape, f)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
     m_at = mean[ij[:, 0], ij[:, 1]]
@@ -495,15 +495,15 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     return FilmMask(mask=~hole, factor=f)
 
 
-def _no_data_cells(no_data, image: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
+def _no_data_cells(no_data, shape: tuple[int, int], f: int) -> np.ndarray:
     """Bool ``shape``: the ``f`` px cells whose centre holds no data (:class:`stemfast.nodata.NoData`;
     all False without one)."""
     if no_data is None or not no_data.any():
         return np.zeros(shape, bool)
-    H, W = np.shape(image)
+    H, W = no_data.shape
     rows = np.minimum(np.arange(shape[0]) * f + f // 2, H - 1)
     cols = np.minimum(np.arange(shape[1]) * f + f // 2, W - 1)
-    return no_data.at(image, rows[:, None], cols[None, :])
+    return no_data.at(rows[:, None], cols[None, :])
 
 
 def fill_lattice(

@@ -15,8 +15,8 @@ Examples
 >>> img = np.random.default_rng(0).normal(size=(64, 64))
 >>> img[:, :21] = 0.0                      # a frame shifted 21 px to the right, zero-filled
 >>> nd = no_data(img)
->>> m = nd.pixels(img)
->>> bool(m[:, :21].all()), bool(m[:, 21:].any()), round(nd.share(img), 3)
+>>> m = nd.pixels()
+>>> bool(m[:, :21].all()), bool(m[:, 21:].any()), round(nd.share(), 3)
 (True, False, 0.328)
 """
 from __future__ import annotations
@@ -39,38 +39,41 @@ class NoData(NamedTuple):
     """The regions of an image without data (:func:`no_data`).
 
     ``mask``: bool, the image's shape, True without data (None where the image has no such region);
-    ``block``: the block side (px) of the test.
+    ``shape``: the image's (H, W).
     """
 
     mask: np.ndarray | None
-    block: int
+    shape: tuple[int, int]
 
     def any(self) -> bool:
         return self.mask is not None
 
-    def at(self, image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Bool: whether the pixels ``(rows, cols)`` (int arrays of one shape, inside ``image``) hold
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Bool: whether the pixels ``(rows, cols)`` (int arrays of one shape, inside the image) hold
         no data."""
         rows, cols = np.broadcast_arrays(np.asarray(rows, np.int64), np.asarray(cols, np.int64))
         return np.zeros(rows.shape, bool) if self.mask is None else self.mask[rows, cols]
 
-    def around(self, image: np.ndarray, xy: np.ndarray, radius: float) -> np.ndarray:
-        """Bool [N, 13]: whether the pixels at points ``xy`` [N, 2] (x, y) and 12 points ``radius``
-        px around each (every 30 degrees, rounded to pixels, clipped to the image) hold no data."""
-        xy = np.asarray(xy, np.float64).reshape(-1, 2)
-        H, W = np.shape(image)
+    def at_xy(self, xy: np.ndarray) -> np.ndarray:
+        """Bool [...]: whether the pixels at points ``xy`` [..., 2] (x, y; rounded to pixels, clipped
+        to the image) hold no data."""
+        xy = np.asarray(xy, np.float64)
+        H, W = self.shape
+        return self.at(np.clip(np.rint(xy[..., 1]).astype(np.int64), 0, H - 1),
+                       np.clip(np.rint(xy[..., 0]).astype(np.int64), 0, W - 1))
+
+    def around(self, xy: np.ndarray, radius: float) -> np.ndarray:
+        """Bool [N, 13]: :meth:`at_xy` at points ``xy`` [N, 2] and at 12 points ``radius`` px around
+        each (every 30 degrees)."""
         ang = np.arange(12) * (np.pi / 6)
         offs = np.concatenate([[[0.0, 0.0]], radius * np.stack([np.cos(ang), np.sin(ang)], 1)])
-        pts = xy[:, None, :] + offs[None]
-        r = np.clip(np.rint(pts[..., 1]).astype(np.int64), 0, H - 1)
-        c = np.clip(np.rint(pts[..., 0]).astype(np.int64), 0, W - 1)
-        return self.at(image, r, c)
+        return self.at_xy(np.asarray(xy, np.float64).reshape(-1, 2)[:, None, :] + offs[None])
 
-    def pixels(self, image: np.ndarray) -> np.ndarray:
-        """The no-data mask at image resolution (bool, ``image``'s shape)."""
-        return np.zeros(np.shape(image), bool) if self.mask is None else self.mask
+    def pixels(self) -> np.ndarray:
+        """The no-data mask at image resolution (bool, :attr:`shape`)."""
+        return np.zeros(self.shape, bool) if self.mask is None else self.mask
 
-    def share(self, image: np.ndarray) -> float:
+    def share(self) -> float:
         """Share of the image's pixels without data."""
         return 0.0 if self.mask is None else float(self.mask.mean())
 
@@ -95,10 +98,10 @@ def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
     if const.any():
         const = ndimage.binary_opening(const, structure=np.ones((2, 2), bool))
     if not const.any():
-        return NoData(None, b)
+        return NoData(None, a.shape)
     # the regions' edges to the pixel: every pixel of their values connected to them
     values = np.unique(first[const])[:_MAX_VALUES]
-    return NoData(_grown(const, b, np.isin(a, values)), b)
+    return NoData(_grown(const, b, np.isin(a, values)), a.shape)
 
 
 def _grown(blocks: np.ndarray, b: int, within: np.ndarray) -> np.ndarray:

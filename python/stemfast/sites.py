@@ -478,7 +478,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
     lattice_meta["inversion_domains"] = domain_info
     if no_data.any():
-        lattice_meta["no_data"] = _no_data_meta(no_data.share(img))
+        lattice_meta["no_data"] = _no_data_meta(no_data.share())
     if clipping:
         lattice_meta["clipping"] = clipping
         warnings.warn(clipping["warning"], ClippingWarning, stacklevel=3)
@@ -574,7 +574,7 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         radius=max(1.5, s.refine_radius_nn * nn),
         backend=s.backend,
     )
-    pk = _drop_peaks_without_data(pk, img, no_data)
+    pk = _drop_peaks_without_data(pk, no_data)
     tm["peaks"] = time.perf_counter() - t0
     if len(pk.xy) < 8:
         raise _NoLattice(f"only {len(pk.xy)} columns found: no lattice", spacing_px=nn)
@@ -593,22 +593,22 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes, no_data)
 
 
-def _near_no_data(xy: np.ndarray, img: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
+def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
     """Bool [N]: the sites with a pixel without data (:mod:`stemfast.nodata`) at their centre or one
     ``spacing`` away in any of 12 directions."""
     if no_data is None or not no_data.any() or not len(xy):
         return np.zeros(len(xy), bool)
-    return no_data.around(img, xy, spacing).any(axis=1)
+    return no_data.around(xy, spacing).any(axis=1)
 
 
-def _drop_sites_without_data(idx, img: np.ndarray, no_data: NoData | None, spacing: float):
+def _drop_sites_without_data(idx, no_data: NoData | None, spacing: float):
     """``idx`` without the sites placed more than half a ``spacing`` deep in a region without data
     (:mod:`stemfast.nodata`): their centre and 12 points half a spacing around it hold no data. (A
     column that the region's edge cuts stays, as at the image edge; one that the local fits carried
     from a maximum at the edge into the region does not.)"""
     if no_data is None or not no_data.any() or not len(idx.xy):
         return idx
-    keep = ~no_data.around(img, idx.xy, 0.5 * spacing).all(axis=1)
+    keep = ~no_data.around(idx.xy, 0.5 * spacing).all(axis=1)
     return idx if keep.all() else _rows(idx, keep)
 
 
@@ -619,12 +619,12 @@ def _rows(obj, keep: np.ndarray):
     return dataclasses.replace(obj, **sel)
 
 
-def _drop_peaks_without_data(pk, img: np.ndarray, no_data: NoData | None):
+def _drop_peaks_without_data(pk, no_data: NoData | None):
     """``pk`` without the maxima that lie where the image holds no data (:mod:`stemfast.nodata`: the
     band-pass rings at the edge of a constant margin, and those rings are no columns)."""
     if no_data is None or not no_data.any() or not len(pk.xy):
         return pk
-    keep = ~no_data.around(img, pk.xy, 0.0)[:, 0]
+    keep = ~no_data.at_xy(pk.xy)
     return pk if keep.all() else _rows(pk, keep)
 
 
@@ -676,7 +676,7 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
         idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
-    return _drop_sites_without_data(idx, img, no_data, nn), gmap, pmap, nn_fft, nn, holes
+    return _drop_sites_without_data(idx, no_data, nn), gmap, pmap, nn_fft, nn, holes
 
 
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
@@ -711,7 +711,7 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     observed &= border_distance(xy, img.shape) >= EDGE_UNJUDGED_PX
     # likewise within a spacing of a region without data (an aligned frame's padding): the column
     # and its neighbourhood are cut there as at the image edge
-    observed &= ~_near_no_data(xy, img, f.no_data, nn)
+    observed &= ~_near_no_data(xy, f.no_data, nn)
     # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
     grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
     sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter)
@@ -874,7 +874,7 @@ def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings, no_data: 
         return None
     b = np.median(bases[ok], axis=0)
     if no_data is not None and no_data.any():
-        img = np.where(no_data.pixels(img), np.float32(np.nan), img)
+        img = np.where(no_data.pixels(), np.float32(np.nan), img)
     return scan_line_offsets(img, same_sublattice_vectors(b[0], b[1]))
 
 

@@ -388,6 +388,11 @@ def stack_tracker(d: Path, config, input_info: dict):
                         shape=input_info.get("shape"), dose=input_info.get("dose"))
 
 
+#: the parts of a frame's ``meta["lattice"]`` that carry a ``"warning"`` of their own, in the order
+#: the summary lists them
+_LATTICE_WARNING_KEYS = ("distortion", "crowding", "inversion_domains", "clipping", "no_data")
+
+
 def lattice_warnings(lat) -> list[str]:
     """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, an
     anisotropic one, a crowded site table, inversion domains, clipped intensities, a calibration that
@@ -397,16 +402,7 @@ def lattice_warnings(lat) -> list[str]:
     out = []
     if lat.get("unsure"):
         out.append("the site lattice is uncertain: " + "; ".join(lat["unsure"]))
-    if (lat.get("distortion") or {}).get("warning"):
-        out.append(lat["distortion"]["warning"])
-    if (lat.get("crowding") or {}).get("warning"):
-        out.append(lat["crowding"]["warning"])
-    if (lat.get("inversion_domains") or {}).get("warning"):
-        out.append(lat["inversion_domains"]["warning"])
-    if (lat.get("clipping") or {}).get("warning"):
-        out.append(lat["clipping"]["warning"])
-    if (lat.get("no_data") or {}).get("warning"):
-        out.append(lat["no_data"]["warning"])
+    out += [w for w in ((lat.get(key) or {}).get("warning") for key in _LATTICE_WARNING_KEYS) if w]
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
                    f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
