@@ -501,7 +501,8 @@ def _no_data_meta(share: float) -> dict:
     out = {"share": round(share, 4)}
     if share >= NO_DATA_WARN_SHARE:
         out["warning"] = (f"{share:.1%} of the image holds no data (one constant value: the padding of an aligned, "
-                          "drift-corrected or rotated frame, or a mask): no sites are placed there")
+                          "drift-corrected or rotated frame, a mask, or vacuum that recorded no counts): no sites are "
+                          "placed there")
     return out
 
 
