@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import PipelineConfig
+from .contrast import inverted
 from .logutil import StageTimings, show_progress
 from .patches import LazyPatches, default_patch_size, extract_patches, resample_weights
 from .sites import companion_intensity, find_sites
@@ -71,6 +72,8 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
             timings.close()
         raise
     table = with_companion(table, companion, config.sites)
+    if ((table.meta.get("lattice") or {}).get("contrast") or {}).get("inverted"):
+        image = inverted(image)  # dark columns (bright field): the patches are cut where find_sites read them bright
     t0 = time.perf_counter()
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)
@@ -118,7 +121,9 @@ def with_companion(table: SiteTable, companion: np.ndarray | None, settings) -> 
     (:func:`stemfast.sites.companion_intensity`); unchanged without one or without sites."""
     if companion is None or not len(table):
         return table
-    return table.with_columns({"companion_intensity": companion_intensity(companion, table, settings=settings)})
+    values, contrast = companion_intensity(companion, table, settings=settings, return_contrast=True)
+    meta = {"lattice": {**table.meta["lattice"], "companion_contrast": contrast}} if "lattice" in table.meta else {}
+    return table.with_columns({"companion_intensity": values}, **meta)
 
 
 def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> np.ndarray:

@@ -30,6 +30,7 @@ from .lattice import (
 )
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
+from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
 from .nodata import NoData, no_data as find_no_data
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
@@ -133,6 +134,10 @@ class SiteSettings:
         MoS2, WS2 and WSe2, the Se2 pair on MoSe2); True for, e.g., a medium- or low-angle ADF image
         of WSe2, where the Se2 pairs outshine the W (:func:`stemfast.materials.brightness_order`). The
         analysis warns when the image's dark sites say the naming is the other way round.
+    contrast : how the image shows the columns (:mod:`stemfast.contrast`): ``"auto"`` tells it from
+        the image -- bright columns (ADF, HAADF) are read as they are, dark ones (bright field, ABF)
+        are inverted first, with a warning, and an image that cannot tell is read as bright, with a
+        warning; ``"bright"`` or ``"dark"`` say which it is (``meta["lattice"]["contrast"]``).
     node_tol_nn : a peak within this distance (*nn*) of a node of the site lattice is that node's
         column; further from every node it is off the lattice.
     off_lattice_strength : a peak on no node is reported (``source`` ``off_lattice``) when its
@@ -160,6 +165,7 @@ class SiteSettings:
     backend: str | None = None
     material: str = "mos2"
     chalcogen_brighter: bool | None = None
+    contrast: str = "auto"
     node_tol_nn: float = 0.3
     off_lattice_strength: float = 0.5
     grains: GrainSettings = field(default_factory=GrainSettings)
@@ -176,6 +182,8 @@ class SiteSettings:
             raise ValueError("need 0 < noise_nn < background_nn")
         if not (np.isfinite(self.column_noise_px) and self.column_noise_px > 0):
             raise ValueError(f"column_noise_px must be > 0, got {self.column_noise_px!r}")
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}")
 
     @property
     def resolved_chalcogen_brighter(self) -> bool:
@@ -424,6 +432,11 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
     img, jumps, ring = _undo_scan_jumps(img, s)
+    try:
+        img, ring, contrast = _ring_and_contrast(img, s, ring, no_data)
+    except _NoLattice as exc:
+        warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
+        return _empty_table({**meta, "status": "no lattice", "reason": str(exc), **exc.meta})
     t_jumps = time.perf_counter() - t0
     try:
         f = _find_lattice(img, s, tm, ring, no_data=no_data)
@@ -476,19 +489,29 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
-    lattice_meta["inversion_domains"] = domain_info
-    if no_data.any():
-        lattice_meta["no_data"] = _no_data_meta(no_data.share())
-    if clipping:
-        lattice_meta["clipping"] = clipping
-        warnings.warn(clipping["warning"], ClippingWarning, stacklevel=3)
-    if "warning" in domain_info:
-        warnings.warn(domain_info["warning"], InversionDomainWarning, stacklevel=3)
+    _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
         _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=3)
     return SiteTable(cols, meta)
+
+
+def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clipping: dict | None,
+                    domains: dict) -> None:
+    """What :func:`find_sites` found about the image itself into ``lattice_meta`` (its contrast, regions
+    without data, clipped intensities, inversion domains), each with its warning raised."""
+    lattice_meta["inversion_domains"] = domains
+    if no_data.any():
+        lattice_meta["no_data"] = _no_data_meta(no_data.share())
+    lattice_meta["contrast"] = contrast
+    if "warning" in contrast:
+        warnings.warn(contrast["warning"], ContrastWarning, stacklevel=4)
+    if clipping:
+        lattice_meta["clipping"] = clipping
+        warnings.warn(clipping["warning"], ClippingWarning, stacklevel=4)
+    if "warning" in domains:
+        warnings.warn(domains["warning"], InversionDomainWarning, stacklevel=4)
 
 
 #: share of the image without data (:mod:`stemfast.nodata`) above which the summary warns
@@ -504,6 +527,42 @@ def _no_data_meta(share: float) -> dict:
                           "drift-corrected or rotated frame, a mask, or vacuum that recorded no counts): no sites are "
                           "placed there")
     return out
+
+
+def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, no_data: NoData | None):
+    """``(image, ring, contrast)``: the Bragg ring (read here when ``ring`` is None; :class:`_NoLattice`
+    without one), and ``img`` with bright columns (:func:`_oriented`, which needs the spacing)."""
+    if float(img.max()) == float(img.min()):
+        raise _NoLattice("image is constant: no lattice")
+    ring = _bragg_ring(img, s) if ring is None else ring
+    img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing, no_data)
+    return img, ring, contrast
+
+
+def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, no_data: NoData | None):
+    """``(image, contrast)``: ``img`` with bright columns -- inverted where they are dark
+    (``s.contrast``, :mod:`stemfast.contrast`) -- and ``lattice.contrast`` of the summary: ``columns``
+    (bright / dark / unclear), the ``skew`` it rests on (None where ``s.contrast`` says it), whether
+    the image was ``inverted``, the ``setting``, and a ``warning`` where it was inverted or could not
+    be told."""
+    if s.contrast != "auto":
+        dark = s.contrast == "dark"
+        return (inverted(img) if dark else img), {"columns": s.contrast, "skew": None, "inverted": dark,
+                                                  "setting": s.contrast}
+    c = column_contrast(img, spacing, mask=None if no_data is None or not no_data.any() else no_data.pixels())
+    info = {"columns": c.columns, "skew": round(c.skew, 3) if np.isfinite(c.skew) else None,
+            "inverted": c.columns == "dark", "setting": "auto"}
+    if c.columns == "dark":
+        info["warning"] = (f"the columns are dark on a bright background (bright-field / ABF contrast: skewness "
+                           f"{c.skew:.2f} at the lattice scale): the image was inverted so that they are bright. The "
+                           "sublattice names and the defect scores assume HAADF-like contrast (the heaviest column the "
+                           "brightest): check them, or set sites.contrast")
+        return inverted(img), info
+    if c.columns == "unclear":
+        info["warning"] = (f"the image does not tell whether its columns are bright or dark (skewness {c.skew:.2f} at the "
+                           "lattice scale): it was read with bright columns (ADF / HAADF); set sites.contrast=\"dark\" "
+                           "for a bright-field or ABF image")
+    return img, info
 
 
 class _NoLattice(Exception):
@@ -815,7 +874,8 @@ def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict)
     return g, None
 
 
-def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSettings = SiteSettings()) -> np.ndarray:
+def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSettings = SiteSettings(),
+                        return_contrast: bool = False):
     """The column intensity of a second image of the same scan at the sites ``find_sites`` found on the first.
 
     Scanning microscopes record several detectors at once, pixel for pixel (HAADF and MAADF: ADF1 and
@@ -825,7 +885,9 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     :mod:`stemfast.nodata`, left out of the lines' statistics), the bandpass with a
     ``column_noise_px`` low-pass and a ``background_nn`` spacing background, sampled at the sites.
     :func:`stemfast.analysis.analyze_sites` averages the two images' local z when the table has it as
-    its ``companion_intensity`` column (docs/RESULTS.md, round 5).
+    its ``companion_intensity`` column (docs/RESULTS.md, round 5). The companion is another detector:
+    whether its columns are bright or dark is told from its own image (:mod:`stemfast.contrast`; a
+    bright-field companion of an ADF input is inverted, with a :class:`ContrastWarning`).
 
     Parameters
     ----------
@@ -833,24 +895,35 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     sites : the site table of the first image (``x``, ``y``, ``meta["spacing_px"]``; the local basis
         ``a1x .. a2y`` for the scan-line levelling).
     settings : the :class:`SiteSettings` the first image was read with.
+    return_contrast : also return what was found of the companion's contrast (as
+        ``meta["lattice"]["contrast"]`` of :func:`find_sites`; None without a spacing).
 
     Returns
     -------
     np.ndarray
-        float64 [N], one value per site (NaN for an empty table's meta without a spacing).
+        float64 [N], one value per site (NaN for an empty table's meta without a spacing); with
+        ``return_contrast``, ``(values, contrast)``.
     """
     img = np.asarray(image, np.float32)
     shape = tuple(sites.meta.get("shape", img.shape))
     if img.ndim != 2 or img.shape != shape:
         raise ValueError(f"the companion image has shape {img.shape}, the sites were found on one of shape {shape}")
     if not len(sites) or "spacing_px" not in sites.meta:
-        return np.full(len(sites), np.nan)
+        nan = np.full(len(sites), np.nan)
+        return (nan, None) if return_contrast else nan
     s = settings
     nn = float(sites.meta["spacing_px"])
     xy = np.ascontiguousarray(sites.xy, dtype=np.float64)
     basis = sites.basis
-    lines = None if basis is None else _line_offsets(img, basis, s, find_no_data(img))
-    return _column_intensity(img, xy, nn, s, lines).astype(np.float64)
+    no_data = find_no_data(img)
+    # another detector: its own contrast, whatever the first image's setting said
+    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn, no_data)
+    if "warning" in contrast:
+        contrast["warning"] = "companion image: " + contrast["warning"]
+        warnings.warn(contrast["warning"], ContrastWarning, stacklevel=2)
+    lines = None if basis is None else _line_offsets(img, basis, s, no_data)
+    values = _column_intensity(img, xy, nn, s, lines).astype(np.float64)
+    return (values, contrast) if return_contrast else values
 
 
 def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSettings, lines=None) -> np.ndarray:
