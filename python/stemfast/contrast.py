@@ -39,7 +39,7 @@ CONTRASTS = ("auto", "bright", "dark")
 CONTRAST_SKEW = 0.15
 #: the skewness is measured on a central crop of at most this side (px): the sign is the image's
 #: everywhere, and a 16k micrograph is not band-passed whole for it
-CONTRAST_CROP = 1024
+CONTRAST_CROP = 512
 
 
 class ContrastWarning(UserWarning):
