@@ -465,6 +465,30 @@ def test_drift_of_large_frames_is_measured_to_a_few_hundredths_of_a_pixel():
     assert abs(dx - 0.3) < 0.05 and abs(dy - 0.2) < 0.05, (dx, dy)
 
 
+def test_drift_to_a_frame_scanned_half_is_measured_on_what_both_frames_hold(tmp_path, tiny):
+    """A series' last frame aborted halfway (its rest zero): the correlation followed the step at the
+    edge of the unscanned rest and the windowed overlap of the lattice, 45 px off for a true 0.2 px,
+    and every defect track broke there. The frames are compared where both hold data."""
+    from stemfast.drift import block_average, phase_drift
+    from stemfast.synthetic import make_mos2
+
+    st = make_mos2(shape=(384, 384), seed=5, n_frames=4, drift_px_per_frame=(0.3, 0.2)).image.astype(np.float32)
+    st[-1, 200:] = 0.0
+    (a, ga), (b, gb) = block_average(st[2], with_gap=True), block_average(st[3], with_gap=True)
+    assert not ga.any() and 0.45 < gb.mean() < 0.5
+    dx, dy = phase_drift(a, b, st.shape[1:], gaps=(ga, gb))
+    assert abs(dx - 0.3) < 0.05 and abs(dy - 0.2) < 0.05, (dx, dy)
+    assert abs(phase_drift(a, b, st.shape[1:])[1] - 0.2) > 10  # without the gaps: the failure described
+    with pytest.raises(ValueError, match="gaps must have the frames' shape"):
+        phase_drift(a, b, st.shape[1:], gaps=(ga[:5], gb))
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "series.npy", st)
+    run_batch(data, tmp_path / "out", config=tiny, show_progress=False)
+    s = json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
+    np.testing.assert_allclose(s["drift_px"]["dy"], [0.2] * 3, atol=0.05)
+
+
 def test_csv_stream_writes_the_same_bytes_in_row_chunks():
     """sites.csv is formatted a chunk of rows at a time (bounded memory on million-site tables)."""
     import io

@@ -181,7 +181,7 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
     prev_small = None
     if prev_frame is not None and prev_frame >= 0:
         try:
-            prev_small = block_average(read_frame(mg, prev_frame))
+            prev_small = block_average(read_frame(mg, prev_frame), with_gap=True)
         except Exception as exc:  # noqa: BLE001 - the previous frame is only needed for the drift
             log.info("%s: frame %d unreadable for the drift: %s", desc, prev_frame, exc)
     stack = getattr(mg, "is_stack", False)
@@ -201,9 +201,10 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
                             check_settings=not checked, companion=companion)
         checked = True
         if stack:
-            small = block_average(img)
-            if prev_small is not None and prev_small.shape == small.shape:
-                d = phase_drift(prev_small, small, img.shape)  # NaN beside a blank frame: unknown, a drift break
+            small = block_average(img, with_gap=True)  # (frame, its blocks without data)
+            if prev_small is not None and prev_small[0].shape == small[0].shape:
+                # NaN beside a blank frame: unknown, a drift break
+                d = phase_drift(prev_small[0], small[0], img.shape, gaps=(prev_small[1], small[1]))
                 fr.meta["drift_px"] = list(d) if np.all(np.isfinite(d)) else None
             prev_small = small
         yield fr
