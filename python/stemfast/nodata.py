@@ -98,7 +98,7 @@ def no_data(image, block: int = NO_DATA_BLOCK) -> NoData:
         const = ndimage.binary_opening(const, structure=np.ones((2, 2), bool))
     if not const.any():
         return NoData(None, a.shape)
-    # the regions' edges to the pixel: every pixel of their values connected to them
+    # the regions to the pixel (_region_pixels)
     values = np.unique(first[const])[:_MAX_VALUES]
     return NoData(_region_pixels(a, const, b, values), a.shape)
 
