@@ -103,3 +103,27 @@ def test_real_wse2_crop_inverted_ranks_the_labelled_defects_as_the_haadf_crop_do
         ap.append(_average_precision(np.asarray(table["anomaly_score"], float), positive))
         assert prep.sites.meta["lattice"]["contrast"]["inverted"] == (a is not img)
     assert ap[0] > 0.8 and ap[1] == pytest.approx(ap[0], abs=0.01), ap  # 0.837 both
+
+
+def test_an_abf_like_image_whose_chalcogen_is_the_darker_column_is_inverted_and_its_naming_warned():
+    """In ABF the chalcogen pair is often darker than the metal (contrast ~ Z^(1/3): S2 / Mo ~ 1.45):
+    inverted, the chalcogen is the brightest and is named "metal". The analysis' naming check sees
+    the vacancies crowd on the sublattice named metal and says to set sites.chalcogen_brighter."""
+    from stemfast.analysis import SublatticeNamingWarning
+    from stemfast.config import PipelineConfig
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+
+    s = make_mos2(shape=(512, 512), seed=4, rates=(0.05, 0.02, 0.0, 0.0), chalcogen_scale=3.7)
+    cfg = PipelineConfig()
+    model = shipped_for_run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prep = prepare(inverted(s.image), config=cfg, patch_size=model.extra.get("patch_size"))
+        table, summary = analyze(prep, model, config=cfg)
+    assert prep.sites.meta["lattice"]["contrast"]["inverted"]
+    d, j = cKDTree(table.xy).query(s.truth[:, :2])
+    mo = (s.truth[:, 2] == 0) & (d < 2)
+    assert (np.asarray(table["sublattice"])[j][mo] == 1).mean() > 0.95  # named by brightness: swapped
+    assert any(issubclass(w.category, SublatticeNamingWarning) for w in caught)
+    assert "sites.chalcogen_brighter" in summary["naming_warning"]

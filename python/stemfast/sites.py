@@ -555,8 +555,10 @@ def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, no_data: NoData 
     if c.columns == "dark":
         info["warning"] = (f"the columns are dark on a bright background (bright-field / ABF contrast: skewness "
                            f"{c.skew:.2f} at the lattice scale): the image was inverted so that they are bright. The "
-                           "sublattice names and the defect scores assume HAADF-like contrast (the heaviest column the "
-                           "brightest): check them, or set sites.contrast")
+                           "sublattice names assume HAADF-like contrast (the heaviest column the brightest); in ABF the "
+                           "chalcogen pair is often the darker column (the analysis warns when the dark sites say the "
+                           "names are swapped: then set sites.chalcogen_brighter = true). Set sites.contrast to say "
+                           "which contrast the image has")
         return inverted(img), info
     if c.columns == "unclear":
         info["warning"] = (f"the image does not tell whether its columns are bright or dark (skewness {c.skew:.2f} at the "
