@@ -140,3 +140,30 @@ def test_a_zero_count_hole_at_low_dose_is_no_data_and_the_film_around_it_is_data
     far = np.hypot(ref.xy[:, 0] - 150, ref.xy[:, 1] - 170) > 45 + 2 * t.meta["spacing_px"]
     far_t = d > 45 + 2 * t.meta["spacing_px"]
     assert abs(int(far_t.sum()) - int(far.sum())) <= 0.01 * far.sum()
+
+
+def _constant_blocks_reference(a: np.ndarray, b: int) -> np.ndarray:
+    """Every whole b px block read whole: max == min (what the five-pixel screen must agree with)."""
+    h, w = a.shape[0] // b, a.shape[1] // b
+    s = a[: h * b, : w * b].reshape(h, b, w, b)
+    return s.max(axis=(1, 3)) == s.min(axis=(1, 3))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_block_screen_finds_exactly_the_constant_blocks(seed):
+    """no_data screens each block on five of its pixels before reading it whole; the constant blocks
+    must be exactly those a full reading finds -- on float noise, on low-count integer data (blocks
+    whose five pixels agree by chance) and with planted constant patches of any size and offset."""
+    from stemfast.nodata import _constant_blocks
+
+    rng = np.random.default_rng(seed)
+    H, W = rng.integers(40, 300, 2)
+    for a in (rng.normal(size=(H, W)).astype(np.float32), rng.poisson(0.05, (H, W)).astype(np.uint8),
+              rng.integers(0, 2, (H, W)).astype(np.int16)):
+        for _ in range(3):
+            r, c = rng.integers(0, H), rng.integers(0, W)
+            a[r:r + rng.integers(1, 80), c:c + rng.integers(1, 80)] = a.dtype.type(rng.integers(0, 3))
+        for b in (1, 3, 8):
+            const, first = _constant_blocks(a, b)
+            np.testing.assert_array_equal(const, _constant_blocks_reference(a, b))
+            np.testing.assert_array_equal(first, a[: (H // b) * b: b, : (W // b) * b: b])
