@@ -714,14 +714,17 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
                     max_nonfinite_fraction: float) -> np.ndarray:
     """``data`` (``bad`` of its values NaN or infinite) with them replaced by the frame median, or a
     ReadError: without ``allow_nonfinite``, when all are, or when more than ``max_nonfinite_fraction``
-    of a frame's pixels are scattered ones (outside a region without data, :func:`_nonfinite_margin`).
-    Records ``meta["nonfinite_replaced"]``."""
+    of a frame's pixels are scattered ones (outside a region without data,
+    :func:`stemfast.nodata.regions_of`: an aligned frame's NaN padding). Records
+    ``meta["nonfinite_replaced"]``."""
+    from .nodata import regions_of
+
     n = int(np.prod(data.shape))
     if bad == n:
         raise ReadError(path, "all values are NaN or infinite")
     if not allow_nonfinite:
         frames = data if data.ndim == 3 else data[None]
-        margin = sum(int(_nonfinite_margin(~np.isfinite(fr)).sum()) for fr in frames)
+        margin = sum(int(regions_of(~np.isfinite(fr)).sum()) for fr in frames)
         why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
                "is placed once they are filled" if margin else "")
         raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
@@ -734,7 +737,7 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
             continue
         # the limit is on scattered pixels: a region without data (a NaN margin) filled with one
         # value stays one (stemfast.nodata), and no site is placed there
-        frac = float(np.count_nonzero(m & ~_nonfinite_margin(m))) / float(m.size)
+        frac = float(np.count_nonzero(m & ~regions_of(m))) / float(m.size)
         if frac > max_nonfinite_fraction:
             where = f"frame {i}: " if data.ndim == 3 else ""
             raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "
@@ -747,15 +750,6 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
     log.info("%s", msg)
     meta["nonfinite_replaced"] = bad
     return data
-
-
-def _nonfinite_margin(nonfinite: np.ndarray) -> np.ndarray:
-    """Bool, the frame's shape: the pixels of the frame's ``nonfinite`` mask that form regions
-    without data (runs of whole blocks, :func:`stemfast.nodata.regions_of`: an aligned frame's NaN
-    padding), not scattered ones."""
-    from .nodata import regions_of
-
-    return regions_of(nonfinite)
 
 
 def _largest_series(series_list) -> int:

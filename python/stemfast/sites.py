@@ -434,11 +434,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     img, jumps, ring = _undo_scan_jumps(img, s)
     try:
         img, ring, contrast = _ring_and_contrast(img, s, ring, no_data)
-    except _NoLattice as exc:
-        warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
-        return _empty_table({**meta, "status": "no lattice", "reason": str(exc), **exc.meta})
-    t_jumps = time.perf_counter() - t0
-    try:
+        t_jumps = time.perf_counter() - t0
         f = _find_lattice(img, s, tm, ring, no_data=no_data)
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
@@ -531,7 +527,9 @@ def _no_data_meta(share: float) -> dict:
 
 def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, no_data: NoData | None):
     """``(image, ring, contrast)``: the Bragg ring (read here when ``ring`` is None; :class:`_NoLattice`
-    without one), and ``img`` with bright columns (:func:`_oriented`, which needs the spacing)."""
+    without one, or for a constant image), and ``img`` with bright columns (:func:`_oriented`, which
+    needs the spacing). :func:`_find_lattice` is given both: every image it sees has passed here, or
+    is one that already held a lattice (levelled scan lines)."""
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
     ring = _bragg_ring(img, s) if ring is None else ring
@@ -600,8 +598,6 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     a small image, whose first ring lies too near the spectrum's centre), steps 2-4 run again with
     the first ring (up to :data:`MAX_RING_REREADS` times); a given ``spacing`` is kept as given."""
     t0 = time.perf_counter()
-    if float(img.max()) == float(img.min()):
-        raise _NoLattice("image is constant: no lattice")
     material = get_material(s.material)
     # 1. the metal lattice's first Bragg ring: the site spacing and the lattice over the image
     ring = _bragg_ring(img, s) if ring is None else ring
