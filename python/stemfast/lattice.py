@@ -431,6 +431,12 @@ class FilmMask:
         ij = np.clip(ij, 0, np.array(self.mask.shape) - 1)
         return self.mask[ij[:, 0], ij[:, 1]]
 
+    def hole_fraction(self, no_data=None) -> float:
+        """The share of the image in holes of the film (vacuum), regions without data
+        (:class:`stemfast.nodata.NoData`) left out of both."""
+        empty = _no_data_cells(no_data, self.mask.shape, self.factor)
+        return float((~self.mask & ~empty).sum() / max(1, (~empty).sum()))
+
     def full(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask at image resolution."""
         m = np.repeat(np.repeat(self.mask, self.factor, 0), self.factor, 1)
@@ -478,17 +484,25 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed), f, square=True), s)
     empty = _no_data_cells(no_data, mean.shape, f)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
-    e_lat = float(np.median(energy[ij[:, 0], ij[:, 1]]))
-    m_at = mean[ij[:, 0], ij[:, 1]]
+    e_at = energy[ij[:, 0], ij[:, 1]]
+    # the film's levels are read at the peaks that show lattice contrast: noise peaks in a hole would
+    # otherwise widen the spread of the film's local mean by the very darkness looked for
+    lattice = e_at >= 0.5 * float(np.median(e_at))
+    e_lat = float(np.median(e_at[lattice]))
+    m_at = mean[ij[lattice, 0], ij[lattice, 1]]
     m_lat = float(np.median(m_at))
     m_lo = float(np.percentile(mean[~empty] if empty.any() and not empty.all() else mean, 0.5))
     spread = m_lat - m_lo
     noise = float(np.std(m_at))
     hole = np.zeros(mean.shape, bool)
     if spread > 4.0 * noise:
-        hole = (mean < m_lo + 0.5 * spread) & (energy < 0.5 * e_lat)
+        dark = mean < m_lo + 0.5 * spread
+        hole = dark & (energy < 0.5 * e_lat)
         if hole.any():
             hole = ndimage.binary_opening(hole, iterations=max(1, int(0.5 * s)))
+            # a hole reaches as far as its darkness: the band-pass response of its edge keeps the
+            # lattice-contrast test from reaching the edge (sites were placed a spacing out in vacuum)
+            hole = ndimage.binary_propagation(hole, mask=dark)
     hole |= empty
     if not hole.any():
         return None

@@ -461,6 +461,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     S = np.linalg.inv(f.pmap.g).T
     angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
     lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
+    if f.film is not None:  # vacuum (holes, the flake's edge): no site is placed there
+        lattice_meta["hole_fraction"] = round(f.film.hole_fraction(no_data), 4)
     t0 = time.perf_counter()
     judged = nodes & ~np.asarray(cols["grain_boundary"], bool)
     cols["crowded"] = np.zeros(len(idx.xy), bool)
@@ -477,7 +479,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         n_lattice=int((idx.kind == 1).sum()),
         n_off_lattice=int((idx.kind == 2).sum()),
         border_bands_px=[round(b, 2) for b in bands],
-        holes=f.holes,
+        holes=f.film is not None,
         pixel_size=pixel_size,
         unit=unit,
         lattice=lattice_meta,
@@ -586,7 +588,7 @@ class _Lattice(NamedTuple):
     idx: object  # the indexed sites (index_sites / grains.index_grains)
     nn_fft: float  # the site spacing from the phase map (px)
     nn: float  # the site spacing used (px): ``nn_fft`` unless the settings fix it
-    holes: bool  # holes in the film were looked for
+    film: object  # where the film is (lattice.FilmMask; None: no hole, no region without data)
     no_data: NoData | None  # the regions without data (stemfast.nodata)
 
 
@@ -639,7 +641,7 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    idx, gmap, pmap, nn_fft, nn, holes = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data)
+    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -648,7 +650,7 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
                  "second-order one; the lattice is found again from the first", nn)
         return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data)
-    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, holes, no_data)
+    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data)
 
 
 def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
@@ -686,6 +688,18 @@ def _drop_peaks_without_data(pk, no_data: NoData | None):
     return pk if keep.all() else _rows(pk, keep)
 
 
+def _drop_peaks_in_holes(pk, film, spacing: float):
+    """``pk`` without the maxima more than half a ``spacing`` deep in a hole of the film (``film``: a
+    :class:`stemfast.lattice.FilmMask`, ``None`` without holes): vacuum's noise maxima, which the
+    site lattice would otherwise index as columns. A column that the hole's edge cuts stays."""
+    if film is None or not len(pk.xy):
+        return pk
+    ring = 0.5 * spacing * np.exp(1j * np.linspace(0, 2 * np.pi, 12, endpoint=False))
+    pts = pk.xy[:, None, :] + np.stack([np.r_[0, ring.real], np.r_[0, ring.imag]], -1)[None]
+    keep = film(pts.reshape(-1, 2)).reshape(len(pk.xy), -1).any(axis=1)
+    return pk if keep.all() else _rows(pk, keep)
+
+
 def _bragg_ring(img: np.ndarray, s: SiteSettings):
     """The metal lattice's first Bragg ring (step 1 of :func:`find_sites`); :class:`_NoLattice` when
     the power spectrum has no lattice period or no hexagonal ring."""
@@ -708,8 +722,9 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings):
 def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no_data=None):
     """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain.
 
-    Returns ``(idx, gmap, pmap, nn_fft, nn, holes)``; ``nn`` becomes the phase map's spacing unless
-    the settings fix it.
+    Returns ``(idx, pk, gmap, pmap, nn_fft, nn, film)``: ``pk`` without the maxima deep in a hole of
+    the film (:func:`_drop_peaks_in_holes`); ``nn`` becomes the phase map's spacing unless the
+    settings fix it.
     """
     peak_xy = pk.xy
     # grains of different orientation: one site lattice each (None: a single crystal)
@@ -723,7 +738,8 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     if s.spacing is None:
         nn = nn_fft
     film = film_mask(img, bp, peak_xy, nn, no_data) if s.detect_holes else None
-    holes = film is not None
+    pk = _drop_peaks_in_holes(pk, film, nn)
+    peak_xy = pk.xy
     peak_var = None
     if pk.amplitude is not None:
         peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), pixel_noise(refine_img))
@@ -734,7 +750,7 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
         idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
-    return _drop_sites_without_data(idx, no_data, nn), gmap, pmap, nn_fft, nn, holes
+    return _drop_sites_without_data(idx, no_data, nn), pk, gmap, pmap, nn_fft, nn, film
 
 
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
