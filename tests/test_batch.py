@@ -594,7 +594,12 @@ def test_report_says_how_the_lattice_was_found(tmp_path):
     summ["lattice"] = {"spacing_px": 12.5, "spacing_source": "given", "ring_prominence": 40.0, "ring_note": ""}
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
                       summaries=[summ], out_dir=tmp_path)
-    assert "the given spacing (prominence 40)</td>" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "the given spacing (prominence 40)</td>" in html and "vacuum" not in html
+    summ["lattice"]["hole_fraction"] = 0.4012  # holes / the flake's edge: said with their share
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[summ], out_dir=tmp_path)
+    assert "the flake&#x27;s edge (no sites)</td><td>40.1% of the image</td>" in (tmp_path / "report.html").read_text()
 
 
 def test_report_counts_each_warning_once_and_shows_the_texture_warning(tmp_path):

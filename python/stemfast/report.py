@@ -544,6 +544,8 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
         "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
     }
+    if lat.get("hole_fraction"):
+        facts["vacuum: holes, the flake's edge (no sites)"] = f"{100 * float(lat['hole_fraction']):.1f}% of the image"
     on = s.get("class_sublattice") or {}
     counts = {f"class {k}" + (f" ({on[k]['sublattice']}, {100 * on[k]['share']:.1f}% of its sites)" if k in on else ""): v
               for k, v in (s.get("class_counts") or {}).items()}
