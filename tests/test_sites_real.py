@@ -223,19 +223,20 @@ def test_real_mos2_crop_at_low_dose_has_one_site_per_column(name, seed):
         assert (d >= SPLIT_NN * t.meta["lattice"]["spacing_px"]).all(), d
 
 
+@pytest.mark.parametrize("vacuum_share", [0.4, 0.6])
 @pytest.mark.parametrize("name", MOS2)
-def test_real_mos2_crop_at_a_flake_edge_has_no_sites_in_the_vacuum(name):
-    """A flake edge: 40 % of the crop beyond a slanted line is vacuum (darker than any film pixel,
-    with its own noise). No site lies more than half a spacing out in it, and the film keeps its
-    sites. (The vacuum's noise maxima were indexed as columns -- on exp-000-2 the site lattice filled
-    the vacuum, 837 sites in the full image -- and the band-pass response of the edge kept the hole
-    test from reaching it, so predicted sites were placed up to two spacings out.)"""
+def test_real_mos2_crop_at_a_flake_edge_has_no_sites_in_the_vacuum(name, vacuum_share):
+    """A flake edge: 40 % or 60 % of the crop beyond a slanted line is vacuum (darker than any film
+    pixel, with its own noise). No site lies more than half a spacing out in it, and the film keeps
+    its sites. (The vacuum's noise maxima were indexed as columns -- on exp-000-2 the site lattice
+    filled the vacuum, 891 sites in the full image -- and the band-pass response of the edge kept the
+    hole test from reaching it, so predicted sites were placed up to two spacings out.)"""
     img = np.load(DATA / name).astype(np.float64)
     H, W = img.shape
     yy, xx = np.mgrid[:H, :W]
 
     def depth(x, y):  # signed distance from the edge, px; negative in the vacuum
-        return (x + 0.3 * (y - H / 2) - 0.4 * W) / np.hypot(1.0, 0.3)
+        return (x + 0.3 * (y - H / 2) - vacuum_share * W) / np.hypot(1.0, 0.3)
 
     vacuum = depth(xx, yy) < 0
     edge = img.copy()
@@ -253,9 +254,11 @@ def test_real_mos2_crop_at_a_flake_edge_has_no_sites_in_the_vacuum(name):
         return (depth(xy[:, 0], xy[:, 1]) > 2 * nn) & (border_distance(xy, img.shape) > nn)
 
     far_ref, far = ref.xy[film(ref.xy)], t.xy[film(t.xy)]
-    assert abs(len(far) - len(far_ref)) <= 0.01 * len(far_ref)
-    dist, _ = cKDTree(far).query(far_ref)
-    assert np.median(dist) < 0.2 and (dist < 0.5 * nn).mean() >= 0.99
+    changed = max(2, 0.01 * len(far_ref))
+    assert abs(len(far) - len(far_ref)) <= changed
+    if len(far_ref) >= 20:  # at 60 % vacuum, exp-001-5's crop keeps one such site
+        dist, _ = cKDTree(far).query(far_ref)
+        assert np.median(dist) < 0.2 and (dist >= 0.5 * nn).sum() <= changed
 
 
 def _analyze_crop(name: str, **overrides):
