@@ -464,7 +464,7 @@ def _block_mean(img: np.ndarray, f: int, *, square: bool = False, rows: int = 51
 
 
 def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float,
-              no_data=None) -> FilmMask | None:
+              no_data=None, bragg_amplitude: np.ndarray | None = None) -> FilmMask | None:
     """Where the image holds film rather than a hole or no data, or ``None`` when there is neither.
 
     A hole is vacuum: much darker than the film and with little lattice contrast. Both are measured
@@ -475,6 +475,15 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     the contrast test is loose because a small hole still shows the bandpass response of its edge.
     ``no_data``: the :class:`stemfast.nodata.NoData` of ``image``; those regions (padding, masks) are
     no film either, and are left out of the darkness statistics.
+
+    The film's levels are read at the peaks that are columns, not the vacuum's noise maxima (which
+    would widen the spread of the film's local mean by the very darkness looked for): the peaks whose
+    band-pass energy reaches half the median's. The noise maxima may outnumber the columns (from
+    about 40 % vacuum on), so that median is taken over the peaks where ``bragg_amplitude`` (the
+    lattice's Bragg amplitude at each peak, :meth:`stemfast.phasemap.PhaseMap.amplitude`; all peaks
+    without it) reaches half its 95th percentile. The energy alone is no guide: a contamination
+    patch's texture has more band-pass energy than the columns, and the amplitude alone is smoothed
+    over several spacings into the vacuum.
     """
     if len(peak_xy) == 0:
         return None
@@ -485,11 +494,11 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     empty = _no_data_cells(no_data, mean.shape, f)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_at = energy[ij[:, 0], ij[:, 1]]
-    # the film's levels are read at the peaks that show lattice contrast: noise peaks in a hole would
-    # otherwise widen the spread of the film's local mean by the very darkness looked for. Against a
-    # high quantile, as they can outnumber the columns (on real scans with 60 % vacuum: columns at
-    # >= 0.6 of the 90th percentile, the vacuum's maxima at <= 0.35)
-    lattice = e_at >= 0.5 * float(np.quantile(e_at, 0.95))
+    ref = np.ones(len(e_at), bool)
+    if bragg_amplitude is not None and len(bragg_amplitude) == len(peak_xy):
+        amp = np.asarray(bragg_amplitude, np.float64)
+        ref = amp >= 0.5 * float(np.quantile(amp, 0.95))
+    lattice = e_at >= 0.5 * float(np.median(e_at[ref]))
     e_lat = float(np.median(e_at[lattice]))
     m_at = mean[ij[lattice, 0], ij[lattice, 1]]
     m_lat = float(np.median(m_at))

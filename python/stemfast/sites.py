@@ -737,7 +737,9 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     nn_fft = site_spacing(pmap.g)
     if s.spacing is None:
         nn = nn_fft
-    film = film_mask(img, bp, peak_xy, nn, no_data) if s.detect_holes else None
+    # the Bragg amplitude (of any grain's lattice) tells the columns from the vacuum's noise maxima
+    amp = np.max([p.amplitude(peak_xy) for p in ([pmap] if gmap is None else pmaps)], axis=0)
+    film = film_mask(img, bp, peak_xy, nn, no_data, amp) if s.detect_holes else None
     pk = _drop_peaks_in_holes(pk, film, nn)
     peak_xy = pk.xy
     peak_var = None
