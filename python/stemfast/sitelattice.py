@@ -27,7 +27,7 @@ from .lattice import nearest_indices
 from .phasemap import PhaseMap
 
 __all__ = ["SiteIndex", "index_sites", "columns_on_one_coset", "pixel_noise", "position_variance",
-           "lattice_distortion", "border_distance"]
+           "lattice_distortion", "border_distance", "node_residuals", "PQ_FROM_U"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _SHELLS = np.array([(dp, dq) for dp in range(-2, 3) for dq in range(-2, 3)
                     if 0 < dp * dp + dq * dq + dp * dq <= 4], dtype=np.int64)
 _FIRST = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]], dtype=np.int64)
+#: site-lattice coordinates from metal-lattice ones: (p, q) = U @ PQ_FROM_U, p = 2 U1 + U2, q = U2 - U1
+PQ_FROM_U = np.array([[2.0, -1.0], [1.0, 1.0]])
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
     peak_value = np.asarray(peak_value, dtype=np.float64).reshape(-1)
     S = SITE_FROM_METAL @ np.linalg.inv(pmap.g).T
-    M = np.array([[2.0, -1.0], [1.0, 1.0]])  # (p, q) = U @ M: p = 2 U1 + U2, q = U2 - U1
+    M = PQ_FROM_U
     Minv = np.linalg.inv(M)
     pq = pmap.coords(peak_xy) @ M
     # the global offset of the nodes: circular mean over the strong peaks
@@ -182,6 +184,18 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
 COSET_MIN_COLUMNS = 20
 COSET_CLASS_SHARE = 0.8
 COSET_EMPTY_RATIO = 0.35
+
+
+def node_residuals(xy: np.ndarray, ij: np.ndarray, pmap: PhaseMap) -> np.ndarray:
+    """Where the points ``xy`` [N, 2] (columns) sit against their nodes ``ij`` [N, 2] (site-lattice
+    indices) of the phase map's lattice: [N, 2] (x, y) in px, the lattice's common offset taken
+    out (the median). The phase map follows what varies over several spacings (strain, drift,
+    scan distortion), so the residuals hold what varies faster."""
+    S = SITE_FROM_METAL @ np.linalg.inv(pmap.g).T
+    d = pmap.coords(np.asarray(xy, np.float64)) @ PQ_FROM_U - np.asarray(ij, np.float64)
+    if not len(d):
+        return np.zeros((0, 2))
+    return (d - np.median(d, axis=0)) @ S
 
 
 def columns_on_one_coset(idx: SiteIndex) -> bool:

@@ -37,9 +37,10 @@ from .materials import fitting_hint, get_material, materials_fitting, name_by_br
 from .peaks import find_peaks
 from .braggring import SITE_FROM_METAL, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
-from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, pixel_noise,
-                          position_variance)
+from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, node_residuals,
+                          pixel_noise, position_variance)
 from .table import SiteTable
+from .wobble import ScanWobbleWarning, line_wobble
 
 __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
            "NoLatticeWarning",
@@ -463,6 +464,9 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
     if f.film is not None:  # vacuum (holes, the flake's edge): no site is placed there
         lattice_meta["hole_fraction"] = round(f.film.hole_fraction(no_data), 4)
+    lattice_meta["scan_wobble"] = _scan_wobble(f, img.shape[0])
+    if "warning" in lattice_meta["scan_wobble"]:
+        warnings.warn(lattice_meta["scan_wobble"]["warning"], ScanWobbleWarning, stacklevel=3)
     t0 = time.perf_counter()
     judged = nodes & ~np.asarray(cols["grain_boundary"], bool)
     cols["crowded"] = np.zeros(len(idx.xy), bool)
@@ -686,6 +690,17 @@ def _drop_peaks_without_data(pk, no_data: NoData | None):
         return pk
     keep = ~no_data.at_xy(pk.xy)
     return pk if keep.all() else _rows(pk, keep)
+
+
+def _scan_wobble(f: _Lattice, height: int) -> dict:
+    """:func:`stemfast.wobble.line_wobble` of the columns of ``f`` (those of the largest grain, whose
+    phase map ``f.pmap`` is)."""
+    idx = f.idx
+    sel = (idx.kind == 0) & (idx.peak >= 0)
+    if f.gmap is not None:
+        sel &= np.asarray(idx.grain) == 0
+    xy = f.pk.xy[idx.peak[sel]]
+    return line_wobble(node_residuals(xy, idx.ij[sel], f.pmap)[:, 0], xy[:, 1], height, f.nn_fft)
 
 
 def _drop_peaks_in_holes(pk, film, spacing: float):
