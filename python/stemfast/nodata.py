@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["NoData", "no_data", "regions_of", "NO_DATA_BLOCK"]
+__all__ = ["NoData", "no_data", "regions_of", "ring_points", "NO_DATA_BLOCK"]
 
 #: side (px) of the blocks the no-data test reads; a region is no data when at least 2 x 2 of them
 #: (16 px) are constant
@@ -70,11 +70,9 @@ class NoData(NamedTuple):
                        np.clip(np.rint(xy[..., 0]).astype(np.int64), 0, W - 1))
 
     def around(self, xy: np.ndarray, radius: float) -> np.ndarray:
-        """Bool [N, 13]: :meth:`at_xy` at points ``xy`` [N, 2] and at 12 points ``radius`` px around
-        each (every 30 degrees)."""
-        ang = np.arange(12) * (np.pi / 6)
-        offs = np.concatenate([[[0.0, 0.0]], radius * np.stack([np.cos(ang), np.sin(ang)], 1)])
-        return self.at_xy(np.asarray(xy, np.float64).reshape(-1, 2)[:, None, :] + offs[None])
+        """Bool [N, 13]: :meth:`at_xy` at the points :func:`ring_points` gives (``xy`` [N, 2] and 12
+        points ``radius`` px around each)."""
+        return self.at_xy(ring_points(xy, radius))
 
     def pixels(self) -> np.ndarray:
         """The no-data mask at image resolution (bool, :attr:`shape`)."""
@@ -167,6 +165,20 @@ def _region_pixels(a: np.ndarray, blocks: np.ndarray, b: int, values: np.ndarray
             grown = _grown(blocks, b, ndimage.binary_opening(is_v & reach, structure=np.ones((3, 3), bool)))
         out |= grown
     return out
+
+
+def ring_points(xy: np.ndarray, radius: float) -> np.ndarray:
+    """Float [N, 13, 2]: each point of ``xy`` [N, 2] and 12 points ``radius`` px around it (every 30
+    degrees) -- where a site's column and its surroundings are tested for data (or film).
+
+    Examples
+    --------
+    >>> ring_points(np.array([[5.0, 5.0]]), 2.0)[0, [0, 1, 4]].round(6).tolist()
+    [[5.0, 5.0], [7.0, 5.0], [5.0, 7.0]]
+    """
+    ang = np.arange(12) * (np.pi / 6)
+    offs = np.concatenate([[[0.0, 0.0]], radius * np.stack([np.cos(ang), np.sin(ang)], 1)])
+    return np.asarray(xy, np.float64).reshape(-1, 2)[:, None, :] + offs[None]
 
 
 def regions_of(mask, block: int = NO_DATA_BLOCK) -> np.ndarray:

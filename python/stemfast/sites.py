@@ -31,7 +31,7 @@ from .lattice import (
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
 from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
-from .nodata import NoData, no_data as find_no_data
+from .nodata import NoData, no_data as find_no_data, ring_points
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
@@ -709,9 +709,7 @@ def _drop_peaks_in_holes(pk, film, spacing: float):
     site lattice would otherwise index as columns. A column that the hole's edge cuts stays."""
     if film is None or not len(pk.xy):
         return pk
-    ring = 0.5 * spacing * np.exp(1j * np.linspace(0, 2 * np.pi, 12, endpoint=False))
-    pts = pk.xy[:, None, :] + np.stack([np.r_[0, ring.real], np.r_[0, ring.imag]], -1)[None]
-    keep = film(pts.reshape(-1, 2)).reshape(len(pk.xy), -1).any(axis=1)
+    keep = film(ring_points(pk.xy, 0.5 * spacing).reshape(-1, 2)).reshape(len(pk.xy), -1).any(axis=1)
     return pk if keep.all() else _rows(pk, keep)
 
 
@@ -752,9 +750,11 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     nn_fft = site_spacing(pmap.g)
     if s.spacing is None:
         nn = nn_fft
-    # the Bragg amplitude (of any grain's lattice) tells the columns from the vacuum's noise maxima
-    amp = np.max([p.amplitude(peak_xy) for p in ([pmap] if gmap is None else pmaps)], axis=0)
-    film = film_mask(img, bp, peak_xy, nn, no_data, amp) if s.detect_holes else None
+    film = None
+    if s.detect_holes:
+        # the Bragg amplitude (of any grain's lattice) tells the columns from the vacuum's noise maxima
+        amp = np.max([p.amplitude(peak_xy) for p in ([pmap] if gmap is None else pmaps)], axis=0)
+        film = film_mask(img, bp, peak_xy, nn, no_data, amp)
     pk = _drop_peaks_in_holes(pk, film, nn)
     peak_xy = pk.xy
     peak_var = None
