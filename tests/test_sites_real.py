@@ -223,14 +223,23 @@ def test_real_mos2_crop_at_low_dose_has_one_site_per_column(name, seed):
         assert (d >= SPLIT_NN * t.meta["lattice"]["spacing_px"]).all(), d
 
 
-@pytest.mark.parametrize("vacuum_share", [0.4, 0.6])
-@pytest.mark.parametrize("name", MOS2)
+_EDGE_002_5_60 = ("at 60 % vacuum, exp-002-5's crop keeps 7 spacings of film: its lattice comes out 4.2 % "
+                  "wide and 5 of the 80 far-film sites are displaced, with a crowding warning (round 22). "
+                  "Until then the test passed only because the lattice was 2.7x too wide (flagged uncertain), "
+                  "which left one site in the film checked")
+
+
+@pytest.mark.parametrize("name, vacuum_share", [
+    (n, v) if (n, v) != ("mos2_exp-002-5_crop.npy", 0.6) else
+    pytest.param(n, v, marks=pytest.mark.xfail(reason=_EDGE_002_5_60, strict=True))
+    for v in (0.4, 0.6) for n in MOS2])
 def test_real_mos2_crop_at_a_flake_edge_has_no_sites_in_the_vacuum(name, vacuum_share):
     """A flake edge: 40 % or 60 % of the crop beyond a slanted line is vacuum (darker than any film
-    pixel, with its own noise). No site lies more than half a spacing out in it, and the film keeps
-    its sites. (The vacuum's noise maxima were indexed as columns -- on exp-000-2 the site lattice
-    filled the vacuum, 891 sites in the full image -- and the band-pass response of the edge kept the
-    hole test from reaching it, so predicted sites were placed up to two spacings out.)"""
+    pixel, with its own noise). No site lies more than half a spacing out in it, the spacing is the
+    crop's own (within the checker's 3 %), and the film keeps its sites. (The vacuum's noise maxima
+    were indexed as columns -- on exp-000-2 the site lattice filled the vacuum, 891 sites in the full
+    image -- and the band-pass response of the edge kept the hole test from reaching it, so predicted
+    sites were placed up to two spacings out.)"""
     img = np.load(DATA / name).astype(np.float64)
     H, W = img.shape
     yy, xx = np.mgrid[:H, :W]
@@ -245,6 +254,7 @@ def test_real_mos2_crop_at_a_flake_edge_has_no_sites_in_the_vacuum(name, vacuum_
         warnings.simplefilter("ignore")
         ref, t = find_sites(img), find_sites(edge)
     nn = t.meta["spacing_px"]
+    assert abs(nn / ref.meta["spacing_px"] - 1) <= 0.03, (nn, ref.meta["spacing_px"])
     d = depth(t.xy[:, 0], t.xy[:, 1])
     assert d.min() >= -0.5 * nn, np.sort(d)[:5]
     assert t.meta["holes"] and abs(t.meta["lattice"]["hole_fraction"] - vacuum.mean()) < 0.03

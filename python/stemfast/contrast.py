@@ -34,6 +34,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from .vacuum import film_window
+
 __all__ = ["CONTRASTS", "CONTRAST_SKEW", "Contrast", "ContrastWarning", "column_contrast", "inverted"]
 
 #: what ``sites.contrast`` may be: ``auto`` (from the image), ``bright`` (ADF / HAADF: the columns
@@ -69,7 +71,9 @@ def column_contrast(image, spacing: float, *, mask=None) -> Contrast:
     image : 2-D array, the micrograph.
     spacing : site spacing (px); the band-pass keeps the scales of a column (0.12 to 1 spacing).
     mask : optional bool array of the image's shape, True where the pixels hold no data
-        (:mod:`stemfast.nodata`); they are left out.
+        (:mod:`stemfast.nodata`) or vacuum (:func:`stemfast.vacuum.dark_vacuum`); they are left out,
+        and the crop read is the one holding the most of the other pixels
+        (:func:`stemfast.vacuum.film_window`).
 
     Returns
     -------
@@ -89,7 +93,10 @@ def _column_contrast(img: np.ndarray, spacing: float, mask) -> Contrast:
     from .bandpass import bandpass
 
     H, W = img.shape
-    y0, x0 = max(0, (H - CONTRAST_CROP) // 2), max(0, (W - CONTRAST_CROP) // 2)
+    if mask is None:
+        y0, x0 = max(0, (H - CONTRAST_CROP) // 2), max(0, (W - CONTRAST_CROP) // 2)
+    else:  # the central crop, unless another holds clearly more of the image's data
+        y0, x0 = film_window(np.asarray(mask, bool), CONTRAST_CROP)
     crop = np.asarray(img[y0:y0 + CONTRAST_CROP, x0:x0 + CONTRAST_CROP], np.float32)
     bp = bandpass(crop, noise_px=0.12 * spacing, background_px=spacing)
     if mask is not None:

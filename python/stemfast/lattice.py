@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 from ._validate import check_xy
 from .backend import get_kernels
+from .vacuum import VACUUM_MAX_BRAGG
 
 __all__ = [
     "LatticeSettings",
@@ -464,7 +465,7 @@ def _block_mean(img: np.ndarray, f: int, *, square: bool = False, rows: int = 51
 
 
 def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float,
-              no_data=None, bragg_amplitude: np.ndarray | None = None) -> FilmMask | None:
+              no_data=None, bragg=None) -> FilmMask | None:
     """Where the image holds film rather than a hole or no data, or ``None`` when there is neither.
 
     A hole is vacuum: much darker than the film and with little lattice contrast. Both are measured
@@ -479,11 +480,13 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     The film's levels are read at the peaks that are columns, not the vacuum's noise maxima (which
     would widen the spread of the film's local mean by the very darkness looked for): the peaks whose
     band-pass energy reaches half the median's. The noise maxima may outnumber the columns (from
-    about 40 % vacuum on), so that median is taken over the peaks where ``bragg_amplitude`` (the
-    lattice's Bragg amplitude at each peak, :meth:`stemfast.phasemap.PhaseMap.amplitude`; all peaks
-    without it) reaches half its 95th percentile. The energy alone is no guide: a contamination
-    patch's texture has more band-pass energy than the columns, and the amplitude alone is smoothed
-    over several spacings into the vacuum.
+    about 40 % vacuum on), so that median is taken over the peaks where ``bragg`` (a callable giving
+    the lattice's Bragg amplitude at points ``xy`` [N, 2], :meth:`stemfast.phasemap.PhaseMap.amplitude`;
+    all peaks without it) reaches half its 95th percentile. The energy alone is no guide: a
+    contamination patch's texture has more band-pass energy than the columns, and the amplitude alone
+    is smoothed over several spacings into the vacuum. Last, a dark region whose Bragg amplitude
+    (median over its cells) reaches :data:`HOLE_MAX_BRAGG` of the film's holds the lattice: dim film,
+    not a hole.
     """
     if len(peak_xy) == 0:
         return None
@@ -495,8 +498,9 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_at = energy[ij[:, 0], ij[:, 1]]
     ref = np.ones(len(e_at), bool)
-    if bragg_amplitude is not None and len(bragg_amplitude) == len(peak_xy):
-        amp = np.asarray(bragg_amplitude, np.float64)
+    amp = None
+    if bragg is not None:
+        amp = np.asarray(bragg(peak_xy), np.float64)
         ref = amp >= 0.5 * float(np.quantile(amp, 0.95))
     lattice = e_at >= 0.5 * float(np.median(e_at[ref]))
     e_lat = float(np.median(e_at[lattice]))
@@ -514,10 +518,48 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
             # a hole reaches as far as its darkness: the band-pass response of its edge keeps the
             # lattice-contrast test from reaching the edge (sites were placed a spacing out in vacuum)
             hole = ndimage.binary_propagation(hole, mask=dark)
+            if amp is not None and hole.any():
+                hole = _lattice_free(hole, f, bragg, float(np.median(amp[lattice])),
+                                     max(1, int(round(HOLE_BRAGG_DEPTH_NN * spacing / f))))
     hole |= empty
     if not hole.any():
         return None
     return FilmMask(mask=~hole, factor=f)
+
+
+#: a dark region of :func:`film_mask` is a hole only where the lattice's Bragg amplitude at its peaks
+#: (median) is below this share of the film's (:data:`stemfast.vacuum.VACUUM_MAX_BRAGG`, the same test
+#: as the vacuum the ring is read beside): vacuum holds no lattice, while dim film -- a monolayer
+#: beside a brighter bilayer, film under a thickness or illumination gradient -- holds one (the real
+#: crops dimmed to 30-45 %, which the darkness and contrast tests alone took for holes)
+HOLE_MAX_BRAGG = VACUUM_MAX_BRAGG
+#: ... read that far (site spacings) inside the region: the Bragg amplitude is smoothed over about
+#: 1.4 spacings (the phase map's filter, 0.2 |g| wide), so a small hole (a synthetic one 3 spacings
+#: across: 0.34 of the film's) is filled by its rim; a region with nothing that deep stays a hole
+HOLE_BRAGG_DEPTH_NN = 3.0
+
+
+def _lattice_free(hole: np.ndarray, f: int, bragg, film_amp: float, depth: int) -> np.ndarray:
+    """``hole`` (cells of ``f`` px) without its connected regions that show the lattice: their median
+    Bragg amplitude (``bragg``, at the centres of their cells more than ``depth`` cells inside; at
+    most 4096 of them read per region) at least :data:`HOLE_MAX_BRAGG` of ``film_amp``."""
+    lab, n = ndimage.label(hole)
+    if n == 0 or not film_amp > 0:
+        return hole
+    deep = ndimage.binary_erosion(hole, iterations=depth)
+    keep = np.ones(n + 1, bool)
+    keep[0] = False
+    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
+        iy, ix = np.nonzero((lab[sl] == k) & deep[sl])
+        if not len(iy):
+            continue
+        if len(iy) > 4096:
+            pick = np.linspace(0, len(iy) - 1, 4096).astype(np.int64)
+            iy, ix = iy[pick], ix[pick]
+        xy = np.stack([(ix + sl[1].start + 0.5) * f, (iy + sl[0].start + 0.5) * f], axis=1)
+        if float(np.median(bragg(xy))) >= HOLE_MAX_BRAGG * film_amp:
+            keep[k] = False
+    return keep[lab]
 
 
 def _no_data_cells(no_data, shape: tuple[int, int], f: int) -> np.ndarray:

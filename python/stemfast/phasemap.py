@@ -36,10 +36,13 @@ class PhaseMap:
     a Gaussian of width ``width * |g_k|`` and transformed back on a coarse grid; the phase of that
     demodulated map, unwrapped, is ``phi_k(r)`` and ``U_k(r) = g_k . r + phi_k(r) / 2 pi`` is the
     local lattice coordinate (integer on the fringe maxima). ``amplitude`` is the Bragg amplitude
-    relative to its median (low where there is no lattice).
+    relative to its median (low where there is no lattice). ``exclude``: optional bool array of the
+    image's shape, True where there is no film (dark vacuum, :func:`stemfast.vacuum.dark_vacuum`):
+    left out of the refinement of ``g`` (its phases are noise).
     """
 
-    def __init__(self, image: np.ndarray, g: np.ndarray, *, width: float = 0.2) -> None:
+    def __init__(self, image: np.ndarray, g: np.ndarray, *, width: float = 0.2,
+                 exclude: np.ndarray | None = None) -> None:
         from skimage.restoration import unwrap_phase
 
         img = np.asarray(image, dtype=np.float32)
@@ -78,6 +81,11 @@ class PhaseMap:
         e = 1 if min(h, w) > 6 else 0
         if e:
             wgt[:e], wgt[-e:], wgt[:, :e], wgt[:, -e:] = 0, 0, 0, 0
+        if exclude is not None:
+            ex = np.asarray(exclude, bool)
+            at = ex[np.clip(np.rint(yy).astype(np.int64), 0, H - 1), np.clip(np.rint(xx).astype(np.int64), 0, W - 1)]
+            if not at.all():
+                wgt[at] = 0
         X = np.stack([np.ones(h * w), xx.ravel(), yy.ravel()], 1)
         sw = np.sqrt(wgt.ravel())[:, None]
         g = self.g.copy()

@@ -35,11 +35,12 @@ from .nodata import NoData, no_data as find_no_data, ring_points
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .braggring import SITE_FROM_METAL, metal_reciprocal_lattice, site_spacing
+from .braggring import SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
 from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, node_residuals,
                           pixel_noise, position_variance)
 from .table import SiteTable
+from .vacuum import VACUUM_MAX_BRAGG, dark_vacuum, film_spectrum_image, vacuum_bragg_ratio
 from .wobble import ScanWobbleWarning, line_wobble
 
 __all__ = ["SiteSettings", "find_sites", "companion_intensity", "border_bands", "estimate_period_fft", "sample_image",
@@ -68,6 +69,9 @@ EDGE_UNJUDGED_PX = 1.0
 #: A lattice's strongest Bragg ring stands >> this far above the radially averaged power spectrum
 #: around it (100-400 on MoS2 images, also at low dose); white noise gives about 1.2.
 MIN_FFT_PROMINENCE = 4.0
+#: a Bragg ring implying a finer site spacing is noise near the Nyquist frequency, not a lattice (the
+#: smallest spacing the settings take, :attr:`SiteSettings.spacing`)
+MIN_RING_SPACING_PX = 2.0
 
 
 class NoLatticeWarning(UserWarning):
@@ -432,11 +436,11 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
-    img, jumps, ring = _undo_scan_jumps(img, s)
+    img, jumps, ring, vac = _undo_scan_jumps(img, s, no_data)
     try:
-        img, ring, contrast = _ring_and_contrast(img, s, ring, no_data)
+        img, ring, contrast, vac = _ring_and_contrast(img, s, ring, vac, no_data)
         t_jumps = time.perf_counter() - t0
-        f = _find_lattice(img, s, tm, ring, no_data=no_data)
+        f = _find_lattice(img, s, tm, ring, no_data=no_data, vacuum=vac)
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
     except _NoLattice as exc:
         warnings.warn(str(exc), NoLatticeWarning, stacklevel=3)
@@ -464,6 +468,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
     if f.film is not None:  # vacuum (holes, the flake's edge): no site is placed there
         lattice_meta["hole_fraction"] = round(f.film.hole_fraction(no_data), 4)
+    if f.vacuum is not None:  # the ring was read on the film beside it (_bragg_ring)
+        lattice_meta["vacuum_share"] = round(float(f.vacuum.mean()), 4)
     lattice_meta["scan_wobble"] = _scan_wobble(f, img.shape[0])
     if "warning" in lattice_meta["scan_wobble"]:
         warnings.warn(lattice_meta["scan_wobble"]["warning"], ScanWobbleWarning, stacklevel=3)
@@ -531,29 +537,33 @@ def _no_data_meta(share: float) -> dict:
     return out
 
 
-def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, no_data: NoData | None):
-    """``(image, ring, contrast)``: the Bragg ring (read here when ``ring`` is None; :class:`_NoLattice`
+def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoData | None):
+    """``(image, ring, contrast, vacuum)``: the dark vacuum the ring was read beside (:func:`_bragg_ring`;
+    None: none, or not confirmed by the ring; ``vac`` when ``ring`` is given), the Bragg ring (read here when ``ring`` is None; :class:`_NoLattice`
     without one, or for a constant image), and ``img`` with bright columns (:func:`_oriented`, which
     needs the spacing). :func:`_find_lattice` is given both: every image it sees has passed here, or
     is one that already held a lattice (levelled scan lines)."""
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
-    ring = _bragg_ring(img, s) if ring is None else ring
-    img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing, no_data)
-    return img, ring, contrast
+    gap = None if no_data is None or not no_data.any() else no_data.pixels()
+    if ring is None:
+        ring, vac = _bragg_ring(img, s, no_data)
+    img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing,
+                              gap if vac is None else (vac if gap is None else vac | gap))
+    return img, ring, contrast, vac
 
 
-def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, no_data: NoData | None):
+def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, unread: np.ndarray | None):
     """``(image, contrast)``: ``img`` with bright columns -- inverted where they are dark
     (``s.contrast``, :mod:`stemfast.contrast`) -- and ``lattice.contrast`` of the summary: ``columns``
     (bright / dark / unclear), the ``skew`` it rests on (None where ``s.contrast`` says it), whether
     the image was ``inverted``, the ``setting``, and a ``warning`` where it was inverted or could not
-    be told."""
+    be told. ``unread``: bool, the pixels left out (no data, dark vacuum; None: none)."""
     if s.contrast != "auto":
         dark = s.contrast == "dark"
         return (inverted(img) if dark else img), {"columns": s.contrast, "skew": None, "inverted": dark,
                                                   "setting": s.contrast}
-    c = column_contrast(img, spacing, mask=None if no_data is None or not no_data.any() else no_data.pixels())
+    c = column_contrast(img, spacing, mask=unread)
     info = {"columns": c.columns, "skew": round(c.skew, 3) if np.isfinite(c.skew) else None,
             "inverted": c.columns == "dark", "setting": "auto"}
     if c.columns == "dark":
@@ -594,19 +604,22 @@ class _Lattice(NamedTuple):
     nn: float  # the site spacing used (px): ``nn_fft`` unless the settings fix it
     film: object  # where the film is (lattice.FilmMask; None: no hole, no region without data)
     no_data: NoData | None  # the regions without data (stemfast.nodata)
+    vacuum: np.ndarray | None = None  # the dark vacuum the ring was read beside (_bragg_ring; None: none)
 
 
 def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads: int = 0,
-                  no_data: NoData | None = None) -> _Lattice:
+                  no_data: NoData | None = None, vacuum: np.ndarray | None = None) -> _Lattice:
     """Steps 1-4 of :func:`find_sites` (spacing, bandpass, peaks, site lattice); :class:`_NoLattice`
     when there is none. ``ring``: the Bragg ring of ``img`` when already known. When the columns
     show that the ring was a second-order one (:func:`stemfast.sitelattice.columns_on_one_coset`:
     a small image, whose first ring lies too near the spectrum's centre), steps 2-4 run again with
-    the first ring (up to :data:`MAX_RING_REREADS` times); a given ``spacing`` is kept as given."""
+    the first ring (up to :data:`MAX_RING_REREADS` times); a given ``spacing`` is kept as given.
+    ``vacuum``: the dark vacuum ``ring`` was read beside (:func:`_bragg_ring`), when ``ring`` is given."""
     t0 = time.perf_counter()
     material = get_material(s.material)
     # 1. the metal lattice's first Bragg ring: the site spacing and the lattice over the image
-    ring = _bragg_ring(img, s) if ring is None else ring
+    if ring is None:
+        ring, vacuum = _bragg_ring(img, s, no_data)
     nn = float(s.spacing) if s.spacing is not None else ring.spacing
     tm["spacing"] = time.perf_counter() - t0
 
@@ -645,7 +658,7 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data)
+    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data, vacuum)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -653,8 +666,8 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     if s.spacing is None and rereads < MAX_RING_REREADS and columns_on_one_coset(idx):
         log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
                  "second-order one; the lattice is found again from the first", nn)
-        return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data)
-    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data)
+        return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data, vacuum)
+    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data, vacuum)
 
 
 def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
@@ -713,27 +726,65 @@ def _drop_peaks_in_holes(pk, film, spacing: float):
     return pk if keep.all() else _rows(pk, keep)
 
 
-def _bragg_ring(img: np.ndarray, s: SiteSettings):
-    """The metal lattice's first Bragg ring (step 1 of :func:`find_sites`); :class:`_NoLattice` when
-    the power spectrum has no lattice period or no hexagonal ring."""
+def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
+    """``(ring, vacuum)``: the metal lattice's first Bragg ring (step 1 of :func:`find_sites`); :class:`_NoLattice` when
+    the power spectrum has no lattice period or no hexagonal ring, or a ring finer than the smallest
+    site spacing the pipeline takes (2 px: noise near Nyquist).
+
+    Where the image holds dark vacuum (:func:`stemfast.vacuum.dark_vacuum`: a flake's edge, a hole),
+    the ring is also read on the crop that holds the most film with the vacuum set to the film's mean
+    (:func:`stemfast.vacuum.film_spectrum_image`), and the more prominent of the two rings is kept;
+    its ``note`` says so. The guess counts only where the lattice confirms it: its Bragg amplitude
+    there at most :data:`stemfast.vacuum.VACUUM_MAX_BRAGG` of the rest's
+    (:func:`stemfast.vacuum.vacuum_bragg_ratio`; clean film beside a bright contamination patch may
+    pass the darkness tests). ``vacuum`` is the confirmed vacuum (bool, the image's shape), else
+    None."""
+    gap = None if no_data is None or not no_data.any() else no_data.pixels()
+    ring, why = _ring_of(img, s)
+    vac = dark_vacuum(img, gap)
+    used = None
+    if vac is not None:
+        film_ring, _ = _ring_of(film_spectrum_image(img, vac, SPECTRUM_CROP, gap), s)
+        probe = film_ring if film_ring is not None else ring
+        ratio = float("nan") if probe is None else vacuum_bragg_ratio(img, probe.g, vac)
+        if ratio < VACUUM_MAX_BRAGG:  # the lattice confirms it: no lattice there
+            used = vac
+            if film_ring is not None and (ring is None or film_ring.prominence > ring.prominence):
+                share = float(vac.mean())
+                ring = dataclasses.replace(film_ring, note=(film_ring.note + f" read on the film ({share:.0%} of the "
+                                                            "image dark vacuum left out)").strip())
+        else:
+            log.info("a dark, quiet region (%.0f%% of the image) holds the lattice (Bragg amplitude %.2f of the "
+                     "rest's): film, not vacuum", 100 * float(vac.mean()), ratio)
+    if ring is None:
+        raise _NoLattice(why)
+    return ring, used
+
+
+def _ring_of(img: np.ndarray, s: SiteSettings):
+    """``(ring, None)`` or ``(None, why)``: :func:`_bragg_ring` of one image, the vacuum not looked at."""
     try:
         _, prominence = estimate_period_fft(img, return_prominence=True)
     except ValueError:
         prominence = 0.0
     if prominence < MIN_FFT_PROMINENCE:
-        raise _NoLattice(f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
-                         f"{MIN_FFT_PROMINENCE}): no lattice")
+        return None, (f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
+                      f"{MIN_FFT_PROMINENCE}): no lattice")
     ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
     if ring is None:
         short = min(img.shape)
         hint = (f" (the image's short side, {short} px, holds few lattice periods: the ring's spots are then too "
                 "near the spectrum's centre to be read)" if short < SHORT_SIDE_PX else "")
-        raise _NoLattice(f"no hexagonal ring of Bragg spots in the power spectrum{hint}: no lattice")
-    return ring
+        return None, f"no hexagonal ring of Bragg spots in the power spectrum{hint}: no lattice"
+    if not ring.spacing >= MIN_RING_SPACING_PX:
+        return None, (f"the strongest hexagonal ring of Bragg spots implies a site spacing of {ring.spacing:.2f} px, "
+                      f"below {MIN_RING_SPACING_PX:g} px (noise near the Nyquist frequency, not columns): no lattice")
+    return ring, None
 
 
-def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no_data=None):
-    """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain.
+def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no_data=None, vacuum=None):
+    """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain
+    (``vacuum``, :func:`stemfast.vacuum.dark_vacuum`, is left out of the phase map's refinement).
 
     Returns ``(idx, pk, gmap, pmap, nn_fft, nn, film)``: ``pk`` without the maxima deep in a hole of
     the film (:func:`_drop_peaks_in_holes`); ``nn`` becomes the phase map's spacing unless the
@@ -741,9 +792,9 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     """
     peak_xy = pk.xy
     # grains of different orientation: one site lattice each (None: a single crystal)
-    gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains)
+    gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains, exclude=vacuum)
     if gmap is None:
-        pmap = PhaseMap(img, ring.g)
+        pmap = PhaseMap(img, ring.g, exclude=vacuum)
     else:
         pmaps = _grains.grain_phase_maps(img, gmap)
         pmap = pmaps[0]  # the largest grain's
@@ -753,8 +804,8 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     film = None
     if s.detect_holes:
         # the Bragg amplitude (of any grain's lattice) tells the columns from the vacuum's noise maxima
-        amp = np.max([p.amplitude(peak_xy) for p in ([pmap] if gmap is None else pmaps)], axis=0)
-        film = film_mask(img, bp, peak_xy, nn, no_data, amp)
+        maps = [pmap] if gmap is None else pmaps
+        film = film_mask(img, bp, peak_xy, nn, no_data, lambda xy: np.max([p.amplitude(xy) for p in maps], axis=0))
     pk = _drop_peaks_in_holes(pk, film, nn)
     peak_xy = pk.xy
     peak_var = None
@@ -948,7 +999,11 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     basis = sites.basis
     no_data = find_no_data(img)
     # another detector: its own contrast, whatever the first image's setting said
-    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn, no_data)
+    gap = no_data.pixels() if no_data.any() else None
+    # the same field as the sites' image: its dark vacuum left out where the sites' ring was read beside one
+    vac = dark_vacuum(img, gap) if "vacuum_share" in sites.meta.get("lattice", {}) else None
+    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn,
+                              gap if vac is None else (vac if gap is None else vac | gap))
     if "warning" in contrast:
         contrast["warning"] = "companion image: " + contrast["warning"]
         warnings.warn(contrast["warning"], ContrastWarning, stacklevel=2)
@@ -1001,39 +1056,39 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: 
     return lines, streak
 
 
-def _undo_scan_jumps(img: np.ndarray, s: SiteSettings):
-    """``(image, jumps, ring)``: ``img`` with its bands of sideways-jumped scan lines moved back
+def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
+    """``(image, jumps, ring, vacuum)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
     three shortest translations; at coarse sampling
     (:func:`stemfast.scanlines.needs_lattice_lines`), also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
     reported where the recorded image has them, :func:`_to_recorded`), the jumps (None when
     ``scan_lines`` is off or there is no lattice), and the Bragg ring when it was read off the
-    unchanged image (else None)."""
+    unchanged image (else None) with the vacuum it was read beside (:func:`_bragg_ring`)."""
     from .scanlines import confirm_jumps, lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
-        return img, None, None
+        return img, None, None, None
     jumps = scan_line_jumps(img)
     if not jumps.candidates.any() and not needs_lattice_lines(s.spacing):  # (not only bands: a jump back read a lattice period off is no band yet)
-        return img, jumps, None
+        return img, jumps, None, None
     try:
-        ring = _bragg_ring(img, s)
+        ring, vac = _bragg_ring(img, s, no_data)
     except _NoLattice:
-        return img, None, None
+        return img, None, None, None
     a = np.linalg.inv(ring.g).T
     t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
     if jumps.candidates.any():
         jumps = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
         if jumps.flagged.any():
-            return jumps.undo(img), jumps, None
+            return jumps.undo(img), jumps, None, None
     # coarse sampling: a band shifted by up to half a spacing lies beyond the neighbour-line search,
     # whose lines scatter too much there anyway -- look for it line by line against the lattice
     spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
     if needs_lattice_lines(spacing):
         bands = lattice_line_bands(img, spacing)
         if bands.flagged.any():
-            return bands.undo(img), bands, None
-    return img, jumps, ring
+            return bands.undo(img), bands, None, None
+    return img, jumps, ring, vac
 
 
 def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
