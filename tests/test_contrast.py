@@ -13,7 +13,7 @@ from stemfast.contrast import CONTRAST_SKEW, ContrastWarning, column_contrast, i
 from stemfast.sites import SiteSettings, companion_intensity, find_sites
 from stemfast.synthetic import make_lattice, make_mos2
 
-from test_sites_real import DATA, _average_precision, _labels
+from real_data import DATA, average_precision, read_labels
 
 
 def test_column_contrast_tells_bright_from_dark_columns_and_noise_from_both():
@@ -91,7 +91,7 @@ def test_real_wse2_crop_inverted_ranks_the_labelled_defects_as_the_haadf_crop_do
     cfg = apply_overrides(PipelineConfig(), {"sites.material": "wse2"})
     model = shipped_for_run(cfg)
     img = np.load(DATA / "wse2_ti2_haadf_crop.npy").astype(np.float32)
-    lxy, lname = _labels()
+    lxy, lname = read_labels()
     ap = []
     for a in (img, inverted(img)):
         with warnings.catch_warnings():
@@ -100,7 +100,7 @@ def test_real_wse2_crop_inverted_ranks_the_labelled_defects_as_the_haadf_crop_do
             table, _ = analyze(prep, model, config=cfg)
         d, j = cKDTree(lxy).query(table.xy)
         positive = (d <= 2.0) & np.isin(lname[j], ["V_Se", "Ti"])
-        ap.append(_average_precision(np.asarray(table["anomaly_score"], float), positive))
+        ap.append(average_precision(np.asarray(table["anomaly_score"], float), positive))
         assert prep.sites.meta["lattice"]["contrast"]["inverted"] == (a is not img)
     assert ap[0] > 0.8 and ap[1] == pytest.approx(ap[0], abs=0.01), ap  # 0.837 both
 

@@ -11,9 +11,7 @@ at 0.75-1.25 spacings, and no two sites sit within half a spacing (<= 0.1%).
 """
 from __future__ import annotations
 
-import csv
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,8 @@ from stemfast.analysis import SublatticeNamingWarning
 from stemfast.sitelattice import SPLIT_NN, border_distance
 from stemfast.sites import find_sites
 
-DATA = Path(__file__).parent / "data"
+from real_data import DATA, average_precision, read_labels
+
 MOS2 = ["mos2_exp-000-2_crop.npy", "mos2_exp-001-5_crop.npy", "mos2_exp-002-5_crop.npy"]
 
 
@@ -159,17 +158,9 @@ def test_small_real_crops_get_the_site_lattice_or_none_never_its_sqrt3_denser_su
     assert found.mean() >= 0.8
 
 
-def _labels(name: str = "wse2_ti2_crop.labels.csv"):
-    with open(DATA / name, newline="") as f:
-        rows = list(csv.DictReader(f))
-    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
-    name = np.array([r["class_name"] for r in rows])
-    return xy, name
-
-
 def test_real_wse2_crop_at_five_px_spacing_matches_the_authors_labels():
     img = np.load(DATA / "wse2_ti2_haadf_crop.npy").astype(np.float32)
-    lxy, lname = _labels()
+    lxy, lname = read_labels()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = find_sites(img, material="wse2")
@@ -289,7 +280,7 @@ def _analyze_crop(name: str, **overrides):
 def _label_sublattice(t, labels: str = "wse2_ti2_crop.labels.csv"):
     """The output sublattice of each labelled site of a WSe2 crop (the Ti crop's two detectors: the
     same scan), and those labels."""
-    lxy, lname = _labels(labels)
+    lxy, lname = read_labels(labels)
     dl, jl = cKDTree(t.xy).query(lxy)
     ok = dl <= 2.0
     return t["sublattice"][jl][ok], t["defect_kind"][jl][ok], lname[ok]
@@ -317,14 +308,6 @@ def test_real_wse2_second_detector_names_its_sublattices_as_told_and_warns_when_
     assert (sub[lname == "W"] == 0).mean() >= 0.99 and not caught and "naming_warning" not in s
 
 
-def _average_precision(score: np.ndarray, positive: np.ndarray) -> float:
-    """Average precision of a ranking by ``score`` (highest first) for the ``positive`` items."""
-    order = np.argsort(-score, kind="stable")
-    hit = positive[order]
-    precision = np.cumsum(hit) / np.arange(1, len(hit) + 1)
-    return float(precision[hit].sum() / max(1, hit.sum()))
-
-
 def test_real_cr_doped_wse2_second_detector_is_named_from_its_dark_sites_and_ranks_them_first():
     # another sample, dopant and sampling (Cr-doped WSe2, ADF2 only, 7.2 px site spacing): the Se2
     # pairs outshine the W, and besides the Se vacancies (on the chalcogen) the Cr dopants are dark on
@@ -348,7 +331,7 @@ def test_real_cr_doped_wse2_second_detector_is_named_from_its_dark_sites_and_ran
     # the ranking, over the output sites inside the labelled field (the labels stop 13 px from the
     # full image's edge, 1.5 spacings more are left out as the shared scorer does): the authors'
     # vacancies and dopants come first
-    lxy, lname = _labels(labels)
+    lxy, lname = read_labels(labels)
     nn = 7.2
     lo, hi = np.maximum(lxy.min(0), 0) + 1.5 * nn, np.minimum(lxy.max(0), 255) - 1.5 * nn
     xy = t.xy
@@ -357,4 +340,4 @@ def test_real_cr_doped_wse2_second_detector_is_named_from_its_dark_sites_and_ran
     positive = (d < 0.4 * nn) & np.isin(lname[j], ["V_Se", "Cr"])
     score = np.nan_to_num(np.asarray(t["anomaly_score"], np.float64), nan=-1e9)
     assert positive[inside].sum() >= 25
-    assert _average_precision(score[inside], positive[inside]) >= 0.85
+    assert average_precision(score[inside], positive[inside]) >= 0.85

@@ -8,7 +8,6 @@ large image whose film lay off-centre had none of it in the crop.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,8 @@ from stemfast.sites import NoLatticeWarning, find_sites
 from stemfast.synthetic import make_mos2
 from stemfast.vacuum import dark_vacuum, film_spectrum_image, film_window
 
-DATA = Path(__file__).parent / "data"
+from real_data import DATA
+
 REAL = ["mos2_exp-000-2_crop.npy", "mos2_exp-001-5_crop.npy", "mos2_exp-002-5_crop.npy",
         "wse2_ti2_haadf_crop.npy", "wse2_ti2_maadf_crop.npy", "wse2_cr9_adf2_crop.npy"]
 
