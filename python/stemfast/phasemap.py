@@ -12,7 +12,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-__all__ = ["PhaseMap"]
+__all__ = ["PhaseMap", "bragg_maps"]
 
 
 def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tuple[int, int]]:
@@ -28,6 +28,32 @@ def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tupl
     else:
         small = img
     return f, sfft.rfft2(small - float(small.mean()), workers=-1), small.shape
+
+def bragg_maps(img: np.ndarray, g: np.ndarray, width: float = 0.2):
+    """``(maps, step, origin)``: the demodulated Bragg-filtered maps (complex, one per reciprocal
+    vector of ``g`` [K, 2], cycles / px, all on one coarse grid), the grid's step (px, (y, x)) and the
+    px position of its cell (0, 0). The filter is a Gaussian ``width * |g_k|`` wide around each
+    ``g_k``; what :class:`PhaseMap` reads its phases and amplitude from."""
+    img = np.asarray(img, dtype=np.float32)
+    g = np.asarray(g, dtype=np.float64)
+    # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
+    # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
+    f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*g.T).max()) * (1 + 4 * width))
+    maps = []
+    steps = None
+    for gk in g:
+        # in block units the vector is f times longer; the block (i, j) is centred at
+        # f i + (f - 1) / 2 px: a phase offset, corrected below
+        D, step = _demodulate(F, hs, ws, gk * f, width * float(np.hypot(*gk)) * f)
+        D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
+        step = (step[0] * f, step[1] * f)
+        if steps is None:
+            steps = step
+        elif D.shape != maps[0].shape:  # same grid for every map
+            D = _resample(D, maps[0].shape)
+        maps.append(D)
+    return maps, steps, (f - 1) / 2.0
+
 
 class PhaseMap:
     """Continuous metal-lattice coordinates over the image by geometric phase analysis.
@@ -49,26 +75,9 @@ class PhaseMap:
         H, W = img.shape
         self.shape = (H, W)
         self.g = np.asarray(g, dtype=np.float64)
-        # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
-        # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
-        f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*self.g.T).max()) * (1 + 4 * width))
-        phases, amps = [], []
-        steps = None
-        for gk in self.g:
-            # in block units the vector is f times longer; the block (i, j) is centred at
-            # f i + (f - 1) / 2 px: a phase offset, corrected below
-            D, step = _demodulate(F, hs, ws, gk * f, width * float(np.hypot(*gk)) * f)
-            D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
-            step = (step[0] * f, step[1] * f)
-            if steps is None:
-                steps = step
-            elif D.shape != phases[0].shape:  # same grid for both maps
-                D = _resample(D, phases[0].shape)
-            phases.append(unwrap_phase(np.angle(D)))
-            amps.append(np.abs(D))
-        self.step = steps  # (step_y, step_x) px per coarse cell
-        self.origin = (f - 1) / 2.0  # px position of the coarse cell (0, 0)
-        phase = np.stack(phases)  # [2, h, w]
+        maps, self.step, self.origin = bragg_maps(img, self.g, width)
+        phase = np.stack([unwrap_phase(np.angle(D)) for D in maps])  # [2, h, w]
+        amps = [np.abs(D) for D in maps]
         a = np.mean(amps, axis=0)
         med = float(np.median(a))
         self.amp = a / med if med > 0 else a

@@ -545,12 +545,23 @@ def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoD
     is one that already held a lattice (levelled scan lines)."""
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
-    gap = None if no_data is None or not no_data.any() else no_data.pixels()
     if ring is None:
         ring, vac = _bragg_ring(img, s, no_data)
     img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing,
-                              gap if vac is None else (vac if gap is None else vac | gap))
+                              _unread(no_data, vac))
     return img, ring, contrast, vac
+
+
+def _no_data_pixels(no_data: NoData | None) -> np.ndarray | None:
+    """The pixels without data (bool, the image's shape), or None where there are none."""
+    return None if no_data is None or not no_data.any() else no_data.pixels()
+
+
+def _unread(no_data: NoData | None, vacuum: np.ndarray | None) -> np.ndarray | None:
+    """The pixels the contrast check leaves out (bool): those without data and the dark vacuum;
+    None where there are neither."""
+    gap = _no_data_pixels(no_data)
+    return gap if vacuum is None else (vacuum if gap is None else vacuum | gap)
 
 
 def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, unread: np.ndarray | None):
@@ -739,7 +750,7 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None)
     (:func:`stemfast.vacuum.vacuum_bragg_ratio`; clean film beside a bright contamination patch may
     pass the darkness tests). ``vacuum`` is the confirmed vacuum (bool, the image's shape), else
     None."""
-    gap = None if no_data is None or not no_data.any() else no_data.pixels()
+    gap = _no_data_pixels(no_data)
     ring, why = _ring_of(img, s)
     vac = dark_vacuum(img, gap)
     used = None
@@ -999,11 +1010,9 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     basis = sites.basis
     no_data = find_no_data(img)
     # another detector: its own contrast, whatever the first image's setting said
-    gap = no_data.pixels() if no_data.any() else None
     # the same field as the sites' image: its dark vacuum left out where the sites' ring was read beside one
-    vac = dark_vacuum(img, gap) if "vacuum_share" in sites.meta.get("lattice", {}) else None
-    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn,
-                              gap if vac is None else (vac if gap is None else vac | gap))
+    vac = dark_vacuum(img, _no_data_pixels(no_data)) if "vacuum_share" in sites.meta.get("lattice", {}) else None
+    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn, _unread(no_data, vac))
     if "warning" in contrast:
         contrast["warning"] = "companion image: " + contrast["warning"]
         warnings.warn(contrast["warning"], ContrastWarning, stacklevel=2)

@@ -145,21 +145,14 @@ def vacuum_bragg_ratio(image: np.ndarray, g: np.ndarray, vacuum: np.ndarray) -> 
     :attr:`stemfast.braggring.FftLattice.g`) over ``vacuum`` as a share of its median over the rest of
     the image (about 0.1 or less for vacuum, about 1 for film). The amplitude is that of the
     demodulated Bragg-filtered image (:mod:`stemfast.phasemap`), on its coarse grid."""
-    from .phasemap import _block_spectrum, _demodulate
+    from .phasemap import bragg_maps
 
-    img = np.asarray(image, dtype=np.float32)
-    H, W = img.shape
-    g = np.asarray(g, np.float64)
-    f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*g.T).max()) * 1.8)
-    amp = None
-    for gk in g:
-        D, step = _demodulate(F, hs, ws, gk * f, 0.2 * float(np.hypot(*gk)) * f)
-        a = np.abs(D)
-        amp = a if amp is None else amp + (a if a.shape == amp.shape else ndimage.zoom(a, np.divide(amp.shape, a.shape),
-                                                                                     order=1))
+    H, W = np.shape(image)
+    maps, step, origin = bragg_maps(image, g)
+    amp = np.sum([np.abs(D) for D in maps], axis=0)
     h, w = amp.shape
-    yy = np.clip(np.rint((np.arange(h) * step[0] * f + (f - 1) / 2.0)).astype(np.int64), 0, H - 1)
-    xx = np.clip(np.rint((np.arange(w) * step[1] * f + (f - 1) / 2.0)).astype(np.int64), 0, W - 1)
+    yy = np.clip(np.rint(np.arange(h) * step[0] + origin).astype(np.int64), 0, H - 1)
+    xx = np.clip(np.rint(np.arange(w) * step[1] + origin).astype(np.int64), 0, W - 1)
     at = np.asarray(vacuum, bool)[np.ix_(yy, xx)]
     if at.all() or not at.any():
         return float("nan")
