@@ -724,3 +724,62 @@ def test_a_beam_damaged_film_is_not_taken_for_swapped_names():
     assert dark["S2"] > 2 * dark["Mo"] >= 40, dark
     assert "naming_warning" not in summary
     assert not any(issubclass(w.category, SublatticeNamingWarning) for w in caught)
+
+
+@pytest.mark.parametrize("dim_share", [0.4, 0.6])
+def test_a_dimmer_part_of_the_film_neither_hides_its_defects_nor_flags_the_other_part(dim_share):
+    """The right 40 or 60 % of the film at 30 % of the left's signal, noise included (an illumination or
+    thickness step: the same image, scaled). A vacancy is a vacancy on either side: the local MAD
+    floor follows the local column contrast (an image-wide floor was 0.5 of the typical MAD, above
+    the dim half's own, and shrank its z), and the reconstruction error -- which the model, seeing
+    patches normalised image-wide, makes smaller where the columns are dimmer -- is levelled for the
+    contrast before the texture check (the bright half read "2x worse than elsewhere" and its scores
+    were scaled down: 532 sites on the labelled WSe2 dimmed so)."""
+    xy, colour, inten, basis = make_lattice(seed=4, noise=0.02)
+    n = len(xy)
+    rng = np.random.default_rng(5)
+    right = xy[:, 0] > np.quantile(xy[:, 0], 1 - dim_share)
+    left_vac = centre_site(xy, colour, 1, (50, 300))
+    right_vac = centre_site(xy, colour, 1, (xy[:, 0].max() - 60, 300))
+    inten = inten.copy()
+    inten[[left_vac, right_vac]] -= 0.45
+    scale = np.where(right, 0.3, 1.0)
+    inten = inten * scale
+    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+    rec = 0.02 * scale ** 1.5 * (1 + 0.1 * rng.random(n))  # the error follows the contrast, nothing else
+    t, summary = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, rec, np.zeros(n)))
+    a = np.asarray(t["anomaly_score"])
+    assert t["is_defect"][left_vac] and t["is_defect"][right_vac]
+    assert a[right_vac] == pytest.approx(a[left_vac], rel=0.25)
+    assert set(np.argsort(-a)[:2].tolist()) == {left_vac, right_vac}
+    assert summary["n_sites_unlike_lattice"] == 0 and "texture_warning" not in summary
+    assert summary["recon_contrast_exponent"] == pytest.approx(1.5, abs=0.2)
+    nr = np.asarray(t["neighbourhood_recon"])
+    assert np.median(nr[right]) == pytest.approx(1.0, abs=0.1) and np.median(nr[~right]) == pytest.approx(1.0, abs=0.1)
+
+
+def test_contrast_levelled_recon_keeps_texture_and_leaves_an_even_film_alone():
+    from stemfast.analysis import contrast_levelled_recon
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    usable = np.ones(n, bool)
+    # an even film: the contrast varies by noise only -- the error is returned as it is
+    c = 1.0 + 0.05 * rng.standard_normal(n)
+    rec = 0.02 * (1 + 0.1 * rng.random(n))
+    level, p = contrast_levelled_recon(rec, c, usable)
+    assert p == 0.0 and level is not None and np.array_equal(level, rec)
+    assert contrast_levelled_recon(rec, None, usable)[1] == 0.0
+    # a dim half and a textured patch in the bright half at the bright half's contrast: the dim half is
+    # levelled to the rest, the texture stays several times worse
+    c = np.where(np.arange(n) < n // 2, 1.0, 0.3) * (1 + 0.02 * rng.standard_normal(n))
+    rec = 0.02 * c ** 1.5 * (1 + 0.1 * rng.random(n))
+    texture = np.arange(n) < 200
+    rec[texture] *= 4.0
+    level, p = contrast_levelled_recon(rec, c, usable)
+    assert 1.0 < p < 2.0
+    assert np.median(level[texture]) / np.median(level[~texture]) > 3.0
+    assert np.median(level[n // 2:]) == pytest.approx(np.median(level[200:n // 2]), rel=0.15)
+    # a texture that lowers the contrast does not turn the trend around: the exponent is never negative
+    c2 = np.where(texture, 0.6, 1.0) * (1 + 0.3 * rng.random(n))
+    assert contrast_levelled_recon(0.02 * np.where(texture, 4.0, 1.0), c2, usable)[1] >= 0.0

@@ -267,6 +267,23 @@ def test_an_illumination_gradient_is_not_a_border_band(gradient):
         np.testing.assert_array_equal(observed, xy[:, 0] >= width * sp)
 
 
+@pytest.mark.parametrize("dim", [0.5, 0.3])
+def test_a_step_of_the_illumination_across_the_frame_is_not_a_border_band(dim):
+    """The right half of the film at 30-50 % of the left's signal (a thickness or illumination step
+    that meets the top and bottom sides): the level along those sides follows the step, so no band
+    is found there (one level per side put its strips' median between the two halves, and bands 6.5
+    spacings wide were found along both sides, 625 sites unjudged on the labelled WSe2 at 50 %); a
+    fly-back strip on the left is still found, whatever the right half does."""
+    from stemfast.sites import border_bands
+
+    for factors, width in (([], 0.0), ([0.05], 1.0)):
+        xy, inten, sub, shape, sp = _band_table(factors, shape=(480, 480))
+        inten = np.where(xy[:, 0] > shape[1] / 2, inten * dim, inten)
+        observed, widths = border_bands(xy, inten, sub, shape, sp)
+        assert widths[0] == pytest.approx(width * sp) and widths[1:] == [0.0, 0.0, 0.0]
+        np.testing.assert_array_equal(observed, xy[:, 0] >= width * sp)
+
+
 def test_border_band_along_part_of_a_side():
     """A fly-back band over the lower part of the frame only (rows >= 450 of 720): the median over the
     whole left side is sound, the quarters of the side that lie in the band are marked; a quarter
