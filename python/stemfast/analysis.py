@@ -455,8 +455,9 @@ def contrast_levelled_recon(recon_error: np.ndarray, contrast: np.ndarray | None
     lc, lr = np.log(c[ok]), np.log(rec[ok])
     edges = np.quantile(lc, np.linspace(0, 1, RECON_CONTRAST_BINS + 1))
     b = np.clip(np.searchsorted(edges, lc, side="right") - 1, 0, RECON_CONTRAST_BINS - 1)
-    mc = np.array([np.median(lc[b == i]) for i in range(RECON_CONTRAST_BINS) if (b == i).any()])
-    mr = np.array([np.median(lr[b == i]) for i in range(RECON_CONTRAST_BINS) if (b == i).any()])
+    held = [b == i for i in range(RECON_CONTRAST_BINS) if (b == i).any()]
+    mc = np.array([np.median(lc[m]) for m in held])
+    mr = np.array([np.median(lr[m]) for m in held])
     if len(mc) < 3 or np.ptp(mc) <= 0:
         return rec, 0.0
     exponent = float(np.clip(np.polyfit(mc, mr, 1)[0], 0.0, 2.0))
@@ -493,21 +494,10 @@ def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.nda
     return z
 
 
-def _local_contrast(refs: LocalReferences) -> np.ndarray:
-    """Each site's local column contrast: the spread of the three colours' reference medians around it
-    (brightest minus darkest; NaN where a colour has fewer than 3 references or the spread is not
-    positive). Illumination, thickness and detector gain scale it with the column signal."""
-    ok = (refs.count >= 3).all(1) & np.isfinite(refs.median).all(1)
-    c = np.full(len(ok), np.nan)
-    c[ok] = refs.median[ok].max(1) - refs.median[ok].min(1)
-    c[~(c > 0)] = np.nan
-    return c
-
-
 def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray) -> np.ndarray:
     """Robust z of ``values`` against each site's own-colour references; the local MAD is floored (so a
     few quiet neighbours cannot blow it up) at half the typical local MAD of the site's group relative
-    to the local column contrast (:func:`_local_contrast`), times the contrast at the site.
+    to the local column contrast (:meth:`LocalReferences.contrast`), times the contrast at the site.
 
     A floor in image units (half the group's median MAD) sat above the own MAD of a film part at a
     third of the signal (an illumination or thickness step) and shrank its z: there a vacancy ranked
@@ -516,7 +506,7 @@ def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usab
     with fewer than 3 such sites keeps the image-wide floor."""
     v = np.asarray(values, np.float64)
     med, mad = refs.median[:, 0], refs.mad[:, 0]
-    contrast = _local_contrast(refs)
+    contrast = refs.contrast()
     floor = np.full(len(v), np.nan)
     for g in np.unique(groups):
         m = (groups == g) & usable & np.isfinite(mad)
@@ -707,7 +697,7 @@ def _reference_levels(refs: LocalReferences | None, grp: np.ndarray, inten: np.n
                      for g in (METAL, CHALCOGEN, HOLLOW)])
     levels = np.tile(glob, (n, 1))
     if refs is not None:
-        ok = np.isfinite(refs.median).all(1) & (refs.count >= 3).all(1)
+        ok = refs.complete()
         levels[np.ix_(ok, brightness_order(chalcogen_brighter))] = -np.sort(-refs.median[ok], axis=1)
     return levels
 
@@ -1186,7 +1176,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     anomaly = _anomaly(settings, sc, z_lat, recon_score, edge_)
     # where the model cannot reconstruct the neighbourhood (contamination's texture, amorphous film)
     # the column intensities are not evidence of a defect: the scores there are scaled down
-    contrast = None if sc.refs is None else _local_contrast(sc.refs)
+    contrast = None if sc.refs is None else sc.refs.contrast()
     rec_level, exponent = contrast_levelled_recon(rec, contrast, observed & ~edge_)
     if exponent:
         info["recon_contrast_exponent"] = round(exponent, 3)

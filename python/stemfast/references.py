@@ -43,6 +43,10 @@ class LocalReferences:
     #: float64 [N]: distance to the farthest of the neighbours looked at (None when not recorded)
     reach: np.ndarray | None = None
 
+    def complete(self, min_count: int = 3) -> np.ndarray:
+        """bool [N]: every colour has at least ``min_count`` references and a finite median."""
+        return (self.count >= min_count).all(1) & np.isfinite(self.median).all(1)
+
     def rank(self, min_count: int = 3) -> np.ndarray:
         """Brightness rank of each site's own colour among the three (0 = highest median), -1 where a
         colour has fewer than ``min_count`` references: the local sublattice (0 metal, 1 chalcogen,
@@ -50,8 +54,17 @@ class LocalReferences:
         med = self.median
         own = med[:, :1]
         rank = (med[:, 1:] > own).sum(1)
-        bad = (self.count < min_count).any(1) | ~np.isfinite(med).all(1)
-        return np.where(bad, -1, rank).astype(np.int64)
+        return np.where(self.complete(min_count), rank, -1).astype(np.int64)
+
+    def contrast(self, min_count: int = 3) -> np.ndarray:
+        """float [N]: each site's local column contrast, the spread of the three colours' medians
+        (brightest minus darkest); NaN where :meth:`complete` is False or the spread is not positive.
+        Illumination, thickness and detector gain scale it with the column signal."""
+        ok = self.complete(min_count)
+        c = np.full(len(ok), np.nan)
+        c[ok] = self.median[ok].max(1) - self.median[ok].min(1)
+        c[~(c > 0)] = np.nan
+        return c
 
 
 def local_references(xy: np.ndarray, basis: np.ndarray, values: np.ndarray, *, usable: np.ndarray | None = None,
