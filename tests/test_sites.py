@@ -284,6 +284,27 @@ def test_a_step_of_the_illumination_across_the_frame_is_not_a_border_band(dim):
         np.testing.assert_array_equal(observed, xy[:, 0] >= width * sp)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_faint_chalcogen_columns_make_no_border_band(seed):
+    """Real MoS2 scans have S2 columns so faint that their band-passed intensities sit around 0
+    (median 0.33, 0.00 and -0.15 of their spread on the shared scans): over such a median, one
+    strip's S2 read +-200 and bands 10-26 px wide were marked on the sound sides of 000-2 (226 sites
+    unjudged, 28 with the metal alone). Only a sublattice whose median stands above its spread
+    takes part: no band on a sound frame, or where the right half is dimmed by a thickness or
+    illumination step, and a fly-back strip on the metal is still found."""
+    from stemfast.sites import border_bands
+
+    rng = np.random.default_rng(seed)
+    for factors, width, dim in (([], 0.0, 1.0), ([], 0.0, 0.4), ([0.05], 1.0, 1.0), ([0.05], 1.0, 0.4)):
+        xy, inten, sub, shape, sp = _band_table(factors, shape=(480, 480), seed=seed)
+        faint = sub == 1
+        inten[faint] = rng.normal(0.0, 20.0, faint.sum())  # signal far under the noise
+        inten = np.where(xy[:, 0] > shape[1] / 2, inten * dim, inten)
+        observed, widths = border_bands(xy, inten, sub, shape, sp)
+        assert widths[0] == pytest.approx(width * sp) and widths[1:] == [0.0, 0.0, 0.0]
+        np.testing.assert_array_equal(observed, xy[:, 0] >= width * sp)
+
+
 def test_border_band_along_part_of_a_side():
     """A fly-back band over the lower part of the frame only (rows >= 450 of 720): the median over the
     whole left side is sound, the quarters of the side that lie in the band are marked; a quarter
