@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..heap import reuse_freed_memory
 from .common import progress_bar
 from .companions import companion_refusal
 from .frames import count_frames
@@ -285,11 +286,13 @@ def _compiled_shipped():
 
 
 def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):
+    reuse_freed_memory()  # the worker's heap as the command line's (stemfast.heap)
     return process_input(entry, out_dir, model=worker_model(model_data, model_sha, config), model_sha=model_sha,
                          config=config, chash=chash, read_options=read_options)
 
 
 def _task_chunk(entry, out_dir, start, stop, model_data, model_sha, config, chash, read_options=None):
+    reuse_freed_memory()
     return process_chunk(entry, out_dir, start, stop, model=worker_model(model_data, model_sha, config),
                          model_sha=model_sha, config=config, chash=chash, read_options=read_options)
 

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     setup_logging(getattr(args, "verbose", 0))
+    from ..heap import reuse_freed_memory
+
+    reuse_freed_memory()  # large arrays reused, not faulted in afresh from the kernel (stemfast.heap)
     return int(args.func(args) or 0)
 
 
