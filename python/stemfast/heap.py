@@ -21,6 +21,7 @@ as it is. Elsewhere than glibc it does nothing.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -36,9 +37,9 @@ TRIM_THRESHOLD = (1 << 31) - 1
 ENV_SYSTEM_MALLOC = "STEMFAST_SYSTEM_MALLOC"
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_state: dict = {}
 
 
+@functools.cache
 def reuse_freed_memory() -> bool:
     """Let freed large arrays be reused by the process instead of going back to the kernel (module
     docs). Idempotent; True when the setting holds (now or from an earlier call), False where it
@@ -50,13 +51,6 @@ def reuse_freed_memory() -> bool:
     >>> reuse_freed_memory() in (True, False)
     True
     """
-    if "ok" in _state:
-        return _state["ok"]
-    _state["ok"] = ok = _apply()
-    return ok
-
-
-def _apply() -> bool:
     if os.environ.get(ENV_SYSTEM_MALLOC, "") not in ("", "0"):
         log.debug("heap: %s is set; malloc left as it is", ENV_SYSTEM_MALLOC)
         return False

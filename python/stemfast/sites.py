@@ -270,12 +270,14 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     columns at or below 0, left out) in strips half a spacing wide is ~1 everywhere the image is
     sound -- up to an illumination or thickness gradient, which sets the level along a whole side. So
     each side's strips are compared with the sample's own level next to that side: the median over the
-    column sites ``max_nn`` to ``2 max_nn`` spacings inside it (just beyond the deepest band; the
-    image-wide level where that holds fewer than 10 sites). Against the image-wide level a 35% gradient
-    marked a band 6.5 spacings wide along the bright side of a simulated image. A band starts at a border strip
-    whose median is off by more than ``tol`` and extends inwards while the strips stay off by more than
-    ``tol / 2`` (hysteresis: a fading band whose inner strip sits near ``tol`` does not flip in or out
-    with the noise of a single strip's median); one more strip is added as margin.
+    column sites ``max_nn`` to ``2 max_nn`` spacings inside it, read along the side
+    (:func:`_level_along`; just beyond the deepest band; the image-wide level where that holds fewer
+    than :data:`LEVEL_SITES_PER_SUBLATTICE` sites per sublattice taking part). Against the image-wide
+    level a 35% gradient marked a band 6.5 spacings wide along the bright side of a simulated image. A
+    band starts at a border strip whose median is off by more than ``tol`` and extends inwards while
+    the strips stay off by more than ``tol / 2`` (hysteresis: a fading band whose inner strip sits
+    near ``tol`` does not flip in or out with the noise of a single strip's median); one more strip is
+    added as margin.
 
     ``side_level=False`` compares with the image-wide level instead (the former rule, kept for
     ``benchmarks/ablation.py``).
@@ -291,12 +293,13 @@ def border_bands(xy: np.ndarray, intensity: np.ndarray, sublattice: np.ndarray, 
     if cols.sum() < 20:
         return observed, widths
     rel = np.full(n, np.nan)
+    n_sub = 0  # sublattices taking part
     for k in (0, 1):
         m = sublattice == k
         med = np.median(intensity[m]) if m.any() else 0.0
         if med > 0 and np.mean(intensity[m] <= 0) <= BAND_MAX_NONPOSITIVE:
             rel[m] = intensity[m] / med
-    n_sub = int(sum(np.isfinite(rel[sublattice == k]).any() for k in (0, 1)))
+            n_sub += 1
     step = 0.5 * spacing
     dists = (xy[:, 0], W - 1 - xy[:, 0], xy[:, 1], H - 1 - xy[:, 1])
     along = (xy[:, 1], xy[:, 1], xy[:, 0], xy[:, 0])  # position along each side
@@ -341,7 +344,7 @@ LEVEL_SITES_PER_SUBLATTICE = 15
 
 
 def _level_along(pos: np.ndarray, rel: np.ndarray, inner: np.ndarray, step: float,
-                 min_sites: int = 30) -> np.ndarray:
+                 min_sites: int) -> np.ndarray:
     """The sample's level next to one side at each site's position ``pos`` along it: the median of
     ``rel`` over the ``inner`` sites within ``step`` of points every ``step / 2`` along the side,
     linearly interpolated between them (a point with fewer than ``min_sites`` takes no part; the
@@ -353,7 +356,7 @@ def _level_along(pos: np.ndarray, rel: np.ndarray, inner: np.ndarray, step: floa
     WSe2 dimmed to 50 % on one half).
 
     >>> pos = np.arange(200.0); rel = np.where(pos < 100, 1.0, 0.5)
-    >>> lev = _level_along(pos, rel, np.ones(200, bool), 20.0)
+    >>> lev = _level_along(pos, rel, np.ones(200, bool), 20.0, 30)
     >>> float(lev[5]), float(lev[195])
     (1.0, 0.5)
     """

@@ -13,6 +13,7 @@ import argparse
 import logging
 
 from .. import __version__
+from ..heap import reuse_freed_memory
 from ..logutil import setup_logging
 from .options import EXIT_OK
 
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     setup_logging(getattr(args, "verbose", 0))
-    from ..heap import reuse_freed_memory
-
     reuse_freed_memory()  # large arrays reused, not faulted in afresh from the kernel (stemfast.heap)
     return int(args.func(args) or 0)
 
