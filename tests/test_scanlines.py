@@ -89,6 +89,34 @@ def test_atom_rows_along_the_scan_lines_are_not_streaks():
     assert not np.asarray(t["scan_streak"]).any()
 
 
+_ALIGNED_GAP = (
+    "known gap (round 25): with a metal-lattice row along the scan lines, one of the three shortest "
+    "same-sublattice translations has |t_y| < 1 px, so two of the six comparisons see the line itself and the "
+    "other four land on only two lines; the lines' spread is under-stated and 1-2 sound lines are flagged on "
+    "each of these images (none at 7 or 22 deg). 9 of the 10 real scans (shared and validation) are aligned "
+    "so. Replacing or dropping that translation removes the false flags but raised the spread 1.3-1.8x on "
+    "the real MoS2 scans and lost 001-5's dark line 184, whose levelling keeps a 51-77-site false "
+    "inversion domain away (docs/RESULTS.md, round 25)")
+
+
+@pytest.mark.parametrize("rotation_deg", [
+    pytest.param(0.0, marks=pytest.mark.xfail(strict=True, reason=_ALIGNED_GAP)), 7.0, 22.0])
+def test_no_line_of_a_sound_image_is_flagged_whatever_the_lattice_orientation(rotation_deg):
+    """Sound synthetic MoS2 (faint S2, dose 150, 512 px): no scan line is flagged, whatever the angle
+    between the lattice and the scan lines."""
+    flagged = {}
+    for seed in range(1, 5):
+        s = make_mos2(shape=(512, 512), seed=seed, rotation_deg=rotation_deg, chalcogen_scale=0.45, dose=150.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = find_sites(s.image)
+        b = np.nanmedian(t.basis[np.asarray(t["sublattice"]) >= 0], axis=0)
+        aligned = np.abs(same_sublattice_vectors(b[0], b[1])[:, 1]).min() < 1.0
+        assert aligned == (rotation_deg == 0.0)  # the case each parameter is about
+        flagged[seed] = t.meta["lattice"]["scan_lines"]["flagged_rows"]
+    assert all(rows == [] for rows in flagged.values()), flagged
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_scan_streaks_make_no_defects_and_faint_vacancies_outrank_them(seed):
     s, img = _low_dose_image(seed)
