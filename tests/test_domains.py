@@ -118,6 +118,28 @@ def test_noise_over_a_faint_chalcogen_coset_makes_no_domain():
     assert (domain == 0).all() and info["n_sites"] == 0
 
 
+@pytest.mark.parametrize("radius, found", [(30.0, False), (40.0, True)])
+def test_two_patches_far_apart_are_domains_only_each_on_its_own(radius, found):
+    """Two patches 240 px (24 spacings) apart, each with the chalcogen and the hollow swapped: a patch
+    is a domain only where it passes on its own -- 31 sites each: neither (before round 26 the two
+    were judged together and made one domain of 63-71 sites, as a dark scan line and a patch 150 px
+    away did on the real 001-5); 55 sites each: both."""
+    pq = np.array([(p, q) for p in range(-25, 26) for q in range(-25, 26)], float)
+    xy = pq @ np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]]) * 10
+    sub = ((pq[:, 0] - pq[:, 1]) % 3).astype(int)
+    for seed in range(3):
+        val = np.array([3.0, 1.5, 0.0])[sub] + np.random.default_rng(seed).normal(0, 0.3, len(sub))
+        r_left, r_right = (np.hypot(*(xy - c).T) for c in ((-120.0, 0.0), (120.0, 0.0)))
+        patch = (r_left < radius) | (r_right < radius)
+        val[patch & (sub == 1)] -= 1.5
+        val[patch & (sub == 2)] += 1.5
+        domain, info = inversion_domains(xy, sub, val)
+        assert (info["n_sites"] > 0) is found
+        if found:  # each patch a domain of its own (its edge within a spacing), the rest of the image none
+            assert (domain[r_left < radius - 10] > 0).all() and (domain[r_right < radius - 10] > 0).all()
+            assert not (domain[(r_left > radius + 10) & (r_right > radius + 10)] > 0).any()
+
+
 def test_a_mose2_like_inversion_domain_swaps_the_metal_and_the_chalcogen():
     """Where the chalcogen pair is the brighter column (MoSe2), the turned domain has the metal and
     the chalcogen the other way round (the hollow stays): named per domain now (before: a third)."""

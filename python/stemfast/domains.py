@@ -18,6 +18,8 @@ and its two swapped cosets are named from its own columns.
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .lattice import nearest_indices
 
@@ -35,8 +37,8 @@ DOMAIN_VOTERS = 18
 PAIRS = ((0, 2), (1, 2), (0, 1))
 IDENTITY = len(PAIRS)
 OTHER = len(PAIRS) + 1
-#: inverted regions must hold at least this many sites together (about 10 per coset for the test of
-#: their contrast, :data:`DOMAIN_MIN_Z`)
+#: each inverted region (its sites connected through their six nearest) must hold at least this many
+#: sites (about 10 per coset for the test of its contrast, :data:`DOMAIN_MIN_Z`)
 DOMAIN_MIN_SITES = 30
 #: the winning vote must have at least this share of the voters (else the site keeps the image-wide names)
 DOMAIN_MIN_VOTE = 0.6
@@ -130,9 +132,15 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     need = int(min_sites)
     v_on, s_on, u_on = v[idx], rk[idx], use[idx]
     rest = dom == IDENTITY
+    first = j[:, 1:7]
     for k, pair in enumerate(PAIRS):
-        m = dom == k
-        if m.sum() < need or not _swapped_contrast(v_on, s_on, u_on, m, rest, pair):
+        # each connected region on its own: scattered patches of one vote that pass the contrast test
+        # only together are noise (on the real 001-5 a dark scan line and a patch 150 px away did)
+        m = np.zeros(len(idx), bool)
+        for region in _connected(dom == k, first):
+            if region.sum() >= need and _swapped_contrast(v_on, s_on, u_on, region, rest, pair):
+                m |= region
+        if not m.any():
             continue
         m = _refined_edge(m, j, vals, cos, ok, k) & (domain[idx] == 0)
         domain[idx[m]] = k + 1
@@ -141,6 +149,28 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
         info["n_sites"] += int(m.sum())
     info["share"] = round(info["n_sites"] / n_on, 4)
     return domain, info
+
+
+def _connected(mask: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
+    """The connected parts of ``mask`` (bool over the sites), two sites joined where one is among the
+    other's nearest (``first`` [M, 6], the indices of each site's six nearest), each a bool mask."""
+    sel = np.flatnonzero(mask)
+    if not len(sel):
+        return []
+    pos = np.full(len(mask), -1)
+    pos[sel] = np.arange(len(sel))
+    nb = first[sel]
+    both = mask[nb]
+    rows = np.repeat(np.arange(len(sel)), nb.shape[1])[both.ravel()]
+    cols = pos[nb[both]]
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(sel), len(sel)))
+    n, label = connected_components(graph, directed=False)
+    out = []
+    for c in range(n):
+        part = np.zeros(len(mask), bool)
+        part[sel[label == c]] = True
+        out.append(part)
+    return out
 
 
 #: the edge of a domain is refined site by site from the sites of the first two shells around each

@@ -6,9 +6,14 @@ or darker than its sublattice although nothing is there -- a false defect. The l
 line from the sample: moving the image by a lattice vector ``t`` of one sublattice maps every column
 onto an equal column, so along a sound line the difference ``I(x, y) - I(x + t_x, y + t_y)`` is
 noise plus the rare defects, and its median over the line is ~0; along a line that is off by ``a(y)``
-it is ``a(y) - a(y + t_y)``. With the six shortest same-sublattice vectors (each with a different
-``t_y``; a streak is a few lines, so most of the six lines ``y + t_y`` are sound) the median of the
-six per-line medians is ``a(y)`` (:func:`scan_line_offsets`). The lattice cancels whatever its
+it is ``a(y) - a(y + t_y)``. With three short same-sublattice translations, each with both signs, whose
+six lines ``y + t_y`` are all different and at least :data:`LINE_SEPARATION` lines from ``y`` and
+from one another (a streak is a few lines, so at most one of the six is on it), the median of the six
+per-line medians is ``a(y)`` (:func:`scan_line_offsets`). The three shortest translations serve
+where they qualify; where the lattice's rows run along the scan lines -- the microscopist aligned
+them, as on 9 of 10 real scans at hand -- one of them lies along the line (it would compare the line
+with itself) and the other two land on the same two lines, so longer ones take their place
+(:func:`comparison_translations`). The lattice cancels whatever its
 orientation -- also when its rows run along the scan lines, where a plain row median would follow
 the atom rows -- and contamination and gradients, smooth over one lattice vector, cancel as well.
 
@@ -37,7 +42,7 @@ import numpy as np
 from scipy import fft as sfft
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
-           "needs_lattice_lines", "same_sublattice_vectors",
+           "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
            "line_offsets", "recorded_shift", "lattice_positions"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
@@ -96,7 +101,9 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
         padding, :mod:`stemfast.nodata`), which the lines' medians leave out (a line with less than
         :data:`MIN_LINE_DATA` of its samples left has no offset: NaN).
     vectors : float [K, 2] lattice translations (x, y) in px that map the lattice onto itself
-        (:func:`same_sublattice_vectors`); each is used with both signs.
+        (:func:`same_sublattice_vectors`); each is used with both signs, or, where they would compare
+        a line with itself or two of them with one line, as many combinations of them that do not
+        (:func:`comparison_translations`).
     threshold : flag lines whose offset is more than this many robust standard deviations from
         the median line's.
 
@@ -122,7 +129,59 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
         raise ValueError(f"vectors must be a finite [K, 2] array, got shape {vec.shape}")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
-    return _scan_line_offsets(img.astype(np.float32, copy=False), vec, float(threshold))
+    return _scan_line_offsets(img.astype(np.float32, copy=False), comparison_translations(vec), float(threshold))
+
+
+#: the lines a line is compared with lie at least this many lines from it and from one another: a
+#: streak up to this wide is never read against itself, and a line near it meets it in at most one of
+#: its six comparisons
+LINE_SEPARATION = 3.0
+#: combinations ``m u + n v`` of two given translations with ``|m|, |n|`` up to this are the candidates
+MAX_COMBINATION = 3
+
+
+def comparison_translations(vectors, separation: float = LINE_SEPARATION) -> np.ndarray:
+    """As many lattice translations as ``vectors`` [K, 2] (x, y), the shortest whose rows ``|t_y|`` are
+    each at least ``separation`` from 0 and from one another's: used with both signs, the 2K lines a
+    line is compared with are then all different and none is the line or next to it.
+
+    The given translations are kept where they qualify (the usual case: the same rows as without this
+    step); in their place come the shortest integer combinations of two of them (coefficients up to
+    :data:`MAX_COMBINATION`). Where fewer than two qualify, the given ones are returned.
+
+    Examples
+    --------
+    A site lattice with a row along the scan lines (a1 along x): the three shortest same-sublattice
+    translations have rows 4.33, -4.33 and -8.66 -- two land on the same lines, so a longer one
+    (rows 12.99) takes the place of the second.
+
+    >>> a1, a2 = np.array([5.0, 0.0]), 5.0 * np.array([0.5, np.sqrt(3) / 2])
+    >>> comparison_translations(same_sublattice_vectors(a1, a2)).round(2)
+    array([[  7.5 ,   4.33],
+           [  0.  ,  -8.66],
+           [ -7.5 , -12.99]])
+    """
+    vec = np.asarray(vectors, np.float64).reshape(-1, 2)
+    if _distinct_rows(vec, separation):
+        return vec
+    r = np.arange(-MAX_COMBINATION, MAX_COMBINATION + 1)
+    mn = np.array([(m, n) for m in r for n in r if (m, n) != (0, 0)], np.float64)
+    cand = [vec] + [mn @ vec[[i, j]] for i in range(len(vec)) for j in range(i + 1, len(vec))]
+    cand = np.concatenate(cand)
+    cand = cand[np.argsort(np.hypot(cand[:, 0], cand[:, 1]), kind="stable")]  # the given ones first on ties
+    chosen: list[np.ndarray] = []
+    for t in cand:
+        if _distinct_rows(np.array(chosen + [t]), separation):
+            chosen.append(t)
+            if len(chosen) == len(vec):
+                break
+    return np.array(chosen) if len(chosen) >= 2 else vec
+
+
+def _distinct_rows(vec: np.ndarray, separation: float) -> bool:
+    """True when every ``|t_y|`` of ``vec`` [K, 2] is at least ``separation`` from 0 and from every other."""
+    ty = np.sort(np.abs(vec[:, 1]))
+    return bool(ty[0] >= separation and np.all(np.diff(ty) >= separation))
 
 
 #: per line, the median is taken over about this many pixels (every k-th column): its noise is then
