@@ -18,10 +18,8 @@ and its two swapped cosets are named from its own columns.
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from .lattice import nearest_indices
+from .lattice import _components, nearest_indices
 
 __all__ = ["inversion_domains", "PAIRS", "DOMAIN_NEIGHBORS", "DOMAIN_MIN_SITES"]
 
@@ -163,8 +161,7 @@ def _connected(mask: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
     both = mask[nb]
     rows = np.repeat(np.arange(len(sel)), nb.shape[1])[both.ravel()]
     cols = pos[nb[both]]
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(sel), len(sel)))
-    n, label = connected_components(graph, directed=False)
+    n, label = _components(np.c_[rows, cols][np.lexsort((cols, rows))], len(sel))  # the lattice's graph
     out = []
     for c in range(n):
         part = np.zeros(len(mask), bool)

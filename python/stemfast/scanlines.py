@@ -141,13 +141,14 @@ MAX_COMBINATION = 3
 
 
 def comparison_translations(vectors, separation: float = LINE_SEPARATION) -> np.ndarray:
-    """As many lattice translations as ``vectors`` [K, 2] (x, y), the shortest whose rows ``|t_y|`` are
-    each at least ``separation`` from 0 and from one another's: used with both signs, the 2K lines a
+    """Up to as many lattice translations as ``vectors`` [K, 2] (x, y), the shortest whose rows ``|t_y|``
+    are each at least ``separation`` from 0 and from one another's: used with both signs, the lines a
     line is compared with are then all different and none is the line or next to it.
 
     The given translations are kept where they qualify (the usual case: the same rows as without this
     step); in their place come the shortest integer combinations of two of them (coefficients up to
-    :data:`MAX_COMBINATION`). Where fewer than two qualify, the given ones are returned.
+    :data:`MAX_COMBINATION`). Where fewer than K qualify, those that do (at least two; else the given
+    ones, unchanged).
 
     Examples
     --------
