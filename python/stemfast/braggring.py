@@ -96,20 +96,21 @@ def _spot_power(Pw: np.ndarray, h: int, w: int, g: np.ndarray, r: float = 1.5):
     out = np.zeros(len(g))
     pos = np.array(g, dtype=np.float64)
     rr = int(np.ceil(r)) + 1
+    yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    mid = yy.size // 2  # a box has an odd number of bins: its median is the middle one
     for k, (gx, gy) in enumerate(g):
         x, y = cx + gx * w, cy + gy * h
         x0, y0 = int(round(x)), int(round(y))
         if not (rr <= x0 < w - rr and rr <= y0 < h - rr):
             continue
         box = Pw[y0 - rr:y0 + rr + 1, x0 - rr:x0 + rr + 1]
-        yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
         near = (xx + x0 - x) ** 2 + (yy + y0 - y) ** 2 <= r * r
         b = np.where(near, box, -np.inf)
         iy, ix = np.unravel_index(int(np.argmax(b)), b.shape)
         out[k] = box[iy, ix]
         # centroid in a 3 x 3 around the max, above the box's median
         sy, sx = slice(max(0, iy - 1), iy + 2), slice(max(0, ix - 1), ix + 2)
-        wgt = np.clip(box[sy, sx] - np.median(box), 0, None)
+        wgt = np.clip(box[sy, sx] - np.partition(box, mid, axis=None)[mid], 0, None)
         if wgt.sum() > 0:
             py = (yy[sy, sx] * wgt).sum() / wgt.sum() + y0
             px = (xx[sy, sx] * wgt).sum() / wgt.sum() + x0

@@ -79,6 +79,8 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
         domain: ``find_sites`` ranks the cosets by brightness within each). ``info``: ``n_sites``
         (in domains k >= 1), ``share`` (of the sites on the lattice), ``swapped`` (sites per pair of
         image-wide names seen swapped: ``{"1-2": n}`` where the chalcogen and the hollow swapped).
+        Every reported region passes the contrast test as reported (a refined edge that dilutes it
+        below the test is not taken).
 
     Examples
     --------
@@ -134,19 +136,38 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     for k, pair in enumerate(PAIRS):
         # each connected region on its own: scattered patches of one vote that pass the contrast test
         # only together are noise (on the real 001-5 a dark scan line and a patch 150 px away did)
-        m = np.zeros(len(idx), bool)
-        for region in _connected(dom == k, first):
-            if region.sum() >= need and _swapped_contrast(v_on, s_on, u_on, region, rest, pair):
-                m |= region
+        def passes(region, pair=pair):
+            return _swapped_contrast(v_on, s_on, u_on, region, rest, pair)
+
+        regions = [r for r in _connected(dom == k, first) if r.sum() >= need and passes(r)]
+        if not regions:
+            continue
+        free = domain[idx] == 0
+        # what is reported passes the test that found it: where the refined edge takes in sites that
+        # dilute a region's contrast below the test (a rim without the swap: no contrast at all, or
+        # the image-wide order), the region keeps the edge the vote gave it
+        m = _passing(_refined_edge(np.any(regions, axis=0), j, vals, cos, ok, k) & free, first, need, passes)
+        for region in regions:
+            if not (m & region).any() and (region & free).sum() >= need and passes(region & free):
+                m |= region & free
         if not m.any():
             continue
-        m = _refined_edge(m, j, vals, cos, ok, k) & (domain[idx] == 0)
         domain[idx[m]] = k + 1
         a_, b_ = sorted((int(order[pair[0]]), int(order[pair[1]])))  # the names of the two swapped ranks
         info["swapped"][f"{a_}-{b_}"] = int(m.sum())
         info["n_sites"] += int(m.sum())
     info["share"] = round(info["n_sites"] / n_on, 4)
     return domain, info
+
+
+def _passing(mask: np.ndarray, first: np.ndarray, need: int, test) -> np.ndarray:
+    """The union of the connected parts of ``mask`` (:func:`_connected`) that hold ``need`` sites and
+    pass ``test`` (a callable of a part's bool mask)."""
+    out = np.zeros(len(mask), bool)
+    for region in _connected(mask, first):
+        if region.sum() >= need and test(region):
+            out |= region
+    return out
 
 
 def _connected(mask: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
