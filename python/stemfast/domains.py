@@ -134,21 +134,24 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     rest = dom == IDENTITY
     first = j[:, 1:7]
     for k, pair in enumerate(PAIRS):
+        def holds(region, pair=pair):  # a region of enough sites whose two cosets show the swap
+            return region.sum() >= need and _swapped_contrast(v_on, s_on, u_on, region, rest, pair)
+
         # each connected region on its own: scattered patches of one vote that pass the contrast test
         # only together are noise (on the real 001-5 a dark scan line and a patch 150 px away did)
-        def passes(region, pair=pair):
-            return _swapped_contrast(v_on, s_on, u_on, region, rest, pair)
-
-        regions = [r for r in _connected(dom == k, first) if r.sum() >= need and passes(r)]
+        regions = [r for r in _connected(dom == k, first) if holds(r)]
         if not regions:
             continue
         free = domain[idx] == 0
         # what is reported passes the test that found it: where the refined edge takes in sites that
         # dilute a region's contrast below the test (a rim without the swap: no contrast at all, or
         # the image-wide order), the region keeps the edge the vote gave it
-        m = _passing(_refined_edge(np.any(regions, axis=0), j, vals, cos, ok, k) & free, first, need, passes)
+        m = np.zeros(len(idx), bool)
+        for part in _connected(_refined_edge(np.any(regions, axis=0), j, vals, cos, ok, k) & free, first):
+            if holds(part):
+                m |= part
         for region in regions:
-            if not (m & region).any() and (region & free).sum() >= need and passes(region & free):
+            if not (m & region).any() and holds(region & free):
                 m |= region & free
         if not m.any():
             continue
@@ -158,16 +161,6 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
         info["n_sites"] += int(m.sum())
     info["share"] = round(info["n_sites"] / n_on, 4)
     return domain, info
-
-
-def _passing(mask: np.ndarray, first: np.ndarray, need: int, test) -> np.ndarray:
-    """The union of the connected parts of ``mask`` (:func:`_connected`) that hold ``need`` sites and
-    pass ``test`` (a callable of a part's bool mask)."""
-    out = np.zeros(len(mask), bool)
-    for region in _connected(mask, first):
-        if region.sum() >= need and test(region):
-            out |= region
-    return out
 
 
 def _connected(mask: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
