@@ -373,3 +373,31 @@ def test_real_data_traits_are_options_with_the_intended_effect():
     np.testing.assert_array_equal(st.truth, base.truth)
     with pytest.raises(ValueError):
         make_mos2(shape=(32, 32), chalcogen_scale=-1)
+
+
+def test_se_implanted_chalcogen_columns_hold_s2_sse_and_se2():
+    """``se_fraction``: each chalcogen atom is Se with that probability (an Se-implanted MoS2): the
+    chalcogen columns' peaks take three levels, S2 / SSe / Se2 at 0.39 / 0.89 / 1.40 of a Mo column
+    (Z^1.7), in binomial shares; the Mo columns, the truth and every other random stream stay as they
+    were, and 0 gives the image without it bit for bit."""
+    from stemfast.synthetic import make_mos2
+
+    kw = dict(shape=(128, 128), seed=4, noise=False, rates=(0, 0, 0, 0), background=0.0, texture=0.0)
+    base, se = make_mos2(**kw), make_mos2(se_fraction=0.5, **kw)
+    np.testing.assert_array_equal(make_mos2(se_fraction=0.0, **kw).image, base.image)
+    np.testing.assert_array_equal(se.truth, base.truth)
+    t = base.truth
+    ij = np.rint(t[:, 1::-1]).astype(int)
+    inside = (ij >= 3).all(1) & (ij < 125).all(1)
+    peak = se.image[ij[:, 0], ij[:, 1]] / base.meta["dose"]
+    s2 = peak[inside & (t[:, 2] == 1)]
+    levels = np.array([0.39, 0.89, 1.40])
+    nearest = np.abs(s2[:, None] - levels[None, :]).argmin(1)
+    assert np.abs(s2 - levels[nearest]).max() < 0.08  # every chalcogen column at one of the three levels
+    share = np.bincount(nearest, minlength=3) / len(s2)
+    np.testing.assert_allclose(share, [0.25, 0.5, 0.25], atol=0.12)
+    np.testing.assert_allclose(se.image[ij[inside & (t[:, 2] == 0), 0], ij[inside & (t[:, 2] == 0), 1]],
+                               base.image[ij[inside & (t[:, 2] == 0), 0], ij[inside & (t[:, 2] == 0), 1]], rtol=0.05)
+    assert se.meta["n_SSe"] + se.meta["n_Se2"] <= se.meta["n_S2"] and se.meta["se_fraction"] == 0.5
+    with pytest.raises(ValueError):
+        make_mos2(shape=(32, 32), se_fraction=1.5)

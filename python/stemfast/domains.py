@@ -12,8 +12,9 @@ called a chalcogen), and no lattice check sees it: the three cosets still altern
 
 :func:`inversion_domains` reads, around each site, the brightness order of the three image-wide
 cosets; where a large, connected part of the image shows two of them the other way round, clearly
-and as strongly as the rest of the image shows them the usual way, that part is an inversion domain,
-and its two swapped cosets are named from its own columns.
+and as strongly as the rest of the image shows them the usual way, and each of the two takes the
+other's level there (the same material turned, not a coset of mixed columns that reads dim in a
+patch), that part is an inversion domain, and its two swapped cosets are named from its own columns.
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ DOMAIN_MIN_CONTRAST = 0.5
 #: the hollows by this many per-site spreads: below, a site's ~6 neighbours of each coset do not say
 #: reliably which is darker (the real MoS2 scans, faint S2: 2.5-3.4; amorphous or few-count copies: 0.1-0.8)
 DOMAIN_MIN_SEPARATION = 1.0
+#: a swapped region is the same material turned: its three cosets read, up to one gain and offset (a
+#: thicker or contaminated side), what the rest reads on the cosets it holds -- the metal's level on
+#: the coset that holds the metal there, the chalcogen's on the chalcogen's. A region that fits that
+#: line worse by more than this share of its own swapped contrast (and by more than its medians' noise,
+#: :data:`DOMAIN_MISMATCH_Z`) is no domain: one coset of a mixed column population (an alloy, an
+#: implanted film: S2, SSe and Se2 columns on one coset) that happens to read dim in a patch swaps the
+#: order without any coset taking another's level. Turned synthetic films: 0.00-0.03; the real 001-5's
+#: candidate regions (turned upside down, a 256-line crop): 0.05, 0.24; chance patches of an S2 / SSe /
+#: Se2 mixture brighter than the metal on average: 0.39-1.26
+DOMAIN_MAX_MISMATCH = 0.3
+#: ... and by more than this many standard errors of the medians it compares (a small, noisy domain
+#: keeps the benefit of the doubt)
+DOMAIN_MISMATCH_Z = 3.0
 #: the same for the two column cosets (metal and chalcogen pair, neither empty): their order shifts
 #: with the detector angle, thickness and contamination -- on the ADF2 WSe2 scans W and Se2 stand 0.9-2.8
 #: spreads apart and trade places locally -- so a swap of theirs counts only where they are far apart
@@ -231,7 +245,8 @@ def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
     :data:`DOMAIN_MIN_SEPARATION` per-site spreads (:data:`DOMAIN_MIN_SEPARATION_COLUMNS` for the two
     column cosets), and within ``region`` the one named darker is the
     brighter by :data:`DOMAIN_MIN_Z` standard errors of the difference of their medians and by
-    :data:`DOMAIN_MIN_CONTRAST` of that contrast in ``rest``."""
+    :data:`DOMAIN_MIN_CONTRAST` of that contrast in ``rest``; and the region reads the rest's levels
+    on the cosets it holds (:func:`_same_material`)."""
     hi, lo = pair  # the first of a pair is the brighter image-wide
     a, b = v[region & use & (sub == hi)], v[region & use & (sub == lo)]
     ca, cb = v[rest & use & (sub == hi)], v[rest & use & (sub == lo)]
@@ -243,7 +258,37 @@ def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
         return False
     ma, mb = np.median(a), np.median(b)
     se = 1.2533 * _spread(a, b) * np.sqrt(1.0 / len(a) + 1.0 / len(b))
-    return bool(mb - ma > DOMAIN_MIN_Z * se and mb - ma >= DOMAIN_MIN_CONTRAST * contrast)
+    if not (mb - ma > DOMAIN_MIN_Z * se and mb - ma >= DOMAIN_MIN_CONTRAST * contrast):
+        return False
+    u = 3 - hi - lo  # the coset the swap leaves in place
+    c, cu = v[region & use & (sub == u)], v[rest & use & (sub == u)]
+    if min(len(c), len(cu)) < 5:
+        return True  # nothing to read the levels against
+    return _same_material((np.median(ca), np.median(cb), np.median(cu)), (mb, ma, np.median(c)),
+                          1.2533 * _spread(a, b) * np.sqrt(1.0 / len(a) + 1.0 / len(b) + 1.0 / len(c)))
+
+
+def _same_material(rest: tuple, region: tuple, se: float) -> bool:
+    """Whether a region's coset levels ``region`` (medians of the cosets that hold, there, what the rest
+    holds on its cosets ``rest``: the pair's brighter, its darker, the third) are the rest's up to a
+    gain and an offset: their least-squares line through the three leaves no level off by more than
+    :data:`DOMAIN_MAX_MISMATCH` of the region's swapped contrast and :data:`DOMAIN_MISMATCH_Z` times
+    ``se`` (the standard error of the region's medians).
+
+    Examples
+    --------
+    >>> _same_material((3.0, 1.5, 0.0), (2.2, 1.1, 0.1), 0.05)   # darker and fainter, same levels
+    True
+    >>> _same_material((3.0, 1.5, 0.0), (2.2, 0.2, 0.1), 0.05)   # the dim coset fell to the hollow
+    False
+    """
+    x, y = np.asarray(rest, np.float64), np.asarray(region, np.float64)
+    a = np.c_[x, np.ones(3)]
+    (gain, offset), *_ = np.linalg.lstsq(a, y, rcond=None)
+    if not gain > 0:
+        return False
+    off = float(np.abs(y - a @ (gain, offset)).max())
+    return bool(off <= max(DOMAIN_MAX_MISMATCH * gain * (x[0] - x[1]), DOMAIN_MISMATCH_Z * se))
 
 
 def _spread(a: np.ndarray, b: np.ndarray) -> float:

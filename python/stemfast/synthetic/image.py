@@ -76,6 +76,7 @@ DEFECT_NAMES = ("none", "V_S", "V_S2", "V_Mo", "Mo_S")
 #: (Krivanek et al., Nature 464, 571 (2010)); for MoS2 it gives S2 / Mo = 2 (16/42)^1.7 = 0.388.
 Z_MO = 42
 Z_S = 16
+Z_SE = 34  # an Se atom on a chalcogen site of an Se-implanted or alloyed MoS2 (SynthConfig.se_fraction)
 Z_EXPONENT = 1.7
 _RATE_KEYS = ("v_s", "v_s2", "v_mo", "mo_s")
 
@@ -122,6 +123,10 @@ class SynthConfig:
     drift_px_per_frame : ``(dx, dy)`` drift per frame in px.
     noise : ``False`` renders the expected image (no Poisson / read noise, no hot pixels).
     seed : random seed; the same config gives the same image.
+    se_fraction : share of the chalcogen atoms that are Se instead of S (an Se-implanted or alloyed
+        MoS2(1-x)Se2x film), each atom of a chalcogen column drawn on its own: the coset then holds S2,
+        SSe and Se2 columns (0.39, 0.89 and 1.40 of a Mo column at Z^1.7). The truth's defect codes do
+        not mark them; ``meta`` counts them (``n_SSe``, ``n_Se2``). ``chalcogen_scale`` applies to them too.
     chalcogen_scale : factor on the chalcogen-pair columns' intensity (real HAADF images often
         show S2 far fainter than Z^1.7 predicts: 0.4-0.6 gives the faint S2 of real MoS2 data).
     contamination_texture : relative amplitude of the contamination's own texture (its
@@ -160,6 +165,7 @@ class SynthConfig:
     noise: bool = True
     seed: int = 0
     chalcogen_scale: float = 1.0
+    se_fraction: float = 0.0
     contamination_texture: float = 0.35
     illumination_gradient: float = 0.0
     illumination_angle_deg: float = 30.0
@@ -186,6 +192,8 @@ class SynthConfig:
             raise ValueError(f"rates must be 4 values in [0, 1] (v_s, v_s2, v_mo, mo_s), got {self.rates}")
         if self.rates[0] + self.rates[1] + self.rates[3] > 1.0:
             raise ValueError("v_s + v_s2 + mo_s (all per S2 site) must not exceed 1")
+        if not 0.0 <= float(self.se_fraction) <= 1.0:
+            raise ValueError(f"se_fraction must be in [0, 1], got {self.se_fraction!r}")
         if len(self.strain) != 3:
             raise ValueError(f"strain must be (exx, eyy, exy), got {self.strain}")
         if len(self.scan_distortion) != 2:
@@ -504,6 +512,20 @@ def _column_amplitudes(sub: np.ndarray, defect: np.ndarray) -> np.ndarray:
     return amp
 
 
+def _selenium(cfg: SynthConfig, sub: np.ndarray, defect: np.ndarray, amp: np.ndarray) -> np.ndarray:
+    """Se atoms per column (``cfg.se_fraction`` of the chalcogen atoms, each drawn on its own from a
+    stream of its own, so the other features stay as they were), their intensity put into ``amp`` in
+    place of S's; zeros (and ``amp`` untouched) without Se."""
+    n_se = np.zeros(len(sub), np.int64)
+    if cfg.se_fraction <= 0:
+        return n_se
+    atoms = np.where((sub == 1) & (defect == 0), 2, np.where((sub == 1) & (defect == 1), 1, 0))
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(8)[7])
+    n_se = rng.binomial(atoms, float(cfg.se_fraction))
+    amp += n_se * ((Z_SE / Z_MO) ** Z_EXPONENT - chalcogen_atom_intensity())
+    return n_se
+
+
 def _inside(xy: np.ndarray, H: int, W: int) -> np.ndarray:
     return (xy[:, 0] >= 0) & (xy[:, 0] <= W - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= H - 1)
 
@@ -561,6 +583,7 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
         in_hole |= b.signed_depth(xy[:, 0], xy[:, 1]) > 0
     xy, sub, defect = xy[~in_hole], sub[~in_hole], defect[~in_hole]
     amp = _column_amplitudes(sub, defect)
+    n_se = _selenium(cfg, sub, defect, amp)
     if cfg.chalcogen_scale != 1.0:
         amp[(sub == 1) & np.isin(defect, (0, 1))] *= cfg.chalcogen_scale
     scene = _Scene(cfg, holes, contam, *_random_fields(cfg, rng_bg, rng_tex, rng_cont, ext_x, ext_y, bool(contam)))
@@ -589,6 +612,10 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
     image = frames[0] if F == 1 else np.stack(frames)
     truth = truth_frames[0]
     meta = _image_meta(cfg, truth, drift, holes, contam, hole_mask0, contam_mask0, glitches, hot_idx)
+    if cfg.se_fraction > 0:
+        seen = _inside(xy + drift[0], H, W)
+        meta.update(se_fraction=float(cfg.se_fraction), n_SSe=int(((n_se == 1) & seen).sum()),
+                    n_Se2=int(((n_se == 2) & seen).sum()))
     return SynthImage(image=image, truth=truth, meta=meta, hole_mask=hole_mask0,
                       contamination_mask=contam_mask0,
                       truth_frames=truth_frames if F > 1 else None, drift=drift)
