@@ -783,3 +783,27 @@ def test_contrast_levelled_recon_keeps_texture_and_leaves_an_even_film_alone():
     # a texture that lowers the contrast does not turn the trend around: the exponent is never negative
     c2 = np.where(texture, 0.6, 1.0) * (1 + 0.3 * rng.random(n))
     assert contrast_levelled_recon(0.02 * np.where(texture, 4.0, 1.0), c2, usable)[1] >= 0.0
+
+
+def test_a_mixed_chalcogen_sublattice_is_warned_a_plain_film_is_not():
+    """An Se-implanted MoS2 (40 % of the S replaced: S2, SSe and Se2 columns on one sublattice) ranks
+    its bright substituted columns like defects: the summary says the chalcogen columns spread far more
+    than the metal's (`mixed_warning`, `column_spread`); the same film without Se does not."""
+    import warnings
+
+    from stemfast import run_image
+    from stemfast.analysis import MIXED_SPREAD_RATIO, MixedColumnsWarning
+    from stemfast.synthetic import make_mos2
+
+    out = {}
+    for p in (0.0, 0.4):
+        img = make_mos2(shape=(256, 256), seed=3, se_fraction=p).image
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, summary, _ = run_image(img)
+        out[p] = summary, any(issubclass(w.category, MixedColumnsWarning) for w in caught)
+    plain, (alloy, warned) = out[0.0][0], out[0.4]
+    assert "mixed_warning" not in plain and not out[0.0][1]
+    assert "mixed_warning" in alloy and warned and "S2 columns" in alloy["mixed_warning"]
+    assert alloy["column_spread"]["S2"] > MIXED_SPREAD_RATIO * alloy["column_spread"]["Mo"]
+    assert max(plain["column_spread"].values()) < 1.6 * min(plain["column_spread"].values())
