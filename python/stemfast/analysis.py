@@ -1086,9 +1086,8 @@ class MixedColumnsWarning(UserWarning):
 #: many times the other column sublattice's. Every shared and validation scan, dev1-4 and the fourth
 #: SciLink MoS2 scan: 1.05-1.63 (the ADF2 WSe2 scans' W columns the widest); Se-implanted MoS2 probes
 #: (S2 / SSe / Se2 on one sublattice, 30-60 % of the S replaced, or 20 / 20 / 60 %): 3.4-10.0 (90 %
-#: replaced: 1.2, the sublattice nearly all Se2 again). Shot
-#: noise alone cannot reach it: a chalcogen column at a fifth of the metal's signal, without any
-#: background, has sqrt(5) = 2.2 times less noise
+#: replaced: 1.2, the sublattice nearly all Se2 again). Shot noise alone cannot reach it: a chalcogen
+#: column at a fifth of the metal's signal, without any background, has sqrt(5) = 2.2 times less noise
 MIXED_SPREAD_RATIO = 2.5
 #: least sites of each column sublattice for the test
 MIXED_MIN_SITES = 50

@@ -614,8 +614,9 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
     meta = _image_meta(cfg, truth, drift, holes, contam, hole_mask0, contam_mask0, glitches, hot_idx)
     if cfg.se_fraction > 0:
         seen = _inside(xy + drift[0], H, W)
-        meta.update(se_fraction=float(cfg.se_fraction), n_SSe=int(((n_se == 1) & seen).sum()),
-                    n_Se2=int(((n_se == 2) & seen).sum()))
+        pair = seen & (sub == 1) & (defect == 0)  # a full chalcogen column (a V_S column keeps one atom, S or Se)
+        meta.update(se_fraction=float(cfg.se_fraction), n_SSe=int(((n_se == 1) & pair).sum()),
+                    n_Se2=int(((n_se == 2) & pair).sum()))
     return SynthImage(image=image, truth=truth, meta=meta, hole_mask=hole_mask0,
                       contamination_mask=contam_mask0,
                       truth_frames=truth_frames if F > 1 else None, drift=drift)
