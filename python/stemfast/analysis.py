@@ -1124,7 +1124,7 @@ def mixed_columns(grp: np.ndarray, resid: np.ndarray, usable: np.ndarray, materi
         r = np.asarray(resid)[ok & (grp == g)]
         if len(r) < MIXED_MIN_SITES:
             return {}
-        spread[g] = float(1.4826 * np.median(np.abs(r - np.median(r))))
+        spread[g] = _robust_spread(r)
     info: dict = {"column_spread": {names[g]: round(v, 6) for g, v in spread.items()}}
     wide, narrow = (METAL, CHALCOGEN) if spread[METAL] >= spread[CHALCOGEN] else (CHALCOGEN, METAL)
     if spread[narrow] > 0 and spread[wide] > MIXED_SPREAD_RATIO * spread[narrow]:

@@ -252,20 +252,22 @@ def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
     ca, cb = v[rest & use & (sub == hi)], v[rest & use & (sub == lo)]
     if min(len(a), len(b), len(ca), len(cb)) < 5:
         return False
-    contrast = np.median(ca) - np.median(cb)
+    mca, mcb = np.median(ca), np.median(cb)
+    contrast = mca - mcb
     separation = DOMAIN_MIN_SEPARATION if 2 in pair else DOMAIN_MIN_SEPARATION_COLUMNS
     if not contrast > separation * _spread(ca, cb):
         return False
     ma, mb = np.median(a), np.median(b)
-    se = 1.2533 * _spread(a, b) * np.sqrt(1.0 / len(a) + 1.0 / len(b))
+    s_ab = 1.2533 * _spread(a, b)  # the standard error of a median of one site, both cosets pooled
+    se = s_ab * np.sqrt(1.0 / len(a) + 1.0 / len(b))
     if not (mb - ma > DOMAIN_MIN_Z * se and mb - ma >= DOMAIN_MIN_CONTRAST * contrast):
         return False
     u = 3 - hi - lo  # the coset the swap leaves in place
     c, cu = v[region & use & (sub == u)], v[rest & use & (sub == u)]
     if min(len(c), len(cu)) < 5:
         return True  # nothing to read the levels against
-    return _same_material((np.median(ca), np.median(cb), np.median(cu)), (mb, ma, np.median(c)),
-                          1.2533 * _spread(a, b) * np.sqrt(1.0 / len(a) + 1.0 / len(b) + 1.0 / len(c)))
+    return _same_material((mca, mcb, np.median(cu)), (mb, ma, np.median(c)),
+                          s_ab * np.sqrt(1.0 / len(a) + 1.0 / len(b) + 1.0 / len(c)))
 
 
 def _same_material(rest: tuple, region: tuple, se: float) -> bool:

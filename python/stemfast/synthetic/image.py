@@ -512,15 +512,15 @@ def _column_amplitudes(sub: np.ndarray, defect: np.ndarray) -> np.ndarray:
     return amp
 
 
-def _selenium(cfg: SynthConfig, sub: np.ndarray, defect: np.ndarray, amp: np.ndarray) -> np.ndarray:
-    """Se atoms per column (``cfg.se_fraction`` of the chalcogen atoms, each drawn on its own from a
-    stream of its own, so the other features stay as they were), their intensity put into ``amp`` in
-    place of S's; zeros (and ``amp`` untouched) without Se."""
+def _selenium(cfg: SynthConfig, rng: np.random.Generator, sub: np.ndarray, defect: np.ndarray,
+              amp: np.ndarray) -> np.ndarray:
+    """Se atoms per column (``cfg.se_fraction`` of the chalcogen atoms, each drawn on its own from
+    ``rng``, a stream of its own, so the other features stay as they were), their intensity put into
+    ``amp`` in place of S's; zeros (and ``amp`` untouched) without Se."""
     n_se = np.zeros(len(sub), np.int64)
     if cfg.se_fraction <= 0:
         return n_se
     atoms = np.where((sub == 1) & (defect == 0), 2, np.where((sub == 1) & (defect == 1), 1, 0))
-    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(8)[7])
     n_se = rng.binomial(atoms, float(cfg.se_fraction))
     amp += n_se * ((Z_SE / Z_MO) ** Z_EXPONENT - chalcogen_atom_intensity())
     return n_se
@@ -565,7 +565,7 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
     """
     cfg = _resolve_config(config, overrides)
     # independent random streams, so switching one feature on or off leaves the others as they were
-    (ss_lat, ss_def, ss_hole, ss_cont, ss_bg, ss_hot, ss_frames) = np.random.SeedSequence(cfg.seed).spawn(7)
+    (ss_lat, ss_def, ss_hole, ss_cont, ss_bg, ss_hot, ss_frames, ss_se) = np.random.SeedSequence(cfg.seed).spawn(8)
     rng_bg, rng_tex = (np.random.default_rng(x) for x in ss_bg.spawn(2))
     rng_cont, rng_hot = np.random.default_rng(ss_cont), np.random.default_rng(ss_hot)
     H, W = cfg.shape
@@ -583,7 +583,7 @@ def make_mos2(config: SynthConfig | None = None, **overrides: Any) -> SynthImage
         in_hole |= b.signed_depth(xy[:, 0], xy[:, 1]) > 0
     xy, sub, defect = xy[~in_hole], sub[~in_hole], defect[~in_hole]
     amp = _column_amplitudes(sub, defect)
-    n_se = _selenium(cfg, sub, defect, amp)
+    n_se = _selenium(cfg, np.random.default_rng(ss_se), sub, defect, amp)
     if cfg.chalcogen_scale != 1.0:
         amp[(sub == 1) & np.isin(defect, (0, 1))] *= cfg.chalcogen_scale
     scene = _Scene(cfg, holes, contam, *_random_fields(cfg, rng_bg, rng_tex, rng_cont, ext_x, ext_y, bool(contam)))
