@@ -32,6 +32,7 @@ from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
 from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
 from .nodata import NoData, no_data as find_no_data, ring_points
+from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
@@ -119,7 +120,10 @@ class SiteSettings:
     column_noise_px : Gaussian sigma (px, not *nn*) of the low-pass of the bandpass whose value at a
         site is its ``column_intensity`` (what the defect scores compare): the shot noise is per pixel,
         so about 1 px averages it at every sampling, while the lattice-scale ``noise_nn`` smooths
-        5 px spacings too little and 15 px spacings so much that contamination texture comes in.
+        5 px spacings too little and 15 px spacings so much that contamination texture comes in. An
+        image whose noise is correlated over ``L > 1`` px (upsampled, interpolated or filtered:
+        :func:`stemfast.noise.noise_correlation`) is read with ``L * column_noise_px``, with a
+        :class:`~stemfast.noise.NoiseCorrelationWarning` (``meta["lattice"]["noise"]``).
     scan_lines : find scan lines (image rows) that are off against the lattice (streaks, row jumps:
         :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read and mark the sites
         within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
@@ -495,6 +499,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     tm = timings if timings is not None else {}
     meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
     t0 = time.perf_counter()
+    s, noise = _noise_adapted(img, s, no_data)
     img, jumps, ring, vac = _undo_scan_jumps(img, s, no_data)
     try:
         img, ring, contrast, vac = _ring_and_contrast(img, s, ring, vac, no_data)
@@ -556,7 +561,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
-    _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info)
+    _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info,
+                    noise=noise)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -565,10 +571,13 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
 
 
 def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clipping: dict | None,
-                    domains: dict) -> None:
+                    domains: dict, noise: dict) -> None:
     """What :func:`find_sites` found about the image itself into ``lattice_meta`` (its contrast, regions
-    without data, clipped intensities, inversion domains), each with its warning raised."""
+    without data, clipped intensities, inversion domains, correlated noise), each with its warning raised."""
     lattice_meta["inversion_domains"] = domains
+    lattice_meta["noise"] = noise
+    if "warning" in noise:
+        warnings.warn(noise["warning"], NoiseCorrelationWarning, stacklevel=4)
     if no_data.any():
         lattice_meta["no_data"] = _no_data_meta(no_data.share())
     lattice_meta["contrast"] = contrast
@@ -594,6 +603,17 @@ def _no_data_meta(share: float) -> dict:
                           "drift-corrected or rotated frame, a mask, or vacuum that recorded no counts): no sites are "
                           "placed there")
     return out
+
+
+def _noise_adapted(img: np.ndarray, s: SiteSettings, no_data: NoData) -> tuple[SiteSettings, dict]:
+    """``(settings, noise)``: ``s`` with its ``column_noise_px`` widened by the correlation length of
+    ``img``'s noise (:func:`stemfast.noise.noise_correlation`: an upsampled, interpolated or filtered
+    image; unchanged for a scan's own white noise), and what was measured (``lattice.noise`` of
+    ``summary.json``, with ``column_filter_px`` the low-pass used)."""
+    noise = noise_correlation(img, None if not no_data.any() else ~no_data.pixels())
+    if noise["correlation_px"] > 1.0:
+        s = dataclasses.replace(s, column_noise_px=s.column_noise_px * noise["correlation_px"])
+    return s, {**noise, "column_filter_px": round(s.column_noise_px, 3)}
 
 
 def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoData | None):
@@ -1068,6 +1088,7 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     xy = np.ascontiguousarray(sites.xy, dtype=np.float64)
     basis = sites.basis
     no_data = find_no_data(img)
+    s, _ = _noise_adapted(img, s, no_data)  # its own noise (a detector of its own, resampled with the first)
     # another detector: its own contrast, whatever the first image's setting said
     # the same field as the sites' image: its dark vacuum left out where the sites' ring was read beside one
     vac = dark_vacuum(img, _no_data_pixels(no_data)) if "vacuum_share" in sites.meta.get("lattice", {}) else None
