@@ -21,8 +21,8 @@ annulus of ``[f_c / 2, f_c]`` holds at least :data:`FLOOR_SHARE` of the octave's
 noise passes at once; an upsampled image only at its old Nyquist frequency (above it the spectrum
 falls by orders of magnitude, with the interpolation's attenuated images of the baseband in
 between, so no octave that reaches past it is flat). ``L = 0.5 / f_c``; below :data:`MIN_CORRELATION_PX` the noise
-counts as white (``L = 1``). Every shared, validation and simulated scan measures white
-(``L`` 1.00-1.02; their floors at 0.5 cycles/px hold 0.7-1.0 of the octave below).
+counts as white (``L = 1``). Every shared, validation and simulated scan measures white (band
+edge 0.5; every annulus of their top octave holds 0.86-0.96 of its median power).
 
 Examples
 --------
@@ -41,28 +41,31 @@ import functools
 
 import numpy as np
 
-__all__ = ["noise_correlation", "NoiseCorrelationWarning", "CROP_PX", "FLOOR_SHARE", "MIN_CORRELATION_PX",
-           "BIN_WIDTH", "MIN_BIN_PX"]
+from .braggring import SPECTRUM_CROP, _spectrum
+
+__all__ = ["noise_correlation", "NoiseCorrelationWarning", "FLOOR_SHARE", "MIN_CORRELATION_PX", "BIN_WIDTH",
+           "MIN_BIN_PX"]
 
 
 class NoiseCorrelationWarning(UserWarning):
     """The image's noise is correlated over several pixels (:func:`noise_correlation`)."""
 
 
-#: the spectrum is read on a central crop of at most this side (px): ~130k frequencies, ~10 ms
-CROP_PX = 512
 #: width of the annuli (cycles/px) ...
 BIN_WIDTH = 0.01
 #: ... and at least this many frequency steps (1 / side) of the crop
 MIN_BIN_PX = 4
-#: the band edge: the first annulus (from 0.5 cycles/px down) holding at least this share of the
-#: median power of the octave below it
+#: the band edge: the first frequency (from 0.5 cycles/px down) below which every annulus of the
+#: octave holds at least this share of the octave's median power (the shared, validation and
+#: simulated scans' top octave: 0.86-0.96)
 FLOOR_SHARE = 0.5
-#: correlation lengths below this count as white noise (1 px): the shared, validation and simulated
-#: scans measure 1.00-1.02
+#: correlation lengths below this count as white noise (1 px); every shared, validation and simulated
+#: scan measures exactly 1 (band edge 0.5)
 MIN_CORRELATION_PX = 1.2
 #: least side of the crop (px) for a measurement; smaller images are taken as white
 MIN_SIDE = 64
+#: what white noise (or an image too small or too empty to measure) reads
+_WHITE = {"band_edge": 0.5, "correlation_px": 1.0}
 
 
 def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> dict:
@@ -83,22 +86,21 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
     img = np.asarray(image, np.float64)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {img.shape}")
-    side = min(CROP_PX, *img.shape) // 2 * 2
+    side = min(SPECTRUM_CROP, *img.shape) // 2 * 2  # the Bragg ring's crop (braggring), square
     if side < MIN_SIDE:
-        return {"band_edge": 0.5, "correlation_px": 1.0}
+        return dict(_WHITE)
     y0, x0 = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
     crop = img[y0:y0 + side, x0:x0 + side]
     ok = np.isfinite(crop) if pixels is None else np.isfinite(crop) & np.asarray(pixels, bool)[y0:y0 + side,
                                                                                                   x0:x0 + side]
     if ok.sum() < 0.5 * crop.size:
-        return {"band_edge": 0.5, "correlation_px": 1.0}
-    crop = np.where(ok, crop - crop[ok].mean(), 0.0)
-    w = np.hanning(side)
-    power = np.abs(np.fft.rfft2(crop * w[:, None] * w[None, :])) ** 2
+        return dict(_WHITE)
+    # no-data pixels at the mean of the rest: the spectrum's mean subtraction leaves them at 0
+    power, _, _ = _spectrum(np.where(ok, crop, crop[ok].mean()), crop=side)
     nb, groups = _annuli(side)
     width = 0.5 / nb
     flat = power.ravel()
-    med = np.array([_median(flat[g]) for g in groups])
+    med = np.array([np.median(flat[g]) for g in groups])
     centre = (np.arange(nb) + 0.5) * width
     edge = 0.5
     for b in range(nb - 1, 0, -1):
@@ -118,20 +120,13 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
 
 @functools.lru_cache(maxsize=8)
 def _annuli(side: int) -> tuple[int, tuple[np.ndarray, ...]]:
-    """The annuli of a ``side`` x ``side`` crop's ``rfft2``: their number ``nb`` (width ``0.5 / nb``
-    cycles/px: :data:`BIN_WIDTH`, wider for a small crop) and each one's flat indices, from the centre out."""
+    """The annuli of the (fftshifted) spectrum of a ``side`` x ``side`` crop: their number ``nb``
+    (width ``0.5 / nb`` cycles/px: :data:`BIN_WIDTH`, wider for a small crop) and each one's flat
+    indices, from the centre out."""
     nb = int(0.5 / max(BIN_WIDTH, MIN_BIN_PX / side))  # a small crop: wider annuli, stable medians
-    radius = np.hypot(np.fft.fftfreq(side)[:, None], np.fft.rfftfreq(side)[None, :]).ravel()
+    f = np.fft.fftshift(np.fft.fftfreq(side))
+    radius = np.hypot(f[:, None], f[None, :]).ravel()
     k = np.floor(radius / (0.5 / nb)).astype(np.int64)
     order = np.argsort(k, kind="stable")
     bounds = np.searchsorted(k[order], np.arange(nb + 1))
     return nb, tuple(order[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
-
-
-def _median(v: np.ndarray) -> float:
-    """The median of ``v`` (NaN when empty): 0.5 (lower + upper middle), as ``np.median``."""
-    n = len(v)
-    if n == 0:
-        return float("nan")
-    part = np.partition(v, [(n - 1) // 2, n // 2])
-    return 0.5 * float(part[(n - 1) // 2] + part[n // 2])
