@@ -464,3 +464,35 @@ def test_a_half_spacing_band_on_a_coarse_real_scan_is_found_against_the_lattice(
     for seed in range(3):
         s = make_mos2(shape=(256, 256), seed=seed, rotation_deg=0.0, pixel_size_A=0.12, dose=300)
         assert lattice_line_bands(s.image.astype(np.float32), 15.0).rows.size == 0, seed
+
+
+def test_bright_and_dark_lines_do_not_bend_the_lattice_template():
+    """A few streaks (lines brighter or darker by 30-80 % of the range) put their power into the
+    spectrum's fx = 0 column at every fy. Those coefficients are constant along a line and say
+    nothing of a sideways shift, but they once took the periodic part's slots: on a real scan the
+    template shrank to one plane wave, each line matched it at a shift wandering with the row, and
+    false bands were reported (the 000-2 glitch proxy of RESULTS round 29: a +-3.97 px band where
+    lines were shifted 1-2 px; here 001-5's crop, seeds 0, 3 and 4) while a true 6 px band was missed
+    (002-5, seeds 0, 1 and 3). Now the streaks change nothing :func:`lattice_line_bands` measures."""
+    from pathlib import Path
+
+    from stemfast.scanlines import lattice_line_bands
+
+    data = Path(__file__).parent / "data"
+    for name, spacing in (("000-2", 10.47), ("001-5", 14.3), ("002-5", 14.3)):
+        img = np.load(data / f"mos2_exp-{name}_crop.npy").astype(np.float32)
+        plain = lattice_line_bands(img, spacing)
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            streaked = img.copy()
+            for y in rng.choice(np.arange(10, 246), 6, replace=False):
+                streaked[y] += rng.choice([-1, 1]) * rng.uniform(0.3, 0.8) * np.ptp(img)
+            bands = lattice_line_bands(streaked, spacing)
+            assert bands.rows.size == 0, (name, seed, bands.rows)
+            assert bands.noise == pytest.approx(plain.noise, rel=1e-3), (name, seed)
+            if name == "002-5":
+                jumped = streaked.copy()
+                jumped[150:153] = np.roll(jumped[150:153], 6, axis=1)
+                bands = lattice_line_bands(jumped, spacing)
+                assert bands.rows.tolist() == [150, 153], (seed, bands.rows)
+                np.testing.assert_allclose(bands.offsets()[150:153], 6.0, atol=1.0)

@@ -753,7 +753,7 @@ def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_T
 
 def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Per line of ``a``: its shift against the same line of ``a``'s periodic part (the strongest
-    Fourier coefficients, :data:`LATTICE_KEEP`) at the peak of their cross-correlation within
+    Fourier coefficients, :data:`LATTICE_KEEP`, of those that vary along a line) at the peak of their cross-correlation within
     ``max_lag`` (parabola refined), and the correlation coefficient there."""
     H, W = a.shape
     a = np.asarray(a, np.float32)
@@ -763,6 +763,11 @@ def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.n
     fy = np.fft.fftfreq(H)[:, None]
     fx = np.fft.rfftfreq(W)[None, :]
     mag[np.hypot(fx, fy) < LATTICE_MIN_FREQ] = 0.0
+    # fx = 0 is constant along each line: it says nothing of a sideways shift (the lines' means are
+    # taken out below), and a few bright or dark lines (streaks, gain jumps) spread it over every fy,
+    # where it would crowd the lattice out of the kept coefficients and leave one plane wave, whose
+    # lines match at a shift that wanders with the row
+    mag[:, 0] = 0.0
     keep = max(1, int(LATTICE_KEEP * H * W))
     thr = np.partition(mag.ravel(), mag.size - keep)[mag.size - keep]
     T = sfft.ifft(np.where(mag >= thr, F, 0), axis=0, workers=2)  # the periodic part's line spectra
