@@ -25,3 +25,22 @@ def average_precision(score: np.ndarray, positive: np.ndarray) -> float:
     hit = positive[order]
     precision = np.cumsum(hit) / np.arange(1, len(hit) + 1)
     return float(precision[hit].sum() / max(1, hit.sum()))
+
+
+def labelled_ap(img, lxy, lname, cfg, model) -> tuple[float, dict]:
+    """Defect AP of the default pipeline (``cfg``, ``model``) on ``img`` against labels ``lxy, lname``
+    (V_Se and Ti positive, matched within 0.4 spacings), and what ``find_sites`` measured of the
+    image's noise (``meta["lattice"]["noise"]``)."""
+    import warnings
+
+    from scipy.spatial import cKDTree
+
+    from stemfast.pipeline import analyze, prepare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(img, config=cfg, patch_size=model.extra.get("patch_size"))
+        table, _ = analyze(prep, model, config=cfg)
+    d, j = cKDTree(lxy).query(table.xy)
+    positive = (d <= 0.4 * table.meta["spacing_px"]) & np.isin(lname[j], ["V_Se", "Ti"])
+    return average_precision(np.asarray(table["anomaly_score"], float), positive), prep.sites.meta["lattice"]["noise"]

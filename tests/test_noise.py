@@ -6,9 +6,8 @@ import warnings
 import numpy as np
 import pytest
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
-from real_data import DATA, average_precision, read_labels
+from real_data import DATA, labelled_ap, read_labels
 from stemfast.noise import MIN_CORRELATION_PX, NoiseCorrelationWarning, noise_correlation
 from stemfast.synthetic import make_mos2
 
@@ -73,18 +72,6 @@ def test_find_sites_widens_the_column_low_pass_of_an_upsampled_image_and_says_so
     assert noise["column_filter_px"] == pytest.approx(2.0, rel=0.12) and "warning" in noise
 
 
-def _labelled_ap(img, lxy, lname, cfg, model):
-    from stemfast.pipeline import analyze, prepare
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prep = prepare(img, config=cfg, patch_size=model.extra.get("patch_size"))
-        table, _ = analyze(prep, model, config=cfg)
-    d, j = cKDTree(lxy).query(table.xy)
-    positive = (d <= 0.4 * table.meta["spacing_px"]) & np.isin(lname[j], ["V_Se", "Ti"])
-    return average_precision(np.asarray(table["anomaly_score"], float), positive), prep.sites.meta["lattice"]["noise"]
-
-
 def test_the_labelled_wse2_crop_upsampled_ranks_its_defects_as_recorded():
     """The real labelled WSe2 crop (HAADF, 5 px spacing) upsampled 3x (cubic; labels scaled): read
     with a 1 px column low-pass (the setting divided by the measured correlation, so that the
@@ -98,13 +85,13 @@ def test_the_labelled_wse2_crop_upsampled_ranks_its_defects_as_recorded():
     model = shipped_for_run(cfg)
     img = np.load(DATA / "wse2_ti2_haadf_crop.npy").astype(np.float64)
     lxy, lname = read_labels()
-    ap1, noise1 = _labelled_ap(img, lxy, lname, cfg, model)
+    ap1, noise1 = labelled_ap(img, lxy, lname, cfg, model)
     assert noise1["correlation_px"] == 1.0
     up = _zoom(img, 3.0)
     lxy3 = lxy * (up.shape[0] - 1) / (img.shape[0] - 1)
-    ap3, noise3 = _labelled_ap(up, lxy3, lname, cfg, model)
+    ap3, noise3 = labelled_ap(up, lxy3, lname, cfg, model)
     assert noise3["column_filter_px"] == pytest.approx(3.0, rel=0.12)
     narrow = apply_overrides(cfg, {"sites.column_noise_px": 1.0 / noise3["correlation_px"]})
-    ap_narrow, noise_n = _labelled_ap(up, lxy3, lname, narrow, model)
+    ap_narrow, noise_n = labelled_ap(up, lxy3, lname, narrow, model)
     assert noise_n["column_filter_px"] == pytest.approx(1.0)
     assert ap3 >= ap1 - 0.02 and ap3 >= ap_narrow + 0.03, (ap1, ap3, ap_narrow)

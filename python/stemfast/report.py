@@ -437,6 +437,11 @@ def _scan_note(scan: dict) -> str:
         shown = ", ".join(str(r) for r in rows[:12]) + (", ..." if len(rows) > 12 else "")
         said.append(f"{len(rows)} scan line(s) off against the lattice (streaks) levelled before the columns were "
                     f"found: rows {shown}")
+    segs = list(scan.get("segments") or [])
+    if segs:
+        shown = ", ".join(f"row {r} x {a}-{b - 1}" for r, a, b, _ in segs[:8]) + (", ..." if len(segs) > 8 else "")
+        said.append(f"{len(segs)} part(s) of scan lines off against the lattice (streaks over part of a line) "
+                    f"levelled before the columns were found: {shown}")
     if jumps:
         px = list(scan.get("jump_px") or [])
         bands = [f"rows {a}-{b - 1} by {px[2 * i]:+.2f} px" if 2 * i < len(px) else f"rows {a}-{b - 1}"

@@ -18,7 +18,10 @@ orientation -- also when its rows run along the scan lines, where a plain row me
 the atom rows -- and contamination and gradients, smooth over one lattice vector, cancel as well.
 
 Lines whose offset stands out from the others by more than ``threshold`` robust standard
-deviations are *flagged*. Their offset is taken out of the image before the column intensities
+deviations are *flagged*. A glitch that lasts part of a line offsets only that part: the same
+differences, their median taken over blocks along the line and judged against the lines a few
+lines above and below (which contamination and gradients cover too), find such *segments*
+(:func:`_line_segments`); a flagged line that is off only in parts gets its parts instead. Their offset is taken out of the image before the column intensities
 are read (:func:`stemfast.find_sites`, ``column_intensity``); what a gain (not an offset) did to
 the columns on them is taken out in the defect scores (:mod:`stemfast.analysis`), per site.
 
@@ -36,6 +39,7 @@ reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,20 +63,54 @@ class ScanLines:
         lattice vector stays inside the image).
     flagged : bool [H], lines whose offset stands out (streaks, row jumps).
     noise : robust standard deviation of ``offset`` over all lines.
+    segments : float64 [K, 4], parts of lines that are off once the flagged lines are levelled (a
+        streak that lasted part of a line): ``row, x0, x1, offset`` (columns ``x0 <= x < x1``).
     """
 
     offset: np.ndarray
     flagged: np.ndarray
     noise: float
+    segments: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)), compare=False)
 
     @property
     def rows(self) -> np.ndarray:
         """Indices of the flagged lines."""
         return np.flatnonzero(self.flagged)
 
+    @property
+    def any(self) -> bool:
+        """Whether a line or a part of one is off."""
+        return bool(self.flagged.any() or len(self.segments))
+
     def correction(self) -> np.ndarray:
-        """Per line, what to subtract from the image: the offset on flagged lines, 0 elsewhere."""
+        """Per line, what to subtract from the image: the offset on flagged lines, 0 elsewhere (the
+        :attr:`segments` not included: :meth:`level` takes out both)."""
         return np.where(self.flagged, np.nan_to_num(self.offset), 0.0)
+
+    def level(self, image: np.ndarray) -> np.ndarray:
+        """``image`` with the flagged lines' offsets and the :attr:`segments`' taken out (a copy, of
+        ``image``'s dtype); ``image`` itself when nothing is off."""
+        if not self.any:
+            return image
+        img = np.asarray(image)
+        out = img - self.correction()[:, None].astype(img.dtype)
+        for row, x0, x1, off in self.segments:
+            out[int(row), int(x0):int(x1)] -= out.dtype.type(off)
+        return out
+
+    def near(self, xy: np.ndarray, reach: float) -> np.ndarray:
+        """bool [N]: the points ``xy`` [N, 2] (x, y) within ``reach`` px of a flagged line or of a
+        segment (its columns widened by ``reach``)."""
+        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        out = np.zeros(len(xy), bool)
+        rows = self.rows
+        if len(rows):
+            k = np.searchsorted(rows, xy[:, 1])
+            out |= np.abs(xy[:, 1] - rows[np.clip(k - 1, 0, len(rows) - 1)]) <= reach
+            out |= np.abs(xy[:, 1] - rows[np.clip(k, 0, len(rows) - 1)]) <= reach
+        for row, x0, x1, _ in self.segments:
+            out |= ((np.abs(xy[:, 1] - row) <= reach) & (xy[:, 0] >= x0 - reach) & (xy[:, 0] <= x1 - 1 + reach))
+        return out
 
 
 def same_sublattice_vectors(a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
@@ -110,6 +148,8 @@ def scan_line_offsets(image, vectors, *, threshold: float = DEFAULT_THRESHOLD) -
     Returns
     -------
     ScanLines
+        With ``segments``: the parts of lines that are off (streaks over part of a line, at least
+        :data:`SEGMENT_MIN_T` lattice translations long).
 
     Examples
     --------
@@ -195,6 +235,12 @@ MIN_LINE_DATA = 0.25
 def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
     """Per row ``y``, the median over x (every k-th column, :data:`LINE_SAMPLES` of them) of
     ``I(x, y) - I(x + tx, y + ty)`` (bilinear), NaN where the shifted row leaves the image."""
+    return _shifted_row_differences(img, tx, ty)[0]
+
+
+def _shifted_row_differences(img: np.ndarray, tx: float, ty: float):
+    """:func:`_shifted_row_medians` and what they were taken over: ``(medians [H], diff, y0, x0, k)``,
+    ``diff[y - y0, j]`` the difference at row ``y``, column ``x0 + k j`` (None where nothing is inside)."""
     H, W = img.shape
     out = np.full(H, np.nan)
     ix, iy = int(np.floor(tx)), int(np.floor(ty))
@@ -203,7 +249,7 @@ def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
     y0, y1 = max(0, -iy), min(H, H - iy - 1)
     x0, x1 = max(0, -ix), min(W, W - ix - 1)
     if y1 <= y0 or x1 - x0 < 8:
-        return out
+        return out, None, y0, x0, 1
     k = max(1, (x1 - x0) // LINE_SAMPLES)
     a = img[y0 + iy:y1 + iy, x0 + ix:x1 + ix:k]
     b = img[y0 + iy:y1 + iy, x0 + ix + 1:x1 + ix + 1:k]
@@ -219,11 +265,13 @@ def _shifted_row_medians(img: np.ndarray, tx: float, ty: float) -> np.ndarray:
         out[y0:y1] = med
     else:
         out[y0:y1] = np.median(diff, axis=1)
-    return out
+    return out, diff, y0, x0, k
 
 
 def _scan_line_offsets(img: np.ndarray, vec: np.ndarray, threshold: float) -> ScanLines:
-    meds = np.array([_shifted_row_medians(img, s * tx, s * ty) for tx, ty in vec for s in (1.0, -1.0)])
+    shifts = [(s * tx, s * ty) for tx, ty in vec for s in (1.0, -1.0)]
+    diffs = [_shifted_row_differences(img, tx, ty) for tx, ty in shifts]
+    meds = np.array([d[0] for d in diffs])
     ok = np.isfinite(meds)
     with np.errstate(invalid="ignore"):
         srt = np.sort(np.where(ok, meds, np.inf), axis=0)
@@ -240,7 +288,192 @@ def _scan_line_offsets(img: np.ndarray, vec: np.ndarray, threshold: float) -> Sc
     centre = float(np.median(offset[good]))
     noise = float(1.4826 * np.median(np.abs(offset[good] - centre)))
     flagged = good & (np.abs(offset - centre) > threshold * noise) if noise > 0 else np.zeros(len(offset), bool)
-    return ScanLines(offset, flagged, noise)
+    return _line_segments(img, ScanLines(offset, flagged, noise), shifts, diffs,
+                          float(np.min(np.hypot(vec[:, 0], vec[:, 1]))), threshold)
+
+
+#: parts of lines (:func:`_line_segments`) are measured in blocks of about this many lattice translations
+#: along the line (at least :data:`SEGMENT_MIN_SAMPLES` of a line's samples)
+SEGMENT_BLOCK_T = 0.6
+SEGMENT_MIN_SAMPLES = 3
+#: a part of a line is off when it is at least this many lattice translations long (~5 site spacings:
+#: a missing column, or two, is shorter) and at least :data:`SEGMENT_MIN_BLOCKS` blocks
+SEGMENT_MIN_T = 3.0
+SEGMENT_MIN_BLOCKS = 2
+#: a block is judged against the same blocks of the lines this many lines above and below it
+#: (contamination, a thickness step or a gradient covers them too; a streak of up to a few lines does not)
+SEGMENT_CONTEXT_LINES = (3, 4, 5, 6)
+
+
+def _line_segments(img: np.ndarray, lines: ScanLines, shifts: list, diffs: list, t_len: float,
+                   threshold: float) -> ScanLines:
+    """``lines`` with the parts of scan lines that are off (a streak that lasted part of a line: the
+    beam or detector glitched for a while, not for a whole line) as its ``segments`` [K, 4]
+    ``row, x0, x1, offset``; a flagged line that is off only in parts is unflagged and gets its parts.
+
+    The line differences of :func:`_scan_line_offsets` (each line against its six lattice images),
+    their median taken over blocks of ~:data:`SEGMENT_BLOCK_T` translations along the line instead of
+    the whole line, and over the six: per block the offset of that part of the line, as the whole
+    line's median is the line's. A part is off where at least :data:`SEGMENT_MIN_BLOCKS` blocks of a
+    line (with at most one quiet block between two of them) stand out with one sign by more than
+    ``threshold`` robust standard deviations of all blocks, the flagged lines levelled. A flagged line
+    with such a part is off only in parts (its whole-line offset was a median over a streak and the
+    rest): it is measured again unlevelled. A vacancy or dopant is one column of a block; a row of
+    them along the line is one sublattice's columns, a minority of the block's pixels, and moves the
+    block's median little. The ends are placed to the pixel on the line's own profile (the six
+    differences' median, pixel by pixel) near the ends of the run of blocks."""
+    H, W = img.shape
+    corr = lines.correction()
+    k = max((d[4] for d in diffs if d[1] is not None), default=1)
+    m = max(SEGMENT_MIN_SAMPLES, int(round(SEGMENT_BLOCK_T * t_len / k)))
+    width = m * k  # block width, px; blocks [b width, (b + 1) width) of the image's columns
+    nb = W // width
+    if nb < SEGMENT_MIN_BLOCKS + 1 or not np.isfinite(lines.noise):
+        return lines
+    per = np.full((len(diffs), H, nb), np.nan, np.float32)
+    for i, ((tx, ty), (_, diff, y0, x0, kk)) in enumerate(zip(shifts, diffs)):
+        if diff is None or kk != k:
+            continue
+        iy = int(np.floor(ty))
+        fy = ty - iy
+        # the levelled lines: a line's correction, less its lattice image's (bilinear in y)
+        ys = np.arange(y0, y0 + len(diff))
+        c = corr[ys] - ((1 - fy) * corr[ys + iy] + fy * corr[np.minimum(ys + iy + 1, H - 1)])
+        b0 = -(-x0 // width)  # the first block whose columns are all sampled, from its first sample on
+        j0 = -(-(b0 * width - x0) // k)
+        nblk = min(nb - b0, (diff.shape[1] - j0) // m)
+        if nblk <= 0:
+            continue
+        blk = diff[:, j0:j0 + nblk * m].reshape(len(diff), nblk, m)
+        per[i, y0:y0 + len(diff), b0:b0 + nblk] = _median_last(blk) - c[:, None]
+    block = _nanmedian0(per)
+    # against the same blocks a few lines above and below: what is smooth over lines (contamination,
+    # thickness, illumination) cancels, a part of a streak does not
+    ctx = np.full((2 * len(SEGMENT_CONTEXT_LINES), H, nb), np.nan, np.float32)
+    for i, d in enumerate(SEGMENT_CONTEXT_LINES):
+        ctx[2 * i, d:] = block[:-d]
+        ctx[2 * i + 1, :-d] = block[d:]
+    around = _nanmedian0(ctx)
+    block = block - around
+    fin = np.isfinite(block)
+    if fin.sum() < 8 * nb:
+        return lines
+    # a block seen by fewer of the six lattice images (near the top and bottom) is noisier
+    n_t = np.isfinite(per).sum(0)
+    scale = np.sqrt(n_t.max() / np.maximum(n_t, 1))
+    res = np.where(fin, block, 0.0) / scale
+    noise = float(1.4826 * np.median(np.abs(res[fin])))
+    if not noise > 0:
+        return lines
+    min_blocks = max(SEGMENT_MIN_BLOCKS, int(np.ceil(SEGMENT_MIN_T * t_len / width)))
+    runs = _block_runs(res, threshold * noise, min_blocks)
+    flagged = lines.flagged.copy()
+    partial = sorted({y for y, _, _ in runs if flagged[y]})
+    for y in partial:  # a flagged line off in parts only: measured again without the whole line's offset
+        raw = np.where(fin[y], res[y] + corr[y] / scale[y], 0.0)
+        again = _block_runs(raw[None], threshold * noise, min_blocks)
+        if again:
+            flagged[y] = False
+            res[y] = raw
+            runs = [r for r in runs if r[0] != y] + [(y, b, e) for _, b, e in again]
+    corr = np.where(flagged, np.nan_to_num(lines.offset), 0.0)
+    segs: list = []
+    for y, b, e in sorted(runs):
+        off = float(np.median((res * scale)[y, b:e + 1]))
+        base = float(np.nanmedian(around[y, b:e + 1]))  # the lines around it there
+        x0, x1 = _segment_ends(img, corr, y, shifts, b * width, (e + 1) * width, width, base, off)
+        if segs and segs[-1][0] == y and x0 < segs[-1][2] and np.sign(segs[-1][3]) == np.sign(off):
+            x0 = segs.pop()[1]  # two runs whose ends met: one part
+        segs.append((y, x0, x1, off))
+    if not segs:
+        return lines
+    return ScanLines(lines.offset, flagged, lines.noise, np.array(segs, np.float64).reshape(-1, 4))
+
+
+def _median_last(a: np.ndarray) -> np.ndarray:
+    """:func:`numpy.median` over the last (short) axis of ``a``, by a sort (min / max for 3 values)."""
+    m = a.shape[-1]
+    if m == 3:
+        x, y, z = a[..., 0], a[..., 1], a[..., 2]
+        return np.maximum(np.minimum(x, y), np.minimum(np.maximum(x, y), z))
+    srt = np.sort(a, axis=-1)  # (NaN last: a NaN anywhere is one in the last place)
+    med = srt[..., m // 2] if m % 2 else 0.5 * (srt[..., m // 2 - 1] + srt[..., m // 2])
+    return np.where(np.isnan(srt[..., -1]), np.nan, med)
+
+
+def _nanmedian0(a: np.ndarray) -> np.ndarray:
+    """The median over the first axis of ``a`` of its finite values (NaN where none): a sort (NaN last),
+    as :func:`numpy.nanmedian` gives it, at a fraction of its cost on a short first axis."""
+    srt = np.sort(a, axis=0)
+    n = np.isfinite(a).sum(0)
+    lo = np.take_along_axis(srt, np.maximum(n - 1, 0)[None] // 2, 0)[0]
+    hi = np.take_along_axis(srt, (np.maximum(n, 1) // 2 - (n == 0))[None].clip(0), 0)[0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+
+
+def _block_runs(res: np.ndarray, limit: float, min_blocks: int) -> list:
+    """``(row, first, last)`` of the runs of at least ``min_blocks`` blocks of ``res`` [rows, blocks]
+    beyond ``limit`` with one sign, at most one block within ``limit`` between two of them."""
+    out = np.where(res > limit, 1, np.where(res < -limit, -1, 0))
+    runs = []
+    for y in np.flatnonzero((out != 0).sum(1) >= min_blocks):
+        o = out[y]
+        b = 0
+        while b < len(o):
+            if o[b] == 0:
+                b += 1
+                continue
+            e, n = b, 1
+            while True:
+                if e + 1 < len(o) and o[e + 1] == o[b]:
+                    e += 1
+                elif e + 2 < len(o) and o[e + 1] == 0 and o[e + 2] == o[b]:
+                    e += 2
+                else:
+                    break
+                n += 1
+            if n >= min_blocks:
+                runs.append((int(y), b, e))
+            b = e + 1
+    return runs
+
+
+def _segment_ends(img: np.ndarray, corr: np.ndarray, y: int, shifts: list, xa: int, xb: int, width: int,
+                  centre: float, off: float) -> tuple[int, int]:
+    """The columns ``[x0, x1)`` of a part of line ``y`` that is off by ``off``, found within a block of
+    the blocks' ends ``xa, xb``: where the line's profile (per pixel, the median of its differences with
+    its six lattice images) is best split into ``centre + off`` inside and ``centre`` outside."""
+    H, W = img.shape
+    lo, hi = max(0, xa - width), min(W, xb + width)
+    xs = np.arange(lo, hi)
+    vals = np.full((len(shifts), len(xs)), np.nan)
+    row = img[y, lo:hi].astype(np.float64) - corr[y]
+    for i, (tx, ty) in enumerate(shifts):
+        yy, xx = y + ty, xs + tx
+        iy, ix = int(np.floor(yy)), np.floor(xx).astype(np.int64)
+        if iy < 0 or iy + 1 >= H:
+            continue
+        fy, fx = yy - iy, xx - ix
+        ok = (ix >= 0) & (ix + 1 < W)
+        ixc = np.clip(ix, 0, W - 2)
+        a = img[iy, ixc] - corr[iy]
+        bb = img[iy, ixc + 1] - corr[iy]
+        c = img[iy + 1, ixc] - corr[iy + 1]
+        d = img[iy + 1, ixc + 1] - corr[iy + 1]
+        ref = (1 - fy) * ((1 - fx) * a + fx * bb) + fy * ((1 - fx) * c + fx * d)
+        vals[i] = np.where(ok, row - ref, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prof = np.nanmedian(vals, axis=0)
+    v = np.nan_to_num(np.sign(off) * (prof - centre - 0.5 * off))  # > 0 where the profile holds the offset
+    # start: the column after which the profile holds the offset (the suffix sum of v within the first window)
+    first = xs < xa + width
+    suf = np.cumsum(v[first][::-1])[::-1]
+    x0 = int(xs[first][int(np.argmax(suf))])
+    last = xs >= xb - width
+    pre = np.cumsum(v[last])
+    x1 = int(xs[last][int(np.argmax(pre))]) + 1
+    return x0, max(x1, x0 + 1)
 
 
 #: a jump between two lines is flagged when their shift is this many robust standard deviations from

@@ -124,9 +124,9 @@ class SiteSettings:
         image whose noise is correlated over ``L > 1`` px (upsampled, interpolated or filtered:
         :func:`stemfast.noise.noise_correlation`) is read with ``L * column_noise_px``, with a
         :class:`~stemfast.noise.NoiseCorrelationWarning` (``meta["lattice"]["noise"]``).
-    scan_lines : find scan lines (image rows) that are off against the lattice (streaks, row jumps:
-        :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read and mark the sites
-        within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
+    scan_lines : find scan lines (image rows), and parts of lines, that are off against the lattice
+        (streaks, row jumps: :mod:`stemfast.scanlines`), level them before ``column_intensity`` is read
+        and mark the sites within ``STREAK_REACH * column_noise_px`` of them (``scan_streak`` column; the defect scores
         take out a gain there); find the sideways jumps of the scan between two lines
         (:func:`stemfast.scanlines.scan_line_jumps`), undo them before the lattice is found and
         report the sites where the recorded image has them; ``meta["lattice"]["scan_lines"]`` lists
@@ -1033,16 +1033,17 @@ def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict)
     reuses it), else the new lattice and None."""
     scan = _scan_lines(img, f.idx, f.idx.xy, s, f.no_data)
     lines = scan[0]
-    if lines is None or not len(lines.rows):
+    if lines is None or not lines.any:
         return f, scan
-    levelled = img - lines.correction()[:, None].astype(img.dtype)
+    levelled = lines.level(img)
     t0 = time.perf_counter()
     try:
         g = _find_lattice(levelled, s, {}, no_data=f.no_data)
     except _NoLattice:
         return f, scan
     tm["relevel"] = time.perf_counter() - t0
-    log.info("%d flagged scan lines levelled before the columns were found again", len(lines.rows))
+    log.info("%d flagged scan lines and %d parts of lines levelled before the columns were found again",
+             len(lines.rows), len(lines.segments))
     return g, None
 
 
@@ -1105,8 +1106,8 @@ def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSetting
     """``column_intensity`` at ``xy``: the image, its off scan lines levelled (``lines``, the offsets
     of :func:`_line_offsets`; None: as it is), band-passed with a ``column_noise_px`` low-pass and a
     ``background_nn`` spacings background, sampled at the sites."""
-    if lines is not None and lines.flagged.any():  # (a full-image copy: only where a line is off)
-        img = img - lines.correction()[:, None].astype(img.dtype)
+    if lines is not None:  # (a full-image copy: only where a line is off)
+        img = lines.level(img)
     bp = bandpass(img, noise_px=min(s.column_noise_px, 0.5 * s.background_nn * nn), background_px=s.background_nn * nn,
                   backend=s.backend)
     return sample_image(bp, xy, backend=s.backend)
@@ -1129,20 +1130,13 @@ def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings, no_data: 
 
 def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
     """The scan lines' offsets (:func:`_line_offsets`, with the local bases of the lattice sites) and,
-    per site, whether a flagged line passes within ``STREAK_REACH * column_noise_px`` of it; (None,
-    all False) when switched off."""
+    per site, whether a flagged line or part of one passes within ``STREAK_REACH * column_noise_px``
+    of it; (None, all False) when switched off."""
     streak = np.zeros(len(xy), bool)
     lines = _line_offsets(img, idx.basis[idx.kind != 2], s, no_data)
     if lines is None:
         return None, streak
-    rows = lines.rows
-    if len(rows):
-        reach = STREAK_REACH * s.column_noise_px
-        k = np.searchsorted(rows, xy[:, 1])
-        near_lo = np.abs(xy[:, 1] - rows[np.clip(k - 1, 0, len(rows) - 1)]) <= reach
-        near_hi = np.abs(xy[:, 1] - rows[np.clip(k, 0, len(rows) - 1)]) <= reach
-        streak = near_lo | near_hi
-    return lines, streak
+    return lines, lines.near(xy, STREAK_REACH * s.column_noise_px)
 
 
 def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
@@ -1206,9 +1200,12 @@ def _scan_lines_meta(lines) -> dict:
     if lines is None:
         return {"checked": False}
     rows = lines.rows
-    return {"checked": True, "flagged_rows": rows.tolist(),
-            "offsets": [round(float(v), 4) for v in lines.offset[rows]],
-            "noise": round(float(lines.noise), 4) if np.isfinite(lines.noise) else None}
+    out = {"checked": True, "flagged_rows": rows.tolist(),
+           "offsets": [round(float(v), 4) for v in lines.offset[rows]],
+           "noise": round(float(lines.noise), 4) if np.isfinite(lines.noise) else None}
+    if len(lines.segments):  # parts of lines: [row, first column, last column + 1, offset]
+        out["segments"] = [[int(r), int(a), int(b), round(float(v), 4)] for r, a, b, v in lines.segments]
+    return out
 
 
 def _rank_sublattices(cls: np.ndarray, value: np.ndarray, chalcogen_brighter: bool = False) -> np.ndarray:
