@@ -17,6 +17,7 @@ from .config import PipelineConfig
 from .contrast import inverted
 from .logutil import StageTimings, show_progress
 from .patches import LazyPatches, default_patch_size, extract_patches, resample_weights
+from .scanlines import levelled_image
 from .sites import companion_intensity, find_sites
 from .table import SiteTable
 
@@ -53,7 +54,8 @@ class Prepared:
 def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
             unit: str | None = "nm", patch_size: int | None = None,
             max_patch_bytes: int | None = None, companion: np.ndarray | None = None) -> Prepared:
-    """Find the sites of a 2-D ``image`` and cut a normalised patch around each.
+    """Find the sites of a 2-D ``image`` and cut a normalised patch around each (from the image with the
+    scan lines and parts of lines that ``find_sites`` found off levelled: :func:`stemfast.scanlines.levelled_image`).
 
     ``companion``: a second image of the same scan (another detector recorded at the same time, same
     shape); its column intensity at the sites becomes the ``companion_intensity`` column
@@ -75,6 +77,9 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     if ((table.meta.get("lattice") or {}).get("contrast") or {}).get("inverted"):
         image = inverted(image)  # dark columns (bright field): the patches are cut where find_sites read them bright
     t0 = time.perf_counter()
+    # the patches see the scan lines levelled, as the column intensities were read: a streak is not
+    # part of what a site looks like (the model would reconstruct it badly and damp the scores there)
+    cut_from = levelled_image(image, table.meta)
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)
     if len(table):
@@ -84,11 +89,11 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
         weights = resample_weights(size, out) if out != size else None
         budget = MAX_PATCH_BYTES if max_patch_bytes is None else int(max_patch_bytes)
         if len(table) * out * out * 4 > budget:
-            patches = LazyPatches(image, table.xy, size=size, resample_weights=weights, backend=config.sites.backend)
+            patches = LazyPatches(cut_from, table.xy, size=size, resample_weights=weights, backend=config.sites.backend)
             edge, norm = patches.edge, patches.norm
             log.info("%d patches (%.1f GB) are cut on demand", len(table), len(table) * out * out * 4 / 1e9)
         else:
-            p = extract_patches(image, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
+            p = extract_patches(cut_from, table.xy, size=size, backend=config.sites.backend, resample_weights=weights)
             patches, edge, norm = p.data, p.edge, p.norm
     else:
         patches = np.zeros((0, size, size), np.float32)

@@ -47,7 +47,7 @@ from scipy import fft as sfft
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
-           "line_offsets", "recorded_shift", "lattice_positions"]
+           "line_offsets", "recorded_shift", "lattice_positions", "levelled_image"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -1055,6 +1055,32 @@ def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, n
     with np.errstate(invalid="ignore", divide="ignore"):
         cc /= np.sqrt(var[:-1] * var[1:])[:, None]
     return _row_peaks(np.nan_to_num(cc), lags)
+
+
+def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
+    """``image`` (as :func:`stemfast.find_sites` read it) with the scan lines and parts of lines it
+    found off (``meta["lattice"]["scan_lines"]``: ``flagged_rows`` with their ``offsets``,
+    ``segments``) levelled, as the column intensities were read: what the model's patches are cut
+    from, so that a streak is not part of what a site looks like. A float copy; ``image`` itself when
+    nothing is off.
+
+    Examples
+    --------
+    >>> meta = {"lattice": {"scan_lines": {"flagged_rows": [1], "offsets": [5.0], "segments": [[2, 0, 2, -1.0]]}}}
+    >>> levelled_image(np.zeros((3, 3)), meta).tolist()
+    [[0.0, 0.0, 0.0], [-5.0, -5.0, -5.0], [1.0, 1.0, 0.0]]
+    """
+    sl = ((meta or {}).get("lattice") or {}).get("scan_lines") or {}
+    rows, offsets, segments = sl.get("flagged_rows") or [], sl.get("offsets") or [], sl.get("segments") or []
+    if not rows and not segments:
+        return image
+    img = np.asarray(image)
+    out = img.astype(img.dtype if img.dtype.kind == "f" else np.float32, copy=True)
+    for row, off in zip(rows, offsets):
+        out[int(row)] -= off
+    for row, x0, x1, off in segments:
+        out[int(row), int(x0):int(x1)] -= off
+    return out
 
 
 def lattice_positions(xy: np.ndarray, meta: dict | None) -> np.ndarray:
