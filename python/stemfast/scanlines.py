@@ -39,7 +39,6 @@ reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,16 +271,7 @@ def _scan_line_offsets(img: np.ndarray, vec: np.ndarray, threshold: float) -> Sc
     shifts = [(s * tx, s * ty) for tx, ty in vec for s in (1.0, -1.0)]
     diffs = [_shifted_row_differences(img, tx, ty) for tx, ty in shifts]
     meds = np.array([d[0] for d in diffs])
-    ok = np.isfinite(meds)
-    with np.errstate(invalid="ignore"):
-        srt = np.sort(np.where(ok, meds, np.inf), axis=0)
-    k = ok.sum(0)
-    rows = np.arange(img.shape[0])
-    lo = srt[np.maximum(k - 1, 0) // 2, rows]
-    hi = srt[np.maximum(k, 1) // 2 - (k == 0), rows]
-    with np.errstate(invalid="ignore"):
-        offset = 0.5 * (lo + hi)
-    offset[k == 0] = np.nan
+    offset = _nanmedian0(meds)  # the median of the six comparisons that stay inside the image
     good = np.isfinite(offset)
     if good.sum() < 8:
         return ScanLines(offset, np.zeros(len(offset), bool), float("nan"))
@@ -314,14 +304,18 @@ def _line_segments(img: np.ndarray, lines: ScanLines, shifts: list, diffs: list,
     The line differences of :func:`_scan_line_offsets` (each line against its six lattice images),
     their median taken over blocks of ~:data:`SEGMENT_BLOCK_T` translations along the line instead of
     the whole line, and over the six: per block the offset of that part of the line, as the whole
-    line's median is the line's. A part is off where at least :data:`SEGMENT_MIN_BLOCKS` blocks of a
-    line (with at most one quiet block between two of them) stand out with one sign by more than
-    ``threshold`` robust standard deviations of all blocks, the flagged lines levelled. A flagged line
-    with such a part is off only in parts (its whole-line offset was a median over a streak and the
-    rest): it is measured again unlevelled. A vacancy or dopant is one column of a block; a row of
-    them along the line is one sublattice's columns, a minority of the block's pixels, and moves the
-    block's median little. The ends are placed to the pixel on the line's own profile (the six
-    differences' median, pixel by pixel) near the ends of the run of blocks."""
+    line's median is the line's (the flagged lines levelled). Each block is judged against the median
+    of the same block on the lines :data:`SEGMENT_CONTEXT_LINES` above and below it: contamination,
+    thickness and illumination cover those lines too, a streak of a few lines does not. A part is off
+    where blocks of a line stand out with one sign by more than ``threshold`` robust standard
+    deviations (of all blocks; a block seen by fewer of the six lattice images, near the top and
+    bottom, by as much more as its median is noisier) over at least :data:`SEGMENT_MIN_T` translations
+    and :data:`SEGMENT_MIN_BLOCKS` blocks, at most one quiet block between two of them. A missing
+    column, or two, is shorter; a row of vacancies along the line is one sublattice's columns, a
+    minority of the blocks' pixels, and moves their medians little. A flagged line with such a part
+    is off only in parts (its whole-line offset was a median over a streak and the rest): measured
+    again unlevelled, it gets its parts instead when they stand out. The ends are placed to the pixel
+    on the line's own profile (:func:`_segment_ends`)."""
     H, W = img.shape
     corr = lines.correction()
     k = max((d[4] for d in diffs if d[1] is not None), default=1)
@@ -462,9 +456,7 @@ def _segment_ends(img: np.ndarray, corr: np.ndarray, y: int, shifts: list, xa: i
         d = img[iy + 1, ixc + 1] - corr[iy + 1]
         ref = (1 - fy) * ((1 - fx) * a + fx * bb) + fy * ((1 - fx) * c + fx * d)
         vals[i] = np.where(ok, row - ref, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        prof = np.nanmedian(vals, axis=0)
+    prof = _nanmedian0(vals)
     v = np.nan_to_num(np.sign(off) * (prof - centre - 0.5 * off))  # > 0 where the profile holds the offset
     # start: the column after which the profile holds the offset (the suffix sum of v within the first window)
     first = xs < xa + width
