@@ -442,6 +442,11 @@ def _scan_note(scan: dict) -> str:
         shown = ", ".join(f"row {r} x {a}-{b - 1}" for r, a, b, _ in segs[:8]) + (", ..." if len(segs) > 8 else "")
         said.append(f"{len(segs)} part(s) of scan lines off against the lattice (streaks over part of a line) "
                     f"levelled before the columns were found: {shown}")
+    dead = list(scan.get("dead") or [])
+    if dead:
+        shown = ", ".join(f"row {r} x {a}-{b - 1}" for r, a, b in dead[:8]) + (", ..." if len(dead) > 8 else "")
+        said.append(f"{len(dead)} part(s) of scan lines recorded as one value (not recorded: a dropout) filled from "
+                    f"the lines above and below before the columns were found: {shown}")
     if jumps:
         px = list(scan.get("jump_px") or [])
         bands = [f"rows {a}-{b - 1} by {px[2 * i]:+.2f} px" if 2 * i < len(px) else f"rows {a}-{b - 1}"

@@ -46,7 +46,8 @@ from scipy import fft as sfft
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
-           "line_offsets", "recorded_shift", "lattice_positions", "levelled_image"]
+           "line_offsets", "recorded_shift", "lattice_positions", "levelled_image", "dead_runs",
+           "filled_dead_runs"]
 
 #: a scan line is flagged when its offset is this many robust standard deviations from the others
 DEFAULT_THRESHOLD = 5.0
@@ -1049,6 +1050,82 @@ def _neighbour_line_shifts(img: np.ndarray, max_lag: int) -> tuple[np.ndarray, n
     return _row_peaks(np.nan_to_num(cc), lags)
 
 
+#: at most this many neighbouring lines lost together are :func:`dead_runs` (more is a flat region)
+DEAD_MAX_LINES = 3
+
+
+def dead_runs(image, min_px: float) -> np.ndarray:
+    """Parts of scan lines the detector did not record (a dropout: one exact value over at least
+    ``min_px`` pixels of a line, where the lines above and below it vary) [K, 3] ``row, x0, x1``
+    (columns ``x0 <= x < x1``). A line recorded at one value holds no signal: the columns on it
+    cannot be judged (:func:`stemfast.find_sites` marks the sites next to it not ``observed``).
+    Regions of one value over many lines (padding, zero-count vacuum) are :mod:`stemfast.nodata`'s.
+
+    Examples
+    --------
+    >>> img = np.random.default_rng(0).normal(size=(8, 64))
+    >>> img[3, 10:50] = 0.0                      # 40 px of line 3 read as one value
+    >>> dead_runs(img, 16).tolist()
+    [[3, 10, 50]]
+    """
+    a = np.asarray(image)
+    if a.ndim != 2 or a.shape[1] < 2:
+        raise ValueError(f"image must be 2-D, got shape {a.shape}")
+    need = max(2, int(np.ceil(min_px)))
+    same = a[:, 1:] == a[:, :-1]  # (NaN: never equal -- no-data is nodata's)
+    out = []
+    for y in np.flatnonzero(same.sum(1) >= need - 1):
+        d = np.diff(np.r_[0, same[y].astype(np.int8), 0])
+        for x0, x1 in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+            if x1 - x0 + 1 < need:
+                continue
+            # at most DEAD_MAX_LINES such lines together, the lines around them varying there (else a
+            # flat region, not lines the scan lost)
+            flat = [n for n in range(y - DEAD_MAX_LINES, y + DEAD_MAX_LINES + 1) if 0 <= n < len(a)
+                    and same[n, x0:x1].mean() >= 0.5]
+            lo, hi = y, y
+            while lo - 1 in flat:
+                lo -= 1
+            while hi + 1 in flat:
+                hi += 1
+            if hi - lo < DEAD_MAX_LINES and lo - 1 not in flat and hi + 1 not in flat:
+                out.append((int(y), int(x0), int(x1) + 1))
+    return np.array(out, np.int64).reshape(-1, 3)
+
+
+def filled_dead_runs(image: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """``image`` (a float copy) with the parts of lines ``runs`` [K, 3] (``row, x0, x1``: of
+    :func:`dead_runs`) filled from the nearest lines above and below them that are not among them,
+    linearly by distance (at the top or bottom edge: the one line there is).
+
+    Examples
+    --------
+    >>> img = np.arange(20.0).reshape(5, 4)
+    >>> img[2, 1:3] = -1.0
+    >>> filled_dead_runs(img, np.array([[2, 1, 3]]))[2].tolist()
+    [8.0, 9.0, 10.0, 11.0]
+    """
+    a = np.asarray(image)
+    out = a.astype(a.dtype if a.dtype.kind == "f" else np.float32, copy=True)
+    runs = np.asarray(runs, np.int64).reshape(-1, 3)
+    H = out.shape[0]
+    for y, x0, x1 in runs:
+        lost = {int(r) for r, a0, a1 in runs if a0 < x1 and x0 < a1}  # lines lost over these columns
+        lo, hi = y - 1, y + 1
+        while lo in lost:
+            lo -= 1
+        while hi in lost:
+            hi += 1
+        if lo < 0 and hi >= H:
+            continue
+        if lo < 0 or hi >= H:
+            out[y, x0:x1] = a[hi if lo < 0 else lo, x0:x1]
+        else:
+            w = (y - lo) / (hi - lo)
+            out[y, x0:x1] = (1 - w) * a[lo, x0:x1] + w * a[hi, x0:x1]
+    return out
+
+
 def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
     """``image`` (as :func:`stemfast.find_sites` read it) with the scan lines and parts of lines it
     found off (``meta["lattice"]["scan_lines"]``: ``flagged_rows`` with their ``offsets``,
@@ -1064,10 +1141,12 @@ def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
     """
     sl = ((meta or {}).get("lattice") or {}).get("scan_lines") or {}
     rows, offsets, segments = sl.get("flagged_rows") or [], sl.get("offsets") or [], sl.get("segments") or []
-    if not rows and not segments:
+    dead = sl.get("dead") or []
+    if not rows and not segments and not dead:
         return image
     img = np.asarray(image)
-    out = img.astype(img.dtype if img.dtype.kind == "f" else np.float32, copy=True)
+    out = filled_dead_runs(img, np.array(dead)) if dead else img.astype(
+        img.dtype if img.dtype.kind == "f" else np.float32, copy=True)
     for row, off in zip(rows, offsets):
         out[int(row)] -= off
     for row, x0, x1, off in segments:

@@ -493,7 +493,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     if overrides:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
-    img = check_image(image, min_side=MIN_IMAGE_SIDE)
+    img, dead = _filled_dead_runs(check_image(image, min_side=MIN_IMAGE_SIDE), s)  # lines' lost parts filled
     no_data = find_no_data(img)
     clipping = clipped_intensities(img, no_data)
     tm = timings if timings is not None else {}
@@ -560,7 +560,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     )
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
-    lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px)}  # in summary.json
+    lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px), **_dead_meta(dead)}
     _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info,
                     noise=noise)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
@@ -758,6 +758,19 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
                  "second-order one; the lattice is found again from the first", nn)
         return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data, vacuum)
     return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data, vacuum)
+
+
+def _filled_dead_runs(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, runs)``: ``img`` with the parts of scan lines the detector did not record
+    (:func:`stemfast.scanlines.dead_runs`, at least :data:`DEAD_MIN_PX` long) filled from the lines
+    above and below them (:func:`stemfast.scanlines.filled_dead_runs`), and those parts [K, 3]; ``img``
+    itself and none when there are none or ``scan_lines`` is off."""
+    from .scanlines import dead_runs, filled_dead_runs
+
+    if not s.scan_lines:
+        return img, np.zeros((0, 3), np.int64)
+    runs = dead_runs(img, DEAD_MIN_PX)
+    return (filled_dead_runs(img, runs) if len(runs) else img), runs
 
 
 def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
@@ -1022,6 +1035,11 @@ REFINE_NOISE_PX = 0.01
 
 #: a site is on a flagged scan line when its row is within this many ``column_noise_px`` of the line
 STREAK_REACH = 2.0
+#: a run of one exact value at least this long along a scan line, where the lines around it vary, is a
+#: part of the line the detector did not record (:func:`stemfast.scanlines.dead_runs`): filled from the
+#: lines above and below before anything is read (a real scan never repeats one value over 32 px of a
+#: line whose neighbours vary; two columns at 5 px spacing, the length of one at 16 px)
+DEAD_MIN_PX = 32
 
 
 def _relevel_scan_lines(img: np.ndarray, f: _Lattice, s: SiteSettings, tm: dict):
@@ -1079,6 +1097,7 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     """
     img = np.asarray(image, np.float32)
     shape = tuple(sites.meta.get("shape", img.shape))
+    img, _ = _filled_dead_runs(img, settings)  # its own lost parts of lines (another detector)
     if img.ndim != 2 or img.shape != shape:
         raise ValueError(f"the companion image has shape {img.shape}, the sites were found on one of shape {shape}")
     if not len(sites) or "spacing_px" not in sites.meta:
@@ -1194,6 +1213,12 @@ def _scan_jumps_meta(jumps, column_px: float) -> dict:
     if len(rows):
         out["jump_column_px"] = float(column_px)
     return out
+
+
+def _dead_meta(dead: np.ndarray) -> dict:
+    """``dead``: the parts of lines not recorded, filled (:func:`_filled_dead_runs`), as
+    ``[row, first column, last column + 1]``; nothing when there are none."""
+    return {"dead": dead.tolist()} if len(dead) else {}
 
 
 def _scan_lines_meta(lines) -> dict:
