@@ -92,11 +92,8 @@ class ScanLines:
         ``image``'s dtype); ``image`` itself when nothing is off."""
         if not self.any:
             return image
-        img = np.asarray(image)
-        out = img - self.correction()[:, None].astype(img.dtype)
-        for row, x0, x1, off in self.segments:
-            out[int(row), int(x0):int(x1)] -= out.dtype.type(off)
-        return out
+        rows = self.rows
+        return _levelled(image, rows, self.offset[rows], self.segments)
 
     def near(self, xy: np.ndarray, reach: float) -> np.ndarray:
         """bool [N]: the points ``xy`` [N, 2] (x, y) within ``reach`` px of a flagged line or of a
@@ -371,7 +368,7 @@ def _line_segments(img: np.ndarray, lines: ScanLines, shifts: list, diffs: list,
             flagged[y] = False
             res[y] = raw
             runs = [r for r in runs if r[0] != y] + [(y, b, e) for _, b, e in again]
-    corr = np.where(flagged, np.nan_to_num(lines.offset), 0.0)
+    corr = ScanLines(lines.offset, flagged, lines.noise).correction()
     segs: list = []
     for y, b, e in sorted(runs):
         off = float(np.median((res * scale)[y, b:e + 1]))
@@ -1144,13 +1141,20 @@ def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
     dead = sl.get("dead") or []
     if not rows and not segments and not dead:
         return image
+    return _levelled(image, rows, offsets, segments, dead)
+
+
+def _levelled(image: np.ndarray, rows, offsets, segments, dead=()) -> np.ndarray:
+    """A float copy of ``image`` (its dtype when float, else float32) with the parts of lines ``dead``
+    filled (:func:`filled_dead_runs`), the ``offsets`` of lines ``rows`` and those of the ``segments``
+    (``row, x0, x1, offset``) taken out (each offset in the copy's dtype)."""
     img = np.asarray(image)
-    out = filled_dead_runs(img, np.array(dead)) if dead else img.astype(
+    out = filled_dead_runs(img, np.asarray(dead)) if len(dead) else img.astype(
         img.dtype if img.dtype.kind == "f" else np.float32, copy=True)
     for row, off in zip(rows, offsets):
-        out[int(row)] -= off
+        out[int(row)] -= out.dtype.type(off)
     for row, x0, x1, off in segments:
-        out[int(row), int(x0):int(x1)] -= off
+        out[int(row), int(x0):int(x1)] -= out.dtype.type(off)
     return out
 
 

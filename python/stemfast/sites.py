@@ -1097,9 +1097,9 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     """
     img = np.asarray(image, np.float32)
     shape = tuple(sites.meta.get("shape", img.shape))
-    img, _ = _filled_dead_runs(img, settings)  # its own lost parts of lines (another detector)
     if img.ndim != 2 or img.shape != shape:
         raise ValueError(f"the companion image has shape {img.shape}, the sites were found on one of shape {shape}")
+    img, _ = _filled_dead_runs(img, settings)  # its own lost parts of lines (another detector)
     if not len(sites) or "spacing_px" not in sites.meta:
         nan = np.full(len(sites), np.nan)
         return (nan, None) if return_contrast else nan
