@@ -127,8 +127,9 @@ def _assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
 def _update(x: np.ndarray, labels: np.ndarray, old: np.ndarray) -> np.ndarray:
     """Cluster means of ``labels``; an empty cluster takes the point farthest from its centre."""
     k, dim = old.shape
-    sums = np.zeros((k, dim))
-    np.add.at(sums, labels, x)
+    # per dimension, the sums in the points' order (what np.add.at gives, ~10x faster)
+    sums = np.stack([np.bincount(labels, weights=x[:, d], minlength=k) for d in range(dim)], axis=1
+                    ) if dim else np.zeros((k, 0))
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     empty = np.flatnonzero(counts == 0)
     if len(empty):

@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 from ._validate import check_xy
 from .backend import get_kernels
+from .blocks import block_means
 from .vacuum import VACUUM_MAX_BRAGG
 
 __all__ = [
@@ -444,26 +445,6 @@ class FilmMask:
         return m[: shape[0], : shape[1]]
 
 
-def _block_mean(img: np.ndarray, f: int, *, square: bool = False, rows: int = 512) -> np.ndarray:
-    """Means of f x f blocks (of ``img ** 2`` with ``square``), float32; a partial last row/column of
-    blocks is dropped (lookups clip to the grid). Computed in strips of about ``rows`` image rows (sums
-    over contiguous runs, no full-size temporary)."""
-    H, W = img.shape
-    f = max(1, min(f, H, W))
-    h, w = max(1, H // f), max(1, W // f)
-    out = np.empty((h, w), dtype=np.float32)
-    step = max(1, rows // f)  # block rows per strip
-    for b0 in range(0, h, step):
-        b1 = min(h, b0 + step)
-        strip = np.asarray(img[b0 * f: b1 * f, : w * f], dtype=np.float32)
-        if square:
-            strip = strip * strip
-        col = strip.reshape(b1 - b0, f, w * f).sum(axis=1, dtype=np.float32)  # [blocks, W]
-        out[b0:b1] = col.reshape(b1 - b0, w, f).sum(axis=2, dtype=np.float32)
-    out *= np.float32(1.0 / (f * f))
-    return out
-
-
 def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, spacing: float,
               no_data=None, bragg=None) -> FilmMask | None:
     """Where the image holds film rather than a hole or no data, or ``None`` when there is neither.
@@ -492,8 +473,8 @@ def film_mask(image: np.ndarray, bandpassed: np.ndarray, peak_xy: np.ndarray, sp
         return None
     f = max(1, int(spacing / 3))
     s = max(1.0, spacing / f)
-    mean = ndimage.gaussian_filter(_block_mean(np.asarray(image), f), s)
-    energy = ndimage.gaussian_filter(_block_mean(np.asarray(bandpassed), f, square=True), s)
+    mean = ndimage.gaussian_filter(block_means(image, f), s)
+    energy = ndimage.gaussian_filter(block_means(bandpassed, f, square=True), s)
     empty = _no_data_cells(no_data, mean.shape, f)
     ij = np.clip(np.floor(peak_xy[:, ::-1] / f).astype(int), 0, np.array(mean.shape) - 1)
     e_at = energy[ij[:, 0], ij[:, 1]]

