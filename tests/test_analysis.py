@@ -807,3 +807,41 @@ def test_a_mixed_chalcogen_sublattice_is_warned_a_plain_film_is_not():
     assert "mixed_warning" in alloy and warned and "S2 columns" in alloy["mixed_warning"]
     assert alloy["column_spread"]["S2"] > MIXED_SPREAD_RATIO * alloy["column_spread"]["Mo"]
     assert max(plain["column_spread"].values()) < 1.6 * min(plain["column_spread"].values())
+
+
+@pytest.mark.parametrize("case", ["2h", "no_chalcogen", "honeycomb"])
+def test_sublattices_that_read_alike_are_warned_a_2h_film_is_not(case):
+    """The site lattice is the 2H one whatever the image holds, and the metal / chalcogen / hollow
+    names come from brightness. Where two sublattices read alike, those names are a guess and the
+    summary says so (`separation_warning`, `sublattice_separation`): a triangular lattice of one kind of
+    column (its chalcogen sites as empty as the hexagon centres) and a honeycomb of one kind of column
+    (metal and chalcogen alike). A MoS2 film is not warned, and the empty "chalcogen" sublattice's narrow
+    spread is not read as a mixed metal sublattice."""
+    import warnings
+
+    from stemfast import run_image
+    from stemfast.analysis import MIN_SUBLATTICE_SEPARATION, SublatticeSeparationWarning
+    from stemfast.synthetic import make_mos2
+    from stemfast.synthetic.image import chalcogen_atom_intensity
+
+    scale = {"2h": 1.0, "no_chalcogen": 0.0, "honeycomb": 0.5 / chalcogen_atom_intensity()}[case]
+    img = make_mos2(shape=(256, 256), seed=3, chalcogen_scale=scale).image
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, summary, _ = run_image(img)
+    warned = any(issubclass(w.category, SublatticeSeparationWarning) for w in caught)
+    sep = summary["sublattice_separation"]
+    assert "mixed_warning" not in summary
+    if case == "2h":
+        assert not warned and "separation_warning" not in summary
+        assert sep["Mo-S2"] > 8 * MIN_SUBLATTICE_SEPARATION and sep["S2-hollow"] > 8 * MIN_SUBLATTICE_SEPARATION
+    elif case == "no_chalcogen":
+        assert warned and "no S2 columns are seen" in summary["separation_warning"]
+        assert "read alike" not in summary["separation_warning"]
+        # (under the bound or three standard errors: naming the brighter of two alike sublattices S2
+        # makes the difference positive by selection; real faint S2 reads 1.4 and more)
+        assert abs(sep["S2-hollow"]) < 0.5 and sep["Mo-S2"] > 8 * MIN_SUBLATTICE_SEPARATION
+    else:
+        assert warned and "Mo and S2 sites read alike" in summary["separation_warning"]
+        assert "no S2 columns" not in summary["separation_warning"]
+        assert abs(sep["Mo-S2"]) < 0.5 and sep["S2-hollow"] > 8 * MIN_SUBLATTICE_SEPARATION

@@ -350,6 +350,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         # how far each column sublattice's intensities spread about their local level (analysis.mixed_columns;
         # the first frame's): one far wider than the other is a mixed column population
         "column_spread": next((m["column_spread"] for m in fm if m.get("column_spread")), None),
+        # how far apart the sublattices' intensities lie, in spreads (analysis.sublattice_separation; the
+        # first frame's): under 0.25, two sublattices read alike and their names are a guess
+        "sublattice_separation": next((m["sublattice_separation"] for m in fm if m.get("sublattice_separation")), None),
         # how tightly the STN angles follow the lattice (largest grain; analysis.rotation_latent)
         "rotation_lock": median_finite(next(iter((m.get("rotation_lock") or {None: None}).values())) for m in fm),
         # per border band (one spacing each), how much more the column z scatter than inside, the
