@@ -1175,10 +1175,11 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     local level, so gradients do not widen it), and, where one ``d`` is under
     :data:`MIN_SUBLATTICE_SEPARATION` (or three standard errors), ``separation_warning`` (also a
     :class:`SublatticeSeparationWarning`). Metal and chalcogen alike: a honeycomb of one kind of column
-    (not a 2H monolayer) or a detector where both scatter alike -- which is named the metal is a
-    guess. Chalcogen and hollow alike: no chalcogen columns are seen (a triangular lattice of one kind
-    of column, or columns too faint for the dose) -- which of the two dark sublattices is named the
-    chalcogen is a guess, and its vacancies cannot be found.
+    (not a 2H monolayer; a 2H bilayer in AA' stacking, a metal over each chalcogen pair, looks so too)
+    or a detector where both scatter alike -- which is named the metal is a guess. Chalcogen and
+    hollow alike: no chalcogen columns are seen (a triangular lattice of one kind of column, or
+    columns too faint for the dose) -- which of the two dark sublattices is named the chalcogen is a
+    guess, and its vacancies cannot be found.
 
     Examples
     --------
@@ -1220,8 +1221,9 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
         if a == METAL:
             msgs.append(f"the {names[METAL]} and {names[CHALCOGEN]} sites read alike (medians {d:+.2f} spreads apart): "
                         f"intensity cannot tell the metal from the chalcogen, so which sublattice is named "
-                        f"{names[METAL]} is a guess (a honeycomb of one kind of column is no 2H monolayer; or a "
-                        f"detector where both scatter alike) -- the names of the sublattices, classes and defect "
+                        f"{names[METAL]} is a guess (a honeycomb of one kind of column -- graphene-like, or a 2H bilayer "
+                        f"in AA' stacking, a metal over each chalcogen pair -- is no 2H monolayer; or a detector "
+                        f"where both scatter alike) -- the names of the sublattices, classes and defect "
                         f"kinds may be swapped")
         else:
             msgs.append(f"the {names[CHALCOGEN]} sites read as empty as the hexagon centres (medians {d:+.2f} "
