@@ -5,8 +5,9 @@ front end + patches) and ``analyze`` (encode + k-means + defect scores) on a syn
 micrograph. The model is trained beforehand (a fixture, not timed) with the default architecture
 and a short schedule; throughput does not depend on how long it trained.
 
-Full mode (``STEMFAST_BENCH_FULL=1``): 4096 x 4096 px (~8e4 sites; issue 5 target: >= 10,000
-sites/s on 2 cores). Quick mode: 1024 x 1024. Correctness alongside: every atom found or
+Full mode (``STEMFAST_BENCH_FULL=1``): 4096 x 4096 px (~8e4 sites), with the targets asserted:
+issue 5's >= 10,000 sites/s on 2 cores (met) and issue 10's >= 40,000 (not met: ~15.5k, so full
+mode fails here until it is). Quick mode: 1024 x 1024. Correctness alongside: every atom found or
 predicted, and the classes separate the three sublattices (adjusted Rand index against the truth).
 The CI ratio uses the yardstick of ``bench_sites.py`` (``scipy.ndimage.gaussian_filter`` with
 sigma = one column spacing on the same image) over the pipeline's time, so a slower machine does
@@ -32,7 +33,8 @@ from stemfast.synthetic import make_mos2
 
 QUICK = os.environ.get("STEMFAST_BENCH_QUICK", "0") not in ("0", "", "false", "no")
 SIZE = 1024 if QUICK else 4096
-TARGET_SITES_PER_S = 10_000  # issue target (full mode, 4096 x 4096, all threads, with a trained model)
+#: issue targets (full mode, 4096 x 4096, all threads, with a trained model): issue 5's, then issue 10's
+TARGETS_SITES_PER_S = {"issue 5": 10_000, "issue 10": 40_000}
 
 
 @pytest.fixture(scope="module")
@@ -87,4 +89,5 @@ def test_pipeline_throughput(benchmark, speed_gate, setup):
     print(f"\npipeline {SIZE}x{SIZE} with a trained model: {t_ours:.2f} s, {n} sites, {n / t_ours:,.0f} sites/s, "
           f"ARI {ari:.3f}; stages (s) { {k: round(v, 3) for k, v in timings.items()} }")
     if not QUICK:
-        assert n / t_ours >= TARGET_SITES_PER_S, f"{n / t_ours:,.0f} sites/s, issue target {TARGET_SITES_PER_S:,}"
+        missed = {k: v for k, v in TARGETS_SITES_PER_S.items() if n / t_ours < v}
+        assert not missed, f"{n / t_ours:,.0f} sites/s, below the target of {missed}"
