@@ -809,23 +809,34 @@ def test_a_mixed_chalcogen_sublattice_is_warned_a_plain_film_is_not():
     assert max(plain["column_spread"].values()) < 1.6 * min(plain["column_spread"].values())
 
 
-@pytest.mark.parametrize("case", ["2h", "no_chalcogen", "honeycomb"])
+@pytest.mark.parametrize("case", ["2h", "no_chalcogen", "1t", "honeycomb"])
 def test_sublattices_that_read_alike_are_warned_a_2h_film_is_not(case):
     """The site lattice is the 2H one whatever the image holds, and the metal / chalcogen / hollow
     names come from brightness. Where two sublattices read alike, those names are a guess and the
     summary says so (`separation_warning`, `sublattice_separation`): a triangular lattice of one kind of
-    column (its chalcogen sites as empty as the hexagon centres) and a honeycomb of one kind of column
-    (metal and chalcogen alike). A MoS2 film is not warned, and the empty "chalcogen" sublattice's narrow
-    spread is not read as a mixed metal sublattice."""
+    column (its chalcogen sites as empty as the hexagon centres), a 1T projection (one S on each of
+    the two sites) and a honeycomb of one kind of column (metal and chalcogen alike). A MoS2 film is
+    not warned, and the empty "chalcogen" sublattice's narrow spread is not read as a mixed metal
+    sublattice."""
     import warnings
 
     from stemfast import run_image
     from stemfast.analysis import MIN_SUBLATTICE_SEPARATION, SublatticeSeparationWarning
-    from stemfast.synthetic import make_mos2
+    from stemfast.synthetic import make_mos2, render_gaussians
     from stemfast.synthetic.image import chalcogen_atom_intensity
 
-    scale = {"2h": 1.0, "no_chalcogen": 0.0, "honeycomb": 0.5 / chalcogen_atom_intensity()}[case]
-    img = make_mos2(shape=(256, 256), seed=3, chalcogen_scale=scale).image
+    scale = {"2h": 1.0, "no_chalcogen": 0.0, "1t": 0.5, "honeycomb": 0.5 / chalcogen_atom_intensity()}[case]
+    s = make_mos2(shape=(256, 256), seed=3, chalcogen_scale=scale)
+    img = s.image
+    if case == "1t":  # one S on each hexagon centre too, as bright as the one left on each S2 site
+        xy, sub = s.truth[:, :2], s.truth[:, 2]
+
+        def level(k):  # the median pixel value at the sites of sublattice k
+            p = np.rint(xy[sub == k]).astype(int).clip(0, 255)
+            return float(np.median(img[p[:, 1], p[:, 0]]))
+
+        img = img + render_gaussians(img.shape, xy[sub == 2], (level(0) - level(2)) * chalcogen_atom_intensity(),
+                                     s.meta["sigma_px"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, summary, _ = run_image(img)
@@ -835,8 +846,9 @@ def test_sublattices_that_read_alike_are_warned_a_2h_film_is_not(case):
     if case == "2h":
         assert not warned and "separation_warning" not in summary
         assert sep["Mo-S2"] > 8 * MIN_SUBLATTICE_SEPARATION and sep["S2-hollow"] > 8 * MIN_SUBLATTICE_SEPARATION
-    elif case == "no_chalcogen":
+    elif case in ("no_chalcogen", "1t"):
         assert warned and "no S2 columns are seen" in summary["separation_warning"]
+        assert "a 1T phase" in summary["separation_warning"]
         assert "read alike" not in summary["separation_warning"]
         # (under the bound or three standard errors: naming the brighter of two alike sublattices S2
         # makes the difference positive by selection; real faint S2 reads 1.4 and more)

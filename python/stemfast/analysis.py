@@ -1181,8 +1181,8 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     (not a 2H monolayer; a 2H bilayer in AA' stacking, a metal over each chalcogen pair, looks so too)
     or a detector where both scatter alike -- which is named the metal is a guess. Chalcogen and
     hollow alike: no chalcogen columns are seen (a triangular lattice of one kind of column, or
-    columns too faint for the dose) -- which of the two dark sublattices is named the chalcogen is a
-    guess, and its vacancies cannot be found.
+    columns too faint for the dose) or both sites hold alike columns (a 1T phase: one chalcogen on
+    each) -- which of the two is named the chalcogen is a guess, and its vacancies cannot be found.
 
     Examples
     --------
@@ -1229,11 +1229,11 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
                         f"where both scatter alike) -- the names of the sublattices, classes and defect "
                         f"kinds may be swapped")
         else:
-            msgs.append(f"the {names[CHALCOGEN]} sites read as empty as the hexagon centres (medians {d:+.2f} "
-                        f"spreads apart): no {names[CHALCOGEN]} columns are seen (a triangular lattice of one kind of "
-                        f"column is no 2H monolayer; or the chalcogen columns are too faint for this dose) -- which "
-                        f"of the two dark sublattices is named {names[CHALCOGEN]} is a guess, and its vacancies "
-                        f"cannot be found")
+            msgs.append(f"the {names[CHALCOGEN]} sites read like the hexagon centres (medians {d:+.2f} spreads "
+                        f"apart), unlike a 2H monolayer's: either no {names[CHALCOGEN]} columns are seen (a triangular "
+                        f"lattice of one kind of column; or chalcogen columns too faint for this dose) or both sites "
+                        f"hold alike columns (a 1T phase: one chalcogen on each) -- which of the two is named "
+                        f"{names[CHALCOGEN]} is a guess, and chalcogen vacancies cannot be found")
     if msgs:
         msg = "; ".join(msgs)
         warnings.warn(msg, SublatticeSeparationWarning, stacklevel=3)  # at analyze_sites' caller
