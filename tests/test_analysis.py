@@ -844,17 +844,19 @@ def test_sublattices_that_read_alike_are_warned_a_2h_film_is_not(case):
     sep = summary["sublattice_separation"]
     assert "mixed_warning" not in summary
     if case == "2h":
-        assert not warned and "separation_warning" not in summary
+        assert not warned and "separation_warning" not in summary and "sublattice_alike" not in summary
         assert sep["Mo-S2"] > 8 * MIN_SUBLATTICE_SEPARATION and sep["S2-hollow"] > 8 * MIN_SUBLATTICE_SEPARATION
     elif case in ("no_chalcogen", "1t"):
-        assert warned and "no S2 columns are seen" in summary["separation_warning"]
+        assert warned and summary["sublattice_alike"] == ["S2-hollow"]
+        assert "no S2 columns are seen" in summary["separation_warning"]
         assert "a 1T phase" in summary["separation_warning"]
         assert "read alike" not in summary["separation_warning"]
         # (under the bound or three standard errors: naming the brighter of two alike sublattices S2
         # makes the difference positive by selection; real faint S2 reads 1.4 and more)
         assert abs(sep["S2-hollow"]) < 0.5 and sep["Mo-S2"] > 8 * MIN_SUBLATTICE_SEPARATION
     else:
-        assert warned and "Mo and S2 sites read alike" in summary["separation_warning"]
+        assert warned and summary["sublattice_alike"] == ["Mo-S2"]
+        assert "Mo and S2 sites read alike" in summary["separation_warning"]
         assert "no S2 columns" not in summary["separation_warning"]
         assert abs(sep["Mo-S2"]) < 0.5 and sep["S2-hollow"] > 8 * MIN_SUBLATTICE_SEPARATION
 

@@ -1162,9 +1162,10 @@ class SublatticeSeparationWarning(UserWarning):
 #: errors of that difference. Metal against chalcogen pair on 91 shared, validation, proxy and new real
 #: images: 0.90 (the labelled WSe2 HAADF at a quarter of its dose) to 9.2; chalcogen pair against
 #: hollow: 1.43 (a contaminated proxy of the faint-S2 MoS2 001-5) to 19. A honeycomb of one kind of
-#: column reads 0.00-0.12, a triangular lattice of one kind (its two other sites empty) 0.01-0.28 (the
-#: brighter of two alike sublattices is the one named the chalcogen: a positive difference by
-#: selection, which the three standard errors cover)
+#: column reads 0.00-0.12, a triangular lattice of one kind (its two other sites empty) 0.01-0.28 and a
+#: 1T projection (one chalcogen on each non-metal site) -0.02-0.24 (the brighter of two alike
+#: sublattices is the one named the chalcogen: a positive difference by selection, which the three
+#: standard errors cover)
 MIN_SUBLATTICE_SEPARATION = 0.25
 #: least sites of each sublattice for :func:`sublattice_separation`
 SEPARATION_MIN_SITES = 50
@@ -1176,13 +1177,15 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     {"<metal>-<chalcogen>": d, "<chalcogen>-hollow": d}}``, ``d`` the difference of the two sublattices'
     median ``inten`` in robust spreads of ``resid`` (each site's intensity about its own sublattice's
     local level, so gradients do not widen it), and, where one ``d`` is under
-    :data:`MIN_SUBLATTICE_SEPARATION` (or three standard errors), ``separation_warning`` (also a
-    :class:`SublatticeSeparationWarning`). Metal and chalcogen alike: a honeycomb of one kind of column
-    (not a 2H monolayer; a 2H bilayer in AA' stacking, a metal over each chalcogen pair, looks so too)
-    or a detector where both scatter alike -- which is named the metal is a guess. Chalcogen and
-    hollow alike: no chalcogen columns are seen (a triangular lattice of one kind of column, or
-    columns too faint for the dose) or both sites hold alike columns (a 1T phase: one chalcogen on
-    each) -- which of the two is named the chalcogen is a guess, and its vacancies cannot be found.
+    :data:`MIN_SUBLATTICE_SEPARATION` (or three standard errors), ``sublattice_alike`` (the pairs that
+    read alike) and ``separation_warning`` (also a :class:`SublatticeSeparationWarning`).
+
+    Metal and chalcogen alike: a honeycomb of one kind of column (not a 2H monolayer; a 2H bilayer in
+    AA' stacking, a metal over each chalcogen pair, looks so too) or a detector where both scatter
+    alike -- which is named the metal is a guess. Chalcogen and hollow alike: no chalcogen columns are
+    seen (a triangular lattice of one kind of column, or columns too faint for the dose) or both sites
+    hold alike columns (a 1T phase: one chalcogen on each) -- which of the two is named the chalcogen
+    is a guess, and its vacancies cannot be found.
 
     Examples
     --------
@@ -1196,8 +1199,8 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("ignore")
     ...     sep = sublattice_separation(grp, np.repeat([10.0, 0.0, 0.0], 300) + resid, resid, np.ones(900, bool))
-    >>> "no S2 columns are seen" in sep["separation_warning"]
-    True
+    >>> sep["sublattice_alike"], "no S2 columns are seen" in sep["separation_warning"]
+    (['S2-hollow'], True)
     """
     names = get_material(material).sublattice_names
     ok = np.asarray(usable, bool) & np.isfinite(inten) & np.isfinite(resid)
@@ -1222,11 +1225,11 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     msgs = []
     for a, b, d in alike:
         if a == METAL:
-            msgs.append(f"the {names[METAL]} and {names[CHALCOGEN]} sites read alike (medians {d:+.2f} spreads apart): "
-                        f"intensity cannot tell the metal from the chalcogen, so which sublattice is named "
-                        f"{names[METAL]} is a guess (a honeycomb of one kind of column -- graphene-like, or a 2H bilayer "
-                        f"in AA' stacking, a metal over each chalcogen pair -- is no 2H monolayer; or a detector "
-                        f"where both scatter alike) -- the names of the sublattices, classes and defect "
+            msgs.append(f"the {names[METAL]} and {names[CHALCOGEN]} sites read alike (medians {d:+.2f} spreads "
+                        f"apart): intensity cannot tell the metal from the chalcogen, so which sublattice is named "
+                        f"{names[METAL]} is a guess (a honeycomb of one kind of column -- graphene-like, or a 2H "
+                        f"bilayer in AA' stacking, a metal over each chalcogen pair -- is no 2H monolayer; or a "
+                        f"detector where both scatter alike) -- the names of the sublattices, classes and defect "
                         f"kinds may be swapped")
         else:
             msgs.append(f"the {names[CHALCOGEN]} sites read like the hexagon centres (medians {d:+.2f} spreads "
@@ -1237,6 +1240,7 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     if msgs:
         msg = "; ".join(msgs)
         warnings.warn(msg, SublatticeSeparationWarning, stacklevel=3)  # at analyze_sites' caller
+        info["sublattice_alike"] = [f"{names[a]}-{names[b]}" for a, b, _ in alike]
         info["separation_warning"] = msg
     return info
 
@@ -1309,9 +1313,7 @@ def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.
     info.update(sublattice_separation(np.where(sub_global >= 0, sub_global, sc.grp), sc.inten_ref, resid,
                                       inside & ~is_defect, material))
     names = get_material(material).sublattice_names
-    unseen = "separation_warning" in info and abs(info["sublattice_separation"].get(
-        f"{names[CHALCOGEN]}-{names[HOLLOW]}", np.inf)) < MIN_SUBLATTICE_SEPARATION
-    if sc.refs is not None and not unseen:
+    if sc.refs is not None and f"{names[CHALCOGEN]}-{names[HOLLOW]}" not in info.get("sublattice_alike", ()):
         info.update(mixed_columns(sc.grp, resid, inside, material))
     return info
 
