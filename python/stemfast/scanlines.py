@@ -1055,8 +1055,8 @@ DEAD_MAX_LINES = 3
 def dead_runs(image, min_px: float) -> np.ndarray:
     """Parts of scan lines the detector did not record (a dropout: one exact value over at least
     ``min_px`` pixels of a line, where the lines above and below it vary) [K, 3] ``row, x0, x1``
-    (columns ``x0 <= x < x1``). A line recorded at one value holds no signal: the columns on it
-    cannot be judged (:func:`stemfast.find_sites` marks the sites next to it not ``observed``).
+    (columns ``x0 <= x < x1``). A line recorded at one value holds no signal: :func:`stemfast.find_sites`
+    fills such parts from the lines above and below (:func:`filled_dead_runs`) before anything is read.
     Regions of one value over many lines (padding, zero-count vacuum) are :mod:`stemfast.nodata`'s.
 
     Examples
@@ -1149,9 +1149,7 @@ def _levelled(image: np.ndarray, rows, offsets, segments, dead=()) -> np.ndarray
     """A float copy of ``image`` (its dtype when float, else float32) with the parts of lines ``dead``
     filled (:func:`filled_dead_runs`), the ``offsets`` of lines ``rows`` and those of the ``segments``
     (``row, x0, x1, offset``) taken out (each offset in the copy's dtype)."""
-    img = np.asarray(image)
-    out = filled_dead_runs(img, np.asarray(dead)) if len(dead) else img.astype(
-        img.dtype if img.dtype.kind == "f" else np.float32, copy=True)
+    out = filled_dead_runs(image, dead)  # the float copy (nothing filled without dead parts)
     for row, off in zip(rows, offsets):
         out[int(row)] -= out.dtype.type(off)
     for row, x0, x1, off in segments:
