@@ -670,3 +670,26 @@ def test_no_lattice_says_why_and_a_blank_frame_is_a_drift_break(tmp_path, tiny):
     html = (tmp_path / "out" / "report.html").read_text()
     assert "drift unknown at frame(s) 2, 3" in html and "image is constant: no lattice" in html
     assert "done: no lattice" in html  # the inputs table says it as well as the input's own section
+
+
+def test_a_frame_chunk_part_keeps_the_site_tables_metadata(tmp_path):
+    """A stack analysed in chunks (Dask) is assembled from parts: each frame's site table comes back
+    with its metadata, where the tracker reads the bands of scan lines that jumped sideways
+    (``lattice.scan_lines``) to link the sites where the lattice has them. Without it, the chunked run
+    linked such a band's sites at their recorded positions and its tracks.csv differed from the
+    in-process run's by the jump (0.76 px on tests/test_distributed.py's series)."""
+    from stemfast.batch.frames import FrameResult
+    from stemfast.batch.parts import load_part, save_part
+    from stemfast.scanlines import lattice_positions
+    from stemfast.table import SiteTable
+
+    meta = {"shape": [128, 128], "spacing_px": 5.0,
+            "lattice": {"scan_lines": {"jump_rows": [86, 110], "jump_px": [0.76, -0.76], "jump_column_px": 1.0}}}
+    xy = np.array([[36.6, 99.1], [36.6, 20.0]])
+    table = SiteTable({"x": xy[:, 0], "y": xy[:, 1], "frame": np.zeros(2, np.int64)}, meta)
+    path = tmp_path / "part.npz"
+    save_part(path, [FrameResult({"frame": 0}, table, None), FrameResult({"frame": 1})], {"start": 0}, {})
+    back = list(load_part(path))
+    assert back[0].table.meta == meta and back[1].table is None
+    moved = lattice_positions(back[0].table.xy, back[0].table.meta)
+    assert moved[0, 0] == pytest.approx(36.6 - 0.76) and moved[1, 0] == 36.6  # in the band, and outside it

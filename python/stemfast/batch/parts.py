@@ -44,6 +44,9 @@ def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> 
         if r.top_patches is not None:
             arrays[f"p{k}"] = np.asarray(r.top_patches)
         metas.append({"meta": r.meta, "columns": cols if r.table is not None else None,
+                      # the table's own metadata (shape, lattice: the tracker reads the jumped scan-line
+                      # bands there to link the sites where the lattice has them, as in one process)
+                      "table_meta": getattr(r.table, "meta", None) or {} if r.table is not None else None,
                       "patches": r.top_patches is not None})
     arrays["__meta__"] = np.array(json.dumps({"key": key, "info": info, "frames": metas}, default=json_default))
     with atomic_path(path) as tmp:
@@ -80,6 +83,6 @@ def load_part(path: Path) -> Iterator[FrameResult]:
         for k, fm in enumerate(meta["frames"]):
             table = None
             if fm["columns"] is not None:
-                table = SiteTable({c: z[f"t{k}__{c}"] for c in fm["columns"]})
+                table = SiteTable({c: z[f"t{k}__{c}"] for c in fm["columns"]}, fm.get("table_meta") or {})
             pats = z[f"p{k}"] if fm["patches"] else None
             yield FrameResult(fm["meta"], table, pats)
