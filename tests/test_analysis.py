@@ -1,6 +1,7 @@
 """Classes and defect scores: stable class order, robust z-scores, sublattice-aware defect ranking."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -734,7 +735,13 @@ def test_a_dimmer_part_of_the_film_neither_hides_its_defects_nor_flags_the_other
     the dim half's own, and shrank its z), and the reconstruction error -- which the model, seeing
     patches normalised image-wide, makes smaller where the columns are dimmer -- is levelled for the
     contrast before the texture check (the bright half read "2x worse than elsewhere" and its scores
-    were scaled down: 532 sites on the labelled WSe2 dimmed so)."""
+    were scaled down: 532 sites on the labelled WSe2 dimmed so).
+
+    The two vacancies take 0.55 of a column whose level is ~0.65 here (0.45 until round 31, when
+    one side scored 4.00 against the cutoff of 4: the test sat on the cutoff, not on the step). With
+    the floor at the typical spread (``spread_floor`` 1) the two sides score within 4 % of each other
+    (4.86 / 5.01 and 4.67 / 4.83); with the round-31 floor of 0.5 they differed by 7-22 % (6.18 / 5.76,
+    5.01 / 6.13), so the bound is now 10 % instead of 25 %."""
     xy, colour, inten, basis = make_lattice(seed=4, noise=0.02)
     n = len(xy)
     rng = np.random.default_rng(5)
@@ -742,7 +749,7 @@ def test_a_dimmer_part_of_the_film_neither_hides_its_defects_nor_flags_the_other
     left_vac = centre_site(xy, colour, 1, (50, 300))
     right_vac = centre_site(xy, colour, 1, (xy[:, 0].max() - 60, 300))
     inten = inten.copy()
-    inten[[left_vac, right_vac]] -= 0.45
+    inten[[left_vac, right_vac]] -= 0.55
     scale = np.where(right, 0.3, 1.0)
     inten = inten * scale
     mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
@@ -750,7 +757,7 @@ def test_a_dimmer_part_of_the_film_neither_hides_its_defects_nor_flags_the_other
     t, summary = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, rec, np.zeros(n)))
     a = np.asarray(t["anomaly_score"])
     assert t["is_defect"][left_vac] and t["is_defect"][right_vac]
-    assert a[right_vac] == pytest.approx(a[left_vac], rel=0.25)
+    assert a[right_vac] == pytest.approx(a[left_vac], rel=0.1)
     assert set(np.argsort(-a)[:2].tolist()) == {left_vac, right_vac}
     assert summary["n_sites_unlike_lattice"] == 0 and "texture_warning" not in summary
     assert summary["recon_contrast_exponent"] == pytest.approx(1.5, abs=0.2)
@@ -888,3 +895,76 @@ def test_a_selenide_named_as_a_sulfide_is_warned_from_few_vacancies():
     assert agree_s < 0.5 and as_s["sublattice_naming"]["dark"]["Mo"] < 20
     assert "sites.chalcogen_brighter = true" in as_s["naming_warning"]
     assert agree_se > 0.99 and "naming_warning" not in as_se
+
+
+def _flat_lattice(seed, n=48, spacing=10.0, sd=0.02):
+    """A triangular site lattice (metal 1.0, chalcogen 0.5, hollow 0.0 by colour) with Gaussian noise
+    ``sd`` and nothing else: no gradient, no contamination."""
+    rng = np.random.default_rng(seed)
+    a1, a2 = np.array([spacing, 0.0]), np.array([spacing / 2, spacing * np.sqrt(3) / 2])
+    mn = np.array([(m, k) for m in range(-n // 2, n) for k in range(n)], float)
+    xy = mn @ np.array([a1, a2])
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] <= (n - 1) * spacing * 0.85)
+    mn, xy = mn[keep], xy[keep]
+    colour = ((mn[:, 0] - mn[:, 1]) % 3).astype(np.int64)
+    inten = np.array([1.0, 0.5, 0.0])[colour] + rng.normal(0, sd, len(xy))
+    return xy, colour, inten, np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)).copy(), rng
+
+
+def _flat_scores(xy, colour, inten, basis, rng, **settings):
+    n = len(xy)
+    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, np.full(n, 0.02), np.zeros(n)),
+                             settings=AnalysisSettings(**settings))
+    return np.asarray(t["intensity_z"]), np.asarray(t["is_defect"], bool)
+
+
+def test_a_cluster_of_vacancies_is_judged_against_normal_columns():
+    """30 % of the chalcogen columns within 50 px gone by 6 sigma (a damaged patch): in the first pass
+    they widen the MAD of the references that judge each of them; left out of the references
+    (``reference_outlier_z``), each is judged against the normal columns around it. Over four
+    seeds: 31 of 36 flagged (27 without), each seed's median z lower, no normal column flagged."""
+    flagged = {0: 0, 3: 0}
+    for seed in range(4):
+        xy, colour, inten, basis, rng = _flat_lattice(seed)
+        near = np.flatnonzero((colour == 1) & (np.hypot(xy[:, 0] - 200, xy[:, 1] - 200) < 50))
+        vac = rng.choice(near, int(0.3 * len(near)), replace=False)
+        inten[vac] -= 6 * 0.02
+        normal = np.ones(len(xy), bool)
+        normal[vac] = False
+        med = {}
+        for out in (0, 3):
+            z, isd = _flat_scores(xy, colour, inten, basis, np.random.default_rng(seed), reference_outlier_z=out)
+            assert not isd[normal].any()
+            flagged[out] += int(isd[vac].sum())
+            med[out] = float(np.median(z[vac]))
+        assert med[3] <= med[0] + 1e-9
+    assert flagged[3] >= flagged[0] + 3 and flagged[3] >= 30
+
+
+def test_the_local_spread_is_no_smaller_than_the_typical_one():
+    """Homogeneous noise, no defect: the ~100 references of a colour give a MAD that scatters by ~12 %,
+    and where it comes out low by chance every z there is inflated. With the floor at the typical
+    spread (``spread_floor`` 1) the normal columns beyond |z| = 3 are fewer than a Gaussian's 0.27 %
+    (10 on four seeds of 5,088 columns, 13.7 expected); at half of it (the round-31 floor) 23."""
+    tail = {0.5: 0, 1.0: 0}
+    n_col = 0
+    for seed in range(4):
+        xy, colour, inten, basis, rng = _flat_lattice(seed)
+        n_col += int((colour < 2).sum())
+        for floor in tail:
+            z, isd = _flat_scores(xy, colour, inten, basis, np.random.default_rng(seed), spread_floor=floor,
+                                  reference_outlier_z=0)
+            assert not isd.any()
+            tail[floor] += int((np.abs(z[colour < 2]) > 3).sum())
+    assert tail[1.0] < 0.0027 * n_col < tail[0.5]
+
+
+def test_reference_settings_are_checked():
+    with pytest.raises(ValueError, match="spread_floor"):
+        AnalysisSettings(spread_floor=0)
+    with pytest.raises(ValueError, match="reference_outlier_z"):
+        AnalysisSettings(reference_outlier_z=1.5)
+    assert AnalysisSettings(reference_outlier_z=0).reference_outlier_z == 0

@@ -308,8 +308,23 @@ def test_scan_jumps_make_no_defects_and_sites_stay_where_the_image_has_them():
         at_jump |= (np.abs(y - (r - 0.5)) < 3) | (np.abs(y - (r + h - 0.5)) < 3)
     assert (normal & at_jump).sum() >= 20
     an = np.asarray(a["anomaly_score"])
-    assert not (normal & at_jump)[np.argsort(-an)[: int(pos.sum())]].any()
-    # without undoing the jumps the columns they cut rank among the defects
+    # the jumps make nothing: every normal column at a jump edge scores as it does on the same image
+    # without the jumps, and one in the top k ranks there without the jumps too (at dose 80 the
+    # single-S vacancies sit at z ~ -3, so the top k reaches into the noise: on this image a normal
+    # column at a jump row scores 2.60 with and without the jumps, 12th of 15 in both)
+    tc, ac = _analyse(img)
+    anc = np.asarray(ac["anomaly_score"])
+    dc, jc = cKDTree(s.truth[:, :2]).query(tc.xy)
+    clean_row = {int(k): i for i, k in enumerate(jc) if dc[i] < 0.3 * nn}
+    k = int(pos.sum())
+    clean_top = set(np.argsort(-anc)[:k].tolist())
+    edge_sites = [i for i in np.flatnonzero(normal & at_jump) if int(j[i]) in clean_row]
+    assert len(edge_sites) >= 20
+    assert max(abs(an[i] - anc[clean_row[int(j[i])]]) for i in edge_sites) < 0.5
+    for i in np.argsort(-an)[:k]:
+        if (normal & at_jump)[i]:
+            assert clean_row[int(j[i])] in clean_top
+    # without undoing the jumps the columns they cut score differently
     t0, a0 = _analyse(jumped, scan_lines=False)
     an0 = np.asarray(a0["anomaly_score"])
     d0, j0 = cKDTree(truth[:, :2]).query(t0.xy)
@@ -317,8 +332,11 @@ def test_scan_jumps_make_no_defects_and_sites_stay_where_the_image_has_them():
     at0 = np.zeros(len(t0), bool)
     for r, h, _ in JUMPS:
         at0 |= (np.abs(t0.xy[:, 1] - (r - 0.5)) < 3) | (np.abs(t0.xy[:, 1] - (r + h - 0.5)) < 3)
-    pos0 = (d0 < 0.3 * nn) & (truth[j0, 3] > 0)
-    assert (normal0 & at0)[np.argsort(-an0)[: int(pos0.sum())]].sum() >= 2
+    moved = [abs(an0[i] - anc[clean_row[int(j0[i])]]) for i in np.flatnonzero(normal0 & at0) if int(j0[i]) in clean_row]
+    # the bound above fails where the jumps are not undone: 5 columns move by 0.5-2.0 here. (Ranked,
+    # 1-2 of them reach the top k -- a count at the noise level of this dose, so the score change is
+    # what is checked.)
+    assert sum(m >= 0.5 for m in moved) >= 3
 
 
 @pytest.mark.parametrize("rotation_deg", [0.0, 30.0, 90.0])
