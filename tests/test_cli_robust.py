@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -71,14 +72,19 @@ def _leftovers(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
 
 
-def _cli(args, env_extra=None):
+def _cli(args, env_extra=None, *, ctrl_c=False):
+    """``python -m stemfast ARGS`` in a child process. ``ctrl_c``: the child starts with SIGINT at its
+    default, as from a terminal -- a test runner started in the background by a non-interactive shell
+    (``cmd &``, ``nohup``) has SIGINT ignored, the child inherits that, Python then installs no
+    KeyboardInterrupt handler, and a simulated Ctrl-C does nothing (the run finished with 0)."""
     e = dict(os.environ)
     e["PYTHONPATH"] = PYTHON_DIR + os.pathsep + e.get("PYTHONPATH", "")
     e["STEMFAST_PROGRESS"] = "0"
     e.pop("STEMFAST_TEST_CRASH", None)
     e.update(env_extra or {})
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if ctrl_c else None
     return subprocess.run([sys.executable, "-m", "stemfast", *args], env=e, capture_output=True, text=True,
-                          timeout=240)
+                          timeout=240, preexec_fn=pre)
 
 
 # ----------------------------------------------------------------------------- 2. content fingerprints
@@ -430,7 +436,8 @@ def test_scheduler_addresses_without_a_dask_scheduler_fail_fast(env, tmp_path, c
 
 def test_ctrl_c_exits_130_releases_the_lock_and_leaves_nothing_half_written(env, tmp_path):
     out = tmp_path / "out"
-    p = _cli(["batch", *_args(env, out)], {"STEMFAST_TEST_CRASH": "task_start:other", "STEMFAST_TEST_SIGNAL": "INT"})
+    p = _cli(["batch", *_args(env, out)], {"STEMFAST_TEST_CRASH": "task_start:other", "STEMFAST_TEST_SIGNAL": "INT"},
+             ctrl_c=True)
     assert p.returncode == EXIT_INTERRUPTED, p.stderr[-2000:]
     assert "interrupted" in p.stderr and "Traceback" not in p.stderr
     assert not (out / ".stemfast.lock").exists() and not _leftovers(out)
