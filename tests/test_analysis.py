@@ -103,21 +103,27 @@ from stemfast.analysis import ClassAgreementWarning  # noqa: E402
 from stemfast.references import local_references  # noqa: E402
 
 
-def make_lattice(n=42, spacing=10.0, seed=0, noise=0.03):
-    """A triangular site lattice (metal 1.0, chalcogen 0.5, hollow 0.0 by colour (m - n) mod 3) under a
-    strong illumination gradient and a bright contamination domain that adds to every site in it."""
-    rng = np.random.default_rng(seed)
+def _triangular_sites(n, spacing):
+    """Sites of a triangular lattice in a strip ``x`` in [0, 0.85 (n - 1) spacing]: positions [N, 2],
+    colours ``(m - n) mod 3`` (0 metal, 1 chalcogen, 2 hollow) and the per-site basis [N, 2, 2]."""
     a1, a2 = np.array([spacing, 0.0]), np.array([spacing / 2, spacing * np.sqrt(3) / 2])
     mn = np.array([(m, k) for m in range(-n // 2, n) for k in range(n)], float)
     xy = mn @ np.array([a1, a2])
     keep = (xy[:, 0] >= 0) & (xy[:, 0] <= (n - 1) * spacing * 0.85)
     mn, xy = mn[keep], xy[keep]
     colour = ((mn[:, 0] - mn[:, 1]) % 3).astype(np.int64)
+    return xy, colour, np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)).copy()
+
+
+def make_lattice(n=42, spacing=10.0, seed=0, noise=0.03):
+    """A triangular site lattice (metal 1.0, chalcogen 0.5, hollow 0.0 by colour (m - n) mod 3) under a
+    strong illumination gradient and a bright contamination domain that adds to every site in it."""
+    rng = np.random.default_rng(seed)
+    xy, colour, basis = _triangular_sites(n, spacing)
     level = np.array([1.0, 0.5, 0.0])[colour]
     gradient = 0.5 * xy[:, 0] / xy[:, 0].max()                     # additive background ramp
     contam = 0.3 * (np.hypot(xy[:, 0] - 120, xy[:, 1] - 150) < 60)  # a bright domain
     inten = level * (1.0 + 0.3 * xy[:, 1] / xy[:, 1].max()) + gradient + contam + rng.normal(0, noise, len(xy))
-    basis = np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)).copy()
     return xy, colour, inten, basis
 
 
@@ -901,14 +907,9 @@ def _flat_lattice(seed, n=48, spacing=10.0, sd=0.02):
     """A triangular site lattice (metal 1.0, chalcogen 0.5, hollow 0.0 by colour) with Gaussian noise
     ``sd`` and nothing else: no gradient, no contamination."""
     rng = np.random.default_rng(seed)
-    a1, a2 = np.array([spacing, 0.0]), np.array([spacing / 2, spacing * np.sqrt(3) / 2])
-    mn = np.array([(m, k) for m in range(-n // 2, n) for k in range(n)], float)
-    xy = mn @ np.array([a1, a2])
-    keep = (xy[:, 0] >= 0) & (xy[:, 0] <= (n - 1) * spacing * 0.85)
-    mn, xy = mn[keep], xy[keep]
-    colour = ((mn[:, 0] - mn[:, 1]) % 3).astype(np.int64)
+    xy, colour, basis = _triangular_sites(n, spacing)
     inten = np.array([1.0, 0.5, 0.0])[colour] + rng.normal(0, sd, len(xy))
-    return xy, colour, inten, np.broadcast_to(np.array([a1, a2]), (len(xy), 2, 2)).copy(), rng
+    return xy, colour, inten, basis, rng
 
 
 def _flat_scores(xy, colour, inten, basis, rng, **settings):
