@@ -199,8 +199,10 @@ def test_local_score_finds_defects_that_gradient_and_contamination_hide_from_a_g
     top = np.argsort(-np.asarray(t["anomaly_score"]))[:3]
     assert set(top.tolist()) == {vac_x, dop, ad}
     assert not t["is_defect"].any() or set(np.flatnonzero(t["is_defect"]).tolist()) <= {vac_x, dop, ad}
-    # naming (flag the three: the gradient widens the local spread, so they stay under the default cutoff)
-    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(defect_cutoff=2.3, hollow_defects=True))
+    # naming (flag the three: the gradient widens the local spread, so they stay under the default cutoff;
+    # and each is the only one of its sublattice, whose tail then reads as noise: sublattice_fdr off)
+    t, summary = analyze_sites(table_, enc, settings=AnalysisSettings(defect_cutoff=2.3, hollow_defects=True,
+                                                                       sublattice_fdr=False))
     # WSe2 names, never MoS2 ones; a dopant on a metal site is a substitution of the metal
     assert t["defect_kind"][vac_x] == "vacancy_Se"
     assert t["defect_kind"][dop] == "substitution_W"
@@ -426,10 +428,14 @@ def test_a_darker_site_outranks_an_equally_brighter_one():
     n = len(xy)
     enc = FakeEncoding(np.eye(3)[colour] * 3, np.ones(n), np.zeros(n))
     t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc)
+    assert int(np.argmax(t["anomaly_score"])) == dark
+    # the score itself, before its sublattice's tail discounts it (sublattice_fdr)
+    t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(sublattice_fdr=False))
     a, z = np.asarray(t["anomaly_score"]), np.asarray(t["intensity_z"])
     assert int(np.argmax(a)) == dark
     assert a[bright] == pytest.approx(0.5 * z[bright]) and a[dark] == pytest.approx(-z[dark])
-    t1, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(brighter_weight=1.0))
+    t1, _ = analyze_sites(lattice_table(xy, colour, inten, basis), enc,
+                          settings=AnalysisSettings(brighter_weight=1.0, sublattice_fdr=False))
     assert np.asarray(t1["anomaly_score"])[bright] == pytest.approx(abs(z[bright]))
     with pytest.raises(ValueError):
         AnalysisSettings(brighter_weight=1.5)
@@ -602,8 +608,10 @@ def test_noisier_border_needs_the_insides_evidence():
     table = lattice_table(xy, colour, inten, basis)
     table.meta.update(shape=list(shape), spacing_px=spacing)
     enc = FakeEncoding(mu, np.ones(n), np.zeros(n))
-    off, _ = analyze_sites(table, enc, settings=AnalysisSettings(edge_bands=0))
-    on, summary = analyze_sites(table, enc)
+    # the sublattice tail's false discovery rate is off on both sides: it reads every site's score,
+    # so the border bands would move the inside's by ~1e-5 through it
+    off, _ = analyze_sites(table, enc, settings=AnalysisSettings(edge_bands=0, sublattice_fdr=False))
+    on, summary = analyze_sites(table, enc, settings=AnalysisSettings(sublattice_fdr=False))
     band3 = border < 3 * spacing
     for t, most in ((off, None), (on, band3.mean() + 0.1)):
         a = np.asarray(t["anomaly_score"]).copy()

@@ -167,6 +167,12 @@ def test_summary_contents_and_drift(first):
         assert stages[st]["seconds"] >= 0 and stages[st]["sites"] == g["n_sites"]
     assert stages["total"]["sites_per_s"] > 0
     assert len(g["top"]) == 20 and g["top"][0]["anomaly_score"] >= g["top"][-1]["anomaly_score"]
+    # per sublattice with flagged sites, the estimated share the noise alone makes (stemfast.fdr): the
+    # stack's is the largest over its frames
+    frames_fdr = [f.get("flagged_fdr") or {} for f in s["frames"]]
+    assert s["flagged_fdr"] == ({k: max(f[k] for f in frames_fdr if k in f) for f in frames_fdr for k in f} or None)
+    assert all(set(v) <= {"Mo", "S2", "hollow"} and all(0 <= q <= 1 for q in v.values()) for v in frames_fdr)
+    assert s["n_defects"] == 0 or s["flagged_fdr"]
 
 
 def test_batch_level_outputs(first, tiny):

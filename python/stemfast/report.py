@@ -468,6 +468,14 @@ def _lattice_source(lat: Mapping) -> str:
     return src + (f"; {note}" if note else "")
 
 
+def _defect_facts(s: Mapping) -> dict:
+    """The flagged sites' lines of an image's facts: how many, and the summary's ``flagged_fdr`` (per
+    sublattice, the estimated share of chance among its flagged sites, e.g. ``S2 0.4%, Mo 31%``)."""
+    fdr = s.get("flagged_fdr") or {}
+    return {"defects (anomaly > cutoff)": s.get("n_defects", 0),
+            "of them from noise alone, estimated": ", ".join(f"{k} {100 * float(v):.2g}%" for k, v in fdr.items()) or "-"}
+
+
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:
     rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
     return f"<table><tr><th class='l'>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>{rows}</table>"
@@ -544,7 +552,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                      + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
     facts = {
         "sites": s.get("n_sites", 0),
-        "defects (anomaly > cutoff)": s.get("n_defects", 0),
+        **_defect_facts(s),
         "classes": s.get("n_classes", "-"),
         "classes vs sublattices (ARI)": _fmt(s.get("class_sublattice_ari"), 2),
         "spacing (px)": _fmt(lat.get("spacing_px")),

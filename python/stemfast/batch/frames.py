@@ -121,7 +121,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["device"] = device_of(model)
         for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "rotation_latent",
                     "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice",
-                    "recon_contrast_exponent", "edge_z_spread", "sublattice_naming", "column_spread",
+                    "recon_contrast_exponent", "edge_z_spread", "flagged_fdr", "sublattice_naming", "column_spread",
                     "sublattice_separation", "sublattice_alike", *ANALYSIS_WARNING_KEYS):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]

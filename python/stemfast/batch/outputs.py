@@ -309,6 +309,15 @@ def _max_per_band(lists) -> list | None:
     return out or None
 
 
+def _max_per_key(dicts) -> dict | None:
+    """Key-wise largest of dicts of numbers (None entries skipped); None when there is none."""
+    out: dict = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = max(out.get(k, v), v)
+    return out or None
+
+
 def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: RunSettings) -> dict:
     """The content of ``summary.json`` (without ``seconds`` and ``outputs``, added by :func:`assemble`)."""
     from ..report import ANALYSIS_WARNING_KEYS, stage_table_rows
@@ -358,6 +367,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         # per border band (one spacing each), how much more the column z scatter than inside, the
         # largest over the frames (analysis.edge_noise); the scores there were divided by it
         "edge_z_spread": _max_per_band(m.get("edge_z_spread") for m in fm),
+        # per sublattice, the estimated share of chance among its flagged sites (analysis, stemfast.fdr);
+        # the largest over the frames
+        "flagged_fdr": _max_per_key(m.get("flagged_fdr") for m in fm),
         "timings_s": totals.stage_s,
         "throughput": stage_table_rows({k: v for k, v in totals.stage_s.items() if k in STAGES}, totals.n_sites),
         "peak_memory_mib": peak_memory_mib(),
