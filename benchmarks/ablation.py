@@ -179,6 +179,7 @@ def main(argv=None) -> int:
                      ("before: both", _image_wide_bands(_unlevelled(s, d["unlevelled"])), {}),
                      ("local, brighter counted fully", s, {"brighter_weight": 1.0}),
                      ("local, hollows ranked", s, {"hollow_defects": True}),
+                     ("local, not weighed against the sublattice's tail", s, {"sublattice_fdr": False}),
                      ("local, lattice-scale intensity", no_column, {}),
                      ("before: lattice-scale intensity, hollows ranked, brighter fully", no_column,
                       {"hollow_defects": True, "brighter_weight": 1.0})]
