@@ -165,9 +165,8 @@ class AnalysisSettings:
         3 on a sublattice whose tail is as long as its noise makes (0.13 % of its sites reach 3) is
         mostly chance and shrinks; on a sublattice with an excess of high scores (its vacancies) it
         stays. Sites far out keep their score (q ~ 0), and the ranking within a sublattice is
-        unchanged. On a large image the shrinkage keeps the noise of millions of columns from being
-        flagged at the cutoff. Defect AP +0.000-0.013 on the labelled WSe2 scans, the simulated
-        dev1-4 and the WSe2 proxies, never lower by more than 0.001 (docs/RESULTS.md, round 33).
+        unchanged. ``defect_fdr`` is computed either way. Defect AP -0.001 to +0.040 on the labelled
+        WSe2 scans, the simulated dev1-4 and 24 WSe2 proxies (docs/RESULTS.md, round 33).
     """
 
     n_classes: int | None = 3
@@ -1027,7 +1026,7 @@ def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np
 
 def _flagged_fdr(fdr: np.ndarray, grp: np.ndarray, is_defect: np.ndarray, material: str) -> dict:
     """``{"flagged_fdr": {sublattice name: q}}``: per sublattice with flagged sites, the largest
-    ``defect_fdr`` among them -- the estimated share of chance among that sublattice's flagged sites
+    ``defect_fdr`` among them -- the estimated share of that sublattice's flagged sites the noise makes
     (the shrinkage keeps each sublattice's order, so they are its top scores); {} when none is flagged."""
     names = get_material(material).sublattice_names
     out = {}

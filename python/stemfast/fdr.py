@@ -1,6 +1,7 @@
 """How much a site's defect score means among the sites of its sublattice: tail-area false discovery rates.
 
-A 512 x 512 scan holds ~4,000 sites of each sublattice, a 16k x 16k micrograph millions. Among that
+A 512 x 512 scan at 5 px site spacing holds ~4,000 sites of each sublattice, a 16k x 16k micrograph
+millions. Among that
 many normal columns a robust z of 3 comes up by chance (0.13 % of them), so a score by itself is
 weak evidence; how strong depends on the sublattice. Where a sublattice holds vacancies, more of
 its sites score high than its normal columns would give; where it holds none (the metal of most

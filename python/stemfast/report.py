@@ -470,10 +470,10 @@ def _lattice_source(lat: Mapping) -> str:
 
 def _defect_facts(s: Mapping) -> dict:
     """The flagged sites' lines of an image's facts: how many, and the summary's ``flagged_fdr`` (per
-    sublattice, the estimated share of chance among its flagged sites, e.g. ``S2 0.4%, Mo 31%``)."""
+    sublattice, the estimated share of its flagged sites the noise alone makes, e.g. ``S2 0.4%, Mo 31%``)."""
     fdr = s.get("flagged_fdr") or {}
-    return {"defects (anomaly > cutoff)": s.get("n_defects", 0),
-            "of them from noise alone, estimated": ", ".join(f"{k} {100 * float(v):.2g}%" for k, v in fdr.items()) or "-"}
+    share = ", ".join(f"{k} {100 * float(v):.2g}%" for k, v in fdr.items())
+    return {"defects (anomaly > cutoff)": s.get("n_defects", 0), "of them from noise alone, estimated": share or "-"}
 
 
 def _kv_table(d: Mapping, head: tuple[str, str]) -> str:

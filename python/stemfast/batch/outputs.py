@@ -367,7 +367,7 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         # per border band (one spacing each), how much more the column z scatter than inside, the
         # largest over the frames (analysis.edge_noise); the scores there were divided by it
         "edge_z_spread": _max_per_band(m.get("edge_z_spread") for m in fm),
-        # per sublattice, the estimated share of chance among its flagged sites (analysis, stemfast.fdr);
+        # per sublattice, the estimated share of its flagged sites the noise alone makes (analysis, stemfast.fdr);
         # the largest over the frames
         "flagged_fdr": _max_per_key(m.get("flagged_fdr") for m in fm),
         "timings_s": totals.stage_s,
