@@ -920,13 +920,22 @@ def _flat_lattice(seed, n=48, spacing=10.0, sd=0.02):
     return xy, colour, inten, basis, rng
 
 
-def _flat_scores(xy, colour, inten, basis, rng, **settings):
-    n = len(xy)
+def _flat_encoding(colour, rng):
+    """An encoding whose latent means follow the colours (with noise ``rng`` draws), flat recon error."""
+    n = len(colour)
     mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+    return FakeEncoding(mu, np.full(n, 0.02), np.zeros(n))
+
+
+def _flat_analysed(xy, colour, inten, basis, enc, **settings):
+    """``analyze_sites`` (table, summary) of a lattice of :func:`_flat_lattice` with ``AnalysisSettings(**settings)``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, np.full(n, 0.02), np.zeros(n)),
-                             settings=AnalysisSettings(**settings))
+        return analyze_sites(lattice_table(xy, colour, inten, basis), enc, settings=AnalysisSettings(**settings))
+
+
+def _flat_scores(xy, colour, inten, basis, rng, **settings):
+    t, _ = _flat_analysed(xy, colour, inten, basis, _flat_encoding(colour, rng), **settings)
     return np.asarray(t["intensity_z"]), np.asarray(t["is_defect"], bool)
 
 

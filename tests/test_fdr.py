@@ -2,16 +2,13 @@
 ``AnalysisSettings.sublattice_fdr`` does with it in analyze_sites."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from stemfast.analysis import AnalysisSettings, analyze_sites
 from stemfast.fdr import fdr_shrunk, tail_fdr
 
-from test_analysis import FakeEncoding, _flat_lattice, lattice_table
+from test_analysis import _flat_analysed, _flat_encoding, _flat_lattice
 
 
 def _by_definition(s, g, usable):
@@ -82,14 +79,10 @@ def test_weak_vacancies_outrank_the_noise_of_a_sublattice_without_any():
         xy, colour, inten, basis, rng = _flat_lattice(seed)
         vac = rng.choice(np.flatnonzero(colour == 1), 40, replace=False)
         inten[vac] -= 3.0 * 0.02
-        n = len(xy)
-        mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
+        enc = _flat_encoding(colour, rng)
         found = []
         for on in (True, False):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t, _ = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, np.full(n, 0.02), np.zeros(n)),
-                                     settings=AnalysisSettings(sublattice_fdr=on))
+            t, _ = _flat_analysed(xy, colour, inten, basis, enc, sublattice_fdr=on)
             top = np.argsort(-np.asarray(t["anomaly_score"]), kind="stable")[:40]
             found.append((int(np.isin(top, vac).sum()), int((colour[top] == 0).sum())))
             q = np.asarray(t["defect_fdr"])
@@ -107,11 +100,7 @@ def test_the_summary_estimates_the_share_of_chance_among_the_flagged_sites():
     xy, colour, inten, basis, rng = _flat_lattice(0)
     vac = rng.choice(np.flatnonzero(colour == 1), 20, replace=False)
     inten[vac] -= 8.0 * 0.02
-    n = len(xy)
-    mu = np.array([[2.0, 0.0], [0.0, 2.0], [-2.0, -2.0]])[colour] + rng.normal(0, 0.2, (n, 2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t, summary = analyze_sites(lattice_table(xy, colour, inten, basis), FakeEncoding(mu, np.full(n, 0.02), np.zeros(n)))
+    t, summary = _flat_analysed(xy, colour, inten, basis, _flat_encoding(colour, rng))
     flagged = np.flatnonzero(np.asarray(t["is_defect"], bool))
     assert set(vac.tolist()) <= set(flagged.tolist())
     assert list(summary["flagged_fdr"]) == ["S2"] and 0 <= summary["flagged_fdr"]["S2"] < 0.01

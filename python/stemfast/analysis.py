@@ -12,7 +12,7 @@ Scores (columns of the site table)
     MAD, floored at ``spread_floor`` times the sublattice's typical local MAD relative to the local column contrast,
     times the contrast at the site (:func:`_local_z`); the metal and chalcogen sites beyond
     ``reference_outlier_z`` in a first pass -- vacancies, dopants, adatoms -- are not references when
-    the sites that stood out at all are judged a second time (:func:`_outliers_left_out`); on sites of a flagged scan line,
+    the sites that stood out at all are judged a second time (:func:`_local_z_without_outliers`); on sites of a flagged scan line,
     ``scan_streak``, after the line's gain is divided out; within ``edge_bands`` spacings of the image
     border divided by how much noisier the z are there than inside, :func:`edge_noise`). ``intensity_z_global``: the same
     against the whole image's sublattice (the former default, kept for comparison).
@@ -157,7 +157,7 @@ class AnalysisSettings:
         thickness) is judged by its own scale.
     reference_outlier_z : the metal and chalcogen sites whose first-pass ``|z|`` exceeds this are left
         out of the references of the sites judged a second time, those above ``RECHECK_Z``
-        (:func:`_outliers_left_out`): a cluster of vacancies or dopants otherwise widens the MAD that
+        (:func:`_local_z_without_outliers`): a cluster of vacancies or dopants otherwise widens the MAD that
         judges each of them, and a bright adatom column shifts its neighbours' median (0: off).
     sublattice_fdr : ``anomaly_score`` is multiplied by ``1 - defect_fdr``, the site's tail-area false
         discovery rate among the judged sites of its local sublattice (:func:`stemfast.fdr.tail_fdr`:
@@ -536,16 +536,18 @@ def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.nda
     return z
 
 
-def _outliers_left_out(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
-                       z_glob: np.ndarray, z: np.ndarray, xy: np.ndarray, basis: np.ndarray,
-                       settings: AnalysisSettings) -> np.ndarray:
-    """``z`` again for the metal and chalcogen sites that stand out at all (first-pass ``|z|`` above
-    :data:`RECHECK_Z`), against references that leave out the sites whose first-pass ``|z|`` exceeds
-    ``settings.reference_outlier_z`` (a vacancy, a dopant or an adatom column is not what a normal
-    column of its sublattice looks like). The other sites keep their z: a site under RECHECK_Z is far
-    from the defect cutoff whatever its references, and judging only the candidates again costs a
-    seventh of a second pass over every site (4096^2 bench image: ~0.07 s against ~0.55 s). ``z`` as
-    given when ``reference_outlier_z`` is 0 or no site exceeds it."""
+def _local_z_without_outliers(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
+                              z_glob: np.ndarray, xy: np.ndarray, basis: np.ndarray,
+                              settings: AnalysisSettings) -> np.ndarray:
+    """:func:`_local_z_or_global` (the first pass), then the metal and chalcogen sites that stand out at
+    all (first-pass ``|z|`` above :data:`RECHECK_Z`) judged again, against references that leave out
+    the sites whose first-pass ``|z|`` exceeds ``settings.reference_outlier_z`` (a vacancy, a dopant or
+    an adatom column is not what a normal column of its sublattice looks like). The other sites keep
+    their first-pass z: a site under RECHECK_Z is far from the defect cutoff whatever its references,
+    and judging only the candidates again costs a seventh of a second pass over every site (4096^2
+    bench image: ~0.07 s against ~0.55 s). The first pass alone when ``reference_outlier_z`` is 0 or
+    no site exceeds it."""
+    z = _local_z_or_global(values, refs, groups, usable, z_glob, settings.spread_floor)
     if not settings.reference_outlier_z:
         return z
     column = usable & ((groups == METAL) | (groups == CHALCOGEN))
@@ -985,8 +987,7 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
     if refs is None:
         z_int = z_glob
     else:
-        z_int = _local_z_or_global(inten_ref, refs, grp, observed, z_glob, settings.spread_floor)
-        z_int = _outliers_left_out(inten_ref, refs, grp, observed, z_glob, z_int, xy, basis, settings)
+        z_int = _local_z_without_outliers(inten_ref, refs, grp, observed, z_glob, xy, basis, settings)
     if "companion_intensity" in sites:
         # a second detector of the same scan: the mean of the two images' z (independent shot noise)
         z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings))
@@ -1019,8 +1020,7 @@ def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np
         return np.where(np.isfinite(z_glob), z_glob, 0.0)
     refs = local_references(xy, basis, comp, usable=ok, n_neighbors=settings.n_neighbors,
                             node_tolerance=settings.node_tolerance)
-    z = _local_z_or_global(comp, refs, grp, ok, z_glob, settings.spread_floor)
-    z = _outliers_left_out(comp, refs, grp, ok, z_glob, z, xy, basis, settings)
+    z = _local_z_without_outliers(comp, refs, grp, ok, z_glob, xy, basis, settings)
     return np.where(fin & np.isfinite(z), z, 0.0)
 
 
