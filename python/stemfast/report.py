@@ -526,6 +526,29 @@ def _companion_line(s: Mapping) -> str:
             f"{' &middot; sha256 ' + _e(sha) + '&hellip;' if sha else ''} &middot; {how}</p>")
 
 
+def _input_facts(s: Mapping, lat: Mapping, inp: Mapping) -> dict:
+    """The key-value table of one input's section: sites, defects, classes, the lattice and what was
+    repaired in the image."""
+    facts = {
+        "sites": s.get("n_sites", 0),
+        **_defect_facts(s),
+        "classes": s.get("n_classes", "-"),
+        "classes vs sublattices (ARI)": _fmt(s.get("class_sublattice_ari"), 2),
+        "spacing (px)": _fmt(lat.get("spacing_px")),
+        "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
+        "lattice from": _lattice_source(lat),
+        "lattice confidence": _fmt(lat.get("confidence"), 2),
+        "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
+        "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
+    }
+    if lat.get("spikes"):
+        where = " (first frame)" if int(inp.get("n_frames") or 1) > 1 else ""
+        facts[f"single-pixel spikes replaced{where}"] = f"{lat['spikes']['n']} ({100 * float(lat['spikes']['share']):.3f}%)"
+    if lat.get("hole_fraction"):
+        facts["vacuum: holes, the flake's edge (no sites)"] = f"{100 * float(lat['hole_fraction']):.1f}% of the image"
+    return facts
+
+
 def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = None) -> str:
     name = s.get("name", "?")
     status = s.get("status", "?")
@@ -550,20 +573,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     if s.get("frame_errors"):
         parts.append("<p class='bad'>frames that failed: "
                      + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")
-    facts = {
-        "sites": s.get("n_sites", 0),
-        **_defect_facts(s),
-        "classes": s.get("n_classes", "-"),
-        "classes vs sublattices (ARI)": _fmt(s.get("class_sublattice_ari"), 2),
-        "spacing (px)": _fmt(lat.get("spacing_px")),
-        "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
-        "lattice from": _lattice_source(lat),
-        "lattice confidence": _fmt(lat.get("confidence"), 2),
-        "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
-        "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
-    }
-    if lat.get("hole_fraction"):
-        facts["vacuum: holes, the flake's edge (no sites)"] = f"{100 * float(lat['hole_fraction']):.1f}% of the image"
+    facts = _input_facts(s, lat, inp)
     on = s.get("class_sublattice") or {}
     counts = {f"class {k}" + (f" ({on[k]['sublattice']}, {100 * on[k]['share']:.1f}% of its sites)" if k in on else ""): v
               for k, v in (s.get("class_counts") or {}).items()}

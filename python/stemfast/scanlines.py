@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import fft as sfft
 
+from .spikes import despiked
+
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
            "line_offsets", "recorded_shift", "lattice_positions", "levelled_image", "dead_runs",
@@ -1127,9 +1129,10 @@ def filled_dead_runs(image: np.ndarray, runs: np.ndarray) -> np.ndarray:
 def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
     """``image`` (as :func:`stemfast.find_sites` read it) with the scan lines and parts of lines it
     found off (``meta["lattice"]["scan_lines"]``: ``flagged_rows`` with their ``offsets``,
-    ``segments``) levelled, as the column intensities were read: what the model's patches are cut
-    from, so that a streak is not part of what a site looks like. A float copy; ``image`` itself when
-    nothing is off.
+    ``segments``) levelled and the single-pixel spikes it replaced (``meta["lattice"]["spikes"]``)
+    replaced again, as the column intensities were read: what the model's patches are cut from, so
+    that a streak or a hot pixel is not part of what a site looks like. A float copy; ``image`` itself
+    when nothing is off.
 
     Examples
     --------
@@ -1137,19 +1140,25 @@ def levelled_image(image: np.ndarray, meta: dict | None) -> np.ndarray:
     >>> levelled_image(np.zeros((3, 3)), meta).tolist()
     [[0.0, 0.0, 0.0], [-5.0, -5.0, -5.0], [1.0, 1.0, 0.0]]
     """
-    sl = ((meta or {}).get("lattice") or {}).get("scan_lines") or {}
+    lat = (meta or {}).get("lattice") or {}
+    sl = lat.get("scan_lines") or {}
     rows, offsets, segments = sl.get("flagged_rows") or [], sl.get("offsets") or [], sl.get("segments") or []
     dead = sl.get("dead") or []
-    if not rows and not segments and not dead:
+    spikes = (lat.get("spikes") or {}).get("threshold")
+    if not rows and not segments and not dead and spikes is None:
         return image
-    return _levelled(image, rows, offsets, segments, dead)
+    return _levelled(image, rows, offsets, segments, dead, spikes)
 
 
-def _levelled(image: np.ndarray, rows, offsets, segments, dead=()) -> np.ndarray:
+def _levelled(image: np.ndarray, rows, offsets, segments, dead=(), spikes: float | None = None) -> np.ndarray:
     """A float copy of ``image`` (its dtype when float, else float32) with the parts of lines ``dead``
-    filled (:func:`filled_dead_runs`), the ``offsets`` of lines ``rows`` and those of the ``segments``
-    (``row, x0, x1, offset``) taken out (each offset in the copy's dtype)."""
+    filled (:func:`filled_dead_runs`), the single-pixel spikes beyond the threshold ``spikes`` replaced
+    (:func:`stemfast.spikes.despiked`, as :func:`stemfast.find_sites` did), the ``offsets`` of lines
+    ``rows`` and those of the ``segments`` (``row, x0, x1, offset``) taken out (each offset in the
+    copy's dtype)."""
     out = filled_dead_runs(image, dead)  # the float copy (nothing filled without dead parts)
+    if spikes is not None:
+        out = despiked(out, spikes)[0]
     for row, off in zip(rows, offsets):
         out[int(row)] -= out.dtype.type(off)
     for row, x0, x1, off in segments:

@@ -38,6 +38,7 @@ from .materials import fitting_hint, get_material, materials_fitting, name_by_br
 from .peaks import find_peaks
 from .braggring import SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
+from .spikes import SpikeWarning, despiked, spike_meta
 from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, node_residuals,
                           pixel_noise, position_variance)
 from .table import SiteTable
@@ -131,6 +132,9 @@ class SiteSettings:
         (:func:`stemfast.scanlines.scan_line_jumps`), undo them before the lattice is found and
         report the sites where the recorded image has them; ``meta["lattice"]["scan_lines"]`` lists
         both (``flagged_rows``, ``jump_rows``; also in ``summary.json``).
+    despike : replace single-pixel spikes (hot or dead pixels, X-ray or electronic spikes:
+        :mod:`stemfast.spikes`) by the median of their neighbours before anything reads the image;
+        ``meta["lattice"]["spikes"]`` says how many (also in ``summary.json``).
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
@@ -168,6 +172,7 @@ class SiteSettings:
     intensity_radius_nn: float = 0.25
     column_noise_px: float = 1.0
     scan_lines: bool = True
+    despike: bool = True
     fill: bool = True
     detect_holes: bool = True
     lattice: LatticeSettings = field(default_factory=LatticeSettings)
@@ -493,7 +498,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     if overrides:
         s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
                             "grains": overrides.get("grains", s.grains)})
-    img, dead = _filled_dead_runs(check_image(image, min_side=MIN_IMAGE_SIDE), s)  # lines' lost parts filled
+    img, dead, spikes = _repaired(check_image(image, min_side=MIN_IMAGE_SIDE), s)
     no_data = find_no_data(img)
     clipping = clipped_intensities(img, no_data)
     tm = timings if timings is not None else {}
@@ -562,7 +567,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px), **_dead_meta(dead)}
     _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info,
-                    noise=noise)
+                    noise=noise, spikes=spikes)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
@@ -571,9 +576,14 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
 
 
 def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clipping: dict | None,
-                    domains: dict, noise: dict) -> None:
+                    domains: dict, noise: dict, spikes: dict | None = None) -> None:
     """What :func:`find_sites` found about the image itself into ``lattice_meta`` (its contrast, regions
-    without data, clipped intensities, inversion domains, correlated noise), each with its warning raised."""
+    without data, clipped intensities, inversion domains, correlated noise, spikes replaced), each with
+    its warning raised."""
+    if spikes:
+        lattice_meta["spikes"] = spikes
+        if "warning" in spikes:
+            warnings.warn(spikes["warning"], SpikeWarning, stacklevel=4)
     lattice_meta["inversion_domains"] = domains
     lattice_meta["noise"] = noise
     if "warning" in noise:
@@ -771,6 +781,24 @@ def _filled_dead_runs(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.
         return img, np.zeros((0, 3), np.int64)
     runs = dead_runs(img, DEAD_MIN_PX)
     return (filled_dead_runs(img, runs) if len(runs) else img), runs
+
+
+def _repaired(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """``(image, dead, spikes)``: ``img`` with the parts of lines the detector did not record filled
+    (:func:`_filled_dead_runs`) and then its single-pixel spikes replaced (:func:`_despiked`)."""
+    img, dead = _filled_dead_runs(img, s)
+    img, spikes = _despiked(img, s)
+    return img, dead, spikes
+
+
+def _despiked(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, dict | None]:
+    """``(image, spikes)``: ``img`` with its single-pixel spikes replaced (:func:`stemfast.spikes.despiked`)
+    and their :func:`~stemfast.spikes.spike_meta`; ``img`` itself and None when there are none or
+    ``despike`` is off."""
+    if not s.despike:
+        return img, None
+    out, n, t = despiked(img)
+    return (out, spike_meta(n, img.size, t)) if n else (img, None)
 
 
 def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.ndarray:
@@ -1100,6 +1128,7 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     if img.ndim != 2 or img.shape != shape:
         raise ValueError(f"the companion image has shape {img.shape}, the sites were found on one of shape {shape}")
     img, _ = _filled_dead_runs(img, settings)  # its own lost parts of lines (another detector)
+    img, _ = _despiked(img, settings)  # and its own spikes
     if not len(sites) or "spacing_px" not in sites.meta:
         nan = np.full(len(sites), np.nan)
         return (nan, None) if return_contrast else nan
