@@ -502,6 +502,11 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     assert run_batch_cli(base) == EXIT_SKIPPED
     err = capsys.readouterr().err
     assert "--fill-nonfinite" in err  # the advice names the option
+    # the margin alone is no damage: read without being asked (the scattered ones are skipped)
+    st = {i["name"]: i for i in json.loads((out / "batch_summary.json").read_text())["inputs"]}
+    assert st["margin"]["status"] == "done" and st["few"]["status"] == st["many"]["status"] == "skipped"
+    m = json.loads((out / "margin" / "summary.json").read_text())
+    assert any("all in regions without data" in w for w in m["warnings"])
     code = run_batch_cli(base + ["--fill-nonfinite"])
     err = capsys.readouterr().err
     assert code == EXIT_SKIPPED
@@ -509,7 +514,7 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     st = {i["name"]: i for i in bs["inputs"]}
     assert st["few"]["status"] == "done" and st["many"]["status"] == "skipped"
     assert "more than the 1.00%" in st["many"]["reason"]
-    assert st["margin"]["status"] == "done"
+    assert st["margin"]["status"] == "current"  # done in the first run
     m = json.loads((out / "margin" / "summary.json").read_text())
     assert m["lattice"]["no_data"]["share"] == pytest.approx(20 / img.shape[0], abs=0.01)
     ys = [float(r["y"]) for r in csv.DictReader((out / "margin" / "sites.csv").open())]

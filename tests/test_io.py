@@ -683,6 +683,28 @@ def test_a_nan_margin_is_filled_as_a_region_without_data(tmp_path):
     assert not ((t.xy[:, 0] < 40 - 0.5 * t.meta["spacing_px"]) | (t.xy[:, 1] < 24 - 0.5 * t.meta["spacing_px"])).any()
 
 
+def test_a_nan_margin_alone_is_filled_without_being_asked(tmp_path):
+    """An aligned (drift-corrected) frame whose only NaN pixels are its padding, alone and in a stack:
+    read as it is, with a warning that says so; its margin becomes a region without data. One
+    scattered NaN more, and the reader refuses as before (test above)."""
+    from stemfast.synthetic import make_mos2
+
+    img = make_mos2(shape=(128, 128), seed=5).image.astype(np.float32)
+    pad = np.full_like(img, np.nan)
+    pad[16:, :-24] = img[:-16, 24:]
+    np.save(tmp_path / "aligned.npy", pad)
+    np.save(tmp_path / "stack.npy", np.stack([pad, pad]))
+    for name in ("aligned.npy", "stack.npy"):
+        with pytest.warns(ReadWarning, match="all in regions without data"):
+            mg = read(tmp_path / name)
+        data = np.asarray(mg.data)
+        assert np.isfinite(data).all() and mg.metadata["nonfinite_in_regions"]
+        assert mg.metadata["nonfinite_replaced"] == int(np.isnan(pad).sum()) * (1 + (name == "stack.npy"))
+        frame = data if data.ndim == 2 else data[1]
+        np.testing.assert_array_equal(frame[16:, :-24], img[:-16, 24:])
+        assert len(np.unique(frame[:16])) == 1 and len(np.unique(frame[:, -24:])) == 1
+
+
 def test_scan_lists_dangling_links_and_unreadable_folders(tmp_path, img, monkeypatch):
     import stemfast.io as io
 

@@ -229,8 +229,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     frames : for stacks, the frames to read: an index (gives a 2-D micrograph), a slice or a
         sequence of indices. ``None`` reads all.
     dataset : HDF5 only: path of the dataset inside the file (default: the first 2-D/3-D one).
-    allow_nonfinite : replace NaN/inf pixels by the median of the frame (with a warning)
-        instead of raising (command line: ``--fill-nonfinite``).
+    allow_nonfinite : replace scattered NaN/inf pixels by the median of the frame (with a warning)
+        instead of raising (command line: ``--fill-nonfinite``). NaN/inf pixels that all form regions
+        without data (an aligned or drift-corrected frame's NaN padding) are filled either way, with
+        a warning: there no site is placed.
     max_nonfinite_fraction : with ``allow_nonfinite``, raise all the same when more than this
         fraction of the pixels of a frame are not finite outside regions without data (the fill
         would invent the image). A region of them -- an aligned frame's NaN padding, runs of whole
@@ -713,22 +715,25 @@ def _tiff_is_colour(path: Path, series, meta: dict) -> bool:
 def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_nonfinite: bool,
                     max_nonfinite_fraction: float) -> np.ndarray:
     """``data`` (``bad`` of its values NaN or infinite) with them replaced by the frame median, or a
-    ReadError: without ``allow_nonfinite``, when all are, or when more than ``max_nonfinite_fraction``
-    of a frame's pixels are scattered ones (outside a region without data,
-    :func:`stemfast.nodata.regions_of`: an aligned frame's NaN padding). Records
-    ``meta["nonfinite_replaced"]``."""
+    ReadError: when all are; without ``allow_nonfinite``, when any of them is a scattered one (outside
+    a region without data, :func:`stemfast.nodata.regions_of`: an aligned frame's NaN padding, which
+    is filled either way); with it, when more than ``max_nonfinite_fraction`` of a frame's pixels are
+    scattered ones. Records ``meta["nonfinite_replaced"]`` (and ``meta["nonfinite_in_regions"]`` when all
+    of them formed regions without data)."""
     from .nodata import regions_of
 
     n = int(np.prod(data.shape))
     if bad == n:
         raise ReadError(path, "all values are NaN or infinite")
-    if not allow_nonfinite:
-        frames = data if data.ndim == 3 else data[None]
-        margin = sum(int(regions_of(~np.isfinite(fr)).sum()) for fr in frames)
+    frames = data if data.ndim == 3 else data[None]
+    margin = sum(int(regions_of(~np.isfinite(fr)).sum()) for fr in frames)
+    if not allow_nonfinite and margin < bad:  # scattered ones: filling them invents pixels, the user says so
         why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
                "is placed once they are filled" if margin else "")
         raise ReadError(path, f"{bad} of {n} values are NaN or infinite (--fill-nonfinite, or "
                               f"read(..., allow_nonfinite=True), replaces them by the frame median{why})")
+    # (all of them regions without data -- an aligned or drift-corrected frame's NaN padding -- are
+    # filled whatever the option: one value there is a region without data, where no site is placed)
     data = np.array(data, dtype=np.float32, order="C")
     stack = data if data.ndim == 3 else data[None]
     for i, fr in enumerate(stack):
@@ -745,10 +750,13 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
                                   "(--nonfinite-limit)")
         good = fr[~m]
         fr[m] = np.median(good) if good.size else np.nanmedian(data[np.isfinite(data)])
-    msg = f"{path}: replaced {bad} NaN/infinite values by the frame median"
+    msg = f"{path}: replaced {bad} NaN/infinite values by the frame median" + (
+        " (all in regions without data: an aligned frame's padding; no site is placed there)" if margin == bad else "")
     warnings.warn(msg, ReadWarning, stacklevel=4)
     log.info("%s", msg)
     meta["nonfinite_replaced"] = bad
+    if margin == bad:
+        meta["nonfinite_in_regions"] = True
     return data
 
 

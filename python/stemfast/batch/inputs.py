@@ -236,8 +236,10 @@ def describe_input(mg) -> dict:
                      "carries safely); intensities are in these units")
     if meta.get("nonfinite_replaced"):
         info["nonfinite_replaced"] = meta["nonfinite_replaced"]
-        notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median "
-                     "(--fill-nonfinite); sites there are not measured")
+        how = "all in regions without data: an aligned frame's padding" if meta.get("nonfinite_in_regions") \
+            else "--fill-nonfinite"
+        notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "
+                     "sites there are not measured")
     if meta.get("converted_from_rgb"):
         notes.append("an RGB(A) image, converted to grey (0.299 R + 0.587 G + 0.114 B): the intensities are the grey "
                      "levels of a colour image, not the detector's")

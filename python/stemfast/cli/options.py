@@ -100,9 +100,9 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
     """``--fill-nonfinite`` / ``--nonfinite-limit``."""
     g = p.add_argument_group("inputs")
     g.add_argument("--fill-nonfinite", action="store_true",
-                   help="images with NaN/infinite pixels (a few scattered ones, or a margin such as an "
-                        "aligned frame's NaN padding): replace them by the frame median (with a warning in the "
-                        "summary) instead of skipping the image; no site is placed in a filled margin")
+                   help="images with scattered NaN/infinite pixels: replace them by the frame median (with a "
+                        "warning in the summary) instead of skipping the image. A margin of them (an aligned "
+                        "frame's NaN padding) is filled without it: no site is placed there")
     g.add_argument("--nonfinite-limit", type=float, default=DEFAULT_MAX_NONFINITE, metavar="FRACTION",
                    help=f"with --fill-nonfinite: skip frames with more than this fraction of scattered "
                         f"non-finite pixels (outside a margin; default {DEFAULT_MAX_NONFINITE:g})")
