@@ -153,3 +153,49 @@ def test_annotations_drawn_into_an_adf_image_never_make_it_dark(name):
         assert column_contrast(inverted(a), nn, mask=no_data(inverted(a)).pixels()).columns != "bright"
     assert column_contrast(bar, nn).columns == "bright"
     assert column_contrast(box, nn, mask=no_data(box).pixels()).columns == "bright"
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.39, 0.54, 1.4])  # chalcogen pair / metal: WS2, MoS2, WSe2, MoSe2
+@pytest.mark.parametrize("blur", [0.0, 1.2])
+def test_the_phase_of_the_reflections_tells_bright_atoms_whatever_the_columns_ratio_and_blur(ratio, blur):
+    """F(g1) F*(g2) F*(g1 - g2) is |F(g)|^2 (f_metal + f_chalcogen): positive for bright atoms at any
+    ratio of the two columns, negative inverted, and a blur multiplies it by a positive transfer.
+    The skewness cannot say so: at 5 px spacing and the WSe2 ratio a 1.2 px blur turns it round."""
+    from scipy import ndimage
+
+    from stemfast.contrast import CONTRAST_COHERENCE, phase_invariant
+    from stemfast.sites import _bragg_ring
+    from stemfast.synthetic import chalcogen_pair_intensity
+
+    s = make_mos2(shape=(256, 256), seed=2, pixel_size_A=0.36, dose=2000.0,
+                  chalcogen_scale=ratio / chalcogen_pair_intensity())
+    img = ndimage.gaussian_filter(np.asarray(s.image, np.float64), blur) if blur else np.asarray(s.image, np.float64)
+    g = _bragg_ring(img.astype(np.float32), SiteSettings(), None)[0].g
+    cos, coherence = phase_invariant(img, g)
+    cos_inv, _ = phase_invariant(inverted(img), g)
+    assert cos > 0.5 and coherence > 0.9 and cos_inv == pytest.approx(-cos, abs=1e-6), (cos, coherence)
+    assert coherence >= CONTRAST_COHERENCE
+    c, ci = column_contrast(img, s.nn_px, g=g), column_contrast(inverted(img), s.nn_px, g=g)
+    assert (c.columns, c.by, ci.columns, ci.by) == ("bright", "phase", "dark", "phase")
+
+
+@pytest.mark.parametrize("detector", ["haadf", "maadf"])
+def test_a_blurred_real_wse2_crop_is_read_with_bright_columns_and_its_inverse_with_dark_ones(detector):
+    """The real WSe2 crops (5 px spacing) blurred by 1.2 px: the skewness turns negative (HAADF -0.16
+    on the whole scan) and the image was inverted as bright field -- defect AP 0.14 instead of 0.76.
+    The phase of the reflections says bright (+0.88 / +0.66 on the scan), its inverse dark."""
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(np.load(DATA / f"wse2_ti2_{detector}_crop.npy").astype(np.float64), 1.2)
+    t, caught = _sites(img, material="wse2")
+    c = t.meta["lattice"]["contrast"]
+    assert c["by"] == "phase" and c["columns"] == "bright" and not c["inverted"] and not caught
+    assert c["phase_cos"] > 0.5 and c["coherence"] > 0.9
+    if detector == "haadf":
+        assert c["skew"] < -CONTRAST_SKEW  # the skewness alone would have inverted it
+    t_inv, caught = _sites(inverted(img), material="wse2")
+    ci = t_inv.meta["lattice"]["contrast"]
+    assert ci["columns"] == "dark" and ci["inverted"] and ci["by"] == "phase" and len(caught) == 1
+    assert "phase of the lattice's reflections" in ci["warning"]
+    d, j = cKDTree(t_inv.xy).query(t.xy)
+    assert len(t) == len(t_inv) and (d < 0.05).all() and (t_inv["sublattice"][j] == t["sublattice"]).all()

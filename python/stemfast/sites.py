@@ -637,7 +637,7 @@ def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoD
     if ring is None:
         ring, vac = _bragg_ring(img, s, no_data)
     img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing,
-                              _unread(no_data, vac))
+                              _unread(no_data, vac), ring.g)
     return img, ring, contrast, vac
 
 
@@ -653,32 +653,47 @@ def _unread(no_data: NoData | None, vacuum: np.ndarray | None) -> np.ndarray | N
     return gap if vacuum is None else (vacuum if gap is None else vacuum | gap)
 
 
-def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, unread: np.ndarray | None):
+def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, unread: np.ndarray | None, g=None):
     """``(image, contrast)``: ``img`` with bright columns -- inverted where they are dark
     (``s.contrast``, :mod:`stemfast.contrast`) -- and ``lattice.contrast`` of the summary: ``columns``
-    (bright / dark / unclear), the ``skew`` it rests on (None where ``s.contrast`` says it), whether
-    the image was ``inverted``, the ``setting``, and a ``warning`` where it was inverted or could not
-    be told. ``unread``: bool, the pixels left out (no data, dark vacuum; None: none)."""
+    (bright / dark / unclear), the ``skew`` and the phase invariant (``phase_cos``, ``coherence``;
+    with the metal lattice's first ring ``g``) it rests on (None where ``s.contrast`` says it or there
+    is no ring), which of them decided (``by``), whether the image was ``inverted``, the ``setting``,
+    and a ``warning`` where it was inverted or could not be told. ``unread``: bool, the pixels left out
+    (no data, dark vacuum; None: none)."""
     if s.contrast != "auto":
         dark = s.contrast == "dark"
         return (inverted(img) if dark else img), {"columns": s.contrast, "skew": None, "inverted": dark,
                                                   "setting": s.contrast}
-    c = column_contrast(img, spacing, mask=unread)
-    info = {"columns": c.columns, "skew": round(c.skew, 3) if np.isfinite(c.skew) else None,
-            "inverted": c.columns == "dark", "setting": "auto"}
+    c = column_contrast(img, spacing, mask=unread, g=g)
+    info = {"columns": c.columns, "skew": _rounded(c.skew), "phase_cos": _rounded(c.phase_cos),
+            "coherence": _rounded(c.coherence), "by": c.by, "inverted": c.columns == "dark", "setting": "auto"}
     if c.columns == "dark":
-        info["warning"] = (f"the columns are dark on a bright background (bright-field / ABF contrast: skewness "
-                           f"{c.skew:.2f} at the lattice scale): the image was inverted so that they are bright. The "
+        info["warning"] = (f"the columns are dark on a bright background (bright-field / ABF contrast: "
+                           f"{_evidence(c)}): the image was inverted so that they are bright. The "
                            "sublattice names assume HAADF-like contrast (the heaviest column the brightest); in ABF the "
                            "chalcogen pair is often the darker column (the analysis warns when the dark sites say the "
                            "names are swapped: then set sites.chalcogen_brighter = true). Set sites.contrast to say "
                            "which contrast the image has")
         return inverted(img), info
     if c.columns == "unclear":
-        info["warning"] = (f"the image does not tell whether its columns are bright or dark (skewness {c.skew:.2f} at the "
-                           "lattice scale): it was read with bright columns (ADF / HAADF); set sites.contrast=\"dark\" "
+        info["warning"] = (f"the image does not tell whether its columns are bright or dark ({_evidence(c)}): it was "
+                           "read with bright columns (ADF / HAADF); set sites.contrast=\"dark\" "
                            "for a bright-field or ABF image")
     return img, info
+
+
+def _rounded(v: float) -> float | None:
+    return round(float(v), 3) if np.isfinite(v) else None
+
+
+def _evidence(c) -> str:
+    """What the contrast call of :func:`stemfast.contrast.column_contrast` rests on, for its warning."""
+    skew = f"skewness {c.skew:.2f} at the lattice scale"
+    if not np.isfinite(c.phase_cos):
+        return skew
+    return (f"phase of the lattice's reflections {c.phase_cos:+.2f} (cosine; coherence {c.coherence:.2f}), "
+            f"{skew}")
 
 
 class _NoLattice(Exception):
@@ -1141,7 +1156,11 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     # another detector: its own contrast, whatever the first image's setting said
     # the same field as the sites' image: its dark vacuum left out where the sites' ring was read beside one
     vac = dark_vacuum(img, _no_data_pixels(no_data)) if "vacuum_share" in sites.meta.get("lattice", {}) else None
-    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn, _unread(no_data, vac))
+    try:  # its own first ring for the phase test (the same lattice, read off this detector's image)
+        g = _bragg_ring(img, s, no_data)[0].g
+    except _NoLattice:
+        g = None
+    img, contrast = _oriented(img, dataclasses.replace(s, contrast="auto"), nn, _unread(no_data, vac), g)
     if "warning" in contrast:
         contrast["warning"] = "companion image: " + contrast["warning"]
         warnings.warn(contrast["warning"], ContrastWarning, stacklevel=2)

@@ -169,8 +169,9 @@ def spike_meta(n: int, size: int, threshold: float) -> dict:
 
     Examples
     --------
-    >>> spike_meta(3, 512 * 512, 1.5)["note"]
-    '3 single-pixel spikes (hot or dead pixels, X-ray or electronic spikes) were replaced by the median of their neighbours'
+    >>> m = spike_meta(3, 512 * 512, 1.5)
+    >>> m["n"], m["share"], "warning" in m
+    (3, 1.1e-05, False)
     """
     share = n / max(size, 1)
     out = {"n": int(n), "share": round(share, 6), "threshold": float(threshold),
