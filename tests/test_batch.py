@@ -487,12 +487,17 @@ def test_drift_to_a_frame_scanned_half_is_measured_on_what_both_frames_hold(tmp_
     assert abs(phase_drift(a, b, st.shape[1:])[1] - 0.2) > 10  # without the gaps: the failure described
     with pytest.raises(ValueError, match="gaps must have the frames' shape"):
         phase_drift(a, b, st.shape[1:], gaps=(ga[:5], gb))
+    s = _series_summary(tmp_path, st, tiny)
+    np.testing.assert_allclose(s["drift_px"]["dy"], [0.2] * 3, atol=0.05)
+
+
+def _series_summary(tmp_path, stack: np.ndarray, config) -> dict:
+    """``summary.json`` of ``batch`` on a folder holding ``stack`` as ``series.npy``."""
     data = tmp_path / "data"
     data.mkdir()
-    np.save(data / "series.npy", st)
-    run_batch(data, tmp_path / "out", config=tiny, show_progress=False)
-    s = json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
-    np.testing.assert_allclose(s["drift_px"]["dy"], [0.2] * 3, atol=0.05)
+    np.save(data / "series.npy", stack)
+    run_batch(data, tmp_path / "out", config=config, show_progress=False)
+    return json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
 
 
 def test_drift_is_measured_past_hot_pixels_that_stay_in_place(tmp_path, tiny):
@@ -506,11 +511,7 @@ def test_drift_is_measured_past_hot_pixels_that_stay_in_place(tmp_path, tiny):
                    hot_pixels=200).image.astype(np.float32)
     dx, _ = phase_drift(block_average(st[0]), block_average(st[1]), st.shape[1:])
     assert dx < 0.5  # the failure described
-    data = tmp_path / "data"
-    data.mkdir()
-    np.save(data / "series.npy", st)
-    run_batch(data, tmp_path / "out", config=tiny, show_progress=False)
-    s = json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
+    s = _series_summary(tmp_path, st, tiny)
     np.testing.assert_allclose(s["drift_px"]["dx"], [1.3] * 2, atol=0.05)
     np.testing.assert_allclose(s["drift_px"]["dy"], [-0.7] * 2, atol=0.05)
     assert s["lattice"]["spikes"]["n"] == 200
