@@ -15,16 +15,17 @@ from real_data import DATA, labelled_ap, read_labels
 
 
 def _brute_force(a: np.ndarray, t: float) -> np.ndarray:
-    """The definition pixel by pixel: more than t above every one of the eight neighbours, or below
-    every one (the neighbours outside the image: their mirror images about the edge pixel)."""
+    """The definition pixel by pixel: more than t above all of the eight neighbours but the largest,
+    or below all but the smallest (the neighbours outside the image: their mirror images about the
+    edge pixel)."""
     H, W = a.shape
     out = np.zeros(a.shape, bool)
     for y in range(H):
         for x in range(W):
-            nb = [a[abs(y + dy) if y + dy < H else 2 * (H - 1) - (y + dy),
-                    abs(x + dx) if x + dx < W else 2 * (W - 1) - (x + dx)]
-                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-            out[y, x] = a[y, x] - max(nb) > t or min(nb) - a[y, x] > t
+            nb = sorted(a[abs(y + dy) if y + dy < H else 2 * (H - 1) - (y + dy),
+                          abs(x + dx) if x + dx < W else 2 * (W - 1) - (x + dx)]
+                        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+            out[y, x] = a[y, x] - nb[-2] > t or nb[1] - a[y, x] > t
     return out
 
 
@@ -58,10 +59,12 @@ def test_find_spikes_is_the_definition_pixel_by_pixel(seed):
     a[rng.integers(0, 23, 6), rng.integers(0, 31, 6)] += rng.choice([-1, 1], 6) * rng.uniform(3, 9, 6)
     a[0, 0] += 12.0  # a corner
     a[5, 6] += 20.0
-    a[5, 7] += 20.0  # two next to each other: each has the other as a neighbour
+    a[5, 7] += 20.0  # two side by side: each is found
+    a[15, 20:23] -= 20.0  # three in a row: the middle one has two of them as neighbours
     for t in (2.5, 4.0, spike_threshold(a)):
         np.testing.assert_array_equal(find_spikes(a, t), _brute_force(a, t))
-    assert find_spikes(a, 2.5)[0, 0] and not find_spikes(a, 2.5)[5, 6]
+    m = find_spikes(a, 2.5)
+    assert m[0, 0] and m[5, 6] and m[5, 7] and m[15, 20] and m[15, 22] and not m[15, 21]
 
 
 @pytest.mark.parametrize("kind", ["mos2 high dose", "mos2 low dose", "mos2 5 px", "sharp 5 px lattice", "flat"])
