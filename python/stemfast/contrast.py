@@ -120,8 +120,6 @@ def column_contrast(image, spacing: float, *, mask=None, g=None) -> Contrast:
 
 
 def _column_contrast(img: np.ndarray, spacing: float, mask, g: np.ndarray | None = None) -> Contrast:
-    from .bandpass import bandpass
-
     H, W = img.shape
     if mask is None:
         y0, x0 = max(0, (H - CONTRAST_CROP) // 2), max(0, (W - CONTRAST_CROP) // 2)

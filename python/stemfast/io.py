@@ -726,7 +726,9 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
     if bad == n:
         raise ReadError(path, "all values are NaN or infinite")
     frames = data if data.ndim == 3 else data[None]
-    margin = sum(int(regions_of(~np.isfinite(fr)).sum()) for fr in frames)
+    # per frame, how many of its non-finite pixels form regions without data (the regions lie within them)
+    margins = [int(regions_of(~np.isfinite(fr)).sum()) for fr in frames]
+    margin = sum(margins)
     if not allow_nonfinite and margin < bad:  # scattered ones: filling them invents pixels, the user says so
         why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
                "is placed once they are filled" if margin else "")
@@ -742,7 +744,7 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
             continue
         # the limit is on scattered pixels: a region without data (a NaN margin) filled with one
         # value stays one (stemfast.nodata), and no site is placed there
-        frac = float(np.count_nonzero(m & ~regions_of(m))) / float(m.size)
+        frac = float(np.count_nonzero(m) - margins[i]) / float(m.size)
         if frac > max_nonfinite_fraction:
             where = f"frame {i}: " if data.ndim == 3 else ""
             raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "

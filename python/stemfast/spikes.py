@@ -46,14 +46,13 @@ __all__ = ["SPIKE_NOISE_Z", "SPIKE_QUANTILE", "SPIKE_WARN_SHARE", "SpikeWarning"
 SPIKE_NOISE_Z = 4.0
 #: the structural range is the image's ``1 - q`` quantile minus its ``q`` quantile
 SPIKE_QUANTILE = 5e-3
-#: share of the pixels replaced above which the summary warns: spikes next to each other and spikes
-#: on bright columns, which are not found, are then likely among them too
+#: share of the pixels replaced above which the summary warns: clumps of three or more spikes and
+#: spikes on bright columns, which are not found, are then likely among them too
 SPIKE_WARN_SHARE = 1e-3
 #: the quantiles are read on a regular subsample of at most about this many pixels
 _QUANTILE_PIXELS = 1 << 20
 #: the noise is read on the differences along whole rows, at most about this many
 _NOISE_PIXELS = 1 << 18
-
 
 
 class SpikeWarning(UserWarning):
@@ -85,7 +84,11 @@ def spike_threshold(image: np.ndarray) -> float:
     >>> spike_threshold(np.zeros((8, 8)))
     inf
     """
-    a = _as_float(image)
+    return _threshold(_as_float(image))
+
+
+def _threshold(a: np.ndarray) -> float:
+    """:func:`spike_threshold` of a finite 2-D float array (checked by the caller)."""
     if min(a.shape) < 3:
         return float("inf")
     step = max(1, int(np.sqrt(a.size / _QUANTILE_PIXELS)))
@@ -126,7 +129,7 @@ def find_spikes(image: np.ndarray, threshold: float | None = None) -> np.ndarray
     smallest of their eight neighbours (at the border, the neighbours' mirror images inside the
     image): a spike alone or beside one other."""
     a = _as_float(image)
-    t = spike_threshold(a) if threshold is None else float(threshold)
+    t = _threshold(a) if threshold is None else float(threshold)
     mask = np.zeros(a.shape, bool)
     if np.isfinite(t) and min(a.shape) >= 3:
         mask[_spikes(a, t)] = True
@@ -139,7 +142,7 @@ def despiked(image: np.ndarray, threshold: float | None = None) -> tuple[np.ndar
     copy, in the image's float dtype, else float64; ``image`` itself when there are none), how many
     there were, and the threshold used (:func:`spike_threshold` unless given)."""
     a = _as_float(image)
-    t = spike_threshold(a) if threshold is None else float(threshold)
+    t = _threshold(a) if threshold is None else float(threshold)
     if not np.isfinite(t) or min(a.shape) < 3:
         return image, 0, t
     ys, xs = _spikes(a, t)
@@ -179,7 +182,7 @@ def spike_meta(n: int, size: int, threshold: float) -> dict:
                    "were replaced by the median of their neighbours"}
     if share >= SPIKE_WARN_SHARE:
         out["warning"] = (f"{n} single-pixel spikes ({share:.2%} of the pixels: hot or dead pixels, X-ray or "
-                          "electronic spikes) were replaced by the median of their neighbours; at this many, spikes "
-                          "next to each other or on bright columns, which are not found, are likely left: check the "
-                          "first defect candidates against the image")
+                          "electronic spikes) were replaced by the median of their neighbours; at this many, clumps of "
+                          "three or more spikes and spikes on bright columns, which are not found, are likely left: "
+                          "check the first defect candidates against the image")
     return out
