@@ -157,6 +157,45 @@ def test_rgb_converted_to_grey_with_warning(tmp_path):
     np.testing.assert_allclose(mg2.data, expect, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, mode", [("grey.png", "L"), ("grey16.png", "I;16"), ("colour.png", "RGB"),
+                                        ("palette.png", "P"), ("alpha.png", "LA"), ("grey.bmp", "L"),
+                                        ("grey.jpg", "L")])
+def test_exported_pictures_are_read_with_a_warning_that_they_are_no_data(tmp_path, name, mode):
+    """A PNG, BMP or JPEG named as a file is read (grey levels as they are, colour and palettes made
+    grey), with a warning that it holds display grey levels without calibration -- and for JPEG, that
+    its lossy compression changes intensities -- which the batch's summary carries as a note."""
+    from PIL import Image
+
+    from stemfast.batch.inputs import describe_input
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    im = {"L": lambda: Image.fromarray(grey), "I;16": lambda: Image.fromarray(grey.astype(np.uint16) * 257),
+          "RGB": lambda: Image.fromarray(np.dstack([grey] * 3)), "P": lambda: Image.fromarray(grey).convert("P"),
+          "LA": lambda: Image.fromarray(np.dstack([grey, np.full_like(grey, 200)]), mode="LA")}[mode]()
+    im.save(tmp_path / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    with pytest.warns(ReadWarning, match="exported") as rec:
+        mg = read(tmp_path / name)
+    assert mg.data.shape == (40, 48) and mg.data.dtype == np.float32 and mg.pixel_size is None
+    lossy = name.endswith(".jpg")
+    assert any("lossy" in str(w.message) for w in rec) == lossy
+    if not lossy:  # the grey levels as stored (a palette's through its colours: the same greys)
+        np.testing.assert_allclose(mg.data, grey.astype(np.float32) * (257 if mode == "I;16" else 1), atol=0.51)
+    else:
+        assert np.abs(mg.data - grey).mean() < 20
+    notes = describe_input(mg)["notes"]
+    assert "exported" in notes[0] and ("lossy" in notes[0]) == lossy
+    assert find_micrographs(tmp_path) == []
+
+
+def test_a_one_bit_picture_is_refused(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).random((32, 32)) > 0.5).save(tmp_path / "bw.png")
+    with pytest.raises(ReadError, match="1-bit"):
+        read(tmp_path / "bw.png")
+
+
 @pytest.mark.parametrize("n, dtype", [(3, np.float32), (4, np.uint16)])
 def test_planar_samples_of_a_short_series_are_frames_not_colour(tmp_path, n, dtype):
     """tifffile stores a [3, H, W] / [4, H, W] array as planar RGB(A) unless told otherwise: a short
@@ -412,8 +451,10 @@ def test_read_error_type_and_message(tmp_path):
 def test_error_directory_unsupported_and_empty_file(tmp_path):
     (tmp_path / "d.tif").mkdir()
     assert "directory" in str(_err(tmp_path / "d.tif"))
-    (tmp_path / "x.png").write_bytes(b"\x89PNG")
-    assert "unsupported" in str(_err(tmp_path / "x.png"))
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    assert "unsupported" in str(_err(tmp_path / "x.gif"))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")  # a picture is read when named: this one is cut short
+    assert "corrupt PNG" in str(_err(tmp_path / "x.png"))
     (tmp_path / "zero.tif").write_bytes(b"")
     assert "empty" in str(_err(tmp_path / "zero.tif"))
 
@@ -520,6 +561,7 @@ def test_find_micrographs(tmp_path, img):
     np.save(tmp_path / ".hidden.npy", img)
     np.save(hidden / "h.npy", img)
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "figure.png").write_bytes(b"x")  # a picture: read when named, never picked from a folder
     (tmp_path / "run.emi").write_bytes(b"x")
     (tmp_path / "run_1.ser").write_bytes(b"x")
     (tmp_path / "lone.emi").write_bytes(b"x")

@@ -167,3 +167,78 @@ def test_the_block_screen_finds_exactly_the_constant_blocks(seed):
             const, first = _constant_blocks(a, b)
             np.testing.assert_array_equal(const, _constant_blocks_reference(a, b))
             np.testing.assert_array_equal(first, a[: (H // b) * b: b, : (W // b) * b: b])
+
+
+def _annotated(img: np.ndarray, x0: int, y0: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with a burnt-in annotation at ``(x0, y0)`` as an exported picture carries one: a 5 x 90 px
+    scale bar and a 12 x 50 px line of "text" (1 px strokes) 8 px above it, at the display's white
+    (the image's new maximum); and the annotation's pixels."""
+    out = img.astype(np.float32).copy()
+    white = np.float32(out.max() * 1.25)
+    drawn = np.zeros(out.shape, bool)
+    drawn[y0 + 20:y0 + 25, x0:x0 + 90] = True
+    glyphs = np.random.default_rng(seed).random((12, 50)) < 0.35
+    drawn[y0:y0 + 12, x0 + 20:x0 + 70] |= glyphs
+    out[drawn] = white
+    return out, drawn
+
+
+@pytest.mark.parametrize("name", ["wse2_ti2_haadf_crop.npy", "mos2_exp-000-2_crop.npy", "wse2_cr9_adf2_crop.npy"])
+def test_a_burnt_in_scale_bar_and_its_text_are_no_data_and_nothing_else(name):
+    """An exported picture's scale bar and text hide the data under them, but are thinner than the
+    constant blocks the no-data test reads: every drawn pixel is found, nothing more than a few pixels
+    from them (the letters' insides and a 1 px rim), and nothing on the recorded crop, on it with its
+    brightest 0.5 % saturated (a detector's clipped column cores; an 8-bit export's auto contrast),
+    or on it rounded to 8 bits. Exported with its brightest 0.5 % saturated at the annotation's white
+    (an 8-bit export's auto contrast), the text cannot be told from the clipped columns: the bar is
+    found, and no column far from it is taken."""
+    from scipy import ndimage
+
+    from real_data import DATA
+    from stemfast.nodata import overlay_pixels
+
+    img = np.load(DATA / name).astype(np.float32)
+    ann, drawn = _annotated(img, 40, 200)
+    m = overlay_pixels(ann)
+    assert m is not None and m[drawn].all()
+    assert not (m & ~ndimage.binary_dilation(drawn, iterations=3)).any()
+    assert m.sum() <= 3 * drawn.sum(), (m.sum(), drawn.sum())
+    clipped = np.minimum(ann, np.quantile(img, 0.995))
+    clipped[drawn] = clipped.max()
+    mc = overlay_pixels(clipped)
+    bar = np.zeros_like(drawn)
+    bar[220:225, 40:130] = True
+    assert mc[bar].all() and not (mc & ~ndimage.binary_dilation(bar, iterations=3)).any()
+    nd = no_data(ann)
+    assert nd.overlay is not None and nd.overlay[0] == m.sum() and (nd.pixels() == m).all()
+    assert nd.overlay[1] == (39, 199, 130, 225)  # the bar and the text, grown by a pixel
+    for plain in (img, np.minimum(img, np.quantile(img, 0.995)),
+                  np.round((img - img.min()) / np.ptp(img) * 255)):
+        assert overlay_pixels(plain) is None and no_data(plain).overlay is None
+
+
+def test_find_sites_places_no_site_on_a_burnt_in_annotation_and_says_so():
+    """On the real WSe2 crop with a burnt-in scale bar and text, no site is judged on the annotation
+    (sites were placed on the white bar, the brightest "columns" of the image), the summary says where
+    it is, the clipping check does not take it for a saturated detector, and the sites away from it
+    are those of the crop as recorded."""
+    from scipy.spatial import cKDTree
+
+    from real_data import DATA
+
+    img = np.load(DATA / "wse2_ti2_haadf_crop.npy").astype(np.float32)
+    ann, drawn = _annotated(img, 40, 200)
+    ref, t = _sites(img), _sites(ann)
+    nn = t.meta["spacing_px"]
+    meta = t.meta["lattice"]["no_data"]
+    assert meta["overlay"]["box"] == [39, 199, 130, 225] and "annotation" in meta["warning"]
+    assert any("annotation" in w for w in lattice_warnings(t.meta["lattice"]))
+    assert "clipping" not in t.meta["lattice"]
+    on = drawn[np.clip(np.rint(t.xy[:, 1]).astype(int), 0, 255), np.clip(np.rint(t.xy[:, 0]).astype(int), 0, 255)]
+    assert not (on & np.asarray(t["observed"], bool)).any()
+    d, _ = cKDTree(np.argwhere(drawn)[:, ::-1]).query(t.xy)
+    far = d > 2 * nn
+    dr, _ = cKDTree(ref.xy).query(t.xy[far])
+    assert (dr < 0.1).mean() >= 0.99, (dr < 0.1).mean()
+    dref, _ = cKDTree(np.argwhere(drawn)[:, ::-1]).query(ref.xy)
+    assert abs(int(far.sum()) - int((dref > 2 * nn).sum())) <= 2

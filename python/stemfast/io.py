@@ -2,7 +2,8 @@
 
 :func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py) and, through the
 optional extra ``stemfast[io]`` (RosettaSciIO, h5py, mrcfile), Gatan ``.dm3`` / ``.dm4``,
-``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi`` and ``.mrc``. Every problem with a file -- it
+``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi`` and ``.mrc``; and, named as files, exported
+pictures (``.png``, ``.jpg``, ``.bmp``: Pillow) with a warning that they are no data. Every problem with a file -- it
 is missing, corrupt, truncated, of an unsupported kind, empty, too small, 1-D, complex or has
 non-finite pixels -- raises one error type, :class:`ReadError`, whose message names the file and
 the reason.
@@ -41,6 +42,7 @@ __all__ = [
     "scan_micrographs",
     "available_memory_bytes",
     "SUPPORTED_EXTENSIONS",
+    "PICTURE_EXTENSIONS",
     "MIN_SIDE",
     "unit_to_nm",
 ]
@@ -52,6 +54,11 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".tif", ".tiff", ".npy", ".npz", ".h5", ".hdf5",
     ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc",
 )
+#: Exported pictures :func:`read` opens when they are named (Pillow), with a :class:`ReadWarning`: display grey
+#: levels (8-bit, a contrast stretch), no calibration, often a burnt-in scale bar
+#: (:func:`stemfast.nodata.overlay_pixels`), and for JPEG lossy compression. A folder search
+#: (:func:`find_micrographs`) never picks them: a folder holds figures and earlier results' overlays too.
+PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 #: Smallest accepted image side in px.
 MIN_SIDE = 16
 
@@ -296,9 +303,9 @@ def _check_file(p: Path, dataset: str | None) -> str:
     if p.is_dir():
         raise ReadError(p, "is a directory, not a file")
     ext = p.suffix.lower()
-    if ext not in SUPPORTED_EXTENSIONS:
+    if ext not in SUPPORTED_EXTENSIONS + PICTURE_EXTENSIONS:
         raise ReadError(p, f"unsupported file type {p.suffix or '(no extension)'!r} "
-                           f"(supported: {', '.join(SUPPORTED_EXTENSIONS)})")
+                           f"(supported: {', '.join(SUPPORTED_EXTENSIONS + PICTURE_EXTENSIONS)})")
     if not os.access(p, os.R_OK):
         raise ReadError(p, "permission denied")
     if p.stat().st_size == 0:
@@ -322,6 +329,8 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
             return _read_hdf5(p, frames, dataset)
         if ext == ".mrc":
             return _read_mrc(p, frames)
+        if ext in PICTURE_EXTENSIONS:
+            return _read_picture(p, frames)
         return _read_rsciio(p, frames)
     except ReadError:
         raise
@@ -1027,6 +1036,38 @@ def _decode_ij_unit(unit: str) -> str:
         except (UnicodeError, ValueError):
             return unit
     return unit
+
+
+#: Pillow modes read as they are (grey levels: 8, 16 or 32 bits); colour and palette modes become RGB,
+#: then grey (:func:`_prepare`)
+_GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _read_picture(path: Path, frames: Any):
+    """An exported picture (:data:`PICTURE_EXTENSIONS`): its first frame, grey or colour (made grey by
+    :func:`_prepare`), with a :class:`ReadWarning` that it holds display grey levels and no calibration
+    (and, for JPEG, lossy compression)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        fmt, mode = im.format or path.suffix[1:].upper(), im.mode
+        if mode == "1":
+            raise ReadError(path, "a 1-bit (black and white) picture holds no intensities")
+        if mode == "LA":
+            im = im.getchannel("L")
+        elif mode not in _GREY_MODES:
+            im = im.convert("RGB")
+        data = np.asarray(im)
+    meta = {"format": fmt.lower(), "picture_mode": mode, "exported_picture": True}
+    msg = (f"{path}: an exported {fmt} picture ({mode}): display grey levels, not the detector's counts, and no pixel "
+           "calibration; read the original data (DM3/DM4, EMD, SER, the instrument's TIFF) where you can")
+    if fmt.upper() in ("JPEG", "MPO") or path.suffix.lower() in (".jpg", ".jpeg"):
+        msg += ("; JPEG's lossy compression (8 x 8 px blocks) changes column intensities and can make or hide "
+                "defects")
+        meta["lossy"] = True
+    warnings.warn(msg, ReadWarning, stacklevel=4)
+    log.info("%s", msg)
+    return _select_frames(path, data, frames), None, None, meta
 
 
 def _read_npy(path: Path, frames: Any):

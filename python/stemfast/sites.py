@@ -31,7 +31,7 @@ from .lattice import (
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
 from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
-from .nodata import NoData, no_data as find_no_data, ring_points
+from .nodata import OVERLAY_RUN, NoData, no_data as find_no_data, ring_points
 from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
@@ -589,7 +589,7 @@ def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clip
     if "warning" in noise:
         warnings.warn(noise["warning"], NoiseCorrelationWarning, stacklevel=4)
     if no_data.any():
-        lattice_meta["no_data"] = _no_data_meta(no_data.share())
+        lattice_meta["no_data"] = _no_data_meta(no_data)
     lattice_meta["contrast"] = contrast
     if "warning" in contrast:
         warnings.warn(contrast["warning"], ContrastWarning, stacklevel=4)
@@ -604,14 +604,26 @@ def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clip
 NO_DATA_WARN_SHARE = 0.01
 
 
-def _no_data_meta(share: float) -> dict:
+def _no_data_meta(no_data: NoData) -> dict:
     """``lattice.no_data`` of ``summary.json``: the share of the image without data
-    (:mod:`stemfast.nodata`), and a warning above :data:`NO_DATA_WARN_SHARE`."""
-    out = {"share": round(share, 4)}
+    (:mod:`stemfast.nodata`), a burnt-in annotation's pixels and box (``overlay``), and a warning above
+    :data:`NO_DATA_WARN_SHARE` or wherever there is an annotation."""
+    share = no_data.share()
+    out: dict = {"share": round(share, 4)}
+    said = []
+    if no_data.overlay is not None:
+        n, (x0, y0, x1, y1) = no_data.overlay
+        out["overlay"] = {"pixels": n, "box": [x0, y0, x1, y1]}
+        said.append(f"a burnt-in annotation (a scale bar or text at the image's maximum value, in lines of "
+                    f"{OVERLAY_RUN} px or more; or a region saturated there) covers {n} px within x {x0}-{x1}, "
+                    f"y {y0}-{y1}: no data there, no sites are placed or judged there (read the original data, "
+                    "not an exported picture, where you can)")
     if share >= NO_DATA_WARN_SHARE:
-        out["warning"] = (f"{share:.1%} of the image holds no data (one constant value: the padding of an aligned, "
-                          "drift-corrected or rotated frame, a mask, or vacuum that recorded no counts): no sites are "
-                          "placed there")
+        said.append(f"{share:.1%} of the image holds no data (one constant value: the padding of an aligned, "
+                    "drift-corrected or rotated frame, a mask, or vacuum that recorded no counts"
+                    + (", or the annotation" if no_data.overlay is not None else "") + "): no sites are placed there")
+    if said:
+        out["warning"] = "; ".join(said)
     return out
 
 

@@ -217,7 +217,7 @@ def inputs_key(entries: Sequence[InputEntry]) -> str:
 
 def describe_input(mg) -> dict:
     """What the reader tells about an opened input: shape, frames, calibration, dose, notes (rescaled
-    values, replaced non-finite pixels, colour converted to grey, planar TIFF samples read as frames,
+    values, replaced non-finite pixels, an exported picture, colour converted to grey, planar TIFF samples read as frames,
     which of several TIFF series was read)."""
     shape = None
     with contextlib.suppress(Exception):
@@ -240,6 +240,12 @@ def describe_input(mg) -> dict:
             else "--fill-nonfinite"
         notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "
                      "sites there are not measured")
+    if meta.get("exported_picture"):
+        notes.append(f"an exported {str(meta.get('format', 'picture')).upper()} picture: display grey levels, not the "
+                     "detector's counts, and no pixel calibration"
+                     + ("; JPEG's lossy compression changes column intensities and can make or hide defects"
+                        if meta.get("lossy") else "")
+                     + "; read the original data where you can")
     if meta.get("converted_from_rgb"):
         notes.append("an RGB(A) image, converted to grey (0.299 R + 0.587 G + 0.114 B): the intensities are the grey "
                      "levels of a colour image, not the detector's")
