@@ -524,6 +524,41 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     assert "warning:" in err and "3 NaN" in err
 
 
+def test_an_exported_picture_with_a_scale_bar_named_on_the_command_line(env, tmp_path, capsys):
+    """A figure exported as an 8-bit PNG (the contrast stretched, 0.5 % clipped at each end) with a burnt-in
+    scale bar and its text: named as a file it is analysed, the summary says it is a picture and where the
+    annotation is, and no site is judged on the bar (the text, at the white the stretch clipped the brightest
+    columns at, cannot be told from them: not taken); a folder search does not pick it up (a folder holds
+    figures and earlier results' overlays too)."""
+    from PIL import Image
+
+    img = _image(1, shape=(200, 200))
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    u8 = np.clip((img - lo) / (hi - lo) * 255, 0, 255).round().astype(np.uint8)
+    u8[140:145, 20:120] = 255  # 4 sites were judged on it
+    u8[124:134, 40:90] |= (np.random.default_rng(2).random((10, 50)) < 0.35).astype(np.uint8) * 255
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(u8).save(data / "figure.png")
+    out = tmp_path / "out"
+    assert run_batch_cli([str(data / "figure.png"), "-o", str(out), "--config", str(env["toml"]),
+                          "--model", str(env["a"])]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "exported PNG picture" in err
+    s = json.loads((out / "figure" / "summary.json").read_text())
+    assert any("exported PNG picture" in w for w in s["warnings"])
+    assert any("burnt-in annotation" in w for w in s["warnings"])
+    x0, y0, x1, y1 = s["lattice"]["no_data"]["overlay"]["box"]
+    # the bar; its text is not told from the columns the stretch clipped at the same white (only the runs)
+    assert x0 <= 20 and x1 >= 119 and 138 <= y0 <= 140 and y1 >= 144
+    rows = list(csv.DictReader((out / "figure" / "sites.csv").open()))
+    on_bar = [r for r in rows if 139.5 <= float(r["y"]) <= 145.5 and 19.5 <= float(r["x"]) <= 120.5]
+    assert not any(r["observed"] == "1" for r in on_bar)
+    assert run_batch_cli([str(data), "-o", str(tmp_path / "out2"), "--config", str(env["toml"]),
+                          "--model", str(env["a"])]) != EXIT_OK  # no micrograph in the folder
+    assert "no micrograph" in capsys.readouterr().err.lower()
+
+
 def test_an_input_skipped_for_its_settings_is_retried_with_other_settings(env, tmp_path):
     """A spacing that does not fit skips the input; that skip is not remembered for other settings."""
     out = tmp_path / "out"
