@@ -222,6 +222,7 @@ def describe_input(mg) -> dict:
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
+    from .. import io
     from ..tracking import dose_from_metadata
 
     info = {"shape": shape, "n_frames": count_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
@@ -247,8 +248,10 @@ def describe_input(mg) -> dict:
                         if meta.get("lossy") else "")
                      + "; read the original data where you can")
     if meta.get("converted_from_rgb"):
-        notes.append("an RGB(A) image, converted to grey (0.299 R + 0.587 G + 0.114 B): the intensities are the grey "
-                     "levels of a colour image, not the detector's")
+        how = meta["converted_from_rgb"]
+        notes.append("an RGB(A) image, " + (io.colour_note(how) if isinstance(how, dict) else "converted to grey")
+                     + ("" if isinstance(how, dict) and how.get("kind") == "grey" else
+                        ": the intensities are not the detector's"))
     if meta.get("planar_samples_as_frames"):
         notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
                      "layout for a [frames, H, W] array), not as one colour image")
