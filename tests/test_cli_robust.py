@@ -556,7 +556,8 @@ def test_an_exported_picture_with_a_scale_bar_named_on_the_command_line(env, tmp
     assert not any(r["observed"] == "1" for r in on_bar)
     assert run_batch_cli([str(data), "-o", str(tmp_path / "out2"), "--config", str(env["toml"]),
                           "--model", str(env["a"])]) != EXIT_OK  # no micrograph in the folder
-    assert "no micrograph" in capsys.readouterr().err.lower()
+    err = capsys.readouterr().err
+    assert "no micrographs found" in err and "1 exported picture(s), e.g. figure.png" in err
 
 
 def test_an_input_skipped_for_its_settings_is_retried_with_other_settings(env, tmp_path):

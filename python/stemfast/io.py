@@ -39,6 +39,7 @@ __all__ = [
     "read",
     "write_tiff",
     "find_micrographs",
+    "find_pictures",
     "scan_micrographs",
     "available_memory_bytes",
     "SUPPORTED_EXTENSIONS",
@@ -427,6 +428,23 @@ def find_micrographs(directory: str | os.PathLike, *, recursive: bool = True) ->
     for p, reason in problems:
         log.warning("%s: %s", p, reason)
     return files
+
+
+def find_pictures(directory: str | os.PathLike) -> list[Path]:
+    """The exported pictures (:data:`PICTURE_EXTENSIONS`) in a folder and its sub-folders, hidden ones
+    skipped, sorted -- which :func:`find_micrographs` leaves out (they are read when named).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> open(os.path.join(d, "fig.PNG"), "wb").close()
+    >>> [p.name for p in find_pictures(d)]
+    ['fig.PNG']
+    """
+    root = Path(directory)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in PICTURE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def _scandir(path):

@@ -142,7 +142,7 @@ def _run_batch_from_args(args) -> int:
                        read_options=read_options, train=getattr(args, "train", False),
                        finetune=getattr(args, "finetune", 0) or 0, **companions)
     if not report.results:
-        print(f"error: no micrographs found in {' '.join(args.inputs)}", file=sys.stderr)
+        print(f"error: no micrographs found in {' '.join(args.inputs)}{_pictures_hint(args.inputs)}", file=sys.stderr)
         return EXIT_ERROR
     print_report(report)
     return report.exit_code
@@ -155,3 +155,15 @@ def run_batch_cli(argv: Sequence[str] | None = None) -> int:
     args = build_batch_parser().parse_args(list(argv) if argv is not None else None)
     setup_logging(args.verbose)
     return run_batch_from_args(args)
+
+
+def _pictures_hint(inputs) -> str:
+    """``" (it holds N exported pictures ...)"`` when folders among ``inputs`` hold pictures, which a folder
+    search does not pick (:func:`stemfast.io.find_pictures`); else ``""``."""
+    from ..io import find_pictures
+
+    pics = [p for d in map(Path, inputs) if d.is_dir() for p in find_pictures(d)]
+    if not pics:
+        return ""
+    return (f" (it holds {len(pics)} exported picture(s), e.g. {pics[0].name}: pictures are read only when named "
+            f"as files, e.g. stemfast batch {pics[0].parent}/*{pics[0].suffix})")
