@@ -527,8 +527,8 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
 def test_an_exported_picture_with_a_scale_bar_named_on_the_command_line(env, tmp_path, capsys):
     """A figure exported as an 8-bit PNG (the contrast stretched, 0.5 % clipped at each end) with a burnt-in
     scale bar and its text: named as a file it is analysed, the summary says it is a picture and where the
-    annotation is, and no site is judged on the bar (the text, at the white the stretch clipped the brightest
-    columns at, cannot be told from them: not taken); a folder search does not pick it up (a folder holds
+    annotation is (its text too, told by size from the columns the stretch clipped at the same white), and
+    no site is judged on the bar; a folder search does not pick it up (a folder holds
     figures and earlier results' overlays too)."""
     from PIL import Image
 
@@ -549,8 +549,8 @@ def test_an_exported_picture_with_a_scale_bar_named_on_the_command_line(env, tmp
     assert any("exported PNG picture" in w for w in s["warnings"])
     assert any("burnt-in annotation" in w for w in s["warnings"])
     x0, y0, x1, y1 = s["lattice"]["no_data"]["overlay"]["box"]
-    # the bar; its text is not told from the columns the stretch clipped at the same white (only the runs)
-    assert x0 <= 20 and x1 >= 119 and 138 <= y0 <= 140 and y1 >= 144
+    # the bar and its text, whose strokes are larger than the columns the stretch clipped at the same white
+    assert x0 <= 20 and x1 >= 119 and 120 <= y0 <= 125 and y1 >= 144
     rows = list(csv.DictReader((out / "figure" / "sites.csv").open()))
     on_bar = [r for r in rows if 139.5 <= float(r["y"]) <= 145.5 and 19.5 <= float(r["x"]) <= 120.5]
     assert not any(r["observed"] == "1" for r in on_bar)

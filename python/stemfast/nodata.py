@@ -18,8 +18,8 @@ display's white -- hides the data under it too, but is thinner than a block. :fu
 finds it: pixels at the image's maximum (within :data:`OVERLAY_TOL` of its range) in straight runs of at least :data:`OVERLAY_RUN` px
 along a row or a column (a bar, a box's edge, a line of text underlined or not, as long as one
 stroke or bar is that long), with the other maximum-valued pixels within :data:`OVERLAY_REACH` px of
-them (the text; unless the image's brightest columns are clipped at the same value: then the runs
-alone), closed and filled (the inside of the letters). A detector's saturated column cores
+them (the text; where the image's brightest columns are clipped at the same value, the parts near them
+larger than any elsewhere), closed and filled (the inside of the letters). A detector's saturated column cores
 are round and no longer than a column is wide; a scan line read at one value is filled from its
 neighbours before this test (:func:`stemfast.scanlines.dead_runs`).
 
@@ -63,7 +63,7 @@ OVERLAY_TOL = 0.06
 _OVERLAY_SAMPLE = 1 << 18
 #: maximum-valued pixels within this many px (chessboard) of an annotation's long runs belong to it (its
 #: text), where the image holds no more than :data:`_OVERLAY_CLEAR_SHARE` of its pixels at the maximum
-#: beyond them (else its brightest columns are clipped there too, and only the runs are taken)
+#: beyond them (else its brightest columns are clipped there too: :func:`_larger_than_the_rest`)
 OVERLAY_REACH = 40
 _OVERLAY_CLEAR_SHARE = 1e-4
 #: the annotation's mask is closed with a square of this side (px) and grown by :data:`_OVERLAY_GROW`
@@ -140,7 +140,8 @@ def overlay_pixels(image) -> np.ndarray | None:
     :data:`OVERLAY_TOL` of its range: a JPEG's blocks blur the white), and, where the image holds no
     other such pixel beyond :data:`OVERLAY_REACH` px of those runs, the ones within that reach (the
     text), closed, filled and grown by a pixel; None where there is none. In an image whose brightest
-    columns reach the same value the text cannot be told from them: only the runs are taken.
+    columns reach the same value (an export's auto contrast clips them), the text's parts near the runs
+    that are larger than every such part elsewhere (:func:`_larger_than_the_rest`).
 
     Examples
     --------
@@ -175,16 +176,34 @@ def overlay_pixels(image) -> np.ndarray | None:
     if not seed.any():
         return None
     near = ndimage.maximum_filter(seed.view(np.uint8), size=2 * OVERLAY_REACH + 1).astype(bool)
-    group = seed
+    group = None
     for top_set in (at, a == top):  # near the maximum; else at it exactly (a scan's brightest columns are near)
         if np.count_nonzero(top_set & ~near) <= _OVERLAY_CLEAR_SHARE * a.size:
             group = seed | (top_set & near)
             break
+    if group is None:  # the brightest columns reach the maximum too: the text's strokes are larger than them
+        group = seed | _larger_than_the_rest(at, near)
     out = np.zeros(a.shape, bool)
     for sl in ndimage.find_objects(ndimage.label(ndimage.binary_dilation(group, iterations=_OVERLAY_CLOSE))[0]):
         g = ndimage.binary_closing(np.pad(group[sl], _OVERLAY_CLOSE), structure=np.ones((_OVERLAY_CLOSE,) * 2, bool))
         out[sl] |= ndimage.binary_fill_holes(g)[_OVERLAY_CLOSE:-_OVERLAY_CLOSE, _OVERLAY_CLOSE:-_OVERLAY_CLOSE]
     return ndimage.binary_dilation(out, iterations=_OVERLAY_GROW)
+
+
+def _larger_than_the_rest(at: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """Bool, ``at``'s shape: the connected parts (8-connected) of ``at`` within ``near`` that are larger
+    than every part of ``at`` that lies wholly outside it -- the strokes of an annotation's text among a
+    clipped image's saturated column cores, which are no larger near the annotation than elsewhere."""
+    lab, n = ndimage.label(at, structure=np.ones((3, 3), bool))
+    size = np.bincount(lab.ravel(), minlength=n + 1)
+    inside = np.zeros(n + 1, bool)
+    inside[lab[near & at]] = True
+    inside[0] = False
+    rest = np.flatnonzero(~inside)[1:] if n else np.zeros(0, int)
+    if not len(rest):
+        return near & at
+    keep = inside & (size > size[rest].max())
+    return keep[lab]
 
 
 def _long_runs(line: np.ndarray) -> np.ndarray:
