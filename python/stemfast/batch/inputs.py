@@ -249,9 +249,10 @@ def describe_input(mg) -> dict:
                      + "; read the original data where you can")
     if meta.get("converted_from_rgb"):
         how = meta["converted_from_rgb"]
-        notes.append("an RGB(A) image, " + (io.colour_note(how) if isinstance(how, dict) else "converted to grey")
-                     + ("" if isinstance(how, dict) and how.get("kind") == "grey" else
-                        ": the intensities are not the detector's"))
+        note = "an RGB(A) image, " + (io.colour_note(how) if isinstance(how, dict) else "converted to grey")
+        if (how.get("kind") if isinstance(how, dict) else None) in (None, "luminance"):
+            note += ": the intensities are not the detector's"
+        notes.append(note)
     if meta.get("planar_samples_as_frames"):
         notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
                      "layout for a [frames, H, W] array), not as one colour image")
