@@ -51,6 +51,19 @@ def test_a_false_colour_picture_is_read_back_through_its_map(name):
         assert how_r["map"] == name and (back == grey[:, ::-1]).all()
 
 
+@pytest.mark.parametrize("scale, dtype", [(65535, np.uint16), (4095, np.uint16), (1.0, np.float32)])
+def test_a_false_colour_image_of_more_bits_is_read_on_its_own_full_scale(scale, dtype):
+    """16-bit colour, 12-bit colour in a 16-bit file (its full colour at 4095, not 65535: read against
+    65535 every colour was dark and a dark map fitted) and float colour in [0, 1]."""
+    u = np.tile(np.linspace(0, 1, 256), (4, 1))
+    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    rgb = (lut[np.round(u * 255).astype(int)] * scale).round().astype(dtype) if dtype != np.float32 else \
+        lut[np.round(u * 255).astype(int)].astype(np.float32)
+    grey, how = grey_from_colour(rgb)
+    assert how["kind"] == "false colour" and how["map"] == "viridis"
+    np.testing.assert_allclose(grey / scale, u, atol=1.0 / 255)
+
+
 def test_the_real_wse2_crop_in_jet_ranks_its_defects_as_in_grey():
     """The labelled WSe2 HAADF crop exported through jet: read by luminance (the way colour was read
     before) its defect ranking was near chance -- jet's luminance rises and falls twice over the range;

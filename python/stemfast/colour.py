@@ -65,7 +65,8 @@ _FIRE = np.array([
 
 def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
     """``(grey, how)``: the one value a pixel of the colour image ``rgb`` [..., 3 or 4] (alpha dropped)
-    holds, float32 in ``rgb``'s units (module docs), and how it was read: ``how["kind"]`` is ``"grey"``,
+    holds, float32 in ``rgb``'s units (module docs; full colour: :func:`_full_scale`), and how it was
+    read: ``how["kind"]`` is ``"grey"``,
     ``"grey with colour marks"`` (``marks``: how many pixels, set to the white), ``"false colour"``
     (``map``, and ``fit``: the 99th percentile colour distance as a share of the range; the value is the
     position on the map times the range; ``marks``: pixels far off the map, set to its top) or ``"luminance"`` (no map fits)."""
@@ -73,7 +74,7 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
     if a.ndim < 3 or a.shape[-1] not in (3, 4):
         raise ValueError(f"rgb must be [..., 3] or [..., 4], got shape {a.shape}")
     c = np.asarray(a[..., :3], np.float32)
-    full = float(np.iinfo(a.dtype).max) if a.dtype.kind in "iu" else max(float(np.nanmax(c)), 1e-30)
+    full = _full_scale(a, c)
     spread = np.ptp(c, axis=-1)
     marks = spread > _GREY_TOL * full
     n_marks = int(np.count_nonzero(marks))
@@ -96,6 +97,16 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
         return (value * np.float32(full)).reshape(c.shape[:-1]), how
     grey = c[..., 0] * np.float32(0.299) + c[..., 1] * np.float32(0.587) + c[..., 2] * np.float32(0.114)
     return grey, {"kind": "luminance", "closest_map": name, "fit": round(float(fit), 4)}
+
+
+def _full_scale(a: np.ndarray, c: np.ndarray) -> float:
+    """The value of full colour in ``a``: for integers the top of the bits its largest value needs (255 for
+    8-bit, 4095 for 12-bit data in a 16-bit file); for floats 1 or 255 when the values stay within (the
+    two conventions of float colour), else the largest value."""
+    top = float(np.nanmax(c)) if c.size else 0.0
+    if a.dtype.kind in "iu":
+        return float((1 << max(1, int(top).bit_length())) - 1)
+    return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
 
 
 def _map_colours(name: str) -> np.ndarray:
