@@ -62,6 +62,12 @@ def test_a_false_colour_image_of_more_bits_is_read_on_its_own_full_scale(scale, 
     grey, how = grey_from_colour(rgb)
     assert how["kind"] == "false colour" and how["map"] == "viridis"
     np.testing.assert_allclose(grey / scale, u, atol=1.0 / 255)
+    if dtype == np.uint16 and scale == 65535:  # a dark picture of 8-bit colour: still read on 255
+        dark = _mapped(0.3 * u, "inferno")
+        assert dark.max() < 128
+        grey, how = grey_from_colour(dark)
+        assert how["map"] == "inferno"
+        np.testing.assert_allclose(grey / 255, np.round(0.3 * u * 255) / 255, atol=1.0 / 255)
 
 
 def test_the_real_wse2_crop_in_jet_ranks_its_defects_as_in_grey():

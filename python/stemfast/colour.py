@@ -100,12 +100,12 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
 
 
 def _full_scale(a: np.ndarray, c: np.ndarray) -> float:
-    """The value of full colour in ``a``: for integers the top of the bits its largest value needs (255 for
-    8-bit, 4095 for 12-bit data in a 16-bit file); for floats 1 or 255 when the values stay within (the
+    """The value of full colour in ``a``: for integers the top of the bits its largest value needs, at least
+    8 (255 for 8-bit colour however dark the picture, 4095 for 12-bit data in a 16-bit file); for floats 1 or 255 when the values stay within (the
     two conventions of float colour), else the largest value."""
     top = float(np.nanmax(c)) if c.size else 0.0
     if a.dtype.kind in "iu":
-        return float((1 << max(1, int(top).bit_length())) - 1)
+        return float(max(255, (1 << int(top).bit_length()) - 1))
     return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
 
 
