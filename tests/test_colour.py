@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from real_data import DATA, labelled_ap, read_labels
-from stemfast.colour import COLOUR_MAPS, _map_colours, grey_from_colour
-from stemfast.io import colour_note
+from stemfast.colour import COLOUR_MAPS, _map_colours, colour_note, grey_from_colour
 
 
 def _mapped(u: np.ndarray, name: str) -> np.ndarray:

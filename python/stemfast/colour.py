@@ -33,9 +33,11 @@ Examples
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-__all__ = ["grey_from_colour", "COLOUR_MAPS", "MAP_FIT", "MARK_SHARE"]
+__all__ = ["grey_from_colour", "colour_note", "COLOUR_MAPS", "MAP_FIT", "MARK_SHARE"]
 
 #: the colour maps a false-colour picture is read back through: matplotlib's (by name) and ImageJ's Fire
 COLOUR_MAPS = ("gray", "fire", "viridis", "inferno", "magma", "plasma", "cividis", "jet", "turbo", "hot", "afmhot",
@@ -97,6 +99,25 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
         return (value * np.float32(full)).reshape(c.shape[:-1]), how
     grey = c[..., 0] * np.float32(0.299) + c[..., 1] * np.float32(0.587) + c[..., 2] * np.float32(0.114)
     return grey, {"kind": "luminance", "closest_map": name, "fit": round(float(fit), 4)}
+
+
+def colour_note(how: Mapping) -> str:
+    """What reading a colour image as grey did (``how`` of :func:`stemfast.colour.grey_from_colour`), in
+    words."""
+    kind = how.get("kind") if isinstance(how, Mapping) else None
+    if kind == "grey":
+        return "its channels equal (grey saved as colour): read as grey"
+    if kind == "grey with colour marks":
+        return (f"grey with {how.get('marks')} coloured pixels (marks or an annotation drawn in colour): those set to "
+                "the picture's white, where a scale bar and its text are found as a burnt-in annotation")
+    if kind == "false colour":
+        return (f"false colour (the colour map {how.get('map')}): each pixel read back as its position on the map, "
+                "256 levels of the exported range, not the detector's counts")
+    fit = how.get("fit") if isinstance(how, Mapping) else None
+    return ("converted to grey by luminance (0.299 R + 0.587 G + 0.114 B)"
+            + (f": no known colour map fits its colours (the closest, {how.get('closest_map')}, is off by "
+               f"{fit:.0%} of the range), and a colour map's luminance need not follow the intensity (a rainbow "
+               "map's rises and falls): export the image in grey" if fit is not None else ""))
 
 
 def _full_scale(a: np.ndarray, c: np.ndarray) -> float:

@@ -616,7 +616,7 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         raise ReadError(path, f"empty array (shape {tuple(data.shape)})")
     rgb = bool(meta.pop("_rgb", False)) or _is_rgb_shape(data.shape)
     if rgb:
-        from .colour import grey_from_colour
+        from .colour import colour_note, grey_from_colour
 
         data, how = grey_from_colour(data)
         msg = f"{path}: RGB(A) image, {colour_note(how)}"
@@ -704,25 +704,6 @@ def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
     log.info("%s", msg)
     meta["rescaled"] = {"offset": lo, "scale": rng, "note": "data = (source - offset) / scale"}
     return out
-
-
-def colour_note(how: Mapping) -> str:
-    """What reading a colour image as grey did (``how`` of :func:`stemfast.colour.grey_from_colour`), in
-    words."""
-    kind = how.get("kind") if isinstance(how, Mapping) else None
-    if kind == "grey":
-        return "its channels equal (grey saved as colour): read as grey"
-    if kind == "grey with colour marks":
-        return (f"grey with {how.get('marks')} coloured pixels (marks or an annotation drawn in colour): those set to "
-                "the picture's white, where a scale bar and its text are found as a burnt-in annotation")
-    if kind == "false colour":
-        return (f"false colour (the colour map {how.get('map')}): each pixel read back as its position on the map, "
-                "256 levels of the exported range, not the detector's counts")
-    fit = how.get("fit") if isinstance(how, Mapping) else None
-    return ("converted to grey by luminance (0.299 R + 0.587 G + 0.114 B)"
-            + (f": no known colour map fits its colours (the closest, {how.get('closest_map')}, is off by "
-               f"{fit:.0%} of the range), and a colour map's luminance need not follow the intensity (a rainbow "
-               "map's rises and falls): export the image in grey" if fit is not None else ""))
 
 
 def _note_series(path: Path, series_list, pick: int, meta: dict) -> None:

@@ -222,7 +222,7 @@ def describe_input(mg) -> dict:
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
-    from .. import io
+    from ..colour import colour_note
     from ..tracking import dose_from_metadata
 
     info = {"shape": shape, "n_frames": count_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
@@ -249,7 +249,7 @@ def describe_input(mg) -> dict:
                      + "; read the original data where you can")
     if meta.get("converted_from_rgb"):
         how = meta["converted_from_rgb"]
-        note = "an RGB(A) image, " + (io.colour_note(how) if isinstance(how, dict) else "converted to grey")
+        note = "an RGB(A) image, " + (colour_note(how) if isinstance(how, dict) else "converted to grey")
         if (how.get("kind") if isinstance(how, dict) else None) in (None, "luminance"):
             note += ": the intensities are not the detector's"
         notes.append(note)
