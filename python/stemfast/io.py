@@ -60,6 +60,8 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
 #: (:func:`stemfast.nodata.overlay_pixels`), and for JPEG lossy compression. A folder search
 #: (:func:`find_micrographs`) never picks them: a folder holds figures and earlier results' overlays too.
 PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+# every extension read() opens
+_READABLE = SUPPORTED_EXTENSIONS + PICTURE_EXTENSIONS
 #: Smallest accepted image side in px.
 MIN_SIDE = 16
 
@@ -304,9 +306,9 @@ def _check_file(p: Path, dataset: str | None) -> str:
     if p.is_dir():
         raise ReadError(p, "is a directory, not a file")
     ext = p.suffix.lower()
-    if ext not in SUPPORTED_EXTENSIONS + PICTURE_EXTENSIONS:
+    if ext not in _READABLE:
         raise ReadError(p, f"unsupported file type {p.suffix or '(no extension)'!r} "
-                           f"(supported: {', '.join(SUPPORTED_EXTENSIONS + PICTURE_EXTENSIONS)})")
+                           f"(supported: {', '.join(_READABLE)})")
     if not os.access(p, os.R_OK):
         raise ReadError(p, "permission denied")
     if p.stat().st_size == 0:
@@ -432,7 +434,8 @@ def find_micrographs(directory: str | os.PathLike, *, recursive: bool = True) ->
 
 def find_pictures(directory: str | os.PathLike) -> list[Path]:
     """The exported pictures (:data:`PICTURE_EXTENSIONS`) in a folder and its sub-folders, hidden ones
-    skipped, sorted -- which :func:`find_micrographs` leaves out (they are read when named).
+    skipped, sorted (the walk of :func:`scan_micrographs`) -- which :func:`find_micrographs` leaves out
+    (they are read when named).
 
     Examples
     --------
@@ -442,9 +445,7 @@ def find_pictures(directory: str | os.PathLike) -> list[Path]:
     >>> [p.name for p in find_pictures(d)]
     ['fig.PNG']
     """
-    root = Path(directory)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in PICTURE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return scan_micrographs(directory, extensions=PICTURE_EXTENSIONS)[0]
 
 
 def _scandir(path):
@@ -452,8 +453,8 @@ def _scandir(path):
     return os.scandir(path)
 
 
-def scan_micrographs(directory: str | os.PathLike, *,
-                     recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+def scan_micrographs(directory: str | os.PathLike, *, recursive: bool = True,
+                     extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Micrograph files of a folder and the entries that could not be looked at.
 
     Like :func:`find_micrographs`, plus a list of ``(path, reason)`` for what would otherwise
@@ -503,7 +504,7 @@ def scan_micrographs(directory: str | os.PathLike, *,
                 problems.append((p, f"cannot examine ({exc})"))
                 continue
             name = ent.name.lower()
-            if p.suffix.lower() not in SUPPORTED_EXTENSIONS or name.endswith(".truth.npz"):
+            if p.suffix.lower() not in extensions or name.endswith(".truth.npz"):
                 continue
             try:
                 ok = ent.is_file(follow_symlinks=True)
@@ -1057,6 +1058,17 @@ def _decode_ij_unit(unit: str) -> str:
 _GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
 
 
+def picture_note(meta: Mapping) -> str:
+    """What an exported picture (the ``meta`` :func:`read` gives it: ``format``, ``picture_mode``,
+    ``lossy``) is not, in words -- the warning on reading it and the note in its summary."""
+    fmt = str(meta.get("format", "picture")).upper()
+    mode = f" ({meta['picture_mode']})" if meta.get("picture_mode") else ""
+    return (f"an exported {fmt} picture{mode}: display grey levels, not the detector's counts, and no pixel "
+            "calibration; read the original data (DM3/DM4, EMD, SER, the instrument's TIFF) where you can"
+            + ("; JPEG's lossy compression (8 x 8 px blocks) changes column intensities and can make or hide "
+               "defects" if meta.get("lossy") else ""))
+
+
 def _read_picture(path: Path, frames: Any):
     """An exported picture (:data:`PICTURE_EXTENSIONS`): its first frame, grey or colour (made grey by
     :func:`_prepare`), with a :class:`ReadWarning` that it holds display grey levels and no calibration
@@ -1073,12 +1085,9 @@ def _read_picture(path: Path, frames: Any):
             im = im.convert("RGB")
         data = np.asarray(im)
     meta = {"format": fmt.lower(), "picture_mode": mode, "exported_picture": True}
-    msg = (f"{path}: an exported {fmt} picture ({mode}): display grey levels, not the detector's counts, and no pixel "
-           "calibration; read the original data (DM3/DM4, EMD, SER, the instrument's TIFF) where you can")
     if fmt.upper() in ("JPEG", "MPO") or path.suffix.lower() in (".jpg", ".jpeg"):
-        msg += ("; JPEG's lossy compression (8 x 8 px blocks) changes column intensities and can make or hide "
-                "defects")
         meta["lossy"] = True
+    msg = f"{path}: {picture_note(meta)}"
     warnings.warn(msg, ReadWarning, stacklevel=4)
     log.info("%s", msg)
     return _select_frames(path, data, frames), None, None, meta

@@ -223,6 +223,7 @@ def describe_input(mg) -> dict:
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
     from ..colour import colour_note
+    from ..io import picture_note
     from ..tracking import dose_from_metadata
 
     info = {"shape": shape, "n_frames": count_frames(mg), "is_stack": bool(getattr(mg, "is_stack", False)),
@@ -242,11 +243,7 @@ def describe_input(mg) -> dict:
         notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "
                      "sites there are not measured")
     if meta.get("exported_picture"):
-        notes.append(f"an exported {str(meta.get('format', 'picture')).upper()} picture: display grey levels, not the "
-                     "detector's counts, and no pixel calibration"
-                     + ("; JPEG's lossy compression changes column intensities and can make or hide defects"
-                        if meta.get("lossy") else "")
-                     + "; read the original data where you can")
+        notes.append(picture_note(meta))
     if meta.get("converted_from_rgb"):
         how = meta["converted_from_rgb"]
         note = "an RGB(A) image, " + (colour_note(how) if isinstance(how, dict) else "converted to grey")
