@@ -21,7 +21,8 @@ stroke or bar is that long), with the other maximum-valued pixels within :data:`
 them (the text; where the image's brightest columns are clipped at the same value, the parts near them
 larger than any elsewhere), closed and filled (the inside of the letters). A detector's saturated column cores
 are round and no longer than a column is wide; a scan line read at one value is filled from its
-neighbours before this test (:func:`stemfast.scanlines.dead_runs`).
+neighbours before this test (:func:`stemfast.scanlines.dead_runs`), unless it is at the maximum and this
+test finds it (a scale bar of one to three lines).
 
 Examples
 --------

@@ -31,7 +31,7 @@ from .lattice import (
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
 from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
-from .nodata import OVERLAY_RUN, NoData, no_data as find_no_data, ring_points
+from .nodata import OVERLAY_RUN, NoData, no_data as find_no_data, overlay_pixels, ring_points
 from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
@@ -806,8 +806,27 @@ def _filled_dead_runs(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.
 
     if not s.scan_lines:
         return img, np.zeros((0, 3), np.int64)
-    runs = dead_runs(img, DEAD_MIN_PX)
+    runs = _off_annotations(img, dead_runs(img, DEAD_MIN_PX))
     return (filled_dead_runs(img, runs) if len(runs) else img), runs
+
+
+def _off_annotations(img: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """``runs`` [K, 3] (``row, x0, x1``) without those on a burnt-in annotation: a thin scale bar (one to
+    :data:`~stemfast.scanlines.DEAD_MAX_LINES` lines of one value, the image's maximum) reads like a
+    dropout, but it and its text are the annotation test's (:func:`stemfast.nodata.overlay_pixels`),
+    left in place for it to find, not filled from the lines around them."""
+    if not len(runs):
+        return runs
+    with np.errstate(invalid="ignore"):
+        top = np.nanmax(img)
+    at_top = img[runs[:, 0], runs[:, 1]] == top
+    if not at_top.any():
+        return runs
+    over = overlay_pixels(img)
+    if over is None:
+        return runs
+    on = np.array([over[y, x0:x1].mean() > 0.5 for y, x0, x1 in runs])
+    return runs[~(at_top & on)]
 
 
 def _repaired(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.ndarray, dict | None]:
