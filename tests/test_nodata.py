@@ -169,12 +169,13 @@ def test_the_block_screen_finds_exactly_the_constant_blocks(seed):
             np.testing.assert_array_equal(first, a[: (H // b) * b: b, : (W // b) * b: b])
 
 
-def _annotated(img: np.ndarray, x0: int, y0: int, seed: int = 7, bar: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def _annotated(img: np.ndarray, x0: int, y0: int, seed: int = 7, bar: int = 5,
+               black: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``img`` with a burnt-in annotation at ``(x0, y0)`` as an exported picture carries one: a ``bar``
     x 90 px scale bar and a 12 x 50 px line of "text" (1 px strokes) 8 px above it, at the display's
-    white (the image's new maximum); and the annotation's pixels."""
+    white (the image's new maximum; with ``black``, its new minimum); and the annotation's pixels."""
     out = img.astype(np.float32).copy()
-    white = np.float32(out.max() * 1.25)
+    white = np.float32(out.min() - 0.25 * np.ptp(out) if black else out.max() * 1.25)
     drawn = np.zeros(out.shape, bool)
     drawn[y0 + 20:y0 + 20 + bar, x0:x0 + 90] = True
     glyphs = np.random.default_rng(seed).random((12, 50)) < 0.35
@@ -266,3 +267,61 @@ def test_a_thin_scale_bar_is_an_annotation_not_a_dropout(bar):
     lost = img.copy()
     lost[220:220 + bar, 40:130] = img.min()
     assert len(_sites(lost).meta["lattice"]["scan_lines"]["dead"]) == bar
+
+
+@pytest.mark.parametrize("name", ["wse2_ti2_haadf_crop.npy", "mos2_exp-000-2_crop.npy"])
+def test_a_black_scale_bar_and_its_text_are_no_data(name):
+    """A scale bar and text drawn in black (the image's minimum) are found as the white ones are, on
+    the recorded crop and rounded to 8 bits with its darkest 0.5 % clipped at the bar's black (an
+    export's auto contrast: a dark part of the image that touches a stroke may go with it); find_sites
+    places no observed site on them (before: every one of the
+    WSe2 crop's sites there observed, dark, ranked as vacancies)."""
+    from scipy import ndimage
+
+    from real_data import DATA
+    from stemfast.nodata import overlay_pixels
+
+    img = np.load(DATA / name).astype(np.float32)
+    ann, drawn = _annotated(img, 40, 200, black=True)
+    grown = ndimage.binary_dilation(drawn, iterations=3)
+    m = overlay_pixels(ann)
+    assert m is not None and m[drawn].all() and not (m & ~grown).any()
+    lo, hi = np.quantile(img, [0.005, 0.995])
+    e8 = np.round(np.clip((ann - lo) / (hi - lo), 0, 1) * 255)
+    m8 = overlay_pixels(e8)
+    bar = np.zeros_like(drawn)
+    bar[220:225, 40:130] = True
+    # (a clipped dark part of the image that touches a stroke goes with it: at most a tenth as much)
+    assert m8 is not None and m8[bar].all() and m8[drawn].mean() >= 0.9
+    assert (m8 & ~grown).sum() <= 0.1 * drawn.sum(), ((m8 & ~grown).sum(), drawn.sum())
+    t = _sites(ann)
+    on = drawn[np.clip(np.rint(t.xy[:, 1]).astype(int), 0, 255), np.clip(np.rint(t.xy[:, 0]).astype(int), 0, 255)]
+    assert not (on & np.asarray(t["observed"], bool)).any()
+    assert t.meta["lattice"]["no_data"]["overlay"]["box"] == [39, 199, 130, 225]
+
+
+@pytest.mark.parametrize("name", ["wse2_ti2_haadf_crop.npy", "mos2_exp-000-2_crop.npy", "wse2_cr9_adf2_crop.npy"])
+def test_dark_vacuum_dark_lines_and_saturated_streaks_are_no_annotation(name):
+    """What lies at the ends of an ADF image's range besides an annotation: vacuum beyond a slanted
+    flake edge (noisy, darker than the film), a dark band of two lines across the film (a scan
+    artefact) and a full bright line (a streak), each as recorded and in an 8-bit export with 0.5 %
+    clipped at both ends, where the streak and the vacuum saturate into long runs: none is an
+    annotation."""
+    from real_data import DATA
+    from stemfast.nodata import overlay_pixels
+
+    img = np.load(DATA / name).astype(np.float32)
+    H, W = img.shape
+    yy, xx = np.mgrid[:H, :W]
+    rng = np.random.default_rng(0)
+    vac = img.copy()
+    edge = xx + 0.3 * yy < 0.4 * W
+    vac[edge] = np.percentile(img, 1) * 0.8 + rng.normal(0, 0.05 * img.std(), edge.sum())
+    band = img.copy()
+    band[100:102] = img.min() - 0.1 * np.ptp(img)
+    streak = img.copy()
+    streak[150] = img.max() + 0.5 * np.ptp(img)
+    for a in (vac, band, streak):
+        lo, hi = np.quantile(a, [0.005, 0.995])
+        for version in (a, np.round(np.clip((a - lo) / (hi - lo), 0, 1) * 255)):
+            assert overlay_pixels(version) is None

@@ -22,7 +22,11 @@ them (the text; where the image's brightest columns are clipped at the same valu
 larger than any elsewhere), closed and filled (the inside of the letters). A detector's saturated column cores
 are round and no longer than a column is wide; a scan line read at one value is filled from its
 neighbours before this test (:func:`stemfast.scanlines.dead_runs`), unless it is at the maximum and this
-test finds it (a scale bar of one to three lines).
+test finds it (a scale bar of one to three lines); a line at the maximum over half its length, unlike
+the lines beside it, is a streak of the scan (saturated by an 8-bit export), not an annotation. An
+annotation drawn in black is found the same way at the image's minimum, where an ADF image also holds
+vacuum, holes, padding and dark scan lines: there only from a bar -- a filled rectangle at least 2 px
+thick, off the image's edges, with the image around it well above its value (:func:`_bars`).
 
 Examples
 --------
@@ -70,6 +74,16 @@ _OVERLAY_CLEAR_SHARE = 1e-4
 #: the annotation's mask is closed with a square of this side (px) and grown by :data:`_OVERLAY_GROW`
 _OVERLAY_CLOSE = 5
 _OVERLAY_GROW = 1
+#: a dark annotation (at the image's minimum, where an ADF image also holds vacuum, holes and padding)
+#: counts only from a bar: long runs filling at least this share of their bounding box ...
+_BAR_FILL = 0.9
+#: ... no thicker than this share of the image's longer side, or this many px if more, off the edges ...
+_BAR_MAX_SIDE_SHARE = 1 / 64
+_BAR_MAX_MIN = 16
+#: ... with the pixels around it this share of the range (1st to 99th percentile) above its value
+_BAR_CONTRAST = 0.25
+#: a line at one end of the range over this share of its length, unlike its neighbours: a streak
+_STREAK_SHARE = 0.5
 
 
 class NoData(NamedTuple):
@@ -142,7 +156,8 @@ def overlay_pixels(image) -> np.ndarray | None:
     other such pixel beyond :data:`OVERLAY_REACH` px of those runs, the ones within that reach (the
     text), closed, filled and grown by a pixel; None where there is none. In an image whose brightest
     columns reach the same value (an export's auto contrast clips them), the text's parts near the runs
-    that are larger than every such part elsewhere (:func:`_larger_than_the_rest`).
+    that are larger than every such part elsewhere (:func:`_larger_than_the_rest`). The same at the
+    image's minimum from a dark bar (:func:`_bars`).
 
     Examples
     --------
@@ -159,14 +174,29 @@ def overlay_pixels(image) -> np.ndarray | None:
     if a.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {a.shape}")
     with np.errstate(invalid="ignore"):
-        top = np.nanmax(a) if a.size else np.nan
+        top, bottom = (np.nanmax(a), np.nanmin(a)) if a.size else (np.nan, np.nan)
     if not np.isfinite(top):
         return None
     step = max(1, int(np.sqrt(a.size / _OVERLAY_SAMPLE)))
-    floor = np.nanpercentile(a[::step, ::step], 1)
-    at = a >= top - OVERLAY_TOL * (top - floor)
-    rows = np.flatnonzero(np.count_nonzero(at, axis=1) >= OVERLAY_RUN)
-    cols = np.flatnonzero(np.count_nonzero(at, axis=0) >= OVERLAY_RUN)
+    floor, ceil = np.nanpercentile(a[::step, ::step], [1, 99])
+    # (thresholds as Python floats: compared in the image's own type, not a float64 copy of it)
+    bright = _drawn_at(a, a >= float(top - OVERLAY_TOL * (top - floor)), top, None)
+    dark = _drawn_at(a, a <= float(bottom + OVERLAY_TOL * (ceil - bottom)), bottom, (bottom, ceil))
+    if bright is None or dark is None:
+        return bright if dark is None else dark
+    return bright | dark
+
+
+def _drawn_at(a: np.ndarray, at: np.ndarray, value: float, bars: tuple[float, float] | None) -> np.ndarray | None:
+    """Bool, ``a``'s shape: an annotation drawn at ``value`` (the image's maximum or minimum; ``at``: the
+    pixels within :data:`OVERLAY_TOL` of it) -- :func:`overlay_pixels` on one side of the range; None
+    where there is none. A line that ``at`` covers for :data:`_STREAK_SHARE` of its length, unlike the
+    lines beside it, is a streak of the scan (saturated in an 8-bit export), not an annotation. With
+    ``bars`` (the range's ends, ``value`` one of them) the long runs count only where they make a bar
+    (:func:`_bars`)."""
+    n_row, n_col = (at.view(np.uint8).sum(axis=k, dtype=np.int32) for k in (1, 0))
+    rows = np.flatnonzero((n_row >= OVERLAY_RUN) & ~_streaks(n_row, a.shape[1]))
+    cols = np.flatnonzero((n_col >= OVERLAY_RUN) & ~_streaks(n_col, a.shape[0]))
     if not len(rows) and not len(cols):
         return None
     seed = np.zeros(a.shape, bool)
@@ -174,21 +204,57 @@ def overlay_pixels(image) -> np.ndarray | None:
         seed[r] |= _long_runs(at[r])
     for c in cols:
         seed[:, c] |= _long_runs(at[:, c])
+    if bars is not None and seed.any():
+        seed = _bars(a, seed, bars)
     if not seed.any():
         return None
     near = ndimage.maximum_filter(seed.view(np.uint8), size=2 * OVERLAY_REACH + 1).astype(bool)
     group = None
-    for top_set in (at, a == top):  # near the maximum; else at it exactly (a scan's brightest columns are near)
+    for top_set in (at, a == value):  # near the value; else at it exactly (a scan's brightest columns are near)
         if np.count_nonzero(top_set & ~near) <= _OVERLAY_CLEAR_SHARE * a.size:
             group = seed | (top_set & near)
             break
-    if group is None:  # the brightest columns reach the maximum too: the text's strokes are larger than them
+    if group is None:  # the brightest columns reach the value too: the text's strokes are larger than them
         group = seed | _larger_than_the_rest(at, near)
     out = np.zeros(a.shape, bool)
     for sl in ndimage.find_objects(ndimage.label(ndimage.binary_dilation(group, iterations=_OVERLAY_CLOSE))[0]):
         g = ndimage.binary_closing(np.pad(group[sl], _OVERLAY_CLOSE), structure=np.ones((_OVERLAY_CLOSE,) * 2, bool))
         out[sl] |= ndimage.binary_fill_holes(g)[_OVERLAY_CLOSE:-_OVERLAY_CLOSE, _OVERLAY_CLOSE:-_OVERLAY_CLOSE]
     return ndimage.binary_dilation(out, iterations=_OVERLAY_GROW)
+
+
+def _streaks(counts: np.ndarray, length: int) -> np.ndarray:
+    """Bool, ``counts``' shape: the lines (``counts`` [n]: pixels at one end of the range in each) covered
+    for at least :data:`_STREAK_SHARE` of their ``length`` while neither line beside them is."""
+    full = counts >= _STREAK_SHARE * length
+    beside = np.zeros_like(full)
+    beside[1:] |= full[:-1]
+    beside[:-1] |= full[1:]
+    return full & ~beside
+
+
+def _bars(a: np.ndarray, seed: np.ndarray, ends: tuple[float, float]) -> np.ndarray:
+    """``seed`` (bool: pixels in long runs at one end of ``a``'s range, ``ends`` = (low, high)) reduced to
+    its bars: the connected parts at least 2 px and at most :data:`_BAR_MAX_SIDE_SHARE` of the image's
+    longer side thick (at least :data:`_BAR_MAX_MIN` px), filling :data:`_BAR_FILL` of their bounding
+    box, off the image's edges, and drawn over the image: the pixels 2 px around the box lie at least
+    :data:`_BAR_CONTRAST` of the range from it (median). A dark scale bar -- not a dark scan line, dark
+    vacuum beyond a flake's edge, a frame's padding or a dark stripe of the film, whose surroundings
+    fade into it."""
+    lab, n = ndimage.label(seed, structure=np.ones((3, 3), bool))
+    H, W = seed.shape
+    low, high = ends
+    thick = max(_BAR_MAX_MIN, int(_BAR_MAX_SIDE_SHARE * max(H, W)))
+    keep = np.zeros(n + 1, bool)
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        (y0, y1), (x0, x1) = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
+        if not (2 <= min(y1 - y0, x1 - x0) <= thick and y0 >= 2 and x0 >= 2 and y1 <= H - 2 and x1 <= W - 2
+                and np.count_nonzero(lab[sl] == i) >= _BAR_FILL * (y1 - y0) * (x1 - x0)):
+            continue
+        ring = np.r_[a[y0 - 2, x0:x1], a[y1 + 1, x0:x1] if y1 + 1 < H else [], a[y0:y1, x0 - 2],
+                     a[y0:y1, x1 + 1] if x1 + 1 < W else []]
+        keep[i] = np.nanmedian(ring) >= low + _BAR_CONTRAST * (high - low)
+    return keep[lab]
 
 
 def _larger_than_the_rest(at: np.ndarray, near: np.ndarray) -> np.ndarray:

@@ -615,7 +615,7 @@ def _no_data_meta(no_data: NoData) -> dict:
         n, (x0, y0, x1, y1) = no_data.overlay
         out["overlay"] = {"pixels": n, "box": [x0, y0, x1, y1]}
         said.append(f"a burnt-in annotation (a scale bar or text at the image's maximum value, in lines of "
-                    f"{OVERLAY_RUN} px or more; or a region saturated there) covers {n} px within x {x0}-{x1}, "
+                    f"{OVERLAY_RUN} px or more, or a bar and text at its minimum; or a region saturated there) covers {n} px within x {x0}-{x1}, "
                     f"y {y0}-{y1}: no data there, no sites are placed or judged there (read the original data, "
                     "not an exported picture, where you can)")
     if share >= NO_DATA_WARN_SHARE:
