@@ -1,7 +1,8 @@
-"""A second detector of the same scan from the command line: ``analyze --companion FILE`` and
-``batch --companion-name MAIN=COMPANION`` (stemfast.batch.companions), through the one batch code
-path: pairing, refusals, the fingerprint (a changed or added companion redoes the input), the
-outputs that name it, the Dask runner. Small synthetic images and the shipped model."""
+"""A second detector of the same scan from the command line: ``analyze --companion FILE``,
+``batch --companion-name MAIN=COMPANION`` and the automatic pairing of files named for two detectors
+(stemfast.batch.companions), through the one batch code path: pairing, refusals, the fingerprint (a
+changed or added companion redoes the input), the outputs that name it, the Dask runner. Small
+synthetic images and the shipped model."""
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def test_analyze_with_a_companion_uses_both_and_says_so(pair, tmp_path):
     load_config(out / "stemfast.toml")  # the [companions] table is metadata, not a setting
 
     alone = tmp_path / "one"
-    assert main(["analyze", str(a), "-o", str(alone)]) == EXIT_OK
+    assert main(["analyze", str(a), "--no-companion", "-o", str(alone)]) == EXIT_OK
     s1 = _summary(alone, "scan_ADF1")
     assert s1["detectors"] == 1 and s1["companion"] is None and s1["config_hash"] == s["config_hash"]
     assert "companion" not in (alone / "report.html").read_text().split("<h2 id=")[-1]
@@ -200,3 +201,90 @@ def test_a_model_trained_on_the_batch_scores_with_the_companion(pair, tmp_path):
     assert rep.model_trained and rep.by_name("scan_ADF1").status == "done"
     assert _summary(tmp_path / "out", "scan_ADF1")["detectors"] == 2
     assert "companion_intensity" in pd.read_csv(tmp_path / "out" / "scan_ADF1" / "sites.csv")
+
+
+def test_analyze_finds_the_other_detector_beside_it(pair, tmp_path):
+    """Without --companion, the file beside the input whose name differs in the detector's name alone
+    is its companion (scan_ADF1 -> scan_ADF2), with the same scores as naming it; --no-companion: alone."""
+    a, b = pair
+    given, auto = tmp_path / "given", tmp_path / "auto"
+    assert main(["analyze", str(a), "--companion", str(b), "-o", str(given)]) == EXIT_OK
+    assert main(["analyze", str(a), "-o", str(auto)]) == EXIT_OK
+    s = _summary(auto, "scan_ADF1")
+    assert s["detectors"] == 2 and s["companion"] == str(b) and s["companion_found"] == "automatic"
+    assert _summary(given, "scan_ADF1")["companion_found"] == "given"
+    assert (auto / "scan_ADF1" / "sites.csv").read_bytes() == (given / "scan_ADF1" / "sites.csv").read_bytes()
+    assert "found beside the input" in (auto / "report.html").read_text()
+    assert main(["analyze", str(a), "-o", str(auto)]) == EXIT_OK  # a rerun: current, not redone
+    assert _summary(auto, "scan_ADF1") == s
+
+
+def test_batch_pairs_files_named_for_two_detectors_where_they_are_of_one_scan(tmp_path, capsys):
+    """Both files of a pair are inputs, each with the other as its companion. A file named for another
+    detector but of another scan (its columns 6 px off), of another shape, or beside a stack is not
+    used: the input is analysed alone and says why. A rerun redoes nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    img = _scan(30)
+    np.save(data / "p_HAADF.npy", img[0])
+    np.save(data / "p_maadf.npy", img[1])
+    np.save(data / "q_HAADF.npy", img[0])
+    np.save(data / "q_MAADF.npy", np.roll(img[1], 6, axis=1))
+    np.save(data / "r_HAADF.npy", img[0])
+    np.save(data / "r_MAADF.npy", img[1][:, :128])
+    np.save(data / "s_ADF1.npy", _scan(31, n_frames=3))
+    np.save(data / "s_ADF2.npy", img[1])
+    out = tmp_path / "out"
+    assert main(["batch", str(data), "-o", str(out)]) == EXIT_OK
+    rep = json.loads((out / "batch_summary.json").read_text())
+    assert sorted(r["name"] for r in rep["inputs"] if r["status"] == "done") == sorted(
+        f.stem for f in data.iterdir())
+    for name, other in (("p_HAADF", "p_maadf.npy"), ("p_maadf", "p_HAADF.npy")):
+        s = _summary(out, name)
+        assert s["detectors"] == 2 and Path(s["companion"]).name == other and s["companion_found"] == "automatic"
+    for name, why in (("q_HAADF", "match best 6 px apart"), ("q_MAADF", "match best 6 px apart"),
+                      ("r_HAADF", "shape 160 x 128"), ("r_MAADF", "shape 160 x 160"),
+                      ("s_ADF1", "input is a stack of 3 frames"), ("s_ADF2", "is a stack of 3 frames")):
+        s = _summary(out, name)
+        assert s["detectors"] == 1 and s["companion"] is None, name
+        assert any(why in n and "analysed with this image alone" in n for n in s["input"]["notes"]), (name, s["input"])
+    assert main(["batch", str(data), "-o", str(out)]) == EXIT_OK
+    assert "8 current" in capsys.readouterr().out
+    assert main(["batch", str(data), "-o", str(tmp_path / "alone"), "--no-companion"]) == EXIT_OK
+    assert all(_summary(tmp_path / "alone", f.stem)["detectors"] == 1 for f in data.iterdir())
+
+
+def test_automatic_pairing_reads_the_detector_as_a_whole_word(tmp_path):
+    """The detector's name is a whole word of the file name (between non-alphanumeric characters), in any
+    case; the extension must match; of several, the annular dark-field detectors first."""
+    from stemfast.batch.companions import automatic_companion
+
+    for n in ("a_HAADF.tif", "a_MAADF.tif", "a_BF.tif", "b HAADF 3.dm4", "b BF 3.dm4", "c_HAADFX.npy",
+              "c_MAADFX.npy", "d_haadf.npy", "d_maadf.tif", "e_ADF1_2.npy", "e_ADF2_3.npy", "f-df4.emd",
+              "f-HAADF.emd", "g_haadf_maadf.npy", "g_haadf_bf.npy"):
+        (tmp_path / n).write_bytes(b"")
+    got = {n: getattr(automatic_companion(tmp_path / n), "name", None)
+           for n in ("a_HAADF.tif", "a_MAADF.tif", "a_BF.tif", "b HAADF 3.dm4", "c_HAADFX.npy", "d_haadf.npy",
+                     "e_ADF1_2.npy", "f-df4.emd", "g_haadf_maadf.npy")}
+    assert got == {"a_HAADF.tif": "a_MAADF.tif", "a_MAADF.tif": "a_HAADF.tif", "a_BF.tif": "a_HAADF.tif",
+                   "b HAADF 3.dm4": "b BF 3.dm4", "c_HAADFX.npy": None, "d_haadf.npy": None, "e_ADF1_2.npy": None,
+                   "f-df4.emd": "f-HAADF.emd", "g_haadf_maadf.npy": "g_haadf_bf.npy"}
+
+
+def test_same_scan_refusal_reads_calibration_and_the_exposure():
+    from types import SimpleNamespace
+
+    from stemfast.batch.companions import same_scan_refusal
+
+    img = _scan(40)
+    a, b = img[0], img[1]
+    assert same_scan_refusal(a, b) is None and same_scan_refusal(a, -b) is None  # bright field: the sign turned
+    assert "match best 4 px apart" in same_scan_refusal(a, _scan(41)[1])  # another scan: its own lattice offset
+    # the same columns under 12x the image's spread of noise: aligned, but too little of them to trust
+    assert "hardly match" in same_scan_refusal(a, a + 12 * a.std() * np.random.default_rng(0).normal(size=a.shape))
+    cal = [SimpleNamespace(pixel_size_nm=p, metadata={}) for p in (0.040, 0.050)]
+    assert "pixel size" in same_scan_refusal(a, b, *cal)
+    dm = [SimpleNamespace(pixel_size_nm=0.04, metadata={"original_metadata": {"ImageTags": {"DataBar": {
+        "Exposure Number": n}}}}) for n in (4407929, 4407929, 4407821)]
+    assert same_scan_refusal(a, b, dm[0], dm[1]) is None
+    assert "exposure 4407821" in same_scan_refusal(a, b, dm[0], dm[2])

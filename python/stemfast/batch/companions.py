@@ -23,13 +23,29 @@ Pairing
   (``summary.json``: ``detectors`` 1). Files containing neither are analysed alone, without one.
   An empty ``MAIN`` (``=_maadf``) appends ``COMPANION`` to every input's name (``X`` -> ``X_maadf``).
 
+- Automatically (the default, without either of the above; ``--no-companion`` turns it off): the
+  companion of an input is the file beside it (same folder, same extension) whose name differs from
+  the input's in the detector's name alone -- one whole word of the name (between non-alphanumeric
+  characters), any case, among :data:`DETECTOR_NAMES`: ``s_haadf.dm4`` and ``s_maadf.dm4``,
+  ``1028_ADF1_11.dm4`` and ``1028_ADF2_11.dm4``, ``area 3 HAADF.tif`` and ``area 3 BF.tif``. Both files
+  stay inputs, each with the other as its companion. Of several, the first in :data:`DETECTOR_NAMES`'
+  order (the annular dark-field detectors first). It is used only where it is of the same scan
+  (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
+  where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
+  alone and the summary says why.
+
 Only 2-D images have companions: an input that is a stack, or a companion that is one or has another
 shape than its input, is skipped with the reason (a frame-by-frame pairing of two stacks is not
-supported).
+supported); an automatic companion is then not used, and the input is analysed alone.
+
+The labelled WSe2 scans, defect AP of the first detector alone / with the other as companion (HAADF;
+MAADF): ti2 0.813 / 0.914, 0.927 / 0.924; ti11 0.779 / 0.811, 0.812 / 0.820; ti25 0.749 / 0.941, 0.921 /
+0.920 (docs/RESULTS.md, round 36).
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -41,9 +57,22 @@ from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
 
 __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "companion_refusal",
-           "read_companion", "companion_notes"]
+           "read_companion", "companion_notes", "same_scan_refusal", "automatic_companion", "DETECTOR_NAMES",
+           "ALIGNED_MIN"]
 
 log = logging.getLogger("stemfast.batch")
+
+#: the detectors' names a file name carries (lower case; compared in any case), in the order an automatic
+#: companion is chosen among several: the annular dark-field detectors first, then bright field
+DETECTOR_NAMES = ("haadf", "adf1", "maadf", "adf2", "laadf", "adf3", "adf4", "adf", "df", "df1", "df2", "df3",
+                  "df4", "dfi", "dfo", "abf", "bf")
+#: two images of one scan: the normalised cross-correlation of their columns (each band-passed) is
+#: largest at no shift and at least this (0.88-0.90 on the three labelled WSe2 scans' HAADF and MAADF;
+#: at most 0.02 at no shift between different scans)
+ALIGNED_MIN = 0.3
+#: side (px) of the central crop the alignment is read on
+_ALIGN_CROP = 1024
+_WORD = re.compile(r"([^A-Za-z0-9]+)")
 
 
 class CompanionError(ValueError):
@@ -80,15 +109,16 @@ class CompanionRule:
 
     name: tuple[str, str] | None = None
     explicit: Mapping = field(default_factory=dict)
+    auto: bool = True
 
     @property
     def active(self) -> bool:
-        return bool(self.name or self.explicit)
+        return bool(self.name or self.explicit or self.auto)
 
     def describe(self) -> str:
         if self.name:
             return f"--companion-name {self.name[0]}={self.name[1]}"
-        return "--companion"
+        return "--companion" if self.explicit else "automatic"
 
 
 def _key(p: Path) -> Path:
@@ -120,6 +150,12 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
     appended to ``problems`` (listed as skipped)."""
     if rule is None or not rule.active:
         return entries
+    if not (rule.name or rule.explicit):
+        listing: dict = {}
+        for e in entries:
+            if (comp := automatic_companion(e.path, listing)) is not None:
+                e.companion = CompanionFile(comp, found="automatic")
+        return entries
     explicit = {_key(k): Path(v) for k, v in (rule.explicit or {}).items()}
     taken = {_key(v) for v in explicit.values()}
     main_keys = {_key(e.path) for e in entries}
@@ -138,16 +174,127 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
             continue
         elif rule.name and (comp := _companion_of(e.path, *rule.name)) is not None:
             if comp.is_file():
-                e.companion = CompanionFile(comp)
+                e.companion = CompanionFile(comp, found="name rule")
             else:
                 e.companion_missing = str(comp)
         kept.append(e)
     return kept
 
 
+def automatic_companion(path, listing: dict | None = None) -> Path | None:
+    """The file beside ``path`` whose name differs from its name in the detector's name alone (module
+    docs), or None. ``listing``: a cache {folder: its files} shared over calls.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for n in ("1028_ADF1_11.dm4", "1028_ADF2_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif", "s_bf.TIF"):
+    ...     _ = (d / n).write_bytes(b"")
+    >>> [getattr(automatic_companion(d / n), "name", None) for n in ("1028_ADF1_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif")]
+    ['1028_ADF2_11.dm4', None, 's_bf.TIF']
+    """
+    path = Path(path)
+    words = _WORD.split(path.stem)
+    slots = [i for i in range(0, len(words), 2) if words[i].lower() in DETECTOR_NAMES]
+    if not slots:
+        return None
+    listing = {} if listing is None else listing
+    folder = path.parent
+    if folder not in listing:
+        try:
+            listing[folder] = {(f.stem.lower(), f.suffix.lower()): f for f in folder.iterdir() if f.is_file()}
+        except OSError:
+            listing[folder] = {}
+    files = listing[folder]
+    for name in DETECTOR_NAMES:
+        for i in slots:
+            if words[i].lower() == name:
+                continue
+            stem = "".join(name if j == i else w for j, w in enumerate(words)).lower()
+            hit = files.get((stem, path.suffix.lower()))
+            if hit is not None:
+                return hit
+    return None
+
+
+def same_scan_refusal(img: np.ndarray, comp: np.ndarray, mg=None, cm=None) -> str | None:
+    """Why ``comp`` is not a second detector's image of ``img``'s scan, or None: another shape, another
+    pixel size (more than 1 %), another DigitalMicrograph exposure (``Exposure Number``, where both
+    files carry one), or columns not on the same pixels -- the normalised cross-correlation of the two
+    band-passed images (their central :data:`_ALIGN_CROP` px) not largest at no shift, or under
+    :data:`ALIGNED_MIN` there (a bright-field image counts with its sign turned).
+    ``mg``, ``cm``: the files as read (:class:`stemfast.io.Micrograph`), for the calibration and metadata.
+
+    Examples
+    --------
+    >>> a = np.random.default_rng(0).normal(size=(64, 64))
+    >>> same_scan_refusal(a, 2 * a + 1) is None, same_scan_refusal(a, -a) is None
+    (True, True)
+    >>> print(same_scan_refusal(a, np.roll(a, 5, axis=1)))
+    its columns are not on the same pixels as the input's (the two images match best 5 px apart): not two detectors of the same scan
+    """
+    if comp.shape != img.shape:
+        return (f"it has shape {comp.shape[0]} x {comp.shape[1]}, the input {img.shape[0]} x {img.shape[1]}: "
+                "not two detectors of the same scan")
+    p1, p2 = (getattr(m, "pixel_size_nm", None) for m in (mg, cm))
+    if p1 and p2 and abs(p1 / p2 - 1.0) > 0.01:
+        return f"its pixel size is {p2:.4g} nm, the input's {p1:.4g} nm: not two detectors of the same scan"
+    e1, e2 = (_exposure_number(getattr(m, "metadata", None)) for m in (mg, cm))
+    if e1 is not None and e2 is not None and e1 != e2:
+        return f"it is exposure {e2}, the input exposure {e1} (DigitalMicrograph): not the same scan"
+    r0, shift = _alignment(img, comp)
+    if shift > 1.0:
+        return (f"its columns are not on the same pixels as the input's (the two images match best {shift:.0f} px "
+                "apart): not two detectors of the same scan")
+    if abs(r0) < ALIGNED_MIN:
+        return (f"its columns hardly match the input's (normalised cross-correlation {r0:.2f} at no shift, under "
+                f"{ALIGNED_MIN}): not two detectors of the same scan")
+    return None
+
+
+def _alignment(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(r0, shift)``: the normalised cross-correlation at no shift of the two images' central crops,
+    each band-passed (Gaussian 1 px minus 8 px), and how far (px) from no shift its largest magnitude lies."""
+    from scipy import fft, ndimage
+
+    H, W = a.shape
+    y0, x0 = max(0, (H - _ALIGN_CROP) // 2), max(0, (W - _ALIGN_CROP) // 2)
+    crops = []
+    for im in (a, b):
+        c = np.nan_to_num(np.asarray(im[y0:y0 + _ALIGN_CROP, x0:x0 + _ALIGN_CROP], np.float64))
+        c = ndimage.gaussian_filter(c, 1.0) - ndimage.gaussian_filter(c, 8.0)
+        sd = c.std()
+        crops.append((c - c.mean()) / sd if sd > 0 else np.zeros_like(c))
+    fa, fb = (fft.rfft2(c) for c in crops)
+    xc = fft.irfft2(fa * np.conj(fb), s=crops[0].shape) / crops[0].size
+    iy, ix = np.unravel_index(int(np.argmax(np.abs(xc))), xc.shape)
+    dy, dx = ((iy + xc.shape[0] // 2) % xc.shape[0]) - xc.shape[0] // 2, ((ix + xc.shape[1] // 2) % xc.shape[1]) - xc.shape[1] // 2
+    return float(xc[0, 0]), float(np.hypot(dy, dx))
+
+
+def _exposure_number(md) -> int | None:
+    """The DigitalMicrograph ``Exposure Number`` (``ImageTags.DataBar``) in a file's metadata, or None."""
+    stack = [md]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, Mapping):
+            if "Exposure Number" in d and isinstance(d["Exposure Number"], (int, float)):
+                return int(d["Exposure Number"])
+            stack.extend(d.values())
+        elif isinstance(d, (list, tuple)):
+            stack.extend(d)
+    return None
+
+
 def companion_refusal(entry: InputEntry, n_frames: int) -> str | None:
-    """Why the input cannot have its companion (it is a stack), or None."""
+    """Why the input cannot have its companion (it is a stack), or None. An automatic companion of a
+    stack is not used instead (``entry.companion_used`` False, with the note): None."""
     if entry.companion is None or n_frames <= 1:
+        return None
+    if entry.companion.found == "automatic":
+        _not_used(entry, f"{entry.companion.path.name}: this input is a stack of {n_frames} frames (a companion "
+                         "is read for 2-D images only)")
         return None
     return (f"a companion image (second detector, {entry.companion.path.name}) is supported for 2-D images only; "
             f"this input is a stack of {n_frames} frames (analyse it without the companion)")
@@ -155,14 +302,47 @@ def companion_refusal(entry: InputEntry, n_frames: int) -> str | None:
 
 def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = None) -> np.ndarray | None:
     """The companion image of ``entry`` (read with the batch's read options), checked against the input
-    ``mg`` (2-D, same shape); None without one. Raises :class:`CompanionError` with the reason."""
-    if entry.companion is None:
-        return None
+    ``mg`` (2-D, same shape, the same scan: :func:`same_scan_refusal`); None without one. A given
+    companion (``--companion``, ``--companion-name``) that is unreadable, a stack or of another shape
+    raises :class:`CompanionError` with the reason (the input is skipped), one that fails the rest of the
+    check is used with the finding as a note; an automatic one that fails any of it is not used
+    (``entry.companion_used`` False, the reason in ``entry.companion_note``: the input is analysed alone)."""
     from .frames import count_frames
 
+    if entry.companion is None:
+        return None
     why = companion_refusal(entry, count_frames(mg))
     if why:
         raise CompanionError(why)
+    if not entry.companion_used:
+        return None
+    auto = entry.companion.found == "automatic"
+    try:
+        img, cm = _read_checked(entry, mg, read_options)
+    except CompanionError as exc:
+        if not auto:
+            raise
+        return _not_used(entry, str(exc))
+    why = same_scan_refusal(np.asarray(mg.data), img, mg, cm)
+    if why is None:
+        return img
+    if auto:
+        return _not_used(entry, f"{entry.companion.path.name}: {why}")
+    entry.companion_note = f"the companion {entry.companion.path.name} may not be of this scan: {why}"
+    return img
+
+
+def _not_used(entry: InputEntry, why: str) -> None:
+    entry.companion_used = False
+    entry.companion_note = (f"a file beside it looks like a second detector's image of the same scan, but {why}; "
+                            "analysed with this image alone (detectors 1)")
+    log.info("%s: %s", entry.rel, entry.companion_note)
+    return None
+
+
+def _read_checked(entry: InputEntry, mg, read_options: ReadOptions | None):
+    """``(image, micrograph)`` of the companion: readable, one 2-D image, the input's shape (else
+    :class:`CompanionError`)."""
     path = entry.companion.path
     try:
         cm = read_input(path, read_options)
@@ -176,12 +356,13 @@ def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = Non
     if img.shape != want:
         raise CompanionError(f"companion {path} has shape {img.shape[0]} x {img.shape[1]}, the input "
                              f"{want[0]} x {want[1]}: not two detectors of the same scan")
-    return img
+    return img, cm
 
 
 def companion_notes(entry: InputEntry) -> list[str]:
-    """The warning of an input whose companion the pairing rule expected but did not find (else none)."""
+    """The warning of an input whose companion the pairing rule expected but did not find, or whose
+    companion's check found something (:func:`read_companion`); else none."""
     if entry.companion is None and entry.companion_missing is not None:
         return [f"no companion image: {entry.companion_missing} (the second detector the pairing rule expects) "
                 "does not exist; analysed with this image alone (detectors 1)"]
-    return []
+    return [entry.companion_note] if entry.companion_note else []

@@ -30,6 +30,9 @@ class CompanionFile:
     size: int = -1
     mtime_ns: int = -1
     sha256: str | None = None
+    #: how it was paired: ``"given"`` (``--companion``), ``"name rule"`` (``--companion-name``) or
+    #: ``"automatic"`` (a file beside the input whose name differs in the detector's name only)
+    found: str = "given"
 
     def fingerprint(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
@@ -41,7 +44,9 @@ class InputEntry:
 
     ``companion``: a second detector's image of the same scan, whose column intensity joins the
     defect scores (part of the input: its content is in the fingerprint); ``companion_missing``: the
-    file the pairing rule expected but did not find (the input is analysed alone, with a warning).
+    file the pairing rule expected but did not find (the input is analysed alone, with a warning);
+    ``companion_note``: what the check of the companion against the input found (an automatic one
+    that is not of the same scan is not used: ``companion_used`` False).
     """
 
     path: Path
@@ -53,6 +58,8 @@ class InputEntry:
     n_frames: int | None = None  # known once the file has been opened
     companion: CompanionFile | None = None
     companion_missing: str | None = None
+    companion_note: str | None = None
+    companion_used: bool = True
 
     def fingerprint(self) -> dict:
         fp = {"path": str(self.path), "rel": self.rel, "sha256": self.sha256, "size": self.size,

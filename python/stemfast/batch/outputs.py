@@ -339,7 +339,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
                   "device": combined_engine(m.get("device") for m in fm)},
         # a second detector of the same scan in the defect scores (stemfast.batch.companions)
         "detectors": max((int(m.get("detectors") or 1) for m in fm), default=1),
-        "companion": str(src.entry.companion.path) if src.entry.companion is not None else None,
+        "companion": (str(src.entry.companion.path) if src.entry.companion is not None and src.entry.companion_used
+                      else None),
+        **({"companion_found": src.entry.companion.found} if src.entry.companion is not None else {}),
         "n_frames": int(src.n_frames),
         "n_frames_ok": int(totals.n_ok),
         "n_sites": int(totals.n_sites),

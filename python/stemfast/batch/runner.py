@@ -57,7 +57,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
               max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
               cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
               finetune: int = 0, read_options: ReadOptions | None = None, companions=None,
-              companion_name: str | tuple[str, str] | None = None) -> BatchReport:
+              companion_name: str | tuple[str, str] | None = None, auto_companion: bool = True) -> BatchReport:
     """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
 
     Parameters
@@ -82,6 +82,9 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         contains ``MAIN`` is the file of the same folder whose name has it replaced by ``COMPANION``
         (``--companion-name ADF1=ADF2``: ``X_ADF1.dm4`` -> ``X_ADF2.dm4``); files whose name contains
         ``COMPANION`` are not analysed as inputs of their own (:mod:`stemfast.batch.companions`).
+    auto_companion : without ``companions`` and ``companion_name``, pair each input with the file beside
+        it whose name differs in the detector's name alone (``s_HAADF.dm4`` and ``s_MAADF.dm4``), where it
+        is of the same scan (:func:`stemfast.batch.companions.automatic_companion`); False: each alone.
 
     Returns
     -------
@@ -122,7 +125,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     opts = BatchOptions(model_path=model_path, scheduler=scheduler, force=force, max_train_inputs=max_train_inputs,
                         train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
-                        finetune=finetune, companions=companion_rule(companions, companion_name))
+                        finetune=finetune, companions=companion_rule(companions, companion_name, auto_companion))
     out = Path(out_dir)
     with OutputLock(out, command=f"stemfast batch -> {out}"):
         for what in recover_staged(out):
@@ -130,12 +133,12 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         return _run_batch_locked(inputs, out, config=config, opts=opts)
 
 
-def companion_rule(companions, companion_name) -> CompanionRule:
+def companion_rule(companions, companion_name, auto: bool = True) -> CompanionRule:
     """The :class:`~stemfast.batch.companions.CompanionRule` of :func:`run_batch`'s arguments."""
     if isinstance(companion_name, str):
         companion_name = parse_companion_name(companion_name)
     return CompanionRule(name=tuple(companion_name) if companion_name else None,
-                         explicit={Path(k): Path(v) for k, v in (companions or {}).items()})
+                         explicit={Path(k): Path(v) for k, v in (companions or {}).items()}, auto=bool(auto))
 
 
 def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> BatchReport:

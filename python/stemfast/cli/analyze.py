@@ -18,8 +18,10 @@ def add(sub) -> None:
         "analyze", help="analyse one micrograph (the batch pipeline on one file)",
         description="Run one micrograph through the same code path as `stemfast batch`: OUT/<name>/sites.csv, "
                     "classes.png, defects.png, summary.json, plus OUT/model.pt (the pretrained model shipped "
-                    "with stemfast unless --model, --train or --finetune) and OUT/report.html. With --companion "
-                    "MAADF.dm4 a second detector's image of the same scan joins the defect scores.",
+                    "with stemfast unless --model, --train or --finetune) and OUT/report.html. A second detector's "
+                    "image of the same scan joins the defect scores: the file beside FILE whose name differs in "
+                    "the detector's name alone (s_HAADF.dm4 and s_MAADF.dm4), where it is of the same scan, or "
+                    "the one --companion names; --no-companion: FILE alone.",
         epilog=exit_status_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",

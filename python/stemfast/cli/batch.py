@@ -60,7 +60,8 @@ outputs (OUT/):
   <name>/classes.png   sites coloured by class over the image
   <name>/defects.png   top defect candidates over the image + their patches
   <name>/summary.json  counts, lattice, drift (stacks), per-stage timings and sites/s, peak memory, warnings,
-                       detectors (1, or 2 with a companion image) and companion (its path)
+                       detectors (1, or 2 with a companion image), companion (its path) and
+                       companion_found (automatic: the file beside it named for another detector)
   <name>/tracks.csv    stacks: one row per defect track (sites.csv gets track_id); tracks.png its figure
   <name>/done.json     completion marker (written last): a rerun skips inputs whose marker is current
   model.pt, model.json the model (the shipped one unless --model/--train/--finetune) and its provenance

@@ -125,6 +125,11 @@ def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = Fal
                         "ADF1=ADF2 pairs X_ADF1.dm4 with X_ADF2.dm4 (case-sensitive); files whose name contains "
                         "COMPANION are companions, not inputs; an input whose companion is missing is analysed "
                         "alone with a warning")
+    x.add_argument("--no-companion", action="store_true",
+                   help="analyse each image alone. Without this, --companion or --companion-name, the companion "
+                        "of an input is the file beside it whose name differs in the detector's name alone "
+                        "(s_HAADF.dm4 and s_MAADF.dm4, X_ADF1_2.dm4 and X_ADF2_2.dm4; any case), used where it is "
+                        "of the same scan (shape, calibration, exposure, columns on the same pixels)")
 
 
 def companions_from_args(args) -> dict:
@@ -139,6 +144,8 @@ def companions_from_args(args) -> dict:
         out["companion_name"] = parse_companion_name(args.companion_name)
     if getattr(args, "companion", None) is not None:
         out["companions"] = {Path(args.file): Path(args.companion)}
+    if getattr(args, "no_companion", False):
+        out["auto_companion"] = False
     return out
 
 
