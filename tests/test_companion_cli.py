@@ -188,6 +188,14 @@ def test_companions_on_dask_match_the_in_process_run(tmp_path):
     a, b = (runs[k] / "x_ADF1" / "sites.csv" for k in (None, "local:2"))
     assert a.read_bytes() == b.read_bytes()
     assert _summary(runs["local:2"], "x_ADF1")["detectors"] == 2
+    # paired automatically (the default): every file an input; the stack's companion is not used, the
+    # stack is analysed alone (not skipped) with the reason, on Dask as in process
+    out = tmp_path / "auto"
+    rep = run_batch(data, out, scheduler="local:2", show_progress=False, frames_per_task=1)
+    assert {r.name: r.status for r in rep.results} == dict.fromkeys(("x_ADF1", "x_ADF2", "y_ADF1", "y_ADF2"), "done")
+    assert (out / "x_ADF1" / "sites.csv").read_bytes() == a.read_bytes()
+    s = _summary(out, "y_ADF1")
+    assert s["detectors"] == 1 and s["companion"] is None and "input is a stack of 3 frames" in s["input"]["notes"][0]
 
 
 @pytest.mark.filterwarnings("ignore:the learned classes")
