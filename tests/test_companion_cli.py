@@ -86,7 +86,7 @@ def test_analyze_refuses_a_companion_of_another_scan(pair, tmp_path, capsys):
     assert main(["analyze", str(a), "--companion", str(stack), "-o", str(tmp_path / "o2")]) == EXIT_SKIPPED
     assert "is a stack of 3 frames" in capsys.readouterr().err
     assert main(["analyze", str(stack), "--companion", str(a), "-o", str(tmp_path / "o3")]) == EXIT_SKIPPED
-    assert "supported for 2-D images only" in capsys.readouterr().err
+    assert "is one 2-D image, the input a stack of 3 frames" in capsys.readouterr().err
 
     assert main(["analyze", str(a), "--companion", str(tmp_path / "nope.npy"), "-o", str(tmp_path / "o4")]) \
         == EXIT_ERROR
@@ -175,27 +175,33 @@ def test_companions_on_dask_match_the_in_process_run(tmp_path):
     img = _scan(20)
     np.save(data / "x_ADF1.npy", img[0])
     np.save(data / "x_ADF2.npy", img[1])
-    np.save(data / "y_ADF1.npy", _scan(21, n_frames=3))  # a stack: its companion is refused
-    np.save(data / "y_ADF2.npy", _scan(21, n_frames=3))
+    series = _scan(21, n_frames=6)  # a series by two detectors: frames 0-2 and 3-5 (the same atoms)
+    np.save(data / "y_ADF1.npy", series[:3])
+    np.save(data / "y_ADF2.npy", series[3:])
+    np.save(data / "z_ADF1.npy", series[:3])  # a series whose companion has another frame count: refused
+    np.save(data / "z_ADF2.npy", series[:2])
     runs = {}
     for sched in (None, "local:2"):
         out = tmp_path / f"out-{sched is not None}"
         rep = run_batch(data, out, scheduler=sched, companion_name="ADF1=ADF2", show_progress=False,
                         frames_per_task=1)
-        assert {r.name: r.status for r in rep.results} == {"x_ADF1": "done", "y_ADF1": "skipped"}
-        assert "supported for 2-D images only" in rep.by_name("y_ADF1").reason
+        assert {r.name: r.status for r in rep.results} == {"x_ADF1": "done", "y_ADF1": "done", "z_ADF1": "skipped"}
+        assert "is a stack of 2 frames, the input a stack of 3 frames" in rep.by_name("z_ADF1").reason
         runs[sched] = out
-    a, b = (runs[k] / "x_ADF1" / "sites.csv" for k in (None, "local:2"))
-    assert a.read_bytes() == b.read_bytes()
-    assert _summary(runs["local:2"], "x_ADF1")["detectors"] == 2
-    # paired automatically (the default): every file an input; the stack's companion is not used, the
-    # stack is analysed alone (not skipped) with the reason, on Dask as in process
+    for name in ("x_ADF1", "y_ADF1"):  # the series' chunks read the companion's frames as the whole file does
+        a, b = (runs[k] / name / "sites.csv" for k in (None, "local:2"))
+        assert a.read_bytes() == b.read_bytes()
+        assert _summary(runs["local:2"], name)["detectors"] == 2
+    # paired automatically (the default): every file an input, each scored with the other; the series of
+    # another frame count is analysed alone (not skipped) with the reason, on Dask as in process
     out = tmp_path / "auto"
     rep = run_batch(data, out, scheduler="local:2", show_progress=False, frames_per_task=1)
-    assert {r.name: r.status for r in rep.results} == dict.fromkeys(("x_ADF1", "x_ADF2", "y_ADF1", "y_ADF2"), "done")
-    assert (out / "x_ADF1" / "sites.csv").read_bytes() == a.read_bytes()
-    s = _summary(out, "y_ADF1")
-    assert s["detectors"] == 1 and s["companion"] is None and "input is a stack of 3 frames" in s["input"]["notes"][0]
+    assert {r.name: r.status for r in rep.results} == dict.fromkeys(
+        ("x_ADF1", "x_ADF2", "y_ADF1", "y_ADF2", "z_ADF1", "z_ADF2"), "done")
+    assert (out / "x_ADF1" / "sites.csv").read_bytes() == (runs[None] / "x_ADF1" / "sites.csv").read_bytes()
+    assert (out / "y_ADF1" / "sites.csv").read_bytes() == (runs[None] / "y_ADF1" / "sites.csv").read_bytes()
+    s = _summary(out, "z_ADF1")
+    assert s["detectors"] == 1 and s["companion"] is None and "a stack of 2 frames" in s["input"]["notes"][0]
 
 
 @pytest.mark.filterwarnings("ignore:the learned classes")
@@ -229,8 +235,8 @@ def test_analyze_finds_the_other_detector_beside_it(pair, tmp_path):
 
 def test_batch_pairs_files_named_for_two_detectors_where_they_are_of_one_scan(tmp_path, capsys):
     """Both files of a pair are inputs, each with the other as its companion. A file named for another
-    detector but of another scan (its columns 6 px off), of another shape, or beside a stack is not
-    used: the input is analysed alone and says why. A rerun redoes nothing."""
+    detector but of another scan (its columns 6 px off), of another shape, or a 2-D image beside a stack
+    is not used: the input is analysed alone and says why. A rerun redoes nothing."""
     data = tmp_path / "data"
     data.mkdir()
     img = _scan(30)
@@ -252,7 +258,8 @@ def test_batch_pairs_files_named_for_two_detectors_where_they_are_of_one_scan(tm
         assert s["detectors"] == 2 and Path(s["companion"]).name == other and s["companion_found"] == "automatic"
     for name, why in (("q_HAADF", "match best 6 px apart"), ("q_MAADF", "match best 6 px apart"),
                       ("r_HAADF", "shape 160 x 128"), ("r_MAADF", "shape 160 x 160"),
-                      ("s_ADF1", "input is a stack of 3 frames"), ("s_ADF2", "is a stack of 3 frames")):
+                      ("s_ADF1", "is one 2-D image, the input a stack of 3 frames"),
+                      ("s_ADF2", "is a stack of 3 frames, the input one 2-D image")):
         s = _summary(out, name)
         assert s["detectors"] == 1 and s["companion"] is None, name
         assert any(why in n and "analysed with this image alone" in n for n in s["input"]["notes"]), (name, s["input"])
@@ -296,3 +303,23 @@ def test_same_scan_refusal_reads_calibration_and_the_exposure():
         "Exposure Number": n}}}}) for n in (4407929, 4407929, 4407821)]
     assert same_scan_refusal(a, b, dm[0], dm[1]) is None
     assert "exposure 4407821" in same_scan_refusal(a, b, dm[0], dm[2])
+
+
+def test_a_series_recorded_by_two_detectors_is_scored_frame_by_frame(tmp_path):
+    """Two stacks of one series (the same atoms, independent noise), named for two detectors: each
+    frame's scores take the companion's frame (every frame's sites have its intensity); the scores
+    differ from the series analysed alone; a given companion stack works the same way."""
+    series = _scan(50, n_frames=6)
+    np.save(tmp_path / "t_HAADF.npy", series[:3])
+    np.save(tmp_path / "t_MAADF.npy", series[3:])
+    auto, alone, given = tmp_path / "auto", tmp_path / "alone", tmp_path / "given"
+    assert main(["analyze", str(tmp_path / "t_HAADF.npy"), "-o", str(auto)]) == EXIT_OK
+    assert main(["analyze", str(tmp_path / "t_HAADF.npy"), "--no-companion", "-o", str(alone)]) == EXIT_OK
+    assert main(["analyze", str(tmp_path / "t_HAADF.npy"), "--companion", str(tmp_path / "t_MAADF.npy"),
+                 "-o", str(given)]) == EXIT_OK
+    s = _summary(auto, "t_HAADF")
+    assert s["detectors"] == 2 and s["n_frames"] == 3 and s["companion_found"] == "automatic"
+    df, d1 = (pd.read_csv(o / "t_HAADF" / "sites.csv") for o in (auto, alone))
+    assert sorted(df["frame"].unique()) == [0, 1, 2] and df["companion_intensity"].notna().groupby(df["frame"]).any().all()
+    assert "companion_intensity" not in d1 and not np.allclose(d1["anomaly_score"], df["anomaly_score"])
+    assert (given / "t_HAADF" / "sites.csv").read_bytes() == (auto / "t_HAADF" / "sites.csv").read_bytes()

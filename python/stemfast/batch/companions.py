@@ -34,9 +34,11 @@ Pairing
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
 
-Only 2-D images have companions: an input that is a stack, or a companion that is one or has another
-shape than its input, is skipped with the reason (a frame-by-frame pairing of two stacks is not
-supported); an automatic companion is then not used, and the input is analysed alone.
+A 2-D input's companion is a 2-D image of its shape; a stack's (a series recorded by two detectors) a
+stack of as many frames of its frame shape, read frame by frame with it (in process and in the Dask
+chunks alike; the same-scan test reads the first frames). A given companion of another shape or
+kind is refused: the input is skipped with the reason; an automatic one is not used, and the input
+is analysed alone.
 
 The labelled WSe2 scans, defect AP of the first detector alone / with the other as companion (HAADF;
 MAADF): ti2 0.813 / 0.914, 0.927 / 0.924; ti11 0.779 / 0.811, 0.812 / 0.820; ti25 0.749 / 0.941, 0.921 /
@@ -56,8 +58,7 @@ from ..config import ReadOptions
 from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
 
-__all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "companion_refusal",
-           "read_companion", "companion_notes", "same_scan_refusal", "automatic_companion", "DETECTOR_NAMES",
+__all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion", "companion_notes", "same_scan_refusal", "automatic_companion", "DETECTOR_NAMES",
            "ALIGNED_MIN"]
 
 log = logging.getLogger("stemfast.batch")
@@ -287,49 +288,33 @@ def _exposure_number(md) -> int | None:
     return None
 
 
-def companion_refusal(entry: InputEntry, n_frames: int) -> str | None:
-    """Why the input cannot have its companion (it is a stack), or None. An automatic companion of a
-    stack is not used instead (``entry.companion_used`` False, with the note): None."""
-    if entry.companion is None or n_frames <= 1:
-        return None
-    if entry.companion.found == "automatic":
-        _not_used(entry, f"{entry.companion.path.name}: this input is a stack of {n_frames} frames (a companion "
-                         "is read for 2-D images only)")
-        return None
-    return (f"a companion image (second detector, {entry.companion.path.name}) is supported for 2-D images only; "
-            f"this input is a stack of {n_frames} frames (analyse it without the companion)")
+def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = None):
+    """The companion of ``entry`` checked against the input ``mg`` (:func:`same_scan_refusal` on the
+    first frames): for a 2-D input its image, for a stack a function of the frame index giving the
+    companion's frame; None without one. A given companion (``--companion``, ``--companion-name``) that
+    is unreadable or of another shape or frame count raises :class:`CompanionError` with the reason (the
+    input is skipped); one that fails the rest of the check is used with the finding as a note; an
+    automatic one that fails any of it is not used (``entry.companion_used`` False, the reason in
+    ``entry.companion_note``: the input is analysed alone)."""
+    from .frames import read_frame
 
-
-def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = None) -> np.ndarray | None:
-    """The companion image of ``entry`` (read with the batch's read options), checked against the input
-    ``mg`` (2-D, same shape, the same scan: :func:`same_scan_refusal`); None without one. A given
-    companion (``--companion``, ``--companion-name``) that is unreadable, a stack or of another shape
-    raises :class:`CompanionError` with the reason (the input is skipped), one that fails the rest of the
-    check is used with the finding as a note; an automatic one that fails any of it is not used
-    (``entry.companion_used`` False, the reason in ``entry.companion_note``: the input is analysed alone)."""
-    from .frames import count_frames
-
-    if entry.companion is None:
-        return None
-    why = companion_refusal(entry, count_frames(mg))
-    if why:
-        raise CompanionError(why)
-    if not entry.companion_used:
+    if entry.companion is None or not entry.companion_used:
         return None
     auto = entry.companion.found == "automatic"
     try:
-        img, cm = _read_checked(entry, mg, read_options)
+        cm = _read_checked(entry, mg, read_options)
     except CompanionError as exc:
         if not auto:
             raise
         return _not_used(entry, str(exc))
-    why = same_scan_refusal(np.asarray(mg.data), img, mg, cm)
-    if why is None:
-        return img
-    if auto:
+    why = same_scan_refusal(read_frame(mg, 0), read_frame(cm, 0), mg, cm)
+    if why is not None and auto:
         return _not_used(entry, f"{entry.companion.path.name}: {why}")
-    entry.companion_note = f"the companion {entry.companion.path.name} may not be of this scan: {why}"
-    return img
+    if why is not None:
+        entry.companion_note = f"the companion {entry.companion.path.name} may not be of this scan: {why}"
+    if getattr(mg, "is_stack", False):
+        return lambda i: read_frame(cm, i)
+    return np.asarray(cm.data)
 
 
 def _not_used(entry: InputEntry, why: str) -> None:
@@ -341,22 +326,25 @@ def _not_used(entry: InputEntry, why: str) -> None:
 
 
 def _read_checked(entry: InputEntry, mg, read_options: ReadOptions | None):
-    """``(image, micrograph)`` of the companion: readable, one 2-D image, the input's shape (else
-    :class:`CompanionError`)."""
+    """The companion as read (:class:`stemfast.io.Micrograph`): readable, and of the input's kind -- one
+    2-D image of its shape, or a stack of as many frames of its frame shape (else :class:`CompanionError`)."""
+    from .frames import count_frames
+
     path = entry.companion.path
     try:
         cm = read_input(path, read_options)
     except Exception as exc:  # noqa: BLE001 - any reader failure is the companion's reason
         raise CompanionError(f"companion {path}: {read_failure_reason(exc)}") from None
-    if getattr(cm, "is_stack", False):
-        raise CompanionError(f"companion {path} is a stack of {getattr(cm, 'n_frames', '?')} frames; "
-                             "a companion must be one 2-D image like its input")
-    img = np.asarray(cm.data)
-    want = tuple(np.shape(mg.data))
-    if img.shape != want:
-        raise CompanionError(f"companion {path} has shape {img.shape[0]} x {img.shape[1]}, the input "
+    n, nc = count_frames(mg), count_frames(cm)
+    if n != nc:
+        what = f"a stack of {nc} frames" if nc > 1 else "one 2-D image"
+        raise CompanionError(f"companion {path} is {what}, the input " + (f"a stack of {n} frames" if n > 1 else
+                             "one 2-D image") + ": not two detectors of the same scan")
+    shape, want = tuple(np.shape(cm.data))[-2:], tuple(np.shape(mg.data))[-2:]
+    if shape != want:
+        raise CompanionError(f"companion {path} has shape {shape[0]} x {shape[1]}, the input "
                              f"{want[0]} x {want[1]}: not two detectors of the same scan")
-    return img, cm
+    return cm
 
 
 def companion_notes(entry: InputEntry) -> list[str]:

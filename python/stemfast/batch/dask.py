@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 
 from ..heap import reuse_freed_memory
 from .common import progress_bar
-from .companions import companion_refusal
+from .companions import CompanionError, read_companion
 from .frames import count_frames
 from .inputs import read_failure_reason, read_input
 from .model_state import load_model
@@ -366,10 +366,12 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
                 results[e.name] = skip_input(e, out / e.name, read_failure_reason(exc), cache=True,
                                              read_options=read_options)
                 continue
-        why = companion_refusal(e, n)
-        if why:  # a stack is not split into chunks with a companion: refused as in the in-process run
-            results[e.name] = skip_input(e, out / e.name, why, cache=True, read_options=read_options)
-            continue
+        if n > 1 and e.companion is not None:  # a stack's companion is checked here, its frames read by the chunks
+            try:
+                read_companion(e, read_input(e.path, read_options), read_options)
+            except CompanionError as exc:  # refused as in the in-process run
+                results[e.name] = skip_input(e, out / e.name, str(exc), cache=True, read_options=read_options)
+                continue
         plan.append((e, n))
     if not plan:
         return [results[e.name] for e in entries]

@@ -187,10 +187,11 @@ def _drift_view(img: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
 
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", prev_frame: int | None = None, bar: bool = False,
-                 desc: str = "", companion: np.ndarray | None = None) -> Iterator[FrameResult]:
+                 desc: str = "", companion=None) -> Iterator[FrameResult]:
     """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift to the previous frame.
 
-    ``companion``: the second detector's image of a 2-D input (:mod:`stemfast.batch.companions`)."""
+    ``companion``: the second detector's image of a 2-D input, or for a stack a function of the frame
+    index giving the second detector's frame (:func:`stemfast.batch.companions.read_companion`)."""
     prev_small = None
     if prev_frame is not None and prev_frame >= 0:
         try:
@@ -211,7 +212,7 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
         prep = cache.pop((cache_key, f), None) if cache is not None else None
         fr = analyze_frame(img, f, model=model, config=config, patch_size=patch_size,
                             pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s,
-                            check_settings=not checked, companion=companion)
+                            check_settings=not checked, companion=companion(f) if callable(companion) else companion)
         checked = True
         if stack:
             small = _drift_view(img, config)  # (frame, its blocks without data)

@@ -23,9 +23,11 @@ def part_path(d: Path, start: int, stop: int) -> Path:
 
 
 def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: str | None) -> dict:
-    """What a part must match to be reused: input content, frames, settings, model, version."""
+    """What a part must match to be reused: input content (its companion's too, where one is used),
+    frames, settings, model, version."""
+    used = entry.companion is not None and entry.companion_used
     return {"sha256": entry.sha256, "start": start, "stop": stop, "config_hash": chash, "model_sha256": model_sha,
-            "stemfast_version": __version__}
+            "stemfast_version": __version__, "companion_sha256": entry.companion.sha256 if used else None}
 
 
 def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> None:

@@ -127,9 +127,13 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     lo = max(0, start - 1)  # the frame before the chunk, for the drift
     # only the chunk's frames are read (compressed stacks are not loaded whole)
     mg = FrameWindow(read_input(entry.path, read_options, frames=slice(lo, stop)), lo)
+    companion = None
+    if entry.companion is not None and entry.companion_used:  # checked when the chunks were planned
+        cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(lo, stop)), lo)
+        companion = cw.frame
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
                                patch_size=patch_size_of(model, config), prev_frame=start - 1,
-                               desc=f"{entry.name}[{start}:{stop}]"))
+                               desc=f"{entry.name}[{start}:{stop}]", companion=companion))
     n = entry.n_frames if entry.n_frames is not None else stop
     info = {**input_info(entry, mg.mg), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
