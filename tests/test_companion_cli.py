@@ -323,3 +323,47 @@ def test_a_series_recorded_by_two_detectors_is_scored_frame_by_frame(tmp_path):
     assert sorted(df["frame"].unique()) == [0, 1, 2] and df["companion_intensity"].notna().groupby(df["frame"]).any().all()
     assert "companion_intensity" not in d1 and not np.allclose(d1["anomaly_score"], df["anomaly_score"])
     assert (given / "t_HAADF" / "sites.csv").read_bytes() == (auto / "t_HAADF" / "sites.csv").read_bytes()
+
+
+def _velox_like(monkeypatch, path: Path, images: dict) -> None:
+    """``path`` read as a Velox EMD holding ``images`` {title: array} (RosettaSciIO's reader replaced:
+    no Velox file is at hand; its signals are dicts of data, axes and metadata with the detector's name
+    as the title)."""
+    import importlib
+
+    path.write_bytes(b"EMD stand-in")
+    axes = [{"name": n, "size": 160, "index_in_array": i, "scale": 0.02, "offset": 0.0, "units": "nm",
+             "navigate": False} for i, n in enumerate("yx")]
+    plugin = importlib.import_module("rsciio.emd")
+    monkeypatch.setattr(plugin, "file_reader", lambda *a, **k: [
+        {"data": img, "axes": axes, "metadata": {"General": {"title": t}}, "original_metadata": {}}
+        for t, img in images.items()])
+
+
+def test_a_velox_file_holding_several_detectors_pairs_its_own_images(monkeypatch, tmp_path):
+    """A Velox EMD holds each detector's image of the scan: the HAADF is read (as before), another
+    detector's image of the same file is its companion (the first ADF one), said in the summary;
+    read(dataset=TITLE) reads any of them; --no-companion: the HAADF alone."""
+    from stemfast import io
+    from stemfast.batch.companions import signal_companion
+
+    img = _scan(60)
+    f = tmp_path / "scan.emd"
+    _velox_like(monkeypatch, f, {"BF": -img[1], "HAADF": img[0], "DF4": img[1], "DF2": img[1] * 0.5})
+    assert io.signal_titles(f) == ["BF", "HAADF", "DF4", "DF2"]
+    assert np.array_equal(io.read(f).data, img[0]) and np.array_equal(io.read(f, dataset="df4").data, img[1])
+    with pytest.raises(io.ReadError, match="no image titled 'ABF'"):
+        io.read(f, dataset="ABF")
+    assert signal_companion(f) == "DF2"
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    assert main(["analyze", str(f), "-o", str(out)]) == EXIT_OK
+    s = _summary(out, "scan")
+    assert s["detectors"] == 2 and s["companion_signal"] == "DF2" and s["companion_found"] == "automatic"
+    assert "its image DF2" in (out / "report.html").read_text()
+    assert main(["analyze", str(f), "--no-companion", "-o", str(alone)]) == EXIT_OK
+    assert _summary(alone, "scan")["detectors"] == 1
+    # one detector in the file, or only one of the other kinds: no companion
+    _velox_like(monkeypatch, f, {"HAADF": img[0]})
+    assert signal_companion(f) is None
+    _velox_like(monkeypatch, f, {"HAADF": img[0], "EDS": img[1]})
+    assert signal_companion(f) is None

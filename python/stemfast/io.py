@@ -37,6 +37,8 @@ __all__ = [
     "ReadWarning",
     "Micrograph",
     "read",
+    "pick_signal",
+    "signal_titles",
     "write_tiff",
     "find_micrographs",
     "find_pictures",
@@ -73,6 +75,8 @@ _RSCIIO_PLUGIN = {
     ".emi": "rsciio.tia",
     ".mrc": "rsciio.mrc",
 }
+#: the formats whose file can hold several signals (detectors), chosen by title (``read(dataset=)``)
+_SIGNAL_FORMATS = (".dm3", ".dm4", ".emd", ".ser", ".emi")
 
 # length units -> nm
 _UNIT_NM = {
@@ -238,7 +242,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         :data:`SUPPORTED_EXTENSIONS`.
     frames : for stacks, the frames to read: an index (gives a 2-D micrograph), a slice or a
         sequence of indices. ``None`` reads all.
-    dataset : HDF5 only: path of the dataset inside the file (default: the first 2-D/3-D one).
+    dataset : which image of a file that holds several: for HDF5 the path of the dataset inside the
+        file (default: the first 2-D/3-D one); for EMD, DM3/DM4 and SER/EMI the title of the signal,
+        any case (a Velox EMD names each detector's image: ``"DF4"``; default: the one titled HAADF, else
+        the first image; the titles are in ``metadata["signals"]``).
     allow_nonfinite : replace scattered NaN/inf pixels by the median of the frame (with a warning)
         instead of raising (command line: ``--fill-nonfinite``). NaN/inf pixels that all form regions
         without data (an aligned or drift-corrected frame's NaN padding) are filled either way, with
@@ -313,8 +320,8 @@ def _check_file(p: Path, dataset: str | None) -> str:
         raise ReadError(p, "permission denied")
     if p.stat().st_size == 0:
         raise ReadError(p, "file is empty (0 bytes)")
-    if dataset is not None and ext not in (".h5", ".hdf5"):
-        raise ReadError(p, "dataset= applies to HDF5 files only")
+    if dataset is not None and ext not in (".h5", ".hdf5") + _SIGNAL_FORMATS:
+        raise ReadError(p, f"dataset= applies to HDF5 ({_SIGNAL_FORMATS}: the signal's title) files only")
     return ext
 
 
@@ -334,7 +341,7 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
             return _read_mrc(p, frames)
         if ext in PICTURE_EXTENSIONS:
             return _read_picture(p, frames)
-        return _read_rsciio(p, frames)
+        return _read_rsciio(p, frames, dataset)
     except ReadError:
         raise
     except MemoryError as exc:
@@ -1228,7 +1235,47 @@ def _read_mrc(path: Path, frames: Any):
     return data, ps, ("A" if ps else None), meta
 
 
-def _read_rsciio(path: Path, frames: Any):
+def pick_signal(titles: Sequence[str], signal: str | None = None) -> int | None:
+    """Index of the image :func:`read` gives of a file holding the images ``titles``: the one titled
+    ``signal`` (any case; None where there is none), or by default the first whose title holds
+    "haadf", else the first.
+
+    >>> pick_signal(["BF", "HAADF", "DF4"]), pick_signal(["BF", "HAADF", "DF4"], "df4"), pick_signal(["BF"], "DF2")
+    (1, 2, None)
+    """
+    if signal is not None:
+        return next((i for i, t in enumerate(titles) if t.lower() == signal.lower()), None)
+    return next((i for i, t in enumerate(titles) if "haadf" in t.lower()), 0)
+
+
+def signal_titles(path: str | os.PathLike) -> list[str]:
+    """The titles of the 2-D images and 3-D stacks in a file of a format that can hold several
+    (EMD, DM3/DM4, SER/EMI; :func:`read`'s ``dataset``), read lazily; [] for any other format or a file
+    the reader cannot open."""
+    p = Path(path)
+    if p.suffix.lower() not in _SIGNAL_FORMATS:
+        return []
+    import importlib
+
+    try:
+        plugin = importlib.import_module(_RSCIIO_PLUGIN[p.suffix.lower()])
+        signals = plugin.file_reader(str(p), lazy=True)
+    except Exception:  # noqa: BLE001 - not readable here: read() says why when the file is read
+        return []
+    return [_signal_title(s) for s in signals if _is_image(s)]
+
+
+def _is_image(signal: Mapping) -> bool:
+    """Whether a RosettaSciIO signal is a 2-D image or a 3-D stack of images of at least :data:`MIN_SIDE` px."""
+    core = [x for x in (int(v) for v in np.shape(signal["data"])) if x != 1]
+    return len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+
+
+def _signal_title(signal: Mapping) -> str:
+    return str(((signal.get("metadata") or {}).get("General") or {}).get("title", ""))
+
+
+def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
     import importlib
 
     ext = path.suffix.lower()
@@ -1243,20 +1290,15 @@ def _read_rsciio(path: Path, frames: Any):
         signals = plugin.file_reader(str(path), lazy=True)
     except TypeError:
         signals = plugin.file_reader(str(path))
-    images = []
-    for s in signals:
-        shape = tuple(int(x) for x in np.shape(s["data"]))
-        core = [x for x in shape if x != 1]
-        if len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE:
-            images.append(s)
+    images = [s for s in signals if _is_image(s)]
     if not images:
         shapes = [tuple(np.shape(s["data"])) for s in signals]
         raise ReadError(path, f"no 2-D image or 3-D image stack in the file (signals: {shapes})")
-
-    def title(s):
-        return str(((s.get("metadata") or {}).get("General") or {}).get("title", ""))
-
-    sig = next((s for s in images if "haadf" in title(s).lower()), images[0])
+    title = _signal_title
+    k = pick_signal([title(s) for s in images], signal)
+    if k is None:
+        raise ReadError(path, f"no image titled {signal!r} in the file (images: {[title(s) for s in images]})")
+    sig = images[k]
     axes = sorted(sig.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))
     ps = unit = None
     if len(axes) >= 2:
@@ -1267,6 +1309,7 @@ def _read_rsciio(path: Path, frames: Any):
     meta = {"format": ext[1:], "reader": "rsciio", "title": title(sig),
             "axes": [{k: _attr(v) for k, v in a.items()} for a in axes],
             "signals": [title(s) for s in signals],
+            "images": [title(s) for s in images],
             "metadata": sig.get("metadata") or {},
             "original_metadata": sig.get("original_metadata") or {}}
     data = _select_frames(path, sig["data"], frames)

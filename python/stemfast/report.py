@@ -522,7 +522,11 @@ def _companion_line(s: Mapping) -> str:
     sha = str(((s.get("input") or {}).get("companion") or {}).get("sha256") or "")[:16]
     how = ("the defect scores average both images' local z" if int(s.get("detectors") or 1) == 2
            else "not used (no sites)")
-    if s.get("companion_found") == "automatic":
+    if s.get("companion_signal"):
+        comp = f"{comp}, its image {s['companion_signal']}"
+        if s.get("companion_found") == "automatic":
+            how += " (found in the input's own file; --no-companion: alone)"
+    elif s.get("companion_found") == "automatic":
         how += " (found beside the input: its name differs in the detector's name alone; --no-companion: alone)"
     return (f"<p>second detector of the same scan (companion): <code>{_e(comp)}</code>"
             f"{' &middot; sha256 ' + _e(sha) + '&hellip;' if sha else ''} &middot; {how}</p>")

@@ -29,7 +29,9 @@ Pairing
   characters), any case, among :data:`DETECTOR_NAMES`: ``s_haadf.dm4`` and ``s_maadf.dm4``,
   ``1028_ADF1_11.dm4`` and ``1028_ADF2_11.dm4``, ``area 3 HAADF.tif`` and ``area 3 BF.tif``. Both files
   stay inputs, each with the other as its companion. Of several, the first in :data:`DETECTOR_NAMES`'
-  order (the annular dark-field detectors first). It is used only where it is of the same scan
+  order (the annular dark-field detectors first). Without such a file, a Velox EMD's own image of
+  another detector (:func:`signal_companion`: the file holds HAADF, DF4, DF2, BF; the HAADF is read,
+  the DF2 is its companion). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -156,6 +158,8 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
         for e in entries:
             if (comp := automatic_companion(e.path, listing)) is not None:
                 e.companion = CompanionFile(comp, found="automatic")
+            elif (sig := signal_companion(e.path)) is not None:
+                e.companion = CompanionFile(e.path, found="automatic", signal=sig)
         return entries
     explicit = {_key(k): Path(v) for k, v in (rule.explicit or {}).items()}
     taken = {_key(v) for v in explicit.values()}
@@ -217,6 +221,28 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
             if hit is not None:
                 return hit
     return None
+
+
+def signal_companion(path) -> str | None:
+    """The title of another detector's image in the input's own file (a Velox EMD holds each detector's
+    image of a scan: HAADF, DF4, DF2, BF), or None: of the file's images (:func:`stemfast.io.signal_titles`)
+    those titled with a name of :data:`DETECTOR_NAMES` other than the one read, the first in its order.
+
+    Examples
+    --------
+    >>> signal_companion("scan.tif") is None
+    True
+    """
+    from ..io import pick_signal, signal_titles
+
+    if Path(path).suffix.lower() != ".emd":
+        return None
+    titles = signal_titles(path)
+    if len(titles) < 2:
+        return None
+    read = titles[pick_signal(titles)].lower()
+    others = {t.lower(): t for t in titles if t.lower() in DETECTOR_NAMES and t.lower() != read}
+    return next((others[n] for n in DETECTOR_NAMES if n in others), None)
 
 
 def same_scan_refusal(img: np.ndarray, comp: np.ndarray, mg=None, cm=None) -> str | None:
@@ -332,7 +358,7 @@ def _read_checked(entry: InputEntry, mg, read_options: ReadOptions | None):
 
     path = entry.companion.path
     try:
-        cm = read_input(path, read_options)
+        cm = read_input(path, read_options, **entry.companion.read_kwargs())
     except Exception as exc:  # noqa: BLE001 - any reader failure is the companion's reason
         raise CompanionError(f"companion {path}: {read_failure_reason(exc)}") from None
     n, nc = count_frames(mg), count_frames(cm)

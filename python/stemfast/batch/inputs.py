@@ -31,11 +31,19 @@ class CompanionFile:
     mtime_ns: int = -1
     sha256: str | None = None
     #: how it was paired: ``"given"`` (``--companion``), ``"name rule"`` (``--companion-name``) or
-    #: ``"automatic"`` (a file beside the input whose name differs in the detector's name only)
+    #: ``"automatic"`` (a file beside the input whose name differs in the detector's name only, or
+    #: another detector's image in the input's own file)
     found: str = "given"
+    #: the title of the image in a file that holds several (another detector of a Velox EMD), or None
+    signal: str | None = None
 
     def fingerprint(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
+        fp = {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
+        return {**fp, "signal": self.signal} if self.signal else fp
+
+    def read_kwargs(self) -> dict:
+        """The keyword arguments of :func:`stemfast.io.read` that read it (its image of the file)."""
+        return {"dataset": self.signal} if self.signal else {}
 
 
 @dataclass

@@ -342,6 +342,8 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "companion": (str(src.entry.companion.path) if src.entry.companion is not None and src.entry.companion_used
                       else None),
         **({"companion_found": src.entry.companion.found} if src.entry.companion is not None else {}),
+        **({"companion_signal": src.entry.companion.signal} if src.entry.companion is not None
+           and src.entry.companion.signal else {}),
         "n_frames": int(src.n_frames),
         "n_frames_ok": int(totals.n_ok),
         "n_sites": int(totals.n_sites),

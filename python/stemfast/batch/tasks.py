@@ -129,7 +129,8 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     mg = FrameWindow(read_input(entry.path, read_options, frames=slice(lo, stop)), lo)
     companion = None
     if entry.companion is not None and entry.companion_used:  # checked when the chunks were planned
-        cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(lo, stop)), lo)
+        cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(lo, stop),
+                                    **entry.companion.read_kwargs()), lo)
         companion = cw.frame
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
                                patch_size=patch_size_of(model, config), prev_frame=start - 1,
