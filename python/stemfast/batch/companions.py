@@ -60,7 +60,8 @@ from ..config import ReadOptions
 from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
 
-__all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion", "companion_notes", "same_scan_refusal", "automatic_companion", "DETECTOR_NAMES",
+__all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion",
+           "companion_notes", "same_scan_refusal", "automatic_companion", "signal_companion", "DETECTOR_NAMES",
            "ALIGNED_MIN"]
 
 log = logging.getLogger("stemfast.batch")
@@ -196,7 +197,8 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> for n in ("1028_ADF1_11.dm4", "1028_ADF2_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif", "s_bf.TIF"):
     ...     _ = (d / n).write_bytes(b"")
-    >>> [getattr(automatic_companion(d / n), "name", None) for n in ("1028_ADF1_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif")]
+    >>> [getattr(automatic_companion(d / n), "name", None)
+    ...  for n in ("1028_ADF1_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif")]
     ['1028_ADF2_11.dm4', None, 's_bf.TIF']
     """
     path = Path(path)
@@ -295,8 +297,8 @@ def _alignment(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         crops.append((c - c.mean()) / sd if sd > 0 else np.zeros_like(c))
     fa, fb = (fft.rfft2(c) for c in crops)
     xc = fft.irfft2(fa * np.conj(fb), s=crops[0].shape) / crops[0].size
-    iy, ix = np.unravel_index(int(np.argmax(np.abs(xc))), xc.shape)
-    dy, dx = ((iy + xc.shape[0] // 2) % xc.shape[0]) - xc.shape[0] // 2, ((ix + xc.shape[1] // 2) % xc.shape[1]) - xc.shape[1] // 2
+    peak = np.unravel_index(int(np.argmax(np.abs(xc))), xc.shape)
+    dy, dx = (((k + n // 2) % n) - n // 2 for k, n in zip(peak, xc.shape))  # the shift, wrapped to +-n/2
     return float(xc[0, 0]), float(np.hypot(dy, dx))
 
 
@@ -345,7 +347,8 @@ def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = Non
 
 def _not_used(entry: InputEntry, why: str) -> None:
     entry.companion_used = False
-    entry.companion_note = (f"a file beside it looks like a second detector's image of the same scan, but {why}; "
+    where = "an image in its file" if entry.companion.signal else "a file beside it"
+    entry.companion_note = (f"{where} looks like a second detector's image of the same scan, but {why}; "
                             "analysed with this image alone (detectors 1)")
     log.info("%s: %s", entry.rel, entry.companion_note)
     return None
