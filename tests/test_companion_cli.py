@@ -88,6 +88,14 @@ def test_analyze_refuses_a_companion_of_another_scan(pair, tmp_path, capsys):
     assert main(["analyze", str(stack), "--companion", str(a), "-o", str(tmp_path / "o3")]) == EXIT_SKIPPED
     assert "is one 2-D image, the input a stack of 3 frames" in capsys.readouterr().err
 
+    # a named companion of the input's shape whose columns are elsewhere (another scan): used as asked, said
+    shifted = tmp_path / "shifted.npy"
+    np.save(shifted, np.roll(np.load(b), 6, axis=1))
+    assert main(["analyze", str(a), "--companion", str(shifted), "-o", str(tmp_path / "o6")]) == EXIT_OK
+    s6 = _summary(tmp_path / "o6", "scan_ADF1")
+    assert s6["detectors"] == 2 and any("may not be of this scan" in n and "6 px apart" in n
+                                        for n in s6["input"]["notes"]), s6["input"]
+
     assert main(["analyze", str(a), "--companion", str(tmp_path / "nope.npy"), "-o", str(tmp_path / "o4")]) \
         == EXIT_ERROR
     assert "no such companion file" in capsys.readouterr().err
