@@ -279,19 +279,21 @@ def test_batch_pairs_files_named_for_two_detectors_where_they_are_of_one_scan(tm
 
 def test_automatic_pairing_reads_the_detector_as_a_whole_word(tmp_path):
     """The detector's name is a whole word of the file name (between non-alphanumeric characters), in any
-    case; the extension must match; of several, the annular dark-field detectors first."""
+    case; the extension must match; of several, the first in DETECTOR_NAMES' order; bright field (BF,
+    ABF) is not paired automatically."""
     from stemfast.batch.companions import automatic_companion
 
-    for n in ("a_HAADF.tif", "a_MAADF.tif", "a_BF.tif", "b HAADF 3.dm4", "b BF 3.dm4", "c_HAADFX.npy",
+    for n in ("a_HAADF.tif", "a_MAADF.tif", "a_DF4.tif", "a_BF.tif", "b HAADF 3.dm4", "b DF 3.dm4", "c_HAADFX.npy",
               "c_MAADFX.npy", "d_haadf.npy", "d_maadf.tif", "e_ADF1_2.npy", "e_ADF2_3.npy", "f-df4.emd",
-              "f-HAADF.emd", "g_haadf_maadf.npy", "g_haadf_bf.npy"):
+              "f-HAADF.emd", "g_haadf_maadf.npy", "g_haadf_laadf.npy", "h_HAADF.npy", "h_ABF.npy"):
         (tmp_path / n).write_bytes(b"")
     got = {n: getattr(automatic_companion(tmp_path / n), "name", None)
-           for n in ("a_HAADF.tif", "a_MAADF.tif", "a_BF.tif", "b HAADF 3.dm4", "c_HAADFX.npy", "d_haadf.npy",
-                     "e_ADF1_2.npy", "f-df4.emd", "g_haadf_maadf.npy")}
-    assert got == {"a_HAADF.tif": "a_MAADF.tif", "a_MAADF.tif": "a_HAADF.tif", "a_BF.tif": "a_HAADF.tif",
-                   "b HAADF 3.dm4": "b BF 3.dm4", "c_HAADFX.npy": None, "d_haadf.npy": None, "e_ADF1_2.npy": None,
-                   "f-df4.emd": "f-HAADF.emd", "g_haadf_maadf.npy": "g_haadf_bf.npy"}
+           for n in ("a_HAADF.tif", "a_MAADF.tif", "a_DF4.tif", "a_BF.tif", "b HAADF 3.dm4", "c_HAADFX.npy",
+                     "d_haadf.npy", "e_ADF1_2.npy", "f-df4.emd", "g_haadf_maadf.npy", "h_HAADF.npy", "h_ABF.npy")}
+    assert got == {"a_HAADF.tif": "a_MAADF.tif", "a_MAADF.tif": "a_HAADF.tif", "a_DF4.tif": "a_HAADF.tif",
+                   "a_BF.tif": None, "b HAADF 3.dm4": "b DF 3.dm4", "c_HAADFX.npy": None, "d_haadf.npy": None,
+                   "e_ADF1_2.npy": None, "f-df4.emd": "f-HAADF.emd", "g_haadf_maadf.npy": "g_haadf_laadf.npy",
+                   "h_HAADF.npy": None, "h_ABF.npy": None}
 
 
 def test_same_scan_refusal_reads_calibration_and_the_exposure():

@@ -27,11 +27,11 @@ Pairing
   companion of an input is the file beside it (same folder, same extension) whose name differs from
   the input's in the detector's name alone -- one whole word of the name (between non-alphanumeric
   characters), any case, among :data:`DETECTOR_NAMES`: ``s_haadf.dm4`` and ``s_maadf.dm4``,
-  ``1028_ADF1_11.dm4`` and ``1028_ADF2_11.dm4``, ``area 3 HAADF.tif`` and ``area 3 BF.tif``. Both files
+  ``1028_ADF1_11.dm4`` and ``1028_ADF2_11.dm4``, ``area 3 HAADF.tif`` and ``area 3 DF4.tif``. Both files
   stay inputs, each with the other as its companion. Of several, the first in :data:`DETECTOR_NAMES`'
   order (the annular dark-field detectors first). Without such a file, a Velox EMD's own image of
   another detector (:func:`signal_companion`: the file holds HAADF, DF4, DF2, BF; the HAADF is read,
-  the DF2 is its companion). It is used only where it is of the same scan
+  the DF2 is its companion; the BF is not). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -66,10 +66,12 @@ __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_comp
 
 log = logging.getLogger("stemfast.batch")
 
-#: the detectors' names a file name carries (lower case; compared in any case), in the order an automatic
-#: companion is chosen among several: the annular dark-field detectors first, then bright field
+#: the dark-field detectors' names a file name carries (lower case; compared in any case), in the order an
+#: automatic companion is chosen among several. Bright field (BF, ABF) is left out: its contrast follows
+#: focus and thickness, not only the atoms, and no real BF companion was measured -- name one with
+#: ``--companion`` where wanted
 DETECTOR_NAMES = ("haadf", "adf1", "maadf", "adf2", "laadf", "adf3", "adf4", "adf", "df", "df1", "df2", "df3",
-                  "df4", "dfi", "dfo", "abf", "bf")
+                  "df4", "dfi", "dfo")
 #: two images of one scan: the normalised cross-correlation of their columns (each band-passed) is
 #: largest at no shift and at least this (0.88-0.90 on the three labelled WSe2 scans' HAADF and MAADF;
 #: at most 0.02 at no shift between different scans)
@@ -195,11 +197,11 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
     --------
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> for n in ("1028_ADF1_11.dm4", "1028_ADF2_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif", "s_bf.TIF"):
+    >>> for n in ("1028_ADF1_11.dm4", "1028_ADF2_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif", "s_df4.TIF"):
     ...     _ = (d / n).write_bytes(b"")
     >>> [getattr(automatic_companion(d / n), "name", None)
     ...  for n in ("1028_ADF1_11.dm4", "1028_ADF1_2.dm4", "s_HAADF.tif")]
-    ['1028_ADF2_11.dm4', None, 's_bf.TIF']
+    ['1028_ADF2_11.dm4', None, 's_df4.TIF']
     """
     path = Path(path)
     words = _WORD.split(path.stem)
