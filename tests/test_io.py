@@ -771,3 +771,56 @@ def test_scan_lists_dangling_links_and_unreadable_folders(tmp_path, img, monkeyp
     assert ("sub", "folder not readable (permission denied); its files are not analysed") in \
         [(p.name, r) for p, r in problems]
     assert [p.name for p in find_micrographs(tmp_path)] == ["a.npy"]  # the old API: files only (problems logged)
+
+
+def test_a_sidecar_json_gives_the_pixel_size_where_the_file_has_none(tmp_path, img):
+    """The shared MoS2 arrays come with their authors' JSON beside them (field of view, material):
+    ``x.npy`` + ``x.json``. Its field of view over the width, or a pixel size and its unit, calibrate
+    an array without one; a file's own calibration comes first; a sidecar that is no JSON object
+    calibrates nothing and is said."""
+    from stemfast.io import sidecar
+
+    np.save(tmp_path / "a.npy", img)
+    (tmp_path / "a.json").write_text(json.dumps({"material_type": "1% V-doped MoS2 monolayer", "experimental_details": {
+        "spatial_info": {"field_of_view_x": 9.0, "field_of_view_y": 9.0, "field_of_view_units": "nm"}}}))
+    mg = read(tmp_path / "a.npy")
+    assert mg.pixel_size == pytest.approx(9.0 / img.shape[1]) and mg.unit == "nm"
+    side = mg.metadata["sidecar"]
+    assert side["used"] and side["material"] == "mos2" and side["file"] == "a.json"
+    np.save(tmp_path / "b.npy", img)
+    (tmp_path / "b.json").write_text(json.dumps({"pixel_size": 0.2, "unit": "Å", "sample": "WSe2 with Ti"}))
+    mg = read(tmp_path / "b.npy")
+    assert mg.pixel_size_nm == pytest.approx(0.02) and mg.metadata["sidecar"]["material"] == "wse2"
+    write_tiff(tmp_path / "c.tif", img, pixel_size=0.05)
+    (tmp_path / "c.json").write_text(json.dumps({"pixel_size_nm": 0.9}))
+    mg = read(tmp_path / "c.tif")
+    assert mg.pixel_size == pytest.approx(0.05) and not mg.metadata["sidecar"].get("used")
+    np.save(tmp_path / "d.npy", img)
+    (tmp_path / "d.json").write_text("[1, 2")
+    mg = read(tmp_path / "d.npy")
+    assert mg.pixel_size is None and "not read" in mg.metadata["sidecar"]["error"]
+    assert sidecar(tmp_path / "e.npy", 64) == {}  # none beside it
+    # a formula is a whole word: "MoS2-like" names MoS2, "WSe2x" nothing
+    (tmp_path / "f.json").write_text(json.dumps({"material": "WSe2x"}))
+    assert "material" not in sidecar(tmp_path / "f.npy", 64)
+
+
+def test_a_sidecar_naming_another_material_is_said_in_the_summary(tmp_path, monkeypatch):
+    """Analysed as MoS2 (the default) while the sidecar says WSe2: the summary's notes say so and name
+    the setting; the calibration it gives is used (x_nm in the table)."""
+    from stemfast.batch import run_batch
+    from stemfast.synthetic import make_mos2
+
+    monkeypatch.setenv("STEMFAST_ENCODE_WORKER", "0")
+    im = make_mos2(shape=(160, 160), seed=3, pixel_size_A=0.2, dose=50.0).image
+    np.save(tmp_path / "w.npy", np.asarray(im, np.float32))
+    (tmp_path / "w.json").write_text(json.dumps({"material_type": "Ti-doped WSe2 monolayer",
+                                                 "field_of_view_x": 3.2, "field_of_view_units": "nm"}))
+    out = tmp_path / "out"
+    rep = run_batch(tmp_path / "w.npy", out, show_progress=False)
+    assert rep.by_name("w").status == "done"
+    s = json.loads((out / "w" / "summary.json").read_text())
+    notes = s["input"]["notes"]
+    assert any("pixel size from the sidecar w.json" in n for n in notes)
+    assert any("'Ti-doped WSe2 monolayer'" in n and "--material wse2" in n for n in notes), notes
+    assert "x_nm" in (out / "w" / "sites.csv").read_text().splitlines()[0]

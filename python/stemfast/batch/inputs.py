@@ -270,6 +270,11 @@ def describe_input(mg) -> dict:
                      "layout for a [frames, H, W] array), not as one colour image")
     if meta.get("series") is not None and (meta.get("n_series") or 0) > 1:
         notes.append(f"the TIFF holds {meta['n_series']} image series; series {meta['series']}, the largest, was read")
+    side = meta.get("sidecar") or {}
+    if side.get("used"):
+        notes.append(f"pixel size from the sidecar {side['file']} ({side['from']}; the file itself has none)")
+    elif side.get("error"):
+        notes.append(f"the sidecar {side['file']} was {side['error']}")
     if notes:
         info["notes"] = notes
     return info

@@ -67,7 +67,7 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
         companion = read_companion(entry, mg, read_options)
     except CompanionError as exc:
         return skip_input(entry, d, str(exc), cache=True, read_options=read_options)
-    src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), input_info(entry, mg),
+    src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), input_info(entry, mg, config),
                       lambda i: read_frame(mg, i))
     run = RunSettings(config, chash, model_sha)
     try:
@@ -90,11 +90,17 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
     return result_from_summary(entry, summary, time.perf_counter() - t_start)
 
 
-def input_info(entry: InputEntry, mg) -> dict:
+def input_info(entry: InputEntry, mg, config=None) -> dict:
     """What the outputs say about an opened input (:func:`~stemfast.batch.inputs.describe_input`), with
-    the note of a missing companion (:func:`~stemfast.batch.companions.companion_notes`)."""
+    the note of a missing companion (:func:`~stemfast.batch.companions.companion_notes`) and, with the
+    ``config``, of a sidecar that names another material than the one analysed."""
     info = describe_input(mg)
     notes = list(info.get("notes", [])) + companion_notes(entry)
+    side = (getattr(mg, "metadata", None) or {}).get("sidecar") or {}
+    used = getattr(getattr(config, "sites", None), "material", None)
+    if side.get("material") and used and side["material"] != used:
+        notes.append(f"the sidecar {side['file']} says {side.get('material_text')!r}: a {side['material']} film, "
+                     f"analysed as {used} (its names and lattice constant): set --material {side['material']}")
     if notes:
         info["notes"] = notes
     return info
@@ -136,7 +142,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
                                patch_size=patch_size_of(model, config), prev_frame=start - 1,
                                desc=f"{entry.name}[{start}:{stop}]", companion=companion))
     n = entry.n_frames if entry.n_frames is not None else stop
-    info = {**input_info(entry, mg.mg), "n_frames": int(n), "is_stack": True,
+    info = {**input_info(entry, mg.mg, config), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
     save_part(path, results, key, info)
     return str(path)
