@@ -824,3 +824,26 @@ def test_a_sidecar_naming_another_material_is_said_in_the_summary(tmp_path, monk
     assert any("pixel size from the sidecar w.json" in n for n in notes)
     assert any("'Ti-doped WSe2 monolayer'" in n and "--material wse2" in n for n in notes), notes
     assert "x_nm" in (out / "w" / "sites.csv").read_text().splitlines()[0]
+
+
+def test_a_large_exported_picture_is_read_not_taken_for_a_decompression_bomb(tmp_path, monkeypatch):
+    """Pillow refuses pictures over twice its pixel limit as "decompression bombs" -- a 16k x 16k
+    micrograph's export is one, and was reported as an unreadable or corrupt file. The reader's own
+    memory check decides instead (here with Pillow's limit lowered to stand for a large picture), and
+    Pillow's limit is left as it was."""
+    from PIL import Image
+
+    a = (np.random.default_rng(0).random((120, 100)) * 255).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 12,000 px > 2 x 1000: a "bomb" to Pillow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", ReadWarning)
+        mg = read(tmp_path / "big.png")
+    assert mg.data.shape == (120, 100) and np.array_equal(mg.data, a)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setattr("stemfast.io.available_memory_bytes", lambda: 10_000)
+    with pytest.raises(ReadError, match="image too large for the memory: 120 x 100 px"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReadWarning)
+            read(tmp_path / "big.png")

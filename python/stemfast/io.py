@@ -1071,6 +1071,8 @@ def _decode_ij_unit(unit: str) -> str:
 #: Pillow modes read as they are (grey levels: 8, 16 or 32 bits); colour and palette modes become RGB,
 #: then grey (:func:`_prepare`)
 _GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
+#: Pillow's pixel limit is one global: lifted for one Image.open at a time
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 def picture_note(meta: Mapping) -> str:
@@ -1090,10 +1092,22 @@ def _read_picture(path: Path, frames: Any):
     (and, for JPEG, lossy compression)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    # Pillow refuses a picture of over 179 M pixels as a "decompression bomb" (and warns over 89 M): a
+    # 16k x 16k micrograph's export is one. What it may take is this reader's own memory check instead.
+    with _PIL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    with im:
         fmt, mode = im.format or path.suffix[1:].upper(), im.mode
         if mode == "1":
             raise ReadError(path, "a 1-bit (black and white) picture holds no intensities")
+        w, h = im.size
+        grey = mode in _GREY_MODES or mode == "LA"
+        item = np.float32 if mode in ("I", "F") else np.uint16 if mode.startswith("I;16") else np.uint8
+        _check_memory(path, (h, w) if grey else (h, w, 3), item)
         if mode == "LA":
             im = im.getchannel("L")
         elif mode not in _GREY_MODES:
