@@ -77,3 +77,22 @@ def test_companion_must_be_the_same_scan():
     t = _sites(s.image[0])
     with pytest.raises(ValueError, match="shape"):
         companion_intensity(s.image[1][:200], t)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_a_noisy_second_detector_is_given_less_say(seed, monkeypatch):
+    """The same scan on a second detector drowned in noise (a low-dose or weak detector): the vacancies
+    hardly stand out in it, so it gets a small weight (stemfast.analysis.detector_weights) and costs the
+    clear image's ranking less than the equal mean of the two z does."""
+    import stemfast.analysis as analysis
+
+    s = _two_detectors(seed)
+    t = _sites(s.image[0])
+    img = s.image[1]
+    noisy = img + np.random.default_rng(seed).normal(0.0, 3.0 * img.std(), img.shape).astype(np.float32)
+    tt = t.with_columns({"companion_intensity": companion_intensity(noisy, t)})
+    nn = s.meta["nn_px"]
+    alone, weighed = (_ap(_scores(x)[0], t.xy, s.truth, nn) for x in (t, tt))
+    monkeypatch.setattr(analysis, "detector_weights", lambda z1, z2, grp, observed: np.full(len(z1), 0.5))
+    equal = _ap(_scores(tt)[0], t.xy, s.truth, nn)
+    assert weighed > equal + 0.02 and weighed >= alone - 0.03, (alone, weighed, equal)

@@ -66,7 +66,7 @@ __all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "
            "ClassAgreementWarning", "SublatticeNamingWarning", "MixedColumnsWarning", "SublatticeSeparationWarning",
            "mixed_columns",
            "lattice_consistent_classes", "neighbourhood_recon", "contrast_levelled_recon", "edge_noise",
-           "sublattice_naming", "sublattice_separation"]
+           "sublattice_naming", "sublattice_separation", "detector_weights", "DETECTOR_TAIL_Z"]
 
 log = logging.getLogger(__name__)
 
@@ -989,8 +989,11 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
     else:
         z_int = _local_z_without_outliers(inten_ref, refs, grp, observed, z_glob, xy, basis, settings)
     if "companion_intensity" in sites:
-        # a second detector of the same scan: the mean of the two images' z (independent shot noise)
-        z_int = 0.5 * (z_int + _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings))
+        # a second detector of the same scan: the two images' z averaged (independent shot noise), each
+        # weighed by how clearly the missing atoms stand out in it (detector_weights)
+        z2 = _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings)
+        w1 = detector_weights(z_int, z2, grp, observed)
+        z_int = w1 * z_int + (1.0 - w1) * z2
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     edge_ratios: list = []
@@ -1003,6 +1006,42 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
                                          observed & ((grp == METAL) | (grp == CHALCOGEN)), bands=settings.edge_bands)
         z_int = z_int * factor
     return _IntensityScores(sub, grp, refs, inten_ref, z_int, z_glob, edge_ratios)
+
+
+#: a site's z beyond this below its references counts as a strongly dark site (:func:`detector_weights`)
+DETECTOR_TAIL_Z = 3.5
+#: sites a sublattice needs for its detector weights (else 0.5 each)
+_DETECTOR_MIN_SITES = 50
+#: added to each detector's share of strongly dark sites: no weight goes to 0
+_DETECTOR_TAIL_FLOOR = 1e-3
+
+
+def detector_weights(z1: np.ndarray, z2: np.ndarray, grp: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Float [N]: the weight of the first of two detectors' z in their mean, per site (the second's is
+    one minus it). For the metal and chalcogen sites, each detector's share of its observed sites of that
+    sublattice that are strongly dark (z < -:data:`DETECTOR_TAIL_Z`), normalised to sum 1: how clearly
+    missing atoms stand out in each image -- a noisy (low-dose) detector blurs them into its spread and
+    has fewer; 0.5 each elsewhere or with under :data:`_DETECTOR_MIN_SITES` sites. (The equal mean cost
+    a low-dose WSe2 MAADF 0.05 AP beside its noisier HAADF; weighed by the images' column
+    contrast-to-noise, nothing improved: docs/RESULTS.md, round 36.)
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> z_clear = np.r_[rng.normal(size=980), np.full(20, -8.0)]      # 20 vacancies stand out
+    >>> z_noisy = np.r_[rng.normal(size=980), rng.normal(-1.0, 1.0, 20)]  # they hardly do
+    >>> w = detector_weights(z_clear, z_noisy, np.ones(1000, int), np.ones(1000, bool))
+    >>> round(float(w[0]), 2)
+    0.96
+    """
+    w1 = np.full(len(z1), 0.5)
+    for k in (METAL, CHALCOGEN):
+        m = observed & (grp == k)
+        if m.sum() < _DETECTOR_MIN_SITES:
+            continue
+        t1, t2 = (float(np.mean(z[m] < -DETECTOR_TAIL_Z)) + _DETECTOR_TAIL_FLOOR for z in (z1, z2))
+        w1[grp == k] = t1 / (t1 + t2)
+    return w1
 
 
 def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray,

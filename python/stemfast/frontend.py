@@ -59,7 +59,8 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
 
     ``companion``: a second image of the same scan (another detector recorded at the same time, same
     shape); its column intensity at the sites becomes the ``companion_intensity`` column
-    (:func:`stemfast.sites.companion_intensity`), and the defect scores average the two images' z.
+    (:func:`stemfast.sites.companion_intensity`), and the defect scores weigh the two images' z together
+    (:func:`stemfast.analysis.detector_weights`).
 
     ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
     otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. Patches that would take more

@@ -520,7 +520,7 @@ def _companion_line(s: Mapping) -> str:
     if not comp:
         return ""
     sha = str(((s.get("input") or {}).get("companion") or {}).get("sha256") or "")[:16]
-    how = ("the defect scores average both images' local z" if int(s.get("detectors") or 1) == 2
+    how = ("the defect scores weigh both images' local z" if int(s.get("detectors") or 1) == 2
            else "not used (no sites)")
     if s.get("companion_signal"):
         comp = f"{comp}, its image {s['companion_signal']}"

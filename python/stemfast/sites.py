@@ -1149,7 +1149,7 @@ def companion_intensity(image: np.ndarray, sites: SiteTable, *, settings: SiteSe
     are off against the sites' lattice levelled (``settings.scan_lines``; its regions without data,
     :mod:`stemfast.nodata`, left out of the lines' statistics), the bandpass with a
     ``column_noise_px`` low-pass and a ``background_nn`` spacing background, sampled at the sites.
-    :func:`stemfast.analysis.analyze_sites` averages the two images' local z when the table has it as
+    :func:`stemfast.analysis.analyze_sites` weighs the two images' local z together when the table has it as
     its ``companion_intensity`` column (docs/RESULTS.md, round 5). The companion is another detector:
     whether its columns are bright or dark is told from its own image (:mod:`stemfast.contrast`; a
     bright-field companion of an ADF input is inverted, with a :class:`ContrastWarning`).

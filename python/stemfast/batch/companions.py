@@ -2,7 +2,7 @@
 
 A STEM scan is often recorded by two detectors at once (HAADF and MAADF: ``X_ADF1.dm4`` and
 ``X_ADF2.dm4``). The second image of an input, its *companion*, is read at the input's sites
-(:func:`stemfast.sites.companion_intensity`) and the defect scores average the two images' local z
+(:func:`stemfast.sites.companion_intensity`) and the defect scores weigh the two images' local z together
 (:func:`stemfast.analysis.analyze_sites`; docs/RESULTS.md, "Two detectors of the same scan").
 
 The companion is part of the input, not a setting: its content is in the input's fingerprint
@@ -43,7 +43,7 @@ kind is refused: the input is skipped with the reason; an automatic one is not u
 is analysed alone.
 
 The labelled WSe2 scans, defect AP of the first detector alone / with the other as companion (HAADF;
-MAADF): ti2 0.813 / 0.914, 0.927 / 0.924; ti11 0.779 / 0.811, 0.812 / 0.820; ti25 0.749 / 0.941, 0.921 /
+MAADF): ti2 0.813 / 0.913, 0.927 / 0.925; ti11 0.779 / 0.810, 0.812 / 0.821; ti25 0.749 / 0.940, 0.921 /
 0.920 (docs/RESULTS.md, round 36).
 """
 from __future__ import annotations

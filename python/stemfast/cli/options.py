@@ -114,7 +114,7 @@ def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = Fal
     g = p.add_argument_group(
         "second detector of the same scan",
         "a second image recorded simultaneously (e.g. HAADF = ADF1 with MAADF = ADF2), same 2-D shape:\n"
-        "its column intensity is read at the sites, the defect scores average the two images' local z")
+        "its column intensity is read at the sites, the defect scores weigh the two images' local z together")
     x = g.add_mutually_exclusive_group()
     if single_file:
         x.add_argument("--companion", metavar="FILE", default=None,
