@@ -1350,11 +1350,8 @@ def signal_titles(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if p.suffix.lower() not in _SIGNAL_FORMATS:
         return []
-    import importlib
-
     try:
-        plugin = importlib.import_module(_RSCIIO_PLUGIN[p.suffix.lower()])
-        signals = plugin.file_reader(str(p), lazy=True)
+        signals = _rsciio_signals(p)
     except Exception:  # noqa: BLE001 - not readable here: read() says why when the file is read
         return []
     return [_signal_title(s) for s in signals if _is_image(s)]
@@ -1370,7 +1367,9 @@ def _signal_title(signal: Mapping) -> str:
     return str(((signal.get("metadata") or {}).get("General") or {}).get("title", ""))
 
 
-def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
+def _rsciio_signals(path: Path) -> list:
+    """The signals of a file RosettaSciIO reads (lazily where its reader can); a :class:`ReadError` when
+    RosettaSciIO is not installed."""
     import importlib
 
     ext = path.suffix.lower()
@@ -1382,9 +1381,14 @@ def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
                               f"stemfast[io] (pip install 'stemfast[io]')") from exc
     plugin = importlib.import_module(_RSCIIO_PLUGIN[ext])
     try:
-        signals = plugin.file_reader(str(path), lazy=True)
+        return plugin.file_reader(str(path), lazy=True)
     except TypeError:
-        signals = plugin.file_reader(str(path))
+        return plugin.file_reader(str(path))
+
+
+def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
+    signals = _rsciio_signals(path)
+    ext = path.suffix.lower()
     images = [s for s in signals if _is_image(s)]
     if not images:
         shapes = [tuple(np.shape(s["data"])) for s in signals]

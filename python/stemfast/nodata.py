@@ -251,8 +251,8 @@ def _bars(a: np.ndarray, seed: np.ndarray, ends: tuple[float, float]) -> np.ndar
         if not (2 <= min(y1 - y0, x1 - x0) <= thick and y0 >= 2 and x0 >= 2 and y1 <= H - 2 and x1 <= W - 2
                 and np.count_nonzero(lab[sl] == i) >= _BAR_FILL * (y1 - y0) * (x1 - x0)):
             continue
-        ring = np.r_[a[y0 - 2, x0:x1], a[y1 + 1, x0:x1] if y1 + 1 < H else [], a[y0:y1, x0 - 2],
-                     a[y0:y1, x1 + 1] if x1 + 1 < W else []]
+        # 2 px out from the box on each side, inside the image by the bounds just checked
+        ring = np.r_[a[y0 - 2, x0:x1], a[y1 + 1, x0:x1], a[y0:y1, x0 - 2], a[y0:y1, x1 + 1]]
         keep[i] = np.nanmedian(ring) >= low + _BAR_CONTRAST * (high - low)
     return keep[lab]
 

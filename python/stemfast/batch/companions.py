@@ -124,7 +124,7 @@ class CompanionRule:
     def describe(self) -> str:
         if self.name:
             return f"--companion-name {self.name[0]}={self.name[1]}"
-        return "--companion" if self.explicit else "automatic"
+        return "--companion"
 
 
 def _key(p: Path) -> Path:

@@ -355,23 +355,23 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
     results: dict[str, object] = {}
     plan = []  # (entry, n_frames)
     for e in entries:
-        n = e.n_frames
+        n, mg = e.n_frames, None
         if n is None:  # the file has not been opened in this run: open it (lazily) to plan its tasks
             try:
                 mg = read_input(e.path, read_options)
                 n = count_frames(mg)
                 e.n_frames = n
-                del mg
             except Exception as exc:  # noqa: BLE001 - unreadable: report it like the in-process run
                 results[e.name] = skip_input(e, out / e.name, read_failure_reason(exc), cache=True,
                                              read_options=read_options)
                 continue
         if n > 1 and e.companion is not None:  # a stack's companion is checked here, its frames read by the chunks
             try:
-                read_companion(e, read_input(e.path, read_options), read_options)
+                read_companion(e, mg if mg is not None else read_input(e.path, read_options), read_options)
             except CompanionError as exc:  # refused as in the in-process run
                 results[e.name] = skip_input(e, out / e.name, str(exc), cache=True, read_options=read_options)
                 continue
+        del mg
         plan.append((e, n))
     if not plan:
         return [results[e.name] for e in entries]
