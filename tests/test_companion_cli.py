@@ -335,33 +335,23 @@ def test_a_series_recorded_by_two_detectors_is_scored_frame_by_frame(tmp_path):
     assert (given / "t_HAADF" / "sites.csv").read_bytes() == (auto / "t_HAADF" / "sites.csv").read_bytes()
 
 
-def _velox_like(monkeypatch, path: Path, images: dict) -> None:
-    """``path`` read as a Velox EMD holding ``images`` {title: array} (RosettaSciIO's reader replaced:
-    no Velox file is at hand; its signals are dicts of data, axes and metadata with the detector's name
-    as the title)."""
-    import importlib
-
-    path.write_bytes(b"EMD stand-in")
-    axes = [{"name": n, "size": 160, "index_in_array": i, "scale": 0.02, "offset": 0.0, "units": "nm",
-             "navigate": False} for i, n in enumerate("yx")]
-    plugin = importlib.import_module("rsciio.emd")
-    monkeypatch.setattr(plugin, "file_reader", lambda *a, **k: [
-        {"data": img, "axes": axes, "metadata": {"General": {"title": t}}, "original_metadata": {}}
-        for t, img in images.items()])
-
-
-def test_a_velox_file_holding_several_detectors_pairs_its_own_images(monkeypatch, tmp_path):
-    """A Velox EMD holds each detector's image of the scan: the HAADF is read (as before), another
-    detector's image of the same file is its companion (the first ADF one), said in the summary;
+def test_a_velox_file_holding_several_detectors_pairs_its_own_images(tmp_path):
+    """A Velox EMD holds each detector's image of the scan (written in Velox's layout and read by
+    RosettaSciIO's own reader): the HAADF is read, with the file's calibration; another detector's
+    image of the same file is its companion (the first ADF one), said in the summary;
     read(dataset=TITLE) reads any of them; --no-companion: the HAADF alone."""
+    pytest.importorskip("rsciio")
+    from velox import write_velox
+
     from stemfast import io
     from stemfast.batch.companions import signal_companion
 
     img = _scan(60)
-    f = tmp_path / "scan.emd"
-    _velox_like(monkeypatch, f, {"BF": -img[1], "HAADF": img[0], "DF4": img[1], "DF2": img[1] * 0.5})
-    assert io.signal_titles(f) == ["BF", "HAADF", "DF4", "DF2"]
-    assert np.array_equal(io.read(f).data, img[0]) and np.array_equal(io.read(f, dataset="df4").data, img[1])
+    f = write_velox(tmp_path / "scan.emd", {"BF": -img[1], "HAADF": img[0], "DF4": img[1], "DF2": img[1] * 0.5})
+    assert sorted(io.signal_titles(f)) == ["BF", "DF2", "DF4", "HAADF"]
+    m = io.read(f)
+    assert np.allclose(m.data, img[0]) and m.pixel_size_nm == pytest.approx(0.02)
+    assert np.allclose(io.read(f, dataset="df4").data, img[1])
     with pytest.raises(io.ReadError, match="no image titled 'ABF'"):
         io.read(f, dataset="ABF")
     assert signal_companion(f) == "DF2"
@@ -373,7 +363,25 @@ def test_a_velox_file_holding_several_detectors_pairs_its_own_images(monkeypatch
     assert main(["analyze", str(f), "--no-companion", "-o", str(alone)]) == EXIT_OK
     assert _summary(alone, "scan")["detectors"] == 1
     # one detector in the file, or only one of the other kinds: no companion
-    _velox_like(monkeypatch, f, {"HAADF": img[0]})
+    assert signal_companion(write_velox(tmp_path / "one.emd", {"HAADF": img[0]})) is None
+    assert signal_companion(write_velox(tmp_path / "eds.emd", {"HAADF": img[0], "EDS": img[1]})) is None
+
+
+def test_velox_titles_of_a_spectra_and_of_detector_segments(tmp_path):
+    """Velox titles its detectors with hyphens on a Spectra ("DF-I", "DF-O", "DF-S"): they pair as
+    DETECTOR_NAMES spell them; a DF4 segment ("DF4-A") is a quarter of a detector, never a
+    companion; of a HAADF and its drift-corrected integration ("DCFI(HAADF)") the HAADF is read;
+    data stored unchunked (a converter's copy) is read whole."""
+    pytest.importorskip("rsciio")
+    from velox import write_velox
+
+    from stemfast import io
+    from stemfast.batch.companions import signal_companion
+
+    img = _scan(61)
+    f = write_velox(tmp_path / "spectra.emd", {"iDPC": img[1], "DF-S": img[1], "HAADF": img[0], "DF-I": img[1]})
+    assert signal_companion(f) == "DF-I"
+    f = write_velox(tmp_path / "segments.emd", {"HAADF": img[0], "DF4-A": img[1], "DF4-B": img[1]})
     assert signal_companion(f) is None
-    _velox_like(monkeypatch, f, {"HAADF": img[0], "EDS": img[1]})
-    assert signal_companion(f) is None
+    f = write_velox(tmp_path / "dcfi.emd", {"DCFI(HAADF)": img[1], "HAADF": img[0]}, chunked=False)
+    assert np.allclose(io.read(f).data, img[0]) and np.allclose(io.read(f, dataset="DCFI(HAADF)").data, img[1])

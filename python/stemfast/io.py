@@ -1332,15 +1332,20 @@ def _positive(v) -> bool:
 
 def pick_signal(titles: Sequence[str], signal: str | None = None) -> int | None:
     """Index of the image :func:`read` gives of a file holding the images ``titles``: the one titled
-    ``signal`` (any case; None where there is none), or by default the first whose title holds
-    "haadf", else the first.
+    ``signal`` (any case; None where there is none), or by default the one titled "HAADF", else the
+    first whose title holds "haadf" (a Velox file's processed "DCFI(HAADF)" after its own HAADF),
+    else the first.
 
     >>> pick_signal(["BF", "HAADF", "DF4"]), pick_signal(["BF", "HAADF", "DF4"], "df4"), pick_signal(["BF"], "DF2")
     (1, 2, None)
+    >>> pick_signal(["DCFI(HAADF)", "HAADF"]), pick_signal(["DF2", "DCFI(HAADF)"])
+    (1, 1)
     """
     if signal is not None:
         return next((i for i, t in enumerate(titles) if t.lower() == signal.lower()), None)
-    return next((i for i, t in enumerate(titles) if "haadf" in t.lower()), 0)
+    low = [t.lower() for t in titles]
+    return next((i for i, t in enumerate(low) if t == "haadf"),
+                next((i for i, t in enumerate(low) if "haadf" in t), 0))
 
 
 def signal_titles(path: str | os.PathLike) -> list[str]:
@@ -1382,8 +1387,8 @@ def _rsciio_signals(path: Path) -> list:
     plugin = importlib.import_module(_RSCIIO_PLUGIN[ext])
     try:
         return plugin.file_reader(str(path), lazy=True)
-    except TypeError:
-        return plugin.file_reader(str(path))
+    except (TypeError, ValueError):  # no lazy reading in this reader, or not of this file's layout (an
+        return plugin.file_reader(str(path))  # EMD dataset stored unchunked): read it whole
 
 
 def _read_rsciio(path: Path, frames: Any, signal: str | None = None):

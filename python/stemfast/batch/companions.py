@@ -31,7 +31,8 @@ Pairing
   stay inputs, each with the other as its companion. Of several, the first in :data:`DETECTOR_NAMES`'
   order (the annular dark-field detectors first). Without such a file, a Velox EMD's own image of
   another detector (:func:`signal_companion`: the file holds HAADF, DF4, DF2, BF; the HAADF is read,
-  the DF2 is its companion; the BF is not). It is used only where it is of the same scan
+  the DF2 is its companion; the BF is not; a Spectra's "DF-I", "DF-O", "DF-S" are its ``dfi``, ``dfo``,
+  ``dfs``). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -71,7 +72,7 @@ log = logging.getLogger("stemfast.batch")
 #: focus and thickness, not only the atoms, and no real BF companion was measured -- name one with
 #: ``--companion`` where wanted
 DETECTOR_NAMES = ("haadf", "adf1", "maadf", "adf2", "laadf", "adf3", "adf4", "adf", "df", "df1", "df2", "df3",
-                  "df4", "dfi", "dfo")
+                  "df4", "dfi", "dfo", "dfs")
 #: two images of one scan: the normalised cross-correlation of their columns (each band-passed) is
 #: largest at no shift and at least this (0.88-0.90 on the three labelled WSe2 scans' HAADF and MAADF;
 #: at most 0.02 at no shift between different scans)
@@ -230,7 +231,8 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
 def signal_companion(path) -> str | None:
     """The title of another detector's image in the input's own file (a Velox EMD holds each detector's
     image of a scan: HAADF, DF4, DF2, BF), or None: of the file's images (:func:`stemfast.io.signal_titles`)
-    those titled with a name of :data:`DETECTOR_NAMES` other than the one read, the first in its order.
+    those titled with a name of :data:`DETECTOR_NAMES` (letters and digits of the title: "DF-I" is
+    ``dfi``) other than the one read, the first in its order.
 
     Examples
     --------
@@ -244,9 +246,16 @@ def signal_companion(path) -> str | None:
     titles = signal_titles(path)
     if len(titles) < 2:
         return None
-    read = titles[pick_signal(titles)].lower()
-    others = {t.lower(): t for t in titles if t.lower() in DETECTOR_NAMES and t.lower() != read}
-    return next((others[n] for n in DETECTOR_NAMES if n in others), None)
+    read = _detector_key(titles[pick_signal(titles)])
+    others = {_detector_key(t): t for t in titles}
+    return next((others[n] for n in DETECTOR_NAMES if n in others and n != read), None)
+
+
+def _detector_key(title: str) -> str:
+    """A detector's title as :data:`DETECTOR_NAMES` spells it: lower case, letters and digits only
+    (a Spectra's "DF-I", "DF-O", "DF-S" are ``dfi``, ``dfo``, ``dfs``; a DF4 segment "DF4-A" is ``df4a``,
+    no name: a quarter of the detector is not its image)."""
+    return re.sub(r"[^a-z0-9]", "", title.lower())
 
 
 def same_scan_refusal(img: np.ndarray, comp: np.ndarray, mg=None, cm=None) -> str | None:
