@@ -847,3 +847,81 @@ def test_a_large_exported_picture_is_read_not_taken_for_a_decompression_bomb(tmp
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReadWarning)
             read(tmp_path / "big.png")
+
+
+def test_a_diffraction_patterns_calibration_is_not_taken_for_a_pixel_size(tmp_path, img):
+    """RosettaSciIO gives a TIA diffraction pattern's reciprocal calibration in "nm" (1e16-1e17 per
+    pixel); a calibration outside PLAUSIBLE_PIXEL_NM is no micrograph's: not used, said (a
+    ReadWarning, metadata, the batch's input notes). One inside is kept."""
+    pytest.importorskip("rsciio.tia")
+    from serfile import write_ser
+
+    from stemfast.batch.inputs import describe_input
+    from stemfast.io import PLAUSIBLE_PIXEL_NM, ReadWarning
+
+    p = write_ser(tmp_path / "dp.ser", img, pixel_size_m=4.2e7)
+    with pytest.warns(ReadWarning, match="no micrograph's"):
+        mg = read(p)
+    assert mg.pixel_size is None and mg.pixel_size_nm is None
+    assert mg.metadata["calibration_ignored"]["pixel_size_nm"] == pytest.approx(4.2e16)
+    assert any("not used" in n for n in describe_input(mg)["notes"])
+    for nm in PLAUSIBLE_PIXEL_NM:  # the bounds themselves are micrographs' (a navigation camera's 0.26 mm)
+        assert read(write_ser(tmp_path / "ok.ser", img, pixel_size_m=nm * 1e-9)).pixel_size == pytest.approx(nm)
+
+
+def test_a_tiff_with_digitalmicrograph_calibration_tags_is_calibrated(tmp_path, img):
+    """A TIFF saved by DigitalMicrograph carries its calibration in Gatan's private tags (65003 / 65004
+    units, 65009 / 65010 scales), which tifffile leaves to the caller: read through RosettaSciIO's TIFF
+    reader when the TIFF has no calibration of its own; not where an image axis is not a length."""
+    pytest.importorskip("rsciio.tiff")
+    import tifffile
+
+    def dm_tiff(name, units):
+        tags = [(65003, "s", 0, units[0], False), (65004, "s", 0, units[1], False),
+                (65009, "d", 1, 0.0165, False), (65010, "d", 1, 0.0165, False)]
+        tifffile.imwrite(tmp_path / name, img, extratags=tags)
+        return tmp_path / name
+
+    mg = read(dm_tiff("dm.tif", ("nm", "nm")))
+    assert mg.pixel_size == pytest.approx(0.0165) and mg.unit == "nm"
+    assert mg.metadata["calibration_from"] == "RosettaSciIO's TIFF reader"
+    assert read(dm_tiff("um.tif", ("um", "um"))).pixel_size == pytest.approx(16.5)
+    assert read(dm_tiff("streak.tif", ("ps", "nm"))).pixel_size is None  # a streak camera's time axis
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, img)
+    assert read(plain).pixel_size is None
+
+
+def test_a_reader_missing_an_optional_package_names_it(tmp_path, monkeypatch, img):
+    """A TIFF compressed with JPEG needs imagecodecs, a Velox spectrum-image file RosettaSciIO's sparse:
+    the error names the package and how to install it, not "unreadable or corrupt"."""
+    from stemfast import io as sio
+
+    p = tmp_path / "a.tif"
+    sio.write_tiff(p, img)
+    for exc, name in ((ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package"), "imagecodecs"),
+                      (ModuleNotFoundError("The 'sparse' library was not found. To load EDS spectrum image data "
+                                           "from Velox EMD files, 'sparse' must be installed."), "sparse")):
+        def fail(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(sio, "_read_tiff", fail)
+        with pytest.raises(ReadError, match=f"needs the Python package '{name}'.*pip install {name}"):
+            read(p)
+
+
+def test_rosettasciio_signals_that_are_not_images():
+    """Of a file's signals, an image is real-valued with two image axes: a line of spectra ([positions,
+    channels], its first axis a navigation axis), an FFT (complex) are not; a stack's frame axis may navigate."""
+    from stemfast.io import _is_image
+
+    def sig(shape, navigate, dtype=np.float32):
+        return {"data": np.zeros(shape, dtype),
+                "axes": [{"index_in_array": i, "navigate": n} for i, n in enumerate(navigate)]}
+
+    assert _is_image(sig((64, 64), (False, False)))
+    assert _is_image(sig((5, 64, 64), (True, False, False)))
+    assert not _is_image(sig((67, 1336), (True, False)))  # a CL spectrum line
+    assert not _is_image(sig((64, 64, 2048), (True, True, False)))  # an EELS spectrum image
+    assert not _is_image(sig((70, 36), (False, False), np.complex64))  # a Velox half FFT
+    assert not _is_image(sig((8, 64), (False, False)))  # too small

@@ -146,6 +146,24 @@ def _normalise_calibration(pixel_size: Any, unit: Any) -> tuple[float | None, st
     return ps, u
 
 
+#: pixel sizes (nm) no micrograph has: a calibration outside is not a real-space one (RosettaSciIO gives a
+#: TIA diffraction pattern's reciprocal calibration in "nm", 1e16-1e17 per pixel) and is not used
+PLAUSIBLE_PIXEL_NM = (1e-4, 1e6)
+
+
+def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | None,
+                           meta: dict) -> tuple[float | None, str | None]:
+    """``(pixel_size, unit)``, or ``(None, None)`` with a :class:`ReadWarning` and
+    ``meta["calibration_ignored"]`` where a length calibration lies outside :data:`PLAUSIBLE_PIXEL_NM`."""
+    lo, hi = PLAUSIBLE_PIXEL_NM
+    if pixel_size is None or unit != "nm" or lo <= pixel_size <= hi:
+        return pixel_size, unit
+    meta["calibration_ignored"] = {"pixel_size_nm": pixel_size}
+    warnings.warn(f"{path}: the file's calibration, {pixel_size:.4g} nm per pixel, is no micrograph's (outside "
+                  f"{lo:g}-{hi:g} nm): not used", ReadWarning, stacklevel=3)
+    return None, None
+
+
 @dataclass(frozen=True, eq=False)
 class Micrograph:
     """A micrograph: a 2-D image or a time series of frames, with its calibration.
@@ -300,7 +318,7 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     raw = _read_raw(p, ext, frames, dataset)
     data, pixel_size, unit, meta = raw
     data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction)
-    pixel_size, unit = _normalise_calibration(pixel_size, unit)
+    pixel_size, unit = _plausible_calibration(p, *_normalise_calibration(pixel_size, unit), meta)
     side = sidecar(p, data.shape[-1])
     if side:
         meta["sidecar"] = side
@@ -356,8 +374,30 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
         raise ReadError(p, f"not enough memory to load the data ({exc})") from exc
     except Exception as exc:  # any reader failure is a corrupt / unreadable file to the caller
         kind = {".tif": "TIFF", ".tiff": "TIFF", ".h5": "HDF5"}.get(ext, ext[1:].upper())
+        if (package := _missing_package(exc)) is not None:
+            raise ReadError(p, f"reading this {kind} file needs the Python package {package!r}, which is not "
+                               f"installed (pip install {package})") from exc
         raise ReadError(p, f"unreadable or corrupt {kind} file "
                            f"({type(exc).__name__}: {exc})") from exc
+
+
+#: how a reader says that an optional package is missing: tifffile ("<COMPRESSION.JPEG: 7> requires the
+#: 'imagecodecs' package"), RosettaSciIO ("The 'sparse' library was not found")
+_MISSING_PACKAGE = re.compile(r"requires the '([\w.-]+)' package|the '([\w.-]+)' library was not found", re.I)
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The optional package whose absence made a reader fail, or None.
+
+    >>> _missing_package(ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package"))
+    'imagecodecs'
+    >>> _missing_package(OSError("bad offset")) is None
+    True
+    """
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return exc.name.split(".")[0]
+    m = _MISSING_PACKAGE.search(str(exc))
+    return None if m is None else (m.group(1) or m.group(2))
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, *, pixel_size: float | None = None,
@@ -943,6 +983,8 @@ def _read_tiff(path: Path, frames: Any):
                                       f"of the {size}-byte file)")
         page0 = tif.pages[0]
         pixel_size, unit = _tiff_calibration(tif, page0, meta)
+        if pixel_size is None:
+            pixel_size, unit = _tiff_calibration_rsciio(path, meta)
         rgb = meta["_rgb"] = _tiff_is_colour(path, series, meta)
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
@@ -1057,6 +1099,27 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
         if ps_nm < 1e3:  # a print resolution would give pixels of tens of microns
             return ps_nm, "nm"
     return None, None
+
+
+def _tiff_calibration_rsciio(path: Path, meta: dict) -> tuple[float | None, str | None]:
+    """Pixel size of a TIFF whose calibration :func:`_tiff_calibration` does not read (DigitalMicrograph's
+    private tags, JEOL SightX, Zeiss SEM, ...) from RosettaSciIO's TIFF reader, where it is installed:
+    its x axis' scale where both image axes are in length units; else ``(None, None)``."""
+    try:
+        from rsciio.tiff import file_reader
+    except ImportError:
+        return None, None
+    try:
+        with _CaptureLog("rsciio"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            signal = file_reader(str(path), lazy=True)[0]
+    except Exception:  # noqa: BLE001 - its reader failing leaves the file uncalibrated, as without it
+        return None, None
+    axes = sorted(signal.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))[-2:]
+    if len(axes) < 2 or any(unit_to_nm(a.get("units")) is None for a in axes):
+        return None, None
+    meta["calibration_from"] = "RosettaSciIO's TIFF reader"
+    return axes[-1].get("scale"), axes[-1].get("units")
 
 
 def _decode_ij_unit(unit: str) -> str:
@@ -1363,9 +1426,15 @@ def signal_titles(path: str | os.PathLike) -> list[str]:
 
 
 def _is_image(signal: Mapping) -> bool:
-    """Whether a RosettaSciIO signal is a 2-D image or a 3-D stack of images of at least :data:`MIN_SIDE` px."""
+    """Whether a RosettaSciIO signal is a 2-D image or a 3-D stack of images of at least :data:`MIN_SIDE` px:
+    real-valued (not an FFT or a DPC vector field), its last two axes not navigation axes (a line of
+    spectra, [positions, channels], or a spectrum image is not an image)."""
     core = [x for x in (int(v) for v in np.shape(signal["data"])) if x != 1]
-    return len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+    if len(core) not in (2, 3) or min(core[-2:]) < MIN_SIDE:
+        return False
+    dtype = np.dtype(getattr(signal["data"], "dtype", np.float32))
+    axes = sorted(signal.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))
+    return dtype.kind in "biuf" and not any(a.get("navigate") is True for a in axes[-2:])
 
 
 def _signal_title(signal: Mapping) -> str:

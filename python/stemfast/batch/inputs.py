@@ -270,6 +270,9 @@ def describe_input(mg) -> dict:
                      "layout for a [frames, H, W] array), not as one colour image")
     if meta.get("series") is not None and (meta.get("n_series") or 0) > 1:
         notes.append(f"the TIFF holds {meta['n_series']} image series; series {meta['series']}, the largest, was read")
+    if meta.get("calibration_ignored"):
+        notes.append(f"the file's calibration ({meta['calibration_ignored'].get('pixel_size_nm'):.4g} nm per pixel) "
+                     "is no micrograph's and was not used: a diffraction pattern's or a broken tag")
     side = meta.get("sidecar") or {}
     if side.get("used"):
         notes.append(f"pixel size from the sidecar {side['file']} ({side['from']}; the file itself has none)")
