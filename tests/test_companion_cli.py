@@ -385,3 +385,24 @@ def test_velox_titles_of_a_spectra_and_of_detector_segments(tmp_path):
     assert signal_companion(f) is None
     f = write_velox(tmp_path / "dcfi.emd", {"DCFI(HAADF)": img[1], "HAADF": img[0]}, chunked=False)
     assert np.allclose(io.read(f).data, img[0]) and np.allclose(io.read(f, dataset="DCFI(HAADF)").data, img[1])
+
+
+def test_a_velox_series_by_two_detectors_on_dask_matches_the_in_process_run(tmp_path):
+    """A Velox file holding a series by two detectors (HAADF and DF2, three frames each): its chunks on
+    Dask read the DF2's frames from the same file, as the whole file does in process."""
+    pytest.importorskip("dask.distributed", reason="dask.distributed not installed")
+    pytest.importorskip("rsciio")
+    from velox import write_velox
+
+    data = tmp_path / "data"
+    data.mkdir()
+    series = _scan(21, n_frames=6)
+    write_velox(data / "ser.emd", {"HAADF": series[:3], "DF2": series[3:]})
+    runs = {}
+    for sched in (None, "local:2"):
+        runs[sched] = out = tmp_path / f"out-{sched is not None}"
+        rep = run_batch(data, out, scheduler=sched, show_progress=False, frames_per_task=1)
+        assert rep.by_name("ser").status == "done"
+        s = _summary(out, "ser")
+        assert s["detectors"] == 2 and s["companion_signal"] == "DF2" and s["n_frames"] == 3
+    assert (runs[None] / "ser" / "sites.csv").read_bytes() == (runs["local:2"] / "ser" / "sites.csv").read_bytes()
