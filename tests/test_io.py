@@ -925,3 +925,74 @@ def test_rosettasciio_signals_that_are_not_images():
     assert not _is_image(sig((64, 64, 2048), (True, True, False)))  # an EELS spectrum image
     assert not _is_image(sig((70, 36), (False, False), np.complex64))  # a Velox half FFT
     assert not _is_image(sig((8, 64), (False, False)))  # too small
+
+
+def _ndata(path, arr, props, compression=None):
+    """A Nion Swift ``.ndata`` data item: a zip of data.npy and metadata.json (stored, as Nion writes)."""
+    import io as _bio
+    import zipfile
+
+    buf = _bio.BytesIO()
+    np.save(buf, arr)
+    with zipfile.ZipFile(path, "w", compression=compression or zipfile.ZIP_STORED) as z:
+        z.writestr("data.npy", buf.getvalue())
+        z.writestr("metadata.json", json.dumps(props))
+    return path
+
+
+def _nion_props(ndim=2, **kw):
+    cal = [{"offset": 0.0, "scale": 0.0125, "units": "nm"}] * 2
+    return {"type": "data-item", "title": "HAADF", "is_sequence": ndim == 3, "collection_dimension_count": 0,
+            "datum_dimension_count": 2, "intensity_calibration": {"offset": 0.0, "scale": 1.0, "units": ""},
+            "dimensional_calibrations": [{"offset": 0.0, "scale": 1.0, "units": ""}] * (ndim - 2) + cal, **kw}
+
+
+def test_nion_swift_data_items_are_read_with_their_calibration(tmp_path, img, stack):
+    """Nion Swift stores a data item as .ndata (a zip of data.npy and metadata.json) or .h5 (dataset
+    'data', the same JSON in its 'properties'): image and series read with the calibration and title
+    of the properties (a series memory-mapped, frames read one by one); a folder search finds them."""
+    import zipfile
+
+    import h5py
+
+    from stemfast.io import find_micrographs
+
+    mg = read(_ndata(tmp_path / "a.ndata", img, _nion_props()))
+    np.testing.assert_array_equal(mg.data, img)
+    assert mg.pixel_size == pytest.approx(0.0125) and mg.unit == "nm" and mg.metadata["title"] == "HAADF"
+    json.dumps(mg.metadata)
+    deflated = read(_ndata(tmp_path / "c.ndata", img, _nion_props(), zipfile.ZIP_DEFLATED))
+    np.testing.assert_array_equal(deflated.data, img)
+    p = _ndata(tmp_path / "s.ndata", stack, _nion_props(3))
+    mg = read(p)
+    assert mg.n_frames == len(stack) and mg.pixel_size == pytest.approx(0.0125)
+    np.testing.assert_array_equal(read(p, frames=3).data, stack[3])
+    with h5py.File(tmp_path / "h.h5", "w") as f:
+        f.create_dataset("data", data=img).attrs["properties"] = json.dumps(_nion_props())
+    mg = read(tmp_path / "h.h5")
+    assert mg.pixel_size == pytest.approx(0.0125) and mg.metadata["title"] == "HAADF"
+    assert {q.name for q in find_micrographs(tmp_path)} == {"a.ndata", "c.ndata", "s.ndata", "h.h5"}
+
+
+def test_nion_swift_data_items_that_are_not_images_are_refused_with_what_they_are(tmp_path, img):
+    """A spectrum image, a 4-D STEM scan, a spectrum, a zip that is no data item, a file that is no zip:
+    each refused with what it is; a reciprocal calibration (an FFT's 1/nm) is no pixel size."""
+    cube = np.zeros((20, 20, 64), np.float32)
+    for props, arr, what in ((_nion_props(collection_dimension_count=2, datum_dimension_count=1), cube,
+                              "a spectrum image"),
+                             (_nion_props(collection_dimension_count=2), np.zeros((8, 8, 32, 32), np.float32),
+                              "a 4-D STEM scan"),
+                             (_nion_props(datum_dimension_count=1), np.zeros(256, np.float32), "a 1-D data item")):
+        with pytest.raises(ReadError, match=f"Nion Swift data item: {what}"):
+            read(_ndata(tmp_path / "x.ndata", arr, props))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "z.ndata", "w") as z:
+        z.writestr("other.txt", "x")
+    with pytest.raises(ReadError, match="without data.npy and metadata.json"):
+        read(tmp_path / "z.ndata")
+    (tmp_path / "b.ndata").write_bytes(b"not a zip")
+    with pytest.raises(ReadError, match="not a zip archive"):
+        read(tmp_path / "b.ndata")
+    fft = _nion_props(dimensional_calibrations=[{"offset": 0, "scale": 0.5, "units": "1/nm"}] * 2)
+    assert read(_ndata(tmp_path / "f.ndata", img, fft)).pixel_size_nm is None

@@ -1,6 +1,7 @@
 """Reading micrographs (single images and time series) with their pixel calibration.
 
-:func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py) and, through the
+:func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py), Nion Swift data items
+(``.ndata``, and ``.h5`` with their calibration: :mod:`stemfast.nion`) and, through the
 optional extra ``stemfast[io]`` (RosettaSciIO, h5py, mrcfile), Gatan ``.dm3`` / ``.dm4``,
 ``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi`` and ``.mrc``; and, named as files, exported
 pictures (``.png``, ``.jpg``, ``.bmp``: Pillow) with a warning that they are no data. Every problem with a file -- it
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 #: File extensions :func:`read` understands (lower case).
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".tif", ".tiff", ".npy", ".npz", ".h5", ".hdf5",
-    ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc",
+    ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc", ".ndata",
 )
 #: Exported pictures :func:`read` opens when they are named (Pillow), with a :class:`ReadWarning`: display grey
 #: levels (8-bit, a contrast stretch), no calibration, often a burnt-in scale bar
@@ -363,6 +364,8 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
             return _read_npz(p, frames)
         if ext in (".h5", ".hdf5"):
             return _read_hdf5(p, frames, dataset)
+        if ext == ".ndata":
+            return _read_ndata(p, frames)
         if ext == ".mrc":
             return _read_mrc(p, frames)
         if ext in PICTURE_EXTENSIONS:
@@ -1229,6 +1232,47 @@ def _read_npz(path: Path, frames: Any):
     return _select_frames(path, data, frames), ps, unit, meta
 
 
+def _read_ndata(path: Path, frames: Any):
+    """A Nion Swift ``.ndata`` data item (:mod:`stemfast.nion`)."""
+    import zipfile
+
+    from . import nion
+
+    try:
+        data, props = nion.read_ndata(path)
+    except zipfile.BadZipFile as exc:
+        raise ReadError(path, f"not a valid .ndata file: not a zip archive ({exc})") from exc
+    except ValueError as exc:
+        raise ReadError(path, str(exc)) from exc
+    meta: dict[str, Any] = {"format": "ndata"}
+    ps, unit = _nion_image(path, props, data.ndim, meta)
+    if not isinstance(data, np.memmap):
+        _check_memory(path, data.shape, data.dtype)
+    return _select_frames(path, data, frames), ps, unit, meta
+
+
+def _nion_h5_properties(ds) -> dict | None:
+    from . import nion
+
+    return nion.h5_properties(ds)
+
+
+def _nion_image(path: Path, props: dict, ndim: int, meta: dict) -> tuple[float | None, str | None]:
+    """Check a Nion Swift data item is an image or a series of images (a :class:`ReadError` says what
+    else it is) and return its calibration; its title and properties go to ``meta``."""
+    from . import nion
+
+    why = nion.not_an_image(props, ndim)
+    if why is not None:
+        raise ReadError(path, f"a Nion Swift data item: {why}")
+    meta.update({"reader": "nion", "title": nion.title(props), "nion": props})
+    ps, unit, ps_y = nion.image_calibration(props)
+    if ps is not None and ps_y and abs(ps_y - ps) > 1e-6 * abs(ps):
+        meta["pixel_size_y"] = ps_y
+        log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", path, ps, ps_y, unit)
+    return ps, unit
+
+
 def _read_hdf5(path: Path, frames: Any, dataset: str | None):
     try:
         import h5py
@@ -1276,6 +1320,8 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
                 break
         if ps is not None and unit is None:
             unit = "nm"
+        if ps is None and (props := _nion_h5_properties(ds)) is not None:  # a Nion Swift data item
+            ps, unit = _nion_image(path, props, ds.ndim, meta)
         if frames is not None and ds.ndim == 3 and min(ds.shape) > 1:
             idx = _frame_index(path, frames, ds.shape[0])  # read only the selected frames
             if isinstance(idx, np.ndarray):
