@@ -996,3 +996,35 @@ def test_nion_swift_data_items_that_are_not_images_are_refused_with_what_they_ar
         read(tmp_path / "b.ndata")
     fft = _nion_props(dimensional_calibrations=[{"offset": 0, "scale": 0.5, "units": "1/nm"}] * 2)
     assert read(_ndata(tmp_path / "f.ndata", img, fft)).pixel_size_nm is None
+
+
+def test_lzw_compressed_tiffs_are_read_without_imagecodecs(tmp_path, caplog):
+    """tifffile decodes LZW (and JPEG, ...) only through the optional imagecodecs; 10 of 15 real ADF
+    TIFFs of one public set are LZW-compressed. Pillow decodes them instead: 8- and 16-bit grey, a
+    multi-page series (whole and frame by frame), colour; the pixels are the written ones."""
+    import importlib.util
+    import logging
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 255, (40, 48), dtype=np.uint8)
+    grey16 = rng.integers(0, 60000, (40, 48), dtype=np.uint16)
+    frames = [rng.integers(0, 255, (40, 48), dtype=np.uint8) for _ in range(3)]
+    Image.fromarray(grey8).save(tmp_path / "g8.tif", compression="tiff_lzw")
+    Image.fromarray(grey16).save(tmp_path / "g16.tif", compression="tiff_lzw")
+    ims = [Image.fromarray(f) for f in frames]
+    ims[0].save(tmp_path / "s.tif", compression="tiff_lzw", save_all=True, append_images=ims[1:])
+    with caplog.at_level(logging.INFO, logger="stemfast.io"):
+        np.testing.assert_array_equal(read(tmp_path / "g8.tif").data, grey8)
+    if importlib.util.find_spec("imagecodecs") is None:  # the fallback itself was used
+        assert "decoded by Pillow" in caplog.text
+    np.testing.assert_array_equal(read(tmp_path / "g16.tif").data, grey16)
+    mg = read(tmp_path / "s.tif")
+    assert mg.n_frames == 3
+    np.testing.assert_array_equal(mg.data, np.stack(frames))
+    np.testing.assert_array_equal(read(tmp_path / "s.tif", frames=1).data, frames[1])
+    rgb = np.repeat(grey8[:, :, None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "c.tif", compression="tiff_lzw")
+    with pytest.warns(Warning):
+        np.testing.assert_array_equal(read(tmp_path / "c.tif").data, grey8)

@@ -1004,16 +1004,61 @@ def _read_tiff(path: Path, frames: Any):
                 key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
                        else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
                 _check_memory(path, [len(key) if isinstance(key, list) else 1, *series.shape[-2:]], series.dtype)
-                arr = tif.asarray(series=pick, key=key)
+                arr, _ = _decode_tiff(path, tif, pick, key)
                 if isinstance(idx, (int, np.integer)):
                     arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
                 return arr, pixel_size, unit, meta
         if data is None:
             _check_memory(path, series.shape, series.dtype)
-            data = series.asarray()
-            if rgb and axes.index("S") != len(axes) - 1:  # planar RGB: samples last
+            data, by_pillow = _decode_tiff(path, tif, pick)
+            if rgb and axes.index("S") != len(axes) - 1 and not by_pillow:  # planar RGB: samples last
                 data = np.moveaxis(data, axes.index("S"), -1)
     return _select_frames(path, data, frames), pixel_size, unit, meta
+
+
+def _decode_tiff(path: Path, tif, pick: int, key: Any = None) -> tuple[np.ndarray, bool]:
+    """``(pixels, by_pillow)`` of TIFF series ``pick`` (pages ``key``, a list or an int, or all) by
+    tifffile; where tifffile lacks the codec (it decodes LZW, JPEG and others through the optional
+    imagecodecs), Pillow decodes the pages instead (colour samples last)."""
+    series = tif.series[pick]
+    try:
+        return (tif.asarray(series=pick, key=key) if key is not None else series.asarray()), False
+    except ValueError as exc:
+        if _missing_package(exc) is None:
+            raise
+        pages = [p.index for p in series.pages]
+        chosen = pages if key is None else [pages[k] for k in (key if isinstance(key, list) else [key])]
+        try:
+            frames = _pillow_pages(path, chosen)
+        except Exception:  # noqa: BLE001 - Pillow cannot either: tifffile's reason is the one to give
+            raise exc from None
+    log.info("%s: decoded by Pillow (tifffile needs imagecodecs for its %s compression)", path,
+             getattr(series.pages[0], "compression", "?"))
+    data = frames[0] if (key is not None and not isinstance(key, list)) or len(series.pages) == 1 else np.stack(frames)
+    return data, True
+
+
+def _pillow_pages(path: Path, indices: list) -> list:
+    """The pixels of a TIFF's pages (their IFD indices) decoded by Pillow."""
+    with _pillow_open(path) as im:
+        out = []
+        for i in indices:
+            im.seek(i)
+            out.append(np.asarray(im))
+        return out
+
+
+def _pillow_open(path: Path):
+    """``PIL.Image.open(path)`` without Pillow's decompression-bomb limit (a 16k x 16k micrograph is
+    over it): :func:`_check_memory` decides what may be read."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 class _CaptureLog(logging.Handler):
@@ -1156,16 +1201,9 @@ def _read_picture(path: Path, frames: Any):
     """An exported picture (:data:`PICTURE_EXTENSIONS`): its first frame, grey or colour (made grey by
     :func:`_prepare`), with a :class:`ReadWarning` that it holds display grey levels and no calibration
     (and, for JPEG, lossy compression)."""
-    from PIL import Image
-
     # Pillow refuses a picture of over 179 M pixels as a "decompression bomb" (and warns over 89 M): a
     # 16k x 16k micrograph's export is one. What it may take is this reader's own memory check instead.
-    with _PIL_LIMIT_LOCK:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            im = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+    im = _pillow_open(path)
     with im:
         fmt, mode = im.format or path.suffix[1:].upper(), im.mode
         if mode == "1":
