@@ -406,3 +406,28 @@ def test_a_velox_series_by_two_detectors_on_dask_matches_the_in_process_run(tmp_
         s = _summary(out, "ser")
         assert s["detectors"] == 2 and s["companion_signal"] == "DF2" and s["n_frames"] == 3
     assert (runs[None] / "ser" / "sites.csv").read_bytes() == (runs["local:2"] / "ser" / "sites.csv").read_bytes()
+
+
+def test_nion_swift_data_items_pair_by_their_titles(tmp_path):
+    """A Nion Swift library names its files by date and id; the detector is in the data item's title.
+    Two items beside each other titled "SuperScan (HAADF) 12" and "SuperScan (MAADF) 12" of the same
+    scan pair automatically (as .ndata and as .h5); "SuperScan (HAADF) 13" has no MAADF and is alone."""
+    import h5py
+    from test_io import _ndata, _nion_props
+
+    from stemfast.batch.companions import title_companion
+
+    img, other = _scan(70), _scan(71)
+    for i, (t, a) in enumerate((("SuperScan (HAADF) 12", img[0]), ("SuperScan (MAADF) 12", img[1]),
+                                ("SuperScan (HAADF) 13", other[0]))):
+        _ndata(tmp_path / f"data_{i}.ndata", a, _nion_props(title=t))
+        with h5py.File(tmp_path / f"item_{i}.h5", "w") as f:
+            f.create_dataset("data", data=a).attrs["properties"] = json.dumps(_nion_props(title=t))
+    assert title_companion(tmp_path / "item_0.h5") == tmp_path / "item_1.h5"
+    assert title_companion(tmp_path / "data_0.ndata") == tmp_path / "data_1.ndata"
+    assert title_companion(tmp_path / "data_1.ndata") == tmp_path / "data_0.ndata"
+    assert title_companion(tmp_path / "data_2.ndata") is None and title_companion(tmp_path / "x.tif") is None
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "data_0.ndata"), "-o", str(out)]) == EXIT_OK
+    s = _summary(out, "data_0")
+    assert s["detectors"] == 2 and s["companion_found"] == "automatic"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_ndata", "h5_properties", "not_an_image", "image_calibration", "title"]
+__all__ = ["read_ndata", "properties", "h5_properties", "not_an_image", "image_calibration", "title"]
 
 _DATA, _META = "data.npy", "metadata.json"
 
@@ -77,6 +77,22 @@ def _mapped_npy(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
     if dtype.hasobject:
         raise ValueError("data.npy holds Python objects, not numbers")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def properties(path: str | Path) -> dict | None:
+    """The properties of a Nion Swift data item file (``.ndata``: its ``metadata.json`` alone, the
+    data not read; ``.h5``: its ``data`` dataset's), or None where it is not one or cannot be read."""
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".ndata":
+            with zipfile.ZipFile(p) as z:
+                return json.loads(z.read(_META).decode("utf-8"))
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return h5_properties(f["data"]) if "data" in f else None
+    except Exception:  # noqa: BLE001 - not a readable data item: no properties
+        return None
 
 
 def h5_properties(dataset: Any) -> dict | None:

@@ -32,7 +32,9 @@ Pairing
   order (the annular dark-field detectors first). Without such a file, a Velox EMD's own image of
   another detector (:func:`signal_companion`: the file holds HAADF, DF4, DF2, BF; the HAADF is read,
   the DF2 is its companion; the BF is not; a Spectra's "DF-I", "DF-O", "DF-S" are its ``dfi``, ``dfo``,
-  ``dfs``). It is used only where it is of the same scan
+  ``dfs``); or, for Nion Swift data items (a library names its files by date and id), the item beside
+  it whose *title* differs in the detector's name alone (:func:`title_companion`: "SuperScan (HAADF) 12"
+  and "SuperScan (MAADF) 12"). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -62,8 +64,8 @@ from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
 
 __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion",
-           "companion_notes", "same_scan_refusal", "automatic_companion", "signal_companion", "DETECTOR_NAMES",
-           "ALIGNED_MIN"]
+           "companion_notes", "same_scan_refusal", "automatic_companion", "signal_companion", "title_companion",
+           "DETECTOR_NAMES", "TITLED_FORMATS", "ALIGNED_MIN"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -73,6 +75,8 @@ log = logging.getLogger("stemfast.batch")
 #: ``--companion`` where wanted
 DETECTOR_NAMES = ("haadf", "adf1", "maadf", "adf2", "laadf", "adf3", "adf4", "adf", "df", "df1", "df2", "df3",
                   "df4", "dfi", "dfo", "dfs")
+#: the formats whose files carry the detector in their title (Nion Swift data items: :func:`title_companion`)
+TITLED_FORMATS = (".ndata", ".h5")
 #: two images of one scan: the normalised cross-correlation of their columns (each band-passed) is
 #: largest at no shift and at least this (0.88-0.90 on the three labelled WSe2 scans' HAADF and MAADF;
 #: at most 0.02 at no shift between different scans)
@@ -160,7 +164,7 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
     if not (rule.name or rule.explicit):
         listing: dict = {}
         for e in entries:
-            if (comp := automatic_companion(e.path, listing)) is not None:
+            if (comp := automatic_companion(e.path, listing) or title_companion(e.path, listing)) is not None:
                 e.companion = CompanionFile(comp, found="automatic")
             elif (sig := signal_companion(e.path)) is not None:
                 e.companion = CompanionFile(e.path, found="automatic", signal=sig)
@@ -205,27 +209,54 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
     ['1028_ADF2_11.dm4', None, 's_df4.TIF']
     """
     path = Path(path)
-    words = _WORD.split(path.stem)
-    slots = [i for i in range(0, len(words), 2) if words[i].lower() in DETECTOR_NAMES]
-    if not slots:
+    names = list(_swapped_names(path.stem))
+    if not names:
+        return None
+    files = _folder_files(path.parent, {} if listing is None else listing)
+    return next((files[k] for k in ((n, path.suffix.lower()) for n in names) if k in files), None)
+
+
+def title_companion(path, listing: dict | None = None) -> Path | None:
+    """The Nion Swift data item beside ``path`` (same folder, same extension: :data:`TITLED_FORMATS`)
+    whose title differs from its title in the detector's name alone -- "SuperScan (HAADF) 12" and
+    "SuperScan (MAADF) 12" -- or None. A Swift library names its files by date and id; the detector is
+    in the title. ``listing``: as :func:`automatic_companion`'s (the titles are cached in it too)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in TITLED_FORMATS:
         return None
     listing = {} if listing is None else listing
-    folder = path.parent
+    key = ("titles", path.parent, ext)
+    if key not in listing:
+        from .. import nion
+
+        items = [f for f in _folder_files(path.parent, listing).values() if f.suffix.lower() == ext]
+        listing[key] = {f: nion.title(nion.properties(f) or {}) for f in items}
+    titles = listing[key]
+    own = titles.get(path, "")
+    by_title = {t.lower(): f for f, t in titles.items() if t and f != path}
+    return next((by_title[n] for n in _swapped_names(own) if n in by_title), None)
+
+
+def _swapped_names(name: str):
+    """``name`` (lower case) with one of its whole words that is a detector's name replaced by another
+    detector's name, in :data:`DETECTOR_NAMES`' order."""
+    words = _WORD.split(name)
+    slots = [i for i in range(0, len(words), 2) if words[i].lower() in DETECTOR_NAMES]
+    for det in DETECTOR_NAMES:
+        for i in slots:
+            if words[i].lower() != det:
+                yield "".join(det if j == i else w for j, w in enumerate(words)).lower()
+
+
+def _folder_files(folder: Path, listing: dict) -> dict:
+    """{(stem, extension), lower case: path} of the files in ``folder``, cached in ``listing``."""
     if folder not in listing:
         try:
             listing[folder] = {(f.stem.lower(), f.suffix.lower()): f for f in folder.iterdir() if f.is_file()}
         except OSError:
             listing[folder] = {}
-    files = listing[folder]
-    for name in DETECTOR_NAMES:
-        for i in slots:
-            if words[i].lower() == name:
-                continue
-            stem = "".join(name if j == i else w for j, w in enumerate(words)).lower()
-            hit = files.get((stem, path.suffix.lower()))
-            if hit is not None:
-                return hit
-    return None
+    return listing[folder]
 
 
 def signal_companion(path) -> str | None:
