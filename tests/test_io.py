@@ -1028,3 +1028,26 @@ def test_lzw_compressed_tiffs_are_read_without_imagecodecs(tmp_path, caplog):
     Image.fromarray(rgb).save(tmp_path / "c.tif", compression="tiff_lzw")
     with pytest.warns(Warning):
         np.testing.assert_array_equal(read(tmp_path / "c.tif").data, grey8)
+
+
+def test_a_tiff_with_channels_reads_channel_0_not_the_channels_as_frames(tmp_path):
+    """An ImageJ hyperstack with a channel axis (two detectors of one scan, CYX; or a series of them,
+    TCYX) was read as a time series of its channels: channel 0 of every frame is read, said (a
+    ReadWarning, metadata, the batch's input notes)."""
+    from stemfast.batch.inputs import describe_input
+    from stemfast.io import ReadWarning
+
+    rng = np.random.default_rng(0)
+    cyx, tcyx = rng.random((2, 40, 48), np.float32), rng.random((3, 2, 40, 48), np.float32)
+    tifffile.imwrite(tmp_path / "c.tif", cyx, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "t.tif", tcyx, imagej=True, metadata={"axes": "TCYX"})
+    with pytest.warns(ReadWarning, match="2 channels"):
+        mg = read(tmp_path / "c.tif")
+    np.testing.assert_array_equal(mg.data, cyx[0])
+    assert mg.n_frames == 1 and mg.metadata["channels"] == 2
+    assert any("2 channels" in n for n in describe_input(mg)["notes"])
+    with pytest.warns(ReadWarning):
+        mg = read(tmp_path / "t.tif")
+        one = read(tmp_path / "t.tif", frames=2)
+    np.testing.assert_array_equal(mg.data, tcyx[:, 0])
+    np.testing.assert_array_equal(one.data, tcyx[2, 0])

@@ -775,6 +775,22 @@ def _note_series(path: Path, series_list, pick: int, meta: dict) -> None:
         log.info("%s", msg)
 
 
+def _tiff_channels(path: Path, series, meta: dict) -> int:
+    """The number of channels of a TIFF series with a channel axis (an ImageJ hyperstack's ``C``:
+    detectors or colours of one scan, not frames of a series), 0 without one. Channel 0 is read, with
+    a :class:`ReadWarning` and ``meta["channels"]``."""
+    axes, shape = series.axes, series.shape
+    n = int(shape[axes.index("C")]) if "C" in axes else 0
+    if n < 2:
+        return 0
+    meta["channels"] = n
+    msg = (f"{path}: the TIFF holds {n} channels (its C axis: detectors or colours of one scan, not frames of a "
+           "series); channel 0 was read. Save each detector as its own file to analyse the others")
+    warnings.warn(msg, ReadWarning, stacklevel=5)
+    log.info("%s", msg)
+    return n
+
+
 def _tiff_is_colour(path: Path, series, meta: dict) -> bool:
     """Whether a TIFF series holds RGB(A) samples to convert to grey: 3 or 4 samples per pixel,
     unless they are the frames of a short series (:func:`_planar_samples_are_frames`: then a
@@ -992,7 +1008,12 @@ def _read_tiff(path: Path, frames: Any):
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
-        if len(core) == 3 and not rgb:
+        channels = _tiff_channels(path, series, meta)
+        if channels:  # one channel of every frame: read whole, then the channel's view
+            _check_memory(path, series.shape, series.dtype)
+            data, _ = _decode_tiff(path, tif, pick)
+            data = data[(slice(None),) * axes.index("C") + (0,)]
+        elif len(core) == 3 and not rgb:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
                 if series.dataoffset is not None and series.dtype.isnative:
                     data = np.memmap(path, dtype=series.dtype, mode="r",
