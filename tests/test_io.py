@@ -1051,3 +1051,14 @@ def test_a_tiff_with_channels_reads_channel_0_not_the_channels_as_frames(tmp_pat
         one = read(tmp_path / "t.tif", frames=2)
     np.testing.assert_array_equal(mg.data, tcyx[:, 0])
     np.testing.assert_array_equal(one.data, tcyx[2, 0])
+
+
+def test_an_ome_tiff_is_calibrated(tmp_path):
+    """OME-TIFF (Bio-Formats, Fiji's OME export) keeps the pixel size in its OME-XML header
+    (PhysicalSizeX, micrometres unless PhysicalSizeXUnit says otherwise)."""
+    img = np.random.default_rng(0).random((40, 48), np.float32)
+    tifffile.imwrite(tmp_path / "a.ome.tif", img, ome=True, metadata={"PhysicalSizeX": 0.02, "PhysicalSizeXUnit": "nm"})
+    tifffile.imwrite(tmp_path / "b.ome.tif", img, ome=True, metadata={"PhysicalSizeX": 0.0002})
+    a, b = read(tmp_path / "a.ome.tif"), read(tmp_path / "b.ome.tif")
+    assert (a.pixel_size, a.unit) == (pytest.approx(0.02), "nm") and (b.pixel_size, b.unit) == (pytest.approx(0.2), "nm")
+    np.testing.assert_array_equal(a.data, img)

@@ -1108,7 +1108,7 @@ class _CaptureLog(logging.Handler):
 
 
 def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
-    """Pixel size from ImageJ, FEI, JSON-description or resolution-tag metadata."""
+    """Pixel size from ImageJ, OME, FEI, JSON-description or resolution-tag metadata."""
     tags = page.tags
 
     def res(name):
@@ -1141,6 +1141,11 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
                 log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", tif.filename,
                             1.0 / xres, 1.0 / yres, unit)
             return 1.0 / xres, unit
+    # OME-TIFF (Bio-Formats, Fiji's OME export): the first Pixels' PhysicalSizeX, in micrometres unless its unit says
+    if getattr(tif, "is_ome", False):
+        ps, unit = _ome_calibration(tif.ome_metadata)
+        if ps is not None:
+            return ps, unit
     # FEI / Thermo Fisher
     fei = getattr(tif, "fei_metadata", None) if getattr(tif, "is_fei", False) else None
     if fei:
@@ -1168,6 +1173,30 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
         if ps_nm < 1e3:  # a print resolution would give pixels of tens of microns
             return ps_nm, "nm"
     return None, None
+
+
+def _ome_calibration(xml: str | None) -> tuple[float | None, str | None]:
+    """``(PhysicalSizeX, its unit)`` of the first ``Pixels`` of an OME-XML header (OME's default unit is
+    the micrometre), or ``(None, None)``.
+
+    >>> _ome_calibration('<OME><Image><Pixels PhysicalSizeX="0.02" PhysicalSizeXUnit="nm"/></Image></OME>')
+    (0.02, 'nm')
+    >>> _ome_calibration('<OME><Image><Pixels PhysicalSizeX="0.5"/></Image></OME>')
+    (0.5, 'µm')
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return None, None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None, None
+    try:
+        return float(pixels.get("PhysicalSizeX")), pixels.get("PhysicalSizeXUnit", "µm")
+    except ValueError:
+        return None, None
 
 
 def _tiff_calibration_rsciio(path: Path, meta: dict) -> tuple[float | None, str | None]:
