@@ -1062,3 +1062,21 @@ def test_an_ome_tiff_is_calibrated(tmp_path):
     a, b = read(tmp_path / "a.ome.tif"), read(tmp_path / "b.ome.tif")
     assert (a.pixel_size, a.unit) == (pytest.approx(0.02), "nm") and (b.pixel_size, b.unit) == (pytest.approx(0.2), "nm")
     np.testing.assert_array_equal(a.data, img)
+
+
+def test_a_hyperspy_file_is_read_with_its_calibration(tmp_path):
+    """HyperSpy's own format (.hspy, HDF5), as a microscopist saves a signal after working on it in
+    HyperSpy: read through RosettaSciIO with its axes' calibration and title."""
+    pytest.importorskip("rsciio.hspy")
+    from rsciio.hspy import file_writer
+
+    img = np.random.default_rng(0).random((40, 48), np.float32)
+    axes = [{"name": n, "size": img.shape[i], "scale": 0.02, "offset": 0.0, "units": "nm", "navigate": False,
+             "index_in_array": i} for i, n in enumerate("yx")]
+    file_writer(str(tmp_path / "a.hspy"), {
+        "data": img, "axes": axes, "metadata": {"General": {"title": "HAADF"}, "Signal": {"signal_type": ""}},
+        "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {}, "models": {},
+        "learning_results": {}, "package_info": {"name": "stemfast-test", "version": "0"}})
+    mg = read(tmp_path / "a.hspy")
+    np.testing.assert_array_equal(mg.data, img)
+    assert mg.pixel_size == pytest.approx(0.02) and mg.unit == "nm" and mg.metadata["title"] == "HAADF"

@@ -3,7 +3,7 @@
 :func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py), Nion Swift data items
 (``.ndata``, and ``.h5`` with their calibration: :mod:`stemfast.nion`) and, through the
 optional extra ``stemfast[io]`` (RosettaSciIO, h5py, mrcfile), Gatan ``.dm3`` / ``.dm4``,
-``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi`` and ``.mrc``; and, named as files, exported
+``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi``, ``.mrc`` and HyperSpy's ``.hspy``; and, named as files, exported
 pictures (``.png``, ``.jpg``, ``.bmp``: Pillow) with a warning that they are no data. Every problem with a file -- it
 is missing, corrupt, truncated, of an unsupported kind, empty, too small, 1-D, complex or has
 non-finite pixels -- raises one error type, :class:`ReadError`, whose message names the file and
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 #: File extensions :func:`read` understands (lower case).
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".tif", ".tiff", ".npy", ".npz", ".h5", ".hdf5",
-    ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc", ".ndata",
+    ".dm3", ".dm4", ".emd", ".ser", ".emi", ".mrc", ".ndata", ".hspy",
 )
 #: Exported pictures :func:`read` opens when they are named (Pillow), with a :class:`ReadWarning`: display grey
 #: levels (8-bit, a contrast stretch), no calibration, often a burnt-in scale bar
@@ -77,6 +77,7 @@ _RSCIIO_PLUGIN = {
     ".ser": "rsciio.tia",
     ".emi": "rsciio.tia",
     ".mrc": "rsciio.mrc",
+    ".hspy": "rsciio.hspy",
 }
 #: the formats whose file can hold several signals (detectors), chosen by title (``read(dataset=)``)
 _SIGNAL_FORMATS = (".dm3", ".dm4", ".emd", ".ser", ".emi")

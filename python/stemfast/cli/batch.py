@@ -23,7 +23,7 @@ log = logging.getLogger("stemfast.cli")
 def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``batch`` options to ``p`` (shared by ``stemfast batch`` and :func:`run_batch_cli`)."""
     p.add_argument("inputs", nargs="+", metavar="DIR_OR_FILE",
-                   help="folder(s) searched recursively for micrographs (TIFF, NPY, DM3/DM4, EMD, SER, MRC, Nion "
+                   help="folder(s) searched recursively for micrographs (TIFF, NPY, DM3/DM4, EMD, SER, MRC, HSPY, Nion "
                         ".ndata, HDF5; see stemfast.io.SUPPORTED_EXTENSIONS), and/or single files; exported pictures "
                         "(PNG, JPEG, BMP) are read when named as files, never picked from a folder")
     p.add_argument("-o", "--output", default="stemfast-out", metavar="OUT",

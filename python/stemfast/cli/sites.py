@@ -20,7 +20,7 @@ def add(sub) -> None:
     p = sub.add_parser("sites", help="find every lattice site of an image and write the site table",
                        description="Find every atomic column and every place a column should be "
                                    "(hexagon centres, vacancies) and write the per-site table.")
-    p.add_argument("image", help="micrograph file (TIFF, NPY, DM3/DM4, EMD, SER, MRC, Nion .ndata, HDF5)")
+    p.add_argument("image", help="micrograph file (TIFF, NPY, DM3/DM4, EMD, SER, MRC, HSPY, Nion .ndata, HDF5)")
     p.add_argument("-o", "--output", default=None,
                    help="output table (.csv, or .parquet); default: IMAGE stem + '.sites.csv'")
     p.add_argument("--frame", type=int, default=None, help="only this frame of a stack")
