@@ -1084,3 +1084,22 @@ def test_a_hyperspy_file_is_read_with_its_calibration(tmp_path):
     mg = read(tmp_path / "a.hspy")
     np.testing.assert_array_equal(mg.data, img)
     assert mg.pixel_size == pytest.approx(0.02) and mg.unit == "nm" and mg.metadata["title"] == "HAADF"
+
+
+def test_pages_decoded_by_pillow_keep_the_series_axes(tmp_path, monkeypatch):
+    """Where tifffile lacks a codec, Pillow decodes page by page: a hyperstack's pages (T x C) are put
+    back in the series' shape before its channel 0 is taken (tifffile made to refuse, as without
+    imagecodecs on an LZW file)."""
+    from stemfast.io import ReadWarning
+
+    stack = np.random.default_rng(1).random((3, 2, 40, 48), np.float32)
+    tifffile.imwrite(tmp_path / "t.tif", stack, imagej=True, metadata={"axes": "TCYX"})
+
+    def refuse(*a, **k):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", refuse)
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", refuse)
+    with pytest.warns(ReadWarning, match="2 channels"):
+        mg = read(tmp_path / "t.tif")
+    np.testing.assert_array_equal(mg.data, stack[:, 0])

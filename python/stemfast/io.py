@@ -19,6 +19,7 @@ recovers; :func:`find_micrographs` lists the readable files of a folder.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -1056,8 +1057,12 @@ def _decode_tiff(path: Path, tif, pick: int, key: Any = None) -> tuple[np.ndarra
             raise exc from None
     log.info("%s: decoded by Pillow (tifffile needs imagecodecs for its %s compression)", path,
              getattr(series.pages[0], "compression", "?"))
-    data = frames[0] if (key is not None and not isinstance(key, list)) or len(series.pages) == 1 else np.stack(frames)
-    return data, True
+    if key is not None:
+        return (np.stack(frames) if isinstance(key, list) else frames[0]), True
+    data = np.stack(frames)
+    if "S" not in series.axes:  # the pages in the series' own shape (a hyperstack's T and C axes)
+        data = data.reshape(series.shape)
+    return (data[0] if len(frames) == 1 and data.ndim > 2 and "S" in series.axes else data), True
 
 
 def _pillow_pages(path: Path, indices: list) -> list:
@@ -1204,21 +1209,31 @@ def _tiff_calibration_rsciio(path: Path, meta: dict) -> tuple[float | None, str 
     """Pixel size of a TIFF whose calibration :func:`_tiff_calibration` does not read (DigitalMicrograph's
     private tags, JEOL SightX, Zeiss SEM, ...) from RosettaSciIO's TIFF reader, where it is installed:
     its x axis' scale where both image axes are in length units; else ``(None, None)``."""
+    st = path.stat()
+    ps, unit = _rsciio_tiff_scale(str(path), st.st_size, st.st_mtime_ns)
+    if ps is not None:
+        meta["calibration_from"] = "RosettaSciIO's TIFF reader"
+    return ps, unit
+
+
+@functools.lru_cache(maxsize=64)
+def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int) -> tuple[float | None, str | None]:
+    """:func:`_tiff_calibration_rsciio`'s reading, once per file version (a series is read frame by
+    frame: ``size`` and ``mtime_ns`` key the cache)."""
     try:
         from rsciio.tiff import file_reader
     except ImportError:
         return None, None
     try:
-        with _CaptureLog("rsciio"), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            signal = file_reader(str(path), lazy=True)[0]
+            signal = file_reader(path, lazy=True)[0]
     except Exception:  # noqa: BLE001 - its reader failing leaves the file uncalibrated, as without it
         return None, None
     axes = sorted(signal.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))[-2:]
     if len(axes) < 2 or any(unit_to_nm(a.get("units")) is None for a in axes):
         return None, None
-    meta["calibration_from"] = "RosettaSciIO's TIFF reader"
-    return axes[-1].get("scale"), axes[-1].get("units")
+    return float(axes[-1].get("scale")), str(axes[-1].get("units"))
 
 
 def _decode_ij_unit(unit: str) -> str:
@@ -1340,12 +1355,6 @@ def _read_ndata(path: Path, frames: Any):
     return _select_frames(path, data, frames), ps, unit, meta
 
 
-def _nion_h5_properties(ds) -> dict | None:
-    from . import nion
-
-    return nion.h5_properties(ds)
-
-
 def _nion_image(path: Path, props: dict, ndim: int, meta: dict) -> tuple[float | None, str | None]:
     """Check a Nion Swift data item is an image or a series of images (a :class:`ReadError` says what
     else it is) and return its calibration; its title and properties go to ``meta``."""
@@ -1363,6 +1372,8 @@ def _nion_image(path: Path, props: dict, ndim: int, meta: dict) -> tuple[float |
 
 
 def _read_hdf5(path: Path, frames: Any, dataset: str | None):
+    from . import nion
+
     try:
         import h5py
     except ImportError as exc:
@@ -1409,7 +1420,7 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
                 break
         if ps is not None and unit is None:
             unit = "nm"
-        if ps is None and (props := _nion_h5_properties(ds)) is not None:  # a Nion Swift data item
+        if ps is None and (props := nion.h5_properties(ds)) is not None:  # a Nion Swift data item
             ps, unit = _nion_image(path, props, ds.ndim, meta)
         if frames is not None and ds.ndim == 3 and min(ds.shape) > 1:
             idx = _frame_index(path, frames, ds.shape[0])  # read only the selected frames
