@@ -431,3 +431,28 @@ def test_nion_swift_data_items_pair_by_their_titles(tmp_path):
     assert main(["analyze", str(tmp_path / "data_0.ndata"), "-o", str(out)]) == EXIT_OK
     s = _summary(out, "data_0")
     assert s["detectors"] == 2 and s["companion_found"] == "automatic"
+
+
+def test_a_tiff_holding_two_detectors_as_channels_pairs_its_own_channels(tmp_path):
+    """An ImageJ hyperstack with the two detectors of a scan as channels (CYX; TCYX for a series):
+    channel 0 is read, channel 1 is its automatic companion (read(dataset="channel 1")); --no-companion:
+    channel 0 alone. A channel TIFF of two different scans is analysed alone with the reason."""
+    import tifffile
+
+    img, series = _scan(80), _scan(81, n_frames=6)
+    tifffile.imwrite(tmp_path / "scan.tif", img, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "ser.tif", np.stack([series[:3], series[3:]], 1), imagej=True,
+                     metadata={"axes": "TCYX"})
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([img[0], _scan(82)[0]]), imagej=True, metadata={"axes": "CYX"})
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    rep = run_batch(tmp_path, out, show_progress=False)
+    assert {r.name: r.status for r in rep.results} == dict.fromkeys(("scan", "ser", "two"), "done")
+    for name, frames in (("scan", 1), ("ser", 3)):
+        s = _summary(out, name)
+        assert s["detectors"] == 2 and s["companion_signal"] == "channel 1" and s["n_frames"] == frames
+    s = _summary(out, "two")
+    assert s["detectors"] == 1 and "not two detectors of the same scan" in " ".join(s["input"]["notes"])
+    rep = run_batch(tmp_path, alone, show_progress=False, auto_companion=False)
+    assert _summary(alone, "scan")["detectors"] == 1
+    assert not np.allclose(pd.read_csv(out / "scan" / "sites.csv")["anomaly_score"],
+                           pd.read_csv(alone / "scan" / "sites.csv")["anomaly_score"])

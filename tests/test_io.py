@@ -1055,6 +1055,12 @@ def test_a_tiff_with_channels_reads_channel_0_not_the_channels_as_frames(tmp_pat
         one = read(tmp_path / "t.tif", frames=2)
     np.testing.assert_array_equal(mg.data, tcyx[:, 0])
     np.testing.assert_array_equal(one.data, tcyx[2, 0])
+    with pytest.warns(ReadWarning, match="channel 1 was read"):  # the other channel, by name
+        np.testing.assert_array_equal(read(tmp_path / "t.tif", dataset="Channel 1").data, tcyx[:, 1])
+    with pytest.raises(ReadError, match="no channel 2: the TIFF holds 2"):
+        read(tmp_path / "c.tif", dataset="channel 2")
+    with pytest.raises(ReadError, match="names a channel"):
+        read(tmp_path / "c.tif", dataset="HAADF")
 
 
 def test_an_ome_tiff_is_calibrated(tmp_path):

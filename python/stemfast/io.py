@@ -42,6 +42,7 @@ __all__ = [
     "read",
     "pick_signal",
     "signal_titles",
+    "tiff_channels",
     "sidecar",
     "write_tiff",
     "find_micrographs",
@@ -268,7 +269,8 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     dataset : which image of a file that holds several: for HDF5 the path of the dataset inside the
         file (default: the first 2-D/3-D one); for EMD, DM3/DM4 and SER/EMI the title of the signal,
         any case (a Velox EMD names each detector's image: ``"DF4"``; default: the one titled HAADF, else
-        the first image; the titles are in ``metadata["signals"]``).
+        the first image; the titles are in ``metadata["signals"]``); for a TIFF with a channel axis
+        (an ImageJ hyperstack's C) ``"channel N"`` (default: channel 0).
     allow_nonfinite : replace scattered NaN/inf pixels by the median of the frame (with a warning)
         instead of raising (command line: ``--fill-nonfinite``). NaN/inf pixels that all form regions
         without data (an aligned or drift-corrected frame's NaN padding) are filled either way, with
@@ -349,9 +351,22 @@ def _check_file(p: Path, dataset: str | None) -> str:
         raise ReadError(p, "permission denied")
     if p.stat().st_size == 0:
         raise ReadError(p, "file is empty (0 bytes)")
-    if dataset is not None and ext not in (".h5", ".hdf5") + _SIGNAL_FORMATS:
-        raise ReadError(p, f"dataset= applies to HDF5 ({_SIGNAL_FORMATS}: the signal's title) files only")
+    if dataset is not None and ext in (".tif", ".tiff"):
+        _tiff_channel_index(p, dataset)
+    elif dataset is not None and ext not in (".h5", ".hdf5") + _SIGNAL_FORMATS:
+        raise ReadError(p, f"dataset= applies to HDF5 ({_SIGNAL_FORMATS}: the signal's title; TIFF: "
+                           "'channel N') files only")
     return ext
+
+
+def _tiff_channel_index(p: Path, dataset: str | None) -> int:
+    """The channel a TIFF's ``dataset`` names ("channel N"; 0 for None), or a :class:`ReadError`."""
+    if dataset is None:
+        return 0
+    m = re.fullmatch(r"\s*channel\s*(\d+)\s*", str(dataset), re.I)
+    if m is None:
+        raise ReadError(p, f"for a TIFF, dataset= names a channel ('channel 1'), not {dataset!r}")
+    return int(m.group(1))
 
 
 def _read_raw(p: Path, ext: str, frames, dataset: str | None):
@@ -359,7 +374,7 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
     :class:`ReadError` (unreadable or corrupt file, or not enough memory)."""
     try:
         if ext in (".tif", ".tiff"):
-            return _read_tiff(p, frames)
+            return _read_tiff(p, frames, _tiff_channel_index(p, dataset))
         if ext == ".npy":
             return _read_npy(p, frames)
         if ext == ".npz":
@@ -777,17 +792,40 @@ def _note_series(path: Path, series_list, pick: int, meta: dict) -> None:
         log.info("%s", msg)
 
 
-def _tiff_channels(path: Path, series, meta: dict) -> int:
+def tiff_channels(path: str | os.PathLike) -> int:
+    """The number of channels (the ``C`` axis: an ImageJ hyperstack of detectors) of the series
+    :func:`read` reads from a TIFF; 0 without a channel axis or for a file it cannot open.
+
+    >>> import tempfile, os, tifffile
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.tif")
+    >>> tifffile.imwrite(p, np.zeros((2, 32, 32), np.float32), imagej=True, metadata={"axes": "CYX"})
+    >>> tiff_channels(p)
+    2
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[_largest_series(tif.series)]
+            return int(series.shape[series.axes.index("C")]) if "C" in series.axes else 0
+    except Exception:  # noqa: BLE001 - not readable here: read() says why when the file is read
+        return 0
+
+
+def _tiff_channels(path: Path, series, meta: dict, channel: int = 0) -> int:
     """The number of channels of a TIFF series with a channel axis (an ImageJ hyperstack's ``C``:
-    detectors or colours of one scan, not frames of a series), 0 without one. Channel 0 is read, with
-    a :class:`ReadWarning` and ``meta["channels"]``."""
+    detectors or colours of one scan, not frames of a series), 0 without one. Channel ``channel`` is
+    read (a :class:`ReadError` where there is no such channel), with a :class:`ReadWarning`;
+    ``meta["channels"]``, ``meta["channel"]``."""
     axes, shape = series.axes, series.shape
     n = int(shape[axes.index("C")]) if "C" in axes else 0
+    if channel >= max(n, 1):
+        raise ReadError(path, f"no channel {channel}: the TIFF holds {max(n, 1)}")
     if n < 2:
         return 0
-    meta["channels"] = n
+    meta["channels"], meta["channel"] = n, channel
     msg = (f"{path}: the TIFF holds {n} channels (its C axis: detectors or colours of one scan, not frames of a "
-           "series); channel 0 was read. Save each detector as its own file to analyse the others")
+           f"series); channel {channel} was read")
     warnings.warn(msg, ReadWarning, stacklevel=5)
     log.info("%s", msg)
     return n
@@ -956,7 +994,7 @@ def _frame_index(path: Path, frames: Any, n: int) -> int | slice | np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # readers: each returns (array-like, pixel_size, unit, metadata)
 # ---------------------------------------------------------------------------------------------
-def _read_tiff(path: Path, frames: Any):
+def _read_tiff(path: Path, frames: Any, channel: int = 0):
     import tifffile
 
     size = path.stat().st_size
@@ -1010,11 +1048,11 @@ def _read_tiff(path: Path, frames: Any):
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
-        channels = _tiff_channels(path, series, meta)
+        channels = _tiff_channels(path, series, meta, channel)
         if channels:  # one channel of every frame: read whole, then the channel's view
             _check_memory(path, series.shape, series.dtype)
             data, _ = _decode_tiff(path, tif, pick)
-            data = data[(slice(None),) * axes.index("C") + (0,)]
+            data = data[(slice(None),) * axes.index("C") + (channel,)]
         elif len(core) == 3 and not rgb:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
                 if series.dataoffset is not None and series.dtype.isnative:

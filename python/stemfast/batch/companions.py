@@ -34,7 +34,8 @@ Pairing
   the DF2 is its companion; the BF is not; a Spectra's "DF-I", "DF-O", "DF-S" are its ``dfi``, ``dfo``,
   ``dfs``); or, for Nion Swift data items (a library names its files by date and id), the item beside
   it whose *title* differs in the detector's name alone (:func:`title_companion`: "SuperScan (HAADF) 12"
-  and "SuperScan (MAADF) 12"). It is used only where it is of the same scan
+  and "SuperScan (MAADF) 12"); or, for a TIFF holding the detectors as channels (an ImageJ hyperstack),
+  its channel 1 (channel 0 is read). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -263,15 +264,18 @@ def signal_companion(path) -> str | None:
     """The title of another detector's image in the input's own file (a Velox EMD holds each detector's
     image of a scan: HAADF, DF4, DF2, BF), or None: of the file's images (:func:`stemfast.io.signal_titles`)
     those titled with a name of :data:`DETECTOR_NAMES` (letters and digits of the title: "DF-I" is
-    ``dfi``) other than the one read, the first in its order.
+    ``dfi``) other than the one read, the first in its order. Of a TIFF with channels (an ImageJ
+    hyperstack of two detectors), channel 1: channel 0 is the one read.
 
     Examples
     --------
     >>> signal_companion("scan.tif") is None
     True
     """
-    from ..io import pick_signal, signal_titles
+    from ..io import pick_signal, signal_titles, tiff_channels
 
+    if Path(path).suffix.lower() in (".tif", ".tiff"):  # a channel-axis TIFF: channel 0 is read
+        return "channel 1" if tiff_channels(path) >= 2 else None
     if Path(path).suffix.lower() != ".emd":
         return None
     titles = signal_titles(path)
