@@ -812,11 +812,11 @@ def tiff_channels(path: str | os.PathLike) -> int:
         return 0
 
 
-def _tiff_channels(path: Path, series, meta: dict, channel: int = 0) -> int:
+def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool = True) -> int:
     """The number of channels of a TIFF series with a channel axis (an ImageJ hyperstack's ``C``:
     detectors or colours of one scan, not frames of a series), 0 without one. Channel ``channel`` is
-    read (a :class:`ReadError` where there is no such channel), with a :class:`ReadWarning`;
-    ``meta["channels"]``, ``meta["channel"]``."""
+    read (a :class:`ReadError` where there is no such channel), with a :class:`ReadWarning` (``warn``:
+    not for each frame a series is read by); ``meta["channels"]``, ``meta["channel"]``."""
     axes, shape = series.axes, series.shape
     n = int(shape[axes.index("C")]) if "C" in axes else 0
     if channel >= max(n, 1):
@@ -826,7 +826,8 @@ def _tiff_channels(path: Path, series, meta: dict, channel: int = 0) -> int:
     meta["channels"], meta["channel"] = n, channel
     msg = (f"{path}: the TIFF holds {n} channels (its C axis: detectors or colours of one scan, not frames of a "
            f"series); channel {channel} was read")
-    warnings.warn(msg, ReadWarning, stacklevel=5)
+    if warn:
+        warnings.warn(msg, ReadWarning, stacklevel=5)
     log.info("%s", msg)
     return n
 
@@ -1048,7 +1049,7 @@ def _read_tiff(path: Path, frames: Any, channel: int = 0):
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
-        channels = _tiff_channels(path, series, meta, channel)
+        channels = _tiff_channels(path, series, meta, channel, warn=frames is None)
         if channels:  # one channel of every frame: read whole, then the channel's view
             _check_memory(path, series.shape, series.dtype)
             data, _ = _decode_tiff(path, tif, pick)
