@@ -456,3 +456,29 @@ def test_a_tiff_holding_two_detectors_as_channels_pairs_its_own_channels(tmp_pat
     assert _summary(alone, "scan")["detectors"] == 1
     assert not np.allclose(pd.read_csv(out / "scan" / "sites.csv")["anomaly_score"],
                            pd.read_csv(alone / "scan" / "sites.csv")["anomaly_score"])
+
+
+def test_a_velox_spectrum_image_files_images_are_read_without_rosettasciio(tmp_path):
+    """RosettaSciIO will not read a Velox spectrum-image acquisition's images without the optional
+    package sparse (the real test files of RosettaSciIO say so); stemfast reads the images from the
+    Velox layout itself: the dark-field image before the EDS maps (a Spectra's DF-S), the largest of
+    two alike, calibrated; its other detector is the companion as in any Velox file."""
+    pytest.importorskip("rsciio")
+    from velox import write_velox
+
+    from stemfast import io
+
+    img = _scan(90)
+    maps = np.zeros((40, 40), np.float32)
+    f = write_velox(tmp_path / "si.emd", {"UltraX": maps, "DF-S": img[0][:40, :40], "DF-I": img[1],
+                                          "DF-S ": img[0]}, spectrum_image=True)
+    mg = io.read(f)
+    np.testing.assert_array_equal(mg.data, img[0])
+    assert mg.metadata["reader"] == "velox (h5py)" and mg.pixel_size == pytest.approx(0.02)
+    out = tmp_path / "out"
+    assert main(["analyze", str(f), "-o", str(out)]) == EXIT_OK
+    s = _summary(out, "si")
+    assert s["detectors"] == 2 and s["companion_signal"] == "DF-I"
+    (tmp_path / "bad.emd").write_bytes(b"\x89HDF\r\n\x1a\n" + b"0" * 64)  # not Velox: RosettaSciIO's reason
+    with pytest.raises(io.ReadError, match="unreadable or corrupt EMD"):
+        io.read(tmp_path / "bad.emd")

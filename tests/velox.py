@@ -28,9 +28,13 @@ import numpy as np
 _PAD = 60000  # Velox's metadata column length
 
 
-def write_velox(path: Path, images: dict, pixel_m: float = 2e-11, chunked: bool = True) -> Path:
+def write_velox(path: Path, images: dict, pixel_m: float = 2e-11, chunked: bool = True,
+                spectrum_image: bool = False) -> Path:
     """Write ``images`` {detector title: [H, W] or [frames, H, W] array} as one Velox EMD file of
-    pixel size ``pixel_m`` (metres); ``chunked=False`` stores the data unchunked (as some converters do)."""
+    pixel size ``pixel_m`` (metres); ``chunked=False`` stores the data unchunked (as some converters do);
+    ``spectrum_image``: with a ``Data/SpectrumImage`` group, as an EDS acquisition has (a stand-in: its
+    spectrum stream is not written, so RosettaSciIO cannot read the file, as without ``sparse`` it
+    cannot read a real one)."""
     import h5py
 
     text = h5py.string_dtype()
@@ -48,6 +52,8 @@ def write_velox(path: Path, images: dict, pixel_m: float = 2e-11, chunked: bool 
             g.create_dataset("FrameLookupTable", data=np.arange(data.shape[2], dtype=np.uint32))
             ops.create_dataset(uuid.uuid4().hex, dtype=text,
                                data=[json.dumps({"dataPath": f"/Data/Image/{key}", "detector": title})])
+        if spectrum_image:
+            f.create_group(f"Data/SpectrumImage/{uuid.uuid4().hex}").create_dataset("Data", data=np.zeros(16))
     return path
 
 

@@ -1578,22 +1578,35 @@ def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def pick_signal(titles: Sequence[str], signal: str | None = None) -> int | None:
+def pick_signal(titles: Sequence[str], signal: str | None = None,
+                sizes: Sequence[int] | None = None) -> int | None:
     """Index of the image :func:`read` gives of a file holding the images ``titles``: the one titled
-    ``signal`` (any case; None where there is none), or by default the one titled "HAADF", else the
-    first whose title holds "haadf" (a Velox file's processed "DCFI(HAADF)" after its own HAADF),
-    else the first.
+    ``signal`` (any case; None where there is none), or by default the one titled "HAADF", else one
+    whose title holds "haadf" (a Velox file's processed "DCFI(HAADF)" after its own HAADF), else one of
+    another dark-field detector (:data:`stemfast.detectors.DETECTOR_NAMES`: a Spectra's "DF-S" before
+    the EDS maps of its spectrum image), else any; of several alike, the largest (``sizes``, pixels),
+    then the first.
 
     >>> pick_signal(["BF", "HAADF", "DF4"]), pick_signal(["BF", "HAADF", "DF4"], "df4"), pick_signal(["BF"], "DF2")
     (1, 2, None)
     >>> pick_signal(["DCFI(HAADF)", "HAADF"]), pick_signal(["DF2", "DCFI(HAADF)"])
     (1, 1)
+    >>> pick_signal(["UltraX", "DF-S", "DF-S"], sizes=[320, 320, 16384])
+    2
     """
+    from .detectors import DETECTOR_NAMES, detector_key
+
     if signal is not None:
         return next((i for i, t in enumerate(titles) if t.lower() == signal.lower()), None)
-    low = [t.lower() for t in titles]
-    return next((i for i, t in enumerate(low) if t == "haadf"),
-                next((i for i, t in enumerate(low) if "haadf" in t), 0))
+    if not titles:
+        return 0
+
+    def rank(t: str) -> int:
+        low = t.lower()
+        return 0 if low == "haadf" else 1 if "haadf" in low else 2 if detector_key(t) in DETECTOR_NAMES else 3
+
+    size = list(sizes) if sizes is not None else [0] * len(titles)
+    return min(range(len(titles)), key=lambda i: (rank(titles[i]), -size[i], i))
 
 
 def signal_titles(path: str | os.PathLike) -> list[str]:
@@ -1640,9 +1653,30 @@ def _rsciio_signals(path: Path) -> list:
                               f"stemfast[io] (pip install 'stemfast[io]')") from exc
     plugin = importlib.import_module(_RSCIIO_PLUGIN[ext])
     try:
-        return plugin.file_reader(str(path), lazy=True)
-    except (TypeError, ValueError):  # no lazy reading in this reader, or not of this file's layout (an
-        return plugin.file_reader(str(path))  # EMD dataset stored unchunked): read it whole
+        try:
+            return plugin.file_reader(str(path), lazy=True)
+        except (TypeError, ValueError):  # no lazy reading in this reader, or not of this file's layout (an
+            return plugin.file_reader(str(path))  # EMD dataset stored unchunked): read it whole
+    except Exception as exc:
+        return _velox_images(path, exc)
+
+
+def _velox_images(path: Path, exc: Exception) -> list:
+    """A Velox EMD's images read directly (:mod:`stemfast.velox`) where RosettaSciIO failed on the file
+    (``exc``: a spectrum-image acquisition needs ``sparse`` even for its images); ``exc`` again for any
+    other file, or where the direct read fails too."""
+    from . import velox
+
+    if path.suffix.lower() != ".emd" or not velox.is_velox(path):
+        raise exc
+    try:
+        signals = velox.image_signals(path)
+    except Exception:  # noqa: BLE001 - neither reader can: RosettaSciIO's reason is the one to give
+        raise exc from None
+    log.info("%s: images read directly from the Velox layout (RosettaSciIO: %s: %s)", path, type(exc).__name__, exc)
+    for sig in signals:
+        sig["metadata"]["stemfast_reader"] = "velox (h5py)"
+    return signals
 
 
 def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
@@ -1653,7 +1687,7 @@ def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
         shapes = [tuple(np.shape(s["data"])) for s in signals]
         raise ReadError(path, f"no 2-D image or 3-D image stack in the file (signals: {shapes})")
     title = _signal_title
-    k = pick_signal([title(s) for s in images], signal)
+    k = pick_signal([title(s) for s in images], signal, [int(np.prod(np.shape(s["data"])[-2:])) for s in images])
     if k is None:
         raise ReadError(path, f"no image titled {signal!r} in the file (images: {[title(s) for s in images]})")
     sig = images[k]
@@ -1664,7 +1698,7 @@ def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
         ps, unit = ax_x.get("scale"), ax_x.get("units")
         if unit in (None, "") or str(unit).strip().lower() in _NO_UNIT:
             ps = unit = None
-    meta = {"format": ext[1:], "reader": "rsciio", "title": title(sig),
+    meta = {"format": ext[1:], "reader": (sig.get("metadata") or {}).get("stemfast_reader", "rsciio"), "title": title(sig),
             "axes": [{k: _attr(v) for k, v in a.items()} for a in axes],
             "signals": [title(s) for s in signals],
             "images": [title(s) for s in images],

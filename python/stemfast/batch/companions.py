@@ -61,6 +61,7 @@ from typing import Mapping
 import numpy as np
 
 from ..config import ReadOptions
+from ..detectors import DETECTOR_NAMES, detector_key
 from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
 
@@ -70,12 +71,6 @@ __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_comp
 
 log = logging.getLogger("stemfast.batch")
 
-#: the dark-field detectors' names a file name carries (lower case; compared in any case), in the order an
-#: automatic companion is chosen among several. Bright field (BF, ABF) is left out: its contrast follows
-#: focus and thickness, not only the atoms, and no real BF companion was measured -- name one with
-#: ``--companion`` where wanted
-DETECTOR_NAMES = ("haadf", "adf1", "maadf", "adf2", "laadf", "adf3", "adf4", "adf", "df", "df1", "df2", "df3",
-                  "df4", "dfi", "dfo", "dfs")
 #: the formats whose files carry the detector in their title (Nion Swift data items: :func:`title_companion`)
 TITLED_FORMATS = (".ndata", ".h5")
 #: two images of one scan: the normalised cross-correlation of their columns (each band-passed) is
@@ -281,16 +276,9 @@ def signal_companion(path) -> str | None:
     titles = signal_titles(path)
     if len(titles) < 2:
         return None
-    read = _detector_key(titles[pick_signal(titles)])
-    others = {_detector_key(t): t for t in titles}
+    read = detector_key(titles[pick_signal(titles)])
+    others = {detector_key(t): t for t in titles}
     return next((others[n] for n in DETECTOR_NAMES if n in others and n != read), None)
-
-
-def _detector_key(title: str) -> str:
-    """A detector's title as :data:`DETECTOR_NAMES` spells it: lower case, letters and digits only
-    (a Spectra's "DF-I", "DF-O", "DF-S" are ``dfi``, ``dfo``, ``dfs``; a DF4 segment "DF4-A" is ``df4a``,
-    no name: a quarter of the detector is not its image)."""
-    return re.sub(r"[^a-z0-9]", "", title.lower())
 
 
 def same_scan_refusal(img: np.ndarray, comp: np.ndarray, mg=None, cm=None) -> str | None:
