@@ -1581,11 +1581,11 @@ def _positive(v) -> bool:
 def pick_signal(titles: Sequence[str], signal: str | None = None,
                 sizes: Sequence[int] | None = None) -> int | None:
     """Index of the image :func:`read` gives of a file holding the images ``titles``: the one titled
-    ``signal`` (any case; None where there is none), or by default the one titled "HAADF", else one
+    ``signal`` (any case; None where there is none; the largest of several), or by default the one titled "HAADF", else one
     whose title holds "haadf" (a Velox file's processed "DCFI(HAADF)" after its own HAADF), else one of
-    another dark-field detector (:data:`stemfast.detectors.DETECTOR_NAMES`: a Spectra's "DF-S" before
-    the EDS maps of its spectrum image), else any; of several alike, the largest (``sizes``, pixels),
-    then the first.
+    another dark-field detector (:data:`stemfast.detectors.DETECTOR_NAMES`, in its order: a Spectra's
+    "DF-S" before the EDS maps of its spectrum image), else any; of several alike, the largest
+    (``sizes``, pixels), then the first (a Velox file's images come in no set order).
 
     >>> pick_signal(["BF", "HAADF", "DF4"]), pick_signal(["BF", "HAADF", "DF4"], "df4"), pick_signal(["BF"], "DF2")
     (1, 2, None)
@@ -1596,17 +1596,19 @@ def pick_signal(titles: Sequence[str], signal: str | None = None,
     """
     from .detectors import DETECTOR_NAMES, detector_key
 
+    size = list(sizes) if sizes is not None else [0] * len(titles)
     if signal is not None:
-        return next((i for i, t in enumerate(titles) if t.lower() == signal.lower()), None)
+        named = [i for i, t in enumerate(titles) if t.lower() == signal.lower()]
+        return min(named, key=lambda i: (-size[i], i)) if named else None
     if not titles:
         return 0
 
-    def rank(t: str) -> int:
-        low = t.lower()
-        return 0 if low == "haadf" else 1 if "haadf" in low else 2 if detector_key(t) in DETECTOR_NAMES else 3
+    def rank(t: str) -> tuple[int, int]:
+        low, key = t.lower(), detector_key(t)
+        order = DETECTOR_NAMES.index(key) if key in DETECTOR_NAMES else len(DETECTOR_NAMES)
+        return (0 if low == "haadf" else 1 if "haadf" in low else 2 if order < len(DETECTOR_NAMES) else 3), order
 
-    size = list(sizes) if sizes is not None else [0] * len(titles)
-    return min(range(len(titles)), key=lambda i: (rank(titles[i]), -size[i], i))
+    return min(range(len(titles)), key=lambda i: (*rank(titles[i]), -size[i], i))
 
 
 def signal_titles(path: str | os.PathLike) -> list[str]:
