@@ -806,10 +806,14 @@ def tiff_channels(path: str | os.PathLike) -> int:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[_largest_series(tif.series)]
-            return int(series.shape[series.axes.index("C")]) if "C" in series.axes else 0
+            return _channel_count(tif.series[_largest_series(tif.series)])
     except Exception:  # noqa: BLE001 - not readable here: read() says why when the file is read
         return 0
+
+
+def _channel_count(series) -> int:
+    """The size of a TIFF series' channel axis (``C``), 0 without one."""
+    return int(series.shape[series.axes.index("C")]) if "C" in series.axes else 0
 
 
 def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool = True) -> int:
@@ -817,8 +821,7 @@ def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool 
     detectors or colours of one scan, not frames of a series), 0 without one. Channel ``channel`` is
     read (a :class:`ReadError` where there is no such channel), with a :class:`ReadWarning` (``warn``:
     not for each frame a series is read by); ``meta["channels"]``, ``meta["channel"]``."""
-    axes, shape = series.axes, series.shape
-    n = int(shape[axes.index("C")]) if "C" in axes else 0
+    n = _channel_count(series)
     if channel >= max(n, 1):
         raise ReadError(path, f"no channel {channel}: the TIFF holds {max(n, 1)}")
     if n < 2:
@@ -1050,11 +1053,7 @@ def _read_tiff(path: Path, frames: Any, channel: int = 0):
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
         channels = _tiff_channels(path, series, meta, channel, warn=frames is None)
-        if channels:  # one channel of every frame: read whole, then the channel's view
-            _check_memory(path, series.shape, series.dtype)
-            data, _ = _decode_tiff(path, tif, pick)
-            data = data[(slice(None),) * axes.index("C") + (channel,)]
-        elif len(core) == 3 and not rgb:
+        if len(core) == 3 and not rgb and not channels:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
                 if series.dataoffset is not None and series.dtype.isnative:
                     data = np.memmap(path, dtype=series.dtype, mode="r",
@@ -1073,7 +1072,9 @@ def _read_tiff(path: Path, frames: Any, channel: int = 0):
         if data is None:
             _check_memory(path, series.shape, series.dtype)
             data, by_pillow = _decode_tiff(path, tif, pick)
-            if rgb and axes.index("S") != len(axes) - 1 and not by_pillow:  # planar RGB: samples last
+            if channels:  # one channel of every frame: the channel's view of the whole series
+                data = data[(slice(None),) * axes.index("C") + (channel,)]
+            elif rgb and axes.index("S") != len(axes) - 1 and not by_pillow:  # planar RGB: samples last
                 data = np.moveaxis(data, axes.index("S"), -1)
     return _select_frames(path, data, frames), pixel_size, unit, meta
 
@@ -1098,10 +1099,10 @@ def _decode_tiff(path: Path, tif, pick: int, key: Any = None) -> tuple[np.ndarra
              getattr(series.pages[0], "compression", "?"))
     if key is not None:
         return (np.stack(frames) if isinstance(key, list) else frames[0]), True
-    data = np.stack(frames)
+    data = np.stack(frames) if len(frames) > 1 else frames[0]
     if "S" not in series.axes:  # the pages in the series' own shape (a hyperstack's T and C axes)
         data = data.reshape(series.shape)
-    return (data[0] if len(frames) == 1 and data.ndim > 2 and "S" in series.axes else data), True
+    return data, True
 
 
 def _pillow_pages(path: Path, indices: list) -> list:
@@ -1431,10 +1432,8 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
             found: list = []
 
             def visit(name, obj):
-                if isinstance(obj, h5py.Dataset) and not found:
-                    core = [s for s in obj.shape if s != 1]
-                    if obj.dtype.kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE:
-                        found.append(name)
+                if isinstance(obj, h5py.Dataset) and not found and _image_like(obj.shape, obj.dtype):
+                    found.append(name)
 
             f.visititems(visit)
             if not found:
@@ -1629,12 +1628,17 @@ def _is_image(signal: Mapping) -> bool:
     """Whether a RosettaSciIO signal is a 2-D image or a 3-D stack of images of at least :data:`MIN_SIDE` px:
     real-valued (not an FFT or a DPC vector field), its last two axes not navigation axes (a line of
     spectra, [positions, channels], or a spectrum image is not an image)."""
-    core = [x for x in (int(v) for v in np.shape(signal["data"])) if x != 1]
-    if len(core) not in (2, 3) or min(core[-2:]) < MIN_SIDE:
+    if not _image_like(np.shape(signal["data"]), getattr(signal["data"], "dtype", np.float32)):
         return False
-    dtype = np.dtype(getattr(signal["data"], "dtype", np.float32))
     axes = sorted(signal.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))
-    return dtype.kind in "biuf" and not any(a.get("navigate") is True for a in axes[-2:])
+    return not any(a.get("navigate") is True for a in axes[-2:])
+
+
+def _image_like(shape: Sequence[int], dtype) -> bool:
+    """Whether an array of ``shape`` and ``dtype`` can be a 2-D image or a 3-D stack of images: real
+    numbers, two or three axes longer than 1, the image sides at least :data:`MIN_SIDE` px."""
+    core = [x for x in (int(v) for v in shape) if x != 1]
+    return np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
 
 
 def _signal_title(signal: Mapping) -> str:
