@@ -444,12 +444,18 @@ def test_a_tiff_holding_two_detectors_as_channels_pairs_its_own_channels(tmp_pat
     tifffile.imwrite(tmp_path / "ser.tif", np.stack([series[:3], series[3:]], 1), imagej=True,
                      metadata={"axes": "TCYX"})
     tifffile.imwrite(tmp_path / "two.tif", np.stack([img[0], _scan(82)[0]]), imagej=True, metadata={"axes": "CYX"})
+    # titled channels (ImageJ labels): the HAADF is read wherever it is, the other detector is its companion
+    tifffile.imwrite(tmp_path / "titled.tif", np.stack([img[1], img[0]]), imagej=True,
+                     metadata={"axes": "CYX", "Labels": ["MAADF", "HAADF"]})
     out, alone = tmp_path / "out", tmp_path / "alone"
     rep = run_batch(tmp_path, out, show_progress=False)
-    assert {r.name: r.status for r in rep.results} == dict.fromkeys(("scan", "ser", "two"), "done")
+    assert {r.name: r.status for r in rep.results} == dict.fromkeys(("scan", "ser", "two", "titled"), "done")
     for name, frames in (("scan", 1), ("ser", 3)):
         s = _summary(out, name)
         assert s["detectors"] == 2 and s["companion_signal"] == "channel 1" and s["n_frames"] == frames
+    s = _summary(out, "titled")
+    assert s["detectors"] == 2 and s["companion_signal"] == "MAADF"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "titled" / "sites.csv"), pd.read_csv(out / "scan" / "sites.csv"))
     s = _summary(out, "two")
     assert s["detectors"] == 1 and "not two detectors of the same scan" in " ".join(s["input"]["notes"])
     rep = run_batch(tmp_path, alone, show_progress=False, auto_companion=False)

@@ -1109,3 +1109,58 @@ def test_pages_decoded_by_pillow_keep_the_series_axes(tmp_path, monkeypatch):
     with pytest.warns(ReadWarning, match="2 channels"):
         mg = read(tmp_path / "t.tif")
     np.testing.assert_array_equal(mg.data, stack[:, 0])
+
+
+def test_a_tiff_with_titled_channels_reads_the_dark_field_channel(tmp_path):
+    """A channel TIFF whose channels are titled (ImageJ slice labels, OME-TIFF channel names) gives the
+    dark-field detector's channel, as an EMD of several detectors does, whatever channel it is; any
+    channel is read by its title (any case) or number; a title it does not hold is an error that lists
+    them. Titles that do not tell the channels apart are not used (channel 0, as without titles)."""
+    from stemfast.batch.inputs import describe_input
+    from stemfast.io import ReadWarning, tiff_channel_info
+
+    rng = np.random.default_rng(1)
+    tcyx = rng.random((3, 2, 40, 48), np.float32)
+    tifffile.imwrite(tmp_path / "ij.tif", tcyx, imagej=True,
+                     metadata={"axes": "TCYX", "Labels": ["BF", "HAADF"] * 3})
+    tifffile.imwrite(tmp_path / "ome.ome.tif", tcyx[0], ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["BF", "HAADF"]}})
+    tifffile.imwrite(tmp_path / "same.tif", tcyx[0], imagej=True, metadata={"axes": "CYX", "Labels": ["a", "A"]})
+    assert tiff_channel_info(tmp_path / "ij.tif") == (2, ["BF", "HAADF"])
+    assert tiff_channel_info(tmp_path / "ome.ome.tif") == (2, ["BF", "HAADF"])
+    assert tiff_channel_info(tmp_path / "same.tif") == (2, [])
+    with pytest.warns(ReadWarning, match=r"2 channels \(BF, HAADF\).*channel 1 \(HAADF\) was read"):
+        mg = read(tmp_path / "ij.tif")
+    np.testing.assert_array_equal(mg.data, tcyx[:, 1])
+    assert mg.metadata["channel_titles"] == ["BF", "HAADF"]
+    assert any("channel 1 (HAADF) was read" in n for n in describe_input(mg)["notes"])
+    with pytest.warns(ReadWarning):
+        np.testing.assert_array_equal(read(tmp_path / "ij.tif", dataset="bf").data, tcyx[:, 0])
+        np.testing.assert_array_equal(read(tmp_path / "ij.tif", dataset="channel 0", frames=2).data, tcyx[2, 0])
+        np.testing.assert_array_equal(read(tmp_path / "ome.ome.tif").data, tcyx[0, 1])
+        np.testing.assert_array_equal(read(tmp_path / "same.tif").data, tcyx[0, 0])
+    with pytest.raises(ReadError, match="titled 'BF', 'HAADF', not 'DF2'"):
+        read(tmp_path / "ij.tif", dataset="DF2")
+
+
+def test_pixels_that_are_not_square_are_said_and_the_width_is_the_pixel_size(tmp_path, img, caplog):
+    """An ImageJ TIFF (XResolution / YResolution) or a Nion data item (its two dimensional calibrations)
+    whose pixels are taller than wide: the width is the pixel size, the height is in
+    ``metadata["pixel_size_y"]``, and a warning is logged; square pixels have neither."""
+    import logging
+
+    cal = [{"offset": 0.0, "scale": 0.015, "units": "nm"}, {"offset": 0.0, "scale": 0.0125, "units": "nm"}]
+    tifffile.imwrite(tmp_path / "a.tif", img.astype(np.float32), imagej=True, resolution=(1 / 0.0125, 1 / 0.015),
+                     metadata={"unit": "nm"})
+    tifffile.imwrite(tmp_path / "sq.tif", img.astype(np.float32), imagej=True, resolution=(80.0, 80.0),
+                     metadata={"unit": "nm"})
+    with caplog.at_level(logging.WARNING, logger="stemfast"):
+        for mg in (read(tmp_path / "a.tif"),
+                   read(_ndata(tmp_path / "a.ndata", img, _nion_props(dimensional_calibrations=cal)))):
+            assert mg.pixel_size == pytest.approx(0.0125) and mg.metadata["pixel_size_y"] == pytest.approx(0.015)
+    assert sum("anisotropic pixels (x 0.0125, y 0.015 nm)" in r.getMessage() for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stemfast"):
+        sq = read(tmp_path / "sq.tif")
+    assert sq.pixel_size == pytest.approx(0.0125) and "pixel_size_y" not in sq.metadata
+    assert not any("anisotropic" in r.getMessage() for r in caplog.records)

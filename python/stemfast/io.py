@@ -43,6 +43,7 @@ __all__ = [
     "pick_signal",
     "signal_titles",
     "tiff_channels",
+    "tiff_channel_info",
     "sidecar",
     "write_tiff",
     "find_micrographs",
@@ -270,7 +271,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         file (default: the first 2-D/3-D one); for EMD, DM3/DM4 and SER/EMI the title of the signal,
         any case (a Velox EMD names each detector's image: ``"DF4"``; default: the one titled HAADF, else
         the first image; the titles are in ``metadata["signals"]``); for a TIFF with a channel axis
-        (an ImageJ hyperstack's C) ``"channel N"`` (default: channel 0).
+        (an ImageJ hyperstack's C, an OME-TIFF's) ``"channel N"`` or the channel's title, any case
+        (ImageJ slice labels, OME channel names; default: the one :func:`pick_signal` picks of the
+        titles, a dark-field detector's, else channel 0; the titles are in
+        ``metadata["channel_titles"]``).
     allow_nonfinite : replace scattered NaN/inf pixels by the median of the frame (with a warning)
         instead of raising (command line: ``--fill-nonfinite``). NaN/inf pixels that all form regions
         without data (an aligned or drift-corrected frame's NaN padding) are filled either way, with
@@ -351,22 +355,27 @@ def _check_file(p: Path, dataset: str | None) -> str:
         raise ReadError(p, "permission denied")
     if p.stat().st_size == 0:
         raise ReadError(p, "file is empty (0 bytes)")
-    if dataset is not None and ext in (".tif", ".tiff"):
-        _tiff_channel_index(p, dataset)
-    elif dataset is not None and ext not in (".h5", ".hdf5") + _SIGNAL_FORMATS:
+    if dataset is not None and ext not in (".h5", ".hdf5", ".tif", ".tiff") + _SIGNAL_FORMATS:
         raise ReadError(p, f"dataset= applies to HDF5 ({_SIGNAL_FORMATS}: the signal's title; TIFF: "
-                           "'channel N') files only")
+                           "'channel N' or the channel's title) files only")
     return ext
 
 
-def _tiff_channel_index(p: Path, dataset: str | None) -> int:
-    """The channel a TIFF's ``dataset`` names ("channel N"; 0 for None), or a :class:`ReadError`."""
+def _tiff_channel_index(p: Path, dataset: str | None, titles: Sequence[str]) -> int:
+    """The channel of a TIFF that ``dataset`` names ("channel N", or a title of ``titles``, any case), by
+    default the dark-field detector's of ``titles`` as :func:`pick_signal` picks it (channel 0 without
+    titles); a :class:`ReadError` when it names none."""
     if dataset is None:
-        return 0
+        return pick_signal(titles) if titles else 0
     m = re.fullmatch(r"\s*channel\s*(\d+)\s*", str(dataset), re.I)
-    if m is None:
-        raise ReadError(p, f"for a TIFF, dataset= names a channel ('channel 1'), not {dataset!r}")
-    return int(m.group(1))
+    if m is not None:
+        return int(m.group(1))
+    named = pick_signal(titles, str(dataset).strip()) if titles else None
+    if named is None:
+        held = f"its channels are titled {', '.join(map(repr, titles))}" if titles else "its channels have no titles"
+        raise ReadError(p, f"for a TIFF, dataset= names a channel ('channel 1') or a channel's title; {held}, "
+                           f"not {dataset!r}")
+    return named
 
 
 def _read_raw(p: Path, ext: str, frames, dataset: str | None):
@@ -374,7 +383,7 @@ def _read_raw(p: Path, ext: str, frames, dataset: str | None):
     :class:`ReadError` (unreadable or corrupt file, or not enough memory)."""
     try:
         if ext in (".tif", ".tiff"):
-            return _read_tiff(p, frames, _tiff_channel_index(p, dataset))
+            return _read_tiff(p, frames, dataset)
         if ext == ".npy":
             return _read_npy(p, frames)
         if ext == ".npz":
@@ -802,13 +811,30 @@ def tiff_channels(path: str | os.PathLike) -> int:
     >>> tiff_channels(p)
     2
     """
+    return tiff_channel_info(path)[0]
+
+
+def tiff_channel_info(path: str | os.PathLike) -> tuple[int, list[str]]:
+    """``(channels, titles)`` of the series :func:`read` reads from a TIFF: the size of its channel axis
+    (0 without one) and the channels' titles (an ImageJ hyperstack's slice labels, an OME-TIFF's
+    channel names: "HAADF", "BF"; [] where the file has none, or not one distinct title per channel).
+    ``(0, [])`` for a file it cannot open.
+
+    >>> import tempfile, os, tifffile
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.tif")
+    >>> tifffile.imwrite(p, np.zeros((2, 32, 32), np.float32), imagej=True,
+    ...                  metadata={"axes": "CYX", "Labels": ["BF", "HAADF"]})
+    >>> tiff_channel_info(p)
+    (2, ['BF', 'HAADF'])
+    """
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return _channel_count(tif.series[_largest_series(tif.series)])
+            series = tif.series[_largest_series(tif.series)]
+            return _channel_count(series), _channel_titles(tif, series)
     except Exception:  # noqa: BLE001 - not readable here: read() says why when the file is read
-        return 0
+        return 0, []
 
 
 def _channel_count(series) -> int:
@@ -816,19 +842,60 @@ def _channel_count(series) -> int:
     return int(series.shape[series.axes.index("C")]) if "C" in series.axes else 0
 
 
-def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool = True) -> int:
+def _channel_titles(tif, series) -> list[str]:
+    """The titles of a TIFF series' channels (:func:`tiff_channel_info`), [] without them. ImageJ labels
+    each slice, the channels first (its planes run channel, slice, frame): the first frame's labels
+    title the channels. OME-XML names them in the ``Channel`` elements of the first ``Pixels``."""
+    n = _channel_count(series)
+    titles: list = []
+    if n >= 2 and tif.is_imagej:
+        labels = (tif.imagej_metadata or {}).get("Labels")
+        titles = list(labels[:n]) if isinstance(labels, (list, tuple)) and len(labels) >= n else []
+    elif n >= 2 and tif.is_ome:
+        titles = _ome_channel_names(tif.ome_metadata)
+    titles = [str(t).strip() for t in titles]
+    distinct = len(titles) == n and all(titles) and len({t.lower() for t in titles}) == n
+    return titles if distinct else []
+
+
+def _ome_channel_names(xml: str | None) -> list[str]:
+    """The ``Name`` of each ``Channel`` of the first ``Pixels`` of an OME-XML header ("" where a channel has
+    none), [] without them.
+
+    >>> _ome_channel_names('<OME><Image><Pixels><Channel Name="HAADF"/><Channel Name="BF"/></Pixels></Image></OME>')
+    ['HAADF', 'BF']
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return []
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return []
+    return [c.get("Name", "") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
+
+
+def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool = True,
+                   titles: Sequence[str] = ()) -> int:
     """The number of channels of a TIFF series with a channel axis (an ImageJ hyperstack's ``C``:
     detectors or colours of one scan, not frames of a series), 0 without one. Channel ``channel`` is
     read (a :class:`ReadError` where there is no such channel), with a :class:`ReadWarning` (``warn``:
-    not for each frame a series is read by); ``meta["channels"]``, ``meta["channel"]``."""
+    not for each frame a series is read by); ``meta["channels"]``, ``meta["channel"]``, and with the
+    channels' ``titles``, ``meta["channel_titles"]``."""
     n = _channel_count(series)
     if channel >= max(n, 1):
         raise ReadError(path, f"no channel {channel}: the TIFF holds {max(n, 1)}")
     if n < 2:
         return 0
     meta["channels"], meta["channel"] = n, channel
-    msg = (f"{path}: the TIFF holds {n} channels (its C axis: detectors or colours of one scan, not frames of a "
-           f"series); channel {channel} was read")
+    if titles:
+        meta["channel_titles"] = list(titles)
+    held = f" ({', '.join(titles)})" if titles else ""
+    name = f" ({titles[channel]})" if titles else ""
+    msg = (f"{path}: the TIFF holds {n} channels{held} (its C axis: detectors or colours of one scan, not frames "
+           f"of a series); channel {channel}{name} was read")
     if warn:
         warnings.warn(msg, ReadWarning, stacklevel=5)
     log.info("%s", msg)
@@ -998,7 +1065,9 @@ def _frame_index(path: Path, frames: Any, n: int) -> int | slice | np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # readers: each returns (array-like, pixel_size, unit, metadata)
 # ---------------------------------------------------------------------------------------------
-def _read_tiff(path: Path, frames: Any, channel: int = 0):
+def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
+    """``(data, pixel_size, unit, meta)`` of a TIFF: its largest series, of a series with channels the
+    one ``dataset`` names (:func:`_tiff_channel_index`)."""
     import tifffile
 
     size = path.stat().st_size
@@ -1052,7 +1121,9 @@ def _read_tiff(path: Path, frames: Any, channel: int = 0):
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
         data = None
-        channels = _tiff_channels(path, series, meta, channel, warn=frames is None)
+        titles = _channel_titles(tif, series)
+        channel = _tiff_channel_index(path, dataset, titles)
+        channels = _tiff_channels(path, series, meta, channel, warn=frames is None, titles=titles)
         if len(core) == 3 and not rgb and not channels:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
                 if series.dataoffset is not None and series.dtype.isnative:
@@ -1182,10 +1253,7 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
         if unit is not None:
             unit = _decode_ij_unit(str(unit))
         if unit and unit.strip().lower() not in _NO_UNIT and xres:
-            if yres and abs(yres - xres) > 1e-6 * xres:
-                meta["pixel_size_y"] = 1.0 / yres
-                log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", tif.filename,
-                            1.0 / xres, 1.0 / yres, unit)
+            _note_pixel_size_y(tif.filename, meta, 1.0 / xres, 1.0 / yres if yres else None, unit)
             return 1.0 / xres, unit
     # OME-TIFF (Bio-Formats, Fiji's OME export): the first Pixels' PhysicalSizeX, in micrometres unless its unit says
     if getattr(tif, "is_ome", False):
@@ -1219,6 +1287,14 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
         if ps_nm < 1e3:  # a print resolution would give pixels of tens of microns
             return ps_nm, "nm"
     return None, None
+
+
+def _note_pixel_size_y(path, meta: dict, ps: float, ps_y: float | None, unit: str | None) -> None:
+    """A file's pixels that are not square (``ps_y``, the pixel height, differs from the width ``ps`` by
+    more than a millionth): ``meta["pixel_size_y"]`` and a logged warning; the width is the pixel size."""
+    if ps_y and abs(ps_y - ps) > 1e-6 * abs(ps):
+        meta["pixel_size_y"] = ps_y
+        log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", path, ps, ps_y, unit)
 
 
 def _ome_calibration(xml: str | None) -> tuple[float | None, str | None]:
@@ -1405,9 +1481,8 @@ def _nion_image(path: Path, props: dict, ndim: int, meta: dict) -> tuple[float |
         raise ReadError(path, f"a Nion Swift data item: {why}")
     meta.update({"reader": "nion", "title": nion.title(props), "nion": props})
     ps, unit, ps_y = nion.image_calibration(props)
-    if ps is not None and ps_y and abs(ps_y - ps) > 1e-6 * abs(ps):
-        meta["pixel_size_y"] = ps_y
-        log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", path, ps, ps_y, unit)
+    if ps is not None:
+        _note_pixel_size_y(path, meta, ps, ps_y, unit)
     return ps, unit
 
 

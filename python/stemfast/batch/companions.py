@@ -34,8 +34,9 @@ Pairing
   the DF2 is its companion; the BF is not; a Spectra's "DF-I", "DF-O", "DF-S" are its ``dfi``, ``dfo``,
   ``dfs``); or, for Nion Swift data items (a library names its files by date and id), the item beside
   it whose *title* differs in the detector's name alone (:func:`title_companion`: "SuperScan (HAADF) 12"
-  and "SuperScan (MAADF) 12"); or, for a TIFF holding the detectors as channels (an ImageJ hyperstack),
-  its channel 1 (channel 0 is read). It is used only where it is of the same scan
+  and "SuperScan (MAADF) 12"); or, for a TIFF holding the detectors as channels (an ImageJ hyperstack,
+  an OME-TIFF), another detector's channel by the channels' titles as in a Velox file, and without
+  titles its channel 1 (channel 0 is read). It is used only where it is of the same scan
   (:func:`same_scan_refusal`: the input's shape and calibration, the same DigitalMicrograph exposure
   where both files carry one, and its columns on the input's pixels); otherwise the input is analysed
   alone and the summary says why.
@@ -158,7 +159,7 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
     if rule is None or not rule.active:
         return entries
     if not (rule.name or rule.explicit):
-        listing: dict = {}
+        listing = FolderListing()
         for e in entries:
             if (comp := automatic_companion(e.path, listing) or title_companion(e.path, listing)) is not None:
                 e.companion = CompanionFile(comp, found="automatic")
@@ -190,9 +191,9 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
     return kept
 
 
-def automatic_companion(path, listing: dict | None = None) -> Path | None:
+def automatic_companion(path, listing: FolderListing | None = None) -> Path | None:
     """The file beside ``path`` whose name differs from its name in the detector's name alone (module
-    docs), or None. ``listing``: a cache {folder: its files} shared over calls.
+    docs), or None. ``listing``: the folders' files, cached over calls.
 
     Examples
     --------
@@ -208,27 +209,20 @@ def automatic_companion(path, listing: dict | None = None) -> Path | None:
     names = list(_swapped_names(path.stem))
     if not names:
         return None
-    files = _folder_files(path.parent, {} if listing is None else listing)
+    files = (listing or FolderListing()).files(path.parent)
     return next((files[k] for k in ((n, path.suffix.lower()) for n in names) if k in files), None)
 
 
-def title_companion(path, listing: dict | None = None) -> Path | None:
+def title_companion(path, listing: FolderListing | None = None) -> Path | None:
     """The Nion Swift data item beside ``path`` (same folder, same extension: :data:`TITLED_FORMATS`)
     whose title differs from its title in the detector's name alone -- "SuperScan (HAADF) 12" and
     "SuperScan (MAADF) 12" -- or None. A Swift library names its files by date and id; the detector is
-    in the title. ``listing``: as :func:`automatic_companion`'s (the titles are cached in it too)."""
+    in the title. ``listing``: as :func:`automatic_companion`'s (it caches the titles too)."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in TITLED_FORMATS:
         return None
-    listing = {} if listing is None else listing
-    key = ("titles", path.parent, ext)
-    if key not in listing:
-        from .. import nion
-
-        items = [f for f in _folder_files(path.parent, listing).values() if f.suffix.lower() == ext]
-        listing[key] = {f: nion.title(nion.properties(f) or {}) for f in items}
-    titles = listing[key]
+    titles = (listing or FolderListing()).titles(path.parent, ext)
     own = titles.get(path, "")
     by_title = {t.lower(): f for f, t in titles.items() if t and f != path}
     return next((by_title[n] for n in _swapped_names(own) if n in by_title), None)
@@ -245,35 +239,65 @@ def _swapped_names(name: str):
                 yield "".join(det if j == i else w for j, w in enumerate(words)).lower()
 
 
-def _folder_files(folder: Path, listing: dict) -> dict:
-    """{(stem, extension), lower case: path} of the files in ``folder``, cached in ``listing``."""
-    if folder not in listing:
-        try:
-            listing[folder] = {(f.stem.lower(), f.suffix.lower()): f for f in folder.iterdir() if f.is_file()}
-        except OSError:
-            listing[folder] = {}
-    return listing[folder]
+class FolderListing:
+    """The files of the folders that inputs lie in, and the titles of their Nion Swift data items, each
+    read once for all the inputs of a batch."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, dict] = {}
+        self._titles: dict[tuple[Path, str], dict] = {}
+
+    def files(self, folder: Path) -> dict:
+        """{(stem, extension), lower case: path} of the files in ``folder`` ({} where it cannot be listed)."""
+        if folder not in self._files:
+            try:
+                self._files[folder] = {(f.stem.lower(), f.suffix.lower()): f for f in folder.iterdir() if f.is_file()}
+            except OSError:
+                self._files[folder] = {}
+        return self._files[folder]
+
+    def titles(self, folder: Path, ext: str) -> dict:
+        """{path: title} of the Nion Swift data items of extension ``ext`` in ``folder``."""
+        if (folder, ext) not in self._titles:
+            from .. import nion
+
+            items = [f for f in self.files(folder).values() if f.suffix.lower() == ext]
+            self._titles[folder, ext] = {f: nion.title(nion.properties(f) or {}) for f in items}
+        return self._titles[folder, ext]
 
 
 def signal_companion(path) -> str | None:
     """The title of another detector's image in the input's own file (a Velox EMD holds each detector's
     image of a scan: HAADF, DF4, DF2, BF), or None: of the file's images (:func:`stemfast.io.signal_titles`)
     those titled with a name of :data:`DETECTOR_NAMES` (letters and digits of the title: "DF-I" is
-    ``dfi``) other than the one read, the first in its order. Of a TIFF with channels (an ImageJ
-    hyperstack of two detectors), channel 1: channel 0 is the one read.
+    ``dfi``) other than the one read, the first in its order. A TIFF with channels (an ImageJ hyperstack
+    or OME-TIFF of two detectors) is read the same way by its channels' titles
+    (:func:`stemfast.io.tiff_channel_info`); without titles, channel 0 is the one read and channel 1 its
+    companion.
 
     Examples
     --------
     >>> signal_companion("scan.tif") is None
     True
     """
-    from ..io import pick_signal, signal_titles, tiff_channels
+    from ..io import signal_titles, tiff_channel_info
 
-    if Path(path).suffix.lower() in (".tif", ".tiff"):  # a channel-axis TIFF: channel 0 is read
-        return "channel 1" if tiff_channels(path) >= 2 else None
-    if Path(path).suffix.lower() != ".emd":
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        n, titles = tiff_channel_info(path)
+        if not titles:  # channel 0 is read
+            return "channel 1" if n >= 2 else None
+    elif Path(path).suffix.lower() == ".emd":
+        titles = signal_titles(path)
+    else:
         return None
-    titles = signal_titles(path)
+    return _other_detector(titles)
+
+
+def _other_detector(titles: list[str]) -> str | None:
+    """Of the images ``titles`` of one file, the title of another detector's than the one read
+    (:func:`stemfast.io.pick_signal`): the first of :data:`DETECTOR_NAMES` in its order, None without one."""
+    from ..io import pick_signal
+
     if len(titles) < 2:
         return None
     read = detector_key(titles[pick_signal(titles)])
