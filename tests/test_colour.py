@@ -134,3 +134,36 @@ def test_colour_no_known_map_fits_is_read_by_luminance_and_said_to_be_unreliable
     grey, how = grey_from_colour(rgb)
     assert how["kind"] == "luminance" and how["fit"] > 0.04
     assert "export the image in grey" in colour_note(how)
+
+
+@pytest.mark.parametrize("kind", ["grey", "jet"])
+def test_a_large_colour_picture_is_made_grey_block_by_block(kind):
+    """A 16k x 16k export read as colour is 0.8 GB of bytes; made grey all at once it needed ~6 GB (grey)
+    to ~20 GB (false colour) of float copies. Converted a block of pixels at a time, the memory beyond
+    the result stays within a block's temporaries, and every pixel is what the whole-picture
+    conversion gives (here: blocks of a few pixels against one block)."""
+    import tracemalloc
+
+    from stemfast import colour
+
+    v = np.random.default_rng(3).integers(0, 256, (2048, 4096), dtype=np.uint8)
+    lut = (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255).round().astype(np.uint8)
+    rgb = np.repeat(v[..., None], 3, 2) if kind == "grey" else lut[v]
+    tracemalloc.start()
+    try:
+        grey, how = grey_from_colour(rgb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert how["kind"] == ("grey" if kind == "grey" else "false colour")
+    assert peak <= grey.nbytes + 96 * 2**20  # whole-picture float copies: 3 x 4 bytes a pixel and more
+    small = rgb[:64, :96]
+    whole, how_whole = grey_from_colour(small)
+    old = colour._BLOCK
+    try:
+        colour._BLOCK = 7
+        blocked, how_blocked = grey_from_colour(small)
+    finally:
+        colour._BLOCK = old
+    np.testing.assert_array_equal(blocked, whole)
+    assert how_blocked == how_whole

@@ -71,34 +71,58 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
     read: ``how["kind"]`` is ``"grey"``,
     ``"grey with colour marks"`` (``marks``: how many pixels, set to the white), ``"false colour"``
     (``map``, and ``fit``: the 99th percentile colour distance as a share of the range; the value is the
-    position on the map times the range; ``marks``: pixels far off the map, set to its top) or ``"luminance"`` (no map fits)."""
+    position on the map times the range; ``marks``: pixels far off the map, set to its top) or ``"luminance"`` (no map fits).
+    The pixels are converted :data:`_BLOCK` at a time: besides ``rgb`` and the result, a 16k x 16k
+    picture needs a few hundred MB, not several GB."""
     a = np.asarray(rgb)
     if a.ndim < 3 or a.shape[-1] not in (3, 4):
         raise ValueError(f"rgb must be [..., 3] or [..., 4], got shape {a.shape}")
-    c = np.asarray(a[..., :3], np.float32)
-    full = _full_scale(a, c)
-    spread = np.ptp(c, axis=-1)
-    marks = spread > _GREY_TOL * full
-    n_marks = int(np.count_nonzero(marks))
-    if n_marks <= MARK_SHARE * marks.size:
-        grey = c.mean(axis=-1)
-        if not n_marks:
-            return grey, {"kind": "grey"}
-        grey[marks] = full  # the picture's white (its type's top), where the annotation test looks
-        return grey, {"kind": "grey with colour marks", "marks": n_marks}
-    flat = c.reshape(-1, 3) / np.float32(full)
-    sample = flat[:: max(1, len(flat) // _FIT_SAMPLE)]
-    best = min((_map_fit(name, sample) for name in COLOUR_MAPS), key=lambda t: t[1])
-    name, fit = best
-    if fit <= MAP_FIT:
-        value, off = _position_on_map(flat, _map_colours(name))
-        value[off > _OFF_MAP] = 1.0  # marks drawn on the picture (a white scale bar): its white, as on a grey one
-        how = {"kind": "false colour", "map": name, "fit": round(float(fit), 4)}
-        if (off > _OFF_MAP).any():
-            how["marks"] = int(np.count_nonzero(off > _OFF_MAP))
-        return (value * np.float32(full)).reshape(c.shape[:-1]), how
-    grey = c[..., 0] * np.float32(0.299) + c[..., 1] * np.float32(0.587) + c[..., 2] * np.float32(0.114)
-    return grey, {"kind": "luminance", "closest_map": name, "fit": round(float(fit), 4)}
+    px = a.reshape(-1, a.shape[-1])  # one row a pixel (a view of a contiguous picture)
+    n = len(px)
+    full = _full_scale(a, px)
+    n_marks = sum(int(np.count_nonzero(_spread(c) > _GREY_TOL * full)) for _, c in _blocks(px))
+    out = np.empty(n, np.float32)
+    if n_marks <= MARK_SHARE * n:
+        for s, c in _blocks(px):
+            out[s] = ((c[:, 0] + c[:, 1]) + c[:, 2]) / np.float32(3)  # the channels' mean (numpy's order)
+            if n_marks:  # the picture's white (its type's top), where the annotation test looks
+                out[s][_spread(c) > _GREY_TOL * full] = full
+        how = {"kind": "grey with colour marks", "marks": n_marks} if n_marks else {"kind": "grey"}
+        return out.reshape(a.shape[:-1]), how
+    sample = px[:: max(1, n // _FIT_SAMPLE), :3].astype(np.float32) / np.float32(full)
+    name, fit = min((_map_fit(m, sample) for m in COLOUR_MAPS), key=lambda t: t[1])
+    if fit > MAP_FIT:
+        for s, c in _blocks(px):
+            out[s] = c[:, 0] * np.float32(0.299) + c[:, 1] * np.float32(0.587) + c[:, 2] * np.float32(0.114)
+        return out.reshape(a.shape[:-1]), {"kind": "luminance", "closest_map": name, "fit": round(float(fit), 4)}
+    lut, off_map = _map_colours(name), 0
+    for s, c in _blocks(px):
+        value, off = _position_on_map(c / np.float32(full), lut)
+        far = off > _OFF_MAP
+        value[far] = 1.0  # marks drawn on the picture (a white scale bar): its white, as on a grey one
+        off_map += int(np.count_nonzero(far))
+        out[s] = value * np.float32(full)
+    how = {"kind": "false colour", "map": name, "fit": round(float(fit), 4)}
+    if off_map:
+        how["marks"] = off_map
+    return out.reshape(a.shape[:-1]), how
+
+
+#: pixels :func:`grey_from_colour` converts at a time
+_BLOCK = 1 << 20
+
+
+def _blocks(px: np.ndarray):
+    """``(slice, colours)``: the pixels [N, 3 or 4] ``px`` :data:`_BLOCK` at a time, their colour
+    channels as float32 [n, 3]."""
+    for i in range(0, len(px), _BLOCK):
+        yield slice(i, i + _BLOCK), np.asarray(px[i:i + _BLOCK, :3], np.float32)
+
+
+def _spread(c: np.ndarray) -> np.ndarray:
+    """Largest minus smallest channel of colours ``c`` [n, 3] (what ``np.ptp(c, axis=-1)`` gives)."""
+    r, g, b = c[:, 0], c[:, 1], c[:, 2]
+    return np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
 
 
 def colour_note(how: Mapping) -> str:
@@ -120,11 +144,13 @@ def colour_note(how: Mapping) -> str:
                "map's rises and falls): export the image in grey" if fit is not None else ""))
 
 
-def _full_scale(a: np.ndarray, c: np.ndarray) -> float:
-    """The value of full colour in ``a``: for integers the top of the bits its largest value needs, at least
-    8 (255 for 8-bit colour however dark the picture, 4095 for 12-bit data in a 16-bit file); for floats 1 or 255 when the values stay within (the
-    two conventions of float colour), else the largest value."""
-    top = float(np.nanmax(c)) if c.size else 0.0
+def _full_scale(a: np.ndarray, px: np.ndarray) -> float:
+    """The value of full colour in ``a`` (its pixels ``px`` [N, 3 or 4]): for integers the top of the bits
+    its largest value needs, at least 8 (255 for 8-bit colour however dark the picture, 4095 for 12-bit
+    data in a 16-bit file); for floats 1 or 255 when the values stay within (the two conventions of float
+    colour), else the largest value."""
+    tops = [np.fmax.reduce(c, axis=None) for _, c in _blocks(px) if c.size]  # fmax: NaN only where all are
+    top = float(np.fmax.reduce(np.array(tops, np.float32))) if tops else 0.0
     if a.dtype.kind in "iu":
         return float(max(255, (1 << int(top).bit_length()) - 1))
     return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
