@@ -842,7 +842,7 @@ def test_a_large_exported_picture_is_read_not_taken_for_a_decompression_bomb(tmp
         mg = read(tmp_path / "big.png")
     assert mg.data.shape == (120, 100) and np.array_equal(mg.data, a)
     assert Image.MAX_IMAGE_PIXELS == 1000
-    monkeypatch.setattr("stemfast.io.available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr("stemfast.readbase.available_memory_bytes", lambda: 10_000)  # _check_memory's module
     with pytest.raises(ReadError, match="image too large for the memory: 120 x 100 px"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReadWarning)
@@ -1006,11 +1006,11 @@ def test_lzw_compressed_tiffs_are_read_without_imagecodecs(tmp_path, monkeypatch
 
     from PIL import Image
 
-    from stemfast import io as sio
+    from stemfast import tiff  # the TIFF reader's module: _decode_tiff looks _pillow_pages up there
 
     decoded = []
-    pillow_pages = sio._pillow_pages
-    monkeypatch.setattr(sio, "_pillow_pages", lambda p, idx: decoded.append(p) or pillow_pages(p, idx))
+    pillow_pages = tiff._pillow_pages
+    monkeypatch.setattr(tiff, "_pillow_pages", lambda p, idx: decoded.append(p) or pillow_pages(p, idx))
 
     rng = np.random.default_rng(0)
     grey8 = rng.integers(0, 255, (40, 48), dtype=np.uint8)
@@ -1143,12 +1143,15 @@ def test_a_tiff_with_titled_channels_reads_the_dark_field_channel(tmp_path):
         read(tmp_path / "ij.tif", dataset="DF2")
 
 
-def test_pixels_that_are_not_square_are_said_and_the_width_is_the_pixel_size(tmp_path, img, caplog):
+def test_pixels_that_are_not_square_are_said_and_the_width_is_the_pixel_size(tmp_path, img, caplog, monkeypatch):
     """An ImageJ TIFF (XResolution / YResolution) or a Nion data item (its two dimensional calibrations)
     whose pixels are taller than wide: the width is the pixel size, the height is in
     ``metadata["pixel_size_y"]``, and a warning is logged; square pixels have neither."""
     import logging
 
+    # caplog listens at the root: a CLI run earlier in this process (logutil.setup_logging) left the
+    # stemfast logger not propagating
+    monkeypatch.setattr(logging.getLogger("stemfast"), "propagate", True)
     cal = [{"offset": 0.0, "scale": 0.015, "units": "nm"}, {"offset": 0.0, "scale": 0.0125, "units": "nm"}]
     tifffile.imwrite(tmp_path / "a.tif", img.astype(np.float32), imagej=True, resolution=(1 / 0.0125, 1 / 0.015),
                      metadata={"unit": "nm"})

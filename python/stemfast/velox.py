@@ -11,7 +11,8 @@ only the images, from the layout Velox writes:
   "HAADF", "DF-S", an EDS detector's for an element map) and the ``DetectorIndex`` into ``Detectors``.
 
 The images come back as RosettaSciIO signals (``data``, ``axes``, ``metadata``) for
-:mod:`stemfast.io` to check and pick from as it does RosettaSciIO's own.
+:mod:`stemfast.signals` (the reading of :func:`stemfast.io.read`) to check and pick from as it does
+RosettaSciIO's own.
 """
 from __future__ import annotations
 

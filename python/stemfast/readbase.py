@@ -1,0 +1,295 @@
+"""What every micrograph reader shares: the errors (:class:`ReadError`, :class:`ReadWarning`), the one unit
+table (:func:`unit_to_nm`) and the calibration's normalisation, the memory check from a file's header
+(:func:`available_memory_bytes`), the ``frames=`` selection, and small tests of shapes and attributes.
+
+Used by :mod:`stemfast.io` (:func:`~stemfast.io.read` and its small readers), :mod:`stemfast.tiff`,
+:mod:`stemfast.signals` and :mod:`stemfast.pictures`; it imports no other module of stemfast. The errors'
+public home is :mod:`stemfast.io` (they are named there, as before the readers were split up), and the
+readers' log records go to its logger, ``stemfast.io``, whichever module writes them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: the readers' logger: :mod:`stemfast.io`'s, whichever of their modules logs
+log = logging.getLogger("stemfast.io")
+
+#: Smallest accepted image side in px.
+MIN_SIDE = 16
+
+
+# length units -> nm
+_UNIT_NM = {
+    "nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "nanometre": 1.0, "nanometres": 1.0,
+    "a": 0.1, "å": 0.1, "\u212b": 0.1, "angstrom": 0.1, "angstroms": 0.1, "ångström": 0.1,
+    "ångstrom": 0.1, "\\u00c5": 0.1, "\\u212b": 0.1,
+    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3,
+    "um": 1e3, "µm": 1e3, "\u03bcm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3,
+    "micrometre": 1e3, "\\u00b5m": 1e3, "\\u03bcm": 1e3,
+    "mm": 1e6, "cm": 1e7, "m": 1e9, "meter": 1e9, "metre": 1e9,
+}
+_NO_UNIT = {"", "pixel", "pixels", "px", "none", "<undefined>", "undefined", "t.b.d."}
+
+
+class ReadError(ValueError):
+    """A micrograph file cannot be read; the message names the file and the reason.
+
+    Attributes
+    ----------
+    path : the file.
+    reason : what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = None if path is None else str(path)
+        self.reason = str(reason)
+        super().__init__(f"cannot read {self.path!r}: {self.reason}" if self.path is not None
+                         else self.reason)
+
+    def __reduce__(self):  # picklable across processes (batch workers)
+        return (type(self), (self.path, self.reason))
+
+
+class ReadWarning(UserWarning):
+    """A micrograph was read but changed on the way (RGB to grey, non-finite pixels replaced)."""
+
+
+# named where users meet them (tracebacks, pickles across the batch's processes, warning reports): stemfast.io
+ReadError.__module__ = ReadWarning.__module__ = "stemfast.io"
+
+
+def unit_to_nm(unit: str | None) -> float | None:
+    """Factor from ``unit`` to nm (``"A"`` -> 0.1, ``"um"`` -> 1000), ``None`` if not a length.
+
+    Examples
+    --------
+    >>> unit_to_nm("Å"), unit_to_nm("nm"), unit_to_nm("1/nm")
+    (0.1, 1.0, None)
+    """
+    if unit is None:
+        return None
+    return _UNIT_NM.get(str(unit).strip().lower())
+
+
+def _normalise_calibration(pixel_size: Any, unit: Any) -> tuple[float | None, str | None]:
+    """Positive finite pixel size; known length units converted to nm; no unit -> ``None``."""
+    try:
+        ps = float(pixel_size)
+    except (TypeError, ValueError):
+        return None, None
+    if not (math.isfinite(ps) and ps > 0):
+        return None, None
+    u = None if unit is None else str(unit).strip()
+    if u is not None and u.lower() in _NO_UNIT:
+        return None, None
+    f = unit_to_nm(u)
+    if f is not None:
+        return ps * f, "nm"
+    return ps, u
+
+
+#: pixel sizes (nm) no micrograph has: a calibration outside is not a real-space one (RosettaSciIO gives a
+#: TIA diffraction pattern's reciprocal calibration in "nm", 1e16-1e17 per pixel) and is not used
+PLAUSIBLE_PIXEL_NM = (1e-4, 1e6)
+
+
+def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | None,
+                           meta: dict) -> tuple[float | None, str | None]:
+    """``(pixel_size, unit)``, or ``(None, None)`` with a :class:`ReadWarning` and
+    ``meta["calibration_ignored"]`` where a length calibration lies outside :data:`PLAUSIBLE_PIXEL_NM`."""
+    lo, hi = PLAUSIBLE_PIXEL_NM
+    if pixel_size is None or unit != "nm" or lo <= pixel_size <= hi:
+        return pixel_size, unit
+    meta["calibration_ignored"] = {"pixel_size_nm": pixel_size}
+    warnings.warn(f"{path}: the file's calibration, {pixel_size:.4g} nm per pixel, is no micrograph's (outside "
+                  f"{lo:g}-{hi:g} nm): not used", ReadWarning, stacklevel=3)
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------
+def _image_like(shape: Sequence[int], dtype) -> bool:
+    """Whether an array of ``shape`` and ``dtype`` can be a 2-D image or a 3-D stack of images: real
+    numbers, two or three axes longer than 1, the image sides at least :data:`MIN_SIDE` px."""
+    core = [x for x in (int(v) for v in shape) if x != 1]
+    return np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+
+
+def _is_rgb_shape(shape: Sequence[int]) -> bool:
+    core = [int(s) for s in shape if s != 1]
+    return len(core) >= 3 and core[-1] in (3, 4) and min(core[-3:-1]) >= MIN_SIDE
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+#: Working copies of one float32 frame the analysis holds besides the data (bandpass, refinement);
+#: the 16k x 16k batch peaks at ~3 GB for a 1 GB frame.
+_WORK_COPIES = 2
+
+
+def available_memory_bytes() -> int:
+    """Memory the process can use: ``STEMFAST_MEMORY_LIMIT_MB`` if set, else MemAvailable + SwapFree.
+
+    Examples
+    --------
+    >>> available_memory_bytes() > 0
+    True
+    """
+    env = os.environ.get("STEMFAST_MEMORY_LIMIT_MB")
+    if env:
+        try:
+            return int(float(env) * 2**20)
+        except ValueError:
+            log.warning("STEMFAST_MEMORY_LIMIT_MB=%r is not a number; ignored", env)
+    try:
+        info = {}
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info[k.strip()] = int(v.split()[0]) * 1024
+        return int(info.get("MemAvailable", info.get("MemFree", 0)) + info.get("SwapFree", 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell
+        return 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_memory(path: Path, shape: Sequence[int], dtype, *, lazy_frames: bool = False) -> None:
+    """Refuse (ReadError naming the size) an image whose analysis would not fit in memory.
+
+    ``shape`` / ``dtype`` as declared by the file header; ``lazy_frames``: a stack read one frame at
+    a time (memory map), so only one frame is ever in memory.
+    """
+    shape = [int(s) for s in shape]
+    core = [s for s in shape if s != 1]
+    if len(core) < 2:
+        return
+    itemsize = max(1, int(np.dtype(dtype).itemsize)) if dtype is not None else 4
+    rgb = _is_rgb_shape(shape)
+    img = core[-3:-1] if rgb else core[-2:]
+    n_px = int(np.prod(shape, dtype=np.float64))
+    frame_f32 = 4.0 * float(img[0]) * float(img[1])
+    data = frame_f32 if lazy_frames else n_px * (itemsize + 4.0)  # the source array + its float32 copy
+    need = data + _WORK_COPIES * frame_f32
+    avail = float(available_memory_bytes())
+    if need > avail:
+        frames = f" x {core[0]} frames" if len(core) == 3 and not rgb else ""
+        raise ReadError(path, f"image too large for the memory: {img[0]} x {img[1]} px{frames} "
+                              f"({np.dtype(dtype) if dtype is not None else 'unknown type'}) needs about "
+                              f"{_gib(need)} to analyse, {_gib(avail)} available; crop or bin it, or use a "
+                              "machine with more memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# frames
+# ---------------------------------------------------------------------------------------------
+def _release_pages(mm: np.memmap) -> None:
+    """Drop the pages of a read-only memory map from this process (the OS keeps them cached).
+
+    Pages of a file mapping that were read count towards the process's resident memory until they
+    are unmapped, so streaming a 3 GB stack frame by frame would look like a 3 GB process; after
+    each frame is copied out (or checked) its pages are released, and the resident memory stays
+    that of one frame whatever the length of the stack.
+    """
+    m = getattr(mm, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - closed map or unsupported platform
+            pass
+
+
+def _select_frames(path: Path, data: Any, frames: Any) -> Any:
+    """Apply a ``frames=`` selection to an image / stack (singleton axes dropped first)."""
+    if frames is None:
+        return data
+    shape = tuple(int(s) for s in data.shape)
+    core = [s for s in shape if s != 1]
+    rgb = _is_rgb_shape(shape)
+    n_img_axes = 3 if rgb else 2
+    if len(core) == n_img_axes:  # a single image: only frame 0 exists
+        _frame_index(path, frames, 1)
+        return data
+    if len(core) != n_img_axes + 1:
+        raise ReadError(path, f"frames= needs a 2-D image or a 3-D stack, data has shape {shape}")
+    arr = data.reshape(core) if len(core) != len(shape) else data
+    return arr[_frame_index(path, frames, core[0])]
+
+
+def _frame_index(path: Path, frames: Any, n: int) -> int | slice | np.ndarray:
+    if isinstance(frames, (int, np.integer)):
+        i = int(frames)
+        if not -n <= i < n:
+            raise ReadError(path, f"frame {i} out of range (the file has {n} frame(s))")
+        return i % n if n > 1 else 0
+    if isinstance(frames, slice):
+        if not len(range(*frames.indices(n))):
+            raise ReadError(path, f"frames={frames} selects no frame (the file has {n})")
+        return frames
+    try:
+        idx = np.asarray(list(frames), dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ReadError(path, f"frames must be an int, a slice or a sequence of ints, got {frames!r}")
+    if idx.ndim != 1 or idx.size == 0:
+        raise ReadError(path, f"frames={frames!r} selects no frame")
+    if (idx < -n).any() or (idx >= n).any():
+        raise ReadError(path, f"frames {idx.tolist()} out of range (the file has {n} frame(s))")
+    return idx % n
+
+
+# ---------------------------------------------------------------------------------------------
+# what several readers ask of their files
+# ---------------------------------------------------------------------------------------------
+#: how a reader says that an optional package is missing: tifffile ("<COMPRESSION.JPEG: 7> requires the
+#: 'imagecodecs' package"), RosettaSciIO ("The 'sparse' library was not found")
+_MISSING_PACKAGE = re.compile(r"requires the '([\w.-]+)' package|the '([\w.-]+)' library was not found", re.I)
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The optional package whose absence made a reader fail, or None.
+
+    >>> _missing_package(ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package"))
+    'imagecodecs'
+    >>> _missing_package(OSError("bad offset")) is None
+    True
+    """
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return exc.name.split(".")[0]
+    m = _MISSING_PACKAGE.search(str(exc))
+    return None if m is None else (m.group(1) or m.group(2))
+
+
+def _note_pixel_size_y(path, meta: dict, ps: float, ps_y: float | None, unit: str | None) -> None:
+    """A file's pixels that are not square (``ps_y``, the pixel height, differs from the width ``ps`` by
+    more than a millionth): ``meta["pixel_size_y"]`` and a logged warning; the width is the pixel size."""
+    if ps_y and abs(ps_y - ps) > 1e-6 * abs(ps):
+        meta["pixel_size_y"] = ps_y
+        log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", path, ps, ps_y, unit)
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return [_attr(x) for x in v.tolist()] if v.size <= 64 else f"<array {v.shape} {v.dtype}>"
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
