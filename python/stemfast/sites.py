@@ -491,13 +491,19 @@ def find_sites(
         return _find_sites(image, settings, pixel_size, unit, timings, overrides)
 
 
+def _with_overrides(s: SiteSettings, overrides: dict) -> SiteSettings:
+    """``s`` with the keyword ``overrides`` of :func:`find_sites` (its nested ``lattice`` and ``grains``
+    settings replaced whole)."""
+    if not overrides:
+        return s
+    return SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
+                           "grains": overrides.get("grains", s.grains)})
+
+
 def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings: dict | None,
                 overrides: dict) -> SiteTable:
-    s = settings or SiteSettings()
+    s = _with_overrides(settings or SiteSettings(), overrides)
     pixel_size, unit = _calibration(pixel_size, unit)
-    if overrides:
-        s = SiteSettings(**{**s.to_dict(), **overrides, "lattice": overrides.get("lattice", s.lattice),
-                            "grains": overrides.get("grains", s.grains)})
     img, dead, spikes = _repaired(check_image(image, min_side=MIN_IMAGE_SIDE), s)
     no_data = find_no_data(img)
     clipping = clipped_intensities(img, no_data)
@@ -522,7 +528,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     # 5. per-site intensity, sublattice, strain (with the scan lines checked against the lattice, and
     # the crowding check below)
     t0 = time.perf_counter()
-    cols, bands, scan_meta, domain_info = _site_columns(img, f, s, pixel_size, unit, scan)
+    inten, f = _bandpass_at_sites(f, s)
+    cols, bands, scan_meta, domain_info = _site_columns(img, f, s, pixel_size, unit, scan, inten)
     _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px)
     tm["describe"] = time.perf_counter() - t0 + t_lines
     idx = f.idx
@@ -722,7 +729,7 @@ class _Lattice(NamedTuple):
 
     material: object  # stemfast.materials.Material
     ring: object  # the metal lattice's Bragg ring (braggring.metal_reciprocal_lattice)
-    bp: np.ndarray  # the bandpassed image
+    bp: np.ndarray | None  # the bandpassed image (None once step 5 has read it at the sites)
     pk: object  # the peaks (find_peaks)
     gmap: object  # grains (None: a single crystal)
     pmap: PhaseMap  # the (largest grain's) phase map
@@ -779,13 +786,17 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         backend=s.backend,
     )
     pk = _drop_peaks_without_data(pk, no_data)
+    # the refinement image's pixel noise is all step 4 needs of it: dropped here, not kept through the
+    # indexing (a full image of float32: 1 GB at 16k x 16k)
+    refine_sigma = pixel_noise(refine_img)
+    del refine_img
     tm["peaks"] = time.perf_counter() - t0
     if len(pk.xy) < 8:
         raise _NoLattice(f"only {len(pk.xy)} columns found: no lattice", spacing_px=nn)
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_img, ring, s, nn, no_data, vacuum)
+    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_sigma, ring, s, nn, no_data, vacuum)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -959,9 +970,10 @@ def _ring_of(img: np.ndarray, s: SiteSettings):
     return ring, None
 
 
-def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no_data=None, vacuum=None):
+def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: float, no_data=None, vacuum=None):
     """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain
-    (``vacuum``, :func:`stemfast.vacuum.dark_vacuum`, is left out of the phase map's refinement).
+    (``vacuum``, :func:`stemfast.vacuum.dark_vacuum`, is left out of the phase map's refinement);
+    ``refine_sigma``: the pixel noise of the image the peaks were refined on (their position variance).
 
     Returns ``(idx, pk, gmap, pmap, nn_fft, nn, film)``: ``pk`` without the maxima deep in a hole of
     the film (:func:`_drop_peaks_in_holes`); ``nn`` becomes the phase map's spacing unless the
@@ -987,7 +999,7 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     peak_xy = pk.xy
     peak_var = None
     if pk.amplitude is not None:
-        peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), pixel_noise(refine_img))
+        peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), refine_sigma)
     index_kw = dict(peak_var=peak_var, shape=img.shape, spacing=nn, film=film, fill=s.fill, tol=s.node_tol_nn,
                     off_strength=s.off_lattice_strength, margin_px=s.lattice.edge_margin_px,
                     fit_radius=s.lattice.fit_radius)
@@ -998,19 +1010,28 @@ def _index_columns(img, bp, pk, refine_img, ring, s: SiteSettings, nn: float, no
     return _drop_sites_without_data(idx, no_data, nn), pk, gmap, pmap, nn_fft, nn, film
 
 
+def _bandpass_at_sites(f: _Lattice, s: SiteSettings) -> tuple[np.ndarray, _Lattice]:
+    """``(intensity, f)``: the detection's bandpassed image ``f.bp`` read at the sites, and ``f`` without it
+    (``bp`` None), so that it is let go before step 5 makes a bandpassed image of its own (a full image
+    of float32 each: 1 GB at 16k x 16k)."""
+    return sample_image(f.bp, f.idx.xy, backend=s.backend), f._replace(bp=None)
+
+
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
-                  scan=None) -> tuple[dict, list, dict, dict]:
+                  scan=None, inten: np.ndarray | None = None) -> tuple[dict, list, dict, dict]:
     """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
     lattice, grain, calibrated positions), the widths of the border bands, the scan lines' meta and
     the inversion domains' (:func:`_inversion_domains`). ``scan``: what
-    :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known."""
+    :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known. ``inten``: ``f.bp``
+    sampled at the sites, when already read (``f.bp`` may then be None)."""
     idx, pk, gmap = f.idx, f.pk, f.gmap
     nn = f.nn
     xy = idx.xy
     # column intensity = the bandpassed image at the site: a Gaussian-weighted (sigma noise_nn)
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
-    inten = sample_image(f.bp, xy, backend=s.backend)
+    if inten is None:
+        inten = sample_image(f.bp, xy, backend=s.backend)
     # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
     # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
     lines, streak = _scan_lines(img, idx, xy, s, f.no_data) if scan is None else scan
