@@ -721,3 +721,24 @@ def test_a_frame_chunk_part_keeps_the_site_tables_metadata(tmp_path):
     assert back[0].table.meta == meta and back[1].table is None
     moved = lattice_positions(back[0].table.xy, back[0].table.meta)
     assert moved[0, 0] == pytest.approx(36.6 - 0.76) and moved[1, 0] == 36.6  # in the band, and outside it
+
+
+def test_the_batch_hands_back_a_pictures_freed_buffers_after_reading_it(tmp_path, monkeypatch):
+    """An exported picture's decoding frees buffers of its colour size once it is grey (0.8 GB each
+    for a 16k x 16k RGB export); the batch's read hands freed memory back to the kernel after a picture
+    (stemfast.heap.hand_back_freed), not after the data files, whose reuse across images it keeps."""
+    from PIL import Image
+
+    from stemfast import heap
+    from stemfast.batch.inputs import read_input
+    from stemfast.io import write_tiff
+
+    calls = []
+    monkeypatch.setattr(heap, "hand_back_freed", lambda: calls.append(1) or True)
+    rgb = np.repeat(np.random.default_rng(0).integers(0, 255, (40, 48), np.uint8)[..., None], 3, 2)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    write_tiff(tmp_path / "a.tif", rgb[..., 0].astype(np.float32))
+    read_input(tmp_path / "a.tif")
+    assert calls == []
+    read_input(tmp_path / "a.png")
+    assert calls == [1]

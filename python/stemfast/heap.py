@@ -18,6 +18,11 @@ The command line (``python -m stemfast ...``) and the Dask workers' tasks call i
 uses the Python API on many or large images may call it too. It changes the whole process, so
 importing stemfast never does. ``STEMFAST_SYSTEM_MALLOC=1`` in the environment leaves ``malloc``
 as it is. Elsewhere than glibc it does nothing.
+
+:func:`hand_back_freed` gives the kernel back what is freed and kept at that moment (glibc's
+``malloc_trim``). The batch calls it after reading an exported picture: Pillow's buffer and the
+colour array (0.8 GB each for a 16k x 16k RGB export) are freed once the picture is grey, and kept
+they held the process at 3.3 GB instead of 1.4 GB from the read into the lattice search.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import functools
 import logging
 import os
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "reuse_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "reuse_freed_memory", "hand_back_freed"]
 
 log = logging.getLogger("stemfast.heap")
 
@@ -69,3 +74,25 @@ def reuse_freed_memory() -> bool:
         return False
     log.debug("heap: large blocks from the heap, freed memory kept (mallopt %s)", "accepted" if ok else "refused")
     return ok
+
+
+def hand_back_freed() -> bool:
+    """Give the kernel back the freed memory the process keeps (glibc's ``malloc_trim(0)``) where
+    :func:`reuse_freed_memory` holds; True when it did.
+
+    Examples
+    --------
+    >>> from stemfast.heap import hand_back_freed
+    >>> hand_back_freed() in (True, False)
+    True
+    """
+    if not reuse_freed_memory.cache_info().currsize or not reuse_freed_memory():  # never set here: nothing kept
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError) as e:  # pragma: no cover - reuse_freed_memory found glibc
+        log.debug("heap: malloc_trim not available (%s)", e)
+        return False
+    return True

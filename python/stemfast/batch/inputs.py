@@ -217,6 +217,10 @@ def read_input(path, read_options: ReadOptions | None = None, **kwargs):
         mg = io.read(path, **opts.as_read_kwargs(), **kwargs)
     for w in caught:
         log.warning("%s", w.message)
+    if mg.metadata.get("exported_picture") or mg.metadata.get("converted_from_rgb"):
+        from ..heap import hand_back_freed
+
+        log.debug("heap: freed memory handed back after a picture (%s)", hand_back_freed())
     return mg
 
 
