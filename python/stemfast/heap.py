@@ -21,8 +21,8 @@ as it is. Elsewhere than glibc it does nothing.
 
 :func:`hand_back_freed` gives the kernel back what is freed and kept at that moment (glibc's
 ``malloc_trim``). The batch calls it after reading an exported picture: Pillow's buffer and the
-colour array (0.8 GB each for a 16k x 16k RGB export) are freed once the picture is grey, and kept
-they held the process at 3.3 GB instead of 1.4 GB from the read into the lattice search.
+colour array (0.8 GB each for a 16k x 16k RGB export) are freed once the picture is grey; kept, they
+held the process at 3.3 GB instead of 1.4 GB from the read to the lattice search.
 """
 from __future__ import annotations
 

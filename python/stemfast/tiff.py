@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +123,25 @@ def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool 
     meta["channels"], meta["channel"] = n, channel
     if titles:
         meta["channel_titles"] = list(titles)
-    held = f" ({', '.join(titles)})" if titles else ""
-    name = f" ({titles[channel]})" if titles else ""
-    msg = (f"{path}: the TIFF holds {n} channels{held} (its C axis: detectors or colours of one scan, not frames "
-           f"of a series); channel {channel}{name} was read")
+    msg = f"{path}: {channel_note(meta)}"
     if warn:
         warnings.warn(msg, ReadWarning, stacklevel=5)
     log.info("%s", msg)
     return n
+
+
+def channel_note(meta: Mapping) -> str:
+    """What was read of a TIFF with channels, in words (its reader's ``meta``: ``channels``, ``channel``,
+    ``channel_titles``); the reader's warning and the batch's input note.
+
+    >>> channel_note({"channels": 2, "channel": 1, "channel_titles": ["BF", "HAADF"]})
+    'the TIFF holds 2 channels (BF, HAADF) (its C axis: detectors or colours of one scan, not frames of a series); channel 1 (HAADF) was read'
+    """
+    titles, channel = meta.get("channel_titles") or [], int(meta.get("channel", 0))
+    held = f" ({', '.join(titles)})" if titles else ""
+    name = f" ({titles[channel]})" if titles else ""
+    return (f"the TIFF holds {meta['channels']} channels{held} (its C axis: detectors or colours of one scan, not "
+            f"frames of a series); channel {channel}{name} was read")
 
 
 def _tiff_is_colour(path: Path, series, meta: dict) -> bool:

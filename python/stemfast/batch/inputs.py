@@ -273,11 +273,9 @@ def describe_input(mg) -> dict:
         notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
                      "layout for a [frames, H, W] array), not as one colour image")
     if meta.get("channels"):
-        titles = meta.get("channel_titles") or []
-        held = f" ({', '.join(titles)})" if titles else ""
-        name = f" ({titles[meta.get('channel', 0)]})" if titles else ""
-        notes.append(f"the TIFF holds {meta['channels']} channels{held} (detectors or colours of one scan); channel "
-                     f"{meta.get('channel', 0)}{name} was read")
+        from ..tiff import channel_note
+
+        notes.append(channel_note(meta))
     if meta.get("series") is not None and (meta.get("n_series") or 0) > 1:
         notes.append(f"the TIFF holds {meta['n_series']} image series; series {meta['series']}, the largest, was read")
     if meta.get("calibration_ignored"):
