@@ -79,7 +79,7 @@ def grey_from_colour(rgb) -> tuple[np.ndarray, dict]:
         raise ValueError(f"rgb must be [..., 3] or [..., 4], got shape {a.shape}")
     px = a.reshape(-1, a.shape[-1])  # one row a pixel (a view of a contiguous picture)
     n = len(px)
-    full = _full_scale(a, px)
+    full = _full_scale(px)
     n_marks = sum(int(np.count_nonzero(_spread(c) > _GREY_TOL * full)) for _, c in _blocks(px))
     out = np.empty(n, np.float32)
     if n_marks <= MARK_SHARE * n:
@@ -144,14 +144,14 @@ def colour_note(how: Mapping) -> str:
                "map's rises and falls): export the image in grey" if fit is not None else ""))
 
 
-def _full_scale(a: np.ndarray, px: np.ndarray) -> float:
-    """The value of full colour in ``a`` (its pixels ``px`` [N, 3 or 4]): for integers the top of the bits
+def _full_scale(px: np.ndarray) -> float:
+    """The value of full colour in the pixels ``px`` [N, 3 or 4] of a picture: for integers the top of the bits
     its largest value needs, at least 8 (255 for 8-bit colour however dark the picture, 4095 for 12-bit
     data in a 16-bit file); for floats 1 or 255 when the values stay within (the two conventions of float
     colour), else the largest value."""
     tops = [np.fmax.reduce(c, axis=None) for _, c in _blocks(px) if c.size]  # fmax: NaN only where all are
     top = float(np.fmax.reduce(np.array(tops, np.float32))) if tops else 0.0
-    if a.dtype.kind in "iu":
+    if px.dtype.kind in "iu":
         return float(max(255, (1 << int(top).bit_length()) - 1))
     return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else top
 

@@ -42,6 +42,8 @@ TRIM_THRESHOLD = (1 << 31) - 1
 ENV_SYSTEM_MALLOC = "STEMFAST_SYSTEM_MALLOC"
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+#: whether :func:`reuse_freed_memory` set malloc to keep freed memory in this process
+_keeping = False
 
 
 @functools.cache
@@ -73,6 +75,8 @@ def reuse_freed_memory() -> bool:
         log.debug("heap: mallopt not available (%s)", e)
         return False
     log.debug("heap: large blocks from the heap, freed memory kept (mallopt %s)", "accepted" if ok else "refused")
+    global _keeping
+    _keeping = ok
     return ok
 
 
@@ -86,7 +90,7 @@ def hand_back_freed() -> bool:
     >>> hand_back_freed() in (True, False)
     True
     """
-    if not reuse_freed_memory.cache_info().currsize or not reuse_freed_memory():  # never set here: nothing kept
+    if not _keeping:  # malloc as it was: it hands large blocks back itself
         return False
     try:
         import ctypes

@@ -96,16 +96,22 @@ def _ome_channel_names(xml: str | None) -> list[str]:
     >>> _ome_channel_names('<OME><Image><Pixels><Channel Name="HAADF"/><Channel Name="BF"/></Pixels></Image></OME>')
     ['HAADF', 'BF']
     """
+    pixels = _ome_pixels(xml)
+    if pixels is None:
+        return []
+    return [c.get("Name", "") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
+
+
+def _ome_pixels(xml: str | None):
+    """The first ``Pixels`` element of an OME-XML header (any namespace), None without one or for text
+    that is no XML."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.fromstring(xml or "")
     except ET.ParseError:
-        return []
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return []
-    return [c.get("Name", "") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
+        return None
+    return next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
 
 
 def _tiff_channels(path: Path, series, meta: dict, channel: int = 0, warn: bool = True,
@@ -445,13 +451,7 @@ def _ome_calibration(xml: str | None) -> tuple[float | None, str | None]:
     >>> _ome_calibration('<OME><Image><Pixels PhysicalSizeX="0.5"/></Image></OME>')
     (0.5, 'µm')
     """
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(xml or "")
-    except ET.ParseError:
-        return None, None
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    pixels = _ome_pixels(xml)
     if pixels is None or pixels.get("PhysicalSizeX") is None:
         return None, None
     try:

@@ -220,7 +220,8 @@ def read_input(path, read_options: ReadOptions | None = None, **kwargs):
     if mg.metadata.get("exported_picture") or mg.metadata.get("converted_from_rgb"):
         from ..heap import hand_back_freed
 
-        log.debug("heap: freed memory handed back after a picture (%s)", hand_back_freed())
+        if hand_back_freed():
+            log.debug("heap: freed memory handed back after a picture")
     return mg
 
 
