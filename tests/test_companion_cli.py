@@ -490,3 +490,37 @@ def test_a_velox_spectrum_image_files_images_are_read_without_rosettasciio(tmp_p
     (tmp_path / "bad.emd").write_bytes(b"\x89HDF\r\n\x1a\n" + b"0" * 64)  # not Velox: RosettaSciIO's reason
     with pytest.raises(io.ReadError, match="unreadable or corrupt EMD"):
         io.read(tmp_path / "bad.emd")
+
+
+def test_velox_spectrum_image_series_frames_read_one_at_a_time(tmp_path):
+    """Where the Velox layout is read directly (a spectrum-image acquisition RosettaSciIO cannot read), a
+    frame of a series is read alone: the other frames and detectors are not loaded with it (a series is
+    analysed frame by frame; on Dask each task reads its frames). Every selection gives NumPy's frames."""
+    pytest.importorskip("rsciio")
+    import tracemalloc
+
+    from velox import write_velox
+
+    from stemfast import io
+
+    rng = np.random.default_rng(3)
+    stack = rng.random((40, 128, 160)).astype(np.float32)  # 3.3 MB a detector, 82 kB a frame
+    f = write_velox(tmp_path / "si.emd", {"UltraX": np.zeros((40, 40), np.float32), "HAADF": stack,
+                                           "DF2": 2 * stack}, spectrum_image=True)
+    whole = io.read(f)
+    assert whole.metadata["reader"] == "velox (h5py)"
+    np.testing.assert_array_equal(whole.data, stack)
+    for frames in (7, -1, slice(None, None, -3), [5, 2, 2], np.array([1, 3])):
+        np.testing.assert_array_equal(io.read(f, frames=frames).data, stack[frames])
+    np.testing.assert_array_equal(io.read(f, dataset="DF2", frames=4).data, 2 * stack[4])
+    io.read(f, frames=0)  # the file's metadata parsed once before the measurement
+    tracemalloc.start()
+    try:
+        one = io.read(f, frames=11)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(one.data, stack[11])
+    assert peak < 6 * stack[0].nbytes, f"reading one frame held {peak / 1e6:.2f} MB (a detector: {stack.nbytes / 1e6:.1f} MB)"
+    with pytest.raises(io.ReadError, match="out of range"):
+        io.read(f, frames=40)

@@ -12,7 +12,8 @@ only the images, from the layout Velox writes:
 
 The images come back as RosettaSciIO signals (``data``, ``axes``, ``metadata``) for
 :mod:`stemfast.signals` (the reading of :func:`stemfast.io.read`) to check and pick from as it does
-RosettaSciIO's own.
+RosettaSciIO's own. Their ``data`` is read when used (:class:`VeloxImages`), as RosettaSciIO's lazy
+reading would: picking the image reads none, a frame of a series reads that frame.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["is_velox", "image_signals"]
+__all__ = ["is_velox", "image_signals", "VeloxImages"]
 
 
 def is_velox(path: str | Path) -> bool:
@@ -36,7 +37,8 @@ def is_velox(path: str | Path) -> bool:
 
 
 def image_signals(path: str | Path) -> list[dict]:
-    """The images of a Velox EMD as RosettaSciIO-like signals: ``data`` [H, W] or [frames, H, W],
+    """The images of a Velox EMD as RosettaSciIO-like signals: ``data`` [H, W] or [frames, H, W]
+    (a :class:`VeloxImages`, read when indexed),
     ``axes`` (the pixel size in the file's unit), ``metadata`` (``General.title``: the detector).
     A ``ValueError`` where the file holds no image group."""
     import h5py
@@ -49,12 +51,68 @@ def image_signals(path: str | Path) -> list[dict]:
         for key in images:
             group = images[key]
             md = _json(group["Metadata"][:, 0].tobytes().rstrip(b"\0")) if "Metadata" in group else {}
-            data = np.moveaxis(np.asarray(group["Data"]), -1, 0)
-            out.append(_signal(data[0] if data.shape[0] == 1 else data, md))
+            ds = group["Data"]
+            if ds.ndim != 3:
+                raise ValueError(f"a Velox image of shape {ds.shape}; [H, W, frames] expected")
+            out.append(_signal(VeloxImages(path, key, ds.shape, ds.dtype), md))
     return out
 
 
-def _signal(data: np.ndarray, md: dict) -> dict:
+class VeloxImages:
+    """One image group's ``Data`` ([H, W, frames] in the file) as [frames, H, W], or [H, W] for a single
+    frame, read from the file only when indexed or converted (``np.asarray``): a series' frame is read
+    alone, not the whole acquisition (and its element maps) with it. Indexing takes what NumPy's does;
+    the first index of a stack selects frames.
+
+    Examples
+    --------
+    >>> lazy = VeloxImages("scan.emd", "0123abcd", (512, 512, 40), np.float32)  # doctest: +SKIP
+    >>> lazy.shape, lazy[3].shape  # doctest: +SKIP
+    ((40, 512, 512), (512, 512))
+    """
+
+    def __init__(self, path: str | Path, key: str, shape: tuple[int, int, int], dtype) -> None:
+        self._path, self._key = str(path), key
+        h, w, n = (int(v) for v in shape)
+        self.shape = (n, h, w) if n > 1 else (h, w)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(dtype)
+
+    def _frames(self, which: np.ndarray) -> np.ndarray:
+        """Frames ``which`` (file order), as [len(which), H, W]."""
+        import h5py
+
+        out = np.empty((len(which), *self.shape[-2:]), self.dtype)
+        with h5py.File(self._path, "r") as f:
+            ds = f["Data/Image"][self._key]["Data"]
+            for j, i in enumerate(which):
+                ds.read_direct(out, np.s_[:, :, int(i)], np.s_[j])
+        return out
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        if self.ndim == 2:
+            return self._frames(np.zeros(1, np.int64))[0][index]
+        first, rest = index[0], index[1:]
+        if first is Ellipsis or first is None:
+            return np.asarray(self)[index]
+        which = np.arange(self.shape[0])[first]  # NumPy's checks and meaning of the frame index
+        frames = self._frames(np.ravel(which)).reshape(*np.shape(which), *self.shape[-2:])
+        return frames[(slice(None),) * np.ndim(which) + rest]
+
+    def __array__(self, dtype=None, copy=None):
+        data = self._frames(np.arange(self.shape[0] if self.ndim == 3 else 1))
+        data = data if self.ndim == 3 else data[0]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, *shape):
+        return np.asarray(self).reshape(*shape)
+
+
+def _signal(data: VeloxImages, md: dict) -> dict:
     br = md.get("BinaryResult") or {}
     title = br.get("Detector") or ((md.get("Detectors") or {}).get(f"Detector-{br.get('DetectorIndex')}") or {}).get(
         "DetectorName", "")
