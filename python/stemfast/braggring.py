@@ -89,6 +89,32 @@ def _spectrum(img: np.ndarray, crop: int = SPECTRUM_CROP):
     return P, h, w
 
 
+#: the spectrum's lowest usable frequency, in bins from its centre (the window's leakage of the mean
+#: and the steep low-frequency background lie within). Bins are counted along each axis of the crop: a
+#: strip's spectrum resolves frequencies along its long side that it cannot along its short one, and a
+#: 100 x 512 px strip of a 14 px site lattice has most of its first ring's spots beyond 6 bins though the
+#: ring's radius is 4.7 bins of the short side (read from the short side alone, the ring was missed and
+#: the sqrt(3) ring taken: a spacing sqrt(3) too small, unsaid)
+MIN_RING_BINS = 6.0
+#: a hexagon of Bragg spots is read from those of its six spots beyond :data:`MIN_RING_BINS` (all six on a
+#: square crop; a strip's spectrum leaves the spots along its short side in the window's leakage, and
+#: with them a 100 x 256 px strip of a 10 px lattice read a "ring" at 1 / sqrt(3) of the true one) and
+#: needs at least this many
+MIN_READABLE_SPOTS = 4
+#: a spot is placed to within half a bin along each axis of the spectrum, so along a strip's short side a
+#: ring of few bins has no shape to read: its radius must span this many bins of the short side (spot
+#: positions to 1/8 of the radius). A 48 px high strip of a 15 px lattice (ring radius 2.1 bins) read an
+#: 8 px "lattice" without it. On a square crop :data:`MIN_RING_BINS` is the stricter
+MIN_RING_SHORT_BINS = 4.0
+
+
+def _bins(g: np.ndarray, h: int, w: int):
+    """Distance of the reciprocal vectors ``g`` [..., 2] (cycles / px) from the centre of an ``h`` x ``w``
+    spectrum, in its bins."""
+    g = np.asarray(g, dtype=np.float64)
+    return np.hypot(g[..., 0] * w, g[..., 1] * h)
+
+
 def _spot_power(Pw: np.ndarray, h: int, w: int, g: np.ndarray, r: float = 1.5):
     """Max of the (whitened) spectrum within ``r`` bins of each reciprocal vector ``g`` [K, 2]
     (cycles / px), and the refined spot positions (power-weighted centroid around that max)."""
@@ -157,11 +183,17 @@ SPOT_SEARCH_WIDE = 0.2
 def _ring_prominence(Pw, h, w, g0, search: float = SPOT_SEARCH):
     """Median over the hexagon of spots through ``g0`` of the spot power over its ring's median
     power, and the refined spot positions. Spots are looked for within ``search`` of the ring
-    radius of the ideal hexagon (scan distortion makes real lattices anisotropic)."""
+    radius of the ideal hexagon (scan distortion makes real lattices anisotropic). Only the spots
+    beyond :data:`MIN_RING_BINS` count (0 with fewer than :data:`MIN_READABLE_SPOTS` of them); the
+    others keep their ideal positions."""
     spots = _hexagon(g0)
     p, pos = _spot_power(Pw, h, w, spots, r=max(1.5, search * float(np.hypot(g0[0] * w, g0[1] * h))))
+    readable = _bins(spots, h, w) >= MIN_RING_BINS
+    if readable.sum() < MIN_READABLE_SPOTS:
+        return 0.0, pos
+    pos[~readable] = spots[~readable]  # the window's leakage there: the ideal spot, not a refined one
     ref = _ring_reference(Pw, h, w, float(np.hypot(*g0)))
-    return float(np.median(p) / ref) if ref > 0 else 0.0, pos
+    return float(np.median(p[readable]) / ref) if ref > 0 else 0.0, pos
 
 
 #: the three spot radii of a Bragg ring (its reciprocal vectors g1, g2, g1 + g2) differ by at most this
@@ -217,9 +249,9 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     fx = (np.arange(w) - w // 2)[None, :] / w
     f2 = fx ** 2 + fy ** 2
     Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
-    fmin = 6.0 / min(h, w)
     # a column spacing of 3 px puts the first ring at 1 / 4.5 cycles / px
-    valid = (f2 > fmin ** 2) & (f2 < 0.3 ** 2)
+    iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2
+    valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
     # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
     # (a single strong noise pixel near Nyquist has no hexagon)
     mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
@@ -231,27 +263,27 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
         if band.any():
             hinted = [int(np.argmax(np.where(band, Pw, -np.inf)))]
             for search in (SPOT_SEARCH, SPOT_SEARCH_WIDE):
-                ring = _pick_ring(Pw, h, w, hinted, fmin, min_prominence, True, "ring picked by the given spacing",
+                ring = _pick_ring(Pw, h, w, hinted, min_prominence, True, "ring picked by the given spacing",
                                   search)
                 if ring is not None:
                     # kept as given, but a coarser lattice's spots inside it are said (a spacing given
                     # sqrt(3) or 2x too small picks the {110} or {200} ring)
-                    coarser = _inner_spots_reread(Pw, h, w, ring, cand, fmin, min_prominence)
+                    coarser = _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
                     if coarser is not ring:
                         ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
                     return ring
         # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
         # below, never none where there is one (the caller says where it differs from the given one)
-    narrow = _pick_ring(Pw, h, w, cand, fmin, min_prominence, False, "", SPOT_SEARCH)
+    narrow = _pick_ring(Pw, h, w, cand, min_prominence, False, "", SPOT_SEARCH)
     if narrow is None:  # the wider search only corrects a ring, it finds none where there is none
         return None
     ring = narrow
-    wide = _pick_ring(Pw, h, w, cand, fmin, min_prominence, False, "", SPOT_SEARCH_WIDE)
+    wide = _pick_ring(Pw, h, w, cand, min_prominence, False, "", SPOT_SEARCH_WIDE)
     if wide is not None and abs(wide.spacing / narrow.spacing - 1) > 0.1:
         p_narrow, _ = _ring_prominence(Pw, h, w, narrow.g[0], SPOT_SEARCH_WIDE)
         if p_narrow < wide.prominence:
             ring = dataclasses.replace(wide, note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
-    return _inner_spots_reread(Pw, h, w, ring, cand, fmin, min_prominence)
+    return _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
 
 
 #: a strong spot inside the ring is read as a reflection of a coarser lattice when its coordinates in
@@ -308,7 +340,7 @@ def _ring_of_basis(Pw, h, w, g: np.ndarray):
     return (float(np.min(p) / ref) if ref > 0 else 0.0), pos
 
 
-def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) -> FftLattice:
+def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, min_prominence) -> FftLattice:
     """``ring`` re-read as the reflections of a coarser lattice while strong spots lie inside it.
 
     A ring taken from a higher-order family (under strong anisotropy the true first ring's spots lie
@@ -330,7 +362,7 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
         for k in cand:
             iy, ix = np.unravel_index(k, Pw.shape)
             q = np.array([(ix - w // 2) / w, (iy - h // 2) / h])
-            if not fmin <= float(np.hypot(*q)) <= 0.9 * rmin:
+            if not (_bins(q, h, w) >= MIN_RING_BINS and float(np.hypot(*q)) <= 0.9 * rmin):
                 continue
             c = q @ ginv
             for D in range(2, INNER_SPOT_MAX_INDEX + 1):
@@ -341,7 +373,8 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
                 continue
             gn = _hexagonal_basis(_integer_lattice_basis([(D, 0), (0, D), tuple(m)]) @ g / D, g)
             radii = _ring_radii(gn)
-            if radii.min() < fmin or radii.max() > MAX_RING_STRETCH * radii.min():
+            if (_bins(_reciprocal_set(gn), h, w).min() < MIN_RING_BINS or radii.min() * min(h, w) < MIN_RING_SHORT_BINS
+                    or radii.max() > MAX_RING_STRETCH * radii.min()):
                 continue
             pn, pos = _ring_of_basis(Pw, h, w, gn)
             if pn >= min_prominence and pn >= 0.05 * prom and (best is None or pn > best[0]):
@@ -356,7 +389,7 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, fmin, min_prominence) 
     return FftLattice(g=g, prominence=float(prom), spacing=site_spacing(g), note=note)
 
 
-def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, search: float) -> FftLattice | None:
+def _pick_ring(Pw, h, w, cand, min_prominence, hinted: bool, note: str, search: float) -> FftLattice | None:
     """:func:`metal_reciprocal_lattice` from the candidate spots ``cand`` (flat indices into ``Pw``),
     its spots looked for within ``search`` of the ideal hexagon; ``hinted``: no re-reading."""
     best = None
@@ -374,7 +407,7 @@ def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, se
             cands = [("{110}->{100}", _first_ring_of_second(g0)), ("{200}->{100}", g0 / 2.0)]
             moved = False
             for name, gc in cands:
-                if np.hypot(*gc) < fmin:
+                if _bins(_hexagon(gc), h, w).min() < MIN_RING_BINS:  # a re-read's ring is seen whole
                     continue
                 pc, posc = _ring_prominence(Pw, h, w, gc, search)
                 if pc >= min_prominence and pc >= 0.05 * prom:
@@ -392,6 +425,8 @@ def _pick_ring(Pw, h, w, cand, fmin, min_prominence, hinted: bool, note: str, se
         return None
     radii = _ring_radii(g)
     if radii.max() > MAX_RING_STRETCH * radii.min():  # six spots that are no hexagon (a strip's coarse spectrum)
+        return None
+    if radii.min() * min(h, w) < MIN_RING_SHORT_BINS:  # a ring too small for its shape to be read
         return None
     spacing = site_spacing(g)
     return FftLattice(g=g, prominence=float(prom), spacing=spacing, note=note)

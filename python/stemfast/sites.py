@@ -36,7 +36,7 @@ from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .braggring import SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
+from .braggring import MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
 from .spikes import SpikeWarning, despiked, spike_meta
 from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, node_residuals,
@@ -232,13 +232,17 @@ def estimate_period_fft(image: np.ndarray, *, return_prominence: bool = False):
     fy = sfft.fftfreq(H)[:, None]
     fx = sfft.rfftfreq(W)[None, :]
     f = np.sqrt(fy ** 2 + fx ** 2)
+    # pixels within MIN_RING_BINS bins of the centre, counted along each axis, are left out (a strip's
+    # spectrum reads along its long side frequencies it cannot along its short one; for a square crop
+    # this leaves out just the radii below 6 / side, as a limit on the radius alone would)
+    usable = ((np.rint(fy * H) ** 2 + np.rint(fx * W) ** 2) >= MIN_RING_BINS ** 2).ravel()
     nb = max(64, min(H, W) // 2)
     bins = np.linspace(0.0, 0.5, nb + 1)
     idx = np.clip(np.digitize(f.ravel(), bins) - 1, 0, nb - 1)
-    cnt = np.maximum(np.bincount(idx, minlength=nb), 1)
-    prof = np.bincount(idx, weights=P.ravel(), minlength=nb) / cnt
+    n_usable = np.bincount(idx, weights=usable, minlength=nb)
+    prof = np.bincount(idx, weights=np.where(usable, P.ravel(), 0.0), minlength=nb) / np.maximum(n_usable, 1)
     fc = 0.5 * (bins[1:] + bins[:-1])
-    valid = (fc > 6.0 / min(H, W)) & (fc < 0.45)
+    valid = (n_usable > 0) & (fc > MIN_RING_BINS / max(H, W)) & (fc < 0.45)
     score = np.where(valid, prof * fc, 0.0)  # f-weighting flattens the 1/f background
     k = int(np.argmax(score))
     if score[k] <= 0:
