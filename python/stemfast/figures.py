@@ -100,6 +100,7 @@ def draw_side_by_side(jobs: Sequence[Callable[[], None]]) -> None:
         return
     import multiprocessing
 
+    pyplot()  # imported once, before the fork: each process would import it again (~0.5 s)
     ctx = multiprocessing.get_context("fork")
     procs = []
     for job in jobs[:-1]:

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-__all__ = ["setup_logging", "progress", "show_progress", "StageTimings"]
+__all__ = ["setup_logging", "progress", "show_progress", "tqdm_class", "StageTimings"]
 
 
 def setup_logging(verbosity: int = 0) -> None:
@@ -46,11 +46,21 @@ def show_progress() -> bool:
 
 def progress(iterable=None, **kwargs):
     """A tqdm bar that is disabled when not on a terminal."""
-    from tqdm.auto import tqdm
-
     kwargs.setdefault("disable", not show_progress())
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kwargs)
+    return tqdm_class()(iterable, **kwargs)
+
+
+def tqdm_class():
+    """tqdm's bar class (``tqdm.auto``) with its monitor thread off. tqdm starts that thread with the
+    first bar, shown or not, and keeps it while a bar is open; a batch's per-file bar is open while
+    each input's figures are drawn, and with a thread running forking is unsafe
+    (:func:`stemfast.forking.fork_hazard`), so the two figures were drawn one after the other. The
+    monitor only forces a refresh of a bar whose iterations slow down after fast ones."""
+    from tqdm.auto import tqdm
+
+    tqdm.monitor_interval = 0
+    return tqdm
 
 
 class StageTimings(dict):

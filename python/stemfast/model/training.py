@@ -238,9 +238,9 @@ def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_wei
 # ----------------------------------------------------------------------------- loops
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..logutil import tqdm_class
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm_class()(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def pretrain_stn(net: RVAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEConfig, *,
