@@ -482,13 +482,41 @@ def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int) -> tuple[float | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            signal = file_reader(path, lazy=True)[0]
+            axes = _rsciio_axes(path)
+            if axes is None:  # its parser is not as this version knows it: its (lazy) reader
+                axes = file_reader(path, lazy=True)[0].get("axes")
     except Exception:  # noqa: BLE001 - its reader failing leaves the file uncalibrated, as without it
         return None, None
-    axes = sorted(signal.get("axes") or [], key=lambda a: int(a.get("index_in_array", 0)))[-2:]
+    axes = sorted(axes or [], key=lambda a: int(a.get("index_in_array", 0)))[-2:]
     if len(axes) < 2 or any(unit_to_nm(a.get("units")) is None for a in axes):
         return None, None
     return float(axes[-1].get("scale")), str(axes[-1].get("units"))
+
+
+def _rsciio_axes(path: str) -> list[dict] | None:
+    """The axes RosettaSciIO's TIFF reader gives the first series of ``path``, from its own parser of the
+    vendors' tags (``rsciio.tiff._api._parse_scale_unit``, called as its reader calls it) on a file opened
+    and closed here. Its public reader, even lazy, leaves the file open until a garbage collection (a
+    reference cycle through its dask graph) and imports dask (0.25 s). ``None`` where that private
+    function is not there or not of the signature this was written for (another RosettaSciIO version):
+    the caller then takes the public reader."""
+    import inspect
+
+    import tifffile
+    from rsciio.tiff import _api
+
+    parse, codes = getattr(_api, "_parse_scale_unit", None), getattr(_api, "axes_label_codes", None)
+    if parse is None or codes is None or list(inspect.signature(parse).parameters) != [
+            "tiff", "page", "op", "shape", "force_read_resolution", "names", "hamamatsu_streak_axis_type"]:
+        return None
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        page = series.pages[0]
+        axes, shape = series.axes, series.shape
+        if page.photometric == tifffile.PHOTOMETRIC.RGB:  # as its reader: the colour axis is no axis
+            axes, shape = axes[:-1], shape[:-1]
+        op = {tag.name: tag.value for tag in page.tags}
+        return parse(tif, page, op, shape, False, [codes[a] for a in axes], None)
 
 
 def _decode_ij_unit(unit: str) -> str:
