@@ -51,9 +51,9 @@ def image_signals(path: str | Path) -> list[dict]:
         for key in images:
             group = images[key]
             md = _json(group["Metadata"][:, 0].tobytes().rstrip(b"\0")) if "Metadata" in group else {}
-            ds = group["Data"]
-            if ds.ndim != 3:
-                raise ValueError(f"a Velox image of shape {ds.shape}; [H, W, frames] expected")
+            ds = group.get("Data")
+            if ds is None or ds.ndim != 3:  # not an image in Velox's layout ([H, W, frames]): not offered
+                continue
             out.append(_signal(VeloxImages(path, key, ds.shape, ds.dtype), md))
     return out
 
