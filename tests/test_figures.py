@@ -19,14 +19,15 @@ def test_progress_bars_start_no_thread():
     """tqdm starts a monitor thread with its first bar, shown or not, and keeps it while a bar is open:
     a batch's per-file bar is open while each input's figures are drawn."""
     before = threading.active_count()
-    shown = progress(range(3), disable=False, file=open(os.devnull, "w"))
-    hidden = progress(range(3), disable=True)
-    try:
-        for _ in zip(shown, hidden):
-            assert threading.active_count() == before, [t.name for t in threading.enumerate()]
-    finally:
-        shown.close()
-        hidden.close()
+    with open(os.devnull, "w") as sink:
+        shown = progress(range(3), disable=False, file=sink)
+        hidden = progress(range(3), disable=True)
+        try:
+            for _ in zip(shown, hidden):
+                assert threading.active_count() == before, [t.name for t in threading.enumerate()]
+        finally:
+            shown.close()
+            hidden.close()
 
 
 def test_analyze_draws_its_two_figures_in_two_processes(tmp_path):
