@@ -1,6 +1,7 @@
 """Logging and progress-bar helpers: logging to stderr, tqdm bars only on a terminal."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -51,16 +52,17 @@ def progress(iterable=None, **kwargs):
     return tqdm_class()(iterable, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
 def tqdm_class():
-    """tqdm's bar class (``tqdm.auto``) with its monitor thread off. tqdm starts that thread with the
-    first bar, shown or not, and keeps it while a bar is open; a batch's per-file bar is open while
-    each input's figures are drawn, and with a thread running forking is unsafe
-    (:func:`stemfast.forking.fork_hazard`), so the two figures were drawn one after the other. The
-    monitor only forces a refresh of a bar whose iterations slow down after fast ones."""
+    """tqdm's bar class (``tqdm.auto``) with its monitor thread off: a subclass, so bars made elsewhere in
+    the process keep tqdm's defaults. tqdm starts that thread with the first bar, shown or not, and keeps
+    it while a bar is open; a batch's per-file bar is open while each input's figures are drawn, and with
+    a thread running forking is unsafe (:func:`stemfast.forking.fork_hazard`), so the two figures were
+    drawn one after the other. The monitor only forces a refresh of a bar whose iterations slow down
+    after fast ones."""
     from tqdm.auto import tqdm
 
-    tqdm.monitor_interval = 0
-    return tqdm
+    return type("StemfastBar", (tqdm,), {"monitor_interval": 0})
 
 
 class StageTimings(dict):
