@@ -97,9 +97,10 @@ def _spectrum(img: np.ndarray, crop: int = SPECTRUM_CROP):
 #: the sqrt(3) ring taken: a spacing sqrt(3) too small, unsaid)
 MIN_RING_BINS = 6.0
 #: a hexagon of Bragg spots is read from those of its six spots beyond :data:`MIN_RING_BINS` (all six on a
-#: square crop; a strip's spectrum leaves the spots along its short side in the window's leakage, and
-#: with them a 100 x 256 px strip of a 10 px lattice read a "ring" at 1 / sqrt(3) of the true one) and
-#: needs at least this many
+#: square crop; a strip's spectrum leaves the spots along its short side in the window's leakage, whose
+#: power is no reflection's) and needs at least this many. A re-read to a lower-order ring needs all six
+#: (:func:`_pick_ring`): with four, a 100 x 256 px strip of a 10 px lattice re-read its true ring as one
+#: at 1 / sqrt(3) of it, made of leakage
 MIN_READABLE_SPOTS = 4
 #: a spot is placed to within half a bin along each axis of the spectrum, so along a strip's short side a
 #: ring of few bins has no shape to read: its radius must span this many bins of the short side (spot
