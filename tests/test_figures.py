@@ -9,6 +9,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
 from stemfast.logutil import progress
 
@@ -57,3 +58,24 @@ print("SEEN", seen)
     assert "SEEN [(2, None)]" in r.stdout, r.stdout[-500:]
     assert (tmp_path / "out" / "img" / "classes.png").stat().st_size > 0
     assert (tmp_path / "out" / "img" / "defects.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("shape, above", [((100, 512), True), ((512, 100), False), ((256, 256), False)])
+def test_a_wide_map_is_drawn_across_the_figure_above_its_gallery(monkeypatch, shape, above):
+    """The defect figure: a map at least twice as wide as high above the gallery, across the figure (beside
+    it, a 100 x 512 px strip filled a sixth of the figure's height); any other map beside it."""
+    import stemfast.report as R
+
+    drawn = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, path, dpi: drawn.append(fig))
+    rng = np.random.default_rng(0)
+    img = rng.random(shape).astype(np.float32)
+    cands = [{"x": 20.0 + i, "y": 30.0, "anomaly_score": 3.0 - 0.1 * i} for i in range(24)]
+    R.plot_defects("unused.png", img, cands, rng.random((24, 15, 15)).astype(np.float32), spacing_px=10.0)
+    (fig,) = drawn
+    the_map, gallery = (ax.get_position() for ax in fig.axes)
+    if above:
+        assert the_map.y0 > gallery.y1 and the_map.width > 0.7 and gallery.width > 0.7
+    else:
+        assert the_map.x1 < gallery.x0
+    R.pyplot().close(fig)

@@ -267,11 +267,33 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
     """
     cands = list(candidates)[:max_gallery]
     n = len(cands)
-    fig, gs, ncol = defects_layout(n)
-    draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
+    if image is not None and np.shape(image)[1] >= WIDE_MAP_ASPECT * np.shape(image)[0]:
+        fig, gs, ncol = _wide_defects_layout(n, np.shape(image))
+        map_at, gallery_at = gs[0], gs[1]
+    else:
+        fig, gs, ncol = defects_layout(n)
+        map_at, gallery_at = gs[:, :2], gs[:, 2:]
+    draw_candidate_map(fig.add_subplot(map_at), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
-        _draw_gallery(fig.add_subplot(gs[:, 2:]), np.asarray(patches)[:n], cands, ncol)
+        _draw_gallery(fig.add_subplot(gallery_at), np.asarray(patches)[:n], cands, ncol)
     save_figure(fig, path, dpi)
+
+
+#: a map at least this many times wider than high is drawn across the figure above the gallery, not
+#: beside it: a 100 x 512 px strip beside the gallery filled a sixth of the figure's height
+WIDE_MAP_ASPECT = 2.0
+
+
+def _wide_defects_layout(n: int, shape: tuple[int, int], ncol: int = 12):
+    """:func:`defects_layout` for a wide map (:data:`WIDE_MAP_ASPECT`): ``(figure, gridspec, ncol)``, the
+    map in row 0 across the figure (15 in wide, as high as its aspect asks) and the gallery, ``ncol``
+    tiles a row, in row 1."""
+    nrow = max(1, math.ceil(n / ncol)) if n else 1
+    map_h = max(1.5, 15.0 * shape[0] / shape[1])
+    gallery_h = 1.6 * (15.0 / ncol) * nrow  # a tile's pitch: its width and room for its title above it
+    fig = pyplot().figure(figsize=(15.0, map_h + gallery_h + 1.2))
+    gs = fig.add_gridspec(2, 1, height_ratios=[map_h, gallery_h], hspace=0.3)
+    return fig, gs, ncol
 
 
 def defects_layout(n: int, ncol: int = 6):
