@@ -246,12 +246,11 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     True
     """
     P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
-    fy = (np.arange(h) - h // 2)[:, None] / h
-    fx = (np.arange(w) - w // 2)[None, :] / w
+    iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2  # bins from the centre
+    fy, fx = iy / h, ix / w
     f2 = fx ** 2 + fy ** 2
     Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
     # a column spacing of 3 px puts the first ring at 1 / 4.5 cycles / px
-    iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2
     valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
     # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
     # (a single strong noise pixel near Nyquist has no hexagon)
@@ -363,7 +362,7 @@ def _inner_spots_reread(Pw, h, w, ring: FftLattice, cand, min_prominence) -> Fft
         for k in cand:
             iy, ix = np.unravel_index(k, Pw.shape)
             q = np.array([(ix - w // 2) / w, (iy - h // 2) / h])
-            if not (_bins(q, h, w) >= MIN_RING_BINS and float(np.hypot(*q)) <= 0.9 * rmin):
+            if not float(np.hypot(*q)) <= 0.9 * rmin:  # (every candidate lies beyond MIN_RING_BINS)
                 continue
             c = q @ ginv
             for D in range(2, INNER_SPOT_MAX_INDEX + 1):

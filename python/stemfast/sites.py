@@ -1022,20 +1022,18 @@ def _bandpass_at_sites(f: _Lattice, s: SiteSettings) -> tuple[np.ndarray, _Latti
 
 
 def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, unit,
-                  scan=None, inten: np.ndarray | None = None) -> tuple[dict, list, dict, dict]:
+                  scan, inten: np.ndarray) -> tuple[dict, list, dict, dict]:
     """Step 5 of :func:`find_sites`: the columns of the site table (intensity, sublattice, strain,
     lattice, grain, calibrated positions), the widths of the border bands, the scan lines' meta and
     the inversion domains' (:func:`_inversion_domains`). ``scan``: what
-    :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known. ``inten``: ``f.bp``
-    sampled at the sites, when already read (``f.bp`` may then be None)."""
+    :func:`_scan_lines` gives for ``img`` and ``f``'s lattice, when already known (else None). ``inten``:
+    the detection's bandpassed image read at the sites (:func:`_bandpass_at_sites`; ``f.bp`` is None)."""
     idx, pk, gmap = f.idx, f.pk, f.gmap
     nn = f.nn
     xy = idx.xy
-    # column intensity = the bandpassed image at the site: a Gaussian-weighted (sigma noise_nn)
+    # inten, the column intensity, is the bandpassed image at the site: a Gaussian-weighted (sigma noise_nn)
     # column sum with the local background removed -- the best single-number estimate of what sits
     # in a column (it is what tells a half-occupied S2 column from a full one)
-    if inten is None:
-        inten = sample_image(f.bp, xy, backend=s.backend)
     # scan lines that are off (streaks, row jumps; found against the lattice) are levelled before the
     # column intensities are read, and the sites on them are marked (analysis takes out a gain there)
     lines, streak = _scan_lines(img, idx, xy, s, f.no_data) if scan is None else scan

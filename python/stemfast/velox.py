@@ -105,9 +105,6 @@ class VeloxImages:
         data = data if self.ndim == 3 else data[0]
         return data if dtype is None else data.astype(dtype, copy=False)
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def reshape(self, *shape):
         return np.asarray(self).reshape(*shape)
 
