@@ -446,6 +446,22 @@ def test_ctrl_c_exits_130_releases_the_lock_and_leaves_nothing_half_written(env,
     assert run_batch_cli(_args(env, out)) == EXIT_OK
 
 
+def test_ctrl_c_while_an_input_is_finished_finishes_the_next_one_already_analysed(env, tmp_path):
+    """good's figures are drawn while other is analysed, then good is finished: a Ctrl-C there drops
+    good's unfinished outputs (no done.json, nothing half-written) and still finishes other, whose
+    analysis was done; the rerun redoes good only."""
+    out = tmp_path / "out"
+    p = _cli(["batch", *_args(env, out)], {"STEMFAST_TEST_CRASH": "before_done:good", "STEMFAST_TEST_SIGNAL": "INT"},
+             ctrl_c=True)
+    assert p.returncode == EXIT_INTERRUPTED, p.stderr[-2000:]
+    assert "interrupted" in p.stderr and "Traceback" not in p.stderr
+    assert not (out / ".stemfast.lock").exists() and not _leftovers(out)
+    assert not (out / "good").exists() and (out / "other" / "done.json").exists()
+    other = (out / "other" / "done.json").stat().st_mtime_ns
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+    assert (out / "good" / "done.json").exists() and (out / "other" / "done.json").stat().st_mtime_ns == other
+
+
 # ----------------------------------------------------------------------------- 9. quiet skips, --fill-nonfinite
 
 

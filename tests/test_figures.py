@@ -79,3 +79,101 @@ def test_a_wide_map_is_drawn_across_the_figure_above_its_gallery(monkeypatch, sh
     else:
         assert the_map.x1 < gallery.x0
     R.pyplot().close(fig)
+
+
+def _write(path, text):
+    def job():
+        with open(path, "w") as fh:
+            fh.write(f"{text} {os.getpid()}")
+    return job
+
+
+def test_background_figures_draw_in_children_and_a_failed_one_here(tmp_path, caplog, monkeypatch):
+    """Each job runs in its own forked child while the caller goes on; a job whose child dies is run
+    again here when waited for, with a warning, and nothing is lost."""
+    import multiprocessing
+
+    import stemfast.figures as F
+    from stemfast.figures import BackgroundFigures
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method")
+    # torch imported by other tests makes forking unsafe for the pipeline; these jobs do not use it
+    monkeypatch.setattr(F, "_fork_unsafe", lambda: None)
+    me = os.getpid()
+
+    def dies():
+        if os.getpid() != me:
+            os._exit(3)  # the child dies before drawing
+        _write(tmp_path / "c.txt", "here")()
+
+    bg = BackgroundFigures.start([_write(tmp_path / "a.txt", "child"), _write(tmp_path / "b.txt", "child"), dies])
+    assert bg is not None
+    seconds = bg.wait()
+    assert seconds >= 0.0
+    for name in ("a.txt", "b.txt"):
+        text, pid = (tmp_path / name).read_text().split()
+        assert text == "child" and int(pid) != me
+    assert (tmp_path / "c.txt").read_text() == f"here {me}"
+    assert "drawing its figure here" in caplog.text
+    # cancel ends children that still run
+    import time
+
+    bg = BackgroundFigures.start([lambda: time.sleep(60)])
+    t0 = time.perf_counter()
+    bg.cancel()
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_batch_draws_each_inputs_figures_while_the_next_is_analysed(tmp_path):
+    """``stemfast batch`` of three images with the shipped model, in a fresh interpreter: the figures
+    of the first two are drawn in forked processes while the next image is analysed (each input is
+    finished -- summary, done.json -- after the next one started), the last one's here; every output
+    is byte-identical to drawing them one input after the other (``STEMFAST_FIGURE_FORK=0``)."""
+    from stemfast.synthetic import make_mos2
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, n in enumerate("abc"):
+        np.save(data / f"{n}.npy", make_mos2(shape=(160, 160), seed=i + 1).image.astype(np.float32))
+    code = """
+import sys
+import stemfast.batch.local as L
+import stemfast.figures as F
+from stemfast.cli import main
+events = []
+start, finish, bg = L.start_input, L.PendingInput.finish, F.BackgroundFigures.start.__func__
+def spy_start(e, *a, **k):
+    events.append("start " + e.name)
+    return start(e, *a, **k)
+def spy_finish(self):
+    events.append("finish " + self.entry.name)
+    return finish(self)
+def spy_bg(cls, jobs):
+    got = bg(cls, jobs)
+    events.append("background" if got is not None else "here")
+    return got
+L.start_input, L.PendingInput.finish, F.BackgroundFigures.start = spy_start, spy_finish, classmethod(spy_bg)
+assert main(["batch", sys.argv[1], "-o", sys.argv[2]]) == 0
+print("EVENTS", events)
+"""
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, STEMFAST_PROGRESS="0")
+    env.pop("STEMFAST_FIGURE_FORK", None)
+    outs = {}
+    for fork in ("1", "0"):
+        out = tmp_path / f"out{fork}"
+        r = subprocess.run([sys.executable, "-c", code, str(data), str(out)], capture_output=True, text=True,
+                           timeout=300, env={**env, "STEMFAST_FIGURE_FORK": fork})
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[fork] = (out, r.stdout.split("EVENTS", 1)[1].strip())
+    assert outs["1"][1] == str(["start a", "background", "start b", "background", "finish a", "start c",
+                                "finish b", "finish c"])
+    assert "background" not in outs["0"][1]
+    for n in "abc":
+        for f in ("sites.csv", "classes.png", "defects.png"):
+            assert (outs["1"][0] / n / f).read_bytes() == (outs["0"][0] / n / f).read_bytes(), (n, f)
+        assert (outs["1"][0] / n / "done.json").exists()
+        import json
+
+        timing = json.loads((outs["1"][0] / n / "summary.json").read_text())["timings_s"]
+        assert timing["figures"] > 0

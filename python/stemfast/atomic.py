@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "staged_dir", "swap_dir", "recover_staged"]
+__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "staged_dir", "StagedDir", "swap_dir",
+           "recover_staged"]
 
 
 @contextlib.contextmanager
@@ -137,6 +138,41 @@ def swap_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class StagedDir:
+    """An empty hidden folder next to ``target`` that replaces ``target`` as a whole on
+    :meth:`commit` or is removed on :meth:`discard` (``target`` then stays as it was): the two ends of
+    :func:`staged_dir`, for a caller that finishes the folder later than it fills it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()) / "res"
+    >>> st = StagedDir(d)
+    >>> _ = (st.path / "a.txt").write_text("new")
+    >>> d.exists()
+    False
+    >>> st.commit()
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.txt']
+    """
+
+    def __init__(self, target: str | os.PathLike) -> None:
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}{_STAGE_TAG}", dir=self.target.parent))
+        os.chmod(self.path, 0o777 & ~_umask())
+
+    def commit(self) -> None:
+        """Put the staged folder in place of ``target`` (:func:`swap_dir`)."""
+        swap_dir(self.path, self.target)
+
+    def discard(self) -> None:
+        """Remove the staged folder; ``target`` is left as it was."""
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty hidden folder next to ``target``; on success it replaces ``target`` as a whole.
@@ -152,17 +188,12 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     >>> sorted(p.name for p in d.iterdir())
     ['a.txt']
     """
-    import shutil
-
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGE_TAG}", dir=target.parent))
-    os.chmod(stage, 0o777 & ~_umask())
+    stage = StagedDir(target)
     try:
-        yield stage
-        swap_dir(stage, target)
+        yield stage.path
+        stage.commit()
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        stage.discard()
         raise
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .atomic import atomic_path
 
-__all__ = ["pyplot", "display_range", "tight_layout", "save_figure", "draw_side_by_side"]
+__all__ = ["pyplot", "display_range", "tight_layout", "save_figure", "draw_side_by_side", "BackgroundFigures"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,73 @@ def draw_side_by_side(jobs: Sequence[Callable[[], None]]) -> None:
 
 def _child(job: Callable[[], None]) -> None:  # pragma: no cover - runs in the forked process
     job()
+
+
+class BackgroundFigures:
+    """Figure-drawing ``jobs`` run in forked child processes, one per job (as
+    :func:`draw_side_by_side` does), while this process goes on with other work, e.g. the next input
+    of a batch.
+
+    :meth:`start` forks the children, or returns None where forking is unsafe (see
+    :func:`draw_side_by_side`; the caller then draws here). :meth:`wait` waits for them and returns
+    the seconds the figures took (the slowest child's); a job whose child failed, died or took longer
+    than :data:`FIGURE_TIMEOUT_S` is ended and run here instead (each job writes its own file
+    atomically, so nothing half-written is left). :meth:`cancel` ends the children.
+    Everything a job draws (its image, its sites) must be in memory before :meth:`start`: an open
+    file is not shared with a child.
+    """
+
+    def __init__(self, children: list) -> None:
+        self._children = children  # (job, process, receiving end of its pipe)
+
+    @classmethod
+    def start(cls, jobs: Sequence[Callable[[], None]]) -> "BackgroundFigures | None":
+        """Fork a child per job; None where forking is unsafe here."""
+        if _fork_unsafe() is not None:
+            return None
+        import multiprocessing
+
+        pyplot()  # imported once, before the fork: each process would import it again (~0.5 s)
+        ctx = multiprocessing.get_context("fork")
+        children = []
+        for job in jobs:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_background_child, args=(job, send), name="stemfast-figure", daemon=True)
+            proc.start()
+            send.close()
+            children.append((job, proc, recv))
+        return cls(children)
+
+    def wait(self) -> float:
+        """Wait for the figures; the seconds they took (a job drawn here again where its child failed)."""
+        seconds = 0.0
+        for job, p, conn in self._children:
+            try:
+                took = conn.recv() if conn.poll(FIGURE_TIMEOUT_S) else None
+            except EOFError:  # the child ended without a word
+                took = None
+            p.join(FIGURE_TIMEOUT_S if took is not None else 0)
+            if took is None or p.exitcode != 0:
+                log.warning("a figure process ended with exit code %s; drawing its figure here", p.exitcode)
+                t0 = time.perf_counter()
+                job()
+                took = time.perf_counter() - t0
+            seconds = max(seconds, float(took))
+        self.cancel()
+        return seconds
+
+    def cancel(self) -> None:
+        """End the children that still run and close their pipes."""
+        for _, p, conn in self._children:
+            if p.is_alive():
+                p.kill()
+                p.join()
+            conn.close()
+        self._children = []
+
+
+def _background_child(job: Callable[[], None], conn) -> None:  # pragma: no cover - forked process
+    t0 = time.perf_counter()
+    job()
+    conn.send(time.perf_counter() - t0)
+    conn.close()

@@ -26,11 +26,15 @@ from .model_state import model_identity
 from .status import InputUnreadable
 from .tables import CsvStream
 
-__all__ = ["InputSource", "RunSettings", "FrameTotals", "assemble", "stack_tracker", "lattice_warnings",
-           "median_finite", "class_sublattice_summary"]
+__all__ = ["InputSource", "RunSettings", "FrameTotals", "assemble", "start_assemble", "PendingOutputs",
+           "stack_tracker", "lattice_warnings", "median_finite", "class_sublattice_summary"]
 
 #: Candidates shown in ``defects.png``.
 GALLERY_SIZE = 24
+#: the largest image (pixels) whose figures :func:`start_assemble` draws in the background: beyond it
+#: the figures' memory would add to the next input's analysis, for little time (a 16k^2 image's
+#: analysis takes ~30x its figures)
+BACKGROUND_FIGURES_MAX_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -142,19 +146,67 @@ def assemble(src: InputSource, d: Path, results: Iterable[FrameResult], *, run: 
     Returns the summary. ``done.json`` is written by the caller (last). Raises
     :class:`~stemfast.batch.status.InputUnreadable` when no frame could be analysed.
     """
+    return start_assemble(src, d, results, run=run, t_start=t_start).finish()
+
+
+def start_assemble(src: InputSource, d: Path, results: Iterable[FrameResult], *, run: RunSettings,
+                   t_start: float, background: bool = False) -> "PendingOutputs":
+    """:func:`assemble` up to the figures: ``d/sites.csv`` written, the figures drawn -- with
+    ``background``, for a 2-D input of at most :data:`BACKGROUND_FIGURES_MAX_PIXELS`, in forked
+    processes (:class:`~stemfast.figures.BackgroundFigures`) that draw them while this process goes
+    on -- and ``summary.json`` left to :meth:`PendingOutputs.finish`. Raises
+    :class:`~stemfast.batch.status.InputUnreadable` when no frame could be analysed."""
+    from ..figures import BackgroundFigures
+
     totals = FrameTotals(top_n=int(getattr(run.config.analysis, "top_n", 50)))
     trk = stack_tracker(d, run.config, src.info) if src.is_stack else None  # defects linked through the frames
     write_site_table(d, results, totals, trk)
     if totals.n_ok == 0:
         raise InputUnreadable(next(iter(totals.errors.values()), "no frames"))
-    t0 = time.perf_counter()
-    draw_figures(d, src, totals, trk)
-    totals.stage_s["figures"] = time.perf_counter() - t0
-    summary = build_summary(src, d, totals, trk, run=run)
-    summary["seconds"] = time.perf_counter() - t_start
-    summary["outputs"] = list(OUTPUT_FILES) + (list(trk.FILES) if trk else [])
-    write_json(d / "summary.json", summary)
-    return summary
+    pending = PendingOutputs(src, d, totals, trk, run, t_start)
+    jobs = figure_jobs(d, src, totals)
+    shape = src.info.get("shape") or ()
+    small = len(shape) >= 2 and int(np.prod(shape[-2:])) <= BACKGROUND_FIGURES_MAX_PIXELS
+    pending.figures = BackgroundFigures.start(jobs) if background and trk is None and small else None
+    if pending.figures is None:
+        t0 = time.perf_counter()
+        draw_figures(jobs, src, trk)
+        pending.figures_s = time.perf_counter() - t0
+    return pending
+
+
+class PendingOutputs:
+    """An input's outputs from :func:`start_assemble`: the site table written, the figures drawn or
+    drawing in the background; :meth:`finish` waits for them and writes ``summary.json``."""
+
+    def __init__(self, src: InputSource, d: Path, totals: FrameTotals, trk, run: RunSettings, t_start: float):
+        self.src, self.d, self.totals, self.trk, self.run, self.t_start = src, d, totals, trk, run, t_start
+        self.figures = None  # a BackgroundFigures while they are drawn elsewhere
+        self.figures_s = 0.0
+        self._t_figures = time.perf_counter()
+
+    def finish(self) -> dict:
+        """Wait for the figures, write ``summary.json``; returns the summary. Its ``seconds`` are
+        the input's own: up to its figures, then their drawing time (not the time the figures waited
+        while the next input was analysed)."""
+        own_s = None
+        if self.figures is not None:
+            self.figures_s = self.figures.wait()
+            self.figures = None
+            own_s = self._t_figures - self.t_start + self.figures_s
+        totals = self.totals
+        totals.stage_s["figures"] = self.figures_s
+        summary = build_summary(self.src, self.d, totals, self.trk, run=self.run)
+        summary["seconds"] = time.perf_counter() - self.t_start if own_s is None else own_s
+        summary["outputs"] = list(OUTPUT_FILES) + (list(self.trk.FILES) if self.trk else [])
+        write_json(self.d / "summary.json", summary)
+        return summary
+
+    def cancel(self) -> None:
+        """End figures still drawing in the background."""
+        if self.figures is not None:
+            self.figures.cancel()
+            self.figures = None
 
 
 def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotals, trk) -> None:
@@ -172,10 +224,19 @@ def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotal
         csv.finish()
 
 
-def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
-    """``classes.png`` (the first frame with classes), ``defects.png`` (the top candidates and their
-    patches) and, for a stack, the tracks' figure."""
+def draw_figures(jobs: list, src: InputSource, trk) -> None:
+    """Draw the :func:`figure_jobs` (two figures on two cores) and, for a stack, the tracks' figure."""
     from ..figures import draw_side_by_side
+
+    draw_side_by_side(jobs)
+    if trk:
+        trk.plot(src.get_frame, title=f"{src.entry.name}: defect tracks")
+
+
+def figure_jobs(d: Path, src: InputSource, totals: FrameTotals) -> list:
+    """The jobs that draw ``classes.png`` (the first frame with classes) and ``defects.png`` (the top
+    candidates and their patches), their frames read here (a job may run in a forked process, where
+    an open file is not shared)."""
     from ..report import plot_class_map, plot_defects
 
     name, stack = src.entry.name, src.is_stack
@@ -212,10 +273,7 @@ def draw_figures(d: Path, src: InputSource, totals: FrameTotals, trk) -> None:
     else:
         img1 = src.get_frame(totals.first_ok_frame())
         jobs.append(lambda: plot_defects(d / "defects.png", img1, [], None, title=f"{name}: no candidates"))
-    # the two figures on two cores (frames are read here, before any fork: an open file is not shared)
-    draw_side_by_side(jobs)
-    if trk:
-        trk.plot(src.get_frame, title=f"{name}: defect tracks")
+    return jobs
 
 
 def input_warnings(src: InputSource, frames_meta: list[dict]) -> list[str]:

@@ -18,18 +18,19 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..atomic import staged_dir
+from ..atomic import StagedDir, staged_dir
 from ..config import ReadOptions
 from .common import crash_hook
 from .companions import CompanionError, companion_notes, read_companion
 from .frames import FrameResult, FrameWindow, count_frames, iter_frames, read_frame
 from .inputs import InputEntry, describe_input, read_failure_reason, read_input
-from .outputs import InputSource, RunSettings, assemble
+from .outputs import InputSource, RunSettings, assemble, start_assemble
 from .parts import load_part, part_key, part_meta, part_path, save_part
 from .results import InputResult
 from .status import InputUnreadable, clean_dir, failure_reason, result_from_summary, skip_input, write_done
 
-__all__ = ["process_input", "process_chunk", "assemble_parts", "patch_size_of", "input_info"]
+__all__ = ["process_input", "start_input", "PendingInput", "process_chunk", "assemble_parts", "patch_size_of",
+           "input_info"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -50,6 +51,56 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
     batch and by Dask workers (one task per 2-D file). Never raises for a bad input: the problem
     becomes the result's status and reason.
     """
+    return start_input(entry, out_dir, model=model, model_sha=model_sha, config=config, chash=chash,
+                       prepared_cache=prepared_cache, show_progress=show_progress,
+                       read_options=read_options).finish()
+
+
+class PendingInput:
+    """An input from :func:`start_input`: analysed, its figures maybe still drawing in the background.
+    :meth:`finish` waits for them, writes ``summary.json`` and ``done.json`` and puts the staged
+    folder in place of ``OUT/<name>/``; :meth:`cancel` drops it all (the previous outputs stay)."""
+
+    def __init__(self, entry: InputEntry, result: InputResult | None = None, *, stage=None, outputs=None,
+                 chash: str = "", model_sha: str | None = None) -> None:
+        self.entry, self._result, self._stage, self._outputs = entry, result, stage, outputs
+        self._chash, self._model_sha = chash, model_sha
+
+    def finish(self) -> InputResult:
+        """The input's result, its outputs complete (never raises for the input's own problems)."""
+        if self._result is not None:
+            return self._result
+        entry, stage = self.entry, self._stage
+        try:
+            summary = self._outputs.finish()
+            write_done(entry, stage.path, summary, chash=self._chash, model_sha=self._model_sha)
+            stage.commit()
+        except Exception as exc:  # noqa: BLE001
+            self.cancel()
+            log.debug("%s failed", entry.rel, exc_info=True)
+            self._result = skip_input(entry, stage.target, failure_reason(exc), cache=False, status="failed")
+            return self._result
+        except BaseException:
+            self.cancel()
+            raise
+        crash_hook("after_done", entry.name)
+        self._result = result_from_summary(entry, summary, summary["seconds"])
+        return self._result
+
+    def cancel(self) -> None:
+        """End figures still drawing and remove the staged folder (nothing of this input is kept)."""
+        if self._outputs is not None:
+            self._outputs.cancel()
+        if self._stage is not None:
+            self._stage.discard()
+
+
+def start_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_sha: str | None, config,
+                chash: str, prepared_cache: dict | None = None, show_progress: bool = False,
+                read_options: ReadOptions | None = None, background_figures: bool = False) -> PendingInput:
+    """:func:`process_input` up to its figures, which with ``background_figures`` a 2-D input draws
+    in a forked process while the caller goes on (e.g. with the next input); the rest is done by
+    :meth:`PendingInput.finish`. Never raises for a bad input."""
     t_start = time.perf_counter()
     d = Path(out_dir) / entry.name
     if d.is_dir():
@@ -60,34 +111,40 @@ def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model
         mg = read_input(entry.path, read_options)
         read_open = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - any reader failure: report, do not stop the batch
-        return skip_input(entry, d, read_failure_reason(exc), cache=True, read_options=read_options)
+        return PendingInput(entry, skip_input(entry, d, read_failure_reason(exc), cache=True,
+                                              read_options=read_options))
     n = count_frames(mg)
     entry.n_frames = n
     try:
         companion = read_companion(entry, mg, read_options)
     except CompanionError as exc:
-        return skip_input(entry, d, str(exc), cache=True, read_options=read_options)
+        return PendingInput(entry, skip_input(entry, d, str(exc), cache=True, read_options=read_options))
     src = InputSource(entry, n, bool(getattr(mg, "is_stack", False)), input_info(entry, mg, config),
                       lambda i: read_frame(mg, i))
     run = RunSettings(config, chash, model_sha)
+    stage = None
     try:
         frames = iter_frames(mg, list(range(n)), model=model, config=config, patch_size=patch_size_of(model, config),
                              cache=prepared_cache, cache_key=entry.name, bar=show_progress, desc=entry.name,
                              companion=companion)
-        with staged_dir(d) as stage:
-            summary = assemble(src, stage, _with_open_time(frames, read_open), run=run, t_start=t_start)
-            write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
-    except InputUnreadable as exc:
-        return skip_input(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
-    except Exception as exc:  # noqa: BLE001
+        stage = StagedDir(d)
+        outputs = start_assemble(src, stage.path, _with_open_time(frames, read_open), run=run, t_start=t_start,
+                                 background=background_figures)
+    except BaseException as exc:
+        if stage is not None:
+            stage.discard()
+        if isinstance(exc, InputUnreadable):
+            return PendingInput(entry, skip_input(entry, d, str(exc), cache=True, read_options=read_options,
+                                                  chash=chash))
+        if not isinstance(exc, Exception):
+            raise
         log.debug("%s failed", entry.rel, exc_info=True)
-        return skip_input(entry, d, failure_reason(exc), cache=False, status="failed")
+        return PendingInput(entry, skip_input(entry, d, failure_reason(exc), cache=False, status="failed"))
     finally:
         if prepared_cache is not None:
             for k in [k for k in prepared_cache if k[0] == entry.name]:
                 del prepared_cache[k]
-    crash_hook("after_done", entry.name)
-    return result_from_summary(entry, summary, time.perf_counter() - t_start)
+    return PendingInput(entry, stage=stage, outputs=outputs, chash=chash, model_sha=model_sha)
 
 
 def input_info(entry: InputEntry, mg, config=None) -> dict:
