@@ -947,3 +947,41 @@ def test_a_strongly_scan_distorted_image_gets_its_site_lattice(seed, rot):
     nn = s.meta["nn_px"] * np.sqrt(sc)  # the spacing of a regular lattice of the same cell area
     inner = np.all((t.xy > 20) & (t.xy < 491), axis=1).sum()
     assert 0.9 < inner / (471 ** 2 / (np.sqrt(3) / 2 * nn ** 2)) < 1.1
+
+
+_PLACED = "no column was found on"
+
+
+@pytest.mark.parametrize("kind", ["strip", "contaminated"])
+def test_a_lattice_finer_than_the_crystals_is_never_silent(kind):
+    """Two synthetic images whose Bragg ring search takes a higher-order ring (a 64 x 512 strip of a
+    9 px lattice, whose first ring lies too near the spectrum's centre along the short side; a 256 px
+    image of a 14.5 px lattice half covered by contamination textured at the metal spacing and a
+    hole): the site lattice comes out 2x too fine. Its columns then sit on a quarter of the nodes,
+    spread over the three sublattices, so even the best-found sublattice is mostly placed by the
+    lattice: the lattice is said to be uncertain, with that reason. (Before, neither said anything
+    of the spacing.) The invariant holds whichever way a better ring search later goes: the spacing
+    is right, or it is flagged."""
+    if kind == "strip":
+        s = make_mos2(shape=(64, 512), seed=0, pixel_size_A=3.16 / np.sqrt(3) / 9)
+    else:
+        s = make_mos2(shape=(256, 256), seed=0, pixel_size_A=3.16 / np.sqrt(3) / 14.6, rotation_deg=2.46,
+                      chalcogen_scale=0.31, contamination=2, contamination_radius_nn=4.25, contamination_level=0.93,
+                      holes=1, dose=50.0, illumination_gradient=0.36, scan_streaks=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(s.image)
+    lat = t.meta["lattice"]
+    right = abs(lat["spacing_px"] / s.meta["nn_px"] - 1) < 0.05
+    assert right or any(_PLACED in u for u in lat["unsure"]), (lat["spacing_px"], s.meta["nn_px"], lat["unsure"])
+
+
+def test_a_given_spacing_half_the_crystals_is_flagged_by_its_empty_sublattices(clean_image):
+    """The lattice at half the spacing, forced by ``spacing=``: a column on every fourth node, on all
+    three sublattices; the right lattice has its best sublattice found whole."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        right = find_sites(clean_image.image).meta["lattice"]
+        half = find_sites(clean_image.image, spacing=clean_image.meta["nn_px"] / 2).meta["lattice"]
+    assert right["best_sublattice_placed"] < 0.05 and not any(_PLACED in u for u in right["unsure"])
+    assert half["best_sublattice_placed"] > 0.5 and any(_PLACED in u for u in half["unsure"])

@@ -473,7 +473,11 @@ def find_sites(
         sublattices are named from its own columns: :func:`stemfast.domains.inversion_domains`), ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
         :func:`stemfast.crowding.crowding`),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
-        settings; ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
+        settings; ``meta["lattice"]["unsure"]`` why the lattice may be wrong (a
+        :class:`LatticeUncertainWarning` when any: few peaks on nodes, a weak ring, local fits that
+        disagree with it, a best-found sublattice mostly placed rather than found --
+        ``best_sublattice_placed`` beyond ``MAX_SUBLATTICE_PLACED``, a lattice 2x or sqrt(3)x too
+        fine); ``meta["lattice"]["distortion"]`` how anisotropic the lattice is (scan distortion or
         strain, :func:`stemfast.sitelattice.lattice_distortion`; a :class:`LatticeDistortionWarning`
         beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["crowding"]`` how many sites are crowded and where
         (a :class:`~stemfast.crowding.LatticeCrowdingWarning` beyond ``MAX_CROWDED``);
@@ -545,7 +549,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     spacing_fit = float(np.median(_iso_spacing(idx.basis[fit]))) if fit.any() else f.nn_fft
     S = np.linalg.inv(f.pmap.g).T
     angle = float(np.degrees(np.arctan2(*(SITE_FROM_METAL @ S)[0][::-1])) % 60.0)
-    lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g)
+    lattice_meta = _lattice_meta(s, f.ring, f.nn_fft, spacing_fit, idx, f.material, pixel_size, unit, f.pmap.g,
+                                 cols["sublattice"])
     if f.film is not None:  # vacuum (holes, the flake's edge): no site is placed there
         lattice_meta["hole_fraction"] = round(f.film.hole_fraction(no_data), 4)
     if f.vacuum is not None:  # the ring was read on the film beside it (_bragg_ring)
@@ -1355,6 +1360,15 @@ MAX_ANISOTROPY = 0.05
 #: the lattice is uncertain below this share of strong peaks on a node or this ring prominence
 MIN_ON_NODE = 0.8
 MIN_RING_PROMINENCE = 8.0
+#: the lattice is uncertain when even its best-found sublattice has more than this share of its sites
+#: without a column (placed by the lattice). On a 2H film the metal (or chalcogen) sublattice is found
+#: nearly whole (at most 5.8 % placed on the 16 evaluation images, faint S2, contamination and second
+#: detectors included); a lattice 2x or sqrt(3)x finer than the crystal's holds the columns on a quarter or a
+#: third of its nodes, spread over its three sublattices (~80 % placed on each: a 64 px strip of a
+#: 9 px lattice read at 4.5 px, with no other sign)
+MAX_SUBLATTICE_PLACED = 0.5
+#: ... counted within this many spacings of a found column (the metal columns alone are sqrt(3) apart)
+SEEN_NN = 2.0
 
 
 def _iso_spacing(basis: np.ndarray) -> np.ndarray:
@@ -1364,10 +1378,28 @@ def _iso_spacing(basis: np.ndarray) -> np.ndarray:
     return np.sqrt(det / (np.sqrt(3.0) / 2.0))
 
 
-def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g) -> dict:
+def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing: float) -> float | None:
+    """The smallest share, over the named sublattices (``sublattice`` 0-2, one per site), of sites
+    placed by the lattice (``kind`` 1: no column found there), counted where columns are seen: within
+    ``SEEN_NN`` spacings of a found column (a covered region, where every sublattice is placed, does
+    not count). None without 10 such sites on any sublattice."""
+    from scipy.spatial import cKDTree
+
+    sub, kind, xy = np.asarray(sublattice), np.asarray(kind), np.asarray(xy, np.float64)
+    found = kind == 0
+    if not found.any():
+        return None
+    d, _ = cKDTree(xy[found]).query(xy, distance_upper_bound=SEEN_NN * spacing)
+    seen = np.isfinite(d)
+    shares = [float(np.mean(kind[m] == 1)) for m in (seen & (sub == k) for k in range(3)) if np.count_nonzero(m) >= 10]
+    return min(shares) if shares else None
+
+
+def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g, sublattice) -> dict:
     """How the site lattice was found, how sure it is (warns when unsure) and how distorted it is
     (warns beyond ``MAX_ANISOTROPY``)."""
     agreement = float(1.0 - abs(spacing_fit / nn_fft - 1.0)) if nn_fft > 0 else 0.0
+    placed = _best_sublattice_placed(sublattice, idx.kind, idx.xy, nn_fft)
     out = {
         "spacing_px": round(nn_fft, 4),
         "spacing_source": "given" if s.spacing is not None else "fft ring",
@@ -1378,6 +1410,7 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         "spacing_agreement": round(agreement, 4),
         "n_merged": int(idx.n_merged),
         "n_noise_peaks": int(idx.n_noise),
+        "best_sublattice_placed": None if placed is None else round(placed, 4),
         "material": material.name,
     }
     conf = min(1.0, idx.on_node) * min(1.0, ring.prominence / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
@@ -1389,6 +1422,10 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         unsure.append(f"weak Bragg ring (prominence {ring.prominence:.1f})")
     if agreement < 0.97:
         unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
+    if placed is not None and placed > MAX_SUBLATTICE_PLACED:
+        unsure.append(f"no column was found on {placed:.0%} of the sites of even the best-found sublattice, where "
+                      "columns are seen: a lattice finer than the crystal's (a spacing 2x or sqrt(3)x too small), or "
+                      "columns too faint to find")
     if s.spacing is not None and abs(nn_fft / s.spacing - 1) > CALIBRATION_TOLERANCE:
         unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px")
     if s.spacing is not None and ring.coarser_spacing:
