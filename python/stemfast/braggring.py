@@ -52,6 +52,13 @@ class FftLattice:
         note = (self.note + " {110}->{100} (columns on one third of the nodes)").strip()
         return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
 
+    def finer_order_reread(self, n: int) -> "FftLattice":
+        """This ring re-read as the ``{n00}`` family of a ring ``n`` times nearer the centre: that
+        ring's lattice, whose site spacing is ``n`` times this one's."""
+        g = np.asarray(self.g, dtype=np.float64) / n
+        note = (self.note + f" {{{n}00}}->{{100}} (columns on one coset of the lattice {n}x as coarse)").strip()
+        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
+
     @property
     def metal_basis(self) -> np.ndarray:
         """Real-space metal lattice vectors (rows A1, A2; px), dual to ``g``."""

@@ -5,6 +5,7 @@ per-site intensity, sublattice and local strain.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -39,8 +40,8 @@ from .peaks import find_peaks
 from .braggring import MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
 from .spikes import SpikeWarning, despiked, spike_meta
-from .sitelattice import (border_distance, columns_on_one_coset, index_sites, lattice_distortion, node_residuals,
-                          pixel_noise, position_variance)
+from .sitelattice import (border_distance, columns_on_one_coset, columns_on_one_finer_coset, index_sites,
+                          lattice_distortion, node_residuals, pixel_noise, position_variance)
 from .table import SiteTable
 from .vacuum import VACUUM_MAX_BRAGG, dark_vacuum, film_spectrum_image, vacuum_bragg_ratio
 from .wobble import ScanWobbleWarning, line_wobble
@@ -756,7 +757,12 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     when there is none. ``ring``: the Bragg ring of ``img`` when already known. When the columns
     show that the ring was a second-order one (:func:`stemfast.sitelattice.columns_on_one_coset`:
     a small image, whose first ring lies too near the spectrum's centre), steps 2-4 run again with
-    the first ring (up to :data:`MAX_RING_REREADS` times); a given ``spacing`` is kept as given.
+    the first ring (up to :data:`MAX_RING_REREADS` times). Likewise when even the best-found class of
+    the lattice is mostly placed, not found (:func:`_too_fine`: a ``{200}`` / ``{300}`` or ``{110}`` ring
+    taken as the first, where the first is buried under contamination or too near the centre of a
+    strip's spectrum): the lattice is found again from the ring 2x or 3x
+    (:func:`stemfast.sitelattice.columns_on_one_finer_coset`) or sqrt(3)x nearer the centre, and kept
+    where it is a 2H site lattice (:func:`_a_2h_site_lattice`). A given ``spacing`` is kept as given.
     ``vacuum``: the dark vacuum ``ring`` was read beside (:func:`_bragg_ring`), when ``ring`` is given."""
     t0 = time.perf_counter()
     material = get_material(s.material)
@@ -814,6 +820,16 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
                  "second-order one; the lattice is found again from the first", nn)
         return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data, vacuum)
+    fine = _too_fine(idx, nn_fft) if s.spacing is None and rereads < MAX_RING_REREADS and gmap is None else None
+    if fine is not None:  # a higher-order ring taken as the first: a coarser lattice where it is a 2H one
+        n = columns_on_one_finer_coset(idx)
+        for coarser in ([ring.finer_order_reread(n)] if n else []) + [ring.second_order_reread()]:
+            log.info("no column on %.0f%% of even the best-found class of the %.2f px lattice: the lattice is "
+                     "tried again from a ring %.2fx nearer the centre", 100 * fine, nn, coarser.spacing / ring.spacing)
+            with contextlib.suppress(_NoLattice):
+                coarse = _find_lattice(img, s, tm, coarser, rereads + 1, no_data, vacuum)
+                if _a_2h_site_lattice(coarse.idx, coarse.nn_fft, fine):
+                    return coarse
     return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data, vacuum)
 
 
@@ -1378,21 +1394,45 @@ def _iso_spacing(basis: np.ndarray) -> np.ndarray:
     return np.sqrt(det / (np.sqrt(3.0) / 2.0))
 
 
-def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing: float) -> float | None:
-    """The smallest share, over the named sublattices (``sublattice`` 0-2, one per site), of sites
-    placed by the lattice (``kind`` 1: no column found there), counted where columns are seen: within
-    ``SEEN_NN`` spacings of a found column (a covered region, where every sublattice is placed, does
-    not count). None without 10 such sites on any sublattice."""
+def _placed_shares(labels: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing: float) -> list:
+    """Per label 0-2 (a sublattice, or a class of the lattice's three-colouring; one per site), the
+    share of its sites placed by the lattice (``kind`` 1: no column found there), counted where
+    columns are seen: within :data:`SEEN_NN` spacings of a found column (a covered region, where every
+    sublattice is placed, does not count). A label with fewer than 10 such sites is left out."""
     from scipy.spatial import cKDTree
 
-    sub, kind, xy = np.asarray(sublattice), np.asarray(kind), np.asarray(xy, np.float64)
+    lab, kind, xy = np.asarray(labels), np.asarray(kind), np.asarray(xy, np.float64)
     found = kind == 0
     if not found.any():
-        return None
+        return []
     d, _ = cKDTree(xy[found]).query(xy, distance_upper_bound=SEEN_NN * spacing)
     seen = np.isfinite(d)
-    shares = [float(np.mean(kind[m] == 1)) for m in (seen & (sub == k) for k in range(3)) if np.count_nonzero(m) >= 10]
+    return [float(np.mean(kind[m] == 1)) for m in (seen & (lab == k) for k in range(3)) if np.count_nonzero(m) >= 10]
+
+
+def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing: float) -> float | None:
+    """The smallest of the :func:`_placed_shares` of the named sublattices; None without one."""
+    shares = _placed_shares(sublattice, kind, xy, spacing)
     return min(shares) if shares else None
+
+
+def _too_fine(idx, spacing: float) -> float | None:
+    """The smallest :func:`_placed_shares` of the classes of the site lattice ``idx`` (its
+    three-colouring) where it exceeds :data:`MAX_SUBLATTICE_PLACED` (even the best-found class mostly
+    placed: the lattice is likely finer than the crystal's), else None."""
+    shares = _placed_shares(idx.cls, idx.kind, idx.xy, spacing)
+    return min(shares) if shares and min(shares) > MAX_SUBLATTICE_PLACED else None
+
+
+def _a_2h_site_lattice(idx, spacing: float, finer_placed: float) -> bool:
+    """The site lattice ``idx``, read coarser than one whose best class had ``finer_placed`` of its
+    sites placed, looks like a 2H site lattice: at least :data:`MIN_ON_NODE` of the strong peaks on its
+    nodes, its best-found class (the metal) placed at most half as much, and one class mostly placed
+    (the hollow, over :data:`MAX_SUBLATTICE_PLACED`; the metal lattice alone, sqrt(3) coarser than the
+    site lattice, has all three found)."""
+    shares = _placed_shares(idx.cls, idx.kind, idx.xy, spacing)
+    return (idx.on_node >= MIN_ON_NODE and len(shares) == 3 and min(shares) <= finer_placed / 2
+            and max(shares) > MAX_SUBLATTICE_PLACED)
 
 
 def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g, sublattice) -> dict:
