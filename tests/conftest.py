@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,18 @@ def benchmark_script():
         return mod
 
     return load
+
+
+@pytest.fixture
+def stemfast_log(caplog):
+    """caplog that also sees the ``stemfast`` logger after a CLI run in this process set it not to
+    propagate (logutil.setup_logging)."""
+    lg = logging.getLogger("stemfast")
+    level = lg.level
+    lg.addHandler(caplog.handler)
+    lg.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        lg.removeHandler(caplog.handler)
+        lg.setLevel(level)

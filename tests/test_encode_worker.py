@@ -3,7 +3,6 @@ or leftover process, the opt-out, and a parent that never imports torch."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -63,19 +62,6 @@ def test_worker_encodes_like_the_model():
     w.close()  # idempotent
 
 
-@pytest.fixture
-def stemfast_log(caplog):
-    """caplog that also sees the ``stemfast`` logger after a CLI run in this process set it not to
-    propagate (logutil.setup_logging)."""
-    lg = logging.getLogger("stemfast")
-    level = lg.level
-    lg.addHandler(caplog.handler)
-    lg.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        lg.removeHandler(caplog.handler)
-        lg.setLevel(level)
 
 
 def test_an_encode_error_is_the_models_and_the_worker_goes_on(stemfast_log):

@@ -88,7 +88,7 @@ def _write(path, text):
     return job
 
 
-def test_background_figures_draw_in_children_and_a_failed_one_here(tmp_path, caplog, monkeypatch):
+def test_background_figures_draw_in_children_and_a_failed_one_here(tmp_path, stemfast_log, monkeypatch):
     """Each job runs in its own forked child while the caller goes on; a job whose child dies is run
     again here when waited for, with a warning, and nothing is lost."""
     import multiprocessing
@@ -115,7 +115,7 @@ def test_background_figures_draw_in_children_and_a_failed_one_here(tmp_path, cap
         text, pid = (tmp_path / name).read_text().split()
         assert text == "child" and int(pid) != me
     assert (tmp_path / "c.txt").read_text() == f"here {me}"
-    assert "drawing its figure here" in caplog.text
+    assert "drawing its figure here" in stemfast_log.text
     # cancel ends children that still run
     import time
 
