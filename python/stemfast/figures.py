@@ -167,6 +167,9 @@ class BackgroundFigures:
             except EOFError:  # the child ended without a word
                 took = None
             p.join(FIGURE_TIMEOUT_S if took is not None else 0)
+            if p.is_alive():  # silent past the timeout: ended before its figure is drawn here
+                p.kill()
+                p.join()
             if took is None or p.exitcode != 0:
                 log.warning("a figure process ended with exit code %s; drawing its figure here", p.exitcode)
                 t0 = time.perf_counter()
