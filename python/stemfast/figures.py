@@ -90,43 +90,29 @@ def draw_side_by_side(jobs: Sequence[Callable[[], None]]) -> None:
     child processes, the last here, so two figures take the time of the slower one on two cores.
 
     A child that fails, dies or takes longer than :data:`FIGURE_TIMEOUT_S` is ended and its job run
-    again here (a failure here raises as usual). Without ``fork``, with one CPU, with torch imported
+    again here (a failure here raises as usual, the children ended). Without ``fork``, with one CPU, with torch imported
     or other threads running, or with ``STEMFAST_FIGURE_FORK=0``, all jobs run here in order.
     """
     jobs = list(jobs)
-    why = _fork_unsafe() if len(jobs) > 1 else "one figure"
-    if why is not None:
-        for job in jobs:
-            job()
+    if not jobs:
         return
-    import multiprocessing
-
-    pyplot()  # imported once, before the fork: each process would import it again (~0.5 s)
-    ctx = multiprocessing.get_context("fork")
-    procs = []
-    for job in jobs[:-1]:
-        p = ctx.Process(target=_child, args=(job,), name="stemfast-figure", daemon=True)
-        p.start()
-        procs.append((p, job))
-    jobs[-1]()
-    for p, job in procs:
-        p.join(FIGURE_TIMEOUT_S)
-        if p.is_alive():
-            p.kill()
-            p.join()
-        if p.exitcode != 0:
-            log.warning("a figure process ended with exit code %s; drawing its figure here", p.exitcode)
+    others = BackgroundFigures.start(jobs[:-1]) if len(jobs) > 1 else None
+    if others is None:  # forking unsafe here (or one figure): in order
+        for job in jobs[:-1]:
             job()
-
-
-def _child(job: Callable[[], None]) -> None:  # pragma: no cover - runs in the forked process
-    job()
+    try:
+        jobs[-1]()
+    except BaseException:
+        if others is not None:
+            others.cancel()
+        raise
+    if others is not None:
+        others.wait()
 
 
 class BackgroundFigures:
-    """Figure-drawing ``jobs`` run in forked child processes, one per job (as
-    :func:`draw_side_by_side` does), while this process goes on with other work, e.g. the next input
-    of a batch.
+    """Figure-drawing ``jobs`` run in forked child processes, one per job, while this process goes on
+    with other work: the last figure (:func:`draw_side_by_side`) or the next input of a batch.
 
     :meth:`start` forks the children, or returns None where forking is unsafe (see
     :func:`draw_side_by_side`; the caller then draws here). :meth:`wait` waits for them and returns

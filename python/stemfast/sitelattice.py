@@ -26,8 +26,8 @@ from .braggring import SITE_FROM_METAL
 from .lattice import nearest_indices
 from .phasemap import PhaseMap
 
-__all__ = ["SiteIndex", "index_sites", "columns_on_one_coset", "columns_on_one_finer_coset", "pixel_noise", "position_variance",
-           "lattice_distortion", "border_distance", "node_residuals", "PQ_FROM_U"]
+__all__ = ["SiteIndex", "index_sites", "columns_on_one_coset", "columns_on_one_finer_coset", "pixel_noise",
+           "position_variance", "lattice_distortion", "border_distance", "node_residuals", "PQ_FROM_U"]
 
 log = logging.getLogger(__name__)
 

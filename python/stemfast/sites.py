@@ -825,7 +825,8 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
         n = columns_on_one_finer_coset(idx)
         for coarser in ([ring.finer_order_reread(n)] if n else []) + [ring.second_order_reread()]:
             log.info("no column on %.0f%% of even the best-found class of the %.2f px lattice: the lattice is "
-                     "tried again from a ring %.2fx nearer the centre", 100 * fine, nn, coarser.spacing / ring.spacing)
+                     "tried again from a ring %.2fx nearer the centre", 100 * fine, nn,
+                     coarser.spacing / ring.spacing)
             with contextlib.suppress(_NoLattice):
                 coarse = _find_lattice(img, s, tm, coarser, rereads + 1, no_data, vacuum)
                 if _a_2h_site_lattice(coarse.idx, coarse.nn_fft, fine):
@@ -1413,10 +1414,12 @@ def _placed_shares(labels: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     grid = ndimage.binary_dilation(grid, structure=yy ** 2 + xx ** 2 <= r * r)
     seen = grid[cell[:, 1], cell[:, 0]]
-    return [float(np.mean(kind[m] == 1)) for m in (seen & (lab == k) for k in range(3)) if np.count_nonzero(m) >= 10]
+    masks = (seen & (lab == k) for k in range(3))
+    return [float(np.mean(kind[m] == 1)) for m in masks if np.count_nonzero(m) >= 10]
 
 
-def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing: float) -> float | None:
+def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray,
+                            spacing: float) -> float | None:
     """The smallest of the :func:`_placed_shares` of the named sublattices; None without one."""
     shares = _placed_shares(sublattice, kind, xy, spacing)
     return min(shares) if shares else None
