@@ -320,6 +320,23 @@ def test_hdf5_roundtrip(tmp_path, img, stack):
     _err(tmp_path / "bad.hdf5")
 
 
+def test_hdf5_image_is_picked_over_a_channels_last_dataset(tmp_path, img):
+    """A [y, x, channels] dataset (a spectrum image) stored before the image is passed over; alone in
+    the file, it is read and refused as what it is, not as y frames of x by channels px."""
+    h5py = pytest.importorskip("h5py")
+    p = tmp_path / "si.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("a/spectrum_image", data=np.zeros((64, 72, 16), np.float32))
+        f.create_dataset("b/haadf", data=img)
+    mg = read(p)
+    assert mg.metadata["dataset"] == "/b/haadf"
+    np.testing.assert_array_equal(mg.data, img)
+    q = tmp_path / "si_only.h5"
+    with h5py.File(q, "w") as f:
+        f.create_dataset("spectrum_image", data=np.zeros((64, 72, 16), np.float32))
+    assert "reads as [y, x, channels] (64 x 72 px, 16 channels" in str(_err(q))
+
+
 def test_hdf5_missing_h5py_is_a_read_error(tmp_path, monkeypatch):
     p = tmp_path / "x.h5"
     p.write_bytes(b"not really hdf5")
@@ -495,6 +512,9 @@ def test_error_bad_npy_and_npz(tmp_path, img):
     ("four_d.npy", np.zeros((2, 3, 32, 32)), "4-D"),
     ("empty.npy", np.zeros((0, 32)), "empty"),
     ("tiny.npy", np.zeros((8, 64)), "too small"),
+    # [y, x, channels] is not a series of strips: said so, not read as 64 frames 64 x 16 (or 2) px wide
+    ("spectrum.npy", np.zeros((64, 64, 16)), "reads as [y, x, channels] (64 x 64 px, 16 channels"),
+    ("detectors.npy", np.zeros((64, 64, 2)), "reads as [y, x, channels] (64 x 64 px, 2 channels"),
     ("allnan.npy", np.full((32, 32), np.nan), "all values"),
     ("cplx.npy", np.zeros((32, 32), complex), "complex"),
 ])

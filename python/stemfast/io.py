@@ -46,6 +46,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     ReadError,
     ReadWarning,
     _attr,
+    _channels_last,
     _check_memory,
     _frame_index,
     _image_like,
@@ -544,6 +545,12 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
     if data.ndim > 3:
         raise ReadError(path, f"{data.ndim}-D data (shape {src}); only images [H, W] and time "
                               "series [frames, H, W] (plus singleton or RGB axes) are supported")
+    if _channels_last(data.shape):
+        a, b, c = data.shape
+        raise ReadError(path, f"shape {src} reads as [y, x, channels] ({a} x {b} px, {c} channels: "
+                              f"detectors, colours or spectrum bins), not as {a} frames of {b} x {c} px; "
+                              "stemfast reads images [H, W] and series [frames, H, W]: save the channel "
+                              "to analyse on its own (array[..., k]), or a series frames first")
     h, w = data.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")
@@ -769,15 +776,18 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
             ds = f[dataset]
         else:
             found: list = []
+            channels: list = []  # [y, x, channels] datasets: read (and refused, saying why) when no image is
 
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset) and not found and _image_like(obj.shape, obj.dtype):
                     found.append(name)
+                elif isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biuf" and _channels_last(obj.shape):
+                    channels.append(name)
 
             f.visititems(visit)
-            if not found:
+            if not found and not channels:
                 raise ReadError(path, "no 2-D or 3-D numeric dataset in the file")
-            ds = f[found[0]]
+            ds = f[(found or channels)[0]]
         meta: dict[str, Any] = {"format": "hdf5", "dataset": ds.name,
                                 "attrs": {k: _attr(v) for k, v in ds.attrs.items()}}
         ps = unit = None

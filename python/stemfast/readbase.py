@@ -26,6 +26,12 @@ log = logging.getLogger("stemfast.io")
 
 #: Smallest accepted image side in px.
 MIN_SIDE = 16
+#: A last axis at most this long, beside two axes at least :data:`CHANNELS_RATIO` times as long, is
+#: read as channels ([y, x, channels]: detectors, colours, spectrum bins), not as the width of a
+#: series' frames (:func:`_channels_last`).
+MAX_CHANNELS_AXIS = 64
+#: See :data:`MAX_CHANNELS_AXIS`.
+CHANNELS_RATIO = 4
 
 
 # length units -> nm
@@ -121,9 +127,32 @@ def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | Non
 # ---------------------------------------------------------------------------------------------
 def _image_like(shape: Sequence[int], dtype) -> bool:
     """Whether an array of ``shape`` and ``dtype`` can be a 2-D image or a 3-D stack of images: real
-    numbers, two or three axes longer than 1, the image sides at least :data:`MIN_SIDE` px."""
+    numbers, two or three axes longer than 1, the image sides at least :data:`MIN_SIDE` px, not
+    [y, x, channels] (:func:`_channels_last`)."""
     core = [x for x in (int(v) for v in shape) if x != 1]
-    return np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+    return (np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+            and not _channels_last(core))
+
+
+def _channels_last(shape: Sequence[int]) -> bool:
+    """Whether a 3-D ``shape`` [a, b, c] (RGB(A) shapes aside) is [y, x, channels] rather than
+    [frames, y, x]: both first axes are image-sized (at least :data:`MIN_SIDE`), and the last is too
+    short to be an image side or at most :data:`MAX_CHANNELS_AXIS` while the others are at least
+    :data:`CHANNELS_RATIO` times as long (frames 4x taller than wide, and 4x more of them than their
+    width, are not a STEM series; a spectrum image or a stack of detectors saved channels-last is).
+
+    >>> _channels_last((256, 256, 16)), _channels_last((512, 512, 2)), _channels_last((20, 256, 256))
+    (True, True, False)
+    >>> _channels_last((100, 512, 64)), _channels_last((256, 256, 3))
+    (False, False)
+    """
+    core = [int(s) for s in shape if s != 1]
+    if len(core) != 3 or _is_rgb_shape(core):
+        return False
+    a, b, c = core
+    if min(a, b) < MIN_SIDE:
+        return False
+    return c < MIN_SIDE or (c <= MAX_CHANNELS_AXIS and min(a, b) >= CHANNELS_RATIO * c)
 
 
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
