@@ -523,6 +523,25 @@ def test_error_bad_content(tmp_path, name, data, words):
     assert words in str(_err(tmp_path / name))
 
 
+def test_frames_much_narrower_than_tall_are_read_and_said(tmp_path):
+    """An array without axis names is [frames, H, W]; one whose frames are 4x taller than wide and 4x
+    more than their width (a last axis too long to be refused as channels) is read so, and the reader
+    says it may be [y, x, frames] saved frames-last, in a warning and in the input's notes."""
+    data = np.random.default_rng(0).random((264, 260, 65), np.float32)  # 65 > 64, 4 * 65 <= 260
+    np.save(tmp_path / "yxt.npy", data)
+    with pytest.warns(ReadWarning, match=r"read as 264 frames of 260 x 65 px.*numpy.moveaxis"):
+        mg = read(tmp_path / "yxt.npy")
+    assert mg.data.shape == (264, 260, 65) and mg.metadata["narrow_frames"] == [264, 260, 65]
+    from stemfast.batch.inputs import describe_input
+
+    assert any(n.startswith("the array [264, 260, 65] was read as 264 frames") for n in describe_input(mg)["notes"])
+    # frames as tall as wide, or a channels-last array (refused, above), say nothing of the kind
+    np.save(tmp_path / "series.npy", np.zeros((80, 40, 40), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReadWarning)
+        assert "narrow_frames" not in read(tmp_path / "series.npy").metadata
+
+
 def test_nonfinite_pixels(tmp_path, img):
     bad = img.copy()
     bad[3, 4] = np.nan

@@ -52,12 +52,14 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     _image_like,
     _is_rgb_shape,
     _missing_package,
+    _narrow_frames,
     _normalise_calibration,
     _note_pixel_size_y,
     _plausible_calibration,
     _release_pages,
     _select_frames,
     available_memory_bytes,
+    narrow_frames_note,
     unit_to_nm,
 )
 from .sidecar import sidecar
@@ -547,10 +549,13 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
                               "series [frames, H, W] (plus singleton or RGB axes) are supported")
     if _channels_last(data.shape):
         a, b, c = data.shape
-        raise ReadError(path, f"shape {src} reads as [y, x, channels] ({a} x {b} px, {c} channels: "
-                              f"detectors, colours or spectrum bins), not as {a} frames of {b} x {c} px; "
-                              "stemfast reads images [H, W] and series [frames, H, W]: save the channel "
-                              "to analyse on its own (array[..., k]), or a series frames first")
+        raise ReadError(path, f"shape {src} reads as [y, x, channels] ({a} x {b} px, {c} channels or frames "
+                              f"saved last: detectors, colours, spectrum bins, a series), not as {a} frames of "
+                              f"{b} x {c} px; stemfast reads images [H, W] and series [frames, H, W]: save one "
+                              "channel alone (array[..., k]) or a series frames first (numpy.moveaxis(array, -1, 0))")
+    if _narrow_frames(data.shape):
+        meta["narrow_frames"] = [int(v) for v in data.shape]
+        warnings.warn(f"{path}: {narrow_frames_note(data.shape)}", ReadWarning, stacklevel=3)
     h, w = data.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")

@@ -155,6 +155,30 @@ def _channels_last(shape: Sequence[int]) -> bool:
     return c < MIN_SIDE or (c <= MAX_CHANNELS_AXIS and min(a, b) >= CHANNELS_RATIO * c)
 
 
+def _narrow_frames(shape: Sequence[int]) -> bool:
+    """Whether a 3-D ``shape`` read as [frames, H, W] has frames at least :data:`CHANNELS_RATIO` times
+    taller than wide, and that many times more of them than their width, without being
+    :func:`_channels_last`: it is read so, but it may be [y, x, frames] or [y, x, channels] with a
+    longer last axis (:func:`narrow_frames_note`).
+
+    >>> _narrow_frames((512, 512, 100)), _narrow_frames((100, 512, 512)), _narrow_frames((512, 512, 16))
+    (True, False, False)
+    """
+    core = [int(s) for s in shape if s != 1]
+    if len(core) != 3 or _is_rgb_shape(core) or _channels_last(core):
+        return False
+    a, b, c = core
+    return CHANNELS_RATIO * c <= min(a, b)
+
+
+def narrow_frames_note(shape: Sequence[int]) -> str:
+    """What the reader says of a :func:`_narrow_frames` array of ``shape`` [a, b, c]."""
+    a, b, c = (int(s) for s in shape if s != 1)
+    return (f"the array [{a}, {b}, {c}] was read as {a} frames of {b} x {c} px, as an array without axis names "
+            f"is [frames, H, W]; if it is [y, x, frames] or [y, x, channels] (a series or detectors saved "
+            f"frames-last), save it frames first (numpy.moveaxis(array, -1, 0)) or one channel alone")
+
+
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
     core = [int(s) for s in shape if s != 1]
     return len(core) >= 3 and core[-1] in (3, 4) and min(core[-3:-1]) >= MIN_SIDE

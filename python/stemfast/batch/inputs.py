@@ -273,6 +273,10 @@ def describe_input(mg) -> dict:
     if meta.get("planar_samples_as_frames"):
         notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
                      "layout for a [frames, H, W] array), not as one colour image")
+    if meta.get("narrow_frames"):
+        from ..io import narrow_frames_note
+
+        notes.append(narrow_frames_note(meta["narrow_frames"]))
     if meta.get("channels"):
         from ..tiff import channel_note
 
