@@ -1015,3 +1015,23 @@ def test_a_given_spacing_half_the_crystals_is_flagged_by_its_empty_sublattices(c
         half = find_sites(clean_image.image, spacing=clean_image.meta["nn_px"] / 2).meta["lattice"]
     assert right["best_sublattice_placed"] < 0.05 and not any(_PLACED in u for u in right["unsure"])
     assert half["best_sublattice_placed"] > 0.5 and any(_PLACED in u for u in half["unsure"])
+
+
+def test_a_small_image_whose_spectrum_has_no_clear_peak_is_read_at_a_given_spacing():
+    """A clean 128 px image of an 11 px lattice: the radial spectrum's window around its first ring
+    holds few bins, the sqrt(3) ring's among them, so the profile's peak reads 3.1 < 4 and no lattice is
+    looked for. The reason says to give the spacing; given, the ring at that spacing is read (the
+    profile is not asked). Noise given a spacing stays without a lattice."""
+    s = make_mos2(shape=(128, 128), seed=110, pixel_size_A=3.16 / np.sqrt(3) / 11.0, rotation_deg=17.0)
+    with pytest.warns(NoLatticeWarning, match=r"no lattice period in the power spectrum.*give the spacing \(--spacing\)"):
+        t = find_sites(s.image)
+    assert len(t) == 0 and "lattice" not in t.meta
+    t = find_sites(s.image, spacing=round(s.meta["nn_px"], 1))
+    lat = t.meta["lattice"]
+    assert abs(lat["spacing_px"] / s.meta["nn_px"] - 1) < 0.01 and not lat["unsure"]
+    truth = s.truth[:, :2]
+    d, _ = cKDTree(t.xy).query(truth[np.all((truth > 8) & (truth < 120), axis=1)])
+    assert (d < 0.3 * s.meta["nn_px"]).mean() > 0.98
+    noise = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+    with pytest.warns(NoLatticeWarning, match="no lattice period"):
+        assert len(find_sites(noise, spacing=10.0)) == 0

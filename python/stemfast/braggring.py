@@ -36,7 +36,8 @@ class FftLattice:
     the six spots of the spot power over the median power of its ring (>> 1 for a lattice);
     ``spacing`` the site spacing it implies (px); ``note`` which reflection family was picked first
     and what it was re-read as (for the log); ``coarser_spacing`` (a ring picked by a given spacing
-    only): the site spacing of the coarser lattice whose spots lie inside it, if any.
+    only): the site spacing of the coarser lattice whose spots lie inside it, if any; ``by_spacing``:
+    the ring was picked at a given spacing (not the image's own strongest ring).
     """
 
     g: np.ndarray
@@ -44,6 +45,7 @@ class FftLattice:
     spacing: float
     note: str = ""
     coarser_spacing: float | None = None
+    by_spacing: bool = False
 
     def second_order_reread(self) -> "FftLattice":
         """This ring re-read as the ``{110}`` family of a ring ``sqrt(3)`` nearer the centre (turned by
@@ -278,7 +280,7 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
                     coarser = _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
                     if coarser is not ring:
                         ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
-                    return ring
+                    return dataclasses.replace(ring, by_spacing=True)
         # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
         # below, never none where there is one (the caller says where it differs from the given one)
     narrow = _pick_ring(Pw, h, w, cand, min_prominence, False, "", SPOT_SEARCH)

@@ -72,6 +72,9 @@ EDGE_UNJUDGED_PX = 1.0
 #: A lattice's strongest Bragg ring stands >> this far above the radially averaged power spectrum
 #: around it (100-400 on MoS2 images, also at low dose); white noise gives about 1.2.
 MIN_FFT_PROMINENCE = 4.0
+#: an image whose short side is at most this many px may miss :data:`MIN_FFT_PROMINENCE` with a lattice
+#: (:func:`_ring_of`): the reason then names the given spacing as the way past
+SMALL_SPECTRUM_PX = 256
 #: a Bragg ring implying a finer site spacing is noise near the Nyquist frequency, not a lattice (the
 #: smallest spacing the settings take, :attr:`SiteSettings.spacing`)
 MIN_RING_SPACING_PX = 2.0
@@ -976,20 +979,31 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None)
 
 
 def _ring_of(img: np.ndarray, s: SiteSettings):
-    """``(ring, None)`` or ``(None, why)``: :func:`_bragg_ring` of one image, the vacuum not looked at."""
+    """``(ring, None)`` or ``(None, why)``: :func:`_bragg_ring` of one image, the vacuum not looked at.
+
+    The radial profile's peak must stand out (:data:`MIN_FFT_PROMINENCE`) before a ring is looked for.
+    Where it does not but the spacing is given (``s.spacing``), a hexagon of Bragg spots at that
+    spacing that stands out by :data:`MIN_RING_PROMINENCE` is still taken (not the image's own
+    strongest ring, nor a weak one: in noise some six spots stand out by 4-5 where the profile has no
+    peak). On a small image the profile's window around a low-order peak holds few bins, two Bragg
+    rings' among them: a clean 128 px image of an 11-13 px lattice reads 3-3.5, and the given spacing
+    is the way past it."""
+    short = min(img.shape)
     try:
         _, prominence = estimate_period_fft(img, return_prominence=True)
     except ValueError:
         prominence = 0.0
-    if prominence < MIN_FFT_PROMINENCE:
+    flat = prominence < MIN_FFT_PROMINENCE
+    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing) if not flat or s.spacing is not None else None
+    if flat and not (ring is not None and ring.by_spacing and ring.prominence >= MIN_RING_PROMINENCE):
+        small = (f"; the image's short side, {short} px, holds few lattice periods: give the spacing "
+                 "(--spacing) to look for the ring there" if short <= SMALL_SPECTRUM_PX and s.spacing is None else "")
         return None, (f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
-                      f"{MIN_FFT_PROMINENCE}): no lattice")
-    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing)
+                      f"{MIN_FFT_PROMINENCE}{small}): no lattice")
     if ring is None:
-        short = min(img.shape)
-        hint = (f" (the image's short side, {short} px, holds few lattice periods: the ring's spots are then too "
-                "near the spectrum's centre to be read)" if short < SHORT_SIDE_PX else "")
-        return None, f"no hexagonal ring of Bragg spots in the power spectrum{hint}: no lattice"
+        few = (f" (the image's short side, {short} px, holds few lattice periods: the ring's spots are then too "
+               "near the spectrum's centre to be read)" if short < SHORT_SIDE_PX else "")
+        return None, f"no hexagonal ring of Bragg spots in the power spectrum{few}: no lattice"
     if not ring.spacing >= MIN_RING_SPACING_PX:
         return None, (f"the strongest hexagonal ring of Bragg spots implies a site spacing of {ring.spacing:.2f} px, "
                       f"below {MIN_RING_SPACING_PX:g} px (noise near the Nyquist frequency, not columns): no lattice")
