@@ -1035,3 +1035,25 @@ def test_a_small_image_whose_spectrum_has_no_clear_peak_is_read_at_a_given_spaci
     noise = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
     with pytest.warns(NoLatticeWarning, match="no lattice period"):
         assert len(find_sites(noise, spacing=10.0)) == 0
+
+
+def test_a_small_clean_ring_is_judged_against_its_annulus_off_its_spots():
+    """On a small spectrum the six spots fill much of their ring's annulus, so its median was a spot's
+    power and a clean lattice read as a weak ring. The ring is now judged (and reported) against the
+    annulus away from its spots; which ring is picked is unchanged. Noise's rings stay weak."""
+    from stemfast.braggring import metal_reciprocal_lattice
+
+    for size, nn in ((128, 10.0), (128, 12.0), (192, 18.0)):
+        s = make_mos2(shape=(size, size), seed=int(nn * 10), pixel_size_A=3.16 / np.sqrt(3) / nn, rotation_deg=17.0)
+        ring = metal_reciprocal_lattice(s.image)
+        assert ring.prominence_off_spots > 1.4 * ring.prominence  # 16 -> 257, 5.8 -> 8.9, 6.1 -> 8.8
+        t = find_sites(s.image)
+        lat = t.meta["lattice"]
+        assert abs(lat["spacing_px"] / s.meta["nn_px"] - 1) < 0.01
+        assert lat["ring_prominence"] == pytest.approx(ring.prominence_off_spots, rel=1e-3)
+        assert not any(u.startswith("weak Bragg ring") for u in lat["unsure"]), lat["unsure"]
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(4).normal(size=(64, 64)), 3).astype(np.float32)
+    ring = metal_reciprocal_lattice(noise)  # six smooth-noise maxima that pass for a hexagon
+    assert ring is not None and ring.standout < 8.0

@@ -37,7 +37,10 @@ class FftLattice:
     ``spacing`` the site spacing it implies (px); ``note`` which reflection family was picked first
     and what it was re-read as (for the log); ``coarser_spacing`` (a ring picked by a given spacing
     only): the site spacing of the coarser lattice whose spots lie inside it, if any; ``by_spacing``:
-    the ring was picked at a given spacing (not the image's own strongest ring).
+    the ring was picked at a given spacing (not the image's own strongest ring);
+    ``prominence_off_spots``: the six spots' median power over the ring's median power away from them
+    (:func:`_off_spots_prominence`), what the ring is judged and reported by (``prominence``, against
+    the whole ring, picks among candidate rings).
     """
 
     g: np.ndarray
@@ -46,6 +49,12 @@ class FftLattice:
     note: str = ""
     coarser_spacing: float | None = None
     by_spacing: bool = False
+    prominence_off_spots: float | None = None
+
+    @property
+    def standout(self) -> float:
+        """:attr:`prominence_off_spots` where measured, else :attr:`prominence`."""
+        return self.prominence if self.prominence_off_spots is None else self.prominence_off_spots
 
     def second_order_reread(self) -> "FftLattice":
         """This ring re-read as the ``{110}`` family of a ring ``sqrt(3)`` nearer the centre (turned by
@@ -154,17 +163,52 @@ def _spot_power(Pw: np.ndarray, h: int, w: int, g: np.ndarray, r: float = 1.5):
     return out, pos
 
 
-def _ring_reference(Pw: np.ndarray, h: int, w: int, f: float) -> float:
-    """Median whitened power in an annulus of radius ``f`` (cycles / px), width ~3 bins."""
+def _ring_reference(Pw: np.ndarray, h: int, w: int, f: float, spots: np.ndarray | None = None,
+                    r_spot: float = 0.0) -> float:
+    """Median whitened power in an annulus of radius ``f`` (cycles / px), width ~3 bins; with
+    ``spots`` [K, 2] (cycles / px), away from them by more than ``r_spot`` +
+    :data:`SPOT_MARGIN_BINS` bins, where that keeps at least a third of the annulus."""
     r = int(np.ceil((f + 2.0 / min(h, w)) * max(h, w))) + 1
     cy, cx = h // 2, w // 2
-    sub = Pw[max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1]
-    fy = (np.arange(sub.shape[0]) + max(0, cy - r) - cy)[:, None] / h
-    fx = (np.arange(sub.shape[1]) + max(0, cx - r) - cx)[None, :] / w
-    fr = np.sqrt(fx ** 2 + fy ** 2)
-    Pw = sub
-    band = np.abs(fr - f) <= 1.5 / min(h, w)
-    return float(np.median(Pw[band])) if band.any() else float("inf")
+    y0, x0 = max(0, cy - r), max(0, cx - r)
+    sub = Pw[y0:cy + r + 1, x0:cx + r + 1]
+    iy = (np.arange(sub.shape[0]) + y0 - cy)[:, None]
+    ix = (np.arange(sub.shape[1]) + x0 - cx)[None, :]
+    band = np.abs(np.sqrt((ix / w) ** 2 + (iy / h) ** 2) - f) <= 1.5 / min(h, w)
+    if not band.any():
+        return float("inf")
+    if spots is not None:
+        near = np.zeros_like(band)
+        for gx, gy in np.asarray(spots, dtype=np.float64):
+            near |= np.hypot(ix - gx * w, iy - gy * h) <= r_spot + SPOT_MARGIN_BINS
+        if 3 * np.count_nonzero(band & ~near) >= np.count_nonzero(band):
+            band &= ~near
+    return float(np.median(sub[band]))
+
+
+#: :func:`_off_spots_prominence` leaves out this many bins more than the spot search's radius around
+#: each spot: a spot spreads over ~2 bins either way (the window's main lobe, the 3-bin smoothing)
+SPOT_MARGIN_BINS = 1.5
+
+
+def _off_spots_prominence(Pw: np.ndarray, h: int, w: int, ring: "FftLattice") -> "FftLattice":
+    """``ring`` with :attr:`FftLattice.prominence_off_spots`: the median power of its six spots (those
+    beyond :data:`MIN_RING_BINS`) over its annulus' median power away from them.
+
+    Against the whole annulus a small ring's prominence is low however clean the lattice: a ring of 8
+    bins' radius is ~50 bins round and its six spots ~5 bins wide each, so the annulus' median is
+    much a spot's power (a clean 128 px image of an 11-16 px lattice read 4.4-7.5, "weak"; 20-260 off
+    the spots). On rings of tens of bins (512 px scans) the spots are a small share and little changes.
+    """
+    spots = _HEX_MN @ np.asarray(ring.g, dtype=np.float64)
+    radius = float(np.mean(_bins(spots, h, w)))
+    r = max(1.5, SPOT_SEARCH * radius)
+    p, pos = _spot_power(Pw, h, w, spots, r=r)
+    readable = _bins(spots, h, w) >= MIN_RING_BINS
+    if readable.sum() < MIN_READABLE_SPOTS:
+        return ring
+    ref = _ring_reference(Pw, h, w, float(np.mean(np.hypot(spots[:, 0], spots[:, 1]))), pos, r)
+    return dataclasses.replace(ring, prominence_off_spots=float(np.median(p[readable]) / ref) if ref > 0 else 0.0)
 
 
 #: the six spots of a ring as multiples of its reciprocal basis: spot k = m_k g1 + n_k g2 (g1, g2 120
@@ -280,7 +324,7 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
                     coarser = _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
                     if coarser is not ring:
                         ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
-                    return dataclasses.replace(ring, by_spacing=True)
+                    return _off_spots_prominence(Pw, h, w, dataclasses.replace(ring, by_spacing=True))
         # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
         # below, never none where there is one (the caller says where it differs from the given one)
     narrow = _pick_ring(Pw, h, w, cand, min_prominence, False, "", SPOT_SEARCH)
@@ -292,7 +336,7 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
         p_narrow, _ = _ring_prominence(Pw, h, w, narrow.g[0], SPOT_SEARCH_WIDE)
         if p_narrow < wide.prominence:
             ring = dataclasses.replace(wide, note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
-    return _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
+    return _off_spots_prominence(Pw, h, w, _inner_spots_reread(Pw, h, w, ring, cand, min_prominence))
 
 
 #: a strong spot inside the ring is read as a reflection of a coarser lattice when its coordinates in

@@ -995,7 +995,7 @@ def _ring_of(img: np.ndarray, s: SiteSettings):
         prominence = 0.0
     flat = prominence < MIN_FFT_PROMINENCE
     ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing) if not flat or s.spacing is not None else None
-    if flat and not (ring is not None and ring.by_spacing and ring.prominence >= MIN_RING_PROMINENCE):
+    if flat and not (ring is not None and ring.by_spacing and ring.standout >= MIN_RING_PROMINENCE):
         small = (f"; the image's short side, {short} px, holds few lattice periods: give the spacing "
                  "(--spacing) to look for the ring there" if short <= SMALL_SPECTRUM_PX and s.spacing is None else "")
         return None, (f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
@@ -1466,7 +1466,7 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
     out = {
         "spacing_px": round(nn_fft, 4),
         "spacing_source": "given" if s.spacing is not None else "fft ring",
-        "ring_prominence": round(float(ring.prominence), 2),
+        "ring_prominence": round(float(ring.standout), 2),
         "ring_note": ring.note,
         "peaks_on_nodes": round(float(idx.on_node), 4),
         "spacing_fit_px": round(spacing_fit, 4),
@@ -1476,13 +1476,13 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         "best_sublattice_placed": None if placed is None else round(placed, 4),
         "material": material.name,
     }
-    conf = min(1.0, idx.on_node) * min(1.0, ring.prominence / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
+    conf = min(1.0, idx.on_node) * min(1.0, ring.standout / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
     out["confidence"] = round(float(conf), 4)
     unsure = []
     if idx.on_node < MIN_ON_NODE:
         unsure.append(f"only {idx.on_node:.0%} of the strong peaks sit on a node")
-    if ring.prominence < MIN_RING_PROMINENCE:
-        unsure.append(f"weak Bragg ring (prominence {ring.prominence:.1f})")
+    if ring.standout < MIN_RING_PROMINENCE:
+        unsure.append(f"weak Bragg ring (prominence {ring.standout:.1f})")
     if agreement < 0.97:
         unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
     if placed is not None and placed > MAX_SUBLATTICE_PLACED:
