@@ -197,8 +197,9 @@ def _off_spots_prominence(Pw: np.ndarray, h: int, w: int, ring: "FftLattice") ->
 
     Against the whole annulus a small ring's prominence is low however clean the lattice: a ring of 8
     bins' radius is ~50 bins round and its six spots ~5 bins wide each, so the annulus' median is
-    much a spot's power (a clean 128 px image of an 11-16 px lattice read 4.4-7.5, "weak"; 20-260 off
-    the spots). On rings of tens of bins (512 px scans) the spots are a small share and little changes.
+    much a spot's power (clean 128-192 px images of 10-18 px lattices: 5.8-16 against all of it,
+    8.8-257 off the spots). Where the spots leave under a third of the annulus (a ring 6-7 bins out),
+    all of it is used. On rings of tens of bins (512 px scans) the spots are a smaller share.
     """
     spots = _HEX_MN @ np.asarray(ring.g, dtype=np.float64)
     radius = float(np.mean(_bins(spots, h, w)))
