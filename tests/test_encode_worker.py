@@ -62,8 +62,6 @@ def test_worker_encodes_like_the_model():
     w.close()  # idempotent
 
 
-
-
 def test_an_encode_error_is_the_models_and_the_worker_goes_on(stemfast_log):
     caplog = stemfast_log
     w = ew.EncodeWorker(FakeModel)

@@ -1432,19 +1432,20 @@ def _placed_shares(labels: np.ndarray, kind: np.ndarray, xy: np.ndarray, spacing
     return [float(np.mean(kind[m] == 1)) for m in masks if np.count_nonzero(m) >= 10]
 
 
-def _best_sublattice_placed(sublattice: np.ndarray, kind: np.ndarray, xy: np.ndarray,
+def _best_sublattice_placed(labels: np.ndarray, kind: np.ndarray, xy: np.ndarray,
                             spacing: float) -> float | None:
-    """The smallest of the :func:`_placed_shares` of the named sublattices; None without one."""
-    shares = _placed_shares(sublattice, kind, xy, spacing)
+    """The smallest of the :func:`_placed_shares` of ``labels`` (the named sublattices, or the classes
+    of the lattice's three-colouring); None without one."""
+    shares = _placed_shares(labels, kind, xy, spacing)
     return min(shares) if shares else None
 
 
 def _too_fine(idx, spacing: float) -> float | None:
-    """The smallest :func:`_placed_shares` of the classes of the site lattice ``idx`` (its
-    three-colouring) where it exceeds :data:`MAX_SUBLATTICE_PLACED` (even the best-found class mostly
-    placed: the lattice is likely finer than the crystal's), else None."""
-    shares = _placed_shares(idx.cls, idx.kind, idx.xy, spacing)
-    return min(shares) if shares and min(shares) > MAX_SUBLATTICE_PLACED else None
+    """:func:`_best_sublattice_placed` of the classes of the site lattice ``idx`` (its three-colouring)
+    where it exceeds :data:`MAX_SUBLATTICE_PLACED` (even the best-found class mostly placed: the
+    lattice is likely finer than the crystal's), else None."""
+    placed = _best_sublattice_placed(idx.cls, idx.kind, idx.xy, spacing)
+    return placed if placed is not None and placed > MAX_SUBLATTICE_PLACED else None
 
 
 def _a_2h_site_lattice(idx, spacing: float, finer_placed: float) -> bool:
