@@ -125,6 +125,53 @@ def test_background_figures_draw_in_children_and_a_failed_one_here(tmp_path, ste
     assert time.perf_counter() - t0 < 10
 
 
+def test_background_figures_ignore_ctrl_c_and_an_ended_one_leaves_no_temporary_file(tmp_path, stemfast_log,
+                                                                                     monkeypatch):
+    """A Ctrl-C (SIGINT, which reaches the whole process group) does not end a figure process: its
+    figure is drawn there, not again here. A process silent past the timeout is ended, removes its
+    half-written temporary file, and its figure is drawn here; the time reported includes the wait."""
+    import multiprocessing
+    import signal
+    import time
+
+    import stemfast.figures as F
+    from stemfast.atomic import atomic_path
+    from stemfast.figures import BackgroundFigures
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method")
+    monkeypatch.setattr(F, "_fork_unsafe", lambda: None)
+    me = os.getpid()
+
+    def slow():
+        time.sleep(1.5)
+        _write(tmp_path / "slow.txt", "child")()
+
+    bg = BackgroundFigures.start([slow])
+    proc = bg._children[0][1]
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    bg.wait()
+    text, pid = (tmp_path / "slow.txt").read_text().split()
+    assert text == "child" and int(pid) != me
+    assert "drawing its figure here" not in stemfast_log.text
+
+    def hangs_mid_write():
+        with atomic_path(tmp_path / "map.txt") as tmp:
+            tmp.write_text("half")
+            if os.getpid() != me:
+                time.sleep(60)
+            tmp.write_text(f"here {os.getpid()}")
+
+    monkeypatch.setattr(F, "FIGURE_TIMEOUT_S", 1.0)
+    bg = BackgroundFigures.start([hangs_mid_write])
+    seconds = bg.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.txt", "slow.txt"]
+    assert (tmp_path / "map.txt").read_text() == f"here {me}"
+    assert "drawing its figure here" in stemfast_log.text
+    assert seconds >= 1.0
+
+
 def test_a_batch_draws_each_inputs_figures_while_the_next_is_analysed(tmp_path):
     """``stemfast batch`` of three images with the shipped model, in a fresh interpreter: the figures
     of the first two are drawn in forked processes while the next image is analysed (each input is

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 #: the longest a forked figure process may take before it is ended and its figure drawn here
 FIGURE_TIMEOUT_S = 300.0
+#: how long an ended figure process has to remove its half-written file (SIGTERM) before it is killed
+FIGURE_END_GRACE_S = 2.0
 
 
 def pyplot():
@@ -118,7 +120,9 @@ class BackgroundFigures:
     :func:`draw_side_by_side`; the caller then draws here). :meth:`wait` waits for them and returns
     the seconds the figures took (the slowest child's); a job whose child failed, died or took longer
     than :data:`FIGURE_TIMEOUT_S` is ended and run here instead (each job writes its own file
-    atomically, so nothing half-written is left). :meth:`cancel` ends the children.
+    atomically, so nothing half-written is left: an ended child removes its temporary file). The
+    children ignore Ctrl-C (SIGINT reaches the whole process group): the caller decides whether to wait
+    for them or :meth:`cancel` them.
     Everything a job draws (its image, its sites) must be in memory before :meth:`start`: an open
     file is not shared with a child.
     """
@@ -145,8 +149,10 @@ class BackgroundFigures:
         return cls(children)
 
     def wait(self) -> float:
-        """Wait for the figures; the seconds they took (a job drawn here again where its child failed)."""
+        """Wait for the figures; the seconds they took (a job drawn here again where its child failed:
+        the time waited for the child and the drawing here)."""
         seconds = 0.0
+        t_wait = time.perf_counter()
         for job, p, conn in self._children:
             try:
                 took = conn.recv() if conn.poll(FIGURE_TIMEOUT_S) else None
@@ -154,13 +160,11 @@ class BackgroundFigures:
                 took = None
             p.join(FIGURE_TIMEOUT_S if took is not None else 0)
             if p.is_alive():  # silent past the timeout: ended before its figure is drawn here
-                p.kill()
-                p.join()
+                _end(p)
             if took is None or p.exitcode != 0:
                 log.warning("a figure process ended with exit code %s; drawing its figure here", p.exitcode)
-                t0 = time.perf_counter()
                 job()
-                took = time.perf_counter() - t0
+                took = time.perf_counter() - t_wait
             seconds = max(seconds, float(took))
         self.cancel()
         return seconds
@@ -169,13 +173,30 @@ class BackgroundFigures:
         """End the children that still run and close their pipes."""
         for _, p, conn in self._children:
             if p.is_alive():
-                p.kill()
-                p.join()
+                _end(p)
             conn.close()
         self._children = []
 
 
+def _end(p) -> None:
+    """End figure process ``p``: SIGTERM, which lets it remove its temporary file
+    (:func:`_background_child`), then SIGKILL after :data:`FIGURE_END_GRACE_S`."""
+    p.terminate()
+    p.join(FIGURE_END_GRACE_S)
+    if p.is_alive():
+        p.kill()
+        p.join()
+
+
+def _terminated(signum, frame) -> None:  # pragma: no cover - forked process
+    raise SystemExit(128 + signum)  # unwinds the job: atomic_path removes its temporary file
+
+
 def _background_child(job: Callable[[], None], conn) -> None:  # pragma: no cover - forked process
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, _terminated)
     t0 = time.perf_counter()
     job()
     conn.send(time.perf_counter() - t0)
