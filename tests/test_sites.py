@@ -765,6 +765,9 @@ def test_a_small_image_gets_the_site_lattice_not_its_sqrt3_denser_superlattice(s
         t = find_sites(np.ascontiguousarray(full.image[:side, :side]))
     assert abs(t.meta["spacing_px"] / nn - 1) < 0.03
     assert "{110}->{100}" in t.meta["lattice"]["ring_note"]
+    # the re-read lattice is judged by the same six spots against their annulus away from them (the
+    # whole annulus, which they fill on a small spectrum, read ~10 and a confidence of 0.61)
+    assert t.meta["lattice"]["ring_prominence"] > 20 and t.meta["lattice"]["confidence"] > 0.9, t.meta["lattice"]
     inner = np.all((t.xy > nn) & (t.xy < side - 1 - nn), axis=1)
     expected = (side - 1 - 2 * nn) ** 2 / (np.sqrt(3) / 2 * nn ** 2)
     assert 0.85 < inner.sum() / expected < 1.15  # one site per node of the site lattice, not three

@@ -61,14 +61,16 @@ class FftLattice:
         30 degrees): that ring's lattice, whose site spacing is ``sqrt(3)`` times this one's."""
         g = _first_ring_of_second(self.g)
         note = (self.note + " {110}->{100} (columns on one third of the nodes)").strip()
-        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
+        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note,
+                          prominence_off_spots=self.prominence_off_spots)  # the same six spots
 
     def finer_order_reread(self, n: int) -> "FftLattice":
         """This ring re-read as the ``{n00}`` family of a ring ``n`` times nearer the centre: that
         ring's lattice, whose site spacing is ``n`` times this one's."""
         g = np.asarray(self.g, dtype=np.float64) / n
         note = (self.note + f" {{{n}00}}->{{100}} (columns on one coset of the lattice {n}x as coarse)").strip()
-        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note)
+        return FftLattice(g=g, prominence=self.prominence, spacing=site_spacing(g), note=note,
+                          prominence_off_spots=self.prominence_off_spots)  # the same six spots
 
     @property
     def metal_basis(self) -> np.ndarray:
