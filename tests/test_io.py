@@ -337,6 +337,28 @@ def test_hdf5_image_is_picked_over_a_channels_last_dataset(tmp_path, img):
     assert "reads as [y, x, channels] (64 x 72 px, 16 channels" in str(_err(q))
 
 
+def test_a_frames_selection_gets_the_whole_arrays_verdict(tmp_path, img):
+    """``frames=`` takes part of an array only after the whole array is judged: a [y, x, channels]
+    array (.npy, HDF5 read lazily or whole) is refused with or without it -- a frame of it is no
+    256 x 16 px image -- and frames 4x narrower than tall are warned of. An empty HDF5 dataset is no
+    image: the file's image beside it is read."""
+    h5py = pytest.importorskip("h5py")
+    np.save(tmp_path / "si.npy", np.zeros((64, 72, 16), np.float32))
+    for frames in (0, slice(0, 2), [1, 0]):
+        assert "reads as [y, x, channels] (64 x 72 px, 16 channels" in str(_err(tmp_path / "si.npy", frames=frames))
+    with h5py.File(tmp_path / "si.h5", "w") as f:
+        f.create_dataset("spectrum_image", data=np.zeros((64, 72, 16), np.float32))
+    for frames in (3, [0, 1]):
+        assert "reads as [y, x, channels]" in str(_err(tmp_path / "si.h5", frames=frames))
+    np.save(tmp_path / "yxt.npy", np.zeros((264, 260, 65), np.float32))
+    with pytest.warns(ReadWarning, match=r"read as 264 frames of 260 x 65 px"):
+        assert read(tmp_path / "yxt.npy", frames=0).data.shape == (260, 65)
+    with h5py.File(tmp_path / "empty_first.h5", "w") as f:
+        f.create_dataset("a/empty", data=np.zeros((0, 64, 64), np.float32))
+        f.create_dataset("b/haadf", data=img)
+    np.testing.assert_array_equal(read(tmp_path / "empty_first.h5").data, img)
+
+
 def test_hdf5_missing_h5py_is_a_read_error(tmp_path, monkeypatch):
     p = tmp_path / "x.h5"
     p.write_bytes(b"not really hdf5")

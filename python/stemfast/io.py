@@ -48,6 +48,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     _attr,
     _channels_last,
     _check_memory,
+    _check_whole_stack,
     _frame_index,
     _image_like,
     _is_rgb_shape,
@@ -59,6 +60,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     _release_pages,
     _select_frames,
     available_memory_bytes,
+    channels_last_error,
     narrow_frames_note,
     unit_to_nm,
 )
@@ -548,11 +550,7 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         raise ReadError(path, f"{data.ndim}-D data (shape {src}); only images [H, W] and time "
                               "series [frames, H, W] (plus singleton or RGB axes) are supported")
     if _channels_last(data.shape):
-        a, b, c = data.shape
-        raise ReadError(path, f"shape {src} reads as [y, x, channels] ({a} x {b} px, {c} channels or frames "
-                              f"saved last: detectors, colours, spectrum bins, a series), not as {a} frames of "
-                              f"{b} x {c} px; stemfast reads images [H, W] and series [frames, H, W]: save one "
-                              "channel alone (array[..., k]) or a series frames first (numpy.moveaxis(array, -1, 0))")
+        raise channels_last_error(path, src)
     if _narrow_frames(data.shape):
         meta["narrow_frames"] = [int(v) for v in data.shape]
         warnings.warn(f"{path}: {narrow_frames_note(data.shape)}", ReadWarning, stacklevel=3)
@@ -815,6 +813,7 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
         if ps is None and (props := nion.h5_properties(ds)) is not None:  # a Nion Swift data item
             ps, unit = _nion_image(path, props, ds.ndim, meta)
         if frames is not None and ds.ndim == 3 and min(ds.shape) > 1:
+            _check_whole_stack(path, ds.shape)
             idx = _frame_index(path, frames, ds.shape[0])  # read only the selected frames
             if isinstance(idx, np.ndarray):
                 data = np.stack([ds[int(i)] for i in idx])

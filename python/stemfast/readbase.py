@@ -127,10 +127,10 @@ def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | Non
 # ---------------------------------------------------------------------------------------------
 def _image_like(shape: Sequence[int], dtype) -> bool:
     """Whether an array of ``shape`` and ``dtype`` can be a 2-D image or a 3-D stack of images: real
-    numbers, two or three axes longer than 1, the image sides at least :data:`MIN_SIDE` px, not
-    [y, x, channels] (:func:`_channels_last`)."""
+    numbers, two or three axes longer than 1 (none empty), the image sides at least :data:`MIN_SIDE`
+    px, not [y, x, channels] (:func:`_channels_last`)."""
     core = [x for x in (int(v) for v in shape) if x != 1]
-    return (np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core[-2:]) >= MIN_SIDE
+    return (np.dtype(dtype).kind in "biuf" and len(core) in (2, 3) and min(core) > 0 and min(core[-2:]) >= MIN_SIDE
             and not _channels_last(core))
 
 
@@ -177,6 +177,26 @@ def narrow_frames_note(shape: Sequence[int]) -> str:
     return (f"the array [{a}, {b}, {c}] was read as {a} frames of {b} x {c} px, as an array without axis names "
             f"is [frames, H, W]; if it is [y, x, frames] or [y, x, channels] (a series or detectors saved "
             f"frames-last), save it frames first (numpy.moveaxis(array, -1, 0)) or one channel alone")
+
+
+def channels_last_error(path, shape: Sequence[int]) -> "ReadError":
+    """The :class:`ReadError` of a :func:`_channels_last` array of ``shape`` (as stored)."""
+    a, b, c = (int(s) for s in shape if s != 1)
+    return ReadError(path, f"shape {tuple(int(s) for s in shape)} reads as [y, x, channels] ({a} x {b} px, {c} "
+                           f"channels or frames saved last: detectors, colours, spectrum bins, a series), not as "
+                           f"{a} frames of {b} x {c} px; stemfast reads images [H, W] and series [frames, H, W]: "
+                           "save one channel alone (array[..., k]) or a series frames first "
+                           "(numpy.moveaxis(array, -1, 0))")
+
+
+def _check_whole_stack(path, shape: Sequence[int]) -> None:
+    """What :func:`stemfast.io.read` says of a whole array of ``shape`` before a ``frames=`` selection
+    takes part of it (the selection alone would pass as an image): a :func:`_channels_last` array is
+    refused, a :func:`_narrow_frames` one is warned of."""
+    if _channels_last(shape):
+        raise channels_last_error(path, shape)
+    if _narrow_frames(shape):
+        warnings.warn(f"{path}: {narrow_frames_note(shape)}", ReadWarning, stacklevel=4)
 
 
 def _is_rgb_shape(shape: Sequence[int]) -> bool:
@@ -276,6 +296,7 @@ def _select_frames(path: Path, data: Any, frames: Any) -> Any:
         return data
     shape = tuple(int(s) for s in data.shape)
     core = [s for s in shape if s != 1]
+    _check_whole_stack(path, shape)
     rgb = _is_rgb_shape(shape)
     n_img_axes = 3 if rgb else 2
     if len(core) == n_img_axes:  # a single image: only frame 0 exists
