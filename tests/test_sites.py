@@ -1036,8 +1036,13 @@ def test_a_small_image_whose_spectrum_has_no_clear_peak_is_read_at_a_given_spaci
     d, _ = cKDTree(t.xy).query(truth[np.all((truth > 8) & (truth < 120), axis=1)])
     assert (d < 0.3 * s.meta["nn_px"]).mean() > 0.98
     noise = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
-    with pytest.warns(NoLatticeWarning, match="no lattice period"):
+    with pytest.warns(NoLatticeWarning, match="no lattice period.*no hexagon of Bragg spots at the given spacing"):
         assert len(find_sites(noise, spacing=10.0)) == 0
+    # a hexagon found at the given spacing but too weak to take: the reason says how weak
+    faint = make_mos2(shape=(128, 128), seed=7, dose=3.0)
+    with pytest.warns(NoLatticeWarning, match=r"the hexagon of Bragg spots at the given spacing stands out by "
+                                              r"[0-7]\.\d < 8"):
+        assert len(find_sites(faint.image, spacing=faint.meta["nn_px"])) == 0
 
 
 def test_a_small_clean_ring_is_judged_against_its_annulus_off_its_spots():

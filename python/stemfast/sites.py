@@ -998,6 +998,10 @@ def _ring_of(img: np.ndarray, s: SiteSettings):
     if flat and not (ring is not None and ring.by_spacing and ring.standout >= MIN_RING_PROMINENCE):
         small = (f"; the image's short side, {short} px, holds few lattice periods: give the spacing "
                  "(--spacing) to look for the ring there" if short <= SMALL_SPECTRUM_PX and s.spacing is None else "")
+        if s.spacing is not None:  # what the given spacing found there
+            small = ("; no hexagon of Bragg spots at the given spacing stands out" if ring is None or not ring.by_spacing else
+                     f"; the hexagon of Bragg spots at the given spacing stands out by {ring.standout:.1f} < "
+                     f"{MIN_RING_PROMINENCE:g}")
         return None, (f"no lattice period in the power spectrum (peak prominence {prominence:.2f} < "
                       f"{MIN_FFT_PROMINENCE}{small}): no lattice")
     if ring is None:
