@@ -518,7 +518,8 @@ def test_error_text_file_renamed_tif(tmp_path):
 
 def test_error_bad_npy_and_npz(tmp_path, img):
     (tmp_path / "t.npy").write_text("plain text")
-    _err(tmp_path / "t.npy")
+    e = str(_err(tmp_path / "t.npy"))
+    assert "not a .npy file" in e and "pickle" not in e  # numpy's advice to unpickle a broken file: not passed on
     np.save(tmp_path / "g.npy", img)
     raw = (tmp_path / "g.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(raw[: len(raw) // 2])

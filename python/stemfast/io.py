@@ -683,6 +683,9 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
 # readers: each returns (array-like, pixel_size, unit, metadata)
 # ---------------------------------------------------------------------------------------------
 def _read_npy(path: Path, frames: Any):
+    with open(path, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":  # numpy's own message would suggest unpickling it
+            raise ReadError(path, "not a .npy file (no NumPy array header)")
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
