@@ -386,6 +386,12 @@ def test_duplicate_stems_get_distinct_names(tmp_path):
     assert names["solo.npy"] == "solo"
     assert names["a/img.npy"] == "a__img" and names["b/img.npy"] == "b__img"
     assert names["img.tif"] != names["img.npy"] and len(set(names.values())) == len(names)
+    # names differing in case only (one folder on a case-insensitive file system), and a number that
+    # would give an input another input's name; letters of any script are kept
+    from stemfast.batch.inputs import unique_names
+
+    got = unique_names([Path(n) for n in ("A.npy", "a.npy", "a_1.npy", "état.tif", "試料.tif", "画像.tif")])
+    assert got == ["A", "a_2", "a_1", "état", "試料", "画像"]
     # an output folder inside the input folder is never searched
     out = d / "results"
     out.mkdir()

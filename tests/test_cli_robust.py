@@ -116,6 +116,30 @@ def test_changed_content_with_same_size_and_mtime_is_redone(env, tmp_path):
     assert new_sha[:16] in html and old_sha[:16] not in html
 
 
+def test_a_rerun_with_an_input_removed_or_renamed_rewrites_the_batch_records(env, tmp_path):
+    """Inputs removed from the folder, or renamed (same content), change no input's result, yet the
+    batch's summary, report and settings record must list the inputs as they are now."""
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "one.npy", _image(1))
+    np.save(data / "two.npy", _image(2))
+    out = tmp_path / "out"
+    run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    (data / "two.npy").unlink()
+    rep = run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert [r.status for r in rep.results] == ["current"]
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["n_inputs"] == 1 and [i["name"] for i in bs["inputs"]] == ["one"]
+    assert "two.npy" not in (out / "report.html").read_text()
+    (data / "one.npy").rename(data / "uno.npy")
+    run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert list(parse_toml((out / "stemfast.toml").read_text())["inputs"]) == ["uno.npy"]
+    # nothing changed: nothing rewritten
+    mtimes = {q: q.stat().st_mtime_ns for q in out.rglob("*") if q.is_file()}
+    run_batch(data, out, config=env["cfg"], model_path=env["a"], show_progress=False)
+    assert {q: q.stat().st_mtime_ns for q in out.rglob("*") if q.is_file()} == mtimes
+
+
 def test_large_files_get_a_sampled_fingerprint_that_sees_changed_blocks(tmp_path, monkeypatch):
     from stemfast.fingerprint import SAMPLED_PREFIX, content_fingerprint
 
@@ -500,6 +524,22 @@ def test_dangling_links_and_unreadable_folders_are_counted_and_listed(env, tmp_p
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
 
 
+def test_a_folder_of_only_unreadable_entries_still_gets_its_report(env, tmp_path, capsys):
+    """Nothing to analyse, but something was skipped: the report the console points to exists and
+    lists it, with the batch summary and the settings record."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(tmp_path / "gone.npy", data / "lost.npy")
+    out = tmp_path / "out"
+    assert run_batch_cli([str(data), "-o", str(out), "--config", str(env["toml"]), "--model", str(env["a"])]) \
+        == EXIT_SKIPPED
+    printed = capsys.readouterr()
+    assert f"report: {out / 'report.html'}" in printed.out and "dangling symbolic link" in printed.err
+    assert "lost.npy" in (out / "report.html").read_text() and (out / "stemfast.toml").exists()
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["n_inputs"] == 1 and bs["counts"]["skipped"] == 1
+
+
 def test_fill_nonfinite_option(env, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
@@ -538,6 +578,12 @@ def test_fill_nonfinite_option(env, tmp_path, capsys):
     s = json.loads((out / "few" / "summary.json").read_text())
     assert s["input"]["nonfinite_replaced"] == 3 and any("3 NaN" in w for w in s["warnings"])
     assert "warning:" in err and "3 NaN" in err
+    # the filled result depends on the option: a rerun without it reads the file again (and skips it,
+    # as a fresh run would), where it changes nothing (the margin, filled either way) it stays current
+    assert run_batch_cli(base) == EXIT_SKIPPED
+    st = {i["name"]: i for i in json.loads((out / "batch_summary.json").read_text())["inputs"]}
+    assert st["few"]["status"] == "skipped" and st["margin"]["status"] == "current", st
+    assert not (out / "few" / "done.json").exists()
 
 
 def test_an_exported_picture_with_a_scale_bar_named_on_the_command_line(env, tmp_path, capsys):

@@ -71,6 +71,7 @@ __all__ = [
     "load_config",
     "dump_config",
     "write_resolved_config",
+    "input_table",
     "config_to_dict",
     "config_hash",
     "file_sha256",
@@ -713,6 +714,13 @@ def _input_keys(inputs: Iterable[Path]) -> list[str]:
     return [str(p) if p.name in dup else p.name for p in paths]
 
 
+def input_table(inputs: list[Path], checksums: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``[inputs]`` table of :func:`write_resolved_config`: input file name (its path where two
+    share a name) -> sha256, taken from ``checksums`` (keyed by ``str(path)``) where known."""
+    checksums = dict(checksums or {})
+    return {key: checksums.get(str(p)) or file_sha256(p) for key, p in zip(_input_keys(inputs), inputs)}
+
+
 def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path],
                           checksums: Mapping[str, str] | None = None,
                           companions: Mapping[str, Mapping] | None = None) -> str:
@@ -728,10 +736,7 @@ def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path]
     from . import __version__
     from .atomic import write_text
 
-    checksums = dict(checksums or {})
-    table = {}
-    for key, p in zip(_input_keys(inputs), inputs):
-        table[key] = checksums.get(str(p)) or file_sha256(p)
+    table = input_table(inputs, checksums)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     extra = {
         "stemfast": {"version": __version__, "date": now.isoformat(), "config_hash": config_hash(config)},

@@ -663,12 +663,13 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
     model = batch.get("model", {}) or {}
+    used = ("none (no input was analysed)" if not model.get("sha256") else
+            f"{_e(model.get('name') or '')} {_e(model.get('version') or '')} sha256 "
+            f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))}"
+            f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
+            f"{' on ' + _e(model['device']) if model.get('device') else ''})")
     parts.append(f"<p><small>stemfast {_e(batch.get('stemfast_version', ''))} &middot; {_e(batch.get('date', ''))} "
-                 f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model "
-                 f"{_e(model.get('name') or '')} {_e(model.get('version') or '')} sha256 "
-                 f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))}"
-                 f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
-                 f"{' on ' + _e(model['device']) if model.get('device') else ''})</small></p>")
+                 f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model {used}</small></p>")
     # overview
     parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
                  "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")

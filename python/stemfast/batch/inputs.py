@@ -5,7 +5,9 @@ import contextlib
 import logging
 import os
 import re
+import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -87,40 +89,44 @@ class InputEntry:
                 and fp.get("companion_missing") == (None if self.companion else self.companion_missing))
 
 
-_NAME_BAD = re.compile(r"[^A-Za-z0-9._+-]+")
+#: what a folder name may not hold: anything but letters and digits (any script), ``_ . + -``
+_NAME_BAD = re.compile(r"[^\w.+-]+")
 
 
 def safe_name(s: str) -> str:
-    """``s`` as a folder name: odd characters replaced, reserved names and dot-names changed."""
-    s = _NAME_BAD.sub("_", s).strip("._") or "input"
-    return s + "_" if s in RESERVED_NAMES or s.startswith(".") else s
+    """``s`` as a folder name: odd characters replaced (letters and digits of any script kept, in
+    Unicode's composed form), reserved names and dot-names changed.
+
+    >>> safe_name("état 2.dm4"), safe_name("試料:1"), safe_name("Model.pt")
+    ('état_2.dm4', '試料_1', 'Model.pt_')
+    """
+    s = _NAME_BAD.sub("_", unicodedata.normalize("NFC", s)).strip("._") or "input"
+    return s + "_" if s.lower() in RESERVED_NAMES or s.startswith(".") else s
 
 
 def unique_names(rels: Sequence[Path]) -> list[str]:
-    """File stem; duplicates get their relative path (``a/b/img`` -> ``a__b__img``), then the suffix."""
+    """File stem; duplicates get their relative path (``a/b/img`` -> ``a__b__img``), then the suffix,
+    then a number. Names are told apart without regard to case (case-insensitive file systems), and a
+    number never gives an input another input's name (``A``, ``a``, ``a_1`` -> ``A``, ``a_2``, ``a_1``).
+    """
     stems = [safe_name(r.stem) for r in rels]
-    counts = {s: stems.count(s) for s in stems}
-    names = []
-    for r, s in zip(rels, stems):
-        if counts[s] > 1:
-            s = safe_name("__".join(r.with_suffix("").parts))
-        names.append(s)
-    counts = {s: names.count(s) for s in names}
-    out = []
-    for r, s in zip(rels, names):
-        if counts[s] > 1:
-            s = safe_name("__".join(r.parts).replace(".", "_"))
-        out.append(s)
-    # last resort (case-insensitive file systems, sanitised clashes): number them
-    seen: dict[str, int] = {}
+    counts = Counter(stems)
+    names = [safe_name("__".join(r.with_suffix("").parts)) if counts[s] > 1 else s for r, s in zip(rels, stems)]
+    counts = Counter(names)
+    out = [safe_name("__".join(r.parts).replace(".", "_")) if counts[s] > 1 else s for r, s in zip(rels, names)]
+    # last resort (names that differ in case only, sanitised clashes): the first keeps its name, the
+    # others are numbered past every name in use
+    used = {s.lower() for s in out}
+    kept: set[str] = set()
     final = []
     for s in out:
-        k = s.lower()
-        if k in seen:
-            seen[k] += 1
-            s = f"{s}_{seen[k]}"
-        else:
-            seen[k] = 0
+        if s.lower() in kept:
+            n = 1
+            while f"{s}_{n}".lower() in used:
+                n += 1
+            s = f"{s}_{n}"
+            used.add(s.lower())
+        kept.add(s.lower())
         final.append(s)
     return final
 
@@ -258,6 +264,8 @@ def describe_input(mg) -> dict:
                      "carries safely); intensities are in these units")
     if meta.get("nonfinite_replaced"):
         info["nonfinite_replaced"] = meta["nonfinite_replaced"]
+        if meta.get("nonfinite_in_regions"):  # filled whatever the read options
+            info["nonfinite_in_regions"] = True
         how = "all in regions without data: an aligned frame's padding" if meta.get("nonfinite_in_regions") \
             else "--fill-nonfinite"
         notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "

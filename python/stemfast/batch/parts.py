@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_path
+from ..config import ReadOptions
 from .common import PARTS_DIR
 from .frames import FrameResult
 from .inputs import InputEntry
@@ -22,12 +23,14 @@ def part_path(d: Path, start: int, stop: int) -> Path:
     return d / PARTS_DIR / f"frames_{start:06d}_{stop:06d}.npz"
 
 
-def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: str | None) -> dict:
+def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: str | None,
+             read_options: ReadOptions | None = None) -> dict:
     """What a part must match to be reused: input content (its companion's too, where one is used),
-    frames, settings, model, version."""
+    frames, settings, model, version, read options (``--fill-nonfinite``)."""
     used = entry.companion is not None and entry.companion_used
     return {"sha256": entry.sha256, "start": start, "stop": stop, "config_hash": chash, "model_sha256": model_sha,
-            "stemfast_version": __version__, "companion_sha256": entry.companion.sha256 if used else None}
+            "stemfast_version": __version__, "companion_sha256": entry.companion.sha256 if used else None,
+            "read_options": (read_options or ReadOptions()).key()}
 
 
 def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import recover_staged, write_json
 from ..config import ReadOptions
-from ..config import config_hash, load_config, parse_toml, write_resolved_config
+from ..config import config_hash, input_table, load_config, parse_toml, write_resolved_config
 from ..errors import describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
                      now, peak_memory_mib, read_json)
@@ -152,8 +152,12 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     report = BatchReport(out, [], chash, scheduler=sched if isinstance(sched, str) or sched is None else repr(sched),
                          problems=extra_results)
     if not entries:
-        log.error("no micrographs found in %s", inputs)
+        log.error("no micrographs found in %s", ", ".join(str(p) for p in inputs))
         report.results = extra_results
+        if extra_results:  # entries that could not be looked at: said in the batch's records too
+            report.seconds = time.perf_counter() - t_start
+            write_settings_record(out / CONFIG_FILE, config, [], chash)
+            write_batch_outputs(report, [], None)
         return report
     log.info("%d inputs, settings %s", len(entries), chash)
 
@@ -162,7 +166,8 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     cache: dict | None = {} if sched is None else None
     ms, train_info = settle_model(good, out, results, report, config=config, chash=chash, opts=opts, cache=cache)
     try:
-        todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force)
+        todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force,
+                           read_options=opts.read_options)
         write_settings_record(out / CONFIG_FILE, config, entries, chash)
         if todo:
             results.update({r.name: r for r in analyse(todo, out, ms, config=config, chash=chash, opts=opts,
@@ -176,9 +181,11 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     report.stage_table = batch_stage_table(summaries)
     report.seconds = time.perf_counter() - t_start
 
-    old_skipped = (read_json(out / BATCH_SUMMARY_FILE) or {}).get("skipped")
-    if (report.did_work or not (out / BATCH_SUMMARY_FILE).exists() or not (out / REPORT_FILE).exists()
-            or not same_skips(old_skipped, skipped_list(report))):
+    old = read_json(out / BATCH_SUMMARY_FILE) or {}
+    if (report.did_work or not old or not (out / REPORT_FILE).exists()
+            or not same_skips(old.get("skipped"), skipped_list(report))
+            or [(d.get("name"), d.get("path")) for d in old.get("inputs") or []]
+            != [(r.name, r.path) for r in report.results]):  # inputs removed, renamed, or a subset run
         write_batch_outputs(report, summaries, train_info)
     return report
 
@@ -305,14 +312,15 @@ def _shipped_on_torch(config, opts: BatchOptions):
 
 
 def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResult], *, chash: str,
-                model_sha: str | None, force: bool) -> list[InputEntry]:
+                model_sha: str | None, force: bool, read_options: ReadOptions | None = None) -> list[InputEntry]:
     """The inputs to analyse: those without a result yet whose outputs are not current (finished
     with the same content, settings, model and version); the current ones go to ``results``."""
     todo: list[InputEntry] = []
     for e in good:
         if e.name in results:
             continue
-        done = None if force else current_done(e, out / e.name, chash=chash, model_sha=model_sha)
+        done = None if force else current_done(e, out / e.name, chash=chash, model_sha=model_sha,
+                                               read_options=read_options)
         if done is not None:
             st = done.get("status", "ok")
             results[e.name] = InputResult(e.name, str(e.path), "partial" if st == "partial" else "current",
@@ -341,7 +349,7 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
                  if isinstance(v, dict)]
     if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
             or (old.get("stemfast") or {}).get("version") != __version__
-            or sorted((old.get("inputs") or {}).values()) != sorted(e.sha256 for e in ents)
+            or (old.get("inputs") or {}) != input_table([e.path for e in ents], {str(e.path): e.sha256 for e in ents})
             or sorted(old_comps) != sorted((v["file"], v["sha256"]) for v in comps.values())):
         with writing(toml_path):
             write_resolved_config(toml_path, config, inputs=[e.path for e in ents],

@@ -15,7 +15,7 @@ from .inputs import InputEntry
 from .results import InputResult
 
 __all__ = ["InputUnreadable", "clean_dir", "write_done", "partial_reason", "skip_input", "failure_reason",
-           "result_from_summary", "current_done", "cached_skip"]
+           "result_from_summary", "current_done", "cached_skip", "filled_read_key"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -32,7 +32,18 @@ def clean_dir(d: Path) -> None:
             p.unlink()
 
 
-def write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_sha: str | None) -> dict:
+def filled_read_key(summary: dict, read_options: ReadOptions | None) -> dict | None:
+    """The read options an input's results depend on: those that filled its scattered non-finite
+    pixels (``--fill-nonfinite``), None where none were filled (the options change nothing there; a
+    region without data is filled whatever they are)."""
+    inp = summary.get("input") or {}
+    if not inp.get("nonfinite_replaced") or inp.get("nonfinite_in_regions"):
+        return None
+    return (read_options or ReadOptions()).key()
+
+
+def write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_sha: str | None,
+               read_options: ReadOptions | None = None) -> dict:
     """Write ``d/done.json`` (last: the input counts as finished once it exists) and return it."""
     outputs = {}
     for f in summary.get("outputs", OUTPUT_FILES):
@@ -51,6 +62,9 @@ def write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_s
         "n_frames": summary["n_frames"],
         "finished": now(),
     }
+    read_key = filled_read_key(summary, read_options)
+    if read_key is not None:
+        done["read_options"] = read_key
     crash_hook("before_done", entry.name)
     write_json(d / DONE_FILE, done)
     return done
@@ -100,8 +114,10 @@ def result_from_summary(entry: InputEntry, summary: dict, seconds: float) -> Inp
                        summary["n_frames"], list(summary.get("warnings") or []))
 
 
-def current_done(entry: InputEntry, d: Path, *, chash: str, model_sha: str | None) -> dict | None:
-    """``done.json`` when the outputs of ``entry`` are complete and current, else None."""
+def current_done(entry: InputEntry, d: Path, *, chash: str, model_sha: str | None,
+                 read_options: ReadOptions | None = None) -> dict | None:
+    """``done.json`` when the outputs of ``entry`` are complete and current (the same content,
+    settings, model, version, and read options where they filled pixels), else None."""
     done = read_json(d / DONE_FILE)
     if not done:
         return None
@@ -109,6 +125,8 @@ def current_done(entry: InputEntry, d: Path, *, chash: str, model_sha: str | Non
     if (done.get("stemfast_version") != __version__ or done.get("config_hash") != chash
             or done.get("model_sha256") != model_sha or not entry.same_content(inp)):
         return None
+    if "read_options" in done and done["read_options"] != (read_options or ReadOptions()).key():
+        return None  # its pixels were filled under other read options (read again, it may be refused)
     for f, size in (done.get("outputs") or {}).items():
         p = d / f
         try:

@@ -62,9 +62,9 @@ class PendingInput:
     folder in place of ``OUT/<name>/``; :meth:`cancel` drops it all (the previous outputs stay)."""
 
     def __init__(self, entry: InputEntry, result: InputResult | None = None, *, stage=None, outputs=None,
-                 chash: str = "", model_sha: str | None = None) -> None:
+                 chash: str = "", model_sha: str | None = None, read_options: ReadOptions | None = None) -> None:
         self.entry, self._result, self._stage, self._outputs = entry, result, stage, outputs
-        self._chash, self._model_sha = chash, model_sha
+        self._chash, self._model_sha, self._read_options = chash, model_sha, read_options
 
     def finish(self) -> InputResult:
         """The input's result, its outputs complete (never raises for the input's own problems)."""
@@ -73,7 +73,8 @@ class PendingInput:
         entry, stage = self.entry, self._stage
         try:
             summary = self._outputs.finish()
-            write_done(entry, stage.path, summary, chash=self._chash, model_sha=self._model_sha)
+            write_done(entry, stage.path, summary, chash=self._chash, model_sha=self._model_sha,
+                       read_options=self._read_options)
             stage.commit()
         except Exception as exc:  # noqa: BLE001
             self.cancel()
@@ -144,7 +145,8 @@ def start_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_s
         if prepared_cache is not None:
             for k in [k for k in prepared_cache if k[0] == entry.name]:
                 del prepared_cache[k]
-    return PendingInput(entry, stage=stage, outputs=outputs, chash=chash, model_sha=model_sha)
+    return PendingInput(entry, stage=stage, outputs=outputs, chash=chash, model_sha=model_sha,
+                        read_options=read_options)
 
 
 def input_info(entry: InputEntry, mg, config=None) -> dict:
@@ -182,7 +184,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     """
     d = Path(out_dir) / entry.name
     path = part_path(d, start, stop)
-    key = part_key(entry, start, stop, chash, model_sha)
+    key = part_key(entry, start, stop, chash, model_sha, read_options)
     old = part_meta(path) if path.exists() else None
     if old is not None and old.get("key") == key:
         return str(path)
@@ -232,7 +234,7 @@ def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Se
     try:
         with staged_dir(d) as stage:  # the old folder, parts included, goes as a whole
             summary = assemble(src, stage, frames(), run=RunSettings(config, chash, model_sha), t_start=t_start)
-            write_done(entry, stage, summary, chash=chash, model_sha=model_sha)
+            write_done(entry, stage, summary, chash=chash, model_sha=model_sha, read_options=read_options)
     except InputUnreadable as exc:
         return skip_input(entry, d, str(exc), cache=True, read_options=read_options, chash=chash)
     crash_hook("after_done", entry.name)
