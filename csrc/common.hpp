@@ -2,6 +2,7 @@
 #pragma once
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
+#include <stdexcept>
 
 #include <algorithm>
 #include <cmath>
@@ -59,8 +60,11 @@ struct CellGrid {
     std::vector<std::int64_t> start, order;
     std::vector<double> cxy;
 
-    // The bounding box of xy [n, 2] (n >= 1).
+    // The bounding box of xy [n, 2] (n >= 1); every coordinate must be finite (a NaN or inf has no
+    // cell: std::invalid_argument, which pybind11 raises as ValueError).
     void bounds(const double* xy, std::int64_t n) {
+        for (std::int64_t i = 0; i < 2 * n; ++i)
+            if (!std::isfinite(xy[i])) throw std::invalid_argument("points must be finite (a NaN or inf coordinate)");
         x0 = x1 = xy[0];
         y0 = y1 = xy[1];
         for (std::int64_t i = 1; i < n; ++i) {

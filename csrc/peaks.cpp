@@ -78,7 +78,7 @@ py::array_t<std::int64_t> local_maxima(ImageF image, double radius, double thres
         lin[t] = offs[t].dy * w + offs[t].dx;
         later[t] = offs[t].dy > 0 || (offs[t].dy == 0 && offs[t].dx > 0);
     }
-    const bool prepass = radius * radius >= 2.0;  // the disc contains the whole 8-neighbourhood
+    const bool prepass = radius > 0.0 && radius * radius >= 2.0;  // the disc holds the whole 8-neighbourhood
     const float thr_f = float_floor(threshold);
 
     const std::int64_t nrow = y1 > y0 ? y1 - y0 : 0;

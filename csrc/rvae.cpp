@@ -53,7 +53,7 @@ STEMFAST_INLINE void store_out(V t, const float* __restrict bias, bool relu, flo
     t += b;
     if (relu) {
         const V zero = {};
-        t = t > zero ? t : zero;
+        t = t < zero ? zero : t;  // NaN stays NaN (np.maximum's ReLU, as the generic path and numpy)
     }
     std::memcpy(dst, &t, sizeof(V));
 }
@@ -322,7 +322,7 @@ STEMFAST_INLINE void conv3_planar(const float* __restrict in, const Planar& g, c
                 V t = acc[b];
                 if (relu) {
                     const V zero = {};
-                    t = t > zero ? t : zero;
+                    t = t < zero ? zero : t;  // NaN stays NaN
                 }
                 std::memcpy(dst + b * LANES, &t, sizeof(V));
             }
@@ -703,7 +703,7 @@ Conv make_conv(const CArrF& w, const CArrF& b, int stride, int pad, const char* 
 }  // namespace
 
 py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tuple dec, int symmetry,
-                       int symmetrize, int stn_downsample, int background_rank, CArrF recon) {
+                       int symmetrize, int stn_downsample, int background_rank, py::array recon) {
     if (x.ndim() != 3 || x.shape(1) != x.shape(2)) throw py::value_error("rvae_forward: x must be (N, S, S)");
     const std::int64_t N = x.shape(0);
     const int S = static_cast<int>(x.shape(1));
@@ -715,8 +715,13 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
         throw py::value_error("rvae_forward: bad symmetry / symmetrize / stn_downsample");
     if (background_rank < 0 || background_rank > S * S)
         throw py::value_error("rvae_forward: background_rank must be in [0, S * S]");
-    const bool want_recon = recon.ndim() == 3 && recon.shape(0) == N;
-    if (!want_recon && recon.size() != 0) throw py::value_error("rvae_forward: recon must be (N, S, S) or empty");
+    // written in place: it must be exactly right (a converted copy would be filled and dropped)
+    const bool want_recon = recon.size() != 0;
+    if (want_recon && (!py::isinstance<py::array_t<float>>(recon) || !(recon.flags() & py::array::c_style) ||
+                       !recon.writeable() || recon.ndim() != 3 || recon.shape(0) != N || recon.shape(1) != S ||
+                       recon.shape(2) != S))
+        throw py::value_error("rvae_forward: recon must be a writeable C-contiguous float32 array of shape (N, S, S), "
+                              "or empty");
     // keep the converted arrays alive for the call
     std::vector<CArrF> keep;
     auto arr = [&keep](py::handle h) { keep.push_back(CArrF::ensure(h)); if (!keep.back()) throw py::value_error("rvae_forward: weights must be float32 arrays"); return keep.back(); };
@@ -809,7 +814,7 @@ py::tuple rvae_forward(CArrF x, CArrF mask, py::tuple stn, py::tuple enc, py::tu
     float* ap = angle.mutable_data();
     float* sp = strength.mutable_data();
     float* ep = err.mutable_data();
-    float* rp = want_recon ? recon.mutable_data() : nullptr;
+    float* rp = want_recon ? static_cast<float*>(recon.mutable_data()) : nullptr;
     {
         py::gil_scoped_release release;
         const size_t S2 = static_cast<size_t>(S) * S;

@@ -231,6 +231,64 @@ def test_kernel_results_do_not_depend_on_the_threads(backend):
         assert sum(a.size for a in one) > 100, name  # the inputs produced something to compare
 
 
+@pytest.mark.parametrize("backend", available_backends())
+def test_kernels_refuse_or_agree_on_odd_input(backend):
+    """Edge cases where the backends once parted: a NaN point (a segfault in numba's grid, a silent
+    result in C++: now a ValueError everywhere, through the public wrappers too), an index out of range
+    (numba wrote out of bounds), a search radius 1e10 times the points' cell (numba's int64 floor
+    saturated: no neighbours), a negative peak radius (C++ ran its 8-neighbour prepass on an empty
+    disc), a NaN pixel in a patch (C++'s fast ReLU made it 0: the latents must be NaN as in numpy),
+    and a reconstruction buffer of the wrong dtype (C++ filled a converted copy and dropped it)."""
+    from stemfast.lattice import linked_clusters
+
+    k = get_kernels(backend)
+    bad = np.array([[0.0, 0.0], [1.0, 0.0], [np.nan, 0.0], [6.0, 0.0]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        linked_clusters(bad, 1.5, backend=backend)
+    for call in (lambda: k.knn_within(bad, np.zeros((1, 2)), 1, 2.0), lambda: k.pairs_within(bad, 2.0)):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(ValueError, match="out of range"):
+        k.propagate_labels(np.zeros(5, np.int64), np.array([7]), np.array([0]), np.array([1]))
+    _, idx = k.knn_within(np.zeros((3, 2)), np.array([[0.0, 0.0], [5.0, 0.0]]), 2, 1e10)
+    assert np.asarray(idx).tolist() == [[0, 1], [0, 1]]
+    img = np.random.default_rng(0).random((40, 37)).astype(np.float32)
+    assert len(k.local_maxima(img, -2.0, 0.0, 0)) == int((img > 0).sum())  # an empty disc: every pixel
+    from stemfast.model import shipped
+    from stemfast.model.engine import prepare_weights, state_arrays
+    from stemfast.model.settings import RVAEConfig, background_rank
+
+    mcfg = RVAEConfig.from_dict(shipped.manifest()["config"])
+    mw = prepare_weights(state_arrays(shipped.ARRAYS_PATH), mcfg)
+    s = mcfg.input_size
+    px = np.random.default_rng(1).normal(size=(3, s, s)).astype(np.float32)
+    px[0, s // 2, s // 2] = np.nan
+    args = (mw["mask"], mw["stn"], mw["enc"], mw["dec"], mw["symmetry"], mw["symmetrize"], mw["stn_downsample"],
+            background_rank(s * s))
+    mu = np.asarray(k.rvae_forward(px, *args, np.empty((0, 0, 0), np.float32))[0])
+    ref = np.asarray(get_kernels("numpy").rvae_forward(px, *args, np.empty((0, 0, 0), np.float32))[0])
+    np.testing.assert_allclose(mu, ref, rtol=1e-3, atol=1e-3)  # NaN where the reference has NaN
+    assert np.isfinite(mu[1:]).all()
+    # a small model without a spatial transformer, 16 px patches: the C++ fast convolutions (4, 8, 16
+    # channels) must keep a NaN as the reference does
+    rng = np.random.default_rng(6)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    enc = (f32(4, 4, 1, 4), f32(4), f32(4, 4, 4, 8), f32(8), f32(4, 4, 8, 16), f32(16), f32(4 * 16, 6), f32(6))
+    dec = (f32(3, 4 * 16), f32(4 * 16), f32(3, 3, 16, 32), f32(32), f32(3, 3, 8, 16), f32(16), f32(3, 3, 4, 4), f32(4))
+    x = rng.standard_normal((4, 16, 16)).astype(np.float32)
+    x[0, 3, 3] = np.nan
+    small = (x, np.ones((16, 16), np.float32), (), enc, dec, 1, 0, 1, 0, np.empty((0, 0, 0), np.float32))
+    got, ref = (np.asarray(kk.rvae_forward(*small)[0]) for kk in (k, get_kernels("numpy")))
+    assert np.isnan(ref[0]).all() and np.isfinite(ref[1:]).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    if backend == "cpp":
+        with pytest.raises(ValueError, match="recon must be"):
+            k.rvae_forward(px, *args, np.empty((3, s, s), np.float64))
+
+
 def test_kernel_threads_sets_and_restores():
     before = get_kernel_threads()
     assert set(before) == set(COMPILED)

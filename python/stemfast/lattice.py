@@ -322,7 +322,7 @@ def fit_lattices(
     time; the points compacted to the chunk and its neighbours); each site's fit sees the same
     numbers in the same order as in one call over all sites, so the results are identical.
     """
-    xy = np.ascontiguousarray(xy, dtype=np.float64)
+    xy = check_xy(xy)
     kern = get_kernels(backend)
     tree = tree if tree is not None else _PointIndex(xy, kern, scale=spacing)
     radius = settings.fit_radius * spacing
@@ -598,7 +598,7 @@ def fill_lattice(
     >>> int((~res.is_peak).sum()) == int(centres.sum())
     True
     """
-    peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
+    peak_xy = check_xy(peak_xy, "peak_xy")
     H, W = int(shape[0]), int(shape[1])
     if spacing is None or angle_deg is None:
         s_est, a_est = estimate_spacing(peak_xy)
@@ -799,7 +799,7 @@ def linked_clusters(points: np.ndarray, radius: float, *, backend: str | None = 
     >>> linked_clusters(np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]), 1.5)[1].tolist()
     [0, 0, 1]
     """
-    pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, 2)
+    pts = check_xy(points, "points")
     return _components(_PointIndex(pts, get_kernels(backend)).query_pairs(float(radius)), len(pts))
 
 
@@ -940,7 +940,7 @@ def sublattice_labels(xy: np.ndarray, basis: np.ndarray, *, spacing: float, valu
 
     Returns int64 [N]; -1 for isolated sites.
     """
-    xy = np.asarray(xy, dtype=np.float64)
+    xy = check_xy(xy)
     n = len(xy)
     labels = np.full(n, -1, dtype=np.int64)
     if n == 0:

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-from ._validate import check_image
+from ._validate import check_image, check_xy
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
 from .domains import inversion_domains
@@ -263,7 +263,7 @@ def sample_image(image: np.ndarray, xy: np.ndarray, *, backend: str | None = Non
     """Bilinear sample of ``image`` at sub-pixel points ``xy`` [N, 2] (x, y); outside -> nearest edge value."""
     img = np.ascontiguousarray(image, dtype=np.float32)
     H, W = img.shape
-    pts = np.ascontiguousarray(np.clip(np.asarray(xy, np.float64), 0, [W - 1, H - 1]))
+    pts = np.ascontiguousarray(np.clip(check_xy(xy), 0, [W - 1, H - 1]))
     kern = get_kernels(backend)
     out = np.empty(len(pts), np.float32)
     buf = np.empty((min(chunk, max(1, len(pts))), 1, 1), np.float32)

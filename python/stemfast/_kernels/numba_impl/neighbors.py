@@ -16,7 +16,11 @@ __all__ = ["knn_within", "pairs_within"]
 
 @njit(cache=True)
 def _bounds(pts):  # pragma: no cover - compiled
-    """(x0, y0, x1, y1): the bounding box of ``pts`` [N >= 1, 2]."""
+    """(x0, y0, x1, y1): the bounding box of ``pts`` [N >= 1, 2]; ValueError for a non-finite
+    coordinate (it has no cell)."""
+    for i in range(pts.shape[0]):
+        if not (np.isfinite(pts[i, 0]) and np.isfinite(pts[i, 1])):
+            raise ValueError("points must be finite (a NaN or inf coordinate)")
     x0 = pts[0, 0]
     x1 = x0
     y0 = pts[0, 1]
@@ -77,8 +81,8 @@ def _grid(pts, radius):  # pragma: no cover - compiled
 def _range(v, r, o, c, n):  # pragma: no cover - compiled
     """Cell range [lo, hi] covering [v - r, v + r] (slightly widened); lo > hi when it misses."""
     rr = r * (1.0 + 1e-9) + 1e-12
-    a = math.floor((v - rr - o) / c)
-    b = math.floor((v + rr - o) / c)
+    a = np.floor((v - rr - o) / c)  # floats, compared before any conversion (math.floor's int64 saturates)
+    b = np.floor((v + rr - o) / c)
     if not (b >= 0.0) or not (a <= n - 1):
         return 1, 0
     lo = 0 if a < 0.0 else int(a)

@@ -16,8 +16,20 @@ def propagate_labels(labels: np.ndarray, kids: np.ndarray, parents: np.ndarray, 
     >>> labels.tolist()
     [0, 2, 1]
     """
+    check_label_indices(len(labels), kids, parents, step)
     for k, p, s in zip(kids.tolist(), parents.tolist(), step.tolist()):
         labels[k] = (labels[p] + s) % 3
+
+
+def check_label_indices(n: int, kids: np.ndarray, parents: np.ndarray, step: np.ndarray) -> None:
+    """ValueError unless ``kids``, ``parents`` and ``step`` have one length and every index lies in
+    ``[0, n)`` (the contract's check, as the C++ kernel makes it)."""
+    if not len(kids) == len(parents) == len(step):
+        raise ValueError("propagate_labels: kids, parents and step must have one length")
+    for name, a in (("kids", kids), ("parents", parents)):
+        a = np.asarray(a)
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= n):
+            raise ValueError(f"propagate_labels: {name} out of range [0, {n})")
 
 
 __all__ = ["propagate_labels"]
