@@ -663,7 +663,7 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
     model = batch.get("model", {}) or {}
-    used = ("none (no input was analysed)" if not model.get("sha256") else
+    used = ("none (no input was analysed)" if not (model.get("sha256") or model.get("source")) else
             f"{_e(model.get('name') or '')} {_e(model.get('version') or '')} sha256 "
             f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))}"
             f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
