@@ -720,6 +720,24 @@ def test_a_dark_metal_site_is_a_vacancy_only_when_it_reads_like_an_empty_column(
     assert kind_of(0.6, 0.02) == "substitution_W"
 
 
+def test_a_dark_chalcogen_column_is_no_substitution_where_the_chalcogen_outshines_the_metal():
+    """On MoSe2 HAADF (or any MAADF image) the Se2 pair outshines the metal: a Se2 column read at the
+    metal's level is darker than its pair -- a missing atom, not "something heavier in or on it"
+    (the metal level was offered as the substitution's mark and won)."""
+    from stemfast.analysis import _defect_kinds
+
+    n = 300
+    sub = np.repeat([0, 1, 2], n // 3)
+    levels = np.tile([0.72, 1.0, 0.0], (n, 1))  # metal, chalcogen, hollow: the chalcogen is brighter
+    inten = levels[np.arange(n), sub].copy()
+    flagged = np.zeros(n, bool)
+    flagged[[100, 101, 102]] = True
+    inten[[100, 101, 102]] = [0.70, 0.05, 1.6]  # darker than its pair / empty / brighter
+    z = np.where(flagged, np.sign(inten - 1.0) * 8.0, 0.0)
+    kinds = _defect_kinds(sub, z, levels, inten, flagged, "mose2", ~flagged)
+    assert kinds[[100, 101, 102]].tolist() == ["vacancy_Se", "vacancy_Se2", "substitution_Se"]
+
+
 def test_a_beam_damaged_film_is_not_taken_for_swapped_names():
     """A film with 17 % of its columns defective (30 % of the S2 columns missing one S): the half-empty
     S2 columns widen the chalcogen's spread, so its empty columns were no longer 4 spreads out, and the

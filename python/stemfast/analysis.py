@@ -816,8 +816,9 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             empty = v < 0.5 * (hollow + metal) and not v - hollow > EMPTY_Z * empty_sd
             kinds[i] = f"vacancy_{m_}" if empty else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
-            refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc,
-                     f"substitution_{x_}": metal}
+            refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc}
+            if metal > chalc:  # a metal atom on the site reads brighter; where the chalcogen outshines the
+                refs_[f"substitution_{x_}"] = metal  # metal (MoSe2 HAADF, MAADF) the metal level is no such mark
             best = min(refs_, key=lambda k: abs(v - refs_[k]))
             if best == "none":  # flagged, yet closest to a normal column: name the way it deviates
                 best = f"vacancy_{x_}" if z[i] < 0 else f"substitution_{x_}"
