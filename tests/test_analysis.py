@@ -1009,3 +1009,41 @@ def test_reference_settings_are_checked():
     with pytest.raises(ValueError, match="reference_outlier_z"):
         AnalysisSettings(reference_outlier_z=1.5)
     assert AnalysisSettings(reference_outlier_z=0).reference_outlier_z == 0
+
+
+def test_the_summary_agrees_with_the_table_and_off_lattice_peaks_are_named_so():
+    """Counts and the top candidates of the summary are the table's (the top list's sublattice was an
+    internal group number: -1 or 100 + class where none was known); a flagged peak on no lattice node
+    is ``off_lattice``, the kind the material lists for it (it was never given)."""
+    from stemfast.analysis import _defect_kinds
+    from stemfast.config import PipelineConfig
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+    from stemfast.synthetic import make_mos2
+
+    s = make_mos2(shape=(256, 256), seed=5, rates=(0.03, 0.02, 0.02, 0.02))
+    cfg = PipelineConfig()
+    model = shipped_for_run(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, summary = analyze(prepare(s.image, config=cfg, patch_size=model.extra.get("patch_size")), model,
+                                 config=cfg)
+    flagged = np.asarray(table["is_defect"], bool)
+    kinds = np.asarray(table["defect_kind"])
+    assert summary["n_defects"] == int(flagged.sum()) > 0
+    assert summary["defect_kinds"] == {k: int((kinds == k).sum()) for k in set(kinds[flagged])}
+    assert summary["class_counts"] == {int(c): int((np.asarray(table["class_id"]) == c).sum())
+                                       for c in np.unique(table["class_id"])}
+    for t in summary["top"]:
+        i = t["index"]
+        assert t["sublattice"] == table["sublattice"][i] and t["sublattice_local"] == table["sublattice_local"][i]
+        assert t["defect_kind"] == kinds[i] and t["class_id"] == table["class_id"][i]
+    n = 30
+    sub = np.repeat([0, 1, 2], n // 3)
+    flagged = np.zeros(n, bool)
+    flagged[[0, 1]] = True
+    off = np.zeros(n, bool)
+    off[1] = True
+    got = _defect_kinds(sub, np.where(flagged, 8.0, 0.0), np.tile([1.0, 0.6, 0.0], (n, 1)),
+                        np.where(flagged, 1.8, 0.5), flagged, "mos2", None, off)
+    assert got[0] == "substitution_Mo" and got[1] == "off_lattice"

@@ -791,11 +791,13 @@ EMPTY_Z = 4.0
 
 
 def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.ndarray,
-                  is_defect: np.ndarray, material, usable: np.ndarray | None = None) -> np.ndarray:
+                  is_defect: np.ndarray, material, usable: np.ndarray | None = None,
+                  off_lattice: np.ndarray | None = None) -> np.ndarray:
     """Name each flagged site from its sublattice and where its intensity lies between the typical
     metal, chalcogen and hollow levels around it (``levels`` [N, 3]) -- with ``material``'s names.
     A metal site is a vacancy when it reads like an empty column (:data:`EMPTY_Z`: the spread is that
-    of the ``usable`` hollow sites around their levels), else a substitution (a lighter or heavier atom)."""
+    of the ``usable`` hollow sites around their levels), else a substitution (a lighter or heavier atom).
+    A flagged peak on no lattice node (``off_lattice``, the table's ``source``) is ``off_lattice``."""
     mat = get_material(material)
     m_, x_ = mat.metal, mat.chalcogen
     kinds = np.full(len(sub), "none", dtype=object)
@@ -825,6 +827,8 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             kinds[i] = best
         else:
             kinds[i] = "other"  # something at a hexagon centre (adatom, contamination)
+    if off_lattice is not None:
+        kinds[np.asarray(is_defect, bool) & np.asarray(off_lattice, bool)] = "off_lattice"
     return kinds.astype(str)
 
 
@@ -1446,6 +1450,18 @@ def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.
     return info
 
 
+def _top_candidates(order: np.ndarray, table: SiteTable, xy_recorded: np.ndarray) -> list[dict]:
+    """The summary's ``top`` entries of the sites ``order`` (their columns as in ``sites.csv``;
+    sublattices -1 where not known)."""
+    cols = {c: np.asarray(table[c]) for c in ("anomaly_score", "recon_score", "defect_kind", "class_id",
+                                              "sublattice", "sublattice_local") if c in table}
+    sub = cols.get("sublattice", np.full(len(table), -1))
+    return [{"index": int(i), "x": float(xy_recorded[i, 0]), "y": float(xy_recorded[i, 1]),
+             "anomaly_score": float(cols["anomaly_score"][i]), "recon_score": float(cols["recon_score"][i]),
+             "defect_kind": str(cols["defect_kind"][i]), "class_id": int(cols["class_id"][i]),
+             "sublattice": int(sub[i]), "sublattice_local": int(cols["sublattice_local"][i])} for i in order]
+
+
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
                   edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.
@@ -1512,7 +1528,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))
     cb = _chalcogen_brighter(sites)
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)
-    kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material, observed & ~is_defect)
+    kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material, observed & ~is_defect,
+                          np.asarray(sites["source"]) == "off_lattice" if "source" in sites else None)
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
     info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material))
 
@@ -1544,10 +1561,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         "score": settings.score,
         **({"detectors": 2} if "companion_intensity" in sites else {}),
         "material": str(get_material(material).name),
-        "top": [{"index": int(i), "x": float(xy_recorded[i, 0]), "y": float(xy_recorded[i, 1]),
-                 "anomaly_score": float(anomaly[i]), "recon_score": float(recon_score[i]),
-                 "defect_kind": str(kinds[i]), "class_id": int(cls[i]), "sublattice": int(sc.grp[i])}
-                for i in order],
+        "top": _top_candidates(order, table, xy_recorded),
         **info,
     }
     return table, summary
