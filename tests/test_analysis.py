@@ -1047,3 +1047,31 @@ def test_the_summary_agrees_with_the_table_and_off_lattice_peaks_are_named_so():
     got = _defect_kinds(sub, np.where(flagged, 8.0, 0.0), np.tile([1.0, 0.6, 0.0], (n, 1)),
                         np.where(flagged, 1.8, 0.5), flagged, "mos2", None, off)
     assert got[0] == "substitution_Mo" and got[1] == "off_lattice"
+
+
+def test_references_without_spread_give_the_image_wide_z_not_zero():
+    """Every metal column reads the same (a clipped detector, a rendered image): the local MAD is 0 and
+    an empty metal site's local z was infinite, then set to 0 -- the vacancy vanished from the ranking.
+    It takes the image-wide score instead."""
+    import dataclasses
+
+    from stemfast.config import PipelineConfig
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+    from stemfast.synthetic import make_mos2
+
+    cfg = PipelineConfig()
+    model = shipped_for_run(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(make_mos2(shape=(256, 256), seed=1).image, config=cfg, patch_size=model.extra.get("patch_size"))
+    c = np.asarray(prep.sites["column_intensity"], np.float64).copy()
+    metal = (np.asarray(prep.sites["sublattice"]) == 0) & ~prep.edge
+    c[np.asarray(prep.sites["sublattice"]) == 0] = 400.0
+    i = int(np.flatnonzero(metal)[20])
+    c[i] = 0.0
+    prep = dataclasses.replace(prep, sites=prep.sites.with_columns({"column_intensity": c}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, _ = analyze(prep, model, config=cfg)
+    assert table["intensity_z"][i] < -5 and table["is_defect"][i] and table["defect_kind"][i] == "vacancy_Mo"

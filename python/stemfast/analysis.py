@@ -529,9 +529,10 @@ def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: Analysi
 def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
                        z_glob: np.ndarray, floor: float) -> np.ndarray:
     """:func:`_local_z`, and ``z_glob`` (the image-wide score) for the sites with fewer than 3 local
-    references of their own colour."""
+    references of their own colour, or whose local z is not finite (references without spread: all
+    alike)."""
     z = _local_z(values, refs, groups, usable, floor)
-    no_ref = refs.count[:, 0] < 3
+    no_ref = (refs.count[:, 0] < 3) | ~np.isfinite(z)
     z[no_ref] = z_glob[no_ref]
     return z
 
@@ -594,7 +595,7 @@ def _local_z(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usab
     scale = np.fmax(mad, lowest)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (v - med) / scale
-    z[~np.isfinite(z)] = 0.0
+    z[~np.isfinite(z)] = np.nan  # no spread to judge by (or no value): not a z of 0
     return z
 
 
