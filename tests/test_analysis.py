@@ -1075,3 +1075,43 @@ def test_references_without_spread_give_the_image_wide_z_not_zero():
         warnings.simplefilter("ignore")
         table, _ = analyze(prep, model, config=cfg)
     assert table["intensity_z"][i] < -5 and table["is_defect"][i] and table["defect_kind"][i] == "vacancy_Mo"
+
+
+def test_a_site_without_a_companion_value_keeps_its_own_evidence_and_hidden_sites_have_no_z():
+    """Where the second detector has no value at a site, the first detector's z counts alone (a 0 was
+    averaged in: a vacancy at z -5.3 fell to -3.2 and was no longer flagged); sites the scan hides
+    (``observed`` False) are not judged, so their z columns are NaN, not scores against each other."""
+    import dataclasses
+
+    from stemfast.config import PipelineConfig
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+    from stemfast.synthetic import make_mos2
+
+    cfg = PipelineConfig()
+    model = shipped_for_run(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(make_mos2(shape=(256, 256), seed=1, rates=(0.03, 0.02, 0.02, 0.0)).image, config=cfg,
+                       patch_size=model.extra.get("patch_size"))
+    c = np.asarray(prep.sites["column_intensity"], np.float64)
+    comp = 0.8 * c + np.random.default_rng(1).normal(0, 2, len(c))
+    hidden = np.zeros(len(c), bool)
+    hidden[:15] = True
+
+    def run(companion):
+        cols = {"companion_intensity": companion, "observed": ~hidden & np.asarray(prep.sites["observed"], bool)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return analyze(dataclasses.replace(prep, sites=prep.sites.with_columns(cols)), model, config=cfg)[0]
+
+    both = run(comp)
+    flagged = np.flatnonzero(np.asarray(both["is_defect"], bool) & ~hidden)
+    i = flagged[np.argmin(np.asarray(both["anomaly_score"])[flagged])]  # the weakest flagged site
+    lost = comp.copy()
+    lost[i] = np.nan
+    alone = run(lost)
+    assert alone["is_defect"][i] and abs(alone["intensity_z"][i] - both["intensity_z"][i]) < 1.0
+    assert np.isnan(np.asarray(both["intensity_z"])[hidden]).all()
+    assert np.isnan(np.asarray(both["intensity_z_global"])[hidden]).all()
+    assert np.isfinite(np.asarray(both["intensity_z"])[~hidden]).all()

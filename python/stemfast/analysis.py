@@ -1000,8 +1000,8 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         # a second detector of the same scan: the two images' z averaged (independent shot noise), each
         # weighed by how clearly the missing atoms stand out in it (detector_weights)
         z2 = _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings)
-        w1 = detector_weights(z_int, z2, grp, observed)
-        z_int = w1 * z_int + (1.0 - w1) * z2
+        w1 = detector_weights(z_int, z2, grp, observed & np.isfinite(z2))
+        z_int = np.where(np.isfinite(z2), w1 * z_int + (1.0 - w1) * z2, z_int)  # no value there: one detector
     if settings.scan_rows and n:
         z_int = z_int - _scan_row_offset(z_int, xy[:, 1], observed)
     edge_ratios: list = []
@@ -1057,18 +1057,18 @@ def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np
     """The robust z of ``companion_intensity`` (:func:`stemfast.sites.companion_intensity`: the column
     intensity of another detector of the same scan) against the same kind of references as the first
     image's -- each site's own colour around it (with the local lattice ``basis``), else its
-    sublattice image-wide; 0 where the companion has no value."""
+    sublattice image-wide; NaN where the companion has no value (the first image's z alone counts)."""
     comp = np.asarray(sites["companion_intensity"], np.float64)
     fin = np.isfinite(comp)
     ok = observed & fin
     comp = np.where(fin, comp, 0.0)
     z_glob = robust_z(comp, np.where(ok, grp, -1))
     if basis is None:
-        return np.where(np.isfinite(z_glob), z_glob, 0.0)
+        return np.where(fin & np.isfinite(z_glob), z_glob, np.nan)
     refs = local_references(xy, basis, comp, usable=ok, n_neighbors=settings.n_neighbors,
                             node_tolerance=settings.node_tolerance)
     z = _local_z_without_outliers(comp, refs, grp, ok, z_glob, xy, basis, settings)
-    return np.where(fin & np.isfinite(z), z, 0.0)
+    return np.where(fin & np.isfinite(z), z, np.nan)
 
 
 def _flagged_fdr(fdr: np.ndarray, grp: np.ndarray, is_defect: np.ndarray, material: str) -> dict:
@@ -1539,8 +1539,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         "sublattice_local": sc.sub,
         "recon_error": rec,
         "recon_score": recon_score,
-        "intensity_z": sc.z_int,
-        "intensity_z_global": sc.z_glob,
+        "intensity_z": np.where(observed, sc.z_int, np.nan),  # a site the scan hides is not judged
+        "intensity_z_global": np.where(observed, sc.z_glob, np.nan),
         "latent_score": z_lat,
         "anomaly_score": anomaly,
         "defect_fdr": fdr,
