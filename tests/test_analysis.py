@@ -1115,3 +1115,25 @@ def test_a_site_without_a_companion_value_keeps_its_own_evidence_and_hidden_site
     assert np.isnan(np.asarray(both["intensity_z"])[hidden]).all()
     assert np.isnan(np.asarray(both["intensity_z_global"])[hidden]).all()
     assert np.isfinite(np.asarray(both["intensity_z"])[~hidden]).all()
+
+
+def test_the_recon_score_leaves_border_patches_out_and_few_sites_cluster():
+    """``score = "recon"`` ranked padded border patches (their reconstruction error means nothing) as
+    defects: 56 of 57 flagged sites were at the border. And with fewer sites than the smallest class
+    count tried, ``n_classes = none`` raised (max() of no scores)."""
+    from stemfast.analysis import cluster_latents
+    from stemfast.config import PipelineConfig, apply_overrides
+    from stemfast.model.shipped import shipped_for_run
+    from stemfast.pipeline import analyze, prepare
+    from stemfast.synthetic import make_mos2
+
+    cfg = apply_overrides(PipelineConfig(), {"analysis.score": "recon"})
+    model = shipped_for_run(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(make_mos2(shape=(192, 192), seed=3).image, config=cfg, patch_size=model.extra.get("patch_size"))
+        table, _ = analyze(prep, model, config=cfg)
+    assert prep.edge.any() and (np.asarray(table["anomaly_score"])[prep.edge] == 0).all()
+    mu = np.random.default_rng(0).normal(size=(2, 4))
+    labels, k = cluster_latents(mu, n_classes=None, order_by=np.arange(2.0), settings=AnalysisSettings())[:2]
+    assert k == 2 and sorted(labels.tolist()) == [0, 1]

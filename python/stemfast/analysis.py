@@ -282,7 +282,8 @@ def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarr
                 break
             lab = fit(k)
             scores[k] = silhouette(mu[sample], lab[sample]) if len(np.unique(lab[sample])) > 1 else -1.0
-        k = max(scores, key=scores.get)
+        # fewer sites than the smallest k tried: as many classes as sites allow
+        k = max(scores, key=scores.get) if scores else max(1, min(min(settings.k_range, default=1), n))
         info["k_selection"] = {"criterion": "silhouette", "scores": scores}
     else:
         k = min(n_classes, n)
@@ -1099,7 +1100,7 @@ def _anomaly(settings: AnalysisSettings, sc: _IntensityScores, z_lat: np.ndarray
         return np.sqrt(local ** 2 + np.maximum(np.where(edge, 0.0, z_lat), 0.0) ** 2)
     if settings.score == "latent":
         return np.where(edge, 0.0, z_lat)
-    return recon_score.copy()
+    return np.where(edge, 0.0, recon_score)  # "recon": a padded border patch's error means nothing
 
 
 def class_sublattices(cls: np.ndarray, sub: np.ndarray, material: str = "mos2") -> dict:
