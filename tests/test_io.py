@@ -886,6 +886,22 @@ def test_a_sidecar_naming_another_material_is_said_in_the_summary(tmp_path, monk
     assert any("pixel size from the sidecar w.json" in n for n in notes)
     assert any("'Ti-doped WSe2 monolayer'" in n and "--material wse2" in n for n in notes), notes
     assert "x_nm" in (out / "w" / "sites.csv").read_text().splitlines()[0]
+    # the classes taken from the sites' own sublattice around them are counted in the input's summary
+    assert isinstance(s["classes_from_neighbours"], int) and "classes_from_neighbours" in s["frames"][0]
+
+
+def test_a_sidecar_field_of_view_with_a_plain_unit_key():
+    """``field_of_view_x`` with its unit under a plain ``units`` key (as the README words it: "and its
+    units") gives the pixel size, as ``pixel_size`` with ``unit`` does; it was read as no calibration."""
+    import pathlib
+    import tempfile
+
+    from stemfast.sidecar import sidecar
+
+    d = pathlib.Path(tempfile.mkdtemp())
+    (d / "a.json").write_text(json.dumps({"field_of_view_x": 4.0, "units": "nm"}))
+    s = sidecar(d / "a.npy", 400)
+    assert s["pixel_size"] == pytest.approx(0.01) and s["unit"] == "nm"
 
 
 def test_a_large_exported_picture_is_read_not_taken_for_a_decompression_bomb(tmp_path, monkeypatch):

@@ -63,7 +63,8 @@ def sidecar(path: str | os.PathLike, width: int) -> dict:
         out.update(pixel_size=float(ps[1]), unit=unit, **{"from": f"{ps[0]} {ps[1]:g} {unit}"})
     else:
         fov = next(((k, flat[k]) for k in _SIDECAR_FOV_KEYS if _positive(flat.get(k))), None)
-        unit = next((str(flat[k]) for k in _SIDECAR_FOV_UNIT_KEYS if k in flat), None)
+        # its own unit key first, else a plain "unit" / "units" (the README's "its units")
+        unit = next((str(flat[k]) for k in _SIDECAR_FOV_UNIT_KEYS + _SIDECAR_UNIT_KEYS if k in flat), None)
         if fov is not None and unit is not None and width > 0:
             out.update(pixel_size=float(fov[1]) / width, unit=unit,
                        **{"from": f"{fov[0]} {fov[1]:g} {unit} / {width} px"})

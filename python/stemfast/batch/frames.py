@@ -123,7 +123,8 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "rotation_latent",
                     "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice",
                     "recon_contrast_exponent", "edge_z_spread", "flagged_fdr", "sublattice_naming", "column_spread",
-                    "sublattice_separation", "sublattice_alike", *ANALYSIS_WARNING_KEYS):  # the analysis' own report
+                    "sublattice_separation", "sublattice_alike", "classes_from_neighbours",
+                    *ANALYSIS_WARNING_KEYS):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]
         is_def = np.asarray(table["is_defect"], bool)

@@ -415,6 +415,8 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "class_sublattice_ari_local": median_finite(m.get("class_sublattice_ari_local") for m in fm),
         # the sublattice each class sits on, and the share of its sites there
         "class_sublattice": class_sublattice_summary(fm),
+        # sites whose class was taken from their own sublattice around them (analysis.lattice_consistent_classes)
+        "classes_from_neighbours": sum(int(m.get("classes_from_neighbours") or 0) for m in fm),
         # which sublattice is named the metal, and the strongly dark sites on each (analysis.sublattice_naming;
         # the first frame's)
         "sublattice_naming": next((m["sublattice_naming"] for m in fm if m.get("sublattice_naming")), None),

@@ -113,7 +113,8 @@ def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = Fal
     detector's image of the same scan per input (:mod:`stemfast.batch.companions`)."""
     g = p.add_argument_group(
         "second detector of the same scan",
-        "a second image recorded simultaneously (e.g. HAADF = ADF1 with MAADF = ADF2), same 2-D shape:\n"
+        "a second image recorded simultaneously (e.g. HAADF = ADF1 with MAADF = ADF2), of the same shape\n"
+        "(a series: as many frames of the same size):\n"
         "its column intensity is read at the sites, the defect scores weigh the two images' local z together")
     x = g.add_mutually_exclusive_group()
     if single_file:
