@@ -813,11 +813,9 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
         if not np.isfinite(levels[i]).all() or sub[i] not in (METAL, CHALCOGEN, HOLLOW):
             kinds[i] = "other"
         elif sub[i] == METAL:
-            # an empty metal site reads like an empty column (the hollow level, within its scatter):
-            # nearer that level than its own sublattice's (not the chalcogen's: a faint chalcogen put
-            # the midpoint near the hollow level, and empty metal sites were named substitutions);
+            # an empty metal site reads like an empty column (the hollow level, within its scatter);
             # otherwise a foreign atom, brighter or darker (a light dopant is dark, yet not empty)
-            empty = v < 0.5 * (hollow + metal) and not v - hollow > EMPTY_Z * empty_sd
+            empty = v < 0.5 * (hollow + min(chalc, metal)) and not v - hollow > EMPTY_Z * empty_sd
             kinds[i] = f"vacancy_{m_}" if empty else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
             refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc}
