@@ -814,7 +814,10 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             kinds[i] = "other"
         elif sub[i] == METAL:
             # an empty metal site reads like an empty column (the hollow level, within its scatter);
-            # otherwise a foreign atom, brighter or darker (a light dopant is dark, yet not empty)
+            # otherwise a foreign atom, brighter or darker (a light dopant is dark, yet not empty). The
+            # midpoint is to the dimmer column sublattice, not the metal's: with faint chalcogen columns a
+            # dim metal site at 0.17-0.31 of the metal contrast (the V-doped MoS2 scans; V reads ~0.3) is
+            # a dopant, though a faint-chalcogen synthetic Mo vacancy (0.1-0.2) is then named one too
             empty = v < 0.5 * (hollow + min(chalc, metal)) and not v - hollow > EMPTY_Z * empty_sd
             kinds[i] = f"vacancy_{m_}" if empty else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
