@@ -54,9 +54,9 @@ def block_average(img: np.ndarray, *, with_gap: bool = False):
 def _block_average(img: np.ndarray) -> np.ndarray:
     a = np.asarray(img, dtype=np.float32)
     f = max(1, int(math.ceil(max(a.shape) / DRIFT_MAX_PX)))
-    if f > 1:
+    if f > 1:  # summed in float64: blocks of values near float32's largest would overflow to inf
         H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
-        a = a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+        a = a[:H, :W].reshape(H // f, f, W // f, f).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
     return a
 
 
@@ -68,7 +68,7 @@ def _block_average_gap(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a = _block_average(img)
         return a, np.zeros(a.shape, bool)
     a = np.asarray(img, dtype=np.float32)
-    fill = np.float32(a[~nd.mask].mean()) if not nd.mask.all() else np.float32(0.0)
+    fill = np.float32(a[~nd.mask].mean(dtype=np.float64)) if not nd.mask.all() else np.float32(0.0)
     a = _block_average(np.where(nd.mask, fill, a))
     gap = _block_average(nd.mask.astype(np.float32)) > 0.5  # blocks mostly without data
     return a, gap
@@ -79,10 +79,11 @@ def phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int], 
     """Displacement ``(dx, dy)`` in full-resolution px of the content of ``cur`` relative to ``prev``.
 
     ``prev`` and ``cur`` are the block-averaged frames (:func:`block_average`), ``full_shape`` the
-    shape of the frames before averaging. Phase cross-correlation (scikit-image), Hann windowed. On
-    a perfect crystal the shift is only defined modulo the lattice; non-periodic features (defects,
-    holes, contamination) resolve it. ``(nan, nan)`` when either frame is constant (a blank frame:
-    nothing to register) or when they share no data.
+    shape of the frames before averaging. Phase cross-correlation (scikit-image), Hann windowed, in
+    float64 (a frame with values near float32's largest, e.g. a few pixels of 3e38, overflowed its mean
+    in float32 and the correlation raised on the NaN). On a perfect crystal the shift is only defined
+    modulo the lattice; non-periodic features (defects, holes, contamination) resolve it. ``(nan, nan)``
+    when either frame is constant (a blank frame: nothing to register) or when they share no data.
 
     ``gaps``: the two frames' blocks without data (:func:`block_average` ``with_gap``). Where either
     frame has none, both are set to their means, so the two are compared over the same region. (A
@@ -118,6 +119,8 @@ def _phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int],
                  gap: np.ndarray | None = None) -> tuple[float, float]:
     from skimage.registration import phase_cross_correlation
 
+    prev = np.asarray(prev, np.float64)
+    cur = np.asarray(cur, np.float64)
     if gap is not None and gap.any():  # where either frame holds no data: both flat there
         if gap.all():
             return float("nan"), float("nan")
@@ -126,7 +129,7 @@ def _phase_drift(prev: np.ndarray, cur: np.ndarray, full_shape: tuple[int, int],
     if not (np.ptp(prev) > 0 and np.ptp(cur) > 0):  # a blank (constant) frame has no content to register
         return float("nan"), float("nan")
 
-    win = np.outer(np.hanning(prev.shape[0]), np.hanning(prev.shape[1])).astype(np.float32)
+    win = np.outer(np.hanning(prev.shape[0]), np.hanning(prev.shape[1]))
     a = (prev - prev.mean()) * win
     b = (cur - cur.mean()) * win
     fy = full_shape[0] / prev.shape[0]
