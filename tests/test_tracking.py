@@ -221,11 +221,16 @@ def test_sites_below_the_cutoff_continue_a_track_but_never_start_one():
 
 
 def test_unknown_drift_ends_the_tracks_instead_of_guessing():
+    """A frame without sites (2) places nothing and breaks nothing; the next frame with sites, its drift from
+    the last placed frame unknown, is a break: the tracks end, the positions from there on are its own."""
     p = node(0, 2)
     out, rows, summ = link_tables([(0, table([p]), None), (1, table([p]), (0, 0)), (2, None, None),
-                                   (3, table([p]), None), (4, table([p]), (0, 0))])
-    assert summ["drift_breaks"] == [2, 3]
+                                   (3, table([p + (5.0, 3.0)]), None), (4, table([p + (5.0, 3.0)]), (0, 0))])
+    assert summ["drift_breaks"] == [3]
     assert [r["end"] for r in rows] == ["drift break", "last frame"]
+    assert [r["coords_frame"] for r in rows] == [0, 3]
+    assert [(s["first_frame"], s["frame"]) for s in summ["segments"]] == [(0, 0), (3, 3)]
+    assert summ["reference"]["frame"] == 0 and summ["reference"]["coords_frame"] == 0
 
 
 def test_streaming_holds_only_a_bounded_window_of_frames():

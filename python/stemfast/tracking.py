@@ -1,16 +1,17 @@
 """Defects through time: follow every defect of a series from frame to frame (appear, hop, vanish).
 
 The defect sites of each frame (``is_defect``) are linked to the tracks of the frames before, in
-the **drift-corrected frame of the first image** (the per-frame drift that the batch measures by
-phase correlation is summed and subtracted), and in **lattice coordinates**: the displacement
+the **drift-corrected frame of the first image with sites** (the drift that the batch measures by
+phase correlation between frames with a lattice is summed and subtracted; see *Drift* below), and in
+**lattice coordinates**: the displacement
 between a track's last site and a candidate site is read in the local lattice basis of the two
 sites (``a1, a2`` of the site table, rows a1, a2 of the site lattice: metal, chalcogen and hollow
 sites together), rounded to the nearest lattice node, and counted in steps of the defect's own
 sublattice (a sulfur vacancy hopping to a neighbouring S2 column moves one step). Because the
 displacement is read locally, strain and slow lattice rotation across the field do not bend the
 node arithmetic. Every detection also gets an absolute node ``(i, j)`` relative to a reference
-origin fixed in the first frame (the site nearest the image centre) and carried through the
-series by the drift; when the site table has lattice node columns (``lattice_i, lattice_j``,
+origin fixed in the first frame with a lattice (the site nearest the image centre) and carried through
+the series by the drift; when the site table has lattice node columns (``lattice_i, lattice_j``,
 :data:`LATTICE_NODE_CONVENTION`: one origin and one naming of the lattice vectors per frame) they
 are used, mapped onto the reference's naming and origin by one integer matrix and offset per frame
 (:func:`node_map`; checked: if no map explains 90 % of the sites near the origin, the nodes come
@@ -43,8 +44,19 @@ Linking, frame by frame
   before its first flag does not break at one fainter frame); a run already judged too faint that
   moves to another faint site starts afresh there.
 * Detections left over start new tracks (births); tracks not seen for more than ``max_gap``
-  frames end (deaths). A frame whose drift is unknown (a frame that could not be read before it)
-  ends every track: linking across it would be guesswork (reported as a drift break).
+  frames end (deaths).
+
+Drift
+-----
+A frame without sites (blank, noise, unreadable, failed) places nothing and has no drift: the batch
+never registers a frame without a lattice, and measures the next frame with one from the last frame
+with one (the drift accumulated over the gap, ``drift_gaps`` in the summary), so a track missed there
+is bridged like any missed frame (``max_gap``). A frame with sites whose drift from the last placed
+frame is unknown (nothing to register in common, a failed measure) is a **drift break**: linking
+across it would be guesswork, so every open track ends there, and the positions from that frame on
+are in its own drift-corrected frame, with a reference of its own (a new *segment*: ``segments`` in
+the summary, ``coords_frame`` in ``tracks.csv``). Before the first frame with sites there is nothing
+to break.
 
 Streaming
 ---------
@@ -115,13 +127,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Columns of ``tracks.csv``. Positions are px in the drift-corrected frame of the first image
-#: (x = column, y = row); nodes are integer site-lattice indices ``(i, j)`` (``i a1 + j a2`` from
-#: the reference origin); ``hops`` counts node changes, ``path_steps`` their length in steps of
-#: the defect's sublattice, ``net_steps`` the distance from the first to the last node.
+#: Columns of ``tracks.csv``. Positions are px in the drift-corrected frame of image ``coords_frame``
+#: (x = column, y = row): the first frame with sites, or after a drift break the first frame after it
+#: (the drift across a break is unknown; every track ends there); nodes are integer site-lattice indices
+#: ``(i, j)`` (``i a1 + j a2`` from the reference origin of that stretch of frames); ``hops`` counts node
+#: changes, ``path_steps`` their length in steps of the defect's sublattice, ``net_steps`` the distance
+#: from the first to the last node.
 TRACK_COLUMNS = ("track_id", "kind", "sublattice", "first_frame", "last_frame", "n_frames", "span_frames",
                  "hops", "path_steps", "net_steps", "path_px", "path_nm", "start_x", "start_y", "end_x", "end_y",
-                 "start_i", "start_j", "end_i", "end_j", "mean_score", "end")
+                 "start_i", "start_j", "end_i", "end_j", "mean_score", "end", "coords_frame")
 
 _SQRT3 = math.sqrt(3.0)
 
@@ -474,6 +488,7 @@ class _Track:
     start_xy: np.ndarray
     start_node: np.ndarray
     sublattice: int
+    coords_frame: int = 0  # the frame whose drift-corrected pixels xy, start_xy and points are in
     kinds: Counter = field(default_factory=Counter)
     subs: Counter = field(default_factory=Counter)
     n_seen: int = 1
@@ -526,7 +541,12 @@ class DefectLinker:
         self._buf: list[tuple[int, SiteTable | None, np.ndarray, list, int]] = []
         self._next_key = 0
         self._next_id = 0
-        self.cum = np.zeros(2)  # content displacement of the current frame relative to the first
+        self.cum = np.zeros(2)  # content displacement of the last placed frame relative to coords_frame
+        self._known_frame: int | None = None  # the last frame whose displacement (cum) is known
+        self.coords_frame: int | None = None  # the frame whose drift-corrected pixels the positions are in
+        self.placed = False  # whether the last frame pushed had sites
+        self.segments: list[dict] = []  # per stretch between drift breaks: its first frame and its reference
+        self.drift_gaps: list[list[int]] = []  # [from, to]: drift measured across frames without sites
         self.origin: np.ndarray | None = None
         self.origin_basis: np.ndarray | None = None
         self.spacing_px: float | None = None
@@ -544,7 +564,8 @@ class DefectLinker:
         self.n_hops = 0
         self.n_hopping = 0
         self.sum_frames = 0
-        self.map_tracks: list[tuple[str, int, np.ndarray]] = []  # (kind, id, points [k, 2]) for the figure
+        # (kind, id, points [k, 2], coords_frame) for the figure
+        self.map_tracks: list[tuple[str, int, np.ndarray, int]] = []
         self._map_points = 0
         self.max_points = int(max_points)
         self.map_truncated = False
@@ -552,23 +573,19 @@ class DefectLinker:
         self.residual_median: list[float] = []
 
     # -- public -----------------------------------------------------------------------------
-    def push(self, frame: int, table: SiteTable | None, *, drift: Sequence[float] | None) -> list:
-        """Link the defects of ``table`` (frame ``frame``); ``drift`` = its (dx, dy) from the previous frame.
+    def push(self, frame: int, table: SiteTable | None, *, drift: Sequence[float] | None,
+             drift_from: int | None = None) -> list:
+        """Link the defects of ``table`` (frame ``frame``); ``drift`` = its (dx, dy) from frame
+        ``drift_from`` (default: the previous frame), None when unknown.
 
-        Returns the ``(frame, table with track_id)`` pairs that are final now.
+        The drift of a frame with sites must be measured from the last frame whose position is known
+        (a frame with sites, or one without whose own drift was given): frames without sites in
+        between are skipped over (:meth:`_place`). Returns the ``(frame, table with track_id)`` pairs
+        that are final now.
         """
         frame = int(frame)
-        if self.last_frame is not None:
-            if drift is None or not np.all(np.isfinite(np.asarray(drift, float))):
-                if self.active:
-                    log.warning("frame %d: drift to the previous frame unknown: %d tracks ended there",
-                                frame, len(self.active))
-                self.drift_breaks.append(frame)
-                for t in list(self.active):
-                    self._end(t, "drift break")
-                self.active = []
-            else:
-                self.cum = self.cum + np.asarray(drift, np.float64)[:2]
+        self.placed = table is not None and len(table) > 0
+        self._place(frame, drift, frame - 1 if drift_from is None else int(drift_from), self.placed)
         self.last_frame = frame
         det_rows = np.zeros(0, np.int64)
         det_tracks: list = []
@@ -582,6 +599,43 @@ class DefectLinker:
         self.n_active.append(0)  # tracked defects of the frame: known when its table is released
         self._buf.append((frame, table, det_rows, det_tracks, len(self.frames) - 1))
         return self._release(frame - self.s.delay)
+
+    def _place(self, frame: int, drift, src: int, content: bool) -> None:
+        """The content displacement of frame ``frame`` (:attr:`cum`) from its ``drift`` measured from
+        frame ``src``. It is known when ``src`` is the last frame whose displacement is known. A frame
+        with sites whose displacement is unknown is a drift break once a reference exists (every open
+        track ends there; the positions from there on are in the frame of this one: a new segment,
+        :attr:`segments`); before any reference it starts the coordinates afresh, nothing to say. A
+        frame without sites and without a drift leaves the known frame where it was."""
+        known = drift is not None and bool(np.all(np.isfinite(np.asarray(drift, float))))
+        if known and self._known_frame is not None and src == self._known_frame:
+            self.cum = self.cum + np.asarray(drift, np.float64)[:2]
+            self._known_frame = frame
+            if content and src != frame - 1:
+                self.drift_gaps.append([int(src), frame])
+            return
+        if not content:
+            return
+        if known and self._known_frame is not None:
+            log.warning("frame %d: drift given from frame %d, but the last frame placed is %d: not used",
+                        frame, src, self._known_frame)
+        if self.origin is not None:
+            if self.active:
+                log.warning("frame %d: drift from frame %d unknown: %d tracks ended there; positions from here "
+                            "on are in this frame's coordinates", frame, self._known_frame, len(self.active))
+            self.drift_breaks.append(frame)
+            for t in list(self.active):
+                self._end(t, "drift break")
+            self.active = []
+        self._new_segment(frame)
+
+    def _new_segment(self, frame: int) -> None:
+        """Positions from frame ``frame`` on are in its drift-corrected frame, with a reference of their own."""
+        self.cum = np.zeros(2)
+        self._known_frame = frame
+        self.coords_frame = frame
+        self.origin = self.origin_basis = None
+        self.segments.append({"first_frame": frame, "frame": None, "origin_xy": None, "basis_px": None})
 
     def finish(self) -> list:
         """End every track; returns the tables still held back (frame order)."""
@@ -607,18 +661,25 @@ class DefectLinker:
             "n_unconfirmed": int(self.n_unconfirmed),
             "frames_with_defects": int(seen),
             "settings": asdict(self.s),
-            "reference": {"origin_xy": None if self.origin is None else [float(v) for v in self.origin],
-                          "basis_px": None if self.origin_basis is None else self.origin_basis.tolist(),
-                          "frame": self.frames[0] if self.frames else None},
+            "reference": self._reference_summary(),
+            "segments": [dict(s) for s in self.segments],
             "lattice_index_columns": {"frames_used": int(self.index_frames),
                                       "frames_rejected": int(self.index_rejected)},
             "drift_breaks": list(self.drift_breaks),
+            "drift_gaps": [list(g) for g in self.drift_gaps],
             "link_residual_px_median": (float(np.median(self.residual_median))
                                         if self.residual_median else None),
         }
 
     # -- internals --------------------------------------------------------------------------
-    def _set_reference(self, table: SiteTable, xy: np.ndarray, B: np.ndarray) -> None:
+    def _reference_summary(self) -> dict:
+        """The first segment's reference: origin, basis and the frame it was taken from (its positions'
+        frame is the segment's ``first_frame``); None values before any."""
+        seg = next((s for s in self.segments if s["frame"] is not None), None)
+        return {"origin_xy": seg["origin_xy"] if seg else None, "basis_px": seg["basis_px"] if seg else None,
+                "frame": seg["frame"] if seg else None, "coords_frame": seg["first_frame"] if seg else None}
+
+    def _set_reference(self, frame: int, xy: np.ndarray, B: np.ndarray) -> None:
         ok = np.isfinite(B).all(axis=(1, 2)) & np.isfinite(xy).all(axis=1)
         if not ok.any():
             return
@@ -628,6 +689,8 @@ class DefectLinker:
         self.origin = xy[k].copy()
         self.origin_basis = B[k].copy()
         self.spacing_px = float(np.sqrt((B[k] ** 2).sum(-1)).mean())
+        self.segments[-1].update(frame=int(frame), origin_xy=[float(v) for v in self.origin],
+                                 basis_px=self.origin_basis.tolist())
 
     def _abs_nodes(self, xy: np.ndarray, B: np.ndarray) -> np.ndarray:
         """Absolute nodes: displacement from the origin read in the mean of the two ends' bases."""
@@ -674,7 +737,7 @@ class DefectLinker:
     def _link(self, frame: int, table: SiteTable):
         n = len(table)
         isd = np.asarray(table["is_defect"], bool)
-        xy_all, B_all = self._frame_geometry(table)
+        xy_all, B_all = self._frame_geometry(frame, table)
         fin = np.isfinite(xy_all).all(1)
         score_all = (np.asarray(table["anomaly_score"], np.float64) if "anomaly_score" in table
                      else np.zeros(n))
@@ -699,10 +762,10 @@ class DefectLinker:
         self._expire(frame)
         return det.rows[keep], [det_tracks[d] for d in keep], counts
 
-    def _frame_geometry(self, table: SiteTable) -> tuple[np.ndarray, np.ndarray]:
-        """Site positions in the drift-corrected frame of the first image and the local lattice
+    def _frame_geometry(self, frame: int, table: SiteTable) -> tuple[np.ndarray, np.ndarray]:
+        """Site positions in the drift-corrected frame of :attr:`coords_frame` and the local lattice
         bases named like the reference's (:func:`align_bases`; NaN where a site has none). The first
-        frame with a lattice sets the reference."""
+        frame of a segment with a lattice sets its reference."""
         n = len(table)
         # where the lattice has the sites (a band of jumped scan lines moved back), drift taken out
         xy_all = lattice_positions(table.xy, getattr(table, "meta", None)) - np.asarray(self.cum[:2], np.float64)
@@ -710,7 +773,7 @@ class DefectLinker:
         if B_all is None:
             B_all = np.full((n, 2, 2), np.nan)
         if self.origin is None:
-            self._set_reference(table, xy_all, B_all)
+            self._set_reference(frame, xy_all, B_all)
         if self.origin_basis is not None:
             B_all = align_bases(B_all, self.origin_basis)
         return xy_all, B_all
@@ -764,7 +827,7 @@ class DefectLinker:
             else:  # a new track (tentative when it starts below the cutoff)
                 t = _Track(key=self._next_key, first_frame=frame, last_frame=frame, xy=det.xy[d], basis=det.B[d],
                            node=det.nodes[d].copy(), start_xy=det.xy[d].copy(), start_node=det.nodes[d].copy(),
-                           sublattice=int(det.subs[d]))
+                           sublattice=int(det.subs[d]), coords_frame=int(self.coords_frame))
                 t.points.append(det.xy[d].copy())
                 self._next_key += 1
                 self.active.append(t)
@@ -944,11 +1007,11 @@ class DefectLinker:
             "end_x": round(float(t.xy[0]), 3), "end_y": round(float(t.xy[1]), 3),
             "start_i": int(t.start_node[0]), "start_j": int(t.start_node[1]),
             "end_i": int(t.node[0]), "end_j": int(t.node[1]),
-            "mean_score": round(t.score_sum / max(t.n_seen, 1), 4), "end": how,
+            "mean_score": round(t.score_sum / max(t.n_seen, 1), 4), "end": how, "coords_frame": t.coords_frame,
         }
         if self._map_points < self.max_points or len(t.points) <= 2:
             pts = np.array(t.points + [t.xy])
-            self.map_tracks.append((row["kind"], t.public_id, pts))
+            self.map_tracks.append((row["kind"], t.public_id, pts, t.coords_frame))
             self._map_points += 1
         else:
             self.map_truncated = True
@@ -1058,11 +1121,13 @@ def mean_corrected_frame(get_frame: Callable[[int], np.ndarray], frames: Sequenc
 
 
 def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = None, factor: int = 1,
-                n_background: int = 0, dose: dict | None = None, title: str | None = None, dpi: int = 110) -> None:
+                n_background: int = 0, dose: dict | None = None, title: str | None = None, dpi: int = 110,
+                coords_frame: int | None = None) -> None:
     """``tracks.png``: defect counts by kind against frame (and dose) | the tracks over the mean frame.
 
     Tracks are drawn from their start (circle) through every node they hopped to, to their end
-    (cross), coloured by kind, in the drift-corrected frame of the first image.
+    (cross), coloured by kind, in the drift-corrected frame of image ``coords_frame`` (only the tracks
+    in that frame's coordinates; None: all, for a series without drift breaks).
     """
     from .figures import display_range, pyplot as _mpl, save_figure as _savefig, tight_layout
 
@@ -1101,7 +1166,8 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
         a1.set_aspect("equal")
     handles = []
     shown = set()
-    for kind, tid, pts in linker.map_tracks:
+    drawn = [(k, p) for k, _, p, cf in linker.map_tracks if coords_frame is None or cf == coords_frame]
+    for kind, pts in drawn:
         col = _kind_color(kind, kinds)
         a1.plot(pts[:, 0], pts[:, 1], "-", color=col, lw=1.4, alpha=0.9)
         a1.plot(pts[0, 0], pts[0, 1], "o", mfc="none", mec=col, ms=5, mew=1.0)
@@ -1116,10 +1182,13 @@ def plot_tracks(path, linker: DefectLinker, *, background: np.ndarray | None = N
                 Line2D([], [], marker=".", ls="", color="k", label="hop")]
     leg = a1.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     del leg
-    nh = sum(1 for _, _, p in linker.map_tracks if len(p) > 2)
-    a1.set_title(f"{linker.n_tracks} tracks ({nh} with hops) over the mean of {n_background} drift-corrected "
-                 f"frames" + (" (map truncated)" if linker.map_truncated else ""), fontsize=9)
-    a1.set_xlabel("x (px, frame of the first image)")
+    nh = sum(1 for _, p in drawn if len(p) > 2)
+    other = len(linker.map_tracks) - len(drawn)
+    a1.set_title(f"{len(drawn)} tracks ({nh} with hops) over the mean of {n_background} drift-corrected "
+                 f"frames" + (" (map truncated)" if linker.map_truncated else "")
+                 + (f"\n{other} tracks after a drift break not drawn (other coordinates)" if other else ""),
+                 fontsize=9)
+    a1.set_xlabel("x (px, drift-corrected" + ("" if coords_frame is None else f", frame of image {coords_frame}") + ")")
     a1.set_ylabel("y (px)")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -1141,19 +1210,25 @@ def tracks_html(summary: Mapping, folder, img_tag: Callable) -> str:
              ("mean frames per track", tr.get("mean_frames")),
              ("defect detections", tr.get("n_detections")), ("links between frames (gaps included)", tr.get("n_linked")),
              ("sites below the cutoff continuing a track", tr.get("n_weak_links")),
-             ("defects seen once (not tracked)", tr.get("n_unconfirmed")),
+             ("defects seen in fewer than %d frames (not tracked)" % tr.get("settings", {}).get("min_frames", 2),
+              tr.get("n_unconfirmed")),
              ("runs below the cutoff too faint on average to track", tr.get("n_weak_runs_unreported")),
              ("median off-node residual of links (px)", tr.get("link_residual_px_median"))]
     rows = "".join(f"<tr><td class='l'>{e(str(k))}</td><td>{e('-' if v is None else (f'{v:.3g}' if isinstance(v, float) else str(v)))}</td></tr>"
                    for k, v in facts)
     parts.append(f"<table>{rows}</table>")
     if tr.get("drift_breaks"):
-        parts.append("<p class='warn'>drift unknown before frames " + e(", ".join(map(str, tr["drift_breaks"])))
-                     + ": every track was ended there</p>")
+        parts.append("<p class='warn'>drift from the last frame with sites unknown at frames "
+                     + e(", ".join(map(str, tr["drift_breaks"]))) + ": the tracks open there were ended, and the "
+                     "positions from each of these frames on are in its own drift-corrected frame (tracks.csv "
+                     "coords_frame); the figure shows the tracks of the longest stretch</p>")
+    if tr.get("drift_gaps"):
+        parts.append("<p>drift measured across frames without sites: "
+                     + e(", ".join(f"{a} to {b}" for a, b in tr["drift_gaps"])) + "</p>")
     parts.append(img_tag(folder / "tracks.png", f"{summary.get('name', '')} tracks"))
     parts.append("<p><small>tracks.csv: one row per track (id, kind, sublattice, first/last frame, frames seen, "
-                 "hops, path in lattice steps and nm, start/end position); sites.csv: track_id of every defect "
-                 "site (-1: not tracked)</small></p>")
+                 "hops, path in lattice steps and nm, start/end position in the drift-corrected pixels of frame "
+                 "coords_frame); sites.csv: track_id of every defect site (-1: not tracked)</small></p>")
     return "\n".join(parts)
 
 
@@ -1183,7 +1258,8 @@ class StackTracker:
         self.centre = centre
         self._exit = None
         self.linker: DefectLinker | None = None
-        self.shifts: list[tuple[int, float, float]] = []  # (frame, dx, dy) relative to the first frame
+        # (frame, coords_frame, dx, dy): frames with sites, displaced by (dx, dy) from frame coords_frame
+        self.shifts: list[tuple[int, int, float, float]] = []
 
     def __enter__(self) -> "StackTracker":
         import contextlib
@@ -1201,10 +1277,16 @@ class StackTracker:
         return bool(self._exit.__exit__(*exc))
 
     def push(self, meta: Mapping, table: SiteTable | None) -> list[SiteTable]:
-        """Link one frame (``meta``: the frame record with ``frame`` and ``drift_px``)."""
-        out = self.linker.push(int(meta["frame"]), table if not meta.get("error") else None,
-                               drift=meta.get("drift_px"))
-        self.shifts.append((int(meta["frame"]), float(self.linker.cum[0]), float(self.linker.cum[1])))
+        """Link one frame (``meta``: the frame record with ``frame`` and ``drift_px``, or ``drift_over_gap``
+        for a drift measured from an earlier frame: :func:`stemfast.batch.frames.iter_frames`)."""
+        frame, drift, src = int(meta["frame"]), meta.get("drift_px"), None
+        gap = meta.get("drift_over_gap")
+        if drift is None and gap:
+            drift, src = gap.get("px"), gap.get("from_frame")
+        out = self.linker.push(frame, table if not meta.get("error") else None, drift=drift, drift_from=src)
+        if self.linker.placed:  # a frame with sites: its drift-corrected place is known
+            self.shifts.append((frame, int(self.linker.coords_frame), float(self.linker.cum[0]),
+                                float(self.linker.cum[1])))
         return [t for _, t in out]
 
     def finish(self) -> list[SiteTable]:
@@ -1217,10 +1299,12 @@ class StackTracker:
         return s
 
     def plot(self, get_frame: Callable[[int], np.ndarray], *, title: str | None = None) -> None:
-        """``tracks.png`` over the mean of up to 16 drift-corrected frames (frames without a drift break)."""
-        brk = set(self.linker.drift_breaks)
-        first_break = min(brk) if brk else None
-        usable = [(f, dx, dy) for f, dx, dy in self.shifts if first_break is None or f < first_break]
+        """``tracks.png``: the tracks of the longest stretch of frames between drift breaks over the mean of
+        up to 16 of its frames with sites, drift-corrected (frames without sites -- blank, noise -- and
+        frames in other coordinates are left out)."""
+        per = Counter(c for _, c, _, _ in self.shifts)
+        cf = max(per, key=lambda c: (per[c], -c)) if per else None
+        usable = [(f, dx, dy) for f, c, dx, dy in self.shifts if c == cf]
         bg, fac, used = mean_corrected_frame(get_frame, [f for f, _, _ in usable], [(dx, dy) for _, dx, dy in usable])
         plot_tracks(self.folder / "tracks.png", self.linker, background=bg, factor=fac, n_background=used,
-                    dose=self.dose, title=title)
+                    dose=self.dose, title=title, coords_frame=cf)

@@ -1,5 +1,6 @@
 """Frames of an input: reading them (one frame ahead in a background thread), analysing each one
-(``prepare`` + ``analyze``) and measuring the drift to the frame before (:mod:`stemfast.drift`)."""
+(``prepare`` + ``analyze``) and measuring the drift to the last frame before with a lattice
+(:mod:`stemfast.drift`)."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from ..report import ANALYSIS_WARNING_KEYS
 from .common import progress_bar
 
 __all__ = ["FrameResult", "read_frame", "count_frames", "frame_record", "settings_vs_image", "analyze_frame",
-           "prefetched", "iter_frames", "FrameWindow"]
+           "prefetched", "iter_frames", "FrameWindow", "has_lattice"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -186,19 +187,85 @@ def _drift_view(img: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
     return block_average(np.asarray(img, np.float32), with_gap=True)
 
 
+def has_lattice(rec: dict) -> bool:
+    """Whether the drift may be measured to or from a frame (its record): it was analysed and has sites.
+
+    A frame without a lattice (noise, a blanked beam, a constant or unreadable frame) has nothing that
+    moves with the specimen: a phase correlation with it returns a number, but not the drift (a noise
+    frame in a series drifting 0.3 px per frame gave -7.4 px and 13.5 px, and every later position was off).
+    """
+    return not rec.get("error") and int(rec.get("n_sites") or 0) > 0
+
+
+def _drift_unknown(rec: dict, desc: str, why: str) -> None:
+    """Record (a frame warning) and log that the drift of the frame ``rec`` could not be measured."""
+    msg = f"drift unknown: {why}"
+    log.warning("%s: frame %d: %s", desc, rec["frame"], msg)
+    rec["warnings"].append(msg)
+
+
+def _frame_drift(rec: dict, img: np.ndarray, ref, config, desc: str):
+    """Measure the drift of a frame with a lattice (record ``rec``, image ``img``) to ``ref`` = ``(frame,
+    view)``, the last frame before it with a lattice (None: none). Writes ``rec["drift_px"]`` when
+    ``ref`` is the frame just before, else ``rec["drift_over_gap"] = {"from_frame", "px"}`` (the drift
+    accumulated over frames without a lattice); an unknown drift is a frame warning. Any failure of the
+    measure only leaves the drift unknown. Returns the reference for the next frame (None when this
+    frame's own view could not be made)."""
+    f = int(rec["frame"])
+    try:
+        small = _drift_view(img, config)  # (frame, its blocks without data)
+    except Exception as exc:  # noqa: BLE001 - the drift must not lose the frame
+        _drift_unknown(rec, desc, f"cannot prepare the frame for the drift ({type(exc).__name__}: {exc})")
+        return None
+    if ref is None:
+        return f, small
+    g, prev = ref
+    why = f"no drift could be registered between frame {g} and this one (nothing in common)"
+    try:
+        if prev[0].shape != small[0].shape:
+            raise ValueError(f"frame {g} has another shape")
+        d = phase_drift(prev[0], small[0], img.shape, gaps=(prev[1], small[1]))
+    except Exception as exc:  # noqa: BLE001 - an unknown drift, said; the stack goes on
+        d, why = (float("nan"), float("nan")), f"measuring it from frame {g} failed ({type(exc).__name__}: {exc})"
+    if not np.all(np.isfinite(d)):
+        _drift_unknown(rec, desc, why)
+    elif g == f - 1:
+        rec["drift_px"] = [float(v) for v in d]
+    else:
+        rec["drift_over_gap"] = {"from_frame": int(g), "px": [float(v) for v in d]}
+        log.info("%s: frame %d: drift measured from frame %d (frames between have no lattice)", desc, f, g)
+    return f, small
+
+
+def _reference_before(mg, frame: int, config, desc: str):
+    """The drift reference ``(frame, view)`` of frame ``frame`` before a chunk of a stack, when it has a
+    lattice (the sites are found to know it); None otherwise (said by the caller)."""
+    from ..sites import find_sites
+
+    try:
+        img = read_frame(mg, frame)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n = len(find_sites(img, settings=config.sites, pixel_size=mg.pixel_size, unit=mg.unit))
+        return (frame, _drift_view(img, config)) if n else None
+    except Exception as exc:  # noqa: BLE001 - the previous frame is only needed for the drift
+        log.info("%s: frame %d unusable for the drift: %s", desc, frame, exc)
+        return None
+
+
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", prev_frame: int | None = None, bar: bool = False,
                  desc: str = "", companion=None) -> Iterator[FrameResult]:
-    """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift to the previous frame.
+    """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift of each frame with a
+    lattice to the last frame before it with one (:func:`has_lattice`, :func:`_frame_drift`): frames
+    without a lattice are never registered, the frame after them is measured across the gap.
 
+    ``prev_frame``: the frame before ``frames`` (a chunk of a stack), the drift reference of the chunk's
+    first frame with a lattice when it has one itself (frames further back are not read).
     ``companion``: the second detector's image of a 2-D input, or for a stack a function of the frame
     index giving the second detector's frame (:func:`stemfast.batch.companions.read_companion`)."""
-    prev_small = None
-    if prev_frame is not None and prev_frame >= 0:
-        try:
-            prev_small = _drift_view(read_frame(mg, prev_frame), config)
-        except Exception as exc:  # noqa: BLE001 - the previous frame is only needed for the drift
-            log.info("%s: frame %d unreadable for the drift: %s", desc, prev_frame, exc)
+    ref = None
+    before = prev_frame if prev_frame is not None and prev_frame >= 0 else None
     stack = getattr(mg, "is_stack", False)
     it = progress_bar(prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
               total=len(frames))
@@ -207,7 +274,6 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
         if exc is not None:  # a truncated stack: report the frame, go on
             rec = frame_record(f)
             rec["error"] = f"cannot read frame {f}: {exc}"
-            prev_small = None
             yield FrameResult(rec)
             continue
         prep = cache.pop((cache_key, f), None) if cache is not None else None
@@ -215,13 +281,14 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
                             pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s,
                             check_settings=not checked, companion=companion(f) if callable(companion) else companion)
         checked = True
-        if stack:
-            small = _drift_view(img, config)  # (frame, its blocks without data)
-            if prev_small is not None and prev_small[0].shape == small[0].shape:
-                # NaN beside a blank frame: unknown, a drift break
-                d = phase_drift(prev_small[0], small[0], img.shape, gaps=(prev_small[1], small[1]))
-                fr.meta["drift_px"] = list(d) if np.all(np.isfinite(d)) else None
-            prev_small = small
+        if stack and has_lattice(fr.meta):
+            if before is not None:  # the chunk's first frame with a lattice: the frame before the chunk
+                ref = _reference_before(mg, before, config, desc)
+                if ref is None:
+                    _drift_unknown(fr.meta, desc, f"frame {before} (before this part of the stack) has no "
+                                                  "lattice or cannot be read")
+                before = None
+            ref = _frame_drift(fr.meta, img, ref, config, desc)
         yield fr
 
 
