@@ -177,6 +177,16 @@ def test_a_chunk_never_measures_its_drift_from_a_frame_without_a_lattice(setup):
     assert np.allclose(good[0].meta["drift_px"], DRIFT, atol=0.1)
 
 
+def test_a_frame_over_the_nonfinite_limit_is_named_by_its_number_in_the_file(tmp_path):
+    from stemfast.io import ReadError, read
+
+    a = np.random.default_rng(0).normal(size=(5, 64, 64)).astype(np.float32)
+    a[3][np.random.default_rng(1).random((64, 64)) < 0.05] = np.nan
+    np.save(tmp_path / "s.npy", a)
+    with pytest.raises(ReadError, match=r"frame 3: 5\.\d+% of the pixels"):
+        read(tmp_path / "s.npy", frames=slice(2, 4), allow_nonfinite=True, max_nonfinite_fraction=0.01)
+
+
 def test_the_report_counts_defects_seen_in_fewer_than_min_frames_as_such(tmp_path):
     from stemfast.tracking import tracks_html
 

@@ -262,7 +262,8 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     ext = _check_file(p, dataset)
     raw = _read_raw(p, ext, frames, dataset)
     data, pixel_size, unit, meta = raw
-    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction)
+    data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction,
+                    read_frames=frames)
     pixel_size, unit = _plausible_calibration(p, *_normalise_calibration(pixel_size, unit), meta)
     side = sidecar(p, data.shape[-1])
     if side:
@@ -515,8 +516,9 @@ def scan_micrographs(directory: str | os.PathLike, *, recursive: bool = True,
 # validation
 # ---------------------------------------------------------------------------------------------
 def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
-             max_nonfinite_fraction: float = 1.0) -> np.ndarray:
-    """Shape/dtype/value checks and the float32 conversion shared by all readers."""
+             max_nonfinite_fraction: float = 1.0, read_frames: Any = None) -> np.ndarray:
+    """Shape/dtype/value checks and the float32 conversion shared by all readers (``read_frames``: the
+    frames read, :func:`read`'s ``frames``, for the frame numbers of the messages)."""
     if not isinstance(data, np.ndarray):
         shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", None)
         if shape is not None:
@@ -574,7 +576,8 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         data = np.ascontiguousarray(data, dtype=np.float32)
         bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
-        data = _fill_nonfinite(path, data, meta, bad, allow_nonfinite, max_nonfinite_fraction)
+        data = _fill_nonfinite(path, data, meta, bad, allow_nonfinite, max_nonfinite_fraction,
+                               read_frames=read_frames)
     return data
 
 
@@ -630,13 +633,14 @@ def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
 
 
 def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_nonfinite: bool,
-                    max_nonfinite_fraction: float) -> np.ndarray:
+                    max_nonfinite_fraction: float, *, read_frames: Any = None) -> np.ndarray:
     """``data`` (``bad`` of its values NaN or infinite) with them replaced by the frame median, or a
     ReadError: when all are; without ``allow_nonfinite``, when any of them is a scattered one (outside
     a region without data, :func:`stemfast.nodata.regions_of`: an aligned frame's NaN padding, which
     is filled either way); with it, when more than ``max_nonfinite_fraction`` of a frame's pixels are
-    scattered ones. Records ``meta["nonfinite_replaced"]`` (and ``meta["nonfinite_in_regions"]`` when all
-    of them formed regions without data)."""
+    scattered ones (the whole read fails: the message names the frame by its number in the file,
+    ``read_frames`` being :func:`read`'s ``frames``, :func:`_frame_number`). Records ``meta["nonfinite_replaced"]`` (and
+    ``meta["nonfinite_in_regions"]`` when all of them formed regions without data)."""
     from .nodata import regions_of
 
     n = int(np.prod(data.shape))
@@ -663,7 +667,7 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
         # value stays one (stemfast.nodata), and no site is placed there
         frac = float(np.count_nonzero(m) - margins[i]) / float(m.size)
         if frac > max_nonfinite_fraction:
-            where = f"frame {i}: " if data.ndim == 3 else ""
+            where = _frame_number(read_frames, i, data.ndim == 3)
             raise ReadError(path, f"{where}{frac:.2%} of the pixels are NaN or infinite outside regions without "
                                   f"data, more than the {max_nonfinite_fraction:.2%} that may be filled "
                                   "(--nonfinite-limit)")
@@ -677,6 +681,33 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
     if margin == bad:
         meta["nonfinite_in_regions"] = True
     return data
+
+
+def _frame_number(frames: Any, i: int, stack: bool) -> str:
+    """``"frame N: "`` for the ``i``-th frame read with :func:`read`'s ``frames`` (``stack``: the data read
+    are a stack), ``N`` its number in the file; where that needs the file's length (a negative index) the
+    frame is named by its place among those read.
+
+    Examples
+    --------
+    >>> _frame_number(slice(2, 4), 1, True), _frame_number([7, 3], 1, True), _frame_number(5, 0, False)
+    ('frame 3: ', 'frame 3: ', 'frame 5: ')
+    """
+    if isinstance(frames, (int, np.integer)):
+        return f"frame {int(frames)}: " if frames >= 0 else f"frame {int(frames)} (from the end): "
+    if not stack:
+        return ""
+    if frames is None:
+        return f"frame {i}: "
+    if isinstance(frames, slice):
+        start, step = frames.start or 0, frames.step or 1
+        if start >= 0 and step > 0:
+            return f"frame {start + i * step}: "
+    else:
+        n = int(np.asarray(list(frames), dtype=np.int64)[i])
+        if n >= 0:
+            return f"frame {n}: "
+    return f"frame {i} of the frames read (frames={frames!r}): "
 
 
 # ---------------------------------------------------------------------------------------------

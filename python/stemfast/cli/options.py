@@ -104,8 +104,10 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
                         "warning in the summary) instead of skipping the image. A margin of them (an aligned "
                         "frame's NaN padding) is filled without it: no site is placed there")
     g.add_argument("--nonfinite-limit", type=float, default=DEFAULT_MAX_NONFINITE, metavar="FRACTION",
-                   help=f"with --fill-nonfinite: skip frames with more than this fraction of scattered "
-                        f"non-finite pixels (outside a margin; default {DEFAULT_MAX_NONFINITE:g})")
+                   help=f"with --fill-nonfinite: the largest fraction of a frame's pixels that may be scattered "
+                        f"non-finite ones and be filled (outside a margin; default {DEFAULT_MAX_NONFINITE:g}). "
+                        "A frame over it is not filled: the whole input (every frame of a stack) is skipped, "
+                        "and the reason names that frame")
 
 
 def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = False) -> None:
