@@ -203,8 +203,12 @@ def test_check_limits_checks_a_config_built_in_python():
 
     cfg = load_config(None)
     check_limits(cfg)  # the defaults pass
-    bad = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, n_classes=500))
-    with pytest.raises(SettingsError, match="n_classes"):
+    # a range of SETTING_LIMITS is refused already when the settings are made
+    with pytest.raises(SettingsError, match="analysis.n_classes must be between 1 and 64, got 500"):
+        dataclasses.replace(cfg.analysis, n_classes=500)
+    # the finite rule is check_limits' own
+    bad = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, defect_cutoff=float("nan")))
+    with pytest.raises(SettingsError, match="analysis.defect_cutoff must be a finite number"):
         check_limits(bad)
 
 

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import SettingsError
+from .limits import check_section
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
 from .fdr import fdr_shrunk, tail_fdr
 from .lattice import nearest_indices
@@ -192,8 +194,10 @@ class AnalysisSettings:
     sublattice_fdr: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_classes is not None and self.n_classes < 1:
-            raise ValueError("n_classes must be >= 1 or None")
+        check_section(self, "analysis")  # the ranges of stemfast.limits.SETTING_LIMITS (n_classes, top_n, seed, ...)
+        if self.n_classes is None and not self.k_range:
+            raise SettingsError("analysis.k_range must hold at least one k when analysis.n_classes is none "
+                                "(k is chosen among them)")
         if self.defect_cutoff <= 0:
             raise ValueError("defect_cutoff must be > 0")
         if self.score == "lattice":  # the former name of the image-wide sublattice score

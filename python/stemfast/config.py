@@ -32,7 +32,8 @@ results folder's ``stemfast.toml`` can be passed back as ``--config``.
 
 Values are validated against the type annotations of the frozen settings dataclasses (ints,
 floats, bools, strings, ``Literal`` choices, tuples, ``X | None``) and then by the dataclasses'
-own ``__post_init__`` checks; an unknown key is an error that names the key and the valid ones.
+own ``__post_init__`` checks, which include the ranges of :data:`stemfast.limits.SETTING_LIMITS` (defined
+there once, re-exported here); an unknown key is an error that names the key and the valid ones.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .backend import BACKENDS
 from .errors import SettingsError
+from .limits import MAX_CLASSES, MAX_SPACING_PX, SETTING_LIMITS, check_setting
 
 if typing.TYPE_CHECKING:  # the sections of PipelineConfig (imported when a default is made)
     from .analysis import AnalysisSettings
@@ -106,27 +107,6 @@ NONE_STRING = "none"
 
 _SECTIONS = ("sites", "model", "analysis", "tracking")
 _TOP_KEYS = ("patch_size",)
-
-#: Most classes k-means may be asked for (more classes than this describe sites, not kinds of sites).
-MAX_CLASSES = 64
-#: Largest column spacing accepted (px); whether a spacing fits an image is checked per image
-#: (:func:`stemfast.sanity.check_spacing_fits`).
-MAX_SPACING_PX = 2048.0
-
-#: Checks on single settings beyond their type (which the dataclasses' annotations give):
-#: ``"section.key": (low, high)`` (inclusive; ``None`` = open) or a tuple of allowed strings.
-#: Every float setting must also be finite unless its default is not (NaN is never accepted).
-SETTING_LIMITS: dict[str, tuple] = {
-    # lower bounds the settings classes check themselves (spacing >= 2, defect_cutoff > 0, ...) are not repeated
-    "sites.spacing": (None, MAX_SPACING_PX),
-    "sites.backend": BACKENDS,
-    "analysis.n_classes": (1, MAX_CLASSES),
-    "analysis.k_range": (1, MAX_CLASSES),
-    "model.epochs": (1, 100000),
-    "model.latent_dim": (1, 1024),
-    "patch_size": (None, 1024),
-}
-
 
 # ----------------------------------------------------------------------------- reading options
 
@@ -401,28 +381,15 @@ def _check_value(val, where: str, default=None) -> None:
     for v in items:
         if _not_finite(v) and (math.isnan(v) or not any(_not_finite(d) for d in dflt)):
             raise SettingsError(f"{where} must be a finite number, got {v!r}")
-    lim = SETTING_LIMITS.get(where)
-    if lim is None:
-        return
-    for v in items:
-        if v is None:
-            continue
-        if lim and all(isinstance(x, str) for x in lim):
-            if v not in lim:
-                raise SettingsError(f"{where} must be one of {', '.join(lim)}, got {v!r}")
-            continue
-        lo, hi = lim
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                rng = (f">= {lo:g}" if hi is None else f"<= {hi:g}" if lo is None else f"between {lo:g} and {hi:g}")
-                raise SettingsError(f"{where} must be {rng}, got {v!r}")
+    check_setting(val, where)
 
 
 def check_limits(config) -> None:
     """Check every setting of a ``PipelineConfig`` against :data:`SETTING_LIMITS` and the finite rule.
 
     (:func:`load_config` and :func:`apply_overrides` check what they set; this checks a config built
-    in Python.)
+    in Python, whose settings classes checked the ranges when they were made but not the finite rule,
+    nor ``patch_size``.)
     """
     d = config_to_dict(config)
     defaults = config_to_dict(_default_config())

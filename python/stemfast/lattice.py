@@ -28,6 +28,7 @@ from scipy.spatial import cKDTree
 from ._validate import check_xy
 from .backend import get_kernels
 from .blocks import block_means
+from .limits import check_section
 from .vacuum import VACUUM_MAX_BRAGG
 
 __all__ = [
@@ -204,6 +205,7 @@ class LatticeSettings:
                 raise ValueError(f"LatticeSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if self.n_iter < 1 or self.min_support < 1 or self.max_rounds < 0 or self.min_used < 4:
             raise ValueError("LatticeSettings: n_iter >= 1, min_support >= 1, min_used >= 4, max_rounds >= 0")
+        check_section(self, "sites.lattice")  # the ranges of stemfast.limits.SETTING_LIMITS
 
 
 @dataclass(frozen=True)

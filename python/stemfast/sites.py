@@ -31,6 +31,7 @@ from .lattice import (
 )
 from .backend import get_kernels, one_blas_thread
 from .clipping import ClippingWarning, clipped_intensities
+from .limits import check_section
 from .contrast import CONTRASTS, ContrastWarning, column_contrast, inverted
 from .nodata import OVERLAY_RUN, NoData, no_data as find_no_data, overlay_pixels, ring_points
 from .noise import NoiseCorrelationWarning, noise_correlation
@@ -202,6 +203,7 @@ class SiteSettings:
             raise ValueError(f"column_noise_px must be > 0, got {self.column_noise_px!r}")
         if self.contrast not in CONTRASTS:
             raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {self.contrast!r}")
+        check_section(self, "sites")  # the ranges of stemfast.limits.SETTING_LIMITS (refine_radius_nn, ...)
 
     @property
     def resolved_chalcogen_brighter(self) -> bool:

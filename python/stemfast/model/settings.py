@@ -10,6 +10,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..limits import check_section
+
 __all__ = ["RVAEConfig", "Encoding", "BACKGROUNDS", "BACKGROUND_QUANTILE", "background_rank", "default_mask_radius",
            "disc_mask"]
 
@@ -192,8 +194,6 @@ class RVAEConfig:
             raise ValueError(f"symmetrize must be 'image', 'features' or 'none', got {self.symmetrize!r}")
         if self.model not in ("rvae", "vae"):
             raise ValueError(f"model must be 'rvae' or 'vae', got {self.model!r}")
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if self.input_size < 8 or self.input_size % 8:
             raise ValueError(f"input_size must be a positive multiple of 8, got {self.input_size}")
         if self.stn_downsample is None:
@@ -202,18 +202,17 @@ class RVAEConfig:
             raise ValueError(f"stn_downsample must be 1, 2 or None, got {self.stn_downsample!r}")
         if len(self.channels) != 3 or len(self.stn_channels) != 2:
             raise ValueError("channels needs 3 widths and stn_channels 2")
-        if self.rotation_symmetry < 1:
-            raise ValueError(f"rotation_symmetry must be >= 1, got {self.rotation_symmetry}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.kl_warmup < 0:
             raise ValueError(f"kl_warmup must be >= 0, got {self.kl_warmup}")
-        if self.batch_size < 1 or self.epochs < 0 or self.stn_epochs < 0 or self.patience < 1:
-            raise ValueError("batch_size and patience must be >= 1, epochs and stn_epochs >= 0")
+        if self.batch_size < 1 or self.stn_epochs < 0 or self.patience < 1:
+            raise ValueError("batch_size and patience must be >= 1, stn_epochs >= 0")
         if self.beta < 0 or self.lr <= 0 or self.stn_lr <= 0 or self.augment_shift < 0:
             raise ValueError("beta and augment_shift must be >= 0, learning rates > 0")
         if self.max_train_patches is not None and self.max_train_patches < 2:
             raise ValueError(f"max_train_patches must be >= 2 or None, got {self.max_train_patches}")
+        check_section(self, "model")  # the ranges of stemfast.limits.SETTING_LIMITS (epochs, latent_dim, ...)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RVAEConfig":
