@@ -116,3 +116,60 @@ def test_values_at_the_ends_of_the_ranges_are_kept_and_round_trip(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(dump_config(c))
     assert load_config(p) == c
+
+
+# ----------------------------------------------------------------------------- batch options
+
+BAD_BATCH_OPTIONS = [
+    ({"train_frames": 0}, "train_frames (--train-frames) must be an integer >= 1, got 0"),
+    ({"max_train_inputs": 0}, "max_train_inputs (--train-inputs"),
+    ({"max_train_inputs": -1}, "max_train_inputs (--train-inputs"),
+    ({"frames_per_task": 0}, "frames_per_task (--frames-per-task) must be an integer >= 1, got 0"),
+    ({"finetune": -3}, "finetune (--finetune) must be an integer >= 0, got -3"),
+    ({"train_frames": 2.5}, "train_frames (--train-frames) must be an integer"),
+    ({"cache_mb": -1.0}, "cache_mb must be a number of MiB >= 0 or None, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, words", BAD_BATCH_OPTIONS)
+def test_batch_options_out_of_range_are_settings_errors_before_any_work(tmp_path, kwargs, words):
+    from stemfast.batch import run_batch
+    from stemfast.batch.runner import BatchOptions
+
+    with pytest.raises(SettingsError) as exc:
+        BatchOptions(**kwargs)
+    assert words in str(exc.value)
+    f = tmp_path / "x.npy"
+    np.save(f, np.zeros((8, 8), np.float32))
+    with pytest.raises(SettingsError):
+        run_batch(f, tmp_path / "out", show_progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+    assert BatchOptions(train_frames=1, max_train_inputs=1, frames_per_task=1, finetune=0, cache_mb=0)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["batch", "{f}", "--train", "--train-frames", "0"], "train_frames (--train-frames) must be an integer >= 1"),
+    (["batch", "{f}", "--train", "--train-inputs", "0"], "max_train_inputs (--train-inputs"),
+    (["batch", "{f}", "--train", "--train-inputs", "-1"], "max_train_inputs (--train-inputs"),
+    (["batch", "{f}", "--train", "--frames-per-task", "0"], "frames_per_task (--frames-per-task)"),
+    (["analyze", "{f}", "--finetune", "-3"], "finetune (--finetune) must be an integer >= 0, got -3"),
+    (["analyze", "{f}", "--set", "analysis.top_n=-1"], "analysis.top_n must be >= 0, got -1"),
+    (["analyze", "{f}", "--set", "model.rotation_symmetry=1000000"],
+     "model.rotation_symmetry must be between 1 and 12"),
+    (["analyze", "{f}", "--epochs", "0"], "model.epochs must be between 1 and 100000, got 0"),
+    (["train", "{f}", "--train-frames", "0"], "train_frames (--train-frames) must be an integer >= 1"),
+    (["train", "{f}", "--max-inputs", "0"], "stemfast train: --max-inputs) must be an integer >= 1, got 0"),
+])
+def test_the_command_line_exits_2_with_the_message_before_any_work(tmp_path, capsys, argv, words):
+    from stemfast.cli import main
+
+    f = tmp_path / "x.npy"
+    np.save(f, np.zeros((8, 8), np.float32))
+    out = tmp_path / ("m.pt" if argv[0] == "train" else "out")
+    args = [a.format(f=f) for a in argv] + ["-o", str(out)]
+    if argv[0] != "train":
+        args.append("--no-companion")
+    assert main(args) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not out.exists()

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 from .. import __version__
 from ..atomic import recover_staged, write_json
 from ..config import ReadOptions
 from ..config import config_hash, input_table, load_config, parse_toml, write_resolved_config
-from ..errors import describe_os_error
+from ..errors import SettingsError, describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
                      now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
@@ -28,10 +30,30 @@ __all__ = ["run_batch", "BatchOptions"]
 
 log = logging.getLogger("stemfast.batch")
 
+#: The whole-number options of a batch, checked by :class:`BatchOptions`: field -> (its command-line
+#: option, lowest value).
+BATCH_LIMITS = {
+    "max_train_inputs": ("--train-inputs; stemfast train: --max-inputs", 1),  # inputs sampled for training
+    "train_frames": ("--train-frames", 1),  # frames per stack sampled for training
+    "frames_per_task": ("--frames-per-task", 1),
+    "finetune": ("--finetune", 0),  # optimiser steps (0: no fine-tuning)
+}
+
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """How a batch runs: the keyword arguments of :func:`run_batch` other than the settings."""
+    """How a batch runs: the keyword arguments of :func:`run_batch` other than the settings.
+
+    Out-of-range options (:data:`BATCH_LIMITS`; ``cache_mb`` >= 0 or None) raise :class:`SettingsError`
+    when made, before any work.
+
+    Examples
+    --------
+    >>> BatchOptions(train_frames=0)
+    Traceback (most recent call last):
+    ...
+    stemfast.errors.SettingsError: train_frames (--train-frames) must be an integer >= 1, got 0
+    """
 
     model_path: object = None
     scheduler: object = None
@@ -45,6 +67,16 @@ class BatchOptions:
     train: bool = False
     finetune: int = 0
     companions: CompanionRule = CompanionRule()
+
+    def __post_init__(self) -> None:
+        for name, (option, low) in BATCH_LIMITS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
+                raise SettingsError(f"{name} ({option}) must be an integer >= {low}, got {v!r}")
+        mb = self.cache_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb)
+                               or mb < 0):
+            raise SettingsError(f"cache_mb must be a number of MiB >= 0 or None, got {mb!r}")
 
     @property
     def cache_budget_bytes(self) -> int:

@@ -41,11 +41,13 @@ def cmd_train(args) -> int:
 def _cmd_train(args) -> int:
     from .. import __version__
     from ..batch import discover_inputs, train_batch_model
+    from ..batch.runner import BatchOptions
     from ..config import config_hash, config_to_dict
     from ..model.engine import check_device
 
     config = config_from_args(args)
     check_device(config.model.device)  # before the patches are cut
+    BatchOptions(max_train_inputs=args.max_inputs, train_frames=args.train_frames)  # their checks: SettingsError
     read_options = read_options_from_args(args)
     problems: list = []
     entries = discover_inputs([Path(p) for p in args.images], problems=problems)
