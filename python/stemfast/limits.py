@@ -49,7 +49,13 @@ SETTING_LIMITS: dict[str, tuple] = {
     # the nodes of the site lattice (metal, chalcogen, hollow) are one spacing apart: a wider tolerance
     # makes a peak the column of two nodes
     "sites.node_tol_nn": (Open(0), 0.5),
+    "sites.border_px": (0, None),  # px left out at the image's edge
+    "sites.min_distance_nn": (Open(0), 1),  # between two peaks, in spacings (over one merges neighbours)
+    "sites.refine_noise_nn": (0, None),
+    "sites.off_lattice_strength": (0, None),  # a share of the columns' peak height
     "sites.lattice.min_inlier_fraction": (0, 1),  # a share of the neighbours
+    "sites.lattice.edge_margin_px": (0, None),
+    "sites.lattice.max_extrapolation": (0, None),  # spacings
     "sites.lattice.max_gap_deg": (0, 360),  # an angular gap around a point (360: no neighbours)
     "model.epochs": (1, 100000),
     "model.latent_dim": (1, 1024),
@@ -59,11 +65,13 @@ SETTING_LIMITS: dict[str, tuple] = {
     # k branches (symmetrize), so the cost grows with k
     "model.rotation_symmetry": (1, 12),
     "model.num_threads": (1, None),  # or none: torch's own setting
+    "model.mask_radius": (Open(0), None),  # or none: the patch's inscribed disc
     "model.seed": (0, MAX_SEED),
     "analysis.n_classes": (1, MAX_CLASSES),
     "analysis.k_range": (1, MAX_CLASSES),
     "analysis.minibatch_above": (0, None),  # a number of sites (0: MiniBatchKMeans always)
     "analysis.top_n": (0, None),  # a number of candidates listed
+    "analysis.n_neighbors": (7, None),  # local references: the first shell of each colour at least
     "analysis.seed": (0, MAX_SEED),
     "analysis.min_class_agreement": (-1, 1),  # an adjusted Rand index (-1: never warn)
     "patch_size": (None, 1024),
