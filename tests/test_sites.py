@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from stemfast.sites import NoLatticeWarning, SiteSettings, find_sites
+from stemfast.sites import LatticeUncertainWarning, NoLatticeWarning, SiteSettings, find_sites
 from stemfast.synthetic import make_mos2
 
 
@@ -1065,3 +1065,32 @@ def test_a_small_clean_ring_is_judged_against_its_annulus_off_its_spots():
     noise = ndimage.gaussian_filter(np.random.default_rng(4).normal(size=(64, 64)), 3).astype(np.float32)
     ring = metal_reciprocal_lattice(noise)  # six smooth-noise maxima that pass for a hexagon
     assert ring is not None and ring.standout < 8.0
+
+
+def test_a_part_of_the_image_without_lattice_neither_names_the_sublattices_nor_is_judged():
+    """60 % of the image is flat noise at the film's brightness (amorphous film, contamination): the
+    phase map's amplitude, relative to its image-wide median, is relative to that noise there, so the
+    lattice was extrapolated over it with noise peaks on its nodes, those ~0-valued sites decided
+    which coset is the metal (Mo and S2 swapped on the real lattice), and nothing was said. The
+    sites there are now not judged, the lattice is said to be uncertain, and the sublattices are
+    named where the lattice is seen."""
+    s = make_mos2(shape=(256, 320), seed=1, rotation_deg=14)
+    img = s.image.copy()
+    c = 128
+    img[:, c:] = np.random.default_rng(1).poisson(s.image.mean(), size=(256, 320 - c))
+    with pytest.warns(LatticeUncertainWarning, match="lie where the image shows no lattice"):
+        t = find_sites(img)
+    lat = t.meta["lattice"]
+    assert lat["lattice_free"]["share"] > 0.4
+    nn = s.meta["nn_px"]
+    film = t.xy[:, 0] < c - nn
+    truth = s.truth[s.truth[:, 0] < c - nn]
+    d, j = cKDTree(truth[:, :2]).query(t.xy[film])
+    ok = d < 0.35 * nn
+    assert ok.mean() > 0.95 and (np.asarray(t["sublattice"])[film][ok] == truth[j[ok], 2]).mean() > 0.98
+    free = (t.xy[:, 0] > c + 2 * nn) & (t.xy[:, 0] < 320 - 2 * nn)  # (the last band: the phase map's wrap-around)
+    assert not np.asarray(t["observed"], bool)[free].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = find_sites(s.image)
+    assert "lattice_free" not in whole.meta["lattice"] and np.asarray(whole["observed"], bool).mean() > 0.9
