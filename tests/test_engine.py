@@ -61,6 +61,29 @@ def test_compiled_engine_matches_torch(cfg):
         np.testing.assert_allclose(out.recon, ref.recon, rtol=0, atol=2e-4 * float(np.abs(ref.recon).max()))
 
 
+@pytest.mark.parametrize("engine", ["torch", "compiled"])
+def test_both_engines_refuse_the_same_bad_input(engine):
+    """The compiled engine returned np.empty outputs for batch_size <= 0, took 1..3 px patches and
+    encoded a NaN patch to plausible latents (torch: NaN); one shared check now refuses them."""
+    m = _random_model()
+    model = m if engine == "torch" else E.CompiledModel(m.network.state_dict(), m.config)
+    x = _patches(6, 35)
+    for bs in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            model.encode(x, batch_size=bs)
+    for s in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"patches are too small \\({s} px; at least 4\\)"):
+            model.encode(np.zeros((2, s, s), np.float32))
+    with pytest.raises(ValueError, match=r"must be a \[N, S, S\] array"):
+        model.encode(np.zeros((2, 8, 9), np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[4, 17, 17] = bad
+        with pytest.raises(ValueError, match="patch 4 has non-finite values"):
+            model.encode(y, batch_size=3)
+    assert np.isfinite(model.encode(x, batch_size=3).mu).all()
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
 def test_kernel_backends_agree_with_the_numpy_reference(backend):
     m = _random_model()

@@ -17,7 +17,7 @@ import torch
 from ..atomic import atomic_open
 from . import functional as MF
 from .modules import RVAENet, VAENet
-from .settings import Encoding
+from .settings import Encoding, check_batch_size, check_finite_patches, check_patch_shape
 from .training import (RVAEConfig, autocast_context, build_network, configure_threads, fit_network,
                        float32_inference,
                        resolve_device)
@@ -69,13 +69,16 @@ def _worker_pool(workers: int):
                 torch.set_num_threads(_THREADS_SAVED)
 
 
-def _check_patches(patches: Any) -> Any:
+def _check_patches(patches: Any, *, finite: bool = False) -> Any:
+    """``patches`` as an array-like ``[N, S, S]`` (:func:`~stemfast.model.settings.check_patch_shape`);
+    ``finite``: every patch is checked for NaN / inf now (read in chunks), as training needs
+    (:meth:`RVAE.encode` checks each chunk as it reads it)."""
     if not hasattr(patches, "shape") or not hasattr(patches, "__getitem__"):
         patches = np.asarray(patches)
-    if len(patches.shape) != 3 or patches.shape[1] != patches.shape[2]:
-        raise ValueError(f"patches must be a [N, S, S] array of square patches, got shape {tuple(patches.shape)}")
-    if patches.shape[1] < 4:
-        raise ValueError(f"patches are too small ({patches.shape[1]} px)")
+    check_patch_shape(patches.shape)
+    if finite:
+        for a in range(0, patches.shape[0], _CHUNK_CPU):
+            check_finite_patches(np.asarray(patches[a:a + _CHUNK_CPU]), a)
     return patches
 
 
@@ -148,13 +151,18 @@ class RVAE:
         extra : dict, optional
             Caller metadata saved with the model (e.g. patch normalisation); ``patch_size`` is
             filled in automatically.
+
+        Raises
+        ------
+        ValueError
+            Patches that are not ``[N, S, S]`` with ``S >= 4``, fewer than 2, or with a NaN / inf.
         progress : bool, optional
             Force the tqdm bar on / off (default: ``config.progress``).
         """
         config = config or RVAEConfig()
         if overrides:
             config = replace(config, **overrides)
-        patches = _check_patches(patches)
+        patches = _check_patches(patches, finite=True)
         if len(patches) < 2:
             raise ValueError(f"need at least 2 patches to train, got {len(patches)}")
         t0 = time.perf_counter()
@@ -187,7 +195,7 @@ class RVAE:
 
         from .training import Augmenter, to_model_input, vae_loss
 
-        patches = _check_patches(patches)
+        patches = _check_patches(patches, finite=True)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if len(patches) < 1:
@@ -343,12 +351,12 @@ class RVAE:
     def _chunk_size(self, batch_size: int | None) -> int:
         if batch_size is None:
             return _CHUNK_CPU if self.device.type == "cpu" else _CHUNK_GPU
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return int(batch_size)
+        return check_batch_size(batch_size)
 
     def _chunk(self, patches: Any, a: int, b: int) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(patches[a:b], dtype=np.float32))[:, None]
+        x = np.ascontiguousarray(patches[a:b], dtype=np.float32)
+        check_finite_patches(x, a)  # NaN would come out as NaN latents (the compiled engine: plausible ones)
+        x = torch.from_numpy(x)[:, None]
         x = x.to(self.device, non_blocking=True)
         return MF.model_input(x, self.config.input_size, self.config.resample, self.config.background)
 

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .settings import BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, disc_mask
+from .settings import (BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_rank, check_batch_size,
+                       check_finite_patches, check_patch_shape, disc_mask)
 
 __all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "check_device", "engine_for", "engine_of",
            "device_of", "on_device", "combined_engine", "subtract_background", "state_arrays"]
@@ -238,13 +239,16 @@ class CompiledModel:
 
     def encode(self, patches: Any, *, batch_size: int = _CHUNK, return_recon: bool = False) -> Encoding:
         """Encode ``patches [N, S, S]`` as :meth:`stemfast.model.RVAE.encode` does (same outputs,
-        float32 rounding apart), in chunks of ``batch_size``."""
+        float32 rounding apart), in chunks of ``batch_size``; refused as there (ValueError): a shape
+        other than ``[N, S, S]`` with ``S >= 4``, ``batch_size < 1``, a patch with NaN or inf."""
         from ..backend import get_kernels
         from ..patches import resample_weights
 
-        shape = getattr(patches, "shape", None)
-        if shape is None or len(shape) != 3 or shape[1] != shape[2]:
-            raise ValueError(f"patches must be [N, S, S], got shape {shape}")
+        if not hasattr(patches, "shape") or not hasattr(patches, "__getitem__"):
+            patches = np.asarray(patches)
+        shape = patches.shape
+        check_patch_shape(shape)
+        batch_size = check_batch_size(batch_size)
         k = get_kernels(self.backend)
         cfg = self.config
         s = cfg.input_size
@@ -262,9 +266,10 @@ class CompiledModel:
         w = self._w
         bg_rank = background_rank(s * s) if cfg.background == "patch" else 0
         empty = np.empty((0, 0, 0), np.float32)
-        for a in range(0, n, max(1, int(batch_size))):
+        for a in range(0, n, batch_size):
             b = min(n, a + batch_size)
             x = np.asarray(patches[a:b], np.float32)
+            check_finite_patches(x, a)
             if wr is not None:
                 x = np.einsum("ij,njk,lk->nil", wr, x, wr, optimize=True).astype(np.float32)
             x = np.ascontiguousarray(x, np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 from ..limits import check_section
 
 __all__ = ["RVAEConfig", "Encoding", "BACKGROUNDS", "BACKGROUND_QUANTILE", "background_rank", "default_mask_radius",
-           "disc_mask"]
+           "disc_mask", "MIN_PATCH_SIZE", "check_patch_shape", "check_finite_patches", "check_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,62 @@ def disc_mask(size: int, radius: float | None = None) -> np.ndarray:
     c = (size - 1) / 2.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     return (((xx - c) ** 2 + (yy - c) ** 2) <= r * r + 1e-9).astype(np.float32)
+
+
+#: the smallest patch (px) a model takes (torch's resampling refuses smaller ones)
+MIN_PATCH_SIZE = 4
+
+
+def check_patch_shape(shape) -> None:
+    """ValueError unless ``shape`` is that of square patches ``[N, S, S]`` with ``S >= MIN_PATCH_SIZE``:
+    the check of every model's input (the torch :class:`~stemfast.model.RVAE` and the compiled engine).
+
+    >>> check_patch_shape((5, 3, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: patches are too small (3 px; at least 4)
+    """
+    if shape is None or len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"patches must be a [N, S, S] array of square patches, got shape "
+                         f"{tuple(shape) if shape is not None else None}")
+    if shape[1] < MIN_PATCH_SIZE:
+        raise ValueError(f"patches are too small ({shape[1]} px; at least {MIN_PATCH_SIZE})")
+
+
+def check_finite_patches(x: np.ndarray, start: int = 0) -> None:
+    """ValueError naming the first patch of ``x [n, S, S]`` with a NaN or infinite value (``start``: the
+    index of ``x[0]`` among all patches). A model fed one would train to NaN weights (or crash in torch's
+    backward pass) and encodes it to NaN, or, on the compiled engine, to plausible numbers.
+
+    >>> check_finite_patches(np.array([[[0.0]], [[np.nan]]]), start=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: patch 11 has non-finite values (NaN or inf): fill or drop it first
+    """
+    x = np.asarray(x)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.size else np.ones(len(x), bool)
+    if not finite.all():
+        i = start + int(np.flatnonzero(~finite)[0])
+        more = int((~finite).sum()) - 1
+        raise ValueError(f"patch {i} {f'(and {more} more) ' if more else ''}has non-finite values (NaN or inf): "
+                         "fill or drop it first")
+
+
+def check_batch_size(batch_size) -> int:
+    """``int(batch_size)``; ValueError unless ``batch_size >= 1`` (patches per model call in ``encode``).
+
+    >>> check_batch_size(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be >= 1, got 0
+    """
+    try:
+        ok = batch_size >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 @dataclass(frozen=True)
