@@ -5,7 +5,6 @@ weights that do not fit their settings), the patch size and input size a model g
 Tiny models (one epoch, few channels) keep the file fast."""
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import sys
@@ -78,3 +77,80 @@ def test_finetune_and_encode_refuse_non_finite_patches(tiny, patches, bad):
     with pytest.raises(ValueError, match=r"patch 7 \(and 1 more\) has non-finite"):
         RVAE.fit(q, RVAEConfig(**TINY))
     assert np.isfinite(tiny.encode(patches).mu).all()
+
+
+# --------------------------------------------------------------------------- model files
+
+def _data_offset(raw: bytes, info: zipfile.ZipInfo) -> int:
+    o = info.header_offset  # the local header: 30 bytes, then the name and the extra field
+    return o + 30 + int.from_bytes(raw[o + 26:o + 28], "little") + int.from_bytes(raw[o + 28:o + 30], "little")
+
+
+def test_a_flipped_byte_in_a_model_file_is_refused(tmp_path):
+    """torch.load does not check zip CRCs: one flipped weight byte in a copy of the shipped model loaded
+    (mu off by 5e37). Files without the weights' checksum (the shipped one) have their CRCs checked."""
+    raw = bytearray(MODEL_PATH.read_bytes())
+    with zipfile.ZipFile(MODEL_PATH) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw[_data_offset(bytes(raw), info) + info.file_size // 2] ^= 0x40
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="fails its CRC check"):
+        RVAE.load(bad, map_location="cpu")
+    good = tmp_path / "copy.pt"
+    shutil.copy(MODEL_PATH, good)
+    assert RVAE.load(good, map_location="cpu").extra["shipped"]  # an intact copy loads
+    assert load_default_model(map_location="cpu", probe=False) is not None  # and so does the shipped model
+
+
+def test_saved_weights_carry_a_checksum_that_load_checks(tiny, tmp_path, stemfast_log):
+    from stemfast.model.api import weights_sha256
+
+    path = tiny.save(tmp_path / "m.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["weights_sha256"] == weights_sha256(tiny.network.state_dict())
+    loaded = RVAE.load(path, map_location="cpu")
+    np.testing.assert_array_equal(loaded.encode(np.zeros((1, 24, 24), np.float32)).mu,
+                                  tiny.encode(np.zeros((1, 24, 24), np.float32)).mu)
+    # a weight changed and the file rewritten (valid zip CRCs): the checksum tells
+    k = next(iter(state["state_dict"]))
+    state["state_dict"][k] = state["state_dict"][k] + 1e-3
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(ModelFileError, match="do not match the checksum"):
+        RVAE.load(tmp_path / "edited.pt", map_location="cpu")
+    # a file saved before the checksum existed still loads (unverified, said at debug level)
+    del state["weights_sha256"]
+    torch.save(state, tmp_path / "old.pt")
+    assert RVAE.load(tmp_path / "old.pt", map_location="cpu").config == tiny.config
+    assert "no weights checksum" in stemfast_log.text
+
+
+@pytest.mark.parametrize("with_checksum", [True, False])
+def test_load_refuses_non_finite_weights(tiny, tmp_path, with_checksum):
+    from stemfast.model.api import weights_sha256
+
+    state = tiny.state()
+    k = "encoder.head.weight"
+    state["state_dict"][k] = state["state_dict"][k] * float("nan")
+    if with_checksum:
+        state["weights_sha256"] = weights_sha256(state["state_dict"])  # saved so: a training that diverged
+    else:
+        del state["weights_sha256"]
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ModelFileError, match="not finite.*encoder.head.weight"):
+        RVAE.load(tmp_path / "nan.pt", map_location="cpu")
+
+
+def test_weights_that_do_not_fit_their_settings_are_named_on_the_first_line(tmp_path):
+    from stemfast.batch.model_state import check_model_file
+
+    state = torch.load(MODEL_PATH, weights_only=True)
+    state["config"] = dict(state["config"], input_size=32)
+    torch.save(state, tmp_path / "size32.pt")
+    with pytest.raises(ModelFileError, match=r"encoder.head.weight is \[8, \d+\] in the file, \[8, \d+\] for its"):
+        check_model_file(tmp_path / "size32.pt")  # it keeps the first line of the cause
+    state = torch.load(MODEL_PATH, weights_only=True)
+    state["extra"] = dict(state["extra"] or {}, patch_size="abc")
+    torch.save(state, tmp_path / "badps.pt")
+    with pytest.raises(ModelFileError, match="patch_size is 'abc'"):
+        RVAE.load(tmp_path / "badps.pt", map_location="cpu")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
 import time
+import zipfile
 from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_open
+from ..errors import ModelFileError
 from . import functional as MF
 from .modules import RVAENet, VAENet
 from .settings import Encoding, check_batch_size, check_finite_patches, check_patch_shape
@@ -82,6 +85,24 @@ def _check_patches(patches: Any, *, finite: bool = False) -> Any:
     return patches
 
 
+#: the key of the weights' checksum in a model file (:meth:`RVAE.save`; files saved before have none)
+_CHECKSUM_KEY = "weights_sha256"
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """SHA-256 of a network's ``state_dict``: every tensor's name, dtype, shape and bytes, in name order.
+
+    torch does not check a model file's zip CRCs, so a flipped byte in the weights loads silently;
+    :meth:`RVAE.save` stores this and :meth:`RVAE.load` recomputes it.
+    """
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _plain(obj: Any, where: str = "extra") -> Any:
     """Convert to plain Python containers (what ``torch.load(weights_only=True)`` accepts)."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -109,6 +130,46 @@ def _safe_globals():
         return torch.serialization.safe_globals([TorchVersion])
     except (ImportError, AttributeError):  # pragma: no cover - older torch
         return contextlib.nullcontext()
+
+
+def _check_zip(path: Any) -> None:
+    """:class:`~stemfast.errors.ModelFileError` when a part of the zip file ``path`` (what ``torch.save``
+    writes) fails its CRC-32: ``torch.load`` does not check them, so one flipped byte in the weights
+    would load. Not a zip file, or one zipfile cannot read: left to ``torch.load`` to report."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+        return
+    if bad is not None:
+        raise ModelFileError(f"{bad} in the file fails its CRC check: a damaged file")
+
+
+def _load_weights(net: VAENet, state: dict, path: Any) -> None:
+    """Load a model file's ``state`` weights into ``net`` (built from its settings), after checking
+    them (:class:`~stemfast.errors.ModelFileError` with the reason): against the checksum saved with
+    them, finite, and of the names and shapes the settings give."""
+    sd = state.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelFileError("the file holds no weights (no state_dict of tensors)")
+    stored = state.get(_CHECKSUM_KEY)
+    if stored is None:
+        log.debug("%s: no weights checksum (saved by an earlier stemfast); weights not verified", path)
+    elif weights_sha256(sd) != stored:
+        raise ModelFileError("the weights do not match the checksum saved with them: a damaged or altered file")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"the weights are not finite (NaN or inf in {', '.join(bad[:3])}"
+                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): a model whose training diverged")
+    want = net.state_dict()
+    problems = [f"{k} is {list(sd[k].shape)} in the file, {list(v.shape)} for its settings"
+                for k, v in want.items() if k in sd and sd[k].shape != v.shape]
+    problems += [f"{k} is missing" for k in want if k not in sd]
+    problems += [f"{k} is not in this model" for k in sd if k not in want]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ModelFileError(f"the weights do not fit the settings saved with them: {problems[0]}{more}")
+    net.load_state_dict(sd)
 
 
 class RVAE:
@@ -367,13 +428,15 @@ class RVAE:
 
         ex = dict(self.extra)
         ex.update(extra or {})
+        sd = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
         return {
             "format": "stemfast.model.RVAE",
             "format_version": FORMAT_VERSION,
             "stemfast_version": str(__version__),
             "torch_version": str(torch.__version__),
             "config": _plain(asdict(self.config), "config"),
-            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "state_dict": sd,
+            _CHECKSUM_KEY: weights_sha256(sd),
             "extra": _plain(ex),
             "history": _plain(self.history, "history"),
         }
@@ -382,7 +445,8 @@ class RVAE:
         """Write the model to ``path`` atomically (temp file in the same folder + ``os.replace``).
 
         ``extra`` (merged into :attr:`extra`) holds caller metadata such as the patch
-        normalisation; values must be numbers, strings, lists, dicts or arrays.
+        normalisation; values must be numbers, strings, lists, dicts or arrays. The file holds the
+        SHA-256 of the weights (:func:`weights_sha256`), which :meth:`load` checks.
         """
         path = Path(path)
         state = self.state(extra)
@@ -394,7 +458,18 @@ class RVAE:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device | None = None) -> "RVAE":
-        """Load a model written by :meth:`save` onto ``map_location`` (default: CUDA when available, else CPU)."""
+        """Load a model written by :meth:`save` onto ``map_location`` (default: CUDA when available, else CPU).
+
+        Raises
+        ------
+        ValueError
+            Not a stemfast model file, or one written by a newer stemfast.
+        stemfast.errors.ModelFileError
+            A damaged file: a part failing its zip CRC-32 (torch.load does not check them), or weights
+            that differ from the checksum saved with them (files saved before it was stored have
+            only their CRCs checked); weights that are not finite, or do not fit the file's settings.
+        """
+        _check_zip(path)
         with open(path, "rb") as fh, _safe_globals():
             state = torch.load(fh, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != "stemfast.model.RVAE":
@@ -404,12 +479,16 @@ class RVAE:
         config = RVAEConfig.from_dict(state["config"])
         device = resolve_device("auto" if map_location is None else map_location)
         net = build_network(config)
-        net.load_state_dict(state["state_dict"])
+        _load_weights(net, state, path)
         net = net.to(device)
         if isinstance(net, RVAENet):
             for p in net.stn.parameters():
                 p.requires_grad_(False)
-        return cls(net, config, history=state.get("history") or {}, extra=state.get("extra") or {})
+        extra = state.get("extra") or {}
+        ps = extra.get("patch_size") if isinstance(extra, dict) else None
+        if ps is not None and (isinstance(ps, bool) or not isinstance(ps, int) or ps < 1):
+            raise ModelFileError(f"its patch_size is {ps!r}, not a whole number of pixels >= 1")
+        return cls(net, config, history=state.get("history") or {}, extra=extra)
 
     def to(self, device: str | torch.device) -> "RVAE":
         """Move the network to ``device`` (in place); returns self. :attr:`device` is then the
