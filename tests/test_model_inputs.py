@@ -154,3 +154,62 @@ def test_weights_that_do_not_fit_their_settings_are_named_on_the_first_line(tmp_
     torch.save(state, tmp_path / "badps.pt")
     with pytest.raises(ModelFileError, match="patch_size is 'abc'"):
         RVAE.load(tmp_path / "badps.pt", map_location="cpu")
+
+
+# --------------------------------------------------------------------------- the pipeline's patches
+
+@pytest.fixture(scope="module")
+def image():
+    """A MoS2-like image at ~15 px per spacing: its patches are cut at 39 px, not the model's 24."""
+    s = make_mos2(shape=(256, 256), pixel_size_A=3.16 / np.sqrt(3) / 15.0, noise=True, seed=3)
+    return s.image.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained32(image):
+    """(settings, model) of a model trained through run_image with input_size 32."""
+    cfg = PipelineConfig(model=RVAEConfig(input_size=32, **TINY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, model = run_image(image, config=cfg, train=True)
+    return cfg, model
+
+
+def test_a_model_trained_through_the_api_records_the_cut_patch_size(image, trained32, tmp_path):
+    cfg, model = trained32
+    cut = prepare(image, config=cfg).patch_size
+    assert cut == 39 and model.extra["patch_size"] == cut  # not the input size the patches were resampled to
+    loaded = RVAE.load(model.save(tmp_path / "m.pt"), map_location="cpu")
+    assert loaded.extra["patch_size"] == cut
+
+
+def test_training_refuses_images_cut_at_different_sizes(image):
+    cfg = PipelineConfig(model=RVAEConfig(**TINY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preps = [prepare(image, config=cfg, patch_size=s) for s in (33, 39)]
+    with pytest.raises(ValueError, match=r"cut at different sizes \(\[33, 39\] px\)"):
+        train_model(preps, config=cfg)
+
+
+def test_a_given_model_gets_patches_at_its_own_input_size(image, trained32):
+    """A 32 px model run with the default settings (input_size 24) was fed 24 px patches resampled again."""
+    cfg32, model = trained32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _ = analyze(prepare(image, config=cfg32, patch_size=model.extra["patch_size"]), model, config=cfg32)
+        table, summary, used = run_image(image, model=model, config=PipelineConfig())
+        assert used is model and summary["n_sites"] == len(ref)
+        np.testing.assert_array_equal(np.asarray(table["recon_error"]), np.asarray(ref["recon_error"]))
+        prep24 = prepare(image, config=PipelineConfig(), patch_size=model.extra["patch_size"])
+        with pytest.raises(ValueError, match="prepared at 24 px but the model takes 32 px"):
+            analyze(prep24, model, config=PipelineConfig())
+
+
+@pytest.mark.parametrize("how", ["train", "architecture"])
+def test_run_image_without_a_lattice_when_a_model_must_be_trained(how):
+    cfg = PipelineConfig(model=RVAEConfig(latent_dim=5 if how == "architecture" else 4, **TINY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, summary, model = run_image(np.zeros((128, 128), np.float32), config=cfg, train=how == "train")
+    assert len(table) == 0 and summary == {"n_sites": 0, "status": "no lattice"} and model is None

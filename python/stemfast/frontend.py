@@ -53,7 +53,8 @@ class Prepared:
 
 def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
             unit: str | None = "nm", patch_size: int | None = None,
-            max_patch_bytes: int | None = None, companion: np.ndarray | None = None) -> Prepared:
+            max_patch_bytes: int | None = None, companion: np.ndarray | None = None,
+            input_size: int | None = None) -> Prepared:
     """Find the sites of a 2-D ``image`` and cut a normalised patch around each (from the image with the
     scan lines and parts of lines that ``find_sites`` found off levelled: :func:`stemfast.scanlines.levelled_image`).
 
@@ -63,7 +64,10 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     (:func:`stemfast.analysis.detector_weights`).
 
     ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
-    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. Patches that would take more
+    otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. ``input_size`` (px): the size
+    the patches are resampled to, that of the model that will encode them (default
+    ``config.model.input_size``; :func:`stemfast.pipeline.analyze` refuses patches of another size
+    than its model's). Patches that would take more
     than ``max_patch_bytes`` (default :data:`MAX_PATCH_BYTES`) are not cut here but on demand
     (``Prepared.patches`` is then a :class:`~stemfast.patches.LazyPatches`).
     """
@@ -84,7 +88,7 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
     size = patch_size or config.patch_size or (default_patch_size(table.meta["spacing_px"])
                                                 if table.meta.get("status") == "ok" else 32)
     if len(table):
-        out = int(getattr(config.model, "input_size", size) or size)
+        out = int(input_size or getattr(config.model, "input_size", size) or size)
         # gather straight at the model's input size: the compiled gather applies resample_patches'
         # weights in the same pass (no size x size intermediate, no second pass over the patches)
         weights = resample_weights(size, out) if out != size else None

@@ -37,15 +37,21 @@ def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineCo
 
     With ``init`` (e.g. the shipped model) that model is fine-tuned on the pool for ``steps``
     optimiser steps instead (:meth:`stemfast.model.RVAE.finetune`).
+
+    A trained model records the size its patches were cut at in the images (``extra["patch_size"]``,
+    ``Prepared.patch_size``; the patches themselves are resampled to ``config.model.input_size``), the
+    size ``run_image`` and ``batch`` then cut for it: so the images must have been cut at one size
+    (ValueError otherwise: set ``patch_size``). A fine-tuned model keeps cutting per image.
     """
     from .model import RVAE
 
     usable = [(p, np.flatnonzero(~p.edge)) for p in prepared if len(p.patches)]
     if not usable:
         raise ValueError("no patches to train on: no image had a lattice")
-    sizes = {p.patches.shape[-1] for p, _ in usable}
-    if len(sizes) > 1:
-        raise ValueError(f"patch sizes differ between images: {sorted(sizes)}; set patch_size")
+    cut = {int(p.patch_size) for p, _ in usable}
+    if init is None and len(cut) > 1:
+        raise ValueError(f"the images' patches were cut at different sizes ({sorted(cut)} px) and a trained model "
+                         "records one: set patch_size (the settings' or prepare's) so all are cut alike")
     # draw the training sample from the pooled indices first, then cut only those patches (the
     # patches of a large image are cut on demand)
     offsets = np.cumsum([0] + [len(idx) for _, idx in usable])
@@ -58,7 +64,7 @@ def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineCo
                            for (p, idx), lo, hi in zip(usable, offsets[:-1], offsets[1:])])
     if init is not None:
         return init.finetune(allp, steps=steps)
-    return RVAE.fit(allp, config.model)
+    return RVAE.fit(allp, config.model, extra={"patch_size": cut.pop() or None})
 
 
 def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig()) -> tuple[SiteTable, dict]:
@@ -81,6 +87,11 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
     from .model.engine import on_device
 
+    want = getattr(getattr(model, "config", None), "input_size", None)
+    if want is not None and int(prep.patches.shape[-1]) != int(want):
+        raise ValueError(f"the patches were prepared at {prep.patches.shape[-1]} px but the model takes {want} px "
+                         f"patches: set model.input_size = {want} in the settings (the model's), or prepare with "
+                         f"input_size={want}")
     model = on_device(model, config.model.device)  # one loaded elsewhere (a model file, another process's)
     if isinstance(prep.patches, LazyPatches):
         enc = _encode_streamed(model, prep.patches)
@@ -121,16 +132,22 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     ``model.engine`` says), else -- with ``train=True``, or when the shipped
     model cannot be used (a warning says why) -- one trained on this image. ``companion``: a second
     detector's image of the same scan (:func:`stemfast.frontend.prepare`).
+
+    A given model gets patches cut at the size it records (``extra["patch_size"]``) and resampled to
+    its own ``input_size`` (whatever ``config.model`` says). An image without a lattice gives
+    :func:`analyze`'s empty result (its ``status`` says why), with the model None when one was to be trained.
     """
     if model is None and not train:
         from .model.shipped import shipped_for_run
 
         model = shipped_for_run(config)
-    patch_size = None
+    patch_size = input_size = None
     if model is not None:
-        patch_size = model.extra.get("patch_size") if getattr(model, "extra", None) else None
-    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion)
-    if model is None:
+        patch_size = (getattr(model, "extra", None) or {}).get("patch_size")
+        input_size = getattr(getattr(model, "config", None), "input_size", None)
+    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion,
+                   input_size=input_size)
+    if model is None and len(prep.patches):
         model = train_model([prep], config=config)
     table, summary = analyze(prep, model, config=config)
     return table, summary, model

@@ -210,8 +210,10 @@ class RVAE:
             Defaults to ``RVAEConfig()``; keyword ``overrides`` replace single fields
             (``RVAE.fit(p, epochs=10, model="vae")``).
         extra : dict, optional
-            Caller metadata saved with the model (e.g. patch normalisation); ``patch_size`` is
-            filled in automatically.
+            Caller metadata saved with the model (e.g. patch normalisation). ``patch_size`` (the
+            size the patches were cut at in the image, which ``run_image`` and ``batch`` cut for this
+            model) defaults to S: a caller that resampled the patches before passes the cut size here
+            (:func:`stemfast.pipeline.train_model` does).
 
         Raises
         ------
