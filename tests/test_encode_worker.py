@@ -100,6 +100,23 @@ def test_a_dead_worker_is_reported_not_waited_for():
     assert time.perf_counter() - t0 < 30
 
 
+def test_a_worker_killed_between_calls_is_reported_with_its_exit_code():
+    """Sending to a child killed since the last call failed with 'cannot be reached: Broken pipe'."""
+    import signal
+
+    w = ew.EncodeWorker(FakeModel)
+    try:
+        assert w.encode(np.ones((1, 3, 3))).mu.shape == (1, 2)
+        os.kill(w._proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while w._proc.is_alive() and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        with pytest.raises(ew.EncodeWorkerError, match=r"died \(exit code -9, killed by SIGKILL\)"):
+            w.encode(np.ones((1, 3, 3)))
+    finally:
+        w.close()
+
+
 def test_the_opt_out(monkeypatch):
     monkeypatch.setenv(ew.ENV_VAR, "0")
     assert ew.unavailable() == f"{ew.ENV_VAR}=0"

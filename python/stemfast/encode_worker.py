@@ -94,9 +94,25 @@ class EncodeWorker:
         self.ready()
         try:
             self._conn.send(("encode", np.asarray(patches)))
-        except (OSError, ValueError) as exc:
-            raise self._fail(EncodeWorkerError(f"the encode worker cannot be reached: {exc}")) from None
+        except (OSError, ValueError) as exc:  # a broken pipe: the child died since the last call
+            self._proc.join(1.0)
+            why = self._died() if self._proc.exitcode is not None else \
+                f"the encode worker (pid {self._proc.pid}) cannot be reached: {exc}"
+            raise self._fail(EncodeWorkerError(why)) from None
         return Encoding(**self._receive())
+
+    def _died(self) -> str:
+        """What to say of the child that ended: its exit code (and the signal that killed it)."""
+        import signal
+
+        code = self._proc.exitcode
+        how = ""
+        if code is not None and code < 0:
+            try:
+                how = f", killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f", killed by signal {-code}"
+        return f"the encode worker (pid {self._proc.pid}) died (exit code {code}{how})"
 
     def _receive(self, timeout: float | None = None):
         """The child's next answer; its exception re-raised here, a dead child (or, with ``timeout``, one
@@ -114,8 +130,7 @@ class EncodeWorker:
             kind, value, tb = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(1.0)
-            raise self._fail(EncodeWorkerError(f"the encode worker (pid {self._proc.pid}) died "
-                                               f"(exit code {self._proc.exitcode})")) from None
+            raise self._fail(EncodeWorkerError(self._died())) from None
         if kind == "error":
             # a stemfast error is a message for the user (e.g. a --model file that is no model), as in process
             user_error = type(value).__module__.startswith("stemfast.") and not isinstance(value, EncodeWorkerError)
