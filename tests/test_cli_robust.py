@@ -673,3 +673,15 @@ def test_a_large_image_shows_a_bar_over_the_stages(monkeypatch, capsys):
     # a small image (under STAGE_BAR_PX) or no terminal: a plain dict, no bar
     monkeypatch.setenv("STEMFAST_PROGRESS", "0")
     assert type(prepare(img, config=cfg).timings) is dict
+
+
+def test_a_reused_model_of_another_input_size_gets_patches_of_its_own_size(env, tmp_path):
+    """A model trained at 16 px patches (the tiny settings) reused with the default settings (24 px):
+    the patches are cut at the model's recorded size and resampled to its own input size -- not to the
+    settings' and again in the encoder, nor refused frame by frame."""
+    out = tmp_path / "out"
+    assert run_batch_cli([str(env["data"]), "-o", str(out), "--model", str(env["a"])]) == 0
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["counts"]["done"] == 2 and bs["counts"]["failed"] == 0
+    s = json.loads((out / "good" / "summary.json").read_text())
+    assert s["n_sites"] > 0 and not any("input size" in w for w in s.get("warnings", []))

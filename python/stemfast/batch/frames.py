@@ -93,8 +93,10 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
             rec["warnings"].append(msg)
         if prep is None:
             with _warnings_logged(frame):
+                # patches resampled to the model's own input size (a reused model's may differ from the settings')
                 prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size,
-                               companion=companion)
+                               companion=companion, input_size=getattr(getattr(model, "config", None), "input_size",
+                                                                       None))
         elif companion is not None:  # prepared for training, without the companion
             prep.sites = with_companion(prep.sites, companion, config.sites)
         if len(prep.patches) and model is None:
