@@ -292,8 +292,8 @@ def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
         channels = _tiff_channels(path, series, meta, channel, warn=frames is None, titles=titles)
         if len(core) == 3 and not rgb and not channels:
             try:  # uncompressed contiguous stacks: memory-map (read-only), frames load lazily
-                if series.dataoffset is not None and series.dtype.isnative:
-                    data = np.memmap(path, dtype=series.dtype, mode="r",
+                if series.dataoffset is not None:  # in the file's byte order (tifffile gives the native one)
+                    data = np.memmap(path, dtype=np.dtype(series.dtype).newbyteorder(tif.byteorder), mode="r",
                                      offset=series.dataoffset, shape=tuple(series.shape))
             except (ValueError, OSError, TypeError):  # not contiguous: read normally
                 data = None
