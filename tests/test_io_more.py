@@ -40,3 +40,35 @@ def test_a_big_endian_uncompressed_stack_is_read_in_its_byte_order(tmp_path, sta
     np.testing.assert_array_equal(mg.data, data.astype(np.float32))
     np.testing.assert_array_equal(read(tmp_path / "be.tif", frames=1).data, data[1].astype(np.float32))
     np.testing.assert_array_equal(read(tmp_path / "be.tif", frames=[2, 0]).data, data[[2, 0]].astype(np.float32))
+
+
+def _thumbnail_first(path, img, main_tags=(), **main):
+    """A TIFF of two series: a 4x smaller thumbnail first (calibrated 0.08 nm per pixel in cm resolution
+    tags), then the image itself (``main``: its own resolution tags; ``main_tags``: extra tags)."""
+    with tifffile.TiffWriter(path) as w:
+        w.write(img[::4, ::4].copy(), resolution=(1e7 / 0.08, 1e7 / 0.08), resolutionunit="CENTIMETER", metadata=None)
+        w.write(img, metadata=None, extratags=list(main_tags), **main)
+    return path
+
+
+@pytest.mark.parametrize("parser", ["rsciio's own parser", "its public reader"])
+def test_the_calibration_is_the_series_reads_not_a_thumbnails_before_it(tmp_path, parser, monkeypatch):
+    """The largest series is read; its calibration is that of its own first page (and, through
+    RosettaSciIO, of that series), not of page 0, a thumbnail 4x coarser."""
+    img = np.random.default_rng(0).normal(100.0, 10.0, (128, 128)).astype(np.float32)
+    with pytest.warns(ReadWarning, match="series 1, the largest"):
+        mg = read(_thumbnail_first(tmp_path / "a.tif", img, resolution=(1e7 / 0.02, 1e7 / 0.02),
+                                   resolutionunit="CENTIMETER"))
+    assert mg.data.shape == (128, 128) and mg.pixel_size == pytest.approx(0.02) and mg.unit == "nm"
+    pytest.importorskip("rsciio.tiff")
+    if parser == "its public reader":  # a version whose parser takes other arguments
+        from rsciio.tiff import _api
+
+        original = _api._parse_scale_unit
+        monkeypatch.setattr(_api, "_parse_scale_unit", lambda *args: original(*args))
+    dm = [(65003, "s", 0, "nm", False), (65004, "s", 0, "nm", False),
+          (65009, "d", 1, 0.0165, False), (65010, "d", 1, 0.0165, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReadWarning)
+        mg = read(_thumbnail_first(tmp_path / "dm.tif", img, dm, resolutionunit="NONE"))
+    assert mg.pixel_size == pytest.approx(0.0165) and mg.metadata["calibration_from"] == "RosettaSciIO's TIFF reader"

@@ -279,10 +279,10 @@ def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
             if offs and cnts and max(o + c for o, c in zip(offs, cnts)) > size:
                 raise ReadError(path, "truncated TIFF file (image data extends past the end "
                                       f"of the {size}-byte file)")
-        page0 = tif.pages[0]
-        pixel_size, unit = _tiff_calibration(tif, page0, meta)
+        # the calibration of the series read (its first page's tags), not of page 0: a thumbnail may come first
+        pixel_size, unit = _tiff_calibration(tif, series.keyframe, meta)
         if pixel_size is None:
-            pixel_size, unit = _tiff_calibration_rsciio(path, meta)
+            pixel_size, unit = _tiff_calibration_rsciio(path, meta, pick)
         rgb = meta["_rgb"] = _tiff_is_colour(path, series, meta)
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
@@ -460,19 +460,20 @@ def _ome_calibration(xml: str | None) -> tuple[float | None, str | None]:
         return None, None
 
 
-def _tiff_calibration_rsciio(path: Path, meta: dict) -> tuple[float | None, str | None]:
+def _tiff_calibration_rsciio(path: Path, meta: dict, pick: int = 0) -> tuple[float | None, str | None]:
     """Pixel size of a TIFF whose calibration :func:`_tiff_calibration` does not read (DigitalMicrograph's
     private tags, JEOL SightX, Zeiss SEM, ...) from RosettaSciIO's TIFF reader, where it is installed:
-    its x axis' scale where both image axes are in length units; else ``(None, None)``."""
+    the x axis' scale of series ``pick`` (the one read) where both image axes are in length units; else
+    ``(None, None)``."""
     st = path.stat()
-    ps, unit = _rsciio_tiff_scale(str(path), st.st_size, st.st_mtime_ns)
+    ps, unit = _rsciio_tiff_scale(str(path), st.st_size, st.st_mtime_ns, pick)
     if ps is not None:
         meta["calibration_from"] = "RosettaSciIO's TIFF reader"
     return ps, unit
 
 
 @functools.lru_cache(maxsize=64)
-def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int) -> tuple[float | None, str | None]:
+def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int, pick: int = 0) -> tuple[float | None, str | None]:
     """:func:`_tiff_calibration_rsciio`'s reading, once per file version (a series is read frame by
     frame: ``size`` and ``mtime_ns`` key the cache)."""
     try:
@@ -482,9 +483,9 @@ def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int) -> tuple[float | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            axes = _rsciio_axes(path)
-            if axes is None:  # its parser is not as this version knows it: its (lazy) reader
-                axes = file_reader(path, lazy=True)[0].get("axes")
+            axes = _rsciio_axes(path, pick)
+            if axes is None:  # its parser is not as this version knows it: its (lazy) reader, one signal a series
+                axes = file_reader(path, lazy=True)[pick].get("axes")
     except Exception:  # noqa: BLE001 - its reader failing leaves the file uncalibrated, as without it
         return None, None
     axes = sorted(axes or [], key=lambda a: int(a.get("index_in_array", 0)))[-2:]
@@ -493,8 +494,8 @@ def _rsciio_tiff_scale(path: str, size: int, mtime_ns: int) -> tuple[float | Non
     return float(axes[-1].get("scale")), str(axes[-1].get("units"))
 
 
-def _rsciio_axes(path: str) -> list[dict] | None:
-    """The axes RosettaSciIO's TIFF reader gives the first series of ``path``, from its own parser of the
+def _rsciio_axes(path: str, pick: int = 0) -> list[dict] | None:
+    """The axes RosettaSciIO's TIFF reader gives series ``pick`` of ``path``, from its own parser of the
     vendors' tags (``rsciio.tiff._api._parse_scale_unit``, called as its reader calls it) on a file opened
     and closed here. Its public reader, even lazy, leaves the file open until a garbage collection (a
     reference cycle through its dask graph) and imports dask (0.25 s). ``None`` where that private
@@ -510,7 +511,7 @@ def _rsciio_axes(path: str) -> list[dict] | None:
             "tiff", "page", "op", "shape", "force_read_resolution", "names", "hamamatsu_streak_axis_type"]:
         return None
     with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        series = tif.series[pick]
         page = series.pages[0]
         axes, shape = series.axes, series.shape
         if page.photometric == tifffile.PHOTOMETRIC.RGB:  # as its reader: the colour axis is no axis
