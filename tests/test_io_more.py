@@ -72,3 +72,62 @@ def test_the_calibration_is_the_series_reads_not_a_thumbnails_before_it(tmp_path
         warnings.simplefilter("ignore", ReadWarning)
         mg = read(_thumbnail_first(tmp_path / "dm.tif", img, dm, resolutionunit="NONE"))
     assert mg.pixel_size == pytest.approx(0.0165) and mg.metadata["calibration_from"] == "RosettaSciIO's TIFF reader"
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: checked from the header, before a compressed array is decompressed
+# ---------------------------------------------------------------------------------------------
+def _ndata(path, arr, props, compression):
+    """A Nion Swift ``.ndata`` data item: a zip of data.npy and metadata.json."""
+    import io as _bio
+    import zipfile
+
+    buf = _bio.BytesIO()
+    np.save(buf, arr)
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        z.writestr("data.npy", buf.getvalue())
+        z.writestr("metadata.json", json.dumps(props))
+    return path
+
+
+def _hspy(path, arr):
+    from rsciio.hspy import file_writer
+
+    axes = [{"name": n, "size": arr.shape[i], "scale": 0.02, "offset": 0.0, "units": "nm", "navigate": False,
+             "index_in_array": i} for i, n in enumerate("yx")]
+    file_writer(str(path), {
+        "data": arr, "axes": axes, "metadata": {"General": {"title": "HAADF"}, "Signal": {"signal_type": ""}},
+        "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {}, "models": {},
+        "learning_results": {}, "package_info": {"name": "x", "version": "0"}}, compression="gzip")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz without an 'image' entry", "ndata", "hspy"])
+def test_a_small_compressed_file_is_refused_from_its_header_before_it_is_decompressed(tmp_path, monkeypatch, kind):
+    """A 2048 x 2048 float32 image of zeros compresses to a few kB: beyond the memory limit, it is refused
+    from the shape and type its header declares, before any of its 16 MB is decompressed (traced peak)."""
+    import zipfile
+
+    big = np.zeros((2048, 2048), np.float32)
+    if kind.startswith("npz"):
+        p = tmp_path / "a.npz"
+        np.savez_compressed(p, **({"image": big} if kind == "npz" else {"x": np.arange(3.0), "scan": big}))
+    elif kind == "ndata":
+        props = {"title": "HAADF", "datum_dimension_count": 2, "collection_dimension_count": 0}
+        p = _ndata(tmp_path / "a.ndata", big, props, zipfile.ZIP_DEFLATED)
+    else:
+        pytest.importorskip("rsciio.hspy")
+        import dask.array  # noqa: F401  (imported before the trace: its reader computes through dask)
+
+        p = _hspy(tmp_path / "a.hspy", big)
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "8")
+    tracemalloc.start()
+    try:
+        e = _err(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "2048 x 2048 px (float32)" in str(e) and str(e).count("cannot read") == 1
+    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MB allocated before the refusal"
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "1024")  # with the memory, read as before
+    assert read(p).data.shape == (2048, 2048)

@@ -56,6 +56,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     _narrow_frames,
     _normalise_calibration,
     _note_pixel_size_y,
+    _npy_header,
     _plausible_calibration,
     _release_pages,
     _select_frames,
@@ -737,14 +738,17 @@ def _read_npz(path: Path, frames: Any):
         names = list(z.files)
         if not names:
             raise ReadError(path, "the .npz archive holds no arrays")
+        heads = {k: _npz_header(z, k) for k in names}  # (shape, dtype) of each, none of them decompressed
         key = next((k for k in ("image", "data") if k in names), None)
         if key is None:
-            key = next((k for k in names if z[k].ndim >= 2), names[0])
+            key = next((k for k in names if heads[k] is not None and len(heads[k][0]) >= 2), names[0])
+        if heads[key] is not None:  # the whole array is decompressed, whatever frames= then takes of it
+            _check_memory(path, *heads[key])
         data = z[key]
         meta: dict[str, Any] = {"format": "npz", "array": key, "arrays": names}
         ps = unit = None
         for k in ("pixel_size", "pixel_size_nm", "pixel_size_A"):
-            if k in names and z[k].size == 1:
+            if k in names and heads[k] is not None and math.prod(heads[k][0]) == 1:
                 ps = float(z[k])
                 unit = {"pixel_size_nm": "nm", "pixel_size_A": "A"}.get(k)
                 break
@@ -752,12 +756,21 @@ def _read_npz(path: Path, frames: Any):
             unit = str(z["unit"])
         if ps is not None and unit is None:
             unit = "nm"
-        if "meta" in names and z["meta"].dtype.kind in "US":
+        if "meta" in names and heads["meta"] is not None and heads["meta"][1].kind in "US":
             try:
                 meta["meta"] = json.loads(str(z["meta"]))
             except ValueError:
                 pass
     return _select_frames(path, data, frames), ps, unit, meta
+
+
+def _npz_header(z, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``(shape, dtype)`` of the array ``name`` of the open ``.npz`` ``z`` from its header, the array not
+    decompressed; None for an entry that is no ``.npy`` array."""
+    member = name + ".npy" if name + ".npy" in z.zip.namelist() else name
+    with z.zip.open(member) as f:
+        head = _npy_header(f)
+    return None if head is None else (tuple(head[0]), head[2])
 
 
 def _read_ndata(path: Path, frames: Any):
@@ -766,10 +779,12 @@ def _read_ndata(path: Path, frames: Any):
 
     from . import nion
 
-    try:
-        data, props = nion.read_ndata(path)
+    try:  # a compressed data.npy: its memory checked from its header, before it is decompressed
+        data, props = nion.read_ndata(path, before_load=lambda shape, dtype: _check_memory(path, shape, dtype))
     except zipfile.BadZipFile as exc:
         raise ReadError(path, f"not a valid .ndata file: not a zip archive ({exc})") from exc
+    except ReadError:  # (a ValueError too) its memory check
+        raise
     except ValueError as exc:
         raise ReadError(path, str(exc)) from exc
     meta: dict[str, Any] = {"format": "ndata"}

@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .readbase import _npy_header
 
 __all__ = ["read_ndata", "properties", "h5_properties", "not_an_image", "image_calibration", "title"]
 
 _DATA, _META = "data.npy", "metadata.json"
 
 
-def read_ndata(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_ndata(path: str | Path, before_load: Callable[[tuple, np.dtype], Any] | None = None) -> tuple[np.ndarray, dict]:
     """``(array, properties)`` of a ``.ndata`` file; the array is a read-only memory map where the
     archive stores ``data.npy`` uncompressed (Nion Swift does), so a series' frames load when used.
+    Where it is compressed, ``before_load(shape, dtype)`` is called with its header's shape and type
+    before it is decompressed (the caller's memory check: it raises to refuse it).
     A ``ValueError`` names what is missing from a zip that is not a data item.
 
     Examples
@@ -57,6 +62,14 @@ def read_ndata(path: str | Path) -> tuple[np.ndarray, dict]:
         if info.compress_type == zipfile.ZIP_STORED:
             return _mapped_npy(Path(path), info), props
         with z.open(_DATA) as f:
+            head = _npy_header(f)
+        if head is None:
+            raise ValueError("data.npy is not a NumPy array")
+        if head[2].hasobject:
+            raise ValueError("data.npy holds Python objects, not numbers")
+        if before_load is not None:
+            before_load(head[0], head[2])
+        with z.open(_DATA) as f:
             return np.load(f, allow_pickle=False), props
 
 
@@ -70,9 +83,10 @@ def _mapped_npy(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
         name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
         f.seek(start)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        head = _npy_header(f)
+        if head is None:
+            raise ValueError("data.npy is not a NumPy array")
+        shape, fortran, dtype = head
         offset = f.tell()
     if dtype.hasobject:
         raise ValueError("data.npy holds Python objects, not numbers")

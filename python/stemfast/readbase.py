@@ -271,6 +271,18 @@ def _check_memory(path: Path, shape: Sequence[int], dtype, *, lazy_frames: bool 
                               "machine with more memory")
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """``(shape, fortran_order, dtype)`` from the header of the ``.npy`` stream ``f`` (a file or a zip
+    member, at its start), the data not read: what a compressed array needs in memory before it is
+    decompressed; ``None`` where ``f`` holds no ``.npy`` array. ``f`` is left at the start of the data."""
+    fmt = np.lib.format
+    if f.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
+        return None
+    major, minor = (int(b) for b in f.read(2))
+    header = fmt.read_array_header_1_0 if (major, minor) == (1, 0) else fmt.read_array_header_2_0
+    return header(f)
+
+
 # ---------------------------------------------------------------------------------------------
 # frames
 # ---------------------------------------------------------------------------------------------

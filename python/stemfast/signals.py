@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .readbase import _NO_UNIT, ReadError, _attr, _image_like, _select_frames, log
+from .readbase import _NO_UNIT, ReadError, _attr, _check_memory, _image_like, _select_frames, log
 
 
 _RSCIIO_PLUGIN = {
@@ -158,4 +158,5 @@ def _read_rsciio(path: Path, frames: Any, signal: str | None = None):
             "metadata": sig.get("metadata") or {},
             "original_metadata": sig.get("original_metadata") or {}}
     data = _select_frames(path, sig["data"], frames)
+    _check_memory(path, np.shape(data), getattr(data, "dtype", None))  # before a lazy (dask) array is computed
     return np.asarray(data), ps, unit, meta
