@@ -131,3 +131,23 @@ def test_a_small_compressed_file_is_refused_from_its_header_before_it_is_decompr
     assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MB allocated before the refusal"
     monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "1024")  # with the memory, read as before
     assert read(p).data.shape == (2048, 2048)
+
+
+def test_nan_padding_in_a_memory_mapped_stack_is_filled_only_where_the_whole_stack_fits(tmp_path, monkeypatch):
+    """A float32 .npy stack is memory-mapped and its memory checked for one frame at a time; NaN padding
+    is filled in a float32 copy of the whole stack: beyond the memory limit, a ReadError saying so, not a
+    copy of the whole stack after all."""
+    rng = np.random.default_rng(3)
+    st = rng.normal(100.0, 10.0, (40, 128, 128)).astype(np.float32)  # 2.6 MB
+    st[:, :16] = np.nan  # each frame's padding: a region without data
+    np.save(tmp_path / "pad.npy", st)
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "2")  # one frame's analysis fits, a copy of all of them not
+    with pytest.warns(ReadWarning, match="all in regions without data"):  # one frame: filled as before
+        assert np.isfinite(read(tmp_path / "pad.npy", frames=0).data).all()
+    e = _err(tmp_path / "pad.npy")
+    assert "NaN or infinite values are filled in a copy of the whole stack" in str(e) and "40 frames" in str(e)
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "64")
+    with pytest.warns(ReadWarning, match="all in regions without data"):
+        mg = read(tmp_path / "pad.npy")
+    assert mg.data.shape == st.shape and np.isfinite(mg.data).all()
+    np.testing.assert_array_equal(mg.data[:, 16:], st[:, 16:])

@@ -649,7 +649,11 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
         raise ReadError(path, "all values are NaN or infinite")
     frames = data if data.ndim == 3 else data[None]
     # per frame, how many of its non-finite pixels form regions without data (the regions lie within them)
-    margins = [int(regions_of(~np.isfinite(fr)).sum()) for fr in frames]
+    margins = []
+    for fr in frames:
+        margins.append(int(regions_of(~np.isfinite(fr)).sum()))
+        if isinstance(data, np.memmap):  # its pages dropped after each frame, as _prepare's count does
+            _release_pages(data)
     margin = sum(margins)
     if not allow_nonfinite and margin < bad:  # scattered ones: filling them invents pixels, the user says so
         why = (f"; {margin} of them form regions without data (an aligned frame's padding?), where no site "
@@ -658,6 +662,8 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
                               f"read(..., allow_nonfinite=True), replaces them by the frame median{why})")
     # (all of them regions without data -- an aligned or drift-corrected frame's NaN padding -- are
     # filled whatever the option: one value there is a region without data, where no site is placed)
+    if isinstance(data, np.memmap):  # the memory was checked for one frame at a time: the fill copies them all
+        _check_fill_memory(path, data, bad)
     data = np.array(data, dtype=np.float32, order="C")
     stack = data if data.ndim == 3 else data[None]
     for i, fr in enumerate(stack):
@@ -682,6 +688,18 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
     if margin == bad:
         meta["nonfinite_in_regions"] = True
     return data
+
+
+def _check_fill_memory(path: Path, data: np.ndarray, bad: int) -> None:
+    """A :class:`ReadError` saying why where a memory-mapped stack (whose memory was checked for one frame
+    at a time) would not fit in memory as the whole float32 copy its ``bad`` non-finite values are filled
+    in."""
+    try:
+        _check_memory(path, data.shape, data.dtype)
+    except ReadError as exc:
+        raise ReadError(path, f"its {bad} NaN or infinite values are filled in a copy of the whole stack in "
+                              f"memory, not one frame at a time as a stack without them is read: {exc.reason}; "
+                              "or read fewer frames (frames=)") from None
 
 
 def _frame_number(frames: Any, i: int, stack: bool) -> str:
