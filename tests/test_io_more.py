@@ -151,3 +151,16 @@ def test_nan_padding_in_a_memory_mapped_stack_is_filled_only_where_the_whole_sta
         mg = read(tmp_path / "pad.npy")
     assert mg.data.shape == st.shape and np.isfinite(mg.data).all()
     np.testing.assert_array_equal(mg.data[:, 16:], st[:, 16:])
+
+
+def test_a_compressed_tiffs_frames_selection_gets_the_whole_arrays_verdict(tmp_path):
+    """A compressed TIFF's selected pages are decoded alone; the whole series is judged first, as an
+    uncompressed one's or a .npy's: [y, x, channels] refused with or without frames=, narrow frames said."""
+    si = np.random.default_rng(0).random((64, 72, 16)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "si_z.tif", si, compression="zlib", photometric="minisblack")
+    for frames in (None, 0, slice(0, 2), [1, 0]):
+        assert "reads as [y, x, channels] (64 x 72 px, 16 channels" in str(_err(tmp_path / "si_z.tif", frames=frames))
+    tifffile.imwrite(tmp_path / "yxt_z.tif", np.zeros((264, 260, 65), np.uint16), compression="zlib",
+                     photometric="minisblack")
+    with pytest.warns(ReadWarning, match=r"read as 264 frames of 260 x 65 px"):
+        assert read(tmp_path / "yxt_z.tif", frames=0).data.shape == (260, 65)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from .pictures import _pillow_open
-from .readbase import (_NO_UNIT, ReadError, ReadWarning, _check_memory, _frame_index, _missing_package,
-                       _note_pixel_size_y, _select_frames, log, unit_to_nm)
+from .readbase import (_NO_UNIT, ReadError, ReadWarning, _check_memory, _check_whole_stack, _frame_index,
+                       _missing_package, _note_pixel_size_y, _select_frames, log, unit_to_nm)
 from .signals import pick_signal
 
 
@@ -298,14 +298,7 @@ def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
             except (ValueError, OSError, TypeError):  # not contiguous: read normally
                 data = None
             if data is None and frames is not None and n_pages == core[0]:
-                idx = _frame_index(path, frames, n_pages)
-                key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
-                       else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
-                _check_memory(path, [len(key) if isinstance(key, list) else 1, *series.shape[-2:]], series.dtype)
-                arr, _ = _decode_tiff(path, tif, pick, key)
-                if isinstance(idx, (int, np.integer)):
-                    arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
-                return arr, pixel_size, unit, meta
+                return _tiff_frames(path, tif, pick, frames), pixel_size, unit, meta
         if data is None:
             _check_memory(path, series.shape, series.dtype)
             data, by_pillow = _decode_tiff(path, tif, pick)
@@ -314,6 +307,23 @@ def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
             elif rgb and axes.index("S") != len(axes) - 1 and not by_pillow:  # planar RGB: samples last
                 data = np.moveaxis(data, axes.index("S"), -1)
     return _select_frames(path, data, frames), pixel_size, unit, meta
+
+
+def _tiff_frames(path: Path, tif, pick: int, frames: Any) -> np.ndarray:
+    """The ``frames`` of TIFF series ``pick``, a stack of one frame a page, decoded page by page (only the
+    pages selected); the whole series' shape gets :func:`stemfast.io.read`'s verdict first (a
+    [y, x, channels] array is refused, narrow frames are said), as :func:`_select_frames` gives it."""
+    series = tif.series[pick]
+    n_pages = len(series.pages)
+    _check_whole_stack(path, series.shape)
+    idx = _frame_index(path, frames, n_pages)
+    key = (list(range(*idx.indices(n_pages))) if isinstance(idx, slice)
+           else idx.tolist() if isinstance(idx, np.ndarray) else int(idx))
+    _check_memory(path, [len(key) if isinstance(key, list) else 1, *series.shape[-2:]], series.dtype)
+    arr, _ = _decode_tiff(path, tif, pick, key)
+    if isinstance(idx, (int, np.integer)):
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
+    return arr
 
 
 def _decode_tiff(path: Path, tif, pick: int, key: Any = None) -> tuple[np.ndarray, bool]:
