@@ -164,3 +164,28 @@ def test_a_compressed_tiffs_frames_selection_gets_the_whole_arrays_verdict(tmp_p
                      photometric="minisblack")
     with pytest.warns(ReadWarning, match=r"read as 264 frames of 260 x 65 px"):
         assert read(tmp_path / "yxt_z.tif", frames=0).data.shape == (260, 65)
+
+
+# ---------------------------------------------------------------------------------------------
+# frames=
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frames", [True, "1", b"1", ["1"], [True, False, True], [0, True],
+                                    np.array([True, False, True]), [0.5], slice(0, 3, 0)])
+@pytest.mark.parametrize("ext", ["npy", "tif", "h5"])
+def test_booleans_text_and_fractions_are_no_frame_numbers(tmp_path, stack, frames, ext):
+    """frames= takes an int, a slice or a sequence of ints: True is not frame 1, a mask is not the frames
+    0 and 1, "1" is not frame 1, 0.5 is not frame 0; each is a ReadError saying what frames= takes."""
+    p = tmp_path / f"s.{ext}"
+    if ext == "npy":
+        np.save(p, stack)
+    elif ext == "tif":
+        tifffile.imwrite(p, stack, compression="zlib", photometric="minisblack")  # read page by page
+    else:
+        h5py = pytest.importorskip("h5py")
+        with h5py.File(p, "w") as f:
+            f.create_dataset("s", data=stack)
+    e = _err(p, frames=frames)
+    assert "frames" in str(e) and ("sequence of ints" in str(e) or "no selection of frames" in str(e))
+    if isinstance(frames, list) and isinstance(frames[-1], bool):
+        assert "numpy.flatnonzero(mask)" in str(e)
+    np.testing.assert_array_equal(read(p, frames=[2.0, 0]).data, stack[[2, 0]])  # whole floats, as before

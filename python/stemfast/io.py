@@ -203,7 +203,8 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     path : file; the reader is chosen by the extension (case-insensitive), see
         :data:`SUPPORTED_EXTENSIONS`.
     frames : for stacks, the frames to read: an index (gives a 2-D micrograph), a slice or a
-        sequence of indices. ``None`` reads all.
+        sequence of indices. ``None`` reads all. Booleans (``True``, a mask) and text are refused with a
+        :class:`ReadError`: for a mask pass ``numpy.flatnonzero(mask)``.
     dataset : which image of a file that holds several: for HDF5 the path of the dataset inside the
         file (default: the first 2-D/3-D one); for EMD, DM3/DM4 and SER/EMI the title of the signal,
         any case (a Velox EMD names each detector's image: ``"DF4"``; default: the one titled HAADF, else

@@ -321,24 +321,48 @@ def _select_frames(path: Path, data: Any, frames: Any) -> Any:
 
 
 def _frame_index(path: Path, frames: Any, n: int) -> int | slice | np.ndarray:
+    """``frames`` (:func:`stemfast.io.read`'s) checked against a stack of ``n`` frames: an int (negative
+    from the end), a slice, or a sequence of ints (floats of whole value pass as before). Booleans -- True,
+    a mask -- and text are refused with a :class:`ReadError`: True is no frame number, and a mask would be
+    taken for the frames 0 and 1 (pass ``numpy.flatnonzero(mask)``)."""
+    wrong = f"frames must be an int, a slice or a sequence of ints, got {frames!r}"
+    if isinstance(frames, (bool, np.bool_, str, bytes)):
+        raise ReadError(path, wrong)
     if isinstance(frames, (int, np.integer)):
         i = int(frames)
         if not -n <= i < n:
             raise ReadError(path, f"frame {i} out of range (the file has {n} frame(s))")
         return i % n if n > 1 else 0
     if isinstance(frames, slice):
-        if not len(range(*frames.indices(n))):
+        try:
+            chosen = range(*frames.indices(n))
+        except (TypeError, ValueError) as exc:  # a step of 0, bounds that are no integers
+            raise ReadError(path, f"frames={frames} is no selection of frames ({exc})") from None
+        if not len(chosen):
             raise ReadError(path, f"frames={frames} selects no frame (the file has {n})")
         return frames
-    try:
-        idx = np.asarray(list(frames), dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ReadError(path, f"frames must be an int, a slice or a sequence of ints, got {frames!r}")
+    idx = _frame_numbers(path, frames, wrong)
     if idx.ndim != 1 or idx.size == 0:
         raise ReadError(path, f"frames={frames!r} selects no frame")
     if (idx < -n).any() or (idx >= n).any():
         raise ReadError(path, f"frames {idx.tolist()} out of range (the file has {n} frame(s))")
     return idx % n
+
+
+def _frame_numbers(path: Path, frames: Any, wrong: str) -> np.ndarray:
+    """The frame numbers of a sequence ``frames`` as int64, or the :class:`ReadError` ``wrong`` (a boolean
+    mask says how to pass it)."""
+    try:
+        items = list(frames)
+        arr = np.asarray(items)
+    except (TypeError, ValueError):
+        raise ReadError(path, wrong) from None
+    if any(isinstance(v, (bool, np.bool_)) for v in items) or arr.dtype.kind == "b":
+        raise ReadError(path, f"{wrong}: booleans are no frame numbers (for a mask, numpy.flatnonzero(mask))")
+    if arr.size and (arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not (
+            np.isfinite(arr).all() and (arr == np.round(arr)).all()))):
+        raise ReadError(path, wrong)
+    return arr.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
