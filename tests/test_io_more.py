@@ -189,3 +189,36 @@ def test_booleans_text_and_fractions_are_no_frame_numbers(tmp_path, stack, frame
     if isinstance(frames, list) and isinstance(frames[-1], bool):
         assert "numpy.flatnonzero(mask)" in str(e)
     np.testing.assert_array_equal(read(p, frames=[2.0, 0]).data, stack[[2, 0]])  # whole floats, as before
+
+
+@pytest.mark.parametrize("frames", [slice(None, None, -1), slice(4, 0, -2), slice(-1, -4, -1), slice(3, None, -3)])
+def test_hdf5_reads_descending_frame_slices_as_npy_and_tiff_do(tmp_path, frames):
+    """h5py refuses a negative step ('Step must be >= 1'), which made the file 'unreadable or corrupt';
+    the frames are read ascending and reversed, the same as from a .npy."""
+    h5py = pytest.importorskip("h5py")
+    st = np.random.default_rng(1).normal(50.0, 5.0, (5, 32, 48)).astype(np.float32)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("s", data=st)
+    np.save(tmp_path / "s.npy", st)
+    mg = read(tmp_path / "s.h5", frames=frames)
+    np.testing.assert_array_equal(mg.data, st[frames])
+    np.testing.assert_array_equal(mg.data, read(tmp_path / "s.npy", frames=frames).data)
+
+
+def test_hdf5_frames_are_refused_from_the_selections_size_before_they_are_read(tmp_path, monkeypatch):
+    """A compressed HDF5 stack read with frames=: the selection's memory is checked from the dataset's
+    shape before h5py decompresses it (traced peak), as the whole dataset's is without frames=."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        f.create_dataset("s", shape=(8, 1024, 1024), dtype="f4", chunks=(1, 256, 256), compression="gzip",
+                         fillvalue=0.0)
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "24")  # two frames' analysis fits
+    for frames in (slice(None), [0, 1, 2, 3, 4, 5, 6, 7]):
+        tracemalloc.start()
+        try:
+            e = _err(tmp_path / "z.h5", frames=frames)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert "1024 x 1024 px x 8 frames (float32)" in str(e) and peak < 3 * 2**20, peak
+    assert read(tmp_path / "z.h5", frames=slice(0, 2)).data.shape == (2, 1024, 1024)  # what fits is read

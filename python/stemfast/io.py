@@ -881,16 +881,29 @@ def _read_hdf5(path: Path, frames: Any, dataset: str | None):
         if ps is None and (props := nion.h5_properties(ds)) is not None:  # a Nion Swift data item
             ps, unit = _nion_image(path, props, ds.ndim, meta)
         if frames is not None and ds.ndim == 3 and min(ds.shape) > 1:
-            _check_whole_stack(path, ds.shape)
-            idx = _frame_index(path, frames, ds.shape[0])  # read only the selected frames
-            if isinstance(idx, np.ndarray):
-                data = np.stack([ds[int(i)] for i in idx])
-            else:
-                data = ds[idx]
+            data = _hdf5_frames(path, ds, frames)
         else:
             _check_memory(path, ds.shape, ds.dtype)
             data = _select_frames(path, ds[()], frames)
     return data, ps, unit, meta
+
+
+def _hdf5_frames(path: Path, ds, frames: Any) -> np.ndarray:
+    """The ``frames`` of a 3-D HDF5 dataset, only they read, once the whole dataset's shape is judged
+    (:func:`_check_whole_stack`) and the selection's memory checked. h5py reads ascending slices only: a
+    descending one (``slice(None, None, -1)``) is read ascending and reversed."""
+    _check_whole_stack(path, ds.shape)
+    n = ds.shape[0]
+    idx = _frame_index(path, frames, n)
+    if isinstance(idx, (int, np.integer)):
+        return ds[idx]
+    chosen = range(*idx.indices(n)) if isinstance(idx, slice) else idx
+    _check_memory(path, [len(chosen), *ds.shape[1:]], ds.dtype)
+    if isinstance(idx, np.ndarray):
+        return np.stack([ds[int(i)] for i in idx])
+    if chosen.step > 0:
+        return ds[chosen.start:chosen.stop:chosen.step]
+    return ds[chosen[-1]:chosen[0] + 1:-chosen.step][::-1]
 
 
 def _read_mrc(path: Path, frames: Any):
