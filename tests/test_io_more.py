@@ -222,3 +222,30 @@ def test_hdf5_frames_are_refused_from_the_selections_size_before_they_are_read(t
             tracemalloc.stop()
         assert "1024 x 1024 px x 8 frames (float32)" in str(e) and peak < 3 * 2**20, peak
     assert read(tmp_path / "z.h5", frames=slice(0, 2)).data.shape == (2, 1024, 1024)  # what fits is read
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrations and units
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entries", [{"pixel_size": np.array([1.5]), "unit": "A"}, {"pixel_size": 1.5, "unit": b"A"},
+                                     {"pixel_size": 1.5, "unit": np.array(["A"])},
+                                     {"pixel_size_A": np.array([[1.5]])}, {"pixel_size": np.array([b"1.5"]), "unit": "A"}])
+def test_npz_calibration_entries_of_one_value_in_an_array_or_as_bytes(tmp_path, entries):
+    """A 1-element array's value is the pixel size (it made the whole file 'unreadable or corrupt'); a unit
+    in bytes is decoded (it gave the unit "np.bytes_(b'A')"), one in a 1-element array taken out."""
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", image=img, **entries)
+    mg = read(tmp_path / "a.npz")
+    assert mg.pixel_size == pytest.approx(0.15) and mg.unit == "nm"
+
+
+@pytest.mark.parametrize("entries, shown", [({"pixel_size": np.array([1.5, 1.5]), "unit": "A"}, "[1.5, 1.5]"),
+                                            ({"pixel_size": "about 1.5", "unit": "A"}, "'about 1.5'"),
+                                            ({"pixel_size": 1.5, "unit": np.array(["A", "A"])}, "['A', 'A']")])
+def test_npz_calibration_entries_that_are_not_one_value_are_said(tmp_path, entries, shown):
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", image=img, **entries)
+    with pytest.warns(ReadWarning, match="its calibration is not used") as seen:
+        mg = read(tmp_path / "a.npz")
+    assert mg.pixel_size is None and mg.unit is None
+    assert shown in str(seen[0].message) and shown in mg.metadata["calibration_dropped"]

@@ -46,6 +46,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     ReadError,
     ReadWarning,
     _attr,
+    _calibration_dropped,
     _channels_last,
     _check_memory,
     _check_whole_stack,
@@ -765,16 +766,7 @@ def _read_npz(path: Path, frames: Any):
             _check_memory(path, *heads[key])
         data = z[key]
         meta: dict[str, Any] = {"format": "npz", "array": key, "arrays": names}
-        ps = unit = None
-        for k in ("pixel_size", "pixel_size_nm", "pixel_size_A"):
-            if k in names and heads[k] is not None and math.prod(heads[k][0]) == 1:
-                ps = float(z[k])
-                unit = {"pixel_size_nm": "nm", "pixel_size_A": "A"}.get(k)
-                break
-        if "unit" in names:
-            unit = str(z["unit"])
-        if ps is not None and unit is None:
-            unit = "nm"
+        ps, unit = _npz_calibration(path, z, heads, meta)
         if "meta" in names and heads["meta"] is not None and heads["meta"][1].kind in "US":
             try:
                 meta["meta"] = json.loads(str(z["meta"]))
@@ -790,6 +782,46 @@ def _npz_header(z, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
     with z.zip.open(member) as f:
         head = _npy_header(f)
     return None if head is None else (tuple(head[0]), head[2])
+
+
+def _npz_calibration(path: Path, z, heads: dict, meta: dict) -> tuple[float | None, str | None]:
+    """``(pixel_size, unit)`` of an open ``.npz`` from its entries ``pixel_size`` (``pixel_size_nm``,
+    ``pixel_size_A``) and ``unit`` (nm without one), each one value: a number or a 1-element array, text or
+    bytes. One that is not (several values, no number) calibrates nothing, and is said
+    (:func:`_calibration_dropped`)."""
+    keys = [k for k in ("pixel_size", "pixel_size_nm", "pixel_size_A") if heads.get(k) is not None]
+    k = next((k for k in keys if math.prod(heads[k][0]) == 1), keys[0] if keys else None)
+    if k is None:
+        return None, None
+    value = _npz_scalar(z, heads, k)
+    try:
+        ps = float(value)
+    except (TypeError, ValueError):
+        _calibration_dropped(path, meta, f"its {k} entry, {_npz_shown(z, heads, k)}, is not one number")
+        return None, None
+    unit = {"pixel_size_nm": "nm", "pixel_size_A": "A"}.get(k, "nm")
+    if "unit" in heads:
+        unit = _npz_scalar(z, heads, "unit")
+        if unit is None:
+            _calibration_dropped(path, meta, f"its unit entry, {_npz_shown(z, heads, 'unit')}, is not one unit")
+            return None, None
+    return ps, str(unit)
+
+
+def _npz_scalar(z, heads: dict, name: str) -> Any:
+    """The one value of the entry ``name`` of an open ``.npz`` (a 0-d or 1-element array; bytes decoded),
+    None for an entry of another size or no array."""
+    if heads.get(name) is None or math.prod(heads[name][0]) != 1 or heads[name][1].kind not in "biufUS":
+        return None
+    return _attr(z[name].reshape(-1)[0])
+
+
+def _npz_shown(z, heads: dict, name: str) -> str:
+    """An ``.npz`` entry as a message shows it: its value where small, else its shape and type."""
+    head = heads.get(name)
+    if head is not None and math.prod(head[0]) <= 8:
+        return repr(_attr(z[name]))
+    return "no array" if head is None else f"an array of shape {head[0]} ({head[1]})"
 
 
 def _read_ndata(path: Path, frames: Any):

@@ -122,6 +122,15 @@ def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | Non
     return None, None
 
 
+def _calibration_dropped(path, meta: dict, why: str) -> None:
+    """Say that a file's calibration is not used (``why``: what is wrong with it): a :class:`ReadWarning`
+    and ``meta["calibration_dropped"]``; the image is read without a pixel size."""
+    meta["calibration_dropped"] = why
+    msg = f"{path}: {why}: its calibration is not used, the image is read without a pixel size"
+    warnings.warn(msg, ReadWarning, stacklevel=4)
+    log.info("%s", msg)
+
+
 # ---------------------------------------------------------------------------------------------
 # shapes
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +407,8 @@ def _note_pixel_size_y(path, meta: dict, ps: float, ps_y: float | None, unit: st
 def _attr(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray) and v.ndim == 0:  # one value: itself, not a list of a text's characters
+        return _attr(v[()])
     if isinstance(v, np.ndarray):
         return [_attr(x) for x in v.tolist()] if v.size <= 64 else f"<array {v.shape} {v.dtype}>"
     if isinstance(v, np.generic):
