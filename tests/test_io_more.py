@@ -249,3 +249,31 @@ def test_npz_calibration_entries_that_are_not_one_value_are_said(tmp_path, entri
         mg = read(tmp_path / "a.npz")
     assert mg.pixel_size is None and mg.unit is None
     assert shown in str(seen[0].message) and shown in mg.metadata["calibration_dropped"]
+
+
+@pytest.mark.parametrize("doc, said", [({"pixel_size": 1.2}, "a pixel size (1.2) without a unit"),
+                                       ({"pixel_size": 1.2, "unit": None}, "a pixel size (1.2) without a unit"),
+                                       ({"field_of_view_x": 56.0}, "a pixel size (1) without a unit"),
+                                       ({"pixel_size": 0.5, "unit": "m"}, "5e+08 nm per pixel, is no micrograph's")])
+def test_a_sidecar_pixel_size_without_a_unit_or_out_of_range_is_not_used_and_said(tmp_path, doc, said):
+    """A sidecar's pixel size without a unit is no calibration (it was kept with the unit None, which the
+    analysis takes as nm); one of 0.5 m is no micrograph's (the file's own calibration gets that check;
+    the sidecar's did not): neither is used, a ReadWarning names the sidecar and why."""
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    np.save(tmp_path / "a.npy", img)
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    with pytest.warns(ReadWarning, match="a.json: ") as seen:
+        mg = read(tmp_path / "a.npy")
+    assert any(said in str(w.message) for w in seen), [str(w.message) for w in seen]
+    assert mg.pixel_size is None and mg.unit is None and mg.metadata["sidecar"]["used"] is False
+    assert mg.metadata["sidecar"].get("calibration_dropped") or mg.metadata["sidecar"].get("calibration_ignored")
+
+
+def test_a_tiff_json_description_with_a_null_unit_is_not_calibrated_and_said(tmp_path):
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", img, description=json.dumps({"pixel_size": 0.5, "unit": None}))
+    with pytest.warns(ReadWarning, match=r"a pixel size \(0.5\) without a unit"):
+        mg = read(tmp_path / "a.tif")
+    assert mg.pixel_size is None and mg.unit is None and "without a unit" in mg.metadata["calibration_dropped"]
+    tifffile.imwrite(tmp_path / "b.tif", img, description=json.dumps({"pixel_size": 0.5}))  # no unit key: nm, as before
+    assert read(tmp_path / "b.tif").pixel_size_nm == pytest.approx(0.5)

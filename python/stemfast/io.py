@@ -50,6 +50,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     _channels_last,
     _check_memory,
     _check_whole_stack,
+    _checked_calibration,
     _frame_index,
     _image_like,
     _is_rgb_shape,
@@ -267,12 +268,12 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     data, pixel_size, unit, meta = raw
     data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction,
                     read_frames=frames)
-    pixel_size, unit = _plausible_calibration(p, *_normalise_calibration(pixel_size, unit), meta)
+    pixel_size, unit = _checked_calibration(p, pixel_size, unit, meta)
     side = sidecar(p, data.shape[-1])
     if side:
         meta["sidecar"] = side
         if pixel_size is None and side.get("pixel_size"):  # the file's own calibration comes first
-            pixel_size, unit = _normalise_calibration(side["pixel_size"], side["unit"])
+            pixel_size, unit = _checked_calibration(p.parent / side["file"], side["pixel_size"], side["unit"], side)
             side["used"] = pixel_size is not None
     meta.setdefault("format", ext[1:])
     log.debug("read %s: shape %s, pixel size %s %s", p, data.shape, pixel_size, unit)

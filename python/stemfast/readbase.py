@@ -122,6 +122,17 @@ def _plausible_calibration(path: Path, pixel_size: float | None, unit: str | Non
     return None, None
 
 
+def _checked_calibration(path, pixel_size: Any, unit: Any, meta: dict) -> tuple[float | None, str | None]:
+    """A calibration as :func:`stemfast.io.read` takes it: normalised (:func:`_normalise_calibration`); a
+    pixel size without a unit (nm? Å? µm?) is none, and is said (:func:`_calibration_dropped`); one
+    outside :data:`PLAUSIBLE_PIXEL_NM` neither (:func:`_plausible_calibration`)."""
+    ps, u = _normalise_calibration(pixel_size, unit)
+    if ps is not None and u is None:
+        _calibration_dropped(path, meta, f"a pixel size ({ps:g}) without a unit")
+        return None, None
+    return _plausible_calibration(path, ps, u, meta)
+
+
 def _calibration_dropped(path, meta: dict, why: str) -> None:
     """Say that a file's calibration is not used (``why``: what is wrong with it): a :class:`ReadWarning`
     and ``meta["calibration_dropped"]``; the image is read without a pixel size."""

@@ -58,14 +58,14 @@ def sidecar(path: str | os.PathLike, width: int) -> dict:
         flat.setdefault(k, v)
     out: dict[str, Any] = {"file": p.name}
     ps = next(((k, flat[k]) for k in _SIDECAR_PIXEL_KEYS if _positive(flat.get(k))), None)
-    if ps is not None:
-        unit = "nm" if ps[0] == "pixel_size_nm" else next((str(flat[k]) for k in _SIDECAR_UNIT_KEYS if k in flat), None)
+    if ps is not None:  # (a unit of null is none: read() then says that the pixel size has no unit)
+        unit = "nm" if ps[0] == "pixel_size_nm" else _unit(flat, _SIDECAR_UNIT_KEYS)
         out.update(pixel_size=float(ps[1]), unit=unit, **{"from": f"{ps[0]} {ps[1]:g} {unit}"})
     else:
         fov = next(((k, flat[k]) for k in _SIDECAR_FOV_KEYS if _positive(flat.get(k))), None)
         # its own unit key first, else a plain "unit" / "units" (the README's "its units")
-        unit = next((str(flat[k]) for k in _SIDECAR_FOV_UNIT_KEYS + _SIDECAR_UNIT_KEYS if k in flat), None)
-        if fov is not None and unit is not None and width > 0:
+        unit = _unit(flat, _SIDECAR_FOV_UNIT_KEYS + _SIDECAR_UNIT_KEYS)
+        if fov is not None and width > 0:
             out.update(pixel_size=float(fov[1]) / width, unit=unit,
                        **{"from": f"{fov[0]} {fov[1]:g} {unit} / {width} px"})
     text = next((str(flat[k]) for k in _SIDECAR_MATERIAL_KEYS if isinstance(flat.get(k), str)), None)
@@ -75,6 +75,11 @@ def sidecar(path: str | os.PathLike, width: int) -> dict:
         if hit:
             out["material"] = hit.group(1).lower()
     return out
+
+
+def _unit(flat: Mapping, keys: tuple[str, ...]) -> str | None:
+    """The text of the first of ``keys`` in ``flat`` that is not null, or None."""
+    return next((str(flat[k]) for k in keys if flat.get(k) is not None), None)
 
 
 def _flat_items(d: Mapping, depth: int = 0):
