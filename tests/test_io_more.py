@@ -277,3 +277,53 @@ def test_a_tiff_json_description_with_a_null_unit_is_not_calibrated_and_said(tmp
     assert mg.pixel_size is None and mg.unit is None and "without a unit" in mg.metadata["calibration_dropped"]
     tifffile.imwrite(tmp_path / "b.tif", img, description=json.dumps({"pixel_size": 0.5}))  # no unit key: nm, as before
     assert read(tmp_path / "b.tif").pixel_size_nm == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("how", ["fixed-length bytes", "variable-length UTF-8 text"])
+def test_an_hdf5_unit_in_latin1_is_decoded_as_latin1(tmp_path, how):
+    """b"\\xb5m" (µm in Latin-1, as older software writes it) is no UTF-8: it was decoded with replacement
+    characters ("\\ufffdm", or h5py's escaped "\\udcb5m"), a unit no table knows, so the pixel size stayed in
+    an unknown unit. It is Latin-1's µm: 0.002 µm = 2 nm."""
+    h5py = pytest.importorskip("h5py")
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        d = f.create_dataset("img", data=img)
+        d.attrs["pixel_size"] = 0.002
+        if how == "fixed-length bytes":
+            d.attrs["unit"] = np.bytes_(b"\xb5m")
+        else:
+            d.attrs.create("unit", data=b"\xb5m", dtype=h5py.string_dtype("utf-8"))
+    mg = read(tmp_path / "a.h5")
+    assert mg.pixel_size == pytest.approx(2.0) and mg.unit == "nm"
+
+
+def test_an_imagej_unit_with_a_zero_resolution_is_said(tmp_path):
+    """An ImageJ TIFF with the unit "micron" and XResolution 0/1 meant a calibration it does not give: read
+    without one, as before, and now said (a ReadWarning, metadata["calibration_dropped"])."""
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", img, imagej=True, resolution=(1.0, 1.0), metadata={"unit": "micron"})
+    with tifffile.TiffFile(tmp_path / "a.tif", mode="r+") as t:
+        t.pages[0].tags["XResolution"].overwrite((0, 1))
+    with pytest.warns(ReadWarning, match=r"its ImageJ unit is 'micron' but its XResolution \(0/1\) gives no pixels"):
+        mg = read(tmp_path / "a.tif")
+    assert mg.pixel_size is None and "XResolution (0/1)" in mg.metadata["calibration_dropped"]
+
+
+@pytest.mark.parametrize("unit, nm", [("micrometers", 1e3), ("Micrometres", 1e3), ("picometres", 1e-3),
+                                      ("millimeters", 1e6), ("metres", 1e9), ("Ångströms", 0.1)])
+def test_spelled_out_units_are_lengths(tmp_path, unit, nm):
+    """ImageJ and other writers spell units out: "micrometers" was kept as an unknown unit (no
+    calibration in nm), while "micrometer" was known."""
+    from stemfast.io import unit_to_nm
+
+    assert unit_to_nm(unit) == nm
+    img = np.random.default_rng(0).normal(100.0, 10.0, (40, 56)).astype(np.float32)
+    escaped = "".join(c if ord(c) < 128 else f"\\u{ord(c):04X}" for c in unit)  # ImageJ's header is ASCII
+    tifffile.imwrite(tmp_path / "a.tif", img, imagej=True, resolution=(2.0, 2.0), metadata={"unit": escaped})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReadWarning)  # a metre per pixel is no micrograph's: said
+        mg = read(tmp_path / "a.tif")
+    if 0.5 * nm <= 1e6:
+        assert mg.pixel_size == pytest.approx(0.5 * nm) and mg.unit == "nm"
+    else:
+        assert mg.pixel_size is None and mg.metadata["calibration_ignored"]["pixel_size_nm"] == pytest.approx(0.5 * nm)

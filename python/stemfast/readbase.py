@@ -39,10 +39,13 @@ _UNIT_NM = {
     "nm": 1.0, "nanometer": 1.0, "nanometers": 1.0, "nanometre": 1.0, "nanometres": 1.0,
     "a": 0.1, "å": 0.1, "\u212b": 0.1, "angstrom": 0.1, "angstroms": 0.1, "ångström": 0.1,
     "ångstrom": 0.1, "\\u00c5": 0.1, "\\u212b": 0.1,
-    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3,
+    "ångströms": 0.1, "angströms": 0.1,
+    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3, "picometers": 1e-3, "picometres": 1e-3,
     "um": 1e3, "µm": 1e3, "\u03bcm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3,
-    "micrometre": 1e3, "\\u00b5m": 1e3, "\\u03bcm": 1e3,
-    "mm": 1e6, "cm": 1e7, "m": 1e9, "meter": 1e9, "metre": 1e9,
+    "micrometre": 1e3, "micrometers": 1e3, "micrometres": 1e3, "\\u00b5m": 1e3, "\\u03bcm": 1e3,
+    "mm": 1e6, "millimeter": 1e6, "millimetre": 1e6, "millimeters": 1e6, "millimetres": 1e6,
+    "cm": 1e7, "centimeter": 1e7, "centimetre": 1e7, "centimeters": 1e7, "centimetres": 1e7,
+    "m": 1e9, "meter": 1e9, "metre": 1e9, "meters": 1e9, "metres": 1e9,
 }
 _NO_UNIT = {"", "pixel", "pixels", "px", "none", "<undefined>", "undefined", "t.b.d."}
 
@@ -415,9 +418,29 @@ def _note_pixel_size_y(path, meta: dict, ps: float, ps_y: float | None, unit: st
         log.warning("%s: anisotropic pixels (x %g, y %g %s); using x", path, ps, ps_y, unit)
 
 
+def _text(raw: bytes) -> str:
+    """Bytes of a file's text: UTF-8, else Latin-1 (older instruments' "\\xb5m" for µm, "\\xc5" for Å),
+    which decodes any byte.
+
+    >>> _text("µm".encode()), _text(b"\\xb5m")
+    ('µm', 'µm')
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _attr(v: Any) -> Any:
+    """A file's attribute as plain Python: bytes decoded (:func:`_text`; so is a text h5py decoded with its
+    undecodable bytes escaped), numpy values and small arrays as Python's, large arrays described."""
     if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
+        return _text(v)
+    if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v):  # h5py: UTF-8 it could not decode
+        try:
+            return _text(v.encode("utf-8", "surrogateescape"))
+        except UnicodeError:
+            return v
     if isinstance(v, np.ndarray) and v.ndim == 0:  # one value: itself, not a list of a text's characters
         return _attr(v[()])
     if isinstance(v, np.ndarray):

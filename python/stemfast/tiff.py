@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from .pictures import _pillow_open
-from .readbase import (_NO_UNIT, ReadError, ReadWarning, _check_memory, _check_whole_stack, _frame_index,
-                       _missing_package, _note_pixel_size_y, _select_frames, log, unit_to_nm)
+from .readbase import (_NO_UNIT, ReadError, ReadWarning, _calibration_dropped, _check_memory, _check_whole_stack,
+                       _frame_index, _missing_package, _note_pixel_size_y, _select_frames, log, unit_to_nm)
 from .signals import pick_signal
 
 
@@ -283,6 +283,8 @@ def _read_tiff(path: Path, frames: Any, dataset: str | None = None):
         pixel_size, unit = _tiff_calibration(tif, series.keyframe, meta)
         if pixel_size is None:
             pixel_size, unit = _tiff_calibration_rsciio(path, meta, pick)
+        if pixel_size is None:
+            _imagej_unit_without_resolution(path, tif, series.keyframe, meta)
         rgb = meta["_rgb"] = _tiff_is_colour(path, series, meta)
         n_pages = len(series.pages)
         core = [s for s, a in zip(series.shape, axes) if s != 1 and (a != "S" or not rgb)]
@@ -390,19 +392,7 @@ class _CaptureLog(logging.Handler):
 def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
     """Pixel size from ImageJ, OME, FEI, JSON-description or resolution-tag metadata."""
     tags = page.tags
-
-    def res(name):
-        t = tags.get(name)
-        if t is None:
-            return None
-        v = t.value
-        try:
-            v = v[0] / v[1] if isinstance(v, tuple) else float(v)
-        except (TypeError, ZeroDivisionError, IndexError):
-            return None
-        return v if math.isfinite(v) and v > 0 else None
-
-    xres, yres = res("XResolution"), res("YResolution")
+    xres, yres = _resolution(tags, "XResolution"), _resolution(tags, "YResolution")
     ru = tags.get("ResolutionUnit")
     runit = int(ru.value) if ru is not None else 2
     if page.description:
@@ -450,6 +440,32 @@ def _tiff_calibration(tif, page, meta: dict) -> tuple[float | None, str | None]:
         if ps_nm < 1e3:  # a print resolution would give pixels of tens of microns
             return ps_nm, "nm"
     return None, None
+
+
+def _resolution(tags, name: str) -> float | None:
+    """A resolution tag's pixels per unit (positive, finite), None without one."""
+    t = tags.get(name)
+    if t is None:
+        return None
+    v = t.value
+    try:
+        v = v[0] / v[1] if isinstance(v, tuple) else float(v)
+    except (TypeError, ZeroDivisionError, IndexError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _imagej_unit_without_resolution(path: Path, tif, page, meta: dict) -> None:
+    """Say (:func:`_calibration_dropped`) that an ImageJ TIFF left uncalibrated names a length unit while its
+    XResolution (pixels per that unit) is 0, missing or not finite: a calibration the file meant to have."""
+    unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+    unit = None if unit is None else _decode_ij_unit(str(unit))
+    if not unit or unit.strip().lower() in _NO_UNIT or _resolution(page.tags, "XResolution") is not None:
+        return
+    tag = page.tags.get("XResolution")
+    value = "missing" if tag is None else "/".join(map(str, tag.value)) if isinstance(tag.value, tuple) else tag.value
+    _calibration_dropped(path, meta, f"its ImageJ unit is {unit!r} but its XResolution ({value}) gives no pixels "
+                                     "per unit")
 
 
 def _ome_calibration(xml: str | None) -> tuple[float | None, str | None]:
