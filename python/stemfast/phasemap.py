@@ -17,43 +17,83 @@ from .blocks import block_means
 __all__ = ["PhaseMap", "bragg_maps"]
 
 
-def _block_spectrum(img: np.ndarray, fmax: float) -> tuple[int, np.ndarray, tuple[int, int]]:
-    """Block-average ``img`` by the largest factor ``f`` that keeps frequencies up to ``fmax``
-    (cycles/px) well below Nyquist (at most ``min(H, W) // 64``); returns ``f``, the real FFT of the
-    mean-removed small image and its shape (what the Bragg demodulations work on)."""
-    H, W = img.shape
+def _block_factor(shape: tuple[int, int], fmax: float) -> int:
+    """The largest block-averaging factor ``f`` that keeps frequencies up to ``fmax`` (cycles/px) well
+    below Nyquist (at most ``min(H, W) // 64``)."""
     f = max(1, int(0.2 / fmax)) if fmax > 0 else 1
-    f = min(f, max(1, min(H, W) // 64))
+    return min(f, max(1, min(shape) // 64))
+
+
+def _block_spectrum(img: np.ndarray, fmax: float,
+                    pad: tuple[int, int] | None = None) -> tuple[int, np.ndarray, tuple[int, int]]:
+    """Block-average ``img`` by the largest factor ``f`` that keeps frequencies up to ``fmax``
+    (cycles/px) well below Nyquist (:func:`_block_factor`); returns ``f``, the real FFT of the
+    mean-removed small image padded with zeros below and to the right, and the padded shape (what
+    the Bragg demodulations work on; their grids then cover the pad too, the image is its first
+    ``H // f`` x ``W // f`` blocks). ``pad``: that many rows and columns of blocks; None: as many as
+    the small image has (twice its size: a Bragg filter narrower than the image does not reach round
+    from one edge to the opposite one, where the image's lattice need not continue)."""
+    f = _block_factor(img.shape, fmax)
     if f > 1:
         small = block_means(img, f)
     else:
         small = img
-    return f, sfft.rfft2(small - float(small.mean()), workers=-1), small.shape
+    small = small - float(small.mean())
+    pad = small.shape if pad is None else pad
+    if any(pad):
+        small = np.pad(small, ((0, pad[0]), (0, pad[1])))
+    return f, sfft.rfft2(small, workers=-1), small.shape
 
 def bragg_maps(img: np.ndarray, g: np.ndarray, width: float = 0.2):
     """``(maps, step, origin)``: the demodulated Bragg-filtered maps (complex, one per reciprocal
     vector of ``g`` [K, 2], cycles / px, all on one coarse grid), the grid's step (px, (y, x)) and the
     px position of its cell (0, 0). The filter is a Gaussian ``width * |g_k|`` wide around each
-    ``g_k``; what :class:`PhaseMap` reads its phases and amplitude from."""
+    ``g_k``; what :class:`PhaseMap` reads its phases and amplitude from.
+
+    The image is not periodic: it is padded with zeros (its mean removed) below and to the right to a
+    whole multiple of its size, at least :data:`PAD_SIGMAS` of the filter's spatial widths more, so
+    that the filter at one edge does not reach round to the opposite one (the lattice at the left
+    edge showed at the right edge, over no lattice); each map is divided by the same filter's
+    response to the image's support (a normalised convolution: the amplitude near an edge is that of
+    the lattice there, not halved by the pad). The grid is the unpadded image's, cut to it: away from
+    the edges the maps are those of the unpadded image (to the filter's tails)."""
     img = np.asarray(img, dtype=np.float32)
     g = np.asarray(g, dtype=np.float64)
     # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
     # by a factor that keeps them (and the column profile's weak higher orders) below Nyquist
-    f, F, (hs, ws) = _block_spectrum(img, float(np.hypot(*g.T).max()) * (1 + 4 * width))
-    maps = []
-    steps = None
+    fmax = float(np.hypot(*g.T).max()) * (1 + 4 * width)
+    f = _block_factor(img.shape, fmax)
+    h0, w0 = (n // f if f > 1 else n for n in img.shape)
+    # the widest filter in space (block px): that of the shortest vector
+    reach = PAD_SIGMAS / (2 * np.pi * width * float(np.hypot(*g.T).min()) * f)
+    ky, kx = (int(np.ceil((n + reach) / n)) for n in (h0, w0))
+    _, F, (hs, ws) = _block_spectrum(img, fmax, pad=((ky - 1) * h0, (kx - 1) * w0))
+    # the support's spectrum: ones over the image, zeros in the pad (separable)
+    Fm = np.outer(sfft.fft((np.arange(hs) < h0).astype(np.float64)), sfft.rfft((np.arange(ws) < w0).astype(np.float64)))
+    maps, norms, steps = [], [], None
     for gk in g:
         # in block units the vector is f times longer; the block (i, j) is centred at
         # f i + (f - 1) / 2 px: a phase offset, corrected below
-        D, step = _demodulate(F, hs, ws, gk * f, width * float(np.hypot(*gk)) * f)
+        sigma = width * float(np.hypot(*gk)) * f
+        size = tuple(k * m for k, m in zip((ky, kx), _grid_size(h0, w0, sigma)))
+        D, step = _demodulate(F, hs, ws, gk * f, sigma, size)
+        N, _ = _demodulate(Fm, hs, ws, np.zeros(2), sigma, size)
         D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
-        step = (step[0] * f, step[1] * f)
         if steps is None:
             steps = step
-        elif D.shape != maps[0].shape:  # same grid for every map
-            D = _resample(D, maps[0].shape)
+        elif D.shape != maps[0].shape:  # same grid for every map (resampled on the padded torus)
+            D, N = _resample(D, maps[0].shape), _resample(N, maps[0].shape)
         maps.append(D)
-    return maps, steps, (f - 1) / 2.0
+        norms.append(N.real)
+    # the cells over the image (block i * step up to its last block), divided by the filter's support
+    ny, nx = (int(np.floor((n - 1) / d + 1e-9)) + 1 for n, d in zip((h0, w0), steps))
+    out = [D[:ny, :nx] / np.maximum(N[:ny, :nx], 1e-3) for D, N in zip(maps, norms)]
+    return out, (steps[0] * f, steps[1] * f), (f - 1) / 2.0
+
+
+#: the pad of :func:`bragg_maps`, in spatial standard deviations of the widest Bragg filter: the
+#: weight it leaves to the far side of the image is below 1e-4 of the filter's
+PAD_SIGMAS = 4.0
 
 
 class PhaseMap:
@@ -195,15 +235,20 @@ def _resample(D: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
             + 1j * ndimage.zoom(D.imag, (zy, zx), order=1, grid_mode=True, mode="grid-wrap"))
 
 
-def _demodulate(F: np.ndarray, H: int, W: int, g: np.ndarray, sigma_f: float):
+def _grid_size(H: int, W: int, sigma_f: float) -> tuple[int, int]:
+    """The coarse grid :func:`_demodulate` samples an ``H`` x ``W`` image's map on by default: it holds
+    the Gaussian filter out to 4 ``sigma_f``."""
+    return (sfft.next_fast_len(2 * int(np.ceil(4 * sigma_f * H)) + 2),
+            sfft.next_fast_len(2 * int(np.ceil(4 * sigma_f * W)) + 2))
+
+
+def _demodulate(F: np.ndarray, H: int, W: int, g: np.ndarray, sigma_f: float, size: tuple[int, int] | None = None):
     """Demodulated Bragg-filtered map ``exp(-2 pi i g.r) (I * gauss_g)(r)`` on a coarse grid.
 
-    ``F``: ``rfft2`` of the image. Returns the complex map and its grid step (px) in (y, x).
+    ``F``: ``rfft2`` of the image. ``size``: the grid's (rows, columns) (:func:`_grid_size` unless
+    given). Returns the complex map and its grid step (px) in (y, x).
     """
-    hy = int(np.ceil(4 * sigma_f * H))
-    hx = int(np.ceil(4 * sigma_f * W))
-    My = sfft.next_fast_len(2 * hy + 2)
-    Mx = sfft.next_fast_len(2 * hx + 2)
+    My, Mx = size if size is not None else _grid_size(H, W, sigma_f)
     ky, kx = g[1] * H, g[0] * W
     ky0, kx0 = int(round(ky)), int(round(kx))
     dy = np.fft.fftfreq(My, 1.0 / My).astype(np.int64)  # 0, 1, ..., -1 (ifft order)
