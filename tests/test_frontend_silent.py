@@ -12,10 +12,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 from scipy.spatial import cKDTree
 
 from stemfast.braggring import metal_reciprocal_lattice
 from stemfast.phasemap import PhaseMap, bragg_maps
+import stemfast.sites as sites_mod
 from stemfast.sites import find_sites
 from stemfast.synthetic import make_mos2
 
@@ -65,3 +67,40 @@ def test_no_sites_along_the_far_edge_of_a_lattice_free_region():
     lattice = truth[(truth[:, 0] < 190) & (truth[:, 0] >= 1) & (truth[:, 1] >= 1) & (truth[:, 1] <= 254), :2]
     d, _ = cKDTree(xy).query(lattice)
     assert (d < 0.35 * nn).mean() > 0.99
+
+
+def _strip(seed: int = 2, nn: float = 3.5):
+    """A 509 x 127 strip of MoS2 at ``nn`` px between sites (no scan jump in it): its Bragg ring,
+    read off the raw image, is a 47 % "distorted" lattice of 2.08 px, not the image's."""
+    return make_mos2(shape=(509, 127), seed=seed, rotation_deg=0, pixel_size_A=1.8244 / nn)
+
+
+def _strip_sites(s):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(s.image)
+    d, _ = cKDTree(np.asarray(t.xy)).query(s.truth[:, :2])
+    return t, float((d < 0.35 * s.meta["nn_px"]).mean())
+
+
+@pytest.mark.parametrize("loose_ring", [False, True])
+def test_no_scan_jump_repair_against_a_ring_that_is_not_the_images_lattice(monkeypatch, loose_ring):
+    """28 rows "repaired" by +-3 px moved 17 % of the sites off their columns (recall 0.831) with the
+    confidence up to 0.993. Both checks refuse it on their own: the ring is no plausible hexagonal
+    lattice, and (with that check relaxed) the image with the jumps undone shows another lattice."""
+    if loose_ring:
+        monkeypatch.setattr(sites_mod, "JUMP_RING_MAX_ANISOTROPY", 10.0)
+    t, recall = _strip_sites(_strip())
+    sl = t.meta["lattice"]["scan_lines"]
+    assert sl["jump_rows"] == [] and recall == 1.0
+    assert ("another lattice" if loose_ring else "no plausible hexagonal lattice") in sl["jumps_not_repaired"]
+    assert t.meta["lattice"]["confidence"] < 0.5  # the weak ring is said, as with scan_lines off
+
+
+def test_same_ring_tells_the_images_lattice_from_another():
+    g = metal_reciprocal_lattice(make_mos2(shape=(128, 128), seed=1, rotation_deg=7).image).g
+    c, s_ = np.cos(np.radians(60)), np.sin(np.radians(60))
+    assert sites_mod._same_ring(g, g @ np.array([[c, -s_], [s_, c]]))  # the same ring, another basis
+    assert sites_mod._same_ring(g, 1.03 * g)
+    assert not sites_mod._same_ring(g, 1.2 * g)
+    assert not sites_mod._same_ring(g, g * np.array([1.0, 1.5]))

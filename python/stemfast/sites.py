@@ -40,6 +40,7 @@ from .materials import fitting_hint, get_material, materials_fitting, name_by_br
 from .peaks import find_peaks
 from .braggring import MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
 from .phasemap import PhaseMap
+from .scanlines import ScanJumps
 from .spikes import SpikeWarning, despiked, spike_meta
 from .sitelattice import (border_distance, columns_on_one_coset, columns_on_one_finer_coset, index_sites,
                           lattice_distortion, node_residuals, pixel_noise, position_variance)
@@ -1310,12 +1311,14 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: 
 def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
     """``(image, jumps, ring, vacuum)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
-    three shortest translations; at coarse sampling
+    three shortest translations, :func:`_confirmed_jumps`; at coarse sampling
     (:func:`stemfast.scanlines.needs_lattice_lines`), also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
     reported where the recorded image has them, :func:`_to_recorded`), the jumps (None when
-    ``scan_lines`` is off or there is no lattice), and the Bragg ring when it was read off the
-    unchanged image (else None) with the vacuum it was read beside (:func:`_bragg_ring`)."""
-    from .scanlines import confirm_jumps, lattice_line_bands, needs_lattice_lines, scan_line_jumps
+    ``scan_lines`` is off or there is no lattice; :class:`_UnrepairedJumps` when candidates were seen
+    but the ring could not confirm them), and the Bragg ring when it was read off the image returned
+    (the unchanged one, or the one with its confirmed jumps undone; else None) with the vacuum it was
+    read beside (:func:`_bragg_ring`)."""
+    from .scanlines import lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
         return img, None, None, None
@@ -1326,12 +1329,10 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
         ring, vac = _bragg_ring(img, s, no_data)
     except _NoLattice:
         return img, None, None, None
-    a = np.linalg.inv(ring.g).T
-    t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
     if jumps.candidates.any():
-        jumps = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
-        if jumps.flagged.any():
-            return jumps.undo(img), jumps, None, None
+        jumps, repaired = _confirmed_jumps(img, jumps, ring, s, no_data)
+        if repaired is not None:
+            return repaired
     # coarse sampling: a band shifted by up to half a spacing lies beyond the neighbour-line search,
     # whose lines scatter too much there anyway -- look for it line by line against the lattice
     spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
@@ -1340,6 +1341,88 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
         if bands.flagged.any():
             return bands.undo(img), bands, None, None
     return img, jumps, ring, vac
+
+
+@dataclass(frozen=True)
+class _UnrepairedJumps(ScanJumps):
+    """Scan-jump candidates (:class:`stemfast.scanlines.ScanJumps`, none flagged) that were not
+    repaired because the lattice they were to be confirmed against was not the image's: ``note`` says
+    why (``lattice.scan_lines.jumps_not_repaired``)."""
+
+    note: str = ""
+
+
+#: scan jumps are confirmed only against a Bragg ring whose lattice is at most this anisotropic
+#: (:func:`stemfast.sitelattice.lattice_distortion`): scan distortion of real scans reaches 15-20 %,
+#: while the "distorted" rings read off coarsely sampled strips (a 3.3-4 px site spacing on a 127 px
+#: wide image: 47-58 %, metal vectors 4.1 and 2.9 px for a 6 px lattice) are no lattice of the image
+JUMP_RING_MAX_ANISOTROPY = 0.3
+#: ... and only where the ring read again on the image with the jumps undone (the lattice the sites
+#: are then found on) is the same: each of its six spots within this share of the ring's radius of one
+#: of the first ring's (a repair against a wrong ring gave a ring 40-75 % off); and, with a given
+#: spacing, the ring's site spacing within this share of it
+JUMP_RING_TOLERANCE = 0.1
+
+
+def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoData | None):
+    """``(jumps, repaired)``: the candidate ``jumps`` confirmed against the metal lattice of ``ring``
+    (:func:`stemfast.scanlines.confirm_jumps`) and, when some are, ``repaired``: the return of
+    :func:`_undo_scan_jumps` with them undone (else None). Nothing is confirmed against a ring that is
+    no plausible lattice of the image (:func:`_implausible_jump_ring`), nor kept when the image with
+    the jumps undone shows another lattice (:func:`_same_ring`): the jumps then come back unflagged as
+    :class:`_UnrepairedJumps` saying why (a repair against a wrong lattice moved 15-20 % of a strip's
+    sites off their columns, with its confidence up)."""
+    from .scanlines import confirm_jumps
+
+    why = _implausible_jump_ring(ring, s)
+    if why is None:
+        a = np.linalg.inv(ring.g).T
+        t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
+        confirmed = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
+        if not confirmed.flagged.any():
+            return confirmed, None
+        fixed = confirmed.undo(img)
+        try:
+            ring2, vac2 = _bragg_ring(fixed, s, no_data)
+        except _NoLattice:
+            ring2, vac2 = None, None
+        if ring2 is not None and _same_ring(ring.g, ring2.g):
+            return confirmed, (fixed, confirmed, ring2, vac2)
+        why = (f"{len(confirmed.rows)} jump rows confirmed against the Bragg ring (site spacing "
+               f"{ring.spacing:.2f} px) were not repaired: the image with them undone shows another lattice"
+               + ("" if ring2 is None else f" (site spacing {ring2.spacing:.2f} px)"))
+    log.info("scan jumps: %s", why)
+    return _UnrepairedJumps(jumps.shift, np.zeros_like(jumps.flagged), jumps.noise, jumps.candidates, note=why), None
+
+
+def _implausible_jump_ring(ring, s: SiteSettings) -> str | None:
+    """Why ``ring`` is no lattice to confirm scan jumps against (None when it is one): more anisotropic
+    than :data:`JUMP_RING_MAX_ANISOTROPY`, or off a given spacing by more than
+    :data:`JUMP_RING_TOLERANCE`."""
+    aniso = float(lattice_distortion(ring.g)["anisotropy"])
+    if aniso > JUMP_RING_MAX_ANISOTROPY:
+        return (f"scan-jump candidates were not confirmed: the Bragg ring (site spacing {ring.spacing:.2f} px) is "
+                f"no plausible hexagonal lattice (anisotropy {aniso:.0%})")
+    if s.spacing is not None and abs(site_spacing(ring.g) / float(s.spacing) - 1) > JUMP_RING_TOLERANCE:
+        return (f"scan-jump candidates were not confirmed: the Bragg ring's site spacing "
+                f"{site_spacing(ring.g):.2f} px is not the given {float(s.spacing):g} px")
+    return None
+
+
+def _ring_spots(g: np.ndarray) -> np.ndarray:
+    """The six spots [6, 2] of the first ring of the reciprocal basis ``g`` [2, 2]."""
+    c = np.array([g[0], g[1], g[0] + g[1], g[0] - g[1]])
+    c = c[np.argsort((c ** 2).sum(1))[:3]]
+    return np.vstack([c, -c])
+
+
+def _same_ring(g: np.ndarray, h: np.ndarray, tol: float = JUMP_RING_TOLERANCE) -> bool:
+    """Whether the first rings of the reciprocal bases ``g`` and ``h`` [2, 2] are one lattice's: every
+    spot of ``h``'s within ``tol`` of the ring's mean radius of one of ``g``'s, and the other way."""
+    p, q = _ring_spots(np.asarray(g, np.float64)), _ring_spots(np.asarray(h, np.float64))
+    d = np.hypot(*(p[:, None, :] - q[None, :, :]).transpose(2, 0, 1))
+    r = float(np.hypot(*p.T).mean())
+    return bool((d.min(0) < tol * r).all() and (d.min(1) < tol * r).all())
 
 
 def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
@@ -1361,6 +1444,8 @@ def _scan_jumps_meta(jumps, column_px: float) -> dict:
     out = {"jump_rows": rows.tolist(), "jump_px": [round(float(v), 3) for v in jumps.shift[rows - 1]]}
     if len(rows):
         out["jump_column_px"] = float(column_px)
+    if getattr(jumps, "note", ""):  # candidates seen, not repaired: the lattice could not confirm them
+        out["jumps_not_repaired"] = jumps.note
     return out
 
 
