@@ -16,6 +16,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from stemfast.braggring import metal_reciprocal_lattice
+from stemfast.lattice import _lattice_free
 from stemfast.phasemap import PhaseMap, bragg_maps
 import stemfast.sites as sites_mod
 from stemfast.sites import find_sites
@@ -104,3 +105,55 @@ def test_same_ring_tells_the_images_lattice_from_another():
     assert sites_mod._same_ring(g, 1.03 * g)
     assert not sites_mod._same_ring(g, 1.2 * g)
     assert not sites_mod._same_ring(g, g * np.array([1.0, 1.5]))
+
+
+def _gradient_sites(**kw):
+    s = make_mos2(shape=(256, 300), rotation_deg=12, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(s.image)
+    tr = s.truth[:, :2]
+    inner = tr[(tr >= 1).all(1) & (tr[:, 0] <= 298) & (tr[:, 1] <= 254)]  # (a column cut by the border may go)
+    d, _ = cKDTree(np.asarray(t.xy)).query(inner)
+    return t, s, d < 0.35 * s.meta["nn_px"]
+
+
+def test_a_corner_dimmed_by_an_illumination_gradient_is_no_hole():
+    """The dark top-left corner (darkness and band-pass tests) holds the lattice, but the erosion that
+    picks the cells to read its Bragg amplitude at also ate in from the image border: nothing was left
+    to read, so it stayed a hole and its 34 sites were dropped (recall 0.909, no warning)."""
+    t, _, found = _gradient_sites(illumination_gradient=0.8, seed=0)
+    assert found.all()
+    assert not t.meta["holes"]
+
+
+def test_lattice_free_reads_a_region_at_the_image_border():
+    hole = np.zeros((52, 60), bool)
+    hole[:14, :17] = True  # a corner region, 14 x 17 cells of 5 px; reads 9 cells deep
+    lattice = lambda xy: np.ones(len(xy))  # noqa: E731
+    vacuum = lambda xy: np.full(len(xy), 0.05)  # noqa: E731
+    assert not _lattice_free(hole, 5, lattice, 1.0, 9).any()  # the lattice there: film
+    assert (_lattice_free(hole, 5, vacuum, 1.0, 9) == hole).all()  # none: a hole
+    small = np.zeros_like(hole)
+    small[:6, :6] = True  # nothing 9 cells inside its edge: a hole, as a small one inside the image
+    assert (_lattice_free(small, 5, lattice, 1.0, 9) == small).all()
+
+
+def test_vacuum_in_a_corner_stays_a_hole():
+    """A true vacuum region at the image border is still no film: the Bragg amplitude read deep in it
+    (from the film side and, now, from the border side) is the vacuum's."""
+    s = make_mos2(shape=(256, 300), rotation_deg=12, seed=6)
+    img = s.image.astype(np.float64)
+    nn = float(s.meta["nn_px"])
+    yy, xx = np.mgrid[:256, :300]
+    vac = np.hypot(xx - 299, yy - 255) < 7 * nn
+    img[vac] = 0.8 * np.percentile(img, 2) + np.random.default_rng(2).normal(0, 0.3 * img[~vac].std(), vac.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    xy = np.asarray(t.xy)
+    deep = np.hypot(xy[:, 0] - 299, xy[:, 1] - 255) < 6 * nn
+    assert not deep.any()
+    film = s.truth[(np.hypot(s.truth[:, 0] - 299, s.truth[:, 1] - 255) > 8 * nn), :2]
+    d, _ = cKDTree(xy).query(film)
+    assert (d < 0.35 * nn).mean() > 0.99
