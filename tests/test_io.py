@@ -21,6 +21,7 @@ from stemfast.io import (
     unit_to_nm,
     write_tiff,
 )
+from io_checks import read_error
 
 
 @pytest.fixture
@@ -35,11 +36,7 @@ def stack():
     return rng.normal(50.0, 5.0, (5, 32, 48)).astype(np.float32)
 
 
-def _err(path, **kw) -> ReadError:
-    with pytest.raises(ReadError) as ei:
-        read(path, **kw)
-    assert os.path.basename(str(path)) in str(ei.value)  # the message names the file
-    return ei.value
+_err = read_error  # the ReadError read() must raise, naming the file
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ series' calibration, memory checks before decompression, frames= selections, cal
 from __future__ import annotations
 
 import json
-import os
 import tracemalloc
 import warnings
 
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from stemfast.io import ReadError, ReadWarning, read
+from io_checks import read_error
+from stemfast.io import ReadWarning, read
 
 
 @pytest.fixture
@@ -20,11 +20,7 @@ def stack():
     return rng.normal(100.0, 10.0, (3, 40, 56)).astype(np.float32)
 
 
-def _err(path, **kw) -> ReadError:
-    with pytest.raises(ReadError) as ei:
-        read(path, **kw)
-    assert os.path.basename(str(path)) in str(ei.value)  # the message names the file
-    return ei.value
+_err = read_error  # the ReadError read() must raise, naming the file
 
 
 # ---------------------------------------------------------------------------------------------
