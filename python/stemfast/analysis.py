@@ -287,7 +287,7 @@ def cluster_latents(mu: np.ndarray, *, n_classes: int | None, order_by: np.ndarr
             lab = fit(k)
             scores[k] = silhouette(mu[sample], lab[sample]) if len(np.unique(lab[sample])) > 1 else -1.0
         # fewer sites than the smallest k tried: as many classes as sites allow
-        k = max(scores, key=scores.get) if scores else max(1, min(min(settings.k_range, default=1), n))
+        k = max(scores, key=scores.get) if scores else max(1, min(min(settings.k_range), n))  # (k_range holds one)
         info["k_selection"] = {"criterion": "silhouette", "scores": scores}
     else:
         k = min(n_classes, n)

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-__all__ = ["FftLattice", "metal_reciprocal_lattice", "SITE_FROM_METAL", "site_spacing"]
+__all__ = ["FftLattice", "metal_reciprocal_lattice", "SITE_FROM_METAL", "site_spacing", "ring_spots"]
 
 #: site-lattice vectors in units of the metal vectors (rows: s1 = (A1 + A2) / 3, s2 = (2 A2 - A1) / 3)
 SITE_FROM_METAL = np.array([[1.0, 1.0], [-1.0, 2.0]]) / 3.0
@@ -203,7 +203,7 @@ def _off_spots_prominence(Pw: np.ndarray, h: int, w: int, ring: "FftLattice") ->
     8.8-257 off the spots). Where the spots leave under a third of the annulus (a ring 6-7 bins out),
     all of it is used. On rings of tens of bins (512 px scans) the spots are a smaller share.
     """
-    spots = _HEX_MN @ np.asarray(ring.g, dtype=np.float64)
+    spots = ring_spots(ring.g)
     radius = float(np.mean(_bins(spots, h, w)))
     r = max(1.5, SPOT_SEARCH * radius)
     p, pos = _spot_power(Pw, h, w, spots, r=r)
@@ -217,6 +217,12 @@ def _off_spots_prominence(Pw: np.ndarray, h: int, w: int, ring: "FftLattice") ->
 #: the six spots of a ring as multiples of its reciprocal basis: spot k = m_k g1 + n_k g2 (g1, g2 120
 #: degrees apart, so g1 + g2 lies between them)
 _HEX_MN = np.array([[1, 0], [1, 1], [0, 1], [-1, 0], [-1, -1], [0, -1]], dtype=np.float64)
+
+
+def ring_spots(g: np.ndarray) -> np.ndarray:
+    """The six spots [6, 2] (cycles / px) of the first Bragg ring of the reciprocal basis ``g`` [2, 2]
+    (an :attr:`FftLattice.g`: rows 120 degrees apart), in the order of :data:`_HEX_MN`."""
+    return _HEX_MN @ np.asarray(g, dtype=np.float64)
 
 
 def _hexagon(g0: np.ndarray) -> np.ndarray:
@@ -389,7 +395,7 @@ def _ring_of_basis(Pw, h, w, g: np.ndarray):
     the ring's median power at their mean radius -- every spot must stand out, not four of six as in
     :func:`_ring_prominence` (four spots of a rectangular modulation, a moire or a contamination
     texture, can pass for a distorted hexagon) -- and the refined spot positions."""
-    spots = _HEX_MN @ g
+    spots = ring_spots(g)
     f = float(np.mean(np.hypot(spots[:, 0], spots[:, 1])))
     p, pos = _spot_power(Pw, h, w, spots, r=max(1.5, SPOT_SEARCH * f * max(h, w)))
     ref = _ring_reference(Pw, h, w, f)

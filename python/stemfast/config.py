@@ -143,6 +143,11 @@ class ReadOptions:
         return {"fill_nonfinite": self.fill_nonfinite,
                 "max_nonfinite_fraction": self.max_nonfinite_fraction if self.fill_nonfinite else None}
 
+    @staticmethod
+    def key_of(options: "ReadOptions | None") -> dict:
+        """:meth:`key` of ``options``, the defaults' where None (as the batch takes no options)."""
+        return (options or ReadOptions()).key()
+
 
 # ----------------------------------------------------------------------------- loading
 

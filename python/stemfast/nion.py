@@ -62,15 +62,22 @@ def read_ndata(path: str | Path, before_load: Callable[[tuple, np.dtype], Any] |
         if info.compress_type == zipfile.ZIP_STORED:
             return _mapped_npy(Path(path), info), props
         with z.open(_DATA) as f:
-            head = _npy_header(f)
-        if head is None:
-            raise ValueError("data.npy is not a NumPy array")
-        if head[2].hasobject:
-            raise ValueError("data.npy holds Python objects, not numbers")
+            shape, _, dtype = _data_header(f)
         if before_load is not None:
-            before_load(head[0], head[2])
+            before_load(shape, dtype)
         with z.open(_DATA) as f:
             return np.load(f, allow_pickle=False), props
+
+
+def _data_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``data.npy`` stream ``f`` from its header (left at the start
+    of the data); a ``ValueError`` where it is no NumPy array, or one of Python objects."""
+    head = _npy_header(f)
+    if head is None:
+        raise ValueError("data.npy is not a NumPy array")
+    if head[2].hasobject:
+        raise ValueError("data.npy holds Python objects, not numbers")
+    return head
 
 
 def _mapped_npy(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
@@ -83,13 +90,8 @@ def _mapped_npy(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
         name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
         f.seek(start)
-        head = _npy_header(f)
-        if head is None:
-            raise ValueError("data.npy is not a NumPy array")
-        shape, fortran, dtype = head
+        shape, fortran, dtype = _data_header(f)
         offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError("data.npy holds Python objects, not numbers")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 

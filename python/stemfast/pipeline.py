@@ -22,13 +22,19 @@ from .patches import LazyPatches
 from .table import SiteTable
 
 __all__ = ["PipelineConfig", "Prepared", "prepare", "resample_patches", "resample_weights", "train_model", "analyze",
-           "run_image"]
+           "model_input_size", "run_image"]
 
 log = logging.getLogger(__name__)
 
 
 #: sites per chunk when ``analyze`` streams the patches of a large image
 STREAM_CHUNK = 1 << 16
+
+
+def model_input_size(model) -> int | None:
+    """The patch size (px) ``model`` encodes (its settings' ``input_size``), None for no model: what
+    :func:`prepare` resamples the patches to for it (``input_size``) and :func:`analyze` checks."""
+    return getattr(getattr(model, "config", None), "input_size", None)
 
 
 def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0,
@@ -87,7 +93,7 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
     from .model.engine import on_device
 
-    want = getattr(getattr(model, "config", None), "input_size", None)
+    want = model_input_size(model)
     if want is not None and int(prep.patches.shape[-1]) != int(want):
         raise ValueError(f"the patches were prepared at {prep.patches.shape[-1]} px but the model takes {want} px "
                          f"patches: set model.input_size = {want} in the settings (the model's), or prepare with "
@@ -144,7 +150,7 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     patch_size = input_size = None
     if model is not None:
         patch_size = (getattr(model, "extra", None) or {}).get("patch_size")
-        input_size = getattr(getattr(model, "config", None), "input_size", None)
+        input_size = model_input_size(model)
     prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion,
                    input_size=input_size)
     if model is None and len(prep.patches):

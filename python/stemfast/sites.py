@@ -38,7 +38,8 @@ from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .braggring import MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, site_spacing
+from .braggring import (MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, ring_spots,
+                        site_spacing)
 from .phasemap import PhaseMap
 from .scanlines import ScanJumps
 from .spikes import SpikeWarning, despiked, spike_meta
@@ -1403,23 +1404,16 @@ def _implausible_jump_ring(ring, s: SiteSettings) -> str | None:
     if aniso > JUMP_RING_MAX_ANISOTROPY:
         return (f"scan-jump candidates were not confirmed: the Bragg ring (site spacing {ring.spacing:.2f} px) is "
                 f"no plausible hexagonal lattice (anisotropy {aniso:.0%})")
-    if s.spacing is not None and abs(site_spacing(ring.g) / float(s.spacing) - 1) > JUMP_RING_TOLERANCE:
+    if s.spacing is not None and abs(ring.spacing / float(s.spacing) - 1) > JUMP_RING_TOLERANCE:
         return (f"scan-jump candidates were not confirmed: the Bragg ring's site spacing "
-                f"{site_spacing(ring.g):.2f} px is not the given {float(s.spacing):g} px")
+                f"{ring.spacing:.2f} px is not the given {float(s.spacing):g} px")
     return None
-
-
-def _ring_spots(g: np.ndarray) -> np.ndarray:
-    """The six spots [6, 2] of the first ring of the reciprocal basis ``g`` [2, 2]."""
-    c = np.array([g[0], g[1], g[0] + g[1], g[0] - g[1]])
-    c = c[np.argsort((c ** 2).sum(1))[:3]]
-    return np.vstack([c, -c])
 
 
 def _same_ring(g: np.ndarray, h: np.ndarray, tol: float = JUMP_RING_TOLERANCE) -> bool:
     """Whether the first rings of the reciprocal bases ``g`` and ``h`` [2, 2] are one lattice's: every
     spot of ``h``'s within ``tol`` of the ring's mean radius of one of ``g``'s, and the other way."""
-    p, q = _ring_spots(np.asarray(g, np.float64)), _ring_spots(np.asarray(h, np.float64))
+    p, q = ring_spots(g), ring_spots(h)
     d = np.hypot(*(p[:, None, :] - q[None, :, :]).transpose(2, 0, 1))
     r = float(np.hypot(*p.T).mean())
     return bool((d.min(0) < tol * r).all() and (d.min(1) < tol * r).all())

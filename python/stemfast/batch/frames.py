@@ -83,7 +83,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
     """
     from ..frontend import with_companion
     from ..model.engine import device_of, engine_of
-    from ..pipeline import analyze, prepare
+    from ..pipeline import analyze, model_input_size, prepare
 
     rec = frame_record(frame)
     rec["timings_s"]["read"] = read_s
@@ -95,8 +95,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
             with _warnings_logged(frame):
                 # patches resampled to the model's own input size (a reused model's may differ from the settings')
                 prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size,
-                               companion=companion, input_size=getattr(getattr(model, "config", None), "input_size",
-                                                                       None))
+                               companion=companion, input_size=model_input_size(model))
         elif companion is not None:  # prepared for training, without the companion
             prep.sites = with_companion(prep.sites, companion, config.sites)
         if len(prep.patches) and model is None:

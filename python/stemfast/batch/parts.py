@@ -30,7 +30,7 @@ def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: st
     used = entry.companion is not None and entry.companion_used
     return {"sha256": entry.sha256, "start": start, "stop": stop, "config_hash": chash, "model_sha256": model_sha,
             "stemfast_version": __version__, "companion_sha256": entry.companion.sha256 if used else None,
-            "read_options": (read_options or ReadOptions()).key()}
+            "read_options": ReadOptions.key_of(read_options)}
 
 
 def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> None:

@@ -39,7 +39,7 @@ def filled_read_key(summary: dict, read_options: ReadOptions | None) -> dict | N
     inp = summary.get("input") or {}
     if not inp.get("nonfinite_replaced") or inp.get("nonfinite_in_regions"):
         return None
-    return (read_options or ReadOptions()).key()
+    return ReadOptions.key_of(read_options)
 
 
 def write_done(entry: InputEntry, d: Path, summary: dict, *, chash: str, model_sha: str | None,
@@ -92,7 +92,7 @@ def skip_input(entry: InputEntry, d: Path, reason: str, *, cache: bool, status: 
                 (d / DONE_FILE).unlink()
             write_json(d / SKIPPED_FILE, {"name": entry.name, "status": status, "reason": reason,
                                           "stemfast_version": __version__, "input": entry.fingerprint(),
-                                          "read": (read_options or ReadOptions()).key(), "config_hash": chash,
+                                          "read": ReadOptions.key_of(read_options), "config_hash": chash,
                                           "date": now()})
         except OSError as exc:  # e.g. disk full: the skip is still reported, only not remembered
             log.error("%s: could not record the skip: %s", entry.rel, describe_os_error(exc))
@@ -125,7 +125,7 @@ def current_done(entry: InputEntry, d: Path, *, chash: str, model_sha: str | Non
     if (done.get("stemfast_version") != __version__ or done.get("config_hash") != chash
             or done.get("model_sha256") != model_sha or not entry.same_content(inp)):
         return None
-    if "read_options" in done and done["read_options"] != (read_options or ReadOptions()).key():
+    if "read_options" in done and done["read_options"] != ReadOptions.key_of(read_options):
         return None  # its pixels were filled under other read options (read again, it may be refused)
     for f, size in (done.get("outputs") or {}).items():
         p = d / f
@@ -147,7 +147,7 @@ def cached_skip(entry: InputEntry, d: Path, read_options: ReadOptions | None = N
         return None
     if not entry.same_content(sk.get("input")):  # the file or its companion changed
         return None
-    if sk.get("read", ReadOptions().key()) != (read_options or ReadOptions()).key():
+    if sk.get("read", ReadOptions.key_of(None)) != ReadOptions.key_of(read_options):
         return None  # e.g. now with --fill-nonfinite: try again
     if sk.get("config_hash") is not None and sk.get("config_hash") != chash:
         return None  # failed with other settings (e.g. a --spacing that did not fit): try again
