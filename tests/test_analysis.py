@@ -1132,3 +1132,37 @@ def test_the_recon_score_leaves_border_patches_out_and_few_sites_cluster():
     mu = np.random.default_rng(0).normal(size=(2, 4))
     labels, k = cluster_latents(mu, n_classes=None, order_by=np.arange(2.0), settings=AnalysisSettings())[:2]
     assert k == 2 and sorted(labels.tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("seed, rotation, cut", [(1, 14, 128), (3, 33, 160)])
+def test_sites_next_to_a_part_without_lattice_are_not_judged(seed, rotation, cut):
+    """A part of the image without lattice (amorphous film, contamination; here noise at the film's
+    brightness right of column ``cut``) cuts the columns next to it as the image edge does: their
+    neighbourhood, patch and local references are half missing. Judged, they made most of the
+    flagged sites (10 of 11 and 12 of 16 within 1.5 spacings of the boundary). Like the sites in the
+    part itself they are now not judged: what is flagged is on the film, mostly the planted defects."""
+    import warnings
+
+    from scipy.spatial import cKDTree
+
+    from stemfast import run_image
+    from stemfast.synthetic import make_mos2
+
+    s = make_mos2(shape=(320, 384), seed=seed, rotation_deg=rotation)
+    img = s.image.copy()
+    img[:, cut:] = np.random.default_rng(seed).poisson(s.image.mean(), size=(img.shape[0], img.shape[1] - cut))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table, summary, _ = run_image(img)
+    nn = s.meta["nn_px"]
+    assert table.meta["lattice"]["lattice_free"]["share"] > 0.3
+    xy, flagged = table.xy, np.asarray(table["is_defect"], bool)
+    observed = np.asarray(table["observed"], bool)
+    # no judged site has a neighbour in the part without lattice
+    free_side = xy[:, 0] > cut + nn
+    d, _ = cKDTree(xy[free_side]).query(xy[observed])
+    assert d.min() > 1.2 * nn
+    assert np.sum(np.abs(xy[flagged, 0] - cut) < 1.5 * nn) <= 1
+    defects = s.truth[s.truth[:, 3] > 0]
+    d, _ = cKDTree(defects[:, :2]).query(xy[flagged])
+    assert flagged.sum() >= 2 and (d < 0.5 * nn).mean() >= 0.6

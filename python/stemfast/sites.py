@@ -900,6 +900,24 @@ def _near_no_data(xy: np.ndarray, no_data: NoData | None, spacing: float) -> np.
     return no_data.around(xy, spacing).any(axis=1)
 
 
+#: a site is next to a lattice-free one (:func:`_next_to_free`) within this many site spacings: its
+#: six nearest neighbours at 1, with room for a scan distortion of up to 25 %
+NEXT_TO_FREE_NN = 1.25
+
+
+def _next_to_free(xy: np.ndarray, free: np.ndarray, spacing: float) -> np.ndarray:
+    """Bool [N]: the sites not in ``free`` with a ``free`` site within :data:`NEXT_TO_FREE_NN`
+    ``spacing`` (a nearest neighbour on the site lattice)."""
+    out = np.zeros(len(xy), bool)
+    if not free.any() or free.all():
+        return out
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy[free]).query(xy[~free], k=1, distance_upper_bound=NEXT_TO_FREE_NN * spacing)
+    out[~free] = np.isfinite(d)
+    return out
+
+
 def _drop_sites_without_data(idx, no_data: NoData | None, spacing: float):
     """``idx`` without the sites placed more than half a ``spacing`` deep in a region without data
     (:mod:`stemfast.nodata`): their centre and 12 points half a spacing around it hold no data. (A
@@ -1103,6 +1121,9 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     # and its neighbourhood are cut there as at the image edge
     observed &= ~_near_no_data(xy, f.no_data, nn)
     observed &= ~free  # no lattice seen there: a position extrapolated, nothing to judge
+    # a column next to such a part is cut by it as at the image edge (its neighbourhood, patch and
+    # local references half missing): on a synthetic image half amorphous most flagged sites sat there
+    observed &= ~_next_to_free(xy, free, nn)
     # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
     grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
     sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter)
@@ -1610,7 +1631,7 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         if free.mean() > MAX_LATTICE_FREE:
             unsure.append(f"{free.mean():.0%} of the sites lie where the image shows no lattice (Bragg amplitude "
                           f"under {LATTICE_FREE_AMPLITUDE:g} of the lattice's: amorphous film, contamination or noise): "
-                          "their positions are the lattice extrapolated; they are not judged")
+                          "their positions are the lattice extrapolated; neither they nor their neighbours are judged")
     if s.spacing is not None and ring.coarser_spacing:
         unsure.append(f"the Bragg ring at the given spacing {s.spacing:.2f} px has strong spots inside it: they "
                       f"give a coarser lattice of {ring.coarser_spacing:.2f} px (a spacing sqrt(3) or 2x too small "
