@@ -1166,3 +1166,27 @@ def test_sites_next_to_a_part_without_lattice_are_not_judged(seed, rotation, cut
     defects = s.truth[s.truth[:, 3] > 0]
     d, _ = cKDTree(defects[:, :2]).query(xy[flagged])
     assert flagged.sum() >= 2 and (d < 0.5 * nn).mean() >= 0.6
+
+
+def test_a_score_and_its_verdict_agree_as_sites_csv_writes_them():
+    """``sites.csv`` writes ``anomaly_score`` with 6 significant digits: a flagged 4.0000001 read
+    "4", i.e. not over the cutoff of 4, against ``is_defect`` 1 in the same row. The analysis now
+    rounds the score to what the file shows before the cutoff judges it."""
+    from stemfast.analysis import as_written
+    from stemfast.batch.tables import format_column
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 3, 20000), rng.lognormal(0, 3, 20000),
+                             [4.0000001, 3.9999999, 4.000005, 4.0000049, -1e-9, 0.0]])
+    shown = np.array(format_column(as_written(scores), "anomaly_score"), float)
+    assert np.array_equal(shown, as_written(scores))
+    assert np.array_equal(shown > 4.0, as_written(scores) > 4.0)
+    assert as_written(np.array([4.0000001]))[0] == 4.0
+    # the analysis' table holds the written value, and its verdict is the written value's
+    xy, colour, inten, basis, rng = _flat_lattice(0)
+    inten[np.flatnonzero(colour == 1)[::7]] -= np.linspace(2, 8, len(np.flatnonzero(colour == 1)[::7])) * 0.02
+    table, _ = _flat_analysed(xy, colour, inten, basis, _flat_encoding(colour, rng))
+    a = np.asarray(table["anomaly_score"])
+    assert np.array_equal(np.array(format_column(a, "anomaly_score"), float), a)
+    assert np.asarray(table["is_defect"], bool).any()
+    assert np.array_equal(np.asarray(table["is_defect"], bool), a > AnalysisSettings().defect_cutoff)

@@ -424,6 +424,25 @@ def class_features(mu: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
 RECON_NEIGHBORS = 18
 
 
+#: significant digits of a score in ``sites.csv`` (:func:`stemfast.batch.tables.cell_spec`)
+SCORE_DIGITS = 6
+
+
+def as_written(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to :data:`SCORE_DIGITS` significant digits, i.e. the value ``sites.csv``'s
+    ``%.6g`` shows, so that a score and the threshold's verdict on it agree in the file.
+
+    >>> as_written(np.array([4.0000001, 3.14159265, 0.0, np.nan])).tolist()
+    [4.0, 3.14159, 0.0, nan]
+    """
+    a = np.asarray(a, np.float64)
+    out = a.copy()
+    nz = np.isfinite(a) & (a != 0)
+    scale = 10.0 ** (SCORE_DIGITS - 1 - np.floor(np.log10(np.abs(a[nz]))))
+    out[nz] = np.round(a[nz] * scale) / scale
+    return out
+
+
 def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndarray, *,
                         k: int = RECON_NEIGHBORS) -> np.ndarray:
     """How well the model reconstructs each site's surroundings: the median reconstruction error of
@@ -1531,6 +1550,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     # a score means what its sublattice's tail says: shrunk by the share of false discoveries there
     fdr = tail_fdr(anomaly, sc.grp, observed)
     evidence, anomaly = anomaly, (fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
+    # the score as sites.csv writes it decides: a flagged 4.0000001 written "4" read as not over the cutoff
+    anomaly = as_written(anomaly)
     is_defect = anomaly > settings.defect_cutoff
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))
     cb = _chalcogen_brighter(sites)
