@@ -757,6 +757,7 @@ class _Lattice(NamedTuple):
     film: object  # where the film is (lattice.FilmMask; None: no hole, no region without data)
     no_data: NoData | None  # the regions without data (stemfast.nodata)
     vacuum: np.ndarray | None = None  # the dark vacuum the ring was read beside (_bragg_ring; None: none)
+    pmaps: tuple = ()  # each grain's phase map (grains.grain_phase_maps; empty: a single crystal)
 
 
 def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads: int = 0,
@@ -819,7 +820,7 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
 
     # 4. the site lattice over the image (phase map), one site per node
     t0 = time.perf_counter()
-    idx, pk, gmap, pmap, nn_fft, nn, film = _index_columns(img, bp, pk, refine_sigma, ring, s, nn, no_data, vacuum)
+    idx, pk, gmap, pmaps, nn_fft, nn, film = _index_columns(img, bp, pk, refine_sigma, ring, s, nn, no_data, vacuum)
     tm["lattice"] = time.perf_counter() - t0
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
@@ -839,7 +840,8 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
                 coarse = _find_lattice(img, s, tm, coarser, rereads + 1, no_data, vacuum)
                 if _a_2h_site_lattice(coarse.idx, coarse.nn_fft, fine):
                     return coarse
-    return _Lattice(material, ring, bp, pk, gmap, pmap, idx, nn_fft, nn, film, no_data, vacuum)
+    return _Lattice(material, ring, bp, pk, gmap, pmaps[0], idx, nn_fft, nn, film, no_data, vacuum,
+                    pmaps if gmap is not None else ())
 
 
 def _filled_dead_runs(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -1042,8 +1044,9 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
     (``vacuum``, :func:`stemfast.vacuum.dark_vacuum`, is left out of the phase map's refinement);
     ``refine_sigma``: the pixel noise of the image the peaks were refined on (their position variance).
 
-    Returns ``(idx, pk, gmap, pmap, nn_fft, nn, film)``: ``pk`` without the maxima deep in a hole of
-    the film (:func:`_drop_peaks_in_holes`); ``nn`` becomes the phase map's spacing unless the
+    Returns ``(idx, pk, gmap, pmaps, nn_fft, nn, film)``: ``pk`` without the maxima deep in a hole of
+    the film (:func:`_drop_peaks_in_holes`); ``pmaps`` the phase maps, one per grain (the largest
+    grain's first; one map for a single crystal); ``nn`` becomes the phase map's spacing unless the
     settings fix it.
     """
     peak_xy = pk.xy
@@ -1051,6 +1054,7 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
     gmap = _grains.find_grains(img, ring.g, spacing=nn, peak_xy=peak_xy, settings=s.grains, exclude=vacuum)
     if gmap is None:
         pmap = PhaseMap(img, ring.g, exclude=vacuum)
+        pmaps = [pmap]
     else:
         pmaps = _grains.grain_phase_maps(img, gmap)
         pmap = pmaps[0]  # the largest grain's
@@ -1060,8 +1064,7 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
     film = None
     if s.detect_holes:
         # the Bragg amplitude (of any grain's lattice) tells the columns from the vacuum's noise maxima
-        maps = [pmap] if gmap is None else pmaps
-        film = film_mask(img, bp, peak_xy, nn, no_data, lambda xy: np.max([p.amplitude(xy) for p in maps], axis=0))
+        film = film_mask(img, bp, peak_xy, nn, no_data, lambda xy: np.max([p.amplitude(xy) for p in pmaps], axis=0))
     pk = _drop_peaks_in_holes(pk, film, nn)
     peak_xy = pk.xy
     peak_var = None
@@ -1074,7 +1077,7 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
         idx = _grains.index_grains(peak_xy, pk.value, gmap, pmaps, settings=s.grains, **index_kw)
-    return _drop_sites_without_data(idx, no_data, nn), pk, gmap, pmap, nn_fft, nn, film
+    return _drop_sites_without_data(idx, no_data, nn), pk, gmap, tuple(pmaps), nn_fft, nn, film
 
 
 def _bandpass_at_sites(f: _Lattice, s: SiteSettings) -> tuple[np.ndarray, _Lattice]:
@@ -1584,10 +1587,25 @@ MAX_LATTICE_FREE = 0.1
 def _lattice_free(f: _Lattice) -> np.ndarray:
     """bool [N]: the sites of ``f`` where the Bragg amplitude is below :data:`LATTICE_FREE_AMPLITUDE`
     of the lattice's own level (the phase map's amplitude, relative to its image-wide median, is
-    relative to noise once most of the image shows no lattice)."""
-    if f.pmap is None or not len(f.idx.xy):
-        return np.zeros(len(f.idx.xy), bool)
-    amp = f.pmap.amplitude(f.idx.xy)
+    relative to noise once most of the image shows no lattice). With grains, each site's own grain's
+    lattice and level: another grain's lattice is not seen at a site (a second grain read as 46 %
+    of the sites without lattice, and its defects went unjudged)."""
+    xy = f.idx.xy
+    if f.pmap is None or not len(xy):
+        return np.zeros(len(xy), bool)
+    if not f.pmaps:
+        return _below_level(f.pmap.amplitude(xy))
+    grain = np.asarray(f.idx.grain)
+    free = np.zeros(len(xy), bool)
+    for k, pm in enumerate(f.pmaps):
+        in_k = grain == k
+        if in_k.any():
+            free[in_k] = _below_level(pm.amplitude(xy[in_k]))
+    return free
+
+
+def _below_level(amp: np.ndarray) -> np.ndarray:
+    """bool: ``amp`` under :data:`LATTICE_FREE_AMPLITUDE` of its 90th percentile (all False when that is 0)."""
     level = float(np.quantile(amp, 0.9))
     return amp < LATTICE_FREE_AMPLITUDE * level if level > 0 else np.zeros(len(amp), bool)
 
