@@ -815,6 +815,47 @@ def _reference_levels(refs: LocalReferences | None, grp: np.ndarray, inten: np.n
 EMPTY_Z = 4.0
 
 
+def _empty_spread(sub: np.ndarray, levels: np.ndarray, inten: np.ndarray, usable: np.ndarray | None) -> float:
+    """The scatter of an empty column: the robust spread of the ``usable`` hollow sites around their
+    levels (``levels[:, 2]``); inf when fewer than 10 or none measured (then the midpoint alone
+    decides, :func:`_metal_site_tests`)."""
+    hol = (sub == HOLLOW) & np.isfinite(levels[:, 2]) & (np.ones(len(sub), bool) if usable is None else usable)
+    sd = _robust_spread(inten[hol] - levels[hol, 2]) if hol.sum() >= 10 else np.inf
+    return sd if sd > 0 else np.inf
+
+
+def _metal_site_tests(v: float, level: np.ndarray, empty_sd: float) -> tuple[bool, bool]:
+    """The two tests that call a flagged metal site of intensity ``v`` empty (``level``: its metal,
+    chalcogen and hollow levels): below the midpoint from the hollow level to the dimmer column
+    sublattice, and within :data:`EMPTY_Z` ``empty_sd`` of the hollow level. Where they disagree a
+    vacancy and a light dopant cannot be told apart (:func:`_metal_kind_ambiguity`)."""
+    metal, chalc, hollow = level
+    return bool(v < 0.5 * (hollow + min(chalc, metal))), bool(not v - hollow > EMPTY_Z * empty_sd)
+
+
+def _metal_kind_ambiguity(sub: np.ndarray, levels: np.ndarray, inten: np.ndarray, kinds: np.ndarray,
+                          material, usable: np.ndarray | None) -> dict:
+    """``{"metal_kind_ambiguous": n, "kind_warning": ...}`` when ``n`` of the metal sites
+    :func:`_defect_kinds` named (``kinds``) fail one of :func:`_metal_site_tests` and pass the other,
+    else ``{}``. With faint chalcogen columns (real MoS2,
+    WS2) a site can read within an empty column's scatter, yet above the midpoint to the chalcogen
+    level: it is named a substitution, and neither name can be trusted (a light dopant -- V, Ti --
+    reads 0.1-0.35 of the metal contrast)."""
+    m_ = get_material(material).metal
+    flagged = np.flatnonzero(np.isin(kinds, [f"vacancy_{m_}", f"substitution_{m_}"]))
+    if not len(flagged):
+        return {}
+    sd = _empty_spread(sub, levels, inten, usable)
+    n = sum(len(set(_metal_site_tests(inten[i], levels[i], sd))) == 2 for i in flagged)
+    if not n:
+        return {}
+    return {"metal_kind_ambiguous": int(n),
+            "kind_warning": f"{n} of the {len(flagged)} flagged {m_} sites, named substitution_{m_}, read like an "
+                            "empty column by one of two tests (within its scatter; below the midpoint to the "
+                            f"chalcogen level) and not by the other: vacancy_{m_} and a light substitution (e.g. "
+                            "V, Ti) cannot be told apart there"}
+
+
 def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.ndarray,
                   is_defect: np.ndarray, material, usable: np.ndarray | None = None,
                   off_lattice: np.ndarray | None = None) -> np.ndarray:
@@ -826,10 +867,7 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
     mat = get_material(material)
     m_, x_ = mat.metal, mat.chalcogen
     kinds = np.full(len(sub), "none", dtype=object)
-    hol = (sub == HOLLOW) & np.isfinite(levels[:, 2]) & (np.ones(len(sub), bool) if usable is None else usable)
-    empty_sd = _robust_spread(inten[hol] - levels[hol, 2]) if hol.sum() >= 10 else np.inf
-    if not empty_sd > 0:  # no scatter measured: the midpoint alone decides
-        empty_sd = np.inf
+    empty_sd = _empty_spread(sub, levels, inten, usable)
     for i in np.flatnonzero(is_defect):
         metal, chalc, hollow = levels[i]
         v = inten[i]
@@ -841,8 +879,8 @@ def _defect_kinds(sub: np.ndarray, z: np.ndarray, levels: np.ndarray, inten: np.
             # midpoint is to the dimmer column sublattice, not the metal's: with faint chalcogen columns a
             # dim metal site at 0.17-0.31 of the metal contrast (the V-doped MoS2 scans; V reads ~0.3) is
             # a dopant, though a faint-chalcogen synthetic Mo vacancy (0.1-0.2) is then named one too
-            empty = v < 0.5 * (hollow + min(chalc, metal)) and not v - hollow > EMPTY_Z * empty_sd
-            kinds[i] = f"vacancy_{m_}" if empty else f"substitution_{m_}"
+            below_mid, in_scatter = _metal_site_tests(v, levels[i], empty_sd)
+            kinds[i] = f"vacancy_{m_}" if below_mid and in_scatter else f"substitution_{m_}"
         elif sub[i] == CHALCOGEN:
             refs_ = {f"vacancy_{x_}2": hollow, f"vacancy_{x_}": 0.5 * (hollow + chalc), "none": chalc}
             if metal > chalc:  # a metal atom on the site reads brighter; where the chalcogen outshines the
@@ -1558,6 +1596,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)
     kinds = _defect_kinds(sc.grp, sc.z_int, levels, sc.inten_ref, is_defect, material, observed & ~is_defect,
                           np.asarray(sites["source"]) == "off_lattice" if "source" in sites else None)
+    info.update(_metal_kind_ambiguity(sc.grp, levels, sc.inten_ref, kinds, material, observed & ~is_defect))
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
     info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material))
 
