@@ -691,3 +691,26 @@ def test_parts_of_lines_the_detector_lost_are_filled_from_their_neighbours(monke
         kept.append(labelled_ap(lost, lxy, lname, cfg, model)[0])
         monkeypatch.undo()
     assert np.mean(filled) >= ap0 - 0.05 and np.mean(filled) >= np.mean(kept) + 0.08, (ap0, filled, kept)
+
+
+def test_a_site_moved_back_beyond_the_image_by_a_repaired_band_is_not_judged():
+    """A band of 30 lines scanned 3 px off (the band shows the specimen 3 px to the left, no
+    wrap-around): on the repaired image the moved lines leave no data at the band's right end, where
+    sites were found anyway and, moved back to the recorded image, lay beyond the image (observed; in
+    a series' frame 5 px off, at x = 257 of 256 px, two of them flagged). Such sites are not judged."""
+    from stemfast.sites import EDGE_UNJUDGED_PX
+    from stemfast.sitelattice import border_distance
+    from stemfast.synthetic import make_mos2
+
+    n, pad, shift = 256, 8, 3
+    wide = make_mos2(shape=(n, n + 2 * pad), pixel_size_A=0.16, seed=7, rates=(0, 0, 0, 0), noise=False).image
+    img = wide[:, pad:pad + n].copy()
+    img[100:130] = wide[100:130, pad - shift:pad - shift + n]
+    img = np.random.default_rng(1).poisson(np.maximum(img, 0)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    assert t.meta["lattice"]["scan_lines"]["jump_rows"] == [100, 130]  # the band was found and repaired
+    observed = np.asarray(t["observed"], bool)
+    assert (border_distance(t.xy, img.shape) < 0).any()  # sites where the repair moved lines beyond the image
+    assert (border_distance(t.xy[observed], img.shape) >= EDGE_UNJUDGED_PX).all()

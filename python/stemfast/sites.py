@@ -547,7 +547,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     inten, f = _bandpass_at_sites(f, s)
     free = _lattice_free(f)
     cols, bands, scan_meta, domain_info = _site_columns(img, f, s, pixel_size, unit, scan, inten, free)
-    _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px)
+    _to_recorded(cols, jumps, pixel_size, unit, s.column_noise_px, img.shape)
     tm["describe"] = time.perf_counter() - t0 + t_lines
     idx = f.idx
     nodes = idx.kind != 2
@@ -1443,14 +1443,19 @@ def _same_ring(g: np.ndarray, h: np.ndarray, tol: float = JUMP_RING_TOLERANCE) -
     return bool((d.min(0) < tol * r).all() and (d.min(1) < tol * r).all())
 
 
-def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float) -> None:
+def _to_recorded(cols: dict, jumps, pixel_size, unit, column_px: float, shape: tuple[int, int]) -> None:
     """Move the sites found on the image with its scan jumps undone to where the recorded image has
-    them (in place: ``x`` and ``x_nm``)."""
+    them (in place: ``x`` and ``x_nm``). A site that lands within :data:`EDGE_UNJUDGED_PX` of the
+    recorded image's edge or beyond it is not judged (``observed`` False): on the repaired image it
+    sat where the moved lines left no data (their ends repeat the last pixel), and a band of lines 5 px
+    off put sites at x = 257 of a 256 px image, two of them flagged."""
     if jumps is None or not jumps.offsets().any():
         return
     cols["x"] = jumps.recorded_x(cols["x"], cols["y"], column_px)
     if "x_nm" in cols:
         cols["x_nm"] = cols["x"] * pixel_size * _to_nm(unit)
+    recorded = np.column_stack([cols["x"], cols["y"]])
+    cols["observed"] = np.asarray(cols["observed"], bool) & (border_distance(recorded, shape) >= EDGE_UNJUDGED_PX)
 
 
 def _scan_jumps_meta(jumps, column_px: float) -> dict:
