@@ -68,7 +68,8 @@ __all__ = ["AnalysisSettings", "cluster_latents", "robust_z", "analyze_sites", "
            "ClassAgreementWarning", "SublatticeNamingWarning", "MixedColumnsWarning", "SublatticeSeparationWarning",
            "mixed_columns",
            "lattice_consistent_classes", "neighbourhood_recon", "contrast_levelled_recon", "edge_noise",
-           "sublattice_naming", "sublattice_separation", "detector_weights", "DETECTOR_TAIL_Z"]
+           "sublattice_naming", "sublattice_separation", "detection_limit", "as_written", "detector_weights",
+           "DETECTOR_TAIL_Z"]
 
 log = logging.getLogger(__name__)
 
@@ -1441,6 +1442,38 @@ def sublattice_separation(grp: np.ndarray, inten: np.ndarray, resid: np.ndarray,
     return info
 
 
+def detection_limit(separation: dict, alike, cutoff: float, material: str = "mos2") -> dict:
+    """Whether one missing chalcogen atom can be flagged: ``{"single_vacancy_depth": d,
+    "detection_warning": ...}`` when a column with one of its two chalcogen atoms gone is expected
+    ``d`` = half the chalcogen-hollow separation (:func:`sublattice_separation`, robust spreads) below
+    its sublattice's level and ``d`` is under the defect ``cutoff``: most such vacancies then stay
+    unflagged, and their absence is no evidence of a clean film (at low dose, or with faint chalcogen
+    columns). ``{}`` when the separation is unknown, the chalcogen reads like the hexagon centres
+    (``alike``: said by :func:`sublattice_separation`) or ``d`` reaches the cutoff.
+
+    Examples
+    --------
+    >>> detection_limit({"S2-hollow": 11.7}, [], 4.0)
+    {}
+    >>> out = detection_limit({"S2-hollow": 3.0}, [], 4.0)
+    >>> out["single_vacancy_depth"], "vacancy_S" in out["detection_warning"]
+    (1.5, True)
+    """
+    names = get_material(material).sublattice_names
+    key = f"{names[CHALCOGEN]}-{names[HOLLOW]}"
+    if key not in separation or key in alike:
+        return {}
+    depth = 0.5 * float(separation[key])
+    if not 0 < depth < cutoff:
+        return {}
+    x = get_material(material).chalcogen
+    return {"single_vacancy_depth": round(depth, 2),
+            "detection_warning": f"one missing {x} atom (vacancy_{x}) is expected about {depth:.1f} robust spreads "
+                                 f"below its column's level (half the {key} separation of {2 * depth:.1f}), under the "
+                                 f"defect cutoff of {cutoff:g}: most such vacancies are not flagged, and few or none "
+                                 "flagged is no evidence of a clean film (low dose, or faint chalcogen columns)"}
+
+
 def _chalcogen_brighter(sites: SiteTable) -> bool:
     """Whether the site table names the brighter of metal and chalcogen the chalcogen
     (``sites.chalcogen_brighter``, recorded in its meta)."""
@@ -1599,6 +1632,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     info.update(_metal_kind_ambiguity(sc.grp, levels, sc.inten_ref, kinds, material, observed & ~is_defect))
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
     info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material))
+    info.update(detection_limit(info.get("sublattice_separation", {}), info.get("sublattice_alike", ()),
+                                settings.defect_cutoff, material))
 
     table = sites.with_columns({
         "class_id": cls,

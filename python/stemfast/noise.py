@@ -114,7 +114,7 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
         out["warning"] = (f"the image's noise is correlated over about {out['correlation_px']:.1f} px (its spectrum "
                           f"falls off above {edge:.2f} cycles/px, not at 0.5): an upsampled, interpolated or filtered "
                           "image, not the scan's own pixels. The column intensities are read with a low-pass widened "
-                          "by that factor; defect scores are surer on the recorded scan")
+                          "by that factor (at most 0.2 site spacings); defect scores are surer on the recorded scan")
     return out
 
 
