@@ -90,8 +90,15 @@ def clipped_intensities(image, no_data: NoData | None = None) -> dict:
     return out
 
 
+#: a float image is a counting one when at least this share of its pixels hold whole numbers (the
+#: repairs before the check -- spikes replaced by a local median, dead runs filled -- put a few halves in)
+INTEGER_SHARE = 0.99
+
+
 def _integer_valued(a: np.ndarray) -> bool:
-    return a.dtype.kind in "biu" or bool(np.all(a == np.round(a)))
+    """Whether ``a`` holds counts: an integer dtype, or (nearly, :data:`INTEGER_SHARE`) whole numbers --
+    its zeros are then counts of nothing (low dose), not a black level cut."""
+    return a.dtype.kind in "biu" or bool(np.count_nonzero(a == np.round(a)) >= INTEGER_SHARE * a.size)
 
 
 def _warning(c: dict) -> str:
