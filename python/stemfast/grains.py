@@ -40,7 +40,8 @@ from .sitelattice import SiteIndex, index_sites, lattice_distortion
 
 __all__ = ["GrainSettings", "Orientation", "GrainMap", "GrainIndex", "PolycrystalWarning", "find_orientations",
            "grain_map", "grain_phase_maps", "index_grains", "find_grains", "by_grain", "grain_summary",
-           "warn_polycrystal", "tile_size", "peak_orientations"]
+           "warn_polycrystal", "polycrystal_warning", "grain_orientations",
+           "tile_size", "peak_orientations"]
 
 log = logging.getLogger(__name__)
 
@@ -818,10 +819,28 @@ def grain_summary(idx: GrainIndex, *, pixel_size: float | None = None, unit_to_n
     return out
 
 
-def warn_polycrystal(grains: list[dict], *, stacklevel: int = 2) -> None:
-    """Say that the image holds several grains (:class:`PolycrystalWarning`)."""
-    desc = ", ".join(f"{g['angle_deg']:.1f} deg ({100 * g['area_fraction']:.0f}%)" for g in grains)
+def grain_orientations(grains: list[dict]) -> str:
+    """The orientation and share of the image of each grain of :func:`grain_summary`, e.g.
+    ``"35.0 deg (50%), 8.0 deg (50%)"``.
+
+    >>> grain_orientations([{"angle_deg": 35.0, "area_fraction": 0.5}, {"angle_deg": 8.04, "area_fraction": 0.5}])
+    '35.0 deg (50%), 8.0 deg (50%)'
+    """
+    return ", ".join(f"{float(g['angle_deg']):.1f} deg ({100 * float(g['area_fraction']):.0f}%)" for g in grains)
+
+
+def polycrystal_warning(grains: list[dict]) -> str:
+    """What :func:`warn_polycrystal` says of the grains of :func:`grain_summary` (``summary.json``'s
+    ``lattice.grain_warning``)."""
+    desc = grain_orientations(grains)
     nb = sum(g["n_boundary"] for g in grains)
-    warnings.warn(f"the image holds {len(grains)} grains of different orientation ({desc}): each has its own site "
-                  f"lattice; {nb} sites along the grain boundaries are flagged (grain_boundary)", PolycrystalWarning,
-                  stacklevel=stacklevel + 1)
+    return (f"the image holds {len(grains)} grains of different orientation ({desc}): each has its own site "
+            f"lattice; {nb} sites along the grain boundaries are marked (column grain_boundary)")
+
+
+def warn_polycrystal(grains: list[dict], *, stacklevel: int = 2) -> str:
+    """Say that the image holds several grains (:class:`PolycrystalWarning`, :func:`polycrystal_warning`);
+    returns the text."""
+    text = polycrystal_warning(grains)
+    warnings.warn(text, PolycrystalWarning, stacklevel=stacklevel + 1)
+    return text

@@ -570,6 +570,10 @@ def _input_facts(s: Mapping, lat: Mapping, inp: Mapping) -> dict:
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
         "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
     }
+    if lat.get("grains"):
+        from .grains import grain_orientations
+
+        facts["grains (orientation, share of the image)"] = f"{len(lat['grains'])}: {grain_orientations(lat['grains'])}"
     if lat.get("spikes"):
         where = " (first frame)" if int(inp.get("n_frames") or 1) > 1 else ""
         facts[f"single-pixel spikes replaced{where}"] = f"{lat['spikes']['n']} ({100 * float(lat['spikes']['share']):.3f}%)"

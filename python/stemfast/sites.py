@@ -493,8 +493,9 @@ def find_sites(
         ``meta["lattice"]["inversion_domains"]`` how many sites lie in inversion domains (an
         :class:`InversionDomainWarning` when any); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
-        :class:`~stemfast.grains.PolycrystalWarning`; each grain has its own site lattice (phase
-        map, fill-in, lattice indices, sublattice ranking and strain reference).
+        :class:`~stemfast.grains.PolycrystalWarning`, its text in ``meta["lattice"]["grain_warning"]``;
+        each grain has its own site lattice (phase map, fill-in, lattice indices, sublattice ranking and
+        strain reference).
 
     Examples
     --------
@@ -598,7 +599,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
-        _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=3)
+        lattice_meta["grain_warning"] = _grains.warn_polycrystal(lattice_meta["grains"], stacklevel=3)
     return SiteTable(cols, meta)
 
 

@@ -477,14 +477,16 @@ _LATTICE_WARNING_KEYS = ("contrast", "companion_contrast", "distortion", "crowdi
 
 
 def lattice_warnings(lat) -> list[str]:
-    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, an
-    anisotropic one, a crowded site table, inversion domains, clipped intensities, a calibration that
-    does not fit the material."""
+    """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, several
+    grains, an anisotropic one, a crowded site table, inversion domains, clipped intensities, a
+    calibration that does not fit the material."""
     if not lat:
         return []
     out = []
     if lat.get("unsure"):
         out.append("the site lattice is uncertain: " + "; ".join(lat["unsure"]))
+    if lat.get("grain_warning"):
+        out.append(lat["grain_warning"])
     out += [w for w in ((lat.get(key) or {}).get("warning") for key in _LATTICE_WARNING_KEYS) if w]
     if lat.get("calibration_ok") is False:
         out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
