@@ -623,7 +623,8 @@ def test_report_says_how_the_lattice_was_found(tmp_path):
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
                       summaries=[summ], out_dir=tmp_path)
     html = (tmp_path / "report.html").read_text()
-    assert "the metal lattice&#x27;s Bragg ring (prominence 1481); (1/4 spots inside the ring" in html
+    assert ("the metal lattice&#x27;s Bragg ring (prominence 1481); re-read as a coarser lattice (strong spots "
+            "inside the ring)") in html
     assert "lattice confidence</td><td>0.93</td>" in html
     summ["lattice"] = {"spacing_px": 12.5, "spacing_source": "given", "ring_prominence": 40.0, "ring_note": ""}
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},

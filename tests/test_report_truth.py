@@ -3,6 +3,7 @@ uncertain lattice, a given spacing the image did not follow, a pixel size that i
 calibration that does not fit the material; the reader's notes are notes, not warnings."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import warnings
@@ -43,7 +44,7 @@ def _save(folder, name: str, img, sidecar: dict | None = None) -> None:
 def html_text(path) -> str:
     """report.html as text: the embedded figures and the tags left out."""
     t = re.sub(r"src='data:image/png;base64,[^']*'", "", path.read_text())
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", t))
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", t)))
 
 
 def _section(text: str, name: str) -> str:
@@ -96,3 +97,78 @@ def test_a_polycrystal_is_said_in_the_summary_and_the_report(batch):
     assert row.startswith(f"2: {a0}, {a1}"), row
     # one grain: no such line
     assert "grains (orientation" not in _section(text, "calib")
+
+
+def test_an_uncertain_lattice_has_no_high_confidence(batch):
+    """The 23 deg polycrystal's lattice is found 2.6x too fine (5.7 px for 15.2) and said to be
+    uncertain, and its confidence read 0.99: capped now where the lattice is unsure, and the report
+    says 'uncertain' instead of a number."""
+    from stemfast.sites import UNSURE_MAX_CONFIDENCE, find_sites
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lat = find_sites(_poly()).meta["lattice"]
+    assert lat["unsure"] and lat["confidence"] <= UNSURE_MAX_CONFIDENCE < 0.9
+    out, summ, text = batch
+    s = summ["poly"]["lattice"]
+    assert s["unsure"] and s["confidence"] <= UNSURE_MAX_CONFIDENCE
+    assert "lattice confidence uncertain (see warning)" in _section(text, "poly")
+    # a sure lattice keeps its number
+    assert not summ["calib"]["lattice"]["unsure"] and summ["calib"]["lattice"]["confidence"] > 0.9
+    assert f"lattice confidence {summ['calib']['lattice']['confidence']:.2f}" in _section(text, "calib")
+
+
+def test_a_given_spacing_the_image_has_no_lattice_at_is_said(tmp_path, monkeypatch):
+    """--spacing 26.3 on a 15.2 px lattice: no hexagon of Bragg spots at 26.3 px, the sites lie on the
+    image's own 15.21 px lattice; summary.json said spacing_source 'given' and the report 'lattice
+    from: the given spacing'. Now the source says it is the image's ring, with both numbers; the
+    warnings say what the given spacing did (it sized the filters) instead of 'sites, classes and
+    defects may be wrong' (the 340 sites and their sublattices are those of the run without it)."""
+    from stemfast.batch import run_batch
+    from stemfast.config import load_config
+    from stemfast.sites import find_sites
+
+    img = make_mos2(shape=(N, N), seed=1).image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = find_sites(img)
+        for sp, source in ((26.3, "fft ring, not the given spacing"), (17.0, "fft ring, not the given spacing"),
+                           (15.2, "given")):
+            t = find_sites(img, spacing=sp)
+            lat = t.meta["lattice"]
+            assert (lat["spacing_source"], lat["given_spacing_px"]) == (source, sp), (sp, lat)
+            assert abs(lat["spacing_px"] - auto.meta["spacing_px"]) < 0.05 and len(t) == len(auto)
+    assert "given_spacing_px" not in auto.meta["lattice"] and auto.meta["lattice"]["spacing_source"] == "fft ring"
+    monkeypatch.setenv("STEMFAST_ENCODE_WORKER", "0")
+    _save(tmp_path, "good", img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_batch(tmp_path / "good.npy", tmp_path / "out", config=load_config(None, {"sites.spacing": 26.3}),
+                  show_progress=False)
+    s = json.loads((tmp_path / "out" / "good" / "summary.json").read_text())
+    assert s["lattice"]["spacing_source"] == "fft ring, not the given spacing"
+    assert s["lattice"]["given_spacing_px"] == 26.3 and abs(s["lattice"]["spacing_px"] - 15.21) < 0.05
+    assert not any("may be wrong" in w for w in s["warnings"]), s["warnings"]
+    assert any("the filters and the column search are sized for 26.3 px" in w for w in s["warnings"])
+    assert any("the sites lie on the image's own lattice (15.21 px)" in w for w in s["warnings"])
+    text = html_text(tmp_path / "out" / "report.html")
+    assert ("lattice from the metal lattice's Bragg ring (prominence " in text
+            and " at 15.21 px, not the given 26.30 px (which sized the filters and the column search only)" in text)
+
+
+def test_the_ring_note_is_in_words(batch, tmp_path):
+    """'{110}->{100}' (the strongest spots re-read as the first ring's, as on nearly every MoS2 image)
+    stood in the report's 'lattice from' line; routine re-reads are left out, the others in words."""
+    from stemfast.report import write_html_report
+
+    out, summ, text = batch
+    assert summ["calib"]["lattice"]["ring_note"] == "{110}->{100}"  # kept in summary.json
+    assert "->" not in text and "{110}" not in text
+    prom = f"{summ['calib']['lattice']['ring_prominence']:.0f}"
+    assert f"lattice from the metal lattice's Bragg ring (prominence {prom}) lattice confidence" in _section(text, "calib")
+    lat = {"spacing_px": 8.8, "spacing_source": "fft ring", "ring_prominence": 30.0, "unsure": [],
+           "ring_note": "{110}->{100} {200}->{100} (columns on one coset of the lattice 2x as coarse)"}
+    write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
+                      summaries=[{"name": "img", "status": "ok", "lattice": lat}], out_dir=tmp_path)
+    assert ("lattice from the metal lattice's Bragg ring (prominence 30); re-read 2x coarser: the columns sat on "
+            "one node in 4 lattice confidence") in html_text(tmp_path / "report.html")

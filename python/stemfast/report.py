@@ -16,6 +16,7 @@ import base64
 import html
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -480,15 +481,54 @@ def _scan_note(scan: dict) -> str:
 
 
 def _lattice_source(lat: Mapping) -> str:
-    """How the site lattice was found, in words: the Bragg ring (and how it was re-read) or the given
-    spacing (``summary.json``'s ``lattice``: ``spacing_source``, ``ring_prominence``, ``ring_note``)."""
-    if not lat.get("spacing_source"):
+    """How the site lattice was found, in words: the Bragg ring (and how it was re-read, :func:`_ring_note_words`),
+    the given spacing, or the Bragg ring where a spacing was given that the image has no lattice at
+    (``summary.json``'s ``lattice``: ``spacing_source``, ``given_spacing_px``, ``ring_prominence``, ``ring_note``)."""
+    source = lat.get("spacing_source")
+    if not source:
         return "-"
-    src = "the given spacing" if lat["spacing_source"] == "given" else "the metal lattice's Bragg ring"
-    if lat.get("ring_prominence") is not None:
-        src += f" (prominence {float(lat['ring_prominence']):.0f})"
-    note = str(lat.get("ring_note") or "").strip()
+    given = lat.get("given_spacing_px")
+    prom = f" (prominence {float(lat['ring_prominence']):.0f})" if lat.get("ring_prominence") is not None else ""
+    if source == "given":
+        src = f"the given spacing{f' {float(given):.2f} px' if given else ''}{prom}"
+    elif source == "fft ring":
+        src = f"the metal lattice's Bragg ring{prom}"
+    else:  # a spacing was given, the lattice is the image's own at another
+        src = (f"the metal lattice's Bragg ring{prom} at {_fmt(lat.get('spacing_px'), 2)} px, not the given "
+               f"{_fmt(given, 2)} px (which sized the filters and the column search only)")
+    note = _ring_note_words(lat.get("ring_note"))
     return src + (f"; {note}" if note else "")
+
+
+#: what the Bragg ring's notes (:class:`stemfast.braggring.FftLattice`'s ``note``; ``summary.json``'s
+#: ``lattice.ring_note``) say in the report, in order; "" leaves one out: a re-read of the strongest
+#: spots as a lower-order family ``{110}->{100}`` / ``{200}->{100}`` is what every MoS2 image does
+_RING_NOTE_WORDS = (
+    (r"ring picked by the given spacing", ""),
+    (r"\{110\}->\{100\} \(columns on one third of the nodes\)",
+     "; re-read sqrt(3)x coarser: the columns sat on one node in three"),
+    (r"\{(\d)00\}->\{100\} \(columns on one coset of the lattice \d+x as coarse\)",
+     lambda m: f"; re-read {m[1]}x coarser: the columns sat on one node in {int(m[1]) ** 2}"),
+    (r"\{[12][10]0\}->\{100\}", ""),
+    (r"\(spots of a distorted lattice: wide search\)", "; the spots of a distorted lattice (found by a wider search)"),
+    (r"\(1/\d+ spots inside the ring: a coarser lattice\)",
+     "; re-read as a coarser lattice (strong spots inside the ring)"),
+    (r"read on the film \((\d+%) of the image dark vacuum left out\)",
+     r"; the ring read on the film, the dark vacuum (\1 of the image) left out"),
+)
+
+
+def _ring_note_words(note) -> str:
+    """The ring's note (``lattice.ring_note``) in a microscopist's words (:data:`_RING_NOTE_WORDS`), "" for
+    none worth saying.
+
+    >>> _ring_note_words("{110}->{100}"), _ring_note_words("{110}->{100} (spots of a distorted lattice: wide search)")
+    ('', 'the spots of a distorted lattice (found by a wider search)')
+    """
+    text = str(note or "")
+    for pattern, words in _RING_NOTE_WORDS:
+        text = re.sub(pattern, words, text)
+    return "; ".join(p.strip() for p in text.split(";") if p.strip())
 
 
 def _defect_facts(s: Mapping) -> dict:
@@ -566,7 +606,9 @@ def _input_facts(s: Mapping, lat: Mapping, inp: Mapping) -> dict:
         "spacing (px)": _fmt(lat.get("spacing_px")),
         "spacing (nm)": _fmt(lat.get("spacing_nm"), 4) if lat.get("spacing_nm") else "-",
         "lattice from": _lattice_source(lat),
-        "lattice confidence": _fmt(lat.get("confidence"), 2),
+        # an uncertain lattice's confidence is capped (stemfast.sites.UNSURE_MAX_CONFIDENCE); its number says less
+        # than the warning's reasons
+        "lattice confidence": "uncertain (see warning)" if lat.get("unsure") else _fmt(lat.get("confidence"), 2),
         "lattice rotation (deg)": _fmt(lat.get("rotation_deg"), 2),
         "peak memory (MiB)": _fmt(s.get("peak_memory_mib"), 0),
     }

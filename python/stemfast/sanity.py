@@ -89,8 +89,10 @@ def spacing_warnings(image: np.ndarray, spacing: float | None, settings) -> list
     r = float(spacing) / est
     if abs(r - 1.0) <= SPACING_TOLERANCE:
         return []
+    # what it did to the sites is the lattice's to say (stemfast.sites: the sites lie on the image's own
+    # lattice where it shows none at the given spacing, whose filters were used all the same)
     msg = (f"the given spacing {spacing:g} px differs from the image's own estimate {est:.2f} px "
-           f"(ratio {r:.2f}); sites, classes and defects may be wrong")
+           f"(ratio {r:.2f}): the filters and the column search are sized for {spacing:g} px")
     if abs(r - math.sqrt(3.0)) <= 0.08:
         msg += (f"; {spacing:g} px is about sqrt(3) x {est:.2f} px: the metal-metal distance, not the column "
                 f"spacing (nearest neighbour in projection) that --spacing means")

@@ -1540,6 +1540,10 @@ MIN_RING_PROMINENCE = 8.0
 #: third of its nodes, spread over its three sublattices (~80 % placed on each: a 64 px strip of a
 #: 9 px lattice read at 4.5 px, with no other sign)
 MAX_SUBLATTICE_PLACED = 0.5
+#: the lattice's ``confidence`` (ring prominence x peaks on nodes x agreement of the local fits) is at
+#: most this where the lattice is uncertain (``unsure``): a lattice 2.6x too fine read 0.99 beside its
+#: warning
+UNSURE_MAX_CONFIDENCE = 0.5
 #: ... counted within about this many spacings of a found column (the metal columns alone are sqrt(3)
 #: apart)
 SEEN_NN = 2.0
@@ -1639,13 +1643,15 @@ def _below_level(amp: np.ndarray) -> np.ndarray:
 
 def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g, sublattice,
                   free: np.ndarray) -> dict:
-    """How the site lattice was found, how sure it is (warns when unsure) and how distorted it is
-    (warns beyond ``MAX_ANISOTROPY``); ``free``: :func:`_lattice_free`."""
+    """How the site lattice was found (``spacing_source``: :func:`_spacing_source`), how sure it is
+    (warns when unsure: :func:`_unsure`; ``confidence`` at most :data:`UNSURE_MAX_CONFIDENCE` then) and
+    how distorted it is (warns beyond ``MAX_ANISOTROPY``); ``free``: :func:`_lattice_free`."""
     agreement = float(1.0 - abs(spacing_fit / nn_fft - 1.0)) if nn_fft > 0 else 0.0
     placed = _best_sublattice_placed(sublattice, idx.kind, idx.xy, nn_fft)
     out = {
         "spacing_px": round(nn_fft, 4),
-        "spacing_source": "given" if s.spacing is not None else "fft ring",
+        "spacing_source": _spacing_source(s, nn_fft),
+        **({"given_spacing_px": round(float(s.spacing), 4)} if s.spacing is not None else {}),
         "ring_prominence": round(float(ring.standout), 2),
         "ring_note": ring.note,
         "peaks_on_nodes": round(float(idx.on_node), 4),
@@ -1656,31 +1662,11 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
         "best_sublattice_placed": None if placed is None else round(placed, 4),
         "material": material.name,
     }
-    conf = min(1.0, idx.on_node) * min(1.0, ring.standout / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
-    out["confidence"] = round(float(conf), 4)
-    unsure = []
-    if idx.on_node < MIN_ON_NODE:
-        unsure.append(f"only {idx.on_node:.0%} of the strong peaks sit on a node")
-    if ring.standout < MIN_RING_PROMINENCE:
-        unsure.append(f"weak Bragg ring (prominence {ring.standout:.1f})")
-    if agreement < 0.97:
-        unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
-    if placed is not None and placed > MAX_SUBLATTICE_PLACED:
-        unsure.append(f"no column was found on {placed:.0%} of the sites of even the best-found sublattice, where "
-                      "columns are seen: a lattice finer than the crystal's (a spacing 2x or sqrt(3)x too small), or "
-                      "columns too faint to find")
-    if s.spacing is not None and abs(nn_fft / s.spacing - 1) > CALIBRATION_TOLERANCE:
-        unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px")
     if free.any():
         out["lattice_free"] = {"n_sites": int(free.sum()), "share": round(float(free.mean()), 4)}
-        if free.mean() > MAX_LATTICE_FREE:
-            unsure.append(f"{free.mean():.0%} of the sites lie where the image shows no lattice (Bragg amplitude "
-                          f"under {LATTICE_FREE_AMPLITUDE:g} of the lattice's: amorphous film, contamination or noise): "
-                          "their positions are the lattice extrapolated; neither they nor their neighbours are judged")
-    if s.spacing is not None and ring.coarser_spacing:
-        unsure.append(f"the Bragg ring at the given spacing {s.spacing:.2f} px has strong spots inside it: they "
-                      f"give a coarser lattice of {ring.coarser_spacing:.2f} px (a spacing sqrt(3) or 2x too small "
-                      "picks a higher-order ring)")
+    unsure = _unsure(s, ring, idx.on_node, nn_fft, spacing_fit, agreement, placed, free)
+    conf = min(1.0, idx.on_node) * min(1.0, ring.standout / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
+    out["confidence"] = round(float(min(conf, UNSURE_MAX_CONFIDENCE) if unsure else conf), 4)
     if pixel_size and material.site_spacing_nm is not None:
         expect = material.site_spacing_nm / (pixel_size * _to_nm(unit))
         ratio = nn_fft / expect
@@ -1710,6 +1696,46 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
     if unsure:
         warnings.warn("the site lattice is uncertain: " + "; ".join(unsure), LatticeUncertainWarning, stacklevel=4)
     return out
+
+
+def _spacing_source(s, nn_fft: float) -> str:
+    """Where the site lattice's spacing ``nn_fft`` came from: ``"fft ring"`` (the image's Bragg ring),
+    ``"given"`` (the given ``s.spacing``, within :data:`CALIBRATION_TOLERANCE`) or ``"fft ring, not the
+    given spacing"``: a spacing was given, but the lattice is the image's own ring at another spacing
+    (no hexagon of Bragg spots at the given one, or the phase map moved it there), the given one
+    sizing the filters and the column search only."""
+    if s.spacing is None:
+        return "fft ring"
+    return "given" if abs(nn_fft / float(s.spacing) - 1) <= CALIBRATION_TOLERANCE else "fft ring, not the given spacing"
+
+
+def _unsure(s, ring, on_node: float, nn_fft: float, spacing_fit: float, agreement: float, placed, free) -> list[str]:
+    """Why the site lattice may be wrong (``meta["lattice"]["unsure"]``), empty when nothing says so."""
+    unsure = []
+    if on_node < MIN_ON_NODE:
+        unsure.append(f"only {on_node:.0%} of the strong peaks sit on a node")
+    if ring.standout < MIN_RING_PROMINENCE:
+        unsure.append(f"weak Bragg ring (prominence {ring.standout:.1f})")
+    if agreement < 0.97:
+        unsure.append(f"local fits give {spacing_fit:.2f} px for the ring's {nn_fft:.2f} px")
+    if placed is not None and placed > MAX_SUBLATTICE_PLACED:
+        unsure.append(f"no column was found on {placed:.0%} of the sites of even the best-found sublattice, where "
+                      "columns are seen: a lattice finer than the crystal's (a spacing 2x or sqrt(3)x too small), or "
+                      "columns too faint to find")
+    if _spacing_source(s, nn_fft) == "fft ring, not the given spacing":
+        unsure.append(f"the given spacing {s.spacing:.2f} px differs from the image's {nn_fft:.2f} px: the sites lie on "
+                      f"the image's own lattice ({nn_fft:.2f} px), their columns found with filters sized for "
+                      f"{s.spacing:.2f} px (site positions and defect scores may differ from a run without the given "
+                      "spacing)")
+    if free.any() and free.mean() > MAX_LATTICE_FREE:
+        unsure.append(f"{free.mean():.0%} of the sites lie where the image shows no lattice (Bragg amplitude "
+                      f"under {LATTICE_FREE_AMPLITUDE:g} of the lattice's: amorphous film, contamination or noise): "
+                      "their positions are the lattice extrapolated; neither they nor their neighbours are judged")
+    if s.spacing is not None and ring.coarser_spacing:
+        unsure.append(f"the Bragg ring at the given spacing {s.spacing:.2f} px has strong spots inside it: they "
+                      f"give a coarser lattice of {ring.coarser_spacing:.2f} px (a spacing sqrt(3) or 2x too small "
+                      "picks a higher-order ring)")
+    return unsure
 
 
 def _to_nm(unit: str | None) -> float:
