@@ -172,3 +172,24 @@ def test_the_ring_note_is_in_words(batch, tmp_path):
                       summaries=[{"name": "img", "status": "ok", "lattice": lat}], out_dir=tmp_path)
     assert ("lattice from the metal lattice's Bragg ring (prominence 30); re-read 2x coarser: the columns sat on "
             "one node in 4 lattice confidence") in html_text(tmp_path / "report.html")
+
+
+def test_a_pixel_size_that_is_no_length_is_said(batch):
+    """A sidecar {"pixel_size": 0.012, "unit": "1/nm"}: find_sites' CalibrationWarning went to the log
+    only; summary.json had no field, the report showed 'pixel 0.012 1/nm' and spacing (nm) '-' with
+    no reason."""
+    from stemfast.sites import CalibrationWarning, find_sites
+
+    out, summ, text = batch
+    s = summ["unit"]
+    why = s["input"]["calibration_ignored"]
+    assert why.startswith("the pixel size's unit '1/nm' is not a length unit") and "0.012 1/nm is not used" in why
+    assert why in s["warnings"] and "spacing_nm" not in s["lattice"] and "calibration_ok" not in s["lattice"]
+    sec = _section(text, "unit")
+    assert "pixel 0.012 1/nm (not used: see warning)" in sec and f"warning: {why}" in sec
+    # find_sites says the same, in its warning and its meta
+    img = make_mos2(shape=(N, N), seed=6).image
+    with pytest.warns(CalibrationWarning, match="is not a length unit") as caught:
+        t = find_sites(img, pixel_size=0.012, unit="1/nm")
+    assert t.meta["calibration_ignored"] == why and why in [str(w.message) for w in caught]
+    assert "calibration_ignored" not in summ["calib"]["input"]  # a length: used

@@ -65,6 +65,7 @@ from .readbase import (  # noqa: F401  (re-exported: stemfast.io.PLAUSIBLE_PIXEL
     available_memory_bytes,
     channels_last_error,
     narrow_frames_note,
+    unit_not_a_length,
     unit_to_nm,
 )
 from .sidecar import sidecar
@@ -90,6 +91,7 @@ __all__ = [
     "PICTURE_EXTENSIONS",
     "MIN_SIDE",
     "unit_to_nm",
+    "unit_not_a_length",
 ]
 
 log = logging.getLogger(__name__)

@@ -90,6 +90,20 @@ def unit_to_nm(unit: str | None) -> float | None:
     return _UNIT_NM.get(str(unit).strip().lower())
 
 
+def unit_not_a_length(pixel_size: float | None, unit: str | None) -> str | None:
+    """Why a pixel size in ``unit`` is not used as a length (a ``"1/nm"`` a diffraction pattern's,
+    ``"px"``, an unknown unit), or None where it is (or there is none): the text of the
+    :class:`stemfast.sites.CalibrationWarning` and of ``summary.json``'s ``input.calibration_ignored``.
+
+    >>> unit_not_a_length(0.012, "1/nm")[:44], unit_not_a_length(0.012, "nm"), unit_not_a_length(None, "1/nm")
+    ("the pixel size's unit '1/nm' is not a length", None, None)
+    """
+    if pixel_size is None or unit is None or unit_to_nm(unit) is not None:
+        return None
+    return (f"the pixel size's unit {unit!r} is not a length unit (nm, Å, pm, µm, ...): the pixel size "
+            f"{pixel_size:g} {unit} is not used (no x_nm / y_nm, no spacing in nm, no calibration check)")
+
+
 def _normalise_calibration(pixel_size: Any, unit: Any) -> tuple[float | None, str | None]:
     """Positive finite pixel size; known length units converted to nm; no unit -> ``None``."""
     try:

@@ -636,6 +636,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  f"&middot; model {_e(str(msha or '-')[:16])}&hellip; "
                  f"&middot; shape {_e(inp.get('shape'))} &middot; frames {_e(inp.get('n_frames', 1))}"
                  f"{' &middot; pixel ' + _e('%.5g' % float(inp['pixel_size'])) + ' ' + _e(inp.get('unit')) if inp.get('pixel_size') else ''}"
+                 f"{' (not used: see warning)' if inp.get('pixel_size') and inp.get('calibration_ignored') else ''}"
                  f"</small></p>")
     parts.append(_companion_line(s))
     # what cannot be fully trusted comes first, before any number it qualifies

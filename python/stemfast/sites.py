@@ -23,7 +23,7 @@ from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-export
 from .domains import inversion_domains
 from . import grains as _grains
 from .grains import GrainSettings
-from .io import unit_to_nm
+from .io import unit_not_a_length, unit_to_nm
 from .lattice import (
     LatticeSettings,
     film_mask,
@@ -482,7 +482,7 @@ def find_sites(
         sublattices are named from its own columns: :func:`stemfast.domains.inversion_domains`), ``crowded`` (True where another site is closer than ``CROWDED_NN`` spacings,
         :func:`stemfast.crowding.crowding`),
         and ``x_nm, y_nm`` when calibrated. ``meta`` holds the spacing, orientation, counts and
-        settings; ``meta["lattice"]["unsure"]`` why the lattice may be wrong (a
+        settings (``calibration_ignored``: why a pixel size whose unit is no length was not used); ``meta["lattice"]["unsure"]`` why the lattice may be wrong (a
         :class:`LatticeUncertainWarning` when any: few peaks on nodes, a weak ring, local fits that
         disagree with it, a best-found sublattice mostly placed rather than found --
         ``best_sublattice_placed`` beyond ``MAX_SUBLATTICE_PLACED``, a lattice 2x or sqrt(3)x too
@@ -521,12 +521,12 @@ def _with_overrides(s: SiteSettings, overrides: dict) -> SiteSettings:
 def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings: dict | None,
                 overrides: dict) -> SiteTable:
     s = _with_overrides(settings or SiteSettings(), overrides)
-    pixel_size, unit = _calibration(pixel_size, unit)
+    pixel_size, unit, meta = _calibration(pixel_size, unit)
     img, dead, spikes = _repaired(check_image(image, min_side=MIN_IMAGE_SIDE), s)
     no_data = find_no_data(img)
     clipping = clipped_intensities(img, no_data)
     tm = timings if timings is not None else {}
-    meta: dict = {"shape": list(img.shape), "material": s.material, "chalcogen_brighter": s.resolved_chalcogen_brighter}
+    meta.update(shape=list(img.shape), material=s.material, chalcogen_brighter=s.resolved_chalcogen_brighter)
     t0 = time.perf_counter()
     s, noise = _noise_adapted(img, s, no_data)
     img, jumps, ring, vac = _undo_scan_jumps(img, s, no_data)
@@ -1744,11 +1744,13 @@ def _to_nm(unit: str | None) -> float:
     return 1.0 if unit is None else float(unit_to_nm(unit))
 
 
-def _calibration(pixel_size, unit):
-    """``(pixel_size, unit)`` checked: a unit that is not a length (``"1/nm"``, ``"px"``, unknown) gives
-    no calibrated columns, with a :class:`CalibrationWarning` saying so."""
-    if pixel_size is None or unit is None or unit_to_nm(unit) is not None:
-        return pixel_size, unit
-    warnings.warn(f"pixel size unit {unit!r} is not a length unit (nm, Å, pm, µm, ...): no x_nm / y_nm, "
-                  "no calibration check", CalibrationWarning, stacklevel=4)
-    return None, unit
+def _calibration(pixel_size, unit) -> tuple[float | None, str | None, dict]:
+    """``(pixel_size, unit, meta)`` checked: a unit that is not a length (``"1/nm"``, ``"px"``, unknown)
+    gives no calibrated columns, with a :class:`CalibrationWarning` saying so and ``meta`` (the start of
+    :func:`find_sites`' ``meta``) ``{"calibration_ignored": why}`` (:func:`stemfast.io.unit_not_a_length`);
+    ``meta`` is empty where the pixel size is used."""
+    why = unit_not_a_length(pixel_size, unit)
+    if why is None:
+        return pixel_size, unit, {}
+    warnings.warn(why, CalibrationWarning, stacklevel=4)
+    return None, unit, {"calibration_ignored": why}

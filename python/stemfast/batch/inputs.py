@@ -244,7 +244,8 @@ def inputs_key(entries: Sequence[InputEntry]) -> str:
 def describe_input(mg) -> dict:
     """What the reader tells about an opened input: shape, frames, calibration, dose, notes (rescaled
     values, replaced non-finite pixels, an exported picture, colour converted to grey, planar TIFF samples read as frames,
-    which of several TIFF series was read)."""
+    which of several TIFF series was read, a calibration not used: also ``calibration_ignored``,
+    :func:`_calibration_ignored`)."""
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
@@ -291,9 +292,10 @@ def describe_input(mg) -> dict:
         notes.append(channel_note(meta))
     if meta.get("series") is not None and (meta.get("n_series") or 0) > 1:
         notes.append(f"the TIFF holds {meta['n_series']} image series; series {meta['series']}, the largest, was read")
-    if meta.get("calibration_ignored"):
-        notes.append(f"the file's calibration ({meta['calibration_ignored'].get('pixel_size_nm'):.4g} nm per pixel) "
-                     "is no micrograph's and was not used: a diffraction pattern's or a broken tag")
+    ignored = _calibration_ignored(meta, info)
+    if ignored:
+        info["calibration_ignored"] = ignored
+        notes.append(ignored)
     side = meta.get("sidecar") or {}
     if side.get("used"):
         notes.append(f"pixel size from the sidecar {side['file']} ({side['from']}; the file itself has none)")
@@ -302,6 +304,18 @@ def describe_input(mg) -> dict:
     if notes:
         info["notes"] = notes
     return info
+
+
+def _calibration_ignored(meta: dict, info: dict) -> str | None:
+    """Why the input's calibration is not used (``summary.json``'s ``input.calibration_ignored``), or
+    None: a pixel size the reader found implausible (``meta["calibration_ignored"]``), or one in a unit
+    that is not a length (:func:`stemfast.io.unit_not_a_length`, find_sites' CalibrationWarning)."""
+    from ..io import unit_not_a_length
+
+    if meta.get("calibration_ignored"):
+        return (f"the file's calibration ({meta['calibration_ignored'].get('pixel_size_nm'):.4g} nm per pixel) "
+                "is no micrograph's and was not used: a diffraction pattern's or a broken tag")
+    return unit_not_a_length(info.get("pixel_size"), info.get("unit"))
 
 
 def read_failure_reason(exc: BaseException) -> str:
