@@ -193,3 +193,66 @@ def test_a_pixel_size_that_is_no_length_is_said(batch):
         t = find_sites(img, pixel_size=0.012, unit="1/nm")
     assert t.meta["calibration_ignored"] == why and why in [str(w.message) for w in caught]
     assert "calibration_ignored" not in summ["calib"]["input"]  # a length: used
+
+
+def _drawn_defects(monkeypatch, shape=(256, 256), title="img: top defect candidates"):
+    """The figure plot_defects draws for 24 candidates (4 flagged) on an image of ``shape``, with the
+    batch's title, not saved."""
+    import stemfast.report as R
+
+    drawn = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, path, dpi: drawn.append(fig))
+    rng = np.random.default_rng(0)
+    cands = [{"x": 20.0 + 8 * i, "y": 30.0 + 3 * i, "anomaly_score": 9.0 - 0.3 * i, "is_defect": i < 4,
+              "defect_kind": "vacancy_S2" if i < 4 else "none"} for i in range(24)]
+    R.plot_defects("unused.png", rng.random(shape).astype(np.float32), cands,
+                   rng.random((24, 15, 15)).astype(np.float32), spacing_px=10.0, title=title)
+    (fig,) = drawn
+    return fig
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (100, 512)])
+def test_the_defect_figure_says_what_its_circles_mean_whatever_its_title(monkeypatch, shape):
+    """'solid: flagged defect, dashed: below cutoff' was the map's default title only; the batch gives
+    its own title ('<name>: top defect candidates'), so no figure the batch wrote said it, nor what red
+    and orange mean. A legend says it whatever the title; the labels are 10 pt, not 6.5; the map fills
+    the figure's height (a third of the figure was empty)."""
+    import stemfast.report as R
+
+    fig = _drawn_defects(monkeypatch, shape)
+    the_map, gallery = fig.axes
+    assert the_map.get_title() == "img: top defect candidates"
+    leg = the_map.get_legend()
+    assert leg is not None and [t.get_text() for t in leg.get_texts()] == [R.FLAGGED_LABEL, R.BELOW_CUTOFF_LABEL]
+    assert "flagged defect" in R.FLAGGED_LABEL and "below the cutoff" in R.BELOW_CUTOFF_LABEL
+    lines = leg.get_lines()
+    assert [ln.get_color() for ln in lines] == [R.FLAGGED_COLOUR, R.BELOW_CUTOFF_COLOUR]
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--"]
+    # the circles on the map and the frames in the gallery are drawn as the legend says
+    circles = [(p.get_edgecolor(), p.get_linestyle()) for p in the_map.patches]
+    frames = [(p.get_edgecolor(), p.get_linestyle()) for p in gallery.patches]
+    from matplotlib.colors import to_rgba
+    flagged, below = (to_rgba(R.FLAGGED_COLOUR), "-"), (to_rgba(R.BELOW_CUTOFF_COLOUR), "--")
+    assert circles == frames == [flagged] * 4 + [below] * 20
+    assert gallery.get_title() == R.GALLERY_TITLE and "#rank, anomaly score, defect kind" in R.GALLERY_TITLE
+    labels = [t for t in gallery.texts if t.get_text().startswith("#")]
+    assert len(labels) == 24 and min(t.get_fontsize() for t in labels) >= 10
+    assert min(t.get_fontsize() for t in the_map.texts) >= 9  # the ranks on the map
+    if shape[0] == shape[1]:
+        the_map.apply_aspect()
+        assert the_map.get_position().height > 0.8, the_map.get_position()
+    R.pyplot().close(fig)
+
+
+def test_the_report_says_what_the_defect_figure_shows(batch):
+    """The report's input section has a caption for defects.png (the legend in words), and the figure
+    has a row of its own (beside the class map it was shown 620 px wide for its 1650 px)."""
+    from stemfast.report import BELOW_CUTOFF_LABEL, FLAGGED_LABEL
+
+    out, summ, text = batch
+    sec = _section(text, "calib")
+    assert (f"Solid red circle and frame: {FLAGGED_LABEL}; dashed orange: {BELOW_CUTOFF_LABEL}. Each patch is "
+            "labelled #rank, anomaly score, defect kind.") in sec
+    page = (out / "report.html").read_text()
+    assert re.search(r"<p class='caption'>Top defect candidates[^<]*</p><img alt='calib defects'", page)
+    assert "<div class='grid'><div><img alt='calib classes'" not in page

@@ -254,6 +254,20 @@ def _crowded_outline():
     return patheffects.withStroke(linewidth=2.5, foreground="#202020")
 
 
+#: a flagged candidate's circle and frame (solid) and one below the cutoff's (dashed) in ``defects.png``
+FLAGGED_COLOUR = "#ff1744"
+BELOW_CUTOFF_COLOUR = "#ffab00"
+#: what the circles and frames of ``defects.png`` mean: its legend (:func:`draw_candidate_map`), whatever
+#: its title, and the report's caption (:func:`_defects_caption`)
+FLAGGED_LABEL = "flagged defect (anomaly score over the cutoff)"
+BELOW_CUTOFF_LABEL = "candidate below the cutoff"
+#: the title of the gallery of ``defects.png``: what each tile's label says
+GALLERY_TITLE = "their patches: #rank, anomaly score, defect kind"
+#: font size (pt) of the candidates' numbers on the map and of the gallery's labels: the report shows
+#: the 15 in figure ~1350 px wide, where 6.5 pt labels on a figure shown half as wide were ~4 px high
+LABEL_PT = 10.0
+
+
 def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: Sequence[Mapping],
                  patches: np.ndarray | None, *, spacing_px: float | None = None, title: str | None = None,
                  max_gallery: int = 24, dpi: int = 110) -> None:
@@ -266,24 +280,27 @@ def plot_defects(path: str | os.PathLike, image: np.ndarray | None, candidates: 
         shown; default position + 1), ``defect_kind``, ``is_defect``, ``frame`` and ``on_map``
         (False: only in the gallery, e.g. a candidate of another frame of a stack).
     patches : [len(candidates), S, S] patches of the candidates (None: no gallery).
+    title : the map's title; the legend of the circles (:data:`FLAGGED_LABEL`, :data:`BELOW_CUTOFF_LABEL`)
+        is drawn whatever it is.
     """
     cands = list(candidates)[:max_gallery]
     n = len(cands)
     if image is not None and np.shape(image)[1] >= WIDE_MAP_ASPECT * np.shape(image)[0]:
         fig, gs, ncol = _wide_defects_layout(n, np.shape(image))
-        map_at, gallery_at = gs[0], gs[1]
     else:
         fig, gs, ncol = defects_layout(n)
-        map_at, gallery_at = gs[:, :2], gs[:, 2:]
-    draw_candidate_map(fig.add_subplot(map_at), image, cands, spacing_px=spacing_px, title=title)
+    draw_candidate_map(fig.add_subplot(gs[0]), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
-        _draw_gallery(fig.add_subplot(gallery_at), np.asarray(patches)[:n], cands, ncol)
+        _draw_gallery(fig.add_subplot(gs[1]), np.asarray(patches)[:n], cands, ncol)
     save_figure(fig, path, dpi)
 
 
 #: a map at least this many times wider than high is drawn across the figure above the gallery, not
 #: beside it: a 100 x 512 px strip beside the gallery filled a sixth of the figure's height
 WIDE_MAP_ASPECT = 2.0
+#: the figure's margins (figure fractions) around the map and the gallery: the default ones (12 % left,
+#: 10 % right, 12 % above and below) left a third of the figure empty
+_MARGINS = dict(left=0.04, right=0.995, top=0.93)
 
 
 def _wide_defects_layout(n: int, shape: tuple[int, int], ncol: int = 12):
@@ -291,26 +308,28 @@ def _wide_defects_layout(n: int, shape: tuple[int, int], ncol: int = 12):
     map in row 0 across the figure (15 in wide, as high as its aspect asks) and the gallery, ``ncol``
     tiles a row, in row 1."""
     nrow = max(1, math.ceil(n / ncol)) if n else 1
-    map_h = max(1.5, 15.0 * shape[0] / shape[1])
-    gallery_h = 1.6 * (15.0 / ncol) * nrow  # a tile's pitch: its width and room for its title above it
-    fig = pyplot().figure(figsize=(15.0, map_h + gallery_h + 1.2))
-    gs = fig.add_gridspec(2, 1, height_ratios=[map_h, gallery_h], hspace=0.3)
+    map_h = max(1.5, 14.3 * shape[0] / shape[1])
+    gallery_h = 1.75 * (14.3 / ncol) * nrow  # a tile's pitch: its width and room for its title above it
+    fig = pyplot().figure(figsize=(15.0, map_h + gallery_h + 2.0))
+    gs = fig.add_gridspec(2, 1, height_ratios=[map_h, gallery_h], hspace=0.75 / max(map_h, gallery_h),
+                          bottom=0.02, **_MARGINS)
     return fig, gs, ncol
 
 
 def defects_layout(n: int, ncol: int = 6):
     """The figure of :func:`plot_defects` for ``n`` gallery tiles: ``(figure, gridspec, ncol)``, the
-    candidate map on columns ``[:2]`` of the grid and the gallery (``ncol`` tiles a row) on ``[2:]``."""
-    nrow = max(1, math.ceil(n / ncol)) if n else 1
-    fig = pyplot().figure(figsize=(15.0, max(6.0, 2.0 * nrow + 1.0)))
-    gs = fig.add_gridspec(nrow, 2 + ncol, width_ratios=[3.0, 3.0] + [1.0] * ncol, wspace=0.15, hspace=0.55)
+    candidate map in cell 0 of the grid, the gallery (``ncol`` tiles a row) in cell 1 beside it, each
+    about as high as wide (the map's legend below it)."""
+    fig = pyplot().figure(figsize=(15.0, 8.2))
+    gs = fig.add_gridspec(1, 2, wspace=0.06, bottom=0.1, **_MARGINS)
     return fig, gs, ncol
 
 
 def draw_candidate_map(ax, image: np.ndarray | None, cands: Sequence[Mapping], *, spacing_px: float | None = None,
                        title: str | None = None) -> None:
     """The left half of :func:`plot_defects`: ``image`` with the candidates circled (solid: flagged,
-    dashed: below the cutoff) and numbered by rank."""
+    dashed: below the cutoff; said in a legend below the map whatever the ``title``) and numbered by rank."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Circle
 
     n = len(cands)
@@ -325,16 +344,22 @@ def draw_candidate_map(ax, image: np.ndarray | None, cands: Sequence[Mapping], *
             if not c.get("on_map", True):
                 continue
             rank = int(c.get("rank", i + 1))
-            col = "#ff1744" if c.get("is_defect", True) else "#ffab00"
-            ax.add_patch(Circle((c["x"], c["y"]), r, fill=False, ec=col, lw=1.2,
-                                ls="-" if c.get("is_defect", True) else "--"))
-            ax.text(c["x"] + 0.75 * r, c["y"] - 0.75 * r, str(rank), color=col, fontsize=7, ha="left",
+            flagged = c.get("is_defect", True)
+            col = FLAGGED_COLOUR if flagged else BELOW_CUTOFF_COLOUR
+            ax.add_patch(Circle((c["x"], c["y"]), r, fill=False, ec=col, lw=1.2, ls="-" if flagged else "--"))
+            ax.text(c["x"] + 0.75 * r, c["y"] - 0.75 * r, str(rank), color=col, fontsize=LABEL_PT - 1, ha="left",
                     va="bottom", fontweight="bold", clip_on=True)
         ax.set_xlim(-0.5, W * f - 0.5)
         ax.set_ylim(H * f - 0.5, -0.5)
+        if n:
+            # below the tick labels (2.5 font sizes under the axes), whatever the map's height
+            ax.legend(handles=[Line2D([], [], color=FLAGGED_COLOUR, lw=1.5, label=FLAGGED_LABEL),
+                               Line2D([], [], color=BELOW_CUTOFF_COLOUR, lw=1.5, ls="--", label=BELOW_CUTOFF_LABEL)],
+                      loc="upper center", bbox_to_anchor=(0.5, 0.0), borderaxespad=2.5, ncol=2,
+                      fontsize=LABEL_PT - 1, frameon=False, handlelength=2.5)
     else:
         ax.axis("off")
-    ax.set_title(title or "defect candidates (solid: flagged defect, dashed: below cutoff)", fontsize=9)
+    ax.set_title(title or "top defect candidates", fontsize=LABEL_PT + 1)
     if n == 0:
         ax.text(0.5, 0.5, "no candidates", transform=ax.transAxes, ha="center", va="center", fontsize=14,
                 color="w" if image is not None else "k")
@@ -342,8 +367,9 @@ def draw_candidate_map(ax, image: np.ndarray | None, cands: Sequence[Mapping], *
 
 def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> None:
     """The candidates' patches as one mosaic in ``ax``, ``ncol`` per row, each under its title
-    (rank, score, kind) and framed in its colour. One axes and one image for the whole gallery: an
-    axes per tile (ticks, spines, layout) made up most of the figure's time."""
+    (rank, score, kind) and framed in its colour (dashed below the cutoff, as on the map). One axes and
+    one image for the whole gallery: an axes per tile (ticks, spines, layout) made up most of the
+    figure's time."""
     from matplotlib.patches import Rectangle
 
     n, S = len(P), P.shape[-1]
@@ -357,8 +383,9 @@ def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> Non
         x0, y0 = (i % ncol) * pitch_x, (i // ncol) * pitch_y + gy
         ax.imshow(P[i], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
                   extent=(x0, x0 + S, y0 + S, y0))
-        col = "#ff1744" if c.get("is_defect", True) else "#ffab00"
-        ax.add_patch(Rectangle((x0, y0), S, S, fill=False, ec=col, lw=0.8))
+        flagged = c.get("is_defect", True)
+        ax.add_patch(Rectangle((x0, y0), S, S, fill=False, ec=FLAGGED_COLOUR if flagged else BELOW_CUTOFF_COLOUR,
+                               lw=1.2, ls="-" if flagged else "--"))
         rank = int(c.get("rank", i + 1))
         label = f"#{rank}"
         if c.get("frame") is not None and c.get("show_frame", False):
@@ -367,13 +394,14 @@ def _draw_gallery(ax, P: np.ndarray, cands: Sequence[Mapping], ncol: int) -> Non
         # the kind on a line of its own, with a break at its underscore, so long names such as
         # 'substitution_Mo' stay inside their tile instead of running into the neighbour's title
         kind = str(c.get("defect_kind", "") or "").replace("_", "\n", 1)
-        ax.text(x0 + S / 2, y0 - 0.04 * S, f"{label}\n{kind}" if kind else label, fontsize=6.5,
+        ax.text(x0 + S / 2, y0 - 0.04 * S, f"{label}\n{kind}" if kind else label, fontsize=LABEL_PT,
                 linespacing=0.95, ha="center", va="bottom")
     ax.set_xlim(-0.5, W + 0.5)
     ax.set_ylim(H + 0.5, 0)
     ax.set_aspect("equal")
     ax.set_anchor("N")
     ax.axis("off")
+    ax.set_title(GALLERY_TITLE, fontsize=LABEL_PT + 1)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -418,7 +446,7 @@ table{border-collapse:collapse;margin:.4em 0;font-size:.85em}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right} th{background:#f4f4f4}
 td.l,th.l{text-align:left}
 .bad{color:#b00020;font-weight:bold} .ok{color:#1b5e20} .warn{color:#e65100}
-.legend{font-size:0.8em;color:#444;max-width:32em}
+.legend{font-size:0.8em;color:#444;max-width:32em} .caption{font-size:0.85em;color:#444;margin:.8em 0 0}
 img{max-width:100%;border:1px solid #ddd;margin:.3em 0}
 .grid{display:flex;flex-wrap:wrap;gap:1.5em} .grid>div{flex:1 1 420px}
 small{color:#666}
@@ -624,6 +652,16 @@ def _input_facts(s: Mapping, lat: Mapping, inp: Mapping) -> dict:
     return facts
 
 
+def _defects_caption(s: Mapping) -> str:
+    """One line above an input's ``defects.png``: what its circles, frames and labels mean ("" without
+    candidates)."""
+    if not s.get("top"):
+        return ""
+    return (f"<p class='caption'>Top defect candidates by anomaly score, numbered by rank. Solid red circle and "
+            f"frame: {_e(FLAGGED_LABEL)}; dashed orange: {_e(BELOW_CUTOFF_LABEL)}. Each patch is labelled "
+            "#rank, anomaly score, defect kind.</p>")
+
+
 def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = None) -> str:
     name = s.get("name", "?")
     status = s.get("status", "?")
@@ -677,8 +715,9 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
         shown = ", ".join(unk[:12]) + (f" and {len(unk) - 12} more" if len(unk) > 12 else "")
         parts.append(f"<p class='warn'>drift unknown at frame(s) {_e(shown)} (a blank or unreadable frame, or "
                      "the one after it): defect tracks end there</p>")
-    parts.append("<div class='grid'><div>" + _img_tag(folder / "classes.png", f"{name} classes") + "</div><div>"
-                 + _img_tag(folder / "defects.png", f"{name} defects") + "</div></div>")
+    # the defect figure on a row of its own: beside the class map it was shown 620 px wide for its 1650
+    parts.append(_img_tag(folder / "classes.png", f"{name} classes"))
+    parts.append(_defects_caption(s) + _img_tag(folder / "defects.png", f"{name} defects"))
     if s.get("tracking"):
         from .tracking import tracks_html
 
