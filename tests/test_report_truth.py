@@ -256,3 +256,43 @@ def test_the_report_says_what_the_defect_figure_shows(batch):
     page = (out / "report.html").read_text()
     assert re.search(r"<p class='caption'>Top defect candidates[^<]*</p><img alt='calib defects'", page)
     assert "<div class='grid'><div><img alt='calib classes'" not in page
+
+
+def test_a_calibration_that_does_not_fit_is_worded_once(batch):
+    """The batch worded the calibration warning itself from raw values ('predict a site spacing of
+    7.6018 px, the image shows 15.2073 px'), find_sites' CalibrationWarning with two decimals, the
+    difference in percent and the pixel size: summary.json and the report now say find_sites' words."""
+    from stemfast.sites import CalibrationWarning, find_sites
+
+    out, summ, text = batch
+    s = summ["calib"]
+    lat = s["lattice"]
+    assert lat["calibration_ok"] is False
+    w = lat["calibration_warning"]
+    assert w.startswith("the pixel size (0.024 nm) and MoS2's lattice constant")
+    assert f"predict a site spacing of {lat['calibration_expected_spacing_px']:.2f} px; the image shows" in w
+    assert re.search(r"the image shows 15\.2\d px \(\+\d+\.\d%\): check the calibration or the material", w), w
+    assert [x for x in s["warnings"] if "predict a site spacing" in x] == [w]
+    assert "7.6018" not in text and f"warning: {w}" in _section(text, "calib")
+    img = make_mos2(shape=(N, N), seed=5).image
+    with pytest.warns(CalibrationWarning) as caught:
+        t = find_sites(img, pixel_size=0.024, unit="nm")
+    assert str([c for c in caught if c.category is CalibrationWarning][0].message) == t.meta["lattice"]["calibration_warning"]
+
+
+def test_the_readers_facts_are_notes_not_warnings(batch):
+    """'pixel size from the sidecar calib.json (...)' was listed and shown as 'warning:' and counted in
+    the inputs table ('2 warnings' for the calibration one's input): it is a note; a note that qualifies
+    the results (a pixel size not used) stays a warning."""
+    out, summ, text = batch
+    s = summ["calib"]
+    fact = next(n for n in s["input"]["notes"] if n.startswith("pixel size from the sidecar calib.json"))
+    assert fact not in s["warnings"] and "read_warnings" not in s["input"]
+    sec = _section(text, "calib")
+    assert f"note: {fact}" in sec and f"warning: {fact}" not in sec
+    overview = text.split(" calib [", 1)[0]
+    assert re.search(r"calib done \(1 warning\)", overview), overview[-400:]
+    u = summ["unit"]
+    assert u["input"]["read_warnings"] == [u["input"]["calibration_ignored"]]
+    assert re.search(r"unit done \(1 warning\)", overview)
+    assert "note: pixel size from the sidecar unit.json" in _section(text, "unit")

@@ -445,7 +445,7 @@ h3{font-size:1em;margin:.8em 0 .3em}
 table{border-collapse:collapse;margin:.4em 0;font-size:.85em}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right} th{background:#f4f4f4}
 td.l,th.l{text-align:left}
-.bad{color:#b00020;font-weight:bold} .ok{color:#1b5e20} .warn{color:#e65100}
+.bad{color:#b00020;font-weight:bold} .ok{color:#1b5e20} .warn{color:#e65100} .note{color:#444}
 .legend{font-size:0.8em;color:#444;max-width:32em} .caption{font-size:0.85em;color:#444;margin:.8em 0 0}
 img{max-width:100%;border:1px solid #ddd;margin:.3em 0}
 .grid{display:flex;flex-wrap:wrap;gap:1.5em} .grid>div{flex:1 1 420px}
@@ -684,6 +684,10 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                      f"{batch_model_sha[:16]}...")
     for w in warns:
         parts.append(f"<p class='warn'>warning: {_e(w)}</p>")
+    # the reader's facts (a pixel size from a sidecar, the series read): notes, not counted as warnings
+    for n in inp.get("notes") or []:
+        if n not in warns:
+            parts.append(f"<p class='note'>note: {_e(n)}</p>")
     if s.get("frame_errors"):
         parts.append("<p class='bad'>frames that failed: "
                      + ", ".join(f"{_e(k)}: {_e(v)}" for k, v in s["frame_errors"].items()) + "</p>")

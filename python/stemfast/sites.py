@@ -1678,10 +1678,12 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
             fits = [m for m in materials_fitting(nn_fft * pixel_size * _to_nm(unit), CALIBRATION_TOLERANCE)
                     if m != material.name]
             out["calibration_fits"] = fits
-            warnings.warn(f"the pixel size ({pixel_size:g} {unit}) and {material.formula}'s lattice constant "
-                          f"({material.a_nm:g} nm) predict a site spacing of {expect:.2f} px; the image shows "
-                          f"{nn_fft:.2f} px ({100 * (ratio - 1):+.1f}%): check the calibration or the material"
-                          + fitting_hint(fits), CalibrationWarning, stacklevel=4)
+            # the one wording: the warning's and summary.json's (batch.outputs.lattice_warnings)
+            out["calibration_warning"] = (
+                f"the pixel size ({pixel_size:g} {unit}) and {material.formula}'s lattice constant ({material.a_nm:g} "
+                f"nm) predict a site spacing of {expect:.2f} px; the image shows {nn_fft:.2f} px "
+                f"({100 * (ratio - 1):+.1f}%): check the calibration or the material" + fitting_hint(fits))
+            warnings.warn(out["calibration_warning"], CalibrationWarning, stacklevel=4)
     dist = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
             for k, v in lattice_distortion(g).items()}
     out["distortion"] = dist

@@ -245,7 +245,9 @@ def describe_input(mg) -> dict:
     """What the reader tells about an opened input: shape, frames, calibration, dose, notes (rescaled
     values, replaced non-finite pixels, an exported picture, colour converted to grey, planar TIFF samples read as frames,
     which of several TIFF series was read, a calibration not used: also ``calibration_ignored``,
-    :func:`_calibration_ignored`)."""
+    :func:`_calibration_ignored`). ``read_warnings``: the notes that qualify the results (the input's
+    warnings, :func:`stemfast.batch.outputs.input_warnings`); the others (a pixel size from a sidecar,
+    the TIFF series or channel read, ...) are facts, shown as notes."""
     shape = None
     with contextlib.suppress(Exception):
         shape = list(np.shape(mg.data))
@@ -257,7 +259,13 @@ def describe_input(mg) -> dict:
             "pixel_size": getattr(mg, "pixel_size", None), "unit": getattr(mg, "unit", None),
             "dose": dose_from_metadata(getattr(mg, "metadata", None))}
     meta = getattr(mg, "metadata", None) or {}
-    notes = []
+    notes: list[str] = []
+    warns: list[str] = []
+
+    def warn(text: str) -> None:
+        notes.append(text)
+        warns.append(text)
+
     if meta.get("rescaled"):
         info["rescaled"] = meta["rescaled"]
         r = meta["rescaled"]
@@ -269,23 +277,24 @@ def describe_input(mg) -> dict:
             info["nonfinite_in_regions"] = True
         how = "all in regions without data: an aligned frame's padding" if meta.get("nonfinite_in_regions") \
             else "--fill-nonfinite"
-        notes.append(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "
-                     "sites there are not measured")
+        warn(f"{meta['nonfinite_replaced']} NaN/infinite pixels replaced by the frame median ({how}); "
+             "sites there are not measured")
     if meta.get("exported_picture"):
-        notes.append(picture_note(meta))
+        warn(picture_note(meta))
     if meta.get("converted_from_rgb"):
         how = meta["converted_from_rgb"]
         note = "an RGB(A) image, " + (colour_note(how) if isinstance(how, dict) else "converted to grey")
         if (how.get("kind") if isinstance(how, dict) else None) in (None, "luminance"):
-            note += ": the intensities are not the detector's"
-        notes.append(note)
+            warn(note + ": the intensities are not the detector's")
+        else:
+            notes.append(note)
     if meta.get("planar_samples_as_frames"):
         notes.append(f"the TIFF's {info['n_frames']} planar samples were read as {info['n_frames']} frames (tifffile's "
                      "layout for a [frames, H, W] array), not as one colour image")
     if meta.get("narrow_frames"):
         from ..io import narrow_frames_note
 
-        notes.append(narrow_frames_note(meta["narrow_frames"]))
+        warn(narrow_frames_note(meta["narrow_frames"]))
     if meta.get("channels"):
         from ..tiff import channel_note
 
@@ -295,14 +304,16 @@ def describe_input(mg) -> dict:
     ignored = _calibration_ignored(meta, info)
     if ignored:
         info["calibration_ignored"] = ignored
-        notes.append(ignored)
+        warn(ignored)
     side = meta.get("sidecar") or {}
     if side.get("used"):
         notes.append(f"pixel size from the sidecar {side['file']} ({side['from']}; the file itself has none)")
     elif side.get("error"):
-        notes.append(f"the sidecar {side['file']} was {side['error']}")
+        warn(f"the sidecar {side['file']} was {side['error']}")
     if notes:
         info["notes"] = notes
+    if warns:
+        info["read_warnings"] = warns
     return info
 
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_open, write_json
-from ..materials import fitting_hint
 from ..model.engine import combined_engine
 from .common import OUTPUT_FILES, STAGES, peak_memory_mib
 from .frames import FrameResult
@@ -277,11 +276,13 @@ def figure_jobs(d: Path, src: InputSource, totals: FrameTotals) -> list:
 
 
 def input_warnings(src: InputSource, frames_meta: list[dict]) -> list[str]:
-    """The reader's notes, then every frame's warnings and lattice warnings, once each. In a stack,
+    """The reader's notes that qualify the results (``read_warnings``,
+    :func:`~stemfast.batch.inputs.describe_input`; its other notes are facts, not warnings), then every
+    frame's warnings and lattice warnings, once each. In a stack,
     the warnings that differ from frame to frame in their numbers only (the anisotropy of every frame
     of a series) are one line, prefixed with the frames that have it and worded as the first of them
     has it."""
-    warns: list[str] = list(src.info.get("notes", []))
+    warns: list[str] = list(src.info.get("read_warnings", []))
     groups: dict[str, tuple[str, list[int]]] = {}
     for m in frames_meta:
         for w in list(m.get("warnings") or []) + lattice_warnings(m.get("lattice")):
@@ -488,8 +489,6 @@ def lattice_warnings(lat) -> list[str]:
     if lat.get("grain_warning"):
         out.append(lat["grain_warning"])
     out += [w for w in ((lat.get(key) or {}).get("warning") for key in _LATTICE_WARNING_KEYS) if w]
-    if lat.get("calibration_ok") is False:
-        out.append(f"the pixel size and the material ({lat.get('material')}) predict a site spacing of "
-                   f"{lat.get('calibration_expected_spacing_px')} px, the image shows {lat.get('spacing_px')} px: "
-                   "check the calibration or the material" + fitting_hint(lat.get("calibration_fits")))
+    if lat.get("calibration_warning"):  # find_sites' CalibrationWarning, as it worded it
+        out.append(lat["calibration_warning"])
     return out

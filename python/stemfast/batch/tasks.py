@@ -152,16 +152,18 @@ def start_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_s
 def input_info(entry: InputEntry, mg, config=None) -> dict:
     """What the outputs say about an opened input (:func:`~stemfast.batch.inputs.describe_input`), with
     the note of a missing companion (:func:`~stemfast.batch.companions.companion_notes`) and, with the
-    ``config``, of a sidecar that names another material than the one analysed."""
+    ``config``, of a sidecar that names another material than the one analysed (both among its notes
+    and its ``read_warnings``)."""
     info = describe_input(mg)
-    notes = list(info.get("notes", [])) + companion_notes(entry)
+    said = companion_notes(entry)  # each qualifies the results: a warning (describe_input's read_warnings)
     side = (getattr(mg, "metadata", None) or {}).get("sidecar") or {}
     used = getattr(getattr(config, "sites", None), "material", None)
     if side.get("material") and used and side["material"] != used:
-        notes.append(f"the sidecar {side['file']} says {side.get('material_text')!r}: a {side['material']} film, "
-                     f"analysed as {used} (its names and lattice constant): set --material {side['material']}")
-    if notes:
-        info["notes"] = notes
+        said.append(f"the sidecar {side['file']} says {side.get('material_text')!r}: a {side['material']} film, "
+                    f"analysed as {used} (its names and lattice constant): set --material {side['material']}")
+    if said:
+        info["notes"] = list(info.get("notes", [])) + said
+        info["read_warnings"] = list(info.get("read_warnings", [])) + said
     return info
 
 
