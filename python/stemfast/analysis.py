@@ -1528,10 +1528,12 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
 
 
 def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.ndarray, observed: np.ndarray,
-                       inside: np.ndarray, is_defect: np.ndarray, chalcogen_brighter: bool, material: str) -> dict:
+                       inside: np.ndarray, is_defect: np.ndarray, chalcogen_brighter: bool, material: str,
+                       cutoff: float) -> dict:
     """What the summary says of the sublattices: which is named the metal (:func:`sublattice_naming`),
     whether they read as different columns (:func:`sublattice_separation`, on the observed sites off the
-    image border, ``inside``, that are not defects) and whether one holds a mixture of columns
+    image border, ``inside``, that are not defects), whether one missing chalcogen atom can pass the
+    defect ``cutoff`` (:func:`detection_limit`) and whether one holds a mixture of columns
     (:func:`mixed_columns`, on the ``inside`` sites; not where the chalcogen sublattice reads empty: its
     narrow spread then says nothing)."""
     dark = _dark_sites(sc.grp, sc.z_int, levels, sc.inten_ref, observed)
@@ -1541,6 +1543,8 @@ def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.
     # sublattices that read alike at random, which is what is measured here)
     info.update(sublattice_separation(np.where(sub_global >= 0, sub_global, sc.grp), sc.inten_ref, resid,
                                       inside & ~is_defect, material))
+    info.update(detection_limit(info.get("sublattice_separation", {}), info.get("sublattice_alike", ()), cutoff,
+                                material))
     names = get_material(material).sublattice_names
     if sc.refs is not None and f"{names[CHALCOGEN]}-{names[HOLLOW]}" not in info.get("sublattice_alike", ()):
         info.update(mixed_columns(sc.grp, resid, inside, material))
@@ -1618,11 +1622,10 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
         info["edge_z_spread"] = [None if r is None else round(float(r), 3) for r in sc.edge_ratios]
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
     anomaly = np.where(observed, anomaly, 0.0)
-    # a score means what its sublattice's tail says: shrunk by the share of false discoveries there
+    # a score means what its sublattice's tail says: shrunk by the share of false discoveries there; and
+    # the score as sites.csv writes it decides (a flagged 4.0000001 was written "4")
     fdr = tail_fdr(anomaly, sc.grp, observed)
-    evidence, anomaly = anomaly, (fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
-    # the score as sites.csv writes it decides: a flagged 4.0000001 written "4" read as not over the cutoff
-    anomaly = as_written(anomaly)
+    evidence, anomaly = anomaly, as_written(fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
     is_defect = anomaly > settings.defect_cutoff
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))
     cb = _chalcogen_brighter(sites)
@@ -1631,10 +1634,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
                           np.asarray(sites["source"]) == "off_lattice" if "source" in sites else None)
     info.update(_metal_kind_ambiguity(sc.grp, levels, sc.inten_ref, kinds, material, observed & ~is_defect))
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
-    info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material))
-    info.update(detection_limit(info.get("sublattice_separation", {}), info.get("sublattice_alike", ()),
-                                settings.defect_cutoff, material))
-
+    info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material,
+                                   settings.defect_cutoff))
     table = sites.with_columns({
         "class_id": cls,
         "sublattice_local": sc.sub,

@@ -542,7 +542,6 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     relevel = tm.get("relevel", 0.0)
     f, scan = _relevel_scan_lines(img, f, s, tm)
     t_lines = time.perf_counter() - t0 - (tm.get("relevel", 0.0) - relevel)  # the lines' check, not the re-run
-
     # 5. per-site intensity, sublattice, strain (with the scan lines checked against the lattice, and
     # the crowding check below)
     t0 = time.perf_counter()
@@ -593,9 +592,9 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     if pixel_size:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px), **_dead_meta(dead)}
-    noise = {**noise, "column_filter_px": round(column_filter_px(s.column_noise_px, f.nn), 3)}  # the low-pass used
     _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info,
-                    noise=noise, spikes=spikes)
+                    noise={**noise, "column_filter_px": round(column_filter_px(s.column_noise_px, f.nn), 3)},
+                    spikes=spikes)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
         lattice_meta["grains"] = _grains.grain_summary(idx, pixel_size=pixel_size, unit_to_nm=_to_nm(unit))
