@@ -408,6 +408,31 @@ def test_a_non_model_file_as_model_is_refused_before_anything_is_copied(env, tmp
     assert not (out / "model.pt").exists() and not (out / ".stemfast.lock").exists()
 
 
+def test_a_later_run_with_another_model_keeps_the_model_earlier_results_were_made_with(env, tmp_path, capsys):
+    """model.pt replaced by another --model on one input, then by the shipped model: the model the
+    other inputs' done.json names stays in OUT as model.<sha12>.pt (said in the log and the batch
+    summary) and, given again, finds those results current."""
+    out, good = tmp_path / "out", str(env["data"] / "good.npy")
+    sha_a, sha_b = file_sha256(env["a"]), file_sha256(env["b"])
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+    capsys.readouterr()
+    assert run_batch_cli([good, "-o", str(out), "--config", str(env["toml"]), "--model", str(env["b"])]) == EXIT_OK
+    kept_a = out / f"model.{sha_a[:12]}.pt"
+    assert f"kept as {kept_a.name}" in capsys.readouterr().err
+    assert file_sha256(out / "model.pt") == sha_b and file_sha256(kept_a) == sha_a
+    assert json.loads((out / "other" / "done.json").read_text())["model_sha256"] == sha_a
+    assert json.loads((kept_a.with_suffix(".json")).read_text())["sha256"] == sha_a
+    assert json.loads((out / "batch_summary.json").read_text())["earlier_models"] == [
+        {"file": kept_a.name, "sha256": sha_a}]
+    # the shipped model replaces B, which good/done.json names: B is kept too
+    assert run_batch_cli([good, "-o", str(out), "--no-companion"]) == EXIT_OK
+    assert file_sha256(out / f"model.{sha_b[:12]}.pt") == sha_b and file_sha256(kept_a) == sha_a
+    # A given again: the results made with it are current, nothing is redone
+    assert run_batch_cli(_args(env, out)[:-1] + [str(kept_a)]) == EXIT_OK
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert {d["name"]: d["status"] for d in bs["inputs"]}["other"] == "current"
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

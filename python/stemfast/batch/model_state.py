@@ -23,12 +23,17 @@ from ..atomic import atomic_path, write_json
 from ..config import ReadOptions
 from ..config import config_to_dict, file_sha256
 from ..errors import ModelFileError, describe_os_error
-from .common import MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
+from .common import DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
 from .frames import count_frames, read_frame
 from .inputs import InputEntry, inputs_key, read_failure_reason, read_input
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
-           "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing"]
+           "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
+           "kept_models", "KEPT_MODEL_PATTERN"]
+
+#: The name an earlier ``OUT/model.pt`` is kept under when another model replaces it while results
+#: in OUT were made with it (:func:`keep_named_model`); ``{sha12}``: the first 12 hex digits of its SHA-256.
+KEPT_MODEL_PATTERN = "model.{sha12}.pt"
 
 log = logging.getLogger("stemfast.batch")
 
@@ -268,6 +273,43 @@ class _PatchPool:
                 self.cached_bytes += nbytes
 
 
+def keep_named_model(out: Path, new_sha: str | None) -> Path | None:
+    """Before ``OUT/model.pt`` is replaced by another model (SHA-256 ``new_sha``; None: not known yet):
+    when an input's ``done.json`` in OUT names the model now there, keep a copy of it as
+    ``OUT/model.<sha12>.pt`` (:data:`KEPT_MODEL_PATTERN`, with its ``model.json`` record as
+    ``model.<sha12>.json``) and say so, so that those results keep the model they were made with.
+    Returns the kept file, or None when nothing needed keeping."""
+    target = out / MODEL_FILE
+    if not target.is_file():
+        return None
+    old = file_sha256(target)
+    if old == new_sha:
+        return None
+    n = sum((read_json(d) or {}).get("model_sha256") == old for d in out.glob(f"*/{DONE_FILE}"))
+    if not n:
+        return None
+    keep = out / KEPT_MODEL_PATTERN.format(sha12=old[:12])
+    if not keep.is_file() or file_sha256(keep) != old:
+        with writing(keep), atomic_path(keep) as tmp:
+            shutil.copyfile(target, tmp)
+    info = read_json(out / MODEL_INFO_FILE)
+    if info and info.get("sha256") == old:
+        write_json(keep.with_suffix(".json"), info)
+    log.warning("%s: the results of %d input(s) here were made with the model now replaced (sha256 %s...); "
+                "it is kept as %s (use it again with --model %s)", out, n, old[:12], keep.name, keep)
+    return keep
+
+
+def kept_models(out: Path) -> list[dict]:
+    """The earlier models kept in OUT (:func:`keep_named_model`): ``{file, sha256}`` each, for the
+    batch summary (``sha256`` from its kept record, else the 12 digits of its name)."""
+    found = []
+    for p in sorted(out.glob(KEPT_MODEL_PATTERN.format(sha12="*"))):
+        info = read_json(p.with_suffix(".json")) or {}
+        found.append({"file": p.name, "sha256": info.get("sha256") or p.name.split(".")[1]})
+    return found
+
+
 def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str, inputs_key: str,
                        finetune: int = 0) -> ModelState:
     """Save a model just trained (or fine-tuned for ``finetune`` steps) to ``OUT/model.pt`` with its
@@ -281,6 +323,7 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
     if finetune:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
         del extra["patch_size"]
         model.extra.pop("patch_size", None)
+    keep_named_model(out, None)
     with writing(out / MODEL_FILE):
         model.save(out / MODEL_FILE, extra=extra)  # atomic (temp file + os.replace)
     sha = file_sha256(out / MODEL_FILE)
@@ -308,6 +351,7 @@ def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, m
         sha = file_sha256(src)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:
+                keep_named_model(out, sha)
                 with writing(target), atomic_path(target) as tmp:
                     shutil.copyfile(src, tmp)
         info = {"sha256": sha, "source": str(src), "stemfast_version": __version__}
@@ -333,6 +377,7 @@ def use_shipped(model, out: Path) -> ModelState:
     target = out / MODEL_FILE
     sha = model.extra.get("sha256") or file_sha256(MODEL_PATH)
     if not target.exists() or file_sha256(target) != sha:
+        keep_named_model(out, sha)
         with atomic_path(target) as tmp:
             shutil.copyfile(MODEL_PATH, tmp)
     info = {**describe_model(model, sha), "stemfast_version": __version__}

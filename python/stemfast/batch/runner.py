@@ -21,8 +21,8 @@ from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MOD
                      now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
-from .model_state import (ModelState, resolve_model, save_trained_model, train_batch_model, use_shipped,
-                          writing)
+from .model_state import (ModelState, kept_models, resolve_model, save_trained_model, train_batch_model,
+                          use_shipped, writing)
 from .results import BatchReport, InputResult
 from .status import cached_skip, current_done, skip_input
 
@@ -481,6 +481,8 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
                   "device": combined_engine((s.get("model") or {}).get("device") for s in summaries)
                   or (old.get("model") or {}).get("device")},
         "model_trained_this_run": report.model_trained,
+        # earlier models that results in OUT were made with, kept when another model replaced model.pt
+        "earlier_models": kept_models(out),
         "train": train,
         "n_inputs": len(report.results),
         "counts": {st: sum(r.status == st for r in report.results)
