@@ -433,6 +433,22 @@ def test_a_later_run_with_another_model_keeps_the_model_earlier_results_were_mad
     assert {d["name"]: d["status"] for d in bs["inputs"]}["other"] == "current"
 
 
+def test_an_input_whose_file_name_is_not_utf8_is_analysed_and_named(env, tmp_path):
+    """A Latin-1 file name (caf\\xe9.npy from an old share) beside a good one: both are analysed, the
+    undecodable byte is written as \\xE9 in stemfast.toml (which reads back as --config) and the report."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    shutil.copyfile(env["data"] / "good.npy", os.path.join(os.fsencode(data), b"caf\xe9.npy"))
+    shutil.copyfile(env["data"] / "other.npy", data / "good.npy")
+    assert run_batch_cli([str(data), "-o", str(out), "--model", str(env["a"])]) == EXIT_OK
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["counts"]["done"] == 2
+    toml = (out / "stemfast.toml").read_text(encoding="utf-8")
+    assert "caf\\xE9.npy" in parse_toml(toml)["inputs"]
+    load_config(out / "stemfast.toml")
+    assert "caf\\xE9.npy" in (out / "report.html").read_text(encoding="utf-8")
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "staged_dir", "StagedDir", "swap_dir",
+__all__ = ["atomic_path", "atomic_open", "write_text", "write_json", "surrogates_shown", "staged_dir", "StagedDir", "swap_dir",
            "recover_staged"]
 
 
@@ -66,10 +67,30 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             os.fsync(f.fileno())
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogates_shown(text: str) -> str:
+    """``text`` with each lone surrogate -- a byte of a file name that is not UTF-8 (``caf\\xe9.npy``
+    from a Latin-1 share), which Python decodes as U+DC80-U+DCFF -- written as the text ``\\xNN`` of
+    that byte (any other surrogate as U+FFFD), so it can be written as UTF-8.
+
+    Examples
+    --------
+    >>> surrogates_shown("caf\\udce9.npy")
+    'caf\\\\xE9.npy'
+    """
+    def one(m: re.Match) -> str:
+        o = ord(m.group())
+        return f"\\x{o - 0xDC00:02X}" if o >= 0xDC80 else "\ufffd"
+    return _SURROGATE.sub(one, text)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    """Write ``text`` to ``path`` atomically (UTF-8; a file name's undecodable byte as ``\\xNN``,
+    :func:`surrogates_shown`)."""
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(surrogates_shown(text))
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:

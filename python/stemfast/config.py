@@ -490,10 +490,17 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _toml_str(s: str) -> str:
+    """``s`` as a TOML basic string; a lone surrogate (a file name's byte that is not UTF-8) is
+    written as the text ``\\xNN`` of its byte (:func:`stemfast.atomic.surrogates_shown`; TOML strings
+    hold only Unicode scalar values), so such a name is shown, not a crash."""
+    from .atomic import surrogates_shown
+
     out = ['"']
     for ch in s:
         o = ord(ch)
-        if ch == '"':
+        if 0xD800 <= o <= 0xDFFF:
+            out.append(surrogates_shown(ch).replace("\\", "\\\\"))
+        elif ch == '"':
             out.append('\\"')
         elif ch == "\\":
             out.append("\\\\")
