@@ -328,6 +328,28 @@ def test_settings_errors_exit_2_before_any_work(env, tmp_path, capsys, monkeypat
     assert not out.exists()  # nothing was done
 
 
+@pytest.mark.parametrize("opt", [["--train"], ["--finetune", "3"]])
+def test_a_model_file_with_train_or_finetune_is_refused(env, tmp_path, capsys, opt):
+    """--model FILE is used as it is: with --train or --finetune N the training option was dropped
+    without a word (exit 0, nothing trained); now exit 2 naming both, before any work -- also in the API."""
+    from stemfast.cli import main
+    from stemfast.errors import SettingsError
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        run_batch_cli(_args(env, out, *opt))
+    assert exc.value.code == EXIT_SETTINGS
+    assert f"argument {opt[0]}: not allowed with argument --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(env["data"] / "good.npy"), "-o", str(out), "--model", str(env["a"]), *opt])
+    assert exc.value.code == EXIT_SETTINGS
+    assert f"argument {opt[0]}: not allowed with argument --model" in capsys.readouterr().err
+    kw = {"train": True} if opt == ["--train"] else {"finetune": 3}
+    with pytest.raises(SettingsError, match=f"--model {env['a']}.* cannot be combined with {opt[0]}"):
+        run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], **kw)
+    assert not out.exists()
+
+
 def test_train_refuses_a_device_that_is_not_here_before_any_work(env, tmp_path, capsys, monkeypatch):
     from stemfast.cli import main
 

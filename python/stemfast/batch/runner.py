@@ -73,6 +73,9 @@ class BatchOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
                 raise SettingsError(f"{name} ({option}) must be an integer >= {low}, got {v!r}")
+        if self.model_path is not None and (self.train or self.finetune):
+            raise SettingsError(f"a model file (--model {self.model_path}) is used as it is: it cannot be combined "
+                                f"with {'--train' if self.train else '--finetune'} (train or fine-tune without --model)")
         mb = self.cache_mb
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb)
                                or mb < 0):

@@ -26,8 +26,6 @@ def add(sub) -> None:
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
                    help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
-    p.add_argument("--model", default=None, metavar="MODEL.pt",
-                   help="use this trained model (default: the pretrained model shipped with stemfast)")
     add_model_choice_arguments(p)
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     add_settings_options(p, title="settings")

@@ -29,8 +29,6 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="stemfast-out", metavar="OUT",
                    help="results folder (default: ./stemfast-out); one sub-folder per input plus model.pt, "
                         "stemfast.toml, batch_summary.json and report.html")
-    p.add_argument("--model", metavar="MODEL.pt", default=None,
-                   help="use this trained model (default: the pretrained model shipped with stemfast)")
     add_model_choice_arguments(p)
     p.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run the analysis on Dask: 'local:N' starts a local cluster of N worker processes, "

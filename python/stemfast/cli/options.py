@@ -207,8 +207,11 @@ def exit_status_epilog() -> str:
 
 
 def add_model_choice_arguments(p: argparse.ArgumentParser) -> None:
-    """``--train`` / ``--finetune N`` (which model; the default is the shipped pretrained model)."""
+    """``--model FILE`` / ``--train`` / ``--finetune N``, one at most (which model; the default is the
+    shipped pretrained model): a given model is used as it is, neither trained nor fine-tuned."""
     g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", metavar="MODEL.pt", default=None,
+                   help="use this trained model as it is (default: the pretrained model shipped with stemfast)")
     g.add_argument("--train", action="store_true",
                    help="train a model on the inputs instead of using the shipped pretrained model")
     g.add_argument("--finetune", type=int, default=0, metavar="N",
