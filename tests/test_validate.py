@@ -73,3 +73,15 @@ def test_check_image_finds_every_non_finite_value_and_accepts_a_sum_that_overflo
         img.flat[[5, 9][: len(bad)]] = bad
         with pytest.raises(ValueError, match=f"contains {len(bad)} non-finite"):
             check_image(img)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 0.0, float("inf"), "0.02", True])
+def test_a_pixel_size_that_is_not_a_finite_positive_number_is_refused(bad):
+    """find_sites / run_image took -1 (negative x_nm), NaN (NaN columns), inf (ZeroDivisionError) and
+    "0.02" (UFuncTypeError): one message from the calibration check, before any work."""
+    import stemfast
+
+    img = np.zeros((64, 64), np.float32)
+    for fn in (find_sites, stemfast.run_image):
+        with pytest.raises(ValueError, match=r"pixel_size must be a finite number > 0, got "):
+            fn(img, pixel_size=bad)

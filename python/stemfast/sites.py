@@ -17,7 +17,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-from ._validate import check_image, check_xy
+from ._validate import check_image, check_xy, positive
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
 from .domains import inversion_domains
@@ -1746,10 +1746,13 @@ def _to_nm(unit: str | None) -> float:
 
 
 def _calibration(pixel_size, unit) -> tuple[float | None, str | None, dict]:
-    """``(pixel_size, unit, meta)`` checked: a unit that is not a length (``"1/nm"``, ``"px"``, unknown)
+    """``(pixel_size, unit, meta)`` checked: a pixel size that is not a finite number > 0 is a ValueError
+    (:func:`stemfast._validate.positive`); a unit that is not a length (``"1/nm"``, ``"px"``, unknown)
     gives no calibrated columns, with a :class:`CalibrationWarning` saying so and ``meta`` (the start of
     :func:`find_sites`' ``meta``) ``{"calibration_ignored": why}`` (:func:`stemfast.io.unit_not_a_length`);
     ``meta`` is empty where the pixel size is used."""
+    if pixel_size is not None:
+        pixel_size = positive("pixel_size", pixel_size)
     why = unit_not_a_length(pixel_size, unit)
     if why is None:
         return pixel_size, unit, {}
