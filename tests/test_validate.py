@@ -85,3 +85,30 @@ def test_a_pixel_size_that_is_not_a_finite_positive_number_is_refused(bad):
     for fn in (find_sites, stemfast.run_image):
         with pytest.raises(ValueError, match=r"pixel_size must be a finite number > 0, got "):
             fn(img, pixel_size=bad)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(shape=(0, 0)), r"shape must be \(height, width\): two integers >= 1, got \(0, 0\)"),
+    (dict(shape=(-1, 64)), r"shape must be \(height, width\): two integers >= 1, got \(-1, 64\)"),
+    (dict(shape=(256, 256, 3)), r"shape must be \(height, width\): two integers >= 1, got \(256, 256, 3\)"),
+    (dict(shape=(256, 256), angle_deg=float("nan")), "angle_deg must be a finite number, got nan"),
+    (dict(shape=(256, 256), spacing=-10.0, angle_deg=0.0), "spacing must be a finite number > 0, got -10.0"),
+])
+def test_fill_lattice_checks_shape_spacing_and_angle(kw, message):
+    """fill_lattice took shape (0, 0), (-1, 64) and angle NaN (nothing filled, nothing said) and
+    (256, 256, 3); now each is a ValueError naming the argument."""
+    from stemfast.lattice import fill_lattice, triangular_basis
+
+    m, n = np.meshgrid(np.arange(-12, 13), np.arange(-12, 13))
+    xy = np.stack([m.ravel(), n.ravel()], 1) @ triangular_basis(10.0, 5.0) + 128
+    xy = xy[(xy >= 0).all(1) & (xy <= 255).all(1) & ((m.ravel() - n.ravel()) % 3 != 0)]
+    assert (~fill_lattice(xy, shape=(256, 256)).is_peak).sum() > 0  # the same points fill in a right shape
+    with pytest.raises(ValueError, match=message):
+        fill_lattice(xy, **kw)
+
+
+def test_fill_lattice_names_its_own_argument_when_it_has_too_few_points():
+    from stemfast.lattice import fill_lattice
+
+    with pytest.raises(ValueError, match="peak_xy must hold at least 8 points, got 2"):
+        fill_lattice([[1.0, 2.0], [3.0, 4.0]], shape=(64, 64))

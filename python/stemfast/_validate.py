@@ -6,11 +6,11 @@ the messages are the same everywhere.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["check_image", "check_xy", "positive"]
+__all__ = ["check_image", "check_xy", "positive", "finite", "check_shape"]
 
 
 def check_image(image, name: str = "image", *, min_side: int = 3, dtype=np.float32) -> np.ndarray:
@@ -94,3 +94,31 @@ def positive(name: str, v) -> float:
     if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(float(v)) or float(v) <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
+
+
+def finite(name: str, v) -> float:
+    """``v`` as a float, or a ValueError naming ``name`` unless it is a finite real number."""
+    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def check_shape(shape, name: str = "shape") -> tuple[int, int]:
+    """An image's ``(height, width)``: two integers >= 1, else a ValueError naming ``name``.
+
+    Examples
+    --------
+    >>> check_shape(np.zeros((4, 5)).shape)
+    (4, 5)
+    >>> check_shape((0, 0))
+    Traceback (most recent call last):
+    ...
+    ValueError: shape must be (height, width): two integers >= 1, got (0, 0)
+    """
+    try:
+        ok = len(shape) == 2 and all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in shape)
+    except TypeError:  # no length: not a pair
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be (height, width): two integers >= 1, got {shape!r}")
+    return int(shape[0]), int(shape[1])

@@ -25,7 +25,7 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 from scipy.spatial import cKDTree
 
-from ._validate import check_xy
+from ._validate import check_shape, check_xy, finite, positive
 from .backend import get_kernels
 from .blocks import block_means
 from .limits import check_section
@@ -54,6 +54,8 @@ FIRST_SHELL = np.array([[1, 0], [0, 1], [-1, 1], [-1, 0], [0, -1], [1, -1]], dty
 
 #: neighbour tables are built (and consumed) in chunks of about this many entries (k per query)
 _CHUNK_ELEMS = 1 << 22
+#: Fewest positions :func:`estimate_spacing` takes (and :func:`fill_lattice` without spacing and angle).
+MIN_ESTIMATE_POINTS = 8
 
 
 class _PointIndex:
@@ -264,7 +266,7 @@ def estimate_spacing(xy: np.ndarray, *, backend: str | None = None) -> tuple[flo
     >>> round(s, 3), round(a, 3)
     (10.0, 12.0)
     """
-    xy = check_xy(xy, min_points=8)
+    xy = check_xy(xy, min_points=MIN_ESTIMATE_POINTS)
     tree = _PointIndex(xy, get_kernels(backend), scale=_typical_distance(xy))
     d, j = tree.query(xy, k=2)
     d1 = d[:, 1]
@@ -602,14 +604,8 @@ def fill_lattice(
     >>> int((~res.is_peak).sum()) == int(centres.sum())
     True
     """
-    peak_xy = check_xy(peak_xy, "peak_xy")
-    H, W = int(shape[0]), int(shape[1])
-    if spacing is None or angle_deg is None:
-        s_est, a_est = estimate_spacing(peak_xy)
-        spacing = s_est if spacing is None else spacing
-        angle_deg = a_est if angle_deg is None else angle_deg
-    nn = float(spacing)
-    b_global = triangular_basis(nn, float(angle_deg))
+    peak_xy, (H, W), nn, angle_deg = _fill_arguments(peak_xy, shape, spacing, angle_deg)
+    b_global = triangular_basis(nn, angle_deg)
     kern = get_kernels(backend)
     n_peak = len(peak_xy)
     f = _fit_found_columns(peak_xy.copy(), b_global, nn, settings, kern, backend)
@@ -646,6 +642,23 @@ def fill_lattice(
     on_lattice = _final_on_lattice(f, is_peak, n_peak, nn, settings)
     return LatticeResult(xy=f.xy, is_peak=is_peak, origin=f.origin, basis=f.basis, rms=f.rms, n_used=f.n_used,
                          support=f.support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
+
+
+def _fill_arguments(peak_xy, shape, spacing, angle_deg) -> tuple[np.ndarray, tuple[int, int], float, float]:
+    """:func:`fill_lattice`'s arguments checked (:mod:`stemfast._validate`), the spacing and angle
+    estimated from ``peak_xy`` where not given: ``(peak_xy, (H, W), spacing, angle_deg)``."""
+    estimate = spacing is None or angle_deg is None
+    peak_xy = check_xy(peak_xy, "peak_xy", min_points=MIN_ESTIMATE_POINTS if estimate else 0)
+    hw = check_shape(shape)
+    if spacing is not None:
+        spacing = positive("spacing", spacing)
+    if angle_deg is not None:
+        angle_deg = finite("angle_deg", angle_deg)
+    if estimate:
+        s_est, a_est = estimate_spacing(peak_xy)
+        spacing = s_est if spacing is None else spacing
+        angle_deg = a_est if angle_deg is None else angle_deg
+    return peak_xy, hw, float(spacing), float(angle_deg)
 
 
 @dataclass
