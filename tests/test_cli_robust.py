@@ -471,6 +471,23 @@ def test_an_input_whose_file_name_is_not_utf8_is_analysed_and_named(env, tmp_pat
     assert "caf\\xE9.npy" in (out / "report.html").read_text(encoding="utf-8")
 
 
+def test_sites_frame_counted_from_the_end_is_named_by_its_index(tmp_path, capsys):
+    """stemfast sites --frame -1 wrote frame = -1 in the table; it is the last frame, n - 1."""
+    from stemfast.cli import main
+    from stemfast.synthetic import make_mos2
+
+    stack = tmp_path / "stack.npy"
+    np.save(stack, make_mos2(shape=(128, 128), seed=3, n_frames=3).image.astype(np.float32))
+    a, b = tmp_path / "m1.csv", tmp_path / "f2.csv"
+    assert main(["sites", str(stack), "--frame", "-1", "-o", str(a)]) == EXIT_OK
+    assert main(["sites", str(stack), "--frame", "2", "-o", str(b)]) == EXIT_OK
+    rows = list(csv.DictReader(a.open()))
+    assert rows and {r["frame"] for r in rows} == {"2"}
+    assert a.read_bytes() == b.read_bytes()
+    assert main(["sites", str(stack), "--frame", "-4"]) == EXIT_SETTINGS
+    assert "--frame -4: " in capsys.readouterr().err
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -23,7 +23,8 @@ def add(sub) -> None:
     p.add_argument("image", help="micrograph file (TIFF, NPY, DM3/DM4, EMD, SER, MRC, HSPY, Nion .ndata, HDF5)")
     p.add_argument("-o", "--output", default=None,
                    help="output table (.csv, or .parquet); default: IMAGE stem + '.sites.csv'")
-    p.add_argument("--frame", type=int, default=None, help="only this frame of a stack")
+    p.add_argument("--frame", type=int, default=None,
+                   help="only this frame of a stack (0 the first; negative counts from the end, -1 the last)")
     _add_site_options(p)
     add_input_options(p)
     add_verbose_option(p)
@@ -86,9 +87,10 @@ def _cmd_sites(args) -> int:
     path = Path(args.image)
     mg = read_input(path, read_options)
     out = Path(args.output) if args.output else path.with_suffix("").with_name(path.stem + ".sites.csv")
-    frames = [args.frame] if args.frame is not None else list(range(mg.n_frames))
     if args.frame is not None and not -mg.n_frames <= args.frame < mg.n_frames:
         return report_cli_error(SettingsError(f"--frame {args.frame}: {path} has {mg.n_frames} frame(s)"))
+    # a negative --frame counts from the end (-1: the last); the table names the frame's index
+    frames = [args.frame % mg.n_frames] if args.frame is not None else list(range(mg.n_frames))
     check_spacing_fits(settings.spacing, mg.shape2d)
     tables = []
     t0 = time.perf_counter()
