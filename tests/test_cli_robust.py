@@ -488,6 +488,46 @@ def test_sites_frame_counted_from_the_end_is_named_by_its_index(tmp_path, capsys
     assert "--frame -4: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("opts, want", [
+    (["--set", "model.epochs=10", "--set", "model.max_train_patches=100"], (10, 100)),
+    (["--config", "CFG"], (2, 100)),
+    (["--train-patches", "70", "--epochs", "4"], (4, 70)),
+    ([], (3, 5000)),  # the bench's own fallbacks where the user sets nothing
+])
+def test_bench_keeps_the_training_settings_the_user_set(tmp_path, monkeypatch, opts, want):
+    """stemfast bench replaced --set model.epochs / model.max_train_patches and a --config's
+    max_train_patches by its fallbacks (3 epochs, 5000 patches)."""
+    import stemfast.pipeline as pipeline
+    from stemfast.cli import main
+
+    class Trained(Exception):
+        pass
+
+    def train_model(preps, config, **kw):
+        raise Trained((config.model.epochs, config.model.max_train_patches))
+
+    monkeypatch.setattr(pipeline, "train_model", train_model)
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text("[model]\nmax_train_patches = 100\nepochs = 2\n")
+    opts = [str(cfg) if o == "CFG" else o for o in opts]
+    with pytest.raises(Trained) as got:
+        main(["bench", "--size", "96", "--train", "--no-warmup", *opts])
+    assert got.value.args[0] == want
+
+
+def test_a_shortcut_and_a_set_of_the_same_setting_must_agree(env, tmp_path, capsys):
+    """--set sites.spacing=10 --spacing 12: the shortcut won without a word; now exit 2 naming both
+    (the same value twice is fine)."""
+    from stemfast.cli import main
+
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out, "--set", "sites.spacing=10", "--spacing", "12")) == EXIT_SETTINGS
+    assert "--set sites.spacing=10 and --spacing 12.0 disagree" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["batch", str(env["data"]), "--set", "sites.spacing=10", "--spacing", "10", "--print-config"]) == 0
+    assert "spacing = 10" in capsys.readouterr().out
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

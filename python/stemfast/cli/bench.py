@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import time
 
-from .options import EXIT_OK, add_settings_options, config_from_args, guarded
+from .options import EXIT_OK, add_settings_options, config_from_args, guarded, settings_given
 
-__all__ = ["add", "cmd_bench"]
+__all__ = ["add", "cmd_bench", "BENCH_FALLBACKS"]
+
+#: The bench's settings where the user sets none (--config, --set, --epochs, --train-patches): a
+#: throughput run, not a quality run.
+BENCH_FALLBACKS = {"model.epochs": 3, "model.max_train_patches": 5000}
 
 
 def add(sub) -> None:
@@ -18,8 +22,10 @@ def add(sub) -> None:
     p.add_argument("--size", type=int, default=4096, help="image side in px (default 4096)")
     p.add_argument("--frames", type=int, default=1, help="frames of a time series (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic image")
-    p.add_argument("--train-patches", type=int, default=5000, metavar="N",
-                   help="patches the model is trained on (default 5000; model.max_train_patches)")
+    p.add_argument("--train-patches", type=int, default=None, metavar="N",
+                   help=f"patches the model is trained on (model.max_train_patches; default "
+                        f"{BENCH_FALLBACKS['model.max_train_patches']} unless --config or --set sets it; "
+                        f"model.epochs likewise defaults to {BENCH_FALLBACKS['model.epochs']})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--train", action="store_true", help="train a model on the image instead of the shipped one")
     p.add_argument("--no-warmup", action="store_true",
@@ -44,10 +50,9 @@ def _cmd_bench(args) -> int:
     from ..synthetic import make_mos2
 
     config = config_from_args(args)
-    o = {"model.max_train_patches": args.train_patches}
-    if args.epochs is None and not args.config:
-        o["model.epochs"] = 3  # a throughput run, not a quality run
-    config = apply_overrides(config, o)
+    given = settings_given(args)  # the user's settings win over the bench's fallbacks
+    o = {k: v for k, v in BENCH_FALLBACKS.items() if k not in given}
+    config = apply_overrides(config, o) if o else config
     t0 = time.perf_counter()
     synth = make_mos2(shape=(args.size, args.size), n_frames=args.frames, seed=args.seed)
     t_synth = time.perf_counter() - t0

@@ -39,6 +39,9 @@ __all__ = [
     "companions_from_args",
     "add_verbose_option",
     "config_from_args",
+    "overrides_from_args",
+    "settings_given",
+    "SHORTCUTS",
     "read_options_from_args",
     "parse_set",
     "exit_status_epilog",
@@ -170,29 +173,63 @@ def parse_set(items: Sequence[str] | None) -> dict:
     return out
 
 
+#: The options that are shortcuts of one setting each: argparse destination -> setting (``--set KEY``).
+#: ``--train-patches`` is ``stemfast bench``'s.
+SHORTCUTS = {"latent_dim": "model.latent_dim", "epochs": "model.epochs", "spacing": "sites.spacing",
+             "material": "sites.material", "backend": "sites.backend", "train_patches": "model.max_train_patches"}
+
+
+def overrides_from_args(args) -> dict:
+    """The settings the options name: ``--set`` and the shortcuts (``--epochs``, ``--spacing``, ...,
+    :data:`SHORTCUTS`; ``--plain-vae``), as dotted keys. A shortcut and a ``--set`` of the same setting
+    with other values is a :class:`SettingsError` (neither would win silently)."""
+    o: dict = parse_set(getattr(args, "set", []) or [])
+    short: dict = {"model.model": ("--plain-vae", "vae")} if getattr(args, "plain_vae", False) else {}
+    for dest, key in SHORTCUTS.items():
+        v = getattr(args, dest, None)
+        if v is not None and v != "":
+            short[key] = ("--" + dest.replace("_", "-"), v)
+    for key, (option, v) in short.items():
+        if key in o and o[key] != v:
+            raise SettingsError(f"--set {key}={o[key]!r} and {option} {v!r} disagree: give the setting once")
+        o[key] = v
+    return o
+
+
 def config_from_args(args) -> object:
     """The checked ``PipelineConfig`` of parsed arguments (``--config`` < options); :class:`SettingsError`."""
     from ..config import load_config
 
-    o: dict = parse_set(getattr(args, "set", []) or [])
-    if getattr(args, "plain_vae", False):
-        o["model.model"] = "vae"
-    if getattr(args, "latent_dim", None) is not None:
-        o["model.latent_dim"] = args.latent_dim
-    if getattr(args, "epochs", None) is not None:
-        o["model.epochs"] = args.epochs
-    if getattr(args, "spacing", None) is not None:
-        o["sites.spacing"] = args.spacing
-    if getattr(args, "material", None) is not None:
-        o["sites.material"] = args.material
-    if getattr(args, "backend", None):
-        o["sites.backend"] = args.backend
+    o = overrides_from_args(args)
     try:
         return load_config(getattr(args, "config", None), o)
     except SettingsError:
         raise
     except (ValueError, OSError) as exc:  # a missing / unreadable --config file
         raise SettingsError(str(exc)) from exc
+
+
+def settings_given(args) -> set[str]:
+    """The settings (dotted keys, e.g. ``"model.epochs"``) the user set: in the ``--config`` file or by
+    the options (:func:`overrides_from_args`) -- where a command's own fallback must not apply."""
+    from ..config import METADATA_TABLES, parse_toml
+
+    given = set(overrides_from_args(args))
+    path = getattr(args, "config", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                data = parse_toml(f.read())
+        except (OSError, ValueError):  # reported by config_from_args
+            data = {}
+
+        def walk(d: dict, pre: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{pre}{k}.")
+                given.add(f"{pre}{k}")
+        walk({k: v for k, v in data.items() if k not in METADATA_TABLES}, "")
+    return given
 
 
 def read_options_from_args(args) -> ReadOptions:
