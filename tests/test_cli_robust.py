@@ -528,6 +528,28 @@ def test_a_shortcut_and_a_set_of_the_same_setting_must_agree(env, tmp_path, caps
     assert "spacing = 10" in capsys.readouterr().out
 
 
+def test_stemfast_toml_records_the_options_that_are_not_settings(env, tmp_path, capsys):
+    """OUT/stemfast.toml said 'Reuse with: ... --config stemfast.toml', but --fill-nonfinite,
+    --no-companion and the model choice were not in it: reused, another run came out. Now a [run]
+    table records them (load_config ignores it) and the header names the options to repeat."""
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out, "--fill-nonfinite", "--no-companion")) == EXIT_OK
+    text = (out / "stemfast.toml").read_text()
+    run = parse_toml(text)["run"]
+    again = [f"--model {out / 'model.pt'}", "--fill-nonfinite", "--no-companion"]
+    assert run["options"] == again
+    assert (run["model"], run["model_sha256"], run["fill_nonfinite"], run["companions"]) == (
+        "given", file_sha256(env["a"]), True, "none")
+    assert f"# Reuse with: python -m stemfast batch DIR --config stemfast.toml {' '.join(again)}\n" in text
+    assert load_config(out / "stemfast.toml") == env["cfg"]
+    # repeated as the header says: the same record, nothing redone, the file untouched
+    mtime = (out / "stemfast.toml").stat().st_mtime_ns
+    args = [str(env["data"]), "-o", str(out), "--config", str(out / "stemfast.toml"), *" ".join(again).split()]
+    capsys.readouterr()
+    assert run_batch_cli(args) == EXIT_OK
+    assert ": 2 current;" in capsys.readouterr().out and (out / "stemfast.toml").stat().st_mtime_ns == mtime
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

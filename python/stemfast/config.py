@@ -98,8 +98,9 @@ def parse_toml(text: str) -> dict:
     return tomllib.loads(text)
 
 
-#: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings.
-METADATA_TABLES = ("stemfast", "inputs", "companions")
+#: Top-level tables of a resolved ``stemfast.toml`` that are metadata, not settings (``run``: how the
+#: run read its inputs, paired companions and chose its model -- options, not settings).
+METADATA_TABLES = ("stemfast", "inputs", "companions", "run")
 
 #: How ``None`` is written for a setting whose default is not ``None`` (TOML has no null);
 #: accepted (any case) by every setting that can be ``None``.
@@ -702,7 +703,8 @@ def input_table(inputs: list[Path], checksums: Mapping[str, str] | None = None) 
 
 def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path],
                           checksums: Mapping[str, str] | None = None,
-                          companions: Mapping[str, Mapping] | None = None) -> str:
+                          companions: Mapping[str, Mapping] | None = None,
+                          run: Mapping | None = None) -> str:
     """Write the resolved settings of a run (``OUT/stemfast.toml``) atomically; return the text.
 
     The file holds every setting (defaults included), a ``[stemfast]`` table (version, date,
@@ -710,7 +712,9 @@ def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path]
     taken from ``checksums`` keyed by ``str(path)`` when already known); ``companions``
     (``str(path)`` -> ``{file, sha256}``: a second detector's image of the same scan, part of the
     input, not a setting) becomes a ``[companions]`` table under the same input names.
-    :func:`load_config` ignores all three.
+    ``run`` (the options of the run that are not settings: ``{"options": [...], ...}``) becomes a
+    ``[run]`` table, and the header's hint names those options to repeat. :func:`load_config`
+    ignores all four tables (:data:`METADATA_TABLES`).
     """
     from . import __version__
     from .atomic import write_text
@@ -724,8 +728,12 @@ def write_resolved_config(path: str | os.PathLike, config, *, inputs: list[Path]
     if companions:
         extra["companions"] = {key: dict(companions[str(p)]) for key, p in zip(_input_keys(inputs), inputs)
                                if str(p) in companions}
+    if run:
+        extra["run"] = dict(run)
+    again = " ".join(["python -m stemfast batch DIR --config stemfast.toml", *(run or {}).get("options", [])])
     text = dump_config(config, extra=extra, header=(
         "stemfast: resolved settings of this run (every setting, defaults included).\n"
-        "Reuse with: python -m stemfast batch DIR --config stemfast.toml"))
+        f"Reuse with: {again}\n"
+        "([run] records the options above, which are not settings: --config does not read it)"))
     write_text(path, text)
     return text

@@ -203,7 +203,7 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     try:
         todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force,
                            read_options=opts.read_options)
-        write_settings_record(out / CONFIG_FILE, config, entries, chash)
+        write_settings_record(out / CONFIG_FILE, config, entries, chash, run=run_record(opts, ms, out))
         if todo:
             results.update({r.name: r for r in analyse(todo, out, ms, config=config, chash=chash, opts=opts,
                                                         cache=cache)})
@@ -367,10 +367,43 @@ def not_current(good: list[InputEntry], out: Path, results: dict[str, InputResul
     return todo
 
 
-def write_settings_record(toml_path: Path, config, entries: list[InputEntry], chash: str) -> None:
-    """``OUT/stemfast.toml``: the resolved settings, version, input checksums and companions (a second
-    detector's image, ``[companions]``) -- rewritten only when they or the inputs changed, so a rerun
-    with nothing to do touches nothing."""
+def run_record(opts: BatchOptions, ms: ModelState | None, out: Path) -> dict:
+    """The ``[run]`` table of ``stemfast.toml``: what made the run other than its settings -- the model
+    (``shipped``, ``trained``, ``fine-tuned``, ``given``; its SHA-256), the read options and the
+    companion pairing -- and ``options``, the command-line options that repeat them."""
+    again: list[str] = []
+    kind = ("given" if opts.model_path is not None else "trained" if opts.train
+            else "fine-tuned" if opts.finetune else "shipped")
+    rec: dict = {"model": kind, "model_sha256": ms.sha256 if ms is not None else None}
+    if kind != "shipped" and ms is not None and ms.sha256:
+        again.append(f"--model {out / MODEL_FILE}")
+    ro = opts.read_options
+    rec["fill_nonfinite"] = ro.fill_nonfinite
+    if ro.fill_nonfinite:
+        rec["nonfinite_limit"] = ro.max_nonfinite_fraction
+        again.append("--fill-nonfinite")
+        if ro.max_nonfinite_fraction != ReadOptions().max_nonfinite_fraction:
+            again.append(f"--nonfinite-limit {ro.max_nonfinite_fraction:g}")
+    rule = opts.companions
+    if rule.name:
+        rec["companions"] = f"name rule {rule.name[0]}={rule.name[1]}"
+        again.append(f"--companion-name {rule.name[0]}={rule.name[1]}")
+    elif rule.explicit:
+        rec["companions"] = "given (--companion)"
+        again.extend(f"--companion {c}" for c in rule.explicit.values())
+    else:
+        rec["companions"] = "automatic" if rule.auto else "none"
+        if not rule.auto:
+            again.append("--no-companion")
+    rec["options"] = again
+    return rec
+
+
+def write_settings_record(toml_path: Path, config, entries: list[InputEntry], chash: str,
+                          run: dict | None = None) -> None:
+    """``OUT/stemfast.toml``: the resolved settings, version, input checksums, companions (a second
+    detector's image, ``[companions]``) and the run's other options (``[run]``, :func:`run_record`)
+    -- rewritten only when they or the inputs changed, so a rerun with nothing to do touches nothing."""
     old = None
     if toml_path.exists():
         try:
@@ -385,10 +418,16 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
     if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
             or (old.get("stemfast") or {}).get("version") != __version__
             or (old.get("inputs") or {}) != input_table([e.path for e in ents], {str(e.path): e.sha256 for e in ents})
-            or sorted(old_comps) != sorted((v["file"], v["sha256"]) for v in comps.values())):
+            or sorted(old_comps) != sorted((v["file"], v["sha256"]) for v in comps.values())
+            or (old.get("run") or None) != _toml_round_trip(run)):
         with writing(toml_path):
             write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
-                                  checksums={str(e.path): e.sha256 for e in ents}, companions=comps)
+                                  checksums={str(e.path): e.sha256 for e in ents}, companions=comps, run=run)
+
+
+def _toml_round_trip(table: dict | None) -> dict | None:
+    """``table`` as it reads back from ``stemfast.toml`` (None values left out, as TOML has no null)."""
+    return {k: v for k, v in table.items() if v is not None} or None if table else None
 
 
 def analyse(todo: list[InputEntry], out: Path, ms: ModelState, *, config, chash: str, opts: BatchOptions,
