@@ -550,6 +550,36 @@ def test_stemfast_toml_records_the_options_that_are_not_settings(env, tmp_path, 
     assert ": 2 current;" in capsys.readouterr().out and (out / "stemfast.toml").stat().st_mtime_ns == mtime
 
 
+def test_config_file_problems_name_the_file(env, tmp_path, capsys):
+    """--config: a cp1252 file or a binary one gave "'utf-8' codec can't decode byte 0x93 ..." without
+    the file, a missing one a raw errno, and a UTF-8 BOM (Windows editors) 'Invalid statement' at 1:1."""
+    cp = tmp_path / "cp1252.toml"
+    cp.write_bytes(b"[model]\nepochs = 3 # \x93quoted\x94\n")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[model]\nepochs = 3\n")
+    base = [str(env["data"]), "-o", str(tmp_path / "o"), "--print-config", "--config"]
+    assert run_batch_cli(base + [str(cp)]) == EXIT_SETTINGS
+    assert f"{cp}: not a UTF-8 text file (byte 0x93 at offset 21)" in capsys.readouterr().err
+    assert run_batch_cli(base + [str(tmp_path / "nonexist.toml")]) == EXIT_SETTINGS
+    assert f"--config {tmp_path / 'nonexist.toml'}: no such file" in capsys.readouterr().err
+    assert run_batch_cli(base + [str(bom)]) == EXIT_OK
+    assert "epochs = 3" in capsys.readouterr().out
+
+
+def test_help_of_analyze_and_diagnose_says_the_defaults(capsys):
+    """analyze -o said the default folder is 'next to the current folder' (it is in it); diagnose
+    --help showed no defaults and no --seed help."""
+    from stemfast.cli import main
+
+    for cmd in ("analyze", "diagnose"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default: ./STEM.stemfast, FILE's stem in the current folder" in out
+    assert "default: [90.0, 180.0, 270.0, 17.0, 43.0]" in out and "random seed of the site subsets" in out
+    assert "(default: all)" in out
+
+
 def _listener(mode: str):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

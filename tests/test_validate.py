@@ -112,3 +112,17 @@ def test_fill_lattice_names_its_own_argument_when_it_has_too_few_points():
 
     with pytest.raises(ValueError, match="peak_xy must hold at least 8 points, got 2"):
         fill_lattice([[1.0, 2.0], [3.0, 4.0]], shape=(64, 64))
+
+
+def test_a_settings_object_of_the_wrong_type_is_a_type_error_naming_the_type():
+    """run_image(config=dict) failed with AttributeError 'dict' object has no attribute 'sites',
+    find_sites(settings={}) ran the defaults without a word, run_image(model="x.pt") was taken."""
+    import stemfast
+
+    img = np.zeros((64, 64), np.float32)
+    with pytest.raises(TypeError, match=r"config must be a stemfast.config.PipelineConfig .*got dict"):
+        stemfast.run_image(img, config={"model": {"epochs": 2}})
+    with pytest.raises(TypeError, match=r"settings must be a stemfast.sites.SiteSettings .*got dict"):
+        find_sites(img, settings={})
+    with pytest.raises(TypeError, match=r"model must be a loaded model .*got str 'x.pt'"):
+        stemfast.run_image(img, model="x.pt")

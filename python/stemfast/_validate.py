@@ -10,7 +10,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["check_image", "check_xy", "positive", "finite", "check_shape"]
+__all__ = ["check_image", "check_xy", "positive", "finite", "check_shape", "check_type"]
 
 
 def check_image(image, name: str = "image", *, min_side: int = 3, dtype=np.float32) -> np.ndarray:
@@ -122,3 +122,20 @@ def check_shape(shape, name: str = "shape") -> tuple[int, int]:
     if not ok:
         raise ValueError(f"{name} must be (height, width): two integers >= 1, got {shape!r}")
     return int(shape[0]), int(shape[1])
+
+
+def check_type(name: str, value, kind: type, how: str) -> None:
+    """A TypeError naming ``name``, the type expected (``kind``, made as ``how`` says) and the type
+    given, unless ``value`` is a ``kind``.
+
+    Examples
+    --------
+    >>> check_type("config", {}, dict, "a dict")
+    >>> check_type("config", [], dict, "a dict")
+    Traceback (most recent call last):
+    ...
+    TypeError: config must be a dict (a dict), got list
+    """
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__module__}.{kind.__qualname__} ({how}), got {type(value).__name__}"
+                        .replace("builtins.", ""))

@@ -83,6 +83,7 @@ __all__ = [
     "MAX_CLASSES",
     "MAX_SPACING_PX",
     "check_limits",
+    "read_toml_file",
 ]
 
 
@@ -439,6 +440,22 @@ def apply_overrides(config, data: Mapping) -> Any:
     return PipelineConfig(**kwargs, patch_size=patch_size)
 
 
+def read_toml_file(path: Path) -> dict:
+    """The TOML file ``path`` (UTF-8; a leading byte-order mark, as Windows editors write, is skipped).
+    A file that is not UTF-8 text or not TOML is a :class:`SettingsError` naming it; a missing or
+    unreadable one an ``OSError``."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                            "a settings file is TOML saved as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None = None):
     """The run configuration: defaults < TOML file ``path`` < ``overrides``.
 
@@ -470,12 +487,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None
     config = _default_config()
     if path is not None:
         p = Path(path)
-        with open(p, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise SettingsError(f"{p}: not valid TOML: {exc}") from exc
-        data = {k: v for k, v in data.items() if k not in METADATA_TABLES}
+        data = {k: v for k, v in read_toml_file(p).items() if k not in METADATA_TABLES}
         try:
             config = apply_overrides(config, data)
         except ValueError as exc:

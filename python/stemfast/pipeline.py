@@ -9,6 +9,7 @@ model package, whose input-contract check runs it) and is re-exported here.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -142,7 +143,14 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     A given model gets patches cut at the size it records (``extra["patch_size"]``) and resampled to
     its own ``input_size`` (whatever ``config.model`` says). An image without a lattice gives
     :func:`analyze`'s empty result (its ``status`` says why), with the model None when one was to be trained.
+    A ``config`` that is not a ``PipelineConfig`` or a ``model`` that is not a model (a file name) is a TypeError.
     """
+    from ._validate import check_type
+
+    check_type("config", config, PipelineConfig, "stemfast.config.load_config(path, {'model.epochs': 3, ...})")
+    if model is not None and (isinstance(model, (str, bytes, os.PathLike)) or not hasattr(model, "encode")):
+        raise TypeError(f"model must be a loaded model (stemfast.batch.load_model(path)) or None, got "
+                        f"{type(model).__name__} {model!r}"[:300])
     if model is None and not train:
         from .model.shipped import shipped_for_run
 

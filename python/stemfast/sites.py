@@ -17,7 +17,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-from ._validate import check_image, check_xy, positive
+from ._validate import check_image, check_type, check_xy, positive
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
 from .domains import inversion_domains
@@ -505,6 +505,8 @@ def find_sites(
     >>> len(t) > 100
     True
     """
+    if settings is not None:
+        check_type("settings", settings, SiteSettings, "stemfast.sites.SiteSettings(spacing=..., ...), or keywords")
     with one_blas_thread():  # the stages' parallelism is the kernels' own threads (backend.one_blas_thread)
         return _find_sites(image, settings, pixel_size, unit, timings, overrides)
 

@@ -25,7 +25,7 @@ def add(sub) -> None:
         epilog=exit_status_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="micrograph file (2-D image or time series)")
     p.add_argument("-o", "--output", default=None, metavar="OUT",
-                   help="results folder (default: FILE stem + '.stemfast' next to the current folder)")
+                   help="results folder (default: ./STEM.stemfast, FILE's stem in the current folder)")
     add_model_choice_arguments(p)
     p.add_argument("--force", action="store_true", help="redo even when finished results exist")
     add_settings_options(p, title="settings")

@@ -2,8 +2,6 @@
 micrographs? (:mod:`stemfast.diagnostics`)"""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from .options import EXIT_OK, add_verbose_option, guarded
@@ -18,11 +16,13 @@ def add(sub) -> None:
                                    "(stemfast.diagnostics).")
     p.add_argument("model", help="model file (RVAE.save, e.g. OUT/model.pt of `stemfast batch`)")
     p.add_argument("images", nargs="+", help="micrographs")
-    p.add_argument("--angles", type=float, nargs="*", default=[90.0, 180.0, 270.0, 17.0, 43.0],
-                   help="micrograph rotations (degrees; multiples of 90 are exact)")
-    p.add_argument("--max-sites", type=int, default=None, help="random subset of sites per measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write all summaries to this JSON file")
+    p.add_argument("--angles", type=float, nargs="*", default=[90.0, 180.0, 270.0, 17.0, 43.0], metavar="DEG",
+                   help="micrograph rotations (degrees; multiples of 90 are exact; default: %(default)s)")
+    p.add_argument("--max-sites", type=int, default=None, metavar="N",
+                   help="random subset of sites per measurement (default: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the site subsets and the patch rotations (the same seed, the same numbers; default %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write all summaries to this JSON file (default: none)")
     add_verbose_option(p)
     p.set_defaults(func=cmd_diagnose)
 
@@ -75,6 +75,7 @@ def _cmd_diagnose(args) -> int:
         results[path] = r
     print(f"(rel_error and angle_error modulo 60 deg; the model's own period is {period_model:g} deg)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+        from ..atomic import write_json
+
+        write_json(args.json, results, indent=1)  # atomic: a reader never sees half a file
     return EXIT_OK

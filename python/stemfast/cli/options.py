@@ -26,7 +26,7 @@ from typing import Sequence
 from ..backend import BACKENDS
 from ..config import DEFAULT_MAX_NONFINITE, ReadOptions
 from ..errors import (EXIT_BUSY, EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETTINGS, EXIT_SKIPPED,
-                      SettingsError, report_cli_error)
+                      SettingsError, describe_os_error, report_cli_error)
 from ..materials import add_material_argument
 
 __all__ = [
@@ -205,21 +205,22 @@ def config_from_args(args) -> object:
         return load_config(getattr(args, "config", None), o)
     except SettingsError:
         raise
-    except (ValueError, OSError) as exc:  # a missing / unreadable --config file
+    except OSError as exc:  # a missing / unreadable --config file
+        raise SettingsError(f"--config {describe_os_error(exc, getattr(args, 'config', None))}") from exc
+    except ValueError as exc:
         raise SettingsError(str(exc)) from exc
 
 
 def settings_given(args) -> set[str]:
     """The settings (dotted keys, e.g. ``"model.epochs"``) the user set: in the ``--config`` file or by
     the options (:func:`overrides_from_args`) -- where a command's own fallback must not apply."""
-    from ..config import METADATA_TABLES, parse_toml
+    from ..config import METADATA_TABLES, read_toml_file
 
     given = set(overrides_from_args(args))
     path = getattr(args, "config", None)
     if path:
         try:
-            with open(path, encoding="utf-8-sig") as f:
-                data = parse_toml(f.read())
+            data = read_toml_file(path)
         except (OSError, ValueError):  # reported by config_from_args
             data = {}
 
