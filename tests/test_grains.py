@@ -332,3 +332,53 @@ def test_each_grain_is_judged_against_its_own_lattice(mis):
     obs, grain = np.asarray(t["observed"], bool), np.asarray(t["grain"])
     for k in np.unique(grain):
         assert obs[grain == k].mean() > 0.9
+
+
+def small_bicrystal(rotation: float, seed: int, size: int = 256):
+    """Two halves of ``size`` px MoS2 images (15.2 px site spacing, ~8 spacings per half): the left one
+    at 0 degrees (``seed``), the right one turned by ``rotation`` (``seed + 1``). Returns the image,
+    the truth (x, y, ...) of each half's columns and the spacing."""
+    a = make_mos2(shape=(size, size), seed=seed, rotation_deg=0.0)
+    b = make_mos2(shape=(size, size), seed=seed + 1, rotation_deg=rotation)
+    img = a.image.copy()
+    img[:, size // 2:] = b.image[:, size // 2:]
+    truth = np.concatenate([a.truth[a.truth[:, 0] < size // 2], b.truth[b.truth[:, 0] >= size // 2]])
+    return img, truth, a.nn_px
+
+
+@pytest.mark.parametrize("rotation, seed", [(17.0, 2), (40.0, 2), (23.0, 6)])
+def test_a_small_bicrystal_gets_its_spacing_and_both_grains(rotation, seed):
+    """Two 128 px wide grains of a 15.2 px lattice: the spectrum's first ring holds both grains' twelve
+    spots on a ring ~11 bins out, none of its hexagons stood out, and a higher-order ring was taken:
+    30 deg read 8.77 px (the {110} ring, 2 grains, 1004 sites) and said nothing; 23 deg 5.74 px (3-4
+    grains, 2286 sites); 17 / 40 deg (and 23 deg, seed 6) one grain at ~15 px, the other half called
+    lattice-free. The ring is now read again on a grain's region where that grain's own columns show
+    the wrong order, and the grains are found from the columns where no tile shows a hexagon."""
+    img, truth, nn = small_bicrystal(rotation, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    lat = t.meta["lattice"]
+    assert abs(t.meta["spacing_px"] / nn - 1) < 0.02, t.meta["spacing_px"]
+    assert lat["n_grains"] == 2 and lat["unsure"] == []
+    xy = t.xy[t["source"] != "off_lattice"]
+    far_t, far_s = np.abs(truth[:, 0] - 128) > 1.5 * nn, np.abs(xy[:, 0] - 128) > 1.5 * nn
+    d_true, _ = cKDTree(xy).query(truth[far_t, :2])
+    d_site, _ = cKDTree(truth[:, :2]).query(xy[far_s])
+    assert (d_true <= 0.3 * nn).mean() >= 0.99 and (d_site <= 0.3 * nn).mean() >= 0.99
+
+
+def test_grains_are_found_from_the_columns_where_no_tile_shows_a_hexagon():
+    """A 256 px image of two grains is one tile, whose first ring holds both grains' spots: no hexagon
+    stands out there, and the grain search gave up before looking at the columns."""
+    from stemfast.grains import find_grains
+
+    img, _, nn = small_bicrystal(30.0, 2)
+    g = metal_reciprocal_lattice(make_mos2(shape=(256, 256), seed=2).image).g  # the left grain's own ring
+    assert find_orientations(img, g) == []
+    xy = find_peaks(bandpass(img, noise_px=0.1 * nn, background_px=2 * nn), min_distance=0.5 * nn).xy
+    gmap = find_grains(img, g, spacing=nn, peak_xy=xy)
+    assert gmap is not None and gmap.n_grains == 2
+    left = gmap(np.array([[30.0, 128.0], [100.0, 40.0]]))
+    right = gmap(np.array([[160.0, 128.0], [230.0, 200.0]]))
+    assert len(set(left.tolist())) == 1 and len(set(right.tolist())) == 1 and left[0] != right[0]

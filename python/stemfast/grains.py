@@ -34,7 +34,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .braggring import SITE_FROM_METAL, _reciprocal_set, site_spacing
+from .braggring import SITE_FROM_METAL, _reciprocal_set, ring_spots, site_spacing
 from .phasemap import PhaseMap, _block_spectrum, _demodulate
 from .sitelattice import SiteIndex, index_sites, lattice_distortion
 
@@ -727,8 +727,9 @@ def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, peak_x
 
     The orientations are those of the Bragg spots (:func:`find_orientations`) and, with
     ``peak_xy``, those the columns show locally (:func:`peak_orientations`; the reciprocal vectors
-    of such an orientation are the ring's turned to it, refined later by its phase map); the image
-    is then segmented by them (:func:`grain_map`), which keeps only orientations that hold a grain.
+    of such an orientation are the ring's turned to it, refined later by its phase map; where no tile
+    shows a hexagon, the columns' orientations alone); the image is then segmented by them
+    (:func:`grain_map`), which keeps only orientations that hold a grain.
     ``exclude``: optional bool array of the image's shape, True where there is no film (dark vacuum):
     left out of the orientation search (:func:`find_orientations`; its peaks are noise maxima).
     """
@@ -744,8 +745,12 @@ def find_grains(image: np.ndarray, g_ring: np.ndarray, *, spacing: float, peak_x
         H, W = exclude.shape
         ij = np.rint(np.asarray(peak_xy, np.float64)[:, ::-1]).astype(np.int64)
         peak_xy = peak_xy[~exclude[np.clip(ij[:, 0], 0, H - 1), np.clip(ij[:, 1], 0, W - 1)]]
-    if peak_xy is not None and len(orients):
-        ref = orients[0]
+    if peak_xy is not None:
+        # where no tile shows a hexagon (one tile of a small image across a boundary: its ring holds
+        # both grains' twelve spots), the orientations are the columns' alone, turned from the ring's
+        ref = orients[0] if orients else Orientation(g=np.asarray(g_ring, np.float64),
+                                                     angle_deg=_spot_angle(ring_spots(g_ring)), prominence=0.0,
+                                                     n_tiles=0)
         for a in peak_orientations(peak_xy, spacing, settings=s):
             if all(_dist60(a, o.angle_deg) >= s.min_misorientation_deg for o in orients):
                 d = (a - ref.angle_deg + 30.0) % 60.0 - 30.0

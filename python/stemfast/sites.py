@@ -1043,6 +1043,14 @@ def _ring_of(img: np.ndarray, s: SiteSettings):
     return ring, None
 
 
+#: where no grains were found and the phase map's site spacing differs from the ring's by more than this
+#: share, the grains are looked for again at the phase map's (:func:`_index_columns`). Two 128 px halves
+#: of a 15.2 px lattice 17 deg apart: the ring was a distorted hexagon of the wide search (17.8 px), at
+#: which the columns showed no orientation; the phase map gave 15.0 px, and at it (its lattice turned to
+#: each) both grains. On a single crystal the two agree to a few per cent
+GRAIN_SPACING_RETRY = 0.1
+
+
 def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: float, no_data=None, vacuum=None):
     """Step 4 of :func:`find_sites`: the columns ``pk`` indexed on the site lattice of each grain
     (``vacuum``, :func:`stemfast.vacuum.dark_vacuum`, is left out of the phase map's refinement);
@@ -1059,7 +1067,12 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
     if gmap is None:
         pmap = PhaseMap(img, ring.g, exclude=vacuum)
         pmaps = [pmap]
-    else:
+        if s.spacing is None and abs(site_spacing(pmap.g) / nn - 1) > GRAIN_SPACING_RETRY:
+            # a ring far off the lattice's spacing (a distorted hexagon over two grains): the columns'
+            # orientations looked for again at the phase map's spacing, turned from its lattice
+            gmap = _grains.find_grains(img, pmap.g, spacing=site_spacing(pmap.g), peak_xy=peak_xy,
+                                       settings=s.grains, exclude=vacuum)
+    if gmap is not None:
         pmaps = _grains.grain_phase_maps(img, gmap)
         pmap = pmaps[0]  # the largest grain's
     nn_fft = site_spacing(pmap.g)
