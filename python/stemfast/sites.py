@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -775,7 +776,9 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     taken as the first, where the first is buried under contamination or too near the centre of a
     strip's spectrum): the lattice is found again from the ring 2x or 3x
     (:func:`stemfast.sitelattice.columns_on_one_finer_coset`) or sqrt(3)x nearer the centre, and kept
-    where it is a 2H site lattice (:func:`_a_2h_site_lattice`). A given ``spacing`` is kept as given.
+    where it is a 2H site lattice (:func:`_a_2h_site_lattice`). With grains, where a grain's own columns
+    show either (:func:`_grain_wrong_order`), the ring is read again on that grain's region alone
+    (:func:`_grain_reread`). The checks: :func:`_wrong_order_reread`. A given ``spacing`` is kept as given.
     ``vacuum``: the dark vacuum ``ring`` was read beside (:func:`_bragg_ring`), when ``ring`` is given."""
     t0 = time.perf_counter()
     material = get_material(s.material)
@@ -829,23 +832,116 @@ def _find_lattice(img: np.ndarray, s: SiteSettings, tm: dict, ring=None, rereads
     log.info("%.1f%% of the strong peaks sit on a node of the site lattice", 100 * idx.on_node)
     if idx.on_node < 0.5:
         raise _NoLattice(f"only {idx.on_node:.0%} of the columns sit on a lattice: no lattice", spacing_px=nn)
-    if s.spacing is None and rereads < MAX_RING_REREADS and columns_on_one_coset(idx):
+    reread = _wrong_order_reread(img, s, tm, ring, idx, gmap, nn, nn_fft, rereads, no_data, vacuum)
+    if reread is not None:
+        return reread
+    return _Lattice(material, ring, bp, pk, gmap, pmaps[0], idx, nn_fft, nn, film, no_data, vacuum,
+                    pmaps if gmap is not None else ())
+
+
+def _wrong_order_reread(img, s: SiteSettings, tm: dict, ring, idx, gmap, nn: float, nn_fft: float, rereads: int,
+                        no_data: NoData | None, vacuum: np.ndarray | None) -> _Lattice | None:
+    """The lattice of :func:`_find_lattice` found again where its columns show the ring was taken at
+    the wrong order, else None (keep it): the second-order re-read where every column sits on one
+    coset (:func:`stemfast.sitelattice.columns_on_one_coset`); with grains, the ring read on the
+    region of a grain whose own lattice is of the wrong order (:func:`_grain_reread`); for a single
+    crystal whose lattice is too fine (:func:`_too_fine`), the coarser rings kept where they give a
+    2H site lattice (:func:`_a_2h_site_lattice`). Never with a given spacing, nor past
+    :data:`MAX_RING_REREADS`."""
+    if s.spacing is not None or rereads >= MAX_RING_REREADS:
+        return None
+    if columns_on_one_coset(idx):
         log.info("every column sits on one third of the nodes of the %.2f px lattice: its Bragg ring is a "
                  "second-order one; the lattice is found again from the first", nn)
         return _find_lattice(img, s, tm, ring.second_order_reread(), rereads + 1, no_data, vacuum)
-    fine = _too_fine(idx, nn_fft) if s.spacing is None and rereads < MAX_RING_REREADS and gmap is None else None
-    if fine is not None:  # a higher-order ring taken as the first: a coarser lattice where it is a 2H one
-        n = columns_on_one_finer_coset(idx)
-        for coarser in ([ring.finer_order_reread(n)] if n else []) + [ring.second_order_reread()]:
-            log.info("no column on %.0f%% of even the best-found class of the %.2f px lattice: the lattice is "
-                     "tried again from a ring %.2fx nearer the centre", 100 * fine, nn,
-                     coarser.spacing / ring.spacing)
-            with contextlib.suppress(_NoLattice):
-                coarse = _find_lattice(img, s, tm, coarser, rereads + 1, no_data, vacuum)
-                if _a_2h_site_lattice(coarse.idx, coarse.nn_fft, fine):
-                    return coarse
-    return _Lattice(material, ring, bp, pk, gmap, pmaps[0], idx, nn_fft, nn, film, no_data, vacuum,
-                    pmaps if gmap is not None else ())
+    if gmap is not None:
+        return _grain_reread(img, s, tm, ring, idx, gmap, nn_fft, rereads, no_data, vacuum)
+    fine = _too_fine(idx, nn_fft)
+    if fine is None:
+        return None
+    # a higher-order ring taken as the first: a coarser lattice where it is a 2H one
+    n = columns_on_one_finer_coset(idx)
+    for coarser in ([ring.finer_order_reread(n)] if n else []) + [ring.second_order_reread()]:
+        log.info("no column on %.0f%% of even the best-found class of the %.2f px lattice: the lattice is "
+                 "tried again from a ring %.2fx nearer the centre", 100 * fine, nn, coarser.spacing / ring.spacing)
+        with contextlib.suppress(_NoLattice):
+            coarse = _find_lattice(img, s, tm, coarser, rereads + 1, no_data, vacuum)
+            if _a_2h_site_lattice(coarse.idx, coarse.nn_fft, fine):
+                return coarse
+    return None
+
+
+def _grain_reread(img, s: SiteSettings, tm: dict, ring, idx, gmap, nn_fft: float, rereads: int,
+                  no_data: NoData | None, vacuum: np.ndarray | None) -> _Lattice | None:
+    """:func:`_wrong_order_reread` of a polycrystal: where a grain's own lattice is of the wrong order
+    (:func:`_grain_wrong_order`), the Bragg ring read again on that grain's region alone (the rest and
+    the vacuum set to its mean, :func:`stemfast.vacuum.film_spectrum_image`) and the lattice found again from it,
+    kept where that ring is coarser and no grain of the new lattice is of the wrong order; else None.
+    A small image of two grains holds both grains' spots on its first ring, twelve on a ring of a few
+    tens of bins: none of its hexagons stands out against the ring, and a higher-order ring was taken
+    (two 128 px halves of a 15.2 px lattice 30 degrees apart: the ``{110}`` ring, 8.77 px)."""
+    wrong = _grain_wrong_order(idx, nn_fft)
+    if wrong is None:
+        return None
+    k, why = wrong
+    elsewhere = ~_grain_region(gmap, k, img.shape)
+    if vacuum is not None:
+        elsewhere |= vacuum
+    grain_ring, _ = _ring_of(film_spectrum_image(img, elsewhere, SPECTRUM_CROP, _no_data_pixels(no_data)), s)
+    if grain_ring is None or not grain_ring.spacing > (1 + GRAIN_REREAD_COARSER) * ring.spacing:
+        return None
+    log.info("grain %d's columns: %s; the ring is read again on its region alone (%.2f px for %.2f px)", k, why,
+             grain_ring.spacing, ring.spacing)
+    note = (ring.note + f" (re-read on grain {k}'s region: {grain_ring.note or '{100}'})").strip()
+    with contextlib.suppress(_NoLattice):
+        coarse = _find_lattice(img, s, tm, dataclasses.replace(grain_ring, note=note), MAX_RING_REREADS, no_data,
+                               vacuum)
+        if _grain_wrong_order(coarse.idx, coarse.nn_fft) is None:
+            return coarse
+    return None
+
+
+#: :func:`_grain_reread` keeps a ring read on one grain's region only where its site spacing is at least
+#: this share larger than the ring's it replaces (a wrong order is sqrt(3), 2x or more off)
+GRAIN_REREAD_COARSER = 0.2
+
+
+def _grain_region(gmap, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """bool [shape]: the pixels of grain ``k`` of ``gmap`` (its label grid enlarged to the image)."""
+    lab = np.repeat(np.repeat(gmap.labels == k, gmap.factor, axis=0), gmap.factor, axis=1)
+    out = np.zeros(shape, bool)
+    h, w = min(shape[0], lab.shape[0]), min(shape[1], lab.shape[1])
+    out[:h, :w] = lab[:h, :w]
+    if h < shape[0]:
+        out[h:, :w] = out[h - 1:h, :w]
+    if w < shape[1]:
+        out[:, w:] = out[:, w - 1:w]
+    return out
+
+
+def _grain_wrong_order(idx, spacing: float) -> tuple[int, str] | None:
+    """``(grain, why)`` for the first grain of the site lattice ``idx`` (a
+    :class:`stemfast.grains.GrainIndex`) whose own sites show a lattice of the wrong order: every
+    column on one coset (:func:`stemfast.sitelattice.columns_on_one_coset`) or even the best-found
+    class mostly placed (:func:`_too_fine`); None when none does, or ``idx`` has no grains. Per grain:
+    the classes of two grains' lattices are counted each from its own origin, and over the image
+    neither check fires (two grains 30 degrees apart, each on the ``{110}`` lattice, said nothing)."""
+    grain = getattr(idx, "grain", None)
+    if grain is None:
+        return None
+    grain = np.asarray(grain)
+    for k in np.unique(grain):
+        m = grain == k
+        sub = SimpleNamespace(xy=np.asarray(idx.xy)[m], ij=np.asarray(idx.ij)[m], kind=np.asarray(idx.kind)[m],
+                              cls=np.asarray(idx.cls)[m])
+        if columns_on_one_coset(sub):
+            return int(k), ("every column sits on one third of the nodes of its lattice (a second-order ring, "
+                            "a spacing sqrt(3)x too small)")
+        placed = _too_fine(sub, spacing)
+        if placed is not None:
+            return int(k), (f"no column was found on {placed:.0%} of the sites of even its best-found class (a "
+                            "higher-order ring, a spacing 2x, sqrt(3)x or more too small)")
+    return None
 
 
 def _filled_dead_runs(img: np.ndarray, s: SiteSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -1658,7 +1754,8 @@ def _below_level(amp: np.ndarray) -> np.ndarray:
 def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit, g, sublattice,
                   free: np.ndarray) -> dict:
     """How the site lattice was found (``spacing_source``: :func:`_spacing_source`), how sure it is
-    (warns when unsure: :func:`_unsure`; ``confidence`` at most :data:`UNSURE_MAX_CONFIDENCE` then) and
+    (warns when unsure: :func:`_unsure`, and with grains :func:`_grain_wrong_order`; ``confidence`` at
+    most :data:`UNSURE_MAX_CONFIDENCE` then) and
     how distorted it is (warns beyond ``MAX_ANISOTROPY``); ``free``: :func:`_lattice_free`."""
     agreement = float(1.0 - abs(spacing_fit / nn_fft - 1.0)) if nn_fft > 0 else 0.0
     placed = _best_sublattice_placed(sublattice, idx.kind, idx.xy, nn_fft)
@@ -1679,6 +1776,10 @@ def _lattice_meta(s, ring, nn_fft, spacing_fit, idx, material, pixel_size, unit,
     if free.any():
         out["lattice_free"] = {"n_sites": int(free.sum()), "share": round(float(free.mean()), 4)}
     unsure = _unsure(s, ring, idx.on_node, nn_fft, spacing_fit, agreement, placed, free)
+    wrong = _grain_wrong_order(idx, nn_fft)
+    if wrong is not None:  # with grains, the checks over the image see nothing (_grain_wrong_order)
+        unsure.append(f"grain {wrong[0]}: {wrong[1]}: the Bragg ring was likely taken at the wrong order, or "
+                      "the grains are not told apart; the spacing and the sites may be wrong")
     conf = min(1.0, idx.on_node) * min(1.0, ring.standout / (2 * MIN_RING_PROMINENCE)) * max(0.0, agreement)
     out["confidence"] = round(float(min(conf, UNSURE_MAX_CONFIDENCE) if unsure else conf), 4)
     if pixel_size and material.site_spacing_nm is not None:
