@@ -750,3 +750,37 @@ def test_the_batch_hands_back_a_pictures_freed_buffers_after_reading_it(tmp_path
     assert calls == []
     read_input(tmp_path / "a.png")
     assert calls == [1]
+
+
+def test_a_partial_rerun_with_other_settings_keeps_the_record_of_the_rest(tmp_path, tiny):
+    """A batch of three inputs, then a rerun on one of them with another defect cutoff into the same
+    folder: stemfast.toml, batch_summary.json and report.html were rewritten for that one input, and
+    the other two folders stayed, made with settings no file recorded any more. The earlier record is
+    kept as stemfast.<hash12>.toml, and the batch summary and report name the folders it does not show."""
+    import dataclasses
+
+    from stemfast.batch.common import KEPT_CONFIG_PATTERN
+    from stemfast.synthetic import make_mos2
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        np.save(data / f"img{i}.npy", make_mos2(shape=(128, 128), seed=i).image)
+    out = tmp_path / "out"
+    first = run_batch(data, out, config=tiny, show_progress=False)
+    old_hash = first.config_hash
+    other = dataclasses.replace(tiny, analysis=dataclasses.replace(tiny.analysis, defect_cutoff=6.0))
+    second = run_batch(data / "img0.npy", out, config=other, show_progress=False)
+    assert second.config_hash != old_hash
+    kept = out / KEPT_CONFIG_PATTERN.format(hash12=old_hash[:12])
+    assert kept.exists() and old_hash in kept.read_text() and "defect_cutoff = 4" in kept.read_text()
+    assert "defect_cutoff = 6" in (out / "stemfast.toml").read_text()
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert summary["other_results"] == [{"name": f"img{i}", "config_hash": old_hash, "settings": kept.name}
+                                        for i in (1, 2)]
+    report = (out / "report.html").read_text()
+    assert "2 result folders in this output folder are not in this report" in report and kept.name in report
+    # the same settings again: nothing kept, the other folders are named with this run's record
+    third = run_batch(data / "img1.npy", out, config=other, show_progress=False)
+    names = {r["name"]: r["settings"] for r in json.loads((out / "batch_summary.json").read_text())["other_results"]}
+    assert third.config_hash == second.config_hash and names == {"img0": "stemfast.toml", "img2": kept.name}

@@ -782,6 +782,14 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
                      f"<td>{_e(s.get('n_sites', '-'))}</td><td>{_e(s.get('n_defects', '-'))}</td>"
                      f"<td class='l'>{_e(kinds)}</td><td>{_fmt((s.get('lattice') or {}).get('spacing_px'))}</td></tr>")
     parts.append("</table>")
+    others = batch.get("other_results") or []
+    if others:  # an earlier run's results in the same folder: said, with the settings they were made with
+        by = {}
+        for r in others:
+            by.setdefault(r.get("settings") or "no record left", []).append(r.get("name", "?"))
+        parts.append("<p class='warn'>warning: " + _e(f"{len(others)} result folder{'s' if len(others) > 1 else ''} in "
+                     "this output folder are not in this report (an earlier run's inputs): ")
+                     + "; ".join(_e(f"{', '.join(names)} (settings: {how})") for how, names in by.items()) + "</p>")
     skipped = batch.get("skipped", [])
     if skipped:
         parts.append("<h2 class='bad'>skipped inputs</h2><table><tr><th class='l'>input</th>"

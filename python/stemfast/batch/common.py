@@ -16,7 +16,7 @@ from ..logutil import progress
 from ..report import STAGES  # the pipeline stages of the stage tables (defined once, there)
 from ..tracking import TRACK_FILES
 
-__all__ = ["OUTPUT_FILES", "STACK_OUTPUT_FILES", "DONE_FILE", "SKIPPED_FILE", "MODEL_FILE", "MODEL_INFO_FILE",
+__all__ = ["KEPT_CONFIG_PATTERN", "OUTPUT_FILES", "STACK_OUTPUT_FILES", "DONE_FILE", "SKIPPED_FILE", "MODEL_FILE", "MODEL_INFO_FILE",
            "CONFIG_FILE", "BATCH_SUMMARY_FILE", "REPORT_FILE", "PARTS_DIR", "RESERVED_NAMES", "STAGES", "now",
            "peak_memory_mib", "progress_bar", "crash_hook", "read_json"]
 
@@ -31,6 +31,9 @@ SKIPPED_FILE = "skipped.json"
 MODEL_FILE = "model.pt"
 MODEL_INFO_FILE = "model.json"
 CONFIG_FILE = "stemfast.toml"
+#: the settings record of an earlier configuration that results in OUT were made with, kept when a run
+#: with other settings rewrote ``stemfast.toml`` (``hash12``: the first 12 digits of its config hash)
+KEPT_CONFIG_PATTERN = "stemfast.{hash12}.toml"
 BATCH_SUMMARY_FILE = "batch_summary.json"
 REPORT_FILE = "report.html"
 PARTS_DIR = ".parts"

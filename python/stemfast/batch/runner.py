@@ -13,12 +13,12 @@ from numbers import Integral
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import recover_staged, write_json
+from ..atomic import recover_staged, write_json, write_text
 from ..config import ReadOptions
 from ..config import config_hash, input_table, load_config, parse_toml, write_resolved_config
 from ..errors import SettingsError, describe_os_error
-from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, REPORT_FILE, STAGES,
-                     now, peak_memory_mib, read_json)
+from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PATTERN, MODEL_FILE, MODEL_INFO_FILE,
+                     REPORT_FILE, STAGES, now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
 from .model_state import (ModelState, kept_models, resolve_model, save_trained_model, train_batch_model,
@@ -415,6 +415,9 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
              for e in ents if e.companion is not None}
     old_comps = [(v.get("file"), v.get("sha256")) for v in (old or {}).get("companions", {}).values()
                  if isinstance(v, dict)]
+    old_hash = ((old or {}).get("stemfast") or {}).get("config_hash")
+    if old_hash and old_hash != chash and old_hash in _done_hashes(toml_path.parent):
+        _keep_settings_record(toml_path, old_hash)
     if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
             or (old.get("stemfast") or {}).get("version") != __version__
             or (old.get("inputs") or {}) != input_table([e.path for e in ents], {str(e.path): e.sha256 for e in ents})
@@ -423,6 +426,40 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
         with writing(toml_path):
             write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
                                   checksums={str(e.path): e.sha256 for e in ents}, companions=comps, run=run)
+
+
+def _done_hashes(out: Path) -> dict[str, list[str]]:
+    """The config hashes the results in ``out`` were made with: ``{hash: [folder, ...]}`` (from their
+    ``done.json``)."""
+    found: dict[str, list[str]] = {}
+    for done in sorted(out.glob(f"*/{DONE_FILE}")):
+        h = (read_json(done) or {}).get("config_hash")
+        if isinstance(h, str):
+            found.setdefault(h, []).append(done.parent.name)
+    return found
+
+
+def _keep_settings_record(toml_path: Path, old_hash: str) -> None:
+    """Keep ``stemfast.toml`` of configuration ``old_hash`` as ``stemfast.<hash12>.toml`` before a run
+    with other settings rewrites it: results in OUT were made with it (a partial rerun with other
+    settings left them without any record of their settings)."""
+    kept = toml_path.with_name(KEPT_CONFIG_PATTERN.format(hash12=old_hash[:12]))
+    if not kept.exists():
+        write_text(kept, toml_path.read_text(encoding="utf-8"))
+        log.warning("%s: results in %s were made with other settings (config %s): their settings are kept "
+                    "as %s", toml_path.name, toml_path.parent, old_hash[:12], kept.name)
+
+
+def other_results(out: Path, shown: set[str], chash: str) -> list[dict]:
+    """The result folders in ``out`` that this run does not show (an earlier run's inputs): ``{name,
+    config_hash, settings}`` each, ``settings`` the record of the settings they were made with
+    (``stemfast.toml`` for this run's, a kept ``stemfast.<hash12>.toml``, or None where none is left)."""
+    rows = []
+    for h, names in _done_hashes(out).items():
+        kept = out / KEPT_CONFIG_PATTERN.format(hash12=h[:12])
+        settings = CONFIG_FILE if h == chash else (kept.name if kept.exists() else None)
+        rows += [{"name": n, "config_hash": h, "settings": settings} for n in names if n not in shown]
+    return sorted(rows, key=lambda r: r["name"])
 
 
 def _toml_round_trip(table: dict | None) -> dict | None:
@@ -525,6 +562,8 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         "model_trained_this_run": report.model_trained,
         # earlier models that results in OUT were made with, kept when another model replaced model.pt
         "earlier_models": kept_models(out),
+        # result folders in OUT this report does not show (an earlier run's inputs) and their settings
+        "other_results": other_results(out, {r.name for r in report.results}, report.config_hash),
         "train": train,
         "n_inputs": len(report.results),
         "counts": {st: sum(r.status == st for r in report.results)
