@@ -1529,11 +1529,11 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
 
 def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.ndarray, observed: np.ndarray,
                        inside: np.ndarray, is_defect: np.ndarray, chalcogen_brighter: bool, material: str,
-                       cutoff: float) -> dict:
+                       cutoff: float, two_detectors: bool = False) -> dict:
     """What the summary says of the sublattices: which is named the metal (:func:`sublattice_naming`),
     whether they read as different columns (:func:`sublattice_separation`, on the observed sites off the
     image border, ``inside``, that are not defects), whether one missing chalcogen atom can pass the
-    defect ``cutoff`` (:func:`detection_limit`) and whether one holds a mixture of columns
+    defect ``cutoff`` (:func:`detection_limit`; not with ``two_detectors``) and whether one holds a mixture of columns
     (:func:`mixed_columns`, on the ``inside`` sites; not where the chalcogen sublattice reads empty: its
     narrow spread then says nothing)."""
     dark = _dark_sites(sc.grp, sc.z_int, levels, sc.inten_ref, observed)
@@ -1543,8 +1543,9 @@ def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.
     # sublattices that read alike at random, which is what is measured here)
     info.update(sublattice_separation(np.where(sub_global >= 0, sub_global, sc.grp), sc.inten_ref, resid,
                                       inside & ~is_defect, material))
-    info.update(detection_limit(info.get("sublattice_separation", {}), info.get("sublattice_alike", ()), cutoff,
-                                material))
+    if not two_detectors:  # (the z of two detectors is their weighted mean: one image's separation does not tell)
+        info.update(detection_limit(info.get("sublattice_separation", {}), info.get("sublattice_alike", ()), cutoff,
+                                    material))
     names = get_material(material).sublattice_names
     if sc.refs is not None and f"{names[CHALCOGEN]}-{names[HOLLOW]}" not in info.get("sublattice_alike", ()):
         info.update(mixed_columns(sc.grp, resid, inside, material))
@@ -1635,7 +1636,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     info.update(_metal_kind_ambiguity(sc.grp, levels, sc.inten_ref, kinds, material, observed & ~is_defect))
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
     info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material,
-                                   settings.defect_cutoff))
+                                   settings.defect_cutoff, "companion_intensity" in sites))
     table = sites.with_columns({
         "class_id": cls,
         "sublattice_local": sc.sub,
