@@ -681,11 +681,13 @@ def test_a_stacks_repeated_warnings_are_one_line_with_their_frames():
     assert frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8" and frame_ranges([3]) == "3"
 
 
-def test_no_lattice_says_why_and_a_blank_frame_is_a_drift_break(tmp_path, tiny):
+def test_no_lattice_says_why_and_the_drift_is_measured_across_a_blank_frame(tmp_path, tiny):
     """An input without a lattice carries the reason in summary.json (as the log says it); in a
-    series, a blank frame is named with its reason, and the drift to and from it is unknown (not a
-    number read off an empty correlation): the summary lists the frames, the report says that
-    defect tracks end there."""
+    series, a blank frame is named with its reason, and the drift to it is unknown (not a number read
+    off an empty correlation): the frame after it is measured from the frame before it. The summary
+    lists that drift apart (``over_gap``), not as unknown, the report's total drift holds it, and the
+    report says no track ends there. Before: frames 2 and 3 'unknown ... defect tracks end there', while
+    the tracks went on (drift_breaks []), and the total left the gap out."""
     from stemfast.drift import phase_drift
     from stemfast.synthetic import make_mos2
 
@@ -701,11 +703,27 @@ def test_no_lattice_says_why_and_a_blank_frame_is_a_drift_break(tmp_path, tiny):
     assert flat["status"] == "no lattice" and flat["warnings"] == ["image is constant: no lattice"]
     s = json.loads((tmp_path / "out" / "series" / "summary.json").read_text())
     assert "frame 2: image is constant: no lattice" in s["warnings"]
-    assert s["drift_px"]["unknown"] == [2, 3] and s["drift_px"]["frame"] == [1]
+    d = s["drift_px"]
+    assert d["unknown"] == [2] and d["frame"] == [1]
+    assert d["over_gap"]["frame"] == [3] and d["over_gap"]["from_frame"] == [1]
+    assert np.allclose([d["over_gap"]["dx"][0], d["over_gap"]["dy"][0]], 2 * np.asarray(DRIFT), atol=0.3)
+    assert s["tracking"]["drift_breaks"] == [] and s["tracking"]["drift_gaps"] == [[1, 3]]
     assert [f["status"] for f in s["frames"]] == ["ok", "ok", "no lattice", "ok"]
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "drift unknown at frame(s) 2, 3" in html and "image is constant: no lattice" in html
+    assert "drift unknown at frame(s) 2 (a frame without a lattice" in html and "image is constant: no lattice" in html
+    assert "no defect track ends there" in html and "tracks end there" not in html
+    total = (d["dx"][0] + d["over_gap"]["dx"][0], d["dy"][0] + d["over_gap"]["dy"][0])
+    assert f"total ({total[0]:.2f}, {total[1]:.2f}) px over 1 steps and 1 across frames without a lattice (1 to 3)" in html
     assert "done: no lattice" in html  # the inputs table says it as well as the input's own section
+
+
+def test_the_report_says_defect_tracks_end_only_at_the_drift_breaks():
+    """Frames whose drift is unknown: the report names them, and says the tracks end at the tracking's drift
+    breaks only (before: 'defect tracks end there' at every frame listed)."""
+    from stemfast.report import _drift_html
+
+    html = "".join(_drift_html({"frame": [1], "dx": [1.0], "dy": [0.5], "unknown": [2, 4]}, [4]))
+    assert "drift unknown at frame(s) 2, 4" in html and "defect tracks end at frame(s) 4 (drift breaks)" in html
 
 
 def test_a_frame_chunk_part_keeps_the_site_tables_metadata(tmp_path):

@@ -707,18 +707,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
     parts.append(_scan_note(lat.get("scan_lines") or {}))
     if str(s.get("rotation_latent", "")).startswith("left out"):
         parts.append(f"<p class='warn'>classes from the latent means only; rotation latent {_e(s['rotation_latent'])}</p>")
-    drift = s.get("drift_px")
-    if drift and drift.get("dx"):
-        dx = np.asarray(drift["dx"], float)
-        dy = np.asarray(drift["dy"], float)
-        parts.append(f"<p>drift between consecutive frames: mean |d| {np.mean(np.hypot(dx, dy)):.2f} px, "
-                     f"max {np.max(np.hypot(dx, dy)):.2f} px, total ({np.sum(dx):.2f}, {np.sum(dy):.2f}) px "
-                     f"over {len(dx)} steps</p>")
-    if drift and drift.get("unknown"):
-        unk = [str(f) for f in drift["unknown"]]
-        shown = ", ".join(unk[:12]) + (f" and {len(unk) - 12} more" if len(unk) > 12 else "")
-        parts.append(f"<p class='warn'>drift unknown at frame(s) {_e(shown)} (a blank or unreadable frame, or "
-                     "the one after it): defect tracks end there</p>")
+    parts.extend(_drift_html(s.get("drift_px"), (s.get("tracking") or {}).get("drift_breaks") or []))
     # the defect figure on a row of its own: beside the class map it was shown 620 px wide for its 1650
     parts.append(_img_tag(folder / "classes.png", f"{name} classes"))
     parts.append(_defects_caption(s) + _img_tag(folder / "defects.png", f"{name} defects"))
@@ -736,6 +725,32 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                          f"<td>{t.get('class_id', '')}</td><td>{'yes' if t.get('is_defect') else ''}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
+
+
+def _drift_html(drift: dict | None, breaks: list) -> list[str]:
+    """The report's lines on a stack's drift (``summary.json`` ``drift_px``, the tracking's ``drift_breaks``):
+    the steps between consecutive frames, the total with the drift measured across frames without a
+    lattice (``over_gap``), the frames whose drift is unknown and where the defect tracks end."""
+    drift = drift or {}
+    gap = drift.get("over_gap") or {}
+    out = []
+    dx, dy = np.asarray(drift.get("dx") or [], float), np.asarray(drift.get("dy") or [], float)
+    gx, gy = np.asarray(gap.get("dx") or [], float), np.asarray(gap.get("dy") or [], float)
+    if len(dx) or len(gx):
+        steps = (f"mean |d| {np.mean(np.hypot(dx, dy)):.2f} px, max {np.max(np.hypot(dx, dy)):.2f} px, "
+                 if len(dx) else "")
+        over = ", ".join(f"{a} to {b}" for a, b in zip(gap.get("from_frame") or [], gap.get("frame") or []))
+        across = f" and {len(gx)} across frames without a lattice ({_e(over)})" if len(gx) else ""
+        out.append(f"<p>drift between consecutive frames: {steps}total ({np.sum(dx) + np.sum(gx):.2f}, "
+                   f"{np.sum(dy) + np.sum(gy):.2f}) px over {len(dx)} steps{across}</p>")
+    if drift.get("unknown"):
+        unk = [str(f) for f in drift["unknown"]]
+        shown = ", ".join(unk[:12]) + (f" and {len(unk) - 12} more" if len(unk) > 12 else "")
+        end = (f": defect tracks end at frame(s) {_e(', '.join(map(str, breaks)))} (drift breaks)" if breaks else
+               ": no defect track ends there (the drift is measured across them)")
+        out.append(f"<p class='warn'>drift unknown at frame(s) {_e(shown)} (a frame without a lattice, or whose "
+                   f"drift could not be measured){end}</p>")
+    return out
 
 
 def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Sequence[Mapping],

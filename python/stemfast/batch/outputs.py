@@ -19,7 +19,7 @@ from .. import __version__
 from ..atomic import atomic_open, write_json
 from ..model.engine import combined_engine
 from .common import OUTPUT_FILES, STAGES, peak_memory_mib
-from .frames import FrameResult
+from .frames import FrameResult, has_lattice
 from .inputs import InputEntry
 from .model_state import model_identity
 from .status import InputUnreadable
@@ -339,18 +339,31 @@ def lattice_summary(frames_meta: list[dict], info: dict) -> dict:
 
 
 def drift_summary(frames_meta: list[dict]) -> dict:
-    """The frame-to-frame drift of a stack (``summary.json``, ``drift_px``)."""
+    """The frame-to-frame drift of a stack (``summary.json``, ``drift_px``): the drift of each frame from
+    the one before (``frame``, ``dx``, ``dy``); ``over_gap``: that of a frame measured from the last frame
+    with a lattice before it, across frames without one (``frame``, ``from_frame``, ``dx``, ``dy``);
+    ``unknown``: the frames after the first with a lattice whose drift is neither (frames without a
+    lattice, and frames whose drift could not be measured: defect tracks end at those,
+    ``tracking.drift_breaks``)."""
     with_drift = [m for m in frames_meta if m.get("drift_px") is not None]
-    first = min((int(m["frame"]) for m in frames_meta), default=0)
     out = {
         "note": "displacement of frame i relative to frame i-1 (x = column, y = row), full-resolution px",
         "frame": [m["frame"] for m in with_drift],
         "dx": [m["drift_px"][0] for m in with_drift],
         "dy": [m["drift_px"][1] for m in with_drift],
     }
-    # frames after the first whose drift could not be measured (a blank or unreadable frame, or the one
-    # after it): defect tracks end there (stemfast.tracking, drift breaks)
-    unknown = sorted(int(m["frame"]) for m in frames_meta if m.get("drift_px") is None and int(m["frame"]) > first)
+    gaps = [m for m in frames_meta if m.get("drift_px") is None and m.get("drift_over_gap")]
+    if gaps:
+        out["over_gap"] = {"note": "displacement of frame i relative to frame from_frame, the last frame before it "
+                                   "with a lattice (the frames between have none)",
+                           "frame": [m["frame"] for m in gaps],
+                           "from_frame": [m["drift_over_gap"]["from_frame"] for m in gaps],
+                           "dx": [m["drift_over_gap"]["px"][0] for m in gaps],
+                           "dy": [m["drift_over_gap"]["px"][1] for m in gaps]}
+    lattice = [int(m["frame"]) for m in frames_meta if has_lattice(m)]
+    first = min(lattice, default=min((int(m["frame"]) for m in frames_meta), default=0))
+    unknown = sorted(int(m["frame"]) for m in frames_meta if m.get("drift_px") is None
+                     and not m.get("drift_over_gap") and int(m["frame"]) > first)
     if unknown:
         out["unknown"] = unknown
     return out
