@@ -157,3 +157,69 @@ def test_scheduler_addresses_are_checked():
                        ("tcp://host", "HOST:PORT"), ("tcp://host:99999", "HOST:PORT")):
         with pytest.raises(SettingsError, match=words):
             parse_scheduler(bad)
+
+
+def _without_timings(o):
+    """A summary.json without what the runs may differ in: its times and memory."""
+    if isinstance(o, dict):
+        return {k: _without_timings(v) for k, v in o.items()
+                if k not in ("timings_s", "seconds", "throughput", "peak_memory_mib")}
+    if isinstance(o, list):
+        return [_without_timings(v) for v in o]
+    return o
+
+
+def _hard_stacks(root: Path) -> Path:
+    """Stacks of 6 frames a Dask run splits (2 frames a chunk) where the chunks' ends matter: ``blank``
+    (frames 1 and 4 blank: the last frame of a chunk and the first of another have no lattice)."""
+    import numpy as np
+
+    from stemfast.synthetic import make_mos2
+
+    root.mkdir(parents=True)
+    st = make_mos2(shape=(128, 128), seed=8, n_frames=6, drift_px_per_frame=(1.0, 0.5)).image.astype(np.float32)
+    blank = st.copy()
+    blank[[1, 4]] = float(st.mean())
+    np.savez(root / "blank.npz", image=blank, pixel_size=0.012, unit="nm")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hard_runs(ref, tmp_path_factory):
+    """The stacks of :func:`_hard_stacks` analysed in process and on Dask (2 frames a chunk), with
+    --fill-nonfinite and the reference's model: ``(data, in-process output, Dask output)``."""
+    from stemfast.config import ReadOptions
+
+    root, _, cfg, out_ref = ref
+    tmp = tmp_path_factory.mktemp("hard")
+    data = _hard_stacks(tmp / "data")
+    runs = []
+    for sched in (None, "local:2"):
+        out = tmp / ("dask" if sched else "local")
+        rep = run_batch(data, out, config=cfg, model_path=out_ref / "model.pt", scheduler=sched, frames_per_task=2,
+                        read_options=ReadOptions(fill_nonfinite=True), show_progress=False)
+        assert {r.name: r.status for r in rep.results} == {"blank": "done"}
+        runs.append(out)
+    return data, *runs
+
+
+def _same_stack(a: Path, b: Path, name: str) -> None:
+    """The outputs of stack ``name`` in the runs ``a`` and ``b`` are the same (times and memory apart)."""
+    for f in ("sites.csv", "tracks.csv"):
+        assert (a / name / f).read_bytes() == (b / name / f).read_bytes(), (name, f)
+    sa, sb = (json.loads((o / name / "summary.json").read_text()) for o in (a, b))
+    assert _without_timings(sa) == _without_timings(sb), name
+    da, db = (json.loads((o / name / "done.json").read_text()) for o in (a, b))
+    assert da.get("read_options") == db.get("read_options"), name
+
+
+def test_frames_without_a_lattice_at_the_chunks_ends_keep_the_drift_and_tracks(hard_runs):
+    """A frame without a lattice ending a chunk (frame 1 of 0-1) or starting one (frame 4 of 4-5): the drift
+    of the next frame with a lattice is measured across it as in one process, the tracks go on. Before, the
+    chunk 2-3 measured frame 2 from frame 1 only: drift unknown, a drift break, the tracks ended and restarted
+    with new ids (the reviewer's 12-frame series: 7 tracks for 4, coords_frame 4)."""
+    _, a, b = hard_runs
+    _same_stack(a, b, "blank")
+    s = json.loads((b / "blank" / "summary.json").read_text())
+    assert s["frames"][2]["drift_over_gap"]["from_frame"] == 0 and s["frames"][5]["drift_over_gap"]["from_frame"] == 3
+    assert s["tracking"]["drift_breaks"] == [] and s["tracking"]["n_tracks"] >= 1

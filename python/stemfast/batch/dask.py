@@ -16,8 +16,11 @@ Task layout
   written to ``OUT/<name>/.parts/``) plus one assembling task (:func:`stemfast.batch.tasks.assemble_parts`)
   that streams the parts, in frame order, into the same outputs as the in-process run and then
   deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
-  compressed stacks are never loaded whole on a worker. A chunk reads the frame before it, so the frame-to-frame drift is the same as in
-  the in-process run. Stacks with at most ``frames_per_task`` frames are one task. The defects of
+  compressed stacks are never loaded whole on a worker. A part keeps the drift views of its first and
+  last frames with a lattice; the assembling task measures the drift of each chunk's first frame with a
+  lattice from the last one before it (:func:`stemfast.batch.frames.linked_drift`), so the frame-to-frame
+  drift is the same as in the in-process run, across frames without a lattice at the chunks' ends too.
+  Stacks with at most ``frames_per_task`` frames are one task. The defects of
   a stack are linked through its frames (:mod:`stemfast.tracking`) by the assembling task, which
   reads the parts in frame order: the ids are those of the in-process run.
 

@@ -1,6 +1,7 @@
 """Frames of an input: reading them (one frame ahead in a background thread), analysing each one
 (``prepare`` + ``analyze``) and measuring the drift to the last frame before with a lattice
-(:mod:`stemfast.drift`)."""
+(:mod:`stemfast.drift`; a stack analysed in chunks links the chunks' drift at assembly,
+:func:`linked_drift`)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ..report import ANALYSIS_WARNING_KEYS
 from .common import progress_bar
 
 __all__ = ["FrameResult", "read_frame", "count_frames", "frame_record", "settings_vs_image", "analyze_frame",
-           "prefetched", "iter_frames", "FrameWindow", "has_lattice"]
+           "prefetched", "iter_frames", "FrameWindow", "has_lattice", "DriftEnds", "drift_from", "linked_drift"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -208,25 +209,33 @@ def _drift_unknown(rec: dict, desc: str, why: str) -> None:
 
 def _frame_drift(rec: dict, img: np.ndarray, ref, config, desc: str):
     """Measure the drift of a frame with a lattice (record ``rec``, image ``img``) to ``ref`` = ``(frame,
-    view)``, the last frame before it with a lattice (None: none). Writes ``rec["drift_px"]`` when
-    ``ref`` is the frame just before, else ``rec["drift_over_gap"] = {"from_frame", "px"}`` (the drift
-    accumulated over frames without a lattice); an unknown drift is a frame warning. Any failure of the
-    measure only leaves the drift unknown. Returns the reference for the next frame (None when this
-    frame's own view could not be made)."""
+    view)``, the last frame before it with a lattice (None: none; :func:`drift_from`). An unknown drift is
+    a frame warning; any failure of the measure only leaves the drift unknown. Returns the reference for
+    the next frame, ``(frame, view)`` (None when this frame's own view could not be made)."""
     f = int(rec["frame"])
     try:
         small = _drift_view(img, config)  # (frame, its blocks without data)
     except Exception as exc:  # noqa: BLE001 - the drift must not lose the frame
         _drift_unknown(rec, desc, f"cannot prepare the frame for the drift ({type(exc).__name__}: {exc})")
         return None
-    if ref is None:
-        return f, small
+    if ref is not None:
+        drift_from(rec, small, img.shape, ref, desc)
+    return f, small
+
+
+def drift_from(rec: dict, view, shape: tuple[int, int], ref, desc: str) -> None:
+    """Measure the drift of the frame ``rec`` (its drift view ``view`` = ``(frame, gap)``,
+    :func:`_drift_view`, of an image of ``shape``) from ``ref`` = ``(frame, view)``, the last frame before
+    it with a lattice. Writes ``rec["drift_px"]`` when ``ref`` is the frame just before, else
+    ``rec["drift_over_gap"] = {"from_frame", "px"}`` (the drift accumulated over frames without a
+    lattice); an unknown drift is a frame warning."""
+    f = int(rec["frame"])
     g, prev = ref
     why = f"no drift could be registered between frame {g} and this one (nothing in common)"
     try:
-        if prev[0].shape != small[0].shape:
+        if prev[0].shape != view[0].shape:
             raise ValueError(f"frame {g} has another shape")
-        d = phase_drift(prev[0], small[0], img.shape, gaps=(prev[1], small[1]))
+        d = phase_drift(prev[0], view[0], tuple(shape), gaps=(prev[1], view[1]))
     except Exception as exc:  # noqa: BLE001 - an unknown drift, said; the stack goes on
         d, why = (float("nan"), float("nan")), f"measuring it from frame {g} failed ({type(exc).__name__}: {exc})"
     if not np.all(np.isfinite(d)):
@@ -236,38 +245,49 @@ def _frame_drift(rec: dict, img: np.ndarray, ref, config, desc: str):
     else:
         rec["drift_over_gap"] = {"from_frame": int(g), "px": [float(v) for v in d]}
         log.info("%s: frame %d: drift measured from frame %d (frames between have no lattice)", desc, f, g)
-    return f, small
 
 
-def _reference_before(mg, frame: int, config, desc: str):
-    """The drift reference ``(frame, view)`` of frame ``frame`` before a chunk of a stack, when it has a
-    lattice (the sites are found to know it); None otherwise (said by the caller)."""
-    from ..sites import find_sites
+@dataclass
+class DriftEnds:
+    """The drift references at the ends of a chunk of a stack (:func:`iter_frames` with ``ends``), which
+    link its drift to the chunks before and after it (:func:`linked_drift`). ``has_lattice``: whether a
+    frame of the chunk has a lattice; ``first``: ``(frame, view)`` of the first such frame (its drift
+    from the chunks before is measured at assembly; None when its view could not be made); ``last``:
+    the reference the frame after the chunk is measured from, ``(frame, view)`` of its last frame with
+    a lattice (None when that one's view could not be made); ``shape``: the frames' shape."""
 
-    try:
-        img = read_frame(mg, frame)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            n = len(find_sites(img, settings=config.sites, pixel_size=mg.pixel_size, unit=mg.unit))
-        return (frame, _drift_view(img, config)) if n else None
-    except Exception as exc:  # noqa: BLE001 - the previous frame is only needed for the drift
-        log.info("%s: frame %d unusable for the drift: %s", desc, frame, exc)
-        return None
+    has_lattice: bool = False
+    first: tuple | None = None
+    last: tuple | None = None
+    shape: tuple | None = None
+
+
+def linked_drift(chunks: Iterable[tuple[DriftEnds, Iterable[FrameResult]]], desc: str = "") -> Iterator[FrameResult]:
+    """The frame results of the chunks of a stack (in frame order, each with its :class:`DriftEnds`), the
+    drift of each chunk's first frame with a lattice measured from the last frame with one before it,
+    in the chunks before (:func:`drift_from`): the drift of the in-process run, whatever the chunks."""
+    ref = None
+    for ends, results in chunks:
+        for fr in results:
+            if ends.first is not None and ref is not None and int(fr.meta["frame"]) == ends.first[0]:
+                drift_from(fr.meta, ends.first[1], ends.shape, ref, desc)
+            yield fr
+        if ends.has_lattice:  # a chunk without a lattice carries the reference on
+            ref = ends.last
 
 
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
-                 cache_key: str = "", prev_frame: int | None = None, bar: bool = False,
-                 desc: str = "", companion=None) -> Iterator[FrameResult]:
+                 cache_key: str = "", bar: bool = False, desc: str = "", companion=None,
+                 ends: DriftEnds | None = None) -> Iterator[FrameResult]:
     """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift of each frame with a
     lattice to the last frame before it with one (:func:`has_lattice`, :func:`_frame_drift`): frames
     without a lattice are never registered, the frame after them is measured across the gap.
 
-    ``prev_frame``: the frame before ``frames`` (a chunk of a stack), the drift reference of the chunk's
-    first frame with a lattice when it has one itself (frames further back are not read).
+    ``ends``: ``frames`` are a chunk of a stack: the drift of its first frame with a lattice is left to
+    the assembly (:func:`linked_drift`), the chunk's :class:`DriftEnds` are filled in.
     ``companion``: the second detector's image of a 2-D input, or for a stack a function of the frame
     index giving the second detector's frame (:func:`stemfast.batch.companions.read_companion`)."""
     ref = None
-    before = prev_frame if prev_frame is not None and prev_frame >= 0 else None
     stack = getattr(mg, "is_stack", False)
     it = progress_bar(prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
               total=len(frames))
@@ -284,13 +304,11 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
                             check_settings=not checked, companion=companion(f) if callable(companion) else companion)
         checked = True
         if stack and has_lattice(fr.meta):
-            if before is not None:  # the chunk's first frame with a lattice: the frame before the chunk
-                ref = _reference_before(mg, before, config, desc)
-                if ref is None:
-                    _drift_unknown(fr.meta, desc, f"frame {before} (before this part of the stack) has no "
-                                                  "lattice or cannot be read")
-                before = None
             ref = _frame_drift(fr.meta, img, ref, config, desc)
+            if ends is not None:
+                if not ends.has_lattice:  # the chunk's first frame with a lattice: measured at assembly
+                    ends.has_lattice, ends.first, ends.shape = True, ref, tuple(int(v) for v in img.shape)
+                ends.last = ref
         yield fr
 
 

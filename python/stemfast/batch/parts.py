@@ -12,10 +12,13 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..config import ReadOptions
 from .common import PARTS_DIR
-from .frames import FrameResult
+from .frames import DriftEnds, FrameResult
 from .inputs import InputEntry
 
-__all__ = ["part_path", "part_key", "save_part", "json_default", "part_meta", "load_part"]
+__all__ = ["part_path", "part_key", "save_part", "json_default", "part_meta", "load_part", "load_drift_ends"]
+
+#: the layout of a part: a part of another layout (an earlier version's) is not reused
+PART_FORMAT = 2
 
 
 def part_path(d: Path, start: int, stop: int) -> Path:
@@ -30,12 +33,15 @@ def part_key(entry: InputEntry, start: int, stop: int, chash: str, model_sha: st
     used = entry.companion is not None and entry.companion_used
     return {"sha256": entry.sha256, "start": start, "stop": stop, "config_hash": chash, "model_sha256": model_sha,
             "stemfast_version": __version__, "companion_sha256": entry.companion.sha256 if used else None,
-            "read_options": ReadOptions.key_of(read_options)}
+            "read_options": ReadOptions.key_of(read_options), "part_format": PART_FORMAT}
 
 
-def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> None:
-    """Write the frame results of a chunk (tables, records, top patches) into one ``.npz``, atomically."""
+def save_part(path: Path, results: list[FrameResult], key: dict, info: dict, ends: DriftEnds | None = None) -> None:
+    """Write the frame results of a chunk (tables, records, top patches) and its drift ends (the drift
+    views of its first and last frames with a lattice, :class:`~stemfast.batch.frames.DriftEnds`) into
+    one ``.npz``, atomically."""
     arrays: dict[str, np.ndarray] = {}
+    drift = _drift_ends_arrays(ends or DriftEnds(), arrays)
     metas = []
     for k, r in enumerate(results):
         cols = []
@@ -53,12 +59,33 @@ def save_part(path: Path, results: list[FrameResult], key: dict, info: dict) -> 
                       # bands there to link the sites where the lattice has them, as in one process)
                       "table_meta": getattr(r.table, "meta", None) or {} if r.table is not None else None,
                       "patches": r.top_patches is not None})
-    arrays["__meta__"] = np.array(json.dumps({"key": key, "info": info, "frames": metas}, default=json_default))
+    arrays["__meta__"] = np.array(json.dumps({"key": key, "info": info, "frames": metas, "drift_ends": drift},
+                                             default=json_default))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _drift_ends_arrays(ends: DriftEnds, arrays: dict) -> dict:
+    """The JSON part of ``ends``; its drift views go into ``arrays`` (``drift_first``, ``drift_first_gap``, ...)."""
+    out = {"has_lattice": bool(ends.has_lattice), "shape": list(ends.shape) if ends.shape else None}
+    for name in ("first", "last"):
+        end = getattr(ends, name)
+        out[name] = None if end is None else int(end[0])
+        if end is not None:
+            arrays[f"drift_{name}"], arrays[f"drift_{name}_gap"] = np.asarray(end[1][0]), np.asarray(end[1][1])
+    return out
+
+
+def load_drift_ends(path: Path) -> DriftEnds:
+    """The :class:`~stemfast.batch.frames.DriftEnds` of a part."""
+    with np.load(path, allow_pickle=False) as z:
+        d = json.loads(str(z["__meta__"]))["drift_ends"]
+        ends = {name: None if d[name] is None else (int(d[name]), (z[f"drift_{name}"], z[f"drift_{name}_gap"]))
+                for name in ("first", "last")}
+    return DriftEnds(bool(d["has_lattice"]), ends["first"], ends["last"], tuple(d["shape"]) if d["shape"] else None)
 
 
 def json_default(o):

@@ -22,10 +22,10 @@ from ..atomic import StagedDir, staged_dir
 from ..config import ReadOptions
 from .common import crash_hook
 from .companions import CompanionError, companion_notes, read_companion
-from .frames import FrameResult, FrameWindow, count_frames, iter_frames, read_frame
+from .frames import DriftEnds, FrameResult, FrameWindow, count_frames, iter_frames, linked_drift, read_frame
 from .inputs import InputEntry, describe_input, read_failure_reason, read_input
 from .outputs import InputSource, RunSettings, assemble, start_assemble
-from .parts import load_part, part_key, part_meta, part_path, save_part
+from .parts import load_drift_ends, load_part, part_key, part_meta, part_path, save_part
 from .results import InputResult
 from .status import InputUnreadable, clean_dir, failure_reason, result_from_summary, skip_input, write_done
 
@@ -179,7 +179,9 @@ def _with_open_time(frames: Iterable[FrameResult], open_s: float) -> Iterator[Fr
 
 def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, stop: int, *, model,
                   model_sha: str | None, config, chash: str, read_options: ReadOptions | None = None) -> str:
-    """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``.
+    """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``, with
+    the drift views of its first and last frames with a lattice (:class:`~stemfast.batch.frames.DriftEnds`:
+    the drift of its first one is measured at assembly, from the chunks before). Only these frames are read.
 
     A part that already exists for the same input, settings and model is kept (a rerun after a
     crash does not redo it). Returns the part's path. Raises when the file cannot be opened.
@@ -191,21 +193,21 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     if old is not None and old.get("key") == key:
         return str(path)
     crash_hook("task_start", f"{entry.name}[{start}:{stop}]")
-    lo = max(0, start - 1)  # the frame before the chunk, for the drift
     # only the chunk's frames are read (compressed stacks are not loaded whole)
-    mg = FrameWindow(read_input(entry.path, read_options, frames=slice(lo, stop)), lo)
+    mg = FrameWindow(read_input(entry.path, read_options, frames=slice(start, stop)), start)
     companion = None
     if entry.companion is not None and entry.companion_used:  # checked when the chunks were planned
-        cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(lo, stop),
-                                    **entry.companion.read_kwargs()), lo)
+        cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(start, stop),
+                                    **entry.companion.read_kwargs()), start)
         companion = cw.frame
+    ends = DriftEnds()  # the chunk's drift is linked to the chunks before it at assembly
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
-                               patch_size=patch_size_of(model, config), prev_frame=start - 1,
+                               patch_size=patch_size_of(model, config), ends=ends,
                                desc=f"{entry.name}[{start}:{stop}]", companion=companion))
     n = entry.n_frames if entry.n_frames is not None else stop
     info = {**input_info(entry, mg.mg, config), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
-    save_part(path, results, key, info)
+    save_part(path, results, key, info, ends)
     return str(path)
 
 
@@ -228,9 +230,8 @@ def assemble_parts(entry: InputEntry, out_dir: str | os.PathLike, part_paths: Se
             opened.append(read_input(entry.path, read_options))
         return read_frame(opened[0], i)
 
-    def frames() -> Iterator[FrameResult]:
-        for p in parts:
-            yield from load_part(p)
+    def frames() -> Iterator[FrameResult]:  # each chunk's drift measured from the chunks before it
+        return linked_drift(((load_drift_ends(p), load_part(p)) for p in parts), desc=entry.name)
 
     src = InputSource(entry, n, bool(info.get("is_stack", True)), info, get_frame)
     try:
