@@ -34,7 +34,8 @@ def setup():
 
 
 def analyse(setup, images, **kw):
-    """The frame results of ``images`` [frames, H, W] (``kw``: iter_frames' ``frames``, ``ends``)."""
+    """The frame results of ``images`` [frames, H, W] (``kw``: iter_frames' ``frames``, ``check_settings``,
+    ``ends``)."""
     from stemfast.batch.frames import FrameWindow, iter_frames
     from stemfast.io import Micrograph
 
@@ -56,7 +57,7 @@ def chunked(setup, images, bounds):
     chunks = []
     for a, b in bounds:
         ends = DriftEnds()
-        chunks.append((ends, analyse(setup, images, frames=list(range(a, b)), ends=ends)))
+        chunks.append((ends, analyse(setup, images, frames=list(range(a, b)), check_settings=a == 0, ends=ends)))
     return list(linked_drift(chunks))
 
 

@@ -667,6 +667,29 @@ def test_chunked_frames_assemble_to_the_same_tracks(batch_run):
         assert (out2 / "series" / f).read_bytes() == (root / "out" / "series" / f).read_bytes()
 
 
+def test_chunks_check_a_given_spacing_once_as_the_in_process_run(batch_run):
+    """A --spacing that disagrees with the image's estimate is a warning on the stack's first frame only,
+    in chunks (the Dask path) as in one process. Before, every chunk checked its own first frame (warnings
+    on frames 0, 4, 8 of a 12-frame stack in chunks of 4, on frame 0 in one process)."""
+    from stemfast.batch import discover_inputs, load_model, process_chunk
+    from stemfast.batch.parts import load_part
+    from stemfast.config import config_hash, file_sha256, load_config
+
+    root, _, _, _ = batch_run
+    spacing = json.loads((root / "out" / "series" / "summary.json").read_text())["lattice"]["spacing_px"]
+    cfg = load_config(None, {**TINY, "sites.spacing": round(1.2 * spacing, 2)})
+    (entry,) = discover_inputs(root / "data")
+    entry.sha256, entry.n_frames = file_sha256(entry.path), 6
+    model = load_model(root / "out" / "model.pt")
+    sha = file_sha256(root / "out" / "model.pt")
+    out = root / "out_spacing"
+    warned = [fr.meta["frame"] for a, b in ((0, 3), (3, 6))
+              for fr in load_part(process_chunk(entry, out, a, b, model=model, model_sha=sha, config=cfg,
+                                                chash=config_hash(cfg)))
+              if any("differs from the image's own estimate" in w for w in fr.meta["warnings"])]
+    assert warned == [0]
+
+
 def test_align_bases_names_every_local_fit_like_the_reference():
     """Local fits may name the lattice by -a1, a1 + a2, ... (the new front end flips a1 between sites);
     node arithmetic needs one naming: every equivalent pair of first-shell vectors maps back to ref."""

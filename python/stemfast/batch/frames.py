@@ -278,11 +278,13 @@ def linked_drift(chunks: Iterable[tuple[DriftEnds, Iterable[FrameResult]]], desc
 
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", bar: bool = False, desc: str = "", companion=None,
-                 ends: DriftEnds | None = None) -> Iterator[FrameResult]:
+                 check_settings: bool = True, ends: DriftEnds | None = None) -> Iterator[FrameResult]:
     """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift of each frame with a
     lattice to the last frame before it with one (:func:`has_lattice`, :func:`_frame_drift`): frames
     without a lattice are never registered, the frame after them is measured across the gap.
 
+    ``check_settings``: compare the settings with the first frame read (:func:`settings_vs_image`'s
+    estimate; the chunks of a stack after its first: False, the stack is checked once).
     ``ends``: ``frames`` are a chunk of a stack: the drift of its first frame with a lattice is left to
     the assembly (:func:`linked_drift`), the chunk's :class:`DriftEnds` are filled in.
     ``companion``: the second detector's image of a 2-D input, or for a stack a function of the frame
@@ -291,7 +293,7 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
     stack = getattr(mg, "is_stack", False)
     it = progress_bar(prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
               total=len(frames))
-    checked = False
+    checked = not check_settings
     for f, img, exc, read_s in it:
         if exc is not None:  # a truncated stack: report the frame, go on
             rec = frame_record(f)

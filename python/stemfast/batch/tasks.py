@@ -202,7 +202,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
         companion = cw.frame
     ends = DriftEnds()  # the chunk's drift is linked to the chunks before it at assembly
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
-                               patch_size=patch_size_of(model, config), ends=ends,
+                               patch_size=patch_size_of(model, config), check_settings=start == 0, ends=ends,
                                desc=f"{entry.name}[{start}:{stop}]", companion=companion))
     n = entry.n_frames if entry.n_frames is not None else stop
     info = {**input_info(entry, mg.mg, config), "n_frames": int(n), "is_stack": True,
