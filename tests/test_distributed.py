@@ -171,7 +171,8 @@ def _without_timings(o):
 
 def _hard_stacks(root: Path) -> Path:
     """Stacks of 6 frames a Dask run splits (2 frames a chunk) where the chunks' ends matter: ``blank``
-    (frames 1 and 4 blank: the last frame of a chunk and the first of another have no lattice)."""
+    (frames 1 and 4 blank: the last frame of a chunk and the first of another have no lattice), ``f64``
+    (float64 values near 1e9, of another dose in frames 2-3 and 4-5: rescaled to float32)."""
     import numpy as np
 
     from stemfast.synthetic import make_mos2
@@ -181,6 +182,8 @@ def _hard_stacks(root: Path) -> Path:
     blank = st.copy()
     blank[[1, 4]] = float(st.mean())
     np.savez(root / "blank.npz", image=blank, pixel_size=0.012, unit="nm")
+    dose = np.array([1.0, 1.0, 0.5, 0.5, 2.0, 2.0])[:, None, None]
+    np.savez(root / "f64.npz", image=st.astype(np.float64) * dose + 1e9, pixel_size=0.012, unit="nm")
     return root
 
 
@@ -198,7 +201,7 @@ def hard_runs(ref, tmp_path_factory):
         out = tmp / ("dask" if sched else "local")
         rep = run_batch(data, out, config=cfg, model_path=out_ref / "model.pt", scheduler=sched, frames_per_task=2,
                         read_options=ReadOptions(fill_nonfinite=True), show_progress=False)
-        assert {r.name: r.status for r in rep.results} == {"blank": "done"}
+        assert {r.name: r.status for r in rep.results} == {"blank": "done", "f64": "done"}
         runs.append(out)
     return data, *runs
 
@@ -223,3 +226,17 @@ def test_frames_without_a_lattice_at_the_chunks_ends_keep_the_drift_and_tracks(h
     s = json.loads((b / "blank" / "summary.json").read_text())
     assert s["frames"][2]["drift_over_gap"]["from_frame"] == 0 and s["frames"][5]["drift_over_gap"]["from_frame"] == 3
     assert s["tracking"]["drift_breaks"] == [] and s["tracking"]["n_tracks"] >= 1
+
+
+def test_a_rescaled_stack_is_in_the_units_of_the_whole_stack_in_every_chunk(hard_runs):
+    """float64 values near 1e9 (doses 1, 0.5, 2 by chunk) are rescaled by the whole stack's minimum and
+    range in every chunk, as in one process. Before, each chunk rescaled by its own (the intensities changed
+    units at every chunk: x2.89, x2.84, x1.0 on the reviewer's stack) and summary.json gave the first's."""
+    import numpy as np
+
+    data, a, b = hard_runs
+    _same_stack(a, b, "f64")
+    s = json.loads((b / "f64" / "summary.json").read_text())
+    with np.load(data / "f64.npz") as z:
+        lo, hi = float(z["image"].min()), float(z["image"].max())
+    assert (s["input"]["rescaled"]["offset"], s["input"]["rescaled"]["scale"]) == (lo, hi - lo)

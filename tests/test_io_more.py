@@ -323,3 +323,20 @@ def test_spelled_out_units_are_lengths(tmp_path, unit, nm):
         assert mg.pixel_size == pytest.approx(0.5 * nm) and mg.unit == "nm"
     else:
         assert mg.pixel_size is None and mg.metadata["calibration_ignored"]["pixel_size_nm"] == pytest.approx(0.5 * nm)
+
+
+def test_some_frames_of_a_rescaled_stack_are_read_in_the_whole_stacks_units(tmp_path):
+    """float64 values near 1e9 are rescaled by the minimum and range of what is read; frames read apart
+    (frames=, a Dask chunk) with the whole stack's rescaling are the whole stack's frames, bit for bit."""
+    a = np.random.default_rng(0).normal(size=(4, 32, 32)) * np.array([1.0, 1.0, 3.0, 3.0])[:, None, None] + 1e9
+    np.save(tmp_path / "s.npy", a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReadWarning)
+        whole = read(tmp_path / "s.npy")
+        own = read(tmp_path / "s.npy", frames=slice(0, 2))
+    part = read(tmp_path / "s.npy", frames=slice(0, 2), rescale=whole.metadata["rescaled"])
+    assert np.array_equal(part.data, whole.data[:2]) and not np.allclose(own.data, whole.data[:2])
+    assert part.metadata["rescaled"]["offset"] == whole.metadata["rescaled"]["offset"] == float(a.min())
+    assert "rescaled" not in read(tmp_path / "s.npy", frames=slice(2, 4), rescale=False).metadata
+    with pytest.raises(ValueError, match="scale > 0"):
+        read(tmp_path / "s.npy", rescale={"offset": 0.0, "scale": 0.0})

@@ -199,7 +199,7 @@ class Micrograph:
 # ---------------------------------------------------------------------------------------------
 def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None = None,
          dataset: str | None = None, allow_nonfinite: bool = False,
-         max_nonfinite_fraction: float = 1.0) -> Micrograph:
+         max_nonfinite_fraction: float = 1.0, rescale: dict | bool | None = None) -> Micrograph:
     """Read a micrograph file.
 
     Parameters
@@ -226,6 +226,11 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
         would invent the image). A region of them -- an aligned frame's NaN padding, runs of whole
         8 px blocks (:func:`stemfast.nodata.regions_of`) -- does not count: filled with one value it
         stays a region without data, where no site is placed.
+    rescale : how values float32 cannot carry safely are rescaled (see Notes): None decides from the
+        values read; ``False`` never rescales; a mapping with ``offset`` and ``scale`` (a file's
+        ``metadata["rescaled"]``) rescales to ``(x - offset) / scale``. Reading some frames of a stack
+        (``frames=``) in the units of the whole stack: pass the whole stack's ``metadata.get("rescaled")
+        or False`` (decided from the frames read, each chunk of a stack would have units of its own).
 
     Returns
     -------
@@ -269,7 +274,7 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     raw = _read_raw(p, ext, frames, dataset)
     data, pixel_size, unit, meta = raw
     data = _prepare(p, data, meta, allow_nonfinite=allow_nonfinite, max_nonfinite_fraction=max_nonfinite_fraction,
-                    read_frames=frames)
+                    read_frames=frames, rescale=rescale)
     pixel_size, unit = _checked_calibration(p, pixel_size, unit, meta)
     side = sidecar(p, data.shape[-1])
     if side:
@@ -522,9 +527,11 @@ def scan_micrographs(directory: str | os.PathLike, *, recursive: bool = True,
 # validation
 # ---------------------------------------------------------------------------------------------
 def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
-             max_nonfinite_fraction: float = 1.0, read_frames: Any = None) -> np.ndarray:
+             max_nonfinite_fraction: float = 1.0, read_frames: Any = None,
+             rescale: dict | bool | None = None) -> np.ndarray:
     """Shape/dtype/value checks and the float32 conversion shared by all readers (``read_frames``: the
-    frames read, :func:`read`'s ``frames``, for the frame numbers of the messages)."""
+    frames read, :func:`read`'s ``frames``, for the frame numbers of the messages; ``rescale``:
+    :func:`read`'s)."""
     if not isinstance(data, np.ndarray):
         shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", None)
         if shape is not None:
@@ -568,8 +575,8 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
     keep_map = isinstance(data, np.memmap) and data.ndim == 3 and data.dtype == np.float32 \
         and data.dtype.isnative
     _check_memory(path, data.shape, data.dtype, lazy_frames=keep_map)
-    if not keep_map and data.dtype.kind in "iuf":
-        data = _safe_range(path, data, meta)
+    if not keep_map and data.dtype.kind in "iuf" and rescale is not False:
+        data = _safe_range(path, data, meta) if rescale is None else _rescaled(path, data, meta, rescale)
     if keep_map:
         bad = 0
         for i in range(data.shape[0]):
@@ -623,6 +630,22 @@ def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
     big = max(abs(lo), abs(hi))
     if rng == 0 or (big <= _SAFE_MAX and rng >= _SAFE_MIN_RANGE and big <= _SAFE_OFFSET * rng):
         return data
+    msg = (f"{path}: pixel values from {lo:.6g} to {hi:.6g} do not fit float32 safely; rescaled to "
+           "(x - min) / (max - min) in float64")
+    warnings.warn(msg, ReadWarning, stacklevel=4)
+    log.info("%s", msg)
+    return _rescaled(path, data, meta, {"offset": lo, "scale": rng})
+
+
+def _rescaled(path: Path, data: np.ndarray, meta: dict, rescale) -> np.ndarray:
+    """``data`` as float32 ``(x - offset) / scale``, computed in float64 (``rescale``: a mapping with
+    ``offset`` and ``scale``, :func:`read`'s), in row blocks; recorded in ``meta["rescaled"]``."""
+    try:
+        lo, rng = float(rescale["offset"]), float(rescale["scale"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"rescale must be None, False or a mapping with offset and scale, got {rescale!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(rng) and rng > 0):
+        raise ValueError(f"rescale needs a finite offset and a finite scale > 0, got {rescale!r}")
     out = np.empty(data.shape, dtype=np.float32)
     flat_in = data.reshape(-1, data.shape[-1])
     flat_out = out.reshape(-1, data.shape[-1])
@@ -630,10 +653,7 @@ def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
     scale = 1.0 / rng
     for a in range(0, flat_in.shape[0], step):
         flat_out[a:a + step] = (np.asarray(flat_in[a:a + step], dtype=np.float64) - lo) * scale
-    msg = (f"{path}: pixel values from {lo:.6g} to {hi:.6g} do not fit float32 safely; rescaled to "
-           "(x - min) / (max - min) in float64")
-    warnings.warn(msg, ReadWarning, stacklevel=4)
-    log.info("%s", msg)
+    log.debug("%s: rescaled to (x - %r) / %r", path, lo, rng)
     meta["rescaled"] = {"offset": lo, "scale": rng, "note": "data = (source - offset) / scale"}
     return out
 

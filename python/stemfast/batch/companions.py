@@ -64,7 +64,7 @@ import numpy as np
 from ..config import ReadOptions
 from ..detectors import DETECTOR_NAMES, detector_key
 from ..errors import SettingsError
-from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input
+from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input, whole_rescale
 
 __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion",
            "companion_notes", "same_scan_refusal", "automatic_companion", "signal_companion", "title_companion",
@@ -431,6 +431,7 @@ def _read_checked(entry: InputEntry, mg, read_options: ReadOptions | None):
     if shape != want:
         raise CompanionError(f"companion {path} has shape {shape[0]} x {shape[1]}, the input "
                              f"{want[0]} x {want[1]}: not two detectors of the same scan")
+    entry.companion.rescale = whole_rescale(cm)  # a chunk of a stack reads its frames in these units
     return cm
 
 

@@ -16,11 +16,13 @@ Task layout
   written to ``OUT/<name>/.parts/``) plus one assembling task (:func:`stemfast.batch.tasks.assemble_parts`)
   that streams the parts, in frame order, into the same outputs as the in-process run and then
   deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
-  compressed stacks are never loaded whole on a worker. A part keeps the drift views of its first and
-  last frames with a lattice; the assembling task measures the drift of each chunk's first frame with a
-  lattice from the last one before it (:func:`stemfast.batch.frames.linked_drift`), so the frame-to-frame
-  drift is the same as in the in-process run, across frames without a lattice at the chunks' ends too.
-  Stacks with at most ``frames_per_task`` frames are one task. The defects of
+  compressed stacks are never loaded whole on a worker; they are read in the units of the whole stack
+  (its rescaling, found when the client opened the file to plan the chunks: ``InputEntry.described``).
+  A part keeps the drift views of its
+  first and last frames with a lattice; the assembling task measures the drift of each chunk's first
+  frame with a lattice from the last one before it (:func:`stemfast.batch.frames.linked_drift`), so the
+  frame-to-frame drift is the same as in the in-process run, across frames without a lattice at the
+  chunks' ends too. Stacks with at most ``frames_per_task`` frames are one task. The defects of
   a stack are linked through its frames (:mod:`stemfast.tracking`) by the assembling task, which
   reads the parts in frame order: the ids are those of the in-process run.
 
@@ -50,8 +52,7 @@ from typing import Iterator, Sequence
 from ..heap import reuse_freed_memory
 from .common import progress_bar
 from .companions import CompanionError, read_companion
-from .frames import count_frames
-from .inputs import read_failure_reason, read_input
+from .inputs import note_whole_read, read_failure_reason, read_input
 from .model_state import load_model
 from .status import clean_dir, failure_reason, skip_input
 from .tasks import assemble_parts, process_chunk, process_input
@@ -359,11 +360,13 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
     plan = []  # (entry, n_frames)
     for e in entries:
         n, mg = e.n_frames, None
-        if n is None:  # the file has not been opened in this run: open it (lazily) to plan its tasks
+        # a file not opened in this run is opened (lazily) to plan its tasks; a stack analysed in chunks also
+        # for what its chunks need of the whole file (its units, the notes on all its frames: e.described)
+        if n is None or (n > frames_per_task and e.described is None):
             try:
                 mg = read_input(e.path, read_options)
-                n = count_frames(mg)
-                e.n_frames = n
+                note_whole_read(e, mg)
+                n = e.n_frames
             except Exception as exc:  # noqa: BLE001 - unreadable: report it like the in-process run
                 results[e.name] = skip_input(e, out / e.name, read_failure_reason(exc), cache=True,
                                              read_options=read_options)

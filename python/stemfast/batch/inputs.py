@@ -19,7 +19,7 @@ from .common import RESERVED_NAMES
 from .frames import count_frames
 
 __all__ = ["InputEntry", "CompanionFile", "discover_inputs", "fingerprint_input", "read_input", "inputs_key", "describe_input",
-           "safe_name", "unique_names", "read_failure_reason"]
+           "safe_name", "unique_names", "read_failure_reason", "whole_rescale", "note_whole_read"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -38,6 +38,9 @@ class CompanionFile:
     found: str = "given"
     #: the title of the image in a file that holds several (another detector of a Velox EMD), or None
     signal: str | None = None
+    #: how its whole file's values were rescaled (:func:`whole_rescale`), noted when it was checked
+    #: against the input; a chunk of a stack reads the companion's frames with it (None: not known)
+    rescale: dict | bool | None = None
 
     def fingerprint(self) -> dict:
         fp = {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
@@ -70,6 +73,10 @@ class InputEntry:
     companion_missing: str | None = None
     companion_note: str | None = None
     companion_used: bool = True
+    #: what the reader told of the whole file (:func:`describe_input`), noted where it was read whole
+    #: (:func:`note_whole_read`: for the training, by the Dask planner). A chunk of a stack reads its frames
+    #: in the same units (``described["rescaled"]``, :func:`whole_rescale`). None: not known.
+    described: dict | None = None
 
     def fingerprint(self) -> dict:
         fp = {"path": str(self.path), "rel": self.rel, "sha256": self.sha256, "size": self.size,
@@ -327,6 +334,19 @@ def _calibration_ignored(meta: dict, info: dict) -> str | None:
         return (f"the file's calibration ({meta['calibration_ignored'].get('pixel_size_nm'):.4g} nm per pixel) "
                 "is no micrograph's and was not used: a diffraction pattern's or a broken tag")
     return unit_not_a_length(info.get("pixel_size"), info.get("unit"))
+
+
+def whole_rescale(mg) -> dict | bool:
+    """How the values of a file read whole (``mg``) were rescaled (``metadata["rescaled"]``), False where
+    they were not: :func:`stemfast.io.read`'s ``rescale`` that reads some of its frames in the same units."""
+    return (getattr(mg, "metadata", None) or {}).get("rescaled") or False
+
+
+def note_whole_read(entry: InputEntry, mg) -> None:
+    """Note on ``entry`` what its file read whole (``mg``) tells: the frame count and
+    :attr:`InputEntry.described`."""
+    entry.n_frames = count_frames(mg)
+    entry.described = describe_input(mg)
 
 
 def read_failure_reason(exc: BaseException) -> str:

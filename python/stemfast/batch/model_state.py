@@ -24,8 +24,8 @@ from ..config import ReadOptions
 from ..config import config_to_dict, file_sha256
 from ..errors import ModelFileError, describe_os_error
 from .common import DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
-from .frames import count_frames, read_frame
-from .inputs import InputEntry, inputs_key, read_failure_reason, read_input
+from .frames import read_frame
+from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason, read_input
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
            "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
@@ -224,8 +224,8 @@ class _PatchPool:
             if on_skip:
                 on_skip(e, str(exc))
             return
-        n = count_frames(mg)
-        e.n_frames = n
+        note_whole_read(e, mg)  # the frame count, and what a chunk of a stack needs of the whole file (Dask)
+        n = e.n_frames
         frames = sample_frames(n, train_frames)
         upf = max(64, self.per_unit // len(frames))
         for f in frames:

@@ -181,7 +181,8 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
                   model_sha: str | None, config, chash: str, read_options: ReadOptions | None = None) -> str:
     """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``, with
     the drift views of its first and last frames with a lattice (:class:`~stemfast.batch.frames.DriftEnds`:
-    the drift of its first one is measured at assembly, from the chunks before). Only these frames are read.
+    the drift of its first one is measured at assembly, from the chunks before). Only these frames are
+    read, in the units of the whole stack where ``entry.described`` knows them (the Dask planner's).
 
     A part that already exists for the same input, settings and model is kept (a rerun after a
     crash does not redo it). Returns the part's path. Raises when the file cannot be opened.
@@ -193,12 +194,13 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     if old is not None and old.get("key") == key:
         return str(path)
     crash_hook("task_start", f"{entry.name}[{start}:{stop}]")
-    # only the chunk's frames are read (compressed stacks are not loaded whole)
-    mg = FrameWindow(read_input(entry.path, read_options, frames=slice(start, stop)), start)
+    # only the chunk's frames are read (compressed stacks are not loaded whole), in the whole stack's units
+    rescale = None if entry.described is None else (entry.described.get("rescaled") or False)
+    mg = FrameWindow(read_input(entry.path, read_options, frames=slice(start, stop), rescale=rescale), start)
     companion = None
     if entry.companion is not None and entry.companion_used:  # checked when the chunks were planned
         cw = FrameWindow(read_input(entry.companion.path, read_options, frames=slice(start, stop),
-                                    **entry.companion.read_kwargs()), start)
+                                    rescale=entry.companion.rescale, **entry.companion.read_kwargs()), start)
         companion = cw.frame
     ends = DriftEnds()  # the chunk's drift is linked to the chunks before it at assembly
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
