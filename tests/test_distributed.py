@@ -172,7 +172,8 @@ def _without_timings(o):
 def _hard_stacks(root: Path) -> Path:
     """Stacks of 6 frames a Dask run splits (2 frames a chunk) where the chunks' ends matter: ``blank``
     (frames 1 and 4 blank: the last frame of a chunk and the first of another have no lattice), ``f64``
-    (float64 values near 1e9, of another dose in frames 2-3 and 4-5: rescaled to float32)."""
+    (float64 values near 1e9, of another dose in frames 2-3 and 4-5: rescaled to float32), ``nan`` (NaN
+    pixels in frame 3, filled with --fill-nonfinite)."""
     import numpy as np
 
     from stemfast.synthetic import make_mos2
@@ -184,6 +185,10 @@ def _hard_stacks(root: Path) -> Path:
     np.savez(root / "blank.npz", image=blank, pixel_size=0.012, unit="nm")
     dose = np.array([1.0, 1.0, 0.5, 0.5, 2.0, 2.0])[:, None, None]
     np.savez(root / "f64.npz", image=st.astype(np.float64) * dose + 1e9, pixel_size=0.012, unit="nm")
+    nan = st.copy()
+    yx = np.random.default_rng(0).integers(0, 128, (30, 2))
+    nan[3, yx[:, 0], yx[:, 1]] = np.nan
+    np.savez(root / "nan.npz", image=nan, pixel_size=0.012, unit="nm")
     return root
 
 
@@ -201,7 +206,7 @@ def hard_runs(ref, tmp_path_factory):
         out = tmp / ("dask" if sched else "local")
         rep = run_batch(data, out, config=cfg, model_path=out_ref / "model.pt", scheduler=sched, frames_per_task=2,
                         read_options=ReadOptions(fill_nonfinite=True), show_progress=False)
-        assert {r.name: r.status for r in rep.results} == {"blank": "done", "f64": "done"}
+        assert {r.name: r.status for r in rep.results} == {"blank": "done", "f64": "done", "nan": "done"}
         runs.append(out)
     return data, *runs
 
@@ -240,3 +245,16 @@ def test_a_rescaled_stack_is_in_the_units_of_the_whole_stack_in_every_chunk(hard
     with np.load(data / "f64.npz") as z:
         lo, hi = float(z["image"].min()), float(z["image"].max())
     assert (s["input"]["rescaled"]["offset"], s["input"]["rescaled"]["scale"]) == (lo, hi - lo)
+
+
+def test_the_input_notes_of_a_stack_on_dask_are_of_all_its_frames(hard_runs):
+    """NaN pixels in frame 3 (the second chunk), filled with --fill-nonfinite: summary.json counts and says
+    them and done.json records the read options that filled them, as in one process. Before, the notes came
+    from the first chunk only: nothing said, and a rerun without --fill-nonfinite took the result as current."""
+    from stemfast.config import ReadOptions
+
+    _, a, b = hard_runs
+    _same_stack(a, b, "nan")
+    s = json.loads((b / "nan" / "summary.json").read_text())
+    assert s["input"]["nonfinite_replaced"] == 30 and any("30 NaN/infinite pixels" in w for w in s["warnings"])
+    assert json.loads((b / "nan" / "done.json").read_text())["read_options"] == ReadOptions(fill_nonfinite=True).key()

@@ -17,8 +17,8 @@ Task layout
   that streams the parts, in frame order, into the same outputs as the in-process run and then
   deletes them. A chunk task reads only its frames (``io.read(path, frames=slice)``), so
   compressed stacks are never loaded whole on a worker; they are read in the units of the whole stack
-  (its rescaling, found when the client opened the file to plan the chunks: ``InputEntry.described``).
-  A part keeps the drift views of its
+  (its rescaling, found when the client opened the file to plan the chunks: ``InputEntry.described``,
+  which the parts also carry as the description of the input). A part keeps the drift views of its
   first and last frames with a lattice; the assembling task measures the drift of each chunk's first
   frame with a lattice from the last one before it (:func:`stemfast.batch.frames.linked_drift`), so the
   frame-to-frame drift is the same as in the in-process run, across frames without a lattice at the

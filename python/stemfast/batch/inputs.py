@@ -75,7 +75,8 @@ class InputEntry:
     companion_used: bool = True
     #: what the reader told of the whole file (:func:`describe_input`), noted where it was read whole
     #: (:func:`note_whole_read`: for the training, by the Dask planner). A chunk of a stack reads its frames
-    #: in the same units (``described["rescaled"]``, :func:`whole_rescale`). None: not known.
+    #: in the same units (``described["rescaled"]``, :func:`whole_rescale`) and its outputs describe the
+    #: whole input, not the chunk (the pixels filled in all its frames). None: not known.
     described: dict | None = None
 
     def fingerprint(self) -> dict:

@@ -149,12 +149,13 @@ def start_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_s
                         read_options=read_options)
 
 
-def input_info(entry: InputEntry, mg, config=None) -> dict:
-    """What the outputs say about an opened input (:func:`~stemfast.batch.inputs.describe_input`), with
-    the note of a missing companion (:func:`~stemfast.batch.companions.companion_notes`) and, with the
-    ``config``, of a sidecar that names another material than the one analysed (both among its notes
-    and its ``read_warnings``)."""
-    info = describe_input(mg)
+def input_info(entry: InputEntry, mg, config=None, *, described: dict | None = None) -> dict:
+    """What the outputs say about an opened input (:func:`~stemfast.batch.inputs.describe_input`, or
+    ``described``: that of the whole file where ``mg`` holds some of its frames), with the note of a
+    missing companion (:func:`~stemfast.batch.companions.companion_notes`) and, with the ``config``, of a
+    sidecar that names another material than the one analysed (both among its notes and its
+    ``read_warnings``)."""
+    info = dict(described) if described is not None else describe_input(mg)
     said = companion_notes(entry)  # each qualifies the results: a warning (describe_input's read_warnings)
     side = (getattr(mg, "metadata", None) or {}).get("sidecar") or {}
     used = getattr(getattr(config, "sites", None), "material", None)
@@ -182,7 +183,8 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     """Analyse frames ``start:stop`` of a stack into ``OUT/<name>/.parts/frames_START_STOP.npz``, with
     the drift views of its first and last frames with a lattice (:class:`~stemfast.batch.frames.DriftEnds`:
     the drift of its first one is measured at assembly, from the chunks before). Only these frames are
-    read, in the units of the whole stack where ``entry.described`` knows them (the Dask planner's).
+    read, in the units of the whole stack where ``entry.described`` knows them (the Dask planner's);
+    the part describes the whole input by it.
 
     A part that already exists for the same input, settings and model is kept (a rerun after a
     crash does not redo it). Returns the part's path. Raises when the file cannot be opened.
@@ -207,7 +209,7 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
                                patch_size=patch_size_of(model, config), check_settings=start == 0, ends=ends,
                                desc=f"{entry.name}[{start}:{stop}]", companion=companion))
     n = entry.n_frames if entry.n_frames is not None else stop
-    info = {**input_info(entry, mg.mg, config), "n_frames": int(n), "is_stack": True,
+    info = {**input_info(entry, mg.mg, config, described=entry.described), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
     save_part(path, results, key, info, ends)
     return str(path)
