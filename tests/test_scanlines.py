@@ -529,6 +529,61 @@ def test_bright_and_dark_lines_do_not_bend_the_lattice_template():
                 np.testing.assert_allclose(bands.offsets()[150:153], 6.0, atol=1.0)
 
 
+def _wide_band(seed, shift, rows=(100, 130), n=256, pad=8):
+    """Sound MoS2 at 11.4 px between sites with a row of the metal lattice along the scan lines (its
+    period along them 19.6 px), the lines ``rows`` recorded ``shift`` px to the right (they show the
+    specimen ``shift`` px to the left: cut from a wider image, no wrap-around), Poisson noise; and the
+    true sites (x, y) in the image's frame."""
+    s = make_mos2(shape=(n, n + 2 * pad), pixel_size_A=0.16, seed=seed, rates=(0, 0, 0, 0), noise=False)
+    img = s.image[:, pad:pad + n].copy()
+    img[rows[0]:rows[1]] = s.image[rows[0]:rows[1], pad - shift:pad - shift + n]
+    img = np.random.default_rng(1).poisson(np.maximum(img, 0)).astype(np.float32)
+    return img, s.truth[:, :2] - [pad, 0]
+
+
+@pytest.mark.parametrize("seed,shift", [(3, 5), (4, 5), (5, 5), (6, 5), (3, 8), (4, 8), (5, 8), (6, 8)])
+def test_a_wide_band_shifted_up_to_most_of_half_a_period_is_found_and_undone(seed, shift):
+    """30 of 256 lines recorded 5 or 8 px sideways at 11.4 px between sites: the neighbour-line search
+    saw only 4 px (a 5 px band was repaired by 3.5 px, or lines beside it that were never off were
+    moved, and an 8 px band was not seen at all; seed 5 then found a lattice sqrt(3) too fine). The
+    lattice lets shifts up to 0.44 of its period along the lines (8.6 px) be told apart, and the search
+    goes that far: the band is found and moved back by its shift, and the sites are where the truth
+    has them -- on the lattice (``lattice_positions``) and, in the band, ``shift`` px to the right in
+    the recorded image."""
+    from stemfast.scanlines import lattice_positions
+
+    img, truth = _wide_band(seed, shift)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+        clean = find_sites(_wide_band(seed, 0)[0])
+    assert clean.meta["lattice"]["scan_lines"]["jump_rows"] == []
+    sl = t.meta["lattice"]["scan_lines"]
+    assert sl["jump_rows"] == [100, 130] and "jumps_not_repaired" not in sl
+    np.testing.assert_allclose(sl["jump_px"], [shift, -shift], atol=0.25)
+    assert t.meta["spacing_px"] == pytest.approx(clean.meta["spacing_px"], rel=0.01)
+    inside = np.all((truth > 6) & (truth < img.shape[0] - 6), axis=1)
+    d, _ = cKDTree(lattice_positions(np.asarray(t.xy), t.meta)).query(truth[inside])
+    assert np.median(d) < 0.25 and np.percentile(d, 95) < 0.5, (np.median(d), np.percentile(d, 95))
+    band = inside & (truth[:, 1] > 103) & (truth[:, 1] < 127)  # away from the band's edges
+    d, _ = cKDTree(np.asarray(t.xy)).query(truth[band] + [shift, 0])
+    assert band.sum() >= 40 and np.percentile(d, 95) < 0.5, np.percentile(d, 95)
+
+
+def test_a_band_shifted_beyond_the_reach_is_not_repaired_and_said():
+    """A band 9 px off (beyond 0.44 of the 19.6 px period along the lines, 8.6 px: its lines match
+    the lattice about as well 10.6 px the other way) is not moved, and ``jumps_not_repaired`` says so
+    (it was left alone and nothing said)."""
+    img, _ = _wide_band(4, 9, pad=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    sl = t.meta["lattice"]["scan_lines"]
+    assert sl["jump_rows"] == []
+    assert "rows 100 by +9.0 px, 130 by -9.0 px" in sl["jumps_not_repaired"]
+    assert "beyond the 8.6 px" in sl["jumps_not_repaired"]
+
+
 # -- streaks over part of a line -------------------------------------------------------------------
 
 #: (row, first column, last column + 1, level of the Mo peak): glitches that lasted part of a line

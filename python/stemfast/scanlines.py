@@ -30,10 +30,13 @@ lines after it (a band, or the rest of the frame) are recorded shifted by a pixe
 neighbouring lines of a sound scan see the same columns (a column is wider than a line), so their
 profiles along x agree at zero shift (or at the scan's steady shear); across a jump they agree at
 the jump (:func:`scan_line_jumps`: the peak of the cross-correlation of each pair of neighbouring
-lines, sub-pixel), confirmed against the lattice (:func:`_confirmed_by_lattice`; a band narrower
-than a lattice translation's rows -- a glitch of a few lines at coarse sampling -- by its own lines
-against their lattice images above and below it, :func:`_narrow_bands`) and kept in bands (a jump
-and the jump back). The columns cut by a jump would read as a vacancy and its
+lines, sub-pixel, within :data:`JUMP_MAX_LAG`, or, with the lattice known, within
+:data:`JUMP_MAX_PERIOD_SHARE` of its period along the lines, :func:`jump_search_lag`), confirmed
+against the lattice (:func:`_confirmed_by_lattice`; a band narrower than a lattice translation's
+rows -- a glitch of a few lines at coarse sampling -- by its own lines against their lattice images
+above and below it, :func:`_narrow_bands`) and kept in bands (a jump and the jump back); a band
+shifted beyond :func:`jump_reach`, where it cannot be told from one shifted the other way, is not
+kept (``declined``). The columns cut by a jump would read as a vacancy and its
 neighbour; the bands are undone before the lattice is found (:meth:`ScanJumps.undo`) and the sites' positions are
 reported where the recorded image has them (:meth:`ScanJumps.recorded_x`).
 """
@@ -47,6 +50,7 @@ from scipy import fft as sfft
 from .spikes import despiked
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
+           "line_period", "jump_reach", "jump_search_lag",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
            "line_offsets", "recorded_shift", "lattice_positions", "levelled_image", "dead_runs",
            "filled_dead_runs"]
@@ -482,6 +486,18 @@ JUMP_MAX_LAG = 4
 #: standard errors of the correlation of two noise lines (``1 / sqrt(W)``): lines through vacuum, a
 #: hole or a featureless region carry no shift
 JUMP_MIN_CORRELATION_SE = 5.0
+#: with the lattice known, bands shifted by up to this share of its period along the scan lines
+#: (:func:`line_period`) are looked for and repaired: the band's lines also match the lattice one
+#: period the other way, and within this share the two readings differ by 0.12 periods and more (a
+#: 19.6 px period: up to 8.6 px, the other reading 11 px or more the other way; the lines between rows
+#: of columns that run along the scan lines match their neighbours best at half a period, 9.8 px,
+#: beyond this reach). Bands of 8 px there are measured at 7.8-8.2 px
+JUMP_MAX_PERIOD_SHARE = 0.44
+#: a jump is read again within this many px of a first reading (:func:`_remeasured`): the default
+#: search (:data:`JUMP_MAX_LAG`) so measures shifts up to this much beyond it, which are repaired at
+#: any lattice, as before the search was widened (a 4 px band at 5 px spacing, 0.46 periods, is
+#: found and confirmed by its lines' lattice images)
+JUMP_REMEASURE_PX = 2
 
 
 @dataclass(frozen=True)
@@ -496,12 +512,16 @@ class ScanJumps:
     noise : robust standard deviation of ``shift`` over the judged pairs.
     candidates : bool [H - 1], the pairs whose shift stood out, before the lattice confirmed them
         and before they were kept in bands (what :func:`confirm_jumps` starts from).
+    declined : bool [H - 1] or None, jumps the lattice confirmed but that are beyond
+        :func:`jump_reach` (bands, in pairs as ``flagged``, and jumps in none): not repaired (not in
+        ``flagged``), their shift in ``shift``.
     """
 
     shift: np.ndarray
     flagged: np.ndarray
     noise: float
     candidates: np.ndarray | None = field(default=None, repr=False, compare=False)
+    declined: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> np.ndarray:
@@ -560,6 +580,69 @@ def recorded_shift(y, offsets: np.ndarray, column_px: float = 1.0) -> np.ndarray
 
     off = ndimage.gaussian_filter1d(np.asarray(offsets, np.float64), column_px, mode="nearest")
     return np.interp(np.asarray(y, np.float64), np.arange(len(off)), off)
+
+
+def line_period(vectors) -> float:
+    """The lattice's period along the scan lines (px), from translations ``vectors`` [K, 2] (x, y) that
+    map the lattice onto itself (the shortest three): the least ``|u|^2 / |u_x|`` over them and their
+    sums and differences ``u``. A line shifted by ``s`` along x is nearer to the translation ``u`` than
+    to none once ``s`` passes half of it; where a translation runs along the lines it is that
+    translation's length.
+
+    Examples
+    --------
+    >>> line_period([[20.0, 0.0], [10.0, 17.32]])  # a row of the lattice along the scan lines
+    20.0
+    >>> round(line_period([[17.32, 10.0], [-17.32, 10.0]]), 2)  # turned by 30 deg
+    23.09
+    """
+    u = _combinations(vectors)
+    ux = np.abs(u[:, 0])
+    ok = ux > 1e-9 * np.hypot(u[:, 0], u[:, 1]).max()
+    return float(np.min((u[ok] ** 2).sum(1) / ux[ok])) if ok.any() else float("inf")
+
+
+def _combinations(vectors) -> np.ndarray:
+    """``vectors`` [K, 2] and their pairwise sums and differences."""
+    vec = np.asarray(vectors, np.float64).reshape(-1, 2)
+    return np.concatenate([vec] + [vec[i] + s * vec[j:j + 1] for i in range(len(vec))
+                                   for j in range(i + 1, len(vec)) for s in (1.0, -1.0)])
+
+
+def _along_lines(vectors) -> float:
+    """The shortest translation among ``vectors`` [K, 2] and their sums and differences that runs within
+    a line of the scan lines (``|u_y| < 1``; its ``|u_x|``, inf where none does): lines compared with
+    their lattice images match at a shift and at that shift plus or minus it."""
+    u = _combinations(vectors)
+    along = (np.abs(u[:, 1]) < 1.0) & (np.abs(u[:, 0]) > 1.0)
+    return float(np.abs(u[along, 0]).min()) if along.any() else float("inf")
+
+
+def jump_reach(vectors) -> float:
+    """How far (px) a band of jumped lines may be shifted to be repaired, on the lattice of
+    translations ``vectors`` (:func:`line_period`): :data:`JUMP_MAX_PERIOD_SHARE` of its period along
+    the scan lines, and at least what the default search measures (:data:`JUMP_MAX_LAG` and
+    :data:`JUMP_REMEASURE_PX`).
+
+    Examples
+    --------
+    >>> round(jump_reach([[19.6, 0.0], [9.8, 16.97]]), 2), jump_reach([[8.66, 0.0], [4.33, 7.5]])
+    (8.62, 6.0)
+    """
+    return max(float(JUMP_MAX_LAG + JUMP_REMEASURE_PX), JUMP_MAX_PERIOD_SHARE * line_period(vectors))
+
+
+def jump_search_lag(vectors) -> int:
+    """The neighbour-line search range (px, :func:`scan_line_jumps`' ``max_lag``) on the lattice of
+    translations ``vectors``: :data:`JUMP_MAX_LAG`, or as far as :data:`JUMP_MAX_PERIOD_SHARE` of the
+    lattice's period along the scan lines (:func:`line_period`) where that is farther.
+
+    Examples
+    --------
+    >>> jump_search_lag([[19.6, 0.0], [9.8, 16.97]]), jump_search_lag([[8.66, 0.0], [4.33, 7.5]])
+    (9, 4)
+    """
+    return max(JUMP_MAX_LAG, int(np.ceil(JUMP_MAX_PERIOD_SHARE * line_period(vectors))))
 
 
 def scan_line_jumps(image, vectors=None, *, threshold: float = JUMP_THRESHOLD, min_px: float = JUMP_MIN_PX,
@@ -652,17 +735,61 @@ def _jump_columns(image) -> np.ndarray:
 
 
 def _confirm(img: np.ndarray, jumps: ScanJumps, vectors, lag: int, min_px: float) -> ScanJumps:
+    """``jumps`` with the candidates the lattice of translations ``vectors`` confirms in bands
+    (:func:`_confirmed_by_lattice`, then :func:`_bands`; the narrow ones by :func:`_narrow_bands`) as
+    ``flagged``, each band's shift from its jumps as the lattice confirmed them (their lines read
+    again near the lattice's reading -- a band shifted to the search's edge ``lag`` is read short
+    there -- and the lattice's reading), and the bands shifted beyond :func:`jump_reach`, and the
+    confirmed jumps beyond it that are in no band, as ``declined`` instead."""
     cand = jumps.candidates
-    flagged = np.zeros_like(cand)
-    if cand.any():
-        lag = max(lag, 1)
-        a = _detrended(np.asarray(img, np.float64), lag)
-        usual = _lattice_lags(a, np.asarray(vectors, np.float64).reshape(-1, 2), lag)
-        flagged = _bands(cand & _confirmed_by_lattice(a, usual, cand, jumps.shift, lag, min_px), jumps.shift)
-        # bands too narrow for that: their own lines against the lattice images above and below them
-        narrow, shift = _narrow_bands(a, usual, cand & ~flagged, jumps.shift, lag, min_px)
-        return ScanJumps(np.where(narrow, shift, jumps.shift), flagged | narrow, jumps.noise, jumps.candidates)
-    return ScanJumps(jumps.shift, flagged, jumps.noise, jumps.candidates)
+    none = np.zeros_like(cand)
+    if not cand.any():
+        return ScanJumps(jumps.shift, none, jumps.noise, jumps.candidates, none)
+    lag = max(lag, 1)
+    a = _detrended(np.asarray(img, np.float64), lag)
+    vec = np.asarray(vectors, np.float64).reshape(-1, 2)
+    usual = _lattice_lags(a, vec, lag)
+    reach = jump_reach(vec)
+    # a widened search's rows look 2 px farther: a band beyond the reach reads its shift, not the window's end
+    rows_lag = lag + JUMP_REMEASURE_PX if lag > JUMP_MAX_LAG else lag
+    confirmed, read, by_rows = _confirmed_by_lattice(a, usual, cand, jumps.shift, rows_lag, min_px,
+                                                     line_period(vec), _along_lines(vec))
+    flagged = _bands(confirmed, read, by_rows)
+    # bands too narrow for that: their own lines against the lattice images above and below them
+    b = np.flatnonzero(flagged)
+    inside = np.zeros_like(cand)
+    for b1, b2 in zip(b[0::2], b[1::2]):
+        inside[b1:b2 + 1] = True
+    narrow, shift = _narrow_bands(a, usual, cand & ~inside, jumps.shift, lag, min_px)
+    shift = np.where(narrow, shift, np.where(flagged, read, jumps.shift))
+    wide = max((dy for dy, _ in usual), default=1)
+    for b1, b2 in zip(b[0::2], b[1::2]):
+        # the band's shift: its two jumps as their lines read them and, on a band a translation's rows
+        # wide, as the rows read them (a jump between two rows of columns is read up to 0.6 px short
+        # by its lines, the rows' readings scatter by 0.1 px)
+        s = [shift[b1], -shift[b2]] + ([by_rows[b1], -by_rows[b2]] if b2 - b1 >= wide else [])
+        shift[b1] = float(np.median(s))
+        shift[b2] = -shift[b1]
+    b = np.flatnonzero(flagged | narrow)
+    # beyond the reach: the bands, and the jumps the lattice confirmed there that are in none (nor
+    # within a translation's rows of a band's jump: the rows read that one there)
+    beyond = confirmed & ~(flagged | narrow) & (np.abs(read) > reach)
+    for k in b:
+        beyond[max(0, k - wide):k + wide + 1] = False
+    shift = np.where(beyond, read, shift)
+    for b1, b2 in zip(b[0::2], b[1::2]):
+        beyond[[b1, b2]] = 0.5 * abs(shift[b1] - shift[b2]) > reach
+    return ScanJumps(shift, (flagged | narrow) & ~beyond, jumps.noise, jumps.candidates, beyond)
+
+
+def _remeasured(a: np.ndarray, b1: int, b2: int, s_band: float) -> tuple[float, float]:
+    """The jumps into a band and back (between lines ``b1``, ``b1 + 1`` and ``b2``, ``b2 + 1`` of the
+    detrended lines ``a``) measured again around the band's shift ``s_band``, within
+    :data:`JUMP_REMEASURE_PX`: ``(s, -s)``, ``s`` the mean of the two readings (a jump near the
+    search's edge, or read a period off, is not cut off by its window)."""
+    s = 0.5 * (_block_lag(a, np.array([b1]), 1, s_band, JUMP_REMEASURE_PX)
+               - _block_lag(a, np.array([b2]), 1, -s_band, JUMP_REMEASURE_PX))
+    return s, -s
 
 
 def _detrended(img: np.ndarray, max_lag: int) -> np.ndarray:
@@ -703,7 +830,8 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
     min_px``. (Where atom rows run along the scan lines, pairs of neighbouring lines that see different
     rows look like one-line bands; their lattice images scatter by a pixel and more around any such
     ``s``.) A kept band's shift is then measured again around ``s`` between the neighbouring lines of
-    its two jumps. ``a``, ``usual``: as for :func:`_confirmed_by_lattice`. Returns ``(keep, shift)``:
+    its two jumps (:func:`_remeasured`). ``a``, ``usual``: as for :func:`_confirmed_by_lattice`.
+    Returns ``(keep, shift)``:
     bool [H - 1], both jumps of each band kept, and ``shift`` with theirs set to plus and minus the
     band's measured shift."""
     keep = np.zeros_like(cand)
@@ -725,12 +853,6 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
                     seen.append(_block_lag(a, band - dy, dy, lag + s_band, max_lag) - lag)
         return len(seen) >= 2 and bool(np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)))
 
-    def measured(b1: int, b2: int, s_band: float) -> float:
-        """The band's shift from its two jumps, each measured again between its neighbouring lines
-        around ``s_band`` (a jump near ``max_lag``, or read a period off, is not cut off by the search
-        window)."""
-        return 0.5 * (_block_lag(a, np.array([b1]), 1, s_band, 2) - _block_lag(a, np.array([b2]), 1, -s_band, 2))
-
     done = -1
     for i, b1 in enumerate(b):
         if b1 <= done:
@@ -750,8 +872,7 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
             band = np.arange(b1 + 1, b2 + 1)
             if abs(s_band) >= min_px and confirmed(band, s_band):
                 keep[b1] = keep[b2] = True
-                s_band = measured(b1, b2, s_band)
-                shift[b1], shift[b2] = s_band, -s_band
+                shift[b1], shift[b2] = _remeasured(a, b1, b2, s_band)
                 done = b2
                 break
     return keep, shift
@@ -763,35 +884,91 @@ def _cancels(j1: float, j2: float) -> bool:
     return abs(j1 + j2) < 0.5 * max(abs(j1), abs(j2))
 
 
-def _bands(flagged: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """The flagged jumps that come in bands: a jump followed by the next flagged one going back by
-    about as much (:func:`_cancels`); the others are dropped, so a jump found wrongly or missed never
-    moves the rest of the image."""
+def _bands(flagged: np.ndarray, shift: np.ndarray, by_rows: np.ndarray | None = None) -> np.ndarray:
+    """The flagged jumps that come in bands: a jump and a later one going back by about as much
+    (:func:`_cancels`), the pairs that agree best first -- the two jumps cancel, and each is read
+    alike by its lines (``shift``) and by the lattice's rows (``by_rows``, where given) --, each band
+    holding no jump of another; the others are dropped, so a jump found wrongly or missed never moves
+    the rest of the image. (Where a lattice translation's rows straddle a band's jump and a line pair
+    beside it, they confirm that pair by part of the band's shift, or by a shift half a period off
+    where its lines lie between two rows of columns that run along the scan lines: a 9.4 px pair 8
+    lines into an 8 px band, a 6.2 px pair next to a 5 px jump at a 12.4 px period. The band's own
+    jumps agree best.)"""
     keep = np.zeros_like(flagged)
-    b = list(np.flatnonzero(flagged))
-    while len(b) >= 2:
-        j1, j2 = shift[b[0]], shift[b[1]]
-        if _cancels(j1, j2):
-            keep[b[0]] = keep[b[1]] = True
-            b = b[2:]
-        else:
-            b = b[1:]
+    b = np.flatnonzero(flagged)
+    s = shift[b]
+    off = np.zeros(len(b)) if by_rows is None else np.nan_to_num(np.abs(by_rows[b] - s))
+    big = np.maximum(np.abs(s)[:, None], np.abs(s)[None, :])
+    cancel = np.triu(np.abs(s[:, None] + s[None, :]) < 0.5 * big, 1)  # (:func:`_cancels`)
+    i, j = np.nonzero(cancel)
+    score = (np.abs(s[i] + s[j]) + off[i] + off[j]) / big[i, j]
+    covered = np.zeros_like(flagged)  # the lines of the bands kept: no band in, around or across another
+    for k in np.argsort(score, kind="stable"):
+        b1, b2 = b[i[k]], b[j[k]]
+        if not covered[b1:b2 + 1].any():
+            keep[b1] = keep[b2] = True
+            covered[b1:b2 + 1] = True
     return keep
 
 
 def _block_lag(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: int) -> float:
     """Sub-pixel lag (within ``max_lag`` of ``centre``) at which the lines ``ys + dy`` of ``a`` best
     match the lines ``ys`` (``a[y + dy, x + lag] ~ a[y, x]``), their cross-correlations summed."""
+    return _block_peak(a, ys, dy, centre, max_lag)[0]
+
+
+def _block_peak(a: np.ndarray, ys: np.ndarray, dy: int, centre: float, max_lag: int,
+                spectra: "_LineSpectra | None" = None) -> tuple[float, bool, float]:
+    """:func:`_block_lag`, whether its best integer lag lies inside the window (not at either end:
+    there the best match lies outside it), and the mean product of the lines there. ``spectra``
+    (:class:`_LineSpectra` of ``a``): the same products from the lines' spectra (for many blocks
+    of one image)."""
     W = a.shape[1]
-    top_all, bot_all = a[ys], a[ys + dy]
     lags = np.arange(int(np.rint(centre)) - max_lag, int(np.rint(centre)) + max_lag + 1)
     cc = np.full(len(lags), -np.inf)
-    for k, L in enumerate(lags):
-        if abs(L) < W // 2:
+    inside = np.abs(lags) < W // 2
+    if spectra is not None:
+        cc[inside] = spectra.mean_products(ys, dy, lags[inside])
+    else:
+        top_all, bot_all = a[ys], a[ys + dy]
+        for k in np.flatnonzero(inside):
+            L = lags[k]
             top, bot = (top_all[:, :W - L], bot_all[:, L:]) if L >= 0 else (top_all[:, -L:], bot_all[:, :W + L])
             # the mean product without the product array (einsum sums in place: ~1.5x faster a call)
             cc[k] = float(np.einsum("ij,ij->", top, bot)) / top.size
-    return _peak(cc, lags)
+    k = int(np.argmax(cc))
+    return _peak(cc, lags), 0 < k < len(lags) - 1, float(cc[k])
+
+
+class _LineSpectra:
+    """The spectra of the lines ``a`` [H, W], zero-padded to twice their length (computed for the
+    lines asked for, once): the sums of products of two blocks of lines over every lag come from one
+    inverse transform, as :func:`_block_peak` sums them lag by lag (at 4096 x 1024 px, the lattice's
+    check of 300 candidate jumps took 1.5 s so)."""
+
+    #: lines transformed together (as they are first asked for)
+    CHUNK = 256
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+        self.n = sfft.next_fast_len(2 * a.shape[1])
+        self.spec = np.empty((a.shape[0], self.n // 2 + 1), np.complex128)  # (its pages: as they are filled)
+        self.done = np.zeros(-(-a.shape[0] // self.CHUNK), bool)
+
+    def _rows(self, ys: np.ndarray) -> np.ndarray:
+        for c in np.unique(np.asarray(ys) // self.CHUNK):
+            if not self.done[c]:
+                sl = slice(c * self.CHUNK, (c + 1) * self.CHUNK)
+                self.spec[sl] = sfft.rfft(self.a[sl], n=self.n, axis=1)
+                self.done[c] = True
+        return self.spec[ys]
+
+    def mean_products(self, ys: np.ndarray, dy: int, lags: np.ndarray) -> np.ndarray:
+        """Per lag ``L`` of ``lags`` (``|L| < W``), the mean of ``a[y, x] * a[y + dy, x + L]`` over the
+        lines ``ys`` and the columns where both lie inside."""
+        W = self.a.shape[1]
+        full = sfft.irfft((np.conj(self._rows(ys)) * self._rows(ys + dy)).sum(0), n=self.n)
+        return full[lags % self.n] / (len(ys) * (W - np.abs(lags)))
 
 
 def _peak(cc: np.ndarray, lags: np.ndarray) -> float:
@@ -815,28 +992,70 @@ def _row_peaks(cc: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _confirmed_by_lattice(a: np.ndarray, usual: list, flagged: np.ndarray, shift: np.ndarray,
-                          max_lag: int, min_px: float) -> np.ndarray:
+                          max_lag: int, min_px: float, period: float = np.inf,
+                          along: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """Which of the ``flagged`` jumps (``shift[b]`` px between lines ``b`` and ``b + 1``) the lattice
-    confirms. For each translation ``t`` (pointing down, ``dy = round(t_y)`` lines), the ``dy`` lines
-    just before the jump, each compared with its lattice image ``dy`` lines further (after the jump;
-    a whole row period, so that no single pair of atom rows decides), match at the lag the image
-    needs elsewhere (``t_x`` plus the scan's shear) plus the jump; the median over translations must
-    exceed ``min_px`` and lie within half the jump of it. ``a``: the detrended lines
-    (:func:`_detrended`); ``usual``: :func:`_lattice_lags`. (A band narrower than about ``dy / 2``
-    lines is not confirmed here: :func:`_narrow_bands` judges it.)"""
+    confirms, and their shifts read again. For each translation ``t`` (pointing down, ``dy =
+    round(t_y)`` lines), the ``dy`` lines just before the jump, each compared with its lattice image
+    ``dy`` lines further (after the jump; a whole row period, so that no single pair of atom rows
+    decides), match at the lag the image needs elsewhere (``t_x`` plus the scan's shear) plus the
+    jump, within ``max_lag`` of it and not at the window's end (for most translations; each taken
+    within half of ``along`` of no shift, a translation within a line of the scan lines,
+    :func:`_along_lines`: the lines match there too); the median ``m`` over translations must exceed
+    ``min_px``. The two lines of the jump must then match best near ``m`` (their cross-correlation
+    peaks inside :data:`JUMP_REMEASURE_PX` of it, not at the window's end), at ``r``, with ``m``
+    within half of ``r`` of it, and not match unshifted (:func:`_match_near_zero`, ``period``: the
+    lattice's along the lines, :func:`line_period`); ``r`` is the jump's shift.
+    (The rows localize no jump: a line pair within ``dy`` lines of a band's jump, which the rows
+    straddle too, gets part of its shift. And where the atom rows run along the scan lines, the two
+    lines of a jump between two rows can match best half a period off, beyond the search's reach of
+    4 px but not of a wider one.) ``a``: the detrended lines (:func:`_detrended`); ``usual``:
+    :func:`_lattice_lags`. (A band narrower than about ``dy / 2`` lines is not confirmed here:
+    :func:`_narrow_bands` judges it.) Returns ``(keep, shift, by_rows)``: bool [H - 1], ``shift``
+    with the confirmed jumps' ``r``, and their ``m`` (NaN elsewhere)."""
     H = a.shape[0]
-    cand = np.flatnonzero(flagged)
     keep = np.zeros(len(flagged), bool)
-    for b in cand:
-        off = []
+    shift = shift.copy()
+    by_rows = np.full(len(flagged), np.nan)
+    spectra = _LineSpectra(a)
+    for b in np.flatnonzero(flagged):
+        r, ok, c_r = _block_peak(a, np.array([b]), 1, shift[b], 1)
+        if _match_near_zero(a, b, r, c_r, period):  # the pair matches unshifted: no jump (and no rows read)
+            continue
+        off, inside = [], 0
         for dy, typical in usual:
             ys = np.arange(b + 1 - dy, b + 1)
             ys = ys[(ys >= 0) & (ys + dy < H)]
             if len(ys):
-                off.append(_block_lag(a, ys, dy, typical, max_lag) - typical)
+                lag, ok, _ = _block_peak(a, ys, dy, typical, max_lag, spectra)
+                off.append(_wrapped(lag - typical, along))
+                inside += ok
         med = float(np.median(off)) if off else 0.0
-        keep[b] = abs(med) >= min_px and abs(med - shift[b]) < 0.5 * abs(shift[b])
-    return keep
+        if abs(med) < min_px or 2 * inside < len(off):
+            continue
+        r, ok, c_r = _block_peak(a, np.array([b]), 1, med, JUMP_REMEASURE_PX)
+        if ok and abs(med - r) < 0.5 * abs(r) and not _match_near_zero(a, b, r, c_r, period):
+            keep[b] = True
+            shift[b], by_rows[b] = r, med
+    return keep, shift, by_rows
+
+
+def _wrapped(s: float, period: float) -> float:
+    """``s`` less the multiple of ``period`` that brings it within half of it of 0 (``s`` itself for
+    an infinite one)."""
+    return s - period * np.round(s / period) if np.isfinite(period) else s
+
+
+def _match_near_zero(a: np.ndarray, b: int, r: float, c_r: float, period: float) -> bool:
+    """Whether lines ``b`` and ``b + 1`` of the detrended lines ``a`` match within half of ``r`` of no
+    shift (a peak of their cross-correlation there, not the end of the window, at least half as high
+    as ``c_r``, theirs at ``r``), nearer to no shift than to ``r`` less half the lattice's ``period``
+    along the lines: then they are no jump by ``r``. (Between two rows of columns that run along the
+    scan lines, two lines match best half a period off: a pair that is no jump at ``r - period / 2``,
+    its match at ``r`` less that, near 0, and a jump by ``r`` at both.)"""
+    lag, inside, c0 = _block_peak(a, np.array([b]), 1, 0.0, int(0.5 * abs(r)) + 1)
+    alias = r - np.sign(r) * 0.5 * period
+    return inside and abs(lag) < 0.5 * abs(r) and abs(lag) < abs(lag - alias) and c0 >= 0.5 * c_r
 
 
 #: the lattice's periodic part (:func:`lattice_line_bands`): the strongest this share of the Fourier

@@ -1467,14 +1467,17 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: 
 
 def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
     """``(image, jumps, ring, vacuum)``: ``img`` with its bands of sideways-jumped scan lines moved back
-    (:func:`stemfast.scanlines.scan_line_jumps`, candidates confirmed against the metal lattice's
-    three shortest translations, :func:`_confirmed_jumps`; at coarse sampling
-    (:func:`stemfast.scanlines.needs_lattice_lines`), also :func:`stemfast.scanlines.lattice_line_bands`; the sites are found on it and
-    reported where the recorded image has them, :func:`_to_recorded`), the jumps (None when
-    ``scan_lines`` is off or there is no lattice; :class:`_UnrepairedJumps` when candidates were seen
-    but the ring could not confirm them), and the Bragg ring when it was read off the image returned
-    (the unchanged one, or the one with its confirmed jumps undone; else None) with the vacuum it was
-    read beside (:func:`_bragg_ring`)."""
+    (:func:`stemfast.scanlines.scan_line_jumps`, over the reach the lattice allows, candidates
+    confirmed against the metal lattice's three shortest translations, :func:`_confirmed_jumps`, and
+    where that repairs nothing against the lattice ``sqrt(3)`` coarser where the image shows its ring,
+    :func:`_coarser_ring`; at coarse sampling (:func:`stemfast.scanlines.needs_lattice_lines`), also
+    :func:`stemfast.scanlines.lattice_line_bands`, unless a band was seen shifted beyond the reach;
+    the sites are found on it and reported where the recorded image has them, :func:`_to_recorded`),
+    the jumps (None when ``scan_lines`` is off or there is no lattice; :class:`_UnrepairedJumps` when
+    candidates were seen but the ring could not confirm them, or bands beyond the reach were not
+    repaired), and the Bragg ring when it was read off the image returned (the unchanged one, or the
+    one with its confirmed jumps undone; else None) with the vacuum it was read beside
+    (:func:`_bragg_ring`)."""
     from .scanlines import lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
@@ -1486,25 +1489,57 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
         ring, vac = _bragg_ring(img, s, no_data)
     except _NoLattice:
         return img, None, None, None
-    if jumps.candidates.any():
-        jumps, repaired = _confirmed_jumps(img, jumps, ring, s, no_data)
-        if repaired is not None:
-            return repaired
+    found, repaired = _confirmed_jumps(img, jumps, ring, s, no_data)
+    coarse = _coarser_ring(img, ring, s) if repaired is None else None
+    if coarse is not None:
+        seen, repaired = _confirmed_jumps(img, jumps, coarse, s, no_data, again=False)
+        if _declined(seen) and not _declined(found):  # (a band beyond the reach: said as that lattice sees it)
+            found = seen
+    if repaired is not None:
+        return repaired
+    jumps = found
     # coarse sampling: a band shifted by up to half a spacing lies beyond the neighbour-line search,
-    # whose lines scatter too much there anyway -- look for it line by line against the lattice
+    # whose lines scatter too much there anyway -- look for it line by line against the lattice (not
+    # where a wide band beyond the reach was seen: it moves the lines' running median, and the lines
+    # beside it stood out as false bands)
     spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
-    if needs_lattice_lines(spacing):
+    if needs_lattice_lines(spacing) and not _declined(jumps):
         bands = lattice_line_bands(img, spacing)
         if bands.flagged.any():
             return bands.undo(img), bands, None, None
     return img, jumps, ring, vac
 
 
+def _declined(jumps) -> bool:
+    """Whether ``jumps`` holds jumps confirmed beyond the reach and not repaired (``declined``)."""
+    return jumps.declined is not None and bool(jumps.declined.any())
+
+
+def _coarser_ring(img: np.ndarray, ring, s: SiteSettings):
+    """The Bragg ring ``sqrt(3)`` nearer the spectrum's centre than ``ring`` (its lattice ``sqrt(3)``
+    coarser, :meth:`stemfast.braggring.FftLattice.second_order_reread`) where the image shows it: a
+    hexagon of spots at that spacing that stands out by :data:`MIN_RING_PROMINENCE`, within
+    :data:`JUMP_RING_TOLERANCE` of it; else None (and with a given spacing). A wide band of jumped
+    lines weakens the first ring (its spots' phases differ there), so that the second-order one may be
+    read instead (6.4-6.6 px for 11.4 px between sites, with 30 lines 7-9 px off): the jumps are then
+    confirmed against this one too (:func:`_undo_scan_jumps`), and kept only where the image with
+    them undone shows it (:func:`_same_ring`)."""
+    if s.spacing is not None:
+        return None
+    want = ring.second_order_reread()
+    got = metal_reciprocal_lattice(img, spacing_hint=want.spacing)
+    if (got is None or not got.by_spacing or got.standout < MIN_RING_PROMINENCE
+            or abs(got.spacing / want.spacing - 1) > JUMP_RING_TOLERANCE):
+        return None
+    return got
+
+
 @dataclass(frozen=True)
 class _UnrepairedJumps(ScanJumps):
-    """Scan-jump candidates (:class:`stemfast.scanlines.ScanJumps`, none flagged) that were not
-    repaired because the lattice they were to be confirmed against was not the image's: ``note`` says
-    why (``lattice.scan_lines.jumps_not_repaired``)."""
+    """Scan jumps (:class:`stemfast.scanlines.ScanJumps`) of which candidates were not repaired:
+    because the lattice they were to be confirmed against was not the image's (none flagged), or
+    because bands were shifted beyond the reach the lattice allows (its ``declined``; the others
+    flagged and repaired). ``note`` says why (``lattice.scan_lines.jumps_not_repaired``)."""
 
     note: str = ""
 
@@ -1521,21 +1556,35 @@ JUMP_RING_MAX_ANISOTROPY = 0.3
 JUMP_RING_TOLERANCE = 0.1
 
 
-def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoData | None):
-    """``(jumps, repaired)``: the candidate ``jumps`` confirmed against the metal lattice of ``ring``
+def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoData | None, again: bool = True):
+    """``(jumps, repaired)``: the candidate ``jumps`` (what :func:`stemfast.scanlines.scan_line_jumps`
+    found within its default search) confirmed against the metal lattice of ``ring``
     (:func:`stemfast.scanlines.confirm_jumps`) and, when some are, ``repaired``: the return of
-    :func:`_undo_scan_jumps` with them undone (else None). Nothing is confirmed against a ring that is
-    no plausible lattice of the image (:func:`_implausible_jump_ring`), nor kept when the image with
-    the jumps undone shows another lattice (:func:`_same_ring`): the jumps then come back unflagged as
-    :class:`_UnrepairedJumps` saying why (a repair against a wrong lattice moved 15-20 % of a strip's
-    sites off their columns, with its confidence up)."""
-    from .scanlines import confirm_jumps
+    :func:`_undo_scan_jumps` with them undone (else None). Where the lattice lets larger shifts be
+    told apart (:func:`stemfast.scanlines.jump_search_lag`: 9 px at 11.4 px between sites with a row
+    along the scan lines, against 4), the lines are searched again that far; jumps beyond the reach
+    (:func:`stemfast.scanlines.jump_reach`) are not repaired, and said (:func:`_declined_note`).
+    Nothing is confirmed against a ring that is no plausible lattice of the image
+    (:func:`_implausible_jump_ring`), nor kept when the image with the jumps undone shows another
+    lattice (:func:`_same_ring`) -- unless, confirmed ``again`` against that lattice, their repair shows
+    it in turn (a wide band bends the ring read off the recorded image: 45 lines 8 px off moved its
+    spots by 10 %): the jumps then come back unflagged as :class:`_UnrepairedJumps` saying why (a
+    repair against a wrong lattice moved 15-20 % of a strip's sites off their columns, with its
+    confidence up)."""
+    from .scanlines import JUMP_MAX_LAG, confirm_jumps, jump_search_lag, scan_line_jumps
 
     why = _implausible_jump_ring(ring, s)
+    first = jumps
     if why is None:
         a = np.linalg.inv(ring.g).T
         t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
-        confirmed = confirm_jumps(img, jumps, t[np.argsort((t ** 2).sum(1))[:3]])
+        t = t[np.argsort((t ** 2).sum(1))[:3]]
+        lag = jump_search_lag(t)
+        if lag > JUMP_MAX_LAG:
+            jumps = scan_line_jumps(img, max_lag=lag)
+        if not jumps.candidates.any():
+            return jumps, None
+        confirmed = _declined_note(confirm_jumps(img, jumps, t, max_lag=lag), t)
         if not confirmed.flagged.any():
             return confirmed, None
         fixed = confirmed.undo(img)
@@ -1545,11 +1594,34 @@ def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoD
             ring2, vac2 = None, None
         if ring2 is not None and _same_ring(ring.g, ring2.g):
             return confirmed, (fixed, confirmed, ring2, vac2)
+        repaired = _confirmed_jumps(img, first, ring2, s, no_data, again=False)[1] if again and ring2 is not None else None
+        if repaired is not None:
+            return repaired[1], repaired
         why = (f"{len(confirmed.rows)} jump rows confirmed against the Bragg ring (site spacing "
                f"{ring.spacing:.2f} px) were not repaired: the image with them undone shows another lattice"
                + ("" if ring2 is None else f" (site spacing {ring2.spacing:.2f} px)"))
+    elif not jumps.candidates.any():
+        return jumps, None
     log.info("scan jumps: %s", why)
     return _UnrepairedJumps(jumps.shift, np.zeros_like(jumps.flagged), jumps.noise, jumps.candidates, note=why), None
+
+
+def _declined_note(jumps, vectors: np.ndarray):
+    """``jumps`` (confirmed against the metal lattice's translations ``vectors``) as
+    :class:`_UnrepairedJumps` saying which jumps were beyond the reach the lattice allows
+    (:func:`stemfast.scanlines.jump_reach`; their ``declined`` jumps: bands, and jumps in none) and
+    were not repaired; ``jumps`` itself when there are none."""
+    from .scanlines import jump_reach, line_period
+
+    if not _declined(jumps):
+        return jumps
+    b = np.flatnonzero(jumps.declined)
+    rows = ", ".join(f"{k + 1} by {jumps.shift[k]:+.1f} px" for k in b)
+    note = (f"{len(b)} sideways jump(s) of the scan lines were not repaired (the first line after each: rows {rows}): "
+            f"beyond the {jump_reach(vectors):.1f} px that the lattice's period along the lines "
+            f"({line_period(vectors):.1f} px) lets be told from a jump the other way")
+    log.info("scan jumps: %s", note)
+    return _UnrepairedJumps(jumps.shift, jumps.flagged, jumps.noise, jumps.candidates, jumps.declined, note=note)
 
 
 def _implausible_jump_ring(ring, s: SiteSettings) -> str | None:
