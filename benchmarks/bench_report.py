@@ -94,12 +94,13 @@ def _plot_defects_reference(path, image, candidates, patches, *, spacing_px=None
     cands = list(candidates)[:max_gallery]
     n = len(cands)
     fig, gs, ncol = R.defects_layout(n)  # the layout is the figure's own too
-    R.draw_candidate_map(fig.add_subplot(gs[:, :2]), image, cands, spacing_px=spacing_px, title=title)
+    R.draw_candidate_map(fig.add_subplot(gs[0]), image, cands, spacing_px=spacing_px, title=title)
     if patches is not None and n:
         P = np.asarray(patches)[:n]
         lo, hi = R.display_range(P)
+        tiles = gs[1].subgridspec(-(-n // ncol), ncol)  # the gallery's cell, an axes per tile
         for i, c in enumerate(cands):
-            a = fig.add_subplot(gs[i // ncol, 2 + i % ncol])
+            a = fig.add_subplot(tiles[i // ncol, i % ncol])
             a.imshow(P[i], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             a.set_xticks([])
             a.set_yticks([])
