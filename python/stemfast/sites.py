@@ -11,7 +11,6 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -596,7 +595,7 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
         meta["spacing_nm"] = f.nn_fft * pixel_size * _to_nm(unit)
     lattice_meta["scan_lines"] = {**scan_meta, **_scan_jumps_meta(jumps, s.column_noise_px), **_dead_meta(dead)}
     _image_findings(lattice_meta, contrast=contrast, no_data=no_data, clipping=clipping, domains=domain_info,
-                    noise={**noise, "column_filter_px": round(column_filter_px(s.column_noise_px, f.nn), 3)},
+                    noise={**noise, "column_filter_px": round(column_filter_px(s, f.nn), 3)},
                     spikes=spikes)
     lattice_meta["n_grains"] = 1 if f.gmap is None else f.gmap.n_grains
     if f.gmap is not None:
@@ -661,11 +660,12 @@ def _noise_adapted(img: np.ndarray, s: SiteSettings, no_data: NoData) -> tuple[S
     """``(settings, noise)``: ``s`` with its ``column_noise_px`` widened by the correlation length of
     ``img``'s noise (:func:`stemfast.noise.noise_correlation`: an upsampled, interpolated or filtered
     image; unchanged for a scan's own white noise), and what was measured (``lattice.noise`` of
-    ``summary.json``, with ``column_filter_px`` the low-pass used)."""
+    ``summary.json``; :func:`find_sites` adds ``column_filter_px``, the low-pass used once the spacing
+    is known, :func:`column_filter_px`)."""
     noise = noise_correlation(img, None if not no_data.any() else ~no_data.pixels())
     if noise["correlation_px"] > 1.0:
         s = dataclasses.replace(s, column_noise_px=s.column_noise_px * noise["correlation_px"])
-    return s, {**noise, "column_filter_px": round(s.column_noise_px, 3)}
+    return s, noise
 
 
 def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoData | None):
@@ -932,8 +932,7 @@ def _grain_wrong_order(idx, spacing: float) -> tuple[int, str] | None:
     grain = np.asarray(grain)
     for k in np.unique(grain):
         m = grain == k
-        sub = SimpleNamespace(xy=np.asarray(idx.xy)[m], ij=np.asarray(idx.ij)[m], kind=np.asarray(idx.kind)[m],
-                              cls=np.asarray(idx.cls)[m])
+        sub = _rows(idx, m)
         if columns_on_one_coset(sub):
             return int(k), ("every column sits on one third of the nodes of its lattice (a second-order ring, "
                             "a spacing sqrt(3)x too small)")
@@ -1415,8 +1414,7 @@ def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSetting
     ``background_nn`` spacings background, sampled at the sites."""
     if lines is not None:  # (a full-image copy: only where a line is off)
         img = lines.level(img)
-    bp = bandpass(img, noise_px=min(column_filter_px(s.column_noise_px, nn), 0.5 * s.background_nn * nn),
-                  background_px=s.background_nn * nn,
+    bp = bandpass(img, noise_px=column_filter_px(s, nn), background_px=s.background_nn * nn,
                   backend=s.backend)
     return sample_image(bp, xy, backend=s.backend)
 
@@ -1428,15 +1426,15 @@ def _column_intensity(img: np.ndarray, xy: np.ndarray, nn: float, s: SiteSetting
 COLUMN_FILTER_MAX_NN = 0.2
 
 
-def column_filter_px(column_noise_px: float, nn: float) -> float:
-    """The Gaussian sigma (px) of the low-pass ``column_intensity`` is read with: ``column_noise_px``
+def column_filter_px(s: SiteSettings, nn: float) -> float:
+    """The Gaussian sigma (px) of the low-pass ``column_intensity`` is read with: ``s.column_noise_px``
     (widened for correlated noise, :func:`_noise_adapted`), at most :data:`COLUMN_FILTER_MAX_NN` of the
-    site spacing ``nn``.
+    site spacing ``nn`` and half the background's sigma (``s.background_nn`` spacings).
 
-    >>> column_filter_px(1.0, 14.0), column_filter_px(2.33, 5.5), column_filter_px(1.0, 2.5)
-    (1.0, 1.1, 0.5)
+    >>> [column_filter_px(SiteSettings(column_noise_px=c), nn) for c, nn in ((1.0, 14.0), (2.33, 5.5), (1.0, 2.5))]
+    [1.0, 1.1, 0.5]
     """
-    return float(min(column_noise_px, COLUMN_FILTER_MAX_NN * nn))
+    return float(min(s.column_noise_px, COLUMN_FILTER_MAX_NN * nn, 0.5 * s.background_nn * nn))
 
 
 def _line_offsets(img: np.ndarray, bases: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
