@@ -1528,16 +1528,21 @@ def _class_agreement(cls: np.ndarray, sub: np.ndarray, sub_global: np.ndarray, u
 
 
 def _sublattice_checks(sc: _IntensityScores, levels: np.ndarray, sub_global: np.ndarray, observed: np.ndarray,
-                       inside: np.ndarray, is_defect: np.ndarray, chalcogen_brighter: bool, material: str,
-                       cutoff: float, two_detectors: bool = False) -> dict:
-    """What the summary says of the sublattices: which is named the metal (:func:`sublattice_naming`),
-    whether they read as different columns (:func:`sublattice_separation`, on the observed sites off the
-    image border, ``inside``, that are not defects), whether one missing chalcogen atom can pass the
-    defect ``cutoff`` (:func:`detection_limit`; not with ``two_detectors``) and whether one holds a mixture of columns
+                       inside: np.ndarray, is_defect: np.ndarray, sites: SiteTable, material: str,
+                       cutoff: float) -> dict:
+    """What the summary says of the sublattices: which is named the metal (:func:`sublattice_naming`, as
+    ``sites`` were named: ``meta["chalcogen_brighter"]``, and where a second detector told the names
+    :mod:`stemfast.pairnaming`, ``from_companion``), whether they read as different columns
+    (:func:`sublattice_separation`, on the observed sites off the image border, ``inside``, that are not
+    defects), whether one missing chalcogen atom can pass the defect ``cutoff`` (:func:`detection_limit`;
+    not with a second detector's ``companion_intensity``) and whether one holds a mixture of columns
     (:func:`mixed_columns`, on the ``inside`` sites; not where the chalcogen sublattice reads empty: its
     narrow spread then says nothing)."""
+    two_detectors = "companion_intensity" in sites
     dark = _dark_sites(sc.grp, sc.z_int, levels, sc.inten_ref, observed)
-    info = sublattice_naming(sc.grp, dark, observed, chalcogen_brighter, material)
+    info = sublattice_naming(sc.grp, dark, observed, _chalcogen_brighter(sites), material)
+    if sites.meta.get("naming_from_companion"):
+        info["sublattice_naming"]["from_companion"] = dict(sites.meta["naming_from_companion"])
     resid = sc.inten_ref - (sc.refs.median[:, 0] if sc.refs is not None else _group_median(sc.inten_ref, sc.grp))
     # the image-wide colouring where it names a site (the local one, by brightness rank, splits two
     # sublattices that read alike at random, which is what is measured here)
@@ -1635,8 +1640,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
                           np.asarray(sites["source"]) == "off_lattice" if "source" in sites else None)
     info.update(_metal_kind_ambiguity(sc.grp, levels, sc.inten_ref, kinds, material, observed & ~is_defect))
     info.update(_class_agreement(cls, sc.sub, sub_global, observed & ~is_defect, settings, material))
-    info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, cb, material,
-                                   settings.defect_cutoff, "companion_intensity" in sites))
+    info.update(_sublattice_checks(sc, levels, sub_global, observed, observed & ~edge_, is_defect, sites, material,
+                                   settings.defect_cutoff))
     table = sites.with_columns({
         "class_id": cls,
         "sublattice_local": sc.sub,

@@ -7,6 +7,7 @@ checks its input contract without importing the pipeline.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ import numpy as np
 from .config import PipelineConfig
 from .contrast import inverted
 from .logutil import StageTimings, show_progress
+from .pairnaming import names_contradicted
 from .patches import LazyPatches, default_patch_size, extract_patches, resample_weights
 from .scanlines import levelled_image
 from .sites import companion_intensity, find_sites
 from .table import SiteTable
 
-__all__ = ["MAX_PATCH_BYTES", "Prepared", "prepare", "with_companion", "resample_patches", "resample_weights"]
+__all__ = ["MAX_PATCH_BYTES", "Prepared", "prepare", "with_companion", "named_with_companion", "resample_patches",
+           "resample_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,16 @@ class Prepared:
 def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pixel_size: float | None = None,
             unit: str | None = "nm", patch_size: int | None = None,
             max_patch_bytes: int | None = None, companion: np.ndarray | None = None,
-            input_size: int | None = None) -> Prepared:
+            input_size: int | None = None, companion_higher: bool | None = None) -> Prepared:
     """Find the sites of a 2-D ``image`` and cut a normalised patch around each (from the image with the
     scan lines and parts of lines that ``find_sites`` found off levelled: :func:`stemfast.scanlines.levelled_image`).
 
     ``companion``: a second image of the same scan (another detector recorded at the same time, same
     shape); its column intensity at the sites becomes the ``companion_intensity`` column
     (:func:`stemfast.sites.companion_intensity`), and the defect scores weigh the two images' z together
-    (:func:`stemfast.analysis.detector_weights`).
+    (:func:`stemfast.analysis.detector_weights`). ``companion_higher``: the companion was recorded at
+    higher (True) or lower (False) angles than ``image`` (None: not known); where it shows the
+    sublattice names impossible, the image is named the other way (:func:`named_with_companion`).
 
     ``patch_size`` (px) fixes the patch size (e.g. the one a loaded model was trained with);
     otherwise ``config.patch_size`` or ``default_patch_size(spacing)``. ``input_size`` (px): the size
@@ -79,6 +84,8 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
             timings.close()
         raise
     table = with_companion(table, companion, config.sites)
+    table = named_with_companion(table, image, companion, companion_higher, config.sites,
+                                 pixel_size=pixel_size, unit=unit)
     if ((table.meta.get("lattice") or {}).get("contrast") or {}).get("inverted"):
         image = inverted(image)  # dark columns (bright field): the patches are cut where find_sites read them bright
     t0 = time.perf_counter()
@@ -134,6 +141,29 @@ def with_companion(table: SiteTable, companion: np.ndarray | None, settings) -> 
     values, contrast = companion_intensity(companion, table, settings=settings, return_contrast=True)
     meta = {"lattice": {**table.meta["lattice"], "companion_contrast": contrast}} if "lattice" in table.meta else {}
     return table.with_columns({"companion_intensity": values}, **meta)
+
+
+def named_with_companion(table: SiteTable, image: np.ndarray, companion: np.ndarray | None,
+                         companion_higher: bool | None, settings, *, pixel_size=None, unit="nm") -> SiteTable:
+    """``table`` (with its ``companion_intensity``), or where the companion of known angle shows its
+    sublattice names impossible (:func:`stemfast.pairnaming.names_contradicted`) the sites of ``image``
+    found again with ``settings.chalcogen_brighter`` the other way, ``meta["naming_from_companion"]``
+    saying so. Unchanged where ``settings.chalcogen_brighter`` is set: the user's word stands."""
+    if (companion is None or companion_higher is None or settings.chalcogen_brighter is not None
+            or "companion_intensity" not in table):
+        return table
+    cb = bool(table.meta.get("chalcogen_brighter", False))
+    usable = np.asarray(table["observed"], bool) & np.asarray(table["on_lattice"], bool)
+    found = names_contradicted(table["sublattice"], table["companion_intensity"], usable,
+                               chalcogen_brighter=cb, companion_higher=companion_higher)
+    if found is None:
+        return table
+    log.info("the companion (%s angles) shows the %s sublattice brighter: named the other way",
+             "higher" if companion_higher else "lower", found["companion_brighter"])
+    turned = dataclasses.replace(settings, chalcogen_brighter=not cb)
+    again = with_companion(find_sites(image, settings=turned, pixel_size=pixel_size, unit=unit), companion, turned)
+    return again.with_columns({}, naming_from_companion={**found, "companion_higher_angle": bool(companion_higher),
+                                                         "chalcogen_brighter": not cb})
 
 
 def resample_patches(patches: np.ndarray, size: int, *, chunk: int = 32768) -> np.ndarray:

@@ -131,14 +131,16 @@ def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
 
 def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = PipelineConfig(),
               pixel_size: float | None = None, unit: str | None = "nm",
-              train: bool = False, companion: np.ndarray | None = None) -> tuple[SiteTable, dict, object]:
+              train: bool = False, companion: np.ndarray | None = None,
+              companion_higher: bool | None = None) -> tuple[SiteTable, dict, object]:
     """Convenience: the whole pipeline on one image.
 
     The model is ``model`` when given, else the shipped default model
     (:func:`stemfast.model.shipped.default_model`; on the compiled engine, without torch, as
     ``model.engine`` says), else -- with ``train=True``, or when the shipped
     model cannot be used (a warning says why) -- one trained on this image. ``companion``: a second
-    detector's image of the same scan (:func:`stemfast.frontend.prepare`).
+    detector's image of the same scan; ``companion_higher``: whether it was recorded at higher angles
+    than ``image`` (None: not known; :func:`stemfast.frontend.prepare`).
 
     A given model gets patches cut at the size it records (``extra["patch_size"]``) and resampled to
     its own ``input_size`` (whatever ``config.model`` says). An image without a lattice gives
@@ -160,7 +162,7 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
         patch_size = (getattr(model, "extra", None) or {}).get("patch_size")
         input_size = model_input_size(model)
     prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion,
-                   input_size=input_size)
+                   input_size=input_size, companion_higher=companion_higher)
     if model is None and len(prep.patches):
         model = train_model([prep], config=config)
     table, summary = analyze(prep, model, config=config)

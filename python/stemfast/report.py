@@ -619,6 +619,12 @@ def _companion_line(s: Mapping) -> str:
             how += " (found in the input's own file; --no-companion: alone)"
     elif s.get("companion_found") == "automatic":
         how += " (found beside the input: its name differs in the detector's name alone; --no-companion: alone)"
+    named = (s.get("sublattice_naming") or {}).get("from_companion")
+    if named:
+        angle = "higher" if named.get("companion_higher_angle") else "lower"
+        how += (f"; the sublattice names are taken from it: recorded at {angle} angles (by the detectors' names), "
+                f"it shows brighter the sublattice this image shows fainter, and a {angle} detector angle cannot "
+                "turn the metal / chalcogen order that way")
     return (f"<p>second detector of the same scan (companion): <code>{_e(comp)}</code>"
             f"{' &middot; sha256 ' + _e(sha) + '&hellip;' if sha else ''} &middot; {how}</p>")
 

@@ -47,6 +47,11 @@ chunks alike; the same-scan test reads the first frames). A given companion of a
 kind is refused: the input is skipped with the reason; an automatic one is not used, and the input
 is analysed alone.
 
+Where the two names rank the detectors' angles (:func:`stemfast.detectors.higher_angle`: HAADF above
+any other, MAADF above LAADF, a JEOL's ADF1 above its ADF2), the companion also tells the sublattice
+names when the input's own brightness got them the wrong way round (:mod:`stemfast.pairnaming`: a
+WSe2 MAADF shows the Se2 pairs brighter than the W).
+
 The labelled WSe2 scans, defect AP of the first detector alone / with the other as companion (HAADF;
 MAADF): ti2 0.813 / 0.913, 0.927 / 0.925; ti11 0.779 / 0.810, 0.812 / 0.821; ti25 0.749 / 0.940, 0.921 /
 0.920 (docs/RESULTS.md, round 36).
@@ -54,7 +59,6 @@ MAADF): ti2 0.813 / 0.913, 0.927 / 0.925; ti11 0.779 / 0.810, 0.812 / 0.821; ti2
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -62,12 +66,13 @@ from typing import Mapping
 import numpy as np
 
 from ..config import ReadOptions
-from ..detectors import DETECTOR_NAMES, detector_key
+from ..detectors import DETECTOR_NAMES, NAME_WORDS, detector_key, higher_angle
 from ..errors import SettingsError
 from .inputs import CompanionFile, InputEntry, read_failure_reason, read_input, whole_rescale
 
 __all__ = ["CompanionRule", "CompanionError", "parse_companion_name", "pair_companions", "read_companion",
-           "companion_notes", "same_scan_refusal", "automatic_companion", "signal_companion", "title_companion",
+           "companion_notes", "companion_higher", "same_scan_refusal", "automatic_companion", "signal_companion",
+           "title_companion",
            "DETECTOR_NAMES", "TITLED_FORMATS", "ALIGNED_MIN"]
 
 log = logging.getLogger("stemfast.batch")
@@ -80,7 +85,6 @@ TITLED_FORMATS = (".ndata", ".h5")
 ALIGNED_MIN = 0.3
 #: side (px) of the central crop the alignment is read on
 _ALIGN_CROP = 1024
-_WORD = re.compile(r"([^A-Za-z0-9]+)")
 
 
 class CompanionError(ValueError):
@@ -162,7 +166,7 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
         listing = FolderListing()
         for e in entries:
             if (comp := automatic_companion(e.path, listing) or title_companion(e.path, listing)) is not None:
-                e.companion = CompanionFile(comp, found="automatic")
+                e.companion = CompanionFile(comp, found="automatic", higher_angle=_higher_angle(e.path, comp, listing))
             elif (sig := signal_companion(e.path)) is not None:
                 e.companion = CompanionFile(e.path, found="automatic", signal=sig)
         return entries
@@ -174,7 +178,7 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
         k = _key(e.path)
         own = _input_of(e.path, *rule.name) if rule.name else None
         if k in explicit:
-            e.companion = CompanionFile(explicit[k])
+            e.companion = CompanionFile(explicit[k], higher_angle=_higher_angle(e.path, explicit[k]))
         elif own is not None:  # a companion itself
             if _key(own) not in main_keys:
                 problems.append((e.path, f"a companion file ({rule.describe()}) without its input {own.name}: "
@@ -184,11 +188,22 @@ def pair_companions(entries: list[InputEntry], rule: CompanionRule | None,
             continue
         elif rule.name and (comp := _companion_of(e.path, *rule.name)) is not None:
             if comp.is_file():
-                e.companion = CompanionFile(comp, found="name rule")
+                e.companion = CompanionFile(comp, found="name rule", higher_angle=_higher_angle(e.path, comp))
             else:
                 e.companion_missing = str(comp)
         kept.append(e)
     return kept
+
+
+def _higher_angle(path: Path, comp: Path, listing: FolderListing | None = None) -> bool | None:
+    """Whether the companion ``comp`` of the input ``path`` was recorded at higher angles, by the
+    detectors' names in the file names, else in the titles of Nion Swift data items
+    (:func:`stemfast.detectors.higher_angle`); None where the names do not tell."""
+    by_name = higher_angle(comp.stem, path.stem)
+    if by_name is not None or path.suffix.lower() not in TITLED_FORMATS or comp.suffix.lower() != path.suffix.lower():
+        return by_name
+    titles = (listing or FolderListing()).titles(path.parent, path.suffix.lower())
+    return higher_angle(titles.get(comp) or "", titles.get(path) or "") if comp.parent == path.parent else None
 
 
 def automatic_companion(path, listing: FolderListing | None = None) -> Path | None:
@@ -231,7 +246,7 @@ def title_companion(path, listing: FolderListing | None = None) -> Path | None:
 def _swapped_names(name: str):
     """``name`` (lower case) with one of its whole words that is a detector's name replaced by another
     detector's name, in :data:`DETECTOR_NAMES`' order."""
-    words = _WORD.split(name)
+    words = NAME_WORDS.split(name)
     slots = [i for i in range(0, len(words), 2) if words[i].lower() in DETECTOR_NAMES]
     for det in DETECTOR_NAMES:
         for i in slots:
@@ -401,6 +416,14 @@ def read_companion(entry: InputEntry, mg, read_options: ReadOptions | None = Non
     if getattr(mg, "is_stack", False):
         return lambda i: read_frame(cm, i)
     return np.asarray(cm.data)
+
+
+def companion_higher(entry: InputEntry) -> bool | None:
+    """Whether ``entry``'s companion, where one is used, was recorded at higher angles than the input
+    (:attr:`CompanionFile.higher_angle`; None: no companion used, or the names do not tell)."""
+    if entry.companion is None or not entry.companion_used:
+        return None
+    return entry.companion.higher_angle
 
 
 def _not_used(entry: InputEntry, why: str) -> None:

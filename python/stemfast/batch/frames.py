@@ -76,13 +76,14 @@ def _warnings_logged(frame: int) -> Iterator[None]:
 
 def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int | None, pixel_size, unit,
                    prep=None, read_s: float = 0.0, check_settings: bool = False,
-                   companion: np.ndarray | None = None) -> FrameResult:
+                   companion: np.ndarray | None = None, companion_higher: bool | None = None) -> FrameResult:
     """``prepare`` + ``analyze`` one 2-D frame; errors of the image (ValueError) become the frame's status.
 
     ``check_settings``: also compare a given spacing with the image's own estimate (a warning).
-    ``companion``: a second detector's image of the same scan (:func:`stemfast.frontend.prepare`).
+    ``companion``: a second detector's image of the same scan, ``companion_higher`` whether it was
+    recorded at higher angles (:func:`stemfast.frontend.prepare`).
     """
-    from ..frontend import with_companion
+    from ..frontend import named_with_companion, with_companion
     from ..model.engine import device_of, engine_of
     from ..pipeline import analyze, model_input_size, prepare
 
@@ -96,9 +97,16 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
             with _warnings_logged(frame):
                 # patches resampled to the model's own input size (a reused model's may differ from the settings')
                 prep = prepare(img, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size,
-                               companion=companion, input_size=model_input_size(model))
+                               companion=companion, input_size=model_input_size(model),
+                               companion_higher=companion_higher)
         elif companion is not None:  # prepared for training, without the companion
-            prep.sites = with_companion(prep.sites, companion, config.sites)
+            with _warnings_logged(frame):
+                sites = with_companion(prep.sites, companion, config.sites)
+                named = named_with_companion(sites, img, companion, companion_higher, config.sites,
+                                             pixel_size=pixel_size, unit=unit)
+            if named is not sites and not np.array_equal(named.xy, sites.xy):
+                raise RuntimeError("the sites found again under the companion's sublattice names moved")
+            prep.sites = named
         if len(prep.patches) and model is None:
             raise RuntimeError("no model: none could be trained (no input of the batch had a lattice)")
         with _warnings_logged(frame):
@@ -278,7 +286,8 @@ def linked_drift(chunks: Iterable[tuple[DriftEnds, Iterable[FrameResult]]], desc
 
 def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: dict | None = None,
                  cache_key: str = "", bar: bool = False, desc: str = "", companion=None,
-                 check_settings: bool = True, ends: DriftEnds | None = None) -> Iterator[FrameResult]:
+                 companion_higher: bool | None = None, check_settings: bool = True,
+                 ends: DriftEnds | None = None) -> Iterator[FrameResult]:
     """Analyse ``frames`` of ``mg`` one by one (lazy frames), measuring the drift of each frame with a
     lattice to the last frame before it with one (:func:`has_lattice`, :func:`_frame_drift`): frames
     without a lattice are never registered, the frame after them is measured across the gap.
@@ -288,7 +297,8 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
     ``ends``: ``frames`` are a chunk of a stack: the drift of its first frame with a lattice is left to
     the assembly (:func:`linked_drift`), the chunk's :class:`DriftEnds` are filled in.
     ``companion``: the second detector's image of a 2-D input, or for a stack a function of the frame
-    index giving the second detector's frame (:func:`stemfast.batch.companions.read_companion`)."""
+    index giving the second detector's frame (:func:`stemfast.batch.companions.read_companion`);
+    ``companion_higher``: whether it was recorded at higher angles (None: not known)."""
     ref = None
     stack = getattr(mg, "is_stack", False)
     it = progress_bar(prefetched(mg, frames), bar and len(frames) > 1, desc=desc, unit="frame", leave=False,
@@ -303,7 +313,8 @@ def iter_frames(mg, frames: Sequence[int], *, model, config, patch_size, cache: 
         prep = cache.pop((cache_key, f), None) if cache is not None else None
         fr = analyze_frame(img, f, model=model, config=config, patch_size=patch_size,
                             pixel_size=mg.pixel_size, unit=mg.unit, prep=prep, read_s=read_s,
-                            check_settings=not checked, companion=companion(f) if callable(companion) else companion)
+                            check_settings=not checked, companion=companion(f) if callable(companion) else companion,
+                            companion_higher=companion_higher)
         checked = True
         if stack and has_lattice(fr.meta):
             ref = _frame_drift(fr.meta, img, ref, config, desc)

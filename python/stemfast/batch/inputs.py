@@ -41,6 +41,9 @@ class CompanionFile:
     #: how its whole file's values were rescaled (:func:`whole_rescale`), noted when it was checked
     #: against the input; a chunk of a stack reads the companion's frames with it (None: not known)
     rescale: dict | bool | None = None
+    #: whether it was recorded at higher angles than the input, by the detectors' names in the two
+    #: file names or titles (:func:`stemfast.detectors.higher_angle`; None: the names do not tell)
+    higher_angle: bool | None = None
 
     def fingerprint(self) -> dict:
         fp = {"path": str(self.path), "sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}

@@ -21,7 +21,7 @@ import numpy as np
 from ..atomic import StagedDir, staged_dir
 from ..config import ReadOptions
 from .common import crash_hook
-from .companions import CompanionError, companion_notes, read_companion
+from .companions import CompanionError, companion_higher, companion_notes, read_companion
 from .frames import DriftEnds, FrameResult, FrameWindow, count_frames, iter_frames, linked_drift, read_frame
 from .inputs import InputEntry, describe_input, read_failure_reason, read_input
 from .outputs import InputSource, RunSettings, assemble, start_assemble
@@ -127,7 +127,7 @@ def start_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_s
     try:
         frames = iter_frames(mg, list(range(n)), model=model, config=config, patch_size=patch_size_of(model, config),
                              cache=prepared_cache, cache_key=entry.name, bar=show_progress, desc=entry.name,
-                             companion=companion)
+                             companion=companion, companion_higher=companion_higher(entry))
         stage = StagedDir(d)
         outputs = start_assemble(src, stage.path, _with_open_time(frames, read_open), run=run, t_start=t_start,
                                  background=background_figures)
@@ -207,7 +207,8 @@ def process_chunk(entry: InputEntry, out_dir: str | os.PathLike, start: int, sto
     ends = DriftEnds()  # the chunk's drift is linked to the chunks before it at assembly
     results = list(iter_frames(mg, list(range(start, stop)), model=model, config=config,
                                patch_size=patch_size_of(model, config), check_settings=start == 0, ends=ends,
-                               desc=f"{entry.name}[{start}:{stop}]", companion=companion))
+                               desc=f"{entry.name}[{start}:{stop}]", companion=companion,
+                               companion_higher=companion_higher(entry)))
     n = entry.n_frames if entry.n_frames is not None else stop
     info = {**input_info(entry, mg.mg, config, described=entry.described), "n_frames": int(n), "is_stack": True,
             "shape": [int(n), *[int(v) for v in np.shape(mg.mg.data)[-2:]]]}
