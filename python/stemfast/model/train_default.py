@@ -19,7 +19,16 @@ image's spacing, so the model stores no fixed patch size).
 Outputs: ``default_rvae.pt`` (the model; ``extra`` holds the name / version tag, the input
 contract of :mod:`stemfast.model.shipped` and the training settings), ``default_rvae.npz`` (the same
 weights as plain arrays, for the compiled engine) and ``default_rvae.json`` (the manifest: name,
-version, SHA-256s, sizes, training summary).
+version, SHA-256s, sizes, training summary, the stemfast version and git commit that trained it).
+
+What is reproducible: the command is seeded, and two runs of the same code give the same weights
+(``arrays.sha256`` of the manifest); the ``.pt`` and the manifest also record the run's timings, so
+their bytes differ. The shipped file (model 1.2) was trained by the code of commit 771f999
+(2026-12-02). Site finding and the synthetic generator have changed since, so today's code renders a
+slightly different training set and gives close, not identical, weights (round 44 of
+docs/RESULTS.md: best validation loss 5.75 against 5.99; on two synthetic test images classes ARI
+1.0 / 0.9965 and the same flagged sites as the shipped file). Retraining with today's code makes a
+new model: give it its own version before shipping it.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from . import shipped
 
 __all__ = ["MODEL_NAME", "MODEL_VERSION", "MATERIAL_Z", "draw_image_settings", "render_training_patches",
@@ -165,7 +175,19 @@ def render_training_patches(n_images: int, *, seed: int = 0, patches_per_image: 
     return np.concatenate(pools), records
 
 
-#: defaults of the shipped model's recipe (the command without options reproduces the shipped file)
+def _git_commit() -> str | None:
+    """The commit of the stemfast checkout this module runs from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+#: defaults of the shipped model's recipe (the module docs say what the command reproduces)
 DEFAULT_IMAGES = 48
 DEFAULT_PATCHES_PER_IMAGE = 300
 DEFAULT_EPOCHS = 15
@@ -209,7 +231,8 @@ def train_default_model(out_dir: str | Path = shipped.DATA_DIR, *, n_images: int
                 "spacing_px_range": [float(min(spacings)), float(max(spacings))] if spacings else None,
                 "images_used": n_images - len(left_out), "images_left_out": left_out,
                 "torch_threads": torch.get_num_threads(), "data_seconds": round(t_data, 1), "fit_seconds": round(t_fit, 1),
-                "torch_version": str(torch.__version__),
+                "torch_version": str(torch.__version__), "stemfast_version": __version__,
+                "git_commit": _git_commit(),
                 "stn_epochs_run": len(model.history.get("stn", {}).get("train", [])),
                 "vae_epochs_run": len(model.history.get("vae", {}).get("train", [])),
                 "best_val": float(min(model.history["vae"]["val"])) if model.history.get("vae") else None}
@@ -235,7 +258,8 @@ def train_default_model(out_dir: str | Path = shipped.DATA_DIR, *, n_images: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stemfast.model.train_default",
                                  description="Train the default model shipped with stemfast on synthetic 2H "
-                                             "monolayers (seeded, reproducible).")
+                                             "monolayers (seeded: the same code gives the same weights; the module "
+                                             "docs say how the shipped file was made).")
     ap.add_argument("-o", "--output", default=str(shipped.DATA_DIR),
                     help=f"folder for default_rvae.pt / .npz / .json (default: the package data, {shipped.DATA_DIR})")
     ap.add_argument("--images", type=int, default=DEFAULT_IMAGES, help=f"synthetic images (default {DEFAULT_IMAGES})")
