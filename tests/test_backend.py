@@ -62,6 +62,47 @@ def test_package_works_and_says_why_without_the_compiled_extension():
     refs, n_mean = map(int, out["REFS"].split())
     assert refs > 0 and n_mean == int(out["SITES"])
     assert "stemfast._core is not available" in r.stderr  # logged once, at the first use
+    # cpp asked for by name does not fall back: its error says so (it ended "Falling back to Numba/NumPy
+    # kernels."), and the fallback is logged once, where the kernels did fall back
+    assert "Falling back" not in out["CPP_ERROR"]
+    assert r.stderr.count("Falling back to Numba kernels.") == 1
+
+
+def test_stemfast_backend_is_stripped_and_a_bad_value_names_the_variable(monkeypatch):
+    """``STEMFAST_BACKEND=foo`` said "unknown backend 'foo'" (no variable named) at the first kernel call,
+    after the run had begun; ``' numba'`` was refused for its space. Now stripped, any case; another
+    value is a SettingsError naming the variable and its value, raised with the other settings."""
+    from stemfast.config import PipelineConfig, check_limits, load_config
+    from stemfast.errors import SettingsError
+
+    monkeypatch.setenv("STEMFAST_BACKEND", " NumPy\n")
+    assert resolve_backend() == "numpy"
+    monkeypatch.setenv("STEMFAST_BACKEND", "  ")  # blank: unset
+    assert resolve_backend() == available_backends()[0]
+    monkeypatch.setenv("STEMFAST_BACKEND", "foo")
+    for check in (resolve_backend, lambda: load_config(None), lambda: load_config(None, {"sites.backend": "numpy"}),
+                  lambda: check_limits(PipelineConfig())):
+        with pytest.raises(SettingsError, match=r"^STEMFAST_BACKEND='foo' is not a kernel backend: set it to one "
+                                                r"of cpp, numba, numpy, or unset it"):
+            check()
+
+
+@pytest.mark.parametrize("command", [
+    ["analyze", "a.npy", "-o", "out"], ["analyze", "a.npy", "-o", "out", "--backend", "numpy"],
+    ["batch", ".", "-o", "out"], ["sites", "a.npy", "-o", "out/s.csv"],
+    ["demo", "-o", "out", "--size", "64", "--n-images", "1"]])
+def test_a_bad_stemfast_backend_exits_2_before_any_output(command, tmp_path, monkeypatch, capsys):
+    """The CLI exited 1 with "unknown backend 'foo'" and left an empty OUT (analyze) or the demo's data."""
+    from stemfast.cli import main
+    from stemfast.errors import EXIT_SETTINGS
+
+    monkeypatch.chdir(tmp_path)
+    np.save("a.npy", make_lattice((96, 96), spacing=10.0, noise=0.05, seed=1)[0])
+    monkeypatch.setenv("STEMFAST_BACKEND", "foo")
+    assert main(command) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert "error: STEMFAST_BACKEND='foo' is not a kernel backend" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 _OLD_CORE = r"""

@@ -1,9 +1,10 @@
 """Choice of compute backend for the kernels: ``cpp`` (compiled), ``numba`` or ``numpy`` (reference).
 
-The default is the fastest available one; ``STEMFAST_BACKEND`` or the ``backend=`` argument of the
-public functions overrides it. If the compiled extension is missing (e.g. a source checkout used
-without ``pip install .``) or older than the Python code (a kernel of the contract missing) the
-package still imports and falls back to Numba, logging once why.
+The default is the fastest available one; ``STEMFAST_BACKEND`` (:data:`BACKEND_ENV`, read by
+:func:`env_backend`) or the ``backend=`` argument of the public functions overrides it. If the
+compiled extension is missing (e.g. a source checkout used without ``pip install .``) or older than
+the Python code (a kernel of the contract missing) the package still imports and falls back to
+Numba, logging once why.
 
 The compiled backends run their kernels on several threads (the core count by default);
 :func:`kernel_threads` / :func:`set_kernel_threads` set that number for both (results do not depend
@@ -22,8 +23,12 @@ from functools import lru_cache
 from numbers import Integral
 from types import ModuleType
 
+from .errors import SettingsError
+
 __all__ = [
     "BACKENDS",
+    "BACKEND_ENV",
+    "env_backend",
     "available_backends",
     "get_kernels",
     "resolve_backend",
@@ -39,7 +44,12 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("cpp", "numba", "numpy")
 
+#: The environment variable naming the backend where neither a ``backend=`` argument nor the setting
+#: ``sites.backend`` does (:func:`env_backend`).
+BACKEND_ENV = "STEMFAST_BACKEND"
+
 _core_error: str | None = None
+_fallback_logged = False
 
 
 @lru_cache(maxsize=None)
@@ -64,13 +74,11 @@ def _load(name: str) -> ModuleType | None:
         if name == "numpy":
             return importlib.import_module("stemfast._kernels.numpy_ref")
     except ImportError as exc:  # pragma: no cover - depends on the install
-        if name == "cpp":
+        if name == "cpp":  # logged where the kernels fall back (resolve_backend), not where cpp was asked for
             _core_error = (
                 f"the compiled extension stemfast._core is not available ({exc}); "
-                "build it with `pip install .` (or rebuild it) from the source tree. "
-                "Falling back to Numba/NumPy kernels."
+                "build it with `pip install .` (or rebuild it) from the source tree"
             )
-            log.warning(_core_error)
         else:
             log.warning("backend %r unavailable: %s", name, exc)
         return None
@@ -83,18 +91,57 @@ def core_import_error() -> str | None:
     return _core_error
 
 
+def env_backend() -> str | None:
+    """The backend ``$STEMFAST_BACKEND`` (:data:`BACKEND_ENV`) names: surrounding whitespace stripped,
+    any case; None where it is unset or blank.
+
+    Raises
+    ------
+    stemfast.errors.SettingsError
+        For any other value, naming the variable and its value (:func:`stemfast.config.load_config`
+        checks it with the other settings, so the command line refuses it with exit status 2 before
+        any work).
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ[BACKEND_ENV] = " NumPy "
+    >>> env_backend()
+    'numpy'
+    >>> os.environ[BACKEND_ENV] = "foo"
+    >>> env_backend()
+    Traceback (most recent call last):
+    ...
+    stemfast.errors.SettingsError: STEMFAST_BACKEND='foo' is not a kernel backend: set it to one of cpp, ...
+    >>> del os.environ[BACKEND_ENV]
+    """
+    raw = os.environ.get(BACKEND_ENV)
+    name = (raw or "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise SettingsError(f"{BACKEND_ENV}={raw!r} is not a kernel backend: set it to one of {', '.join(BACKENDS)}, "
+                            "or unset it (the fastest available)")
+    return name
+
+
 def available_backends() -> list[str]:
     """Backends that import on this machine, fastest first."""
     return [b for b in BACKENDS if _load(b) is not None]
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """Return the backend to use: the argument, else ``$STEMFAST_BACKEND``, else the fastest available."""
-    name = backend or os.environ.get("STEMFAST_BACKEND") or None
+    """Return the backend to use: the argument, else ``$STEMFAST_BACKEND`` (:func:`env_backend`), else the
+    fastest available (the first fallback from the compiled extension is logged, once, with its reason)."""
+    global _fallback_logged
+    name = backend or env_backend()
     if name is None:
         # the first that imports, without importing the slower ones (Numba alone takes ~0.5-1 s)
         for b in BACKENDS:
             if _load(b) is not None:
+                if b != "cpp" and _core_error and not _fallback_logged:
+                    _fallback_logged = True
+                    log.warning("%s. Falling back to %s kernels.", _core_error, "Numba" if b == "numba" else "NumPy")
                 return b
         raise RuntimeError("no stemfast kernel backend is available")  # pragma: no cover - numpy always imports
     name = name.lower()

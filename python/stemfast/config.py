@@ -50,6 +50,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .backend import env_backend
 from .errors import SettingsError
 from .limits import MAX_CLASSES, MAX_SPACING_PX, SETTING_LIMITS, check_setting
 
@@ -77,6 +78,7 @@ __all__ = [
     "config_hash",
     "file_sha256",
     "apply_overrides",
+    "check_environment",
     "METADATA_TABLES",
     "NONE_STRING",
     "SETTING_LIMITS",
@@ -396,8 +398,9 @@ def check_limits(config) -> None:
 
     (:func:`load_config` and :func:`apply_overrides` check what they set; this checks a config built
     in Python, whose settings classes checked the ranges when they were made but not the finite rule,
-    nor ``patch_size``.)
+    nor ``patch_size``.) The settings the environment gives are checked too (:func:`check_environment`).
     """
+    check_environment()
     d = config_to_dict(config)
     defaults = config_to_dict(_default_config())
 
@@ -411,6 +414,14 @@ def check_limits(config) -> None:
                 _check_value(v, w, dv)
 
     walk(d, defaults, "")
+
+
+def check_environment() -> None:
+    """Check the settings the environment gives: ``$STEMFAST_BACKEND`` (:func:`stemfast.backend.env_backend`;
+    a :class:`SettingsError` naming the variable and its value). :func:`load_config` and :func:`check_limits`
+    call it, so a bad value is refused with the other settings, before any work -- also where
+    ``sites.backend`` is set: the kernel calls not given that setting read the variable."""
+    env_backend()
 
 
 def apply_overrides(config, data: Mapping) -> Any:
@@ -474,7 +485,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None
     ------
     ValueError
         On an unknown key (the message names it and lists the valid keys), a value of the wrong
-        type, or a value the settings reject.
+        type, or a value the settings reject; also a ``$STEMFAST_BACKEND`` that names no backend
+        (:func:`check_environment`).
     FileNotFoundError
         When ``path`` does not exist.
 
@@ -494,6 +506,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping | None
             raise SettingsError(f"{p}: {exc}") from exc
     if overrides:
         config = apply_overrides(config, overrides)
+    check_environment()
     return config
 
 

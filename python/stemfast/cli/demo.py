@@ -35,13 +35,13 @@ def _cmd_demo(args) -> int:
     from ..synthetic import save_example
     from .batch import print_report
 
+    config = load_config(None, {"sites.backend": args.backend} if args.backend else None)  # before any file
     out = Path(args.output)
     data = out / "data"
     paths = save_example(data, n_images=args.n_images, size=args.size)
     print(f"wrote {len(paths)} example micrographs (+ ground truth) to {data}")
     if args.data_only:
         return EXIT_OK
-    config = load_config(None, {"sites.backend": args.backend} if args.backend else None)
     report = run_batch([data], out / "results", config=config)
     if not report.results:
         print(f"error: no micrographs found in {data}", file=sys.stderr)
