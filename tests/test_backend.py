@@ -420,3 +420,58 @@ def test_find_sites_runs_with_one_blas_thread(monkeypatch):
         sites_mod.find_sites(img)
         assert blas() == before
     assert len(seen) == 1 and (not seen[0] or set(seen[0]) == {1})
+
+
+@pytest.fixture
+def without_core(monkeypatch):
+    """This process without the compiled extension, as if it were not built: ``stemfast._core`` does
+    not import (its cached load and reason forgotten before and after)."""
+    import stemfast.backend as be
+
+    monkeypatch.setitem(sys.modules, "stemfast._core", None)
+    monkeypatch.setattr(be, "_core_error", None)
+    monkeypatch.setattr(be, "_fallback_logged", False)
+    be._load.cache_clear()
+    yield
+    be._load.cache_clear()
+
+
+def _analyze(tmp_path: Path, name: str) -> tuple[dict, dict, str]:
+    """``stemfast analyze`` (shipped model) of a small synthetic MoS2 image into ``tmp_path/name``: the
+    input's summary.json, batch_summary.json and report.html."""
+    import json
+
+    from stemfast.cli import main
+    from stemfast.synthetic import make_mos2
+
+    img = tmp_path / "a.npy"
+    if not img.exists():
+        np.save(img, make_mos2(shape=(160, 160), seed=1).image.astype(np.float32))
+    out = tmp_path / name
+    assert main(["analyze", str(img), "-o", str(out), "--no-companion"]) == 0
+    return (json.loads((out / "a" / "summary.json").read_text()), json.loads((out / "batch_summary.json").read_text()),
+            (out / "report.html").read_text())
+
+
+def test_a_run_records_the_backend_its_kernels_ran_on(tmp_path, monkeypatch):
+    """summary.json, batch_summary.json and the report say which backend ran the kernels. Without the
+    compiled extension nothing said the kernels had fallen back (a stderr line only), so stage times
+    10-100x those of C++ were unexplained: now the backend, the reason, and one line in the report."""
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    fastest = available_backends()[0]
+    s, batch, html = _analyze(tmp_path, "with")
+    assert s["backend"] == batch["backend"] == fastest and s["core_import_error"] is None
+    assert "not the compiled C++ extension" not in html
+    assert all(f["backend"] == fastest for f in s["frames"])
+
+
+def test_a_run_without_the_compiled_extension_says_so(tmp_path, monkeypatch, without_core):
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    used = resolve_backend()
+    assert used != "cpp"
+    s, batch, html = _analyze(tmp_path, "without")
+    assert s["backend"] == batch["backend"] == used
+    assert "stemfast._core is not available" in s["core_import_error"] and "pip install" in s["core_import_error"]
+    assert all(f["backend"] == used and "core_import_error" not in f for f in s["frames"])  # said once
+    assert html.count(f"kernels: {used}, not the compiled C++ extension") == 1
+    assert "stemfast._core is not available" in html

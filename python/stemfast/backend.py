@@ -33,6 +33,7 @@ __all__ = [
     "get_kernels",
     "resolve_backend",
     "core_import_error",
+    "backend_used",
     "get_kernel_threads",
     "set_kernel_threads",
     "kernel_threads",
@@ -123,6 +124,19 @@ def env_backend() -> str | None:
         raise SettingsError(f"{BACKEND_ENV}={raw!r} is not a kernel backend: set it to one of {', '.join(BACKENDS)}, "
                             "or unset it (the fastest available)")
     return name
+
+
+def backend_used(backend: str | None = None) -> dict:
+    """What runs the kernels in this process for the setting ``backend`` (None: the default), as a run
+    records it (each frame's record; ``summary.json`` ``backend`` and ``core_import_error``): the
+    backend's name and why the compiled extension could not be imported (None where it imports).
+
+    Examples
+    --------
+    >>> backend_used("numpy")["backend"]
+    'numpy'
+    """
+    return {"backend": resolve_backend(backend), "core_import_error": core_import_error()}
 
 
 def available_backends() -> list[str]:

@@ -629,6 +629,17 @@ def _companion_line(s: Mapping) -> str:
             f"{' &middot; sha256 ' + _e(sha) + '&hellip;' if sha else ''} &middot; {how}</p>")
 
 
+def _kernels_line(s: Mapping) -> str:
+    """One line where the input's kernels did not run compiled because the extension could not be
+    imported (``summary.json``: ``backend``, ``core_import_error``); empty otherwise."""
+    why = s.get("core_import_error")
+    if not why:
+        return ""
+    used = s.get("backend") or "Numba / NumPy"
+    return (f"<p class='warn'>kernels: {_e(used)}, not the compiled C++ extension (the stage times above are "
+            f"theirs, slower): {_e(why)}</p>")
+
+
 def _input_facts(s: Mapping, lat: Mapping, inp: Mapping) -> dict:
     """The key-value table of one input's section: sites, defects, classes, the lattice and what was
     repaired in the image."""
@@ -706,6 +717,7 @@ def _input_section(s: Mapping, folder: Path, *, batch_model_sha: str | None = No
                  + _kv_table(counts or {"(none)": 0}, ("class", "sites")) + _kv_table(kinds, ("defect kind", "sites"))
                  + _kind_legend(kinds, lat.get("material"))
                  + "</div><div><h3>stages</h3>" + _stage_html(s.get("throughput", [])) + "</div></div>")
+    parts.append(_kernels_line(s))
     for key in ANALYSIS_WARNING_KEYS:
         if s.get(key) and s[key] not in warns:  # not twice: the warnings at the top may hold it already
             parts.append(f"<p class='warn'>{_e(s[key])}</p>")

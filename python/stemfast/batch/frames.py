@@ -49,7 +49,7 @@ def frame_record(frame: int) -> dict:
     """The JSON record of a frame before it is analysed (status ``error`` until it is)."""
     return {"frame": int(frame), "status": "error", "error": None, "n_sites": 0, "n_defects": 0,
             "class_counts": {}, "defect_kinds": {}, "spacing_px": None, "angle_deg": None,
-            "timings_s": {}, "drift_px": None, "top": [], "warnings": [], "engine": None}
+            "timings_s": {}, "drift_px": None, "top": [], "warnings": [], "engine": None, "backend": None}
 
 
 def settings_vs_image(img: np.ndarray, config, *, check_estimate: bool) -> list[str]:
@@ -83,6 +83,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
     ``companion``: a second detector's image of the same scan, ``companion_higher`` whether it was
     recorded at higher angles (:func:`stemfast.frontend.prepare`).
     """
+    from ..backend import backend_used
     from ..frontend import named_with_companion, with_companion
     from ..model.engine import device_of, engine_of
     from ..pipeline import analyze, model_input_size, prepare
@@ -115,6 +116,9 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["error"] = str(exc)
         return FrameResult(rec)
     rec["timings_s"].update({k: float(v) for k, v in prep.timings.items()})
+    # what ran the kernels here (a Dask worker may differ from the client): Numba / NumPy where the
+    # compiled extension could not be imported, and why (FrameTotals keeps the reason once)
+    rec.update(backend_used(config.sites.backend))
     meta = prep.sites.meta
     n = len(table)
     rec.update(status=str(meta.get("status", "ok")) if n else str(meta.get("status", "no lattice")),

@@ -74,6 +74,9 @@ class FrameTotals:
     #: (frame, x, y, class_id, is_defect, spacing, crowded, inversion_domain) of the frame shown in the
     #: class map
     shown: tuple | None = None
+    #: why the compiled extension could not be imported where a frame's kernels ran (the first frame's
+    #: reason; said once in the summary, not per frame)
+    core_import_error: str | None = None
 
     def add(self, fr: FrameResult) -> None:
         m = fr.meta
@@ -98,7 +101,8 @@ class FrameTotals:
         if len(self.candidates) > self.top_n:
             self.candidates.sort(key=lambda t: t[0])
             del self.candidates[self.top_n:]
-        self.frames_meta.append({k: v for k, v in m.items() if k != "top"})
+        self.core_import_error = self.core_import_error or m.get("core_import_error")
+        self.frames_meta.append({k: v for k, v in m.items() if k not in ("top", "core_import_error")})
 
     def ranked(self) -> list:
         """The candidates, highest anomaly score first."""
@@ -409,6 +413,10 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         # with the engine that ran it on this input's frames (stemfast.model.engine)
         "model": {**model_identity(d.parent, run.model_sha), "engine": combined_engine(m.get("engine") for m in fm),
                   "device": combined_engine(m.get("device") for m in fm)},
+        # what ran the kernels (stemfast.backend.backend_used): cpp, or numba / numpy -- with the reason
+        # where the compiled extension could not be imported (the stage times are those kernels')
+        "backend": combined_engine(m.get("backend") for m in fm),
+        "core_import_error": totals.core_import_error,
         # a second detector of the same scan in the defect scores (stemfast.batch.companions)
         "detectors": max((int(m.get("detectors") or 1) for m in fm), default=1),
         "companion": (str(src.entry.companion.path) if src.entry.companion is not None and src.entry.companion_used

@@ -559,6 +559,8 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
                   or report.model_engine or (old.get("model") or {}).get("engine"),
                   "device": combined_engine((s.get("model") or {}).get("device") for s in summaries)
                   or (old.get("model") or {}).get("device")},
+        # what ran the kernels on the inputs shown (their summaries: stemfast.backend.backend_used)
+        "backend": combined_engine(s.get("backend") for s in summaries),
         "model_trained_this_run": report.model_trained,
         # earlier models that results in OUT were made with, kept when another model replaced model.pt
         "earlier_models": kept_models(out),
