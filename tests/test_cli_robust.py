@@ -515,6 +515,33 @@ def test_bench_keeps_the_training_settings_the_user_set(tmp_path, monkeypatch, o
     assert got.value.args[0] == want
 
 
+@pytest.mark.parametrize("command, words", [
+    (["demo", "--size", "0"], "argument --size: must be an integer >= {side}, got 0"),
+    (["demo", "--size", "15"], "argument --size: must be an integer >= {side}, got 15"),
+    (["bench", "--size", "8"], "argument --size: must be an integer >= {side}, got 8"),
+    (["demo", "--n-images", "0"], "argument --n-images: must be an integer >= 1, got 0"),
+    (["demo", "--n-images", "two"], "argument --n-images: must be an integer >= 1, got 'two'"),
+    (["bench", "--frames", "0"], "argument --frames: must be an integer >= 1, got 0"),
+])
+def test_synthetic_sizes_and_counts_out_of_range_are_option_errors(tmp_path, monkeypatch, capsys, command, words):
+    """demo --size 0 / bench --size 8 said "shape must be (height, width) with both >= 16, got (0, 0)"
+    (no option named) and exited 1; demo --n-images 0 wrote no image, then "no micrographs found", exit 1.
+    Now the parser's error naming the option and its range (the generator's smallest side), exit 2,
+    nothing written."""
+    from stemfast.cli import main
+    from stemfast.synthetic import MIN_SIDE
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([*command, *(["-o", "out"] if command[0] == "demo" else [])])
+    assert exc.value.code == EXIT_SETTINGS
+    assert words.format(side=MIN_SIDE) in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        main([command[0], "--help"])
+    assert f"image size in px, an integer >= {MIN_SIDE}" in capsys.readouterr().out.replace("side", "size")
+
+
 def test_a_shortcut_and_a_set_of_the_same_setting_must_agree(env, tmp_path, capsys):
     """--set sites.spacing=10 --spacing 12: the shortcut won without a word; now exit 2 naming both
     (the same value twice is fine)."""

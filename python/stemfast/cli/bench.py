@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from .options import EXIT_OK, add_settings_options, config_from_args, guarded, settings_given
+from .options import (EXIT_OK, AtLeast, add_settings_options, config_from_args, guarded, settings_given,
+                      synthetic_min_side)
 
 __all__ = ["add", "cmd_bench", "BENCH_FALLBACKS"]
 
@@ -19,8 +20,9 @@ def add(sub) -> None:
         description="Render a synthetic MoS2 HAADF image (stemfast.synthetic.make_mos2), run every stage of the "
                     "pipeline on it and print seconds and sites/s per stage (model training reported "
                     "separately). The model is the shipped pretrained one unless --train.")
-    p.add_argument("--size", type=int, default=4096, help="image side in px (default 4096)")
-    p.add_argument("--frames", type=int, default=1, help="frames of a time series (default 1)")
+    p.add_argument("--size", type=AtLeast(synthetic_min_side), default=4096,
+                   help="image side in px, %(type)s (default 4096)")
+    p.add_argument("--frames", type=AtLeast(1), default=1, help="frames of a time series, %(type)s (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic image")
     p.add_argument("--train-patches", type=int, default=None, metavar="N",
                    help=f"patches the model is trained on (model.max_train_patches; default "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import EXIT_ERROR, EXIT_OK, add_backend_option, add_verbose_option, guarded
+from .options import EXIT_ERROR, EXIT_OK, AtLeast, add_backend_option, add_verbose_option, guarded, synthetic_min_side
 
 __all__ = ["add", "cmd_demo"]
 
@@ -16,8 +16,9 @@ def add(sub) -> None:
                                    "(stemfast.synthetic) into OUT/data and run the batch analysis on them "
                                    "into OUT/results.")
     p.add_argument("-o", "--output", default="stemfast-demo", help="demo folder (default: ./stemfast-demo)")
-    p.add_argument("--size", type=int, default=512, help="image size in px (default 512)")
-    p.add_argument("--n-images", type=int, default=2, help="number of images (default 2)")
+    p.add_argument("--size", type=AtLeast(synthetic_min_side), default=512,
+                   help="image size in px, %(type)s (default 512)")
+    p.add_argument("--n-images", type=AtLeast(1), default=2, help="number of images, %(type)s (default 2)")
     p.add_argument("--data-only", action="store_true", help="only write the example data")
     add_verbose_option(p)
     add_backend_option(p)

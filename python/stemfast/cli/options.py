@@ -38,6 +38,8 @@ __all__ = [
     "add_companion_options",
     "companions_from_args",
     "add_verbose_option",
+    "AtLeast",
+    "synthetic_min_side",
     "config_from_args",
     "overrides_from_args",
     "settings_given",
@@ -60,6 +62,56 @@ __all__ = [
 ]
 
 log = logging.getLogger("stemfast.cli")
+
+class AtLeast:
+    """An argparse ``type``: an integer of at least ``low``; anything else is the parser's error naming
+    the option and the range (exit status 2), e.g. ``argument --size: must be an integer >= 16, got 0``.
+
+    ``low`` may be a callable giving the bound when first needed (:func:`synthetic_min_side`: its
+    module is not imported for every command). ``%(type)s`` in the option's help reads
+    ``an integer >= LOW``.
+
+    Examples
+    --------
+    >>> p = argparse.ArgumentParser(prog="demo")
+    >>> _ = p.add_argument("--n-images", type=AtLeast(1), default=2, help="images (%(type)s)")
+    >>> p.parse_args(["--n-images", "3"]).n_images
+    3
+    >>> AtLeast(1)("0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: must be an integer >= 1, got 0
+    """
+
+    def __init__(self, low) -> None:
+        self._low = low
+
+    @property
+    def low(self) -> int:
+        """The smallest value allowed."""
+        return int(self._low() if callable(self._low) else self._low)
+
+    @property
+    def __name__(self) -> str:  # argparse's name of the type (%(type)s in a help text)
+        return f"an integer >= {self.low}"
+
+    def __call__(self, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.__name__}, got {text!r}") from None
+        if value < self.low:
+            raise argparse.ArgumentTypeError(f"must be {self.__name__}, got {value}")
+        return value
+
+
+def synthetic_min_side() -> int:
+    """The smallest image side the synthetic generator draws (:data:`stemfast.synthetic.MIN_SIDE`), the
+    bound of the demo's and the bench's ``--size``."""
+    from ..synthetic import MIN_SIDE
+
+    return MIN_SIDE
+
 
 def add_verbose_option(p) -> None:
     """``-v`` / ``-vv``: more log output."""

@@ -16,13 +16,13 @@ Examples
 """
 from __future__ import annotations
 
-from .image import (DEFECT_NAMES, SUBLATTICE_NAMES, SynthConfig, SynthImage, chalcogen_atom_intensity,
+from .image import (DEFECT_NAMES, MIN_SIDE, SUBLATTICE_NAMES, SynthConfig, SynthImage, chalcogen_atom_intensity,
                     chalcogen_pair_intensity, load_truth, make_lattice, make_mos2, render_gaussians, save_example,
                     save_truth)
 from .patches import SITE_TYPES, render_site_patches
 from .series import SeriesConfig, SynthSeries, load_series_truth, make_series
 
 __all__ = ["SynthConfig", "SynthImage", "make_mos2", "make_lattice", "save_example", "save_truth", "load_truth",
-           "render_gaussians", "SUBLATTICE_NAMES", "DEFECT_NAMES", "chalcogen_atom_intensity",
+           "MIN_SIDE", "render_gaussians", "SUBLATTICE_NAMES", "DEFECT_NAMES", "chalcogen_atom_intensity",
            "chalcogen_pair_intensity", "SeriesConfig", "SynthSeries", "make_series", "load_series_truth",
            "SITE_TYPES", "render_site_patches"]

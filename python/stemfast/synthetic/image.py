@@ -64,10 +64,14 @@ __all__ = [
     "Z_S",
     "chalcogen_atom_intensity",
     "chalcogen_pair_intensity",
+    "MIN_SIDE",
 ]
 
 log = logging.getLogger(__name__)
 
+#: The smallest image side the generator draws (px; :class:`SynthConfig` ``shape``, the demo's and the
+#: bench's ``--size``).
+MIN_SIDE = 16
 SUBLATTICE_NAMES = ("Mo", "S2", "hollow")
 DEFECT_NAMES = ("none", "V_S", "V_S2", "V_Mo", "Mo_S")
 #: Atomic numbers of the metal and the chalcogen, and the exponent of the HAADF (Z-contrast)
@@ -94,7 +98,7 @@ class SynthConfig:
 
     Attributes
     ----------
-    shape : (height, width) of the image in px.
+    shape : (height, width) of the image in px, each at least :data:`MIN_SIDE`.
     pixel_size_A : pixel size in Angstrom.
     a_A : in-plane lattice constant (MoS2: 3.16 A); the Mo-S2 column spacing is ``a / sqrt(3)``.
     rotation_deg : angle of the first lattice vector from the +x axis (counter-clockwise in x, y).
@@ -186,8 +190,8 @@ class SynthConfig:
         set_(self, "strain", tuple(float(s) for s in self.strain))
         set_(self, "scan_distortion", tuple(float(s) for s in self.scan_distortion))
         set_(self, "drift_px_per_frame", tuple(float(s) for s in self.drift_px_per_frame))
-        if len(self.shape) != 2 or min(self.shape) < 16:
-            raise ValueError(f"shape must be (height, width) with both >= 16, got {self.shape}")
+        if len(self.shape) != 2 or min(self.shape) < MIN_SIDE:
+            raise ValueError(f"shape must be (height, width) with both >= {MIN_SIDE}, got {self.shape}")
         if len(self.rates) != 4 or any(not 0.0 <= r <= 1.0 for r in self.rates):
             raise ValueError(f"rates must be 4 values in [0, 1] (v_s, v_s2, v_mo, mo_s), got {self.rates}")
         if self.rates[0] + self.rates[1] + self.rates[3] > 1.0:
@@ -937,7 +941,7 @@ def save_example(directory: str | os.PathLike, *, n_images: int = 2, size: int =
     ----------
     directory : output folder (created).
     n_images : number of micrographs.
-    size : image side in px (>= 16).
+    size : image side in px (at least :data:`MIN_SIDE`).
     seed : base seed; image ``i`` uses ``seed + i``.
 
     Returns
