@@ -91,7 +91,7 @@ class Contrast(NamedTuple):
     by: str = "skew"
 
 
-def column_contrast(image, spacing: float, *, mask=None, g=None) -> Contrast:
+def column_contrast(image, spacing: float, *, mask=None, g=None, backend: str | None = None) -> Contrast:
     """Whether the columns of ``image`` are bright or dark (module docs).
 
     Parameters
@@ -102,6 +102,8 @@ def column_contrast(image, spacing: float, *, mask=None, g=None) -> Contrast:
         (:mod:`stemfast.nodata`) or vacuum (:func:`stemfast.vacuum.dark_vacuum`); they are left out,
         and the crop read is the one holding the most of the other pixels
         (:func:`stemfast.vacuum.film_window`).
+    g : optional [2, 2] reciprocal vectors of the metal lattice's first ring (the phase test).
+    backend : the kernels' backend (``sites.backend``; None: ``STEMFAST_BACKEND`` or the fastest).
 
     Returns
     -------
@@ -116,10 +118,11 @@ def column_contrast(image, spacing: float, *, mask=None, g=None) -> Contrast:
         raise ValueError(f"mask must have the image's shape {img.shape}, got {np.shape(mask)}")
     if g is not None and (np.shape(g) != (2, 2) or not np.isfinite(g).all()):
         raise ValueError(f"g must be a finite [2, 2] array of reciprocal vectors, got shape {np.shape(g)}")
-    return _column_contrast(img, float(spacing), mask, None if g is None else np.asarray(g, np.float64))
+    return _column_contrast(img, float(spacing), mask, None if g is None else np.asarray(g, np.float64), backend)
 
 
-def _column_contrast(img: np.ndarray, spacing: float, mask, g: np.ndarray | None = None) -> Contrast:
+def _column_contrast(img: np.ndarray, spacing: float, mask, g: np.ndarray | None = None,
+                     backend: str | None = None) -> Contrast:
     H, W = img.shape
     if mask is None:
         y0, x0 = max(0, (H - CONTRAST_CROP) // 2), max(0, (W - CONTRAST_CROP) // 2)
@@ -130,7 +133,7 @@ def _column_contrast(img: np.ndarray, spacing: float, mask, g: np.ndarray | None
     if mask is not None:
         gap = np.asarray(mask, bool)[y0:y0 + CONTRAST_CROP, x0:x0 + CONTRAST_CROP]
         gap = ndimage.binary_dilation(gap, iterations=int(np.ceil(CONTRAST_RING_NN * spacing))) if gap.any() else None
-    skew = _skewness(crop, spacing, gap)
+    skew = _skewness(crop, spacing, gap, backend)
     cos, coherence = phase_invariant(crop, g, gap) if g is not None else (float("nan"), float("nan"))
     if coherence >= CONTRAST_COHERENCE and abs(cos) >= CONTRAST_PHASE_COS:
         return Contrast("bright" if cos > 0 else "dark", skew, cos, coherence, "phase")
@@ -141,12 +144,12 @@ def _column_contrast(img: np.ndarray, spacing: float, mask, g: np.ndarray | None
     return Contrast("unclear", skew, cos, coherence)
 
 
-def _skewness(crop: np.ndarray, spacing: float, gap: np.ndarray | None) -> float:
+def _skewness(crop: np.ndarray, spacing: float, gap: np.ndarray | None, backend: str | None = None) -> float:
     """The quantile skewness ``(q95 + q5 - 2 q50) / (q95 - q5)`` of ``crop`` band-passed at the
     lattice scale, the pixels ``gap`` left out; NaN with fewer than 64 pixels or no spread."""
     from .bandpass import bandpass
 
-    bp = bandpass(crop, noise_px=0.12 * spacing, background_px=spacing)
+    bp = bandpass(crop, noise_px=0.12 * spacing, background_px=spacing, backend=backend)
     v = (bp if gap is None else bp[~gap]).ravel()
     if v.size < 64:
         return float("nan")

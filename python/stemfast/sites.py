@@ -707,7 +707,7 @@ def _oriented(img: np.ndarray, s: SiteSettings, spacing: float, unread: np.ndarr
         dark = s.contrast == "dark"
         return (inverted(img) if dark else img), {"columns": s.contrast, "skew": None, "inverted": dark,
                                                   "setting": s.contrast}
-    c = column_contrast(img, spacing, mask=unread, g=g)
+    c = column_contrast(img, spacing, mask=unread, g=g, backend=s.backend)
     info = {"columns": c.columns, "skew": _rounded(c.skew), "phase_cos": _rounded(c.phase_cos),
             "coherence": _rounded(c.coherence), "by": c.by, "inverted": c.columns == "dark", "setting": "auto"}
     if c.columns == "dark":
