@@ -116,8 +116,10 @@ class Micrograph:
 
     Attributes
     ----------
-    data : float32 ``[H, W]`` image or ``[frames, H, W]`` stack (a read-only memory map for
-        large uncompressed stacks).
+    data : float32 ``[H, W]`` image or ``[frames, H, W]`` stack; an uncompressed stack in the machine's
+        byte order is the file's read-only memory map, in the file's number type (a detector's
+        ``uint16`` stays ``uint16``, half the memory of float32): take its frames with :meth:`frame` /
+        :meth:`frames`, which give float32 one frame at a time.
     pixel_size : size of one pixel in ``unit`` (``None`` when the file has no calibration).
     unit : length unit of ``pixel_size``; known length units are converted to ``"nm"``.
     path : file the data came from.
@@ -234,7 +236,10 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
 
     Returns
     -------
-    :class:`Micrograph` with float32 data.
+    :class:`Micrograph` with float32 data, except an uncompressed stack (``.npy``, TIFF, ``.ndata``) of
+    any integer or float type in the machine's byte order: the file's read-only memory map in its own
+    type, whose frames :meth:`Micrograph.frame` gives as float32 one at a time (the memory check then
+    charges one frame, not the stack).
 
     Raises
     ------
@@ -254,7 +259,8 @@ def read(path: str | os.PathLike, *, frames: int | slice | Sequence[int] | None 
     files. Known length units are converted to nm. RGB(A) images become grey
     (``0.299 R + 0.587 G + 0.114 B``) with a :class:`ReadWarning`, except a TIFF's planar samples
     that are not 8-bit: those are the frames of a short series (tifffile's default for a [3, H, W]
-    array) and are read as frames, with a :class:`ReadWarning`; integer data become float32.
+    array) and are read as frames, with a :class:`ReadWarning`; integer data become float32 (a
+    memory-mapped stack's frame by frame).
     Values float32 cannot carry safely (beyond 1e9 in magnitude, a range below 1e-6, or an
     offset more than 4096 times the range, e.g. an int64 image scaled by 1e16) are rescaled in
     float64 to ``(x - min) / (max - min)`` first, with a :class:`ReadWarning`; ``metadata["rescaled"]``
@@ -572,16 +578,13 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
     h, w = data.shape[-2:]
     if min(h, w) < MIN_SIDE:
         raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")
-    keep_map = isinstance(data, np.memmap) and data.ndim == 3 and data.dtype == np.float32 \
-        and data.dtype.isnative
+    keep_map = _streamable(data, rescale)
     _check_memory(path, data.shape, data.dtype, lazy_frames=keep_map)
-    if not keep_map and data.dtype.kind in "iuf" and rescale is not False:
+    if data.dtype.kind in "iuf" and rescale is not False and not (keep_map and data.dtype == np.float32):
         data = _safe_range(path, data, meta) if rescale is None else _rescaled(path, data, meta, rescale)
+        keep_map = keep_map and isinstance(data, np.memmap)  # rescaled: an in-memory float32 copy
     if keep_map:
-        bad = 0
-        for i in range(data.shape[0]):
-            bad += int(np.count_nonzero(~np.isfinite(data[i])))
-            _release_pages(data)
+        bad = _count_nonfinite_frames(data)
     elif isinstance(data, np.memmap) or not data.flags.owndata or not data.flags.writeable:
         data = np.array(data, dtype=np.float32, order="C")  # into memory, never alias a file
         bad = int(np.count_nonzero(~np.isfinite(data)))
@@ -594,6 +597,27 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
     return data
 
 
+def _streamable(data: Any, rescale: dict | bool | None) -> bool:
+    """Whether ``data`` is kept as the file's read-only memory map and converted to float32 one frame at a
+    time (:meth:`Micrograph.frame`): a stack of any native integer or float type, mapped, not read with a
+    rescale mapping (that rescales the whole of it in memory)."""
+    return (isinstance(data, np.memmap) and data.ndim == 3 and data.dtype.kind in "iuf" and data.dtype.isnative
+            and (rescale is None or rescale is False))
+
+
+def _count_nonfinite_frames(data: np.memmap) -> int:
+    """NaN / infinite values of a memory-mapped stack as float32 holds them (a float64 value beyond
+    float32's range is one), counted frame by frame, each frame's pages released after it; none for
+    integers (float32 holds every integer type's range), whose file is not read."""
+    if data.dtype.kind != "f":
+        return 0
+    bad = 0
+    for i in range(data.shape[0]):
+        bad += int(np.count_nonzero(~np.isfinite(np.asarray(data[i], dtype=np.float32))))
+        _release_pages(data)
+    return bad
+
+
 #: float32 carries an image safely when its values stay within this magnitude ...
 _SAFE_MAX = 1e9
 #: ... its range is at least this ...
@@ -603,18 +627,20 @@ _SAFE_OFFSET = 4096.0
 
 
 def _finite_min_max(data: np.ndarray) -> tuple[float, float] | None:
-    """Smallest and largest finite value (float64), frame by frame / in row blocks; None if none."""
+    """Smallest and largest finite value (float64), frame by frame in row blocks (a memory map's pages
+    dropped after each); None if none."""
     lo, hi = math.inf, -math.inf
-    flat = data.reshape(-1, data.shape[-1])
     step = max(1, (1 << 22) // max(1, data.shape[-1]))
-    for a in range(0, flat.shape[0], step):
-        b = np.asarray(flat[a:a + step])
-        if b.dtype.kind == "f":
-            b = b[np.isfinite(b)]
-            if b.size == 0:
-                continue
-        lo = min(lo, float(np.min(b)))
-        hi = max(hi, float(np.max(b)))
+    for fr in (data if data.ndim == 3 else [data]):
+        for a in range(0, fr.shape[0], step):
+            b = np.asarray(fr[a:a + step])
+            if b.dtype.kind == "f":
+                b = b[np.isfinite(b)]
+            if b.size:
+                lo = min(lo, float(np.min(b)))
+                hi = max(hi, float(np.max(b)))
+            if isinstance(data, np.memmap):
+                _release_pages(data)
     return None if lo > hi else (lo, hi)
 
 
@@ -632,6 +658,8 @@ def _safe_range(path: Path, data: np.ndarray, meta: dict) -> np.ndarray:
         return data
     msg = (f"{path}: pixel values from {lo:.6g} to {hi:.6g} do not fit float32 safely; rescaled to "
            "(x - min) / (max - min) in float64")
+    if isinstance(data, np.memmap):  # (a stack read one frame at a time was checked for one frame)
+        _check_memory(path, data.shape, data.dtype)
     warnings.warn(msg, ReadWarning, stacklevel=4)
     log.info("%s", msg)
     return _rescaled(path, data, meta, {"offset": lo, "scale": rng})
@@ -676,7 +704,7 @@ def _fill_nonfinite(path: Path, data: np.ndarray, meta: dict, bad: int, allow_no
     # per frame, how many of its non-finite pixels form regions without data (the regions lie within them)
     margins = []
     for fr in frames:
-        margins.append(int(regions_of(~np.isfinite(fr)).sum()))
+        margins.append(int(regions_of(~np.isfinite(np.asarray(fr, dtype=np.float32))).sum()))  # as float32 holds it
         if isinstance(data, np.memmap):  # its pages dropped after each frame, as _prepare's count does
             _release_pages(data)
     margin = sum(margins)
