@@ -817,6 +817,74 @@ def test_declared_size_beyond_memory_is_refused_before_loading(tmp_path, monkeyp
     assert "40000 x 40000 px (float32)" in str(_err(tmp_path / "huge.npy"))
 
 
+GIB = 2**30
+
+
+def _fake_system(root, cgroup_line: str, files: dict[str, str], *, vm_size_kib: int = 0):
+    """A fake ``/proc`` (64 GiB MemAvailable, no swap; ``cgroup_line`` in self/cgroup) and cgroup mount
+    (``files``: path under it -> text), under ``root``: ``(proc, cgroup_root)``."""
+    proc, cg = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {128 * 2**20} kB\nMemAvailable: {64 * 2**20} kB\nSwapFree: 0 kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup_line + "\n")
+    (proc / "self" / "status").write_text(f"Name: python\nVmSize: {vm_size_kib} kB\n")
+    for rel, text in files.items():
+        (cg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cg / rel).write_text(text)
+    return proc, cg
+
+
+def test_the_memory_check_heeds_the_cgroup_limit(tmp_path, monkeypatch):
+    """In a container (docker --memory) or a SLURM job, /proc/meminfo shows the host's free memory: an
+    image the job's cgroup cannot hold was accepted, and the job killed. The memory available is the least
+    of the host's and the room under the limit of the process's cgroup and those above it (v2: memory.max -
+    memory.current, v1: memory.limit_in_bytes - memory.usage_in_bytes, the reclaimable page cache counted
+    as room); 'max' or v1's 2^63 is no limit."""
+    from stemfast import readbase
+
+    monkeypatch.delenv("STEMFAST_MEMORY_LIMIT_MB", raising=False)
+    proc, cg = _fake_system(tmp_path / "v2", "0::/job/step", {
+        "job/memory.max": str(2 * GIB), "job/memory.current": "0", "job/memory.stat": "anon 0\ninactive_file 0\n",
+        "job/step/memory.max": "max", "job/step/memory.current": str(GIB)})
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == 2 * GIB
+    monkeypatch.setattr(readbase, "PROC_ROOT", str(proc))
+    monkeypatch.setattr(readbase, "CGROUP_ROOT", str(cg))
+    with pytest.raises(ReadError, match=r"20000 x 20000 px \(float32\) needs about [0-9.]+ GiB to analyse, 2\.0 GiB "
+                                        "available"):  # 1.5 GiB a frame, its copy and working copies
+        readbase._check_memory(tmp_path / "big.tif", (20000, 20000), np.float32)
+    (cg / "job" / "memory.max").write_text("max\n")
+    assert readbase.available_memory_bytes() == 64 * GIB  # no limit: the host's
+    readbase._check_memory(tmp_path / "big.tif", (20000, 20000), np.float32)
+    (cg / "job" / "step" / "memory.max").write_text(str(3 * GIB))  # the step's own limit, 1 GiB of it used
+    (cg / "job" / "step" / "memory.stat").write_text(f"inactive_file {GIB // 2}\n")  # half of it page cache
+    assert readbase.available_memory_bytes() == 3 * GIB - GIB + GIB // 2
+    # cgroup v1, the container's own cgroup mounted at memory/ (the host's path is not there)
+    proc, cg = _fake_system(tmp_path / "v1", "4:memory:/docker/0123abcd\n3:cpu,cpuacct:/docker/0123abcd", {
+        "memory/memory.limit_in_bytes": str(GIB), "memory/memory.usage_in_bytes": str(GIB - GIB // 4),
+        "memory/memory.stat": f"cache 1\ntotal_inactive_file {GIB // 8}\n"})
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == GIB // 4 + GIB // 8
+    (cg / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == 64 * GIB
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "100")  # the user's word comes first
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == 100 * 2**20
+
+
+def test_the_memory_check_heeds_the_address_space_limit(tmp_path, monkeypatch):
+    """``ulimit -v`` (RLIMIT_AS): the room is the limit less the process's virtual size; no limit, none."""
+    import resource
+
+    from stemfast import readbase
+
+    monkeypatch.delenv("STEMFAST_MEMORY_LIMIT_MB", raising=False)
+    proc, cg = _fake_system(tmp_path, "0::/", {}, vm_size_kib=2**20)  # 1 GiB mapped already
+    real = resource.getrlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (3 * GIB, resource.RLIM_INFINITY)
+                        if what == resource.RLIMIT_AS else real(what))
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == 2 * GIB
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert readbase.available_memory_bytes(proc=proc, cgroup_root=cg) == 64 * GIB
+
+
 def test_huge_pixel_values_are_rescaled_safely_and_give_the_same_sites(tmp_path):
     """An int64 image scaled by 1e16 used to give spacing 29 px instead of 16.7 and a third of the sites."""
     from stemfast.sites import find_sites

@@ -249,8 +249,24 @@ def _is_rgb_shape(shape: Sequence[int]) -> bool:
 _WORK_COPIES = 2
 
 
-def available_memory_bytes() -> int:
-    """Memory the process can use: ``STEMFAST_MEMORY_LIMIT_MB`` if set, else MemAvailable + SwapFree.
+#: Where the cgroup file systems are mounted: the v2 hierarchy at it, a v1 memory controller under
+#: ``memory/`` (:func:`available_memory_bytes`).
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: Where the proc file system is mounted (:func:`available_memory_bytes`).
+PROC_ROOT = "/proc"
+# a cgroup v1 limit at least this large is none (the kernel writes 2^63 rounded to a page)
+_NO_LIMIT = 1 << 62
+
+
+def available_memory_bytes(*, proc: str | os.PathLike | None = None,
+                           cgroup_root: str | os.PathLike | None = None) -> int:
+    """Memory the process can use: ``STEMFAST_MEMORY_LIMIT_MB`` if set, else the least of MemAvailable +
+    SwapFree, the room left under the memory limit of the process's cgroup and of each cgroup above it
+    (a container's ``--memory``, a SLURM job's: :func:`_cgroup_room`) and the room left under its
+    address-space limit (``ulimit -v``: :func:`_address_space_room`).
+
+    ``proc`` / ``cgroup_root``: where the proc and cgroup file systems are (default :data:`PROC_ROOT`,
+    :data:`CGROUP_ROOT`; other places in tests).
 
     Examples
     --------
@@ -263,9 +279,16 @@ def available_memory_bytes() -> int:
             return int(float(env) * 2**20)
         except ValueError:
             log.warning("STEMFAST_MEMORY_LIMIT_MB=%r is not a number; ignored", env)
+    proc, cgroup_root = Path(proc or PROC_ROOT), Path(cgroup_root or CGROUP_ROOT)
+    rooms = [_system_free(proc), _cgroup_room(proc, cgroup_root), _address_space_room(proc)]
+    return int(min(r for r in rooms if r is not None))
+
+
+def _system_free(proc: Path) -> int:
+    """MemAvailable + SwapFree of ``proc``/meminfo (the whole machine's), else the free pages."""
     try:
         info = {}
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(proc / "meminfo", encoding="ascii") as f:
             for line in f:
                 k, _, v = line.partition(":")
                 info[k.strip()] = int(v.split()[0]) * 1024
@@ -276,6 +299,82 @@ def available_memory_bytes() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell
         return 1 << 62
+
+
+def _cgroup_room(proc: Path, root: Path) -> int | None:
+    """Room left under the memory limits of this process's cgroups (``proc``/self/cgroup), v2
+    (``memory.max`` - ``memory.current``) and v1 (``memory.limit_in_bytes`` - ``memory.usage_in_bytes``
+    under ``root``/memory), the least over its cgroup and those above it, the reclaimable page cache
+    (``inactive_file``) counted as room; None where no limit is set (``max``) or none can be read."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            rooms += [_cgroup_dir_room(d, "memory.max", "memory.current", "inactive_file") for d in _up(root, path)]
+        elif "memory" in controllers.split(","):
+            rooms += [_cgroup_dir_room(d, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                      for d in _up(root / "memory", path)]
+    rooms = [r for r in rooms if r is not None]
+    return min(rooms) if rooms else None
+
+
+def _up(base: Path, path: str) -> list[Path]:
+    """The folders of cgroup ``path`` and of those above it, under the mount ``base`` (which is the
+    cgroup itself where a container mounts its own cgroup: a ``path`` not found there)."""
+    parts = [p for p in path.strip().split("/") if p]
+    if ".." in parts:  # a cgroup outside this namespace's view: only the mount is known
+        parts = []
+    return [base.joinpath(*parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _cgroup_dir_room(d: Path, limit_file: str, usage_file: str, cache_key: str) -> int | None:
+    """``limit - usage + reclaimable cache`` of the cgroup folder ``d`` (at most its limit), or None
+    where it sets no limit or its files cannot be read."""
+    try:
+        text = (d / limit_file).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.isdigit() or int(text) >= _NO_LIMIT:  # "max": no limit
+        return None
+    limit = int(text)
+    try:
+        usage = int((d / usage_file).read_text(encoding="ascii").strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        usage = 0
+    cache = 0
+    try:
+        for line in (d / "memory.stat").read_text(encoding="ascii").splitlines():
+            k, _, v = line.partition(" ")
+            if k == cache_key:
+                cache = int(v)
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    return max(0, min(limit, limit - usage + cache))
+
+
+def _address_space_room(proc: Path) -> int | None:
+    """Room left under the process's address-space limit (RLIMIT_AS, ``ulimit -v``): the limit less its
+    virtual size (``VmSize`` of ``proc``/self/status); None where no limit is set."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError, AttributeError):  # pragma: no cover - not a POSIX system
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    size = 0
+    try:
+        for line in (proc / "self" / "status").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("VmSize:"):
+                size = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, int(soft) - size)
 
 
 def _gib(n: float) -> str:
