@@ -175,12 +175,17 @@ def trained32(image):
     return cfg, model
 
 
-def test_a_model_trained_through_the_api_records_the_cut_patch_size(image, trained32, tmp_path):
+def test_a_model_trained_through_the_api_records_how_its_patches_were_cut(image, trained32, tmp_path):
+    """By the image's spacing (stemfast.patchextent): no fixed pixel size, the extent in spacings."""
     cfg, model = trained32
-    cut = prepare(image, config=cfg).patch_size
-    assert cut == 39 and model.extra["patch_size"] == cut  # not the input size the patches were resampled to
+    prep = prepare(image, config=cfg)
+    cut, spacing = prep.patch_size, prep.sites.meta["spacing_px"]
+    assert cut == 39  # cut in the image, not the input size the patches were resampled to
+    rec = model.extra["patch_extent"]
+    assert model.extra["patch_size"] is None and rec["cut"] == "per-image"
+    assert rec["spacings"] == pytest.approx(cut / spacing, abs=1e-3) and rec["train_spacing_px"] == pytest.approx(spacing, abs=1e-4)
     loaded = RVAE.load(model.save(tmp_path / "m.pt"), map_location="cpu")
-    assert loaded.extra["patch_size"] == cut
+    assert loaded.extra["patch_size"] is None and loaded.extra["patch_extent"] == rec
 
 
 def test_training_refuses_images_cut_at_different_sizes(image):

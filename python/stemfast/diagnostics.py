@@ -219,9 +219,10 @@ def micrograph_pair_errors(model, image: np.ndarray, angle: float, *, config=Non
 
     from .config import PipelineConfig
     from .frontend import prepare
+    from .patchextent import plan_for
 
     config = config or PipelineConfig()
-    size = int(model.extra.get("patch_size") or 0) or None
+    size = plan_for(model, config).fixed_px
     image = np.asarray(image, np.float32)
     p0 = prepare(image, config=config, patch_size=size)
     rot, c0, c1 = _rotate_image(image, angle, order)

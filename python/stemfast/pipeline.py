@@ -39,26 +39,26 @@ def model_input_size(model) -> int | None:
 
 
 def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineConfig(), seed_sample: int = 0,
-                init=None, steps: int = 0):
+                init=None, steps: int = 0, patch_extent: dict | None = None):
     """Train one model on patches pooled from ``prepared`` images (sampled to the model's budget).
 
     With ``init`` (e.g. the shipped model) that model is fine-tuned on the pool for ``steps``
     optimiser steps instead (:meth:`stemfast.model.RVAE.finetune`).
 
-    A trained model records the size its patches were cut at in the images (``extra["patch_size"]``,
-    ``Prepared.patch_size``; the patches themselves are resampled to ``config.model.input_size``), the
-    size ``run_image`` and ``batch`` then cut for it: so the images must have been cut at one size
-    (ValueError otherwise: set ``patch_size``). A fine-tuned model keeps cutting per image.
+    A trained model records how its patches were cut (:mod:`stemfast.patchextent`): each image by its
+    own spacing (``Prepared.patch_size`` = ``default_patch_size`` of the image's spacing; images of
+    different magnification pooled), then ``run_image`` and ``batch`` cut every image by its own
+    spacing for it; or at one fixed size (``config.patch_size``, or ``prepare``'s ``patch_size``),
+    recorded as ``extra["patch_size"]`` and cut at for every image (ValueError for images cut at
+    different fixed sizes). ``patch_extent``: the record (:func:`stemfast.patchextent.extent_record`)
+    where ``prepared`` cannot tell (one pool of many images' patches).
     """
     from .model import RVAE
 
     usable = [(p, np.flatnonzero(~p.edge)) for p in prepared if len(p.patches)]
     if not usable:
         raise ValueError("no patches to train on: no image had a lattice")
-    cut = {int(p.patch_size) for p, _ in usable}
-    if init is None and len(cut) > 1:
-        raise ValueError(f"the images' patches were cut at different sizes ({sorted(cut)} px) and a trained model "
-                         "records one: set patch_size (the settings' or prepare's) so all are cut alike")
+    record = None if init is not None else (patch_extent or _cut_record([p for p, _ in usable], config))
     # draw the training sample from the pooled indices first, then cut only those patches (the
     # patches of a large image are cut on demand)
     offsets = np.cumsum([0] + [len(idx) for _, idx in usable])
@@ -71,7 +71,27 @@ def train_model(prepared: list[Prepared], *, config: PipelineConfig = PipelineCo
                            for (p, idx), lo, hi in zip(usable, offsets[:-1], offsets[1:])])
     if init is not None:
         return init.finetune(allp, steps=steps)
-    return RVAE.fit(allp, config.model, extra={"patch_size": cut.pop() or None})
+    return RVAE.fit(allp, config.model, extra={"patch_size": record["patch_px"], "patch_extent": record})
+
+
+def _cut_record(prepared: list[Prepared], config: PipelineConfig) -> dict:
+    """How ``prepared`` were cut (:func:`stemfast.patchextent.extent_record`): per image when no
+    ``patch_size`` setting fixed a size and every image was cut at its spacing's default size, else at
+    the one fixed size they share (ValueError when they do not share one)."""
+    from .patchextent import cut_of, extent_record
+    from .patches import default_patch_size
+
+    cuts = [cut_of(p) for p in prepared]
+    per_image = not config.patch_size and all(s is not None and p == default_patch_size(s) for p, s in cuts)
+    sizes = {p for p, _ in cuts}
+    if not per_image and len(sizes) > 1:
+        raise ValueError(f"the images' patches were cut at different sizes ({sorted(sizes)} px), not each by its own "
+                         "spacing: set one patch_size (the settings' or prepare's), or none to cut every image "
+                         "by its own spacing")
+    record = extent_record([p for p, _ in cuts], [s for _, s in cuts], None if per_image else sizes.pop())
+    if record.get("warning"):
+        log.warning("training: %s", record["warning"])
+    return record
 
 
 def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig()) -> tuple[SiteTable, dict]:
@@ -113,8 +133,24 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
     table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge,
                                    rotation_symmetry=int(getattr(getattr(model, "config", None), "rotation_symmetry", 3)))
     prep.timings["analysis"] = time.perf_counter() - t0
+    summary.update(_extent_summary(prep, model, config))
     summary["timings_s"] = dict(prep.timings)
     return table, summary
+
+
+def _extent_summary(prep: Prepared, model, config: PipelineConfig) -> dict:
+    """``{"patch_extent": ..., "patch_warning": text}`` (and the warning given) where ``prep`` was cut at a
+    fixed size that spans another number of site spacings than ``model``'s patches at training
+    (:func:`stemfast.patchextent.extent_note`); ``{}`` otherwise."""
+    import warnings
+
+    from .patchextent import PatchExtentWarning, cut_of, extent_note, plan_for
+
+    note = extent_note(plan_for(model, config), *cut_of(prep))
+    if note is None:
+        return {}
+    warnings.warn(note["warning"], PatchExtentWarning, stacklevel=4)
+    return {"patch_extent": {k: v for k, v in note.items() if k != "warning"}, "patch_warning": note["warning"]}
 
 
 def _encode_streamed(model, patches: LazyPatches, chunk: int | None = None):
@@ -142,8 +178,9 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
     detector's image of the same scan; ``companion_higher``: whether it was recorded at higher angles
     than ``image`` (None: not known; :func:`stemfast.frontend.prepare`).
 
-    A given model gets patches cut at the size it records (``extra["patch_size"]``) and resampled to
-    its own ``input_size`` (whatever ``config.model`` says). An image without a lattice gives
+    A given model gets patches cut as it was trained (:func:`stemfast.patchextent.plan_for`: by each
+    image's spacing, or at the fixed size it records, ``extra["patch_size"]``) and resampled to its own
+    ``input_size`` (whatever ``config.model`` says). An image without a lattice gives
     :func:`analyze`'s empty result (its ``status`` says why), with the model None when one was to be trained.
     A ``config`` that is not a ``PipelineConfig`` or a ``model`` that is not a model (a file name) is a TypeError.
     """
@@ -157,11 +194,11 @@ def run_image(image: np.ndarray, *, model=None, config: PipelineConfig = Pipelin
         from .model.shipped import shipped_for_run
 
         model = shipped_for_run(config)
-    patch_size = input_size = None
-    if model is not None:
-        patch_size = (getattr(model, "extra", None) or {}).get("patch_size")
-        input_size = model_input_size(model)
-    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=patch_size, companion=companion,
+    from .patchextent import plan_for
+
+    input_size = model_input_size(model) if model is not None else None
+    prep = prepare(image, config=config, pixel_size=pixel_size, unit=unit, patch_size=plan_for(model, config).fixed_px,
+                   companion=companion,
                    input_size=input_size, companion_higher=companion_higher)
     if model is None and len(prep.patches):
         model = train_model([prep], config=config)

@@ -57,7 +57,7 @@ _UNKNOWN = "#9e9e9e"
 #: the keys of an analysis summary (:func:`stemfast.analysis.analyze_sites`) that hold a warning: shown
 #: once each in the report and counted among the input's warnings
 ANALYSIS_WARNING_KEYS = ("class_warning", "texture_warning", "naming_warning", "mixed_warning", "separation_warning",
-                         "kind_warning", "detection_warning")
+                         "kind_warning", "detection_warning", "patch_warning")
 
 #: Stages of the pipeline, in order, as they appear in the timing tables.
 STAGES = ("read", "spacing", "bandpass", "peaks", "lattice", "describe", "patches", "encode", "analysis")

@@ -139,7 +139,7 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
                     "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice",
                     "recon_contrast_exponent", "edge_z_spread", "flagged_fdr", "sublattice_naming", "column_spread",
                     "sublattice_separation", "sublattice_alike", "classes_from_neighbours", "single_vacancy_depth",
-                    "metal_kind_ambiguous",
+                    "metal_kind_ambiguous", "patch_extent",
                     *ANALYSIS_WARNING_KEYS):  # the analysis' own report
             if key in summ:
                 rec[key] = summ[key]

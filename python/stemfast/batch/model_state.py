@@ -23,6 +23,7 @@ from ..atomic import atomic_path, write_json
 from ..config import ReadOptions
 from ..config import config_to_dict, file_sha256
 from ..errors import ModelFileError, describe_os_error
+from ..patchextent import cut_of, extent_record
 from .common import DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
 from .frames import read_frame
 from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason, read_input
@@ -151,8 +152,10 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     At most ``max_train_inputs`` inputs (evenly spread over the list) and ``train_frames`` frames
     per stack are prepared; each contributes a random sample of its non-edge patches (about
     ``2 * max_train_patches / units``), and :func:`stemfast.pipeline.train_model` draws the final
-    training set. The patch size is ``config.patch_size`` or the first prepared image's, and
-    is used for every image after it (it is stored in the model, ``model.extra["patch_size"]``).
+    training set. Every frame is cut by its own spacing (images of different magnification pool
+    patches of one extent in spacings), or at ``config.patch_size`` when the settings fix one; ``info``
+    records how (``patch_size``: the fixed size or None; ``patch_extent``:
+    :func:`stemfast.patchextent.extent_record`), and the model keeps it.
     Prepared frames are kept in ``prepared_cache`` (key ``(name, frame)``) while their total size
     stays below ``cache_budget_bytes``, so the analysis does not prepare them again.
     Returns ``(None, info)`` when no input had a lattice.
@@ -166,13 +169,17 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
         pick = sample_frames(len(ents), max_train_inputs)
         ents = [ents[i] for i in pick]
     cap = getattr(config.model, "max_train_patches", None) or 20000
-    pool = _PatchPool(config=config, patch_size=config.patch_size, fixed_size=init_model is not None,
+    pool = _PatchPool(config=config, patch_size=config.patch_size,
                       per_unit=max(256, int(math.ceil(2.0 * cap / max(1, len(ents))))),
                       cache=prepared_cache, cache_budget_bytes=cache_budget_bytes)
     for i, e in enumerate(progress_bar(ents, show_progress, desc="train: prepare", unit="file")):
         pool.add_input(i, e, train_frames=train_frames, on_skip=on_skip, read_options=read_options)
     patch_size = pool.patch_size
+    record = extent_record([p for p, _ in pool.cuts], [s for _, s in pool.cuts], patch_size)
+    if record.get("warning"):
+        log.warning("training: %s", record["warning"])
     info = {"n_inputs_sampled": len(ents), "inputs": sorted(set(pool.used)), "patch_size": patch_size,
+            "patch_extent": record,
             "norm": {"kind": "per-image robust (median -> 0, 99.5th percentile -> 1)", "images": pool.norms},
             "prepare_s": pool.stage_s}
     if not pool.patches:
@@ -183,7 +190,7 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     slim = Prepared(image=np.zeros((0, 0), np.float32), sites=SiteTable({}), patches=allp,
                     edge=np.zeros(len(allp), bool), norm=None, patch_size=int(patch_size or 0), timings={})
     t0 = time.perf_counter()
-    model = train_model([slim], config=config, init=init_model, steps=finetune_steps)
+    model = train_model([slim], config=config, init=init_model, steps=finetune_steps, patch_extent=record)
     info["train_s"] = time.perf_counter() - t0
     info["n_patches_pool"] = int(len(allp))
     info["n_patches"] = int(min(len(allp), cap))
@@ -197,14 +204,14 @@ class _PatchPool:
     preparation times and the prepared frames kept for the analysis."""
 
     config: object
-    patch_size: int | None
-    fixed_size: bool  # fine-tuning: patches keep their per-image size
+    patch_size: int | None  # the settings' fixed size; None: every frame by its own spacing
     per_unit: int  # patches to sample per input (all its sampled frames together)
     cache: dict | None
     cache_budget_bytes: int
     patches: list = field(default_factory=list)
     norms: dict = field(default_factory=dict)
     used: list = field(default_factory=list)
+    cuts: list = field(default_factory=list)  # (patch px, spacing px) of every frame used
     stage_s: dict = field(default_factory=dict)
     cached_bytes: int = 0
 
@@ -255,8 +262,7 @@ class _PatchPool:
         good = np.flatnonzero(~prep.edge)
         if len(good) == 0:
             return
-        if self.patch_size is None and not self.fixed_size:
-            self.patch_size = prep.patch_size
+        self.cuts.append(cut_of(prep))
         rng = np.random.default_rng(getattr(self.config.model, "seed", 0) * 100003 + i * 1009 + f)
         if len(good) > upf:
             good = np.sort(rng.choice(good, upf, replace=False))
@@ -316,11 +322,13 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
     provenance, and record it in ``OUT/model.json``."""
     from ..model.shipped import describe_model
 
-    extra = {"patch_size": int(train_info["patch_size"]) if not finetune else None, "norm": train_info["norm"],
+    fixed = train_info.get("patch_size")
+    extra = {"patch_size": int(fixed) if fixed else None, "patch_extent": train_info.get("patch_extent"),
+             "norm": train_info["norm"],
              "config": json.loads(json.dumps(config_to_dict(config), default=str)),
              "config_hash": chash, "inputs_key": inputs_key, "stemfast_version": __version__,
              "n_train_patches": train_info.get("n_patches"), "train_inputs": train_info["inputs"]}
-    if finetune:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
+    if finetune and not fixed:  # fine-tuned: patches stay cut per image from its spacing, as for the shipped model
         del extra["patch_size"]
         model.extra.pop("patch_size", None)
     keep_named_model(out, None)
@@ -329,6 +337,7 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
     sha = file_sha256(out / MODEL_FILE)
     info = {"sha256": sha, "source": "trained", "config_hash": chash, "inputs_key": inputs_key,
             "stemfast_version": __version__, "patch_size": extra.get("patch_size"),
+            "patch_extent": extra.get("patch_extent"),
             "n_train_patches": extra["n_train_patches"], "train_inputs": extra["train_inputs"],
             "train_seconds": train_info.get("seconds"), "date": now(), "finetune_steps": finetune,
             **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version")}}

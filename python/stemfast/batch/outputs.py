@@ -468,6 +468,9 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         summary["tracking"] = trk.summary()
     if errors:
         summary["frame_errors"] = errors
+    extent = next((m["patch_extent"] for m in fm if m.get("patch_extent")), None)
+    if extent:  # a fixed patch size that spans other site spacings than at training (stemfast.patchextent)
+        summary["patch_extent"] = extent
     for key in ANALYSIS_WARNING_KEYS:  # the first frame's that has one
         text = next((m[key] for m in fm if m.get(key)), None)
         if text:

@@ -36,9 +36,12 @@ log = logging.getLogger("stemfast.batch")
 
 
 def patch_size_of(model, config) -> int | None:
-    """The patch size the model was trained on (``model.extra["patch_size"]``), else the settings'."""
-    extra = getattr(model, "extra", None) or {}
-    return extra.get("patch_size") or config.patch_size
+    """The fixed patch size (px) the images are cut at for ``model``: the one it was trained at when the
+    settings fixed one, else the settings' ``patch_size``; None: each image by its own spacing
+    (:func:`stemfast.patchextent.plan_for`)."""
+    from ..patchextent import plan_for
+
+    return plan_for(model, config).fixed_px
 
 
 def process_input(entry: InputEntry, out_dir: str | os.PathLike, *, model, model_sha: str | None, config,

@@ -47,6 +47,7 @@ def _cmd_bench(args) -> int:
 
     from ..batch.common import peak_memory_mib
     from ..config import apply_overrides
+    from ..patchextent import plan_for
     from ..pipeline import analyze, prepare, train_model
     from ..report import format_stage_table, stage_table_rows
     from ..synthetic import make_mos2
@@ -81,7 +82,7 @@ def _cmd_bench(args) -> int:
     for i, img in enumerate(frames):
         t_frame = time.perf_counter()
         prep = prepare(np.asarray(img), config=config, pixel_size=px, unit="nm",
-                       patch_size=(model.extra.get("patch_size") if model is not None else None))
+                       patch_size=plan_for(model, config).fixed_px)
         if model is None:
             t0 = time.perf_counter()
             model = train_model([prep], config=config)

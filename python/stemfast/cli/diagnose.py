@@ -35,7 +35,9 @@ def cmd_diagnose(args) -> int:
 def _cmd_diagnose(args) -> int:
     from .. import io
     from ..diagnostics import format_summary, invariance_ratio, micrograph_pair_errors, rotated_copy_errors
+    from ..config import PipelineConfig
     from ..model import RVAE
+    from ..patchextent import plan_for
     from ..pipeline import prepare
 
     model = RVAE.load(args.model, map_location="cpu")
@@ -46,7 +48,7 @@ def _cmd_diagnose(args) -> int:
         img = io.read(path).data
         if img.ndim == 3:
             img = img[0]
-        prep = prepare(np.asarray(img, np.float32), patch_size=int(model.extra.get("patch_size") or 0) or None)
+        prep = prepare(np.asarray(img, np.float32), patch_size=plan_for(model, PipelineConfig()).fixed_px)
         patches = prep.patches[~prep.edge]
         if args.max_sites is not None and len(patches) > args.max_sites:
             patches = patches[np.sort(np.random.default_rng(args.seed).choice(len(patches), args.max_sites,

@@ -20,7 +20,7 @@ def add(sub) -> None:
     p = sub.add_parser(
         "train", help="train a model on the sites of one or more micrographs",
         description="Find the sites of the images, cut their patches and train one (r)VAE on a sample of them; "
-                    "the model (with its patch size and settings) is written to MODEL.pt for "
+                    "the model (with how its patches were cut and its settings) is written to MODEL.pt for "
                     "`stemfast batch --model` / `stemfast analyze --model`.",
         epilog=exit_status_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="micrograph files or folders (searched recursively)")
@@ -67,13 +67,22 @@ def _cmd_train(args) -> int:
     if model is None:
         print("error: no image had a lattice: nothing to train on", file=sys.stderr)
         return EXIT_ERROR
-    extra = {"patch_size": int(info["patch_size"]), "norm": info["norm"],
+    extra = {"patch_size": info["patch_size"], "patch_extent": info["patch_extent"], "norm": info["norm"],
              "config": json.loads(json.dumps(config_to_dict(config), default=str)),
              "config_hash": config_hash(config), "stemfast_version": __version__,
              "n_train_patches": info.get("n_patches"), "train_inputs": info["inputs"]}
     out = model.save(Path(args.output), extra=extra)
     print(f"trained {config.model.model} on {info.get('n_patches')} patches of {len(info['inputs'])} inputs "
-          f"(patch {info['patch_size']} px) in {info.get('train_s', 0.0):.1f} s -> {out}")
+          f"({_cut_words(info)}) in {info.get('train_s', 0.0):.1f} s -> {out}")
     for rel, reason in skipped:
         print(f"skipped: {rel}: {reason}", file=sys.stderr)
     return EXIT_SKIPPED if (skipped or problems) else EXIT_OK
+
+
+def _cut_words(info: dict) -> str:
+    """How the training patches were cut, for the closing line (:mod:`stemfast.patchextent`)."""
+    rec = info.get("patch_extent") or {}
+    span = f"{rec['spacings']:.2f} site spacings" if rec.get("spacings") else "spacings unknown"
+    if info.get("patch_size"):
+        return f"patch {info['patch_size']} px, fixed: {span}"
+    return f"patches cut per image by its spacing: {span}"

@@ -212,8 +212,9 @@ class RVAE:
         extra : dict, optional
             Caller metadata saved with the model (e.g. patch normalisation). ``patch_size`` (the
             size the patches were cut at in the image, which ``run_image`` and ``batch`` cut for this
-            model) defaults to S: a caller that resampled the patches before passes the cut size here
-            (:func:`stemfast.pipeline.train_model` does).
+            model) defaults to S; :func:`stemfast.pipeline.train_model` passes None with a
+            ``patch_extent`` record instead where every image was cut by its own spacing
+            (:mod:`stemfast.patchextent`).
 
         Raises
         ------
