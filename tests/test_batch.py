@@ -423,6 +423,30 @@ def test_duplicate_stems_get_distinct_names(tmp_path):
     assert "results/x.npy" not in {e.rel for e in discover_inputs(d, exclude=out)}
 
 
+def test_training_without_any_lattice_claims_no_model(tmp_path, capsys):
+    """--train where no input has a lattice: the run said "model trained" and batch_summary.json
+    "model_trained_this_run": true, though no model.pt was written. Now no model is claimed, and the
+    summary, the report and the console say why."""
+    from stemfast.cli.batch import print_report
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "noise.npy", np.random.default_rng(0).normal(size=(96, 96)).astype(np.float32))
+    out = tmp_path / "out"
+    rep = run_batch(data, out, config=load_config(None, {"model.epochs": 1, "model.stn_epochs": 1}), train=True,
+                    show_progress=False)
+    assert not (out / "model.pt").exists()
+    why = "none: no input of the training sample had a lattice, no model could be trained"
+    assert not rep.model_trained and rep.model_sha256 is None and rep.model_source == why
+    bs = json.loads((out / "batch_summary.json").read_text())
+    assert bs["model_trained_this_run"] is False and bs["model"]["source"] == why
+    assert bs["model"].get("sha256") is None and bs["model"]["engine"] is None
+    assert f"model ({why})" in (out / "report.html").read_text()
+    print_report(rep)
+    printed = capsys.readouterr().out
+    assert "model trained" not in printed and f"; model {why}" in printed
+
+
 def test_help_documents_every_option():
     p = build_batch_parser()
     text = p.format_help()

@@ -771,6 +771,18 @@ def _drift_html(drift: dict | None, breaks: list) -> list[str]:
     return out
 
 
+def _model_used(model: Mapping) -> str:
+    """The batch's model in the report's header (HTML): name, version, checksum, where it comes from
+    (or why there is none), and the engine and device that ran it."""
+    if not (model.get("sha256") or model.get("source")):
+        return "none (no input was analysed)"
+    head = " ".join(_e(v) for v in (model.get("name"), model.get("version")) if v)
+    sha = f" sha256 {_e(str(model['sha256'])[:16])}&hellip;" if model.get("sha256") else ""
+    return (f"{head}{sha} ({_e(model.get('source', ''))}"
+            f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
+            f"{' on ' + _e(model['device']) if model.get('device') else ''})").lstrip()
+
+
 def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Sequence[Mapping],
                       out_dir: str | os.PathLike) -> None:
     """Write the batch report: one HTML file, images embedded, openable offline.
@@ -787,13 +799,8 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
     model = batch.get("model", {}) or {}
-    used = ("none (no input was analysed)" if not (model.get("sha256") or model.get("source")) else
-            f"{_e(model.get('name') or '')} {_e(model.get('version') or '')} sha256 "
-            f"{_e(str(model.get('sha256', ''))[:16])}&hellip; ({_e(model.get('source', ''))}"
-            f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
-            f"{' on ' + _e(model['device']) if model.get('device') else ''})")
     parts.append(f"<p><small>stemfast {_e(batch.get('stemfast_version', ''))} &middot; {_e(batch.get('date', ''))} "
-                 f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model {used}</small></p>")
+                 f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model {_model_used(model)}</small></p>")
     # overview
     parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
                  "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")

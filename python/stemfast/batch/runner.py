@@ -283,28 +283,39 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
         report.model_engine = "torch"  # model files, fine-tuned and trained models run on torch
     train_info: dict | None = None
     if ms.sha256 is None:
-        def on_skip(e: InputEntry, reason: str) -> None:
-            results[e.name] = skip_input(e, out / e.name, reason, cache=True, read_options=opts.read_options)
-
-        cand = [e for e in good if e.name not in results]
-        log.info("training the model on a sample of %d inputs", min(len(cand), opts.max_train_inputs))
-        model, train_info = train_batch_model(cand, config, max_train_inputs=opts.max_train_inputs,
-                                              train_frames=opts.train_frames, prepared_cache=cache,
-                                              cache_budget_bytes=opts.cache_budget_bytes, on_skip=on_skip,
-                                              show_progress=opts.show_progress, init_model=base if ft else None,
-                                              finetune_steps=ft, read_options=opts.read_options)
-        report.model_trained = True
-        report.train_seconds = float(train_info.get("seconds", 0.0))
-        if model is None:
-            log.error("no input had a lattice: no model could be trained")
-            ms = ModelState(out / MODEL_FILE, None, "none (no lattice in the training sample)")
-        else:
-            ms = save_trained_model(model, train_info, out, config=config, chash=chash,
-                                    inputs_key=ms.info["inputs_key"], finetune=ft)
+        ms, train_info = _train_now(good, out, results, report, config=config, chash=chash, opts=opts,
+                                    cache=cache, base=base if ft else None, ms=ms)
     report.model_path = ms.path if ms.sha256 else None
     report.model_sha256 = ms.sha256
     report.model_source = ms.source
     return ms, train_info
+
+
+def _train_now(good: list[InputEntry], out: Path, results: dict[str, InputResult], report: BatchReport, *,
+               config, chash: str, opts: BatchOptions, cache: dict | None, base, ms: ModelState):
+    """:func:`settle_model`'s training (fine-tuning ``base`` when given): the model saved in OUT and the
+    training record. When no input had a lattice, no model: ``report.model_trained`` stays False and
+    the model's source says why."""
+    def on_skip(e: InputEntry, reason: str) -> None:
+        results[e.name] = skip_input(e, out / e.name, reason, cache=True, read_options=opts.read_options)
+
+    ft = opts.finetune if base is not None else 0
+    cand = [e for e in good if e.name not in results]
+    log.info("training the model on a sample of %d inputs", min(len(cand), opts.max_train_inputs))
+    model, train_info = train_batch_model(cand, config, max_train_inputs=opts.max_train_inputs,
+                                          train_frames=opts.train_frames, prepared_cache=cache,
+                                          cache_budget_bytes=opts.cache_budget_bytes, on_skip=on_skip,
+                                          show_progress=opts.show_progress, init_model=base,
+                                          finetune_steps=ft, read_options=opts.read_options)
+    report.train_seconds = float(train_info.get("seconds", 0.0))
+    if model is None:
+        log.error("no input had a lattice: no model could be trained")
+        report.model_engine = None  # nothing to run
+        return ModelState(out / MODEL_FILE, None, "none: no input of the training sample had a lattice, "
+                                                  "no model could be trained"), train_info
+    report.model_trained = True
+    return save_trained_model(model, train_info, out, config=config, chash=chash,
+                              inputs_key=ms.info["inputs_key"], finetune=ft), train_info
 
 
 def shipped_model(config, opts: BatchOptions):
@@ -538,7 +549,8 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
     from ..report import write_html_report
 
     out = report.out_dir
-    model_info = read_json(out / MODEL_INFO_FILE) or {}
+    # a run that settled on no model (none could be trained) shows none, not an earlier run's model.json
+    model_info = (read_json(out / MODEL_INFO_FILE) or {}) if report.model_sha256 or not report.model_source else {}
     old = read_json(out / BATCH_SUMMARY_FILE) or {}
     train = None
     if train_info is not None:
