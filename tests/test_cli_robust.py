@@ -350,6 +350,25 @@ def test_a_model_file_with_train_or_finetune_is_refused(env, tmp_path, capsys, o
     assert not out.exists()
 
 
+def test_train_refuses_a_folder_as_output_before_training(env, tmp_path, capsys, monkeypatch):
+    """stemfast train -o EXISTING_FOLDER trained fully, then failed naming a temporary file (exit 1), the
+    model lost. -o names the model file: a folder is a settings error (exit 2) before any training."""
+    import stemfast.batch
+    from stemfast.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before -o was checked")
+
+    monkeypatch.setattr(stemfast.batch, "train_batch_model", no_training)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for o in (str(folder), str(tmp_path / "new") + os.sep):
+        assert main(["train", str(env["data"] / "good.npy"), "-o", o]) == EXIT_SETTINGS
+        err = capsys.readouterr().err
+        assert f"-o {o}: is a folder; -o names the model file to write (e.g. -o " in err and "Traceback" not in err
+    assert list(folder.iterdir()) == [] and not (tmp_path / "new").exists()
+
+
 def test_train_refuses_a_device_that_is_not_here_before_any_work(env, tmp_path, capsys, monkeypatch):
     from stemfast.cli import main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def cmd_train(args) -> int:
     return guarded(_cmd_train, args)
 
 
+def _check_output_file(output: str) -> None:
+    """``-o`` names the model file to write: a folder (an existing one, or a name ending in a separator)
+    is a :class:`~stemfast.errors.SettingsError` before any training (it failed after it, the model lost)."""
+    from ..errors import SettingsError
+
+    if Path(output).is_dir() or output.endswith(("/", os.sep)):
+        raise SettingsError(f"-o {output}: is a folder; -o names the model file to write "
+                            f"(e.g. -o {Path(output) / 'model.pt'})")
+
+
 def _cmd_train(args) -> int:
     from .. import __version__
     from ..batch import discover_inputs, train_batch_model
@@ -47,6 +58,7 @@ def _cmd_train(args) -> int:
 
     config = config_from_args(args)
     check_device(config.model.device)  # before the patches are cut
+    _check_output_file(args.output)
     BatchOptions(max_train_inputs=args.max_inputs, train_frames=args.train_frames)  # their checks: SettingsError
     read_options = read_options_from_args(args)
     problems: list = []
