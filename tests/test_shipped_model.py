@@ -230,6 +230,34 @@ def test_batch_finetune_adapts_the_shipped_model(image, tmp_path):
     assert s["model"]["sha256"] == info["sha256"] and "fine-tuned" in s["model"]["name"]
 
 
+@needs_shipped
+@pytest.mark.parametrize("cli, setting, option", [
+    (["--plain-vae"], {"model.model": "vae"}, "model.model = 'vae' (--plain-vae)"),
+    (["--latent-dim", "7"], {"model.latent_dim": 7}, "model.latent_dim = 7 (--latent-dim)"),
+    (["--set", "model.input_size=32"], {"model.input_size": 32}, "model.input_size = 32 (--set model.input_size)")])
+def test_finetune_with_another_architecture_is_a_settings_error(image, tmp_path, capsys, cli, setting, option):
+    """--finetune N with --plain-vae / --latent-dim / another input size trained a new model from
+    scratch without a word (exit 0, model.json finetune_steps 0): the shipped network cannot take
+    those settings. Now exit 2 naming both options, before any work -- in the API too."""
+    from stemfast.batch import run_batch
+    from stemfast.cli import main
+    from stemfast.config import load_config
+    from stemfast.errors import EXIT_SETTINGS, SettingsError
+
+    data = tmp_path / "img.npy"
+    np.save(data, image)
+    out = tmp_path / "out"
+    with pytest.raises(SettingsError) as exc:
+        run_batch(data, out, config=load_config(None, setting), finetune=3, show_progress=False)
+    assert "--finetune 3 adapts the shipped model" in str(exc.value) and option in str(exc.value)
+    assert not out.exists()
+    for cmd in (["batch", str(data), "-o", str(out)], ["analyze", str(data), "-o", str(out)]):
+        assert main([*cmd, "--finetune", "3", *cli]) == EXIT_SETTINGS
+        err = capsys.readouterr().err
+        assert "--finetune 3" in err and option in err and "Traceback" not in err
+        assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 

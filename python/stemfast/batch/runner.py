@@ -109,7 +109,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     cache_mb : memory (MiB) for keeping the images prepared for training until their analysis
         (in-process only; default ``STEMFAST_PREPARED_CACHE_MB`` or 2048).
     train : train a model on the inputs instead of using the shipped one.
-    finetune : adapt the shipped model to the inputs for this many optimiser steps.
+    finetune : adapt the shipped model to the inputs for this many optimiser steps (settings asking for
+        another architecture, e.g. ``model.model = "vae"``, are a SettingsError: its network is fixed).
     read_options : :class:`~stemfast.config.ReadOptions` (``--fill-nonfinite``).
     companions : ``{input path: companion path}``: a second detector's image of the same scan for
         these inputs (``stemfast analyze --companion``; :mod:`stemfast.batch.companions`).
@@ -146,6 +147,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     """
     from ..config import check_limits
     from ..model.engine import check_device
+    from ..model.shipped import check_finetune_settings
     from ..outlock import OutputLock
 
     if scheduler:
@@ -161,6 +163,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
                         train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
                         finetune=finetune, companions=companion_rule(companions, companion_name, auto_companion))
+    check_finetune_settings(config.model, opts.finetune)
     out = Path(out_dir)
     with OutputLock(out, command=f"stemfast batch -> {out}"):
         for what in recover_staged(out):

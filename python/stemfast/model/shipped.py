@@ -42,7 +42,8 @@ import numpy as np
 __all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "ARRAYS_PATH", "write_arrays",
            "load_compiled_default", "compiled_default_or_none", "shipped_for_run", "INPUT_CONTRACT_VERSION",
            "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
-           "default_model", "usable_manifest", "describe_model", "compatible_settings"]
+           "default_model", "usable_manifest", "describe_model", "compatible_settings", "ARCH_OPTIONS",
+           "settings_text", "check_finetune_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ _PROBE_QUANTILES = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0)
 #: ask for a different model than the shipped one (then the model is trained on the inputs)
 ARCH_FIELDS = ("model", "latent_dim", "input_size", "resample", "channels", "stn_channels", "stn_downsample",
                "rotation_symmetry", "symmetrize", "mask_radius")
+#: the command-line options of architecture settings, to name them in messages (the others: ``--set model.FIELD``)
+ARCH_OPTIONS = {"model": "--plain-vae", "latent_dim": "--latent-dim"}
 
 
 class ShippedModelError(RuntimeError):
@@ -292,6 +295,35 @@ def shipped_for_run(config, *, on_torch=None):
 def compatible_settings(model_config, requested) -> list[str]:
     """Names of the architecture fields where ``requested`` (the run's RVAEConfig) differs from the model's."""
     return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
+
+
+def settings_text(fields, requested) -> str:
+    """``"model.model = 'vae' (--plain-vae), ..."``: the architecture settings ``fields`` of ``requested``
+    with the option that sets each (:data:`ARCH_OPTIONS`)."""
+    return ", ".join(f"model.{f} = {getattr(requested, f)!r} ({ARCH_OPTIONS.get(f, '--set model.' + f)})"
+                     for f in fields)
+
+
+def check_finetune_settings(requested, steps: int) -> None:
+    """:class:`~stemfast.errors.SettingsError` when ``--finetune steps`` (> 0) meets settings
+    (``requested``, the run's RVAEConfig) asking for another architecture than the shipped model's:
+    fine-tuning adapts that network, it cannot change it (a new model was trained silently instead).
+    A shipped model that cannot be read is left to the run (refused there with a warning)."""
+    from ..errors import SettingsError
+    from .settings import RVAEConfig
+
+    if not steps or requested is None:
+        return
+    try:
+        man = manifest()
+    except ShippedModelError:
+        return
+    diff = compatible_settings(RVAEConfig.from_dict(man.get("config") or {}), requested)
+    if diff:
+        raise SettingsError(f"--finetune {steps} adapts the shipped model ({man.get('name')} {man.get('version')}), "
+                            f"whose architecture is fixed, but the settings ask for another one: "
+                            f"{settings_text(diff, requested)}; leave them out to fine-tune, or train a model "
+                            "of that architecture with --train")
 
 
 def usable_manifest(config=None, *, probe: bool = True) -> dict | None:
