@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -348,6 +349,51 @@ def test_a_model_file_with_train_or_finetune_is_refused(env, tmp_path, capsys, o
     with pytest.raises(SettingsError, match=f"--model {env['a']}.* cannot be combined with {opt[0]}"):
         run_batch(env["data"], out, config=env["cfg"], model_path=env["a"], **kw)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cli, setting, named", [
+    (["--plain-vae"], {"model.model": "vae"}, "model.model = 'vae' (--plain-vae)"),
+    (["--latent-dim", "7"], {"model.latent_dim": 7}, "model.latent_dim = 7 (--latent-dim)")])
+def test_a_model_file_with_architecture_settings_is_refused(env, tmp_path, capsys, cli, setting, named):
+    """--model FILE with --plain-vae / --latent-dim: the options were ignored without a word, and
+    OUT/stemfast.toml recorded them as the run's model. Now exit 2 naming them and the file's own
+    architecture, before anything is written -- in the API too."""
+    from stemfast.errors import SettingsError
+
+    out = tmp_path / "out"
+    assert run_batch_cli([str(env["data"]), "-o", str(out), "--model", str(env["a"]), *cli]) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert f"--model {env['a']} is used as it is (model rvae, latent_dim 4, input_size 16)" in err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        run_batch(env["data"], out, config=load_config(None, setting), model_path=env["a"], show_progress=False)
+    assert not out.exists()
+
+
+def test_a_model_files_own_architecture_is_the_runs(env, tmp_path):
+    """--model FILE with the default settings: OUT/stemfast.toml's [model] said input_size = 24 and
+    channels = [8, 16, 32] (the defaults, ignored) for the tiny model of input 16, channels [8, 8, 8];
+    summary.json named it "name": null. Now the record holds the file's architecture (and reads back
+    as the same settings: a rerun with it is current), and the summaries and the report name the model."""
+    from stemfast.config import config_hash
+
+    out = tmp_path / "out"
+    rep = run_batch(env["data"], out, model_path=env["a"], show_progress=False)
+    assert {r.status for r in rep.results} == {"done"}
+    rec = parse_toml((out / "stemfast.toml").read_text())["model"]
+    assert (rec["model"], rec["latent_dim"], rec["input_size"], rec["channels"], rec["stn_channels"]) == \
+        ("rvae", 4, 16, [8, 8, 8], [4, 8])
+    again = load_config(out / "stemfast.toml")
+    assert config_hash(again) == rep.config_hash
+    assert {r.status for r in run_batch(env["data"], out, config=again, model_path=env["a"],
+                                        show_progress=False).results} == {"current"}
+    m = json.loads((out / "good" / "summary.json").read_text())["model"]
+    assert (m["name"], m["version"], m["source"]) == ("trained model model_a.pt", None, str(env["a"]))
+    assert (m["architecture"]["model"], m["architecture"]["latent_dim"], m["architecture"]["input_size"]) == \
+        ("rvae", 4, 16)
+    assert "trained model model_a.pt sha256" in (out / "report.html").read_text()
+    assert "rvae, latent 4, input 16 px" in (out / "report.html").read_text()
 
 
 def test_train_refuses_a_folder_as_output_before_training(env, tmp_path, capsys, monkeypatch):

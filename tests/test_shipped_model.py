@@ -204,7 +204,8 @@ def test_batch_uses_and_names_the_shipped_model(image, tmp_path, monkeypatch):
     engine = engine_for(load_config())
     device = "cuda:0" if engine == "torch" and torch.cuda.is_available() else "cpu"
     assert s["model"] == {"name": man["name"], "version": man["version"], "sha256": man["sha256"],
-                          "source": "shipped", "engine": engine, "device": device}
+                          "source": "shipped", "engine": engine, "device": device,
+                          "architecture": shipped.architecture(RVAEConfig.from_dict(man["config"]))}
     assert rep.model_engine == s["model"]["engine"]
     html = (out / "report.html").read_text()
     assert man["name"] in html and man["version"] in html and man["sha256"][:16] in html
@@ -256,6 +257,23 @@ def test_finetune_with_another_architecture_is_a_settings_error(image, tmp_path,
         err = capsys.readouterr().err
         assert "--finetune 3" in err and option in err and "Traceback" not in err
         assert not out.exists()
+
+
+@needs_shipped
+def test_the_shipped_model_given_as_a_file_is_named_by_its_tag(image, tmp_path):
+    """--model default_rvae.pt: summary.json named it "name": null, "version": null (as any model file):
+    the name, version and architecture now come from the file."""
+    from stemfast.batch import run_batch
+
+    data = tmp_path / "img.npy"
+    np.save(data, image)
+    man = shipped.manifest()
+    rep = run_batch(data, tmp_path / "out", model_path=shipped.MODEL_PATH, show_progress=False)
+    assert rep.results[0].status == "done"
+    m = json.loads((tmp_path / "out" / "img" / "summary.json").read_text())["model"]
+    assert (m["name"], m["version"], m["source"]) == (man["name"], man["version"], str(shipped.MODEL_PATH))
+    assert m["architecture"] == shipped.architecture(RVAEConfig.from_dict(man["config"]))
+    assert f"{man['name']} {man['version']} sha256" in (tmp_path / "out" / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -773,14 +773,17 @@ def _drift_html(drift: dict | None, breaks: list) -> list[str]:
 
 def _model_used(model: Mapping) -> str:
     """The batch's model in the report's header (HTML): name, version, checksum, where it comes from
-    (or why there is none), and the engine and device that ran it."""
+    (or why there is none), the engine and device that ran it, and its architecture."""
     if not (model.get("sha256") or model.get("source")):
         return "none (no input was analysed)"
     head = " ".join(_e(v) for v in (model.get("name"), model.get("version")) if v)
     sha = f" sha256 {_e(str(model['sha256'])[:16])}&hellip;" if model.get("sha256") else ""
+    arch = model.get("architecture") or {}
+    net = (f"; {_e(arch.get('model'))}, latent {_e(arch.get('latent_dim'))}, input {_e(arch.get('input_size'))} px"
+           if arch else "")
     return (f"{head}{sha} ({_e(model.get('source', ''))}"
             f"{', ' + _e(model['engine']) + ' engine' if model.get('engine') else ''}"
-            f"{' on ' + _e(model['device']) if model.get('device') else ''})").lstrip()
+            f"{' on ' + _e(model['device']) if model.get('device') else ''}{net})").lstrip()
 
 
 def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Sequence[Mapping],

@@ -30,7 +30,7 @@ from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
            "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
-           "kept_models", "KEPT_MODEL_PATTERN"]
+           "kept_models", "KEPT_MODEL_PATTERN", "given_for_run"]
 
 #: The name an earlier ``OUT/model.pt`` is kept under when another model replaces it while results
 #: in OUT were made with it (:func:`keep_named_model`); ``{sha12}``: the first 12 hex digits of its SHA-256.
@@ -340,30 +340,31 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
             "patch_extent": extra.get("patch_extent"),
             "n_train_patches": extra["n_train_patches"], "train_inputs": extra["train_inputs"],
             "train_seconds": train_info.get("seconds"), "date": now(), "finetune_steps": finetune,
-            **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version")}}
+            **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version", "architecture")}}
     write_json(out / MODEL_INFO_FILE, info)
     return ModelState(out / MODEL_FILE, sha, "trained", trained=True, info=info, _model=model)
 
 
 def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool,
-                  finetune: int = 0, worker: bool = False) -> ModelState:
+                  finetune: int = 0, worker: bool = False, given=None) -> ModelState:
     """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None).
 
     ``worker``: a given model is loaded (and checked) in an encode worker process when one can run
-    (:mod:`stemfast.encode_worker`), so this process does not import torch.
+    (:mod:`stemfast.encode_worker`), so this process does not import torch. ``given``: the model of
+    ``model_path`` loaded already (:func:`given_for_run`).
     """
     target = out / MODEL_FILE
     if model_path is not None:
         src = Path(model_path)
         device = config.model.device if config is not None else "auto"
-        loaded = given_model(src, device) if worker else check_model_file(src)  # before anything is copied into OUT
-        sha = file_sha256(src)
+        loaded = given if given is not None else given_model(src, device) if worker else check_model_file(src)
+        sha = file_sha256(src)  # (loaded before anything is copied into OUT)
         if src.resolve() != target.resolve():
             if not target.exists() or file_sha256(target) != sha:
                 keep_named_model(out, sha)
                 with writing(target), atomic_path(target) as tmp:
                     shutil.copyfile(src, tmp)
-        info = {"sha256": sha, "source": str(src), "stemfast_version": __version__}
+        info = {"sha256": sha, "source": str(src), "stemfast_version": __version__, **given_identity(loaded, src)}
         old = read_json(out / MODEL_INFO_FILE)
         if old != info:
             write_json(out / MODEL_INFO_FILE, info)
@@ -377,6 +378,50 @@ def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, m
         if sha == info.get("sha256"):
             return ModelState(target, sha, "trained (reused, current)", info=info)
     return ModelState(target, None, "trained", info={"inputs_key": key})
+
+
+def given_identity(model, src: Path) -> dict:
+    """``{name, version, architecture}`` of a ``--model`` file's model, from the file: the shipped
+    model's tag, a fine-tuned model's base, else ``trained model FILE`` (no version)."""
+    from ..model.shipped import describe_model
+
+    d = describe_model(model)
+    name = d["name"] if d["source"] != "trained" else f"trained model {src.name}"
+    return {"name": name, "version": d["version"], "architecture": d["architecture"]}
+
+
+def given_for_run(model_path, config, *, worker: bool = False):
+    """The ``--model`` file's model (:func:`check_model_file`; in an encode worker with ``worker``,
+    :func:`given_model`) and ``config`` with the model's own architecture
+    (:func:`stemfast.model.shipped.with_architecture`): the file is used as it is, so its network is
+    the run's. Returns ``(model, config)``.
+
+    Raises
+    ------
+    stemfast.errors.SettingsError
+        When the settings ask for another architecture (``--plain-vae``, ``--latent-dim``, ...:
+        values that differ from the model's and the defaults), which the file cannot give.
+    stemfast.errors.ModelFileError
+        The file is missing or not a stemfast model.
+    """
+    from ..errors import SettingsError
+    from ..model.shipped import architecture, asked_architecture, settings_text, with_architecture
+
+    src = Path(model_path)
+    model = given_model(src, config.model.device) if worker else check_model_file(src)
+    own = getattr(model, "config", None)
+    if own is None:
+        return model, config
+    asked = asked_architecture(own, config.model)
+    if asked:
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()
+        arch = ", ".join(f"{k} {v}" for k, v in architecture(own).items() if k in ("model", "latent_dim", "input_size"))
+        raise SettingsError(f"--model {src} is used as it is ({arch}): it cannot be combined with settings for "
+                            f"another architecture: {settings_text(asked, config.model)}; leave them out, or "
+                            "train a model of that architecture with --train")
+    return model, with_architecture(config, own)
 
 
 def use_shipped(model, out: Path) -> ModelState:
@@ -396,9 +441,10 @@ def use_shipped(model, out: Path) -> ModelState:
 
 
 def model_identity(out: Path, model_sha: str | None) -> dict:
-    """``{name, version, sha256, source}`` of the batch's model (from OUT/model.json) for summary.json."""
+    """``{name, version, sha256, source, architecture}`` of the batch's model (from OUT/model.json) for
+    summary.json."""
     info = read_json(out / MODEL_INFO_FILE) or {}
     if not model_sha or info.get("sha256") != model_sha:
-        return {"name": None, "version": None, "sha256": model_sha, "source": None}
+        return {"name": None, "version": None, "sha256": model_sha, "source": None, "architecture": None}
     return {"name": info.get("name"), "version": info.get("version"), "sha256": model_sha,
-            "source": info.get("source")}
+            "source": info.get("source"), "architecture": info.get("architecture")}

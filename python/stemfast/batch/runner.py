@@ -21,8 +21,8 @@ from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PAT
                      REPORT_FILE, STAGES, now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
-from .model_state import (ModelState, kept_models, resolve_model, save_trained_model, train_batch_model,
-                          use_shipped, writing)
+from .model_state import (ModelState, given_for_run, kept_models, resolve_model, save_trained_model,
+                          train_batch_model, use_shipped, writing)
 from .results import BatchReport, InputResult
 from .status import cached_skip, current_done, skip_input
 
@@ -100,7 +100,9 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     inputs : a folder (searched recursively), a file, or a list of them.
     out_dir : results folder (created). See :mod:`stemfast.batch` for its layout.
     config : ``PipelineConfig`` (default: :func:`stemfast.config.load_config` defaults).
-    model_path : use this model file (``RVAE.save`` format) instead of the shipped model.
+    model_path : use this model file (``RVAE.save`` format) instead of the shipped model, as it is: the
+        run's ``[model]`` architecture settings become the file's (settings asking for another
+        architecture are a SettingsError).
     scheduler : ``None`` (in-process), ``"local:N"`` (a local Dask cluster of N worker processes),
         a Dask scheduler address ``"tcp://host:8786"``, or a ``dask.distributed.Client``.
     force : redo every input, retrain the model, retry cached read failures.
@@ -164,11 +166,18 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
                         finetune=finetune, companions=companion_rule(companions, companion_name, auto_companion))
     check_finetune_settings(config.model, opts.finetune)
+    given = None
+    if opts.model_path is not None:  # loaded and checked before the output folder is touched
+        given, config = given_for_run(opts.model_path, config, worker=opts.scheduler is None)
     out = Path(out_dir)
-    with OutputLock(out, command=f"stemfast batch -> {out}"):
-        for what in recover_staged(out):
-            log.info("%s: %s (left by an interrupted run)", out, what)
-        return _run_batch_locked(inputs, out, config=config, opts=opts)
+    try:
+        with OutputLock(out, command=f"stemfast batch -> {out}"):
+            for what in recover_staged(out):
+                log.info("%s: %s (left by an interrupted run)", out, what)
+            return _run_batch_locked(inputs, out, config=config, opts=opts, given=given)
+    finally:
+        if given is not None and callable(getattr(given, "close", None)):
+            given.close()  # (idempotent: also closed when the run ends)
 
 
 def companion_rule(companions, companion_name, auto: bool = True) -> CompanionRule:
@@ -179,8 +188,8 @@ def companion_rule(companions, companion_name, auto: bool = True) -> CompanionRu
                          explicit={Path(k): Path(v) for k, v in (companions or {}).items()}, auto=bool(auto))
 
 
-def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> BatchReport:
-    """:func:`run_batch` while holding the output folder's lock."""
+def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions, given=None) -> BatchReport:
+    """:func:`run_batch` while holding the output folder's lock (``given``: the ``--model`` file's model)."""
     t_start = time.perf_counter()
     problems: list[tuple[Path, str]] = []
     entries = pair_companions(discover_inputs(inputs, exclude=out, problems=problems), opts.companions, problems)
@@ -202,7 +211,8 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions) -> Batch
     results: dict[str, InputResult] = {}
     good = fingerprint_all(entries, out, results, opts=opts, chash=chash)
     cache: dict | None = {} if sched is None else None
-    ms, train_info = settle_model(good, out, results, report, config=config, chash=chash, opts=opts, cache=cache)
+    ms, train_info = settle_model(good, out, results, report, config=config, chash=chash, opts=opts, cache=cache,
+                                  given=given)
     try:
         todo = not_current(good, out, results, chash=chash, model_sha=ms.sha256, force=opts.force,
                            read_options=opts.read_options)
@@ -260,11 +270,12 @@ def fingerprint_all(entries: list[InputEntry], out: Path, results: dict[str, Inp
 
 
 def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResult], report: BatchReport, *,
-                 config, chash: str, opts: BatchOptions, cache: dict | None) -> tuple[ModelState, dict | None]:
-    """The batch's model: ``--model FILE``, else the shipped default model (fine-tuned with
-    ``--finetune N``), else (``--train``, or the shipped model refused: a warning says why) one
-    trained on the batch. Inputs that fail while sampled for training go to ``results``. Returns
-    the model and the training record (None when nothing was trained)."""
+                 config, chash: str, opts: BatchOptions, cache: dict | None,
+                 given=None) -> tuple[ModelState, dict | None]:
+    """The batch's model: ``--model FILE`` (``given``: loaded already), else the shipped default model
+    (fine-tuned with ``--finetune N``), else (``--train``, or the shipped model refused: a warning says
+    why) one trained on the batch. Inputs that fail while sampled for training go to ``results``.
+    Returns the model and the training record (None when nothing was trained)."""
     base = None
     if opts.model_path is None and not opts.train:
         base = shipped_model(config, opts)
@@ -282,7 +293,7 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
         report.model_engine = engine_for(config) if opts.scheduler else engine_of(base)
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
-                           finetune=ft, worker=opts.scheduler is None)
+                           finetune=ft, worker=opts.scheduler is None, given=given)
         report.model_engine = "torch"  # model files, fine-tuned and trained models run on torch
     train_info: dict | None = None
     if ms.sha256 is None:

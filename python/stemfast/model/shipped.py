@@ -43,7 +43,7 @@ __all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "ARRA
            "load_compiled_default", "compiled_default_or_none", "shipped_for_run", "INPUT_CONTRACT_VERSION",
            "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
            "default_model", "usable_manifest", "describe_model", "compatible_settings", "ARCH_OPTIONS",
-           "settings_text", "check_finetune_settings"]
+           "architecture", "asked_architecture", "settings_text", "with_architecture", "check_finetune_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +297,44 @@ def compatible_settings(model_config, requested) -> list[str]:
     return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
 
 
+def asked_architecture(model_config, requested) -> list[str]:
+    """The architecture fields (:data:`ARCH_FIELDS`) where ``requested`` (the run's RVAEConfig) asks for
+    another network than ``model_config``'s: it differs from the model's value and from the default.
+
+    Examples
+    --------
+    >>> from stemfast.model.settings import RVAEConfig
+    >>> asked_architecture(RVAEConfig(input_size=32), RVAEConfig())  # the default is no request
+    []
+    >>> asked_architecture(RVAEConfig(input_size=32), RVAEConfig(model="vae", latent_dim=7))
+    ['model', 'latent_dim']
+    """
+    from .settings import RVAEConfig
+
+    default = RVAEConfig()
+    return [f for f in compatible_settings(model_config, requested) if getattr(requested, f) != getattr(default, f)]
+
+
 def settings_text(fields, requested) -> str:
     """``"model.model = 'vae' (--plain-vae), ..."``: the architecture settings ``fields`` of ``requested``
     with the option that sets each (:data:`ARCH_OPTIONS`)."""
     return ", ".join(f"model.{f} = {getattr(requested, f)!r} ({ARCH_OPTIONS.get(f, '--set model.' + f)})"
                      for f in fields)
+
+
+def architecture(model_config) -> dict:
+    """The architecture fields (:data:`ARCH_FIELDS`) of a model's RVAEConfig, as JSON values."""
+    return {f: list(v) if isinstance(v, tuple) else v for f in ARCH_FIELDS
+            for v in [getattr(model_config, f, None)]}
+
+
+def with_architecture(config, model_config):
+    """``config`` (a PipelineConfig) with the architecture fields of its ``[model]`` section taken from
+    ``model_config`` (a loaded model's): the settings a run with that model has."""
+    import dataclasses
+
+    arch = {f: getattr(model_config, f) for f in ARCH_FIELDS if hasattr(model_config, f)}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **arch))
 
 
 def check_finetune_settings(requested, steps: int) -> None:
@@ -389,14 +422,17 @@ def default_model(config=None, *, map_location=None):
 
 
 def describe_model(model, sha256: str | None = None) -> dict:
-    """``{name, version, sha256, source}`` of a model (shipped, fine-tuned or trained on the inputs)."""
+    """``{name, version, sha256, source, architecture}`` of a model (shipped, fine-tuned or trained on
+    the inputs; ``architecture``: :func:`architecture` of its settings, None when it has none)."""
     extra = getattr(model, "extra", None) or {}
     tag = extra.get("shipped") or {}
     sha = sha256 or extra.get("sha256")
+    cfg = getattr(model, "config", None)
+    arch = {"architecture": architecture(cfg) if cfg is not None else None}
     if tag and not extra.get("finetuned_from"):
-        return {"name": tag.get("name"), "version": tag.get("version"), "sha256": sha, "source": "shipped"}
+        return {"name": tag.get("name"), "version": tag.get("version"), "sha256": sha, "source": "shipped", **arch}
     if extra.get("finetuned_from"):
         base = extra["finetuned_from"]
         return {"name": f"{base.get('name')} (fine-tuned)", "version": base.get("version"), "sha256": sha,
-                "source": f"fine-tuned for {extra.get('finetune_steps')} steps on the inputs"}
-    return {"name": "trained on the inputs", "version": None, "sha256": sha, "source": "trained"}
+                "source": f"fine-tuned for {extra.get('finetune_steps')} steps on the inputs", **arch}
+    return {"name": "trained on the inputs", "version": None, "sha256": sha, "source": "trained", **arch}
