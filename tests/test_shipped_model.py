@@ -204,7 +204,7 @@ def test_batch_uses_and_names_the_shipped_model(image, tmp_path, monkeypatch):
     engine = engine_for(load_config())
     device = "cuda:0" if engine == "torch" and torch.cuda.is_available() else "cpu"
     assert s["model"] == {"name": man["name"], "version": man["version"], "sha256": man["sha256"],
-                          "source": "shipped", "engine": engine, "device": device,
+                          "source": "shipped", "engine": engine, "device": device, "refused": None,
                           "architecture": shipped.architecture(RVAEConfig.from_dict(man["config"]))}
     assert rep.model_engine == s["model"]["engine"]
     html = (out / "report.html").read_text()
@@ -229,6 +229,44 @@ def test_batch_finetune_adapts_the_shipped_model(image, tmp_path):
     assert info["finetune_steps"] == 3 and "fine-tuned" in info["name"]
     s = json.loads((out / "img" / "summary.json").read_text())
     assert s["model"]["sha256"] == info["sha256"] and "fine-tuned" in s["model"]["name"]
+
+
+@needs_shipped
+@pytest.mark.parametrize("engine", ["compiled", "torch"])
+def test_a_refused_shipped_model_is_recorded_in_every_output(image, copied, tmp_path, engine):
+    """The shipped model refused (here: damaged weights) and a model trained instead: the reason went to
+    stderr only, while batch_summary.json, summary.json and report.html said "trained on the inputs"
+    and nothing else. Now each records the refusal and its reason; a later --train run drops the note."""
+    from stemfast.batch import run_batch
+    from stemfast.config import load_config
+    from stemfast.io import write_tiff
+
+    mp, _ = copied
+    raw = bytearray(mp.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    mp.write_bytes(bytes(raw))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tiff(data / "img.tif", image)
+    out = tmp_path / "out"
+    cfg = load_config(None, {"model.epochs": 1, "model.stn_epochs": 1, "model.engine": engine})
+    with pytest.warns(RuntimeWarning, match="shipped default model not used"):
+        rep = run_batch(data, out, config=cfg, show_progress=False)
+    bs = json.loads((out / "batch_summary.json").read_text())
+    reason = bs["model"].get("refused") or ""
+    assert reason.startswith("shipped model default_rvae.pt: SHA-256") and "damaged or replaced file" in reason
+    assert bs["model"]["source"] == "trained" and rep.model_trained and rep.model_refused == reason
+    s = json.loads((out / "img" / "summary.json").read_text())
+    assert s["model"]["refused"] == rep.model_refused and s["model"]["sha256"] == bs["model"]["sha256"]
+    html = (out / "report.html").read_text()
+    assert "<p class='warn'>warning: the shipped default model was not used (shipped model default_rvae.pt" in html
+    assert "a model was trained on these inputs instead" in html
+    # --train: the shipped model is not looked at; the same trained model (reused), no refusal recorded any more
+    rep2 = run_batch(data, out, config=cfg, show_progress=False, train=True)
+    assert rep2.model_refused is None and rep2.model_sha256 == rep.model_sha256 and not rep2.model_trained
+    assert json.loads((out / "batch_summary.json").read_text())["model"]["refused"] is None
+    assert "refused" not in json.loads((out / "model.json").read_text())
+    assert "shipped default model was not used" not in (out / "report.html").read_text()
 
 
 @needs_shipped

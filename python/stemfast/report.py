@@ -804,6 +804,9 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
     model = batch.get("model", {}) or {}
     parts.append(f"<p><small>stemfast {_e(batch.get('stemfast_version', ''))} &middot; {_e(batch.get('date', ''))} "
                  f"&middot; config {_e(batch.get('config_hash', ''))} &middot; model {_model_used(model)}</small></p>")
+    if model.get("refused"):  # the shipped model was not used: said where the results are read
+        parts.append("<p class='warn'>warning: " + _e(f"the shipped default model was not used ({model['refused']}); "
+                                                      "a model was trained on these inputs instead") + "</p>")
     # overview
     parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
                  "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")

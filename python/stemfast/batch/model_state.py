@@ -30,7 +30,7 @@ from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
            "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
-           "kept_models", "KEPT_MODEL_PATTERN", "given_for_run"]
+           "kept_models", "KEPT_MODEL_PATTERN", "given_for_run", "record_refusal"]
 
 #: The name an earlier ``OUT/model.pt`` is kept under when another model replaces it while results
 #: in OUT were made with it (:func:`keep_named_model`); ``{sha12}``: the first 12 hex digits of its SHA-256.
@@ -424,6 +424,19 @@ def given_for_run(model_path, config, *, worker: bool = False):
     return model, with_architecture(config, own)
 
 
+def record_refusal(ms: ModelState, out: Path, reason: str | None) -> None:
+    """Record in ``OUT/model.json`` (``refused``) why the shipped model was not used for this run and a
+    model was trained instead (None: it was not refused; an earlier run's note is removed)."""
+    info = read_json(out / MODEL_INFO_FILE)
+    if not ms.sha256 or not info or info.get("sha256") != ms.sha256 or info.get("refused") == reason:
+        return
+    info = {k: v for k, v in info.items() if k != "refused"}
+    if reason:
+        info["refused"] = reason
+    write_json(out / MODEL_INFO_FILE, info)
+    ms.info = info
+
+
 def use_shipped(model, out: Path) -> ModelState:
     """The shipped default model as the batch's model: copied to ``OUT/model.pt`` and named in model.json."""
     from ..model.shipped import MODEL_PATH, describe_model
@@ -441,10 +454,12 @@ def use_shipped(model, out: Path) -> ModelState:
 
 
 def model_identity(out: Path, model_sha: str | None) -> dict:
-    """``{name, version, sha256, source, architecture}`` of the batch's model (from OUT/model.json) for
-    summary.json."""
+    """``{name, version, sha256, source, architecture, refused}`` of the batch's model (from OUT/model.json)
+    for summary.json."""
     info = read_json(out / MODEL_INFO_FILE) or {}
     if not model_sha or info.get("sha256") != model_sha:
-        return {"name": None, "version": None, "sha256": model_sha, "source": None, "architecture": None}
+        return {"name": None, "version": None, "sha256": model_sha, "source": None, "architecture": None,
+                "refused": None}
+    # refused: why the shipped model was not used and this one trained instead (None: not refused)
     return {"name": info.get("name"), "version": info.get("version"), "sha256": model_sha,
-            "source": info.get("source"), "architecture": info.get("architecture")}
+            "source": info.get("source"), "architecture": info.get("architecture"), "refused": info.get("refused")}

@@ -46,6 +46,8 @@ class BatchReport:
     model_source: str | None = None
     #: what ran the model's inference this run: "compiled" (no torch) or "torch"; None when nothing was encoded
     model_engine: str | None = None
+    #: why the shipped model was refused (checksum, input contract, ...) and a model trained instead; None: it was not
+    model_refused: str | None = None
     train_seconds: float = 0.0
     stage_table: list[dict] = field(default_factory=list)
     seconds: float = 0.0

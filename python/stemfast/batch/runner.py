@@ -21,7 +21,7 @@ from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PAT
                      REPORT_FILE, STAGES, now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
-from .model_state import (ModelState, given_for_run, kept_models, resolve_model, save_trained_model,
+from .model_state import (ModelState, given_for_run, kept_models, record_refusal, resolve_model, save_trained_model,
                           train_batch_model, use_shipped, writing)
 from .results import BatchReport, InputResult
 from .status import cached_skip, current_done, skip_input
@@ -232,6 +232,7 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions, given=No
     old = read_json(out / BATCH_SUMMARY_FILE) or {}
     if (report.did_work or not old or not (out / REPORT_FILE).exists()
             or not same_skips(old.get("skipped"), skipped_list(report))
+            or (old.get("model") or {}).get("refused") != report.model_refused
             or [(d.get("name"), d.get("path")) for d in old.get("inputs") or []]
             != [(r.name, r.path) for r in report.results]):  # inputs removed, renamed, or a subset run
         write_batch_outputs(report, summaries, train_info)
@@ -274,15 +275,18 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
                  given=None) -> tuple[ModelState, dict | None]:
     """The batch's model: ``--model FILE`` (``given``: loaded already), else the shipped default model
     (fine-tuned with ``--finetune N``), else (``--train``, or the shipped model refused: a warning says
-    why) one trained on the batch. Inputs that fail while sampled for training go to ``results``.
-    Returns the model and the training record (None when nothing was trained)."""
+    why, and ``report.model_refused``, ``model.json`` and so the summaries and the report record it)
+    one trained on the batch. Inputs that fail while sampled for training go to ``results``. Returns
+    the model and the training record (None when nothing was trained)."""
     base = None
+    refused: list[str] = []
     if opts.model_path is None and not opts.train:
-        base = shipped_model(config, opts)
+        base = shipped_model(config, opts, refused)
     elif opts.model_path is None or opts.scheduler:
         from ..encode_worker import discard_prestarted
 
         discard_prestarted()
+    report.model_refused = refused[0] if refused else None
     ft = opts.finetune if base is not None else 0
     if base is not None and not opts.finetune:
         ms = use_shipped(base, out)
@@ -299,6 +303,7 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
     if ms.sha256 is None:
         ms, train_info = _train_now(good, out, results, report, config=config, chash=chash, opts=opts,
                                     cache=cache, base=base if ft else None, ms=ms)
+    record_refusal(ms, out, report.model_refused)
     report.model_path = ms.path if ms.sha256 else None
     report.model_sha256 = ms.sha256
     report.model_source = ms.source
@@ -332,23 +337,25 @@ def _train_now(good: list[InputEntry], out: Path, results: dict[str, InputResult
                               inputs_key=ms.info["inputs_key"], finetune=ft), train_info
 
 
-def shipped_model(config, opts: BatchOptions):
-    """The shipped model, or None (a warning says why): on the compiled engine in this process when
-    ``model.engine`` resolves to it (:func:`stemfast.model.shipped.shipped_for_run`), else on torch --
-    in an encode worker process (:mod:`stemfast.encode_worker`) when it is used as is in this process
-    and the worker can run, else loaded here."""
+def shipped_model(config, opts: BatchOptions, refused: list | None = None):
+    """The shipped model, or None (a warning says why; the reason it was refused, if it was, is
+    appended to ``refused``): on the compiled engine in this process when ``model.engine``
+    resolves to it (:func:`stemfast.model.shipped.shipped_for_run`), else on torch -- in an encode
+    worker process (:mod:`stemfast.encode_worker`) when it is used as is in this process and the
+    worker can run, else loaded here."""
     from ..model.shipped import shipped_for_run
     from ..encode_worker import discard_prestarted
 
     if opts.finetune or opts.scheduler:
-        return _shipped_on_torch(config, opts)
-    model = shipped_for_run(config, on_torch=lambda c: _shipped_on_torch(c, opts))
+        return _shipped_on_torch(config, opts, refused)
+    model = shipped_for_run(config, on_torch=lambda c: _shipped_on_torch(c, opts, refused), refused=refused)
     discard_prestarted()  # a worker nobody took (the torch route takes or closes its own)
     return model
 
 
-def _shipped_on_torch(config, opts: BatchOptions):
-    """The shipped model on torch: in a worker when the run allows one, else loaded here."""
+def _shipped_on_torch(config, opts: BatchOptions, refused: list | None = None):
+    """The shipped model on torch: in a worker when the run allows one, else loaded here (a refusal's
+    reason appended to ``refused``)."""
     from ..model.shipped import default_model, usable_manifest
     from ..encode_worker import discard_prestarted, shipped_worker_model, unavailable
 
@@ -356,13 +363,13 @@ def _shipped_on_torch(config, opts: BatchOptions):
     if why is not None:
         discard_prestarted()
         log.info("encoding in this process (%s)", why)
-        return default_model(config)
-    man = usable_manifest(config, probe=False)
+        return default_model(config, refused=refused)
+    man = usable_manifest(config, probe=False, refused=refused)
     if man is None:
         discard_prestarted()
         return None
     model = shipped_worker_model(man, config.model.device)
-    if usable_manifest(config) is None:  # the input-contract probe, while the worker starts
+    if usable_manifest(config, refused=refused) is None:  # the input-contract probe, while the worker starts
         model.close()
         return None
     from ..figures import pyplot
@@ -579,8 +586,10 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         "out_dir": str(out),
         "config_hash": report.config_hash,
         "scheduler": report.scheduler,
-        # the engine: what ran the model on the inputs shown (their summaries), else what this run chose
+        # the engine: what ran the model on the inputs shown (their summaries), else what this run chose;
+        # refused: why the shipped model was not used this run and a model was trained instead (None: it was not)
         "model": {**model_info, "source": model_info.get("source", report.model_source),
+                  "refused": report.model_refused,
                   "engine": combined_engine((s.get("model") or {}).get("engine") for s in summaries)
                   or report.model_engine or (old.get("model") or {}).get("engine"),
                   "device": combined_engine((s.get("model") or {}).get("device") for s in summaries)

@@ -106,6 +106,9 @@ def print_report(report: BatchReport) -> None:
              f"; model {report.model_source}" if report.model_source else ""))
     if report.stage_table:
         print(format_stage_table(report.stage_table))
+    if report.model_refused:
+        print(f"warning: the shipped default model was not used ({report.model_refused}); a model was trained on "
+              "the inputs instead", file=sys.stderr)
     for r in res:
         for w in r.warnings:
             print(f"warning: {r.path}: {w}", file=sys.stderr)

@@ -275,21 +275,24 @@ def compiled_default_or_none(man: dict, *, backend: str | None = None):
     return model
 
 
-def shipped_for_run(config, *, on_torch=None):
+def shipped_for_run(config, *, on_torch=None, refused: list | None = None):
     """The shipped model for a run with ``config`` (a PipelineConfig): on the compiled engine when its
     ``model.engine`` resolves to it, else -- or when its arrays cannot be used -- from ``on_torch(config)``
     (default :func:`default_model`: loaded with torch here); None when it is not usable for this run
-    (a warning says why)."""
+    (a warning says why, and the reason it was refused is appended to ``refused``; ``on_torch`` records
+    its own)."""
     from .engine import engine_for
 
     if engine_for(config) == "compiled":
-        man = usable_manifest(config)
+        man = usable_manifest(config, refused=refused)
         if man is None:
             return None
         model = compiled_default_or_none(man)
         if model is not None:
             return model
-    return (on_torch or default_model)(config)
+    if on_torch is not None:
+        return on_torch(config)
+    return default_model(config, refused=refused)
 
 
 def compatible_settings(model_config, requested) -> list[str]:
@@ -359,11 +362,12 @@ def check_finetune_settings(requested, steps: int) -> None:
                             "of that architecture with --train")
 
 
-def usable_manifest(config=None, *, probe: bool = True) -> dict | None:
+def usable_manifest(config=None, *, probe: bool = True, refused: list | None = None) -> dict | None:
     """The checks of :func:`default_model` that need no torch, on the manifest and the weights file:
     the run's model settings, the weights' SHA-256 and (``probe``) the input contract (the
     manifest's copy of the model's). Returns the manifest, or None -- with the warning
-    :func:`default_model` gives -- when the shipped model would not be used.
+    :func:`default_model` gives -- when the shipped model would not be used (a refusal's reason is
+    appended to ``refused``; settings asking for another architecture are no refusal).
     :func:`load_default_model` with ``probe=False`` then loads it (in another process:
     :mod:`stemfast.batch.encode_worker`) and checks its tag.
     """
@@ -376,7 +380,7 @@ def usable_manifest(config=None, *, probe: bool = True) -> dict | None:
         if probe:
             check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)))
     except ShippedModelError as exc:
-        _warn_refused(exc)
+        _warn_refused(exc, refused)
         return None
     return man
 
@@ -390,20 +394,25 @@ def _settings_differ(man: dict, requested) -> bool:
     return bool(diff)
 
 
-def _warn_refused(exc: ShippedModelError) -> None:
+def _warn_refused(exc: ShippedModelError, refused: list | None = None) -> str:
+    """Warn that the shipped model is refused (``exc`` says why) and a model is trained instead;
+    the reason is appended to ``refused`` (for the run's records). Returns the warning."""
     msg = f"shipped default model not used: {exc}; training a model on the inputs instead " \
           f"(retrain the shipped model with: {RETRAIN_COMMAND})"
     log.warning("%s", msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    if refused is not None:
+        refused.append(str(exc))
+    return msg
 
 
-def default_model(config=None, *, map_location=None):
+def default_model(config=None, *, map_location=None, refused: list | None = None):
     """The shipped model for a run with ``config`` (a PipelineConfig), or None with a warning.
 
     None when the shipped model is refused (:class:`ShippedModelError`: missing, damaged, or the
-    patch contract changed) or when the run's model settings ask for another architecture (e.g.
-    ``--plain-vae``, another ``latent_dim``); the caller then trains on its inputs. Loaded onto
-    ``map_location``, by default the run's ``model.device``.
+    patch contract changed; the reason is appended to ``refused``) or when the run's model settings
+    ask for another architecture (e.g. ``--plain-vae``, another ``latent_dim``); the caller then
+    trains on its inputs. Loaded onto ``map_location``, by default the run's ``model.device``.
     """
     requested = getattr(config, "model", None)
     if map_location is None and requested is not None:
@@ -414,7 +423,7 @@ def default_model(config=None, *, map_location=None):
             return None
         model = load_default_model(map_location=map_location)
     except ShippedModelError as exc:
-        _warn_refused(exc)
+        _warn_refused(exc, refused)
         return None
     if requested is not None and compatible_settings(model.config, requested):
         return None
