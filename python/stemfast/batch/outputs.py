@@ -394,6 +394,19 @@ def _max_per_key(dicts) -> dict | None:
     return out or None
 
 
+def _companion_fields(entry) -> dict:
+    """``summary.json``'s ``companion`` (its path where one is used, else None), and where the input has
+    one, how it was found (``companion_found``) and its image's title in a file of several
+    (``companion_signal``)."""
+    comp = entry.companion
+    out = {"companion": str(comp.path) if comp is not None and entry.companion_used else None}
+    if comp is not None:
+        out["companion_found"] = comp.found
+        if comp.signal:
+            out["companion_signal"] = comp.signal
+    return out
+
+
 def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: RunSettings) -> dict:
     """The content of ``summary.json`` (without ``seconds`` and ``outputs``, added by :func:`assemble`)."""
     from ..report import ANALYSIS_WARNING_KEYS, stage_table_rows
@@ -419,11 +432,7 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "core_import_error": totals.core_import_error,
         # a second detector of the same scan in the defect scores (stemfast.batch.companions)
         "detectors": max((int(m.get("detectors") or 1) for m in fm), default=1),
-        "companion": (str(src.entry.companion.path) if src.entry.companion is not None and src.entry.companion_used
-                      else None),
-        **({"companion_found": src.entry.companion.found} if src.entry.companion is not None else {}),
-        **({"companion_signal": src.entry.companion.signal} if src.entry.companion is not None
-           and src.entry.companion.signal else {}),
+        **_companion_fields(src.entry),
         "n_frames": int(src.n_frames),
         "n_frames_ok": int(totals.n_ok),
         "n_sites": int(totals.n_sites),
