@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -475,3 +476,160 @@ def test_a_run_without_the_compiled_extension_says_so(tmp_path, monkeypatch, wit
     assert all(f["backend"] == used and "core_import_error" not in f for f in s["frames"])  # said once
     assert html.count(f"kernels: {used}, not the compiled C++ extension") == 1
     assert "stemfast._core is not available" in html
+
+
+class _KernelSpy:
+    """Stands in for :func:`stemfast.backend.get_kernels` in every stemfast module: records, per fetch,
+    the backend asked for and the function that asked, and per kernel used the backend it ran on."""
+
+    def __init__(self, monkeypatch):
+        import stemfast.backend as B
+
+        self.real = B.get_kernels
+        self.fetches: list[tuple[str | None, str]] = []  # (backend asked for, "module.function")
+        self.used: set[tuple[str, str]] = set()  # (resolved backend, kernel name)
+        for name, mod in list(sys.modules.items()):
+            if name.startswith("stemfast") and getattr(mod, "get_kernels", None) is self.real:
+                monkeypatch.setattr(mod, "get_kernels", self)
+
+    def __call__(self, backend=None):
+        caller = sys._getframe(1)
+        self.fetches.append((backend, f"{caller.f_globals.get('__name__')}.{caller.f_code.co_name}"))
+        kern, spy = self.real(backend), self
+
+        class Seen:  # the kernels module, noting which kernels are called on it
+            def __getattr__(self, attr):
+                spy.used.add((resolve_backend(backend), attr))
+                return getattr(kern, attr)
+
+        return Seen()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("numpy", "numba") if b in available_backends()])
+def test_every_kernel_of_a_run_runs_on_the_sites_backend(backend, tmp_path, monkeypatch):
+    """``sites.backend`` (``--backend``) is the backend of the whole run, and summary.json records it;
+    but 9 nearest_indices, 3 band-pass, find_peaks, 2 sample_image, site_intensity, the patch gatherer,
+    the compiled model's encode, neighbourhood_mean and 2 local_references fetches of a 160^2 prepare +
+    analyze asked for backend None (STEMFAST_BACKEND or the fastest: C++), as did the input-contract
+    probe's prepare and the batch's sites.csv writer: a ``--backend numba`` run ran partly on C++. Every
+    fetch of prepare + analyze and of the batch now asks for the setting."""
+    from stemfast.config import load_config
+    from stemfast.frontend import prepare
+    from stemfast.model import shipped
+    from stemfast.pipeline import analyze
+    from stemfast.synthetic import make_mos2
+
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    cfg = load_config(None, {"sites.backend": backend})
+    img = make_mos2(shape=(160, 160), seed=2, pixel_size_A=0.2).image
+    shipped._probe.cache_clear()  # the input-contract probe runs in this test, as in a fresh run
+    spy = _KernelSpy(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(img, config=cfg)
+        model = shipped.shipped_for_run(cfg)
+        table, _ = analyze(prep, model, config=cfg)
+        data = tmp_path / "data"
+        data.mkdir()
+        np.save(data / "tiny.npy", img)
+        from stemfast.batch import run_batch
+
+        run_batch(data, tmp_path / "out", config=cfg, show_progress=False)
+    assert len(table) > 100 and (tmp_path / "out" / "tiny" / "sites.csv").is_file()
+    unset = sorted({who for b, who in spy.fetches if b is None})
+    assert unset == [], f"kernel fetches without the run's backend: {unset}"
+    assert {b for b, _ in spy.fetches} == {backend} and len(spy.fetches) > 40
+    ran = {name for _, name in spy.used}
+    assert {b for b, _ in spy.used} == {backend}
+    if type(model).__name__ == "CompiledModel":  # the compiled engine (a CPU run): its kernel too
+        assert "rvae_forward" in ran
+    # the stages' kernels all ran (on the setting): detection, lattice, patches, references, the writer
+    assert {"bandpass_apply", "local_maxima", "refine_gauss", "knn_within", "gather_patches", "local_references",
+            "neighbour_mean", "format_csv_rows"} <= ran, ran
+
+
+#: calls that may leave ``backend`` out: (module path, function called, why)
+_BACKEND_FREE_CALLS = {
+    ("model/train_default.py", "input_contract"),  # the training script's own default settings
+    ("encode_worker.py", "load_default_model"),  # probe=False: no contract probe, the model runs on torch
+}
+
+
+def _calls_without_backend() -> list[str]:
+    """Calls in the package of its functions that take ``backend`` (by keyword or position) and are not
+    given it. A kernel of the contract called on a kernels module (``kern.local_references(...)``) is
+    not one of them."""
+    import ast
+
+    pkg = Path(stemfast.__file__).resolve().parent
+    kernel_names = set(get_kernels("numpy").__all__)
+    trees = {p: ast.parse(p.read_text()) for p in sorted(pkg.rglob("*.py")) if "_kernels" not in p.parts}
+    takes: dict[str, int | None] = {}  # function or class name -> positional index of backend (None: keyword)
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            plain = isinstance(node, ast.FunctionDef) and node.name != "__init__"
+            fn, name = (node, node.name) if plain else (None, None)
+            if isinstance(node, ast.ClassDef):
+                fn = next((m for m in node.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+                name = node.name
+            if fn is None:
+                continue
+            pos = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+            pos = pos[1:] if pos and pos[0] in ("self", "cls") else pos
+            if "backend" in pos or "backend" in [a.arg for a in fn.args.kwonlyargs]:
+                takes[name] = pos.index("backend") if "backend" in pos else None
+    bad = []
+    for path, tree in trees.items():
+        rel = path.relative_to(pkg).as_posix()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            attr = isinstance(node.func, ast.Attribute)
+            name = node.func.attr if attr else getattr(node.func, "id", None)
+            if name not in takes or (attr and name in kernel_names) or (rel, name) in _BACKEND_FREE_CALLS:
+                continue
+            i = takes[name]
+            given = any(k.arg in ("backend", None) for k in node.keywords) or (i is not None and len(node.args) > i)
+            if not given and not any(isinstance(a, ast.Starred) for a in node.args):
+                bad.append(f"{rel}:{node.lineno} {name}")
+    return bad
+
+
+def test_every_kernel_function_called_in_the_package_is_given_the_backend():
+    """The spy above sees the paths a clean synthetic image takes; this sees every call: a function of
+    the package that takes ``backend`` (and so fetches kernels) called without it runs on
+    STEMFAST_BACKEND or the fastest backend, not the run's. Such calls were: the local references of a
+    scan-line gain (_refresh_references) and of a second detector (_companion_z), fill_lattice's spacing
+    estimate, the batch's CSV writer (get_kernels()), the compiled shipped model in Dask workers and
+    shipped_for_run, besides those the spy lists."""
+    assert _calls_without_backend() == []
+
+
+def test_a_compiled_model_loaded_without_a_backend_follows_the_run(monkeypatch):
+    """The compiled engine has no backend setting of its own: a CompiledModel given none (as a caller
+    may load it: shipped.load_compiled_default()) encoded on STEMFAST_BACKEND or the fastest backend
+    under a run whose sites.backend was numpy. analyze runs it on the run's backend (a copy; the
+    model passed in is left as it was); a run that sets none leaves the model's own."""
+    from stemfast.config import load_config
+    from stemfast.frontend import prepare
+    from stemfast.model import shipped
+    from stemfast.pipeline import analyze
+    from stemfast.synthetic import make_mos2
+
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    model = shipped.load_compiled_default()
+    assert model.backend is None
+    cfg = load_config(None, {"sites.backend": "numpy"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(make_mos2(shape=(128, 128), seed=3, pixel_size_A=0.2).image, config=cfg)
+        spy = _KernelSpy(monkeypatch)
+        analyze(prep, model, config=cfg)
+    assert {b for b, _ in spy.fetches} == {"numpy"} and ("numpy", "rvae_forward") in spy.used
+    assert model.backend is None
+    from stemfast.model.engine import on_backend
+
+    assert on_backend(model, None) is model and on_backend(model, "numpy").backend == "numpy"
+    assert on_backend(model, "numpy")._w is model._w and model.backend is None  # weights shared, not moved
+    torch_like = object()
+    assert on_backend(torch_like, "numpy") is torch_like  # runs no kernels

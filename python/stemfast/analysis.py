@@ -445,7 +445,7 @@ def as_written(a: np.ndarray) -> np.ndarray:
 
 
 def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndarray, *,
-                        k: int = RECON_NEIGHBORS) -> np.ndarray:
+                        k: int = RECON_NEIGHBORS, backend: str | None = None) -> np.ndarray:
     """How well the model reconstructs each site's surroundings: the median reconstruction error of
     its ``k`` nearest ``usable`` sites (itself left out) over the median of all usable sites.
 
@@ -453,7 +453,8 @@ def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndar
     median of its neighbours); several times that where the film is not the lattice the model
     learned -- the texture of contamination, amorphous regions (on copies of the real MoS2 with
     amorphous texture added: 1.8-5 inside, 0.94 outside, docs/RESULTS.md round 5). 1 everywhere when
-    fewer than ``k + 1`` sites are usable.
+    fewer than ``k + 1`` sites are usable. The neighbours are found on the kernels of ``backend``
+    (``sites.backend``; None: ``STEMFAST_BACKEND`` or the fastest available).
 
     Examples
     --------
@@ -470,7 +471,7 @@ def neighbourhood_recon(xy: np.ndarray, recon_error: np.ndarray, usable: np.ndar
     if use.sum() <= k:
         return np.ones(n)
     idx = np.flatnonzero(use)
-    j = nearest_indices(xy[use], k + 1, xy)
+    j = nearest_indices(xy[use], k + 1, xy, backend=backend)
     own = idx[j] == np.arange(n)[:, None]
     own[:, -1] |= ~own.any(axis=1)  # a site not usable itself: its k nearest, not k + 1
     med = np.median(rec[idx][j][~own].reshape(n, k), axis=1)  # exactly one left out per row
@@ -564,7 +565,7 @@ def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.nda
 
 def _local_z_without_outliers(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
                               z_glob: np.ndarray, xy: np.ndarray, basis: np.ndarray,
-                              settings: AnalysisSettings) -> np.ndarray:
+                              settings: AnalysisSettings, backend: str | None = None) -> np.ndarray:
     """:func:`_local_z_or_global` (the first pass), then the metal and chalcogen sites that stand out at
     all (first-pass ``|z|`` above :data:`RECHECK_Z`) judged again, against references that leave out
     the sites whose first-pass ``|z|`` exceeds ``settings.reference_outlier_z`` (a vacancy, a dopant or
@@ -572,7 +573,7 @@ def _local_z_without_outliers(values: np.ndarray, refs: LocalReferences, groups:
     their first-pass z: a site under RECHECK_Z is far from the defect cutoff whatever its references,
     and judging only the candidates again costs a seventh of a second pass over every site (4096^2
     bench image: ~0.07 s against ~0.55 s). The first pass alone when ``reference_outlier_z`` is 0 or
-    no site exceeds it."""
+    no site exceeds it. ``backend``: the kernels' (``sites.backend``)."""
     z = _local_z_or_global(values, refs, groups, usable, z_glob, settings.spread_floor)
     if not settings.reference_outlier_z:
         return z
@@ -582,7 +583,7 @@ def _local_z_without_outliers(values: np.ndarray, refs: LocalReferences, groups:
     if not outlier.any() or not len(rows):
         return z
     again = _local_references(xy, basis, values, usable & ~outlier, int(settings.n_neighbors),
-                              float(settings.node_tolerance), rows=rows, base=refs)
+                              float(settings.node_tolerance), rows=rows, base=refs, backend=backend)
     z_again = _local_z_or_global(values, again, groups, usable, z_glob, settings.spread_floor)
     out = z.copy()
     out[rows] = z_again[rows]
@@ -930,9 +931,11 @@ def neighbourhood_mean(xy: np.ndarray, values: np.ndarray, k: int, *, backend: s
 
 
 def _learned_classes(sites: SiteTable, xy: np.ndarray, enc, mu: np.ndarray, angle: np.ndarray, inten: np.ndarray,
-                     settings: AnalysisSettings, rotation_symmetry: int) -> tuple[np.ndarray, int, dict]:
+                     settings: AnalysisSettings, rotation_symmetry: int,
+                     backend: str | None = None) -> tuple[np.ndarray, int, dict]:
     """k-means classes on the latent means and the rotation latent relative to each site's lattice
-    (:func:`rotation_latent`, :func:`class_features`, :func:`cluster_latents`)."""
+    (:func:`rotation_latent`, :func:`class_features`, :func:`cluster_latents`; the neighbour kernels
+    of ``backend``)."""
     rot = None
     rot_info: dict = {"rotation_latent": "not available"}
     if all(c in sites for c in ("a1x", "a1y")):
@@ -946,12 +949,12 @@ def _learned_classes(sites: SiteTable, xy: np.ndarray, enc, mu: np.ndarray, angl
         rot, rot_info = rotation_latent(angle, lattice_deg, symmetry=rotation_symmetry, grain=grain, content=mu,
                                         strength=None if strength is None else np.asarray(strength, np.float64))
     if settings.class_neighbors and len(mu) > settings.class_neighbors:
-        mu = mu - neighbourhood_mean(xy, mu, settings.class_neighbors)
+        mu = mu - neighbourhood_mean(xy, mu, settings.class_neighbors, backend=backend)
     feats = class_features(mu, rot)
     cls, k, info = cluster_latents(feats, n_classes=settings.n_classes, order_by=inten, settings=settings)
     if settings.class_margin > 0 and "sublattice" in sites and len(cls):
         cls, n_moved = lattice_consistent_classes(xy, np.asarray(sites["sublattice"], np.int64), feats, cls,
-                                                  margin=settings.class_margin)
+                                                  margin=settings.class_margin, backend=backend)
         info["classes_from_neighbours"] = n_moved
     info.update(rot_info)
     return cls, k, info
@@ -963,7 +966,8 @@ CLASS_VOTERS = 18
 
 
 def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features: np.ndarray, cls: np.ndarray, *,
-                               margin: float, voters: int = CLASS_VOTERS) -> tuple[np.ndarray, int]:
+                               margin: float, voters: int = CLASS_VOTERS,
+                               backend: str | None = None) -> tuple[np.ndarray, int]:
     """Classes of ambiguous sites taken from the sites of their own sublattice around them.
 
     A site's class is the k-means cluster whose centre is nearest to its ``features``. Where the
@@ -977,6 +981,8 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
     ----------
     xy : [N, 2] positions (px). sublattice : [N] int, -1 unknown. features : [N, D] what k-means
         clustered. cls : [N] int k-means labels. margin : >= 0. voters : same-sublattice neighbours.
+        backend : the kernel backend of the neighbour search (``sites.backend``; None:
+        ``STEMFAST_BACKEND`` or the fastest available).
 
     Returns
     -------
@@ -1002,7 +1008,7 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
         idx = np.flatnonzero(sub == s)
         if len(idx) <= voters:
             continue
-        j = nearest_indices(xy[idx], voters + 1)
+        j = nearest_indices(xy[idx], voters + 1, backend=backend)
         votes = np.stack([(cls[idx][j[:, 1:]] == c).sum(1) for c in range(k)], axis=1)
         major[idx] = votes.argmax(1)
     d_own = np.linalg.norm(feats - cent[cls], axis=1)
@@ -1028,14 +1034,16 @@ class _IntensityScores:
 
 
 def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, observed: np.ndarray,
-                      sub_global: np.ndarray, cls: np.ndarray, settings: AnalysisSettings) -> _IntensityScores:
+                      sub_global: np.ndarray, cls: np.ndarray, settings: AnalysisSettings,
+                      backend: str | None = None) -> _IntensityScores:
     """Each site's intensity against the sites of its own sublattice around it (from its local
-    lattice), else against the image-wide sublattice; minus the shift its scan line shares."""
+    lattice), else against the image-wide sublattice; minus the shift its scan line shares (the
+    references on the kernels of ``backend``)."""
     n = len(xy)
     basis = sites.basis
     if basis is not None and n >= 8:
         refs = local_references(xy, basis, inten, usable=observed, n_neighbors=settings.n_neighbors,
-                                node_tolerance=settings.node_tolerance)
+                                node_tolerance=settings.node_tolerance, backend=backend)
         cb = _chalcogen_brighter(sites)
         sub = name_by_brightness(refs.rank(), cb)
         inten_ref = inten
@@ -1043,13 +1051,13 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
         if settings.scan_rows and streak.any():
             # a scan line's gain scales its columns (the offset was levelled in the image): divide it out
             gained = _scan_line_gain(inten, refs, sub, xy[:, 1], observed, streak)
-            refs = _refresh_references(refs, xy, basis, gained, observed, gained != inten, settings)
+            refs = _refresh_references(refs, xy, basis, gained, observed, gained != inten, settings, backend)
             inten_ref = inten = gained
             sub = name_by_brightness(refs.rank(), cb)
         if settings.local_background:
             inten_ref = inten - _hollow_background(xy, inten, sub, observed)
             refs = local_references(xy, basis, inten_ref, usable=observed, n_neighbors=settings.n_neighbors,
-                                    node_tolerance=settings.node_tolerance)
+                                    node_tolerance=settings.node_tolerance, backend=backend)
     else:  # no local lattice: one image-wide reference per sublattice
         refs = None
         inten_ref = inten
@@ -1059,11 +1067,11 @@ def _intensity_scores(sites: SiteTable, xy: np.ndarray, inten: np.ndarray, obser
     if refs is None:
         z_int = z_glob
     else:
-        z_int = _local_z_without_outliers(inten_ref, refs, grp, observed, z_glob, xy, basis, settings)
+        z_int = _local_z_without_outliers(inten_ref, refs, grp, observed, z_glob, xy, basis, settings, backend)
     if "companion_intensity" in sites:
         # a second detector of the same scan: the two images' z averaged (independent shot noise), each
         # weighed by how clearly the missing atoms stand out in it (detector_weights)
-        z2 = _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings)
+        z2 = _companion_z(sites, xy, grp, observed, None if refs is None else basis, settings, backend)
         w1 = detector_weights(z_int, z2, grp, observed & np.isfinite(z2))
         z_int = np.where(np.isfinite(z2), w1 * z_int + (1.0 - w1) * z2, z_int)  # no value there: one detector
     if settings.scan_rows and n:
@@ -1117,11 +1125,12 @@ def detector_weights(z1: np.ndarray, z2: np.ndarray, grp: np.ndarray, observed: 
 
 
 def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np.ndarray,
-                 basis: np.ndarray | None, settings: AnalysisSettings) -> np.ndarray:
+                 basis: np.ndarray | None, settings: AnalysisSettings, backend: str | None = None) -> np.ndarray:
     """The robust z of ``companion_intensity`` (:func:`stemfast.sites.companion_intensity`: the column
     intensity of another detector of the same scan) against the same kind of references as the first
     image's -- each site's own colour around it (with the local lattice ``basis``), else its
-    sublattice image-wide; NaN where the companion has no value (the first image's z alone counts)."""
+    sublattice image-wide; NaN where the companion has no value (the first image's z alone counts).
+    ``backend``: the kernels' (``sites.backend``)."""
     comp = np.asarray(sites["companion_intensity"], np.float64)
     fin = np.isfinite(comp)
     ok = observed & fin
@@ -1130,8 +1139,8 @@ def _companion_z(sites: SiteTable, xy: np.ndarray, grp: np.ndarray, observed: np
     if basis is None:
         return np.where(fin & np.isfinite(z_glob), z_glob, np.nan)
     refs = local_references(xy, basis, comp, usable=ok, n_neighbors=settings.n_neighbors,
-                            node_tolerance=settings.node_tolerance)
-    z = _local_z_without_outliers(comp, refs, grp, ok, z_glob, xy, basis, settings)
+                            node_tolerance=settings.node_tolerance, backend=backend)
+    z = _local_z_without_outliers(comp, refs, grp, ok, z_glob, xy, basis, settings, backend)
     return np.where(fin & np.isfinite(z), z, np.nan)
 
 
@@ -1570,7 +1579,8 @@ def _top_candidates(order: np.ndarray, table: SiteTable, xy_recorded: np.ndarray
 
 
 def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = AnalysisSettings(),
-                  edge: np.ndarray | None = None, rotation_symmetry: int = 3) -> tuple[SiteTable, dict]:
+                  edge: np.ndarray | None = None, rotation_symmetry: int = 3,
+                  backend: str | None = None) -> tuple[SiteTable, dict]:
     """Add classes and defect scores to a site table.
 
     Parameters
@@ -1584,6 +1594,10 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     rotation_symmetry : the model's rotation order k (its STN angles are defined modulo ``360 / k``).
         The classes are k-means on the latent means together with the rotation latent relative to
         the local lattice (:func:`rotation_latent`, :func:`class_features`).
+    backend : the kernel backend of the neighbour searches and local references (``cpp``, ``numba``,
+        ``numpy``): the run's ``sites.backend`` (:func:`stemfast.pipeline.analyze` passes it; the
+        one setting for the whole run, not one of :class:`AnalysisSettings`); None:
+        ``STEMFAST_BACKEND`` or the fastest available. The results do not depend on it.
 
     Returns
     -------
@@ -1609,9 +1623,9 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     edge_ = np.zeros(n, bool) if edge is None else np.asarray(edge, bool)
 
     angle = np.asarray(getattr(enc, "angle", np.full(n, np.nan)), dtype=np.float64)
-    cls, k, info = _learned_classes(sites, xy, enc, mu, angle, inten, settings, rotation_symmetry)
+    cls, k, info = _learned_classes(sites, xy, enc, mu, angle, inten, settings, rotation_symmetry, backend)
     recon_score = robust_z(rec, cls)
-    sc = _intensity_scores(sites, xy, inten, observed, sub_global, cls, settings)
+    sc = _intensity_scores(sites, xy, inten, observed, sub_global, cls, settings, backend)
     z_lat = _latent_density_score(mu, np.where(edge_, -1, sc.grp), observed & ~edge_, settings.seed)
     anomaly = _anomaly(settings, sc, z_lat, recon_score, edge_)
     # where the model cannot reconstruct the neighbourhood (contamination's texture, amorphous film)
@@ -1620,7 +1634,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     rec_level, exponent = contrast_levelled_recon(rec, contrast, observed & ~edge_)
     if exponent:
         info["recon_contrast_exponent"] = round(exponent, 3)
-    neigh_rec = neighbourhood_recon(xy, rec_level, observed & ~edge_)
+    neigh_rec = neighbourhood_recon(xy, rec_level, observed & ~edge_, backend=backend)
     if settings.recon_slack > 0:
         anomaly = anomaly / np.maximum(1.0, neigh_rec / settings.recon_slack)
     info.update(_texture_info(neigh_rec, observed, settings))

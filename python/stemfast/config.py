@@ -420,7 +420,8 @@ def check_environment() -> None:
     """Check the settings the environment gives: ``$STEMFAST_BACKEND`` (:func:`stemfast.backend.env_backend`;
     a :class:`SettingsError` naming the variable and its value). :func:`load_config` and :func:`check_limits`
     call it, so a bad value is refused with the other settings, before any work -- also where
-    ``sites.backend`` is set: the kernel calls not given that setting read the variable."""
+    ``sites.backend`` is set (every kernel call of a run is given that setting, but a function of the
+    package called without ``backend=`` reads the variable)."""
     env_backend()
 
 

@@ -75,7 +75,7 @@ DOMAIN_MIN_SEPARATION_COLUMNS = 4.0
 def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray, *, usable: np.ndarray | None = None,
                       neighbors: int = DOMAIN_NEIGHBORS, voters: int = DOMAIN_VOTERS,
                       min_sites: int = DOMAIN_MIN_SITES,
-                      min_vote: float = DOMAIN_MIN_VOTE) -> tuple[np.ndarray, dict]:
+                      min_vote: float = DOMAIN_MIN_VOTE, backend: str | None = None) -> tuple[np.ndarray, dict]:
     """The inversion domains of a site table: a domain label per site, and what was found.
 
     Parameters
@@ -83,6 +83,8 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     xy : [N, 2] site positions (px). sublattice : [N] int, the image-wide names (0 metal,
         1 chalcogen, 2 hollow; -1 off the lattice). value : [N] the sites' column intensity.
     usable : [N] bool, sites whose value may vote (default: all on the lattice with a finite value).
+    backend : the kernel backend of the neighbour search (``sites.backend``; None: ``STEMFAST_BACKEND``
+        or the fastest available).
 
     Returns
     -------
@@ -132,7 +134,7 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
     idx = np.flatnonzero(on)
     p = xy[idx]
     # per site, the brightness order of the three image-wide cosets among its neighbours
-    j = nearest_indices(p, max(neighbors + 1, voters, 13))
+    j = nearest_indices(p, max(neighbors + 1, voters, 13), backend=backend)
     jn = j[:, :neighbors + 1]
     ok = use[idx][jn]
     vals, cos = v.astype(np.float32)[idx][jn], rk.astype(np.int8)[idx][jn]  # only compared: float32 is enough

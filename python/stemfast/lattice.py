@@ -604,7 +604,7 @@ def fill_lattice(
     >>> int((~res.is_peak).sum()) == int(centres.sum())
     True
     """
-    peak_xy, (H, W), nn, angle_deg = _fill_arguments(peak_xy, shape, spacing, angle_deg)
+    peak_xy, (H, W), nn, angle_deg = _fill_arguments(peak_xy, shape, spacing, angle_deg, backend)
     b_global = triangular_basis(nn, angle_deg)
     kern = get_kernels(backend)
     n_peak = len(peak_xy)
@@ -644,9 +644,11 @@ def fill_lattice(
                          support=f.support, spacing=nn, rounds=rounds, on_lattice=on_lattice)
 
 
-def _fill_arguments(peak_xy, shape, spacing, angle_deg) -> tuple[np.ndarray, tuple[int, int], float, float]:
+def _fill_arguments(peak_xy, shape, spacing, angle_deg,
+                    backend=None) -> tuple[np.ndarray, tuple[int, int], float, float]:
     """:func:`fill_lattice`'s arguments checked (:mod:`stemfast._validate`), the spacing and angle
-    estimated from ``peak_xy`` where not given: ``(peak_xy, (H, W), spacing, angle_deg)``."""
+    estimated from ``peak_xy`` where not given (on the kernels of ``backend``): ``(peak_xy, (H, W),
+    spacing, angle_deg)``."""
     estimate = spacing is None or angle_deg is None
     peak_xy = check_xy(peak_xy, "peak_xy", min_points=MIN_ESTIMATE_POINTS if estimate else 0)
     hw = check_shape(shape)
@@ -655,7 +657,7 @@ def _fill_arguments(peak_xy, shape, spacing, angle_deg) -> tuple[np.ndarray, tup
     if angle_deg is not None:
         angle_deg = finite("angle_deg", angle_deg)
     if estimate:
-        s_est, a_est = estimate_spacing(peak_xy)
+        s_est, a_est = estimate_spacing(peak_xy, backend=backend)
         spacing = s_est if spacing is None else spacing
         angle_deg = a_est if angle_deg is None else angle_deg
     return peak_xy, hw, float(spacing), float(angle_deg)

@@ -98,7 +98,9 @@ def analyze(prep: Prepared, model, *, config: PipelineConfig = PipelineConfig())
     """Encode the patches of ``prep`` with ``model``, cluster and score them.
 
     Returns the full site table (see :func:`stemfast.analysis.analyze_sites` for the columns) and
-    a summary dict.
+    a summary dict. Every kernel runs on the backend ``config.sites.backend`` names (the one setting
+    of the run, as in :func:`prepare`), the compiled model engine's included
+    (:func:`stemfast.model.engine.on_backend`).
     """
     try:
         with one_blas_thread():  # the stages' parallelism is the kernels' own threads (backend.one_blas_thread)
@@ -112,7 +114,7 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
     t0 = time.perf_counter()
     if len(prep.patches) == 0:
         return prep.sites, {"n_sites": 0, "status": prep.sites.meta.get("status", "no lattice")}
-    from .model.engine import on_device
+    from .model.engine import on_backend, on_device
 
     want = model_input_size(model)
     if want is not None and int(prep.patches.shape[-1]) != int(want):
@@ -120,6 +122,7 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
                          f"patches: set model.input_size = {want} in the settings (the model's), or prepare with "
                          f"input_size={want}")
     model = on_device(model, config.model.device)  # one loaded elsewhere (a model file, another process's)
+    model = on_backend(model, config.sites.backend)  # the compiled engine's kernels: the run's backend
     if isinstance(prep.patches, LazyPatches):
         enc = _encode_streamed(model, prep.patches)
         gather_s = prep.patches.seconds
@@ -131,7 +134,8 @@ def _analyze(prep: Prepared, model, config: PipelineConfig) -> tuple[SiteTable, 
         prep.timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     table, summary = analyze_sites(prep.sites, enc, settings=config.analysis, edge=prep.edge,
-                                   rotation_symmetry=int(getattr(getattr(model, "config", None), "rotation_symmetry", 3)))
+                                   rotation_symmetry=int(getattr(getattr(model, "config", None), "rotation_symmetry", 3)),
+                                   backend=config.sites.backend)
     prep.timings["analysis"] = time.perf_counter() - t0
     summary.update(_extent_summary(prep, model, config))
     summary["timings_s"] = dict(prep.timings)

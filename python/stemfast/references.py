@@ -164,11 +164,13 @@ def _local_references(xy, basis, values, usable, n_neighbors, tol, *, rows=None,
     return LocalReferences(med, mad, cnt, reach)
 
 
-def _refresh_references(refs: LocalReferences, xy, basis, values, usable, changed, settings) -> LocalReferences:
+def _refresh_references(refs: LocalReferences, xy, basis, values, usable, changed, settings,
+                        backend: str | None = None) -> LocalReferences:
     """``refs`` again for ``values`` that differ from the ones it was computed with on the ``changed``
     sites only: the rows of the sites that have a changed site among their neighbours are computed
     anew (a site ``s`` can be among ``i``'s neighbours only if ``|x_s - x_i| <= reach_i``), the rest
-    are kept -- the same result as :func:`local_references` on the new values."""
+    are kept -- the same result as :func:`local_references` on the new values (on the kernels of
+    ``backend``)."""
     changed = np.asarray(changed, bool)
     if not changed.any():
         return refs
@@ -181,7 +183,7 @@ def _refresh_references(refs: LocalReferences, xy, basis, values, usable, change
         d, _ = cKDTree(xy[changed]).query(xy, k=1)
         rows = np.flatnonzero(d <= refs.reach * (1 + 1e-9) + 1e-9)
     return _local_references(xy, basis, values, usable, int(settings.n_neighbors), float(settings.node_tolerance),
-                             rows=rows, base=None if rows is None else refs)
+                             rows=rows, base=None if rows is None else refs, backend=backend)
 
 
 def _local_references_reference(xy, basis, values, usable, n_neighbors, tol, chunk) -> LocalReferences:

@@ -90,7 +90,8 @@ def _round_triangular(pq: np.ndarray, S: np.ndarray) -> np.ndarray:
 def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, shape: tuple[int, int],
                 spacing: float, tol: float = 0.3, off_strength: float = 0.5, margin_px: float = 1.0,
                 film=None, min_amplitude: float = 0.15, fill: bool = True, fit_radius: float = 2.05,
-                min_fit_points: int = 5, peak_var: np.ndarray | None = None, n_rounds: int = 2) -> SiteIndex:
+                min_fit_points: int = 5, peak_var: np.ndarray | None = None, n_rounds: int = 2,
+                backend: str | None = None) -> SiteIndex:
     """Index peaks to the site lattice of ``pmap`` and give every node of the film one site.
 
     Each peak is indexed to the nearest node of the phase map's lattice. Then, ``n_rounds`` times,
@@ -110,7 +111,8 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     peaks' measurement variance ``peak_var``), or the prediction alone. Around a predicted site
     that comes closer to another site than a regular lattice allows (:data:`UNCROWD_NN`), the
     nodes are placed by the wider fit (:data:`WIDE_FIT_NN`): the narrow one has followed columns
-    put on the wrong node there. ``fill=False`` keeps only the nodes with a peak.
+    put on the wrong node there. ``fill=False`` keeps only the nodes with a peak. ``backend``: the
+    kernel backend of the neighbour searches (``sites.backend``; None: ``STEMFAST_BACKEND`` or the fastest).
     """
     peak_xy = np.asarray(peak_xy, dtype=np.float64).reshape(-1, 2)
     peak_value = np.asarray(peak_value, dtype=np.float64).reshape(-1)
@@ -145,7 +147,7 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
     xy_w, keep_w, empty, xy_empty = _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, film=film,
                                                  shape=shape, spacing=spacing, margin_px=margin_px,
                                                  min_amplitude=min_amplitude, fill=fill, fit_radius=fit_radius,
-                                                 min_fit_points=min_fit_points, peak_var=peak_var)
+                                                 min_fit_points=min_fit_points, peak_var=peak_var, backend=backend)
     w_idx, xy_w, n_merged = w_idx[keep_w], xy_w[keep_w], n_merged + int((~keep_w).sum())
     o_idx = np.flatnonzero(off_pk)
     empty_peak, o_idx = _adopt_off_lattice_peaks(peak_xy, o_idx, xy_empty, spacing, tol, others=xy_w,
@@ -369,7 +371,7 @@ def _split_column_peaks(off_xy, site_xy, spacing) -> np.ndarray:
 
 
 def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape, spacing, margin_px,
-                 min_amplitude, fill, fit_radius, min_fit_points, peak_var):
+                 min_amplitude, fill, fit_radius, min_fit_points, peak_var, backend=None):
     """Final positions: every winner between its peak and its neighbours' prediction
     (:func:`_shrinkage`), every empty node of the film at its prediction; the prediction of the
     wider fit (:data:`WIDE_FIT_NN`) where the peaks around a node scatter far more than columns do
@@ -388,7 +390,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
         return _predict(nodes, filled, has, S, base, max(fit_radius, WIDE_FIT_NN), min_fit_points, shape, spacing, rim)
 
     kw = dict(shape=shape, spacing=spacing, margin_px=margin_px, min_amplitude=min_amplitude, film=film,
-              peak_var=peak_var)
+              peak_var=peak_var, backend=backend)
     stiff = np.zeros(len(nodes), bool)  # nodes placed by the wider fit because they crowded
     for round_ in range(UNCROWD_ROUNDS + 1):
         pred = narrow.copy()
@@ -408,7 +410,7 @@ def _place_sites(peak_xy, node, w_idx, nodes, base, rim, S, pmap, *, film, shape
 
 
 def _placement(peak_xy, node, w_idx, nodes, has, pred, wide, pmap, *, shape, spacing, margin_px, min_amplitude,
-               film, peak_var):
+               film, peak_var, backend=None):
     """:func:`_place_sites` for one prediction ``pred`` of the nodes (``wide``: the wider fit's
     prediction, called where the peaks are rough)."""
     H, W = shape
@@ -417,7 +419,8 @@ def _placement(peak_xy, node, w_idx, nodes, has, pred, wide, pmap, *, shape, spa
     xy_w = peak_xy[w_idx].copy()
     okp = np.isfinite(pred_w).all(1)
     vm = None if peak_var is None else np.asarray(peak_var, dtype=np.float64)[w_idx][okp]
-    k, excess = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp])
+    k, excess = _shrinkage(xy_w[okp] - pred_w[okp], vm, float(np.sqrt(3.0)) * spacing, xy=pred_w[okp],
+                           backend=backend)
     e_rms = np.sqrt(np.asarray(excess, dtype=np.float64))
     rough_pk = np.flatnonzero(okp)[e_rms > max(ROUGH_RATIO * float(np.median(e_rms)) if len(e_rms) else 0.0,
                                                ROUGH_MIN_NN * spacing)]
@@ -912,7 +915,7 @@ UNCROWD_ROUNDS = 2
 
 
 def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
-               xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               xy: np.ndarray | None = None, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """How far to trust each peak's position over its neighbours' prediction (0..1).
 
     A peak's residual from the prediction of its neighbours is the column's true displacement
@@ -923,7 +926,7 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
     usual ``u2 / (u2 + noise)``: ~1 on a clean image, small where the image places columns worse
     than the lattice around them does. Returns ``(weights, excess)``: the weights (0..1) and that
     excess variance per peak (per coordinate, px^2), by which :func:`_place_sites` finds the rough
-    nodes.
+    nodes. ``backend``: the kernel backend of the neighbour search around ``xy``.
     """
     n = len(res)
     if n < 20:
@@ -934,7 +937,7 @@ def _shrinkage(res: np.ndarray, var_meas: np.ndarray | None, a_px: float,
     if xy is None or n < SHRINK_NEIGHBORS:
         excess = max(float(np.median(r2)) - float(np.median(vm)) - u2, 0.0)
     else:
-        nb = nearest_indices(xy, SHRINK_NEIGHBORS)
+        nb = nearest_indices(xy, SHRINK_NEIGHBORS, backend=backend)
         excess = np.maximum(np.median(r2[nb], axis=1) - np.median(vm[nb], axis=1) - u2, 0.0)
     return u2 / (u2 + excess + vm), np.broadcast_to(excess, (n,))
 

@@ -146,7 +146,10 @@ class SiteSettings:
     fill : run the lattice fill-in (add hexagon centres, vacancies, faint columns).
     detect_holes : stop the fill-in at holes in the film (vacuum).
     lattice : :class:`~stemfast.lattice.LatticeSettings`.
-    backend : kernel backend (``cpp``, ``numba``, ``numpy``; ``None`` = fastest available).
+    backend : kernel backend of the whole run (``cpp``, ``numba``, ``numpy``; ``None`` =
+        ``STEMFAST_BACKEND`` or the fastest available): site finding, the patches, the compiled model
+        engine, the analysis (:func:`stemfast.pipeline.analyze` passes it on) and the batch's
+        ``sites.csv`` writer all run on it.
     material : the 2H material (:data:`stemfast.materials.MATERIAL_NAMES`): its lattice constant
         and the names of its sites and defects.
     chalcogen_brighter : the chalcogen pairs are brighter than the metal columns; the default,
@@ -1184,7 +1187,7 @@ def _index_columns(img, bp, pk, refine_sigma: float, ring, s: SiteSettings, nn: 
         peak_var = position_variance(pk.amplitude, pk.sigma, max(1.5, s.refine_radius_nn * nn), refine_sigma)
     index_kw = dict(peak_var=peak_var, shape=img.shape, spacing=nn, film=film, fill=s.fill, tol=s.node_tol_nn,
                     off_strength=s.off_lattice_strength, margin_px=s.lattice.edge_margin_px,
-                    fit_radius=s.lattice.fit_radius)
+                    fit_radius=s.lattice.fit_radius, backend=s.backend)
     if gmap is None:
         idx = index_sites(peak_xy, pk.value, pmap, **index_kw)
     else:
@@ -1241,7 +1244,8 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     observed &= ~_next_to_free(xy, free, nn)
     # inversion domains (mirror-twin boundaries): the chalcogen and hollow cosets named per domain
     grain = np.zeros(len(xy), np.int64) if gmap is None else idx.grain
-    sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter)
+    sub, domains = _inversion_domains(xy, sub, idx.cls, inten, observed, grain, s.resolved_chalcogen_brighter,
+                                      s.backend)
     n = len(xy)
     has_pk = idx.peak >= 0
     peak_value = np.full(n, np.nan)
@@ -1284,14 +1288,15 @@ def _site_columns(img: np.ndarray, f: _Lattice, s: SiteSettings, pixel_size, uni
     return cols, bands, _scan_lines_meta(lines), domains["info"]
 
 
-def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter) -> tuple[np.ndarray, dict]:
+def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter,
+                       backend=None) -> tuple[np.ndarray, dict]:
     """``sub`` named per inversion domain (:func:`stemfast.domains.inversion_domains`; each domain's
     cosets ranked by their own brightness, :func:`_rank_sublattices`), each grain on its own, and
     ``{"inverted": bool [N], "info": dict}`` (``info["warning"]`` when a domain was found;
-    :func:`_find_sites` warns with it)."""
+    :func:`_find_sites` warns with it). ``backend``: the kernel backend (``sites.backend``)."""
 
     def per_grain(xy_, sub_, cls_, inten_, observed_):
-        dom, _ = inversion_domains(xy_, sub_, inten_, usable=observed_)
+        dom, _ = inversion_domains(xy_, sub_, inten_, usable=observed_, backend=backend)
         named = sub_.copy()
         if (dom > 0).any():
             for lab in np.unique(dom[dom >= 0]):

@@ -242,15 +242,15 @@ _MODELS: dict[tuple, object] = {}
 def worker_model(data: bytes | None, sha: str | None, config=None):
     """The model of ``data`` (``RVAE.save`` bytes), deserialised once per worker process -- or, when it
     is the shipped model and ``config``'s ``model.engine`` resolves to the compiled engine on this
-    worker, the shipped model's arrays run by it (as the in-process run does; no torch). Kept per
-    model and engine."""
+    worker, the shipped model's arrays run by it on ``config``'s ``sites.backend`` (as the in-process
+    run does; no torch). Kept per model, engine and kernel backend."""
     if data is None:
         return None
     compiled = config is not None and _shipped_compiled_here(sha, config)
-    key = (sha, compiled)
+    key = (sha, compiled, config.sites.backend if compiled else None)
     m = _MODELS.get(key)
     if m is None:
-        m = _compiled_shipped() if compiled else None
+        m = _compiled_shipped(config.sites.backend) if compiled else None
         if m is None:  # not the shipped model on the compiled engine, or its arrays cannot be used
             with tempfile.TemporaryDirectory(prefix="stemfast-model-") as td:
                 p = Path(td) / "model.pt"
@@ -282,11 +282,12 @@ def _shipped_sha() -> str | None:
         return None
 
 
-def _compiled_shipped():
-    """The shipped model on the compiled engine, or None (a warning says why)."""
+def _compiled_shipped(backend: str | None):
+    """The shipped model on the compiled engine running on ``backend`` (the run's ``sites.backend``), or
+    None (a warning says why)."""
     from ..model.shipped import compiled_default_or_none, manifest
 
-    return compiled_default_or_none(manifest())
+    return compiled_default_or_none(manifest(), backend=backend)
 
 
 def _task_file(entry, out_dir, model_data, model_sha, config, chash, read_options=None):

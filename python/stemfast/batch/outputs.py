@@ -163,7 +163,7 @@ def start_assemble(src: InputSource, d: Path, results: Iterable[FrameResult], *,
 
     totals = FrameTotals(top_n=int(getattr(run.config.analysis, "top_n", 50)))
     trk = stack_tracker(d, run.config, src.info) if src.is_stack else None  # defects linked through the frames
-    write_site_table(d, results, totals, trk)
+    write_site_table(d, results, totals, trk, backend=run.config.sites.backend)
     if totals.n_ok == 0:
         raise InputUnreadable(next(iter(totals.errors.values()), "no frames"))
     pending = PendingOutputs(src, d, totals, trk, run, t_start)
@@ -212,11 +212,13 @@ class PendingOutputs:
             self.figures = None
 
 
-def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotals, trk) -> None:
+def write_site_table(d: Path, results: Iterable[FrameResult], totals: FrameTotals, trk, *,
+                     backend: str | None = None) -> None:
     """``d/sites.csv`` from the frame results (through the stack's tracker, which adds ``track_id``),
-    adding every frame's record to ``totals``; each frame's table is freed once written."""
+    adding every frame's record to ``totals``; each frame's table is freed once written. ``backend``:
+    the run's ``sites.backend`` (the rows are formatted by its kernel, :class:`CsvStream`)."""
     with atomic_open(d / "sites.csv", "w", newline="", encoding="utf-8") as fh, (trk or contextlib.nullcontext()):
-        csv = CsvStream(fh)
+        csv = CsvStream(fh, backend=backend)
         for fr in results:
             for t in (trk.push(fr.meta, fr.table) if trk else (fr.table,)):
                 csv.write(t)

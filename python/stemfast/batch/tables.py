@@ -55,12 +55,15 @@ def format_column(a: np.ndarray, name: str) -> list[str]:
 
 
 class CsvStream:
-    """Writes site tables frame after frame into one CSV (header from the first non-empty table)."""
+    """Writes site tables frame after frame into one CSV (header from the first non-empty table), the
+    rows formatted by the ``format_csv_rows`` kernel of ``backend`` (the run's ``sites.backend``; None:
+    ``STEMFAST_BACKEND`` or the fastest available; every backend writes the same bytes)."""
 
     CHUNK = 1 << 16  # rows formatted at a time
 
-    def __init__(self, fh) -> None:
+    def __init__(self, fh, *, backend: str | None = None) -> None:
         self.fh = fh
+        self.backend = backend
         self.names: list[str] | None = None
         self.n_rows = 0
         self._warned = False
@@ -82,7 +85,7 @@ class CsvStream:
         # 51M cells took ~15 s); every backend writes the same bytes (tests/test_batch.py)
         from ..backend import get_kernels
 
-        kern = get_kernels()
+        kern = get_kernels(self.backend)
         arrays = [table[c] if c in table else None for c in self.names]
         empty = np.empty(0)
         for a in range(0, n, self.CHUNK):

@@ -127,7 +127,8 @@ def add_spacing_option(g) -> None:
 def add_backend_option(g) -> None:
     """``--backend`` (``sites.backend``), its choices from :data:`stemfast.backend.BACKENDS`."""
     g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="kernel backend (sites.backend; default: fastest available)")
+                   help="kernel backend of the whole run (sites.backend; default: STEMFAST_BACKEND or the fastest "
+                        "available)")
 
 
 def add_settings_options(p: argparse.ArgumentParser, *, model: bool = True,

@@ -30,7 +30,7 @@ from .settings import (BACKGROUND_QUANTILE, Encoding, RVAEConfig, background_ran
                        check_finite_patches, check_patch_shape, disc_mask)
 
 __all__ = ["CompiledModel", "prepare_weights", "resolve_engine", "check_device", "engine_for", "engine_of",
-           "device_of", "on_device", "combined_engine", "subtract_background", "state_arrays"]
+           "device_of", "on_device", "on_backend", "combined_engine", "subtract_background", "state_arrays"]
 
 #: patches per kernel call (bounds the temporary memory of the NumPy reference)
 _CHUNK = 4096
@@ -113,6 +113,31 @@ def on_device(model, device: str):
     returned as it is."""
     to = getattr(model, "to", None)
     return to(device) if callable(to) else model
+
+
+def on_backend(model, backend: str | None):
+    """``model`` running its kernels on ``backend``, the run's setting ``sites.backend`` (``cpp`` /
+    ``numba`` / ``numpy``): the kernel backend is one setting for the whole run, and the compiled
+    engine has none of its own (``model.engine`` picks the engine, ``model.device`` torch's device).
+
+    A :class:`CompiledModel` on another backend is returned as a copy on ``backend`` (the weights
+    shared); ``backend`` None (the run sets none: ``STEMFAST_BACKEND`` or the fastest) leaves the
+    model's own (None for the ones the package loads: the same default). A torch model or an encode
+    worker's stand-in runs no kernels: returned as it is.
+
+    Examples
+    --------
+    >>> m = on_backend(CompiledModel(state, config), "numpy")  # doctest: +SKIP
+    >>> m.backend  # doctest: +SKIP
+    'numpy'
+    """
+    if backend is None or not isinstance(model, CompiledModel) or model.backend == backend:
+        return model
+    import copy
+
+    out = copy.copy(model)
+    out.backend = backend
+    return out
 
 
 def combined_engine(names) -> str | None:

@@ -91,13 +91,14 @@ def _probe_image() -> tuple[np.ndarray, float]:
 
 
 @functools.lru_cache(maxsize=4)
-def _probe(input_size: int) -> tuple[float, ...]:
+def _probe(input_size: int, backend: str | None = None) -> tuple[float, ...]:
     from ..config import PipelineConfig
     from ..frontend import prepare
+    from ..sites import SiteSettings
     from .settings import RVAEConfig
 
     image, _ = _probe_image()
-    cfg = PipelineConfig(model=RVAEConfig(input_size=int(input_size)))
+    cfg = PipelineConfig(sites=SiteSettings(backend=backend), model=RVAEConfig(input_size=int(input_size)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prep = prepare(image, config=cfg)
@@ -110,8 +111,9 @@ def _probe(input_size: int) -> tuple[float, ...]:
     return tuple(float(v) for v in q) + (float(ratio),)
 
 
-def input_contract(input_size: int = 32) -> dict[str, Any]:
-    """What the patch path of the current code feeds a model of ``input_size``: version and probe.
+def input_contract(input_size: int = 32, *, backend: str | None = None) -> dict[str, Any]:
+    """What the patch path of the current code feeds a model of ``input_size``: version and probe
+    (run on the kernels of ``backend``: the run's ``sites.backend``).
 
     Stored in a shipped model's ``extra["contract"]`` at training time and compared with the
     running code by :func:`check_contract`.
@@ -122,7 +124,7 @@ def input_contract(input_size: int = 32) -> dict[str, Any]:
     >>> c["version"] == INPUT_CONTRACT_VERSION, len(c["probe_quantiles"])
     (True, 7)
     """
-    probe = _probe(int(input_size))
+    probe = _probe(int(input_size), backend)
     return {"version": INPUT_CONTRACT_VERSION, "input_size": int(input_size),
             "patch_extent": "per-image: stemfast.patches.default_patch_size(spacing)",
             "normalisation": "stemfast.patches.PatchNorm.from_image (per image)",
@@ -130,8 +132,9 @@ def input_contract(input_size: int = 32) -> dict[str, Any]:
             "probe_patch_over_spacing": probe[-1]}
 
 
-def check_contract(stored: dict | None, input_size: int) -> None:
-    """Raise :class:`ShippedModelError` when ``stored`` (a model's contract) does not match the code."""
+def check_contract(stored: dict | None, input_size: int, *, backend: str | None = None) -> None:
+    """Raise :class:`ShippedModelError` when ``stored`` (a model's contract) does not match the code
+    (its probe run on the kernels of ``backend``, the run's ``sites.backend``)."""
     if not stored:
         raise ShippedModelError("the model records no input contract")
     if int(stored.get("version", -1)) != INPUT_CONTRACT_VERSION:
@@ -139,7 +142,7 @@ def check_contract(stored: dict | None, input_size: int) -> None:
                                 f"implements {INPUT_CONTRACT_VERSION} (patch cutting or normalisation changed)")
     if int(stored.get("input_size", -1)) != int(input_size):
         raise ShippedModelError(f"contract input size {stored.get('input_size')} != model input size {input_size}")
-    now = input_contract(input_size)
+    now = input_contract(input_size, backend=backend)
     a = np.asarray(stored.get("probe_quantiles", []), float)
     b = np.asarray(now["probe_quantiles"], float)
     if a.shape != b.shape or not np.all(np.abs(a - b) <= PROBE_TOLERANCE):
@@ -164,12 +167,12 @@ def manifest(path: str | Path | None = None) -> dict:
 
 
 def load_default_model(*, map_location=None, model_path: str | Path | None = None,
-                       manifest_path: str | Path | None = None, probe: bool = True):
+                       manifest_path: str | Path | None = None, probe: bool = True, backend: str | None = None):
     """Load the shipped model after checking checksum, version tag and input contract.
 
     ``probe=False``: the input contract was checked against the manifest's copy already
     (:func:`usable_manifest`, in the process that cuts the patches); the model's own contract must
-    then equal the manifest's.
+    then equal the manifest's. ``backend``: the kernels of the probe (the run's ``sites.backend``).
 
     Raises
     ------
@@ -198,7 +201,7 @@ def load_default_model(*, map_location=None, model_path: str | Path | None = Non
         raise ShippedModelError(f"shipped model tag {tag.get('name')} {tag.get('version')} does not match the "
                                 f"manifest {man.get('name')} {man.get('version')}")
     if probe:
-        check_contract(model.extra.get("contract"), model.config.input_size)
+        check_contract(model.extra.get("contract"), model.config.input_size, backend=backend)
     elif model.extra.get("contract") != man.get("contract"):
         raise ShippedModelError("the model's input contract differs from its manifest's")
     model.extra["sha256"] = sha
@@ -280,14 +283,14 @@ def shipped_for_run(config, *, on_torch=None, refused: list | None = None):
     ``model.engine`` resolves to it, else -- or when its arrays cannot be used -- from ``on_torch(config)``
     (default :func:`default_model`: loaded with torch here); None when it is not usable for this run
     (a warning says why, and the reason it was refused is appended to ``refused``; ``on_torch`` records
-    its own)."""
+    its own). The compiled engine runs on the run's ``sites.backend``."""
     from .engine import engine_for
 
     if engine_for(config) == "compiled":
         man = usable_manifest(config, refused=refused)
         if man is None:
             return None
-        model = compiled_default_or_none(man)
+        model = compiled_default_or_none(man, backend=config.sites.backend)
         if model is not None:
             return model
     if on_torch is not None:
@@ -365,9 +368,10 @@ def check_finetune_settings(requested, steps: int) -> None:
 def usable_manifest(config=None, *, probe: bool = True, refused: list | None = None) -> dict | None:
     """The checks of :func:`default_model` that need no torch, on the manifest and the weights file:
     the run's model settings, the weights' SHA-256 and (``probe``) the input contract (the
-    manifest's copy of the model's). Returns the manifest, or None -- with the warning
-    :func:`default_model` gives -- when the shipped model would not be used (a refusal's reason is
-    appended to ``refused``; settings asking for another architecture are no refusal).
+    manifest's copy of the model's; probed on the run's ``sites.backend``). Returns the manifest, or
+    None -- with the warning :func:`default_model` gives -- when the shipped model would not be used (a
+    refusal's reason is appended to ``refused``; settings asking for another architecture are no
+    refusal).
     :func:`load_default_model` with ``probe=False`` then loads it (in another process:
     :mod:`stemfast.batch.encode_worker`) and checks its tag.
     """
@@ -378,7 +382,8 @@ def usable_manifest(config=None, *, probe: bool = True, refused: list | None = N
             return None
         _check_weights(MODEL_PATH, man)
         if probe:
-            check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)))
+            check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)),
+                           backend=getattr(getattr(config, "sites", None), "backend", None))
     except ShippedModelError as exc:
         _warn_refused(exc, refused)
         return None
@@ -421,7 +426,8 @@ def default_model(config=None, *, map_location=None, refused: list | None = None
         # settings asking for another network: decided from the manifest alone
         if requested is not None and _settings_differ(manifest(), requested):
             return None
-        model = load_default_model(map_location=map_location)
+        model = load_default_model(map_location=map_location,
+                                   backend=getattr(getattr(config, "sites", None), "backend", None))
     except ShippedModelError as exc:
         _warn_refused(exc, refused)
         return None
