@@ -25,24 +25,94 @@ def _block_factor(shape: tuple[int, int], fmax: float) -> int:
 
 
 def _block_spectrum(img: np.ndarray, fmax: float,
-                    pad: tuple[int, int] | None = None) -> tuple[int, np.ndarray, tuple[int, int]]:
+                    pad: tuple[int, int] | None = None) -> tuple[int, _PaddedSpectrum, tuple[int, int]]:
     """Block-average ``img`` by the largest factor ``f`` that keeps frequencies up to ``fmax``
     (cycles/px) well below Nyquist (:func:`_block_factor`); returns ``f``, the real FFT of the
-    mean-removed small image padded with zeros below and to the right, and the padded shape (what
-    the Bragg demodulations work on; their grids then cover the pad too, the image is its first
-    ``H // f`` x ``W // f`` blocks). ``pad``: that many rows and columns of blocks; None: as many as
-    the small image has (twice its size: a Bragg filter narrower than the image does not reach round
-    from one edge to the opposite one, where the image's lattice need not continue)."""
+    mean-removed small image padded with zeros below and to the right (a :class:`_PaddedSpectrum`:
+    computed only where it is read, no array of the padded size is made), and the padded shape
+    (what the Bragg demodulations work on; their grids then cover the pad too, the image is its
+    first ``H // f`` x ``W // f`` blocks). ``pad``: that many rows and columns of blocks; None: as
+    many as the small image has (twice its size: a Bragg filter narrower than the image does not
+    reach round from one edge to the opposite one, where the image's lattice need not continue)."""
     f = _block_factor(img.shape, fmax)
-    if f > 1:
-        small = block_means(img, f)
-    else:
-        small = img
-    small = small - float(small.mean())
+    small = block_means(img, f) if f > 1 else img
     pad = small.shape if pad is None else pad
-    if any(pad):
-        small = np.pad(small, ((0, pad[0]), (0, pad[1])))
-    return f, sfft.rfft2(small, workers=-1), small.shape
+    shape = (small.shape[0] + pad[0], small.shape[1] + pad[1])
+    return f, _PaddedSpectrum(small, float(small.mean()), shape), shape
+
+
+class _PaddedSpectrum:
+    """``rfft2`` of ``small - mean`` padded with zeros below and to the right to ``shape``, computed
+    only on the windows :func:`_demodulate` reads (:meth:`window`): the rows' real FFTs (in strips of
+    rows) kept at the window's columns, then those columns' FFTs (in groups of columns) at its rows.
+    The same transforms, in the same order, as ``rfft2`` of the padded array (the values are
+    identical), without the padded image and its spectrum (each as large as the image, or four times
+    the block-averaged one)."""
+
+    def __init__(self, small: np.ndarray, mean: float, shape: tuple[int, int]) -> None:
+        self.small, self.mean, self.shape = small, mean, (int(shape[0]), int(shape[1]))
+        #: complex elements transformed at once (a strip of rows, a group of columns)
+        self.chunk = max(1 << 16, min(1 << 20, small.size // 16))
+
+    def _column_groups(self, cols: np.ndarray):
+        """``(c0, c1, values)`` for groups of the columns ``cols`` of the spectrum:
+        ``values(rows, k)`` the spectrum at ``rows`` x ``cols[c0 + k]``."""
+        hs, ws = self.shape
+        h0 = self.small.shape[0]
+        rows = max(1, self.chunk // (ws // 2 + 1))
+        R = None
+        for r0 in range(0, h0, rows):  # the rows' spectra at the columns read
+            part = sfft.rfft(self.small[r0:r0 + rows] - self.mean, n=ws, axis=1, workers=-1)[:, cols]
+            if R is None:
+                R = np.empty((h0, len(cols)), dtype=part.dtype)
+            R[r0:r0 + rows] = part
+        group = max(1, self.chunk // hs)
+        for c0 in range(0, len(cols), group):  # and the columns' spectra
+            C = sfft.fft(R[:, c0:c0 + group], n=hs, axis=0, workers=-1)
+            yield c0, c0 + C.shape[1], lambda rows, k, C=C: C[np.ix_(rows, k)]
+
+    def window(self, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        """The two-sided spectrum at rows ``iy`` x columns ``ix`` (integer frequencies) (:func:`_window`)."""
+        return _window(self, iy, ix)
+
+
+class _SeparableSpectrum:
+    """The spectrum ``np.outer(a, b)`` of a separable image (the support of an image in its padded
+    frame, ``shape``), read on windows (:meth:`window`) without the outer product."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> None:
+        self.a, self.b, self.shape = a, b, shape
+
+    def _column_groups(self, cols: np.ndarray):
+        yield 0, len(cols), lambda rows, k: self.a[rows][:, None] * self.b[cols[k]][None, :]
+
+    def window(self, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        """The two-sided spectrum at rows ``iy`` x columns ``ix`` (integer frequencies) (:func:`_window`)."""
+        return _window(self, iy, ix)
+
+
+def _window(spec, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+    """complex128 [len(iy), len(ix)]: the two-sided spectrum of a real image at integer frequencies
+    ``iy`` x ``ix`` (any sign, modulo the padded frame ``spec.shape``) from its one-sided (``rfft2``)
+    spectrum ``spec``, read in groups of columns (``spec._column_groups``): ``F(-k) = conj(F(k))``;
+    zero beyond the one-sided spectrum's last column."""
+    hs, ws = spec.shape
+    out = np.zeros((len(iy), len(ix)), dtype=np.complex128)
+    neg = ix < 0
+    jx = np.abs(ix)
+    inside = np.flatnonzero(jx <= ws // 2)
+    cols, at = np.unique(jx[inside], return_inverse=True)
+    at = at.ravel()
+    for c0, c1, values in spec._column_groups(cols):
+        here = (at >= c0) & (at < c1)
+        for flip in (False, True):
+            m = here & (neg[inside] == flip)
+            if m.any():
+                v = values((-iy if flip else iy) % hs, at[m] - c0)
+                out[:, inside[m]] = np.conj(v) if flip else v
+    out[:, np.flatnonzero(neg & (jx > ws // 2))] = -0j  # as conj() of the zero there
+    return out
+
 
 def bragg_maps(img: np.ndarray, g: np.ndarray, width: float = 0.2):
     """``(maps, step, origin)``: the demodulated Bragg-filtered maps (complex, one per reciprocal
@@ -56,7 +126,12 @@ def bragg_maps(img: np.ndarray, g: np.ndarray, width: float = 0.2):
     edge showed at the right edge, over no lattice); each map is divided by the same filter's
     response to the image's support (a normalised convolution: the amplitude near an edge is that of
     the lattice there, not halved by the pad). The grid is the unpadded image's, cut to it: away from
-    the edges the maps are those of the unpadded image (to the filter's tails)."""
+    the edges the maps are those of the unpadded image (to the filter's tails).
+
+    Memory: neither the padded image nor its spectrum is made (:class:`_PaddedSpectrum`); besides
+    the image, the block means, the rows' spectra at the filter's columns and one demodulation grid
+    at a time (about the image's size at the smallest spacing of 5 px between sites, less at wider
+    ones; tests/test_phasemap_memory.py)."""
     img = np.asarray(img, dtype=np.float32)
     g = np.asarray(g, dtype=np.float64)
     # the demodulation needs frequencies up to |g| (1 + 4 width) only: block-average the image
@@ -69,25 +144,26 @@ def bragg_maps(img: np.ndarray, g: np.ndarray, width: float = 0.2):
     ky, kx = (int(np.ceil((n + reach) / n)) for n in (h0, w0))
     _, F, (hs, ws) = _block_spectrum(img, fmax, pad=((ky - 1) * h0, (kx - 1) * w0))
     # the support's spectrum: ones over the image, zeros in the pad (separable)
-    Fm = np.outer(sfft.fft((np.arange(hs) < h0).astype(np.float64)), sfft.rfft((np.arange(ws) < w0).astype(np.float64)))
-    maps, norms, steps = [], [], None
+    Fm = _SeparableSpectrum(sfft.fft((np.arange(hs) < h0).astype(np.float64)),
+                            sfft.rfft((np.arange(ws) < w0).astype(np.float64)), (hs, ws))
+    out, full, steps = [], None, None
     for gk in g:
         # in block units the vector is f times longer; the block (i, j) is centred at
         # f i + (f - 1) / 2 px: a phase offset, corrected below
         sigma = width * float(np.hypot(*gk)) * f
         size = tuple(k * m for k, m in zip((ky, kx), _grid_size(h0, w0, sigma)))
-        D, step = _demodulate(F, hs, ws, gk * f, sigma, size)
-        N, _ = _demodulate(Fm, hs, ws, np.zeros(2), sigma, size)
-        D = D * np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
+        # the filter's response to the image's support, on the cells over the image (block i * step
+        # up to its last block); every map on one grid (resampled on the padded torus)
+        N, step = _demodulate(Fm, hs, ws, np.zeros(2), sigma, size)
         if steps is None:
-            steps = step
-        elif D.shape != maps[0].shape:  # same grid for every map (resampled on the padded torus)
-            D, N = _resample(D, maps[0].shape), _resample(N, maps[0].shape)
-        maps.append(D)
-        norms.append(N.real)
-    # the cells over the image (block i * step up to its last block), divided by the filter's support
-    ny, nx = (int(np.floor((n - 1) / d + 1e-9)) + 1 for n, d in zip((h0, w0), steps))
-    out = [D[:ny, :nx] / np.maximum(N[:ny, :nx], 1e-3) for D, N in zip(maps, norms)]
+            steps, full = step, N.shape
+            ny, nx = (int(np.floor((n - 1) / d + 1e-9)) + 1 for n, d in zip((h0, w0), steps))
+        norm = np.maximum((N if N.shape == full else _resample(N, full)).real[:ny, :nx], 1e-3)
+        del N  # (one grid-sized map at a time)
+        D, _ = _demodulate(F, hs, ws, gk * f, sigma, size)
+        D *= np.exp(-2j * np.pi * (gk[0] + gk[1]) * (f - 1) / 2.0)
+        out.append((D if D.shape == full else _resample(D, full))[:ny, :nx] / norm)
+        del D
     return out, (steps[0] * f, steps[1] * f), (f - 1) / 2.0
 
 
@@ -242,32 +318,41 @@ def _grid_size(H: int, W: int, sigma_f: float) -> tuple[int, int]:
             sfft.next_fast_len(2 * int(np.ceil(4 * sigma_f * W)) + 2))
 
 
-def _demodulate(F: np.ndarray, H: int, W: int, g: np.ndarray, sigma_f: float, size: tuple[int, int] | None = None):
+#: numpy's NPY_MIN_ELIDE_BYTES: a temporary array this large is reused in place as the result of
+#: an arithmetic operation it takes part in, as its first operand (:func:`_demodulate`)
+_ELIDE_BYTES = 256 * 1024
+
+
+def _demodulate(F: _PaddedSpectrum | _SeparableSpectrum, H: int, W: int, g: np.ndarray, sigma_f: float,
+                size: tuple[int, int] | None = None):
     """Demodulated Bragg-filtered map ``exp(-2 pi i g.r) (I * gauss_g)(r)`` on a coarse grid.
 
-    ``F``: ``rfft2`` of the image. ``size``: the grid's (rows, columns) (:func:`_grid_size` unless
-    given). Returns the complex map and its grid step (px) in (y, x).
+    ``F``: the spectrum of the (padded) ``H`` x ``W`` image, read on the filter's window
+    (``F.window``, :func:`_window`). ``size``: the grid's (rows, columns) (:func:`_grid_size` unless
+    given). Returns the complex map and its grid step (px) in (y, x). The grid-sized arrays are
+    worked on in place and in strips of rows (no grid-sized temporaries).
     """
     My, Mx = size if size is not None else _grid_size(H, W, sigma_f)
     ky, kx = g[1] * H, g[0] * W
     ky0, kx0 = int(round(ky)), int(round(kx))
-    dy = np.fft.fftfreq(My, 1.0 / My).astype(np.int64)  # 0, 1, ..., -1 (ifft order)
-    dx = np.fft.fftfreq(Mx, 1.0 / Mx).astype(np.int64)
-    iy = ky0 + dy[:, None]
-    ix = kx0 + dx[None, :]
-    iy, ix = np.broadcast_arrays(iy, ix)
-    neg = ix < 0
-    # rfft2 holds fx >= 0; F(-k) = conj(F(k))
-    jy = np.where(neg, -iy, iy) % H
-    jx = np.abs(ix)
-    inside = jx <= W // 2
-    vals = np.zeros(iy.shape, dtype=np.complex128)
-    vals[inside] = F[jy[inside], jx[inside]]
-    vals = np.where(neg, np.conj(vals), vals)
-    wgt = np.exp(-(((iy - ky) / H) ** 2 + ((ix - kx) / W) ** 2) / (2 * sigma_f ** 2))
-    S = sfft.ifft2(vals * wgt, workers=-1) * (My * Mx) / (H * W)
+    iy = ky0 + np.fft.fftfreq(My, 1.0 / My).astype(np.int64)  # ky0 + (0, 1, ..., -1) (ifft order)
+    ix = kx0 + np.fft.fftfreq(Mx, 1.0 / Mx).astype(np.int64)
+    S = F.window(iy, ix)
+    strip = max(1, (1 << 16) // Mx)
+    for r in range(0, My, strip):
+        S[r:r + strip] *= np.exp(-(((iy[r:r + strip, None] - ky) / H) ** 2 + ((ix[None, :] - kx) / W) ** 2)
+                                 / (2 * sigma_f ** 2))
+    S = sfft.ifft2(S, workers=-1, overwrite_x=True)
+    S *= My * Mx
+    S /= H * W
     step = (H / My, W / Mx)
     yy = np.arange(My)[:, None] * step[0]
     xx = np.arange(Mx)[None, :] * step[1]
-    D = S * np.exp(2j * np.pi * ((ky0 / H - g[1]) * yy + (kx0 / W - g[0]) * xx))
-    return D, step
+    # a complex product with FMA rounds by the order of its factors: the order of the unstripped
+    # product ``S * exp(..)``, where numpy took a grid-sized factor of _ELIDE_BYTES or more first
+    # (multiplied in place), so that the maps stay what they were to the last bit
+    first = My * Mx * 16 >= _ELIDE_BYTES
+    for r in range(0, My, strip):
+        e = np.exp(2j * np.pi * ((ky0 / H - g[1]) * yy[r:r + strip] + (kx0 / W - g[0]) * xx))
+        np.multiply(*((e, S[r:r + strip]) if first else (S[r:r + strip], e)), out=S[r:r + strip])
+    return S, step
