@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+import stemfast.spikes as spikes_mod
 from stemfast.spikes import SPIKE_WARN_SHARE, despiked, find_spikes, spike_meta, spike_threshold
 from stemfast.synthetic import make_lattice, make_mos2
 
@@ -65,6 +66,42 @@ def test_find_spikes_is_the_definition_pixel_by_pixel(seed):
         np.testing.assert_array_equal(find_spikes(a, t), _brute_force(a, t))
     m = find_spikes(a, 2.5)
     assert m[0, 0] and m[5, 6] and m[5, 7] and m[15, 20] and m[15, 22] and not m[15, 21]
+
+
+def test_the_steps_are_read_in_strips_of_rows_to_the_same_spikes(monkeypatch):
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(41, 29))
+    a[rng.integers(0, 41, 12), rng.integers(0, 29, 12)] += rng.choice([-1, 1], 12) * rng.uniform(4, 9, 12)
+    a[9:11, 3] += 20.0  # two spikes one above the other, across a strip's edge
+    want = _brute_force(a, 3.0)
+    monkeypatch.setattr(spikes_mod, "_STRIP_PIXELS", 3 * 29)  # strips of 3 rows
+    np.testing.assert_array_equal(find_spikes(a, 3.0), want)
+    out, n, _ = despiked(a, 3.0)
+    assert n == want.sum() and np.array_equal(out[~want], a[~want])
+
+
+def test_finding_and_replacing_spikes_holds_no_image_sized_temporary(monkeypatch):
+    # an image-sized difference of neighbouring pixels and a spike mask of the image's size: find_spikes
+    # held 1.5 image sizes (float32), despiked 1.5 (0.5 besides the copy it returns); now 0.5 and 1.25
+    import tracemalloc
+    img, _ = make_lattice((1024, 1024), 8.0, noise=0.05, seed=0)
+    img = img.astype(np.float32)
+    img[100, 100], img[500, 7] = 10 * img.max(), -10 * img.max()
+    monkeypatch.setattr(spikes_mod, "_STRIP_PIXELS", 1 << 14)  # strips of 1/64 of the image
+    t = spike_threshold(img)  # (its quantiles read a subsample of at most ~1M pixels: all of these)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        mask = find_spikes(img, t)
+        found = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        out, n, _ = despiked(img, t)
+        replaced = tracemalloc.get_traced_memory()[1] - out.nbytes  # the copy it returns left out
+    finally:
+        tracemalloc.stop()
+    assert mask.sum() == n == 2
+    assert found <= 0.6 * img.nbytes  # the mask it returns and the finiteness check (bool: 0.25 each)
+    assert replaced <= 0.35 * img.nbytes  # the finiteness check and a strip
 
 
 @pytest.mark.parametrize("kind", ["mos2 high dose", "mos2 low dose", "mos2 5 px", "sharp 5 px lattice", "flat"])

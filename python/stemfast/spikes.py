@@ -53,6 +53,8 @@ SPIKE_WARN_SHARE = 1e-3
 _QUANTILE_PIXELS = 1 << 20
 #: the noise is read on the differences along whole rows, at most about this many
 _NOISE_PIXELS = 1 << 18
+#: the steps along the rows are read in strips of about this many pixels (:func:`_spikes`)
+_STRIP_PIXELS = 1 << 20
 
 
 class SpikeWarning(UserWarning):
@@ -111,10 +113,16 @@ def _spikes(a: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
     H, W = a.shape
     # a spike differs by more than t from all its neighbours but one, so from one of the two next to it
     # along its row: only the pixels on either side of such a step are checked against all eight
-    d = a[:, 1:] - a[:, :-1]
-    np.abs(d, out=d)
-    ys, xs = np.nonzero(d > t)
-    flat = np.unique(np.concatenate([ys * W + xs, ys * W + xs + 1]))
+    # (the steps read in strips of rows: no image-sized difference)
+    rows = max(1, _STRIP_PIXELS // W)
+    steps = []
+    for r0 in range(0, H, rows):
+        d = a[r0:r0 + rows, 1:] - a[r0:r0 + rows, :-1]
+        np.abs(d, out=d)
+        y, x = np.nonzero(d > t)
+        steps.append((y + r0) * W + x)
+    at = np.concatenate(steps)
+    flat = np.unique(np.concatenate([at, at + 1]))
     ys, xs = flat // W, flat % W
     v = a[ys, xs]
     # a border pixel's neighbours outside the image: their mirror images inside
@@ -150,14 +158,13 @@ def despiked(image: np.ndarray, threshold: float | None = None) -> tuple[np.ndar
     if not n:
         return image, 0, t
     H, W = a.shape
-    m = np.zeros(a.shape, bool)
-    m[ys, xs] = True
+    spike_at = np.sort(ys * W + xs)  # (flat indices: no image-sized mask)
     win = np.full((len(ys), 8), np.nan)
     for k, (dy, dx) in enumerate(_OFFSETS):
         yy, xx = ys + dy, xs + dx
         inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         yy, xx = np.clip(yy, 0, H - 1), np.clip(xx, 0, W - 1)
-        win[:, k] = np.where(inside & ~m[yy, xx], a[yy, xx], np.nan)
+        win[:, k] = np.where(inside & ~np.isin(yy * W + xx, spike_at), a[yy, xx], np.nan)
     out = a.copy()
     ok = np.isfinite(win).any(axis=1)  # a spike with only spikes around it stays as it is
     out[ys[ok], xs[ok]] = np.nanmedian(win[ok], axis=1)
