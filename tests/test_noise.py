@@ -42,6 +42,28 @@ def test_pixel_repetition_and_a_gaussian_filter_are_correlated_a_light_filter_is
     assert noise_correlation(ndimage.gaussian_filter(img, 0.4))["correlation_px"] == 1.0
 
 
+def test_the_measurement_holds_only_its_crop_not_the_image_in_float64():
+    # the whole image was converted to float64 first: 2 image sizes of a float32 image (2 GiB at 16k)
+    import tracemalloc
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(2048, 2048)).astype(np.float32)
+    crop = img[768:1280, 768:1280].copy()  # the central crop it reads (SPECTRUM_CROP = 512)
+
+    def peak(a):
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            out = noise_correlation(a)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(crop)  # (its annuli are computed once, then cached)
+    (out_crop, p_crop), (out, p_img) = peak(crop), peak(img)
+    assert out == out_crop == {"band_edge": 0.5, "correlation_px": 1.0}
+    assert p_img <= p_crop + 0.05 * img.nbytes, f"{(p_img - p_crop) / img.nbytes:.2f} image sizes more than its crop"
+
+
 def test_the_pixels_without_data_are_left_out_and_small_or_empty_images_are_white():
     rng = np.random.default_rng(5)
     zoomed = _zoom(rng.normal(size=(160, 160)), 2.0)

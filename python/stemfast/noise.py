@@ -83,14 +83,14 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
         ``band_edge`` (cycles/px, 0.5 for white noise), ``correlation_px`` (``L = 0.5 / band_edge``,
         1.0 below :data:`MIN_CORRELATION_PX`), and when ``L > 1`` a ``warning``.
     """
-    img = np.asarray(image, np.float64)
+    img = np.asarray(image)
     if img.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {img.shape}")
     side = min(SPECTRUM_CROP, *img.shape) // 2 * 2  # the Bragg ring's crop (braggring), square
     if side < MIN_SIDE:
         return dict(_WHITE)
     y0, x0 = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-    crop = img[y0:y0 + side, x0:x0 + side]
+    crop = np.asarray(img[y0:y0 + side, x0:x0 + side], np.float64)  # (only the crop in float64)
     ok = np.isfinite(crop) if pixels is None else np.isfinite(crop) & np.asarray(pixels, bool)[y0:y0 + side,
                                                                                                   x0:x0 + side]
     if ok.sum() < 0.5 * crop.size:
