@@ -208,7 +208,7 @@ def test_hdf5_frames_are_refused_from_the_selections_size_before_they_are_read(t
     with h5py.File(tmp_path / "z.h5", "w") as f:
         f.create_dataset("s", shape=(8, 1024, 1024), dtype="f4", chunks=(1, 256, 256), compression="gzip",
                          fillvalue=0.0)
-    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "24")  # two frames' analysis fits
+    monkeypatch.setenv("STEMFAST_MEMORY_LIMIT_MB", "48")  # two frames' analysis fits (44 MiB), eight not (92)
     for frames in (slice(None), [0, 1, 2, 3, 4, 5, 6, 7]):
         tracemalloc.start()
         try:

@@ -244,9 +244,15 @@ def _is_rgb_shape(shape: Sequence[int]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # memory
 # ---------------------------------------------------------------------------------------------
-#: Working copies of one float32 frame the analysis holds besides the data (bandpass, refinement);
-#: the 16k x 16k batch peaks at ~3 GB for a 1 GB frame.
-_WORK_COPIES = 2
+#: Working copies of one float32 frame the analysis holds besides the data (the source array and its
+#: float32 copy; the process's own ~0.2 GB not counted). Measured peak resident memory of ``analyze``
+#: (synthetic MoS2, the command line's heap, which keeps freed blocks): 8192^2 uint16 1981 MiB = 7.7
+#: frames of 256 MiB (the data 1.5 of them, the process ~0.7), 8192^2 float32 1862 MiB, 12288^2
+#: float32 with its scan lines levelled and the lattice found again 3783 MiB = 6.6 frames: at most 5.6
+#: frames beyond the data and the process. 7 is that with a margin of 25 % (the 8192^2 uint16 image:
+#: 2176 MiB estimated, 1981 measured); 2 before, when a 16k float32 image estimated at 4 GiB peaked
+#: at 8.5 GiB (the phase map's padded spectra, since reduced)
+_WORK_COPIES = 7
 
 
 #: Where the cgroup file systems are mounted: the v2 hierarchy at it, a v1 memory controller under
