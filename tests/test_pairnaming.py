@@ -69,21 +69,16 @@ def test_a_higher_angle_companion_names_a_maadf_like_image(scans):
     np.testing.assert_array_equal(named.sites.xy, alone.sites.xy)  # the same sites, named the other way
 
 
-@pytest.mark.parametrize("higher", [None, False])
-def test_names_stand_where_the_angles_do_not_tell(scans, higher):
+@pytest.mark.parametrize("which, higher", [("maadf", None), ("maadf", False), ("haadf", False)])
+def test_names_stand_where_the_angles_do_not_rule_them_out(scans, which, higher):
+    """No angle known, a lower-angle companion of the MAADF-like image (it may show either order), and
+    the HAADF image with its lower-angle companion: the image's own names stand."""
     haadf, maadf = scans
-    alone = _prepare(maadf)
-    with_it = _prepare(maadf, companion=haadf, companion_higher=higher)
+    image, other = (maadf, haadf) if which == "maadf" else (haadf, maadf)
+    alone = _prepare(image)
+    with_it = _prepare(image, companion=other, companion_higher=higher)
     assert "naming_from_companion" not in with_it.sites.meta
     np.testing.assert_array_equal(with_it.sites["sublattice"], alone.sites["sublattice"])
-
-
-def test_the_high_angle_image_keeps_its_names(scans):
-    haadf, maadf = scans
-    ref = _prepare(haadf)
-    with_it = _prepare(haadf, companion=maadf, companion_higher=False)
-    assert "naming_from_companion" not in with_it.sites.meta
-    np.testing.assert_array_equal(with_it.sites["sublattice"], ref.sites["sublattice"])
 
 
 def test_a_set_chalcogen_brighter_is_the_users_word(scans):
