@@ -478,6 +478,29 @@ def test_a_run_without_the_compiled_extension_says_so(tmp_path, monkeypatch, wit
     assert "stemfast._core is not available" in html
 
 
+@pytest.mark.parametrize("how", ["setting", "environment"])
+def test_cpp_asked_for_without_the_extension_is_refused_before_any_output(tmp_path, monkeypatch, without_core, how,
+                                                                          capsys):
+    """--backend cpp (or STEMFAST_BACKEND=cpp) where the extension does not import was refused only when
+    the first input ran: OUT created, the input failed. Now a settings error (exit 2) naming the backend
+    and why, and nothing written."""
+    from stemfast.cli import main
+    from stemfast.errors import EXIT_SETTINGS
+
+    np.save(tmp_path / "a.npy", np.zeros((64, 64), np.float32))
+    out = tmp_path / "out"
+    args = ["analyze", str(tmp_path / "a.npy"), "-o", str(out)]
+    if how == "setting":
+        monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+        args += ["--backend", "cpp"]
+    else:
+        monkeypatch.setenv("STEMFAST_BACKEND", "cpp")
+    assert main(args) == EXIT_SETTINGS
+    err = capsys.readouterr().err
+    assert "cpp kernels" in err and "stemfast._core is not available" in err
+    assert not out.exists()
+
+
 class _KernelSpy:
     """Stands in for :func:`stemfast.backend.get_kernels` in every stemfast module: records, per fetch,
     the backend asked for and the function that asked, and per kernel used the backend it ran on."""

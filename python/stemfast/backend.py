@@ -30,6 +30,7 @@ __all__ = [
     "BACKEND_ENV",
     "env_backend",
     "available_backends",
+    "check_backend",
     "get_kernels",
     "resolve_backend",
     "core_import_error",
@@ -167,6 +168,20 @@ def resolve_backend(backend: str | None = None) -> str:
             + (f": {_core_error}" if name == "cpp" and _core_error else "")
         )
     return name
+
+
+def check_backend(backend: str | None = None) -> None:
+    """Refuse, before any work, a backend asked for by name (``backend``: the ``sites.backend`` setting,
+    else ``$STEMFAST_BACKEND``) that does not import on this machine: a :class:`SettingsError` naming it
+    and why (``cpp`` without the compiled extension). None of either: nothing to check, the fastest
+    available runs."""
+    name = backend or env_backend()
+    if name is None or name.lower() not in BACKENDS or _load(name.lower()) is not None:
+        return  # (an unknown name is the settings' own check)
+    why = f": {_core_error}" if name.lower() == "cpp" and _core_error else ""
+    raise SettingsError(f"sites.backend / --backend / {BACKEND_ENV} asks for the {name.lower()} kernels, which do not "
+                        f"import on this machine{why}. Leave the backend unset (the fastest available) or choose one of "
+                        f"{', '.join(available_backends())}")
 
 
 def get_kernels(backend: str | None = None) -> ModuleType:

@@ -147,6 +147,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     >>> report.exit_code, [r.status for r in report.results]  # doctest: +SKIP
     (0, ['done', 'done'])
     """
+    from ..backend import check_backend
     from ..config import check_limits
     from ..model.engine import check_device
     from ..model.shipped import check_finetune_settings
@@ -161,6 +162,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     config = config if config is not None else load_config(None)
     check_limits(config)
     check_device(config.model.device)  # CUDA asked for where there is none: a settings error, before any work
+    if not scheduler:  # (a cluster's workers may hold kernels this client lacks)
+        check_backend(config.sites.backend)  # kernels asked for by name that do not import here: the same
     opts = BatchOptions(model_path=model_path, scheduler=scheduler, force=force, max_train_inputs=max_train_inputs,
                         train_frames=train_frames, frames_per_task=frames_per_task, cache_mb=cache_mb,
                         show_progress=show_progress, read_options=read_options or ReadOptions(), train=train,
