@@ -176,12 +176,14 @@ def check_backend(backend: str | None = None) -> None:
     and why (``cpp`` without the compiled extension). None of either: nothing to check, the fastest
     available runs."""
     name = backend or env_backend()
-    if name is None or name.lower() not in BACKENDS or _load(name.lower()) is not None:
+    if name is None or name.lower() not in BACKENDS:
         return  # (an unknown name is the settings' own check)
-    why = f": {_core_error}" if name.lower() == "cpp" and _core_error else ""
-    raise SettingsError(f"sites.backend / --backend / {BACKEND_ENV} asks for the {name.lower()} kernels, which do not "
-                        f"import on this machine{why}. Leave the backend unset (the fastest available) or choose one of "
-                        f"{', '.join(available_backends())}")
+    try:
+        resolve_backend(name)  # the one place that tells whether a named backend imports, and why not
+    except RuntimeError as exc:
+        raise SettingsError(f"sites.backend / --backend / {BACKEND_ENV} asks for the {name.lower()} kernels: {exc}. "
+                            f"Leave the backend unset (the fastest available) or choose one of "
+                            f"{', '.join(available_backends())}") from None
 
 
 def get_kernels(backend: str | None = None) -> ModuleType:
