@@ -580,7 +580,7 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
         raise ReadError(path, f"image too small ({h} x {w} px; at least {MIN_SIDE} px a side)")
     keep_map = _streamable(data, rescale)
     _check_memory(path, data.shape, data.dtype, lazy_frames=keep_map)
-    if data.dtype.kind in "iuf" and rescale is not False and not (keep_map and data.dtype == np.float32):
+    if data.dtype.kind in "iuf" and rescale is not False and not (keep_map and _is_float32(data.dtype)):
         data = _safe_range(path, data, meta) if rescale is None else _rescaled(path, data, meta, rescale)
         keep_map = keep_map and isinstance(data, np.memmap)  # rescaled: an in-memory float32 copy
     if keep_map:
@@ -599,10 +599,16 @@ def _prepare(path: Path, data: Any, meta: dict, *, allow_nonfinite: bool,
 
 def _streamable(data: Any, rescale: dict | bool | None) -> bool:
     """Whether ``data`` is kept as the file's read-only memory map and converted to float32 one frame at a
-    time (:meth:`Micrograph.frame`): a stack of any native integer or float type, mapped, not read with a
+    time (:meth:`Micrograph.frame`): a stack of any integer or float type, of either byte order (a
+    big-endian TIFF or .npy is swapped frame by frame as it is converted), mapped, not read with a
     rescale mapping (that rescales the whole of it in memory)."""
-    return (isinstance(data, np.memmap) and data.ndim == 3 and data.dtype.kind in "iuf" and data.dtype.isnative
+    return (isinstance(data, np.memmap) and data.ndim == 3 and data.dtype.kind in "iuf"
             and (rescale is None or rescale is False))
+
+
+def _is_float32(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is float32 in either byte order (its values need no range check)."""
+    return np.dtype(dtype).newbyteorder("=") == np.float32
 
 
 def _count_nonfinite_frames(data: np.memmap) -> int:
@@ -1005,10 +1011,16 @@ def _read_mrc(path: Path, frames: Any):
         ps = float(vs.x) if float(vs.x) > 0 else None
         meta = {"format": "mrc", "reader": "mrcfile",
                 "voxel_size_A": [float(vs.x), float(vs.y), float(vs.z)]}
-        sel = _select_frames(path, m.data, frames)
-        _check_memory(path, sel.shape, sel.dtype)
-        data = np.array(sel)
-    return data, ps, ("A" if ps else None), meta
+        mapped = isinstance(m.data, np.memmap) and isinstance(getattr(m.data, "offset", None), int)
+        if not mapped:  # (mrcfile maps every mode it reads: should it not, read whole)
+            sel = _select_frames(path, m.data, frames)
+            _check_memory(path, sel.shape, sel.dtype)
+            return np.array(sel), ps, ("A" if ps else None), meta
+        dtype, shape, offset = m.data.dtype, m.data.shape, int(m.data.offset)
+    # mapped again once mrcfile has closed the file: a stack is then read a frame at a time, as a .npy
+    # one (:func:`_prepare`, :meth:`Micrograph.frame`), not whole into memory
+    data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return _select_frames(path, data, frames), ps, ("A" if ps else None), meta
 
 
 # ---------------------------------------------------------------------------------------------
