@@ -678,7 +678,7 @@ def test_node_grid_sums_are_the_grids_correlation_at_the_nodes_bit_for_bit(fit_r
     fits do not move by a bit. Nodes scattered with gaps and a duplicate (the last value counts)."""
     from scipy import ndimage
 
-    from stemfast.sitelattice import _fit_kernels, _NodeGrid
+    from stemfast.sitelattice import _fit_kernels, _kernel_plans, _NodeGrid
 
     rng = np.random.default_rng(5)
     ij = np.array([(p, q) for p in range(-9, 10) for q in range(-7, 12) if rng.random() < 0.8])
@@ -686,13 +686,16 @@ def test_node_grid_sums_are_the_grids_correlation_at_the_nodes_bit_for_bit(fit_r
     values = rng.normal(0, 30, len(ij)) * (rng.random(len(ij)) < 0.9)
     r, kernels = _fit_kernels(fit_radius)
     kernels = kernels + [rng.normal(size=kernels[0].shape) * kernels[0]]  # any weights on the footprint
-    grid = _NodeGrid(ij, r)
-    got = grid.sums(values, kernels)
-    dense = np.zeros_like(grid._grid)
-    dense[grid.rows, grid.cols] = values
-    for k, g in zip(kernels, got):
-        ref = ndimage.correlate(dense, k, mode="constant", cval=0.0)[grid.rows, grid.cols]
-        np.testing.assert_array_equal(g, ref)
+    grid = _NodeGrid(ij, r, _kernel_plans(kernels))
+    other = rng.normal(0, 5, len(ij))
+    got, got_other = grid.sums((values, len(kernels)), (other, 3))  # two value arrays read at once
+    for vals, sums in ((values, got), (other, got_other)):
+        dense = np.zeros(grid.shape)
+        dense[grid.rows, grid.cols] = vals
+        for k, g in zip(kernels, sums):
+            ref = ndimage.correlate(dense, k, mode="constant", cval=0.0)[grid.rows, grid.cols]
+            np.testing.assert_array_equal(g, ref)
+    assert len(got_other) == 3
     assert got[0][0] == got[0][-1]  # the duplicate node reads the same neighbourhood
 
 

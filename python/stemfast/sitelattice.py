@@ -757,37 +757,75 @@ def _fit_kernels(fit_radius: float) -> tuple[int, list]:
     return r, [k1, kp, kq, kp * dp, kp * dq, kq * dq]
 
 
+def _kernel_plans(kernels: list) -> tuple:
+    """How :meth:`_NodeGrid.sums` applies the kernels ``[2 r + 1, 2 r + 1]`` (K of them): ``plans[k]``
+    for the first ``k`` kernels (``k = 0 .. K``), per kernel cell (raster order), ``((|w|, ((kernel,
+    w > 0), ...)), ...)``: the kernels that weigh the cell by more than the float64 epsilon,
+    grouped by ``|w|`` (in the kernels' order within a group)."""
+    eps = np.finfo(np.float64).eps
+    cells = np.stack(kernels).reshape(len(kernels), -1).T.tolist()
+    plans = []
+    for n_k in range(len(kernels) + 1):
+        plan = []
+        for col in cells:
+            groups: dict = {}
+            for k, w in enumerate(col[:n_k]):
+                if abs(w) > eps:
+                    groups.setdefault(abs(w), []).append((k, w > 0))
+            plan.append(tuple((w, tuple(t)) for w, t in groups.items()))
+        plans.append(tuple(plan))
+    return tuple(plans)
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_plans(fit_radius: float) -> tuple[int, tuple]:
+    """``(r, plans)``: :func:`_fit_kernels` and their :func:`_kernel_plans` (made once per radius)."""
+    r, kernels = _fit_kernels(fit_radius)
+    return r, _kernel_plans(kernels)
+
+
 class _NodeGrid:
     """The dense (p, q) grid around nodes ``ij`` [N, 2] (``r`` cells of margin) for sums over each
-    node's neighbours: values are put on it per node (zero elsewhere) and each node's neighbourhood
-    is read from it, offset by offset (only at the nodes: the grid of a large image holds millions
-    of cells, several times the nodes)."""
+    node's neighbours with the kernels of ``plans`` (:func:`_kernel_plans`): values are put on it
+    per node (zero elsewhere) and each node's neighbourhood is read from it, offset by offset (only
+    at the nodes: the grid of a large image holds millions of cells, several times the nodes)."""
 
-    def __init__(self, ij: np.ndarray, r: int) -> None:
+    def __init__(self, ij: np.ndarray, r: int, plans: tuple) -> None:
         lo = ij.min(0) - r
-        shape = tuple((ij.max(0) + r - lo + 1).tolist())
-        self.r = r
+        self.shape = tuple((ij.max(0) + r - lo + 1).tolist())
+        self.r, self.plans = r, plans
         self.rows, self.cols = (ij - lo).T
-        self._grid = np.zeros(shape)
-        self._at = self.rows * shape[1] + self.cols  # flat index of each node
+        self._at = self.rows * self.shape[1] + self.cols  # flat index of each node
 
-    def sums(self, values: np.ndarray, kernels: list) -> list:
-        """Per kernel ``[2 r + 1, 2 r + 1]``, its correlation with the grid holding ``values`` [N]
-        at the nodes (the last of duplicate nodes), at the nodes ([N] each). Bit for bit
-        ``ndimage.correlate(grid, k, mode="constant")[rows, cols]``: the same products (weights
-        above the float64 epsilon) summed from 0 in the same (raster) order."""
-        r, width = self.r, self._grid.shape[1]
-        self._grid[self.rows, self.cols] = values  # (the other cells stay 0)
-        flat = self._grid.ravel()
-        eps = np.finfo(np.float64).eps
-        out = [np.zeros(len(self._at)) for _ in kernels]
-        for a in range(2 * r + 1):
-            for b in range(2 * r + 1):
-                ws = [(acc, float(k[a, b])) for acc, k in zip(out, kernels) if abs(k[a, b]) > eps]
-                if ws:
-                    v = flat[self._at + ((a - r) * width + (b - r))]
-                    for acc, w in ws:
-                        acc += v * w
+    def sums(self, *jobs: tuple) -> list:
+        """Per job ``(values [N], k)``, the correlations of the first ``k`` kernels with the grid
+        holding ``values`` at the nodes (the last of duplicate nodes), at the nodes ([N] each; a
+        list per job). Bit for bit ``ndimage.correlate(grid, kernel, mode="constant")[rows,
+        cols]``: the same products (weights above the float64 epsilon) summed from 0 in the same
+        (raster) order. All jobs' grids are read at each offset at once, and each product ``v *
+        |w|`` is made once per offset and job (``acc + v * w`` is ``acc - v * |w|`` for ``w < 0``,
+        and ``v * 1`` is ``v``: exactly)."""
+        r, width, side = self.r, self.shape[1], 2 * self.r + 1
+        n = len(self._at)
+        grid = np.zeros((len(jobs), self.shape[0] * width))
+        for row, (values, _) in zip(grid, jobs):
+            row[self._at] = values  # (the other cells stay 0)
+        out = [[np.zeros(n) for _ in range(k)] for _, k in jobs]
+        plans = [self.plans[k] for _, k in jobs]
+        at = np.empty(n, np.int64)
+        v = np.empty((len(jobs), n))
+        prod = np.empty(n)
+        for o in range(side * side):
+            if not any(p[o] for p in plans):
+                continue
+            # (the margin of r cells keeps every neighbour on the grid: "clip" never clips)
+            np.add(self._at, (o // side - r) * width + (o % side - r), out=at)
+            np.take(grid, at, axis=1, out=v, mode="clip")
+            for vj, accs, p in zip(v, out, plans):
+                for w, terms in p[o]:
+                    x = vj if w == 1.0 else np.multiply(vj, w, out=prod)
+                    for k, add in terms:
+                        (np.add if add else np.subtract)(accs[k], x, out=accs[k])
         return out
 
 
@@ -813,20 +851,24 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
     centre = np.full((n, 2), np.nan)
     if n == 0:
         return basis, rms, centre
-    r, kernels = _fit_kernels(fit_radius)
-    grid = _NodeGrid(ij, r)
     w_node = np.asarray(w_peak, dtype=np.float64) * (1.0 if weight is None else weight)
-    s1, sp, sq, spp, spq, sqq = grid.sums(w_node, kernels)
-    good = (s1 if weight is None else grid.sums((w_node > 0).astype(np.float64), kernels[:1])[0]) >= np.broadcast_to(
-        np.asarray(min_points), (n,))
-    if not good.any():
-        return basis, rms, centre
     # positions are taken relative to the node's own rough place (the global lattice) to keep the sums small
     ref = (ij.astype(np.float64) @ S)
     pos = np.where(np.asarray(w_peak, bool)[:, None], xy, 0.0)
-    # drop near-singular fits (all points on one line)
     # positions relative to the global-lattice place of the *fitted* node: x(n + d) - ref(n) =
     # (x(n + d) - ref(n + d)) + d @ S; the first part is what is correlated, the second is added
+    d_nodes = [np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0) for c in range(2)]
+    g_nodes = [dn * (1.0 if weight is None else w_node) for dn in d_nodes]
+    # every sum of the fit in one pass over the grid (sum of w v^2: with weights, not of (w v)^2)
+    jobs = [(w_node, 6)] + [(gn, 3) for gn in g_nodes]
+    jobs += [(gn * dn, 1) for gn, dn in zip(g_nodes, d_nodes)] if need_rms else []
+    jobs += [] if weight is None else [((w_node > 0).astype(np.float64), 1)]
+    sums = _NodeGrid(ij, *_fit_plans(float(fit_radius))).sums(*jobs)
+    s1, sp, sq, spp, spq, sqq = sums[0]
+    good = (s1 if weight is None else sums[-1][0]) >= np.broadcast_to(np.asarray(min_points), (n,))
+    if not good.any():
+        return basis, rms, centre
+    # drop near-singular fits (all points on one line)
     g = np.flatnonzero(good)
     s1g, spg, sqg, sppg, spqg, sqqg = s1[g], sp[g], sq[g], spp[g], spq[g], sqq[g]
     # the ridge: solved for the basis' deviation from S (residual frame), so it adds to the
@@ -846,9 +888,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
         idet = 1.0 / (s1g * A + spg * B + sqg * C)
     rs = np.zeros(len(g))
     for c in range(2):
-        D_node = np.where(w_node > 0, pos[:, c] - ref[:, c], 0.0)
-        G_node = D_node * (1.0 if weight is None else w_node)
-        r0, rp, rq = (v[g] for v in grid.sums(G_node, kernels[:3]))
+        r0, rp, rq = (v[g] for v in sums[1 + c])
         # solve for (c0, basis - S) of the residuals G, then add d @ S back
         c0 = (A * r0 + B * rp + C * rq) * idet
         b1 = (B * r0 + D * rp + E * rq) * idet + S[0, c]
@@ -861,7 +901,7 @@ def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray
             Rp = rp + sppg * S[0, c] + spqg * S[1, c]
             Rq = rq + spqg * S[0, c] + sqqg * S[1, c]
             # residual sum of squares = sum w v^2 - sol . R (the normal equations), v = G + d @ S[:, c]
-            g2 = grid.sums(G_node * D_node, kernels[:1])[0][g]  # sum of w v^2 (with weights, not of (w v)^2)
+            g2 = sums[3 + c][0][g]  # sum of w v^2
             cross = 2 * (S[0, c] * rp + S[1, c] * rq)
             quad = S[0, c] ** 2 * sppg + 2 * S[0, c] * S[1, c] * spqg + S[1, c] ** 2 * sqqg
             rs += g2 + cross + quad - (c0 * R0 + b1 * Rp + b2 * Rq)
