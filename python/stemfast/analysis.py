@@ -713,11 +713,41 @@ def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: 
     rr = r[usable][order]
     starts = np.searchsorted(rr, np.arange(n_rows) - rows, side="left")
     stops = np.searchsorted(rr, np.arange(n_rows) + rows, side="right")
-    for k in range(n_rows):
-        if stops[k] - starts[k] >= 5:
-            off[k] = np.median(zr[starts[k]:stops[k]])
+    full = stops - starts >= 5
+    off[full] = _window_medians(zr, starts[full], stops[full])
     off = np.sign(off) * np.maximum(np.abs(off) - slack, 0.0)
     return off[r]
+
+
+def _window_medians(values: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``np.median(values[a:b])`` for each window ``(a, b)`` of ``starts``, ``stops`` (each non-empty;
+    windows may overlap), bit for bit, all at once: the windows' values sorted within each window (one
+    sort of integer keys), the middle one taken, or the mean of the middle two (``(lo + hi) / 2``, as np.median
+    takes it). Equal values have equal bits except the zeros (+0, -0) and NaNs, whose order
+    np.median's partition leaves to chance: a window whose median is 0 or that holds a NaN gets
+    np.median itself.
+
+    Examples
+    --------
+    >>> v = np.array([3.0, 1.0, 2.0, 8.0, 5.0])
+    >>> _window_medians(v, np.array([0, 1, 0]), np.array([3, 5, 4])).tolist()
+    [2.0, 3.5, 2.5]
+    """
+    cnt = np.asarray(stops, np.int64) - np.asarray(starts, np.int64)
+    first = np.cumsum(cnt) - cnt  # where each window begins in the concatenation
+    win = np.repeat(np.arange(len(cnt)), cnt)
+    # sorted within each window: by the window, then by the value's rank among all values (NaN last)
+    order = np.argsort(values)
+    rank = np.empty(len(values), np.int64)
+    rank[order] = np.arange(len(values))
+    key = win * len(values) + rank[np.arange(len(win)) - first[win] + np.asarray(starts, np.int64)[win]]
+    key.sort()
+    s = values[order[key - win * len(values)]]
+    lo, hi = s[first + (cnt - 1) // 2], s[first + cnt // 2]
+    med = np.where(cnt % 2 == 1, lo, (lo + hi) / 2)
+    for k in np.flatnonzero((med == 0) | np.isnan(s[first + cnt - 1])):
+        med[k] = np.median(values[starts[k]:stops[k]])
+    return med
 
 
 def _scan_line_gain(inten: np.ndarray, refs: LocalReferences, sub: np.ndarray, y: np.ndarray,
