@@ -56,6 +56,7 @@ import numpy as np
 from .errors import SettingsError
 from .limits import check_section
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
+from .domains import _window_medians
 from .fdr import fdr_shrunk, tail_fdr
 from .lattice import nearest_indices
 from .materials import CHALCOGEN, HOLLOW, METAL, brightness_order, get_material, name_by_brightness
@@ -719,37 +720,6 @@ def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: 
     return off[r]
 
 
-def _window_medians(values: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``np.median(values[a:b])`` for each window ``(a, b)`` of ``starts``, ``stops`` (each non-empty;
-    windows may overlap), bit for bit, all at once: the windows' values sorted within each window (one
-    sort of integer keys), the middle one taken, or the mean of the middle two (``(lo + hi) / 2``, as np.median
-    takes it). Equal values have equal bits except the zeros (+0, -0) and NaNs, whose order
-    np.median's partition leaves to chance: a window whose median is 0 or that holds a NaN gets
-    np.median itself.
-
-    Examples
-    --------
-    >>> v = np.array([3.0, 1.0, 2.0, 8.0, 5.0])
-    >>> _window_medians(v, np.array([0, 1, 0]), np.array([3, 5, 4])).tolist()
-    [2.0, 3.5, 2.5]
-    """
-    cnt = np.asarray(stops, np.int64) - np.asarray(starts, np.int64)
-    first = np.cumsum(cnt) - cnt  # where each window begins in the concatenation
-    win = np.repeat(np.arange(len(cnt)), cnt)
-    # sorted within each window: by the window, then by the value's rank among all values (NaN last)
-    order = np.argsort(values)
-    rank = np.empty(len(values), np.int64)
-    rank[order] = np.arange(len(values))
-    key = win * len(values) + rank[np.arange(len(win)) - first[win] + np.asarray(starts, np.int64)[win]]
-    key.sort()
-    s = values[order[key - win * len(values)]]
-    lo, hi = s[first + (cnt - 1) // 2], s[first + cnt // 2]
-    med = np.where(cnt % 2 == 1, lo, (lo + hi) / 2)
-    for k in np.flatnonzero((med == 0) | np.isnan(s[first + cnt - 1])):
-        med[k] = np.median(values[starts[k]:stops[k]])
-    return med
-
-
 def _scan_line_gain(inten: np.ndarray, refs: LocalReferences, sub: np.ndarray, y: np.ndarray,
                     usable: np.ndarray, streak: np.ndarray, *, rows: int = 1) -> np.ndarray:
     """``inten`` with the gain of flagged scan lines divided out, on the ``streak`` sites.
@@ -1039,7 +1009,8 @@ def lattice_consistent_classes(xy: np.ndarray, sublattice: np.ndarray, features:
         if len(idx) <= voters:
             continue
         j = nearest_indices(xy[idx], voters + 1, backend=backend)
-        votes = np.stack([(cls[idx][j[:, 1:]] == c).sum(1) for c in range(k)], axis=1)
+        near = cls[idx][j[:, 1:]]
+        votes = np.stack([(near == c).sum(1) for c in range(k)], axis=1)
         major[idx] = votes.argmax(1)
     d_own = np.linalg.norm(feats - cent[cls], axis=1)
     d_major = np.linalg.norm(feats - cent[major], axis=1)

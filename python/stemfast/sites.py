@@ -20,7 +20,7 @@ from scipy import ndimage
 from ._validate import check_image, check_type, check_xy, positive
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
-from .domains import inversion_domains
+from .domains import _window_medians, inversion_domains
 from . import grains as _grains
 from .grains import GrainSettings
 from .io import unit_not_a_length, unit_to_nm
@@ -394,14 +394,14 @@ def _level_along(pos: np.ndarray, rel: np.ndarray, inner: np.ndarray, step: floa
     p_in, r_in = pos[inner], rel[inner]
     order = np.argsort(p_in)
     p_in, r_in = p_in[order], r_in[order]
-    centres, levels = [], []
-    for c in np.arange(p_in[0], p_in[-1] + step / 2, step / 2):
-        lo, hi = np.searchsorted(p_in, [c - step, c + step])
-        if hi - lo >= min_sites:
-            centres.append(float(c))
-            levels.append(float(np.median(r_in[lo:hi])))
-    lev = np.asarray(levels)
-    if not len(lev) or not (lev > 0).all():
+    centres = np.arange(p_in[0], p_in[-1] + step / 2, step / 2)
+    lo, hi = np.searchsorted(p_in, centres - step), np.searchsorted(p_in, centres + step)
+    enough = hi - lo >= min_sites
+    centres, lo, hi = centres[enough], lo[enough], hi[enough]
+    if not len(centres) or (hi == lo).any():  # (an empty window's median: NaN)
+        return np.full(n, side)
+    lev = _window_medians(r_in, lo, hi)
+    if not (lev > 0).all():
         return np.full(n, side)
     return np.interp(pos, centres, lev)
 
