@@ -671,14 +671,19 @@ def test_local_fit_is_the_least_squares_fit_of_each_nodes_neighbours(weighted):
         np.testing.assert_allclose(rms[n], np.sqrt((wts[near][:, None] * res ** 2).sum() / wts[near].sum()), atol=1e-7)
 
 
+@pytest.mark.parametrize("few", [True, False])
 @pytest.mark.parametrize("fit_radius", [2.05, 4.0])
-def test_node_grid_sums_are_the_grids_correlation_at_the_nodes_bit_for_bit(fit_radius):
+def test_node_grid_sums_are_the_grids_correlation_at_the_nodes_bit_for_bit(fit_radius, few, monkeypatch):
     """_NodeGrid.sums reads each node's neighbourhood only at the nodes; it gives exactly what the
     correlation of the whole grid (scipy.ndimage.correlate, zero outside) gives there, so the local
-    fits do not move by a bit. Nodes scattered with gaps and a duplicate (the last value counts)."""
+    fits do not move by a bit -- both for few nodes (all sums at once per cell) and for many (sum by
+    sum). Nodes scattered with gaps and a duplicate (the last value counts)."""
     from scipy import ndimage
 
+    from stemfast import sitelattice
     from stemfast.sitelattice import _fit_kernels, _kernel_plans, _NodeGrid
+
+    monkeypatch.setattr(sitelattice, "_FEW_NODES", 10 ** 9 if few else 0)
 
     rng = np.random.default_rng(5)
     ij = np.array([(p, q) for p in range(-9, 10) for q in range(-7, 12) if rng.random() < 0.8])

@@ -762,23 +762,26 @@ def _fit_kernels(fit_radius: float) -> tuple[int, list]:
 
 
 def _kernel_plans(kernels: list) -> tuple:
-    """How :meth:`_NodeGrid.sums` applies the kernels ``[2 r + 1, 2 r + 1]`` (K of them): ``plans[k]``
-    for the first ``k`` kernels (``k = 0 .. K``), per kernel cell (raster order), ``((|w|, ((kernel,
-    w > 0), ...)), ...)``: the kernels that weigh the cell by more than the float64 epsilon,
-    grouped by ``|w|`` (in the kernels' order within a group)."""
+    """How :meth:`_NodeGrid.sums` applies the kernels ``[2 r + 1, 2 r + 1]`` (K of them): ``(groups,
+    cells, weights, used)``. ``groups[k]``: for the first ``k`` kernels (``k = 0 .. K``), per kernel
+    cell (raster order), ``((|w|, ((kernel, w > 0), ...)), ...)``, the kernels that weigh the cell
+    by more than the float64 epsilon grouped by ``|w|`` (in the kernels' order within a group);
+    ``cells`` the cells (flat, raster order) that any kernel weighs so, ``weights`` [K, cells] the
+    kernels' weights there and ``used`` [K, cells] which of them count."""
     eps = np.finfo(np.float64).eps
-    cells = np.stack(kernels).reshape(len(kernels), -1).T.tolist()
-    plans = []
+    flat = np.stack(kernels).reshape(len(kernels), -1)
+    groups = []
     for n_k in range(len(kernels) + 1):
         plan = []
-        for col in cells:
-            groups: dict = {}
+        for col in flat.T.tolist():
+            by_w: dict = {}
             for k, w in enumerate(col[:n_k]):
                 if abs(w) > eps:
-                    groups.setdefault(abs(w), []).append((k, w > 0))
-            plan.append(tuple((w, tuple(t)) for w, t in groups.items()))
-        plans.append(tuple(plan))
-    return tuple(plans)
+                    by_w.setdefault(abs(w), []).append((k, w > 0))
+            plan.append(tuple((w, tuple(t)) for w, t in by_w.items()))
+        groups.append(tuple(plan))
+    cells = np.flatnonzero((np.abs(flat) > eps).any(0))
+    return tuple(groups), cells, flat[:, cells], np.abs(flat[:, cells]) > eps
 
 
 @functools.lru_cache(maxsize=None)
@@ -786,6 +789,11 @@ def _fit_plans(fit_radius: float) -> tuple[int, tuple]:
     """``(r, plans)``: :func:`_fit_kernels` and their :func:`_kernel_plans` (made once per radius)."""
     r, kernels = _fit_kernels(fit_radius)
     return r, _kernel_plans(kernels)
+
+
+#: up to this many nodes :meth:`_NodeGrid.sums` adds all sums at once per kernel cell (the fits of
+#: a few dozen nodes at an image corner: there the Python work per cell and sum is the cost)
+_FEW_NODES = 512
 
 
 class _NodeGrid:
@@ -806,16 +814,19 @@ class _NodeGrid:
         holding ``values`` at the nodes (the last of duplicate nodes), at the nodes ([N] each; a
         list per job). Bit for bit ``ndimage.correlate(grid, kernel, mode="constant")[rows,
         cols]``: the same products (weights above the float64 epsilon) summed from 0 in the same
-        (raster) order. All jobs' grids are read at each offset at once, and each product ``v *
-        |w|`` is made once per offset and job (``acc + v * w`` is ``acc - v * |w|`` for ``w < 0``,
-        and ``v * 1`` is ``v``: exactly)."""
-        r, width, side = self.r, self.shape[1], 2 * self.r + 1
-        n = len(self._at)
-        grid = np.zeros((len(jobs), self.shape[0] * width))
+        (raster) order. All jobs' grids are read at each offset at once; up to :data:`_FEW_NODES`
+        nodes, all sums get their products at once (:meth:`_few`), else each product ``v * |w|`` is
+        made once per offset and job (``acc + v * w`` is ``acc - v * |w|`` for ``w < 0``, and
+        ``v * 1`` is ``v``: exactly)."""
+        grid = np.zeros((len(jobs), self.shape[0] * self.shape[1]))
         for row, (values, _) in zip(grid, jobs):
             row[self._at] = values  # (the other cells stay 0)
+        if len(self._at) <= _FEW_NODES:
+            return self._few(grid, [k for _, k in jobs])
+        r, width, side = self.r, self.shape[1], 2 * self.r + 1
+        n = len(self._at)
         out = [[np.zeros(n) for _ in range(k)] for _, k in jobs]
-        plans = [self.plans[k] for _, k in jobs]
+        plans = [self.plans[0][k] for _, k in jobs]
         at = np.empty(n, np.int64)
         v = np.empty((len(jobs), n))
         prod = np.empty(n)
@@ -831,6 +842,25 @@ class _NodeGrid:
                     for k, add in terms:
                         (np.add if add else np.subtract)(accs[k], x, out=accs[k])
         return out
+
+    def _few(self, grid: np.ndarray, ks: list) -> list:
+        """:meth:`sums` of the grids ``grid`` [jobs, cells] for the first ``ks[j]`` kernels each:
+        per kernel cell in raster order, one product and one add over every sum (each masked to the
+        sums whose kernel weighs the cell: the same products, added in the same order)."""
+        _, cells, weights, used = self.plans
+        side = 2 * self.r + 1
+        offsets = (cells // side - self.r) * self.shape[1] + (cells % side - self.r)
+        job = np.concatenate([np.full(k, j) for j, k in enumerate(ks)])  # per sum: its job ...
+        kern = np.concatenate([np.arange(k) for k in ks])  # ... and kernel
+        w, use = weights[kern][:, :, None], used[kern][:, :, None]  # [sums, cells, 1]
+        v = grid[:, offsets[:, None] + self._at[None, :]][job]  # [sums, cells, nodes]
+        acc = np.zeros((len(job), len(self._at)))
+        prod = np.empty_like(acc)
+        for c in range(len(cells)):
+            np.multiply(v[:, c], w[:, c], out=prod, where=use[:, c])
+            np.add(acc, prod, out=acc, where=use[:, c])
+        ends = np.cumsum(ks)
+        return [list(acc[e - k:e]) for e, k in zip(ends, ks)]
 
 
 def _local_fit(ij: np.ndarray, xy: np.ndarray, w_peak: np.ndarray, S: np.ndarray, fit_radius: float,
