@@ -116,6 +116,21 @@ def test_gaussian_mixture_matches_scikit_learn():
         assert ours.converged == ref.converged_ and ours.n_iter == ref.n_iter_
 
 
+def test_a_mixture_step_on_non_finite_responsibilities_raises_instead_of_giving_nan():
+    """The M step's Cholesky factors come from LAPACK directly (``potrf``), which, unlike
+    ``scipy.linalg.cholesky``, does not check its input: responsibilities lost to underflow (NaN) must
+    still be an error, not NaN precisions that score every site NaN."""
+    from stemfast.clustering import _gaussian_parameters
+
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    resp = np.full((50, 2), 0.5)
+    resp[7, 1] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        _gaussian_parameters(x, resp, 1e-6)
+    _, _, prec = _gaussian_parameters(x, np.full((50, 2), 0.5), 1e-6)
+    assert np.isfinite(prec).all()
+
+
 def test_the_analysis_does_not_import_scikit_learn():
     """Classes, ARI and the latent-density score of the default analysis, in a fresh interpreter."""
     code = ("import sys, numpy as np\n"

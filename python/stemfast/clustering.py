@@ -257,6 +257,9 @@ def _gaussian_parameters(x: np.ndarray, resp: np.ndarray, reg_covar: float):
         diff = x - means[j]
         cov = ((resp[:, j] * diff.T) @ diff) / nk[j]
         cov.flat[:: dim + 1] += reg_covar
+        if not np.isfinite(cov).all():  # (cholesky's own check, which potrf does not make)
+            raise ValueError("a mixture component's covariance is not finite (responsibilities lost to "
+                             "underflow)")
         chol, info = potrf(cov, lower=True, overwrite_a=False, clean=True)
         if info > 0:
             raise ValueError("a mixture component has an ill-defined covariance (collapsed samples); "
