@@ -15,6 +15,7 @@ family is re-read as the first (from the spots inside it). Step 1 of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
-__all__ = ["FftLattice", "metal_reciprocal_lattice", "SITE_FROM_METAL", "site_spacing", "ring_spots"]
+__all__ = ["FftLattice", "RingSpectrum", "metal_reciprocal_lattice", "ring_at_spacing", "ring_spectrum",
+           "SITE_FROM_METAL", "site_spacing", "ring_spots"]
 
 #: site-lattice vectors in units of the metal vectors (rows: s1 = (A1 + A2) / 3, s2 = (2 A2 - A1) / 3)
 SITE_FROM_METAL = np.array([[1.0, 1.0], [-1.0, 2.0]]) / 3.0
@@ -105,9 +107,57 @@ def _spectrum(img: np.ndarray, crop: int = SPECTRUM_CROP):
     img = np.asarray(img, dtype=np.float64)
     h, w = img.shape
     win = np.outer(np.hanning(h), np.hanning(w))
-    P = np.abs(sfft.fftshift(sfft.fft2((img - img.mean()) * win, workers=-1))) ** 2
+    P = sfft.fftshift(np.abs(sfft.fft2((img - img.mean()) * win, workers=-1)) ** 2)  # (the shift moves reals)
     return P, h, w
 
+
+
+@functools.lru_cache(maxsize=4)
+def _frequency_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(f2, f, valid)``, each [h, w] and read-only, of the (fftshifted) spectrum of an ``h`` x ``w``
+    crop: each bin's squared spatial frequency and spatial frequency (cycles / px), and the bins a ring
+    is looked for in (beyond :data:`MIN_RING_BINS` of the centre, below 0.3 cycles / px: a column
+    spacing of 3 px puts the first ring at 1 / 4.5 cycles / px). Keyed on the shape alone."""
+    iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2  # bins from the centre
+    f2 = (ix / w) ** 2 + (iy / h) ** 2
+    valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
+    out = (f2, np.sqrt(f2), valid)
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True)
+class RingSpectrum:
+    """The spectrum an image's Bragg ring is read from (:func:`ring_spectrum`).
+
+    ``Pw`` [h, w]: the windowed power spectrum of the image's central crop (:data:`SPECTRUM_CROP`;
+    fftshifted), 3-bin smoothed and whitened (times the spatial frequency squared: the 1/f^2
+    background flattened); ``cand``: flat indices into it of its strongest local maxima (at most 16,
+    strongest first) in the upper half, among the bins a ring is looked for in.
+    """
+
+    Pw: np.ndarray
+    cand: list
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(h, w)``: the crop's (and the spectrum's) size."""
+        return self.Pw.shape
+
+
+def ring_spectrum(image: np.ndarray) -> RingSpectrum:
+    """The :class:`RingSpectrum` of ``image`` (2-D), which :func:`metal_reciprocal_lattice` and
+    :func:`ring_at_spacing` read: computed once, it serves both (one transform for several reads)."""
+    P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
+    f2, _, valid = _frequency_grid(h, w)
+    Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
+    # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
+    # (a single strong noise pixel near Nyquist has no hexagon)
+    mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid
+    mx[:h // 2] = False  # the upper half (the spectrum of a real image is symmetric)
+    idx = np.flatnonzero(mx)
+    return RingSpectrum(Pw, idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist())
 
 #: the spectrum's lowest usable frequency, in bins from its centre (the window's leakage of the mean
 #: and the steep low-frequency background lie within). Bins are counted along each axis of the crop: a
@@ -174,12 +224,12 @@ def _ring_reference(Pw: np.ndarray, h: int, w: int, f: float, spots: np.ndarray 
     cy, cx = h // 2, w // 2
     y0, x0 = max(0, cy - r), max(0, cx - r)
     sub = Pw[y0:cy + r + 1, x0:cx + r + 1]
-    iy = (np.arange(sub.shape[0]) + y0 - cy)[:, None]
-    ix = (np.arange(sub.shape[1]) + x0 - cx)[None, :]
-    band = np.abs(np.sqrt((ix / w) ** 2 + (iy / h) ** 2) - f) <= 1.5 / min(h, w)
+    band = np.abs(_frequency_grid(h, w)[1][y0:cy + r + 1, x0:cx + r + 1] - f) <= 1.5 / min(h, w)
     if not band.any():
         return float("inf")
     if spots is not None:
+        iy = (np.arange(sub.shape[0]) + y0 - cy)[:, None]
+        ix = (np.arange(sub.shape[1]) + x0 - cx)[None, :]
         near = np.zeros_like(band)
         for gx, gy in np.asarray(spots, dtype=np.float64):
             near |= np.hypot(ix - gx * w, iy - gy * h) <= r_spot + SPOT_MARGIN_BINS
@@ -277,18 +327,20 @@ def _ring_radii(g: np.ndarray) -> np.ndarray:
     return np.linalg.norm(_reciprocal_set(g), axis=1)
 
 
-def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = None,
+def metal_reciprocal_lattice(image: np.ndarray | RingSpectrum, *, spacing_hint: float | None = None,
                              min_prominence: float = 4.0) -> FftLattice | None:
     """The first Bragg ring of a 2H monolayer's metal lattice (``{100}``), or ``None`` when no ring
-    stands out by ``min_prominence``.
+    stands out by ``min_prominence``. ``image``: the image (2-D), or its :func:`ring_spectrum` where
+    that is already computed.
 
     The strongest spot of the whitened spectrum (power times spatial frequency squared) belongs to
     some reflection family of the lattice; it is re-read as a lower-order family while one stands
     out at ``1 / sqrt(3)`` of its frequency turned by 30 degrees (``{110}`` -> ``{100}``) or at half
     its frequency (``{200}`` -> ``{100}``). With ``spacing_hint`` (the site spacing, px), the ring
-    nearest to ``1 / (1.5 spacing_hint)`` of the hexagonal family is taken instead (its spots looked
-    for within :data:`SPOT_SEARCH`, then :data:`SPOT_SEARCH_WIDE`; where neither finds a hexagon
-    there, the search without a hint follows). Without it the
+    nearest to ``1 / (1.5 spacing_hint)`` of the hexagonal family is taken instead
+    (:func:`ring_at_spacing`: its spots looked for within :data:`SPOT_SEARCH`, then
+    :data:`SPOT_SEARCH_WIDE`; where neither finds a hexagon there, the search without a hint
+    follows). Without it the
     search is made twice, with the spots looked for within :data:`SPOT_SEARCH` and
     :data:`SPOT_SEARCH_WIDE` of the ideal hexagon: where the two find rings of different spacings
     (over 10 % apart, a strongly distorted lattice), the one whose hexagon stands out more in the
@@ -307,33 +359,12 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
     >>> abs(site_spacing(PhaseMap(s.image, lat.g).g) / s.meta["nn_px"] - 1) < 0.01  # refined by the phases
     True
     """
-    P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
-    iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2  # bins from the centre
-    fy, fx = iy / h, ix / w
-    f2 = fx ** 2 + fy ** 2
-    Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
-    # a column spacing of 3 px puts the first ring at 1 / 4.5 cycles / px
-    valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
-    # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
-    # (a single strong noise pixel near Nyquist has no hexagon)
-    mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid & (fy >= 0)
-    idx = np.flatnonzero(mx)
-    cand = idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist()
+    sp = image if isinstance(image, RingSpectrum) else ring_spectrum(image)
+    Pw, (h, w), cand = sp.Pw, sp.shape, sp.cand
     if spacing_hint is not None:
-        f_target = 1.0 / (1.5 * float(spacing_hint))
-        band = valid & (np.abs(np.sqrt(f2) - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
-        if band.any():
-            hinted = [int(np.argmax(np.where(band, Pw, -np.inf)))]
-            for search in (SPOT_SEARCH, SPOT_SEARCH_WIDE):
-                ring = _pick_ring(Pw, h, w, hinted, min_prominence, True, "ring picked by the given spacing",
-                                  search)
-                if ring is not None:
-                    # kept as given, but a coarser lattice's spots inside it are said (a spacing given
-                    # sqrt(3) or 2x too small picks the {110} or {200} ring)
-                    coarser = _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
-                    if coarser is not ring:
-                        ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
-                    return _off_spots_prominence(Pw, h, w, dataclasses.replace(ring, by_spacing=True))
+        ring = ring_at_spacing(sp, spacing_hint, min_prominence=min_prominence)
+        if ring is not None:
+            return ring
         # no hexagon of spots at the given spacing (a strongly distorted scan): the image's own ring
         # below, never none where there is one (the caller says where it differs from the given one)
     narrow = _pick_ring(Pw, h, w, cand, min_prominence, False, "", SPOT_SEARCH)
@@ -346,6 +377,30 @@ def metal_reciprocal_lattice(image: np.ndarray, *, spacing_hint: float | None = 
         if p_narrow < wide.prominence:
             ring = dataclasses.replace(wide, note=(wide.note + " (spots of a distorted lattice: wide search)").strip())
     return _off_spots_prominence(Pw, h, w, _inner_spots_reread(Pw, h, w, ring, cand, min_prominence))
+
+
+def ring_at_spacing(spectrum: RingSpectrum, spacing: float, *, min_prominence: float = 4.0) -> FftLattice | None:
+    """The ring of the hexagonal family nearest to ``1 / (1.5 spacing)`` in ``spectrum`` (its spots looked
+    for within :data:`SPOT_SEARCH`, then :data:`SPOT_SEARCH_WIDE`), ``by_spacing``; None where neither
+    finds a hexagon there that stands out by ``min_prominence``. What :func:`metal_reciprocal_lattice`
+    takes at a ``spacing_hint`` (the site spacing, px) before it looks for the image's own ring."""
+    Pw, (h, w), cand = spectrum.Pw, spectrum.shape, spectrum.cand
+    _, f, valid = _frequency_grid(h, w)
+    f_target = 1.0 / (1.5 * float(spacing))
+    band = valid & (np.abs(f - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
+    if not band.any():
+        return None
+    hinted = [int(np.argmax(np.where(band, Pw, -np.inf)))]
+    for search in (SPOT_SEARCH, SPOT_SEARCH_WIDE):
+        ring = _pick_ring(Pw, h, w, hinted, min_prominence, True, "ring picked by the given spacing", search)
+        if ring is not None:
+            # kept as given, but a coarser lattice's spots inside it are said (a spacing given
+            # sqrt(3) or 2x too small picks the {110} or {200} ring)
+            coarser = _inner_spots_reread(Pw, h, w, ring, cand, min_prominence)
+            if coarser is not ring:
+                ring = dataclasses.replace(ring, coarser_spacing=coarser.spacing)
+            return _off_spots_prominence(Pw, h, w, dataclasses.replace(ring, by_spacing=True))
+    return None
 
 
 #: a strong spot inside the ring is read as a reflection of a coarser lattice when its coordinates in

@@ -38,7 +38,8 @@ from .noise import NoiseCorrelationWarning, noise_correlation
 from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
-from .braggring import (MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, ring_spots,
+from .braggring import (MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, ring_at_spacing,
+                        ring_spectrum, ring_spots,
                         site_spacing)
 from .phasemap import PhaseMap
 from .scanlines import ScanJumps
@@ -1070,7 +1071,7 @@ def _drop_peaks_in_holes(pk, film, spacing: float):
     return pk if keep.all() else _rows(pk, keep)
 
 
-def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
+def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None, spectrum=None):
     """``(ring, vacuum)``: the metal lattice's first Bragg ring (step 1 of :func:`find_sites`); :class:`_NoLattice` when
     the power spectrum has no lattice period or no hexagonal ring, or a ring finer than the smallest
     site spacing the pipeline takes (2 px: noise near Nyquist).
@@ -1082,9 +1083,9 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None)
     there at most :data:`stemfast.vacuum.VACUUM_MAX_BRAGG` of the rest's
     (:func:`stemfast.vacuum.vacuum_bragg_ratio`; clean film beside a bright contamination patch may
     pass the darkness tests). ``vacuum`` is the confirmed vacuum (bool, the image's shape), else
-    None."""
+    None. ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum` where already computed."""
     gap = _no_data_pixels(no_data)
-    ring, why = _ring_of(img, s)
+    ring, why = _ring_of(img, s, spectrum)
     vac = dark_vacuum(img, gap)
     used = None
     if vac is not None:
@@ -1105,8 +1106,9 @@ def _bragg_ring(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None)
     return ring, used
 
 
-def _ring_of(img: np.ndarray, s: SiteSettings):
-    """``(ring, None)`` or ``(None, why)``: :func:`_bragg_ring` of one image, the vacuum not looked at.
+def _ring_of(img: np.ndarray, s: SiteSettings, spectrum=None):
+    """``(ring, None)`` or ``(None, why)``: :func:`_bragg_ring` of one image, the vacuum not looked at
+    (``spectrum``: its :func:`stemfast.braggring.ring_spectrum` where already computed).
 
     The radial profile's peak must stand out (:data:`MIN_FFT_PROMINENCE`) before a ring is looked for.
     Where it does not but the spacing is given (``s.spacing``), a hexagon of Bragg spots at that
@@ -1121,7 +1123,8 @@ def _ring_of(img: np.ndarray, s: SiteSettings):
     except ValueError:
         prominence = 0.0
     flat = prominence < MIN_FFT_PROMINENCE
-    ring = metal_reciprocal_lattice(img, spacing_hint=s.spacing) if not flat or s.spacing is not None else None
+    ring = (metal_reciprocal_lattice(img if spectrum is None else spectrum, spacing_hint=s.spacing)
+            if not flat or s.spacing is not None else None)
     if flat and not (ring is not None and ring.by_spacing and ring.standout >= MIN_RING_PROMINENCE):
         small = (f"; the image's short side, {short} px, holds few lattice periods: give the spacing "
                  "(--spacing) to look for the ring there" if short <= SMALL_SPECTRUM_PX and s.spacing is None else "")
@@ -1488,12 +1491,13 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
     jumps = scan_line_jumps(img)
     if not jumps.candidates.any() and not needs_lattice_lines(s.spacing):  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None, None
+    spectrum = ring_spectrum(img)  # the ring's and the coarser ring's: one transform for both
     try:
-        ring, vac = _bragg_ring(img, s, no_data)
+        ring, vac = _bragg_ring(img, s, no_data, spectrum)
     except _NoLattice:
         return img, None, None, None
     found, repaired = _confirmed_jumps(img, jumps, ring, s, no_data)
-    coarse = _coarser_ring(img, ring, s) if repaired is None else None
+    coarse = _coarser_ring(spectrum, ring, s) if repaired is None else None
     if coarse is not None:
         seen, repaired = _confirmed_jumps(img, jumps, coarse, s, no_data, again=False)
         if _declined(seen) and not _declined(found):  # (a band beyond the reach: said as that lattice sees it)
@@ -1518,10 +1522,11 @@ def _declined(jumps) -> bool:
     return jumps.declined is not None and bool(jumps.declined.any())
 
 
-def _coarser_ring(img: np.ndarray, ring, s: SiteSettings):
+def _coarser_ring(spectrum, ring, s: SiteSettings):
     """The Bragg ring ``sqrt(3)`` nearer the spectrum's centre than ``ring`` (its lattice ``sqrt(3)``
-    coarser, :meth:`stemfast.braggring.FftLattice.second_order_reread`) where the image shows it: a
-    hexagon of spots at that spacing that stands out by :data:`MIN_RING_PROMINENCE`, within
+    coarser, :meth:`stemfast.braggring.FftLattice.second_order_reread`) where the image shows it (in
+    ``spectrum``, its :func:`stemfast.braggring.ring_spectrum`): a hexagon of spots at that spacing
+    (:func:`stemfast.braggring.ring_at_spacing`) that stands out by :data:`MIN_RING_PROMINENCE`, within
     :data:`JUMP_RING_TOLERANCE` of it; else None (and with a given spacing). A wide band of jumped
     lines weakens the first ring (its spots' phases differ there), so that the second-order one may be
     read instead (6.4-6.6 px for 11.4 px between sites, with 30 lines 7-9 px off): the jumps are then
@@ -1530,8 +1535,8 @@ def _coarser_ring(img: np.ndarray, ring, s: SiteSettings):
     if s.spacing is not None:
         return None
     want = ring.second_order_reread()
-    got = metal_reciprocal_lattice(img, spacing_hint=want.spacing)
-    if (got is None or not got.by_spacing or got.standout < MIN_RING_PROMINENCE
+    got = ring_at_spacing(spectrum, want.spacing)  # (the image's own ring where there is none: not this one)
+    if (got is None or got.standout < MIN_RING_PROMINENCE
             or abs(got.spacing / want.spacing - 1) > JUMP_RING_TOLERANCE):
         return None
     return got
