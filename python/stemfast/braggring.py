@@ -190,28 +190,35 @@ def _spot_power(Pw: np.ndarray, h: int, w: int, g: np.ndarray, r: float = 1.5):
     """Max of the (whitened) spectrum within ``r`` bins of each reciprocal vector ``g`` [K, 2]
     (cycles / px), and the refined spot positions (power-weighted centroid around that max)."""
     cy, cx = h // 2, w // 2
+    g = np.asarray(g, dtype=np.float64)
     out = np.zeros(len(g))
     pos = np.array(g, dtype=np.float64)
     rr = int(np.ceil(r)) + 1
     yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    n = yy.shape[0]
     mid = yy.size // 2  # a box has an odd number of bins: its median is the middle one
-    for k, (gx, gy) in enumerate(g):
-        x, y = cx + gx * w, cy + gy * h
-        x0, y0 = int(round(x)), int(round(y))
-        if not (rr <= x0 < w - rr and rr <= y0 < h - rr):
-            continue
-        box = Pw[y0 - rr:y0 + rr + 1, x0 - rr:x0 + rr + 1]
-        near = (xx + x0 - x) ** 2 + (yy + y0 - y) ** 2 <= r * r
-        b = np.where(near, box, -np.inf)
-        iy, ix = np.unravel_index(int(np.argmax(b)), b.shape)
-        out[k] = box[iy, ix]
-        # centroid in a 3 x 3 around the max, above the box's median
-        sy, sx = slice(max(0, iy - 1), iy + 2), slice(max(0, ix - 1), ix + 2)
-        wgt = np.clip(box[sy, sx] - np.partition(box, mid, axis=None)[mid], 0, None)
-        if wgt.sum() > 0:
-            py = (yy[sy, sx] * wgt).sum() / wgt.sum() + y0
-            px = (xx[sy, sx] * wgt).sum() / wgt.sum() + x0
-            pos[k] = [(px - cx) / w, (py - cy) / h]
+    x, y = cx + g[:, 0] * w, cy + g[:, 1] * h
+    x0, y0 = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)  # (round half to even, as round())
+    k = np.flatnonzero((rr <= x0) & (x0 < w - rr) & (rr <= y0) & (y0 < h - rr))
+    if not len(k):
+        return out, pos
+    x, y, x0, y0 = x[k, None, None], y[k, None, None], x0[k, None, None], y0[k, None, None]
+    box = Pw[y0 + yy, x0 + xx]  # [K, n, n]: the box around each spot
+    near = (xx + x0 - x) ** 2 + (yy + y0 - y) ** 2 <= r * r
+    at = np.argmax(np.where(near, box, -np.inf).reshape(len(k), -1), axis=1)
+    out[k] = box.reshape(len(k), -1)[np.arange(len(k)), at]
+    # centroid in the 3 x 3 around the max (the max lies within r + 1/2 < rr bins of the box's centre:
+    # never on its edge), above the box's median
+    iy, ix = np.divmod(at, n)
+    d = np.arange(-1, 2)
+    rows, cols = (iy[:, None] + d)[:, :, None], (ix[:, None] + d)[:, None, :]
+    med = np.partition(box.reshape(len(k), -1), mid, axis=1)[:, mid]
+    wgt = np.clip(box[np.arange(len(k))[:, None, None], rows, cols] - med[:, None, None], 0, None)
+    total = wgt.reshape(len(k), 9).sum(axis=1)  # (each spot's nine bins in one row: summed as for one spot)
+    ok = total > 0
+    py = ((rows - rr) * wgt)[ok].reshape(-1, 9).sum(axis=1) / total[ok] + y0[ok, 0, 0]
+    px = ((cols - rr) * wgt)[ok].reshape(-1, 9).sum(axis=1) / total[ok] + x0[ok, 0, 0]
+    pos[k[ok]] = np.stack([(px - cx) / w, (py - cy) / h], axis=1)
     return out, pos
 
 
