@@ -106,25 +106,38 @@ def _spectrum(img: np.ndarray, crop: int = SPECTRUM_CROP):
         img = img[y0:y0 + crop, x0:x0 + crop]
     img = np.asarray(img, dtype=np.float64)
     h, w = img.shape
-    win = np.outer(np.hanning(h), np.hanning(w))
+    win = _window(h, w)
     P = sfft.fftshift(np.abs(sfft.fft2((img - img.mean()) * win, workers=-1)) ** 2)  # (the shift moves reals)
     return P, h, w
 
 
+@functools.lru_cache(maxsize=4)
+def _window(h: int, w: int) -> np.ndarray:
+    """The 2-D Hann window [h, w] of :func:`_spectrum` (read-only; keyed on the shape alone)."""
+    win = np.outer(np.hanning(h), np.hanning(w))
+    win.flags.writeable = False
+    return win
+
 
 @functools.lru_cache(maxsize=4)
-def _frequency_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(f2, f, valid)``, each [h, w] and read-only, of the (fftshifted) spectrum of an ``h`` x ``w``
-    crop: each bin's squared spatial frequency and spatial frequency (cycles / px), and the bins a ring
-    is looked for in (beyond :data:`MIN_RING_BINS` of the centre, below 0.3 cycles / px: a column
-    spacing of 3 px puts the first ring at 1 / 4.5 cycles / px). Keyed on the shape alone."""
+def _frequency_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[slice, slice]]:
+    """``(f2, f, valid, box)`` of the (fftshifted) spectrum of an ``h`` x ``w`` crop: each bin's squared
+    spatial frequency and spatial frequency (cycles / px), the bins a ring is looked for in (beyond
+    :data:`MIN_RING_BINS` of the centre, below 0.3 cycles / px: a column spacing of 3 px puts the first
+    ring at 1 / 4.5 cycles / px), each [h, w] and read-only, and the slices of the box that holds the
+    valid bins of the upper half and the 2 bins around them (all a 5-bin filter there reads).
+    Keyed on the shape alone."""
     iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2  # bins from the centre
     f2 = (ix / w) ** 2 + (iy / h) ** 2
     valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
-    out = (f2, np.sqrt(f2), valid)
-    for a in out:
+    for a in (f2, valid):
         a.flags.writeable = False
-    return out
+    f = np.sqrt(f2)
+    f.flags.writeable = False
+    rows, cols = np.flatnonzero(valid[h // 2:].any(1)) + h // 2, np.flatnonzero(valid.any(0))
+    if not len(rows):
+        return f2, f, valid, (slice(0, 0), slice(0, 0))
+    return f2, f, valid, (slice(max(0, rows[0] - 2), rows[-1] + 3), slice(max(0, cols[0] - 2), cols[-1] + 3))
 
 
 @dataclass(frozen=True)
@@ -150,14 +163,19 @@ def ring_spectrum(image: np.ndarray) -> RingSpectrum:
     """The :class:`RingSpectrum` of ``image`` (2-D), which :func:`metal_reciprocal_lattice` and
     :func:`ring_at_spacing` read: computed once, it serves both (one transform for several reads)."""
     P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
-    f2, _, valid = _frequency_grid(h, w)
+    f2, _, valid, box = _frequency_grid(h, w)
     Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
     # the strongest local maxima of the spectrum; the one whose hexagon stands out most wins
-    # (a single strong noise pixel near Nyquist has no hexagon)
-    mx = (Pw == ndimage.maximum_filter(Pw, size=5)) & valid
-    mx[:h // 2] = False  # the upper half (the spectrum of a real image is symmetric)
+    # (a single strong noise pixel near Nyquist has no hexagon). In the upper half (the spectrum of a
+    # real image is symmetric): the 5-bin maximum filter of the box around its valid bins is the whole
+    # spectrum's there (the box reaches 2 bins beyond them, or the spectrum's edge)
+    mx = np.zeros((h, w), bool)
+    mx[box] = Pw[box] == ndimage.maximum_filter(Pw[box], size=5)
+    mx &= valid
+    mx[:h // 2] = False
     idx = np.flatnonzero(mx)
     return RingSpectrum(Pw, idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist())
+
 
 #: the spectrum's lowest usable frequency, in bins from its centre (the window's leakage of the mean
 #: and the steep low-frequency background lie within). Bins are counted along each axis of the crop: a
@@ -392,7 +410,7 @@ def ring_at_spacing(spectrum: RingSpectrum, spacing: float, *, min_prominence: f
     finds a hexagon there that stands out by ``min_prominence``. What :func:`metal_reciprocal_lattice`
     takes at a ``spacing_hint`` (the site spacing, px) before it looks for the image's own ring."""
     Pw, (h, w), cand = spectrum.Pw, spectrum.shape, spectrum.cand
-    _, f, valid = _frequency_grid(h, w)
+    _, f, valid, _ = _frequency_grid(h, w)
     f_target = 1.0 / (1.5 * float(spacing))
     band = valid & (np.abs(f - f_target) <= max(2.0 / min(h, w), 0.08 * f_target))
     if not band.any():
