@@ -137,19 +137,20 @@ def _frequency_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     rows, cols = np.flatnonzero(valid[h // 2:].any(1)) + h // 2, np.flatnonzero(valid.any(0))
     if not len(rows):
         return f2, f, valid, (slice(0, 0), slice(0, 0))
-    return f2, f, valid, (slice(max(0, rows[0] - 2), rows[-1] + 3), slice(max(0, cols[0] - 2), cols[-1] + 3))
+    return f2, f, valid, (slice(max(0, int(rows[0]) - 2), int(rows[-1]) + 3), slice(max(0, int(cols[0]) - 2), int(cols[-1]) + 3))
 
 
 @dataclass(frozen=True)
 class RingSpectrum:
     """The spectrum an image's Bragg ring is read from (:func:`ring_spectrum`).
 
-    ``Pw`` [h, w]: the windowed power spectrum of the image's central crop (:data:`SPECTRUM_CROP`;
-    fftshifted), 3-bin smoothed and whitened (times the spatial frequency squared: the 1/f^2
-    background flattened); ``cand``: flat indices into it of its strongest local maxima (at most 16,
+    ``power`` [h, w]: the windowed power spectrum of the image's central crop (:data:`SPECTRUM_CROP`;
+    fftshifted); ``Pw``: it 3-bin smoothed and whitened (times the spatial frequency squared: the 1/f^2
+    background flattened); ``cand``: flat indices into that of its strongest local maxima (at most 16,
     strongest first) in the upper half, among the bins a ring is looked for in.
     """
 
+    power: np.ndarray
     Pw: np.ndarray
     cand: list
 
@@ -160,8 +161,9 @@ class RingSpectrum:
 
 
 def ring_spectrum(image: np.ndarray) -> RingSpectrum:
-    """The :class:`RingSpectrum` of ``image`` (2-D), which :func:`metal_reciprocal_lattice` and
-    :func:`ring_at_spacing` read: computed once, it serves both (one transform for several reads)."""
+    """The :class:`RingSpectrum` of ``image`` (2-D), which :func:`metal_reciprocal_lattice`,
+    :func:`ring_at_spacing` and :func:`stemfast.noise.noise_correlation` read: computed once, it serves
+    them all (one transform for several reads)."""
     P, h, w = _spectrum(np.asarray(image), crop=SPECTRUM_CROP)
     f2, _, valid, box = _frequency_grid(h, w)
     Pw = ndimage.uniform_filter(P, 3) * f2  # whitened: 1/f^2 background flattened
@@ -174,7 +176,7 @@ def ring_spectrum(image: np.ndarray) -> RingSpectrum:
     mx &= valid
     mx[:h // 2] = False
     idx = np.flatnonzero(mx)
-    return RingSpectrum(Pw, idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist())
+    return RingSpectrum(P, Pw, idx[np.argsort(Pw.ravel()[idx])[::-1][:16]].tolist())
 
 
 #: the spectrum's lowest usable frequency, in bins from its centre (the window's leakage of the mean

@@ -68,7 +68,7 @@ MIN_SIDE = 64
 _WHITE = {"band_edge": 0.5, "correlation_px": 1.0}
 
 
-def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> dict:
+def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None, *, power: np.ndarray | None = None) -> dict:
     """How many pixels an image's noise is correlated over (module docs).
 
     Parameters
@@ -76,6 +76,9 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
     image : (H, W) float array, the micrograph as recorded.
     pixels : bool (H, W), optional: the pixels that hold data (False: padding, masks; they are set to
         the mean of the rest).
+    power : optional, the windowed power spectrum of ``image``'s central crop where already computed
+        (:attr:`stemfast.braggring.RingSpectrum.power`); used where that crop is the square one read
+        here and every pixel of it holds data (the same spectrum), else the spectrum is computed.
 
     Returns
     -------
@@ -95,8 +98,10 @@ def noise_correlation(image: np.ndarray, pixels: np.ndarray | None = None) -> di
                                                                                                   x0:x0 + side]
     if ok.sum() < 0.5 * crop.size:
         return dict(_WHITE)
-    # no-data pixels at the mean of the rest: the spectrum's mean subtraction leaves them at 0
-    power, _, _ = _spectrum(np.where(ok, crop, crop[ok].mean()), crop=side)
+    # no-data pixels at the mean of the rest: the spectrum's mean subtraction leaves them at 0. (A
+    # spectrum of the image's SPECTRUM_CROP crop of this shape is of this crop: the same offsets)
+    if power is None or power.shape != (side, side) or not ok.all():
+        power, _, _ = _spectrum(np.where(ok, crop, crop[ok].mean()), crop=side)
     nb, groups = _annuli(side)
     width = 0.5 / nb
     flat = power.ravel()

@@ -534,10 +534,9 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
     tm = timings if timings is not None else {}
     meta.update(shape=list(img.shape), material=s.material, chalcogen_brighter=s.resolved_chalcogen_brighter)
     t0 = time.perf_counter()
-    s, noise = _noise_adapted(img, s, no_data)
-    img, jumps, ring, vac = _undo_scan_jumps(img, s, no_data)
+    s, noise, (img, jumps, ring, vac), spectrum = _noise_and_jumps(img, s, no_data)
     try:
-        img, ring, contrast, vac = _ring_and_contrast(img, s, ring, vac, no_data)
+        img, ring, contrast, vac = _ring_and_contrast(img, s, ring, vac, no_data, spectrum)
         t_jumps = time.perf_counter() - t0
         f = _find_lattice(img, s, tm, ring, no_data=no_data, vacuum=vac)
         tm["spacing"] = tm.get("spacing", 0.0) + t_jumps  # the scan jumps are looked for with the spacing
@@ -660,28 +659,42 @@ def _no_data_meta(no_data: NoData) -> dict:
     return out
 
 
-def _noise_adapted(img: np.ndarray, s: SiteSettings, no_data: NoData) -> tuple[SiteSettings, dict]:
+def _noise_adapted(img: np.ndarray, s: SiteSettings, no_data: NoData, spectrum=None) -> tuple[SiteSettings, dict]:
     """``(settings, noise)``: ``s`` with its ``column_noise_px`` widened by the correlation length of
     ``img``'s noise (:func:`stemfast.noise.noise_correlation`: an upsampled, interpolated or filtered
     image; unchanged for a scan's own white noise), and what was measured (``lattice.noise`` of
     ``summary.json``; :func:`find_sites` adds ``column_filter_px``, the low-pass used once the spacing
-    is known, :func:`column_filter_px`)."""
-    noise = noise_correlation(img, None if not no_data.any() else ~no_data.pixels())
+    is known, :func:`column_filter_px`). ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum`
+    where already computed (its power spectrum serves where it is of the crop the check reads)."""
+    noise = noise_correlation(img, None if not no_data.any() else ~no_data.pixels(),
+                              power=None if spectrum is None else spectrum.power)
     if noise["correlation_px"] > 1.0:
         s = dataclasses.replace(s, column_noise_px=s.column_noise_px * noise["correlation_px"])
     return s, noise
 
 
-def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoData | None):
+def _noise_and_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData):
+    """``(settings, noise, (image, jumps, ring, vacuum), spectrum)``: :func:`_noise_adapted` and
+    :func:`_undo_scan_jumps` of ``img``, one :func:`stemfast.braggring.ring_spectrum` of it serving both
+    (and the ring read later, :func:`_ring_and_contrast`: ``spectrum`` where the image returned is
+    ``img``; None where it is a repaired one)."""
+    spectrum = ring_spectrum(img)
+    s, noise = _noise_adapted(img, s, no_data, spectrum)
+    out = _undo_scan_jumps(img, s, no_data, spectrum)
+    return s, noise, out, (spectrum if out[0] is img else None)
+
+
+def _ring_and_contrast(img: np.ndarray, s: SiteSettings, ring, vac, no_data: NoData | None, spectrum=None):
     """``(image, ring, contrast, vacuum)``: the dark vacuum the ring was read beside (:func:`_bragg_ring`;
     None: none, or not confirmed by the ring; ``vac`` when ``ring`` is given), the Bragg ring (read here when ``ring`` is None; :class:`_NoLattice`
-    without one, or for a constant image), and ``img`` with bright columns (:func:`_oriented`, which
+    without one, or for a constant image; ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum`
+    where already computed), and ``img`` with bright columns (:func:`_oriented`, which
     needs the spacing). :func:`_find_lattice` is given both: every image it sees has passed here, or
     is one that already held a lattice (levelled scan lines)."""
     if float(img.max()) == float(img.min()):
         raise _NoLattice("image is constant: no lattice")
     if ring is None:
-        ring, vac = _bragg_ring(img, s, no_data)
+        ring, vac = _bragg_ring(img, s, no_data, spectrum)
     img, contrast = _oriented(img, s, float(s.spacing) if s.spacing is not None else ring.spacing,
                               _unread(no_data, vac), ring.g)
     return img, ring, contrast, vac
@@ -1471,7 +1484,7 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: 
     return lines, lines.near(xy, STREAK_REACH * s.column_noise_px)
 
 
-def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None):
+def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None, spectrum=None):
     """``(image, jumps, ring, vacuum)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, over the reach the lattice allows, candidates
     confirmed against the metal lattice's three shortest translations, :func:`_confirmed_jumps`, and
@@ -1483,7 +1496,8 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
     candidates were seen but the ring could not confirm them, or bands beyond the reach were not
     repaired), and the Bragg ring when it was read off the image returned (the unchanged one, or the
     one with its confirmed jumps undone; else None) with the vacuum it was read beside
-    (:func:`_bragg_ring`)."""
+    (:func:`_bragg_ring`). ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum` where already
+    computed."""
     from .scanlines import lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
@@ -1491,7 +1505,8 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
     jumps = scan_line_jumps(img)
     if not jumps.candidates.any() and not needs_lattice_lines(s.spacing):  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None, None
-    spectrum = ring_spectrum(img)  # the ring's and the coarser ring's: one transform for both
+    if spectrum is None:
+        spectrum = ring_spectrum(img)  # the ring's and the coarser ring's: one transform for both
     try:
         ring, vac = _bragg_ring(img, s, no_data, spectrum)
     except _NoLattice:
