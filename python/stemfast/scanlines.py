@@ -974,11 +974,11 @@ class _LineSpectra:
 def _peak(cc: np.ndarray, lags: np.ndarray) -> float:
     """The lag at the peak of the correlations ``cc`` [len(lags)], refined by a parabola through the
     best lag and its two neighbours (by at most half a pixel)."""
-    k = int(np.clip(np.argmax(cc), 1, len(lags) - 2))
+    k = min(max(int(np.argmax(cc)), 1), len(lags) - 2)  # (np.clip's order; on scalars a tenth of its cost)
     cm, c0, cp = cc[k - 1], cc[k], cc[k + 1]
     den = cm - 2 * c0 + cp
-    frac = 0.5 * (cm - cp) / den if np.isfinite(den) and den < 0 else 0.0
-    return float(lags[k] + np.clip(frac, -0.5, 0.5))
+    frac = 0.5 * (cm - cp) / den if np.isfinite(den) and den < 0 else 0.0  # (finite)
+    return float(lags[k] + min(max(frac, -0.5), 0.5))
 
 
 def _row_peaks(cc: np.ndarray, lags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
