@@ -144,11 +144,27 @@ def _untiled(img: np.ndarray, outs: list, ns: tuple, bs: float, workers: int, ke
     wf = scipy.fft.next_fast_len(w + 2 * pad, real=True)
 
     def store(i, res):
-        outs[i][...] = res[pad : pad + h, pad : pad + w]
+        if outs[i] is None and res.dtype == np.float32:
+            outs[i] = _cropped_in_place(res, pad, h, w)
+        else:
+            outs[i] = _check_out(None, img) if outs[i] is None else outs[i]
+            outs[i][...] = res[pad : pad + h, pad : pad + w]
 
     # the padded image only lives until it is transformed (less memory at the peak)
     _filter_all(_spectrum(np.pad(img, ((pad, hf - h - pad), (pad, wf - w - pad)), mode="reflect"), workers),
                 hf, wf, ns, bs, workers, kern, store)
+
+
+def _cropped_in_place(res: np.ndarray, pad: int, h: int, w: int) -> np.ndarray:
+    """``res[pad:pad + h, pad:pad + w]`` (``pad`` >= 1) as a C-contiguous array in ``res``'s own memory
+    (where ``res`` is C-contiguous, as the inverse transform returns it; else a copy's): its rows moved to the front of the buffer in order (each row's source lies
+    beyond its destination, ``pad`` rows and columns on). No image-sized array is allocated and written
+    anew -- the first writes to fresh pages cost more than the copy."""
+    flat, wf = res.reshape(-1), res.shape[1]
+    for i in range(h):
+        start = (pad + i) * wf + pad
+        flat[i * w:(i + 1) * w] = flat[start:start + w]
+    return flat[:h * w].reshape(h, w)
 
 
 def _tiled(img: np.ndarray, outs: list, ns: tuple, bs: float, tile: int, margin: int, workers: int, kern) -> None:
@@ -259,9 +275,9 @@ def bandpass(
     """
     img = _check_image(image)
     ns, bs = _cutoffs(noise_px, background_px, spacing)
-    out = _check_out(out, img)
-    _run(img, [out], (ns,), bs, tile, overlap, workers, backend)
-    return out
+    outs = [None if out is None else _check_out(out, img)]
+    _run(img, outs, (ns,), bs, tile, overlap, workers, backend)
+    return outs[0]
 
 
 def bandpasses(
@@ -307,14 +323,15 @@ def bandpasses(
     if np.ndim(noise_px) != 1 or len(noise_px) == 0:
         raise ValueError(f"noise_px must be a non-empty sequence of sigmas, got {noise_px!r}")
     cut = [_cutoffs(n, background_px, None) for n in noise_px]
-    outs = [_check_out(None, img) for _ in cut]
+    outs = [None] * len(cut)
     _run(img, outs, tuple(c[0] for c in cut), cut[0][1], tile, overlap, workers, backend)
     return outs
 
 
 def _run(img: np.ndarray, outs: list, ns: tuple, bs: float, tile, overlap, workers, backend) -> None:
     """The band-passes of ``img`` with low-passes ``ns`` and high-pass ``bs`` into ``outs`` (tiled or
-    not, as :func:`bandpass` documents)."""
+    not, as :func:`bandpass` documents); an entry None of ``outs`` is set to a new array (untiled: the
+    inverse transform's own memory, :func:`_cropped_in_place`)."""
     h, w = img.shape
     kern = get_kernels(backend)
     workers = _check_workers(workers)
@@ -324,6 +341,7 @@ def _run(img: np.ndarray, outs: list, ns: tuple, bs: float, tile, overlap, worke
         _untiled(img, outs, ns, bs, workers, kern)
     else:
         log.debug("bandpass: %dx%d image in tiles of %d px, margin %d px", h, w, use_tile, margin)
+        outs[:] = [_check_out(None, img) if o is None else o for o in outs]
         _tiled(img, outs, ns, bs, use_tile, margin, workers, kern)
 
 
