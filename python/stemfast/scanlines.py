@@ -839,19 +839,18 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
     b = np.flatnonzero(cand)
     if not len(b) or not usual:
         return keep, shift
-    H = a.shape[0]
     max_w = max(dy for dy, _ in usual) - 1
     periods = [abs(lag) for dy, lag in usual if dy == 1]  # the P of translations within a line of the lines
 
     def confirmed(band: np.ndarray, s_band: float) -> bool:
-        seen = []
+        n_seen = 0  # (the first comparison off ``s_band`` decides: the others are not made)
         for dy, lag in usual:
             if dy > len(band):
-                if band[-1] + dy < H:  # the band against the lines below it
-                    seen.append(lag - _block_lag(a, band, dy, lag - s_band, max_lag))
-                if band[0] - dy >= 0:  # the lines above it against the band
-                    seen.append(_block_lag(a, band - dy, dy, lag + s_band, max_lag) - lag)
-        return len(seen) >= 2 and bool(np.all(np.abs(np.asarray(seen) - s_band) < 0.5 * abs(s_band)))
+                for seen in _band_readings(a, band, dy, lag, s_band, max_lag):
+                    if not abs(seen - s_band) < 0.5 * abs(s_band):
+                        return False
+                    n_seen += 1
+        return n_seen >= 2
 
     done = -1
     for i, b1 in enumerate(b):
@@ -876,6 +875,17 @@ def _narrow_bands(a: np.ndarray, usual: list, cand: np.ndarray, shift: np.ndarra
                 done = b2
                 break
     return keep, shift
+
+
+def _band_readings(a: np.ndarray, band: np.ndarray, dy: int, lag: float, s_band: float, max_lag: int):
+    """The shifts of the lines ``band`` against their lattice images ``dy`` lines below and above (those
+    inside ``a``), each read as it comes (:func:`_narrow_bands`): the lag the lines ``dy`` apart need
+    there less ``lag``, the lag they need elsewhere."""
+    H = a.shape[0]
+    if band[-1] + dy < H:  # the band against the lines below it
+        yield lag - _block_lag(a, band, dy, lag - s_band, max_lag)
+    if band[0] - dy >= 0:  # the lines above it against the band
+        yield _block_lag(a, band - dy, dy, lag + s_band, max_lag) - lag
 
 
 def _cancels(j1: float, j2: float) -> bool:
