@@ -130,14 +130,14 @@ def _frequency_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     iy, ix = np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2  # bins from the centre
     f2 = (ix / w) ** 2 + (iy / h) ** 2
     valid = (iy ** 2 + ix ** 2 > MIN_RING_BINS ** 2) & (f2 < 0.3 ** 2)
-    for a in (f2, valid):
-        a.flags.writeable = False
     f = np.sqrt(f2)
-    f.flags.writeable = False
+    for a in (f2, f, valid):
+        a.flags.writeable = False
     rows, cols = np.flatnonzero(valid[h // 2:].any(1)) + h // 2, np.flatnonzero(valid.any(0))
     if not len(rows):
         return f2, f, valid, (slice(0, 0), slice(0, 0))
-    return f2, f, valid, (slice(max(0, int(rows[0]) - 2), int(rows[-1]) + 3), slice(max(0, int(cols[0]) - 2), int(cols[-1]) + 3))
+    box = (slice(max(0, int(rows[0]) - 2), int(rows[-1]) + 3), slice(max(0, int(cols[0]) - 2), int(cols[-1]) + 3))
+    return f2, f, valid, box
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,7 @@ from .patches import site_intensity
 from .materials import fitting_hint, get_material, materials_fitting, name_by_brightness
 from .peaks import find_peaks
 from .braggring import (MIN_RING_BINS, SITE_FROM_METAL, SPECTRUM_CROP, metal_reciprocal_lattice, ring_at_spacing,
-                        ring_spectrum, ring_spots,
-                        site_spacing)
+                        ring_spectrum, ring_spots, site_spacing)
 from .phasemap import PhaseMap
 from .scanlines import ScanJumps
 from .spikes import SpikeWarning, despiked, spike_meta
