@@ -157,9 +157,10 @@ def _untiled(img: np.ndarray, outs: list, ns: tuple, bs: float, workers: int, ke
 
 def _cropped_in_place(res: np.ndarray, pad: int, h: int, w: int) -> np.ndarray:
     """``res[pad:pad + h, pad:pad + w]`` (``pad`` >= 1) as a C-contiguous array in ``res``'s own memory
-    (where ``res`` is C-contiguous, as the inverse transform returns it; else a copy's): its rows moved to the front of the buffer in order (each row's source lies
-    beyond its destination, ``pad`` rows and columns on). No image-sized array is allocated and written
-    anew -- the first writes to fresh pages cost more than the copy."""
+    (where ``res`` is C-contiguous, as the inverse transform returns it; else a copy's): its rows moved
+    to the front of the buffer in order (each row's source lies beyond its destination, ``pad`` rows
+    and columns on). No image-sized array is allocated and written anew -- the first writes to fresh
+    pages cost more than the copy."""
     flat, wf = res.reshape(-1), res.shape[1]
     for i in range(h):
         start = (pad + i) * wf + pad
