@@ -56,7 +56,7 @@ import numpy as np
 from .errors import SettingsError
 from .limits import check_section
 from .clustering import adjusted_rand_index, fit_gaussian_mixture, kmeans, silhouette
-from .domains import _window_medians
+from .medians import window_medians
 from .fdr import fdr_shrunk, tail_fdr
 from .lattice import nearest_indices
 from .materials import CHALCOGEN, HOLLOW, METAL, brightness_order, get_material, name_by_brightness
@@ -715,7 +715,7 @@ def _scan_row_offset(z: np.ndarray, y: np.ndarray, usable: np.ndarray, *, rows: 
     starts = np.searchsorted(rr, np.arange(n_rows) - rows, side="left")
     stops = np.searchsorted(rr, np.arange(n_rows) + rows, side="right")
     full = stops - starts >= 5
-    off[full] = _window_medians(zr, starts[full], stops[full])
+    off[full] = window_medians(zr, starts[full], stops[full])
     off = np.sign(off) * np.maximum(np.abs(off) - slack, 0.0)
     return off[r]
 

@@ -20,7 +20,8 @@ from scipy import ndimage
 from ._validate import check_image, check_type, check_xy, positive
 from .bandpass import bandpass, bandpasses
 from .crowding import LatticeCrowdingWarning, crowding  # noqa: F401  (re-exported: stemfast.sites.crowding)
-from .domains import _window_medians, inversion_domains
+from .domains import inversion_domains
+from .medians import window_medians
 from . import grains as _grains
 from .grains import GrainSettings
 from .io import unit_not_a_length, unit_to_nm
@@ -400,7 +401,7 @@ def _level_along(pos: np.ndarray, rel: np.ndarray, inner: np.ndarray, step: floa
     centres, lo, hi = centres[enough], lo[enough], hi[enough]
     if not len(centres) or (hi == lo).any():  # (an empty window's median: NaN)
         return np.full(n, side)
-    lev = _window_medians(r_in, lo, hi)
+    lev = window_medians(r_in, lo, hi)
     if not (lev > 0).all():
         return np.full(n, side)
     return np.interp(pos, centres, lev)
