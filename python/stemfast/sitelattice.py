@@ -781,7 +781,10 @@ def _kernel_plans(kernels: list) -> tuple:
             plan.append(tuple((w, tuple(t)) for w, t in by_w.items()))
         groups.append(tuple(plan))
     cells = np.flatnonzero((np.abs(flat) > eps).any(0))
-    return tuple(groups), cells, flat[:, cells], np.abs(flat[:, cells]) > eps
+    arrays = (cells, flat[:, cells], np.abs(flat[:, cells]) > eps)
+    for a in arrays:  # kept per radius (:func:`_fit_plans`): read-only
+        a.flags.writeable = False
+    return (tuple(groups), *arrays)
 
 
 @functools.lru_cache(maxsize=None)
