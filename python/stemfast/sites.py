@@ -1484,7 +1484,7 @@ def _scan_lines(img: np.ndarray, idx, xy: np.ndarray, s: SiteSettings, no_data: 
     return lines, lines.near(xy, STREAK_REACH * s.column_noise_px)
 
 
-def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = None, spectrum=None):
+def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None, spectrum):
     """``(image, jumps, ring, vacuum)``: ``img`` with its bands of sideways-jumped scan lines moved back
     (:func:`stemfast.scanlines.scan_line_jumps`, over the reach the lattice allows, candidates
     confirmed against the metal lattice's three shortest translations, :func:`_confirmed_jumps`, and
@@ -1496,8 +1496,8 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
     candidates were seen but the ring could not confirm them, or bands beyond the reach were not
     repaired), and the Bragg ring when it was read off the image returned (the unchanged one, or the
     one with its confirmed jumps undone; else None) with the vacuum it was read beside
-    (:func:`_bragg_ring`). ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum` where already
-    computed."""
+    (:func:`_bragg_ring`). ``spectrum``: ``img``'s :func:`stemfast.braggring.ring_spectrum` (the ring's
+    and the coarser ring's: one transform for both, made by :func:`_noise_and_jumps`)."""
     from .scanlines import lattice_line_bands, needs_lattice_lines, scan_line_jumps
 
     if not s.scan_lines:
@@ -1505,8 +1505,6 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None = 
     jumps = scan_line_jumps(img)
     if not jumps.candidates.any() and not needs_lattice_lines(s.spacing):  # (not only bands: a jump back read a lattice period off is no band yet)
         return img, jumps, None, None
-    if spectrum is None:
-        spectrum = ring_spectrum(img)  # the ring's and the coarser ring's: one transform for both
     try:
         ring, vac = _bragg_ring(img, s, no_data, spectrum)
     except _NoLattice:
