@@ -1011,8 +1011,7 @@ def _read_mrc(path: Path, frames: Any):
         ps = float(vs.x) if float(vs.x) > 0 else None
         meta = {"format": "mrc", "reader": "mrcfile",
                 "voxel_size_A": [float(vs.x), float(vs.y), float(vs.z)]}
-        mapped = isinstance(m.data, np.memmap) and isinstance(getattr(m.data, "offset", None), int)
-        if not mapped:  # (mrcfile maps every mode it reads: should it not, read whole)
+        if not isinstance(m.data, np.memmap):  # (mrcfile maps every mode it reads: should it not, read whole)
             sel = _select_frames(path, m.data, frames)
             _check_memory(path, sel.shape, sel.dtype)
             return np.array(sel), ps, ("A" if ps else None), meta
