@@ -37,6 +37,16 @@ def image():
     return make_mos2(shape=(SIZE, SIZE), rotation_deg=9.0, seed=11)
 
 
+def _assert_found(table, synth) -> None:
+    """Correctness alongside the speed: every atom column of ``synth`` found or predicted, nothing
+    invented (recall and precision >= 0.99 within 0.3 spacings)."""
+    nn = synth.meta["nn_px"]
+    _, _, recall = truth_match(table.xy, synth.truth, nn)
+    dp, _ = cKDTree(synth.truth[:, :2]).query(table.xy)
+    precision = float((dp <= 0.3 * nn).mean())
+    assert recall >= 0.99 and precision >= 0.99, (recall, precision)
+
+
 def test_find_sites_throughput(benchmark, speed_gate, image):
     img = image.image
     nn = image.meta["nn_px"]
@@ -46,11 +56,7 @@ def test_find_sites_throughput(benchmark, speed_gate, image):
     timings: dict = {}
     table = benchmark.pedantic(lambda: find_sites(img, timings=timings), rounds=2, iterations=1)
     t_ours = benchmark.stats.stats.min
-    # correctness alongside: every atom column found or predicted, nothing invented
-    _, _, recall = truth_match(table.xy, image.truth, nn)
-    dp, _ = cKDTree(image.truth[:, :2]).query(table.xy)
-    precision = float((dp <= 0.3 * nn).mean())
-    assert recall >= 0.99 and precision >= 0.99, (recall, precision)
+    _assert_found(table, image)
     benchmark.extra_info.update(seconds=t_ours, sites=len(table), sites_per_s=len(table) / t_ours,
                                 stages={k: round(v, 4) for k, v in timings.items()}, size=SIZE)
     print(f"\nfind_sites {SIZE}x{SIZE}: {t_ours:.2f} s, {len(table)} sites, {len(table) / t_ours:,.0f} sites/s; "
@@ -69,7 +75,4 @@ def test_find_sites_on_a_series_frame(speed_gate):
     find_sites(img[:256, :256])  # warm the JIT / thread pools
     speed_gate("find_sites_frame_vs_gaussian_filter", lambda: find_sites(img),
                lambda: ndimage.gaussian_filter(img, nn), repeat=5, warmup=(1, 1), min_cpu=0.0)
-    table = find_sites(img)
-    _, _, recall = truth_match(table.xy, s.truth, nn)
-    dp, _ = cKDTree(s.truth[:, :2]).query(table.xy)
-    assert recall >= 0.99 and float((dp <= 0.3 * nn).mean()) >= 0.99
+    _assert_found(find_sites(img), s)
