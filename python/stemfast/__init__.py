@@ -2,7 +2,7 @@
 
 The main entry points (imported lazily, so ``import stemfast`` stays light and does not load torch):
 
-- :func:`stemfast.read` -- read a micrograph (TIFF, NPY, HDF5; DM3/DM4/EMD/SER/MRC with ``stemfast[io]``)
+- :func:`stemfast.read` -- read a micrograph (TIFF, NPY, Nion .ndata; HDF5/DM3/DM4/EMD/SER/MRC with ``stemfast[io]``)
 - :func:`stemfast.find_sites` -- every atomic column and every place a column should be
 - :class:`stemfast.RVAE` -- rotation-invariant VAE on site patches (spatial transformer + VAE)
 - :func:`stemfast.run_image` -- the whole pipeline on one image

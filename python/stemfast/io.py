@@ -1,8 +1,8 @@
 """Reading micrographs (single images and time series) with their pixel calibration.
 
-:func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, HDF5 (h5py), Nion Swift data items
-(``.ndata``, and ``.h5`` with their calibration: :mod:`stemfast.nion`) and, through the
-optional extra ``stemfast[io]`` (RosettaSciIO, h5py, mrcfile), Gatan ``.dm3`` / ``.dm4``,
+:func:`read` opens TIFF (tifffile), NumPy ``.npy`` / ``.npz``, Nion Swift ``.ndata`` data items
+(with their calibration: :mod:`stemfast.nion`) and, through the optional extra ``stemfast[io]``
+(RosettaSciIO, h5py, mrcfile), HDF5 (h5py; Nion's ``.h5`` data items too), Gatan ``.dm3`` / ``.dm4``,
 ``.emd`` (Velox, NCEM), FEI/TIA ``.ser`` / ``.emi``, ``.mrc`` and HyperSpy's ``.hspy``; and, named as files, exported
 pictures (``.png``, ``.jpg``, ``.bmp``: Pillow) with a warning that they are no data. Every problem with a file -- it
 is missing, corrupt, truncated, of an unsupported kind, empty, too small, 1-D, complex or has
