@@ -48,3 +48,22 @@ def test_each_readme_command_line_parses(argv, capsys):
         build_parser().parse_args(argv)
     except SystemExit as e:  # --help prints and exits 0; a bad option exits 2
         assert e.code == 0, capsys.readouterr().err
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_each_commands_help_names_only_its_own_options(command):
+    """A command's ``--help`` is the user's reference: an option it names must be one the command takes
+    (``batch --help`` said "Without this, --companion or --companion-name", and batch has no --companion)."""
+    parser = _subparsers()[command]
+    own = {s for a in parser._actions for s in a.option_strings}
+    texts = [parser.description, parser.epilog] + [a.help for a in parser._actions] + \
+        [g.description for g in parser._action_groups]  # as written (format_help wraps an option's name)
+    # another command's option, named as such ("stemfast batch --model"), is no claim about this one
+    text = re.sub(r"stemfast [a-z]+ --[a-z-]+", "", "\n".join(s for s in texts if isinstance(s, str)))
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+    assert named - own == set()

@@ -185,7 +185,8 @@ def add_companion_options(p: argparse.ArgumentParser, *, single_file: bool = Fal
                         "COMPANION are companions, not inputs; an input whose companion is missing is analysed "
                         "alone with a warning")
     x.add_argument("--no-companion", action="store_true",
-                   help="analyse each image alone. Without this, --companion or --companion-name, the companion "
+                   help=f"analyse each image alone. Without this{', --companion' if single_file else ''} or "
+                        "--companion-name, the companion "
                         "of an input is the file beside it whose name differs in the detector's name alone "
                         "(s_HAADF.dm4 and s_MAADF.dm4, X_ADF1_2.dm4 and X_ADF2_2.dm4; any case; dark-field "
                         "detectors), used where it is of the same scan (shape, calibration, exposure, columns on "
