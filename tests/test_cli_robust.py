@@ -371,6 +371,54 @@ def test_a_model_file_with_architecture_settings_is_refused(env, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["batch", "analyze"])
+@pytest.mark.parametrize("cli, setting, named", [
+    (["--latent-dim", "4"], {"model.latent_dim": 4}, "model.latent_dim = 4 (--latent-dim)"),
+    (["--set", "model.latent_dim=4"], {"model.latent_dim": 4}, "model.latent_dim = 4 (--latent-dim)"),
+    (["--set", "model.input_size=24"], {"model.input_size": 24}, "model.input_size = 24 (--set model.input_size)")])
+def test_an_architecture_option_at_its_default_value_is_checked_against_the_model_file(env, tmp_path, capsys,
+                                                                                         command, cli, setting, named):
+    """--model latent7.pt --latent-dim 4: 4 is the default, and the check of the architecture settings
+    against the file saw only the resolved settings, where a typed default looks like none: the
+    option was dropped without a word (exit 0, the file's latent 7 used). The command line now hands
+    run_batch the options typed: exit 2 naming the option, its value and the file's, before any work
+    (batch and analyze); the same in the API with ``given_settings``."""
+    import dataclasses
+
+    from stemfast.cli import main
+    from stemfast.errors import SettingsError
+    from stemfast.model import RVAE
+    from stemfast.model.training import build_network
+
+    mc = dataclasses.replace(env["cfg"].model, latent_dim=7, input_size=32)  # neither is the default
+    latent7 = tmp_path / "latent7.pt"
+    RVAE(build_network(mc), mc).save(latent7)
+    out = tmp_path / "out"
+    where = str(env["data"]) if command == "batch" else str(env["data"] / "good.npy")
+    code = main([command, where, "-o", str(out), "--config", str(env["toml"]), "--model", str(latent7), *cli])
+    err = capsys.readouterr().err
+    assert code == EXIT_SETTINGS, err
+    assert f"--model {latent7} is used as it is (model rvae, latent_dim 7, input_size 32)" in err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        run_batch(env["data"], out, config=load_config(env["toml"], setting), model_path=latent7,
+                  show_progress=False, given_settings=set(setting))
+    assert not out.exists()
+
+
+def test_an_architecture_option_equal_to_the_model_files_is_fine(env, tmp_path, capsys):
+    """--model FILE with --latent-dim / --set model.input_size of the file's own values (here: 4, the
+    default, and 16): the run goes on with the file's architecture."""
+    from stemfast.cli import main
+
+    out = tmp_path / "out"
+    assert main(["analyze", str(env["data"] / "good.npy"), "-o", str(out), "--config", str(env["toml"]),
+                 "--model", str(env["a"]), "--latent-dim", "4", "--set", "model.input_size=16"]) == EXIT_OK
+    assert parse_toml((out / "stemfast.toml").read_text())["model"]["latent_dim"] == 4
+    assert (out / "good" / "done.json").exists()
+
+
 def test_a_model_files_own_architecture_is_the_runs(env, tmp_path):
     """--model FILE with the default settings: OUT/stemfast.toml's [model] said input_size = 24 and
     channels = [8, 16, 32] (the defaults, ignored) for the tiny model of input 16, channels [8, 8, 8];

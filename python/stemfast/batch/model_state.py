@@ -390,17 +390,20 @@ def given_identity(model, src: Path) -> dict:
     return {"name": name, "version": d["version"], "architecture": d["architecture"]}
 
 
-def given_for_run(model_path, config, *, worker: bool = False):
+def given_for_run(model_path, config, *, worker: bool = False, given_settings=()):
     """The ``--model`` file's model (:func:`check_model_file`; in an encode worker with ``worker``,
     :func:`given_model`) and ``config`` with the model's own architecture
     (:func:`stemfast.model.shipped.with_architecture`): the file is used as it is, so its network is
-    the run's. Returns ``(model, config)``.
+    the run's. ``given_settings``: the settings set explicitly (dotted keys; the command line's
+    options), whose architecture values must equal the file's even where they are the defaults.
+    Returns ``(model, config)``.
 
     Raises
     ------
     stemfast.errors.SettingsError
         When the settings ask for another architecture (``--plain-vae``, ``--latent-dim``, ...:
-        values that differ from the model's and the defaults), which the file cannot give.
+        values that differ from the model's and either from the defaults or are among
+        ``given_settings``), which the file cannot give.
     stemfast.errors.ModelFileError
         The file is missing or not a stemfast model.
     """
@@ -412,7 +415,7 @@ def given_for_run(model_path, config, *, worker: bool = False):
     own = getattr(model, "config", None)
     if own is None:
         return model, config
-    asked = asked_architecture(own, config.model)
+    asked = asked_architecture(own, config.model, given_settings)
     if asked:
         close = getattr(model, "close", None)
         if callable(close):

@@ -92,7 +92,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
               max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
               cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
               finetune: int = 0, read_options: ReadOptions | None = None, companions=None,
-              companion_name: str | tuple[str, str] | None = None, auto_companion: bool = True) -> BatchReport:
+              companion_name: str | tuple[str, str] | None = None, auto_companion: bool = True,
+              given_settings=()) -> BatchReport:
     """Run the whole pipeline on every micrograph of ``inputs`` (folders and/or files) into ``out_dir``.
 
     Parameters
@@ -123,6 +124,10 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     auto_companion : without ``companions`` and ``companion_name``, pair each input with the file beside
         it whose name differs in the detector's name alone (``s_HAADF.dm4`` and ``s_MAADF.dm4``), where it
         is of the same scan (:func:`stemfast.batch.companions.automatic_companion`); False: each alone.
+    given_settings : the settings (dotted keys, e.g. ``"model.latent_dim"``) the caller set explicitly:
+        with ``model_path``, an architecture setting among them must equal the file's even at its
+        default value (``config`` alone cannot tell a default set from one left alone). The command
+        line passes the options typed (:func:`stemfast.cli.options.overrides_from_args`).
 
     Returns
     -------
@@ -171,7 +176,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     check_finetune_settings(config.model, opts.finetune)
     given = None
     if opts.model_path is not None:  # loaded and checked before the output folder is touched
-        given, config = given_for_run(opts.model_path, config, worker=opts.scheduler is None)
+        given, config = given_for_run(opts.model_path, config, worker=opts.scheduler is None,
+                                      given_settings=frozenset(given_settings))
     out = Path(out_dir)
     try:
         with OutputLock(out, command=f"stemfast batch -> {out}"):

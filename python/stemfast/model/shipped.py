@@ -303,9 +303,12 @@ def compatible_settings(model_config, requested) -> list[str]:
     return [f for f in ARCH_FIELDS if getattr(model_config, f, None) != getattr(requested, f, None)]
 
 
-def asked_architecture(model_config, requested) -> list[str]:
+def asked_architecture(model_config, requested, given=()) -> list[str]:
     """The architecture fields (:data:`ARCH_FIELDS`) where ``requested`` (the run's RVAEConfig) asks for
-    another network than ``model_config``'s: it differs from the model's value and from the default.
+    another network than ``model_config``'s: it differs from the model's value and from the default,
+    or it differs from the model's value and was set explicitly (``given``: the settings the caller
+    knows were set, dotted keys such as ``"model.latent_dim"``; the command line knows which options
+    were typed, a config object cannot tell a default set from one left alone).
 
     Examples
     --------
@@ -314,11 +317,14 @@ def asked_architecture(model_config, requested) -> list[str]:
     []
     >>> asked_architecture(RVAEConfig(input_size=32), RVAEConfig(model="vae", latent_dim=7))
     ['model', 'latent_dim']
+    >>> asked_architecture(RVAEConfig(latent_dim=7), RVAEConfig(), given={"model.latent_dim"})  # typed
+    ['latent_dim']
     """
     from .settings import RVAEConfig
 
     default = RVAEConfig()
-    return [f for f in compatible_settings(model_config, requested) if getattr(requested, f) != getattr(default, f)]
+    return [f for f in compatible_settings(model_config, requested)
+            if getattr(requested, f) != getattr(default, f) or f"model.{f}" in given]
 
 
 def settings_text(fields, requested) -> str:
