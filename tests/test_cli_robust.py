@@ -982,9 +982,27 @@ def test_a_large_image_shows_a_bar_over_the_stages(monkeypatch, capsys):
         assert stage in err, stage
     assert type(pickle.loads(pickle.dumps(prep.timings))) is dict
     assert summary["timings_s"] == dict(prep.timings)
-    # a small image (under STAGE_BAR_PX) or no terminal: a plain dict, no bar
+    # progress off: a plain dict, no bar (off a terminal: log lines, tests/test_progress_log.py)
     monkeypatch.setenv("STEMFAST_PROGRESS", "0")
     assert type(prepare(img, config=cfg).timings) is dict
+
+
+def test_a_batch_off_a_terminal_logs_its_progress(env, tmp_path, capsys, monkeypatch):
+    """A batch whose stderr is a log file (a cluster job, nohup) wrote no progress at all: the bars
+    show only on a terminal. Now the files' count goes to the log (INFO lines of stemfast.progress,
+    without -v); STEMFAST_PROGRESS=0 still turns it off."""
+    monkeypatch.delenv("STEMFAST_PROGRESS", raising=False)
+    assert not sys.stderr.isatty()
+    out = tmp_path / "out"
+    assert run_batch_cli(_args(env, out)) == EXIT_OK
+    captured = capsys.readouterr()
+    lines = [s for s in captured.err.splitlines() if " INFO stemfast.progress: " in s]
+    assert any(s.endswith("INFO stemfast.progress: analyse: 0/2 file (0%), 00:00 elapsed") for s in lines), lines
+    assert "analyse: 2/2 file (100%)" in lines[-1] and len(lines) <= 4
+    assert "stemfast.progress" not in captured.out
+    monkeypatch.setenv("STEMFAST_PROGRESS", "0")
+    assert run_batch_cli(_args(env, out, "--force")) == EXIT_OK
+    assert "stemfast.progress" not in capsys.readouterr().err
 
 
 def test_a_reused_model_of_another_input_size_gets_patches_of_its_own_size(env, tmp_path):

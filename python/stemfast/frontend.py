@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import PipelineConfig
 from .contrast import inverted
-from .logutil import StageTimings, show_progress
+from .logutil import StageTimings, progress_mode
 from .pairnaming import names_contradicted
 from .patches import LazyPatches, default_patch_size, extract_patches, resample_weights
 from .scanlines import levelled_image
@@ -116,7 +116,8 @@ def prepare(image: np.ndarray, *, config: PipelineConfig = PipelineConfig(), pix
                     patch_size=int(size), timings=timings)
 
 
-#: an image of at least this many pixels gets a bar over the pipeline's stages (on a terminal): its run
+#: an image of at least this many pixels gets a bar over the pipeline's stages (on a terminal; progress
+#: lines in the log elsewhere, :class:`stemfast.logutil.LogProgress`): its run
 #: takes from seconds (4096^2: 5-14 s on 2 cores) to minutes (16384^2: ~2 min)
 STAGE_BAR_PX = 4096 * 4096
 
@@ -124,8 +125,9 @@ STAGE_BAR_PX = 4096 * 4096
 def _stage_timings(image) -> dict:
     """The dict the stages record their seconds in: a :class:`~stemfast.logutil.StageTimings` with a
     bar over the stages of one image (:data:`stemfast.report.STAGES` after ``read``; ``encode`` and
-    ``analysis`` are recorded by :func:`stemfast.pipeline.analyze`) for a large image on a terminal."""
-    if np.size(image) < STAGE_BAR_PX or not show_progress():
+    ``analysis`` are recorded by :func:`stemfast.pipeline.analyze`) for a large image, unless progress is
+    off (``STEMFAST_PROGRESS=0``)."""
+    if np.size(image) < STAGE_BAR_PX or progress_mode() == "off":
         return {}
     from .report import STAGES
 

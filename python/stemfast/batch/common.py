@@ -53,7 +53,8 @@ def peak_memory_mib() -> float:
 
 
 def progress_bar(iterable, show: bool, **kwargs):
-    """A progress bar (stemfast.logutil.progress: only on a terminal), or none when ``show`` is False."""
+    """Progress (:func:`stemfast.logutil.progress`: a bar on a terminal, log lines elsewhere), or none
+    when ``show`` is False."""
     if not show:
         kwargs["disable"] = True
     return progress(iterable, **kwargs)

@@ -196,7 +196,8 @@ class RVAEConfig:
         ``torch.set_num_threads`` for the run; None keeps torch's setting (OMP_NUM_THREADS) unless
         ``STEMFAST_NUM_THREADS`` is set.
     progress : bool or None
-        tqdm bar; None = only on a terminal (``STEMFAST_PROGRESS`` overrides).
+        progress of the epochs: True a tqdm bar, False none; None = a bar on a terminal, INFO lines in
+        the log elsewhere (:func:`stemfast.logutil.progress`; ``STEMFAST_PROGRESS`` overrides).
     """
 
     model: Literal["rvae", "vae"] = "rvae"

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -97,16 +96,6 @@ def float32_inference(device: torch.device):
 def _grad_scaler(device: torch.device, enabled: bool):
     use = device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
     return torch.amp.GradScaler("cuda", enabled=use)
-
-
-def _show_progress(flag: bool | None) -> bool:
-    if flag is not None:
-        return bool(flag)
-    try:
-        from ..logutil import show_progress
-    except ImportError:  # pragma: no cover - logutil is part of the package
-        return sys.stderr.isatty()
-    return show_progress()
 
 
 # ----------------------------------------------------------------------------- data
@@ -237,14 +226,16 @@ def stn_pair_loss(net: RVAENet, x: torch.Tensor, angle: torch.Tensor, anchor_wei
 
 # ----------------------------------------------------------------------------- loops
 
-def _bar(total: int, desc: str, enabled: bool):
-    from ..logutil import tqdm_class
+def _bar(total: int, desc: str, enabled: bool | None):
+    """The epochs' progress (:func:`stemfast.logutil.progress`): forced on or off by ``enabled``, else
+    (None) a bar on a terminal, log lines elsewhere, none with ``STEMFAST_PROGRESS=0``."""
+    from ..logutil import progress
 
-    return tqdm_class()(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress(total=total, desc=desc, leave=False, **({} if enabled is None else {"disable": not enabled}))
 
 
 def pretrain_stn(net: RVAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEConfig, *,
-                 device: torch.device, history: dict, progress: bool = False) -> None:
+                 device: torch.device, history: dict, progress: bool | None = False) -> None:
     """Stage 1: pretrain ``net.stn`` on rotated pairs, with early stopping; leaves it frozen (stage 2)."""
     stn = net.stn
     opt = torch.optim.Adam(stn.parameters(), lr=config.stn_lr)
@@ -326,7 +317,7 @@ def _vae_eval(net: VAENet, val: torch.Tensor, config: RVAEConfig, device: torch.
 
 
 def train_vae(net: VAENet, train: torch.Tensor, val: torch.Tensor, config: RVAEConfig, *,
-              device: torch.device, history: dict, progress: bool = False) -> None:
+              device: torch.device, history: dict, progress: bool | None = False) -> None:
     """Stage 3: train encoder / decoder (through the frozen STN for the rVAE) with early stopping."""
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
@@ -402,10 +393,10 @@ def fit_network(patches: np.ndarray, config: RVAEConfig, *, progress: bool | Non
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
-        return _fit(patches, config, device, _show_progress(config.progress if progress is None else progress))
+        return _fit(patches, config, device, config.progress if progress is None else progress)
 
 
-def _fit(patches: np.ndarray, config: RVAEConfig, device: torch.device, show: bool) -> tuple[VAENet, dict]:
+def _fit(patches: np.ndarray, config: RVAEConfig, device: torch.device, show: bool | None) -> tuple[VAENet, dict]:
     n = len(patches)
     rng = np.random.default_rng(config.seed)
     if config.max_train_patches is not None and n > config.max_train_patches:
