@@ -258,3 +258,48 @@ def test_the_input_notes_of_a_stack_on_dask_are_of_all_its_frames(hard_runs):
     s = json.loads((b / "nan" / "summary.json").read_text())
     assert s["input"]["nonfinite_replaced"] == 30 and any("30 NaN/infinite pixels" in w for w in s["warnings"])
     assert json.loads((b / "nan" / "done.json").read_text())["read_options"] == ReadOptions(fill_nonfinite=True).key()
+
+
+def test_a_refused_shipped_model_is_recorded_on_dask_as_in_process(tmp_path, monkeypatch):
+    """The shipped model refused (here: its weights damaged) on a Dask run: the model is resolved in the
+    client, as in the in-process run, so the refusal and its reason are recorded the same way --
+    BatchReport.model_refused, batch_summary.json, OUT/model.json, each summary.json and report.html --
+    and the model trained instead is the one the workers run. (Checked when the note "Dask
+    model-worker refusals unrecorded" was looked into: already so.)"""
+    import shutil
+
+    import numpy as np
+
+    from stemfast.model import shipped
+    from stemfast.synthetic import make_mos2
+
+    if not (shipped.MODEL_PATH.is_file() and shipped.MANIFEST_PATH.is_file()):
+        pytest.skip("no shipped model in the package data")
+    for name in ("MODEL_PATH", "MANIFEST_PATH"):
+        copy = tmp_path / getattr(shipped, name).name
+        shutil.copyfile(getattr(shipped, name), copy)
+        monkeypatch.setattr(shipped, name, copy)
+    raw = bytearray(shipped.MODEL_PATH.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shipped.MODEL_PATH.write_bytes(bytes(raw))
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "img.npy", make_mos2(shape=(160, 160), seed=11, rotation_deg=12.0).image.astype(np.float32))
+    cfg = load_config(None, {"model.epochs": 1, "model.stn_epochs": 1, "model.max_train_patches": 300,
+                             "model.device": "cpu"})
+    seen = {}
+    for how, scheduler in (("in-process", None), ("dask", "local:1")):
+        out = tmp_path / how
+        with pytest.warns(RuntimeWarning, match="shipped default model not used"):
+            rep = run_batch(data, out, config=cfg, scheduler=scheduler, show_progress=False)
+        assert [r.status for r in rep.results] == ["done"] and rep.model_trained
+        bs = json.loads((out / "batch_summary.json").read_text())["model"]
+        s = json.loads((out / "img" / "summary.json").read_text())["model"]
+        info = json.loads((out / "model.json").read_text())
+        html = (out / "report.html").read_text()
+        assert rep.model_refused == bs["refused"] == s["refused"] == info["refused"]
+        assert "warning: the shipped default model was not used (shipped model default_rvae.pt: SHA-256" in html
+        assert s["sha256"] == bs["sha256"] == rep.model_sha256  # the trained model ran the input
+        seen[how] = (rep.model_refused, bs["source"], bs["name"], s["name"], rep.exit_code)
+    assert seen["dask"] == seen["in-process"]
+    assert seen["dask"][0].startswith("shipped model default_rvae.pt: SHA-256") and seen["dask"][1] == "trained"

@@ -264,3 +264,61 @@ def test_no_fork_while_other_threads_run():
     finally:
         stop.set()
         t.join()
+
+
+_REFUSED = """
+import json, logging, shutil, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO)
+from stemfast.model import shipped
+from stemfast.batch import run_batch
+from stemfast.config import load_config
+# the shipped files copied, the manifest's version changed: the weights' checksum and the input contract
+# pass, the tag check -- done where the model is loaded, here in the worker -- refuses it
+tmp = Path(sys.argv[3])
+for name in ("MODEL_PATH", "MANIFEST_PATH"):
+    setattr(shipped, name, Path(shutil.copyfile(getattr(shipped, name), tmp / getattr(shipped, name).name)))
+man = json.loads(shipped.MANIFEST_PATH.read_text())
+man["version"] = "9.9"
+shipped.MANIFEST_PATH.write_text(json.dumps(man))
+cfg = load_config(None, {"model.engine": "torch", "model.epochs": 1, "model.stn_epochs": 1,
+                         "model.max_train_patches": 300, "model.device": "cpu"})
+r = run_batch([sys.argv[1]], sys.argv[2], show_progress=False, config=cfg)
+out = Path(sys.argv[2])
+print(json.dumps({"exit": r.exit_code, "status": [x.status for x in r.results], "refused": r.model_refused,
+                  "trained": r.model_trained, "batch": json.loads((out / "batch_summary.json").read_text())["model"],
+                  "info": json.loads((out / "model.json").read_text()).get("refused"),
+                  "summary": json.loads((out / "img" / "summary.json").read_text())["model"]["refused"]
+                  if (out / "img" / "summary.json").is_file() else "no summary.json"}))
+"""
+
+
+@pytest.mark.slow
+def test_a_shipped_model_the_worker_refuses_is_a_refusal_as_in_process(tmp_path):
+    """The shipped model refused where it is loaded (its tag differs from the manifest's): in this
+    process a warning, the reason in the records and a model trained instead; in the encode worker the
+    refusal came back at the first encode and failed every input (exit 3, the batch summary saying
+    "shipped", refused none). Now the worker's refusal is the same refusal."""
+    from stemfast.model.shipped import MANIFEST_PATH, MODEL_PATH
+    from stemfast.synthetic import make_mos2
+
+    if not (MODEL_PATH.is_file() and MANIFEST_PATH.is_file()):
+        pytest.skip("no shipped model in the package data")
+    img = tmp_path / "img.npy"
+    np.save(img, make_mos2(shape=(160, 160), seed=11, rotation_deg=12.0).image.astype(np.float32))
+    runs = {}
+    for mode in ("1", "0"):
+        (tmp_path / f"files{mode}").mkdir()
+        p = _run(_REFUSED.replace("sys.argv[1]", repr(str(img))).replace("sys.argv[2]", repr(str(tmp_path / f"out{mode}")))
+                 .replace("sys.argv[3]", repr(str(tmp_path / f"files{mode}"))), {ew.ENV_VAR: mode}, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[mode] = (json.loads(p.stdout.strip().splitlines()[-1]), p.stderr)
+    (w, w_log), (s, s_log) = runs["1"], runs["0"]
+    assert "encoding in a worker process" in w_log and "encoding in a worker process" not in s_log
+    assert w["exit"] == s["exit"] == 0 and w["status"] == s["status"] == ["done"] and w["trained"] and s["trained"]
+    reason = "shipped model tag "
+    assert w["refused"] == s["refused"] and w["refused"].startswith(reason) and "9.9" in w["refused"]
+    for run in (w, s):
+        assert run["batch"]["refused"] == run["info"] == run["summary"] == run["refused"]
+        assert run["batch"]["source"] == "trained"
+    assert "shipped default model not used" in w_log

@@ -18,9 +18,11 @@ or other threads running (a lock held at the fork could block the child).
 The Dask runner and training runs encode in their own processes as before.
 
 A failure in the child comes back as the exception it raised (its traceback logged here) and fails
-the frame or file as it would in this process; a child that died is reported with its exit code, one
-that does not load the model in 10 minutes is ended, and no call waits on a dead child. The child ends when this process closes the worker or exits (it is a
-daemon, and it stops when its end of the pipe closes).
+the frame or file as it would in this process (the shipped model refused by the child's checks when it
+loads is a refusal, as in this process: the runner waits for the load before the analysis); a child
+that died is reported with its exit code, one that does not load the model in 10 minutes is ended,
+and no call waits on a dead child. The child ends when this process closes the worker or exits (it is
+a daemon, and it stops when its end of the pipe closes).
 """
 from __future__ import annotations
 

@@ -384,6 +384,24 @@ def _shipped_on_torch(config, opts: BatchOptions, refused: list | None = None):
     from ..figures import pyplot
 
     pyplot()  # import the plotting modules while the worker imports torch
+    return _loaded_or_refused(model, refused)
+
+
+def _loaded_or_refused(model, refused: list | None = None):
+    """``model`` (the shipped model in an encode worker) once the worker has loaded it; None when the
+    worker's checks of the file refused it (``ShippedModelError``: a version tag or input contract that
+    differs from the manifest's, a file torch cannot load) -- a refusal as where it is loaded in this
+    process: a warning, the reason appended to ``refused`` (the run's records), a model trained
+    instead; it failed every input before. A worker that died is left to fail the inputs, as before."""
+    from ..model.shipped import ShippedModelError, warn_refused
+
+    try:
+        model.worker.ready()
+    except ShippedModelError as exc:
+        warn_refused(exc, refused)
+        return None
+    except Exception:  # noqa: BLE001 - the worker died or hung: raised again by each encode, failing the inputs
+        log.debug("the encode worker did not load the shipped model", exc_info=True)
     return model
 
 

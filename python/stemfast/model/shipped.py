@@ -43,7 +43,8 @@ __all__ = ["ShippedModelError", "DATA_DIR", "MODEL_PATH", "MANIFEST_PATH", "ARRA
            "load_compiled_default", "compiled_default_or_none", "shipped_for_run", "INPUT_CONTRACT_VERSION",
            "RETRAIN_COMMAND", "input_contract", "check_contract", "manifest", "load_default_model",
            "default_model", "usable_manifest", "describe_model", "compatible_settings", "ARCH_OPTIONS",
-           "architecture", "asked_architecture", "settings_text", "with_architecture", "check_finetune_settings"]
+           "architecture", "asked_architecture", "settings_text", "with_architecture", "check_finetune_settings",
+           "warn_refused"]
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ def usable_manifest(config=None, *, probe: bool = True, refused: list | None = N
             check_contract(man.get("contract"), int((man.get("config") or {}).get("input_size", -1)),
                            backend=getattr(getattr(config, "sites", None), "backend", None))
     except ShippedModelError as exc:
-        _warn_refused(exc, refused)
+        warn_refused(exc, refused)
         return None
     return man
 
@@ -405,7 +406,7 @@ def _settings_differ(man: dict, requested) -> bool:
     return bool(diff)
 
 
-def _warn_refused(exc: ShippedModelError, refused: list | None = None) -> str:
+def warn_refused(exc: ShippedModelError, refused: list | None = None) -> str:
     """Warn that the shipped model is refused (``exc`` says why) and a model is trained instead;
     the reason is appended to ``refused`` (for the run's records). Returns the warning."""
     msg = f"shipped default model not used: {exc}; training a model on the inputs instead " \
@@ -435,7 +436,7 @@ def default_model(config=None, *, map_location=None, refused: list | None = None
         model = load_default_model(map_location=map_location,
                                    backend=getattr(getattr(config, "sites", None), "backend", None))
     except ShippedModelError as exc:
-        _warn_refused(exc, refused)
+        warn_refused(exc, refused)
         return None
     if requested is not None and compatible_settings(model.config, requested):
         return None
