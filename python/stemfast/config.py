@@ -76,6 +76,8 @@ __all__ = [
     "input_table",
     "config_to_dict",
     "config_hash",
+    "RESULT_NEUTRAL_SETTINGS",
+    "neutral_settings",
     "file_sha256",
     "apply_overrides",
     "check_environment",
@@ -692,12 +694,66 @@ def _canonical(obj):
     return obj
 
 
-def config_hash(config) -> str:
-    """Short, stable hash (16 hex digits) of every setting of ``config``.
+#: The settings that change no result, only how a run goes: dotted key -> why (measured: the default batch of
+#: ``data/real/mos2_vdoped`` and of ``wse2_ti`` with each at several values wrote byte-identical sites.csv,
+#: tracks and figures). :func:`config_hash` -- the settings in a batch's resume key -- reads them at their
+#: defaults, so a rerun that changes only these reuses the results; ``stemfast.toml`` records them like every
+#: setting, and each input's ``summary.json`` the values its results were made with (``neutral_settings``).
+RESULT_NEUTRAL_SETTINGS = {
+    "model.num_threads": "torch's threads: encoding splits the patches into sub-batches by them, one intra-op "
+                         "thread each, and every split gives the same bits (1, 2, 4, 8 threads; torch and compiled "
+                         "engine, shipped, given and fine-tuned models). Training's weights do depend on them, "
+                         "but the resume key holds the model's SHA-256 and a trained model is reused with the "
+                         "results: the results follow the model file (None already lets the machine choose)",
+    "model.progress": "the progress bar of training alone (the trained weights are the same bits)",
+}
 
-    Two configurations with the same hash give the same results (same version of stemfast).
+
+def neutral_settings(config) -> dict:
+    """The values of :data:`RESULT_NEUTRAL_SETTINGS` in ``config`` (dotted key -> value).
+
+    Examples
+    --------
+    >>> neutral_settings(load_config(None, {"model.num_threads": 4}))
+    {'model.num_threads': 4, 'model.progress': None}
     """
-    text = json.dumps(_canonical(config_to_dict(config)), sort_keys=True, separators=(",", ":"), default=str)
+    out = {}
+    for key in RESULT_NEUTRAL_SETTINGS:
+        obj = config
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        out[key] = obj
+    return out
+
+
+def _results_dict(config) -> dict:
+    """:func:`config_to_dict` with the :data:`RESULT_NEUTRAL_SETTINGS` at their defaults (what the results
+    depend on: a configuration that leaves them at their defaults hashes as before they were left out)."""
+    d = config_to_dict(config)
+    for key in RESULT_NEUTRAL_SETTINGS:
+        *sections, leaf = key.split(".")
+        node, obj = d, config
+        for sec in sections:
+            node, obj = node[sec], getattr(obj, sec)
+        node[leaf] = _field_default(type(obj), leaf)
+    return d
+
+
+def config_hash(config) -> str:
+    """Short, stable hash (16 hex digits) of every setting of ``config`` that can change a result (all
+    but :data:`RESULT_NEUTRAL_SETTINGS`, which it reads at their defaults).
+
+    Two configurations with the same hash give the same results (same version of stemfast and model):
+    the settings part of a batch's resume key.
+
+    Examples
+    --------
+    >>> config_hash(load_config(None, {"model.num_threads": 4})) == config_hash(load_config(None))
+    True
+    >>> config_hash(load_config(None, {"model.seed": 1})) == config_hash(load_config(None))
+    False
+    """
+    text = json.dumps(_canonical(_results_dict(config)), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -786,6 +786,22 @@ def _model_used(model: Mapping) -> str:
             f"{' on ' + _e(model['device']) if model.get('device') else ''}{net})").lstrip()
 
 
+def _neutral_note(batch: Mapping) -> list[str]:
+    """A line naming the inputs whose results were made with other values of settings that change no
+    result than this run's (``made_with_other_neutral_settings`` of the batch summary), or none."""
+    other = batch.get("made_with_other_neutral_settings") or {}
+    if not other:
+        return []
+    now = batch.get("neutral_settings") or {}
+    groups: dict[str, list[str]] = {}  # the inputs made with the same values, named together
+    for name, vals in other.items():
+        groups.setdefault(", ".join(f"{k} = {v!r}" for k, v in vals.items()), []).append(name)
+    made = "; ".join(f"{', '.join(names)}: {vals}" for vals, names in groups.items())
+    asked = ", ".join(f"{k} = {now.get(k)!r}" for k in sorted({k for v in other.values() for k in v}))
+    return ["<p><small>" + _e(f"results kept from an earlier run, made with other values of settings that change "
+                              f"no result than this run's ({asked}): {made}") + "</small></p>"]
+
+
 def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Sequence[Mapping],
                       out_dir: str | os.PathLike) -> None:
     """Write the batch report: one HTML file, images embedded, openable offline.
@@ -807,6 +823,7 @@ def write_html_report(path: str | os.PathLike, *, batch: Mapping, summaries: Seq
     if model.get("refused"):  # the shipped model was not used: said where the results are read
         parts.append("<p class='warn'>warning: " + _e(f"the shipped default model was not used ({model['refused']}); "
                                                       "a model was trained on these inputs instead") + "</p>")
+    parts.extend(_neutral_note(batch))
     # overview
     parts.append("<h2>inputs</h2><table><tr><th class='l'>input</th><th class='l'>status</th><th>frames</th>"
                  "<th>sites</th><th>defects</th><th class='l'>defect kinds</th><th>spacing px</th></tr>")

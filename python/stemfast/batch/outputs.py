@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_open, write_json
+from ..config import neutral_settings
 from ..model.engine import combined_engine
 from .common import OUTPUT_FILES, STAGES, peak_memory_mib
 from .frames import FrameResult, has_lattice
@@ -424,6 +425,7 @@ def build_summary(src: InputSource, d: Path, totals: FrameTotals, trk, *, run: R
         "input": {**src.entry.fingerprint(), **src.info},
         "stemfast_version": __version__,
         "config_hash": run.chash,
+        "neutral_settings": neutral_settings(run.config),  # made with these (stemfast.config.RESULT_NEUTRAL_SETTINGS)
         "model_sha256": run.model_sha,
         # with the engine that ran it on this input's frames (stemfast.model.engine)
         "model": {**model_identity(d.parent, run.model_sha), "engine": combined_engine(m.get("engine") for m in fm),

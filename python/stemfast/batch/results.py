@@ -54,6 +54,8 @@ class BatchReport:
     scheduler: str | None = None
     #: entries of the input folders that could not be looked at (also in ``results``, as skipped)
     problems: list[InputResult] = field(default_factory=list)
+    #: this run's values of the settings that change no result (:func:`stemfast.config.neutral_settings`)
+    neutral_settings: dict = field(default_factory=dict)
 
     @property
     def skipped(self) -> list[InputResult]:

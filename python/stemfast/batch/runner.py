@@ -15,7 +15,9 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import recover_staged, write_json, write_text
 from ..config import ReadOptions
-from ..config import config_hash, input_table, load_config, parse_toml, write_resolved_config
+from ..config import (apply_overrides, config_hash, input_table, load_config, neutral_settings, parse_toml,
+                      write_resolved_config)
+from ..config import METADATA_TABLES, PipelineConfig
 from ..errors import SettingsError, describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PATTERN, MODEL_FILE, MODEL_INFO_FILE,
                      REPORT_FILE, STAGES, now, peak_memory_mib, read_json)
@@ -206,7 +208,7 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions, given=No
     chash = config_hash(config)
     sched = opts.scheduler
     report = BatchReport(out, [], chash, scheduler=sched if isinstance(sched, str) or sched is None else repr(sched),
-                         problems=extra_results)
+                         problems=extra_results, neutral_settings=neutral_settings(config))
     if not entries:
         log.error("no micrographs found in %s", ", ".join(str(p) for p in inputs))
         report.results = extra_results
@@ -235,17 +237,44 @@ def _run_batch_locked(inputs, out: Path, *, config, opts: BatchOptions, given=No
         cache.clear()
     report.results = [results[e.name] for e in entries] + extra_results
     summaries = input_summaries(out, report.results)
+    log_neutral_reuse(report, summaries)
     report.stage_table = batch_stage_table(summaries)
     report.seconds = time.perf_counter() - t_start
 
     old = read_json(out / BATCH_SUMMARY_FILE) or {}
     if (report.did_work or not old or not (out / REPORT_FILE).exists()
+            or old.get("neutral_settings") != report.neutral_settings
             or not same_skips(old.get("skipped"), skipped_list(report))
             or (old.get("model") or {}).get("refused") != report.model_refused
             or [(d.get("name"), d.get("path")) for d in old.get("inputs") or []]
             != [(r.name, r.path) for r in report.results]):  # inputs removed, renamed, or a subset run
         write_batch_outputs(report, summaries, train_info)
     return report
+
+
+def made_with_other_neutral(summaries: list[dict], neutral: dict) -> dict[str, dict]:
+    """The inputs whose results were made with other values of the settings that change no result
+    (:data:`stemfast.config.RESULT_NEUTRAL_SETTINGS`) than ``neutral``, this run's: ``{name: {key: value
+    it was made with}}``, from their summaries' ``neutral_settings`` (results that record none are left out)."""
+    out = {}
+    for s in summaries:
+        made = s.get("neutral_settings")
+        if isinstance(made, dict):
+            other = {k: made.get(k) for k in neutral if made.get(k) != neutral[k]}
+            if other:
+                out[str(s.get("name"))] = other
+    return out
+
+
+def log_neutral_reuse(report: BatchReport, summaries: list[dict]) -> None:
+    """Say which current inputs were kept although made with other values of settings that change no
+    result (their records stay: ``summary.json`` names the values they were made with)."""
+    current = {r.name for r in report.results if r.status == "current"}
+    other = made_with_other_neutral([s for s in summaries if s.get("name") in current], report.neutral_settings)
+    for name, made in other.items():
+        log.info("%s: current (reused): made with %s; this run asks for %s -- settings that change no result",
+                 name, ", ".join(f"{k} = {v!r}" for k, v in made.items()),
+                 ", ".join(f"{k} = {report.neutral_settings[k]!r}" for k in made))
 
 
 def problem_results(problems: list[tuple[Path, str]]) -> list[InputResult]:
@@ -478,6 +507,7 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
     if old_hash and old_hash != chash and old_hash in _done_hashes(toml_path.parent):
         _keep_settings_record(toml_path, old_hash)
     if (old is None or (old.get("stemfast") or {}).get("config_hash") != chash
+            or _recorded_neutral(old) != neutral_settings(config)  # the record says what this run asked for
             or (old.get("stemfast") or {}).get("version") != __version__
             or (old.get("inputs") or {}) != input_table([e.path for e in ents], {str(e.path): e.sha256 for e in ents})
             or sorted(old_comps) != sorted((v["file"], v["sha256"]) for v in comps.values())
@@ -485,6 +515,16 @@ def write_settings_record(toml_path: Path, config, entries: list[InputEntry], ch
         with writing(toml_path):
             write_resolved_config(toml_path, config, inputs=[e.path for e in ents],
                                   checksums={str(e.path): e.sha256 for e in ents}, companions=comps, run=run)
+
+
+def _recorded_neutral(toml: dict) -> dict | None:
+    """The values of the settings that change no result a ``stemfast.toml`` (parsed) records, None when
+    its settings do not read."""
+    try:
+        return neutral_settings(apply_overrides(PipelineConfig(), {k: v for k, v in toml.items()
+                                                                   if k not in METADATA_TABLES}))
+    except ValueError:
+        return None
 
 
 def _done_hashes(out: Path) -> dict[str, list[str]]:
@@ -612,6 +652,10 @@ def write_batch_outputs(report: BatchReport, summaries: list[dict], train_info: 
         "date": now(),
         "out_dir": str(out),
         "config_hash": report.config_hash,
+        # this run's settings that change no result (stemfast.config.RESULT_NEUTRAL_SETTINGS), and the inputs
+        # shown whose results were made with other values of them ({name: {setting: value made with}})
+        "neutral_settings": report.neutral_settings,
+        "made_with_other_neutral_settings": made_with_other_neutral(summaries, report.neutral_settings),
         "scheduler": report.scheduler,
         # the engine: what ran the model on the inputs shown (their summaries), else what this run chose;
         # refused: why the shipped model was not used this run and a model was trained instead (None: it was not)
