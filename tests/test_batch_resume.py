@@ -125,3 +125,104 @@ def test_the_settings_hash_reads_the_result_neutral_settings_at_their_defaults(k
     assert config_hash(load_config(None, {key: value})) == config_hash(base) == sha256(every.encode()).hexdigest()[:16]
     assert config_hash(load_config(None, {key: value, "model.amp": False})) != config_hash(base)
     assert config_hash(load_config(None, {"sites.backend": "numba"})) != config_hash(base)
+
+
+def _sample_data(root: Path) -> Path:
+    """Three images, a stack of three frames and an image with scattered NaN pixels."""
+    from stemfast.synthetic import make_mos2
+
+    root.mkdir()
+    for i in range(3):
+        np.save(root / f"img{i}.npy", make_mos2(shape=(128, 128), seed=i).image)
+    np.save(root / "stack.npy", np.stack([make_mos2(shape=(128, 128), seed=10 + k).image for k in range(3)]))
+    nan = make_mos2(shape=(128, 128), seed=7).image.astype(np.float32)
+    nan[[20, 40, 60], [30, 50, 70]] = np.nan
+    np.save(root / "nan.npy", nan)
+    return root
+
+
+@pytest.mark.parametrize("first, again", [
+    ({"max_train_inputs": 1}, {"max_train_inputs": 2}),
+    ({"train_frames": 1}, {"train_frames": 3}),
+    ({}, {"read_options": "fill"}),
+    ({"read_options": "fill"}, {"read_options": "fill, limit 0.0001"}),
+], ids=["train-inputs", "train-frames", "fill-nonfinite", "nonfinite-limit"])
+def test_a_rerun_that_draws_another_training_sample_trains_again(tmp_path, first, again):
+    """--train with --train-inputs 1 then 2 (or --train-frames 1 then 3, or --fill-nonfinite added where an
+    input of the sample has NaN pixels, or the --nonfinite-limit changed where they were filled): the model
+    is trained again and every input made again with it; model.json records the sample. Before, none of
+    these was part of the trained model's reuse key: the rerun kept the model and took every result as
+    current, made with a model trained on another sample."""
+    from stemfast.config import ReadOptions
+
+    reads = {"fill": ReadOptions(fill_nonfinite=True),
+             "fill, limit 0.0001": ReadOptions(fill_nonfinite=True, max_nonfinite_fraction=0.0001)}
+
+    def kw(d):
+        return {k: reads[v] if k == "read_options" else v for k, v in d.items()}
+
+    data, out = _sample_data(tmp_path / "data"), tmp_path / "out"
+    tiny = load_config(None, TINY)
+    one = run_batch(data, out, config=tiny, train=True, show_progress=False, **kw(first))
+    assert one.model_trained and {r.name: r.status for r in one.results}["img0"] == "done"
+    two = run_batch(data, out, config=tiny, train=True, show_progress=False, **kw(again))
+    assert two.model_trained and two.model_sha256 != one.model_sha256
+    assert {r.name: r.status for r in two.results if r.name != "nan"} == {
+        "img0": "done", "img1": "done", "img2": "done", "stack": "done"}
+    sample = json.loads((out / "model.json").read_text())["train_sample"]
+    asked = {"max_train_inputs": 16, "train_frames": 4, **kw(again)}
+    assert (sample["max_train_inputs"], sample["train_frames"]) == (asked["max_train_inputs"], asked["train_frames"])
+    # the NaN image: a candidate where the read options changed (refused, or filled), else left out for its
+    # read failure remembered from the first run -- the sample depended on the read options either way
+    assert sample["n_candidates"] == (5 if "read_options" in again else 4) and sample["max_frames"] == 3
+    assert sample["read_options"] == ReadOptions.key_of(asked.get("read_options"))
+    three = run_batch(data, out, config=tiny, train=True, show_progress=False, **kw(again))
+    assert not three.model_trained and {r.status for r in three.results if r.name != "nan"} == {"current"}
+    if "read_options" not in again:  # the NaN image, left out for its remembered failure, now read: trains again
+        four = run_batch(data, out, config=tiny, train=True, show_progress=False,
+                         **kw({**again, "read_options": "fill"}))
+        assert four.model_trained and {r.name: r.status for r in four.results}["nan"] == "done"
+
+
+def test_options_that_draw_the_same_training_sample_keep_the_model(tmp_path, monkeypatch):
+    """Two 2-D images without NaN pixels: --train-inputs 2 or 5 draws both (as the default 16 did), any
+    --train-frames their one frame, and --fill-nonfinite fills nothing there: the model and the results
+    are kept, nothing is read or trained."""
+    from stemfast.config import ReadOptions
+
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    tiny = load_config(None, TINY)
+    first = run_batch(data, out, config=tiny, train=True, show_progress=False)
+    sample = json.loads((out / "model.json").read_text())["train_sample"]
+    assert sample == {"max_train_inputs": 16, "train_frames": 4, "read_options": None, "n_candidates": 2,
+                      "max_frames": 1}
+    before = _files(out)
+    with monkeypatch.context() as m:
+        _no_work(m)
+        for kw in ({"max_train_inputs": 2}, {"max_train_inputs": 5, "train_frames": 1},
+                   {"read_options": ReadOptions(fill_nonfinite=True, max_nonfinite_fraction=0.2)}):
+            again = run_batch(data, out, config=tiny, train=True, show_progress=False, **kw)
+            assert not again.model_trained and again.model_sha256 == first.model_sha256, kw
+            assert {r.status for r in again.results} == {"current"}, kw
+    assert _files(out) == before
+    fewer = run_batch(data, out, config=tiny, train=True, show_progress=False, max_train_inputs=1)
+    assert fewer.model_trained and {r.status for r in fewer.results} == {"done"}
+
+
+def test_a_model_record_from_before_the_sample_was_recorded_counts_as_made_with_the_defaults(tmp_path,
+                                                                                              stemfast_log):
+    """A model.json without ``train_sample`` (written before it was recorded): a rerun with the default
+    sample keeps the model and the results; one that asks for another sample trains again, and says why."""
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    tiny = load_config(None, TINY)
+    first = run_batch(data, out, config=tiny, train=True, show_progress=False)
+    info = json.loads((out / "model.json").read_text())
+    del info["train_sample"]
+    (out / "model.json").write_text(json.dumps(info))
+    same = run_batch(data, out, config=tiny, train=True, show_progress=False)
+    assert not same.model_trained and same.model_sha256 == first.model_sha256
+    assert {r.status for r in same.results} == {"current"}
+    with stemfast_log.at_level(logging.INFO, logger="stemfast.batch"):
+        other = run_batch(data, out, config=tiny, train=True, show_progress=False, train_frames=1)
+    assert other.model_trained and {r.status for r in other.results} == {"done"}
+    assert "trained on another sample of the inputs (made before the sample was recorded" in stemfast_log.text

@@ -70,6 +70,8 @@ __all__ = [
     "parse_toml",
     "ReadOptions",
     "DEFAULT_MAX_NONFINITE",
+    "DEFAULT_TRAIN_INPUTS",
+    "DEFAULT_TRAIN_FRAMES",
     "load_config",
     "dump_config",
     "write_resolved_config",
@@ -118,6 +120,11 @@ _TOP_KEYS = ("patch_size",)
 
 #: Largest fraction of non-finite pixels ``--fill-nonfinite`` fills by default (1 %).
 DEFAULT_MAX_NONFINITE = 0.01
+
+#: A batch's training sample by default: inputs sampled (``--train-inputs``) and frames per stack
+#: (``--train-frames``) -- options, not settings (:func:`stemfast.batch.model_state.same_sample`).
+DEFAULT_TRAIN_INPUTS = 16
+DEFAULT_TRAIN_FRAMES = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,10 +30,12 @@ Steps
    and modification time did not change.
 3. **Model.** ``--model FILE`` is used as given. Otherwise ``OUT/model.pt`` is reused when it is
    current (``OUT/model.json``: same settings hash, same input set, same stemfast version, same
-   file hash); else one model is trained on patches sampled from the whole batch (at most
-   ``max_train_inputs`` inputs, evenly spread over the sorted list, and ``train_frames`` frames
-   of each stack) and saved atomically to ``OUT/model.pt``. One model serves every input and
-   every frame, so class ids mean the same thing across the batch.
+   file hash, same fine-tuning steps and training sample -- ``train_sample``: ``max_train_inputs``,
+   ``train_frames``, and the read options where a read of the sample depended on them,
+   :func:`~stemfast.batch.model_state.same_sample`); else one model is trained on patches sampled
+   from the whole batch (at most ``max_train_inputs`` inputs, evenly spread over the sorted list,
+   and ``train_frames`` frames of each stack) and saved atomically to ``OUT/model.pt``. One model
+   serves every input and every frame, so class ids mean the same thing across the batch.
 4. **Analyse** every input that is not current: read, for every frame ``prepare`` (sites +
    patches) -> ``analyze`` (encode, classes, defect scores), and write
    ``OUT/<name>/sites.csv, classes.png, defects.png, summary.json`` and, **last**,

@@ -20,8 +20,9 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..config import ReadOptions
+from ..config import DEFAULT_TRAIN_FRAMES, DEFAULT_TRAIN_INPUTS, ReadOptions
 from ..config import config_to_dict, file_sha256
+from ..readbase import ReadError
 from ..errors import ModelFileError, describe_os_error
 from ..patchextent import cut_of, extent_record
 from .common import DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
@@ -30,7 +31,8 @@ from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
            "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
-           "kept_models", "KEPT_MODEL_PATTERN", "given_for_run", "record_refusal"]
+           "kept_models", "KEPT_MODEL_PATTERN", "given_for_run", "record_refusal", "asked_sample",
+           "same_sample", "sample_record"]
 
 #: The name an earlier ``OUT/model.pt`` is kept under when another model replaces it while results
 #: in OUT were made with it (:func:`keep_named_model`); ``{sha12}``: the first 12 hex digits of its SHA-256.
@@ -140,10 +142,12 @@ def sample_frames(n: int, k: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
 
 
-def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs: int = 16, train_frames: int = 4,
+def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs: int = DEFAULT_TRAIN_INPUTS,
+                      train_frames: int = DEFAULT_TRAIN_FRAMES,
                       prepared_cache: dict | None = None, cache_budget_bytes: int = 0,
                       on_skip: Callable[[InputEntry, str], None] | None = None, show_progress: bool = True,
-                      init_model=None, finetune_steps: int = 0, read_options: ReadOptions | None = None):
+                      init_model=None, finetune_steps: int = 0, read_options: ReadOptions | None = None,
+                      reads_left_out: bool = False):
     """Train one model on patches sampled from ``entries``; returns ``(model, info)``.
 
     With ``init_model`` (the shipped model), that model is fine-tuned for ``finetune_steps`` steps
@@ -155,7 +159,10 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     training set. Every frame is cut by its own spacing (images of different magnification pool
     patches of one extent in spacings), or at ``config.patch_size`` when the settings fix one; ``info``
     records how (``patch_size``: the fixed size or None; ``patch_extent``:
-    :func:`stemfast.patchextent.extent_record`), and the model keeps it.
+    :func:`stemfast.patchextent.extent_record`), and the model keeps it; ``sample`` what the sample
+    depended on (:func:`sample_record`: the part of the trained model's reuse key, :func:`same_sample`).
+    ``reads_left_out``: inputs were left out of ``entries`` for a read failure remembered under these read
+    options (so the sample depends on them too).
     Prepared frames are kept in ``prepared_cache`` (key ``(name, frame)``) while their total size
     stays below ``cache_budget_bytes``, so the analysis does not prepare them again.
     Returns ``(None, info)`` when no input had a lattice.
@@ -165,6 +172,7 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
 
     t_start = time.perf_counter()
     ents = list(entries)
+    n_candidates = len(ents)
     if len(ents) > max_train_inputs:
         pick = sample_frames(len(ents), max_train_inputs)
         ents = [ents[i] for i in pick]
@@ -181,7 +189,10 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     info = {"n_inputs_sampled": len(ents), "inputs": sorted(set(pool.used)), "patch_size": patch_size,
             "patch_extent": record,
             "norm": {"kind": "per-image robust (median -> 0, 99.5th percentile -> 1)", "images": pool.norms},
-            "prepare_s": pool.stage_s}
+            "prepare_s": pool.stage_s,
+            "sample": sample_record(asked_sample(max_train_inputs, train_frames, read_options),
+                                    n_candidates=n_candidates, max_frames=pool.max_frames,
+                                    read_dependent=pool.read_dependent or reads_left_out)}
     if not pool.patches:
         info["seconds"] = time.perf_counter() - t_start
         return None, info
@@ -196,6 +207,51 @@ def train_batch_model(entries: Sequence[InputEntry], config, *, max_train_inputs
     info["n_patches"] = int(min(len(allp), cap))
     info["seconds"] = time.perf_counter() - t_start
     return model, info
+
+
+def asked_sample(max_train_inputs: int = DEFAULT_TRAIN_INPUTS, train_frames: int = DEFAULT_TRAIN_FRAMES,
+                 read_options: ReadOptions | None = None) -> dict:
+    """What a run asks of the training sample: ``{max_train_inputs, train_frames, read_options}`` (the
+    options of :func:`train_batch_model` that change the trained model and are no setting; the read
+    options as :meth:`stemfast.config.ReadOptions.key_of`)."""
+    return {"max_train_inputs": int(max_train_inputs), "train_frames": int(train_frames),
+            "read_options": ReadOptions.key_of(read_options)}
+
+
+def sample_record(asked: dict, *, n_candidates: int, max_frames: int, read_dependent: bool) -> dict:
+    """The record of a training sample (``model.json``'s ``train_sample``): ``asked`` (:func:`asked_sample`)
+    with ``n_candidates`` (the inputs it was drawn from), ``max_frames`` (the most frames of an input read)
+    and ``read_options`` None where no read depended on them (no pixel filled, no read refused)."""
+    return {**asked, "read_options": asked["read_options"] if read_dependent else None,
+            "n_candidates": int(n_candidates), "max_frames": int(max_frames)}
+
+
+def same_sample(made: dict | None, asked: dict) -> bool:
+    """Whether the options ``asked`` (:func:`asked_sample`) draw the training sample ``made``
+    (:func:`sample_record`) was drawn with: the same inputs (``max_train_inputs`` the same, or both at
+    least the candidates), the same frames (``train_frames`` the same, or both at least the longest
+    stack's frames) and read options the same where a read depended on them.
+
+    ``made`` None (a ``model.json`` written before the sample was recorded): it was made with the
+    defaults, the options of every run that did not name them -- the same when ``asked`` are the defaults.
+
+    Examples
+    --------
+    >>> made = sample_record(asked_sample(16, 4), n_candidates=3, max_frames=1, read_dependent=False)
+    >>> same_sample(made, asked_sample(8, 1, ReadOptions(fill_nonfinite=True)))
+    True
+    >>> same_sample(made, asked_sample(2, 4))
+    False
+    """
+    if made is None:
+        return asked == asked_sample()
+    n, f = int(made.get("n_candidates") or 0), int(made.get("max_frames") or 0)
+    try:
+        return (min(asked["max_train_inputs"], n) == min(int(made["max_train_inputs"]), n)
+                and min(asked["train_frames"], f) == min(int(made["train_frames"]), f)
+                and made.get("read_options") in (None, asked["read_options"]))
+    except (KeyError, TypeError, ValueError):  # a damaged record: not the same
+        return False
 
 
 @dataclass
@@ -214,6 +270,8 @@ class _PatchPool:
     cuts: list = field(default_factory=list)  # (patch px, spacing px) of every frame used
     stage_s: dict = field(default_factory=dict)
     cached_bytes: int = 0
+    max_frames: int = 0  # the most frames of an input read (a stack's frames sampled: at most train_frames)
+    read_dependent: bool = False  # a read depended on the read options: pixels filled, or a read refused
 
     def add_input(self, i: int, e: InputEntry, *, train_frames: int, on_skip, read_options) -> None:
         """Sample patches of input ``e`` (the ``i``-th sampled input); a problem goes to ``on_skip``."""
@@ -222,9 +280,14 @@ class _PatchPool:
         try:
             mg = read_input(e.path, read_options)
         except Exception as exc:  # noqa: BLE001
+            # a refused read (e.g. NaN pixels) may read with other read options: the sample depends on them
+            self.read_dependent = self.read_dependent or isinstance(exc, ReadError)
             if on_skip:
                 on_skip(e, read_failure_reason(exc))
             return
+        meta = getattr(mg, "metadata", None) or {}
+        if meta.get("nonfinite_replaced") and not meta.get("nonfinite_in_regions"):  # as filled_read_key
+            self.read_dependent = True  # scattered non-finite pixels filled by the read options
         try:
             check_spacing_fits(self.config.sites.spacing, np.shape(mg.data)[-2:])
         except ValueError as exc:  # the settings do not fit this image: say why, not "no lattice"
@@ -233,6 +296,7 @@ class _PatchPool:
             return
         note_whole_read(e, mg)  # the frame count, and what a chunk of a stack needs of the whole file (Dask)
         n = e.n_frames
+        self.max_frames = max(self.max_frames, int(n))
         frames = sample_frames(n, train_frames)
         upf = max(64, self.per_unit // len(frames))
         for f in frames:
@@ -340,14 +404,19 @@ def save_trained_model(model, train_info: dict, out: Path, *, config, chash: str
             "patch_extent": extra.get("patch_extent"),
             "n_train_patches": extra["n_train_patches"], "train_inputs": extra["train_inputs"],
             "train_seconds": train_info.get("seconds"), "date": now(), "finetune_steps": finetune,
+            "train_sample": train_info.get("sample"),
             **{k: v for k, v in describe_model(model, sha).items() if k in ("name", "version", "architecture")}}
     write_json(out / MODEL_INFO_FILE, info)
     return ModelState(out / MODEL_FILE, sha, "trained", trained=True, info=info, _model=model)
 
 
 def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, model_path, force: bool,
-                  finetune: int = 0, worker: bool = False, given=None) -> ModelState:
+                  finetune: int = 0, worker: bool = False, given=None, sample: dict | None = None) -> ModelState:
     """The model of the batch: given, current in OUT, or (to be) trained (``sha256`` None).
+
+    A model trained (or fine-tuned) by an earlier run is current when its settings, inputs, version,
+    fine-tuning steps and training sample (:func:`same_sample` of ``sample``, what this run asks:
+    :func:`asked_sample`, the defaults when None) are this run's.
 
     ``worker``: a given model is loaded (and checked) in an encode worker process when one can run
     (:mod:`stemfast.encode_worker`), so this process does not import torch. ``given``: the model of
@@ -374,9 +443,13 @@ def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, m
     if (not force and info and target.exists() and info.get("config_hash") == chash
             and info.get("inputs_key") == key and info.get("stemfast_version") == __version__
             and info.get("source") == "trained" and int(info.get("finetune_steps") or 0) == finetune):
-        sha = file_sha256(target)
-        if sha == info.get("sha256"):
-            return ModelState(target, sha, "trained (reused, current)", info=info)
+        asked = sample or asked_sample()
+        if not same_sample(info.get("train_sample"), asked):
+            log.info("%s: the model there was trained on another sample of the inputs (%s); this run asks for "
+                     "%s: training again", out, info.get("train_sample") or "made before the sample was "
+                     "recorded: the defaults", asked)
+        elif file_sha256(target) == info.get("sha256"):
+            return ModelState(target, info["sha256"], "trained (reused, current)", info=info)
     return ModelState(target, None, "trained", info={"inputs_key": key})
 
 

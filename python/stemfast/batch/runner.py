@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import recover_staged, write_json, write_text
-from ..config import ReadOptions
+from ..config import DEFAULT_TRAIN_FRAMES, DEFAULT_TRAIN_INPUTS, ReadOptions
 from ..config import (apply_overrides, config_hash, input_table, load_config, neutral_settings, parse_toml,
                       write_resolved_config)
 from ..config import METADATA_TABLES, PipelineConfig
@@ -23,8 +23,8 @@ from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PAT
                      REPORT_FILE, STAGES, now, peak_memory_mib, read_json)
 from .companions import CompanionRule, pair_companions, parse_companion_name
 from .inputs import InputEntry, discover_inputs, fingerprint_input
-from .model_state import (ModelState, given_for_run, kept_models, record_refusal, resolve_model, save_trained_model,
-                          train_batch_model, use_shipped, writing)
+from .model_state import (ModelState, asked_sample, given_for_run, kept_models, record_refusal, resolve_model,
+                          save_trained_model, train_batch_model, use_shipped, writing)
 from .results import BatchReport, InputResult
 from .status import cached_skip, current_done, skip_input
 
@@ -60,8 +60,8 @@ class BatchOptions:
     model_path: object = None
     scheduler: object = None
     force: bool = False
-    max_train_inputs: int = 16
-    train_frames: int = 4
+    max_train_inputs: int = DEFAULT_TRAIN_INPUTS
+    train_frames: int = DEFAULT_TRAIN_FRAMES
     frames_per_task: int = 16
     cache_mb: float | None = None
     show_progress: bool = True
@@ -91,7 +91,8 @@ class BatchOptions:
 
 
 def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str | None = None, force: bool = False,
-              max_train_inputs: int = 16, train_frames: int = 4, frames_per_task: int = 16,
+              max_train_inputs: int = DEFAULT_TRAIN_INPUTS, train_frames: int = DEFAULT_TRAIN_FRAMES,
+              frames_per_task: int = 16,
               cache_mb: float | None = None, show_progress: bool = True, train: bool = False,
               finetune: int = 0, read_options: ReadOptions | None = None, companions=None,
               companion_name: str | tuple[str, str] | None = None, auto_companion: bool = True,
@@ -109,7 +110,9 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     scheduler : ``None`` (in-process), ``"local:N"`` (a local Dask cluster of N worker processes),
         a Dask scheduler address ``"tcp://host:8786"``, or a ``dask.distributed.Client``.
     force : redo every input, retrain the model, retry cached read failures.
-    max_train_inputs, train_frames : how many inputs / frames per stack the training sample draws on.
+    max_train_inputs, train_frames : how many inputs / frames per stack the training sample draws on
+        (with ``read_options``, part of a trained model's reuse key: a rerun that changes the sample
+        trains again, :func:`stemfast.batch.model_state.same_sample`).
     frames_per_task : frames per Dask task for stacks.
     cache_mb : memory (MiB) for keeping the images prepared for training until their analysis
         (in-process only; default ``STEMFAST_PREPARED_CACHE_MB`` or 2048).
@@ -335,7 +338,8 @@ def settle_model(good: list[InputEntry], out: Path, results: dict[str, InputResu
         report.model_engine = engine_for(config) if opts.scheduler else engine_of(base)
     else:
         ms = resolve_model(good, out, config=config, chash=chash, model_path=opts.model_path, force=opts.force,
-                           finetune=ft, worker=opts.scheduler is None, given=given)
+                           finetune=ft, worker=opts.scheduler is None, given=given,
+                           sample=asked_sample(opts.max_train_inputs, opts.train_frames, opts.read_options))
         report.model_engine = "torch"  # model files, fine-tuned and trained models run on torch
     train_info: dict | None = None
     if ms.sha256 is None:
@@ -363,7 +367,8 @@ def _train_now(good: list[InputEntry], out: Path, results: dict[str, InputResult
                                           train_frames=opts.train_frames, prepared_cache=cache,
                                           cache_budget_bytes=opts.cache_budget_bytes, on_skip=on_skip,
                                           show_progress=opts.show_progress, init_model=base,
-                                          finetune_steps=ft, read_options=opts.read_options)
+                                          finetune_steps=ft, read_options=opts.read_options,
+                                          reads_left_out=len(cand) < len(good))
     report.train_seconds = float(train_info.get("seconds", 0.0))
     if model is None:
         log.error("no input had a lattice: no model could be trained")

@@ -11,6 +11,8 @@ from .options import (EXIT_ERROR, EXIT_OK, add_companion_options, add_input_opti
                       companions_from_args, config_from_args, exit_status_epilog, guarded, overrides_from_args,
                       read_options_from_args, start_encode_worker_early)
 
+from ..config import DEFAULT_TRAIN_FRAMES, DEFAULT_TRAIN_INPUTS
+
 if TYPE_CHECKING:
     from ..batch import BatchReport
 
@@ -40,10 +42,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_input_options(p)
     add_companion_options(p)
     g2 = p.add_argument_group("batch")
-    g2.add_argument("--train-inputs", type=int, default=16, metavar="N",
-                    help="train on patches of at most N inputs, evenly spread over the batch (default 16)")
-    g2.add_argument("--train-frames", type=int, default=4, metavar="N",
-                    help="frames per stack used for training (default 4)")
+    g2.add_argument("--train-inputs", type=int, default=DEFAULT_TRAIN_INPUTS, metavar="N",
+                    help=f"train on patches of at most N inputs, evenly spread over the batch (default "
+                         f"{DEFAULT_TRAIN_INPUTS}; a rerun that changes it trains again)")
+    g2.add_argument("--train-frames", type=int, default=DEFAULT_TRAIN_FRAMES, metavar="N",
+                    help=f"frames per stack used for training (default {DEFAULT_TRAIN_FRAMES}; a rerun that changes "
+                         "it trains again)")
     g2.add_argument("--frames-per-task", type=int, default=16, metavar="N",
                     help="frames of a stack per Dask task (default 16; 2-D images are one task per file)")
     g2.add_argument("--print-config", action="store_true", help="print the resolved settings (TOML) and exit")
