@@ -53,7 +53,7 @@ def _with(config, **model):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model))
 
 
-def test_only_result_neutral_settings_changed_reuses_the_results(tmp_path, monkeypatch, caplog):
+def test_only_result_neutral_settings_changed_reuses_the_results(tmp_path, monkeypatch, stemfast_log):
     """Made with one torch thread, rerun with four and the progress bar off: both inputs current, nothing
     read or rewritten, the log says why; stemfast.toml records what this run asked for, each summary
     and the batch summary what the kept results were made with."""
@@ -63,13 +63,13 @@ def test_only_result_neutral_settings_changed_reuses_the_results(tmp_path, monke
     before = _files(out)
     with monkeypatch.context() as m:
         _no_work(m)
-        with caplog.at_level(logging.INFO, logger="stemfast.batch"):
+        with stemfast_log.at_level(logging.INFO, logger="stemfast.batch"):
             again = run_batch(data, out, config=load_config(None, {"model.num_threads": 4, "model.progress": False}),
                               show_progress=False)
     assert {r.name: r.status for r in again.results} == {"img0": "current", "img1": "current"}
     assert not again.did_work and again.config_hash == first.config_hash
     assert _files(out) == before  # the results, their markers and the model untouched
-    assert "img0: current (reused): made with model.num_threads = 1" in caplog.text
+    assert "img0: current (reused): made with model.num_threads = 1" in stemfast_log.text
     toml = parse_toml((out / "stemfast.toml").read_text())
     assert toml["model"]["num_threads"] == 4 and toml["model"]["progress"] is False  # what was run
     summary = json.loads((out / "img0" / "summary.json").read_text())
