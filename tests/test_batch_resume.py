@@ -114,10 +114,12 @@ def test_a_trained_model_and_its_results_are_reused_with_other_threads(tmp_path,
 
 
 @pytest.mark.parametrize("key, value", [("model.num_threads", 3), ("model.progress", True)])
-def test_the_settings_hash_reads_the_result_neutral_settings_at_their_defaults(key, value):
+def test_the_settings_hash_reads_the_result_neutral_settings_at_their_defaults(key, value, monkeypatch):
     """The hash of the defaults stays what it was before these settings were left out (folders made
     with them stay current), and every other setting still changes it."""
     from stemfast.config import RESULT_NEUTRAL_SETTINGS, _canonical, config_to_dict
+
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
 
     assert key in RESULT_NEUTRAL_SETTINGS
     base = load_config(None)
@@ -226,3 +228,31 @@ def test_a_model_record_from_before_the_sample_was_recorded_counts_as_made_with_
         other = run_batch(data, out, config=tiny, train=True, show_progress=False, train_frames=1)
     assert other.model_trained and {r.status for r in other.results} == {"done"}
     assert "trained on another sample of the inputs (made before the sample was recorded" in stemfast_log.text
+
+
+def test_the_settings_hash_follows_the_backend_the_environment_picks(monkeypatch):
+    """``$STEMFAST_BACKEND`` picks the kernels as the setting does (backends agree to a tolerance, not bit
+    for bit): it changes the hash as the setting would; naming the default compiled backend does not."""
+    pytest.importorskip("stemfast._core")
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    base = config_hash(load_config(None))
+    numpy_setting = config_hash(load_config(None, {"sites.backend": "numpy"}))
+    assert config_hash(load_config(None, {"sites.backend": "cpp"})) == base
+    monkeypatch.setenv("STEMFAST_BACKEND", "numpy")
+    assert config_hash(load_config(None)) == numpy_setting != base
+    monkeypatch.setenv("STEMFAST_BACKEND", "cpp")
+    assert config_hash(load_config(None)) == base
+
+
+def test_a_rerun_on_other_kernels_chosen_by_the_environment_makes_the_results_again(tmp_path, monkeypatch):
+    """Made with the compiled kernels, rerun with ``STEMFAST_BACKEND=numpy``: the results are made again
+    (they kept the compiled kernels' results, 'current', before)."""
+    pytest.importorskip("stemfast._core")
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    first = run_batch(data, out, config=load_config(None), show_progress=False)
+    assert {r.status for r in first.results} == {"done"}
+    monkeypatch.setenv("STEMFAST_BACKEND", "numpy")
+    again = run_batch(data, out, config=load_config(None), show_progress=False)
+    assert again.config_hash != first.config_hash
+    assert {r.name: r.status for r in again.results} == {"img0": "done", "img1": "done"}

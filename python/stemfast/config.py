@@ -743,12 +743,26 @@ def _results_dict(config) -> dict:
         for sec in sections:
             node, obj = node[sec], getattr(obj, sec)
         node[leaf] = _field_default(type(obj), leaf)
+    d["sites"]["backend"] = _backend_key(config.sites.backend)
     return d
+
+
+def _backend_key(backend: str | None) -> str | None:
+    """The kernel backend a run with the setting ``backend`` uses, as :func:`config_hash` reads it: the
+    setting, else ``$STEMFAST_BACKEND``, else the fastest that imports here. Backends agree to a
+    tolerance, not bit for bit, so the one that runs is part of what the results depend on, whichever
+    way it was chosen; the compiled one (the default where it imports) reads as the unset setting, so the
+    hash of a run that leaves the backend alone is what it was before the variable was counted."""
+    from .backend import BACKENDS, resolve_backend
+
+    name = (backend or env_backend() or resolve_backend(None)).lower()
+    return None if name == BACKENDS[0] else name
 
 
 def config_hash(config) -> str:
     """Short, stable hash (16 hex digits) of every setting of ``config`` that can change a result (all
-    but :data:`RESULT_NEUTRAL_SETTINGS`, which it reads at their defaults).
+    but :data:`RESULT_NEUTRAL_SETTINGS`, which it reads at their defaults), with the kernel backend the
+    run resolves to (the setting, else ``$STEMFAST_BACKEND``, else the fastest available).
 
     Two configurations with the same hash give the same results (same version of stemfast and model):
     the settings part of a batch's resume key.
