@@ -1015,3 +1015,17 @@ def test_a_reused_model_of_another_input_size_gets_patches_of_its_own_size(env, 
     assert bs["counts"]["done"] == 2 and bs["counts"]["failed"] == 0
     s = json.loads((out / "good" / "summary.json").read_text())
     assert s["n_sites"] > 0 and not any("input size" in w for w in s.get("warnings", []))
+
+
+@pytest.mark.parametrize("steps, said", [(0, "; model trained (1.5 s)"), (20, "; model fine-tuned (20 steps, 1.5 s)")])
+def test_the_console_says_whether_the_model_was_fine_tuned_or_trained(tmp_path, capsys, steps, said):
+    """``batch --finetune 20`` adapts the shipped model: the console line said "model trained" as for
+    ``--train``; it names the fine-tuning and its steps."""
+    from stemfast.batch.results import BatchReport, InputResult
+    from stemfast.cli.batch import print_report
+
+    report = BatchReport(tmp_path, [InputResult("a", str(tmp_path / "a.npy"), "done")], "0" * 16,
+                         model_trained=True, model_finetuned_steps=steps, train_seconds=1.5)
+    print_report(report)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith(said), first

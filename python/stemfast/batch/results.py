@@ -43,6 +43,8 @@ class BatchReport:
     model_path: Path | None = None
     model_sha256: str | None = None
     model_trained: bool = False
+    #: the steps the shipped model was fine-tuned for this run (``--finetune N``; 0: trained from scratch or not trained)
+    model_finetuned_steps: int = 0
     model_source: str | None = None
     #: what ran the model's inference this run: "compiled" (no torch) or "torch"; None when nothing was encoded
     model_engine: str | None = None

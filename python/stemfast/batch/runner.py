@@ -375,7 +375,7 @@ def _train_now(good: list[InputEntry], out: Path, results: dict[str, InputResult
         report.model_engine = None  # nothing to run
         return ModelState(out / MODEL_FILE, None, "none: no input of the training sample had a lattice, "
                                                   "no model could be trained"), train_info
-    report.model_trained = True
+    report.model_trained, report.model_finetuned_steps = True, ft
     return save_trained_model(model, train_info, out, config=config, chash=chash,
                               inputs_key=ms.info["inputs_key"], finetune=ft), train_info
 

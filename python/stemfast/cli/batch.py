@@ -106,7 +106,9 @@ def print_report(report: BatchReport) -> None:
     counts = {st: sum(r.status == st for r in res) for st in ("done", "current", "partial", "skipped", "failed")}
     print(f"stemfast batch: {len(res)} inputs -> {report.out_dir}: "
           + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-          + (f"; model trained ({report.train_seconds:.1f} s)" if report.model_trained else
+          + (f"; model fine-tuned ({report.model_finetuned_steps} steps, {report.train_seconds:.1f} s)"
+             if report.model_trained and report.model_finetuned_steps else
+             f"; model trained ({report.train_seconds:.1f} s)" if report.model_trained else
              f"; model {report.model_source}" if report.model_source else ""))
     if report.stage_table:
         print(format_stage_table(report.stage_table))
