@@ -256,3 +256,18 @@ def test_a_rerun_on_other_kernels_chosen_by_the_environment_makes_the_results_ag
     again = run_batch(data, out, config=load_config(None), show_progress=False)
     assert again.config_hash != first.config_hash
     assert {r.name: r.status for r in again.results} == {"img0": "done", "img1": "done"}
+
+
+@pytest.mark.parametrize("damaged", [
+    "a string", [1, 2], {}, {"max_train_inputs": 16, "train_frames": 4, "read_options": None},
+    {"max_train_inputs": 16, "train_frames": 4, "read_options": None, "n_candidates": None, "max_frames": None},
+    {"max_train_inputs": 16, "train_frames": 4, "read_options": None, "n_candidates": 0, "max_frames": 1},
+    {"max_train_inputs": 16, "train_frames": 4, "read_options": None, "n_candidates": 2.5, "max_frames": 1},
+    {"max_train_inputs": True, "train_frames": 4, "read_options": None, "n_candidates": 2, "max_frames": 1}])
+def test_a_damaged_training_sample_record_is_not_the_same_sample(damaged):
+    """model.json's ``train_sample`` damaged (not a table, a count missing, null, 0, not whole): the model
+    is trained again rather than reused (a string crashed the batch; missing counts matched any options)."""
+    from stemfast.batch.model_state import asked_sample, same_sample
+
+    assert same_sample(damaged, asked_sample()) is False
+    assert same_sample(damaged, asked_sample(2, 1)) is False

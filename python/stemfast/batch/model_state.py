@@ -245,12 +245,14 @@ def same_sample(made: dict | None, asked: dict) -> bool:
     """
     if made is None:
         return asked == asked_sample()
-    n, f = int(made.get("n_candidates") or 0), int(made.get("max_frames") or 0)
-    try:
-        return (min(asked["max_train_inputs"], n) == min(int(made["max_train_inputs"]), n)
-                and min(asked["train_frames"], f) == min(int(made["train_frames"]), f)
+    try:  # a damaged record (not a table, a count missing, not a whole number >= 1): not the same
+        n, f, i, k = (int(made[key]) for key in ("n_candidates", "max_frames", "max_train_inputs", "train_frames"))
+        if min(n, f, i, k) < 1 or any(isinstance(made[key], bool) or float(made[key]) != int(made[key])
+                                      for key in ("n_candidates", "max_frames", "max_train_inputs", "train_frames")):
+            return False
+        return (min(asked["max_train_inputs"], n) == min(i, n) and min(asked["train_frames"], f) == min(k, f)
                 and made.get("read_options") in (None, asked["read_options"]))
-    except (KeyError, TypeError, ValueError):  # a damaged record: not the same
+    except (AttributeError, KeyError, TypeError, ValueError):
         return False
 
 
