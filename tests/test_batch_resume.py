@@ -271,3 +271,38 @@ def test_a_damaged_training_sample_record_is_not_the_same_sample(damaged):
 
     assert same_sample(damaged, asked_sample()) is False
     assert same_sample(damaged, asked_sample(2, 1)) is False
+
+
+def test_the_record_names_the_kernels_the_environment_chose(tmp_path, monkeypatch):
+    """``STEMFAST_BACKEND=numpy``: stemfast.toml said the backend was not set (its own settings hashed to
+    another hash than it recorded, and its 'reuse with' would run other kernels); it names numpy now, and
+    reloaded it gives the hash it records."""
+    monkeypatch.setenv("STEMFAST_BACKEND", "numpy")
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    report = run_batch(data, out, config=load_config(None), show_progress=False)
+    toml = parse_toml((out / "stemfast.toml").read_text())
+    assert toml["sites"]["backend"] == "numpy"
+    monkeypatch.delenv("STEMFAST_BACKEND")
+    assert config_hash(load_config(out / "stemfast.toml")) == toml["stemfast"]["config_hash"] == report.config_hash
+
+
+def test_dask_workers_run_the_kernels_the_hash_stands_for(tmp_path, monkeypatch):
+    """The client hashes the kernels it resolves; the workers, given the backend unset, picked theirs
+    from their own environment (a worker with STEMFAST_BACKEND=numpy wrote numpy results under the compiled
+    kernels' hash, kept as current by a compiled rerun). The config the tasks get names the kernels."""
+    pytest.importorskip("dask.distributed")
+    pytest.importorskip("stemfast._core")
+    import stemfast.batch.dask as bd
+
+    monkeypatch.delenv("STEMFAST_BACKEND", raising=False)
+    seen = []
+    real = bd._Tasks.__init__
+
+    def spy(self, client, out, model_path, model_sha, config, *a, **k):
+        seen.append(config.sites.backend)
+        real(self, client, out, model_path, model_sha, config, *a, **k)
+
+    monkeypatch.setattr(bd._Tasks, "__init__", spy)
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    report = run_batch(data, out, config=load_config(None), scheduler="local:1", show_progress=False)
+    assert {r.status for r in report.results} == {"done"} and seen == ["cpp"]

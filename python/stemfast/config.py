@@ -78,6 +78,7 @@ __all__ = [
     "input_table",
     "config_to_dict",
     "config_hash",
+    "pinned_backend",
     "RESULT_NEUTRAL_SETTINGS",
     "neutral_settings",
     "file_sha256",
@@ -745,6 +746,28 @@ def _results_dict(config) -> dict:
         node[leaf] = _field_default(type(obj), leaf)
     d["sites"]["backend"] = _backend_key(config.sites.backend)
     return d
+
+
+def pinned_backend(config, *, resolve: bool = False):
+    """``config`` with ``sites.backend`` set to the kernels it runs on where the setting leaves them open:
+    ``$STEMFAST_BACKEND`` when set, else (``resolve``) the fastest that imports here, else unchanged. Its
+    :func:`config_hash` is the same; what changes is that the run's record (``stemfast.toml``) names the
+    kernels the environment chose, and processes that read another environment (Dask workers) run the
+    kernels the hash stands for.
+
+    Examples
+    --------
+    >>> pinned_backend(load_config(None, {"sites.backend": "numpy"})).sites.backend
+    'numpy'
+    """
+    from .backend import resolve_backend
+
+    if config.sites.backend is not None:
+        return config
+    name = env_backend() or (resolve_backend(None) if resolve else None)
+    if name is None:
+        return config
+    return dataclasses.replace(config, sites=dataclasses.replace(config.sites, backend=name.lower()))
 
 
 def _backend_key(backend: str | None) -> str | None:

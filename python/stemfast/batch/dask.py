@@ -49,6 +49,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..config import pinned_backend
 from ..heap import reuse_freed_memory
 from .common import progress_bar
 from .companions import CompanionError, read_companion
@@ -385,6 +386,8 @@ def run_distributed(entries: Sequence, out_dir, *, scheduler: str, model_path, m
 
     from dask.distributed import as_completed
 
+    # the workers run the kernels the hash stands for, whatever their own environment would pick
+    config = pinned_backend(config, resolve=True)
     with connect(scheduler, dashboard_address=dashboard_address) as client:
         tasks = _Tasks(client, out, model_path, model_sha, config, chash, frames_per_task, read_options)
         futures = []

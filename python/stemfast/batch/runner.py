@@ -16,7 +16,7 @@ from .. import __version__
 from ..atomic import recover_staged, write_json, write_text
 from ..config import DEFAULT_TRAIN_FRAMES, DEFAULT_TRAIN_INPUTS, ReadOptions
 from ..config import (apply_overrides, config_hash, input_table, load_config, neutral_settings, parse_toml,
-                      write_resolved_config)
+                      pinned_backend, write_resolved_config)
 from ..config import METADATA_TABLES, PipelineConfig
 from ..errors import SettingsError, describe_os_error
 from .common import (BATCH_SUMMARY_FILE, CONFIG_FILE, DONE_FILE, KEPT_CONFIG_PATTERN, MODEL_FILE, MODEL_INFO_FILE,
@@ -169,7 +169,8 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
         require_dask()  # fail before any work when the extra is missing
         if isinstance(scheduler, str):
             check_scheduler(scheduler)
-    config = config if config is not None else load_config(None)
+    # kernels chosen by $STEMFAST_BACKEND: named in the settings, so the record says which ran (same hash)
+    config = pinned_backend(config if config is not None else load_config(None))
     check_limits(config)
     check_device(config.model.device)  # CUDA asked for where there is none: a settings error, before any work
     if not scheduler:  # (a cluster's workers may hold kernels this client lacks)
