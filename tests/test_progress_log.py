@@ -142,3 +142,21 @@ def test_the_command_line_logs_progress_off_a_terminal_at_the_default_verbosity(
         assert "not shown" not in err
     finally:
         logging.getLogger(PROGRESS_LOGGER).setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", "No", "off", "OFF", " off ", ""])
+def test_every_spelling_of_off_turns_progress_off(monkeypatch, value):
+    """``STEMFAST_PROGRESS=off`` / ``FALSE`` / ``No`` forced tqdm bars into a log (the check was
+    case-sensitive and left out "off", unlike the package's other switches)."""
+    from stemfast.logutil import progress_mode
+
+    monkeypatch.setenv("STEMFAST_PROGRESS", value)
+    assert progress_mode() == "off"
+
+
+@pytest.mark.parametrize("value", ["1", "yes", "on"])
+def test_any_other_value_forces_the_bars(monkeypatch, value):
+    from stemfast.logutil import progress_mode
+
+    monkeypatch.setenv("STEMFAST_PROGRESS", value)
+    assert progress_mode() == "bar"

@@ -51,10 +51,13 @@ class _StderrHandler(logging.StreamHandler):
 def progress_mode() -> str:
     """How progress is shown: ``"bar"`` (tqdm) on an interactive terminal, ``"log"`` (progress lines in
     the log, :class:`LogProgress`) where stderr is not one, ``"off"`` with ``STEMFAST_PROGRESS=0``
-    (``false``, ``no``, empty); any other value of ``STEMFAST_PROGRESS`` forces the bars."""
+    (``false``, ``no``, ``off``, any case, or empty: :func:`stemfast.forking.switched_off`); any other
+    value of ``STEMFAST_PROGRESS`` forces the bars."""
+    from .forking import switched_off
+
     env = os.environ.get("STEMFAST_PROGRESS")
-    if env is not None:
-        return "off" if env in ("0", "false", "no", "") else "bar"
+    if env is not None:  # the switches' one reading (any case, "off" too), or empty
+        return "off" if switched_off("STEMFAST_PROGRESS") or not env.strip() else "bar"
     return "bar" if sys.stderr.isatty() else "log"
 
 
