@@ -375,7 +375,8 @@ def test_a_model_file_with_architecture_settings_is_refused(env, tmp_path, capsy
 @pytest.mark.parametrize("cli, setting, named", [
     (["--latent-dim", "4"], {"model.latent_dim": 4}, "model.latent_dim = 4 (--latent-dim)"),
     (["--set", "model.latent_dim=4"], {"model.latent_dim": 4}, "model.latent_dim = 4 (--latent-dim)"),
-    (["--set", "model.input_size=24"], {"model.input_size": 24}, "model.input_size = 24 (--set model.input_size)")])
+    (["--set", "model.input_size=24"], {"model.input_size": 24}, "model.input_size = 24 (--set model.input_size)"),
+    (["--set", "model={latent_dim=4}"], {"model.latent_dim": 4}, "model.latent_dim = 4 (--latent-dim)")])
 def test_an_architecture_option_at_its_default_value_is_checked_against_the_model_file(env, tmp_path, capsys,
                                                                                          command, cli, setting, named):
     """--model latent7.pt --latent-dim 4: 4 is the default, and the check of the architecture settings

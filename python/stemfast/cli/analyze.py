@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .options import (EXIT_ERROR, add_companion_options, add_input_options, add_model_choice_arguments, add_settings_options,
-                      companions_from_args, config_from_args, exit_status_epilog, guarded, overrides_from_args,
+                      companions_from_args, config_from_args, exit_status_epilog, guarded, typed_settings,
                       read_options_from_args, start_encode_worker_early)
 
 __all__ = ["add", "cmd_analyze"]
@@ -55,6 +55,6 @@ def _cmd_analyze(args) -> int:
     out = Path(args.output) if args.output else Path(path.stem + ".stemfast")
     report = run_batch([path], out, config=config, model_path=args.model, force=args.force,
                        read_options=read_options, train=args.train, finetune=args.finetune or 0,
-                       given_settings=set(overrides_from_args(args)), **companions)
+                       given_settings=typed_settings(args), **companions)
     print_report(report)
     return report.exit_code

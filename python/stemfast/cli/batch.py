@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .options import (EXIT_ERROR, EXIT_OK, add_companion_options, add_input_options, add_model_choice_arguments, add_settings_options,
-                      companions_from_args, config_from_args, exit_status_epilog, guarded, overrides_from_args,
+                      companions_from_args, config_from_args, exit_status_epilog, guarded, typed_settings,
                       read_options_from_args, start_encode_worker_early)
 
 from ..config import DEFAULT_TRAIN_FRAMES, DEFAULT_TRAIN_INPUTS
@@ -148,7 +148,7 @@ def _run_batch_from_args(args) -> int:
                        scheduler=args.scheduler, force=args.force, max_train_inputs=args.train_inputs,
                        train_frames=args.train_frames, frames_per_task=args.frames_per_task,
                        read_options=read_options, train=getattr(args, "train", False),
-                       finetune=getattr(args, "finetune", 0) or 0, given_settings=set(overrides_from_args(args)),
+                       finetune=getattr(args, "finetune", 0) or 0, given_settings=typed_settings(args),
                        **companions)
     if not report.results:
         print(f"error: no micrographs found in {' '.join(args.inputs)}{_pictures_hint(args.inputs)}", file=sys.stderr)

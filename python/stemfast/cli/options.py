@@ -30,6 +30,7 @@ from ..errors import (EXIT_BUSY, EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_
 from ..materials import add_material_argument
 
 __all__ = [
+    "typed_settings",
     "start_encode_worker_early",
     "add_settings_options",
     "add_spacing_option",
@@ -265,25 +266,36 @@ def config_from_args(args) -> object:
         raise SettingsError(str(exc)) from exc
 
 
+def _dotted_keys(d: dict, pre: str = "") -> set[str]:
+    """Every key of the nested settings ``d`` as a dotted key, a table's own key included
+    (``{"model": {"latent_dim": 4}}`` -> ``{"model", "model.latent_dim"}``)."""
+    out: set[str] = set()
+    for k, v in d.items():
+        out.add(f"{pre}{k}")
+        if isinstance(v, dict):
+            out |= _dotted_keys(v, f"{pre}{k}.")
+    return out
+
+
+def typed_settings(args) -> set[str]:
+    """The settings (dotted keys) the options set (:func:`overrides_from_args`), a TOML inline table of
+    ``--set`` (``--set 'model={latent_dim=4}'``) read key by key as its dotted form is."""
+    return _dotted_keys(overrides_from_args(args))
+
+
 def settings_given(args) -> set[str]:
     """The settings (dotted keys, e.g. ``"model.epochs"``) the user set: in the ``--config`` file or by
-    the options (:func:`overrides_from_args`) -- where a command's own fallback must not apply."""
+    the options (:func:`typed_settings`) -- where a command's own fallback must not apply."""
     from ..config import METADATA_TABLES, read_toml_file
 
-    given = set(overrides_from_args(args))
+    given = typed_settings(args)
     path = getattr(args, "config", None)
     if path:
         try:
             data = read_toml_file(path)
         except (OSError, ValueError):  # reported by config_from_args
             data = {}
-
-        def walk(d: dict, pre: str) -> None:
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{pre}{k}.")
-                given.add(f"{pre}{k}")
-        walk({k: v for k, v in data.items() if k not in METADATA_TABLES}, "")
+        given |= _dotted_keys({k: v for k, v in data.items() if k not in METADATA_TABLES})
     return given
 
 
