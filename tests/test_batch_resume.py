@@ -306,3 +306,14 @@ def test_dask_workers_run_the_kernels_the_hash_stands_for(tmp_path, monkeypatch)
     data, out = _data(tmp_path / "data"), tmp_path / "out"
     report = run_batch(data, out, config=load_config(None), scheduler="local:1", show_progress=False)
     assert {r.status for r in report.results} == {"done"} and seen == ["cpp"]
+
+
+def test_a_fine_tuned_model_reused_is_named_fine_tuned(tmp_path):
+    """``--finetune 2`` run twice: the rerun reuses the fine-tuned model and named it 'trained (reused,
+    current)', as a model trained from scratch (the console line read 'model trained (reused, current)')."""
+    data, out = _data(tmp_path / "data"), tmp_path / "out"
+    first = run_batch(data, out, config=load_config(None), finetune=2, show_progress=False)
+    assert first.model_trained and first.model_finetuned_steps == 2
+    again = run_batch(data, out, config=load_config(None), finetune=2, show_progress=False)
+    assert not again.model_trained and again.model_sha256 == first.model_sha256
+    assert again.model_source == "fine-tuned for 2 steps (reused, current)"

@@ -451,7 +451,8 @@ def resolve_model(entries: list[InputEntry], out: Path, *, config, chash: str, m
                      "%s: training again", out, info.get("train_sample") or "made before the sample was "
                      "recorded: the defaults", asked)
         elif file_sha256(target) == info.get("sha256"):
-            return ModelState(target, info["sha256"], "trained (reused, current)", info=info)
+            made = f"fine-tuned for {finetune} steps" if finetune else "trained"
+            return ModelState(target, info["sha256"], f"{made} (reused, current)", info=info)
     return ModelState(target, None, "trained", info={"inputs_key": key})
 
 
