@@ -35,6 +35,8 @@ from typing import Callable
 
 import numpy as np
 
+from .forking import ctrl_c_held, ctrl_c_released
+
 __all__ = ["ENV_VAR", "unavailable", "EncodeWorker", "WorkerModel", "EncodeWorkerError", "prestart",
            "prestart_shipped", "discard_prestarted", "prestart_file", "shipped_worker_model",
            "file_worker_model"]
@@ -75,7 +77,8 @@ class EncodeWorker:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, self._conn, load), name="stemfast-encode", daemon=True)
-        self._proc.start()
+        with ctrl_c_held():  # a Ctrl-C during the fork is delivered after it, not lost in the fork's hooks
+            self._proc.start()
         child.close()
         self._info: dict | None = None  # the model's settings and metadata, once loaded
         self._failed: BaseException | None = None
@@ -163,10 +166,8 @@ class EncodeWorker:
 
 def _serve(conn, parent_end, load: Callable[[], object]) -> None:
     """The child: load the model, then answer ``("encode", patches)`` until ``("close", None)`` or EOF."""
-    import signal
-
     parent_end.close()  # else the pipe would stay open when the parent dies, and recv would wait forever
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the worker
+    ctrl_c_released()  # Ctrl-C is the parent's to handle; it closes the worker
     try:
         model = load()
     except BaseException as exc:  # noqa: BLE001 - sent back, re-raised in the parent

@@ -138,14 +138,17 @@ class BackgroundFigures:
         import multiprocessing
 
         pyplot()  # imported once, before the fork: each process would import it again (~0.5 s)
+        from .forking import ctrl_c_held
+
         ctx = multiprocessing.get_context("fork")
         children = []
-        for job in jobs:
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_background_child, args=(job, send), name="stemfast-figure", daemon=True)
-            proc.start()
-            send.close()
-            children.append((job, proc, recv))
+        with ctrl_c_held():  # a Ctrl-C during a fork is delivered after it, not lost in the fork's hooks
+            for job in jobs:
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_background_child, args=(job, send), name="stemfast-figure", daemon=True)
+                proc.start()
+                send.close()
+                children.append((job, proc, recv))
         return cls(children)
 
     def wait(self) -> float:
@@ -195,7 +198,9 @@ def _terminated(signum, frame) -> None:  # pragma: no cover - forked process
 def _background_child(job: Callable[[], None], conn) -> None:  # pragma: no cover - forked process
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
+    from .forking import ctrl_c_released
+
+    ctrl_c_released()  # a Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _terminated)
     t0 = time.perf_counter()
     job()

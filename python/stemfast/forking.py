@@ -1,11 +1,14 @@
 """When this process may be forked to run work beside it (the encode worker, figures side by side)."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 
-__all__ = ["fork_hazard", "switched_off"]
+__all__ = ["fork_hazard", "switched_off", "ctrl_c_held", "ctrl_c_released"]
 
 
 def switched_off(var: str) -> str | None:
@@ -39,3 +42,32 @@ def fork_hazard() -> str | None:
     if threading.active_count() > 1:
         return "other threads run in this process"
     return None
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold Ctrl-C (SIGINT) back while processes are forked, and deliver it after: a SIGINT that arrived
+    during ``os.fork`` ran its handler inside the at-fork hooks (logging's lock release), where the
+    KeyboardInterrupt was printed as "Exception ignored" and lost -- the run went on to the end. The
+    children start with SIGINT held too (:func:`ctrl_c_released` in them). Outside the main thread, or
+    where signal masks do not exist, nothing is held.
+
+    >>> with ctrl_c_held():
+    ...     pass
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # one held back is delivered here
+
+
+def ctrl_c_released() -> None:
+    """In a child forked under :func:`ctrl_c_held`: ignore Ctrl-C (the parent's to handle: it ends the
+    children) and let the signal through again, so one held back at the fork is dropped, not kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
