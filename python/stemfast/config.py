@@ -744,7 +744,7 @@ def _results_dict(config) -> dict:
         for sec in sections:
             node, obj = node[sec], getattr(obj, sec)
         node[leaf] = _field_default(type(obj), leaf)
-    d["sites"]["backend"] = _backend_key(config.sites.backend)
+    d["sites"]["backend"] = _backend_key(config)
     return d
 
 
@@ -770,15 +770,15 @@ def pinned_backend(config, *, resolve: bool = False):
     return dataclasses.replace(config, sites=dataclasses.replace(config.sites, backend=name.lower()))
 
 
-def _backend_key(backend: str | None) -> str | None:
-    """The kernel backend a run with the setting ``backend`` uses, as :func:`config_hash` reads it: the
-    setting, else ``$STEMFAST_BACKEND``, else the fastest that imports here. Backends agree to a
+def _backend_key(config) -> str | None:
+    """The kernel backend a run of ``config`` uses, as :func:`config_hash` reads it (:func:`pinned_backend`:
+    the setting, else ``$STEMFAST_BACKEND``, else the fastest that imports here). Backends agree to a
     tolerance, not bit for bit, so the one that runs is part of what the results depend on, whichever
     way it was chosen; the compiled one (the default where it imports) reads as the unset setting, so the
     hash of a run that leaves the backend alone is what it was before the variable was counted."""
-    from .backend import BACKENDS, resolve_backend
+    from .backend import BACKENDS
 
-    name = (backend or env_backend() or resolve_backend(None)).lower()
+    name = pinned_backend(config, resolve=True).sites.backend.lower()
     return None if name == BACKENDS[0] else name
 
 

@@ -19,7 +19,8 @@ from .common import RESERVED_NAMES
 from .frames import count_frames
 
 __all__ = ["InputEntry", "CompanionFile", "discover_inputs", "fingerprint_input", "read_input", "inputs_key", "describe_input",
-           "safe_name", "unique_names", "read_failure_reason", "whole_rescale", "note_whole_read"]
+           "safe_name", "unique_names", "read_failure_reason", "whole_rescale", "note_whole_read",
+           "filled_by_read_options"]
 
 log = logging.getLogger("stemfast.batch")
 
@@ -351,6 +352,13 @@ def note_whole_read(entry: InputEntry, mg) -> None:
     :attr:`InputEntry.described`."""
     entry.n_frames = count_frames(mg)
     entry.described = describe_input(mg)
+
+
+def filled_by_read_options(meta: dict) -> bool:
+    """Whether a read (its metadata, or the ``input`` record of an input's summary, which copies these
+    keys) filled scattered non-finite pixels -- what ``--fill-nonfinite`` decides -- rather than none,
+    or only regions without data (filled whatever the read options are)."""
+    return bool(meta.get("nonfinite_replaced")) and not meta.get("nonfinite_in_regions")
 
 
 def read_failure_reason(exc: BaseException) -> str:

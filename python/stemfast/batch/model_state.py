@@ -27,7 +27,8 @@ from ..errors import ModelFileError, describe_os_error
 from ..patchextent import cut_of, extent_record
 from .common import DONE_FILE, MODEL_FILE, MODEL_INFO_FILE, now, progress_bar, read_json
 from .frames import read_frame
-from .inputs import InputEntry, inputs_key, note_whole_read, read_failure_reason, read_input
+from .inputs import (InputEntry, filled_by_read_options, inputs_key, note_whole_read, read_failure_reason,
+                     read_input)
 
 __all__ = ["ModelState", "load_model", "check_model_file", "train_batch_model", "save_trained_model",
            "resolve_model", "use_shipped", "model_identity", "sample_frames", "writing", "keep_named_model",
@@ -246,10 +247,10 @@ def same_sample(made: dict | None, asked: dict) -> bool:
     if made is None:
         return asked == asked_sample()
     try:  # a damaged record (not a table, a count missing, not a whole number >= 1): not the same
-        n, f, i, k = (int(made[key]) for key in ("n_candidates", "max_frames", "max_train_inputs", "train_frames"))
-        if min(n, f, i, k) < 1 or any(isinstance(made[key], bool) or float(made[key]) != int(made[key])
-                                      for key in ("n_candidates", "max_frames", "max_train_inputs", "train_frames")):
+        counts = [made[key] for key in ("n_candidates", "max_frames", "max_train_inputs", "train_frames")]
+        if any(isinstance(c, bool) or float(c) != int(c) or int(c) < 1 for c in counts):
             return False
+        n, f, i, k = map(int, counts)
         return (min(asked["max_train_inputs"], n) == min(i, n) and min(asked["train_frames"], f) == min(k, f)
                 and made.get("read_options") in (None, asked["read_options"]))
     except (AttributeError, KeyError, TypeError, ValueError):
@@ -287,8 +288,7 @@ class _PatchPool:
             if on_skip:
                 on_skip(e, read_failure_reason(exc))
             return
-        meta = getattr(mg, "metadata", None) or {}
-        if meta.get("nonfinite_replaced") and not meta.get("nonfinite_in_regions"):  # as filled_read_key
+        if filled_by_read_options(getattr(mg, "metadata", None) or {}):
             self.read_dependent = True  # scattered non-finite pixels filled by the read options
         try:
             check_spacing_fits(self.config.sites.spacing, np.shape(mg.data)[-2:])

@@ -132,7 +132,7 @@ def run_batch(inputs, out_dir, *, config=None, model_path=None, scheduler: str |
     given_settings : the settings (dotted keys, e.g. ``"model.latent_dim"``) the caller set explicitly:
         with ``model_path``, an architecture setting among them must equal the file's even at its
         default value (``config`` alone cannot tell a default set from one left alone). The command
-        line passes the options typed (:func:`stemfast.cli.options.overrides_from_args`).
+        line passes the options typed (:func:`stemfast.cli.options.typed_settings`).
 
     Returns
     -------

@@ -11,7 +11,7 @@ from ..atomic import write_json
 from ..config import ReadOptions
 from ..errors import describe_os_error
 from .common import DONE_FILE, OUTPUT_FILES, SKIPPED_FILE, crash_hook, now, read_json
-from .inputs import InputEntry
+from .inputs import InputEntry, filled_by_read_options
 from .results import InputResult
 
 __all__ = ["InputUnreadable", "clean_dir", "write_done", "partial_reason", "skip_input", "failure_reason",
@@ -36,8 +36,7 @@ def filled_read_key(summary: dict, read_options: ReadOptions | None) -> dict | N
     """The read options an input's results depend on: those that filled its scattered non-finite
     pixels (``--fill-nonfinite``), None where none were filled (the options change nothing there; a
     region without data is filled whatever they are)."""
-    inp = summary.get("input") or {}
-    if not inp.get("nonfinite_replaced") or inp.get("nonfinite_in_regions"):
+    if not filled_by_read_options(summary.get("input") or {}):
         return None
     return ReadOptions.key_of(read_options)
 
