@@ -584,6 +584,28 @@ def test_a_band_shifted_beyond_the_reach_is_not_repaired_and_said():
     assert "beyond the 8.6 px" in sl["jumps_not_repaired"]
 
 
+@pytest.mark.parametrize("seed,shift", [(1, 9), (4, 10)])
+def test_a_band_about_half_a_period_off_leaves_the_site_lattice_not_its_sqrt3_denser_one(seed, shift):
+    """A band 9-10 px off where the lattice's period along the lines is 19.6 px: the ``{110}`` ring was
+    taken for the first, and the lattice read sqrt(3) too fine (6.37 px for 11.4, three times the
+    sites, said only as a 6.8 % anisotropy). Every column sat on one class of its nodes, but the band
+    slipped that class's colouring over the image, so no third of it was empty (104 / 122 / 169
+    columns). Seen around each column, the columns alternate with empty nodes (a honeycomb): the
+    lattice is read again from the first ring, and the band is said, not repaired."""
+    img, _ = _wide_band(seed, shift, pad=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = find_sites(img)
+    nn = 11.4  # 0.16 A per px: the spacing of _wide_band's clean image (11.39-11.41)
+    assert t.meta["spacing_px"] == pytest.approx(nn, rel=0.02)
+    assert "{110}->{100}" in t.meta["lattice"]["ring_note"]
+    side = img.shape[0]
+    inner = np.all((np.asarray(t.xy) > nn) & (np.asarray(t.xy) < side - 1 - nn), axis=1)
+    expected = (side - 1 - 2 * nn) ** 2 / (np.sqrt(3) / 2 * nn ** 2)
+    assert 0.85 < inner.sum() / expected < 1.15  # one site per node of the site lattice, not three
+    assert "jumps_not_repaired" in t.meta["lattice"]["scan_lines"]
+
+
 # -- streaks over part of a line -------------------------------------------------------------------
 
 #: (row, first column, last column + 1, level of the Mo peak): glitches that lasted part of a line

@@ -186,6 +186,14 @@ def index_sites(peak_xy: np.ndarray, peak_value: np.ndarray, pmap: PhaseMap, *, 
 COSET_MIN_COLUMNS = 20
 COSET_CLASS_SHARE = 0.8
 COSET_EMPTY_RATIO = 0.35
+#: ... or, seen around each column, that class's columns alternate with empty nodes (a honeycomb):
+#: :func:`_alternating_neighbours` under this. A honeycomb reads ~0 (0.07-0.11: MoS2 with a band of scan
+#: lines ~half a period off, where the lattice's colouring slips and no third of the class is empty:
+#: 104 / 122 / 169 columns), the metal lattice alone ~1 (0.92-0.99: the shared real and simulated images)
+COSET_HONEYCOMB_RATIO = 0.5
+#: a node's six nearest of its own class, ``(p, q)`` offsets (the metal lattice's vectors ``U`` through
+#: :data:`PQ_FROM_U`): three at 120 degrees (``+v1, +v3, -v2``) and their opposites
+_CLASS_TRIPLES = (np.array([(2, -1), (-1, 2), (-1, -1)]), np.array([(-2, 1), (1, -2), (1, 1)]))
 
 
 def node_residuals(xy: np.ndarray, ij: np.ndarray, pmap: PhaseMap) -> np.ndarray:
@@ -212,7 +220,11 @@ def columns_on_one_coset(idx: SiteIndex) -> bool:
     sit on two classes (metal and chalcogen); where the chalcogen columns give no peaks, on the metal
     class alone, but then on every third of it. So: at least :data:`COSET_CLASS_SHARE` of the
     columns (nodes with their peak) on one class, and one third of that class (``q mod 3`` there)
-    holding fewer than :data:`COSET_EMPTY_RATIO` times the columns of the fullest third.
+    holding fewer than :data:`COSET_EMPTY_RATIO` times the columns of the fullest third -- or, where
+    that class's colouring slips over the image (a band of scan lines about half a period off, a
+    bicrystal), its columns alternating with empty nodes around each column
+    (:func:`_alternating_neighbours` under :data:`COSET_HONEYCOMB_RATIO`: a honeycomb, where the
+    metal columns alone form a triangular lattice).
 
     Examples
     --------
@@ -234,8 +246,40 @@ def columns_on_one_coset(idx: SiteIndex) -> bool:
     a = int(np.argmax(counts))
     if counts[a] < COSET_CLASS_SHARE * col.sum():
         return False
-    third = np.bincount(np.mod(np.asarray(idx.ij)[col][cls == a, 1], 3), minlength=3)
-    return bool(third.min() < COSET_EMPTY_RATIO * third.max())
+    mine = np.asarray(idx.ij, np.int64)[col][cls == a]
+    third = np.bincount(np.mod(mine[:, 1], 3), minlength=3)
+    return bool(third.min() < COSET_EMPTY_RATIO * third.max() or _alternating_neighbours(mine) < COSET_HONEYCOMB_RATIO)
+
+
+def _alternating_neighbours(ij: np.ndarray) -> float:
+    """How evenly the nodes ``ij`` [N, 2] (the columns of one class of the site lattice) have their
+    six nearest nodes of that class: ``sum(min(n1, n2)) / sum(max(n1, n2))``, with ``n1`` / ``n2`` the
+    nodes of ``ij`` among a node's three neighbours at 120 degrees and among the three opposite. ~1 on
+    a triangular lattice (an image's edges cut both triples alike); ~0 on a honeycomb, where every
+    column's three nearest columns lie on one side and empty nodes (the hollows) on the other. Read
+    around each column, it does not depend on a colouring over the whole image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pq = np.array([(p, q) for p in range(-9, 9) for q in range(-9, 9)])
+    >>> cls = pq[(pq[:, 0] - pq[:, 1]) % 3 == 0]
+    >>> round(_alternating_neighbours(cls), 2), _alternating_neighbours(cls[cls[:, 1] % 3 != 2])  # edges: < 1
+    (0.86, 0.0)
+    """
+    ij = np.asarray(ij, np.int64)
+    if not len(ij):
+        return 1.0
+    lo = ij.min(axis=0) - 2
+    span = int(ij[:, 1].max() - lo[1]) + 3
+
+    def keys(a):
+        return (a[:, 0] - lo[0]) * span + (a[:, 1] - lo[1])
+
+    have = np.sort(keys(ij))
+    n1, n2 = (sum(np.isin(keys(ij + d), have).astype(np.int64) for d in t) for t in _CLASS_TRIPLES)
+    top = np.maximum(n1, n2).sum()
+    return float(np.minimum(n1, n2).sum() / top) if top else 1.0
 
 
 #: a site lattice ``n`` times finer than the crystal's (its Bragg ring a ``{n00}`` one, taken as the
