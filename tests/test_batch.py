@@ -639,8 +639,9 @@ def test_every_backend_writes_the_site_table_as_python_formats_it(backend):
 
 
 def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
-    """An unsure lattice or a calibration that does not fit the material reaches summary.json's
-    warnings, and report.html shows them per input."""
+    """An unsure lattice, a calibration that does not fit the material, or sideways scan jumps seen and
+    not repaired (said only in summary.json's lattice before) reach summary.json's warnings, and
+    report.html shows them per input."""
     from stemfast.batch.outputs import lattice_warnings
     from stemfast.report import write_html_report
 
@@ -654,12 +655,22 @@ def test_unsure_lattice_and_calibration_are_warnings(tmp_path):
     crowded = {"crowding": {"fraction": 0.06, "warning": "6.0% of the sites ..."}}
     assert lattice_warnings(crowded) == ["6.0% of the sites ..."]
     assert lattice_warnings({"crowding": {"fraction": 0.01}}) == []
+    jumps = "2 sideways jump(s) of the scan lines were not repaired (the first line after each: rows 100 by +9.0 px"
+    said = lattice_warnings({"scan_lines": {"jump_rows": [], "jumps_not_repaired": jumps,
+                                            "jumps_not_repaired_confirmed": True}})
+    assert len(said) == 1 and said[0].startswith("scan: " + jumps) and "analysed as recorded" in said[0]
+    # candidates the lattice did not confirm (a given spacing the ring is not at) are no evidence of a jump
+    unconfirmed = "scan-jump candidates were not confirmed: the Bragg ring's site spacing 15.21 px is not the given 26.3 px"
+    assert lattice_warnings({"scan_lines": {"jumps_not_repaired": unconfirmed,
+                                            "jumps_not_repaired_confirmed": False}}) == []
+    w = w + said
     summ = {"name": "img", "status": "ok", "n_sites": 10, "warnings": w, "lattice": lat}
     write_html_report(tmp_path / "report.html", batch={"inputs": [{"name": "img", "status": "ok"}]},
                       summaries=[summ], out_dir=tmp_path)
     html = (tmp_path / "report.html").read_text()
     assert "warning: the site lattice is uncertain: weak Bragg ring" in html
     assert "check the calibration or the material" in html
+    assert "were not repaired (the first line after each: rows 100 by +9.0 px" in html
 
 
 def test_report_says_how_the_lattice_was_found(tmp_path):

@@ -581,7 +581,7 @@ def test_a_band_shifted_beyond_the_reach_is_not_repaired_and_said():
     sl = t.meta["lattice"]["scan_lines"]
     assert sl["jump_rows"] == []
     assert "rows 100 by +9.0 px, 130 by -9.0 px" in sl["jumps_not_repaired"]
-    assert "beyond the 8.6 px" in sl["jumps_not_repaired"]
+    assert "beyond the 8.6 px" in sl["jumps_not_repaired"] and sl["jumps_not_repaired_confirmed"] is True
 
 
 @pytest.mark.parametrize("seed,shift", [(1, 9), (4, 10)])

@@ -1560,9 +1560,13 @@ class _UnrepairedJumps(ScanJumps):
     """Scan jumps (:class:`stemfast.scanlines.ScanJumps`) of which candidates were not repaired:
     because the lattice they were to be confirmed against was not the image's (none flagged), or
     because bands were shifted beyond the reach the lattice allows (its ``declined``; the others
-    flagged and repaired). ``note`` says why (``lattice.scan_lines.jumps_not_repaired``)."""
+    flagged and repaired). ``note`` says why (``lattice.scan_lines.jumps_not_repaired``); ``confirmed``:
+    the lattice confirmed the jumps (``jumps_not_repaired_confirmed``: beyond the reach, or a repair
+    that showed another lattice), not only candidates left unconfirmed (a ring no lattice of the image,
+    or off a given spacing; lines between atom rows are such candidates on most images)."""
 
     note: str = ""
+    confirmed: bool = False
 
 
 #: scan jumps are confirmed only against a Bragg ring whose lattice is at most this anisotropic
@@ -1595,7 +1599,7 @@ def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoD
     from .scanlines import JUMP_MAX_LAG, confirm_jumps, jump_search_lag, scan_line_jumps
 
     why = _implausible_jump_ring(ring, s)
-    first = jumps
+    first, unconfirmed = jumps, why is not None
     if why is None:
         a = np.linalg.inv(ring.g).T
         t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
@@ -1624,7 +1628,8 @@ def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoD
     elif not jumps.candidates.any():
         return jumps, None
     log.info("scan jumps: %s", why)
-    return _UnrepairedJumps(jumps.shift, np.zeros_like(jumps.flagged), jumps.noise, jumps.candidates, note=why), None
+    return _UnrepairedJumps(jumps.shift, np.zeros_like(jumps.flagged), jumps.noise, jumps.candidates, note=why,
+                            confirmed=not unconfirmed), None
 
 
 def _declined_note(jumps, vectors: np.ndarray):
@@ -1642,7 +1647,8 @@ def _declined_note(jumps, vectors: np.ndarray):
             f"beyond the {jump_reach(vectors):.1f} px that the lattice's period along the lines "
             f"({line_period(vectors):.1f} px) lets be told from a jump the other way")
     log.info("scan jumps: %s", note)
-    return _UnrepairedJumps(jumps.shift, jumps.flagged, jumps.noise, jumps.candidates, jumps.declined, note=note)
+    return _UnrepairedJumps(jumps.shift, jumps.flagged, jumps.noise, jumps.candidates, jumps.declined, note=note,
+                            confirmed=True)
 
 
 def _implausible_jump_ring(ring, s: SiteSettings) -> str | None:
@@ -1692,8 +1698,9 @@ def _scan_jumps_meta(jumps, column_px: float) -> dict:
     out = {"jump_rows": rows.tolist(), "jump_px": [round(float(v), 3) for v in jumps.shift[rows - 1]]}
     if len(rows):
         out["jump_column_px"] = float(column_px)
-    if getattr(jumps, "note", ""):  # candidates seen, not repaired: the lattice could not confirm them
+    if getattr(jumps, "note", ""):  # candidates seen, not repaired (confirmed by the lattice, or not)
         out["jumps_not_repaired"] = jumps.note
+        out["jumps_not_repaired_confirmed"] = bool(jumps.confirmed)
     return out
 
 

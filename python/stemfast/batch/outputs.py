@@ -517,7 +517,8 @@ _LATTICE_WARNING_KEYS = ("contrast", "companion_contrast", "distortion", "crowdi
 def lattice_warnings(lat) -> list[str]:
     """The warnings of a frame's ``meta["lattice"]`` (sites.find_sites): an unsure lattice, several
     grains, an anisotropic one, a crowded site table, inversion domains, clipped intensities, a
-    calibration that does not fit the material."""
+    calibration that does not fit the material, sideways jumps of the scan lines the lattice confirmed and
+    that were not repaired."""
     if not lat:
         return []
     out = []
@@ -528,4 +529,10 @@ def lattice_warnings(lat) -> list[str]:
     out += [w for w in ((lat.get(key) or {}).get("warning") for key in _LATTICE_WARNING_KEYS) if w]
     if lat.get("calibration_warning"):  # find_sites' CalibrationWarning, as it worded it
         out.append(lat["calibration_warning"])
+    scan = lat.get("scan_lines") or {}
+    if scan.get("jumps_not_repaired") and scan.get("jumps_not_repaired_confirmed"):
+        # jumps the lattice confirmed, left unrepaired (said in summary.json's lattice alone before); candidates
+        # it did not confirm are no evidence of a jump
+        out.append(f"scan: {scan['jumps_not_repaired']}; the lines they bound are analysed as recorded (their sites "
+                   "and defect scores may be wrong)")
     return out
