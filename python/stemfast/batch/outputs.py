@@ -531,8 +531,8 @@ def lattice_warnings(lat) -> list[str]:
         out.append(lat["calibration_warning"])
     scan = lat.get("scan_lines") or {}
     if scan.get("jumps_not_repaired") and scan.get("jumps_not_repaired_confirmed"):
-        # jumps the lattice confirmed, left unrepaired (said in summary.json's lattice alone before); candidates
-        # it did not confirm are no evidence of a jump
+        # jumps the lattice confirmed, beyond the reach (said in summary.json's lattice alone before); candidates
+        # it did not confirm, or confirmed against a ring their repair showed is not the image's, are no evidence
         out.append(f"scan: {scan['jumps_not_repaired']}; the lines they bound are analysed as recorded (their sites "
                    "and defect scores may be wrong)")
     return out
