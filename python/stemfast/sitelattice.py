@@ -226,16 +226,26 @@ def columns_on_one_coset(idx: SiteIndex) -> bool:
     >>> columns_on_one_coset(one(cols)), columns_on_one_coset(one(pq[on_a]))  # the last: metal alone
     (True, False)
     """
+    mine = _fullest_class_columns(idx)
+    if mine is None:
+        return False
+    third = np.bincount(np.mod(mine[:, 1], 3), minlength=3)
+    return bool(third.min() < COSET_EMPTY_RATIO * third.max())
+
+
+def _fullest_class_columns(idx: SiteIndex) -> np.ndarray | None:
+    """The nodes ``ij`` [K, 2] (int64) of the columns (nodes with their peak) on the class of the site
+    lattice that holds most of them, where there are at least :data:`COSET_MIN_COLUMNS` columns and that
+    class holds at least :data:`COSET_CLASS_SHARE` of them; else None."""
     col = (np.asarray(idx.kind) == 0) & (np.asarray(idx.cls) >= 0)
     if col.sum() < COSET_MIN_COLUMNS:
-        return False
+        return None
     cls = np.asarray(idx.cls)[col]
     counts = np.bincount(cls, minlength=3)
     a = int(np.argmax(counts))
     if counts[a] < COSET_CLASS_SHARE * col.sum():
-        return False
-    third = np.bincount(np.mod(np.asarray(idx.ij)[col][cls == a, 1], 3), minlength=3)
-    return bool(third.min() < COSET_EMPTY_RATIO * third.max())
+        return None
+    return np.asarray(idx.ij, np.int64)[col][cls == a]
 
 
 #: :func:`columns_on_a_honeycomb`: at least this many columns of the fullest class with all three of
@@ -277,15 +287,10 @@ def columns_on_a_honeycomb(idx: SiteIndex) -> bool:
     >>> columns_on_a_honeycomb(one(slipped)), columns_on_one_coset(one(slipped)), columns_on_a_honeycomb(one(pq[on_a]))
     (True, False, False)
     """
-    col = (np.asarray(idx.kind) == 0) & (np.asarray(idx.cls) >= 0)
-    if col.sum() < COSET_MIN_COLUMNS:
+    mine = _fullest_class_columns(idx)
+    if mine is None:
         return False
-    cls = np.asarray(idx.cls)[col]
-    counts = np.bincount(cls, minlength=3)
-    a = int(np.argmax(counts))
-    if counts[a] < COSET_CLASS_SHARE * col.sum():
-        return False
-    n1, n2 = _class_neighbours(np.asarray(idx.ij, np.int64)[col][cls == a])
+    n1, n2 = _class_neighbours(mine)
     full = np.maximum(n1, n2) == 3
     return bool(full.sum() >= HONEYCOMB_MIN_COLUMNS and np.mean(np.minimum(n1, n2)[full] == 0) >= HONEYCOMB_ONE_SIDED)
 
