@@ -36,8 +36,8 @@ def test_the_readme_names_the_latest_clean_checkout_round():
 
 def test_the_readme_quotes_its_defect_ap():
     _, checks = _latest_clean_checkout()
-    dev = _floats(re.search(r"dev1-4:.*?AP ([\d.]+ / [\d.]+ / [\d.]+ / [\d.]+)", checks, re.S).group(1))
-    ti2 = _floats(re.search(r"ti2 HAADF / MAADF:.*?AP ([\d.]+ / [\d.]+)", checks, re.S).group(1))
+    dev = _floats(re.search(r"dev1-4:.*?AP\s+([\d.]+ / [\d.]+ / [\d.]+ / [\d.]+)", checks, re.S).group(1))
+    ti2 = _floats(re.search(r"ti2 HAADF / MAADF:.*?AP\s+([\d.]+ / [\d.]+)", checks, re.S).group(1))
     rows = {r.split("|")[1].strip().split(" (")[0]: r.split("|")[1:-1]
             for r in _readme_results().splitlines() if r.startswith("| ")}
     readme_dev = (_floats(rows["simulated dev1 / dev2"][3]) + _floats(rows["simulated dev3 / dev4"][3]))
