@@ -296,10 +296,10 @@ def columns_on_a_honeycomb(idx: SiteIndex) -> bool:
 
 
 def _class_neighbours(ij: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per node of ``ij`` [N, 2] (the columns of one class of the site lattice), how many of its three
+    """Per node of ``ij`` [N >= 1, 2] (the columns of one class of the site lattice), how many of its three
     class neighbours at 120 degrees and of the three opposite (:data:`_CLASS_TRIPLES`) are in ``ij``."""
-    lo = ij.min(axis=0) - 2 if len(ij) else np.zeros(2, np.int64)
-    span = int(ij[:, 1].max() - lo[1]) + 3 if len(ij) else 1  # every offset's node inside the span: no collision
+    lo = ij.min(axis=0) - 2
+    span = int(ij[:, 1].max() - lo[1]) + 3  # every offset's node inside the span: no collision
 
     def keys(a):
         return (a[:, 0] - lo[0]) * span + (a[:, 1] - lo[1])

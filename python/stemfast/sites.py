@@ -1583,15 +1583,15 @@ class _UnrepairedJumps(ScanJumps):
     """Scan jumps (:class:`stemfast.scanlines.ScanJumps`) of which candidates were not repaired:
     because the lattice they were to be confirmed against was not the image's (none flagged), or
     because bands were shifted beyond the reach the lattice allows (its ``declined``; the others
-    flagged and repaired). ``note`` says why (``lattice.scan_lines.jumps_not_repaired``); ``confirmed``
-    (``jumps_not_repaired_confirmed``): the lattice confirmed the jumps, bands beyond the reach. Not
-    for candidates left unconfirmed (a ring that is no lattice of the image or is off a given spacing;
-    lines between atom rows are such candidates on most images), nor for jumps confirmed against a
-    ring that their repair showed is not the image's (a jump-free strip read so, and a 384 x 127 px
-    contaminated image: "12 jump rows confirmed" against a 2.07 px ring, the image's lattice 3.51 px)."""
+    flagged and repaired). ``note`` says why (``lattice.scan_lines.jumps_not_repaired``). Only the
+    bands beyond the reach (:func:`_declined`) are jumps the lattice confirmed
+    (``jumps_not_repaired_confirmed``): not candidates left unconfirmed (a ring that is no lattice of
+    the image or is off a given spacing; lines between atom rows are such candidates on most images),
+    nor jumps confirmed against a ring that their repair showed is not the image's (a jump-free strip
+    read so, and a 384 x 127 px contaminated image: "12 jump rows confirmed" against a 2.07 px ring, the
+    image's lattice 3.51 px) -- neither carries ``declined``."""
 
     note: str = ""
-    confirmed: bool = False
 
 
 #: scan jumps are confirmed only against a Bragg ring whose lattice is at most this anisotropic
@@ -1671,8 +1671,7 @@ def _declined_note(jumps, vectors: np.ndarray):
             f"beyond the {jump_reach(vectors):.1f} px that the lattice's period along the lines "
             f"({line_period(vectors):.1f} px) lets be told from a jump the other way")
     log.info("scan jumps: %s", note)
-    return _UnrepairedJumps(jumps.shift, jumps.flagged, jumps.noise, jumps.candidates, jumps.declined, note=note,
-                            confirmed=True)
+    return _UnrepairedJumps(jumps.shift, jumps.flagged, jumps.noise, jumps.candidates, jumps.declined, note=note)
 
 
 def _implausible_jump_ring(ring, s: SiteSettings) -> str | None:
@@ -1724,7 +1723,7 @@ def _scan_jumps_meta(jumps, column_px: float) -> dict:
         out["jump_column_px"] = float(column_px)
     if getattr(jumps, "note", ""):  # candidates seen, not repaired (confirmed by the lattice, or not)
         out["jumps_not_repaired"] = jumps.note
-        out["jumps_not_repaired_confirmed"] = bool(jumps.confirmed)
+        out["jumps_not_repaired_confirmed"] = _declined(jumps)  # bands beyond the reach: jumps the lattice confirmed
     return out
 
 
