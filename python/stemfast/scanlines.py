@@ -50,7 +50,7 @@ from scipy import fft as sfft
 from .spikes import despiked
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
-           "line_period", "jump_reach", "jump_search_lag",
+           "line_period", "line_repeat", "jump_reach", "jump_search_lag",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
            "line_offsets", "recorded_shift", "lattice_positions", "levelled_image", "dead_runs",
            "filled_dead_runs"]
@@ -1095,7 +1095,7 @@ def needs_lattice_lines(spacing_px: float | None) -> bool:
     return spacing_px is None or 0.5 * spacing_px > JUMP_MAX_LAG
 
 
-def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_THRESHOLD,
+def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: float = LATTICE_THRESHOLD,
                        min_px: float = JUMP_MIN_PX) -> ScanJumps:
     """Bands of scan lines recorded shifted sideways, found line by line against the lattice: for
     coarse sampling, where neighbouring lines scatter too much for :func:`scan_line_jumps`.
@@ -1113,12 +1113,19 @@ def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_T
     it, between judged lines that do not stand out, and not within half the median's lines of the
     frame's top or bottom; its shift is measured again on its lines together, and they must match
     the periodic part better by :data:`JUMP_MIN_CORRELATION_SE` standard errors shifted back than
-    as recorded.
+    as recorded. The unjudged lines next to it that match the periodic part better shifted back are
+    the band's too (:func:`_grown_band`). With the lattice's translations ``vectors``, a band is
+    confirmed against them: the lines one translation across the lines away (:func:`line_repeat`),
+    which show the same rows of the lattice, must not stand out the same way (:func:`_echoed`;
+    with the atom rows along the scan lines, the lines between two rows match the periodic part
+    best at about half a period off, and such a line read as a band of its own).
 
     Parameters
     ----------
     image : (H, W) array, the raw micrograph.
     spacing_px : the site spacing (px); shifts are looked for up to half of it.
+    vectors : float [K, 2], optional: translations (x, y, px) that map the lattice onto itself (the
+        metal lattice's shortest three); without them no band is confirmed against the lattice.
     threshold : :data:`LATTICE_THRESHOLD`, robust standard deviations.
     min_px : as for :func:`scan_line_jumps`.
 
@@ -1163,6 +1170,8 @@ def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_T
     noise = float(1.4826 * np.median(np.abs(res[judged])))
     min_px = max(min_px, LATTICE_MIN_SHIFT_NN * spacing_px)
     out = judged & (np.abs(res) > max(min_px, threshold * noise))
+    repeat = line_repeat(vectors) if vectors is not None else None
+    fit = _LineFit(line, tpl, res, filled - res, judged, out, lag, min_px, se, repeat)
     flagged = np.zeros(H - 1, bool)
     jump = np.full(H - 1, np.nan)
     k = 0
@@ -1188,22 +1197,116 @@ def lattice_line_bands(image, spacing_px: float, *, threshold: float = LATTICE_T
         if (lo < 0 or hi >= H or b1 < edge or b2 >= H - edge or b2 - b1 + 1 > LATTICE_MAX_BAND
                 or out[lo] or out[hi]):
             continue  # at the frame's edge, too long, or not bounded by undisturbed lines
-        r = res[b1:b2 + 1][out[b1:b2 + 1]]
-        s_band = float(np.median(r))
-        if abs(s_band) < min_px or np.any(np.abs(r - s_band) > 0.5 * abs(s_band)):
-            continue
-        # measured again on the band's judged lines together, around that shift: a shift near half a
-        # spacing is read short at the edge of the search
-        ys = np.arange(b1, b2 + 1)[judged[b1:b2 + 1]]
-        base = float(np.median(filled[b1:b2 + 1] - res[b1:b2 + 1]))  # the running median there
-        s_band = _band_lag(line[ys], tpl[ys], base + s_band, lag) - base
-        # ... and the band's lines match the lattice that much better shifted back than as recorded
-        gain = _mean_correlation(line[ys], tpl[ys], base + s_band) - _mean_correlation(line[ys], tpl[ys], base)
-        if abs(s_band) < min_px or gain < JUMP_MIN_CORRELATION_SE * se:
-            continue
-        flagged[b1 - 1] = flagged[b2] = True
-        jump[b1 - 1], jump[b2] = s_band, -s_band
+        band = _line_band(fit, b1, b2)
+        if band is not None:
+            b1, b2, s_band = band
+            flagged[b1 - 1] = flagged[b2] = True
+            jump[b1 - 1], jump[b2] = s_band, -s_band
     return ScanJumps(jump, flagged, noise, flagged.copy())
+
+
+@dataclass(frozen=True)
+class _LineFit:
+    """What :func:`lattice_line_bands` measured of each line: the detrended lines and the periodic
+    part's (``line``, ``tpl``), the shift less its running median (``res``), that median (``base``),
+    which lines were judged and which stand out (``out``); the search's reach (``lag``, px), the least
+    shift of a band (``min_px``), the standard error of a noise line's correlation (``se``), the
+    lattice's period across the lines (``repeat``, None where unknown)."""
+
+    line: np.ndarray
+    tpl: np.ndarray
+    res: np.ndarray
+    base: np.ndarray
+    judged: np.ndarray
+    out: np.ndarray
+    lag: int
+    min_px: float
+    se: float
+    repeat: float | None
+
+
+def _line_band(fit: _LineFit, b1: int, b2: int) -> tuple[int, int, float] | None:
+    """``(first line, last line, shift)`` of the band whose flagged lines are ``b1 .. b2``
+    (:func:`lattice_line_bands`); None where it is none."""
+    r = fit.res[b1:b2 + 1][fit.out[b1:b2 + 1]]
+    s_band = float(np.median(r))
+    if abs(s_band) < fit.min_px or np.any(np.abs(r - s_band) > 0.5 * abs(s_band)):
+        return None
+    # measured again on the band's judged lines together, around that shift: a shift near half a
+    # spacing is read short at the edge of the search
+    ys = np.arange(b1, b2 + 1)[fit.judged[b1:b2 + 1]]
+    base = float(np.median(fit.base[b1:b2 + 1]))  # the running median there
+    s_band = _band_lag(fit.line[ys], fit.tpl[ys], base + s_band, fit.lag) - base
+    # ... and the band's lines match the lattice that much better shifted back than as recorded
+    gain = _mean_correlation(fit.line[ys], fit.tpl[ys], base + s_band) - _mean_correlation(fit.line[ys], fit.tpl[ys], base)
+    if abs(s_band) < fit.min_px or gain < JUMP_MIN_CORRELATION_SE * fit.se:
+        return None
+    ys = np.flatnonzero(fit.out[b1:b2 + 1]) + b1
+    b1, b2 = _grown_band(fit, b1, b2, s_band)
+    return None if _echoed(fit, ys, b1, b2, s_band) else (b1, b2, s_band)
+
+
+def _grown_band(fit: _LineFit, b1: int, b2: int, s_band: float) -> tuple[int, int]:
+    """The band ``b1 .. b2`` (shift ``s_band``) grown over the lines next to it that match the periodic
+    part better shifted back by ``s_band`` than as recorded: unjudged lines (a line between two rows
+    of columns is too faint to be judged on its own, but not to tell the two apart: a band of five
+    lines, four of them between rows, was once repaired on its one judged line), and judged lines
+    shifted by at least half of ``s_band`` the same way, whose shift stood out too little to be
+    flagged (a band of nine lines 4 px off was read as its one line at 4.1 px)."""
+    def shifted_back(y: int) -> bool:
+        if fit.judged[y] and np.sign(s_band) * fit.res[y] < 0.5 * abs(s_band):
+            return False
+        one, t = fit.line[y:y + 1], fit.tpl[y:y + 1]
+        return _mean_correlation(one, t, fit.base[y] + s_band) > _mean_correlation(one, t, fit.base[y])
+
+    while b1 > 1 and shifted_back(b1 - 1):
+        b1 -= 1
+    while b2 < len(fit.res) - 2 and shifted_back(b2 + 1):
+        b2 += 1
+    return b1, b2
+
+
+def _echoed(fit: _LineFit, ys: np.ndarray, b1: int, b2: int, s_band: float) -> bool:
+    """Whether every flagged line ``ys`` of the band ``b1 .. b2`` (grown, :func:`_grown_band`) is echoed
+    a whole number of periods of the lattice across the lines away (``fit.repeat``,
+    :func:`line_repeat`; the nearest such line outside the band on either side, the judged of the two
+    lines around it): where those lines show the same rows of
+    the lattice, and each that was judged stands out by half the band's shift ``s_band`` the same
+    way, the band is how lines at that place between the rows read, not a jump. False without the
+    period, or where no such line was judged."""
+    if fit.repeat is None:
+        return False
+    H = len(fit.res)
+    for y in ys:
+        seen = []
+        for d in (-1.0, 1.0):
+            p = y + d * fit.repeat
+            while b1 - 1 < p < b2 + 1:
+                p += d * fit.repeat
+            near = [q for q in {int(np.floor(p)), int(np.ceil(p))}
+                    if 0 <= q < H and not b1 <= q <= b2 and fit.judged[q]]
+            if near:
+                seen.append(max(np.sign(s_band) * fit.res[q] for q in near) >= 0.5 * abs(s_band))
+        if not seen or not all(seen):
+            return False
+    return True
+
+
+def line_repeat(vectors) -> float | None:
+    """The lattice's period across the scan lines (px along y): the least ``|u_y|`` of at least one
+    line over the translations ``vectors`` [K, 2] (x, y) and their sums and differences ``u``; lines
+    that far apart show the same rows of the lattice (None where no translation crosses a line).
+
+    Examples
+    --------
+    >>> line_repeat([[20.0, 0.0], [10.0, 17.32]])  # a row of the lattice along the scan lines
+    17.32
+    >>> line_repeat([[17.32, 10.0], [-17.32, 10.0]])  # turned by 30 deg
+    10.0
+    """
+    uy = np.abs(_combinations(vectors)[:, 1])
+    uy = uy[uy >= 1.0]
+    return float(uy.min()) if len(uy) else None
 
 
 def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:

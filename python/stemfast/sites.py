@@ -1513,7 +1513,8 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None, s
     confirmed against the metal lattice's three shortest translations, :func:`_confirmed_jumps`, and
     where that repairs nothing against the lattice ``sqrt(3)`` coarser where the image shows its ring,
     :func:`_coarser_ring`; at coarse sampling (:func:`stemfast.scanlines.needs_lattice_lines`), also
-    :func:`stemfast.scanlines.lattice_line_bands`, unless a band was seen shifted beyond the reach;
+    :func:`stemfast.scanlines.lattice_line_bands`, its bands confirmed against the metal lattice's
+    translations, unless a band was seen shifted beyond the reach;
     the sites are found on it and reported where the recorded image has them, :func:`_to_recorded`),
     the jumps (None when ``scan_lines`` is off or there is no lattice; :class:`_UnrepairedJumps` when
     candidates were seen but the ring could not confirm them, or bands beyond the reach were not
@@ -1547,7 +1548,7 @@ def _undo_scan_jumps(img: np.ndarray, s: SiteSettings, no_data: NoData | None, s
     # beside it stood out as false bands)
     spacing = float(s.spacing) if s.spacing is not None else float(ring.spacing)
     if needs_lattice_lines(spacing) and not _declined(jumps):
-        bands = lattice_line_bands(img, spacing)
+        bands = lattice_line_bands(img, spacing, _metal_translations(ring))
         if bands.flagged.any():
             return bands.undo(img), bands, None, None
     return img, jumps, ring, vac
@@ -1626,9 +1627,7 @@ def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoD
     why = _implausible_jump_ring(ring, s)
     first = jumps
     if why is None:
-        a = np.linalg.inv(ring.g).T
-        t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
-        t = t[np.argsort((t ** 2).sum(1))[:3]]
+        t = _metal_translations(ring)
         lag = jump_search_lag(t)
         if lag > JUMP_MAX_LAG:
             jumps = scan_line_jumps(img, max_lag=lag)
@@ -1654,6 +1653,13 @@ def _confirmed_jumps(img: np.ndarray, jumps, ring, s: SiteSettings, no_data: NoD
         return jumps, None
     log.info("scan jumps: %s", why)
     return _UnrepairedJumps(jumps.shift, np.zeros_like(jumps.flagged), jumps.noise, jumps.candidates, note=why), None
+
+
+def _metal_translations(ring) -> np.ndarray:
+    """The three shortest translations (x, y, px) [3, 2] of the metal lattice of the Bragg ``ring``."""
+    a = ring.metal_basis
+    t = np.array([a[0], a[1], a[0] + a[1], a[0] - a[1]])
+    return t[np.argsort((t ** 2).sum(1))[:3]]
 
 
 def _declined_note(jumps, vectors: np.ndarray):
