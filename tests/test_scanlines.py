@@ -502,19 +502,25 @@ def test_a_band_found_line_by_line_holds_its_faint_lines_too():
     lines that stood out (the lines between rows of columns are too faint to be judged, and some judged
     lines read short of the band's shift): 201 of 1320 probe bands were repaired in part (e.g. 2 of 8
     lines), 106 in full. Now the lines next to a band that match the lattice better shifted back are
-    the band's too (229 in full, 83 in part)."""
+    the band's too (234 in full, 84 in part), and where one band is found as two that meet, it is one
+    (grown over each other, two such bands once shared a jump line: rows [30, 33, 35], an odd count that
+    no longer pairs into bands). Confirmed against the lattice's translations, none is refuted."""
     from pathlib import Path
 
+    from stemfast.braggring import metal_reciprocal_lattice
     from stemfast.scanlines import lattice_line_bands
 
     data = Path(__file__).parent / "data"
     for name, spacing, y0, n, shift in (("001-5", 14.3, 34, 8, -6), ("002-5", 14.3, 54, 8, 6),
-                                        ("000-2", 10.47, 58, 8, -4), ("001-5", 14.3, 146, 5, -6)):
+                                        ("000-2", 10.47, 58, 8, -4), ("001-5", 14.3, 146, 5, -6),
+                                        ("001-5", 14.3, 150, 8, 6), ("000-2", 10.47, 30, 5, -6)):
         img = np.load(data / f"mos2_exp-{name}_crop.npy").astype(np.float32)
         img[y0:y0 + n] = np.roll(img[y0:y0 + n], shift, axis=1)
-        bands = lattice_line_bands(img, spacing)
-        assert bands.rows.tolist() == [y0, y0 + n], (name, y0, bands.rows)
-        np.testing.assert_allclose(bands.offsets()[y0:y0 + n], shift, atol=1.0)
+        a = metal_reciprocal_lattice(img).metal_basis
+        for vectors in (None, np.array([a[0], a[1], a[0] + a[1]])):
+            bands = lattice_line_bands(img, spacing, vectors)
+            assert bands.rows.tolist() == [y0, y0 + n], (name, y0, bands.rows)
+            np.testing.assert_allclose(bands.offsets()[y0:y0 + n], shift, atol=1.0)
 
 
 def test_lines_between_atom_rows_are_no_band_where_the_lattice_repeats_them():

@@ -1113,8 +1113,10 @@ def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: flo
     it, between judged lines that do not stand out, and not within half the median's lines of the
     frame's top or bottom; its shift is measured again on its lines together, and they must match
     the periodic part better by :data:`JUMP_MIN_CORRELATION_SE` standard errors shifted back than
-    as recorded. The unjudged lines next to it that match the periodic part better shifted back are
-    the band's too (:func:`_grown_band`). With the lattice's translations ``vectors``, a band is
+    as recorded. The lines next to it that match the periodic part better shifted back, unjudged or
+    shifted by half the band's shift, are the band's too (:func:`_grown_band`; a band so grown may be
+    longer than :data:`LATTICE_MAX_BAND` and reach nearer the frame's edge), and two bands that meet
+    are one (:func:`_joined`). With the lattice's translations ``vectors``, a band is
     confirmed against them: the lines one translation across the lines away (:func:`line_repeat`),
     which show the same rows of the lattice, must not stand out the same way (:func:`_echoed`;
     with the atom rows along the scan lines, the lines between two rows match the periodic part
@@ -1174,6 +1176,7 @@ def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: flo
     fit = _LineFit(line, tpl, res, filled - res, judged, out, lag, min_px, se, repeat)
     flagged = np.zeros(H - 1, bool)
     jump = np.full(H - 1, np.nan)
+    bands: list[tuple[int, int, float]] = []
     k = 0
     while k < H:
         if not out[k]:
@@ -1199,9 +1202,11 @@ def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: flo
             continue  # at the frame's edge, too long, or not bounded by undisturbed lines
         band = _line_band(fit, b1, b2)
         if band is not None:
-            b1, b2, s_band = band
-            flagged[b1 - 1] = flagged[b2] = True
-            jump[b1 - 1], jump[b2] = s_band, -s_band
+            k = max(k, band[1] + 1)  # (grown past its flagged lines)
+            bands = _joined(fit, bands, band)
+    for b1, b2, s_band in bands:
+        flagged[b1 - 1] = flagged[b2] = True
+        jump[b1 - 1], jump[b2] = s_band, -s_band
     return ScanJumps(jump, flagged, noise, flagged.copy())
 
 
@@ -1232,11 +1237,7 @@ def _line_band(fit: _LineFit, b1: int, b2: int) -> tuple[int, int, float] | None
     s_band = float(np.median(r))
     if abs(s_band) < fit.min_px or np.any(np.abs(r - s_band) > 0.5 * abs(s_band)):
         return None
-    # measured again on the band's judged lines together, around that shift: a shift near half a
-    # spacing is read short at the edge of the search
-    ys = np.arange(b1, b2 + 1)[fit.judged[b1:b2 + 1]]
-    base = float(np.median(fit.base[b1:b2 + 1]))  # the running median there
-    s_band = _band_lag(fit.line[ys], fit.tpl[ys], base + s_band, fit.lag) - base
+    s_band, ys, base = _band_shift(fit, b1, b2, s_band)
     # ... and the band's lines match the lattice that much better shifted back than as recorded
     gain = _mean_correlation(fit.line[ys], fit.tpl[ys], base + s_band) - _mean_correlation(fit.line[ys], fit.tpl[ys], base)
     if abs(s_band) < fit.min_px or gain < JUMP_MIN_CORRELATION_SE * fit.se:
@@ -1244,6 +1245,31 @@ def _line_band(fit: _LineFit, b1: int, b2: int) -> tuple[int, int, float] | None
     ys = np.flatnonzero(fit.out[b1:b2 + 1]) + b1
     b1, b2 = _grown_band(fit, b1, b2, s_band)
     return None if _echoed(fit, ys, b1, b2, s_band) else (b1, b2, s_band)
+
+
+def _band_shift(fit: _LineFit, b1: int, b2: int, s0: float) -> tuple[float, np.ndarray, float]:
+    """``(shift, judged lines, base)`` of the band ``b1 .. b2``: its shift measured on its judged lines
+    together, around ``s0`` (a shift near half a spacing is read short at the edge of each line's
+    search), against the running median ``base`` there."""
+    ys = np.arange(b1, b2 + 1)[fit.judged[b1:b2 + 1]]
+    base = float(np.median(fit.base[b1:b2 + 1]))
+    return _band_lag(fit.line[ys], fit.tpl[ys], base + s0, fit.lag) - base, ys, base
+
+
+def _joined(fit: _LineFit, bands: list, band: tuple[int, int, float]) -> list:
+    """``bands`` (found so far, in order) with ``band`` added: where it reaches the last one (grown
+    back over it or next to it: one band whose middle lines read short, found as two), the two are one
+    band, its shift measured again over both, when their shifts agree to within half; else it starts
+    after the last one's jump back (no jump line is shared: the pairs of :class:`ScanJumps`)."""
+    b1, b2, s_band = band
+    if bands and b1 <= bands[-1][1] + 1:
+        p1, p2, ps = bands[-1]
+        if abs(s_band - ps) <= 0.5 * abs(ps):
+            return bands[:-1] + [(p1, max(p2, b2), _band_shift(fit, p1, max(p2, b2), ps)[0])]
+        b1 = p2 + 2
+        if b1 > b2:
+            return bands
+    return bands + [(b1, b2, s_band)]
 
 
 def _grown_band(fit: _LineFit, b1: int, b2: int, s_band: float) -> tuple[int, int]:
