@@ -254,11 +254,11 @@ def _shifted_row_differences(img: np.ndarray, tx: float, ty: float):
     if y1 <= y0 or x1 - x0 < 8:
         return out, None, y0, x0, 1
     k = max(1, (x1 - x0) // LINE_SAMPLES)
-    a = img[y0 + iy:y1 + iy, x0 + ix:x1 + ix:k]
-    b = img[y0 + iy:y1 + iy, x0 + ix + 1:x1 + ix + 1:k]
-    c = img[y0 + iy + 1:y1 + iy + 1, x0 + ix:x1 + ix:k]
-    d = img[y0 + iy + 1:y1 + iy + 1, x0 + ix + 1:x1 + ix + 1:k]
-    diff = img[y0:y1, x0:x1:k] - ((1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d))
+    # the shifted rows interpolated along x once, each used twice: as the upper and as the lower of
+    # the two rows interpolated along y (the products and sums of the bilinear formula, bit for bit)
+    rows = slice(y0 + iy, y1 + iy + 1)
+    along = (1 - fx) * img[rows, x0 + ix:x1 + ix:k] + fx * img[rows, x0 + ix + 1:x1 + ix + 1:k]
+    diff = img[y0:y1, x0:x1:k] - ((1 - fy) * along[:-1] + fy * along[1:])
     gap = np.isnan(diff)
     if gap.any():  # pixels without data: the medians of the rest, where enough is left
         n_ok = diff.shape[1] - gap.sum(1)
