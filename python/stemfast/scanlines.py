@@ -912,12 +912,15 @@ def _bands(flagged: np.ndarray, shift: np.ndarray, by_rows: np.ndarray | None = 
     cancel = np.triu(np.abs(s[:, None] + s[None, :]) < 0.5 * big, 1)  # (:func:`_cancels`)
     i, j = np.nonzero(cancel)
     score = (np.abs(s[i] + s[j]) + off[i] + off[j]) / big[i, j]
-    covered = np.zeros_like(flagged)  # the lines of the bands kept: no band in, around or across another
-    for k in np.argsort(score, kind="stable"):
-        b1, b2 = b[i[k]], b[j[k]]
-        if not covered[b1:b2 + 1].any():
+    # the lines of the bands kept: no band in, around or across another (a bytearray: the pairs, often
+    # thousands, are tried one by one, and a slice of it is looked through at a small share of the cost
+    # of an array's .any())
+    covered = bytearray(len(flagged))
+    order = np.argsort(score, kind="stable")
+    for b1, b2 in zip(b[i[order]].tolist(), b[j[order]].tolist()):
+        if 1 not in covered[b1:b2 + 1]:
             keep[b1] = keep[b2] = True
-            covered[b1:b2 + 1] = True
+            covered[b1:b2 + 1] = b"\x01" * (b2 + 1 - b1)
     return keep
 
 
