@@ -1089,6 +1089,9 @@ LATTICE_THRESHOLD = 5.0
 #: a band's lines are compared with their images one translation of the lattice across the lines away
 #: at the best shift within this many px of each reading (:func:`_echoed`)
 ECHO_SLACK_PX = 1.0
+#: ... by every translation across the lines whose path past the band is at most this many times the
+#: shortest (:func:`_image_lines`)
+ECHO_NEAR_COST = 1.25
 #: a band is shifted by at least this share of the site spacing: with the atom rows along the scan
 #: lines, the lines through the columns measure their shifts so well that the spread is no guide to
 #: the lines between them (sound synthetic MoS2 at 0 and 30 deg, 10-15 px: up to 0.19 spacings)
@@ -1123,9 +1126,9 @@ def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: flo
     shifted by half the band's shift, are the band's too (:func:`_grown_band`; a band so grown may be
     longer than :data:`LATTICE_MAX_BAND` and reach nearer the frame's edge), and two bands that meet
     are one (:func:`_joined`). With the lattice's translations ``vectors``, a band is
-    confirmed against them: its lines must match the lines one translation across the lines away
-    (:func:`line_repeat`), which show the same rows of the lattice, better shifted back than as
-    recorded (:func:`_echoed`; with the atom rows along the scan lines, the lines between two rows
+    confirmed against them: its lines must match the lines a translation across the lines away
+    (the nearest outside the band), which show the same rows of the lattice, better shifted back than
+    as recorded (:func:`_echoed`; with the atom rows along the scan lines, the lines between two rows
     match the periodic part best at about half a period off, and such lines read as bands: 14 of 80
     jump-free sheared images, none with the confirmation).
 
@@ -1179,8 +1182,8 @@ def lattice_line_bands(image, spacing_px: float, vectors=None, *, threshold: flo
     noise = float(1.4826 * np.median(np.abs(res[judged])))
     min_px = max(min_px, LATTICE_MIN_SHIFT_NN * spacing_px)
     out = judged & (np.abs(res) > max(min_px, threshold * noise))
-    repeat = line_repeat(vectors) if vectors is not None else None
-    fit = _LineFit(line, tpl, res, filled - res, judged, out, lag, min_px, se, repeat)
+    across = _crossing(vectors) if vectors is not None else None
+    fit = _LineFit(line, tpl, res, filled - res, judged, out, lag, min_px, se, across)
     flagged = np.zeros(H - 1, bool)
     jump = np.full(H - 1, np.nan)
     bands: list[tuple[int, int, float]] = []
@@ -1223,7 +1226,7 @@ class _LineFit:
     part's (``line``, ``tpl``), the shift less its running median (``res``), that median (``base``),
     which lines were judged and which stand out (``out``); the search's reach (``lag``, px), the least
     shift of a band (``min_px``), the standard error of a noise line's correlation (``se``), the
-    lattice's period across the lines (``repeat``, None where unknown)."""
+    lattice's translations across the lines (``across``, :func:`_crossing`; None where unknown)."""
 
     line: np.ndarray
     tpl: np.ndarray
@@ -1234,7 +1237,7 @@ class _LineFit:
     lag: int
     min_px: float
     se: float
-    repeat: np.ndarray | None
+    across: np.ndarray | None
 
 
 def _line_band(fit: _LineFit, b1: int, b2: int) -> tuple[int, int, float] | None:
@@ -1301,34 +1304,28 @@ def _grown_band(fit: _LineFit, b1: int, b2: int, s_band: float) -> tuple[int, in
 
 def _echoed(fit: _LineFit, ys: np.ndarray, b1: int, b2: int, s_band: float) -> bool:
     """Whether the flagged lines ``ys`` of the band ``b1 .. b2`` (grown, :func:`_grown_band`) match
-    their images one translation of the lattice across the lines away (``fit.repeat``, (x, y) px,
-    :func:`line_repeat`; the nearest such line outside the band on either side, or a line next to it
-    where that one matches better either way) better as recorded than shifted back by ``s_band``, on
-    average: then they are where the lattice has them, and the band is how
-    lines at that place between the rows read against the periodic part (with the atom rows along the
-    scan lines, the lines between two rows match it best about half a period off), not a jump. Each
-    line against each image is read at the best of the shifts within :data:`ECHO_SLACK_PX` of each
-    reading (the translation is the Bragg ring's, read on the whole image). False without the
-    translation, or where no image of a line lies inside the frame."""
-    if fit.repeat is None:
+    their images by the lattice's translations across the lines (``fit.across``, :func:`_image_lines`:
+    on either side, the nearest images outside the band) better as recorded than shifted back by
+    ``s_band``, on average: then they are where the lattice has them, and the band is how lines at
+    that place between the rows read against the periodic part (with the atom rows along the scan
+    lines, the lines between two rows match it best about half a period off), not a jump. Of the
+    three lines around each image (the translations, the Bragg ring's, are read to about a line), the
+    one that matches line ``y`` best either way; each at the best of the shifts within
+    :data:`ECHO_SLACK_PX` of each reading. False without the translations, or where no image of a
+    line lies inside the frame."""
+    if fit.across is None:
         return False
-    tx, ty = fit.repeat
     H = len(fit.res)
     dx = np.arange(-ECHO_SLACK_PX, ECHO_SLACK_PX + 0.25, 0.5)
     votes = []
     for y in ys:
-        for d in (-1.0, 1.0):
-            p = y + d * ty
-            while b1 - 1.5 < p < b2 + 1.5:
-                p += d * ty
-            # line p shows the lattice moved by (k tx) against line y: no jump at -k tx (less the
-            # running medians' difference), a jump at that plus s_band; of the lines around p (the
-            # translation is read to about a line), the one that matches line y best either way
-            k = (p - y) / ty
+        for p, moved in _image_lines(fit.across, y, b1, b2):
+            # line p shows the lattice moved by ``moved`` px against line y: no jump at -moved (less
+            # the running medians' difference), a jump at that plus s_band
             best = None
             for q in range(int(np.rint(p)) - 1, int(np.rint(p)) + 2):
                 if 0 <= q < H and not b1 <= q <= b2:
-                    lag0 = -k * tx + (fit.base[y] - fit.base[q])
+                    lag0 = -moved + (fit.base[y] - fit.base[q])
                     c = [max(_mean_correlation(fit.line[y:y + 1], fit.line[q:q + 1], lag0 + ds + e) for e in dx)
                          for ds in (0.0, s_band)]
                     best = c if best is None or max(c) > max(best) else best
@@ -1337,11 +1334,41 @@ def _echoed(fit: _LineFit, ys: np.ndarray, b1: int, b2: int, s_band: float) -> b
     return bool(votes) and float(np.mean(votes)) <= 0.0
 
 
+def _image_lines(across: np.ndarray, y: int, b1: int, b2: int) -> list[tuple[float, float]]:
+    """``[(p, moved), ...]``: the lines ``p`` (fractional) above and below line ``y`` that show its rows
+    of the lattice, outside the band ``b1 .. b2`` by more than a line, and how far along x they show
+    them moved: ``k`` times one of the translations ``across`` [K, 2] (x, y; y >= 1). On each side,
+    those of the shortest ``k |u|`` (a translation nearly along the lines needs many steps past a
+    band, and its error grows with them: 6 steps of (24, 1.26) px put the image 6 px off), and any
+    within :data:`ECHO_NEAR_COST` of it (two translations that differ by one along the lines are
+    alike: their error differs, so both are read)."""
+    out = []
+    for d in (-1.0, 1.0):
+        cand = []
+        for ux, uy in across:
+            k = 1
+            while b1 - 1.5 < y + d * k * uy < b2 + 1.5:
+                k += 1
+            cand.append((k * np.hypot(ux, uy), y + d * k * uy, d * k * ux))
+        least = min(c[0] for c in cand)
+        out += [(p, moved) for cost, p, moved in cand if cost <= ECHO_NEAR_COST * least]
+    return out
+
+
+def _crossing(vectors) -> np.ndarray | None:
+    """The translations among ``vectors`` [K, 2] (x, y) that cross at least one scan line, each as
+    ``y > 0`` [M, 2] (None where none does)."""
+    u = np.asarray(vectors, np.float64).reshape(-1, 2)
+    u = u * np.where(u[:, 1:2] < 0, -1.0, 1.0)
+    u = u[u[:, 1] >= 1.0]
+    return u if len(u) else None
+
+
 def line_repeat(vectors) -> np.ndarray | None:
     """The lattice's translation across the scan lines (x, y px, ``y > 0``): the one of least ``|u_y|`` of
-    at least one line among the translations ``vectors`` [K, 2] (x, y; the shortest three: a longer
-    one would carry more of their error); two lines that far apart show the same rows of the lattice,
-    moved by its ``x`` (None where no translation crosses a line).
+    at least one line among the translations ``vectors`` [K, 2] (x, y; the shortest three); two lines
+    that far apart show the same rows of the lattice, moved by its ``x`` (None where no translation
+    crosses a line).
 
     Examples
     --------
@@ -1350,10 +1377,8 @@ def line_repeat(vectors) -> np.ndarray | None:
     >>> line_repeat([[17.32, 10.0], [-17.32, 10.0]]).tolist()  # turned by 30 deg
     [17.32, 10.0]
     """
-    u = np.asarray(vectors, np.float64).reshape(-1, 2)
-    u = u * np.where(u[:, 1:2] < 0, -1.0, 1.0)
-    ok = np.flatnonzero(u[:, 1] >= 1.0)
-    return u[ok[np.argmin(u[ok, 1])]] if len(ok) else None
+    u = _crossing(vectors)
+    return None if u is None else u[np.argmin(u[:, 1])]
 
 
 def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
