@@ -551,7 +551,8 @@ def test_a_band_is_checked_by_the_shortest_lattice_path_past_it():
     168 px along x), and the Bragg ring's few per cent of error put the far image 6 px off: 8 of 65
     true 8-line bands on the full image (4 of 49 on this strip) were refuted. Each side's image is now
     the one of the shortest path past the band, with any within 1.25x of it (two translations that
-    differ by one along the lines are alike, and both are read); none is refuted."""
+    differ by one along the lines are alike, and both are read); none is refuted, and here the band is
+    repaired in full."""
     from pathlib import Path
 
     from stemfast.braggring import metal_reciprocal_lattice
@@ -561,15 +562,29 @@ def test_a_band_is_checked_by_the_shortest_lattice_path_past_it():
     got = sorted((round(p, 2), round(m, 2)) for p, m in _image_lines(across, 157, 150, 157))
     assert got == [(134.71, -9.49), (135.96, 14.51), (178.04, -14.51), (179.29, 9.49)]  # one step each way
     strip = np.load(Path(__file__).parent / "data" / "mos2_exp-001-5_strip.npy").astype(np.float32)
-    for y0 in (153, 237):
-        img = strip.copy()
-        img[y0:y0 + 8] = np.roll(img[y0:y0 + 8], 6, axis=1)
-        a = metal_reciprocal_lattice(img).metal_basis
-        t = np.array([a[0], a[1], a[0] + a[1]])
-        assert abs(t[np.argmin(np.abs(t[:, 1]))][1]) < 2  # the translation nearly along the lines is there
-        unconfirmed = lattice_line_bands(img, 14.3).rows.tolist()
-        assert unconfirmed and unconfirmed[0] == y0
-        assert lattice_line_bands(img, 14.3, t).rows.tolist() == unconfirmed
+    img = strip.copy()
+    img[237:245] = np.roll(img[237:245], 6, axis=1)
+    a = metal_reciprocal_lattice(img).metal_basis
+    t = np.array([a[0], a[1], a[0] + a[1]])
+    assert abs(t[np.argmin(np.abs(t[:, 1]))][1]) < 2  # the translation nearly along the lines is there
+    bands = lattice_line_bands(img, 14.3, t)
+    assert bands.rows.tolist() == [237, 245]
+    np.testing.assert_allclose(bands.offsets()[237:245], 6.0, atol=1.0)
+
+
+def test_a_band_confirmation_without_evidence_keeps_the_band():
+    """Translations that are not finite are not used (one raised an OverflowError, a NaN one turned the
+    confirmation off on both sides), and images that tell nothing (flat lines, a tie) do not refute a
+    band: it is kept, as without the translations."""
+    from stemfast.scanlines import lattice_line_bands
+    from stemfast.synthetic import make_lattice
+
+    img, _ = make_lattice((160, 160), 14.0, rotation_deg=10.0, noise=0.05, seed=0)
+    img[70:73] = np.roll(img[70:73], 6, axis=1)
+    plain = lattice_line_bands(img, 14.0).rows.tolist()
+    assert plain == [70, 73]
+    for vectors in ([[1.0, np.inf]], [[np.inf, 12.0]], [[np.nan, 12.0], [np.nan, 5.0]]):
+        assert lattice_line_bands(img, 14.0, np.array(vectors)).rows.tolist() == plain, vectors
 
 
 @pytest.mark.parametrize("seed", [5003, 5036, 5046])
