@@ -50,7 +50,7 @@ from scipy import fft as sfft
 from .spikes import despiked
 
 __all__ = ["ScanLines", "ScanJumps", "scan_line_offsets", "scan_line_jumps", "confirm_jumps", "lattice_line_bands",
-           "line_period", "line_repeat", "jump_reach", "jump_search_lag",
+           "line_period", "jump_reach", "jump_search_lag",
            "needs_lattice_lines", "same_sublattice_vectors", "comparison_translations",
            "line_offsets", "recorded_shift", "lattice_positions", "levelled_image", "dead_runs",
            "filled_dead_runs"]
@@ -1086,8 +1086,8 @@ LATTICE_MAX_BAND = 16
 #: shifted by LATTICE_MIN_SHIFT_NN spacings; at 5, 19 of 20 half-spacing bands on glitched real MoS2
 #: are found against 17 at 6, with no false band on the sound synthetic and real images)
 LATTICE_THRESHOLD = 5.0
-#: a band's lines are compared with their images one translation of the lattice across the lines away
-#: at the best shift within this many px of each reading (:func:`_echoed`)
+#: a band's lines are compared with their images by the lattice's translations across the lines at the
+#: best shift within this many px of each reading (:func:`_echoed`)
 ECHO_SLACK_PX = 1.0
 #: ... by every translation across the lines whose path past the band is at most this many times the
 #: shortest (:func:`_image_lines`)
@@ -1252,9 +1252,9 @@ def _line_band(fit: _LineFit, b1: int, b2: int) -> tuple[int, int, float] | None
     gain = _mean_correlation(fit.line[ys], fit.tpl[ys], base + s_band) - _mean_correlation(fit.line[ys], fit.tpl[ys], base)
     if abs(s_band) < fit.min_px or gain < JUMP_MIN_CORRELATION_SE * fit.se:
         return None
-    ys = np.flatnonzero(fit.out[b1:b2 + 1]) + b1
+    flagged = np.flatnonzero(fit.out[b1:b2 + 1]) + b1
     g1, g2 = _grown_band(fit, b1, b2, s_band)
-    if _echoed(fit, ys, g1, g2, s_band):
+    if _echoed(fit, flagged, g1, g2, s_band):
         return None
     # the lines it grew over, each confirmed in turn from the outside in (a faint sound line next to a
     # band can match the periodic part a little better shifted too: 9 such lines on 4 of 60 images)
@@ -1365,29 +1365,21 @@ def _image_lines(across: np.ndarray, y: int, b1: int, b2: int) -> list[tuple[flo
 
 def _crossing(vectors) -> np.ndarray | None:
     """The finite translations among ``vectors`` [K, 2] (x, y) that cross at least one scan line, each
-    as ``y > 0`` [M, 2] (None where none does)."""
+    as ``y > 0`` [M, 2] (None where none does): lines that far apart show the same rows of the
+    lattice, moved by its ``x``.
+
+    Examples
+    --------
+    >>> _crossing([[20.0, 0.0], [10.0, -17.32]]).tolist()  # a row of the lattice along the scan lines
+    [[-10.0, 17.32]]
+    >>> _crossing([[17.32, 10.0], [np.inf, 10.0], [-17.32, 0.5]]) is None, _crossing([[17.32, 10.0]]).tolist()
+    (False, [[17.32, 10.0]])
+    """
     u = np.asarray(vectors, np.float64).reshape(-1, 2)
     u = u[np.isfinite(u).all(1)]
     u = u * np.where(u[:, 1:2] < 0, -1.0, 1.0)
     u = u[u[:, 1] >= 1.0]
     return u if len(u) else None
-
-
-def line_repeat(vectors) -> np.ndarray | None:
-    """The lattice's translation across the scan lines (x, y px, ``y > 0``): the one of least ``|u_y|`` of
-    at least one line among the translations ``vectors`` [K, 2] (x, y; the shortest three); two lines
-    that far apart show the same rows of the lattice, moved by its ``x`` (None where no translation
-    crosses a line).
-
-    Examples
-    --------
-    >>> line_repeat([[20.0, 0.0], [10.0, 17.32]]).tolist()  # a row of the lattice along the scan lines
-    [10.0, 17.32]
-    >>> line_repeat([[17.32, 10.0], [-17.32, 10.0]]).tolist()  # turned by 30 deg
-    [17.32, 10.0]
-    """
-    u = _crossing(vectors)
-    return None if u is None else u[np.argmin(u[:, 1])]
 
 
 def _template_line_shifts(a: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
