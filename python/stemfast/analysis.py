@@ -538,18 +538,45 @@ def contrast_levelled_recon(recon_error: np.ndarray, contrast: np.ndarray | None
     return level, exponent
 
 
-def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: AnalysisSettings) -> dict:
+def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: AnalysisSettings,
+                  unscaled: np.ndarray | None = None, is_defect: np.ndarray | None = None) -> dict:
     """How many sites sit where the model does not reconstruct the surroundings (scores scaled
-    down there), with a warning text for the report when they are more than 1 % of the sites."""
+    down there), with a warning text for the report when they are more than 1 % of the sites. With
+    the scores before that scaling (``unscaled``) and the final flags (``is_defect``): how many of
+    those sites would be flagged on their scores alone and are not (``n_unflagged_unlike_lattice``),
+    said in the warning whenever there is one -- the scaling cannot tell a dense cluster of bright
+    dopants or the columns along a line defect, which the model reconstructs as badly, from contamination.
+
+    Examples
+    --------
+    >>> from stemfast.analysis import AnalysisSettings
+    >>> neigh = np.array([1.0, 1.0, 6.0, 6.0, 6.0]); seen = np.ones(5, bool)
+    >>> info = _texture_info(neigh, seen, AnalysisSettings(), np.array([0, 5, 11, 1, 0.5]),
+    ...                      np.array([False, True, False, False, False]))
+    >>> info["n_sites_unlike_lattice"], info["n_unflagged_unlike_lattice"]
+    (3, 1)
+    >>> print(info["texture_warning"])  # doctest: +NORMALIZE_WHITESPACE
+    3 sites (60.0%) lie where the model reconstructs the surroundings more than 2x worse than elsewhere
+    (contamination, amorphous film; also a cluster of bright dopants or a line defect): their defect
+    scores are scaled down by that factor; 1 of them would be flagged without it (anomaly scores
+    before the scaling up to 11.0)
+    """
     if settings.recon_slack <= 0:
         return {}
     m = observed & (neigh_rec > settings.recon_slack)
     info: dict = {"n_sites_unlike_lattice": int(m.sum())}
-    if len(m) and m.mean() > 0.01:
-        info["texture_warning"] = (
-            f"{int(m.sum())} sites ({m.mean():.1%}) lie where the model reconstructs the surroundings more "
-            f"than {settings.recon_slack:g}x worse than elsewhere (contamination, amorphous film): their defect "
-            f"scores are scaled down by that factor")
+    hidden = None
+    if unscaled is not None and is_defect is not None:
+        hidden = m & ~np.asarray(is_defect, bool) & (np.asarray(unscaled, np.float64) > settings.defect_cutoff)
+        info["n_unflagged_unlike_lattice"] = int(hidden.sum())
+    if len(m) and (m.mean() > 0.01 or (hidden is not None and hidden.any())):
+        text = (f"{int(m.sum())} sites ({m.mean():.1%}) lie where the model reconstructs the surroundings more "
+                f"than {settings.recon_slack:g}x worse than elsewhere (contamination, amorphous film; also a "
+                f"cluster of bright dopants or a line defect): their defect scores are scaled down by that factor")
+        if hidden is not None and hidden.any():
+            text += (f"; {int(hidden.sum())} of them would be flagged without it (anomaly scores before the "
+                     f"scaling up to {float(np.max(np.asarray(unscaled)[hidden])):.1f})")
+        info["texture_warning"] = text
     return info
 
 
@@ -1636,9 +1663,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     if exponent:
         info["recon_contrast_exponent"] = round(exponent, 3)
     neigh_rec = neighbourhood_recon(xy, rec_level, observed & ~edge_, backend=backend)
-    if settings.recon_slack > 0:
-        anomaly = anomaly / np.maximum(1.0, neigh_rec / settings.recon_slack)
-    info.update(_texture_info(neigh_rec, observed, settings))
+    unscaled, anomaly = anomaly, (anomaly / np.maximum(1.0, neigh_rec / settings.recon_slack)
+                                  if settings.recon_slack > 0 else anomaly)
     if sc.edge_ratios:
         info["edge_z_spread"] = [None if r is None else round(float(r), 3) for r in sc.edge_ratios]
     # sites the scan hides (a faded band along the border) cannot be judged: no evidence either way
@@ -1648,6 +1674,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     fdr = tail_fdr(anomaly, sc.grp, observed)
     evidence, anomaly = anomaly, as_written(fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
     is_defect = anomaly > settings.defect_cutoff
+    info.update(_texture_info(neigh_rec, observed, settings, np.where(observed, unscaled, 0.0), is_defect))
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))
     cb = _chalcogen_brighter(sites)
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)
