@@ -203,6 +203,40 @@ def test_two_column_cosets_swap_only_where_they_stand_far_apart(metal, chalcogen
     domain, info = inversion_domains(xy, sub, val)
     assert bool((domain[region & (xy[:, 0] > 90)] > 0).all()) is found
     assert ("0-1" in info["swapped"]) is found
+    # too close to call is said, not named: the region, where it lies and how far apart the two stand
+    assert ("undecided" in info) is not found
+    if not found:
+        u = info["undecided"]
+        assert u["pair"] == "0-1" and 1.0 < u["separation"] < 4.0
+        assert u["n_sites"] >= 0.8 * (region & (xy[:, 0] > 90)).sum()
+        x0, x1, y0, y1 = u["box"]
+        assert 50 <= x0 <= 100 and x1 >= 0.9 * xy[:, 0].max() and y0 <= 0.9 * xy[:, 1].min()
+    # an image without the swap says nothing
+    val = np.array([metal, chalcogen, 0.0])[sub] + rng.normal(0, 0.1, len(sub))
+    _, info = inversion_domains(xy, sub, val)
+    assert info["n_sites"] == 0 and "undecided" not in info
+
+
+def test_a_swap_too_close_to_call_is_said_in_the_summary_and_the_report(tmp_path):
+    """A MoSe2-like film whose metal and chalcogen columns stand about 2 spreads apart, with
+    one part turned by 60 deg: the swap there is too close to call an inversion domain, so the names
+    stay -- and the lattice meta, the warning and the summary's warnings say where and why."""
+    from stemfast.sites import SiteSettings
+    from stemfast.synthetic import make_mos2
+
+    kw = dict(shape=(384, 384), a_A=3.288, chalcogen_scale=2.3, dose=100.0)
+    a, b = make_mos2(rotation_deg=13.0, seed=3, **kw), make_mos2(rotation_deg=73.0, seed=13, **kw)
+    yb = 250.5
+    img = np.where(np.arange(384)[:, None] < yb, a.image, b.image).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = find_sites(img, settings=SiteSettings(material="mose2"))
+    lat = t.meta["lattice"]
+    u = lat.get("inversion_undecided")
+    assert u is not None and lat["inversion_domains"]["n_sites"] == 0, (u, lat["inversion_domains"])
+    assert u["box"][2] >= yb - 40 and "may be swapped" in u["warning"]
+    assert any(issubclass(w.category, InversionDomainWarning) and "may be swapped" in str(w.message) for w in caught)
+    assert u["warning"] in lattice_warnings(lat)
 
 
 def test_the_class_map_draws_the_domain_edge(tmp_path):

@@ -158,6 +158,8 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
         # only together are noise (on the real 001-5 a dark scan line and a patch 150 px away did)
         regions = [r for r in _connected(dom == k, first) if holds(r)]
         if not regions:
+            if 2 not in pair:  # the column cosets: a swap too close to call is said, not named
+                _undecided(info, v_on, s_on, u_on, dom == k, rest, first, pair, need, xy[idx], order)
             continue
         free = domain[idx] == 0
         # what is reported passes the test that found it: where the refined edge takes in sites that
@@ -242,11 +244,35 @@ def _readings(vals: np.ndarray, cos: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return out
 
 
-def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
+def _undecided(info: dict, v, sub, use, voted: np.ndarray, rest, first, pair, need: int, xy: np.ndarray,
+               order: np.ndarray) -> None:
+    """Into ``info["undecided"]``: the largest region of the sites that voted the two column cosets
+    ``pair`` swapped (``voted``) and passes every test of a domain but the image-wide separation of the
+    two, which is under :data:`DOMAIN_MIN_SEPARATION_COLUMNS` spreads (and over
+    :data:`DOMAIN_MIN_SEPARATION`): a mirror twin, or the two trading places with the thickness,
+    contamination or the detector angle -- the brightness cannot tell, and the names there stay the
+    image-wide ones. ``n_sites``, ``pair`` (the names), ``separation`` (spreads), ``box`` (x0, x1, y0,
+    y1 of that region, px, from ``xy`` [M, 2])."""
+    parts = [r for r in _connected(voted, first)
+             if r.sum() >= need and _swapped_contrast(v, sub, use, r, rest, pair, DOMAIN_MIN_SEPARATION)]
+    if not parts:
+        return
+    big = max(parts, key=lambda r: int(r.sum()))
+    hi, lo = pair
+    ca, cb = v[rest & use & (sub == hi)], v[rest & use & (sub == lo)]
+    a_, b_ = sorted((int(order[hi]), int(order[lo])))
+    x, y = xy[big, 0], xy[big, 1]
+    info["undecided"] = {"n_sites": int(sum(int(r.sum()) for r in parts)), "pair": f"{a_}-{b_}",
+                         "separation": round(float((np.median(ca) - np.median(cb)) / _spread(ca, cb)), 2),
+                         "box": [round(float(q), 1) for q in (x.min(), x.max(), y.min(), y.max())]}
+
+
+def _swapped_contrast(v, sub, use, region, rest, pair,
+                      columns_separation: float = DOMAIN_MIN_SEPARATION_COLUMNS) -> bool:
     """True when ``region`` is a domain with the cosets of ``pair`` (brightness ranks, ``sub``) swapped:
     in ``rest`` (the image-wide order holds) the brighter of the two stands out from the other by
     :data:`DOMAIN_MIN_SEPARATION` per-site spreads (:data:`DOMAIN_MIN_SEPARATION_COLUMNS` for the two
-    column cosets), and within ``region`` the one named darker is the
+    column cosets, or ``columns_separation``), and within ``region`` the one named darker is the
     brighter by :data:`DOMAIN_MIN_Z` standard errors of the difference of their medians and by
     :data:`DOMAIN_MIN_CONTRAST` of that contrast in ``rest``; and the region reads the rest's levels
     on the cosets it holds (:func:`_same_material`)."""
@@ -257,7 +283,7 @@ def _swapped_contrast(v, sub, use, region, rest, pair) -> bool:
         return False
     mca, mcb = np.median(ca), np.median(cb)
     contrast = mca - mcb
-    separation = DOMAIN_MIN_SEPARATION if 2 in pair else DOMAIN_MIN_SEPARATION_COLUMNS
+    separation = DOMAIN_MIN_SEPARATION if 2 in pair else columns_separation
     if not contrast > separation * _spread(ca, cb):
         return False
     ma, mb = np.median(a), np.median(b)

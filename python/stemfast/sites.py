@@ -616,6 +616,10 @@ def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clip
         lattice_meta["spikes"] = spikes
         if "warning" in spikes:
             warnings.warn(spikes["warning"], SpikeWarning, stacklevel=4)
+    if "undecided" in domains:
+        domains = dict(domains)
+        lattice_meta["inversion_undecided"] = domains.pop("undecided")
+        warnings.warn(lattice_meta["inversion_undecided"]["warning"], InversionDomainWarning, stacklevel=4)
     lattice_meta["inversion_domains"] = domains
     lattice_meta["noise"] = noise
     if "warning" in noise:
@@ -1334,8 +1338,12 @@ def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter,
     ``{"inverted": bool [N], "info": dict}`` (``info["warning"]`` when a domain was found;
     :func:`_find_sites` warns with it). ``backend``: the kernel backend (``sites.backend``)."""
 
+    undecided: list[dict] = []
+
     def per_grain(xy_, sub_, cls_, inten_, observed_):
-        dom, _ = inversion_domains(xy_, sub_, inten_, usable=observed_, backend=backend)
+        dom, found = inversion_domains(xy_, sub_, inten_, usable=observed_, backend=backend)
+        if "undecided" in found:
+            undecided.append(found["undecided"])
         named = sub_.copy()
         if (dom > 0).any():
             for lab in np.unique(dom[dom >= 0]):
@@ -1351,7 +1359,24 @@ def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter,
         info["warning"] = (f"{n} sites ({100 * n / on:.1f}%) lie in an inversion domain (a mirror-twin boundary "
                            "crosses the image: the crystal turned by 60 deg, two sublattices trade places): each "
                            "domain's sublattices are named from its own columns (column inversion_domain)")
+    if undecided:
+        largest = max(undecided, key=lambda u: u["n_sites"])
+        info["undecided"] = _undecided_note(largest, sum(u["n_sites"] for u in undecided), on)
     return out, {"inverted": inverted, "info": info}
+
+
+def _undecided_note(u: dict, n: int, on: int) -> dict:
+    """``lattice.inversion_undecided`` of ``summary.json``: the metal and chalcogen columns read the other
+    way round over ``n`` of the ``on`` sites, too close in brightness image-wide to call it an inversion
+    domain (:func:`stemfast.domains.inversion_domains`' ``undecided``; ``u`` its largest region), with
+    its warning."""
+    x0, x1, y0, y1 = u["box"]
+    return {**u, "n_sites": int(n), "share": round(n / on, 4) if on else 0.0, "warning": (
+        f"{n} sites ({100 * n / max(on, 1):.1f}%) read the metal and the chalcogen columns the other way round "
+        f"(the largest part at x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px): a mirror twin (inversion domain) "
+        f"does that, but the two stand only {u['separation']:.1f} robust spreads apart elsewhere, too close to "
+        f"tell it from thickness, contamination or the detector angle, so the sublattice names there are "
+        f"the image-wide ones and may be swapped")}
 
 
 #: low-pass sigma (px) of the refinement's image when only its background is taken out: the raw image to

@@ -510,8 +510,8 @@ def stack_tracker(d: Path, config, input_info: dict):
 
 #: the parts of a frame's ``meta["lattice"]`` that carry a ``"warning"`` of their own, in the order
 #: the summary lists them
-_LATTICE_WARNING_KEYS = ("contrast", "companion_contrast", "distortion", "crowding", "inversion_domains", "clipping", "no_data",
-                         "spikes", "scan_wobble", "noise")
+_LATTICE_WARNING_KEYS = ("contrast", "companion_contrast", "distortion", "crowding", "inversion_domains",
+                         "inversion_undecided", "clipping", "no_data", "spikes", "scan_wobble", "noise")
 
 
 def lattice_warnings(lat) -> list[str]:
