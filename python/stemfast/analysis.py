@@ -539,20 +539,23 @@ def contrast_levelled_recon(recon_error: np.ndarray, contrast: np.ndarray | None
 
 
 def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: AnalysisSettings,
-                  unscaled: np.ndarray | None = None, is_defect: np.ndarray | None = None) -> dict:
+                  unscaled: np.ndarray | None = None, is_defect: np.ndarray | None = None,
+                  groups: np.ndarray | None = None) -> dict:
     """How many sites sit where the model does not reconstruct the surroundings (scores scaled
     down there), with a warning text for the report when they are more than 1 % of the sites. With
-    the scores before that scaling (``unscaled``) and the final flags (``is_defect``): how many of
-    those sites would be flagged on their scores alone and are not (``n_unflagged_unlike_lattice``),
-    said in the warning whenever there is one -- the scaling cannot tell a dense cluster of bright
-    dopants or the columns along a line defect, which the model reconstructs as badly, from contamination.
+    the scores before that scaling (``unscaled``, 0 where not observed), the final flags
+    (``is_defect``) and the sites' reference groups (``groups``, for the false-discovery shrinkage as
+    :func:`analyze_sites` applies it): how many of those sites a run without the scaling
+    (``recon_slack = 0``) flags and this one does not (``n_unflagged_unlike_lattice``), said in the
+    warning whenever there is one -- the scaling cannot tell a dense cluster of bright dopants or the
+    columns along a line defect, which the model reconstructs as badly, from contamination.
 
     Examples
     --------
     >>> from stemfast.analysis import AnalysisSettings
     >>> neigh = np.array([1.0, 1.0, 6.0, 6.0, 6.0]); seen = np.ones(5, bool)
-    >>> info = _texture_info(neigh, seen, AnalysisSettings(), np.array([0, 5, 11, 1, 0.5]),
-    ...                      np.array([False, True, False, False, False]))
+    >>> info = _texture_info(neigh, seen, AnalysisSettings(sublattice_fdr=False), np.array([0, 5, 11, 1, 0.5]),
+    ...                      np.array([False, True, False, False, False]), np.zeros(5, int))
     >>> info["n_sites_unlike_lattice"], info["n_unflagged_unlike_lattice"]
     (3, 1)
     >>> print(info["texture_warning"])  # doctest: +NORMALIZE_WHITESPACE
@@ -566,8 +569,10 @@ def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: Analysi
     m = observed & (neigh_rec > settings.recon_slack)
     info: dict = {"n_sites_unlike_lattice": int(m.sum())}
     hidden = None
-    if unscaled is not None and is_defect is not None:
-        hidden = m & ~np.asarray(is_defect, bool) & (np.asarray(unscaled, np.float64) > settings.defect_cutoff)
+    if unscaled is not None and is_defect is not None and groups is not None:
+        u = np.asarray(unscaled, np.float64)
+        alone = as_written(fdr_shrunk(u, tail_fdr(u, groups, observed)) if settings.sublattice_fdr else u)
+        hidden = m & ~np.asarray(is_defect, bool) & (alone > settings.defect_cutoff)
         info["n_unflagged_unlike_lattice"] = int(hidden.sum())
     if len(m) and (m.mean() > 0.01 or (hidden is not None and hidden.any())):
         text = (f"{int(m.sum())} sites ({m.mean():.1%}) lie where the model reconstructs the surroundings more "
@@ -1674,7 +1679,7 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     fdr = tail_fdr(anomaly, sc.grp, observed)
     evidence, anomaly = anomaly, as_written(fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
     is_defect = anomaly > settings.defect_cutoff
-    info.update(_texture_info(neigh_rec, observed, settings, np.where(observed, unscaled, 0.0), is_defect))
+    info.update(_texture_info(neigh_rec, observed, settings, np.where(observed, unscaled, 0.0), is_defect, sc.grp))
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))
     cb = _chalcogen_brighter(sites)
     levels = _reference_levels(sc.refs, sc.grp, sc.inten_ref, observed & ~is_defect, cb)

@@ -251,8 +251,8 @@ def _undecided(info: dict, v, sub, use, voted: np.ndarray, rest, first, pair, ne
     two, which is under :data:`DOMAIN_MIN_SEPARATION_COLUMNS` spreads (and over
     :data:`DOMAIN_MIN_SEPARATION`): a mirror twin, or the two trading places with the thickness,
     contamination or the detector angle -- the brightness cannot tell, and the names there stay the
-    image-wide ones. ``n_sites``, ``pair`` (the names), ``separation`` (spreads), ``box`` (x0, x1, y0,
-    y1 of that region, px, from ``xy`` [M, 2])."""
+    image-wide ones. ``n_sites`` (all such regions), ``n_largest``, ``pair`` (the names), ``separation``
+    (spreads), ``box`` (x0, x1, y0, y1 of the largest region, px, from ``xy`` [M, 2])."""
     parts = [r for r in _connected(voted, first)
              if r.sum() >= need and _swapped_contrast(v, sub, use, r, rest, pair, DOMAIN_MIN_SEPARATION)]
     if not parts:
@@ -262,7 +262,8 @@ def _undecided(info: dict, v, sub, use, voted: np.ndarray, rest, first, pair, ne
     ca, cb = v[rest & use & (sub == hi)], v[rest & use & (sub == lo)]
     a_, b_ = sorted((int(order[hi]), int(order[lo])))
     x, y = xy[big, 0], xy[big, 1]
-    info["undecided"] = {"n_sites": int(sum(int(r.sum()) for r in parts)), "pair": f"{a_}-{b_}",
+    info["undecided"] = {"n_sites": int(sum(int(r.sum()) for r in parts)), "n_largest": int(big.sum()),
+                         "pair": f"{a_}-{b_}",
                          "separation": round(float((np.median(ca) - np.median(cb)) / _spread(ca, cb)), 2),
                          "box": [round(float(q), 1) for q in (x.min(), x.max(), y.min(), y.max())]}
 

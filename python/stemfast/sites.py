@@ -495,7 +495,8 @@ def find_sites(
         beyond ``MAX_ANISOTROPY``); ``meta["lattice"]["crowding"]`` how many sites are crowded and where
         (a :class:`~stemfast.crowding.LatticeCrowdingWarning` beyond ``MAX_CROWDED``);
         ``meta["lattice"]["inversion_domains"]`` how many sites lie in inversion domains (an
-        :class:`InversionDomainWarning` when any); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
+        :class:`InversionDomainWarning` when any; ``meta["lattice"]["inversion_undecided"]`` and that
+        warning where the metal and chalcogen read swapped but too close in brightness to call it one); ``meta["lattice"]["n_grains"]``, and for a polycrystal ``meta["lattice"]["grains"]``
         (orientation, area, sites per grain, :func:`stemfast.grains.grain_summary`) with a
         :class:`~stemfast.grains.PolycrystalWarning`, its text in ``meta["lattice"]["grain_warning"]``;
         each grain has its own site lattice (phase map, fill-in, lattice indices, sublattice ranking and
@@ -610,8 +611,8 @@ def _find_sites(image, settings: SiteSettings | None, pixel_size, unit, timings:
 def _image_findings(lattice_meta: dict, *, contrast: dict, no_data: NoData, clipping: dict | None,
                     domains: dict, noise: dict, spikes: dict | None = None) -> None:
     """What :func:`find_sites` found about the image itself into ``lattice_meta`` (its contrast, regions
-    without data, clipped intensities, inversion domains, correlated noise, spikes replaced), each with
-    its warning raised."""
+    without data, clipped intensities, inversion domains and a swap too close to call one --
+    ``inversion_undecided`` --, correlated noise, spikes replaced), each with its warning raised."""
     if spikes:
         lattice_meta["spikes"] = spikes
         if "warning" in spikes:
@@ -1336,7 +1337,9 @@ def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter,
     """``sub`` named per inversion domain (:func:`stemfast.domains.inversion_domains`; each domain's
     cosets ranked by their own brightness, :func:`_rank_sublattices`), each grain on its own, and
     ``{"inverted": bool [N], "info": dict}`` (``info["warning"]`` when a domain was found;
-    :func:`_find_sites` warns with it). ``backend``: the kernel backend (``sites.backend``)."""
+    :func:`_find_sites` warns with it; ``info["undecided"]``, :func:`_undecided_note`, where the metal
+    and chalcogen read swapped somewhere but too close in brightness to call it a domain).
+    ``backend``: the kernel backend (``sites.backend``)."""
 
     undecided: list[dict] = []
 
@@ -1360,7 +1363,7 @@ def _inversion_domains(xy, sub, cls, inten, observed, grain, chalcogen_brighter,
                            "crosses the image: the crystal turned by 60 deg, two sublattices trade places): each "
                            "domain's sublattices are named from its own columns (column inversion_domain)")
     if undecided:
-        largest = max(undecided, key=lambda u: u["n_sites"])
+        largest = max(undecided, key=lambda u: u["n_largest"])  # (of the grains' largest regions)
         info["undecided"] = _undecided_note(largest, sum(u["n_sites"] for u in undecided), on)
     return out, {"inverted": inverted, "info": info}
 
