@@ -571,8 +571,10 @@ def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: Analysi
     hidden = None
     if unscaled is not None and is_defect is not None and groups is not None:
         u = np.asarray(unscaled, np.float64)
-        alone = as_written(fdr_shrunk(u, tail_fdr(u, groups, observed)) if settings.sublattice_fdr else u)
-        hidden = m & ~np.asarray(is_defect, bool) & (alone > settings.defect_cutoff)
+        # the shrinkage only lowers a score: none over the cutoff before it, none after (most images)
+        hidden = m & ~np.asarray(is_defect, bool) & (u > settings.defect_cutoff)
+        if hidden.any():
+            hidden &= _final_scores(u, groups, observed, settings)[1] > settings.defect_cutoff
         info["n_unflagged_unlike_lattice"] = int(hidden.sum())
     if len(m) and (m.mean() > 0.01 or (hidden is not None and hidden.any())):
         text = (f"{int(m.sum())} sites ({m.mean():.1%}) lie where the model reconstructs the surroundings more "
@@ -583,6 +585,15 @@ def _texture_info(neigh_rec: np.ndarray, observed: np.ndarray, settings: Analysi
                      f"scaling up to {float(np.max(np.asarray(unscaled)[hidden])):.1f})")
         info["texture_warning"] = text
     return info
+
+
+def _final_scores(scores: np.ndarray, groups: np.ndarray, observed: np.ndarray,
+                  settings: AnalysisSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(fdr, final)``: each score's tail false-discovery rate in its group (:func:`stemfast.fdr.tail_fdr`)
+    and the score as ``sites.csv`` writes it, shrunk by that rate where ``settings.sublattice_fdr``
+    (:func:`stemfast.fdr.fdr_shrunk`, :func:`as_written`) -- what :data:`AnalysisSettings.defect_cutoff` judges."""
+    fdr = tail_fdr(scores, groups, observed)
+    return fdr, as_written(fdr_shrunk(scores, fdr) if settings.sublattice_fdr else scores)
 
 
 def _local_z_or_global(values: np.ndarray, refs: LocalReferences, groups: np.ndarray, usable: np.ndarray,
@@ -1676,8 +1687,8 @@ def analyze_sites(sites: SiteTable, enc, *, settings: AnalysisSettings = Analysi
     anomaly = np.where(observed, anomaly, 0.0)
     # a score means what its sublattice's tail says: shrunk by the share of false discoveries there; and
     # the score as sites.csv writes it decides (a flagged 4.0000001 was written "4")
-    fdr = tail_fdr(anomaly, sc.grp, observed)
-    evidence, anomaly = anomaly, as_written(fdr_shrunk(anomaly, fdr) if settings.sublattice_fdr else anomaly)
+    fdr, final = _final_scores(anomaly, sc.grp, observed, settings)
+    evidence, anomaly = anomaly, final
     is_defect = anomaly > settings.defect_cutoff
     info.update(_texture_info(neigh_rec, observed, settings, np.where(observed, unscaled, 0.0), is_defect, sc.grp))
     info.update(_flagged_fdr(fdr, sc.grp, is_defect, material))

@@ -156,10 +156,11 @@ def inversion_domains(xy: np.ndarray, sublattice: np.ndarray, value: np.ndarray,
 
         # each connected region on its own: scattered patches of one vote that pass the contrast test
         # only together are noise (on the real 001-5 a dark scan line and a patch 150 px away did)
-        regions = [r for r in _connected(dom == k, first) if holds(r)]
+        parts = _connected(dom == k, first)
+        regions = [r for r in parts if holds(r)]
         if not regions:
             if 2 not in pair:  # the column cosets: a swap too close to call is said, not named
-                _undecided(info, v_on, s_on, u_on, dom == k, rest, first, pair, need, xy[idx], order)
+                _undecided(info, v_on, s_on, u_on, parts, rest, pair, need, xy[idx], order)
             continue
         free = domain[idx] == 0
         # what is reported passes the test that found it: where the refined edge takes in sites that
@@ -244,16 +245,17 @@ def _readings(vals: np.ndarray, cos: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return out
 
 
-def _undecided(info: dict, v, sub, use, voted: np.ndarray, rest, first, pair, need: int, xy: np.ndarray,
+def _undecided(info: dict, v, sub, use, voted: list, rest, pair, need: int, xy: np.ndarray,
                order: np.ndarray) -> None:
-    """Into ``info["undecided"]``: the largest region of the sites that voted the two column cosets
-    ``pair`` swapped (``voted``) and passes every test of a domain but the image-wide separation of the
+    """Into ``info["undecided"]``: the largest of the connected regions ``voted`` (bool masks) of the
+    sites that voted the two column cosets ``pair`` swapped that passes every test of a domain but the
+    image-wide separation of the
     two, which is under :data:`DOMAIN_MIN_SEPARATION_COLUMNS` spreads (and over
     :data:`DOMAIN_MIN_SEPARATION`): a mirror twin, or the two trading places with the thickness,
     contamination or the detector angle -- the brightness cannot tell, and the names there stay the
     image-wide ones. ``n_sites`` (all such regions), ``n_largest``, ``pair`` (the names), ``separation``
     (spreads), ``box`` (x0, x1, y0, y1 of the largest region, px, from ``xy`` [M, 2])."""
-    parts = [r for r in _connected(voted, first)
+    parts = [r for r in voted
              if r.sum() >= need and _swapped_contrast(v, sub, use, r, rest, pair, DOMAIN_MIN_SEPARATION)]
     if not parts:
         return

@@ -137,7 +137,8 @@ def analyze_frame(img: np.ndarray, frame: int, *, model, config, patch_size: int
         rec["device"] = device_of(model)
         for key in ("class_sublattice_ari", "class_sublattice_ari_local", "class_sublattice", "rotation_latent",
                     "rotation_lock", "material", "score", "detectors", "n_sites_unlike_lattice",
-                    "n_unflagged_unlike_lattice", "recon_contrast_exponent", "edge_z_spread", "flagged_fdr", "sublattice_naming", "column_spread",
+                    "n_unflagged_unlike_lattice", "recon_contrast_exponent", "edge_z_spread", "flagged_fdr",
+                    "sublattice_naming", "column_spread",
                     "sublattice_separation", "sublattice_alike", "classes_from_neighbours", "single_vacancy_depth",
                     "metal_kind_ambiguous", "patch_extent",
                     *ANALYSIS_WARNING_KEYS):  # the analysis' own report
